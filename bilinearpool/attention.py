@@ -1,0 +1,192 @@
+"""Squeeze-and-excitation (Hu, Shen & Sun, CVPR 2018) and its insertion into backbones."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+__all__ = ["SEBlock", "insert_se_blocks"]
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation: reweight channels by a gate computed from their means.
+
+    ``x * gate(fc2(act(fc1(mean(x)))))`` with a bottleneck of ``channels // reduction``
+    units (Hu, Shen & Sun, "Squeeze-and-Excitation Networks", CVPR 2018). Liu, Juhas &
+    Zhang (2020) use ``reduction=8`` inside the backbone's blocks
+    (see :func:`insert_se_blocks`).
+
+    Args:
+        channels: number of input channels :math:`C`.
+        reduction: ratio :math:`r`; the bottleneck has ``max(1, C // r)`` units.
+        act_layer: factory of the bottleneck activation.
+        gate_layer: factory of the gate (sigmoid in the paper).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
+        - Output: same shape as the input.
+
+    Examples:
+        >>> se = SEBlock(64, reduction=8)
+        >>> se(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
+        >>> se.hidden
+        8
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        reduction: int = 8,
+        act_layer: Callable[[], nn.Module] = nn.ReLU,
+        gate_layer: Callable[[], nn.Module] = nn.Sigmoid,
+        device: object = None,
+        dtype: object = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f"channels must be a positive int, but got {channels!r}")
+        if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
+            raise ValueError(f"reduction must be a positive int, but got {reduction!r}")
+        self.channels = channels
+        self.reduction = reduction
+        self.hidden = max(1, channels // reduction)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(channels, self.hidden, **factory)  # type: ignore[arg-type]
+        self.act = act_layer()
+        self.fc2 = nn.Linear(self.hidden, channels, **factory)  # type: ignore[arg-type]
+        self.gate = gate_layer()
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            channel_dim, squeeze_dims = 1, (2, 3)
+        elif x.dim() == 3:
+            channel_dim, squeeze_dims = 2, (1,)
+        else:
+            raise ValueError(
+                "SEBlock expects a feature map (B, C, H, W) or tokens (B, N, C), "
+                f"but got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[channel_dim] != self.channels:
+            raise ValueError(
+                f"SEBlock was built for {self.channels} channels, but the input has "
+                f"{x.shape[channel_dim]} (shape {tuple(x.shape)})"
+            )
+        weights = self.gate(self.fc2(self.act(self.fc1(x.mean(dim=squeeze_dims)))))
+        if x.dim() == 4:
+            return x * weights[:, :, None, None]
+        return x * weights[:, None, :]
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reduction={self.reduction}, hidden={self.hidden}"
+
+
+def _conv_out(branch: nn.Module) -> int:
+    """Output channels of a torchvision ``BasicConv2d`` (or of a plain convolution)."""
+    conv = getattr(branch, "conv", branch)
+    return int(conv.out_channels)
+
+
+def _conv_in(branch: nn.Module) -> int:
+    conv = getattr(branch, "conv", branch)
+    return int(conv.in_channels)
+
+
+# Output channels of torchvision's Inception-v3 modules: the concatenation of their branches
+# (reduction modules B and D pass their input through a max-pool branch).
+_INCEPTION_OUT: dict[str, Callable[[nn.Module], int]] = {
+    "InceptionA": lambda m: sum(
+        _conv_out(getattr(m, n)) for n in ("branch1x1", "branch5x5_2", "branch3x3dbl_3", "branch_pool")
+    ),
+    "InceptionB": lambda m: _conv_out(m.branch3x3) + _conv_out(m.branch3x3dbl_3) + _conv_in(m.branch3x3),
+    "InceptionC": lambda m: sum(
+        _conv_out(getattr(m, n)) for n in ("branch1x1", "branch7x7_3", "branch7x7dbl_5", "branch_pool")
+    ),
+    "InceptionD": lambda m: _conv_out(m.branch3x3_2) + _conv_out(m.branch7x7x3_4) + _conv_in(m.branch3x3_1),
+    "InceptionE": lambda m: sum(
+        _conv_out(getattr(m, n))
+        for n in ("branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool")
+    ),
+}
+
+
+def _se_site(module: nn.Module) -> tuple[str, int] | None:
+    """Where SE goes inside ``module``: (child to follow with SE, its channels), or None.
+
+    ResNet blocks (torchvision and timm) and Inception-ResNet blocks get SE on the
+    residual branch before the addition, as SE-ResNet does; whole Inception modules are
+    handled by the caller (SE on the module's output, as SE-Inception does).
+    """
+    kind = type(module).__name__
+    if kind == "Bottleneck" and isinstance(getattr(module, "bn3", None), nn.BatchNorm2d):
+        return "bn3", module.bn3.num_features
+    if kind == "BasicBlock" and isinstance(getattr(module, "bn2", None), nn.BatchNorm2d):
+        return "bn2", module.bn2.num_features
+    if kind in ("Block35", "Block17", "Block8") and isinstance(getattr(module, "conv2d", None), nn.Conv2d):
+        return "conv2d", module.conv2d.out_channels
+    return None
+
+
+def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
+    """Insert :class:`SEBlock` s inside a backbone's blocks, in place, as the paper does.
+
+    Supported blocks: ResNet ``Bottleneck`` / ``BasicBlock`` (torchvision, timm) and
+    Inception-ResNet ``Block35`` / ``Block17`` / ``Block8`` (timm), which get SE on the
+    residual branch before the addition (SE-ResNet); torchvision Inception-v3 modules
+    ``InceptionA``-``InceptionE``, which get SE on their output (SE-Inception).
+
+    Insert SE *after* loading pretrained weights: wrapping a layer renames its
+    parameters (``bn3.weight`` becomes ``bn3.0.weight``). The new blocks start with the
+    default initialisation and are put in the model's current training mode.
+
+    Args:
+        model: the backbone, modified in place.
+        reduction: SE reduction ratio (8 in the paper).
+
+    Returns:
+        The number of SE blocks inserted.
+
+    Raises:
+        ValueError: when the model has none of the supported blocks.
+
+    Examples:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18()
+        >>> insert_se_blocks(net, reduction=8)
+        8
+        >>> net(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 1000])
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        site = _se_site(module)
+        if site is not None:
+            child, channels = site
+            se = SEBlock(channels, reduction=reduction).to(next(module.parameters()).device)
+            setattr(module, child, nn.Sequential(getattr(module, child), se))
+            count += 1
+    for name, module in list(model.named_modules()):
+        out = _INCEPTION_OUT.get(type(module).__name__)
+        if out is None or not name or not type(module).__module__.startswith("torchvision"):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        se = SEBlock(out(module), reduction=reduction).to(next(module.parameters()).device)
+        setattr(parent, child, nn.Sequential(module, se))
+        count += 1
+    if count == 0:
+        kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
+        raise ValueError(
+            "insert_se_blocks found no supported block (ResNet Bottleneck/BasicBlock, Inception-v3 "
+            f"modules, Inception-ResNet Block35/17/8) in {type(model).__name__}; it contains {kinds}"
+        )
+    model.train(model.training)
+    return count

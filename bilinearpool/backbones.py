@@ -1,0 +1,369 @@
+"""Turn a name, a torchvision model or any module into a feature extractor.
+
+The library's heads need one thing from a backbone: its last convolutional feature map
+``(B, C, H, W)`` and the channel count ``C``. :func:`build_backbone` resolves
+
+- a name: ``"resnet50"``, ``"inception_v3"`` and every other torchvision classification
+  model (cut at its last feature map with :mod:`torchvision.models.feature_extraction`),
+  ``"inception_resnet_v2"`` and every other `timm <https://github.com/huggingface/pytorch-image-models>`_
+  model when timm is installed (``timm.create_model(..., features_only=True)``), or
+  ``"timm:<name>"`` to ask for timm explicitly;
+- a torchvision (or any fx-traceable) model together with ``node=``, the node whose
+  output is the feature map;
+- any ``nn.Module`` whose forward returns a feature map (or a list/tuple/dict of them:
+  the last is used).
+
+Channel counts are read from the network (timm's ``feature_info``, or one forward pass
+on a small zero image), never typed by hand. Nothing is downloaded unless pretrained
+weights are asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from torch import Tensor, nn
+
+from .attention import SEBlock, insert_se_blocks
+
+__all__ = ["FeatureExtractor", "build_backbone", "list_backbones"]
+
+WeightsArg = Union[str, os.PathLike, None]
+
+# Node of the last feature map, per torchvision family (longest prefix wins).
+_TORCHVISION_NODES: dict[str, str] = {
+    "resnet": "layer4",
+    "resnext": "layer4",
+    "wide_resnet": "layer4",
+    "inception_v3": "Mixed_7c",
+    "googlenet": "inception5b",
+    "vgg": "features",
+    "alexnet": "features",
+    "densenet": "features",
+    "mobilenet": "features",
+    "efficientnet": "features",
+    "convnext": "features",
+    "squeezenet": "features",
+    "mnasnet": "layers",
+    "regnet": "trunk_output",
+    "shufflenet": "conv5",
+}
+#: Backbones of Liu, Juhas & Zhang (2020): name -> library that provides them.
+PAPER_BACKBONES = {"resnet50": "torchvision", "inception_v3": "torchvision", "inception_resnet_v2": "timm"}
+_IMAGENET = ("imagenet", "default", "pretrained")
+
+
+class FeatureExtractor(nn.Module):
+    """A backbone that returns its last feature map, with its channel count.
+
+    Built by :func:`build_backbone`; wraps a network whose output may be a tensor or a
+    list/tuple/dict of tensors (the last one is used).
+
+    Args:
+        body: the network.
+        out_channels: channels :math:`C` of the returned feature map.
+        reduction: total stride of the feature map (input size / feature size), if known.
+        name: where the backbone came from, for ``repr``.
+
+    Shape:
+        - Input: :math:`(B, 3, H_{in}, W_{in})`.
+        - Output: :math:`(B, C, H, W)`.
+
+    Examples:
+        >>> body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=4), nn.ReLU())
+        >>> fx = build_backbone(body)
+        >>> fx.out_channels, fx(torch.randn(2, 3, 64, 64)).shape
+        (16, torch.Size([2, 16, 16, 16]))
+    """
+
+    def __init__(self, body: nn.Module, *, out_channels: int, reduction: int | None = None, name: str = "") -> None:
+        super().__init__()
+        self.body = body
+        self.out_channels = int(out_channels)
+        self.reduction = reduction
+        self.name = name
+
+    @property
+    def feature_info(self) -> dict[str, Any]:
+        """timm-style description of the output: channels and reduction."""
+        return {"num_chs": self.out_channels, "reduction": self.reduction, "module": "body"}
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        """The last ``nn.Conv2d`` of the backbone (a Grad-CAM target)."""
+        convs = [m for m in self.body.modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise AttributeError(f"backbone {self.name or type(self.body).__name__} has no nn.Conv2d")
+        return convs[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _last_map(self.body(x))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, out_channels={self.out_channels}, reduction={self.reduction}"
+
+
+def _last_map(out: object) -> Tensor:
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        if not out:
+            raise ValueError("the backbone returned an empty list of feature maps")
+        out = out[-1]
+    if not isinstance(out, Tensor) or out.dim() not in (3, 4):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            "a backbone must return a feature map (B, C, H, W) or tokens (B, N, C), "
+            f"but returned {shape}; pass node= to cut a classification model at its last feature map"
+        )
+    return out
+
+
+def _probe(body: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, int | None]:
+    """Channels and stride of ``body``'s output, from one forward pass on zeros."""
+    param = next(iter(body.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    was_training = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            out = _last_map(body(torch.zeros(1, *sample_shape, device=device, dtype=dtype)))
+    finally:
+        body.train(was_training)
+    if out.dim() == 3:  # tokens (B, N, C)
+        return int(out.shape[2]), None
+    return int(out.shape[1]), max(1, sample_shape[-1] // out.shape[-1])
+
+
+def _torchvision_node(name: str) -> str | None:
+    matches = [prefix for prefix in _TORCHVISION_NODES if name.startswith(prefix)]
+    return _TORCHVISION_NODES[max(matches, key=len)] if matches else None
+
+
+def _torchvision_names() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_names(pattern: str = "") -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return list(timm.list_models(pattern or "*"))
+
+
+def list_backbones() -> dict[str, list[str]]:
+    """Names :func:`build_backbone` accepts, by provider (empty lists for missing packages).
+
+    Examples:
+        >>> names = list_backbones()
+        >>> "resnet50" in names["torchvision"], "inception_resnet_v2" in names["timm"]
+        (True, True)
+    """
+    return {"torchvision": _torchvision_names(), "timm": _timm_names()}
+
+
+def _load_state_dict(path: Path) -> dict[str, Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _weights_error(name: str, err: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"could not obtain pretrained ImageNet weights for {name!r} ({type(err).__name__}: {err}). "
+        "Alternatives: weights='/path/to/state_dict.pth' (a local file, e.g. downloaded elsewhere), "
+        "or weights=None for random initialisation."
+    )
+
+
+def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
+    """('none'|'imagenet'|'file'|'enum', value)."""
+    if weights is None:
+        return "none", None
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.sep in weights):
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        return "file", path
+    if isinstance(weights, str):
+        if weights.lower() in _IMAGENET:
+            return "imagenet", None
+        if Path(weights).is_file():
+            return "file", Path(weights)
+        return "enum", weights
+    raise TypeError(
+        f"weights must be None, 'imagenet', a torchvision weights name or a path, but got {type(weights).__name__}"
+    )
+
+
+def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tuple[nn.Module, str]:
+    import torchvision
+
+    kind, value = _classify_weights(weights)
+    kwargs: dict[str, Any] = {}
+    if name == "inception_v3":
+        kwargs["init_weights"] = kind == "none"  # skip the slow truncated-normal init when loading
+    if kind in ("imagenet", "enum"):
+        try:
+            model = torchvision.models.get_model(name, weights="DEFAULT" if kind == "imagenet" else value)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:  # URLError is an OSError
+            if kind == "enum" and isinstance(err, (ValueError, KeyError)):
+                raise ValueError(
+                    f"unknown weights {value!r} for {name!r}: use None, 'imagenet', a torchvision "
+                    "weights name such as 'IMAGENET1K_V1', or a path to a local state_dict file"
+                ) from err
+            raise _weights_error(name, err) from err
+    else:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        if kind == "file":
+            misfit = f"weights file {str(value)!r} does not fit torchvision {name!r}"
+            try:
+                result = model.load_state_dict(_load_state_dict(value), strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise ValueError(f"{misfit}: {str(err).splitlines()[1].strip()} ...") from err
+            head = ("fc.", "classifier.", "AuxLogits.", "aux", "heads.")
+            missing = [k for k in result.missing_keys if not k.startswith(head)]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"{misfit}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    node = node or _torchvision_node(name)
+    if node is None:
+        raise ValueError(
+            f"no default feature node is known for torchvision model {name!r}; pass node=... "
+            "(see torchvision.models.feature_extraction.get_graph_node_names)"
+        )
+    return model, node
+
+
+def _extract(model: nn.Module, node: str) -> nn.Module:
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    try:
+        # SEBlock checks its input's shape, which fx cannot trace: keep it a leaf.
+        return create_feature_extractor(
+            model,
+            return_nodes={node: "features"},
+            tracer_kwargs={"leaf_modules": [SEBlock]},
+            suppress_diff_warning=True,
+        )
+    except ValueError as err:
+        train_nodes, _ = get_graph_node_names(model)
+        raise ValueError(
+            f"node {node!r} is not in {type(model).__name__}; its last nodes are {train_nodes[-8:]}"
+        ) from err
+
+
+def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(
+            f"backbone {name!r} comes from timm, which is not installed: pip install 'bilinearpool[timm]'"
+        ) from err
+    if name not in timm.list_models() and not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+    kind, value = _classify_weights(weights)
+    kwargs: dict[str, Any] = {"features_only": True, "out_indices": (-1,)}
+    if kind == "file":
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(value)})
+    elif kind == "imagenet":
+        kwargs["pretrained"] = True
+    elif kind == "enum":
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"tag": value})
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if kind == "file":
+            raise ValueError(f"weights file {str(value)!r} does not fit timm {name!r}: {err}") from err
+        if kind == "none":
+            raise
+        raise _weights_error(name, err) from err
+
+
+def build_backbone(
+    backbone: str | nn.Module,
+    *,
+    weights: WeightsArg = None,
+    node: str | None = None,
+    se_reduction: int | None = None,
+    sample_shape: tuple[int, ...] = (3, 128, 128),
+) -> FeatureExtractor:
+    """Resolve ``backbone`` into a :class:`FeatureExtractor` returning its last feature map.
+
+    Args:
+        backbone: a model name (``"resnet50"``, ``"inception_v3"``,
+            ``"inception_resnet_v2"``, any torchvision classification model, any timm
+            model, or ``"timm:<name>"``), a model to cut at ``node``, or any module that
+            returns a feature map. A :class:`FeatureExtractor` is returned as it is.
+        weights: ``None`` (random initialisation), ``"imagenet"`` (the library's default
+            pretrained weights, downloaded when not cached; offline this raises a
+            :class:`RuntimeError` that names the alternatives), a torchvision weights name
+            such as ``"IMAGENET1K_V1"``, or a path to a local ``state_dict`` file of the
+            full model (its classifier may be missing). Only for names.
+        node: for a model or a torchvision name, the graph node whose output is the
+            feature map (default: the family's last feature stage, e.g. ``"layer4"``).
+        se_reduction: insert squeeze-and-excitation blocks with this ratio inside the
+            backbone's blocks (:func:`~bilinearpool.insert_se_blocks`), after loading weights.
+        sample_shape: ``(C, H, W)`` of the zero image used to read the channel count.
+
+    Returns:
+        The feature extractor; ``out_channels`` holds :math:`C`.
+
+    Shape:
+        - Input: :math:`(B, 3, H_{in}, W_{in})`.
+        - Output: :math:`(B, C, H, W)`, e.g. ``(B, 2048, 7, 7)`` for ResNet50 at 224.
+
+    Examples:
+        >>> fx = build_backbone("resnet18")
+        >>> fx.out_channels, fx(torch.randn(1, 3, 64, 64)).shape
+        (512, torch.Size([1, 512, 2, 2]))
+    """
+    if isinstance(backbone, FeatureExtractor):
+        if se_reduction is not None or weights is not None or node is not None:
+            raise ValueError("backbone is already a FeatureExtractor: build it with these options instead")
+        return backbone
+    if isinstance(backbone, str):
+        name = backbone
+        if name.startswith("timm:") or (name not in _torchvision_names() and _timm_names(name)):
+            if node is not None:
+                raise ValueError(f"node= applies to torchvision models, not to timm model {name!r}")
+            body: nn.Module = _build_timm(name.removeprefix("timm:"), weights)
+            if se_reduction is not None:
+                insert_se_blocks(body, reduction=se_reduction)
+            info = body.feature_info  # type: ignore[attr-defined]
+            return FeatureExtractor(
+                body, out_channels=info.channels()[-1], reduction=info.reduction()[-1], name=name
+            )
+        if name in _torchvision_names():
+            model, node = _build_torchvision(name, weights, node)
+            if se_reduction is not None:
+                insert_se_blocks(model, reduction=se_reduction)
+            body = _extract(model, node)
+            channels, stride = _probe(body, sample_shape)
+            return FeatureExtractor(body, out_channels=channels, reduction=stride, name=f"{name}:{node}")
+        raise ValueError(
+            f"unknown backbone {name!r}: expected a torchvision classification model name "
+            f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}), a timm model name (timm "
+            f"{'installed' if _timm_names('resnet50') else 'not installed'}), or an nn.Module"
+        )
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a name or an nn.Module, but got {type(backbone).__name__}")
+    if weights is not None:
+        raise ValueError("weights= applies to named backbones; load weights into your module before passing it")
+    if se_reduction is not None:
+        insert_se_blocks(backbone, reduction=se_reduction)
+    body = _extract(backbone, node) if node is not None else backbone
+    channels, stride = _probe(body, sample_shape)
+    return FeatureExtractor(body, out_channels=channels, reduction=stride, name=type(backbone).__name__)

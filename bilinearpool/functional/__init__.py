@@ -1,0 +1,29 @@
+"""Pure tensor functions: the math behind every layer of :mod:`bilinearpool`.
+
+Modules in :mod:`bilinearpool` are thin wrappers around these functions; use the
+functions directly when you do not need an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from .bilinear import (
+    bilinear_pool,
+    fast_bilinear_pool,
+    l2_normalize,
+    signed_sqrt,
+    signed_sqrt_grad_bound,
+    triu_pack,
+    triu_size,
+    triu_unpack,
+)
+
+__all__ = [
+    "bilinear_pool",
+    "fast_bilinear_pool",
+    "l2_normalize",
+    "signed_sqrt",
+    "signed_sqrt_grad_bound",
+    "triu_pack",
+    "triu_size",
+    "triu_unpack",
+]

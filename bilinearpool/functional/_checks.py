@@ -1,0 +1,65 @@
+"""Input validation and layout helpers shared by the functional ops.
+
+Every op in :mod:`bilinearpool.functional` accepts feature maps ``(B, C, H, W)`` and token
+sequences ``(B, N, C)``. :func:`as_channel_matrix` turns both into the ``(B, C, N)`` layout
+the math is written in, as a view whenever the strides allow it (contiguous and
+channels-last maps, and token sequences, all give views).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["as_channel_matrix", "check_floating", "compute_dtype"]
+
+
+def check_floating(x: Tensor, name: str = "input") -> None:
+    """Raise :class:`TypeError` unless ``x`` is a floating-point tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, but got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"but got dtype {x.dtype}"
+        )
+
+
+def as_channel_matrix(x: Tensor, name: str = "input") -> Tensor:
+    """Return ``x`` as a ``(B, C, N)`` matrix of N locations per channel.
+
+    Args:
+        x: a feature map ``(B, C, H, W)`` or a token sequence ``(B, N, C)``.
+        name: how error messages call the argument.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` or ``(B, N, C)``.
+        - Output: ``(B, C, H*W)`` or ``(B, C, N)`` (a view where possible).
+    """
+    check_floating(x, name)
+    if x.dim() == 4:
+        b, c, h, w = x.shape
+        out = x.flatten(2)
+    elif x.dim() == 3:
+        b, n, c = x.shape
+        out = x.transpose(1, 2)
+    else:
+        raise ValueError(
+            f"{name} must be a feature map (B, C, H, W) or a token sequence (B, N, C), "
+            f"but got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
+    if out.shape[1] == 0 or out.shape[2] == 0:
+        raise ValueError(
+            f"{name} must have at least one channel and one location, but got shape {tuple(x.shape)}"
+        )
+    return out
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype second-order statistics are accumulated in.
+
+    Products of two features square their magnitude (features of 1e3 give 1e6, beyond
+    float16's range), so float16 and bfloat16 inputs are computed in float32.
+    float64 stays float64.
+    """
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,384 @@
+"""Classifiers that put a pooling head on any backbone: BCNN, Fast BCNN and the plain baseline.
+
+All share one shape: backbone(s) -> optional channel reduction -> pooling ->
+optional dropout -> ``nn.Linear``. They expose the pieces that analysis needs:
+:meth:`~BilinearClassifier.forward_features` (the feature map),
+:meth:`~BilinearClassifier.forward_embedding` (pre-logits, e.g. for t-SNE),
+:attr:`~BilinearClassifier.gradcam_layer` (the module whose output is the last feature
+map, e.g. for ``captum.attr.LayerGradCam``) and ``classifier``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import FeatureExtractor, WeightsArg, build_backbone
+from .pooling import BilinearPool, FastBilinearPool
+
+__all__ = [
+    "BCNN",
+    "HEADS",
+    "BilinearClassifier",
+    "ChannelReduction",
+    "FastBCNN",
+    "GAPClassifier",
+    "GlobalAvgPool",
+    "build_model",
+]
+
+
+class ChannelReduction(nn.Sequential):
+    """1x1 convolution, batch norm and ReLU: fewer channels before second-order pooling.
+
+    As used by iSQRT-COV (Li et al., CVPR 2018) to reduce 2048 channels to 256, which
+    shrinks a :math:`C^2` bilinear feature 64-fold.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+
+    Shape:
+        - Input: :math:`(B, C_{in}, H, W)`.
+        - Output: :math:`(B, C_{out}, H, W)`.
+
+    Examples:
+        >>> ChannelReduction(2048, 256)(torch.randn(2, 2048, 7, 7)).shape
+        torch.Size([2, 256, 7, 7])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, but got {value!r}")
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over locations: the first-order pooling of the plain baseline.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
+        - Output: :math:`(B, C)`.
+
+    Examples:
+        >>> GlobalAvgPool()(torch.ones(2, 5, 3, 3)).shape
+        torch.Size([2, 5])
+    """
+
+    def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
+        return in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            return x.mean(dim=(2, 3))
+        if x.dim() == 3:
+            return x.mean(dim=1)
+        raise ValueError(f"expected (B, C, H, W) or (B, N, C), but got shape {tuple(x.shape)}")
+
+
+def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
+    """Features per sample that ``pool`` gives: its ``output_dim`` or one dry run."""
+    if hasattr(pool, "output_dim"):
+        return int(pool.output_dim(c_a) if c_b is None else pool.output_dim(c_a, c_b))
+    param = next(iter(pool.parameters()), None)
+    device = param.device if param is not None else None
+    with torch.no_grad():
+        x = torch.rand(2, c_a, 3, 3, device=device)
+        out = pool(x) if c_b is None else pool(x, torch.rand(2, c_b, 3, 3, device=device))
+    if out.dim() != 2:
+        raise ValueError(f"pool must return (B, D), but {type(pool).__name__} returned shape {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+class BilinearClassifier(nn.Module):
+    """Backbone(s), optional channel reduction, a pooling, dropout and a linear classifier.
+
+    The common base of :class:`BCNN`, :class:`FastBCNN` and :class:`GAPClassifier`; use
+    it directly to put any pooling on any backbone (one stream when ``backbone_b`` is
+    ``None`` and ``pool`` takes one feature map).
+
+    Args:
+        backbone_a: backbone of the first stream (name, model or module, see
+            :func:`~bilinearpool.build_backbone`).
+        backbone_b: backbone of the second stream, or ``None`` for one stream.
+        pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
+        num_classes: number of classes.
+        reduce_dim: if set, a :class:`ChannelReduction` to this many channels per stream.
+        dropout: dropout probability before the classifier.
+        weights, se_reduction, node: passed to :func:`~bilinearpool.build_backbone` for
+            backbones given by name or as models.
+
+    Shape:
+        - Input: :math:`(B, 3, H, W)`.
+        - Output: :math:`(B, \\text{num\\_classes})`.
+    """
+
+    def __init__(
+        self,
+        backbone_a: str | nn.Module,
+        backbone_b: str | nn.Module | None = None,
+        *,
+        pool: nn.Module,
+        num_classes: int,
+        reduce_dim: int | None = None,
+        dropout: float = 0.0,
+        weights: WeightsArg = None,
+        se_reduction: int | None = None,
+        node: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, but got {num_classes!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), but got {dropout!r}")
+        if not isinstance(pool, nn.Module):
+            raise TypeError(f"pool must be an nn.Module, but got {type(pool).__name__}")
+        options = {"weights": weights, "se_reduction": se_reduction, "node": node}
+        self.backbone = self._resolve(backbone_a, options)
+        self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options)
+        c_a = self.backbone.out_channels
+        c_b = None if self.backbone_b is None else self.backbone_b.out_channels
+        self.reduce = ChannelReduction(c_a, reduce_dim) if reduce_dim else nn.Identity()
+        self.reduce_b = None
+        if reduce_dim:
+            c_a = reduce_dim
+            if c_b is not None:
+                self.reduce_b = ChannelReduction(c_b, reduce_dim)
+                c_b = reduce_dim
+        self.pool = pool
+        self.embedding_dim = _output_dim(pool, c_a, c_b)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.embedding_dim, num_classes)
+        self.num_classes = num_classes
+
+    @staticmethod
+    def _resolve(backbone: str | nn.Module, options: dict) -> FeatureExtractor:
+        if isinstance(backbone, FeatureExtractor):
+            return backbone
+        return build_backbone(backbone, **{k: v for k, v in options.items() if v is not None})
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        """The module whose output is the (first stream's) last feature map."""
+        return self.backbone
+
+    def forward_features(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Feature map(s) after the optional channel reduction, before pooling."""
+        fa = self.reduce(self.backbone(x))
+        if self.backbone_b is None:
+            return fa
+        fb = self.backbone_b(x)
+        return fa, (fb if self.reduce_b is None else self.reduce_b(fb))
+
+    def forward_embedding(self, x: Tensor) -> Tensor:
+        """The pooled, normalised feature vector fed to the classifier: :math:`(B, D)`."""
+        features = self.forward_features(x)
+        if isinstance(features, tuple):
+            return self.pool(*features)
+        return self.pool(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.forward_embedding(x)))
+
+
+class FastBCNN(BilinearClassifier):
+    """One-stream bilinear CNN, the "Fast BCNN" of Liu, Juhas & Zhang (2020).
+
+    ``backbone -> FastBilinearPool (pool + signed sqrt + L2, fused) -> Linear``: one
+    network pooled with itself, about half the cost of the two-stream :class:`BCNN`.
+
+    Args:
+        backbone: name, model or module (see :func:`~bilinearpool.build_backbone`).
+        num_classes: number of classes.
+        pool: replaces the default ``FastBilinearPool(triu=triu)``; any one-stream pooling
+            returning ``(B, D)`` works (e.g. compact or covariance pooling).
+        triu: use the packed upper triangle, :math:`C(C+1)/2` features (halves the classifier).
+        reduce_dim, dropout, weights, se_reduction, node: see :class:`BilinearClassifier`.
+
+    Shape:
+        - Input: :math:`(B, 3, H, W)`.
+        - Output: :math:`(B, \\text{num\\_classes})`.
+
+    Examples:
+        >>> import torchvision
+        >>> model = FastBCNN(torchvision.models.resnet18(), node="layer4", num_classes=8)
+        >>> model(torch.randn(2, 3, 64, 64)).shape
+        torch.Size([2, 8])
+        >>> model.embedding_dim  # 512 * 512
+        262144
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        *,
+        num_classes: int,
+        pool: nn.Module | None = None,
+        triu: bool = False,
+        reduce_dim: int | None = None,
+        dropout: float = 0.0,
+        weights: WeightsArg = None,
+        se_reduction: int | None = None,
+        node: str | None = None,
+    ) -> None:
+        if pool is not None and triu:
+            raise ValueError("triu=True configures the default pool; set it on your own pool instead")
+        super().__init__(
+            backbone,
+            pool=pool if pool is not None else FastBilinearPool(triu=triu),
+            num_classes=num_classes,
+            reduce_dim=reduce_dim,
+            dropout=dropout,
+            weights=weights,
+            se_reduction=se_reduction,
+            node=node,
+        )
+
+
+class BCNN(BilinearClassifier):
+    """Two-stream bilinear CNN (Lin et al. 2015; the "BCNN" of Liu, Juhas & Zhang, 2020).
+
+    Two backbones see the same image; their last feature maps are combined by bilinear
+    pooling, signed square root and L2 normalisation (fused, see
+    :class:`~bilinearpool.BilinearPool` with ``normalize=True``) and classified.
+
+    Args:
+        backbone_a: first stream (name, model or module).
+        backbone_b: second stream. ``None`` gives a second copy of ``backbone_a`` with its
+            own weights (the paper's setting: same architecture, separate weights), or
+            the very same module when ``shared=True``.
+        num_classes: number of classes.
+        shared: with ``backbone_b=None``, let both streams share one backbone.
+        pool: replaces the default ``BilinearPool(resize="bilinear", normalize=True)``,
+            which resizes the second map to the first when their sizes differ.
+        reduce_dim, dropout, weights, se_reduction, node: see :class:`BilinearClassifier`.
+
+    Shape:
+        - Input: :math:`(B, 3, H, W)`.
+        - Output: :math:`(B, \\text{num\\_classes})`.
+
+    Examples:
+        >>> a = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
+        >>> b = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+        >>> model = BCNN(a, b, num_classes=3)
+        >>> model(torch.randn(2, 3, 32, 32)).shape, model.embedding_dim
+        (torch.Size([2, 3]), 32)
+    """
+
+    def __init__(
+        self,
+        backbone_a: str | nn.Module,
+        backbone_b: str | nn.Module | None = None,
+        *,
+        num_classes: int,
+        shared: bool = False,
+        pool: nn.Module | None = None,
+        reduce_dim: int | None = None,
+        dropout: float = 0.0,
+        weights: WeightsArg = None,
+        se_reduction: int | None = None,
+        node: str | None = None,
+    ) -> None:
+        if shared and backbone_b is not None:
+            raise ValueError("shared=True shares backbone_a between the streams; do not pass backbone_b")
+        options = {"weights": weights, "se_reduction": se_reduction, "node": node}
+        stream_a = self._resolve(backbone_a, options)
+        if backbone_b is None:
+            backbone_b = stream_a if shared else copy.deepcopy(stream_a)
+        super().__init__(
+            stream_a,
+            backbone_b,
+            pool=pool if pool is not None else BilinearPool(resize="bilinear", normalize=True),
+            num_classes=num_classes,
+            reduce_dim=reduce_dim,
+            dropout=dropout,
+            weights=weights,
+            se_reduction=se_reduction,
+            node=node,
+        )
+        self.shared = shared
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if self.shared:
+            f = self.backbone(x)  # one backbone pass serves both streams
+            fa = self.reduce(f)
+            return fa, (fa if self.reduce_b is None else self.reduce_b(f))
+        return super().forward_features(x)  # type: ignore[return-value]
+
+
+class GAPClassifier(BilinearClassifier):
+    """The plain baseline: global average pooling and a linear classifier.
+
+    With ``se_reduction=8`` it is the paper's "+SE" model.
+
+    Args:
+        backbone: name, model or module (see :func:`~bilinearpool.build_backbone`).
+        num_classes: number of classes.
+        reduce_dim, dropout, weights, se_reduction, node: see :class:`BilinearClassifier`.
+
+    Shape:
+        - Input: :math:`(B, 3, H, W)`.
+        - Output: :math:`(B, \\text{num\\_classes})`.
+
+    Examples:
+        >>> model = GAPClassifier(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), num_classes=2)
+        >>> model(torch.randn(4, 3, 16, 16)).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        *,
+        num_classes: int,
+        reduce_dim: int | None = None,
+        dropout: float = 0.0,
+        weights: WeightsArg = None,
+        se_reduction: int | None = None,
+        node: str | None = None,
+    ) -> None:
+        super().__init__(
+            backbone,
+            pool=GlobalAvgPool(),
+            num_classes=num_classes,
+            reduce_dim=reduce_dim,
+            dropout=dropout,
+            weights=weights,
+            se_reduction=se_reduction,
+            node=node,
+        )
+
+
+#: Heads :func:`build_model` knows, as in the paper's tables.
+HEADS = {"plain": GAPClassifier, "bcnn": BCNN, "fast-bcnn": FastBCNN}
+
+
+def build_model(head: str, backbone: str | nn.Module, *, num_classes: int, **kwargs: object) -> BilinearClassifier:
+    """Build one of the paper's classifiers by head name.
+
+    Args:
+        head: ``"plain"`` (global average pooling), ``"bcnn"`` (two streams) or
+            ``"fast-bcnn"`` (one stream). The paper's "+SE" variants are any of these
+            with ``se_reduction=8``.
+        backbone: name, model or module (see :func:`~bilinearpool.build_backbone`).
+        num_classes: number of classes.
+        **kwargs: passed to the head's class (``weights``, ``se_reduction``, ``triu``, ...).
+
+    Examples:
+        >>> body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        >>> type(build_model("fast-bcnn", body, num_classes=8)).__name__
+        'FastBCNN'
+    """
+    key = head.lower().replace("_", "-")
+    if key not in HEADS:
+        raise ValueError(f"head must be one of {sorted(HEADS)}, but got {head!r}")
+    return HEADS[key](backbone, num_classes=num_classes, **kwargs)  # type: ignore[arg-type]

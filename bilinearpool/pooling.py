@@ -1,0 +1,158 @@
+"""Bilinear pooling modules: two-stream :class:`BilinearPool`, one-stream :class:`FastBilinearPool`."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import bilinear as _F
+
+__all__ = ["BilinearPool", "FastBilinearPool"]
+
+_RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
+
+
+class BilinearPool(nn.Module):
+    """Bilinear pooling of two feature maps (Lin, RoyChowdhury & Maji, ICCV 2015).
+
+    The average over locations of the outer product of the two streams' features,
+    :math:`G = A B^\\top / N`. With ``normalize=True`` it also applies the signed square
+    root and L2 normalisation of the BCNN head (Liu, Juhas & Zhang, 2020) in one fused
+    step (:func:`~bilinearpool.functional.fast_bilinear_pool`) and returns flat vectors.
+
+    Args:
+        reduction: ``"mean"`` over the :math:`N = HW` locations (the paper) or ``"sum"``.
+        resize: what to do when the streams' spatial sizes differ. ``None`` raises a
+            :class:`ValueError`; an interpolation mode (``"bilinear"``, ``"bicubic"``,
+            ``"nearest"``, ``"area"``) resizes ``x_b`` to the size of ``x_a``.
+        normalize: return ``l2_normalize(signed_sqrt(G))`` flattened, computed fused.
+        eps: :math:`\\epsilon` of the signed square root (only with ``normalize``).
+
+    Shape:
+        - x_a: :math:`(B, C_1, H, W)` or tokens :math:`(B, N, C_1)`.
+        - x_b: :math:`(B, C_2, H', W')` or :math:`(B, N, C_2)`; ``None`` pools ``x_a`` with itself.
+        - Output: :math:`(B, C_1, C_2)`, or :math:`(B, C_1 C_2)` with ``normalize``.
+
+    Examples:
+        >>> pool = BilinearPool()
+        >>> pool(torch.randn(2, 64, 7, 7), torch.randn(2, 32, 7, 7)).shape
+        torch.Size([2, 64, 32])
+        >>> pool = BilinearPool(resize="bilinear", normalize=True)
+        >>> pool(torch.randn(2, 64, 14, 14), torch.randn(2, 32, 7, 7)).shape
+        torch.Size([2, 2048])
+    """
+
+    def __init__(
+        self,
+        *,
+        reduction: str = "mean",
+        resize: str | None = None,
+        normalize: bool = False,
+        eps: float = _F.SIGNED_SQRT_EPS,
+    ) -> None:
+        super().__init__()
+        _F._check_reduction(reduction)
+        _F._check_eps(eps)
+        if resize is not None and resize not in _RESIZE_MODES:
+            raise ValueError(f"resize must be None or one of {_RESIZE_MODES}, but got {resize!r}")
+        self.reduction = reduction
+        self.resize = resize
+        self.normalize = normalize
+        self.eps = eps
+
+    def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
+        """Number of output features per sample for the given channel counts."""
+        return in_channels * (in_channels if in_channels_b is None else in_channels_b)
+
+    def forward(self, x_a: Tensor, x_b: Tensor | None = None) -> Tensor:
+        if x_b is x_a:
+            x_b = None  # the symmetric path does half the backward work
+        if (
+            x_b is not None
+            and self.resize is not None
+            and x_a.dim() == 4
+            and x_b.dim() == 4
+            and x_a.shape[-2:] != x_b.shape[-2:]
+        ):
+            align = False if self.resize in ("bilinear", "bicubic") else None
+            x_b = F.interpolate(x_b, size=x_a.shape[-2:], mode=self.resize, align_corners=align)
+        if self.normalize:
+            return _F.fast_bilinear_pool(x_a, x_b, reduction=self.reduction, eps=self.eps)
+        return _F.bilinear_pool(x_a, x_b, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (
+            f"reduction={self.reduction!r}, resize={self.resize!r}, normalize={self.normalize}"
+            + (f", eps={self.eps}" if self.normalize else "")
+        )
+
+
+class FastBilinearPool(nn.Module):
+    """One-stream bilinear pooling with signed square root and L2 norm, fused.
+
+    The "Fast BCNN" head of Liu, Juhas & Zhang (2020): ``l2(ssqrt(A A^T / N))`` for one
+    feature map :math:`A`, computed by :func:`~bilinearpool.functional.fast_bilinear_pool`
+    with a custom backward that keeps only the input for backward (at B=8, C=2048, 7x7:
+    3.2 MB instead of about 900 MB for the op-by-op chain) and recomputes the rest.
+
+    Args:
+        reduction: ``"mean"`` over locations (the paper) or ``"sum"``.
+        signed_sqrt: apply the signed square root (see :class:`~bilinearpool.SignedSqrt`).
+        l2_normalize: scale each output to unit L2 norm.
+        triu: return the packed upper triangle (off-diagonals times :math:`\\sqrt{2}`, so
+            norms are unchanged): :math:`C(C+1)/2` features instead of :math:`C^2`, which
+            halves the parameters of a linear classifier on top.
+        eps: :math:`\\epsilon` of the signed square root; gradients are at most
+            :math:`1/(2\\sqrt{\\epsilon})`.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
+        - Output: :math:`(B, C^2)`, or :math:`(B, C(C+1)/2)` with ``triu``.
+
+    Examples:
+        >>> pool = FastBilinearPool()
+        >>> pool(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 4096])
+        >>> FastBilinearPool(triu=True)(torch.randn(2, 49, 64)).shape  # tokens (B, N, C)
+        torch.Size([2, 2080])
+    """
+
+    def __init__(
+        self,
+        *,
+        reduction: str = "mean",
+        signed_sqrt: bool = True,
+        l2_normalize: bool = True,
+        triu: bool = False,
+        eps: float = _F.SIGNED_SQRT_EPS,
+    ) -> None:
+        super().__init__()
+        _F._check_reduction(reduction)
+        _F._check_eps(eps)
+        self.reduction = reduction
+        self.signed_sqrt = signed_sqrt
+        self.l2_normalize = l2_normalize
+        self.triu = triu
+        self.eps = eps
+
+    def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
+        """Number of output features per sample for ``in_channels`` input channels."""
+        if in_channels_b is not None:
+            raise ValueError("FastBilinearPool pools one stream; use BilinearPool for two")
+        return _F.triu_size(in_channels) if self.triu else in_channels * in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _F.fast_bilinear_pool(
+            x,
+            reduction=self.reduction,
+            signed_sqrt=self.signed_sqrt,
+            l2_normalize=self.l2_normalize,
+            triu=self.triu,
+            eps=self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"reduction={self.reduction!r}, signed_sqrt={self.signed_sqrt}, "
+            f"l2_normalize={self.l2_normalize}, triu={self.triu}, eps={self.eps}"
+        )

@@ -1,0 +1,92 @@
+"""SEBlock and insert_se_blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bilinearpool import SEBlock, insert_se_blocks
+
+
+class TestSEBlock:
+    def test_matches_definition(self):
+        se = SEBlock(16, reduction=4)
+        x = torch.randn(2, 16, 5, 5)
+        weights = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean(dim=(2, 3))))))
+        torch.testing.assert_close(se(x), x * weights[:, :, None, None])
+        assert se.hidden == 4
+
+    def test_tokens(self):
+        se = SEBlock(8, reduction=2)
+        x = torch.randn(3, 10, 8)
+        maps = x.transpose(1, 2).reshape(3, 8, 2, 5)
+        torch.testing.assert_close(se(x), se(maps).flatten(2).transpose(1, 2))
+
+    def test_parameters(self):
+        se = SEBlock(64, reduction=8)
+        assert sum(p.numel() for p in se.parameters()) == 64 * 8 + 8 + 8 * 64 + 64
+
+    def test_factories(self):
+        se = SEBlock(8, reduction=2, act_layer=nn.GELU, gate_layer=nn.Hardsigmoid, dtype=torch.float64)
+        assert isinstance(se.act, nn.GELU) and se.fc1.weight.dtype == torch.float64
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match="reduction must be a positive int, but got 0"):
+            SEBlock(8, reduction=0)
+        with pytest.raises(ValueError, match="channels must be a positive int"):
+            SEBlock(0)
+        with pytest.raises(ValueError, match="built for 8 channels, but the input has 6"):
+            SEBlock(8)(torch.randn(1, 6, 2, 2))
+        with pytest.raises(ValueError, match="2-D tensor"):
+            SEBlock(8)(torch.randn(1, 8))
+
+    def test_gradcheck_and_compile(self):
+        se = SEBlock(4, reduction=2).double()
+        x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(se, (x,))
+        torch.testing.assert_close(torch.compile(se, backend="eager")(x), se(x))
+
+
+class TestInsertSE:
+    def test_resnet_bottleneck_residual_branch(self):
+        import torchvision
+
+        net = torchvision.models.resnet50()
+        assert insert_se_blocks(net, reduction=8) == 16
+        block = net.layer1[0]
+        assert isinstance(block.bn3, nn.Sequential) and isinstance(block.bn3[1], SEBlock)
+        assert block.bn3[1].channels == 256 and block.bn3[1].hidden == 32
+        net.eval()
+        assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+    def test_resnet_se_is_applied(self):
+        import torchvision
+
+        net = torchvision.models.resnet18().eval()
+        x = torch.randn(1, 3, 64, 64)
+        before = net(x)
+        insert_se_blocks(net)
+        for module in net.modules():  # a gate of exactly 1 everywhere would make SE a no-op
+            if isinstance(module, SEBlock):
+                nn.init.constant_(module.fc2.bias, -2.0)
+        assert not torch.allclose(net(x), before)
+
+    def test_inception_v3_modules(self):
+        import torchvision
+
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).eval()
+        assert insert_se_blocks(net) == 11
+        assert net.Mixed_7c[1].channels == 2048 and net.Mixed_6a[1].channels == 768
+        assert net(torch.randn(1, 3, 96, 96)).shape == (1, 1000)
+
+    def test_timm_inception_resnet_v2(self):
+        import timm
+
+        net = timm.create_model("inception_resnet_v2", features_only=True, out_indices=(-1,)).eval()
+        assert insert_se_blocks(net) == 40
+        assert net(torch.randn(1, 3, 96, 96))[-1].shape[1] == 1536
+
+    def test_unsupported(self):
+        with pytest.raises(ValueError, match=r"found no supported block \(ResNet.*contains \[.Conv2d."):
+            insert_se_blocks(nn.Sequential(nn.Conv2d(3, 4, 3)))

@@ -1,0 +1,320 @@
+"""bilinearpool.functional: the math, checked against plain definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bilinearpool.functional.bilinear as FB
+from bilinearpool.functional import (
+    bilinear_pool,
+    fast_bilinear_pool,
+    l2_normalize,
+    signed_sqrt,
+    signed_sqrt_grad_bound,
+    triu_pack,
+    triu_size,
+    triu_unpack,
+)
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def naive_bilinear(x_a: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over locations of the outer products, one location at a time."""
+    x_b = x_a if x_b is None else x_b
+    a, b = x_a.flatten(2), x_b.flatten(2)
+    n = a.shape[2]
+    out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=a.dtype)
+    for loc in range(n):
+        out += a[:, :, loc, None] * b[:, None, :, loc]
+    return out / n
+
+
+def naive_chain(x_a, x_b=None, *, triu=False, eps=FB.SIGNED_SQRT_EPS, sqrt=True, l2=True):
+    """The documented definition, op by op, differentiated by autograd."""
+    y = bilinear_pool(x_a, x_b)
+    if sqrt:
+        y = signed_sqrt(y, eps=eps)
+    y = triu_pack(y) if triu else y.flatten(1)
+    return l2_normalize(y) if l2 else y
+
+
+@pytest.fixture(params=["whole", "blocked"])
+def blocking(request, monkeypatch):
+    """Run the fused op with whole samples per block, or a few rows per block."""
+    if request.param == "blocked":
+        monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
+    return request.param
+
+
+class TestBilinearPool:
+    def test_smoke(self):
+        assert bilinear_pool(torch.randn(2, 3, 4, 4)).shape == (2, 3, 3)
+
+    @pytest.mark.parametrize("shape_a,shape_b", [((1, 5, 3, 4), (1, 2, 3, 4)), ((3, 1, 1, 1), None), ((2, 7, 2, 9), (2, 7, 2, 9))])
+    def test_equals_outer_product_loop(self, shape_a, shape_b):
+        x_a = torch.randn(*shape_a, dtype=torch.float64)
+        x_b = None if shape_b is None else torch.randn(*shape_b, dtype=torch.float64)
+        torch.testing.assert_close(bilinear_pool(x_a, x_b), naive_bilinear(x_a, x_b))
+
+    def test_sum_reduction(self):
+        x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+        torch.testing.assert_close(bilinear_pool(x, reduction="sum"), naive_bilinear(x) * 15)
+
+    def test_symmetric(self):
+        g = bilinear_pool(torch.randn(3, 6, 5, 5))
+        torch.testing.assert_close(g, g.transpose(1, 2))
+
+    def test_tokens_equal_maps(self):
+        x = torch.randn(2, 6, 3, 4)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        torch.testing.assert_close(bilinear_pool(tokens), bilinear_pool(x))
+
+    def test_noncontiguous_and_channels_last(self):
+        x = torch.randn(2, 8, 5, 6)
+        ref = bilinear_pool(x)
+        torch.testing.assert_close(bilinear_pool(x.to(memory_format=torch.channels_last)), ref)
+        torch.testing.assert_close(bilinear_pool(x.transpose(2, 3)), ref)  # same locations, other order
+
+    def test_gradcheck(self):
+        x_a = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+        x_b = torch.randn(2, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(bilinear_pool, (x_a, x_b))
+
+    @pytest.mark.parametrize(
+        "x_a,x_b,match",
+        [
+            (torch.randn(2, 3, 4), torch.randn(2, 3, 4, 4), "same layout"),
+            (torch.randn(2, 3, 4, 4), torch.randn(3, 3, 4, 4), r"same batch size, but got 2 .* and 3"),
+            (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 5, 4), r"spatial size .* \(2, 3, 5, 4\)"),
+            (torch.randn(3, 4), None, r"\(B, C, H, W\) .* 2-D tensor of shape \(3, 4\)"),
+            (torch.randn(2, 0, 4, 4), None, "at least one channel"),
+        ],
+    )
+    def test_exception(self, x_a, x_b, match):
+        with pytest.raises(ValueError, match=match):
+            bilinear_pool(x_a, x_b)
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="floating-point .* torch.int64"):
+            bilinear_pool(torch.ones(2, 3, 4, 4, dtype=torch.long))
+
+    def test_bad_reduction(self):
+        with pytest.raises(ValueError, match=r"reduction must be one of .* 'max'"):
+            bilinear_pool(torch.randn(1, 2, 2, 2), reduction="max")
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_reduced_precision_accumulates_in_float32(self, dtype):
+        x = torch.rand(2, 16, 7, 7) * 1e3  # squares reach 1e6, beyond float16's 65504
+        out = bilinear_pool(x.to(dtype))
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        torch.testing.assert_close(out, bilinear_pool(x.to(dtype).float()))
+
+
+class TestSignedSqrt:
+    def test_values(self):
+        x = torch.tensor([-9.0, -1e-3, 0.0, 2.5, 16.0], dtype=torch.float64)
+        eps = 1e-5
+        expected = torch.sign(x) * (torch.sqrt(x.abs() + eps) - math.sqrt(eps))
+        torch.testing.assert_close(signed_sqrt(x, eps=eps), expected)
+
+    def test_gradient_closed_form_everywhere_including_zero(self):
+        x = torch.tensor([-4.0, -1e-12, 0.0, 1e-12, 3.0], dtype=torch.float64, requires_grad=True)
+        eps = 1e-5
+        (g,) = torch.autograd.grad(signed_sqrt(x, eps=eps).sum(), x)
+        torch.testing.assert_close(g, 0.5 / torch.sqrt(x.detach().abs() + eps))
+        assert g[2] == pytest.approx(signed_sqrt_grad_bound(eps))
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.floats(-1e6, 1e6, allow_nan=False), st.sampled_from([1e-10, 1e-5, 1e-2]))
+    def test_gradient_bounded_and_odd(self, value, eps):
+        x = torch.tensor([value, -value], dtype=torch.float64, requires_grad=True)
+        y = signed_sqrt(x, eps=eps)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert torch.isfinite(g).all() and (g > 0).all()
+        assert (g <= signed_sqrt_grad_bound(eps) * (1 + 1e-12)).all()
+        assert y[0] == -y[1]
+
+    def test_continuous_at_zero(self):
+        x = torch.tensor([-1e-14, 0.0, 1e-14], dtype=torch.float64)
+        assert signed_sqrt(x, eps=1e-5).abs().max() < 1e-11
+
+    @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+    def test_bad_eps(self, eps):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            signed_sqrt(torch.ones(2), eps=eps)
+
+
+class TestL2Normalize:
+    def test_unit_norm_per_sample(self):
+        x = torch.randn(4, 3, 5)
+        out = l2_normalize(x)
+        torch.testing.assert_close(out.flatten(1).norm(dim=1), torch.ones(4))
+        torch.testing.assert_close(out, x / x.flatten(1).norm(dim=1)[:, None, None])
+
+    def test_zero_stays_zero(self):
+        assert torch.equal(l2_normalize(torch.zeros(2, 3)), torch.zeros(2, 3))
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match=r"at least 2 dimensions, but got shape \(3,\)"):
+            l2_normalize(torch.ones(3))
+
+
+class TestTriu:
+    @settings(max_examples=30, deadline=None)
+    @given(st.integers(1, 9), st.integers(1, 3), st.integers(0, 2**31 - 1))
+    def test_norm_identity(self, c, b, seed):
+        g = torch.Generator().manual_seed(seed)
+        m = torch.randn(b, c, c, generator=g, dtype=torch.float64)
+        m = m + m.transpose(1, 2)
+        torch.testing.assert_close(triu_pack(m).norm(dim=1), m.flatten(1).norm(dim=1))
+        torch.testing.assert_close(triu_unpack(triu_pack(m)), m)
+
+    def test_size_and_order(self):
+        m = torch.arange(9.0).view(1, 3, 3)
+        m = m + m.transpose(1, 2)
+        r2 = math.sqrt(2)
+        expected = torch.tensor([[0.0, 4 * r2, 8 * r2, 8.0, 12 * r2, 16.0]])
+        torch.testing.assert_close(triu_pack(m), expected)
+        assert triu_size(3) == 6
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match=r"square matrices \(B, C, C\), but got shape \(2, 3, 4\)"):
+            triu_pack(torch.ones(2, 3, 4))
+        with pytest.raises(ValueError, match="not C\\(C\\+1\\)/2"):
+            triu_unpack(torch.ones(2, 5))
+
+
+class TestFastBilinearPool:
+    CASES = [
+        dict(triu=False, two=False),
+        dict(triu=True, two=False),
+        dict(triu=False, two=True),
+    ]
+
+    @staticmethod
+    def inputs(two: bool, dtype=torch.float64, zeros: bool = True, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        x_a = torch.randn(3, 11, 3, 4, generator=g, dtype=dtype)
+        x_b = torch.randn(3, 6, 3, 4, generator=g, dtype=dtype) if two else None
+        if zeros:  # ReLU features: exact zeros, and channels with disjoint support
+            x_a = x_a.relu()
+            x_b = None if x_b is None else x_b.relu()
+        return (x_a, x_b) if two else (x_a,)
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    @pytest.mark.parametrize("sqrt,l2", [(True, True), (True, False), (False, True), (False, False)])
+    def test_values_and_gradients_equal_naive(self, case, sqrt, l2, blocking):
+        inputs = [x.requires_grad_() for x in self.inputs(case["two"])]
+        kwargs = dict(triu=case["triu"], signed_sqrt=sqrt, l2_normalize=l2)
+        fast = fast_bilinear_pool(*inputs, **kwargs)
+        slow = naive_chain(*inputs, triu=case["triu"], sqrt=sqrt, l2=l2)
+        torch.testing.assert_close(fast, slow, **TOL[torch.float64])
+        weights = torch.randn_like(fast)
+        g_fast = torch.autograd.grad((fast * weights).sum(), inputs)
+        g_slow = torch.autograd.grad((slow * weights).sum(), inputs)
+        for a, b in zip(g_fast, g_slow):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_gradcheck(self, case, blocking):
+        # No exact zeros here: finite differences are inaccurate where f'' jumps.
+        inputs = [x.requires_grad_() for x in self.inputs(case["two"], zeros=False)]
+        fn = lambda *xs: fast_bilinear_pool(*xs, triu=case["triu"], eps=1e-2)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, inputs)
+
+    def test_float32_equals_float64(self, blocking):
+        (x,) = self.inputs(False)
+        torch.testing.assert_close(fast_bilinear_pool(x.float()), fast_bilinear_pool(x).float(), **TOL[torch.float32])
+
+    def test_gradient_finite_with_zero_entries_and_zero_input(self):
+        x = torch.zeros(2, 4, 3, 3, requires_grad=True)
+        with torch.no_grad():
+            x[0, 0, 0, 0] = 1.0  # sample 0: one nonzero entry; sample 1: all zeros
+            x[0, 1, 2, 2] = 2.0  # disjoint support: G[0, 0, 1] == 0 exactly
+        y = fast_bilinear_pool(x)
+        (g,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+        assert torch.isfinite(g).all()
+        x_ref = x.detach().clone().requires_grad_()
+        torch.testing.assert_close(y, naive_chain(x_ref))
+
+    @pytest.mark.parametrize("two", [False, True])
+    def test_saves_only_the_inputs(self, two):
+        inputs = [x.float().requires_grad_() for x in self.inputs(two)]
+        saved: list[int] = []
+
+        def pack(t):
+            saved.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fast_bilinear_pool(*inputs)
+        assert sum(saved) == sum(x.numel() * x.element_size() for x in inputs)
+
+    def test_tokens_channels_last_noncontiguous(self):
+        x = torch.randn(2, 12, 5, 6).relu()
+        ref = fast_bilinear_pool(x)
+        torch.testing.assert_close(fast_bilinear_pool(x.to(memory_format=torch.channels_last)), ref)
+        torch.testing.assert_close(fast_bilinear_pool(x.flatten(2).transpose(1, 2)), ref)
+        wide = torch.randn(2, 24, 5, 6).relu()[:, ::2]
+        torch.testing.assert_close(fast_bilinear_pool(wide), fast_bilinear_pool(wide.contiguous()))
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_autocast_large_features(self, dtype, triu):
+        x = (torch.rand(2, 32, 7, 7) * 1e3).requires_grad_()  # outer products up to 1e6
+        ref = fast_bilinear_pool(x, triu=triu)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
+        with torch.autocast("cpu", dtype=dtype):
+            x_low = x.to(dtype)
+            out = fast_bilinear_pool(x_low, triu=triu)
+        (g,) = torch.autograd.grad(out.float().sum(), x)
+        assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(g).all()
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(g, g_ref, rtol=5e-2, atol=5e-2 * g_ref.abs().max().item())
+
+    def test_sum_reduction(self):
+        (x,) = self.inputs(False)
+        expected = l2_normalize(signed_sqrt(bilinear_pool(x, reduction="sum")).flatten(1))
+        torch.testing.assert_close(fast_bilinear_pool(x, reduction="sum"), expected)
+
+    def test_exception(self):
+        x = torch.randn(2, 3, 4, 4)
+        with pytest.raises(ValueError, match="triu=True needs a symmetric matrix"):
+            fast_bilinear_pool(x, x.clone(), triu=True)
+        with pytest.raises(ValueError, match="l2_eps must be a positive"):
+            fast_bilinear_pool(x, l2_eps=0.0)
+        with pytest.raises(TypeError, match="floating-point"):
+            fast_bilinear_pool(x.int())
+
+    def test_block_partition_covers_everything(self):
+        for batch, rows, cols, target in [(3, 21, 21, 40), (8, 2048, 2048, 1 << 18), (5, 4, 4, 1000), (2, 3, 7, 1)]:
+            blocks = FB._blocks(batch, rows, cols, target)
+            seen = torch.zeros(batch, rows, dtype=torch.int64)
+            for b0, b1, r0, r1 in blocks:
+                seen[b0:b1, r0:r1] += 1
+            assert torch.equal(seen, torch.ones_like(seen))
+
+    def test_compile(self):
+        x = torch.randn(2, 6, 4, 4).relu().requires_grad_()
+        compiled = torch.compile(fast_bilinear_pool, backend="eager", fullgraph=False)
+        out = compiled(x)
+        torch.testing.assert_close(out, fast_bilinear_pool(x))
+        out.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_naive_published_chain_differs_only_by_the_shift():
+    """Our signed sqrt is the published sign(x)*sqrt(|x|+eps) shifted towards zero by sqrt(eps)."""
+    x = torch.randn(2, 8, 5, 5).relu()
+    eps = 1e-10
+    g = bilinear_pool(x).flatten(1)
+    published = F.normalize(torch.sign(g) * torch.sqrt(g.abs() + eps))
+    ours = fast_bilinear_pool(x, eps=eps)
+    torch.testing.assert_close(ours, published, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,159 @@
+"""BilinearPool, FastBilinearPool, SignedSqrt, L2Normalize: module behaviour."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from bilinearpool import BilinearPool, FastBilinearPool, L2Normalize, SignedSqrt
+from bilinearpool.functional import bilinear_pool, fast_bilinear_pool, l2_normalize, signed_sqrt
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 7, 7), (4, 16, 5, 3), (3, 64, 2, 9)]
+
+
+def roundtrip(module: torch.nn.Module) -> torch.nn.Module:
+    clone = pickle.loads(pickle.dumps(module))
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    clone.load_state_dict(torch.load(buffer))
+    return clone
+
+
+class TestBilinearPoolModule:
+    def test_smoke(self):
+        pool = BilinearPool()
+        assert pool(torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3)).shape == (2, 4, 5)
+        assert "reduction='mean'" in repr(pool)
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_cardinality(self, shape):
+        b, c, h, w = shape
+        x_a, x_b = torch.randn(*shape), torch.randn(b, c + 2, h, w)
+        assert BilinearPool()(x_a, x_b).shape == (b, c, c + 2)
+        assert BilinearPool(normalize=True)(x_a, x_b).shape == (b, c * (c + 2))
+        assert BilinearPool()(x_a).shape == (b, c, c)
+        assert BilinearPool().output_dim(c, c + 2) == c * (c + 2)
+
+    def test_module_equals_function(self):
+        x_a, x_b = torch.randn(2, 4, 3, 3).relu(), torch.randn(2, 5, 3, 3).relu()
+        torch.testing.assert_close(BilinearPool(reduction="sum")(x_a, x_b), bilinear_pool(x_a, x_b, reduction="sum"))
+        torch.testing.assert_close(BilinearPool(normalize=True)(x_a, x_b), fast_bilinear_pool(x_a, x_b))
+
+    def test_same_tensor_twice_is_self_pooling(self):
+        x = torch.randn(2, 6, 4, 4).relu()
+        torch.testing.assert_close(BilinearPool(normalize=True)(x, x), fast_bilinear_pool(x))
+
+    def test_resize(self):
+        x_a, x_b = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4)
+        with pytest.raises(ValueError, match=r"same spatial size .* \(2, 3, 4, 4\)"):
+            BilinearPool()(x_a, x_b)
+        up = torch.nn.functional.interpolate(x_b, size=(8, 8), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(BilinearPool(resize="bilinear")(x_a, x_b), bilinear_pool(x_a, up))
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match="resize must be None or one of"):
+            BilinearPool(resize="cubic")
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            BilinearPool(reduction="max")
+        with pytest.raises(ValueError, match=r"same batch size, but got 2 .* and 3"):
+            BilinearPool()(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 4, 4))
+
+    def test_gradcheck(self):
+        x_a = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+        x_b = torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(BilinearPool(normalize=True, eps=1e-2), (x_a, x_b))
+
+    def test_state_dict_pickle(self):
+        pool = BilinearPool(resize="nearest", normalize=True)
+        x_a, x_b = torch.randn(2, 4, 6, 6), torch.randn(2, 3, 3, 3)
+        torch.testing.assert_close(roundtrip(pool)(x_a, x_b), pool(x_a, x_b))
+
+    def test_compile(self):
+        pool = BilinearPool(normalize=True)
+        x_a, x_b = torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3)
+        torch.testing.assert_close(torch.compile(pool, backend="eager")(x_a, x_b), pool(x_a, x_b))
+
+
+class TestFastBilinearPoolModule:
+    def test_smoke(self):
+        pool = FastBilinearPool()
+        assert pool(torch.randn(2, 8, 3, 3)).shape == (2, 64)
+        assert "triu=False" in repr(pool)
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_cardinality(self, shape, triu):
+        b, c, h, w = shape
+        pool = FastBilinearPool(triu=triu)
+        out = pool(torch.randn(*shape))
+        assert out.shape == (b, pool.output_dim(c))
+        assert out.shape[1] == (c * (c + 1) // 2 if triu else c * c)
+        assert pool(torch.randn(b, h * w, c)).shape == out.shape  # tokens
+
+    def test_module_equals_function(self):
+        x = torch.randn(3, 5, 4, 4).relu()
+        pool = FastBilinearPool(triu=True, eps=1e-3, reduction="sum")
+        torch.testing.assert_close(pool(x), fast_bilinear_pool(x, triu=True, eps=1e-3, reduction="sum"))
+
+    def test_noncontiguous(self):
+        x = torch.randn(2, 10, 5, 5).relu()
+        pool = FastBilinearPool()
+        torch.testing.assert_close(pool(x[:, ::2]), pool(x[:, ::2].contiguous()))
+        torch.testing.assert_close(pool(x.to(memory_format=torch.channels_last)), pool(x))
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match="eps must be a positive"):
+            FastBilinearPool(eps=0)
+        with pytest.raises(ValueError, match=r"\(B, C, H, W\) .* 5-D tensor"):
+            FastBilinearPool()(torch.randn(1, 2, 3, 4, 5))
+        with pytest.raises(TypeError, match="floating-point"):
+            FastBilinearPool()(torch.ones(1, 2, 3, 3, dtype=torch.int32))
+        with pytest.raises(ValueError, match="one stream"):
+            FastBilinearPool().output_dim(3, 4)
+
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_gradcheck(self, triu):
+        x = torch.randn(2, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(FastBilinearPool(triu=triu, eps=1e-2), (x,))
+
+    def test_state_dict_pickle(self):
+        pool = FastBilinearPool(triu=True)
+        x = torch.randn(2, 6, 3, 3)
+        clone = roundtrip(pool)
+        assert clone.triu and torch.equal(clone(x), pool(x))
+
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_compile(self, triu):
+        pool = FastBilinearPool(triu=triu)
+        x = torch.randn(2, 6, 3, 3).relu().requires_grad_()
+        out = torch.compile(pool, backend="eager")(x)
+        torch.testing.assert_close(out, pool(x))
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+
+class TestNormModules:
+    def test_signed_sqrt_module(self):
+        x = torch.randn(3, 7)
+        torch.testing.assert_close(SignedSqrt(eps=1e-3)(x), signed_sqrt(x, eps=1e-3))
+        assert "eps=0.001" in repr(SignedSqrt(eps=1e-3))
+        with pytest.raises(ValueError, match="eps must be a positive"):
+            SignedSqrt(eps=-1.0)
+
+    def test_l2_module(self):
+        x = torch.randn(3, 4, 4)
+        torch.testing.assert_close(L2Normalize()(x), l2_normalize(x))
+
+    def test_gradcheck(self):
+        x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(torch.nn.Sequential(SignedSqrt(), L2Normalize()), (x,))
+
+    def test_compile_and_pickle(self):
+        chain = torch.nn.Sequential(SignedSqrt(), L2Normalize())
+        x = torch.randn(4, 9)
+        torch.testing.assert_close(torch.compile(chain, backend="eager")(x), chain(x))
+        torch.testing.assert_close(roundtrip(chain)(x), chain(x))
