@@ -157,3 +157,14 @@ class TestNormModules:
         x = torch.randn(4, 9)
         torch.testing.assert_close(torch.compile(chain, backend="eager")(x), chain(x))
         torch.testing.assert_close(roundtrip(chain)(x), chain(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [FastBilinearPool(triu=True), BilinearPool(normalize=True)], ids=["fast", "two-stream"])
+def test_compile_inductor(module):
+    """Full torch.compile (inductor code generation): about a minute on 2 CPU cores."""
+    x = torch.randn(2, 6, 4, 4).relu().requires_grad_()
+    out = torch.compile(module)(x)
+    torch.testing.assert_close(out, module(x))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -343,7 +343,7 @@ class _FusedBilinear(torch.autograd.Function):
         for b0, b1, r0, r1 in _blocks(batch, c1, c2, _block_elements(a.device)):
             y = _block(a_s, b_, b0, b1, r0, r1, eps, triu, out)
             if sq is not None:
-                sq[b0:b1] += y.reshape(b1 - b0, -1).square().sum(1)
+                sq[b0:b1] += _rowdot(y, y)
         if sq is not None:
             out.div_(sq.sqrt_().clamp_min_(l2_eps).unsqueeze(1))
         return out
@@ -368,8 +368,8 @@ class _FusedBilinear(torch.autograd.Function):
                 dot = a_.new_zeros(batch)
                 for b0, b1, r0, r1 in blocks:
                     y = _block(a_s, b_, b0, b1, r0, r1, eps, triu).reshape(b1 - b0, -1)
-                    sq[b0:b1] += y.square().sum(1)
-                    dot[b0:b1] += torch.linalg.vecdot(y, _segment(dz, b0, b1, r0, r1, c1, c2, triu))
+                    sq[b0:b1] += _rowdot(y, y)
+                    dot[b0:b1] += _rowdot(y, _segment(dz, b0, b1, r0, r1, c1, c2, triu))
                 norm = sq.sqrt_()
                 clamped = norm <= l2_eps
                 c = torch.where(clamped, 0.0, dot / norm.square().clamp_min(l2_eps**2))
@@ -418,6 +418,12 @@ class _FusedBilinear(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample inner products of two ``(b, ...)`` tensors as one BLAS call, no temporary."""
+    b = x.shape[0]
+    return torch.bmm(x.reshape(b, 1, -1), y.reshape(b, -1, 1)).view(b)
 
 
 def _triu_scale_block(r0: int, r1: int, c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
