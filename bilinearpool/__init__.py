@@ -15,6 +15,8 @@ from __future__ import annotations
 from . import functional
 from .attention import SEBlock, insert_se_blocks
 from .backbones import FeatureExtractor, build_backbone, list_backbones
+from .compact import CompactBilinearPool
+from .covariance import CovariancePool
 from .models import (
     BCNN,
     BilinearClassifier,
@@ -24,6 +26,8 @@ from .models import (
     GlobalAvgPool,
     build_model,
 )
+from .lowrank import LowRankBilinearPool
+from .matrix_sqrt import MatrixSqrt
 from .norm import L2Normalize, SignedSqrt
 from .pooling import BilinearPool, FastBilinearPool
 
@@ -34,12 +38,16 @@ __all__ = [
     "BilinearClassifier",
     "BilinearPool",
     "ChannelReduction",
+    "CompactBilinearPool",
+    "CovariancePool",
     "FastBCNN",
     "FastBilinearPool",
     "FeatureExtractor",
     "GAPClassifier",
     "GlobalAvgPool",
     "L2Normalize",
+    "LowRankBilinearPool",
+    "MatrixSqrt",
     "SEBlock",
     "SignedSqrt",
     "__version__",

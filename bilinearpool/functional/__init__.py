@@ -16,13 +16,22 @@ from .bilinear import (
     triu_size,
     triu_unpack,
 )
+from .covariance import covariance_pool
+from .lowrank import low_rank_bilinear_pool
+from .sketch import random_maclaurin, tensor_sketch
+from .sqrtm import matrix_sqrt
 
 __all__ = [
     "bilinear_pool",
+    "covariance_pool",
     "fast_bilinear_pool",
     "l2_normalize",
+    "low_rank_bilinear_pool",
+    "matrix_sqrt",
+    "random_maclaurin",
     "signed_sqrt",
     "signed_sqrt_grad_bound",
+    "tensor_sketch",
     "triu_pack",
     "triu_size",
     "triu_unpack",

@@ -8,10 +8,13 @@ channels-last maps, and token sequences, all give views).
 
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager
+
 import torch
 from torch import Tensor
 
-__all__ = ["as_channel_matrix", "check_floating", "compute_dtype"]
+__all__ = ["as_channel_matrix", "check_floating", "compute_dtype", "no_autocast", "pair_streams"]
 
 
 def check_floating(x: Tensor, name: str = "input") -> None:
@@ -63,3 +66,38 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     float64 stays float64.
     """
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def no_autocast(device_type: str) -> ContextManager[object]:
+    """Disable autocast on ``device_type`` (second-order statistics overflow in float16)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def pair_streams(x_a: Tensor, x_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Flatten both streams to ``(B, C, N)`` and check that they can be paired."""
+    a = as_channel_matrix(x_a, "x_a" if x_b is not None else "input")
+    if x_b is None:
+        return a, None
+    b = as_channel_matrix(x_b, "x_b")
+    if x_a.dim() != x_b.dim():
+        raise ValueError(
+            "x_a and x_b must have the same layout, but got shapes "
+            f"{tuple(x_a.shape)} and {tuple(x_b.shape)}"
+        )
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"x_a and x_b must have the same batch size, but got {a.shape[0]} "
+            f"(shape {tuple(x_a.shape)}) and {b.shape[0]} (shape {tuple(x_b.shape)})"
+        )
+    if a.shape[2] != b.shape[2]:
+        where = "spatial size (H, W)" if x_a.dim() == 4 else "number of tokens N"
+        raise ValueError(
+            f"x_a and x_b must have the same {where}, but got shapes {tuple(x_a.shape)} and "
+            f"{tuple(x_b.shape)}; resize one of them first (BilinearPool(resize='bilinear') "
+            "does this for you)"
+        )
+    if a.device != b.device:
+        raise ValueError(f"x_a and x_b must be on the same device, but got {a.device} and {b.device}")
+    return a, b

@@ -13,15 +13,14 @@ operation whose backward keeps only the input feature map(s) and recomputes the 
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
-from typing import ContextManager
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import as_channel_matrix, check_floating, compute_dtype
+from ._checks import check_floating, compute_dtype, no_autocast, pair_streams
 
 __all__ = [
     "bilinear_pool",
@@ -43,13 +42,6 @@ SIGNED_SQRT_EPS = 1e-5
 L2_EPS = 1e-12
 
 
-def _no_autocast(device_type: str) -> ContextManager[object]:
-    """Disable autocast on ``device_type`` (second-order statistics overflow in float16)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, but got {reduction!r}")
@@ -58,34 +50,6 @@ def _check_reduction(reduction: str) -> None:
 def _check_eps(eps: float, name: str = "eps") -> None:
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"{name} must be a positive finite number, but got {eps!r}")
-
-
-def _pair(x_a: Tensor, x_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Flatten both streams to ``(B, C, N)`` and check that they can be paired."""
-    a = as_channel_matrix(x_a, "x_a" if x_b is not None else "input")
-    if x_b is None:
-        return a, None
-    b = as_channel_matrix(x_b, "x_b")
-    if x_a.dim() != x_b.dim():
-        raise ValueError(
-            "x_a and x_b must have the same layout, but got shapes "
-            f"{tuple(x_a.shape)} and {tuple(x_b.shape)}"
-        )
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"x_a and x_b must have the same batch size, but got {a.shape[0]} "
-            f"(shape {tuple(x_a.shape)}) and {b.shape[0]} (shape {tuple(x_b.shape)})"
-        )
-    if a.shape[2] != b.shape[2]:
-        where = "spatial size (H, W)" if x_a.dim() == 4 else "number of tokens N"
-        raise ValueError(
-            f"x_a and x_b must have the same {where}, but got shapes {tuple(x_a.shape)} and "
-            f"{tuple(x_b.shape)}; resize one of them first (BilinearPool(resize='bilinear') "
-            "does this for you)"
-        )
-    if a.device != b.device:
-        raise ValueError(f"x_a and x_b must be on the same device, but got {a.device} and {b.device}")
-    return a, b
 
 
 def bilinear_pool(x_a: Tensor, x_b: Tensor | None = None, *, reduction: str = "mean") -> Tensor:
@@ -118,10 +82,10 @@ def bilinear_pool(x_a: Tensor, x_b: Tensor | None = None, *, reduction: str = "m
         torch.Size([2, 8, 3])
     """
     _check_reduction(reduction)
-    a, b = _pair(x_a, x_b)
+    a, b = pair_streams(x_a, x_b)
     dtype = compute_dtype(a)
     n = a.shape[2]
-    with _no_autocast(a.device.type):
+    with no_autocast(a.device.type):
         a = a.to(dtype)
         b = a if b is None else b.to(dtype)
         out = torch.bmm(a, b.transpose(1, 2))
@@ -221,12 +185,21 @@ def triu_size(channels: int) -> int:
     return channels * (channels + 1) // 2
 
 
-def _triu_scale(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Row-major upper-triangle indices and the isometry weights (1 on, sqrt(2) off the diagonal)."""
-    rows, cols = torch.triu_indices(c, c, device=device)
-    index = rows * c + cols
-    scale = torch.where(rows == cols, 1.0, math.sqrt(2.0)).to(dtype)
-    return index, scale
+@functools.lru_cache(maxsize=64)
+def _triu_numpy(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    r, c = np.triu_indices(rows, m=cols)
+    return r * cols + c, np.where(r == c, 1.0, math.sqrt(2.0))
+
+
+def _triu_block(r0: int, r1: int, c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Packed upper-triangle entries of rows r0:r1 of a c x c matrix.
+
+    Returns where they lie in the row-major ``(r1 - r0) x (c - r0)`` block that starts at
+    column r0, and their isometry weights (1 on the diagonal, sqrt(2) off it). Built with
+    numpy, so that traced and exported (ONNX) graphs hold them as constants.
+    """
+    index, weights = _triu_numpy(int(r1 - r0), int(c - r0))  # ints: traced shapes may be tensors
+    return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device=device, dtype=dtype)
 
 
 def triu_pack(m: Tensor) -> Tensor:
@@ -253,7 +226,7 @@ def triu_pack(m: Tensor) -> Tensor:
     if m.dim() != 3 or m.shape[1] != m.shape[2]:
         raise ValueError(f"input must be square matrices (B, C, C), but got shape {tuple(m.shape)}")
     c = m.shape[1]
-    index, scale = _triu_scale(c, m.device, m.dtype)
+    index, scale = _triu_block(0, c, c, m.device, m.dtype)
     return m.reshape(m.shape[0], c * c)[:, index] * scale
 
 
@@ -275,7 +248,7 @@ def triu_unpack(v: Tensor) -> Tensor:
     c = (math.isqrt(8 * v.shape[1] + 1) - 1) // 2
     if c < 1 or triu_size(c) != v.shape[1]:
         raise ValueError(f"input length {v.shape[1]} is not C(C+1)/2 for any channel count C")
-    index, scale = _triu_scale(c, v.device, v.dtype)
+    index, scale = _triu_block(0, c, c, v.device, v.dtype)
     full = v.new_zeros(v.shape[0], c * c).index_copy(1, index, v / scale).view(-1, c, c)
     return full + full.transpose(1, 2).tril(-1)
 
@@ -302,12 +275,6 @@ def _blocks(batch: int, rows: int, cols: int, target: int) -> list[tuple[int, in
 def _triu_offset(row: int, c: int) -> int:
     """Position of entry (row, row) in the row-major packed upper triangle."""
     return row * c - row * (row - 1) // 2
-
-
-def _triu_block_index(r0: int, r1: int, c: int, device: torch.device) -> Tensor:
-    """Where the packed entries of rows r0:r1 lie in the (r1 - r0) x (c - r0) block."""
-    rows, cols = torch.triu_indices(r1 - r0, c - r0, device=device)
-    return rows * (c - r0) + cols
 
 
 class _FusedBilinear(torch.autograd.Function):
@@ -353,7 +320,7 @@ class _FusedBilinear(torch.autograd.Function):
         a, b = ctx.saved_tensors
         scale, eps, l2_eps, triu = ctx.config
         dtype = compute_dtype(a)
-        with torch.no_grad(), _no_autocast(a.device.type):
+        with torch.no_grad(), no_autocast(a.device.type):
             a_ = a.to(dtype)
             b_ = a_ if b is None else b.to(dtype)
             a_s = a_ * scale
@@ -388,7 +355,7 @@ class _FusedBilinear(torch.autograd.Function):
                 dzb = _segment(dz, b0, b1, r0, r1, c1, c2, triu).view_as(y)
                 if triu:
                     # Packed entries are w * f(g): undo w for f'(g), apply it for the chain rule.
-                    index, w = _triu_scale_block(r0, r1, c1, y.device, dtype)
+                    index, w = _triu_block(r0, r1, c1, y.device, dtype)
                 denom = None
                 if eps is not None:
                     denom = (y.abs().div_(w) if triu else y.abs()).add_(math.sqrt(eps))
@@ -424,14 +391,6 @@ def _rowdot(x: Tensor, y: Tensor) -> Tensor:
     """Per-sample inner products of two ``(b, ...)`` tensors as one BLAS call, no temporary."""
     b = x.shape[0]
     return torch.bmm(x.reshape(b, 1, -1), y.reshape(b, -1, 1)).view(b)
-
-
-def _triu_scale_block(r0: int, r1: int, c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Block-local packed indices of rows r0:r1 and their isometry weights."""
-    index = _triu_block_index(r0, r1, c, device)
-    rows, cols = torch.triu_indices(r1 - r0, c - r0, device=device)
-    w = torch.where(rows == cols, 1.0, math.sqrt(2.0)).to(dtype)
-    return index, w
 
 
 def _segment(v: Tensor, b0: int, b1: int, r0: int, r1: int, c1: int, c2: int, triu: bool) -> Tensor:
@@ -471,7 +430,7 @@ def _block(
         g.div_(g.abs().add_(eps).sqrt_().add_(math.sqrt(eps)))
     if not triu:
         return g
-    index, w = _triu_scale_block(r0, r1, c1, g.device, g.dtype)
+    index, w = _triu_block(r0, r1, c1, g.device, g.dtype)
     packed = g.view(b1 - b0, -1)[:, index].mul_(w)
     if out is not None:
         _segment(out, b0, b1, r0, r1, c1, c1, True).copy_(packed)
@@ -530,14 +489,14 @@ def fast_bilinear_pool(
     _check_reduction(reduction)
     _check_eps(eps)
     _check_eps(l2_eps, "l2_eps")
-    a, b = _pair(x_a, x_b)
+    a, b = pair_streams(x_a, x_b)
     if triu and b is not None:
         raise ValueError(
             "triu=True needs a symmetric matrix, i.e. one stream (x_b=None); "
             f"got two streams of shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}"  # type: ignore[union-attr]
         )
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
-    with _no_autocast(a.device.type):
+    with no_autocast(a.device.type):
         out = _FusedBilinear.apply(
             a, b, scale, eps if signed_sqrt else None, l2_eps if l2_normalize else None, triu
         )

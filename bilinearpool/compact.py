@@ -1,0 +1,145 @@
+"""Compact bilinear pooling (Tensor Sketch, Random Maclaurin) as a module with seeded projections."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional.sketch import random_maclaurin, tensor_sketch
+
+__all__ = ["CompactBilinearPool"]
+
+_METHODS = ("tensor_sketch", "random_maclaurin")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, but got {value!r}")
+
+
+def _check_channels(name: str, t: Tensor | None, expected: int) -> None:
+    """Raise a ValueError naming the module argument when ``t`` has the wrong channel count."""
+    if isinstance(t, Tensor) and t.dim() in (3, 4):
+        got = t.shape[1] if t.dim() == 4 else t.shape[2]
+        if got != expected:
+            raise ValueError(f"{name} must have {expected} channels, but got shape {tuple(t.shape)}")
+
+
+class CompactBilinearPool(nn.Module):
+    """Compact bilinear pooling: a ``d``-dimensional random feature of bilinear pooling.
+
+    From Gao, Beijbom, Zhang & Darrell, "Compact Bilinear Pooling" (CVPR 2016). The
+    inner product of two pooled outputs is an unbiased estimate of the inner product of
+    the full bilinear matrices, in :math:`d` (e.g. 8192) instead of :math:`C_1 C_2`
+    dimensions; see :mod:`bilinearpool.functional.sketch` for both methods.
+
+    The random projections (hashes and signs, or Rademacher matrices) are buffers drawn
+    from ``seed`` with a local generator on the CPU, so the same seed gives the same
+    layer on every device, and they are saved in the ``state_dict``. ``"tensor_sketch"``
+    uses ``torch.fft`` and does not export to ONNX; ``"random_maclaurin"`` does.
+
+    Args:
+        in_channels: channels :math:`C_1` of the first stream.
+        in_channels_b: channels :math:`C_2` of the second stream; ``None`` means
+            :math:`C_2 = C_1`, and ``forward(x)`` pools ``x`` with itself.
+        out_features: output dimension :math:`d`.
+        method: ``"tensor_sketch"`` or ``"random_maclaurin"``.
+        seed: seed of the projections.
+        device: device of the projection buffers.
+        dtype: floating dtype of the sign / Rademacher buffers.
+
+    Shape:
+        - x: :math:`(B, C_1, H, W)` or tokens :math:`(B, N, C_1)`.
+        - y: :math:`(B, C_2, H, W)` or :math:`(B, N, C_2)`, same locations (optional).
+        - Output: :math:`(B, d)`; float32 for float16/bfloat16 input.
+
+    Examples:
+        >>> pool = CompactBilinearPool(in_channels=32, out_features=512, seed=0)
+        >>> pool(torch.randn(2, 32, 7, 7)).shape
+        torch.Size([2, 512])
+        >>> two = CompactBilinearPool(in_channels=32, in_channels_b=16, out_features=256,
+        ...                           method="random_maclaurin")
+        >>> two(torch.randn(2, 32, 7, 7), torch.randn(2, 16, 7, 7)).shape
+        torch.Size([2, 256])
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        in_channels_b: int | None = None,
+        out_features: int = 8192,
+        method: str = "tensor_sketch",
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        if in_channels_b is not None:
+            _positive_int("in_channels_b", in_channels_b)
+        _positive_int("out_features", out_features)
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, but got {method!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, but got {dtype}")
+        self.in_channels = in_channels
+        self.in_channels_b = in_channels_b
+        self.out_features = out_features
+        self.method = method
+        self.seed = seed
+        c_b = in_channels if in_channels_b is None else in_channels_b
+        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        if method == "tensor_sketch":
+            self.register_buffer("index_a", torch.empty(in_channels, dtype=torch.long, device=device))
+            self.register_buffer("sign_a", torch.empty(in_channels, **factory))
+            self.register_buffer("index_b", torch.empty(c_b, dtype=torch.long, device=device))
+            self.register_buffer("sign_b", torch.empty(c_b, **factory))
+        else:
+            self.register_buffer("weight_a", torch.empty(out_features, in_channels, **factory))
+            self.register_buffer("weight_b", torch.empty(out_features, c_b, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the projections again from ``seed`` (the same draw every time)."""
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+
+        def signs(*shape: int) -> Tensor:
+            return torch.randint(0, 2, shape, generator=g).mul_(2).sub_(1)
+
+        if self.method == "tensor_sketch":
+            for name in ("a", "b"):
+                index = getattr(self, f"index_{name}")
+                index.copy_(torch.randint(0, self.out_features, index.shape, generator=g))
+                getattr(self, f"sign_{name}").copy_(signs(*index.shape))
+        else:
+            self.weight_a.copy_(signs(*self.weight_a.shape))
+            self.weight_b.copy_(signs(*self.weight_b.shape))
+
+    def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
+        """Length of the pooled vector: ``out_features``, whatever the channels."""
+        return self.out_features
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        if y is None and self.in_channels_b is not None:
+            raise ValueError(
+                f"this layer has two streams (in_channels_b={self.in_channels_b}): call it as layer(x, y)"
+            )
+        _check_channels("x (in_channels)", x, self.in_channels)
+        _check_channels("y (in_channels_b)", y, self.in_channels if self.in_channels_b is None else self.in_channels_b)
+        if self.method == "tensor_sketch":
+            return tensor_sketch(
+                x, y, index_a=self.index_a, sign_a=self.sign_a, index_b=self.index_b,
+                sign_b=self.sign_b, out_features=self.out_features,
+            )
+        return random_maclaurin(x, y, weight_a=self.weight_a, weight_b=self.weight_b)
+
+    def extra_repr(self) -> str:
+        b = "" if self.in_channels_b is None else f", in_channels_b={self.in_channels_b}"
+        return (
+            f"in_channels={self.in_channels}{b}, out_features={self.out_features}, "
+            f"method='{self.method}', seed={self.seed}"
+        )

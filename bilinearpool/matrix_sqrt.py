@@ -1,0 +1,91 @@
+"""Matrix square root normalisation of second-order (covariance) matrices, as a module."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (used by the doctest)
+from torch import Tensor, nn
+
+from .functional.bilinear import triu_pack
+from .functional.sqrtm import _check_config, matrix_sqrt
+
+__all__ = ["MatrixSqrt"]
+
+
+class MatrixSqrt(nn.Module):
+    """Matrix square root normalisation: iSQRT-COV Newton-Schulz or eigendecomposition.
+
+    From Li et al., "Towards Faster Training of Global Covariance Pooling Networks by
+    Iterative Matrix Square Root Normalization" (CVPR 2018) and Lin & Maji, "Improved
+    Bilinear Pooling with CNNs" (BMVC 2017). Wraps
+    :func:`bilinearpool.functional.sqrtm.matrix_sqrt`, which documents the methods; the
+    default (Newton-Schulz, 5 iterations, trace pre-normalisation) is iSQRT-COV's.
+    Values and gradients stay finite for rank-deficient inputs. Put it after
+    :class:`~bilinearpool.covariance.CovariancePool` (or pass it as that pool's ``norm``)
+    to get iSQRT-COV.
+
+    Args:
+        method: ``"newton_schulz"`` or ``"eig"`` (exact square root).
+        num_iters: Newton-Schulz iterations.
+        norm: Newton-Schulz pre-normalisation, ``"trace"`` or ``"frobenius"``.
+        impl: Newton-Schulz evaluation, ``"auto"``, ``"iterative"`` or ``"spectral"``.
+        eps: ``method="eig"``: relative eigenvalue floor of the backward pass.
+        triu: return the upper triangle, off-diagonals times :math:`\\sqrt2`
+            (:func:`~bilinearpool.functional.triu_pack`), so its L2 norm is the
+            matrix's Frobenius norm.
+
+    Shape:
+        - Input: :math:`(B, C, C)` symmetric positive semi-definite.
+        - Output: :math:`(B, C, C)`, or :math:`(B, C(C+1)/2)` with ``triu=True``; float32
+          for float16/bfloat16 input.
+
+    Examples:
+        >>> x = torch.randn(2, 8, 49)
+        >>> cov = x @ x.transpose(1, 2) / 49
+        >>> MatrixSqrt()(cov).shape
+        torch.Size([2, 8, 8])
+        >>> MatrixSqrt(method="eig", triu=True)(cov).shape
+        torch.Size([2, 36])
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str = "newton_schulz",
+        num_iters: int = 5,
+        norm: str = "trace",
+        impl: str = "auto",
+        eps: float = 1e-6,
+        triu: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(triu, bool):
+            raise TypeError(f"triu must be a bool, but got {type(triu).__name__}")
+        _check_config(method, num_iters, norm, impl, eps)
+        self.method = method
+        self.num_iters = num_iters
+        self.norm = norm
+        self.impl = impl
+        self.eps = eps
+        self.triu = triu
+
+    def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
+        """Flat size of the output for ``in_channels x in_channels`` input matrices."""
+        if in_channels_b is not None and in_channels_b != in_channels:
+            raise ValueError(
+                f"MatrixSqrt takes square matrices, but got in_channels={in_channels} "
+                f"and in_channels_b={in_channels_b}"
+            )
+        return in_channels * (in_channels + 1) // 2 if self.triu else in_channels * in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = matrix_sqrt(
+            x, method=self.method, num_iters=self.num_iters, norm=self.norm, impl=self.impl, eps=self.eps
+        )
+        return triu_pack(out) if self.triu else out
+
+    def extra_repr(self) -> str:
+        if self.method == "eig":
+            s = f"method='eig', eps={self.eps}"
+        else:
+            s = f"method='newton_schulz', num_iters={self.num_iters}, norm='{self.norm}', impl='{self.impl}'"
+        return s + f", triu={self.triu}"

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bilinearpool.compact import CompactBilinearPool
+from bilinearpool.functional.sketch import random_maclaurin, tensor_sketch
+
+from _onnx import run_onnx
+
+METHODS = ("tensor_sketch", "random_maclaurin")
+
+
+def features(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def bilinear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Full bilinear pooling G = X Y^T / N of (B, C, H, W) maps."""
+    a, b = x.flatten(2), y.flatten(2)
+    return a @ b.transpose(1, 2) / a.shape[2]
+
+
+def naive_tensor_sketch(g: torch.Tensor, pool: CompactBilinearPool) -> torch.Tensor:
+    """Reference: count sketch of the full matrix G with the hash (h1(i) + h2(j)) mod d, sign s1(i) s2(j)."""
+    d = pool.out_features
+    bucket = (pool.index_a[:, None] + pool.index_b[None, :]) % d
+    sign = pool.sign_a[:, None] * pool.sign_b[None, :]
+    sketch = torch.nn.functional.one_hot(bucket, d).to(g.dtype) * sign.to(g.dtype)[..., None]  # (C1, C2, d)
+    return torch.einsum("bij,ijk->bk", g, sketch)
+
+
+def naive_maclaurin(g: torch.Tensor, pool: CompactBilinearPool) -> torch.Tensor:
+    """Reference: diag(W1 G W2^T) / sqrt(d)."""
+    w1, w2 = pool.weight_a.to(g.dtype), pool.weight_b.to(g.dtype)
+    return torch.einsum("ki,bij,kj->bk", w1, g, w2) / pool.out_features**0.5
+
+
+def kernel_estimates(method: str, x: torch.Tensor, y: torch.Tensor, d: int, draws: int) -> torch.Tensor:
+    """<phi(x, x), phi(y, y)> for ``draws`` independent seeds; estimates <x, y>^2."""
+    pair = torch.stack([x, y]).unsqueeze(1)  # two samples of one token each
+    out = []
+    for seed in range(draws):
+        z = CompactBilinearPool(in_channels=x.numel(), out_features=d, method=method, seed=seed, dtype=torch.float64)(pair)
+        out.append(z[0] @ z[1])
+    return torch.stack(out)
+
+
+class TestCompactBilinearPool:
+    @pytest.mark.parametrize("method", METHODS)
+    def test_smoke(self, method: str) -> None:
+        out = CompactBilinearPool(in_channels=8, out_features=32, method=method)(features(2, 8, 3, 3))
+        assert out.shape == (2, 32)
+        assert torch.isfinite(out).all()
+
+    @pytest.mark.parametrize("method", METHODS)
+    @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 4, 2), (2, 16, 7, 7), (2, 9, 6), (1, 1, 3)])
+    @pytest.mark.parametrize("d", [1, 17, 64])
+    def test_cardinality(self, method: str, shape: tuple[int, ...], d: int) -> None:
+        x = features(*shape)
+        c = shape[1] if len(shape) == 4 else shape[2]
+        pool = CompactBilinearPool(in_channels=c, out_features=d, method=method)
+        assert pool(x).shape == (shape[0], d) == (shape[0], pool.output_dim(c))
+        y_shape = (*shape[:1], 3, *shape[2:]) if len(shape) == 4 else (*shape[:2], 3)
+        two = CompactBilinearPool(in_channels=c, in_channels_b=3, out_features=d, method=method)
+        assert two(x, features(*y_shape)).shape == (shape[0], d)
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match="out_features must be a positive int, but got 0"):
+            CompactBilinearPool(in_channels=4, out_features=0)
+        with pytest.raises(ValueError, match="in_channels must be a positive int, but got -1"):
+            CompactBilinearPool(in_channels=-1)
+        with pytest.raises(ValueError, match="method must be one of .* but got 'fft'"):
+            CompactBilinearPool(in_channels=4, method="fft")
+        with pytest.raises(TypeError, match="seed must be an int, but got float"):
+            CompactBilinearPool(in_channels=4, seed=1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="floating-point dtype, but got torch.int64"):
+            CompactBilinearPool(in_channels=4, dtype=torch.long)
+        pool = CompactBilinearPool(in_channels=4, out_features=8)
+        with pytest.raises(ValueError, match=r"x \(in_channels\) must have 4 channels, but got shape \(2, 5, 3, 3\)"):
+            pool(torch.zeros(2, 5, 3, 3))
+        with pytest.raises(ValueError, match="same spatial size"):
+            pool(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 2, 3))
+        with pytest.raises(ValueError, match=r"two streams \(in_channels_b=3\): call it as layer\(x, y\)"):
+            CompactBilinearPool(in_channels=4, in_channels_b=3, out_features=8)(torch.zeros(1, 4, 2, 2))
+        with pytest.raises(ValueError, match="weight_a and weight_b must have the same number of rows d"):
+            random_maclaurin(torch.zeros(1, 4, 2, 2), weight_a=torch.ones(8, 4), weight_b=torch.ones(6, 4))
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_noncontiguous_and_channels_last(self, method: str) -> None:
+        pool = CompactBilinearPool(in_channels=6, out_features=16, method=method, dtype=torch.float64)
+        x = features(2, 6, 5, 4, dtype=torch.float64)
+        ref = pool(x)
+        torch.testing.assert_close(pool(x.to(memory_format=torch.channels_last)), ref)
+        strided = torch.zeros(2, 12, 5, 8, dtype=torch.float64)[:, ::2, :, ::2].copy_(x)
+        torch.testing.assert_close(pool(strided), ref)
+        torch.testing.assert_close(pool(x.flatten(2).transpose(1, 2)), ref)
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_gradcheck(self, method: str) -> None:
+        pool = CompactBilinearPool(in_channels=3, in_channels_b=2, out_features=7, method=method, dtype=torch.float64)
+        x = features(2, 3, 2, 2, dtype=torch.float64).requires_grad_()
+        y = features(2, 2, 2, 2, dtype=torch.float64, seed=1).requires_grad_()
+        assert torch.autograd.gradcheck(pool, (x, y))
+
+    def test_module_equals_function(self) -> None:
+        x = features(2, 5, 3, 3)
+        ts = CompactBilinearPool(in_channels=5, out_features=16, seed=3)
+        ref = tensor_sketch(
+            x, index_a=ts.index_a, sign_a=ts.sign_a, index_b=ts.index_b, sign_b=ts.sign_b, out_features=16
+        )
+        torch.testing.assert_close(ts(x), ref)
+        rm = CompactBilinearPool(in_channels=5, out_features=16, method="random_maclaurin", seed=3)
+        torch.testing.assert_close(rm(x), random_maclaurin(x, weight_a=rm.weight_a, weight_b=rm.weight_b))
+
+    @pytest.mark.parametrize("two_streams", [False, True])
+    def test_equals_naive_sketch_of_full_matrix(self, two_streams: bool) -> None:
+        x = features(3, 6, 4, 4, dtype=torch.float64)
+        y = features(3, 4, 4, 4, dtype=torch.float64, seed=1) if two_streams else None
+        kw = {"in_channels": 6, "in_channels_b": 4 if two_streams else None, "out_features": 13, "dtype": torch.float64}
+        g = bilinear(x, x if y is None else y)
+        ts = CompactBilinearPool(**kw)
+        torch.testing.assert_close(ts(x, y), naive_tensor_sketch(g, ts))
+        rm = CompactBilinearPool(method="random_maclaurin", **kw)
+        torch.testing.assert_close(rm(x, y), naive_maclaurin(g, rm))
+
+    @pytest.mark.parametrize("method", METHODS)
+    @settings(max_examples=4, deadline=None)
+    @given(c=st.integers(2, 12), seed=st.integers(0, 2**16), corr=st.floats(-1, 1))
+    def test_property_unbiased_kernel_estimate(self, method: str, c: int, seed: int, corr: float) -> None:
+        # E <phi(x, x), phi(y, y)> = <x, y>^2 over the random projections.
+        u, v = features(2, c, dtype=torch.float64, seed=seed).unbind(0)
+        x = u / u.norm()
+        y = corr * x + (1 - corr**2) ** 0.5 * (v - (v @ x) * x) / (v - (v @ x) * x).norm()
+        truth = (x @ y) ** 2
+        est = kernel_estimates(method, x, y, d=32, draws=400)
+        stderr = est.std() / len(est) ** 0.5
+        assert abs(est.mean() - truth) <= 4 * stderr + 1e-3
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_error_shrinks_with_dimension(self, method: str) -> None:
+        u, v = features(2, 10, dtype=torch.float64, seed=7).unbind(0)
+        x, y = u / u.norm(), v / v.norm()
+        truth = (x @ y) ** 2
+        mse = {d: ((kernel_estimates(method, x, y, d, draws=150) - truth) ** 2).mean() for d in (8, 128)}
+        # Variance falls like 1/d (16x here); ask for a factor 4.
+        assert mse[128] < mse[8] / 4
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_seeded_buffers_and_round_trip(self, method: str) -> None:
+        pool = CompactBilinearPool(in_channels=6, out_features=32, method=method, seed=5)
+        x = features(2, 6, 3, 3)
+        assert torch.equal(CompactBilinearPool(in_channels=6, out_features=32, method=method, seed=5)(x), pool(x))
+        assert not torch.equal(CompactBilinearPool(in_channels=6, out_features=32, method=method, seed=6)(x), pool(x))
+        state = pool.state_dict()
+        assert set(state) == ({"index_a", "sign_a", "index_b", "sign_b"} if method == "tensor_sketch" else {"weight_a", "weight_b"})
+        other = CompactBilinearPool(in_channels=6, out_features=32, method=method, seed=99)
+        other.load_state_dict(state)
+        assert torch.equal(other(x), pool(x))
+        assert torch.equal(pickle.loads(pickle.dumps(pool))(x), pool(x))
+        before = pool(x)
+        pool.reset_parameters()
+        assert torch.equal(pool(x), before)
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_compile(self, method: str) -> None:
+        pool = CompactBilinearPool(in_channels=6, in_channels_b=3, out_features=16, method=method)
+        compiled = torch.compile(pool, backend="aot_eager")
+        x, y = features(2, 6, 3, 3).requires_grad_(), features(2, 3, 3, 3, seed=1)
+        torch.testing.assert_close(compiled(x, y), pool(x, y))
+        compiled(x, y).sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_autocast(self, method: str) -> None:
+        # Stated behaviour: computed in float32 under autocast and for bfloat16 input; float32 out.
+        pool = CompactBilinearPool(in_channels=6, out_features=16, method=method)
+        x = features(2, 6, 3, 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pool(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, pool(x))
+        assert pool(x.bfloat16()).dtype == torch.float32
+        torch.testing.assert_close(pool(x.bfloat16()), pool(x.bfloat16().float()))
+
+    def test_onnx_random_maclaurin(self) -> None:
+        pool = CompactBilinearPool(in_channels=6, in_channels_b=4, out_features=16, method="random_maclaurin")
+        x, y = features(2, 6, 3, 3), features(2, 4, 3, 3, seed=1)
+        torch.testing.assert_close(torch.from_numpy(run_onnx(pool, x, y)), pool(x, y), atol=1e-5, rtol=1e-4)
+
+    def test_onnx_tensor_sketch_not_exported(self) -> None:
+        # The TorchScript exporter has no rfft: Tensor Sketch does not export to ONNX.
+        with pytest.raises(Exception, match="fft"):
+            run_onnx(CompactBilinearPool(in_channels=4, out_features=8), features(1, 4, 2, 2))

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bilinearpool.covariance import CovariancePool
+from bilinearpool.functional.bilinear import triu_pack
+from bilinearpool.functional.covariance import covariance_pool
+from bilinearpool.functional.sqrtm import matrix_sqrt
+from bilinearpool.matrix_sqrt import MatrixSqrt
+
+from _onnx import run_onnx
+
+
+def naive_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Reference: X Ibar X^T with the explicit N x N centring matrix of MPN-COV."""
+    m = x.flatten(2) if x.dim() == 4 else x.transpose(1, 2)
+    n = m.shape[2]
+    ibar = (torch.eye(n, dtype=m.dtype) - torch.full((n, n), 1.0 / n, dtype=m.dtype)) / n
+    return m @ ibar @ m.transpose(1, 2)
+
+
+def features(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+class TestCovariancePool:
+    def test_smoke(self) -> None:
+        out = CovariancePool()(features(2, 8, 5, 5))
+        assert out.shape == (2, 36)
+        assert torch.isfinite(out).all()
+
+    @pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 3, 4, 5), (3, 16, 7, 7), (2, 9, 1, 1), (2, 10, 6), (1, 1, 4)])
+    @pytest.mark.parametrize("triu", [True, False])
+    def test_cardinality(self, shape: tuple[int, ...], triu: bool) -> None:
+        x = features(*shape)
+        c = shape[1] if len(shape) == 4 else shape[2]
+        layer = CovariancePool(triu=triu)
+        assert covariance_pool(x).shape == (shape[0], c, c)
+        assert layer(x).shape == (shape[0], layer.output_dim(c))
+        reduced = CovariancePool(in_channels=c, reduced_channels=3, triu=triu).eval()
+        assert reduced(x).shape == (shape[0], reduced.output_dim(c)) == (shape[0], 6 if triu else 9)
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match=r"\(B, C, H, W\) or a token sequence \(B, N, C\).*2-D"):
+            covariance_pool(torch.zeros(3, 4))
+        with pytest.raises(TypeError, match="floating-point"):
+            covariance_pool(torch.zeros(1, 2, 3, dtype=torch.int32))
+        with pytest.raises(ValueError, match="reduced_channels=8 needs in_channels"):
+            CovariancePool(reduced_channels=8)
+        with pytest.raises(ValueError, match="in_channels must be a positive int or None, but got 0"):
+            CovariancePool(in_channels=0)
+        with pytest.raises(TypeError, match="norm must be an nn.Module or None, but got function"):
+            CovariancePool(norm=matrix_sqrt)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"MatrixSqrt\(triu=False\)"):
+            CovariancePool(norm=MatrixSqrt(triu=True))
+        with pytest.raises(ValueError, match=r"in_channels=16 channels, but got shape \(2, 8, 3, 3\)"):
+            CovariancePool(in_channels=16, reduced_channels=4)(torch.zeros(2, 8, 3, 3))
+        with pytest.raises(ValueError, match="one stream, but got in_channels_b=3"):
+            CovariancePool().output_dim(3, 3)
+
+    def test_noncontiguous_and_channels_last(self) -> None:
+        x = features(2, 6, 5, 4, dtype=torch.float64)
+        ref = covariance_pool(x)
+        torch.testing.assert_close(covariance_pool(x.to(memory_format=torch.channels_last)), ref)
+        strided = torch.zeros(2, 12, 5, 8, dtype=torch.float64)[:, ::2, :, ::2].copy_(x)
+        assert not strided.is_contiguous()
+        torch.testing.assert_close(covariance_pool(strided), ref)
+        # Token layout of the same features.
+        torch.testing.assert_close(covariance_pool(x.flatten(2).transpose(1, 2)), ref)
+
+    def test_gradcheck(self) -> None:
+        x = features(2, 4, 3, 3, dtype=torch.float64).requires_grad_()
+        assert torch.autograd.gradcheck(covariance_pool, (x,))
+        tokens = features(2, 5, 3, dtype=torch.float64).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: CovariancePool(norm=MatrixSqrt())(t), (tokens,))
+
+    def test_module_equals_function(self) -> None:
+        x = features(2, 7, 4, 4)
+        torch.testing.assert_close(CovariancePool(triu=False)(x), covariance_pool(x).flatten(1))
+        torch.testing.assert_close(CovariancePool(norm=MatrixSqrt())(x), triu_pack(matrix_sqrt(covariance_pool(x))))
+
+    @settings(max_examples=20, deadline=None)
+    @given(b=st.integers(1, 3), c=st.integers(1, 8), n=st.integers(1, 12), seed=st.integers(0, 2**16))
+    def test_equals_centring_matrix_formula(self, b: int, c: int, n: int, seed: int) -> None:
+        x = features(b, n, c, dtype=torch.float64, seed=seed).mul(3).add(1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        out, ref = covariance_pool(x), naive_covariance(x2)
+        torch.testing.assert_close(out, ref)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad)
+
+    def test_isqrt_cov_pipeline_rank_deficient(self) -> None:
+        # iSQRT-COV on a 7x7 map with more channels than locations: finite values and gradients.
+        layer = CovariancePool(in_channels=32, reduced_channels=128, norm=MatrixSqrt())
+        x = features(2, 32, 7, 7).requires_grad_()
+        out = layer(x)
+        out.sum().backward()
+        assert out.shape == (2, 128 * 129 // 2)
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+    def test_pickle_and_state_dict(self) -> None:
+        layer = CovariancePool(in_channels=8, reduced_channels=4, norm=MatrixSqrt(num_iters=3)).eval()
+        x = features(2, 8, 5, 5)
+        clone = pickle.loads(pickle.dumps(layer))
+        torch.testing.assert_close(clone(x), layer(x))
+        fresh = CovariancePool(in_channels=8, reduced_channels=4, norm=MatrixSqrt(num_iters=3)).eval()
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(fresh(x), layer(x))
+        assert "reduced_channels=4" in repr(layer)
+
+    def test_compile(self) -> None:
+        layer = CovariancePool(in_channels=8, reduced_channels=4, norm=MatrixSqrt())
+        compiled = torch.compile(layer, backend="aot_eager")
+        x = features(2, 8, 5, 5)
+        torch.testing.assert_close(compiled(x), layer(x))
+        compiled(x.requires_grad_()).sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+    def test_autocast(self) -> None:
+        # Stated behaviour: the covariance is accumulated in float32 and returned as float32;
+        # the reduction's convolution itself runs in bfloat16 under autocast.
+        x = features(2, 6, 5, 5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = covariance_pool(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, covariance_pool(x))
+        low = covariance_pool(x.bfloat16())
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, covariance_pool(x.bfloat16().float()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pooled = CovariancePool(in_channels=6, reduced_channels=4, norm=MatrixSqrt())(x)
+        assert pooled.dtype == torch.float32 and torch.isfinite(pooled).all()
+
+    def test_onnx(self) -> None:
+        layer = CovariancePool(in_channels=8, reduced_channels=4, norm=MatrixSqrt(), triu=False).eval()
+        x = features(2, 8, 5, 5)
+        torch.testing.assert_close(torch.from_numpy(run_onnx(layer, x)), layer(x), atol=1e-5, rtol=1e-4)
+
+    def test_onnx_triu(self) -> None:
+        # triu_pack's indices are constants in the exported graph.
+        layer = CovariancePool().eval()
+        x = features(2, 4, 3, 3)
+        torch.testing.assert_close(torch.from_numpy(run_onnx(layer, x)), layer(x), atol=1e-5, rtol=1e-4)

@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bilinearpool.functional.sqrtm import matrix_sqrt
+from bilinearpool.matrix_sqrt import MatrixSqrt
+
+from _onnx import run_onnx
+
+NS_IMPLS = ("spectral", "iterative")
+
+
+def psd(b: int, c: int, n: int, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """Covariance-like PSD matrices of rank min(c, n)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, n, generator=g, dtype=torch.float64)
+    return (x @ x.transpose(1, 2) / n).to(dtype)
+
+
+def eigh_sqrt(a: torch.Tensor) -> torch.Tensor:
+    """Reference: exact PSD square root in float64."""
+    lam, u = torch.linalg.eigh(a.double())
+    return (u * lam.clamp_min(0).sqrt().unsqueeze(1)) @ u.transpose(1, 2)
+
+
+def naive_isqrt(a: torch.Tensor, num_iters: int, norm: str = "trace") -> torch.Tensor:
+    """iSQRT-COV written from the paper's equations, differentiated by plain autograd."""
+    a = (a + a.transpose(1, 2)) / 2
+    s = a.diagonal(dim1=1, dim2=2).sum(-1) if norm == "trace" else a.flatten(1).norm(dim=1)
+    s = s.view(-1, 1, 1)
+    eye = torch.eye(a.shape[1], dtype=a.dtype).expand_as(a)
+    y, z = a / s, eye
+    for _ in range(num_iters):
+        t = 0.5 * (3 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return y * s.sqrt()
+
+
+class TestMatrixSqrt:
+    def test_smoke(self) -> None:
+        out = MatrixSqrt()(psd(2, 5, 10))
+        assert out.shape == (2, 5, 5)
+        assert torch.isfinite(out).all()
+
+    @pytest.mark.parametrize("b", [1, 3])
+    @pytest.mark.parametrize("c", [1, 2, 7, 16])
+    @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
+    def test_cardinality(self, b: int, c: int, method: str) -> None:
+        a = psd(b, c, 9)
+        assert MatrixSqrt(method=method)(a).shape == (b, c, c)
+        layer = MatrixSqrt(method=method, triu=True)
+        assert layer(a).shape == (b, c * (c + 1) // 2) == (b, layer.output_dim(c))
+
+    def test_exception(self) -> None:
+        with pytest.raises(ValueError, match=r"square matrices \(B, C, C\).*shape \(2, 3, 4\)"):
+            matrix_sqrt(torch.zeros(2, 3, 4))
+        with pytest.raises(ValueError, match="shape \\(3, 3\\)"):
+            matrix_sqrt(torch.eye(3))
+        with pytest.raises(TypeError, match="floating-point.*torch.int64"):
+            matrix_sqrt(torch.zeros(1, 2, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match="method must be one of .* but got 'svd'"):
+            MatrixSqrt(method="svd")
+        with pytest.raises(ValueError, match="norm must be one of .* but got 'l1'"):
+            MatrixSqrt(norm="l1")
+        with pytest.raises(ValueError, match="impl must be one of .* but got 'gpu'"):
+            MatrixSqrt(impl="gpu")
+        with pytest.raises(ValueError, match="num_iters must be a positive int, but got 0"):
+            MatrixSqrt(num_iters=0)
+        with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\), but got 2"):
+            MatrixSqrt(eps=2)
+        with pytest.raises(TypeError, match="triu must be a bool, but got str"):
+            MatrixSqrt(triu="yes")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="square matrices, but got in_channels=3 and in_channels_b=4"):
+            MatrixSqrt().output_dim(3, 4)
+
+    @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
+    def test_noncontiguous(self, method: str) -> None:
+        a = psd(2, 6, 20, dtype=torch.float64)
+        strided = torch.zeros(2, 12, 12, dtype=torch.float64)[:, ::2, ::2].copy_(a).transpose(1, 2)
+        assert not strided.is_contiguous()
+        torch.testing.assert_close(matrix_sqrt(strided, method=method), matrix_sqrt(a, method=method))
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"method": "eig"},
+            {"impl": "spectral", "norm": "trace"},
+            {"impl": "spectral", "norm": "frobenius", "num_iters": 3},
+            {"impl": "iterative", "norm": "trace"},
+            {"impl": "iterative", "norm": "frobenius", "num_iters": 2},
+        ],
+    )
+    def test_gradcheck(self, kwargs: dict) -> None:
+        a = psd(2, 4, 8, dtype=torch.float64).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: matrix_sqrt(t, **kwargs), (a,))
+
+    @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
+    def test_module_equals_function(self, method: str) -> None:
+        a = psd(3, 6, 10)
+        torch.testing.assert_close(MatrixSqrt(method=method)(a), matrix_sqrt(a, method=method))
+
+    def test_eig_equals_reference(self) -> None:
+        a = psd(3, 8, 20, dtype=torch.float64)
+        r = matrix_sqrt(a, method="eig")
+        torch.testing.assert_close(r, eigh_sqrt(a))
+        torch.testing.assert_close(r @ r, a)
+
+    @pytest.mark.parametrize("impl", NS_IMPLS)
+    @pytest.mark.parametrize("norm", ["trace", "frobenius"])
+    def test_newton_schulz_equals_naive(self, impl: str, norm: str) -> None:
+        # Values and gradients equal plain autograd through the paper's iteration.
+        a = psd(2, 8, 12, dtype=torch.float64)
+        g = torch.randn(2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        g = g + g.transpose(1, 2)  # both implementations give the symmetric gradient
+        a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+        out, ref = matrix_sqrt(a1, impl=impl, norm=norm), naive_isqrt(a2, 5, norm)
+        torch.testing.assert_close(out, ref)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(a1.grad, (a2.grad + a2.grad.transpose(1, 2)) / 2)
+
+    @pytest.mark.parametrize("impl", NS_IMPLS)
+    def test_newton_schulz_converges_when_well_conditioned(self, impl: str) -> None:
+        a = psd(2, 6, 60, dtype=torch.float64) + torch.eye(6, dtype=torch.float64)
+        torch.testing.assert_close(matrix_sqrt(a, impl=impl, num_iters=5), eigh_sqrt(a), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(matrix_sqrt(a, impl=impl, num_iters=12), eigh_sqrt(a))
+
+    @pytest.mark.parametrize("kwargs", [{"method": "eig"}, {"impl": "spectral"}, {"impl": "iterative"}])
+    @pytest.mark.parametrize("c", [64, 256])
+    def test_rank_deficient_is_finite(self, kwargs: dict, c: int) -> None:
+        # 7x7 = 49 locations for many channels (rank 48 after centring), plus exact zeros.
+        x = torch.relu(torch.randn(2, c, 49, generator=torch.Generator().manual_seed(0)))
+        x = x - x.mean(2, keepdim=True)
+        a = torch.cat([x @ x.transpose(1, 2) / 49, torch.zeros(1, c, c)]).requires_grad_()
+        out = matrix_sqrt(a, **kwargs)
+        (out.square().sum() + out.sum()).backward()
+        assert torch.isfinite(out).all()
+        assert torch.isfinite(a.grad).all()
+        assert (out[2] == 0).all()
+
+    @settings(max_examples=15, deadline=None)
+    @given(
+        c=st.integers(1, 6),
+        n=st.integers(1, 10),
+        num_iters=st.integers(1, 6),
+        norm=st.sampled_from(["trace", "frobenius"]),
+        seed=st.integers(0, 2**16),
+    )
+    def test_property_spectral_equals_iterative(self, c: int, n: int, num_iters: int, norm: str, seed: int) -> None:
+        a1 = psd(2, c, n, dtype=torch.float64, seed=seed).requires_grad_()
+        a2 = a1.detach().clone().requires_grad_()
+        o1 = matrix_sqrt(a1, impl="spectral", num_iters=num_iters, norm=norm)
+        o2 = matrix_sqrt(a2, impl="iterative", num_iters=num_iters, norm=norm)
+        torch.testing.assert_close(o1, o2)
+        torch.testing.assert_close(o1, o1.transpose(1, 2))
+        o1.sum().backward()
+        o2.sum().backward()
+        torch.testing.assert_close(a1.grad, a2.grad)
+
+    def test_pickle_and_state_dict(self) -> None:
+        layer = MatrixSqrt(num_iters=3, norm="frobenius", triu=True)
+        clone = pickle.loads(pickle.dumps(layer))
+        assert repr(clone) == repr(layer)
+        assert layer.state_dict() == {}
+        a = psd(2, 5, 9)
+        torch.testing.assert_close(clone(a), layer(a))
+
+    @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
+    @pytest.mark.parametrize("impl", NS_IMPLS)
+    def test_compile(self, method: str, impl: str) -> None:
+        layer = MatrixSqrt(method=method, impl=impl, triu=True)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=False)
+        a1 = psd(2, 5, 9).requires_grad_()
+        a2 = a1.detach().clone().requires_grad_()
+        out = compiled(a1)
+        torch.testing.assert_close(out, layer(a2))
+        out.sum().backward()
+        layer(a2).sum().backward()
+        torch.testing.assert_close(a1.grad, a2.grad)
+
+    @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
+    def test_autocast(self, method: str) -> None:
+        # Stated behaviour: computed in float32 under autocast and for bfloat16 input; float32 out.
+        a = psd(2, 6, 12)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = matrix_sqrt(a, method=method)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, matrix_sqrt(a, method=method))
+        low = matrix_sqrt(a.bfloat16(), method=method)
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, matrix_sqrt(a.bfloat16().float(), method=method))
+
+    @pytest.mark.parametrize("impl", ["auto", "iterative"])
+    def test_onnx(self, impl: str) -> None:
+        # Newton-Schulz exports (always as matrix products); triu=True does not (see report).
+        layer = MatrixSqrt(impl=impl)
+        a = psd(2, 6, 12)
+        torch.testing.assert_close(torch.from_numpy(run_onnx(layer, a)), layer(a), atol=1e-5, rtol=1e-4)
+
+    def test_onnx_eig_not_exported(self) -> None:
+        # ONNX has no symmetric eigendecomposition: method="eig" does not export.
+        with pytest.raises(Exception, match="_EigSqrt|eigh|PythonOp"):
+            run_onnx(MatrixSqrt(method="eig"), psd(1, 4, 8))
