@@ -160,3 +160,29 @@ def test_state_dict_and_pickle_roundtrip(cls):
 def test_compile_model():
     model = FastBCNN(tiny(6), num_classes=3).eval()
     torch.testing.assert_close(torch.compile(model, backend="eager")(X), model(X))
+
+
+class TestOtherPoolsAsHeads:
+    """Every pooling of the library plugs into the classifiers as ``pool=``."""
+
+    def test_one_stream_pools(self):
+        from bilinearpool import CompactBilinearPool, CovariancePool, LowRankBilinearPool, MatrixSqrt
+
+        pools = {
+            "tensor_sketch": (CompactBilinearPool(in_channels=8, out_features=128), 128),
+            "maclaurin": (CompactBilinearPool(in_channels=8, out_features=64, method="random_maclaurin"), 64),
+            "isqrt_cov": (CovariancePool(norm=MatrixSqrt(triu=False)), 36),
+            "low_rank": (LowRankBilinearPool(in_channels=8, rank=16, out_features=10), 10),
+        }
+        for name, (pool, dim) in pools.items():
+            model = FastBCNN(tiny(8), num_classes=3, pool=pool)
+            assert model.embedding_dim == dim, name
+            out = model(X)
+            out.sum().backward()
+            assert out.shape == (2, 3) and torch.isfinite(model.backbone.body[0].weight.grad).all(), name
+
+    def test_two_stream_compact(self):
+        from bilinearpool import CompactBilinearPool
+
+        model = BCNN(tiny(8), tiny(4), num_classes=2, pool=CompactBilinearPool(in_channels=8, in_channels_b=4, out_features=32))
+        assert model.embedding_dim == 32 and model(X).shape == (2, 2)
