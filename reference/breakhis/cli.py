@@ -1,0 +1,348 @@
+"""``breakhis-repro``: index, train, cross-validate, evaluate, predict, make synthetic data.
+
+Examples::
+
+    breakhis-repro synth --out demo --size 96x64
+    breakhis-repro index --data-root demo --json
+    breakhis-repro train --data-root demo --task MIBC --protocol patient --fold 0 \\
+        --head fast-bcnn --backbone tiny --no-pretrained --epochs 3 --out runs/demo
+    breakhis-repro cv --data-root demo --task MIFC --backbone tiny --no-pretrained --epochs 3
+    breakhis-repro evaluate --checkpoint runs/demo/checkpoint.pt
+    breakhis-repro predict --checkpoint runs/demo/checkpoint.pt demo/BreaKHis_v1 --out p.csv
+    torchrun --nproc_per_node 2 -m breakhis.cli train ...   # distributed (gloo on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_EPILOG = ("Protocols: 'image' = the paper's image-level 5-fold CV (optimistic: a patient's "
+           "images can be in train and test); 'patient' = patient-disjoint stratified group "
+           "k-fold; 'official' = dsfoldN.txt / Folds.csv found under --data-root.")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 700x460, but got {text!r}")
+    return w, h
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data, task and protocol")
+    g.add_argument("--data-root", required=True, help="BreaKHis folder (official or Kaggle "
+                   "layout), or an image folder root/<class>/* with --image-folder")
+    g.add_argument("--task", default="MIBC", choices=["MSBC", "MIBC", "MSFC", "MIFC"],
+                   help="experiment: magnification-specific/independent, binary/fine-grained "
+                   "(default: %(default)s; ignored with --image-folder)")
+    g.add_argument("--magnification", type=int, choices=[40, 100, 200, 400],
+                   help="magnification for MSBC/MSFC")
+    g.add_argument("--protocol", default="patient", choices=["image", "patient", "official"],
+                   help="how train/test folds are drawn (default: %(default)s)")
+    g.add_argument("--n-splits", type=int, default=5, help="folds (default: %(default)s)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the folds")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of training data held out for the LR schedule; 0 = use the "
+                   "training loss (default: %(default)s)")
+    g.add_argument("--folds-file", nargs="+", default=(),
+                   help="Folds.csv or dsfoldN.txt files for --protocol official")
+    g.add_argument("--image-folder", action="store_true",
+                   help="--data-root is a generic root/<class>/<image> folder")
+    g.add_argument("--patients-csv", help="CSV (path, patient) with patient ids for --image-folder")
+    g.add_argument("--no-verify", action="store_true",
+                   help="read image headers only (faster; truncated files are not caught)")
+    g.add_argument("--strict", action="store_true", help="fail on unreadable images")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--head", default="fast-bcnn", choices=["plain", "bcnn", "fast-bcnn"],
+                   help="plain = global average pooling baseline (default: %(default)s)")
+    g.add_argument("--backbone", default="inception_v3",
+                   help="resnet50, inception_v3, inception_resnet_v2, any name bilinearpool "
+                   "resolves, or 'tiny' for CPU demos (default: %(default)s)")
+    g.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (download) or a local state_dict file (default: %(default)s)")
+    g.add_argument("--no-pretrained", action="store_true", help="random initialisation")
+    g.add_argument("--se", action="store_true",
+                   help="SE blocks in the backbone, reduction 8 (the paper's +SE)")
+    g.add_argument("--se-reduction", type=int, help="SE reduction ratio (implies SE)")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g = p.add_argument_group("training (paper defaults)")
+    g.add_argument("--input-size", type=int, default=224, help="197, 224 or 448 in the paper")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--plateau-factor", type=float, default=0.1)
+    g.add_argument("--plateau-patience", type=int, default=10)
+    g.add_argument("--no-oversample", action="store_true", help="no over-sampling of small classes")
+    g.add_argument("--no-augment", action="store_true", help="no flips/shifts/rotations")
+    g.add_argument("--rotation", type=float, default=90.0, help="largest rotation in degrees")
+    g.add_argument("--seed", type=int, default=0, help="training seed")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's checkpoint.pt")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``breakhis-repro``."""
+    parser = argparse.ArgumentParser(
+        prog="breakhis-repro", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="index a data folder and summarise it",
+                       description="Index a BreaKHis tree (or an image folder) and print counts "
+                       "per class, type and magnification, and every file left out with why.")
+    p.add_argument("--data-root", required=True, help="folder to index")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--image-folder", action="store_true", help="generic root/<class>/* folder")
+    p.add_argument("--patients-csv", help="CSV (path, patient) for --image-folder")
+    p.add_argument("--no-verify", action="store_true", help="read headers only (faster)")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images")
+    p.add_argument("--workers", type=int, default=4, help="threads reading images")
+    p.add_argument("--examples", type=int, default=5, help="skipped files shown per reason")
+
+    p = sub.add_parser("synth", help="write a synthetic BreaKHis-layout tree",
+                       description="Write a SYNTHETIC stand-in for BreaKHis: real PNG files with "
+                       "the release's folder layout and names (irregular ones included), "
+                       "class-dependent textures, a SYNTHETIC.txt marker and synthetic.json.")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    p.add_argument("--images-per-magnification", type=int, default=3)
+    p.add_argument("--size", type=_size, default=(700, 460), help="WIDTHxHEIGHT (default 700x460)")
+    p.add_argument("--layout", choices=["official", "kaggle"], default="official")
+    p.add_argument("--no-irregular", action="store_true", help="no junk/corrupt files")
+    p.add_argument("--no-folds", action="store_true", help="no dsfold/Folds.csv tables")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train one fold and evaluate it",
+                       description="Train one fold with the paper's recipe; checkpoint every "
+                       "epoch; evaluate on the fold's test images.", epilog=_EPILOG)
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--fold", type=int, default=0, help="fold to train (from 0)")
+    p.add_argument("--out",
+                   help="run folder (default: runs/<task>-<protocol>-<head>-<backbone>-fold<k>)")
+
+    p = sub.add_parser("cv", help="cross-validate: train and evaluate every fold",
+                       description="Train and evaluate every fold, then write mean and standard "
+                       "deviation over folds as JSON and Markdown.", epilog=_EPILOG)
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--folds", type=int, nargs="+", help="only these folds")
+    p.add_argument("--out",
+                   help="run folder (default: runs/<task>-<protocol>-<head>-<backbone>-cv)")
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on its fold's test images",
+                       description="Re-evaluate a trained run on the test images of the fold "
+                       "it was trained on (data, task and protocol are read from the checkpoint).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", help="data folder, if it moved since training")
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("predict", help="class probabilities for new images (CSV)",
+                       description="Write a CSV with one row per image: path, predicted class "
+                       "and the probability of every class.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from .experiments import DataSpec
+
+    return DataSpec(
+        data_root=args.data_root, task=args.task, magnification=args.magnification,
+        protocol=args.protocol, n_splits=args.n_splits, split_seed=args.split_seed,
+        val_fraction=args.val_fraction, image_folder=args.image_folder,
+        patients_csv=args.patients_csv, folds_file=tuple(args.folds_file),
+        verify=not args.no_verify, strict=args.strict)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .train import TrainConfig
+
+    se = args.se_reduction if args.se_reduction is not None else (8 if args.se else None)
+    return TrainConfig(
+        head=args.head, backbone=args.backbone,
+        weights=None if args.no_pretrained else args.weights, se_reduction=se,
+        dropout=args.dropout, input_size=args.input_size, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, plateau_factor=args.plateau_factor,
+        plateau_patience=args.plateau_patience, oversample=not args.no_oversample,
+        augment=not args.no_augment, rotation=args.rotation, seed=args.seed,
+        num_workers=args.num_workers, device=args.device)
+
+
+def _default_out(args: argparse.Namespace, suffix: str) -> Path:
+    task = "folder" if args.image_folder else args.task
+    mag = f"{args.magnification}x-" if args.magnification else ""
+    return Path("runs") / f"{task}-{mag}{args.protocol}-{args.head}-{args.backbone}-{suffix}"
+
+
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    print(f"{title}: accuracy {pct(metrics['accuracy'])}, patient recognition rate "
+          f"{pct(metrics['patient_recognition_rate'])}, macro F1 {pct(metrics['macro_f1'])}, "
+          f"ROC AUC {pct(metrics['roc_auc'])} on {metrics['images']} images")
+
+
+def _log_to_console(main_process: bool) -> None:
+    """Per-epoch lines on the console (main process only), besides the run's train.log."""
+    if main_process:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .data import index_breakhis, index_image_folder
+
+    kwargs = dict(verify=not args.no_verify, strict=args.strict, workers=args.workers,
+                  progress=not args.json and sys.stderr.isatty())
+    if args.image_folder:
+        index = index_image_folder(args.data_root, patients_csv=args.patients_csv, **kwargs)
+    else:
+        index = index_breakhis(args.data_root, **kwargs)
+    summary = index.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['root']}: {summary['images']} images, {summary['patients']} patients "
+          f"({summary['patient_ids']} distinct patient ids)")
+    for key in ("by_class", "by_type", "by_magnification", "image_sizes"):
+        if key in summary:
+            counts = ", ".join(f"{k}={v}" for k, v in summary[key].items())
+            print(f"  {key.replace('_', ' ')}: {counts}")
+    if summary["metadata_files"]:
+        print(f"  metadata files: {', '.join(summary['metadata_files'])}")
+    for warning in summary["warnings"]:
+        print(f"  warning: {warning}")
+    if summary["skipped"]:
+        print(f"  skipped {len(summary['skipped'])} file(s):")
+        for reason, count in summary["skipped_by_reason"].items():
+            examples = [s["path"] for s in summary["skipped"] if s["reason"].startswith(reason)]
+            print(f"    {reason}: {count}, e.g.")
+            for path in examples[: args.examples]:
+                print(f"      {path}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synthetic import make_synthetic_breakhis
+
+    meta = make_synthetic_breakhis(
+        args.out, images_per_magnification=args.images_per_magnification, size=args.size,
+        layout=args.layout, irregular=not args.no_irregular, folds=not args.no_folds,
+        seed=args.seed, progress=sys.stderr.isatty())
+    exp = meta["expected"]
+    print(f"wrote SYNTHETIC BreaKHis-layout data to {args.out}: {exp['images']} images, "
+          f"{exp['patients']} patients, {len(meta['irregular_files'])} irregular files; "
+          f"metadata in {Path(args.out) / 'synthetic.json'}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import cleanup_distributed, init_distributed
+    from .experiments import run_fold
+
+    config = _config(args)
+    info = init_distributed(config.device)
+    _log_to_console(info.is_main)
+    out = Path(args.out) if args.out else _default_out(args, f"fold{args.fold}")
+    try:
+        report = run_fold(_spec(args), config, args.fold, out, resume=args.resume,
+                          dist_info=info, progress=not args.no_progress)
+    finally:
+        cleanup_distributed()
+    if report is not None:
+        _print_metrics(f"fold {args.fold} ({report['protocol']['protocol']} protocol)",
+                       report["metrics"])
+        print(f"run folder: {out} (checkpoint.pt, train.log, metrics.csv, test_metrics.json/.md)")
+    return 0
+
+
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from .distributed import cleanup_distributed, init_distributed
+    from .experiments import run_cv
+
+    config = _config(args)
+    info = init_distributed(config.device)
+    _log_to_console(info.is_main)
+    out = Path(args.out) if args.out else _default_out(args, "cv")
+    try:
+        report = run_cv(_spec(args), config, out, folds=args.folds, resume=args.resume,
+                        dist_info=info, progress=not args.no_progress)
+    finally:
+        cleanup_distributed()
+    if report is not None:
+        for key, stat in report["summary"].items():
+            std = "n/a" if stat["std"] is None else f"{100 * stat['std']:.2f}"
+            print(f"{key}: {100 * stat['mean']:.2f} ± {std} % over {stat['n']} folds")
+        print(f"protocol: {report['protocol']['protocol_description']}")
+        print(f"results: {out / 'cv_metrics.json'}, {out / 'cv_metrics.md'}; runs in {out}/fold*/")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .experiments import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, out_dir=args.out, data_root=args.data_root,
+                                 device=args.device, progress=not args.no_progress)
+    _print_metrics(f"fold {report['fold']} ({report['protocol']['protocol']} protocol)",
+                   report["metrics"])
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    print(f"results: {out / 'test_metrics.json'}, {out / 'test_metrics.md'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_to_csv
+
+    result = predict_to_csv(args.checkpoint, args.inputs, args.out, device=args.device,
+                            batch_size=args.batch_size, progress=not args.no_progress)
+    for problem in result["problems"]:
+        print(f"skipped {problem}", file=sys.stderr)
+    print(f"wrote probabilities of {result['classes']} for {result['images']} images to "
+          f"{result['csv']}")
+    return 0
+
+
+_COMMANDS = {"index": _cmd_index, "synth": _cmd_synth, "train": _cmd_train, "cv": _cmd_cv,
+             "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``breakhis-repro``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        hint = ""
+        if "imagenet" in str(exc).lower() or "pretrained" in str(exc).lower():
+            hint = " (offline? pass --weights PATH to a local state_dict, or --no-pretrained)"
+        print(f"breakhis-repro {args.command}: error: {exc}{hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,557 @@
+"""Index BreaKHis trees and generic image folders into typed image records.
+
+BreaKHis (Spanhol et al., IEEE TBME 63:1455, 2016) names every image after its slide:
+``SOB_B_A-14-22549AB-40-001.png`` is a surgical open biopsy (``SOB``), benign (``B``),
+adenosis (``A``), year ``14``, slide ``22549AB``, magnification ``40``X, image ``001``.
+:func:`index_breakhis` walks a tree (the official archive layout or the Kaggle copy that
+nests it one level deeper), parses each file name with :func:`parse_breakhis_name`,
+cross-checks it against the folders it sits in, opens it to read its size (and, unless
+asked not to, decodes it fully so that truncated PNGs are caught), and returns the
+records together with everything it had to leave out and why.
+
+Nothing is labelled from a guess: a file that is not an image, whose name does not follow
+the grammar, or that disagrees with its folders is *skipped with a reason*; the caller
+decides whether that is fatal (``strict=True``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+__all__ = [
+    "BENIGN_TYPES",
+    "IMAGE_EXTENSIONS",
+    "MAGNIFICATIONS",
+    "MALIGNANT_TYPES",
+    "METADATA_FILES",
+    "TYPE_CODES",
+    "TYPE_FOLDERS",
+    "BreakhisName",
+    "DataIndex",
+    "ImageRecord",
+    "SkippedFile",
+    "UnreadableImageError",
+    "index_breakhis",
+    "index_image_folder",
+    "parse_breakhis_name",
+    "read_image_size",
+]
+
+#: The eight tumour types, benign first, in the order used for fine-grained labels.
+TYPE_CODES: tuple[str, ...] = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
+BENIGN_TYPES: frozenset[str] = frozenset({"A", "F", "PT", "TA"})
+MALIGNANT_TYPES: frozenset[str] = frozenset({"DC", "LC", "MC", "PC"})
+#: Type code -> folder name in the released archive.
+TYPE_FOLDERS: dict[str, str] = {
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
+MAGNIFICATIONS: tuple[int, ...] = (40, 100, 200, 400)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+#: Files that describe a tree rather than belong to it; listed, never reported as junk.
+METADATA_FILES: frozenset[str] = frozenset({"folds.csv", "synthetic.txt", "synthetic.json"})
+_DSFOLD = re.compile(r"^dsfold\d+\.txt$", re.IGNORECASE)
+
+_NAME = re.compile(
+    r"^(?P<procedure>[A-Z]+)_(?P<cls>[BM])_(?P<type>A|F|PT|TA|DC|LC|MC|PC)"
+    r"-(?P<year>\d{2})-(?P<slide>\d+[A-Z]*)-(?P<mag>40|100|200|400)-(?P<seq>\d+)\.png$"
+)
+_MAG_FOLDER = re.compile(r"^(\d+)X$", re.IGNORECASE)
+
+
+class UnreadableImageError(RuntimeError):
+    """Raised in strict mode when an image file cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class BreakhisName:
+    """The fields encoded in a BreaKHis file name.
+
+    Args:
+        procedure: biopsy procedure (``SOB`` in the release).
+        benign_malignant: ``"benign"`` or ``"malignant"``.
+        tumor_type: one of :data:`TYPE_CODES`.
+        year: two-digit year (``"14"`` for most slides, ``"15"`` for one).
+        slide: slide id *with* its letter suffix (``"22549AB"``).
+        magnification: 40, 100, 200 or 400.
+        seq: running image number within the slide and magnification.
+    """
+
+    procedure: str
+    benign_malignant: str
+    tumor_type: str
+    year: str
+    slide: str
+    magnification: int
+    seq: int
+
+    @property
+    def patient(self) -> str:
+        """Patient id: year and full slide id, e.g. ``"14-22549AB"``."""
+        return f"{self.year}-{self.slide}"
+
+    @property
+    def case(self) -> str:
+        """The patient folder name of the release, e.g. ``"SOB_B_A_14-22549AB"``."""
+        cls = "B" if self.benign_malignant == "benign" else "M"
+        return f"{self.procedure}_{cls}_{self.tumor_type}_{self.patient}"
+
+
+def parse_breakhis_name(name: str) -> BreakhisName:
+    """Parse a BreaKHis image file name.
+
+    Args:
+        name: the base name, e.g. ``"SOB_M_DC-14-13412-100-001.png"``.
+
+    Returns:
+        The parsed fields.
+
+    Raises:
+        ValueError: when the name does not follow
+            ``<procedure>_<B|M>_<type>-<yy>-<slide>-<40|100|200|400>-<seq>.png`` or its
+            class letter disagrees with its tumour type.
+
+    Examples:
+        >>> n = parse_breakhis_name("SOB_B_A-14-22549AB-40-001.png")
+        >>> n.patient, n.tumor_type, n.magnification
+        ('14-22549AB', 'A', 40)
+        >>> parse_breakhis_name("SOB_M_PC-15-190EF-400-013.png").year
+        '15'
+    """
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(
+            "expected a BreaKHis name like 'SOB_B_A-14-22549AB-40-001.png' "
+            f"(<procedure>_<B|M>_<type>-<yy>-<slide>-<mag>-<seq>.png), but got {name!r}"
+        )
+    cls = "benign" if match["cls"] == "B" else "malignant"
+    tumor_type = match["type"]
+    expected = "benign" if tumor_type in BENIGN_TYPES else "malignant"
+    if cls != expected:
+        raise ValueError(
+            f"class letter {match['cls']!r} says {cls} but tumour type {tumor_type!r} is "
+            f"{expected} in {name!r}"
+        )
+    return BreakhisName(
+        procedure=match["procedure"],
+        benign_malignant=cls,
+        tumor_type=tumor_type,
+        year=match["year"],
+        slide=match["slide"],
+        magnification=int(match["mag"]),
+        seq=int(match["seq"]),
+    )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and what is known about it.
+
+    Args:
+        path: absolute path of the image file.
+        label: class name: ``"benign"``/``"malignant"`` for BreaKHis, the class folder
+            name for a generic image folder.
+        patient: patient (group) id, or ``None`` when unknown. For BreaKHis the year and
+            full slide id (``"14-22549AB"``).
+        tumor_type: BreaKHis type code (one of :data:`TYPE_CODES`), else ``None``.
+        magnification: 40/100/200/400 for BreaKHis, else ``None``.
+        case: the patient folder the image belongs to (BreaKHis: ``SOB_M_DC_14-13412``);
+            two folders can share one patient id (the DC/LC near-duplicate slide).
+        width: image width in pixels (``None`` if not read).
+        height: image height in pixels (``None`` if not read).
+    """
+
+    path: Path
+    label: str
+    patient: str | None = None
+    tumor_type: str | None = None
+    magnification: int | None = None
+    case: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (path as a string)."""
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that was left out of the index.
+
+    Args:
+        path: path relative to the indexed root (POSIX separators).
+        reason: why it was left out, in words.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass
+class DataIndex:
+    """The result of indexing a tree: records, skipped files, warnings.
+
+    Args:
+        root: the indexed folder.
+        records: the usable images, sorted by path.
+        skipped: files left out, with reasons.
+        warnings: irregularities that did not exclude anything (e.g. one slide filed
+            under two tumour types).
+        metadata_files: fold tables and markers found in the tree (relative paths).
+        kind: ``"breakhis"`` or ``"image-folder"``.
+    """
+
+    root: Path
+    records: list[ImageRecord]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    metadata_files: list[str] = field(default_factory=list)
+    kind: str = "breakhis"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def cases(self) -> list[str]:
+        """Distinct patient folders (what BreaKHis counts as its 82 patients)."""
+        return sorted({r.case for r in self.records if r.case is not None})
+
+    @property
+    def patients(self) -> list[str]:
+        """Distinct patient ids (groups for patient-level splits)."""
+        return sorted({r.patient for r in self.records if r.patient is not None})
+
+    def summary(self) -> dict[str, Any]:
+        """Counts as a JSON-ready dict.
+
+        ``patients`` counts patient folders (82 on the real release); ``patient_ids``
+        counts distinct slide ids, which is one fewer when a slide is filed under two
+        types. ``by_magnification`` always has the keys ``"40"``, ``"100"``, ``"200"``,
+        ``"400"`` for BreaKHis trees, ``by_type`` every type code.
+        """
+        by_class = Counter(r.label for r in self.records)
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "root": str(self.root),
+            "images": len(self.records),
+            "patients": len(self.cases) if self.kind == "breakhis" else len(self.patients),
+            "patient_ids": len(self.patients),
+        }
+        if self.kind == "breakhis":
+            by_type = Counter(r.tumor_type for r in self.records)
+            by_mag = Counter(r.magnification for r in self.records)
+            out["by_class"] = {c: by_class.get(c, 0) for c in ("benign", "malignant")}
+            out["by_type"] = {t: by_type.get(t, 0) for t in TYPE_CODES}
+            out["by_magnification"] = {str(m): by_mag.get(m, 0) for m in MAGNIFICATIONS}
+            cases_by_type = Counter(
+                t for t, _ in {(r.tumor_type, r.case) for r in self.records}
+            )
+            out["patients_by_type"] = {t: cases_by_type.get(t, 0) for t in TYPE_CODES}
+        else:
+            out["by_class"] = dict(sorted(by_class.items()))
+        sizes = Counter(f"{r.width}x{r.height}" for r in self.records if r.width is not None)
+        out["image_sizes"] = dict(sizes.most_common())
+        out["skipped"] = [asdict(s) for s in self.skipped]
+        out["skipped_by_reason"] = dict(Counter(_reason_kind(s.reason) for s in self.skipped))
+        out["warnings"] = list(self.warnings)
+        out["metadata_files"] = list(self.metadata_files)
+        return out
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def read_image_size(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[int, int]:
+    """Open an image and return ``(width, height)``.
+
+    Args:
+        path: image file.
+        verify: decode all pixel data, so that truncated or corrupt files raise here
+            rather than in the middle of training. Without it only the header is read.
+
+    Raises:
+        OSError: when the file cannot be opened or (with ``verify``) decoded.
+    """
+    with Image.open(path) as image:
+        if verify:
+            image.load()
+        return image.size
+
+
+def _is_metadata(name: str) -> bool:
+    return name.lower() in METADATA_FILES or _DSFOLD.match(name) is not None
+
+
+def _walk_files(root: Path) -> list[Path]:
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        files.extend(Path(dirpath) / name for name in sorted(filenames))
+    return files
+
+
+def _check_folders(path: Path, name: BreakhisName) -> str | None:
+    """Return a reason when the folders around ``path`` contradict its name."""
+    mag_folder = _MAG_FOLDER.match(path.parent.name)
+    if mag_folder is not None and int(mag_folder.group(1)) != name.magnification:
+        return (
+            f"folder mismatch: file says {name.magnification}X but sits in "
+            f"{path.parent.name!r}"
+        )
+    parents = {p.name.lower() for p in path.parents}
+    other_class = "malignant" if name.benign_malignant == "benign" else "benign"
+    if other_class in parents and name.benign_malignant not in parents:
+        return f"folder mismatch: {name.benign_malignant} file inside a {other_class!r} folder"
+    for code, folder in TYPE_FOLDERS.items():
+        if folder in parents and code != name.tumor_type:
+            return f"folder mismatch: type {name.tumor_type} file inside {folder!r}"
+    return None
+
+
+def _read_sizes(
+    paths: Sequence[Path], *, verify: bool, workers: int, progress: bool
+) -> list[tuple[int, int] | Exception]:
+    def read(path: Path) -> tuple[int, int] | Exception:
+        try:
+            return read_image_size(path, verify=verify)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three
+            return exc
+
+    results: Iterable[tuple[int, int] | Exception]
+    # PNG decoding releases the GIL, so threads overlap it.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(read, paths)
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(paths), desc="reading images", unit="img")
+        return list(results)
+
+
+def index_breakhis(
+    root: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    strict: bool = False,
+    workers: int = 4,
+    progress: bool = False,
+) -> DataIndex:
+    """Index a BreaKHis tree (official archive or Kaggle layout).
+
+    Every file below ``root`` is looked at. Images whose names follow the BreaKHis
+    grammar and agree with their folders become :class:`ImageRecord` s; everything
+    else is listed in :attr:`DataIndex.skipped` with a reason. Fold tables
+    (``Folds.csv``, ``dsfoldN.txt``) and synthetic-data markers are listed in
+    :attr:`DataIndex.metadata_files`.
+
+    Args:
+        root: folder to index: ``BreaKHis_v1`` or any folder above or below it.
+        verify: decode every image so that truncated files are caught (slower).
+        strict: raise :class:`UnreadableImageError` instead of skipping unreadable images.
+        workers: threads used to open images.
+        progress: show a progress bar.
+
+    Returns:
+        The index, with records sorted by path.
+
+    Raises:
+        FileNotFoundError: when ``root`` is not a folder.
+        UnreadableImageError: in strict mode, when an image cannot be decoded.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"expected a BreaKHis folder, but {str(root)!r} is not a folder")
+    skipped: list[SkippedFile] = []
+    metadata: list[str] = []
+    candidates: list[tuple[Path, BreakhisName]] = []
+    for path in _walk_files(root):
+        rel = path.relative_to(root).as_posix()
+        if _is_metadata(path.name):
+            metadata.append(rel)
+            continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(SkippedFile(rel, f"not an image: extension {path.suffix or '(none)'!r}"))
+            continue
+        try:
+            name = parse_breakhis_name(path.name)
+        except ValueError as exc:
+            skipped.append(SkippedFile(rel, f"name outside grammar: {exc}"))
+            continue
+        problem = _check_folders(path, name)
+        if problem is not None:
+            skipped.append(SkippedFile(rel, problem))
+            continue
+        candidates.append((path, name))
+
+    sizes = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
+                        progress=progress)
+    records: list[ImageRecord] = []
+    unreadable: list[str] = []
+    for (path, name), size in zip(candidates, sizes):
+        if isinstance(size, Exception):
+            rel = path.relative_to(root).as_posix()
+            unreadable.append(rel)
+            skipped.append(SkippedFile(rel, f"unreadable image: {size}"))
+            continue
+        records.append(
+            ImageRecord(
+                path=path,
+                label=name.benign_malignant,
+                patient=name.patient,
+                tumor_type=name.tumor_type,
+                magnification=name.magnification,
+                case=name.case,
+                width=size[0],
+                height=size[1],
+            )
+        )
+    if strict and unreadable:
+        raise UnreadableImageError(
+            f"{len(unreadable)} image(s) could not be decoded (strict mode), e.g. "
+            f"{unreadable[:3]}; re-run without --strict to skip them"
+        )
+    return DataIndex(
+        root=root,
+        records=records,
+        skipped=sorted(skipped, key=lambda s: s.path),
+        warnings=_shared_patient_warnings(records),
+        metadata_files=metadata,
+        kind="breakhis",
+    )
+
+
+def _shared_patient_warnings(records: Sequence[ImageRecord]) -> list[str]:
+    """Warn about patient ids filed under more than one tumour type."""
+    types: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        if r.patient is not None and r.tumor_type is not None:
+            types[r.patient].add(r.tumor_type)
+    return [
+        f"patient {p} appears under types {sorted(ts, key=TYPE_CODES.index)}: near-duplicate "
+        "folders; patient-level splits keep them in one group"
+        for p, ts in sorted(types.items())
+        if len(ts) > 1
+    ]
+
+
+def index_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    patients_csv: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    strict: bool = False,
+    workers: int = 4,
+    progress: bool = False,
+) -> DataIndex:
+    """Index a generic ``root/<class>/<image>`` folder (in-house data).
+
+    Args:
+        root: folder with one sub-folder per class; images may sit in nested folders.
+        patients_csv: optional CSV with columns ``path`` (relative to ``root``, or a
+            bare file name) and ``patient``. Without it every image is its own group.
+        verify: decode every image so that truncated files are caught.
+        strict: raise instead of skipping unreadable images.
+        workers: threads used to open images.
+        progress: show a progress bar.
+
+    Raises:
+        FileNotFoundError: when ``root`` or ``patients_csv`` does not exist.
+        ValueError: when the CSV lacks the columns, or no class folders are found.
+        UnreadableImageError: in strict mode, when an image cannot be decoded.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"expected an image folder, but {str(root)!r} is not a folder")
+    patient_of: dict[str, str] = {}
+    if patients_csv is not None:
+        patient_of = _read_patient_csv(Path(patients_csv))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"expected one sub-folder per class in {str(root)!r}, but found none")
+    skipped: list[SkippedFile] = []
+    metadata: list[str] = []
+    candidates: list[tuple[Path, str]] = []
+    for path in _walk_files(root):
+        rel = path.relative_to(root).as_posix()
+        if path.parent == root:
+            if _is_metadata(path.name) or path.suffix.lower() == ".csv":
+                metadata.append(rel)
+            else:
+                skipped.append(SkippedFile(rel, "outside class folders: file at the root"))
+            continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(SkippedFile(rel, f"not an image: extension {path.suffix or '(none)'!r}"))
+            continue
+        candidates.append((path, rel.split("/", 1)[0]))
+    sizes = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
+                        progress=progress)
+    records: list[ImageRecord] = []
+    unreadable: list[str] = []
+    missing: list[str] = []
+    for (path, label), size in zip(candidates, sizes):
+        rel = path.relative_to(root).as_posix()
+        if isinstance(size, Exception):
+            unreadable.append(rel)
+            skipped.append(SkippedFile(rel, f"unreadable image: {size}"))
+            continue
+        patient = patient_of.get(rel, patient_of.get(path.name)) if patient_of else rel
+        if patient is None:
+            missing.append(rel)
+            patient = rel
+        records.append(
+            ImageRecord(
+                path=path, label=label, patient=patient, case=patient,
+                width=size[0], height=size[1],
+            )
+        )
+    if strict and unreadable:
+        raise UnreadableImageError(
+            f"{len(unreadable)} image(s) could not be decoded (strict mode), e.g. {unreadable[:3]}"
+        )
+    warnings = []
+    if missing:
+        warnings.append(
+            f"{len(missing)} image(s) have no patient in {str(patients_csv)!r}, e.g. "
+            f"{missing[:3]}; each is treated as its own group"
+        )
+    return DataIndex(
+        root=root, records=records, skipped=sorted(skipped, key=lambda s: s.path),
+        warnings=warnings, metadata_files=metadata, kind="image-folder",
+    )
+
+
+def _read_patient_csv(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"patient CSV {str(path)!r} does not exist")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+        if "path" not in columns or "patient" not in columns:
+            raise ValueError(
+                f"expected columns 'path' and 'patient' in {str(path)!r}, but got "
+                f"{reader.fieldnames}"
+            )
+        return {
+            row[columns["path"]].strip().replace("\\", "/"): row[columns["patient"]].strip()
+            for row in reader
+        }

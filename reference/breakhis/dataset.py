@@ -1,0 +1,120 @@
+"""Torch data sets and the paper's transforms (torchvision).
+
+The paper resizes every image to 224x224 (197 and 448 in its resolution study) and
+augments with horizontal and vertical flips, 10% width/height shifts and rotations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from .data import ImageRecord
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INPUT_SIZES",
+    "ImageDataset",
+    "build_eval_transform",
+    "build_train_transform",
+    "load_rgb",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Input sizes of the paper's resolution study; 224 is the default.
+INPUT_SIZES: tuple[int, ...] = (197, 224, 448)
+
+
+def _check_size(input_size: int) -> None:
+    if not isinstance(input_size, int) or input_size < 8:
+        raise ValueError(f"input_size must be an integer >= 8, but got {input_size!r}")
+
+
+def build_train_transform(
+    input_size: int = 224, *, shift: float = 0.1, rotation: float = 90.0, augment: bool = True
+) -> T.Compose:
+    """Resize to ``input_size`` squared, then flips, shifts and rotations.
+
+    Args:
+        input_size: output side in pixels (the paper: 224; also 197, 448).
+        shift: largest width/height shift as a fraction of the side (paper: 0.1).
+        rotation: largest rotation in degrees, either way.
+        augment: ``False`` gives the evaluation transform.
+    """
+    _check_size(input_size)
+    if not 0.0 <= shift < 1.0:
+        raise ValueError(f"shift must be in [0, 1), but got {shift}")
+    steps: list[object] = [T.Resize((input_size, input_size))]
+    if augment:
+        steps += [
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomAffine(degrees=rotation, translate=(shift, shift)),
+        ]
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+def build_eval_transform(input_size: int = 224) -> T.Compose:
+    """Resize to ``input_size`` squared and normalise with ImageNet statistics."""
+    return build_train_transform(input_size, augment=False)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as RGB (decoded now, so the file is closed)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """Images of ``records`` with integer ``targets``, transformed on load.
+
+    An item key is either an index or an ``(index, seed)`` pair (as yielded by
+    :class:`~breakhis.sampler.BalancedSampler`); with a seed, the random transform runs
+    under that seed, so augmentation does not depend on the loading process.
+
+    Args:
+        records: the images.
+        targets: integer class per record (``-1`` when unknown, e.g. for prediction).
+        transform: a callable from PIL image to tensor.
+
+    Shape:
+        item: ``(image (3, S, S), target (), index ())``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord] | Sequence[Path],
+        targets: Sequence[int] | np.ndarray | None,
+        transform: T.Compose,
+    ) -> None:
+        self.paths = [r.path if isinstance(r, ImageRecord) else Path(r) for r in records]
+        if targets is None:
+            targets = np.full(len(self.paths), -1)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self.targets) != len(self.paths):
+            raise ValueError(f"got {len(self.paths)} records but {len(self.targets)} targets")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image = load_rgb(self.paths[index])
+        if seed is None:
+            x = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self.transform(image)
+        return x, torch.tensor(self.targets[index]), torch.tensor(index)

@@ -1,0 +1,266 @@
+"""Metrics for BreaKHis results and the JSON/Markdown reports that carry them.
+
+Image-level metrics come from scikit-learn. The patient-level recognition rate is the
+one of Spanhol et al. (2016): for each patient the fraction of its images classified
+correctly, averaged over patients. Every report records the task and protocol that
+produced it, because image-split and patient-split numbers differ by several points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+__all__ = [
+    "SUMMARY_METRICS",
+    "classification_metrics",
+    "patient_recognition_rate",
+    "render_markdown",
+    "roc_auc",
+    "summarize_folds",
+    "write_report",
+]
+
+#: Scalar metrics averaged over folds.
+SUMMARY_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "balanced_accuracy",
+    "patient_recognition_rate",
+    "macro_f1",
+    "roc_auc",
+)
+
+
+def patient_recognition_rate(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    patients: Sequence[str] | np.ndarray,
+) -> float:
+    """Mean over patients of the fraction of their images classified correctly.
+
+    Args:
+        y_true: true class per image.
+        y_pred: predicted class per image.
+        patients: patient id per image.
+
+    Raises:
+        ValueError: when the three have different lengths or are empty.
+
+    Examples:
+        >>> patient_recognition_rate([0, 0, 1, 1, 1], [0, 1, 1, 1, 1], ["a", "a", "b", "b", "b"])
+        0.75
+    """
+    y_true, y_pred, patients = np.asarray(y_true), np.asarray(y_pred), np.asarray(patients)
+    if not len(y_true) == len(y_pred) == len(patients):
+        raise ValueError(
+            f"expected equal lengths, but got y_true={len(y_true)}, y_pred={len(y_pred)}, "
+            f"patients={len(patients)}"
+        )
+    if len(y_true) == 0:
+        raise ValueError("expected at least one image, but got none")
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for t, p, g in zip(y_true.tolist(), y_pred.tolist(), patients.tolist()):
+        correct[g].append(t == p)
+    return float(np.mean([np.mean(v) for v in correct.values()]))
+
+
+def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> tuple[float | None, list[int]]:
+    """ROC AUC: binary, or one-vs-rest macro over the classes that can be scored.
+
+    A class can be scored when the true labels contain it and something else; classes
+    missing from a small test fold are left out of the macro average (and reported).
+
+    Args:
+        y_true: true class per image, shape ``(N,)``.
+        probs: class probabilities, shape ``(N, C)``.
+
+    Returns:
+        ``(auc, classes_used)``; ``auc`` is ``None`` when no class can be scored.
+    """
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = probs.shape[1]
+    if n_classes == 2:
+        if len(np.unique(y_true)) < 2:
+            return None, []
+        return float(roc_auc_score(y_true, probs[:, 1])), [0, 1]
+    used = [c for c in range(n_classes) if 0 < np.sum(y_true == c) < len(y_true)]
+    if not used:
+        return None, []
+    scores = [roc_auc_score(y_true == c, probs[:, c]) for c in used]
+    return float(np.mean(scores)), used
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    *,
+    patients: Sequence[str] | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """All metrics of one evaluation.
+
+    Args:
+        y_true: true class per image, shape ``(N,)``.
+        probs: class probabilities, shape ``(N, C)`` with ``C == len(classes)``.
+        classes: class names.
+        patients: patient id per image, for the patient-level recognition rate.
+
+    Returns:
+        ``accuracy``, ``balanced_accuracy``, ``patient_recognition_rate`` (or ``None``),
+        ``macro_f1``, ``per_class`` (precision, recall, F1, support per class name),
+        ``confusion_matrix`` (rows true, columns predicted), ``roc_auc`` (binary, or
+        one-vs-rest macro) with ``roc_auc_classes``, ``images`` and ``patients``.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (len(y_true), len(classes)):
+        raise ValueError(
+            f"expected probs of shape ({len(y_true)}, {len(classes)}), but got {probs.shape}"
+        )
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    auc, auc_classes = roc_auc(y_true, probs)
+    prr = None
+    if patients is not None:
+        prr = patient_recognition_rate(y_true, y_pred, patients)
+    present = [c for c in labels if support[c] > 0]
+    with warnings.catch_warnings():
+        # a small test fold may lack classes that the model predicts
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+        balanced = float(balanced_accuracy_score(y_true, y_pred)) if present else None
+    return {
+        "images": int(len(y_true)),
+        "patients": int(len(set(np.asarray(patients).tolist()))) if patients is not None else None,
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": balanced,
+        "patient_recognition_rate": prr,
+        "macro_f1": float(np.mean(f1[present])) if present else None,
+        "roc_auc": auc,
+        "roc_auc_kind": "binary" if len(classes) == 2 else "one-vs-rest macro",
+        "roc_auc_classes": [classes[c] for c in auc_classes],
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "classes": list(classes),
+    }
+
+
+def summarize_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation (``ddof=1``) of :data:`SUMMARY_METRICS` over folds.
+
+    Folds where a metric is ``None`` (e.g. AUC on a single-class fold) are left out of
+    that metric; ``n`` says how many were used.
+
+    Examples:
+        >>> s = summarize_folds([{"accuracy": 0.8}, {"accuracy": 1.0}])
+        >>> round(s["accuracy"]["mean"], 3), round(s["accuracy"]["std"], 3), s["accuracy"]["n"]
+        (0.9, 0.141, 2)
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key in SUMMARY_METRICS:
+        values = [float(f[key]) for f in folds if f.get(key) is not None]
+        if not values:
+            continue
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        out[key] = {"mean": float(np.mean(values)), "std": std, "n": len(values)}
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{100 * value:.2f}"
+    return str(value)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """Render a report (one evaluation or a cross-validation) as Markdown."""
+    lines = [f"# {report.get('title', 'BreaKHis evaluation')}", ""]
+    protocol = report.get("protocol", {})
+    task = report.get("task", {})
+    lines += [
+        f"- task: **{task.get('name', '?')}** ({task.get('description', '')})",
+        f"- protocol: **{protocol.get('protocol', '?')}**: "
+        f"{protocol.get('protocol_description', '')}",
+    ]
+    for key in ("model", "data_root", "synthetic"):
+        if key in report:
+            lines.append(f"- {key}: {report[key]}")
+    lines.append("")
+    if "summary" in report:
+        lines += ["## Mean ± std over folds (percent)", "", "| metric | mean | std | folds |",
+                  "|---|---|---|---|"]
+        for key, stat in report["summary"].items():
+            lines.append(f"| {key} | {_fmt(stat['mean'])} | {_fmt(stat['std'])} | {stat['n']} |")
+        lines.append("")
+        lines += ["## Per fold (percent)", "", "| fold | " + " | ".join(SUMMARY_METRICS) + " |",
+                  "|---" * (len(SUMMARY_METRICS) + 1) + "|"]
+        for i, fold in enumerate(report.get("folds", [])):
+            metrics = fold.get("metrics", fold)
+            lines.append(f"| {fold.get('fold', i)} | "
+                         + " | ".join(_fmt(metrics.get(k)) for k in SUMMARY_METRICS) + " |")
+        lines.append("")
+    metrics = report.get("metrics")
+    if metrics:
+        lines += ["## Metrics (percent)", "", "| metric | value |", "|---|---|"]
+        for key in ("images", "patients"):
+            lines.append(f"| {key} | {metrics.get(key)} |")
+        for key in SUMMARY_METRICS:
+            lines.append(f"| {key} | {_fmt(metrics.get(key))} |")
+        lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name, row in metrics["per_class"].items():
+            lines.append(f"| {name} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | "
+                         f"{_fmt(row['f1'])} | {row['support']} |")
+        classes = metrics["classes"]
+        lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
+                  "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        for name, row in zip(classes, metrics["confusion_matrix"]):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(
+    report: Mapping[str, Any], out_dir: str | os.PathLike[str], stem: str = "metrics"
+) -> tuple[Path, Path]:
+    """Write ``report`` as ``<stem>.json`` and ``<stem>.md`` in ``out_dir``.
+
+    Returns:
+        The two paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path

@@ -1,0 +1,419 @@
+"""The paper's training recipe: SGD, plateau schedule, augmentation, over-sampling.
+
+Defaults follow Liu, Juhas & Zhang (2020) as summarised in BREAKHIS.md: SGD with
+learning rate 0.1, batch 16, the learning rate divided by 10 when the validation loss
+has not improved for 10 epochs, flips/shifts/rotations, over-sampling of the smaller
+classes, 224x224 inputs. Everything can be overridden through :class:`TrainConfig`.
+
+Each epoch ends with an atomic checkpoint (model, optimiser, scheduler, sampler, RNG
+states, history) in the run folder; :func:`fit` with ``resume=True`` continues from it
+and reaches the same weights as a run that was never interrupted, because every epoch's
+sample order and augmentation are drawn from ``(seed, epoch)`` alone. Under torchrun
+the same code trains with DistributedDataParallel, each process taking its share of
+every global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .data import ImageRecord
+from .dataset import ImageDataset, build_eval_transform, build_train_transform
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .models import HEADS, build_network
+from .sampler import BalancedSampler
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_NAME",
+    "FitResult",
+    "TrainConfig",
+    "fit",
+    "load_model",
+    "predict_probs",
+    "seed_everything",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "breakhis-checkpoint-v1"
+_LOG = logging.getLogger("breakhis.train")
+
+
+@dataclass
+class TrainConfig:
+    """Model and optimisation settings (paper defaults).
+
+    Args:
+        head: ``plain``, ``bcnn`` or ``fast-bcnn``.
+        backbone: backbone name for ``bilinearpool`` (or ``tiny``).
+        weights: ``"imagenet"``, a local state-dict path, or ``None`` (random init).
+        se_reduction: SE reduction ratio (the paper's "+SE": 8), or ``None``.
+        dropout: dropout before the classifier.
+        input_size: image side after resizing (224; the paper also uses 197, 448).
+        epochs: training epochs (not given in the paper; 50 here).
+        batch_size: global batch size (all processes together).
+        lr: SGD learning rate.
+        momentum: SGD momentum (0, as in Keras' SGD default).
+        weight_decay: L2 penalty.
+        plateau_factor: learning-rate factor on a plateau.
+        plateau_patience: epochs without improvement before the factor applies.
+        oversample: over-sample the smaller classes.
+        augment: random flips, shifts and rotations.
+        shift: largest shift, as a fraction of the side.
+        rotation: largest rotation in degrees.
+        seed: seed for initialisation, sampling and augmentation.
+        num_workers: data-loading processes per training process.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        deterministic: ask torch for deterministic kernels.
+    """
+
+    head: str = "fast-bcnn"
+    backbone: str = "inception_v3"
+    weights: str | None = "imagenet"
+    se_reduction: int | None = None
+    dropout: float = 0.0
+    input_size: int = 224
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    oversample: bool = True
+    augment: bool = True
+    shift: float = 0.1
+    rotation: float = 90.0
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, but got {self.head!r}")
+        for name in ("epochs", "batch_size", "input_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, but got {self.lr}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"plateau_factor must be in (0, 1), but got {self.plateau_factor}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (stored in checkpoints and config.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained model (unwrapped), history, checkpoint."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    checkpoint: Path
+    resumed_from_epoch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, *, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; optionally ask for deterministic kernels."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _make_model(config: TrainConfig, num_classes: int, *, weights: str | None) -> nn.Module:
+    return build_network(
+        config.head, config.backbone, num_classes=num_classes, weights=weights,
+        se_reduction=config.se_reduction, dropout=config.dropout,
+    )
+
+
+def _add_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    _LOG.addHandler(handler)
+    _LOG.setLevel(logging.INFO)
+    return handler
+
+
+def _write_metrics_csv(history: Sequence[dict[str, Any]], path: Path) -> None:
+    if not history:
+        return
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def _evaluate_loss(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[float, float, float]:
+    """Sum of losses, number correct, number of images (this process's shard)."""
+    model.eval()
+    loss_sum = correct = count = 0.0
+    with torch.no_grad():
+        for x, y, _ in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+    return loss_sum, correct, count
+
+
+def fit(
+    config: TrainConfig,
+    *,
+    train_records: Sequence[ImageRecord],
+    train_targets: Sequence[int] | np.ndarray,
+    classes: Sequence[str],
+    run_dir: str | os.PathLike[str],
+    val_records: Sequence[ImageRecord] = (),
+    val_targets: Sequence[int] | np.ndarray = (),
+    resume: bool = False,
+    extra: dict[str, Any] | None = None,
+    epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
+    dist_info: DistInfo | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train a classifier, checkpointing every epoch; resume a killed run.
+
+    Args:
+        config: model and optimisation settings.
+        train_records: training images.
+        train_targets: their integer classes.
+        classes: class names (``len(classes)`` outputs).
+        run_dir: folder for ``checkpoint.pt``, ``train.log``, ``metrics.csv``, ``config.json``.
+        val_records: validation images for the plateau schedule (training loss if none).
+        val_targets: their integer classes.
+        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
+        extra: plain data stored in the checkpoint (task, protocol, fold, data root).
+        epoch_callback: called as ``callback(epoch, row)`` after each checkpoint.
+        dist_info: process placement; by default from the torchrun environment.
+        progress: show progress bars (main process only).
+
+    Returns:
+        The trained model, the per-epoch history and the checkpoint path.
+
+    Raises:
+        ValueError: when resuming a checkpoint made with other classes or model.
+    """
+    info = dist_info or init_distributed(config.device)
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    handler = _add_file_log(run_dir) if info.is_main else None
+    try:
+        return _fit(config, info, run_dir, ckpt_path, list(train_records),
+                    np.asarray(train_targets), list(val_records), np.asarray(val_targets),
+                    list(classes), resume, dict(extra or {}), epoch_callback, progress)
+    finally:
+        if handler is not None:
+            _LOG.removeHandler(handler)
+            handler.close()
+
+
+def _fit(
+    config: TrainConfig, info: DistInfo, run_dir: Path, ckpt_path: Path,
+    train_records: list[ImageRecord], train_targets: np.ndarray,
+    val_records: list[ImageRecord], val_targets: np.ndarray, classes: list[str],
+    resume: bool, extra: dict[str, Any],
+    epoch_callback: Callable[[int, dict[str, Any]], None] | None, progress: bool,
+) -> FitResult:
+    seed_everything(config.seed, deterministic=config.deterministic)
+    state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+    # a resumed run gets its weights from the checkpoint, not from a download
+    model = _make_model(config, len(classes), weights=None if state else config.weights)
+    model.to(info.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+    sampler = BalancedSampler(train_targets, batch_size=config.batch_size,
+                              oversample=config.oversample, seed=config.seed,
+                              num_replicas=info.world_size, rank=info.rank)
+    history: list[dict[str, Any]] = []
+    start = 0
+    if state is not None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint in {ckpt_path}")
+        if state["classes"] != classes:
+            raise ValueError(f"cannot resume: checkpoint classes {state['classes']} != {classes}")
+        for key in ("head", "backbone", "se_reduction", "batch_size", "seed"):
+            if state["config"][key] != getattr(config, key):
+                raise ValueError(f"cannot resume: checkpoint has {key}={state['config'][key]!r}, "
+                                 f"this run {getattr(config, key)!r}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        restore_rng_state(state["rng"])
+        history = list(state["history"])
+        start = int(state["epoch"]) + 1
+        if info.is_main:
+            _LOG.info("resumed from %s after epoch %d", ckpt_path, start - 1)
+    elif info.is_main:
+        _LOG.info("training %s/%s on %d images (%d classes), %d process(es), device %s",
+                  config.head, config.backbone, len(train_records), len(classes),
+                  info.world_size, info.device)
+        (run_dir / "config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "classes": classes, "extra": extra}, indent=2) + "\n")
+
+    net: nn.Module = model
+    if info.distributed:
+        net = DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+
+    train_set = ImageDataset(train_records, train_targets, build_train_transform(
+        config.input_size, shift=config.shift, rotation=config.rotation, augment=config.augment))
+    eval_transform = build_eval_transform(config.input_size)
+    val_loader = None
+    if len(val_records):
+        shard = list(range(info.rank, len(val_records), info.world_size))
+        val_set = ImageDataset([val_records[i] for i in shard], val_targets[shard], eval_transform)
+        val_loader = DataLoader(val_set, batch_size=config.batch_size,
+                                num_workers=config.num_workers)
+    per_rank = config.batch_size // info.world_size
+
+    for epoch in range(start, config.epochs):
+        began = time.perf_counter()
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler,
+                            num_workers=config.num_workers,
+                            generator=torch.Generator().manual_seed(config.seed + epoch))
+        net.train()
+        loss_sum = correct = count = 0.0
+        batches: Any = loader
+        if progress and info.is_main:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                           leave=False)
+        for x, y, _ in batches:
+            x, y = x.to(info.device), y.to(info.device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info.device)
+        row: dict[str, Any] = {
+            "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / count, "train_accuracy": correct / count,
+            "val_loss": None, "val_accuracy": None,
+        }
+        monitored = row["train_loss"]
+        if val_loader is not None:
+            v_loss, v_correct, v_count = all_reduce_sum(
+                list(_evaluate_loss(model, val_loader, info.device)), info.device)
+            row["val_loss"], row["val_accuracy"] = v_loss / v_count, v_correct / v_count
+            monitored = row["val_loss"]
+        scheduler.step(monitored)
+        row["seconds"] = round(time.perf_counter() - began, 3)
+        history.append(row)
+        if info.is_main:
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": config.to_dict(),
+                "classes": classes, "extra": extra, "world_size": info.world_size,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                "rng": capture_rng_state(), "history": history,
+            }, ckpt_path)
+            _write_metrics_csv(history, run_dir / "metrics.csv")
+            _LOG.info("epoch %d/%d lr %.3g train loss %.4f acc %.4f val loss %s acc %s (%.1fs)",
+                      epoch + 1, config.epochs, row["lr"], row["train_loss"],
+                      row["train_accuracy"], _num(row["val_loss"]), _num(row["val_accuracy"]),
+                      row["seconds"])
+        barrier()
+        if epoch_callback is not None:
+            epoch_callback(epoch, row)
+    model.eval()
+    return FitResult(model=model, history=history, checkpoint=ckpt_path,
+                     resumed_from_epoch=start - 1 if state is not None else None, extra=extra)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def load_model(
+    checkpoint: str | os.PathLike[str] | dict[str, Any], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (no download) and load its weights.
+
+    Returns:
+        ``(model in eval mode, checkpoint dict)``.
+    """
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint, but got format "
+                         f"{state.get('format')!r}")
+    config = TrainConfig.from_dict(state["config"])
+    model = _make_model(config, len(state["classes"]), weights=None)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def predict_probs(
+    model: nn.Module,
+    images: Sequence[ImageRecord] | Sequence[Path],
+    *,
+    input_size: int,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Class probabilities (softmax) for ``images``, shape ``(N, num_classes)``."""
+    loader = DataLoader(ImageDataset(images, None, build_eval_transform(input_size)),
+                        batch_size=batch_size)
+    batches: Any = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="predicting", unit="batch")
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for x, _, _ in batches:
+            out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+    if not out:
+        return np.zeros((0, 0))
+    return torch.cat(out).numpy()

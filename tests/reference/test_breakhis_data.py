@@ -1,0 +1,240 @@
+"""Indexing BreaKHis trees: the grammar, the irregularities, the counts, the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from breakhis.cli import main
+from breakhis.data import (
+    TYPE_CODES,
+    UnreadableImageError,
+    index_breakhis,
+    index_image_folder,
+    parse_breakhis_name,
+)
+from breakhis.synthetic import SyntheticPatient, make_synthetic_breakhis
+
+
+def _png(path: Path, size: tuple[int, int] = (20, 12)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8)).save(path)
+    return path
+
+
+def _official(root: Path, cls: str, folder: str, case: str, mag: int, name: str) -> Path:
+    breast = root / "BreaKHis_v1/histology_slides/breast"
+    return breast / cls / "SOB" / folder / case / f"{mag}X" / name
+
+
+class TestParseName:
+    @pytest.mark.parametrize(
+        ("name", "patient", "tumor_type", "mag", "cls"),
+        [
+            ("SOB_B_A-14-22549AB-40-001.png", "14-22549AB", "A", 40, "benign"),
+            ("SOB_B_TA-14-3411F-200-013.png", "14-3411F", "TA", 200, "benign"),
+            ("SOB_M_DC-14-15687B-400-002.png", "14-15687B", "DC", 400, "malignant"),
+            ("SOB_M_PC-15-190EF-100-005.png", "15-190EF", "PC", 100, "malignant"),
+            ("SOB_M_LC-14-13412-100-001.png", "14-13412", "LC", 100, "malignant"),
+        ],
+    )
+    def test_valid(self, name: str, patient: str, tumor_type: str, mag: int, cls: str) -> None:
+        parsed = parse_breakhis_name(name)
+        got = (parsed.patient, parsed.tumor_type, parsed.magnification, parsed.benign_malignant)
+        assert got == (patient, tumor_type, mag, cls)
+
+    def test_suffix_is_part_of_patient(self) -> None:
+        a = parse_breakhis_name("SOB_B_A-14-22549AB-40-001.png")
+        b = parse_breakhis_name("SOB_B_A-14-22549CD-40-001.png")
+        assert a.patient != b.patient
+        assert a.case == "SOB_B_A_14-22549AB"
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "SOB_B_A-14-22549AB-40-001 (copy).png",  # outside the grammar
+            "SOB_B_A-14-22549AB-50-001.png",  # no 50X magnification
+            "SOB_B_XX-14-22549AB-40-001.png",  # unknown type
+            "SOB_B_A_14-22549AB-40-001.png",  # folder-style underscore before the year
+            "Thumbs.db",
+        ],
+    )
+    def test_invalid(self, name: str) -> None:
+        with pytest.raises(ValueError, match="expected a BreaKHis name"):
+            parse_breakhis_name(name)
+
+    def test_class_letter_must_match_type(self) -> None:
+        with pytest.raises(ValueError, match="class letter 'B' says benign"):
+            parse_breakhis_name("SOB_B_DC-14-2523-40-001.png")
+
+
+class TestIndexSynthetic:
+    def test_counts_match_generator(self, synth_tree) -> None:
+        root, meta = synth_tree
+        summary = index_breakhis(root).summary()
+        for key in ("images", "patients", "patient_ids", "by_class", "by_type", "by_magnification"):
+            assert summary[key] == meta["expected"][key], key
+        assert set(summary["by_magnification"]) == {"40", "100", "200", "400"}
+        assert set(summary["by_type"]) == set(TYPE_CODES)
+
+    def test_irregular_files_reported_not_labelled(self, synth_tree) -> None:
+        root, meta = synth_tree
+        index = index_breakhis(root)
+        skipped = {s.path: s.reason for s in index.skipped}
+        assert sorted(skipped) == meta["irregular_files"]
+        reasons = Counter(r.split(":")[0] for r in skipped.values())
+        assert reasons == {"not an image": 2, "name outside grammar": 1, "unreadable image": 1}
+        indexed = {r.path.name for r in index.records}
+        assert not any(Path(p).name in indexed for p in skipped)
+
+    def test_irregular_names_and_sizes(self, synth_tree) -> None:
+        root, _ = synth_tree
+        index = index_breakhis(root)
+        patients = {r.patient for r in index.records}
+        assert {"14-22549AB", "14-22549CD", "14-22549G", "15-190EF", "14-3411F"} <= patients
+        sizes = Counter((r.width, r.height) for r in index.records)
+        assert len(sizes) == 2  # the four-pixel-shorter images are kept, with their size
+        single = [r for r in index.records if r.patient == "14-22704" and r.magnification == 40]
+        assert len(single) == 1
+
+    def test_near_duplicate_slide_warned(self, synth_tree) -> None:
+        root, _ = synth_tree
+        index = index_breakhis(root)
+        assert any("14-13412" in w and "DC" in w and "LC" in w for w in index.warnings)
+        types = {r.tumor_type for r in index.records if r.patient == "14-13412"}
+        assert types == {"DC", "LC"}
+        assert len(index.cases) == len(index.patients) + 1
+
+    def test_strict_fails_on_truncated_png(self, synth_tree) -> None:
+        root, _ = synth_tree
+        with pytest.raises(UnreadableImageError, match="could not be decoded"):
+            index_breakhis(root, strict=True)
+
+    def test_no_verify_misses_truncation_but_reads_sizes(self, synth_tree) -> None:
+        root, meta = synth_tree
+        index = index_breakhis(root, verify=False)
+        assert len(index.records) == meta["expected"]["images"] + 1
+
+    def test_kaggle_layout(self, kaggle_tree) -> None:
+        root, meta = kaggle_tree
+        summary = index_breakhis(root).summary()
+        assert summary["images"] == meta["expected"]["images"]
+        assert "Folds.csv" in summary["metadata_files"]
+
+
+class TestIndexHandmade:
+    def test_folder_mismatch_is_skipped(self, tmp_path: Path) -> None:
+        good = _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40,
+                              "SOB_B_A-14-1-40-001.png"))
+        _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 100,
+                       "SOB_B_A-14-1-40-002.png"))
+        _png(_official(tmp_path, "benign", "fibroadenoma", "SOB_B_F_14-2", 40,
+                       "SOB_B_A-14-2-40-001.png"))
+        index = index_breakhis(tmp_path)
+        assert [r.path for r in index.records] == [good.resolve()]
+        assert all(s.reason.startswith("folder mismatch") for s in index.skipped)
+        assert len(index.skipped) == 2
+
+    def test_missing_root(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError, match="is not a folder"):
+            index_breakhis(tmp_path / "nope")
+
+
+class TestImageFolder:
+    def test_classes_and_patients_from_csv(self, tmp_path: Path) -> None:
+        for cls, n in (("normal", 2), ("tumour", 3)):
+            for i in range(n):
+                _png(tmp_path / cls / f"img{i}.png")
+        (tmp_path / "tumour" / "notes.txt").write_text("x")
+        csv_path = tmp_path / "patients.csv"
+        csv_path.write_text("path,patient\nnormal/img0.png,p1\nnormal/img1.png,p1\n"
+                            "tumour/img0.png,p2\nimg1.png,p3\n")
+        index = index_image_folder(tmp_path, patients_csv=csv_path)
+        summary = index.summary()
+        assert summary["by_class"] == {"normal": 2, "tumour": 3}
+        base = tmp_path.resolve()
+        by_path = {r.path.relative_to(base).as_posix(): r.patient for r in index.records}
+        assert by_path["normal/img1.png"] == "p1"
+        assert by_path["tumour/img1.png"] == "p3"  # matched by bare file name
+        assert by_path["tumour/img2.png"] == "tumour/img2.png"  # own group, warned
+        assert any("no patient" in w for w in index.warnings)
+        assert [s.path for s in index.skipped] == ["tumour/notes.txt"]
+
+    def test_bad_csv(self, tmp_path: Path) -> None:
+        _png(tmp_path / "a" / "x.png")
+        (tmp_path / "p.csv").write_text("file,who\n")
+        with pytest.raises(ValueError, match="expected columns 'path' and 'patient'"):
+            index_image_folder(tmp_path, patients_csv=tmp_path / "p.csv")
+
+
+class TestSynthetic:
+    def test_marked_synthetic(self, synth_tree) -> None:
+        root, meta = synth_tree
+        assert "SYNTHETIC" in (root / "SYNTHETIC.txt").read_text()
+        assert json.loads((root / "synthetic.json").read_text())["synthetic"] is True
+        some_png = next((root / meta["images_root"]).rglob("*-001.png"))
+        with Image.open(some_png) as image:
+            assert "SYNTHETIC" in image.text["Comment"]
+
+    def test_classes_differ_in_colour(self, synth_tree) -> None:
+        root, _ = synth_tree
+        index = index_breakhis(root)
+        means = {}
+        for label in ("benign", "malignant"):
+            paths = [r.path for r in index.records if r.label == label][:10]
+            colours = [np.asarray(Image.open(p)).mean(axis=(0, 1)) for p in paths]
+            means[label] = np.mean(colours, axis=0)
+        assert means["benign"][0] - means["malignant"][0] > 20  # benign is redder
+
+    def test_refuses_non_empty_folder(self, tmp_path: Path) -> None:
+        (tmp_path / "x").write_text("x")
+        with pytest.raises(ValueError, match="not empty"):
+            make_synthetic_breakhis(tmp_path, size=(16, 16))
+
+    def test_custom_patients(self, tmp_path: Path) -> None:
+        meta = make_synthetic_breakhis(
+            tmp_path / "t", size=(16, 12), irregular=False, folds=False, images_per_magnification=1,
+            patients=[SyntheticPatient("F", "14", "1"),
+                      SyntheticPatient("MC", "14", "2", counts=(1, 0, 0, 2))])
+        assert meta["expected"]["images"] == 4 + 3
+        assert index_breakhis(tmp_path / "t").summary()["by_magnification"] == {
+            "40": 2, "100": 1, "200": 1, "400": 3}
+
+
+class TestIndexCommand:
+    def test_json(self, synth_tree, capsys: pytest.CaptureFixture[str]) -> None:
+        root, meta = synth_tree
+        assert main(["index", "--data-root", str(root), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["images"] == meta["expected"]["images"]
+        assert out["patients"] == meta["expected"]["patients"]
+        assert out["by_class"] == meta["expected"]["by_class"]
+        assert {"path", "reason"} == set(out["skipped"][0])
+        assert len(out["skipped"]) == len(meta["irregular_files"])
+
+    def test_text_and_strict(self, synth_tree, capsys: pytest.CaptureFixture[str]) -> None:
+        root, _ = synth_tree
+        assert main(["index", "--data-root", str(root)]) == 0
+        text = capsys.readouterr().out
+        assert "unreadable image: 1" in text and "Thumbs.db" in text
+        assert main(["index", "--data-root", str(root), "--strict"]) == 2
+        assert "could not be decoded" in capsys.readouterr().err
+
+    def test_synth_command(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        out = tmp_path / "demo"
+        assert main(["synth", "--out", str(out), "--size", "16x12", "--images-per-magnification",
+                     "1", "--layout", "kaggle"]) == 0
+        assert "SYNTHETIC" in capsys.readouterr().out
+        assert (out / "Folds.csv").is_file()
+
+    def test_help_for_every_command(self, capsys: pytest.CaptureFixture[str]) -> None:
+        for command in ("index", "train", "cv", "evaluate", "predict", "synth"):
+            with pytest.raises(SystemExit) as exc:
+                main([command, "--help"])
+            assert exc.value.code == 0
+            assert "usage: breakhis-repro" in capsys.readouterr().out

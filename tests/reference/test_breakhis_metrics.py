@@ -1,0 +1,112 @@
+"""Metrics against scikit-learn and hand-computed values; reports on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+from breakhis.evaluate import (
+    classification_metrics,
+    patient_recognition_rate,
+    render_markdown,
+    summarize_folds,
+    write_report,
+)
+
+
+def _probs(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
+    logits = rng.normal(size=(n, c))
+    return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+class TestPatientRecognitionRate:
+    def test_hand_computed(self) -> None:
+        # patient a: 1/2, patient b: 3/3, patient c: 0/1 -> (0.5 + 1 + 0) / 3
+        y_true = [0, 0, 1, 1, 1, 0]
+        y_pred = [0, 1, 1, 1, 1, 1]
+        patients = ["a", "a", "b", "b", "b", "c"]
+        assert patient_recognition_rate(y_true, y_pred, patients) == pytest.approx(0.5)
+
+    def test_differs_from_image_accuracy(self) -> None:
+        y_true = [0] * 9 + [1]
+        y_pred = [0] * 9 + [0]
+        patients = ["a"] * 9 + ["b"]
+        assert patient_recognition_rate(y_true, y_pred, patients) == pytest.approx(0.5)
+
+    def test_exceptions(self) -> None:
+        with pytest.raises(ValueError, match="expected equal lengths"):
+            patient_recognition_rate([0, 1], [0], ["a", "b"])
+        with pytest.raises(ValueError, match="at least one image"):
+            patient_recognition_rate([], [], [])
+
+
+class TestClassificationMetrics:
+    def test_binary_against_sklearn(self) -> None:
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 2, 50)
+        p = _probs(rng, 50, 2)
+        patients = [str(i % 7) for i in range(50)]
+        m = classification_metrics(y, p, ["benign", "malignant"], patients=patients)
+        pred = p.argmax(1)
+        assert m["accuracy"] == pytest.approx(np.mean(pred == y))
+        assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+        assert m["per_class"]["malignant"]["precision"] == pytest.approx(precision_score(y, pred))
+        benign_recall = recall_score(y, pred, pos_label=0)
+        assert m["per_class"]["benign"]["recall"] == pytest.approx(benign_recall)
+        cm = np.asarray(m["confusion_matrix"])
+        assert cm.sum() == 50 and np.trace(cm) == np.sum(pred == y)
+        assert cm[1, 0] == np.sum((y == 1) & (pred == 0))
+        assert m["patients"] == 7
+
+    def test_multiclass_ovr_macro_against_sklearn(self) -> None:
+        rng = np.random.default_rng(1)
+        y = np.tile(np.arange(8), 10)
+        p = _probs(rng, 80, 8)
+        m = classification_metrics(y, p, list("ABCDEFGH"))
+        expected = roc_auc_score(y, p, multi_class="ovr", average="macro")
+        assert m["roc_auc"] == pytest.approx(expected)
+        assert m["macro_f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
+        assert m["roc_auc_kind"] == "one-vs-rest macro"
+
+    def test_missing_class_left_out_of_auc(self) -> None:
+        y = np.array([0, 0, 1, 1])
+        p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]])
+        m = classification_metrics(y, p, ["x", "y", "z"])
+        assert m["roc_auc_classes"] == ["x", "y"]
+        # x: both positives above both negatives -> 1; y: one tie at 0.3 -> 3.5 / 4
+        assert m["roc_auc"] == pytest.approx((1.0 + 0.875) / 2)
+        assert m["per_class"]["z"]["support"] == 0
+
+    def test_single_class_auc_is_none(self) -> None:
+        m = classification_metrics([1, 1], np.array([[0.2, 0.8], [0.6, 0.4]]), ["b", "m"])
+        assert m["roc_auc"] is None and m["accuracy"] == 0.5
+
+    def test_shape_checked(self) -> None:
+        with pytest.raises(ValueError, match=r"expected probs of shape \(2, 3\)"):
+            classification_metrics([0, 1], np.zeros((2, 2)), ["a", "b", "c"])
+
+
+class TestSummaryAndReports:
+    def test_mean_std_over_folds(self) -> None:
+        folds = [{"accuracy": a, "roc_auc": r} for a, r in ((0.9, 0.95), (0.8, None), (0.7, 0.85))]
+        s = summarize_folds(folds)
+        assert s["accuracy"]["mean"] == pytest.approx(0.8)
+        assert s["accuracy"]["std"] == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
+        assert s["roc_auc"]["n"] == 2 and s["roc_auc"]["mean"] == pytest.approx(0.9)
+        assert "macro_f1" not in s
+
+    def test_write_report(self, tmp_path: Path) -> None:
+        metrics = classification_metrics([0, 1, 1], np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]),
+                                         ["benign", "malignant"], patients=["a", "b", "b"])
+        report = {"task": {"name": "MIBC", "description": "binary"},
+                  "protocol": {"protocol": "patient", "protocol_description": "patient-level"},
+                  "metrics": metrics}
+        json_path, md_path = write_report(report, tmp_path, "r")
+        assert json.loads(json_path.read_text())["metrics"]["accuracy"] == pytest.approx(2 / 3)
+        text = md_path.read_text()
+        assert "protocol: **patient**" in text and "| accuracy | 66.67 |" in text
+        assert "| malignant | 1 | 1 |" in render_markdown(report)
