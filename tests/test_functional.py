@@ -45,11 +45,14 @@ def naive_chain(x_a, x_b=None, *, triu=False, eps=FB.SIGNED_SQRT_EPS, sqrt=True,
     return l2_normalize(y) if l2 else y
 
 
-@pytest.fixture(params=["whole", "blocked"])
+@pytest.fixture(params=["whole", "blocked", "whole-kept", "blocked-kept"])
 def blocking(request, monkeypatch):
-    """Run the fused op with whole samples per block, or a few rows per block."""
-    if request.param == "blocked":
+    """Run the fused op with whole samples or a few rows per block; with the backward
+    rebuilding its blocks twice, or keeping them between its two sweeps."""
+    if request.param.startswith("blocked"):
         monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
+    if request.param.endswith("kept"):
+        monkeypatch.setattr(FB, "_KEEP_BLOCKS_ABOVE_LOCATIONS", 0)
     return request.param
 
 

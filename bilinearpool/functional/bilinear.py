@@ -253,6 +253,11 @@ def triu_unpack(v: Tensor) -> Tensor:
     return full + full.transpose(1, 2).tril(-1)
 
 
+#: Above this many locations (N = H*W) the backward keeps the blocks it builds in its first
+#: sweep instead of rebuilding them in the second.
+_KEEP_BLOCKS_ABOVE_LOCATIONS = 64
+
+
 def _block_elements(device: torch.device) -> int:
     """Matrix entries processed per block by the fused op.
 
@@ -327,6 +332,10 @@ class _FusedBilinear(torch.autograd.Function):
             dz = grad.to(dtype)
             batch, c1, c2 = a.shape[0], a.shape[1], b_.shape[1]
             blocks = _blocks(batch, c1, c2, _block_elements(a.device))
+            # Rebuilding a block costs 2N flops per entry, keeping it a write and a read: with
+            # many locations N, sweep 1 keeps the blocks for sweep 2 (transient, freed on return).
+            store = l2_eps is not None and a.shape[2] > _KEEP_BLOCKS_ABOVE_LOCATIONS
+            kept = a_.new_empty(dz.shape) if store else None
             # Per-sample factors of dv = (dz - v <v, dz> / |v|^2) / |v| (the L2 step).
             c = a_.new_zeros(batch)
             k = a_.new_ones(batch)
@@ -334,7 +343,7 @@ class _FusedBilinear(torch.autograd.Function):
                 sq = a_.new_zeros(batch)
                 dot = a_.new_zeros(batch)
                 for b0, b1, r0, r1 in blocks:
-                    y = _block(a_s, b_, b0, b1, r0, r1, eps, triu).reshape(b1 - b0, -1)
+                    y = _block(a_s, b_, b0, b1, r0, r1, eps, triu, kept)
                     sq[b0:b1] += _rowdot(y, y)
                     dot[b0:b1] += _rowdot(y, _segment(dz, b0, b1, r0, r1, c1, c2, triu))
                 norm = sq.sqrt_()
@@ -350,33 +359,44 @@ class _FusedBilinear(torch.autograd.Function):
             need_b = b is not None and ctx.needs_input_grad[1]
             g_a = torch.zeros_like(a_) if need_a else None
             g_b = torch.zeros_like(b_) if need_b else None
+            # One stream, full matrix: G = s A A^T and f'(G) are symmetric, so
+            # dA = s (dG + dG^T) A needs only the symmetric part of dz, and one product per block.
+            symmetric = b is None and not triu
+            dz_square = dz.reshape(batch, c1, c1) if symmetric else None
             for b0, b1, r0, r1 in blocks:
-                y = _block(a_s, b_, b0, b1, r0, r1, eps, triu)
+                if kept is None:
+                    y = _block(a_s, b_, b0, b1, r0, r1, eps, triu)
+                else:
+                    y = _segment(kept, b0, b1, r0, r1, c1, c2, triu)
+                    y = y if triu else y.view(b1 - b0, r1 - r0, c2)
                 dzb = _segment(dz, b0, b1, r0, r1, c1, c2, triu).view_as(y)
+                cb = c[b0:b1].view(-1, *[1] * (y.dim() - 1))
+                if symmetric:
+                    dzb = dzb + dz_square[b0:b1, :, r0:r1].transpose(1, 2)  # type: ignore[index]
+                    cb = cb * 2.0
                 if triu:
                     # Packed entries are w * f(g): undo w for f'(g), apply it for the chain rule.
                     index, w = _triu_block(r0, r1, c1, y.device, dtype)
                 denom = None
                 if eps is not None:
                     denom = (y.abs().div_(w) if triu else y.abs()).add_(math.sqrt(eps))
-                dg = y.mul_(-c[b0:b1].view(-1, *[1] * (y.dim() - 1))).add_(dzb)
+                dg = y.mul_(-cb).add_(dzb)
                 if denom is not None:
                     dg.div_(denom)
-                cols = r0 if triu else 0
                 if triu:
                     full = dg.new_zeros(b1 - b0, (r1 - r0) * (c1 - r0))
                     dg = full.index_copy_(1, index, dg.mul_(w)).view(b1 - b0, r1 - r0, c1 - r0)
+                    # Upper blocks only (columns r0:): both factors of each entry get gradient.
+                    g_a[b0:b1, r0:r1].baddbmm_(dg, a_c[b0:b1, r0:])  # type: ignore[index]
+                    g_a[b0:b1, r0:].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])  # type: ignore[index]
+                elif symmetric:
+                    g_a[b0:b1, r0:r1].baddbmm_(dg.view(b1 - b0, r1 - r0, c2), a_c[b0:b1])  # type: ignore[index]
                 else:
                     dg = dg.view(b1 - b0, r1 - r0, c2)
-                if b is None:
-                    # G = s A A^T: block rows r0:r1 against columns cols:, both sides get gradient.
-                    g_a[b0:b1, r0:r1].baddbmm_(dg, a_c[b0:b1, cols:])
-                    g_a[b0:b1, cols:].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])
-                else:
                     if need_a:
-                        g_a[b0:b1, r0:r1].baddbmm_(dg, b_c[b0:b1])
+                        g_a[b0:b1, r0:r1].baddbmm_(dg, b_c[b0:b1])  # type: ignore[index]
                     if need_b:
-                        g_b[b0:b1].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])
+                        g_b[b0:b1].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])  # type: ignore[index]
         return (
             None if g_a is None else g_a.to(a.dtype),
             None if g_b is None else g_b.to(b.dtype),  # type: ignore[union-attr]
