@@ -1,0 +1,752 @@
+"""Measuring helpers behind ``bilinearpool-bench``: parameters, time, saved bytes, throughput.
+
+The benchmark protocol (``docs/BENCHMARKS.md`` of the project) asks for *ratios measured
+side by side in one run*: ours / baseline on the same machine, inputs and thread count,
+each the median of several repeats after warm-up, with the environment recorded. This
+module holds the pieces that do the measuring:
+
+- exact parameter counts (:func:`count_parameters`) and the closed-form counts of the
+  paper's heads (:func:`analytic_parameter_count`, :func:`se_parameter_count`);
+- the bytes autograd keeps for backward, counted exactly by unique storage
+  (:class:`SavedTensorCounter`, built on :func:`torch.autograd.graph.saved_tensors_hooks`);
+- timing with CUDA synchronisation, interleaved round-robin so that load from other
+  processes hits every candidate alike (:func:`time_call`, :func:`round_robin`);
+- one inference / one training step of a classifier (:func:`make_inference_step`,
+  :func:`make_training_step`) for images per second;
+- the registries of what is compared: layer cases (:data:`LAYER_CASES`, extend with
+  :func:`register_layer_case`) and model heads (:data:`MODEL_HEADS`);
+- :func:`environment`, the record that goes with every result.
+
+Only torch (and numpy through it) is needed here; ``tqdm`` and ``matplotlib`` are used by
+the command line (:mod:`bilinearpool.cli`) when installed. ``python -m bilinearpool.bench``
+runs the same command line as ``bilinearpool-bench``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import SEBlock
+from .pooling import BilinearPool, FastBilinearPool
+
+__all__ = [
+    "LAYER_CASES",
+    "MODEL_HEADS",
+    "LayerCase",
+    "ModelHead",
+    "SavedTensorCounter",
+    "analytic_parameter_count",
+    "autocast_context",
+    "count_parameters",
+    "environment",
+    "images_per_second",
+    "main",
+    "make_inference_step",
+    "make_training_step",
+    "matmul_floor",
+    "median",
+    "naive_bilinear_chain",
+    "register_layer_case",
+    "round_robin",
+    "se_parameter_count",
+    "synchronize",
+    "time_call",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """Exact number of parameters of ``module``; a parameter shared by two submodules counts once.
+
+    Args:
+        module: any module.
+        trainable_only: count only parameters with ``requires_grad``.
+
+    Examples:
+        >>> count_parameters(nn.Linear(4, 3))
+        15
+        >>> shared = nn.Linear(4, 3)
+        >>> count_parameters(nn.Sequential(shared, nn.ReLU(), shared))
+        15
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, but got {type(module).__name__}")
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def se_parameter_count(channels: Iterable[int], *, reduction: int) -> int:
+    """Parameters of squeeze-and-excitation blocks, in closed form.
+
+    Each :class:`~bilinearpool.SEBlock` on :math:`C` channels with ratio :math:`r` has two
+    linear layers through :math:`h = \\max(1, \\lfloor C / r \\rfloor)` units:
+    :math:`C h + h` (squeeze) and :math:`h C + C` (excite), i.e. :math:`2Ch + h + C`.
+
+    Args:
+        channels: channel count of every SE block.
+        reduction: the ratio :math:`r` (8 in Liu, Juhas & Zhang, 2020).
+
+    Examples:
+        >>> se_parameter_count([64], reduction=8)  # 2*64*8 + 8 + 64
+        1096
+        >>> se_parameter_count([64], reduction=8) == count_parameters(SEBlock(64, reduction=8))
+        True
+    """
+    if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
+        raise ValueError(f"reduction must be a positive int, but got {reduction!r}")
+    total = 0
+    for c in channels:
+        h = max(1, c // reduction)
+        total += 2 * c * h + h + c
+    return total
+
+
+_ANALYTIC_HEADS = ("plain", "fast-bcnn", "bcnn")
+
+
+def analytic_parameter_count(
+    head: str,
+    *,
+    backbone_params: int,
+    channels: int,
+    num_classes: int,
+    triu: bool = False,
+    se_channels: Sequence[int] = (),
+    se_reduction: int = 8,
+) -> int:
+    """Parameters of one of the paper's classifiers, from the backbone's count and :math:`C`.
+
+    With :math:`P` the backbone's parameters, :math:`S` those of its SE blocks (if any),
+    :math:`C` its output channels and :math:`K` classes:
+
+    - ``"plain"`` (global average pooling): :math:`P + S + CK + K`;
+    - ``"fast-bcnn"`` (one stream): :math:`P + S + C^2 K + K`, or
+      :math:`P + S + \\frac{C(C+1)}{2} K + K` with the packed upper triangle (``triu``);
+    - ``"bcnn"`` (two streams with separate weights): :math:`2(P + S) + C^2 K + K`.
+
+    Args:
+        head: ``"plain"``, ``"fast-bcnn"`` or ``"bcnn"``.
+        backbone_params: :math:`P`, parameters of one backbone without SE blocks.
+        channels: :math:`C`, channels of the backbone's last feature map.
+        num_classes: :math:`K`.
+        triu: Fast BCNN on the packed upper triangle.
+        se_channels: channel count of every SE block inserted in one backbone.
+        se_reduction: SE ratio (see :func:`se_parameter_count`).
+
+    Examples:
+        >>> analytic_parameter_count("fast-bcnn", backbone_params=23_508_032, channels=2048, num_classes=8)
+        57062472
+    """
+    key = head.lower().replace("_", "-")
+    if key not in _ANALYTIC_HEADS:
+        raise ValueError(f"head must be one of {_ANALYTIC_HEADS}, but got {head!r}")
+    for name, value, least in (
+        ("backbone_params", backbone_params, 0),
+        ("channels", channels, 1),
+        ("num_classes", num_classes, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, but got {value!r}")
+    if triu and key != "fast-bcnn":
+        raise ValueError(f"triu=True applies to the 'fast-bcnn' head only, but got head={head!r}")
+    stream = backbone_params + se_parameter_count(se_channels, reduction=se_reduction)
+    if key == "plain":
+        features = channels
+    elif triu:
+        features = channels * (channels + 1) // 2
+    else:
+        features = channels * channels
+    streams = 2 if key == "bcnn" else 1
+    return streams * stream + features * num_classes + num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved-for-backward bytes
+# ---------------------------------------------------------------------------------------------
+
+
+class SavedTensorCounter:
+    """Count what autograd saves for backward inside a ``with`` block, by unique storage.
+
+    Uses :func:`torch.autograd.graph.saved_tensors_hooks`, so the count is exact and free of
+    noise: every tensor an op (or a custom :class:`torch.autograd.Function`) saves passes
+    through the pack hook. Tensors sharing memory (views of one tensor, the same input saved
+    by two ops) count once, with the full size of their storage, which is the memory the
+    graph keeps alive. Saved inputs and parameters count too: the fused Fast BCNN op keeps
+    only its input, so its saved bytes equal the input map's.
+
+    Attributes:
+        nbytes: bytes of the unique storages saved.
+        count: number of tensors saved (with repeats).
+        storages: number of unique storages.
+
+    Examples:
+        >>> x = torch.randn(100, requires_grad=True)
+        >>> y = torch.randn(100, requires_grad=True)
+        >>> with SavedTensorCounter() as saved:
+        ...     z = x * y  # saves x and y
+        >>> saved.nbytes, saved.count, saved.storages
+        (800, 2, 2)
+        >>> with SavedTensorCounter() as saved:
+        ...     z = x * x  # saves x twice: one storage
+        >>> saved.nbytes, saved.count
+        (400, 2)
+    """
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.count = 0
+        self._seen: set[tuple[str, int]] = set()
+        self._hooks: ContextManager[object] | None = None
+
+    @property
+    def storages(self) -> int:
+        return len(self._seen)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.count += 1
+        try:
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            size = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            key = (str(t.device), id(t))
+            size = t.numel() * t.element_size()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += size
+        return t
+
+    @staticmethod
+    def _unpack(t: Tensor) -> Tensor:
+        return t
+
+    def __enter__(self) -> SavedTensorCounter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+            self._hooks = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); no-op on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Wall-clock seconds of one call of ``fn``, synchronised before and after on CUDA.
+
+    Examples:
+        >>> time_call(lambda: torch.ones(10).sum()) >= 0.0
+        True
+    """
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def round_robin(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    device: torch.device | str = "cpu",
+    on_call: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Time several candidates interleaved: one call of each per round, the order rotating.
+
+    On a shared machine the load changes from second to second. Timing candidate A for a
+    minute and then candidate B for a minute lets that drift into the ratio B / A;
+    interleaving them exposes both to the same load, and rotating the order each round
+    removes any advantage of going first (warm caches, CPU frequency).
+
+    Args:
+        fns: name -> zero-argument callable doing the work once.
+        warmup: untimed rounds first (allocator, caches, cuDNN autotuning).
+        repeats: timed rounds; take the :func:`median` of the result.
+        device: synchronised around each call when CUDA.
+        on_call: called with the name after each call (e.g. to advance a progress bar).
+
+    Returns:
+        name -> the ``repeats`` timed durations in seconds.
+
+    Examples:
+        >>> times = round_robin({"a": lambda: None, "b": lambda: None}, warmup=1, repeats=3)
+        >>> sorted(times), len(times["a"])
+        (['a', 'b'], 3)
+    """
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, but got {warmup!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, but got {repeats!r}")
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        shift = i % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            elapsed = time_call(fns[name], device)
+            if i >= warmup:
+                times[name].append(elapsed)
+            if on_call is not None:
+                on_call(name)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of the timed repeats (robust to the odd slow run on a shared machine).
+
+    Examples:
+        >>> median([3.0, 1.0, 100.0])
+        3.0
+    """
+    if not values:
+        raise ValueError("median of an empty sequence: run at least one repeat")
+    return float(statistics.median(values))
+
+
+def images_per_second(batch_size: int, seconds: float) -> float:
+    """Throughput of a step that processed ``batch_size`` images in ``seconds``.
+
+    Examples:
+        >>> images_per_second(8, 0.5)
+        16.0
+    """
+    if seconds <= 0 or not math.isfinite(seconds):
+        raise ValueError(f"seconds must be positive and finite, but got {seconds!r}")
+    return batch_size / seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps of a classifier
+# ---------------------------------------------------------------------------------------------
+
+
+def autocast_context(
+    device: torch.device | str, dtype: torch.dtype | None
+) -> ContextManager[object]:
+    """``torch.autocast`` on ``device`` with ``dtype``, or a null context when ``dtype`` is None.
+
+    Examples:
+        >>> with autocast_context("cpu", None):
+        ...     pass
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_inference_step(
+    model: nn.Module, images: Tensor, *, amp_dtype: torch.dtype | None = None
+) -> Callable[[], Tensor]:
+    """One forward pass in inference mode (``torch.inference_mode``, autocast if asked).
+
+    The caller puts the model in ``eval()`` mode before timing.
+
+    Examples:
+        >>> step = make_inference_step(nn.Linear(4, 2).eval(), torch.randn(3, 4))
+        >>> step().shape
+        torch.Size([3, 2])
+    """
+
+    def step() -> Tensor:
+        with torch.inference_mode(), autocast_context(images.device, amp_dtype):
+            return model(images)
+
+    return step
+
+
+def make_training_step(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    lr: float = 0.0,
+) -> Callable[[], float]:
+    """One training step: forward, cross-entropy, backward and an SGD update.
+
+    The update runs with ``lr=0`` by default: the arithmetic of the step is done in full
+    but the weights stay the same, so every repeat times the same model. With float16
+    autocast on CUDA the loss is scaled by a :class:`torch.amp.GradScaler`, as in
+    real mixed-precision training. The caller puts the model in ``train()`` mode.
+
+    Returns:
+        A callable doing one step and returning the loss.
+
+    Examples:
+        >>> model = nn.Linear(4, 3).train()
+        >>> step = make_training_step(model, torch.randn(2, 4), torch.tensor([0, 2]))
+        >>> isinstance(step(), float)
+        True
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    device = images.device
+    scaler = (
+        torch.amp.GradScaler(device.type)
+        if amp_dtype == torch.float16 and device.type == "cuda"
+        else None
+    )
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, amp_dtype):
+            loss = F.cross_entropy(model(images), labels)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return float(loss.detach())
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# What the layer benchmark compares
+# ---------------------------------------------------------------------------------------------
+
+#: ``eps`` of the naive chain, as in published BCNN code.
+NAIVE_EPS = 1e-10
+
+
+def naive_bilinear_chain(x: Tensor) -> Tensor:
+    """The BCNN head as published code writes it, op by op: the baseline of the benchmark.
+
+    ``bmm(A, A^T) / (H*W)`` -> ``sign(g) * sqrt(|g| + 1e-10)`` -> ``F.normalize``. Autograd
+    keeps every intermediate :math:`(B, C^2)` tensor for backward.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)`.
+        - Output: :math:`(B, C^2)`.
+
+    Examples:
+        >>> naive_bilinear_chain(torch.rand(2, 8, 3, 3)).shape
+        torch.Size([2, 64])
+    """
+    b, c, h, w = x.shape
+    a = x.reshape(b, c, h * w)
+    g = torch.bmm(a, a.transpose(1, 2)) / (h * w)
+    g = g.reshape(b, c * c)
+    g = torch.sign(g) * torch.sqrt(torch.abs(g) + NAIVE_EPS)
+    return F.normalize(g, dim=1)
+
+
+def matmul_floor(x: Tensor) -> Tensor:
+    """The bare batched matrix product :math:`A A^\\top` of the same size: work no path avoids.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)`.
+        - Output: :math:`(B, C, C)`.
+
+    Examples:
+        >>> matmul_floor(torch.rand(2, 8, 3, 3)).shape
+        torch.Size([2, 8, 8])
+    """
+    b, c, h, w = x.shape
+    a = x.reshape(b, c, h * w)
+    return torch.bmm(a, a.transpose(1, 2))
+
+
+LayerFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One path of the layer benchmark: how to build it for ``C`` channels, and its role.
+
+    Args:
+        name: short name shown in the tables (``"fast-bcnn"``).
+        description: what it computes, one line.
+        build: ``build(channels, device) -> fn``; ``fn`` takes ``streams`` feature maps
+            ``(B, C, H, W)`` and returns any tensor (an ``nn.Module`` works: its parameters
+            get gradients and are cleared between runs).
+        streams: number of feature maps the path takes (2 for two-stream BCNN).
+        role: ``"baseline"`` (the naive chain, ratios are taken against it), ``"floor"``
+            (the bare matrix product) or ``"ours"``.
+        goal: the goals of the Fast BCNN pooling apply (time <= 0.5x naive, saved bytes
+            <= 1.1x input).
+        max_channels: skip shapes with more channels (paths too slow for large ``C`` on CPU).
+    """
+
+    name: str
+    description: str
+    build: Callable[[int, torch.device], LayerFn]
+    streams: int = 1
+    role: str = "ours"
+    goal: bool = False
+    max_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ("baseline", "floor", "ours"):
+            raise ValueError(f"role must be 'baseline', 'floor' or 'ours', but got {self.role!r}")
+        if self.streams not in (1, 2):
+            raise ValueError(f"streams must be 1 or 2, but got {self.streams!r}")
+
+    def applies(self, channels: int) -> bool:
+        """Whether this case runs at ``channels`` channels."""
+        return self.max_channels is None or channels <= self.max_channels
+
+
+#: Name -> :class:`LayerCase`, in table order. Add a case with :func:`register_layer_case`.
+LAYER_CASES: dict[str, LayerCase] = {}
+
+
+def register_layer_case(case: LayerCase, *, replace: bool = False) -> LayerCase:
+    """Add ``case`` to :data:`LAYER_CASES` (the layer benchmark runs every registered case).
+
+    Examples:
+        >>> case = LayerCase("demo-gap", "global average pooling", lambda c, device: lambda x: x.mean((2, 3)))
+        >>> register_layer_case(case).name in LAYER_CASES
+        True
+        >>> del LAYER_CASES["demo-gap"]
+    """
+    if not isinstance(case, LayerCase):
+        raise TypeError(f"case must be a LayerCase, but got {type(case).__name__}")
+    if case.name in LAYER_CASES and not replace:
+        raise ValueError(
+            f"a layer case named {case.name!r} is already registered; pass replace=True"
+        )
+    LAYER_CASES[case.name] = case
+    return case
+
+
+def _covariance_isqrt(channels: int, device: torch.device) -> LayerFn:
+    from .covariance import CovariancePool
+    from .matrix_sqrt import MatrixSqrt
+
+    return CovariancePool(norm=MatrixSqrt()).to(device)
+
+
+def _compact(channels: int, device: torch.device) -> LayerFn:
+    from .compact import CompactBilinearPool
+
+    return CompactBilinearPool(in_channels=channels, out_features=8192, device=device)
+
+
+def _lowrank(channels: int, device: torch.device) -> LayerFn:
+    from .lowrank import LowRankBilinearPool
+
+    return LowRankBilinearPool(in_channels=channels, rank=512, device=device)
+
+
+for _case in (
+    LayerCase(
+        "naive",
+        "bmm/(H*W) -> sign*sqrt(|x|+1e-10) -> F.normalize, op by op",
+        lambda c, d: naive_bilinear_chain,
+        role="baseline",
+    ),
+    LayerCase(
+        "matmul-floor", "bare bmm(A, A^T) of the same size", lambda c, d: matmul_floor, role="floor"
+    ),
+    LayerCase(
+        "fast-bcnn",
+        "FastBilinearPool(): fused pool + signed sqrt + L2",
+        lambda c, d: FastBilinearPool(),
+        goal=True,
+    ),
+    LayerCase(
+        "fast-bcnn-triu",
+        "FastBilinearPool(triu=True): fused, packed upper triangle",
+        lambda c, d: FastBilinearPool(triu=True),
+        goal=True,
+    ),
+    LayerCase(
+        "bcnn-2stream",
+        "BilinearPool(normalize=True) on two maps of this shape",
+        lambda c, d: BilinearPool(normalize=True),
+        streams=2,
+    ),
+    # Newton-Schulz on C x C matrices costs O(C^3) per step: minutes at C=2048 on a CPU.
+    LayerCase(
+        "isqrt-cov",
+        "CovariancePool(norm=MatrixSqrt()): iSQRT-COV, 5 Newton-Schulz steps",
+        _covariance_isqrt,
+        max_channels=512,
+    ),
+    LayerCase("compact-ts", "CompactBilinearPool(out_features=8192): tensor sketch", _compact),
+    LayerCase("lowrank-r512", "LowRankBilinearPool(rank=512): Hadamard low-rank", _lowrank),
+):
+    register_layer_case(_case)
+del _case
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model benchmark compares
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelHead:
+    """One head of the model benchmark: a :func:`~bilinearpool.build_model` head and options.
+
+    Args:
+        name: name in the tables (``"fast-bcnn"``).
+        head: the :func:`~bilinearpool.build_model` head (``"plain"``, ``"bcnn"``, ``"fast-bcnn"``).
+        description: one line for the tables.
+        se: insert SE blocks (``se_reduction``) in the backbone.
+        options: further keyword arguments of :func:`~bilinearpool.build_model`.
+    """
+
+    name: str
+    head: str
+    description: str
+    se: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(
+        self, backbone: str | nn.Module, *, num_classes: int, se_reduction: int = 8
+    ) -> nn.Module:
+        """The classifier with random weights (nothing is downloaded)."""
+        from .models import build_model
+
+        kwargs: dict[str, Any] = dict(self.options)
+        if self.se:
+            kwargs["se_reduction"] = se_reduction
+        return build_model(self.head, backbone, num_classes=num_classes, **kwargs)
+
+    def analytic_parameters(
+        self,
+        model: nn.Module,
+        *,
+        backbone_params: int,
+        channels: int,
+        num_classes: int,
+        se_reduction: int = 8,
+    ) -> int:
+        """:func:`analytic_parameter_count` for this head, SE channels read from ``model``'s blocks."""
+        se_channels: list[int] = []
+        if self.se:
+            first = getattr(model, "backbone", model)
+            se_channels = [m.channels for m in first.modules() if isinstance(m, SEBlock)]
+        return analytic_parameter_count(
+            self.head,
+            backbone_params=backbone_params,
+            channels=channels,
+            num_classes=num_classes,
+            triu=bool(self.options.get("triu", False)),
+            se_channels=se_channels,
+            se_reduction=se_reduction,
+        )
+
+
+#: Name -> :class:`ModelHead`; the first four are the paper's (Liu, Juhas & Zhang, 2020).
+MODEL_HEADS: dict[str, ModelHead] = {
+    h.name: h
+    for h in (
+        ModelHead("plain", "plain", "global average pooling + linear (the baseline)"),
+        ModelHead("se", "plain", "SE blocks in the backbone, GAP + linear", se=True),
+        ModelHead("bcnn", "bcnn", "two streams, bilinear pool + signed sqrt + L2 (fused)"),
+        ModelHead("fast-bcnn", "fast-bcnn", "one stream, FastBilinearPool (fused)"),
+        ModelHead(
+            "fast-bcnn-triu",
+            "fast-bcnn",
+            "one stream, packed upper triangle",
+            options={"triu": True},
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What a result depends on: versions, device, threads, date and the machine's load.
+
+    Examples:
+        >>> env = environment("cpu")
+        >>> env["device_type"], env["threads"] == torch.get_num_threads()
+        ('cpu', True)
+    """
+    device = torch.device(device)
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "timm": _version("timm"),
+        "numpy": _version("numpy"),
+        "bilinearpool": _version("bilinearpool"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device_type": device.type,
+        "device": _cpu_name(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+    }
+    if hasattr(os, "getloadavg"):
+        env["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device=torch.cuda.get_device_name(device),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+        )
+    return env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bilinearpool-bench`` (see :mod:`bilinearpool.cli`)."""
+    from .cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,344 @@
+"""bilinearpool.bench and the ``bilinearpool-bench`` command line.
+
+Exact measurements (saved bytes, parameter counts) are checked against closed forms; the
+command line is run end to end with tiny settings and its files are parsed. No timing
+thresholds: timings on a shared machine are not testable (benchmark protocol).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bilinearpool import FastBilinearPool, SEBlock, bench, build_backbone
+from bilinearpool.cli import main, parameter_table
+
+FLOAT32 = 4
+
+
+@pytest.fixture
+def keep_threads():
+    """The CLI's --threads sets torch's global thread count: restore it afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+class TestSavedTensorCounter:
+    def test_mul_saves_both_inputs(self):
+        x = torch.randn(10, 7, requires_grad=True)
+        y = torch.randn(10, 7, requires_grad=True)
+        with bench.SavedTensorCounter() as saved:
+            z = x * y
+        assert (saved.nbytes, saved.count, saved.storages) == (2 * 70 * FLOAT32, 2, 2)
+        z.sum().backward()  # the graph still works: the hooks hand the tensors back
+        torch.testing.assert_close(x.grad, y)
+
+    def test_one_storage_counts_once(self):
+        x = torch.randn(6, 4, requires_grad=True)
+        with bench.SavedTensorCounter() as saved:
+            x * x
+        assert (saved.nbytes, saved.count, saved.storages) == (24 * FLOAT32, 2, 1)
+
+    def test_views_count_their_whole_storage_once(self):
+        base = torch.randn(6, 4)
+        a, b = base[:3].requires_grad_(), base[3:].requires_grad_()  # views of one storage
+        with bench.SavedTensorCounter() as saved:
+            a * b
+        assert (saved.nbytes, saved.storages) == (24 * FLOAT32, 1)
+
+    def test_nothing_saved_without_grad(self):
+        x = torch.randn(5, requires_grad=True)
+        with torch.no_grad(), bench.SavedTensorCounter() as saved:
+            x * x
+        assert (saved.nbytes, saved.count) == (0, 0)
+
+    def test_hooks_are_removed_on_exit(self):
+        x = torch.randn(5, requires_grad=True)
+        with bench.SavedTensorCounter() as saved:
+            pass
+        x * x
+        assert saved.count == 0
+
+    def test_fused_pool_saves_only_its_input(self):
+        x = torch.relu(torch.randn(2, 16, 5, 5)).requires_grad_()
+        with bench.SavedTensorCounter() as saved:
+            out = FastBilinearPool()(x)
+        assert saved.nbytes == x.numel() * FLOAT32
+        out.sum().backward()
+
+    def test_naive_chain_saves_several_full_matrices(self):
+        b, c = 2, 16
+        x = torch.relu(torch.randn(b, c, 5, 5)).requires_grad_()
+        with bench.SavedTensorCounter() as saved:
+            bench.naive_bilinear_chain(x)
+        assert saved.nbytes >= 3 * b * c * c * FLOAT32
+
+
+class TestParameterCounts:
+    def test_count_parameters(self):
+        shared = nn.Linear(5, 2)
+        model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(2, 3))
+        assert bench.count_parameters(model) == 12 + 9
+        model[3].weight.requires_grad_(False)
+        assert bench.count_parameters(model, trainable_only=True) == 12 + 3
+
+    @pytest.mark.parametrize(("channels", "reduction"), [(64, 8), (100, 16), (6, 8), (2048, 8)])
+    def test_se_formula_equals_the_block(self, channels, reduction):
+        block = SEBlock(channels, reduction=reduction)
+        assert bench.se_parameter_count([channels], reduction=reduction) == bench.count_parameters(
+            block
+        )
+
+    def test_analytic_errors(self):
+        with pytest.raises(ValueError, match="head must be one of"):
+            bench.analytic_parameter_count("gap", backbone_params=1, channels=2, num_classes=3)
+        with pytest.raises(ValueError, match="triu=True applies to the 'fast-bcnn' head only"):
+            bench.analytic_parameter_count(
+                "bcnn", backbone_params=1, channels=2, num_classes=3, triu=True
+            )
+        with pytest.raises(ValueError, match="channels must be an int >= 1"):
+            bench.analytic_parameter_count("plain", backbone_params=1, channels=0, num_classes=3)
+
+    @staticmethod
+    def expected(head: str, backbone: int, c: int, k: int, se_channels: list[int]) -> int:
+        """The closed forms, written out independently of bench.analytic_parameter_count."""
+        se = sum(2 * ch * (ch // 8) + ch // 8 + ch for ch in se_channels)
+        return {
+            "plain": backbone + c * k + k,
+            "se": backbone + se + c * k + k,
+            "bcnn": 2 * backbone + c * c * k + k,
+            "fast-bcnn": backbone + c * c * k + k,
+            "fast-bcnn-triu": backbone + c * (c + 1) // 2 * k + k,
+        }[head]
+
+    def test_models_table_resnet18(self):
+        heads = ["plain", "se", "bcnn", "fast-bcnn", "fast-bcnn-triu"]
+        rows = parameter_table(["resnet18"], heads, num_classes=8)
+        backbone = bench.count_parameters(build_backbone("resnet18"))
+        assert backbone == 11_689_512 - (512 * 1000 + 1000)  # torchvision resnet18 without fc
+        se_channels = [64, 64, 128, 128, 256, 256, 512, 512]  # SE after bn2 of each BasicBlock
+        assert [r["head"] for r in rows] == heads
+        for row in rows:
+            assert row["channels"] == 512
+            assert row["params"] == self.expected(row["head"], backbone, 512, 8, se_channels), row[
+                "head"
+            ]
+            assert row["params"] == row["params_analytic"] and row["params_ok"] is True
+
+    def test_models_table_resnet50(self):
+        rows = parameter_table(["resnet50"], ["plain", "se", "bcnn", "fast-bcnn"], num_classes=8)
+        backbone = 25_557_032 - (2048 * 1000 + 1000)  # torchvision resnet50 without fc
+        se_channels = (
+            [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
+        )  # SE after bn3 of each Bottleneck
+        for row in rows:
+            assert row["channels"] == 2048
+            assert row["params"] == self.expected(row["head"], backbone, 2048, 8, se_channels), row[
+                "head"
+            ]
+            assert row["params_ok"] is True
+        fast = next(r for r in rows if r["head"] == "fast-bcnn")
+        assert fast["params"] == 57_062_472
+
+
+class TestTiming:
+    def test_round_robin_interleaves_and_rotates(self):
+        calls: list[str] = []
+        fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+        times = bench.round_robin(fns, warmup=1, repeats=2)
+        assert calls == list("abcbcacab")
+        assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
+        assert all(t >= 0 for v in times.values() for t in v)
+
+    def test_round_robin_errors(self):
+        with pytest.raises(ValueError, match="repeats must be a positive int, but got 0"):
+            bench.round_robin({"a": lambda: None}, warmup=0, repeats=0)
+        with pytest.raises(ValueError, match="warmup must be a non-negative int"):
+            bench.round_robin({"a": lambda: None}, warmup=-1, repeats=1)
+
+    def test_median_and_throughput(self):
+        assert bench.median([5.0, 1.0, 2.0, 100.0]) == 3.5
+        assert bench.images_per_second(4, 2.0) == 2.0
+        with pytest.raises(ValueError, match="empty"):
+            bench.median([])
+        with pytest.raises(ValueError, match="seconds must be positive"):
+            bench.images_per_second(4, 0.0)
+
+    def test_training_step_updates_nothing_with_lr_zero(self):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).train()
+        before = [p.detach().clone() for p in model.parameters()]
+        step = bench.make_training_step(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+        assert step() > 0
+        assert all(p.grad is not None for p in model.parameters())
+        for p, q in zip(model.parameters(), before):
+            torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+
+    def test_inference_step_records_no_graph(self):
+        out = bench.make_inference_step(nn.Linear(4, 2), torch.randn(3, 4))()
+        assert not out.requires_grad
+
+
+class TestRegistries:
+    def test_environment(self):
+        env = bench.environment("cpu")
+        for key in ("torch", "device", "device_type", "threads", "date", "python", "cpu_count"):
+            assert env[key] is not None, key
+        assert env["torch"] == torch.__version__
+
+    @pytest.mark.parametrize("name", list(bench.LAYER_CASES))
+    def test_every_layer_case_runs(self, name):
+        case = bench.LAYER_CASES[name]
+        fn = case.build(8, torch.device("cpu"))
+        maps = [torch.relu(torch.randn(2, 8, 4, 4)).requires_grad_() for _ in range(case.streams)]
+        out = fn(*maps)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and all(torch.isfinite(m.grad).all() for m in maps)
+
+    def test_register_layer_case_rejects_duplicates(self):
+        with pytest.raises(ValueError, match="already registered"):
+            bench.register_layer_case(bench.LAYER_CASES["naive"])
+        with pytest.raises(ValueError, match="role must be"):
+            bench.LayerCase("x", "x", lambda c, d: torch.relu, role="mine")
+
+    def test_model_heads_cover_the_paper(self):
+        assert {"plain", "se", "bcnn", "fast-bcnn"} <= set(bench.MODEL_HEADS)
+
+
+class TestCommandLine:
+    def test_layers_end_to_end(self, tmp_path, capsys, keep_threads, monkeypatch):
+        gap = bench.LayerCase(
+            "test-gap", "global average pooling", lambda c, d: lambda x: x.mean((2, 3))
+        )
+        monkeypatch.setitem(
+            bench.LAYER_CASES, gap.name, gap
+        )  # a registered case runs with the others
+        argv = ["layers", "--shapes", "2x8x4x4", "3x6x2x3", "--repeats", "1", "--warmup", "0",
+                "--threads", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        stdout = capsys.readouterr().out
+        assert "| shape | case | fwd_bwd_ms |" in stdout and "Results written to" in stdout
+        rows = read_csv(tmp_path / "layers.csv")
+        cases = list(bench.LAYER_CASES)
+        assert len(rows) == 2 * len(cases)
+        assert {r["case"] for r in rows} == set(cases)
+        by = {(r["shape"], r["case"]): r for r in rows}
+        assert float(by["2x8x4x4", "naive"]["vs_naive"]) == 1.0
+        assert by["2x8x4x4", "naive"]["vs_naive_range"] == "1.00-1.00"
+        assert float(by["2x8x4x4", "fast-bcnn"]["saved_vs_input"]) == 1.0
+        assert float(by["2x8x4x4", "fast-bcnn"]["input_MiB"]) == 2 * 8 * 4 * 4 * FLOAT32 / 2**20
+        assert "memory met (1.00x)" in by["2x8x4x4", "fast-bcnn"]["goals"]
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert (
+            data["environment"]["threads"] == 1
+            and data["environment"]["torch"] == torch.__version__
+        )
+        assert data["command"].startswith("bilinearpool-bench layers --shapes 2x8x4x4")
+        assert len(data["raw"]) == len(rows) and all(len(r["times_s"]) == 1 for r in data["raw"])
+        assert any("saved bytes <= 1.1x" in g for g in data["goals"])
+        md = (tmp_path / "layers.md").read_text()
+        assert (
+            "| shape | case |" in md
+            and "Goals:" in md
+            and "Command: `bilinearpool-bench layers" in md
+        )
+
+    def test_models_end_to_end_and_report(self, tmp_path, capsys, keep_threads):
+        argv = ["models", "--backbones", "resnet18", "--resolutions", "64", "--batch-size", "1",
+                "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        rows = read_csv(tmp_path / "models.csv")
+        assert [r["head"] for r in rows] == ["plain", "se", "bcnn", "fast-bcnn"]
+        assert all(
+            r["params_ok"] == "True" and r["resolution"] == "64" and r["batch"] == "1" for r in rows
+        )
+        assert float(rows[0]["infer_vs_plain"]) == 1.0 and float(rows[0]["train_vs_plain"]) == 1.0
+        assert rows[0]["infer_range"] == rows[0]["train_range"] == "1.00-1.00"
+        assert all(float(r["infer_img_s"]) > 0 and float(r["train_img_s"]) > 0 for r in rows)
+        data = json.loads((tmp_path / "models.json").read_text())
+        assert (
+            data["goals"][0] == "Parameter counts equal the analytic counts: met for all 4 models"
+        )
+        assert data["settings"]["num_classes"] == 8
+        report = tmp_path / "report.md"
+        assert (
+            main(["report", str(tmp_path), "--out", str(report), "--note", "A shared machine."])
+            == 0
+        )
+        text = report.read_text()
+        assert text.startswith("# bilinearpool benchmark results") and "A shared machine." in text
+        assert data["command"] in text and "| backbone | head |" in text
+
+    def test_works_without_tqdm_and_matplotlib(self, tmp_path, monkeypatch, keep_threads):
+        for name in ("tqdm", "tqdm.auto", "matplotlib", "matplotlib.pyplot"):
+            monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+        argv = ["layers", "--shapes", "2x4x3x3", "--cases", "fast-bcnn", "--repeats", "1", "--warmup", "0",
+                "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "layers.csv",
+            "layers.json",
+            "layers.md",
+        ]
+        assert [r["case"] for r in read_csv(tmp_path / "layers.csv")] == [
+            "naive",
+            "matmul-floor",
+            "fast-bcnn",
+        ]
+
+    def test_help_explains(self, capsys):
+        with pytest.raises(SystemExit) as exc:
+            main(["--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert all(word in out for word in ("layers", "models", "demo", "report", "ratios"))
+        with pytest.raises(SystemExit):
+            main(["models", "--help"])
+        out = capsys.readouterr().out
+        assert "--backbones" in out and "--batch-size-at" in out and "--channels-last" in out
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["layers", "--shapes", "8x2048x7"], "a shape is BxCxHxW"),
+            (["layers", "--repeats", "0"], "--repeats must be at least 1, but got 0"),
+            (["models", "--batch-size-at", "448"], "expected RESOLUTION=BATCH"),
+            (["models", "--resolutions", "8"], "--resolutions must be at least 32 pixels"),
+        ],
+    )
+    def test_bad_arguments(self, argv, message, capsys):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+    def test_unknown_names(self):
+        with pytest.raises(SystemExit, match=r"unknown head\(s\) \['gap'\]"):
+            main(["models", "--heads", "gap", "--params-only", "--backbones", "resnet18"])
+        with pytest.raises(SystemExit, match=r"unknown layer case\(s\) \['nope'\]"):
+            main(["layers", "--cases", "nope"])
+        with pytest.raises(SystemExit, match="no layers.json or models.json"):
+            main(["report", "/nonexistent-folder"])
+
+    def test_python_m_bench(self):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bilinearpool.bench", "--help"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "bilinearpool-bench" in proc.stdout
