@@ -5,24 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .functional._checks import check_channels, check_positive_int
 from .functional.sketch import random_maclaurin, tensor_sketch
 
 __all__ = ["CompactBilinearPool"]
 
 _METHODS = ("tensor_sketch", "random_maclaurin")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, but got {value!r}")
-
-
-def _check_channels(name: str, t: Tensor | None, expected: int) -> None:
-    """Raise a ValueError naming the module argument when ``t`` has the wrong channel count."""
-    if isinstance(t, Tensor) and t.dim() in (3, 4):
-        got = t.shape[1] if t.dim() == 4 else t.shape[2]
-        if got != expected:
-            raise ValueError(f"{name} must have {expected} channels, but got shape {tuple(t.shape)}")
 
 
 class CompactBilinearPool(nn.Module):
@@ -75,10 +63,10 @@ class CompactBilinearPool(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("in_channels", in_channels)
+        check_positive_int("in_channels", in_channels)
         if in_channels_b is not None:
-            _positive_int("in_channels_b", in_channels_b)
-        _positive_int("out_features", out_features)
+            check_positive_int("in_channels_b", in_channels_b)
+        check_positive_int("out_features", out_features)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, but got {method!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -128,8 +116,8 @@ class CompactBilinearPool(nn.Module):
             raise ValueError(
                 f"this layer has two streams (in_channels_b={self.in_channels_b}): call it as layer(x, y)"
             )
-        _check_channels("x (in_channels)", x, self.in_channels)
-        _check_channels("y (in_channels_b)", y, self.in_channels if self.in_channels_b is None else self.in_channels_b)
+        check_channels("x (in_channels)", x, self.in_channels)
+        check_channels("y (in_channels_b)", y, self.in_channels if self.in_channels_b is None else self.in_channels_b)
         if self.method == "tensor_sketch":
             return tensor_sketch(
                 x, y, index_a=self.index_a, sign_a=self.sign_a, index_b=self.index_b,

@@ -8,22 +8,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .functional._checks import check_channels, check_positive_int
 from .functional.lowrank import low_rank_bilinear_pool
 
 __all__ = ["LowRankBilinearPool"]
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, but got {value!r}")
-
-
-def _check_channels(name: str, t: Tensor | None, expected: int) -> None:
-    """Raise a ValueError naming the module argument when ``t`` has the wrong channel count."""
-    if isinstance(t, Tensor) and t.dim() in (3, 4):
-        got = t.shape[1] if t.dim() == 4 else t.shape[2]
-        if got != expected:
-            raise ValueError(f"{name} must have {expected} channels, but got shape {tuple(t.shape)}")
 
 
 class LowRankBilinearPool(nn.Module):
@@ -78,12 +66,12 @@ class LowRankBilinearPool(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("in_channels", in_channels)
-        _positive_int("rank", rank)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("rank", rank)
         if in_channels_b is not None:
-            _positive_int("in_channels_b", in_channels_b)
+            check_positive_int("in_channels_b", in_channels_b)
         if out_features is not None:
-            _positive_int("out_features", out_features)
+            check_positive_int("out_features", out_features)
         if shared and in_channels_b is not None:
             raise ValueError(
                 f"shared=True uses one projection for one stream, but got in_channels_b={in_channels_b}"
@@ -119,8 +107,8 @@ class LowRankBilinearPool(nn.Module):
             raise ValueError(
                 f"this layer has two streams (in_channels_b={self.in_channels_b}): call it as layer(x, y)"
             )
-        _check_channels("x (in_channels)", x, self.in_channels)
-        _check_channels("y (in_channels_b)", y, self.in_channels if self.in_channels_b is None else self.in_channels_b)
+        check_channels("x (in_channels)", x, self.in_channels)
+        check_channels("y (in_channels_b)", y, self.in_channels if self.in_channels_b is None else self.in_channels_b)
         if y is not None and self.shared:
             raise ValueError("shared=True pools one stream, but a second input y was given")
         return low_rank_bilinear_pool(

@@ -14,7 +14,15 @@ from typing import ContextManager
 import torch
 from torch import Tensor
 
-__all__ = ["as_channel_matrix", "check_floating", "compute_dtype", "no_autocast", "pair_streams"]
+__all__ = [
+    "as_channel_matrix",
+    "check_channels",
+    "check_floating",
+    "check_positive_int",
+    "compute_dtype",
+    "no_autocast",
+    "pair_streams",
+]
 
 
 def check_floating(x: Tensor, name: str = "input") -> None:
@@ -101,3 +109,17 @@ def pair_streams(x_a: Tensor, x_b: Tensor | None) -> tuple[Tensor, Tensor | None
     if a.device != b.device:
         raise ValueError(f"x_a and x_b must be on the same device, but got {a.device} and {b.device}")
     return a, b
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise :class:`ValueError` unless ``value`` is an int >= 1 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, but got {value!r}")
+
+
+def check_channels(name: str, t: Tensor | None, expected: int) -> None:
+    """Raise :class:`ValueError` naming ``name`` when the map or tokens ``t`` lack ``expected`` channels."""
+    if isinstance(t, Tensor) and t.dim() in (3, 4):
+        got = t.shape[1] if t.dim() == 4 else t.shape[2]
+        if got != expected:
+            raise ValueError(f"{name} must have {expected} channels, but got shape {tuple(t.shape)}")
