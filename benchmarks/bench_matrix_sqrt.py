@@ -13,7 +13,8 @@ Compares, on the same inputs, device and thread count:
 The input is the covariance (``covariance_pool``) of a ReLU feature map of ``HxW``
 locations, so for C above HW-1 it is rank-deficient, as in practice. Reported: median
 forward+backward time after warm-up (methods timed round-robin, so
-load from other processes hits them alike), the ratio to ``isqrt-ref`` and to ``eig``, the bytes
+load from other processes hits them alike, starting each round one method later, so that
+no method always runs right after the same one), the ratio to ``isqrt-ref`` and to ``eig``, the bytes
 saved for backward (``saved_tensors_hooks``, exact), and whether the gradient is finite.
 
 Usage::
@@ -146,9 +147,12 @@ def _measure_all(
     for name, fn in methods.items():
         saved, finite = _saved_and_finite(fn, a, g)
         out[name] = {"saved_mb": saved, "finite": finite, "times": []}
+    names = list(methods)
     for i in range(warmup + repeats):
-        for name, fn in methods.items():
-            t = _time_once(fn, a, g)
+        # Rotate the order every round: each method follows every other one equally often,
+        # so what the previous method leaves behind (freed memory, caches) biases none.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = _time_once(methods[name], a, g)
             if i >= warmup:
                 out[name]["times"].append(t)
     for r in out.values():

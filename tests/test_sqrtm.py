@@ -125,6 +125,69 @@ class TestMatrixSqrt:
         torch.testing.assert_close(a1.grad, (a2.grad + a2.grad.transpose(1, 2)) / 2)
 
     @pytest.mark.parametrize("impl", NS_IMPLS)
+    @pytest.mark.parametrize("num_iters", [1, 2, 3])
+    def test_newton_schulz_few_iterations_equal_naive(self, impl: str, num_iters: int) -> None:
+        # The first and last steps of both implementations are special-cased.
+        a = psd(2, 7, 5, dtype=torch.float64)
+        g = torch.randn(2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+        out, ref = matrix_sqrt(a1, impl=impl, num_iters=num_iters), naive_isqrt(a2, num_iters)
+        torch.testing.assert_close(out, ref)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(a1.grad, (a2.grad + a2.grad.transpose(1, 2)) / 2)
+
+    @pytest.mark.parametrize("norm", ["trace", "frobenius"])
+    @pytest.mark.parametrize("spectrum", ["scalar", "clusters"])
+    def test_spectral_repeated_eigenvalues(self, norm: str, spectrum: str) -> None:
+        # Equal and nearly equal eigenvalues: the closed-form divided differences switch to
+        # the float64 band (derivatives for equal pairs) or, for a scalar matrix, to all pairs.
+        c = 40
+        if spectrum == "scalar":
+            lam = torch.full((2, c), 0.7, dtype=torch.float64)
+        else:
+            base = torch.tensor([0.0, 1e-3, 0.5, 0.5 * (1 + 1e-9), 0.5 * (1 + 3e-3), 2.0], dtype=torch.float64)
+            lam = base.repeat_interleave(7)[:c].expand(2, c)
+        q, _ = torch.linalg.qr(torch.randn(2, c, c, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+        a = (q * lam.unsqueeze(1)) @ q.transpose(1, 2)
+        g = torch.randn(2, c, c, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+        o1 = matrix_sqrt(a1, impl="spectral", norm=norm)
+        o2 = matrix_sqrt(a2, impl="iterative", norm=norm)
+        torch.testing.assert_close(o1, o2)
+        o1.backward(g)
+        o2.backward(g)
+        torch.testing.assert_close(a1.grad, a2.grad)
+
+    @pytest.mark.parametrize("kwargs", [{"impl": "spectral"}, {"impl": "iterative"}, {"method": "eig"}])
+    def test_float32_gradient_accuracy(self, kwargs: dict) -> None:
+        # Rank-deficient covariance (C=96 > 49 locations): float32 gradients stay within
+        # 1e-4 (relative, Frobenius) of the float64 computation.
+        x = torch.relu(torch.randn(3, 96, 49, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+        a = x @ x.transpose(1, 2) / 49
+        g = torch.randn(3, 96, 96, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        grads = []
+        for dtype in (torch.float32, torch.float64):
+            leaf = a.to(dtype).requires_grad_()
+            matrix_sqrt(leaf, **kwargs).backward(g.to(dtype))
+            grads.append(leaf.grad.double())
+        assert (grads[0] - grads[1]).norm() <= 1e-4 * grads[1].norm()
+
+    @pytest.mark.parametrize("impl", NS_IMPLS)
+    def test_saved_for_backward_is_lean(self, impl: str) -> None:
+        # iterative keeps the input only; spectral the eigenvectors and eigenvalues.
+        a = psd(2, 16, 30).requires_grad_()
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            matrix_sqrt(a, impl=impl)
+        assert sum(saved) <= a.numel() * a.element_size() + 2 * 16 * 4 + 64
+
+    @pytest.mark.parametrize("impl", NS_IMPLS)
     def test_newton_schulz_converges_when_well_conditioned(self, impl: str) -> None:
         a = psd(2, 6, 60, dtype=torch.float64) + torch.eye(6, dtype=torch.float64)
         torch.testing.assert_close(matrix_sqrt(a, impl=impl, num_iters=5), eigh_sqrt(a), atol=1e-3, rtol=1e-3)

@@ -26,13 +26,22 @@ rank-deficient: a 7x7 map gives 49 locations for 2048 channels):
 Newton-Schulz is one function with two evaluation strategies (``impl``), equal up to
 rounding:
 
-- ``"iterative"``: the matrix iterations above (3 matrix products per step); the backward
-  recomputes them from the saved input, so only :math:`A` is kept for backward (the
-  public iSQRT-COV code keeps every :math:`Y_k, Z_k`).
+- ``"iterative"``: matrix products only, :math:`3K - 3` of them in the forward pass
+  (the same polynomial through :math:`P_k = Z_k Y_k`, :math:`P_{k+1} = P_k T_k^2`,
+  :math:`Y_{k+1} = Y_k T_k`). The backward uses that the derivative of a matrix polynomial
+  at a symmetric matrix is self-adjoint: the gradient is the forward-mode derivative in
+  the direction :math:`\\operatorname{sym}(G)`, carried along while the iterates are
+  recomputed from the saved input (:math:`8K - 8` products, symmetric tangents making
+  :math:`d(P^2)` one product). Only :math:`A` is kept for backward; the public iSQRT-COV
+  code keeps every :math:`Y_k, Z_k` and spends :math:`10K` products in its backward.
 - ``"spectral"``: evaluates the same polynomial :math:`q_K` on the eigenvalues of
-  :math:`\\tilde A` and its exact gradient from divided differences of :math:`q_K`,
-  computed by running the iteration on eigenvalue pairs (no division, so no loss at
-  close eigenvalues). Saves the eigenvectors and eigenvalues only.
+  :math:`\\tilde A` and its exact gradient from the divided differences
+  :math:`(q_K(\\lambda_i) - q_K(\\lambda_j)) / (\\lambda_i - \\lambda_j)` in closed form, with
+  :math:`q_K` in float64 on the eigenvalues; the band of close pairs of the sorted
+  spectrum, where that quotient cancels, is recomputed in float64 (:math:`q_K'`, from a
+  forward-mode scalar recurrence, for equal pairs). It shares its ``eigh`` and its
+  products with ``method="eig"``: the two differ only by elementwise work. Saves the
+  eigenvectors and eigenvalues only.
 - ``"auto"`` (default): ``"spectral"`` on CPU, where LAPACK's ``eigh`` is cheaper than the
   matrix products; ``"iterative"`` elsewhere (GPUs multiply matrices fast and
   decompose them slowly), and always ``"iterative"`` during ONNX export.
@@ -44,6 +53,7 @@ float16/bfloat16 inputs (and autocast) are computed and returned in float32.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -81,48 +91,75 @@ def _check_config(method: str, num_iters: int, norm: str, impl: str, eps: float)
         raise ValueError(f"eps must be a number in (0, 1), but got {eps!r}")
 
 
-def _sym(a: Tensor) -> Tensor:
-    return (a + a.transpose(1, 2)) * 0.5
+#: Divided differences of the Newton-Schulz polynomial (spectral backward): pairs of
+#: eigenvalues with ``|l_i - l_j| <= _BAND_REL * (|l_i| + |l_j|)`` lie in a narrow band of the
+#: sorted spectrum; there the quotient ``(q_i - q_j) / (l_i - l_j)`` loses digits to
+#: cancellation, so the band is recomputed in float64 (the rest keeps at least
+#: ``-log10(2 eps / _BAND_REL)`` digits: about 6 in float32).
+_BAND_REL = 0.05
+#: Inside the band, pairs closer than this (relative) take the mean of the two derivatives,
+#: whose error is of order ``_EQUAL_REL ** 2``.
+_EQUAL_REL = 1e-5
+#: A band wider than this (clusters of many equal eigenvalues, e.g. a zero or scalar
+#: matrix) has all pairs computed in float64 instead.
+_BAND_MAX = 32
 
 
-def _eye_like(a: Tensor) -> Tensor:
-    return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-
-
-def _scale(a: Tensor, norm: str) -> tuple[Tensor, Tensor]:
-    """Pre-normalisation factor ``s`` (B,) and whether it was clamped (B,) bool."""
+def _scale(a2: Tensor, norm: str) -> tuple[Tensor, Tensor]:
+    """Pre-normalisation factor ``s`` of ``sym(a) = a2 / 2`` (B,) and whether it was clamped (B,) bool."""
     if norm == "trace":
-        raw = torch.diagonal(a, dim1=1, dim2=2).sum(-1)
+        raw = torch.diagonal(a2, dim1=1, dim2=2).sum(-1) * 0.5
     else:
-        raw = torch.linalg.matrix_norm(a)
+        raw = torch.linalg.matrix_norm(a2) * 0.5
     return raw.clamp_min(_SCALE_EPS), raw <= _SCALE_EPS
 
 
-def _ns_iterate(a_n: Tensor, num_iters: int) -> Tensor:
-    """``q_K(a_n)`` by coupled Newton-Schulz iterations (plain ops, differentiable)."""
-    eye = _eye_like(a_n)
-    y = a_n
-    z = eye
-    for k in range(num_iters):
-        # T = (3I - Z Y) / 2; the first step has Z = I, the last needs no Z.
-        zy = y if k == 0 else torch.bmm(z, y)
-        t = torch.sub(eye, zy, alpha=1.0 / 3.0).mul(1.5)
-        y = torch.bmm(y, t)
-        if k + 1 < num_iters:
-            z = t if k == 0 else torch.bmm(t, z)
-    return y
+def _sym_eigh(
+    a: Tensor, norm: str | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """Eigenvalues and eigenvectors of ``sym(a) / s`` (``s = 1`` for ``norm=None``).
+
+    Shared by ``method="eig"`` and the spectral Newton-Schulz, so that they differ only by
+    elementwise work on vectors. ``eigh`` runs on ``a + a^T`` (one pass, no halving or
+    division over the matrix: scaling a symmetric matrix scales its eigenvalues and keeps
+    its eigenvectors), and the eigenvalues are scaled instead. Returns
+    ``(lam, u, s, clamped, buffer)``; ``buffer`` (``a + a^T``, no longer needed) can take
+    the output.
+    """
+    a2 = a + a.transpose(1, 2)
+    if norm is None:
+        s = clamped = None
+        factor: Tensor | float = 0.5
+    else:
+        s, clamped = _scale(a2, norm)
+        factor = (0.5 / s).unsqueeze(1)
+    lam, u = torch.linalg.eigh(a2)
+    return lam * factor, u, s, clamped, a2
 
 
-def _ns_plain(a: Tensor, num_iters: int, norm: str) -> Tensor:
-    """Newton-Schulz square root written with differentiable ops (used to recompute)."""
-    a = _sym(a)
-    s, _ = _scale(a, norm)
-    y = _ns_iterate(a / s.view(-1, 1, 1), num_iters)
-    return y * s.sqrt().view(-1, 1, 1)
+def _from_eig(u: Tensor, values: Tensor, out: Tensor) -> Tensor:
+    """``U diag(values) U^T`` into ``out``, scaling the columns of ``U`` (no diagonal matrix)."""
+    return torch.bmm(u * values.unsqueeze(1), u.transpose(1, 2), out=out)
+
+
+def _eig_backward(u: Tensor, grad: Tensor, weigh: Callable[[Tensor, Tensor], None]) -> Tensor:
+    """``U (W o 2 U^T sym(G) U) U^T``: the backward shared by ``eig`` and spectral Newton-Schulz.
+
+    ``weigh(gs, scratch)`` multiplies ``gs = 2 U^T sym(G) U`` (exactly symmetric, as it is
+    symmetrised after the products) by the weights ``W`` in place, with one scratch
+    matrix. Two (B, C, C) buffers in all, reused by the four products.
+    """
+    ut = u.transpose(1, 2)
+    gu = torch.bmm(grad, u)
+    gh = torch.bmm(ut, gu)
+    gs = torch.add(gh, gh.transpose(1, 2), out=gu)
+    weigh(gs, gh)
+    torch.bmm(gs, ut, out=gh)
+    return torch.bmm(u, gh, out=gu)
 
 
 def _ns_values(lam: Tensor, num_iters: int) -> Tensor:
-    """``q_K`` on eigenvalues (B, C), the forward of :func:`_ns_scalar` alone."""
+    """``q_K`` on eigenvalues (B, C)."""
     y, z = lam, torch.ones_like(lam)
     for _ in range(num_iters):
         t = 1.5 - 0.5 * (z * y)
@@ -130,39 +167,189 @@ def _ns_values(lam: Tensor, num_iters: int) -> Tensor:
     return y
 
 
-def _ns_scalar(lam: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
-    """``q_K`` on eigenvalues (B, C) and its divided differences (B, C, C).
-
-    Runs the iteration on pairs with the product rule of divided differences,
-    ``[a, b](f g) = f(a) [a, b] g + [a, b] f g(b)``, so close or equal eigenvalues need no
-    division; the diagonal holds the derivative ``q_K'``.
-    """
-    li, lj = lam.unsqueeze(2), lam.unsqueeze(1)
-    y, dy = lam, torch.ones_like(li * lj)
-    z, dz = torch.ones_like(lam), torch.zeros_like(dy)
+def _ns_slopes(lam: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
+    """``q_K`` and its derivative ``q_K'`` on eigenvalues (B, C): forward-mode, O(C K)."""
+    y, dy = lam, torch.ones_like(lam)
+    z, dz = torch.ones_like(lam), torch.zeros_like(lam)
     for _ in range(num_iters):
-        p = z * y
-        dp = z.unsqueeze(2) * dy + dz * y.unsqueeze(1)
-        t = 1.5 - 0.5 * p
-        dt = dp * -0.5
-        dy = y.unsqueeze(2) * dt + dy * t.unsqueeze(1)
-        dz = t.unsqueeze(2) * dz + dt * z.unsqueeze(1)
-        y, z = y * t, t * z
+        t = 1.5 - 0.5 * (z * y)
+        dt = -0.5 * (dz * y + z * dy)
+        y, dy = y * t, dy * t + y * dt
+        z, dz = t * z, dt * z + t * dz
     return y, dy
 
 
-def _from_eig(u: Tensor, values: Tensor) -> Tensor:
-    """``U diag(values) U^T``."""
-    return torch.bmm(u * values.unsqueeze(1), u.transpose(1, 2))
+def _dd_exact(li: Tensor, lj: Tensor, qi: Tensor, qj: Tensor, pi: Tensor, pj: Tensor) -> Tensor:
+    """Divided differences ``(q_i - q_j) / (l_i - l_j)``; the mean derivative for (near) equal pairs."""
+    d = li - lj
+    equal = d.abs() <= _EQUAL_REL * (li.abs() + lj.abs())
+    return torch.where(equal, 0.5 * (pi + pj), (qi - qj) / torch.where(equal, torch.ones_like(d), d))
 
 
-def _conjugate(u: Tensor, g: Tensor) -> Tensor:
-    """``U^T sym(G) U``."""
-    return torch.bmm(u.transpose(1, 2), torch.bmm(_sym(g), u))
+def _band(lam64: Tensor) -> int:
+    """Largest offset ``j - i`` of a close pair (``_BAND_REL``) in the sorted spectrum."""
+    r = _BAND_REL
+    bound = torch.where(lam64 > 0, lam64 * ((1 + r) / (1 - r)), lam64 * ((1 - r) / (1 + r)))
+    end = torch.searchsorted(lam64, bound, right=True)
+    return int((end - torch.arange(1, lam64.shape[1] + 1, device=lam64.device)).amax())
+
+
+def _ns_weigh(
+    gs: Tensor, scratch: Tensor, lam: Tensor, num_iters: int, factor: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``gs <- factor * gs o D`` in place; ``D_ij``: divided differences of ``q_K`` at the eigenvalues.
+
+    Closed form, ``(q_i - q_j) / (l_i - l_j)`` over all pairs (4 in-place passes, with
+    ``q_K`` evaluated in float64 on the C eigenvalues) instead of K iterations over the
+    (C, C) pairs; then the band of close pairs of the sorted spectrum, where that quotient
+    cancels, is recomputed in float64 (``q_K'`` for equal pairs, from a forward-mode scalar
+    recurrence). Returns ``q_K`` and ``q_K'`` (float64, (B, C)).
+    """
+    b, c = lam.shape
+    lam64 = lam.double()
+    q64, dq64 = _ns_slopes(lam64, num_iters)
+    f64 = factor.double().unsqueeze(1)
+    width = _band(lam64)
+    if width > _BAND_MAX:
+        dd = _dd_exact(
+            lam64.unsqueeze(2), lam64.unsqueeze(1), q64.unsqueeze(2), q64.unsqueeze(1),
+            dq64.unsqueeze(2), dq64.unsqueeze(1),
+        )
+        gs.copy_(gs.double() * dd * f64.unsqueeze(2))
+        return q64, dq64
+
+    # The band as (B, C, width + 1): entry (i, o) is the pair (i, i + o); rows are padded
+    # past the end with the last eigenvalue (those entries are never written back).
+    def window(v: Tensor) -> Tensor:
+        return torch.cat([v, v[:, -1:].expand(b, width)], 1).unfold(1, width + 1, 1)
+
+    dd = _dd_exact(
+        lam64.unsqueeze(2), window(lam64), q64.unsqueeze(2), window(q64), dq64.unsqueeze(2), window(dq64)
+    )
+    band = torch.empty(b, c, width + 1, dtype=gs.dtype, device=gs.device)
+    for o in range(width + 1):
+        band[:, : c - o, o] = torch.diagonal(gs, o, 1, 2)
+    qf = (q64 * f64).to(gs.dtype)
+    gs.mul_(torch.sub(qf.unsqueeze(2), qf.unsqueeze(1), out=scratch))
+    gs.div_(torch.sub(lam.unsqueeze(2), lam.unsqueeze(1), out=scratch))
+    band = (band * dd.mul_(f64.unsqueeze(2))).to(gs.dtype)
+    for o in range(width + 1):
+        for k in {o, -o}:
+            torch.diagonal(gs, k, 1, 2).copy_(band[:, : c - o, o])
+    return q64, dq64
+
+
+def _ns_poly(a_n: Tensor, num_iters: int) -> Tensor:
+    """``q_K(a_n)`` by matrix products.
+
+    With :math:`P_k = Z_k Y_k` (all iterates are polynomials of :math:`\\tilde A`, so they
+    commute), :math:`T_k = \\tfrac32 - \\tfrac12 P_k`, :math:`Y_{k+1} = Y_k T_k` and
+    :math:`P_{k+1} = P_k T_k^2 = \\tfrac94 P_k - \\tfrac32 P_k^2 + \\tfrac14 P_k^3`: the same
+    polynomial as the coupled iteration, in ``3K - 3`` products (``K >= 2``). Plain
+    out-of-place ops while tracing (ONNX export, ``torch.compile``), otherwise four
+    reused buffers and in-place updates (fresh large allocations cost page faults).
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        q = torch.bmm(a_n, a_n)
+        y = torch.add(a_n, q, alpha=-1.0 / 3.0) * 1.5  # A T_0 = 1.5 A - 0.5 A^2
+        if num_iters == 1:
+            return y
+        p = torch.baddbmm(torch.add(a_n, q, alpha=-2.0 / 3.0) * 2.25, q, a_n, alpha=0.25)
+        for k in range(1, num_iters):
+            y_next = torch.baddbmm(y, y, p, beta=1.5, alpha=-0.5)
+            if k + 1 < num_iters:
+                q = torch.bmm(p, p)
+                p = torch.baddbmm(torch.add(p, q, alpha=-2.0 / 3.0) * 2.25, q, p, alpha=0.25)
+            y = y_next
+        return y
+    q = torch.bmm(a_n, a_n)
+    y = torch.add(a_n, q, alpha=-1.0 / 3.0).mul_(1.5)
+    if num_iters == 1:
+        return y
+    p = torch.add(a_n, q, alpha=-2.0 / 3.0).mul_(2.25).baddbmm_(q, a_n, alpha=0.25)
+    x = torch.empty_like(q)
+    for k in range(1, num_iters):
+        torch.bmm(y, p, out=x)
+        y.mul_(1.5).add_(x, alpha=-0.5)
+        if k + 1 < num_iters:
+            torch.bmm(p, p, out=q)
+            torch.bmm(q, p, out=x)
+            p.mul_(2.25).add_(q, alpha=-1.5).add_(x, alpha=0.25)
+    return y
+
+
+def _ns_jvp(a_n: Tensor, e: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
+    """``q_K(a_n)`` and its derivative in the symmetric direction ``e`` (forward mode).
+
+    The derivative of a matrix polynomial at a symmetric matrix is self-adjoint, so this
+    tangent *is* the gradient: the backward needs no stored iterates and no reverse sweep.
+    Tangents of the symmetric iterates are symmetric, so ``d(P^2) = X + X^T`` with
+    ``X = dP P`` costs one product; per step 3 products recompute the iterates and 5 carry
+    the tangent (``8K - 8`` in all for ``K >= 2``, against ``10K`` in the published backward).
+    Seven buffers, updated in place; ``a_n`` and ``e`` are not modified.
+    """
+    q = torch.bmm(a_n, a_n)
+    x = torch.bmm(e, a_n)
+    dq = torch.add(x, x.transpose(1, 2))
+    y = torch.add(a_n, q, alpha=-1.0 / 3.0).mul_(1.5)
+    dy = torch.add(e, dq, alpha=-1.0 / 3.0).mul_(1.5)
+    if num_iters == 1:
+        return y, dy
+    p = torch.add(a_n, q, alpha=-2.0 / 3.0).mul_(2.25).baddbmm_(q, a_n, alpha=0.25)
+    dp = torch.add(e, dq, alpha=-2.0 / 3.0).mul_(2.25)
+    dp.baddbmm_(dq, a_n, alpha=0.25).baddbmm_(q, e, alpha=0.25)
+    for k in range(1, num_iters):
+        # dY <- 1.5 dY - 0.5 (dY P + Y dP), then Y <- 1.5 Y - 0.5 Y P.
+        torch.bmm(dy, p, out=x).baddbmm_(y, dp)
+        dy.mul_(1.5).add_(x, alpha=-0.5)
+        torch.bmm(y, p, out=x)
+        y.mul_(1.5).add_(x, alpha=-0.5)
+        if k + 1 < num_iters:
+            torch.bmm(p, p, out=q)
+            torch.bmm(dp, p, out=x)
+            torch.add(x, x.transpose(1, 2), out=dq)
+            # dP <- 2.25 dP - 1.5 dQ + 0.25 (dQ P + Q dP), then P <- 2.25 P - 1.5 Q + 0.25 Q P.
+            torch.bmm(dq, p, out=x).baddbmm_(q, dp)
+            dp.mul_(2.25).add_(dq, alpha=-1.5).add_(x, alpha=0.25)
+            torch.bmm(q, p, out=x)
+            p.mul_(2.25).add_(q, alpha=-1.5).add_(x, alpha=0.25)
+    return y, dy
+
+
+def _ns_plain(a: Tensor, num_iters: int, norm: str) -> Tensor:
+    """Newton-Schulz square root with plain ops (no-grad evaluation and ONNX export)."""
+    a2 = a + a.transpose(1, 2)
+    s, _ = _scale(a2, norm)
+    y = _ns_poly(a2.mul_((0.5 / s).view(-1, 1, 1)), num_iters)
+    return y.mul_(s.sqrt().view(-1, 1, 1))
+
+
+def _inner(x: Tensor, y: Tensor) -> Tensor:
+    """Frobenius inner products ``<x_b, y_b>`` (B,), without an elementwise temporary."""
+    b = x.shape[0]
+    return torch.bmm(x.reshape(b, 1, -1), y.reshape(b, -1, 1)).view(b)
+
+
+def _scale_grad(
+    m: Tensor, coef: Tensor, clamped: Tensor, norm: str, a_n: Tensor | None, lam: Tensor | None
+) -> None:
+    """Add, in place, the chain rule through ``s`` to ``m`` (a gradient w.r.t. ``A~``, scaled by 1/sqrt(s)).
+
+    ``coef`` (B,) is already divided by sqrt(s); ``ds/dA`` is ``I`` (trace) or ``A~``
+    (Frobenius), given as the matrix ``a_n`` or, in the eigenbasis, the diagonal ``lam``.
+    """
+    coef = torch.where(clamped, torch.zeros_like(coef), coef).to(m.dtype)
+    if norm == "trace":
+        torch.diagonal(m, dim1=1, dim2=2).add_(coef.unsqueeze(1))
+    elif lam is not None:
+        torch.diagonal(m, dim1=1, dim2=2).add_(coef.unsqueeze(1) * lam)
+    else:
+        m.add_(a_n * coef.view(-1, 1, 1))
 
 
 class _NSIterative(torch.autograd.Function):
-    """Newton-Schulz by matrix iterations; backward recomputes them from the input."""
+    """Newton-Schulz by matrix products; the backward recomputes the iterates from the input
+    and carries the forward-mode tangent along (no stored iterates, no reverse sweep)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, num_iters: int, norm: str) -> Tensor:  # type: ignore[override]
@@ -174,10 +361,17 @@ class _NSIterative(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (a,) = ctx.saved_tensors
         num_iters, norm = ctx.config
-        with torch.enable_grad(), no_autocast(a.device.type):
-            leaf = a.detach().requires_grad_(True)
-            out = _ns_plain(leaf, num_iters, norm)
-            (g,) = torch.autograd.grad(out, leaf, grad)
+        with no_autocast(a.device.type):
+            a2 = a + a.transpose(1, 2)
+            s, clamped = _scale(a2, norm)
+            a_n = a2.mul_((0.5 / s).view(-1, 1, 1))
+            e = grad + grad.transpose(1, 2)  # 2 sym(G): the tangent below is twice L_q(A~, sym G)
+            q, dq = _ns_jvp(a_n, e, num_iters)
+            inv_root = s.rsqrt()
+            # f(A) = sqrt(s) q(A / s): coef = <sym G, q(A~)> / 2 - <L_q(A~, sym G), A~>.
+            coef = 0.25 * _inner(e, q) - 0.5 * _inner(dq, a_n)
+            g = dq.mul_((0.5 * inv_root).view(-1, 1, 1))
+            _scale_grad(g, coef * inv_root, clamped, norm, a_n, None)
         return g, None, None
 
 
@@ -186,30 +380,27 @@ class _NSSpectral(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, num_iters: int, norm: str) -> Tensor:  # type: ignore[override]
-        a = _sym(a)
-        s, clamped = _scale(a, norm)
-        lam, u = torch.linalg.eigh(a / s.view(-1, 1, 1))
-        q = _ns_values(lam, num_iters)
+        lam, u, s, clamped, buffer = _sym_eigh(a, norm)
+        q = _ns_values(lam.double(), num_iters)
         ctx.save_for_backward(u, lam, s, clamped)
         ctx.config = (num_iters, norm)
-        return _from_eig(u, q * s.sqrt().unsqueeze(1))
+        return _from_eig(u, (q * s.double().sqrt().unsqueeze(1)).to(lam.dtype), buffer)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         u, lam, s, clamped = ctx.saved_tensors
         num_iters, norm = ctx.config
-        q, dq = _ns_scalar(lam, num_iters)
-        g_hat = _conjugate(u, grad)
-        m_hat = g_hat * dq  # U^T L_q(A~, G) U
-        # f(A) = sqrt(s) q(A / s): the chain rule through s adds a multiple of ds/dA.
-        g_diag = torch.diagonal(g_hat, dim1=1, dim2=2)
-        coef = 0.5 * (g_diag * q).sum(1) - (torch.diagonal(m_hat, dim1=1, dim2=2) * lam).sum(1)
-        coef = torch.where(clamped, torch.zeros_like(coef), coef)
-        # ds/dA is I (trace) or A~ (Frobenius), both diagonal in the eigenbasis.
-        ds = torch.ones_like(lam) if norm == "trace" else lam
-        m_hat = m_hat + torch.diag_embed(coef.unsqueeze(1) * ds)
-        g = torch.bmm(u, torch.bmm(m_hat, u.transpose(1, 2)))
-        return g / s.sqrt().view(-1, 1, 1), None, None
+        inv_root = s.rsqrt()
+
+        def weigh(gs: Tensor, scratch: Tensor) -> None:
+            # U^T L_q(A~, sym G) U / sqrt(s): divided differences of q_K times U^T sym(G) U.
+            g_diag = 0.5 * torch.diagonal(gs, dim1=1, dim2=2).double()
+            q, dq = _ns_weigh(gs, scratch, lam, num_iters, 0.5 * inv_root)
+            # f(A) = sqrt(s) q(A / s): the chain rule through s adds a multiple of ds/dA.
+            coef = (g_diag * (0.5 * q - dq * lam.double())).sum(1)
+            _scale_grad(gs, coef * inv_root.double(), clamped, norm, None, lam)
+
+        return _eig_backward(u, grad, weigh), None, None
 
 
 class _EigSqrt(torch.autograd.Function):
@@ -217,19 +408,22 @@ class _EigSqrt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        lam, u = torch.linalg.eigh(_sym(a))
+        lam, u, _, _, buffer = _sym_eigh(a)
         ctx.save_for_backward(u, lam)
         ctx.eps = eps
-        return _from_eig(u, lam.clamp_min(0).sqrt())
+        return _from_eig(u, lam.clamp_min(0).sqrt(), buffer)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         u, lam = ctx.saved_tensors
         top = lam.amax(1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
-        root = torch.maximum(lam, top * ctx.eps).sqrt()
-        k = 1.0 / (root.unsqueeze(2) + root.unsqueeze(1))
-        g = torch.bmm(u, torch.bmm(_conjugate(u, grad) * k, u.transpose(1, 2)))
-        return g, None
+        root2 = torch.maximum(lam, top * ctx.eps).sqrt().mul_(2.0)
+
+        def weigh(gs: Tensor, scratch: Tensor) -> None:
+            # U^T sym(G) U / (r_i + r_j) = (2 U^T sym(G) U) / (2 r_i + 2 r_j).
+            gs.div_(torch.add(root2.unsqueeze(2), root2.unsqueeze(1), out=scratch))
+
+        return _eig_backward(u, grad, weigh), None
 
 
 def matrix_sqrt(
