@@ -196,3 +196,87 @@ class TestCompactBilinearPool:
         # The TorchScript exporter has no rfft: Tensor Sketch does not export to ONNX.
         with pytest.raises(Exception, match="fft"):
             run_onnx(CompactBilinearPool(in_channels=4, out_features=8), features(1, 4, 2, 2))
+
+
+def explicit_tensor_sketch(x: torch.Tensor, y: torch.Tensor, ia, sa, ib, sb, d: int) -> torch.Tensor:
+    """Reference with autograd: the explicit count-sketch matrix of G = X Y^T / N, differentiable in x, y, signs."""
+    g = bilinear(x, y)
+    bucket = (ia[:, None] + ib[None, :]) % d
+    sketch = torch.nn.functional.one_hot(bucket, d).to(g.dtype) * (sa[:, None] * sb[None, :])[..., None]
+    return torch.einsum("bij,ijk->bk", g, sketch)
+
+
+class TestTensorSketchChunked:
+    """The chunked custom autograd function against the explicit count-sketch matrix."""
+
+    @staticmethod
+    def draw(c1: int, c2: int, d: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        ia, ib = torch.randint(0, d, (c1,), generator=g), torch.randint(0, d, (c2,), generator=g)
+        sa = (torch.randint(0, 2, (c1,), generator=g) * 2 - 1).double()
+        sb = (torch.randint(0, 2, (c2,), generator=g) * 2 - 1).double()
+        return ia, sa, ib, sb
+
+    @pytest.mark.parametrize("chunk", [1, 10**9])  # one location per chunk / everything in one chunk
+    @pytest.mark.parametrize("two_streams", [False, True])
+    def test_values_and_gradients_match_explicit(self, monkeypatch, chunk: int, two_streams: bool) -> None:
+        import bilinearpool.functional.sketch as sketch
+
+        monkeypatch.setattr(sketch, "_CHUNK_ELEMENTS", chunk)
+        d = 11
+        x = features(3, 5, 3, 4, dtype=torch.float64).requires_grad_()
+        y = features(3, 4, 3, 4, dtype=torch.float64, seed=1).requires_grad_() if two_streams else None
+        ia, sa, ib, sb = self.draw(5, 4 if two_streams else 5, d)
+        sa, sb = sa.requires_grad_(), sb.requires_grad_()
+        out = tensor_sketch(x, y, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d)
+        ref = explicit_tensor_sketch(x, x if y is None else y, ia, sa, ib, sb, d)
+        torch.testing.assert_close(out, ref)
+        inputs = [t for t in (x, y, sa, sb) if t is not None]
+        go = features(3, d, dtype=torch.float64, seed=2)
+        for got, want in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(ref, inputs, go)):
+            torch.testing.assert_close(got, want)
+
+    @pytest.mark.parametrize("two_streams", [False, True])
+    def test_gradcheck_and_gradgradcheck_chunked(self, monkeypatch, two_streams: bool) -> None:
+        import bilinearpool.functional.sketch as sketch
+
+        monkeypatch.setattr(sketch, "_CHUNK_ELEMENTS", 1)
+        d = 7
+        x = features(2, 3, 5, dtype=torch.float64).requires_grad_()  # tokens (B, N, C)
+        y = features(2, 3, 2, dtype=torch.float64, seed=1).requires_grad_() if two_streams else None
+        ia, sa, ib, sb = self.draw(5, 2 if two_streams else 5, d)
+        sa, sb = sa.requires_grad_(), sb.requires_grad_()
+
+        def f(x, y, sa, sb):
+            return tensor_sketch(x, y, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d)
+
+        assert torch.autograd.gradcheck(f, (x, y, sa, sb))
+        assert torch.autograd.gradgradcheck(f, (x, y, sa, sb))
+
+    def test_saves_only_inputs(self) -> None:
+        # Nothing of size (B, N, d) is kept for backward: only the input map and the buffers.
+        pool = CompactBilinearPool(in_channels=8, out_features=4096)
+        x = features(2, 8, 6, 6).requires_grad_()
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = pool(x)
+        buffers = sum(b.numel() * b.element_size() for b in pool.buffers())
+        assert sum(saved.values()) <= x.numel() * x.element_size() + buffers
+        out.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+    def test_low_precision_gradient_dtype(self) -> None:
+        pool = CompactBilinearPool(in_channels=6, out_features=16)
+        x = features(2, 6, 3, 3).bfloat16().requires_grad_()
+        out = pool(x)
+        assert out.dtype == torch.float32
+        out.sum().backward()
+        assert x.grad.dtype == torch.bfloat16
+        ref = features(2, 6, 3, 3).bfloat16().float().requires_grad_()
+        pool(ref).sum().backward()
+        torch.testing.assert_close(x.grad, ref.grad.bfloat16())

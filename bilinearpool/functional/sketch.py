@@ -12,7 +12,9 @@ over the random projections, so pooled features
   hashes :math:`h_i: [C_i] \\to [d]` and signs :math:`s_i \\in \\{\\pm 1\\}`, combined by
   circular convolution, :math:`\\phi = \\mathcal F^{-1}(\\mathcal F \\Psi_1 x \\circ \\mathcal F \\Psi_2 y)`
   (here ``torch.fft.rfft``; the sum over locations is taken before the inverse
-  transform, which is linear). Cost :math:`O(N d \\log d)`.
+  transform, which is linear). Cost :math:`O(N d \\log d)`. Locations are processed in
+  chunks by a custom autograd function that saves only the inputs and recomputes the
+  spectra in backward, so memory does not grow like :math:`N d`.
 - **Random Maclaurin** (Kar & Karnick 2012): :math:`\\phi = \\frac{1}{\\sqrt d} (W_1 x) \\circ (W_2 y)`
   with Rademacher :math:`W_i \\in \\{\\pm1\\}^{d \\times C_i}`. Cost :math:`O(N d (C_1 + C_2))`.
 
@@ -42,10 +44,88 @@ def _check_projection(name: str, t: Tensor, channels: int, dim: int, what: str) 
 
 
 def _count_sketch(m: Tensor, index: Tensor, sign: Tensor, out_features: int) -> Tensor:
-    """``(B, C, N)`` features -> ``(B, N, d)`` count sketches ``sum_{c: h(c)=j} s(c) x_c``."""
+    """``(B, C, n)`` features -> ``(B, n, d)`` count sketches ``sum_{c: h(c)=j} s(c) x_c``."""
     src = m.transpose(1, 2) * sign.to(m.dtype)
     out = src.new_zeros(src.shape[0], src.shape[1], out_features)
-    return out.index_add(2, index, src)
+    return out.index_add_(2, index, src)
+
+
+# Locations per chunk are chosen so that one chunk's count sketch, (B, n, d), has about
+# this many elements; the working set of forward and backward is a few such tensors.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunk_size(batch: int, locations: int, out_features: int) -> int:
+    return max(1, min(locations, _CHUNK_ELEMENTS // max(1, batch * out_features)))
+
+
+class _TensorSketch(torch.autograd.Function):
+    """``irfft(mean_n rfft(Psi_a a_n) * rfft(Psi_b b_n))``, in chunks of locations.
+
+    Saves only the inputs and the hashes / signs; backward recomputes the spectra chunk
+    by chunk. Gradients (``G = rfft(grad) / N``, ``F_a, F_b`` the spectra of a location):
+    the output is the mean circular convolution of the count sketches, so
+    ``d/d(Psi_a a_n) = irfft(G * conj(F_b))`` (a circular cross-correlation) and
+    symmetrically for ``b``; through the count sketch this is a gather at the hash
+    ``h(c)`` times the sign ``s(c)``. The backward is written with differentiable ops on
+    the saved inputs, so double backward works too.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, index_a, sign_a, index_b, sign_b, d):  # type: ignore[override]
+        bsz, _, n = a.shape
+        step = _chunk_size(bsz, n, d)
+        acc = None
+        for s in range(0, n, step):
+            fa = torch.fft.rfft(_count_sketch(a[:, :, s : s + step], index_a, sign_a, d), n=d, dim=2)
+            fb = torch.fft.rfft(_count_sketch(b[:, :, s : s + step], index_b, sign_b, d), n=d, dim=2)
+            part = fa.mul_(fb).sum(dim=1)
+            acc = part if acc is None else acc.add_(part)
+        ctx.save_for_backward(a, b, index_a, sign_a, index_b, sign_b)
+        ctx.d = d
+        return torch.fft.irfft(acc.div_(n), n=d, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        a, b, index_a, sign_a, index_b, sign_b = ctx.saved_tensors
+        d = ctx.d
+        need_a, need_b, _, need_sa, _, need_sb = ctx.needs_input_grad[:6]
+        out: list[Tensor | None] = [None] * 7
+        if not (need_a or need_b or need_sa or need_sb):
+            return tuple(out)
+        bsz, _, n = a.shape
+        step = _chunk_size(bsz, n, d)
+        with no_autocast(a.device.type):
+            g = torch.fft.rfft(grad.to(a.dtype), n=d, dim=1).div(n).unsqueeze(1)  # (B, 1, F)
+            ga, gb, gsa, gsb = [], [], None, None
+            for s in range(0, n, step):
+                ca, cb = a[:, :, s : s + step], b[:, :, s : s + step]
+                fa = torch.fft.rfft(_count_sketch(ca, index_a, sign_a, d), n=d, dim=2)
+                fb = torch.fft.rfft(_count_sketch(cb, index_b, sign_b, d), n=d, dim=2)
+                if need_a or need_sa:
+                    # d/d(Psi_a a): gather the cross-correlation at h_a(c): (B, n, C_1).
+                    hit = torch.fft.irfft(g * fb.conj(), n=d, dim=2).index_select(2, index_a)
+                    if need_a:
+                        ga.append((hit * sign_a.to(hit.dtype)).transpose(1, 2))
+                    if need_sa:
+                        part = (hit * ca.transpose(1, 2)).sum(dim=(0, 1))
+                        gsa = part if gsa is None else gsa + part
+                if need_b or need_sb:
+                    hit = torch.fft.irfft(g * fa.conj(), n=d, dim=2).index_select(2, index_b)
+                    if need_b:
+                        gb.append((hit * sign_b.to(hit.dtype)).transpose(1, 2))
+                    if need_sb:
+                        part = (hit * cb.transpose(1, 2)).sum(dim=(0, 1))
+                        gsb = part if gsb is None else gsb + part
+        if need_a:
+            out[0] = torch.cat(ga, dim=2)
+        if need_b:
+            out[1] = torch.cat(gb, dim=2)
+        if need_sa:
+            out[3] = gsa.to(sign_a.dtype)
+        if need_sb:
+            out[5] = gsb.to(sign_b.dtype)
+        return tuple(out)
 
 
 def tensor_sketch(
@@ -60,7 +140,10 @@ def tensor_sketch(
 ) -> Tensor:
     """Compact bilinear pooling by Tensor Sketch, averaged over locations.
 
-    From Gao et al., "Compact Bilinear Pooling" (CVPR 2016), Algorithm 2.
+    From Gao et al., "Compact Bilinear Pooling" (CVPR 2016), Algorithm 2. Computed as
+    :math:`\\mathcal F^{-1}\\big(\\frac1N \\sum_n \\mathcal F \\Psi_1 x_n \\circ \\mathcal F \\Psi_2 y_n\\big)`
+    over chunks of locations; only the inputs (and hashes / signs) are saved for
+    backward, which recomputes the per-location spectra chunk by chunk.
 
     Args:
         x: first feature map.
@@ -86,6 +169,7 @@ def tensor_sketch(
         torch.Size([2, 64])
     """
     a, b = pair_streams(x, y)
+    one_stream = b is None
     b = a if b is None else b
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
         raise ValueError(f"out_features must be a positive int, but got {out_features!r}")
@@ -94,9 +178,14 @@ def tensor_sketch(
     dtype = compute_dtype(a)
     d = out_features
     with no_autocast(a.device.type):
-        fa = torch.fft.rfft(_count_sketch(a.to(dtype), index_a, sign_a, d), n=d, dim=2)
-        fb = torch.fft.rfft(_count_sketch(b.to(dtype), index_b, sign_b, d), n=d, dim=2)
-        return torch.fft.irfft((fa * fb).mean(dim=1), n=d, dim=1)
+        a = a.to(dtype)
+        b = a if one_stream else b.to(dtype)
+        if torch.onnx.is_in_onnx_export():
+            # The exporter traces the plain formula (and stops at rfft, which it lacks).
+            fa = torch.fft.rfft(_count_sketch(a, index_a, sign_a, d), n=d, dim=2)
+            fb = torch.fft.rfft(_count_sketch(b, index_b, sign_b, d), n=d, dim=2)
+            return torch.fft.irfft((fa * fb).mean(dim=1), n=d, dim=1)
+        return _TensorSketch.apply(a, b, index_a, sign_a, index_b, sign_b, d)
 
 
 def random_maclaurin(
