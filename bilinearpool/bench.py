@@ -48,11 +48,14 @@ __all__ = [
     "LayerCase",
     "ModelHead",
     "SavedTensorCounter",
+    "CLASSIFIER_CLASSES",
     "analytic_parameter_count",
     "autocast_context",
+    "classifier_parameter_count",
     "count_parameters",
     "environment",
     "images_per_second",
+    "layer_output_dim",
     "main",
     "make_inference_step",
     "make_training_step",
@@ -174,6 +177,26 @@ def analytic_parameter_count(
         features = channels * channels
     streams = 2 if key == "bcnn" else 1
     return streams * stream + features * num_classes + num_classes
+
+
+#: Classes of the linear classifier the layer benchmark puts on top of each pooling (as the
+#: model benchmark's ``num_classes``).
+CLASSIFIER_CLASSES = 8
+
+
+def classifier_parameter_count(dim: int, num_classes: int = CLASSIFIER_CLASSES) -> int:
+    """Parameters of ``nn.Linear(dim, num_classes)`` on a pooled vector of length ``dim``: :math:`DK + K`.
+
+    Examples:
+        >>> classifier_parameter_count(2048 * 2048)  # Fast BCNN on 2048 channels, 8 classes
+        33554440
+        >>> classifier_parameter_count(512, 8) == count_parameters(nn.Linear(512, 8))
+        True
+    """
+    for name, value in (("dim", dim), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, but got {value!r}")
+    return dim * num_classes + num_classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,11 +564,54 @@ def register_layer_case(case: LayerCase, *, replace: bool = False) -> LayerCase:
     return case
 
 
+def layer_output_dim(fn: LayerFn, channels: int, *, streams: int = 1, out: Tensor | None = None) -> int:
+    """Features per sample :math:`D` that a layer case gives for ``channels`` input channels.
+
+    Asked of the layer itself: its ``output_dim(C)`` (``output_dim(C, C)`` for two streams)
+    when it has one, else the per-sample size of one output ``out`` of shape :math:`(B, \\ldots)`.
+    When both are there they must agree.
+
+    Examples:
+        >>> layer_output_dim(FastBilinearPool(triu=True), 8)
+        36
+        >>> layer_output_dim(naive_bilinear_chain, 8, out=torch.zeros(2, 64))
+        64
+    """
+    from_out = None if out is None else int(out[0].numel())
+    method = getattr(fn, "output_dim", None)
+    if callable(method):
+        dim = int(method(channels) if streams == 1 else method(channels, channels))
+        if from_out is not None and dim != from_out:
+            raise RuntimeError(
+                f"{type(fn).__name__}.output_dim({channels}) = {dim}, but one output has "
+                f"{from_out} features per sample (shape {tuple(out.shape)})"  # type: ignore[union-attr]
+            )
+        return dim
+    if from_out is None:
+        raise ValueError(
+            f"{getattr(fn, '__name__', type(fn).__name__)} has no output_dim(C): pass one output as out="
+        )
+    return from_out
+
+
 def _covariance_isqrt(channels: int, device: torch.device) -> LayerFn:
     from .covariance import CovariancePool
     from .matrix_sqrt import MatrixSqrt
 
     return CovariancePool(norm=MatrixSqrt()).to(device)
+
+
+#: Channels after the 1x1 reduction of iSQRT-COV (Li et al. 2018 reduce ResNet-50's 2048 to 256).
+ISQRT_REDUCED_CHANNELS = 256
+
+
+def _covariance_isqrt_reduced(channels: int, device: torch.device) -> LayerFn:
+    from .covariance import CovariancePool
+    from .matrix_sqrt import MatrixSqrt
+
+    return CovariancePool(
+        in_channels=channels, reduced_channels=ISQRT_REDUCED_CHANNELS, norm=MatrixSqrt()
+    ).to(device)
 
 
 def _compact(channels: int, device: torch.device) -> LayerFn:
@@ -591,9 +657,17 @@ for _case in (
     # Newton-Schulz on C x C matrices costs O(C^3) per step: minutes at C=2048 on a CPU.
     LayerCase(
         "isqrt-cov",
-        "CovariancePool(norm=MatrixSqrt()): iSQRT-COV, 5 Newton-Schulz steps",
+        "CovariancePool(norm=MatrixSqrt()): covariance + Newton-Schulz square root (5 steps) "
+        "on all C channels, upper triangle, no reduction (not the iSQRT-COV setting; see isqrt-cov-r256)",
         _covariance_isqrt,
         max_channels=512,
+    ),
+    LayerCase(
+        "isqrt-cov-r256",
+        f"CovariancePool(in_channels=C, reduced_channels={ISQRT_REDUCED_CHANNELS}, norm=MatrixSqrt()): "
+        f"the iSQRT-COV setting, 1x1 conv + BN + ReLU to {ISQRT_REDUCED_CHANNELS} channels, then "
+        "covariance + 5 Newton-Schulz steps, upper triangle (at C=256 the 1x1 conv keeps 256 channels)",
+        _covariance_isqrt_reduced,
     ),
     LayerCase("compact-ts", "CompactBilinearPool(out_features=8192): tensor sketch", _compact),
     LayerCase("lowrank-r512", "LowRankBilinearPool(rank=512): Hadamard low-rank", _lowrank),

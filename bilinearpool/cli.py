@@ -91,6 +91,12 @@ class BenchResult:
             "",
             markdown_table(self.rows, self.columns),
         ]
+        summary = self.meta.get("summary")
+        if summary and summary.get("rows"):
+            lines += ["", f"### {summary['title']}", ""]
+            if summary.get("text"):
+                lines += [summary["text"], ""]
+            lines.append(markdown_table(summary["rows"], summary["columns"]))
         if self.meta.get("goals"):
             lines += ["", "Goals:", ""] + [f"- {g}" for g in self.meta["goals"]]
         if self.meta.get("notes"):
@@ -478,9 +484,14 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                     out = fn(*leaves)
                 grad = torch.randn(out.shape, generator=gen).to(device=s.device, dtype=out.dtype)
                 out.backward(grad)
+                dim = bench.layer_output_dim(fn, c, streams=case.streams, out=out)
                 del out, leaves
                 steps[case.name] = _fwd_bwd(fn, inputs, grad, s.amp_dtype)
                 measured[case.name] = {
+                    "dim": dim,
+                    "layer_params": (
+                        bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0
+                    ),
                     "saved": saved.nbytes,
                     "peak": _peak_mib(steps[case.name], s.device),
                     "input": map_bytes * case.streams,
@@ -508,6 +519,9 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                     "input_MiB": m["input"] / MIB,
                     "saved_vs_input": m["saved"] / m["input"],
                     "peak_MiB": m["peak"],
+                    "D": m["dim"],
+                    "layer_params": m["layer_params"],
+                    "classifier_params": bench.classifier_parameter_count(m["dim"]),
                     "goals": _layer_goal(
                         case, med[case.name], med.get("naive"), m["saved"] / m["input"]
                     ),
@@ -523,13 +537,34 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                "saved_vs_input"]  # fmt: skip
     if s.device.type == "cuda":
         columns.append("peak_MiB")
-    columns.append("goals")
+    columns += ["D", "layer_params", "classifier_params", "goals"]
+    k = bench.CLASSIFIER_CLASSES
+    summary_columns = ["shape", "case", "D", "layer_params", "classifier_params", "fwd_bwd_ms",
+                       "vs_naive", "saved_vs_input"]  # fmt: skip
+    summary_roles = {c.name: c.role for c in cases}
     meta = {
         "command": command,
         "environment": env,
         "settings": {**s.describe(), "input": "relu(randn), float32"},
         "cases": {c.name: c.description for c in cases},
         "goals": _layer_goal_summary(rows, cases),
+        "summary": {
+            "title": "Which pooling to choose",
+            "text": (
+                f"Per shape, every pooling (the references `naive` and `matmul-floor` left out): "
+                f"D, the features per sample it gives (asked of the layer: its output_dim(C), "
+                f"checked against one output); layer_params, its own trainable parameters; "
+                f"classifier_params, those of an {k}-class linear classifier on top "
+                f"({k}*D + {k}); fwd+bwd time and its ratio to the naive chain; saved-for-backward "
+                f"bytes / input. Whole-model parameters: add the backbone's and layer_params."
+            ),
+            "columns": summary_columns,
+            "rows": [
+                {col: r.get(col) for col in summary_columns}
+                for r in rows
+                if summary_roles.get(r["case"]) == "ours"
+            ],
+        },
         "notes": [
             (
                 "vs_naive and vs_floor: median fwd+bwd time of the row / that of `naive` (the op-by-op "
@@ -542,6 +577,14 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                 "torch.autograd.graph.saved_tensors_hooks (inputs included); input_MiB: the input map(s)."
             ),
             "bcnn-2stream takes two maps of the shape, so its input is twice the others'.",
+            (
+                "D: features per sample of the layer's output (its output_dim(C), checked against "
+                "the shape of one output; for naive and matmul-floor the output's size). layer_params: "
+                "trainable parameters of the layer itself (low-rank projections, the 1x1 conv + BN of "
+                "a channel reduction; 0 for parameter-free poolings; compact-ts holds its fixed random "
+                f"hashes and signs as buffers, not parameters). classifier_params: an {k}-class "
+                f"nn.Linear(D, {k}) on top, {k}*D + {k}."
+            ),
             "Cases: " + "; ".join(f"`{c.name}`: {c.description}" for c in cases) + ".",
         ],
     }

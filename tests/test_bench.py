@@ -207,6 +207,45 @@ class TestRegistries:
         out.sum().backward()
         assert torch.isfinite(out).all() and all(torch.isfinite(m.grad).all() for m in maps)
 
+    @pytest.mark.parametrize("name", list(bench.LAYER_CASES))
+    def test_layer_output_dim_matches_one_output(self, name):
+        case = bench.LAYER_CASES[name]
+        fn = case.build(6, torch.device("cpu"))
+        out = fn(*[torch.rand(2, 6, 3, 3) for _ in range(case.streams)])
+        assert bench.layer_output_dim(fn, 6, streams=case.streams, out=out) == out[0].numel()
+
+    def test_layer_output_dim(self):
+        c = 12
+        assert bench.layer_output_dim(FastBilinearPool(), c) == c * c
+        assert bench.layer_output_dim(FastBilinearPool(triu=True), c) == c * (c + 1) // 2
+        for name, expected in (
+            ("fast-bcnn", c * c),
+            ("fast-bcnn-triu", c * (c + 1) // 2),
+            ("bcnn-2stream", c * c),
+            ("isqrt-cov", c * (c + 1) // 2),
+            ("isqrt-cov-r256", 256 * 257 // 2),
+            ("compact-ts", 8192),
+            ("lowrank-r512", 512),
+        ):
+            case = bench.LAYER_CASES[name]
+            fn = case.build(c, torch.device("cpu"))
+            assert bench.layer_output_dim(fn, c, streams=case.streams) == expected, name
+        # no output_dim: the size of one output
+        assert bench.layer_output_dim(bench.naive_bilinear_chain, c, out=torch.zeros(2, c * c)) == c * c
+        with pytest.raises(ValueError, match="no output_dim"):
+            bench.layer_output_dim(bench.naive_bilinear_chain, c)
+        with pytest.raises(RuntimeError, match="output_dim"):
+            bench.layer_output_dim(FastBilinearPool(), c, out=torch.zeros(2, c))
+
+    def test_classifier_parameter_count(self):
+        assert bench.CLASSIFIER_CLASSES == 8
+        for dim in (1, 36, 512, 8192):
+            expected = bench.count_parameters(nn.Linear(dim, 8))
+            assert bench.classifier_parameter_count(dim) == expected == 8 * dim + 8
+        assert bench.classifier_parameter_count(10, 3) == 33
+        with pytest.raises(ValueError, match="dim must be a positive int"):
+            bench.classifier_parameter_count(0)
+
     def test_register_layer_case_rejects_duplicates(self):
         with pytest.raises(ValueError, match="already registered"):
             bench.register_layer_case(bench.LAYER_CASES["naive"])
@@ -240,6 +279,25 @@ class TestCommandLine:
         assert float(by["2x8x4x4", "fast-bcnn"]["saved_vs_input"]) == 1.0
         assert float(by["2x8x4x4", "fast-bcnn"]["input_MiB"]) == 2 * 8 * 4 * 4 * FLOAT32 / 2**20
         assert "memory met (1.00x)" in by["2x8x4x4", "fast-bcnn"]["goals"]
+        # what a user needs to choose: D, the layer's parameters, an 8-class classifier's
+        for shape, c in (("2x8x4x4", 8), ("3x6x2x3", 6)):
+            expected = {
+                "naive": (c * c, 0),
+                "matmul-floor": (c * c, 0),
+                "fast-bcnn": (c * c, 0),
+                "fast-bcnn-triu": (c * (c + 1) // 2, 0),
+                "bcnn-2stream": (c * c, 0),
+                "isqrt-cov": (c * (c + 1) // 2, 0),
+                "isqrt-cov-r256": (256 * 257 // 2, c * 256 + 2 * 256),  # 1x1 conv + BN
+                "compact-ts": (8192, 0),  # random projections are buffers
+                "lowrank-r512": (512, 2 * 512 * c),  # U and V
+                "test-gap": (c, 0),  # no output_dim: from the output's shape
+            }
+            for name, (dim, layer_params) in expected.items():
+                row = by[shape, name]
+                assert int(row["D"]) == dim, (shape, name)
+                assert int(row["layer_params"]) == layer_params, (shape, name)
+                assert int(row["classifier_params"]) == 8 * dim + 8, (shape, name)
         data = json.loads((tmp_path / "layers.json").read_text())
         assert (
             data["environment"]["threads"] == 1
@@ -248,11 +306,24 @@ class TestCommandLine:
         assert data["command"].startswith("bilinearpool-bench layers --shapes 2x8x4x4")
         assert len(data["raw"]) == len(rows) and all(len(r["times_s"]) == 1 for r in data["raw"])
         assert any("saved bytes <= 1.1x" in g for g in data["goals"])
+        assert all(
+            {"D", "layer_params", "classifier_params"} <= set(r) for r in data["rows"]
+        )
+        summary = data["summary"]
+        assert summary["columns"][:5] == ["shape", "case", "D", "layer_params", "classifier_params"]
+        assert {"vs_naive", "saved_vs_input"} <= set(summary["columns"])
+        ours = [(r["shape"], r["case"]) for r in rows if r["case"] not in ("naive", "matmul-floor")]
+        assert [(r["shape"], r["case"]) for r in summary["rows"]] == ours
+        assert summary["rows"][0]["classifier_params"] == 8 * summary["rows"][0]["D"] + 8
         md = (tmp_path / "layers.md").read_text()
         assert (
             "| shape | case |" in md
             and "Goals:" in md
             and "Command: `bilinearpool-bench layers" in md
+            and "### Which pooling to choose" in md
+            and "| shape | case | D | layer_params | classifier_params |" in md
+            and "| 2x8x4x4 | fast-bcnn | 64 | 0 | 520 |" in md
+            and "| 2x8x4x4 | lowrank-r512 | 512 | 8,192 | 4,104 |" in md
         )
 
     def test_models_end_to_end_and_report(self, tmp_path, capsys, keep_threads):
