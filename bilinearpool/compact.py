@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_channels, check_positive_int
+from .functional._checks import check_positive_int, check_streams
 from .functional.sketch import random_maclaurin, tensor_sketch
 
 __all__ = ["CompactBilinearPool"]
@@ -112,12 +112,7 @@ class CompactBilinearPool(nn.Module):
         return self.out_features
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        if y is None and self.in_channels_b is not None:
-            raise ValueError(
-                f"this layer has two streams (in_channels_b={self.in_channels_b}): call it as layer(x, y)"
-            )
-        check_channels("x (in_channels)", x, self.in_channels)
-        check_channels("y (in_channels_b)", y, self.in_channels if self.in_channels_b is None else self.in_channels_b)
+        check_streams(x, y, self.in_channels, self.in_channels_b)
         if self.method == "tensor_sketch":
             return tensor_sketch(
                 x, y, index_a=self.index_a, sign_a=self.sign_a, index_b=self.index_b,

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_channels, check_positive_int
+from .functional._checks import check_positive_int, check_streams
 from .functional.lowrank import low_rank_bilinear_pool
 
 __all__ = ["LowRankBilinearPool"]
@@ -103,12 +103,7 @@ class LowRankBilinearPool(nn.Module):
         return self.rank if self.out_features is None else self.out_features
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        if y is None and self.in_channels_b is not None:
-            raise ValueError(
-                f"this layer has two streams (in_channels_b={self.in_channels_b}): call it as layer(x, y)"
-            )
-        check_channels("x (in_channels)", x, self.in_channels)
-        check_channels("y (in_channels_b)", y, self.in_channels if self.in_channels_b is None else self.in_channels_b)
+        check_streams(x, y, self.in_channels, self.in_channels_b)
         if y is not None and self.shared:
             raise ValueError("shared=True pools one stream, but a second input y was given")
         return low_rank_bilinear_pool(

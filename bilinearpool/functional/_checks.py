@@ -19,6 +19,7 @@ __all__ = [
     "check_channels",
     "check_floating",
     "check_positive_int",
+    "check_streams",
     "compute_dtype",
     "no_autocast",
     "pair_streams",
@@ -123,3 +124,15 @@ def check_channels(name: str, t: Tensor | None, expected: int) -> None:
         got = t.shape[1] if t.dim() == 4 else t.shape[2]
         if got != expected:
             raise ValueError(f"{name} must have {expected} channels, but got shape {tuple(t.shape)}")
+
+
+def check_streams(x: Tensor, y: Tensor | None, in_channels: int, in_channels_b: int | None) -> None:
+    """Check the inputs of a one- or two-stream pooling module against its configuration.
+
+    A module built with ``in_channels_b`` needs both streams; each stream must have the
+    channels the module was built for (``y`` defaults to ``in_channels`` for one-stream modules).
+    """
+    if y is None and in_channels_b is not None:
+        raise ValueError(f"this layer has two streams (in_channels_b={in_channels_b}): call it as layer(x, y)")
+    check_channels("x (in_channels)", x, in_channels)
+    check_channels("y (in_channels_b)", y, in_channels if in_channels_b is None else in_channels_b)

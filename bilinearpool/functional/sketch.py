@@ -59,6 +59,35 @@ def _chunk_size(batch: int, locations: int, out_features: int) -> int:
     return max(1, min(locations, _CHUNK_ELEMENTS // max(1, batch * out_features)))
 
 
+def _stream_grad(
+    g: Tensor,
+    f_other: Tensor,
+    chunk: Tensor,
+    index: Tensor,
+    sign: Tensor,
+    d: int,
+    need_x: bool,
+    need_sign: bool,
+    grads: list[Tensor],
+    grad_sign: Tensor | None,
+) -> Tensor | None:
+    """One stream's gradient for one chunk of locations, in the sketch backward.
+
+    d/d(Psi x) is the cross-correlation of the incoming gradient's spectrum ``g`` with the
+    other stream's sketch spectrum, gathered at the hash positions h(c): (B, n, C). Appends
+    the input gradient of the chunk to ``grads`` and returns the running sign gradient.
+    """
+    if not (need_x or need_sign):
+        return grad_sign
+    hit = torch.fft.irfft(g * f_other.conj(), n=d, dim=2).index_select(2, index)
+    if need_x:
+        grads.append((hit * sign.to(hit.dtype)).transpose(1, 2))
+    if need_sign:
+        part = (hit * chunk.transpose(1, 2)).sum(dim=(0, 1))
+        grad_sign = part if grad_sign is None else grad_sign + part
+    return grad_sign
+
+
 class _TensorSketch(torch.autograd.Function):
     """``irfft(mean_n rfft(Psi_a a_n) * rfft(Psi_b b_n))``, in chunks of locations.
 
@@ -102,21 +131,8 @@ class _TensorSketch(torch.autograd.Function):
                 ca, cb = a[:, :, s : s + step], b[:, :, s : s + step]
                 fa = torch.fft.rfft(_count_sketch(ca, index_a, sign_a, d), n=d, dim=2)
                 fb = torch.fft.rfft(_count_sketch(cb, index_b, sign_b, d), n=d, dim=2)
-                if need_a or need_sa:
-                    # d/d(Psi_a a): gather the cross-correlation at h_a(c): (B, n, C_1).
-                    hit = torch.fft.irfft(g * fb.conj(), n=d, dim=2).index_select(2, index_a)
-                    if need_a:
-                        ga.append((hit * sign_a.to(hit.dtype)).transpose(1, 2))
-                    if need_sa:
-                        part = (hit * ca.transpose(1, 2)).sum(dim=(0, 1))
-                        gsa = part if gsa is None else gsa + part
-                if need_b or need_sb:
-                    hit = torch.fft.irfft(g * fa.conj(), n=d, dim=2).index_select(2, index_b)
-                    if need_b:
-                        gb.append((hit * sign_b.to(hit.dtype)).transpose(1, 2))
-                    if need_sb:
-                        part = (hit * cb.transpose(1, 2)).sum(dim=(0, 1))
-                        gsb = part if gsb is None else gsb + part
+                gsa = _stream_grad(g, fb, ca, index_a, sign_a, d, need_a, need_sa, ga, gsa)
+                gsb = _stream_grad(g, fa, cb, index_b, sign_b, d, need_b, need_sb, gb, gsb)
         if need_a:
             out[0] = torch.cat(ga, dim=2)
         if need_b:
