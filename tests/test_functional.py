@@ -304,6 +304,36 @@ class TestFastBilinearPool:
                 seen[b0:b1, r0:r1] += 1
             assert torch.equal(seen, torch.ones_like(seen))
 
+    @pytest.mark.parametrize("batch,channels,target", [(3, 11, 40), (8, 2048, 1 << 18), (32, 256, 1 << 18), (2, 3, 1), (16, 512, 1 << 26)])
+    def test_panels_cover_the_upper_triangle_once(self, batch, channels, target):
+        seen = torch.zeros(batch, channels, channels, dtype=torch.int64)
+        panels = FB._panels(batch, channels, target)
+        for b0, b1, r0, r1 in panels:
+            seen[b0:b1, r0:r1, r0:] += 1
+        # Every entry on or above the diagonal exactly once (panels also hold the lower
+        # half of their diagonal block, which the op does not use).
+        assert torch.equal(seen.triu(), torch.ones_like(seen).triu()) and seen.max() == 1
+        rows = {r1 - r0 for _, _, r0, r1 in panels}
+        if channels >= 1024:  # large matrices are cut into several panels
+            assert len({r0 for _, _, r0, _ in panels}) >= 8 and max(rows) <= target // channels
+
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_transposes_as_views_leave_the_incoming_gradient_alone(self, triu, monkeypatch, blocking):
+        """Off CPU the panels' transposes are views of the incoming gradient; it must stay unchanged."""
+        monkeypatch.setattr(FB, "_transposed", lambda x: x.transpose(1, 2))
+        (x,) = [t.requires_grad_() for t in self.inputs(False)]
+        out = fast_bilinear_pool(x, triu=triu)
+        dz = torch.randn_like(out)
+        dz_copy = dz.clone()
+        (g,) = torch.autograd.grad(out, x, dz)
+        (g_ref,) = torch.autograd.grad(naive_chain(x, triu=triu), x, dz)
+        assert torch.equal(dz, dz_copy)
+        torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+
+    def test_transposed_blocks(self):
+        x = torch.randn(3, 9, 130)[:, 2:, 5:]  # strided rows, as the panels' slices
+        torch.testing.assert_close(FB._transposed(x), x.transpose(1, 2), rtol=0, atol=0)
+
     def test_compile(self):
         x = torch.randn(2, 6, 4, 4).relu().requires_grad_()
         compiled = torch.compile(fast_bilinear_pool, backend="eager", fullgraph=False)
