@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional._checks import check_positive_int, check_streams
-from .functional.sketch import random_maclaurin, tensor_sketch
+from .functional.sketch import _ALGORITHMS, random_maclaurin, tensor_sketch
 
 __all__ = ["CompactBilinearPool"]
 
@@ -23,8 +23,8 @@ class CompactBilinearPool(nn.Module):
 
     The random projections (hashes and signs, or Rademacher matrices) are buffers drawn
     from ``seed`` with a local generator on the CPU, so the same seed gives the same
-    layer on every device, and they are saved in the ``state_dict``. ``"tensor_sketch"``
-    uses ``torch.fft`` and does not export to ONNX; ``"random_maclaurin"`` does.
+    layer on every device, and they are saved in the ``state_dict``. Both methods export
+    to ONNX (Tensor Sketch through its Gram formula, which needs no FFT).
 
     Args:
         in_channels: channels :math:`C_1` of the first stream.
@@ -32,6 +32,13 @@ class CompactBilinearPool(nn.Module):
             :math:`C_2 = C_1`, and ``forward(x)`` pools ``x`` with itself.
         out_features: output dimension :math:`d`.
         method: ``"tensor_sketch"`` or ``"random_maclaurin"``.
+        algorithm: how Tensor Sketch is computed (same result up to rounding):
+            ``"fft"``, per-location FFTs, :math:`O(N d \\log d)`; ``"gram"``, one batched
+            matmul :math:`X Y^\\top` and a scatter of its :math:`C_1 C_2` entries,
+            :math:`O(C_1 C_2 N)` at matmul speed, much faster at small channel counts
+            (e.g. ~9x at C=512, 28x28, d=8192 on a CPU); ``"auto"`` picks by a cost model
+            (:func:`~bilinearpool.functional.sketch.tensor_sketch`). Only for
+            ``method="tensor_sketch"``.
         seed: seed of the projections.
         device: device of the projection buffers.
         dtype: floating dtype of the sign / Rademacher buffers.
@@ -58,6 +65,7 @@ class CompactBilinearPool(nn.Module):
         in_channels_b: int | None = None,
         out_features: int = 8192,
         method: str = "tensor_sketch",
+        algorithm: str = "auto",
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -69,6 +77,12 @@ class CompactBilinearPool(nn.Module):
         check_positive_int("out_features", out_features)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, but got {method!r}")
+        if algorithm not in _ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {_ALGORITHMS}, but got {algorithm!r}")
+        if method != "tensor_sketch" and algorithm != "auto":
+            raise ValueError(
+                f"algorithm={algorithm!r} applies to method='tensor_sketch' only, but method={method!r}"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
         if dtype is not None and not dtype.is_floating_point:
@@ -77,6 +91,7 @@ class CompactBilinearPool(nn.Module):
         self.in_channels_b = in_channels_b
         self.out_features = out_features
         self.method = method
+        self.algorithm = algorithm
         self.seed = seed
         c_b = in_channels if in_channels_b is None else in_channels_b
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
@@ -116,13 +131,14 @@ class CompactBilinearPool(nn.Module):
         if self.method == "tensor_sketch":
             return tensor_sketch(
                 x, y, index_a=self.index_a, sign_a=self.sign_a, index_b=self.index_b,
-                sign_b=self.sign_b, out_features=self.out_features,
+                sign_b=self.sign_b, out_features=self.out_features, algorithm=self.algorithm,
             )
         return random_maclaurin(x, y, weight_a=self.weight_a, weight_b=self.weight_b)
 
     def extra_repr(self) -> str:
         b = "" if self.in_channels_b is None else f", in_channels_b={self.in_channels_b}"
+        algorithm = f", algorithm='{self.algorithm}'" if self.method == "tensor_sketch" else ""
         return (
             f"in_channels={self.in_channels}{b}, out_features={self.out_features}, "
-            f"method='{self.method}', seed={self.seed}"
+            f"method='{self.method}'{algorithm}, seed={self.seed}"
         )

@@ -13,6 +13,12 @@ from bilinearpool.functional.sketch import random_maclaurin, tensor_sketch
 from _onnx import run_onnx
 
 METHODS = ("tensor_sketch", "random_maclaurin")
+# Every way a CompactBilinearPool computes: both Tensor Sketch algorithms, and Random Maclaurin.
+VARIANTS = {
+    "ts-fft": {"method": "tensor_sketch", "algorithm": "fft"},
+    "ts-gram": {"method": "tensor_sketch", "algorithm": "gram"},
+    "rm": {"method": "random_maclaurin"},
+}
 
 
 def features(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -51,22 +57,22 @@ def kernel_estimates(method: str, x: torch.Tensor, y: torch.Tensor, d: int, draw
 
 
 class TestCompactBilinearPool:
-    @pytest.mark.parametrize("method", METHODS)
-    def test_smoke(self, method: str) -> None:
-        out = CompactBilinearPool(in_channels=8, out_features=32, method=method)(features(2, 8, 3, 3))
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_smoke(self, variant: str) -> None:
+        out = CompactBilinearPool(in_channels=8, out_features=32, **VARIANTS[variant])(features(2, 8, 3, 3))
         assert out.shape == (2, 32)
         assert torch.isfinite(out).all()
 
-    @pytest.mark.parametrize("method", METHODS)
+    @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 4, 2), (2, 16, 7, 7), (2, 9, 6), (1, 1, 3)])
     @pytest.mark.parametrize("d", [1, 17, 64])
-    def test_cardinality(self, method: str, shape: tuple[int, ...], d: int) -> None:
+    def test_cardinality(self, variant: str, shape: tuple[int, ...], d: int) -> None:
         x = features(*shape)
         c = shape[1] if len(shape) == 4 else shape[2]
-        pool = CompactBilinearPool(in_channels=c, out_features=d, method=method)
+        pool = CompactBilinearPool(in_channels=c, out_features=d, **VARIANTS[variant])
         assert pool(x).shape == (shape[0], d) == (shape[0], pool.output_dim(c))
         y_shape = (*shape[:1], 3, *shape[2:]) if len(shape) == 4 else (*shape[:2], 3)
-        two = CompactBilinearPool(in_channels=c, in_channels_b=3, out_features=d, method=method)
+        two = CompactBilinearPool(in_channels=c, in_channels_b=3, out_features=d, **VARIANTS[variant])
         assert two(x, features(*y_shape)).shape == (shape[0], d)
 
     def test_exception(self) -> None:
@@ -76,6 +82,10 @@ class TestCompactBilinearPool:
             CompactBilinearPool(in_channels=-1)
         with pytest.raises(ValueError, match="method must be one of .* but got 'fft'"):
             CompactBilinearPool(in_channels=4, method="fft")
+        with pytest.raises(ValueError, match=r"algorithm must be one of \('auto', 'fft', 'gram'\), but got 'direct'"):
+            CompactBilinearPool(in_channels=4, algorithm="direct")
+        with pytest.raises(ValueError, match="algorithm='gram' applies to method='tensor_sketch' only"):
+            CompactBilinearPool(in_channels=4, method="random_maclaurin", algorithm="gram")
         with pytest.raises(TypeError, match="seed must be an int, but got float"):
             CompactBilinearPool(in_channels=4, seed=1.5)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="floating-point dtype, but got torch.int64"):
@@ -90,9 +100,14 @@ class TestCompactBilinearPool:
         with pytest.raises(ValueError, match="weight_a and weight_b must have the same number of rows d"):
             random_maclaurin(torch.zeros(1, 4, 2, 2), weight_a=torch.ones(8, 4), weight_b=torch.ones(6, 4))
 
-    @pytest.mark.parametrize("method", METHODS)
-    def test_noncontiguous_and_channels_last(self, method: str) -> None:
-        pool = CompactBilinearPool(in_channels=6, out_features=16, method=method, dtype=torch.float64)
+    def test_repr(self) -> None:
+        pool = CompactBilinearPool(in_channels=4, out_features=8, algorithm="gram")
+        assert "method='tensor_sketch', algorithm='gram', seed=0" in repr(pool)
+        assert "algorithm" not in repr(CompactBilinearPool(in_channels=4, method="random_maclaurin"))
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_noncontiguous_and_channels_last(self, variant: str) -> None:
+        pool = CompactBilinearPool(in_channels=6, out_features=16, dtype=torch.float64, **VARIANTS[variant])
         x = features(2, 6, 5, 4, dtype=torch.float64)
         ref = pool(x)
         torch.testing.assert_close(pool(x.to(memory_format=torch.channels_last)), ref)
@@ -100,30 +115,33 @@ class TestCompactBilinearPool:
         torch.testing.assert_close(pool(strided), ref)
         torch.testing.assert_close(pool(x.flatten(2).transpose(1, 2)), ref)
 
-    @pytest.mark.parametrize("method", METHODS)
-    def test_gradcheck(self, method: str) -> None:
-        pool = CompactBilinearPool(in_channels=3, in_channels_b=2, out_features=7, method=method, dtype=torch.float64)
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_gradcheck(self, variant: str) -> None:
+        pool = CompactBilinearPool(in_channels=3, in_channels_b=2, out_features=7, dtype=torch.float64, **VARIANTS[variant])
         x = features(2, 3, 2, 2, dtype=torch.float64).requires_grad_()
         y = features(2, 2, 2, 2, dtype=torch.float64, seed=1).requires_grad_()
         assert torch.autograd.gradcheck(pool, (x, y))
 
-    def test_module_equals_function(self) -> None:
+    @pytest.mark.parametrize("algorithm", ["auto", "fft", "gram"])
+    def test_module_equals_function(self, algorithm: str) -> None:
         x = features(2, 5, 3, 3)
-        ts = CompactBilinearPool(in_channels=5, out_features=16, seed=3)
+        ts = CompactBilinearPool(in_channels=5, out_features=16, seed=3, algorithm=algorithm)
         ref = tensor_sketch(
-            x, index_a=ts.index_a, sign_a=ts.sign_a, index_b=ts.index_b, sign_b=ts.sign_b, out_features=16
+            x, index_a=ts.index_a, sign_a=ts.sign_a, index_b=ts.index_b, sign_b=ts.sign_b, out_features=16,
+            algorithm=algorithm,
         )
-        torch.testing.assert_close(ts(x), ref)
+        assert torch.equal(ts(x), ref)
         rm = CompactBilinearPool(in_channels=5, out_features=16, method="random_maclaurin", seed=3)
         torch.testing.assert_close(rm(x), random_maclaurin(x, weight_a=rm.weight_a, weight_b=rm.weight_b))
 
+    @pytest.mark.parametrize("algorithm", ["fft", "gram"])
     @pytest.mark.parametrize("two_streams", [False, True])
-    def test_equals_naive_sketch_of_full_matrix(self, two_streams: bool) -> None:
+    def test_equals_naive_sketch_of_full_matrix(self, algorithm: str, two_streams: bool) -> None:
         x = features(3, 6, 4, 4, dtype=torch.float64)
         y = features(3, 4, 4, 4, dtype=torch.float64, seed=1) if two_streams else None
         kw = {"in_channels": 6, "in_channels_b": 4 if two_streams else None, "out_features": 13, "dtype": torch.float64}
         g = bilinear(x, x if y is None else y)
-        ts = CompactBilinearPool(**kw)
+        ts = CompactBilinearPool(algorithm=algorithm, **kw)
         torch.testing.assert_close(ts(x, y), naive_tensor_sketch(g, ts))
         rm = CompactBilinearPool(method="random_maclaurin", **kw)
         torch.testing.assert_close(rm(x, y), naive_maclaurin(g, rm))
@@ -166,19 +184,19 @@ class TestCompactBilinearPool:
         pool.reset_parameters()
         assert torch.equal(pool(x), before)
 
-    @pytest.mark.parametrize("method", METHODS)
-    def test_compile(self, method: str) -> None:
-        pool = CompactBilinearPool(in_channels=6, in_channels_b=3, out_features=16, method=method)
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_compile(self, variant: str) -> None:
+        pool = CompactBilinearPool(in_channels=6, in_channels_b=3, out_features=16, **VARIANTS[variant])
         compiled = torch.compile(pool, backend="aot_eager")
         x, y = features(2, 6, 3, 3).requires_grad_(), features(2, 3, 3, 3, seed=1)
         torch.testing.assert_close(compiled(x, y), pool(x, y))
         compiled(x, y).sum().backward()
         assert torch.isfinite(x.grad).all()
 
-    @pytest.mark.parametrize("method", METHODS)
-    def test_autocast(self, method: str) -> None:
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_autocast(self, variant: str) -> None:
         # Stated behaviour: computed in float32 under autocast and for bfloat16 input; float32 out.
-        pool = CompactBilinearPool(in_channels=6, out_features=16, method=method)
+        pool = CompactBilinearPool(in_channels=6, out_features=16, **VARIANTS[variant])
         x = features(2, 6, 3, 3)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = pool(x)
@@ -192,10 +210,15 @@ class TestCompactBilinearPool:
         x, y = features(2, 6, 3, 3), features(2, 4, 3, 3, seed=1)
         torch.testing.assert_close(torch.from_numpy(run_onnx(pool, x, y)), pool(x, y), atol=1e-5, rtol=1e-4)
 
-    def test_onnx_tensor_sketch_not_exported(self) -> None:
-        # The TorchScript exporter has no rfft: Tensor Sketch does not export to ONNX.
-        with pytest.raises(Exception, match="fft"):
-            run_onnx(CompactBilinearPool(in_channels=4, out_features=8), features(1, 4, 2, 2))
+    @pytest.mark.parametrize("algorithm", ["fft", "gram"])
+    @pytest.mark.parametrize("two_streams", [False, True])
+    def test_onnx_tensor_sketch(self, algorithm: str, two_streams: bool) -> None:
+        # Exported through the Gram formula (the TorchScript exporter has no rfft), whatever the algorithm.
+        pool = CompactBilinearPool(
+            in_channels=6, in_channels_b=4 if two_streams else None, out_features=16, algorithm=algorithm
+        )
+        inputs = (features(2, 6, 3, 3), features(2, 4, 3, 3, seed=1)) if two_streams else (features(2, 6, 3, 3),)
+        torch.testing.assert_close(torch.from_numpy(run_onnx(pool, *inputs)), pool(*inputs), atol=1e-5, rtol=1e-4)
 
 
 def explicit_tensor_sketch(x: torch.Tensor, y: torch.Tensor, ia, sa, ib, sb, d: int) -> torch.Tensor:
@@ -206,8 +229,28 @@ def explicit_tensor_sketch(x: torch.Tensor, y: torch.Tensor, ia, sa, ib, sb, d: 
     return torch.einsum("bij,ijk->bk", g, sketch)
 
 
-class TestTensorSketchChunked:
-    """The chunked custom autograd function against the explicit count-sketch matrix."""
+# (algorithm, blocking) pairs: how finely each custom autograd function splits its work.
+# FFT: one location per chunk, or all; Gram: one row of G, two rows, two whole samples, or all.
+SPLITS = [("fft", "fine"), ("fft", "whole"), ("gram", "fine"), ("gram", "rows"), ("gram", "samples"), ("gram", "whole")]
+
+
+def set_blocks(monkeypatch, blocking: str, c1: int, c2: int) -> None:
+    import bilinearpool.functional.sketch as sketch
+
+    chunk, block = {"fine": (1, 1), "rows": (1, 2 * c2), "samples": (1, 2 * c1 * c2), "whole": (10**9, 10**9)}[blocking]
+    monkeypatch.setattr(sketch, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(sketch, "_GRAM_BLOCK_ELEMENTS", block)
+
+
+def set_fold(monkeypatch, fold: bool) -> None:
+    """Force the Gram backward's one-stream fold (normally from 128 locations on) on or off."""
+    import bilinearpool.functional.sketch as sketch
+
+    monkeypatch.setattr(sketch, "_SYMMETRIC_MIN_LOCATIONS", 1 if fold else 10**9)
+
+
+class TestTensorSketchAlgorithms:
+    """The chunked FFT and the blocked Gram autograd functions against the explicit count-sketch matrix."""
 
     @staticmethod
     def draw(c1: int, c2: int, d: int, seed: int = 0):
@@ -217,46 +260,100 @@ class TestTensorSketchChunked:
         sb = (torch.randint(0, 2, (c2,), generator=g) * 2 - 1).double()
         return ia, sa, ib, sb
 
-    @pytest.mark.parametrize("chunk", [1, 10**9])  # one location per chunk / everything in one chunk
+    @pytest.mark.parametrize("algorithm,blocking", SPLITS)
     @pytest.mark.parametrize("two_streams", [False, True])
-    def test_values_and_gradients_match_explicit(self, monkeypatch, chunk: int, two_streams: bool) -> None:
-        import bilinearpool.functional.sketch as sketch
-
-        monkeypatch.setattr(sketch, "_CHUNK_ELEMENTS", chunk)
-        d = 11
+    @pytest.mark.parametrize("sign_grad", [False, True])
+    def test_values_and_gradients_match_explicit(
+        self, monkeypatch, algorithm: str, blocking: str, two_streams: bool, sign_grad: bool
+    ) -> None:
+        d, c2 = 11, 4 if two_streams else 5
+        set_blocks(monkeypatch, blocking, 5, c2)
         x = features(3, 5, 3, 4, dtype=torch.float64).requires_grad_()
         y = features(3, 4, 3, 4, dtype=torch.float64, seed=1).requires_grad_() if two_streams else None
-        ia, sa, ib, sb = self.draw(5, 4 if two_streams else 5, d)
-        sa, sb = sa.requires_grad_(), sb.requires_grad_()
-        out = tensor_sketch(x, y, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d)
+        ia, sa, ib, sb = self.draw(5, c2, d)
+        sa, sb = sa.requires_grad_(sign_grad), sb.requires_grad_(sign_grad)
+        out = tensor_sketch(x, y, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d, algorithm=algorithm)
         ref = explicit_tensor_sketch(x, x if y is None else y, ia, sa, ib, sb, d)
         torch.testing.assert_close(out, ref)
-        inputs = [t for t in (x, y, sa, sb) if t is not None]
+        inputs = [t for t in (x, y, sa, sb) if t is not None and t.requires_grad]
         go = features(3, d, dtype=torch.float64, seed=2)
         for got, want in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(ref, inputs, go)):
             torch.testing.assert_close(got, want)
 
-    @pytest.mark.parametrize("two_streams", [False, True])
-    def test_gradcheck_and_gradgradcheck_chunked(self, monkeypatch, two_streams: bool) -> None:
-        import bilinearpool.functional.sketch as sketch
+    @pytest.mark.parametrize("blocking", ["fine", "rows", "samples", "whole"])
+    @pytest.mark.parametrize("fold", [False, True])
+    def test_gram_one_stream_backward(self, monkeypatch, blocking: str, fold: bool) -> None:
+        # One stream without sign gradients: the backward may fold its two products into one.
+        d = 9
+        set_blocks(monkeypatch, blocking, 5, 5)
+        set_fold(monkeypatch, fold)
+        x = features(3, 5, 2, 3, dtype=torch.float64).requires_grad_()
+        ia, sa, ib, sb = self.draw(5, 5, d)
 
-        monkeypatch.setattr(sketch, "_CHUNK_ELEMENTS", 1)
-        d = 7
+        def f(x):
+            return tensor_sketch(x, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d, algorithm="gram")
+
+        go = features(3, d, dtype=torch.float64, seed=2)
+        got = torch.autograd.grad(f(x), x, go)[0]
+        want = torch.autograd.grad(explicit_tensor_sketch(x, x, ia, sa, ib, sb, d), x, go)[0]
+        torch.testing.assert_close(got, want)
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))
+
+    @pytest.mark.parametrize("algorithm", ["fft", "gram"])
+    @pytest.mark.parametrize("two_streams", [False, True])
+    def test_gradcheck_and_gradgradcheck_split(self, monkeypatch, algorithm: str, two_streams: bool) -> None:
+        d, c2 = 7, 2 if two_streams else 5
+        set_blocks(monkeypatch, "fine", 5, c2)
         x = features(2, 3, 5, dtype=torch.float64).requires_grad_()  # tokens (B, N, C)
         y = features(2, 3, 2, dtype=torch.float64, seed=1).requires_grad_() if two_streams else None
-        ia, sa, ib, sb = self.draw(5, 2 if two_streams else 5, d)
+        ia, sa, ib, sb = self.draw(5, c2, d)
         sa, sb = sa.requires_grad_(), sb.requires_grad_()
 
         def f(x, y, sa, sb):
-            return tensor_sketch(x, y, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d)
+            return tensor_sketch(x, y, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d, algorithm=algorithm)
 
         assert torch.autograd.gradcheck(f, (x, y, sa, sb))
         assert torch.autograd.gradgradcheck(f, (x, y, sa, sb))
 
-    def test_saves_only_inputs(self) -> None:
-        # Nothing of size (B, N, d) is kept for backward: only the input map and the buffers.
-        pool = CompactBilinearPool(in_channels=8, out_features=4096)
+    @settings(max_examples=15, deadline=None)
+    @given(
+        b=st.integers(1, 3), c1=st.integers(1, 9), c2=st.one_of(st.none(), st.integers(1, 9)),
+        n=st.integers(1, 10), d=st.integers(1, 40), seed=st.integers(0, 2**16),
+    )
+    def test_property_fft_equals_gram(self, b: int, c1: int, c2: int | None, n: int, d: int, seed: int) -> None:
+        x = features(b, n, c1, dtype=torch.float64, seed=seed).requires_grad_()
+        y = None if c2 is None else features(b, n, c2, dtype=torch.float64, seed=seed + 1).requires_grad_()
+        ia, sa, ib, sb = self.draw(c1, c1 if c2 is None else c2, d, seed)
+        sa, sb = sa.requires_grad_(), sb.requires_grad_()
+        inputs = [t for t in (x, y, sa, sb) if t is not None]
+        go = features(b, d, dtype=torch.float64, seed=seed + 2)
+        res = {}
+        for algorithm in ("fft", "gram"):
+            out = tensor_sketch(x, y, index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=d, algorithm=algorithm)
+            res[algorithm] = (out, *torch.autograd.grad(out, inputs, go))
+        for got, want in zip(res["gram"], res["fft"]):
+            torch.testing.assert_close(got, want)
+
+    @pytest.mark.parametrize("two_streams", [False, True])
+    def test_fft_and_gram_agree_float32(self, two_streams: bool) -> None:
+        # Realistic sizes in float32: both are exact up to rounding (the FFT's is larger).
+        pool = {a: CompactBilinearPool(in_channels=64, in_channels_b=32 if two_streams else None,
+                                       out_features=1024, algorithm=a) for a in ("fft", "gram")}
+        x = torch.relu(features(4, 64, 7, 7))
+        y = torch.relu(features(4, 32, 7, 7, seed=1)) if two_streams else None
+        out = {a: p(x, y) for a, p in pool.items()}
+        scale = out["fft"].abs().max()
+        torch.testing.assert_close(out["gram"], out["fft"], atol=1e-5 * scale, rtol=1e-4)
+
+    @pytest.mark.parametrize("algorithm", ["fft", "gram"])
+    @pytest.mark.parametrize("two_streams", [False, True])
+    def test_saves_only_inputs(self, algorithm: str, two_streams: bool) -> None:
+        # Nothing of size (B, N, d) (FFT) or (B, C1, C2) (Gram) is kept for backward: only inputs and buffers.
+        pool = CompactBilinearPool(in_channels=8, in_channels_b=8 if two_streams else None, out_features=4096,
+                                   algorithm=algorithm)
         x = features(2, 8, 6, 6).requires_grad_()
+        y = features(2, 8, 6, 6, seed=1).requires_grad_() if two_streams else None
         saved: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -264,19 +361,49 @@ class TestTensorSketchChunked:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = pool(x)
+            out = pool(x, y)
         buffers = sum(b.numel() * b.element_size() for b in pool.buffers())
-        assert sum(saved.values()) <= x.numel() * x.element_size() + buffers
+        inputs = sum(t.numel() * t.element_size() for t in (x, y) if t is not None)
+        assert sum(saved.values()) <= inputs + buffers
         out.sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
 
-    def test_low_precision_gradient_dtype(self) -> None:
-        pool = CompactBilinearPool(in_channels=6, out_features=16)
-        x = features(2, 6, 3, 3).bfloat16().requires_grad_()
+    @pytest.mark.parametrize("algorithm", ["fft", "gram"])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_low_precision_gradient_dtype(self, algorithm: str, dtype: torch.dtype) -> None:
+        pool = CompactBilinearPool(in_channels=6, out_features=16, algorithm=algorithm)
+        x = features(2, 6, 3, 3).to(dtype).requires_grad_()
         out = pool(x)
         assert out.dtype == torch.float32
         out.sum().backward()
-        assert x.grad.dtype == torch.bfloat16
-        ref = features(2, 6, 3, 3).bfloat16().float().requires_grad_()
+        assert x.grad.dtype == dtype
+        ref = features(2, 6, 3, 3).to(dtype).float().requires_grad_()
+        torch.testing.assert_close(out, pool(ref))
         pool(ref).sum().backward()
-        torch.testing.assert_close(x.grad, ref.grad.bfloat16())
+        torch.testing.assert_close(x.grad, ref.grad.to(dtype))
+
+    @pytest.mark.parametrize(
+        "batch,channels,size,expected",
+        [(2, 256, 14, "Gram"), (1, 512, 28, "Gram"), (1, 2048, 7, "FFT"), (1, 2048, 3, "FFT"), (2, 512, 1, "FFT")],
+    )
+    def test_auto_rule(self, batch: int, channels: int, size: int, expected: str) -> None:
+        # d = 8192: Gram at small channel counts over many locations, FFT at C = 2048 or at one location.
+        pool = CompactBilinearPool(in_channels=channels, out_features=8192)
+        out = pool(features(batch, channels, size, size).requires_grad_())
+        assert type(out.grad_fn).__name__ == ("_TensorSketchGramBackward" if expected == "Gram" else "_TensorSketchBackward")
+
+    def test_auto_rule_cost_model(self) -> None:
+        from bilinearpool.functional.sketch import _gram_is_cheaper
+
+        for c, n in ((256, 196), (512, 784), (512, 49), (1024, 196)):
+            assert _gram_is_cheaper(c, c, n, 8192, one_stream=True)
+        for c, n in ((2048, 49), (2048, 784), (1536, 25), (512, 1), (512, 9)):
+            assert not _gram_is_cheaper(c, c, n, 8192, one_stream=True)
+        # Larger d favours Gram, smaller d the FFT.
+        assert _gram_is_cheaper(1024, 1024, 196, 16384, one_stream=True)
+        assert not _gram_is_cheaper(1024, 1024, 196, 2048, one_stream=True)
+
+    def test_algorithm_exception(self) -> None:
+        ia, sa, ib, sb = self.draw(4, 4, 8)
+        with pytest.raises(ValueError, match=r"algorithm must be one of \('auto', 'fft', 'gram'\), but got 'FFT'"):
+            tensor_sketch(torch.zeros(1, 4, 2, 2), index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=8, algorithm="FFT")
