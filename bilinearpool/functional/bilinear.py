@@ -320,8 +320,11 @@ def _rowdot(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x.reshape(b, 1, -1), y.reshape(b, -1, 1)).view(b)
 
 
-def _scaled_grad_factors(a_: Tensor, sq: Tensor, dot: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
-    """Per-sample c, k of dL/dy = k (dz - c y), the backward of y -> y / max(|y|, l2_eps)."""
+def _l2_grad_factors(sq: Tensor, dot: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
+    """Per-sample ``c, k`` of ``dL/dy = k (dz - c y)``, the backward of ``y -> y / max(|y|, l2_eps)``.
+
+    From the squared norms ``sq = |y|^2`` and the inner products ``dot = <y, dz>``.
+    """
     norm = sq.sqrt()
     clamped = norm <= l2_eps
     c = torch.where(clamped, 0.0, dot / norm.square().clamp_min(l2_eps**2))
@@ -390,7 +393,7 @@ class _FusedBilinear(torch.autograd.Function):
                     dot[b0:b1] += _rowdot(y, dz[b0:b1, r0:r1])
                     if kept is not None:
                         kept.append(y)
-                c, k = _scaled_grad_factors(a_, sq, dot, l2_eps)
+                c, k = _l2_grad_factors(sq, dot, l2_eps)
             # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factors
             # are folded into the (small) other operand of each product.
             coef = (k * (scale * (0.5 if eps is not None else 1.0))).view(-1, 1, 1)
@@ -513,7 +516,7 @@ class _FusedGram(torch.autograd.Function):
                         dot[b0:b1] += _rowdot(y, dzs) - 0.5 * (y[:, :, :w] * dzs[:, :, :w]).sum(dim=(1, 2))
                     if kept is not None:
                         kept.append((y, dzs))
-                c_, k = _scaled_grad_factors(a_, sq, dot, l2_eps)
+                c_, k = _l2_grad_factors(sq, dot, l2_eps)
             # Full output: S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G). Packed: each entry
             # w f(g) gets s k w (dz - c p) f'(g), and both of its factors get gradient.
             # f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factors go into the other operand.
