@@ -6,12 +6,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= results/demo
 
-.PHONY: demo test test-slow docs bench clean help
+.PHONY: demo test test-slow test-cuda docs bench clean help
 
 help:
 	@echo "make demo       quick benchmark of the paper's models and the pooling layers (results in $(OUT))"
 	@echo "make test       unit, property and integration tests, doctests, Sphinx build"
 	@echo "make test-slow  the tests marked slow as well"
+	@echo "make test-cuda  the CUDA tests, on a GPU machine (benchmarks/gpu_check.sh runs them and the GPU benchmarks)"
 	@echo "make docs       build the HTML docs into docs/_build/html"
 	@echo "make bench      the full CPU benchmark into benchmarks/results/"
 
@@ -33,7 +34,11 @@ test: $(STAMP)
 	@echo "docs built in docs/_build/html"
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m ''
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m 'not cuda'
+
+# On a GPU machine: the CUDA paths against the CPU (tests/test_cuda.py).
+test-cuda: $(STAMP)
+	$(BIN)/python -m pytest -m cuda tests/test_cuda.py
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU checks of the benchmark and pooling issues, as one script for a GPU machine.
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh          # from the repository root
+#
+# Needs python3 with torch (CUDA), torchvision, timm, pytest and hypothesis; the project is
+# used from the checkout (PYTHONPATH), nothing is installed. About 6-8 minutes on an H100.
+# Steps, each with its own time limit, each logged with its exit status (a failed step
+# does not stop the others):
+#   1. the device and versions;
+#   2. the CUDA tests (tests/test_cuda.py: GPU results against the CPU's);
+#   3. the layer benchmark, float32, then autocast + channels-last;
+#   4. the model benchmark at 224 px, float32, then autocast + channels-last;
+#   5. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
+#   6. Markdown reports, and everything packed into $OUT/gpu-results.tar.gz.
+# Results land in $OUT/gpu-results.tar.gz (unpack into benchmarks/results/) and the whole
+# log in $OUT/gpu_check.log.
+#
+# Dry run of the script itself on a CPU machine (short runs, the CUDA tests fail there):
+#   DEVICE=cpu DRY=1 PYTHON=.venv/bin/python OUT=/tmp/gpu-dry bash benchmarks/gpu_check.sh
+set -u
+OUT=${OUT:-gpu-check-out}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
+    QUICK=(--quick --shapes 2x64x7x7)
+    MODELS=(--quick --backbones resnet18 --heads plain fast-bcnn --no-train)
+    SQRTM=(--channels 16 --repeats 1)
+    SKETCH=(--shapes 2,64,7,7,256 --repeats 1)
+else
+    QUICK=()
+    MODELS=(--resolutions 224)
+    SQRTM=(--channels 64 256 512)
+    SKETCH=()
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+
+step() {  # step SECONDS COMMAND...: run with a time limit, log output and exit status
+    local limit=$1
+    shift
+    local part="$OUT/.step.log"
+    echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"
+    timeout "$limit" "$@" >"$part" 2>&1
+    local rc=$?
+    cat "$part" >>"$LOG"
+    tail -n 4 "$part"
+    rm -f "$part"
+    echo "=== exit $rc, $SECONDS s since the start" | tee -a "$LOG"
+}
+
+step 60 nvidia-smi
+step 60 "$PY" -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__, torch.cuda.get_device_name())"
+NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())" 2>/dev/null || echo "$DEVICE")
+RES="$OUT/results/$NAME"
+mkdir -p "$RES"
+
+step 240 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+
+BENCH=("$PY" -m bilinearpool.bench)
+step 240 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
+step 180 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
+step 300 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
+step 240 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
+step 180 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"
+step 240 "$PY" benchmarks/bench_tensor_sketch.py --device "$DEVICE" "${SKETCH[@]}" --out "$RES/tensor-sketch"
+
+step 60 "${BENCH[@]}" report "$RES/fp32" --out "$RES/fp32.md" --title "$NAME, float32"
+step 60 "${BENCH[@]}" report "$RES/amp-cl" --out "$RES/amp-cl.md" --title "$NAME, autocast (float16) and channels-last"
+tar czf "$OUT/gpu-results.tar.gz" -C "$OUT/results" . && rm -rf "$OUT/results"
+echo "results: $OUT/gpu-results.tar.gz; log: $LOG ($SECONDS s)"

@@ -1,0 +1,171 @@
+"""CUDA paths against the CPU, in float64 where the op allows it.
+
+Marked ``cuda`` and left out of ``make test`` (CI and the development machines have no
+GPU); run them on a GPU machine with ``make test-cuda`` or
+``python -m pytest -m cuda tests/test_cuda.py`` (``benchmarks/gpu_check.sh`` does, before
+the GPU benchmarks). Without a CUDA device they fail, saying so, rather than skip.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import bilinearpool.functional.bilinear as FB
+from bilinearpool import (
+    CompactBilinearPool,
+    CovariancePool,
+    FastBCNN,
+    LowRankBilinearPool,
+    MatrixSqrt,
+)
+from bilinearpool.functional import fast_bilinear_pool, matrix_sqrt
+
+pytestmark = pytest.mark.cuda
+
+F64 = dict(rtol=1e-9, atol=1e-11)
+
+
+@pytest.fixture(scope="module")
+def cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.fail("these tests need a CUDA device: run them on a GPU machine (make test-cuda)")
+    return torch.device("cuda")
+
+
+def _value_and_grad(fn, inputs, weights):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad((out * weights.to(out.device, out.dtype)).sum(), leaves)
+    return out.detach().cpu(), [g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("two,triu", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("small_blocks", [False, True], ids=["gpu-blocks", "small-blocks"])
+def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, small_blocks):
+    """Values and gradients on the GPU equal the CPU's, with GPU-sized and with many small panels."""
+    if small_blocks:
+        monkeypatch.setattr(FB, "_block_elements", lambda device: 1 << 12)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 300, 6, 7, generator=g, dtype=torch.float64).relu()
+    inputs = [x, torch.randn(3, 40, 6, 7, generator=g, dtype=torch.float64).relu()] if two else [x]
+    fn = lambda *xs: fast_bilinear_pool(*xs, triu=triu)  # noqa: E731
+    out_cpu, g_cpu = _value_and_grad(fn, inputs, torch.ones(1))
+    weights = torch.randn(out_cpu.shape, generator=g, dtype=torch.float64)
+    out_cpu, g_cpu = _value_and_grad(fn, inputs, weights)
+    out_gpu, g_gpu = _value_and_grad(fn, [t.to(cuda) for t in inputs], weights)
+    torch.testing.assert_close(out_gpu, out_cpu, **F64)
+    for a, b in zip(g_gpu, g_cpu):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_fast_bilinear_pool_leaves_incoming_gradient_alone(cuda):
+    """On the GPU the panel transposes are views of the incoming gradient: it must not change."""
+    x = torch.randn(2, 260, 5, 5, device=cuda).relu().requires_grad_()
+    out = fast_bilinear_pool(x)
+    dz = torch.randn_like(out)
+    dz_copy = dz.clone()
+    torch.autograd.grad(out, x, dz)
+    assert torch.equal(dz, dz_copy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_bilinear_pool_autocast(cuda, dtype):
+    x = (torch.rand(4, 256, 7, 7, device=cuda) * 1e3).requires_grad_()  # products up to 1e6
+    ref = fast_bilinear_pool(x)
+    with torch.autocast("cuda", dtype=dtype):
+        out = fast_bilinear_pool(x.to(dtype))
+    (g,) = torch.autograd.grad(out.float().sum(), x)
+    assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-3)
+
+
+def test_fast_bilinear_pool_saves_only_the_input(cuda):
+    x = torch.randn(4, 512, 7, 7, device=cuda).relu().requires_grad_()
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fast_bilinear_pool(x)
+    assert sum(saved) == x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("impl", ["auto", "iterative"])
+def test_matrix_sqrt_matches_cpu_and_is_finite_when_rank_deficient(cuda, impl):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 64, 49, generator=g, dtype=torch.float64).relu()  # C=64 > 49 locations
+    a = x @ x.transpose(1, 2) / 49
+    fn = lambda m: matrix_sqrt(m, impl=impl)  # noqa: E731
+    weights = torch.randn(4, 64, 64, generator=g, dtype=torch.float64)
+    out_cpu, (g_cpu,) = _value_and_grad(fn, [a], weights)
+    out_gpu, (g_gpu,) = _value_and_grad(fn, [a.to(cuda)], weights)
+    assert torch.isfinite(out_gpu).all() and torch.isfinite(g_gpu).all()
+    torch.testing.assert_close(out_gpu, out_cpu, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: CovariancePool(norm=MatrixSqrt()),
+        lambda: CovariancePool(in_channels=96, reduced_channels=32, norm=MatrixSqrt()),
+        lambda: CompactBilinearPool(in_channels=96, out_features=512, algorithm="fft"),
+        lambda: CompactBilinearPool(in_channels=96, out_features=512, algorithm="gram"),
+        lambda: CompactBilinearPool(in_channels=96, out_features=512, method="random_maclaurin"),
+        lambda: LowRankBilinearPool(in_channels=96, rank=32, out_features=64),
+    ],
+    ids=["covariance-sqrtm", "isqrt-cov-reduced", "sketch-fft", "sketch-gram", "maclaurin", "lowrank"],
+)
+def test_poolings_match_cpu(cuda, build):
+    torch.manual_seed(0)
+    layer = build().double().eval()
+    x = torch.randn(3, 96, 5, 6, dtype=torch.float64).relu()
+    out_cpu = layer(x)
+    out_gpu = layer.to(cuda)(x.to(cuda)).cpu()
+    torch.testing.assert_close(out_gpu, out_cpu, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_bcnn_model_trains_on_gpu(cuda, channels_last):
+    """A whole model: logits equal the CPU's, and one SGD step runs with finite gradients."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = FastBCNN(torchvision.models.resnet18(), node="layer4", num_classes=8).eval()
+    x = torch.randn(2, 3, 96, 96)
+    ref = model(x)
+    model = model.to(cuda)
+    xg = x.to(cuda)
+    if channels_last:
+        model, xg = model.to(memory_format=torch.channels_last), xg.to(memory_format=torch.channels_last)
+    # No TF32 for this comparison (cuDNN allows it by default on Ampere and later).
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False), \
+            torch.no_grad():
+        out = model(xg)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-4)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = torch.nn.functional.cross_entropy(model(xg), torch.tensor([1, 5], device=cuda))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+
+
+def test_bench_cli_on_cuda(cuda, tmp_path, capsys):
+    """The benchmark's CUDA path (synchronised timing, peak memory) runs end to end."""
+    from bilinearpool import cli
+
+    rc = cli.main([
+        "layers", "--device", "cuda", "--quick", "--shapes", "2x256x7x7", "--cases", "fast-bcnn",
+        "--out", str(tmp_path), "--no-progress",
+    ])
+    assert rc == 0
+    rows = json.loads((tmp_path / "layers.json").read_text())["rows"]
+    fast = [r for r in rows if r["case"] == "fast-bcnn"]
+    assert fast and fast[0]["peak_MiB"] is not None and fast[0]["fwd_bwd_ms"] > 0
+    print(capsys.readouterr().out, file=sys.stderr)
