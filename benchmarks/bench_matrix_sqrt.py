@@ -12,9 +12,10 @@ Compares, on the same inputs, device and thread count:
 
 The input is the covariance (``covariance_pool``) of a ReLU feature map of ``HxW``
 locations, so for C above HW-1 it is rank-deficient, as in practice. Reported: median
-forward+backward time after warm-up (methods timed round-robin, so
-load from other processes hits them alike, starting each round one method later, so that
-no method always runs right after the same one), the ratio to ``isqrt-ref`` and to ``eig``, the bytes
+forward+backward time after warm-up (methods interleaved, one run of each per round, so
+that load from other processes hits them alike, in balanced orders,
+``bilinearpool.bench.balanced_orders``, so that each runs right after each other one
+equally often), the ratio to ``isqrt-ref`` and to ``eig``, the bytes
 saved for backward (``saved_tensors_hooks``, exact), and whether the gradient is finite.
 
 Usage::
@@ -42,6 +43,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bilinearpool.bench import balanced_orders  # noqa: E402
 from bilinearpool.functional.covariance import covariance_pool  # noqa: E402
 from bilinearpool.functional.sqrtm import matrix_sqrt  # noqa: E402
 
@@ -142,16 +144,18 @@ def _time_once(fn: Callable[[Tensor], Tensor], a: Tensor, g: Tensor) -> float:
 def _measure_all(
     methods: dict[str, Callable[[Tensor], Tensor]], a: Tensor, g: Tensor, warmup: int, repeats: int
 ) -> dict[str, dict[str, float]]:
-    """Time all methods round-robin (one run of each per round), so load changes hit all alike."""
+    """Time all methods interleaved (one run of each per round), so load changes hit all alike."""
     out = {}
     for name, fn in methods.items():
         saved, finite = _saved_and_finite(fn, a, g)
         out[name] = {"saved_mb": saved, "finite": finite, "times": []}
     names = list(methods)
+    orders = balanced_orders(len(names))
     for i in range(warmup + repeats):
-        # Rotate the order every round: each method follows every other one equally often,
-        # so what the previous method leaves behind (freed memory, caches) biases none.
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+        # A new order every round, each method following each other one equally often:
+        # what the previous method leaves behind (freed memory, caches) biases none.
+        order = orders[(i - warmup) % len(orders)] if i >= warmup else orders[i % len(orders)]
+        for name in (names[k] for k in order):
             t = _time_once(methods[name], a, g)
             if i >= warmup:
                 out[name]["times"].append(t)

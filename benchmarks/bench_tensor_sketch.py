@@ -9,8 +9,8 @@ Compares, on the same inputs, device and thread count, the two algorithms of
 
 and, for scale, ``bilinear``: plain full bilinear pooling ``(X Y^T / N).flatten(1)``,
 the floor under ``gram``. Reported per shape: median forward+backward time after
-warm-up (algorithms timed round-robin, rotating the order every round, so that load
-from other processes hits them alike), ``gram / fft``, which algorithm ``"auto"`` picks
+warm-up (algorithms interleaved, one run of each per round, so that load from other
+processes hits them alike, in balanced orders, ``bilinearpool.bench.balanced_orders``), ``gram / fft``, which algorithm ``"auto"`` picks
 (and whether that was the faster one), and the bytes saved for backward
 (``saved_tensors_hooks``, exact).
 
@@ -50,6 +50,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bilinearpool.bench import balanced_orders  # noqa: E402
 from bilinearpool.functional.sketch import _gram_is_cheaper, tensor_sketch  # noqa: E402
 
 DEFAULT_SHAPES = [
@@ -130,8 +131,10 @@ def _time_once(fn: Fn, x: Tensor, y: Tensor | None) -> float:
 def _measure_all(methods: dict[str, Fn], x: Tensor, y: Tensor | None, warmup: int, repeats: int) -> dict[str, dict]:
     out = {name: {"saved_mb": _saved_mb(fn, x, y), "times": []} for name, fn in methods.items()}
     names = list(methods)
+    orders = balanced_orders(len(names))
     for i in range(warmup + repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+        order = orders[(i - warmup) % len(orders)] if i >= warmup else orders[i % len(orders)]
+        for name in (names[k] for k in order):
             t = _time_once(methods[name], x, y)
             if i >= warmup:
                 out[name]["times"].append(t)

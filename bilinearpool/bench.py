@@ -9,8 +9,9 @@ module holds the pieces that do the measuring:
   paper's heads (:func:`analytic_parameter_count`, :func:`se_parameter_count`);
 - the bytes autograd keeps for backward, counted exactly by unique storage
   (:class:`SavedTensorCounter`, built on :func:`torch.autograd.graph.saved_tensors_hooks`);
-- timing with CUDA synchronisation, interleaved round-robin so that load from other
-  processes hits every candidate alike (:func:`time_call`, :func:`round_robin`);
+- timing with CUDA synchronisation, candidates interleaved in balanced orders so that
+  load from other processes and each other's after-effects hit every candidate alike
+  (:func:`time_call`, :func:`round_robin`, :func:`balanced_orders`);
 - one inference / one training step of a classifier (:func:`make_inference_step`,
   :func:`make_training_step`) for images per second;
 - the registries of what is compared: layer cases (:data:`LAYER_CASES`, extend with
@@ -63,6 +64,7 @@ __all__ = [
     "median",
     "naive_bilinear_chain",
     "register_layer_case",
+    "balanced_orders",
     "round_robin",
     "se_parameter_count",
     "synchronize",
@@ -297,6 +299,33 @@ def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> f
     return time.perf_counter() - start
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` candidates, one per round, in which each follows each equally often.
+
+    A candidate inherits the state its predecessor leaves (freed memory that must be
+    faulted in again, cold caches), so a fixed order, or a fixed order merely rotated,
+    gives every candidate the same predecessor in every round and biases the ratios. This
+    is a Williams design: over ``n`` rounds (``2n`` for odd ``n``) every ordered pair of
+    distinct candidates is adjacent equally often, and every candidate takes every place.
+
+    Examples:
+        >>> balanced_orders(4)
+        [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+        >>> len(balanced_orders(3))
+        6
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, but got {n!r}")
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low if len(first) % 2 else high)
+        low, high = (low + 1, high) if len(first) % 2 == 0 else (low, high - 1)
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def round_robin(
     fns: Mapping[str, Callable[[], object]],
     *,
@@ -305,12 +334,13 @@ def round_robin(
     device: torch.device | str = "cpu",
     on_call: Callable[[str], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Time several candidates interleaved: one call of each per round, the order rotating.
+    """Time several candidates interleaved: one call of each per round, in balanced orders.
 
     On a shared machine the load changes from second to second. Timing candidate A for a
     minute and then candidate B for a minute lets that drift into the ratio B / A;
-    interleaving them exposes both to the same load, and rotating the order each round
-    removes any advantage of going first (warm caches, CPU frequency).
+    interleaving them exposes both to the same load. The order changes every round
+    (:func:`balanced_orders`), so that no candidate always goes first or always runs
+    right after the same other one (whose freed memory and evicted caches it would pay for).
 
     Args:
         fns: name -> zero-argument callable doing the work once.
@@ -333,14 +363,15 @@ def round_robin(
         raise ValueError(f"repeats must be a positive int, but got {repeats!r}")
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
+    orders = balanced_orders(len(names)) if names else [[]]
     for i in range(warmup + repeats):
-        shift = i % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
-            elapsed = time_call(fns[name], device)
+        # Timed rounds start the design afresh, so that they see its balanced part first.
+        for k in orders[(i - warmup) % len(orders) if i >= warmup else i % len(orders)]:
+            elapsed = time_call(fns[names[k]], device)
             if i >= warmup:
-                times[name].append(elapsed)
+                times[names[k]].append(elapsed)
             if on_call is not None:
-                on_call(name)
+                on_call(names[k])
     return times
 
 

@@ -155,13 +155,32 @@ class TestParameterCounts:
 
 
 class TestTiming:
-    def test_round_robin_interleaves_and_rotates(self):
+    def test_round_robin_interleaves_in_balanced_orders(self):
         calls: list[str] = []
         fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
-        times = bench.round_robin(fns, warmup=1, repeats=2)
-        assert calls == list("abcbcacab")
-        assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
+        times = bench.round_robin(fns, warmup=1, repeats=6)
+        rounds = ["".join(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+        # One call of each per round; the timed rounds run the whole design once.
+        assert all(sorted(r) == list("abc") for r in rounds)
+        assert rounds[1:] == ["".join("abc"[k] for k in order) for order in bench.balanced_orders(3)]
+        assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
         assert all(t >= 0 for v in times.values() for t in v)
+
+    @pytest.mark.parametrize("n", range(1, 10))
+    def test_balanced_orders_each_follows_each_equally_often(self, n):
+        from collections import Counter
+
+        rows = bench.balanced_orders(n)
+        assert len(rows) == (2 * n if n % 2 else n)
+        assert all(sorted(r) == list(range(n)) for r in rows)
+        pairs = Counter((r[j], r[j + 1]) for r in rows for j in range(n - 1))
+        assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
+        places = Counter((v, j) for r in rows for j, v in enumerate(r))
+        assert len(set(places.values())) == 1  # every candidate in every place equally often
+
+    def test_balanced_orders_error(self):
+        with pytest.raises(ValueError, match="n must be a positive int, but got 0"):
+            bench.balanced_orders(0)
 
     def test_round_robin_errors(self):
         with pytest.raises(ValueError, match="repeats must be a positive int, but got 0"):
