@@ -4,7 +4,8 @@ Built only on the public API of ``bilinearpool``. Modules: :mod:`~breakhis.data`
 (indexing), :mod:`~breakhis.synthetic` (a synthetic stand-in tree),
 :mod:`~breakhis.tasks` (MSBC/MIBC/MSFC/MIFC), :mod:`~breakhis.splits` (protocols),
 :mod:`~breakhis.train` (recipe, checkpoints, DDP), :mod:`~breakhis.evaluate` (metrics),
-:mod:`~breakhis.experiments` (folds and cross-validation), :mod:`~breakhis.cli`.
+:mod:`~breakhis.experiments` (folds and cross-validation), :mod:`~breakhis.plots`
+(ROC, t-SNE and Grad-CAM figures, the results table), :mod:`~breakhis.cli`.
 Heavy modules (torch training) are imported on use, so indexing stays light.
 """
 

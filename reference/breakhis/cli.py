@@ -1,4 +1,4 @@
-"""``breakhis-repro``: index, train, cross-validate, evaluate, predict, make synthetic data.
+"""``breakhis-repro``: index, train, cross-validate, evaluate, predict, draw figures, tabulate.
 
 Examples::
 
@@ -9,6 +9,8 @@ Examples::
     breakhis-repro cv --data-root demo --task MIFC --backbone tiny --no-pretrained --epochs 3
     breakhis-repro evaluate --checkpoint runs/demo/checkpoint.pt
     breakhis-repro predict --checkpoint runs/demo/checkpoint.pt demo/BreaKHis_v1 --out p.csv
+    breakhis-repro figures --checkpoint runs/demo/checkpoint.pt --out runs/demo/figures
+    breakhis-repro table runs/mibc-cv runs/mifc-cv --out results.md   # also results.csv
     torchrun --nproc_per_node 2 -m breakhis.cli train ...   # distributed (gloo on CPU)
 """
 
@@ -164,6 +166,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("figures", help="ROC, t-SNE and Grad-CAM figures of a checkpoint",
+                       description="Draw the paper's figures for a trained run on the images "
+                       "of the fold it was trained on (data, task and protocol are read from "
+                       "the checkpoint): roc.png (ROC curves with AUC), tsne.png and "
+                       "tsne_coords.npy (t-SNE of the pre-logit embeddings), gradcam.png "
+                       "(Grad-CAM of the predicted class on the last feature map) and "
+                       "figures.json (paths, AUCs, perplexity, checkpoint, protocol, whether "
+                       "the data are synthetic).", epilog=_EPILOG)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", help="data folder, if it moved since training")
+    p.add_argument("--split", default="test", choices=["test", "train", "all"],
+                   help="images of the fold to draw: its test images, its training images, "
+                   "or every image of the task (default: %(default)s)")
+    p.add_argument("--gradcam-images", type=int, default=8, metavar="N",
+                   help="images in the Grad-CAM grid, classes taken in turn; 0 = no Grad-CAM "
+                   "(default: %(default)s)")
+    p.add_argument("--perplexity", type=float, default=30.0,
+                   help="t-SNE perplexity, clamped for small image sets (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of t-SNE and of the projection (default: %(default)s)")
+    p.add_argument("--max-embedding-dim", type=int, default=4096,
+                   help="randomly project wider embeddings (bilinear features) to this many "
+                   "dimensions before PCA and t-SNE, to bound memory; 0 = keep them whole "
+                   "(default: %(default)s)")
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/figures)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("table", help="one results table over several runs (Markdown + CSV)",
+                       description="Put the results of several run folders (cv_metrics.json "
+                       "of a cv run, or test_metrics.json of one fold) into one table in the "
+                       "shape of the paper's: task, protocol, backbone, head, input size, "
+                       "folds, image accuracy and patient recognition rate (mean ± std), "
+                       "macro F1, ROC AUC; synthetic-data runs are marked.", epilog=_EPILOG)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
+    p.add_argument("--out", metavar="FILE.md",
+                   help="write the Markdown here and the CSV next to it (FILE.csv); "
+                   "without it the table is printed only")
     return parser
 
 
@@ -277,7 +319,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if report is not None:
         _print_metrics(f"fold {args.fold} ({report['protocol']['protocol']} protocol)",
                        report["metrics"])
-        print(f"run folder: {out} (checkpoint.pt, train.log, metrics.csv, test_metrics.json/.md)")
+        print(f"run folder: {out} (checkpoint.pt, train.log, metrics.csv, "
+              "test_metrics.json/.md, test_predictions.csv)")
     return 0
 
 
@@ -311,7 +354,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _print_metrics(f"fold {report['fold']} ({report['protocol']['protocol']} protocol)",
                    report["metrics"])
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    print(f"results: {out / 'test_metrics.json'}, {out / 'test_metrics.md'}")
+    print(f"results: {out / 'test_metrics.json'}, {out / 'test_metrics.md'}, "
+          f"{out / 'test_predictions.csv'}")
     return 0
 
 
@@ -327,8 +371,47 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from .experiments import checkpoint_records
+    from .plots import make_figures
+
+    records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
+                                                  data_root=args.data_root,
+                                                  progress=not args.no_progress)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "figures"
+    result = make_figures(args.checkpoint, records, out, targets=targets, source=source,
+                          gradcam_images=args.gradcam_images, batch_size=args.batch_size,
+                          device=args.device, seed=args.seed, perplexity=args.perplexity,
+                          max_embedding_dim=args.max_embedding_dim or None,
+                          progress=not args.no_progress)
+    auc = result["roc"]["roc_auc"]
+    print(f"{result['images']} {args.split} images of fold {result['fold']} "
+          f"({result['protocol']['protocol']} protocol"
+          f"{', SYNTHETIC data' if result['synthetic'] else ''}): ROC AUC "
+          f"{'n/a' if auc is None else f'{100 * auc:.2f}%'}, t-SNE perplexity "
+          f"{result['tsne']['perplexity']:g}")
+    if result["roc"]["skipped"]:
+        print(f"no ROC curve (no positive or no negative image): {result['roc']['skipped']}")
+    paths = [result["roc"]["path"], result["tsne"]["path"], result["tsne"]["coords_path"]]
+    if result["gradcam"]:
+        paths.append(result["gradcam"]["path"])
+    print(f"figures: {', '.join(paths)}; summary: {out / 'figures.json'}")
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from .plots import results_table
+
+    text = results_table(args.run_dirs, out=args.out)
+    print(text)
+    if args.out:
+        print(f"table: {args.out}, {Path(args.out).with_suffix('.csv')}")
+    return 0
+
+
 _COMMANDS = {"index": _cmd_index, "synth": _cmd_synth, "train": _cmd_train, "cv": _cmd_cv,
-             "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+             "evaluate": _cmd_evaluate, "predict": _cmd_predict, "figures": _cmd_figures,
+             "table": _cmd_table}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

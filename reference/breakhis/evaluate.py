@@ -4,16 +4,20 @@ Image-level metrics come from scikit-learn. The patient-level recognition rate i
 one of Spanhol et al. (2016): for each patient the fraction of its images classified
 correctly, averaged over patients. Every report records the task and protocol that
 produced it, because image-split and patient-split numbers differ by several points.
+The per-image predictions behind a report go to a CSV (:func:`write_predictions`,
+:func:`read_predictions`), so that figures can be redrawn without the model.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,16 @@ from sklearn.metrics import (
 )
 
 __all__ = [
+    "PREDICTIONS_FILE",
     "SUMMARY_METRICS",
+    "Predictions",
     "classification_metrics",
     "patient_recognition_rate",
+    "read_predictions",
     "render_markdown",
     "roc_auc",
     "summarize_folds",
+    "write_predictions",
     "write_report",
 ]
 
@@ -44,6 +52,12 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "macro_f1",
     "roc_auc",
 )
+
+#: File name of the per-image predictions written next to ``test_metrics.json``.
+PREDICTIONS_FILE = "test_predictions.csv"
+_PROB_PREFIX = "prob_"
+_PRED_COLUMNS = ("path", "patient", "magnification", "true_label", "true_index",
+                 "predicted_label")
 
 
 def patient_recognition_rate(
@@ -264,3 +278,127 @@ def write_report(
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     md_path.write_text(render_markdown(report))
     return json_path, md_path
+
+
+@dataclass
+class Predictions:
+    """Per-image predictions of one evaluation, as read back by :func:`read_predictions`.
+
+    Args:
+        paths: image paths.
+        patients: patient id per image (``None`` when unknown).
+        magnifications: magnification per image (``None`` when unknown).
+        y_true: true class index per image, shape ``(N,)``.
+        probs: class probabilities, shape ``(N, C)``.
+        classes: class names, in the order of the columns of ``probs``.
+    """
+
+    paths: list[str]
+    patients: list[str | None]
+    magnifications: list[int | None]
+    y_true: np.ndarray
+    probs: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        """Predicted class index per image (arg max of ``probs``)."""
+        return self.probs.argmax(axis=1)
+
+
+def write_predictions(
+    path: str | os.PathLike[str],
+    records: Sequence[Any],
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+) -> Path:
+    """Write one CSV row per image: what it is, what it should be, what the model said.
+
+    Columns: ``path, patient, magnification, true_label, true_index, predicted_label``
+    and ``prob_<class>`` for every class. Probabilities are written with Python's
+    shortest round-trip ``repr``, so metrics recomputed from the file are identical.
+
+    Args:
+        path: CSV path (its folder is created).
+        records: :class:`~breakhis.data.ImageRecord` objects or plain paths.
+        y_true: true class index per image.
+        probs: class probabilities, shape ``(N, C)`` with ``C == len(classes)``.
+        classes: class names.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: on mismatched lengths or shapes.
+
+    Examples:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "p.csv"
+        >>> _ = write_predictions(out, ["a.png", "b.png"], [0, 1],
+        ...                       np.array([[0.9, 0.1], [0.3, 0.7]]), ["benign", "malignant"])
+        >>> p = read_predictions(out)
+        >>> p.classes, p.y_true.tolist(), p.y_pred.tolist()
+        (['benign', 'malignant'], [0, 1], [0, 1])
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(records), len(classes)) or len(y_true) != len(records):
+        raise ValueError(
+            f"expected {len(records)} targets and probs of shape ({len(records)}, "
+            f"{len(classes)}), but got {len(y_true)} targets and probs {probs.shape}"
+        )
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*_PRED_COLUMNS, *[_PROB_PREFIX + c for c in classes]])
+        for record, target, row in zip(records, y_true.tolist(), probs):
+            patient = getattr(record, "patient", None)
+            mag = getattr(record, "magnification", None)
+            writer.writerow([
+                str(getattr(record, "path", record)),
+                "" if patient is None else patient,
+                "" if mag is None else mag,
+                classes[target], target, classes[int(row.argmax())],
+                *[repr(float(v)) for v in row],
+            ])
+    return out
+
+
+def read_predictions(path: str | os.PathLike[str]) -> Predictions:
+    """Read a CSV written by :func:`write_predictions` (e.g. ``test_predictions.csv``).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when its header lacks the expected columns or a row is malformed.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"predictions file {str(src)!r} does not exist")
+    with src.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        classes = [h[len(_PROB_PREFIX):] for h in header if h.startswith(_PROB_PREFIX)]
+        missing = [c for c in _PRED_COLUMNS if c not in header]
+        if missing or not classes:
+            raise ValueError(
+                f"expected columns {list(_PRED_COLUMNS)} and prob_<class> in {str(src)!r}, "
+                f"but got {header}"
+            )
+        paths, patients, mags, y_true, probs = [], [], [], [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                y_true.append(int(row["true_index"]))
+                probs.append([float(row[_PROB_PREFIX + c]) for c in classes])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{src}:{line}: malformed row ({exc})") from exc
+            paths.append(row["path"])
+            patients.append(row["patient"] or None)
+            mags.append(int(row["magnification"]) if row["magnification"] else None)
+    return Predictions(paths, patients, mags, np.asarray(y_true, dtype=np.int64),
+                       np.asarray(probs, dtype=np.float64).reshape(len(paths), len(classes)),
+                       classes)

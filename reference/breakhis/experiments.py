@@ -3,8 +3,10 @@
 A :class:`DataSpec` names the data (a BreaKHis tree or an image folder), the task and
 the protocol. :func:`run_fold` trains one fold and evaluates it on its test images;
 :func:`run_cv` does every fold and writes the mean and standard deviation;
-:func:`evaluate_checkpoint` re-evaluates a saved run. Every report carries the task,
-the protocol, the fold and whether the data were synthetic.
+:func:`evaluate_checkpoint` re-evaluates a saved run; :func:`checkpoint_records` gives
+the images of a saved run's fold (for figures). Every report carries the task, the
+protocol, the fold and whether the data were synthetic; every evaluation also writes
+its per-image predictions (``test_predictions.csv``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import load_checkpoint
 from .data import DataIndex, ImageRecord, index_breakhis, index_image_folder
 from .distributed import DistInfo, init_distributed
-from .evaluate import classification_metrics, summarize_folds, write_report
+from .evaluate import (
+    PREDICTIONS_FILE,
+    classification_metrics,
+    summarize_folds,
+    write_predictions,
+    write_report,
+)
 from .splits import (
     PROTOCOL_DESCRIPTIONS,
     Split,
@@ -32,13 +41,18 @@ from .tasks import Task, get_task
 from .train import TrainConfig, fit, load_model, predict_probs
 
 __all__ = [
+    "SPLIT_CHOICES",
     "DataSpec",
     "PreparedData",
+    "checkpoint_records",
     "evaluate_checkpoint",
     "prepare_data",
     "run_cv",
     "run_fold",
 ]
+
+#: Which images of a saved run's fold :func:`checkpoint_records` returns.
+SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
 
 
 @dataclass
@@ -154,8 +168,10 @@ def run_fold(
 ) -> dict[str, Any] | None:
     """Train fold ``fold`` and evaluate it on its test images.
 
-    Writes ``checkpoint.pt``, ``train.log``, ``metrics.csv``, ``config.json`` and
-    ``test_metrics.json``/``.md`` to ``run_dir``.
+    Writes ``checkpoint.pt``, ``train.log``, ``metrics.csv``, ``config.json``,
+    ``test_metrics.json``/``.md`` and ``test_predictions.csv`` (one row per test image:
+    path, patient, magnification, true class, predicted class, class probabilities)
+    to ``run_dir``.
 
     Returns:
         The test report (main process), or ``None`` on other DDP processes.
@@ -212,6 +228,8 @@ def _evaluate_split(
         "metrics": metrics,
     }
     write_report(report, out_dir, "test_metrics")
+    write_predictions(out_dir / PREDICTIONS_FILE, test_records, data.targets[split.test], probs,
+                      data.task.classes)
     return report
 
 
@@ -228,7 +246,8 @@ def run_cv(
     """Train and evaluate every fold (in ``run_dir/fold<k>``), then summarise.
 
     With ``resume``, folds that already have ``test_metrics.json`` are not retrained and
-    a fold with a checkpoint continues from it. Writes ``cv_metrics.json``/``.md``.
+    a fold with a checkpoint continues from it. Writes ``cv_metrics.json``/``.md`` in
+    ``run_dir``; each ``fold<k>`` folder holds what :func:`run_fold` writes.
 
     Returns:
         The summary report (main process), else ``None``.
@@ -277,13 +296,26 @@ def evaluate_checkpoint(
 
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
-        out_dir: where to write ``test_metrics.json``/``.md`` (default: its folder).
+        out_dir: where to write ``test_metrics.json``/``.md`` and ``test_predictions.csv``
+            (default: the checkpoint's folder).
         data_root: use this data folder instead of the one recorded (data moved).
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show a progress bar.
     """
     info = init_distributed(device)
     model, state = load_model(checkpoint, device=info.device)
+    spec, data = _checkpoint_data(checkpoint, state, data_root, progress=progress)
+    config = TrainConfig.from_dict(state["config"])
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
+    return _evaluate_split(model, config, data, data.splits[int(state["extra"]["fold"])], spec,
+                           out, info, progress=progress)
+
+
+def _checkpoint_data(
+    checkpoint: str | os.PathLike[str], state: dict[str, Any], data_root: str | None,
+    *, progress: bool,
+) -> tuple[DataSpec, PreparedData]:
+    """The data spec recorded in a checkpoint, and its data indexed and split again."""
     extra = state.get("extra") or {}
     if "data" not in extra:
         raise ValueError(f"checkpoint {str(checkpoint)!r} records no data spec; "
@@ -295,7 +327,43 @@ def evaluate_checkpoint(
     if list(data.task.classes) != list(state["classes"]):
         raise ValueError(f"checkpoint classes {state['classes']} differ from the task's "
                          f"{list(data.task.classes)}")
-    config = TrainConfig.from_dict(state["config"])
-    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
-    return _evaluate_split(model, config, data, data.splits[int(extra["fold"])], spec, out,
-                           info, progress=progress)
+    return spec, data
+
+
+def checkpoint_records(
+    checkpoint: str | os.PathLike[str] | dict[str, Any],
+    *,
+    split: str = "test",
+    data_root: str | None = None,
+    progress: bool = False,
+) -> tuple[list[ImageRecord], np.ndarray, dict[str, Any]]:
+    """The images of the fold a saved run was trained on, with their targets.
+
+    Args:
+        checkpoint: a ``checkpoint.pt`` written by training (or its loaded dict).
+        split: ``test`` (the fold's test images), ``train`` (its training images,
+            validation share included) or ``all`` (every image of the task).
+        data_root: use this data folder instead of the one recorded (data moved).
+        progress: show a progress bar while indexing.
+
+    Returns:
+        ``(records, targets, info)``; ``info`` holds ``split``, ``fold``, ``task``,
+        ``protocol``, ``data_root`` and ``synthetic`` (of the data found now).
+
+    Raises:
+        ValueError: for an unknown split, a checkpoint without a data spec, or data
+            whose classes differ from the checkpoint's.
+    """
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"split must be one of {SPLIT_CHOICES}, but got {split!r}")
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    name = "<checkpoint dict>" if isinstance(checkpoint, dict) else checkpoint
+    spec, data = _checkpoint_data(name, state, data_root, progress=progress)
+    fold = int(state["extra"]["fold"])
+    chosen = data.splits[fold]
+    index = {"test": chosen.test, "train": chosen.train,
+             "all": np.arange(len(data.records))}[split]
+    info = {"split": split, "fold": fold, "task": data.task.to_dict(),
+            "protocol": _protocol_dict(spec, chosen), "data_root": str(data.index.root),
+            "synthetic": data.synthetic}
+    return [data.records[i] for i in index], data.targets[index], info

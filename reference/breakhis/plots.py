@@ -1,0 +1,796 @@
+"""Figures and tables of a BreaKHis reproduction: ROC, t-SNE, Grad-CAM, the results table.
+
+Liu, Juhas & Zhang (2020) show ROC curves of their classifiers, t-SNE maps of the
+bilinear features and Grad-CAM heat maps, and summarise every experiment in results
+tables. This module draws the same from a saved run, with well-kept libraries only:
+scikit-learn (``roc_curve``, ``auc``, ``TSNE``, ``PCA``), captum (``LayerGradCam`` on
+the model's last feature map, upsampled with ``LayerAttribution.interpolate``) and
+matplotlib (Agg canvas; the caller's pyplot backend is left alone).
+
+- :func:`plot_roc`, :func:`plot_tsne`, :func:`plot_gradcam` draw one PNG each from
+  arrays (e.g. from :func:`breakhis.evaluate.read_predictions`, without the model);
+- :func:`embeddings` and :func:`gradcam` compute what the last two need from a model;
+- :func:`make_figures` does all three for a checkpoint and writes ``figures.json``;
+- :func:`results_table` puts the ``cv_metrics.json``/``test_metrics.json`` of several
+  runs into one Markdown table (and CSV), the shape of the paper's results tables,
+  always with the protocol that produced each number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .data import ImageRecord
+from .dataset import ImageDataset, build_eval_transform, load_rgb
+from .evaluate import SUMMARY_METRICS
+from .splits import PROTOCOL_DESCRIPTIONS
+
+__all__ = [
+    "RESULTS_COLUMNS",
+    "embeddings",
+    "gradcam",
+    "make_figures",
+    "plot_gradcam",
+    "plot_roc",
+    "plot_tsne",
+    "results_rows",
+    "results_table",
+]
+
+#: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
+RESULTS_COLUMNS: tuple[str, ...] = (
+    "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
+    "input_size", "folds", "fold", "synthetic",
+    *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
+)
+_TABLE_METRICS = (("accuracy", "image accuracy"),
+                  ("patient_recognition_rate", "patient recognition rate"),
+                  ("macro_f1", "macro F1"), ("roc_auc", "ROC AUC"))
+_IMAGES = Union[Sequence[ImageRecord], Sequence[Union[str, "os.PathLike[str]"]]]
+
+
+def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
+    """A matplotlib figure on an Agg canvas (no pyplot, so no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def _wrap(title: str, width: int = 52) -> str:
+    return textwrap.fill(title, width)
+
+
+def _colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _check_labels(y: np.ndarray, n_classes: int, what: str) -> None:
+    if y.ndim != 1:
+        raise ValueError(f"expected {what} of shape (N,), but got {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"expected {what} in [0, {n_classes}), but got values from "
+                         f"{y.min()} to {y.max()}")
+
+
+def plot_roc(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """ROC curves with their AUCs, drawn to a PNG.
+
+    Binary task (two classes): one curve, of the positive class ``classes[1]``
+    (malignant) scored by its probability. More classes: one one-vs-rest curve per
+    class, plus the macro average drawn as the mean true-positive rate over a common
+    false-positive grid. A class with no positive or no negative image in ``y_true``
+    has no ROC curve: it is skipped and named in the legend and the result.
+
+    The numbers match :func:`breakhis.evaluate.roc_auc` (and so ``test_metrics.json``):
+    ``roc_auc`` is the binary AUC, or the mean of the per-class AUCs. (The area under
+    the drawn macro-average curve can differ slightly from that mean.)
+
+    Args:
+        y_true: true class index per image, shape ``(N,)``.
+        probs: class probabilities, shape ``(N, C)`` with ``C == len(classes)``.
+        classes: class names.
+        path: PNG to write.
+        title: figure title (say which task and protocol it shows).
+
+    Returns:
+        ``{"path", "auc": {class: AUC}, "roc_auc": binary or macro AUC (None when
+        nothing can be scored), "skipped": [class names without a curve]}``.
+
+    Raises:
+        ValueError: on mismatched shapes or labels outside ``[0, C)``.
+
+    Examples:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "roc.png"
+        >>> r = plot_roc([0, 0, 1, 1], np.array([[.9, .1], [.3, .7], [.35, .65], [.2, .8]]),
+        ...              ["benign", "malignant"], out)
+        >>> r["auc"], r["skipped"], r["path"].is_file()
+        ({'malignant': 0.75}, [], True)
+    """
+    from sklearn.metrics import auc, roc_curve
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape != (len(y), len(classes)) or len(classes) < 2:
+        raise ValueError(f"expected probs of shape ({len(y)}, {len(classes)}) for "
+                         f"{len(classes)} classes (at least 2), but got {p.shape}")
+    _check_labels(y, len(classes), "y_true")
+    scored = [1] if len(classes) == 2 else list(range(len(classes)))
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    aucs: dict[str, float] = {}
+    skipped: list[str] = []
+    for c in scored:
+        positives = int(np.sum(y == c))
+        if not 0 < positives < len(y):
+            skipped.append(classes[c])
+            continue
+        fpr, tpr, _ = roc_curve(y == c, p[:, c])
+        curves[classes[c]] = (fpr, tpr)
+        aucs[classes[c]] = float(auc(fpr, tpr))
+    overall = float(np.mean(list(aucs.values()))) if aucs else None
+
+    fig, axes = _figure((5.5, 5.0))
+    ax = axes[0, 0]
+    colours = _colours(len(classes))
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, color=colours[list(classes).index(name)], lw=1.5,
+                label=f"{name} (AUC {aucs[name]:.3f})")
+    if len(classes) > 2 and curves:
+        grid = np.unique(np.concatenate([fpr for fpr, _ in curves.values()]))
+        mean_tpr = np.mean([np.interp(grid, fpr, tpr) for fpr, tpr in curves.values()], axis=0)
+        ax.plot(grid, mean_tpr, color="black", lw=2.5, ls=":",
+                label=f"macro average (mean AUC {overall:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="chance")
+    if skipped:
+        ax.plot([], [], " ", label="no curve (no positive or no negative image): "
+                + ", ".join(skipped))
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate",
+           ylabel="true positive rate", title=_wrap(title or "ROC"))
+    ax.legend(loc="lower right", fontsize="small")
+    out = _save(fig, path)
+    return {"path": out, "auc": aucs, "roc_auc": overall, "skipped": skipped}
+
+
+def _image_batches(
+    images: _IMAGES | Tensor, input_size: int, batch_size: int
+) -> tuple[int, Any]:
+    """Number of images and an iterable of normalised ``(B, 3, S, S)`` batches."""
+    if isinstance(images, Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (
+                input_size, input_size):
+            raise ValueError(f"expected an image tensor of shape (N, 3, {input_size}, "
+                             f"{input_size}), but got {tuple(images.shape)}")
+        return len(images), images.split(batch_size)
+    dataset = ImageDataset(list(images), None, build_eval_transform(input_size))
+    loader = DataLoader(dataset, batch_size=batch_size)
+    return len(dataset), (x for x, _, _ in loader)
+
+
+def _progress(iterable: Any, total: int, desc: str, progress: bool) -> Any:
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch")
+
+
+def embeddings(
+    model: nn.Module,
+    records: _IMAGES,
+    *,
+    input_size: int,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    max_dim: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Pre-logit feature vectors (``model.forward_embedding``) of ``records``, e.g. for t-SNE.
+
+    Images get the evaluation transform (resize to ``input_size`` squared, ImageNet
+    normalisation), as in :func:`breakhis.train.predict_probs`; no gradients.
+
+    Bilinear features are wide (``2048 * 2048`` values per image for InceptionV3: 16 MiB),
+    too wide to keep for a whole test fold. With ``max_dim``, wider embeddings are
+    projected batch by batch with scikit-learn's ``SparseRandomProjection`` (seeded),
+    which keeps pairwise distances approximately (Johnson-Lindenstrauss), as t-SNE needs.
+
+    Args:
+        model: a ``bilinearpool`` classifier (it has ``forward_embedding``).
+        records: image records or paths.
+        input_size: side of the square model input.
+        batch_size: images per forward pass.
+        device: where the model lives.
+        max_dim: project embeddings wider than this to ``max_dim`` dimensions
+            (``None``: keep them whole).
+        seed: random state of the projection.
+        progress: show a progress bar.
+
+    Returns:
+        ``(N, D)`` float32 array; for a bilinear head ``D`` is the bilinear feature size
+        (or ``max_dim`` after projection).
+
+    Raises:
+        TypeError: when the model has no ``forward_embedding``.
+        ValueError: when ``records`` is empty.
+    """
+    forward = getattr(model, "forward_embedding", None)
+    if not callable(forward):
+        raise TypeError("expected a model with forward_embedding() (a bilinearpool "
+                        f"classifier), but got {type(model).__name__}")
+    if max_dim is not None and max_dim < 2:
+        raise ValueError(f"max_dim must be >= 2 or None, but got {max_dim}")
+    n, batches = _image_batches(records, input_size, batch_size)
+    if n == 0:
+        raise ValueError("expected at least one image, but got none")
+    model.eval()
+    out = []
+    projection = None
+    with torch.no_grad():
+        for x in _progress(batches, math.ceil(n / batch_size), "embedding", progress):
+            emb = forward(x.to(device)).float().flatten(1).cpu().numpy()
+            if max_dim is not None and emb.shape[1] > max_dim:
+                if projection is None:
+                    from sklearn.random_projection import SparseRandomProjection
+
+                    projection = SparseRandomProjection(n_components=max_dim,
+                                                        random_state=seed).fit(emb)
+                emb = projection.transform(emb)
+            out.append(np.asarray(emb, dtype=np.float32))
+    return np.concatenate(out)
+
+
+def plot_tsne(
+    emb: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    perplexity: float = 30.0,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """2-D t-SNE map of embeddings (scikit-learn), coloured by class, drawn to a PNG.
+
+    As usual for t-SNE, embeddings wider than 50 dimensions are first reduced to 50
+    with PCA (fewer when there are fewer images). The perplexity must stay below the
+    number of images; it is clamped to at most ``(N - 1) / 3`` (so that the
+    ``3 * perplexity`` neighbours t-SNE looks at exist) and the value used is returned.
+    The coordinates are also saved next to the PNG as ``<stem>_coords.npy``.
+
+    Args:
+        emb: embeddings, shape ``(N, D)``, ``N >= 3``.
+        labels: class index per row, shape ``(N,)``.
+        classes: class names.
+        path: PNG to write.
+        seed: random state of PCA and t-SNE (same seed, same map).
+        perplexity: requested perplexity (scikit-learn's default 30).
+        title: figure title.
+
+    Returns:
+        ``{"path", "coords": (N, 2) array, "coords_path", "perplexity" (used),
+        "pca_components" (None without PCA)}``.
+
+    Raises:
+        ValueError: for fewer than 3 rows, mismatched lengths, non-finite embeddings or
+            a perplexity that is not positive.
+
+    Examples:
+        >>> import tempfile
+        >>> rng = np.random.default_rng(0)
+        >>> r = plot_tsne(rng.normal(size=(10, 64)), [0, 1] * 5, ["benign", "malignant"],
+        ...               Path(tempfile.mkdtemp()) / "tsne.png")
+        >>> r["coords"].shape, r["perplexity"], r["pca_components"]
+        ((10, 2), 3.0, 10)
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(emb, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if x.ndim != 2:
+        raise ValueError(f"expected embeddings of shape (N, D), but got {x.shape}")
+    if len(x) < 3:
+        raise ValueError(f"t-SNE needs at least 3 embeddings, but got {len(x)}")
+    if len(y) != len(x):
+        raise ValueError(f"expected {len(x)} labels (one per embedding), but got {len(y)}")
+    _check_labels(y, len(classes), "labels")
+    if not np.isfinite(x).all():
+        raise ValueError("expected finite embeddings, but got NaN or infinite values")
+    if not perplexity > 0:
+        raise ValueError(f"perplexity must be > 0, but got {perplexity}")
+    used = float(min(perplexity, (len(x) - 1) / 3))
+    components = None
+    if x.shape[1] > 50:
+        components = min(50, *x.shape)
+        x = PCA(n_components=components, random_state=seed).fit_transform(x)
+    # t-SNE's PCA initialisation divides by the spread of the first component: a map
+    # without spread (e.g. identical embeddings) has to start from random points
+    init = "pca" if x.shape[1] >= 2 and np.ptp(x, axis=0).max() > 1e-12 else "random"
+    coords = TSNE(n_components=2, perplexity=used, init=init, learning_rate="auto",
+                  random_state=seed).fit_transform(x)
+
+    fig, axes = _figure((6.0, 5.0))
+    ax = axes[0, 0]
+    colours = _colours(len(classes))
+    for c, name in enumerate(classes):
+        mask = y == c
+        if mask.any():
+            ax.scatter(coords[mask, 0], coords[mask, 1], s=14, color=colours[c],
+                       label=f"{name} ({int(mask.sum())})", alpha=0.85, edgecolors="none")
+    ax.set(xticks=[], yticks=[], xlabel="t-SNE 1", ylabel="t-SNE 2",
+           title=_wrap(title or f"t-SNE (perplexity {used:g})"))
+    ax.legend(loc="best", fontsize="small", markerscale=1.5)
+    out = _save(fig, path)
+    coords_path = out.with_name(f"{out.stem}_coords.npy")
+    np.save(coords_path, coords)
+    return {"path": out, "coords": coords, "coords_path": coords_path, "perplexity": used,
+            "pca_components": components}
+
+
+def gradcam(
+    model: nn.Module,
+    images: _IMAGES | Tensor,
+    targets: Sequence[int] | np.ndarray | None = None,
+    *,
+    input_size: int,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM heat maps (Selvaraju et al. 2017) of the model's last feature map.
+
+    captum's ``LayerGradCam`` on ``model.gradcam_layer`` weighs each channel of the
+    last feature map by the mean gradient of the target class score and keeps the
+    positive part of the weighted sum (the ReLU of Grad-CAM); the map is upsampled to
+    the input size with ``LayerAttribution.interpolate`` (bilinear) and divided by its
+    maximum, per image, so it lies in ``[0, 1]`` (an all-zero map stays zero).
+
+    Args:
+        model: a ``bilinearpool`` classifier (it has ``gradcam_layer``).
+        images: image records or paths (evaluation transform at ``input_size``), or an
+            already normalised tensor ``(N, 3, input_size, input_size)``.
+        targets: class index to explain per image; by default the predicted class.
+        input_size: side of the square model input.
+        device: where the model lives.
+        batch_size: images per pass.
+        progress: show a progress bar.
+
+    Returns:
+        ``(heatmaps, predicted)``: ``(N, input_size, input_size)`` float32 in ``[0, 1]``
+        and the predicted class per image, ``(N,)``.
+
+    Raises:
+        TypeError: when the model has no ``gradcam_layer``.
+        ValueError: for no images, a tensor of the wrong shape, or targets of the wrong
+            length.
+
+    Examples:
+        >>> from breakhis.models import build_network
+        >>> model = build_network("fast-bcnn", "tiny", num_classes=2)
+        >>> heat, pred = gradcam(model, torch.randn(3, 3, 32, 32), input_size=32)
+        >>> heat.shape, pred.shape, bool(0 <= heat.min() and heat.max() <= 1)
+        ((3, 32, 32), (3,), True)
+    """
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    layer = getattr(model, "gradcam_layer", None)
+    if not isinstance(layer, nn.Module):
+        raise TypeError("expected a model with a gradcam_layer module (a bilinearpool "
+                        f"classifier), but got {type(model).__name__}")
+    n, batches = _image_batches(images, input_size, batch_size)
+    if n == 0:
+        raise ValueError("expected at least one image, but got none")
+    wanted = None
+    if targets is not None:
+        wanted = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+        if wanted.shape != (n,):
+            raise ValueError(f"expected {n} targets (one per image), but got "
+                             f"{tuple(wanted.shape)}")
+    model.eval()
+    cam = LayerGradCam(model, layer)
+    heat, predicted, start = [], [], 0
+    for x in _progress(batches, math.ceil(n / batch_size), "grad-cam", progress):
+        x = x.to(device)
+        with torch.no_grad():
+            pred = model(x).argmax(dim=1)
+        target = pred if wanted is None else wanted[start:start + len(x)].to(device)
+        attr = cam.attribute(x, target=target, relu_attributions=True)
+        maps = LayerAttribution.interpolate(attr, (input_size, input_size),
+                                            interpolate_mode="bilinear")[:, 0]
+        maps = maps.detach().float().clamp_min(0.0)
+        peak = maps.amax(dim=(1, 2), keepdim=True)
+        maps = torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny),
+                           torch.zeros_like(maps))
+        heat.append(maps.cpu())
+        predicted.append(pred.cpu())
+        start += len(x)
+    return torch.cat(heat).numpy(), torch.cat(predicted).numpy()
+
+
+def _display_image(image: Any, size: tuple[int, int]) -> np.ndarray:
+    """An RGB array of ``size`` (height, width) for an image record, path or array."""
+    if isinstance(image, np.ndarray):
+        return image
+    from PIL import Image
+
+    path = image.path if isinstance(image, ImageRecord) else image
+    return np.asarray(load_rgb(path).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def plot_gradcam(
+    images: Sequence[Any],
+    heatmaps: np.ndarray,
+    labels: Sequence[int] | np.ndarray | None,
+    predicted: Sequence[int] | np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    pairs_per_row: int = 4,
+    alpha: float = 0.5,
+) -> Path:
+    """A grid of image / Grad-CAM overlay pairs, titled with true and predicted class.
+
+    Args:
+        images: image records, paths or RGB arrays ``(H, W, 3)``; files are resized to
+            the heat map size, i.e. shown as the model saw them.
+        heatmaps: ``(N, H, W)`` in ``[0, 1]`` (from :func:`gradcam`).
+        labels: true class index per image, or ``None`` when unknown.
+        predicted: predicted class index per image.
+        classes: class names.
+        path: PNG to write.
+        title: figure title.
+        pairs_per_row: image/overlay pairs per row of the grid.
+        alpha: opacity of the heat map over the image.
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        ValueError: on mismatched lengths or heat maps that are not ``(N, H, W)``.
+    """
+    heat = np.asarray(heatmaps, dtype=np.float32)
+    n = len(images)
+    if heat.ndim != 3 or len(heat) != n or n == 0:
+        raise ValueError(f"expected heatmaps of shape ({n}, H, W) for {n} images (at least "
+                         f"one), but got {heat.shape}")
+    pred = np.asarray(predicted, dtype=np.int64)
+    true = None if labels is None else np.asarray(labels, dtype=np.int64)
+    if len(pred) != n or (true is not None and len(true) != n):
+        raise ValueError(f"expected {n} labels and predictions, but got "
+                         f"{None if true is None else len(true)} and {len(pred)}")
+    per_row = max(1, min(pairs_per_row, n))
+    rows = math.ceil(n / per_row)
+    fig, axes = _figure((4.4 * per_row, 2.5 * rows + (0.4 if title else 0.0)), rows,
+                        2 * per_row)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        rgb = _display_image(images[i], heat.shape[1:])
+        ax_img, ax_cam = axes[i // per_row, 2 * (i % per_row)], axes[i // per_row,
+                                                                     2 * (i % per_row) + 1]
+        truth = "?" if true is None else classes[int(true[i])]
+        guess = classes[int(pred[i])]
+        ax_img.imshow(rgb)
+        ax_img.set_title(f"true: {truth}", fontsize="small")
+        ax_cam.imshow(rgb)
+        ax_cam.imshow(heat[i], cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
+        mark = "" if true is None else (" (right)" if truth == guess else " (wrong)")
+        ax_cam.set_title(f"predicted: {guess}{mark}", fontsize="small")
+    if title:
+        fig.suptitle(_wrap(title, 30 + 35 * per_row))
+    return _save(fig, path)
+
+
+def _balanced_pick(targets: np.ndarray, n: int) -> list[int]:
+    """First ``n`` indices taking classes in turn (class order, then file order)."""
+    queues = [list(np.flatnonzero(targets == c)) for c in np.unique(targets)]
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(int(queue.pop(0)))
+    return picked
+
+
+def _describe(source: Mapping[str, Any]) -> str:
+    """E.g. ``MSBC 40X fold 0, test images (patient protocol), SYNTHETIC data``."""
+    task = source.get("task") or {}
+    text = str(task.get("name", "?"))
+    if task.get("magnification"):
+        text += f" {task['magnification']}X"
+    if source.get("fold") is not None:
+        text += f" fold {source['fold']}"
+    if source.get("split"):
+        text += f", {source['split']} images"
+    text += f" ({(source.get('protocol') or {}).get('protocol', '?')} protocol)"
+    if source.get("synthetic"):
+        text += ", SYNTHETIC data"
+    return text
+
+
+def make_figures(
+    checkpoint: str | os.PathLike[str],
+    records: Sequence[ImageRecord],
+    out_dir: str | os.PathLike[str],
+    *,
+    targets: Sequence[int] | np.ndarray | None = None,
+    source: Mapping[str, Any] | None = None,
+    gradcam_images: int = 8,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    perplexity: float = 30.0,
+    max_embedding_dim: int | None = 4096,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """ROC, t-SNE and Grad-CAM figures of a saved run on ``records``.
+
+    Loads the model of ``checkpoint`` (:func:`breakhis.train.load_model`), predicts
+    and writes into ``out_dir``: ``roc.png``, ``tsne.png`` (with ``tsne_coords.npy``),
+    ``gradcam.png`` (the first ``gradcam_images`` images, taking classes in turn so
+    that every class shows when there are enough) and ``figures.json`` (paths, AUCs,
+    perplexity used, the checkpoint, task, protocol and fold, and whether the data
+    are synthetic).
+
+    Args:
+        checkpoint: a ``checkpoint.pt`` written by training.
+        records: the images, e.g. the fold's test images from
+            :func:`breakhis.experiments.checkpoint_records`.
+        out_dir: output folder (created).
+        targets: true class per record; by default from the checkpoint's task.
+        source: what the records are (``split``, ``fold``, ``task``, ``protocol``,
+            ``data_root``, ``synthetic``), as returned by ``checkpoint_records``;
+            missing keys come from the checkpoint.
+        gradcam_images: images in the Grad-CAM grid (0: no Grad-CAM figure).
+        batch_size: images per forward pass.
+        device: ``cpu`` or ``cuda``.
+        seed: random state of t-SNE (and of the embedding projection).
+        perplexity: requested t-SNE perplexity (clamped for small sets).
+        max_embedding_dim: wider embeddings are randomly projected to this many
+            dimensions before PCA and t-SNE (see :func:`embeddings`); ``None`` keeps them.
+        progress: show progress bars.
+
+    Returns:
+        The content of ``figures.json``.
+
+    Raises:
+        ValueError: for fewer than 3 records, mismatched targets, or a negative
+            ``gradcam_images``.
+    """
+    from .tasks import get_task
+    from .train import load_model, predict_probs
+
+    if len(records) < 3:
+        raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
+    if gradcam_images < 0:
+        raise ValueError(f"gradcam_images must be >= 0, but got {gradcam_images}")
+    model, state = load_model(checkpoint, device=device)
+    classes = list(state["classes"])
+    extra = state.get("extra") or {}
+    if targets is None:
+        task = extra.get("task") or {}
+        if not task:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} records no task; pass targets")
+        name = task["name"]
+        rebuilt = (get_task("folder", classes=classes) if name == "folder"
+                   else get_task(name, magnification=task.get("magnification")))
+        y = rebuilt.targets(records)
+    else:
+        y = np.asarray(targets, dtype=np.int64)
+        if y.shape != (len(records),):
+            raise ValueError(f"expected {len(records)} targets, but got {y.shape}")
+    info = {"task": extra.get("task"), "protocol": extra.get("protocol"),
+            "fold": extra.get("fold"), "synthetic": bool(extra.get("synthetic", False)),
+            "split": None, "data_root": (extra.get("data") or {}).get("data_root")}
+    info.update(source or {})
+    input_size = int(state["config"]["input_size"])
+    what = _describe(info)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    probs = predict_probs(model, records, input_size=input_size, batch_size=batch_size,
+                          device=device, progress=progress)
+    roc = plot_roc(y, probs, classes, out / "roc.png", title=f"ROC: {what}")
+    emb = embeddings(model, records, input_size=input_size, batch_size=batch_size,
+                     device=device, max_dim=max_embedding_dim, seed=seed, progress=progress)
+    width = int(getattr(model, "embedding_dim", emb.shape[1]))
+    tsne = plot_tsne(emb, y, classes, out / "tsne.png", seed=seed, perplexity=perplexity,
+                     title=f"t-SNE of the embeddings: {what}")
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "classes": classes,
+        "images": len(records),
+        **info,
+        "model": {k: state["config"].get(k) for k in ("head", "backbone", "se_reduction",
+                                                      "input_size")},
+        "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
+        "roc": {"path": str(roc["path"]), "auc": roc["auc"], "roc_auc": roc["roc_auc"],
+                "skipped": roc["skipped"]},
+        "tsne": {"path": str(tsne["path"]), "coords_path": str(tsne["coords_path"]),
+                 "perplexity": tsne["perplexity"], "perplexity_requested": float(perplexity),
+                 "pca_components": tsne["pca_components"], "seed": seed,
+                 "embedding_dim": width,
+                 "projected_dim": int(emb.shape[1]) if emb.shape[1] < width else None},
+        "gradcam": None,
+    }
+    if gradcam_images:
+        pick = _balanced_pick(y, gradcam_images)
+        chosen = [records[i] for i in pick]
+        heat, pred = gradcam(model, chosen, input_size=input_size, device=device,
+                             batch_size=batch_size, progress=progress)
+        path = plot_gradcam(chosen, heat, y[pick], pred, classes, out / "gradcam.png",
+                            title=f"Grad-CAM (predicted class): {what}")
+        result["gradcam"] = {
+            "path": str(path), "layer": "gradcam_layer (last feature map of the backbone)",
+            "images": [str(getattr(r, "path", r)) for r in chosen],
+            "true": [classes[int(t)] for t in y[pick]],
+            "predicted": [classes[int(p)] for p in pred],
+        }
+    (out / "figures.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
+    folder = Path(run_dir)
+    for name in ("cv_metrics.json", "test_metrics.json"):
+        if (folder / name).is_file():
+            report = json.loads((folder / name).read_text())
+            if not isinstance(report.get("protocol"), dict):
+                raise ValueError(f"{folder / name} records no protocol; it was not written "
+                                 "by breakhis")
+            return folder, name, report
+    raise ValueError(f"run folder {str(folder)!r} has no metrics: expected cv_metrics.json "
+                     "(from `breakhis-repro cv`) or test_metrics.json (from `train` or "
+                     "`evaluate`)")
+
+
+def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """One row per run folder, the data of :func:`results_table` (columns
+    :data:`RESULTS_COLUMNS`; metrics as fractions).
+
+    A folder with ``cv_metrics.json`` gives its mean and standard deviation over folds
+    (``summary`` of :func:`breakhis.evaluate.summarize_folds`); otherwise its
+    ``test_metrics.json`` gives one fold (no standard deviation).
+
+    Raises:
+        ValueError: for a folder with neither file, or no run folder at all.
+    """
+    if not run_dirs:
+        raise ValueError("expected at least one run folder, but got none")
+    rows = []
+    for run_dir in run_dirs:
+        folder, name, report = _load_run(run_dir)
+        if "summary" in report:
+            stats = report["summary"]
+            folds = len(report.get("folds") or []) or max(s["n"] for s in stats.values())
+        else:
+            metrics = report.get("metrics") or {}
+            stats = {k: {"mean": metrics[k], "std": None, "n": 1}
+                     for k in SUMMARY_METRICS if metrics.get(k) is not None}
+            folds = 1
+        task, protocol = report.get("task") or {}, report["protocol"]
+        model = report.get("model") or {}
+        row: dict[str, Any] = {
+            "run": str(folder), "source": name, "task": task.get("name"),
+            "magnification": task.get("magnification"), "protocol": protocol.get("protocol"),
+            "backbone": model.get("backbone"), "head": model.get("head"),
+            "se_reduction": model.get("se_reduction"), "input_size": model.get("input_size"),
+            "folds": folds, "fold": None if "summary" in report else report.get("fold"),
+            "synthetic": bool(report.get("synthetic", False)),
+        }
+        for key in SUMMARY_METRICS:
+            stat = stats.get(key) or {}
+            row[f"{key}_mean"], row[f"{key}_std"] = stat.get("mean"), stat.get("std")
+        rows.append(row)
+    return rows
+
+
+def _pct(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def results_table(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str] | None = None,
+) -> str:
+    """A Markdown table of several runs, in the shape of the paper's results tables.
+
+    One row per run folder: task, protocol, backbone, head (``+SE8`` with SE blocks),
+    input size, folds, then image accuracy, patient recognition rate, macro F1 and ROC
+    AUC as mean ± std over folds in percent. Every row names its protocol (image-split
+    numbers are optimistic, see the notes under the table), and runs on synthetic data
+    are marked ``SYNTHETIC``.
+
+    Args:
+        run_dirs: folders holding ``cv_metrics.json`` (a ``cv`` run) or
+            ``test_metrics.json`` (one fold).
+        out: when given, write the Markdown here and the CSV (columns
+            :data:`RESULTS_COLUMNS`, fractions not percent) next to it (``.csv``).
+
+    Returns:
+        The Markdown text.
+
+    Raises:
+        ValueError: for a folder without metrics (the message names it and the files
+            expected), or an ``out`` ending in ``.csv``.
+    """
+    if out is not None and Path(out).suffix.lower() == ".csv":
+        raise ValueError("out is the Markdown file (the CSV goes next to it), but got "
+                         f"{str(out)!r}")
+    rows = results_rows(run_dirs)
+    header = ["run", "task", "protocol", "backbone", "head", "input", "folds",
+              *[f"{label} (%)" for _, label in _TABLE_METRICS], "data"]
+    lines = ["# Results (mean ± std over folds, percent)", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in rows:
+        task = row["task"] or "?"
+        if row["magnification"]:
+            task += f" {row['magnification']}X"
+        head = row["head"] or "?"
+        if row["se_reduction"]:
+            head += f"+SE{row['se_reduction']}"
+        folds = str(row["folds"]) + (f" (fold {row['fold']})" if row["fold"] is not None else "")
+        cells = [Path(row["run"]).name or row["run"], task, row["protocol"], row["backbone"],
+                 head, row["input_size"], folds,
+                 *[_pct(row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in _TABLE_METRICS],
+                 "SYNTHETIC" if row["synthetic"] else "real"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "Protocols:", ""]
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        lines.append(f"- `{protocol}`: {PROTOCOL_DESCRIPTIONS.get(protocol, '?')}")
+    if any(r["synthetic"] for r in rows):
+        lines += ["", "SYNTHETIC: generated stand-in images with the BreaKHis layout, not "
+                  "BreaKHis; these numbers test the pipeline and say nothing about the paper."]
+    lines += ["", "Runs: " + ", ".join(f"`{r['run']}` ({r['source']})" for r in rows), ""]
+    text = "\n".join(lines)
+    if out is not None:
+        md = Path(out)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text)
+        with md.with_suffix(".csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(RESULTS_COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+    return text

@@ -1,0 +1,401 @@
+"""Figures and tables: test_predictions.csv, ROC, t-SNE, Grad-CAM, the results table, CLI.
+
+Two tiny cross-validations on the synthetic tree (``tiny`` backbone, 32-pixel inputs)
+give real run folders and checkpoints; everything else is checked against
+scikit-learn and captum called directly, and Grad-CAM once more against its
+definition written with autograd.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from breakhis.cli import build_parser, main
+from breakhis.dataset import build_eval_transform, load_rgb
+from breakhis.evaluate import (
+    PREDICTIONS_FILE,
+    classification_metrics,
+    read_predictions,
+    roc_auc,
+    write_predictions,
+)
+from breakhis.experiments import checkpoint_records, evaluate_checkpoint
+from breakhis.models import build_network
+from breakhis.plots import (
+    RESULTS_COLUMNS,
+    embeddings,
+    gradcam,
+    make_figures,
+    plot_gradcam,
+    plot_roc,
+    plot_tsne,
+    results_rows,
+    results_table,
+)
+from breakhis.train import load_model, predict_probs
+
+pytest.importorskip("bilinearpool")
+pytest.importorskip("captum")
+pytest.importorskip("matplotlib")
+
+TINY = ["--backbone", "tiny", "--no-pretrained", "--input-size", "32", "--batch-size", "8",
+        "--lr", "0.05", "--momentum", "0.9", "--plateau-patience", "0", "--no-progress"]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def runs(synth_tree, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A binary patient-protocol CV and a fine-grained image-protocol CV, two folds each."""
+    root, _ = synth_tree
+    base = tmp_path_factory.mktemp("figure-runs")
+    out = {"binary": base / "msbc-patient", "fine": base / "msfc-image"}
+    assert main(["cv", "--data-root", str(root), "--task", "MSBC", "--magnification", "40",
+                 "--protocol", "patient", "--n-splits", "2", "--epochs", "3", *TINY,
+                 "--out", str(out["binary"])]) == 0
+    assert main(["cv", "--data-root", str(root), "--task", "MSFC", "--magnification", "100",
+                 "--protocol", "image", "--n-splits", "2", "--epochs", "2", *TINY,
+                 "--out", str(out["fine"])]) == 0
+    return out
+
+
+def _assert_png(path: Path, *, min_side: int = 200) -> None:
+    assert Path(path).is_file(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min(image.size) >= min_side, image.size
+        image.verify()
+
+
+class TestPredictionsCsv:
+    def test_fold_run_writes_it_and_it_round_trips(self, runs) -> None:
+        fold = runs["binary"] / "fold0"
+        report = json.loads((fold / "test_metrics.json").read_text())
+        pred = read_predictions(fold / PREDICTIONS_FILE)
+        assert len(pred) == report["metrics"]["images"]
+        assert pred.classes == report["metrics"]["classes"] == ["benign", "malignant"]
+        assert set(pred.magnifications) == {40} and all(pred.patients)
+        again = classification_metrics(pred.y_true, pred.probs, pred.classes,
+                                       patients=pred.patients)
+        assert again == report["metrics"]  # probabilities are written exactly
+        with (fold / PREDICTIONS_FILE).open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert list(rows[0]) == ["path", "patient", "magnification", "true_label",
+                                 "true_index", "predicted_label", "prob_benign",
+                                 "prob_malignant"]
+        for row, y, p in zip(rows, pred.y_true, pred.probs):
+            assert row["true_label"] == pred.classes[y]
+            assert row["predicted_label"] == pred.classes[int(p.argmax())]
+            assert Path(row["path"]).is_file()
+
+    def test_evaluate_checkpoint_writes_the_same(self, runs, tmp_path: Path) -> None:
+        fold = runs["fine"] / "fold1"
+        evaluate_checkpoint(fold / "checkpoint.pt", out_dir=tmp_path, device="cpu",
+                            progress=False)
+        a, b = read_predictions(tmp_path / PREDICTIONS_FILE), read_predictions(
+            fold / PREDICTIONS_FILE)
+        assert a.paths == b.paths and a.classes == b.classes and len(a.classes) == 8
+        np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-6)
+
+    def test_exact_round_trip_and_unknown_fields(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(0)
+        probs = rng.dirichlet(np.ones(3), size=5)
+        y = np.array([0, 2, 1, 1, 0])
+        write_predictions(tmp_path / "p.csv", [f"img{i}.png" for i in range(5)], y, probs,
+                          ["a", "b,c", "d"])
+        back = read_predictions(tmp_path / "p.csv")
+        assert back.classes == ["a", "b,c", "d"] and back.paths[1] == "img1.png"
+        assert back.patients == [None] * 5 and back.magnifications == [None] * 5
+        np.testing.assert_array_equal(back.probs, probs)
+        np.testing.assert_array_equal(back.y_true, y)
+
+    def test_exceptions(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            read_predictions(tmp_path / "none.csv")
+        (tmp_path / "bad.csv").write_text("path,predicted,p_a\nx.png,a,1.0\n")
+        with pytest.raises(ValueError, match="expected columns"):
+            read_predictions(tmp_path / "bad.csv")
+        with pytest.raises(ValueError, match=r"probs of shape \(2, 2\)"):
+            write_predictions(tmp_path / "p.csv", ["a", "b"], [0, 1], np.ones((2, 3)), ["a", "b"])
+
+
+class TestPlotRoc:
+    def test_binary_matches_sklearn(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(1)
+        y = rng.integers(0, 2, 60)
+        p1 = np.clip(0.3 * y + rng.random(60) * 0.7, 0, 1)
+        probs = np.stack([1 - p1, p1], axis=1)
+        r = plot_roc(y, probs, ["benign", "malignant"], tmp_path / "roc.png", title="MIBC")
+        assert list(r["auc"]) == ["malignant"] and r["skipped"] == []
+        assert r["auc"]["malignant"] == pytest.approx(roc_auc_score(y, p1), abs=1e-12)
+        assert r["roc_auc"] == pytest.approx(roc_auc(y, probs)[0], abs=1e-12)
+        _assert_png(r["path"])
+
+    def test_multiclass_matches_sklearn(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(2)
+        y = np.arange(45) % 3
+        probs = rng.dirichlet(np.ones(3), size=45) + np.eye(3)[y] * 0.3
+        probs /= probs.sum(axis=1, keepdims=True)
+        r = plot_roc(y, probs, ["x", "y", "z"], tmp_path / "roc.png")
+        for c, name in enumerate("xyz"):
+            assert r["auc"][name] == pytest.approx(roc_auc_score(y == c, probs[:, c]), abs=1e-12)
+        expected = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+        assert r["roc_auc"] == pytest.approx(expected, abs=1e-12)
+        _assert_png(r["path"])
+
+    def test_class_missing_from_y_true_is_skipped(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(3)
+        y = np.array([0, 1, 3] * 10)
+        probs = rng.dirichlet(np.ones(4), size=30)
+        r = plot_roc(y, probs, ["A", "F", "PT", "TA"], tmp_path / "roc.png")
+        assert r["skipped"] == ["PT"] and list(r["auc"]) == ["A", "F", "TA"]
+        for c, name in ((0, "A"), (1, "F"), (3, "TA")):
+            assert r["auc"][name] == pytest.approx(roc_auc_score(y == c, probs[:, c]),
+                                                   abs=1e-12)
+        auc, used = roc_auc(y, probs)
+        assert used == [0, 1, 3] and r["roc_auc"] == pytest.approx(auc, abs=1e-12)
+        _assert_png(r["path"])
+
+    def test_single_class_binary_has_no_curve(self, tmp_path: Path) -> None:
+        r = plot_roc([1, 1, 1], np.full((3, 2), 0.5), ["benign", "malignant"],
+                     tmp_path / "roc.png")
+        assert r["auc"] == {} and r["roc_auc"] is None and r["skipped"] == ["malignant"]
+        _assert_png(r["path"])
+
+    def test_exceptions(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match=r"expected probs of shape \(3, 2\)"):
+            plot_roc([0, 1, 0], np.ones((3, 3)), ["a", "b"], tmp_path / "r.png")
+        with pytest.raises(ValueError, match=r"y_true in \[0, 2\)"):
+            plot_roc([0, 1, 2], np.ones((3, 2)), ["a", "b"], tmp_path / "r.png")
+
+
+class TestTsne:
+    def test_cardinality_and_pca(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(4)
+        labels = np.arange(40) % 4
+        emb = rng.normal(size=(40, 80)) + labels[:, None]
+        r = plot_tsne(emb, labels, list("abcd"), tmp_path / "tsne.png", seed=3)
+        assert r["coords"].shape == (40, 2) and np.isfinite(r["coords"]).all()
+        assert r["perplexity"] == pytest.approx(13.0) and r["pca_components"] == 40
+        np.testing.assert_array_equal(np.load(r["coords_path"]), r["coords"])
+        _assert_png(r["path"])
+        again = plot_tsne(emb, labels, list("abcd"), tmp_path / "again.png", seed=3)
+        np.testing.assert_allclose(again["coords"], r["coords"])
+
+    @pytest.mark.parametrize("n", [3, 5])
+    def test_perplexity_clamped_for_small_sets(self, tmp_path: Path, n: int) -> None:
+        r = plot_tsne(np.random.default_rng(n).normal(size=(n, 8)), np.arange(n) % 2,
+                      ["a", "b"], tmp_path / "tsne.png", perplexity=30.0)
+        assert r["perplexity"] == pytest.approx((n - 1) / 3) and r["pca_components"] is None
+        assert r["coords"].shape == (n, 2) and np.isfinite(r["coords"]).all()
+
+    def test_exceptions(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="at least 3 embeddings, but got 2"):
+            plot_tsne(np.zeros((2, 4)), [0, 1], ["a", "b"], tmp_path / "t.png")
+        with pytest.raises(ValueError, match="expected 4 labels"):
+            plot_tsne(np.zeros((4, 4)), [0, 1], ["a", "b"], tmp_path / "t.png")
+        with pytest.raises(ValueError, match="perplexity must be > 0"):
+            plot_tsne(np.zeros((4, 4)), [0, 1, 0, 1], ["a", "b"], tmp_path / "t.png",
+                      perplexity=0)
+
+    def test_embeddings_are_forward_embedding(self, runs) -> None:
+        model, _ = load_model(runs["binary"] / "fold0" / "checkpoint.pt")
+        records, _, _ = checkpoint_records(runs["binary"] / "fold0" / "checkpoint.pt")
+        emb = embeddings(model, records[:5], input_size=SIZE, batch_size=2)
+        assert emb.shape == (5, model.embedding_dim) and emb.dtype == np.float32
+        x = torch.stack([build_eval_transform(SIZE)(load_rgb(r.path)) for r in records[:5]])
+        with torch.no_grad():
+            np.testing.assert_allclose(emb, model.forward_embedding(x).numpy(), atol=1e-6)
+        with pytest.raises(TypeError, match="forward_embedding"):
+            embeddings(torch.nn.Linear(2, 2), records[:2], input_size=SIZE)
+
+    def test_wide_embeddings_are_projected_batch_by_batch(self, runs) -> None:
+        from sklearn.random_projection import SparseRandomProjection
+
+        model, _ = load_model(runs["binary"] / "fold0" / "checkpoint.pt")
+        records, _, _ = checkpoint_records(runs["binary"] / "fold0" / "checkpoint.pt")
+        full = embeddings(model, records[:6], input_size=SIZE)
+        small = embeddings(model, records[:6], input_size=SIZE, batch_size=4, max_dim=64,
+                           seed=2)
+        expected = SparseRandomProjection(n_components=64, random_state=2).fit_transform(full)
+        assert small.shape == (6, 64) and small.dtype == np.float32
+        np.testing.assert_allclose(small, expected, rtol=1e-4, atol=1e-6)
+        kept = embeddings(model, records[:2], input_size=SIZE, max_dim=model.embedding_dim)
+        assert kept.shape == (2, model.embedding_dim)
+        with pytest.raises(ValueError, match="max_dim must be >= 2"):
+            embeddings(model, records[:2], input_size=SIZE, max_dim=1)
+
+
+def _gradcam_by_hand(model: torch.nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Grad-CAM from its definition: ReLU(sum_k mean(dy/dA_k) A_k), upsampled, max 1."""
+    feats: dict[str, torch.Tensor] = {}
+    hook = model.gradcam_layer.register_forward_hook(lambda m, i, o: feats.update(a=o))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    grad = torch.autograd.grad(logits[0, target], feats["a"])[0]
+    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * feats["a"]).sum(1, keepdim=True))
+    up = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    return (up / up.max()).detach()
+
+
+class TestGradcam:
+    def test_trained_model_maps(self, runs) -> None:
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        model, _ = load_model(ckpt)
+        records, _, _ = checkpoint_records(ckpt)
+        heat, pred = gradcam(model, records[:6], input_size=SIZE, batch_size=4)
+        assert heat.shape == (6, SIZE, SIZE) and heat.dtype == np.float32
+        assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+        assert (heat.max(axis=(1, 2)) == 1).all()  # every map has signal, scaled to 1
+        probs = predict_probs(model, records[:6], input_size=SIZE)
+        np.testing.assert_array_equal(pred, probs.argmax(axis=1))
+
+    def test_equals_captum_and_the_definition(self, runs) -> None:
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        ckpt = runs["fine"] / "fold0" / "checkpoint.pt"
+        model, _ = load_model(ckpt)
+        records, _, _ = checkpoint_records(ckpt)
+        x = build_eval_transform(SIZE)(load_rgb(records[0].path))[None]
+        for target in (0, 5):
+            heat, _ = gradcam(model, [records[0]], [target], input_size=SIZE)
+            attr = LayerGradCam(model, model.gradcam_layer).attribute(
+                x, target=target, relu_attributions=True)
+            direct = LayerAttribution.interpolate(attr, (SIZE, SIZE), "bilinear")[0, 0]
+            direct = (direct / direct.max()).detach().numpy()
+            np.testing.assert_allclose(heat[0], direct, atol=1e-5)
+            np.testing.assert_allclose(heat[0], _gradcam_by_hand(model, x, target).numpy(),
+                                       atol=1e-5)
+
+    def test_all_zero_map_stays_zero(self) -> None:
+        torch.manual_seed(0)
+        model = build_network("plain", "tiny", num_classes=2).eval()
+        torch.nn.init.zeros_(model.classifier.weight)  # no gradient reaches the features
+        heat, pred = gradcam(model, torch.randn(2, 3, SIZE, SIZE), input_size=SIZE)
+        assert np.isfinite(heat).all() and (heat == 0).all() and pred.shape == (2,)
+
+    def test_exceptions(self, tmp_path: Path) -> None:
+        model = build_network("fast-bcnn", "tiny", num_classes=2)
+        with pytest.raises(ValueError, match=r"shape \(N, 3, 32, 32\), but got \(2, 3, 16, 16\)"):
+            gradcam(model, torch.randn(2, 3, 16, 16), input_size=SIZE)
+        with pytest.raises(ValueError, match="expected 2 targets"):
+            gradcam(model, torch.randn(2, 3, SIZE, SIZE), [0], input_size=SIZE)
+        with pytest.raises(TypeError, match="gradcam_layer"):
+            gradcam(torch.nn.Conv2d(3, 2, 1), torch.randn(1, 3, SIZE, SIZE), input_size=SIZE)
+        with pytest.raises(ValueError, match=r"heatmaps of shape \(2, H, W\)"):
+            plot_gradcam([np.zeros((4, 4, 3))] * 2, np.zeros((2, 4)), [0, 1], [0, 1],
+                         ["a", "b"], tmp_path / "g.png")
+
+    def test_plot_gradcam(self, tmp_path: Path) -> None:
+        images = [np.full((SIZE, SIZE, 3), 200, dtype=np.uint8)] * 3
+        path = plot_gradcam(images, np.random.default_rng(0).random((3, SIZE, SIZE)), None,
+                            [0, 1, 1], ["benign", "malignant"], tmp_path / "g.png")
+        _assert_png(path)
+
+
+class TestMakeFigures:
+    def test_writes_figures_and_summary(self, runs, tmp_path: Path) -> None:
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, targets, source = checkpoint_records(ckpt)
+        result = make_figures(ckpt, records, tmp_path, source=source, gradcam_images=4)
+        for name in ("roc.png", "tsne.png", "gradcam.png"):
+            _assert_png(tmp_path / name)
+        saved = json.loads((tmp_path / "figures.json").read_text())
+        assert saved["checkpoint"] == str(ckpt) and saved["synthetic"] is True
+        assert saved["protocol"]["protocol"] == "patient" and saved["split"] == "test"
+        assert saved["images"] == len(records) and saved["fold"] == 0
+        metrics = json.loads((ckpt.parent / "test_metrics.json").read_text())["metrics"]
+        assert saved["roc"]["roc_auc"] == pytest.approx(metrics["roc_auc"], abs=1e-9)
+        assert saved["accuracy"] == pytest.approx(metrics["accuracy"])
+        assert saved["tsne"]["perplexity"] == pytest.approx(min(30.0, (len(records) - 1) / 3))
+        assert np.load(saved["tsne"]["coords_path"]).shape == (len(records), 2)
+        assert saved["tsne"]["embedding_dim"] == 256 and saved["tsne"]["projected_dim"] is None
+        assert sorted(set(saved["gradcam"]["true"])) == ["benign", "malignant"]
+        assert len(saved["gradcam"]["images"]) == 4
+        assert result["roc"] == saved["roc"]
+
+    def test_exceptions(self, runs, tmp_path: Path) -> None:
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, _, _ = checkpoint_records(ckpt)
+        with pytest.raises(ValueError, match="at least 3 images"):
+            make_figures(ckpt, records[:2], tmp_path)
+        with pytest.raises(ValueError, match="split must be one of"):
+            checkpoint_records(ckpt, split="val")
+
+
+class TestResultsTable:
+    def test_rows_and_markdown_from_the_json(self, runs, tmp_path: Path) -> None:
+        dirs = [runs["binary"], runs["fine"], runs["fine"] / "fold1"]
+        text = results_table(dirs, out=tmp_path / "results.md")
+        assert (tmp_path / "results.md").read_text() == text
+        for folder in dirs[:2]:
+            report = json.loads((folder / "cv_metrics.json").read_text())
+            acc = report["summary"]["accuracy"]
+            assert f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}" in text
+            prr = report["summary"]["patient_recognition_rate"]
+            assert f"{100 * prr['mean']:.2f} ± {100 * prr['std']:.2f}" in text
+        lines = [line for line in text.splitlines() if line.startswith("| ")]
+        assert "| msbc-patient | MSBC 40X | patient | tiny | fast-bcnn | 32 | 2 |" in lines[1]
+        assert "| msfc-image | MSFC 100X | image |" in lines[2]
+        assert "1 (fold 1)" in lines[3] and all(line.endswith("| SYNTHETIC |")
+                                                 for line in lines[1:])
+        assert "optimistic" in text and "SYNTHETIC:" in text
+
+        with (tmp_path / "results.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert list(rows[0]) == list(RESULTS_COLUMNS) and len(rows) == 3
+        assert [r["protocol"] for r in rows] == ["patient", "image", "image"]
+        fold = json.loads((dirs[2] / "test_metrics.json").read_text())["metrics"]
+        assert float(rows[2]["accuracy_mean"]) == fold["accuracy"]
+        assert rows[2]["accuracy_std"] == "" and rows[2]["fold"] == "1"
+        assert rows[0]["synthetic"] == "True" and rows[0]["folds"] == "2"
+        assert results_rows(dirs)[0]["accuracy_mean"] == float(rows[0]["accuracy_mean"])
+
+    def test_exceptions(self, runs, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match=rf"{tmp_path}.*has no metrics: expected "
+                           "cv_metrics.json"):
+            results_table([runs["binary"], tmp_path])
+        with pytest.raises(ValueError, match="at least one run folder"):
+            results_table([])
+        with pytest.raises(ValueError, match="out is the Markdown file"):
+            results_table([runs["binary"]], out=tmp_path / "t.csv")
+
+
+class TestCommands:
+    def test_figures_and_table(self, runs, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+        ckpt = runs["fine"] / "fold0" / "checkpoint.pt"
+        assert main(["figures", "--checkpoint", str(ckpt), "--gradcam-images", "2",
+                     "--max-embedding-dim", "32", "--out", str(tmp_path / "fig"),
+                     "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert "image protocol, SYNTHETIC data" in out
+        for name in ("roc.png", "tsne.png", "tsne_coords.npy", "gradcam.png", "figures.json"):
+            assert str(tmp_path / "fig" / name) in out
+            assert (tmp_path / "fig" / name).is_file()
+        saved = json.loads((tmp_path / "fig" / "figures.json").read_text())
+        assert saved["tsne"]["projected_dim"] == 32 and len(saved["gradcam"]["images"]) == 2
+        assert saved["task"]["name"] == "MSFC" and len(saved["roc"]["auc"]) == 8
+        md = tmp_path / "tab" / "t.md"
+        assert main(["table", str(runs["binary"]), str(runs["fine"]), "--out", str(md)]) == 0
+        out = capsys.readouterr().out
+        assert f"table: {md}, {md.with_suffix('.csv')}" in out and "| patient |" in out
+        assert md.is_file() and md.with_suffix(".csv").is_file()
+
+    def test_errors_and_help(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["table", str(tmp_path)]) == 2
+        assert "has no metrics" in capsys.readouterr().err
+        assert main(["figures", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+        assert "does not exist" in capsys.readouterr().err
+        text = build_parser().format_help()
+        assert "figures" in text and "table" in text
