@@ -53,8 +53,7 @@ def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, small_bloc
     x = torch.randn(3, 300, 6, 7, generator=g, dtype=torch.float64).relu()
     inputs = [x, torch.randn(3, 40, 6, 7, generator=g, dtype=torch.float64).relu()] if two else [x]
     fn = lambda *xs: fast_bilinear_pool(*xs, triu=triu)  # noqa: E731
-    out_cpu, g_cpu = _value_and_grad(fn, inputs, torch.ones(1))
-    weights = torch.randn(out_cpu.shape, generator=g, dtype=torch.float64)
+    weights = torch.randn(fn(*inputs).shape, generator=g, dtype=torch.float64)
     out_cpu, g_cpu = _value_and_grad(fn, inputs, weights)
     out_gpu, g_gpu = _value_and_grad(fn, [t.to(cuda) for t in inputs], weights)
     torch.testing.assert_close(out_gpu, out_cpu, **F64)
