@@ -28,8 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import platform
 import statistics
@@ -42,7 +40,9 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import emit  # noqa: E402
 from bilinearpool.bench import balanced_orders  # noqa: E402
 from bilinearpool.functional.covariance import covariance_pool  # noqa: E402
 from bilinearpool.functional.sqrtm import matrix_sqrt  # noqa: E402
@@ -216,27 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     header = ["C", "method", "median_ms", "vs_isqrt_ref", "vs_eig", "saved_MB", "grad_finite"]
-    lines = [
+    title = (
         f"Matrix square root, forward+backward, B={args.batch}, HW={args.size}x{args.size}, "
         f"{args.iters} NS iterations; torch {env['torch']}, {device.type} ({env['device']}), "
-        f"{env['threads']} threads; median of {args.repeats} after {args.warmup} warm-up runs.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        (args.out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-        cmd = "python benchmarks/bench_matrix_sqrt.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        (args.out / "results.md").write_text(f"Command: `{cmd}`\n\n{table}\n")
-        print(f"\nResults written to {args.out}/results.csv, results.json and results.md")
+        f"{env['threads']} threads; median of {args.repeats} after {args.warmup} warm-up runs."
+    )
+    cmd = "python benchmarks/bench_matrix_sqrt.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    emit(title, header, rows, env=env, out=args.out, command=cmd)
     return 0
 
 

@@ -34,8 +34,6 @@ A shape is ``B,C,H,W,d``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import platform
@@ -49,7 +47,9 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import emit  # noqa: E402
 from bilinearpool.bench import balanced_orders  # noqa: E402
 from bilinearpool.functional.sketch import _gram_is_cheaper, tensor_sketch  # noqa: E402
 
@@ -238,27 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()), file=sys.stderr, flush=True)
 
     header = list(rows[0])
-    lines = [
+    title = (
         f"Tensor Sketch, forward+backward, {'two streams' if args.two_streams else 'one stream'}; "
         f"torch {env['torch']}, {device.type} ({env['device']}), {env['threads']} threads; "
-        f"median of {args.repeats} after {args.warmup} warm-up runs.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    lines += ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        (args.out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-        cmd = "python benchmarks/bench_tensor_sketch.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        (args.out / "results.md").write_text(f"Command: `{cmd}`\n\n{table}\n")
-        print(f"\nResults written to {args.out}/results.csv, results.json and results.md")
+        f"median of {args.repeats} after {args.warmup} warm-up runs."
+    )
+    cmd = "python benchmarks/bench_tensor_sketch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    emit(title, header, rows, env=env, out=args.out, command=cmd)
     return 0
 
 
