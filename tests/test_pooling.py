@@ -8,7 +8,16 @@ import pickle
 import pytest
 import torch
 
-from bilinearpool import BilinearPool, FastBilinearPool, L2Normalize, SignedSqrt
+from bilinearpool import (
+    BilinearPool,
+    CompactBilinearPool,
+    CovariancePool,
+    FastBilinearPool,
+    L2Normalize,
+    LowRankBilinearPool,
+    MatrixSqrt,
+    SignedSqrt,
+)
 from bilinearpool.functional import bilinear_pool, fast_bilinear_pool, l2_normalize, signed_sqrt
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 7, 7), (4, 16, 5, 3), (3, 64, 2, 9)]
@@ -168,3 +177,26 @@ def test_compile_inductor(module):
     torch.testing.assert_close(out, module(x))
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "build,dim",
+    [
+        (lambda: FastBilinearPool(), 256),
+        (lambda: FastBilinearPool(triu=True), 136),
+        (lambda: CompactBilinearPool(in_channels=16, out_features=64, algorithm="fft"), 64),
+        (lambda: CompactBilinearPool(in_channels=16, out_features=64, algorithm="gram"), 64),
+        (lambda: CompactBilinearPool(in_channels=16, out_features=64, method="random_maclaurin"), 64),
+        (lambda: CovariancePool(norm=MatrixSqrt()), 136),
+        (lambda: CovariancePool(norm=MatrixSqrt(method="eig")), 136),
+        (lambda: LowRankBilinearPool(in_channels=16, rank=8, out_features=4), 4),
+    ],
+    ids=["fast", "fast-triu", "sketch-fft", "sketch-gram", "maclaurin", "cov-ns", "cov-eig", "lowrank"],
+)
+def test_empty_batch(build, dim):
+    """A batch of zero samples gives (0, D), and backward runs (e.g. the last shard of a split)."""
+    x = torch.randn(0, 16, 4, 4, requires_grad=True)
+    out = build()(x)
+    assert out.shape == (0, dim)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -404,6 +404,8 @@ def tensor_sketch(
         raise ValueError(f"algorithm must be one of {_ALGORITHMS}, but got {algorithm!r}")
     dtype = compute_dtype(a)
     d = out_features
+    if a.shape[0] == 0:  # an empty batch: (0, d), still connected to the input for autograd
+        return (a.to(dtype).flatten(1).sum(1, keepdim=True) * 0).expand(0, d)
     with no_autocast(a.device.type):
         a = a.to(dtype)
         b = a if one_stream else b.to(dtype)

@@ -478,6 +478,8 @@ def matrix_sqrt(
     dtype = compute_dtype(a)
     with no_autocast(a.device.type):
         a = a.to(dtype)
+        if a.shape[0] == 0:  # an empty batch: nothing to decompose
+            return a * 0
         if method == "eig":
             return _EigSqrt.apply(a, float(eps))
         if impl == "auto":
