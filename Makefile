@@ -43,7 +43,7 @@ test-cuda: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
-# The commands behind benchmarks/results/cpu-2core.md (about 20 minutes on 2 cores).
+# The commands behind benchmarks/results/cpu-2core.md (about 10 minutes on 2 cores).
 bench: $(STAMP)
 	$(BIN)/bilinearpool-bench layers --threads 1 --repeats 7 --warmup 2 --out benchmarks/results/cpu-2core --no-progress
 	$(BIN)/bilinearpool-bench models --threads 1 --batch-size 2 --batch-size-at 448=1 --repeats 5 --warmup 1 --out benchmarks/results/cpu-2core --no-progress
