@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import emit  # noqa: E402
-from bilinearpool.bench import balanced_orders  # noqa: E402
+from bilinearpool.bench import round_robin  # noqa: E402
 from bilinearpool.functional.covariance import covariance_pool  # noqa: E402
 from bilinearpool.functional.sqrtm import matrix_sqrt  # noqa: E402
 
@@ -111,11 +110,6 @@ def _methods(num_iters: int) -> dict[str, Callable[[Tensor], Tensor]]:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _saved_and_finite(fn: Callable[[Tensor], Tensor], a: Tensor, g: Tensor) -> tuple[float, bool]:
     """Bytes autograd saves for backward (exact, via saved_tensors_hooks) and gradient finiteness."""
     saved = 0
@@ -132,35 +126,28 @@ def _saved_and_finite(fn: Callable[[Tensor], Tensor], a: Tensor, g: Tensor) -> t
     return saved / 2**20, bool(torch.isfinite(out).all() and torch.isfinite(leaf.grad).all())
 
 
-def _time_once(fn: Callable[[Tensor], Tensor], a: Tensor, g: Tensor) -> float:
+def _step(fn: Callable[[Tensor], Tensor], a: Tensor, g: Tensor) -> Callable[[], None]:
+    """One forward + backward of ``fn`` on a leaf made once (its gradient reset each call)."""
     leaf = a.detach().clone().requires_grad_()
-    _sync(a.device)
-    t0 = time.perf_counter()
-    fn(leaf).backward(g)
-    _sync(a.device)
-    return time.perf_counter() - t0
+
+    def step() -> None:
+        leaf.grad = None
+        fn(leaf).backward(g)
+
+    return step
 
 
 def _measure_all(
     methods: dict[str, Callable[[Tensor], Tensor]], a: Tensor, g: Tensor, warmup: int, repeats: int
 ) -> dict[str, dict[str, float]]:
-    """Time all methods interleaved (one run of each per round), so load changes hit all alike."""
+    """Time all methods interleaved (``bilinearpool.bench.round_robin``: one run of each per
+    round, in balanced orders), so load changes and each other's after-effects hit all alike."""
+    times = round_robin({name: _step(fn, a, g) for name, fn in methods.items()},
+                        warmup=warmup, repeats=repeats, device=a.device)
     out = {}
     for name, fn in methods.items():
         saved, finite = _saved_and_finite(fn, a, g)
-        out[name] = {"saved_mb": saved, "finite": finite, "times": []}
-    names = list(methods)
-    orders = balanced_orders(len(names))
-    for i in range(warmup + repeats):
-        # A new order every round, each method following each other one equally often:
-        # what the previous method leaves behind (freed memory, caches) biases none.
-        order = orders[(i - warmup) % len(orders)] if i >= warmup else orders[i % len(orders)]
-        for name in (names[k] for k in order):
-            t = _time_once(methods[name], a, g)
-            if i >= warmup:
-                out[name]["times"].append(t)
-    for r in out.values():
-        r["median_s"] = statistics.median(r["times"])
+        out[name] = {"saved_mb": saved, "finite": finite, "median_s": statistics.median(times[name])}
     return out
 
 

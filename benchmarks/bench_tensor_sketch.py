@@ -39,7 +39,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import emit  # noqa: E402
-from bilinearpool.bench import balanced_orders  # noqa: E402
+from bilinearpool.bench import SavedTensorCounter, round_robin, time_call  # noqa: E402
 from bilinearpool.functional.sketch import _gram_is_cheaper, tensor_sketch  # noqa: E402
 
 DEFAULT_SHAPES = [
@@ -96,51 +95,39 @@ def _methods(c: int, d: int, device: torch.device) -> dict[str, Fn]:
     return {"fft": sketch("fft"), "gram": sketch("gram"), "bilinear": bilinear}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _leaves(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
     return x.detach().clone().requires_grad_(), None if y is None else y.detach().clone().requires_grad_()
 
 
 def _saved_mb(fn: Fn, x: Tensor, y: Tensor | None) -> float:
     """MiB autograd keeps for backward (distinct storages, via saved_tensors_hooks)."""
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorCounter() as saved:
         fn(*_leaves(x, y))
-    return sum(saved.values()) / 2**20
+    return saved.nbytes / 2**20
 
 
-def _time_once(fn: Fn, x: Tensor, y: Tensor | None) -> float:
+def _step(fn: Fn, x: Tensor, y: Tensor | None) -> Callable[[], None]:
+    """One forward + backward of ``fn`` on leaves made once (their gradients reset each call)."""
     lx, ly = _leaves(x, y)
-    _sync(x.device)
-    t0 = time.perf_counter()
-    out = fn(lx, ly)
-    out.backward(torch.ones_like(out))
-    _sync(x.device)
-    return time.perf_counter() - t0
+
+    def step() -> None:
+        lx.grad = None
+        if ly is not None:
+            ly.grad = None
+        out = fn(lx, ly)
+        out.backward(torch.ones_like(out))
+
+    return step
 
 
 def _measure_all(methods: dict[str, Fn], x: Tensor, y: Tensor | None, warmup: int, repeats: int) -> dict[str, dict]:
-    out = {name: {"saved_mb": _saved_mb(fn, x, y), "times": []} for name, fn in methods.items()}
-    names = list(methods)
-    orders = balanced_orders(len(names))
-    for i in range(warmup + repeats):
-        order = orders[(i - warmup) % len(orders)] if i >= warmup else orders[i % len(orders)]
-        for name in (names[k] for k in order):
-            t = _time_once(methods[name], x, y)
-            if i >= warmup:
-                out[name]["times"].append(t)
-    for r in out.values():
-        r["median_ms"] = statistics.median(r["times"]) * 1e3
-    return out
+    """Median time of each method, interleaved in balanced orders (``bilinearpool.bench.round_robin``)."""
+    times = round_robin({name: _step(fn, x, y) for name, fn in methods.items()},
+                        warmup=warmup, repeats=repeats, device=x.device)
+    return {
+        name: {"saved_mb": _saved_mb(fn, x, y), "median_ms": statistics.median(times[name]) * 1e3}
+        for name, fn in methods.items()
+    }
 
 
 def _per_sample_ms(algorithm: str, bsz: int, c: int, n: int, d: int, two: bool, repeats: int) -> float:
@@ -149,7 +136,7 @@ def _per_sample_ms(algorithm: str, bsz: int, c: int, n: int, d: int, two: bool, 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(bsz, c, n, 1, generator=gen)
     y = torch.randn(bsz, c, n, 1, generator=gen) if two else None
-    times = [_time_once(fn, x, y) for _ in range(repeats + 1)][1:]
+    times = [time_call(_step(fn, x, y), x.device) for _ in range(repeats + 1)][1:]
     return min(times) / bsz * 1e3
 
 
