@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks of the benchmark and pooling issues, as one script for a GPU machine.
 #
-#   OUT=/some/folder bash benchmarks/gpu_check.sh          # from the repository root
+#   OUT=/some/folder BUDGET=420 bash benchmarks/gpu_check.sh          # from the repository root
 #
 # Needs python3 with torch (CUDA), torchvision, timm, pytest and hypothesis; the project is
-# used from the checkout (PYTHONPATH), nothing is installed. About 6-8 minutes on an H100.
-# Steps, each with its own time limit, each logged with its exit status (a failed step
-# does not stop the others):
+# used from the checkout (PYTHONPATH), nothing is installed. About 5-7 minutes on an H100.
+# Steps, most important first, each with its own time limit, cut so that the whole script
+# ends within BUDGET seconds (default 420); a failed or cut step does not stop the others:
 #   1. the device and versions;
 #   2. the CUDA tests (tests/test_cuda.py: GPU results against the CPU's);
-#   3. the layer benchmark, float32, then autocast + channels-last;
-#   4. the model benchmark at 224 px, float32, then autocast + channels-last;
+#   3. the layer benchmark, float32;
+#   4. the model benchmark at 224 px, float32;
 #   5. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
-#   6. Markdown reports, and everything packed into $OUT/gpu-results.tar.gz.
-# Results land in $OUT/gpu-results.tar.gz (unpack into benchmarks/results/) and the whole
-# log in $OUT/gpu_check.log.
+#   6. layers and models again under autocast + channels-last;
+#   7. models at 197 and 448 px, float32, if time is left.
+# After every step the results so far are packed into $OUT/gpu-results.tar.gz (unpack into
+# benchmarks/results/), so a run cut short still returns what finished; the whole log is
+# $OUT/gpu_check.log.
 #
 # Dry run of the script itself on a CPU machine (short runs, the CUDA tests fail there):
 #   DEVICE=cpu DRY=1 PYTHON=.venv/bin/python OUT=/tmp/gpu-dry bash benchmarks/gpu_check.sh
@@ -22,16 +24,19 @@ set -u
 OUT=${OUT:-gpu-check-out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
+BUDGET=${BUDGET:-420}
 if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     QUICK=(--quick --shapes 2x64x7x7)
     MODELS=(--quick --backbones resnet18 --heads plain fast-bcnn --no-train)
+    MORE_RES=(--quick --backbones resnet18 --heads plain --no-train --resolutions 64)
     SQRTM=(--channels 16 --repeats 1)
     SKETCH=(--shapes 2,64,7,7,256 --repeats 1)
 else
     QUICK=()
     MODELS=(--resolutions 224)
-    SQRTM=(--channels 64 256 512)
-    SKETCH=()
+    MORE_RES=(--resolutions 197 448)
+    SQRTM=(--channels 64 256 512 --warmup 3 --repeats 10)
+    SKETCH=(--repeats 5)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -39,36 +44,43 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 
-step() {  # step SECONDS COMMAND...: run with a time limit, log output and exit status
+step() {  # step SECONDS COMMAND...: run with a time limit (cut to what BUDGET leaves), log it
     local limit=$1
     shift
+    local left=$((BUDGET - SECONDS - 5))
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -lt 10 ]; then
+        echo "=== skipped (budget spent): $*" | tee -a "$LOG"
+        return
+    fi
     local part="$OUT/.step.log"
-    echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"
+    echo "=== $(date -u +%H:%M:%S) [limit ${limit}s] $*" | tee -a "$LOG"
     timeout "$limit" "$@" >"$part" 2>&1
     local rc=$?
     cat "$part" >>"$LOG"
     tail -n 4 "$part"
     rm -f "$part"
     echo "=== exit $rc, $SECONDS s since the start" | tee -a "$LOG"
+    if [ -d "$OUT/results" ]; then tar czf "$OUT/gpu-results.tar.gz" -C "$OUT/results" .; fi
 }
 
-step 60 nvidia-smi
+step 30 nvidia-smi
 step 60 "$PY" -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__, torch.cuda.get_device_name())"
 NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())" 2>/dev/null || echo "$DEVICE")
 RES="$OUT/results/$NAME"
 mkdir -p "$RES"
 
-step 240 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step 120 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
 
 BENCH=("$PY" -m bilinearpool.bench)
-step 240 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
-step 180 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
-step 300 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
-step 240 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
-step 180 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"
-step 240 "$PY" benchmarks/bench_tensor_sketch.py --device "$DEVICE" "${SKETCH[@]}" --out "$RES/tensor-sketch"
-
+step 90 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
+step 120 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
 step 60 "${BENCH[@]}" report "$RES/fp32" --out "$RES/fp32.md" --title "$NAME, float32"
-step 60 "${BENCH[@]}" report "$RES/amp-cl" --out "$RES/amp-cl.md" --title "$NAME, autocast (float16) and channels-last"
-tar czf "$OUT/gpu-results.tar.gz" -C "$OUT/results" . && rm -rf "$OUT/results"
+step 60 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"
+step 60 "$PY" benchmarks/bench_tensor_sketch.py --device "$DEVICE" "${SKETCH[@]}" --out "$RES/tensor-sketch"
+step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
+step 90 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
+step 30 "${BENCH[@]}" report "$RES/amp-cl" --out "$RES/amp-cl.md" --title "$NAME, autocast (float16) and channels-last"
+step 120 "${BENCH[@]}" models --device "$DEVICE" "${MORE_RES[@]}" --out "$RES/fp32-197-448" --no-progress
+rm -rf "$OUT/results"
 echo "results: $OUT/gpu-results.tar.gz; log: $LOG ($SECONDS s)"
