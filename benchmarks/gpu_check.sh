@@ -13,7 +13,11 @@
 #   4. the model benchmark at 224 px, float32;
 #   5. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
 #   6. layers and models again under autocast + channels-last;
-#   7. models at 197 and 448 px, float32, if time is left.
+#   7. the Fast BCNN layer cases with torch ops instead of the Triton kernels (below);
+#   8. models at 197 and 448 px, float32, if time is left.
+# STEPS (default: all) picks steps by name: tests layers models sqrtm sketch amp res eager
+# ("eager": the Fast BCNN layer cases with BILINEARPOOL_TRITON=0, torch ops instead of the
+# Triton kernels), e.g. STEPS="tests layers models amp" for a rerun after a change.
 # After every step the results so far are packed into $OUT/gpu-results.tar.gz (unpack into
 # benchmarks/results/), so a run cut short still returns what finished; the whole log is
 # $OUT/gpu_check.log.
@@ -25,6 +29,8 @@ OUT=${OUT:-gpu-check-out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-420}
+STEPS=" ${STEPS:-tests layers models sqrtm sketch amp res eager} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     QUICK=(--quick --shapes 2x64x7x7)
     MODELS=(--quick --backbones resnet18 --heads plain fast-bcnn --no-train)
@@ -70,17 +76,18 @@ NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[1].low
 RES="$OUT/results/$NAME"
 mkdir -p "$RES"
 
-step 120 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+want tests && step 120 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
 
 BENCH=("$PY" -m bilinearpool.bench)
-step 90 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
-step 120 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
-step 60 "${BENCH[@]}" report "$RES/fp32" --out "$RES/fp32.md" --title "$NAME, float32"
-step 60 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"
-step 60 "$PY" benchmarks/bench_tensor_sketch.py --device "$DEVICE" "${SKETCH[@]}" --out "$RES/tensor-sketch"
-step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
-step 90 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
-step 30 "${BENCH[@]}" report "$RES/amp-cl" --out "$RES/amp-cl.md" --title "$NAME, autocast (float16) and channels-last"
-step 120 "${BENCH[@]}" models --device "$DEVICE" "${MORE_RES[@]}" --out "$RES/fp32-197-448" --no-progress
+want layers && step 90 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
+want models && step 120 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
+[ -d "$RES/fp32" ] && step 60 "${BENCH[@]}" report "$RES/fp32" --out "$RES/fp32.md" --title "$NAME, float32"
+want sqrtm && step 60 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"
+want sketch && step 60 "$PY" benchmarks/bench_tensor_sketch.py --device "$DEVICE" "${SKETCH[@]}" --out "$RES/tensor-sketch"
+want amp && step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
+want amp && step 90 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
+[ -d "$RES/amp-cl" ] && step 30 "${BENCH[@]}" report "$RES/amp-cl" --out "$RES/amp-cl.md" --title "$NAME, autocast (float16) and channels-last"
+want eager && BILINEARPOOL_TRITON=0 step 45 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --cases fast-bcnn fast-bcnn-triu bcnn-2stream --out "$RES/fp32-torch-ops" --no-progress
+want res && step 120 "${BENCH[@]}" models --device "$DEVICE" "${MORE_RES[@]}" --out "$RES/fp32-197-448" --no-progress
 rm -rf "$OUT/results"
 echo "results: $OUT/gpu-results.tar.gz; log: $LOG ($SECONDS s)"

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-import bilinearpool.functional.bilinear as FB
+import bilinearpool.functional._elementwise as _elementwise
 from bilinearpool import (
     CompactBilinearPool,
     CovariancePool,
@@ -44,11 +44,12 @@ def _value_and_grad(fn, inputs, weights):
 
 
 @pytest.mark.parametrize("two,triu", [(False, False), (False, True), (True, False)])
-@pytest.mark.parametrize("small_blocks", [False, True], ids=["gpu-blocks", "small-blocks"])
-def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, small_blocks):
-    """Values and gradients on the GPU equal the CPU's, with GPU-sized and with many small panels."""
-    if small_blocks:
-        monkeypatch.setattr(FB, "_block_elements", lambda device: 1 << 12)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, backend):
+    """Values and gradients on the GPU (whole matrices; elementwise passes as Triton kernels
+    or as torch ops) equal the CPU's (panels)."""
+    monkeypatch.setenv("BILINEARPOOL_TRITON", "1" if backend == "triton" else "0")
+    assert _elementwise.backend(cuda) == backend
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 300, 6, 7, generator=g, dtype=torch.float64).relu()
     inputs = [x, torch.randn(3, 40, 6, 7, generator=g, dtype=torch.float64).relu()] if two else [x]

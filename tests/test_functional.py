@@ -45,10 +45,13 @@ def naive_chain(x_a, x_b=None, *, triu=False, eps=FB.SIGNED_SQRT_EPS, sqrt=True,
     return l2_normalize(y) if l2 else y
 
 
-@pytest.fixture(params=["whole", "blocked", "whole-kept", "blocked-kept"])
+@pytest.fixture(params=["whole", "blocked", "whole-kept", "blocked-kept", "matrices"])
 def blocking(request, monkeypatch):
     """Run the fused op with whole samples or a few rows per block; with the backward
-    rebuilding its blocks twice, or keeping them between its two sweeps."""
+    rebuilding its blocks twice, or keeping them between its two sweeps; or as off the
+    CPU, on whole matrices with the elementwise passes of ``_elementwise`` (torch ops)."""
+    if request.param == "matrices":
+        monkeypatch.setattr(FB, "_whole_matrices", lambda device: True)
     if request.param.startswith("blocked"):
         monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
     if request.param.endswith("kept"):

@@ -1,0 +1,172 @@
+"""The elementwise steps of the fused BCNN op on whole matrices, one pass each.
+
+Off the CPU the fused op (:func:`~bilinearpool.functional.fast_bilinear_pool`) builds the
+whole ``(B, C1, C2)`` matrix ``G`` with one batched product and then needs a few
+elementwise passes over it, most with a per-sample reduction:
+
+* forward: :func:`ssqrt_sumsq` (the sums of ``y**2``, ``y = f(g)``, not stored), then
+  :func:`ssqrt_scale_` (``g <- f(g) / |y|``);
+* backward: :func:`ssqrt_stats` (the sums of ``y**2`` and of ``y * dz``), then
+  :func:`ssqrt_grad_` (``g <- (dz - c y) f'(g)``, up to the constant 1/2);
+
+where ``f(g) = g / (sqrt(|g| + eps) + sqrt(eps))`` is the signed square root and
+``f'(g) = 1 / (2 (|y| + sqrt(eps)))``; with ``eps=None`` there is no square root
+(``f(g) = g``, ``f' = 1``). Written with torch operations each of them is several kernels
+with full-size temporaries; on CUDA, when Triton is installed (it comes with torch's Linux
+CUDA wheels), each is a single Triton kernel that reads the matrix once (and writes it at
+most once), with per-block partial sums added afterwards in a fixed order (deterministic,
+no atomics). Set the environment variable ``BILINEARPOOL_TRITON=0`` to use the torch
+operations on CUDA as well.
+
+All inputs are ``(B, n)`` views of contiguous matrices in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["backend", "ssqrt_grad_", "ssqrt_scale_", "ssqrt_stats", "ssqrt_sumsq"]
+
+#: Entries per Triton program: 4096 float32 values (16 KiB) with 8 warps.
+_BLOCK = 4096
+_WARPS = 8
+
+
+def backend(device: torch.device) -> str:
+    """``"triton"`` on CUDA when Triton imports and ``BILINEARPOOL_TRITON`` is not ``0``, else ``"torch"``."""
+    if device.type != "cuda" or os.environ.get("BILINEARPOOL_TRITON", "1") == "0":
+        return "torch"
+    return "triton" if _kernels() is not None else "torch"
+
+
+# -- torch operations (any device; the reference for the Triton kernels) --------------------
+
+
+def _f_(g: Tensor, eps: float | None) -> Tensor:
+    if eps is not None:
+        g.div_(g.abs().add_(eps).sqrt_().add_(math.sqrt(eps)))
+    return g
+
+
+def _torch_sumsq(g: Tensor, eps: float | None) -> Tensor:
+    y = _f_(g.clone(), eps) if eps is not None else g
+    return torch.linalg.vecdot(y, y)
+
+
+def _torch_scale_(g: Tensor, s: Tensor, eps: float | None) -> Tensor:
+    return _f_(g, eps).mul_(s.unsqueeze(1))
+
+
+def _torch_stats(g: Tensor, dz: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:
+    y = _f_(g.clone(), eps)
+    return torch.linalg.vecdot(y, y), torch.linalg.vecdot(y, dz)
+
+
+def _torch_grad_(g: Tensor, dz: Tensor, c: Tensor, eps: float | None) -> Tensor:
+    y = _f_(g, eps)
+    denom = y.abs().add_(math.sqrt(eps)) if eps is not None else None
+    dg = y.mul_(-c.unsqueeze(1)).add_(dz)
+    return dg.div_(denom) if denom is not None else dg
+
+
+# -- Triton kernels (CUDA; also run by Triton's interpreter on CPU in the tests) -------------
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any:
+    """The four kernels (compiled by Triton on first launch), or ``None`` without Triton."""
+    try:
+        from . import _triton_kernels as k
+    except ImportError:
+        return None
+    return k.sumsq_kernel, k.scale_kernel, k.stats_kernel, k.grad_kernel
+
+
+def _launch(kernel: Any, g: Tensor, *args: Any, eps: float | None) -> None:
+    """Run ``kernel`` over the (B, n) matrix ``g``, one program per block of one sample."""
+    batch, n = g.shape
+    if batch == 0 or n == 0:
+        return
+    consts = g.new_full((2,), 0.0 if eps is None else float(eps))
+    consts[1:].sqrt_()  # eps and sqrt(eps) in g's dtype, made on the device (no host copy)
+    grid = (batch, _cdiv(n, _BLOCK))  # CUDA allows up to 65535 blocks of one sample: C1 C2 < 2.6e8
+    kernel[grid](g, *args, n, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
+
+
+def _cdiv(n: int, block: int) -> int:
+    return max(1, -(-n // block))
+
+
+def _check(g: Tensor, *others: Tensor) -> None:
+    if g.dim() != 2 or not g.is_contiguous() or any(t.shape != g.shape or not t.is_contiguous() for t in others):
+        raise ValueError(
+            "expected contiguous (B, n) tensors of one shape, got "
+            + ", ".join(f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (strided)'}" for t in (g, *others))
+        )
+
+
+def _partials(g: Tensor) -> Tensor:
+    return g.new_empty(g.shape[0], _cdiv(g.shape[1], _BLOCK))
+
+
+# -- public entry points -----------------------------------------------------------------------
+
+
+def ssqrt_sumsq(g: Tensor, eps: float | None, *, use: str | None = None) -> Tensor:
+    """Per-sample sums of ``f(g)**2``; ``g`` is left unchanged.
+
+    Shape:
+        - g: :math:`(B, n)`, contiguous; output :math:`(B,)`.
+    """
+    _check(g)
+    if (use or backend(g.device)) == "torch":
+        return _torch_sumsq(g, eps)
+    sq = _partials(g)
+    _launch(_kernels()[0], g, sq, eps=eps)
+    return sq.sum(dim=1)
+
+
+def ssqrt_scale_(g: Tensor, s: Tensor, eps: float | None, *, use: str | None = None) -> Tensor:
+    """Overwrite ``g`` with ``f(g) * s``, one factor ``s`` per sample.
+
+    Shape:
+        - g: :math:`(B, n)`, contiguous; s: :math:`(B,)`; output: ``g``.
+    """
+    _check(g)
+    if (use or backend(g.device)) == "torch":
+        return _torch_scale_(g, s, eps)
+    _launch(_kernels()[1], g, s.contiguous(), eps=eps)
+    return g
+
+
+def ssqrt_stats(g: Tensor, dz: Tensor, eps: float | None, *, use: str | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sample ``sum(f(g)**2)`` and ``sum(f(g) * dz)``; ``g`` is left unchanged.
+
+    Shape:
+        - g, dz: :math:`(B, n)`, contiguous; outputs :math:`(B,)` each.
+    """
+    _check(g, dz)
+    if (use or backend(g.device)) == "torch":
+        return _torch_stats(g, dz, eps)
+    sq, dot = _partials(g), _partials(g)
+    _launch(_kernels()[2], g, dz, sq, dot, eps=eps)
+    return sq.sum(dim=1), dot.sum(dim=1)
+
+
+def ssqrt_grad_(g: Tensor, dz: Tensor, c: Tensor, eps: float | None, *, use: str | None = None) -> Tensor:
+    """Overwrite ``g`` with ``(dz - c y) / (|y| + sqrt(eps))``, ``y = f(g)`` (``dz - c y`` without eps).
+
+    Shape:
+        - g, dz: :math:`(B, n)`, contiguous; c: :math:`(B,)`; output: ``g``.
+    """
+    _check(g, dz)
+    if (use or backend(g.device)) == "torch":
+        return _torch_grad_(g, dz, c, eps)
+    _launch(_kernels()[3], g, dz, c.contiguous(), eps=eps)
+    return g

@@ -1,0 +1,87 @@
+"""The Triton kernels of the fused op's GPU path, run by Triton's interpreter on the CPU.
+
+CI has no GPU, so the kernels that ``fast_bilinear_pool`` uses on CUDA
+(:mod:`bilinearpool.functional._triton_kernels`) run here under ``TRITON_INTERPRET=1``,
+which executes the same kernel code with numpy on CPU tensors. The interpreter is chosen
+when the kernels are defined, so each check runs in a fresh Python process. They are
+compared with the torch-op versions of the same steps, and the whole op (values and
+gradients) with the op-by-op definition. ``tests/test_cuda.py`` runs them compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="Triton is installed with torch's Linux wheels; these tests need it")
+
+CHECK = textwrap.dedent(
+    """
+    import torch
+    import bilinearpool.functional._elementwise as E
+    import bilinearpool.functional.bilinear as FB
+    from bilinearpool.functional import bilinear_pool, fast_bilinear_pool, l2_normalize, signed_sqrt, triu_pack
+
+    assert E._kernels() is not None, "the Triton kernels did not import"
+    g = torch.Generator().manual_seed(0)
+    TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+    checked = 0
+    # Sizes below, at and above one block (4096 entries), several samples.
+    for dtype in (torch.float32, torch.float64):
+        for shape in [(1, 1), (3, 4095), (2, 4096), (3, 9000)]:
+            for eps in (None, 1e-5):
+                x = torch.randn(*shape, generator=g, dtype=dtype)
+                dz = torch.randn(*shape, generator=g, dtype=dtype)
+                c = torch.randn(shape[0], generator=g, dtype=dtype)
+                s = torch.rand(shape[0], generator=g, dtype=dtype)
+                x_before = x.clone()
+                torch.testing.assert_close(E.ssqrt_sumsq(x, eps, use="triton"), E.ssqrt_sumsq(x, eps, use="torch"), **TOL[dtype])
+                assert torch.equal(x, x_before), "ssqrt_sumsq changed its input"
+                got = E.ssqrt_scale_(x.clone(), s, eps, use="triton")
+                torch.testing.assert_close(got, E.ssqrt_scale_(x.clone(), s, eps, use="torch"), **TOL[dtype])
+                for got, want in zip(E.ssqrt_stats(x, dz, eps, use="triton"), E.ssqrt_stats(x, dz, eps, use="torch")):
+                    torch.testing.assert_close(got, want, **TOL[dtype])
+                assert torch.equal(x, x_before), "ssqrt_stats changed its input"
+                dz_before = dz.clone()
+                got = E.ssqrt_grad_(x.clone(), dz, c, eps, use="triton")
+                want = E.ssqrt_grad_(x.clone(), dz, c, eps, use="torch")
+                torch.testing.assert_close(got, want, **TOL[dtype])
+                assert torch.equal(dz, dz_before), "ssqrt_grad_ changed the incoming gradient"
+                checked += 1
+
+    # The whole op as on a GPU (whole matrices, Triton passes), against the definition.
+    FB._whole_matrices = lambda device: True
+    E.backend = lambda device: "triton"
+
+    def naive(x_a, x_b=None, triu=False, sqrt=True, l2=True):
+        y = bilinear_pool(x_a, x_b)
+        y = signed_sqrt(y) if sqrt else y
+        y = triu_pack(y) if triu else y.flatten(1)
+        return l2_normalize(y) if l2 else y
+
+    for two, triu in [(False, False), (False, True), (True, False)]:
+        for sqrt, l2 in [(True, True), (False, True), (True, False)]:
+            xs = [torch.randn(3, 70, 5, 4, generator=g, dtype=torch.float64).relu().requires_grad_()]
+            if two:
+                xs.append(torch.randn(3, 9, 5, 4, generator=g, dtype=torch.float64).requires_grad_())
+            out = fast_bilinear_pool(*xs, triu=triu, signed_sqrt=sqrt, l2_normalize=l2)
+            ref = naive(*xs, triu=triu, sqrt=sqrt, l2=l2)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+            dz = torch.randn(out.shape, generator=g, dtype=torch.float64)
+            for a, b in zip(torch.autograd.grad(out, xs, dz), torch.autograd.grad(ref, xs, dz)):
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+            checked += 1
+    print("checked", checked)
+    """
+)
+
+
+def test_triton_kernels_match_torch_ops_and_the_definition():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["checked", str(2 * 4 * 2 + 9)], done.stdout
