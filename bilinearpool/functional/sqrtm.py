@@ -41,7 +41,7 @@ rounding:
   spectrum, where that quotient cancels, is recomputed in float64 (:math:`q_K'`, from a
   forward-mode scalar recurrence, for equal pairs). It shares its ``eigh`` and its
   products with ``method="eig"``: the two differ only by elementwise work. Saves the
-  eigenvectors and eigenvalues only.
+  eigenvectors, and the eigenvalues with ``q_K`` and ``q_K'`` on them.
 - ``"auto"`` (default): ``"spectral"`` on CPU, where LAPACK's ``eigh`` is cheaper than the
   matrix products; ``"iterative"`` elsewhere (GPUs multiply matrices fast and
   decompose them slowly), and always ``"iterative"`` during ONNX export.
@@ -52,6 +52,7 @@ float16/bfloat16 inputs (and autocast) are computed and returned in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -158,24 +159,22 @@ def _eig_backward(u: Tensor, grad: Tensor, weigh: Callable[[Tensor, Tensor], Non
     return torch.bmm(u, gh, out=gu)
 
 
-def _ns_values(lam: Tensor, num_iters: int) -> Tensor:
-    """``q_K`` on eigenvalues (B, C)."""
-    y, z = lam, torch.ones_like(lam)
-    for _ in range(num_iters):
-        t = 1.5 - 0.5 * (z * y)
-        y, z = y * t, t * z
-    return y
-
-
 def _ns_slopes(lam: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
-    """``q_K`` and its derivative ``q_K'`` on eigenvalues (B, C): forward-mode, O(C K)."""
-    y, dy = lam, torch.ones_like(lam)
-    z, dz = torch.ones_like(lam), torch.zeros_like(lam)
+    """``q_K`` and its derivative ``q_K'`` on eigenvalues (B, C): forward mode, O(C K).
+
+    On scalars the coupled iteration reduces to ``p_0 = lam``, ``t_k = 3/2 - p_k / 2``,
+    ``y_{k+1} = y_k t_k`` and ``p_{k+1} = p_k t_k^2`` (``p_k = z_k y_k``), whose derivatives
+    are ``dy_{k+1} = dy_k t_k + y_k dt_k`` and ``dp_{k+1} = dp_k t_k (t_k - p_k)``.
+    """
+    y, p = lam.clone(), lam.clone()
+    dy, dp = torch.ones_like(lam), torch.ones_like(lam)
     for _ in range(num_iters):
-        t = 1.5 - 0.5 * (z * y)
-        dt = -0.5 * (dz * y + z * dy)
-        y, dy = y * t, dy * t + y * dt
-        z, dz = t * z, dt * z + t * dz
+        t = p.mul(-0.5).add_(1.5)
+        dt = dp.mul(-0.5)
+        dy.mul_(t).addcmul_(y, dt)
+        y.mul_(t)
+        dp.mul_(t).mul_(t - p)
+        p.mul_(t).mul_(t)
     return y, dy
 
 
@@ -194,20 +193,35 @@ def _band(lam64: Tensor) -> int:
     return int((end - torch.arange(1, lam64.shape[1] + 1, device=lam64.device)).amax())
 
 
+@functools.lru_cache(maxsize=32)
+def _band_index(c: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flat indices into a (C, C) matrix of the band ``(i, i + o)``, ``0 <= o <= width``.
+
+    Returns ``(upper, keep, upper_kept, lower_kept)``: the C * (width + 1) indices of the
+    band read row by row (entries past the last column point at the row's last entry),
+    the positions of the real entries among them, and the flat indices of those entries
+    and of their mirror images ``(i + o, i)``.
+    """
+    i = torch.arange(c).unsqueeze(1)
+    j = i + torch.arange(width + 1)
+    keep = (j < c).flatten().nonzero().squeeze(1)
+    upper = (i * c + j.clamp_max(c - 1)).flatten()
+    return upper, keep, upper[keep], (j * c + i).flatten()[keep]
+
+
 def _ns_weigh(
-    gs: Tensor, scratch: Tensor, lam: Tensor, num_iters: int, factor: Tensor
-) -> tuple[Tensor, Tensor]:
+    gs: Tensor, scratch: Tensor, lam: Tensor, q64: Tensor, dq64: Tensor, factor: Tensor
+) -> None:
     """``gs <- factor * gs o D`` in place; ``D_ij``: divided differences of ``q_K`` at the eigenvalues.
 
     Closed form, ``(q_i - q_j) / (l_i - l_j)`` over all pairs (4 in-place passes, with
     ``q_K`` evaluated in float64 on the C eigenvalues) instead of K iterations over the
     (C, C) pairs; then the band of close pairs of the sorted spectrum, where that quotient
-    cancels, is recomputed in float64 (``q_K'`` for equal pairs, from a forward-mode scalar
-    recurrence). Returns ``q_K`` and ``q_K'`` (float64, (B, C)).
+    cancels, is recomputed in float64 (``q_K'`` for equal pairs), gathered and scattered
+    back with one index each. ``q64`` and ``dq64``: ``q_K`` and ``q_K'`` (float64, (B, C)).
     """
     b, c = lam.shape
     lam64 = lam.double()
-    q64, dq64 = _ns_slopes(lam64, num_iters)
     f64 = factor.double().unsqueeze(1)
     width = _band(lam64)
     if width > _BAND_MAX:
@@ -216,27 +230,27 @@ def _ns_weigh(
             dq64.unsqueeze(2), dq64.unsqueeze(1),
         )
         gs.copy_(gs.double() * dd * f64.unsqueeze(2))
-        return q64, dq64
+        return
 
-    # The band as (B, C, width + 1): entry (i, o) is the pair (i, i + o); rows are padded
-    # past the end with the last eigenvalue (those entries are never written back).
+    # gather / scatter with (B, K) indices: much faster on CPU than advanced indexing.
+    upper, keep, upper_kept, lower_kept = (t.to(gs.device).expand(b, -1) for t in _band_index(c, width))
+    flat = gs.view(b, c * c)
+    band = flat.gather(1, upper).view(b, c, width + 1)
+
+    # Entry (i, o) of the (B, C, width + 1) windows is the pair (i, i + o); rows are
+    # padded past the end with the last eigenvalue (those entries are not written back).
     def window(v: Tensor) -> Tensor:
         return torch.cat([v, v[:, -1:].expand(b, width)], 1).unfold(1, width + 1, 1)
 
     dd = _dd_exact(
         lam64.unsqueeze(2), window(lam64), q64.unsqueeze(2), window(q64), dq64.unsqueeze(2), window(dq64)
     )
-    band = torch.empty(b, c, width + 1, dtype=gs.dtype, device=gs.device)
-    for o in range(width + 1):
-        band[:, : c - o, o] = torch.diagonal(gs, o, 1, 2)
     qf = (q64 * f64).to(gs.dtype)
     gs.mul_(torch.sub(qf.unsqueeze(2), qf.unsqueeze(1), out=scratch))
     gs.div_(torch.sub(lam.unsqueeze(2), lam.unsqueeze(1), out=scratch))
-    band = (band * dd.mul_(f64.unsqueeze(2))).to(gs.dtype)
-    for o in range(width + 1):
-        for k in {o, -o}:
-            torch.diagonal(gs, k, 1, 2).copy_(band[:, : c - o, o])
-    return q64, dq64
+    band = (band * dd.mul_(f64.unsqueeze(2))).to(gs.dtype).view(b, -1).gather(1, keep)
+    flat.scatter_(1, upper_kept, band)
+    flat.scatter_(1, lower_kept, band)
 
 
 def _ns_poly(a_n: Tensor, num_iters: int) -> Tensor:
@@ -381,21 +395,21 @@ class _NSSpectral(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, num_iters: int, norm: str) -> Tensor:  # type: ignore[override]
         lam, u, s, clamped, buffer = _sym_eigh(a, norm)
-        q = _ns_values(lam.double(), num_iters)
-        ctx.save_for_backward(u, lam, s, clamped)
+        q, dq = _ns_slopes(lam.double(), num_iters)  # q_K' too: the backward needs it
+        ctx.save_for_backward(u, lam, s, clamped, q, dq)
         ctx.config = (num_iters, norm)
         return _from_eig(u, (q * s.double().sqrt().unsqueeze(1)).to(lam.dtype), buffer)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        u, lam, s, clamped = ctx.saved_tensors
+        u, lam, s, clamped, q, dq = ctx.saved_tensors
         num_iters, norm = ctx.config
         inv_root = s.rsqrt()
 
         def weigh(gs: Tensor, scratch: Tensor) -> None:
             # U^T L_q(A~, sym G) U / sqrt(s): divided differences of q_K times U^T sym(G) U.
             g_diag = 0.5 * torch.diagonal(gs, dim1=1, dim2=2).double()
-            q, dq = _ns_weigh(gs, scratch, lam, num_iters, 0.5 * inv_root)
+            _ns_weigh(gs, scratch, lam, q, dq, 0.5 * inv_root)
             # f(A) = sqrt(s) q(A / s): the chain rule through s adds a multiple of ds/dA.
             coef = (g_diag * (0.5 * q - dq * lam.double())).sum(1)
             _scale_grad(gs, coef * inv_root.double(), clamped, norm, None, lam)
