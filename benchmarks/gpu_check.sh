@@ -4,7 +4,7 @@
 #   OUT=/some/folder BUDGET=420 bash benchmarks/gpu_check.sh          # from the repository root
 #
 # Needs python3 with torch (CUDA), torchvision, timm, pytest and hypothesis; the project is
-# used from the checkout (PYTHONPATH), nothing is installed. About 5-7 minutes on an H100.
+# used from the checkout (PYTHONPATH), nothing is installed. About 5-8 minutes on an H100.
 # Steps, most important first, each with its own time limit, cut so that the whole script
 # ends within BUDGET seconds (default 420); a failed or cut step does not stop the others:
 #   1. the device and versions;
@@ -14,8 +14,9 @@
 #   5. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
 #   6. layers and models again under autocast + channels-last;
 #   7. the Fast BCNN layer cases with torch ops instead of the Triton kernels (below);
-#   8. models at 197 and 448 px, float32, if time is left.
-# STEPS (default: all) picks steps by name: tests layers models sqrtm sketch amp res eager
+#   8. where a Fast BCNN model's inference time goes (benchmarks/profile_head.py);
+#   9. models at 197 and 448 px, float32, if time is left.
+# STEPS (default: all) picks steps by name: tests layers models sqrtm sketch amp eager profile res
 # ("eager": the Fast BCNN layer cases with BILINEARPOOL_TRITON=0, torch ops instead of the
 # Triton kernels), e.g. STEPS="tests layers models amp" for a rerun after a change.
 # After every step the results so far are packed into $OUT/gpu-results.tar.gz (unpack into
@@ -29,7 +30,7 @@ OUT=${OUT:-gpu-check-out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-420}
-STEPS=" ${STEPS:-tests layers models sqrtm sketch amp res eager} "
+STEPS=" ${STEPS:-tests layers models sqrtm sketch amp eager profile res} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     QUICK=(--quick --shapes 2x64x7x7)
@@ -37,12 +38,14 @@ if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     MORE_RES=(--quick --backbones resnet18 --heads plain --no-train --resolutions 64)
     SQRTM=(--channels 16 --repeats 1)
     SKETCH=(--shapes 2,64,7,7,256 --repeats 1)
+    PROFILE=(--backbone resnet18 --batch-size 2 --resolution 64 --repeats 2 --warmup 1)
 else
     QUICK=()
     MODELS=(--resolutions 224)
     MORE_RES=(--resolutions 197 448)
     SQRTM=(--channels 64 256 512 --warmup 3 --repeats 10)
     SKETCH=(--repeats 5)
+    PROFILE=(--batch-size 32)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -88,6 +91,7 @@ want amp && step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --amp 
 want amp && step 90 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
 [ -d "$RES/amp-cl" ] && step 30 "${BENCH[@]}" report "$RES/amp-cl" --out "$RES/amp-cl.md" --title "$NAME, autocast (float16) and channels-last"
 want eager && BILINEARPOOL_TRITON=0 step 45 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --cases fast-bcnn fast-bcnn-triu bcnn-2stream --out "$RES/fp32-torch-ops" --no-progress
+want profile && step 60 "$PY" benchmarks/profile_head.py --device "$DEVICE" "${PROFILE[@]}" --out "$RES/profile-head.md"
 want res && step 120 "${BENCH[@]}" models --device "$DEVICE" "${MORE_RES[@]}" --out "$RES/fp32-197-448" --no-progress
 rm -rf "$OUT/results"
 echo "results: $OUT/gpu-results.tar.gz; log: $LOG ($SECONDS s)"

@@ -199,7 +199,10 @@ def _triu_block(r0: int, r1: int, c: int, device: torch.device, dtype: torch.dty
     column r0, and their isometry weights (1 on the diagonal, sqrt(2) off it). Built with
     numpy, so that traced and exported (ONNX) graphs hold them as constants.
     """
-    index, weights = _triu_numpy(int(r1 - r0), int(c - r0))  # ints: traced shapes may be tensors
+    # ints: traced shapes may be tensors. The cache is skipped while torch.compile traces
+    # (dynamo would trace through it anyway, and warns about it).
+    build = _triu_numpy.__wrapped__ if torch.compiler.is_compiling() else _triu_numpy
+    index, weights = build(int(r1 - r0), int(c - r0))
     return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device=device, dtype=dtype)
 
 

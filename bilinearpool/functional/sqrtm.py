@@ -233,7 +233,8 @@ def _ns_weigh(
         return
 
     # gather / scatter with (B, K) indices: much faster on CPU than advanced indexing.
-    upper, keep, upper_kept, lower_kept = (t.to(gs.device).expand(b, -1) for t in _band_index(c, width))
+    index = _band_index.__wrapped__ if torch.compiler.is_compiling() else _band_index  # dynamo skips caches
+    upper, keep, upper_kept, lower_kept = (t.to(gs.device).expand(b, -1) for t in index(c, width))
     flat = gs.view(b, c * c)
     band = flat.gather(1, upper).view(b, c, width + 1)
 
