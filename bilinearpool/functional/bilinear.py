@@ -381,8 +381,8 @@ def _whole_backward(
     scale: float,
     eps: float | None,
     l2_eps: float | None,
-    triu: bool,
     needs: tuple[bool, bool],
+    triu: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of :func:`_whole_forward` for A (and B): one product to rebuild G, two
     elementwise passes, and the products with dG (``dG A + dG^T A`` for one stream)."""
@@ -410,13 +410,64 @@ def _whole_backward(
     return g_a, g_b
 
 
+def _blocked_backward(
+    a_: Tensor,
+    b_: Tensor,
+    dz: Tensor,
+    scale: float,
+    eps: float | None,
+    l2_eps: float | None,
+    needs: tuple[bool, bool],
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the two-stream op on CPU, block by block (see :class:`_FusedBilinear`)."""
+    a_s = a_ * scale
+    batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
+    dz = dz.view(batch, c1, c2)
+    blocks = _blocks(batch, c1, c2, _block_elements(a_.device))
+
+    def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
+        return _signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2)), eps)
+
+    kept: list[Tensor] | None = None
+    c, k = a_.new_zeros(batch), a_.new_ones(batch)
+    if l2_eps is not None:
+        # With many locations N, rebuilding costs more than keeping (transient, freed on return).
+        kept = [] if a_.shape[2] > _KEEP_BLOCKS_ABOVE_LOCATIONS else None
+        sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
+        for b0, b1, r0, r1 in blocks:
+            y = build(b0, b1, r0, r1)
+            sq[b0:b1] += _rowdot(y, y)
+            dot[b0:b1] += _rowdot(y, dz[b0:b1, r0:r1])
+            if kept is not None:
+                kept.append(y)
+        c, k = _l2_grad_factors(sq, dot, l2_eps)
+    # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factors
+    # are folded into the (small) other operand of each product.
+    coef = (k * (scale * (0.5 if eps is not None else 1.0))).view(-1, 1, 1)
+    need_a, need_b = needs
+    a_c, b_c = a_ * coef, b_ * coef
+    g_a = torch.zeros_like(a_) if need_a else None
+    g_b = torch.zeros_like(b_) if need_b else None
+    for i, (b0, b1, r0, r1) in enumerate(blocks):
+        y = build(b0, b1, r0, r1) if kept is None else kept[i]
+        denom = y.abs().add_(math.sqrt(eps)) if eps is not None else None
+        dg = y.mul_(-c[b0:b1].view(-1, 1, 1)).add_(dz[b0:b1, r0:r1])
+        if denom is not None:
+            dg.div_(denom)
+        if g_a is not None:
+            g_a[b0:b1, r0:r1].baddbmm_(dg, b_c[b0:b1])
+        if g_b is not None:
+            g_b[b0:b1].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])
+    return g_a, g_b
+
+
 class _FusedBilinear(torch.autograd.Function):
     """Two streams: ``l2(ssqrt(s A B^T))`` built block by block, recomputed in backward.
 
     Only the inputs are saved. The backward needs two per-sample scalars (the norm and
     the inner product with the incoming gradient) before it can form dG, so it builds
     each block twice (or keeps the blocks of its first sweep when N is large) rather
-    than storing a (B, C1, C2) buffer.
+    than storing a (B, C1, C2) buffer. Off the CPU: whole matrices (:func:`_whole_matrices`).
     """
 
     @staticmethod
@@ -454,53 +505,8 @@ class _FusedBilinear(torch.autograd.Function):
         dtype = compute_dtype(a)
         with torch.no_grad(), no_autocast(a.device.type):
             a_, b_ = a.to(dtype), b.to(dtype)
-            if _whole_matrices(a.device):
-                g_a, g_b = _whole_backward(a_, b_, grad.to(dtype), scale, eps, l2_eps, False, ctx.needs_input_grad[:2])
-                return (
-                    None if g_a is None else g_a.to(a.dtype),
-                    None if g_b is None else g_b.to(b.dtype),
-                    None,
-                    None,
-                    None,
-                )
-            a_s = a_ * scale
-            batch, c1, c2 = a.shape[0], a.shape[1], b.shape[1]
-            dz = grad.to(dtype).view(batch, c1, c2)
-            blocks = _blocks(batch, c1, c2, _block_elements(a.device))
-
-            def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
-                return _signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2)), eps)
-
-            kept: list[Tensor] | None = None
-            c, k = a_.new_zeros(batch), a_.new_ones(batch)
-            if l2_eps is not None:
-                # With many locations N, rebuilding costs more than keeping (transient, freed on return).
-                kept = [] if a.shape[2] > _KEEP_BLOCKS_ABOVE_LOCATIONS else None
-                sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
-                for b0, b1, r0, r1 in blocks:
-                    y = build(b0, b1, r0, r1)
-                    sq[b0:b1] += _rowdot(y, y)
-                    dot[b0:b1] += _rowdot(y, dz[b0:b1, r0:r1])
-                    if kept is not None:
-                        kept.append(y)
-                c, k = _l2_grad_factors(sq, dot, l2_eps)
-            # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factors
-            # are folded into the (small) other operand of each product.
-            coef = (k * (scale * (0.5 if eps is not None else 1.0))).view(-1, 1, 1)
-            need_a, need_b = ctx.needs_input_grad[:2]
-            a_c, b_c = a_ * coef, b_ * coef
-            g_a = torch.zeros_like(a_) if need_a else None
-            g_b = torch.zeros_like(b_) if need_b else None
-            for i, (b0, b1, r0, r1) in enumerate(blocks):
-                y = build(b0, b1, r0, r1) if kept is None else kept[i]
-                denom = y.abs().add_(math.sqrt(eps)) if eps is not None else None
-                dg = y.mul_(-c[b0:b1].view(-1, 1, 1)).add_(dz[b0:b1, r0:r1])
-                if denom is not None:
-                    dg.div_(denom)
-                if g_a is not None:
-                    g_a[b0:b1, r0:r1].baddbmm_(dg, b_c[b0:b1])
-                if g_b is not None:
-                    g_b[b0:b1].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])
+            backward = _whole_backward if _whole_matrices(a.device) else _blocked_backward
+            g_a, g_b = backward(a_, b_, grad.to(dtype), scale, eps, l2_eps, ctx.needs_input_grad[:2])
         return (
             None if g_a is None else g_a.to(a.dtype),
             None if g_b is None else g_b.to(b.dtype),
@@ -519,7 +525,8 @@ class _FusedGram(torch.autograd.Function):
     (``triu``) the panel's upper-triangle entries times the isometry weights. Only the
     input is saved; the backward rebuilds the panels (or keeps those of its first sweep
     when N is large) and forms ``dA = S A`` with ``S = dG + dG^T`` symmetric, one product
-    for the panel's rows and one for the rows below it.
+    for the panel's rows and one for the rows below it. That is the CPU algorithm; off the
+    CPU the op works on whole matrices (:func:`_whole_matrices`).
     """
 
     @staticmethod
@@ -574,7 +581,7 @@ class _FusedGram(torch.autograd.Function):
         with torch.no_grad(), no_autocast(a.device.type):
             a_ = a.to(dtype)
             if _whole_matrices(a.device):
-                g_a, _ = _whole_backward(a_, None, grad.to(dtype), scale, eps, l2_eps, triu, (True, False))
+                g_a, _ = _whole_backward(a_, None, grad.to(dtype), scale, eps, l2_eps, (True, False), triu)
                 return g_a.to(a.dtype), None, None, None, None  # type: ignore[union-attr]
             a_s = a_ * scale
             batch, c = a.shape[0], a.shape[1]
