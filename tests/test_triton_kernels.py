@@ -85,3 +85,48 @@ def test_triton_kernels_match_torch_ops_and_the_definition():
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.split() == ["checked", str(2 * 4 * 2 + 9)], done.stdout
+
+
+class _Broken:
+    """A meta path finder that fails the import of the kernels module as a broken Triton would."""
+
+    name = "bilinearpool.functional._triton_kernels"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise RuntimeError("triton: no compatible CUDA toolkit")
+        return None
+
+
+def test_broken_triton_falls_back_to_torch_ops_with_a_warning(monkeypatch):
+    import bilinearpool.functional._elementwise as E
+
+    monkeypatch.delitem(sys.modules, _Broken.name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Broken(), *sys.meta_path])
+    E._kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="failed to import .*RuntimeError.*torch operations"):
+            assert E._kernels() is None
+    finally:
+        E._kernels.cache_clear()
+
+
+def test_missing_triton_falls_back_silently(monkeypatch, recwarn):
+    import bilinearpool.functional._elementwise as E
+
+    monkeypatch.delitem(sys.modules, "bilinearpool.functional._triton_kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    E._kernels.cache_clear()
+    try:
+        assert E._kernels() is None
+        assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    finally:
+        E._kernels.cache_clear()
+
+
+def test_backend_off_cuda_is_torch():
+    import torch
+
+    import bilinearpool.functional._elementwise as E
+
+    assert E.backend(torch.device("cpu")) == "torch"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -38,11 +39,23 @@ _BLOCK = 4096
 _WARPS = 8
 
 
+#: Oldest GPU architecture Triton compiles for (Volta).
+_MIN_CAPABILITY = (7, 0)
+
+
 def backend(device: torch.device) -> str:
-    """``"triton"`` on CUDA when Triton imports and ``BILINEARPOOL_TRITON`` is not ``0``, else ``"torch"``."""
+    """``"triton"`` on a CUDA device Triton supports, when Triton imports and
+    ``BILINEARPOOL_TRITON`` is not ``0``; else ``"torch"``."""
     if device.type != "cuda" or os.environ.get("BILINEARPOOL_TRITON", "1") == "0":
         return "torch"
+    if _capability(device.index if device.index is not None else torch.cuda.current_device()) < _MIN_CAPABILITY:
+        return "torch"
     return "triton" if _kernels() is not None else "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 # -- torch operations (any device; the reference for the Triton kernels) --------------------
@@ -83,7 +96,16 @@ def _kernels() -> Any:
     """The four kernels (compiled by Triton on first launch), or ``None`` without Triton."""
     try:
         from . import _triton_kernels as k
-    except ImportError:
+    except ImportError:  # not installed: the torch operations do the same work
+        return None
+    except Exception as err:  # installed but broken (e.g. a mismatched build): say so once
+        warnings.warn(
+            f"Triton is installed but failed to import ({type(err).__name__}: {err}); the fused "
+            "bilinear pooling uses torch operations on CUDA instead (slower). Set "
+            "BILINEARPOOL_TRITON=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return k.sumsq_kernel, k.scale_kernel, k.stats_kernel, k.grad_kernel
 
