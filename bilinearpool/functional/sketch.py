@@ -104,6 +104,29 @@ def _stream_grad(
     return grad_sign
 
 
+def _gradients(
+    out: list[Tensor | None],
+    ga: list[Tensor] | None,
+    gb: list[Tensor] | None,
+    dim: int,
+    gsa: Tensor | None,
+    gsb: Tensor | None,
+    sign_a: Tensor,
+    sign_b: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """The backward's result: the streams' gradients joined from their chunks along ``dim``
+    (slots 0 and 1), and the signs' gradients in the signs' dtype (slots 3 and 5)."""
+    if ga is not None:
+        out[0] = torch.cat(ga, dim=dim)
+    if gb is not None:
+        out[1] = torch.cat(gb, dim=dim)
+    if gsa is not None:
+        out[3] = gsa.to(sign_a.dtype)
+    if gsb is not None:
+        out[5] = gsb.to(sign_b.dtype)
+    return tuple(out)
+
+
 class _TensorSketch(torch.autograd.Function):
     """``irfft(mean_n rfft(Psi_a a_n) * rfft(Psi_b b_n))``, in chunks of locations.
 
@@ -149,15 +172,7 @@ class _TensorSketch(torch.autograd.Function):
                 fb = torch.fft.rfft(_count_sketch(cb, index_b, sign_b, d), n=d, dim=2)
                 gsa = _stream_grad(g, fb, ca, index_a, sign_a, d, need_a, need_sa, ga, gsa)
                 gsb = _stream_grad(g, fa, cb, index_b, sign_b, d, need_b, need_sb, gb, gsb)
-        if need_a:
-            out[0] = torch.cat(ga, dim=2)
-        if need_b:
-            out[1] = torch.cat(gb, dim=2)
-        if need_sa:
-            out[3] = gsa.to(sign_a.dtype)
-        if need_sb:
-            out[5] = gsb.to(sign_b.dtype)
-        return tuple(out)
+        return _gradients(out, ga if need_a else None, gb if need_b else None, 2, gsa, gsb, sign_a, sign_b)
 
 
 # The Gram path works on blocks of (samples x rows) of the per-sample C1 x C2 matrix G,
@@ -288,15 +303,7 @@ class _TensorSketchGram(torch.autograd.Function):
                     if need_sb:
                         part = (acc_b * b_s).sum(dim=(0, 2))
                         gsb = part if gsb is None else gsb + part
-        if need_a:
-            out[0] = torch.cat(ga, dim=0)
-        if need_b:
-            out[1] = torch.cat(gb, dim=0)
-        if need_sa:
-            out[3] = gsa.to(sign_a.dtype)
-        if need_sb:
-            out[5] = gsb.to(sign_b.dtype)
-        return tuple(out)
+        return _gradients(out, ga if need_a else None, gb if need_b else None, 0, gsa, gsb, sign_a, sign_b)
 
 
 _ALGORITHMS = ("auto", "fft", "gram")
