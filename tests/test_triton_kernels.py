@@ -98,10 +98,18 @@ class _Broken:
         return None
 
 
+def _forget_kernels_module(monkeypatch) -> None:
+    """Make the next ``from . import _triton_kernels`` import it afresh (as on first use)."""
+    import bilinearpool.functional as functional
+
+    monkeypatch.delitem(sys.modules, _Broken.name, raising=False)
+    monkeypatch.delattr(functional, "_triton_kernels", raising=False)
+
+
 def test_broken_triton_falls_back_to_torch_ops_with_a_warning(monkeypatch):
     import bilinearpool.functional._elementwise as E
 
-    monkeypatch.delitem(sys.modules, _Broken.name, raising=False)
+    _forget_kernels_module(monkeypatch)
     monkeypatch.setattr(sys, "meta_path", [_Broken(), *sys.meta_path])
     E._kernels.cache_clear()
     try:
@@ -114,7 +122,7 @@ def test_broken_triton_falls_back_to_torch_ops_with_a_warning(monkeypatch):
 def test_missing_triton_falls_back_silently(monkeypatch, recwarn):
     import bilinearpool.functional._elementwise as E
 
-    monkeypatch.delitem(sys.modules, "bilinearpool.functional._triton_kernels", raising=False)
+    _forget_kernels_module(monkeypatch)
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     E._kernels.cache_clear()
     try:
