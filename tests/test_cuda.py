@@ -96,6 +96,21 @@ def test_fast_bilinear_pool_saves_only_the_input(cuda):
     assert sum(saved) == x.numel() * x.element_size()
 
 
+@pytest.mark.parametrize("triu", [False, True])
+def test_fast_bilinear_pool_compiles_on_gpu(cuda, triu):
+    """torch.compile (inductor) of the fused op on CUDA: the traced graph uses torch ops
+    (``_elementwise.backend`` while compiling); values and gradients equal eager mode."""
+    x = torch.randn(2, 96, 5, 5, device=cuda).relu()
+    fn = lambda t: fast_bilinear_pool(t, triu=triu)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=False)
+    leaf_c, leaf_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_c, out_e = compiled(leaf_c), fn(leaf_e)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(out_e)
+    (g_c,), (g_e,) = torch.autograd.grad(out_c, leaf_c, w), torch.autograd.grad(out_e, leaf_e, w)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["auto", "iterative"])
 def test_matrix_sqrt_matches_cpu_and_is_finite_when_rank_deficient(cuda, impl):
     g = torch.Generator().manual_seed(1)

@@ -337,6 +337,20 @@ class TestFastBilinearPool:
         x = torch.randn(3, 9, 130)[:, 2:, 5:]  # strided rows, as the panels' slices
         torch.testing.assert_close(FB._transposed(x), x.transpose(1, 2), rtol=0, atol=0)
 
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_compile_whole_matrices(self, triu, monkeypatch):
+        """The GPU's whole-matrix path traces into one graph (torch.compile, fullgraph)."""
+        monkeypatch.setattr(FB, "_whole_matrices", lambda device: True)
+        x = torch.randn(2, 12, 4, 4, dtype=torch.float64).relu()
+        compiled = torch.compile(lambda t: fast_bilinear_pool(t, triu=triu), backend="eager", fullgraph=True)
+        leaf = x.clone().requires_grad_()
+        out = compiled(leaf)
+        torch.testing.assert_close(out, naive_chain(x, triu=triu), **TOL[torch.float64])
+        (g,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+        leaf_ref = x.clone().requires_grad_()
+        (g_ref,) = torch.autograd.grad(naive_chain(leaf_ref, triu=triu), leaf_ref, torch.ones_like(out))
+        torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+
     def test_compile(self):
         x = torch.randn(2, 6, 4, 4).relu().requires_grad_()
         compiled = torch.compile(fast_bilinear_pool, backend="eager", fullgraph=False)

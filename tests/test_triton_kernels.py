@@ -138,3 +138,16 @@ def test_backend_off_cuda_is_torch():
     import bilinearpool.functional._elementwise as E
 
     assert E.backend(torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("tracer", ["torch.compiler.is_compiling", "torch.jit.is_tracing", "torch.onnx.is_in_onnx_export"])
+def test_traced_graphs_get_torch_ops(monkeypatch, tracer):
+    """While torch.compile, jit.trace or ONNX export trace the op, even CUDA uses torch ops
+    (asked before anything touches the CUDA runtime, so this runs without a GPU)."""
+    import torch
+
+    import bilinearpool.functional._elementwise as E
+
+    monkeypatch.setattr(tracer, lambda: True)
+    monkeypatch.setenv("BILINEARPOOL_TRITON", "1")
+    assert E.backend(torch.device("cuda")) == "torch"

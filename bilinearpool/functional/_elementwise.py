@@ -45,8 +45,15 @@ _MIN_CAPABILITY = (7, 0)
 
 def backend(device: torch.device) -> str:
     """``"triton"`` on a CUDA device Triton supports, when Triton imports and
-    ``BILINEARPOOL_TRITON`` is not ``0``; else ``"torch"``."""
+    ``BILINEARPOOL_TRITON`` is not ``0``; else ``"torch"``.
+
+    Also ``"torch"`` while the op is traced (``torch.compile``, ``torch.jit.trace``, ONNX
+    export): the traced graph then holds plain torch operations, which the compiler fuses
+    itself and exporters understand.
+    """
     if device.type != "cuda" or os.environ.get("BILINEARPOOL_TRITON", "1") == "0":
+        return "torch"
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return "torch"
     if _capability(device.index if device.index is not None else torch.cuda.current_device()) < _MIN_CAPABILITY:
         return "torch"
