@@ -151,3 +151,22 @@ def test_traced_graphs_get_torch_ops(monkeypatch, tracer):
     monkeypatch.setattr(tracer, lambda: True)
     monkeypatch.setenv("BILINEARPOOL_TRITON", "1")
     assert E.backend(torch.device("cuda")) == "torch"
+
+
+def test_matrices_too_large_for_the_grid_take_torch_ops(monkeypatch):
+    """More blocks per sample than CUDA's grid allows: the torch operations, same results."""
+    import torch
+
+    import bilinearpool.functional._elementwise as E
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched")
+
+    monkeypatch.setattr(E, "_launch", no_launch)
+    monkeypatch.setattr(E, "_MAX_BLOCKS", 1)
+    g = torch.randn(2, E._BLOCK + 1, dtype=torch.float64)  # two blocks per sample
+    want = E.ssqrt_sumsq(g, 1e-5, use="torch")
+    torch.testing.assert_close(E.ssqrt_sumsq(g, 1e-5, use="triton"), want)
+    monkeypatch.setattr(E, "_MAX_BLOCKS", 2)
+    with pytest.raises(AssertionError, match="launched"):
+        E.ssqrt_sumsq(g, 1e-5, use="triton")

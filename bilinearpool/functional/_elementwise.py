@@ -124,7 +124,7 @@ def _launch(kernel: Any, g: Tensor, *args: Any, eps: float | None) -> None:
         return
     consts = g.new_full((2,), 0.0 if eps is None else float(eps))
     consts[1:].sqrt_()  # eps and sqrt(eps) in g's dtype, made on the device (no host copy)
-    grid = (batch, _cdiv(n, _BLOCK))  # CUDA allows up to 65535 blocks of one sample: C1 C2 < 2.6e8
+    grid = (batch, _cdiv(n, _BLOCK))
     kernel[grid](g, *args, n, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
 
 
@@ -138,6 +138,15 @@ def _check(g: Tensor, *others: Tensor) -> None:
             "expected contiguous (B, n) tensors of one shape, got "
             + ", ".join(f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (strided)'}" for t in (g, *others))
         )
+
+
+#: CUDA's limit on the second grid dimension: samples of more than 65535 blocks
+#: (C1 C2 > 2.7e8, e.g. C = 16384) take the torch operations.
+_MAX_BLOCKS = 65535
+
+
+def _triton(g: Tensor, use: str | None) -> bool:
+    return (use or backend(g.device)) == "triton" and _cdiv(g.shape[1], _BLOCK) <= _MAX_BLOCKS
 
 
 def _partials(g: Tensor) -> Tensor:
@@ -154,7 +163,7 @@ def ssqrt_sumsq(g: Tensor, eps: float | None, *, use: str | None = None) -> Tens
         - g: :math:`(B, n)`, contiguous; output :math:`(B,)`.
     """
     _check(g)
-    if (use or backend(g.device)) == "torch":
+    if not _triton(g, use):
         return _torch_sumsq(g, eps)
     sq = _partials(g)
     _launch(_kernels()[0], g, sq, eps=eps)
@@ -168,7 +177,7 @@ def ssqrt_scale_(g: Tensor, s: Tensor, eps: float | None, *, use: str | None = N
         - g: :math:`(B, n)`, contiguous; s: :math:`(B,)`; output: ``g``.
     """
     _check(g)
-    if (use or backend(g.device)) == "torch":
+    if not _triton(g, use):
         return _torch_scale_(g, s, eps)
     _launch(_kernels()[1], g, s.contiguous(), eps=eps)
     return g
@@ -181,7 +190,7 @@ def ssqrt_stats(g: Tensor, dz: Tensor, eps: float | None, *, use: str | None = N
         - g, dz: :math:`(B, n)`, contiguous; outputs :math:`(B,)` each.
     """
     _check(g, dz)
-    if (use or backend(g.device)) == "torch":
+    if not _triton(g, use):
         return _torch_stats(g, dz, eps)
     sq, dot = _partials(g), _partials(g)
     _launch(_kernels()[2], g, dz, sq, dot, eps=eps)
@@ -195,7 +204,7 @@ def ssqrt_grad_(g: Tensor, dz: Tensor, c: Tensor, eps: float | None, *, use: str
         - g, dz: :math:`(B, n)`, contiguous; c: :math:`(B,)`; output: ``g``.
     """
     _check(g, dz)
-    if (use or backend(g.device)) == "torch":
+    if not _triton(g, use):
         return _torch_grad_(g, dz, c, eps)
     _launch(_kernels()[3], g, dz, c.contiguous(), eps=eps)
     return g
