@@ -705,6 +705,11 @@ def fast_bilinear_pool(
     dtype (float32 if only ``signed_sqrt`` is applied without ``l2_normalize``, or
     with neither).
 
+    On CPU the matrices are built in cache-sized panels (row blocks for two streams); on
+    other devices whole, with one batched product and fused elementwise passes (Triton
+    kernels on CUDA when Triton is installed; ``BILINEARPOOL_TRITON=0`` selects torch
+    operations). Both are deterministic.
+
     Args:
         x_a: feature map :math:`A`.
         x_b: second feature map (two-stream BCNN); ``None`` pools ``x_a`` with itself.
