@@ -708,7 +708,7 @@ def fast_bilinear_pool(
     On CPU the matrices are built in cache-sized panels (row blocks for two streams); on
     other devices whole, with one batched product and fused elementwise passes (Triton
     kernels on CUDA when Triton is installed; ``BILINEARPOOL_TRITON=0`` selects torch
-    operations). Both are deterministic.
+    operations); their per-sample sums are added in a fixed order (no atomics).
 
     Args:
         x_a: feature map :math:`A`.
