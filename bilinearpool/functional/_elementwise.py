@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["backend", "ssqrt_grad_", "ssqrt_scale_", "ssqrt_stats", "ssqrt_sumsq"]
+__all__ = ["backend", "grad_from_y_", "signed_sqrt_", "ssqrt_grad_", "ssqrt_scale_", "ssqrt_stats", "ssqrt_sumsq"]
 
 #: Entries per Triton program: 4096 float32 values (16 KiB) with 8 warps.
 _BLOCK = 4096
@@ -65,34 +65,43 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-# -- torch operations (any device; the reference for the Triton kernels) --------------------
+# -- torch operations (any device; the reference for the Triton kernels; the CPU panels use
+# signed_sqrt_ and grad_from_y_ too) ---------------------------------------------------------
 
 
-def _f_(g: Tensor, eps: float | None) -> Tensor:
+def signed_sqrt_(g: Tensor, eps: float | None) -> Tensor:
+    """f(g) = g / (sqrt(|g| + eps) + sqrt(eps)) in place: signed_sqrt without sign or cancellation."""
     if eps is not None:
         g.div_(g.abs().add_(eps).sqrt_().add_(math.sqrt(eps)))
     return g
 
 
+def grad_from_y_(y: Tensor, dz: Tensor, c: Tensor, eps: float | None) -> Tensor:
+    """Overwrite ``y = f(g)`` with ``(dz - c y) / (|y| + sqrt(eps))`` (``dz - c y`` without eps).
+
+    ``c`` holds one factor per sample (the first dimension); ``dz`` has ``y``'s shape.
+    """
+    denom = y.abs().add_(math.sqrt(eps)) if eps is not None else None
+    dg = y.mul_(-c.view(-1, *[1] * (y.dim() - 1))).add_(dz)
+    return dg.div_(denom) if denom is not None else dg
+
+
 def _torch_sumsq(g: Tensor, eps: float | None) -> Tensor:
-    y = _f_(g.clone(), eps) if eps is not None else g
+    y = signed_sqrt_(g.clone(), eps) if eps is not None else g
     return torch.linalg.vecdot(y, y)
 
 
 def _torch_scale_(g: Tensor, s: Tensor, eps: float | None) -> Tensor:
-    return _f_(g, eps).mul_(s.unsqueeze(1))
+    return signed_sqrt_(g, eps).mul_(s.unsqueeze(1))
 
 
 def _torch_stats(g: Tensor, dz: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:
-    y = _f_(g.clone(), eps)
+    y = signed_sqrt_(g.clone(), eps) if eps is not None else g
     return torch.linalg.vecdot(y, y), torch.linalg.vecdot(y, dz)
 
 
 def _torch_grad_(g: Tensor, dz: Tensor, c: Tensor, eps: float | None) -> Tensor:
-    y = _f_(g, eps)
-    denom = y.abs().add_(math.sqrt(eps)) if eps is not None else None
-    dg = y.mul_(-c.unsqueeze(1)).add_(dz)
-    return dg.div_(denom) if denom is not None else dg
+    return grad_from_y_(signed_sqrt_(g, eps), dz, c, eps)
 
 
 # -- Triton kernels (CUDA; also run by Triton's interpreter on CPU in the tests) -------------

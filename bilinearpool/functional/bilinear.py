@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _elementwise
+from ._elementwise import grad_from_y_, signed_sqrt_
 from ._checks import check_floating, compute_dtype, no_autocast, pair_streams
 
 __all__ = [
@@ -311,13 +312,6 @@ def _triu_offset(row: int, c: int) -> int:
     return row * c - row * (row - 1) // 2
 
 
-def _signed_sqrt_(g: Tensor, eps: float | None) -> Tensor:
-    """f(g) = g / (sqrt(|g| + eps) + sqrt(eps)) in place: signed_sqrt without sign or cancellation."""
-    if eps is not None:
-        g.div_(g.abs().add_(eps).sqrt_().add_(math.sqrt(eps)))
-    return g
-
-
 def _rowdot(x: Tensor, y: Tensor) -> Tensor:
     """Per-sample inner products of two ``(b, ...)`` tensors as one BLAS call, no temporary."""
     b = x.shape[0]
@@ -347,7 +341,12 @@ def _whole_matrices(device: torch.device) -> bool:
 
 
 def _triu_index(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Flat indices of the upper triangle of a c x c matrix and their isometry weights, on ``device``."""
+    """Flat indices of the upper triangle of a c x c matrix and their isometry weights, on ``device``.
+
+    The whole-matrix path's counterpart of :func:`_triu_block`: made on the device by
+    ``torch.triu_indices`` rather than in numpy and copied from the host, which on a GPU
+    cost a host-to-device copy of C(C+1)/2 indices per call.
+    """
     r, col = torch.triu_indices(c, c, device=device)
     one, root2 = (torch.tensor(v, dtype=dtype, device=device) for v in (1.0, math.sqrt(2.0)))
     weight = torch.where(r == col, one, root2)
@@ -426,7 +425,7 @@ def _blocked_backward(
     blocks = _blocks(batch, c1, c2, _block_elements(a_.device))
 
     def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
-        return _signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2)), eps)
+        return signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2)), eps)
 
     kept: list[Tensor] | None = None
     c, k = a_.new_zeros(batch), a_.new_ones(batch)
@@ -450,10 +449,7 @@ def _blocked_backward(
     g_b = torch.zeros_like(b_) if need_b else None
     for i, (b0, b1, r0, r1) in enumerate(blocks):
         y = build(b0, b1, r0, r1) if kept is None else kept[i]
-        denom = y.abs().add_(math.sqrt(eps)) if eps is not None else None
-        dg = y.mul_(-c[b0:b1].view(-1, 1, 1)).add_(dz[b0:b1, r0:r1])
-        if denom is not None:
-            dg.div_(denom)
+        dg = grad_from_y_(y, dz[b0:b1, r0:r1], c[b0:b1], eps)
         if g_a is not None:
             g_a[b0:b1, r0:r1].baddbmm_(dg, b_c[b0:b1])
         if g_b is not None:
@@ -491,7 +487,7 @@ class _FusedBilinear(torch.autograd.Function):
         sq = a_s.new_zeros(batch) if l2_eps is not None else None
         for b0, b1, r0, r1 in _blocks(batch, c1, c2, _block_elements(a.device)):
             seg = out[b0:b1, r0 * c2 : r1 * c2].view(b1 - b0, r1 - r0, c2)
-            y = _signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), out=seg), eps)
+            y = signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), out=seg), eps)
             if sq is not None:
                 sq[b0:b1] += _rowdot(y, y)
         if sq is not None:
@@ -559,8 +555,8 @@ class _FusedGram(torch.autograd.Function):
             # The diagonal block and the rest of the panel separately: the latter, contiguous,
             # is written twice, as itself and (transposed) as its mirror image below the diagonal.
             lhs = a_s[b0:b1, r0:r1]
-            diag = _signed_sqrt_(torch.bmm(lhs, a_[b0:b1, r0:r1].transpose(1, 2)), eps)
-            off = _signed_sqrt_(torch.bmm(lhs, a_[b0:b1, r1:].transpose(1, 2)), eps)
+            diag = signed_sqrt_(torch.bmm(lhs, a_[b0:b1, r0:r1].transpose(1, 2)), eps)
+            off = signed_sqrt_(torch.bmm(lhs, a_[b0:b1, r1:].transpose(1, 2)), eps)
             square[b0:b1, r0:r1, r0:r1] = diag  # type: ignore[index]
             square[b0:b1, r0:r1, r1:] = off  # type: ignore[index]
             square[b0:b1, r1:, r0:r1] = _transposed(off)  # type: ignore[index]
@@ -671,7 +667,7 @@ def _transposed(x: Tensor) -> Tensor:
 
 def _gram_panel(a_s: Tensor, a_: Tensor, b0: int, b1: int, r0: int, r1: int, eps: float | None) -> Tensor:
     """Signed-square-rooted rows r0:r1, columns r0:, of G = a_s a^T for samples b0:b1."""
-    return _signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], a_[b0:b1, r0:].transpose(1, 2)), eps)
+    return signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], a_[b0:b1, r0:].transpose(1, 2)), eps)
 
 
 def _pack_panel(y: Tensor, r0: int, r1: int, c: int) -> Tensor:
