@@ -56,7 +56,25 @@ def blocking(request, monkeypatch):
         monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
     if request.param.endswith("kept"):
         monkeypatch.setattr(FB, "_KEEP_BLOCKS_ABOVE_LOCATIONS", 0)
+    if request.param == "blocked-kept":  # per-sample BLAS dots in _rowdot, whatever the length
+        monkeypatch.setattr(FB, "_DOT_PER_SAMPLE_FROM", 1)
     return request.param
+
+
+@pytest.mark.parametrize("dot_from", [1, 1 << 30], ids=["per-sample-dot", "vecdot"])
+@pytest.mark.parametrize("layout", ["contiguous", "panel-view", "rows-view"])
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_rowdot_equals_sum_of_products(dot_from, layout, batch, monkeypatch):
+    """_rowdot's three ways (per-sample dots, one vecdot, row by row for strided blocks)."""
+    monkeypatch.setattr(FB, "_DOT_PER_SAMPLE_FROM", dot_from)
+    g = torch.Generator().manual_seed(batch)
+    x, y = (torch.randn(batch, 7, 9, generator=g, dtype=torch.float64) for _ in range(2))
+    if layout == "panel-view":  # rows 2:5, columns 2: of each sample, as the CPU panels use
+        x, y = x[:, 2:5, 2:], y[:, 2:5, 2:]
+    elif layout == "rows-view":  # (b, n) rows of a wider matrix, as packed-triangle slices
+        x, y = x.flatten(1)[:, 5:40], y.flatten(1)[:, 5:40]
+    expected = (x * y).flatten(1).sum(dim=1)
+    torch.testing.assert_close(FB._rowdot(x, y), expected)
 
 
 class TestBilinearPool:

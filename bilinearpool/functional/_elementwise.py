@@ -76,14 +76,20 @@ def signed_sqrt_(g: Tensor, eps: float | None) -> Tensor:
     return g
 
 
-def grad_from_y_(y: Tensor, dz: Tensor, c: Tensor, eps: float | None) -> Tensor:
-    """Overwrite ``y = f(g)`` with ``(dz - c y) / (|y| + sqrt(eps))`` (``dz - c y`` without eps).
+def grad_from_y_(y: Tensor, dz: Tensor, c: Tensor, eps: float | None, k: Tensor | None = None) -> Tensor:
+    """Overwrite ``y = f(g)`` with ``k (dz - c y) / (|y| + sqrt(eps))`` (``k (dz - c y)`` without eps).
 
-    ``c`` holds one factor per sample (the first dimension); ``dz`` has ``y``'s shape.
+    ``c`` and ``k`` (default 1) hold one factor per sample (the first dimension); ``dz``
+    has ``y``'s shape.
     """
+    shape = (-1, *[1] * (y.dim() - 1))
     denom = y.abs().add_(math.sqrt(eps)) if eps is not None else None
-    dg = y.mul_(-c.view(-1, *[1] * (y.dim() - 1))).add_(dz)
-    return dg.div_(denom) if denom is not None else dg
+    if denom is not None and k is not None:
+        denom.div_(k.view(shape))
+    dg = y.mul_(-c.view(shape)).add_(dz)
+    if denom is not None:
+        return dg.div_(denom)
+    return dg if k is None else dg.mul_(k.view(shape))
 
 
 def _torch_sumsq(g: Tensor, eps: float | None) -> Tensor:

@@ -312,10 +312,25 @@ def _triu_offset(row: int, c: int) -> int:
     return row * c - row * (row - 1) // 2
 
 
+#: From this many entries per sample on, :func:`_rowdot` calls one BLAS dot per sample.
+_DOT_PER_SAMPLE_FROM = 1 << 14
+
+
 def _rowdot(x: Tensor, y: Tensor) -> Tensor:
-    """Per-sample inner products of two ``(b, ...)`` tensors as one BLAS call, no temporary."""
+    """Per-sample inner products of two ``(b, ...)`` tensors of one shape.
+
+    On CPU a batched product of (1 x n) by (n x 1) matrices runs about 7x slower than a
+    dot product here (1.15 against 0.15-0.2 ns per entry, 1 thread, b = 8, n = 32768): long
+    rows take one BLAS dot each (no temporary), short ones one vectorised multiply-and-sum.
+    """
     b = x.shape[0]
-    return torch.bmm(x.reshape(b, 1, -1), y.reshape(b, -1, 1)).view(b)
+    if x.dim() > 2 and not (x.is_contiguous() and y.is_contiguous()):
+        # Strided blocks (e.g. panels of the output): row by row, no copy of the block.
+        return torch.linalg.vecdot(x, y).flatten(1).sum(dim=1)
+    x, y = x.flatten(1), y.flatten(1)
+    if x.shape[1] >= _DOT_PER_SAMPLE_FROM:
+        return torch.stack([torch.dot(x[i], y[i]) for i in range(b)]) if b else x.new_zeros(0)
+    return torch.linalg.vecdot(x, y)
 
 
 def _l2_grad_factors(sq: Tensor, dot: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
@@ -353,14 +368,13 @@ def _triu_index(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tenso
     return r * c + col, weight
 
 
-def _whole_forward(a_s: Tensor, b_: Tensor, eps: float | None, l2_eps: float | None, triu: bool) -> Tensor:
-    """``l2(ssqrt(a_s b^T))``: one product, then one pass for the norms and one that writes."""
-    batch, c1, c2 = a_s.shape[0], a_s.shape[1], b_.shape[1]
-    if triu:
-        out = g = torch.bmm(a_s, b_.transpose(1, 2)).view(batch, c1 * c2)
-    else:
-        out = a_s.new_empty(batch, c1 * c2)
-        g = torch.bmm(a_s, b_.transpose(1, 2), out=out.view(batch, c1, c2)).view(batch, c1 * c2)
+def _whole_forward(
+    a_: Tensor, b_: Tensor, scale: float, eps: float | None, l2_eps: float | None, triu: bool
+) -> Tensor:
+    """``l2(ssqrt(s a b^T))``: one product, then one pass for the norms and one that writes."""
+    batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
+    out = a_.new_empty(batch, c1 * c2)
+    g = _scaled_bmm(a_, b_.transpose(1, 2), scale, out=out.view(batch, c1, c2)).view(batch, c1 * c2)
     if l2_eps is not None:
         # The isometry weights make the packed triangle's norm the full matrix's.
         inv = _elementwise.ssqrt_sumsq(g, eps).sqrt_().clamp_min_(l2_eps).reciprocal_()
@@ -388,7 +402,7 @@ def _whole_backward(
     one = b_ is None
     b_ = a_ if b_ is None else b_
     batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
-    g = torch.bmm(a_ * scale, b_.transpose(1, 2)).view(batch, c1 * c2)
+    g = _scaled_bmm(a_, b_.transpose(1, 2), scale).view(batch, c1 * c2)
     if triu:
         # The packed output is P(Y) with P linear; the full-matrix formulas apply to P^T dz.
         index, weight = _triu_index(c1, g.device, g.dtype)
@@ -419,13 +433,12 @@ def _blocked_backward(
     needs: tuple[bool, bool],
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of the two-stream op on CPU, block by block (see :class:`_FusedBilinear`)."""
-    a_s = a_ * scale
     batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
     dz = dz.view(batch, c1, c2)
     blocks = _blocks(batch, c1, c2, _block_elements(a_.device))
 
     def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
-        return signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2)), eps)
+        return signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale), eps)
 
     kept: list[Tensor] | None = None
     c, k = a_.new_zeros(batch), a_.new_ones(batch)
@@ -440,20 +453,19 @@ def _blocked_backward(
             if kept is not None:
                 kept.append(y)
         c, k = _l2_grad_factors(sq, dot, l2_eps)
-    # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factors
-    # are folded into the (small) other operand of each product.
-    coef = (k * (scale * (0.5 if eps is not None else 1.0))).view(-1, 1, 1)
+    # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor
+    # s k / 2 goes into the block's elementwise step (no scaled copies of A and B).
+    coef = k * (scale * (0.5 if eps is not None else 1.0))
     need_a, need_b = needs
-    a_c, b_c = a_ * coef, b_ * coef
     g_a = torch.zeros_like(a_) if need_a else None
     g_b = torch.zeros_like(b_) if need_b else None
     for i, (b0, b1, r0, r1) in enumerate(blocks):
         y = build(b0, b1, r0, r1) if kept is None else kept[i]
-        dg = grad_from_y_(y, dz[b0:b1, r0:r1], c[b0:b1], eps)
+        dg = grad_from_y_(y, dz[b0:b1, r0:r1], c[b0:b1], eps, coef[b0:b1])
         if g_a is not None:
-            g_a[b0:b1, r0:r1].baddbmm_(dg, b_c[b0:b1])
+            g_a[b0:b1, r0:r1].baddbmm_(dg, b_[b0:b1])
         if g_b is not None:
-            g_b[b0:b1].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])
+            g_b[b0:b1].baddbmm_(dg.transpose(1, 2), a_[b0:b1, r0:r1])
     return g_a, g_b
 
 
@@ -478,16 +490,15 @@ class _FusedBilinear(torch.autograd.Function):
         ctx.save_for_backward(a, b)
         ctx.config = (scale, eps, l2_eps)
         dtype = compute_dtype(a)
-        a_s = a.to(dtype) * scale
-        b_ = b.to(dtype)
+        a_, b_ = a.to(dtype), b.to(dtype)
         if _whole_matrices(a.device):
-            return _whole_forward(a_s, b_, eps, l2_eps, False)
+            return _whole_forward(a_, b_, scale, eps, l2_eps, False)
         batch, c1, c2 = a.shape[0], a.shape[1], b.shape[1]
-        out = a_s.new_empty(batch, c1 * c2)
-        sq = a_s.new_zeros(batch) if l2_eps is not None else None
+        out = a_.new_empty(batch, c1 * c2)
+        sq = a_.new_zeros(batch) if l2_eps is not None else None
         for b0, b1, r0, r1 in _blocks(batch, c1, c2, _block_elements(a.device)):
             seg = out[b0:b1, r0 * c2 : r1 * c2].view(b1 - b0, r1 - r0, c2)
-            y = signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), out=seg), eps)
+            y = signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale, out=seg), eps)
             if sq is not None:
                 sq[b0:b1] += _rowdot(y, y)
         if sq is not None:
@@ -538,31 +549,29 @@ class _FusedGram(torch.autograd.Function):
         ctx.config = (scale, eps, l2_eps, triu)
         dtype = compute_dtype(a)
         a_ = a.to(dtype)
-        a_s = a_ * scale
         if _whole_matrices(a.device):
-            return _whole_forward(a_s, a_, eps, l2_eps, triu)
+            return _whole_forward(a_, a_, scale, eps, l2_eps, triu)
         batch, c = a.shape[0], a.shape[1]
         out = a_.new_empty(batch, triu_size(c) if triu else c * c)
         square = None if triu else out.view(batch, c, c)
         sq = a_.new_zeros(batch) if l2_eps is not None else None
         for b0, b1, r0, r1 in _panels(batch, c, _block_elements(a.device)):
             if triu:
-                y = _pack_panel(_gram_panel(a_s, a_, b0, b1, r0, r1, eps), r0, r1, c)
+                y = _pack_panel(_gram_panel(a_, b0, b1, r0, r1, scale, eps), r0, r1, c)
                 out[b0:b1, _triu_offset(r0, c) : _triu_offset(r1, c)] = y
                 if sq is not None:
                     sq[b0:b1] += _rowdot(y, y)
                 continue
-            # The diagonal block and the rest of the panel separately: the latter, contiguous,
-            # is written twice, as itself and (transposed) as its mirror image below the diagonal.
-            lhs = a_s[b0:b1, r0:r1]
-            diag = signed_sqrt_(torch.bmm(lhs, a_[b0:b1, r0:r1].transpose(1, 2)), eps)
-            off = signed_sqrt_(torch.bmm(lhs, a_[b0:b1, r1:].transpose(1, 2)), eps)
-            square[b0:b1, r0:r1, r0:r1] = diag  # type: ignore[index]
-            square[b0:b1, r0:r1, r1:] = off  # type: ignore[index]
-            square[b0:b1, r1:, r0:r1] = _transposed(off)  # type: ignore[index]
+            # The panel is built in its place in the output; its part right of the diagonal
+            # block is also written, transposed, as its mirror image below the diagonal.
+            panel = square[b0:b1, r0:r1, r0:]  # type: ignore[index]
+            lhs, rhs = a_[b0:b1, r0:r1], a_[b0:b1, r0:].transpose(1, 2)
+            y = signed_sqrt_(_scaled_bmm(lhs, rhs, scale, out=panel), eps)
+            w = r1 - r0
+            square[b0:b1, r1:, r0:r1] = _transposed(y[:, :, w:])  # type: ignore[index]
             if sq is not None:
                 # Off-diagonal entries appear twice in the full matrix.
-                sq[b0:b1] += 2.0 * _rowdot(off, off) + _rowdot(diag, diag)
+                sq[b0:b1] += 2.0 * _rowdot(y, y) - _rowdot(y[:, :, :w], y[:, :, :w])
         if sq is not None:
             out.div_(sq.sqrt_().clamp_min_(l2_eps).unsqueeze(1))
         return out
@@ -579,7 +588,6 @@ class _FusedGram(torch.autograd.Function):
             if _whole_matrices(a.device):
                 g_a, _ = _whole_backward(a_, None, grad.to(dtype), scale, eps, l2_eps, (True, False), triu)
                 return g_a.to(a.dtype), None, None, None, None  # type: ignore[union-attr]
-            a_s = a_ * scale
             batch, c = a.shape[0], a.shape[1]
             dz = grad.to(dtype)
             square = dz.view(batch, c, c) if not triu else None
@@ -590,7 +598,7 @@ class _FusedGram(torch.autograd.Function):
 
                 Full output: dz + dz^T on the panel, the gradient of the symmetric G.
                 """
-                y = _gram_panel(a_s, a_, b0, b1, r0, r1, eps)
+                y = _gram_panel(a_, b0, b1, r0, r1, scale, eps)
                 if triu:
                     return _pack_panel(y, r0, r1, c), dz[b0:b1, _triu_offset(r0, c) : _triu_offset(r1, c)]
                 return y, square[b0:b1, r0:r1, r0:] + _transposed(square[b0:b1, r0:, r0:r1])  # type: ignore[index]
@@ -617,34 +625,35 @@ class _FusedGram(torch.autograd.Function):
                 c_, k = _l2_grad_factors(sq, dot, l2_eps)
             # Full output: S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G). Packed: each entry
             # w f(g) gets s k w (dz - c p) f'(g), and both of its factors get gradient.
-            # f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factors go into the other operand.
-            coef = (k * (scale * (0.5 if eps is not None else 1.0))).view(-1, 1, 1)
-            a_c = a_ * coef
+            # f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor s k / 2 goes into the
+            # panel's elementwise step (no scaled copy of A).
+            coef = k * (scale * (0.5 if eps is not None else 1.0))
             g = torch.zeros_like(a_)
             for i, (b0, b1, r0, r1) in enumerate(panels):
                 y, dzs = build(b0, b1, r0, r1) if kept is None else kept[i]
-                cb = c_[b0:b1].view(-1, *[1] * (y.dim() - 1)) * (1.0 if triu else 2.0)
+                shape = (-1, *[1] * (y.dim() - 1))
+                cb = c_[b0:b1].view(shape) * (1.0 if triu else 2.0)
+                kb = coef[b0:b1].view(shape)
                 w = r1 - r0
                 if triu:
                     index, weight = _triu_block(r0, r1, c, y.device, dtype)
                 denom = None
                 if eps is not None:
-                    denom = (y.abs().div_(weight) if triu else y.abs()).add_(math.sqrt(eps))
+                    denom = (y.abs().div_(weight) if triu else y.abs()).add_(math.sqrt(eps)).div_(kb)
                 dg = y.mul_(-cb).add_(dzs)
-                if denom is not None:
-                    dg.div_(denom)
+                dg = dg.div_(denom) if denom is not None else dg.mul_(kb)
                 if triu:
                     full = dg.new_zeros(b1 - b0, w * (c - r0))
                     dg = full.index_copy_(1, index, dg.mul_(weight)).view(b1 - b0, w, c - r0)
                     # Upper-triangle entries, the diagonal's lower half zero: each entry
                     # gives gradient to both factors (the diagonal's twice).
-                    g[b0:b1, r0:r1].baddbmm_(dg, a_c[b0:b1, r0:])
-                    g[b0:b1, r0:].baddbmm_(dg.transpose(1, 2), a_c[b0:b1, r0:r1])
+                    g[b0:b1, r0:r1].baddbmm_(dg, a_[b0:b1, r0:])
+                    g[b0:b1, r0:].baddbmm_(dg.transpose(1, 2), a_[b0:b1, r0:r1])
                 else:
                     # S is symmetric: rows r0:r1 get the panel times A, the rows below
                     # the mirror of its off-diagonal part.
-                    g[b0:b1, r0:r1].baddbmm_(dg, a_c[b0:b1, r0:])
-                    g[b0:b1, r1:].baddbmm_(dg[:, :, w:].transpose(1, 2), a_c[b0:b1, r0:r1])
+                    g[b0:b1, r0:r1].baddbmm_(dg, a_[b0:b1, r0:])
+                    g[b0:b1, r1:].baddbmm_(dg[:, :, w:].transpose(1, 2), a_[b0:b1, r0:r1])
         return g.to(a.dtype), None, None, None, None
 
 
@@ -665,9 +674,20 @@ def _transposed(x: Tensor) -> Tensor:
     return out
 
 
-def _gram_panel(a_s: Tensor, a_: Tensor, b0: int, b1: int, r0: int, r1: int, eps: float | None) -> Tensor:
-    """Signed-square-rooted rows r0:r1, columns r0:, of G = a_s a^T for samples b0:b1."""
-    return signed_sqrt_(torch.bmm(a_s[b0:b1, r0:r1], a_[b0:b1, r0:].transpose(1, 2)), eps)
+def _gram_panel(a_: Tensor, b0: int, b1: int, r0: int, r1: int, scale: float, eps: float | None) -> Tensor:
+    """Signed-square-rooted rows r0:r1, columns r0:, of G = s A A^T for samples b0:b1."""
+    return signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], a_[b0:b1, r0:].transpose(1, 2), scale), eps)
+
+
+def _scaled_bmm(x: Tensor, y: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """``scale * x @ y`` for batches of matrices, the scale applied by the product itself.
+
+    Written into ``out`` (which may be a strided view, e.g. a panel of the output) when
+    given; its old values are ignored. No scaled copy of an operand is made.
+    """
+    if out is None:
+        out = x.new_empty(x.shape[0], x.shape[1], y.shape[2])
+    return out.baddbmm_(x, y, beta=0.0, alpha=scale)
 
 
 def _pack_panel(y: Tensor, r0: int, r1: int, c: int) -> Tensor:
