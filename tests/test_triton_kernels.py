@@ -170,3 +170,24 @@ def test_matrices_too_large_for_the_grid_take_torch_ops(monkeypatch):
     monkeypatch.setattr(E, "_MAX_BLOCKS", 2)
     with pytest.raises(AssertionError, match="launched"):
         E.ssqrt_sumsq(g, 1e-5, use="triton")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("eps", [None, 1e-10, 1e-5])
+def test_kernel_constants_are_made_once_in_the_matrix_dtype(dtype, eps):
+    """The kernels' eps and sqrt(eps): in the matrix's dtype, on its device, one tensor per key."""
+    import math
+
+    import torch
+
+    import bilinearpool.functional._elementwise as E
+
+    dtype = getattr(torch, dtype)
+    E._consts.cache_clear()
+    consts = E._consts(torch.device("cpu"), dtype, eps)
+    value = 0.0 if eps is None else eps
+    expected = torch.tensor([value, math.sqrt(value)], dtype=torch.float64).to(dtype)
+    assert consts.dtype == dtype and consts.device.type == "cpu"
+    torch.testing.assert_close(consts, expected, rtol=0, atol=0)
+    assert E._consts(torch.device("cpu"), dtype, eps) is consts
+    assert E._consts(torch.device("cpu"), torch.bfloat16, eps) is not consts

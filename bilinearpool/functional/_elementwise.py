@@ -137,10 +137,18 @@ def _launch(kernel: Any, g: Tensor, *args: Any, eps: float | None) -> None:
     batch, n = g.shape
     if batch == 0 or n == 0:
         return
-    consts = g.new_full((2,), 0.0 if eps is None else float(eps))
-    consts[1:].sqrt_()  # eps and sqrt(eps) in g's dtype, made on the device (no host copy)
     grid = (batch, _cdiv(n, _BLOCK))
+    consts = _consts(g.device, g.dtype, eps)
     kernel[grid](g, *args, n, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
+
+
+@functools.lru_cache(maxsize=64)
+def _consts(device: torch.device, dtype: torch.dtype, eps: float | None) -> Tensor:
+    """``eps`` and ``sqrt(eps)`` in the matrix dtype on its device, made once per
+    (device, dtype, eps): a Python float argument would reach a kernel as float32, and a
+    tensor made per launch costs two more kernel launches (or a host copy) each time."""
+    value = 0.0 if eps is None else float(eps)
+    return torch.tensor([value, math.sqrt(value)], dtype=dtype, device=device)
 
 
 def _cdiv(n: int, block: int) -> int:
