@@ -645,10 +645,13 @@ class _FusedGram(torch.autograd.Function):
                 if triu:
                     full = dg.new_zeros(b1 - b0, w * (c - r0))
                     dg = full.index_copy_(1, index, dg.mul_(weight)).view(b1 - b0, w, c - r0)
-                    # Upper-triangle entries, the diagonal's lower half zero: each entry
-                    # gives gradient to both factors (the diagonal's twice).
+                    # Upper-triangle entries D (diagonal block) and O (right of it): each
+                    # gives gradient to both factors, so rows r0:r1 get (D + D^T) A[r0:r1]
+                    # + O A[r1:] (the diagonal twice) and the rows below O^T A[r0:r1].
+                    block = dg[:, :, :w]
+                    block.copy_(block + _transposed(block))
                     g[b0:b1, r0:r1].baddbmm_(dg, a_[b0:b1, r0:])
-                    g[b0:b1, r0:].baddbmm_(dg.transpose(1, 2), a_[b0:b1, r0:r1])
+                    g[b0:b1, r1:].baddbmm_(dg[:, :, w:].transpose(1, 2), a_[b0:b1, r0:r1])
                 else:
                     # S is symmetric: rows r0:r1 get the panel times A, the rows below
                     # the mirror of its off-diagonal part.
