@@ -232,7 +232,7 @@ def triu_pack(m: Tensor) -> Tensor:
         raise ValueError(f"input must be square matrices (B, C, C), but got shape {tuple(m.shape)}")
     c = m.shape[1]
     index, scale = _triu_block(0, c, c, m.device, m.dtype)
-    return m.reshape(m.shape[0], c * c)[:, index] * scale
+    return m.reshape(m.shape[0], c * c).index_select(1, index) * scale
 
 
 def triu_unpack(v: Tensor) -> Tensor:
@@ -696,7 +696,8 @@ def _scaled_bmm(x: Tensor, y: Tensor, scale: float, out: Tensor | None = None) -
 def _pack_panel(y: Tensor, r0: int, r1: int, c: int) -> Tensor:
     """The packed upper-triangle entries of a panel, times the isometry weights."""
     index, w = _triu_block(r0, r1, c, y.device, y.dtype)
-    return y.view(y.shape[0], -1)[:, index].mul_(w)
+    # index_select: 2.5-7x faster than advanced indexing ([:, index]) on CPU here.
+    return y.view(y.shape[0], -1).index_select(1, index).mul_(w)
 
 
 def fast_bilinear_pool(
