@@ -45,18 +45,16 @@ def naive_chain(x_a, x_b=None, *, triu=False, eps=FB.SIGNED_SQRT_EPS, sqrt=True,
     return l2_normalize(y) if l2 else y
 
 
-@pytest.fixture(params=["whole", "blocked", "whole-kept", "blocked-kept", "matrices"])
+@pytest.fixture(params=["whole", "blocked", "blocked-dots", "matrices"])
 def blocking(request, monkeypatch):
-    """Run the fused op with whole samples or a few rows per block; with the backward
-    rebuilding its blocks twice, or keeping them between its two sweeps; or as off the
-    CPU, on whole matrices with the elementwise passes of ``_elementwise`` (torch ops)."""
+    """Run the fused op with whole samples or a few rows per block (CPU), the latter also
+    with a per-sample BLAS dot for every per-sample sum; or as off the CPU, on whole
+    matrices with the elementwise passes of ``_elementwise`` (torch ops)."""
     if request.param == "matrices":
         monkeypatch.setattr(FB, "_whole_matrices", lambda device: True)
     if request.param.startswith("blocked"):
         monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
-    if request.param.endswith("kept"):
-        monkeypatch.setattr(FB, "_KEEP_BLOCKS_ABOVE_LOCATIONS", 0)
-    if request.param == "blocked-kept":  # per-sample BLAS dots in _rowdot, whatever the length
+    if request.param == "blocked-dots":
         monkeypatch.setattr(FB, "_DOT_PER_SAMPLE_FROM", 1)
     return request.param
 

@@ -14,6 +14,7 @@ operation whose backward keeps only the input feature map(s) and recomputes the 
 from __future__ import annotations
 
 import functools
+from typing import Any
 import math
 import numpy as np
 import torch
@@ -258,10 +259,6 @@ def triu_unpack(v: Tensor) -> Tensor:
     return full + full.transpose(1, 2).tril(-1)
 
 
-#: Above this many locations (N = H*W) the backward keeps the blocks it builds in its first
-#: sweep instead of rebuilding them in the second.
-_KEEP_BLOCKS_ABOVE_LOCATIONS = 64
-
 
 def _block_elements(device: torch.device) -> int:
     """Matrix entries processed per block by the fused op.
@@ -440,18 +437,19 @@ def _blocked_backward(
     def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
         return signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale), eps)
 
-    kept: list[Tensor] | None = None
+    # With L2 normalisation the first sweep keeps its blocks for the second (transient:
+    # each is freed once used). Rebuilding them instead was slower at every N measured
+    # (3x3 to 28x28): the elementwise steps cost more than the product with K = N.
+    kept: list[Tensor | None] | None = None
     c, k = a_.new_zeros(batch), a_.new_ones(batch)
     if l2_eps is not None:
-        # With many locations N, rebuilding costs more than keeping (transient, freed on return).
-        kept = [] if a_.shape[2] > _KEEP_BLOCKS_ABOVE_LOCATIONS else None
+        kept = []
         sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
         for b0, b1, r0, r1 in blocks:
             y = build(b0, b1, r0, r1)
             sq[b0:b1] += _rowdot(y, y)
             dot[b0:b1] += _rowdot(y, dz[b0:b1, r0:r1])
-            if kept is not None:
-                kept.append(y)
+            kept.append(y)
         c, k = _l2_grad_factors(sq, dot, l2_eps)
     # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor
     # s k / 2 goes into the block's elementwise step (no scaled copies of A and B).
@@ -460,7 +458,8 @@ def _blocked_backward(
     g_a = torch.zeros_like(a_) if need_a else None
     g_b = torch.zeros_like(b_) if need_b else None
     for i, (b0, b1, r0, r1) in enumerate(blocks):
-        y = build(b0, b1, r0, r1) if kept is None else kept[i]
+        y = _take(kept, i)
+        y = build(b0, b1, r0, r1) if y is None else y
         dg = grad_from_y_(y, dz[b0:b1, r0:r1], c[b0:b1], eps, coef[b0:b1])
         if g_a is not None:
             g_a[b0:b1, r0:r1].baddbmm_(dg, b_[b0:b1])
@@ -530,8 +529,8 @@ class _FusedGram(torch.autograd.Function):
     column r0 on: about half the products and half the elementwise work of the full
     matrix. The full output gets each panel and its mirror image; the packed output
     (``triu``) the panel's upper-triangle entries times the isometry weights. Only the
-    input is saved; the backward rebuilds the panels (or keeps those of its first sweep
-    when N is large) and forms ``dA = S A`` with ``S = dG + dG^T`` symmetric, one product
+    input is saved; the backward rebuilds the panels (keeping them from its first sweep
+    for the second, transiently) and forms ``dA = S A`` with ``S = dG + dG^T`` symmetric, one product
     for the panel's rows and one for the rows below it. That is the CPU algorithm; off the
     CPU the op works on whole matrices (:func:`_whole_matrices`).
     """
@@ -603,11 +602,11 @@ class _FusedGram(torch.autograd.Function):
                     return _pack_panel(y, r0, r1, c), dz[b0:b1, _triu_offset(r0, c) : _triu_offset(r1, c)]
                 return y, square[b0:b1, r0:r1, r0:] + _transposed(square[b0:b1, r0:, r0:r1])  # type: ignore[index]
 
-            kept: list[tuple[Tensor, Tensor]] | None = None
+            # The first sweep keeps its panels for the second (as in _blocked_backward).
+            kept: list[tuple[Tensor, Tensor] | None] | None = None
             c_, k = a_.new_zeros(batch), a_.new_ones(batch)
             if l2_eps is not None:
-                # With many locations N, rebuilding costs more than keeping (transient, freed on return).
-                kept = [] if a.shape[2] > _KEEP_BLOCKS_ABOVE_LOCATIONS else None
+                kept = []
                 sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
                 for b0, b1, r0, r1 in panels:
                     y, dzs = build(b0, b1, r0, r1)
@@ -620,8 +619,7 @@ class _FusedGram(torch.autograd.Function):
                         w = r1 - r0
                         sq[b0:b1] += 2.0 * _rowdot(y, y) - y[:, :, :w].square().sum(dim=(1, 2))
                         dot[b0:b1] += _rowdot(y, dzs) - 0.5 * (y[:, :, :w] * dzs[:, :, :w]).sum(dim=(1, 2))
-                    if kept is not None:
-                        kept.append((y, dzs))
+                    kept.append((y, dzs))
                 c_, k = _l2_grad_factors(sq, dot, l2_eps)
             # Full output: S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G). Packed: each entry
             # w f(g) gets s k w (dz - c p) f'(g), and both of its factors get gradient.
@@ -630,7 +628,8 @@ class _FusedGram(torch.autograd.Function):
             coef = k * (scale * (0.5 if eps is not None else 1.0))
             g = torch.zeros_like(a_)
             for i, (b0, b1, r0, r1) in enumerate(panels):
-                y, dzs = build(b0, b1, r0, r1) if kept is None else kept[i]
+                entry = _take(kept, i)
+                y, dzs = build(b0, b1, r0, r1) if entry is None else entry
                 shape = (-1, *[1] * (y.dim() - 1))
                 cb = c_[b0:b1].view(shape) * (1.0 if triu else 2.0)
                 kb = coef[b0:b1].view(shape)
@@ -658,6 +657,15 @@ class _FusedGram(torch.autograd.Function):
                     g[b0:b1, r0:r1].baddbmm_(dg, a_[b0:b1, r0:])
                     g[b0:b1, r1:].baddbmm_(dg[:, :, w:].transpose(1, 2), a_[b0:b1, r0:r1])
         return g.to(a.dtype), None, None, None, None
+
+
+def _take(kept: list[Any] | None, i: int) -> Any:
+    """Entry ``i`` of the blocks kept by a first sweep (``None`` if none were kept), released
+    from the list so that its memory is freed as soon as the caller is done with it."""
+    if kept is None:
+        return None
+    entry, kept[i] = kept[i], None
+    return entry
 
 
 def _transposed(x: Tensor) -> Tensor:
