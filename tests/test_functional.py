@@ -354,11 +354,18 @@ class TestFastBilinearPool:
         torch.testing.assert_close(FB._transposed(x), x.transpose(1, 2), rtol=0, atol=0)
 
     @pytest.mark.parametrize("triu", [False, True])
-    def test_compile_whole_matrices(self, triu, monkeypatch):
-        """The GPU's whole-matrix path traces into one graph (torch.compile, fullgraph)."""
-        monkeypatch.setattr(FB, "_whole_matrices", lambda device: True)
+    def test_compile_traces_whole_matrices(self, triu, monkeypatch):
+        """Under torch.compile the op takes the whole-matrix path, on CPU too: one graph
+        (fullgraph) with one product in forward, not the panel loop unrolled."""
+        monkeypatch.setattr(FB, "_block_elements", lambda device: 40)  # eager: dozens of panels
+        graphs = []
+
+        def recording(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
         x = torch.randn(2, 12, 4, 4, dtype=torch.float64).relu()
-        compiled = torch.compile(lambda t: fast_bilinear_pool(t, triu=triu), backend="eager", fullgraph=True)
+        compiled = torch.compile(lambda t: fast_bilinear_pool(t, triu=triu), backend=recording, fullgraph=True)
         leaf = x.clone().requires_grad_()
         out = compiled(leaf)
         torch.testing.assert_close(out, naive_chain(x, triu=triu), **TOL[torch.float64])
@@ -366,6 +373,19 @@ class TestFastBilinearPool:
         leaf_ref = x.clone().requires_grad_()
         (g_ref,) = torch.autograd.grad(naive_chain(leaf_ref, triu=triu), leaf_ref, torch.ones_like(out))
         torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+        targets = [
+            str(node.target)
+            for gm in graphs
+            for module in gm.modules()
+            if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes
+            if node.op in ("call_function", "call_method")
+        ]
+        products = [t for t in targets if "bmm" in t]
+        # Forward: one product; backward: the rebuild and dG A + dG^T A.
+        assert 1 <= len(products) <= 4, products
+        eager_panels = FB._panels(2, 12, 40)
+        assert len(eager_panels) > 4  # the panel loop would have put one product per panel
 
     def test_compile(self):
         x = torch.randn(2, 6, 4, 4).relu().requires_grad_()

@@ -32,7 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["backend", "grad_from_y_", "signed_sqrt_", "ssqrt_grad_", "ssqrt_scale_", "ssqrt_stats", "ssqrt_sumsq"]
+__all__ = [
+    "backend",
+    "grad_from_y_",
+    "signed_sqrt_",
+    "ssqrt_grad_",
+    "ssqrt_scale_",
+    "ssqrt_stats",
+    "ssqrt_sumsq",
+    "tracing",
+]
 
 #: Entries per Triton program: 4096 float32 values (16 KiB) with 8 warps.
 _BLOCK = 4096
@@ -53,11 +62,16 @@ def backend(device: torch.device) -> str:
     """
     if device.type != "cuda" or os.environ.get("BILINEARPOOL_TRITON", "1") == "0":
         return "torch"
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if tracing():
         return "torch"
     if _capability(device.index if device.index is not None else torch.cuda.current_device()) < _MIN_CAPABILITY:
         return "torch"
     return "triton" if _kernels() is not None else "torch"
+
+
+def tracing() -> bool:
+    """Whether the op is being traced into a graph (torch.compile, torch.jit.trace, ONNX export)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 @functools.lru_cache(maxsize=None)
