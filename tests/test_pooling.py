@@ -145,6 +145,26 @@ class TestFastBilinearPoolModule:
         assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(module=FastBilinearPool(), streams=1),
+        dict(module=FastBilinearPool(triu=True), streams=1),
+        dict(module=FastBilinearPool(signed_sqrt=False, l2_normalize=False), streams=1),
+        dict(module=BilinearPool(normalize=True), streams=2),
+    ],
+    ids=["fast", "fast-triu", "fast-plain", "two-stream"],
+)
+def test_fused_pooling_exports_to_onnx(case):
+    """The fused op exports (its forward as plain operations) and onnxruntime agrees."""
+    from _onnx import run_onnx
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 6 + i, 3, 4, generator=g).relu() for i in range(case["streams"])]
+    exported = torch.from_numpy(run_onnx(case["module"], *inputs))
+    torch.testing.assert_close(exported, case["module"](*inputs), rtol=1e-5, atol=1e-6)
+
+
 class TestNormModules:
     def test_signed_sqrt_module(self):
         x = torch.randn(3, 7)

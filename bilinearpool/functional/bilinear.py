@@ -349,8 +349,8 @@ def _whole_matrices(device: torch.device) -> bool:
     2-4x slower than the op-by-op chain. Off the CPU the op runs one batched product and
     one fused elementwise pass per step (:mod:`._elementwise`) instead.
 
-    Also on CPU while the op is traced (``torch.compile``, ``torch.jit.trace``, ONNX
-    export): the graph then holds one product and a few elementwise steps, which a
+    Also on CPU while the op is traced (``torch.compile``, ``torch.jit.trace``; ONNX export
+    records :func:`_export_forward` instead): the graph then holds one product and a few elementwise steps, which a
     compiler fuses, instead of the panel loop unrolled into thousands of operations
     (at ``8x2048x7x7`` torch.compile with Inductor took more than 6 minutes on that).
     """
@@ -387,6 +387,25 @@ def _whole_forward(
         index, weight = _triu_index(c1, g.device, g.dtype)
         out = g.index_select(1, index).mul_(weight)
     return out
+
+
+def _export_forward(
+    a: Tensor, b: Tensor, scale: float, eps: float | None, l2_eps: float | None, triu: bool
+) -> Tensor:
+    """The op's forward as out-of-place torch operations, for ONNX export: the same values
+    as :func:`_whole_forward` (``f(g) = g / (sqrt(|g| + eps) + sqrt(eps))``), written so
+    that the exporter, which does not follow in-place writes through views, records it."""
+    dtype = compute_dtype(a)
+    a_, b_ = a.to(dtype), b.to(dtype)
+    y = (torch.bmm(a_, b_.transpose(1, 2)) * scale).flatten(1)
+    if eps is not None:
+        y = y / (torch.sqrt(y.abs() + eps) + math.sqrt(eps))
+    if triu:
+        index, weight = _triu_block(0, a_.shape[1], a_.shape[1], y.device, dtype)  # constants
+        y = y.index_select(1, index) * weight
+    if l2_eps is not None:
+        y = y / y.norm(dim=1, keepdim=True).clamp_min(l2_eps)
+    return y
 
 
 def _whole_backward(
@@ -779,7 +798,11 @@ def fast_bilinear_pool(
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
     sqrt_eps, norm_eps = (eps if signed_sqrt else None), (l2_eps if l2_normalize else None)
     with no_autocast(a.device.type):
-        if b is None:
+        if torch.onnx.is_in_onnx_export():
+            # The exporter records the forward's operations (an autograd.Function has no ONNX
+            # form): the whole-matrix forward, which has no loop over panels.
+            out = _export_forward(a, a if b is None else b, scale, sqrt_eps, norm_eps, triu)
+        elif b is None:
             out = _FusedGram.apply(a, scale, sqrt_eps, norm_eps, triu)
         else:
             out = _FusedBilinear.apply(a, b, scale, sqrt_eps, norm_eps)
