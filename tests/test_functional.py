@@ -45,10 +45,11 @@ def naive_chain(x_a, x_b=None, *, triu=False, eps=FB.SIGNED_SQRT_EPS, sqrt=True,
     return l2_normalize(y) if l2 else y
 
 
-@pytest.fixture(params=["whole", "blocked", "blocked-dots", "matrices"])
+@pytest.fixture(params=["whole", "blocked", "blocked-dots", "blocked-rebuilt", "matrices"])
 def blocking(request, monkeypatch):
     """Run the fused op with whole samples or a few rows per block (CPU), the latter also
-    with a per-sample BLAS dot for every per-sample sum; or as off the CPU, on whole
+    with a per-sample BLAS dot for every per-sample sum, or with the backward keeping only
+    a few blocks between its sweeps (rebuilding the others); or as off the CPU, on whole
     matrices with the elementwise passes of ``_elementwise`` (torch ops)."""
     if request.param == "matrices":
         monkeypatch.setattr(FB, "_whole_matrices", lambda device: True)
@@ -56,7 +57,18 @@ def blocking(request, monkeypatch):
         monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
     if request.param == "blocked-dots":
         monkeypatch.setattr(FB, "_DOT_PER_SAMPLE_FROM", 1)
+    if request.param == "blocked-rebuilt":
+        monkeypatch.setattr(FB, "_KEEP_BYTES", 600)
     return request.param
+
+
+def test_keep_stops_at_its_budget_and_counts_views_as_free():
+    kept: list = []
+    room = FB._keep(kept, torch.zeros(10), 100)  # 40 bytes
+    room = FB._keep(kept, (torch.zeros(10), torch.zeros(20)[5:15]), room)  # 40 + a view
+    room = FB._keep(kept, torch.zeros(10), room)  # 40 bytes: no room left
+    assert room == 20 and kept[2] is None and kept[0] is not None and kept[1] is not None
+    assert FB._take(kept, 0) is not None and kept[0] is None and FB._take(None, 0) is None
 
 
 @pytest.mark.parametrize("dot_from", [1, 1 << 30], ids=["per-sample-dot", "vecdot"])

@@ -461,19 +461,18 @@ def _blocked_backward(
     def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
         return signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale), eps)
 
-    # With L2 normalisation the first sweep keeps its blocks for the second (transient:
-    # each is freed once used). Rebuilding them instead was slower at every N measured
-    # (3x3 to 28x28): the elementwise steps cost more than the product with K = N.
+    # With L2 normalisation the first sweep keeps its blocks for the second, up to
+    # _KEEP_BYTES (transient: each is freed once used); the rest are rebuilt.
     kept: list[Tensor | None] | None = None
     c, k = a_.new_zeros(batch), a_.new_ones(batch)
     if l2_eps is not None:
-        kept = []
+        kept, room = [], _KEEP_BYTES
         sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
         for b0, b1, r0, r1 in blocks:
             y = build(b0, b1, r0, r1)
             sq[b0:b1] += _rowdot(y, y)
             dot[b0:b1] += _rowdot(y, dz[b0:b1, r0:r1])
-            kept.append(y)
+            room = _keep(kept, y, room)
         c, k = _l2_grad_factors(sq, dot, l2_eps)
     # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor
     # s k / 2 goes into the block's elementwise step (no scaled copies of A and B).
@@ -626,11 +625,11 @@ class _FusedGram(torch.autograd.Function):
                     return _pack_panel(y, r0, r1, c), dz[b0:b1, _triu_offset(r0, c) : _triu_offset(r1, c)]
                 return y, square[b0:b1, r0:r1, r0:] + _transposed(square[b0:b1, r0:, r0:r1])  # type: ignore[index]
 
-            # The first sweep keeps its panels for the second (as in _blocked_backward).
+            # The first sweep keeps its panels for the second, up to _KEEP_BYTES.
             kept: list[tuple[Tensor, Tensor] | None] | None = None
             c_, k = a_.new_zeros(batch), a_.new_ones(batch)
             if l2_eps is not None:
-                kept = []
+                kept, room = [], _KEEP_BYTES
                 sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
                 for b0, b1, r0, r1 in panels:
                     y, dzs = build(b0, b1, r0, r1)
@@ -643,7 +642,7 @@ class _FusedGram(torch.autograd.Function):
                         w = r1 - r0
                         sq[b0:b1] += 2.0 * _rowdot(y, y) - y[:, :, :w].square().sum(dim=(1, 2))
                         dot[b0:b1] += _rowdot(y, dzs) - 0.5 * (y[:, :, :w] * dzs[:, :, :w]).sum(dim=(1, 2))
-                    kept.append((y, dzs))
+                    room = _keep(kept, (y, dzs), room)
                 c_, k = _l2_grad_factors(sq, dot, l2_eps)
             # Full output: S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G). Packed: each entry
             # w f(g) gets s k w (dz - c p) f'(g), and both of its factors get gradient.
@@ -681,6 +680,25 @@ class _FusedGram(torch.autograd.Function):
                     g[b0:b1, r0:r1].baddbmm_(dg, a_[b0:b1, r0:])
                     g[b0:b1, r1:].baddbmm_(dg[:, :, w:].transpose(1, 2), a_[b0:b1, r0:r1])
         return g.to(a.dtype), None, None, None, None
+
+
+#: Bytes of blocks the CPU backward keeps from its first sweep for its second; blocks
+#: beyond it are rebuilt. Keeping was faster at every N measured (3x3 to 28x28: the
+#: elementwise steps of a rebuild cost more than its product with K = N), so this only
+#: bounds the transient memory (the whole matrix at B=8, C=2048 takes 134 MB).
+_KEEP_BYTES = 1 << 28
+
+
+def _keep(kept: list[Any], entry: Tensor | tuple[Tensor, ...], room: int) -> int:
+    """Append ``entry`` (or ``None`` when its own memory exceeds ``room`` bytes) to ``kept``;
+    return the room left. Views of other tensors (slices of the incoming gradient) are free."""
+    parts = entry if isinstance(entry, tuple) else (entry,)
+    size = sum(t.numel() * t.element_size() for t in parts if t._base is None)
+    if size > room:
+        kept.append(None)
+        return room
+    kept.append(entry)
+    return room - size
 
 
 def _take(kept: list[Any] | None, i: int) -> Any:
