@@ -14,8 +14,9 @@ operation whose backward keeps only the input feature map(s) and recomputes the 
 from __future__ import annotations
 
 import functools
-from typing import Any
 import math
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -349,10 +350,11 @@ def _whole_matrices(device: torch.device) -> bool:
     2-4x slower than the op-by-op chain. Off the CPU the op runs one batched product and
     one fused elementwise pass per step (:mod:`._elementwise`) instead.
 
-    Also on CPU while the op is traced (``torch.compile``, ``torch.jit.trace``; ONNX export
-    records :func:`_export_forward` instead): the graph then holds one product and a few elementwise steps, which a
-    compiler fuses, instead of the panel loop unrolled into thousands of operations
-    (at ``8x2048x7x7`` torch.compile with Inductor took more than 6 minutes on that).
+    Also on CPU while the op is traced (``torch.compile``, ``torch.jit.trace``; ONNX
+    export records :func:`_export_forward` instead): the graph then holds one product and
+    a few elementwise steps, which a compiler fuses, instead of the panel loop unrolled
+    into thousands of operations (at ``8x2048x7x7`` torch.compile with Inductor took more
+    than 6 minutes on that).
     """
     return device.type != "cpu" or _elementwise.tracing()
 
@@ -403,9 +405,7 @@ def _export_forward(
     if triu:
         index, weight = _triu_block(0, a_.shape[1], a_.shape[1], y.device, dtype)  # constants
         y = y.index_select(1, index) * weight
-    if l2_eps is not None:
-        y = y / y.norm(dim=1, keepdim=True).clamp_min(l2_eps)
-    return y
+    return y if l2_eps is None else l2_normalize(y, eps=l2_eps)
 
 
 def _whole_backward(
@@ -553,8 +553,8 @@ class _FusedGram(torch.autograd.Function):
     matrix. The full output gets each panel and its mirror image; the packed output
     (``triu``) the panel's upper-triangle entries times the isometry weights. Only the
     input is saved; the backward rebuilds the panels (keeping them from its first sweep
-    for the second, transiently) and forms ``dA = S A`` with ``S = dG + dG^T`` symmetric, one product
-    for the panel's rows and one for the rows below it. That is the CPU algorithm; off the
+    for the second, transiently) and forms ``dA = S A`` with ``S = dG + dG^T`` symmetric,
+    one product for the panel's rows and one for the rows below it. That is the CPU algorithm; off the
     CPU the op works on whole matrices (:func:`_whole_matrices`).
     """
 
@@ -685,7 +685,7 @@ class _FusedGram(torch.autograd.Function):
 #: Bytes of blocks the CPU backward keeps from its first sweep for its second; blocks
 #: beyond it are rebuilt. Keeping was faster at every N measured (3x3 to 28x28: the
 #: elementwise steps of a rebuild cost more than its product with K = N), so this only
-#: bounds the transient memory (the whole matrix at B=8, C=2048 takes 134 MB).
+#: bounds the transient memory (the blocks kept at B=8, C=2048 take about 134 MB).
 _KEEP_BYTES = 1 << 28
 
 
@@ -818,7 +818,7 @@ def fast_bilinear_pool(
     with no_autocast(a.device.type):
         if torch.onnx.is_in_onnx_export():
             # The exporter records the forward's operations (an autograd.Function has no ONNX
-            # form): the whole-matrix forward, which has no loop over panels.
+            # form): whole matrices, out of place, no loop over panels.
             out = _export_forward(a, a if b is None else b, scale, sqrt_eps, norm_eps, triu)
         elif b is None:
             out = _FusedGram.apply(a, scale, sqrt_eps, norm_eps, triu)
