@@ -147,7 +147,11 @@ class TestCompactBilinearPool:
         torch.testing.assert_close(rm(x, y), naive_maclaurin(g, rm))
 
     @pytest.mark.parametrize("method", METHODS)
-    @settings(max_examples=4, deadline=None)
+    # derandomize: a 4-sigma bound on 400 heavy-tailed draws (kurtosis ~4.7 for Random
+    # Maclaurin) fails about once in a few hundred random inputs (c=8, seed=823, corr=0.75
+    # gave z = -4.1 at 400 draws and -0.65 at 4000: a fluctuation, not a bias), so the
+    # inputs are drawn from a fixed seed and the test gives the same answer every run.
+    @settings(max_examples=4, deadline=None, derandomize=True)
     @given(c=st.integers(2, 12), seed=st.integers(0, 2**16), corr=st.floats(-1, 1))
     def test_property_unbiased_kernel_estimate(self, method: str, c: int, seed: int, corr: float) -> None:
         # E <phi(x, x), phi(y, y)> = <x, y>^2 over the random projections.
