@@ -9,16 +9,21 @@
 # ends within BUDGET seconds (default 420); a failed or cut step does not stop the others:
 #   1. the device and versions;
 #   2. the CUDA tests (tests/test_cuda.py: GPU results against the CPU's);
-#   3. the layer benchmark, float32;
-#   4. the model benchmark at 224 px, float32;
-#   5. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
-#   6. layers and models again under autocast + channels-last;
-#   7. the Fast BCNN layer cases with torch ops instead of the Triton kernels (below);
-#   8. where a Fast BCNN model's inference time goes (benchmarks/profile_head.py);
-#   9. models at 197 and 448 px, float32, if time is left.
-# STEPS (default: all) picks steps by name: tests layers models sqrtm sketch amp eager profile res
-# ("eager": the Fast BCNN layer cases with BILINEARPOOL_TRITON=0, torch ops instead of the
-# Triton kernels), e.g. STEPS="tests layers models amp" for a rerun after a change.
+#   3. with BEFORE=DIR (a copy of an earlier commit's bilinearpool/ package in DIR): that
+#      code's Fast BCNN layer cases, into fp32-before/ (an A/B of a change on the same
+#      machine; each run's ratios are to its own naive chain);
+#   4. the layer benchmark, float32;
+#   5. host or device bound: the layer cases' host time and kernel count
+#      (benchmarks/profile_layer.py); where a Fast BCNN model's inference time goes
+#      (benchmarks/profile_head.py);
+#   6. the model benchmark at 224 px, float32;
+#   7. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
+#   8. layers and models again under autocast + channels-last;
+#   9. the Fast BCNN layer cases with torch ops instead of the Triton kernels ("eager",
+#      BILINEARPOOL_TRITON=0);
+#  10. models at 197 and 448 px, float32, if time is left.
+# STEPS (default: all) picks steps by name: tests before layers profile models sqrtm sketch
+# amp eager res, e.g. STEPS="tests layers models amp" for a rerun after a change.
 # After every step the results so far are packed into $OUT/gpu-results.tar.gz (unpack into
 # benchmarks/results/), so a run cut short still returns what finished; the whole log is
 # $OUT/gpu_check.log.
@@ -30,7 +35,7 @@ OUT=${OUT:-gpu-check-out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-420}
-STEPS=" ${STEPS:-tests layers models sqrtm sketch amp eager profile res} "
+STEPS=" ${STEPS:-tests before layers models sqrtm sketch amp eager profile res} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     QUICK=(--quick --shapes 2x64x7x7)
@@ -39,6 +44,7 @@ if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     SQRTM=(--channels 16 --repeats 1)
     SKETCH=(--shapes 2,64,7,7,256 --repeats 1)
     PROFILE=(--backbone resnet18 --batch-size 2 --resolution 64 --repeats 2 --warmup 1)
+    LAYER_PROFILE=(--shapes 2x64x7x7 --calls 5 --cprofile 2x64x7x7)
 else
     QUICK=()
     MODELS=(--resolutions 224)
@@ -46,6 +52,7 @@ else
     SQRTM=(--channels 64 256 512 --warmup 3 --repeats 10)
     SKETCH=(--repeats 5)
     PROFILE=(--batch-size 32)
+    LAYER_PROFILE=(--cprofile 32x256x14x14)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -82,7 +89,11 @@ mkdir -p "$RES"
 want tests && step 120 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
 
 BENCH=("$PY" -m bilinearpool.bench)
+FUSED=(--cases fast-bcnn fast-bcnn-triu bcnn-2stream)
+want before && [ -n "${BEFORE:-}" ] && PYTHONPATH="$BEFORE" step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" "${FUSED[@]}" --out "$RES/fp32-before" --no-progress
 want layers && step 90 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
+want profile && step 45 "$PY" benchmarks/profile_layer.py --device "$DEVICE" "${LAYER_PROFILE[@]}" --out "$RES/profile-layer.md"
+want profile && step 60 "$PY" benchmarks/profile_head.py --device "$DEVICE" "${PROFILE[@]}" --out "$RES/profile-head.md"
 want models && step 120 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
 [ -d "$RES/fp32" ] && step 60 "${BENCH[@]}" report "$RES/fp32" --out "$RES/fp32.md" --title "$NAME, float32"
 want sqrtm && step 60 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"
@@ -90,8 +101,7 @@ want sketch && step 60 "$PY" benchmarks/bench_tensor_sketch.py --device "$DEVICE
 want amp && step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
 want amp && step 90 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --amp --channels-last --out "$RES/amp-cl" --no-progress
 [ -d "$RES/amp-cl" ] && step 30 "${BENCH[@]}" report "$RES/amp-cl" --out "$RES/amp-cl.md" --title "$NAME, autocast (float16) and channels-last"
-want eager && BILINEARPOOL_TRITON=0 step 45 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --cases fast-bcnn fast-bcnn-triu bcnn-2stream --out "$RES/fp32-torch-ops" --no-progress
-want profile && step 60 "$PY" benchmarks/profile_head.py --device "$DEVICE" "${PROFILE[@]}" --out "$RES/profile-head.md"
+want eager && BILINEARPOOL_TRITON=0 step 45 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" "${FUSED[@]}" --out "$RES/fp32-torch-ops" --no-progress
 want res && step 120 "${BENCH[@]}" models --device "$DEVICE" "${MORE_RES[@]}" --out "$RES/fp32-197-448" --no-progress
 rm -rf "$OUT/results"
 echo "results: $OUT/gpu-results.tar.gz; log: $LOG ($SECONDS s)"

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         "pooling": run(lambda: fast.pool(features)),
         "classifier": run(lambda: fast.classifier(embedding)),
     }
+    # The classifier (WideLinear: a Triton kernel on CUDA for wide inputs) against the
+    # same product by F.linear (cuBLAS), the nn.Linear of earlier versions.
+    linear = fast.classifier
+    parts["classifier as F.linear"] = run(lambda: torch.nn.functional.linear(embedding, linear.weight, linear.bias))
     times = round_robin(parts, warmup=args.warmup, repeats=args.repeats, device=device)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     total = med["fast-bcnn model"]

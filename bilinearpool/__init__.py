@@ -26,6 +26,7 @@ from .models import (
     GlobalAvgPool,
     build_model,
 )
+from .linear import WideLinear
 from .lowrank import LowRankBilinearPool
 from .matrix_sqrt import MatrixSqrt
 from .norm import L2Normalize, SignedSqrt
@@ -50,6 +51,7 @@ __all__ = [
     "MatrixSqrt",
     "SEBlock",
     "SignedSqrt",
+    "WideLinear",
     "__version__",
     "build_backbone",
     "build_model",

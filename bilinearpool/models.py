@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor, WeightsArg, build_backbone
+from .linear import WideLinear
 from .pooling import BilinearPool, FastBilinearPool
 
 __all__ = [
@@ -157,7 +158,7 @@ class BilinearClassifier(nn.Module):
         self.pool = pool
         self.embedding_dim = _output_dim(pool, c_a, c_b)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(self.embedding_dim, num_classes)
+        self.classifier = WideLinear(self.embedding_dim, num_classes)
         self.num_classes = num_classes
 
     @staticmethod

@@ -44,16 +44,18 @@ def _value_and_grad(fn, inputs, weights):
 
 
 @pytest.mark.parametrize("two,triu", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("sqrt,l2", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, backend):
+def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, sqrt, l2, backend):
     """Values and gradients on the GPU (whole matrices; elementwise passes as Triton kernels
-    or as torch ops) equal the CPU's (panels)."""
+    or as torch ops) equal the CPU's (panels), with and without the square root and the
+    normalisation (300 channels: 22 partial sums per sample to add up)."""
     monkeypatch.setenv("BILINEARPOOL_TRITON", "1" if backend == "triton" else "0")
     assert _elementwise.backend(cuda) == backend
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 300, 6, 7, generator=g, dtype=torch.float64).relu()
     inputs = [x, torch.randn(3, 40, 6, 7, generator=g, dtype=torch.float64).relu()] if two else [x]
-    fn = lambda *xs: fast_bilinear_pool(*xs, triu=triu)  # noqa: E731
+    fn = lambda *xs: fast_bilinear_pool(*xs, triu=triu, signed_sqrt=sqrt, l2_normalize=l2)  # noqa: E731
     weights = torch.randn(fn(*inputs).shape, generator=g, dtype=torch.float64)
     out_cpu, g_cpu = _value_and_grad(fn, inputs, weights)
     out_gpu, g_gpu = _value_and_grad(fn, [t.to(cuda) for t in inputs], weights)
@@ -184,3 +186,28 @@ def test_bench_cli_on_cuda(cuda, tmp_path, capsys):
     fast = [r for r in rows if r["case"] == "fast-bcnn"]
     assert fast and fast[0]["peak_MiB"] is not None and fast[0]["fwd_bwd_ms"] > 0
     print(capsys.readouterr().out, file=sys.stderr)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32, 45])
+def test_wide_linear_matches_f_linear_on_gpu(cuda, rows):
+    """The Triton kernel (taken for this shape) against cuBLAS: values and gradients in
+    float32 and float64; under autocast it is F.linear itself."""
+    from bilinearpool.functional import linear as L
+
+    torch.manual_seed(0)
+    d = 300_000
+    # float32 sums of 300,000 products of unit normals (size ~550): rounding ~1e-3 absolute.
+    for dtype, tol in [(torch.float32, dict(rtol=1e-4, atol=5e-3)), (torch.float64, F64)]:
+        x = torch.randn(rows, d, device=cuda, dtype=dtype, requires_grad=True)
+        w = torch.randn(8, d, device=cuda, dtype=dtype, requires_grad=True)
+        b = torch.randn(8, device=cuda, dtype=dtype, requires_grad=True)
+        assert L._use_kernel(x, w, b)
+        out, ref = L.wide_linear(x, w, b), torch.nn.functional.linear(x, w, b)
+        torch.testing.assert_close(out, ref, **tol)
+        dz = torch.randn_like(out)
+        for a, c in zip(torch.autograd.grad(out, (x, w, b), dz), torch.autograd.grad(ref, (x, w, b), dz)):
+            torch.testing.assert_close(a, c, **tol)
+    x32, w32 = x.detach().float(), w.detach().float()
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert not L._use_kernel(x32, w32, None)
+        assert torch.equal(L.wide_linear(x32, w32), torch.nn.functional.linear(x32, w32))

@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="Triton is installed with torch's Linux whe
 
 CHECK = textwrap.dedent(
     """
+    import math
     import torch
     import bilinearpool.functional._elementwise as E
     import bilinearpool.functional.bilinear as FB
@@ -28,30 +29,50 @@ CHECK = textwrap.dedent(
 
     assert E._kernels() is not None, "the Triton kernels did not import"
     g = torch.Generator().manual_seed(0)
-    TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+    TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-11, atol=1e-13)}
+
+
+    def definition(x, eps, l2_eps, diag):
+        # The forward by its formula, out of place: f(g) = g / (sqrt(|g| + eps) + sqrt(eps)).
+        y = x / ((x.abs() + eps).sqrt() + math.sqrt(eps)) if eps is not None else x
+        if l2_eps is not None:
+            y = y / y.norm(dim=1, keepdim=True).clamp_min(l2_eps)
+        if diag is not None:
+            c = diag - 1
+            w = torch.full((c, c), math.sqrt(2.0), dtype=x.dtype).fill_diagonal_(1.0).flatten()
+            y = y * w
+        return y
+
+
     checked = 0
-    # Sizes below, at and above one block (4096 entries), several samples.
-    for dtype in (torch.float32, torch.float64):
-        for shape in [(1, 1), (3, 4095), (2, 4096), (3, 9000)]:
-            for eps in (None, 1e-5):
-                x = torch.randn(*shape, generator=g, dtype=dtype)
-                dz = torch.randn(*shape, generator=g, dtype=dtype)
-                c = torch.randn(shape[0], generator=g, dtype=dtype)
-                s = torch.rand(shape[0], generator=g, dtype=dtype)
-                x_before = x.clone()
-                torch.testing.assert_close(E.ssqrt_sumsq(x, eps, use="triton"), E.ssqrt_sumsq(x, eps, use="torch"), **TOL[dtype])
-                assert torch.equal(x, x_before), "ssqrt_sumsq changed its input"
-                got = E.ssqrt_scale_(x.clone(), s, eps, use="triton")
-                torch.testing.assert_close(got, E.ssqrt_scale_(x.clone(), s, eps, use="torch"), **TOL[dtype])
-                for got, want in zip(E.ssqrt_stats(x, dz, eps, use="triton"), E.ssqrt_stats(x, dz, eps, use="torch")):
+    # (block size, partials per step): the defaults, then tiny blocks and steps, so that
+    # the writing kernels add up many partials in several steps.
+    defaults = E._BLOCK, E._rblock
+    for block, rblock in [defaults, (128, lambda nparts: 4)]:
+        E._BLOCK, E._rblock = block, rblock
+        # Sizes below, at and above one block, several samples; square ones for diag.
+        for dtype in (torch.float32, torch.float64):
+            for shape, diag in [((1, 1), None), ((3, 4095), None), ((2, 4096), 65), ((3, 9025), 96), ((2, 1), 2)]:
+                for eps, l2_eps in [(None, 1e-10), (1e-5, None), (1e-5, 1e-10), (1e-5, 10.0), (None, None)]:
+                    x = torch.randn(*shape, generator=g, dtype=dtype)
+                    dz = torch.randn(*shape, generator=g, dtype=dtype)
+                    factor = 0.37
+                    got = E.normalize_(x.clone(), eps, l2_eps, diag=diag, use="triton")
+                    want = E.normalize_(x.clone(), eps, l2_eps, diag=diag, use="torch")
                     torch.testing.assert_close(got, want, **TOL[dtype])
-                assert torch.equal(x, x_before), "ssqrt_stats changed its input"
-                dz_before = dz.clone()
-                got = E.ssqrt_grad_(x.clone(), dz, c, eps, use="triton")
-                want = E.ssqrt_grad_(x.clone(), dz, c, eps, use="torch")
-                torch.testing.assert_close(got, want, **TOL[dtype])
-                assert torch.equal(dz, dz_before), "ssqrt_grad_ changed the incoming gradient"
-                checked += 1
+                    torch.testing.assert_close(want, definition(x, eps, l2_eps, diag), **TOL[dtype])
+                    dz_before = dz.clone()
+                    got = E.normalize_grad_(x.clone(), dz, eps, l2_eps, factor, diag=diag, use="triton")
+                    assert torch.equal(dz, dz_before), "normalize_grad_ changed the incoming gradient"
+                    want = E.normalize_grad_(x.clone(), dz, eps, l2_eps, factor, diag=diag, use="torch")
+                    assert torch.equal(dz, dz_before), "normalize_grad_ (torch) changed the incoming gradient"
+                    torch.testing.assert_close(got, want, **TOL[dtype])
+                    if dtype == torch.float64:
+                        xr = x.clone().requires_grad_()
+                        (ref,) = torch.autograd.grad(definition(xr, eps, l2_eps, diag), xr, dz)
+                        torch.testing.assert_close(want, factor * ref, rtol=1e-9, atol=1e-12)
+                    checked += 1
+    E._BLOCK, E._rblock = defaults
 
     # The whole op as on a GPU (whole matrices, Triton passes), against the definition.
     FB._whole_matrices = lambda device: True
@@ -80,11 +101,59 @@ CHECK = textwrap.dedent(
 )
 
 
+CHECK_LINEAR = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from bilinearpool.functional import linear as L
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+    for dtype in (torch.float32, torch.float64):
+        # rows below, at and above one tile of 32; features below one chunk and across programs
+        for rows, d, out in [(1, 5000, 1), (3, 70001, 8), (33, 9000, 5), (2, 4096, 64), (40, 3, 3)]:
+            x = torch.randn(rows, d, generator=g, dtype=dtype)
+            w = torch.randn(out, d, generator=g, dtype=dtype)
+            b = torch.randn(out, generator=g, dtype=dtype)
+            for bias in (b, None):
+                torch.testing.assert_close(L._forward(x, w, bias), F.linear(x, w, bias), **TOL[dtype])
+                checked += 1
+        # rows that are not contiguous with each other (a column slice)
+        x = torch.randn(4, 10000, generator=g, dtype=dtype)[:, :5000]
+        w = torch.randn(2, 5000, generator=g, dtype=dtype)
+        torch.testing.assert_close(L._forward(x, w, None), F.linear(x, w), **TOL[dtype])
+        checked += 1
+    # float16 inputs: summed in float32, returned in float16
+    x = torch.randn(5, 8000, generator=g).half()
+    w = torch.randn(3, 8000, generator=g).half()
+    got = L._forward(x, w, None)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=2e-3, atol=2e-2)
+    # gradients of the autograd function against F.linear's
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in [(3, 7000), (4, 7000), (4,)])
+    dz = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(L._WideLinear.apply(x, w, b), (x, w, b), dz)
+    want = torch.autograd.grad(F.linear(x, w, b), (x, w, b), dz)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+    print("checked", checked + 2)
+    """
+)
+
+
+def test_wide_linear_kernel_matches_f_linear():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECK_LINEAR], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["checked", str(2 * (5 * 2 + 1) + 2)], done.stdout
+
+
 def test_triton_kernels_match_torch_ops_and_the_definition():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["checked", str(2 * 4 * 2 + 9)], done.stdout
+    assert done.stdout.split() == ["checked", str(2 * 2 * 5 * 5 + 9)], done.stdout
 
 
 class _Broken:
@@ -159,23 +228,28 @@ def test_matrices_too_large_for_the_grid_take_torch_ops(monkeypatch):
 
     import bilinearpool.functional._elementwise as E
 
-    def no_launch(*args, **kwargs):
-        raise AssertionError("a Triton kernel was launched")
+    class NoLaunch:
+        def __getattr__(self, name):
+            raise AssertionError("a Triton kernel was launched")
 
-    monkeypatch.setattr(E, "_launch", no_launch)
+    monkeypatch.setattr(E, "_kernels", lambda: NoLaunch())
     monkeypatch.setattr(E, "_MAX_BLOCKS", 1)
     g = torch.randn(2, E._BLOCK + 1, dtype=torch.float64)  # two blocks per sample
-    want = E.ssqrt_sumsq(g, 1e-5, use="torch")
-    torch.testing.assert_close(E.ssqrt_sumsq(g, 1e-5, use="triton"), want)
+    dz = torch.randn_like(g)
+    torch.testing.assert_close(E.normalize_(g.clone(), 1e-5, 1e-10, use="triton"), E.normalize_(g.clone(), 1e-5, 1e-10, use="torch"))
+    want = E.normalize_grad_(g.clone(), dz, 1e-5, 1e-10, 0.5, use="torch")
+    torch.testing.assert_close(E.normalize_grad_(g.clone(), dz, 1e-5, 1e-10, 0.5, use="triton"), want)
     monkeypatch.setattr(E, "_MAX_BLOCKS", 2)
     with pytest.raises(AssertionError, match="launched"):
-        E.ssqrt_sumsq(g, 1e-5, use="triton")
+        E.normalize_(g.clone(), 1e-5, 1e-10, use="triton")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("eps", [None, 1e-10, 1e-5])
-def test_kernel_constants_are_made_once_in_the_matrix_dtype(dtype, eps):
-    """The kernels' eps and sqrt(eps): in the matrix's dtype, on its device, one tensor per key."""
+@pytest.mark.parametrize("l2_eps", [None, 1e-10])
+def test_kernel_constants_are_made_once_in_the_matrix_dtype(dtype, eps, l2_eps):
+    """The kernels' constants: in the matrix's dtype, on its device, one tensor per key;
+    the factor carries the 1/2 of the signed square root's derivative."""
     import math
 
     import torch
@@ -184,10 +258,12 @@ def test_kernel_constants_are_made_once_in_the_matrix_dtype(dtype, eps):
 
     dtype = getattr(torch, dtype)
     E._consts.cache_clear()
-    consts = E._consts(torch.device("cpu"), dtype, eps)
-    value = 0.0 if eps is None else eps
-    expected = torch.tensor([value, math.sqrt(value)], dtype=torch.float64).to(dtype)
+    consts = E._consts(torch.device("cpu"), dtype, eps, l2_eps, 0.25)
+    e = 0.0 if eps is None else eps
+    l2 = 0.0 if l2_eps is None else l2_eps
+    factor = 0.125 if eps is not None else 0.25
+    expected = torch.tensor([e, math.sqrt(e), l2, l2 * l2, factor, math.sqrt(2.0)], dtype=torch.float64).to(dtype)
     assert consts.dtype == dtype and consts.device.type == "cpu"
     torch.testing.assert_close(consts, expected, rtol=0, atol=0)
-    assert E._consts(torch.device("cpu"), dtype, eps) is consts
-    assert E._consts(torch.device("cpu"), torch.bfloat16, eps) is not consts
+    assert E._consts(torch.device("cpu"), dtype, eps, l2_eps, 0.25) is consts
+    assert E._consts(torch.device("cpu"), torch.bfloat16, eps, l2_eps, 0.25) is not consts

@@ -17,6 +17,7 @@ from .bilinear import (
     triu_unpack,
 )
 from .covariance import covariance_pool
+from .linear import wide_linear
 from .lowrank import low_rank_bilinear_pool
 from .sketch import random_maclaurin, tensor_sketch
 from .sqrtm import matrix_sqrt
@@ -35,4 +36,5 @@ __all__ = [
     "triu_pack",
     "triu_size",
     "triu_unpack",
+    "wide_linear",
 ]

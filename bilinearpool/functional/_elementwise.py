@@ -1,22 +1,27 @@
 """The elementwise steps of the fused BCNN op on whole matrices, one pass each.
 
 Off the CPU the fused op (:func:`~bilinearpool.functional.fast_bilinear_pool`) builds the
-whole ``(B, C1, C2)`` matrix ``G`` with one batched product and then needs a few
-elementwise passes over it, most with a per-sample reduction:
+whole ``(B, C1, C2)`` matrix ``G`` with one batched product and then needs two
+elementwise steps over it, each with a per-sample reduction before it can write:
 
-* forward: :func:`ssqrt_sumsq` (the sums of ``y**2``, ``y = f(g)``, not stored), then
-  :func:`ssqrt_scale_` (``g <- f(g) / |y|``);
-* backward: :func:`ssqrt_stats` (the sums of ``y**2`` and of ``y * dz``), then
-  :func:`ssqrt_grad_` (``g <- (dz - c y) f'(g)``, up to the constant 1/2);
+* forward, :func:`normalize_`: ``g <- f(g) / |f(g)|`` (the norm over the sample);
+* backward, :func:`normalize_grad_`: ``g <- factor * dL/dg``, the gradient of the forward
+  for an incoming gradient ``dz``, which needs the per-sample ``|y|`` and ``<y, dz>``;
 
 where ``f(g) = g / (sqrt(|g| + eps) + sqrt(eps))`` is the signed square root and
 ``f'(g) = 1 / (2 (|y| + sqrt(eps)))``; with ``eps=None`` there is no square root
-(``f(g) = g``, ``f' = 1``). Written with torch operations each of them is several kernels
-with full-size temporaries; on CUDA, when Triton is installed (it comes with torch's Linux
-CUDA wheels), each is a single Triton kernel that reads the matrix once (and writes it at
-most once), with per-block partial sums added afterwards in a fixed order (deterministic,
-no atomics). Set the environment variable ``BILINEARPOOL_TRITON=0`` to use the torch
-operations on CUDA as well.
+(``f(g) = g``, ``f' = 1``), with ``l2_eps=None`` no division by the norm. With ``diag``
+(``C + 1``) the matrix is square and will be packed to its upper triangle: the entries
+off the diagonal are weighted by ``sqrt(2)`` (the isometry weights; the forward's
+output and the backward's ``dz`` are weighted).
+
+Written with torch operations each step is a dozen kernels with full-size temporaries;
+on CUDA, when Triton is installed (it comes with torch's Linux CUDA wheels), each step
+is two Triton kernels: one reads the matrix and writes per-block partial sums, the
+second reads the matrix again, adds up its sample's partials itself (in a fixed order:
+deterministic, no atomics) and writes. No other kernel runs between them, which matters
+on small matrices, where the time is the host's launch cost. Set the environment
+variable ``BILINEARPOOL_TRITON=0`` to use the torch operations on CUDA as well.
 
 All inputs are ``(B, n)`` views of contiguous matrices in the compute dtype.
 """
@@ -35,11 +40,10 @@ from torch import Tensor
 __all__ = [
     "backend",
     "grad_from_y_",
+    "l2_grad_factors",
+    "normalize_",
+    "normalize_grad_",
     "signed_sqrt_",
-    "ssqrt_grad_",
-    "ssqrt_scale_",
-    "ssqrt_stats",
-    "ssqrt_sumsq",
     "tracing",
 ]
 
@@ -106,22 +110,46 @@ def grad_from_y_(y: Tensor, dz: Tensor, c: Tensor, eps: float | None, k: Tensor 
     return dg if k is None else dg.mul_(k.view(shape))
 
 
-def _torch_sumsq(g: Tensor, eps: float | None) -> Tensor:
-    y = signed_sqrt_(g.clone(), eps) if eps is not None else g
-    return torch.linalg.vecdot(y, y)
+def l2_grad_factors(sq: Tensor, dot: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
+    """Per-sample ``c, k`` of ``dL/dy = k (dz - c y)``, the backward of ``y -> y / max(|y|, l2_eps)``.
+
+    From the squared norms ``sq = |y|^2`` and the inner products ``dot = <y, dz>``.
+    """
+    norm = sq.sqrt()
+    c = torch.where(norm <= l2_eps, 0.0, dot / sq.clamp_min(l2_eps**2))
+    return c, 1.0 / norm.clamp_min(l2_eps)
 
 
-def _torch_scale_(g: Tensor, s: Tensor, eps: float | None) -> Tensor:
-    return signed_sqrt_(g, eps).mul_(s.unsqueeze(1))
+def _weigh(x: Tensor, diag: int) -> Tensor:
+    """``x`` (B, C*C) times the packed triangle's isometry weights: sqrt(2) off the diagonal."""
+    c = diag - 1
+    d = x.view(-1, c, c).diagonal(dim1=1, dim2=2)
+    kept = d.clone()
+    x.mul_(math.sqrt(2.0))
+    d.copy_(kept)
+    return x
 
 
-def _torch_stats(g: Tensor, dz: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:
-    y = signed_sqrt_(g.clone(), eps) if eps is not None else g
-    return torch.linalg.vecdot(y, y), torch.linalg.vecdot(y, dz)
+def _torch_normalize_(g: Tensor, eps: float | None, l2_eps: float | None, diag: int | None) -> Tensor:
+    y = signed_sqrt_(g, eps)
+    if l2_eps is not None:
+        y.div_(torch.linalg.vecdot(y, y).sqrt_().clamp_min_(l2_eps).unsqueeze(1))
+    return y if diag is None else _weigh(y, diag)
 
 
-def _torch_grad_(g: Tensor, dz: Tensor, c: Tensor, eps: float | None) -> Tensor:
-    return grad_from_y_(signed_sqrt_(g, eps), dz, c, eps)
+def _torch_normalize_grad_(
+    g: Tensor, dz: Tensor, eps: float | None, l2_eps: float | None, factor: float, diag: int | None
+) -> Tensor:
+    if diag is not None:
+        dz = _weigh(dz.clone(), diag)
+    y = signed_sqrt_(g, eps)
+    half = factor * (0.5 if eps is not None else 1.0)
+    if l2_eps is not None:
+        c, k = l2_grad_factors(torch.linalg.vecdot(y, y), torch.linalg.vecdot(y, dz), l2_eps)
+        return grad_from_y_(y, dz, c, eps, k.mul_(half))
+    if eps is None:
+        return y.copy_(dz).mul_(half)
+    return torch.div(dz, y.abs_().add_(math.sqrt(eps)), out=y).mul_(half)
 
 
 # -- Triton kernels (CUDA; also run by Triton's interpreter on CPU in the tests) -------------
@@ -129,7 +157,7 @@ def _torch_grad_(g: Tensor, dz: Tensor, c: Tensor, eps: float | None) -> Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> Any:
-    """The four kernels (compiled by Triton on first launch), or ``None`` without Triton."""
+    """The kernels (compiled by Triton on first launch), or ``None`` without Triton."""
     try:
         from . import _triton_kernels as k
     except ImportError:  # not installed: the torch operations do the same work
@@ -143,38 +171,44 @@ def _kernels() -> Any:
             stacklevel=2,
         )
         return None
-    return k.sumsq_kernel, k.scale_kernel, k.stats_kernel, k.grad_kernel
-
-
-def _launch(kernel: Any, g: Tensor, *args: Any, eps: float | None) -> None:
-    """Run ``kernel`` over the (B, n) matrix ``g``, one program per block of one sample."""
-    batch, n = g.shape
-    if batch == 0 or n == 0:
-        return
-    grid = (batch, _cdiv(n, _BLOCK))
-    consts = _consts(g.device, g.dtype, eps)
-    kernel[grid](g, *args, n, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
+    return k
 
 
 @functools.lru_cache(maxsize=64)
-def _consts(device: torch.device, dtype: torch.dtype, eps: float | None) -> Tensor:
-    """``eps`` and ``sqrt(eps)`` in the matrix dtype on its device, made once per
-    (device, dtype, eps): a Python float argument would reach a kernel as float32, and a
-    tensor made per launch costs two more kernel launches (or a host copy) each time."""
-    value = 0.0 if eps is None else float(eps)
-    return torch.tensor([value, math.sqrt(value)], dtype=dtype, device=device)
+def _consts(
+    device: torch.device, dtype: torch.dtype, eps: float | None, l2_eps: float | None = None, factor: float = 1.0
+) -> Tensor:
+    """The kernels' constants ``[eps, sqrt(eps), l2_eps, l2_eps**2, factor, sqrt(2)]`` in
+    the matrix dtype on its device (``factor`` with the 1/2 of ``f'`` when ``eps`` is
+    given), made once per set of values: a Python float argument would reach a kernel as
+    float32, and a tensor made per launch costs a host-to-device copy each time."""
+    e = 0.0 if eps is None else float(eps)
+    l2 = 0.0 if l2_eps is None else float(l2_eps)
+    f = factor * (0.5 if eps is not None else 1.0)
+    return torch.tensor([e, math.sqrt(e), l2, l2 * l2, f, math.sqrt(2.0)], dtype=dtype, device=device)
+
+
+def _flags(eps: float | None, l2_eps: float | None, diag: int | None) -> dict[str, Any]:
+    return dict(SQRT=eps is not None, L2=l2_eps is not None, TRIU=diag is not None)
+
+
+def _rblock(nparts: int) -> int:
+    """Partials read per step by the writing kernels: a power of two, at most 1024."""
+    return min(1024, 1 << max(0, nparts - 1).bit_length())
 
 
 def _cdiv(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def _check(g: Tensor, *others: Tensor) -> None:
+def _check(g: Tensor, *others: Tensor, diag: int | None = None) -> None:
     if g.dim() != 2 or not g.is_contiguous() or any(t.shape != g.shape or not t.is_contiguous() for t in others):
         raise ValueError(
             "expected contiguous (B, n) tensors of one shape, got "
             + ", ".join(f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (strided)'}" for t in (g, *others))
         )
+    if diag is not None and (diag - 1) ** 2 != g.shape[1]:
+        raise ValueError(f"diag={diag} needs (B, {(diag - 1) ** 2}) matrices (C = diag - 1 squared), got {tuple(g.shape)}")
 
 
 #: CUDA's limit on the second grid dimension: samples of more than 65535 blocks
@@ -193,55 +227,68 @@ def _partials(g: Tensor) -> Tensor:
 # -- public entry points -----------------------------------------------------------------------
 
 
-def ssqrt_sumsq(g: Tensor, eps: float | None, *, use: str | None = None) -> Tensor:
-    """Per-sample sums of ``f(g)**2``; ``g`` is left unchanged.
+def normalize_(
+    g: Tensor, eps: float | None, l2_eps: float | None, *, diag: int | None = None, use: str | None = None
+) -> Tensor:
+    """Overwrite ``g`` with ``y / max(|y|, l2_eps)``, ``y = f(g)``, the norm per sample
+    (``y`` without ``l2_eps``); with ``diag = C + 1``, then weighted for packing.
 
     Shape:
-        - g: :math:`(B, n)`, contiguous; output :math:`(B,)`.
+        - g: :math:`(B, n)`, contiguous (:math:`n = C^2` with ``diag``); output: ``g``.
     """
-    _check(g)
+    _check(g, diag=diag)
     if not _triton(g, use):
-        return _torch_sumsq(g, eps)
+        return _torch_normalize_(g, eps, l2_eps, diag)
+    batch, n = g.shape
+    if batch == 0 or n == 0 or (eps is None and l2_eps is None and diag is None):
+        return g
+    sumsq, normalize = _kernels().sumsq_kernel, _kernels().normalize_kernel
+    nparts = _cdiv(n, _BLOCK)
+    consts, grid = _consts(g.device, g.dtype, eps, l2_eps), (batch, nparts)
     sq = _partials(g)
-    _launch(_kernels()[0], g, sq, eps=eps)
-    return sq.sum(dim=1)
-
-
-def ssqrt_scale_(g: Tensor, s: Tensor, eps: float | None, *, use: str | None = None) -> Tensor:
-    """Overwrite ``g`` with ``f(g) * s``, one factor ``s`` per sample.
-
-    Shape:
-        - g: :math:`(B, n)`, contiguous; s: :math:`(B,)`; output: ``g``.
-    """
-    _check(g)
-    if not _triton(g, use):
-        return _torch_scale_(g, s, eps)
-    _launch(_kernels()[1], g, s.contiguous(), eps=eps)
+    if l2_eps is not None:
+        sumsq[grid](g, sq, n, nparts, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
+    normalize[grid](
+        g, sq, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
+        BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
+    )
     return g
 
 
-def ssqrt_stats(g: Tensor, dz: Tensor, eps: float | None, *, use: str | None = None) -> tuple[Tensor, Tensor]:
-    """Per-sample ``sum(f(g)**2)`` and ``sum(f(g) * dz)``; ``g`` is left unchanged.
+def normalize_grad_(
+    g: Tensor,
+    dz: Tensor,
+    eps: float | None,
+    l2_eps: float | None,
+    factor: float = 1.0,
+    *,
+    diag: int | None = None,
+    use: str | None = None,
+) -> Tensor:
+    """Overwrite ``g`` with ``factor`` times the gradient of :func:`normalize_` at ``g``
+    for the incoming gradient ``dz`` (of the weighted output with ``diag``); ``dz`` is
+    left unchanged.
 
     Shape:
-        - g, dz: :math:`(B, n)`, contiguous; outputs :math:`(B,)` each.
+        - g, dz: :math:`(B, n)`, contiguous; output: ``g``.
     """
-    _check(g, dz)
+    _check(g, dz, diag=diag)
     if not _triton(g, use):
-        return _torch_stats(g, dz, eps)
+        return _torch_normalize_grad_(g, dz, eps, l2_eps, factor, diag)
+    batch, n = g.shape
+    if batch == 0 or n == 0:
+        return g
+    stats, grad = _kernels().stats_kernel, _kernels().grad_kernel
+    nparts = _cdiv(n, _BLOCK)
+    consts, grid = _consts(g.device, g.dtype, eps, l2_eps, float(factor)), (batch, nparts)
     sq, dot = _partials(g), _partials(g)
-    _launch(_kernels()[2], g, dz, sq, dot, eps=eps)
-    return sq.sum(dim=1), dot.sum(dim=1)
-
-
-def ssqrt_grad_(g: Tensor, dz: Tensor, c: Tensor, eps: float | None, *, use: str | None = None) -> Tensor:
-    """Overwrite ``g`` with ``(dz - c y) / (|y| + sqrt(eps))``, ``y = f(g)`` (``dz - c y`` without eps).
-
-    Shape:
-        - g, dz: :math:`(B, n)`, contiguous; c: :math:`(B,)`; output: ``g``.
-    """
-    _check(g, dz)
-    if not _triton(g, use):
-        return _torch_grad_(g, dz, c, eps)
-    _launch(_kernels()[3], g, dz, c.contiguous(), eps=eps)
+    if l2_eps is not None:
+        stats[grid](
+            g, dz, sq, dot, n, nparts, diag or 1, consts,
+            SQRT=eps is not None, TRIU=diag is not None, BLOCK=_BLOCK, num_warps=_WARPS,
+        )
+    grad[grid](
+        g, dz, sq, dot, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
+        BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
+    )
     return g

@@ -1,10 +1,18 @@
 """Triton kernels of :mod:`bilinearpool.functional._elementwise` (imported only when used).
 
-Each program handles ``BLOCK`` consecutive entries of one sample (grid: samples x blocks)
-and writes its partial sums to ``(B, blocks)`` buffers, which the caller adds up.
+Each program handles ``BLOCK`` consecutive entries of one sample (grid: samples x
+``nparts`` blocks). The two reducing kernels write one partial sum per program to
+``(B, nparts)`` buffers; the two writing kernels of the same grid read them back and add
+up their sample's partials themselves, every program in the same fixed order (so all
+programs of a sample use the same total, and the result is deterministic): no kernel
+launches between the passes for the per-sample scalars.
+
 ``SQRT`` selects the signed square root ``f(g) = g / (sqrt(|g| + eps) + sqrt(eps))``;
-without it ``f(g) = g``. ``eps`` and ``sqrt(eps)`` are read from a two-entry tensor in the
-matrix's dtype (a Python float argument would reach the kernel as float32).
+without it ``f(g) = g``. ``L2`` the division by the per-sample norm. ``TRIU`` the
+isometry weights of the packed upper triangle: entries off the diagonal (``offs % diag
+!= 0`` with ``diag = C + 1``) times ``sqrt(2)``. The constants are read from a tensor in
+the matrix's dtype (a Python float argument would reach the kernel as float32):
+``[eps, sqrt(eps), l2_eps, l2_eps**2, factor, sqrt(2)]``.
 """
 
 import triton
@@ -12,63 +20,141 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_y(g_ptr, row, offs, mask, eps_ptr, SQRT: tl.constexpr):
+def _load_y(g_ptr, row, offs, mask, consts, SQRT: tl.constexpr):
     g = tl.load(g_ptr + row + offs, mask=mask, other=0.0)
     if SQRT:
-        g = g / (tl.sqrt(tl.abs(g) + tl.load(eps_ptr)) + tl.load(eps_ptr + 1))
+        g = g / (tl.sqrt(tl.abs(g) + tl.load(consts)) + tl.load(consts + 1))
     return g
 
 
 @triton.jit
-def sumsq_kernel(g_ptr, sq_ptr, n, eps_ptr, SQRT: tl.constexpr, BLOCK: tl.constexpr):
+def _weigh(x, offs, diag, consts):
+    """x times the packed triangle's isometry weight of each entry (1 on the diagonal, sqrt 2 off it)."""
+    return tl.where(offs % diag == 0, x, x * tl.load(consts + 5))
+
+
+@triton.jit
+def _total(part_ptr, b, nparts, RBLOCK: tl.constexpr):
+    """The sum of sample ``b``'s ``nparts`` partial sums, in a fixed order."""
+    acc = tl.zeros([RBLOCK], dtype=part_ptr.dtype.element_ty)
+    for start in range(0, nparts, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        acc += tl.load(part_ptr + b * nparts + idx, mask=idx < nparts, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def sumsq_kernel(g_ptr, sq_ptr, n, nparts, consts, SQRT: tl.constexpr, BLOCK: tl.constexpr):
     """Partial sums of f(g)^2; g unchanged."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
     row = b.to(tl.int64) * n
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    y = _load_y(g_ptr, row, offs, mask, eps_ptr, SQRT)
-    tl.store(sq_ptr + b * tl.num_programs(1) + pid, tl.sum(y * y, axis=0))
+    y = _load_y(g_ptr, row, offs, mask, consts, SQRT)
+    tl.store(sq_ptr + b * nparts + pid, tl.sum(y * y, axis=0))
 
 
 @triton.jit
-def scale_kernel(g_ptr, s_ptr, n, eps_ptr, SQRT: tl.constexpr, BLOCK: tl.constexpr):
-    """g <- f(g) * s_b."""
+def normalize_kernel(
+    g_ptr, sq_ptr, n, nparts, diag, consts,
+    SQRT: tl.constexpr, L2: tl.constexpr, TRIU: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """g <- f(g) / max(|f(g)|, l2_eps) (the norm from sumsq_kernel's partials), weighted with TRIU."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
     row = b.to(tl.int64) * n
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    y = _load_y(g_ptr, row, offs, mask, eps_ptr, SQRT)
-    tl.store(g_ptr + row + offs, y * tl.load(s_ptr + b), mask=mask)
+    y = _load_y(g_ptr, row, offs, mask, consts, SQRT)
+    if L2:
+        y = y / tl.maximum(tl.sqrt(_total(sq_ptr, b, nparts, RBLOCK)), tl.load(consts + 2))
+    if TRIU:
+        y = _weigh(y, offs, diag, consts)
+    tl.store(g_ptr + row + offs, y, mask=mask)
 
 
 @triton.jit
-def stats_kernel(g_ptr, dz_ptr, sq_ptr, dot_ptr, n, eps_ptr, SQRT: tl.constexpr, BLOCK: tl.constexpr):
-    """Partial sums of f(g)^2 and f(g) * dz; g unchanged."""
+def stats_kernel(
+    g_ptr, dz_ptr, sq_ptr, dot_ptr, n, nparts, diag, consts,
+    SQRT: tl.constexpr, TRIU: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Partial sums of f(g)^2 and f(g) * w dz (w: the TRIU weights, else 1); g unchanged."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
     row = b.to(tl.int64) * n
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    y = _load_y(g_ptr, row, offs, mask, eps_ptr, SQRT)
+    y = _load_y(g_ptr, row, offs, mask, consts, SQRT)
     dz = tl.load(dz_ptr + row + offs, mask=mask, other=0.0)
-    part = b * tl.num_programs(1) + pid
+    if TRIU:
+        dz = _weigh(dz, offs, diag, consts)
+    part = b * nparts + pid
     tl.store(sq_ptr + part, tl.sum(y * y, axis=0))
     tl.store(dot_ptr + part, tl.sum(y * dz, axis=0))
 
 
 @triton.jit
-def grad_kernel(g_ptr, dz_ptr, c_ptr, n, eps_ptr, SQRT: tl.constexpr, BLOCK: tl.constexpr):
-    """g <- (dz - c_b f(g)) / (|f(g)| + sqrt(eps)), or dz - c_b g without the square root."""
+def grad_kernel(
+    g_ptr, dz_ptr, sq_ptr, dot_ptr, n, nparts, diag, consts,
+    SQRT: tl.constexpr, L2: tl.constexpr, TRIU: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """g <- factor * dL/dg: k (w dz - c f(g)) / (|f(g)| + sqrt(eps)) with the L2 backward's
+    per-sample c and k from stats_kernel's partials (c = 0, k = 1 without L2); the 1/2 of
+    f' is in ``factor``; no division without SQRT."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
     row = b.to(tl.int64) * n
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    y = _load_y(g_ptr, row, offs, mask, eps_ptr, SQRT)
+    y = _load_y(g_ptr, row, offs, mask, consts, SQRT)
     dz = tl.load(dz_ptr + row + offs, mask=mask, other=0.0)
-    dg = dz - tl.load(c_ptr + b) * y
+    if TRIU:
+        dz = _weigh(dz, offs, diag, consts)
+    factor = tl.load(consts + 4)
+    if L2:
+        l2_eps = tl.load(consts + 2)
+        sq = _total(sq_ptr, b, nparts, RBLOCK)
+        dot = _total(dot_ptr, b, nparts, RBLOCK)
+        norm = tl.sqrt(sq)
+        c = tl.where(norm <= l2_eps, 0.0, dot / tl.maximum(sq, tl.load(consts + 3)))
+        dg = (dz - c * y) * (factor / tl.maximum(norm, l2_eps))
+    else:
+        dg = dz * factor
     if SQRT:
-        dg = dg / (tl.abs(y) + tl.load(eps_ptr + 1))
+        dg = dg / (tl.abs(y) + tl.load(consts + 1))
     tl.store(g_ptr + row + offs, dg, mask=mask)
+
+
+@triton.jit
+def wide_linear_kernel(
+    x_ptr, w_ptr, part_ptr, rows, d, stride_x, stride_w,
+    OUT: tl.constexpr, OUT_P2: tl.constexpr, BB: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
+    F64: tl.constexpr,
+):
+    """Partial products of ``x @ w.T`` for a wide ``x`` (rows x d) and a short ``w`` (OUT x d).
+
+    Program (p, r): rows r*BB.., columns p*STEPS*BLOCK_D.. (STEPS chunks); each x tile is
+    loaded once and multiplied with the OUT rows of w; the (BB, OUT) partial sums go to
+    ``part[p]`` (added up by the caller). Accumulates in float32 (float64 for float64).
+    """
+    pid = tl.program_id(0)
+    r = tl.program_id(1) * BB + tl.arange(0, BB)
+    outs = tl.arange(0, OUT_P2)
+    acc_dtype = tl.float64 if F64 else tl.float32
+    acc = tl.zeros([BB, OUT_P2], dtype=acc_dtype)
+    for step in range(STEPS):
+        cols = (pid * STEPS + step) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < d
+        x = tl.load(
+            x_ptr + r[:, None].to(tl.int64) * stride_x + cols[None, :], mask=(r[:, None] < rows) & cmask[None, :], other=0.0
+        ).to(acc_dtype)
+        for k in tl.static_range(OUT):
+            w = tl.load(w_ptr + k * stride_w + cols, mask=cmask, other=0.0).to(acc_dtype)
+            s = tl.sum(x * w[None, :], axis=1)
+            acc += tl.where(outs[None, :] == k, s[:, None], 0.0)
+    tl.store(
+        part_ptr + (pid * rows + r[:, None]).to(tl.int64) * OUT + outs[None, :],
+        acc,
+        mask=(r[:, None] < rows) & (outs[None, :] < OUT),
+    )

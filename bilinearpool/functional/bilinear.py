@@ -331,17 +331,6 @@ def _rowdot(x: Tensor, y: Tensor) -> Tensor:
     return torch.linalg.vecdot(x, y)
 
 
-def _l2_grad_factors(sq: Tensor, dot: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
-    """Per-sample ``c, k`` of ``dL/dy = k (dz - c y)``, the backward of ``y -> y / max(|y|, l2_eps)``.
-
-    From the squared norms ``sq = |y|^2`` and the inner products ``dot = <y, dz>``.
-    """
-    norm = sq.sqrt()
-    clamped = norm <= l2_eps
-    c = torch.where(clamped, 0.0, dot / norm.square().clamp_min(l2_eps**2))
-    return c, 1.0 / norm.clamp_min(l2_eps)
-
-
 def _whole_matrices(device: torch.device) -> bool:
     """Whether the fused op builds whole ``(B, C1, C2)`` matrices (off CPU) rather than panels.
 
@@ -359,36 +348,38 @@ def _whole_matrices(device: torch.device) -> bool:
     return device.type != "cpu" or _elementwise.tracing()
 
 
-def _triu_index(c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Flat indices of the upper triangle of a c x c matrix and their isometry weights, on ``device``.
+def _triu_index(c: int, device: torch.device) -> Tensor:
+    """Flat indices of the upper triangle of a c x c matrix, on ``device``, made once per
+    (c, device) (16 MiB at c = 2048; the four most recent are kept; made afresh while
+    traced, where the graph holds the op that makes them).
 
     The whole-matrix path's counterpart of :func:`_triu_block`: made on the device by
     ``torch.triu_indices`` rather than in numpy and copied from the host, which on a GPU
-    cost a host-to-device copy of C(C+1)/2 indices per call.
+    cost a host-to-device copy of C(C+1)/2 indices per call; the isometry weights are
+    applied by the elementwise steps (``diag``).
     """
+    return _make_triu_index(c, device) if _elementwise.tracing() else _cached_triu_index(c, device)
+
+
+def _make_triu_index(c: int, device: torch.device) -> Tensor:
     r, col = torch.triu_indices(c, c, device=device)
-    one, root2 = (torch.tensor(v, dtype=dtype, device=device) for v in (1.0, math.sqrt(2.0)))
-    weight = torch.where(r == col, one, root2)
-    return r * c + col, weight
+    return r * c + col
+
+
+_cached_triu_index = functools.lru_cache(maxsize=4)(_make_triu_index)
 
 
 def _whole_forward(
     a_: Tensor, b_: Tensor, scale: float, eps: float | None, l2_eps: float | None, triu: bool
 ) -> Tensor:
-    """``l2(ssqrt(s a b^T))``: one product, then one pass for the norms and one that writes."""
+    """``l2(ssqrt(s a b^T))``: one product, then one pass for the norms and one that writes
+    (:func:`._elementwise.normalize_`); with ``triu``, the weighted triangle gathered."""
     batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
     out = a_.new_empty(batch, c1 * c2)
     g = _scaled_bmm(a_, b_.transpose(1, 2), scale, out=out.view(batch, c1, c2)).view(batch, c1 * c2)
-    if l2_eps is not None:
-        # The isometry weights make the packed triangle's norm the full matrix's.
-        inv = _elementwise.ssqrt_sumsq(g, eps).sqrt_().clamp_min_(l2_eps).reciprocal_()
-        _elementwise.ssqrt_scale_(g, inv, eps)
-    elif eps is not None:
-        _elementwise.ssqrt_scale_(g, g.new_ones(batch), eps)
-    if triu:
-        index, weight = _triu_index(c1, g.device, g.dtype)
-        out = g.index_select(1, index).mul_(weight)
-    return out
+    # The isometry weights make the packed triangle's norm the full matrix's.
+    _elementwise.normalize_(g, eps, l2_eps, diag=c1 + 1 if triu else None)
+    return g.index_select(1, _triu_index(c1, g.device)) if triu else out
 
 
 def _export_forward(
@@ -418,29 +409,24 @@ def _whole_backward(
     needs: tuple[bool, bool],
     triu: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of :func:`_whole_forward` for A (and B): one product to rebuild G, two
-    elementwise passes, and the products with dG (``dG A + dG^T A`` for one stream)."""
+    """Gradients of :func:`_whole_forward` for A (and B): one product to rebuild G, one
+    elementwise step (:func:`._elementwise.normalize_grad_`, which also applies the scale
+    ``s``), and the products with dG (``dG A + dG^T A`` for one stream)."""
     one = b_ is None
     b_ = a_ if b_ is None else b_
     batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
     g = _scaled_bmm(a_, b_.transpose(1, 2), scale).view(batch, c1 * c2)
     if triu:
-        # The packed output is P(Y) with P linear; the full-matrix formulas apply to P^T dz.
-        index, weight = _triu_index(c1, g.device, g.dtype)
-        dz = g.new_zeros(batch, c1 * c2).index_copy_(1, index, dz * weight)
+        # The packed output is P(W Y) with P a selection, W the weights; the full-matrix
+        # formulas apply to W P^T dz (W applied by the elementwise step).
+        dz = g.new_zeros(batch, c1 * c2).index_copy_(1, _triu_index(c1, g.device), dz)
     else:
         dz = dz.reshape(batch, c1 * c2).contiguous()
-    c, k = g.new_zeros(batch), g.new_ones(batch)
-    if l2_eps is not None:
-        sq, dot = _elementwise.ssqrt_stats(g, dz, eps)
-        c, k = _l2_grad_factors(sq, dot, l2_eps)
-    dg = _elementwise.ssqrt_grad_(g, dz, c, eps).view(batch, c1, c2)
-    coef = (k * (scale * (0.5 if eps is not None else 1.0))).view(-1, 1, 1)
+    dg = _elementwise.normalize_grad_(g, dz, eps, l2_eps, scale, diag=c1 + 1 if triu else None).view(batch, c1, c2)
     if one:
-        a_c = a_ * coef
-        return torch.bmm(dg, a_c).baddbmm_(dg.transpose(1, 2), a_c), None
-    g_a = torch.bmm(dg, b_ * coef) if needs[0] else None
-    g_b = torch.bmm(dg.transpose(1, 2), a_ * coef) if needs[1] else None
+        return torch.bmm(dg, a_).baddbmm_(dg.transpose(1, 2), a_), None
+    g_a = torch.bmm(dg, b_) if needs[0] else None
+    g_b = torch.bmm(dg.transpose(1, 2), a_) if needs[1] else None
     return g_a, g_b
 
 
@@ -473,7 +459,7 @@ def _blocked_backward(
             sq[b0:b1] += _rowdot(y, y)
             dot[b0:b1] += _rowdot(y, dz[b0:b1, r0:r1])
             room = _keep(kept, y, room)
-        c, k = _l2_grad_factors(sq, dot, l2_eps)
+        c, k = _elementwise.l2_grad_factors(sq, dot, l2_eps)
     # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor
     # s k / 2 goes into the block's elementwise step (no scaled copies of A and B).
     coef = k * (scale * (0.5 if eps is not None else 1.0))
@@ -643,7 +629,7 @@ class _FusedGram(torch.autograd.Function):
                         sq[b0:b1] += 2.0 * _rowdot(y, y) - y[:, :, :w].square().sum(dim=(1, 2))
                         dot[b0:b1] += _rowdot(y, dzs) - 0.5 * (y[:, :, :w] * dzs[:, :, :w]).sum(dim=(1, 2))
                     room = _keep(kept, (y, dzs), room)
-                c_, k = _l2_grad_factors(sq, dot, l2_eps)
+                c_, k = _elementwise.l2_grad_factors(sq, dot, l2_eps)
             # Full output: S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G). Packed: each entry
             # w f(g) gets s k w (dz - c p) f'(g), and both of its factors get gradient.
             # f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor s k / 2 goes into the

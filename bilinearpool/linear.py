@@ -1,0 +1,34 @@
+"""The classifier layer for bilinear features: ``nn.Linear`` made fast for very wide inputs."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .functional.linear import wide_linear
+
+__all__ = ["WideLinear"]
+
+
+class WideLinear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`~bilinearpool.functional.wide_linear`.
+
+    Same parameters, initialisation and ``state_dict`` as ``nn.Linear`` (a checkpoint of
+    one loads into the other); on CUDA, for inputs of at least 32768 features and at most
+    64 outputs (a classifier on bilinear features), the product runs as one Triton kernel
+    instead of cuBLAS, which handles this shape poorly; elsewhere it is ``nn.Linear``.
+    The classifiers of :mod:`bilinearpool` (:class:`~bilinearpool.FastBCNN` and the
+    others) use it.
+
+    Shape:
+        - Input: :math:`(*, \\text{in\\_features})`; output: :math:`(*, \\text{out\\_features})`.
+
+    Examples:
+        >>> layer = WideLinear(40000, 8)
+        >>> layer(torch.randn(2, 40000)).shape
+        torch.Size([2, 8])
+        >>> isinstance(layer, nn.Linear)
+        True
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return wide_linear(x, self.weight, self.bias)
