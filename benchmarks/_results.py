@@ -34,3 +34,13 @@ def emit(
         (out / "results.md").write_text(f"Command: `{command}`\n\n{table}\n")
         print(f"\nResults written to {out}/results.csv, results.json and results.md")
     return table
+
+
+def report(lines: Sequence[str], out: Path | None) -> int:
+    """Print ``lines`` as one text and, with ``out``, write it to that file; returns 0 (an exit status)."""
+    text = "\n".join(lines)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return 0

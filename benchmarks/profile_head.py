@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bilinearpool import FastBCNN, GAPClassifier  # noqa: E402
+from _results import report  # noqa: E402
 from bilinearpool.bench import round_robin  # noqa: E402
 
 
@@ -94,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     lines += ["Head (pooling + classifier), 5 batches, torch.profiler:", "", "```",
               prof.key_averages().table(sort_by=key, row_limit=20), "```"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return report(lines, args.out)
 
 
 if __name__ == "__main__":

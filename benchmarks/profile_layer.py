@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bilinearpool import BilinearPool, FastBilinearPool  # noqa: E402
+from _results import report  # noqa: E402
 from bilinearpool.bench import matmul_floor, naive_bilinear_chain, synchronize  # noqa: E402
 
 CASES = {
@@ -121,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], flush=True)
     if args.cprofile:
         lines += ["", _host_profile(args.cprofile, device, args.calls)]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return report(lines, args.out)
 
 
 if __name__ == "__main__":

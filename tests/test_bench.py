@@ -432,3 +432,35 @@ class TestCommandLine:
         )
         assert proc.returncode == 0, proc.stderr
         assert "bilinearpool-bench" in proc.stdout
+
+
+class TestProfileScripts:
+    """benchmarks/profile_layer.py and profile_head.py (run by gpu_check.sh) on CPU, tiny settings."""
+
+    ROOT = Path(__file__).resolve().parents[1]
+
+    def _run(self, script: str, *args: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, str(self.ROOT / "benchmarks" / script), "--device", "cpu", *args],
+            check=False, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def test_profile_layer_lists_every_case_and_the_host_profile(self, tmp_path):
+        out = tmp_path / "layer.md"
+        self._run("profile_layer.py", "--shapes", "2x16x3x3", "--calls", "2", "--cprofile", "2x16x3x3", "--out", str(out))
+        text = out.read_text()
+        for case in ("naive", "matmul-floor", "fast-bcnn", "fast-bcnn-triu", "bcnn-2stream"):
+            assert f"| 2x16x3x3 | {case} |" in text
+        assert "cProfile by own time" in text and "ncalls" in text
+
+    def test_profile_head_times_the_parts(self, tmp_path):
+        out = tmp_path / "head.md"
+        self._run(
+            "profile_head.py", "--backbone", "resnet18", "--batch-size", "1", "--resolution", "32",
+            "--repeats", "1", "--warmup", "0", "--out", str(out),
+        )
+        text = out.read_text()
+        for part in ("plain model", "fast-bcnn model", "backbone", "pooling", "classifier", "classifier as F.linear"):
+            assert f"| {part} |" in text
+        assert "embedding (1, 262144)" in text  # resnet18: 512 channels
