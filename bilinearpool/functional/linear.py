@@ -10,9 +10,13 @@ pooling itself; splitting the inner dimension into a batched product did not hel
 one Triton kernel (each program multiplies a tile of ``x``, up to 32 rows, with the few
 weight rows and writes its partial sums, added up afterwards in a fixed order:
 deterministic): 0.73 ms GPU time there, 0.92 ms against F.linear's 1.31 ms per call
-(``benchmarks/results/gpu-h200/profile-head.md``). It is used for float32 (and float64)
-on CUDA; under autocast and in half precision, where it was not measured faster, and
-elsewhere, it is ``F.linear``.
+(``benchmarks/results/gpu-h200/profile-head.md``). On CPU the BLAS library does
+no better (8 classes, 4,194,304 features, one thread on the 2-core machine: 57 ms for a
+batch of 8 in ``F.linear``): there the features are cut into chunks of 65536 and
+multiplied as one batched product whose chunk results are summed (35 ms; 0.5x-0.7x of
+``F.linear`` at batches of 2-32, equal at batch 1). Both paths are for float32 and
+float64; under autocast, in half precision, while traced (``torch.compile``, export) and
+on other devices it is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ _WARPS = 8
 
 
 def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, fast on CUDA when ``x`` is very wide and the output short.
+    """``F.linear(x, weight, bias)``, faster when ``x`` is very wide and the output short.
 
-    Values and gradients equal ``F.linear``'s up to the order of the additions (the
-    kernel sums in the input's dtype, float32 or float64, then adds the programs' partial
-    sums). The kernel runs for float32 and float64 CUDA inputs of at least 32768 features
-    and at most 64 outputs, outside autocast; everything else goes to ``F.linear``.
+    Values and gradients equal ``F.linear``'s up to the order of the additions. For
+    float32 and float64 inputs of at least 32768 features and at most 64 outputs: on
+    CUDA one Triton kernel (partial sums in the input's dtype, added up in a fixed
+    order), on CPU a batched product over chunks of the features; everything else
+    (autocast, half precision, tracing, other devices, other shapes) is ``F.linear``.
 
     Args:
         x: input, features last.
@@ -53,35 +58,60 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
     Examples:
         >>> x, w, b = torch.randn(2, 40000), torch.randn(3, 40000), torch.randn(3)
-        >>> torch.allclose(wide_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+        >>> torch.allclose(wide_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4)
         True
     """
-    if not _use_kernel(x, weight, bias):
+    path = _path(x, weight, bias)
+    if path is None:
         return F.linear(x, weight, bias)
-    out = _WideLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    out = _WideLinear.apply(flat, weight, bias) if path == "triton" else _chunked(flat, weight, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _use_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if x.device.type != "cuda" or x.dim() == 0 or weight.dim() != 2:
-        return False
+def _path(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    """``"triton"``, ``"chunks"`` or ``None`` (F.linear) for these arguments."""
+    if x.device.type not in ("cuda", "cpu") or x.dim() == 0 or weight.dim() != 2:
+        return None
     out, d = weight.shape
-    if d < WIDE_MIN_FEATURES or out > WIDE_MAX_OUTPUTS:
-        return False
-    if torch.is_autocast_enabled("cuda"):
-        return False  # autocast's half-precision F.linear (cuBLAS, tensor cores)
-    dtypes_ok = x.dtype in _DTYPES and all(t.dtype == x.dtype for t in (weight,) + (() if bias is None else (bias,)))
-    return (
-        dtypes_ok
-        and x.shape[-1] == d
-        and (bias is None or bias.shape == (out,))
-        and out * d < 2**31
-        and x.device == weight.device
-        and _elementwise.backend(x.device) == "triton"
-    )
+    if d < WIDE_MIN_FEATURES or out > WIDE_MAX_OUTPUTS or x.shape[-1] != d or x.device != weight.device:
+        return None
+    if x.dtype not in _DTYPES or any(t.dtype != x.dtype for t in (weight,) + (() if bias is None else (bias,))):
+        return None
+    if (bias is not None and bias.shape != (out,)) or torch.is_autocast_enabled(x.device.type):
+        return None  # autocast: its half-precision F.linear
+    if _elementwise.tracing():
+        return None  # graphs and exports keep a plain linear layer
+    if x.device.type == "cpu":
+        return "chunks"
+    return "triton" if out * d < 2**31 and _elementwise.backend(x.device) == "triton" else None
+
+
+def _use_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`wide_linear` runs the Triton kernel for these arguments."""
+    return _path(x, weight, bias) == "triton"
 
 
 _DTYPES = (torch.float32, torch.float64)
+
+#: Features per chunk of the CPU path.
+_CHUNK = 1 << 16
+
+
+def _chunked(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` for a 2-D ``x`` as a batched product over feature chunks
+    (views, no copies, when rows are contiguous), then the sum over chunks; differentiable."""
+    d = x.shape[1]
+    n = d // _CHUNK * _CHUNK
+    xs = x[:, :n].reshape(x.shape[0], -1, _CHUNK).transpose(0, 1)  # (chunks, B, _CHUNK)
+    ws = weight[:, :n].reshape(weight.shape[0], -1, _CHUNK).permute(1, 2, 0)  # (chunks, _CHUNK, out)
+    if n == 0:
+        out = x.mm(weight.t())
+    else:
+        out = torch.bmm(xs, ws).sum(0)
+        if n < d:
+            out = out.addmm(x[:, n:], weight[:, n:].t())
+    return out if bias is None else out + bias
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
