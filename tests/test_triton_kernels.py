@@ -133,7 +133,7 @@ CHECK_LINEAR = textwrap.dedent(
     # gradients of the autograd function against F.linear's
     x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in [(3, 7000), (4, 7000), (4,)])
     dz = torch.randn(3, 4, generator=g, dtype=torch.float64)
-    got = torch.autograd.grad(L._WideLinear.apply(x, w, b), (x, w, b), dz)
+    got = torch.autograd.grad(L._WideLinear.apply(x, w, b, True), (x, w, b), dz)
     want = torch.autograd.grad(F.linear(x, w, b), (x, w, b), dz)
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)

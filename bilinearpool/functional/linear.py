@@ -64,8 +64,7 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     path = _path(x, weight, bias)
     if path is None:
         return F.linear(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1])
-    out = _WideLinear.apply(flat, weight, bias) if path == "triton" else _chunked(flat, weight, bias)
+    out = _WideLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, path == "triton")
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -100,7 +99,9 @@ _CHUNK = 1 << 16
 
 def _chunked(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` for a 2-D ``x`` as a batched product over feature chunks
-    (views, no copies, when rows are contiguous), then the sum over chunks; differentiable."""
+    (views, no copies, when rows are contiguous), then the sum over chunks. Not for
+    autograd (its backward through the chunks is 2x slower than F.linear's): see
+    :class:`_WideLinear`."""
     d = x.shape[1]
     n = d // _CHUNK * _CHUNK
     xs = x[:, :n].reshape(x.shape[0], -1, _CHUNK).transpose(0, 1)  # (chunks, B, _CHUNK)
@@ -140,13 +141,14 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _WideLinear(torch.autograd.Function):
-    """Forward by the kernel; backward as ``F.linear``'s (two products and a sum)."""
+    """Forward by the Triton kernel (``triton``) or the chunked product; backward as
+    ``F.linear``'s (two products and a sum)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, triton: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _forward(x, weight, bias)
+        return _forward(x, weight, bias) if triton else _chunked(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -154,4 +156,4 @@ class _WideLinear(torch.autograd.Function):
         gx = grad.mm(weight) if ctx.needs_input_grad[0] else None
         gw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return gx, gw, gb, None
