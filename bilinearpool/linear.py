@@ -13,9 +13,11 @@ class WideLinear(nn.Linear):
     """``nn.Linear`` whose forward is :func:`~bilinearpool.functional.wide_linear`.
 
     Same parameters, initialisation and ``state_dict`` as ``nn.Linear`` (a checkpoint of
-    one loads into the other); on CUDA, for inputs of at least 32768 features and at most
-    64 outputs (a classifier on bilinear features), the product runs as one Triton kernel
-    instead of cuBLAS, which handles this shape poorly; elsewhere it is ``nn.Linear``.
+    one loads into the other). For float32 inputs of at least 32768 features and at most
+    64 outputs (a classifier on bilinear features) the forward product runs as one Triton
+    kernel on CUDA and as a batched product over feature chunks on CPU, where cuBLAS and
+    the CPU's BLAS handle this shape poorly (:func:`~bilinearpool.functional.wide_linear`);
+    otherwise it is ``nn.Linear``.
     The classifiers of :mod:`bilinearpool` (:class:`~bilinearpool.FastBCNN` and the
     others) use it.
 
