@@ -92,3 +92,12 @@ def test_classifiers_use_wide_linear():
     for model in (FastBCNN(conv, num_classes=3), GAPClassifier(conv, num_classes=3)):
         assert type(model.classifier) is WideLinear
         assert model.classifier.in_features == model.embedding_dim
+
+
+def test_exports_to_onnx_as_a_plain_linear_layer():
+    """While exported the layer is F.linear: the exported model runs in onnxruntime."""
+    from _onnx import run_onnx
+
+    torch.manual_seed(0)
+    layer, x = WideLinear(WIDE + 5, 3), torch.randn(2, WIDE + 5)
+    torch.testing.assert_close(torch.from_numpy(run_onnx(layer, x)), layer(x), rtol=1e-4, atol=1e-4)
