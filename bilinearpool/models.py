@@ -1,7 +1,8 @@
 """Classifiers that put a pooling head on any backbone: BCNN, Fast BCNN and the plain baseline.
 
 All share one shape: backbone(s) -> optional channel reduction -> pooling ->
-optional dropout -> ``nn.Linear``. They expose the pieces that analysis needs:
+optional dropout -> a linear classifier (:class:`~bilinearpool.WideLinear`, an
+``nn.Linear``). They expose the pieces that analysis needs:
 :meth:`~BilinearClassifier.forward_features` (the feature map),
 :meth:`~BilinearClassifier.forward_embedding` (pre-logits, e.g. for t-SNE),
 :attr:`~BilinearClassifier.gradcam_layer` (the module whose output is the last feature
@@ -194,7 +195,7 @@ class BilinearClassifier(nn.Module):
 class FastBCNN(BilinearClassifier):
     """One-stream bilinear CNN, the "Fast BCNN" of Liu, Juhas & Zhang (2020).
 
-    ``backbone -> FastBilinearPool (pool + signed sqrt + L2, fused) -> Linear``: one
+    ``backbone -> FastBilinearPool (pool + signed sqrt + L2, fused) -> WideLinear``: one
     network pooled with itself, about half the cost of the two-stream :class:`BCNN`.
 
     Args:
