@@ -16,14 +16,16 @@
 #   5. host or device bound: the layer cases' host time and kernel count
 #      (benchmarks/profile_layer.py); where a Fast BCNN model's inference time goes
 #      (benchmarks/profile_head.py);
-#   6. the model benchmark at 224 px, float32;
-#   7. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
-#   8. layers and models again under autocast + channels-last;
-#   9. the Fast BCNN layer cases with torch ops instead of the Triton kernels ("eager",
+#   6. the classifier's product: F.linear, the library's kernel and two candidate kernels
+#      (benchmarks/bench_wide_linear.py, "wide");
+#   7. the model benchmark at 224 px, float32;
+#   8. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
+#   9. layers and models again under autocast + channels-last;
+#  10. the Fast BCNN layer cases with torch ops instead of the Triton kernels ("eager",
 #      BILINEARPOOL_TRITON=0);
-#  10. models at 197 and 448 px, float32, if time is left.
-# STEPS (default: all) picks steps by name: tests before layers profile models sqrtm sketch
-# amp eager res, e.g. STEPS="tests layers models amp" for a rerun after a change.
+#  11. models at 197 and 448 px, float32, if time is left.
+# STEPS (default: all) picks steps by name: tests before layers profile wide models sqrtm
+# sketch amp eager res, e.g. STEPS="tests layers models amp" for a rerun after a change.
 # After every step the results so far are packed into $OUT/gpu-results.tar.gz (unpack into
 # benchmarks/results/), so a run cut short still returns what finished; the whole log is
 # $OUT/gpu_check.log.
@@ -35,7 +37,7 @@ OUT=${OUT:-gpu-check-out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-420}
-STEPS=" ${STEPS:-tests before layers models sqrtm sketch amp eager profile res} "
+STEPS=" ${STEPS:-tests before layers profile wide models sqrtm sketch amp eager res} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     QUICK=(--quick --shapes 2x64x7x7)
@@ -45,6 +47,7 @@ if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     SKETCH=(--shapes 2,64,7,7,256 --repeats 1)
     PROFILE=(--backbone resnet18 --batch-size 2 --resolution 64 --repeats 2 --warmup 1)
     LAYER_PROFILE=(--shapes 2x64x7x7 --calls 5 --cprofile 2x64x7x7)
+    WIDE=(--shapes 2x40000x3 --repeats 1 --warmup 0)
 else
     QUICK=()
     MODELS=(--resolutions 224)
@@ -53,6 +56,7 @@ else
     SKETCH=(--repeats 5)
     PROFILE=(--batch-size 32)
     LAYER_PROFILE=(--cprofile 32x256x14x14)
+    WIDE=()
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -94,6 +98,7 @@ want before && [ -n "${BEFORE:-}" ] && PYTHONPATH="$BEFORE" step 60 "${BENCH[@]}
 want layers && step 90 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
 want profile && step 45 "$PY" benchmarks/profile_layer.py --device "$DEVICE" "${LAYER_PROFILE[@]}" --out "$RES/profile-layer.md"
 want profile && step 60 "$PY" benchmarks/profile_head.py --device "$DEVICE" "${PROFILE[@]}" --out "$RES/profile-head.md"
+want wide && step 60 "$PY" benchmarks/bench_wide_linear.py --device "$DEVICE" "${WIDE[@]}" --out "$RES/wide-linear"
 want models && step 120 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
 [ -d "$RES/fp32" ] && step 60 "${BENCH[@]}" report "$RES/fp32" --out "$RES/fp32.md" --title "$NAME, float32"
 want sqrtm && step 60 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"

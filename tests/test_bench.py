@@ -464,3 +464,8 @@ class TestProfileScripts:
         for part in ("plain model", "fast-bcnn model", "backbone", "pooling", "classifier", "classifier as F.linear"):
             assert f"| {part} |" in text
         assert "embedding (1, 262144)" in text  # resnet18: 512 channels
+
+    def test_bench_wide_linear_checks_and_times_the_candidates(self, tmp_path):
+        self._run("bench_wide_linear.py", "--shapes", "2x40000x3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
+        text = (tmp_path / "results.md").read_text()
+        assert "| 2x40000x3 | f.linear |" in text and "| 2x40000x3 | library |" in text

@@ -38,13 +38,20 @@ def test_chunked_cpu_path_equals_f_linear_values_and_gradients(d, bias):
     x = torch.randn(5, d, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, d, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
-    assert L._path(x, w, b) == "chunks"
-    out, ref = wide_linear(x, w, b), F.linear(x, w, b)
+    out, ref = L._WideLinear.apply(x, w, b, False), F.linear(x, w, b)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-10)
     leaves = [t for t in (x, w, b) if t is not None]
     dz = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, c in zip(torch.autograd.grad(out, leaves, dz), torch.autograd.grad(ref, leaves, dz)):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-10)
+
+
+def test_the_chunked_path_runs_for_large_products():
+    """wide_linear takes the chunks from 2 rows and 2**24 products on (a classifier on
+    4.2M features), and its values are F.linear's."""
+    x, w, b = torch.randn(2, 1 << 21), torch.randn(4, 1 << 21) / 2**10.5, torch.randn(4)  # outputs ~1
+    assert L._path(x, w, b) == "chunks"
+    torch.testing.assert_close(wide_linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(40000,), (2, 40000), (2, 3, 40000)])
@@ -62,16 +69,22 @@ def test_strided_rows_and_a_column_slice():
 
 
 def test_which_path():
-    x, w = torch.randn(2, WIDE), torch.randn(8, WIDE)
+    def wide(rows, d, out=8, dtype=torch.float32):  # x, w, bias; shapes only: no memory behind them
+        return torch.empty(1, d, dtype=dtype).expand(rows, d), torch.empty(1, d, dtype=dtype).expand(out, d), None
+
+    x, w, _ = wide(2, 1 << 21)
     assert L._path(x, w, None) == "chunks" and not L._use_kernel(x, w, None)
-    assert L._path(x[:, : WIDE - 1], w[:, : WIDE - 1], None) is None  # too narrow
-    assert L._path(x, torch.randn(65, WIDE), None) is None  # too many outputs
-    assert L._path(x.half(), w.half(), None) is None  # half precision
+    assert L._path(*wide(1, 1 << 22)) is None  # one row: F.linear is as fast
+    assert L._path(*wide(2, 1 << 20, 4)) is None  # 2 x 2^20 x 4 < 2^24 products
+    assert L._path(*wide(8, 1 << 20, 2)) == "chunks"  # 2^24 products
+    assert L._path(*wide(8, WIDE - 1)) is None  # too narrow
+    assert L._path(*wide(8, 1 << 21, 65)) is None  # too many outputs
+    assert L._path(*wide(8, 1 << 21, dtype=torch.float16)) is None  # half precision
     assert L._path(x, w.double(), None) is None  # mixed dtypes: F.linear says what is wrong
     assert L._path(x, w, torch.randn(3)) is None  # a bias of the wrong size likewise
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert L._path(x, w, None) is None
-        assert wide_linear(x, w).dtype == torch.bfloat16  # autocast's F.linear
+        assert wide_linear(torch.randn(2, WIDE), torch.randn(3, WIDE)).dtype == torch.bfloat16  # autocast's F.linear
 
 
 def test_traced_graphs_keep_a_plain_linear(monkeypatch):

@@ -149,6 +149,39 @@ def test_wide_linear_kernel_matches_f_linear():
     assert done.stdout.split() == ["checked", str(2 * (5 * 2 + 1) + 2)], done.stdout
 
 
+CHECK_CANDIDATES = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, "benchmarks")
+    import bench_wide_linear as B
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for name in ("dot", "deferred"):
+        # one row to more than one tile of rows; features across programs and partial chunks
+        for rows, d, out in [(1, 5000, 1), (3, 70001, 8), (33, 9000, 5), (20, 4096, 16)]:
+            x = torch.randn(rows, d, generator=g)
+            w = torch.randn(out, d, generator=g)
+            got = B.candidate(name, x, w, span=1024)()
+            torch.testing.assert_close(got, F.linear(x, w), rtol=1e-4, atol=1e-3)
+            checked += 1
+    print("checked", checked)
+    """
+)
+
+
+def test_candidate_wide_linear_kernels_of_the_benchmark_match_f_linear():
+    """benchmarks/bench_wide_linear.py times two candidate kernels on a GPU: they compute
+    the right thing (here under the interpreter), so that their timings mean something."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECK_CANDIDATES], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["checked", "8"], done.stdout
+
+
 def test_triton_kernels_match_torch_ops_and_the_definition():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)

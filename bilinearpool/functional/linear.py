@@ -14,7 +14,8 @@ deterministic): 0.73 ms GPU time there, 0.92 ms against F.linear's 1.31 ms per c
 no better (8 classes, 4,194,304 features, one thread on the 2-core machine: 57 ms for a
 batch of 8 in ``F.linear``): there the features are cut into chunks of 65536 and
 multiplied as one batched product whose chunk results are summed (35 ms; 0.5x-0.7x of
-``F.linear`` at batches of 2-32, equal at batch 1). Both paths are for float32 and
+``F.linear`` at batches of 2-32; from 2 rows and 2^24 products on, F.linear being as
+fast or faster below). Both paths are for float32 and
 float64; under autocast, in half precision, while traced (``torch.compile``, export) and
 on other devices it is ``F.linear``.
 """
@@ -45,7 +46,8 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     Values and gradients equal ``F.linear``'s up to the order of the additions. For
     float32 and float64 inputs of at least 32768 features and at most 64 outputs: on
     CUDA one Triton kernel (partial sums in the input's dtype, added up in a fixed
-    order), on CPU a batched product over chunks of the features; everything else
+    order), on CPU (from 2 rows and ``rows * D * out >= 2**24``) a batched product over
+    chunks of the features; everything else
     (autocast, half precision, tracing, other devices, other shapes) is ``F.linear``.
 
     Args:
@@ -82,7 +84,8 @@ def _path(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     if _elementwise.tracing():
         return None  # graphs and exports keep a plain linear layer
     if x.device.type == "cpu":
-        return "chunks"
+        rows = x.numel() // d
+        return "chunks" if rows >= 2 and rows * d * out >= _CHUNKS_FROM else None
     return "triton" if out * d < 2**31 and _elementwise.backend(x.device) == "triton" else None
 
 
@@ -95,6 +98,10 @@ _DTYPES = (torch.float32, torch.float64)
 
 #: Features per chunk of the CPU path.
 _CHUNK = 1 << 16
+#: The CPU path from 2 rows and this many products (rows x features x outputs) on: below,
+#: F.linear was as fast or faster (one thread, 2-core machine: chunked / F.linear 0.52-0.97
+#: above, 1.0-1.27 at 1 row and at 2 rows of 262144 x 3; see benchmarks/bench_wide_linear.py).
+_CHUNKS_FROM = 1 << 24
 
 
 def _chunked(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
