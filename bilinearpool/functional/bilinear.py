@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import _elementwise
 from ._elementwise import grad_from_y_, signed_sqrt_
+from ._memory import new_output
 from ._checks import check_floating, compute_dtype, no_autocast, pair_streams
 
 __all__ = [
@@ -502,7 +503,7 @@ class _FusedBilinear(torch.autograd.Function):
         if _whole_matrices(a.device):
             return _whole_forward(a_, b_, scale, eps, l2_eps, False)
         batch, c1, c2 = a.shape[0], a.shape[1], b.shape[1]
-        out = a_.new_empty(batch, c1 * c2)
+        out = new_output(a_, batch, c1 * c2)
         sq = a_.new_zeros(batch) if l2_eps is not None else None
         for b0, b1, r0, r1 in _blocks(batch, c1, c2, _block_elements(a.device)):
             seg = out[b0:b1, r0 * c2 : r1 * c2].view(b1 - b0, r1 - r0, c2)
@@ -560,7 +561,7 @@ class _FusedGram(torch.autograd.Function):
         if _whole_matrices(a.device):
             return _whole_forward(a_, a_, scale, eps, l2_eps, triu)
         batch, c = a.shape[0], a.shape[1]
-        out = a_.new_empty(batch, triu_size(c) if triu else c * c)
+        out = new_output(a_, batch, triu_size(c) if triu else c * c)
         square = None if triu else out.view(batch, c, c)
         sq = a_.new_zeros(batch) if l2_eps is not None else None
         for b0, b1, r0, r1 in _panels(batch, c, _block_elements(a.device)):
