@@ -30,6 +30,14 @@ def test_no_hint_for_small_buffers_or_without_madvise(monkeypatch):
     assert not M.huge_pages_hint(torch.empty(M._MIN_BYTES))
 
 
+def test_no_hint_when_switched_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(M, "_madvise", lambda: lambda *args: calls.append(args) or 0)
+    monkeypatch.setenv("BILINEARPOOL_HUGEPAGES", "0")
+    assert not M.huge_pages_hint(torch.empty(M._MIN_BYTES))
+    assert not calls
+
+
 def test_a_refused_hint_changes_nothing(monkeypatch):
     monkeypatch.setattr(M, "_madvise", lambda: lambda *args: -1)  # e.g. EINVAL: THP not built in
     out = M.new_output(torch.zeros(1, dtype=torch.float64), 2, M._MIN_BYTES // 8)

@@ -9,13 +9,16 @@ nothing and ``never`` ignores the hint), asking for them on the buffer (``madvis
 ``MADV_HUGEPAGE``, which PyTorch itself applies to every large CPU allocation when
 ``THP_MEM_ALLOC_ENABLE=1`` is set) cuts that to 3.7 ms: 2 MiB pages, 512 times fewer
 faults. The hint covers only the 2 MiB-aligned interior of our own new buffer; a failing
-or missing ``madvise`` changes nothing but the speed.
+or missing ``madvise`` changes nothing but the speed. Where the kernel's THP ``defrag``
+setting makes a fault on such memory compact memory first, a fragmented machine may
+stall instead: set the environment variable ``BILINEARPOOL_HUGEPAGES=0`` to give no hint.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from typing import Any
 
@@ -47,8 +50,10 @@ def huge_pages_hint(t: Tensor) -> bool:
     """Ask Linux to back the 2 MiB-aligned interior of CPU tensor ``t``'s memory with huge
     pages, before it is first written; returns whether the hint was given and taken."""
     nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < _MIN_BYTES or os.environ.get("BILINEARPOOL_HUGEPAGES", "1") == "0":
+        return False
     madvise = _madvise()
-    if t.device.type != "cpu" or nbytes < _MIN_BYTES or madvise is None:
+    if madvise is None:
         return False
     start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
     end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
