@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["new_output"]
+__all__ = ["huge_pages_hint", "new_output"]
 
 _HUGE_PAGE = 2 << 20
 #: Buffers from this size on get the hint (smaller ones come from glibc's reused heap).
