@@ -39,14 +39,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import emit  # noqa: E402
 from bilinearpool.bench import environment, round_robin  # noqa: E402
 from bilinearpool.functional import wide_linear  # noqa: E402
+from bilinearpool.functional._elementwise import next_pow2  # noqa: E402
 
 DEFAULT_SHAPES = ["32x4194304x8", "8x4194304x8", "1x4194304x8", "32x2098176x8", "32x2359296x8"]
 
 
-def _kernels() -> Any:
-    """The candidate kernels (needs Triton), defined on first use."""
+try:  # the candidate kernels need Triton (they run on CUDA, and under its interpreter in the tests)
     import triton
     import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _load_x(x_ptr, r, k, rows, d, stride_x):
+        """The (rows r) x (features k) tile of x, zero outside."""
+        return tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + k[None, :], mask=(r[:, None] < rows) & (k[None, :] < d), other=0.0)
 
     @triton.jit
     def dot_kernel(x_ptr, w_ptr, part_ptr, rows, d, stride_x, stride_w,
@@ -58,8 +66,7 @@ def _kernels() -> Any:
         for step in range(STEPS):
             k = (pid * STEPS + step) * BK + tl.arange(0, BK)
             kmask = k < d
-            x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + k[None, :],
-                        mask=(r[:, None] < rows) & kmask[None, :], other=0.0)
+            x = _load_x(x_ptr, r, k, rows, d, stride_x)
             wt = tl.load(w_ptr + outs[None, :] * stride_w + k[:, None], mask=(outs[None, :] < OUT) & kmask[:, None], other=0.0)
             acc += tl.dot(x, wt, input_precision="ieee")
         tl.store(part_ptr + (pid * rows + r[:, None]).to(tl.int64) * OUT + outs[None, :], acc,
@@ -75,19 +82,20 @@ def _kernels() -> Any:
         for step in range(STEPS):
             k = (pid * STEPS + step) * BK + tl.arange(0, BK)
             kmask = k < d
-            x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + k[None, :],
-                        mask=(r[:, None] < rows) & kmask[None, :], other=0.0)
+            x = _load_x(x_ptr, r, k, rows, d, stride_x)
             w = tl.load(w_ptr + outs[:, None] * stride_w + k[None, :], mask=(outs[:, None] < OUT) & kmask[None, :], other=0.0)
             acc += w[:, None, :] * x[None, :, :]
         s = tl.sum(acc, axis=2)  # (OUT_P, BB)
         tl.store(part_ptr + (pid * rows + r[None, :]).to(tl.int64) * OUT + outs[:, None], s,
                  mask=(r[None, :] < rows) & (outs[:, None] < OUT))
 
+
+
+def _kernels() -> Any:
+    """The candidate kernels, defined (and compiled per shape) once."""
+    if triton is None:
+        raise SystemExit("the candidate kernels need Triton")
     return {"dot": dot_kernel, "deferred": deferred_kernel}
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def candidate(name: str, x: Tensor, w: Tensor, *, span: int = 4096) -> Callable[[], Tensor]:
@@ -97,9 +105,9 @@ def candidate(name: str, x: Tensor, w: Tensor, *, span: int = 4096) -> Callable[
     rows, d = x.shape
     out = w.shape[0]
     if name == "dot":
-        bb, out_p, bk = max(16, min(32, _pow2(rows))), max(16, _pow2(out)), 128
+        bb, out_p, bk = max(16, min(32, next_pow2(rows))), max(16, next_pow2(out)), 128
     else:
-        bb, out_p = min(32, _pow2(rows)), _pow2(out)
+        bb, out_p = min(32, next_pow2(rows)), next_pow2(out)
         bk = max(16, 16384 // (out_p * bb))
     steps = max(1, span // bk)
     programs = -(-d // (bk * steps))

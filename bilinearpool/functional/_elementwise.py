@@ -192,9 +192,14 @@ def _flags(eps: float | None, l2_eps: float | None, diag: int | None) -> dict[st
     return dict(SQRT=eps is not None, L2=l2_eps is not None, TRIU=diag is not None)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton's block sizes."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _rblock(nparts: int) -> int:
     """Partials read per step by the writing kernels: a power of two, at most 1024."""
-    return min(1024, 1 << max(0, nparts - 1).bit_length())
+    return min(1024, next_pow2(nparts))
 
 
 def _cdiv(n: int, block: int) -> int:
@@ -245,7 +250,7 @@ def normalize_(
     sumsq, normalize = _kernels().sumsq_kernel, _kernels().normalize_kernel
     nparts = _cdiv(n, _BLOCK)
     consts, grid = _consts(g.device, g.dtype, eps, l2_eps), (batch, nparts)
-    sq = _partials(g)
+    sq = _partials(g) if l2_eps is not None else g  # without L2 the kernel reads no partials
     if l2_eps is not None:
         sumsq[grid](g, sq, n, nparts, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
     normalize[grid](
@@ -281,7 +286,7 @@ def normalize_grad_(
     stats, grad = _kernels().stats_kernel, _kernels().grad_kernel
     nparts = _cdiv(n, _BLOCK)
     consts, grid = _consts(g.device, g.dtype, eps, l2_eps, float(factor)), (batch, nparts)
-    sq, dot = _partials(g), _partials(g)
+    sq, dot = (_partials(g), _partials(g)) if l2_eps is not None else (g, g)  # unread without L2
     if l2_eps is not None:
         stats[grid](
             g, dz, sq, dot, n, nparts, diag or 1, consts,

@@ -111,11 +111,11 @@ def _chunked(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     :class:`_WideLinear`."""
     d = x.shape[1]
     n = d // _CHUNK * _CHUNK
-    xs = x[:, :n].reshape(x.shape[0], -1, _CHUNK).transpose(0, 1)  # (chunks, B, _CHUNK)
-    ws = weight[:, :n].reshape(weight.shape[0], -1, _CHUNK).permute(1, 2, 0)  # (chunks, _CHUNK, out)
     if n == 0:
         out = x.mm(weight.t())
     else:
+        xs = x[:, :n].reshape(x.shape[0], -1, _CHUNK).transpose(0, 1)  # (chunks, B, _CHUNK)
+        ws = weight[:, :n].reshape(weight.shape[0], -1, _CHUNK).permute(1, 2, 0)  # (chunks, _CHUNK, out)
         out = torch.bmm(xs, ws).sum(0)
         if n < d:
             out = out.addmm(x[:, n:], weight[:, n:].t())
@@ -131,14 +131,14 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if rows == 0:
         return x.new_zeros(0, out)
-    bb = min(32, 1 << max(0, rows - 1).bit_length())
+    bb = min(32, _elementwise.next_pow2(rows))
     block_d = _TILE // bb
     programs = -(-d // (block_d * _STEPS))
     parts = torch.empty(programs, rows, out, dtype=acc, device=x.device)
     grid = (programs, -(-rows // bb))
     _elementwise._kernels().wide_linear_kernel[grid](
         x, weight, parts, rows, d, x.stride(0), weight.stride(0),
-        OUT=out, OUT_P2=1 << max(0, out - 1).bit_length(), BB=bb, BLOCK_D=block_d, STEPS=_STEPS,
+        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BLOCK_D=block_d, STEPS=_STEPS,
         F64=acc == torch.float64, num_warps=_WARPS,
     )
     y = parts.sum(0)
