@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor, WeightsArg, build_backbone
+from .functional.head import fast_bilinear_linear
 from .linear import WideLinear
 from .pooling import BilinearPool, FastBilinearPool
 
@@ -101,6 +102,14 @@ def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
     return int(out.shape[1])
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether forward hooks (the modules' own or global ones) would see these modules' calls."""
+    glob = torch.nn.modules.module
+    if getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class BilinearClassifier(nn.Module):
     """Backbone(s), optional channel reduction, a pooling, dropout and a linear classifier.
 
@@ -183,13 +192,51 @@ class BilinearClassifier(nn.Module):
 
     def forward_embedding(self, x: Tensor) -> Tensor:
         """The pooled, normalised feature vector fed to the classifier: :math:`(B, D)`."""
-        features = self.forward_features(x)
+        return self._pool(self.forward_features(x))
+
+    def _pool(self, features: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         if isinstance(features, tuple):
             return self.pool(*features)
         return self.pool(features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.dropout(self.forward_embedding(x)))
+        """The logits. With a :class:`~bilinearpool.FastBilinearPool` and a linear
+        classifier (and no hooks on them, dropout inactive) the pooling and the classifier
+        are one call of :func:`~bilinearpool.functional.fast_bilinear_linear`, which for
+        inference on CPU does not store the pooled features; same values either way."""
+        if not self._fused_head():
+            return self.classifier(self.dropout(self.forward_embedding(x)))
+        features = self.forward_features(x)
+        if isinstance(features, tuple):
+            return self.classifier(self.dropout(self._pool(features)))
+        pool = self.pool
+        return fast_bilinear_linear(
+            features,
+            self.classifier.weight,
+            self.classifier.bias,
+            reduction=pool.reduction,
+            signed_sqrt=pool.signed_sqrt,
+            l2_normalize=pool.l2_normalize,
+            triu=pool.triu,
+            eps=pool.eps,
+        )
+
+    def _fused_head(self) -> bool:
+        """Whether pooling, dropout and classifier are exactly FastBilinearPool, an inactive
+        nn.Dropout and nn.Linear (or WideLinear), unhooked, with forward_embedding not
+        overridden: then :func:`fast_bilinear_linear` computes the same logits."""
+        pool, drop, classifier = self.pool, self.dropout, self.classifier
+        return (
+            type(self).forward_embedding is BilinearClassifier.forward_embedding
+            and isinstance(pool, FastBilinearPool)
+            and type(pool).forward is FastBilinearPool.forward
+            and isinstance(classifier, nn.Linear)
+            and type(classifier).forward in (nn.Linear.forward, WideLinear.forward)
+            and isinstance(drop, nn.Dropout)
+            and type(drop).forward is nn.Dropout.forward
+            and (drop.p == 0.0 or not drop.training)
+            and not _hooked(pool, drop, classifier)
+        )
 
 
 class FastBCNN(BilinearClassifier):

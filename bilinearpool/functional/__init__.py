@@ -17,6 +17,7 @@ from .bilinear import (
     triu_unpack,
 )
 from .covariance import covariance_pool
+from .head import fast_bilinear_linear
 from .linear import wide_linear
 from .lowrank import low_rank_bilinear_pool
 from .sketch import random_maclaurin, tensor_sketch
@@ -25,6 +26,7 @@ from .sqrtm import matrix_sqrt
 __all__ = [
     "bilinear_pool",
     "covariance_pool",
+    "fast_bilinear_linear",
     "fast_bilinear_pool",
     "l2_normalize",
     "low_rank_bilinear_pool",

@@ -1,0 +1,175 @@
+"""The Fast BCNN head in one step: pooling, signed square root, L2 norm and a linear layer.
+
+A classifier on bilinear features computes ``logits = W z + b`` with
+``z = l2(ssqrt(A A^T / N))``: millions of features per sample (``C^2 = 4,194,304`` for a
+ResNet-50) that are written to memory only to be read once by ``W``. For inference
+:func:`fast_bilinear_linear` never forms ``z``. Since the L2 norm is one number per
+sample, ``W z = (W y) / |y|`` with ``y = ssqrt(G)``: the matrix is built a few rows at a
+time for all samples, its signed square root taken while those rows are in cache, and
+both the product with the matching (contiguous) rows of ``W`` and the squared norm added
+up panel by panel.
+
+On the development CPU (one thread, 8 classes, C = 2048) this took 24-26 ms for a batch
+of 2 at N = 25 locations (an Inception-v3 map at 224 px) against 31-34 ms for the pooling
+and the classifier apart, and 84 against 116 ms for a batch of 8. It builds every row of
+``G`` in full (``A A^T`` is symmetric, but a panel's mirror rows sit in ``W`` as columns,
+which are read with a stride of ``C``: that read was 3-4x slower than the whole step),
+so it does twice the pooling's matrix product: with many locations that product
+dominates and the step loses (8 x 2048 x 14 x 14: 240-320 against 195 ms). It is used
+for at most :data:`FUSED_MAX_LOCATIONS` locations, on CPU, without autograd; everything
+else is :func:`~bilinearpool.functional.fast_bilinear_pool` followed by
+:func:`~bilinearpool.functional.wide_linear`, which is also its definition.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _elementwise
+from ._checks import as_channel_matrix, check_floating
+from ._elementwise import signed_sqrt_
+from .bilinear import (
+    L2_EPS,
+    SIGNED_SQRT_EPS,
+    _check_eps,
+    _check_reduction,
+    _pack_panel,
+    _rowdot,
+    _scaled_bmm,
+    _triu_offset,
+    fast_bilinear_pool,
+    triu_size,
+)
+from .linear import wide_linear
+
+__all__ = ["fast_bilinear_linear"]
+
+#: The fused path is taken for feature maps of at most this many locations (H x W or N).
+#: Measured on one CPU thread at C = 2048: a gain at 25 and 49 locations, a loss at 196.
+FUSED_MAX_LOCATIONS = 64
+#: Rows of the matrix per panel: about this many entries over all samples, between 32
+#: and 128 rows (C = 2048, one thread: 128 rows fastest at batches of 1-2, 64 at 4, 32 at
+#: 8-32; 8 rows at batch 32 were 1.3x slower).
+_PANEL_ENTRIES = 1 << 19
+_PANEL_ROWS = (32, 128)
+_DTYPES = (torch.float32, torch.float64)
+
+
+def fast_bilinear_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    signed_sqrt: bool = True,
+    l2_normalize: bool = True,
+    triu: bool = False,
+    eps: float = SIGNED_SQRT_EPS,
+    l2_eps: float = L2_EPS,
+) -> Tensor:
+    """``wide_linear(fast_bilinear_pool(x, ...), weight, bias)`` without the pooled features.
+
+    The logits of a linear classifier on the one-stream BCNN head. For inference (no
+    input needs a gradient, or grad mode is off) of float32/float64 CPU tensors with at
+    most :data:`FUSED_MAX_LOCATIONS` locations, outside autocast and tracing, it builds
+    the matrix in row panels and multiplies each with its rows of ``weight`` at once, so
+    the :math:`B \\times D` features are never stored. Otherwise, and for gradients, it
+    is :func:`~bilinearpool.functional.fast_bilinear_pool` then
+    :func:`~bilinearpool.functional.wide_linear`. Both give the same values up to the
+    order of the additions, which the tests check.
+
+    :class:`~bilinearpool.FastBCNN` (any :class:`~bilinearpool.BilinearClassifier` with a
+    :class:`~bilinearpool.FastBilinearPool` and a linear classifier) calls it in
+    ``forward``.
+
+    Args:
+        x: feature map :math:`A`.
+        weight: classifier weight, :math:`(K, D)` with :math:`D = C^2`, or
+            :math:`C(C+1)/2` with ``triu``.
+        bias: :math:`(K,)` or ``None``.
+        reduction, signed_sqrt, l2_normalize, triu, eps, l2_eps: as in
+            :func:`~bilinearpool.functional.fast_bilinear_pool`.
+
+    Shape:
+        - x: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
+        - Output: :math:`(B, K)`.
+
+    Examples:
+        >>> x = torch.relu(torch.randn(2, 16, 7, 7))
+        >>> w, b = torch.randn(3, 256), torch.randn(3)
+        >>> logits = fast_bilinear_linear(x, w, b)
+        >>> torch.allclose(logits, fast_bilinear_pool(x) @ w.T + b, atol=1e-5)
+        True
+    """
+    _check_reduction(reduction)
+    _check_eps(eps)
+    _check_eps(l2_eps, "l2_eps")
+    a = as_channel_matrix(x)
+    _check_classifier(weight, bias, a.shape[1], triu)
+    if not _fused(a, weight, bias):
+        z = fast_bilinear_pool(
+            x, reduction=reduction, signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, eps=eps, l2_eps=l2_eps
+        )
+        return wide_linear(z, weight, bias)
+    scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
+    with torch.no_grad():
+        return _panel_logits(a, weight, bias, scale, eps if signed_sqrt else None, l2_eps if l2_normalize else None, triu)
+
+
+def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: bool) -> None:
+    check_floating(weight, "weight")
+    features = triu_size(channels) if triu else channels * channels
+    if weight.dim() != 2 or weight.shape[1] != features:
+        layout = f"C(C+1)/2 = {features} (triu=True)" if triu else f"C^2 = {features}"
+        raise ValueError(
+            f"weight must be (num_classes, {layout}) for an input of C = {channels} channels, "
+            f"but got shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_floating(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), but got {tuple(bias.shape)}")
+
+
+def _fused(a: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`fast_bilinear_linear` takes the panel path for these tensors."""
+    tensors = (a, weight) if bias is None else (a, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if a.device.type != "cpu" or any(t.device != a.device or t.dtype != a.dtype for t in tensors):
+        return False
+    if a.dtype not in _DTYPES or torch.is_autocast_enabled("cpu") or _elementwise.tracing():
+        return False
+    return a.shape[2] <= FUSED_MAX_LOCATIONS
+
+
+def _panel_logits(
+    a: Tensor, weight: Tensor, bias: Tensor | None, scale: float, eps: float | None, l2_eps: float | None, triu: bool
+) -> Tensor:
+    """The logits from row panels of the matrix (all samples at once, so that each row of
+    ``weight`` is read once per call)."""
+    batch, c, _ = a.shape
+    if batch == 0:
+        return a.new_zeros(0, weight.shape[0])
+    rows = min(c, _PANEL_ROWS[1], max(_PANEL_ROWS[0], _PANEL_ENTRIES // (batch * c) // 8 * 8))
+    logits = a.new_zeros(batch, weight.shape[0])
+    sq = a.new_zeros(batch) if l2_eps is not None else None
+    buffer = a.new_empty(batch * rows * c)
+    for r0 in range(0, c, rows):
+        r1 = min(r0 + rows, c)
+        c0 = r0 if triu else 0  # the packed triangle needs columns r0: only
+        panel = buffer[: batch * (r1 - r0) * (c - c0)].view(batch, r1 - r0, c - c0)
+        y = signed_sqrt_(_scaled_bmm(a[:, r0:r1], a[:, c0:].transpose(1, 2), scale, out=panel), eps)
+        if triu:
+            z, w = _pack_panel(y, r0, r1, c), weight[:, _triu_offset(r0, c) : _triu_offset(r1, c)]
+        else:
+            z, w = y.view(batch, -1), weight[:, r0 * c : r1 * c]
+        if sq is not None:
+            sq += _rowdot(z, z)
+        logits.addmm_(z, w.t())
+    if sq is not None:
+        logits.div_(sq.sqrt_().clamp_min_(l2_eps).unsqueeze(1))
+    if bias is not None:
+        logits += bias
+    return logits

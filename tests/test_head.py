@@ -1,0 +1,219 @@
+"""fast_bilinear_linear: the Fast BCNN head (pooling, normalisation, classifier) in one call.
+
+Its panel path (CPU inference) is compared with the definition it replaces,
+``wide_linear(fast_bilinear_pool(x), W, b)``, which is itself tested against the
+op-by-op chain; and the classifiers are checked to give the same logits with and without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bilinearpool import BCNN, BilinearClassifier, FastBCNN, FastBilinearPool, GAPClassifier
+from bilinearpool.functional import fast_bilinear_linear, fast_bilinear_pool, head, triu_size
+from bilinearpool.functional.bilinear import bilinear_pool, l2_normalize, signed_sqrt, triu_pack
+
+
+def naive_logits(x, w, b, *, reduction="mean", signed_sqrt_=True, l2=True, triu=False, eps=1e-5):
+    """The op-by-op definition: pool, signed sqrt, L2, (pack), linear."""
+    g = bilinear_pool(x, reduction=reduction)
+    if signed_sqrt_:
+        g = signed_sqrt(g, eps=eps)
+    z = triu_pack(g) if triu else g.flatten(1)
+    if l2:
+        z = l2_normalize(z)
+    return F.linear(z, w, b)
+
+
+def classifier_for(channels, triu, classes=5, *, dtype=torch.float64, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    d = triu_size(channels) if triu else channels * channels
+    w = torch.randn(classes, d, generator=g, dtype=dtype)
+    return w, (torch.randn(classes, generator=g, dtype=dtype) if bias else None)
+
+
+def no_composition(*args, **kwargs):
+    raise AssertionError("the panel path must not build the pooled features")
+
+
+# Shapes: one panel, a remainder panel (300 rows = 128 + 128 + 44), batch 1, a large batch
+# (32-row panels: 280 = 8 x 32 + 24), and tokens (B, N, C).
+SHAPES = [(2, 64, 5, 5), (3, 300, 4, 4), (1, 130, 7, 7), (48, 280, 2, 2), (4, 10, 37)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("triu", [False, True])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"signed_sqrt": False}, {"l2_normalize": False}, {"reduction": "sum", "eps": 1e-3}],
+    ids=["default", "no-sqrt", "no-l2", "sum-eps"],
+)
+def test_panel_path_equals_the_definition(shape, triu, options, monkeypatch):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.relu(torch.randn(shape, generator=g, dtype=torch.float64)) - 0.1  # some negative entries
+    c = shape[1] if len(shape) == 4 else shape[2]
+    w, b = classifier_for(c, triu)
+    ref = naive_logits(
+        x, w, b, reduction=options.get("reduction", "mean"), signed_sqrt_=options.get("signed_sqrt", True),
+        l2=options.get("l2_normalize", True), triu=triu, eps=options.get("eps", 1e-5),
+    )
+    monkeypatch.setattr(head, "fast_bilinear_pool", no_composition)
+    with torch.no_grad():
+        out = fast_bilinear_linear(x, w, b, triu=triu, **options)
+    assert out.shape == (shape[0], 5) and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_panel_path_float32_channels_last_and_no_bias(monkeypatch):
+    x = torch.relu(torch.randn(3, 200, 6, 6)).to(memory_format=torch.channels_last)
+    w, _ = classifier_for(200, False, dtype=torch.float32, bias=False)
+    w = w / 200.0
+    ref = F.linear(fast_bilinear_pool(x), w)
+    monkeypatch.setattr(head, "fast_bilinear_pool", no_composition)
+    with torch.inference_mode():
+        out = fast_bilinear_linear(x, w)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_all_zero_features_give_the_bias():
+    """The L2 norm is clamped (l2_eps): zero features give zero pre-bias logits, not NaN."""
+    w, b = classifier_for(16, False)
+    with torch.no_grad():
+        out = fast_bilinear_linear(torch.zeros(2, 16, 3, 3, dtype=torch.float64), w, b)
+    torch.testing.assert_close(out, b.expand(2, -1))
+
+
+def test_empty_batch():
+    w, b = classifier_for(16, True)
+    with torch.no_grad():
+        assert fast_bilinear_linear(torch.zeros(0, 16, 3, 3, dtype=torch.float64), w, b, triu=True).shape == (0, 5)
+
+
+@pytest.mark.parametrize("triu", [False, True])
+def test_gradients_go_through_the_definition(triu):
+    """With gradients the call is the pooling then the classifier; gradients match the chain."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    w, b = classifier_for(6, triu)
+    w.requires_grad_()
+    b.requires_grad_()
+    out = fast_bilinear_linear(x, w, b, triu=triu)
+    ref = naive_logits(x, w, b, triu=triu)
+    dz = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out, (x, w, b), dz), torch.autograd.grad(ref, (x, w, b), dz)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x, w, b: fast_bilinear_linear(x, w, b, triu=triu), (x, w, b))
+
+
+def test_when_the_panel_path_runs():
+    a = torch.randn(2, 8, 25)
+    w, b = torch.randn(3, 64), torch.randn(3)
+    with torch.no_grad():
+        assert head._fused(a, w, b)
+        assert not head._fused(torch.randn(2, 8, head.FUSED_MAX_LOCATIONS + 1), w, b)  # many locations
+        assert not head._fused(a.half(), w.half(), b.half())  # half precision
+        assert not head._fused(a, w.double(), b)  # mixed dtypes
+        with torch.autocast("cpu"):
+            assert not head._fused(a, w, b)
+    assert head._fused(a, w, b)  # grad mode, but nothing requires a gradient
+    assert not head._fused(a, w.requires_grad_(), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_the_definitions_values(dtype):
+    x = torch.relu(torch.randn(2, 8, 3, 3)).to(dtype)
+    w, b = (t.to(dtype) for t in classifier_for(8, False, dtype=torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(fast_bilinear_linear(x, w, b), F.linear(fast_bilinear_pool(x), w, b))
+
+
+def test_errors_say_what_was_expected():
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"weight must be \(num_classes, C\^2 = 64\).*got shape \(3, 36\)"):
+        fast_bilinear_linear(x, torch.randn(3, 36))
+    with pytest.raises(ValueError, match=r"C\(C\+1\)/2 = 36 \(triu=True\).*got shape \(3, 64\)"):
+        fast_bilinear_linear(x, torch.randn(3, 64), triu=True)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\), but got \(4,\)"):
+        fast_bilinear_linear(x, torch.randn(3, 64), torch.randn(4))
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        fast_bilinear_linear(x, torch.ones(3, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="feature map"):
+        fast_bilinear_linear(torch.randn(8, 3), torch.randn(3, 64))
+    with pytest.raises(ValueError, match="reduction"):
+        fast_bilinear_linear(x, torch.randn(3, 64), reduction="max")
+
+
+# -- the classifiers --------------------------------------------------------------------------
+
+
+def tiny_backbone(channels: int = 12) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, channels, 3, stride=4), nn.ReLU())
+
+
+def unfused_logits(model: BilinearClassifier, x: torch.Tensor) -> torch.Tensor:
+    return model.classifier(model.dropout(model.forward_embedding(x)))
+
+
+@pytest.mark.parametrize("triu", [False, True])
+def test_fast_bcnn_forward_uses_the_panel_path_with_the_same_logits(triu, monkeypatch):
+    torch.manual_seed(0)
+    model = FastBCNN(tiny_backbone(), num_classes=4, triu=triu).double().eval()
+    x = torch.randn(3, 3, 24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        ref = unfused_logits(model, x)
+        monkeypatch.setattr(head, "fast_bilinear_pool", no_composition)
+        assert model._fused_head()
+        torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_training_forward_and_backward_are_unchanged():
+    torch.manual_seed(0)
+    model = FastBCNN(tiny_backbone(), num_classes=4).double()
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    out = model(x)
+    torch.testing.assert_close(out, unfused_logits(model, x))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_hooks_dropout_and_subclasses_keep_the_modules_path():
+    torch.manual_seed(0)
+    model = FastBCNN(tiny_backbone(), num_classes=4).eval()
+    x = torch.randn(2, 3, 24, 24)
+    seen = []
+    handle = model.classifier.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    with torch.no_grad():
+        assert not model._fused_head()
+        model(x)
+    assert seen == [(2, 144)]  # the hook saw the embedding
+    handle.remove()
+    handle = model.pool.register_forward_pre_hook(lambda m, i: None)
+    assert not model._fused_head()
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    assert not model._fused_head()
+    handle.remove()
+    assert model._fused_head()
+
+    dropped = FastBCNN(tiny_backbone(), num_classes=4, dropout=0.5)
+    assert not dropped._fused_head()  # training: dropout is active
+    assert dropped.eval()._fused_head()
+
+    class MyPool(FastBilinearPool):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    class MyModel(FastBCNN):
+        def forward_embedding(self, x):
+            return super().forward_embedding(x) * 2.0
+
+    assert not FastBCNN(tiny_backbone(), num_classes=4, pool=MyPool()).eval()._fused_head()
+    assert not MyModel(tiny_backbone(), num_classes=4).eval()._fused_head()
+    assert not BCNN(tiny_backbone(), num_classes=4).eval()._fused_head()
+    assert not GAPClassifier(tiny_backbone(), num_classes=4).eval()._fused_head()
+    model.classifier = nn.Sequential(nn.Linear(144, 4))
+    assert not model._fused_head()
