@@ -461,9 +461,18 @@ class TestProfileScripts:
             "--repeats", "1", "--warmup", "0", "--out", str(out),
         )
         text = out.read_text()
-        for part in ("plain model", "fast-bcnn model", "backbone", "pooling", "classifier", "classifier as F.linear"):
+        for part in (
+            "plain model", "fast-bcnn model", "backbone", "pooling", "classifier", "classifier as F.linear",
+            "head (pooling + classifier), as the model runs it",
+        ):
             assert f"| {part} |" in text
         assert "embedding (1, 262144)" in text  # resnet18: 512 channels
+
+    def test_bench_head_checks_and_times_fused_against_composition(self, tmp_path):
+        self._run("bench_head.py", "--shapes", "2x16x9", "3x8x100", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
+        text = (tmp_path / "results.md").read_text()
+        for row in ("| 2x16x9 | False |", "| 2x16x9 | True |", "| 3x8x100 | False |", "| 3x8x100 | True |"):
+            assert row in text
 
     def test_bench_wide_linear_checks_and_times_the_candidates(self, tmp_path):
         self._run("bench_wide_linear.py", "--shapes", "2x40000x3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))

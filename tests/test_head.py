@@ -40,7 +40,7 @@ def no_composition(*args, **kwargs):
 
 
 # Shapes: one panel, a remainder panel (300 rows = 128 + 128 + 44), batch 1, a large batch
-# (32-row panels: 280 = 8 x 32 + 24), and tokens (B, N, C).
+# (six groups of 8 samples), and tokens (B, N, C).
 SHAPES = [(2, 64, 5, 5), (3, 300, 4, 4), (1, 130, 7, 7), (48, 280, 2, 2), (4, 10, 37)]
 
 
@@ -65,6 +65,18 @@ def test_panel_path_equals_the_definition(shape, triu, options, monkeypatch):
         out = fast_bilinear_linear(x, w, b, triu=triu, **options)
     assert out.shape == (shape[0], 5) and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("triu", [False, True])
+def test_thin_panels_and_a_last_group(triu, monkeypatch):
+    """Fewer entries per panel: 32-row panels (100 = 3 x 32 + 4), and 11 samples = 8 + 3."""
+    monkeypatch.setattr(head, "_PANEL_ENTRIES", 1 << 12)
+    x = torch.relu(torch.randn(11, 100, 3, 3, dtype=torch.float64))
+    w, b = classifier_for(100, triu)
+    ref = naive_logits(x, w, b, triu=triu)
+    monkeypatch.setattr(head, "fast_bilinear_pool", no_composition)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_bilinear_linear(x, w, b, triu=triu), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_panel_path_float32_channels_last_and_no_bias(monkeypatch):
@@ -217,3 +229,17 @@ def test_hooks_dropout_and_subclasses_keep_the_modules_path():
     assert not GAPClassifier(tiny_backbone(), num_classes=4).eval()._fused_head()
     model.classifier = nn.Sequential(nn.Linear(144, 4))
     assert not model._fused_head()
+
+
+def test_fast_bcnn_exports_to_onnx_and_compiles():
+    """Traced (ONNX export, torch.compile) the model runs its modules one by one: the
+    exported graph and the compiled model give the eager logits."""
+    from _onnx import run_onnx
+
+    torch.manual_seed(0)
+    model = FastBCNN(tiny_backbone(), num_classes=4).eval()
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(torch.from_numpy(run_onnx(model, x)), eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.compile(model, backend="eager")(x), eager, rtol=1e-5, atol=1e-6)

@@ -9,15 +9,17 @@ time for all samples, its signed square root taken while those rows are in cache
 both the product with the matching (contiguous) rows of ``W`` and the squared norm added
 up panel by panel.
 
-On the development CPU (one thread, 8 classes, C = 2048) this took 24-26 ms for a batch
-of 2 at N = 25 locations (an Inception-v3 map at 224 px) against 31-34 ms for the pooling
-and the classifier apart, and 84 against 116 ms for a batch of 8. It builds every row of
-``G`` in full (``A A^T`` is symmetric, but a panel's mirror rows sit in ``W`` as columns,
-which are read with a stride of ``C``: that read was 3-4x slower than the whole step),
-so it does twice the pooling's matrix product: with many locations that product
-dominates and the step loses (8 x 2048 x 14 x 14: 240-320 against 195 ms). It is used
-for at most :data:`FUSED_MAX_LOCATIONS` locations, on CPU, without autograd; everything
-else is :func:`~bilinearpool.functional.fast_bilinear_pool` followed by
+On the development CPU (one thread, 8 classes) it took 0.75x-0.95x the time of the
+pooling and the classifier apart at C = 256-2048, 5x5 and 7x7 maps, batches 1-32 (e.g.
+24 against 30 ms for a batch of 2 at C = 2048, 5x5, an Inception-v3 map at 224 px;
+``benchmarks/bench_head.py``, results in ``benchmarks/results/cpu-2core-fastbcnn/head``).
+For the full output it builds every row of ``G`` (``A A^T`` is symmetric, but a panel's
+mirror rows sit in ``W`` as columns, read with a stride of ``C``: that read made the step
+3-4x slower than the composition), so it does twice the pooling's matrix product; with
+many locations that product dominates and the step loses (8 x 2048 x 14 x 14: 240-320
+against 195 ms). The packed triangle (``triu``) needs the upper half only. The step is
+used for at most :data:`FUSED_MAX_LOCATIONS` locations, on CPU, without autograd;
+everything else is :func:`~bilinearpool.functional.fast_bilinear_pool` followed by
 :func:`~bilinearpool.functional.wide_linear`, which is also its definition.
 """
 
@@ -53,6 +55,10 @@ FUSED_MAX_LOCATIONS = 64
 #: 8-32; 8 rows at batch 32 were 1.3x slower).
 _PANEL_ENTRIES = 1 << 19
 _PANEL_ROWS = (32, 128)
+#: Samples per sweep over the weight: larger batches are cut into groups of this many,
+#: each reading the weight once, so that a panel of all samples stays cache-sized
+#: (batch 32, C = 2048, 7x7: 425 ms in groups of 8 against 515 ms in one sweep).
+_GROUP = 8
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -147,11 +153,15 @@ def _fused(a: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def _panel_logits(
     a: Tensor, weight: Tensor, bias: Tensor | None, scale: float, eps: float | None, l2_eps: float | None, triu: bool
 ) -> Tensor:
-    """The logits from row panels of the matrix (all samples at once, so that each row of
-    ``weight`` is read once per call)."""
+    """The logits from row panels of the matrix, for groups of up to :data:`_GROUP` samples
+    at once (each row of ``weight`` is read once per group)."""
     batch, c, _ = a.shape
     if batch == 0:
         return a.new_zeros(0, weight.shape[0])
+    if batch > _GROUP:
+        return torch.cat(
+            [_panel_logits(a[i : i + _GROUP], weight, bias, scale, eps, l2_eps, triu) for i in range(0, batch, _GROUP)]
+        )
     rows = min(c, _PANEL_ROWS[1], max(_PANEL_ROWS[0], _PANEL_ENTRIES // (batch * c) // 8 * 8))
     logits = a.new_zeros(batch, weight.shape[0])
     sq = a.new_zeros(batch) if l2_eps is not None else None
