@@ -9,11 +9,24 @@ feature maps ``B x C x N`` (N locations) and an 8-class classifier:
   ``FastBCNN.forward`` calls (on CPU, up to 64 locations: row panels of the matrix, each
   multiplied with its rows of the weight, no embedding stored; elsewhere the composition);
 
-each with the full output (``C^2`` features) and the packed triangle (``triu``). Each
-candidate is checked against the composition first. ``fused_vs_composition``: the ratio of
+each with the full output (``C^2`` features) and the packed triangle (``triu``). On CUDA,
+where the library's step is still the composition, two candidate Triton kernels defined
+here (not in the library) are timed for the full output too:
+
+- ``sqrt-linear``: ``G`` by one batched product, then one kernel that reads each row of
+  ``G`` once, applies the signed square root, and accumulates both the squared norm and
+  the products with the classifier's rows (the composition passes over ``G`` three
+  times: the normalisation's two kernels and the classifier's);
+- ``gram-linear``: no ``G`` in memory at all: each program builds the (64 x 64) tiles
+  ``A_I A_J^T`` of the upper triangle with ``tl.dot`` (float32, ``ieee`` precision), for
+  every sample, and multiplies them with the classifier's matching tiles on the spot
+  (those of both ``W[:, I, J]`` and the mirror ``W[:, J, I]``).
+
+Each candidate is checked against the composition first. ``*_vs_composition``: ratios of
 the medians. Usage::
 
     python benchmarks/bench_head.py --device cpu --threads 1 --out benchmarks/results/cpu-2core-fastbcnn/head
+    python benchmarks/bench_head.py --device cuda --shapes 32x2048x49 32x2048x25 32x1536x25 8x2048x49
 """
 
 from __future__ import annotations
@@ -31,9 +44,132 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import emit  # noqa: E402
 from bilinearpool.bench import environment, round_robin  # noqa: E402
 from bilinearpool.functional import fast_bilinear_linear, fast_bilinear_pool, triu_size, wide_linear  # noqa: E402
+from bilinearpool.functional._elementwise import next_pow2  # noqa: E402
+
+SIGNED_SQRT_EPS, L2_EPS = 1e-5, 1e-12  # the library's defaults
+
+try:  # the candidate kernels need Triton (they run on CUDA, and under its interpreter in the tests)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _f(y, eps, sqrt_eps):
+        """The signed square root, ``y / (sqrt(|y| + eps) + sqrt(eps))``."""
+        return y / (tl.sqrt(tl.abs(y) + eps) + sqrt_eps)
+
+    @triton.jit
+    def sqrt_linear_kernel(g_ptr, w_ptr, part_ptr, sq_ptr, eps, sqrt_eps, rows, d, stride_g, stride_w,
+                           OUT: tl.constexpr, OUT_P2: tl.constexpr, BB: tl.constexpr, BLOCK_D: tl.constexpr,
+                           STEPS: tl.constexpr):
+        """Program (p, r): rows r*BB.. of G (B x C^2), columns p*STEPS*BLOCK_D..; writes its
+        (BB, OUT) partial products f(G) W^T to part[p] and its partial squared norms to sq[p]."""
+        pid = tl.program_id(0)
+        r = tl.program_id(1) * BB + tl.arange(0, BB)
+        outs = tl.arange(0, OUT_P2)
+        acc = tl.zeros([BB, OUT_P2], dtype=tl.float32)
+        sq = tl.zeros([BB], dtype=tl.float32)
+        for step in range(STEPS):
+            cols = (pid * STEPS + step) * BLOCK_D + tl.arange(0, BLOCK_D)
+            cmask = cols < d
+            y = tl.load(g_ptr + r[:, None].to(tl.int64) * stride_g + cols[None, :],
+                        mask=(r[:, None] < rows) & cmask[None, :], other=0.0)
+            y = _f(y, eps, sqrt_eps)
+            sq += tl.sum(y * y, axis=1)
+            for k in tl.static_range(OUT):
+                w = tl.load(w_ptr + k * stride_w + cols, mask=cmask, other=0.0)
+                acc += tl.where(outs[None, :] == k, tl.sum(y * w[None, :], axis=1)[:, None], 0.0)
+        rmask = r < rows
+        tl.store(part_ptr + (pid * rows + r[:, None]).to(tl.int64) * OUT + outs[None, :], acc,
+                 mask=rmask[:, None] & (outs[None, :] < OUT))
+        tl.store(sq_ptr + pid * rows + r, sq, mask=rmask)
+
+    @triton.jit
+    def gram_linear_kernel(a_ptr, w_ptr, part_ptr, sq_ptr, tile_i_ptr, tile_j_ptr, scale, eps, sqrt_eps,
+                           batch, c, n, stride_ab, stride_ac, stride_an,
+                           OUT: tl.constexpr, OUT_P2: tl.constexpr, BM: tl.constexpr, NP: tl.constexpr):
+        """Program t: tile (I, J), I <= J, of G = scale A A^T for every sample. Writes the
+        tile's products f(G_IJ) . (W[:, I, J] + W[:, J, I]^T) (W[:, I, I] alone on the
+        diagonal) to part[t, b] and its squared entries (twice off the diagonal) to sq[t, b]."""
+        t = tl.program_id(0)
+        ti = tl.load(tile_i_ptr + t)
+        tj = tl.load(tile_j_ptr + t)
+        i = ti * BM + tl.arange(0, BM)
+        j = tj * BM + tl.arange(0, BM)
+        loc = tl.arange(0, NP)
+        outs = tl.arange(0, OUT_P2)
+        imask = i < c
+        jmask = j < c
+        tile_mask = imask[:, None] & jmask[None, :]
+        off_diag = ti != tj
+        twice = tl.where(off_diag, 2.0, 1.0)
+        for b in range(batch):
+            base = a_ptr + b * stride_ab  # B x C x N entries: int32 is enough
+            ai = tl.load(base + i[:, None] * stride_ac + loc[None, :] * stride_an,
+                         mask=imask[:, None] & (loc[None, :] < n), other=0.0)
+            aj = tl.load(base + j[:, None] * stride_ac + loc[None, :] * stride_an,
+                         mask=jmask[:, None] & (loc[None, :] < n), other=0.0)
+            y = _f(tl.dot(ai, tl.trans(aj), input_precision="ieee") * scale, eps, sqrt_eps)
+            y = tl.where(tile_mask, y, 0.0)
+            tl.store(sq_ptr + t * batch + b, tl.sum(tl.sum(y * y, axis=1), axis=0) * twice)
+            acc = tl.zeros([OUT_P2], dtype=tl.float32)
+            for k in tl.static_range(OUT):
+                wk = w_ptr + k * c * c
+                w = tl.load(wk + i[:, None].to(tl.int64) * c + j[None, :], mask=tile_mask, other=0.0)
+                w += tl.load(wk + j[None, :].to(tl.int64) * c + i[:, None], mask=tile_mask & off_diag, other=0.0)
+                acc += tl.where(outs == k, tl.sum(tl.sum(y * w, axis=1), axis=0), 0.0)
+            tl.store(part_ptr + (t * batch + b) * OUT + outs, acc, mask=outs < OUT)
+
+
+def candidate(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """A zero-argument callable giving the logits of the (full-output) Fast BCNN head of the
+    feature map ``x`` (B, C, H, W) with candidate kernel ``name``: float32, mean over
+    locations, the library's default eps."""
+    if triton is None:
+        raise SystemExit("the candidate kernels need Triton")
+    a = x.flatten(2)
+    batch, c, n = a.shape
+    out = weight.shape[0]
+    scale = 1.0 / n
+    if name == "sqrt-linear":
+        d = c * c
+        bb = min(32, next_pow2(batch))
+        block_d, steps = 16384 // bb, 4
+        programs = -(-d // (block_d * steps))
+        grid = (programs, -(-batch // bb))
+
+        def call() -> torch.Tensor:
+            g = torch.bmm(a, a.transpose(1, 2)).mul_(scale).view(batch, d)
+            parts = torch.empty(programs, batch, out, device=x.device)
+            sq = torch.empty(programs, batch, device=x.device)
+            sqrt_linear_kernel[grid](g, weight, parts, sq, SIGNED_SQRT_EPS, SIGNED_SQRT_EPS**0.5, batch, d,
+                                     g.stride(0), weight.stride(0), OUT=out, OUT_P2=next_pow2(out), BB=bb,
+                                     BLOCK_D=block_d, STEPS=steps, num_warps=8)
+            return parts.sum(0) / sq.sum(0).sqrt().clamp_min(L2_EPS)[:, None] + bias
+
+        return call
+    if name == "gram-linear":
+        bm = 64
+        tiles = -(-c // bm)
+        ti, tj = torch.triu_indices(tiles, tiles, device=x.device).to(torch.int32)
+        np_ = max(16, next_pow2(n))
+
+        def call() -> torch.Tensor:
+            parts = torch.empty(ti.numel(), batch, out, device=x.device)
+            sq = torch.empty(ti.numel(), batch, device=x.device)
+            gram_linear_kernel[(ti.numel(),)](a, weight, parts, sq, ti, tj, scale, SIGNED_SQRT_EPS, SIGNED_SQRT_EPS**0.5,
+                                              batch, c, n, a.stride(0), a.stride(1), a.stride(2), OUT=out,
+                                              OUT_P2=next_pow2(out), BM=bm, NP=np_, num_warps=4)
+            return parts.sum(0) / sq.sum(0).sqrt().clamp_min(L2_EPS)[:, None] + bias
+
+        return call
+    raise ValueError(f"unknown candidate {name!r}")
 
 # B x C x N: ResNet-50 / Inception-v3 maps at 224 px (7x7, 5x5) for batches 1-32,
 # Inception-ResNet-v2 (1536 channels, 5x5), fewer channels, and 14x14 (not fused).
+CANDIDATES = ("sqrt-linear", "gram-linear")
 DEFAULT_SHAPES = [
     "1x2048x49", "2x2048x25", "2x2048x49", "8x2048x25", "8x2048x49", "32x2048x49",
     "2x1536x25", "8x512x49", "32x256x49", "8x2048x196",
@@ -49,10 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=None, help="folder for results.csv / results.json / results.md")
+    parser.add_argument(
+        "--candidates", action=argparse.BooleanOptionalAction, default=None,
+        help="also time the candidate Triton kernels (default: on CUDA only; elsewhere they need TRITON_INTERPRET=1)",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    candidates = CANDIDATES if (device.type == "cuda" if args.candidates is None else args.candidates) else ()
     rows = []
     for shape in args.shapes:
         b, c, n = (int(v) for v in shape.split("x"))
@@ -66,22 +207,27 @@ def main(argv: list[str] | None = None) -> int:
                 "composition": lambda w=w, bias=bias, triu=triu: wide_linear(fast_bilinear_pool(x, triu=triu), w, bias),
                 "fused": lambda w=w, bias=bias, triu=triu: fast_bilinear_linear(x, w, bias, triu=triu),
             }
+            if not triu:  # the candidates compute the full output only
+                fns.update({name: candidate(name, x, w, bias) for name in candidates})
             with torch.no_grad():
                 ref = fns["composition"]()
-                err = (fns["fused"]() - ref).abs().max().item()
-                if err > 1e-4:
-                    raise SystemExit(f"fused at {shape} (triu={triu}): largest difference {err:.3g} from the composition")
+                for name, fn in fns.items():
+                    err = (fn() - ref).abs().max().item()
+                    if err > 1e-4:
+                        raise SystemExit(f"{name} at {shape} (triu={triu}): largest difference {err:.3g} from the composition")
                 times = round_robin(fns, warmup=args.warmup, repeats=args.repeats, device=device)
             med = {k: statistics.median(v) for k, v in times.items()}
-            rows.append({
-                "shape": shape, "triu": triu, "composition_ms": round(med["composition"] * 1e3, 2),
-                "fused_ms": round(med["fused"] * 1e3, 2),
-                "fused_vs_composition": round(med["fused"] / med["composition"], 2),
-            })
+            row = {"shape": shape, "triu": triu, "composition_ms": round(med["composition"] * 1e3, 2)}
+            for name in ("fused", *candidates):
+                row[f"{name}_ms"] = round(med[name] * 1e3, 2) if name in med else ""
+                row[f"{name}_vs_composition"] = round(med[name] / med["composition"], 2) if name in med else ""
+            rows.append(row)
+    header = ["shape", "triu", "composition_ms", "fused_ms", "fused_vs_composition"]
+    header += [f"{name}_{what}" for name in candidates for what in ("ms", "vs_composition")]
     emit(
         f"Fast BCNN head for inference, {args.classes} classes, float32, {device} "
         f"(median of {args.repeats} interleaved rounds)",
-        ["shape", "triu", "composition_ms", "fused_ms", "fused_vs_composition"],
+        header,
         rows,
         env=environment(device),
         out=args.out,

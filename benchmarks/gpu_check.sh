@@ -17,15 +17,16 @@
 #      (benchmarks/profile_layer.py); where a Fast BCNN model's inference time goes
 #      (benchmarks/profile_head.py);
 #   6. the classifier's product: F.linear, the library's kernel and two candidate kernels
-#      (benchmarks/bench_wide_linear.py, "wide");
+#      (benchmarks/bench_wide_linear.py, "wide"); the whole head for inference: pooling then
+#      classifier against two candidate kernels that skip the embedding (bench_head.py, "head");
 #   7. the model benchmark at 224 px, float32;
 #   8. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
 #   9. layers and models again under autocast + channels-last;
 #  10. the Fast BCNN layer cases with torch ops instead of the Triton kernels ("eager",
 #      BILINEARPOOL_TRITON=0);
 #  11. models at 197 and 448 px, float32, if time is left.
-# STEPS (default: all) picks steps by name: tests before layers profile wide models sqrtm
-# sketch amp eager res, e.g. STEPS="tests layers models amp" for a rerun after a change.
+# STEPS (default: all) picks steps by name: tests before layers profile wide head models
+# sqrtm sketch amp eager res, e.g. STEPS="tests layers models amp" for a rerun after a change.
 # After every step the results so far are packed into $OUT/gpu-results.tar.gz (unpack into
 # benchmarks/results/), so a run cut short still returns what finished; the whole log is
 # $OUT/gpu_check.log.
@@ -37,7 +38,7 @@ OUT=${OUT:-gpu-check-out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-420}
-STEPS=" ${STEPS:-tests before layers profile wide models sqrtm sketch amp eager res} "
+STEPS=" ${STEPS:-tests before layers profile wide head models sqrtm sketch amp eager res} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     QUICK=(--quick --shapes 2x64x7x7)
@@ -48,6 +49,7 @@ if [ -n "${DRY:-}" ]; then  # tiny settings, only to check the script's steps
     PROFILE=(--backbone resnet18 --batch-size 2 --resolution 64 --repeats 2 --warmup 1)
     LAYER_PROFILE=(--shapes 2x64x7x7 --calls 5 --cprofile 2x64x7x7)
     WIDE=(--shapes 2x40000x3 --repeats 1 --warmup 0)
+    HEAD=(--shapes 2x64x49 --repeats 1 --warmup 0)
 else
     QUICK=()
     MODELS=(--resolutions 224)
@@ -57,6 +59,7 @@ else
     PROFILE=(--batch-size 32)
     LAYER_PROFILE=(--cprofile 32x256x14x14)
     WIDE=()
+    HEAD=(--shapes 32x2048x49 32x2048x25 32x1536x25 8x2048x49 8x2048x25 --repeats 10)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -99,6 +102,7 @@ want layers && step 90 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --o
 want profile && step 45 "$PY" benchmarks/profile_layer.py --device "$DEVICE" "${LAYER_PROFILE[@]}" --out "$RES/profile-layer.md"
 want profile && step 60 "$PY" benchmarks/profile_head.py --device "$DEVICE" "${PROFILE[@]}" --out "$RES/profile-head.md"
 want wide && step 60 "$PY" benchmarks/bench_wide_linear.py --device "$DEVICE" "${WIDE[@]}" --out "$RES/wide-linear"
+want head && step 90 "$PY" benchmarks/bench_head.py --device "$DEVICE" "${HEAD[@]}" --out "$RES/head"
 want models && step 120 "${BENCH[@]}" models --device "$DEVICE" "${MODELS[@]}" --out "$RES/fp32" --no-progress
 [ -d "$RES/fp32" ] && step 60 "${BENCH[@]}" report "$RES/fp32" --out "$RES/fp32.md" --title "$NAME, float32"
 want sqrtm && step 60 "$PY" benchmarks/bench_matrix_sqrt.py --device "$DEVICE" "${SQRTM[@]}" --out "$RES/sqrtm"

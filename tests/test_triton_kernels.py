@@ -182,6 +182,62 @@ def test_candidate_wide_linear_kernels_of_the_benchmark_match_f_linear():
     assert done.stdout.split() == ["checked", "8"], done.stdout
 
 
+CHECK_HEAD_CANDIDATES = textwrap.dedent(
+    """
+    import sys
+    import torch
+    sys.path.insert(0, "benchmarks")
+    import bench_head as B
+    from bilinearpool.functional import fast_bilinear_pool, wide_linear
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for name in B.CANDIDATES:
+        # one tile and one row block; several tiles with padding (130 = 2 x 64 + 2); 33 samples
+        for b, c, h, w_ in [(1, 16, 2, 2), (3, 100, 5, 5), (2, 130, 7, 7), (33, 40, 3, 3)]:
+            x = torch.randn(b, c, h, w_, generator=g).relu_() - 0.05  # some negative entries
+            w = torch.randn(5, c * c, generator=g) / c
+            bias = torch.randn(5, generator=g)
+            got = B.candidate(name, x, w, bias)()
+            torch.testing.assert_close(got, wide_linear(fast_bilinear_pool(x), w, bias), rtol=1e-4, atol=1e-4)
+            checked += 1
+    print("checked", checked)
+    """
+)
+
+
+def test_candidate_head_kernels_of_the_benchmark_match_the_composition():
+    """benchmarks/bench_head.py times two candidate kernels for the Fast BCNN head on a GPU
+    (signed sqrt + norm + classifier in one pass over G; G built tile by tile and never
+    stored): they give the pooling-then-classifier logits (here under the interpreter)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK_HEAD_CANDIDATES], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["checked", "8"], done.stdout
+
+
+def test_bench_head_runs_its_candidates(tmp_path):
+    """The benchmark's GPU branch (candidates checked, timed and tabled), run on CPU under
+    the interpreter, so that a GPU session does not find a broken script."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "benchmarks/bench_head.py", "--device", "cpu", "--candidates", "--shapes", "2x20x9",
+           "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert lines[0] == (
+        "shape,triu,composition_ms,fused_ms,fused_vs_composition,sqrt-linear_ms,sqrt-linear_vs_composition,"
+        "gram-linear_ms,gram-linear_vs_composition"
+    )
+    full, packed = (line.split(",") for line in lines[1:])
+    assert full[:2] == ["2x20x9", "False"] and all(full[2:])  # every candidate timed
+    assert packed[:2] == ["2x20x9", "True"] and packed[5:] == ["", "", "", ""]  # full output only
+
+
 def test_triton_kernels_match_torch_ops_and_the_definition():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
