@@ -209,17 +209,7 @@ class BilinearClassifier(nn.Module):
         features = self.forward_features(x)
         if isinstance(features, tuple):
             return self.classifier(self.dropout(self._pool(features)))
-        pool = self.pool
-        return fast_bilinear_linear(
-            features,
-            self.classifier.weight,
-            self.classifier.bias,
-            reduction=pool.reduction,
-            signed_sqrt=pool.signed_sqrt,
-            l2_normalize=pool.l2_normalize,
-            triu=pool.triu,
-            eps=pool.eps,
-        )
+        return fast_bilinear_linear(features, self.classifier.weight, self.classifier.bias, **self.pool.options())
 
     def _fused_head(self) -> bool:
         """Whether pooling, dropout and classifier are exactly FastBilinearPool, an inactive

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -145,14 +147,18 @@ class FastBilinearPool(nn.Module):
         return _F.triu_size(in_channels) if self.triu else in_channels * in_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        return _F.fast_bilinear_pool(
-            x,
-            reduction=self.reduction,
-            signed_sqrt=self.signed_sqrt,
-            l2_normalize=self.l2_normalize,
-            triu=self.triu,
-            eps=self.eps,
-        )
+        return _F.fast_bilinear_pool(x, **self.options())
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~bilinearpool.functional.fast_bilinear_pool` (and
+        :func:`~bilinearpool.functional.fast_bilinear_linear`) this layer computes with."""
+        return {
+            "reduction": self.reduction,
+            "signed_sqrt": self.signed_sqrt,
+            "l2_normalize": self.l2_normalize,
+            "triu": self.triu,
+            "eps": self.eps,
+        }
 
     def extra_repr(self) -> str:
         return (

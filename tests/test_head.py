@@ -243,3 +243,13 @@ def test_fast_bcnn_exports_to_onnx_and_compiles():
         eager = model(x)
         torch.testing.assert_close(torch.from_numpy(run_onnx(model, x)), eager, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.compile(model, backend="eager")(x), eager, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_options_configure_the_functions():
+    pool = FastBilinearPool(reduction="sum", signed_sqrt=False, triu=True, eps=1e-3)
+    assert pool.options() == {"reduction": "sum", "signed_sqrt": False, "l2_normalize": True, "triu": True, "eps": 1e-3}
+    x = torch.relu(torch.randn(2, 6, 3, 3, dtype=torch.float64))
+    w, b = classifier_for(6, True)
+    torch.testing.assert_close(pool(x), fast_bilinear_pool(x, **pool.options()))
+    with torch.no_grad():
+        torch.testing.assert_close(fast_bilinear_linear(x, w, b, **pool.options()), F.linear(pool(x), w, b))
