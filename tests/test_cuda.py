@@ -211,3 +211,17 @@ def test_wide_linear_matches_f_linear_on_gpu(cuda, rows):
     with torch.autocast("cuda", dtype=torch.float16):
         assert not L._use_kernel(x32, w32, None)
         assert torch.equal(L.wide_linear(x32, w32), torch.nn.functional.linear(x32, w32))
+
+
+@pytest.mark.parametrize("triu", [False, True])
+def test_fast_bcnn_inference_on_gpu_matches_the_cpu_one_step_head(cuda, triu):
+    """Eval logits on the GPU (pooling then classifier) equal the CPU's, where
+    FastBCNN.forward runs the one-step head (fast_bilinear_linear's panel path)."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 96, 3, stride=4), torch.nn.ReLU())
+    model = FastBCNN(backbone, num_classes=5, triu=triu).double().eval()
+    x = torch.randn(3, 3, 24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        on_cpu = model(x)
+        on_gpu = model.to(cuda)(x.to(cuda)).cpu()
+    torch.testing.assert_close(on_gpu, on_cpu, **F64)
