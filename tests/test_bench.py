@@ -474,6 +474,27 @@ class TestProfileScripts:
         for row in ("| 2x16x9 | False |", "| 2x16x9 | True |", "| 3x8x100 | False |", "| 3x8x100 | True |"):
             assert row in text
 
+    def test_bench_head_reports_a_broken_candidate_and_times_the_rest(self, tmp_path, monkeypatch, capsys):
+        """A candidate kernel that fails (compile error) or computes wrong values is named in
+        its table cell and left out; the library's step and the other rows are still timed."""
+        monkeypatch.syspath_prepend(str(self.ROOT / "benchmarks"))
+        import bench_head
+
+        def broken(name, x, w, bias):
+            if name == "gram-linear":
+                def call():
+                    raise RuntimeError("simulated compile error")
+                return call
+            return lambda: torch.zeros(x.shape[0], w.shape[0])
+
+        monkeypatch.setattr(bench_head, "candidate", broken)
+        args = ["--device", "cpu", "--candidates", "--shapes", "2x8x9", "--repeats", "1", "--warmup", "0"]
+        assert bench_head.main([*args, "--out", str(tmp_path)]) == 0
+        full = (tmp_path / "results.csv").read_text().splitlines()[1].split(",")
+        assert full[5].startswith("wrong (max diff")
+        assert full[7] == "failed (RuntimeError)" and full[3] and full[4]
+        assert "simulated compile error" in capsys.readouterr().err
+
     def test_bench_wide_linear_checks_and_times_the_candidates(self, tmp_path):
         self._run("bench_wide_linear.py", "--shapes", "2x40000x3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
         text = (tmp_path / "results.md").read_text()
