@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 
 def emit(
@@ -44,3 +47,30 @@ def report(lines: Sequence[str], out: Path | None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return 0
+
+
+def check_candidate(
+    name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor, *, tol: float, where: str, candidate: bool
+) -> str:
+    """Compare ``fn()`` with ``ref`` (largest absolute difference at most ``tol``).
+
+    The library's own paths must match: the run stops otherwise. A candidate kernel
+    defined in a benchmark that fails to compile or run, or gives other values, returns
+    a short reason for its table cell (the details go to stderr), so that the caller can
+    leave it out of the timing: one broken candidate must not cost a GPU session the other
+    results. Returns ``""`` when ``fn`` matches.
+    """
+    try:
+        err = (fn().to(ref.dtype) - ref).abs().max().item()
+    except Exception as exc:  # a candidate's compile or launch error: reported, not hidden
+        if not candidate:
+            raise
+        print(f"{name} at {where}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return f"failed ({type(exc).__name__})"
+    if err <= tol:
+        return ""
+    message = f"{name} at {where}: largest difference {err:.3g} from the reference"
+    if not candidate:
+        raise SystemExit(message)
+    print(message, file=sys.stderr)
+    return f"wrong (max diff {err:.2g})"

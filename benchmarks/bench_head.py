@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import emit  # noqa: E402
+from _results import check_candidate, emit  # noqa: E402
 from bilinearpool.bench import environment, round_robin  # noqa: E402
 from bilinearpool.functional import fast_bilinear_linear, fast_bilinear_pool, triu_size, wide_linear  # noqa: E402
 from bilinearpool.functional._elementwise import next_pow2  # noqa: E402
@@ -176,26 +176,6 @@ DEFAULT_SHAPES = [
 ]
 
 
-def _check(name: str, fn, ref: torch.Tensor, shape: str, triu: bool, *, candidate: bool) -> str:
-    """Compare ``fn()`` with the composition's logits. The library's step must match (the
-    run stops otherwise); a candidate kernel that fails to compile or run, or gives other
-    values, is reported in its table cell and left out of the timing, so that one broken
-    candidate does not cost a GPU session the other results."""
-    try:
-        err = (fn() - ref).abs().max().item()
-    except Exception as exc:  # a candidate's compile or launch error: said in the table and on stderr
-        if not candidate:
-            raise
-        print(f"{name} at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return f"failed ({type(exc).__name__})"
-    if err <= 1e-4:
-        return ""
-    if not candidate:
-        raise SystemExit(f"{name} at {shape} (triu={triu}): largest difference {err:.3g} from the composition")
-    print(f"{name} at {shape}: largest difference {err:.3g} from the composition", file=sys.stderr)
-    return f"wrong (max diff {err:.2g})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxCxN (default: %(default)s)")
@@ -233,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 ref = fns["composition"]()
                 for name in list(fns):
-                    why = _check(name, fns[name], ref, shape, triu, candidate=name in CANDIDATES)
+                    why = check_candidate(
+                        name, fns[name], ref, tol=1e-4, where=f"{shape} (triu={triu})", candidate=name in CANDIDATES
+                    )
                     if why:
                         failed[name] = why
                         del fns[name]
