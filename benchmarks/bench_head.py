@@ -20,7 +20,8 @@ here (not in the library) are timed for the full output too:
 - ``gram-linear``: no ``G`` in memory at all: each program builds the (64 x 64) tiles
   ``A_I A_J^T`` of the upper triangle with ``tl.dot`` (float32, ``ieee`` precision), for
   every sample, and multiplies them with the classifier's matching tiles on the spot
-  (those of both ``W[:, I, J]`` and the mirror ``W[:, J, I]``).
+  (those of both ``W[:, I, J]`` and the mirror ``W[:, J, I]``); ``gram-linear-128`` the
+  same with (128 x 128) tiles and 8 warps.
 
 Each candidate is checked against the composition first. ``*_vs_composition``: ratios of
 the medians. Usage::
@@ -150,8 +151,8 @@ def candidate(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             return parts.sum(0) / sq.sum(0).sqrt().clamp_min(L2_EPS)[:, None] + bias
 
         return call
-    if name == "gram-linear":
-        bm = 64
+    if name.startswith("gram-linear"):
+        bm, warps = (128, 8) if name == "gram-linear-128" else (64, 4)
         tiles = -(-c // bm)
         ti, tj = torch.triu_indices(tiles, tiles, device=x.device).to(torch.int32)
         np_ = max(16, next_pow2(n))
@@ -161,7 +162,7 @@ def candidate(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             sq = torch.empty(ti.numel(), batch, device=x.device)
             gram_linear_kernel[(ti.numel(),)](a, weight, parts, sq, ti, tj, scale, SIGNED_SQRT_EPS, SIGNED_SQRT_EPS**0.5,
                                               batch, c, n, a.stride(0), a.stride(1), a.stride(2), OUT=out,
-                                              OUT_P2=next_pow2(out), BM=bm, NP=np_, num_warps=4)
+                                              OUT_P2=next_pow2(out), BM=bm, NP=np_, num_warps=warps)
             return parts.sum(0) / sq.sum(0).sqrt().clamp_min(L2_EPS)[:, None] + bias
 
         return call
@@ -169,7 +170,7 @@ def candidate(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 # B x C x N: ResNet-50 / Inception-v3 maps at 224 px (7x7, 5x5) for batches 1-32,
 # Inception-ResNet-v2 (1536 channels, 5x5), fewer channels, and 14x14 (not fused).
-CANDIDATES = ("sqrt-linear", "gram-linear")
+CANDIDATES = ("sqrt-linear", "gram-linear", "gram-linear-128")
 DEFAULT_SHAPES = [
     "1x2048x49", "2x2048x25", "2x2048x49", "8x2048x25", "8x2048x49", "32x2048x49",
     "2x1536x25", "8x512x49", "32x256x49", "8x2048x196",

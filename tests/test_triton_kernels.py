@@ -193,7 +193,7 @@ CHECK_HEAD_CANDIDATES = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     checked = 0
     for name in B.CANDIDATES:
-        # one tile and one row block; several tiles with padding (130 = 2 x 64 + 2); 33 samples
+        # one tile and one row block; several tiles with padding (130 = 2 x 64 + 2 = 128 + 2); 33 samples
         for b, c, h, w_ in [(1, 16, 2, 2), (3, 100, 5, 5), (2, 130, 7, 7), (33, 40, 3, 3)]:
             x = torch.randn(b, c, h, w_, generator=g).relu_() - 0.05  # some negative entries
             w = torch.randn(5, c * c, generator=g) / c
@@ -216,7 +216,7 @@ def test_candidate_head_kernels_of_the_benchmark_match_the_composition():
         [sys.executable, "-c", CHECK_HEAD_CANDIDATES], env=env, cwd=root, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["checked", "8"], done.stdout
+    assert done.stdout.split() == ["checked", "12"], done.stdout
 
 
 def test_bench_head_runs_its_candidates(tmp_path):
@@ -231,11 +231,11 @@ def test_bench_head_runs_its_candidates(tmp_path):
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert lines[0] == (
         "shape,triu,composition_ms,fused_ms,fused_vs_composition,sqrt-linear_ms,sqrt-linear_vs_composition,"
-        "gram-linear_ms,gram-linear_vs_composition"
+        "gram-linear_ms,gram-linear_vs_composition,gram-linear-128_ms,gram-linear-128_vs_composition"
     )
     full, packed = (line.split(",") for line in lines[1:])
     assert full[:2] == ["2x20x9", "False"] and all(full[2:])  # every candidate timed
-    assert packed[:2] == ["2x20x9", "True"] and packed[5:] == ["", "", "", ""]  # full output only
+    assert packed[:2] == ["2x20x9", "True"] and packed[5:] == [""] * 6  # full output only
 
 
 def test_triton_kernels_match_torch_ops_and_the_definition():
