@@ -10,14 +10,24 @@ import torch
 from torch import Tensor, nn
 
 
-def run_onnx(module: nn.Module, *inputs: Tensor) -> np.ndarray:
-    """Export ``module`` with the TorchScript exporter and return onnxruntime's output."""
+def run_onnx(module: nn.Module, *inputs: Tensor, dynamo: bool = False) -> np.ndarray:
+    """Export ``module`` and return onnxruntime's output for ``inputs``.
+
+    ``dynamo=False``: the TorchScript exporter (opset 17); ``dynamo=True``: the
+    torch.export-based exporter, ``torch.onnx.export``'s default since torch 2.9 (needs
+    onnxscript).
+    """
     import onnxruntime as ort
 
-    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), inputs, buffer, dynamo=False, opset_version=17)
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+        if dynamo:
+            program = torch.onnx.export(module.eval(), inputs, dynamo=True, verbose=False)
+            model = program.model_proto.SerializeToString()
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(module.eval(), inputs, buffer, dynamo=False, opset_version=17)
+            model = buffer.getvalue()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)[0]
