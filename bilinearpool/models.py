@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor, WeightsArg, build_backbone
+from .functional.bilinear import triu_fold
 from .functional.head import fast_bilinear_linear
 from .linear import WideLinear
 from .pooling import BilinearPool, FastBilinearPool
@@ -210,6 +211,52 @@ class BilinearClassifier(nn.Module):
         if isinstance(features, tuple):
             return self.classifier(self.dropout(self._pool(features)))
         return fast_bilinear_linear(features, self.classifier.weight, self.classifier.bias, **self.pool.options())
+
+    def to_triu(self) -> "BilinearClassifier":
+        """A copy of this model whose pooling returns the packed upper triangle
+        (``FastBilinearPool(triu=True)``) and whose classifier is folded to match
+        (:func:`~bilinearpool.functional.triu_fold`): the same logits in eval mode, with
+        :math:`C(C+1)/2` instead of :math:`C^2` classifier inputs (half the classifier's
+        parameters and memory, and the cheaper packed head for inference). The embedding
+        becomes the packed one, an isometry of the full one (same norms and distances).
+        For a trained paper-style Fast BCNN before deployment; in training, dropout acts
+        on the packed features.
+
+        Raises:
+            ValueError: unless the pooling is a :class:`~bilinearpool.FastBilinearPool` with
+                ``triu=False`` and the classifier a linear layer.
+
+        Examples:
+            >>> model = FastBCNN(nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU()), num_classes=3).eval()
+            >>> packed = model.to_triu()
+            >>> x = torch.randn(2, 3, 24, 24)
+            >>> torch.allclose(packed(x), model(x), atol=1e-5), packed.embedding_dim
+            (True, 36)
+        """
+        if not isinstance(self.pool, FastBilinearPool) or self.pool.triu:
+            raise ValueError(
+                "to_triu needs a FastBilinearPool with triu=False (the full C^2 output), "
+                f"but this model's pool is {self.pool!r}"
+            )
+        if not isinstance(self.classifier, nn.Linear):
+            raise ValueError(f"to_triu needs a linear classifier, but got {type(self.classifier).__name__}")
+        old = self.classifier
+        folded = triu_fold(old.weight.detach())
+        classifier = WideLinear(
+            folded.shape[1], folded.shape[0], bias=old.bias is not None, device=folded.device, dtype=folded.dtype
+        )
+        with torch.no_grad():
+            classifier.weight.copy_(folded)
+            if old.bias is not None:
+                classifier.bias.copy_(old.bias)  # type: ignore[union-attr]
+        classifier.train(old.training)
+        pool = copy.deepcopy(self.pool)
+        pool.triu = True
+        # Copy the rest of the model; the memo puts the new pool and classifier in place of
+        # the old ones (the large full-size classifier is never copied).
+        model = copy.deepcopy(self, {id(self.pool): pool, id(old): classifier})
+        model.embedding_dim = classifier.in_features
+        return model
 
     def _fused_head(self) -> bool:
         """Whether pooling, dropout and classifier are exactly FastBilinearPool, an inactive

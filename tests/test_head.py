@@ -253,3 +253,61 @@ def test_pool_options_configure_the_functions():
     torch.testing.assert_close(pool(x), fast_bilinear_pool(x, **pool.options()))
     with torch.no_grad():
         torch.testing.assert_close(fast_bilinear_linear(x, w, b, **pool.options()), F.linear(pool(x), w, b))
+
+
+# -- folding a trained full-output classifier onto the packed triangle ------------------------
+
+
+def test_triu_fold_gives_the_same_outputs_on_packed_symmetric_matrices():
+    from bilinearpool.functional import triu_fold
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 49, generator=g, dtype=torch.float64)
+    s = torch.randn(4, 7, 7, generator=g, dtype=torch.float64)
+    s = s + s.transpose(1, 2)
+    folded = triu_fold(w)
+    assert folded.shape == (5, 28)
+    torch.testing.assert_close(F.linear(triu_pack(s), folded), F.linear(s.flatten(1), w), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"weight must be \(K, C\^2\).*got shape \(5, 50\)"):
+        triu_fold(torch.randn(5, 50))
+    with pytest.raises(TypeError, match="floating-point"):
+        triu_fold(torch.ones(2, 4, dtype=torch.long))
+
+
+def test_to_triu_keeps_the_logits_and_halves_the_classifier():
+    torch.manual_seed(0)
+    model = FastBCNN(tiny_backbone(), num_classes=4).double().eval()
+    x = torch.randn(5, 3, 24, 24, dtype=torch.float64)
+    packed = model.to_triu()
+    assert isinstance(packed, FastBCNN) and packed.pool.triu and not model.pool.triu
+    assert packed.embedding_dim == triu_size(12) == 78 and model.embedding_dim == 144
+    assert packed.classifier.weight.shape == (4, 78) and model.classifier.weight.shape == (4, 144)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(model) - n_params(packed) == 4 * (144 - 78)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x), rtol=1e-10, atol=1e-12)
+        e_full, e_packed = model.forward_embedding(x), packed.forward_embedding(x)
+        torch.testing.assert_close(torch.cdist(e_packed, e_packed), torch.cdist(e_full, e_full))  # an isometry
+    # A copy: training the new model leaves the old one alone.
+    with torch.no_grad():
+        next(packed.backbone.parameters()).add_(1.0)
+    assert not torch.equal(next(packed.backbone.parameters()), next(model.backbone.parameters()))
+    # Its checkpoint loads into a model built with triu=True.
+    fresh = FastBCNN(tiny_backbone(), num_classes=4, triu=True).double().eval()
+    fresh.load_state_dict(packed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), packed(x))
+
+
+def test_to_triu_refuses_models_it_cannot_fold():
+    for model in (
+        FastBCNN(tiny_backbone(), num_classes=3, triu=True),
+        GAPClassifier(tiny_backbone(), num_classes=3),
+        BCNN(tiny_backbone(), num_classes=3),
+    ):
+        with pytest.raises(ValueError, match="to_triu needs a FastBilinearPool with triu=False"):
+            model.to_triu()
+    model = FastBCNN(tiny_backbone(), num_classes=3)
+    model.classifier = nn.Sequential(nn.Linear(144, 3))
+    with pytest.raises(ValueError, match="to_triu needs a linear classifier, but got Sequential"):
+        model.to_triu()

@@ -33,6 +33,7 @@ __all__ = [
     "l2_normalize",
     "signed_sqrt",
     "signed_sqrt_grad_bound",
+    "triu_fold",
     "triu_pack",
     "triu_size",
     "triu_unpack",
@@ -260,6 +261,43 @@ def triu_unpack(v: Tensor) -> Tensor:
     full = v.new_zeros(v.shape[0], c * c).index_copy(1, index, v / scale).view(-1, c, c)
     return full + full.transpose(1, 2).tril(-1)
 
+
+
+def triu_fold(weight: Tensor) -> Tensor:
+    """A linear layer's weight on flattened symmetric matrices, folded onto their packed triangles.
+
+    For symmetric ``S``, ``W vec(S) = sum_i W_ii S_ii + sum_{i<j} (W_ij + W_ji) S_ij``, so
+    the weight ``W_t = triu_pack((W + W^T) / 2)`` (per output row, ``W`` seen as ``C x C``)
+    gives the same outputs on :func:`triu_pack`'s vectors:
+    ``W_t triu_pack(S) == W vec(S)``, with :math:`C(C+1)/2` instead of :math:`C^2` columns.
+    This turns a trained full-output Fast BCNN classifier into the ``triu=True`` one
+    (:meth:`~bilinearpool.BilinearClassifier.to_triu`). Rows are folded one at a time
+    (no temporary larger than one row).
+
+    Args:
+        weight: ``(K, C^2)``.
+
+    Shape:
+        - Input: :math:`(K, C^2)`.
+        - Output: :math:`(K, C(C+1)/2)`.
+
+    Examples:
+        >>> w = torch.randn(3, 16)
+        >>> s = torch.randn(2, 4, 4)
+        >>> s = s + s.transpose(1, 2)  # symmetric
+        >>> torch.allclose(triu_pack(s) @ triu_fold(w).T, s.flatten(1) @ w.T, atol=1e-5)
+        True
+    """
+    check_floating(weight, "weight")
+    c = math.isqrt(weight.shape[1]) if weight.dim() == 2 else 0
+    if weight.dim() != 2 or c < 1 or c * c != weight.shape[1]:
+        raise ValueError(f"weight must be (K, C^2) for some channel count C, but got shape {tuple(weight.shape)}")
+    index, scale = _triu_block(0, c, c, weight.device, weight.dtype)
+    out = weight.new_empty(weight.shape[0], index.numel())
+    for k in range(weight.shape[0]):
+        w = weight[k].view(c, c)
+        out[k] = (w + w.t()).view(-1).index_select(0, index).mul_(scale * 0.5)
+    return out
 
 
 def _block_elements(device: torch.device) -> int:
