@@ -43,7 +43,7 @@ from .bilinear import (
     fast_bilinear_pool,
     triu_size,
 )
-from .linear import wide_linear
+from .linear import _DTYPES, wide_linear
 
 __all__ = ["fast_bilinear_linear"]
 
@@ -59,7 +59,6 @@ _PANEL_ROWS = (32, 128)
 #: each reading the weight once, so that a panel of all samples stays cache-sized
 #: (batch 32, C = 2048, 7x7: 425 ms in groups of 8 against 515 ms in one sweep).
 _GROUP = 8
-_DTYPES = (torch.float32, torch.float64)
 
 
 def fast_bilinear_linear(
