@@ -216,6 +216,10 @@ class SavedTensorCounter:
     graph keeps alive. Saved inputs and parameters count too: the fused Fast BCNN op keeps
     only its input, so its saved bytes equal the input map's.
 
+    Args:
+        exclude: tensors whose storages are not counted when saved (e.g. a classifier's
+            weight, which the model holds anyway).
+
     Attributes:
         nbytes: bytes of the unique storages saved.
         count: number of tensors saved (with repeats).
@@ -232,24 +236,31 @@ class SavedTensorCounter:
         ...     z = x * x  # saves x twice: one storage
         >>> saved.nbytes, saved.count
         (400, 2)
+        >>> with SavedTensorCounter(exclude=[y]) as saved:
+        ...     z = x * y  # y is not counted
+        >>> saved.nbytes
+        400
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
         self.nbytes = 0
         self.count = 0
-        self._seen: set[tuple[str, int]] = set()
+        self._seen: set[tuple[str, int]] = {self._key(t) for t in exclude}
+        self._excluded = len(self._seen)
         self._hooks: ContextManager[object] | None = None
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple[str, int]:
+        return (str(t.device), t.untyped_storage().data_ptr())
 
     @property
     def storages(self) -> int:
-        return len(self._seen)
+        return len(self._seen) - self._excluded
 
     def _pack(self, t: Tensor) -> Tensor:
         self.count += 1
         try:
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            size = storage.nbytes()
+            key, size = self._key(t), t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a plain storage
             key = (str(t.device), id(t))
             size = t.numel() * t.element_size()
@@ -677,6 +688,12 @@ for _case in (
         "fast-bcnn-triu",
         "FastBilinearPool(triu=True): fused, packed upper triangle",
         lambda c, d: FastBilinearPool(triu=True),
+        goal=True,
+    ),
+    LayerCase(
+        "fast-bcnn-so",
+        "FastBilinearPool(save_output=True): fused, keeps its output for backward (no rebuild)",
+        lambda c, d: FastBilinearPool(save_output=True),
         goal=True,
     ),
     LayerCase(

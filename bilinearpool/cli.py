@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import bench
@@ -438,6 +439,19 @@ def _fwd_bwd(
     return step
 
 
+def _saved_with_linear(fn: bench.LayerFn, inputs: Sequence[Tensor], dim: int, s: Any) -> int:
+    """Saved-for-backward bytes of ``fn`` followed by a linear classifier on its output
+    (:data:`bench.CLASSIFIER_CLASSES` classes; its weight is not counted)."""
+    weight = torch.zeros(bench.CLASSIFIER_CLASSES, dim, device=s.device, requires_grad=True)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    with (
+        bench.SavedTensorCounter(exclude=[weight]) as saved,
+        bench.autocast_context(s.device, s.amp_dtype),
+    ):
+        F.linear(fn(*leaves).flatten(1), weight)
+    return saved.nbytes
+
+
 def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
     """Measure every selected layer case at every shape (see ``bilinearpool-bench layers --help``)."""
     s = _settings(args, "layers")
@@ -486,6 +500,7 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                 out.backward(grad)
                 dim = bench.layer_output_dim(fn, c, streams=case.streams, out=out)
                 del out, leaves
+                with_linear = _saved_with_linear(fn, inputs, dim, s)
                 steps[case.name] = _fwd_bwd(fn, inputs, grad, s.amp_dtype)
                 measured[case.name] = {
                     "dim": dim,
@@ -493,6 +508,7 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                         bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0
                     ),
                     "saved": saved.nbytes,
+                    "with_linear": with_linear,
                     "peak": _peak_mib(steps[case.name], s.device),
                     "input": map_bytes * case.streams,
                 }
@@ -518,6 +534,7 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                     "saved_MiB": m["saved"] / MIB,
                     "input_MiB": m["input"] / MIB,
                     "saved_vs_input": m["saved"] / m["input"],
+                    "saved_with_linear_MiB": m["with_linear"] / MIB,
                     "peak_MiB": m["peak"],
                     "D": m["dim"],
                     "layer_params": m["layer_params"],
@@ -534,13 +551,13 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
         bar.close()
     env["load_average_at_end"] = _load_average()
     columns = ["shape", "case", "fwd_bwd_ms", "vs_naive", "vs_naive_range", "vs_floor", "saved_MiB", "input_MiB",
-               "saved_vs_input"]  # fmt: skip
+               "saved_vs_input", "saved_with_linear_MiB"]  # fmt: skip
     if s.device.type == "cuda":
         columns.append("peak_MiB")
     columns += ["D", "layer_params", "classifier_params", "goals"]
     k = bench.CLASSIFIER_CLASSES
     summary_columns = ["shape", "case", "D", "layer_params", "classifier_params", "fwd_bwd_ms",
-                       "vs_naive", "saved_vs_input"]  # fmt: skip
+                       "vs_naive", "saved_vs_input", "saved_with_linear_MiB"]  # fmt: skip
     summary_roles = {c.name: c.role for c in cases}
     meta = {
         "command": command,
@@ -556,7 +573,8 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
                 f"checked against one output); layer_params, its own trainable parameters; "
                 f"classifier_params, those of an {k}-class linear classifier on top "
                 f"({k}*D + {k}); fwd+bwd time and its ratio to the naive chain; saved-for-backward "
-                f"bytes / input. Whole-model parameters: add the backbone's and layer_params."
+                f"bytes / input, and those of the layer with the {k}-class classifier on top "
+                f"(MiB). Whole-model parameters: add the backbone's and layer_params."
             ),
             "columns": summary_columns,
             "rows": [
@@ -574,7 +592,11 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
             ),
             (
                 "saved_MiB: bytes autograd keeps for backward, counted exactly by unique storage with "
-                "torch.autograd.graph.saved_tensors_hooks (inputs included); input_MiB: the input map(s)."
+                "torch.autograd.graph.saved_tensors_hooks (inputs included); input_MiB: the input map(s). "
+                f"saved_with_linear_MiB: the same for the layer followed by an {k}-class linear "
+                "classifier on its output (the classifier's weight not counted), what a model "
+                "keeps: a linear layer keeps its input, so a layer that saves its own output "
+                "(fast-bcnn-so) costs no more there than one that does not."
             ),
             "bcnn-2stream takes two maps of the shape, so its input is twice the others'.",
             (

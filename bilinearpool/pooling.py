@@ -29,6 +29,9 @@ class BilinearPool(nn.Module):
             ``"nearest"``, ``"area"``) resizes ``x_b`` to the size of ``x_a``.
         normalize: return ``l2_normalize(signed_sqrt(G))`` flattened, computed fused.
         eps: :math:`\\epsilon` of the signed square root (only with ``normalize``).
+        save_output: with ``normalize``, keep the output for backward as well as the
+            inputs, so that the backward reads the matrices instead of rebuilding them
+            (see :func:`~bilinearpool.functional.fast_bilinear_pool`).
 
     Shape:
         - x_a: :math:`(B, C_1, H, W)` or tokens :math:`(B, N, C_1)`.
@@ -51,12 +54,19 @@ class BilinearPool(nn.Module):
         resize: str | None = None,
         normalize: bool = False,
         eps: float = _F.SIGNED_SQRT_EPS,
+        save_output: bool = False,
     ) -> None:
         super().__init__()
         _F._check_reduction(reduction)
         _F._check_eps(eps)
         if resize is not None and resize not in _RESIZE_MODES:
             raise ValueError(f"resize must be None or one of {_RESIZE_MODES}, but got {resize!r}")
+        if save_output and not normalize:
+            raise ValueError(
+                "save_output=True applies to the fused normalized op (normalize=True); "
+                "without normalize the plain product's autograd saves the inputs"
+            )
+        self.save_output = save_output
         self.reduction = reduction
         self.resize = resize
         self.normalize = normalize
@@ -79,13 +89,16 @@ class BilinearPool(nn.Module):
             align = False if self.resize in ("bilinear", "bicubic") else None
             x_b = F.interpolate(x_b, size=x_a.shape[-2:], mode=self.resize, align_corners=align)
         if self.normalize:
-            return _F.fast_bilinear_pool(x_a, x_b, reduction=self.reduction, eps=self.eps)
+            return _F.fast_bilinear_pool(
+                x_a, x_b, reduction=self.reduction, eps=self.eps, save_output=self.save_output
+            )
         return _F.bilinear_pool(x_a, x_b, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction!r}, resize={self.resize!r}, normalize={self.normalize}"
             + (f", eps={self.eps}" if self.normalize else "")
+            + (", save_output=True" if self.save_output else "")
         )
 
 
@@ -109,6 +122,12 @@ class FastBilinearPool(nn.Module):
             halves the parameters of a linear classifier on top.
         eps: :math:`\\epsilon` of the signed square root; gradients are at most
             :math:`1/(2\\sqrt{\\epsilon})`.
+        save_output: keep the output for backward as well as the input, so that the
+            backward reads the matrices instead of rebuilding them (faster where the
+            matrix products dominate, i.e. many locations); free in memory when a linear
+            classifier takes the output directly (it keeps it anyway), :math:`B D` more
+            saved values otherwise. See
+            :func:`~bilinearpool.functional.fast_bilinear_pool`.
 
     Shape:
         - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
@@ -130,6 +149,7 @@ class FastBilinearPool(nn.Module):
         l2_normalize: bool = True,
         triu: bool = False,
         eps: float = _F.SIGNED_SQRT_EPS,
+        save_output: bool = False,
     ) -> None:
         super().__init__()
         _F._check_reduction(reduction)
@@ -139,6 +159,7 @@ class FastBilinearPool(nn.Module):
         self.l2_normalize = l2_normalize
         self.triu = triu
         self.eps = eps
+        self.save_output = save_output
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
         """Number of output features per sample for ``in_channels`` input channels."""
@@ -158,10 +179,12 @@ class FastBilinearPool(nn.Module):
             "l2_normalize": self.l2_normalize,
             "triu": self.triu,
             "eps": self.eps,
+            "save_output": self.save_output,
         }
 
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction!r}, signed_sqrt={self.signed_sqrt}, "
             f"l2_normalize={self.l2_normalize}, triu={self.triu}, eps={self.eps}"
+            + (", save_output=True" if self.save_output else "")
         )

@@ -298,6 +298,14 @@ class TestCommandLine:
         assert float(by["2x8x4x4", "fast-bcnn"]["saved_vs_input"]) == 1.0
         assert float(by["2x8x4x4", "fast-bcnn"]["input_MiB"]) == 2 * 8 * 4 * 4 * FLOAT32 / 2**20
         assert "memory met (1.00x)" in by["2x8x4x4", "fast-bcnn"]["goals"]
+        # save_output: the output is saved too (input + output + one norm per sample), and
+        # with a linear classifier on top the graph keeps no more than fast-bcnn's
+        saved_so = (2 * 8 * 4 * 4 + 2 * 64 + 2) * FLOAT32 / 2**20
+        assert float(by["2x8x4x4", "fast-bcnn-so"]["saved_MiB"]) == pytest.approx(saved_so, rel=1e-3)
+        assert "memory NOT met" in by["2x8x4x4", "fast-bcnn-so"]["goals"]
+        with_linear = {name: float(by["2x8x4x4", name]["saved_with_linear_MiB"]) for name in ("fast-bcnn", "fast-bcnn-so")}
+        assert with_linear["fast-bcnn"] == pytest.approx((2 * 8 * 4 * 4 + 2 * 64) * FLOAT32 / 2**20, rel=1e-3)
+        assert with_linear["fast-bcnn-so"] == pytest.approx(with_linear["fast-bcnn"] + 2 * FLOAT32 / 2**20, rel=1e-3)
         # what a user needs to choose: D, the layer's parameters, an 8-class classifier's
         for shape, c in (("2x8x4x4", 8), ("3x6x2x3", 6)):
             expected = {
@@ -305,6 +313,7 @@ class TestCommandLine:
                 "matmul-floor": (c * c, 0),
                 "fast-bcnn": (c * c, 0),
                 "fast-bcnn-triu": (c * (c + 1) // 2, 0),
+                "fast-bcnn-so": (c * c, 0),
                 "bcnn-2stream": (c * c, 0),
                 "isqrt-cov": (c * (c + 1) // 2, 0),
                 "isqrt-cov-r256": (256 * 257 // 2, c * 256 + 2 * 256),  # 1x1 conv + BN

@@ -46,19 +46,24 @@ def _value_and_grad(fn, inputs, weights):
 @pytest.mark.parametrize("two,triu", [(False, False), (False, True), (True, False)])
 @pytest.mark.parametrize("sqrt,l2", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, sqrt, l2, backend):
+@pytest.mark.parametrize("save_output", [False, True])
+def test_fast_bilinear_pool_matches_cpu(cuda, monkeypatch, two, triu, sqrt, l2, backend, save_output):
     """Values and gradients on the GPU (whole matrices; elementwise passes as Triton kernels
     or as torch ops) equal the CPU's (panels), with and without the square root and the
-    normalisation (300 channels: 22 partial sums per sample to add up)."""
+    normalisation (300 channels: 22 partial sums per sample to add up), and with the
+    output saved for backward (the CPU reference saves only the input)."""
     monkeypatch.setenv("BILINEARPOOL_TRITON", "1" if backend == "triton" else "0")
     assert _elementwise.backend(cuda) == backend
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 300, 6, 7, generator=g, dtype=torch.float64).relu()
     inputs = [x, torch.randn(3, 40, 6, 7, generator=g, dtype=torch.float64).relu()] if two else [x]
-    fn = lambda *xs: fast_bilinear_pool(*xs, triu=triu, signed_sqrt=sqrt, l2_normalize=l2)  # noqa: E731
+    fn = lambda *xs, save=False: fast_bilinear_pool(  # noqa: E731
+        *xs, triu=triu, signed_sqrt=sqrt, l2_normalize=l2, save_output=save
+    )
     weights = torch.randn(fn(*inputs).shape, generator=g, dtype=torch.float64)
     out_cpu, g_cpu = _value_and_grad(fn, inputs, weights)
-    out_gpu, g_gpu = _value_and_grad(fn, [t.to(cuda) for t in inputs], weights)
+    gpu = lambda *xs: fn(*xs, save=save_output)  # noqa: E731
+    out_gpu, g_gpu = _value_and_grad(gpu, [t.to(cuda) for t in inputs], weights)
     torch.testing.assert_close(out_gpu, out_cpu, **F64)
     for a, b in zip(g_gpu, g_cpu):
         torch.testing.assert_close(a, b, **F64)

@@ -242,11 +242,12 @@ class TestFastBilinearPool:
             x_b = None if x_b is None else x_b.relu()
         return (x_a, x_b) if two else (x_a,)
 
+    @pytest.mark.parametrize("save_output", [False, True], ids=["save-input", "save-output"])
     @pytest.mark.parametrize("case", CASES, ids=str)
     @pytest.mark.parametrize("sqrt,l2", [(True, True), (True, False), (False, True), (False, False)])
-    def test_values_and_gradients_equal_naive(self, case, sqrt, l2, blocking):
+    def test_values_and_gradients_equal_naive(self, case, sqrt, l2, save_output, blocking):
         inputs = [x.requires_grad_() for x in self.inputs(case["two"])]
-        kwargs = dict(triu=case["triu"], signed_sqrt=sqrt, l2_normalize=l2)
+        kwargs = dict(triu=case["triu"], signed_sqrt=sqrt, l2_normalize=l2, save_output=save_output)
         fast = fast_bilinear_pool(*inputs, **kwargs)
         slow = naive_chain(*inputs, triu=case["triu"], sqrt=sqrt, l2=l2)
         torch.testing.assert_close(fast, slow, **TOL[torch.float64])
@@ -256,12 +257,29 @@ class TestFastBilinearPool:
         for a, b in zip(g_fast, g_slow):
             torch.testing.assert_close(a, b, **TOL[torch.float64])
 
+    @pytest.mark.parametrize("save_output", [False, True], ids=["save-input", "save-output"])
     @pytest.mark.parametrize("case", CASES, ids=str)
-    def test_gradcheck(self, case, blocking):
+    def test_gradcheck(self, case, save_output, blocking):
         # No exact zeros here: finite differences are inaccurate where f'' jumps.
         inputs = [x.requires_grad_() for x in self.inputs(case["two"], zeros=False)]
-        fn = lambda *xs: fast_bilinear_pool(*xs, triu=case["triu"], eps=1e-2)  # noqa: E731
+        fn = lambda *xs: fast_bilinear_pool(*xs, triu=case["triu"], eps=1e-2, save_output=save_output)  # noqa: E731
         assert torch.autograd.gradcheck(fn, inputs)
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_save_output_below_the_l2_floor(self, case, blocking):
+        """A sample whose norm is below l2_eps (all zeros but one tiny entry): the saved
+        output was divided by l2_eps, not by its norm, and the backward must undo that."""
+        inputs = [x.requires_grad_() for x in self.inputs(case["two"])]
+        with torch.no_grad():
+            for x in inputs:
+                x[1].zero_()
+                x[1, 0, 0, 0] = 1e-4
+        kwargs = dict(triu=case["triu"], eps=1e-9, l2_eps=1e-6)
+        weights = torch.randn_like(fast_bilinear_pool(*inputs, **kwargs))
+        expected = torch.autograd.grad((fast_bilinear_pool(*inputs, **kwargs) * weights).sum(), inputs)
+        got = torch.autograd.grad((fast_bilinear_pool(*inputs, **kwargs, save_output=True) * weights).sum(), inputs)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
 
     def test_float32_equals_float64(self, blocking):
         (x,) = self.inputs(False)
@@ -290,6 +308,43 @@ class TestFastBilinearPool:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fast_bilinear_pool(*inputs)
         assert sum(saved) == sum(x.numel() * x.element_size() for x in inputs)
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_save_output_saves_the_output_and_one_norm_per_sample(self, case, blocking):
+        two, triu = case["two"], case["triu"]
+        inputs = [x.float().requires_grad_() for x in self.inputs(two)]
+        saved: list[torch.Tensor] = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fast_bilinear_pool(*inputs, triu=triu, save_output=True)
+        assert any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in saved)
+        expected = sum(x.numel() for x in inputs) + out.numel() + out.shape[0]
+        assert sum(t.untyped_storage().nbytes() for t in saved) == 4 * expected
+
+    @pytest.mark.parametrize("two", [False, True])
+    def test_save_output_refuses_an_output_changed_in_place(self, two):
+        inputs = [x.requires_grad_() for x in self.inputs(two)]
+        out = fast_bilinear_pool(*inputs, save_output=True)
+        out.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_save_output_half_inputs(self, dtype):
+        (x,) = self.inputs(False, dtype=torch.float32)
+        x = x.to(dtype).requires_grad_()
+        ref = x.detach().clone().requires_grad_()
+        out = fast_bilinear_pool(x, save_output=True)
+        assert out.dtype == dtype
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        (got,) = torch.autograd.grad((out.float() * weights).sum(), x)
+        (expected,) = torch.autograd.grad((fast_bilinear_pool(ref).float() * weights).sum(), ref)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
     def test_tokens_channels_last_noncontiguous(self):
         x = torch.randn(2, 12, 5, 6).relu()

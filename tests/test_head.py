@@ -121,6 +121,54 @@ def test_gradients_go_through_the_definition(triu):
     assert torch.autograd.gradcheck(lambda x, w, b: fast_bilinear_linear(x, w, b, triu=triu), (x, w, b))
 
 
+def _saved_storages(fn):
+    """The storages (data pointer -> bytes) autograd saves while ``fn()`` runs, and its result."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("triu", [False, True])
+def test_training_keeps_the_features_once(triu, monkeypatch):
+    """With a weight that needs a gradient the classifier keeps the features; the pooling
+    then keeps the same tensor (save_output), so the graph holds the input, the features
+    (once), the weight and one norm per sample; with a frozen weight the input and the
+    weight (for the features' gradient)."""
+    x = torch.relu(torch.randn(3, 6, 4, 4)).requires_grad_()
+    w, b = (t.float() for t in classifier_for(6, triu))
+    kept: list[bool] = []
+    pool = head.fast_bilinear_pool
+
+    def spy(*args, **kwargs):
+        kept.append(kwargs["save_output"])
+        return pool(*args, **kwargs)
+
+    monkeypatch.setattr(head, "fast_bilinear_pool", spy)
+    w.requires_grad_()
+    saved, out = _saved_storages(lambda: fast_bilinear_linear(x, w, b, triu=triu))
+    features = w.shape[1] * 3 * 4
+    assert kept == [True]
+    assert sorted(saved.values()) == sorted([x.numel() * 4, features, w.numel() * 4, 3 * 4])
+    ref_x, ref_w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.linear(fast_bilinear_pool(ref_x, triu=triu), ref_w, b)
+    torch.testing.assert_close(out, ref)
+    dz = torch.randn(out.shape)
+    for got, want in zip(torch.autograd.grad(out, (x, w), dz), torch.autograd.grad(ref, (ref_x, ref_w), dz)):
+        torch.testing.assert_close(got, want)
+    w.requires_grad_(False)
+    saved, _ = _saved_storages(lambda: fast_bilinear_linear(x, w, b, triu=triu))
+    assert kept == [True, False] and sorted(saved.values()) == sorted([x.numel() * 4, w.numel() * 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the classifier keeps a bfloat16 copy
+        fast_bilinear_linear(x, w.requires_grad_(), b, triu=triu)
+    assert kept[-1] is False
+
+
 def test_when_the_panel_path_runs():
     a = torch.randn(2, 8, 25)
     w, b = torch.randn(3, 64), torch.randn(3)
@@ -247,7 +295,9 @@ def test_fast_bcnn_exports_to_onnx_and_compiles():
 
 def test_pool_options_configure_the_functions():
     pool = FastBilinearPool(reduction="sum", signed_sqrt=False, triu=True, eps=1e-3)
-    assert pool.options() == {"reduction": "sum", "signed_sqrt": False, "l2_normalize": True, "triu": True, "eps": 1e-3}
+    assert pool.options() == {
+        "reduction": "sum", "signed_sqrt": False, "l2_normalize": True, "triu": True, "eps": 1e-3, "save_output": False
+    }  # fmt: skip
     x = torch.relu(torch.randn(2, 6, 3, 3, dtype=torch.float64))
     w, b = classifier_for(6, True)
     torch.testing.assert_close(pool(x), fast_bilinear_pool(x, **pool.options()))

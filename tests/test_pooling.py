@@ -86,6 +86,19 @@ class TestBilinearPoolModule:
         x_a, x_b = torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3)
         torch.testing.assert_close(torch.compile(pool, backend="eager")(x_a, x_b), pool(x_a, x_b))
 
+    def test_save_output(self):
+        x_a = torch.randn(2, 4, 3, 3, dtype=torch.float64).relu().requires_grad_()
+        x_b = torch.randn(2, 5, 3, 3, dtype=torch.float64).relu().requires_grad_()
+        pool = BilinearPool(normalize=True, save_output=True)
+        assert "save_output=True" in repr(pool)
+        out, ref = pool(x_a, x_b), BilinearPool(normalize=True)(x_a, x_b)
+        torch.testing.assert_close(out, ref)
+        dz = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, (x_a, x_b), dz), torch.autograd.grad(ref, (x_a, x_b), dz)):
+            torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="save_output=True applies to the fused normalized op"):
+            BilinearPool(save_output=True)
+
 
 class TestFastBilinearPoolModule:
     def test_smoke(self):
@@ -135,14 +148,30 @@ class TestFastBilinearPoolModule:
         clone = roundtrip(pool)
         assert clone.triu and torch.equal(clone(x), pool(x))
 
+    @pytest.mark.parametrize("save_output", [False, True])
     @pytest.mark.parametrize("triu", [False, True])
-    def test_compile(self, triu):
-        pool = FastBilinearPool(triu=triu)
+    def test_compile(self, triu, save_output):
+        pool = FastBilinearPool(triu=triu, save_output=save_output)
         x = torch.randn(2, 6, 3, 3).relu().requires_grad_()
         out = torch.compile(pool, backend="eager")(x)
         torch.testing.assert_close(out, pool(x))
-        out.sum().backward()
-        assert torch.isfinite(x.grad).all()
+        dz = torch.randn_like(out)
+        (got,) = torch.autograd.grad(out, x, dz)
+        (want,) = torch.autograd.grad(FastBilinearPool(triu=triu)(x), x, dz)
+        torch.testing.assert_close(got, want)
+
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_save_output(self, triu):
+        x = torch.randn(3, 5, 4, 4, dtype=torch.float64).relu().requires_grad_()
+        pool = FastBilinearPool(triu=triu, save_output=True)
+        assert "save_output=True" in repr(pool) and "save_output" not in repr(FastBilinearPool())
+        assert pool.options()["save_output"] is True
+        out, ref = pool(x), FastBilinearPool(triu=triu)(x)
+        torch.testing.assert_close(out, ref)
+        dz = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, x, dz)[0], torch.autograd.grad(ref, x, dz)[0])
+        clone = roundtrip(pool)
+        assert clone.save_output
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,13 @@ CHECK = textwrap.dedent(
                     want = E.normalize_(x.clone(), eps, l2_eps, diag=diag, use="torch")
                     torch.testing.assert_close(got, want, **TOL[dtype])
                     torch.testing.assert_close(want, definition(x, eps, l2_eps, diag), **TOL[dtype])
+                    if l2_eps is not None:  # the norms before normalisation, as save_output keeps them
+                        norms = {use: torch.full((shape[0],), -1.0, dtype=dtype) for use in ("triton", "torch")}
+                        for use, n in norms.items():
+                            E.normalize_(x.clone(), eps, l2_eps, diag=diag, use=use, norms=n)
+                        y = definition(x, eps, None, None)
+                        torch.testing.assert_close(norms["triton"], y.norm(dim=1), **TOL[dtype])
+                        torch.testing.assert_close(norms["torch"], y.norm(dim=1), **TOL[dtype])
                     dz_before = dz.clone()
                     got = E.normalize_grad_(x.clone(), dz, eps, l2_eps, factor, diag=diag, use="triton")
                     assert torch.equal(dz, dz_before), "normalize_grad_ changed the incoming gradient"
@@ -84,12 +91,12 @@ CHECK = textwrap.dedent(
         y = triu_pack(y) if triu else y.flatten(1)
         return l2_normalize(y) if l2 else y
 
-    for two, triu in [(False, False), (False, True), (True, False)]:
+    for two, triu, save_output in [(t, u, s) for t, u in [(False, False), (False, True), (True, False)] for s in (False, True)]:
         for sqrt, l2 in [(True, True), (False, True), (True, False)]:
             xs = [torch.randn(3, 70, 5, 4, generator=g, dtype=torch.float64).relu().requires_grad_()]
             if two:
                 xs.append(torch.randn(3, 9, 5, 4, generator=g, dtype=torch.float64).requires_grad_())
-            out = fast_bilinear_pool(*xs, triu=triu, signed_sqrt=sqrt, l2_normalize=l2)
+            out = fast_bilinear_pool(*xs, triu=triu, signed_sqrt=sqrt, l2_normalize=l2, save_output=save_output)
             ref = naive(*xs, triu=triu, sqrt=sqrt, l2=l2)
             torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
             dz = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -242,7 +249,7 @@ def test_triton_kernels_match_torch_ops_and_the_definition():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["checked", str(2 * 2 * 5 * 5 + 9)], done.stdout
+    assert done.stdout.split() == ["checked", str(2 * 2 * 5 * 5 + 18)], done.stdout
 
 
 class _Broken:

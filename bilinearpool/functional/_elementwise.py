@@ -130,10 +130,15 @@ def _weigh(x: Tensor, diag: int) -> Tensor:
     return x
 
 
-def _torch_normalize_(g: Tensor, eps: float | None, l2_eps: float | None, diag: int | None) -> Tensor:
+def _torch_normalize_(
+    g: Tensor, eps: float | None, l2_eps: float | None, diag: int | None, norms: Tensor | None = None
+) -> Tensor:
     y = signed_sqrt_(g, eps)
     if l2_eps is not None:
-        y.div_(torch.linalg.vecdot(y, y).sqrt_().clamp_min_(l2_eps).unsqueeze(1))
+        norm = torch.linalg.vecdot(y, y).sqrt_()
+        if norms is not None:
+            norms.copy_(norm)
+        y.div_(norm.clamp_min_(l2_eps).unsqueeze(1))
     return y if diag is None else _weigh(y, diag)
 
 
@@ -233,19 +238,31 @@ def _partials(g: Tensor) -> Tensor:
 
 
 def normalize_(
-    g: Tensor, eps: float | None, l2_eps: float | None, *, diag: int | None = None, use: str | None = None
+    g: Tensor,
+    eps: float | None,
+    l2_eps: float | None,
+    *,
+    diag: int | None = None,
+    use: str | None = None,
+    norms: Tensor | None = None,
 ) -> Tensor:
     """Overwrite ``g`` with ``y / max(|y|, l2_eps)``, ``y = f(g)``, the norm per sample
     (``y`` without ``l2_eps``); with ``diag = C + 1``, then weighted for packing.
+    ``norms`` (with ``l2_eps``), when given, receives each sample's ``|y|`` (unclamped).
 
     Shape:
         - g: :math:`(B, n)`, contiguous (:math:`n = C^2` with ``diag``); output: ``g``.
+        - norms: :math:`(B,)`.
     """
     _check(g, diag=diag)
+    if norms is not None and (l2_eps is None or norms.shape != (g.shape[0],)):
+        raise ValueError(f"norms needs l2_eps and shape ({g.shape[0]},), got {tuple(norms.shape)}, l2_eps={l2_eps}")
     if not _triton(g, use):
-        return _torch_normalize_(g, eps, l2_eps, diag)
+        return _torch_normalize_(g, eps, l2_eps, diag, norms)
     batch, n = g.shape
     if batch == 0 or n == 0 or (eps is None and l2_eps is None and diag is None):
+        if norms is not None:
+            norms.zero_()
         return g
     sumsq, normalize = _kernels().sumsq_kernel, _kernels().normalize_kernel
     nparts = _cdiv(n, _BLOCK)
@@ -253,6 +270,8 @@ def normalize_(
     sq = _partials(g) if l2_eps is not None else g  # without L2 the kernel reads no partials
     if l2_eps is not None:
         sumsq[grid](g, sq, n, nparts, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
+        if norms is not None:
+            torch.sum(sq, dim=1, out=norms).sqrt_()
     normalize[grid](
         g, sq, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
         BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,

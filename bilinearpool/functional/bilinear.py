@@ -409,15 +409,22 @@ _cached_triu_index = functools.lru_cache(maxsize=4)(_make_triu_index)
 
 
 def _whole_forward(
-    a_: Tensor, b_: Tensor, scale: float, eps: float | None, l2_eps: float | None, triu: bool
+    a_: Tensor,
+    b_: Tensor,
+    scale: float,
+    eps: float | None,
+    l2_eps: float | None,
+    triu: bool,
+    norms: Tensor | None = None,
 ) -> Tensor:
     """``l2(ssqrt(s a b^T))``: one product, then one pass for the norms and one that writes
-    (:func:`._elementwise.normalize_`); with ``triu``, the weighted triangle gathered."""
+    (:func:`._elementwise.normalize_`); with ``triu``, the weighted triangle gathered.
+    ``norms``, when given, receives the per-sample norms before normalisation."""
     batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
     out = a_.new_empty(batch, c1 * c2)
     g = _scaled_bmm(a_, b_.transpose(1, 2), scale, out=out.view(batch, c1, c2)).view(batch, c1 * c2)
     # The isometry weights make the packed triangle's norm the full matrix's.
-    _elementwise.normalize_(g, eps, l2_eps, diag=c1 + 1 if triu else None)
+    _elementwise.normalize_(g, eps, l2_eps, diag=c1 + 1 if triu else None, norms=norms)
     return g.index_select(1, _triu_index(c1, g.device)) if triu else out
 
 
@@ -447,14 +454,17 @@ def _whole_backward(
     l2_eps: float | None,
     needs: tuple[bool, bool],
     triu: bool = False,
+    g: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of :func:`_whole_forward` for A (and B): one product to rebuild G, one
-    elementwise step (:func:`._elementwise.normalize_grad_`, which also applies the scale
-    ``s``), and the products with dG (``dG A + dG^T A`` for one stream)."""
+    """Gradients of :func:`_whole_forward` for A (and B): one product to rebuild G (or
+    ``g``, the ``(B, C1 C2)`` matrices G given, which are overwritten), one elementwise
+    step (:func:`._elementwise.normalize_grad_`, which also applies the scale ``s``), and
+    the products with dG (``dG A + dG^T A`` for one stream)."""
     one = b_ is None
     b_ = a_ if b_ is None else b_
     batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
-    g = _scaled_bmm(a_, b_.transpose(1, 2), scale).view(batch, c1 * c2)
+    if g is None:
+        g = _scaled_bmm(a_, b_.transpose(1, 2), scale).view(batch, c1 * c2)
     if triu:
         # The packed output is P(W Y) with P a selection, W the weights; the full-matrix
         # formulas apply to W P^T dz (W applied by the elementwise step).
@@ -469,6 +479,45 @@ def _whole_backward(
     return g_a, g_b
 
 
+def _g_from_output(out: Tensor, div: Tensor | None, eps: float | None, triu: bool, c1: int) -> Tensor:
+    """The matrices ``G`` (``(B, C1 C2)``, new) from the op's saved output, for
+    :func:`_whole_backward`: a packed output unweighted and mirrored to the full matrix,
+    times the divisors of the normalisation ``div``, then the inverse of ``f``:
+    ``g = y (|y| + 2 sqrt(eps))``."""
+    batch = out.shape[0]
+    if triu:
+        full = out.new_zeros(batch, c1 * c1).index_copy_(1, _triu_index(c1, out.device), out)
+        square = full.view(batch, c1, c1)
+        diagonal = square.diagonal(dim1=1, dim2=2).clone()
+        square.mul_(math.sqrt(0.5)).diagonal(dim1=1, dim2=2).copy_(diagonal)
+        y = square.add_(square.transpose(1, 2).tril(-1)).view(batch, -1)
+    else:
+        y = out.clone()
+    if div is not None:
+        y.mul_(div.unsqueeze(1))
+    if eps is not None:
+        y.mul_(y.abs().add_(2.0 * math.sqrt(eps)))
+    return y
+
+
+def _output_and_divisors(saved: tuple[Tensor, Tensor | None], l2_eps: float | None) -> tuple[Tensor, Tensor]:
+    """The saved output and the per-sample factors that undo its normalisation
+    (``max(norm, l2_eps)``; ones without L2 normalisation)."""
+    out, norms = saved
+    if norms is None or l2_eps is None:
+        return out, out.new_ones(out.shape[0])
+    return out, norms.clamp_min(l2_eps)
+
+
+def _saved_l2_grad_factors(saved: tuple[Tensor, Tensor | None], dz: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`._elementwise.l2_grad_factors` from the saved output ``y / d`` and norms:
+    ``|y|^2 = norm^2`` and ``<y, dz> = d <out, dz>``, one pass over the output."""
+    out, div = _output_and_divisors(saved, l2_eps)
+    norms = saved[1]
+    assert norms is not None
+    return _elementwise.l2_grad_factors(norms.square(), div * _rowdot(out, dz.reshape(out.shape)), l2_eps)
+
+
 def _blocked_backward(
     a_: Tensor,
     b_: Tensor,
@@ -477,20 +526,30 @@ def _blocked_backward(
     eps: float | None,
     l2_eps: float | None,
     needs: tuple[bool, bool],
+    saved: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of the two-stream op on CPU, block by block (see :class:`_FusedBilinear`)."""
+    """Gradients of the two-stream op on CPU, block by block (see :class:`_FusedBilinear`);
+    with ``saved`` (the output and the norms, ``save_output=True``) the blocks are read
+    from the output instead of rebuilt."""
     batch, c1, c2 = a_.shape[0], a_.shape[1], b_.shape[1]
     dz = dz.view(batch, c1, c2)
     blocks = _blocks(batch, c1, c2, _block_elements(a_.device))
+    if saved is not None:
+        out, div = _output_and_divisors(saved, l2_eps)
+        out = out.view(batch, c1, c2)
 
     def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
+        if saved is not None:
+            return out[b0:b1, r0:r1] * div[b0:b1].view(-1, 1, 1)
         return signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale), eps)
 
     # With L2 normalisation the first sweep keeps its blocks for the second, up to
     # _KEEP_BYTES (transient: each is freed once used); the rest are rebuilt.
     kept: list[Tensor | None] | None = None
     c, k = a_.new_zeros(batch), a_.new_ones(batch)
-    if l2_eps is not None:
+    if l2_eps is not None and saved is not None:
+        c, k = _saved_l2_grad_factors(saved, dz, l2_eps)
+    elif l2_eps is not None:
         kept, room = [], _KEEP_BYTES
         sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
         for b0, b1, r0, r1 in blocks:
@@ -516,13 +575,31 @@ def _blocked_backward(
     return g_a, g_b
 
 
+def _save(ctx: Any, inputs: tuple[Tensor, ...], out: Tensor, norms: Tensor | None, save_output: bool) -> None:
+    """Save the inputs, and with ``save_output`` the output and its norms, for backward."""
+    ctx.save_output = save_output
+    ctx.save_for_backward(*inputs, *((out, norms) if save_output else ()))
+
+
+def _normalize_panels_(out: Tensor, sq: Tensor | None, l2_eps: float | None) -> Tensor | None:
+    """Divide the panel-built output by its norms (from the squared norms ``sq``); return
+    the norms (unclamped), or ``None`` without L2 normalisation."""
+    if sq is None:
+        return None
+    norms = sq.sqrt_()
+    out.div_(norms.clamp_min(l2_eps).unsqueeze(1))
+    return norms
+
+
 class _FusedBilinear(torch.autograd.Function):
     """Two streams: ``l2(ssqrt(s A B^T))`` built block by block, recomputed in backward.
 
     Only the inputs are saved. The backward needs two per-sample scalars (the norm and
     the inner product with the incoming gradient) before it can form dG, so it builds
     each block twice (or keeps the blocks of its first sweep when N is large) rather
-    than storing a (B, C1, C2) buffer. Off the CPU: whole matrices (:func:`_whole_matrices`).
+    than storing a (B, C1, C2) buffer. With ``save_output`` the output and its norms are
+    saved as well and the backward reads the blocks from them (no product to rebuild
+    them). Off the CPU: whole matrices (:func:`_whole_matrices`).
     """
 
     @staticmethod
@@ -533,41 +610,57 @@ class _FusedBilinear(torch.autograd.Function):
         scale: float,
         eps: float | None,
         l2_eps: float | None,
+        save_output: bool,
     ) -> Tensor:
-        ctx.save_for_backward(a, b)
         ctx.config = (scale, eps, l2_eps)
         dtype = compute_dtype(a)
         a_, b_ = a.to(dtype), b.to(dtype)
-        if _whole_matrices(a.device):
-            return _whole_forward(a_, b_, scale, eps, l2_eps, False)
         batch, c1, c2 = a.shape[0], a.shape[1], b.shape[1]
-        out = new_output(a_, batch, c1 * c2)
-        sq = a_.new_zeros(batch) if l2_eps is not None else None
-        for b0, b1, r0, r1 in _blocks(batch, c1, c2, _block_elements(a.device)):
-            seg = out[b0:b1, r0 * c2 : r1 * c2].view(b1 - b0, r1 - r0, c2)
-            y = signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale, out=seg), eps)
-            if sq is not None:
-                sq[b0:b1] += _rowdot(y, y)
-        if sq is not None:
-            out.div_(sq.sqrt_().clamp_min_(l2_eps).unsqueeze(1))
+        norms = a_.new_empty(batch) if save_output and l2_eps is not None else None
+        if _whole_matrices(a.device):
+            out = _whole_forward(a_, b_, scale, eps, l2_eps, False, norms)
+        else:
+            out = new_output(a_, batch, c1 * c2)
+            sq = a_.new_zeros(batch) if l2_eps is not None else None
+            for b0, b1, r0, r1 in _blocks(batch, c1, c2, _block_elements(a.device)):
+                seg = out[b0:b1, r0 * c2 : r1 * c2].view(b1 - b0, r1 - r0, c2)
+                y = signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale, out=seg), eps)
+                if sq is not None:
+                    sq[b0:b1] += _rowdot(y, y)
+            norms = _normalize_panels_(out, sq, l2_eps)
+        _save(ctx, (a, b), out, norms, save_output)
         return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
-        a, b = ctx.saved_tensors
+        a, b, *saved = ctx.saved_tensors
         scale, eps, l2_eps = ctx.config
         dtype = compute_dtype(a)
         with torch.no_grad(), no_autocast(a.device.type):
-            a_, b_ = a.to(dtype), b.to(dtype)
-            backward = _whole_backward if _whole_matrices(a.device) else _blocked_backward
-            g_a, g_b = backward(a_, b_, grad.to(dtype), scale, eps, l2_eps, ctx.needs_input_grad[:2])
+            a_, b_, dz = a.to(dtype), b.to(dtype), grad.to(dtype)
+            needs = ctx.needs_input_grad[:2]
+            if not _whole_matrices(a.device):
+                g_a, g_b = _blocked_backward(a_, b_, dz, scale, eps, l2_eps, needs, tuple(saved) if saved else None)
+            else:
+                g = _whole_g(saved, l2_eps, eps, False, a.shape[1])
+                g_a, g_b = _whole_backward(a_, b_, dz, scale, eps, l2_eps, needs, g=g)
         return (
             None if g_a is None else g_a.to(a.dtype),
             None if g_b is None else g_b.to(b.dtype),
             None,
             None,
             None,
+            None,
         )
+
+
+def _whole_g(saved: list[Tensor], l2_eps: float | None, eps: float | None, triu: bool, c1: int) -> Tensor | None:
+    """For :func:`_whole_backward`: G from the saved output (``None``, to rebuild it, when
+    only the inputs were saved)."""
+    if not saved:
+        return None
+    out, div = _output_and_divisors((saved[0], saved[1]), l2_eps)
+    return _g_from_output(out, div, eps, triu, c1)
 
 
 class _FusedGram(torch.autograd.Function):
@@ -579,8 +672,10 @@ class _FusedGram(torch.autograd.Function):
     (``triu``) the panel's upper-triangle entries times the isometry weights. Only the
     input is saved; the backward rebuilds the panels (keeping them from its first sweep
     for the second, transiently) and forms ``dA = S A`` with ``S = dG + dG^T`` symmetric,
-    one product for the panel's rows and one for the rows below it. That is the CPU algorithm; off the
-    CPU the op works on whole matrices (:func:`_whole_matrices`).
+    one product for the panel's rows and one for the rows below it. With ``save_output``
+    the output and its norms are saved too, and the backward reads its panels from them
+    (half a product and the first sweep's elementwise work less). That is the CPU
+    algorithm; off the CPU the op works on whole matrices (:func:`_whole_matrices`).
     """
 
     @staticmethod
@@ -591,13 +686,22 @@ class _FusedGram(torch.autograd.Function):
         eps: float | None,
         l2_eps: float | None,
         triu: bool,
+        save_output: bool,
     ) -> Tensor:
-        ctx.save_for_backward(a)
         ctx.config = (scale, eps, l2_eps, triu)
+        out, norms = _FusedGram._forward(a, scale, eps, l2_eps, triu, save_output)
+        _save(ctx, (a,), out, norms, save_output)
+        return out
+
+    @staticmethod
+    def _forward(
+        a: Tensor, scale: float, eps: float | None, l2_eps: float | None, triu: bool, save_output: bool
+    ) -> tuple[Tensor, Tensor | None]:
         dtype = compute_dtype(a)
         a_ = a.to(dtype)
         if _whole_matrices(a.device):
-            return _whole_forward(a_, a_, scale, eps, l2_eps, triu)
+            norms = a_.new_empty(a.shape[0]) if save_output and l2_eps is not None else None
+            return _whole_forward(a_, a_, scale, eps, l2_eps, triu, norms), norms
         batch, c = a.shape[0], a.shape[1]
         out = new_output(a_, batch, triu_size(c) if triu else c * c)
         square = None if triu else out.view(batch, c, c)
@@ -619,41 +723,55 @@ class _FusedGram(torch.autograd.Function):
             if sq is not None:
                 # Off-diagonal entries appear twice in the full matrix.
                 sq[b0:b1] += 2.0 * _rowdot(y, y) - _rowdot(y[:, :, :w], y[:, :, :w])
-        if sq is not None:
-            out.div_(sq.sqrt_().clamp_min_(l2_eps).unsqueeze(1))
-        return out
+        return out, _normalize_panels_(out, sq, l2_eps)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
-        (a,) = ctx.saved_tensors
+        a, *saved = ctx.saved_tensors
         scale, eps, l2_eps, triu = ctx.config
+        nothing = (None,) * 5
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, *nothing
         dtype = compute_dtype(a)
         with torch.no_grad(), no_autocast(a.device.type):
             a_ = a.to(dtype)
             if _whole_matrices(a.device):
-                g_a, _ = _whole_backward(a_, None, grad.to(dtype), scale, eps, l2_eps, (True, False), triu)
-                return g_a.to(a.dtype), None, None, None, None  # type: ignore[union-attr]
+                g = _whole_g(saved, l2_eps, eps, triu, a.shape[1])
+                g_a, _ = _whole_backward(a_, None, grad.to(dtype), scale, eps, l2_eps, (True, False), triu, g=g)
+                return g_a.to(a.dtype), *nothing  # type: ignore[union-attr]
             batch, c = a.shape[0], a.shape[1]
             dz = grad.to(dtype)
             square = dz.view(batch, c, c) if not triu else None
             panels = _panels(batch, c, _block_elements(a.device))
+            if saved:
+                out, div = _output_and_divisors((saved[0], saved[1]), l2_eps)
+                out_square = out.view(batch, c, c) if not triu else None
 
             def build(b0: int, b1: int, r0: int, r1: int) -> tuple[Tensor, Tensor]:
                 """The panel's values y and the incoming gradient dz on the same entries.
 
                 Full output: dz + dz^T on the panel, the gradient of the symmetric G.
+                Rebuilt from A, or read from the saved output (times the norms).
                 """
-                y = _gram_panel(a_, b0, b1, r0, r1, scale, eps)
                 if triu:
-                    return _pack_panel(y, r0, r1, c), dz[b0:b1, _triu_offset(r0, c) : _triu_offset(r1, c)]
+                    seg = slice(_triu_offset(r0, c), _triu_offset(r1, c))
+                    if saved:
+                        y = out[b0:b1, seg] * div[b0:b1, None]
+                    else:
+                        y = _pack_panel(_gram_panel(a_, b0, b1, r0, r1, scale, eps), r0, r1, c)
+                    return y, dz[b0:b1, seg]
+                if saved:
+                    y = out_square[b0:b1, r0:r1, r0:] * div[b0:b1, None, None]  # type: ignore[index]
+                else:
+                    y = _gram_panel(a_, b0, b1, r0, r1, scale, eps)
                 return y, square[b0:b1, r0:r1, r0:] + _transposed(square[b0:b1, r0:, r0:r1])  # type: ignore[index]
 
             # The first sweep keeps its panels for the second, up to _KEEP_BYTES.
             kept: list[tuple[Tensor, Tensor] | None] | None = None
             c_, k = a_.new_zeros(batch), a_.new_ones(batch)
-            if l2_eps is not None:
+            if l2_eps is not None and saved:
+                c_, k = _saved_l2_grad_factors((saved[0], saved[1]), dz, l2_eps)
+            elif l2_eps is not None:
                 kept, room = [], _KEEP_BYTES
                 sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
                 for b0, b1, r0, r1 in panels:
@@ -704,7 +822,7 @@ class _FusedGram(torch.autograd.Function):
                     # the mirror of its off-diagonal part.
                     g[b0:b1, r0:r1].baddbmm_(dg, a_[b0:b1, r0:])
                     g[b0:b1, r1:].baddbmm_(dg[:, :, w:].transpose(1, 2), a_[b0:b1, r0:r1])
-        return g.to(a.dtype), None, None, None, None
+        return g.to(a.dtype), *nothing
 
 
 #: Bytes of blocks the CPU backward keeps from its first sweep for its second; blocks
@@ -785,6 +903,7 @@ def fast_bilinear_pool(
     triu: bool = False,
     eps: float = SIGNED_SQRT_EPS,
     l2_eps: float = L2_EPS,
+    save_output: bool = False,
 ) -> Tensor:
     """Bilinear pooling, signed square root and L2 normalisation in one fused step.
 
@@ -815,6 +934,15 @@ def fast_bilinear_pool(
             since :math:`A A^\\top` is symmetric.
         eps: :math:`\\epsilon` of :func:`signed_sqrt` (gradient bound ``1/(2 sqrt(eps))``).
         l2_eps: lower bound of the L2 norm.
+        save_output: also keep the output (and one norm per sample) for backward, which
+            then reads the matrices from it instead of rebuilding them: one product fewer
+            (on CPU half of one, as the forward builds the upper triangle only) and less
+            elementwise work, for :math:`B \\times D` more saved values. That memory is
+            free when the output's consumer keeps it anyway (a linear classifier straight
+            on it saves its input), and costly otherwise (dropout between them saves its
+            own copy). The output must then not be modified in place (autograd raises
+            if it is). For float16/bfloat16 inputs the float32 output is kept, a copy of
+            twice the returned tensor's size.
 
     Shape:
         - x_a: :math:`(B, C_1, H, W)` or tokens :math:`(B, N, C_1)`.
@@ -846,7 +974,7 @@ def fast_bilinear_pool(
             # form): whole matrices, out of place, no loop over panels.
             out = _export_forward(a, a if b is None else b, scale, sqrt_eps, norm_eps, triu)
         elif b is None:
-            out = _FusedGram.apply(a, scale, sqrt_eps, norm_eps, triu)
+            out = _FusedGram.apply(a, scale, sqrt_eps, norm_eps, triu, save_output)
         else:
-            out = _FusedBilinear.apply(a, b, scale, sqrt_eps, norm_eps)
+            out = _FusedBilinear.apply(a, b, scale, sqrt_eps, norm_eps, save_output)
     return out.to(x_a.dtype) if l2_normalize else out

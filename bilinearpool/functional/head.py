@@ -72,6 +72,7 @@ def fast_bilinear_linear(
     triu: bool = False,
     eps: float = SIGNED_SQRT_EPS,
     l2_eps: float = L2_EPS,
+    save_output: bool = False,
 ) -> Tensor:
     """``wide_linear(fast_bilinear_pool(x, ...), weight, bias)`` without the pooled features.
 
@@ -81,7 +82,10 @@ def fast_bilinear_linear(
     the matrix in row panels and multiplies each with its rows of ``weight`` at once, so
     the :math:`B \\times D` features are never stored. Otherwise, and for gradients, it
     is :func:`~bilinearpool.functional.fast_bilinear_pool` then
-    :func:`~bilinearpool.functional.wide_linear`. Both give the same values up to the
+    :func:`~bilinearpool.functional.wide_linear`; there, when the classifier keeps the
+    features for its own backward anyway (``weight`` needs a gradient, float32/float64,
+    no autocast), the pooling keeps them too (``save_output=True``: no extra memory, and
+    its backward does not rebuild the matrices). Both give the same values up to the
     order of the additions, which the tests check.
 
     :class:`~bilinearpool.FastBCNN` (any :class:`~bilinearpool.BilinearClassifier` with a
@@ -93,8 +97,9 @@ def fast_bilinear_linear(
         weight: classifier weight, :math:`(K, D)` with :math:`D = C^2`, or
             :math:`C(C+1)/2` with ``triu``.
         bias: :math:`(K,)` or ``None``.
-        reduction, signed_sqrt, l2_normalize, triu, eps, l2_eps: as in
-            :func:`~bilinearpool.functional.fast_bilinear_pool`.
+        reduction, signed_sqrt, l2_normalize, triu, eps, l2_eps, save_output: as in
+            :func:`~bilinearpool.functional.fast_bilinear_pool` (``save_output`` matters
+            for gradients only, where the composition runs).
 
     Shape:
         - x: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
@@ -114,12 +119,33 @@ def fast_bilinear_linear(
     _check_classifier(weight, bias, a.shape[1], triu)
     if not _fused(a, weight, bias):
         z = fast_bilinear_pool(
-            x, reduction=reduction, signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, eps=eps, l2_eps=l2_eps
+            x,
+            reduction=reduction,
+            signed_sqrt=signed_sqrt,
+            l2_normalize=l2_normalize,
+            triu=triu,
+            eps=eps,
+            l2_eps=l2_eps,
+            save_output=save_output or _classifier_keeps_features(a, weight),
         )
         return wide_linear(z, weight, bias)
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
     with torch.no_grad():
         return _panel_logits(a, weight, bias, scale, eps if signed_sqrt else None, l2_eps if l2_normalize else None, triu)
+
+
+def _classifier_keeps_features(a: Tensor, weight: Tensor) -> bool:
+    """Whether the classifier will keep the pooled features themselves for its backward
+    (its weight needs a gradient; same float32/float64 dtype, no autocast, so the very
+    tensor the pooling returns is what it keeps): the pooling may then keep them too at
+    no cost in memory, and skip rebuilding the matrices in backward."""
+    return (
+        torch.is_grad_enabled()
+        and weight.requires_grad
+        and a.dtype in _DTYPES
+        and weight.dtype == a.dtype
+        and not torch.is_autocast_enabled(a.device.type)
+    )
 
 
 def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: bool) -> None:
