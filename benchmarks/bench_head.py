@@ -24,9 +24,17 @@ here (not in the library) are timed for the full output too:
   same with (128 x 128) tiles and 8 warps.
 
 Each candidate is checked against the composition first. ``*_vs_composition``: ratios of
-the medians. Usage::
+the medians.
+
+With ``--train`` it times a training step of the head instead (forward and backward,
+the map and the classifier's weight and bias needing gradients, gradients checked
+against each other first): ``composition`` is the pooling with ``save_output=False``
+(its backward rebuilds the matrices) then the classifier; ``fused`` is
+:func:`~bilinearpool.functional.fast_bilinear_linear`, which there is the composition
+with the pooling keeping its output (the classifier keeps it anyway). Usage::
 
     python benchmarks/bench_head.py --device cpu --threads 1 --out benchmarks/results/cpu-2core-fastbcnn/head
+    python benchmarks/bench_head.py --device cpu --threads 1 --train --out benchmarks/results/cpu-2core-fastbcnn/head-train
     python benchmarks/bench_head.py --device cuda --shapes 32x2048x49 32x2048x25 32x1536x25 8x2048x49
 """
 
@@ -177,6 +185,36 @@ DEFAULT_SHAPES = [
 ]
 
 
+def _train_row(shape: str, triu: bool, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, args, device) -> dict:
+    """One training step of the head (forward and backward), composition against fused."""
+    w, bias = w.requires_grad_(), bias.requires_grad_()
+    dz = torch.randn(x.shape[0], w.shape[0], device=device, generator=torch.Generator(device=device).manual_seed(1))
+
+    def step(fused: bool):
+        def call() -> list[torch.Tensor]:
+            leaf = x.detach().requires_grad_()
+            if fused:
+                out = fast_bilinear_linear(leaf, w, bias, triu=triu)
+            else:
+                out = wide_linear(fast_bilinear_pool(leaf, triu=triu, save_output=False), w, bias)
+            return list(torch.autograd.grad(out, (leaf, w, bias), dz))
+
+        return call
+
+    fns = {"composition": step(False), "fused": step(True)}
+    for got, want in zip(fns["fused"](), fns["composition"]()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    times = round_robin(fns, warmup=args.warmup, repeats=args.repeats, device=device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "shape": shape,
+        "triu": triu,
+        "composition_ms": round(med["composition"] * 1e3, 2),
+        "fused_ms": round(med["fused"] * 1e3, 2),
+        "fused_vs_composition": round(med["fused"] / med["composition"], 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxCxN (default: %(default)s)")
@@ -186,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=None, help="folder for results.csv / results.json / results.md")
+    parser.add_argument("--train", action="store_true", help="time a training step (forward and backward) instead")
     parser.add_argument(
         "--candidates", action=argparse.BooleanOptionalAction, default=None,
         help="also time the candidate Triton kernels (default: on CUDA only; elsewhere they need TRITON_INTERPRET=1)",
@@ -195,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     candidates = CANDIDATES if (device.type == "cuda" if args.candidates is None else args.candidates) else ()
+    if args.train:
+        candidates = ()
     rows = []
     for shape in args.shapes:
         b, c, n = (int(v) for v in shape.split("x"))
@@ -204,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             d = triu_size(c) if triu else c * c
             w = torch.randn(args.classes, d, device=device, generator=g) / d**0.5
             bias = torch.randn(args.classes, device=device, generator=g)
+            if args.train:
+                rows.append(_train_row(shape, triu, x, w, bias, args, device))
+                continue
             fns = {
                 "composition": lambda w=w, bias=bias, triu=triu: wide_linear(fast_bilinear_pool(x, triu=triu), w, bias),
                 "fused": lambda w=w, bias=bias, triu=triu: fast_bilinear_linear(x, w, bias, triu=triu),
@@ -230,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ["shape", "triu", "composition_ms", "fused_ms", "fused_vs_composition"]
     header += [f"{name}_{what}" for name in candidates for what in ("ms", "vs_composition")]
     emit(
-        f"Fast BCNN head for inference, {args.classes} classes, float32, {device} "
+        f"Fast BCNN head for {'a training step' if args.train else 'inference'}, {args.classes} classes, float32, {device} "
         f"(median of {args.repeats} interleaved rounds)",
         header,
         rows,

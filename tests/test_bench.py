@@ -483,6 +483,11 @@ class TestProfileScripts:
         for row in ("| 2x16x9 | False |", "| 2x16x9 | True |", "| 3x8x100 | False |", "| 3x8x100 | True |"):
             assert row in text
 
+    def test_bench_head_times_a_training_step(self, tmp_path):
+        self._run("bench_head.py", "--train", "--shapes", "2x16x9", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
+        text = (tmp_path / "results.md").read_text()
+        assert "training step" in text and "| 2x16x9 | False |" in text and "| 2x16x9 | True |" in text
+
     def test_bench_head_reports_a_broken_candidate_and_times_the_rest(self, tmp_path, monkeypatch, capsys):
         """A candidate kernel that fails (compile error) or computes wrong values is named in
         its table cell and left out; the library's step and the other rows are still timed."""
