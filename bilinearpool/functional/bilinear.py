@@ -509,13 +509,12 @@ def _output_and_divisors(saved: tuple[Tensor, Tensor | None], l2_eps: float | No
     return out, norms.clamp_min(l2_eps)
 
 
-def _saved_l2_grad_factors(saved: tuple[Tensor, Tensor | None], dz: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
-    """:func:`._elementwise.l2_grad_factors` from the saved output ``y / d`` and norms:
-    ``|y|^2 = norm^2`` and ``<y, dz> = d <out, dz>``, one pass over the output."""
-    out, div = _output_and_divisors(saved, l2_eps)
-    norms = saved[1]
-    assert norms is not None
-    return _elementwise.l2_grad_factors(norms.square(), div * _rowdot(out, dz.reshape(out.shape)), l2_eps)
+def _saved_l2_grad_factors(out: Tensor, norms: Tensor, dz: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`._elementwise.l2_grad_factors` from the saved output ``y / d`` and norms
+    (``d = max(norm, l2_eps)``): ``|y|^2 = norm^2`` and ``<y, dz> = d <out, dz>``, one
+    pass over the output."""
+    dot = norms.clamp_min(l2_eps) * _rowdot(out, dz.reshape(out.shape))
+    return _elementwise.l2_grad_factors(norms.square(), dot, l2_eps)
 
 
 def _blocked_backward(
@@ -547,8 +546,8 @@ def _blocked_backward(
     # _KEEP_BYTES (transient: each is freed once used); the rest are rebuilt.
     kept: list[Tensor | None] | None = None
     c, k = a_.new_zeros(batch), a_.new_ones(batch)
-    if l2_eps is not None and saved is not None:
-        c, k = _saved_l2_grad_factors(saved, dz, l2_eps)
+    if l2_eps is not None and saved is not None and saved[1] is not None:
+        c, k = _saved_l2_grad_factors(saved[0], saved[1], dz, l2_eps)
     elif l2_eps is not None:
         kept, room = [], _KEEP_BYTES
         sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
@@ -577,7 +576,6 @@ def _blocked_backward(
 
 def _save(ctx: Any, inputs: tuple[Tensor, ...], out: Tensor, norms: Tensor | None, save_output: bool) -> None:
     """Save the inputs, and with ``save_output`` the output and its norms, for backward."""
-    ctx.save_output = save_output
     ctx.save_for_backward(*inputs, *((out, norms) if save_output else ()))
 
 
@@ -770,7 +768,7 @@ class _FusedGram(torch.autograd.Function):
             kept: list[tuple[Tensor, Tensor] | None] | None = None
             c_, k = a_.new_zeros(batch), a_.new_ones(batch)
             if l2_eps is not None and saved:
-                c_, k = _saved_l2_grad_factors((saved[0], saved[1]), dz, l2_eps)
+                c_, k = _saved_l2_grad_factors(saved[0], saved[1], dz, l2_eps)
             elif l2_eps is not None:
                 kept, room = [], _KEEP_BYTES
                 sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
