@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .backbones import FeatureExtractor, WeightsArg, build_backbone
 from .functional.bilinear import triu_fold
-from .functional.head import fast_bilinear_linear
+from .functional.head import _classifier_keeps_features, fast_bilinear_linear
 from .linear import WideLinear
 from .pooling import BilinearPool, FastBilinearPool
 
@@ -204,7 +204,16 @@ class BilinearClassifier(nn.Module):
         """The logits. With a :class:`~bilinearpool.FastBilinearPool` and a linear
         classifier (and no hooks on them, dropout inactive) the pooling and the classifier
         are one call of :func:`~bilinearpool.functional.fast_bilinear_linear`, which for
-        inference on CPU does not store the pooled features; same values either way."""
+        inference on CPU does not store the pooled features; same values either way.
+        With a normalising :class:`~bilinearpool.BilinearPool` (BCNN) and the same
+        conditions, the pooling keeps its output for backward when the classifier keeps
+        it anyway (``save_output``: no extra memory, no rebuilt matrices)."""
+        if self._linear_head(BilinearPool) and self.pool.normalize:
+            features = self.forward_features(x)
+            first = features[0] if isinstance(features, tuple) else features
+            keep = self.pool.save_output or _classifier_keeps_features(first, self.classifier.weight)
+            streams = features if isinstance(features, tuple) else (features,)
+            return self.classifier(self.pool(*streams, save_output=keep))
         if not self._fused_head():
             return self.classifier(self.dropout(self.forward_embedding(x)))
         features = self.forward_features(x)
@@ -259,14 +268,19 @@ class BilinearClassifier(nn.Module):
         return model
 
     def _fused_head(self) -> bool:
-        """Whether pooling, dropout and classifier are exactly FastBilinearPool, an inactive
-        nn.Dropout and nn.Linear (or WideLinear), unhooked, with forward_embedding not
-        overridden: then :func:`fast_bilinear_linear` computes the same logits."""
+        """Whether :func:`fast_bilinear_linear` computes this model's logits (see :meth:`_linear_head`)."""
+        return self._linear_head(FastBilinearPool)
+
+    def _linear_head(self, pool_type: type[nn.Module]) -> bool:
+        """Whether pooling, dropout and classifier are exactly ``pool_type`` (forward not
+        overridden), an inactive nn.Dropout and nn.Linear (or WideLinear), unhooked, with
+        forward_embedding not overridden: then the pooling's output goes straight into
+        the classifier, and :meth:`forward` may call them its own way."""
         pool, drop, classifier = self.pool, self.dropout, self.classifier
         return (
             type(self).forward_embedding is BilinearClassifier.forward_embedding
-            and isinstance(pool, FastBilinearPool)
-            and type(pool).forward is FastBilinearPool.forward
+            and isinstance(pool, pool_type)
+            and type(pool).forward is pool_type.forward
             and isinstance(classifier, nn.Linear)
             and type(classifier).forward in (nn.Linear.forward, WideLinear.forward)
             and isinstance(drop, nn.Dropout)

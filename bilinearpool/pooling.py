@@ -76,7 +76,13 @@ class BilinearPool(nn.Module):
         """Number of output features per sample for the given channel counts."""
         return in_channels * (in_channels if in_channels_b is None else in_channels_b)
 
-    def forward(self, x_a: Tensor, x_b: Tensor | None = None) -> Tensor:
+    def forward(self, x_a: Tensor, x_b: Tensor | None = None, save_output: bool | None = None) -> Tensor:
+        """Pool ``x_a`` with ``x_b`` (or with itself); ``save_output`` overrides the layer's
+        setting for this call (the classifiers set it when their linear layer keeps the
+        output anyway)."""
+        save_output = self.save_output if save_output is None else save_output
+        if save_output and not self.normalize:
+            raise ValueError("save_output=True applies to the fused normalized op (normalize=True)")
         if x_b is x_a:
             x_b = None  # the symmetric path does half the backward work
         if (
@@ -89,9 +95,7 @@ class BilinearPool(nn.Module):
             align = False if self.resize in ("bilinear", "bicubic") else None
             x_b = F.interpolate(x_b, size=x_a.shape[-2:], mode=self.resize, align_corners=align)
         if self.normalize:
-            return _F.fast_bilinear_pool(
-                x_a, x_b, reduction=self.reduction, eps=self.eps, save_output=self.save_output
-            )
+            return _F.fast_bilinear_pool(x_a, x_b, reduction=self.reduction, eps=self.eps, save_output=save_output)
         return _F.bilinear_pool(x_a, x_b, reduction=self.reduction)
 
     def extra_repr(self) -> str:

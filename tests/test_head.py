@@ -240,6 +240,41 @@ def test_training_forward_and_backward_are_unchanged():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_bcnn_training_pools_keeping_the_output_the_classifier_keeps(shared, monkeypatch):
+    """BCNN (two streams, or one shared backbone): in training the pooling keeps its output
+    for backward when the classifier keeps it (weight needs a gradient, dropout inactive);
+    logits and gradients are those of the modules one by one."""
+    import bilinearpool.pooling as pooling
+
+    torch.manual_seed(0)
+    model = BCNN(tiny_backbone(), tiny_backbone(8) if not shared else None, num_classes=4, shared=shared).double()
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    kept: list[bool] = []
+    fused = pooling._F.fast_bilinear_pool
+
+    def spy(*args, **kwargs):
+        kept.append(kwargs["save_output"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(pooling._F, "fast_bilinear_pool", spy)
+    out = model(x)
+    (grads,) = [torch.autograd.grad(out.square().sum(), list(model.parameters()))]
+    ref = unfused_logits(model, x)
+    want = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    assert kept == [True, False]  # forward, then the reference through the modules
+    torch.testing.assert_close(out, ref)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp)
+    model.classifier.requires_grad_(False)  # a frozen classifier keeps no features
+    model(x)
+    assert kept[-1] is False
+    model.classifier.requires_grad_(True)
+    dropped = BCNN(tiny_backbone(), num_classes=4, dropout=0.5).double()
+    dropped(x)  # active dropout: the classifier keeps dropout's output, not the pooling's
+    assert kept[-1] is False
+
+
 def test_hooks_dropout_and_subclasses_keep_the_modules_path():
     torch.manual_seed(0)
     model = FastBCNN(tiny_backbone(), num_classes=4).eval()
