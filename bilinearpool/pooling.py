@@ -98,6 +98,10 @@ class BilinearPool(nn.Module):
             return _F.fast_bilinear_pool(x_a, x_b, reduction=self.reduction, eps=self.eps, save_output=save_output)
         return _F.bilinear_pool(x_a, x_b, reduction=self.reduction)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("save_output", False)  # modules pickled before the option existed
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction!r}, resize={self.resize!r}, normalize={self.normalize}"
@@ -185,6 +189,10 @@ class FastBilinearPool(nn.Module):
             "eps": self.eps,
             "save_output": self.save_output,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("save_output", False)  # modules pickled before the option existed
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         return (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import io
 import pickle
 
@@ -159,6 +161,15 @@ class TestFastBilinearPoolModule:
         (got,) = torch.autograd.grad(out, x, dz)
         (want,) = torch.autograd.grad(FastBilinearPool(triu=triu)(x), x, dz)
         torch.testing.assert_close(got, want)
+
+    @pytest.mark.parametrize("pool", [FastBilinearPool(), BilinearPool(normalize=True)], ids=["fast", "two-stream"])
+    def test_modules_pickled_before_save_output_load(self, pool):
+        old = copy.deepcopy(pool)
+        del old.__dict__["save_output"]  # as pickled by a version without the option
+        clone = pickle.loads(pickle.dumps(old))
+        assert clone.save_output is False
+        x = torch.randn(2, 4, 3, 3).relu()
+        torch.testing.assert_close(clone(x), pool(x))
 
     @pytest.mark.parametrize("triu", [False, True])
     def test_save_output(self, triu):
