@@ -702,6 +702,12 @@ for _case in (
         lambda c, d: BilinearPool(normalize=True),
         streams=2,
     ),
+    LayerCase(
+        "bcnn-2stream-so",
+        "BilinearPool(normalize=True, save_output=True) on two maps: keeps its output for backward",
+        lambda c, d: BilinearPool(normalize=True, save_output=True),
+        streams=2,
+    ),
     # Newton-Schulz on C x C matrices costs O(C^3) per step: minutes at C=2048 on a CPU.
     LayerCase(
         "isqrt-cov",

@@ -315,6 +315,7 @@ class TestCommandLine:
                 "fast-bcnn-triu": (c * (c + 1) // 2, 0),
                 "fast-bcnn-so": (c * c, 0),
                 "bcnn-2stream": (c * c, 0),
+                "bcnn-2stream-so": (c * c, 0),
                 "isqrt-cov": (c * (c + 1) // 2, 0),
                 "isqrt-cov-r256": (256 * 257 // 2, c * 256 + 2 * 256),  # 1x1 conv + BN
                 "compact-ts": (8192, 0),  # random projections are buffers
