@@ -325,6 +325,15 @@ class TestFastBilinearPool:
         expected = sum(x.numel() for x in inputs) + out.numel() + out.shape[0]
         assert sum(t.untyped_storage().nbytes() for t in saved) == 4 * expected
 
+    @pytest.mark.parametrize("save_output", [False, True], ids=["save-input", "save-output"])
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_empty_batch_on_every_path(self, case, save_output, blocking):
+        inputs = [x[:0].requires_grad_() for x in self.inputs(case["two"])]
+        out = fast_bilinear_pool(*inputs, triu=case["triu"], save_output=save_output)
+        assert out.shape[0] == 0
+        grads = torch.autograd.grad(out.sum(), inputs)
+        assert [g.shape for g in grads] == [x.shape for x in inputs]
+
     @pytest.mark.parametrize("two", [False, True])
     def test_save_output_refuses_an_output_changed_in_place(self, two):
         inputs = [x.requires_grad_() for x in self.inputs(two)]

@@ -490,7 +490,7 @@ def _g_from_output(out: Tensor, div: Tensor | None, eps: float | None, triu: boo
         square = full.view(batch, c1, c1)
         diagonal = square.diagonal(dim1=1, dim2=2).clone()
         square.mul_(math.sqrt(0.5)).diagonal(dim1=1, dim2=2).copy_(diagonal)
-        y = square.add_(square.transpose(1, 2).tril(-1)).view(batch, -1)
+        y = square.add_(square.transpose(1, 2).tril(-1)).view(batch, c1 * c1)
     else:
         y = out.clone()
     if div is not None:
