@@ -500,21 +500,20 @@ def _g_from_output(out: Tensor, div: Tensor | None, eps: float | None, triu: boo
     return y
 
 
-def _output_and_divisors(saved: tuple[Tensor, Tensor | None], l2_eps: float | None) -> tuple[Tensor, Tensor]:
-    """The saved output and the per-sample factors that undo its normalisation
+def _divisors(out: Tensor, norms: Tensor | None, l2_eps: float | None) -> Tensor:
+    """The per-sample factors ``d`` that undo the saved output's normalisation
     (``max(norm, l2_eps)``; ones without L2 normalisation)."""
-    out, norms = saved
     if norms is None or l2_eps is None:
-        return out, out.new_ones(out.shape[0])
-    return out, norms.clamp_min(l2_eps)
+        return out.new_ones(out.shape[0])
+    return norms.clamp_min(l2_eps)
 
 
-def _saved_l2_grad_factors(out: Tensor, norms: Tensor, dz: Tensor, l2_eps: float) -> tuple[Tensor, Tensor]:
-    """:func:`._elementwise.l2_grad_factors` from the saved output ``y / d`` and norms
-    (``d = max(norm, l2_eps)``): ``|y|^2 = norm^2`` and ``<y, dz> = d <out, dz>``, one
-    pass over the output."""
-    dot = norms.clamp_min(l2_eps) * _rowdot(out, dz.reshape(out.shape))
-    return _elementwise.l2_grad_factors(norms.square(), dot, l2_eps)
+def _saved_l2_grad_factors(
+    out: Tensor, norms: Tensor, div: Tensor, dz: Tensor, l2_eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`._elementwise.l2_grad_factors` from the saved output ``y / d`` (``div`` = d)
+    and norms: ``|y|^2 = norm^2`` and ``<y, dz> = d <out, dz>``, one pass over the output."""
+    return _elementwise.l2_grad_factors(norms.square(), div * _rowdot(out, dz.reshape(out.shape)), l2_eps)
 
 
 def _blocked_backward(
@@ -534,7 +533,8 @@ def _blocked_backward(
     dz = dz.view(batch, c1, c2)
     blocks = _blocks(batch, c1, c2, _block_elements(a_.device))
     if saved is not None:
-        out, div = _output_and_divisors(saved, l2_eps)
+        out, norms = saved
+        div = _divisors(out, norms, l2_eps)
         out = out.view(batch, c1, c2)
 
     def build(b0: int, b1: int, r0: int, r1: int) -> Tensor:
@@ -547,7 +547,7 @@ def _blocked_backward(
     kept: list[Tensor | None] | None = None
     c, k = a_.new_zeros(batch), a_.new_ones(batch)
     if l2_eps is not None and saved is not None and saved[1] is not None:
-        c, k = _saved_l2_grad_factors(saved[0], saved[1], dz, l2_eps)
+        c, k = _saved_l2_grad_factors(saved[0], saved[1], div, dz, l2_eps)
     elif l2_eps is not None:
         kept, room = [], _KEEP_BYTES
         sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
@@ -657,8 +657,8 @@ def _whole_g(saved: list[Tensor], l2_eps: float | None, eps: float | None, triu:
     only the inputs were saved)."""
     if not saved:
         return None
-    out, div = _output_and_divisors((saved[0], saved[1]), l2_eps)
-    return _g_from_output(out, div, eps, triu, c1)
+    out, norms = saved
+    return _g_from_output(out, _divisors(out, norms, l2_eps), eps, triu, c1)
 
 
 class _FusedGram(torch.autograd.Function):
@@ -742,7 +742,8 @@ class _FusedGram(torch.autograd.Function):
             square = dz.view(batch, c, c) if not triu else None
             panels = _panels(batch, c, _block_elements(a.device))
             if saved:
-                out, div = _output_and_divisors((saved[0], saved[1]), l2_eps)
+                out, norms = saved
+                div = _divisors(out, norms, l2_eps)
                 out_square = out.view(batch, c, c) if not triu else None
 
             def build(b0: int, b1: int, r0: int, r1: int) -> tuple[Tensor, Tensor]:
@@ -768,7 +769,7 @@ class _FusedGram(torch.autograd.Function):
             kept: list[tuple[Tensor, Tensor] | None] | None = None
             c_, k = a_.new_zeros(batch), a_.new_ones(batch)
             if l2_eps is not None and saved:
-                c_, k = _saved_l2_grad_factors(saved[0], saved[1], dz, l2_eps)
+                c_, k = _saved_l2_grad_factors(out, norms, div, dz, l2_eps)
             elif l2_eps is not None:
                 kept, room = [], _KEEP_BYTES
                 sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
