@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import bilinear as _F
+from .functional._checks import check_flags
 
 __all__ = ["BilinearPool", "FastBilinearPool"]
 
@@ -59,6 +60,7 @@ class BilinearPool(nn.Module):
         super().__init__()
         _F._check_reduction(reduction)
         _F._check_eps(eps)
+        check_flags(normalize=normalize, save_output=save_output)
         if resize is not None and resize not in _RESIZE_MODES:
             raise ValueError(f"resize must be None or one of {_RESIZE_MODES}, but got {resize!r}")
         if save_output and not normalize:
@@ -162,6 +164,7 @@ class FastBilinearPool(nn.Module):
         super().__init__()
         _F._check_reduction(reduction)
         _F._check_eps(eps)
+        check_flags(signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, save_output=save_output)
         self.reduction = reduction
         self.signed_sqrt = signed_sqrt
         self.l2_normalize = l2_normalize

@@ -411,3 +411,24 @@ class TestTensorSketchAlgorithms:
         ia, sa, ib, sb = self.draw(4, 4, 8)
         with pytest.raises(ValueError, match=r"algorithm must be one of \('auto', 'fft', 'gram'\), but got 'FFT'"):
             tensor_sketch(torch.zeros(1, 4, 2, 2), index_a=ia, sign_a=sa, index_b=ib, sign_b=sb, out_features=8, algorithm="FFT")
+
+
+@pytest.mark.parametrize("algorithm", ["fft", "gram"])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (lambda h: h + 8, ValueError, r"index_a must hold bins in \[0, out_features=8\), but entry 0 is"),
+        (lambda h: h - 8, ValueError, r"index_a must hold bins in \[0, out_features=8\)"),
+        (lambda h: h.float(), TypeError, "index_a must hold integer bins"),
+    ],
+    ids=["too-large", "negative", "float"],
+)
+def test_tensor_sketch_checks_its_hash(algorithm, bad, error, match):
+    """The Gram algorithm wrapped bad bins modulo d while the FFT one failed: which one
+    "auto" picks depends on the shape, so the same bad hash gave wrong features or an
+    error. Both refuse it now."""
+    h = torch.arange(4) % 8
+    s = torch.ones(4)
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(error, match=match):
+        tensor_sketch(x, index_a=bad(h), sign_a=s, index_b=h, sign_b=s, out_features=8, algorithm=algorithm)

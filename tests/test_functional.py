@@ -480,3 +480,97 @@ def test_naive_published_chain_differs_only_by_the_shift():
     published = F.normalize(torch.sign(g) * torch.sqrt(g.abs() + eps))
     ours = fast_bilinear_pool(x, eps=eps)
     torch.testing.assert_close(ours, published, rtol=1e-4, atol=1e-4)
+
+
+# --- Higher derivatives, tracing, dtypes of two streams, flags -----------------------------
+
+
+@pytest.mark.parametrize("save_output", [False, True], ids=["rebuild", "save-output"])
+@pytest.mark.parametrize("config", ["one", "triu", "two"])
+def test_gradient_penalty_matches_the_definition(config, save_output, blocking):
+    """A backward with create_graph=True gives a gradient with history, so a gradient
+    penalty's second derivative equals the op-by-op chain's (it was silently missing:
+    the fused backward runs under no_grad)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64, generator=g).relu_().requires_grad_()
+    y = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=g).requires_grad_() if config == "two" else None
+    inputs = (x,) if y is None else (x, y)
+    triu = config == "triu"
+
+    def penalised(f):
+        out = f(*inputs)
+        w = torch.linspace(-1.0, 1.0, out.shape[1], dtype=torch.float64)
+        loss = (out * w).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        assert all(gr.requires_grad for gr in grads)
+        return torch.autograd.grad(loss + sum(gr.square().sum() for gr in grads), inputs)
+
+    got = penalised(lambda *t: fast_bilinear_pool(*t, triu=triu, save_output=save_output))
+    want = penalised(lambda *t: naive_chain(*t, triu=triu))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_gradgradcheck_of_the_fused_op():
+    # No exact zeros in G (f'' jumps at 0): features of both signs, no ReLU.
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: fast_bilinear_pool(t, triu=True), (x,))
+    assert torch.autograd.gradgradcheck(lambda s, t: fast_bilinear_pool(s, t), (x, y))
+
+
+def test_first_derivative_unchanged_under_create_graph():
+    x = torch.randn(2, 6, 4, 4).relu_().requires_grad_()
+    w = torch.randn(36)
+    plain = torch.autograd.grad((fast_bilinear_pool(x) * w).sum(), x)[0]
+    graph = torch.autograd.grad((fast_bilinear_pool(x) * w).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(graph.detach(), plain, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"triu": True}, {"reduction": "sum"}], ids=["full", "triu", "sum"])
+def test_jit_trace_records_the_definition(kwargs):
+    """torch.jit.trace used to fail inside the autograd function (the mean's scale is a
+    traced size there); the trace now holds the plain ops and follows new shapes."""
+    x = torch.randn(2, 6, 3, 3).relu_()
+    traced = torch.jit.trace(lambda t: fast_bilinear_pool(t, **kwargs), (x,), check_trace=False)
+    x2 = torch.randn(3, 6, 5, 4).relu_().requires_grad_()
+    torch.testing.assert_close(traced(x2), fast_bilinear_pool(x2, **kwargs), **TOL[torch.float32])
+    g_traced = torch.autograd.grad(traced(x2).square().sum(), x2)[0]
+    g_eager = torch.autograd.grad(fast_bilinear_pool(x2, **kwargs).square().sum(), x2)[0]
+    torch.testing.assert_close(g_traced, g_eager, rtol=1e-4, atol=1e-5)
+
+
+def test_jit_trace_of_two_streams():
+    a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3)
+    traced = torch.jit.trace(lambda s, t: fast_bilinear_pool(s, t), (a, b), check_trace=False)
+    a2, b2 = torch.randn(1, 4, 6, 6), torch.randn(1, 5, 6, 6)
+    torch.testing.assert_close(traced(a2, b2), fast_bilinear_pool(a2, b2), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("fn", [bilinear_pool, fast_bilinear_pool])
+def test_mixed_precision_streams_promote_in_either_order(fn):
+    """The compute dtype used to come from x_a alone: (float32, float64) gave float32 and
+    (float64, float32) float64. Now either order computes and returns float64."""
+    a = torch.randn(2, 3, 4, 4)
+    b = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    ab, ba = fn(a, b), fn(b, a)
+    assert ab.dtype == ba.dtype == torch.float64
+    torch.testing.assert_close(ab.reshape(2, 3, 5), ba.reshape(2, 5, 3).transpose(1, 2), **TOL[torch.float64])
+    want = fn(a.double(), b)
+    torch.testing.assert_close(ab, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("flag", ["signed_sqrt", "l2_normalize", "triu", "save_output"])
+def test_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, but got 'no'"):
+        fast_bilinear_pool(torch.randn(1, 2, 2, 2), **{flag: "no"})
+
+
+def test_tokens_of_different_lengths_are_not_told_to_resize():
+    from bilinearpool import BilinearPool
+
+    with pytest.raises(ValueError, match="number of tokens N") as info:
+        BilinearPool(resize="bilinear")(torch.randn(2, 9, 6), torch.randn(2, 4, 6))
+    assert "resize=" not in str(info.value) and "cannot be resized" in str(info.value)
+    with pytest.raises(ValueError, match="resize='bilinear'"):
+        bilinear_pool(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2))

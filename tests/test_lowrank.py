@@ -136,3 +136,9 @@ class TestLowRankBilinearPool:
         pool = LowRankBilinearPool(in_channels=6, rank=4, out_features=3, shared=shared, act_layer=nn.Tanh)
         x = features(2, 6, 3, 3)
         torch.testing.assert_close(torch.from_numpy(run_onnx(pool, x)), pool(x), atol=1e-5, rtol=1e-4)
+
+
+def test_out_bias_of_the_wrong_type_is_a_type_error():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(TypeError, match="out_bias must be a torch.Tensor or None, but got list"):
+        low_rank_bilinear_pool(x, weight_a=torch.randn(6, 4), out_weight=torch.randn(2, 6), out_bias=[0.0, 0.0])

@@ -270,3 +270,30 @@ class TestMatrixSqrt:
         # ONNX has no symmetric eigendecomposition: method="eig" does not export.
         with pytest.raises(Exception, match="_EigSqrt|eigh|PythonOp"):
             run_onnx(MatrixSqrt(method="eig"), psd(1, 4, 8))
+
+
+@pytest.mark.parametrize("norm", ["trace", "frobenius"])
+def test_iterative_has_exact_second_derivatives(norm):
+    """impl="iterative" differentiates its plain iteration when the backward records a
+    graph, so gradient penalties through it are exact (gradgradcheck)."""
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    a = (x @ x.transpose(1, 2) / 9).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: matrix_sqrt(t, impl="iterative", norm=norm), (a,))
+
+
+@pytest.mark.parametrize(
+    "kwargs, advice",
+    [({"impl": "spectral"}, 'impl="iterative"'), ({"method": "eig"}, 'method="newton_schulz"')],
+    ids=["spectral", "eig"],
+)
+def test_first_order_only_paths_refuse_create_graph(kwargs, advice):
+    """Their backward works in place and would give a gradient without history: a
+    gradient penalty would silently lose its part through them. They raise instead,
+    naming the path that has second derivatives; the plain backward is unchanged."""
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    a = (x @ x.transpose(1, 2) / 9).requires_grad_()
+    w = torch.randn(2, 4, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=f"first derivatives only.*{advice}"):
+        torch.autograd.grad((matrix_sqrt(a, **kwargs) * w).sum(), a, create_graph=True)
+    g = torch.autograd.grad((matrix_sqrt(a, **kwargs) * w).sum(), a)[0]
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -18,6 +18,7 @@ __all__ = [
     "as_channel_matrix",
     "check_channels",
     "check_floating",
+    "check_flags",
     "check_positive_int",
     "check_streams",
     "compute_dtype",
@@ -67,14 +68,15 @@ def as_channel_matrix(x: Tensor, name: str = "input") -> Tensor:
     return out
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype second-order statistics are accumulated in.
+def compute_dtype(*xs: Tensor | None) -> torch.dtype:
+    """The dtype second-order statistics of the streams ``xs`` are accumulated in.
 
     Products of two features square their magnitude (features of 1e3 give 1e6, beyond
     float16's range), so float16 and bfloat16 inputs are computed in float32.
-    float64 stays float64.
+    float64 stays float64: when either stream is float64 (the other is promoted, as
+    torch's type promotion would; ``None`` stands for an absent second stream).
     """
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def no_autocast(device_type: str) -> ContextManager[object]:
@@ -101,11 +103,12 @@ def pair_streams(x_a: Tensor, x_b: Tensor | None) -> tuple[Tensor, Tensor | None
             f"(shape {tuple(x_a.shape)}) and {b.shape[0]} (shape {tuple(x_b.shape)})"
         )
     if a.shape[2] != b.shape[2]:
-        where = "spatial size (H, W)" if x_a.dim() == 4 else "number of tokens N"
+        if x_a.dim() == 4:
+            where, hint = "spatial size (H, W)", "resize one of them first (BilinearPool(resize='bilinear') does this for you)"
+        else:
+            where, hint = "number of tokens N", "token sequences are paired token by token and cannot be resized"
         raise ValueError(
-            f"x_a and x_b must have the same {where}, but got shapes {tuple(x_a.shape)} and "
-            f"{tuple(x_b.shape)}; resize one of them first (BilinearPool(resize='bilinear') "
-            "does this for you)"
+            f"x_a and x_b must have the same {where}, but got shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}; {hint}"
         )
     if a.device != b.device:
         raise ValueError(f"x_a and x_b must be on the same device, but got {a.device} and {b.device}")
@@ -116,6 +119,14 @@ def check_positive_int(name: str, value: object) -> None:
     """Raise :class:`ValueError` unless ``value`` is an int >= 1 (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, but got {value!r}")
+
+
+def check_flags(**flags: object) -> None:
+    """Raise :class:`TypeError` naming the first of ``flags`` that is not a bool (a string
+    such as ``"no"`` would otherwise count as true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, but got {value!r} ({type(value).__name__})")
 
 
 def check_channels(name: str, t: Tensor | None, expected: int) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from . import _elementwise
 from ._elementwise import grad_from_y_, signed_sqrt_
 from ._memory import new_output
-from ._checks import check_floating, compute_dtype, no_autocast, pair_streams
+from ._checks import check_flags, check_floating, compute_dtype, no_autocast, pair_streams
 
 __all__ = [
     "bilinear_pool",
@@ -89,7 +89,7 @@ def bilinear_pool(x_a: Tensor, x_b: Tensor | None = None, *, reduction: str = "m
     """
     _check_reduction(reduction)
     a, b = pair_streams(x_a, x_b)
-    dtype = compute_dtype(a)
+    dtype = compute_dtype(a, b)
     n = a.shape[2]
     with no_autocast(a.device.type):
         a = a.to(dtype)
@@ -434,7 +434,7 @@ def _export_forward(
     """The op's forward as out-of-place torch operations, for ONNX export: the same values
     as :func:`_whole_forward` (``f(g) = g / (sqrt(|g| + eps) + sqrt(eps))``), written so
     that the exporter, which does not follow in-place writes through views, records it."""
-    dtype = compute_dtype(a)
+    dtype = compute_dtype(a, b)
     a_, b_ = a.to(dtype), b.to(dtype)
     y = (torch.bmm(a_, b_.transpose(1, 2)) * scale).flatten(1)
     if eps is not None:
@@ -443,6 +443,31 @@ def _export_forward(
         index, weight = _triu_block(0, a_.shape[1], a_.shape[1], y.device, dtype)  # constants
         y = y.index_select(1, index) * weight
     return y if l2_eps is None else l2_normalize(y, eps=l2_eps)
+
+
+def _definition_grads(
+    inputs: tuple[Tensor, ...],
+    grad: Tensor,
+    scale: float,
+    eps: float | None,
+    l2_eps: float | None,
+    triu: bool,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """The fused ops' input gradients by autograd through their definition
+    (:func:`_export_forward`), as differentiable functions of the inputs and ``grad``.
+
+    For a backward that records a graph (``create_graph=True``: gradient penalties,
+    Hessian-vector products): the fused backward writes its result in place under
+    ``no_grad`` and would silently give a gradient without history. This one costs the
+    op-by-op chain's time and memory, only when asked for.
+    """
+    a, b = inputs[0], inputs[-1]
+    with torch.enable_grad(), no_autocast(a.device.type):
+        y = _export_forward(a, b, scale, eps, l2_eps, triu)
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        grads = iter(torch.autograd.grad(y, wanted, grad.to(y.dtype), create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _whole_backward(
@@ -611,7 +636,7 @@ class _FusedBilinear(torch.autograd.Function):
         save_output: bool,
     ) -> Tensor:
         ctx.config = (scale, eps, l2_eps)
-        dtype = compute_dtype(a)
+        dtype = compute_dtype(a, b)
         a_, b_ = a.to(dtype), b.to(dtype)
         batch, c1, c2 = a.shape[0], a.shape[1], b.shape[1]
         norms = a_.new_empty(batch) if save_output and l2_eps is not None else None
@@ -633,7 +658,10 @@ class _FusedBilinear(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
         a, b, *saved = ctx.saved_tensors
         scale, eps, l2_eps = ctx.config
-        dtype = compute_dtype(a)
+        if torch.is_grad_enabled():
+            g_a, g_b = _definition_grads((a, b), grad, scale, eps, l2_eps, False, ctx.needs_input_grad[:2])
+            return g_a, g_b, None, None, None, None
+        dtype = compute_dtype(a, b)
         with torch.no_grad(), no_autocast(a.device.type):
             a_, b_, dz = a.to(dtype), b.to(dtype), grad.to(dtype)
             needs = ctx.needs_input_grad[:2]
@@ -730,6 +758,8 @@ class _FusedGram(torch.autograd.Function):
         nothing = (None,) * 5
         if not ctx.needs_input_grad[0]:
             return None, *nothing
+        if torch.is_grad_enabled():
+            return *_definition_grads((a,), grad, scale, eps, l2_eps, triu, (True,)), *nothing
         dtype = compute_dtype(a)
         with torch.no_grad(), no_autocast(a.device.type):
             a_ = a.to(dtype)
@@ -923,6 +953,10 @@ def fast_bilinear_pool(
     kernels on CUDA when Triton is installed; ``BILINEARPOOL_TRITON=0`` selects torch
     operations); their per-sample sums are added in a fixed order (no atomics).
 
+    Higher derivatives (a backward with ``create_graph=True``, e.g. gradient penalties)
+    are exact: such a backward differentiates the op-by-op definition instead, at its
+    time and memory. ``torch.jit.trace`` records that definition's plain operations.
+
     Args:
         x_a: feature map :math:`A`.
         x_b: second feature map (two-stream BCNN); ``None`` pools ``x_a`` with itself.
@@ -959,6 +993,7 @@ def fast_bilinear_pool(
     _check_reduction(reduction)
     _check_eps(eps)
     _check_eps(l2_eps, "l2_eps")
+    check_flags(signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, save_output=save_output)
     a, b = pair_streams(x_a, x_b)
     if triu and b is not None:
         raise ValueError(
@@ -968,12 +1003,15 @@ def fast_bilinear_pool(
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
     sqrt_eps, norm_eps = (eps if signed_sqrt else None), (l2_eps if l2_normalize else None)
     with no_autocast(a.device.type):
-        if torch.onnx.is_in_onnx_export():
-            # The exporter records the forward's operations (an autograd.Function has no ONNX
-            # form): whole matrices, out of place, no loop over panels.
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            # The exporter and torch.jit.trace record the forward's operations (an
+            # autograd.Function has no ONNX form, and the tracer cannot pass the scale, a
+            # traced size there, to one): whole matrices, out of place, no loop over panels.
             out = _export_forward(a, a if b is None else b, scale, sqrt_eps, norm_eps, triu)
         elif b is None:
             out = _FusedGram.apply(a, scale, sqrt_eps, norm_eps, triu, save_output)
         else:
             out = _FusedBilinear.apply(a, b, scale, sqrt_eps, norm_eps, save_output)
-    return out.to(x_a.dtype) if l2_normalize else out
+    if not l2_normalize:
+        return out
+    return out.to(x_a.dtype if x_b is None else torch.promote_types(x_a.dtype, x_b.dtype))

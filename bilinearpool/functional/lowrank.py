@@ -93,11 +93,13 @@ def low_rank_bilinear_pool(
         if not isinstance(out_weight, Tensor) or out_weight.dim() != 2 or out_weight.shape[1] != rank:
             got = tuple(out_weight.shape) if isinstance(out_weight, Tensor) else type(out_weight).__name__
             raise ValueError(f"out_weight must have shape (D, {rank}), but got {got}")
+        if out_bias is not None and not isinstance(out_bias, Tensor):
+            raise TypeError(f"out_bias must be a torch.Tensor or None, but got {type(out_bias).__name__}")
         if out_bias is not None and (out_bias.dim() != 1 or out_bias.shape[0] != out_weight.shape[0]):
             raise ValueError(f"out_bias must have shape ({out_weight.shape[0]},), but got {tuple(out_bias.shape)}")
     elif out_bias is not None:
         raise ValueError("out_bias needs out_weight; got out_bias without out_weight")
-    dtype = compute_dtype(a)
+    dtype = compute_dtype(a, b)
     act = activation if activation is not None else (lambda t: t)
     with no_autocast(a.device.type):
         xa = a.transpose(1, 2).to(dtype)

@@ -44,6 +44,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _elementwise
 from ._checks import compute_dtype, no_autocast, pair_streams
 
 __all__ = ["random_maclaurin", "tensor_sketch"]
@@ -57,6 +58,22 @@ def _check_projection(name: str, t: Tensor, channels: int, dim: int, what: str) 
             f"{name} must be {what} with last dimension {channels} (the input channels), "
             f"but got shape {tuple(t.shape)}"
         )
+
+
+def _check_hash(name: str, index: Tensor, d: int) -> None:
+    """``index`` must hold integer bins in ``[0, d)``: values outside would be wrapped
+    modulo ``d`` by one algorithm and fail in the other. The values are checked on CPU (and
+    asserted on the device elsewhere, without a host synchronisation), not while traced."""
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer bins (the hash of each channel), but got dtype {index.dtype}")
+    if index.numel() == 0 or _elementwise.tracing():
+        return
+    bad = (index < 0) | (index >= d)
+    if index.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{name} must hold bins in [0, out_features={d})")
+    elif bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name} must hold bins in [0, out_features={d}), but entry {i} is {int(index[i])}")
 
 
 def _count_sketch(m: Tensor, index: Tensor, sign: Tensor, out_features: int) -> Tensor:
@@ -407,9 +424,11 @@ def tensor_sketch(
         raise ValueError(f"out_features must be a positive int, but got {out_features!r}")
     for name, t, m in (("index_a", index_a, a), ("sign_a", sign_a, a), ("index_b", index_b, b), ("sign_b", sign_b, b)):
         _check_projection(name, t, m.shape[1], 1, "a vector")
+    _check_hash("index_a", index_a, out_features)
+    _check_hash("index_b", index_b, out_features)
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_ALGORITHMS}, but got {algorithm!r}")
-    dtype = compute_dtype(a)
+    dtype = compute_dtype(a, b)
     d = out_features
     if a.shape[0] == 0:  # an empty batch: (0, d), still connected to the input for autograd
         return (a.to(dtype).flatten(1).sum(1, keepdim=True) * 0).expand(0, d)
@@ -470,7 +489,7 @@ def random_maclaurin(
             "weight_a and weight_b must have the same number of rows d, but got "
             f"{tuple(weight_a.shape)} and {tuple(weight_b.shape)}"
         )
-    dtype = compute_dtype(a)
+    dtype = compute_dtype(a, b)
     d = weight_a.shape[0]
     with no_autocast(a.device.type):
         pa = torch.matmul(a.transpose(1, 2).to(dtype), weight_a.to(dtype).t())

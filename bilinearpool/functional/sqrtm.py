@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -254,17 +254,18 @@ def _ns_weigh(
     flat.scatter_(1, lower_kept, band)
 
 
-def _ns_poly(a_n: Tensor, num_iters: int) -> Tensor:
+def _ns_poly(a_n: Tensor, num_iters: int, plain: bool = False) -> Tensor:
     """``q_K(a_n)`` by matrix products.
 
     With :math:`P_k = Z_k Y_k` (all iterates are polynomials of :math:`\\tilde A`, so they
     commute), :math:`T_k = \\tfrac32 - \\tfrac12 P_k`, :math:`Y_{k+1} = Y_k T_k` and
     :math:`P_{k+1} = P_k T_k^2 = \\tfrac94 P_k - \\tfrac32 P_k^2 + \\tfrac14 P_k^3`: the same
     polynomial as the coupled iteration, in ``3K - 3`` products (``K >= 2``). Plain
-    out-of-place ops while tracing (ONNX export, ``torch.compile``), otherwise four
-    reused buffers and in-place updates (fresh large allocations cost page faults).
+    out-of-place ops while tracing (ONNX export, ``torch.compile``) and with ``plain``
+    (differentiable by autograd), otherwise four reused buffers and in-place updates
+    (fresh large allocations cost page faults).
     """
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+    if plain or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         q = torch.bmm(a_n, a_n)
         y = torch.add(a_n, q, alpha=-1.0 / 3.0) * 1.5  # A T_0 = 1.5 A - 0.5 A^2
         if num_iters == 1:
@@ -339,6 +340,15 @@ def _ns_plain(a: Tensor, num_iters: int, norm: str) -> Tensor:
     return y.mul_(s.sqrt().view(-1, 1, 1))
 
 
+def _ns_definition(a: Tensor, num_iters: int, norm: str) -> Tensor:
+    """:func:`_ns_plain` out of place throughout, so that autograd can differentiate it
+    (and its gradient) for a backward that records a graph."""
+    a2 = a + a.transpose(1, 2)
+    s, _ = _scale(a2, norm)
+    y = _ns_poly(a2 * (0.5 / s).view(-1, 1, 1), num_iters, plain=True)
+    return y * s.sqrt().view(-1, 1, 1)
+
+
 def _inner(x: Tensor, y: Tensor) -> Tensor:
     """Frobenius inner products ``<x_b, y_b>`` (B,), without an elementwise temporary."""
     b = x.shape[0]
@@ -362,9 +372,38 @@ def _scale_grad(
         m.add_(a_n * coef.view(-1, 1, 1))
 
 
+def _first_derivatives_only(op: str, advice: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a backward that autograd cannot differentiate (it works in place on buffers
+    and does not keep the input): it raises in a backward that records a graph
+    (``create_graph=True``), naming ``op`` and ``advice``.
+
+    Its gradient would carry no history there, so a second derivative (a gradient
+    penalty, a Hessian-vector product) would silently miss its part; and
+    :func:`torch.autograd.function.once_differentiable` does not help when only some
+    inputs are differentiated (``torch.autograd.grad(..., inputs)`` skips its error node,
+    which has no path to them).
+    """
+
+    def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(backward)
+        def run(ctx: Any, *grads: Tensor) -> Any:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{op} has first derivatives only, but its backward was asked to record a "
+                    f"graph (create_graph=True) for higher derivatives; {advice}"
+                )
+            return backward(ctx, *grads)
+
+        return run
+
+    return decorate
+
+
 class _NSIterative(torch.autograd.Function):
     """Newton-Schulz by matrix products; the backward recomputes the iterates from the input
-    and carries the forward-mode tangent along (no stored iterates, no reverse sweep)."""
+    and carries the forward-mode tangent along (no stored iterates, no reverse sweep).
+    A backward that records a graph (``create_graph=True``) differentiates the plain
+    iteration instead (:func:`_ns_definition`), so higher derivatives are exact too."""
 
     @staticmethod
     def forward(ctx, a: Tensor, num_iters: int, norm: str) -> Tensor:  # type: ignore[override]
@@ -376,6 +415,10 @@ class _NSIterative(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (a,) = ctx.saved_tensors
         num_iters, norm = ctx.config
+        if torch.is_grad_enabled():
+            with no_autocast(a.device.type):
+                y = _ns_definition(a, num_iters, norm)
+                return torch.autograd.grad(y, a, grad, create_graph=True)[0], None, None
         with no_autocast(a.device.type):
             a2 = a + a.transpose(1, 2)
             s, clamped = _scale(a2, norm)
@@ -391,7 +434,9 @@ class _NSIterative(torch.autograd.Function):
 
 
 class _NSSpectral(torch.autograd.Function):
-    """Newton-Schulz polynomial evaluated on eigenvalues; exact gradient of that polynomial."""
+    """Newton-Schulz polynomial evaluated on eigenvalues; exact gradient of that polynomial.
+    First derivatives only: differentiating its gradient raises (``impl="iterative"``
+    has higher derivatives)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, num_iters: int, norm: str) -> Tensor:  # type: ignore[override]
@@ -402,6 +447,7 @@ class _NSSpectral(torch.autograd.Function):
         return _from_eig(u, (q * s.double().sqrt().unsqueeze(1)).to(lam.dtype), buffer)
 
     @staticmethod
+    @_first_derivatives_only('matrix_sqrt(impl="spectral")', 'use impl="iterative"')
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         u, lam, s, clamped, q, dq = ctx.saved_tensors
         num_iters, norm = ctx.config
@@ -419,7 +465,8 @@ class _NSSpectral(torch.autograd.Function):
 
 
 class _EigSqrt(torch.autograd.Function):
-    """Exact PSD square root by eigendecomposition with a division-free backward."""
+    """Exact PSD square root by eigendecomposition with a division-free backward.
+    First derivatives only: differentiating its gradient raises."""
 
     @staticmethod
     def forward(ctx, a: Tensor, eps: float) -> Tensor:  # type: ignore[override]
@@ -429,6 +476,7 @@ class _EigSqrt(torch.autograd.Function):
         return _from_eig(u, lam.clamp_min(0).sqrt(), buffer)
 
     @staticmethod
+    @_first_derivatives_only('matrix_sqrt(method="eig")', 'use method="newton_schulz", impl="iterative"')
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         u, lam = ctx.saved_tensors
         top = lam.amax(1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
@@ -467,7 +515,9 @@ def matrix_sqrt(
             iSQRT-COV) or ``"frobenius"`` (:math:`\\|A\\|_F`, converges a little faster).
         impl: how Newton-Schulz is evaluated: ``"iterative"`` (matrix products),
             ``"spectral"`` (the same polynomial on eigenvalues) or ``"auto"``
-            (spectral on CPU, iterative elsewhere and in ONNX export).
+            (spectral on CPU, iterative elsewhere and in ONNX export). Only
+            ``"iterative"`` has higher derivatives (``create_graph=True``, e.g. gradient
+            penalties); ``"spectral"`` and ``method="eig"`` raise there.
         eps: ``method="eig"`` only: in the backward pass eigenvalues are floored at
             ``eps * lambda_max``, which bounds the gradient of pairs of (numerically)
             zero eigenvalues.
