@@ -56,10 +56,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="share of training data held out for the LR schedule; 0 = use the "
                    "training loss (default: %(default)s)")
     g.add_argument("--folds-file", nargs="+", default=(),
-                   help="Folds.csv or dsfoldN.txt files for --protocol official")
+                   help="Folds.csv or dsfoldN.txt files for --protocol official (an error "
+                   "with the other protocols)")
     g.add_argument("--image-folder", action="store_true",
                    help="--data-root is a generic root/<class>/<image> folder")
-    g.add_argument("--patients-csv", help="CSV (path, patient) with patient ids for --image-folder")
+    g.add_argument("--patients-csv", help="CSV (path, patient) with patient ids for "
+                   "--image-folder; needed there for --protocol patient")
     g.add_argument("--no-verify", action="store_true",
                    help="read image headers only (faster; truncated files are not caught)")
     g.add_argument("--strict", action="store_true", help="fail on unreadable images")
@@ -95,7 +97,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's checkpoint.pt")
+                   help="continue from the run folder's checkpoint.pt; refused when data, "
+                   "fold or settings differ from the checkpoint's (only --epochs, "
+                   "--num-workers and --device may change)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

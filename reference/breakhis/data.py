@@ -302,10 +302,20 @@ def _is_metadata(name: str) -> bool:
     return name.lower() in METADATA_FILES or _DSFOLD.match(name) is not None
 
 
-def _walk_files(root: Path) -> list[Path]:
+def _walk_files(root: Path, skipped: list[SkippedFile]) -> list[Path]:
+    """Every file below ``root``, sorted; hidden folders are not entered.
+
+    Hidden folders (``.ipynb_checkpoints``, ``.git``, ``.Trash``) hold copies or tool
+    state, never data: indexing them would make new classes or duplicate images. Each
+    one is listed in ``skipped`` (as ``<folder>/``) instead.
+    """
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        hidden = sorted(d for d in dirnames if d.startswith("."))
+        for name in hidden:
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            skipped.append(SkippedFile(f"{rel}/", "hidden folder: not indexed"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(Path(dirpath) / name for name in sorted(filenames))
     return files
 
@@ -358,9 +368,10 @@ def index_breakhis(
 ) -> DataIndex:
     """Index a BreaKHis tree (official archive or Kaggle layout).
 
-    Every file below ``root`` is looked at. Images whose names follow the BreaKHis
-    grammar and agree with their folders become :class:`ImageRecord` s; everything
-    else is listed in :attr:`DataIndex.skipped` with a reason. Fold tables
+    Every file below ``root`` is looked at, except in hidden folders (``.name``, listed
+    as skipped). Images whose names follow the BreaKHis grammar and agree with their
+    folders become :class:`ImageRecord` s; everything else is listed in
+    :attr:`DataIndex.skipped` with a reason. Fold tables
     (``Folds.csv``, ``dsfoldN.txt``) and synthetic-data markers are listed in
     :attr:`DataIndex.metadata_files`.
 
@@ -376,6 +387,8 @@ def index_breakhis(
 
     Raises:
         FileNotFoundError: when ``root`` is not a folder.
+        ValueError: when two files share a BreaKHis name (two copies of the tree), so
+            that one image cannot end up in both train and test.
         UnreadableImageError: in strict mode, when an image cannot be decoded.
     """
     root = Path(root).expanduser().resolve()
@@ -384,7 +397,7 @@ def index_breakhis(
     skipped: list[SkippedFile] = []
     metadata: list[str] = []
     candidates: list[tuple[Path, BreakhisName]] = []
-    for path in _walk_files(root):
+    for path in _walk_files(root, skipped):
         rel = path.relative_to(root).as_posix()
         if _is_metadata(path.name):
             metadata.append(rel)
@@ -402,6 +415,7 @@ def index_breakhis(
             skipped.append(SkippedFile(rel, problem))
             continue
         candidates.append((path, name))
+    _refuse_duplicate_names(root, [path for path, _ in candidates])
 
     sizes = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
                         progress=progress)
@@ -440,6 +454,27 @@ def index_breakhis(
     )
 
 
+def _refuse_duplicate_names(root: Path, paths: Sequence[Path]) -> None:
+    """Raise when two files share a BreaKHis name (e.g. two copies of the tree).
+
+    A BreaKHis name identifies one image of one slide, so two files with the same name
+    are copies; indexed both, one copy could land in train and the other in test.
+    """
+    seen: dict[str, Path] = {}
+    pairs: list[tuple[Path, Path]] = []
+    for path in paths:
+        first = seen.setdefault(path.name, path)
+        if first is not path:
+            pairs.append((first, path))
+    if pairs:
+        a, b = (p.relative_to(root).as_posix() for p in pairs[0])
+        raise ValueError(
+            f"expected every BreaKHis file name once under {str(root)!r}, but "
+            f"{len(pairs)} file(s) repeat a name found elsewhere, e.g. {a!r} and {b!r} "
+            "(two copies of the data set?); point --data-root at one copy or remove the other"
+        )
+
+
 def _shared_patient_warnings(records: Sequence[ImageRecord]) -> list[str]:
     """Warn about patient ids filed under more than one tumour type."""
     types: dict[str, set[str]] = defaultdict(set)
@@ -467,6 +502,7 @@ def index_image_folder(
 
     Args:
         root: folder with one sub-folder per class; images may sit in nested folders.
+            Hidden folders (``.ipynb_checkpoints``) are neither classes nor searched.
         patients_csv: optional CSV with columns ``path`` (relative to ``root``, or a
             bare file name) and ``patient``. Without it every image is its own group.
         verify: decode every image so that truncated files are caught.
@@ -491,7 +527,7 @@ def index_image_folder(
     skipped: list[SkippedFile] = []
     metadata: list[str] = []
     candidates: list[tuple[Path, str]] = []
-    for path in _walk_files(root):
+    for path in _walk_files(root, skipped):
         rel = path.relative_to(root).as_posix()
         if path.parent == root:
             if _is_metadata(path.name) or path.suffix.lower() == ".csv":

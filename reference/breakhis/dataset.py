@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .data import ImageRecord
+from .data import ImageRecord, UnreadableImageError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -70,9 +70,20 @@ def build_eval_transform(input_size: int = 224) -> T.Compose:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (decoded now, so the file is closed)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Open an image file as RGB (decoded now, so the file is closed).
+
+    Raises:
+        UnreadableImageError: naming the file, when it cannot be opened or decoded
+            (a truncated PNG indexed with ``verify=False`` / ``--no-verify``).
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three
+        raise UnreadableImageError(
+            f"expected a decodable image, but {str(path)!r} could not be read ({exc}); "
+            "index without --no-verify (verify=True) to leave such files out, or remove it"
+        ) from exc
 
 
 class ImageDataset(Dataset):

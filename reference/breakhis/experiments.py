@@ -5,15 +5,23 @@ the protocol. :func:`run_fold` trains one fold and evaluates it on its test imag
 :func:`run_cv` does every fold and writes the mean and standard deviation;
 :func:`evaluate_checkpoint` re-evaluates a saved run; :func:`checkpoint_records` gives
 the images of a saved run's fold (for figures). Every report carries the task, the
-protocol, the fold and whether the data were synthetic; every evaluation also writes
-its per-image predictions (``test_predictions.csv``).
+protocol, the fold, whether the data were synthetic and what indexing left out; every
+evaluation also writes its per-image predictions (``test_predictions.csv``).
+
+A fold's checkpoint records the relative paths of its training, validation and test
+images. Re-evaluation and figures use those lists rather than drawing the fold again,
+so a changed data folder cannot move training images into the test set; resuming
+(:func:`run_fold`, :func:`run_cv`) is refused when fold, task, protocol, data, file
+lists or training settings differ from the checkpoint's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +46,14 @@ from .splits import (
     validation_split,
 )
 from .tasks import Task, get_task
-from .train import TrainConfig, fit, load_model, predict_probs
+from .train import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    fit,
+    load_model,
+    predict_probs,
+    resume_differences,
+)
 
 __all__ = [
     "SPLIT_CHOICES",
@@ -53,6 +68,15 @@ __all__ = [
 
 #: Which images of a saved run's fold :func:`checkpoint_records` returns.
 SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
+#: Keys of a fold's checkpoint ``extra`` that may differ on resume: the data may move,
+#: its file lists (compared) pin the images.
+_RESUME_IGNORE: tuple[str, ...] = ("data.data_root",)
+#: Skipped files shown per reason in logs and reports.
+_EXAMPLES = 3
+
+
+def _absolute(path: str | os.PathLike[str]) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 @dataclass
@@ -70,10 +94,16 @@ class DataSpec:
             (0 uses the training loss).
         image_folder: ``data_root`` is ``root/<class>/<image>``, not BreaKHis.
         patients_csv: patient ids for an image folder (columns ``path``, ``patient``).
-        folds_file: explicit ``Folds.csv``/``dsfold`` path(s) for ``official``; found
-            below ``data_root`` when empty.
+        folds_file: explicit ``Folds.csv``/``dsfold`` path(s) for ``official`` (an
+            error with another protocol); found below ``data_root`` when empty.
         verify: decode every image while indexing.
         strict: fail on unreadable images instead of skipping them.
+
+    Paths (``data_root``, ``patients_csv``, ``folds_file``) are made absolute on
+    construction, so that a checkpoint finds its data from any working folder.
+
+    Raises:
+        ValueError: when ``folds_file`` is given with a protocol other than ``official``.
     """
 
     data_root: str
@@ -88,6 +118,17 @@ class DataSpec:
     folds_file: tuple[str, ...] = ()
     verify: bool = True
     strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.folds_file and self.protocol != "official":
+            raise ValueError(
+                f"fold files {list(self.folds_file)} are used by protocol 'official' only, "
+                f"but protocol is {self.protocol!r}; add --protocol official or drop "
+                "--folds-file")
+        self.data_root = _absolute(self.data_root)
+        if self.patients_csv is not None:
+            self.patients_csv = _absolute(self.patients_csv)
+        self.folds_file = tuple(_absolute(f) for f in self.folds_file)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints)."""
@@ -105,7 +146,11 @@ class DataSpec:
 
 @dataclass
 class PreparedData:
-    """Indexed data, the task's records and targets, groups and splits."""
+    """Indexed data, the task's records and targets, groups and splits.
+
+    ``warnings`` holds the index's warnings and the task's (e.g. a class without
+    images).
+    """
 
     index: DataIndex
     task: Task
@@ -113,19 +158,61 @@ class PreparedData:
     targets: np.ndarray
     groups: np.ndarray
     splits: list[Split]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def synthetic(self) -> bool:
         """Whether the tree says it is synthetic (``SYNTHETIC.txt``)."""
         return any(Path(m).name.lower() == "synthetic.txt" for m in self.index.metadata_files)
 
+    def relative_path(self, index: int) -> str:
+        """Path of record ``index`` relative to the indexed root (POSIX separators)."""
+        return self.records[index].path.relative_to(self.index.root).as_posix()
+
+    def issues(self) -> dict[str, Any]:
+        """What indexing left out and warned about, as JSON-ready data.
+
+        Returns:
+            ``skipped`` (count), ``skipped_by_reason`` (count per reason),
+            ``skipped_examples`` (a few paths per reason) and ``warnings``.
+        """
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for item in self.index.skipped:
+            by_reason[item.reason.split(":", 1)[0]].append(item.path)
+        return {
+            "skipped": len(self.index.skipped),
+            "skipped_by_reason": {k: len(v) for k, v in by_reason.items()},
+            "skipped_examples": {k: v[:_EXAMPLES] for k, v in by_reason.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+def _issue_lines(issues: dict[str, Any], root: Path) -> list[str]:
+    """The issues in words, one line each (for the console and ``train.log``)."""
+    lines = []
+    if issues["skipped"]:
+        lines.append(f"data: {issues['skipped']} file(s) under {str(root)!r} left out")
+        for reason, count in issues["skipped_by_reason"].items():
+            lines.append(f"data:   {reason}: {count}, e.g. "
+                         f"{', '.join(issues['skipped_examples'][reason])}")
+    lines += [f"data warning: {w}" for w in issues["warnings"]]
+    return lines
+
 
 def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
     """Index the data, select the task's records and draw the splits.
 
     Raises:
-        ValueError: when the task selects no images, or settings are inconsistent.
+        ValueError: when the task selects no images or images of fewer than two of its
+            classes, when protocol ``patient`` is asked of an image folder without
+            ``patients_csv``, or settings are inconsistent.
     """
+    if spec.image_folder and spec.protocol == "patient" and spec.patients_csv is None:
+        raise ValueError(
+            "protocol 'patient' needs the patient of every image, but an image folder has "
+            "none without a patients CSV; pass --patients-csv (columns path, patient), or "
+            "--protocol image for image-level folds (optimistic if a patient has several "
+            "images)")
     if spec.image_folder:
         index = index_image_folder(spec.data_root, patients_csv=spec.patients_csv,
                                    verify=spec.verify, strict=spec.strict, progress=progress)
@@ -139,13 +226,25 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
     if not records:
         raise ValueError(f"task {task.name} selects no images under {spec.data_root!r}")
     targets = task.targets(records)
+    found = [c for i, c in enumerate(task.classes) if np.any(targets == i)]
+    if len(found) < 2:
+        needs = ("at least two class folders with images" if spec.image_folder else
+                 f"images of at least two of its classes {list(task.classes)}")
+        raise ValueError(f"task {task.name} needs {needs}, but found only {found} under "
+                         f"{spec.data_root!r}")
+    task_warnings = []
+    if len(found) < task.num_classes:
+        absent = [c for c in task.classes if c not in found]
+        task_warnings.append(f"task {task.name}: no images of class(es) {absent}; the model "
+                             "still has an output for them, which is never trained")
     groups = np.asarray([r.patient or str(r.path) for r in records])
     tables: list[str | Path] = list(spec.folds_file)
     if spec.protocol == "official" and not tables:
         tables = list(find_fold_tables(index.root))
     splits = make_splits(records, targets, spec.protocol, n_splits=spec.n_splits,
                          seed=spec.split_seed, fold_tables=tables)
-    return PreparedData(index, task, records, targets, groups, splits)
+    return PreparedData(index, task, records, targets, groups, splits,
+                        warnings=[*index.warnings, *task_warnings])
 
 
 def _protocol_dict(spec: DataSpec, split: Split) -> dict[str, Any]:
@@ -153,6 +252,35 @@ def _protocol_dict(spec: DataSpec, split: Split) -> dict[str, Any]:
     out["split_seed"] = spec.split_seed
     out["n_splits"] = spec.n_splits if spec.protocol != "official" else None
     return out
+
+
+@dataclass
+class _FoldPlan:
+    """One fold's fit/validation/test indices and what its checkpoint records."""
+
+    split: Split
+    fit: np.ndarray
+    val: np.ndarray
+    extra: dict[str, Any]
+
+
+def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
+    if not 0 <= fold < len(data.splits):
+        raise ValueError(f"fold must be in [0, {len(data.splits)}), but got {fold}")
+    split = data.splits[fold]
+    fit_idx, val_idx = split.train, np.zeros(0, dtype=np.int64)
+    if spec.val_fraction > 0:
+        fit_idx, val_idx = validation_split(
+            split.train, data.targets, data.groups, fraction=spec.val_fraction,
+            by_patient=split.protocol != "image", seed=spec.split_seed + fold)
+    if split.patient_disjoint:
+        check_patient_disjoint(fit_idx, split.test, data.groups)
+    files = {name: [data.relative_path(i) for i in idx]
+             for name, idx in (("train", fit_idx), ("val", val_idx), ("test", split.test))}
+    extra = {"data": spec.to_dict(), "fold": fold, "task": data.task.to_dict(),
+             "protocol": _protocol_dict(spec, split), "synthetic": data.synthetic,
+             "files": files}
+    return _FoldPlan(split, fit_idx, val_idx, extra)
 
 
 def run_fold(
@@ -168,69 +296,95 @@ def run_fold(
 ) -> dict[str, Any] | None:
     """Train fold ``fold`` and evaluate it on its test images.
 
-    Writes ``checkpoint.pt``, ``train.log``, ``metrics.csv``, ``config.json``,
+    Writes ``checkpoint.pt`` (with the relative paths of the fold's training,
+    validation and test images), ``train.log``, ``metrics.csv``, ``config.json``,
     ``test_metrics.json``/``.md`` and ``test_predictions.csv`` (one row per test image:
     path, patient, magnification, true class, predicted class, class probabilities)
-    to ``run_dir``.
+    to ``run_dir``. Files that indexing left out, and its warnings, are logged (console
+    and ``train.log``) and recorded under ``data_issues`` in ``test_metrics.json``.
 
     Returns:
         The test report (main process), or ``None`` on other DDP processes.
 
     Raises:
-        ValueError: for a fold number outside the protocol's folds.
+        ValueError: for a fold number outside the protocol's folds, or (``resume``)
+            a checkpoint in ``run_dir`` made for another fold, task, protocol, data or
+            settings (the message lists the differences).
     """
     info = dist_info or init_distributed(config.device)
     data = data or prepare_data(spec, progress=progress and info.is_main)
-    if not 0 <= fold < len(data.splits):
-        raise ValueError(f"fold must be in [0, {len(data.splits)}), but got {fold}")
-    split = data.splits[fold]
-    fit_idx, val_idx = split.train, np.zeros(0, dtype=np.int64)
-    if spec.val_fraction > 0:
-        fit_idx, val_idx = validation_split(
-            split.train, data.targets, data.groups, fraction=spec.val_fraction,
-            by_patient=split.protocol != "image", seed=spec.split_seed + fold)
-    if split.patient_disjoint:
-        check_patient_disjoint(fit_idx, split.test, data.groups)
-    extra = {"data": spec.to_dict(), "fold": fold, "task": data.task.to_dict(),
-             "protocol": _protocol_dict(spec, split), "synthetic": data.synthetic}
+    plan = _plan_fold(spec, data, fold)
     result = fit(
         config,
-        train_records=[data.records[i] for i in fit_idx], train_targets=data.targets[fit_idx],
-        val_records=[data.records[i] for i in val_idx], val_targets=data.targets[val_idx],
-        classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=extra,
+        train_records=[data.records[i] for i in plan.fit], train_targets=data.targets[plan.fit],
+        val_records=[data.records[i] for i in plan.val], val_targets=data.targets[plan.val],
+        classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=plan.extra,
+        resume_ignore=_RESUME_IGNORE, log_messages=_issue_lines(data.issues(), data.index.root),
         dist_info=info, progress=progress,
     )
     if not info.is_main:
         return None
-    return _evaluate_split(result.model, config, data, split, spec, Path(run_dir),
-                           info, progress=progress)
+    return _evaluate_split(result.model, config, data, plan.split.test, plan.extra["protocol"],
+                           fold, Path(run_dir), info, progress=progress)
 
 
 def _evaluate_split(
-    model: Any, config: TrainConfig, data: PreparedData, split: Split, spec: DataSpec,
-    out_dir: Path, info: DistInfo, *, progress: bool,
+    model: Any, config: TrainConfig, data: PreparedData, test: np.ndarray,
+    protocol: dict[str, Any], fold: int, out_dir: Path, info: DistInfo, *, progress: bool,
 ) -> dict[str, Any]:
-    test_records = [data.records[i] for i in split.test]
+    test_records = [data.records[i] for i in test]
     probs = predict_probs(model, test_records, input_size=config.input_size,
                           batch_size=max(config.batch_size, 32), device=info.device,
                           progress=progress)
-    metrics = classification_metrics(data.targets[split.test], probs, data.task.classes,
-                                     patients=data.groups[split.test])
+    metrics = classification_metrics(data.targets[test], probs, data.task.classes,
+                                     patients=data.groups[test])
     report = {
-        "title": f"BreaKHis {data.task.name} fold {split.fold} ({split.protocol} protocol)",
+        "title": f"BreaKHis {data.task.name} fold {fold} ({protocol['protocol']} protocol)",
         "task": data.task.to_dict(),
-        "protocol": _protocol_dict(spec, split),
-        "fold": split.fold,
+        "protocol": protocol,
+        "fold": fold,
         "data_root": str(data.index.root),
         "synthetic": data.synthetic,
         "model": {k: getattr(config, k) for k in ("head", "backbone", "weights", "se_reduction",
                                                   "input_size", "epochs", "seed")},
+        "data_issues": data.issues(),
         "metrics": metrics,
     }
     write_report(report, out_dir, "test_metrics")
-    write_predictions(out_dir / PREDICTIONS_FILE, test_records, data.targets[split.test], probs,
+    write_predictions(out_dir / PREDICTIONS_FILE, test_records, data.targets[test], probs,
                       data.task.classes)
     return report
+
+
+def _reusable_fold(
+    spec: DataSpec, config: TrainConfig, data: PreparedData, fold: int, fold_dir: Path
+) -> dict[str, Any] | None:
+    """The report of a finished fold that these settings would reproduce, else ``None``.
+
+    ``None`` also when the fold's checkpoint matches but trained fewer epochs (it is
+    then resumed).
+
+    Raises:
+        ValueError: when the fold was made with other settings, or its settings cannot
+            be checked (no checkpoint).
+    """
+    done = fold_dir / "test_metrics.json"
+    ckpt = fold_dir / CHECKPOINT_NAME
+    if not ckpt.is_file():
+        raise ValueError(
+            f"cannot resume fold {fold}: {str(done)!r} exists but {str(ckpt)!r} does not, so "
+            f"the settings that made it cannot be checked; remove {str(fold_dir)!r} to train "
+            "the fold again")
+    state = load_checkpoint(ckpt)
+    differences = resume_differences(state, config, list(data.task.classes),
+                                     _plan_fold(spec, data, fold).extra, ignore=_RESUME_IGNORE)
+    if differences:
+        raise ValueError(
+            f"cannot reuse fold {fold} in {str(fold_dir)!r}: it was made with other settings ("
+            + "; ".join(differences) + "). Use another output folder, or the run's settings")
+    if int(state["epoch"]) + 1 < config.epochs:
+        return None
+    return json.loads(done.read_text())
 
 
 def run_cv(
@@ -245,9 +399,12 @@ def run_cv(
 ) -> dict[str, Any] | None:
     """Train and evaluate every fold (in ``run_dir/fold<k>``), then summarise.
 
-    With ``resume``, folds that already have ``test_metrics.json`` are not retrained and
-    a fold with a checkpoint continues from it. Writes ``cv_metrics.json``/``.md`` in
-    ``run_dir``; each ``fold<k>`` folder holds what :func:`run_fold` writes.
+    With ``resume``, a fold that already has ``test_metrics.json`` is reused when its
+    checkpoint was made with the same data, task, protocol and settings (and continued
+    when only ``epochs`` grew); a fold with only a checkpoint continues from it. A fold
+    made with other settings is an error that lists the differences, never mixed into
+    the summary. Writes ``cv_metrics.json``/``.md`` in ``run_dir``; each ``fold<k>``
+    folder holds what :func:`run_fold` writes.
 
     Returns:
         The summary report (main process), else ``None``.
@@ -259,10 +416,11 @@ def run_cv(
     reports = []
     for fold in chosen:
         fold_dir = run_dir / f"fold{fold}"
-        done = fold_dir / "test_metrics.json"
-        if resume and done.is_file():
-            reports.append(json.loads(done.read_text()))
-            continue
+        if resume and (fold_dir / "test_metrics.json").is_file():
+            report = _reusable_fold(spec, config, data, fold, fold_dir)
+            if report is not None:
+                reports.append(report)
+                continue
         reports.append(run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
                                 dist_info=info, progress=progress))
     if not info.is_main:
@@ -276,6 +434,7 @@ def run_cv(
         "data_root": first["data_root"],
         "synthetic": first["synthetic"],
         "model": first["model"],
+        "data_issues": data.issues(),
         "summary": summarize_folds([r["metrics"] for r in reports]),
         "folds": [{"fold": r["fold"], "protocol": r["protocol"], "metrics": r["metrics"]}
                   for r in reports],
@@ -294,6 +453,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate a saved run on the test images of the fold it was trained on.
 
+    The test images are those recorded in the checkpoint at training time (relative
+    paths), looked up in the data indexed now; the fold is not drawn again.
+
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
         out_dir: where to write ``test_metrics.json``/``.md`` and ``test_predictions.csv``
@@ -301,13 +463,18 @@ def evaluate_checkpoint(
         data_root: use this data folder instead of the one recorded (data moved).
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show a progress bar.
+
+    Raises:
+        ValueError: when a recorded test image is no longer in the data, or the data's
+            classes differ from the checkpoint's.
     """
     info = init_distributed(device)
     model, state = load_model(checkpoint, device=info.device)
     spec, data = _checkpoint_data(checkpoint, state, data_root, progress=progress)
+    test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
     config = TrainConfig.from_dict(state["config"])
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
-    return _evaluate_split(model, config, data, data.splits[int(state["extra"]["fold"])], spec,
+    return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
                            out, info, progress=progress)
 
 
@@ -315,19 +482,54 @@ def _checkpoint_data(
     checkpoint: str | os.PathLike[str], state: dict[str, Any], data_root: str | None,
     *, progress: bool,
 ) -> tuple[DataSpec, PreparedData]:
-    """The data spec recorded in a checkpoint, and its data indexed and split again."""
+    """The data spec recorded in a checkpoint, and its data indexed again."""
     extra = state.get("extra") or {}
     if "data" not in extra:
         raise ValueError(f"checkpoint {str(checkpoint)!r} records no data spec; "
                          "it was not written by breakhis training")
     spec = DataSpec.from_dict(extra["data"])
     if data_root is not None:
-        spec.data_root = data_root
+        spec = replace(spec, data_root=data_root)
     data = prepare_data(spec, progress=progress)
     if list(data.task.classes) != list(state["classes"]):
         raise ValueError(f"checkpoint classes {state['classes']} differ from the task's "
                          f"{list(data.task.classes)}")
     return spec, data
+
+
+def _recorded_images(
+    checkpoint: str | os.PathLike[str], state: dict[str, Any], spec: DataSpec,
+    data: PreparedData, split: str,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Indices into ``data.records`` of a saved run's ``test`` or ``train`` images.
+
+    ``train`` includes the validation share. The images are the ones recorded at
+    training time; the protocol description is the recorded one.
+
+    Raises:
+        ValueError: when a recorded image is not among the task's images now.
+    """
+    extra = state["extra"]
+    fold = int(extra["fold"])
+    files = extra.get("files")
+    if files is None:
+        warnings.warn(
+            f"checkpoint {str(checkpoint)!r} records no file lists (written by an older "
+            "breakhis); its fold is drawn again from the data, which gives the training "
+            "split only if the data have not changed since", UserWarning, stacklevel=3)
+        drawn = data.splits[fold]
+        return (drawn.test if split == "test" else drawn.train), _protocol_dict(spec, drawn)
+    names = list(files["test"]) if split == "test" else [*files["train"], *files["val"]]
+    position = {data.relative_path(i): i for i in range(len(data.records))}
+    missing = [n for n in names if n not in position]
+    if missing:
+        raise ValueError(
+            f"expected the {len(names)} {split} images of fold {fold} recorded in checkpoint "
+            f"{str(checkpoint)!r} under {str(data.index.root)!r}, but {len(missing)} are not "
+            f"among the task's images there now, e.g. {missing[:3]}; restore them (or pass "
+            "--data-root if the data moved): the fold is not drawn again, so that no "
+            "training image is evaluated as a test image")
+    return np.asarray([position[n] for n in names], dtype=np.int64), dict(extra["protocol"])
 
 
 def checkpoint_records(
@@ -342,7 +544,8 @@ def checkpoint_records(
     Args:
         checkpoint: a ``checkpoint.pt`` written by training (or its loaded dict).
         split: ``test`` (the fold's test images), ``train`` (its training images,
-            validation share included) or ``all`` (every image of the task).
+            validation share included) or ``all`` (every image of the task). Test and
+            training images are those recorded in the checkpoint at training time.
         data_root: use this data folder instead of the one recorded (data moved).
         progress: show a progress bar while indexing.
 
@@ -351,8 +554,9 @@ def checkpoint_records(
         ``protocol``, ``data_root`` and ``synthetic`` (of the data found now).
 
     Raises:
-        ValueError: for an unknown split, a checkpoint without a data spec, or data
-            whose classes differ from the checkpoint's.
+        ValueError: for an unknown split, a checkpoint without a data spec, data
+            whose classes differ from the checkpoint's, or a recorded test (training)
+            image missing from the data now.
     """
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split must be one of {SPLIT_CHOICES}, but got {split!r}")
@@ -360,10 +564,13 @@ def checkpoint_records(
     name = "<checkpoint dict>" if isinstance(checkpoint, dict) else checkpoint
     spec, data = _checkpoint_data(name, state, data_root, progress=progress)
     fold = int(state["extra"]["fold"])
-    chosen = data.splits[fold]
-    index = {"test": chosen.test, "train": chosen.train,
-             "all": np.arange(len(data.records))}[split]
+    if split == "all":
+        index = np.arange(len(data.records))
+        recorded = state["extra"].get("protocol")
+        protocol = dict(recorded) if recorded else _protocol_dict(spec, data.splits[fold])
+    else:
+        index, protocol = _recorded_images(name, state, spec, data, split)
     info = {"split": split, "fold": fold, "task": data.task.to_dict(),
-            "protocol": _protocol_dict(spec, chosen), "data_root": str(data.index.root),
+            "protocol": protocol, "data_root": str(data.index.root),
             "synthetic": data.synthetic}
     return [data.records[i] for i in index], data.targets[index], info

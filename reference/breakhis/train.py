@@ -43,16 +43,23 @@ from .sampler import BalancedSampler
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
+    "RESUMABLE_CHANGES",
     "FitResult",
     "TrainConfig",
     "fit",
     "load_model",
     "predict_probs",
+    "resume_differences",
     "seed_everything",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "breakhis-checkpoint-v1"
+#: :class:`TrainConfig` fields a resumed run may change: ``epochs`` extends the run; the
+#: others change where and how fast it runs, not what it learns. Every other setting
+#: must equal the checkpoint's, so that the checkpoint records what was trained.
+RESUMABLE_CHANGES: frozenset[str] = frozenset({"epochs", "num_workers", "device",
+                                               "deterministic"})
 _LOG = logging.getLogger("breakhis.train")
 
 
@@ -178,6 +185,80 @@ def _write_metrics_csv(history: Sequence[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+_ABSENT = object()
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and (
+            len(old) > 3 or len(new) > 3):
+        # file lists: counts and one example each way, not thousands of paths
+        only_old = sorted(set(map(str, old)) - set(map(str, new)))
+        only_new = sorted(set(map(str, new)) - set(map(str, old)))
+        return (f"checkpoint has {key}=<{len(old)} entries>, this run <{len(new)} entries> "
+                f"({len(only_old)} only in the checkpoint, e.g. {only_old[:1]}; "
+                f"{len(only_new)} only in this run, e.g. {only_new[:1]})")
+    shown = ["<not recorded>" if v is _ABSENT else repr(v) for v in (old, new)]
+    return f"checkpoint has {key}={shown[0]}, this run {shown[1]}"
+
+
+def resume_differences(
+    state: dict[str, Any],
+    config: TrainConfig,
+    classes: Sequence[str],
+    extra: dict[str, Any] | None = None,
+    *,
+    ignore: Sequence[str] = (),
+) -> list[str]:
+    """What stops ``config`` from continuing the run saved in ``state``.
+
+    Compares the classes, every :class:`TrainConfig` field but
+    :data:`RESUMABLE_CHANGES`, and every (nested, dotted) key of ``extra`` (fold, task,
+    protocol, data and the file lists of a :func:`breakhis.experiments.run_fold`) except
+    those in ``ignore``; also refuses an ``epochs`` below what the checkpoint already
+    trained.
+
+    Args:
+        state: a loaded checkpoint.
+        config: the settings of the run that wants to continue it.
+        classes: that run's class names.
+        extra: that run's ``extra`` (as given to :func:`fit`).
+        ignore: dotted ``extra`` keys that may differ (e.g. ``"data.data_root"``).
+
+    Returns:
+        One line per difference, ``"checkpoint has KEY=OLD, this run NEW"``; empty when
+        the run may resume.
+    """
+    out = []
+    if list(state.get("classes") or []) != list(classes):
+        out.append(_difference("classes", state.get("classes"), list(classes)))
+    recorded = state.get("config") or {}
+    for key, value in config.to_dict().items():
+        if key not in RESUMABLE_CHANGES and recorded.get(key, _ABSENT) != value:
+            out.append(_difference(key, recorded.get(key, _ABSENT), value))
+    done = int(state.get("epoch", -1)) + 1
+    if done > config.epochs:
+        out.append(f"checkpoint has already trained {done} epochs, this run asks for "
+                   f"epochs={config.epochs}")
+    if extra is not None:
+        old, new = _flatten(state.get("extra") or {}), _flatten(extra)
+        # settings first, file lists (long) last
+        for key in sorted(set(old) | set(new), key=lambda k: (k.startswith("files."), k)):
+            if key not in ignore and old.get(key, _ABSENT) != new.get(key, _ABSENT):
+                out.append(_difference(key, old.get(key, _ABSENT), new.get(key, _ABSENT)))
+    return out
+
+
 def _evaluate_loss(
     model: nn.Module, loader: DataLoader, device: torch.device
 ) -> tuple[float, float, float]:
@@ -205,6 +286,8 @@ def fit(
     val_targets: Sequence[int] | np.ndarray = (),
     resume: bool = False,
     extra: dict[str, Any] | None = None,
+    resume_ignore: Sequence[str] = (),
+    log_messages: Sequence[str] = (),
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     dist_info: DistInfo | None = None,
     progress: bool = True,
@@ -219,8 +302,14 @@ def fit(
         run_dir: folder for ``checkpoint.pt``, ``train.log``, ``metrics.csv``, ``config.json``.
         val_records: validation images for the plateau schedule (training loss if none).
         val_targets: their integer classes.
-        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
-        extra: plain data stored in the checkpoint (task, protocol, fold, data root).
+        resume: continue from ``run_dir/checkpoint.pt`` when it exists. Only a run with
+            the same classes, ``extra`` and settings may continue
+            (:func:`resume_differences`); ``epochs`` may grow.
+        extra: plain data stored in the checkpoint (task, protocol, fold, data root,
+            file lists); ``config.json`` holds it without ``"files"``.
+        resume_ignore: dotted keys of ``extra`` that may differ on resume.
+        log_messages: lines logged as warnings (console and ``train.log``) before
+            training, e.g. the files the data index left out.
         epoch_callback: called as ``callback(epoch, row)`` after each checkpoint.
         dist_info: process placement; by default from the torchrun environment.
         progress: show progress bars (main process only).
@@ -229,7 +318,8 @@ def fit(
         The trained model, the per-epoch history and the checkpoint path.
 
     Raises:
-        ValueError: when resuming a checkpoint made with other classes or model.
+        ValueError: when resuming a checkpoint made with other classes, data, fold or
+            settings; the message lists every difference.
     """
     info = dist_info or init_distributed(config.device)
     run_dir = Path(run_dir)
@@ -239,9 +329,12 @@ def fit(
     barrier()
     handler = _add_file_log(run_dir) if info.is_main else None
     try:
+        for message in log_messages if info.is_main else ():
+            _LOG.warning("%s", message)
         return _fit(config, info, run_dir, ckpt_path, list(train_records),
                     np.asarray(train_targets), list(val_records), np.asarray(val_targets),
-                    list(classes), resume, dict(extra or {}), epoch_callback, progress)
+                    list(classes), resume, dict(extra or {}), tuple(resume_ignore),
+                    epoch_callback, progress)
     finally:
         if handler is not None:
             _LOG.removeHandler(handler)
@@ -252,7 +345,7 @@ def _fit(
     config: TrainConfig, info: DistInfo, run_dir: Path, ckpt_path: Path,
     train_records: list[ImageRecord], train_targets: np.ndarray,
     val_records: list[ImageRecord], val_targets: np.ndarray, classes: list[str],
-    resume: bool, extra: dict[str, Any],
+    resume: bool, extra: dict[str, Any], resume_ignore: tuple[str, ...],
     epoch_callback: Callable[[int, dict[str, Any]], None] | None, progress: bool,
 ) -> FitResult:
     seed_everything(config.seed, deterministic=config.deterministic)
@@ -272,12 +365,12 @@ def _fit(
     if state is not None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint in {ckpt_path}")
-        if state["classes"] != classes:
-            raise ValueError(f"cannot resume: checkpoint classes {state['classes']} != {classes}")
-        for key in ("head", "backbone", "se_reduction", "batch_size", "seed"):
-            if state["config"][key] != getattr(config, key):
-                raise ValueError(f"cannot resume: checkpoint has {key}={state['config'][key]!r}, "
-                                 f"this run {getattr(config, key)!r}")
+        differences = resume_differences(state, config, classes, extra, ignore=resume_ignore)
+        if differences:
+            raise ValueError(
+                f"cannot resume from {str(ckpt_path)!r}: it was made with other settings ("
+                + "; ".join(differences) + "). Resume with the checkpoint's settings, or "
+                "train into another run folder")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -291,8 +384,13 @@ def _fit(
         _LOG.info("training %s/%s on %d images (%d classes), %d process(es), device %s",
                   config.head, config.backbone, len(train_records), len(classes),
                   info.world_size, info.device)
+    if info.is_main:
+        # rewritten on resume too, so that it shows the epochs now asked for; the file
+        # lists stay in the checkpoint only (thousands of paths)
+        summary = {k: v for k, v in extra.items() if k != "files"}
         (run_dir / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "classes": classes, "extra": extra}, indent=2) + "\n")
+            {"config": config.to_dict(), "classes": classes, "extra": summary},
+            indent=2) + "\n")
 
     net: nn.Module = model
     if info.distributed:

@@ -18,6 +18,7 @@ from breakhis.data import (
     index_image_folder,
     parse_breakhis_name,
 )
+from breakhis.dataset import ImageDataset, build_eval_transform
 from breakhis.synthetic import SyntheticPatient, make_synthetic_breakhis
 
 
@@ -120,6 +121,15 @@ class TestIndexSynthetic:
         index = index_breakhis(root, verify=False)
         assert len(index.records) == meta["expected"]["images"] + 1
 
+    def test_unverified_truncated_png_fails_naming_the_file(self, synth_tree) -> None:
+        root, _ = synth_tree
+        index = index_breakhis(root, verify=False)
+        broken = [r for r in index.records if r.path.name.endswith("-999.png")]
+        assert len(broken) == 1
+        data = ImageDataset(broken, [0], build_eval_transform(16))
+        with pytest.raises(UnreadableImageError, match="SOB_M_PC-14-9146-400-999.png"):
+            data[0]
+
     def test_kaggle_layout(self, kaggle_tree) -> None:
         root, meta = kaggle_tree
         summary = index_breakhis(root).summary()
@@ -144,6 +154,26 @@ class TestIndexHandmade:
         with pytest.raises(FileNotFoundError, match="is not a folder"):
             index_breakhis(tmp_path / "nope")
 
+    def test_two_copies_of_the_tree_are_refused(self, tmp_path: Path) -> None:
+        name = "SOB_B_A-14-1-40-001.png"
+        _png(_official(tmp_path / "copy1", "benign", "adenosis", "SOB_B_A_14-1", 40, name))
+        _png(_official(tmp_path / "copy2", "benign", "adenosis", "SOB_B_A_14-1", 40, name))
+        with pytest.raises(ValueError, match=r"1 file\(s\) repeat a name") as info:
+            index_breakhis(tmp_path)
+        inside = f"BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-1/40X/{name}"
+        assert f"'copy1/{inside}' and 'copy2/{inside}'" in str(info.value)
+        assert len(index_breakhis(tmp_path / "copy1").records) == 1
+
+    def test_hidden_folders_are_not_indexed(self, tmp_path: Path) -> None:
+        good = _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40,
+                              "SOB_B_A-14-1-40-001.png"))
+        _png(good.parent / ".ipynb_checkpoints" / good.name)  # a copy, not a second image
+        index = index_breakhis(tmp_path)
+        assert [r.path for r in index.records] == [good.resolve()]
+        rel = good.parent.relative_to(tmp_path).as_posix()
+        assert [(s.path, s.reason) for s in index.skipped] == [
+            (f"{rel}/.ipynb_checkpoints/", "hidden folder: not indexed")]
+
 
 class TestImageFolder:
     def test_classes_and_patients_from_csv(self, tmp_path: Path) -> None:
@@ -164,6 +194,16 @@ class TestImageFolder:
         assert by_path["tumour/img2.png"] == "tumour/img2.png"  # own group, warned
         assert any("no patient" in w for w in index.warnings)
         assert [s.path for s in index.skipped] == ["tumour/notes.txt"]
+
+    def test_hidden_folders_are_not_classes(self, tmp_path: Path) -> None:
+        for cls in ("normal", "tumour"):
+            _png(tmp_path / cls / "img0.png")
+        _png(tmp_path / ".ipynb_checkpoints" / "img0-checkpoint.png")
+        _png(tmp_path / "tumour" / ".ipynb_checkpoints" / "img0-checkpoint.png")
+        index = index_image_folder(tmp_path)
+        assert index.summary()["by_class"] == {"normal": 1, "tumour": 1}
+        assert [s.path for s in index.skipped] == [".ipynb_checkpoints/",
+                                                   "tumour/.ipynb_checkpoints/"]
 
     def test_bad_csv(self, tmp_path: Path) -> None:
         _png(tmp_path / "a" / "x.png")

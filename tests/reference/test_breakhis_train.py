@@ -137,6 +137,33 @@ class TestResume:
             fit(other, train_records=records, train_targets=y, classes=list(task.classes),
                 run_dir=tmp_path, resume=True, progress=False)
 
+    def test_resume_refuses_other_training_options(self, synth_tree, tmp_path: Path) -> None:
+        root, _ = synth_tree
+        task = get_task("MSBC", magnification=40)
+        records = task.select(index_breakhis(root).records)[:12]
+        y = task.targets(records)
+        config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16,
+                             epochs=2, batch_size=4, lr=0.1, device="cpu")
+        kwargs = dict(train_records=records, train_targets=y, classes=list(task.classes),
+                      run_dir=tmp_path, progress=False)
+        fit(config, **kwargs)
+        changed = TrainConfig(**{**config.to_dict(), "epochs": 3, "lr": 0.01,
+                                 "oversample": False})
+        with pytest.raises(ValueError, match="checkpoint has lr=0.1, this run 0.01; "
+                           "checkpoint has oversample=True, this run False"):
+            fit(changed, resume=True, **kwargs)
+        fewer = TrainConfig(**{**config.to_dict(), "epochs": 1})
+        with pytest.raises(ValueError, match="already trained 2 epochs, this run asks for "
+                           "epochs=1"):
+            fit(fewer, resume=True, **kwargs)
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        assert state["epoch"] == 1 and state["config"]["lr"] == 0.1
+        assert state["config"]["oversample"] is True
+        # more epochs (the reason to resume) and another device are fine
+        longer = TrainConfig(**{**config.to_dict(), "epochs": 3, "num_workers": 0})
+        assert len(fit(longer, resume=True, **kwargs).history) == 3
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["epochs"] == 3
+
     def test_killed_process_resumes_to_same_weights(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
         args = ["train", "--data-root", str(root), "--task", "MIBC", "--protocol", "patient",

@@ -1,0 +1,206 @@
+"""Experiments: data specs, fold runs, resume and cv-resume checks, re-evaluation.
+
+Runs use the synthetic tree's 40X binary task (35 images), the ``tiny`` backbone and
+16-pixel inputs, so that each trains in well under a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from breakhis.checkpoint import load_checkpoint
+from breakhis.evaluate import PREDICTIONS_FILE
+from breakhis.experiments import (
+    DataSpec,
+    checkpoint_records,
+    evaluate_checkpoint,
+    prepare_data,
+    run_cv,
+    run_fold,
+)
+from breakhis.train import TrainConfig
+
+pytest.importorskip("bilinearpool")
+
+
+def _config(**changes) -> TrainConfig:
+    base = dict(head="plain", backbone="tiny", weights=None, input_size=16, epochs=1,
+                batch_size=8, device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+def _spec(root: Path, **changes) -> DataSpec:
+    base = dict(task="MSBC", magnification=40, protocol="patient", n_splits=3)
+    return DataSpec(str(root), **{**base, **changes})
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((12, 20, 3), 128, np.uint8)).save(path)
+
+
+@pytest.fixture
+def tree_copy(synth_tree, tmp_path: Path) -> Path:
+    """A private copy of the synthetic tree, for tests that delete images."""
+    root, _ = synth_tree
+    return Path(shutil.copytree(root, tmp_path / "data"))
+
+
+class TestDataSpec:
+    def test_paths_are_made_absolute(self, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        spec = DataSpec("data", image_folder=True, patients_csv="p.csv", protocol="image")
+        assert spec.data_root == str(tmp_path.resolve() / "data")
+        assert spec.patients_csv == str(tmp_path.resolve() / "p.csv")
+        assert DataSpec.from_dict(spec.to_dict()) == spec
+
+    def test_folds_file_needs_official_protocol(self) -> None:
+        with pytest.raises(ValueError, match="used by protocol 'official' only, but protocol "
+                           "is 'patient'"):
+            DataSpec("data", folds_file=("dsfold1.txt",))
+        assert DataSpec("data", protocol="official", folds_file=("dsfold1.txt",)).folds_file
+
+
+class TestPrepareData:
+    def test_image_folder_patient_protocol_needs_patients(self, tmp_path: Path) -> None:
+        for cls in ("normal", "tumour"):
+            for i in range(3):
+                _png(tmp_path / cls / f"img{i}.png")
+        with pytest.raises(ValueError, match="protocol 'patient' needs the patient of every "
+                           "image.*--patients-csv"):
+            prepare_data(DataSpec(str(tmp_path), image_folder=True, n_splits=2))
+        data = prepare_data(DataSpec(str(tmp_path), image_folder=True, protocol="image",
+                                     n_splits=2))
+        assert not any(s.patient_disjoint for s in data.splits)
+
+    def test_one_class_is_an_error(self, tmp_path: Path) -> None:
+        folder = tmp_path / "folder"
+        for i in range(4):
+            _png(folder / "tumour" / f"img{i}.png")
+        _png(folder / ".ipynb_checkpoints" / "img0.png")  # hidden: not a second class
+        with pytest.raises(ValueError, match=r"at least two class folders with images, but "
+                           r"found only \['tumour'\]"):
+            prepare_data(DataSpec(str(folder), image_folder=True, protocol="image"))
+        breakhis = tmp_path / "breakhis" / "BreaKHis_v1/histology_slides/breast/benign/SOB"
+        for i in range(4):
+            _png(breakhis / "adenosis/SOB_B_A_14-1/40X" / f"SOB_B_A-14-1-40-00{i}.png")
+        with pytest.raises(ValueError, match=r"task MIBC needs images of at least two of its "
+                           r"classes \['benign', 'malignant'\], but found only \['benign'\]"):
+            prepare_data(DataSpec(str(tmp_path / "breakhis"), protocol="image"))
+
+
+class TestRunFold:
+    def test_records_files_and_data_issues(self, synth_tree, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+        root, _ = synth_tree
+        spec = _spec(root)
+        with caplog.at_level(logging.WARNING, logger="breakhis.train"):
+            report = run_fold(spec, _config(), 0, tmp_path, progress=False)
+        issues = report["data_issues"]
+        assert issues["skipped_by_reason"] == {"not an image": 2, "name outside grammar": 1,
+                                               "unreadable image": 1}
+        assert issues["skipped_examples"]["unreadable image"][0].endswith("-999.png")
+        assert any("14-13412" in w for w in issues["warnings"])
+        assert "4 file(s)" in caplog.text and "unreadable image: 1" in caplog.text
+        assert "unreadable image: 1" in (tmp_path / "train.log").read_text()
+        extra = load_checkpoint(tmp_path / "checkpoint.pt")["extra"]
+        files = extra["files"]
+        assert extra["data"]["data_root"] == str(root.resolve())
+        data = prepare_data(spec)
+        assert files["test"] == [data.relative_path(i) for i in data.splits[0].test]
+        assert sorted(files["train"] + files["val"]) == sorted(
+            data.relative_path(i) for i in data.splits[0].train)
+        assert "files" not in json.loads((tmp_path / "config.json").read_text())["extra"]
+
+    def test_resume_refuses_another_fold(self, synth_tree, tmp_path: Path) -> None:
+        root, _ = synth_tree
+        spec = _spec(root)
+        data = prepare_data(spec)
+        run_fold(spec, _config(), 0, tmp_path, data=data, progress=False)
+        with pytest.raises(ValueError, match=r"cannot resume .*checkpoint has fold=0, this run "
+                           r"1;.*files\.test=") as info:
+            run_fold(spec, _config(epochs=2), 1, tmp_path, data=data, resume=True,
+                     progress=False)
+        assert "protocol.fold=0" in str(info.value)
+        for other in (_spec(root, protocol="image"), _spec(root, split_seed=1),
+                      _spec(root, task="MSFC")):
+            with pytest.raises(ValueError, match="cannot resume"):
+                run_fold(other, _config(epochs=2), 0, tmp_path, resume=True, progress=False)
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["extra"]["fold"] == 0
+        # the same fold with more epochs continues
+        report = run_fold(spec, _config(epochs=2), 0, tmp_path, data=data, resume=True,
+                          progress=False)
+        assert report["fold"] == 0 and load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+class TestRecordedImages:
+    def test_evaluate_uses_the_recorded_test_images(self, tree_copy: Path,
+                                                    tmp_path: Path) -> None:
+        spec = _spec(tree_copy, protocol="image")
+        run_fold(spec, _config(), 0, tmp_path / "run", progress=False)
+        ckpt = tmp_path / "run" / "checkpoint.pt"
+        files = load_checkpoint(ckpt)["extra"]["files"]
+        (tree_copy / files["train"][0]).unlink()  # the data change after training
+        report = evaluate_checkpoint(ckpt, out_dir=tmp_path / "ev", device="cpu",
+                                     progress=False)
+        with (tmp_path / "ev" / PREDICTIONS_FILE).open(newline="") as handle:
+            tested = [Path(row["path"]).relative_to(tree_copy.resolve()).as_posix()
+                      for row in csv.DictReader(handle)]
+        assert tested == files["test"] and report["metrics"]["images"] == len(files["test"])
+        assert not set(tested) & set(files["train"] + files["val"])
+        assert report["protocol"]["train_images"] == len(files["train"]) + len(files["val"])
+        with pytest.raises(ValueError, match="1 are not among the task's images"):
+            checkpoint_records(ckpt, split="train")  # figures of the training images
+
+    def test_missing_recorded_image_is_an_error(self, tree_copy: Path, tmp_path: Path) -> None:
+        spec = _spec(tree_copy)
+        run_fold(spec, _config(), 1, tmp_path, progress=False)
+        ckpt = tmp_path / "checkpoint.pt"
+        files = load_checkpoint(ckpt)["extra"]["files"]
+        records, _, _ = checkpoint_records(ckpt, split="train")
+        assert sorted(r.path.relative_to(tree_copy.resolve()).as_posix() for r in records) \
+            == sorted(files["train"] + files["val"])
+        gone = files["test"][0]
+        (tree_copy / gone).unlink()
+        with pytest.raises(ValueError, match=rf"1 are not among the task's images.*{gone}"):
+            evaluate_checkpoint(ckpt, out_dir=tmp_path / "ev", device="cpu", progress=False)
+        with pytest.raises(ValueError, match="not drawn again"):
+            checkpoint_records(ckpt, split="test")
+
+
+class TestCvResume:
+    def test_reuses_only_folds_made_with_the_same_settings(self, synth_tree,
+                                                           tmp_path: Path) -> None:
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        run_cv(spec, _config(), tmp_path, folds=[0], progress=False)
+        done = tmp_path / "fold0" / "test_metrics.json"
+        before = done.read_text()
+        with pytest.raises(ValueError, match="cannot reuse fold 0 .*checkpoint has "
+                           "head='plain', this run 'fast-bcnn'"):
+            run_cv(spec, _config(head="fast-bcnn"), tmp_path, resume=True, progress=False)
+        with pytest.raises(ValueError, match="cannot reuse fold 0 .*checkpoint has "
+                           "data.val_fraction=0.1, this run 0.2"):
+            run_cv(_spec(root, n_splits=2, val_fraction=0.2), _config(), tmp_path,
+                   resume=True, progress=False)
+        assert not (tmp_path / "fold1").exists()
+        summary = run_cv(spec, _config(), tmp_path, resume=True, progress=False)
+        assert done.read_text() == before  # reused, not retrained
+        assert summary["summary"]["accuracy"]["n"] == 2 and summary["model"]["head"] == "plain"
+        assert summary["data_issues"]["skipped"] == 4
+        # more epochs: the finished folds continue from their checkpoints
+        run_cv(spec, _config(epochs=2), tmp_path, resume=True, progress=False)
+        for fold in (0, 1):
+            assert load_checkpoint(tmp_path / f"fold{fold}" / "checkpoint.pt")["epoch"] == 1
+        (tmp_path / "fold1" / "checkpoint.pt").unlink()
+        with pytest.raises(ValueError, match="settings that made it cannot be checked"):
+            run_cv(spec, _config(epochs=2), tmp_path, resume=True, progress=False)
