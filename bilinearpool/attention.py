@@ -135,6 +135,22 @@ def _se_site(module: nn.Module) -> tuple[str, int] | None:
     return None
 
 
+def _factory(module: nn.Module) -> dict[str, object]:
+    """Device and floating dtype of ``module``'s first floating parameter (a new block matches it)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return {"device": param.device, "dtype": param.dtype}
+    return {}
+
+
+def _followed_by(inner: nn.Module, se: SEBlock) -> nn.Sequential:
+    """``inner`` then ``se``, all in ``inner``'s training mode (other modes inside it untouched)."""
+    se.train(inner.training)
+    wrapper = nn.Sequential(inner, se)
+    wrapper.training = inner.training
+    return wrapper
+
+
 def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
     """Insert :class:`SEBlock` s inside a backbone's blocks, in place, as the paper does.
 
@@ -145,7 +161,10 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
 
     Insert SE *after* loading pretrained weights: wrapping a layer renames its
     parameters (``bn3.weight`` becomes ``bn3.0.weight``). The new blocks start with the
-    default initialisation and are put in the model's current training mode.
+    default initialisation, on the device, in the floating dtype and in the training
+    mode of the block they go into. Insert once: a model that
+    already holds :class:`SEBlock` s (e.g. passed to a classifier with ``se_reduction``
+    before, which modified it in place) is refused.
 
     Args:
         model: the backbone, modified in place.
@@ -155,7 +174,7 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
         The number of SE blocks inserted.
 
     Raises:
-        ValueError: when the model has none of the supported blocks.
+        ValueError: when the model has none of the supported blocks, or already has SEBlocks.
 
     Examples:
         >>> import torchvision
@@ -165,13 +184,21 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
         >>> net(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 1000])
     """
+    present = sum(isinstance(m, SEBlock) for m in model.modules())
+    if present:
+        raise ValueError(
+            f"{type(model).__name__} already contains {present} SEBlocks: insert_se_blocks (or a classifier "
+            "or build_backbone with se_reduction=) has modified it in place before. Pass a fresh model, "
+            "or leave out se_reduction to use it as it is"
+        )
     count = 0
     for name, module in list(model.named_modules()):
         site = _se_site(module)
         if site is not None:
             child, channels = site
-            se = SEBlock(channels, reduction=reduction).to(next(module.parameters()).device)
-            setattr(module, child, nn.Sequential(getattr(module, child), se))
+            inner = getattr(module, child)
+            se = SEBlock(channels, reduction=reduction, **(_factory(inner) or _factory(module)))
+            setattr(module, child, _followed_by(inner, se))
             count += 1
     for name, module in list(model.named_modules()):
         out = _INCEPTION_OUT.get(type(module).__name__)
@@ -179,8 +206,8 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        se = SEBlock(out(module), reduction=reduction).to(next(module.parameters()).device)
-        setattr(parent, child, nn.Sequential(module, se))
+        se = SEBlock(out(module), reduction=reduction, **_factory(module))
+        setattr(parent, child, _followed_by(module, se))
         count += 1
     if count == 0:
         kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
@@ -188,5 +215,4 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
             "insert_se_blocks found no supported block (ResNet Bottleneck/BasicBlock, Inception-v3 "
             f"modules, Inception-ResNet Block35/17/8) in {type(model).__name__}; it contains {kinds}"
         )
-    model.train(model.training)
     return count

@@ -20,6 +20,8 @@ weights are asked for.
 
 from __future__ import annotations
 
+import copy
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -54,6 +56,7 @@ _TORCHVISION_NODES: dict[str, str] = {
 #: Backbones of Liu, Juhas & Zhang (2020): name -> library that provides them.
 PAPER_BACKBONES = {"resnet50": "torchvision", "inception_v3": "torchvision", "inception_resnet_v2": "timm"}
 _IMAGENET = ("imagenet", "default", "pretrained")
+_FORMATS = ("NCHW", "NHWC")
 
 
 class FeatureExtractor(nn.Module):
@@ -67,10 +70,12 @@ class FeatureExtractor(nn.Module):
         out_channels: channels :math:`C` of the returned feature map.
         reduction: total stride of the feature map (input size / feature size), if known.
         name: where the backbone came from, for ``repr``.
+        output_fmt: layout of the network's 4-D output: ``"NCHW"``, or ``"NHWC"`` (Swin
+            transformers), which is permuted to :math:`(B, C, H, W)`.
 
     Shape:
-        - Input: :math:`(B, 3, H_{in}, W_{in})`.
-        - Output: :math:`(B, C, H, W)`.
+        - Input: :math:`(B, C_{in}, H_{in}, W_{in})`.
+        - Output: :math:`(B, C, H, W)` (or tokens :math:`(B, N, C)` if the network gives tokens).
 
     Examples:
         >>> body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=4), nn.ReLU())
@@ -79,12 +84,23 @@ class FeatureExtractor(nn.Module):
         (16, torch.Size([2, 16, 16, 16]))
     """
 
-    def __init__(self, body: nn.Module, *, out_channels: int, reduction: int | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        *,
+        out_channels: int,
+        reduction: int | None = None,
+        name: str = "",
+        output_fmt: str = "NCHW",
+    ) -> None:
         super().__init__()
+        if output_fmt not in _FORMATS:
+            raise ValueError(f"output_fmt must be one of {_FORMATS}, but got {output_fmt!r}")
         self.body = body
         self.out_channels = int(out_channels)
         self.reduction = reduction
         self.name = name
+        self.output_fmt = output_fmt
 
     @property
     def feature_info(self) -> dict[str, Any]:
@@ -100,10 +116,44 @@ class FeatureExtractor(nn.Module):
         return convs[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return _last_map(self.body(x))
+        return _to_nchw(_last_map(self.body(x)), self.output_fmt)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("output_fmt", "NCHW")  # extractors pickled before the option existed
+        super().__setstate__(state)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FeatureExtractor:
+        # torchvision's feature extractors (fx DualGraphModule) rebuild themselves on
+        # deepcopy through __init__, which calls train(): the copy (BCNN's second stream,
+        # to_triu, an EMA copy) would come back in training mode. Copy as nn.Module
+        # does, then give every submodule its original mode back.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        _set_training_modes(new, _training_modes(self))
+        return new
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, out_channels={self.out_channels}, reduction={self.reduction}"
+        return (
+            f"name={self.name!r}, out_channels={self.out_channels}, reduction={self.reduction}, "
+            f"output_fmt={self.output_fmt!r}"
+        )
+
+
+def _training_modes(module: nn.Module) -> dict[str, bool]:
+    return {name: sub.training for name, sub in module.named_modules()}
+
+
+def _set_training_modes(module: nn.Module, modes: Mapping[str, bool]) -> None:
+    """Give the submodules of ``module`` the training modes ``modes`` (by qualified name).
+
+    Top-down and through ``train()``, so that modules which switch behaviour in
+    ``train()`` (torchvision's feature extractors swap their train and eval graphs) do so.
+    """
+    for name, sub in module.named_modules():
+        mode = modes.get(name)
+        if mode is not None and sub.training != mode:
+            sub.train(mode)
 
 
 def _last_map(out: object) -> Tensor:
@@ -122,18 +172,30 @@ def _last_map(out: object) -> Tensor:
     return out
 
 
-def _probe(body: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, int | None]:
+def _to_nchw(out: Tensor, output_fmt: str) -> Tensor:
+    return out.permute(0, 3, 1, 2) if output_fmt == "NHWC" and out.dim() == 4 else out
+
+
+def _probe(body: nn.Module, sample_shape: tuple[int, ...], output_fmt: str = "NCHW") -> tuple[int, int | None]:
     """Channels and stride of ``body``'s output, from one forward pass on zeros."""
     param = next(iter(body.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    was_training = body.training
+    modes = _training_modes(body)
     body.eval()
+    sample = torch.zeros(1, *sample_shape, device=device, dtype=dtype)
     try:
         with torch.no_grad():
-            out = _last_map(body(torch.zeros(1, *sample_shape, device=device, dtype=dtype)))
+            raw = body(sample)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise ValueError(
+            f"could not run the backbone on a zero image of shape {tuple(sample.shape)} to read its channel "
+            f"count ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+            "pass sample_shape=(C, H, W) with the channels and a size it accepts"
+        ) from err
     finally:
-        body.train(was_training)
+        _set_training_modes(body, modes)  # each submodule's own mode, e.g. a frozen batch norm
+    out = _to_nchw(_last_map(raw), output_fmt)
     if out.dim() == 3:  # tokens (B, N, C)
         return int(out.shape[2]), None
     return int(out.shape[1]), max(1, sample_shape[-1] // out.shape[-1])
@@ -179,6 +241,12 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_error(err: RuntimeError) -> str:
+    """The first problem load_state_dict reports (its message starts with a header line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{lines[1]} ..." if len(lines) > 1 else str(err)
 
 
 def _weights_error(name: str, err: BaseException) -> RuntimeError:
@@ -233,7 +301,7 @@ def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tupl
             try:
                 result = model.load_state_dict(_load_state_dict(value), strict=False)
             except RuntimeError as err:  # shape mismatches
-                raise ValueError(f"{misfit}: {str(err).splitlines()[1].strip()} ...") from err
+                raise ValueError(f"{misfit}: {_load_error(err)}") from err
             head = ("fc.", "classifier.", "AuxLogits.", "aux", "heads.")
             missing = [k for k in result.missing_keys if not k.startswith(head)]
             if missing or result.unexpected_keys:
@@ -265,6 +333,40 @@ def _extract(model: nn.Module, node: str) -> nn.Module:
         ) from err
 
 
+def _check_timm_file(timm: Any, name: str, path: Path) -> None:
+    """Raise ValueError unless ``path`` holds a state_dict of the full timm model ``name``.
+
+    timm loads weights into a ``features_only`` model leniently (the classifier is
+    dropped later, so every key may be missing); this checks the file strictly against
+    the full model first, allowing only its classifier to be missing.
+    """
+    misfit = f"weights file {str(path)!r} does not fit timm {name!r}"
+    full = timm.create_model(name, pretrained=False)
+    classifiers = full.pretrained_cfg.get("classifier") or ()
+    head = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
+    try:
+        result = full.load_state_dict(_load_state_dict(path), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{misfit}: {_load_error(err)}") from err
+    missing = [k for k in result.missing_keys if not k.startswith(head)] if head else result.missing_keys
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{misfit}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def _timm_output_fmt(body: nn.Module) -> str:
+    """Layout of a timm ``features_only`` model's maps (Swin and others report NHWC)."""
+    fmt = getattr(body, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt)).upper()
+
+
+def _torchvision_output_fmt(model: nn.Module, node: str) -> str:
+    """NHWC for the stages of torchvision's Swin transformers (v1 and v2), else NCHW."""
+    from torchvision.models import SwinTransformer
+
+    nhwc = isinstance(model, SwinTransformer) and node.split(".")[0] in ("features", "norm")
+    return "NHWC" if nhwc else "NCHW"
+
+
 def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
     try:
         import timm
@@ -277,6 +379,7 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
     kind, value = _classify_weights(weights)
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": (-1,)}
     if kind == "file":
+        _check_timm_file(timm, name, value)
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(value)})
     elif kind == "imagenet":
         kwargs["pretrained"] = True
@@ -298,15 +401,18 @@ def build_backbone(
     weights: WeightsArg = None,
     node: str | None = None,
     se_reduction: int | None = None,
-    sample_shape: tuple[int, ...] = (3, 128, 128),
+    sample_shape: tuple[int, ...] | None = None,
+    output_fmt: str | None = None,
 ) -> FeatureExtractor:
     """Resolve ``backbone`` into a :class:`FeatureExtractor` returning its last feature map.
 
     Args:
         backbone: a model name (``"resnet50"``, ``"inception_v3"``,
             ``"inception_resnet_v2"``, any torchvision classification model, any timm
-            model, or ``"timm:<name>"``), a model to cut at ``node``, or any module that
-            returns a feature map. A :class:`FeatureExtractor` is returned as it is.
+            model, with or without a pretrained tag such as ``"resnet18.a1_in1k"``, or
+            ``"timm:<name>"``), a model to cut at ``node``, or any module that returns a
+            feature map. A :class:`FeatureExtractor` is returned as it is (and takes no
+            further options).
         weights: ``None`` (random initialisation), ``"imagenet"`` (the library's default
             pretrained weights, downloaded when not cached; offline this raises a
             :class:`RuntimeError` that names the alternatives), a torchvision weights name
@@ -316,27 +422,46 @@ def build_backbone(
             feature map (default: the family's last feature stage, e.g. ``"layer4"``).
         se_reduction: insert squeeze-and-excitation blocks with this ratio inside the
             backbone's blocks (:func:`~bilinearpool.insert_se_blocks`), after loading weights.
-        sample_shape: ``(C, H, W)`` of the zero image used to read the channel count.
+        sample_shape: ``(C, H, W)`` of the zero image used to read the channel count
+            (default ``(3, 128, 128)``); e.g. ``(1, 64, 64)`` for a one-channel backbone,
+            ``(3, 224, 224)`` for a ViT, which takes one size only.
+        output_fmt: layout of the backbone's 4-D feature map, ``"NCHW"`` or ``"NHWC"``
+            (then permuted to ``(B, C, H, W)``). Default: what the backbone reports (timm's
+            ``output_fmt``; the stages of torchvision's Swin transformers are NHWC),
+            otherwise NCHW.
 
     Returns:
         The feature extractor; ``out_channels`` holds :math:`C`.
 
     Shape:
-        - Input: :math:`(B, 3, H_{in}, W_{in})`.
+        - Input: :math:`(B, C_{in}, H_{in}, W_{in})`, :math:`C_{in} = 3` for named backbones.
         - Output: :math:`(B, C, H, W)`, e.g. ``(B, 2048, 7, 7)`` for ResNet50 at 224.
 
     Examples:
         >>> fx = build_backbone("resnet18")
         >>> fx.out_channels, fx(torch.randn(1, 3, 64, 64)).shape
         (512, torch.Size([1, 512, 2, 2]))
+        >>> gray = build_backbone(nn.Conv2d(1, 8, 3, stride=2), sample_shape=(1, 32, 32))
+        >>> gray.out_channels, gray.reduction
+        (8, 2)
     """
     if isinstance(backbone, FeatureExtractor):
-        if se_reduction is not None or weights is not None or node is not None:
-            raise ValueError("backbone is already a FeatureExtractor: build it with these options instead")
+        given = {"weights": weights, "node": node, "se_reduction": se_reduction, "sample_shape": sample_shape,
+                 "output_fmt": output_fmt}
+        ignored = sorted(k for k, v in given.items() if v is not None)
+        if ignored:
+            raise ValueError(
+                f"backbone is already a FeatureExtractor, so {', '.join(ignored)} cannot apply to it; "
+                "give these options to build_backbone when building it, or pass the model or name instead"
+            )
         return backbone
+    if output_fmt is not None and output_fmt not in _FORMATS:
+        raise ValueError(f"output_fmt must be one of {_FORMATS} or None, but got {output_fmt!r}")
+    sample_shape = _check_sample_shape(sample_shape)
     if isinstance(backbone, str):
         name = backbone
-        if name.startswith("timm:") or (name not in _torchvision_names() and _timm_names(name)):
+        # timm names may carry a pretrained tag ("resnet18.a1_in1k"); list_models() lists bare names
+        if name.startswith("timm:") or (name not in _torchvision_names() and _timm_names(name.partition(".")[0])):
             if node is not None:
                 raise ValueError(f"node= applies to torchvision models, not to timm model {name!r}")
             body: nn.Module = _build_timm(name.removeprefix("timm:"), weights)
@@ -344,15 +469,22 @@ def build_backbone(
                 insert_se_blocks(body, reduction=se_reduction)
             info = body.feature_info  # type: ignore[attr-defined]
             return FeatureExtractor(
-                body, out_channels=info.channels()[-1], reduction=info.reduction()[-1], name=name
+                body,
+                out_channels=info.channels()[-1],
+                reduction=info.reduction()[-1],
+                name=name,
+                output_fmt=output_fmt or _timm_output_fmt(body),
             )
         if name in _torchvision_names():
             model, node = _build_torchvision(name, weights, node)
             if se_reduction is not None:
                 insert_se_blocks(model, reduction=se_reduction)
+            fmt = output_fmt or _torchvision_output_fmt(model, node)
             body = _extract(model, node)
-            channels, stride = _probe(body, sample_shape)
-            return FeatureExtractor(body, out_channels=channels, reduction=stride, name=f"{name}:{node}")
+            channels, stride = _probe(body, sample_shape, fmt)
+            return FeatureExtractor(
+                body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt
+            )
         raise ValueError(
             f"unknown backbone {name!r}: expected a torchvision classification model name "
             f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}), a timm model name (timm "
@@ -364,6 +496,20 @@ def build_backbone(
         raise ValueError("weights= applies to named backbones; load weights into your module before passing it")
     if se_reduction is not None:
         insert_se_blocks(backbone, reduction=se_reduction)
+    fmt = output_fmt or (_torchvision_output_fmt(backbone, node) if node is not None else "NCHW")
     body = _extract(backbone, node) if node is not None else backbone
-    channels, stride = _probe(body, sample_shape)
-    return FeatureExtractor(body, out_channels=channels, reduction=stride, name=type(backbone).__name__)
+    channels, stride = _probe(body, sample_shape, fmt)
+    return FeatureExtractor(
+        body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt
+    )
+
+
+def _check_sample_shape(sample_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    if sample_shape is None:
+        return (3, 128, 128)
+    shape = tuple(sample_shape) if isinstance(sample_shape, (tuple, list, torch.Size)) else None
+    if shape is None or len(shape) != 3 or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape
+    ):
+        raise ValueError(f"sample_shape must be (C, H, W) of positive ints, but got {sample_shape!r}")
+    return tuple(int(n) for n in shape)

@@ -12,11 +12,12 @@ map, e.g. for ``captum.attr.LayerGradCam``) and ``classifier``.
 from __future__ import annotations
 
 import copy
+import numbers
 
 import torch
 from torch import Tensor, nn
 
-from .backbones import FeatureExtractor, WeightsArg, build_backbone
+from .backbones import WeightsArg, _set_training_modes, _training_modes, build_backbone
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, fast_bilinear_linear
 from .linear import WideLinear
@@ -90,25 +91,53 @@ class GlobalAvgPool(nn.Module):
 
 
 def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
-    """Features per sample that ``pool`` gives: its ``output_dim`` or one dry run."""
+    """Features per sample that ``pool`` gives: its ``output_dim`` or one dry run (flattened)."""
     if hasattr(pool, "output_dim"):
         return int(pool.output_dim(c_a) if c_b is None else pool.output_dim(c_a, c_b))
-    param = next(iter(pool.parameters()), None)
-    device = param.device if param is not None else None
-    with torch.no_grad():
-        x = torch.rand(2, c_a, 3, 3, device=device)
-        out = pool(x) if c_b is None else pool(x, torch.rand(2, c_b, 3, 3, device=device))
-    if out.dim() != 2:
-        raise ValueError(f"pool must return (B, D), but {type(pool).__name__} returned shape {tuple(out.shape)}")
-    return int(out.shape[1])
+    param = next((p for p in pool.parameters() if p.is_floating_point()), None)
+    factory = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+    modes = _training_modes(pool)
+    pool.eval()
+    try:
+        with torch.no_grad():
+            x = torch.rand(2, c_a, 3, 3, **factory)
+            out = pool(x) if c_b is None else pool(x, torch.rand(2, c_b, 3, 3, **factory))
+    finally:
+        _set_training_modes(pool, modes)
+    if not isinstance(out, Tensor) or out.dim() < 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"pool must return (B, D) or (B, ...), but {type(pool).__name__} returned {shape}")
+    return int(out[0].numel())
+
+
+#: Hooks that must see the pooling and the classifier run as modules: per module and global.
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether forward hooks (the modules' own or global ones) would see these modules' calls."""
+    """Whether forward or backward hooks (the modules' own or global ones) would see these modules' calls."""
     glob = torch.nn.modules.module
-    if getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None):
+    if any(getattr(glob, name, None) for name in _GLOBAL_HOOKS):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(getattr(m, name, None) for m in modules for name in _MODULE_HOOKS)
+
+
+def _check_head_args(num_classes: object, dropout: object, reduce_dim: object) -> None:
+    """Configuration errors of the classifiers, raised before any backbone is built."""
+    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, but got {num_classes!r}")
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), but got {dropout!r}")
+    if reduce_dim is not None and (
+        not isinstance(reduce_dim, numbers.Integral) or isinstance(reduce_dim, bool) or reduce_dim < 1
+    ):
+        raise ValueError(f"reduce_dim must be None or a positive int, but got {reduce_dim!r}")
 
 
 class BilinearClassifier(nn.Module):
@@ -126,12 +155,24 @@ class BilinearClassifier(nn.Module):
         num_classes: number of classes.
         reduce_dim: if set, a :class:`ChannelReduction` to this many channels per stream.
         dropout: dropout probability before the classifier.
-        weights, se_reduction, node: passed to :func:`~bilinearpool.build_backbone` for
-            backbones given by name or as models.
+        weights, se_reduction, node, sample_shape: passed to
+            :func:`~bilinearpool.build_backbone` for backbones given by name or as models
+            (a :class:`~bilinearpool.FeatureExtractor` takes none of them: ValueError).
+
+    Pooled features of more than two dimensions (e.g. the :math:`(B, C_1, C_2)` of a
+    :class:`~bilinearpool.BilinearPool` without ``normalize``) are flattened to
+    :math:`(B, D)` before the classifier.
 
     Shape:
-        - Input: :math:`(B, 3, H, W)`.
+        - Input: :math:`(B, C_{in}, H, W)`, :math:`C_{in} = 3` for named backbones.
         - Output: :math:`(B, \\text{num\\_classes})`.
+
+    Examples:
+        >>> a = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
+        >>> b = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU())
+        >>> model = BilinearClassifier(a, b, pool=BilinearPool(), num_classes=3)  # raw (B, 8, 4)
+        >>> model(torch.randn(2, 3, 16, 16)).shape, model.embedding_dim
+        (torch.Size([2, 3]), 32)
     """
 
     def __init__(
@@ -146,15 +187,15 @@ class BilinearClassifier(nn.Module):
         weights: WeightsArg = None,
         se_reduction: int | None = None,
         node: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, but got {num_classes!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), but got {dropout!r}")
+        _check_head_args(num_classes, dropout, reduce_dim)
+        num_classes, dropout = int(num_classes), float(dropout)
+        reduce_dim = None if reduce_dim is None else int(reduce_dim)
         if not isinstance(pool, nn.Module):
             raise TypeError(f"pool must be an nn.Module, but got {type(pool).__name__}")
-        options = {"weights": weights, "se_reduction": se_reduction, "node": node}
+        options = {"weights": weights, "se_reduction": se_reduction, "node": node, "sample_shape": sample_shape}
         self.backbone = self._resolve(backbone_a, options)
         self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options)
         c_a = self.backbone.out_channels
@@ -174,8 +215,7 @@ class BilinearClassifier(nn.Module):
 
     @staticmethod
     def _resolve(backbone: str | nn.Module, options: dict) -> FeatureExtractor:
-        if isinstance(backbone, FeatureExtractor):
-            return backbone
+        # build_backbone returns a FeatureExtractor as it is, and refuses options for it.
         return build_backbone(backbone, **{k: v for k, v in options.items() if v is not None})
 
     @property
@@ -196,15 +236,15 @@ class BilinearClassifier(nn.Module):
         return self._pool(self.forward_features(x))
 
     def _pool(self, features: Tensor | tuple[Tensor, Tensor]) -> Tensor:
-        if isinstance(features, tuple):
-            return self.pool(*features)
-        return self.pool(features)
+        out = self.pool(*features) if isinstance(features, tuple) else self.pool(features)
+        return out.flatten(1) if out.dim() > 2 else out
 
     def forward(self, x: Tensor) -> Tensor:
         """The logits. With a :class:`~bilinearpool.FastBilinearPool` and a linear
-        classifier (and no hooks on them, dropout inactive) the pooling and the classifier
-        are one call of :func:`~bilinearpool.functional.fast_bilinear_linear`, which for
-        inference on CPU does not store the pooled features; same values either way.
+        classifier (no forward or backward hooks on them, neither their own nor global
+        module hooks; dropout inactive) the pooling and the classifier are one call of
+        :func:`~bilinearpool.functional.fast_bilinear_linear`, which for inference on
+        CPU does not store the pooled features; same values either way.
         With a normalising :class:`~bilinearpool.BilinearPool` (BCNN) and the same
         conditions, the pooling keeps its output for backward when the classifier keeps
         it anyway (``save_output``: no extra memory, no rebuilt matrices)."""
@@ -264,6 +304,9 @@ class BilinearClassifier(nn.Module):
         # Copy the rest of the model; the memo puts the new pool and classifier in place of
         # the old ones (the large full-size classifier is never copied).
         model = copy.deepcopy(self, {id(self.pool): pool, id(old): classifier})
+        # Modules that rebuild themselves on deepcopy may come back in another mode
+        # (FeatureExtractor guards against torchvision's; this guards the rest).
+        _set_training_modes(model, _training_modes(self))
         model.embedding_dim = classifier.in_features
         return model
 
@@ -302,10 +345,11 @@ class FastBCNN(BilinearClassifier):
         pool: replaces the default ``FastBilinearPool(triu=triu)``; any one-stream pooling
             returning ``(B, D)`` works (e.g. compact or covariance pooling).
         triu: use the packed upper triangle, :math:`C(C+1)/2` features (halves the classifier).
-        reduce_dim, dropout, weights, se_reduction, node: see :class:`BilinearClassifier`.
+        reduce_dim, dropout, weights, se_reduction, node, sample_shape: see
+            :class:`BilinearClassifier`.
 
     Shape:
-        - Input: :math:`(B, 3, H, W)`.
+        - Input: :math:`(B, C_{in}, H, W)`, :math:`C_{in} = 3` for named backbones.
         - Output: :math:`(B, \\text{num\\_classes})`.
 
     Examples:
@@ -329,6 +373,7 @@ class FastBCNN(BilinearClassifier):
         weights: WeightsArg = None,
         se_reduction: int | None = None,
         node: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         if pool is not None and triu:
             raise ValueError("triu=True configures the default pool; set it on your own pool instead")
@@ -341,6 +386,7 @@ class FastBCNN(BilinearClassifier):
             weights=weights,
             se_reduction=se_reduction,
             node=node,
+            sample_shape=sample_shape,
         )
 
 
@@ -360,10 +406,11 @@ class BCNN(BilinearClassifier):
         shared: with ``backbone_b=None``, let both streams share one backbone.
         pool: replaces the default ``BilinearPool(resize="bilinear", normalize=True)``,
             which resizes the second map to the first when their sizes differ.
-        reduce_dim, dropout, weights, se_reduction, node: see :class:`BilinearClassifier`.
+        reduce_dim, dropout, weights, se_reduction, node, sample_shape: see
+            :class:`BilinearClassifier`.
 
     Shape:
-        - Input: :math:`(B, 3, H, W)`.
+        - Input: :math:`(B, C_{in}, H, W)`, :math:`C_{in} = 3` for named backbones.
         - Output: :math:`(B, \\text{num\\_classes})`.
 
     Examples:
@@ -387,23 +434,26 @@ class BCNN(BilinearClassifier):
         weights: WeightsArg = None,
         se_reduction: int | None = None,
         node: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         if shared and backbone_b is not None:
             raise ValueError("shared=True shares backbone_a between the streams; do not pass backbone_b")
-        options = {"weights": weights, "se_reduction": se_reduction, "node": node}
+        _check_head_args(num_classes, dropout, reduce_dim)
+        # Both streams are built here (the second may be a copy of the first) and handed
+        # to the base class as FeatureExtractors, without the options already applied.
+        options = {"weights": weights, "se_reduction": se_reduction, "node": node, "sample_shape": sample_shape}
         stream_a = self._resolve(backbone_a, options)
         if backbone_b is None:
-            backbone_b = stream_a if shared else copy.deepcopy(stream_a)
+            stream_b = stream_a if shared else copy.deepcopy(stream_a)
+        else:
+            stream_b = self._resolve(backbone_b, options)
         super().__init__(
             stream_a,
-            backbone_b,
+            stream_b,
             pool=pool if pool is not None else BilinearPool(resize="bilinear", normalize=True),
             num_classes=num_classes,
             reduce_dim=reduce_dim,
             dropout=dropout,
-            weights=weights,
-            se_reduction=se_reduction,
-            node=node,
         )
         self.shared = shared
 
@@ -423,10 +473,11 @@ class GAPClassifier(BilinearClassifier):
     Args:
         backbone: name, model or module (see :func:`~bilinearpool.build_backbone`).
         num_classes: number of classes.
-        reduce_dim, dropout, weights, se_reduction, node: see :class:`BilinearClassifier`.
+        reduce_dim, dropout, weights, se_reduction, node, sample_shape: see
+            :class:`BilinearClassifier`.
 
     Shape:
-        - Input: :math:`(B, 3, H, W)`.
+        - Input: :math:`(B, C_{in}, H, W)`, :math:`C_{in} = 3` for named backbones.
         - Output: :math:`(B, \\text{num\\_classes})`.
 
     Examples:
@@ -445,6 +496,7 @@ class GAPClassifier(BilinearClassifier):
         weights: WeightsArg = None,
         se_reduction: int | None = None,
         node: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__(
             backbone,
@@ -455,6 +507,7 @@ class GAPClassifier(BilinearClassifier):
             weights=weights,
             se_reduction=se_reduction,
             node=node,
+            sample_shape=sample_shape,
         )
 
 
@@ -471,7 +524,8 @@ def build_model(head: str, backbone: str | nn.Module, *, num_classes: int, **kwa
             with ``se_reduction=8``.
         backbone: name, model or module (see :func:`~bilinearpool.build_backbone`).
         num_classes: number of classes.
-        **kwargs: passed to the head's class (``weights``, ``se_reduction``, ``triu``, ...).
+        **kwargs: passed to the head's class (``weights``, ``se_reduction``, ``triu``,
+            ``sample_shape``, ...).
 
     Examples:
         >>> body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())

@@ -87,6 +87,39 @@ class TestInsertSE:
         assert insert_se_blocks(net) == 40
         assert net(torch.randn(1, 3, 96, 96))[-1].shape[1] == 1536
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+    def test_new_blocks_match_dtype(self, dtype):
+        import torchvision
+
+        net = torchvision.models.resnet18().to(dtype).eval()
+        insert_se_blocks(net)
+        assert {p.dtype for p in net.parameters()} == {dtype}
+        assert net(torch.randn(1, 3, 32, 32, dtype=dtype)).dtype == dtype
+
+    def test_keeps_each_modules_training_mode(self):
+        import torchvision
+
+        net = torchvision.models.resnet18().train()
+        net.layer1[0].bn2.eval()  # a frozen batch norm stays frozen
+        insert_se_blocks(net)
+        assert not net.layer1[0].bn2[0].training and not net.layer1[0].bn2[1].training
+        assert net.layer2[0].bn2[1].training and net.training
+        net = torchvision.models.resnet18().eval()
+        insert_se_blocks(net)
+        assert not any(m.training for m in net.modules())
+
+    def test_only_once(self):
+        import torchvision
+
+        from bilinearpool import GAPClassifier
+
+        net = torchvision.models.resnet18()
+        GAPClassifier(net, node="layer4", num_classes=3, se_reduction=8)  # modifies net in place
+        with pytest.raises(ValueError, match="ResNet already contains 8 SEBlocks: .*modified it in place"):
+            GAPClassifier(net, node="layer4", num_classes=3, se_reduction=8)
+        with pytest.raises(ValueError, match="already contains 8 SEBlocks"):
+            insert_se_blocks(net)
+
     def test_unsupported(self):
         with pytest.raises(ValueError, match=r"found no supported block \(ResNet.*contains \[.Conv2d."):
             insert_se_blocks(nn.Sequential(nn.Conv2d(3, 4, 3)))

@@ -83,6 +83,112 @@ def test_local_weights_file_timm(tmp_path):
     torch.testing.assert_close(fx.body.conv1.weight, reference.conv1.weight)
 
 
+def test_local_weights_file_timm_must_fit(tmp_path):
+    import timm
+
+    junk = tmp_path / "junk.pth"
+    torch.save({"foo.weight": torch.zeros(3)}, junk)
+    with pytest.raises(ValueError, match=r"does not fit timm 'resnet18': missing \['conv1.weight'.*unexpected \['foo"):
+        build_backbone("timm:resnet18", weights=junk)
+    smaller = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), smaller)
+    with pytest.raises(ValueError, match=r"does not fit timm 'resnet34': missing \['layer1.2"):
+        build_backbone("timm:resnet34", weights=smaller)
+    other = tmp_path / "resnet26.pth"
+    torch.save(timm.create_model("resnet26").state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit timm 'resnet18': size mismatch"):
+        build_backbone("timm:resnet18", weights=other)
+
+
+def test_local_weights_file_timm_without_classifier(tmp_path):
+    import timm
+
+    reference = timm.create_model("resnet18")
+    path = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}, path)
+    fx = build_backbone("timm:resnet18", weights=path)
+    torch.testing.assert_close(fx.body.get_submodule("layer4.1.bn2").running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_timm_name_with_pretrained_tag():
+    fx = build_backbone("resnet18.a1_in1k")  # weights=None: the tag only names the configuration
+    assert fx.out_channels == 512 and fx.name == "resnet18.a1_in1k"
+    assert fx.body.pretrained_cfg["tag"] == "a1_in1k"
+    assert build_backbone("timm:resnet18.a1_in1k").out_channels == 512
+
+
+class NHWCNet(nn.Module):
+    """A stand-in for a Swin stage: a feature map in (B, H, W, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).permute(0, 2, 3, 1)
+
+
+class TestChannelsLastMaps:
+    def test_explicit_output_fmt(self):
+        net = NHWCNet()
+        fx = build_backbone(net, output_fmt="NHWC")
+        x = torch.randn(2, 3, 32, 32)
+        assert fx.out_channels == 6 and fx.reduction == 4 and fx.output_fmt == "NHWC"
+        torch.testing.assert_close(fx(x), net.conv(x))
+
+    def test_torchvision_swin_detected(self):
+        net = torchvision.models.SwinTransformer(
+            patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2]
+        ).eval()
+        fx = build_backbone(net, node="features", sample_shape=(3, 32, 32)).eval()
+        x = torch.randn(2, 3, 32, 32)
+        assert fx.out_channels == 16 and fx.output_fmt == "NHWC" and fx.reduction == 8
+        torch.testing.assert_close(fx(x), net.features(x).permute(0, 3, 1, 2))
+        assert build_backbone(net, node="permute", sample_shape=(3, 32, 32)).output_fmt == "NCHW"
+
+    def test_timm_output_fmt_detected(self):
+        import timm
+
+        if not timm.is_model("test_mambaout"):
+            pytest.skip("this timm has no test_mambaout")
+        fx = build_backbone("test_mambaout")
+        assert fx.output_fmt == "NHWC" and fx(torch.randn(1, 3, 64, 64)).shape == (1, fx.out_channels, 2, 2)
+
+    def test_classifier_on_nhwc(self):
+        from bilinearpool import FastBCNN
+
+        model = FastBCNN(build_backbone(NHWCNet(), output_fmt="NHWC"), num_classes=3)
+        assert model.embedding_dim == 36 and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+    def test_errors(self):
+        with pytest.raises(ValueError, match="output_fmt must be one of .*'NLC'"):
+            build_backbone(NHWCNet(), output_fmt="NLC")
+
+    @pytest.mark.parametrize("source", ["torchvision", "timm"])
+    def test_swin_tiny(self, source):
+        if source == "torchvision":
+            fx, size = build_backbone(torchvision.models.swin_t(), node="features"), 64
+        else:
+            fx, size = build_backbone("swin_tiny_patch4_window7_224"), 224
+        out = fx.eval()(torch.randn(1, 3, size, size))
+        assert fx.out_channels == 768 and out.shape == (1, 768, size // 32, size // 32)
+
+
+def test_sample_shape_errors():
+    with pytest.raises(ValueError, match=r"sample_shape must be \(C, H, W\) of positive ints, but got \(3, 32\)"):
+        build_backbone(nn.Conv2d(3, 4, 3), sample_shape=(3, 32))
+    with pytest.raises(ValueError, match=r"zero image of shape \(1, 3, 128, 128\).*pass sample_shape"):
+        build_backbone(nn.Conv2d(1, 4, 3))
+    assert build_backbone(nn.Conv2d(1, 4, 3), sample_shape=(1, 8, 8)).out_channels == 4
+
+
+def test_probe_keeps_submodule_modes():
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    body[1].eval()  # a frozen batch norm stays frozen
+    build_backbone(body)
+    assert [m.training for m in body] == [True, False, True] and body.training
+
+
 def test_weights_then_se(tmp_path):
     reference = torchvision.models.resnet18()
     path = tmp_path / "w.pth"
@@ -123,8 +229,25 @@ def test_feature_extractor_passthrough():
     assert build_backbone(fx) is fx
     with pytest.raises(ValueError, match="already a FeatureExtractor"):
         build_backbone(fx, se_reduction=8)
+    with pytest.raises(ValueError, match="already a FeatureExtractor, so output_fmt, sample_shape cannot apply"):
+        build_backbone(fx, sample_shape=(3, 8, 8), output_fmt="NHWC")
 
 
 def test_list_backbones():
     names = list_backbones()
     assert {"resnet50", "inception_v3"} <= set(names["torchvision"]) and "inception_resnet_v2" in names["timm"]
+
+
+def test_extractor_pickled_before_output_fmt_still_runs():
+    """Whole models saved before ``output_fmt`` existed lack the attribute; they load as NCHW."""
+    import pickle
+
+    ext = build_backbone(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    state = ext.__getstate__() if hasattr(ext, "__getstate__") else dict(ext.__dict__)
+    state = dict(state)
+    del state["output_fmt"]
+    old = FeatureExtractor.__new__(FeatureExtractor)
+    old.__setstate__(state)
+    x = torch.randn(1, 3, 8, 8)
+    assert old.output_fmt == "NCHW"
+    torch.testing.assert_close(pickle.loads(pickle.dumps(old))(x), ext(x))

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from bilinearpool import (
     BCNN,
+    BilinearClassifier,
     BilinearPool,
     ChannelReduction,
     FastBCNN,
     GAPClassifier,
+    build_backbone,
     build_model,
 )
 
@@ -58,6 +62,18 @@ class TestFastBCNN:
         model = FastBCNN(tiny(8), num_classes=2, pool=MaxPool())
         assert model.embedding_dim == 8 and model(X).shape == (2, 2)
 
+    def test_custom_pool_dry_run_in_pool_dtype(self):
+        class Projection(nn.Module):  # float64 parameters: the dry run must use float64
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(8, 5)
+
+            def forward(self, x):
+                return self.fc(x.mean(dim=(2, 3)))
+
+        model = BilinearClassifier(tiny(8).double(), pool=Projection().double(), num_classes=2).double()
+        assert model.embedding_dim == 5 and model(X.double()).dtype == torch.float64
+
     def test_gradcam_layer_gives_feature_map(self):
         model = FastBCNN(tiny(8), num_classes=2)
         seen = {}
@@ -76,10 +92,24 @@ class TestFastBCNN:
     def test_errors(self):
         with pytest.raises(ValueError, match="num_classes must be a positive int, but got 0"):
             FastBCNN(tiny(), num_classes=0)
-        with pytest.raises(ValueError, match="dropout must be in"):
+        with pytest.raises(ValueError, match="dropout must be a number in"):
             FastBCNN(tiny(), num_classes=2, dropout=1.5)
         with pytest.raises(ValueError, match="triu=True configures the default pool"):
             FastBCNN(tiny(), num_classes=2, pool=nn.Identity(), triu=True)
+
+    @pytest.mark.parametrize("cls", [FastBCNN, BCNN, GAPClassifier])
+    def test_argument_errors(self, cls):
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), but got None"):
+            cls(tiny(), num_classes=2, dropout=None)
+        with pytest.raises(ValueError, match="reduce_dim must be None or a positive int, but got 0"):
+            cls(tiny(), num_classes=2, reduce_dim=0)
+        with pytest.raises(ValueError, match="num_classes must be a positive int, but got True"):
+            cls(tiny(), num_classes=True)
+
+    def test_numpy_integers(self):
+        model = FastBCNN(tiny(8), num_classes=np.int64(3), reduce_dim=np.int64(4))
+        assert model.num_classes == 3 and type(model.num_classes) is int
+        assert model.embedding_dim == 16 and model(X).shape == (2, 3)
 
 
 class TestBCNN:
@@ -114,9 +144,44 @@ class TestBCNN:
         model = BCNN(tiny(4), tiny(3), num_classes=2, pool=BilinearPool(normalize=True, resize="area"))
         assert model.embedding_dim == 12
 
+    def test_raw_bilinear_pool_is_flattened(self):
+        from bilinearpool.functional import bilinear_pool
+
+        model = BCNN(tiny(8), tiny(4), num_classes=3, pool=BilinearPool()).eval()
+        fa, fb = model.forward_features(X)
+        emb = model.forward_embedding(X)
+        assert model.embedding_dim == 32 and emb.shape == (2, 32)
+        torch.testing.assert_close(emb, bilinear_pool(fa, fb).flatten(1))
+        torch.testing.assert_close(model(X), model.classifier(emb))
+        one = BilinearClassifier(tiny(8), pool=BilinearPool(), num_classes=3)
+        assert one.embedding_dim == 64 and one(X).shape == (2, 3)
+
     def test_errors(self):
         with pytest.raises(ValueError, match="shared=True shares backbone_a"):
             BCNN(tiny(), tiny(), num_classes=2, shared=True)
+
+
+class TestBackboneOptions:
+    @pytest.mark.parametrize("cls", [FastBCNN, BCNN, GAPClassifier])
+    def test_feature_extractor_refuses_options(self, cls):
+        fx = build_backbone(tiny(8))
+        for option in ({"se_reduction": 8}, {"node": "0"}, {"sample_shape": (3, 32, 32)}, {"weights": "imagenet"}):
+            name = next(iter(option))
+            with pytest.raises(ValueError, match=f"already a FeatureExtractor, so {name} cannot apply"):
+                cls(fx, num_classes=2, **option)
+        assert cls(fx, num_classes=2)(X).shape == (2, 2)
+
+    @pytest.mark.parametrize("cls", [FastBCNN, BCNN, GAPClassifier])
+    def test_sample_shape_for_one_channel_backbone(self, cls):
+        gray = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU())
+        with pytest.raises(ValueError, match=r"zero image of shape \(1, 3, 128, 128\).*pass sample_shape"):
+            cls(gray, num_classes=2)
+        model = cls(gray, num_classes=2, sample_shape=(1, 16, 16))
+        assert model.backbone.out_channels == 4 and model(torch.randn(2, 1, 16, 16)).shape == (2, 2)
+
+    def test_sample_shape_through_build_model(self):
+        gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        assert build_model("fast-bcnn", gray, num_classes=2, sample_shape=(1, 8, 8)).embedding_dim == 16
 
 
 class TestGAPClassifier:
@@ -160,6 +225,78 @@ def test_state_dict_and_pickle_roundtrip(cls):
 def test_compile_model():
     model = FastBCNN(tiny(6), num_classes=3).eval()
     torch.testing.assert_close(torch.compile(model, backend="eager")(X), model(X))
+
+
+class TestCopiesKeepModes:
+    """Copies of a classifier (to_triu, BCNN's second stream, deepcopy for EMA) keep every
+    submodule's training mode; torchvision's feature extractors rebuild themselves in
+    training mode on deepcopy."""
+
+    def test_to_triu_of_eval_model(self):
+        fast = FastBCNN("resnet18", num_classes=4)
+        deployed = fast.eval().to_triu()
+        assert not any(m.training for m in deployed.modules())
+        stats = {k: v.clone() for k, v in deployed.state_dict().items() if "running" in k}
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(deployed(x), fast(x), atol=1e-5, rtol=1e-4)
+        after = deployed.state_dict()
+        assert stats and all(torch.equal(after[k], v) for k, v in stats.items())
+
+    def test_deepcopy_keeps_each_mode_and_graph(self):
+        model = FastBCNN("resnet18", num_classes=4).train()
+        model.backbone.body.get_submodule("layer1.0.bn1").eval()  # e.g. a frozen batch norm
+        modes = {name: m.training for name, m in model.named_modules()}
+        assert {name: m.training for name, m in copy.deepcopy(model).named_modules()} == modes
+        model.eval()
+        clone = copy.deepcopy(model)
+        assert not any(m.training for m in clone.modules())
+        assert clone.backbone.body.graph is clone.backbone.body.eval_graph
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(clone(x), model(x))
+
+    def test_bcnn_second_stream_copies_modes(self):
+        stream = build_backbone("resnet18").eval()
+        model = BCNN(stream, num_classes=3)
+        assert not any(m.training for m in model.backbone_b.modules())
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(model.backbone_b(x), model.backbone(x))
+
+
+class TestHooks:
+    """Hooks on the pooling or the classifier make forward run them as modules, not fused."""
+
+    @pytest.mark.parametrize("register", ["register_full_backward_hook", "register_full_backward_pre_hook"])
+    @pytest.mark.parametrize("training", [True, False])
+    def test_backward_hooks_on_classifier(self, register, training):
+        model = FastBCNN(tiny(8), num_classes=3).train(training)
+        assert model._fused_head()
+        fired = []
+        getattr(model.classifier, register)(lambda module, *grads: fired.append(type(module).__name__))
+        assert not model._fused_head()
+        model(X).sum().backward()
+        assert fired == ["WideLinear"]
+
+    def test_global_backward_hook(self):
+        model = FastBCNN(tiny(8), num_classes=3).eval()
+        fired = []
+        module_hooks = torch.nn.modules.module
+        handle = module_hooks.register_module_full_backward_hook(lambda m, gi, go: fired.append(type(m).__name__))
+        try:
+            model(X.clone().requires_grad_()).sum().backward()
+        finally:
+            handle.remove()
+        assert {"WideLinear", "FastBilinearPool"} <= set(fired)
+        assert model._fused_head()
+
+    def test_global_forward_hook(self):
+        model = FastBCNN(tiny(8), num_classes=3).eval()
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+        try:
+            model(X)
+        finally:
+            handle.remove()
+        assert {"WideLinear", "FastBilinearPool"} <= set(seen)
 
 
 class TestOtherPoolsAsHeads:
