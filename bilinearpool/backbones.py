@@ -44,7 +44,7 @@ _TORCHVISION_NODES: dict[str, str] = {
     "googlenet": "inception5b",
     "vgg": "features",
     "alexnet": "features",
-    "densenet": "features",
+    "densenet": "relu",  # after features.norm5: the ReLU of its forward
     "mobilenet": "features",
     "efficientnet": "features",
     "convnext": "features",

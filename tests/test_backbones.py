@@ -251,3 +251,12 @@ def test_extractor_pickled_before_output_fmt_still_runs():
     x = torch.randn(1, 3, 8, 8)
     assert old.output_fmt == "NCHW"
     torch.testing.assert_close(pickle.loads(pickle.dumps(old))(x), ext(x))
+
+
+def test_densenet_default_node_is_after_its_final_relu():
+    """torchvision's DenseNet applies its last ReLU in forward, after ``features``: the
+    default node used to give the map before it (negative entries), unlike every other
+    family's last feature map."""
+    ext = build_backbone("densenet121")
+    assert ext.name == "densenet121:relu"
+    assert (ext(torch.randn(1, 3, 64, 64)) >= 0).all()
