@@ -92,7 +92,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plateau-patience", type=int, default=10)
     g.add_argument("--no-oversample", action="store_true", help="no over-sampling of small classes")
     g.add_argument("--no-augment", action="store_true", help="no flips/shifts/rotations")
-    g.add_argument("--rotation", type=float, default=90.0, help="largest rotation in degrees")
+    g.add_argument("--rotation", type=float, default=90.0, help="largest rotation in degrees, "
+                   "either way; the paper gives no range, %(default)s is our choice "
+                   "(corners filled black)")
     g.add_argument("--seed", type=int, default=0, help="training seed")
     g.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -139,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "epoch; evaluate on the fold's test images.", epilog=_EPILOG)
     _add_data_args(p)
     _add_model_args(p)
-    p.add_argument("--fold", type=int, default=0, help="fold to train (from 0)")
+    p.add_argument("--fold", type=int,
+                   help="fold to train: from 0 for --protocol image/patient; for --protocol "
+                   "official the fold table's own number (dsfold3.txt is fold 3) "
+                   "(default: the first fold)")
     p.add_argument("--out",
                    help="run folder (default: runs/<task>-<protocol>-<head>-<backbone>-fold<k>)")
 
@@ -148,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "deviation over folds as JSON and Markdown.", epilog=_EPILOG)
     _add_data_args(p)
     _add_model_args(p)
-    p.add_argument("--folds", type=int, nargs="+", help="only these folds")
+    p.add_argument("--folds", type=int, nargs="+",
+                   help="only these folds (numbered as for train --fold)")
     p.add_argument("--out",
                    help="run folder (default: runs/<task>-<protocol>-<head>-<backbone>-cv)")
 
@@ -309,19 +315,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .distributed import cleanup_distributed, init_distributed
-    from .experiments import run_fold
+    from .experiments import prepare_data, run_fold
 
     config = _config(args)
     info = init_distributed(config.device)
     _log_to_console(info.is_main)
-    out = Path(args.out) if args.out else _default_out(args, f"fold{args.fold}")
+    spec = _spec(args)
     try:
-        report = run_fold(_spec(args), config, args.fold, out, resume=args.resume,
+        data = prepare_data(spec, progress=not args.no_progress and info.is_main)
+        fold = args.fold if args.fold is not None else data.splits[0].fold
+        out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
+        report = run_fold(spec, config, fold, out, resume=args.resume, data=data,
                           dist_info=info, progress=not args.no_progress)
     finally:
         cleanup_distributed()
     if report is not None:
-        _print_metrics(f"fold {args.fold} ({report['protocol']['protocol']} protocol)",
+        _print_metrics(f"fold {fold} ({report['protocol']['protocol']} protocol)",
                        report["metrics"])
         print(f"run folder: {out} (checkpoint.pt, train.log, metrics.csv, "
               "test_metrics.json/.md, test_predictions.csv)")

@@ -245,7 +245,8 @@ class DataIndex:
 
         ``patients`` counts patient folders (82 on the real release); ``patient_ids``
         counts distinct slide ids, which is one fewer when a slide is filed under two
-        types. ``by_magnification`` always has the keys ``"40"``, ``"100"``, ``"200"``,
+        types. ``images_without_patient`` counts images whose patient is unknown.
+        ``by_magnification`` always has the keys ``"40"``, ``"100"``, ``"200"``,
         ``"400"`` for BreaKHis trees, ``by_type`` every type code.
         """
         by_class = Counter(r.label for r in self.records)
@@ -255,6 +256,7 @@ class DataIndex:
             "images": len(self.records),
             "patients": len(self.cases) if self.kind == "breakhis" else len(self.patients),
             "patient_ids": len(self.patients),
+            "images_without_patient": sum(r.patient is None for r in self.records),
         }
         if self.kind == "breakhis":
             by_type = Counter(r.tumor_type for r in self.records)
@@ -504,7 +506,10 @@ def index_image_folder(
         root: folder with one sub-folder per class; images may sit in nested folders.
             Hidden folders (``.ipynb_checkpoints``) are neither classes nor searched.
         patients_csv: optional CSV with columns ``path`` (relative to ``root``, or a
-            bare file name) and ``patient``. Without it every image is its own group.
+            bare file name) and ``patient``. An image without a patient (no CSV, no row,
+            or a blank cell) gets ``patient=None``: unknown, never a made-up group.
+            Protocol ``patient`` refuses such images, and the patient recognition rate
+            is not computed over them (see :mod:`breakhis.splits`).
         verify: decode every image so that truncated files are caught.
         strict: raise instead of skipping unreadable images.
         workers: threads used to open images.
@@ -550,10 +555,9 @@ def index_image_folder(
             unreadable.append(rel)
             skipped.append(SkippedFile(rel, f"unreadable image: {size}"))
             continue
-        patient = patient_of.get(rel, patient_of.get(path.name)) if patient_of else rel
-        if patient is None:
+        patient = patient_of.get(rel) or patient_of.get(path.name) or None
+        if patient is None and patients_csv is not None:
             missing.append(rel)
-            patient = rel
         records.append(
             ImageRecord(
                 path=path, label=label, patient=patient, case=patient,
@@ -567,8 +571,10 @@ def index_image_folder(
     warnings = []
     if missing:
         warnings.append(
-            f"{len(missing)} image(s) have no patient in {str(patients_csv)!r}, e.g. "
-            f"{missing[:3]}; each is treated as its own group"
+            f"{len(missing)} of {len(records)} image(s) have no patient in "
+            f"{str(patients_csv)!r} (no row, or a blank cell), e.g. {missing[:3]}; their "
+            "patient is unknown: protocol 'patient' refuses them and the patient "
+            "recognition rate is not computed over them"
         )
     return DataIndex(
         root=root, records=records, skipped=sorted(skipped, key=lambda s: s.path),

@@ -2,6 +2,9 @@
 
 The paper resizes every image to 224x224 (197 and 448 in its resolution study) and
 augments with horizontal and vertical flips, 10% width/height shifts and rotations.
+It does not give the rotation range or how uncovered corners are filled: the default
+range of +-90 degrees and the black (zero) fill of ``RandomAffine`` are our choices,
+not the paper's.
 """
 
 from __future__ import annotations
@@ -44,10 +47,16 @@ def build_train_transform(
 ) -> T.Compose:
     """Resize to ``input_size`` squared, then flips, shifts and rotations.
 
+    Flips and the 10% shift follow the paper. The paper names rotations without a
+    range or fill, so the default ``rotation=90`` (uniform in ``[-90, 90]`` degrees) is
+    our choice, and shifted or rotated images get black (zero) corners from
+    ``RandomAffine``; both are deviations to keep in mind when comparing numbers.
+
     Args:
         input_size: output side in pixels (the paper: 224; also 197, 448).
         shift: largest width/height shift as a fraction of the side (paper: 0.1).
-        rotation: largest rotation in degrees, either way.
+        rotation: largest rotation in degrees, either way (the paper gives no value;
+            default 90, ours).
         augment: ``False`` gives the evaluation transform.
     """
     _check_size(input_size)

@@ -1,8 +1,8 @@
 """Distributed data-parallel helpers around ``torch.distributed`` (launched by torchrun).
 
 ``torchrun --nproc_per_node N -m breakhis.cli train ...`` sets ``WORLD_SIZE``, ``RANK``
-and ``LOCAL_RANK``; :func:`init_distributed` joins the process group with ``nccl`` on
-GPUs and ``gloo`` on CPUs.
+and ``LOCAL_RANK``; :func:`init_distributed` selects GPU ``LOCAL_RANK`` first, then
+joins the process group with ``nccl`` on GPUs and ``gloo`` on CPUs.
 """
 
 from __future__ import annotations
@@ -53,13 +53,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
+        # before the NCCL group starts: otherwise every rank's communicator (and the
+        # barrier's) is set up on GPU 0
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 

@@ -125,21 +125,38 @@ def classification_metrics(
     probs: np.ndarray,
     classes: Sequence[str],
     *,
-    patients: Sequence[str] | np.ndarray | None = None,
+    patients: Sequence[str | None] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All metrics of one evaluation.
+
+    ``macro_f1`` is the unweighted mean of the per-class F1 over the classes that occur
+    in the true *or* the predicted labels (scikit-learn's ``f1_score(average="macro")``
+    with its default labels): a class that is predicted but absent from the truth
+    counts with F1 0. Classes absent from both have no defined F1 and are left out;
+    ``macro_f1_classes`` names the classes averaged. (The paper reports accuracy only.)
+
+    The patient recognition rate needs the patient of every image: when any image's
+    patient is unknown (``None`` or ``""``) it is ``None`` rather than a rate that
+    counts such images as one-image patients; ``images_without_patient`` says how many.
 
     Args:
         y_true: true class per image, shape ``(N,)``.
         probs: class probabilities, shape ``(N, C)`` with ``C == len(classes)``.
         classes: class names.
-        patients: patient id per image, for the patient-level recognition rate.
+        patients: patient id per image (``None`` where unknown), for the patient-level
+            recognition rate.
 
     Returns:
         ``accuracy``, ``balanced_accuracy``, ``patient_recognition_rate`` (or ``None``),
-        ``macro_f1``, ``per_class`` (precision, recall, F1, support per class name),
-        ``confusion_matrix`` (rows true, columns predicted), ``roc_auc`` (binary, or
-        one-vs-rest macro) with ``roc_auc_classes``, ``images`` and ``patients``.
+        ``macro_f1`` with ``macro_f1_classes``, ``per_class`` (precision, recall, F1,
+        support per class name), ``confusion_matrix`` (rows true, columns predicted),
+        ``roc_auc`` (binary, or one-vs-rest macro) with ``roc_auc_classes``, ``images``,
+        ``patients`` (distinct known patients) and ``images_without_patient``.
+
+    Examples:
+        >>> m = classification_metrics([0, 0, 1, 1], np.eye(3)[[0, 2, 1, 1]], ["a", "b", "c"])
+        >>> round(m["macro_f1"], 4), m["macro_f1_classes"]
+        (0.5556, ['a', 'b', 'c'])
 
     Raises:
         ValueError: on mismatched shapes.
@@ -156,21 +173,30 @@ def classification_metrics(
         y_true, y_pred, labels=labels, zero_division=0
     )
     auc, auc_classes = roc_auc(y_true, probs)
-    prr = None
+    prr, n_patients, n_unknown = None, None, None
     if patients is not None:
-        prr = patient_recognition_rate(y_true, y_pred, patients)
+        patient_list = list(patients)
+        if len(patient_list) != len(y_true):
+            raise ValueError(f"expected {len(y_true)} patients, but got {len(patient_list)}")
+        known = [p for p in patient_list if p is not None and p != ""]
+        n_patients, n_unknown = len(set(known)), len(patient_list) - len(known)
+        if n_unknown == 0:
+            prr = patient_recognition_rate(y_true, y_pred, patient_list)
     present = [c for c in labels if support[c] > 0]
+    f1_classes = [c for c in labels if support[c] > 0 or np.any(y_pred == c)]
     with warnings.catch_warnings():
         # a small test fold may lack classes that the model predicts
         warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
         balanced = float(balanced_accuracy_score(y_true, y_pred)) if present else None
     return {
         "images": int(len(y_true)),
-        "patients": int(len(set(np.asarray(patients).tolist()))) if patients is not None else None,
+        "patients": n_patients,
+        "images_without_patient": n_unknown,
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": balanced,
         "patient_recognition_rate": prr,
-        "macro_f1": float(np.mean(f1[present])) if present else None,
+        "macro_f1": float(np.mean(f1[f1_classes])) if f1_classes else None,
+        "macro_f1_classes": [classes[c] for c in f1_classes],
         "roc_auc": auc,
         "roc_auc_kind": "binary" if len(classes) == 2 else "one-vs-rest macro",
         "roc_auc_classes": [classes[c] for c in auc_classes],

@@ -43,6 +43,7 @@ from .splits import (
     check_patient_disjoint,
     find_fold_tables,
     make_splits,
+    patient_groups,
     validation_split,
 )
 from .tasks import Task, get_task
@@ -148,8 +149,9 @@ class DataSpec:
 class PreparedData:
     """Indexed data, the task's records and targets, groups and splits.
 
-    ``warnings`` holds the index's warnings and the task's (e.g. a class without
-    images).
+    ``groups`` (from :func:`~breakhis.splits.patient_groups`) is each record's patient,
+    or its own path when the patient is unknown. ``warnings`` holds the index's warnings
+    and the task's (e.g. a class without images).
     """
 
     index: DataIndex
@@ -205,7 +207,8 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
     Raises:
         ValueError: when the task selects no images or images of fewer than two of its
             classes, when protocol ``patient`` is asked of an image folder without
-            ``patients_csv``, or settings are inconsistent.
+            ``patients_csv`` or of images whose patient the CSV leaves unknown (no row,
+            or a blank cell), or settings are inconsistent.
     """
     if spec.image_folder and spec.protocol == "patient" and spec.patients_csv is None:
         raise ValueError(
@@ -237,7 +240,7 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
         absent = [c for c in task.classes if c not in found]
         task_warnings.append(f"task {task.name}: no images of class(es) {absent}; the model "
                              "still has an output for them, which is never trained")
-    groups = np.asarray([r.patient or str(r.path) for r in records])
+    groups = patient_groups(records)
     tables: list[str | Path] = list(spec.folds_file)
     if spec.protocol == "official" and not tables:
         tables = list(find_fold_tables(index.root))
@@ -264,10 +267,18 @@ class _FoldPlan:
     extra: dict[str, Any]
 
 
+def _split_of(data: PreparedData, fold: int) -> Split:
+    """The split numbered ``fold`` (official: the fold table's own number)."""
+    for split in data.splits:
+        if split.fold == fold:
+            return split
+    numbers = [s.fold for s in data.splits]
+    where = " (the fold tables' own numbers)" if data.splits[0].protocol == "official" else ""
+    raise ValueError(f"fold must be one of {numbers}{where}, but got {fold}")
+
+
 def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
-    if not 0 <= fold < len(data.splits):
-        raise ValueError(f"fold must be in [0, {len(data.splits)}), but got {fold}")
-    split = data.splits[fold]
+    split = _split_of(data, fold)
     fit_idx, val_idx = split.train, np.zeros(0, dtype=np.int64)
     if spec.val_fraction > 0:
         fit_idx, val_idx = validation_split(
@@ -295,6 +306,9 @@ def run_fold(
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """Train fold ``fold`` and evaluate it on its test images.
+
+    ``fold`` counts from 0 under the k-fold protocols; under ``official`` it is the
+    fold table's own number (``dsfold3.txt`` is fold 3).
 
     Writes ``checkpoint.pt`` (with the relative paths of the fold's training,
     validation and test images), ``train.log``, ``metrics.csv``, ``config.json``,
@@ -337,7 +351,7 @@ def _evaluate_split(
                           batch_size=max(config.batch_size, 32), device=info.device,
                           progress=progress)
     metrics = classification_metrics(data.targets[test], probs, data.task.classes,
-                                     patients=data.groups[test])
+                                     patients=[r.patient for r in test_records])
     report = {
         "title": f"BreaKHis {data.task.name} fold {fold} ({protocol['protocol']} protocol)",
         "task": data.task.to_dict(),
@@ -399,6 +413,9 @@ def run_cv(
 ) -> dict[str, Any] | None:
     """Train and evaluate every fold (in ``run_dir/fold<k>``), then summarise.
 
+    ``k`` and ``folds`` are fold numbers as in :func:`run_fold` (official: the fold
+    tables' own numbers).
+
     With ``resume``, a fold that already has ``test_metrics.json`` is reused when its
     checkpoint was made with the same data, task, protocol and settings (and continued
     when only ``epochs`` grew); a fold with only a checkpoint continues from it. A fold
@@ -411,7 +428,7 @@ def run_cv(
     """
     info = dist_info or init_distributed(config.device)
     data = prepare_data(spec, progress=progress and info.is_main)
-    chosen = folds if folds is not None else list(range(len(data.splits)))
+    chosen = folds if folds is not None else [s.fold for s in data.splits]
     run_dir = Path(run_dir)
     reports = []
     for fold in chosen:
@@ -517,7 +534,7 @@ def _recorded_images(
             f"checkpoint {str(checkpoint)!r} records no file lists (written by an older "
             "breakhis); its fold is drawn again from the data, which gives the training "
             "split only if the data have not changed since", UserWarning, stacklevel=3)
-        drawn = data.splits[fold]
+        drawn = _split_of(data, fold)
         return (drawn.test if split == "test" else drawn.train), _protocol_dict(spec, drawn)
     names = list(files["test"]) if split == "test" else [*files["train"], *files["val"]]
     position = {data.relative_path(i): i for i in range(len(data.records))}
@@ -567,7 +584,7 @@ def checkpoint_records(
     if split == "all":
         index = np.arange(len(data.records))
         recorded = state["extra"].get("protocol")
-        protocol = dict(recorded) if recorded else _protocol_dict(spec, data.splits[fold])
+        protocol = dict(recorded) if recorded else _protocol_dict(spec, _split_of(data, fold))
     else:
         index, protocol = _recorded_images(name, state, spec, data, split)
     info = {"split": split, "fold": fold, "task": data.task.to_dict(),

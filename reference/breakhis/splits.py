@@ -6,7 +6,15 @@
   test). The group is the patient id (year and full slide id), so the DC/LC folders of
   slide ``13412`` form one group. Disjointness is checked on every split, not assumed.
 - ``"official"``: the released folds (``dsfoldN.txt`` lines ``filename|mag|fold|grp``,
-  or the Kaggle ``Folds.csv`` with columns ``fold, mag, grp, filename``).
+  or the Kaggle ``Folds.csv`` with columns ``fold, mag, grp, filename``). A split's
+  ``fold`` is the table's own fold number (``dsfold3.txt`` gives fold 3), not its
+  position among the tables found.
+
+An image whose patient is unknown (``ImageRecord.patient is None``: an image folder
+without a patients CSV, or with a blank cell or no row for it) is never put in a
+made-up group: protocol ``"patient"`` refuses it (:func:`require_patients`), and a
+fold of another protocol that contains one is recorded as not patient-disjoint.
+:func:`patient_groups` gives the groups that every split and check uses.
 
 Every :class:`Split` carries its protocol, so every result can say what produced it.
 """
@@ -43,8 +51,10 @@ __all__ = [
     "image_kfold",
     "make_splits",
     "official_folds",
+    "patient_groups",
     "patient_kfold",
     "read_fold_table",
+    "require_patients",
     "validation_split",
 ]
 
@@ -63,7 +73,8 @@ class Split:
     """One train/test fold, as indices into the task's record list.
 
     Args:
-        fold: fold number, from 0.
+        fold: fold number: from 0 for the k-fold protocols, the fold table's own number
+            (e.g. 1 to 5) for ``"official"``.
         train: indices of training records.
         test: indices of test records.
         protocol: one of :data:`PROTOCOLS`.
@@ -89,6 +100,35 @@ class Split:
             "patient_disjoint": self.patient_disjoint,
             "notes": list(self.notes),
         }
+
+
+def patient_groups(records: Sequence[ImageRecord]) -> np.ndarray:
+    """Group id of every record: its patient, or its own path when the patient is unknown.
+
+    A record of unknown patient is a group of one here only so that index arithmetic
+    works; splits never call a fold with such records patient-disjoint.
+    """
+    return np.asarray([r.patient if r.patient is not None else str(r.path) for r in records])
+
+
+def require_patients(records: Sequence[ImageRecord], protocol: str = "patient") -> None:
+    """Raise when a record's patient is unknown.
+
+    Args:
+        records: the task's records.
+        protocol: named in the message.
+
+    Raises:
+        ValueError: saying how many images lack a patient, with examples.
+    """
+    unknown = [str(r.path) for r in records if r.patient is None]
+    if unknown:
+        raise ValueError(
+            f"protocol {protocol!r} needs the patient of every image, but {len(unknown)} of "
+            f"{len(records)} image(s) have none, e.g. {unknown[:3]}; give each one a patient "
+            "in the patients CSV (a blank cell or a missing row means unknown), or use "
+            "--protocol image for image-level folds (optimistic if a patient has several "
+            "images)")
 
 
 def _shared_groups(split_a: np.ndarray, split_b: np.ndarray, groups: np.ndarray) -> set[str]:
@@ -239,24 +279,34 @@ def official_folds(
     """Splits from the released fold tables.
 
     Records not listed in a fold are left out of it (and counted in its notes).
-    Patient-disjointness is checked and recorded, not enforced.
+    Patient-disjointness is checked and recorded, not enforced; a fold with an image of
+    unknown patient is recorded as not patient-disjoint (it cannot be checked). Each
+    split's ``fold`` is the table's own fold number (the ``fold`` column).
 
     Args:
         records: the task's records.
         tables: a ``Folds.csv`` or the ``dsfoldN.txt`` files.
 
     Raises:
-        ValueError: when no tables are given or a fold has no test images.
+        ValueError: when no tables are given, two tables define the same fold number, or
+            a fold has no test images.
     """
     if not tables:
         raise ValueError("protocol 'official' needs Folds.csv or dsfoldN.txt, but none were found")
     merged: dict[int, dict[str, str]] = {}
+    source: dict[int, str] = {}
     for table in tables:
-        merged.update(read_fold_table(table))
+        for fold, grp in read_fold_table(table).items():
+            if fold in merged:
+                raise ValueError(
+                    f"fold {fold} is defined by both {source[fold]!r} and {str(table)!r}; "
+                    "pass each fold's table once")
+            merged[fold], source[fold] = grp, str(table)
     names = [r.path.name for r in records]
-    groups = np.asarray([r.patient or r.path.name for r in records])
+    groups = patient_groups(records)
+    unknown = np.asarray([r.patient is None for r in records], dtype=bool)
     out = []
-    for i, fold in enumerate(sorted(merged)):
+    for fold in sorted(merged):
         grp = merged[fold]
         side = np.asarray([grp.get(n, "") for n in names], dtype=str)
         train, test = np.flatnonzero(side == "train"), np.flatnonzero(side == "test")
@@ -269,8 +319,12 @@ def official_folds(
         shared = _shared_groups(train, test, groups)
         if shared:
             notes.append(f"{len(shared)} patient(s) in train and test, e.g. {sorted(shared)[:3]}")
-        out.append(Split(i, train, test, "official", patient_disjoint=not shared,
-                         notes=tuple(notes)))
+        n_unknown = int(unknown[train].sum() + unknown[test].sum())
+        if n_unknown:
+            notes.append(f"{n_unknown} image(s) without a patient; patient-disjointness "
+                         "cannot be checked")
+        out.append(Split(fold, train, test, "official",
+                         patient_disjoint=not shared and not n_unknown, notes=tuple(notes)))
     return out
 
 
@@ -294,7 +348,8 @@ def make_splits(
         fold_tables: fold files for ``"official"``.
 
     Raises:
-        ValueError: for an unknown protocol or impossible settings.
+        ValueError: for an unknown protocol, impossible settings, or (``"patient"``) a
+            record whose patient is unknown.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, but got {protocol!r}")
@@ -303,8 +358,8 @@ def make_splits(
     if protocol == "image":
         return image_kfold(targets, n_splits=n_splits, seed=seed)
     if protocol == "patient":
-        groups = [r.patient if r.patient is not None else str(r.path) for r in records]
-        return patient_kfold(targets, groups, n_splits=n_splits, seed=seed)
+        require_patients(records, protocol)
+        return patient_kfold(targets, patient_groups(records), n_splits=n_splits, seed=seed)
     return official_folds(records, fold_tables)
 
 

@@ -84,7 +84,8 @@ class TrainConfig:
         oversample: over-sample the smaller classes.
         augment: random flips, shifts and rotations.
         shift: largest shift, as a fraction of the side.
-        rotation: largest rotation in degrees.
+        rotation: largest rotation in degrees (the paper gives no range; 90 is ours,
+            and uncovered corners are filled black).
         seed: seed for initialisation, sampling and augmentation.
         num_workers: data-loading processes per training process.
         device: ``auto``, ``cpu`` or ``cuda``.

@@ -183,7 +183,7 @@ class TestImageFolder:
         (tmp_path / "tumour" / "notes.txt").write_text("x")
         csv_path = tmp_path / "patients.csv"
         csv_path.write_text("path,patient\nnormal/img0.png,p1\nnormal/img1.png,p1\n"
-                            "tumour/img0.png,p2\nimg1.png,p3\n")
+                            "tumour/img0.png,p2\nimg1.png,p3\ntumour/img2.png, \n")
         index = index_image_folder(tmp_path, patients_csv=csv_path)
         summary = index.summary()
         assert summary["by_class"] == {"normal": 2, "tumour": 3}
@@ -191,9 +191,21 @@ class TestImageFolder:
         by_path = {r.path.relative_to(base).as_posix(): r.patient for r in index.records}
         assert by_path["normal/img1.png"] == "p1"
         assert by_path["tumour/img1.png"] == "p3"  # matched by bare file name
-        assert by_path["tumour/img2.png"] == "tumour/img2.png"  # own group, warned
-        assert any("no patient" in w for w in index.warnings)
+        assert by_path["tumour/img2.png"] is None  # blank cell: unknown, not a group ""
+        assert summary["images_without_patient"] == 1
+        assert any("1 of 5 image(s) have no patient" in w and "tumour/img2.png" in w
+                   for w in index.warnings)
         assert [s.path for s in index.skipped] == ["tumour/notes.txt"]
+
+    def test_missing_row_and_no_csv_leave_the_patient_unknown(self, tmp_path: Path) -> None:
+        for name in ("a/x.png", "a/y.png", "b/z.png"):
+            _png(tmp_path / name)
+        (tmp_path / "p.csv").write_text("path,patient\na/x.png,p1\n")
+        by_path = {r.path.name: r.patient
+                   for r in index_image_folder(tmp_path, patients_csv=tmp_path / "p.csv").records}
+        assert by_path == {"x.png": "p1", "y.png": None, "z.png": None}
+        without = index_image_folder(tmp_path)
+        assert all(r.patient is None for r in without.records) and not without.warnings
 
     def test_hidden_folders_are_not_classes(self, tmp_path: Path) -> None:
         for cls in ("normal", "tumour"):

@@ -82,6 +82,36 @@ class TestPrepareData:
                                      n_splits=2))
         assert not any(s.patient_disjoint for s in data.splits)
 
+    def test_patients_csv_leaving_images_without_patient(self, tmp_path: Path) -> None:
+        rows = ["path,patient"]
+        for cls in ("normal", "tumour"):
+            for i in range(6):
+                _png(tmp_path / "data" / cls / f"img{i}.png")
+                if i < 5:  # img5: no row; img0, img1: blank cells
+                    rows.append(f"{cls}/img{i}.png,{'' if i < 2 else f'{cls}{i // 2}'}")
+        (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
+        spec = dict(image_folder=True, patients_csv=str(tmp_path / "p.csv"), n_splits=2)
+        with pytest.raises(ValueError, match=r"protocol 'patient' needs the patient of every "
+                           r"image, but 6 of 12 image\(s\) have none"):
+            prepare_data(DataSpec(str(tmp_path / "data"), **spec))
+        data = prepare_data(DataSpec(str(tmp_path / "data"), protocol="image", **spec))
+        unknown = [i for i, r in enumerate(data.records) if r.patient is None]
+        assert len(unknown) == 6  # one group each, never one shared "" group
+        assert len(set(data.groups[unknown].tolist())) == 6
+
+    def test_official_folds_are_the_tables_numbers(self, synth_tree, tmp_path: Path) -> None:
+        root, _ = synth_tree
+        spec = _spec(root, protocol="official", n_splits=5,
+                     folds_file=(str(root / "dsfold3.txt"),))
+        data = prepare_data(spec)
+        assert [s.fold for s in data.splits] == [3]
+        with pytest.raises(ValueError, match=r"fold must be one of \[3\] \(the fold tables' "
+                           r"own numbers\), but got 0"):
+            run_fold(spec, _config(), 0, tmp_path / "run", data=data, progress=False)
+        report = run_fold(spec, _config(), 3, tmp_path / "run", data=data, progress=False)
+        assert report["fold"] == 3 and report["protocol"]["fold"] == 3
+        assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["extra"]["fold"] == 3
+
     def test_one_class_is_an_error(self, tmp_path: Path) -> None:
         folder = tmp_path / "folder"
         for i in range(4):

@@ -81,6 +81,33 @@ class TestClassificationMetrics:
         assert m["roc_auc"] == pytest.approx((1.0 + 0.875) / 2)
         assert m["per_class"]["z"]["support"] == 0
 
+    @pytest.mark.parametrize("seed", range(4))
+    def test_macro_f1_over_true_or_predicted_classes(self, seed: int) -> None:
+        # classes 2 and 3 never occur in the truth; the model predicts class 2 anyway
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, size=30)
+        pred = rng.integers(0, 3, size=30)
+        pred[0] = 2
+        m = classification_metrics(y, np.eye(4)[pred], ["a", "b", "c", "d"])
+        assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+        assert m["macro_f1_classes"] == ["a", "b", "c"]  # "d": neither true nor predicted
+
+    def test_macro_f1_counts_a_predicted_absent_class_as_zero(self) -> None:
+        m = classification_metrics([0, 0, 1, 1], np.eye(3)[[0, 2, 1, 1]], ["a", "b", "c"])
+        # F1: a = 2/3, b = 1, c (predicted once, never true) = 0
+        assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+    def test_unknown_patient_gives_no_patient_rate(self) -> None:
+        probs = np.eye(2)[[0, 1, 1, 0]]
+        m = classification_metrics([0, 1, 0, 0], probs, ["b", "m"],
+                                   patients=["p1", "p1", None, ""])
+        assert m["patient_recognition_rate"] is None
+        assert m["patients"] == 1 and m["images_without_patient"] == 2
+        full = classification_metrics([0, 1, 0, 0], probs, ["b", "m"],
+                                      patients=["p1", "p1", "p2", "p2"])
+        assert full["patient_recognition_rate"] == pytest.approx(0.75)
+        assert full["images_without_patient"] == 0
+
     def test_single_class_auc_is_none(self) -> None:
         m = classification_metrics([1, 1], np.array([[0.2, 0.8], [0.6, 0.4]]), ["b", "m"])
         assert m["roc_auc"] is None and m["accuracy"] == 0.5

@@ -135,6 +135,36 @@ class TestProtocols:
         with pytest.raises(ValueError, match="expected grp 'train' or 'test'"):
             official_folds(records, [table])
 
+    def test_official_fold_is_the_tables_own_number(self, tmp_path: Path) -> None:
+        records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=n) for n in "abcd"]
+        table = tmp_path / "dsfold3.txt"
+        table.write_text("a.png|40|3|train\nb.png|40|3|train\nc.png|40|3|test\n"
+                         "d.png|40|3|test\n")
+        (split,) = official_folds(records, [table])
+        assert split.fold == 3 and split.to_dict()["fold"] == 3
+        copy = tmp_path / "Folds.csv"
+        copy.write_text("fold,mag,grp,filename\n3,40,train,a.png\n3,40,test,c.png\n")
+        with pytest.raises(ValueError, match="fold 3 is defined by both"):
+            official_folds(records, [table, copy])
+
+    def test_official_unknown_patient_is_not_disjoint(self, tmp_path: Path) -> None:
+        records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=p)
+                   for n, p in (("a", "p1"), ("b", None), ("c", "p2"))]
+        table = tmp_path / "dsfold1.txt"
+        table.write_text("a.png|40|1|train\nb.png|40|1|train\nc.png|40|1|test\n")
+        (split,) = official_folds(records, [table])
+        assert not split.patient_disjoint
+        assert any("1 image(s) without a patient" in n for n in split.notes)
+
+    def test_patient_protocol_refuses_unknown_patients(self) -> None:
+        records = [ImageRecord(Path(f"/x/{i}.png"), "benign" if i % 2 else "malignant",
+                               patient=None if i < 2 else f"p{i}") for i in range(8)]
+        targets = np.asarray([i % 2 for i in range(8)])
+        with pytest.raises(ValueError, match=r"protocol 'patient' needs the patient of every "
+                           r"image, but 2 of 8 image\(s\) have none, e.g. \['/x/0.png'"):
+            make_splits(records, targets, "patient", n_splits=2)
+        assert len(make_splits(records, targets, "image", n_splits=2)) == 2
+
     def test_official_without_tables(self) -> None:
         with pytest.raises(ValueError, match="needs Folds.csv or dsfoldN.txt"):
             official_folds([], [])
