@@ -43,11 +43,13 @@ test-cuda: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
-# The commands behind benchmarks/results/cpu-2core.md (about 10 minutes on 2 cores).
+# The measurements behind benchmarks/results/cpu-2core.md (about 10 minutes on 2 cores):
+# raw files only. The .md's title and notes are written by hand, so it is not rewritten here.
 bench: $(STAMP)
 	$(BIN)/bilinearpool-bench layers --threads 1 --repeats 7 --warmup 2 --out benchmarks/results/cpu-2core --no-progress
 	$(BIN)/bilinearpool-bench models --threads 1 --batch-size 2 --batch-size-at 448=1 --repeats 5 --warmup 1 --out benchmarks/results/cpu-2core --no-progress
-	$(BIN)/bilinearpool-bench report benchmarks/results/cpu-2core --out benchmarks/results/cpu-2core.md
+	@echo "raw results in benchmarks/results/cpu-2core/; to rebuild cpu-2core.md with its title and notes:"
+	@echo "  $(BIN)/bilinearpool-bench report benchmarks/results/cpu-2core --out benchmarks/results/cpu-2core.md --title ... --note ..."
 
 clean:
 	rm -rf $(VENV) docs/_build results .pytest_cache .hypothesis

@@ -31,9 +31,12 @@ import importlib.metadata
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 import torch
@@ -48,6 +51,7 @@ __all__ = [
     "MODEL_HEADS",
     "LayerCase",
     "ModelHead",
+    "SWITCHES",
     "SavedTensorCounter",
     "CLASSIFIER_CLASSES",
     "analytic_parameter_count",
@@ -218,7 +222,11 @@ class SavedTensorCounter:
 
     Args:
         exclude: tensors whose storages are not counted when saved (e.g. a classifier's
-            weight, which the model holds anyway).
+            weight, which the model holds anyway). Copies made of them inside the block
+            (the float16/bfloat16 cast of a weight under autocast, its transpose) are not
+            counted either: saved tensors of the same number of elements whose autograd
+            history leads to the excluded tensors and to nothing else (so this needs the
+            excluded tensors to require grad).
 
     Attributes:
         nbytes: bytes of the unique storages saved.
@@ -240,13 +248,25 @@ class SavedTensorCounter:
         ...     z = x * y  # y is not counted
         >>> saved.nbytes
         400
+        >>> with SavedTensorCounter(exclude=[y]) as saved:
+        ...     z = x * y.double()  # nor is a copy of y (as autocast makes of a weight)
+        >>> saved.nbytes
+        400
     """
+
+    #: Autograd nodes walked at most to decide that a saved tensor is a copy of an
+    #: excluded one: casts, views and transposes are short chains.
+    _MAX_COPY_NODES = 16
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
         self.nbytes = 0
         self.count = 0
+        exclude = list(exclude)
         self._seen: set[tuple[str, int]] = {self._key(t) for t in exclude}
         self._excluded = len(self._seen)
+        self._exclude_ids = {id(t) for t in exclude}
+        self._exclude_numels = {t.numel() for t in exclude}
+        self._exclude_refs = exclude  # keeps the ids above valid
         self._hooks: ContextManager[object] | None = None
 
     @staticmethod
@@ -257,8 +277,32 @@ class SavedTensorCounter:
     def storages(self) -> int:
         return len(self._seen) - self._excluded
 
+    def _copy_of_excluded(self, t: Tensor) -> bool:
+        """Whether ``t`` was computed from excluded tensors alone (a cast, view or transpose)."""
+        if t.numel() not in self._exclude_numels or t.grad_fn is None:
+            return False
+        stack, walked = [t.grad_fn], 0
+        while stack:
+            node = stack.pop()
+            walked += 1
+            if walked > self._MAX_COPY_NODES:
+                return False
+            variable = getattr(node, "variable", None)
+            if variable is not None:  # AccumulateGrad: a leaf
+                if id(variable) not in self._exclude_ids:
+                    return False
+                continue
+            nexts = node.next_functions
+            # None: an input that does not require grad, so not a tensor excluded here
+            if not nexts or any(n is None for n, _ in nexts):
+                return False
+            stack += [n for n, _ in nexts]
+        return True
+
     def _pack(self, t: Tensor) -> Tensor:
         self.count += 1
+        if self._exclude_ids and self._copy_of_excluded(t):
+            return t
         try:
             key, size = self._key(t), t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a plain storage
@@ -830,13 +874,61 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Environment variables that change what the library runs, so what a benchmark measures.
+SWITCHES = ("BILINEARPOOL_TRITON", "BILINEARPOOL_HUGEPAGES")
+
+_THP_PATH = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _transparent_hugepages(path: Path = _THP_PATH) -> str | None:
+    """The kernel's transparent huge page mode (the bracketed word of ``path``), or None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    match = re.search(r"\[(\w+)\]", text)
+    return match.group(1) if match else (text.strip() or None)
+
+
+def _git_state(root: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the git checkout at ``root``; None for both when it is not one.
+
+    Only a checkout whose top level is ``root`` counts (an installed copy inside some
+    other repository, e.g. a virtual environment in one, is not a checkout of this code).
+    Dirty means tracked files differ from the commit; read without taking git's locks.
+    """
+    none: dict[str, Any] = {"git_commit": None, "git_dirty": None}
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(root), *args],
+            check=True, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return none
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return none
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What a result depends on: versions, device, threads, date and the machine's load.
+    """What a result depends on: versions, commit, switches, device, threads, date and load.
+
+    Besides the versions (torch, torchvision, timm, numpy, bilinearpool) it records the
+    git commit of the code and whether tracked files differ from it (``None`` when not
+    run from a git checkout), the environment variables of :data:`SWITCHES` (``None``
+    when unset) and the kernel's transparent huge page mode (``None`` when unreadable).
 
     Examples:
         >>> env = environment("cpu")
         >>> env["device_type"], env["threads"] == torch.get_num_threads()
         ('cpu', True)
+        >>> all(name in env for name in SWITCHES + ("git_commit", "transparent_hugepages"))
+        True
     """
     device = torch.device(device)
     env: dict[str, Any] = {
@@ -854,6 +946,9 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
+        **_git_state(Path(__file__).resolve().parents[1]),
+        **{name: os.environ.get(name) for name in SWITCHES},
+        "transparent_hugepages": _transparent_hugepages(),
     }
     if hasattr(os, "getloadavg"):
         env["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]

@@ -149,9 +149,21 @@ def _describe_environment(env: dict[str, Any]) -> str:
         f"{env.get('device_type')} ({env.get('device')})",
         f"{env.get('threads')} threads of {env.get('cpu_count')} CPUs",
     ]
-    for key in ("torchvision", "timm"):
+    for key in ("torchvision", "timm", "numpy"):
         if env.get(key):
             parts.append(f"{key} {env[key]}")
+    if "bilinearpool" in env:
+        code = f"bilinearpool {env['bilinearpool']}"
+        if env.get("git_commit"):
+            code += f" (git {env['git_commit'][:12]}{', dirty' if env.get('git_dirty') else ''})"
+        elif "git_commit" in env:
+            code += " (not a git checkout)"
+        parts.append(code)
+    switches = [f"{k}={env[k] if env[k] is not None else 'unset'}" for k in bench.SWITCHES if k in env]
+    if switches:
+        parts.append(" ".join(switches))
+    if "transparent_hugepages" in env:
+        parts.append(f"transparent huge pages {env['transparent_hugepages'] or 'unknown'}")
     if env.get("cuda"):
         parts.append(f"CUDA {env['cuda']}, cuDNN {env.get('cudnn')}")
     if env.get("load_average_at_start") is not None:
@@ -172,7 +184,7 @@ def _plot(result: BenchResult, path: Path) -> Path | None:
     except ImportError:
         return None
     if result.name == "models":
-        fig = _plot_models(plt, result.rows)
+        fig = _plot_models(plt, result.rows, result.meta["settings"].get("num_classes"))
     elif result.name == "layers":
         fig = _plot_layers(plt, result.rows)
     else:
@@ -185,7 +197,10 @@ def _plot(result: BenchResult, path: Path) -> Path | None:
     return path
 
 
-def _plot_models(plt: Any, rows: list[dict[str, Any]]) -> Any:
+def _plot_models(plt: Any, rows: list[dict[str, Any]], num_classes: int | None) -> Any:
+    rows = [r for r in rows if r.get("params") is not None]  # pairs that were built
+    if not rows:
+        return None
     models = list(dict.fromkeys(f"{r['backbone']}\n{r['head']}" for r in rows))
     resolutions = sorted({r["resolution"] for r in rows if r.get("infer_img_s") is not None})
     fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(models) + 4), 5))
@@ -209,7 +224,7 @@ def _plot_models(plt: Any, rows: list[dict[str, Any]]) -> Any:
     ax_p.bar(range(len(models)), [params[m] for m in models], color="tab:gray")
     ax_p.set_xticks(range(len(models)), models, rotation=90, fontsize=7)
     ax_p.set_ylabel("parameters (millions)")
-    ax_p.set_title("Parameters (8 classes)")
+    ax_p.set_title(f"Parameters ({num_classes} classes)" if num_classes else "Parameters")
     return fig
 
 
@@ -226,7 +241,7 @@ def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
     )
     for ax, key, ylabel, goal, what in panels:
         for i, case in enumerate(cases):
-            values = {r["shape"]: r[key] for r in rows if r["case"] == case}
+            values = {r["shape"]: r.get(key) for r in rows if r["case"] == case}
             xs = [j + i * width for j in range(len(shapes))]
             ax.bar(xs, [values.get(sh) or float("nan") for sh in shapes], width=width, label=case)
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -243,8 +258,11 @@ def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def write_result(result: BenchResult, out: Path) -> list[Path]:
-    """Write ``<name>.csv``, ``<name>.json``, ``<name>.md`` (and ``<name>.png``) into ``out``."""
+def write_result(result: BenchResult, out: Path, *, plot: bool = True) -> list[Path]:
+    """Write ``<name>.csv``, ``<name>.json``, ``<name>.md`` (and ``<name>.png``) into ``out``.
+
+    ``plot=False`` leaves out the PNG (the partial results a run writes while it goes).
+    """
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     csv_path = out / f"{result.name}.csv"
@@ -269,7 +287,7 @@ def write_result(result: BenchResult, out: Path) -> list[Path]:
     md_path = out / f"{result.name}.md"
     md_path.write_text(result.markdown(), encoding="utf-8")
     paths.append(md_path)
-    png = _plot(result, out / f"{result.name}.png")
+    png = _plot(result, out / f"{result.name}.png") if plot else None
     if png is not None:
         paths.append(png)
     return paths
@@ -325,12 +343,35 @@ class _Settings:
         }
 
 
+def _device_problem(text: str) -> str | None:
+    """Why ``--device text`` cannot run on this machine, or None when it can."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        return f"--device expected cpu, cuda, cuda:N or mps, but got {text!r}"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {text} was asked for, but torch.cuda.is_available() is False"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return (
+                f"--device {text} was asked for, but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible (cuda:0 ...)"
+            )
+        return None
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"--device {text} was asked for, but torch.backends.mps.is_available() is False"
+        return None
+    return f"--device expected cpu, cuda, cuda:N or mps, but got {text!r}"
+
+
 def _settings(args: argparse.Namespace, kind: str) -> _Settings:
+    problem = _device_problem(args.device)
+    if problem is not None:
+        raise ValueError(problem)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "error: --device cuda was asked for, but torch.cuda.is_available() is False"
-        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -367,22 +408,104 @@ def _peak_mib(step: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / MIB
 
 
-def _drop_out_of_memory(
+def _error_text(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception on one line, cut to about ``limit`` characters."""
+    text = " ".join(str(err).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _drop_failing(
     steps: dict[str, Callable[[], object]], notes: dict[str, list[str]], what: str
 ) -> dict[str, Callable[[], object]]:
-    """Run each step once (a warm-up); leave out, with a note, those that run out of memory."""
+    """Run each step once (a warm-up); leave out, with a note, those that raise.
+
+    Running out of memory is noted as such; any other error with its type and message,
+    so that one case that cannot run (a batch of 1 through BatchNorm, an input too small
+    for the backbone) does not stop the others.
+    """
     kept = {}
     for name, step in steps.items():
         try:
             step()
         except torch.OutOfMemoryError:
             notes[name].append(f"{what}: out of memory at this batch size")
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_memory()
+            continue
+        except Exception as err:
+            notes[name].append(f"{what} failed: {_error_text(err)}")
+            _free_memory()
             continue
         kept[name] = step
     return kept
+
+
+class _StepFailed(Exception):
+    """A candidate raised while being timed (carries its name)."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        super().__init__(f"{name}: {_error_text(error)}")
+        self.name = name
+        self.error = error
+
+
+def _round_robin_robust(
+    steps: dict[str, Callable[[], object]],
+    notes: dict[str, list[str]],
+    what: str,
+    s: _Settings,
+    on_call: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """:func:`bench.round_robin` of ``steps``; a step that raises is noted and left out, and the
+    rest are timed again from the start (so that all rows of a table share their rounds)."""
+    steps = dict(steps)
+
+    def named(name: str, step: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            try:
+                return step()
+            except Exception as err:
+                raise _StepFailed(name, err) from err
+
+        return call
+
+    while steps:
+        try:
+            return bench.round_robin(
+                {n: named(n, st) for n, st in steps.items()},
+                warmup=s.warmup,
+                repeats=s.repeats,
+                device=s.device,
+                on_call=on_call,
+            )
+        except _StepFailed as failure:
+            notes[failure.name].append(f"{what} failed: {_error_text(failure.error)}")
+            del steps[failure.name]
+            _free_memory()
+    return {}
+
+
+def _stopped_note(err: BaseException, where: str, rows: int) -> str:
+    return (
+        f"INCOMPLETE: the run stopped at {where} with {_error_text(err)}; "
+        f"the {rows} rows above were measured before"
+    )
+
+
+def _report_stop(err: BaseException, where: str, saved: bool) -> None:
+    if saved:
+        print(
+            f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; "
+            "what was measured before is written (marked INCOMPLETE)",
+            file=sys.stderr,
+        )
 
 
 def _load_average() -> list[float] | None:
@@ -452,19 +575,64 @@ def _saved_with_linear(fn: bench.LayerFn, inputs: Sequence[Tensor], dim: int, s:
     return saved.nbytes
 
 
-def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
-    """Measure every selected layer case at every shape (see ``bilinearpool-bench layers --help``)."""
+#: Where a run reports its rows while it goes (``--out``: the files, rewritten after each group).
+Checkpoint = Callable[[BenchResult], object]
+
+#: Columns of a layer row that a case that failed leaves blank.
+_LAYER_VALUES = ("fwd_bwd_ms", "vs_naive", "vs_naive_range", "vs_floor", "saved_MiB", "input_MiB",
+                 "saved_vs_input", "saved_with_linear_MiB", "peak_MiB", "D", "layer_params",
+                 "classifier_params", "goals")  # fmt: skip
+
+
+def _measure_layer(
+    case: bench.LayerCase, c: int, maps: list[Tensor], gen: torch.Generator, s: _Settings
+) -> tuple[Callable[[], None], dict[str, Any]]:
+    """Build ``case`` for ``c`` channels, count what it saves; its timed step and the counts."""
+    fn = case.build(c, s.device)
+    inputs = maps[: case.streams]
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    with bench.SavedTensorCounter() as saved, bench.autocast_context(s.device, s.amp_dtype):
+        out = fn(*leaves)
+    grad = torch.randn(out.shape, generator=gen).to(device=s.device, dtype=out.dtype)
+    out.backward(grad)
+    dim = bench.layer_output_dim(fn, c, streams=case.streams, out=out)
+    del out, leaves
+    step = _fwd_bwd(fn, inputs, grad, s.amp_dtype)
+    map_bytes = maps[0].numel() * maps[0].element_size()
+    return step, {
+        "dim": dim,
+        "layer_params": bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0,
+        "saved": saved.nbytes,
+        "with_linear": _saved_with_linear(fn, inputs, dim, s),
+        "peak": _peak_mib(step, s.device),
+        "input": map_bytes * case.streams,
+    }
+
+
+def _check_layer_cases(names: Sequence[str]) -> list[str]:
+    """``names`` without repeats, in order; ValueError naming the unknown ones."""
+    unknown = [n for n in names if n not in bench.LAYER_CASES]
+    if unknown:
+        raise ValueError(f"unknown layer case(s) {unknown}; known: {list(bench.LAYER_CASES)}")
+    return list(dict.fromkeys(names))
+
+
+def run_layers(
+    args: argparse.Namespace, *, command: str, checkpoint: Checkpoint | None = None
+) -> BenchResult:
+    """Measure every selected layer case at every shape (see ``bilinearpool-bench layers --help``).
+
+    A case that raises at a shape (a batch of 1 through BatchNorm, say) gets a row with its
+    error and the run goes on. ``checkpoint``, when given, receives the result so far after
+    every shape, and once more, marked incomplete, when the run stops with an exception.
+    """
     s = _settings(args, "layers")
     env = bench.environment(s.device)
     shapes = [tuple(sh) for sh in (args.shapes or LAYER_SHAPES)]
     if args.batch_size is not None:
         shapes = [(args.batch_size, c, h, w) for _, c, h, w in shapes]
-    names = args.cases or list(bench.LAYER_CASES)
-    unknown = [n for n in names if n not in bench.LAYER_CASES]
-    if unknown:
-        raise SystemExit(
-            f"error: unknown layer case(s) {unknown}; known: {list(bench.LAYER_CASES)}"
-        )
+    shapes = list(dict.fromkeys(shapes))
+    names = _check_layer_cases(args.cases or list(bench.LAYER_CASES))
     # The ratios need both references; they lead the table.
     names = [n for n in ("naive", "matmul-floor") if n not in names] + list(names)
     cases = [bench.LAYER_CASES[n] for n in names]
@@ -474,8 +642,13 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
     gen = torch.Generator().manual_seed(s.seed)
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
+
+    def result(note: str | None = None) -> BenchResult:
+        return _layers_result(rows, raw, cases, s, dict(env), command, note)
+
+    where = "the start"
     try:
-        for shape, shape_cases in plan:
+        for done, (shape, shape_cases) in enumerate(plan, 1):
             b, c, h, w = shape
             label = "x".join(map(str, shape))
             maps = [
@@ -483,78 +656,84 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
             ]
             if s.channels_last:
                 maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
-            map_bytes = maps[0].numel() * maps[0].element_size()
-            steps: dict[str, Callable[[], None]] = {}
+            steps: dict[str, Callable[[], object]] = {}
             measured: dict[str, dict[str, Any]] = {}
+            errors: dict[str, list[str]] = {case.name: [] for case in shape_cases}
             for case in shape_cases:
-                bar.set_postfix_str(f"{label} {case.name}: saved bytes")
-                fn = case.build(c, s.device)
-                inputs = maps[: case.streams]
-                leaves = [x.detach().requires_grad_() for x in inputs]
-                with (
-                    bench.SavedTensorCounter() as saved,
-                    bench.autocast_context(s.device, s.amp_dtype),
-                ):
-                    out = fn(*leaves)
-                grad = torch.randn(out.shape, generator=gen).to(device=s.device, dtype=out.dtype)
-                out.backward(grad)
-                dim = bench.layer_output_dim(fn, c, streams=case.streams, out=out)
-                del out, leaves
-                with_linear = _saved_with_linear(fn, inputs, dim, s)
-                steps[case.name] = _fwd_bwd(fn, inputs, grad, s.amp_dtype)
-                measured[case.name] = {
-                    "dim": dim,
-                    "layer_params": (
-                        bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0
-                    ),
-                    "saved": saved.nbytes,
-                    "with_linear": with_linear,
-                    "peak": _peak_mib(steps[case.name], s.device),
-                    "input": map_bytes * case.streams,
-                }
+                where = f"{label} {case.name}"
+                bar.set_postfix_str(f"{where}: saved bytes")
+                try:
+                    steps[case.name], measured[case.name] = _measure_layer(case, c, maps, gen, s)
+                except Exception as err:
+                    errors[case.name].append(f"failed: {_error_text(err)}")
+                    _free_memory()
                 bar.update(1)
-            bar.set_postfix_str(f"{label}: timing")
-            times = bench.round_robin(
-                steps,
-                warmup=s.warmup,
-                repeats=s.repeats,
-                device=s.device,
-                on_call=lambda _: bar.update(1),
-            )
+            where = f"{label} timing"
+            bar.set_postfix_str(where)
+            times = _round_robin_robust(steps, errors, "timing", s, lambda _: bar.update(1))
             med = {name: bench.median(t) for name, t in times.items()}
             for case in shape_cases:
-                m = measured[case.name]
-                row = {
-                    "shape": label,
-                    "case": case.name,
-                    "fwd_bwd_ms": med[case.name] * 1e3,
-                    "vs_naive": _ratio(med[case.name], med.get("naive")),
-                    "vs_naive_range": _ratio_range(times[case.name], times.get("naive")),
-                    "vs_floor": _ratio(med[case.name], med.get("matmul-floor")),
-                    "saved_MiB": m["saved"] / MIB,
-                    "input_MiB": m["input"] / MIB,
-                    "saved_vs_input": m["saved"] / m["input"],
-                    "saved_with_linear_MiB": m["with_linear"] / MIB,
-                    "peak_MiB": m["peak"],
-                    "D": m["dim"],
-                    "layer_params": m["layer_params"],
-                    "classifier_params": bench.classifier_parameter_count(m["dim"]),
-                    "goals": _layer_goal(
-                        case, med[case.name], med.get("naive"), m["saved"] / m["input"]
-                    ),
-                }
+                row: dict[str, Any] = {"shape": label, "case": case.name}
+                row.update(dict.fromkeys(_LAYER_VALUES))
+                m = measured.get(case.name)
+                if m is not None:
+                    row.update(
+                        saved_MiB=m["saved"] / MIB,
+                        input_MiB=m["input"] / MIB,
+                        saved_vs_input=m["saved"] / m["input"],
+                        saved_with_linear_MiB=m["with_linear"] / MIB,
+                        peak_MiB=m["peak"],
+                        D=m["dim"],
+                        layer_params=m["layer_params"],
+                        classifier_params=bench.classifier_parameter_count(m["dim"]),
+                    )
+                t = med.get(case.name)
+                if t is not None:
+                    row.update(
+                        fwd_bwd_ms=t * 1e3,
+                        vs_naive=_ratio(t, med.get("naive")),
+                        vs_naive_range=_ratio_range(times[case.name], times.get("naive")),
+                        vs_floor=_ratio(t, med.get("matmul-floor")),
+                    )
+                if m is not None and t is not None:
+                    row["goals"] = _layer_goal(case, t, med.get("naive"), row["saved_vs_input"])
+                if errors[case.name]:
+                    row["error"] = "; ".join(errors[case.name])
                 rows.append(row)
-                raw.append({"shape": label, "case": case.name, "times_s": times[case.name]})
+                raw.append({"shape": label, "case": case.name, "times_s": times.get(case.name, [])})
             del steps, maps
             gc.collect()
+            if checkpoint is not None and done < len(plan):
+                checkpoint(result(f"INCOMPLETE: written after {done} of {len(plan)} shapes, the run goes on"))
+    except BaseException as err:
+        saved = checkpoint is not None and bool(rows)
+        if saved:
+            checkpoint(result(_stopped_note(err, where, len(rows))))  # type: ignore[misc]
+        _report_stop(err, where, saved)
+        raise
     finally:
         bar.close()
+    return result()
+
+
+def _layers_result(
+    rows: list[dict[str, Any]],
+    raw: list[dict[str, Any]],
+    cases: Sequence[bench.LayerCase],
+    s: _Settings,
+    env: dict[str, Any],
+    command: str,
+    note: str | None = None,
+) -> BenchResult:
+    """The layer table, summary, goals and notes of the rows measured (so far)."""
     env["load_average_at_end"] = _load_average()
     columns = ["shape", "case", "fwd_bwd_ms", "vs_naive", "vs_naive_range", "vs_floor", "saved_MiB", "input_MiB",
                "saved_vs_input", "saved_with_linear_MiB"]  # fmt: skip
     if s.device.type == "cuda":
         columns.append("peak_MiB")
     columns += ["D", "layer_params", "classifier_params", "goals"]
+    if any(r.get("error") for r in rows):
+        columns.append("error")
     k = bench.CLASSIFIER_CLASSES
     summary_columns = ["shape", "case", "D", "layer_params", "classifier_params", "fwd_bwd_ms",
                        "vs_naive", "saved_vs_input", "saved_with_linear_MiB"]  # fmt: skip
@@ -564,7 +743,7 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
         "environment": env,
         "settings": {**s.describe(), "input": "relu(randn), float32"},
         "cases": {c.name: c.description for c in cases},
-        "goals": _layer_goal_summary(rows, cases),
+        "goals": _layer_goal_summary(rows, cases) + _failure_lines(rows, ("shape", "case")),
         "summary": {
             "title": "Which pooling to choose",
             "text": (
@@ -610,6 +789,8 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
             "Cases: " + "; ".join(f"`{c.name}`: {c.description}" for c in cases) + ".",
         ],
     }
+    if note:
+        meta["notes"].insert(0, note)  # type: ignore[attr-defined]
     return BenchResult(
         "layers",
         "Layers: forward+backward time and saved-for-backward bytes",
@@ -618,6 +799,18 @@ def run_layers(args: argparse.Namespace, *, command: str) -> BenchResult:
         meta,
         raw,
     )
+
+
+def _failure_lines(
+    rows: list[dict[str, Any]], keys: Sequence[str], column: str = "error"
+) -> list[str]:
+    """One line naming the rows that failed or were skipped (their reasons are in the table)."""
+    failed = [
+        " ".join(str(r[k]) for k in keys if r.get(k) is not None) for r in rows if r.get(column)
+    ]
+    if not failed:
+        return []
+    return [f"Failed or skipped, with the reason in the {column} column: {'; '.join(failed)}"]
 
 
 def _layer_goal(
@@ -650,10 +843,12 @@ def _layer_goal_summary(rows: list[dict[str, Any]], cases: Sequence[bench.LayerC
             ("saved bytes", "saved_vs_input", MEMORY_GOAL),
         ):
             baseline = "the naive chain's" if key == "vs_naive" else "the input map's"
-            values = [(r["shape"], r[key]) for r in mine if r[key] is not None]
+            values = [(r["shape"], r[key]) for r in mine if r.get(key) is not None]
             missed = [(sh, v) for sh, v in values if v > limit]
             head = f"`{case.name}` {what} <= {limit}x {baseline}: "
-            if not missed:
+            if not values:
+                lines.append(head + "not measured (see the error column)")
+            elif not missed:
                 lines.append(
                     head
                     + f"met at all {len(values)} shapes ("
@@ -693,9 +888,11 @@ def _batch_size(args: argparse.Namespace, device: torch.device, resolution: int)
         return overrides[resolution]
     if args.batch_size is not None:
         return args.batch_size
+    if args.quick:
+        return 2
     if device.type == "cuda":
         return 32
-    return 1 if resolution >= 448 and not args.quick else 2
+    return 1 if resolution >= 448 else 2
 
 
 def _parameter_rows(
@@ -765,133 +962,225 @@ def parameter_table(
 def _select_heads(names: Sequence[str]) -> list[bench.ModelHead]:
     unknown = [n for n in names if n not in bench.MODEL_HEADS]
     if unknown:
-        raise SystemExit(f"error: unknown head(s) {unknown}; known: {list(bench.MODEL_HEADS)}")
+        raise ValueError(f"unknown head(s) {unknown}; known: {list(bench.MODEL_HEADS)}")
     ordered = ["plain"] + [n for n in dict.fromkeys(names) if n != "plain"]  # plain is the baseline
     return [bench.MODEL_HEADS[n] for n in ordered]
 
 
-def run_models(args: argparse.Namespace, *, command: str) -> BenchResult:
-    """Parameters and throughput of backbone x head x resolution (see ``models --help``)."""
+def _build_problem(head: bench.ModelHead, backbone: str, err: Exception) -> str:
+    """The note of a (backbone, head) pair that cannot be built."""
+    if isinstance(err, (ValueError, TypeError)):  # how the builders refuse a combination
+        return f"{head.name}: not applicable to {backbone}: {_error_text(err)}"
+    return f"{head.name}: could not be built on {backbone}: {_error_text(err)}"
+
+
+def _precheck_builds(
+    backbones: Sequence[str], heads: Sequence[bench.ModelHead], *, num_classes: int, se_reduction: int
+) -> dict[tuple[str, str], str]:
+    """(backbone, head) pairs that cannot be built, found before anything is measured.
+
+    Only heads that depend on the backbone's blocks (SE) are tried, on the meta device (no
+    memory, no weights: a fraction of a second each). A ValueError or TypeError is the
+    builders' refusal; any other error is left for the real build to report.
+    """
+    problems = {}
+    for backbone in backbones:
+        for head in heads:
+            if not head.se:
+                continue
+            try:
+                with torch.device("meta"):
+                    head.build(backbone, num_classes=num_classes, se_reduction=se_reduction)
+            except (ValueError, TypeError) as err:
+                problems[backbone, head.name] = _build_problem(head, backbone, err)
+            except Exception:
+                pass
+    return problems
+
+
+def run_models(
+    args: argparse.Namespace, *, command: str, checkpoint: Checkpoint | None = None
+) -> BenchResult:
+    """Parameters and throughput of backbone x head x resolution (see ``models --help``).
+
+    A (backbone, head) pair that cannot be built (SE blocks in a backbone without ResNet or
+    Inception blocks) gets a row with the reason in ``note`` and is left out; a step that
+    raises at one resolution (out of memory, an input too small for the backbone, a batch
+    of 1 through BatchNorm) is noted in its row and the others go on. ``checkpoint``, when
+    given, receives the result so far after every backbone and resolution, and once more,
+    marked incomplete, when the run stops with an exception.
+    """
     s = _settings(args, "models")
     env = bench.environment(s.device)
-    backbones = args.backbones or list(PAPER_BACKBONES)
+    backbones = list(dict.fromkeys(args.backbones or PAPER_BACKBONES))
     heads = _select_heads(args.heads or list(PAPER_HEADS))
-    resolutions = args.resolutions or ([GOAL_RESOLUTION] if args.quick else list(PAPER_RESOLUTIONS))
+    resolutions = list(
+        dict.fromkeys(args.resolutions or ([GOAL_RESOLUTION] if args.quick else PAPER_RESOLUTIONS))
+    )
     timed = not args.params_only
+    build = {"num_classes": args.num_classes, "se_reduction": args.se_reduction}
+    problems = _precheck_builds(backbones, heads, **build)
+    for problem in problems.values():
+        print(f"bilinearpool-bench: skipping {problem}", file=sys.stderr)
     per_group = len(heads) * (s.warmup + s.repeats) * (1 if args.no_train else 2)
     total = len(backbones) * (len(heads) + (len(resolutions) * per_group if timed else 0))
     bar = _progress(total, "models", s.progress)
     gen = torch.Generator().manual_seed(s.seed)
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
+
+    def result(note: str | None = None) -> BenchResult:
+        return _models_result(rows, raw, heads, s, dict(env), command, args, timed, note)
+
+    groups, done = len(backbones) * (len(resolutions) if timed else 1), 0
+    where = "the start"
     try:
         for backbone in backbones:
             models: dict[str, nn.Module] = {}
+            skipped: dict[str, str] = {}
             for head in heads:
-                bar.set_postfix_str(f"build {backbone} {head.name}")
-                models[head.name] = head.build(
-                    backbone, num_classes=args.num_classes, se_reduction=args.se_reduction
-                )
+                where = f"{backbone} {head.name}: build"
+                bar.set_postfix_str(where)
+                problem = problems.get((backbone, head.name))
+                if problem is None and "plain" in skipped:
+                    problem = f"{head.name}: not measured on {backbone}: the baseline `plain` could not be built"
+                if problem is None:
+                    try:
+                        models[head.name] = head.build(backbone, **build)
+                    except Exception as err:
+                        problem = _build_problem(head, backbone, err)
+                        print(f"bilinearpool-bench: skipping {problem}", file=sys.stderr)
+                if problem is not None:
+                    skipped[head.name] = problem
                 bar.update(1)
-            params = _parameter_rows(
-                backbone,
-                models,
-                heads,
-                num_classes=args.num_classes,
-                se_reduction=args.se_reduction,
+            built = [h for h in heads if h.name in models]
+            params = (
+                _parameter_rows(backbone, models, built, **build) if "plain" in models else {}
             )
-            if not timed:
-                rows += [{**p, "resolution": None} for p in params.values()]
+            skip_rows = [
+                {"backbone": backbone, "head": n, "resolution": None, "note": note}
+                for n, note in skipped.items()
+            ]
+            if not timed or not params:
+                rows += [{**p, "resolution": None} for p in params.values()] + skip_rows
+                done += len(resolutions) if timed else 1
+                del models
+                if checkpoint is not None and done < groups:
+                    checkpoint(result(f"INCOMPLETE: written after {done} of {groups} groups, the run goes on"))
                 continue
             for model in models.values():
                 model.to(s.device)
                 if s.channels_last:
                     model.to(memory_format=torch.channels_last)
             for res in resolutions:
-                batch = _batch_size(args, s.device, res)
-                images = torch.randn(batch, 3, res, res, generator=gen).to(s.device)
-                if s.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = torch.randint(0, args.num_classes, (batch,), generator=gen).to(s.device)
-                bar.set_postfix_str(f"{backbone} {res}px: inference")
-                notes: dict[str, list[str]] = {n: [] for n in models}
-                for model in models.values():
-                    model.eval()
-                infer_steps = {
-                    n: bench.make_inference_step(m, images, amp_dtype=s.amp_dtype)
-                    for n, m in models.items()
-                }
-                infer_steps = _drop_out_of_memory(infer_steps, notes, "inference")
-                infer = bench.round_robin(
-                    infer_steps,
-                    warmup=s.warmup,
-                    repeats=s.repeats,
-                    device=s.device,
-                    on_call=lambda _: bar.update(1),
-                )
-                train: dict[str, list[float]] = {}
-                peaks: dict[str, float | None] = {n: None for n in models}
-                if not args.no_train:
-                    bar.set_postfix_str(f"{backbone} {res}px: training step")
-                    for m in models.values():
-                        m.train()
-                    steps = {
-                        n: bench.make_training_step(m, images, labels, amp_dtype=s.amp_dtype)
-                        for n, m in models.items()
-                    }
-                    steps = _drop_out_of_memory(steps, notes, "training step")
-                    peaks.update({n: _peak_mib(step, s.device) for n, step in steps.items()})
-                    train = bench.round_robin(
-                        steps,
-                        warmup=s.warmup,
-                        repeats=s.repeats,
-                        device=s.device,
-                        on_call=lambda _: bar.update(1),
-                    )
-                    for m in models.values():
-                        m.zero_grad(set_to_none=True)
-                    del steps
-                infer_ips = {
-                    n: bench.images_per_second(batch, bench.median(t)) for n, t in infer.items()
-                }
-                train_ips = {
-                    n: bench.images_per_second(batch, bench.median(t)) for n, t in train.items()
-                }
-                for head in heads:
-                    n = head.name
-                    rows.append(
-                        {
-                            **params[n],
-                            "resolution": res,
-                            "batch": batch,
-                            "infer_img_s": infer_ips.get(n),
-                            "infer_vs_plain": _ratio(infer_ips.get(n), infer_ips.get("plain")),
-                            "infer_range": _ratio_range(
-                                _rates(infer.get(n)), _rates(infer.get("plain"))
-                            ),
-                            "train_img_s": train_ips.get(n),
-                            "train_vs_plain": _ratio(train_ips.get(n), train_ips.get("plain")),
-                            "train_range": _ratio_range(
-                                _rates(train.get(n)), _rates(train.get("plain"))
-                            ),
-                            "peak_train_MiB": peaks[n],
-                            "note": "; ".join(notes[n]) or None,
-                        }
-                    )
-                    raw.append(
-                        {
-                            "backbone": backbone,
-                            "head": n,
-                            "resolution": res,
-                            "batch": batch,
-                            "inference_s": infer.get(n, []),
-                            "training_step_s": train.get(n, []),
-                        }
-                    )
+                where = f"{backbone} {res}px"
+                rows += _time_models(models, built, params, backbone, res, args, s, gen, bar, raw)
+                done += 1
+                if res == resolutions[-1]:
+                    rows += skip_rows
+                if checkpoint is not None and done < groups:
+                    checkpoint(result(f"INCOMPLETE: written after {done} of {groups} groups, the run goes on"))
             del models
             gc.collect()
+    except BaseException as err:
+        saved = checkpoint is not None and bool(rows)
+        if saved:
+            checkpoint(result(_stopped_note(err, where, len(rows))))  # type: ignore[misc]
+        _report_stop(err, where, saved)
+        raise
     finally:
         bar.close()
+    return result()
+
+
+def _time_models(
+    models: dict[str, nn.Module],
+    heads: Sequence[bench.ModelHead],
+    params: dict[str, dict[str, Any]],
+    backbone: str,
+    res: int,
+    args: argparse.Namespace,
+    s: _Settings,
+    gen: torch.Generator,
+    bar: Any,
+    raw: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Inference and training-step throughput of ``models`` at one resolution: their rows."""
+    batch = _batch_size(args, s.device, res)
+    images = torch.randn(batch, 3, res, res, generator=gen).to(s.device)
+    if s.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, args.num_classes, (batch,), generator=gen).to(s.device)
+    bar.set_postfix_str(f"{backbone} {res}px: inference")
+    notes: dict[str, list[str]] = {n: [] for n in models}
+    for model in models.values():
+        model.eval()
+    infer_steps = {
+        n: bench.make_inference_step(m, images, amp_dtype=s.amp_dtype) for n, m in models.items()
+    }
+    infer_steps = _drop_failing(infer_steps, notes, "inference")
+    infer = _round_robin_robust(infer_steps, notes, "inference", s, lambda _: bar.update(1))
+    train: dict[str, list[float]] = {}
+    peaks: dict[str, float | None] = {n: None for n in models}
+    if not args.no_train:
+        bar.set_postfix_str(f"{backbone} {res}px: training step")
+        for m in models.values():
+            m.train()
+        steps = {
+            n: bench.make_training_step(m, images, labels, amp_dtype=s.amp_dtype)
+            for n, m in models.items()
+        }
+        steps = _drop_failing(steps, notes, "training step")
+        peaks.update({n: _peak_mib(step, s.device) for n, step in steps.items()})
+        train = _round_robin_robust(steps, notes, "training step", s, lambda _: bar.update(1))
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+        del steps
+    infer_ips = {n: bench.images_per_second(batch, bench.median(t)) for n, t in infer.items()}
+    train_ips = {n: bench.images_per_second(batch, bench.median(t)) for n, t in train.items()}
+    rows = []
+    for head in heads:
+        n = head.name
+        rows.append(
+            {
+                **params[n],
+                "resolution": res,
+                "batch": batch,
+                "infer_img_s": infer_ips.get(n),
+                "infer_vs_plain": _ratio(infer_ips.get(n), infer_ips.get("plain")),
+                "infer_range": _ratio_range(_rates(infer.get(n)), _rates(infer.get("plain"))),
+                "train_img_s": train_ips.get(n),
+                "train_vs_plain": _ratio(train_ips.get(n), train_ips.get("plain")),
+                "train_range": _ratio_range(_rates(train.get(n)), _rates(train.get("plain"))),
+                "peak_train_MiB": peaks[n],
+                "note": "; ".join(notes[n]) or None,
+            }
+        )
+        raw.append(
+            {
+                "backbone": backbone,
+                "head": n,
+                "resolution": res,
+                "batch": batch,
+                "inference_s": infer.get(n, []),
+                "training_step_s": train.get(n, []),
+            }
+        )
+    return rows
+
+
+def _models_result(
+    rows: list[dict[str, Any]],
+    raw: list[dict[str, Any]],
+    heads: Sequence[bench.ModelHead],
+    s: _Settings,
+    env: dict[str, Any],
+    command: str,
+    args: argparse.Namespace,
+    timed: bool,
+    note: str | None = None,
+) -> BenchResult:
+    """The model table, goals and notes of the rows measured (so far)."""
     env["load_average_at_end"] = _load_average()
     if timed:
         columns = ["backbone", "head", "resolution", "batch", "params", "params_ok", "params_vs_plain",
@@ -899,8 +1188,6 @@ def run_models(args: argparse.Namespace, *, command: str) -> BenchResult:
                    "train_range"]  # fmt: skip
         if s.device.type == "cuda":
             columns.append("peak_train_MiB")
-        if any(r.get("note") for r in rows):
-            columns.append("note")
     else:
         columns = [
             "backbone",
@@ -911,6 +1198,8 @@ def run_models(args: argparse.Namespace, *, command: str) -> BenchResult:
             "params_ok",
             "params_vs_plain",
         ]
+    if any(r.get("note") for r in rows):
+        columns.append("note")
     settings = {
         **s.describe(),
         "num_classes": args.num_classes,
@@ -923,7 +1212,8 @@ def run_models(args: argparse.Namespace, *, command: str) -> BenchResult:
         "environment": env,
         "settings": settings,
         "heads": {h.name: h.description for h in heads},
-        "goals": _model_goal_summary(rows, timed),
+        "goals": _model_goal_summary(rows, timed)
+        + _failure_lines(rows, ("backbone", "head", "resolution"), "note"),
         "notes": [
             (
                 "*_vs_plain: the row's value / the plain backbone's (global average pooling) at the same "
@@ -937,12 +1227,14 @@ def run_models(args: argparse.Namespace, *, command: str) -> BenchResult:
             "Heads: " + "; ".join(f"`{h.name}`: {h.description}" for h in heads) + ".",
         ],
     }
+    if note:
+        meta["notes"].insert(0, note)  # type: ignore[attr-defined]
     return BenchResult("models", "Models: parameters and throughput", columns, rows, meta, raw)
 
 
 def _model_goal_summary(rows: list[dict[str, Any]], timed: bool) -> list[str]:
     lines = []
-    param_rows = {(r["backbone"], r["head"]): r for r in rows}
+    param_rows = {(r["backbone"], r["head"]): r for r in rows if r.get("params") is not None}
     bad = [
         f"{b}/{h}: {r['params']:,} vs {r['params_analytic']:,}"
         for (b, h), r in param_rows.items()
@@ -956,7 +1248,7 @@ def _model_goal_summary(rows: list[dict[str, Any]], timed: bool) -> list[str]:
         )
     if not timed:
         return lines
-    at_goal = {(r["backbone"], r["head"]): r for r in rows if r["resolution"] == GOAL_RESOLUTION}
+    at_goal = {(r["backbone"], r["head"]): r for r in rows if r.get("resolution") == GOAL_RESOLUTION}
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     if not any(b for b, _ in at_goal):
         lines.append(
@@ -967,7 +1259,7 @@ def _model_goal_summary(rows: list[dict[str, Any]], timed: bool) -> list[str]:
         parts = []
         for b in backbones:
             r = at_goal.get((b, head))
-            if r is None or r["infer_vs_plain"] is None:
+            if r is None or r.get("infer_vs_plain") is None:
                 continue
             v = r["infer_vs_plain"]
             verdict = (
@@ -990,6 +1282,13 @@ def _model_goal_summary(rows: list[dict[str, Any]], timed: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _report_problem(folder: Path) -> str:
+    return (
+        f"expected layers.json or models.json in {folder}, but found none; "
+        f"run `bilinearpool-bench layers --out {folder}` first"
+    )
+
+
 def _report(args: argparse.Namespace, *, command: str) -> int:
     folder = Path(args.folder)
     parts = []
@@ -998,9 +1297,7 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
         if path.is_file():
             parts.append(json.loads(path.read_text(encoding="utf-8")))
     if not parts:
-        raise SystemExit(
-            f"error: no layers.json or models.json in {folder}; run `bilinearpool-bench layers --out {folder}` first"
-        )
+        raise ValueError(_report_problem(folder))
     lines = [f"# {args.title}", ""]
     for note in args.note or []:
         lines += [note, ""]
@@ -1031,7 +1328,7 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None) -> None
         "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
     )
     g.add_argument("--batch-size", type=int, default=None, help="batch size (layers: replaces B of every shape; "
-                   "models default: 2 on CPU, 1 at 448px and above, 32 on CUDA)")  # fmt: skip
+                   "models default: 2 on CPU, 1 at 448px and above, 32 on CUDA; 2 with --quick)")  # fmt: skip
     g.add_argument("--repeats", type=int, default=None, help="timed rounds, the median is reported "
                    "(default: layers 5, models 3 on CPU; 20 on CUDA; 2 with --quick)")  # fmt: skip
     g.add_argument(
@@ -1043,7 +1340,7 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None) -> None
     g.add_argument(
         "--quick",
         action="store_true",
-        help="short run: 1 warm-up + 2 timed rounds (models: 224px, batch 2)",
+        help="short run: 1 warm-up + 2 timed rounds (models: 224px, batch 2, on CPU and CUDA)",
     )
     g.add_argument("--out", type=Path, default=out_default, help="folder for <name>.csv/.json/.md/.png "
                    "(default: print only)" if out_default is None else f"output folder (default: {out_default})")  # fmt: skip
@@ -1147,7 +1444,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameters and images/s of backbone x head x resolution vs the plain backbone",
         description="Exact parameter counts (checked against the closed form) and throughput, "
         "images/s for inference and for one training step, of every backbone x head x resolution, "
-        f"with {8} classes and random weights (nothing is downloaded). Each row shows its ratio to the "
+        "with --num-classes classes (default 8) and random weights (nothing is downloaded). Each row shows its ratio to the "
         "plain backbone (global average pooling) at the same resolution, measured interleaved.",
         formatter_class=fmt,
     )
@@ -1189,6 +1486,68 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--resolutions must be at least 32 pixels, but got {res}")
 
 
+def _backbone_known(name: str, torchvision_names: set[str], timm_names: set[str]) -> bool:
+    """Whether :func:`bilinearpool.build_backbone` accepts ``name`` (as it resolves names)."""
+    if name.startswith("timm:"):
+        return name.removeprefix("timm:").partition(".")[0] in timm_names
+    return name in torchvision_names or name.partition(".")[0] in timm_names
+
+
+def _out_problem(out: Path, option: str = "--out") -> str | None:
+    """Why the output folder ``out`` cannot be written, found before anything is measured."""
+    if out.exists() and not out.is_dir():
+        return f"{option} expected a folder, but {out} is an existing file"
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{option} expected a folder, but {parent} (above {out}) is a file"
+            break
+    return None
+
+
+def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, with an ``error:`` line, what would fail only after (part of) a run."""
+    if args.command == "report":
+        if args.out is not None and args.out.is_dir():
+            parser.error(f"--out expected a Markdown file, but {args.out} is a folder")
+        if not any((args.folder / f"{n}.json").is_file() for n in ("layers", "models")):
+            parser.error(_report_problem(args.folder))
+        return
+    problem = _device_problem(args.device)
+    if problem is None and args.out is not None:
+        problem = _out_problem(args.out)
+    if problem is not None:
+        parser.error(problem)
+    if args.command == "demo":
+        return
+    try:
+        if args.command == "layers":
+            _check_layer_cases(args.cases or [])
+        else:
+            _select_heads(args.heads or [])
+    except ValueError as err:
+        parser.error(str(err))
+    if args.command == "models" and args.backbones:
+        from .backbones import list_backbones
+
+        names = list_backbones()
+        tv, timm = set(names["torchvision"]), set(names["timm"])
+        unknown = [b for b in dict.fromkeys(args.backbones) if not _backbone_known(b, tv, timm)]
+        if unknown:
+            parser.error(
+                f"--backbones expected names that bilinearpool.build_backbone accepts (torchvision "
+                f"classification models{', timm models' if timm else ''}; see "
+                f"bilinearpool.list_backbones()), but got unknown {unknown}"
+            )
+
+
+def _saver(out: Path | None) -> Checkpoint | None:
+    """Writes a partial result's CSV, JSON and Markdown (no plot) into ``out``."""
+    if out is None:
+        return None
+    return lambda result: write_result(result, out, plot=False)
+
+
 def _finish(result: BenchResult, out: Path | None) -> list[Path]:
     print(result.markdown())
     if out is None:
@@ -1202,6 +1561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _check_positive(parser, args)
+    _check_inputs(parser, args)
     command = "bilinearpool-bench " + shlex.join(argv)
     if args.command == "report":
         # The title and notes are printed in the report itself; the command shows where they go.
@@ -1212,21 +1572,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(args, command="bilinearpool-bench " + shlex.join(shown))
     written: list[Path] = []
     if args.command == "layers":
-        written += _finish(run_layers(args, command=command), args.out)
+        written += _finish(run_layers(args, command=command, checkpoint=_saver(args.out)), args.out)
     elif args.command == "models":
-        written += _finish(run_models(args, command=command), args.out)
+        written += _finish(run_models(args, command=command, checkpoint=_saver(args.out)), args.out)
     elif args.command == "demo":
         args.quick = True
         for name, option in (("shapes", None), ("cases", None), ("backbones", None), ("heads", None),
                              ("resolutions", None), ("batch_size_at", None), ("num_classes", 8),
                              ("se_reduction", 8), ("params_only", False), ("no_train", False)):  # fmt: skip
             setattr(args, name, option)
-        written += _finish(
-            run_layers(args, command=command + "  (layers part: layers --quick)"), args.out
+        layers = run_layers(
+            args, command=command + "  (layers part: layers --quick)", checkpoint=_saver(args.out)
         )
-        written += _finish(
-            run_models(args, command=command + "  (models part: models --quick)"), args.out
+        written += _finish(layers, args.out)
+        models = run_models(
+            args, command=command + "  (models part: models --quick)", checkpoint=_saver(args.out)
         )
+        written += _finish(models, args.out)
     if written:
         print("Results written to:\n" + "\n".join(f"  {p}" for p in written))
     return 0

@@ -7,8 +7,10 @@ thresholds: timings on a shared machine are not testable (benchmark protocol).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from bilinearpool import FastBilinearPool, SEBlock, bench, build_backbone
+from bilinearpool import cli
 from bilinearpool.cli import main, parameter_table
 
 FLOAT32 = 4
@@ -71,6 +74,19 @@ class TestSavedTensorCounter:
             pass
         x * x
         assert saved.count == 0
+
+    def test_excluded_weight_and_its_autocast_copy_are_not_counted(self):
+        """Under autocast the classifier keeps a bfloat16 copy of its weight (transposed):
+        a copy of the excluded weight, not counted; what derives from the input is."""
+        x = torch.randn(2, 256, requires_grad=True)
+        w = torch.zeros(8, 256, requires_grad=True)
+        with bench.SavedTensorCounter(exclude=[w]) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.linear(x, w)
+        assert saved.nbytes == x.numel() * 2  # the bfloat16 copy of x only
+        v = torch.randn(8, 256, requires_grad=True)
+        with bench.SavedTensorCounter(exclude=[w]) as saved:
+            (v + w) * w  # v + w derives from v too: counted; w not
+        assert saved.nbytes == v.numel() * FLOAT32
 
     def test_fused_pool_saves_only_its_input(self):
         x = torch.relu(torch.randn(2, 16, 5, 5)).requires_grad_()
@@ -216,6 +232,28 @@ class TestRegistries:
         for key in ("torch", "device", "device_type", "threads", "date", "python", "cpu_count"):
             assert env[key] is not None, key
         assert env["torch"] == torch.__version__
+
+    def test_environment_records_switches_and_code_version(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("BILINEARPOOL_TRITON", "0")
+        monkeypatch.delenv("BILINEARPOOL_HUGEPAGES", raising=False)
+        env = bench.environment("cpu")
+        assert env["BILINEARPOOL_TRITON"] == "0" and env["BILINEARPOOL_HUGEPAGES"] is None
+        assert env["numpy"] and env["bilinearpool"]
+        assert "transparent_hugepages" in env and "git_commit" in env and "git_dirty" in env
+        root = Path(bench.__file__).resolve().parents[1]
+        if (root / ".git").exists():
+            assert re.fullmatch(r"[0-9a-f]{40}", env["git_commit"]) and isinstance(env["git_dirty"], bool)
+        assert bench._git_state(tmp_path) == {"git_commit": None, "git_dirty": None}  # not a checkout
+        thp = tmp_path / "enabled"
+        thp.write_text("always [madvise] never\n")
+        assert bench._transparent_hugepages(thp) == "madvise"
+        assert bench._transparent_hugepages(tmp_path / "missing") is None
+        line = cli._describe_environment(
+            {**env, "git_commit": "0123456789abcdef" * 2 + "01234567", "git_dirty": True, "transparent_hugepages": "never"}
+        )
+        for text in ("numpy ", f"bilinearpool {env['bilinearpool']} (git 0123456789ab, dirty)",
+                     "BILINEARPOOL_TRITON=0 BILINEARPOOL_HUGEPAGES=unset", "transparent huge pages never"):  # fmt: skip
+            assert text in line, text
 
     @pytest.mark.parametrize("name", list(bench.LAYER_CASES))
     def test_every_layer_case_runs(self, name):
@@ -424,13 +462,57 @@ class TestCommandLine:
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
 
-    def test_unknown_names(self):
-        with pytest.raises(SystemExit, match=r"unknown head\(s\) \['gap'\]"):
-            main(["models", "--heads", "gap", "--params-only", "--backbones", "resnet18"])
-        with pytest.raises(SystemExit, match=r"unknown layer case\(s\) \['nope'\]"):
-            main(["layers", "--cases", "nope"])
-        with pytest.raises(SystemExit, match="no layers.json or models.json"):
-            main(["report", "/nonexistent-folder"])
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["models", "--heads", "gap", "--params-only", "--backbones", "resnet18"],
+             r"error: unknown head\(s\) \['gap'\]; known: \['plain'"),
+            (["layers", "--cases", "nope"], r"error: unknown layer case\(s\) \['nope'\]; known: \['naive'"),
+            (["report", "/nonexistent-folder"],
+             "error: expected layers.json or models.json in /nonexistent-folder, but found none"),
+            (["layers", "--device", "foo"], "error: --device expected cpu, cuda, cuda:N or mps, but got 'foo'"),
+            (["models", "--backbones", "resnet18", "nope_net", "--params-only"],
+             r"error: --backbones expected names that bilinearpool.build_backbone accepts .*but got unknown \['nope_net'\]"),
+        ],
+    )  # fmt: skip
+    def test_unknown_names(self, argv, message, capsys):
+        """CLI input that cannot run: an argparse-style error line (exit code 2), no traceback."""
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err
+
+    @pytest.mark.parametrize(
+        ("device", "available"),
+        [("mps", lambda: torch.backends.mps.is_available()), ("cuda", lambda: torch.cuda.is_available())],
+    )
+    def test_unavailable_device(self, device, available, capsys):
+        if available():
+            pytest.skip(f"{device} is available here")
+        with pytest.raises(SystemExit) as exc:
+            main(["layers", "--device", device, "--shapes", "2x4x3x3"])
+        assert exc.value.code == 2
+        assert f"error: --device {device} was asked for, but" in capsys.readouterr().err
+
+    def test_output_paths_are_checked_before_the_run(self, tmp_path, capsys, monkeypatch):
+        """--out naming a file (layers/models) or a folder (report) is refused up front."""
+        measured = []
+        monkeypatch.setattr("bilinearpool.cli.run_layers", lambda *a, **k: measured.append(1))
+        afile = tmp_path / "afile"
+        afile.write_text("")
+        for argv, message in (
+            (["layers", "--out", str(afile)], f"error: --out expected a folder, but {afile} is an existing file"),
+            (["layers", "--out", str(afile / "sub")], f"error: --out expected a folder, but {afile} (above"),
+            (["report", str(tmp_path), "--out", str(tmp_path)],
+             f"error: --out expected a Markdown file, but {tmp_path} is a folder"),
+        ):  # fmt: skip
+            (tmp_path / "layers.json").write_text("{}")
+            with pytest.raises(SystemExit) as exc:
+                main(argv)
+            assert exc.value.code == 2
+            assert message in capsys.readouterr().err
+        assert not measured
 
     def test_python_m_bench(self):
         proc = subprocess.run(
@@ -442,6 +524,124 @@ class TestCommandLine:
         )
         assert proc.returncode == 0, proc.stderr
         assert "bilinearpool-bench" in proc.stdout
+
+
+class TestRobustRuns:
+    """A case that cannot run is recorded and the run goes on; a run that stops keeps its rows."""
+
+    COMMON = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress"]
+
+    def test_models_skip_a_head_the_backbone_cannot_take(self, tmp_path, capsys, keep_threads):
+        argv = ["models", "--backbones", "mobilenet_v3_small", "--heads", "plain", "se", "--resolutions", "32",
+                "--batch-size", "2", "--no-train", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        assert "skipping se: not applicable to mobilenet_v3_small" in capsys.readouterr().err
+        rows = {r["head"]: r for r in read_csv(tmp_path / "models.csv")}
+        assert float(rows["plain"]["infer_img_s"]) > 0 and not rows["plain"]["note"]
+        assert rows["se"]["note"].startswith(
+            "se: not applicable to mobilenet_v3_small: ValueError: insert_se_blocks found no supported block"
+        )
+        assert rows["se"]["params"] == rows["se"]["infer_img_s"] == ""
+        data = json.loads((tmp_path / "models.json").read_text())
+        assert data["goals"][0].endswith("met for all 1 models")
+        assert "se: not applicable to mobilenet_v3_small" in (tmp_path / "models.md").read_text()
+
+    def test_models_record_a_failing_step_and_go_on(self, tmp_path, keep_threads):
+        # batch 1 with a 1x1 final map: BatchNorm cannot train; inference still runs
+        argv = ["models", "--backbones", "resnet18", "--heads", "plain", "fast-bcnn", "--resolutions", "32",
+                "--batch-size", "1", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        rows = read_csv(tmp_path / "models.csv")
+        assert [r["head"] for r in rows] == ["plain", "fast-bcnn"]
+        for row in rows:
+            assert float(row["infer_img_s"]) > 0 and row["train_img_s"] == ""
+            assert row["note"].startswith(
+                "training step failed: ValueError: Expected more than 1 value per channel"
+            )
+
+    def test_models_at_a_resolution_the_backbone_cannot_take(self, tmp_path, keep_threads):
+        argv = ["models", "--backbones", "inception_v3", "--heads", "plain", "--resolutions", "32",
+                "--batch-size", "1", "--no-train", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        (row,) = read_csv(tmp_path / "models.csv")
+        assert row["infer_img_s"] == "" and row["note"].startswith("inference failed: RuntimeError: ")
+
+    def test_layers_record_a_failing_case_and_go_on(self, tmp_path, keep_threads):
+        argv = ["layers", "--shapes", "1x8x1x1", "2x8x2x2", "--cases", "fast-bcnn", "isqrt-cov-r256",
+                "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        by = {(r["shape"], r["case"]): r for r in read_csv(tmp_path / "layers.csv")}
+        assert len(by) == 8
+        failed = by["1x8x1x1", "isqrt-cov-r256"]
+        assert failed["error"].startswith("failed: ValueError: Expected more than 1 value per channel")
+        assert failed["fwd_bwd_ms"] == failed["saved_MiB"] == ""
+        assert float(by["1x8x1x1", "fast-bcnn"]["saved_vs_input"]) == 1.0
+        assert float(by["2x8x2x2", "isqrt-cov-r256"]["fwd_bwd_ms"]) > 0
+        assert not by["2x8x2x2", "isqrt-cov-r256"]["error"]
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert any("1x8x1x1 isqrt-cov-r256" in g for g in data["goals"])
+
+    def test_a_run_that_stops_keeps_what_it_measured(self, tmp_path, monkeypatch, capsys, keep_threads):
+        class Stop(BaseException):
+            pass
+
+        def build(c, device):
+            def fn(x):
+                if c == 6:  # the second shape
+                    raise Stop("stopped by hand")
+                return x.mean((2, 3))
+            return fn
+
+        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", bench.LayerCase("test-stop", "stops", build))
+        argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "fast-bcnn", "test-stop",
+                "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        with pytest.raises(Stop):
+            main(argv)
+        assert "stopped at 2x6x2x2 test-stop by Stop: stopped by hand" in capsys.readouterr().err
+        rows = read_csv(tmp_path / "layers.csv")
+        assert [(r["shape"], r["case"]) for r in rows] == [
+            ("2x8x2x2", c) for c in ("naive", "matmul-floor", "fast-bcnn", "test-stop")
+        ]
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert data["notes"][0].startswith("INCOMPLETE: the run stopped at 2x6x2x2 test-stop")
+        assert "INCOMPLETE" in (tmp_path / "layers.md").read_text()
+
+    def test_saved_with_linear_under_amp_leaves_out_the_weight_copy(self, tmp_path, keep_threads):
+        argv = ["layers", "--amp", "--shapes", "2x16x5x5", "--cases", "fast-bcnn", "--out", str(tmp_path),
+                *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        row = next(r for r in read_csv(tmp_path / "layers.csv") if r["case"] == "fast-bcnn")
+        # the float32 input, and the bfloat16 pooled output the classifier keeps (2 x 256);
+        # not the classifier's bfloat16 weight (8 x 256)
+        expected = (2 * 16 * 25 * FLOAT32 + 2 * 256 * 2) / 2**20
+        assert float(row["saved_with_linear_MiB"]) == pytest.approx(expected, rel=1e-6)
+
+    def test_duplicates_give_one_row(self, tmp_path, keep_threads):
+        argv = ["layers", "--shapes", "2x4x3x3", "2x4x3x3", "--cases", "fast-bcnn", "naive", "fast-bcnn",
+                "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        assert [r["case"] for r in read_csv(tmp_path / "layers.csv")] == ["matmul-floor", "fast-bcnn", "naive"]
+        argv = ["models", "--backbones", "resnet18", "resnet18", "--heads", "se", "plain", "se",
+                "--resolutions", "64", "64", "--params-only", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        assert [(r["backbone"], r["head"]) for r in read_csv(tmp_path / "models.csv")] == [
+            ("resnet18", "plain"), ("resnet18", "se")
+        ]
+
+    def test_quick_batch_is_two_on_every_device(self):
+        args = argparse.Namespace(batch_size_at=None, batch_size=None, quick=True)
+        for device in ("cpu", "cuda"):
+            assert cli._batch_size(args, torch.device(device), 224) == 2
+        args.quick = False
+        assert cli._batch_size(args, torch.device("cuda"), 224) == 32
+        assert cli._batch_size(args, torch.device("cpu"), 448) == 1
+
+    def test_plot_title_names_the_classes(self):
+        plt = pytest.importorskip("matplotlib.pyplot")
+        rows = [{"backbone": "b", "head": "plain", "resolution": 64, "params": 10, "infer_img_s": 1.0}]
+        fig = cli._plot_models(plt, rows, 5)
+        assert fig.axes[1].get_title() == "Parameters (5 classes)"
+        plt.close(fig)
 
 
 class TestProfileScripts:
