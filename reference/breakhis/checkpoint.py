@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "load_checkpoint", "restore_rng_state", "save_checkpoint"]
+__all__ = [
+    "NotACheckpointError",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+
+class NotACheckpointError(ValueError):
+    """Raised when a file exists but is not a checkpoint written by breakhis."""
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -63,13 +75,45 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     return path
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in words that never suggest ``weights_only=False``.
+
+    That option would execute whatever code the file's pickle holds.
+    """
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return ("expected a file written by torch.save holding tensors and plain data, but "
+                "it could not be unpickled as one")
+    first_line = (str(exc).splitlines() or [""])[0][:200]
+    return f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only).
 
+    Only tensors and plain data are unpickled (``weights_only=True``): a file that
+    needs more is refused, never loaded with arbitrary code execution.
+
     Raises:
         FileNotFoundError: when ``path`` does not exist.
+        NotACheckpointError: when ``path`` is not a file :func:`save_checkpoint` wrote
+            (e.g. a ``train.log``, an empty file, another program's pickle).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of foreign pickles before refusing them.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - foreign bytes make the unpickler raise anything
+        raise NotACheckpointError(
+            f"{str(path)!r} is not a breakhis checkpoint ({_load_failure(exc)}); pass the "
+            "checkpoint.pt of a run folder") from exc
+    if not isinstance(state, dict):
+        raise NotACheckpointError(
+            f"{str(path)!r} is not a breakhis checkpoint (expected a dict, but it holds a "
+            f"{type(state).__name__}); pass the checkpoint.pt of a run folder")
+    return state

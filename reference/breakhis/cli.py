@@ -6,7 +6,10 @@ Examples::
     breakhis-repro index --data-root demo --json
     breakhis-repro train --data-root demo --task MIBC --protocol patient --fold 0 \\
         --head fast-bcnn --backbone tiny --no-pretrained --epochs 3 --out runs/demo
-    breakhis-repro cv --data-root demo --task MIFC --backbone tiny --no-pretrained --epochs 3
+    breakhis-repro cv --data-root demo --task MIBC --backbone tiny --no-pretrained --epochs 3 \\
+        --out runs/mibc-cv
+    breakhis-repro cv --data-root demo --task MIFC --backbone tiny --no-pretrained --epochs 3 \\
+        --out runs/mifc-cv
     breakhis-repro evaluate --checkpoint runs/demo/checkpoint.pt
     breakhis-repro predict --checkpoint runs/demo/checkpoint.pt demo/BreaKHis_v1 --out p.csv
     breakhis-repro figures --checkpoint runs/demo/checkpoint.pt --out runs/demo/figures
@@ -388,6 +391,14 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     from .experiments import checkpoint_records
     from .plots import make_figures
 
+    # Checked before indexing and predicting, which take minutes on the real data.
+    if not args.perplexity > 0:
+        raise ValueError(f"--perplexity must be > 0, but got {args.perplexity:g}")
+    if args.max_embedding_dim == 1 or args.max_embedding_dim < 0:
+        raise ValueError("--max-embedding-dim must be 0 (keep embeddings whole) or >= 2, but "
+                         f"got {args.max_embedding_dim}")
+    if args.gradcam_images < 0:
+        raise ValueError(f"--gradcam-images must be >= 0, but got {args.gradcam_images}")
     records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
                                                   data_root=args.data_root,
                                                   progress=not args.no_progress)

@@ -30,6 +30,7 @@ from PIL import Image
 
 __all__ = [
     "BENIGN_TYPES",
+    "IMAGE_ERRORS",
     "IMAGE_EXTENSIONS",
     "MAGNIFICATIONS",
     "MALIGNANT_TYPES",
@@ -64,6 +65,14 @@ TYPE_FOLDERS: dict[str, str] = {
 }
 MAGNIFICATIONS: tuple[int, ...] = (40, 100, 200, 400)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+#: What Pillow raises for a file it cannot (or will not) decode: ``OSError``,
+#: ``ValueError`` and ``SyntaxError`` for broken files, ``DecompressionBombError`` for
+#: images over twice ``Image.MAX_IMAGE_PIXELS`` (and its warning, for those over the
+#: limit, when warnings are turned into errors).
+IMAGE_ERRORS: tuple[type[Exception], ...] = (
+    OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 #: Files that describe a tree rather than belong to it; listed, never reported as junk.
 METADATA_FILES: frozenset[str] = frozenset({"folds.csv", "synthetic.txt", "synthetic.json"})
 _DSFOLD = re.compile(r"^dsfold\d+\.txt$", re.IGNORECASE)
@@ -292,7 +301,8 @@ def read_image_size(path: str | os.PathLike[str], *, verify: bool = True) -> tup
             rather than in the middle of training. Without it only the header is read.
 
     Raises:
-        OSError: when the file cannot be opened or (with ``verify``) decoded.
+        OSError: when the file cannot be opened or (with ``verify``) decoded; the other
+            errors of :data:`IMAGE_ERRORS` (e.g. ``DecompressionBombError``) likewise.
     """
     with Image.open(path) as image:
         if verify:
@@ -346,7 +356,7 @@ def _read_sizes(
     def read(path: Path) -> tuple[int, int] | Exception:
         try:
             return read_image_size(path, verify=verify)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three
+        except IMAGE_ERRORS as exc:
             return exc
 
     results: Iterable[tuple[int, int] | Exception]

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .data import ImageRecord, UnreadableImageError
+from .data import IMAGE_ERRORS, ImageRecord, UnreadableImageError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -29,6 +29,7 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "load_rgb",
+    "to_rgb",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -78,17 +79,55 @@ def build_eval_transform(input_size: int = 224) -> T.Compose:
     return build_train_transform(input_size, augment=False)
 
 
+#: Full scale of Pillow's high-bit-depth integer modes, as divisors to 8 bits.
+_TO_8BIT: dict[str, float] = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a Pillow image to 8-bit RGB, rescaling high-bit-depth grey levels.
+
+    ``Image.convert("RGB")`` clips 16-bit grey levels to 255 instead of rescaling
+    them, which turns almost every 16-bit image white. Here 16-bit modes (``I;16*``)
+    are divided by 257 (65535 -> 255); 32-bit integers (``I``) by 257 when they fit in
+    16 bits (how Pillow opens 16-bit files) and by ``(2**32 - 1) / 255`` otherwise;
+    floats (``F``) in ``[0, 1]`` are multiplied by 255, other floats clipped to
+    ``[0, 255]``. Everything else goes through ``convert("RGB")``.
+
+    Examples:
+        >>> grey16 = Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16))
+        >>> np.asarray(to_rgb(grey16))[0, :, 0].tolist()
+        [0, 1, 255]
+    """
+    if image.mode not in _TO_8BIT and image.mode not in ("I", "F"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode in _TO_8BIT:
+        scaled = values / _TO_8BIT[image.mode]
+    elif image.mode == "I":
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        scaled = values / (257.0 if low >= 0 and high <= 65535 else (2**32 - 1) / 255)
+    else:
+        finite = values[np.isfinite(values)]
+        unit = finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
+        scaled = np.nan_to_num(values) * (255.0 if unit else 1.0)
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (decoded now, so the file is closed).
+    """Open an image file as 8-bit RGB (decoded now, so the file is closed).
+
+    High-bit-depth grey images are rescaled to 8 bits (see :func:`to_rgb`).
 
     Raises:
         UnreadableImageError: naming the file, when it cannot be opened or decoded
-            (a truncated PNG indexed with ``verify=False`` / ``--no-verify``).
+            (a truncated PNG indexed with ``verify=False`` / ``--no-verify``), or is
+            larger than Pillow's decompression-bomb limit.
     """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three
+            return to_rgb(image)
+    except IMAGE_ERRORS as exc:
         raise UnreadableImageError(
             f"expected a decodable image, but {str(path)!r} could not be read ({exc}); "
             "index without --no-verify (verify=True) to leave such files out, or remove it"

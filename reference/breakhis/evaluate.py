@@ -314,7 +314,8 @@ class Predictions:
         paths: image paths.
         patients: patient id per image (``None`` when unknown).
         magnifications: magnification per image (``None`` when unknown).
-        y_true: true class index per image, shape ``(N,)``.
+        y_true: true class index per image, shape ``(N,)``; ``-1`` where unknown
+            (e.g. the output of ``breakhis-repro predict``).
         probs: class probabilities, shape ``(N, C)``.
         classes: class names, in the order of the columns of ``probs``.
     """
@@ -347,11 +348,13 @@ def write_predictions(
     Columns: ``path, patient, magnification, true_label, true_index, predicted_label``
     and ``prob_<class>`` for every class. Probabilities are written with Python's
     shortest round-trip ``repr``, so metrics recomputed from the file are identical.
+    Unknown patients, magnifications and true classes are left empty.
 
     Args:
         path: CSV path (its folder is created).
-        records: :class:`~breakhis.data.ImageRecord` objects or plain paths.
-        y_true: true class index per image.
+        records: :class:`~breakhis.data.ImageRecord` objects, or anything with a
+            ``path`` (and optionally ``patient``, ``magnification``), or plain paths.
+        y_true: true class index per image; ``-1`` where it is unknown.
         probs: class probabilities, shape ``(N, C)`` with ``C == len(classes)``.
         classes: class names.
 
@@ -377,6 +380,9 @@ def write_predictions(
             f"expected {len(records)} targets and probs of shape ({len(records)}, "
             f"{len(classes)}), but got {len(y_true)} targets and probs {probs.shape}"
         )
+    if y_true.size and not (-1 <= y_true.min() and y_true.max() < len(classes)):
+        raise ValueError(f"expected targets in [-1, {len(classes) - 1}] (-1: unknown), but "
+                         f"got values from {y_true.min()} to {y_true.max()}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as handle:
@@ -389,14 +395,16 @@ def write_predictions(
                 str(getattr(record, "path", record)),
                 "" if patient is None else patient,
                 "" if mag is None else mag,
-                classes[target], target, classes[int(row.argmax())],
+                *(("", "") if target < 0 else (classes[target], target)),
+                classes[int(row.argmax())],
                 *[repr(float(v)) for v in row],
             ])
     return out
 
 
 def read_predictions(path: str | os.PathLike[str]) -> Predictions:
-    """Read a CSV written by :func:`write_predictions` (e.g. ``test_predictions.csv``).
+    """Read a CSV written by :func:`write_predictions` (e.g. ``test_predictions.csv``,
+    or the output of ``breakhis-repro predict``, whose true classes are unknown: ``-1``).
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -418,7 +426,7 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
         paths, patients, mags, y_true, probs = [], [], [], [], []
         for line, row in enumerate(reader, start=2):
             try:
-                y_true.append(int(row["true_index"]))
+                y_true.append(int(row["true_index"]) if row["true_index"] else -1)
                 probs.append([float(row[_PROB_PREFIX + c]) for c in classes])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{src}:{line}: malformed row ({exc})") from exc

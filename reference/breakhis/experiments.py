@@ -22,6 +22,7 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from .splits import (
     patient_groups,
     validation_split,
 )
+from .synthetic import SYNTHETIC_MARKER, is_synthetic
 from .tasks import Task, get_task
 from .train import (
     CHECKPOINT_NAME,
@@ -162,10 +164,17 @@ class PreparedData:
     splits: list[Split]
     warnings: list[str] = field(default_factory=list)
 
-    @property
+    @cached_property
     def synthetic(self) -> bool:
-        """Whether the tree says it is synthetic (``SYNTHETIC.txt``)."""
-        return any(Path(m).name.lower() == "synthetic.txt" for m in self.index.metadata_files)
+        """Whether the data are synthetic (see :func:`breakhis.synthetic.is_synthetic`).
+
+        A ``SYNTHETIC.txt`` marker anywhere in the indexed tree, in its root or in a
+        folder above it, or the synthetic PNG text chunk in the images, says so.
+        """
+        if any(Path(m).name.lower() == SYNTHETIC_MARKER.lower()
+               for m in self.index.metadata_files):
+            return True
+        return is_synthetic(self.index.root, [r.path for r in self.records])
 
     def relative_path(self, index: int) -> str:
         """Path of record ``index`` relative to the indexed root (POSIX separators)."""

@@ -52,7 +52,7 @@ __all__ = [
 #: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
-    "input_size", "folds", "fold", "synthetic",
+    "input_size", "folds", "n_splits", "fold", "synthetic",
     *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
 )
 _TABLE_METRICS = (("accuracy", "image accuracy"),
@@ -710,7 +710,8 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             "magnification": task.get("magnification"), "protocol": protocol.get("protocol"),
             "backbone": model.get("backbone"), "head": model.get("head"),
             "se_reduction": model.get("se_reduction"), "input_size": model.get("input_size"),
-            "folds": folds, "fold": None if "summary" in report else report.get("fold"),
+            "folds": folds, "n_splits": protocol.get("n_splits"),
+            "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
         }
         for key in SUMMARY_METRICS:
@@ -771,7 +772,10 @@ def results_table(
         head = row["head"] or "?"
         if row["se_reduction"]:
             head += f"+SE{row['se_reduction']}"
-        folds = str(row["folds"]) + (f" (fold {row['fold']})" if row["fold"] is not None else "")
+        folds = str(row["folds"])
+        if row["n_splits"] and row["fold"] is None and row["folds"] < row["n_splits"]:
+            folds += f" of {row['n_splits']}"  # a partial cross-validation (cv --folds)
+        folds += f" (fold {row['fold']})" if row["fold"] is not None else ""
         cells = [Path(row["run"]).name or row["run"], task, row["protocol"], row["backbone"],
                  head, row["input_size"], folds,
                  *[_pct(row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in _TABLE_METRICS],

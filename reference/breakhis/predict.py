@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from .data import IMAGE_EXTENSIONS, read_image_size
+import numpy as np
+
+from .data import IMAGE_ERRORS, IMAGE_EXTENSIONS, parse_breakhis_name, read_image_size
+from .evaluate import write_predictions
 from .train import load_model, predict_probs
 
 __all__ = ["collect_images", "predict_to_csv"]
 
 
+def _images_below(folder: Path, problems: list[str]) -> list[Path]:
+    """Image files below ``folder``, sorted; hidden folders are not entered.
+
+    Hidden folders (``.ipynb_checkpoints``, ``.git``) hold copies or tool state, as in
+    :func:`breakhis.data.index_breakhis`, which skips them too; each is named in
+    ``problems``.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(d for d in dirnames if d.startswith(".")):
+            problems.append(f"{Path(dirpath) / name}/: hidden folder, not searched")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / name for name in sorted(filenames)
+                     if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(found)
+
+
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
-    """Expand files and folders (recursively) into image files.
+    """Expand files and folders (recursively, hidden folders left out) into image files.
 
     Returns:
         ``(images, problems)``: sorted image paths, and messages about inputs that are
@@ -26,8 +46,7 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            found.extend(_images_below(path, problems))
         elif path.is_file():
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(path)
@@ -39,11 +58,20 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
     for path in found:
         try:
             read_image_size(path, verify=True)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except IMAGE_ERRORS as exc:
             problems.append(f"{path}: unreadable image ({exc})")
             continue
         images.append(path)
     return images, problems
+
+
+def _described(path: Path) -> SimpleNamespace:
+    """``path`` with the patient and magnification its BreaKHis name gives, if any."""
+    try:
+        name = parse_breakhis_name(path.name)
+    except ValueError:
+        return SimpleNamespace(path=path, patient=None, magnification=None)
+    return SimpleNamespace(path=path, patient=name.patient, magnification=name.magnification)
 
 
 def predict_to_csv(
@@ -55,7 +83,14 @@ def predict_to_csv(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write ``path, predicted, p_<class>...`` rows for every readable input image.
+    """Write one row of class probabilities for every readable input image.
+
+    The CSV has the columns of ``test_predictions.csv`` (see
+    :func:`breakhis.evaluate.write_predictions`), so
+    :func:`~breakhis.evaluate.read_predictions` reads it: ``path``, ``patient`` and
+    ``magnification`` (from BreaKHis file names; empty otherwise), ``true_label`` and
+    ``true_index`` (empty: unknown),
+    ``predicted_label`` and ``prob_<class>`` per class.
 
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
@@ -70,6 +105,7 @@ def predict_to_csv(
 
     Raises:
         ValueError: when no readable image is found.
+        NotACheckpointError: when ``checkpoint`` is not a breakhis checkpoint.
     """
     images, problems = collect_images(inputs)
     if not images:
@@ -79,11 +115,6 @@ def predict_to_csv(
     classes = list(state["classes"])
     probs = predict_probs(model, images, input_size=int(state["config"]["input_size"]),
                           batch_size=batch_size, device=device, progress=progress)
-    out = Path(out_csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "predicted", *[f"p_{c}" for c in classes]])
-        for path, row in zip(images, probs):
-            writer.writerow([str(path), classes[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+    out = write_predictions(out_csv, [_described(p) for p in images],
+                            np.full(len(images), -1), probs, classes)
     return {"csv": str(out), "images": len(images), "classes": classes, "problems": problems}

@@ -30,12 +30,14 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .data import BENIGN_TYPES, MAGNIFICATIONS, TYPE_CODES, TYPE_FOLDERS
+from .data import BENIGN_TYPES, IMAGE_ERRORS, MAGNIFICATIONS, TYPE_CODES, TYPE_FOLDERS
 
 __all__ = [
     "DEFAULT_PATIENTS",
+    "SYNTHETIC_MARKER",
     "SYNTHETIC_NOTE",
     "SyntheticPatient",
+    "is_synthetic",
     "make_synthetic_breakhis",
 ]
 
@@ -44,6 +46,10 @@ SYNTHETIC_NOTE = (
     "not tissue, no diagnostic meaning. Same folder layout and file-name grammar as the "
     "BreaKHis release, generated stripe textures as pixels."
 )
+#: Marker file written at the root of every synthetic tree.
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
+#: Images whose PNG text chunk :func:`is_synthetic` reads (spread over the list).
+_SAMPLED_IMAGES = 5
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,42 @@ def _texture(
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
+def _has_synthetic_chunk(path: Path) -> bool:
+    """Whether ``path`` is a PNG carrying the note :func:`_write_png` puts in it."""
+    try:
+        with Image.open(path) as image:
+            # PNG text chunks precede the pixel data, so the header read finds them.
+            comment = getattr(image, "text", {}).get("Comment", "")
+    except IMAGE_ERRORS:
+        return False
+    return isinstance(comment, str) and comment.startswith("SYNTHETIC DATA")
+
+
+def is_synthetic(
+    root: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]] = ()
+) -> bool:
+    """Whether the data at ``root`` were written by :func:`make_synthetic_breakhis`.
+
+    True when ``SYNTHETIC.txt`` lies in ``root`` or in any folder above it (so that
+    pointing at ``<synthetic tree>/BreaKHis_v1`` still counts), or when one of a few
+    of ``images`` (first, last and evenly between) carries the synthetic PNG text chunk
+    (so that images copied out of a synthetic tree still count).
+
+    Args:
+        root: the folder the data were indexed from.
+        images: the indexed image files (only a few are opened, headers only).
+    """
+    folder = Path(root).expanduser().resolve()
+    if any((p / SYNTHETIC_MARKER).is_file() for p in (folder, *folder.parents)):
+        return True
+    paths = list(images)
+    if not paths:
+        return False
+    picks = sorted({round(i * (len(paths) - 1) / max(1, _SAMPLED_IMAGES - 1))
+                    for i in range(_SAMPLED_IMAGES)})
+    return any(_has_synthetic_chunk(Path(paths[i])) for i in picks)
+
+
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     info = PngInfo()
     info.add_text("Comment", SYNTHETIC_NOTE)
@@ -185,7 +227,7 @@ def make_synthetic_breakhis(
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"output folder {str(root)!r} exists and is not empty")
     root.mkdir(parents=True, exist_ok=True)
-    (root / "SYNTHETIC.txt").write_text(SYNTHETIC_NOTE + "\n")
+    (root / SYNTHETIC_MARKER).write_text(SYNTHETIC_NOTE + "\n")
 
     top = root / "BreaKHis_v1" / "BreaKHis_v1" if layout == "kaggle" else root / "BreaKHis_v1"
     breast = top / "histology_slides" / "breast"

@@ -33,7 +33,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    NotACheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .data import ImageRecord
 from .dataset import ImageDataset, build_eval_transform, build_train_transform
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -480,11 +486,17 @@ def load_model(
 
     Returns:
         ``(model in eval mode, checkpoint dict)``.
+
+    Raises:
+        FileNotFoundError: when the checkpoint file does not exist.
+        NotACheckpointError: when it is not a checkpoint written by breakhis training.
     """
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint, but got format "
-                         f"{state.get('format')!r}")
+        name = "<checkpoint dict>" if isinstance(checkpoint, dict) else str(checkpoint)
+        raise NotACheckpointError(
+            f"{name!r} is not a breakhis checkpoint (expected format {CHECKPOINT_FORMAT!r}, "
+            f"but got {state.get('format')!r})")
     config = TrainConfig.from_dict(state["config"])
     model = _make_model(config, len(state["classes"]), weights=None)
     model.load_state_dict(state["model"])

@@ -18,7 +18,7 @@ from breakhis.data import (
     index_image_folder,
     parse_breakhis_name,
 )
-from breakhis.dataset import ImageDataset, build_eval_transform
+from breakhis.dataset import ImageDataset, build_eval_transform, load_rgb
 from breakhis.synthetic import SyntheticPatient, make_synthetic_breakhis
 
 
@@ -256,6 +256,37 @@ class TestSynthetic:
         assert meta["expected"]["images"] == 4 + 3
         assert index_breakhis(tmp_path / "t").summary()["by_magnification"] == {
             "40": 2, "100": 1, "200": 1, "400": 3}
+
+
+class TestLoadRgb:
+    def test_16_bit_grey_png_is_rescaled_not_clipped(self, tmp_path: Path) -> None:
+        levels = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]], np.uint16)
+        Image.fromarray(levels).save(tmp_path / "g16.png")
+        with Image.open(tmp_path / "g16.png") as image:
+            assert image.mode.startswith("I")
+        rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
+        assert rgb.dtype == np.uint8 and rgb.shape == (2, 4, 3)
+        expected = np.rint(levels / 257).astype(np.uint8)
+        for channel in range(3):
+            np.testing.assert_array_equal(rgb[..., channel], expected)
+
+    def test_32_bit_and_float_images(self, tmp_path: Path) -> None:
+        ints = np.array([[0, 257, 65535]], np.int32)
+        Image.fromarray(ints).save(tmp_path / "i32.tif")
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "i32.tif"))[0, :, 0],
+                                      [0, 1, 255])
+        floats = np.array([[0.0, 0.5, 1.0]], np.float32)
+        Image.fromarray(floats).save(tmp_path / "f.tif")
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "f.tif"))[0, :, 0],
+                                      [0, 128, 255])
+
+    def test_8_bit_images_are_unchanged(self, tmp_path: Path) -> None:
+        pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "rgb.png")
+        Image.fromarray(pixels).convert("L").save(tmp_path / "grey.png")
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "rgb.png")), pixels)
+        grey = np.asarray(Image.fromarray(pixels).convert("L"))
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "grey.png"))[..., 1], grey)
 
 
 class TestIndexCommand:

@@ -26,6 +26,8 @@ from breakhis.experiments import (
     run_cv,
     run_fold,
 )
+from breakhis.plots import results_table
+from breakhis.synthetic import is_synthetic
 from breakhis.train import TrainConfig
 
 pytest.importorskip("bilinearpool")
@@ -234,3 +236,38 @@ class TestCvResume:
         (tmp_path / "fold1" / "checkpoint.pt").unlink()
         with pytest.raises(ValueError, match="settings that made it cannot be checked"):
             run_cv(spec, _config(epochs=2), tmp_path, resume=True, progress=False)
+
+
+class TestSyntheticDetection:
+    def test_root_inside_the_tree_is_synthetic_everywhere(self, synth_tree,
+                                                          tmp_path: Path) -> None:
+        root, meta = synth_tree
+        inside = root / meta["images_root"]
+        assert not (inside / "SYNTHETIC.txt").exists()
+        spec = _spec(inside)
+        assert prepare_data(spec).synthetic is True
+        report = run_fold(spec, _config(), 0, tmp_path / "run", progress=False)
+        assert report["synthetic"] is True
+        assert json.loads((tmp_path / "run" / "test_metrics.json").read_text())["synthetic"]
+        assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["extra"]["synthetic"]
+        again = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt",
+                                    out_dir=tmp_path / "eval", device="cpu", progress=False)
+        assert again["synthetic"] is True
+        assert checkpoint_records(tmp_path / "run" / "checkpoint.pt")[2]["synthetic"] is True
+        assert "| SYNTHETIC |" in results_table([tmp_path / "run"])
+
+    def test_images_copied_out_of_the_tree_are_synthetic(self, synth_tree,
+                                                         tmp_path: Path) -> None:
+        root, meta = synth_tree
+        copy = Path(shutil.copytree(root / meta["images_root"], tmp_path / "copy"))
+        assert not any(p.name == "SYNTHETIC.txt" for p in copy.rglob("*"))
+        assert prepare_data(_spec(copy)).synthetic is True
+
+    def test_plain_images_are_not_synthetic(self, tmp_path: Path) -> None:
+        paths = [tmp_path / "a" / "x.png", tmp_path / "b" / "y.png"]
+        for path in paths:
+            _png(path)
+        assert is_synthetic(tmp_path, paths) is False
+        assert is_synthetic(tmp_path, []) is False
+        (tmp_path / "SYNTHETIC.txt").write_text("marker")
+        assert is_synthetic(tmp_path / "a", paths) is True

@@ -361,6 +361,17 @@ class TestResultsTable:
         assert rows[0]["synthetic"] == "True" and rows[0]["folds"] == "2"
         assert results_rows(dirs)[0]["accuracy_mean"] == float(rows[0]["accuracy_mean"])
 
+    def test_partial_cv_says_how_many_of_how_many_folds(self, runs, tmp_path: Path) -> None:
+        report = json.loads((runs["binary"] / "cv_metrics.json").read_text())
+        assert report["protocol"]["n_splits"] == 2
+        report["folds"] = report["folds"][:1]  # as `cv --folds 0` writes it
+        (tmp_path / "partial").mkdir()
+        (tmp_path / "partial" / "cv_metrics.json").write_text(json.dumps(report))
+        text = results_table([runs["binary"], tmp_path / "partial"])
+        lines = [line for line in text.splitlines() if line.startswith("| ")]
+        assert "| 2 |" in lines[1] and "| 1 of 2 |" in lines[2]
+        assert results_rows([tmp_path / "partial"])[0]["n_splits"] == 2
+
     def test_exceptions(self, runs, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=rf"{tmp_path}.*has no metrics: expected "
                            "cv_metrics.json"):
@@ -391,6 +402,17 @@ class TestCommands:
         out = capsys.readouterr().out
         assert f"table: {md}, {md.with_suffix('.csv')}" in out and "| patient |" in out
         assert md.is_file() and md.with_suffix(".csv").is_file()
+
+    @pytest.mark.parametrize("option, value", [("--perplexity", "0"),
+                                               ("--max-embedding-dim", "1"),
+                                               ("--gradcam-images", "-1")])
+    def test_figures_checks_options_before_reading_anything(
+        self, option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["figures", "--checkpoint", str(tmp_path / "none.pt"), option, value]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {option} must be" in err and f"but got {value}" in err
+        assert "does not exist" not in err and "max_dim" not in err
 
     def test_errors_and_help(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["table", str(tmp_path)]) == 2

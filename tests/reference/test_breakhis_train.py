@@ -246,9 +246,9 @@ class TestCommands:
         assert len(rows) == meta["expected"]["images"] + 1  # the misnamed PNG is an image too
         assert "truncated" in capsys.readouterr().err
         for row in rows:
-            p = float(row["p_benign"]) + float(row["p_malignant"])
+            p = float(row["prob_benign"]) + float(row["prob_malignant"])
             assert p == pytest.approx(1.0, abs=1e-5)
-            assert row["predicted"] in ("benign", "malignant")
+            assert row["predicted_label"] in ("benign", "malignant")
 
     def test_cv_writes_mean_and_std(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree

@@ -1,0 +1,84 @@
+"""The documented ``breakhis-repro`` command sequences parse and hang together.
+
+Each example sequence (the README's, the reference page's, the CLI's docstring) must
+be accepted by the parser, and every run folder that a later command reads (``table``'s
+run folders, ``--checkpoint`` files) must be written by an earlier command's ``--out``.
+Nothing is run: this is a consistency check of the text.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from breakhis import cli
+from breakhis.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _commands(text: str) -> list[list[str]]:
+    """``breakhis-repro`` command lines of ``text`` (continuations joined), as argv."""
+    joined = re.sub(r"\\\s*\n", " ", text)
+    commands = []
+    for line in joined.splitlines():
+        line = line.strip().removeprefix("$ ").strip()
+        if line.startswith("breakhis-repro "):
+            commands.append(shlex.split(line, comments=True)[1:])
+    return commands
+
+
+def _readme_block() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Reproducing the paper: `breakhis-repro`", 1)[1]
+    return section.split("```bash", 1)[1].split("```", 1)[0]
+
+
+def _rst_blocks() -> str:
+    return (REPO / "docs" / "reference" / "breakhis.rst").read_text()
+
+
+SOURCES = {
+    "README.md": _readme_block,
+    "docs/reference/breakhis.rst": _rst_blocks,
+    "breakhis/cli.py docstring": lambda: cli.__doc__ or "",
+}
+
+
+def _check_sequence(commands: list[list[str]]) -> list[str]:
+    """Problems of a command sequence: folders read before any command wrote them."""
+    parser = build_parser()
+    written: set[Path] = set()
+    problems = []
+    for argv in commands:
+        args = parser.parse_args(argv)
+        if args.command == "table":
+            needed = [Path(d) for d in args.run_dirs]
+        elif getattr(args, "checkpoint", None):
+            needed = [Path(args.checkpoint).parent]
+        else:
+            needed = []
+        for folder in needed:
+            if folder not in written:
+                problems.append(f"`{' '.join(argv)}` reads {folder}, which no earlier "
+                                f"command writes with --out (written: {sorted(map(str, written))})")
+        if args.command in ("train", "cv") and args.out:
+            written.add(Path(args.out))
+    return problems
+
+
+class TestDocumentedCommands:
+    @pytest.mark.parametrize("source", list(SOURCES))
+    def test_sequence_is_consistent(self, source: str) -> None:
+        commands = _commands(SOURCES[source]())
+        assert any(argv[0] == "table" for argv in commands), source
+        assert _check_sequence(commands) == []
+
+    def test_check_catches_a_cv_without_out(self) -> None:
+        commands = _commands("breakhis-repro cv --data-root d --task MIFC\n"
+                             "breakhis-repro table runs/mifc-cv\n")
+        problems = _check_sequence(commands)
+        assert len(problems) == 1 and "runs/mifc-cv" in problems[0]

@@ -1,0 +1,128 @@
+"""Prediction on new images, and files that are not checkpoints.
+
+One tiny model (``tiny`` backbone, 16-pixel inputs, one epoch on the synthetic tree's
+40X binary task) is trained once for the module.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from breakhis.checkpoint import NotACheckpointError, load_checkpoint
+from breakhis.cli import main
+from breakhis.data import UnreadableImageError, index_image_folder
+from breakhis.dataset import load_rgb
+from breakhis.evaluate import read_predictions
+from breakhis.experiments import DataSpec, run_fold
+from breakhis.predict import collect_images, predict_to_csv
+from breakhis.train import TrainConfig, load_model
+
+pytest.importorskip("bilinearpool")
+
+
+def _png(path: Path, side: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((side, side, 3), 100, np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synth_tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root, _ = synth_tree
+    run = tmp_path_factory.mktemp("predict-run")
+    config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16, epochs=1,
+                         batch_size=8, device="cpu")
+    spec = DataSpec(str(root), task="MSBC", magnification=40, protocol="patient", n_splits=3)
+    run_fold(spec, config, 0, run, progress=False)
+    return run / "checkpoint.pt"
+
+
+class TestPredict:
+    def test_csv_has_the_test_predictions_columns(self, checkpoint: Path, synth_tree,
+                                                  tmp_path: Path) -> None:
+        root, meta = synth_tree
+        some = sorted((root / meta["images_root"]).rglob("*-40-00?.png"))[:3]
+        plain = _png(tmp_path / "new" / "slide.png")
+        result = predict_to_csv(checkpoint, [*some, plain], tmp_path / "p.csv",
+                                progress=False)
+        with (tmp_path / "p.csv").open(newline="") as handle:
+            header = next(csv.reader(handle))
+        assert header == ["path", "patient", "magnification", "true_label", "true_index",
+                          "predicted_label", "prob_benign", "prob_malignant"]
+        back = read_predictions(result["csv"])
+        assert back.classes == ["benign", "malignant"] and len(back) == 4
+        assert back.y_true.tolist() == [-1] * 4
+        assert back.magnifications[:3] == [40] * 3 and back.patients[3] is None
+        np.testing.assert_allclose(back.probs.sum(axis=1), 1.0, atol=1e-6)
+
+    def test_hidden_folders_are_not_searched(self, tmp_path: Path) -> None:
+        _png(tmp_path / "a" / "x.png")
+        _png(tmp_path / "a" / ".ipynb_checkpoints" / "x-checkpoint.png")
+        images, problems = collect_images([tmp_path])
+        assert images == [tmp_path / "a" / "x.png"]
+        assert problems == [f"{tmp_path / 'a' / '.ipynb_checkpoints'}/: hidden folder, "
+                            "not searched"]
+
+    def test_decompression_bomb_is_skipped_and_the_rest_predicted(
+        self, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        small = _png(tmp_path / "in" / "small.png", side=8)
+        huge = _png(tmp_path / "in" / "huge.png", side=64)  # 4096 pixels > 2 * 1000
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        images, problems = collect_images([tmp_path / "in"])
+        assert images == [small]
+        assert len(problems) == 1 and str(huge) in problems[0]
+        assert "decompression bomb" in problems[0]
+        with pytest.raises(UnreadableImageError, match="huge.png"):
+            load_rgb(huge)
+        assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"),
+                     "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+        assert "huge.png" in capsys.readouterr().err
+        assert read_predictions(tmp_path / "p.csv").paths == [str(small)]
+
+    def test_decompression_bomb_is_skipped_by_the_index(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        _png(tmp_path / "a" / "small.png", side=8)
+        _png(tmp_path / "b" / "huge.png", side=64)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        index = index_image_folder(tmp_path)
+        assert [r.path.name for r in index.records] == ["small.png"]
+        assert "decompression bomb" in index.skipped[0].reason
+
+
+class TestNotACheckpoint:
+    def test_foreign_files_are_refused_clearly(self, tmp_path: Path) -> None:
+        log = tmp_path / "train.log"
+        log.write_text("epoch 1 loss 0.69\n")
+        (tmp_path / "empty.pt").write_bytes(b"")
+        torch.save([1, 2], tmp_path / "list.pt")
+        np.save(tmp_path / "array.npy", np.zeros(3))
+        for name in ("train.log", "empty.pt", "list.pt", "array.npy"):
+            with pytest.raises(NotACheckpointError, match="is not a breakhis checkpoint") as info:
+                load_checkpoint(tmp_path / name)
+            assert name in str(info.value) and "weights_only" not in str(info.value)
+        torch.save({"model": {}}, tmp_path / "dict.pt")
+        with pytest.raises(NotACheckpointError, match="expected format"):
+            load_model(tmp_path / "dict.pt")
+
+    @pytest.mark.parametrize("command", ["predict", "evaluate", "figures"])
+    def test_cli_exits_2_with_a_clean_message(self, command: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+        log = tmp_path / "train.log"
+        log.write_text("epoch 1 loss 0.69\n")
+        image = _png(tmp_path / "x.png")
+        argv = [command, "--checkpoint", str(log), "--no-progress"]
+        if command == "predict":
+            argv += [str(image), "--out", str(tmp_path / "p.csv")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"breakhis-repro {command}: error: {str(log)!r} is not a breakhis checkpoint" in err
+        assert "Traceback" not in err and "weights_only" not in err
