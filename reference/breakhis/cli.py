@@ -20,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -281,7 +282,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     summary = index.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
+        return _no_images(summary, args)
     print(f"{summary['root']}: {summary['images']} images, {summary['patients']} patients "
           f"({summary['patient_ids']} distinct patient ids)")
     for key in ("by_class", "by_type", "by_magnification", "image_sizes"):
@@ -299,7 +300,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(f"    {reason}: {count}, e.g.")
             for path in examples[: args.examples]:
                 print(f"      {path}")
-    return 0
+    return _no_images(summary, args)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -375,9 +376,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_images(summary: dict, args: argparse.Namespace) -> int:
+    """1, with a hint on stderr, when the index found no image; else 0."""
+    if summary["images"]:
+        return 0
+    hint = ("class subfolders holding images" if args.image_folder else
+            "BreaKHis file names (e.g. SOB_B_A-14-22549AB-40-001.png) in the release's folders; "
+            "for a folder of class subfolders pass --image-folder")
+    print(f"breakhis-repro index: no images found under {summary['root']!r}: expected {hint}",
+          file=sys.stderr)
+    return 1
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_to_csv
 
+    if Path(args.out).is_dir() or str(args.out).endswith(("/", os.sep)):
+        raise ValueError(f"--out expects the path of a CSV file, but {args.out!r} is a folder")
     result = predict_to_csv(args.checkpoint, args.inputs, args.out, device=args.device,
                             batch_size=args.batch_size, progress=not args.no_progress)
     for problem in result["problems"]:

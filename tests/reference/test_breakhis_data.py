@@ -321,3 +321,19 @@ class TestIndexCommand:
                 main([command, "--help"])
             assert exc.value.code == 0
             assert "usage: breakhis-repro" in capsys.readouterr().out
+
+
+class TestCommandsGiveHints:
+    def test_index_of_a_folder_without_breakhis_images_fails_with_a_hint(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        (tmp_path / "cats").mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / "cats" / "a.png")
+        for extra in ([], ["--json"]):
+            assert main(["index", "--data-root", str(tmp_path), *extra]) == 1
+            assert "no images found" in capsys.readouterr().err
+        assert main(["index", "--data-root", str(tmp_path), "--image-folder"]) == 0
+
+    def test_predict_out_must_be_a_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["predict", "--checkpoint", str(tmp_path / "c.pt"), str(tmp_path), "--out", str(tmp_path)]) == 2
+        assert "--out expects the path of a CSV file" in capsys.readouterr().err
