@@ -85,8 +85,8 @@ class CompactBilinearPool(nn.Module):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, but got {dtype}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point dtype, but got {dtype!r}")
         self.in_channels = in_channels
         self.in_channels_b = in_channels_b
         self.out_features = out_features
@@ -121,6 +121,23 @@ class CompactBilinearPool(nn.Module):
         else:
             self.weight_a.copy_(signs(*self.weight_a.shape))
             self.weight_b.copy_(signs(*self.weight_b.shape))
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Hash buffers have shape (C,) whatever out_features is, so a checkpoint of a layer
+        # with more bins would load without a size mismatch and fail only in forward.
+        for name in ("index_a", "index_b"):
+            index = state_dict.get(prefix + name)
+            if isinstance(index, Tensor) and index.numel() and int(index.max()) >= self.out_features:
+                error_msgs.append(
+                    f"{prefix}{name} holds bins up to {int(index.max())}, but this layer has "
+                    f"out_features={self.out_features}: the checkpoint comes from a layer with "
+                    "more output features"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
         """Length of the pooled vector: ``out_features``, whatever the channels."""

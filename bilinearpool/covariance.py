@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .functional._checks import check_floating
 from .functional.bilinear import triu_pack
 from .functional.covariance import covariance_pool
 from .matrix_sqrt import MatrixSqrt
@@ -32,12 +33,13 @@ class CovariancePool(nn.Module):
        L2 norm preserved) or the full matrix.
 
     Args:
-        in_channels: channels of the input; needed only with ``reduced_channels``.
+        in_channels: channels of the input; needed with ``reduced_channels``, and when
+            given, ``forward`` checks the input against it.
         reduced_channels: output channels of the 1x1 reduction; ``None`` skips it.
         norm: module applied to the covariance matrices; ``None`` for none. Give it
             matrices out (``MatrixSqrt(triu=False)``); flattening is ``triu``'s job.
         triu: flatten to the packed upper triangle instead of the full matrix.
-        act_layer: activation of the reduction block.
+        act_layer: factory of the reduction block's activation; ``None`` for none.
         device: device of the reduction's parameters.
         dtype: dtype of the reduction's parameters.
 
@@ -64,7 +66,7 @@ class CovariancePool(nn.Module):
         reduced_channels: int | None = None,
         norm: nn.Module | None = None,
         triu: bool = True,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        act_layer: Callable[..., nn.Module] | None = nn.ReLU,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -83,6 +85,10 @@ class CovariancePool(nn.Module):
             raise ValueError("norm must return matrices: use MatrixSqrt(triu=False) and CovariancePool(triu=...)")
         if not isinstance(triu, bool):
             raise TypeError(f"triu must be a bool, but got {type(triu).__name__}")
+        if act_layer is not None and (isinstance(act_layer, nn.Module) or not callable(act_layer)):
+            raise TypeError(
+                f"act_layer must be a factory that returns a module (e.g. nn.ReLU) or None, but got {act_layer!r}"
+            )
         self.in_channels = in_channels
         self.reduced_channels = reduced_channels
         self.triu = triu
@@ -92,7 +98,7 @@ class CovariancePool(nn.Module):
             self.reduce = nn.Sequential(
                 nn.Conv2d(in_channels, reduced_channels, kernel_size=1, bias=False, **factory),
                 nn.BatchNorm2d(reduced_channels, **factory),
-                act_layer(),
+                nn.Identity() if act_layer is None else act_layer(),
             )
         self.norm = norm
         self.reset_parameters()
@@ -111,12 +117,14 @@ class CovariancePool(nn.Module):
         return c * (c + 1) // 2 if self.triu else c * c
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.reduce is not None:
-            channels = x.shape[1] if x.dim() == 4 else x.shape[-1]
-            if x.dim() in (3, 4) and channels != self.in_channels:
+        check_floating(x)
+        if self.in_channels is not None and x.dim() in (3, 4):
+            channels = x.shape[1] if x.dim() == 4 else x.shape[2]
+            if channels != self.in_channels:
                 raise ValueError(
                     f"input must have in_channels={self.in_channels} channels, but got shape {tuple(x.shape)}"
                 )
+        if self.reduce is not None:
             if x.dim() == 3:
                 # Tokens (B, N, C) -> (B, C, N, 1) so the 1x1 convolution applies per token.
                 x = self.reduce(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
@@ -129,7 +137,9 @@ class CovariancePool(nn.Module):
 
     def extra_repr(self) -> str:
         parts = []
+        if self.in_channels is not None:
+            parts.append(f"in_channels={self.in_channels}")
         if self.reduced_channels is not None:
-            parts.append(f"in_channels={self.in_channels}, reduced_channels={self.reduced_channels}")
+            parts.append(f"reduced_channels={self.reduced_channels}")
         parts.append(f"triu={self.triu}")
         return ", ".join(parts)

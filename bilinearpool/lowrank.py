@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_positive_int, check_streams
+from .functional._checks import check_flags, check_positive_int, check_streams
 from .functional.lowrank import low_rank_bilinear_pool
 
 __all__ = ["LowRankBilinearPool"]
@@ -34,7 +34,7 @@ class LowRankBilinearPool(nn.Module):
         shared: use one projection :math:`U` for both sides (one stream only).
         act_layer: factory of :math:`\\sigma` (Kim et al. use ``nn.Tanh``); ``None`` is
             the identity.
-        bias: learn a bias in the output map.
+        bias: learn a bias in the output map (only with ``out_features``).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -72,6 +72,12 @@ class LowRankBilinearPool(nn.Module):
             check_positive_int("in_channels_b", in_channels_b)
         if out_features is not None:
             check_positive_int("out_features", out_features)
+        check_flags(shared=shared, bias=bias)
+        if act_layer is not None and (isinstance(act_layer, nn.Module) or not callable(act_layer)):
+            raise TypeError(
+                "act_layer must be a factory that returns a module (e.g. nn.Tanh) or None, "
+                f"but got {act_layer!r}"
+            )
         if shared and in_channels_b is not None:
             raise ValueError(
                 f"shared=True uses one projection for one stream, but got in_channels_b={in_channels_b}"

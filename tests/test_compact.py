@@ -432,3 +432,17 @@ def test_tensor_sketch_checks_its_hash(algorithm, bad, error, match):
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(error, match=match):
         tensor_sketch(x, index_a=bad(h), sign_a=s, index_b=h, sign_b=s, out_features=8, algorithm=algorithm)
+
+
+class TestCompactBilinearPoolLoading:
+    def test_state_dict_of_a_wider_layer_fails_to_load(self) -> None:
+        # Hash buffers are (C,) whatever out_features is: a checkpoint of a layer with more
+        # bins must fail in load_state_dict, not later in forward.
+        wide = CompactBilinearPool(in_channels=6, out_features=4096, seed=0)
+        narrow = CompactBilinearPool(in_channels=6, out_features=16, seed=0)
+        with pytest.raises(RuntimeError, match=r"index_a holds bins up to \d+, but this layer has out_features=16"):
+            narrow.load_state_dict(wide.state_dict())
+
+    def test_dtype_that_is_not_a_torch_dtype_is_a_type_error(self) -> None:
+        with pytest.raises(TypeError, match="dtype must be a floating-point dtype, but got 'float32'"):
+            CompactBilinearPool(in_channels=4, dtype="float32")  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,3 +149,23 @@ class TestCovariancePool:
         layer = CovariancePool().eval()
         x = features(2, 4, 3, 3)
         torch.testing.assert_close(torch.from_numpy(run_onnx(layer, x)), layer(x), atol=1e-5, rtol=1e-4)
+
+
+class TestCovariancePoolConfiguration:
+    def test_integer_input_is_a_type_error_with_reduction(self) -> None:
+        pool = CovariancePool(in_channels=4, reduced_channels=2)
+        with pytest.raises(TypeError, match="floating-point tensor"):
+            pool(torch.zeros(1, 4, 3, 3, dtype=torch.int64))
+
+    def test_in_channels_without_reduction_is_checked_and_shown(self) -> None:
+        pool = CovariancePool(in_channels=4)
+        assert "in_channels=4" in repr(pool)
+        assert pool(torch.randn(2, 9, 4)).shape == (2, 10)
+        with pytest.raises(ValueError, match=r"in_channels=4 channels, but got shape \(2, 5, 3, 3\)"):
+            pool(torch.randn(2, 5, 3, 3))
+
+    def test_act_layer_none_means_no_activation(self) -> None:
+        pool = CovariancePool(in_channels=4, reduced_channels=2, act_layer=None).eval()
+        assert isinstance(pool.reduce[2], nn.Identity)
+        with pytest.raises(TypeError, match="act_layer must be a factory"):
+            CovariancePool(in_channels=4, reduced_channels=2, act_layer=nn.ReLU())  # type: ignore[arg-type]

@@ -142,3 +142,12 @@ def test_out_bias_of_the_wrong_type_is_a_type_error():
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(TypeError, match="out_bias must be a torch.Tensor or None, but got list"):
         low_rank_bilinear_pool(x, weight_a=torch.randn(6, 4), out_weight=torch.randn(2, 6), out_bias=[0.0, 0.0])
+
+
+def test_flags_and_act_layer_are_validated():
+    with pytest.raises(TypeError, match="shared must be True or False, but got 'no'"):
+        LowRankBilinearPool(in_channels=4, rank=2, shared="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bias must be True or False, but got 0"):
+        LowRankBilinearPool(in_channels=4, rank=2, out_features=3, bias=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"act_layer must be a factory .* but got Tanh\(\)"):
+        LowRankBilinearPool(in_channels=4, rank=2, act_layer=nn.Tanh())  # type: ignore[arg-type]
