@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available (default)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("figures", help="ROC, t-SNE and Grad-CAM figures of a checkpoint",
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/figures)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available (default)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("table", help="one results table over several runs (Markdown + CSV)",
@@ -376,6 +378,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str) -> str:
+    """``--device`` of a single-process command as a torch device (``auto``: CUDA if available)."""
+    from .distributed import use_cuda
+
+    return "cuda" if use_cuda(name) else "cpu"
+
+
 def _no_images(summary: dict, args: argparse.Namespace) -> int:
     """1, with a hint on stderr, when the index found no image; else 0."""
     if summary["images"]:
@@ -393,7 +402,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir() or str(args.out).endswith(("/", os.sep)):
         raise ValueError(f"--out expects the path of a CSV file, but {args.out!r} is a folder")
-    result = predict_to_csv(args.checkpoint, args.inputs, args.out, device=args.device,
+    result = predict_to_csv(args.checkpoint, args.inputs, args.out, device=_device(args.device),
                             batch_size=args.batch_size, progress=not args.no_progress)
     for problem in result["problems"]:
         print(f"skipped {problem}", file=sys.stderr)
@@ -420,7 +429,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "figures"
     result = make_figures(args.checkpoint, records, out, targets=targets, source=source,
                           gradcam_images=args.gradcam_images, batch_size=args.batch_size,
-                          device=args.device, seed=args.seed, perplexity=args.perplexity,
+                          device=_device(args.device), seed=args.seed, perplexity=args.perplexity,
                           max_embedding_dim=args.max_embedding_dim or None,
                           progress=not args.no_progress)
     auc = result["roc"]["roc_auc"]

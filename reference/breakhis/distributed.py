@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "cleanup_distributed", "init_distributed"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "use_cuda",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,21 @@ class DistInfo:
         return self.world_size > 1
 
 
+def use_cuda(device: str) -> bool:
+    """Whether ``device`` (``"auto"``: CUDA when available, ``"cpu"`` or ``"cuda"``) means CUDA.
+
+    Raises:
+        ValueError: for an unknown device string, or ``cuda`` without a GPU.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', but got {device!r}")
+    if device == "auto":
+        return torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no GPU is available")
+    return device == "cuda"
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun; pick the device.
 
@@ -45,15 +67,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     Raises:
         ValueError: for an unknown device string, or ``cuda`` without a GPU.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', but got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but no GPU is available")
+    cuda = use_cuda(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
+    if cuda:
         # before the NCCL group starts: otherwise every rank's communicator (and the
         # barrier's) is set up on GPU 0
         torch.cuda.set_device(local)
@@ -61,7 +79,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 

@@ -337,3 +337,17 @@ class TestCommandsGiveHints:
     def test_predict_out_must_be_a_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["predict", "--checkpoint", str(tmp_path / "c.pt"), str(tmp_path), "--out", str(tmp_path)]) == 2
         assert "--out expects the path of a CSV file" in capsys.readouterr().err
+
+
+class TestDeviceOption:
+    def test_auto_resolves_like_the_training_commands(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from breakhis.cli import _device, build_parser
+
+        for command in (["predict", "--checkpoint", "c.pt", "x.png"], ["figures", "--checkpoint", "c.pt"]):
+            assert build_parser().parse_args(command).device == "auto"
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+        assert _device("auto") == "cpu" and _device("cpu") == "cpu"
+        with pytest.raises(ValueError, match="no GPU is available"):
+            _device("cuda")
+        monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+        assert _device("auto") == "cuda"
