@@ -369,7 +369,8 @@ def _evaluate_split(
         "data_root": str(data.index.root),
         "synthetic": data.synthetic,
         "model": {k: getattr(config, k) for k in ("head", "backbone", "weights", "se_reduction",
-                                                  "input_size", "epochs", "seed")},
+                                                  "input_size", "epochs", "lr", "oversample",
+                                                  "seed")},
         "data_issues": data.issues(),
         "metrics": metrics,
     }

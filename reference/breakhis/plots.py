@@ -52,7 +52,8 @@ __all__ = [
 #: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
-    "input_size", "folds", "n_splits", "fold", "synthetic",
+    "input_size", "weights", "epochs", "lr", "oversample", "folds", "n_splits", "fold",
+    "synthetic",
     *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
 )
 _TABLE_METRICS = (("accuracy", "image accuracy"),
@@ -710,6 +711,9 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             "magnification": task.get("magnification"), "protocol": protocol.get("protocol"),
             "backbone": model.get("backbone"), "head": model.get("head"),
             "se_reduction": model.get("se_reduction"), "input_size": model.get("input_size"),
+            # None is a random start: a report without the entry says "unknown"
+            "weights": model.get("weights", "unknown"), "epochs": model.get("epochs"),
+            "lr": model.get("lr"), "oversample": model.get("oversample"),
             "folds": folds, "n_splits": protocol.get("n_splits"),
             "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
@@ -719,6 +723,22 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             row[f"{key}_mean"], row[f"{key}_std"] = stat.get("mean"), stat.get("std")
         rows.append(row)
     return rows
+
+
+def _training(row: dict[str, Any]) -> str:
+    """How a run was trained, in a table cell: start weights, epochs, learning rate and
+    over-sampling (what reports written before lr and over-sampling were recorded lack
+    is left out)."""
+    weights = row.get("weights")
+    parts = ["random init" if weights is None else
+             weights if weights in ("imagenet", "unknown") else f"weights {Path(str(weights)).name}"]
+    if row.get("epochs") is not None:
+        parts.append(f"{row['epochs']} ep")
+    if row.get("lr") is not None:
+        parts.append(f"lr {row['lr']:g}")
+    if row.get("oversample") is not None:
+        parts.append("oversampled" if row["oversample"] else "not oversampled")
+    return ", ".join(parts)
 
 
 def _pct(mean: float | None, std: float | None) -> str:
@@ -739,7 +759,8 @@ def results_table(
     """A Markdown table of several runs, in the shape of the paper's results tables.
 
     One row per run folder: task, protocol, backbone, head (``+SE8`` with SE blocks),
-    input size, folds, then image accuracy, patient recognition rate, macro F1 and ROC
+    input size, training (start weights, epochs, learning rate, over-sampling: runs
+    that differ only there are told apart), folds, then image accuracy, patient recognition rate, macro F1 and ROC
     AUC as mean ± std over folds in percent. Every row names its protocol (image-split
     numbers are optimistic, see the notes under the table), and runs on synthetic data
     are marked ``SYNTHETIC``.
@@ -761,7 +782,7 @@ def results_table(
         raise ValueError("out is the Markdown file (the CSV goes next to it), but got "
                          f"{str(out)!r}")
     rows = results_rows(run_dirs)
-    header = ["run", "task", "protocol", "backbone", "head", "input", "folds",
+    header = ["run", "task", "protocol", "backbone", "head", "input", "training", "folds",
               *[f"{label} (%)" for _, label in _TABLE_METRICS], "data"]
     lines = ["# Results (mean ± std over folds, percent)", "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -777,7 +798,7 @@ def results_table(
             folds += f" of {row['n_splits']}"  # a partial cross-validation (cv --folds)
         folds += f" (fold {row['fold']})" if row["fold"] is not None else ""
         cells = [Path(row["run"]).name or row["run"], task, row["protocol"], row["backbone"],
-                 head, row["input_size"], folds,
+                 head, row["input_size"], _training(row), folds,
                  *[_pct(row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in _TABLE_METRICS],
                  "SYNTHETIC" if row["synthetic"] else "real"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")

@@ -345,7 +345,8 @@ class TestResultsTable:
             prr = report["summary"]["patient_recognition_rate"]
             assert f"{100 * prr['mean']:.2f} ± {100 * prr['std']:.2f}" in text
         lines = [line for line in text.splitlines() if line.startswith("| ")]
-        assert "| msbc-patient | MSBC 40X | patient | tiny | fast-bcnn | 32 | 2 |" in lines[1]
+        assert ("| msbc-patient | MSBC 40X | patient | tiny | fast-bcnn | 32 | "
+                "random init, 3 ep, lr 0.05, oversampled | 2 |") in lines[1]
         assert "| msfc-image | MSFC 100X | image |" in lines[2]
         assert "1 (fold 1)" in lines[3] and all(line.endswith("| SYNTHETIC |")
                                                  for line in lines[1:])
@@ -360,6 +361,35 @@ class TestResultsTable:
         assert rows[2]["accuracy_std"] == "" and rows[2]["fold"] == "1"
         assert rows[0]["synthetic"] == "True" and rows[0]["folds"] == "2"
         assert results_rows(dirs)[0]["accuracy_mean"] == float(rows[0]["accuracy_mean"])
+
+    def test_runs_differing_only_in_training_are_told_apart(self, runs, tmp_path: Path) -> None:
+        """Two runs of one model, task and protocol but other start weights, learning
+        rate or over-sampling gave identical-looking rows; a report written before lr and
+        over-sampling were recorded (and one without its model entry) still reads."""
+        source = runs["fine"] / "fold1"
+        report = json.loads((source / "test_metrics.json").read_text())
+        variants = {
+            "pretrained": {**report["model"], "weights": "imagenet", "lr": 0.01, "oversample": False},
+            "old": {k: v for k, v in report["model"].items() if k not in ("lr", "oversample")},
+            "nomodel": None,
+        }
+        dirs = []
+        for name, model in variants.items():
+            folder = tmp_path / name
+            folder.mkdir()
+            changed = dict(report)
+            if model is None:
+                changed.pop("model")
+            else:
+                changed["model"] = model
+            (folder / "test_metrics.json").write_text(json.dumps(changed))
+            dirs.append(folder)
+        lines = [line for line in results_table(dirs).splitlines() if line.startswith("| ")][1:]
+        epochs = report["model"]["epochs"]
+        assert f"| imagenet, {epochs} ep, lr 0.01, not oversampled |" in lines[0]
+        assert f"| random init, {epochs} ep |" in lines[1]
+        assert "| unknown |" in lines[2]
+        assert [r["weights"] for r in results_rows(dirs)] == ["imagenet", None, "unknown"]
 
     def test_partial_cv_says_how_many_of_how_many_folds(self, runs, tmp_path: Path) -> None:
         report = json.loads((runs["binary"] / "cv_metrics.json").read_text())
