@@ -492,20 +492,36 @@ def _round_robin_robust(
     return {}
 
 
-def _stopped_note(err: BaseException, where: str, rows: int) -> str:
-    return (
-        f"INCOMPLETE: the run stopped at {where} with {_error_text(err)}; "
-        f"the {rows} rows above were measured before"
-    )
+def _write_partial(
+    checkpoint: Checkpoint | None, result: Callable[[str], BenchResult], done: int, total: int, unit: str
+) -> None:
+    """Hand the rows so far to ``checkpoint`` after ``done`` of ``total`` groups (not after the last)."""
+    if checkpoint is not None and done < total:
+        checkpoint(result(f"INCOMPLETE: written after {done} of {total} {unit}, the run goes on"))
 
 
-def _report_stop(err: BaseException, where: str, saved: bool) -> None:
-    if saved:
-        print(
-            f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; "
-            "what was measured before is written (marked INCOMPLETE)",
-            file=sys.stderr,
+def _write_stopped(
+    checkpoint: Checkpoint | None,
+    result: Callable[[str], BenchResult],
+    err: BaseException,
+    where: str,
+    rows: int,
+) -> None:
+    """When a run stops with ``err`` at ``where``: write its ``rows`` measured rows, marked
+    incomplete, and say so on stderr (nothing when there is nowhere to write or nothing)."""
+    if checkpoint is None or not rows:
+        return
+    checkpoint(
+        result(
+            f"INCOMPLETE: the run stopped at {where} with {_error_text(err)}; "
+            f"the {rows} rows above were measured before"
         )
+    )
+    print(
+        f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; "
+        "what was measured before is written (marked INCOMPLETE)",
+        file=sys.stderr,
+    )
 
 
 def _load_average() -> list[float] | None:
@@ -703,13 +719,9 @@ def run_layers(
                 raw.append({"shape": label, "case": case.name, "times_s": times.get(case.name, [])})
             del steps, maps
             gc.collect()
-            if checkpoint is not None and done < len(plan):
-                checkpoint(result(f"INCOMPLETE: written after {done} of {len(plan)} shapes, the run goes on"))
+            _write_partial(checkpoint, result, done, len(plan), "shapes")
     except BaseException as err:
-        saved = checkpoint is not None and bool(rows)
-        if saved:
-            checkpoint(result(_stopped_note(err, where, len(rows))))  # type: ignore[misc]
-        _report_stop(err, where, saved)
+        _write_stopped(checkpoint, result, err, where, len(rows))
         raise
     finally:
         bar.close()
@@ -1065,8 +1077,7 @@ def run_models(
                 rows += [{**p, "resolution": None} for p in params.values()] + skip_rows
                 done += len(resolutions) if timed else 1
                 del models
-                if checkpoint is not None and done < groups:
-                    checkpoint(result(f"INCOMPLETE: written after {done} of {groups} groups, the run goes on"))
+                _write_partial(checkpoint, result, done, groups, "groups")
                 continue
             for model in models.values():
                 model.to(s.device)
@@ -1078,15 +1089,11 @@ def run_models(
                 done += 1
                 if res == resolutions[-1]:
                     rows += skip_rows
-                if checkpoint is not None and done < groups:
-                    checkpoint(result(f"INCOMPLETE: written after {done} of {groups} groups, the run goes on"))
+                _write_partial(checkpoint, result, done, groups, "groups")
             del models
             gc.collect()
     except BaseException as err:
-        saved = checkpoint is not None and bool(rows)
-        if saved:
-            checkpoint(result(_stopped_note(err, where, len(rows))))  # type: ignore[misc]
-        _report_stop(err, where, saved)
+        _write_stopped(checkpoint, result, err, where, len(rows))
         raise
     finally:
         bar.close()

@@ -303,10 +303,8 @@ class BilinearClassifier(nn.Module):
         pool.triu = True
         # Copy the rest of the model; the memo puts the new pool and classifier in place of
         # the old ones (the large full-size classifier is never copied).
+        # (FeatureExtractor's deepcopy keeps every submodule's training mode.)
         model = copy.deepcopy(self, {id(self.pool): pool, id(old): classifier})
-        # Modules that rebuild themselves on deepcopy may come back in another mode
-        # (FeatureExtractor guards against torchvision's; this guards the rest).
-        _set_training_modes(model, _training_modes(self))
         model.embedding_dim = classifier.in_features
         return model
 
