@@ -954,14 +954,22 @@ def parameter_table(
     Returns:
         One row per model: ``backbone``, ``head``, ``channels``, ``params`` (exact),
         ``params_analytic``, ``params_ok`` and ``params_vs_plain``.
+
+    Raises:
+        ValueError: a head that cannot be built on a backbone (e.g. ``se`` on a backbone
+            without residual blocks), naming both; the ``models`` command records such a
+            pair in its notes instead and goes on.
     """
     selected = _select_heads(heads)
     rows = []
     for backbone in backbones:
-        models = {
-            h.name: h.build(backbone, num_classes=num_classes, se_reduction=se_reduction)
-            for h in selected
-        }
+        models = {}
+        for h in selected:
+            try:
+                models[h.name] = h.build(backbone, num_classes=num_classes, se_reduction=se_reduction)
+            except (ValueError, TypeError) as err:  # the builders' refusal, named by the pair
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(_build_problem(h, backbone, err)) from err
         rows += list(
             _parameter_rows(
                 backbone, models, selected, num_classes=num_classes, se_reduction=se_reduction

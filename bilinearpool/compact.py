@@ -23,7 +23,9 @@ class CompactBilinearPool(nn.Module):
 
     The random projections (hashes and signs, or Rademacher matrices) are buffers drawn
     from ``seed`` with a local generator on the CPU, so the same seed gives the same
-    layer on every device, and they are saved in the ``state_dict``. Both methods export
+    layer on every device, and they are saved in the ``state_dict`` with the seed and
+    ``out_features`` (a checkpoint of a layer with another ``out_features`` is refused:
+    RuntimeError from ``load_state_dict``; loading takes the checkpoint's seed). Both methods export
     to ONNX (Tensor Sketch through its Gram formula, which needs no FFT).
 
     Args:
@@ -122,22 +124,46 @@ class CompactBilinearPool(nn.Module):
             self.weight_a.copy_(signs(*self.weight_a.shape))
             self.weight_b.copy_(signs(*self.weight_b.shape))
 
+    def get_extra_state(self) -> Tensor:
+        """What the buffers alone do not say: ``(out_features, seed)`` (a tensor, which
+        ``torch.jit.trace`` and the ONNX exporter accept in a ``state_dict``)."""
+        return torch.tensor([self.out_features, self.seed], dtype=torch.long)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        # Checked in _load_from_state_dict; the loaded buffers are this seed's draw.
+        self.seed = int(state[1])
+
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        problems = []
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None and (not isinstance(extra, Tensor) or extra.shape != (2,)):
+            problems.append(f"{prefix}_extra_state must be a tensor (out_features, seed), but got {extra!r}")
+        elif extra is not None and int(extra[0]) != self.out_features:
+            problems.append(
+                f"{prefix}_extra_state: the checkpoint's layer has out_features={int(extra[0])}, "
+                f"but this layer has out_features={self.out_features}"
+            )
         # Hash buffers have shape (C,) whatever out_features is, so a checkpoint of a layer
-        # with more bins would load without a size mismatch and fail only in forward.
+        # with more bins (and no extra state: saved before it was recorded) would load
+        # without a size mismatch and fail only in forward.
         for name in ("index_a", "index_b"):
             index = state_dict.get(prefix + name)
             if isinstance(index, Tensor) and index.numel() and int(index.max()) >= self.out_features:
-                error_msgs.append(
+                problems.append(
                     f"{prefix}{name} holds bins up to {int(index.max())}, but this layer has "
                     f"out_features={self.out_features}: the checkpoint comes from a layer with "
                     "more output features"
                 )
+        if problems:  # load nothing into this layer: it stays as it was
+            error_msgs.extend(problems)
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if extra is None and prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")  # checkpoints saved before it existed
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
         """Length of the pooled vector: ``out_features``, whatever the channels."""

@@ -91,23 +91,35 @@ class GlobalAvgPool(nn.Module):
 
 
 def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
-    """Features per sample that ``pool`` gives: its ``output_dim`` or one dry run (flattened)."""
+    """Features per sample that ``pool`` gives: its ``output_dim`` or dry runs (flattened)."""
     if hasattr(pool, "output_dim"):
         return int(pool.output_dim(c_a) if c_b is None else pool.output_dim(c_a, c_b))
     param = next((p for p in pool.parameters() if p.is_floating_point()), None)
     factory = {"device": param.device, "dtype": param.dtype} if param is not None else {}
     modes = _training_modes(pool)
     pool.eval()
+    sizes = {}
     try:
         with torch.no_grad():
-            x = torch.rand(2, c_a, 3, 3, **factory)
-            out = pool(x) if c_b is None else pool(x, torch.rand(2, c_b, 3, 3, **factory))
+            for hw in ((3, 3), (4, 5)):  # two map sizes: the length must not depend on them
+                x = torch.rand(2, c_a, *hw, **factory)
+                out = pool(x) if c_b is None else pool(x, torch.rand(2, c_b, *hw, **factory))
+                if not isinstance(out, Tensor) or out.dim() < 2:
+                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"pool must return (B, D) or (B, ...), but {type(pool).__name__} returned {shape}"
+                    )
+                sizes[hw] = int(out[0].numel())
     finally:
         _set_training_modes(pool, modes)
-    if not isinstance(out, Tensor) or out.dim() < 2:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"pool must return (B, D) or (B, ...), but {type(pool).__name__} returned {shape}")
-    return int(out[0].numel())
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{type(pool).__name__}'s output length depends on the feature map's size "
+            f"({sizes[3, 3]} features per sample on 3x3 maps, {sizes[4, 5]} on 4x5), so the "
+            "classifier's input size cannot be read from a dry run; give the pool an "
+            "output_dim(in_channels, in_channels_b=None) method that returns it for your input size"
+        )
+    return sizes[3, 3]
 
 
 #: Hooks that must see the pooling and the classifier run as modules: per module and global.
@@ -152,6 +164,8 @@ class BilinearClassifier(nn.Module):
             :func:`~bilinearpool.build_backbone`).
         backbone_b: backbone of the second stream, or ``None`` for one stream.
         pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
+            :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one, else
+            from dry runs on small maps (ValueError if :math:`D` depends on the map size).
         num_classes: number of classes.
         reduce_dim: if set, a :class:`ChannelReduction` to this many channels per stream.
         dropout: dropout probability before the classifier.

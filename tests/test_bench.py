@@ -169,6 +169,10 @@ class TestParameterCounts:
         fast = next(r for r in rows if r["head"] == "fast-bcnn")
         assert fast["params"] == 57_062_472
 
+    def test_pair_that_cannot_be_built_is_named(self):
+        with pytest.raises(ValueError, match=r"^se: not applicable to mobilenet_v2: .*no supported block"):
+            parameter_table(["mobilenet_v2"], ["plain", "se"])
+
 
 class TestTiming:
     def test_round_robin_interleaves_in_balanced_orders(self):

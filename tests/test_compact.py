@@ -179,9 +179,14 @@ class TestCompactBilinearPool:
         assert torch.equal(CompactBilinearPool(in_channels=6, out_features=32, method=method, seed=5)(x), pool(x))
         assert not torch.equal(CompactBilinearPool(in_channels=6, out_features=32, method=method, seed=6)(x), pool(x))
         state = pool.state_dict()
-        assert set(state) == ({"index_a", "sign_a", "index_b", "sign_b"} if method == "tensor_sketch" else {"weight_a", "weight_b"})
+        buffers = {"index_a", "sign_a", "index_b", "sign_b"} if method == "tensor_sketch" else {"weight_a", "weight_b"}
+        assert set(state) == buffers | {"_extra_state"}
+        assert state["_extra_state"].tolist() == [32, 5]
         other = CompactBilinearPool(in_channels=6, out_features=32, method=method, seed=99)
         other.load_state_dict(state)
+        assert torch.equal(other(x), pool(x))
+        assert other.seed == 5 and "seed=5" in repr(other)  # the buffers' seed, not its own
+        other.reset_parameters()
         assert torch.equal(other(x), pool(x))
         assert torch.equal(pickle.loads(pickle.dumps(pool))(x), pool(x))
         before = pool(x)
@@ -442,6 +447,33 @@ class TestCompactBilinearPoolLoading:
         narrow = CompactBilinearPool(in_channels=6, out_features=16, seed=0)
         with pytest.raises(RuntimeError, match=r"index_a holds bins up to \d+, but this layer has out_features=16"):
             narrow.load_state_dict(wide.state_dict())
+
+    def test_state_dict_of_a_narrower_layer_fails_to_load_and_changes_nothing(self) -> None:
+        # Its bins are all valid here, but the output would use only the first 16 of 4096.
+        narrow = CompactBilinearPool(in_channels=6, out_features=16, seed=1)
+        wide = CompactBilinearPool(in_channels=6, out_features=4096, seed=0)
+        before = {k: v.clone() for k, v in wide.state_dict().items() if isinstance(v, torch.Tensor)}
+        with pytest.raises(RuntimeError, match=r"checkpoint's layer has out_features=16, but this layer has out_features=4096"):
+            wide.load_state_dict(narrow.state_dict())
+        assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items() if isinstance(v, torch.Tensor))
+        assert wide.seed == 0
+
+    def test_checkpoint_without_extra_state_still_loads(self) -> None:
+        # Saved before the seed and out_features were recorded: the buffers alone.
+        old = {k: v for k, v in CompactBilinearPool(in_channels=6, out_features=16, seed=3).state_dict().items()
+               if k != "_extra_state"}
+        pool = CompactBilinearPool(in_channels=6, out_features=16, seed=0)
+        pool.load_state_dict(old)  # strict
+        assert torch.equal(pool.index_a, old["index_a"])
+
+    def test_inside_a_model(self) -> None:
+        model = torch.nn.Sequential(torch.nn.Identity(), CompactBilinearPool(in_channels=6, out_features=16, seed=4))
+        copy = torch.nn.Sequential(torch.nn.Identity(), CompactBilinearPool(in_channels=6, out_features=16, seed=0))
+        copy.load_state_dict(model.state_dict())
+        assert copy[1].seed == 4
+        wrong = torch.nn.Sequential(torch.nn.Identity(), CompactBilinearPool(in_channels=6, out_features=8, seed=0))
+        with pytest.raises(RuntimeError, match=r"1\._extra_state: the checkpoint's layer has out_features=16"):
+            wrong.load_state_dict(model.state_dict())
 
     def test_dtype_that_is_not_a_torch_dtype_is_a_type_error(self) -> None:
         with pytest.raises(TypeError, match="dtype must be a floating-point dtype, but got 'float32'"):

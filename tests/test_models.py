@@ -62,6 +62,21 @@ class TestFastBCNN:
         model = FastBCNN(tiny(8), num_classes=2, pool=MaxPool())
         assert model.embedding_dim == 8 and model(X).shape == (2, 2)
 
+    def test_custom_pool_whose_length_depends_on_map_size(self):
+        class Flatten(nn.Module):  # (B, C*H*W): no single classifier size from a dry run
+            def forward(self, x):
+                return x.flatten(1)
+
+        with pytest.raises(ValueError, match=r"depends on the feature map's size \(72 .* 3x3 maps, 160 on 4x5\).*output_dim"):
+            BilinearClassifier(tiny(8), pool=Flatten(), num_classes=2)
+
+        class FixedFlatten(Flatten):  # the user states the length for the input size used
+            def output_dim(self, in_channels, in_channels_b=None):
+                return in_channels * 8 * 8
+
+        model = BilinearClassifier(tiny(8), pool=FixedFlatten(), num_classes=2)
+        assert model.embedding_dim == model.forward_embedding(X).shape[1]
+
     def test_custom_pool_dry_run_in_pool_dtype(self):
         class Projection(nn.Module):  # float64 parameters: the dry run must use float64
             def __init__(self):

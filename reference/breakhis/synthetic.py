@@ -141,8 +141,9 @@ def is_synthetic(
 ) -> bool:
     """Whether the data at ``root`` were written by :func:`make_synthetic_breakhis`.
 
-    True when ``SYNTHETIC.txt`` lies in ``root`` or in any folder above it (so that
-    pointing at ``<synthetic tree>/BreaKHis_v1`` still counts), or when one of a few
+    True when ``SYNTHETIC.txt`` lies in ``root``, or in the folder holding the
+    ``BreaKHis_v1`` folder that ``root`` is in (so that pointing at ``<synthetic
+    tree>/BreaKHis_v1/...`` still counts; a marker elsewhere above does not), or when one of a few
     of ``images`` (first, last and evenly between) carries the synthetic PNG text chunk
     (so that images copied out of a synthetic tree still count).
 
@@ -151,7 +152,10 @@ def is_synthetic(
         images: the indexed image files (only a few are opened, headers only).
     """
     folder = Path(root).expanduser().resolve()
-    if any((p / SYNTHETIC_MARKER).is_file() for p in (folder, *folder.parents)):
+    # The marker sits beside the tree's BreaKHis_v1 folder: a marker in some unrelated
+    # folder higher up (a home directory, say) does not make real data synthetic.
+    tops = [folder] + [p for p in folder.parents if folder.relative_to(p).parts[0] == "BreaKHis_v1"]
+    if any((p / SYNTHETIC_MARKER).is_file() for p in tops):
         return True
     paths = list(images)
     if not paths:

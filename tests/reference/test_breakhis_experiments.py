@@ -270,4 +270,9 @@ class TestSyntheticDetection:
         assert is_synthetic(tmp_path, paths) is False
         assert is_synthetic(tmp_path, []) is False
         (tmp_path / "SYNTHETIC.txt").write_text("marker")
-        assert is_synthetic(tmp_path / "a", paths) is True
+        assert is_synthetic(tmp_path, paths) is True
+        # A marker higher up counts only beside the tree's BreaKHis_v1 folder, not above
+        # any folder (real data under a home directory that holds a stray marker).
+        assert is_synthetic(tmp_path / "a", paths) is False
+        (tmp_path / "BreaKHis_v1" / "histology_slides").mkdir(parents=True)
+        assert is_synthetic(tmp_path / "BreaKHis_v1" / "histology_slides", paths) is True
