@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .backbones import WeightsArg, _set_training_modes, _training_modes, build_backbone
 from .functional.bilinear import triu_fold
-from .functional.head import _classifier_keeps_features, fast_bilinear_linear
+from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
 from .linear import WideLinear
 from .pooling import BilinearPool, FastBilinearPool
 
@@ -269,11 +269,17 @@ class BilinearClassifier(nn.Module):
             streams = features if isinstance(features, tuple) else (features,)
             return self.classifier(self.pool(*streams, save_output=keep))
         if not self._fused_head():
-            return self.classifier(self.dropout(self.forward_embedding(x)))
+            return self._classify(self.forward_embedding(x), x)
         features = self.forward_features(x)
         if isinstance(features, tuple):
-            return self.classifier(self.dropout(self._pool(features)))
+            return self._classify(self._pool(features), x)
         return fast_bilinear_linear(features, self.classifier.weight, self.classifier.bias, **self.pool.options())
+
+    def _classify(self, z: Tensor, x: Tensor) -> Tensor:
+        """Dropout and classifier on the pooled ``z``; poolings that keep float32 for half
+        precision input ``x`` hand the classifier its own dtype (a model made ``.half()``)."""
+        weight = next((p for p in self.classifier.parameters() if p.is_floating_point()), None)
+        return self.classifier(self.dropout(_features_as_weight(z, x, weight)))
 
     def to_triu(self) -> "BilinearClassifier":
         """A copy of this model whose pooling returns the packed upper triangle

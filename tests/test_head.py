@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilinearpool import BCNN, BilinearClassifier, FastBCNN, FastBilinearPool, GAPClassifier
+from bilinearpool import (
+    BCNN,
+    BilinearClassifier,
+    BilinearPool,
+    CompactBilinearPool,
+    FastBCNN,
+    FastBilinearPool,
+    GAPClassifier,
+)
 from bilinearpool.functional import fast_bilinear_linear, fast_bilinear_pool, head, triu_size
 from bilinearpool.functional.bilinear import bilinear_pool, l2_normalize, signed_sqrt, triu_pack
 
@@ -396,3 +404,43 @@ def test_to_triu_refuses_models_it_cannot_fold():
     model.classifier = nn.Sequential(nn.Linear(144, 3))
     with pytest.raises(ValueError, match="to_triu needs a linear classifier, but got Sequential"):
         model.to_triu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_weight_gets_half_features_without_l2(dtype):
+    # The pooling keeps float32 for half input without L2; a classifier of the input's
+    # dtype (a model made .half()) gets the features cast to it, as nn.Linear needs.
+    x = torch.relu(torch.randn(2, 6, 4, 4)).to(dtype)
+    w, b = classifier_for(6, False, dtype=torch.float32)
+    logits = fast_bilinear_linear(x, w.to(dtype), b.to(dtype), l2_normalize=False)
+    assert logits.dtype == dtype
+    expected = F.linear(fast_bilinear_pool(x, l2_normalize=False).to(dtype), w.to(dtype), b.to(dtype))
+    torch.testing.assert_close(logits, expected)
+    # A float32 weight (mixed precision by hand) keeps the float32 features.
+    assert fast_bilinear_linear(x, w, b, l2_normalize=False).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FastBCNN(tiny_backbone(), num_classes=3, pool=FastBilinearPool(l2_normalize=False)),
+        lambda: FastBCNN(tiny_backbone(), num_classes=3, pool=FastBilinearPool(l2_normalize=False), dropout=0.5),
+        lambda: BCNN(tiny_backbone(), tiny_backbone(), num_classes=3, pool=BilinearPool()),
+        lambda: BilinearClassifier(tiny_backbone(), pool=CompactBilinearPool(in_channels=12, out_features=32), num_classes=3),
+    ],
+    ids=["fast-raw", "fast-raw-dropout", "bcnn-raw", "compact"],
+)
+def test_half_models_with_float32_poolings(make, dtype):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    half = model.to(dtype)
+    for mode in ("train", "eval"):
+        getattr(half, mode)()
+        out = half(x.to(dtype))
+        assert out.dtype == dtype
+    with torch.no_grad():
+        torch.testing.assert_close(half(x.to(dtype)).float(), reference, rtol=0.1, atol=0.1)

@@ -47,6 +47,8 @@ from .linear import _DTYPES, wide_linear
 
 __all__ = ["fast_bilinear_linear"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 #: The fused path is taken for feature maps of at most this many locations (H x W or N).
 #: Measured on one CPU thread at C = 2048: a gain at 25 and 49 locations, a loss at 196.
 FUSED_MAX_LOCATIONS = 64
@@ -86,7 +88,9 @@ def fast_bilinear_linear(
     features for its own backward anyway (``weight`` needs a gradient, float32/float64,
     no autocast), the pooling keeps them too (``save_output=True``: no extra memory, and
     its backward does not rebuild the matrices). Both give the same values up to the
-    order of the additions, which the tests check.
+    order of the additions, which the tests check. Features the pooling keeps in
+    float32 for float16/bfloat16 ``x`` (no ``l2_normalize``) meet a ``weight`` of
+    ``x``'s dtype in that dtype, as a model converted with ``.half()`` expects.
 
     :class:`~bilinearpool.FastBCNN` (any :class:`~bilinearpool.BilinearClassifier` with a
     :class:`~bilinearpool.FastBilinearPool` and a linear classifier) calls it in
@@ -128,10 +132,19 @@ def fast_bilinear_linear(
             l2_eps=l2_eps,
             save_output=save_output or _classifier_keeps_features(a, weight),
         )
-        return wide_linear(z, weight, bias)
+        return wide_linear(_features_as_weight(z, x, weight), weight, bias)
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
     with torch.no_grad():
         return _panel_logits(a, weight, bias, scale, eps if signed_sqrt else None, l2_eps if l2_normalize else None, triu)
+
+
+def _features_as_weight(z: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
+    """Pooled features ``z`` in the classifier's dtype when the pooling kept them in float32
+    for a float16/bfloat16 ``x`` whose dtype the classifier's ``weight`` shares (a model
+    converted with ``.half()``); otherwise ``z`` as it is (under autocast the layer casts)."""
+    if weight is not None and z.dtype != weight.dtype and x.dtype == weight.dtype and x.dtype in _HALF:
+        return z.to(weight.dtype)
+    return z
 
 
 def _classifier_keeps_features(a: Tensor, weight: Tensor) -> bool:
