@@ -6,6 +6,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from .functional._checks import make_layer
+
 __all__ = ["SEBlock", "insert_se_blocks"]
 
 
@@ -57,9 +59,9 @@ class SEBlock(nn.Module):
         self.hidden = max(1, channels // reduction)
         factory = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(channels, self.hidden, **factory)  # type: ignore[arg-type]
-        self.act = act_layer()
+        self.act = make_layer(act_layer, "act_layer", "nn.ReLU")
         self.fc2 = nn.Linear(self.hidden, channels, **factory)  # type: ignore[arg-type]
-        self.gate = gate_layer()
+        self.gate = make_layer(gate_layer, "gate_layer", "nn.Sigmoid")
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()
@@ -118,6 +120,13 @@ _INCEPTION_OUT: dict[str, Callable[[nn.Module], int]] = {
 }
 
 
+#: Where the Inception-v3 modules of _INCEPTION_OUT come from (same branch layout).
+_INCEPTION_V3_MODULES = ("torchvision", "timm.models.inception_v3")
+
+#: Attributes of timm's ResNet blocks that hold their own attention (SE-ResNet, ECA, ...).
+_ATTENTION_ATTRS = ("se", "attn")
+
+
 def _se_site(module: nn.Module) -> tuple[str, int] | None:
     """Where SE goes inside ``module``: (child to follow with SE, its channels), or None.
 
@@ -126,10 +135,15 @@ def _se_site(module: nn.Module) -> tuple[str, int] | None:
     handled by the caller (SE on the module's output, as SE-Inception does).
     """
     kind = type(module).__name__
-    if kind == "Bottleneck" and isinstance(getattr(module, "bn3", None), nn.BatchNorm2d):
-        return "bn3", module.bn3.num_features
-    if kind == "BasicBlock" and isinstance(getattr(module, "bn2", None), nn.BatchNorm2d):
-        return "bn2", module.bn2.num_features
+    # The norm after the branch's last convolution may be any layer (BatchNorm2d,
+    # torchvision's FrozenBatchNorm2d, GroupNorm): the convolution gives the channels.
+    for block, norm, conv in (("Bottleneck", "bn3", "conv3"), ("BasicBlock", "bn2", "conv2")):
+        if (
+            kind == block
+            and isinstance(getattr(module, norm, None), nn.Module)
+            and isinstance(getattr(module, conv, None), nn.Conv2d)
+        ):
+            return norm, getattr(module, conv).out_channels
     if kind in ("Block35", "Block17", "Block8") and isinstance(getattr(module, "conv2d", None), nn.Conv2d):
         return "conv2d", module.conv2d.out_channels
     return None
@@ -154,10 +168,13 @@ def _followed_by(inner: nn.Module, se: SEBlock) -> nn.Sequential:
 def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
     """Insert :class:`SEBlock` s inside a backbone's blocks, in place, as the paper does.
 
-    Supported blocks: ResNet ``Bottleneck`` / ``BasicBlock`` (torchvision, timm) and
-    Inception-ResNet ``Block35`` / ``Block17`` / ``Block8`` (timm), which get SE on the
-    residual branch before the addition (SE-ResNet); torchvision Inception-v3 modules
-    ``InceptionA``-``InceptionE``, which get SE on their output (SE-Inception).
+    Supported blocks: ResNet ``Bottleneck`` / ``BasicBlock`` (torchvision, timm; any norm
+    layer) and Inception-ResNet ``Block35`` / ``Block17`` / ``Block8`` (timm), which get
+    SE on the residual branch before the addition (SE-ResNet); Inception-v3 modules
+    ``InceptionA``-``InceptionE`` (torchvision, timm), which get SE on their output
+    (SE-Inception). ResNet blocks that hold attention of their own (timm's
+    ``seresnet50``, ``ecaresnet50d``: an ``se`` module) are refused rather than gated
+    twice.
 
     Insert SE *after* loading pretrained weights: wrapping a layer renames its
     parameters (``bn3.weight`` becomes ``bn3.0.weight``). The new blocks start with the
@@ -174,7 +191,8 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
         The number of SE blocks inserted.
 
     Raises:
-        ValueError: when the model has none of the supported blocks, or already has SEBlocks.
+        ValueError: when the model has none of the supported blocks, already has
+            SEBlocks, or its blocks have attention of their own.
 
     Examples:
         >>> import torchvision
@@ -191,6 +209,19 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
             "or build_backbone with se_reduction=) has modified it in place before. Pass a fresh model, "
             "or leave out se_reduction to use it as it is"
         )
+    own = [
+        f"{name}.{attr} ({type(getattr(module, attr)).__name__})"
+        for name, module in model.named_modules()
+        if _se_site(module) is not None
+        for attr in _ATTENTION_ATTRS
+        if isinstance(getattr(module, attr, None), nn.Module) and not isinstance(getattr(module, attr), nn.Identity)
+    ]
+    if own:
+        raise ValueError(
+            f"{type(model).__name__}'s blocks have channel attention of their own (e.g. {', '.join(own[:2])}; "
+            f"{len(own)} blocks): SE would be a second gate on the same branch. Use the model as it "
+            "is (leave out se_reduction), or its variant without attention (e.g. resnet50 for seresnet50)"
+        )
     count = 0
     for name, module in list(model.named_modules()):
         site = _se_site(module)
@@ -202,8 +233,8 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
             count += 1
     for name, module in list(model.named_modules()):
         out = _INCEPTION_OUT.get(type(module).__name__)
-        if out is None or not name or not type(module).__module__.startswith("torchvision"):
-            continue
+        if out is None or not name or not type(module).__module__.startswith(_INCEPTION_V3_MODULES):
+            continue  # (timm's Inception-v4 has modules of the same names, other branches)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         se = SEBlock(out(module), reduction=reduction, **_factory(module))

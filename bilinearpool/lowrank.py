@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_flags, check_positive_int, check_streams
+from .functional._checks import check_flags, check_positive_int, check_streams, make_layer
 from .functional.lowrank import low_rank_bilinear_pool
 
 __all__ = ["LowRankBilinearPool"]
@@ -21,9 +21,10 @@ class LowRankBilinearPool(nn.Module):
     :math:`z = \\frac1N \\sum_n \\sigma(U^\\top x_n) \\circ \\sigma(V^\\top y_n)`, optionally followed
     by a linear map to ``out_features``. With ``shared=True`` (one stream, :math:`V = U`)
     each entry is :math:`\\|u_j^\\top X\\|^2/N`, the factorised form of Kong & Fowlkes,
-    "Low-rank Bilinear Pooling for Fine-Grained Classification" (CVPR 2017). Entry
-    :math:`j` equals :math:`u_j^\\top G v_j` for the full bilinear matrix :math:`G`, which
-    is never formed. Exports to ONNX.
+    "Low-rank Bilinear Pooling for Fine-Grained Classification" (CVPR 2017). Without
+    ``act_layer`` and before the output map, entry :math:`j` equals
+    :math:`u_j^\\top G v_j` for the full bilinear matrix :math:`G`, which is never
+    formed. Exports to ONNX.
 
     Args:
         in_channels: channels :math:`C_1` of the first stream.
@@ -73,11 +74,7 @@ class LowRankBilinearPool(nn.Module):
         if out_features is not None:
             check_positive_int("out_features", out_features)
         check_flags(shared=shared, bias=bias)
-        if act_layer is not None and (isinstance(act_layer, nn.Module) or not callable(act_layer)):
-            raise TypeError(
-                "act_layer must be a factory that returns a module (e.g. nn.Tanh) or None, "
-                f"but got {act_layer!r}"
-            )
+        act = None if act_layer is None else make_layer(act_layer, "act_layer", "nn.Tanh, or None")
         if shared and in_channels_b is not None:
             raise ValueError(
                 f"shared=True uses one projection for one stream, but got in_channels_b={in_channels_b}"
@@ -91,7 +88,7 @@ class LowRankBilinearPool(nn.Module):
         self.weight_a = nn.Parameter(torch.empty(rank, in_channels, **factory))
         c_b = in_channels if in_channels_b is None else in_channels_b
         self.weight_b = None if shared else nn.Parameter(torch.empty(rank, c_b, **factory))
-        self.act = act_layer() if act_layer is not None else None
+        self.act = act
         self.proj = None if out_features is None else nn.Linear(rank, out_features, bias=bias, **factory)
         self.reset_parameters()
 

@@ -123,3 +123,43 @@ class TestInsertSE:
     def test_unsupported(self):
         with pytest.raises(ValueError, match=r"found no supported block \(ResNet.*contains \[.Conv2d."):
             insert_se_blocks(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+    def test_resnet_with_other_norm_layers(self):
+        import torchvision
+
+        frozen = torchvision.models.resnet18(norm_layer=torchvision.ops.FrozenBatchNorm2d).eval()
+        assert insert_se_blocks(frozen) == 8
+        assert isinstance(frozen.layer1[0].bn2[1], SEBlock) and frozen.layer4[1].bn2[1].channels == 512
+        groups = torchvision.models.resnet50(norm_layer=lambda c: nn.GroupNorm(8, c)).eval()
+        assert insert_se_blocks(groups) == 16 and groups.layer4[2].bn3[1].channels == 2048
+        assert groups(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+    def test_timm_inception_v3_modules_but_not_inception_v4(self):
+        import timm
+
+        net = timm.create_model("inception_v3", features_only=True, out_indices=(-1,)).eval()
+        assert insert_se_blocks(net) == 11
+        assert net.Mixed_7c[1].channels == 2048
+        assert net(torch.randn(1, 3, 96, 96))[-1].shape[1] == 2048
+        # Inception-v4's InceptionA/B/C share the names, not the branches: not touched.
+        with pytest.raises(ValueError, match="found no supported block"):
+            insert_se_blocks(timm.create_model("inception_v4"))
+
+    @pytest.mark.parametrize("name, attention", [("seresnet18", "SEModule"), ("ecaresnet26t", "EcaModule")])
+    def test_blocks_with_their_own_attention_are_refused(self, name, attention):
+        import timm
+
+        net = timm.create_model(name)
+        before = [type(m).__name__ for m in net.modules()]
+        with pytest.raises(ValueError, match=rf"channel attention of their own \(e\.g\. layer1\.0\.se \({attention}\)"):
+            insert_se_blocks(net)
+        assert [type(m).__name__ for m in net.modules()] == before  # nothing inserted
+
+    def test_layer_factories_are_checked(self):
+        with pytest.raises(TypeError, match=r"act_layer must be a factory .*\(e\.g\. nn\.ReLU\), but got ReLU\(\)"):
+            SEBlock(16, act_layer=nn.ReLU())  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"gate_layer must be a factory .* calling .*sigmoid.* without arguments failed"):
+            SEBlock(16, gate_layer=torch.sigmoid)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"gate_layer must be a factory .* returned int"):
+            SEBlock(16, gate_layer=lambda: 3)  # type: ignore[arg-type,return-value]
+        assert isinstance(SEBlock(16, act_layer=lambda: nn.GELU()).act, nn.GELU)

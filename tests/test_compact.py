@@ -439,6 +439,46 @@ def test_tensor_sketch_checks_its_hash(algorithm, bad, error, match):
         tensor_sketch(x, index_a=bad(h), sign_a=s, index_b=h, sign_b=s, out_features=8, algorithm=algorithm)
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int32])
+def test_tensor_sketch_takes_any_integer_hash(dtype):
+    # Only the Gram algorithm converted the bins; the FFT one needs int64 for index_add_.
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randint(0, 16, (6,), generator=g) for _ in range(2)]
+    s = [torch.randint(0, 2, (6,), generator=g) * 2.0 - 1 for _ in range(2)]
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    for algorithm in ("fft", "gram"):
+        ours = tensor_sketch(x, index_a=h[0].to(dtype), sign_a=s[0], index_b=h[1].to(dtype), sign_b=s[1],
+                             out_features=16, algorithm=algorithm)
+        ref = tensor_sketch(x, index_a=h[0], sign_a=s[0], index_b=h[1], sign_b=s[1], out_features=16,
+                            algorithm=algorithm)
+        torch.testing.assert_close(ours, ref)
+        ours.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"algorithm": "fft"}, {"algorithm": "gram"}, {"method": "random_maclaurin"}], ids=str
+)
+def test_trace_can_be_saved_and_loaded(kwargs, tmp_path):
+    # The autograd Functions cannot be saved with a trace: the trace records plain ops.
+    pool = CompactBilinearPool(in_channels=6, in_channels_b=4, out_features=16, **kwargs)
+    traced = torch.jit.trace(pool, (features(2, 6, 3, 3), features(2, 4, 3, 3, seed=1)))
+    torch.jit.save(traced, tmp_path / "pool.pt")
+    loaded = torch.jit.load(tmp_path / "pool.pt")
+    x, y = features(3, 6, 5, 4, seed=2), features(3, 4, 5, 4, seed=3)
+    torch.testing.assert_close(loaded(x, y), pool(x, y))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch_keeps_both_streams_in_the_graph(method):
+    pool = CompactBilinearPool(in_channels=6, in_channels_b=4, out_features=16, method=method)
+    conv = torch.nn.Conv2d(3, 4, 1)
+    x = torch.randn(0, 6, 3, 3, requires_grad=True)
+    out = pool(x, conv(torch.randn(0, 3, 3, 3)))
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
 class TestCompactBilinearPoolLoading:
     def test_state_dict_of_a_wider_layer_fails_to_load(self) -> None:
         # Hash buffers are (C,) whatever out_features is: a checkpoint of a layer with more

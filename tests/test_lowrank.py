@@ -151,3 +151,5 @@ def test_flags_and_act_layer_are_validated():
         LowRankBilinearPool(in_channels=4, rank=2, out_features=3, bias=0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"act_layer must be a factory .* but got Tanh\(\)"):
         LowRankBilinearPool(in_channels=4, rank=2, act_layer=nn.Tanh())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"act_layer must be a factory .* calling .*tanh.* without arguments failed"):
+        LowRankBilinearPool(in_channels=4, rank=2, act_layer=torch.tanh)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ channels-last maps, and token sequences, all give views).
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ __all__ = [
     "check_positive_int",
     "check_streams",
     "compute_dtype",
+    "make_layer",
     "no_autocast",
     "pair_streams",
 ]
@@ -36,6 +37,27 @@ def check_floating(x: Tensor, name: str = "input") -> None:
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"but got dtype {x.dtype}"
         )
+
+
+def make_layer(factory: object, name: str, example: str) -> torch.nn.Module:
+    """``factory()``, checked: a layer factory (a module class such as ``example``, or any
+    callable without arguments) that returns an ``nn.Module``.
+
+    Raises:
+        TypeError: a module instance, a plain function such as ``torch.tanh`` (called
+            without its input), or anything that does not build a module.
+    """
+    expected = f"{name} must be a factory that returns a module (e.g. {example})"
+    if isinstance(factory, torch.nn.Module) or not callable(factory):
+        raise TypeError(f"{expected}, but got {factory!r}")
+    build: Callable[[], object] = factory
+    try:
+        layer = build()
+    except TypeError as err:
+        raise TypeError(f"{expected}, but calling {factory!r} without arguments failed: {err}") from err
+    if not isinstance(layer, torch.nn.Module):
+        raise TypeError(f"{expected}, but {factory!r}() returned {type(layer).__name__}")
+    return layer
 
 
 def as_channel_matrix(x: Tensor, name: str = "input") -> Tensor:

@@ -27,8 +27,8 @@ over the random projections, so pooled features
 
   ``"auto"`` (the default) picks by a cost model measured on a CPU: Gram for small
   :math:`C_1 C_2` against :math:`d \\log d` (e.g. C=512 at 28x28 with d=8192, ~9x faster),
-  FFT for large channel counts (C=2048 at d=8192, ~6x faster). ONNX export traces the
-  Gram formula.
+  FFT for large channel counts (C=2048 at d=8192, ~6x faster). ONNX export and
+  ``torch.jit.trace`` record the Gram formula (plain operations, so a trace can be saved).
 - **Random Maclaurin** (Kar & Karnick 2012): :math:`\\phi = \\frac{1}{\\sqrt d} (W_1 x) \\circ (W_2 y)`
   with Rademacher :math:`W_i \\in \\{\\pm1\\}^{d \\times C_i}`. Cost :math:`O(N d (C_1 + C_2))`.
 
@@ -428,16 +428,21 @@ def tensor_sketch(
     _check_hash("index_b", index_b, out_features)
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_ALGORITHMS}, but got {algorithm!r}")
+    # Any integer dtype passes the check; index_add_/index_select take int64 (or int32).
+    index_a, index_b = index_a.long(), index_b.long()
     dtype = compute_dtype(a, b)
     d = out_features
-    if a.shape[0] == 0:  # an empty batch: (0, d), still connected to the input for autograd
-        return (a.to(dtype).flatten(1).sum(1, keepdim=True) * 0).expand(0, d)
+    if a.shape[0] == 0:  # an empty batch: (0, d), still connected to every input for autograd
+        inputs = (a, b, sign_a, sign_b) if sign_a.is_floating_point() and sign_b.is_floating_point() else (a, b)
+        return a.new_zeros(0, d, dtype=dtype) + sum(t.to(dtype).sum() * 0 for t in inputs)
     with no_autocast(a.device.type):
         a = a.to(dtype)
         b = a if one_stream else b.to(dtype)
-        if torch.onnx.is_in_onnx_export():
-            # The exporter traces the plain Gram formula (it has no rfft, and its index_add
-            # refuses repeated indices; scatter_add becomes ScatterElements(reduction="add")).
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            # The exporter and torch.jit.trace record the plain Gram formula (an autograd
+            # Function has no ONNX form and cannot be saved with a trace; the exporter has
+            # no rfft, and its index_add refuses repeated indices; scatter_add becomes
+            # ScatterElements(reduction="add")).
             weight = sign_a.to(dtype)[:, None] * sign_b.to(dtype)[None, :] / a.shape[2]
             g = torch.matmul(a, b.transpose(1, 2)) * weight
             bins = _bins(index_a, index_b, d).flatten().expand(g.shape[0], -1)
