@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,10 +180,26 @@ class TestSignedSqrt:
         x = torch.tensor([-1e-14, 0.0, 1e-14], dtype=torch.float64)
         assert signed_sqrt(x, eps=1e-5).abs().max() < 1e-11
 
-    @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+    @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf"), True, "1e-5"])
     def test_bad_eps(self, eps):
         with pytest.raises(ValueError, match="eps must be a positive finite number"):
             signed_sqrt(torch.ones(2), eps=eps)
+
+    def test_numpy_eps(self):
+        x = torch.tensor([-4.0, 9.0])
+        torch.testing.assert_close(signed_sqrt(x, eps=np.float32(1e-6)), signed_sqrt(x, eps=float(np.float32(1e-6))))
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_input_small_eps_gradient_at_zero(self, dtype):
+        # In float16, |x| + 1e-8 rounds to 0 at x = 0: sqrt's infinite derivative gave NaN.
+        x = torch.tensor([0.0, -2.0, 1.0, 300.0], dtype=dtype, requires_grad=True)
+        y = signed_sqrt(x, eps=1e-8)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert y.dtype == dtype and g.dtype == dtype and torch.isfinite(g).all()
+        ref = x.detach().double().requires_grad_()
+        (g_ref,) = torch.autograd.grad(signed_sqrt(ref, eps=1e-8).sum(), ref)
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-2, atol=0)
+        torch.testing.assert_close(y.double(), signed_sqrt(ref, eps=1e-8).detach(), rtol=1e-2, atol=0)
 
 
 class TestL2Normalize:
@@ -198,6 +215,16 @@ class TestL2Normalize:
     def test_exception(self):
         with pytest.raises(ValueError, match=r"at least 2 dimensions, but got shape \(3,\)"):
             l2_normalize(torch.ones(3))
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_input_with_a_norm_beyond_float16(self, dtype):
+        # 10000 entries of 1000: the norm 1e5 overflows float16 (inf), which gave zeros.
+        x = torch.full((2, 100, 100), 1000.0, dtype=dtype, requires_grad=True)
+        out = l2_normalize(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float().flatten(1).norm(dim=1), torch.ones(2), rtol=1e-2, atol=0)
+        (g,) = torch.autograd.grad(out[:, 0, 0].sum(), x)
+        assert g.dtype == dtype and torch.isfinite(g).all() and g.abs().max() > 0
 
 
 class TestTriu:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -54,8 +55,14 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_eps(eps: float, name: str = "eps") -> None:
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"{name} must be a positive finite number, but got {eps!r}")
+
+
+def _in_float32(x: Tensor) -> Tensor:
+    """float16/bfloat16 ``x`` as float32 (a small ``eps`` and a norm of many squares need
+    its precision and range); other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def bilinear_pool(x_a: Tensor, x_b: Tensor | None = None, *, reduction: str = "mean") -> Tensor:
@@ -108,7 +115,9 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
     .. math:: f(x) = \\operatorname{sign}(x)\\left(\\sqrt{|x| + \\epsilon} - \\sqrt{\\epsilon}\\right)
                    = \\frac{x}{\\sqrt{|x| + \\epsilon} + \\sqrt{\\epsilon}} ,
 
-    and computed in the second form, which needs no ``sign`` and cancels nothing.
+    and computed in the second form, which needs no ``sign`` and cancels nothing
+    (in float32 for float16/bfloat16 input, where a small :math:`\epsilon` would round
+    away, and returned in the input's dtype).
     :math:`f` is odd, continuous, strictly increasing, :math:`f(0) = 0`, and
     differentiable everywhere with
 
@@ -138,7 +147,8 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
     """
     check_floating(x)
     _check_eps(eps)
-    return x / (torch.sqrt(x.abs() + eps) + math.sqrt(eps))
+    y = _in_float32(x)
+    return (y / (torch.sqrt(y.abs() + eps) + math.sqrt(eps))).to(x.dtype)
 
 
 def signed_sqrt_grad_bound(eps: float = SIGNED_SQRT_EPS) -> float:
@@ -156,7 +166,9 @@ def l2_normalize(x: Tensor, *, eps: float = L2_EPS) -> Tensor:
     """Scale each sample to unit L2 norm over all its non-batch dimensions.
 
     ``x / max(||x||, eps)``, as :func:`torch.nn.functional.normalize` (for a matrix
-    per sample the norm is the Frobenius norm).
+    per sample the norm is the Frobenius norm). float16/bfloat16 input is normalised in
+    float32 (float16's norm of many entries overflows to inf, which gave zeros) and
+    returned in its dtype.
 
     Args:
         x: batch of samples.
@@ -176,7 +188,7 @@ def l2_normalize(x: Tensor, *, eps: float = L2_EPS) -> Tensor:
         raise ValueError(
             f"input must be a batch (B, *) with at least 2 dimensions, but got shape {tuple(x.shape)}"
         )
-    return F.normalize(x.flatten(1), dim=1, eps=eps).view_as(x)
+    return F.normalize(_in_float32(x).flatten(1), dim=1, eps=eps).view_as(x).to(x.dtype)
 
 
 def triu_size(channels: int) -> int:
