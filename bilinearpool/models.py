@@ -318,6 +318,9 @@ class BilinearClassifier(nn.Module):
             classifier.weight.copy_(folded)
             if old.bias is not None:
                 classifier.bias.copy_(old.bias)  # type: ignore[union-attr]
+        classifier.weight.requires_grad_(old.weight.requires_grad)  # a frozen classifier stays frozen
+        if old.bias is not None:
+            classifier.bias.requires_grad_(old.bias.requires_grad)  # type: ignore[union-attr]
         classifier.train(old.training)
         pool = copy.deepcopy(self.pool)
         pool.triu = True
@@ -333,10 +336,11 @@ class BilinearClassifier(nn.Module):
         return self._linear_head(FastBilinearPool)
 
     def _linear_head(self, pool_type: type[nn.Module]) -> bool:
-        """Whether pooling, dropout and classifier are exactly ``pool_type`` (forward not
-        overridden), an inactive nn.Dropout and nn.Linear (or WideLinear), unhooked, with
-        forward_embedding not overridden: then the pooling's output goes straight into
-        the classifier, and :meth:`forward` may call them its own way."""
+        """Whether pooling, dropout and classifier are exactly ``pool_type``, an inactive
+        nn.Dropout and nn.Linear (or WideLinear), forward not overridden (on the class or
+        the object), unhooked, with forward_embedding not overridden: then the pooling's
+        output goes straight into the classifier, and :meth:`forward` may call them its
+        own way."""
         pool, drop, classifier = self.pool, self.dropout, self.classifier
         return (
             type(self).forward_embedding is BilinearClassifier.forward_embedding
@@ -348,6 +352,8 @@ class BilinearClassifier(nn.Module):
             and type(drop).forward is nn.Dropout.forward
             and (drop.p == 0.0 or not drop.training)
             and not _hooked(pool, drop, classifier)
+            # a forward replaced on the object (a wrapper, accelerate's offload hooks)
+            and not any("forward" in vars(m) for m in (pool, drop, classifier))
         )
 
 

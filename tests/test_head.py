@@ -444,3 +444,44 @@ def test_half_models_with_float32_poolings(make, dtype):
         assert out.dtype == dtype
     with torch.no_grad():
         torch.testing.assert_close(half(x.to(dtype)).float(), reference, rtol=0.1, atol=0.1)
+
+
+def test_flags_checked_on_the_panel_path_too():
+    # The panel path ran "no" as True under no_grad, while training raised.
+    x, w = torch.rand(2, 6, 3, 3), torch.randn(4, 36)
+    for flag in ("signed_sqrt", "l2_normalize", "triu", "save_output"):
+        with torch.no_grad(), pytest.raises(TypeError, match=f"{flag} must be True or False, but got 'no'"):
+            fast_bilinear_linear(x, w, **{flag: "no"})
+
+
+@pytest.mark.parametrize("part", ["pool", "dropout", "classifier"])
+def test_forward_replaced_on_the_object_is_called(part):
+    # A wrapper set on the instance (monkeypatching, accelerate's hooks) must run: the
+    # fused head would skip it.
+    torch.manual_seed(0)
+    model = FastBCNN(tiny_backbone(), num_classes=4).eval()
+    x = torch.randn(2, 3, 24, 24)
+    module = getattr(model, part)
+    calls = []
+    original = module.forward
+
+    def halved(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs) / 2
+
+    module.forward = halved
+    with torch.no_grad():
+        out = model(x)
+        assert calls
+        pooled = model.pool(model.forward_features(x))
+        expected = model.classifier(model.dropout(pooled))
+    torch.testing.assert_close(out, expected)
+
+
+def test_to_triu_keeps_a_frozen_classifier_frozen():
+    model = FastBCNN(tiny_backbone(), num_classes=4)
+    model.classifier.requires_grad_(False)
+    packed = model.to_triu()
+    assert not packed.classifier.weight.requires_grad and not packed.classifier.bias.requires_grad
+    assert all(p.requires_grad for p in packed.backbone.parameters())
+    assert FastBCNN(tiny_backbone(), num_classes=4).to_triu().classifier.weight.requires_grad

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _elementwise
-from ._checks import as_channel_matrix, check_floating
+from ._checks import as_channel_matrix, check_flags, check_floating
 from ._elementwise import signed_sqrt_
 from .bilinear import (
     L2_EPS,
@@ -119,6 +119,7 @@ def fast_bilinear_linear(
     _check_reduction(reduction)
     _check_eps(eps)
     _check_eps(l2_eps, "l2_eps")
+    check_flags(signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, save_output=save_output)
     a = as_channel_matrix(x)
     _check_classifier(weight, bias, a.shape[1], triu)
     if not _fused(a, weight, bias):
