@@ -5,13 +5,15 @@
 #
 # Needs python3 with torch (CUDA), torchvision, timm, pytest and hypothesis; the project is
 # used from the checkout (PYTHONPATH), nothing is installed. About 5-8 minutes on an H100.
+# Without OUT the results go to gpu-check-out/ in the checkout (ignored by git).
 # Steps, most important first, each with its own time limit, cut so that the whole script
 # ends within BUDGET seconds (default 420); a failed or cut step does not stop the others:
 #   1. the device and versions;
 #   2. the CUDA tests (tests/test_cuda.py: GPU results against the CPU's);
-#   3. with BEFORE=DIR (a copy of an earlier commit's bilinearpool/ package in DIR): that
-#      code's Fast BCNN layer cases, into fp32-before/ (an A/B of a change on the same
-#      machine; each run's ratios are to its own naive chain);
+#   3. with BEFORE=DIR (a folder holding an earlier commit's bilinearpool/ package): that
+#      code's Fast BCNN layer cases, run from inside DIR, into fp32-before/ (an A/B of a
+#      change on the same machine; each run's ratios are to its own naive chain; the log
+#      names the package file it imported);
 #   4. the layer benchmark, float32;
 #   5. host or device bound: the layer cases' host time and kernel count
 #      (benchmarks/profile_layer.py); where a Fast BCNN model's inference time goes
@@ -27,15 +29,17 @@
 #  11. models at 197 and 448 px, float32, if time is left.
 # STEPS (default: all) picks steps by name: tests before layers profile wide head models
 # sqrtm sketch amp eager res, e.g. STEPS="tests layers models amp" for a rerun after a change.
-# After every step the results so far are packed into $OUT/gpu-results.tar.gz (unpack into
-# benchmarks/results/), so a run cut short still returns what finished; the whole log is
-# $OUT/gpu_check.log.
+# After every step the results so far are packed into $OUT/gpu-results.tar.gz (one folder
+# named after the GPU, e.g. h100/: unpack it into benchmarks/results/ and rename it like the
+# committed gpu-h100/), so a run cut short still returns what finished; the whole log is
+# $OUT/gpu_check.log. PYTHON=.venv/bin/python uses the environment `make test` made.
 #
 # Dry run of the script itself on a CPU machine (short runs, the CUDA tests fail there):
 #   DEVICE=cpu DRY=1 PYTHON=.venv/bin/python OUT=/tmp/gpu-dry bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-gpu-check-out}
 PY=${PYTHON:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # absolute, as OUT
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-420}
 STEPS=" ${STEPS:-tests before layers profile wide head models sqrtm sketch amp eager res} "
@@ -64,6 +68,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the "before" step runs in another folder
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 
@@ -97,7 +102,15 @@ want tests && step 120 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cache
 
 BENCH=("$PY" -m bilinearpool.bench)
 FUSED=(--cases fast-bcnn fast-bcnn-triu bcnn-2stream)
-want before && [ -n "${BEFORE:-}" ] && PYTHONPATH="$BEFORE" step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" "${FUSED[@]}" --out "$RES/fp32-before" --no-progress
+if want before && [ -n "${BEFORE:-}" ]; then
+    # From inside BEFORE: `python -m` puts the working folder first on the import path, so
+    # run from the checkout it would import the current package, whatever PYTHONPATH says.
+    (
+        cd "$BEFORE" && export PYTHONPATH="$PWD" &&
+            step 30 "$PY" -c "import bilinearpool; print('before: bilinearpool from', bilinearpool.__file__)" &&
+            step 60 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" "${FUSED[@]}" --out "$RES/fp32-before" --no-progress
+    )
+fi
 want layers && step 90 "${BENCH[@]}" layers --device "$DEVICE" "${QUICK[@]}" --out "$RES/fp32" --no-progress
 want profile && step 45 "$PY" benchmarks/profile_layer.py --device "$DEVICE" "${LAYER_PROFILE[@]}" --out "$RES/profile-layer.md"
 want profile && step 60 "$PY" benchmarks/profile_head.py --device "$DEVICE" "${PROFILE[@]}" --out "$RES/profile-head.md"
