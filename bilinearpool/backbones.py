@@ -52,6 +52,8 @@ _TORCHVISION_NODES: dict[str, str] = {
     "mnasnet": "layers",
     "regnet": "trunk_output",
     "shufflenet": "conv5",
+    "swin": "norm",  # (B, H, W, C): read as NHWC
+    "maxvit": "blocks.3",  # the last stage (the model takes 224 x 224 only)
 }
 #: Backbones of Liu, Juhas & Zhang (2020): name -> library that provides them.
 PAPER_BACKBONES = {"resnet50": "torchvision", "inception_v3": "torchvision", "inception_resnet_v2": "timm"}

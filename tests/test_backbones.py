@@ -164,10 +164,13 @@ class TestChannelsLastMaps:
         with pytest.raises(ValueError, match="output_fmt must be one of .*'NLC'"):
             build_backbone(NHWCNet(), output_fmt="NLC")
 
-    @pytest.mark.parametrize("source", ["torchvision", "timm"])
+    @pytest.mark.parametrize("source", ["torchvision", "torchvision-name", "timm"])
     def test_swin_tiny(self, source):
         if source == "torchvision":
             fx, size = build_backbone(torchvision.models.swin_t(), node="features"), 64
+        elif source == "torchvision-name":  # its default node: the final norm, NHWC
+            fx, size = build_backbone("swin_t"), 64
+            assert fx.output_fmt == "NHWC"
         else:
             fx, size = build_backbone("swin_tiny_patch4_window7_224"), 224
         out = fx.eval()(torch.randn(1, 3, size, size))
