@@ -13,11 +13,13 @@ class WideLinear(nn.Linear):
     """``nn.Linear`` whose forward is :func:`~bilinearpool.functional.wide_linear`.
 
     Same parameters, initialisation and ``state_dict`` as ``nn.Linear`` (a checkpoint of
-    one loads into the other). For float32 inputs of at least 32768 features and at most
-    64 outputs (a classifier on bilinear features) the forward product runs as one Triton
-    kernel on CUDA and as a batched product over feature chunks on CPU, where cuBLAS and
-    the CPU's BLAS handle this shape poorly (:func:`~bilinearpool.functional.wide_linear`);
-    otherwise it is ``nn.Linear``.
+    one loads into the other). For float32 and float64 inputs of at least 32768 features
+    and at most 64 outputs (a classifier on bilinear features) the forward product runs
+    on CUDA as one Triton kernel, on CPU (from 2 rows and ``rows * D * out >= 2**24``) as
+    a batched product over chunks of the features, where cuBLAS and the CPU's BLAS handle
+    this shape poorly (:func:`~bilinearpool.functional.wide_linear`); everything else
+    (autocast, half precision, tracing, other devices, other shapes) is ``nn.Linear``.
+    Like ``nn.Linear`` it works under ``torch.func`` transforms and forward-mode AD.
     The classifiers of :mod:`bilinearpool` (:class:`~bilinearpool.FastBCNN` and the
     others) use it.
 

@@ -7,10 +7,13 @@ tests/test_triton_kernels.py and compiled on a GPU in tests/test_cuda.py.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch import nn
+from torch import func, nn
 
 from bilinearpool import FastBCNN, GAPClassifier, WideLinear
 from bilinearpool.functional import linear as L
@@ -44,6 +47,176 @@ def test_chunked_cpu_path_equals_f_linear_values_and_gradients(d, bias):
     dz = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, c in zip(torch.autograd.grad(out, leaves, dz), torch.autograd.grad(ref, leaves, dz)):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("requires_grad", list(itertools.product([False, True], repeat=3)))
+def test_backward_keeps_what_f_linear_keeps(requires_grad):
+    """At a size that takes the chunked path, autograd keeps the same tensors as for
+    F.linear: x only for the weight's gradient, the weight only for x's (a frozen
+    classifier keeps no B x D features), nothing for the bias's; gradients equal."""
+    g = torch.Generator().manual_seed(1)
+    d = 1 << 21
+    leaves = [
+        torch.randn(2, d, generator=g, dtype=torch.float64),
+        torch.randn(4, d, generator=g, dtype=torch.float64) / 2**10.5,
+        torch.randn(4, generator=g, dtype=torch.float64),
+    ]
+    x, w, b = (t.requires_grad_(r) for t, r in zip(leaves, requires_grad))
+    assert L._path(x, w, b) == "chunks"
+    names = {t.untyped_storage().data_ptr(): name for t, name in zip((x, w, b), "xwb")}
+
+    def run(fn):
+        kept: list[str] = []
+
+        def pack(t):
+            kept.append(names.get(t.untyped_storage().data_ptr(), f"other {tuple(t.shape)}"))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(x, w, b)
+        return out, sorted(kept)
+
+    (out, kept), (ref, ref_kept) = run(wide_linear), run(F.linear)
+    assert kept == ref_kept == sorted(n for n, r in zip("xw", requires_grad[1::-1]) if r)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-10)
+    needs = [t for t in (x, w, b) if t.requires_grad]
+    if needs:
+        dz = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        for a, c in zip(torch.autograd.grad(out, needs, dz), torch.autograd.grad(ref, needs, dz)):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-10)
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """Small float64 arguments for which wide_linear takes the chunked path (its size
+    threshold lowered), and a count of the chunked products it runs."""
+    monkeypatch.setattr(L, "_CHUNKS_FROM", 0)
+    calls = [0]
+    product = L._chunked
+
+    def counted(*args):
+        calls[0] += 1
+        return product(*args)
+
+    monkeypatch.setattr(L, "_chunked", counted)
+    g = torch.Generator().manual_seed(2)
+    d = WIDE + 5  # a chunk-sized remainder path as well
+    x = torch.randn(3, d, generator=g, dtype=torch.float64)
+    w = torch.randn(2, d, generator=g, dtype=torch.float64) / d**0.5
+    b = torch.randn(2, generator=g, dtype=torch.float64)
+    assert L._path(x, w, b) == "chunks"
+    return x, w, b, calls
+
+
+def _agree(run):
+    """``run(linear)`` gives the same tensors with wide_linear as with F.linear."""
+    torch.testing.assert_close(run(wide_linear), run(F.linear), rtol=1e-12, atol=1e-10)
+
+
+class TestTransforms:
+    """torch.func transforms and forward-mode AD through the chunked path equal F.linear's."""
+
+    @pytest.mark.parametrize("argnums", [0, 1, 2, (0, 1, 2)])
+    def test_grad(self, chunked, argnums):
+        x, w, b, calls = chunked
+        _agree(lambda linear: func.grad(lambda *a: linear(*a).sin().sum(), argnums)(x, w, b))
+        assert calls[0] > 0
+
+    def test_jvp(self, chunked):
+        x, w, b, calls = chunked
+        g = torch.Generator().manual_seed(3)
+        primals = (x, w, b)
+        tangents = tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in primals)
+        _agree(lambda linear: func.jvp(linear, primals, tangents))
+        for i in range(3):  # one tangent at a time: the other two are None
+
+            def one(linear, i=i):
+                def f(p):
+                    return linear(*primals[:i], p, *primals[i + 1 :])
+
+                return func.jvp(f, (primals[i],), (tangents[i],))
+
+            _agree(one)
+        assert calls[0] > 0
+
+    def test_jacrev_and_hessian_vector_product(self, chunked):
+        x, w, b, calls = chunked
+        _agree(lambda linear: func.jacrev(linear, (0, 1, 2))(x, w, b))
+
+        def hvp(linear):  # forward over reverse
+            def loss(x):
+                return linear(x, w, b).pow(2).sum()
+
+            return func.jvp(func.grad(loss), (x,), (torch.ones_like(x),))[1]
+
+        _agree(hvp)
+        assert calls[0] > 0
+
+    @pytest.mark.parametrize("in_dim", [0, 1])
+    def test_vmap_over_inputs_runs_the_fast_path(self, chunked, in_dim):
+        x, w, b, calls = chunked
+        xs = torch.stack([x, x.flip(0), 2 * x], in_dim)
+        _agree(lambda linear: func.vmap(linear, (in_dim, None, None))(xs, w, b))
+        assert calls[0] == 1  # the batch as more rows of one product
+
+    def test_per_sample_gradients(self, chunked):
+        """vmap over grad, and grad over vmap."""
+        x, w, b, calls = chunked
+        xs = torch.stack([x, 2 * x])
+
+        def per_sample(linear):
+            def loss(x, w):
+                return linear(x, w, b).sin().sum()
+
+            return func.vmap(func.grad(loss, (0, 1)), (0, None))(xs, w)
+
+        def of_batch(linear):
+            def loss(xs, w):
+                return func.vmap(linear, (0, None, None))(xs, w, b).sin().sum()
+
+            return func.grad(loss, (0, 1))(xs, w)
+
+        _agree(per_sample)
+        _agree(of_batch)
+        assert calls[0] > 0
+
+    @pytest.mark.parametrize("stacked", [("weight", "bias"), ("weight",), ("bias",)])
+    def test_vmap_over_a_stack_of_weights(self, chunked, stacked):
+        """An ensemble (torch.func.stack_module_state) of WideLinear against nn.Linear; the
+        parameters not stacked are the first layer's, shared."""
+        x, w, _, _ = chunked
+        out_features, in_features = w.shape
+        layers = [WideLinear(in_features, out_features, dtype=torch.float64) for _ in range(3)]
+        params, _ = func.stack_module_state(layers)
+        params = {k: v if k in stacked else v[0] for k, v in params.items()}
+        in_dims = {k: 0 if k in stacked else None for k in params}
+        plain = nn.Linear(in_features, out_features, dtype=torch.float64)
+
+        def ensemble(module):
+            return func.vmap(lambda p: func.functional_call(module, p, (x,)), (in_dims,))(params)
+
+        out = ensemble(layers[0])
+        assert out.shape == (3, x.shape[0], out_features)
+        torch.testing.assert_close(out, ensemble(plain), rtol=1e-12, atol=1e-10)
+
+    def test_forward_ad_dual_tensors(self, chunked):
+        x, w, b, calls = chunked
+        g = torch.Generator().manual_seed(4)
+        tx, tw = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (x, w))
+        layer = WideLinear(w.shape[1], w.shape[0], dtype=torch.float64)
+        plain = nn.Linear(w.shape[1], w.shape[0], dtype=torch.float64)
+        with fwAD.dual_level():
+            duals = [
+                fwAD.unpack_dual(linear(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw), b))
+                for linear in (wide_linear, F.linear)
+            ]
+            for module in (layer, plain):  # a dual input, plain parameters
+                module.load_state_dict({"weight": w, "bias": b})
+                duals.append(fwAD.unpack_dual(module(fwAD.make_dual(x, tx))))
+        for got, ref in (duals[:2], duals[2:]):
+            torch.testing.assert_close(got.primal, ref.primal, rtol=1e-12, atol=1e-10)
+            torch.testing.assert_close(got.tangent, ref.tangent, rtol=1e-12, atol=1e-10)
+        assert calls[0] == 2
 
 
 def test_the_chunked_path_runs_for_large_products():

@@ -116,7 +116,7 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
                    = \\frac{x}{\\sqrt{|x| + \\epsilon} + \\sqrt{\\epsilon}} ,
 
     and computed in the second form, which needs no ``sign`` and cancels nothing
-    (in float32 for float16/bfloat16 input, where a small :math:`\epsilon` would round
+    (in float32 for float16/bfloat16 input, where a small :math:`\\epsilon` would round
     away, and returned in the input's dtype).
     :math:`f` is odd, continuous, strictly increasing, :math:`f(0) = 0`, and
     differentiable everywhere with

@@ -22,6 +22,8 @@ on other devices it is ``F.linear``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,6 +51,9 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     order), on CPU (from 2 rows and ``rows * D * out >= 2**24``) a batched product over
     chunks of the features; everything else
     (autocast, half precision, tracing, other devices, other shapes) is ``F.linear``.
+    Like ``F.linear`` it works under ``torch.func`` transforms (``grad``, ``jvp``,
+    ``jacrev``, ``vmap``) and ``torch.autograd.forward_ad``, and keeps for backward only
+    what the gradients need (``x`` for the weight's, the weight for ``x``'s).
 
     Args:
         x: input, features last.
@@ -148,19 +153,67 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _WideLinear(torch.autograd.Function):
-    """Forward by the Triton kernel (``triton``) or the chunked product; backward as
-    ``F.linear``'s (two products and a sum)."""
+    """Forward by the Triton kernel (``triton``) or the chunked product; backward and
+    forward-mode tangent as ``F.linear``'s (two products and a sum).
+
+    New style (``forward`` without ``ctx``, then ``setup_context``) with ``jvp`` and
+    ``vmap`` rules: ``torch.func`` transforms and ``torch.autograd.forward_ad`` need them.
+    Backward keeps what ``F.linear``'s keeps: ``x`` only when the weight needs a gradient,
+    the weight only when ``x`` does (a frozen classifier keeps no B x D features).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, triton: bool) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, triton: bool) -> Tensor:  # type: ignore[override]
         return _forward(x, weight, bias) if triton else _chunked(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, bias, _ = inputs
+        needs_x, needs_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if needs_w else None, weight if needs_x else None)
+        ctx.save_for_forward(x, weight)  # for jvp only: autograd drops them when apply returns
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         gx = grad.mm(weight) if ctx.needs_input_grad[0] else None
         gw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, _: None) -> Tensor:
+        """``dx W^T + x dW^T + db`` over the tangents given (autograd passes at least one)."""
+        x, weight = ctx.saved_for_forward
+        out = None if dx is None else F.linear(dx, weight)
+        if dw is not None:
+            out = F.linear(x, dw) if out is None else out + F.linear(x, dw)
+        if db is not None:
+            out = db.expand(x.shape[0], -1).clone() if out is None else out + db
+        assert out is not None
+        return out
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        triton: bool,
+    ) -> tuple[Tensor, int]:
+        """A batch of inputs is more rows (the fast path again); a stack of weights (and of
+        biases) is a batched ``matmul``. At least one of them is batched; the output's batch
+        dimension is its first."""
+        bx, bw, bb = in_dims[:3]
+        x = x if bx is None else x.movedim(bx, 0)  # (V, rows, D) or (rows, D)
+        if bw is None:
+            out = wide_linear(x, weight, bias if bb is None else None)
+        else:
+            out = torch.matmul(x, weight.movedim(bw, 0).transpose(-1, -2))  # (V, rows, out)
+            if bias is not None and bb is None:
+                out = out + bias
+        if bias is not None and bb is not None:
+            out = out + bias.movedim(bb, 0).unsqueeze(-2)
+        return out, 0
