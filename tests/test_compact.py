@@ -518,3 +518,29 @@ class TestCompactBilinearPoolLoading:
     def test_dtype_that_is_not_a_torch_dtype_is_a_type_error(self) -> None:
         with pytest.raises(TypeError, match="dtype must be a floating-point dtype, but got 'float32'"):
             CompactBilinearPool(in_channels=4, dtype="float32")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("algorithm", ["fft", "gram"])
+def test_function_transforms_and_dual_tensors(algorithm):
+    # The autograd Functions have no rules for torch.func: the plain Gram formula runs.
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randint(0, 16, (6,), generator=g) for _ in range(2)]
+    s = [torch.randint(0, 2, (6,), generator=g) * 2.0 - 1 for _ in range(2)]
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+
+    def sketch(x, algorithm=algorithm):
+        return tensor_sketch(x, index_a=h[0], sign_a=s[0].double(), index_b=h[1], sign_b=s[1].double(),
+                             out_features=16, algorithm=algorithm)
+
+    def explicit(x):
+        return explicit_tensor_sketch(x, x, h[0], s[0].double(), h[1], s[1].double(), 16)
+
+    loss = lambda f: lambda x: f(x).square().sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(loss(sketch))(x), torch.func.grad(loss(explicit))(x))
+    torch.testing.assert_close(torch.func.vmap(sketch)(torch.stack([x, -x])), torch.stack([explicit(x), explicit(-x)]))
+    t = torch.randn_like(x)
+    expected = torch.func.jvp(explicit, (x,), (t,))[1]
+    torch.testing.assert_close(torch.func.jvp(sketch, (x,), (t,))[1], expected)
+    with torch.autograd.forward_ad.dual_level():
+        out = sketch(torch.autograd.forward_ad.make_dual(x, t))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, expected)

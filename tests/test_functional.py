@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import bilinearpool.functional.bilinear as FB
 from bilinearpool.functional import (
     bilinear_pool,
+    fast_bilinear_linear,
     fast_bilinear_pool,
     l2_normalize,
     signed_sqrt,
@@ -601,3 +602,54 @@ def test_tokens_of_different_lengths_are_not_told_to_resize():
     assert "resize=" not in str(info.value) and "cannot be resized" in str(info.value)
     with pytest.raises(ValueError, match="resize='bilinear'"):
         bilinear_pool(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2))
+
+
+class TestFunctionTransforms:
+    """torch.func transforms and forward-mode AD: the fused ops run their op-by-op
+    definition there (their autograd Functions have no rules for them)."""
+
+    @staticmethod
+    def reference(x, y=None, triu=False):
+        g = bilinear_pool(x, y)
+        z = signed_sqrt(g, eps=1e-5)
+        return l2_normalize(triu_pack(z) if triu else z.flatten(1))
+
+    CASES = [
+        pytest.param({}, False, id="one-stream"),
+        pytest.param({"triu": True}, False, id="triu"),
+        pytest.param({"save_output": True}, False, id="save-output"),
+        pytest.param({}, True, id="two-streams"),
+    ]
+
+    @pytest.mark.parametrize("options, two", CASES)
+    def test_grad_vmap_jacrev_jvp_and_dual_tensors(self, options, two):
+        torch.manual_seed(0)
+        x = torch.relu(torch.randn(3, 5, 4, 4, dtype=torch.float64))
+        y = torch.relu(torch.randn(3, 4, 4, 4, dtype=torch.float64)) if two else None
+        triu = options.get("triu", False)
+        ours = lambda x: fast_bilinear_pool(x, y, **options)  # noqa: E731
+        ref = lambda x: self.reference(x, y, triu)  # noqa: E731
+        loss = lambda f: lambda x: f(x).square().sum() + f(x)[:, 0].sum()  # noqa: E731
+        torch.testing.assert_close(torch.func.grad(loss(ours))(x), torch.func.grad(loss(ref))(x))
+        torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(ref)(x))
+        t = torch.randn_like(x)
+        expected = torch.func.jvp(ref, (x,), (t,))[1]
+        torch.testing.assert_close(torch.func.jvp(ours, (x,), (t,))[1], expected)
+        with torch.autograd.forward_ad.dual_level():
+            out = ours(torch.autograd.forward_ad.make_dual(x, t))
+            torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, expected)
+        if not two:  # vmap over a stack of batches
+            stack = torch.stack([x, x.flip(0)])
+            torch.testing.assert_close(torch.func.vmap(ours)(stack), torch.stack([ref(x), ref(x.flip(0))]))
+
+    def test_per_sample_gradients_of_a_linear_head(self):
+        torch.manual_seed(0)
+        x = torch.relu(torch.randn(4, 5, 3, 3, dtype=torch.float64))
+        w = torch.randn(3, 25, dtype=torch.float64)
+        per_sample = torch.func.vmap(
+            torch.func.grad(lambda w, xi: fast_bilinear_linear(xi[None], w).logsumexp(1).sum()), in_dims=(None, 0)
+        )(w, x)
+        loop = torch.stack(
+            [torch.func.grad(lambda w: (self.reference(xi[None]) @ w.T).logsumexp(1).sum())(w) for xi in x]
+        )
+        torch.testing.assert_close(per_sample, loop)

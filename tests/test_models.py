@@ -338,3 +338,28 @@ class TestOtherPoolsAsHeads:
 
         model = BCNN(tiny(8), tiny(4), num_classes=2, pool=CompactBilinearPool(in_channels=8, in_channels_b=4, out_features=32))
         assert model.embedding_dim == 32 and model(X).shape == (2, 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FastBCNN(tiny(6), num_classes=3),
+    lambda: FastBCNN(tiny(6), num_classes=3, triu=True),
+    lambda: BCNN(tiny(6), tiny(4), num_classes=3),
+], ids=["fast", "fast-triu", "bcnn"])
+def test_per_sample_gradients_with_torch_func(make):
+    # torch.func.vmap(grad(...)) over samples (e.g. for DP-SGD): the same gradients as
+    # one backward per sample.
+    torch.manual_seed(0)
+    model = make().double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, target = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1])
+
+    def loss(p, xi, ti):
+        logits = torch.func.functional_call(model, p, (xi[None],))
+        return nn.functional.cross_entropy(logits, ti[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(3):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), target[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, msg=name)

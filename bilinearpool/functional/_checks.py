@@ -25,6 +25,7 @@ __all__ = [
     "make_layer",
     "no_autocast",
     "pair_streams",
+    "plain_ops",
 ]
 
 
@@ -37,6 +38,28 @@ def check_floating(x: Tensor, name: str = "input") -> None:
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"but got dtype {x.dtype}"
         )
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    # torch has no public test for "inside torch.func.grad/vmap/jvp"; this private one
+    # exists since torch 2.0 (without it, the transforms meet the autograd Functions and
+    # say that they need setup_context).
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
+def plain_ops(*tensors: Tensor | None) -> bool:
+    """Whether an op must run as plain differentiable torch operations instead of its
+    custom autograd Function: while ``torch.jit.trace`` or the ONNX exporter records it
+    (a Function cannot be saved or exported), under ``torch.func`` transforms (``grad``,
+    ``vmap``, ``jvp``, ``jacrev``) and in forward-mode AD (dual tensors), which need rules
+    the Functions do not have."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    present = [t for t in tensors if isinstance(t, Tensor)]
+    if any(_functorch_wrapped(t) for t in present):
+        return True
+    return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in present)
 
 
 def make_layer(factory: object, name: str, example: str) -> torch.nn.Module:

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import _elementwise
 from ._elementwise import grad_from_y_, signed_sqrt_
 from ._memory import new_output
-from ._checks import check_flags, check_floating, compute_dtype, no_autocast, pair_streams
+from ._checks import check_flags, check_floating, compute_dtype, no_autocast, pair_streams, plain_ops
 
 __all__ = [
     "bilinear_pool",
@@ -967,7 +967,9 @@ def fast_bilinear_pool(
 
     Higher derivatives (a backward with ``create_graph=True``, e.g. gradient penalties)
     are exact: such a backward differentiates the op-by-op definition instead, at its
-    time and memory. ``torch.jit.trace`` records that definition's plain operations.
+    time and memory. ``torch.jit.trace`` records that definition's plain operations, and
+    ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``) and forward-mode AD
+    run them (the op-by-op chain's time and memory there).
 
     Args:
         x_a: feature map :math:`A`.
@@ -1015,10 +1017,11 @@ def fast_bilinear_pool(
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
     sqrt_eps, norm_eps = (eps if signed_sqrt else None), (l2_eps if l2_normalize else None)
     with no_autocast(a.device.type):
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        if plain_ops(a, b):
             # The exporter and torch.jit.trace record the forward's operations (an
             # autograd.Function has no ONNX form, and the tracer cannot pass the scale, a
-            # traced size there, to one): whole matrices, out of place, no loop over panels.
+            # traced size there, to one); torch.func transforms and forward-mode AD
+            # differentiate them: whole matrices, out of place, no loop over panels.
             out = _export_forward(a, a if b is None else b, scale, sqrt_eps, norm_eps, triu)
         elif b is None:
             out = _FusedGram.apply(a, scale, sqrt_eps, norm_eps, triu, save_output)

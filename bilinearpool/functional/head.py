@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _elementwise
-from ._checks import as_channel_matrix, check_flags, check_floating
+from ._checks import as_channel_matrix, check_flags, check_floating, plain_ops
 from ._elementwise import signed_sqrt_
 from .bilinear import (
     L2_EPS,
@@ -185,6 +185,8 @@ def _fused(a: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if a.device.type != "cpu" or any(t.device != a.device or t.dtype != a.dtype for t in tensors):
         return False
     if a.dtype not in _DTYPES or torch.is_autocast_enabled("cpu") or _elementwise.tracing():
+        return False
+    if plain_ops(*tensors):  # torch.func transforms, forward AD: the composition has rules
         return False
     return a.shape[2] <= FUSED_MAX_LOCATIONS
 

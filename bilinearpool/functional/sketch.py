@@ -28,7 +28,8 @@ over the random projections, so pooled features
   ``"auto"`` (the default) picks by a cost model measured on a CPU: Gram for small
   :math:`C_1 C_2` against :math:`d \\log d` (e.g. C=512 at 28x28 with d=8192, ~9x faster),
   FFT for large channel counts (C=2048 at d=8192, ~6x faster). ONNX export and
-  ``torch.jit.trace`` record the Gram formula (plain operations, so a trace can be saved).
+  ``torch.jit.trace`` record the Gram formula (plain operations, so a trace can be saved),
+  and ``torch.func`` transforms and forward-mode AD differentiate it.
 - **Random Maclaurin** (Kar & Karnick 2012): :math:`\\phi = \\frac{1}{\\sqrt d} (W_1 x) \\circ (W_2 y)`
   with Rademacher :math:`W_i \\in \\{\\pm1\\}^{d \\times C_i}`. Cost :math:`O(N d (C_1 + C_2))`.
 
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import _elementwise
-from ._checks import compute_dtype, no_autocast, pair_streams
+from ._checks import compute_dtype, no_autocast, pair_streams, plain_ops
 
 __all__ = ["random_maclaurin", "tensor_sketch"]
 
@@ -438,11 +439,12 @@ def tensor_sketch(
     with no_autocast(a.device.type):
         a = a.to(dtype)
         b = a if one_stream else b.to(dtype)
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        if plain_ops(a, b, sign_a, sign_b):
             # The exporter and torch.jit.trace record the plain Gram formula (an autograd
             # Function has no ONNX form and cannot be saved with a trace; the exporter has
             # no rfft, and its index_add refuses repeated indices; scatter_add becomes
-            # ScatterElements(reduction="add")).
+            # ScatterElements(reduction="add")); torch.func transforms and forward-mode
+            # AD differentiate it.
             weight = sign_a.to(dtype)[:, None] * sign_b.to(dtype)[None, :] / a.shape[2]
             g = torch.matmul(a, b.transpose(1, 2)) * weight
             bins = _bins(index_a, index_b, d).flatten().expand(g.shape[0], -1)
