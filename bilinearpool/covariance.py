@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_floating
+from .functional._checks import check_floating, make_layer
 from .functional.bilinear import triu_pack
 from .functional.covariance import covariance_pool
 from .matrix_sqrt import MatrixSqrt
@@ -39,7 +39,9 @@ class CovariancePool(nn.Module):
         norm: module applied to the covariance matrices; ``None`` for none. Give it
             matrices out (``MatrixSqrt(triu=False)``); flattening is ``triu``'s job.
         triu: flatten to the packed upper triangle instead of the full matrix.
-        act_layer: factory of the reduction block's activation; ``None`` for none.
+        act_layer: factory of the reduction block's activation, called without
+            arguments (a module class such as ``nn.ReLU``; not a function such as
+            ``F.relu``); ``None`` for none. Checked even without ``reduced_channels``.
         device: device of the reduction's parameters.
         dtype: dtype of the reduction's parameters.
 
@@ -66,7 +68,7 @@ class CovariancePool(nn.Module):
         reduced_channels: int | None = None,
         norm: nn.Module | None = None,
         triu: bool = True,
-        act_layer: Callable[..., nn.Module] | None = nn.ReLU,
+        act_layer: Callable[[], nn.Module] | None = nn.ReLU,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -85,10 +87,7 @@ class CovariancePool(nn.Module):
             raise ValueError("norm must return matrices: use MatrixSqrt(triu=False) and CovariancePool(triu=...)")
         if not isinstance(triu, bool):
             raise TypeError(f"triu must be a bool, but got {type(triu).__name__}")
-        if act_layer is not None and (isinstance(act_layer, nn.Module) or not callable(act_layer)):
-            raise TypeError(
-                f"act_layer must be a factory that returns a module (e.g. nn.ReLU) or None, but got {act_layer!r}"
-            )
+        act = nn.Identity() if act_layer is None else make_layer(act_layer, "act_layer", "nn.ReLU, or None")
         self.in_channels = in_channels
         self.reduced_channels = reduced_channels
         self.triu = triu
@@ -98,7 +97,7 @@ class CovariancePool(nn.Module):
             self.reduce = nn.Sequential(
                 nn.Conv2d(in_channels, reduced_channels, kernel_size=1, bias=False, **factory),
                 nn.BatchNorm2d(reduced_channels, **factory),
-                nn.Identity() if act_layer is None else act_layer(),
+                act,
             )
         self.norm = norm
         self.reset_parameters()
@@ -110,9 +109,18 @@ class CovariancePool(nn.Module):
             self.reduce[1].reset_parameters()
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
-        """Length of the pooled vector for ``in_channels`` input channels (one stream)."""
+        """Length of the pooled vector for ``in_channels`` input channels (one stream).
+
+        A pool built with ``in_channels`` takes that many only, as ``forward`` does
+        (with or without reduction); one built without takes any.
+        """
         if in_channels_b is not None:
             raise ValueError(f"CovariancePool has one stream, but got in_channels_b={in_channels_b}")
+        if self.in_channels is not None and in_channels != self.in_channels:
+            raise ValueError(
+                f"this CovariancePool was built for in_channels={self.in_channels}, "
+                f"but output_dim got in_channels={in_channels}"
+            )
         c = self.reduced_channels if self.reduced_channels is not None else in_channels
         return c * (c + 1) // 2 if self.triu else c * c
 

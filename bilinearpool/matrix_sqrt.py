@@ -23,12 +23,23 @@ class MatrixSqrt(nn.Module):
     :class:`~bilinearpool.covariance.CovariancePool` (or pass it as that pool's ``norm``)
     to get iSQRT-COV.
 
+    Export: Newton-Schulz with ``impl="iterative"`` or ``impl="auto"`` (which picks the
+    iterative form while exported or traced, on every device) exports to ONNX, with
+    both the TorchScript exporter (``dynamo=False``) and the default dynamo exporter,
+    ``triu=True`` included, and gives a :func:`torch.jit.trace` that
+    :func:`torch.jit.save` can store. ``impl="spectral"`` and ``method="eig"`` do
+    neither: they are Python autograd functions around an eigendecomposition, which
+    ONNX has no operator for (the dynamo exporter raises a ``ConversionError``, the
+    TorchScript exporter a ``RuntimeError``, :func:`torch.jit.save` "Could not export
+    Python function call").
+
     Args:
         method: ``"newton_schulz"`` or ``"eig"`` (exact square root).
-        num_iters: Newton-Schulz iterations.
+        num_iters: Newton-Schulz iterations (an int, numpy integers included).
         norm: Newton-Schulz pre-normalisation, ``"trace"`` or ``"frobenius"``.
         impl: Newton-Schulz evaluation, ``"auto"``, ``"iterative"`` or ``"spectral"``.
-        eps: ``method="eig"``: relative eigenvalue floor of the backward pass.
+        eps: ``method="eig"``: relative eigenvalue floor of the backward pass (a real
+            number in (0, 1), numpy floats included).
         triu: return the upper triangle, off-diagonals times :math:`\\sqrt2`
             (:func:`~bilinearpool.functional.triu_pack`), so its L2 norm is the
             matrix's Frobenius norm.
@@ -62,10 +73,10 @@ class MatrixSqrt(nn.Module):
             raise TypeError(f"triu must be a bool, but got {type(triu).__name__}")
         _check_config(method, num_iters, norm, impl, eps)
         self.method = method
-        self.num_iters = num_iters
+        self.num_iters = int(num_iters)  # numpy scalars as Python numbers
         self.norm = norm
         self.impl = impl
-        self.eps = eps
+        self.eps = float(eps)
         self.triu = triu
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:

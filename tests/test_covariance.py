@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import io
 import pickle
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,6 +147,33 @@ class TestCovariancePool:
         x = features(2, 8, 5, 5)
         torch.testing.assert_close(torch.from_numpy(run_onnx(layer, x)), layer(x), atol=1e-5, rtol=1e-4)
 
+    @pytest.mark.parametrize("reduced", [False, True])
+    def test_jit_trace_save_load(self, reduced: bool) -> None:
+        # MatrixSqrt's impl="auto" and the covariance trace as plain ops (no Python autograd
+        # function): the trace saves, loads, and gives the layer's values and input gradients.
+        kwargs = {"in_channels": 8, "reduced_channels": 4} if reduced else {}
+        layer = CovariancePool(norm=MatrixSqrt(), **kwargs).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation warnings
+            traced = torch.jit.trace(layer, features(2, 8, 5, 5))
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer)
+            buffer.seek(0)
+            loaded = torch.jit.load(buffer)
+        x1 = features(3, 8, 5, 5, seed=1).requires_grad_()
+        x2 = x1.detach().clone().requires_grad_()
+        out, ref = loaded(x1), layer(x2)
+        torch.testing.assert_close(out, ref)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
+
+    def test_rank_is_at_most_n_minus_one(self) -> None:
+        # The docstring's bound: centring leaves rank <= min(C, N - 1) (N = 3 locations here).
+        cov = covariance_pool(features(2, 6, 3, dtype=torch.float64).transpose(1, 2))
+        assert (torch.linalg.matrix_rank(cov) == 2).all()
+        assert (covariance_pool(features(2, 6, 1, 1, dtype=torch.float64)) == 0).all()
+
     def test_onnx_triu(self) -> None:
         # triu_pack's indices are constants in the exported graph.
         layer = CovariancePool().eval()
@@ -163,6 +193,24 @@ class TestCovariancePoolConfiguration:
         assert pool(torch.randn(2, 9, 4)).shape == (2, 10)
         with pytest.raises(ValueError, match=r"in_channels=4 channels, but got shape \(2, 5, 3, 3\)"):
             pool(torch.randn(2, 5, 3, 3))
+
+    def test_output_dim_checks_in_channels(self) -> None:
+        # As forward: a pool built for in_channels takes no other count; one without takes any.
+        with pytest.raises(ValueError, match="built for in_channels=8, but output_dim got in_channels=16"):
+            CovariancePool(in_channels=8).output_dim(16)
+        with pytest.raises(ValueError, match="built for in_channels=8, but output_dim got in_channels=16"):
+            CovariancePool(in_channels=8, reduced_channels=4).output_dim(16)
+        assert CovariancePool(in_channels=8).output_dim(8) == 36
+        assert CovariancePool(in_channels=8, reduced_channels=4).output_dim(8) == 10
+        assert CovariancePool(triu=False).output_dim(16) == 256
+
+    @pytest.mark.parametrize("reduced_channels", [None, 2])
+    def test_act_layer_function_is_a_clear_type_error(self, reduced_channels: int | None) -> None:
+        expected = r"act_layer must be a factory .*nn\.ReLU.*calling .*relu.* failed"
+        with pytest.raises(TypeError, match=expected):
+            CovariancePool(in_channels=4, reduced_channels=reduced_channels, act_layer=F.relu)
+        pool = CovariancePool(in_channels=4, reduced_channels=2, act_layer=nn.GELU)
+        assert isinstance(pool.reduce[2], nn.GELU)
 
     def test_act_layer_none_means_no_activation(self) -> None:
         pool = CovariancePool(in_channels=4, reduced_channels=2, act_layer=None).eval()

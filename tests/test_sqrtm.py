@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import io
 import pickle
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -28,10 +31,14 @@ def eigh_sqrt(a: torch.Tensor) -> torch.Tensor:
     return (u * lam.clamp_min(0).sqrt().unsqueeze(1)) @ u.transpose(1, 2)
 
 
-def naive_isqrt(a: torch.Tensor, num_iters: int, norm: str = "trace") -> torch.Tensor:
-    """iSQRT-COV written from the paper's equations, differentiated by plain autograd."""
+def naive_isqrt(a: torch.Tensor, num_iters: int, norm: str = "trace", s: float | None = None) -> torch.Tensor:
+    """iSQRT-COV written from the paper's equations, differentiated by plain autograd
+    (``s``: a constant pre-normalisation factor instead of ``norm``'s)."""
     a = (a + a.transpose(1, 2)) / 2
-    s = a.diagonal(dim1=1, dim2=2).sum(-1) if norm == "trace" else a.flatten(1).norm(dim=1)
+    if s is None:
+        s = a.diagonal(dim1=1, dim2=2).sum(-1) if norm == "trace" else a.flatten(1).norm(dim=1)
+    else:
+        s = torch.full(a.shape[:1], s, dtype=a.dtype)
     s = s.view(-1, 1, 1)
     eye = torch.eye(a.shape[1], dtype=a.dtype).expand_as(a)
     y, z = a / s, eye
@@ -259,17 +266,107 @@ class TestMatrixSqrt:
         assert low.dtype == torch.float32
         torch.testing.assert_close(low, matrix_sqrt(a.bfloat16().float(), method=method))
 
+    @pytest.mark.parametrize("triu", [False, True])
     @pytest.mark.parametrize("impl", ["auto", "iterative"])
-    def test_onnx(self, impl: str) -> None:
-        # Newton-Schulz exports (always as matrix products); triu=True does not (see report).
-        layer = MatrixSqrt(impl=impl)
+    def test_onnx(self, impl: str, triu: bool) -> None:
+        # Newton-Schulz exports (always as matrix products), packed upper triangle included.
+        layer = MatrixSqrt(impl=impl, triu=triu)
         a = psd(2, 6, 12)
         torch.testing.assert_close(torch.from_numpy(run_onnx(layer, a)), layer(a), atol=1e-5, rtol=1e-4)
 
-    def test_onnx_eig_not_exported(self) -> None:
-        # ONNX has no symmetric eigendecomposition: method="eig" does not export.
-        with pytest.raises(Exception, match="_EigSqrt|eigh|PythonOp"):
-            run_onnx(MatrixSqrt(method="eig"), psd(1, 4, 8))
+    @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+    @pytest.mark.parametrize("kwargs", [{"method": "eig"}, {"impl": "spectral"}], ids=["eig", "spectral"])
+    def test_onnx_eigh_not_exported(self, kwargs: dict, dynamo: bool) -> None:
+        # ONNX has no symmetric eigendecomposition: as MatrixSqrt's docstring says, these
+        # two do not export (a ConversionError from the dynamo exporter).
+        if dynamo:
+            pytest.importorskip("onnxscript")
+        with pytest.raises(Exception, match="eigh") as info:
+            run_onnx(MatrixSqrt(**kwargs), psd(1, 4, 8), dynamo=dynamo)
+        if dynamo:
+            assert type(info.value).__name__ == "ConversionError"
+
+    @pytest.mark.parametrize("triu", [False, True])
+    def test_jit_trace_save_load(self, triu: bool) -> None:
+        # impl="auto" traces the iterative form (no Python autograd function), so the
+        # trace saves, loads and computes the layer on new input.
+        layer = MatrixSqrt(triu=triu)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation warnings
+            traced = torch.jit.trace(layer, psd(2, 6, 12))
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer)
+            buffer.seek(0)
+            loaded = torch.jit.load(buffer)
+        new = psd(3, 6, 12, seed=7)
+        torch.testing.assert_close(loaded(new), layer(new))
+
+    def test_jit_trace_of_spectral_does_not_save(self) -> None:
+        # As documented: an explicit impl="spectral" stays an autograd function.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(MatrixSqrt(impl="spectral"), psd(2, 6, 12))
+            with pytest.raises(RuntimeError, match="_NSSpectral"):
+                torch.jit.save(traced, io.BytesIO())
+
+    def test_numpy_scalars(self) -> None:
+        a = psd(2, 5, 9, dtype=torch.float64)
+        ref = matrix_sqrt(a, num_iters=3)
+        torch.testing.assert_close(matrix_sqrt(a, num_iters=np.int64(3)), ref)
+        eig = matrix_sqrt(a, method="eig", eps=np.float32(1e-6))
+        torch.testing.assert_close(eig, matrix_sqrt(a, method="eig"))
+        layer = MatrixSqrt(num_iters=np.int32(3), eps=np.float64(1e-4))
+        assert type(layer.num_iters) is int and type(layer.eps) is float
+        assert "num_iters=3" in repr(layer)
+        torch.testing.assert_close(layer(a), ref)
+        with pytest.raises(ValueError, match="num_iters must be a positive int, but got True"):
+            matrix_sqrt(a, num_iters=True)
+        with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\), but got True"):
+            MatrixSqrt(eps=True)
+        with pytest.raises(ValueError, match="num_iters must be a positive int, but got 2.0"):
+            MatrixSqrt(num_iters=2.0)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("impl", NS_IMPLS)
+    @pytest.mark.parametrize(
+        "c, norm, dtype",
+        [
+            (c, norm, dtype)
+            for c in (1e-13, 1e-16, 1e-30)
+            for norm in ("trace", "frobenius")
+            for dtype in (torch.float32, torch.float64)
+            # The Frobenius norm squares the entries: 1e-30 underflows in float32 (documented).
+            if not (dtype == torch.float32 and norm == "frobenius" and c < 1e-20)
+        ],
+    )
+    def test_newton_schulz_is_homogeneous_at_small_scales(
+        self, c: float, impl: str, norm: str, dtype: torch.dtype
+    ) -> None:
+        # f(cA) = sqrt(c) f(A), gradients c^(-1/2) times, however small tr(cA): s is floored
+        # at finfo.tiny only.
+        a = psd(2, 5, 9, dtype=dtype)
+        g = torch.randn(2, 5, 5, dtype=dtype, generator=torch.Generator().manual_seed(8))
+        small, unit = (a * c).requires_grad_(), a.clone().requires_grad_()
+        out_small = matrix_sqrt(small, impl=impl, norm=norm)
+        out_unit = matrix_sqrt(unit, impl=impl, norm=norm)
+        torch.testing.assert_close(out_small / c**0.5, out_unit)
+        out_small.backward(g)
+        out_unit.backward(g)
+        tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+        torch.testing.assert_close(small.grad * c**0.5, unit.grad, **tol)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("eps", [1e-6, 1e-2])
+    def test_eig_zero_matrix_gradient_is_bounded(self, eps: float, dtype: torch.dtype) -> None:
+        # No positive eigenvalue: the floor is eps (lambda_max taken as 1), so the gradient
+        # of the all-zero matrix is sym(G) / (2 sqrt(eps)); the other matrix is unaffected.
+        a = torch.cat([torch.zeros(1, 4, 4, dtype=dtype), psd(1, 4, 9, dtype=dtype)]).requires_grad_()
+        g = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+        matrix_sqrt(a, method="eig", eps=eps).backward(g.to(dtype))
+        expected = (g[0] + g[0].T) / 2 / (2 * eps**0.5)
+        torch.testing.assert_close(a.grad[0].double(), expected, rtol=1e-5, atol=1e-5)
+        alone = a[1:].detach().clone().requires_grad_()
+        matrix_sqrt(alone, method="eig", eps=eps).backward(g[1:].to(dtype))
+        torch.testing.assert_close(a.grad[1:], alone.grad)
 
 
 @pytest.mark.parametrize("norm", ["trace", "frobenius"])
@@ -279,6 +376,26 @@ def test_iterative_has_exact_second_derivatives(norm):
     x = torch.randn(2, 4, 9, dtype=torch.float64)
     a = (x @ x.transpose(1, 2) / 9).requires_grad_()
     assert torch.autograd.gradgradcheck(lambda t: matrix_sqrt(t, impl="iterative", norm=norm), (a,))
+
+
+@pytest.mark.parametrize("norm", ["trace", "frobenius"])
+def test_iterative_zero_matrix_has_finite_higher_derivatives(norm):
+    """The all-zero matrix takes s = 1: its first and second derivatives are those of the
+    naive iteration with s = 1 (the polynomial q_K), finite, without NaN from the norm."""
+    g = torch.randn(1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    w = torch.randn(1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    grads = []
+    for f in (lambda t: matrix_sqrt(t, impl="iterative", norm=norm), lambda t: naive_isqrt(t, 5, s=1.0)):
+        a = torch.zeros(1, 3, 3, dtype=torch.float64, requires_grad=True)
+        out = f(a)
+        (first,) = torch.autograd.grad((out * g).sum(), a, create_graph=True)
+        (second,) = torch.autograd.grad((first * w).sum(), a)
+        assert (out == 0).all()
+        grads.append((first, second))
+    (first, second), (first_ref, second_ref) = grads
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+    torch.testing.assert_close(first, (first_ref + first_ref.transpose(1, 2)) / 2)
+    torch.testing.assert_close(second, (second_ref + second_ref.transpose(1, 2)) / 2)
 
 
 @pytest.mark.parametrize(
@@ -297,3 +414,45 @@ def test_first_order_only_paths_refuse_create_graph(kwargs, advice):
         torch.autograd.grad((matrix_sqrt(a, **kwargs) * w).sum(), a, create_graph=True)
     g = torch.autograd.grad((matrix_sqrt(a, **kwargs) * w).sum(), a)[0]
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+class TestFunctionTransforms:
+    """torch.func transforms and forward-mode AD run Newton-Schulz as plain operations."""
+
+    @pytest.mark.parametrize("impl", ["auto", "iterative", "spectral"])
+    @pytest.mark.parametrize("norm", ["trace", "frobenius"])
+    def test_grad_vmap_jvp_match_the_plain_iteration(self, impl: str, norm: str) -> None:
+        a = psd(2, 4, 9, dtype=torch.float64)
+        ours = lambda m: matrix_sqrt(m, impl=impl, norm=norm)  # noqa: E731
+        ref = lambda m: naive_isqrt(m, 5, norm)  # noqa: E731
+        loss = lambda f: lambda m: (f(m) ** 2).sum() + f(m)[:, 0, 1].sum()  # noqa: E731
+        torch.testing.assert_close(torch.func.grad(loss(ours))(a), torch.func.grad(loss(ref))(a))
+        torch.testing.assert_close(torch.func.vmap(ours)(torch.stack([a, 2 * a])), torch.stack([ref(a), ref(2 * a)]))
+        t = torch.randn_like(a)
+        t = t + t.transpose(1, 2)
+        expected = torch.func.jvp(ref, (a,), (t,))[1]
+        torch.testing.assert_close(torch.func.jvp(ours, (a,), (t,))[1], expected)
+        with torch.autograd.forward_ad.dual_level():
+            out = ours(torch.autograd.forward_ad.make_dual(a, t))
+            torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, expected)
+
+    def test_eig_says_it_has_no_rule(self) -> None:
+        with pytest.raises(NotImplementedError, match='method="eig"\\) has no torch.func .*use method="newton_schulz"'):
+            torch.func.grad(lambda m: matrix_sqrt(m, method="eig").sum())(psd(1, 3, 9, dtype=torch.float64))
+
+    def test_covariance_pool_per_sample_gradients(self) -> None:
+        from bilinearpool import CovariancePool
+
+        torch.manual_seed(0)
+        pool = CovariancePool(in_channels=4, norm=MatrixSqrt(triu=False)).double()
+        w = torch.randn(2, 10, dtype=torch.float64)
+        x = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+
+        def loss(w, xi):
+            return (pool(xi[None]) @ w.T).logsumexp(1).sum()
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(w, x)
+        for i in range(3):
+            wi = w.clone().requires_grad_()
+            loss(wi, x[i]).backward()
+            torch.testing.assert_close(per_sample[i], wi.grad)

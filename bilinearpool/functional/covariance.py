@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import as_channel_matrix, compute_dtype, no_autocast
+from ._checks import as_channel_matrix, compute_dtype, no_autocast, plain_ops
 
 __all__ = ["covariance_pool"]
 
@@ -55,8 +55,9 @@ def covariance_pool(x: Tensor) -> Tensor:
 
     Shape:
         - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
-        - Output: :math:`(B, C, C)`, symmetric positive semi-definite, rank below
-          :math:`\\min(C, N)`.
+        - Output: :math:`(B, C, C)`, symmetric positive semi-definite, of rank at most
+          :math:`\\min(C, N - 1)` (centring removes one dimension: a single location
+          gives the zero matrix).
 
     Examples:
         >>> x = torch.randn(2, 8, 7, 7)
@@ -68,7 +69,9 @@ def covariance_pool(x: Tensor) -> Tensor:
     """
     m = as_channel_matrix(x)
     with no_autocast(m.device.type):
-        if torch.is_grad_enabled() and m.requires_grad:
+        # ONNX export and torch.jit.trace record the plain ops below (no autograd.Function);
+        # torch.func transforms and forward-mode AD differentiate them.
+        if torch.is_grad_enabled() and m.requires_grad and not plain_ops(m):
             return _Covariance.apply(m)
         xc = _centred(m, compute_dtype(m))
         return torch.bmm(xc, xc.transpose(1, 2)).div_(m.shape[2])

@@ -15,13 +15,22 @@ rank-deficient: a 7x7 map gives 49 locations for 2048 channels):
   and post-compensate :math:`\\sqrt{s}\\, Y_K`. :math:`Y_K = q_K(\\tilde A)` is a fixed
   polynomial of :math:`\\tilde A`, so values and gradients are finite for every input,
   rank-deficient or not; it approaches :math:`\\sqrt{A}` as :math:`K` grows, slowest on the
-  smallest eigenvalues (which is the regularisation iSQRT-COV relies on).
+  smallest eigenvalues (which is the regularisation iSQRT-COV relies on). The result is
+  exactly homogeneous, :math:`f(cA) = \\sqrt{c}\\, f(A)`, as long as :math:`s` is at least
+  the dtype's smallest normal number (``torch.finfo(dtype).tiny``, the floor of
+  :math:`s`; :math:`\\|A\\|_F` squares the entries, so with ``norm="frobenius"`` the range
+  ends where those squares underflow: entries below about 1e-19 in float32, 1e-154 in
+  float64). A matrix with :math:`s = 0` (the all-zero matrix) takes :math:`s = 1`, which
+  gives it the square root 0 and the finite gradient :math:`q_K'(0) \\operatorname{sym}(G)`,
+  with finite higher derivatives too.
 - ``method="eig"``: the exact PSD square root :math:`U \\sqrt{\\max(\\Lambda, 0)} U^\\top`
   through :func:`torch.linalg.eigh` (improved B-CNN, Lin & Maji, BMVC 2017). Its gradient
   uses the divided differences :math:`1 / (\\sqrt{\\lambda_i} + \\sqrt{\\lambda_j})`, which need
   no division by eigenvalue gaps, so repeated eigenvalues are harmless; only the pairs
   of (numerically) zero eigenvalues, where the true derivative is infinite, are bounded
-  by flooring the eigenvalues at ``eps * lambda_max`` in the backward pass.
+  by flooring the eigenvalues at ``eps * lambda_max`` in the backward pass
+  (``lambda_max = 1`` where no eigenvalue is positive, e.g. the all-zero matrix, whose
+  gradient is then :math:`\\operatorname{sym}(G) / (2\\sqrt{\\epsilon})`).
 
 Newton-Schulz is one function with two evaluation strategies (``impl``), equal up to
 rounding:
@@ -44,7 +53,15 @@ rounding:
   eigenvectors, and the eigenvalues with ``q_K`` and ``q_K'`` on them.
 - ``"auto"`` (default): ``"spectral"`` on CPU, where LAPACK's ``eigh`` is cheaper than the
   matrix products; ``"iterative"`` elsewhere (GPUs multiply matrices fast and
-  decompose them slowly), and always ``"iterative"`` during ONNX export.
+  decompose them slowly), and always ``"iterative"`` during ONNX export and
+  :func:`torch.jit.trace`.
+
+While traced (ONNX export, :func:`torch.jit.trace`), ``"iterative"`` runs as plain
+out-of-place operations, so the trace holds no Python autograd function and can be
+exported or saved (:func:`torch.jit.save`); ``impl="spectral"`` and ``method="eig"`` are
+autograd functions there and do neither. Under ``torch.func`` transforms (``grad``,
+``vmap``, ``jacrev``, ``jvp``) and forward-mode AD, Newton-Schulz (either ``impl``) runs
+as those plain operations; ``method="eig"`` raises ``NotImplementedError`` there.
 
 All inputs are symmetrised, :math:`(A + A^\\top)/2`, so the gradient is the symmetric one.
 float16/bfloat16 inputs (and autocast) are computed and returned in float32.
@@ -54,20 +71,19 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from ._checks import check_floating, compute_dtype, no_autocast
+from ._checks import check_floating, compute_dtype, no_autocast, plain_ops
 
 __all__ = ["matrix_sqrt"]
 
 _METHODS = ("newton_schulz", "eig")
 _NORMS = ("trace", "frobenius")
 _IMPLS = ("auto", "iterative", "spectral")
-#: Lower bound of the pre-normalisation factor s (guards the all-zero matrix).
-_SCALE_EPS = 1e-12
 
 
 def _check_matrices(a: Tensor) -> None:
@@ -86,9 +102,10 @@ def _check_config(method: str, num_iters: int, norm: str, impl: str, eps: float)
         raise ValueError(f"norm must be one of {_NORMS}, but got {norm!r}")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, but got {impl!r}")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+    # numbers.Integral / numbers.Real take numpy scalars too; bools are refused.
+    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive int, but got {num_iters!r}")
-    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
         raise ValueError(f"eps must be a number in (0, 1), but got {eps!r}")
 
 
@@ -106,13 +123,31 @@ _EQUAL_REL = 1e-5
 _BAND_MAX = 32
 
 
-def _scale(a2: Tensor, norm: str) -> tuple[Tensor, Tensor]:
-    """Pre-normalisation factor ``s`` of ``sym(a) = a2 / 2`` (B,) and whether it was clamped (B,) bool."""
+def _scale(a2: Tensor, norm: str, differentiable: bool = False) -> tuple[Tensor, Tensor]:
+    """Pre-normalisation factor ``s`` of ``sym(a) = a2 / 2`` (B,) and whether it was replaced (B,) bool.
+
+    ``s`` is floored at the dtype's smallest normal number only (so that ``1 / s`` stays
+    finite), which keeps the result homogeneous, ``f(cA) = sqrt(c) f(A)``, down to that
+    scale; ``s <= 0`` (the all-zero matrix; for the Frobenius norm also one whose squared
+    entries all underflow) becomes 1, so that its square root is 0 with
+    the gradient ``q_K'(0) sym(G)`` instead of one that grows like ``1 / sqrt(floor)``.
+    Where replaced, ``s`` is a constant: no chain rule through it. ``differentiable``:
+    autograd will differentiate ``s`` (to any order), so the norm avoids the zero matrix.
+    """
     if norm == "trace":
         raw = torch.diagonal(a2, dim1=1, dim2=2).sum(-1) * 0.5
+        empty = raw <= 0
     else:
         raw = torch.linalg.matrix_norm(a2) * 0.5
-    return raw.clamp_min(_SCALE_EPS), raw <= _SCALE_EPS
+        empty = raw == 0
+        if differentiable:
+            # The norm's second derivative at 0 is NaN, and a mask after it multiplies the
+            # NaN by 0: take the norm of a nonzero stand-in there (the "double where").
+            safe = torch.where(empty.view(-1, 1, 1), torch.ones_like(a2), a2)
+            raw = torch.linalg.matrix_norm(safe) * 0.5
+    tiny = torch.finfo(raw.dtype).tiny
+    s = torch.where(empty, torch.ones_like(raw), raw.clamp_min(tiny))
+    return s, empty | (raw < tiny)
 
 
 def _sym_eigh(
@@ -333,7 +368,7 @@ def _ns_jvp(a_n: Tensor, e: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
 
 
 def _ns_plain(a: Tensor, num_iters: int, norm: str) -> Tensor:
-    """Newton-Schulz square root with plain ops (no-grad evaluation and ONNX export)."""
+    """Newton-Schulz square root with plain ops, in place (no-grad evaluation)."""
     a2 = a + a.transpose(1, 2)
     s, _ = _scale(a2, norm)
     y = _ns_poly(a2.mul_((0.5 / s).view(-1, 1, 1)), num_iters)
@@ -342,9 +377,9 @@ def _ns_plain(a: Tensor, num_iters: int, norm: str) -> Tensor:
 
 def _ns_definition(a: Tensor, num_iters: int, norm: str) -> Tensor:
     """:func:`_ns_plain` out of place throughout, so that autograd can differentiate it
-    (and its gradient) for a backward that records a graph."""
+    (and its gradient) for a backward that records a graph, and in traces."""
     a2 = a + a.transpose(1, 2)
-    s, _ = _scale(a2, norm)
+    s, _ = _scale(a2, norm, differentiable=True)
     y = _ns_poly(a2 * (0.5 / s).view(-1, 1, 1), num_iters, plain=True)
     return y * s.sqrt().view(-1, 1, 1)
 
@@ -479,8 +514,12 @@ class _EigSqrt(torch.autograd.Function):
     @_first_derivatives_only('matrix_sqrt(method="eig")', 'use method="newton_schulz", impl="iterative"')
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         u, lam = ctx.saved_tensors
-        top = lam.amax(1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
-        root2 = torch.maximum(lam, top * ctx.eps).sqrt().mul_(2.0)
+        # Floor eps * lambda_max, with lambda_max = 1 where no eigenvalue is positive (the
+        # all-zero matrix, where the relative floor would be 0 and the gradient unbounded).
+        top = lam.amax(1, keepdim=True)
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        floor = (top * ctx.eps).clamp_min(torch.finfo(lam.dtype).tiny)
+        root2 = torch.maximum(lam, floor).sqrt().mul_(2.0)
 
         def weigh(gs: Tensor, scratch: Tensor) -> None:
             # U^T sym(G) U / (r_i + r_j) = (2 U^T sym(G) U) / (2 r_i + 2 r_j).
@@ -515,12 +554,14 @@ def matrix_sqrt(
             iSQRT-COV) or ``"frobenius"`` (:math:`\\|A\\|_F`, converges a little faster).
         impl: how Newton-Schulz is evaluated: ``"iterative"`` (matrix products),
             ``"spectral"`` (the same polynomial on eigenvalues) or ``"auto"``
-            (spectral on CPU, iterative elsewhere and in ONNX export). Only
-            ``"iterative"`` has higher derivatives (``create_graph=True``, e.g. gradient
-            penalties); ``"spectral"`` and ``method="eig"`` raise there.
+            (spectral on CPU, iterative elsewhere, in ONNX export and in
+            :func:`torch.jit.trace`). Only ``"iterative"`` has higher derivatives
+            (``create_graph=True``, e.g. gradient penalties); ``"spectral"`` and
+            ``method="eig"`` raise there.
         eps: ``method="eig"`` only: in the backward pass eigenvalues are floored at
-            ``eps * lambda_max``, which bounds the gradient of pairs of (numerically)
-            zero eigenvalues.
+            ``eps * lambda_max`` (``lambda_max = 1`` where no eigenvalue is positive,
+            e.g. the all-zero matrix), which bounds the weight of each pair of
+            eigenvectors in the gradient by ``1 / (2 sqrt(eps * lambda_max))``.
 
     Shape:
         - Input: :math:`(B, C, C)`.
@@ -540,19 +581,33 @@ def matrix_sqrt(
     """
     _check_matrices(a)
     _check_config(method, num_iters, norm, impl, eps)
+    num_iters, eps = int(num_iters), float(eps)  # numpy scalars as Python numbers
     dtype = compute_dtype(a)
     with no_autocast(a.device.type):
         a = a.to(dtype)
         if a.shape[0] == 0:  # an empty batch: nothing to decompose
             return a * 0
+        # ONNX export and torch.jit.trace cannot record an autograd.Function; torch.func
+        # transforms and forward-mode AD need rules that the Functions do not have.
+        plain = plain_ops(a)
+        transformed = plain and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
         if method == "eig":
-            return _EigSqrt.apply(a, float(eps))
+            if transformed:
+                raise NotImplementedError(
+                    'matrix_sqrt(method="eig") has no torch.func or forward-mode AD rule (the '
+                    'eigendecomposition\'s derivative is unbounded at repeated eigenvalues); use '
+                    'method="newton_schulz", which runs as plain operations there'
+                )
+            return _EigSqrt.apply(a, eps)
         if impl == "auto":
-            exporting = torch.onnx.is_in_onnx_export()
-            impl = "spectral" if a.device.type == "cpu" and not exporting else "iterative"
-        if impl == "spectral":
+            impl = "spectral" if a.device.type == "cpu" and not plain else "iterative"
+        if impl == "spectral" and not transformed:
             return _NSSpectral.apply(a, num_iters, norm)
+        if plain:
+            # Out of place and differentiable by autograd, with or without grad: one graph
+            # (torch.jit.trace's check reruns it under no_grad); under torch.func the
+            # spectral evaluation's polynomial too (equal up to rounding).
+            return _ns_definition(a, num_iters, norm)
         if not (torch.is_grad_enabled() and a.requires_grad):
-            # Nothing to differentiate: plain ops, which also trace for ONNX export.
-            return _ns_plain(a, num_iters, norm)
+            return _ns_plain(a, num_iters, norm)  # nothing to differentiate: in place
         return _NSIterative.apply(a, num_iters, norm)
