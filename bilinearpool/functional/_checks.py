@@ -56,6 +56,8 @@ def plain_ops(*tensors: Tensor | None) -> bool:
     the Functions do not have."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
+    if torch.compiler.is_compiling():  # dynamo records the Functions (and cannot run the checks below)
+        return False
     present = [t for t in tensors if isinstance(t, Tensor)]
     if any(_functorch_wrapped(t) for t in present):
         return True
