@@ -87,6 +87,8 @@ class CompactBilinearPool(nn.Module):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be in [-2**63, 2**64), but got {seed}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point dtype, but got {dtype!r}")
         self.in_channels = in_channels
@@ -127,11 +129,14 @@ class CompactBilinearPool(nn.Module):
     def get_extra_state(self) -> Tensor:
         """What the buffers alone do not say: ``(out_features, seed)`` (a tensor, which
         ``torch.jit.trace`` and the ONNX exporter accept in a ``state_dict``)."""
-        return torch.tensor([self.out_features, self.seed], dtype=torch.long)
+        # The generator's seed is 64 bits without sign (a negative seed is taken modulo
+        # 2**64): kept in an int64 as its two's complement.
+        seed = self.seed % 2**64
+        return torch.tensor([self.out_features, seed - 2**64 if seed >= 2**63 else seed], dtype=torch.long)
 
     def set_extra_state(self, state: Tensor) -> None:
         # Checked in _load_from_state_dict; the loaded buffers are this seed's draw.
-        self.seed = int(state[1])
+        self.seed = int(state[1]) % 2**64
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -159,9 +164,12 @@ class CompactBilinearPool(nn.Module):
         if problems:  # load nothing into this layer: it stays as it was
             error_msgs.extend(problems)
             return
+        seed = self.seed
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if any(prefix + name not in state_dict for name in self._buffers):
+            self.seed = seed  # the seed goes with the buffers (strict=False without them)
         if extra is None and prefix + "_extra_state" in missing_keys:
             missing_keys.remove(prefix + "_extra_state")  # checkpoints saved before it existed
 

@@ -101,7 +101,7 @@ def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
     sizes = {}
     try:
         with torch.no_grad():
-            for hw in ((3, 3), (4, 5)):  # two map sizes: the length must not depend on them
+            for hw in ((3, 3), (5, 5)):  # two map sizes: the length must not depend on them
                 x = torch.rand(2, c_a, *hw, **factory)
                 out = pool(x) if c_b is None else pool(x, torch.rand(2, c_b, *hw, **factory))
                 if not isinstance(out, Tensor) or out.dim() < 2:
@@ -115,7 +115,7 @@ def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
     if len(set(sizes.values())) > 1:
         raise ValueError(
             f"{type(pool).__name__}'s output length depends on the feature map's size "
-            f"({sizes[3, 3]} features per sample on 3x3 maps, {sizes[4, 5]} on 4x5), so the "
+            f"({sizes[3, 3]} features per sample on 3x3 maps, {sizes[5, 5]} on 5x5), so the "
             "classifier's input size cannot be read from a dry run; give the pool an "
             "output_dim(in_channels, in_channels_b=None) method that returns it for your input size"
         )

@@ -498,6 +498,26 @@ class TestCompactBilinearPoolLoading:
         assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items() if isinstance(v, torch.Tensor))
         assert wide.seed == 0
 
+    @pytest.mark.parametrize("seed", [2**63, 2**64 - 1, -1, -(2**63)])
+    def test_any_generator_seed_round_trips(self, seed: int) -> None:
+        # The generator takes 64-bit seeds without sign; the int64 extra state holds them.
+        pool = CompactBilinearPool(in_channels=6, out_features=16, seed=seed)
+        other = CompactBilinearPool(in_channels=6, out_features=16, seed=0)
+        other.load_state_dict(pool.state_dict())
+        assert other.seed == seed % 2**64
+        other.reset_parameters()
+        assert torch.equal(other.index_a, pool.index_a) and torch.equal(other.sign_b, pool.sign_b)
+
+    def test_seed_outside_the_generators_range(self) -> None:
+        with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\), but got 18446744073709551616"):
+            CompactBilinearPool(in_channels=6, seed=2**64)
+
+    def test_extra_state_alone_does_not_change_the_seed(self) -> None:
+        # strict=False without the buffers: the layer keeps its buffers, so its seed too.
+        pool = CompactBilinearPool(in_channels=6, out_features=16, seed=0)
+        pool.load_state_dict({"_extra_state": torch.tensor([16, 7])}, strict=False)
+        assert pool.seed == 0
+
     def test_checkpoint_without_extra_state_still_loads(self) -> None:
         # Saved before the seed and out_features were recorded: the buffers alone.
         old = {k: v for k, v in CompactBilinearPool(in_channels=6, out_features=16, seed=3).state_dict().items()

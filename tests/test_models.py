@@ -67,7 +67,7 @@ class TestFastBCNN:
             def forward(self, x):
                 return x.flatten(1)
 
-        with pytest.raises(ValueError, match=r"depends on the feature map's size \(72 .* 3x3 maps, 160 on 4x5\).*output_dim"):
+        with pytest.raises(ValueError, match=r"depends on the feature map's size \(72 .* 3x3 maps, 200 on 5x5\).*output_dim"):
             BilinearClassifier(tiny(8), pool=Flatten(), num_classes=2)
 
         class FixedFlatten(Flatten):  # the user states the length for the input size used
@@ -363,3 +363,13 @@ def test_per_sample_gradients_with_torch_func(make):
         nn.functional.cross_entropy(model(x[i : i + 1]), target[i : i + 1]).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, msg=name)
+
+
+def test_dry_runs_use_square_maps():
+    # A pool that only works on square maps (it adds the transposed map) still builds.
+    class Symmetric(nn.Module):
+        def forward(self, x):
+            return (x + x.transpose(2, 3)).mean((2, 3))
+
+    model = BilinearClassifier(tiny(8), pool=Symmetric(), num_classes=2)
+    assert model.embedding_dim == 8 and model(X).shape == (2, 2)

@@ -331,18 +331,16 @@ class TestMatrixSqrt:
         "c, norm, dtype",
         [
             (c, norm, dtype)
-            for c in (1e-13, 1e-16, 1e-30)
+            for dtype, scales in ((torch.float32, (1e-13, 1e-16)), (torch.float64, (1e-13, 1e-30, 1e-100)))
+            for c in scales
             for norm in ("trace", "frobenius")
-            for dtype in (torch.float32, torch.float64)
-            # The Frobenius norm squares the entries: 1e-30 underflows in float32 (documented).
-            if not (dtype == torch.float32 and norm == "frobenius" and c < 1e-20)
         ],
     )
     def test_newton_schulz_is_homogeneous_at_small_scales(
         self, c: float, impl: str, norm: str, dtype: torch.dtype
     ) -> None:
-        # f(cA) = sqrt(c) f(A), gradients c^(-1/2) times, however small tr(cA): s is floored
-        # at finfo.tiny only.
+        # f(cA) = sqrt(c) f(A), gradients c^(-1/2) times, for s down to sqrt(finfo.tiny)
+        # (~1e-19 in float32, ~1e-154 in float64); was 1e-12 whatever the dtype.
         a = psd(2, 5, 9, dtype=dtype)
         g = torch.randn(2, 5, 5, dtype=dtype, generator=torch.Generator().manual_seed(8))
         small, unit = (a * c).requires_grad_(), a.clone().requires_grad_()
@@ -353,6 +351,21 @@ class TestMatrixSqrt:
         out_unit.backward(g)
         tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
         torch.testing.assert_close(small.grad * c**0.5, unit.grad, **tol)
+
+    @pytest.mark.parametrize("dtype, c", [(torch.float32, 1e-20), (torch.float32, 1e-36), (torch.float64, 1e-300)])
+    @pytest.mark.parametrize("norm", ["trace", "frobenius"])
+    def test_gradients_finite_far_below_the_floor(self, dtype: torch.dtype, c: float, norm: str) -> None:
+        # d(1/s)/ds = -1/s^2 overflowed for s below sqrt(tiny) on the differentiable paths
+        # (create_graph=True, torch.func): s is floored there.
+        a = psd(1, 4, 7, dtype=dtype) * c
+        f = lambda m: matrix_sqrt(m, impl="iterative", norm=norm).sum()  # noqa: E731
+        leaf = a.clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(leaf), leaf, create_graph=True)
+        assert torch.isfinite(g).all()
+        assert torch.isfinite(torch.func.grad(f)(a)).all()
+        leaf = a.clone().requires_grad_()
+        f(leaf).backward()
+        assert torch.isfinite(leaf.grad).all()
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     @pytest.mark.parametrize("eps", [1e-6, 1e-2])

@@ -17,12 +17,13 @@ rank-deficient: a 7x7 map gives 49 locations for 2048 channels):
   rank-deficient or not; it approaches :math:`\\sqrt{A}` as :math:`K` grows, slowest on the
   smallest eigenvalues (which is the regularisation iSQRT-COV relies on). The result is
   exactly homogeneous, :math:`f(cA) = \\sqrt{c}\\, f(A)`, as long as :math:`s` is at least
-  the dtype's smallest normal number (``torch.finfo(dtype).tiny``, the floor of
-  :math:`s`; :math:`\\|A\\|_F` squares the entries, so with ``norm="frobenius"`` the range
-  ends where those squares underflow: entries below about 1e-19 in float32, 1e-154 in
-  float64). A matrix with :math:`s = 0` (the all-zero matrix) takes :math:`s = 1`, which
-  gives it the square root 0 and the finite gradient :math:`q_K'(0) \\operatorname{sym}(G)`,
-  with finite higher derivatives too.
+  the square root of the dtype's smallest normal number (``torch.finfo(dtype).tiny **
+  0.5``, about 1e-19 in float32 and 1e-154 in float64: the floor of :math:`s`, where the
+  derivative of :math:`1/s` still fits the dtype). A matrix with :math:`s \\le 0` (the
+  all-zero matrix; any other such input, a trace that is not positive, is not positive
+  semi-definite) takes :math:`s = 1`: the zero matrix gets the square root 0 and the
+  finite gradient :math:`q_K'(0) \\operatorname{sym}(G)`, with finite higher derivatives
+  too.
 - ``method="eig"``: the exact PSD square root :math:`U \\sqrt{\\max(\\Lambda, 0)} U^\\top`
   through :func:`torch.linalg.eigh` (improved B-CNN, Lin & Maji, BMVC 2017). Its gradient
   uses the divided differences :math:`1 / (\\sqrt{\\lambda_i} + \\sqrt{\\lambda_j})`, which need
@@ -126,10 +127,10 @@ _BAND_MAX = 32
 def _scale(a2: Tensor, norm: str, differentiable: bool = False) -> tuple[Tensor, Tensor]:
     """Pre-normalisation factor ``s`` of ``sym(a) = a2 / 2`` (B,) and whether it was replaced (B,) bool.
 
-    ``s`` is floored at the dtype's smallest normal number only (so that ``1 / s`` stays
-    finite), which keeps the result homogeneous, ``f(cA) = sqrt(c) f(A)``, down to that
-    scale; ``s <= 0`` (the all-zero matrix; for the Frobenius norm also one whose squared
-    entries all underflow) becomes 1, so that its square root is 0 with
+    ``s`` is floored at ``sqrt(finfo.tiny)`` only (so that ``1 / s`` and its derivative
+    ``-1 / s^2`` stay finite), which keeps the result homogeneous, ``f(cA) = sqrt(c) f(A)``,
+    down to that scale; ``s <= 0`` (the all-zero matrix; for the Frobenius norm also one
+    whose squared entries all underflow) becomes 1, so that its square root is 0 with
     the gradient ``q_K'(0) sym(G)`` instead of one that grows like ``1 / sqrt(floor)``.
     Where replaced, ``s`` is a constant: no chain rule through it. ``differentiable``:
     autograd will differentiate ``s`` (to any order), so the norm avoids the zero matrix.
@@ -145,9 +146,9 @@ def _scale(a2: Tensor, norm: str, differentiable: bool = False) -> tuple[Tensor,
             # NaN by 0: take the norm of a nonzero stand-in there (the "double where").
             safe = torch.where(empty.view(-1, 1, 1), torch.ones_like(a2), a2)
             raw = torch.linalg.matrix_norm(safe) * 0.5
-    tiny = torch.finfo(raw.dtype).tiny
-    s = torch.where(empty, torch.ones_like(raw), raw.clamp_min(tiny))
-    return s, empty | (raw < tiny)
+    floor = torch.finfo(raw.dtype).tiny ** 0.5
+    s = torch.where(empty, torch.ones_like(raw), raw.clamp_min(floor))
+    return s, empty | (raw < floor)
 
 
 def _sym_eigh(

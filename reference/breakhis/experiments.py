@@ -168,8 +168,9 @@ class PreparedData:
     def synthetic(self) -> bool:
         """Whether the data are synthetic (see :func:`breakhis.synthetic.is_synthetic`).
 
-        A ``SYNTHETIC.txt`` marker anywhere in the indexed tree, in its root or in a
-        folder above it, or the synthetic PNG text chunk in the images, says so.
+        A ``SYNTHETIC.txt`` marker anywhere in the indexed tree, in its root or beside
+        the ``BreaKHis_v1`` folder that holds the root, or the synthetic PNG text chunk
+        in the images, says so.
         """
         if any(Path(m).name.lower() == SYNTHETIC_MARKER.lower()
                for m in self.index.metadata_files):
