@@ -29,7 +29,11 @@ class TestSEBlock:
 
     def test_factories(self):
         se = SEBlock(8, reduction=2, act_layer=nn.GELU, gate_layer=nn.Hardsigmoid, dtype=torch.float64)
-        assert isinstance(se.act, nn.GELU) and se.fc1.weight.dtype == torch.float64
+        assert isinstance(se.act, nn.GELU) and isinstance(se.gate, nn.Hardsigmoid)
+        assert se.fc1.weight.dtype == torch.float64
+        x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+        gate = torch.nn.functional.hardsigmoid(se.fc2(torch.nn.functional.gelu(se.fc1(x.mean((2, 3))))))
+        torch.testing.assert_close(se(x), x * gate[:, :, None, None])
 
     def test_exception(self):
         with pytest.raises(ValueError, match="reduction must be a positive int, but got 0"):

@@ -308,6 +308,16 @@ class TestFastBilinearPool:
         got = torch.autograd.grad((fast_bilinear_pool(*inputs, **kwargs, save_output=True) * weights).sum(), inputs)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, **TOL[torch.float64])
+        # Both against the definition with the same floor (l2_eps was only checked for
+        # consistency between the two).
+        fresh = [x.detach().clone().requires_grad_() for x in inputs]
+        g = bilinear_pool(*fresh)
+        z = signed_sqrt(g, eps=1e-9)
+        ref = l2_normalize(triu_pack(z) if case["triu"] else z.flatten(1), eps=1e-6)
+        torch.testing.assert_close(fast_bilinear_pool(*inputs, **kwargs), ref.detach(), **TOL[torch.float64])
+        by_definition = torch.autograd.grad((ref * weights).sum(), fresh)
+        for a, b in zip(expected, by_definition):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
 
     def test_float32_equals_float64(self, blocking):
         (x,) = self.inputs(False)

@@ -25,14 +25,14 @@ from bilinearpool.functional import fast_bilinear_linear, fast_bilinear_pool, he
 from bilinearpool.functional.bilinear import bilinear_pool, l2_normalize, signed_sqrt, triu_pack
 
 
-def naive_logits(x, w, b, *, reduction="mean", signed_sqrt_=True, l2=True, triu=False, eps=1e-5):
+def naive_logits(x, w, b, *, reduction="mean", signed_sqrt_=True, l2=True, triu=False, eps=1e-5, l2_eps=1e-12):
     """The op-by-op definition: pool, signed sqrt, L2, (pack), linear."""
     g = bilinear_pool(x, reduction=reduction)
     if signed_sqrt_:
         g = signed_sqrt(g, eps=eps)
     z = triu_pack(g) if triu else g.flatten(1)
     if l2:
-        z = l2_normalize(z)
+        z = l2_normalize(z, eps=l2_eps)
     return F.linear(z, w, b)
 
 
@@ -56,8 +56,8 @@ SHAPES = [(2, 64, 5, 5), (3, 300, 4, 4), (1, 130, 7, 7), (48, 280, 2, 2), (4, 10
 @pytest.mark.parametrize("triu", [False, True])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"signed_sqrt": False}, {"l2_normalize": False}, {"reduction": "sum", "eps": 1e-3}],
-    ids=["default", "no-sqrt", "no-l2", "sum-eps"],
+    [{}, {"signed_sqrt": False}, {"l2_normalize": False}, {"reduction": "sum", "eps": 1e-3}, {"l2_eps": 1e3}],
+    ids=["default", "no-sqrt", "no-l2", "sum-eps", "l2-floor"],
 )
 def test_panel_path_equals_the_definition(shape, triu, options, monkeypatch):
     g = torch.Generator().manual_seed(sum(shape))
@@ -67,6 +67,7 @@ def test_panel_path_equals_the_definition(shape, triu, options, monkeypatch):
     ref = naive_logits(
         x, w, b, reduction=options.get("reduction", "mean"), signed_sqrt_=options.get("signed_sqrt", True),
         l2=options.get("l2_normalize", True), triu=triu, eps=options.get("eps", 1e-5),
+        l2_eps=options.get("l2_eps", 1e-12),
     )
     monkeypatch.setattr(head, "fast_bilinear_pool", no_composition)
     with torch.no_grad():
@@ -436,14 +437,20 @@ def test_half_models_with_float32_poolings(make, dtype):
     model = make()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        reference = model.eval()(x)
+        reference = model.eval()(x) - model.classifier.bias  # what the features contribute
     half = model.to(dtype)
+    xh = x.to(dtype)
     for mode in ("train", "eval"):
         getattr(half, mode)()
-        out = half(x.to(dtype))
+        out = half(xh)
         assert out.dtype == dtype
     with torch.no_grad():
-        torch.testing.assert_close(half(x.to(dtype)).float(), reference, rtol=0.1, atol=0.1)
+        out = half(xh)
+        # The model's own definition in half precision: features cast, then its classifier.
+        torch.testing.assert_close(out, half.classifier(half.forward_embedding(xh).to(dtype)))
+        assert reference.abs().max() > 1e-2  # the features matter for these logits
+        got = out.float() - half.classifier.bias.float()
+        torch.testing.assert_close(got, reference, rtol=3e-2, atol=3e-2 * float(reference.abs().max()))
 
 
 def test_flags_checked_on_the_panel_path_too():

@@ -153,3 +153,23 @@ def test_flags_and_act_layer_are_validated():
         LowRankBilinearPool(in_channels=4, rank=2, act_layer=nn.Tanh())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"act_layer must be a factory .* calling .*tanh.* without arguments failed"):
         LowRankBilinearPool(in_channels=4, rank=2, act_layer=torch.tanh)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("two", [False, True])
+def test_activation_and_output_map_against_the_formula(two):
+    # (act(U X) * act(V Y)).mean over locations, then P z + b: written out independently.
+    torch.manual_seed(0)
+    pool = LowRankBilinearPool(
+        in_channels=5, in_channels_b=3 if two else None, rank=4, out_features=6, act_layer=nn.Tanh
+    ).double()
+    x = features(2, 5, 3, 3, dtype=torch.float64)
+    y = features(2, 3, 3, 3, dtype=torch.float64, seed=1) if two else x
+    u = torch.tanh(torch.einsum("rc,bcn->brn", pool.weight_a, x.flatten(2)))
+    v = torch.tanh(torch.einsum("rc,bcn->brn", pool.weight_b, y.flatten(2)))
+    expected = (u * v).mean(-1) @ pool.proj.weight.T + pool.proj.bias
+    torch.testing.assert_close(pool(x, y) if two else pool(x), expected)
+    z = low_rank_bilinear_pool(
+        x, y if two else None, weight_a=pool.weight_a, weight_b=pool.weight_b, out_weight=pool.proj.weight,
+        out_bias=pool.proj.bias, activation=torch.tanh,
+    )
+    torch.testing.assert_close(z, expected)

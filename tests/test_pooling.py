@@ -53,6 +53,11 @@ class TestBilinearPoolModule:
         x_a, x_b = torch.randn(2, 4, 3, 3).relu(), torch.randn(2, 5, 3, 3).relu()
         torch.testing.assert_close(BilinearPool(reduction="sum")(x_a, x_b), bilinear_pool(x_a, x_b, reduction="sum"))
         torch.testing.assert_close(BilinearPool(normalize=True)(x_a, x_b), fast_bilinear_pool(x_a, x_b))
+        # eps reaches the op (default and another value give different features)
+        torch.testing.assert_close(
+            BilinearPool(normalize=True, eps=1e-1)(x_a, x_b), fast_bilinear_pool(x_a, x_b, eps=1e-1)
+        )
+        assert not torch.allclose(BilinearPool(normalize=True, eps=1e-1)(x_a, x_b), fast_bilinear_pool(x_a, x_b))
 
     def test_same_tensor_twice_is_self_pooling(self):
         x = torch.randn(2, 6, 4, 4).relu()
