@@ -85,15 +85,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="SE blocks in the backbone, reduction 8 (the paper's +SE)")
     g.add_argument("--se-reduction", type=int, help="SE reduction ratio (implies SE)")
     g.add_argument("--dropout", type=float, default=0.0)
-    g = p.add_argument_group("training (paper defaults)")
+    g = p.add_argument_group("training (the paper's values where it gives them)")
     g.add_argument("--input-size", type=int, default=224, help="197, 224 or 448 in the paper")
-    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--epochs", type=int, default=50,
+                   help="the paper gives none; %(default)s is our choice")
     g.add_argument("--batch-size", type=int, default=16, help="global batch size")
     g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--plateau-factor", type=float, default=0.1)
-    g.add_argument("--plateau-patience", type=int, default=10)
+    g.add_argument("--momentum", type=float, default=0.0,
+                   help="the paper gives none; %(default)s is Keras' SGD default, our choice")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="the paper gives none; %(default)s is our choice")
+    g.add_argument("--plateau-factor", type=float, default=0.1,
+                   help="learning-rate factor on a plateau (default: %(default)s)")
+    g.add_argument("--plateau-patience", type=int, default=10,
+                   help="the learning rate drops at the Nth epoch without a loss improvement "
+                   "of at least 1e-4, as Keras' ReduceLROnPlateau (default: %(default)s)")
     g.add_argument("--no-oversample", action="store_true", help="no over-sampling of small classes")
     g.add_argument("--no-augment", action="store_true", help="no flips/shifts/rotations")
     g.add_argument("--rotation", type=float, default=90.0, help="largest rotation in degrees, "

@@ -332,15 +332,20 @@ def _walk_files(root: Path, skipped: list[SkippedFile]) -> list[Path]:
     return files
 
 
-def _check_folders(path: Path, name: BreakhisName) -> str | None:
-    """Return a reason when the folders around ``path`` contradict its name."""
-    mag_folder = _MAG_FOLDER.match(path.parent.name)
+def _check_folders(path: Path, root: Path, name: BreakhisName) -> str | None:
+    """Return a reason when the folders around ``path`` contradict its name.
+
+    Only folders inside the indexed ``root`` count: the folders above it are the
+    user's (data kept under ``/data/adenosis/BreaKHis`` holds every tumour type).
+    """
+    folders = [p.name.lower() for p in path.relative_to(root).parents if p.name]
+    mag_folder = _MAG_FOLDER.match(folders[0]) if folders else None
     if mag_folder is not None and int(mag_folder.group(1)) != name.magnification:
         return (
             f"folder mismatch: file says {name.magnification}X but sits in "
             f"{path.parent.name!r}"
         )
-    parents = {p.name.lower() for p in path.parents}
+    parents = set(folders)
     other_class = "malignant" if name.benign_malignant == "benign" else "benign"
     if other_class in parents and name.benign_malignant not in parents:
         return f"folder mismatch: {name.benign_malignant} file inside a {other_class!r} folder"
@@ -422,7 +427,7 @@ def index_breakhis(
         except ValueError as exc:
             skipped.append(SkippedFile(rel, f"name outside grammar: {exc}"))
             continue
-        problem = _check_folders(path, name)
+        problem = _check_folders(path, root, name)
         if problem is not None:
             skipped.append(SkippedFile(rel, problem))
             continue

@@ -139,7 +139,8 @@ class ImageDataset(Dataset):
 
     An item key is either an index or an ``(index, seed)`` pair (as yielded by
     :class:`~breakhis.sampler.BalancedSampler`); with a seed, the random transform runs
-    under that seed, so augmentation does not depend on the loading process.
+    under that seed (set on torch's CPU generator, restored afterwards; CUDA generators
+    are left alone), so augmentation does not depend on the loading process.
 
     Args:
         records: the images.
@@ -173,7 +174,10 @@ class ImageDataset(Dataset):
         if seed is None:
             x = self.transform(image)
         else:
+            # the CPU generator only: torch.manual_seed would also reseed the CUDA
+            # generators, which fork_rng(devices=[]) does not restore, so that loading a
+            # sample in the training process would reset the dropout masks' stream
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.random.default_generator.manual_seed(seed)
                 x = self.transform(image)
         return x, torch.tensor(self.targets[index]), torch.tensor(index)

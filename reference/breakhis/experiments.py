@@ -5,7 +5,8 @@ the protocol. :func:`run_fold` trains one fold and evaluates it on its test imag
 :func:`run_cv` does every fold and writes the mean and standard deviation;
 :func:`evaluate_checkpoint` re-evaluates a saved run; :func:`checkpoint_records` gives
 the images of a saved run's fold (for figures). Every report carries the task, the
-protocol, the fold, whether the data were synthetic and what indexing left out; every
+protocol, the fold, every training setting (``model``: the :class:`TrainConfig` and
+``val_fraction``), whether the data were synthetic and what indexing left out; every
 evaluation also writes its per-image predictions (``test_predictions.csv``).
 
 A fold's checkpoint records the relative paths of its training, validation and test
@@ -349,12 +350,14 @@ def run_fold(
     if not info.is_main:
         return None
     return _evaluate_split(result.model, config, data, plan.split.test, plan.extra["protocol"],
-                           fold, Path(run_dir), info, progress=progress)
+                           fold, Path(run_dir), info, val_fraction=spec.val_fraction,
+                           progress=progress)
 
 
 def _evaluate_split(
     model: Any, config: TrainConfig, data: PreparedData, test: np.ndarray,
-    protocol: dict[str, Any], fold: int, out_dir: Path, info: DistInfo, *, progress: bool,
+    protocol: dict[str, Any], fold: int, out_dir: Path, info: DistInfo, *,
+    val_fraction: float, progress: bool,
 ) -> dict[str, Any]:
     test_records = [data.records[i] for i in test]
     probs = predict_probs(model, test_records, input_size=config.input_size,
@@ -369,9 +372,9 @@ def _evaluate_split(
         "fold": fold,
         "data_root": str(data.index.root),
         "synthetic": data.synthetic,
-        "model": {k: getattr(config, k) for k in ("head", "backbone", "weights", "se_reduction",
-                                                  "input_size", "epochs", "lr", "oversample",
-                                                  "seed")},
+        # every training setting, so that runs differing in any of them can be told
+        # apart (breakhis.plots.results_table shows those that differ)
+        "model": {**config.to_dict(), "val_fraction": val_fraction},
         "data_issues": data.issues(),
         "metrics": metrics,
     }
@@ -503,7 +506,7 @@ def evaluate_checkpoint(
     config = TrainConfig.from_dict(state["config"])
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
-                           out, info, progress=progress)
+                           out, info, val_fraction=spec.val_fraction, progress=progress)
 
 
 def _checkpoint_data(

@@ -50,10 +50,19 @@ __all__ = [
 ]
 
 #: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
+#: Training settings the results table names only where they differ between its runs
+#: (setting, label); older reports lack some, and then show none of them.
+_VARYING_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("batch_size", "batch"), ("momentum", "momentum"), ("weight_decay", "weight decay"),
+    ("dropout", "dropout"), ("augment", "augmentation"), ("shift", "shift"),
+    ("rotation", "rotation"), ("plateau_factor", "plateau factor"),
+    ("plateau_patience", "plateau patience"), ("val_fraction", "val fraction"),
+    ("seed", "seed"),
+)
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
-    "input_size", "weights", "epochs", "lr", "oversample", "folds", "n_splits", "fold",
-    "synthetic",
+    "input_size", "weights", "epochs", "lr", "oversample",
+    *[key for key, _ in _VARYING_SETTINGS], "folds", "n_splits", "fold", "synthetic",
     *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
 )
 _TABLE_METRICS = (("accuracy", "image accuracy"),
@@ -714,6 +723,7 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             # None is a random start: a report without the entry says "unknown"
             "weights": model.get("weights", "unknown"), "epochs": model.get("epochs"),
             "lr": model.get("lr"), "oversample": model.get("oversample"),
+            **{key: model.get(key) for key, _ in _VARYING_SETTINGS},
             "folds": folds, "n_splits": protocol.get("n_splits"),
             "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
@@ -725,10 +735,22 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
     return rows
 
 
-def _training(row: dict[str, Any]) -> str:
-    """How a run was trained, in a table cell: start weights, epochs, learning rate and
-    over-sampling (what reports written before lr and over-sampling were recorded lack
-    is left out)."""
+def _varying(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The settings of :data:`_VARYING_SETTINGS` with two or more recorded values."""
+    return [(key, label) for key, label in _VARYING_SETTINGS
+            if len({repr(r[key]) for r in rows if r.get(key) is not None}) > 1]
+
+
+def _setting(label: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return label if value else f"no {label}"
+    return f"{label} {value:g}" if isinstance(value, float) else f"{label} {value}"
+
+
+def _training(row: dict[str, Any], varying: Sequence[tuple[str, str]] = ()) -> str:
+    """How a run was trained, in a table cell: start weights, epochs, learning rate,
+    over-sampling, and the ``varying`` settings (those that differ between the runs of
+    the table). What a report written before a setting was recorded lacks is left out."""
     weights = row.get("weights")
     parts = ["random init" if weights is None else
              weights if weights in ("imagenet", "unknown") else f"weights {Path(str(weights)).name}"]
@@ -738,6 +760,7 @@ def _training(row: dict[str, Any]) -> str:
         parts.append(f"lr {row['lr']:g}")
     if row.get("oversample") is not None:
         parts.append("oversampled" if row["oversample"] else "not oversampled")
+    parts += [_setting(label, row[key]) for key, label in varying if row.get(key) is not None]
     return ", ".join(parts)
 
 
@@ -759,11 +782,13 @@ def results_table(
     """A Markdown table of several runs, in the shape of the paper's results tables.
 
     One row per run folder: task, protocol, backbone, head (``+SE8`` with SE blocks),
-    input size, training (start weights, epochs, learning rate, over-sampling: runs
-    that differ only there are told apart), folds, then image accuracy, patient recognition rate, macro F1 and ROC
-    AUC as mean ± std over folds in percent. Every row names its protocol (image-split
-    numbers are optimistic, see the notes under the table), and runs on synthetic data
-    are marked ``SYNTHETIC``.
+    input size, training (start weights, epochs, learning rate, over-sampling, and any
+    other training setting whose recorded values differ between the runs: batch size,
+    momentum, weight decay, dropout, augmentation, shift, rotation, plateau factor and
+    patience, validation fraction, seed), folds, then image accuracy, patient
+    recognition rate, macro F1 and ROC AUC as mean ± std over folds in percent. Every
+    row names its protocol (image-split numbers are optimistic, see the notes under the
+    table), and runs on synthetic data are marked ``SYNTHETIC``.
 
     Args:
         run_dirs: folders holding ``cv_metrics.json`` (a ``cv`` run) or
@@ -782,6 +807,7 @@ def results_table(
         raise ValueError("out is the Markdown file (the CSV goes next to it), but got "
                          f"{str(out)!r}")
     rows = results_rows(run_dirs)
+    varying = _varying(rows)
     header = ["run", "task", "protocol", "backbone", "head", "input", "training", "folds",
               *[f"{label} (%)" for _, label in _TABLE_METRICS], "data"]
     lines = ["# Results (mean ± std over folds, percent)", "",
@@ -798,7 +824,7 @@ def results_table(
             folds += f" of {row['n_splits']}"  # a partial cross-validation (cv --folds)
         folds += f" (fold {row['fold']})" if row["fold"] is not None else ""
         cells = [Path(row["run"]).name or row["run"], task, row["protocol"], row["backbone"],
-                 head, row["input_size"], _training(row), folds,
+                 head, row["input_size"], _training(row, varying), folds,
                  *[_pct(row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in _TABLE_METRICS],
                  "SYNTHETIC" if row["synthetic"] else "real"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")

@@ -7,7 +7,8 @@ sees exactly the epochs an uninterrupted one would. It also hands every slot of 
 epoch its own augmentation seed, so that random flips and rotations depend on the
 position in the epoch, not on which process or worker loads the image: one process with
 batch ``B`` and ``W`` DDP processes with batch ``B / W`` each train on the same images
-with the same augmentations.
+with the same augmentations. (Whether the steps are also the same depends on the model:
+see :mod:`breakhis.train` for batch norm and dropout under DDP.)
 """
 
 from __future__ import annotations

@@ -2,15 +2,24 @@
 
 Defaults follow Liu, Juhas & Zhang (2020) as summarised in BREAKHIS.md: SGD with
 learning rate 0.1, batch 16, the learning rate divided by 10 when the validation loss
-has not improved for 10 epochs, flips/shifts/rotations, over-sampling of the smaller
-classes, 224x224 inputs. Everything can be overridden through :class:`TrainConfig`.
+has not improved for 10 epochs (as Keras' ``ReduceLROnPlateau``: at the 10th epoch
+without an improvement of at least 1e-4), flips/shifts/rotations, over-sampling of the
+smaller classes, 224x224 inputs. The paper gives no number of epochs, momentum, weight
+decay, validation share or rotation range: those defaults are ours. Everything can be
+overridden through :class:`TrainConfig`.
 
 Each epoch ends with an atomic checkpoint (model, optimiser, scheduler, sampler, RNG
 states, history) in the run folder; :func:`fit` with ``resume=True`` continues from it
 and reaches the same weights as a run that was never interrupted, because every epoch's
 sample order and augmentation are drawn from ``(seed, epoch)`` alone. Under torchrun
 the same code trains with DistributedDataParallel, each process taking its share of
-every global batch.
+every global batch: the same images with the same augmentations as one process. On
+CUDA (NCCL) batch-norm layers become ``SyncBatchNorm``, so their statistics cover the
+global batch as in one process; on CPUs (gloo), where torch has no ``SyncBatchNorm``,
+each process normalises with the statistics of its own share (a warning says so).
+Under DDP every process reseeds torch's generators at the start of each epoch from
+``(seed, epoch, rank)`` (:func:`rank_seed`), so that dropout masks differ between
+processes and a resumed run draws the same ones; one process keeps a single stream.
 """
 
 from __future__ import annotations
@@ -54,13 +63,19 @@ __all__ = [
     "TrainConfig",
     "fit",
     "load_model",
+    "plateau_scheduler",
     "predict_probs",
+    "rank_seed",
     "resume_differences",
     "seed_everything",
+    "sync_batchnorm",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "breakhis-checkpoint-v1"
+#: Smallest decrease of the monitored loss that counts as an improvement (absolute, as
+#: Keras' ``ReduceLROnPlateau`` ``min_delta``).
+PLATEAU_MIN_DELTA = 1e-4
 #: :class:`TrainConfig` fields a resumed run may change: ``epochs`` extends the run; the
 #: others change where and how fast it runs, not what it learns. Every other setting
 #: must equal the checkpoint's, so that the checkpoint records what was trained.
@@ -86,7 +101,10 @@ class TrainConfig:
         momentum: SGD momentum (0, as in Keras' SGD default).
         weight_decay: L2 penalty.
         plateau_factor: learning-rate factor on a plateau.
-        plateau_patience: epochs without improvement before the factor applies.
+        plateau_patience: the learning rate is multiplied by ``plateau_factor`` at the
+            ``plateau_patience``-th consecutive epoch whose monitored loss did not
+            improve on the best so far by at least 1e-4 (absolute), as Keras'
+            ``ReduceLROnPlateau(patience=plateau_patience, min_delta=1e-4)``; at least 1.
         oversample: over-sample the smaller classes.
         augment: random flips, shifts and rotations.
         shift: largest shift, as a fraction of the side.
@@ -130,6 +148,11 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, but got {self.lr}")
         if not 0.0 < self.plateau_factor < 1.0:
             raise ValueError(f"plateau_factor must be in (0, 1), but got {self.plateau_factor}")
+        if int(self.plateau_patience) < 1:
+            raise ValueError(
+                "plateau_patience must be >= 1 (the learning rate drops at the "
+                "plateau_patience-th epoch without improvement), but got "
+                f"{self.plateau_patience}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints and config.json)."""
@@ -137,9 +160,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        """Inverse of :meth:`to_dict`; unknown keys are ignored.
+
+        A ``plateau_patience`` of 0, which checkpoints written before it counted epochs
+        without improvement may hold (torch's count: the rate dropped at the first such
+        epoch), is read as 1, the same schedule.
+        """
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if "plateau_patience" in values:
+            values["plateau_patience"] = max(1, int(values["plateau_patience"]))
+        return cls(**values)
 
 
 @dataclass
@@ -164,6 +195,70 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of DDP process ``rank`` for ``epoch``: distinct per process and epoch.
+
+    Drawn from ``(seed, epoch, rank)`` alone (NumPy ``SeedSequence``), so that a resumed
+    run reseeds exactly as an uninterrupted one.
+
+    Examples:
+        >>> rank_seed(0, 3, 1) == rank_seed(0, 3, 1) != rank_seed(0, 3, 0)
+        True
+    """
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def plateau_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """The paper's plateau schedule with Keras' counting (see ``plateau_patience``).
+
+    torch's ``ReduceLROnPlateau(patience=p)`` drops the rate when more than ``p``
+    epochs did not improve, Keras' at the ``p``-th: hence ``patience - 1``; and Keras'
+    ``min_delta`` is absolute (torch's default threshold is relative).
+    """
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.plateau_factor,
+        patience=config.plateau_patience - 1, threshold=PLATEAU_MIN_DELTA,
+        threshold_mode="abs")
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
+    """Make batch norm see the global batch under DDP, where torch allows it.
+
+    With several processes on CUDA (NCCL), batch-norm layers become
+    ``nn.SyncBatchNorm`` (same parameters, buffers and ``state_dict`` keys, so a
+    checkpoint loads into the plain model). On CPUs (gloo) torch has no
+    ``SyncBatchNorm``: the model is returned as it is, and the main process warns that
+    each process normalises with the statistics of its own share of the batch.
+    A single process, or a model without batch norm, is returned as it is.
+
+    Args:
+        model: the network, before the optimiser is built and DDP wraps it.
+        info: process placement (``world_size`` and ``device.type`` decide).
+
+    Returns:
+        The model to train (converted in place where possible).
+    """
+    if not info.distributed or not _has_batchnorm(model):
+        return model
+    if info.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if info.is_main:
+        _LOG.warning(
+            "batch norm under DDP on %s: torch has no SyncBatchNorm there, so each of the "
+            "%d processes normalises with the statistics of its own %s of every batch; "
+            "the result differs from one process (use CUDA, or one process, to match it)",
+            info.device.type, info.world_size,
+            "half" if info.world_size == 2 else f"1/{info.world_size}")
+    return model
 
 
 def _make_model(config: TrainConfig, num_classes: int, *, weights: str | None) -> nn.Module:
@@ -322,7 +417,9 @@ def fit(
         progress: show progress bars (main process only).
 
     Returns:
-        The trained model, the per-epoch history and the checkpoint path.
+        The trained model (unwrapped; with ``SyncBatchNorm`` layers after DDP on CUDA,
+        whose ``state_dict`` has the plain model's keys), the per-epoch history and the
+        checkpoint path.
 
     Raises:
         ValueError: when resuming a checkpoint made with other classes, data, fold or
@@ -359,11 +456,11 @@ def _fit(
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     # a resumed run gets its weights from the checkpoint, not from a download
     model = _make_model(config, len(classes), weights=None if state else config.weights)
-    model.to(info.device)
+    model = sync_batchnorm(model, info).to(info.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+    scheduler = plateau_scheduler(optimizer, config)
+    expected_schedule = _schedule_settings(scheduler)
     sampler = BalancedSampler(train_targets, batch_size=config.batch_size,
                               oversample=config.oversample, seed=config.seed,
                               num_replicas=info.world_size, rank=info.rank)
@@ -387,6 +484,18 @@ def _fit(
         start = int(state["epoch"]) + 1
         if info.is_main:
             _LOG.info("resumed from %s after epoch %d", ckpt_path, start - 1)
+            recorded = _schedule_settings(scheduler)
+            if recorded != expected_schedule:
+                # torch restores patience and threshold from the checkpoint: the run
+                # finishes with the schedule it started with, as if never interrupted
+                _LOG.warning(
+                    "%s was written by an older breakhis; its plateau schedule is kept, so "
+                    "that the run ends as it would have uninterrupted: the learning rate "
+                    "drops after %d epochs without a %s improvement of %g (a new run: after "
+                    "%d epochs, %s %g). Train into a new run folder for the new schedule",
+                    ckpt_path, recorded[0] + 1, _THRESHOLD_WORDS.get(recorded[1], recorded[1]),
+                    recorded[2], expected_schedule[0] + 1,
+                    _THRESHOLD_WORDS["abs"], expected_schedule[2])
     elif info.is_main:
         _LOG.info("training %s/%s on %d images (%d classes), %d process(es), device %s",
                   config.head, config.backbone, len(train_records), len(classes),
@@ -418,6 +527,10 @@ def _fit(
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
         sampler.set_epoch(epoch)
+        if info.distributed:
+            # dropout masks: one stream per process (not a copy of rank 0's), redrawn
+            # from (seed, epoch, rank) so that a resumed run matches
+            torch.manual_seed(rank_seed(config.seed, epoch, info.rank))
         loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler,
                             num_workers=config.num_workers,
                             generator=torch.Generator().manual_seed(config.seed + epoch))
@@ -473,6 +586,15 @@ def _fit(
     model.eval()
     return FitResult(model=model, history=history, checkpoint=ckpt_path,
                      resumed_from_epoch=start - 1 if state is not None else None, extra=extra)
+
+
+_THRESHOLD_WORDS = {"abs": "absolute", "rel": "relative"}
+
+
+def _schedule_settings(
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+) -> tuple[int, str, float]:
+    return int(scheduler.patience), str(scheduler.threshold_mode), float(scheduler.threshold)
 
 
 def _num(value: float | None) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from breakhis.cli import main
@@ -18,7 +20,7 @@ from breakhis.data import (
     index_image_folder,
     parse_breakhis_name,
 )
-from breakhis.dataset import ImageDataset, build_eval_transform, load_rgb
+from breakhis.dataset import ImageDataset, build_eval_transform, build_train_transform, load_rgb
 from breakhis.synthetic import SyntheticPatient, make_synthetic_breakhis
 
 
@@ -129,6 +131,16 @@ class TestIndexSynthetic:
         data = ImageDataset(broken, [0], build_eval_transform(16))
         with pytest.raises(UnreadableImageError, match="SOB_M_PC-14-9146-400-999.png"):
             data[0]
+
+    def test_folders_above_the_root_do_not_count(self, synth_tree, tmp_path: Path) -> None:
+        """Data kept under a folder named like a type (or class) folder: every type is
+        indexed, as anywhere else; only folders inside the root are checked."""
+        root, meta = synth_tree
+        moved = shutil.copytree(root, tmp_path / "malignant" / "adenosis" / "tree")
+        index = index_breakhis(moved)
+        assert len(index.records) == meta["expected"]["images"]
+        assert index.summary()["by_type"] == meta["expected"]["by_type"]
+        assert not any(s.reason.startswith("folder mismatch") for s in index.skipped)
 
     def test_kaggle_layout(self, kaggle_tree) -> None:
         root, meta = kaggle_tree
@@ -287,6 +299,35 @@ class TestLoadRgb:
         np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "rgb.png")), pixels)
         grey = np.asarray(Image.fromarray(pixels).convert("L"))
         np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "grey.png"))[..., 1], grey)
+
+
+class TestSeededAugmentation:
+    def test_reseeds_only_the_cpu_generator_and_keeps_the_augmentations(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A seeded item must not reseed CUDA generators (torch.manual_seed does, and
+        fork_rng(devices=[]) does not restore them: on a GPU every loaded sample reset
+        the dropout masks' stream); the augmentations stay those of that seed."""
+        pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "a.png")
+        data = ImageDataset([tmp_path / "a.png"], [0], build_train_transform(16))
+        keys = [(0, 5), (0, 123456), (0, 2**31 - 2)]
+        expected = []
+        for _, seed in keys:  # what the seed gave before: torch.manual_seed, forked
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                expected.append(data.transform(load_rgb(tmp_path / "a.png")))
+        assert not torch.equal(expected[0], expected[1])
+
+        def refuse(seed: int) -> None:
+            raise AssertionError("a data-set item reseeded the CUDA generators")
+
+        monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+        monkeypatch.setattr(torch.cuda, "manual_seed", refuse)
+        before = torch.get_rng_state()
+        for key, x in zip(keys, expected):
+            torch.testing.assert_close(data[key][0], x, rtol=0, atol=0)
+        assert torch.equal(torch.get_rng_state(), before)
 
 
 class TestIndexCommand:

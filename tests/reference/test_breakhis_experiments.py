@@ -153,6 +153,15 @@ class TestRunFold:
             data.relative_path(i) for i in data.splits[0].train)
         assert "files" not in json.loads((tmp_path / "config.json").read_text())["extra"]
 
+    def test_report_records_every_training_setting(self, synth_tree, tmp_path: Path) -> None:
+        root, _ = synth_tree
+        config = _config(momentum=0.5, weight_decay=1e-4, dropout=0.25, rotation=30.0)
+        report = run_fold(_spec(root, val_fraction=0.2), config, 0, tmp_path, progress=False)
+        assert report["model"] == {**config.to_dict(), "val_fraction": 0.2}
+        again = evaluate_checkpoint(tmp_path / "checkpoint.pt", out_dir=tmp_path / "ev",
+                                    device="cpu", progress=False)
+        assert again["model"] == report["model"]
+
     def test_resume_refuses_another_fold(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
         spec = _spec(root)

@@ -48,7 +48,7 @@ pytest.importorskip("captum")
 pytest.importorskip("matplotlib")
 
 TINY = ["--backbone", "tiny", "--no-pretrained", "--input-size", "32", "--batch-size", "8",
-        "--lr", "0.05", "--momentum", "0.9", "--plateau-patience", "0", "--no-progress"]
+        "--lr", "0.05", "--momentum", "0.9", "--plateau-patience", "1", "--no-progress"]
 SIZE = 32
 
 
@@ -390,6 +390,36 @@ class TestResultsTable:
         assert f"| random init, {epochs} ep |" in lines[1]
         assert "| unknown |" in lines[2]
         assert [r["weights"] for r in results_rows(dirs)] == ["imagenet", None, "unknown"]
+
+    def test_other_differing_settings_are_shown(self, runs, tmp_path: Path) -> None:
+        """Runs differing in batch size, seed or augmentation (any recorded setting)
+        looked identical; only the settings that differ are named, and a report
+        written before they were recorded still reads."""
+        source = runs["fine"] / "fold1"
+        report = json.loads((source / "test_metrics.json").read_text())
+        assert report["model"]["val_fraction"] == 0.1 and report["model"]["momentum"] == 0.9
+        variants = {
+            "b16": {**report["model"], "batch_size": 16, "augment": False},
+            "b32": {**report["model"], "batch_size": 32, "seed": 3, "weight_decay": 1e-4},
+            "old": {k: report["model"][k] for k in ("head", "backbone", "weights",
+                                                   "se_reduction", "input_size", "epochs",
+                                                   "lr", "oversample", "seed")},
+        }
+        dirs = []
+        for name, model in variants.items():
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "test_metrics.json").write_text(
+                json.dumps({**report, "model": model}))
+            dirs.append(tmp_path / name)
+        lines = [line for line in results_table(dirs).splitlines() if line.startswith("| ")][1:]
+        epochs = report["model"]["epochs"]
+        base = f"random init, {epochs} ep, lr 0.05, oversampled"
+        assert f"| {base}, batch 16, weight decay 0, no augmentation, seed 0 |" in lines[0]
+        assert f"| {base}, batch 32, weight decay 0.0001, augmentation, seed 3 |" in lines[1]
+        assert f"| {base}, seed 0 |" in lines[2]
+        rows = results_rows(dirs)
+        assert [r["batch_size"] for r in rows] == [16, 32, None]
+        assert all(r["momentum"] in (0.9, None) for r in rows)
 
     def test_partial_cv_says_how_many_of_how_many_folds(self, runs, tmp_path: Path) -> None:
         report = json.loads((runs["binary"] / "cv_metrics.json").read_text())

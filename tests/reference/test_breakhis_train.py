@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,17 +19,30 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+
+from breakhis import train as train_module
 from breakhis.checkpoint import load_checkpoint, save_checkpoint
 from breakhis.cli import main
 from breakhis.data import index_breakhis
+from breakhis.distributed import DistInfo
+from breakhis.models import build_network
 from breakhis.sampler import BalancedSampler
 from breakhis.tasks import get_task
-from breakhis.train import TrainConfig, fit
+from breakhis.train import (
+    CHECKPOINT_FORMAT,
+    TrainConfig,
+    fit,
+    load_model,
+    plateau_scheduler,
+    rank_seed,
+    sync_batchnorm,
+)
 
 pytest.importorskip("bilinearpool")
 
 TINY = ["--backbone", "tiny", "--no-pretrained", "--input-size", "32", "--batch-size", "8",
-        "--lr", "0.05", "--momentum", "0.9", "--plateau-patience", "0", "--no-progress"]
+        "--lr", "0.05", "--momentum", "0.9", "--plateau-patience", "1", "--no-progress"]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +114,7 @@ class TestResume:
         records = task.select(index_breakhis(root).records)
         y = task.targets(records)
         config = TrainConfig(head="fast-bcnn", backbone="tiny", weights=None, input_size=32,
-                             epochs=3, batch_size=8, lr=0.05, momentum=0.9, plateau_patience=0,
+                             epochs=3, batch_size=8, lr=0.05, momentum=0.9, plateau_patience=1,
                              device="cpu")
         kwargs = dict(train_records=records[::2], train_targets=y[::2],
                       val_records=records[1::2], val_targets=y[1::2],
@@ -213,6 +227,184 @@ class TestDistributed:
             single_loss = float(r_single["train_loss"])
             assert float(r_ddp["train_loss"]) == pytest.approx(single_loss, abs=1e-5)
             assert float(r_ddp["val_loss"]) == pytest.approx(float(r_single["val_loss"]), abs=1e-5)
+
+
+def _small_task(root: Path, n: int = 12) -> tuple[list, np.ndarray, list[str]]:
+    task = get_task("MSBC", magnification=40)
+    records = task.select(index_breakhis(root).records)[:n]
+    return records, task.targets(records), list(task.classes)
+
+
+def _cfg(**changes) -> TrainConfig:
+    base = dict(head="plain", backbone="tiny", weights=None, input_size=16, epochs=1,
+                batch_size=4, device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+class TestPlateauSchedule:
+    """``plateau_patience`` counts as Keras' ReduceLROnPlateau: the rate drops at the
+    N-th epoch without an (absolute, 1e-4) improvement, not at the (N+1)-th."""
+
+    def test_constant_val_loss_drops_the_rate_after_patience_epochs(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        records, y, classes = _small_task(synth_tree[0])
+        monkeypatch.setattr(train_module, "_evaluate_loss",
+                            lambda model, loader, device: (4.0, 2.0, 4.0))
+        result = fit(_cfg(epochs=5, lr=0.1, plateau_patience=3),
+                     train_records=records[::2], train_targets=y[::2],
+                     val_records=records[1::2], val_targets=y[1::2], classes=classes,
+                     run_dir=tmp_path, progress=False)
+        assert [row["val_loss"] for row in result.history] == [1.0] * 5
+        # epoch 0 sets the best; epochs 1, 2 and 3 do not improve: the rate drops after 3
+        assert [row["lr"] for row in result.history] == pytest.approx(
+            [0.1, 0.1, 0.1, 0.1, 0.01])
+
+    def test_improvement_threshold_is_absolute(self) -> None:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler = plateau_scheduler(optimizer, _cfg(plateau_patience=2))
+        # decreases of 4e-5 are improvements relative to 0.1 (threshold 1e-5) but not
+        # by the absolute 1e-4
+        lrs = []
+        for loss in (0.1, 0.09996, 0.09992):
+            scheduler.step(loss)
+            lrs.append(optimizer.param_groups[0]["lr"])
+        assert lrs == pytest.approx([0.1, 0.1, 0.01])
+        assert (scheduler.patience, scheduler.threshold_mode, scheduler.threshold) == (
+            1, "abs", 1e-4)
+
+    def test_patience_must_be_at_least_one(self) -> None:
+        with pytest.raises(ValueError, match="plateau_patience must be >= 1 .*, but got 0"):
+            _cfg(plateau_patience=0)
+        # what older checkpoints could record (0: drop at the first epoch without
+        # improvement) still loads, as the same schedule
+        assert TrainConfig.from_dict({**_cfg().to_dict(), "plateau_patience": 0}
+                                     ).plateau_patience == 1
+
+    def test_old_checkpoint_resumes_with_its_own_schedule(self, synth_tree,
+                                                          tmp_path: Path) -> None:
+        records, y, classes = _small_task(synth_tree[0])
+        kwargs = dict(train_records=records, train_targets=y, classes=classes,
+                      run_dir=tmp_path, progress=False)
+        fit(_cfg(plateau_patience=3), **kwargs)
+        fit(_cfg(plateau_patience=3, epochs=2), resume=True, **kwargs)
+        log = tmp_path / "train.log"
+        assert "older breakhis" not in log.read_text()
+        ckpt = tmp_path / "checkpoint.pt"
+        state = load_checkpoint(ckpt)
+        assert (state["scheduler"]["patience"], state["scheduler"]["threshold_mode"]) == (
+            2, "abs")
+        state["scheduler"].update(patience=3, threshold_mode="rel")  # as written before
+        save_checkpoint(state, ckpt)
+        fit(_cfg(plateau_patience=3, epochs=3), resume=True, **kwargs)
+        scheduler = load_checkpoint(ckpt)["scheduler"]
+        assert (scheduler["patience"], scheduler["threshold_mode"]) == (3, "rel")
+        assert ("its plateau schedule is kept, so that the run ends as it would have "
+                "uninterrupted: the learning rate drops after 4 epochs without a relative "
+                "improvement of 0.0001 (a new run: after 3 epochs, absolute 0.0001)"
+                ) in log.read_text()
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+class TestSyncBatchnorm:
+    CUDA_DDP = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cuda", 0))
+    CPU_DDP = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+
+    def test_ddp_on_cuda_converts_and_the_checkpoint_loads_plain(self) -> None:
+        config = _cfg(backbone="resnet18", head="fast-bcnn")
+        model = build_network(config.head, config.backbone, num_classes=2, weights=None)
+        keys = list(model.state_dict())
+        synced = sync_batchnorm(model, self.CUDA_DDP)
+        kinds = {type(m) for m in synced.modules()}
+        assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+        assert list(synced.state_dict()) == keys
+        plain, _ = load_model({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
+                               "classes": ["benign", "malignant"],
+                               "model": synced.state_dict()})
+        assert nn.SyncBatchNorm not in {type(m) for m in plain.modules()}
+        for key, value in synced.state_dict().items():
+            torch.testing.assert_close(plain.state_dict()[key], value, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("info", [
+        DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0)),
+        DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+    ])
+    def test_one_process_is_left_alone(self, info: DistInfo,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+        model = _bn_net()
+        with caplog.at_level(logging.WARNING, logger="breakhis.train"):
+            assert sync_batchnorm(model, info) is model
+        assert type(model[1]) is nn.BatchNorm2d and not caplog.records
+
+    def test_ddp_on_cpu_warns_on_the_main_process_only(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.WARNING, logger="breakhis.train"):
+            model = _bn_net()
+            assert sync_batchnorm(model, self.CPU_DDP) is model
+            assert type(model[1]) is nn.BatchNorm2d
+            other = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+            sync_batchnorm(_bn_net(), other)
+            sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3)), self.CPU_DDP)  # no batch norm
+        assert len(caplog.records) == 1
+        assert "no SyncBatchNorm there, so each of the 2 processes normalises with the " \
+               "statistics of its own half" in caplog.text
+
+
+class _Recorder(nn.Module):
+    """A small network with batch norm and dropout that keeps its dropout masks."""
+
+    def __init__(self, masks: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(32, 2)
+        self.masks = masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(self.features(x))
+        if self.training:
+            self.masks.append(h.detach() != 0)
+        return self.fc(h)
+
+
+class TestPerProcessRandomness:
+    def test_rank_seed(self) -> None:
+        seeds = {rank_seed(s, e, r) for s in (0, 1) for e in range(3) for r in range(4)}
+        assert len(seeds) == 24 and all(0 <= x < 2**63 for x in seeds)
+        assert rank_seed(7, 2, 1) == rank_seed(7, 2, 1)
+
+    def test_ddp_processes_draw_their_own_dropout_masks(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each DDP rank's training loop run alone (DDP wrapping and collectives are
+        no-ops without a process group): the masks must differ between ranks, and
+        repeat for the same rank; the main process warns about batch norm on CPU."""
+        records, y, classes = _small_task(synth_tree[0], n=16)
+        masks: list[torch.Tensor] = []
+        monkeypatch.setattr(train_module, "_make_model", lambda *a, **k: _Recorder(masks))
+        monkeypatch.setattr(train_module, "DistributedDataParallel",
+                            lambda module, device_ids=None: module)
+
+        def run(rank: int, folder: str) -> list[torch.Tensor]:
+            masks.clear()
+            info = DistInfo(rank=rank, world_size=2, local_rank=rank,
+                            device=torch.device("cpu"))
+            fit(_cfg(epochs=2, batch_size=8, dropout=0.5), train_records=records,
+                train_targets=y, classes=classes, run_dir=tmp_path / folder,
+                dist_info=info, progress=False)
+            return list(masks)
+
+        rank0, rank1, again = run(0, "r0"), run(1, "r1"), run(1, "r1b")
+        assert len(rank0) == len(rank1) > 2 and rank0[0].shape == (4, 32)
+        assert not torch.equal(rank0[0], rank1[0])
+        assert all(torch.equal(a, b) for a, b in zip(rank1, again))
+        log = (tmp_path / "r0" / "train.log").read_text()
+        assert log.count("batch norm under DDP on cpu") == 1
 
 
 class TestCommands:
