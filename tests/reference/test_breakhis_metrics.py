@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from breakhis.evaluate import (
     classification_metrics,
@@ -61,6 +61,16 @@ class TestClassificationMetrics:
         assert cm.sum() == 50 and np.trace(cm) == np.sum(pred == y)
         assert cm[1, 0] == np.sum((y == 1) & (pred == 0))
         assert m["patients"] == 7
+
+    def test_balanced_accuracy_on_imbalanced_classes(self) -> None:
+        # 40 benign, 10 malignant: balanced accuracy differs from accuracy here.
+        rng = np.random.default_rng(3)
+        y = np.array([0] * 40 + [1] * 10)
+        p = _probs(rng, 50, 2)
+        m = classification_metrics(y, p, ["benign", "malignant"])
+        pred = p.argmax(1)
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+        assert m["balanced_accuracy"] != pytest.approx(m["accuracy"])
 
     def test_multiclass_ovr_macro_against_sklearn(self) -> None:
         rng = np.random.default_rng(1)

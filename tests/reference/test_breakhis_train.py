@@ -463,3 +463,29 @@ class TestCommands:
                      "--out", str(tmp_path / "r"), "--no-progress"])
         assert code == 2
         assert "--no-pretrained" in capsys.readouterr().err
+
+
+def test_training_flags_reach_the_config() -> None:
+    from breakhis.cli import _config, build_parser
+
+    def config(*flags: str):
+        return _config(build_parser().parse_args(["train", "--data-root", "x", *flags]))
+
+    plain = config()
+    assert plain.se_reduction is None and plain.augment and plain.oversample
+    cfg = config("--se", "--no-augment", "--rotation", "30", "--no-oversample", "--dropout", "0.25",
+                 "--weight-decay", "0.001", "--momentum", "0.9", "--no-pretrained")
+    assert cfg.se_reduction == 8 and not cfg.augment and cfg.rotation == 30 and not cfg.oversample
+    assert cfg.dropout == 0.25 and cfg.weight_decay == 0.001 and cfg.momentum == 0.9 and cfg.weights is None
+    assert config("--se-reduction", "4").se_reduction == 4
+
+
+def test_se_config_builds_se_blocks() -> None:
+    from bilinearpool import SEBlock
+
+    from breakhis.cli import _config, build_parser
+
+    cfg = _config(build_parser().parse_args(
+        ["train", "--data-root", "x", "--backbone", "resnet18", "--no-pretrained", "--se", "--head", "plain"]))
+    model = train_module._make_model(cfg, 2, weights=None)
+    assert sum(isinstance(m, SEBlock) for m in model.modules()) == 8
