@@ -51,6 +51,8 @@ __all__ = [
     "MODEL_HEADS",
     "LayerCase",
     "ModelHead",
+    "RUNTIME_ENV_NAMES",
+    "RUNTIME_ENV_PREFIXES",
     "SWITCHES",
     "SavedTensorCounter",
     "CLASSIFIER_CLASSES",
@@ -874,8 +876,32 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-#: Environment variables that change what the library runs, so what a benchmark measures.
-SWITCHES = ("BILINEARPOOL_TRITON", "BILINEARPOOL_HUGEPAGES")
+#: Environment variables that change what the library or PyTorch runs, so what a benchmark
+#: measures; recorded (``None`` when unset) and shown in every result. PyTorch's
+#: ``THP_MEM_ALLOC_ENABLE=1`` backs its large CPU allocations with huge pages, which halves
+#: the first-touch page faults of paths that allocate big intermediates (the naive chain).
+SWITCHES = ("BILINEARPOOL_TRITON", "BILINEARPOOL_HUGEPAGES", "THP_MEM_ALLOC_ENABLE")
+
+#: Prefixes of the thread-pool (OpenMP, MKL, OpenBLAS) and allocator (glibc malloc) variables
+#: recorded when set: they change timings without changing the code.
+RUNTIME_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_")
+#: Further variables recorded when set (a preloaded allocator such as jemalloc or tcmalloc).
+RUNTIME_ENV_NAMES = ("LD_PRELOAD",)
+
+
+def _runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The set variables named by :data:`RUNTIME_ENV_PREFIXES` and :data:`RUNTIME_ENV_NAMES`, sorted.
+
+    Examples:
+        >>> _runtime_env({"OMP_NUM_THREADS": "1", "HOME": "/root", "MALLOC_ARENA_MAX": "2"})
+        {'MALLOC_ARENA_MAX': '2', 'OMP_NUM_THREADS': '1'}
+    """
+    environ = os.environ if environ is None else environ
+    return {
+        name: environ[name]
+        for name in sorted(environ)
+        if name.startswith(RUNTIME_ENV_PREFIXES) or name in RUNTIME_ENV_NAMES
+    }
 
 _THP_PATH = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -890,12 +916,42 @@ def _transparent_hugepages(path: Path = _THP_PATH) -> str | None:
     return match.group(1) if match else (text.strip() or None)
 
 
+#: Folders whose untracked files make a checkout dirty: the package and the benchmark
+#: scripts (what a benchmark runs); not the results the benchmarks write.
+_CODE_FOLDERS = ("bilinearpool/", "benchmarks/")
+_NOT_CODE_FOLDERS = ("benchmarks/results/",)
+
+
+def _dirty(porcelain: str) -> bool:
+    r"""Whether ``git status --porcelain --untracked-files=normal`` output shows changed code.
+
+    Any change to a tracked file counts; an untracked file only under :data:`_CODE_FOLDERS`
+    (a new module of the package is run by the benchmark too), except result folders.
+
+    Examples:
+        >>> _dirty("?? notes.txt\n?? benchmarks/results/run1/")
+        False
+        >>> _dirty("?? bilinearpool/new_op.py"), _dirty(" M README.md")
+        (True, True)
+    """
+    for line in porcelain.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith("??"):
+            return True
+        path = line[3:].strip().strip('"')
+        if path.startswith(_CODE_FOLDERS) and not path.startswith(_NOT_CODE_FOLDERS):
+            return True
+    return False
+
+
 def _git_state(root: Path) -> dict[str, Any]:
     """Commit and dirty flag of the git checkout at ``root``; None for both when it is not one.
 
     Only a checkout whose top level is ``root`` counts (an installed copy inside some
     other repository, e.g. a virtual environment in one, is not a checkout of this code).
-    Dirty means tracked files differ from the commit; read without taking git's locks.
+    Dirty means tracked files differ from the commit, or untracked files lie in the package
+    or benchmark folders (see :func:`_dirty`); read without taking git's locks.
     """
     none: dict[str, Any] = {"git_commit": None, "git_dirty": None}
 
@@ -909,7 +965,7 @@ def _git_state(root: Path) -> dict[str, Any]:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
             return none
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = _dirty(git("status", "--porcelain", "--untracked-files=normal"))
     except (OSError, subprocess.SubprocessError):
         return none
     return {"git_commit": commit, "git_dirty": dirty}
@@ -919,15 +975,17 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     """What a result depends on: versions, commit, switches, device, threads, date and load.
 
     Besides the versions (torch, torchvision, timm, numpy, bilinearpool) it records the
-    git commit of the code and whether tracked files differ from it (``None`` when not
-    run from a git checkout), the environment variables of :data:`SWITCHES` (``None``
-    when unset) and the kernel's transparent huge page mode (``None`` when unreadable).
+    git commit of the code and whether it differs from it (``None`` when not run from a
+    git checkout; see :func:`_git_state`), the environment variables of :data:`SWITCHES`
+    (``None`` when unset), under ``runtime_env`` the thread-pool and allocator variables
+    that are set (:data:`RUNTIME_ENV_PREFIXES`) and the kernel's transparent huge page
+    mode (``None`` when unreadable).
 
     Examples:
         >>> env = environment("cpu")
         >>> env["device_type"], env["threads"] == torch.get_num_threads()
         ('cpu', True)
-        >>> all(name in env for name in SWITCHES + ("git_commit", "transparent_hugepages"))
+        >>> all(name in env for name in SWITCHES + ("git_commit", "runtime_env", "transparent_hugepages"))
         True
     """
     device = torch.device(device)
@@ -948,6 +1006,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "interop_threads": torch.get_num_interop_threads(),
         **_git_state(Path(__file__).resolve().parents[1]),
         **{name: os.environ.get(name) for name in SWITCHES},
+        "runtime_env": _runtime_env(),
         "transparent_hugepages": _transparent_hugepages(),
     }
     if hasattr(os, "getloadavg"):

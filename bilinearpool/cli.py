@@ -8,7 +8,8 @@ Subcommands:
 - ``models``: exact (and analytic) parameter counts and images/s (inference and one
   training step) of backbone x head x resolution, relative to the plain backbone;
 - ``demo``: ``layers --quick`` and ``models --quick`` (what ``make demo`` runs);
-- ``report``: one Markdown file from the results of ``layers`` and ``models`` in a folder.
+- ``report``: one Markdown file from the results of ``layers`` and ``models`` in a folder,
+  its tables and goal lines rebuilt from the raw measurements (and checked against the rows).
 
 Every run prints a Markdown table, and with ``--out DIR`` writes ``<name>.csv``,
 ``<name>.json`` (rows, raw timings, settings, environment), ``<name>.md`` and, when
@@ -22,6 +23,7 @@ import argparse
 import csv
 import gc
 import json
+import math
 import os
 import re
 import shlex
@@ -36,7 +38,16 @@ from torch import Tensor, nn
 
 from . import bench
 
-__all__ = ["BenchResult", "build_parser", "main", "run_layers", "run_models", "write_result"]
+__all__ = [
+    "BenchResult",
+    "ResultMismatchError",
+    "build_parser",
+    "main",
+    "rebuild_result",
+    "run_layers",
+    "run_models",
+    "write_result",
+]
 
 #: Shapes of the protocol (B, C, H, W): ResNet50/InceptionV3 at 224, InceptionResNetV2,
 #: VGG-style, reduced-dimension covariance.
@@ -162,6 +173,10 @@ def _describe_environment(env: dict[str, Any]) -> str:
     switches = [f"{k}={env[k] if env[k] is not None else 'unset'}" for k in bench.SWITCHES if k in env]
     if switches:
         parts.append(" ".join(switches))
+    if "runtime_env" in env:  # recorded since format 2: an empty dict means none was set
+        runtime = env["runtime_env"] or {}
+        names = "/".join([p + "*" for p in bench.RUNTIME_ENV_PREFIXES] + list(bench.RUNTIME_ENV_NAMES))
+        parts.append(" ".join(f"{k}={v}" for k, v in runtime.items()) or f"no {names} set")
     if "transparent_hugepages" in env:
         parts.append(f"transparent huge pages {env['transparent_hugepages'] or 'unknown'}")
     if env.get("cuda"):
@@ -396,16 +411,27 @@ def _settings(args: argparse.Namespace, kind: str) -> _Settings:
     )
 
 
-def _peak_mib(step: Callable[[], object], device: torch.device) -> float | None:
-    """CUDA: peak memory of one (warm) call of ``step`` above what was allocated before; else None."""
+def _peak_bytes(
+    step: Callable[[], object], device: torch.device, params: Iterable[Tensor] = ()
+) -> int | None:
+    """CUDA: peak bytes allocated during one (warm) call of ``step`` above what was allocated
+    before it; None on other devices.
+
+    The gradients of ``params`` (those the step computes) are set to None first: a step
+    frees the previous call's gradients (``zero_grad(set_to_none=True)``) before making new
+    ones, so with them still allocated the baseline would be too high and the peak too low
+    by up to their size.
+    """
     if device.type != "cuda":
         return None
+    for p in params:
+        p.grad = None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     step()
     torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / MIB
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def _error_text(err: BaseException, limit: int = 300) -> str:
@@ -526,13 +552,21 @@ def _write_stopped(
 
 def _load_average() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+def _round_ratios(a: Sequence[float] | None, b: Sequence[float] | None) -> list[float]:
+    """Per-round ratios a[i] / b[i] (rounds are interleaved, so paired); [] when not paired."""
+    if not a or not b or len(a) != len(b):
+        return []
+    return [x / y for x, y in zip(a, b) if y > 0]
 
 
 def _ratio_range(a: Sequence[float] | None, b: Sequence[float] | None) -> str | None:
-    """Smallest and largest per-round ratio a[i] / b[i] (rounds are interleaved, so paired)."""
-    if not a or not b or len(a) != len(b):
-        return None
-    ratios = [x / y for x, y in zip(a, b) if y > 0]
+    """Smallest and largest per-round ratio a[i] / b[i], as ``"0.12-0.19"``.
+
+    Examples:
+        >>> _ratio_range([1.0, 3.0], [2.0, 2.0])
+        '0.50-1.50'
+    """
+    ratios = _round_ratios(a, b)
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else None
 
 
@@ -576,15 +610,21 @@ def _fwd_bwd(
         out.backward(grad)
 
     return step
+def _own_tensors(fn: bench.LayerFn) -> list[Tensor]:
+    """The layer's parameters and buffers: the model holds them whatever autograd saves."""
+    if not isinstance(fn, nn.Module):
+        return []
+    return [*fn.parameters(), *fn.buffers()]
 
 
 def _saved_with_linear(fn: bench.LayerFn, inputs: Sequence[Tensor], dim: int, s: Any) -> int:
     """Saved-for-backward bytes of ``fn`` followed by a linear classifier on its output
-    (:data:`bench.CLASSIFIER_CLASSES` classes; its weight is not counted)."""
+    (:data:`bench.CLASSIFIER_CLASSES` classes); the classifier's weight and the layer's own
+    parameters and buffers are not counted."""
     weight = torch.zeros(bench.CLASSIFIER_CLASSES, dim, device=s.device, requires_grad=True)
     leaves = [x.detach().requires_grad_() for x in inputs]
     with (
-        bench.SavedTensorCounter(exclude=[weight]) as saved,
+        bench.SavedTensorCounter(exclude=[weight, *_own_tensors(fn)]) as saved,
         bench.autocast_context(s.device, s.amp_dtype),
     ):
         F.linear(fn(*leaves).flatten(1), weight)
@@ -594,10 +634,23 @@ def _saved_with_linear(fn: bench.LayerFn, inputs: Sequence[Tensor], dim: int, s:
 #: Where a run reports its rows while it goes (``--out``: the files, rewritten after each group).
 Checkpoint = Callable[[BenchResult], object]
 
+#: Version of the JSON files: 2 keeps every measurement in ``raw`` (the rows are rebuilt
+#: from it) and leaves the layer's own parameters out of the saved bytes; files without
+#: the field are version 1 (``raw`` holds the timings only).
+RESULT_FORMAT = 2
+
 #: Columns of a layer row that a case that failed leaves blank.
 _LAYER_VALUES = ("fwd_bwd_ms", "vs_naive", "vs_naive_range", "vs_floor", "saved_MiB", "input_MiB",
                  "saved_vs_input", "saved_with_linear_MiB", "peak_MiB", "D", "layer_params",
                  "classifier_params", "goals")  # fmt: skip
+#: What a layer case's raw record holds besides its timings (None when it failed).
+_LAYER_MEASURED = ("saved_bytes", "input_bytes", "saved_with_linear_bytes", "peak_bytes", "D",
+                   "layer_params")  # fmt: skip
+#: Settings entry that says how saved bytes are counted (absent in version 1 files).
+_SAVED_BYTES_RULE = (
+    "unique storages autograd saves, inputs included; the layer's own parameters and "
+    "buffers not counted"
+)
 
 
 def _measure_layer(
@@ -606,8 +659,13 @@ def _measure_layer(
     """Build ``case`` for ``c`` channels, count what it saves; its timed step and the counts."""
     fn = case.build(c, s.device)
     inputs = maps[: case.streams]
+    own = _own_tensors(fn)
     leaves = [x.detach().requires_grad_() for x in inputs]
-    with bench.SavedTensorCounter() as saved, bench.autocast_context(s.device, s.amp_dtype):
+    # The layer's weights are not counted: the model holds them whether saved or not.
+    with (
+        bench.SavedTensorCounter(exclude=own) as saved,
+        bench.autocast_context(s.device, s.amp_dtype),
+    ):
         out = fn(*leaves)
     grad = torch.randn(out.shape, generator=gen).to(device=s.device, dtype=out.dtype)
     out.backward(grad)
@@ -615,13 +673,14 @@ def _measure_layer(
     del out, leaves
     step = _fwd_bwd(fn, inputs, grad, s.amp_dtype)
     map_bytes = maps[0].numel() * maps[0].element_size()
+    params = list(fn.parameters()) if isinstance(fn, nn.Module) else []
     return step, {
-        "dim": dim,
+        "saved_bytes": saved.nbytes,
+        "input_bytes": map_bytes * case.streams,
+        "saved_with_linear_bytes": _saved_with_linear(fn, inputs, dim, s),
+        "peak_bytes": _peak_bytes(step, s.device, params),
+        "D": dim,
         "layer_params": bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0,
-        "saved": saved.nbytes,
-        "with_linear": _saved_with_linear(fn, inputs, dim, s),
-        "peak": _peak_mib(step, s.device),
-        "input": map_bytes * case.streams,
     }
 
 
@@ -633,6 +692,14 @@ def _check_layer_cases(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _case_info(cases: Sequence[bench.LayerCase]) -> dict[str, dict[str, Any]]:
+    """What the tables need of each case (saved in the JSON: ``report`` rebuilds them from it)."""
+    return {
+        c.name: {"description": c.description, "role": c.role, "goal": c.goal, "streams": c.streams}
+        for c in cases
+    }
+
+
 def run_layers(
     args: argparse.Namespace, *, command: str, checkpoint: Checkpoint | None = None
 ) -> BenchResult:
@@ -641,6 +708,8 @@ def run_layers(
     A case that raises at a shape (a batch of 1 through BatchNorm, say) gets a row with its
     error and the run goes on. ``checkpoint``, when given, receives the result so far after
     every shape, and once more, marked incomplete, when the run stops with an exception.
+    The rows are computed from the raw measurements (:func:`_layer_rows`), as ``report``
+    computes them again.
     """
     s = _settings(args, "layers")
     env = bench.environment(s.device)
@@ -656,11 +725,15 @@ def run_layers(
     total = sum(len(cs) * (1 + s.warmup + s.repeats) for _, cs in plan)
     bar = _progress(total, "layers", s.progress)
     gen = torch.Generator().manual_seed(s.seed)
-    rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
+    info = _case_info(cases)
+    settings = {**s.describe(), "input": "relu(randn), float32", "saved_bytes": _SAVED_BYTES_RULE}
+    planned = [["x".join(map(str, shape)), [c.name for c in cs]] for shape, cs in plan]
 
     def result(note: str | None = None) -> BenchResult:
-        return _layers_result(rows, raw, cases, s, dict(env), command, note)
+        env_now = {**env, "load_average_at_end": _load_average()}
+        notes = [note] if note else []
+        return _layers_result(raw, info, settings, env_now, command, planned, notes)
 
     where = "the start"
     try:
@@ -687,61 +760,107 @@ def run_layers(
             where = f"{label} timing"
             bar.set_postfix_str(where)
             times = _round_robin_robust(steps, errors, "timing", s, lambda _: bar.update(1))
-            med = {name: bench.median(t) for name, t in times.items()}
             for case in shape_cases:
-                row: dict[str, Any] = {"shape": label, "case": case.name}
-                row.update(dict.fromkeys(_LAYER_VALUES))
-                m = measured.get(case.name)
-                if m is not None:
-                    row.update(
-                        saved_MiB=m["saved"] / MIB,
-                        input_MiB=m["input"] / MIB,
-                        saved_vs_input=m["saved"] / m["input"],
-                        saved_with_linear_MiB=m["with_linear"] / MIB,
-                        peak_MiB=m["peak"],
-                        D=m["dim"],
-                        layer_params=m["layer_params"],
-                        classifier_params=bench.classifier_parameter_count(m["dim"]),
-                    )
-                t = med.get(case.name)
-                if t is not None:
-                    row.update(
-                        fwd_bwd_ms=t * 1e3,
-                        vs_naive=_ratio(t, med.get("naive")),
-                        vs_naive_range=_ratio_range(times[case.name], times.get("naive")),
-                        vs_floor=_ratio(t, med.get("matmul-floor")),
-                    )
-                if m is not None and t is not None:
-                    row["goals"] = _layer_goal(case, t, med.get("naive"), row["saved_vs_input"])
-                if errors[case.name]:
-                    row["error"] = "; ".join(errors[case.name])
-                rows.append(row)
-                raw.append({"shape": label, "case": case.name, "times_s": times.get(case.name, [])})
+                raw.append(
+                    {
+                        "shape": label,
+                        "case": case.name,
+                        "times_s": times.get(case.name, []),
+                        **dict.fromkeys(_LAYER_MEASURED),
+                        **measured.get(case.name, {}),
+                        "error": "; ".join(errors[case.name]) or None,
+                    }
+                )
             del steps, maps
             gc.collect()
             _write_partial(checkpoint, result, done, len(plan), "shapes")
     except BaseException as err:
-        _write_stopped(checkpoint, result, err, where, len(rows))
+        _write_stopped(checkpoint, result, err, where, len(raw))
         raise
     finally:
         bar.close()
     return result()
 
 
+def _layer_rows(
+    raw: Sequence[dict[str, Any]], cases: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The table's rows, computed from the raw records: medians, ratios, MiB, goal verdicts.
+
+    Every number of a row comes from its record (counts) and from the timings of the
+    records of the same shape (ratios to ``naive`` and ``matmul-floor``, timed in the same
+    rounds).
+    """
+    times: dict[str, dict[str, list[float]]] = {}
+    for rec in raw:
+        times.setdefault(rec["shape"], {})[rec["case"]] = list(rec.get("times_s") or [])
+    medians = {
+        shape: {n: bench.median(t) for n, t in by_case.items() if t}
+        for shape, by_case in times.items()
+    }
+    rows = []
+    for rec in raw:
+        shape, name = rec["shape"], rec["case"]
+        med, mine = medians[shape], times[shape][name]
+        row: dict[str, Any] = {"shape": shape, "case": name, **dict.fromkeys(_LAYER_VALUES)}
+        if rec.get("saved_bytes") is not None:
+            dim = rec.get("D")
+            row.update(
+                saved_MiB=rec["saved_bytes"] / MIB,
+                input_MiB=rec["input_bytes"] / MIB,
+                saved_vs_input=rec["saved_bytes"] / rec["input_bytes"],
+                saved_with_linear_MiB=_mib(rec.get("saved_with_linear_bytes")),
+                peak_MiB=_mib(rec.get("peak_bytes")),
+                D=dim,
+                layer_params=rec.get("layer_params"),
+                classifier_params=None if dim is None else bench.classifier_parameter_count(dim),
+            )
+        t = med.get(name)
+        if t is not None:
+            naive = times[shape].get("naive")
+            row.update(
+                fwd_bwd_ms=t * 1e3,
+                vs_naive=_ratio(t, med.get("naive")),
+                vs_naive_range=_ratio_range(mine, naive),
+                vs_floor=_ratio(t, med.get("matmul-floor")),
+            )
+            if cases.get(name, {}).get("goal") and row["saved_vs_input"] is not None:
+                rounds = _round_ratios(mine, naive)
+                row["goals"] = _layer_goal(row["vs_naive"], rounds, row["saved_vs_input"])
+        if rec.get("error"):
+            row["error"] = rec["error"]
+        rows.append(row)
+    return rows
+
+
+def _mib(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / MIB
+
+
 def _layers_result(
-    rows: list[dict[str, Any]],
     raw: list[dict[str, Any]],
-    cases: Sequence[bench.LayerCase],
-    s: _Settings,
+    cases: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
     env: dict[str, Any],
     command: str,
-    note: str | None = None,
+    plan: Sequence[Sequence[Any]],
+    notes_first: Sequence[str] = (),
 ) -> BenchResult:
-    """The layer table, summary, goals and notes of the rows measured (so far)."""
-    env["load_average_at_end"] = _load_average()
+    """The layer table, summary, goals and notes, all computed from the raw records.
+
+    Args:
+        raw: one record per (shape, case) planned so far: timings and counts.
+        cases: name -> description, role, goal, streams (see :func:`_case_info`).
+        settings: the run's settings as saved in the JSON.
+        env: the environment record.
+        command: the command line of the run.
+        plan: ``[shape, [case names]]`` of every shape planned, measured or not.
+        notes_first: notes put before the others (an INCOMPLETE mark).
+    """
+    rows = _layer_rows(raw, cases)
     columns = ["shape", "case", "fwd_bwd_ms", "vs_naive", "vs_naive_range", "vs_floor", "saved_MiB", "input_MiB",
                "saved_vs_input", "saved_with_linear_MiB"]  # fmt: skip
-    if s.device.type == "cuda":
+    if torch.device(settings.get("device", "cpu")).type == "cuda":
         columns.append("peak_MiB")
     columns += ["D", "layer_params", "classifier_params", "goals"]
     if any(r.get("error") for r in rows):
@@ -749,13 +868,26 @@ def _layers_result(
     k = bench.CLASSIFIER_CLASSES
     summary_columns = ["shape", "case", "D", "layer_params", "classifier_params", "fwd_bwd_ms",
                        "vs_naive", "saved_vs_input", "saved_with_linear_MiB"]  # fmt: skip
-    summary_roles = {c.name: c.role for c in cases}
+    if settings.get("saved_bytes"):
+        weights = (
+            "inputs included; the layer's own parameters and buffers not counted: the model "
+            "holds them anyway"
+        )
+    else:
+        weights = (
+            "inputs included; in these older results also the layer's own parameters and "
+            "buffers when it saves them, e.g. lowrank-r512's projections, which newer runs "
+            "leave out"
+        )
     meta = {
+        "format": RESULT_FORMAT,
         "command": command,
         "environment": env,
-        "settings": {**s.describe(), "input": "relu(randn), float32"},
-        "cases": {c.name: c.description for c in cases},
-        "goals": _layer_goal_summary(rows, cases) + _failure_lines(rows, ("shape", "case")),
+        "settings": settings,
+        "cases": cases,
+        "plan": [list(p) for p in plan],
+        "goals": _layer_goal_summary(rows, raw, cases, plan)
+        + _failure_lines(rows, ("shape", "case")),
         "summary": {
             "title": "Which pooling to choose",
             "text": (
@@ -771,19 +903,21 @@ def _layers_result(
             "rows": [
                 {col: r.get(col) for col in summary_columns}
                 for r in rows
-                if summary_roles.get(r["case"]) == "ours"
+                if cases.get(r["case"], {}).get("role", "ours") == "ours"
             ],
         },
         "notes": [
+            *notes_first,
             (
                 "vs_naive and vs_floor: median fwd+bwd time of the row / that of `naive` (the op-by-op "
                 "chain) and of `matmul-floor` (bare bmm) at the same shape, timed interleaved in this "
                 "run; below 1 is faster. vs_naive_range: the smallest and largest ratio of single "
-                "interleaved rounds (how much the noise moves it)."
+                "interleaved rounds (how much the noise moves it). A goal verdict goes by the median "
+                "ratio and says 'within noise' when single rounds fall on both sides of the goal."
             ),
             (
                 "saved_MiB: bytes autograd keeps for backward, counted exactly by unique storage with "
-                "torch.autograd.graph.saved_tensors_hooks (inputs included); input_MiB: the input map(s). "
+                f"torch.autograd.graph.saved_tensors_hooks ({weights}); input_MiB: the input map(s). "
                 f"saved_with_linear_MiB: the same for the layer followed by an {k}-class linear "
                 "classifier on its output (the classifier's weight not counted), what a model "
                 "keeps: a linear layer keeps its input, so a layer that saves its own output "
@@ -798,11 +932,9 @@ def _layers_result(
                 f"hashes and signs as buffers, not parameters). classifier_params: an {k}-class "
                 f"nn.Linear(D, {k}) on top, {k}*D + {k}."
             ),
-            "Cases: " + "; ".join(f"`{c.name}`: {c.description}" for c in cases) + ".",
+            "Cases: " + "; ".join(f"`{n}`: {c['description']}" for n, c in cases.items()) + ".",
         ],
     }
-    if note:
-        meta["notes"].insert(0, note)  # type: ignore[attr-defined]
     return BenchResult(
         "layers",
         "Layers: forward+backward time and saved-for-backward bytes",
@@ -825,61 +957,96 @@ def _failure_lines(
     return [f"Failed or skipped, with the reason in the {column} column: {'; '.join(failed)}"]
 
 
-def _layer_goal(
-    case: bench.LayerCase, t: float, t_naive: float | None, saved_ratio: float
-) -> str | None:
-    if not case.goal:
-        return None
-    parts = []
-    ratio = _ratio(t, t_naive)
+def _noise(rounds: Sequence[float], meets: Callable[[float], bool]) -> str | None:
+    """``"rounds 0.45-0.72, within noise"`` when some single rounds meet a goal and some do not.
+
+    Examples:
+        >>> _noise([0.45, 0.72, 0.49], lambda r: r <= 0.5)
+        'rounds 0.45-0.72, within noise'
+        >>> _noise([0.12, 0.19], lambda r: r <= 0.5) is None
+        True
+    """
+    hits = [meets(r) for r in rounds]
+    if any(hits) and not all(hits):
+        return f"rounds {min(rounds):.2f}-{max(rounds):.2f}, within noise"
+    return None
+
+
+def _layer_goal(ratio: float | None, rounds: Sequence[float], saved_ratio: float) -> str:
+    """The goals column of a Fast BCNN row: time (by the median, with noise) and memory (exact)."""
     if ratio is None:
-        parts.append("time: no naive baseline")
+        parts = ["time: no naive baseline"]
     else:
-        parts.append(f"time {'met' if ratio <= TIME_GOAL else 'NOT met'} ({ratio:.2f}x)")
+        noise = _noise(rounds, lambda r: r <= TIME_GOAL)
+        parts = [
+            f"time {'met' if ratio <= TIME_GOAL else 'NOT met'} "
+            f"({ratio:.3f}x{'; ' + noise if noise else ''})"
+        ]
     parts.append(
-        f"memory {'met' if saved_ratio <= MEMORY_GOAL else 'NOT met'} ({saved_ratio:.2f}x)"
+        f"memory {'met' if saved_ratio <= MEMORY_GOAL else 'NOT met'} ({saved_ratio:.3f}x)"
     )
     return ", ".join(parts)
 
 
-def _layer_goal_summary(rows: list[dict[str, Any]], cases: Sequence[bench.LayerCase]) -> list[str]:
+def _layer_goal_summary(
+    rows: Sequence[dict[str, Any]],
+    raw: Sequence[dict[str, Any]],
+    cases: dict[str, dict[str, Any]],
+    plan: Sequence[Sequence[Any]],
+) -> list[str]:
+    """One line per goal and Fast BCNN case, counted against the shapes planned for it."""
+    by_key = {(r["shape"], r["case"]): r for r in rows}
+    times = {(r["shape"], r["case"]): list(r.get("times_s") or []) for r in raw}
     lines = []
-    for case in cases:
-        if not case.goal:
-            continue
-        mine = [r for r in rows if r["case"] == case.name]
-        if not mine:
+    for name, info in cases.items():
+        shapes = [shape for shape, names in plan if name in names]
+        if not info.get("goal") or not shapes:
             continue
         for what, key, limit in (
             ("fwd+bwd time", "vs_naive", TIME_GOAL),
             ("saved bytes", "saved_vs_input", MEMORY_GOAL),
         ):
             baseline = "the naive chain's" if key == "vs_naive" else "the input map's"
-            values = [(r["shape"], r[key]) for r in mine if r.get(key) is not None]
-            missed = [(sh, v) for sh, v in values if v > limit]
-            head = f"`{case.name}` {what} <= {limit}x {baseline}: "
+            values: list[tuple[str, float, str]] = []  # shape, ratio, how it reads
+            missing = []
+            for sh in shapes:
+                row = by_key.get((sh, name))
+                if row is None or row.get(key) is None:
+                    missing.append(f"{sh}: {_why_not_measured(row, key)}")
+                    continue
+                v, noise = row[key], None
+                if key == "vs_naive":
+                    rounds = _round_ratios(times.get((sh, name)), times.get((sh, "naive")))
+                    noise = _noise(rounds, lambda r: r <= limit)
+                values.append((sh, v, f"{sh}: {v:.3f}x" + (f" [{noise}]" if noise else "")))
+            met = [text for _, v, text in values if v <= limit]
+            missed = [text for _, v, text in values if v > limit]
+            n = len(shapes)
+            head = f"`{name}` {what} <= {limit}x {baseline}: "
             if not values:
-                lines.append(head + "not measured (see the error column)")
+                text = f"not measured at any of the {n} planned shapes"
             elif not missed:
-                lines.append(
-                    head
-                    + f"met at all {len(values)} shapes ("
-                    + ", ".join(f"{sh}: {v:.2f}x" for sh, v in values)
-                    + ")"
-                )
+                count = f"all {n}" if len(met) == n else f"{len(met)} of {n}"
+                text = f"met at {count} shapes (" + ", ".join(met) + ")"
             else:
-                lines.append(
-                    head
-                    + f"NOT met at {len(missed)} of {len(values)} shapes ("
-                    + ", ".join(f"{sh}: {v:.2f}x" for sh, v in missed)
-                    + ")"
-                    + (
-                        "; met at " + ", ".join(f"{sh}: {v:.2f}x" for sh, v in values if v <= limit)
-                        if len(missed) < len(values)
-                        else ""
-                    )
-                )
+                text = f"NOT met at {len(missed)} of {n} shapes (" + ", ".join(missed) + ")"
+                if met:
+                    text += "; met at " + ", ".join(met)
+            if missing:
+                text += f"; {len(missing)} not measured: " + "; ".join(missing)
+            lines.append(head + text)
     return lines
+
+
+def _why_not_measured(row: dict[str, Any] | None, key: str) -> str:
+    """Why a planned row has no value in column ``key``."""
+    if row is None:
+        return "the run stopped before this shape"
+    if row.get("error"):
+        return row["error"]
+    if key == "vs_naive" and row.get("fwd_bwd_ms") is not None:
+        return "the naive chain was not timed at this shape (see its row)"
+    return "no value (see the table)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1016,8 +1183,6 @@ def _precheck_builds(
             except Exception:
                 pass
     return problems
-
-
 def run_models(
     args: argparse.Namespace, *, command: str, checkpoint: Checkpoint | None = None
 ) -> BenchResult:
@@ -1028,7 +1193,8 @@ def run_models(
     raises at one resolution (out of memory, an input too small for the backbone, a batch
     of 1 through BatchNorm) is noted in its row and the others go on. ``checkpoint``, when
     given, receives the result so far after every backbone and resolution, and once more,
-    marked incomplete, when the run stops with an exception.
+    marked incomplete, when the run stops with an exception. The rows are computed from the
+    raw records (:func:`_model_rows`), as ``report`` computes them again.
     """
     s = _settings(args, "models")
     env = bench.environment(s.device)
@@ -1046,11 +1212,26 @@ def run_models(
     total = len(backbones) * (len(heads) + (len(resolutions) * per_group if timed else 0))
     bar = _progress(total, "models", s.progress)
     gen = torch.Generator().manual_seed(s.seed)
-    rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
+    settings = {
+        **s.describe(),
+        "num_classes": args.num_classes,
+        "se_reduction": args.se_reduction,
+        "weights": "random (no download)",
+        "training_step": "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy",
+    }
+    plan = {
+        "backbones": backbones,
+        "heads": [h.name for h in heads],
+        "resolutions": resolutions,
+        "timed": timed,
+    }
+    described = {h.name: h.description for h in heads}
 
     def result(note: str | None = None) -> BenchResult:
-        return _models_result(rows, raw, heads, s, dict(env), command, args, timed, note)
+        env_now = {**env, "load_average_at_end": _load_average()}
+        notes = [note] if note else []
+        return _models_result(raw, described, settings, env_now, command, plan, notes)
 
     groups, done = len(backbones) * (len(resolutions) if timed else 1), 0
     where = "the start"
@@ -1074,15 +1255,22 @@ def run_models(
                     skipped[head.name] = problem
                 bar.update(1)
             built = [h for h in heads if h.name in models]
-            params = (
-                _parameter_rows(backbone, models, built, **build) if "plain" in models else {}
-            )
-            skip_rows = [
+            params = {
+                name: {k: p[k] for k in ("channels", "params", "params_analytic")}
+                for name, p in (
+                    _parameter_rows(backbone, models, built, **build) if "plain" in models else {}
+                ).items()
+            }
+            skip_records = [
                 {"backbone": backbone, "head": n, "resolution": None, "note": note}
                 for n, note in skipped.items()
             ]
             if not timed or not params:
-                rows += [{**p, "resolution": None} for p in params.values()] + skip_rows
+                raw += [
+                    {"backbone": backbone, "head": n, "resolution": None, **p}
+                    for n, p in params.items()
+                ]
+                raw += skip_records
                 done += len(resolutions) if timed else 1
                 del models
                 _write_partial(checkpoint, result, done, groups, "groups")
@@ -1093,15 +1281,15 @@ def run_models(
                     model.to(memory_format=torch.channels_last)
             for res in resolutions:
                 where = f"{backbone} {res}px"
-                rows += _time_models(models, built, params, backbone, res, args, s, gen, bar, raw)
+                raw += _time_models(models, built, params, backbone, res, args, s, gen, bar)
                 done += 1
                 if res == resolutions[-1]:
-                    rows += skip_rows
+                    raw += skip_records
                 _write_partial(checkpoint, result, done, groups, "groups")
             del models
             gc.collect()
     except BaseException as err:
-        _write_stopped(checkpoint, result, err, where, len(rows))
+        _write_stopped(checkpoint, result, err, where, len(raw))
         raise
     finally:
         bar.close()
@@ -1118,9 +1306,8 @@ def _time_models(
     s: _Settings,
     gen: torch.Generator,
     bar: Any,
-    raw: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """Inference and training-step throughput of ``models`` at one resolution: their rows."""
+    """Inference and training-step timings of ``models`` at one resolution: their raw records."""
     batch = _batch_size(args, s.device, res)
     images = torch.randn(batch, 3, res, res, generator=gen).to(s.device)
     if s.channels_last:
@@ -1136,7 +1323,7 @@ def _time_models(
     infer_steps = _drop_failing(infer_steps, notes, "inference")
     infer = _round_robin_robust(infer_steps, notes, "inference", s, lambda _: bar.update(1))
     train: dict[str, list[float]] = {}
-    peaks: dict[str, float | None] = {n: None for n in models}
+    peaks: dict[str, int | None] = {n: None for n in models}
     if not args.no_train:
         bar.set_postfix_str(f"{backbone} {res}px: training step")
         for m in models.values():
@@ -1146,62 +1333,111 @@ def _time_models(
             for n, m in models.items()
         }
         steps = _drop_failing(steps, notes, "training step")
-        peaks.update({n: _peak_mib(step, s.device) for n, step in steps.items()})
+        peaks.update(
+            {n: _peak_bytes(step, s.device, models[n].parameters()) for n, step in steps.items()}
+        )
         train = _round_robin_robust(steps, notes, "training step", s, lambda _: bar.update(1))
         for m in models.values():
             m.zero_grad(set_to_none=True)
         del steps
-    infer_ips = {n: bench.images_per_second(batch, bench.median(t)) for n, t in infer.items()}
-    train_ips = {n: bench.images_per_second(batch, bench.median(t)) for n, t in train.items()}
+    return [
+        {
+            "backbone": backbone,
+            "head": head.name,
+            "resolution": res,
+            "batch": batch,
+            **params[head.name],
+            "inference_s": infer.get(head.name, []),
+            "training_step_s": train.get(head.name, []),
+            "peak_train_bytes": peaks[head.name],
+            "note": "; ".join(notes[head.name]) or None,
+        }
+        for head in heads
+    ]
+
+
+def _model_rows(raw: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows, computed from the raw records: images/s, ratios to ``plain``, checks.
+
+    A record without ``params`` is a pair that was not built (its row has the reason only);
+    one without a resolution holds parameter counts only.
+    """
+    plain_params: dict[str, int] = {}
+    for rec in raw:
+        if rec["head"] == "plain" and rec.get("params") is not None:
+            plain_params.setdefault(rec["backbone"], rec["params"])
+    by_key = {(r["backbone"], r["head"], r.get("resolution")): r for r in raw}
+
+    def speed(times: Sequence[float], batch: int) -> float | None:
+        return bench.images_per_second(batch, bench.median(times)) if times else None
+
     rows = []
-    for head in heads:
-        n = head.name
-        rows.append(
-            {
-                **params[n],
-                "resolution": res,
-                "batch": batch,
-                "infer_img_s": infer_ips.get(n),
-                "infer_vs_plain": _ratio(infer_ips.get(n), infer_ips.get("plain")),
-                "infer_range": _ratio_range(_rates(infer.get(n)), _rates(infer.get("plain"))),
-                "train_img_s": train_ips.get(n),
-                "train_vs_plain": _ratio(train_ips.get(n), train_ips.get("plain")),
-                "train_range": _ratio_range(_rates(train.get(n)), _rates(train.get("plain"))),
-                "peak_train_MiB": peaks[n],
-                "note": "; ".join(notes[n]) or None,
-            }
-        )
-        raw.append(
-            {
-                "backbone": backbone,
-                "head": n,
-                "resolution": res,
-                "batch": batch,
-                "inference_s": infer.get(n, []),
-                "training_step_s": train.get(n, []),
-            }
-        )
+    for rec in raw:
+        backbone, head, res = rec["backbone"], rec["head"], rec.get("resolution")
+        if rec.get("params") is None:
+            rows.append(
+                {"backbone": backbone, "head": head, "resolution": res, "note": rec.get("note")}
+            )
+            continue
+        row: dict[str, Any] = {
+            "backbone": backbone,
+            "head": head,
+            "channels": rec.get("channels"),
+            "params": rec["params"],
+            "params_analytic": rec.get("params_analytic"),
+            "params_ok": rec["params"] == rec.get("params_analytic"),
+            "params_vs_plain": _ratio(rec["params"], plain_params.get(backbone)),
+            "resolution": res,
+        }
+        if res is not None:
+            plain = by_key.get((backbone, "plain", res), {})
+            batch = rec["batch"]
+            infer = list(rec.get("inference_s") or [])
+            train = list(rec.get("training_step_s") or [])
+            p_infer = list(plain.get("inference_s") or [])
+            p_train = list(plain.get("training_step_s") or [])
+            infer_ips, train_ips = speed(infer, batch), speed(train, batch)
+            row.update(
+                batch=batch,
+                infer_img_s=infer_ips,
+                infer_vs_plain=_ratio(infer_ips, speed(p_infer, plain.get("batch", batch))),
+                infer_range=_ratio_range(_rates(infer), _rates(p_infer)),
+                train_img_s=train_ips,
+                train_vs_plain=_ratio(train_ips, speed(p_train, plain.get("batch", batch))),
+                train_range=_ratio_range(_rates(train), _rates(p_train)),
+                peak_train_MiB=_mib(rec.get("peak_train_bytes")),
+                note=rec.get("note"),
+            )
+        rows.append(row)
     return rows
 
 
 def _models_result(
-    rows: list[dict[str, Any]],
     raw: list[dict[str, Any]],
-    heads: Sequence[bench.ModelHead],
-    s: _Settings,
+    heads: dict[str, str],
+    settings: dict[str, Any],
     env: dict[str, Any],
     command: str,
-    args: argparse.Namespace,
-    timed: bool,
-    note: str | None = None,
+    plan: dict[str, Any],
+    notes_first: Sequence[str] = (),
 ) -> BenchResult:
-    """The model table, goals and notes of the rows measured (so far)."""
-    env["load_average_at_end"] = _load_average()
-    if timed:
+    """The model table, goals and notes, all computed from the raw records.
+
+    Args:
+        raw: one record per row: counts, and timings at a resolution.
+        heads: name -> description of the heads compared.
+        settings: the run's settings as saved in the JSON.
+        env: the environment record.
+        command: the command line of the run.
+        plan: ``backbones``, ``heads``, ``resolutions`` asked for and whether ``timed``.
+        notes_first: notes put before the others (an INCOMPLETE mark).
+    """
+    rows = _model_rows(raw)
+    if plan["timed"]:
         columns = ["backbone", "head", "resolution", "batch", "params", "params_ok", "params_vs_plain",
                    "infer_img_s", "infer_vs_plain", "infer_range", "train_img_s", "train_vs_plain",
                    "train_range"]  # fmt: skip
-        if s.device.type == "cuda":
+        if torch.device(settings.get("device", "cpu")).type == "cuda":
             columns.append("peak_train_MiB")
     else:
         columns = [
@@ -1215,39 +1451,38 @@ def _models_result(
         ]
     if any(r.get("note") for r in rows):
         columns.append("note")
-    settings = {
-        **s.describe(),
-        "num_classes": args.num_classes,
-        "se_reduction": args.se_reduction,
-        "weights": "random (no download)",
-        "training_step": "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy",
-    }
     meta = {
+        "format": RESULT_FORMAT,
         "command": command,
         "environment": env,
         "settings": settings,
-        "heads": {h.name: h.description for h in heads},
-        "goals": _model_goal_summary(rows, timed)
+        "heads": heads,
+        "plan": plan,
+        "goals": _model_goal_summary(rows, raw, plan)
         + _failure_lines(rows, ("backbone", "head", "resolution"), "note"),
         "notes": [
+            *notes_first,
             (
                 "*_vs_plain: the row's value / the plain backbone's (global average pooling) at the same "
                 "backbone and resolution, measured interleaved in this run: what the head costs. "
-                "*_range: the smallest and largest ratio of single interleaved rounds."
+                "*_range: the smallest and largest ratio of single interleaved rounds. The throughput "
+                "verdict goes by the median ratio and says 'within noise' when single rounds fall on "
+                "both sides of the goal."
             ),
             (
                 "params: exact count (model.parameters()); params_ok: it equals the closed-form count "
                 "(backbone + SE blocks + classifier; two backbones for BCNN)."
             ),
-            "Heads: " + "; ".join(f"`{h.name}`: {h.description}" for h in heads) + ".",
+            "Heads: " + "; ".join(f"`{n}`: {d}" for n, d in heads.items()) + ".",
         ],
     }
-    if note:
-        meta["notes"].insert(0, note)  # type: ignore[attr-defined]
     return BenchResult("models", "Models: parameters and throughput", columns, rows, meta, raw)
 
 
-def _model_goal_summary(rows: list[dict[str, Any]], timed: bool) -> list[str]:
+def _model_goal_summary(
+    rows: Sequence[dict[str, Any]], raw: Sequence[dict[str, Any]], plan: dict[str, Any]
+) -> list[str]:
+    """Parameter check, and throughput at :data:`GOAL_RESOLUTION` of every backbone planned."""
     lines = []
     param_rows = {(r["backbone"], r["head"]): r for r in rows if r.get("params") is not None}
     bad = [
@@ -1261,35 +1496,58 @@ def _model_goal_summary(rows: list[dict[str, Any]], timed: bool) -> list[str]:
         lines.append(
             f"Parameter counts equal the analytic counts: met for all {len(param_rows)} models"
         )
-    if not timed:
+    if not plan["timed"]:
         return lines
-    at_goal = {(r["backbone"], r["head"]): r for r in rows if r.get("resolution") == GOAL_RESOLUTION}
-    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
-    if not any(b for b, _ in at_goal):
+    if GOAL_RESOLUTION not in plan["resolutions"]:
         lines.append(
             f"Throughput goals are stated at {GOAL_RESOLUTION}px, which was not measured in this run"
         )
         return lines
-    for head, text in (("fast-bcnn", "goal >= 0.85x"), ("bcnn", "expected near 0.5x")):
-        parts = []
-        for b in backbones:
-            r = at_goal.get((b, head))
+    by_key = {(r["backbone"], r["head"], r.get("resolution")): r for r in rows}
+    times = {(r["backbone"], r["head"], r.get("resolution")): r.get("inference_s") for r in raw}
+    goals = (("fast-bcnn", f"goal >= {THROUGHPUT_GOAL}x"), ("bcnn", "expected near 0.5x"))
+    for head, text in goals:
+        if head not in plan["heads"]:
+            continue
+        parts, missing = [], []
+        for b in plan["backbones"]:
+            r = by_key.get((b, head, GOAL_RESOLUTION))
             if r is None or r.get("infer_vs_plain") is None:
+                missing.append(f"{b} ({_why_no_throughput(by_key, b, head)})")
                 continue
             v = r["infer_vs_plain"]
-            verdict = (
-                ("met" if v >= THROUGHPUT_GOAL else "NOT met")
-                if head == "fast-bcnn"
-                else "measured"
-            )
-            parts.append(f"{b} {v:.2f}x ({verdict})")
-        if parts:
-            name = "Fast BCNN" if head == "fast-bcnn" else "Two-stream BCNN"
-            lines.append(
-                f"{name} inference throughput / plain at {GOAL_RESOLUTION}px, {text}: "
-                + ", ".join(parts)
-            )
+            if head == "fast-bcnn":
+                rounds = _round_ratios(
+                    _rates(times.get((b, head, GOAL_RESOLUTION))),
+                    _rates(times.get((b, "plain", GOAL_RESOLUTION))),
+                )
+                noise = _noise(rounds, lambda x: x >= THROUGHPUT_GOAL)
+                verdict = "met" if v >= THROUGHPUT_GOAL else "NOT met"
+                verdict += f"; {noise}" if noise else ""
+            else:
+                verdict = "measured"
+            parts.append(f"{b} {v:.3f}x ({verdict})")
+        name = "Fast BCNN" if head == "fast-bcnn" else "Two-stream BCNN"
+        line = f"{name} inference throughput / plain at {GOAL_RESOLUTION}px, {text}: "
+        line += ", ".join(parts)
+        if missing:
+            line += ("; " if parts else "") + "not measured on " + ", ".join(missing)
+        lines.append(line)
     return lines
+
+
+def _why_no_throughput(
+    by_key: dict[tuple[Any, ...], dict[str, Any]], backbone: str, head: str
+) -> str:
+    """Why a planned (backbone, head) has no throughput ratio at :data:`GOAL_RESOLUTION`."""
+    for name in (head, "plain"):
+        for res in (GOAL_RESOLUTION, None):
+            row = by_key.get((backbone, name, res))
+            if row is not None and row.get("note"):
+                return row["note"] if name == head else f"the baseline plain: {row['note']}"
+    if by_key.get((backbone, head, GOAL_RESOLUTION)) is None:
+        return "the run stopped before it"
+    return "see the table"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1304,24 +1562,247 @@ def _report_problem(folder: Path) -> str:
     )
 
 
+class ResultMismatchError(ValueError):
+    """A results file whose stored rows disagree with what its raw measurements give."""
+
+
+def _bytes(mib: float | None) -> int | None:
+    return None if mib is None else round(mib * MIB)
+
+
+def _version1_layer_raw(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Raw records of a version 1 layers file: its timings, and the counts from its rows."""
+    times = {(r["shape"], r["case"]): r.get("times_s") or [] for r in data.get("raw", [])}
+    return [
+        {
+            "shape": row["shape"],
+            "case": row["case"],
+            "times_s": times.get((row["shape"], row["case"]), []),
+            "saved_bytes": _bytes(row.get("saved_MiB")),
+            "input_bytes": _bytes(row.get("input_MiB")),
+            "saved_with_linear_bytes": _bytes(row.get("saved_with_linear_MiB")),
+            "peak_bytes": _bytes(row.get("peak_MiB")),
+            "D": row.get("D"),
+            "layer_params": row.get("layer_params"),
+            "error": row.get("error"),
+        }
+        for row in data["rows"]
+    ]
+
+
+def _version1_model_raw(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Raw records of a version 1 models file: its timings, and the counts from its rows."""
+    times = {(r["backbone"], r["head"], r.get("resolution")): r for r in data.get("raw", [])}
+    out = []
+    for row in data["rows"]:
+        rec: dict[str, Any] = {
+            "backbone": row["backbone"],
+            "head": row["head"],
+            "resolution": row.get("resolution"),
+        }
+        if row.get("params") is not None:
+            rec.update({k: row.get(k) for k in ("channels", "params", "params_analytic")})
+        if rec["resolution"] is not None and row.get("params") is not None:
+            timing = times.get((row["backbone"], row["head"], row["resolution"]), {})
+            rec.update(
+                batch=row.get("batch"),
+                inference_s=timing.get("inference_s") or [],
+                training_step_s=timing.get("training_step_s") or [],
+                peak_train_bytes=_bytes(row.get("peak_train_MiB")),
+            )
+        if "note" in row:
+            rec["note"] = row["note"]
+        out.append(rec)
+    return out
+
+
+def _stored_cases(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Case name -> description, role, goal, streams; version 1 files stored descriptions only."""
+    cases: dict[str, dict[str, Any]] = {}
+    for name, value in data.get("cases", {}).items():
+        if isinstance(value, dict):
+            cases[name] = dict(value)
+            continue
+        known = bench.LAYER_CASES.get(name)
+        role = {"naive": "baseline", "matmul-floor": "floor"}.get(name, "ours")
+        with_goal = any(r.get("goals") for r in data["rows"] if r["case"] == name)
+        cases[name] = {
+            "description": value,
+            "role": known.role if known else role,
+            "goal": with_goal or bool(known and known.goal),
+            "streams": known.streams if known else 1,
+        }
+    return cases
+
+
+def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchResult:
+    """The result stored in a ``layers.json`` / ``models.json``, rebuilt from its raw measurements.
+
+    Rows, ratios, the summary and the goal lines are computed again by this code from the
+    raw records and the settings; the stored rows must agree with them, value by value
+    (numbers exactly up to float rounding, ``*_range`` up to its 2 printed decimals, goal
+    verdicts by their met / NOT met words, since older files printed fewer decimals).
+    Version 1 files keep only the timings as raw data: their exact counts (saved bytes,
+    parameters, D) come from their rows.
+
+    Raises:
+        ResultMismatchError: a stored row disagrees with the raw data (names the row, the
+            column and both values).
+        ValueError: not a file of ``layers`` or ``models``.
+    """
+    name = data.get("benchmark")
+    version = data.get("format", 1)
+    settings, env = data["settings"], data["environment"]
+    carried = [n for n in data.get("notes", []) if str(n).startswith("INCOMPLETE")]
+    if version < 2:
+        carried.append(
+            "Rebuilt by `bilinearpool-bench report` from a version 1 results file: its raw part "
+            "holds the timings only, so the exact counts come from its rows; medians, ratios and "
+            "goal verdicts were recomputed from the timings and agree with its rows."
+        )
+    if name == "layers":
+        raw = data["raw"] if version >= 2 else _version1_layer_raw(data)
+        plan = data.get("plan") or [
+            [shape, [r["case"] for r in raw if r["shape"] == shape]]
+            for shape in dict.fromkeys(r["shape"] for r in raw)
+        ]
+        cases = _stored_cases(data)
+        result = _layers_result(raw, cases, settings, env, data["command"], plan, carried)
+        keys: tuple[str, ...] = ("shape", "case")
+    elif name == "models":
+        raw = data["raw"] if version >= 2 else _version1_model_raw(data)
+        rows = data["rows"]
+        plan = data.get("plan") or {
+            "backbones": list(dict.fromkeys(r["backbone"] for r in rows)),
+            "heads": list(dict.fromkeys(r["head"] for r in rows)),
+            "resolutions": list(
+                dict.fromkeys(r["resolution"] for r in rows if r.get("resolution") is not None)
+            ),
+            "timed": "infer_img_s" in data.get("columns", []),
+        }
+        heads = dict(data.get("heads", {}))
+        result = _models_result(raw, heads, settings, env, data["command"], plan, carried)
+        keys = ("backbone", "head", "resolution")
+    else:
+        raise ValueError(
+            f"{source}: expected a results file of 'layers' or 'models', but got {name!r}"
+        )
+    _check_rows(data["rows"], result.rows, keys, source)
+    return result
+
+
+def _verdicts(text: Any) -> list[tuple[str, str]]:
+    return re.findall(r"(time|memory) (met|NOT met)", str(text or ""))
+
+
+def _same_value(key: str, stored: Any, rebuilt: Any) -> bool:
+    """Whether a stored cell agrees with the rebuilt one (see :func:`rebuild_result`)."""
+    if stored is None or rebuilt is None:
+        return stored is rebuilt
+    if key == "goals":
+        return _verdicts(stored) == _verdicts(rebuilt)
+    if key.endswith("_range"):
+        a, b = str(stored).split("-"), str(rebuilt).split("-")
+        close = all(abs(float(x) - float(y)) <= 0.0051 for x, y in zip(a, b))
+        return len(a) == len(b) == 2 and close
+    numbers = (int, float)
+    both = isinstance(stored, numbers) and isinstance(rebuilt, numbers)
+    if both and not isinstance(stored, bool):
+        return math.isclose(stored, rebuilt, rel_tol=1e-9, abs_tol=1e-12)
+    return stored == rebuilt
+
+
+def _check_rows(
+    stored: Sequence[dict[str, Any]],
+    rebuilt: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    source: str,
+) -> None:
+    """Raise :class:`ResultMismatchError` at the first stored cell the raw data do not give."""
+    if len(stored) != len(rebuilt):
+        raise ResultMismatchError(
+            f"{source}: {len(stored)} rows are stored, but the raw data give {len(rebuilt)}"
+        )
+    for old, new in zip(stored, rebuilt):
+        label = " ".join(str(old.get(k)) for k in keys)
+        if [old.get(k) for k in keys] != [new.get(k) for k in keys]:
+            raise ResultMismatchError(
+                f"{source}: stored row {label} stands where the raw data give row "
+                + " ".join(str(new.get(k)) for k in keys)
+            )
+        for key, value in old.items():
+            if key in new and not _same_value(key, value, new[key]):
+                raise ResultMismatchError(
+                    f"{source}: row {label}: {key} is stored as {value!r}, but the raw data give "
+                    f"{new[key]!r}; the file was edited or written by other code: rerun the "
+                    "benchmark"
+                )
+
+
+#: Environment entries that must agree for two parts of one report to be compared.
+_SAME_RUN_KEYS = ("git_commit", "git_dirty", "bilinearpool", "torch", "torchvision", "timm",
+                  "numpy", "python", "platform", "device", "cpu_count", "threads", "cuda", "cudnn",
+                  *bench.SWITCHES, "runtime_env", "transparent_hugepages")  # fmt: skip
+_SAME_RUN_SETTINGS = ("device", "amp", "channels_last")
+
+
+def _part_differences(parts: Sequence[dict[str, Any]]) -> list[str]:
+    """Warnings when the parts of a report (layers, models) ran on other code or settings."""
+    if len(parts) < 2:
+        return []
+    first, *others = parts
+    warnings = []
+    for other in others:
+        names = f"{first['benchmark']}.json and {other['benchmark']}.json"
+        diffs = []
+        for where, keys in (("environment", _SAME_RUN_KEYS), ("settings", _SAME_RUN_SETTINGS)):
+            a, b = first.get(where, {}), other.get(where, {})
+            for key in keys:
+                if a.get(key) != b.get(key):
+                    shown = ["not recorded" if key not in d else d[key] for d in (a, b)]
+                    diffs.append(f"{key} {shown[0]} vs {shown[1]}")
+        if diffs:
+            warnings.append(
+                f"{names} come from different commits or environments: " + "; ".join(diffs)
+            )
+        commits = [p.get("environment", {}).get("git_commit") for p in (first, other)]
+        if not any(commits):
+            warnings.append(
+                f"{names} do not record the git commit of the code (older files, or not run from a "
+                "checkout): whether they ran the same code cannot be checked"
+            )
+    return warnings
+
+
 def _report(args: argparse.Namespace, *, command: str) -> int:
     folder = Path(args.folder)
-    parts = []
+    parts, results = [], []
     for name in ("layers", "models"):
         path = folder / f"{name}.json"
         if path.is_file():
-            parts.append(json.loads(path.read_text(encoding="utf-8")))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            parts.append(data)
+            results.append(rebuild_result(data, source=str(path)))
     if not parts:
         raise ValueError(_report_problem(folder))
     lines = [f"# {args.title}", ""]
     for note in args.note or []:
         lines += [note, ""]
+    warnings = _part_differences(parts)
+    for warning in warnings:
+        print(f"bilinearpool-bench report: warning: {warning}", file=sys.stderr)
+        lines += [f"> **Warning:** {warning}.", ""]
     lines += ["Commands that produced these results:", "", "```"]
     lines += [p["command"] for p in parts]
     lines += [command, "```", ""]
-    lines += [f"Raw files (CSV, JSON with raw timings, PNG plots): `{folder}/`.", ""]
-    for p in parts:
-        lines += [p["markdown"].rstrip(), ""]
+    lines += [
+        f"Raw files (CSV, JSON with raw timings, PNG plots): `{folder}/`. The tables, ratios "
+        "and goal lines below are rebuilt from the raw measurements in the JSON files and "
+        "checked against the rows stored there.",
+        "",
+    ]
+    for result in results:
+        lines += [result.markdown().rstrip(), ""]
     text = "\n".join(lines)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -1477,7 +1958,10 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="one Markdown file from the layers/models results in a folder",
         description="Collect FOLDER/layers.json and FOLDER/models.json (their commands, environments, "
-        "tables and goals) into one Markdown file.",
+        "tables and goals) into one Markdown file. The tables, ratios and goal lines are rebuilt from "
+        "the raw measurements in the JSON files with this version's code; a stored row that disagrees "
+        "with them is an error (exit code 1), and parts from different commits or environments are "
+        "flagged with a warning.",
         formatter_class=fmt,
     )
     p.add_argument("folder", type=Path, help="folder written by `layers --out` / `models --out`")
@@ -1584,7 +2068,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "TEXT" if i > 0 and argv[i - 1] in ("--note", "--title") else a
             for i, a in enumerate(argv)
         ]
-        return _report(args, command="bilinearpool-bench " + shlex.join(shown))
+        try:
+            return _report(args, command="bilinearpool-bench " + shlex.join(shown))
+        except ResultMismatchError as err:
+            print(f"bilinearpool-bench report: error: {err}", file=sys.stderr)
+            return 1
     written: list[Path] = []
     if args.command == "layers":
         written += _finish(run_layers(args, command=command, checkpoint=_saver(args.out)), args.out)

@@ -229,6 +229,31 @@ class TestTiming:
         out = bench.make_inference_step(nn.Linear(4, 2), torch.randn(3, 4))()
         assert not out.requires_grad
 
+    def test_peak_baseline_is_read_without_the_previous_gradients(self, monkeypatch):
+        """A step frees the last call's gradients before making new ones: read with them still
+        allocated, the baseline is too high and the peak too low by their size."""
+        p = torch.zeros(250, requires_grad=True)  # its gradient: 1000 bytes
+        state = {"activations": 0, "peak": 0}
+
+        def allocated(*_: object) -> int:
+            return state["activations"] + (p.grad.numel() * FLOAT32 if p.grad is not None else 0)
+
+        def step() -> None:  # as make_training_step: zero_grad(set_to_none=True), forward, backward
+            p.grad = None
+            state["activations"] = 400
+            state["peak"] = max(state["peak"], allocated())
+            p.grad = torch.ones(250)
+            state["peak"] = max(state["peak"], allocated())
+            state["activations"] = 0
+
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=allocated()))
+        monkeypatch.setattr(torch.cuda, "memory_allocated", allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])
+        step()  # the warm-up call leaves its gradient allocated
+        assert cli._peak_bytes(step, torch.device("cuda"), [p]) == 400 + 1000
+        assert cli._peak_bytes(step, torch.device("cpu"), [p]) is None
+
 
 class TestRegistries:
     def test_environment(self):
@@ -258,6 +283,41 @@ class TestRegistries:
         for text in ("numpy ", f"bilinearpool {env['bilinearpool']} (git 0123456789ab, dirty)",
                      "BILINEARPOOL_TRITON=0 BILINEARPOOL_HUGEPAGES=unset", "transparent huge pages never"):  # fmt: skip
             assert text in line, text
+
+    def test_environment_records_thread_and_allocator_variables(self, monkeypatch):
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+        monkeypatch.setenv("NOT_A_RUNTIME_SWITCH", "x")
+        env = bench.environment("cpu")
+        assert env["THP_MEM_ALLOC_ENABLE"] == "1"
+        assert env["runtime_env"]["OMP_NUM_THREADS"] == "1" and env["runtime_env"]["MALLOC_ARENA_MAX"] == "2"
+        assert all(k.startswith(bench.RUNTIME_ENV_PREFIXES) or k in bench.RUNTIME_ENV_NAMES
+                   for k in env["runtime_env"])  # fmt: skip
+        line = cli._describe_environment(env)
+        assert "THP_MEM_ALLOC_ENABLE=1" in line and "OMP_NUM_THREADS=1" in line and "MALLOC_ARENA_MAX=2" in line
+        assert "NOT_A_RUNTIME_SWITCH" not in line
+        assert "no OMP_*/" in cli._describe_environment({**env, "runtime_env": {}})
+        assert "OMP_" not in cli._describe_environment({k: v for k, v in env.items() if k != "runtime_env"})
+
+    @pytest.mark.parametrize(
+        ("untracked", "dirty"),
+        [("bilinearpool/new_op.py", True), ("benchmarks/bench_new.py", True),
+         ("benchmarks/results/run1/", False), ("notes.txt", False)],
+    )  # fmt: skip
+    def test_untracked_code_makes_the_checkout_dirty(self, monkeypatch, tmp_path, untracked, dirty):
+        """An untracked module of the package runs in the benchmark: it makes the code differ
+        from the commit; results written under benchmarks/results/ do not."""
+
+        def fake_git(cmd, **kwargs):
+            args = cmd[cmd.index("-C") + 2 :]
+            out = {"rev-parse": str(tmp_path) if "--show-toplevel" in args else "ab" * 20}.get(args[0])
+            if args[0] == "status":  # git lists untracked files only when asked to
+                out = "" if "--untracked-files=no" in args else f"?? {untracked}\n"
+            return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+        monkeypatch.setattr(bench.subprocess, "run", fake_git)
+        assert bench._git_state(tmp_path) == {"git_commit": "ab" * 20, "git_dirty": dirty}
 
     @pytest.mark.parametrize("name", list(bench.LAYER_CASES))
     def test_every_layer_case_runs(self, name):
@@ -339,7 +399,7 @@ class TestCommandLine:
         assert by["2x8x4x4", "naive"]["vs_naive_range"] == "1.00-1.00"
         assert float(by["2x8x4x4", "fast-bcnn"]["saved_vs_input"]) == 1.0
         assert float(by["2x8x4x4", "fast-bcnn"]["input_MiB"]) == 2 * 8 * 4 * 4 * FLOAT32 / 2**20
-        assert "memory met (1.00x)" in by["2x8x4x4", "fast-bcnn"]["goals"]
+        assert "memory met (1.000x)" in by["2x8x4x4", "fast-bcnn"]["goals"]
         # save_output: the output is saved too (input + output + one norm per sample), and
         # with a linear classifier on top the graph keeps no more than fast-bcnn's
         saved_so = (2 * 8 * 4 * 4 + 2 * 64 + 2) * FLOAT32 / 2**20
@@ -397,10 +457,17 @@ class TestCommandLine:
             and "| 2x8x4x4 | lowrank-r512 | 512 | 8,192 | 4,104 |" in md
         )
 
-    def test_models_end_to_end_and_report(self, tmp_path, capsys, keep_threads):
+    def test_models_end_to_end_and_report(self, tmp_path, capsys, keep_threads, monkeypatch):
+        cleared = []  # the peak is read with every gradient of the model cleared first
+
+        def spy(step, device, params=()):
+            cleared.append(len(list(params)))
+
+        monkeypatch.setattr(cli, "_peak_bytes", spy)
         argv = ["models", "--backbones", "resnet18", "--resolutions", "64", "--batch-size", "1",
                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
         assert main(argv) == 0
+        assert len(cleared) == 4 and min(cleared) > 0
         rows = read_csv(tmp_path / "models.csv")
         assert [r["head"] for r in rows] == ["plain", "se", "bcnn", "fast-bcnn"]
         assert all(
@@ -646,6 +713,202 @@ class TestRobustRuns:
         fig = cli._plot_models(plt, rows, 5)
         assert fig.axes[1].get_title() == "Parameters (5 classes)"
         plt.close(fig)
+
+
+def layer_record(shape: str, case: str, times: list[float], *, saved: int = 100, error: str | None = None) -> dict:
+    """A raw record of the layer benchmark, as run_layers writes it (saved bytes vs 100 input)."""
+    measured = error is None
+    return {
+        "shape": shape, "case": case, "times_s": times if measured else [],
+        "saved_bytes": saved if measured else None, "input_bytes": 100 if measured else None,
+        "saved_with_linear_bytes": saved + 8 if measured else None, "peak_bytes": None,
+        "D": 64 if measured else None, "layer_params": 0 if measured else None, "error": error,
+    }  # fmt: skip
+
+
+LAYER_CASE_INFO = {
+    "naive": {"description": "naive", "role": "baseline", "goal": False, "streams": 1},
+    "matmul-floor": {"description": "floor", "role": "floor", "goal": False, "streams": 1},
+    "fast-bcnn": {"description": "fused", "role": "ours", "goal": True, "streams": 1},
+}
+LAYER_SETTINGS = {"device": "cpu", "saved_bytes": "rule"}
+
+
+def model_record(backbone: str, head: str, inference_s: list[float], *, note: str | None = None) -> dict:
+    return {
+        "backbone": backbone, "head": head, "resolution": 224, "batch": 2, "channels": 8,
+        "params": 10 if head == "plain" else 20, "params_analytic": 10 if head == "plain" else 20,
+        "inference_s": inference_s, "training_step_s": [], "peak_train_bytes": None, "note": note,
+    }  # fmt: skip
+
+
+class TestResults:
+    """What the tables and goal lines say, computed from raw records (no timing thresholds:
+    the timings here are made up), and the report that rebuilds them."""
+
+    COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-2core"
+
+    def test_goal_ratios_have_three_decimals_and_name_noise(self):
+        naive = [1.0, 1.0, 1.0]
+        raw = [
+            layer_record("2x8x4x4", "naive", naive),
+            layer_record("2x8x4x4", "matmul-floor", [0.1, 0.1, 0.1]),
+            layer_record("2x8x4x4", "fast-bcnn", [0.45, 0.72, 0.4964]),  # median meets, a round does not
+            layer_record("3x8x4x4", "naive", naive),
+            layer_record("3x8x4x4", "matmul-floor", [0.1, 0.1, 0.1]),
+            layer_record("3x8x4x4", "fast-bcnn", [0.5024, 0.51, 0.501]),  # every round misses
+        ]
+        plan = [[sh, list(LAYER_CASE_INFO)] for sh in ("2x8x4x4", "3x8x4x4")]
+        result = cli._layers_result(raw, LAYER_CASE_INFO, LAYER_SETTINGS, {}, "cmd", plan)
+        goals = {r["shape"]: r["goals"] for r in result.rows if r["case"] == "fast-bcnn"}
+        assert goals == {
+            "2x8x4x4": "time met (0.496x; rounds 0.45-0.72, within noise), memory met (1.000x)",
+            "3x8x4x4": "time NOT met (0.502x), memory met (1.000x)",
+        }
+        (time_line,) = [g for g in result.meta["goals"] if "fwd+bwd time" in g]
+        assert time_line == (
+            "`fast-bcnn` fwd+bwd time <= 0.5x the naive chain's: NOT met at 1 of 2 shapes "
+            "(3x8x4x4: 0.502x); met at 2x8x4x4: 0.496x [rounds 0.45-0.72, within noise]"
+        )
+
+    def test_layer_goals_count_the_planned_shapes(self):
+        raw = [
+            layer_record("2x8x4x4", "naive", [1.0]),
+            layer_record("2x8x4x4", "matmul-floor", [0.1]),
+            layer_record("2x8x4x4", "fast-bcnn", [0.2]),
+            layer_record("1x8x1x1", "naive", [1.0]),
+            layer_record("1x8x1x1", "matmul-floor", [0.1]),
+            layer_record("1x8x1x1", "fast-bcnn", [], error="failed: RuntimeError: boom"),
+        ]
+        plan = [[sh, list(LAYER_CASE_INFO)] for sh in ("2x8x4x4", "1x8x1x1", "4x8x4x4")]  # the last never ran
+        goals = cli._layers_result(raw, LAYER_CASE_INFO, LAYER_SETTINGS, {}, "cmd", plan).meta["goals"]
+        assert goals[0] == (
+            "`fast-bcnn` fwd+bwd time <= 0.5x the naive chain's: met at 1 of 3 shapes (2x8x4x4: 0.200x); "
+            "2 not measured: 1x8x1x1: failed: RuntimeError: boom; 4x8x4x4: the run stopped before this shape"
+        )
+        assert goals[1].startswith("`fast-bcnn` saved bytes <= 1.1x the input map's: met at 1 of 3 shapes")
+
+    def test_a_goal_case_failing_at_one_shape_is_not_met_at_all(self, tmp_path, monkeypatch, keep_threads):
+        def build(c, device):
+            def fn(x):
+                if c == 6:
+                    raise RuntimeError("boom")
+                return x.mean((2, 3))
+            return fn
+
+        case = bench.LayerCase("test-goal", "fails at C=6", build, goal=True)
+        monkeypatch.setitem(bench.LAYER_CASES, case.name, case)
+        argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "test-goal", "--repeats", "1",
+                "--warmup", "0", "--threads", "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        goals = json.loads((tmp_path / "layers.json").read_text())["goals"]
+        time_line = next(g for g in goals if g.startswith("`test-goal` fwd+bwd time"))
+        assert "of 2 shapes" in time_line and "all 1" not in time_line
+        assert time_line.endswith("; 1 not measured: 2x6x2x2: failed: RuntimeError: boom")
+
+    def test_model_goal_names_noise_and_the_backbones_not_measured(self):
+        raw = [
+            model_record("resnet50", "plain", [1.0, 1.0, 1.0]),
+            model_record("resnet50", "fast-bcnn", [1 / 0.9, 1 / 0.8, 1 / 0.88]),
+            model_record("inception_v3", "plain", [1.0]),
+            model_record("inception_v3", "fast-bcnn", [], note="inference failed: RuntimeError: boom"),
+        ]
+        plan = {"backbones": ["resnet50", "inception_v3", "inception_resnet_v2"],
+                "heads": ["plain", "fast-bcnn"], "resolutions": [224], "timed": True}  # fmt: skip
+        result = cli._models_result(raw, {"plain": "", "fast-bcnn": ""}, {"device": "cpu"}, {}, "cmd", plan)
+        line = next(g for g in result.meta["goals"] if g.startswith("Fast BCNN"))
+        assert line == (
+            "Fast BCNN inference throughput / plain at 224px, goal >= 0.85x: resnet50 0.880x "
+            "(met; rounds 0.80-0.90, within noise); not measured on inception_v3 (inference failed: "
+            "RuntimeError: boom), inception_resnet_v2 (the run stopped before it)"
+        )
+
+    def test_saved_bytes_leave_out_the_layers_own_weights(self, tmp_path, keep_threads):
+        """The model holds a layer's parameters and buffers anyway: lowrank-r512's projections
+        and compact-ts's random hashes are not counted as kept for backward."""
+        argv = ["layers", "--shapes", "2x16x3x3", "--cases", "lowrank-r512", "compact-ts", "--repeats", "1",
+                "--warmup", "0", "--threads", "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        by = {r["case"]: r for r in read_csv(tmp_path / "layers.csv")}
+        x = torch.relu(torch.randn(2, 16, 3, 3)).requires_grad_()
+        lowrank = bench.LAYER_CASES["lowrank-r512"].build(16, torch.device("cpu"))
+        with bench.SavedTensorCounter() as everything:
+            lowrank(x)
+        weights = sum(p.numel() * FLOAT32 for p in lowrank.parameters())  # U and V, both saved
+        assert float(by["lowrank-r512"]["saved_MiB"]) * 2**20 == everything.nbytes - weights
+        assert float(by["compact-ts"]["saved_vs_input"]) == 1.0  # its input only, not its hashes
+        md = (tmp_path / "layers.md").read_text()
+        assert "the layer's own parameters and buffers not counted" in md
+
+    def test_report_rebuilds_the_committed_results(self, tmp_path):
+        """Older files (no format field, no commit): rows recomputed from their timings agree
+        with the stored ones, and the report prints the verdicts of the current code."""
+        out = tmp_path / "r.md"
+        assert main(["report", str(self.COMMITTED), "--out", str(out)]) == 0
+        text = out.read_text()
+        assert "from a version 1 results file" in text
+        assert "do not record the git commit" in text
+        assert re.search(r"\| 8x2048x7x7 \| fast-bcnn \|.*\| time (NOT )?met \(\d\.\d{3}x", text)
+        assert re.search(r"plain at 224px, goal >= 0\.85x: resnet50 \d\.\d{3}x \((NOT )?met", text)
+
+    def copy_committed(self) -> dict[str, dict]:
+        return {n: json.loads((self.COMMITTED / f"{n}.json").read_text()) for n in ("layers", "models")}
+
+    def write(self, folder: Path, data: dict[str, dict]) -> None:
+        for name, d in data.items():
+            (folder / f"{name}.json").write_text(json.dumps(d))
+
+    def test_report_refuses_rows_the_raw_timings_do_not_give(self, tmp_path, capsys):
+        data = self.copy_committed()
+        for rec in data["layers"]["raw"]:
+            if rec["case"] == "fast-bcnn":
+                rec["times_s"] = [1e-6] * len(rec["times_s"])
+        self.write(tmp_path, data)
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 1
+        err = capsys.readouterr().err
+        assert re.search(r"layers\.json: row 8x2048x7x7 fast-bcnn: fwd_bwd_ms is stored as [\d.]+, "
+                         r"but the raw data give 0\.001", err)  # fmt: skip
+        assert not (tmp_path / "r.md").exists()
+
+    def test_report_refuses_a_stored_verdict_the_raw_data_do_not_give(self, tmp_path, capsys):
+        data = self.copy_committed()
+        row = next(r for r in data["models"]["rows"] if r["head"] == "fast-bcnn" and r["resolution"] == 224)
+        row["infer_vs_plain"] = 0.5
+        self.write(tmp_path, data)
+        assert main(["report", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert re.search(
+            r"row resnet50 fast-bcnn 224: infer_vs_plain is stored as 0\.5, but the raw data give 0\.\d+", err
+        )
+
+    def test_report_warns_when_the_parts_ran_on_other_code(self, tmp_path, capsys):
+        data = self.copy_committed()
+        data["layers"]["environment"].update(git_commit="a" * 40, threads=2)
+        data["models"]["environment"].update(git_commit="b" * 40, threads=1)
+        self.write(tmp_path, data)
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        expected = f"come from different commits or environments: git_commit {'a' * 40} vs {'b' * 40}; threads 2 vs 1"
+        assert expected in capsys.readouterr().err
+        assert expected in (tmp_path / "r.md").read_text()
+
+    def test_report_of_a_new_run_is_rebuilt_and_checked(self, tmp_path, capsys, keep_threads):
+        argv = ["layers", "--shapes", "2x8x2x2", "--cases", "fast-bcnn", "--repeats", "2", "--warmup", "0",
+                "--threads", "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        path = tmp_path / "layers.json"
+        data = json.loads(path.read_text())
+        assert data["format"] == cli.RESULT_FORMAT and data["plan"] == [["2x8x2x2", ["naive", "matmul-floor", "fast-bcnn"]]]
+        data["markdown"] = "stale text"
+        path.write_text(json.dumps(data))
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        text = (tmp_path / "r.md").read_text()
+        assert "stale text" not in text and "| 2x8x2x2 | fast-bcnn |" in text and "version 1" not in text
+        row = next(r for r in data["rows"] if r["case"] == "fast-bcnn")
+        row["saved_MiB"] *= 2  # an exact count that its raw record contradicts
+        path.write_text(json.dumps(data))
+        capsys.readouterr()
+        assert main(["report", str(tmp_path)]) == 1
+        assert "row 2x8x2x2 fast-bcnn: saved_MiB is stored as" in capsys.readouterr().err
 
 
 class TestProfileScripts:
