@@ -925,11 +925,13 @@ _NOT_CODE_FOLDERS = ("benchmarks/results/",)
 def _dirty(porcelain: str) -> bool:
     r"""Whether ``git status --porcelain --untracked-files=normal`` output shows changed code.
 
-    Any change to a tracked file counts; an untracked file only under :data:`_CODE_FOLDERS`
-    (a new module of the package is run by the benchmark too), except result folders.
+    Any change to a tracked file counts, except in result folders (a run that rewrites
+    committed results, e.g. ``make bench``'s layers before its models, changes no code);
+    an untracked file only under :data:`_CODE_FOLDERS` (a new module of the package is run
+    by the benchmark too), except result folders.
 
     Examples:
-        >>> _dirty("?? notes.txt\n?? benchmarks/results/run1/")
+        >>> _dirty("?? notes.txt\n?? benchmarks/results/run1/\n M benchmarks/results/cpu/layers.md")
         False
         >>> _dirty("?? bilinearpool/new_op.py"), _dirty(" M README.md")
         (True, True)
@@ -937,10 +939,10 @@ def _dirty(porcelain: str) -> bool:
     for line in porcelain.splitlines():
         if not line.strip():
             continue
-        if not line.startswith("??"):
-            return True
-        path = line[3:].strip().strip('"')
-        if path.startswith(_CODE_FOLDERS) and not path.startswith(_NOT_CODE_FOLDERS):
+        path = line[3:].strip().strip('"').split(" -> ")[-1]
+        if path.startswith(_NOT_CODE_FOLDERS):
+            continue
+        if not line.startswith("??") or path.startswith(_CODE_FOLDERS):
             return True
     return False
 

@@ -319,6 +319,12 @@ class TestRegistries:
         monkeypatch.setattr(bench.subprocess, "run", fake_git)
         assert bench._git_state(tmp_path) == {"git_commit": "ab" * 20, "git_dirty": dirty}
 
+    def test_rewritten_committed_results_are_not_changed_code(self):
+        # make bench rewrites the committed layer results before it runs the models.
+        assert not bench._dirty(" M benchmarks/results/cpu-2core/layers.md\n M benchmarks/results/cpu-2core/layers.json")
+        assert bench._dirty(" M benchmarks/results/cpu-2core/layers.md\n M bilinearpool/bench.py")
+        assert bench._dirty("R  bilinearpool/a.py -> bilinearpool/b.py")
+
     @pytest.mark.parametrize("name", list(bench.LAYER_CASES))
     def test_every_layer_case_runs(self, name):
         case = bench.LAYER_CASES[name]
