@@ -937,12 +937,14 @@ def _dirty(porcelain: str) -> bool:
         (True, True)
     """
     for line in porcelain.splitlines():
-        if not line.strip():
+        # "XY path" (X or Y may be a space, and a stripped first line loses it)
+        status, _, path = line.strip().partition(" ")
+        if not status:
             continue
-        path = line[3:].strip().strip('"').split(" -> ")[-1]
+        path = path.strip().strip('"').split(" -> ")[-1]
         if path.startswith(_NOT_CODE_FOLDERS):
             continue
-        if not line.startswith("??") or path.startswith(_CODE_FOLDERS):
+        if status != "??" or path.startswith(_CODE_FOLDERS):
             return True
     return False
 
