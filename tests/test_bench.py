@@ -755,7 +755,8 @@ class TestResults:
     """What the tables and goal lines say, computed from raw records (no timing thresholds:
     the timings here are made up), and the report that rebuilds them."""
 
-    COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-2core"
+    RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    COMMITTED = RESULTS / "cpu-2core-2threads"  # a version 1 run (no format field, no commit)
 
     def test_goal_ratios_have_three_decimals_and_name_noise(self):
         naive = [1.0, 1.0, 1.0]
@@ -859,6 +860,17 @@ class TestResults:
         assert "do not record the git commit" in text
         assert re.search(r"\| 8x2048x7x7 \| fast-bcnn \|.*\| time (NOT )?met \(\d\.\d{3}x", text)
         assert re.search(r"plain at 224px, goal >= 0\.85x: resnet50 \d\.\d{3}x \((NOT )?met", text)
+
+    def test_report_rebuilds_the_current_results(self, tmp_path):
+        """The committed cpu-2core run (version 2, with its commit): rebuilt without warnings
+        about missing commits, and the same goal lines as the committed Markdown."""
+        out = tmp_path / "r.md"
+        assert main(["report", str(self.RESULTS / "cpu-2core"), "--out", str(out)]) == 0
+        text = out.read_text()
+        assert "from a version 1 results file" not in text and "do not record the git commit" not in text
+        committed = (self.RESULTS / "cpu-2core.md").read_text()
+        goals = [line for line in text.splitlines() if line.startswith("- `fast-bcnn")]
+        assert goals and all(line in committed for line in goals)
 
     def copy_committed(self) -> dict[str, dict]:
         return {n: json.loads((self.COMMITTED / f"{n}.json").read_text()) for n in ("layers", "models")}
