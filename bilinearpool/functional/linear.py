@@ -186,13 +186,14 @@ class _WideLinear(torch.autograd.Function):
     def jvp(ctx: Any, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, _: None) -> Tensor:
         """``dx W^T + x dW^T + db`` over the tangents given (autograd passes at least one)."""
         x, weight = ctx.saved_for_forward
-        out = None if dx is None else F.linear(dx, weight)
+        parts = [] if dx is None else [F.linear(dx, weight)]
         if dw is not None:
-            out = F.linear(x, dw) if out is None else out + F.linear(x, dw)
+            parts.append(F.linear(x, dw))
         if db is not None:
-            out = db.expand(x.shape[0], -1).clone() if out is None else out + db
-        assert out is not None
-        return out
+            parts.append(db.expand(*x.shape[:-1], db.shape[-1]))
+        if not parts:
+            raise RuntimeError("wide_linear's jvp got no tangent for any input")
+        return sum(parts[1:], parts[0].clone() if len(parts) == 1 else parts[0])
 
     @staticmethod
     def vmap(

@@ -62,7 +62,7 @@ out-of-place operations, so the trace holds no Python autograd function and can 
 exported or saved (:func:`torch.jit.save`); ``impl="spectral"`` and ``method="eig"`` are
 autograd functions there and do neither. Under ``torch.func`` transforms (``grad``,
 ``vmap``, ``jacrev``, ``jvp``) and forward-mode AD, Newton-Schulz (either ``impl``) runs
-as those plain operations; ``method="eig"`` raises ``NotImplementedError`` there.
+as those plain operations; ``method="eig"`` raises a ``RuntimeError`` there.
 
 All inputs are symmetrised, :math:`(A + A^\\top)/2`, so the gradient is the symmetric one.
 float16/bfloat16 inputs (and autocast) are computed and returned in float32.
@@ -594,7 +594,7 @@ def matrix_sqrt(
         transformed = plain and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
         if method == "eig":
             if transformed:
-                raise NotImplementedError(
+                raise RuntimeError(
                     'matrix_sqrt(method="eig") has no torch.func or forward-mode AD rule (the '
                     'eigendecomposition\'s derivative is unbounded at repeated eigenvalues); use '
                     'method="newton_schulz", which runs as plain operations there'
