@@ -49,7 +49,6 @@ __all__ = [
     "results_table",
 ]
 
-#: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
 #: Training settings the results table names only where they differ between its runs
 #: (setting, label); older reports lack some, and then show none of them.
 _VARYING_SETTINGS: tuple[tuple[str, str], ...] = (
@@ -59,6 +58,7 @@ _VARYING_SETTINGS: tuple[tuple[str, str], ...] = (
     ("plateau_patience", "plateau patience"), ("val_fraction", "val fraction"),
     ("seed", "seed"),
 )
+#: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
     "input_size", "weights", "epochs", "lr", "oversample",
@@ -738,7 +738,14 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
 def _varying(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     """The settings of :data:`_VARYING_SETTINGS` with two or more recorded values."""
     return [(key, label) for key, label in _VARYING_SETTINGS
-            if len({repr(r[key]) for r in rows if r.get(key) is not None}) > 1]
+            if len({_comparable(r[key]) for r in rows if r.get(key) is not None}) > 1]
+
+
+def _comparable(value: Any) -> Any:
+    """``value`` for comparison: numbers by value (0 and 0.0 are one setting), bools apart."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return repr(value)
+    return float(value)
 
 
 def _setting(label: str, value: Any) -> str:

@@ -167,10 +167,15 @@ class TrainConfig:
         epoch), is read as 1, the same schedule.
         """
         names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        if "plateau_patience" in values:
-            values["plateau_patience"] = max(1, int(values["plateau_patience"]))
-        return cls(**values)
+        return cls(**{k: v for k, v in _upgraded(data).items() if k in names})
+
+
+def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config in today's terms: an old ``plateau_patience`` of 0 (torch's count,
+    the same schedule as Keras' 1) reads as 1 (see :meth:`TrainConfig.from_dict`)."""
+    if "plateau_patience" not in config:
+        return dict(config)
+    return {**config, "plateau_patience": max(1, int(config["plateau_patience"]))}
 
 
 @dataclass
@@ -344,7 +349,7 @@ def resume_differences(
     out = []
     if list(state.get("classes") or []) != list(classes):
         out.append(_difference("classes", state.get("classes"), list(classes)))
-    recorded = state.get("config") or {}
+    recorded = _upgraded(state.get("config") or {})
     for key, value in config.to_dict().items():
         if key not in RESUMABLE_CHANGES and recorded.get(key, _ABSENT) != value:
             out.append(_difference(key, recorded.get(key, _ABSENT), value))

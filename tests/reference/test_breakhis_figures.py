@@ -481,3 +481,10 @@ class TestCommands:
         assert "does not exist" in capsys.readouterr().err
         text = build_parser().format_help()
         assert "figures" in text and "table" in text
+
+
+def test_numbers_equal_by_value_are_one_setting() -> None:
+    from breakhis.plots import _varying
+
+    rows = [{"momentum": 0, "dropout": 0.0}, {"momentum": 0.0, "dropout": 0.5}]
+    assert _varying(rows) == [("dropout", "dropout")]

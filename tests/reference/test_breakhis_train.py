@@ -280,6 +280,10 @@ class TestPlateauSchedule:
         # improvement) still loads, as the same schedule
         assert TrainConfig.from_dict({**_cfg().to_dict(), "plateau_patience": 0}
                                      ).plateau_patience == 1
+        # and a checkpoint recording it can be resumed with 1 (the only value allowed now)
+        state = {"config": {**_cfg().to_dict(), "plateau_patience": 0}, "epoch": 0}
+        assert not [d for d in train_module.resume_differences(state, _cfg(plateau_patience=1), [])
+                    if "plateau_patience" in d]
 
     def test_old_checkpoint_resumes_with_its_own_schedule(self, synth_tree,
                                                           tmp_path: Path) -> None:
