@@ -1492,6 +1492,8 @@ def _model_goal_summary(
     ]
     if bad:
         lines.append("Parameter counts equal the analytic counts: NOT met for " + "; ".join(bad))
+    elif not param_rows:
+        lines.append("Parameter counts equal the analytic counts: not measured (no model was built)")
     else:
         lines.append(
             f"Parameter counts equal the analytic counts: met for all {len(param_rows)} models"
@@ -1620,10 +1622,12 @@ def _stored_cases(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Case name -> description, role, goal, streams; version 1 files stored descriptions only."""
     cases: dict[str, dict[str, Any]] = {}
     for name, value in data.get("cases", {}).items():
+        known = bench.LAYER_CASES.get(name)
         if isinstance(value, dict):
             cases[name] = dict(value)
+            if known is not None:  # the registry, not the file, says what a known case is
+                cases[name].update(role=known.role, goal=known.goal, streams=known.streams)
             continue
-        known = bench.LAYER_CASES.get(name)
         role = {"naive": "baseline", "matmul-floor": "floor"}.get(name, "ours")
         with_goal = any(r.get("goals") for r in data["rows"] if r["case"] == name)
         cases[name] = {
@@ -1652,6 +1656,9 @@ def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchRes
     """
     name = data.get("benchmark")
     version = data.get("format", 1)
+    raw_records = data.get("raw") if isinstance(data.get("raw"), list) else []
+    if version < 2 and any(isinstance(r, dict) and "saved_bytes" in r for r in raw_records):
+        version = 2  # exact counts in its raw part: a version 2 file whose format field went missing
     settings, env = data["settings"], data["environment"]
     carried = [n for n in data.get("notes", []) if str(n).startswith("INCOMPLETE")]
     if version < 2:
@@ -1666,6 +1673,13 @@ def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchRes
             [shape, [r["case"] for r in raw if r["shape"] == shape]]
             for shape in dict.fromkeys(r["shape"] for r in raw)
         ]
+        planned = {(shape, case) for shape, names in plan for case in names}
+        unplanned = sorted({(r["shape"], r["case"]) for r in raw} - planned)
+        if unplanned:  # goal lines count planned shapes: a plan must cover what was measured
+            raise ResultMismatchError(
+                f"{source}: measured but not in the file's plan: "
+                + ", ".join(f"{shape} {case}" for shape, case in unplanned)
+            )
         cases = _stored_cases(data)
         result = _layers_result(raw, cases, settings, env, data["command"], plan, carried)
         keys: tuple[str, ...] = ("shape", "case")

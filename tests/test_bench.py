@@ -1002,3 +1002,34 @@ class TestProfileScripts:
         self._run("bench_wide_linear.py", "--shapes", "2x40000x3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
         text = (tmp_path / "results.md").read_text()
         assert "| 2x40000x3 | f.linear |" in text and "| 2x40000x3 | library |" in text
+
+
+class TestReportRefusesTampering:
+    RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-2core"
+
+    def layers(self) -> dict:
+        return json.loads((self.RESULTS / "layers.json").read_text())
+
+    def test_plan_must_cover_what_was_measured(self):
+        data = self.layers()
+        data["plan"] = [[shape, [c for c in names if c != "fast-bcnn"]] for shape, names in data["plan"]]
+        with pytest.raises(cli.ResultMismatchError, match="measured but not in the file's plan: .*fast-bcnn"):
+            cli.rebuild_result(data)
+
+    def test_known_cases_keep_their_goals(self):
+        data = self.layers()
+        data["cases"]["fast-bcnn"]["goal"] = False
+        text = cli.rebuild_result(data).markdown()
+        assert "`fast-bcnn` fwd+bwd time <= 0.5x" in text
+
+    def test_a_missing_format_field_does_not_make_counts_unchecked(self):
+        data = self.layers()
+        del data["format"]
+        row = next(r for r in data["rows"] if r["case"] == "fast-bcnn")
+        row["saved_MiB"] = row["saved_MiB"] / 2
+        with pytest.raises(cli.ResultMismatchError, match="saved_MiB"):
+            cli.rebuild_result(data)
+
+    def test_no_models_is_not_all_met(self):
+        lines = cli._model_goal_summary([], [], {"backbones": [], "heads": [], "resolutions": [], "timed": False})
+        assert lines == ["Parameter counts equal the analytic counts: not measured (no model was built)"]
