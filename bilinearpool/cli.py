@@ -1796,7 +1796,15 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             parts.append(data)
-            results.append(rebuild_result(data, source=str(path)))
+            try:
+                results.append(rebuild_result(data, source=str(path)))
+            except ResultMismatchError:
+                raise
+            except (KeyError, TypeError, ValueError, ArithmeticError) as err:  # a damaged file
+                raise ResultMismatchError(
+                    f"{path}: cannot rebuild its results ({type(err).__name__}: {err}); "
+                    "the file is damaged or was edited by hand"
+                ) from err
     if not parts:
         raise ValueError(_report_problem(folder))
     lines = [f"# {args.title}", ""]

@@ -1033,3 +1033,11 @@ class TestReportRefusesTampering:
     def test_no_models_is_not_all_met(self):
         lines = cli._model_goal_summary([], [], {"backbones": [], "heads": [], "resolutions": [], "timed": False})
         assert lines == ["Parameter counts equal the analytic counts: not measured (no model was built)"]
+
+    def test_a_damaged_cell_is_an_error_not_a_traceback(self, tmp_path, capsys):
+        data = self.layers()
+        row = next(r for r in data["rows"] if r["case"] == "fast-bcnn")
+        row["vs_naive_range"] = "x-y"
+        (tmp_path / "layers.json").write_text(json.dumps(data))
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 1
+        assert "cannot rebuild its results (ValueError" in capsys.readouterr().err
