@@ -552,6 +552,8 @@ def _write_stopped(
 
 def _load_average() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def _round_ratios(a: Sequence[float] | None, b: Sequence[float] | None) -> list[float]:
     """Per-round ratios a[i] / b[i] (rounds are interleaved, so paired); [] when not paired."""
     if not a or not b or len(a) != len(b):
@@ -610,6 +612,8 @@ def _fwd_bwd(
         out.backward(grad)
 
     return step
+
+
 def _own_tensors(fn: bench.LayerFn) -> list[Tensor]:
     """The layer's parameters and buffers: the model holds them whatever autograd saves."""
     if not isinstance(fn, nn.Module):
@@ -673,12 +677,11 @@ def _measure_layer(
     del out, leaves
     step = _fwd_bwd(fn, inputs, grad, s.amp_dtype)
     map_bytes = maps[0].numel() * maps[0].element_size()
-    params = list(fn.parameters()) if isinstance(fn, nn.Module) else []
     return step, {
         "saved_bytes": saved.nbytes,
         "input_bytes": map_bytes * case.streams,
         "saved_with_linear_bytes": _saved_with_linear(fn, inputs, dim, s),
-        "peak_bytes": _peak_bytes(step, s.device, params),
+        "peak_bytes": _peak_bytes(step, s.device, own),  # buffers have no gradient to clear
         "D": dim,
         "layer_params": bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0,
     }
@@ -1183,6 +1186,8 @@ def _precheck_builds(
             except Exception:
                 pass
     return problems
+
+
 def run_models(
     args: argparse.Namespace, *, command: str, checkpoint: Checkpoint | None = None
 ) -> BenchResult:
