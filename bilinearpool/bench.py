@@ -885,8 +885,10 @@ SWITCHES = ("BILINEARPOOL_TRITON", "BILINEARPOOL_HUGEPAGES", "THP_MEM_ALLOC_ENAB
 #: Prefixes of the thread-pool (OpenMP, MKL, OpenBLAS) and allocator (glibc malloc) variables
 #: recorded when set: they change timings without changing the code.
 RUNTIME_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_")
-#: Further variables recorded when set (a preloaded allocator such as jemalloc or tcmalloc).
-RUNTIME_ENV_NAMES = ("LD_PRELOAD",)
+#: Further variables recorded when set: a preloaded allocator such as jemalloc or tcmalloc,
+#: and glibc's tunables (e.g. ``glibc.malloc.trim_threshold``, which decides whether freed
+#: memory comes back without page faults).
+RUNTIME_ENV_NAMES = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def _runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -902,6 +904,7 @@ def _runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         for name in sorted(environ)
         if name.startswith(RUNTIME_ENV_PREFIXES) or name in RUNTIME_ENV_NAMES
     }
+
 
 _THP_PATH = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

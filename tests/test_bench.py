@@ -288,6 +288,7 @@ class TestRegistries:
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+        monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
         monkeypatch.setenv("NOT_A_RUNTIME_SWITCH", "x")
         env = bench.environment("cpu")
         assert env["THP_MEM_ALLOC_ENABLE"] == "1"
@@ -296,6 +297,7 @@ class TestRegistries:
                    for k in env["runtime_env"])  # fmt: skip
         line = cli._describe_environment(env)
         assert "THP_MEM_ALLOC_ENABLE=1" in line and "OMP_NUM_THREADS=1" in line and "MALLOC_ARENA_MAX=2" in line
+        assert "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1" in line
         assert "NOT_A_RUNTIME_SWITCH" not in line
         assert "no OMP_*/" in cli._describe_environment({**env, "runtime_env": {}})
         assert "OMP_" not in cli._describe_environment({k: v for k, v in env.items() if k != "runtime_env"})
