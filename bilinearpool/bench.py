@@ -53,6 +53,7 @@ __all__ = [
     "ModelHead",
     "RUNTIME_ENV_NAMES",
     "RUNTIME_ENV_PREFIXES",
+    "RUNTIME_ENV_WATCHED_BEFORE",
     "SWITCHES",
     "SavedTensorCounter",
     "CLASSIFIER_CLASSES",
@@ -72,6 +73,7 @@ __all__ = [
     "register_layer_case",
     "balanced_orders",
     "round_robin",
+    "runtime_env_watched",
     "se_parameter_count",
     "synchronize",
     "time_call",
@@ -906,6 +908,21 @@ def _runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def runtime_env_watched() -> list[str]:
+    """What :func:`_runtime_env` looks for, as recorded with a result (``OMP_*``, ..., ``LD_PRELOAD``).
+
+    Examples:
+        >>> runtime_env_watched()[0], runtime_env_watched()[-1]
+        ('OMP_*', 'LD_PRELOAD')
+    """
+    return [prefix + "*" for prefix in RUNTIME_ENV_PREFIXES] + list(RUNTIME_ENV_NAMES)
+
+
+#: What results recorded before ``runtime_env_watched`` existed looked for (GLIBC_TUNABLES
+#: was not among it: such a result cannot say whether it was set).
+RUNTIME_ENV_WATCHED_BEFORE = ["OMP_*", "GOMP_*", "KMP_*", "MKL_*", "OPENBLAS_*", "MALLOC_*", "LD_PRELOAD"]
+
+
 _THP_PATH = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -1014,6 +1031,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         **_git_state(Path(__file__).resolve().parents[1]),
         **{name: os.environ.get(name) for name in SWITCHES},
         "runtime_env": _runtime_env(),
+        "runtime_env_watched": runtime_env_watched(),
         "transparent_hugepages": _transparent_hugepages(),
     }
     if hasattr(os, "getloadavg"):

@@ -175,7 +175,7 @@ def _describe_environment(env: dict[str, Any]) -> str:
         parts.append(" ".join(switches))
     if "runtime_env" in env:  # recorded since format 2: an empty dict means none was set
         runtime = env["runtime_env"] or {}
-        names = "/".join([p + "*" for p in bench.RUNTIME_ENV_PREFIXES] + list(bench.RUNTIME_ENV_NAMES))
+        names = "/".join(env.get("runtime_env_watched") or bench.RUNTIME_ENV_WATCHED_BEFORE)
         parts.append(" ".join(f"{k}={v}" for k, v in runtime.items()) or f"no {names} set")
     if "transparent_hugepages" in env:
         parts.append(f"transparent huge pages {env['transparent_hugepages'] or 'unknown'}")

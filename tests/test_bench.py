@@ -300,6 +300,11 @@ class TestRegistries:
         assert "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1" in line
         assert "NOT_A_RUNTIME_SWITCH" not in line
         assert "no OMP_*/" in cli._describe_environment({**env, "runtime_env": {}})
+        assert "/GLIBC_TUNABLES/" in cli._describe_environment({**env, "runtime_env": {}})
+        # A result recorded before GLIBC_TUNABLES was watched does not claim it was unset.
+        old = {k: v for k, v in env.items() if k != "runtime_env_watched"}
+        line = cli._describe_environment({**old, "runtime_env": {}})
+        assert "no OMP_*/" in line and "MALLOC_*/LD_PRELOAD set" in line and "GLIBC" not in line
         assert "OMP_" not in cli._describe_environment({k: v for k, v in env.items() if k != "runtime_env"})
 
     @pytest.mark.parametrize(
