@@ -11,11 +11,11 @@ one Triton kernel (each program multiplies a tile of ``x``, up to 32 rows, with 
 weight rows and writes its partial sums, added up afterwards in a fixed order:
 deterministic): 0.73 ms GPU time there, 0.92 ms against F.linear's 1.31 ms per call
 (``benchmarks/results/gpu-h200/profile-head.md``). On CPU the BLAS library does
-no better (8 classes, 4,194,304 features, one thread on the 2-core machine: 57 ms for a
+no better (8 classes, 4,194,304 features, one thread on the 2-core machine: 44 ms for a
 batch of 8 in ``F.linear``): there the features are cut into chunks of 65536 and
-multiplied as one batched product whose chunk results are summed (35 ms; 0.5x-0.7x of
-``F.linear`` at batches of 2-32; from 2 rows and 2^24 products on, F.linear being as
-fast or faster below). Both paths are for float32 and
+multiplied as one batched product whose chunk results are summed (26 ms; 0.57x-0.81x of
+``F.linear`` at batches of 2-32, ``benchmarks/results/cpu-2core-fastbcnn/wide-linear``;
+from 2 rows and 2^24 products on, F.linear being as fast or faster below). Both paths are for float32 and
 float64; under autocast, in half precision, while traced (``torch.compile``, export) and
 on other devices it is ``F.linear``.
 """
