@@ -920,7 +920,7 @@ def runtime_env_watched() -> list[str]:
 
 #: What results recorded before ``runtime_env_watched`` existed looked for (GLIBC_TUNABLES
 #: was not among it: such a result cannot say whether it was set).
-RUNTIME_ENV_WATCHED_BEFORE = ["OMP_*", "GOMP_*", "KMP_*", "MKL_*", "OPENBLAS_*", "MALLOC_*", "LD_PRELOAD"]
+RUNTIME_ENV_WATCHED_BEFORE = ("OMP_*", "GOMP_*", "KMP_*", "MKL_*", "OPENBLAS_*", "MALLOC_*", "LD_PRELOAD")
 
 
 _THP_PATH = Path("/sys/kernel/mm/transparent_hugepage/enabled")

@@ -15,9 +15,9 @@ no better (8 classes, 4,194,304 features, one thread on the 2-core machine: 44 m
 batch of 8 in ``F.linear``): there the features are cut into chunks of 65536 and
 multiplied as one batched product whose chunk results are summed (26 ms; 0.57x-0.81x of
 ``F.linear`` at batches of 2-32, ``benchmarks/results/cpu-2core-fastbcnn/wide-linear``;
-from 2 rows and 2^24 products on, F.linear being as fast or faster below). Both paths are for float32 and
-float64; under autocast, in half precision, while traced (``torch.compile``, export) and
-on other devices it is ``F.linear``.
+from 2 rows and 2^24 products on, F.linear being as fast or faster below). Both paths are
+for float32 and float64; under autocast, in half precision, while traced
+(``torch.compile``, export) and on other devices it is ``F.linear``.
 """
 
 from __future__ import annotations
