@@ -5,8 +5,9 @@ optional dropout -> a linear classifier (:class:`~bilinearpool.WideLinear`, an
 ``nn.Linear``). They expose the pieces that analysis needs:
 :meth:`~BilinearClassifier.forward_features` (the feature map),
 :meth:`~BilinearClassifier.forward_embedding` (pre-logits, e.g. for t-SNE),
-:attr:`~BilinearClassifier.gradcam_layer` (the module whose output is the last feature
-map, e.g. for ``captum.attr.LayerGradCam``) and ``classifier``.
+:attr:`~BilinearClassifier.gradcam_layers` (the modules whose outputs are the streams'
+last feature maps, e.g. for ``captum.attr.LayerGradCam``; one per stream),
+:attr:`~BilinearClassifier.gradcam_layer` (the first of them) and ``classifier``.
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ class BilinearClassifier(nn.Module):
     :class:`~bilinearpool.BilinearPool` without ``normalize``) are flattened to
     :math:`(B, D)` before the classifier.
 
+    For Grad-CAM, :attr:`gradcam_layers` are the modules whose outputs are the streams'
+    last feature maps (one per stream); :attr:`gradcam_layer` is the first stream's only.
+
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`, :math:`C_{in} = 3` for named backbones.
         - Output: :math:`(B, \\text{num\\_classes})`.
@@ -234,8 +238,43 @@ class BilinearClassifier(nn.Module):
 
     @property
     def gradcam_layer(self) -> nn.Module:
-        """The module whose output is the (first stream's) last feature map."""
+        """The module whose output is the first stream's last feature map.
+
+        For a two-stream model it leaves out the second stream; Grad-CAM of the whole
+        model uses all of :attr:`gradcam_layers` (kept for code written for one stream).
+        """
         return self.backbone
+
+    @property
+    def gradcam_layers(self) -> tuple[nn.Module, ...]:
+        """The modules whose outputs are the streams' last feature maps, one per stream.
+
+        ``(backbone,)`` for one stream, ``(backbone, backbone_b)`` for two: the backbones'
+        outputs, before the optional channel reduction, as for :attr:`gradcam_layer`
+        (which is the first). A backbone shared by both streams (``BCNN(shared=True)``)
+        is listed once: its one map feeds both streams, so its gradient already sums
+        their contributions.
+
+        Grad-CAM of a two-stream model takes the maps together: channel :math:`k` of
+        stream :math:`s` is weighed by the spatial mean :math:`\\bar{g}^s_k` of
+        :math:`\\partial y / \\partial A^s_k` (:math:`y` the class score), and the
+        streams' weighted sums, brought to one size, are added before the ReLU:
+        :math:`\\mathrm{ReLU}(\\sum_s \\sum_k \\bar{g}^s_k A^s_k)`. With captum: one
+        ``LayerGradCam`` per layer, ``relu_attributions=False``, each map upsampled to
+        the input size, summed, then the ReLU.
+
+        Examples:
+            >>> a = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
+            >>> b = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+            >>> two, one = BCNN(a, b, num_classes=3), FastBCNN(a, num_classes=3)
+            >>> len(two.gradcam_layers), len(one.gradcam_layers)
+            (2, 1)
+            >>> two.gradcam_layers == (two.backbone, two.backbone_b)
+            True
+        """
+        if self.backbone_b is None or self.backbone_b is self.backbone:
+            return (self.backbone,)
+        return (self.backbone, self.backbone_b)
 
     def forward_features(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Feature map(s) after the optional channel reduction, before pooling."""

@@ -96,6 +96,54 @@ class TestFastBCNN:
         model(X)
         assert seen["out"].shape == (2, 8, 8, 8)
 
+    @pytest.mark.parametrize(
+        ("build", "streams"),
+        [
+            (lambda: FastBCNN(tiny(8), num_classes=2), 1),
+            (lambda: GAPClassifier(tiny(8), num_classes=2), 1),
+            (lambda: GAPClassifier("resnet18", num_classes=2, se_reduction=8), 1),
+            (lambda: BCNN(tiny(8), num_classes=2), 2),
+            (lambda: BCNN(tiny(8), tiny(6, stride=8), num_classes=2), 2),
+            (lambda: BCNN(tiny(8), num_classes=2, shared=True), 1),
+            (lambda: BilinearClassifier(tiny(8), tiny(6), pool=BilinearPool(), num_classes=2), 2),
+            (lambda: build_model("bcnn", tiny(8), num_classes=2), 2),
+        ],
+        ids=["fast-bcnn", "plain", "plain-se", "bcnn-copy", "bcnn-two-backbones", "bcnn-shared",
+             "bilinear-classifier", "build-model"],
+    )
+    def test_gradcam_layers_see_each_streams_feature_map(self, build, streams):
+        model = build().eval()
+        layers = model.gradcam_layers
+        assert isinstance(layers, tuple) and len(layers) == streams
+        assert layers[0] is model.gradcam_layer
+        seen: list[torch.Tensor] = []
+        for layer in layers:
+            layer.register_forward_hook(lambda m, i, o: seen.append(o))
+        with torch.no_grad():
+            model(X)
+            assert len(seen) == streams  # each layer runs once per forward
+            features = model.forward_features(X)
+        features = features if isinstance(features, tuple) else (features,)
+        if streams == 1 and len(features) == 2:  # a shared backbone feeds both streams
+            torch.testing.assert_close(features[0], features[1])
+        for out, feature in zip(seen, features):
+            assert out.shape == feature.shape
+            torch.testing.assert_close(out, feature)
+
+    def test_gradcam_layers_are_before_the_channel_reduction(self):
+        model = BCNN(tiny(8), tiny(6, stride=8), num_classes=2, reduce_dim=4)
+        seen = []
+        for layer in model.gradcam_layers:
+            layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+        model(X)
+        assert seen == [(2, 8, 8, 8), (2, 6, 4, 4)]
+        assert [tuple(f.shape) for f in model.forward_features(X)] == [(2, 4, 8, 8), (2, 4, 4, 4)]
+
+    def test_gradcam_layers_is_read_only(self):
+        model = BCNN(tiny(8), num_classes=2)
+        with pytest.raises(AttributeError):
+            model.gradcam_layers = (model.backbone,)
+
     def test_named_backbone_and_training_step(self):
         model = FastBCNN("resnet18", num_classes=8, triu=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)

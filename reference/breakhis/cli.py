@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "of the fold it was trained on (data, task and protocol are read from "
                        "the checkpoint): roc.png (ROC curves with AUC), tsne.png and "
                        "tsne_coords.npy (t-SNE of the pre-logit embeddings), gradcam.png "
-                       "(Grad-CAM of the predicted class on the last feature map) and "
+                       "(Grad-CAM of the predicted class on the last feature map, of both "
+                       "streams for a BCNN) and "
                        "figures.json (paths, AUCs, perplexity, checkpoint, protocol, whether "
                        "the data are synthetic).", epilog=_EPILOG)
     p.add_argument("--checkpoint", required=True)

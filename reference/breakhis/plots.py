@@ -4,7 +4,7 @@ Liu, Juhas & Zhang (2020) show ROC curves of their classifiers, t-SNE maps of th
 bilinear features and Grad-CAM heat maps, and summarise every experiment in results
 tables. This module draws the same from a saved run, with well-kept libraries only:
 scikit-learn (``roc_curve``, ``auc``, ``TSNE``, ``PCA``), captum (``LayerGradCam`` on
-the model's last feature map, upsampled with ``LayerAttribution.interpolate``) and
+the last feature map of each stream, upsampled with ``LayerAttribution.interpolate``) and
 matplotlib (Agg canvas; the caller's pyplot backend is left alone).
 
 - :func:`plot_roc`, :func:`plot_tsne`, :func:`plot_gradcam` draw one PNG each from
@@ -381,16 +381,29 @@ def gradcam(
     batch_size: int = 16,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM heat maps (Selvaraju et al. 2017) of the model's last feature map.
+    """Grad-CAM heat maps (Selvaraju et al. 2017) of the model's last feature map(s).
 
-    captum's ``LayerGradCam`` on ``model.gradcam_layer`` weighs each channel of the
-    last feature map by the mean gradient of the target class score and keeps the
-    positive part of the weighted sum (the ReLU of Grad-CAM); the map is upsampled to
-    the input size with ``LayerAttribution.interpolate`` (bilinear) and divided by its
-    maximum, per image, so it lies in ``[0, 1]`` (an all-zero map stays zero).
+    Grad-CAM weighs channel :math:`k` of a last feature map :math:`A` by the spatial mean
+    :math:`\\bar{g}_k` of the gradient of the target class score :math:`y`,
+    :math:`\\partial y / \\partial A_k`, and keeps the positive part of the weighted sum.
+    The layers are ``model.gradcam_layers``, one per stream (``(model.gradcam_layer,)``
+    for a model with only that attribute):
+
+    - one stream: captum's ``LayerGradCam`` on that layer,
+      :math:`\\mathrm{ReLU}(\\sum_k \\bar{g}_k A_k)`, upsampled to the input size with
+      ``LayerAttribution.interpolate`` (bilinear);
+    - two streams (a BCNN): Grad-CAM of the two maps taken together. Each stream's
+      weights come from its own gradient, and the weighted sums add before the ReLU:
+      :math:`\\mathrm{ReLU}(\\mathrm{up}(\\sum_k \\bar{g}^a_k A^a_k) +
+      \\mathrm{up}(\\sum_k \\bar{g}^b_k A^b_k))`, where :math:`\\mathrm{up}` upsamples
+      to the input size (bilinear) so that maps of different sizes add. Each term is
+      ``LayerGradCam(..., relu_attributions=False)`` on one stream.
+
+    Each map is then divided by its maximum, per image, so it lies in ``[0, 1]`` (an
+    all-zero map stays zero).
 
     Args:
-        model: a ``bilinearpool`` classifier (it has ``gradcam_layer``).
+        model: a ``bilinearpool`` classifier (it has ``gradcam_layers``).
         images: image records or paths (evaluation transform at ``input_size``), or an
             already normalised tensor ``(N, 3, input_size, input_size)``.
         targets: class index to explain per image; by default the predicted class.
@@ -404,23 +417,20 @@ def gradcam(
         and the predicted class per image, ``(N,)``.
 
     Raises:
-        TypeError: when the model has no ``gradcam_layer``.
+        TypeError: when the model has neither ``gradcam_layers`` nor ``gradcam_layer``.
         ValueError: for no images, a tensor of the wrong shape, or targets of the wrong
             length.
 
     Examples:
         >>> from breakhis.models import build_network
-        >>> model = build_network("fast-bcnn", "tiny", num_classes=2)
+        >>> model = build_network("bcnn", "tiny", num_classes=2)
         >>> heat, pred = gradcam(model, torch.randn(3, 3, 32, 32), input_size=32)
         >>> heat.shape, pred.shape, bool(0 <= heat.min() and heat.max() <= 1)
         ((3, 32, 32), (3,), True)
     """
     from captum.attr import LayerAttribution, LayerGradCam
 
-    layer = getattr(model, "gradcam_layer", None)
-    if not isinstance(layer, nn.Module):
-        raise TypeError("expected a model with a gradcam_layer module (a bilinearpool "
-                        f"classifier), but got {type(model).__name__}")
+    layers = _gradcam_layers(model)
     n, batches = _image_batches(images, input_size, batch_size)
     if n == 0:
         raise ValueError("expected at least one image, but got none")
@@ -431,16 +441,21 @@ def gradcam(
             raise ValueError(f"expected {n} targets (one per image), but got "
                              f"{tuple(wanted.shape)}")
     model.eval()
-    cam = LayerGradCam(model, layer)
+    cams = [LayerGradCam(model, layer) for layer in layers]
+    # One stream keeps captum's ReLU; several streams add their signed maps first.
+    relu_each = len(cams) == 1
     heat, predicted, start = [], [], 0
     for x in _progress(batches, math.ceil(n / batch_size), "grad-cam", progress):
         x = x.to(device)
         with torch.no_grad():
             pred = model(x).argmax(dim=1)
         target = pred if wanted is None else wanted[start:start + len(x)].to(device)
-        attr = cam.attribute(x, target=target, relu_attributions=True)
-        maps = LayerAttribution.interpolate(attr, (input_size, input_size),
-                                            interpolate_mode="bilinear")[:, 0]
+        maps = torch.stack([
+            LayerAttribution.interpolate(
+                cam.attribute(x, target=target, relu_attributions=relu_each),
+                (input_size, input_size), interpolate_mode="bilinear")[:, 0]
+            for cam in cams
+        ]).sum(dim=0)
         maps = maps.detach().float().clamp_min(0.0)
         peak = maps.amax(dim=(1, 2), keepdim=True)
         maps = torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny),
@@ -449,6 +464,29 @@ def gradcam(
         predicted.append(pred.cpu())
         start += len(x)
     return torch.cat(heat).numpy(), torch.cat(predicted).numpy()
+
+
+def _gradcam_layers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The model's ``gradcam_layers``, or ``(gradcam_layer,)`` for a model without them."""
+    layers = getattr(model, "gradcam_layers", None)
+    if layers is None:
+        layer = getattr(model, "gradcam_layer", None)
+        layers = (layer,) if layer is not None else ()
+    layers = tuple(layers)
+    if not layers or not all(isinstance(layer, nn.Module) for layer in layers):
+        raise TypeError("expected a model with gradcam_layers (or a gradcam_layer) module "
+                        f"(a bilinearpool classifier), but got {type(model).__name__}")
+    return layers
+
+
+def _gradcam_description(model: nn.Module) -> str:
+    """What :func:`gradcam` computed for ``model``, for ``figures.json``."""
+    if len(_gradcam_layers(model)) == 1:
+        return "gradcam_layer (last feature map of the backbone)"
+    return ("gradcam_layers (last feature maps of both streams, backbone and backbone_b), "
+            "taken together: ReLU(up(sum_k g_k^a A_k^a) + up(sum_k g_k^b A_k^b)), g_k = "
+            "spatial mean of the class score's gradient on channel k of that stream's map A, "
+            "up = bilinear upsampling to the input size")
 
 
 def _display_image(image: Any, size: tuple[int, int]) -> np.ndarray:
@@ -666,7 +704,7 @@ def make_figures(
         path = plot_gradcam(chosen, heat, y[pick], pred, classes, out / "gradcam.png",
                             title=f"Grad-CAM (predicted class): {what}")
         result["gradcam"] = {
-            "path": str(path), "layer": "gradcam_layer (last feature map of the backbone)",
+            "path": str(path), "layer": _gradcam_description(model),
             "images": [str(getattr(r, "path", r)) for r in chosen],
             "true": [classes[int(t)] for t in y[pick]],
             "predicted": [classes[int(p)] for p in pred],

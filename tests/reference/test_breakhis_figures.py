@@ -29,7 +29,7 @@ from breakhis.evaluate import (
     write_predictions,
 )
 from breakhis.experiments import checkpoint_records, evaluate_checkpoint
-from breakhis.models import build_network
+from breakhis.models import TinyBackbone, build_network
 from breakhis.plots import (
     RESULTS_COLUMNS,
     embeddings,
@@ -248,6 +248,42 @@ def _gradcam_by_hand(model: torch.nn.Module, x: torch.Tensor, target: int) -> to
     return (up / up.max()).detach()
 
 
+def _two_stream_gradcam_by_hand(model: torch.nn.Module, x: torch.Tensor,
+                                target: int) -> torch.Tensor:
+    """Grad-CAM of both streams' maps taken together, from the definition with autograd:
+    ReLU(sum_s up(sum_k mean(dy/dA^s_k) A^s_k)), up = bilinear to the input size (as
+    captum's LayerAttribution.interpolate: F.interpolate, align_corners=False), max 1."""
+    feats: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: feats.append(o))
+             for layer in (model.backbone, model.backbone_b)]
+    try:
+        logits = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(feats) == 2 and feats[0].shape != feats[1].shape
+    for a in feats:
+        a.retain_grad()
+    logits[0, target].backward()
+    cam = sum(
+        F.interpolate((a.grad.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True),
+                      size=x.shape[-2:], mode="bilinear", align_corners=False)
+        for a in feats
+    )
+    cam = F.relu(cam)[0, 0]
+    return (cam / cam.max()).detach()
+
+
+def _two_stream_model() -> torch.nn.Module:
+    """A BCNN whose streams differ in channels (8, 5) and map size (8x8, 4x4 at 32 px)."""
+    from bilinearpool import BCNN
+
+    torch.manual_seed(0)
+    second = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, stride=8, padding=1),
+                                 torch.nn.ReLU())
+    return BCNN(TinyBackbone(out_channels=8), second, num_classes=3).eval()
+
+
 class TestGradcam:
     def test_trained_model_maps(self, runs) -> None:
         ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
@@ -276,6 +312,50 @@ class TestGradcam:
             np.testing.assert_allclose(heat[0], direct, atol=1e-5)
             np.testing.assert_allclose(heat[0], _gradcam_by_hand(model, x, target).numpy(),
                                        atol=1e-5)
+
+    def test_two_streams_equal_the_definition(self) -> None:
+        model = _two_stream_model()
+        assert len(model.gradcam_layers) == 2
+        x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        for target in (0, 2):
+            heat, _ = gradcam(model, x, [target] * 3, input_size=SIZE, batch_size=2)
+            assert heat.shape == (3, SIZE, SIZE) and (heat.max(axis=(1, 2)) == 1).all()
+            for i in range(3):
+                expected = _two_stream_gradcam_by_hand(model, x[i:i + 1], target)
+                np.testing.assert_allclose(heat[i], expected.numpy(), atol=1e-5)
+
+    def test_second_stream_counts(self) -> None:
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        model = _two_stream_model()
+        x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+        heat, pred = gradcam(model, x, input_size=SIZE)
+        attr = LayerGradCam(model, model.gradcam_layer).attribute(
+            x, target=torch.as_tensor(pred), relu_attributions=True)
+        first = LayerAttribution.interpolate(attr, (SIZE, SIZE), "bilinear")[:, 0].detach()
+        first = (first / first.amax(dim=(1, 2), keepdim=True)).numpy()
+        assert np.abs(heat - first).max() > 0.1  # the second stream changes the map
+
+    def test_model_with_only_gradcam_layer(self) -> None:
+        class OneLayer(torch.nn.Module):  # a model written before gradcam_layers
+            def __init__(self, inner: torch.nn.Module) -> None:
+                super().__init__()
+                self.inner = inner
+
+            @property
+            def gradcam_layer(self) -> torch.nn.Module:
+                return self.inner.gradcam_layer
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.inner(x)
+
+        torch.manual_seed(0)
+        inner = build_network("fast-bcnn", "tiny", num_classes=2)
+        x = torch.randn(2, 3, SIZE, SIZE)
+        heat, pred = gradcam(OneLayer(inner), x, input_size=SIZE)
+        again, pred_again = gradcam(inner, x, input_size=SIZE)
+        np.testing.assert_array_equal(heat, again)
+        np.testing.assert_array_equal(pred, pred_again)
 
     def test_all_zero_map_stays_zero(self) -> None:
         torch.manual_seed(0)
