@@ -163,7 +163,8 @@ class BilinearClassifier(nn.Module):
     Args:
         backbone_a: backbone of the first stream (name, model or module, see
             :func:`~bilinearpool.build_backbone`).
-        backbone_b: backbone of the second stream, or ``None`` for one stream.
+        backbone_b: backbone of the second stream, or ``None`` for one stream. The very
+            module of ``backbone_a`` again shares it: one pass feeds both streams.
         pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
             :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one, else
             from dry runs on small maps (ValueError if :math:`D` depends on the map size).
@@ -215,7 +216,10 @@ class BilinearClassifier(nn.Module):
             raise TypeError(f"pool must be an nn.Module, but got {type(pool).__name__}")
         options = {"weights": weights, "se_reduction": se_reduction, "node": node, "sample_shape": sample_shape}
         self.backbone = self._resolve(backbone_a, options)
-        self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options)
+        if isinstance(backbone_b, nn.Module) and backbone_b is backbone_a:
+            self.backbone_b = self.backbone  # one module in both streams: run once, see forward_features
+        else:
+            self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options)
         c_a = self.backbone.out_channels
         c_b = None if self.backbone_b is None else self.backbone_b.out_channels
         self.reduce = ChannelReduction(c_a, reduce_dim) if reduce_dim else nn.Identity()
@@ -277,11 +281,16 @@ class BilinearClassifier(nn.Module):
         return (self.backbone, self.backbone_b)
 
     def forward_features(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Feature map(s) after the optional channel reduction, before pooling."""
-        fa = self.reduce(self.backbone(x))
+        """Feature map(s) after the optional channel reduction, before pooling.
+
+        When both streams are the very same module (``BCNN(shared=True)``), it runs once
+        and its map feeds both.
+        """
+        f = self.backbone(x)
+        fa = self.reduce(f)
         if self.backbone_b is None:
             return fa
-        fb = self.backbone_b(x)
+        fb = f if self.backbone_b is self.backbone else self.backbone_b(x)
         return fa, (fb if self.reduce_b is None else self.reduce_b(fb))
 
     def forward_embedding(self, x: Tensor) -> Tensor:
@@ -519,13 +528,6 @@ class BCNN(BilinearClassifier):
             dropout=dropout,
         )
         self.shared = shared
-
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        if self.shared:
-            f = self.backbone(x)  # one backbone pass serves both streams
-            fa = self.reduce(f)
-            return fa, (fa if self.reduce_b is None else self.reduce_b(f))
-        return super().forward_features(x)  # type: ignore[return-value]
 
 
 class GAPClassifier(BilinearClassifier):

@@ -183,6 +183,18 @@ class TestBCNN:
         assert n_params(model) == 2 * n_params(body) + 64 * 3 + 3
         assert model(X).shape == (2, 3)
 
+    def test_same_module_in_both_streams_runs_once(self):
+        """BilinearClassifier(m, m) and BCNN(shared=True): one backbone pass feeds both streams."""
+        body = tiny()
+        calls = []
+        body.register_forward_hook(lambda m, i, o: calls.append(1))
+        for model in (BilinearClassifier(body, body, pool=BilinearPool(), num_classes=3),
+                      BCNN(body, num_classes=3, shared=True)):
+            calls.clear()
+            fa, fb = model.forward_features(X)
+            assert len(calls) == 1 and fa is fb
+            model(X).sum().backward()
+
     def test_shared_equals_fast_bcnn(self):
         body = tiny(8)
         shared = BCNN(body, num_classes=3, shared=True).eval()
