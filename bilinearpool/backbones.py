@@ -21,6 +21,7 @@ weights are asked for.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import numbers
 import os
 from pathlib import Path
@@ -222,6 +223,14 @@ def _timm_names(pattern: str = "") -> list[str]:
     except ImportError:
         return []
     return list(timm.list_models(pattern or "*"))
+
+
+def _missing(module: str, extra: str) -> str:
+    """For an error message: ``"torchvision not installed: pip install ..."`` when
+    ``module`` cannot be imported, else ``""``."""
+    if importlib.util.find_spec(module) is not None:
+        return ""
+    return f"{module} not installed: pip install 'bilinearpool[{extra}]'"
 
 
 def list_backbones() -> dict[str, list[str]]:
@@ -487,10 +496,11 @@ def build_backbone(
             return FeatureExtractor(
                 body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt
             )
+        no_tv, no_timm = _missing("torchvision", "vision"), _missing("timm", "timm")
         raise ValueError(
             f"unknown backbone {name!r}: expected a torchvision classification model name "
-            f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}), a timm model name (timm "
-            f"{'installed' if _timm_names('resnet50') else 'not installed'}), or an nn.Module"
+            f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}{'; ' + no_tv if no_tv else ''}), "
+            f"a timm model name{f' ({no_timm})' if no_timm else ''}, or an nn.Module"
         )
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a name or an nn.Module, but got {type(backbone).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import urllib.error
 
 import pytest
@@ -208,6 +209,20 @@ def test_offline_imagenet_weights_name_the_alternatives(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match=r"could not obtain pretrained ImageNet weights .*weights=None"):
         build_backbone("resnet18", weights="imagenet")
+
+
+def test_unknown_name_says_which_package_is_missing(monkeypatch):
+    """A torchvision name without torchvision installed: the error names the extra to install."""
+    message = r"unknown backbone 'resnet50'.*torchvision not installed: pip install 'bilinearpool\[vision\]'"
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails, find_spec says missing
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ValueError, match=message) as info:
+        build_backbone("resnet50")
+    assert "timm not installed: pip install 'bilinearpool[timm]'" in str(info.value)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5000'") as info:
+        build_backbone("resnet5000")
+    assert "not installed" not in str(info.value)
 
 
 def test_errors(tmp_path):
