@@ -497,11 +497,13 @@ def build_backbone(
                 body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt
             )
         no_tv, no_timm = _missing("torchvision", "vision"), _missing("timm", "timm")
-        raise ValueError(
+        message = (
             f"unknown backbone {name!r}: expected a torchvision classification model name "
             f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}{'; ' + no_tv if no_tv else ''}), "
             f"a timm model name{f' ({no_timm})' if no_timm else ''}, or an nn.Module"
         )
+        # With a provider missing the name may well be one of its models: an ImportError.
+        raise (ImportError if no_tv or no_timm else ValueError)(message)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a name or an nn.Module, but got {type(backbone).__name__}")
     if weights is not None:

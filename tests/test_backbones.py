@@ -212,11 +212,12 @@ def test_offline_imagenet_weights_name_the_alternatives(monkeypatch):
 
 
 def test_unknown_name_says_which_package_is_missing(monkeypatch):
-    """A torchvision name without torchvision installed: the error names the extra to install."""
+    """A torchvision name without torchvision installed: an ImportError naming the extra to
+    install (an unknown name with every provider installed: a ValueError)."""
     message = r"unknown backbone 'resnet50'.*torchvision not installed: pip install 'bilinearpool\[vision\]'"
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails, find_spec says missing
     monkeypatch.setitem(sys.modules, "timm", None)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(ImportError, match=message) as info:
         build_backbone("resnet50")
     assert "timm not installed: pip install 'bilinearpool[timm]'" in str(info.value)
     monkeypatch.undo()
