@@ -133,6 +133,11 @@ class CovariancePool(nn.Module):
                     f"input must have in_channels={self.in_channels} channels, but got shape {tuple(x.shape)}"
                 )
         if self.reduce is not None:
+            weight = self.reduce[0].weight
+            if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+                # Half input into a float32 reduction: the reduction runs in its own dtype
+                # (under autocast, autocast picks).
+                x = x.to(weight.dtype)
             if x.dim() == 3:
                 # Tokens (B, N, C) -> (B, C, N, 1) so the 1x1 convolution applies per token.
                 x = self.reduce(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)

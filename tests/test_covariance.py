@@ -142,6 +142,19 @@ class TestCovariancePool:
             pooled = CovariancePool(in_channels=6, reduced_channels=4, norm=MatrixSqrt())(x)
         assert pooled.dtype == torch.float32 and torch.isfinite(pooled).all()
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_input_into_a_float32_reduction(self, dtype) -> None:
+        """Stated: float32 output for half input, with a reduction too (it runs in float32)."""
+        layer = CovariancePool(in_channels=6, reduced_channels=4, norm=MatrixSqrt()).eval()
+        x = features(2, 6, 5, 5).to(dtype)
+        out = layer(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, layer(x.float()), rtol=0, atol=0)
+        tokens = x.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(layer(tokens), layer(tokens.float()), rtol=0, atol=0)
+        own = CovariancePool(in_channels=6, reduced_channels=4, dtype=dtype).eval()
+        assert own(x).dtype == torch.float32  # a reduction built in the input's dtype runs in it
+
     def test_onnx(self) -> None:
         layer = CovariancePool(in_channels=8, reduced_channels=4, norm=MatrixSqrt(), triu=False).eval()
         x = features(2, 8, 5, 5)
