@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default)")
+    p.add_argument("--any-magnification", action="store_true",
+                   help="with a magnification-specific checkpoint (MSBC, MSFC), predict "
+                   "images whose BreaKHis names give another magnification too (with a "
+                   "warning) instead of refusing them")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("figures", help="ROC, t-SNE and Grad-CAM figures of a checkpoint",
@@ -410,9 +414,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir() or str(args.out).endswith(("/", os.sep)):
         raise ValueError(f"--out expects the path of a CSV file, but {args.out!r} is a folder")
     result = predict_to_csv(args.checkpoint, args.inputs, args.out, device=_device(args.device),
-                            batch_size=args.batch_size, progress=not args.no_progress)
+                            batch_size=args.batch_size, progress=not args.no_progress,
+                            any_magnification=args.any_magnification)
     for problem in result["problems"]:
         print(f"skipped {problem}", file=sys.stderr)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote probabilities of {result['classes']} for {result['images']} images to "
           f"{result['csv']}")
     return 0

@@ -314,21 +314,71 @@ def _is_metadata(name: str) -> bool:
     return name.lower() in METADATA_FILES or _DSFOLD.match(name) is not None
 
 
-def _walk_files(root: Path, skipped: list[SkippedFile]) -> list[Path]:
-    """Every file below ``root``, sorted; hidden folders are not entered.
+def _walk_files(
+    root: Path, skipped: list[SkippedFile], *, hidden_reason: str = "hidden folder: not indexed"
+) -> list[Path]:
+    """Every file below ``root``, in walk order; hidden folders are not entered.
 
-    Hidden folders (``.ipynb_checkpoints``, ``.git``, ``.Trash``) hold copies or tool
-    state, never data: indexing them would make new classes or duplicate images. Each
-    one is listed in ``skipped`` (as ``<folder>/``) instead.
+    The order is that of a top-down walk with sorted names: a folder's files, then each
+    sub-folder in turn. Hidden folders (``.ipynb_checkpoints``, ``.git``, ``.Trash``)
+    hold copies or tool state, never data: indexing them would make new classes or
+    duplicate images. Each one is listed in ``skipped`` (as ``<folder>/``) instead.
+
+    Links to folders are followed (data kept on another disk and linked into the tree),
+    each real folder once: a link to a folder of the tree itself, to a folder already
+    reached through another link, or to one of its own parent folders (a loop) is listed
+    in ``skipped`` with the reason and not walked, so no image is indexed twice. A folder
+    that cannot be listed is listed there too.
     """
+    real = os.path.realpath
+    # Folders of the tree proper (no link crossed): a link into them is always a second
+    # way to the same images, wherever it sits in the walk order.
+    visited: set[str] = set()
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        visited.add(real(dirpath))
     files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        hidden = sorted(d for d in dirnames if d.startswith("."))
-        for name in hidden:
-            rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            skipped.append(SkippedFile(f"{rel}/", "hidden folder: not indexed"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / name for name in sorted(filenames))
+
+    def rel(path: Path) -> str:
+        return f"{path.relative_to(root).as_posix()}/"
+
+    def walk(folder: Path, chain: tuple[str, ...], via_link: bool) -> None:
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(SkippedFile(rel(folder), f"unreadable folder: {exc}"))
+            return
+        folders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links; a broken link is a file
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(folder / entry.name)
+            elif entry.name.startswith("."):
+                skipped.append(SkippedFile(rel(folder / entry.name), hidden_reason))
+            else:
+                folders.append(entry)
+        for entry in folders:
+            path = folder / entry.name
+            if not entry.is_symlink() and not via_link:
+                walk(path, (*chain, real(path)), False)
+                continue
+            target = real(path)
+            if target in chain:
+                where = Path(target).name or target
+                skipped.append(SkippedFile(rel(path), f"folder link loop: points back to "
+                                                      f"its parent folder {where!r}; not followed"))
+            elif target in visited:
+                skipped.append(SkippedFile(rel(path), f"folder indexed already: {target!r} "
+                                                      "is reached another way; not walked twice"))
+            else:
+                visited.add(target)
+                walk(path, (*chain, target), True)
+
+    walk(root, (real(root),), False)
     return files
 
 
@@ -386,9 +436,10 @@ def index_breakhis(
     """Index a BreaKHis tree (official archive or Kaggle layout).
 
     Every file below ``root`` is looked at, except in hidden folders (``.name``, listed
-    as skipped). Images whose names follow the BreaKHis grammar and agree with their
-    folders become :class:`ImageRecord` s; everything else is listed in
-    :attr:`DataIndex.skipped` with a reason. Fold tables
+    as skipped); links to folders are followed, each real folder once (a link into the
+    tree, a second link to one folder, or a loop is listed as skipped). Images whose names
+    follow the BreaKHis grammar and agree with their folders become :class:`ImageRecord` s;
+    everything else is listed in :attr:`DataIndex.skipped` with a reason. Fold tables
     (``Folds.csv``, ``dsfoldN.txt``) and synthetic-data markers are listed in
     :attr:`DataIndex.metadata_files`.
 
@@ -519,12 +570,17 @@ def index_image_folder(
 
     Args:
         root: folder with one sub-folder per class; images may sit in nested folders.
-            Hidden folders (``.ipynb_checkpoints``) are neither classes nor searched.
-        patients_csv: optional CSV with columns ``path`` (relative to ``root``, or a
-            bare file name) and ``patient``. An image without a patient (no CSV, no row,
-            or a blank cell) gets ``patient=None``: unknown, never a made-up group.
-            Protocol ``patient`` refuses such images, and the patient recognition rate
-            is not computed over them (see :mod:`breakhis.splits`).
+            Hidden folders (``.ipynb_checkpoints``) are neither classes nor searched;
+            links to folders are followed, each real folder once.
+        patients_csv: optional CSV (UTF-8, a byte-order mark is fine) with columns
+            ``path`` (relative to ``root``, or a bare file name) and ``patient``. A row
+            with the image's path wins over a bare-name row (a warning names images where
+            the two disagree); a bare name gives its patient to the one image of that name
+            without a path row, and is refused when several such images share it. An image
+            without a patient (no CSV, no row, or a blank cell) gets ``patient=None``:
+            unknown, never a made-up group. Protocol ``patient`` refuses such images, and
+            the patient recognition rate is not computed over them (see
+            :mod:`breakhis.splits`).
         verify: decode every image so that truncated files are caught.
         strict: raise instead of skipping unreadable images.
         workers: threads used to open images.
@@ -532,15 +588,17 @@ def index_image_folder(
 
     Raises:
         FileNotFoundError: when ``root`` or ``patients_csv`` does not exist.
-        ValueError: when the CSV lacks the columns, or no class folders are found.
+        ValueError: when no class folders are found, or the CSV lacks the columns, has a
+            short row, gives one path (or name) two different patients, or gives a
+            patient to a bare file name that several images under ``root`` share.
         UnreadableImageError: in strict mode, when an image cannot be decoded.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"expected an image folder, but {str(root)!r} is not a folder")
-    patient_of: dict[str, str] = {}
+    rows: dict[str, _PatientRow] = {}
     if patients_csv is not None:
-        patient_of = _read_patient_csv(Path(patients_csv))
+        rows = _read_patient_csv(Path(patients_csv))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise ValueError(f"expected one sub-folder per class in {str(root)!r}, but found none")
@@ -559,6 +617,11 @@ def index_image_folder(
             skipped.append(SkippedFile(rel, f"not an image: extension {path.suffix or '(none)'!r}"))
             continue
         candidates.append((path, rel.split("/", 1)[0]))
+    patient_of: dict[str, str | None] = {}
+    conflicts: list[str] = []
+    if patients_csv is not None:
+        patient_of, conflicts = _patients_of(root, [p for p, _ in candidates], rows,
+                                             Path(patients_csv))
     sizes = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
                         progress=progress)
     records: list[ImageRecord] = []
@@ -570,7 +633,7 @@ def index_image_folder(
             unreadable.append(rel)
             skipped.append(SkippedFile(rel, f"unreadable image: {size}"))
             continue
-        patient = patient_of.get(rel) or patient_of.get(path.name) or None
+        patient = patient_of.get(rel)
         if patient is None and patients_csv is not None:
             missing.append(rel)
         records.append(
@@ -584,6 +647,11 @@ def index_image_folder(
             f"{len(unreadable)} image(s) could not be decoded (strict mode), e.g. {unreadable[:3]}"
         )
     warnings = []
+    if conflicts:
+        warnings.append(
+            f"{len(conflicts)} image(s) have a path row and a bare-name row with different "
+            f"patients in {str(patients_csv)!r}; the path row was used, e.g. {conflicts[:3]}"
+        )
     if missing:
         warnings.append(
             f"{len(missing)} of {len(records)} image(s) have no patient in "
@@ -597,10 +665,23 @@ def index_image_folder(
     )
 
 
-def _read_patient_csv(path: Path) -> dict[str, str]:
+@dataclass(frozen=True)
+class _PatientRow:
+    patient: str | None
+    line: int
+
+
+def _read_patient_csv(path: Path) -> dict[str, _PatientRow]:
+    """``path`` (or bare name) -> patient (``None`` for a blank cell) and its line.
+
+    Raises:
+        ValueError: on missing columns, a short row, or a key given two patients.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"patient CSV {str(path)!r} does not exist")
-    with path.open(newline="") as handle:
+    rows: dict[str, _PatientRow] = {}
+    # utf-8-sig: spreadsheet programs start UTF-8 CSVs with a byte-order mark.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         if "path" not in columns or "patient" not in columns:
@@ -608,7 +689,73 @@ def _read_patient_csv(path: Path) -> dict[str, str]:
                 f"expected columns 'path' and 'patient' in {str(path)!r}, but got "
                 f"{reader.fieldnames}"
             )
-        return {
-            row[columns["path"]].strip().replace("\\", "/"): row[columns["patient"]].strip()
-            for row in reader
-        }
+        for row in reader:
+            line = reader.line_num
+            raw_path, raw_patient = row.get(columns["path"]), row.get(columns["patient"])
+            if raw_path is None or raw_patient is None:
+                raise ValueError(
+                    f"expected a path and a patient (columns {reader.fieldnames}) on line "
+                    f"{line} of {str(path)!r}, but got {list(v for v in row.values() if v)}"
+                )
+            key = raw_path.strip().replace("\\", "/")
+            patient = raw_patient.strip() or None
+            if not key:
+                if patient is None:
+                    continue  # an empty row, as spreadsheet exports leave
+                raise ValueError(f"expected a path on line {line} of {str(path)!r}, but the "
+                                 f"cell is empty (patient {patient!r})")
+            first = rows.setdefault(key, _PatientRow(patient, line))
+            if first.patient != patient:
+                raise ValueError(
+                    f"expected one patient per image in {str(path)!r}, but {key!r} is given "
+                    f"patient {_shown(first.patient)} on line {first.line} and "
+                    f"{_shown(patient)} on line {line}"
+                )
+    return rows
+
+
+def _shown(patient: str | None) -> str:
+    return "(blank)" if patient is None else repr(patient)
+
+
+def _patients_of(
+    root: Path, images: Sequence[Path], rows: dict[str, _PatientRow], csv_path: Path
+) -> tuple[dict[str, str | None], list[str]]:
+    """Patient of every image (by path relative to ``root``) from the CSV's rows.
+
+    A row keyed by the image's relative path always wins. A row keyed by a bare file
+    name gives its patient to the one image of that name that has no path row: in-house
+    folders often restart their file names in every class folder, and one bare-name row
+    would otherwise put images of different patients in one group.
+
+    Returns:
+        ``(patient by relative path, relative paths whose path row overrode a bare-name
+        row with another patient)``.
+
+    Raises:
+        ValueError: when a bare-name row would name more than one image.
+    """
+    rel_paths = [p.relative_to(root).as_posix() for p in images]
+    unlisted: dict[str, list[str]] = defaultdict(list)  # bare name -> images without a path row
+    for rel, path in zip(rel_paths, images):
+        if rel not in rows:
+            unlisted[path.name].append(rel)
+    patient_of: dict[str, str | None] = {}
+    for key, row in rows.items():
+        named = unlisted.get(key, []) if "/" not in key else []
+        if len(named) > 1:
+            raise ValueError(
+                f"line {row.line} of {str(csv_path)!r} gives patient {_shown(row.patient)} to "
+                f"the bare file name {key!r}, but {len(named)} images under {str(root)!r} "
+                f"have that name and no row of their own, e.g. {named[:3]}; expected the path "
+                f"relative to the root (e.g. {named[0]!r}) for a name that repeats"
+            )
+        patient_of.update(dict.fromkeys(named, row.patient))
+    conflicts = []
+    for rel, path in zip(rel_paths, images):
+        exact, bare = rows.get(rel), rows.get(path.name)
+        if exact is not None:
+            patient_of[rel] = exact.patient
+            if bare is not None and bare.patient != exact.patient and not unlisted.get(path.name):
+                conflicts.append(rel)
+    return patient_of, conflicts

@@ -159,13 +159,25 @@ def classification_metrics(
         (0.5556, ['a', 'b', 'c'])
 
     Raises:
-        ValueError: on mismatched shapes.
+        ValueError: on mismatched shapes, or a target outside ``[0, C - 1]`` (such as the
+            ``-1`` that ``breakhis-repro predict`` writes for an image without ground
+            truth).
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape != (len(y_true), len(classes)):
         raise ValueError(
             f"expected probs of shape ({len(y_true)}, {len(classes)}), but got {probs.shape}"
+        )
+    outside = (y_true < 0) | (y_true >= len(classes))
+    if outside.any():
+        bad = sorted(set(y_true[outside].tolist()))
+        hint = ("; -1 marks an image without ground truth (the output of predict), which "
+                "cannot be scored" if -1 in bad else "")
+        raise ValueError(
+            f"expected targets in [0, C-1] = [0, {len(classes) - 1}] (indices into "
+            f"{list(classes)}), but got {bad[:5]} for {int(outside.sum())} of {len(y_true)} "
+            f"image(s){hint}"
         )
     y_pred = probs.argmax(axis=1)
     labels = list(range(len(classes)))

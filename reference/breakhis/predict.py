@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,36 +11,59 @@ from typing import Any
 
 import numpy as np
 
-from .data import IMAGE_ERRORS, IMAGE_EXTENSIONS, parse_breakhis_name, read_image_size
+from .data import (
+    IMAGE_ERRORS,
+    IMAGE_EXTENSIONS,
+    SkippedFile,
+    _is_metadata,
+    _walk_files,
+    parse_breakhis_name,
+    read_image_size,
+)
 from .evaluate import write_predictions
 from .train import load_model, predict_probs
 
 __all__ = ["collect_images", "predict_to_csv"]
 
 
-def _images_below(folder: Path, problems: list[str]) -> list[Path]:
-    """Image files below ``folder``, sorted; hidden folders are not entered.
+def _not_an_image(path: Path) -> str:
+    return (f"{path}: not an image (extension {path.suffix!r}; expected one of "
+            f"{sorted(IMAGE_EXTENSIONS)})")
 
-    Hidden folders (``.ipynb_checkpoints``, ``.git``) hold copies or tool state, as in
-    :func:`breakhis.data.index_breakhis`, which skips them too; each is named in
-    ``problems``.
+
+def _images_below(folder: Path, problems: list[str]) -> list[Path]:
+    """Image files below ``folder``, sorted.
+
+    The walk is :func:`breakhis.data.index_breakhis`'s: hidden folders
+    (``.ipynb_checkpoints``, ``.git``) are not entered, links to folders are followed
+    once. Hidden folders, links not followed, and files that are not images by their
+    extension (the extensions the index accepts) are named in ``problems``; fold tables
+    and synthetic-data markers are not images and not reported, as in the index.
     """
+    skipped: list[SkippedFile] = []
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in sorted(d for d in dirnames if d.startswith(".")):
-            problems.append(f"{Path(dirpath) / name}/: hidden folder, not searched")
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / name for name in sorted(filenames)
-                     if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+    for path in _walk_files(folder, skipped, hidden_reason="hidden folder, not searched"):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(path)
+        elif not _is_metadata(path.name):
+            problems.append(_not_an_image(path))
+    for item in skipped:
+        problems.append(f"{folder / item.path.rstrip('/')}/: {item.reason}")
     return sorted(found)
 
 
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
     """Expand files and folders (recursively, hidden folders left out) into image files.
 
+    Images are the files with an extension of :data:`breakhis.data.IMAGE_EXTENSIONS`,
+    the ones the index accepts for training (``.webp`` or ``.gif`` files are reported,
+    not predicted). A file reached twice (a folder and a file inside it, or a link to
+    it) is predicted once, where it was first reached.
+
     Returns:
-        ``(images, problems)``: sorted image paths, and messages about inputs that are
-        missing, not images, or unreadable (these are left out).
+        ``(images, problems)``: image paths in the order of ``inputs`` (a folder's
+        sorted), and messages about what was left out: inputs that are missing, not
+        images, unreadable or given twice, and folders not searched.
     """
     found: list[Path] = []
     problems: list[str] = []
@@ -51,18 +75,27 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(path)
             else:
-                problems.append(f"{path}: not an image (extension {path.suffix!r})")
+                problems.append(_not_an_image(path))
         else:
             problems.append(f"{path}: does not exist")
-    images = []
+    seen: set[Path] = set()
+    images, repeated = [], []
     for path in found:
+        if path.resolve() in seen:
+            repeated.append(str(path))
+            continue
+        seen.add(path.resolve())
         try:
             read_image_size(path, verify=True)
         except IMAGE_ERRORS as exc:
             problems.append(f"{path}: unreadable image ({exc})")
             continue
         images.append(path)
-    return images, problems
+    if repeated:
+        problems.append(f"{len(repeated)} image(s) reached more than once (overlapping inputs "
+                        f"or links), e.g. {repeated[:3]}: each predicted once, as first reached")
+    # a folder given twice would name its left-out files twice
+    return images, list(dict.fromkeys(problems))
 
 
 def _described(path: Path) -> SimpleNamespace:
@@ -74,6 +107,33 @@ def _described(path: Path) -> SimpleNamespace:
     return SimpleNamespace(path=path, patient=name.patient, magnification=name.magnification)
 
 
+def _other_magnifications(
+    state: dict[str, Any], described: Sequence[SimpleNamespace]
+) -> tuple[str, list[str], str | None]:
+    """What a magnification-specific checkpoint has not seen among its inputs.
+
+    Returns:
+        ``(checkpoint, groups, unknown)``: the checkpoint in words (``"MSBC at 40X"``),
+        one ``"<n> image(s) at <m>X"`` per other magnification its inputs' BreaKHis
+        names give, and a warning when some names give none (in-house names), else
+        ``None``. Both are empty for a checkpoint of a magnification-independent task.
+    """
+    task = (state.get("extra") or {}).get("task") or {}
+    trained = task.get("magnification")
+    if trained is None:
+        return "", [], None
+    checkpoint = f"{task.get('name', 'magnification-specific')} at {trained}X"
+    mags = Counter(d.magnification for d in described)
+    groups = [f"{n} image(s) at {mag}X" for mag, n in sorted(
+        (m, n) for m, n in mags.items() if m is not None and m != trained)]
+    unknown = None
+    if mags[None]:
+        unknown = (f"{mags[None]} image(s) have no magnification in their names (not "
+                   f"BreaKHis names) for the {checkpoint} checkpoint: check that they are "
+                   f"{trained}X images")
+    return checkpoint, groups, unknown
+
+
 def predict_to_csv(
     checkpoint: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
@@ -82,6 +142,7 @@ def predict_to_csv(
     device: str = "cpu",
     batch_size: int = 32,
     progress: bool = True,
+    any_magnification: bool = False,
 ) -> dict[str, Any]:
     """Write one row of class probabilities for every readable input image.
 
@@ -89,8 +150,13 @@ def predict_to_csv(
     :func:`breakhis.evaluate.write_predictions`), so
     :func:`~breakhis.evaluate.read_predictions` reads it: ``path``, ``patient`` and
     ``magnification`` (from BreaKHis file names; empty otherwise), ``true_label`` and
-    ``true_index`` (empty: unknown),
+    ``true_index`` (empty and ``-1``: unknown),
     ``predicted_label`` and ``prob_<class>`` per class.
+
+    A magnification-specific checkpoint (MSBC, MSFC) is for images of its magnification:
+    images whose BreaKHis names give another magnification are refused unless
+    ``any_magnification``, and then predicted with a warning per magnification; images
+    whose names give none (in-house names) are predicted with one warning.
 
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
@@ -99,12 +165,17 @@ def predict_to_csv(
         device: torch device for inference.
         batch_size: images per forward pass.
         progress: show a progress bar.
+        any_magnification: predict images of other magnifications than a
+            magnification-specific checkpoint's (with warnings) instead of refusing.
 
     Returns:
-        ``{"csv": path, "images": n, "classes": [...], "problems": [...]}``.
+        ``{"csv": path, "images": n, "classes": [...], "problems": [...],
+        "warnings": [...]}``: ``problems`` names the inputs left out, ``warnings``
+        what was predicted despite a doubt (the magnification).
 
     Raises:
-        ValueError: when no readable image is found.
+        ValueError: when no readable image is found, or images of another magnification
+            are given to a magnification-specific checkpoint without ``any_magnification``.
         NotACheckpointError: when ``checkpoint`` is not a breakhis checkpoint.
     """
     images, problems = collect_images(inputs)
@@ -112,9 +183,20 @@ def predict_to_csv(
         raise ValueError(f"expected image files or folders with images, but found none in "
                          f"{[str(i) for i in inputs]}" + (f"; {problems[:3]}" if problems else ""))
     model, state = load_model(checkpoint, device=device)
+    described = [_described(p) for p in images]
+    trained, others, unknown = _other_magnifications(state, described)
+    if others and not any_magnification:
+        raise ValueError(
+            f"expected images of the magnification of the {trained} checkpoint "
+            f"{str(checkpoint)!r}, but got {', '.join(others)}; predict them with a "
+            "checkpoint of their magnification (or of a magnification-independent task, "
+            "MIBC or MIFC), or pass any_magnification=True (--any-magnification) to predict "
+            "them anyway")
+    warnings = [f"{group} predicted by the {trained} checkpoint (any magnification allowed)"
+                for group in others] + ([unknown] if unknown else [])
     classes = list(state["classes"])
     probs = predict_probs(model, images, input_size=int(state["config"]["input_size"]),
                           batch_size=batch_size, device=device, progress=progress)
-    out = write_predictions(out_csv, [_described(p) for p in images],
-                            np.full(len(images), -1), probs, classes)
-    return {"csv": str(out), "images": len(images), "classes": classes, "problems": problems}
+    out = write_predictions(out_csv, described, np.full(len(images), -1), probs, classes)
+    return {"csv": str(out), "images": len(images), "classes": classes, "problems": problems,
+            "warnings": warnings}

@@ -8,7 +8,8 @@
 - ``"official"``: the released folds (``dsfoldN.txt`` lines ``filename|mag|fold|grp``,
   or the Kaggle ``Folds.csv`` with columns ``fold, mag, grp, filename``). A split's
   ``fold`` is the table's own fold number (``dsfold3.txt`` gives fold 3), not its
-  position among the tables found.
+  position among the tables found. Lines are matched to images by path where the
+  table gives one (see :func:`official_folds`).
 
 An image whose patient is unknown (``ImageRecord.patient is None``: an image folder
 without a patients CSV, or with a blank cell or no row for it) is never put in a
@@ -33,7 +34,6 @@ from typing import Any
 
 import numpy as np
 from sklearn.model_selection import (
-    GroupShuffleSplit,
     ShuffleSplit,
     StratifiedGroupKFold,
     StratifiedKFold,
@@ -206,51 +206,114 @@ def patient_kfold(
     return out
 
 
+@dataclass(frozen=True)
+class _FoldEntry:
+    """One line of a fold table: the image as listed, its side, where it was read."""
+
+    name: str
+    grp: str
+    line: int
+
+
+_CSV_FORMAT = "a header 'fold,mag,grp,filename' and one image per row"
+_DSFOLD_FORMAT = "'filename|mag|fold|grp', e.g. 'SOB_M_DC-14-13412-100-001.png|100|1|train'"
+
+
+def _read_fold_entries(path: Path) -> dict[int, list[_FoldEntry]]:
+    """Fold number -> the table's entries for it, in file order (see :func:`read_fold_table`)."""
+    table: dict[int, list[_FoldEntry]] = defaultdict(list)
+    # utf-8-sig: spreadsheet programs start UTF-8 CSVs with a byte-order mark.
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+            need = ("fold", "grp", "filename")
+            if not set(need) <= set(columns):
+                raise ValueError(
+                    f"expected columns {sorted(need)} in {str(path)!r}, but got {reader.fieldnames}"
+                )
+            for row in reader:
+                line = reader.line_num
+                fold, grp, name = (row.get(columns[c]) for c in need)
+                if fold is None or grp is None or name is None or not name.strip():
+                    raise ValueError(
+                        f"expected {_CSV_FORMAT} in {str(path)!r}, but line {line} has "
+                        f"{[v for v in row.values() if v]}")
+                table[_fold_number(fold, line, path, _CSV_FORMAT)].append(
+                    _FoldEntry(_listed(name), _group(grp, line, path), line))
+        return _one_side_each(table, path)
+    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not text.strip():
+            continue
+        parts = [p.strip() for p in text.split("|")]
+        if len(parts) != 4 or not parts[0]:
+            raise ValueError(
+                f"expected {_DSFOLD_FORMAT} on line {line} of {str(path)!r}, but got {text!r}"
+            )
+        table[_fold_number(parts[2], line, path, _DSFOLD_FORMAT)].append(
+            _FoldEntry(_listed(parts[0]), _group(parts[3], line, path), line))
+    return _one_side_each(table, path)
+
+
+def _one_side_each(table: dict[int, list[_FoldEntry]], path: Path) -> dict[int, list[_FoldEntry]]:
+    """``table``, once no name is listed as both train and test in one fold."""
+    for fold, entries in table.items():
+        first_of: dict[str, _FoldEntry] = {}
+        for entry in entries:
+            first = first_of.setdefault(entry.name, entry)
+            if first.grp != entry.grp:
+                raise ValueError(
+                    f"expected each image on one side of fold {fold} in {str(path)!r}, but "
+                    f"{entry.name!r} is listed as {first.grp} on line {first.line} and as "
+                    f"{entry.grp} on line {entry.line}")
+    return dict(table)
+
+
+def _listed(name: str) -> str:
+    """A table's file name as a POSIX path (Windows separators and ``./`` normalised)."""
+    return PurePosixPath(name.strip().replace("\\", "/")).as_posix()
+
+
+def _fold_number(value: str, line: int, path: Path, expected: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"expected an integer fold number on line {line} of {str(path)!r} ({expected}), "
+            f"but got {value!r}") from None
+
+
+def _group(value: str, line: int, path: Path) -> str:
+    grp = value.strip().lower()
+    if grp not in ("train", "test"):
+        raise ValueError(f"expected grp 'train' or 'test' on line {line} of {str(path)!r}, "
+                         f"but got {value!r}")
+    return grp
+
+
 def read_fold_table(path: str | os.PathLike[str]) -> dict[int, dict[str, str]]:
     """Read an official fold table.
+
+    Both formats are read as UTF-8 (a byte-order mark, as spreadsheet programs write, is
+    fine). Names are kept as listed: bare file names in ``dsfoldN.txt``, paths from
+    ``BreaKHis_v1/...`` in the Kaggle ``Folds.csv``, paths relative to the data root in
+    a table written for an image folder (Windows separators become ``/``).
 
     Args:
         path: a ``dsfoldN.txt`` file (lines ``filename|mag|fold|grp``) or a Kaggle
             ``Folds.csv`` (columns ``fold, mag, grp, filename``).
 
     Returns:
-        fold number -> {image base name -> ``"train"`` or ``"test"``}.
+        fold number -> {image name as listed -> ``"train"`` or ``"test"``}.
 
     Raises:
-        ValueError: when a line or the header is not in either format.
+        ValueError: naming the file and line, when the header or a line is not in the
+            format (a short row, a fold number that is not an integer, a ``grp`` other
+            than train/test), or when one name is listed as both train and test in a fold.
     """
     path = Path(path)
-    table: dict[int, dict[str, str]] = defaultdict(dict)
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            need = {"fold", "grp", "filename"}
-            if not need <= set(reader.fieldnames or []):
-                raise ValueError(
-                    f"expected columns {sorted(need)} in {str(path)!r}, but got {reader.fieldnames}"
-                )
-            for row in reader:
-                name = PurePosixPath(row["filename"].replace("\\", "/")).name
-                table[int(row["fold"])][name] = _group(row["grp"], path)
-        return dict(table)
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = [p.strip() for p in line.split("|")]
-        if len(parts) != 4:
-            raise ValueError(
-                f"expected 'filename|mag|fold|grp' on line {number} of {str(path)!r}, "
-                f"but got {line!r}"
-            )
-        table[int(parts[2])][PurePosixPath(parts[0]).name] = _group(parts[3], path)
-    return dict(table)
-
-
-def _group(value: str, path: Path) -> str:
-    grp = value.strip().lower()
-    if grp not in ("train", "test"):
-        raise ValueError(f"expected grp 'train' or 'test' in {str(path)!r}, but got {value!r}")
-    return grp
+    return {fold: {e.name: e.grp for e in entries}
+            for fold, entries in _read_fold_entries(path).items()}
 
 
 def find_fold_tables(root: str | os.PathLike[str], *, max_depth: int = 3) -> list[Path]:
@@ -278,6 +341,15 @@ def official_folds(
 ) -> list[Split]:
     """Splits from the released fold tables.
 
+    A table line names an image by a path or a bare file name. A path (``Folds.csv``:
+    ``BreaKHis_v1/histology_slides/.../x.png``; a table for an image folder:
+    ``<class>/x.png``) matches the record whose path ends with it. A bare name
+    (``dsfoldN.txt``) matches the record of that name, and must name one record: image
+    folders often reuse file names in every class folder. BreaKHis file names are unique
+    (:func:`~breakhis.data.index_breakhis` refuses a repeat), so a BreaKHis record is
+    also matched by its name alone when the table's path comes from a copy laid out
+    differently.
+
     Records not listed in a fold are left out of it (and counted in its notes).
     Patient-disjointness is checked and recorded, not enforced; a fold with an image of
     unknown patient is recorded as not patient-disjoint (it cannot be checked). Each
@@ -288,32 +360,38 @@ def official_folds(
         tables: a ``Folds.csv`` or the ``dsfoldN.txt`` files.
 
     Raises:
-        ValueError: when no tables are given, two tables define the same fold number, or
-            a fold has no test images.
+        ValueError: when no tables are given, two tables define the same fold number, a
+            table line is malformed (see :func:`read_fold_table`), a line matches more
+            than one record, one record is listed as both train and test in a fold, or a
+            fold has no training or no test images among the task's records.
     """
     if not tables:
         raise ValueError("protocol 'official' needs Folds.csv or dsfoldN.txt, but none were found")
-    merged: dict[int, dict[str, str]] = {}
+    merged: dict[int, list[_FoldEntry]] = {}
     source: dict[int, str] = {}
     for table in tables:
-        for fold, grp in read_fold_table(table).items():
+        for fold, entries in _read_fold_entries(Path(table)).items():
             if fold in merged:
                 raise ValueError(
                     f"fold {fold} is defined by both {source[fold]!r} and {str(table)!r}; "
                     "pass each fold's table once")
-            merged[fold], source[fold] = grp, str(table)
-    names = [r.path.name for r in records]
+            merged[fold], source[fold] = entries, str(table)
+    by_name: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        by_name[record.path.name].append(i)
     groups = patient_groups(records)
     unknown = np.asarray([r.patient is None for r in records], dtype=bool)
     out = []
     for fold in sorted(merged):
-        grp = merged[fold]
-        side = np.asarray([grp.get(n, "") for n in names], dtype=str)
+        side = _sides(records, by_name, merged[fold], fold, source[fold])
         train, test = np.flatnonzero(side == "train"), np.flatnonzero(side == "test")
-        if len(test) == 0:
-            raise ValueError(f"official fold {fold} has no test images among the task's records")
+        for name, idx in (("training", train), ("test", test)):
+            if len(idx) == 0:
+                raise ValueError(
+                    f"official fold {fold} of {source[fold]!r} has no {name} images among the "
+                    f"task's {len(records)} records")
         notes = []
-        missing = len(names) - len(train) - len(test)
+        missing = len(records) - len(train) - len(test)
         if missing:
             notes.append(f"{missing} image(s) not listed in fold {fold}; left out")
         shared = _shared_groups(train, test, groups)
@@ -326,6 +404,39 @@ def official_folds(
         out.append(Split(fold, train, test, "official",
                          patient_disjoint=not shared and not n_unknown, notes=tuple(notes)))
     return out
+
+
+def _sides(
+    records: Sequence[ImageRecord],
+    by_name: dict[str, list[int]],
+    entries: Sequence[_FoldEntry],
+    fold: int,
+    table: str,
+) -> np.ndarray:
+    """``"train"``, ``"test"`` or ``""`` (not listed) for every record, from one fold's lines."""
+    side = np.full(len(records), "", dtype=object)
+    line_of: dict[int, int] = {}
+    for entry in entries:
+        parts = PurePosixPath(entry.name).parts
+        named = by_name.get(parts[-1], [])
+        hits = named if len(parts) == 1 else [
+            i for i in named if records[i].path.parts[-len(parts):] == parts]
+        if not hits and len(named) == 1 and records[named[0]].tumor_type is not None:
+            hits = named  # a BreaKHis name is unique: the table's copy nests differently
+        if len(hits) > 1:
+            paths = [str(records[i].path) for i in hits[:3]]
+            raise ValueError(
+                f"expected line {entry.line} of {table!r} to name one image, but "
+                f"{entry.name!r} matches {len(hits)}, e.g. {paths}; list the path relative "
+                "to the data root (e.g. '<class>/<file>') where file names repeat")
+        for i in hits:
+            if side[i] and side[i] != entry.grp:
+                raise ValueError(
+                    f"expected each image on one side of fold {fold} in {table!r}, but "
+                    f"{str(records[i].path)!r} is listed as {side[i]} on line {line_of[i]} "
+                    f"and as {entry.grp} on line {entry.line}")
+            side[i], line_of[i] = entry.grp, entry.line
+    return side.astype(str)
 
 
 def make_splits(
@@ -374,19 +485,39 @@ def validation_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold out part of a training set for the learning-rate schedule.
 
+    With ``by_patient``, whole patients are held out, drawn in an order fixed by
+    ``seed``: a patient goes to validation while that brings each of its classes'
+    held-out images closer to ``fraction`` of that class, then (for classes too small
+    for that) while it brings the whole held-out share closer to ``fraction``. A
+    patient whose class has no other patient left in the fit set is never held out, so
+    the model is fitted on every class it is tested on; only when no patient can be
+    held out otherwise is one taken anyway, with a warning naming the lost classes.
+    Earlier versions drew one fold of a ``round(1 / fraction)``-fold stratified group
+    split instead (a share of 0.33 for 0.3, 0.5 for 0.4), so runs of those versions
+    held out other patients.
+
     Args:
         train: training indices.
         targets: integer class of every record.
         groups: patient id of every record.
         fraction: share of the training set to hold out, in ``(0, 1)``.
         by_patient: hold out whole patients (for patient-disjoint protocols).
-        seed: seed.
+        seed: seed; the same seed gives the same split.
 
     Returns:
         ``(fit, val)`` index arrays.
 
     Raises:
-        ValueError: for a fraction outside ``(0, 1)``.
+        ValueError: for a fraction outside ``(0, 1)``, or ``by_patient`` with fewer than
+            two patients in ``train``.
+
+    Examples:
+        >>> groups = np.repeat([f"p{i}" for i in range(20)], 5)
+        >>> targets = np.repeat(np.arange(20) % 2, 5)
+        >>> fit, val = validation_split(np.arange(100), targets, groups, fraction=0.3,
+        ...                             by_patient=True)
+        >>> len(val), sorted(set(targets[fit].tolist()))
+        (30, [0, 1])
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), but got {fraction}")
@@ -395,16 +526,7 @@ def validation_split(
     g = np.asarray(groups)[train]
     zeros = np.zeros(len(train))
     if by_patient:
-        n_folds = max(2, round(1 / fraction))
-        try:
-            splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-            with warnings.catch_warnings():
-                # small classes cannot be in every validation fold; only one fold is used
-                warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-                fit, val = next(splitter.split(zeros, y, g))
-        except ValueError:  # fewer patients or images than folds: no stratification
-            shuffled = GroupShuffleSplit(1, test_size=fraction, random_state=seed)
-            fit, val = next(shuffled.split(zeros, y, g))
+        fit, val = _hold_out_patients(y, g, fraction, seed)
         check_patient_disjoint(fit, val, g)
     else:
         try:
@@ -413,3 +535,51 @@ def validation_split(
         except ValueError:  # a class too small to stratify
             fit, val = next(ShuffleSplit(1, test_size=fraction, random_state=seed).split(zeros))
     return np.sort(train[fit]), np.sort(train[val])
+
+
+def _hold_out_patients(
+    y: np.ndarray, g: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, val)`` positions into ``y``: whole patients, see :func:`validation_split`."""
+    patients, patient_of = np.unique(g, return_inverse=True)
+    classes, class_of = np.unique(y, return_inverse=True)
+    if len(patients) < 2:
+        raise ValueError("a validation split by patient needs at least 2 patients in the "
+                         f"training set, but it has {len(patients)}")
+    counts = np.zeros((len(patients), len(classes)), dtype=np.int64)
+    np.add.at(counts, (patient_of, class_of), 1)
+    has = counts > 0
+    target = fraction * counts.sum(axis=0)
+    held = np.zeros(len(classes))
+    left = has.sum(axis=0)  # patients of each class still in the fit set
+    val = np.zeros(len(patients), dtype=bool)
+    order = np.random.default_rng(seed).permutation(len(patients))
+
+    def hold(p: int) -> None:
+        nonlocal held, left
+        val[p] = True
+        held = held + counts[p]
+        left = left - has[p]
+
+    # A patient is held out while that brings the held-out count closer to its target.
+    overall = fraction * len(y)
+    for p in order:  # per class (stratified), within the overall share
+        if (np.all(left[has[p]] > 1) and held.sum() + counts[p].sum() / 2 <= overall
+                and np.all(held[has[p]] + counts[p, has[p]] / 2 <= target[has[p]])):
+            hold(p)
+    for p in order:  # overall: classes too small for the first pass
+        if (not val[p] and np.all(left[has[p]] > 1)
+                and held.sum() + counts[p].sum() / 2 <= overall):
+            hold(p)
+    if not val.any():
+        keeps = [p for p in order if np.all(left[has[p]] > 1)]
+        hold(min(keeps or order.tolist(), key=lambda p: counts[p].sum()))
+        lost = classes[left == 0]
+        if lost.size:
+            warnings.warn(
+                f"the validation split holds out every training patient of class(es) "
+                f"{lost.tolist()}: no patient could be held out otherwise ({len(patients)} "
+                "patients); the model is not fitted on those classes", UserWarning,
+                stacklevel=3)
+    in_val = val[patient_of]
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)

@@ -187,6 +187,66 @@ class TestIndexHandmade:
             (f"{rel}/.ipynb_checkpoints/", "hidden folder: not indexed")]
 
 
+class TestLinkedFolders:
+    """Folders reached through a link are indexed, each real folder once."""
+
+    def test_linked_type_folder_is_indexed(self, synth_tree, tmp_path: Path) -> None:
+        root, meta = synth_tree
+        tree = shutil.copytree(root, tmp_path / "tree")
+        sob = tree / "BreaKHis_v1/histology_slides/breast/malignant/SOB"
+        store = tmp_path / "other-disk"
+        shutil.move(sob / "ductal_carcinoma", store / "ductal_carcinoma")
+        (sob / "ductal_carcinoma").symlink_to(store / "ductal_carcinoma")
+        index = index_breakhis(tree)
+        assert index.summary()["by_type"] == meta["expected"]["by_type"]
+        assert len(index.records) == meta["expected"]["images"]
+        dc = [r for r in index.records if r.tumor_type == "DC"]
+        assert dc and all(r.path.is_relative_to(sob / "ductal_carcinoma") for r in dc)
+
+    def test_loops_and_links_into_the_tree_are_reported_not_walked_twice(
+        self, tmp_path: Path
+    ) -> None:
+        name = "SOB_B_A-14-1-40-001.png"
+        image = _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40, name))
+        case = image.parent.parent
+        (case / "40X" / "back").symlink_to(case)  # a loop
+        breast = tmp_path / "BreaKHis_v1/histology_slides/breast"
+        (breast / "aaa").symlink_to(breast / "benign")  # walked before its target
+        # walked twice, the image would be refused as a second copy of the tree
+        index = index_breakhis(tmp_path)
+        assert [r.path for r in index.records] == [image.resolve()]
+        reasons = {s.path: s.reason for s in index.skipped}
+        rel = case.relative_to(tmp_path).as_posix()
+        assert reasons[f"{rel}/40X/back/"].startswith("folder link loop: points back to")
+        assert reasons["BreaKHis_v1/histology_slides/breast/aaa/"].startswith(
+            "folder indexed already:")
+        assert len(reasons) == 2
+
+    def test_two_links_to_one_folder_are_walked_once(self, tmp_path: Path) -> None:
+        store = tmp_path / "store"
+        _png(store / "x.png")
+        root = tmp_path / "data"
+        _png(root / "normal" / "y.png")
+        (root / "tumour").mkdir()
+        (root / "tumour" / "a").symlink_to(store)
+        (root / "tumour" / "b").symlink_to(store)
+        index = index_image_folder(root)
+        assert [r.path.relative_to(root.resolve()).as_posix() for r in index.records] == [
+            "normal/y.png", "tumour/a/x.png"]
+        assert [(s.path, s.reason.split(":")[0]) for s in index.skipped] == [
+            ("tumour/b/", "folder indexed already")]
+
+    def test_linked_class_folder_is_a_class(self, tmp_path: Path) -> None:
+        for i in range(2):
+            _png(tmp_path / "store" / "tumour" / f"{i}.png")
+        root = tmp_path / "data"
+        _png(root / "normal" / "0.png")
+        (root / "tumour").symlink_to(tmp_path / "store" / "tumour")
+        index = index_image_folder(root)
+        assert index.summary()["by_class"] == {"normal": 1, "tumour": 2}
+        assert not index.skipped
+
+
 class TestImageFolder:
     def test_classes_and_patients_from_csv(self, tmp_path: Path) -> None:
         for cls, n in (("normal", 2), ("tumour", 3)):
@@ -228,6 +288,56 @@ class TestImageFolder:
         assert index.summary()["by_class"] == {"normal": 1, "tumour": 1}
         assert [s.path for s in index.skipped] == [".ipynb_checkpoints/",
                                                    "tumour/.ipynb_checkpoints/"]
+
+    def test_one_path_with_two_patients_is_refused(self, tmp_path: Path) -> None:
+        for name in ("a/x.png", "b/y.png"):
+            _png(tmp_path / name)
+        csv_path = tmp_path / "p.csv"
+        csv_path.write_text("path,patient\na/x.png,p1\nb/y.png,p2\na/x.png,p1\na/x.png,p9\n")
+        with pytest.raises(ValueError, match=r"'a/x.png' is given patient 'p1' on line 2 and "
+                           r"'p9' on line 5") as info:
+            index_image_folder(tmp_path, patients_csv=csv_path)
+        assert str(csv_path) in str(info.value)
+
+    def test_bare_name_shared_by_images_is_refused(self, tmp_path: Path) -> None:
+        """File names restarted per class: one bare-name row would merge patients."""
+        for name in ("benign/001.png", "malignant/001.png", "malignant/002.png"):
+            _png(tmp_path / name)
+        csv_path = tmp_path / "p.csv"
+        csv_path.write_text("path,patient\n001.png,P1\n002.png,P2\n")
+        with pytest.raises(ValueError, match=r"line 2 of .* bare file name '001.png', but 2 "
+                           r"images .* have that name and no row of their own, e.g. "
+                           r"\['benign/001.png', 'malignant/001.png'\]"):
+            index_image_folder(tmp_path, patients_csv=csv_path)
+        csv_path.write_text("path,patient\nbenign/001.png,P1\nmalignant/001.png,P3\n"
+                            "002.png,P2\n")
+        by_path = {r.path.relative_to(tmp_path.resolve()).as_posix(): r.patient
+                   for r in index_image_folder(tmp_path, patients_csv=csv_path).records}
+        assert by_path == {"benign/001.png": "P1", "malignant/001.png": "P3",
+                           "malignant/002.png": "P2"}
+
+    def test_path_row_wins_over_bare_name_row(self, tmp_path: Path) -> None:
+        for name in ("a/x.png", "b/y.png"):
+            _png(tmp_path / name)
+        csv_path = tmp_path / "p.csv"
+        for rows in ("a/x.png,p1\nx.png,p2\n", "x.png,p2\na/x.png,p1\n"):
+            csv_path.write_text("path,patient\n" + rows + "b/y.png,p3\n")
+            index = index_image_folder(tmp_path, patients_csv=csv_path)
+            assert {r.path.name: r.patient for r in index.records} == {"x.png": "p1",
+                                                                       "y.png": "p3"}
+            assert any("path row and a bare-name row with different patients" in w
+                       and "a/x.png" in w for w in index.warnings)
+
+    def test_csv_with_byte_order_mark_and_short_row(self, tmp_path: Path) -> None:
+        for name in ("a/x.png", "b/y.png"):
+            _png(tmp_path / name)
+        csv_path = tmp_path / "p.csv"
+        csv_path.write_text("\ufeffpath,patient\na/x.png,p1\nb/y.png,p2\n", encoding="utf-8")
+        index = index_image_folder(tmp_path, patients_csv=csv_path)
+        assert [r.patient for r in index.records] == ["p1", "p2"]
+        csv_path.write_text("path,patient\na/x.png,p1\nb/y.png\n")
+        with pytest.raises(ValueError, match=r"expected a path and a patient .* on line 3 of"):
+            index_image_folder(tmp_path, patients_csv=csv_path)
 
     def test_bad_csv(self, tmp_path: Path) -> None:
         _png(tmp_path / "a" / "x.png")

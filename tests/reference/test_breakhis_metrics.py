@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 from breakhis.evaluate import (
     classification_metrics,
     patient_recognition_rate,
+    read_predictions,
     render_markdown,
     summarize_folds,
+    write_predictions,
     write_report,
 )
 
@@ -125,6 +128,29 @@ class TestClassificationMetrics:
     def test_shape_checked(self) -> None:
         with pytest.raises(ValueError, match=r"expected probs of shape \(2, 3\)"):
             classification_metrics([0, 1], np.zeros((2, 2)), ["a", "b", "c"])
+
+
+    @pytest.mark.parametrize(("y_true", "bad", "hint"), [
+        ([0, 1, 2, -1], "[-1] for 1 of 4", True),  # a predict row: no ground truth
+        ([0, 1, 2, 7], "[7] for 1 of 4", False),
+        ([-1, -1, 3, 0], "[-1, 3] for 3 of 4", True),
+    ])
+    def test_targets_outside_the_classes_are_refused(self, y_true: list[int], bad: str,
+                                                     hint: bool) -> None:
+        probs = np.eye(3)[[0, 1, 2, 2]]
+        with pytest.raises(ValueError, match=r"expected targets in \[0, C-1\] = \[0, 2\]") as info:
+            classification_metrics(y_true, probs, ["a", "b", "c"], patients=list("pqrs"))
+        assert f"but got {bad} image(s)" in str(info.value)
+        assert ("without ground truth" in str(info.value)) == hint
+
+    def test_predict_output_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "p.csv"
+        write_predictions(path, [SimpleNamespace(path=Path(f"{i}.png"), patient=None,
+                                                 magnification=None) for i in range(2)],
+                          np.full(2, -1), np.array([[0.3, 0.7], [0.6, 0.4]]), ["b", "m"])
+        pred = read_predictions(path)
+        with pytest.raises(ValueError, match=r"but got \[-1\] for 2 of 2 image\(s\); -1 marks"):
+            classification_metrics(pred.y_true, pred.probs, pred.classes)
 
 
 class TestSummaryAndReports:

@@ -7,6 +7,7 @@ One tiny model (``tiny`` backbone, 16-pixel inputs, one epoch on the synthetic t
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,106 @@ class TestPredict:
         index = index_image_folder(tmp_path)
         assert [r.path.name for r in index.records] == ["small.png"]
         assert "decompression bomb" in index.skipped[0].reason
+
+
+def _slides(synth_tree, pattern: str, n: int, dest: Path) -> list[Path]:
+    """Copies of ``n`` synthetic BreaKHis images matching ``pattern`` in ``dest``."""
+    root, meta = synth_tree
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted((root / meta["images_root"]).rglob(pattern))[:n]
+    return [Path(shutil.copy(p, dest / p.name)) for p in found]
+
+
+class TestInputs:
+    def test_non_images_in_folders_are_reported(self, tmp_path: Path) -> None:
+        image = _png(tmp_path / "in" / "sub" / "x.png")
+        _png(tmp_path / "in" / "sub" / "scan.webp")  # Pillow reads it; the index does not
+        for name in ("notes.txt", "Thumbs.db"):
+            (tmp_path / "in" / "sub" / name).write_text("x")
+        (tmp_path / "in" / "dsfold1.txt").write_text("x.png|40|1|train\n")  # a fold table
+        images, problems = collect_images([tmp_path / "in"])
+        assert images == [image]
+        sub = tmp_path / "in" / "sub"
+        assert [p.split(": ")[0] for p in problems] == [
+            str(sub / "Thumbs.db"), str(sub / "notes.txt"), str(sub / "scan.webp")]
+        assert all("not an image (extension" in p for p in problems)
+
+    def test_overlapping_inputs_are_collected_once(self, tmp_path: Path) -> None:
+        a = _png(tmp_path / "in" / "a.png")
+        b = _png(tmp_path / "in" / "sub" / "b.png")
+        c = _png(tmp_path / "c.png")
+        images, problems = collect_images([c, tmp_path / "in", b, tmp_path / "in" / ".." / "c.png"])
+        assert images == [c, a, b]
+        assert len(problems) == 1 and problems[0].startswith("2 image(s) reached more than once")
+
+    def test_linked_folder_is_searched_once(self, tmp_path: Path) -> None:
+        image = _png(tmp_path / "in" / "real" / "x.png")
+        (tmp_path / "in" / "linked").symlink_to(tmp_path / "in" / "real")
+        (tmp_path / "in" / "real" / "loop").symlink_to(tmp_path / "in")
+        elsewhere = _png(tmp_path / "other" / "y.png")
+        (tmp_path / "in" / "more").symlink_to(tmp_path / "other")
+        images, problems = collect_images([tmp_path / "in"])
+        assert images == [tmp_path / "in" / "more" / "y.png", image]
+        assert images[0].resolve() == elsewhere.resolve()
+        assert problems == [
+            f"{tmp_path / 'in' / 'linked'}/: folder indexed already: "
+            f"{str(tmp_path / 'in' / 'real')!r} is reached another way; not walked twice",
+            f"{tmp_path / 'in' / 'real' / 'loop'}/: folder link loop: points back to its "
+            "parent folder 'in'; not followed"]
+        # from the link itself, the loop leads out of the folder given: followed, once
+        again, _ = collect_images([tmp_path / "in" / "linked"])
+        assert tmp_path / "in" / "linked" / "x.png" in again
+        assert sorted(p.resolve() for p in again) == sorted([elsewhere.resolve(),
+                                                              image.resolve()])
+
+
+class TestMagnification:
+    def test_other_magnifications_are_refused_unless_allowed(
+        self, checkpoint: Path, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        inputs = [*_slides(synth_tree, "*-40-00?.png", 1, tmp_path / "in"),
+                  *_slides(synth_tree, "*-100-00?.png", 2, tmp_path / "in"),
+                  *_slides(synth_tree, "*-400-00?.png", 1, tmp_path / "in")]
+        with pytest.raises(ValueError, match=r"expected images of the magnification of the "
+                           r"MSBC at 40X checkpoint .*, but got 2 image\(s\) at 100X, 1 "
+                           r"image\(s\) at 400X; .*--any-magnification"):
+            predict_to_csv(checkpoint, inputs, tmp_path / "p.csv", progress=False)
+        assert not (tmp_path / "p.csv").exists()
+        result = predict_to_csv(checkpoint, inputs, tmp_path / "p.csv", progress=False,
+                                any_magnification=True)
+        assert result["images"] == 4 and result["problems"] == []
+        assert result["warnings"] == [
+            "2 image(s) at 100X predicted by the MSBC at 40X checkpoint (any magnification "
+            "allowed)",
+            "1 image(s) at 400X predicted by the MSBC at 40X checkpoint (any magnification "
+            "allowed)"]
+        assert read_predictions(tmp_path / "p.csv").magnifications == [40, 100, 100, 400]
+        argv = ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out",
+                str(tmp_path / "q.csv"), "--no-progress"]
+        assert main(argv) == 2
+        assert "2 image(s) at 100X" in capsys.readouterr().err
+        assert main([*argv, "--any-magnification"]) == 0
+        assert "warning: 2 image(s) at 100X predicted by the MSBC at 40X" in capsys.readouterr().err
+
+    def test_names_without_magnification_warn_once(self, checkpoint: Path, synth_tree,
+                                                   tmp_path: Path) -> None:
+        inputs = [*_slides(synth_tree, "*-40-00?.png", 1, tmp_path / "in"),
+                  _png(tmp_path / "in" / "scan1.png"), _png(tmp_path / "in" / "scan2.png")]
+        result = predict_to_csv(checkpoint, inputs, tmp_path / "p.csv", progress=False)
+        assert result["images"] == 3
+        assert result["warnings"] == [
+            "2 image(s) have no magnification in their names (not BreaKHis names) for the "
+            "MSBC at 40X checkpoint: check that they are 40X images"]
+
+    def test_magnification_independent_checkpoint_takes_any(
+        self, checkpoint: Path, synth_tree, tmp_path: Path
+    ) -> None:
+        state = load_checkpoint(checkpoint)
+        state["extra"]["task"] = {**state["extra"]["task"], "name": "MIBC", "magnification": None}
+        torch.save(state, tmp_path / "mibc.pt")
+        inputs = _slides(synth_tree, "*-400-00?.png", 2, tmp_path / "in")
+        result = predict_to_csv(tmp_path / "mibc.pt", inputs, tmp_path / "p.csv", progress=False)
+        assert result["images"] == 2 and result["warnings"] == []
 
 
 class TestNotACheckpoint:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
-from breakhis.data import ImageRecord, index_breakhis
+from breakhis.data import ImageRecord, index_breakhis, index_image_folder
 from breakhis.splits import (
     check_patient_disjoint,
     find_fold_tables,
@@ -21,6 +23,17 @@ from breakhis.splits import (
     validation_split,
 )
 from breakhis.tasks import get_task
+
+
+def _png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(path)
+    return path
+
+
+def _sides(index, split) -> tuple[list[str], list[str]]:
+    rel = [r.path.relative_to(index.root).as_posix() for r in index.records]
+    return [rel[i] for i in split.train], [rel[i] for i in split.test]
 
 
 class TestTasks:
@@ -165,6 +178,95 @@ class TestProtocols:
             make_splits(records, targets, "patient", n_splits=2)
         assert len(make_splits(records, targets, "image", n_splits=2)) == 2
 
+    def test_table_paths_tell_apart_class_folders_that_reuse_names(self, tmp_path: Path) -> None:
+        for cls in ("benign", "malignant"):
+            for i in (1, 2, 3):
+                _png(tmp_path / "data" / cls / f"{i:03d}.png")
+        index = index_image_folder(tmp_path / "data")
+        table = tmp_path / "Folds.csv"
+        rows = [("benign/001.png", "test"), ("benign/002.png", "train"),
+                ("benign/003.png", "train"), ("malignant/001.png", "train"),
+                ("malignant\\002.png", "test"), ("malignant/003.png", "train")]
+        table.write_text("fold,mag,grp,filename\n" + "".join(f"1,,{g},{p}\n" for p, g in rows))
+        (split,) = official_folds(index.records, [table])
+        assert _sides(index, split) == (
+            ["benign/002.png", "benign/003.png", "malignant/001.png", "malignant/003.png"],
+            ["benign/001.png", "malignant/002.png"])
+        table.write_text("fold,mag,grp,filename\n" + "".join(
+            f"1,,{'train' if c == 'benign' else 'test'},{c}/{i:03d}.png\n"
+            for c in ("benign", "malignant") for i in (1, 2, 3)))
+        (split,) = official_folds(index.records, [table])
+        train, test = _sides(index, split)
+        assert all(p.startswith("benign/") for p in train) and len(train) == 3
+        assert all(p.startswith("malignant/") for p in test) and len(test) == 3
+
+    def test_ambiguous_bare_name_is_refused(self, tmp_path: Path) -> None:
+        for cls in ("benign", "malignant"):
+            _png(tmp_path / "data" / cls / "001.png")
+            _png(tmp_path / "data" / cls / f"{cls}-2.png")
+        index = index_image_folder(tmp_path / "data")
+        table = tmp_path / "dsfold1.txt"
+        table.write_text("benign-2.png|40|1|train\n001.png|40|1|test\nmalignant-2.png|40|1|test\n")
+        with pytest.raises(ValueError, match=r"expected line 2 of .*dsfold1.txt' to name one "
+                           r"image, but '001.png' matches 2"):
+            official_folds(index.records, [table])
+
+    def test_image_on_both_sides_of_a_fold_is_refused(self, tmp_path: Path) -> None:
+        records = [ImageRecord(Path(f"/x/c/{n}.png"), "benign", patient=n) for n in "abc"]
+        table = tmp_path / "dsfold1.txt"
+        table.write_text("a.png|40|1|train\nb.png|40|1|test\na.png|40|1|test\n")
+        for read in (read_fold_table, lambda t: official_folds(records, [t])):
+            with pytest.raises(ValueError, match=r"'a.png' is listed as train on line 1 and "
+                               r"as test on line 3"):
+                read(table)
+        csv_table = tmp_path / "Folds.csv"  # two spellings of one image
+        csv_table.write_text("fold,mag,grp,filename\n1,40,train,a.png\n1,40,test,b.png\n"
+                             "1,40,test,c/a.png\n")
+        with pytest.raises(ValueError, match=r"'/x/c/a.png' is listed as train on line 2 and "
+                           r"as test on line 4"):
+            official_folds(records, [csv_table])
+
+    def test_fold_without_training_images_is_refused(self, tmp_path: Path) -> None:
+        records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=n) for n in "abc"]
+        table = tmp_path / "dsfold2.txt"
+        table.write_text("a.png|40|2|test\nb.png|40|2|test\nz.png|40|2|train\n")
+        with pytest.raises(ValueError, match="official fold 2 of .* has no training images"):
+            official_folds(records, [table])
+
+    def test_breakhis_names_match_a_copy_nested_differently(self, synth_tree,
+                                                            tmp_path: Path) -> None:
+        root, _ = synth_tree
+        records = index_breakhis(root).records
+        table = tmp_path / "Folds.csv"
+        names = [r.path.name for r in records]
+        table.write_text("fold,mag,grp,filename\n" + "".join(
+            f"1,,{'test' if i % 3 == 0 else 'train'},elsewhere/BreaKHis/{n}\n"
+            for i, n in enumerate(names)))
+        (split,) = official_folds(records, [table])
+        assert split.test.tolist() == list(range(0, len(records), 3))
+        assert len(split.train) + len(split.test) == len(records)
+
+    def test_fold_tables_with_byte_order_mark_and_bad_lines(self, tmp_path: Path) -> None:
+        table = tmp_path / "Folds.csv"
+        table.write_text("\ufefffold,mag,grp,filename\n1,40,train,a/x.png\n1,40,test,y.png\n",
+                         encoding="utf-8")
+        assert read_fold_table(table) == {1: {"a/x.png": "train", "y.png": "test"}}
+        table.write_text("fold,mag,grp,filename\n1,40,train,a/x.png\n1,40,test\n")
+        with pytest.raises(ValueError, match=r"expected a header 'fold,mag,grp,filename' and "
+                           r"one image per row in .*Folds.csv', but line 3 has"):
+            read_fold_table(table)
+        table.write_text("fold,mag,grp,filename\n1,40,train,a/x.png\n,40,test,y.png\n")
+        with pytest.raises(ValueError, match=r"expected an integer fold number on line 3 of "
+                           r".*Folds.csv' \(a header 'fold,mag,grp,filename'"):
+            read_fold_table(table)
+        dsfold = tmp_path / "dsfold1.txt"
+        dsfold.write_text("\ufeffx.png|40|1|train\ny.png|40|one|test\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=r"expected an integer fold number on line 2 of "
+                           r".*dsfold1.txt' \('filename\|mag\|fold\|grp'.*, but got 'one'"):
+            read_fold_table(dsfold)
+        dsfold.write_text("\ufeffx.png|40|1|train\n", encoding="utf-8")
+        assert read_fold_table(dsfold) == {1: {"x.png": "train"}}
+
     def test_official_without_tables(self) -> None:
         with pytest.raises(ValueError, match="needs Folds.csv or dsfoldN.txt"):
             official_folds([], [])
@@ -196,3 +298,50 @@ class TestValidationSplit:
         with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
             validation_split(np.arange(4), np.zeros(4), np.arange(4), fraction=1.5,
                              by_patient=False)
+
+    @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3, 0.4, 0.45, 0.6])
+    def test_held_out_share_is_the_fraction(self, fraction: float) -> None:
+        rng = np.random.default_rng(0)
+        groups = np.repeat([f"p{i}" for i in range(100)], 10)
+        targets = np.repeat(rng.integers(0, 2, 100), 10)
+        fit, val = validation_split(np.arange(1000), targets, groups, fraction=fraction,
+                                    by_patient=True, seed=0)
+        assert abs(len(val) / 1000 - fraction) <= 0.02
+        assert not set(groups[fit]) & set(groups[val])
+        for c in (0, 1):  # stratified: each class loses about the fraction
+            assert abs(np.mean(targets[val] == c) - np.mean(targets == c)) <= 0.05
+
+    def test_same_seed_same_split(self) -> None:
+        groups = np.repeat([f"p{i}" for i in range(30)], 4)
+        targets = np.repeat(np.arange(30) % 3, 4)
+        runs = [validation_split(np.arange(120), targets, groups, fraction=0.2,
+                                 by_patient=True, seed=s) for s in (5, 5, 6)]
+        assert all((a == b).all() for a, b in zip(runs[0], runs[1]))
+        assert not np.array_equal(runs[0][1], runs[2][1])
+
+    def test_every_class_stays_in_the_fit_set(self, synth_tree) -> None:
+        """Small classes (two or three patients) are never held out whole."""
+        root, _ = synth_tree
+        records = index_breakhis(root).records
+        for task in (get_task("MSFC", magnification=40), get_task("MIFC")):
+            chosen = task.select(records)
+            targets = task.targets(chosen)
+            groups = _groups(chosen)
+            for split in make_splits(chosen, targets, "patient", n_splits=5, seed=0):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    fit, val = validation_split(split.train, targets, groups, fraction=0.1,
+                                                by_patient=True, seed=split.fold)
+                assert set(targets[fit]) == set(targets[split.train]), (task.name, split.fold)
+                assert len(val) and not set(groups[fit]) & set(groups[val])
+
+    def test_warns_when_a_class_cannot_stay(self) -> None:
+        groups = np.asarray(["a", "a", "b", "b", "b"])
+        targets = np.asarray([0, 0, 1, 1, 1])
+        with pytest.warns(UserWarning, match=r"holds out every training patient of class\(es\) "
+                          r"\[0\]"):
+            fit, val = validation_split(np.arange(5), targets, groups, fraction=0.2,
+                                        by_patient=True, seed=0)
+        assert val.tolist() == [0, 1] and fit.tolist() == [2, 3, 4]
+        with pytest.raises(ValueError, match="needs at least 2 patients"):
+            validation_split(np.arange(2), targets, groups, fraction=0.5, by_patient=True)

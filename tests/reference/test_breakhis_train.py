@@ -436,11 +436,16 @@ class TestCommands:
 
         images = root / meta["images_root"]
         out_csv = tmp_path / "pred.csv"
+        # A 200X checkpoint refuses the tree's other magnifications unless told otherwise.
         assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(images),
-                     "--out", str(out_csv), "--no-progress"]) == 0
+                     "--out", str(out_csv), "--no-progress"]) == 2
+        assert "--any-magnification" in capsys.readouterr().err and not out_csv.exists()
+        assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(images),
+                     "--out", str(out_csv), "--no-progress", "--any-magnification"]) == 0
         rows = list(csv.DictReader(out_csv.open()))
         assert len(rows) == meta["expected"]["images"] + 1  # the misnamed PNG is an image too
-        assert "truncated" in capsys.readouterr().err
+        captured = capsys.readouterr()
+        assert "truncated" in captured.err and "40X" in captured.out + captured.err
         for row in rows:
             p = float(row["prob_benign"]) + float(row["prob_malignant"])
             assert p == pytest.approx(1.0, abs=1e-5)
