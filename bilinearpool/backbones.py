@@ -13,9 +13,13 @@ The library's heads need one thing from a backbone: its last convolutional featu
 - any ``nn.Module`` whose forward returns a feature map (or a list/tuple/dict of them:
   the last is used).
 
-Channel counts are read from the network (timm's ``feature_info``, or one forward pass
+Channel counts are read from the network (timm's ``feature_info``, or a forward pass
 on a small zero image), never typed by hand. Nothing is downloaded unless pretrained
 weights are asked for.
+
+Default cuts follow the papers: ResNet's ``layer4``, Inception-v3's ``Mixed_7c``, and for
+VGG and AlexNet the last ReLU before the final max-pool (VGG-16's ``relu5_3``, a 14 x 14
+map at 224 pixels, as in the B-CNN of Lin et al. 2015).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import importlib.util
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,15 +40,22 @@ __all__ = ["FeatureExtractor", "build_backbone", "list_backbones"]
 
 WeightsArg = Union[str, os.PathLike, None]
 
-# Node of the last feature map, per torchvision family (longest prefix wins).
-_TORCHVISION_NODES: dict[str, str] = {
+
+def _before_last_pool(model: nn.Module) -> str:
+    """VGG and AlexNet: the last ReLU of ``features``, before its final max-pool."""
+    return f"features.{len(model.features) - 2}"  # type: ignore[arg-type]
+
+
+# Node of the last feature map, per torchvision family (longest prefix wins); a function
+# of the model where the node's name depends on the depth.
+_TORCHVISION_NODES: dict[str, str | Callable[[nn.Module], str]] = {
     "resnet": "layer4",
     "resnext": "layer4",
     "wide_resnet": "layer4",
     "inception_v3": "Mixed_7c",
     "googlenet": "inception5b",
-    "vgg": "features",
-    "alexnet": "features",
+    "vgg": _before_last_pool,  # relu5_3 of VGG-16 (Lin et al. 2015), 14 x 14 at 224
+    "alexnet": _before_last_pool,
     "densenet": "relu",  # after features.norm5: the ReLU of its forward
     "mobilenet": "features",
     "efficientnet": "features",
@@ -60,6 +71,10 @@ _TORCHVISION_NODES: dict[str, str] = {
 PAPER_BACKBONES = {"resnet50": "torchvision", "inception_v3": "torchvision", "inception_resnet_v2": "timm"}
 _IMAGENET = ("imagenet", "default", "pretrained")
 _FORMATS = ("NCHW", "NHWC")
+#: Suffixes that make a string in ``weights=`` a file name rather than a weights name or tag.
+_WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+#: Classifier modules of torchvision's classification models (the extractors cut before them).
+_TORCHVISION_HEADS = ("fc.", "classifier.", "head.", "heads.", "AuxLogits.", "aux1.", "aux2.")
 
 
 class FeatureExtractor(nn.Module):
@@ -75,6 +90,8 @@ class FeatureExtractor(nn.Module):
         name: where the backbone came from, for ``repr``.
         output_fmt: layout of the network's 4-D output: ``"NCHW"``, or ``"NHWC"`` (Swin
             transformers), which is permuted to :math:`(B, C, H, W)`.
+        tokens: whether the network gives tokens :math:`(B, N, C)` rather than a map
+            (set by :func:`build_backbone` from its probe).
 
     Shape:
         - Input: :math:`(B, C_{in}, H_{in}, W_{in})`.
@@ -95,6 +112,7 @@ class FeatureExtractor(nn.Module):
         reduction: int | None = None,
         name: str = "",
         output_fmt: str = "NCHW",
+        tokens: bool = False,
     ) -> None:
         super().__init__()
         if output_fmt not in _FORMATS:
@@ -104,6 +122,7 @@ class FeatureExtractor(nn.Module):
         self.reduction = reduction
         self.name = name
         self.output_fmt = output_fmt
+        self.tokens = bool(tokens)
 
     @property
     def feature_info(self) -> dict[str, Any]:
@@ -111,18 +130,28 @@ class FeatureExtractor(nn.Module):
         return {"num_chs": self.out_channels, "reduction": self.reduction, "module": "body"}
 
     @property
-    def last_conv(self) -> nn.Conv2d:
-        """The last ``nn.Conv2d`` of the backbone (a Grad-CAM target)."""
+    def last_conv(self) -> nn.Conv2d | None:
+        """The last ``nn.Conv2d`` of a convolutional backbone (a Grad-CAM target).
+
+        ``None`` where no convolution gives the feature map: a backbone without
+        ``nn.Conv2d``, or a transformer (tokens, NHWC maps such as Swin's, or a patch
+        embedding as its only convolution, as in ViT), whose last ``nn.Conv2d`` is the
+        patch embedding. The extractor itself (a classifier's ``gradcam_layers``) is a
+        target for every backbone.
+        """
         convs = [m for m in self.body.modules() if isinstance(m, nn.Conv2d)]
-        if not convs:
-            raise AttributeError(f"backbone {self.name or type(self.body).__name__} has no nn.Conv2d")
+        if not convs or self.tokens or self.output_fmt == "NHWC":
+            return None
+        if len(convs) == 1 and convs[0].kernel_size == convs[0].stride != (1, 1):  # a patch embedding
+            return None
         return convs[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         return _to_nchw(_last_map(self.body(x)), self.output_fmt)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("output_fmt", "NCHW")  # extractors pickled before the option existed
+        state.setdefault("output_fmt", "NCHW")  # extractors pickled before the options existed
+        state.setdefault("tokens", False)
         super().__setstate__(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FeatureExtractor:
@@ -139,7 +168,7 @@ class FeatureExtractor(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, out_channels={self.out_channels}, reduction={self.reduction}, "
-            f"output_fmt={self.output_fmt!r}"
+            f"output_fmt={self.output_fmt!r}" + (", tokens=True" if self.tokens else "")
         )
 
 
@@ -179,34 +208,69 @@ def _to_nchw(out: Tensor, output_fmt: str) -> Tensor:
     return out.permute(0, 3, 1, 2) if output_fmt == "NHWC" and out.dim() == 4 else out
 
 
-def _probe(body: nn.Module, sample_shape: tuple[int, ...], output_fmt: str = "NCHW") -> tuple[int, int | None]:
-    """Channels and stride of ``body``'s output, from one forward pass on zeros."""
+def _probe(
+    body: nn.Module, sample_shape: tuple[int, ...], output_fmt: str = "NCHW", *, check_layout: bool = True
+) -> tuple[int, int | None]:
+    """Channels and stride of ``body``'s output (stride ``None`` for tokens), from a
+    forward pass on zeros of ``sample_shape``.
+
+    With ``check_layout`` (for layouts not known for sure), a second pass at half the
+    size checks that the channel count does not change with the input size, as it does
+    when an NHWC map is read as NCHW or vice versa (skipped if that size does not run).
+    """
     param = next(iter(body.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     modes = _training_modes(body)
     body.eval()
     sample = torch.zeros(1, *sample_shape, device=device, dtype=dtype)
+    half = (sample_shape[0], max(1, sample_shape[1] // 2), max(1, sample_shape[2] // 2))
     try:
         with torch.no_grad():
-            raw = body(sample)
-    except (RuntimeError, ValueError, AssertionError) as err:
-        raise ValueError(
-            f"could not run the backbone on a zero image of shape {tuple(sample.shape)} to read its channel "
-            f"count ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-            "pass sample_shape=(C, H, W) with the channels and a size it accepts"
-        ) from err
+            try:
+                raw = body(sample)
+            except (RuntimeError, ValueError, AssertionError) as err:
+                raise ValueError(
+                    f"could not run the backbone on a zero image of shape {tuple(sample.shape)} to read its "
+                    f"channel count ({type(err).__name__}: "
+                    f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                    "pass sample_shape=(C, H, W) with the channels and a size it accepts"
+                ) from err
+            out = _to_nchw(_last_map(raw), output_fmt)
+            small = None
+            if check_layout and half != tuple(sample_shape):
+                try:
+                    small = _to_nchw(_last_map(body(sample.new_zeros(1, *half))), output_fmt)
+                except Exception:  # noqa: BLE001 - a backbone that takes one input size only: no check
+                    small = None
     finally:
         _set_training_modes(body, modes)  # each submodule's own mode, e.g. a frozen batch norm
-    out = _to_nchw(_last_map(raw), output_fmt)
+    channel_dim = 2 if out.dim() == 3 else 1
+    if small is not None and small.dim() == out.dim() and small.shape[channel_dim] != out.shape[channel_dim]:
+        other = "NCHW" if output_fmt == "NHWC" else "NHWC"
+        layout = "tokens (B, N, C)" if out.dim() == 3 else output_fmt
+        hint = (
+            "tokens must be (B, N, C)"
+            if out.dim() == 3
+            else f"its maps are likely {other}: pass output_fmt={other!r}"
+        )
+        raise ValueError(
+            f"the backbone's channel count changes with the input size when its output is read as "
+            f"{layout}: {int(out.shape[channel_dim])} channels at {tuple(sample_shape[1:])}, "
+            f"{int(small.shape[channel_dim])} at {half[1:]} (output shapes {tuple(out.shape)} and "
+            f"{tuple(small.shape)}); {hint}"
+        )
     if out.dim() == 3:  # tokens (B, N, C)
         return int(out.shape[2]), None
     return int(out.shape[1]), max(1, sample_shape[-1] // out.shape[-1])
 
 
-def _torchvision_node(name: str) -> str | None:
+def _torchvision_node(name: str, model: nn.Module) -> str | None:
     matches = [prefix for prefix in _TORCHVISION_NODES if name.startswith(prefix)]
-    return _TORCHVISION_NODES[max(matches, key=len)] if matches else None
+    if not matches:
+        return None
+    node = _TORCHVISION_NODES[max(matches, key=len)]
+    return node if isinstance(node, str) else node(model)
 
 
 def _torchvision_names() -> list[str]:
@@ -245,6 +309,12 @@ def list_backbones() -> dict[str, list[str]]:
 
 
 def _load_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ImportError(f"reading {str(path)!r} needs safetensors: pip install safetensors") from err
+        return load_file(path, device="cpu")
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
@@ -269,10 +339,16 @@ def _weights_error(name: str, err: BaseException) -> RuntimeError:
 
 
 def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
-    """('none'|'imagenet'|'file'|'enum', value)."""
+    """('none'|'imagenet'|'file'|'enum', value); 'enum' is a torchvision weights name or a timm tag.
+
+    A path, or a string with a path separator or a weights file's suffix (``.pth``,
+    ``.safetensors``, ...), is a file, which must exist.
+    """
     if weights is None:
         return "none", None
-    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.sep in weights):
+    if isinstance(weights, os.PathLike) or (
+        isinstance(weights, str) and (os.path.sep in weights or weights.lower().endswith(_WEIGHTS_SUFFIXES))
+    ):
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
@@ -284,8 +360,31 @@ def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
             return "file", Path(weights)
         return "enum", weights
     raise TypeError(
-        f"weights must be None, 'imagenet', a torchvision weights name or a path, but got {type(weights).__name__}"
+        "weights must be None, 'imagenet', a torchvision weights name, a timm pretrained tag or a path, "
+        f"but got {type(weights).__name__}"
     )
+
+
+def _load_checked(model: nn.Module, path: Path, head: tuple[str, ...], misfit: str) -> None:
+    """Load the state_dict in ``path`` into ``model``, strictly except for its classifier.
+
+    Keys under ``head`` (the classifier, which the extractor cuts off) may be missing or
+    of other shapes (a checkpoint fine-tuned on other classes): those are not loaded.
+    Every other key must be there and fit, else ValueError.
+    """
+    own = model.state_dict()
+    state = {
+        k: v
+        for k, v in _load_state_dict(path).items()
+        if not (head and k.startswith(head) and (k not in own or own[k].shape != v.shape))
+    }
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{misfit}: {_load_error(err)}") from err
+    missing = [k for k in result.missing_keys if not (head and k.startswith(head))]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{misfit}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tuple[nn.Module, str]:
@@ -293,8 +392,13 @@ def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tupl
 
     kind, value = _classify_weights(weights)
     kwargs: dict[str, Any] = {}
-    if name == "inception_v3":
+    if name in ("inception_v3", "googlenet"):
         kwargs["init_weights"] = kind == "none"  # skip the slow truncated-normal init when loading
+        if kind == "file":
+            # torchvision's builders set it for every pretrained weight (ImageNet
+            # normalisation -> the original networks' (x - 0.5) / 0.5): the same here, so
+            # a local copy of the weights preprocesses as weights="imagenet" does.
+            kwargs["transform_input"] = True
     if kind in ("imagenet", "enum"):
         try:
             model = torchvision.models.get_model(name, weights="DEFAULT" if kind == "imagenet" else value)
@@ -309,15 +413,8 @@ def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tupl
         model = torchvision.models.get_model(name, weights=None, **kwargs)
         if kind == "file":
             misfit = f"weights file {str(value)!r} does not fit torchvision {name!r}"
-            try:
-                result = model.load_state_dict(_load_state_dict(value), strict=False)
-            except RuntimeError as err:  # shape mismatches
-                raise ValueError(f"{misfit}: {_load_error(err)}") from err
-            head = ("fc.", "classifier.", "AuxLogits.", "aux", "heads.")
-            missing = [k for k in result.missing_keys if not k.startswith(head)]
-            if missing or result.unexpected_keys:
-                raise ValueError(f"{misfit}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    node = node or _torchvision_node(name)
+            _load_checked(model, value, _TORCHVISION_HEADS, misfit)
+    node = node or _torchvision_node(name, model)
     if node is None:
         raise ValueError(
             f"no default feature node is known for torchvision model {name!r}; pass node=... "
@@ -326,22 +423,42 @@ def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tupl
     return model, node
 
 
-def _extract(model: nn.Module, node: str) -> nn.Module:
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+# SEBlock checks its input's shape, which fx cannot trace: keep it a leaf.
+_TRACER_KWARGS = {"leaf_modules": [SEBlock]}
+
+
+def _node_error(model: nn.Module, node: str, nodes: list[str] | None = None) -> ValueError:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    if nodes is None:
+        nodes, _ = get_graph_node_names(model, tracer_kwargs=_TRACER_KWARGS)
+    return ValueError(f"node {node!r} is not in {type(model).__name__}; its last nodes are {nodes[-8:]}")
+
+
+def _check_node(model: nn.Module, node: str) -> None:
+    """ValueError unless ``node`` names a graph node of ``model`` (or a module holding
+    some, as ``create_feature_extractor`` takes it), before the model is modified."""
+    from torchvision.models.feature_extraction import get_graph_node_names
 
     try:
-        # SEBlock checks its input's shape, which fx cannot trace: keep it a leaf.
+        model.get_submodule(node)
+        return  # a submodule: no trace needed
+    except AttributeError:
+        pass
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=_TRACER_KWARGS)
+    if not any(n == node or n.startswith(f"{node}.") for n in (*train_nodes, *eval_nodes)):
+        raise _node_error(model, node, train_nodes)
+
+
+def _extract(model: nn.Module, node: str) -> nn.Module:
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
         return create_feature_extractor(
-            model,
-            return_nodes={node: "features"},
-            tracer_kwargs={"leaf_modules": [SEBlock]},
-            suppress_diff_warning=True,
+            model, return_nodes={node: "features"}, tracer_kwargs=_TRACER_KWARGS, suppress_diff_warning=True
         )
     except ValueError as err:
-        train_nodes, _ = get_graph_node_names(model)
-        raise ValueError(
-            f"node {node!r} is not in {type(model).__name__}; its last nodes are {train_nodes[-8:]}"
-        ) from err
+        raise _node_error(model, node) from err
 
 
 def _check_timm_file(timm: Any, name: str, path: Path) -> None:
@@ -349,25 +466,44 @@ def _check_timm_file(timm: Any, name: str, path: Path) -> None:
 
     timm loads weights into a ``features_only`` model leniently (the classifier is
     dropped later, so every key may be missing); this checks the file strictly against
-    the full model first, allowing only its classifier to be missing.
+    the full model first, allowing only its classifier (``pretrained_cfg["classifier"]``)
+    to be missing or of another size.
     """
     misfit = f"weights file {str(path)!r} does not fit timm {name!r}"
     full = timm.create_model(name, pretrained=False)
     classifiers = full.pretrained_cfg.get("classifier") or ()
     head = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
-    try:
-        result = full.load_state_dict(_load_state_dict(path), strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{misfit}: {_load_error(err)}") from err
-    missing = [k for k in result.missing_keys if not k.startswith(head)] if head else result.missing_keys
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{misfit}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    _load_checked(full, path, head, misfit)
 
 
 def _timm_output_fmt(body: nn.Module) -> str:
-    """Layout of a timm ``features_only`` model's maps (Swin and others report NHWC)."""
+    """Layout of the maps of a timm model or ``features_only`` model, from its
+    ``output_fmt`` (Swin and others report NHWC): NHWC or NCHW (tokens need neither)."""
     fmt = getattr(body, "output_fmt", "NCHW")
-    return str(getattr(fmt, "value", fmt)).upper()
+    return "NHWC" if str(getattr(fmt, "value", fmt)).upper() == "NHWC" else "NCHW"
+
+
+def _module_output_fmt(model: nn.Module, node: str | None) -> str:
+    """Layout of a module's feature maps, where the module says: torchvision's Swin
+    transformers (the model cut at its stages or final norm, or its ``features`` passed
+    alone) and timm models or feature nets that carry ``output_fmt``; else NCHW."""
+    if node is not None and _torchvision_output_fmt(model, node) == "NHWC":
+        return "NHWC"
+    if node is None and _torchvision_swin_stages(model):
+        return "NHWC"
+    return _timm_output_fmt(model)
+
+
+def _torchvision_swin_stages(module: nn.Module) -> bool:
+    """Whether ``module`` is (a part of) the NHWC ``features`` of a torchvision Swin transformer."""
+    try:
+        from torchvision.models import SwinTransformer
+        from torchvision.models.swin_transformer import PatchMerging, SwinTransformerBlock
+    except ImportError:
+        return False
+    if isinstance(module, SwinTransformer):
+        return False  # the whole model gives logits; cut it with node=
+    return any(isinstance(m, (PatchMerging, SwinTransformerBlock)) for m in module.modules())
 
 
 def _torchvision_output_fmt(model: nn.Module, node: str) -> str:
@@ -376,6 +512,24 @@ def _torchvision_output_fmt(model: nn.Module, node: str) -> str:
 
     nhwc = isinstance(model, SwinTransformer) and node.split(".")[0] in ("features", "norm")
     return "NHWC" if nhwc else "NCHW"
+
+
+def _timm_tagged(timm: Any, name: str, tag: str) -> str:
+    """``"<name>.<tag>"`` for weights=tag, if timm has such pretrained weights, else ValueError."""
+    bare, _, own_tag = name.partition(".")
+    if own_tag and own_tag != tag:
+        raise ValueError(
+            f"timm model {name!r} already names the pretrained tag {own_tag!r}, but weights={tag!r}; "
+            "give the tag once, in the name or as weights="
+        )
+    known = timm.list_pretrained(f"{bare}.*")
+    if f"{bare}.{tag}" not in known:
+        tags = [k.partition(".")[2] for k in known]
+        raise ValueError(
+            f"unknown weights {tag!r} for timm {bare!r}: use None, 'imagenet', one of its pretrained "
+            f"tags {tags}, or a path to a local state_dict file"
+        )
+    return f"{bare}.{tag}"
 
 
 def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
@@ -394,8 +548,9 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(value)})
     elif kind == "imagenet":
         kwargs["pretrained"] = True
-    elif kind == "enum":
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"tag": value})
+    elif kind == "enum":  # a pretrained tag: timm fetches what "<name>.<tag>" names
+        name = _timm_tagged(timm, name, value)
+        kwargs["pretrained"] = True
     try:
         return timm.create_model(name, **kwargs)
     except (OSError, RuntimeError) as err:
@@ -427,8 +582,14 @@ def build_backbone(
         weights: ``None`` (random initialisation), ``"imagenet"`` (the library's default
             pretrained weights, downloaded when not cached; offline this raises a
             :class:`RuntimeError` that names the alternatives), a torchvision weights name
-            such as ``"IMAGENET1K_V1"``, or a path to a local ``state_dict`` file of the
-            full model (its classifier may be missing). Only for names.
+            such as ``"IMAGENET1K_V1"``, a timm pretrained tag such as ``"tv_in1k"`` (for
+            ``"resnet18"``: the weights of ``"resnet18.tv_in1k"``; an unknown tag raises a
+            ValueError listing the model's tags), or a path to a local ``state_dict`` file of
+            the full model (a ``Path``, or a string with a path separator or a suffix
+            ``.pth``, ``.pt``, ``.bin``, ``.safetensors``, ``.ckpt``; FileNotFoundError if
+            it does not exist). The file's classifier may be missing or of another size
+            (fine-tuned on other classes): it is not loaded, the extractor cuts it off; every
+            other key must fit. Only for names.
         node: for a model or a torchvision name, the graph node whose output is the
             feature map (default: the family's last feature stage, e.g. ``"layer4"``).
         se_reduction: insert squeeze-and-excitation blocks with this ratio inside the
@@ -437,9 +598,12 @@ def build_backbone(
             (default ``(3, 128, 128)``); e.g. ``(1, 64, 64)`` for a one-channel backbone,
             ``(3, 224, 224)`` for a ViT, which takes one size only.
         output_fmt: layout of the backbone's 4-D feature map, ``"NCHW"`` or ``"NHWC"``
-            (then permuted to ``(B, C, H, W)``). Default: what the backbone reports (timm's
-            ``output_fmt``; the stages of torchvision's Swin transformers are NHWC),
-            otherwise NCHW.
+            (then permuted to ``(B, C, H, W)``). Default: what the backbone reports (the
+            ``output_fmt`` of timm models and feature nets, names and modules alike; the
+            stages of torchvision's Swin transformers, cut with ``node=`` or passed as
+            its ``features``, are NHWC), otherwise NCHW. A channel count that changes
+            with the input size (an NHWC map read as NCHW) raises a ValueError that says
+            to pass the other layout.
 
     Returns:
         The feature extractor; ``out_channels`` holds :math:`C`.
@@ -487,14 +651,17 @@ def build_backbone(
                 output_fmt=output_fmt or _timm_output_fmt(body),
             )
         if name in _torchvision_names():
+            given_node = node
             model, node = _build_torchvision(name, weights, node)
             if se_reduction is not None:
                 insert_se_blocks(model, reduction=se_reduction)
             fmt = output_fmt or _torchvision_output_fmt(model, node)
             body = _extract(model, node)
-            channels, stride = _probe(body, sample_shape, fmt)
+            # the layouts of the default nodes are known; a node of the user's is checked
+            channels, stride = _probe(body, sample_shape, fmt, check_layout=given_node is not None)
             return FeatureExtractor(
-                body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt
+                body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt,
+                tokens=stride is None,
             )
         no_tv, no_timm = _missing("torchvision", "vision"), _missing("timm", "timm")
         message = (
@@ -508,13 +675,16 @@ def build_backbone(
         raise TypeError(f"backbone must be a name or an nn.Module, but got {type(backbone).__name__}")
     if weights is not None:
         raise ValueError("weights= applies to named backbones; load weights into your module before passing it")
+    fmt = output_fmt or _module_output_fmt(backbone, node)
     if se_reduction is not None:
+        if node is not None:
+            _check_node(backbone, node)  # before SE blocks go into the user's model, in place
         insert_se_blocks(backbone, reduction=se_reduction)
-    fmt = output_fmt or (_torchvision_output_fmt(backbone, node) if node is not None else "NCHW")
     body = _extract(backbone, node) if node is not None else backbone
     channels, stride = _probe(body, sample_shape, fmt)
     return FeatureExtractor(
-        body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt
+        body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt,
+        tokens=stride is None,
     )
 
 

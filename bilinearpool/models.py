@@ -18,7 +18,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from .backbones import WeightsArg, _set_training_modes, _training_modes, build_backbone
+from .backbones import FeatureExtractor, WeightsArg, _set_training_modes, _training_modes, build_backbone
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
 from .linear import WideLinear
@@ -91,20 +91,45 @@ class GlobalAvgPool(nn.Module):
         raise ValueError(f"expected (B, C, H, W) or (B, N, C), but got shape {tuple(x.shape)}")
 
 
-def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
-    """Features per sample that ``pool`` gives: its ``output_dim`` or dry runs (flattened)."""
+def _output_dim(
+    pool: nn.Module,
+    c_a: int,
+    c_b: int | None,
+    *,
+    tokens_a: bool = False,
+    tokens_b: bool = False,
+    source: str = "the backbone",
+) -> int:
+    """Features per sample that ``pool`` gives: its ``output_dim`` or dry runs (flattened).
+
+    The dry runs feed what the backbones give: maps :math:`(2, C, H, W)`, or tokens
+    :math:`(2, N, C)` for a stream whose backbone gives tokens (``tokens_a``/``tokens_b``).
+    ``source`` says where the channels come from, for the error of a pool that refuses them.
+    """
     if hasattr(pool, "output_dim"):
-        return int(pool.output_dim(c_a) if c_b is None else pool.output_dim(c_a, c_b))
+        try:
+            return int(pool.output_dim(c_a) if c_b is None else pool.output_dim(c_a, c_b))
+        except ValueError as err:  # e.g. a pool built for other channels
+            channels = f"{c_a} channels" if c_b is None else f"{c_a} and {c_b} channels"
+            raise ValueError(
+                f"pool {type(pool).__name__} does not fit the feature maps it gets: {channels} "
+                f"from {source}; {err}"
+            ) from err
     param = next((p for p in pool.parameters() if p.is_floating_point()), None)
     factory = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+
+    def sample(channels: int, hw: tuple[int, int], tokens: bool) -> Tensor:
+        shape = (2, hw[0] * hw[1], channels) if tokens else (2, channels, *hw)
+        return torch.rand(*shape, **factory)
+
     modes = _training_modes(pool)
     pool.eval()
     sizes = {}
     try:
         with torch.no_grad():
             for hw in ((3, 3), (5, 5)):  # two map sizes: the length must not depend on them
-                x = torch.rand(2, c_a, *hw, **factory)
-                out = pool(x) if c_b is None else pool(x, torch.rand(2, c_b, *hw, **factory))
+                x = sample(c_a, hw, tokens_a)
+                out = pool(x) if c_b is None else pool(x, sample(c_b, hw, tokens_b))
                 if not isinstance(out, Tensor) or out.dim() < 2:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(
@@ -114,13 +139,31 @@ def _output_dim(pool: nn.Module, c_a: int, c_b: int | None) -> int:
     finally:
         _set_training_modes(pool, modes)
     if len(set(sizes.values())) > 1:
+        small, large = ("9 tokens", "25") if tokens_a else ("3x3 maps", "5x5")
         raise ValueError(
             f"{type(pool).__name__}'s output length depends on the feature map's size "
-            f"({sizes[3, 3]} features per sample on 3x3 maps, {sizes[5, 5]} on 5x5), so the "
+            f"({sizes[3, 3]} features per sample on {small}, {sizes[5, 5]} on {large}), so the "
             "classifier's input size cannot be read from a dry run; give the pool an "
             "output_dim(in_channels, in_channels_b=None) method that returns it for your input size"
         )
     return sizes[3, 3]
+
+
+def _backbone_options(
+    weights: WeightsArg,
+    se_reduction: int | None,
+    node: str | None,
+    sample_shape: tuple[int, ...] | None,
+    output_fmt: str | None,
+) -> dict[str, object]:
+    """The classifiers' options for :func:`~bilinearpool.build_backbone`."""
+    return {
+        "weights": weights,
+        "se_reduction": se_reduction,
+        "node": node,
+        "sample_shape": sample_shape,
+        "output_fmt": output_fmt,
+    }
 
 
 #: Hooks that must see the pooling and the classifier run as modules: per module and global.
@@ -139,6 +182,16 @@ def _hooked(*modules: nn.Module) -> bool:
     if any(getattr(glob, name, None) for name in _GLOBAL_HOOKS):
         return True
     return any(getattr(m, name, None) for m in modules for name in _MODULE_HOOKS)
+
+
+def _check_maps_for_reduction(stream: FeatureExtractor, reduce_dim: int) -> None:
+    """ChannelReduction is a 1x1 convolution: refuse it for a backbone that gives tokens."""
+    if stream.tokens:
+        raise ValueError(
+            f"reduce_dim={reduce_dim} adds a ChannelReduction (a 1x1 convolution), which takes feature "
+            f"maps (B, C, H, W), but backbone {stream.name!r} gives tokens (B, N, {stream.out_channels}); "
+            "leave out reduce_dim, or cut the backbone at a feature map"
+        )
 
 
 def _check_head_args(num_classes: object, dropout: object, reduce_dim: object) -> None:
@@ -166,14 +219,19 @@ class BilinearClassifier(nn.Module):
         backbone_b: backbone of the second stream, or ``None`` for one stream. The very
             module of ``backbone_a`` again shares it: one pass feeds both streams.
         pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
-            :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one, else
-            from dry runs on small maps (ValueError if :math:`D` depends on the map size).
+            :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one (which
+            may raise ValueError for channels it does not take, e.g. a pool built with
+            other ``in_channels``), else from dry runs on small maps, or on tokens for a
+            backbone that gives tokens (ValueError if :math:`D` depends on their size).
         num_classes: number of classes.
-        reduce_dim: if set, a :class:`ChannelReduction` to this many channels per stream.
+        reduce_dim: if set, a :class:`ChannelReduction` to this many channels per stream
+            (feature maps only: ValueError for a backbone that gives tokens).
         dropout: dropout probability before the classifier.
-        weights, se_reduction, node, sample_shape: passed to
+        weights, se_reduction, node, sample_shape, output_fmt: passed to
             :func:`~bilinearpool.build_backbone` for backbones given by name or as models
-            (a :class:`~bilinearpool.FeatureExtractor` takes none of them: ValueError).
+            (a :class:`~bilinearpool.FeatureExtractor` takes none of them: ValueError);
+            ``output_fmt="NHWC"`` for a module whose maps are channels-last and that does
+            not say so itself.
 
     Pooled features of more than two dimensions (e.g. the :math:`(B, C_1, C_2)` of a
     :class:`~bilinearpool.BilinearPool` without ``normalize``) are flattened to
@@ -207,6 +265,7 @@ class BilinearClassifier(nn.Module):
         se_reduction: int | None = None,
         node: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
+        output_fmt: str | None = None,
     ) -> None:
         super().__init__()
         _check_head_args(num_classes, dropout, reduce_dim)
@@ -214,12 +273,16 @@ class BilinearClassifier(nn.Module):
         reduce_dim = None if reduce_dim is None else int(reduce_dim)
         if not isinstance(pool, nn.Module):
             raise TypeError(f"pool must be an nn.Module, but got {type(pool).__name__}")
-        options = {"weights": weights, "se_reduction": se_reduction, "node": node, "sample_shape": sample_shape}
+        options = _backbone_options(weights, se_reduction, node, sample_shape, output_fmt)
         self.backbone = self._resolve(backbone_a, options)
         if isinstance(backbone_b, nn.Module) and backbone_b is backbone_a:
             self.backbone_b = self.backbone  # one module in both streams: run once, see forward_features
         else:
             self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options)
+        if reduce_dim:
+            for stream in (self.backbone, self.backbone_b):
+                if stream is not None:
+                    _check_maps_for_reduction(stream, reduce_dim)
         c_a = self.backbone.out_channels
         c_b = None if self.backbone_b is None else self.backbone_b.out_channels
         self.reduce = ChannelReduction(c_a, reduce_dim) if reduce_dim else nn.Identity()
@@ -230,7 +293,14 @@ class BilinearClassifier(nn.Module):
                 self.reduce_b = ChannelReduction(c_b, reduce_dim)
                 c_b = reduce_dim
         self.pool = pool
-        self.embedding_dim = _output_dim(pool, c_a, c_b)
+        self.embedding_dim = _output_dim(
+            pool,
+            c_a,
+            c_b,
+            tokens_a=self.backbone.tokens,
+            tokens_b=getattr(self.backbone_b, "tokens", False),
+            source=f"reduce_dim={reduce_dim}" if reduce_dim else f"the backbone{'' if c_b is None else 's'}",
+        )
         self.dropout = nn.Dropout(dropout)
         self.classifier = WideLinear(self.embedding_dim, num_classes)
         self.num_classes = num_classes
@@ -417,7 +487,7 @@ class FastBCNN(BilinearClassifier):
         pool: replaces the default ``FastBilinearPool(triu=triu)``; any one-stream pooling
             returning ``(B, D)`` works (e.g. compact or covariance pooling).
         triu: use the packed upper triangle, :math:`C(C+1)/2` features (halves the classifier).
-        reduce_dim, dropout, weights, se_reduction, node, sample_shape: see
+        reduce_dim, dropout, weights, se_reduction, node, sample_shape, output_fmt: see
             :class:`BilinearClassifier`.
 
     Shape:
@@ -446,6 +516,7 @@ class FastBCNN(BilinearClassifier):
         se_reduction: int | None = None,
         node: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
+        output_fmt: str | None = None,
     ) -> None:
         if pool is not None and triu:
             raise ValueError("triu=True configures the default pool; set it on your own pool instead")
@@ -459,6 +530,7 @@ class FastBCNN(BilinearClassifier):
             se_reduction=se_reduction,
             node=node,
             sample_shape=sample_shape,
+            output_fmt=output_fmt,
         )
 
 
@@ -473,12 +545,13 @@ class BCNN(BilinearClassifier):
         backbone_a: first stream (name, model or module).
         backbone_b: second stream. ``None`` gives a second copy of ``backbone_a`` with its
             own weights (the paper's setting: same architecture, separate weights), or
-            the very same module when ``shared=True``.
+            the very same module when ``shared=True``. The very module of ``backbone_a``
+            again is shared as with ``shared=True`` (one extractor, run once).
         num_classes: number of classes.
         shared: with ``backbone_b=None``, let both streams share one backbone.
         pool: replaces the default ``BilinearPool(resize="bilinear", normalize=True)``,
             which resizes the second map to the first when their sizes differ.
-        reduce_dim, dropout, weights, se_reduction, node, sample_shape: see
+        reduce_dim, dropout, weights, se_reduction, node, sample_shape, output_fmt: see
             :class:`BilinearClassifier`.
 
     Shape:
@@ -507,16 +580,19 @@ class BCNN(BilinearClassifier):
         se_reduction: int | None = None,
         node: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
+        output_fmt: str | None = None,
     ) -> None:
         if shared and backbone_b is not None:
             raise ValueError("shared=True shares backbone_a between the streams; do not pass backbone_b")
         _check_head_args(num_classes, dropout, reduce_dim)
         # Both streams are built here (the second may be a copy of the first) and handed
         # to the base class as FeatureExtractors, without the options already applied.
-        options = {"weights": weights, "se_reduction": se_reduction, "node": node, "sample_shape": sample_shape}
+        options = _backbone_options(weights, se_reduction, node, sample_shape, output_fmt)
         stream_a = self._resolve(backbone_a, options)
         if backbone_b is None:
             stream_b = stream_a if shared else copy.deepcopy(stream_a)
+        elif isinstance(backbone_b, nn.Module) and backbone_b is backbone_a:
+            stream_b = stream_a  # the very same module: one extractor, run once (as shared=True)
         else:
             stream_b = self._resolve(backbone_b, options)
         super().__init__(
@@ -527,7 +603,7 @@ class BCNN(BilinearClassifier):
             reduce_dim=reduce_dim,
             dropout=dropout,
         )
-        self.shared = shared
+        self.shared = stream_b is stream_a
 
 
 class GAPClassifier(BilinearClassifier):
@@ -538,7 +614,7 @@ class GAPClassifier(BilinearClassifier):
     Args:
         backbone: name, model or module (see :func:`~bilinearpool.build_backbone`).
         num_classes: number of classes.
-        reduce_dim, dropout, weights, se_reduction, node, sample_shape: see
+        reduce_dim, dropout, weights, se_reduction, node, sample_shape, output_fmt: see
             :class:`BilinearClassifier`.
 
     Shape:
@@ -562,6 +638,7 @@ class GAPClassifier(BilinearClassifier):
         se_reduction: int | None = None,
         node: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
+        output_fmt: str | None = None,
     ) -> None:
         super().__init__(
             backbone,
@@ -573,6 +650,7 @@ class GAPClassifier(BilinearClassifier):
             se_reduction=se_reduction,
             node=node,
             sample_shape=sample_shape,
+            output_fmt=output_fmt,
         )
 
 

@@ -279,3 +279,208 @@ def test_densenet_default_node_is_after_its_final_relu():
     ext = build_backbone("densenet121")
     assert ext.name == "densenet121:relu"
     assert (ext(torch.randn(1, 3, 64, 64)) >= 0).all()
+
+
+class TestTimmWeightsTag:
+    """weights="<tag>" for a timm model loads the weights of "<name>.<tag>" (was: timm's default)."""
+
+    @pytest.fixture
+    def fetched(self, monkeypatch):
+        import timm.models._builder as builder
+
+        seen = []
+
+        def record(model, pretrained_cfg=None, *args, **kwargs):  # stands in for the download
+            seen.append(pretrained_cfg)
+
+        monkeypatch.setattr(builder, "load_pretrained", record)
+        return seen
+
+    def test_tag_selects_its_weights(self, fetched):
+        fx = build_backbone("timm:resnet18", weights="tv_in1k")
+        assert [cfg["hf_hub_id"] for cfg in fetched] == ["timm/resnet18.tv_in1k"]
+        assert fx.body.pretrained_cfg["tag"] == "tv_in1k" and fx.out_channels == 512
+        build_backbone("timm:resnet18.tv_in1k", weights="imagenet")  # the tag in the name, as before
+        build_backbone("resnet18.tv_in1k", weights="tv_in1k")  # the same tag twice
+        assert [cfg["hf_hub_id"] for cfg in fetched[1:]] == ["timm/resnet18.tv_in1k"] * 2
+
+    def test_unknown_tag_lists_the_tags(self, fetched):
+        tags = r"unknown weights 'no_such_tag' for timm 'resnet18'.*'a1_in1k'.*'tv_in1k'"
+        with pytest.raises(ValueError, match=tags):
+            build_backbone("timm:resnet18", weights="no_such_tag")
+        with pytest.raises(ValueError, match="unknown weights 'IMAGENET1K_V1' for timm 'resnet18'"):
+            build_backbone("timm:resnet18", weights="IMAGENET1K_V1")
+        with pytest.raises(ValueError, match="already names the pretrained tag 'a1_in1k', but weights='tv_in1k'"):
+            build_backbone("resnet18.a1_in1k", weights="tv_in1k")
+        assert fetched == []
+
+    @pytest.mark.parametrize("name", ["resnet18", "timm:resnet18"])
+    def test_file_name_without_separator(self, name, tmp_path, monkeypatch):
+        """A string with a weights file's suffix is a file, even without "/": it must exist."""
+        monkeypatch.chdir(tmp_path)
+        for missing in ("nonexist.pth", "typo.safetensors", "model.ckpt"):
+            with pytest.raises(FileNotFoundError, match=f"weights file '{missing}' does not exist"):
+                build_backbone(name, weights=missing)
+
+
+def test_safetensors_weights_file(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.safetensors"
+    safetensors.save_file(reference.state_dict(), str(path))
+    fx = build_backbone("resnet18", weights=str(path))
+    torch.testing.assert_close(fx.body.get_submodule("layer4.1.bn2").running_var, reference.layer4[1].bn2.running_var)
+
+
+@pytest.mark.parametrize(("name", "node"), [("googlenet", "conv1"), ("inception_v3", "Conv2d_1a_3x3")])
+def test_local_inception_weights_preprocess_as_imagenet(name, node, tmp_path, monkeypatch):
+    """torchvision's builders set transform_input=True with pretrained weights; a local copy
+    of the same weights must give the same feature maps as weights="imagenet" (compared at
+    the first convolution: random weights leave deep maps of Inception-v3 near zero)."""
+    from torchvision.models import get_model_weights
+
+    reference = torchvision.models.get_model(name, weights=None, aux_logits=True, init_weights=False)
+    url = get_model_weights(name).DEFAULT.url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])  # the "downloaded" file
+    local = tmp_path / f"{name}.pth"
+    torch.save(reference.state_dict(), local)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    imagenet = build_backbone(name, weights="imagenet", node=node).eval()
+    from_file = build_backbone(name, weights=local, node=node).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        expected = imagenet(x)
+        assert expected.abs().amax() > 0.1
+        torch.testing.assert_close(from_file(x), expected)
+
+
+class TestClassifierOfAnotherSize:
+    """The classifier of a weights file is not loaded (the extractor cuts it off): one
+    fine-tuned on other classes, or none, is accepted; every other key must still fit."""
+
+    def test_torchvision_fine_tuned(self, tmp_path):
+        tuned = torchvision.models.resnet18(num_classes=8)
+        path = tmp_path / "r18_8.pth"
+        torch.save(tuned.state_dict(), path)
+        fx = build_backbone("resnet18", weights=path)
+        torch.testing.assert_close(fx.body.get_submodule("layer4.1.bn2").running_var, tuned.layer4[1].bn2.running_var)
+        state = tuned.state_dict()
+        del state["layer4.1.bn2.running_var"]
+        torch.save(state, path)
+        with pytest.raises(ValueError, match=r"missing \['layer4.1.bn2.running_var'\]"):
+            build_backbone("resnet18", weights=path)
+
+    def test_torchvision_swin_without_head(self, tmp_path):
+        reference = torchvision.models.swin_t()
+        path = tmp_path / "swin_nohead.pth"
+        torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}, path)
+        fx = build_backbone("swin_t", weights=path)
+        torch.testing.assert_close(fx.body.get_submodule("norm").weight, reference.norm.weight)
+
+    def test_timm_fine_tuned(self, tmp_path):
+        import timm
+
+        tuned = timm.create_model("resnet18", num_classes=8)
+        path = tmp_path / "timm_r18_8.pth"
+        torch.save(tuned.state_dict(), path)
+        fx = build_backbone("timm:resnet18", weights=path)
+        torch.testing.assert_close(fx.body.get_submodule("layer4.1.bn2").running_var, tuned.layer4[1].bn2.running_var)
+        torch.testing.assert_close(fx.body.conv1.weight, tuned.conv1.weight)
+
+
+def tiny_swin() -> nn.Module:
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2]
+    ).eval()
+
+
+def tiny_timm_swin(**kwargs):
+    import timm
+
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=32, patch_size=4, window_size=2, embed_dim=8, depths=(1, 1), num_heads=(1, 1), **kwargs,
+    ).eval()
+
+
+class TestChannelsLastModules:
+    """Modules with NHWC maps are recognised (they were read as NCHW: channels = H)."""
+
+    def test_torchvision_swin_features_alone(self):
+        net = tiny_swin()
+        fx = build_backbone(net.features, sample_shape=(3, 32, 32)).eval()
+        assert fx.output_fmt == "NHWC" and fx.out_channels == 16 and fx.reduction == 8
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(fx(x), net.features(x).permute(0, 3, 1, 2))
+
+    @pytest.mark.parametrize("node", [None, "layers.1", "norm"])
+    def test_timm_swin_module(self, node):
+        if node is None:
+            net = tiny_timm_swin(features_only=True, out_indices=(-1,))
+        else:
+            net = tiny_timm_swin()
+        fx = build_backbone(net, node=node, sample_shape=(3, 32, 32)).eval()
+        assert fx.output_fmt == "NHWC" and fx.out_channels == 16
+        assert fx(torch.randn(2, 3, 32, 32)).shape == (2, 16, 4, 4)
+
+    def test_layout_misread_is_an_error(self):
+        with pytest.raises(ValueError, match=r"channel count changes with the input size.*pass output_fmt='NHWC'"):
+            build_backbone(NHWCNet())
+        with pytest.raises(ValueError, match=r"channel count changes.*pass output_fmt='NCHW'"):
+            build_backbone(nn.Conv2d(3, 6, 3, stride=4), output_fmt="NHWC")
+        with pytest.raises(ValueError, match="channel count changes"):
+            build_backbone(tiny_swin(), node="features", output_fmt="NCHW", sample_shape=(3, 32, 32))
+        with pytest.raises(ValueError, match=r"changes .* as tokens \(B, N, C\).*tokens must be \(B, N, C\)"):
+            build_backbone(nn.Flatten(2))  # (B, C, HW): tokens the wrong way round
+
+
+class TestLastConv:
+    def test_none_for_transformers(self):
+        assert build_backbone(tiny_swin(), node="features", sample_shape=(3, 32, 32)).last_conv is None
+        vit = torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
+        )
+        tokens = build_backbone(vit, node="encoder", sample_shape=(3, 32, 32))
+        assert tokens.tokens and tokens.reduction is None and tokens.last_conv is None
+        assert build_backbone(nn.AvgPool2d(4)).last_conv is None  # no convolution at all
+
+    def test_last_conv_of_a_cnn(self):
+        net = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU())
+        fx = build_backbone(net)
+        assert fx.last_conv is net[2] and not fx.tokens
+        patchify_then_conv = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.Conv2d(4, 4, 2, stride=2))
+        assert build_backbone(patchify_then_conv).last_conv is patchify_then_conv[1]
+
+
+class TestSEWithWrongNode:
+    def test_error_names_the_nodes_and_leaves_the_model_alone(self):
+        from bilinearpool import SEBlock
+
+        net = torchvision.models.resnet18()
+        with pytest.raises(ValueError, match=r"node 'layer_4' is not in ResNet; its last nodes are \[.*'fc'\]"):
+            build_backbone(net, node="layer_4", se_reduction=8)
+        assert not any(isinstance(m, SEBlock) for m in net.modules())
+        fx = build_backbone(net, node="layer4", se_reduction=8)  # the typo fixed: builds
+        assert sum(isinstance(m, SEBlock) for m in fx.modules()) == 8
+
+    def test_named_backbone(self):
+        with pytest.raises(ValueError, match=r"node 'layer_4' is not in ResNet; its last nodes are \[.*'fc'\]"):
+            build_backbone("resnet18", node="layer_4", se_reduction=8)
+
+    def test_function_node(self):
+        """Nodes of function calls (no submodule of that name) are found by tracing."""
+        fx = build_backbone(torchvision.models.resnet18(), node="layer4.1.add", se_reduction=8)
+        assert fx.out_channels == 512
+
+
+def test_vgg_and_alexnet_cut_before_the_last_max_pool():
+    """The B-CNN of Lin et al. (2015) takes VGG-16's relu5_3: 14 x 14 at 224 pixels."""
+    vgg = build_backbone("vgg16").eval()
+    assert vgg.name == "vgg16:features.29" and vgg.reduction == 16
+    with torch.no_grad():
+        out = vgg(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 512, 14, 14) and (out >= 0).all()
+    alex = build_backbone("alexnet")
+    assert alex.name == "alexnet:features.11" and alex.out_channels == 256

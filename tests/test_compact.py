@@ -564,3 +564,18 @@ def test_function_transforms_and_dual_tensors(algorithm):
     with torch.autograd.forward_ad.dual_level():
         out = sketch(torch.autograd.forward_ad.make_dual(x, t))
         torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, expected)
+
+
+def test_output_dim_checks_the_channels() -> None:
+    """output_dim refuses channels the layer was not built for, as forward does (a
+    classifier checks its pool through it when it is built)."""
+    pool = CompactBilinearPool(in_channels=4, out_features=8)
+    assert pool.output_dim(4) == pool.output_dim(4, 4) == 8
+    with pytest.raises(ValueError, match=r"built for in_channels=4, but got streams of 5 channels"):
+        pool.output_dim(5)
+    with pytest.raises(ValueError, match=r"built for in_channels=4, but got streams of 4 and 3 channels"):
+        pool.output_dim(4, 3)
+    two = CompactBilinearPool(in_channels=4, in_channels_b=3, out_features=8)
+    assert two.output_dim(4, 3) == 8
+    with pytest.raises(ValueError, match=r"built for two streams \(in_channels=4, in_channels_b=3\), but got one"):
+        two.output_dim(4)

@@ -173,3 +173,20 @@ def test_activation_and_output_map_against_the_formula(two):
         out_bias=pool.proj.bias, activation=torch.tanh,
     )
     torch.testing.assert_close(z, expected)
+
+
+def test_output_dim_checks_the_channels():
+    """output_dim refuses channels the layer was not built for, as forward does (a
+    classifier checks its pool through it when it is built)."""
+    pool = LowRankBilinearPool(in_channels=4, rank=2, out_features=3)
+    assert pool.output_dim(4) == pool.output_dim(4, 4) == 3
+    with pytest.raises(ValueError, match=r"built for in_channels=4, but got streams of 5 channels"):
+        pool.output_dim(5)
+    two = LowRankBilinearPool(in_channels=4, in_channels_b=3, rank=2)
+    assert two.output_dim(4, 3) == 2
+    with pytest.raises(ValueError, match=r"but got streams of 4 and 4 channels"):
+        two.output_dim(4, 4)
+    with pytest.raises(ValueError, match=r"built for two streams"):
+        two.output_dim(4)
+    with pytest.raises(ValueError, match="shared=True, one stream, but got in_channels_b=4"):
+        LowRankBilinearPool(in_channels=4, rank=2, shared=True).output_dim(4, 4)

@@ -433,3 +433,127 @@ def test_dry_runs_use_square_maps():
 
     model = BilinearClassifier(tiny(8), pool=Symmetric(), num_classes=2)
     assert model.embedding_dim == 8 and model(X).shape == (2, 2)
+
+
+class TestSameModuleForBothStreams:
+    """BCNN(m, m): one extractor, run once per forward, as BilinearClassifier(m, m) and
+    BCNN(m, shared=True) (was: resolved twice, run twice, SE inserted twice)."""
+
+    def test_one_extractor_run_once(self):
+        body = tiny(8)
+        calls = []
+        body.register_forward_hook(lambda m, i, o: calls.append(1))
+        model = BCNN(body, body, num_classes=3)
+        assert model.backbone_b is model.backbone and model.shared
+        assert len(model.gradcam_layers) == 1
+        calls.clear()
+        assert model(X).shape == (2, 3) and len(calls) == 1
+        shared = BCNN(body, num_classes=3, shared=True)
+        assert n_params(model) == n_params(shared)
+
+    def test_with_node_and_se(self):
+        import torchvision
+
+        from bilinearpool import SEBlock
+
+        net = torchvision.models.resnet18()
+        model = BCNN(net, net, num_classes=3, node="layer4", se_reduction=8)
+        assert model.backbone_b is model.backbone
+        assert sum(isinstance(m, SEBlock) for m in model.modules()) == 8
+
+
+def tiny_vit() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
+    )
+
+
+class TestTokenBackbones:
+    def test_reduce_dim_is_refused_at_construction(self):
+        for cls in (FastBCNN, GAPClassifier, BCNN):
+            with pytest.raises(ValueError, match=r"reduce_dim=4 adds a ChannelReduction .* tokens \(B, N, 8\)"):
+                cls(tiny_vit(), node="encoder", sample_shape=(3, 32, 32), num_classes=3, reduce_dim=4)
+        with pytest.raises(ValueError, match="gives tokens"):  # the second stream
+            BCNN(tiny(8), build_backbone(tiny_vit(), node="encoder", sample_shape=(3, 32, 32)),
+                 num_classes=3, reduce_dim=4)
+
+    def test_dry_run_uses_tokens(self):
+        class ClassToken(nn.Module):  # takes tokens only: (B, N, C) -> (B, C)
+            def forward(self, x):
+                return x[:, 0]
+
+        vit = build_backbone(tiny_vit(), node="encoder", sample_shape=(3, 32, 32))
+        model = BilinearClassifier(vit, pool=ClassToken(), num_classes=3).eval()
+        x = torch.randn(2, 3, 32, 32)
+        assert model.embedding_dim == 8 and model(x).shape == (2, 3)
+        torch.testing.assert_close(model.forward_embedding(x), vit(x)[:, 0])
+
+        class Flatten(nn.Module):
+            def forward(self, x):
+                return x.flatten(1)
+
+        with pytest.raises(ValueError, match=r"depends on the feature map's size \(72 .* 9 tokens, 200 on 25\)"):
+            BilinearClassifier(vit, pool=Flatten(), num_classes=3)
+
+
+class TestPoolChannelsMustFit:
+    """Pools built for other channels are refused when the classifier is built (were
+    accepted, and failed at the first forward)."""
+
+    def test_compact(self):
+        from bilinearpool import CompactBilinearPool
+
+        message = r"pool CompactBilinearPool does not fit the feature maps it gets: 8 channels from the backbone; "
+        with pytest.raises(ValueError, match=message + r"this .* built for in_channels=16, but got streams of 8"):
+            FastBCNN(tiny(8), num_classes=3, pool=CompactBilinearPool(in_channels=16, out_features=32))
+        pool = CompactBilinearPool(in_channels=8, in_channels_b=6, out_features=32)
+        with pytest.raises(ValueError, match=r"8 and 4 channels from the backbones; .*in_channels_b=6.*8 and 4"):
+            BCNN(tiny(8), tiny(4), num_classes=3, pool=pool)
+        with pytest.raises(ValueError, match=r"4 channels from reduce_dim=4; .*in_channels=8"):
+            FastBCNN(tiny(16), num_classes=3, reduce_dim=4, pool=CompactBilinearPool(in_channels=8))
+        pool = CompactBilinearPool(in_channels=8, out_features=32)
+        assert FastBCNN(tiny(16), num_classes=3, reduce_dim=8, pool=pool)(X).shape == (2, 3)
+
+    def test_low_rank(self):
+        from bilinearpool import LowRankBilinearPool
+
+        with pytest.raises(ValueError, match=r"LowRankBilinearPool does not fit .*: 8 channels from the backbone"):
+            FastBCNN(tiny(8), num_classes=3, pool=LowRankBilinearPool(in_channels=16, rank=4))
+        with pytest.raises(ValueError, match=r"built for two streams \(in_channels=8, in_channels_b=4\)"):
+            FastBCNN(tiny(8), num_classes=3, pool=LowRankBilinearPool(in_channels=8, in_channels_b=4, rank=4))
+
+
+class TestOutputFmt:
+    """The classifiers pass output_fmt= to build_backbone (channels-last modules)."""
+
+    class NHWC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).permute(0, 2, 3, 1)
+
+    @pytest.mark.parametrize("cls", [FastBCNN, BCNN, GAPClassifier])
+    def test_passed_through(self, cls):
+        model = cls(self.NHWC(), num_classes=3, output_fmt="NHWC")
+        assert model.backbone.out_channels == 6 and model.backbone.output_fmt == "NHWC"
+        assert model(X).shape == (2, 3)
+        with pytest.raises(ValueError, match="pass output_fmt='NHWC'"):
+            cls(self.NHWC(), num_classes=3)
+
+    def test_bilinear_classifier(self):
+        model = BilinearClassifier(self.NHWC(), pool=BilinearPool(), num_classes=3, output_fmt="NHWC")
+        assert model.embedding_dim == 36
+
+    def test_torchvision_swin_features(self):
+        import torchvision
+
+        net = torchvision.models.SwinTransformer(
+            patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2]
+        )
+        model = FastBCNN(net.features, num_classes=3, sample_shape=(3, 32, 32))
+        assert model.backbone.out_channels == 16 and model.embedding_dim == 256
+        assert model(X).shape == (2, 3)
