@@ -57,8 +57,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-splits", type=int, default=5, help="folds (default: %(default)s)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the folds")
     g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of training data held out for the LR schedule; 0 = use the "
-                   "training loss (default: %(default)s)")
+                   help="share of training data held out for the LR schedule, in [0, 1); "
+                   "0 = use the training loss (default: %(default)s)")
     g.add_argument("--folds-file", nargs="+", default=(),
                    help="Folds.csv or dsfoldN.txt files for --protocol official (an error "
                    "with the other protocols)")
@@ -86,7 +86,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--se-reduction", type=int, help="SE reduction ratio (implies SE)")
     g.add_argument("--dropout", type=float, default=0.0)
     g = p.add_argument_group("training (the paper's values where it gives them)")
-    g.add_argument("--input-size", type=int, default=224, help="197, 224 or 448 in the paper")
+    g.add_argument("--input-size", type=int, default=224,
+                   help="197, 224 or 448 in the paper; inception_v3 and inception_resnet_v2 "
+                   "need at least 75")
     g.add_argument("--epochs", type=int, default=50,
                    help="the paper gives none; %(default)s is our choice")
     g.add_argument("--batch-size", type=int, default=16, help="global batch size")
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--folds", type=int, nargs="+",
-                   help="only these folds (numbered as for train --fold)")
+                   help="only these folds (numbered as for train --fold; each once), "
+                   "checked against the protocol's folds before any training")
     p.add_argument("--out",
                    help="run folder (default: runs/<task>-<protocol>-<head>-<backbone>-cv)")
 
@@ -381,8 +384,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, out_dir=args.out, data_root=args.data_root,
                                  device=args.device, progress=not args.no_progress)
-    _print_metrics(f"fold {report['fold']} ({report['protocol']['protocol']} protocol)",
-                   report["metrics"])
+    trained, epochs = report["epochs_trained"], report["model"]["epochs"]
+    unfinished = f", after {trained} of {epochs} epochs" if trained < epochs else ""
+    _print_metrics(f"fold {report['fold']} ({report['protocol']['protocol']} protocol"
+                   f"{unfinished})", report["metrics"])
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     print(f"results: {out / 'test_metrics.json'}, {out / 'test_metrics.md'}, "
           f"{out / 'test_predictions.csv'}")
@@ -427,7 +432,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from .experiments import checkpoint_records
-    from .plots import make_figures
+    from .plots import FIGURES_DIR, make_figures
 
     # Checked before indexing and predicting, which take minutes on the real data.
     if not args.perplexity > 0:
@@ -440,7 +445,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
                                                   data_root=args.data_root,
                                                   progress=not args.no_progress)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "figures"
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / FIGURES_DIR
     result = make_figures(args.checkpoint, records, out, targets=targets, source=source,
                           gradcam_images=args.gradcam_images, batch_size=args.batch_size,
                           device=_device(args.device), seed=args.seed, perplexity=args.perplexity,

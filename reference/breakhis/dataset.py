@@ -4,7 +4,9 @@ The paper resizes every image to 224x224 (197 and 448 in its resolution study) a
 augments with horizontal and vertical flips, 10% width/height shifts and rotations.
 It does not give the rotation range or how uncovered corners are filled: the default
 range of +-90 degrees and the black (zero) fill of ``RandomAffine`` are our choices,
-not the paper's.
+not the paper's. Inputs are normalised with the mean and standard deviation the
+backbone's pretrained weights expect (:func:`breakhis.models.input_normalization`;
+ImageNet statistics by default).
 """
 
 from __future__ import annotations
@@ -43,10 +45,22 @@ def _check_size(input_size: int) -> None:
         raise ValueError(f"input_size must be an integer >= 8, but got {input_size!r}")
 
 
+def _check_normalization(mean: Sequence[float], std: Sequence[float]) -> None:
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise ValueError("expected mean and std of three values each (RGB), std > 0, but got "
+                         f"mean={tuple(mean)}, std={tuple(std)}")
+
+
 def build_train_transform(
-    input_size: int = 224, *, shift: float = 0.1, rotation: float = 90.0, augment: bool = True
+    input_size: int = 224,
+    *,
+    shift: float = 0.1,
+    rotation: float = 90.0,
+    augment: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> T.Compose:
-    """Resize to ``input_size`` squared, then flips, shifts and rotations.
+    """Resize to ``input_size`` squared, then flips, shifts and rotations, then normalise.
 
     Flips and the 10% shift follow the paper. The paper names rotations without a
     range or fill, so the default ``rotation=90`` (uniform in ``[-90, 90]`` degrees) is
@@ -59,8 +73,12 @@ def build_train_transform(
         rotation: largest rotation in degrees, either way (the paper gives no value;
             default 90, ours).
         augment: ``False`` gives the evaluation transform.
+        mean: per-channel mean subtracted from inputs in ``[0, 1]`` (the backbone's,
+            :func:`breakhis.models.input_normalization`; default ImageNet's).
+        std: per-channel standard deviation they are divided by.
     """
     _check_size(input_size)
+    _check_normalization(mean, std)
     if not 0.0 <= shift < 1.0:
         raise ValueError(f"shift must be in [0, 1), but got {shift}")
     steps: list[object] = [T.Resize((input_size, input_size))]
@@ -70,13 +88,27 @@ def build_train_transform(
             T.RandomVerticalFlip(),
             T.RandomAffine(degrees=rotation, translate=(shift, shift)),
         ]
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
     return T.Compose(steps)
 
 
-def build_eval_transform(input_size: int = 224) -> T.Compose:
-    """Resize to ``input_size`` squared and normalise with ImageNet statistics."""
-    return build_train_transform(input_size, augment=False)
+def build_eval_transform(
+    input_size: int = 224,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> T.Compose:
+    """Resize to ``input_size`` squared and normalise with ``mean`` and ``std``.
+
+    The default is ImageNet's statistics; pass the backbone's
+    (:func:`breakhis.models.input_normalization`, stored in checkpoints).
+
+    Examples:
+        >>> white = Image.new("RGB", (8, 8), (255, 255, 255))
+        >>> build_eval_transform(16, mean=(0.5,) * 3, std=(0.5,) * 3)(white)[:, 0, 0].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    return build_train_transform(input_size, augment=False, mean=mean, std=std)
 
 
 #: Full scale of Pillow's high-bit-depth integer modes, as divisors to 8 bits.

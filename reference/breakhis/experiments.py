@@ -13,17 +13,25 @@ A fold's checkpoint records the relative paths of its training, validation and t
 images. Re-evaluation and figures use those lists rather than drawing the fold again,
 so a changed data folder cannot move training images into the test set; resuming
 (:func:`run_fold`, :func:`run_cv`) is refused when fold, task, protocol, data, file
-lists or training settings differ from the checkpoint's.
+lists or training settings differ from the checkpoint's. Every test report records
+the checkpoint it was made from (:func:`breakhis.train.checkpoint_identity`) and how
+many epochs that checkpoint had trained (``epochs_trained``), so that ``cv --resume``
+reuses a report only with its own checkpoint and an unfinished run is not reported as
+a finished one. A fold that starts afresh in a folder first removes what an earlier
+run left there (:data:`RUN_OUTPUTS`), saying so in ``train.log``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +56,14 @@ from .splits import (
     patient_groups,
     validation_split,
 )
+from .plots import FIGURE_FILES, FIGURES_DIR
 from .synthetic import SYNTHETIC_MARKER, is_synthetic
 from .tasks import Task, get_task
 from .train import (
     CHECKPOINT_NAME,
     TrainConfig,
+    checkpoint_identity,
+    checkpoint_normalization,
     fit,
     load_model,
     predict_probs,
@@ -60,6 +71,7 @@ from .train import (
 )
 
 __all__ = [
+    "RUN_OUTPUTS",
     "SPLIT_CHOICES",
     "DataSpec",
     "PreparedData",
@@ -73,8 +85,18 @@ __all__ = [
 #: Which images of a saved run's fold :func:`checkpoint_records` returns.
 SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
 #: Keys of a fold's checkpoint ``extra`` that may differ on resume: the data may move,
-#: its file lists (compared) pin the images.
-_RESUME_IGNORE: tuple[str, ...] = ("data.data_root",)
+#: its file lists (compared) pin the images; ``protocol.n_splits`` follows from the data
+#: settings (compared), and checkpoints of the official protocol written before it
+#: counted the fold tables hold ``None``.
+_RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits")
+#: Files of a run folder that a fold trained afresh there removes first (paths relative
+#: to the folder): what training, evaluation and ``figures`` (default folder) write,
+#: but ``config.json`` (rewritten at the start) and ``train.log`` (appended to).
+RUN_OUTPUTS: tuple[str, ...] = (
+    CHECKPOINT_NAME, "metrics.csv", "test_metrics.json", "test_metrics.md", PREDICTIONS_FILE,
+    *(f"{FIGURES_DIR}/{name}" for name in FIGURE_FILES),
+)
+_LOG = logging.getLogger("breakhis.experiments")
 #: Skipped files shown per reason in logs and reports.
 _EXAMPLES = 3
 
@@ -107,7 +129,8 @@ class DataSpec:
     construction, so that a checkpoint finds its data from any working folder.
 
     Raises:
-        ValueError: when ``folds_file`` is given with a protocol other than ``official``.
+        ValueError: when ``folds_file`` is given with a protocol other than ``official``,
+            or ``val_fraction`` is not a number in ``[0, 1)``.
     """
 
     data_root: str
@@ -124,6 +147,12 @@ class DataSpec:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.val_fraction, Real)
+                and math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
+            raise ValueError(
+                "val_fraction must be a number in [0, 1) (the share of each training fold "
+                "held out for the plateau schedule; 0 watches the training loss), but got "
+                f"{self.val_fraction!r}")
         if self.folds_file and self.protocol != "official":
             raise ValueError(
                 f"fold files {list(self.folds_file)} are used by protocol 'official' only, "
@@ -261,10 +290,12 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
                         warnings=[*index.warnings, *task_warnings])
 
 
-def _protocol_dict(spec: DataSpec, split: Split) -> dict[str, Any]:
+def _protocol_dict(spec: DataSpec, split: Split, data: PreparedData) -> dict[str, Any]:
+    """The split's description, with the split seed and the number of folds of the
+    protocol (``official``: the number of fold tables)."""
     out = split.to_dict()
     out["split_seed"] = spec.split_seed
-    out["n_splits"] = spec.n_splits if spec.protocol != "official" else None
+    out["n_splits"] = len(data.splits) if spec.protocol == "official" else spec.n_splits
     return out
 
 
@@ -300,7 +331,7 @@ def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
     files = {name: [data.relative_path(i) for i in idx]
              for name, idx in (("train", fit_idx), ("val", val_idx), ("test", split.test))}
     extra = {"data": spec.to_dict(), "fold": fold, "task": data.task.to_dict(),
-             "protocol": _protocol_dict(spec, split), "synthetic": data.synthetic,
+             "protocol": _protocol_dict(spec, split, data), "synthetic": data.synthetic,
              "files": files}
     return _FoldPlan(split, fit_idx, val_idx, extra)
 
@@ -328,6 +359,11 @@ def run_fold(
     to ``run_dir``. Files that indexing left out, and its warnings, are logged (console
     and ``train.log``) and recorded under ``data_issues`` in ``test_metrics.json``.
 
+    A fold that does not continue a checkpoint (no ``resume``, or no checkpoint yet)
+    first removes what an earlier run left in ``run_dir`` (:data:`RUN_OUTPUTS`: its
+    checkpoint, metrics, test report, predictions and figures), and says which files
+    in ``train.log``: a report of another run is never left beside the new checkpoint.
+
     Returns:
         The test report (main process), or ``None`` on other DDP processes.
 
@@ -339,32 +375,60 @@ def run_fold(
     info = dist_info or init_distributed(config.device)
     data = data or prepare_data(spec, progress=progress and info.is_main)
     plan = _plan_fold(spec, data, fold)
+    messages = _issue_lines(data.issues(), data.index.root)
+    if info.is_main and not (resume and (Path(run_dir) / CHECKPOINT_NAME).is_file()):
+        removed = _remove_run_outputs(Path(run_dir))
+        if removed:
+            messages.append(f"fresh run in {str(run_dir)!r}: removed what an earlier run left "
+                            f"there: {', '.join(removed)}")
     result = fit(
         config,
         train_records=[data.records[i] for i in plan.fit], train_targets=data.targets[plan.fit],
         val_records=[data.records[i] for i in plan.val], val_targets=data.targets[plan.val],
         classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=plan.extra,
-        resume_ignore=_RESUME_IGNORE, log_messages=_issue_lines(data.issues(), data.index.root),
-        dist_info=info, progress=progress,
+        resume_ignore=_RESUME_IGNORE, log_messages=messages, dist_info=info,
+        progress=progress,
     )
     if not info.is_main:
         return None
+    checkpoint = result.checkpoint_info or {}
     return _evaluate_split(result.model, config, data, plan.split.test, plan.extra["protocol"],
                            fold, Path(run_dir), info, val_fraction=spec.val_fraction,
+                           normalization=result.normalization, checkpoint=checkpoint,
                            progress=progress)
+
+
+def _remove_run_outputs(run_dir: Path) -> list[str]:
+    """Remove the :data:`RUN_OUTPUTS` present in ``run_dir``; their relative paths.
+
+    The figures folder goes too when nothing else is left in it.
+    """
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    figures = run_dir / FIGURES_DIR
+    if figures.is_dir() and not any(figures.iterdir()):
+        figures.rmdir()
+    return removed
 
 
 def _evaluate_split(
     model: Any, config: TrainConfig, data: PreparedData, test: np.ndarray,
     protocol: dict[str, Any], fold: int, out_dir: Path, info: DistInfo, *,
-    val_fraction: float, progress: bool,
+    val_fraction: float, normalization: tuple[tuple[float, ...], tuple[float, ...]],
+    checkpoint: dict[str, Any], progress: bool,
 ) -> dict[str, Any]:
     test_records = [data.records[i] for i in test]
+    mean, std = normalization
     probs = predict_probs(model, test_records, input_size=config.input_size,
                           batch_size=max(config.batch_size, 32), device=info.device,
-                          progress=progress)
+                          progress=progress, mean=mean, std=std)
     metrics = classification_metrics(data.targets[test], probs, data.task.classes,
                                      patients=[r.patient for r in test_records])
+    epochs_trained = int(checkpoint["epoch"]) + 1 if "epoch" in checkpoint else None
     report = {
         "title": f"BreaKHis {data.task.name} fold {fold} ({protocol['protocol']} protocol)",
         "task": data.task.to_dict(),
@@ -375,6 +439,10 @@ def _evaluate_split(
         # every training setting, so that runs differing in any of them can be told
         # apart (breakhis.plots.results_table shows those that differ)
         "model": {**config.to_dict(), "val_fraction": val_fraction},
+        # of the checkpoint evaluated: fewer than model.epochs when its run was cut short
+        "epochs_trained": epochs_trained,
+        "checkpoint": checkpoint,
+        "normalization": {"mean": list(mean), "std": list(std)},
         "data_issues": data.issues(),
         "metrics": metrics,
     }
@@ -390,7 +458,9 @@ def _reusable_fold(
     """The report of a finished fold that these settings would reproduce, else ``None``.
 
     ``None`` also when the fold's checkpoint matches but trained fewer epochs (it is
-    then resumed).
+    then resumed), and when ``test_metrics.json`` was not made from that checkpoint
+    (another run's, or one written before reports recorded their checkpoint): the
+    checkpoint is then evaluated again.
 
     Raises:
         ValueError: when the fold was made with other settings, or its settings cannot
@@ -412,7 +482,17 @@ def _reusable_fold(
             + "; ".join(differences) + "). Use another output folder, or the run's settings")
     if int(state["epoch"]) + 1 < config.epochs:
         return None
-    return json.loads(done.read_text())
+    report = json.loads(done.read_text())
+    made_from, identity = report.get("checkpoint"), checkpoint_identity(state)
+    if made_from != identity:
+        _LOG.warning(
+            "fold %d: %s was not made from %s (it records %s, the checkpoint is epoch %d, "
+            "fingerprint %s); evaluating the checkpoint again", fold, done, ckpt,
+            "no checkpoint" if not made_from else
+            f"epoch {made_from.get('epoch')}, fingerprint {made_from.get('fingerprint')}",
+            identity["epoch"], identity["fingerprint"][:12])
+        return None
+    return report
 
 
 def run_cv(
@@ -431,19 +511,45 @@ def run_cv(
     tables' own numbers).
 
     With ``resume``, a fold that already has ``test_metrics.json`` is reused when its
-    checkpoint was made with the same data, task, protocol and settings (and continued
-    when only ``epochs`` grew); a fold with only a checkpoint continues from it. A fold
-    made with other settings is an error that lists the differences, never mixed into
-    the summary. Writes ``cv_metrics.json``/``.md`` in ``run_dir``; each ``fold<k>``
-    folder holds what :func:`run_fold` writes.
+    checkpoint was made with the same data, task, protocol and settings and the report
+    was made from that checkpoint (else the checkpoint is evaluated again), and
+    continued when only ``epochs`` grew; a fold with only a checkpoint continues from
+    it. A fold made with other settings is an error that lists the differences, never
+    mixed into the summary. Writes ``cv_metrics.json``/``.md`` in ``run_dir``; each
+    ``fold<k>`` folder holds what :func:`run_fold` writes (a fold trained afresh first
+    removes an earlier run's outputs there; without ``resume`` an earlier summary in
+    ``run_dir`` is removed before the first fold trains). The summary's
+    ``protocol.n_splits`` is the number of folds of the protocol (``official``: of
+    fold tables), so that a partial cross-validation (``folds``) shows as one.
 
     Returns:
         The summary report (main process), else ``None``.
+
+    Raises:
+        ValueError: before any training, for a fold in ``folds`` that the protocol does
+            not have (the message lists those it has) or one given twice.
     """
     info = dist_info or init_distributed(config.device)
     data = prepare_data(spec, progress=progress and info.is_main)
-    chosen = folds if folds is not None else [s.fold for s in data.splits]
+    available = [s.fold for s in data.splits]
+    chosen = list(folds) if folds is not None else available
+    unknown = [f for f in chosen if f not in available]
+    repeated = sorted({f for f in chosen if chosen.count(f) > 1})
+    if unknown or repeated or not chosen:
+        where = " (the fold tables' own numbers)" if spec.protocol == "official" else ""
+        problem = (f"unknown fold(s) {unknown}" if unknown else
+                   f"fold(s) {repeated} given more than once" if repeated else "no fold")
+        raise ValueError(f"folds must be distinct folds of {available}{where}, but got "
+                         f"{chosen}: {problem}")
     run_dir = Path(run_dir)
+    if not resume and info.is_main:
+        stale = [name for name in ("cv_metrics.json", "cv_metrics.md")
+                 if (run_dir / name).is_file()]
+        for name in stale:
+            (run_dir / name).unlink()
+        if stale:
+            _LOG.warning("fresh cross-validation in %s: removed the summary of an earlier run "
+                         "there: %s", run_dir, ", ".join(stale))
     reports = []
     for fold in chosen:
         fold_dir = run_dir / f"fold{fold}"
@@ -460,18 +566,26 @@ def run_cv(
     summary = {
         "title": f"BreaKHis {data.task.name} cross-validation ({spec.protocol} protocol)",
         "task": first["task"],
-        "protocol": {**first["protocol"], "fold": None,
+        "protocol": {**first["protocol"], "fold": None, "n_splits": len(data.splits)
+                     if spec.protocol == "official" else spec.n_splits,
                      "protocol_description": PROTOCOL_DESCRIPTIONS[spec.protocol]},
         "data_root": first["data_root"],
         "synthetic": first["synthetic"],
         "model": first["model"],
+        # the least trained fold (None when a reused report predates the entry)
+        "epochs_trained": _least([r.get("epochs_trained") for r in reports]),
         "data_issues": data.issues(),
         "summary": summarize_folds([r["metrics"] for r in reports]),
-        "folds": [{"fold": r["fold"], "protocol": r["protocol"], "metrics": r["metrics"]}
+        "folds": [{"fold": r["fold"], "protocol": r["protocol"],
+                   "epochs_trained": r.get("epochs_trained"), "metrics": r["metrics"]}
                   for r in reports],
     }
     write_report(summary, run_dir, "cv_metrics")
     return summary
+
+
+def _least(values: list[int | None]) -> int | None:
+    return None if not values or any(v is None for v in values) else min(values)
 
 
 def evaluate_checkpoint(
@@ -485,7 +599,11 @@ def evaluate_checkpoint(
     """Evaluate a saved run on the test images of the fold it was trained on.
 
     The test images are those recorded in the checkpoint at training time (relative
-    paths), looked up in the data indexed now; the fold is not drawn again.
+    paths), looked up in the data indexed now; the fold is not drawn again. Inputs are
+    normalised as in training (:func:`breakhis.train.checkpoint_normalization`). The
+    report records the checkpoint (``checkpoint``: epoch and fingerprint) and the
+    epochs it trained (``epochs_trained``); a checkpoint that trained fewer epochs than
+    its settings ask (a run cut short) is evaluated with a warning.
 
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
@@ -504,9 +622,24 @@ def evaluate_checkpoint(
     spec, data = _checkpoint_data(checkpoint, state, data_root, progress=progress)
     test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
     config = TrainConfig.from_dict(state["config"])
+    _warn_unfinished(checkpoint, state, config)
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
-                           out, info, val_fraction=spec.val_fraction, progress=progress)
+                           out, info, val_fraction=spec.val_fraction,
+                           normalization=checkpoint_normalization(state),
+                           checkpoint=checkpoint_identity(state), progress=progress)
+
+
+def _warn_unfinished(
+    checkpoint: str | os.PathLike[str], state: dict[str, Any], config: TrainConfig
+) -> None:
+    done = int(state.get("epoch", -1)) + 1
+    if done < config.epochs:
+        warnings.warn(
+            f"checkpoint {str(checkpoint)!r} trained {done} of its {config.epochs} epochs (its "
+            "run was cut short); the results are those of an unfinished model "
+            "(epochs_trained in the report; resume the run with --resume to finish it)",
+            UserWarning, stacklevel=3)
 
 
 def _checkpoint_data(
@@ -549,7 +682,8 @@ def _recorded_images(
             "breakhis); its fold is drawn again from the data, which gives the training "
             "split only if the data have not changed since", UserWarning, stacklevel=3)
         drawn = _split_of(data, fold)
-        return (drawn.test if split == "test" else drawn.train), _protocol_dict(spec, drawn)
+        return ((drawn.test if split == "test" else drawn.train),
+                _protocol_dict(spec, drawn, data))
     names = list(files["test"]) if split == "test" else [*files["train"], *files["val"]]
     position = {data.relative_path(i): i for i in range(len(data.records))}
     missing = [n for n in names if n not in position]
@@ -598,7 +732,8 @@ def checkpoint_records(
     if split == "all":
         index = np.arange(len(data.records))
         recorded = state["extra"].get("protocol")
-        protocol = dict(recorded) if recorded else _protocol_dict(spec, _split_of(data, fold))
+        protocol = (dict(recorded) if recorded
+                    else _protocol_dict(spec, _split_of(data, fold), data))
     else:
         index, protocol = _recorded_images(name, state, spec, data, split)
     info = {"split": split, "fold": fold, "task": data.task.to_dict(),

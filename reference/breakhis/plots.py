@@ -33,11 +33,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import ImageRecord
-from .dataset import ImageDataset, build_eval_transform, load_rgb
+from .dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, build_eval_transform, load_rgb
 from .evaluate import SUMMARY_METRICS
 from .splits import PROTOCOL_DESCRIPTIONS
 
 __all__ = [
+    "FIGURES_DIR",
+    "FIGURE_FILES",
     "RESULTS_COLUMNS",
     "embeddings",
     "gradcam",
@@ -56,12 +58,15 @@ _VARYING_SETTINGS: tuple[tuple[str, str], ...] = (
     ("dropout", "dropout"), ("augment", "augmentation"), ("shift", "shift"),
     ("rotation", "rotation"), ("plateau_factor", "plateau factor"),
     ("plateau_patience", "plateau patience"), ("val_fraction", "val fraction"),
-    ("seed", "seed"),
+    ("seed", "seed"), ("split_seed", "split seed"),
 )
+#: Settings of :data:`_VARYING_SETTINGS` that reports record under ``protocol``, not
+#: ``model``.
+_PROTOCOL_SETTINGS: frozenset[str] = frozenset({"split_seed"})
 #: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
-    "input_size", "weights", "epochs", "lr", "oversample",
+    "input_size", "weights", "epochs", "epochs_trained", "lr", "oversample",
     *[key for key, _ in _VARYING_SETTINGS], "folds", "n_splits", "fold", "synthetic",
     *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
 )
@@ -69,6 +74,11 @@ _TABLE_METRICS = (("accuracy", "image accuracy"),
                   ("patient_recognition_rate", "patient recognition rate"),
                   ("macro_f1", "macro F1"), ("roc_auc", "ROC AUC"))
 _IMAGES = Union[Sequence[ImageRecord], Sequence[Union[str, "os.PathLike[str]"]]]
+#: Default folder of ``breakhis-repro figures`` (next to the checkpoint).
+FIGURES_DIR = "figures"
+#: Files :func:`make_figures` writes into its folder.
+FIGURE_FILES: tuple[str, ...] = ("roc.png", "tsne.png", "tsne_coords.npy", "gradcam.png",
+                                 "figures.json")
 
 
 def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
@@ -195,7 +205,8 @@ def plot_roc(
 
 
 def _image_batches(
-    images: _IMAGES | Tensor, input_size: int, batch_size: int
+    images: _IMAGES | Tensor, input_size: int, batch_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
 ) -> tuple[int, Any]:
     """Number of images and an iterable of normalised ``(B, 3, S, S)`` batches."""
     if isinstance(images, Tensor):
@@ -204,7 +215,8 @@ def _image_batches(
             raise ValueError(f"expected an image tensor of shape (N, 3, {input_size}, "
                              f"{input_size}), but got {tuple(images.shape)}")
         return len(images), images.split(batch_size)
-    dataset = ImageDataset(list(images), None, build_eval_transform(input_size))
+    dataset = ImageDataset(list(images), None,
+                           build_eval_transform(input_size, mean=mean, std=std))
     loader = DataLoader(dataset, batch_size=batch_size)
     return len(dataset), (x for x, _, _ in loader)
 
@@ -227,11 +239,15 @@ def embeddings(
     max_dim: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
     """Pre-logit feature vectors (``model.forward_embedding``) of ``records``, e.g. for t-SNE.
 
-    Images get the evaluation transform (resize to ``input_size`` squared, ImageNet
-    normalisation), as in :func:`breakhis.train.predict_probs`; no gradients.
+    Images get the evaluation transform (resize to ``input_size`` squared, normalise
+    with ``mean`` and ``std``: a checkpoint's,
+    :func:`breakhis.train.checkpoint_normalization`), as in
+    :func:`breakhis.train.predict_probs`; no gradients.
 
     Bilinear features are wide (``2048 * 2048`` values per image for InceptionV3: 16 MiB),
     too wide to keep for a whole test fold. With ``max_dim``, wider embeddings are
@@ -248,6 +264,8 @@ def embeddings(
             (``None``: keep them whole).
         seed: random state of the projection.
         progress: show a progress bar.
+        mean: per-channel input mean (default ImageNet's).
+        std: per-channel input standard deviation (default ImageNet's).
 
     Returns:
         ``(N, D)`` float32 array; for a bilinear head ``D`` is the bilinear feature size
@@ -263,7 +281,7 @@ def embeddings(
                         f"classifier), but got {type(model).__name__}")
     if max_dim is not None and max_dim < 2:
         raise ValueError(f"max_dim must be >= 2 or None, but got {max_dim}")
-    n, batches = _image_batches(records, input_size, batch_size)
+    n, batches = _image_batches(records, input_size, batch_size, mean, std)
     if n == 0:
         raise ValueError("expected at least one image, but got none")
     model.eval()
@@ -380,6 +398,8 @@ def gradcam(
     device: str | torch.device = "cpu",
     batch_size: int = 16,
     progress: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heat maps (Selvaraju et al. 2017) of the model's last feature map(s).
 
@@ -411,6 +431,8 @@ def gradcam(
         device: where the model lives.
         batch_size: images per pass.
         progress: show a progress bar.
+        mean: per-channel input mean for image records or paths (default ImageNet's).
+        std: per-channel input standard deviation (default ImageNet's).
 
     Returns:
         ``(heatmaps, predicted)``: ``(N, input_size, input_size)`` float32 in ``[0, 1]``
@@ -431,7 +453,7 @@ def gradcam(
     from captum.attr import LayerAttribution, LayerGradCam
 
     layers = _gradcam_layers(model)
-    n, batches = _image_batches(images, input_size, batch_size)
+    n, batches = _image_batches(images, input_size, batch_size, mean, std)
     if n == 0:
         raise ValueError("expected at least one image, but got none")
     wanted = None
@@ -609,11 +631,13 @@ def make_figures(
     """ROC, t-SNE and Grad-CAM figures of a saved run on ``records``.
 
     Loads the model of ``checkpoint`` (:func:`breakhis.train.load_model`), predicts
-    and writes into ``out_dir``: ``roc.png``, ``tsne.png`` (with ``tsne_coords.npy``),
-    ``gradcam.png`` (the first ``gradcam_images`` images, taking classes in turn so
-    that every class shows when there are enough) and ``figures.json`` (paths, AUCs,
-    perplexity used, the checkpoint, task, protocol and fold, and whether the data
-    are synthetic).
+    (inputs normalised as in training) and writes into ``out_dir``: ``roc.png``,
+    ``tsne.png`` (with ``tsne_coords.npy``), ``gradcam.png`` (the first
+    ``gradcam_images`` images, taking classes in turn so that every class shows when
+    there are enough) and ``figures.json`` (paths, AUCs, perplexity used, the
+    checkpoint, the epochs it trained, task, protocol and fold, and whether the data
+    are synthetic). A checkpoint that trained fewer epochs than its settings ask (a run
+    cut short) is drawn with a warning.
 
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
@@ -640,8 +664,10 @@ def make_figures(
         ValueError: for fewer than 3 records, mismatched targets, or a negative
             ``gradcam_images``.
     """
+    import warnings
+
     from .tasks import get_task
-    from .train import load_model, predict_probs
+    from .train import checkpoint_normalization, load_model, predict_probs
 
     if len(records) < 3:
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
@@ -667,15 +693,22 @@ def make_figures(
             "split": None, "data_root": (extra.get("data") or {}).get("data_root")}
     info.update(source or {})
     input_size = int(state["config"]["input_size"])
+    epochs_trained, epochs = int(state.get("epoch", -1)) + 1, state["config"].get("epochs")
+    if epochs is not None and epochs_trained < int(epochs):
+        warnings.warn(f"checkpoint {str(checkpoint)!r} trained {epochs_trained} of its "
+                      f"{epochs} epochs (its run was cut short); the figures show an "
+                      "unfinished model", UserWarning, stacklevel=2)
+    mean, std = checkpoint_normalization(state)
     what = _describe(info)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     probs = predict_probs(model, records, input_size=input_size, batch_size=batch_size,
-                          device=device, progress=progress)
+                          device=device, progress=progress, mean=mean, std=std)
     roc = plot_roc(y, probs, classes, out / "roc.png", title=f"ROC: {what}")
     emb = embeddings(model, records, input_size=input_size, batch_size=batch_size,
-                     device=device, max_dim=max_embedding_dim, seed=seed, progress=progress)
+                     device=device, max_dim=max_embedding_dim, seed=seed, progress=progress,
+                     mean=mean, std=std)
     width = int(getattr(model, "embedding_dim", emb.shape[1]))
     tsne = plot_tsne(emb, y, classes, out / "tsne.png", seed=seed, perplexity=perplexity,
                      title=f"t-SNE of the embeddings: {what}")
@@ -685,7 +718,9 @@ def make_figures(
         "images": len(records),
         **info,
         "model": {k: state["config"].get(k) for k in ("head", "backbone", "se_reduction",
-                                                      "input_size")},
+                                                      "input_size", "epochs")},
+        "epochs_trained": epochs_trained,
+        "normalization": {"mean": list(mean), "std": list(std)},
         "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
         "roc": {"path": str(roc["path"]), "auc": roc["auc"], "roc_auc": roc["roc_auc"],
                 "skipped": roc["skipped"]},
@@ -700,7 +735,7 @@ def make_figures(
         pick = _balanced_pick(y, gradcam_images)
         chosen = [records[i] for i in pick]
         heat, pred = gradcam(model, chosen, input_size=input_size, device=device,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, mean=mean, std=std)
         path = plot_gradcam(chosen, heat, y[pick], pred, classes, out / "gradcam.png",
                             title=f"Grad-CAM (predicted class): {what}")
         result["gradcam"] = {
@@ -760,8 +795,10 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             "se_reduction": model.get("se_reduction"), "input_size": model.get("input_size"),
             # None is a random start: a report without the entry says "unknown"
             "weights": model.get("weights", "unknown"), "epochs": model.get("epochs"),
+            "epochs_trained": report.get("epochs_trained"),
             "lr": model.get("lr"), "oversample": model.get("oversample"),
-            **{key: model.get(key) for key, _ in _VARYING_SETTINGS},
+            **{key: (protocol if key in _PROTOCOL_SETTINGS else model).get(key)
+               for key, _ in _VARYING_SETTINGS},
             "folds": folds, "n_splits": protocol.get("n_splits"),
             "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
@@ -800,7 +837,11 @@ def _training(row: dict[str, Any], varying: Sequence[tuple[str, str]] = ()) -> s
     parts = ["random init" if weights is None else
              weights if weights in ("imagenet", "unknown") else f"weights {Path(str(weights)).name}"]
     if row.get("epochs") is not None:
-        parts.append(f"{row['epochs']} ep")
+        trained = row.get("epochs_trained")
+        # a run cut short (evaluated before its last epoch) says how far it got
+        parts.append(f"{trained} of {row['epochs']} ep"
+                     if trained is not None and trained < row["epochs"] else
+                     f"{row['epochs']} ep")
     if row.get("lr") is not None:
         parts.append(f"lr {row['lr']:g}")
     if row.get("oversample") is not None:
@@ -827,10 +868,12 @@ def results_table(
     """A Markdown table of several runs, in the shape of the paper's results tables.
 
     One row per run folder: task, protocol, backbone, head (``+SE8`` with SE blocks),
-    input size, training (start weights, epochs, learning rate, over-sampling, and any
-    other training setting whose recorded values differ between the runs: batch size,
-    momentum, weight decay, dropout, augmentation, shift, rotation, plateau factor and
-    patience, validation fraction, seed), folds, then image accuracy, patient
+    input size, training (start weights, epochs, ``"1 of 5 ep"`` for a run evaluated
+    before its last epoch, learning rate, over-sampling, and any other training
+    setting whose recorded values differ between the runs: batch size, momentum,
+    weight decay, dropout, augmentation, shift, rotation, plateau factor and patience,
+    validation fraction, seed, split seed), folds (``"2 of 5"`` for a partial
+    cross-validation), then image accuracy, patient
     recognition rate, macro F1 and ROC AUC as mean ± std over folds in percent. Every
     row names its protocol (image-split numbers are optimistic, see the notes under the
     table), and runs on synthetic data are marked ``SYNTHETIC``.

@@ -21,7 +21,7 @@ from .data import (
     read_image_size,
 )
 from .evaluate import write_predictions
-from .train import load_model, predict_probs
+from .train import checkpoint_normalization, load_model, predict_probs
 
 __all__ = ["collect_images", "predict_to_csv"]
 
@@ -151,7 +151,8 @@ def predict_to_csv(
     :func:`~breakhis.evaluate.read_predictions` reads it: ``path``, ``patient`` and
     ``magnification`` (from BreaKHis file names; empty otherwise), ``true_label`` and
     ``true_index`` (empty and ``-1``: unknown),
-    ``predicted_label`` and ``prob_<class>`` per class.
+    ``predicted_label`` and ``prob_<class>`` per class. Images are normalised as in
+    training (:func:`breakhis.train.checkpoint_normalization`).
 
     A magnification-specific checkpoint (MSBC, MSFC) is for images of its magnification:
     images whose BreaKHis names give another magnification are refused unless
@@ -195,8 +196,10 @@ def predict_to_csv(
     warnings = [f"{group} predicted by the {trained} checkpoint (any magnification allowed)"
                 for group in others] + ([unknown] if unknown else [])
     classes = list(state["classes"])
+    mean, std = checkpoint_normalization(state)
     probs = predict_probs(model, images, input_size=int(state["config"]["input_size"]),
-                          batch_size=batch_size, device=device, progress=progress)
+                          batch_size=batch_size, device=device, progress=progress,
+                          mean=mean, std=std)
     out = write_predictions(out_csv, described, np.full(len(images), -1), probs, classes)
     return {"csv": str(out), "images": len(images), "classes": classes, "problems": problems,
             "warnings": warnings}

@@ -20,11 +20,19 @@ each process normalises with the statistics of its own share (a warning says so)
 Under DDP every process reseeds torch's generators at the start of each epoch from
 ``(seed, epoch, rank)`` (:func:`rank_seed`), so that dropout masks differ between
 processes and a resumed run draws the same ones; one process keeps a single stream.
+
+Inputs are normalised with the mean and standard deviation the backbone's pretrained
+weights expect (:func:`breakhis.models.input_normalization`); the values used are
+stored in the checkpoint (``normalization``) and :func:`checkpoint_normalization` gives
+them back to evaluation, prediction and figures (ImageNet's for checkpoints written
+before they were stored). Before the first epoch the model runs once on a zero image of
+the requested size, so that a backbone too small for it fails at once with a clear error.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -50,9 +58,15 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import ImageRecord
-from .dataset import ImageDataset, build_eval_transform, build_train_transform
+from .dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    build_eval_transform,
+    build_train_transform,
+)
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from .models import HEADS, build_network
+from .models import HEADS, build_network, check_input_size, input_normalization
 from .sampler import BalancedSampler
 
 __all__ = [
@@ -61,6 +75,8 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "FitResult",
     "TrainConfig",
+    "checkpoint_identity",
+    "checkpoint_normalization",
     "fit",
     "load_model",
     "plateau_scheduler",
@@ -144,6 +160,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "input_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
+        check_input_size(self.backbone, int(self.input_size))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, but got {self.lr}")
         if not 0.0 < self.plateau_factor < 1.0:
@@ -180,13 +197,52 @@ def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: the trained model (unwrapped), history, checkpoint."""
+    """What :func:`fit` returns: the trained model (unwrapped), history, checkpoint.
+
+    ``normalization`` is the ``(mean, std)`` the model's inputs were normalised with;
+    ``checkpoint_info`` the :func:`checkpoint_identity` of the checkpoint written last
+    (main process; ``None`` on the others).
+    """
 
     model: nn.Module
     history: list[dict[str, Any]]
     checkpoint: Path
     resumed_from_epoch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
+    checkpoint_info: dict[str, Any] | None = None
+
+
+def checkpoint_normalization(
+    state: dict[str, Any],
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` a checkpoint's model was trained with.
+
+    ImageNet's statistics for checkpoints written before breakhis stored them (they were
+    trained with those).
+    """
+    stored = state.get("normalization")
+    if not stored:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(float(v) for v in stored["mean"]), tuple(float(v) for v in stored["std"])
+
+
+def checkpoint_identity(state: dict[str, Any]) -> dict[str, Any]:
+    """Which checkpoint a report was made from: its last epoch and a fingerprint.
+
+    The fingerprint is the SHA-256 of the checkpoint's settings (``config``), classes,
+    ``extra`` (data, fold, file lists) and per-epoch history (losses and timings): two
+    runs, even with the same settings, differ in it. :func:`breakhis.experiments.run_cv`
+    reuses a fold's ``test_metrics.json`` only when it records the identity of the
+    fold's checkpoint.
+
+    Returns:
+        ``{"epoch": last trained epoch (from 0), "fingerprint": hex digest}``.
+    """
+    content = {key: state.get(key) for key in ("config", "classes", "extra", "history")}
+    text = json.dumps(content, sort_keys=True, default=str)
+    return {"epoch": int(state.get("epoch", -1)),
+            "fingerprint": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:
@@ -271,6 +327,29 @@ def _make_model(config: TrainConfig, num_classes: int, *, weights: str | None) -
         config.head, config.backbone, num_classes=num_classes, weights=weights,
         se_reduction=config.se_reduction, dropout=config.dropout,
     )
+
+
+def _check_forward(model: nn.Module, config: TrainConfig) -> None:
+    """Run ``model`` once on a zero image of the input size (eval mode, no gradients).
+
+    A backbone whose last stages shrink a small input below their kernels otherwise
+    fails at the first batch, after the data were indexed and loaded.
+
+    Raises:
+        ValueError: naming the backbone and the input size, with torch's message.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, config.input_size, config.input_size))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"backbone {config.backbone!r} cannot take input_size {config.input_size}: a "
+            f"forward pass at {config.input_size}x{config.input_size} fails ("
+            f"{(str(exc).splitlines() or [''])[0]}); use a larger --input-size") from exc
+    finally:
+        model.train(was_training)
 
 
 def _add_file_log(run_dir: Path) -> logging.Handler:
@@ -461,7 +540,9 @@ def _fit(
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     # a resumed run gets its weights from the checkpoint, not from a download
     model = _make_model(config, len(classes), weights=None if state else config.weights)
+    _check_forward(model, config)
     model = sync_batchnorm(model, info).to(info.device)
+    normalization = input_normalization(config.backbone, config.weights)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = plateau_scheduler(optimizer, config)
@@ -487,8 +568,17 @@ def _fit(
         restore_rng_state(state["rng"])
         history = list(state["history"])
         start = int(state["epoch"]) + 1
+        # the run continues with the inputs it started with, as if never interrupted
+        recorded_norm = checkpoint_normalization(state)
         if info.is_main:
             _LOG.info("resumed from %s after epoch %d", ckpt_path, start - 1)
+            if recorded_norm != normalization:
+                _LOG.warning(
+                    "%s was trained with inputs normalised by mean %s, std %s (written by an "
+                    "older breakhis); they are kept, so that the run ends as it would have "
+                    "uninterrupted. A new run of %r uses mean %s, std %s: train into a new "
+                    "run folder for them", ckpt_path, recorded_norm[0], recorded_norm[1],
+                    config.backbone, normalization[0], normalization[1])
             recorded = _schedule_settings(scheduler)
             if recorded != expected_schedule:
                 # torch restores patience and threshold from the checkpoint: the run
@@ -501,6 +591,7 @@ def _fit(
                     ckpt_path, recorded[0] + 1, _THRESHOLD_WORDS.get(recorded[1], recorded[1]),
                     recorded[2], expected_schedule[0] + 1,
                     _THRESHOLD_WORDS["abs"], expected_schedule[2])
+        normalization = recorded_norm
     elif info.is_main:
         _LOG.info("training %s/%s on %d images (%d classes), %d process(es), device %s",
                   config.head, config.backbone, len(train_records), len(classes),
@@ -510,17 +601,19 @@ def _fit(
         # lists stay in the checkpoint only (thousands of paths)
         summary = {k: v for k, v in extra.items() if k != "files"}
         (run_dir / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "classes": classes, "extra": summary},
-            indent=2) + "\n")
+            {"config": config.to_dict(), "classes": classes, "extra": summary,
+             "normalization": _normalization_dict(normalization)}, indent=2) + "\n")
 
     net: nn.Module = model
     if info.distributed:
         net = DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
+    mean, std = normalization
     train_set = ImageDataset(train_records, train_targets, build_train_transform(
-        config.input_size, shift=config.shift, rotation=config.rotation, augment=config.augment))
-    eval_transform = build_eval_transform(config.input_size)
+        config.input_size, shift=config.shift, rotation=config.rotation, augment=config.augment,
+        mean=mean, std=std))
+    eval_transform = build_eval_transform(config.input_size, mean=mean, std=std)
     val_loader = None
     if len(val_records):
         shard = list(range(info.rank, len(val_records), info.world_size))
@@ -528,6 +621,7 @@ def _fit(
         val_loader = DataLoader(val_set, batch_size=config.batch_size,
                                 num_workers=config.num_workers)
     per_rank = config.batch_size // info.world_size
+    last_saved = state
 
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
@@ -573,13 +667,15 @@ def _fit(
         row["seconds"] = round(time.perf_counter() - began, 3)
         history.append(row)
         if info.is_main:
-            save_checkpoint({
+            last_saved = {
                 "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": config.to_dict(),
                 "classes": classes, "extra": extra, "world_size": info.world_size,
+                "normalization": _normalization_dict(normalization),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
                 "rng": capture_rng_state(), "history": history,
-            }, ckpt_path)
+            }
+            save_checkpoint(last_saved, ckpt_path)
             _write_metrics_csv(history, run_dir / "metrics.csv")
             _LOG.info("epoch %d/%d lr %.3g train loss %.4f acc %.4f val loss %s acc %s (%.1fs)",
                       epoch + 1, config.epochs, row["lr"], row["train_loss"],
@@ -590,7 +686,17 @@ def _fit(
             epoch_callback(epoch, row)
     model.eval()
     return FitResult(model=model, history=history, checkpoint=ckpt_path,
-                     resumed_from_epoch=start - 1 if state is not None else None, extra=extra)
+                     resumed_from_epoch=start - 1 if state is not None else None, extra=extra,
+                     normalization=normalization,
+                     checkpoint_info=(checkpoint_identity(last_saved)
+                                      if info.is_main and last_saved is not None else None))
+
+
+def _normalization_dict(
+    normalization: tuple[tuple[float, ...], tuple[float, ...]],
+) -> dict[str, list[float]]:
+    return {"mean": [float(v) for v in normalization[0]],
+            "std": [float(v) for v in normalization[1]]}
 
 
 _THRESHOLD_WORDS = {"abs": "absolute", "rel": "relative"}
@@ -638,10 +744,17 @@ def predict_probs(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """Class probabilities (softmax) for ``images``, shape ``(N, num_classes)``."""
-    loader = DataLoader(ImageDataset(images, None, build_eval_transform(input_size)),
-                        batch_size=batch_size)
+    """Class probabilities (softmax) for ``images``, shape ``(N, num_classes)``.
+
+    Images get the evaluation transform: resized to ``input_size`` squared and
+    normalised with ``mean`` and ``std`` (a checkpoint's:
+    :func:`checkpoint_normalization`).
+    """
+    loader = DataLoader(ImageDataset(images, None, build_eval_transform(
+        input_size, mean=mean, std=std)), batch_size=batch_size)
     batches: Any = loader
     if progress:
         from tqdm.auto import tqdm

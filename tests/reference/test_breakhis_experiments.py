@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakhis.checkpoint import load_checkpoint
+from breakhis import experiments as experiments_module
+from breakhis.checkpoint import load_checkpoint, save_checkpoint
+from breakhis.cli import main
 from breakhis.evaluate import PREDICTIONS_FILE
 from breakhis.experiments import (
     DataSpec,
@@ -26,7 +29,7 @@ from breakhis.experiments import (
     run_cv,
     run_fold,
 )
-from breakhis.plots import results_table
+from breakhis.plots import results_rows, results_table
 from breakhis.synthetic import is_synthetic
 from breakhis.train import TrainConfig
 
@@ -64,6 +67,23 @@ class TestDataSpec:
         assert spec.data_root == str(tmp_path.resolve() / "data")
         assert spec.patients_csv == str(tmp_path.resolve() / "p.csv")
         assert DataSpec.from_dict(spec.to_dict()) == spec
+
+    @pytest.mark.parametrize("fraction", [-0.1, float("nan"), float("inf"), 1.0, 1.5])
+    def test_val_fraction_outside_0_1_is_an_error(self, fraction: float) -> None:
+        # a negative or NaN share was silently read as 0 (no validation)
+        with pytest.raises(ValueError, match=r"val_fraction must be a number in \[0, 1\) "
+                           rf".*but got {fraction}"):
+            DataSpec("data", val_fraction=fraction)
+        assert DataSpec("data", val_fraction=0).val_fraction == 0
+
+    def test_cli_val_fraction_is_checked(self, synth_tree, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+        root, _ = synth_tree
+        assert main(["train", "--data-root", str(root), "--val-fraction", "-0.2",
+                     "--backbone", "tiny", "--no-pretrained", "--input-size", "16",
+                     "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        assert "val_fraction must be a number in [0, 1)" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
 
     def test_folds_file_needs_official_protocol(self) -> None:
         with pytest.raises(ValueError, match="used by protocol 'official' only, but protocol "
@@ -162,6 +182,82 @@ class TestRunFold:
                                     device="cpu", progress=False)
         assert again["model"] == report["model"]
 
+    def test_fresh_run_removes_what_an_earlier_run_left(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A fresh fold in a used folder removed nothing: a stale report stayed beside
+        the new checkpoint until (and unless) the new run finished."""
+        root, _ = synth_tree
+        spec = _spec(root)
+        data = prepare_data(spec)
+        run_fold(spec, _config(lr=0.1), 0, tmp_path, data=data, progress=False)
+        (tmp_path / "figures").mkdir()
+        for name in ("roc.png", "figures.json"):
+            (tmp_path / "figures" / name).write_text("old")
+        (tmp_path / "notes.txt").write_text("mine")
+        (tmp_path / "figures" / "mine.png").write_text("mine")
+        outputs = ["checkpoint.pt", "metrics.csv", "test_metrics.json", "test_metrics.md",
+                   "test_predictions.csv", "figures/roc.png", "figures/figures.json"]
+        assert all((tmp_path / name).is_file() for name in outputs)
+
+        seen = {}
+        real_fit = experiments_module.fit
+
+        def fit_killed_at_once(*args, **kwargs):
+            seen["files"] = [name for name in outputs if (tmp_path / name).exists()]
+            seen["messages"] = list(kwargs["log_messages"])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(experiments_module, "fit", fit_killed_at_once)
+        with pytest.raises(KeyboardInterrupt):
+            run_fold(spec, _config(lr=0.05), 0, tmp_path, data=data, progress=False)
+        assert seen["files"] == []  # removed before training started
+        assert any(m.startswith("fresh run in") and "test_metrics.json" in m
+                   and "figures/roc.png" in m for m in seen["messages"])
+        assert (tmp_path / "notes.txt").is_file() and (tmp_path / "figures" / "mine.png").is_file()
+
+        monkeypatch.setattr(experiments_module, "fit", real_fit)
+        (tmp_path / "test_metrics.json").write_text("{}")
+        report = run_fold(spec, _config(lr=0.05), 0, tmp_path, data=data, progress=False)
+        assert report["model"]["lr"] == 0.05
+        assert "removed what an earlier run left there: test_metrics.json" in (
+            tmp_path / "train.log").read_text()
+        # a resumed run keeps its folder
+        run_fold(spec, _config(lr=0.05, epochs=2), 0, tmp_path, data=data, resume=True,
+                 progress=False)
+        assert (tmp_path / "notes.txt").is_file()
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+    def test_report_records_its_checkpoint_and_epochs(self, synth_tree, tmp_path: Path) -> None:
+        from breakhis.train import checkpoint_identity
+
+        root, _ = synth_tree
+        report = run_fold(_spec(root), _config(epochs=2), 0, tmp_path, progress=False)
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        assert report["epochs_trained"] == 2
+        assert report["checkpoint"] == checkpoint_identity(state)
+        assert report["checkpoint"]["epoch"] == 1
+        saved = json.loads((tmp_path / "test_metrics.json").read_text())
+        assert saved["checkpoint"] == checkpoint_identity(state)
+
+    def test_unfinished_checkpoint_is_reported_as_such(self, synth_tree,
+                                                       tmp_path: Path) -> None:
+        """evaluate scored a checkpoint cut short as if it had trained every epoch."""
+        root, _ = synth_tree
+        run_fold(_spec(root), _config(), 0, tmp_path / "run", progress=False)
+        ckpt = tmp_path / "run" / "checkpoint.pt"
+        state = load_checkpoint(ckpt)
+        state["config"]["epochs"] = 5  # as a run of 5 epochs killed after the first
+        save_checkpoint(state, ckpt)
+        with pytest.warns(UserWarning, match="trained 1 of its 5 epochs"):
+            report = evaluate_checkpoint(ckpt, out_dir=tmp_path / "ev", device="cpu",
+                                         progress=False)
+        assert report["epochs_trained"] == 1 and report["model"]["epochs"] == 5
+        assert json.loads((tmp_path / "ev" / "test_metrics.json").read_text())[
+            "epochs_trained"] == 1
+        assert results_rows([tmp_path / "ev"])[0]["epochs_trained"] == 1
+        assert "random init, 1 of 5 ep, lr 0.1" in results_table([tmp_path / "ev"])
+
     def test_resume_refuses_another_fold(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
         spec = _spec(root)
@@ -245,6 +341,100 @@ class TestCvResume:
         (tmp_path / "fold1" / "checkpoint.pt").unlink()
         with pytest.raises(ValueError, match="settings that made it cannot be checked"):
             run_cv(spec, _config(epochs=2), tmp_path, resume=True, progress=False)
+
+    def test_report_of_another_checkpoint_is_evaluated_again(
+        self, synth_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A fold's test_metrics.json of an earlier run (other settings) was reused when
+        the checkpoint beside it matched the settings: the summary mixed in another run."""
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        run_cv(spec, _config(lr=0.1), tmp_path, folds=[0], progress=False)
+        stale = (tmp_path / "fold0" / "test_metrics.json").read_text()
+        run_cv(spec, _config(lr=0.05), tmp_path, folds=[0], progress=False)
+        # as an older breakhis left it: the lr=0.05 run was cut short before its report
+        (tmp_path / "fold0" / "test_metrics.json").write_text(stale)
+        with caplog.at_level(logging.WARNING, logger="breakhis.experiments"):
+            summary = run_cv(spec, _config(lr=0.05), tmp_path, folds=[0], resume=True,
+                             progress=False)
+        assert "evaluating the checkpoint again" in caplog.text
+        assert summary["model"]["lr"] == 0.05
+        from breakhis.train import checkpoint_identity
+
+        fresh = json.loads((tmp_path / "fold0" / "test_metrics.json").read_text())
+        state = load_checkpoint(tmp_path / "fold0" / "checkpoint.pt")
+        assert fresh["model"]["lr"] == 0.05 and fresh["checkpoint"] == checkpoint_identity(state)
+        # a report without a checkpoint identity (older breakhis) is evaluated again too
+        del fresh["checkpoint"]
+        (tmp_path / "fold0" / "test_metrics.json").write_text(json.dumps(fresh))
+        run_cv(spec, _config(lr=0.05), tmp_path, folds=[0], resume=True, progress=False)
+        again = json.loads((tmp_path / "fold0" / "test_metrics.json").read_text())
+        assert again["checkpoint"] == checkpoint_identity(state)
+        assert load_checkpoint(tmp_path / "fold0" / "checkpoint.pt")["epoch"] == 0  # not retrained
+        # the report made from this checkpoint is reused as it is
+        before = (tmp_path / "fold0" / "test_metrics.json").read_text()
+        run_cv(spec, _config(lr=0.05), tmp_path, folds=[0], resume=True, progress=False)
+        assert (tmp_path / "fold0" / "test_metrics.json").read_text() == before
+
+
+    def test_fresh_cv_removes_an_earlier_summary(self, synth_tree, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        run_cv(spec, _config(), tmp_path, folds=[0], progress=False)
+        assert (tmp_path / "cv_metrics.json").is_file()
+
+        def killed(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(experiments_module, "run_fold", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_cv(spec, _config(lr=0.05), tmp_path, progress=False)
+        assert not (tmp_path / "cv_metrics.json").exists()
+        assert not (tmp_path / "cv_metrics.md").exists()
+
+
+class TestCvFolds:
+    @pytest.mark.parametrize("folds, problem", [([0, 7], r"unknown fold\(s\) \[7\]"),
+                                                ([1, 1], r"fold\(s\) \[1\] given more than "
+                                                 "once")])
+    def test_folds_are_checked_before_training(self, synth_tree, tmp_path: Path,
+                                               folds: list[int], problem: str) -> None:
+        """An unknown fold failed only after the earlier folds had trained; a repeated
+        one trained twice and counted twice in mean and std."""
+        root, _ = synth_tree
+        with pytest.raises(ValueError, match=r"folds must be distinct folds of \[0, 1, 2\], "
+                           rf"but got {re.escape(str(folds))}: {problem}"):
+            run_cv(_spec(root), _config(), tmp_path, folds=folds, progress=False)
+        assert not any(tmp_path.iterdir())
+
+    def test_cli_names_the_official_folds(self, synth_tree, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+        root, _ = synth_tree
+        assert main(["cv", "--data-root", str(root), "--task", "MSBC", "--magnification", "40",
+                     "--protocol", "official", "--folds", "0", "--backbone", "tiny",
+                     "--no-pretrained", "--input-size", "16", "--out", str(tmp_path / "cv"),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert ("folds must be distinct folds of [1, 2, 3, 4, 5] (the fold tables' own "
+                "numbers), but got [0]: unknown fold(s) [0]") in err
+        assert not (tmp_path / "cv").exists()
+
+    def test_partial_official_cv_counts_the_fold_tables(self, synth_tree,
+                                                        tmp_path: Path) -> None:
+        """The official protocol recorded no number of folds, so a partial
+        cross-validation on it showed as complete in the table."""
+        root, _ = synth_tree
+        summary = run_cv(_spec(root, protocol="official"), _config(), tmp_path, folds=[2, 4],
+                         progress=False)
+        assert summary["protocol"]["n_splits"] == 5
+        assert summary["epochs_trained"] == 1
+        assert [f["epochs_trained"] for f in summary["folds"]] == [1, 1]
+        assert json.loads((tmp_path / "fold2" / "test_metrics.json").read_text())[
+            "protocol"]["n_splits"] == 5
+        lines = [line for line in results_table([tmp_path]).splitlines()
+                 if line.startswith("| ")]
+        assert "| 2 of 5 |" in lines[1]
 
 
 class TestSyntheticDetection:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from breakhis.checkpoint import load_checkpoint, save_checkpoint
 from breakhis.cli import build_parser, main
 from breakhis.dataset import build_eval_transform, load_rgb
 from breakhis.evaluate import (
@@ -404,6 +405,20 @@ class TestMakeFigures:
         assert len(saved["gradcam"]["images"]) == 4
         assert result["roc"] == saved["roc"]
 
+    def test_unfinished_checkpoint_warns_and_says_so(self, runs, tmp_path: Path) -> None:
+        """figures drew a checkpoint cut short without a word about it."""
+        state = load_checkpoint(runs["binary"] / "fold0" / "checkpoint.pt")
+        assert state["epoch"] == 2
+        state["config"]["epochs"] = 7  # as a run of 7 epochs killed after the third
+        ckpt = save_checkpoint(state, tmp_path / "cut" / "checkpoint.pt")
+        records, _, source = checkpoint_records(ckpt)
+        with pytest.warns(UserWarning, match="trained 3 of its 7 epochs"):
+            result = make_figures(ckpt, records, tmp_path / "fig", source=source,
+                                  gradcam_images=0, max_embedding_dim=32)
+        saved = json.loads((tmp_path / "fig" / "figures.json").read_text())
+        assert saved["epochs_trained"] == result["epochs_trained"] == 3
+        assert saved["model"]["epochs"] == 7
+
     def test_exceptions(self, runs, tmp_path: Path) -> None:
         ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
         records, _, _ = checkpoint_records(ckpt)
@@ -500,6 +515,40 @@ class TestResultsTable:
         rows = results_rows(dirs)
         assert [r["batch_size"] for r in rows] == [16, 32, None]
         assert all(r["momentum"] in (0.9, None) for r in rows)
+
+    def test_runs_with_other_split_seeds_are_told_apart(self, runs, tmp_path: Path) -> None:
+        """Two runs on folds drawn with other split seeds looked identical."""
+        report = json.loads((runs["binary"] / "cv_metrics.json").read_text())
+        assert report["protocol"]["split_seed"] == 0
+        dirs = []
+        for seed in (0, 1):
+            (tmp_path / f"s{seed}").mkdir()
+            changed = {**report, "protocol": {**report["protocol"], "split_seed": seed}}
+            (tmp_path / f"s{seed}" / "cv_metrics.json").write_text(json.dumps(changed))
+            dirs.append(tmp_path / f"s{seed}")
+        text = results_table(dirs, out=tmp_path / "t.md")
+        lines = [line for line in text.splitlines() if line.startswith("| ")][1:]
+        assert "oversampled, split seed 0 |" in lines[0]
+        assert "oversampled, split seed 1 |" in lines[1]
+        with (tmp_path / "t.csv").open(newline="") as handle:
+            assert [r["split_seed"] for r in csv.DictReader(handle)] == ["0", "1"]
+        # one split seed: not named
+        assert "split seed" not in results_table([runs["binary"], runs["binary"]])
+
+    def test_epochs_trained_in_rows(self, runs, tmp_path: Path) -> None:
+        rows = results_rows([runs["binary"], runs["fine"] / "fold1"])
+        assert [r["epochs_trained"] for r in rows] == [3, 2]
+        report = json.loads((runs["fine"] / "fold1" / "test_metrics.json").read_text())
+        (tmp_path / "cut").mkdir()
+        (tmp_path / "cut" / "test_metrics.json").write_text(
+            json.dumps({**report, "epochs_trained": 1}))
+        old = {k: v for k, v in report.items() if k != "epochs_trained"}
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "test_metrics.json").write_text(json.dumps(old))
+        lines = [line for line in results_table([tmp_path / "cut", tmp_path / "old"])
+                 .splitlines() if line.startswith("| ")][1:]
+        assert "| random init, 1 of 2 ep, lr 0.05" in lines[0]
+        assert "| random init, 2 ep, lr 0.05" in lines[1]  # not recorded: as before
 
     def test_partial_cv_says_how_many_of_how_many_folds(self, runs, tmp_path: Path) -> None:
         report = json.loads((runs["binary"] / "cv_metrics.json").read_text())

@@ -498,3 +498,132 @@ def test_se_config_builds_se_blocks() -> None:
         ["train", "--data-root", "x", "--backbone", "resnet18", "--no-pretrained", "--se", "--head", "plain"]))
     model = train_module._make_model(cfg, 2, weights=None)
     assert sum(isinstance(m, SEBlock) for m in model.modules()) == 8
+
+
+class TestInputNormalization:
+    """inception_resnet_v2 (timm) got ImageNet's mean and std, but its pretrained
+    weights expect inputs in [-1, 1] (mean = std = 0.5), as the paper's Keras
+    preprocessing gives."""
+
+    def test_inception_resnet_v2_gets_timms_values(self) -> None:
+        pytest.importorskip("timm")
+        from PIL import Image
+
+        from breakhis.dataset import build_eval_transform
+        from breakhis.models import input_normalization
+
+        mean, std = input_normalization("inception_resnet_v2")
+        assert mean == std == (0.5, 0.5, 0.5)
+        white = Image.new("RGB", (12, 12), (255, 255, 255))
+        x = build_eval_transform(16, mean=mean, std=std)(white)
+        torch.testing.assert_close(x, torch.ones(3, 16, 16))
+        assert input_normalization("timm:inception_resnet_v2.tf_in1k") == (mean, std)
+
+    @pytest.mark.parametrize("backbone", ["tiny", "inception_v3", "resnet50"])
+    def test_torchvision_and_tiny_get_imagenet_values(self, backbone: str) -> None:
+        # torchvision's inception_v3 converts ImageNet-normalised inputs itself
+        # (transform_input): converting them here too would do it twice
+        from breakhis.dataset import IMAGENET_MEAN, IMAGENET_STD
+        from breakhis.models import input_normalization
+
+        assert input_normalization(backbone) == (IMAGENET_MEAN, IMAGENET_STD)
+
+    def test_stored_values_round_trip_through_the_checkpoint(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from breakhis.dataset import IMAGENET_MEAN, IMAGENET_STD
+        from breakhis.experiments import (
+            DataSpec,
+            checkpoint_records,
+            evaluate_checkpoint,
+            run_fold,
+        )
+        from breakhis.plots import make_figures
+        from breakhis.predict import predict_to_csv
+        from breakhis.train import checkpoint_normalization, predict_probs
+
+        pytest.importorskip("captum")
+        root, _ = synth_tree
+        half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        # tiny gets ImageNet's values; other values show that the stored ones are used
+        monkeypatch.setattr(train_module, "input_normalization", lambda *a, **k: half)
+        used = []
+        real_train_transform = train_module.build_train_transform
+
+        def spy(*args, **kwargs):
+            used.append((tuple(kwargs["mean"]), tuple(kwargs["std"])))
+            return real_train_transform(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "build_train_transform", spy)
+        spec = DataSpec(str(root), task="MSBC", magnification=40, n_splits=3)
+        config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16,
+                             epochs=1, batch_size=8, device="cpu")
+        report = run_fold(spec, config, 0, tmp_path / "run", progress=False)
+        assert used == [half]
+        ckpt = tmp_path / "run" / "checkpoint.pt"
+        state = load_checkpoint(ckpt)
+        assert state["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+        assert json.loads((tmp_path / "run" / "config.json").read_text())[
+            "normalization"] == state["normalization"]
+        assert checkpoint_normalization(state) == half
+        assert report["normalization"] == state["normalization"]
+
+        monkeypatch.undo()  # evaluation, prediction and figures read the checkpoint
+        model, _ = load_model(ckpt)
+        records, _, source = checkpoint_records(ckpt)
+        expected = predict_probs(model, records, input_size=16, mean=half[0], std=half[1])
+        imagenet = predict_probs(model, records, input_size=16)
+        assert not np.allclose(expected, imagenet)
+        again = evaluate_checkpoint(ckpt, out_dir=tmp_path / "ev", device="cpu", progress=False)
+        assert again["normalization"] == state["normalization"]
+        assert again["metrics"]["confusion_matrix"] == report["metrics"]["confusion_matrix"]
+        out = tmp_path / "p.csv"
+        predict_to_csv(ckpt, [r.path for r in records], out, progress=False)
+        rows = list(csv.DictReader(out.open()))
+        np.testing.assert_allclose([float(r["prob_malignant"]) for r in rows],
+                                   expected[:, 1], rtol=0, atol=1e-6)
+        figures = make_figures(ckpt, records, tmp_path / "fig", source=source,
+                               gradcam_images=0)
+        assert figures["normalization"] == state["normalization"]
+
+        # a checkpoint written before the values were stored was trained with ImageNet's
+        del state["normalization"]
+        assert checkpoint_normalization(state) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+class TestInputSize:
+    @pytest.mark.parametrize("backbone", ["inception_v3", "inception_resnet_v2",
+                                          "timm:inception_resnet_v2.tf_in1k"])
+    def test_below_a_known_minimum_is_refused_at_once(self, backbone: str) -> None:
+        """--backbone inception_v3 --input-size 32 failed at the first batch with torch's
+        kernel-size error."""
+        with pytest.raises(ValueError, match=rf"input_size must be >= 75 for backbone "
+                           rf"'{backbone}', but got 32"):
+            TrainConfig(backbone=backbone, input_size=32)
+        assert TrainConfig(backbone=backbone, input_size=75).input_size == 75
+
+    def test_cli_says_so_before_indexing(self, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["train", "--data-root", str(tmp_path / "none"), "--backbone",
+                     "inception_v3", "--input-size", "32", "--no-pretrained"]) == 2
+        assert ("input_size must be >= 75 for backbone 'inception_v3', but got 32"
+                in capsys.readouterr().err)
+
+    def test_other_backbones_are_tried_once_before_training(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from bilinearpool import build_model
+
+        root, _ = synth_tree
+        task = get_task("MSBC", magnification=40)
+        records = task.select(index_breakhis(root).records)[:8]
+        # a backbone whose 9x9 kernel does not fit an 8-pixel input
+        monkeypatch.setattr(train_module, "_make_model", lambda config, n, weights: build_model(
+            "plain", nn.Conv2d(3, 4, kernel_size=9), num_classes=n))
+        config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=8,
+                             epochs=1, batch_size=4, device="cpu")
+        with pytest.raises(ValueError, match=r"backbone 'tiny' cannot take input_size 8: a "
+                           r"forward pass at 8x8 fails \(.*\); use a larger --input-size"):
+            fit(config, train_records=records, train_targets=task.targets(records),
+                classes=list(task.classes), run_dir=tmp_path, progress=False)
+        assert not (tmp_path / "checkpoint.pt").exists()
