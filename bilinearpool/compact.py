@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_positive_int, check_streams
+from .functional._checks import check_built_channels, check_positive_int, check_streams
 from .functional.sketch import _ALGORITHMS, random_maclaurin, tensor_sketch
 
 __all__ = ["CompactBilinearPool"]
@@ -173,23 +173,6 @@ class CompactBilinearPool(nn.Module):
         if extra is None and prefix + "_extra_state" in missing_keys:
             missing_keys.remove(prefix + "_extra_state")  # checkpoints saved before it existed
 
-    def _check_channels(self, in_channels: int, in_channels_b: int | None) -> None:
-        """ValueError unless streams of ``in_channels`` (and ``in_channels_b``) channels fit this layer."""
-        built = f"in_channels={self.in_channels}" + (
-            "" if self.in_channels_b is None else f", in_channels_b={self.in_channels_b}"
-        )
-        if in_channels_b is None and self.in_channels_b is not None:
-            raise ValueError(
-                f"this CompactBilinearPool was built for two streams ({built}), "
-                f"but got one of {in_channels} channels"
-            )
-        expected_b = self.in_channels if self.in_channels_b is None else self.in_channels_b
-        if in_channels != self.in_channels or (in_channels_b is not None and in_channels_b != expected_b):
-            got = f"{in_channels}" + ("" if in_channels_b is None else f" and {in_channels_b}")
-            raise ValueError(
-                f"this CompactBilinearPool was built for {built}, but got streams of {got} channels"
-            )
-
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
         """Length of the pooled vector: ``out_features``, whatever the channels.
 
@@ -198,7 +181,9 @@ class CompactBilinearPool(nn.Module):
                 ``forward`` would raise on such input), so that a classifier around a
                 backbone with other channels is refused when it is built.
         """
-        self._check_channels(in_channels, in_channels_b)
+        check_built_channels(
+            "CompactBilinearPool", self.in_channels, self.in_channels_b, in_channels, in_channels_b
+        )
         return self.out_features
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -8,7 +8,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_flags, check_positive_int, check_streams, make_layer
+from .functional._checks import (
+    check_built_channels,
+    check_flags,
+    check_positive_int,
+    check_streams,
+    make_layer,
+)
 from .functional.lowrank import low_rank_bilinear_pool
 
 __all__ = ["LowRankBilinearPool"]
@@ -101,27 +107,6 @@ class LowRankBilinearPool(nn.Module):
         if self.proj is not None:
             self.proj.reset_parameters()
 
-    def _check_channels(self, in_channels: int, in_channels_b: int | None) -> None:
-        """ValueError unless streams of ``in_channels`` (and ``in_channels_b``) channels fit this layer."""
-        built = f"in_channels={self.in_channels}" + (
-            "" if self.in_channels_b is None else f", in_channels_b={self.in_channels_b}"
-        )
-        if in_channels_b is None and self.in_channels_b is not None:
-            raise ValueError(
-                f"this LowRankBilinearPool was built for two streams ({built}), "
-                f"but got one of {in_channels} channels"
-            )
-        if self.shared and in_channels_b is not None:
-            raise ValueError(
-                f"this LowRankBilinearPool has shared=True, one stream, but got in_channels_b={in_channels_b}"
-            )
-        expected_b = self.in_channels if self.in_channels_b is None else self.in_channels_b
-        if in_channels != self.in_channels or (in_channels_b is not None and in_channels_b != expected_b):
-            got = f"{in_channels}" + ("" if in_channels_b is None else f" and {in_channels_b}")
-            raise ValueError(
-                f"this LowRankBilinearPool was built for {built}, but got streams of {got} channels"
-            )
-
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
         """Length of the pooled vector: ``out_features`` if set, else ``rank``.
 
@@ -130,7 +115,13 @@ class LowRankBilinearPool(nn.Module):
                 ``forward`` would raise on such input), so that a classifier around a
                 backbone with other channels is refused when it is built.
         """
-        self._check_channels(in_channels, in_channels_b)
+        if self.shared and in_channels_b is not None:
+            raise ValueError(
+                f"this LowRankBilinearPool has shared=True, one stream, but got in_channels_b={in_channels_b}"
+            )
+        check_built_channels(
+            "LowRankBilinearPool", self.in_channels, self.in_channels_b, in_channels, in_channels_b
+        )
         return self.rank if self.out_features is None else self.out_features
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "as_channel_matrix",
+    "check_built_channels",
     "check_channels",
     "check_floating",
     "check_flags",
@@ -182,6 +183,23 @@ def check_channels(name: str, t: Tensor | None, expected: int) -> None:
         got = t.shape[1] if t.dim() == 4 else t.shape[2]
         if got != expected:
             raise ValueError(f"{name} must have {expected} channels, but got shape {tuple(t.shape)}")
+
+
+def check_built_channels(
+    layer: str, built: int, built_b: int | None, in_channels: int, in_channels_b: int | None
+) -> None:
+    """ValueError unless streams of ``in_channels`` (and ``in_channels_b``) channels fit a
+    ``layer`` built for ``built`` (and ``built_b``; ``None``: the second stream, if any, has
+    ``built`` too) channels."""
+    desc = f"in_channels={built}" + ("" if built_b is None else f", in_channels_b={built_b}")
+    if in_channels_b is None and built_b is not None:
+        raise ValueError(
+            f"this {layer} was built for two streams ({desc}), but got one of {in_channels} channels"
+        )
+    expected_b = built if built_b is None else built_b
+    if in_channels != built or (in_channels_b is not None and in_channels_b != expected_b):
+        got = f"{in_channels}" + ("" if in_channels_b is None else f" and {in_channels_b}")
+        raise ValueError(f"this {layer} was built for {desc}, but got streams of {got} channels")
 
 
 def check_streams(x: Tensor, y: Tensor | None, in_channels: int, in_channels_b: int | None) -> None:
