@@ -394,11 +394,12 @@ def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tupl
     kwargs: dict[str, Any] = {}
     if name in ("inception_v3", "googlenet"):
         kwargs["init_weights"] = kind == "none"  # skip the slow truncated-normal init when loading
-        if kind == "file":
-            # torchvision's builders set it for every pretrained weight (ImageNet
-            # normalisation -> the original networks' (x - 0.5) / 0.5): the same here, so
-            # a local copy of the weights preprocesses as weights="imagenet" does.
-            kwargs["transform_input"] = True
+        # torchvision's builders set it for every pretrained weight (ImageNet normalisation
+        # -> the original networks' (x - 0.5) / 0.5); here for every build, so that the
+        # preprocessing is part of the architecture: a local copy of the weights, and a
+        # model rebuilt with weights=None to load a checkpoint into, preprocess as the
+        # pretrained model did (transform_input is not in the state_dict).
+        kwargs["transform_input"] = True
     if kind in ("imagenet", "enum"):
         try:
             model = torchvision.models.get_model(name, weights="DEFAULT" if kind == "imagenet" else value)

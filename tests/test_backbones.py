@@ -335,8 +335,9 @@ def test_safetensors_weights_file(tmp_path):
 @pytest.mark.parametrize(("name", "node"), [("googlenet", "conv1"), ("inception_v3", "Conv2d_1a_3x3")])
 def test_local_inception_weights_preprocess_as_imagenet(name, node, tmp_path, monkeypatch):
     """torchvision's builders set transform_input=True with pretrained weights; a local copy
-    of the same weights must give the same feature maps as weights="imagenet" (compared at
-    the first convolution: random weights leave deep maps of Inception-v3 near zero)."""
+    of the same weights, and a model built without weights that loads them, must give the
+    same feature maps as weights="imagenet" (compared at the first convolution: random
+    weights leave deep maps of Inception-v3 near zero)."""
     from torchvision.models import get_model_weights
 
     reference = torchvision.models.get_model(name, weights=None, aux_logits=True, init_weights=False)
@@ -349,11 +350,16 @@ def test_local_inception_weights_preprocess_as_imagenet(name, node, tmp_path, mo
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     imagenet = build_backbone(name, weights="imagenet", node=node).eval()
     from_file = build_backbone(name, weights=local, node=node).eval()
+    # A model rebuilt without weights to load a checkpoint into (as breakhis's evaluate
+    # and resume do) preprocesses as the pretrained one too.
+    rebuilt = build_backbone(name, weights=None, node=node).eval()
+    rebuilt.load_state_dict(imagenet.state_dict())
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         expected = imagenet(x)
         assert expected.abs().amax() > 0.1
         torch.testing.assert_close(from_file(x), expected)
+        torch.testing.assert_close(rebuilt(x), expected)
 
 
 class TestClassifierOfAnotherSize:
