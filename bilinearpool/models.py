@@ -603,7 +603,11 @@ class BCNN(BilinearClassifier):
             reduce_dim=reduce_dim,
             dropout=dropout,
         )
-        self.shared = stream_b is stream_a
+
+    @property
+    def shared(self) -> bool:
+        """Whether both streams are one backbone (``shared=True``, or the same module twice)."""
+        return self.backbone_b is self.backbone
 
 
 class GAPClassifier(BilinearClassifier):
