@@ -331,12 +331,22 @@ def _walk_files(
     that cannot be listed is listed there too.
     """
     real = os.path.realpath
-    # Folders of the tree proper (no link crossed): a link into them is always a second
-    # way to the same images, wherever it sits in the walk order.
+    real_root = real(root)
+
+    def in_tree(target: str) -> bool:
+        # A folder of the tree proper (reached without crossing a link, not hidden): a
+        # link to it is always a second way to the same images, wherever it sits in the
+        # walk order. A real path under the real root crosses no link below it.
+        try:
+            if os.path.commonpath([real_root, target]) != real_root:
+                return False
+        except ValueError:  # another drive
+            return False
+        return not any(part.startswith(".")
+                       for part in Path(os.path.relpath(target, real_root)).parts)
+
+    # real folders reached through links, each walked once
     visited: set[str] = set()
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        visited.add(real(dirpath))
     files: list[Path] = []
 
     def rel(path: Path) -> str:
@@ -371,7 +381,7 @@ def _walk_files(
                 where = Path(target).name or target
                 skipped.append(SkippedFile(rel(path), f"folder link loop: points back to "
                                                       f"its parent folder {where!r}; not followed"))
-            elif target in visited:
+            elif in_tree(target) or target in visited:
                 skipped.append(SkippedFile(rel(path), f"folder indexed already: {target!r} "
                                                       "is reached another way; not walked twice"))
             else:

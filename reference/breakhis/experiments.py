@@ -17,8 +17,8 @@ lists or training settings differ from the checkpoint's. Every test report recor
 the checkpoint it was made from (:func:`breakhis.train.checkpoint_identity`) and how
 many epochs that checkpoint had trained (``epochs_trained``), so that ``cv --resume``
 reuses a report only with its own checkpoint and an unfinished run is not reported as
-a finished one. A fold that starts afresh in a folder first removes what an earlier
-run left there (:data:`RUN_OUTPUTS`), saying so in ``train.log``.
+a finished one. A fold that starts afresh in a folder removes what an earlier run left
+there (:data:`RUN_OUTPUTS`) once its model is built, saying so in ``train.log``.
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ from .train import (
     TrainConfig,
     checkpoint_identity,
     checkpoint_normalization,
+    epochs_trained,
     fit,
     load_model,
     predict_probs,
     resume_differences,
+    warn_unfinished,
 )
 
 __all__ = [
@@ -89,9 +91,10 @@ SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
 #: settings (compared), and checkpoints of the official protocol written before it
 #: counted the fold tables hold ``None``.
 _RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits")
-#: Files of a run folder that a fold trained afresh there removes first (paths relative
-#: to the folder): what training, evaluation and ``figures`` (default folder) write,
-#: but ``config.json`` (rewritten at the start) and ``train.log`` (appended to).
+#: Files of a run folder that a fold trained afresh there removes once its model is built
+#: (paths relative to the folder, :func:`breakhis.train.fit`'s ``stale_outputs``): what
+#: training, evaluation and ``figures`` (default folder) write, but ``config.json``
+#: (rewritten at the start) and ``train.log`` (appended to).
 RUN_OUTPUTS: tuple[str, ...] = (
     CHECKPOINT_NAME, "metrics.csv", "test_metrics.json", "test_metrics.md", PREDICTIONS_FILE,
     *(f"{FIGURES_DIR}/{name}" for name in FIGURE_FILES),
@@ -283,7 +286,7 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
     groups = patient_groups(records)
     tables: list[str | Path] = list(spec.folds_file)
     if spec.protocol == "official" and not tables:
-        tables = list(find_fold_tables(index.root))
+        tables = list(find_fold_tables(index))
     splits = make_splits(records, targets, spec.protocol, n_splits=spec.n_splits,
                          seed=spec.split_seed, fold_tables=tables)
     return PreparedData(index, task, records, targets, groups, splits,
@@ -295,7 +298,7 @@ def _protocol_dict(spec: DataSpec, split: Split, data: PreparedData) -> dict[str
     protocol (``official``: the number of fold tables)."""
     out = split.to_dict()
     out["split_seed"] = spec.split_seed
-    out["n_splits"] = len(data.splits) if spec.protocol == "official" else spec.n_splits
+    out["n_splits"] = len(data.splits)
     return out
 
 
@@ -360,9 +363,12 @@ def run_fold(
     and ``train.log``) and recorded under ``data_issues`` in ``test_metrics.json``.
 
     A fold that does not continue a checkpoint (no ``resume``, or no checkpoint yet)
-    first removes what an earlier run left in ``run_dir`` (:data:`RUN_OUTPUTS`: its
-    checkpoint, metrics, test report, predictions and figures), and says which files
-    in ``train.log``: a report of another run is never left beside the new checkpoint.
+    removes what an earlier run left in ``run_dir`` (:data:`RUN_OUTPUTS`: its
+    checkpoint, metrics, test report, predictions and figures) once its model is built
+    and has passed a trial forward pass, before the first checkpoint, and says which
+    files in ``train.log``: a report of another run is never left beside the new
+    checkpoint, and a run that fails to start (weights missing, an input size the
+    backbone cannot take) leaves the earlier run's files in place.
 
     Returns:
         The test report (main process), or ``None`` on other DDP processes.
@@ -375,44 +381,22 @@ def run_fold(
     info = dist_info or init_distributed(config.device)
     data = data or prepare_data(spec, progress=progress and info.is_main)
     plan = _plan_fold(spec, data, fold)
-    messages = _issue_lines(data.issues(), data.index.root)
-    if info.is_main and not (resume and (Path(run_dir) / CHECKPOINT_NAME).is_file()):
-        removed = _remove_run_outputs(Path(run_dir))
-        if removed:
-            messages.append(f"fresh run in {str(run_dir)!r}: removed what an earlier run left "
-                            f"there: {', '.join(removed)}")
     result = fit(
         config,
         train_records=[data.records[i] for i in plan.fit], train_targets=data.targets[plan.fit],
         val_records=[data.records[i] for i in plan.val], val_targets=data.targets[plan.val],
         classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=plan.extra,
-        resume_ignore=_RESUME_IGNORE, log_messages=messages, dist_info=info,
+        resume_ignore=_RESUME_IGNORE, stale_outputs=RUN_OUTPUTS,
+        log_messages=_issue_lines(data.issues(), data.index.root), dist_info=info,
         progress=progress,
     )
     if not info.is_main:
         return None
-    checkpoint = result.checkpoint_info or {}
+    # the main process's fit result always records the checkpoint it wrote last
     return _evaluate_split(result.model, config, data, plan.split.test, plan.extra["protocol"],
                            fold, Path(run_dir), info, val_fraction=spec.val_fraction,
-                           normalization=result.normalization, checkpoint=checkpoint,
-                           progress=progress)
-
-
-def _remove_run_outputs(run_dir: Path) -> list[str]:
-    """Remove the :data:`RUN_OUTPUTS` present in ``run_dir``; their relative paths.
-
-    The figures folder goes too when nothing else is left in it.
-    """
-    removed = []
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-            removed.append(name)
-    figures = run_dir / FIGURES_DIR
-    if figures.is_dir() and not any(figures.iterdir()):
-        figures.rmdir()
-    return removed
+                           normalization=result.normalization,
+                           checkpoint=result.checkpoint_info, progress=progress)
 
 
 def _evaluate_split(
@@ -428,7 +412,6 @@ def _evaluate_split(
                           progress=progress, mean=mean, std=std)
     metrics = classification_metrics(data.targets[test], probs, data.task.classes,
                                      patients=[r.patient for r in test_records])
-    epochs_trained = int(checkpoint["epoch"]) + 1 if "epoch" in checkpoint else None
     report = {
         "title": f"BreaKHis {data.task.name} fold {fold} ({protocol['protocol']} protocol)",
         "task": data.task.to_dict(),
@@ -440,7 +423,7 @@ def _evaluate_split(
         # apart (breakhis.plots.results_table shows those that differ)
         "model": {**config.to_dict(), "val_fraction": val_fraction},
         # of the checkpoint evaluated: fewer than model.epochs when its run was cut short
-        "epochs_trained": epochs_trained,
+        "epochs_trained": epochs_trained(checkpoint),
         "checkpoint": checkpoint,
         "normalization": {"mean": list(mean), "std": list(std)},
         "data_issues": data.issues(),
@@ -480,7 +463,7 @@ def _reusable_fold(
         raise ValueError(
             f"cannot reuse fold {fold} in {str(fold_dir)!r}: it was made with other settings ("
             + "; ".join(differences) + "). Use another output folder, or the run's settings")
-    if int(state["epoch"]) + 1 < config.epochs:
+    if epochs_trained(state) < config.epochs:
         return None
     report = json.loads(done.read_text())
     made_from, identity = report.get("checkpoint"), checkpoint_identity(state)
@@ -566,8 +549,7 @@ def run_cv(
     summary = {
         "title": f"BreaKHis {data.task.name} cross-validation ({spec.protocol} protocol)",
         "task": first["task"],
-        "protocol": {**first["protocol"], "fold": None, "n_splits": len(data.splits)
-                     if spec.protocol == "official" else spec.n_splits,
+        "protocol": {**first["protocol"], "fold": None, "n_splits": len(data.splits),
                      "protocol_description": PROTOCOL_DESCRIPTIONS[spec.protocol]},
         "data_root": first["data_root"],
         "synthetic": first["synthetic"],
@@ -622,24 +604,13 @@ def evaluate_checkpoint(
     spec, data = _checkpoint_data(checkpoint, state, data_root, progress=progress)
     test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
     config = TrainConfig.from_dict(state["config"])
-    _warn_unfinished(checkpoint, state, config)
+    warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
+                    "(epochs_trained in the report; resume the run with --resume to finish it)")
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
                            out, info, val_fraction=spec.val_fraction,
                            normalization=checkpoint_normalization(state),
                            checkpoint=checkpoint_identity(state), progress=progress)
-
-
-def _warn_unfinished(
-    checkpoint: str | os.PathLike[str], state: dict[str, Any], config: TrainConfig
-) -> None:
-    done = int(state.get("epoch", -1)) + 1
-    if done < config.epochs:
-        warnings.warn(
-            f"checkpoint {str(checkpoint)!r} trained {done} of its {config.epochs} epochs (its "
-            "run was cut short); the results are those of an unfinished model "
-            "(epochs_trained in the report; resume the run with --resume to finish it)",
-            UserWarning, stacklevel=3)
 
 
 def _checkpoint_data(

@@ -7,14 +7,15 @@ backbone when ``se_reduction`` is set (the paper uses 8). Backbones are anything
 ``inception_resnet_v2``, timm names), plus ``tiny``: a two-convolution network of this
 package for tests and demos on a CPU.
 
-:func:`input_normalization` gives the mean and standard deviation a backbone's
-pretrained weights expect of its inputs (timm's pretrained config for timm models, e.g.
-0.5 and 0.5 for ``inception_resnet_v2``; ImageNet statistics otherwise), and
+:func:`input_normalization` gives the mean and standard deviation a built network's
+backbone expects of its inputs (the pretrained config a timm backbone carries, e.g. 0.5
+and 0.5 for ``inception_resnet_v2``; ImageNet statistics otherwise), and
 :func:`check_input_size` refuses an input size below a backbone's known minimum.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -36,11 +37,6 @@ HEADS: tuple[str, ...] = ("plain", "bcnn", "fast-bcnn")
 MIN_INPUT_SIZES: dict[str, int] = {"inception_v3": 75, "inception_resnet_v2": 75}
 
 
-def _architecture(backbone: str) -> str:
-    """``timm:inception_resnet_v2.tf_in1k`` -> ``inception_resnet_v2``."""
-    return backbone.removeprefix("timm:").partition(".")[0]
-
-
 def check_input_size(backbone: str, input_size: int) -> None:
     """Refuse an input size below the backbone's minimum (:data:`MIN_INPUT_SIZES`).
 
@@ -57,85 +53,43 @@ def check_input_size(backbone: str, input_size: int) -> None:
         ...
         ValueError: input_size must be >= 75 for backbone 'inception_v3', but got 32
     """
-    minimum = MIN_INPUT_SIZES.get(_architecture(backbone))
+    # the architecture of "timm:inception_resnet_v2.tf_in1k" is inception_resnet_v2
+    minimum = MIN_INPUT_SIZES.get(backbone.removeprefix("timm:").partition(".")[0])
     if minimum is not None and input_size < minimum:
         raise ValueError(f"input_size must be >= {minimum} for backbone {backbone!r}, but "
                          f"got {input_size}")
 
 
-def _timm_name(backbone: str) -> str | None:
-    """The timm model name ``backbone`` resolves to in ``bilinearpool``, else ``None``.
+def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and standard deviation (per RGB channel, of inputs in ``[0, 1]``) for ``model``.
 
-    As ``bilinearpool.build_backbone`` resolves names: ``timm:<name>`` is timm's; a
-    torchvision classification model name is torchvision's; another name timm knows
-    (with or without a pretrained tag) is timm's.
-    """
-    if backbone.startswith("timm:"):
-        return backbone.removeprefix("timm:")
-    try:
-        import torchvision
-
-        if backbone in torchvision.models.list_models(module=torchvision.models):
-            return None
-    except ImportError:
-        pass
-    try:
-        import timm
-    except ImportError:
-        return None
-    return backbone if timm.list_models(_architecture(backbone)) else None
-
-
-def _is_tag(weights: str | None) -> bool:
-    """Whether ``weights`` reads as a timm pretrained tag (not ImageNet, not a file)."""
-    if not weights or weights == "imagenet":
-        return False
-    return "/" not in weights and "\\" not in weights and "." not in weights
-
-
-def input_normalization(
-    backbone: str, weights: str | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and standard deviation (per RGB channel, of inputs in ``[0, 1]``) for ``backbone``.
-
-    A timm backbone gets those of its pretrained config (``timm.get_pretrained_cfg``,
-    no model built, nothing downloaded): ``inception_resnet_v2`` expects inputs in
-    ``[-1, 1]`` (mean = std = 0.5), as the paper's Keras preprocessing gives. A timm
-    pretrained tag, in the name (``resnet18.a1_in1k``) or as ``weights``, picks that
-    tag's config. Torchvision backbones and ``tiny`` get the ImageNet statistics
-    (torchvision's ``inception_v3`` converts them to its own inside the model:
-    ``transform_input``), as does a timm name without a pretrained config.
+    A timm backbone carries the pretrained config its weights were resolved with
+    (``pretrained_cfg``, on the feature extractor's ``body``; both streams of a
+    two-stream BCNN carry the same): its mean and std are returned, e.g. 0.5 and 0.5
+    for ``inception_resnet_v2``, whose weights expect inputs in ``[-1, 1]`` as the
+    paper's Keras preprocessing gives. Torchvision backbones and ``tiny`` get the
+    ImageNet statistics (torchvision's ``inception_v3`` converts them to its own inside
+    the model: ``transform_input``), as does a timm model without them in its config.
 
     Args:
-        backbone: backbone name, as for :func:`build_network`.
-        weights: the weights asked for (a timm pretrained tag selects its config).
+        model: a network from :func:`build_network`.
 
     Returns:
         ``(mean, std)``, three floats each.
 
     Examples:
-        >>> input_normalization("tiny")
+        >>> input_normalization(build_network("plain", "tiny", num_classes=2))
         ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        >>> input_normalization("inception_resnet_v2")
+        >>> input_normalization(build_network("plain", "inception_resnet_v2", num_classes=2))
         ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     """
-    name = None if backbone == "tiny" else _timm_name(backbone)
-    if name is None:
-        return IMAGENET_MEAN, IMAGENET_STD
-    import timm
-
-    candidates = [name]
-    if _is_tag(weights) and "." not in name:
-        candidates.insert(0, f"{name}.{weights}")
-    for candidate in candidates:
-        try:
-            cfg = timm.get_pretrained_cfg(candidate)
-        except RuntimeError:  # an unknown tag: bilinearpool names it when building
+    for module in model.modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        if not isinstance(cfg, Mapping):
             continue
-        if cfg is not None and cfg.mean is not None and cfg.std is not None:
-            mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
-            if len(mean) == 3 and len(std) == 3:
-                return mean, std
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+            return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     return IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -664,10 +664,14 @@ def make_figures(
         ValueError: for fewer than 3 records, mismatched targets, or a negative
             ``gradcam_images``.
     """
-    import warnings
-
     from .tasks import get_task
-    from .train import checkpoint_normalization, load_model, predict_probs
+    from .train import (
+        checkpoint_normalization,
+        epochs_trained,
+        load_model,
+        predict_probs,
+        warn_unfinished,
+    )
 
     if len(records) < 3:
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
@@ -693,11 +697,7 @@ def make_figures(
             "split": None, "data_root": (extra.get("data") or {}).get("data_root")}
     info.update(source or {})
     input_size = int(state["config"]["input_size"])
-    epochs_trained, epochs = int(state.get("epoch", -1)) + 1, state["config"].get("epochs")
-    if epochs is not None and epochs_trained < int(epochs):
-        warnings.warn(f"checkpoint {str(checkpoint)!r} trained {epochs_trained} of its "
-                      f"{epochs} epochs (its run was cut short); the figures show an "
-                      "unfinished model", UserWarning, stacklevel=2)
+    warn_unfinished(checkpoint, state, "the figures show an unfinished model")
     mean, std = checkpoint_normalization(state)
     what = _describe(info)
     out = Path(out_dir)
@@ -719,7 +719,7 @@ def make_figures(
         **info,
         "model": {k: state["config"].get(k) for k in ("head", "backbone", "se_reduction",
                                                       "input_size", "epochs")},
-        "epochs_trained": epochs_trained,
+        "epochs_trained": epochs_trained(state),
         "normalization": {"mean": list(mean), "std": list(std)},
         "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
         "roc": {"path": str(roc["path"]), "auc": roc["auc"], "roc_auc": roc["roc_auc"],

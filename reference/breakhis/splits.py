@@ -40,7 +40,7 @@ from sklearn.model_selection import (
     StratifiedShuffleSplit,
 )
 
-from .data import ImageRecord
+from .data import DataIndex, ImageRecord
 
 __all__ = [
     "PROTOCOLS",
@@ -316,20 +316,25 @@ def read_fold_table(path: str | os.PathLike[str]) -> dict[int, dict[str, str]]:
             for fold, entries in _read_fold_entries(path).items()}
 
 
-def find_fold_tables(root: str | os.PathLike[str], *, max_depth: int = 3) -> list[Path]:
-    """Find ``Folds.csv`` or ``dsfoldN.txt`` files at most ``max_depth`` levels below ``root``.
+def find_fold_tables(index: DataIndex, *, max_depth: int = 3) -> list[Path]:
+    """The ``Folds.csv`` or ``dsfoldN.txt`` files an index found, at most ``max_depth``
+    folder levels below its root.
 
-    ``Folds.csv`` wins when both are present. dsfold files are sorted by fold number.
+    The tables are taken from :attr:`~breakhis.data.DataIndex.metadata_files`, so that
+    they come from the walk that found the images: copies in hidden folders
+    (``.ipynb_checkpoints``) are left out, tables in linked folders are found.
+    ``Folds.csv`` wins when both are present (the first in walk order: top-down, sorted
+    names); dsfold files are sorted by fold number.
+
+    Args:
+        index: the indexed data (:func:`breakhis.data.index_breakhis` or
+            :func:`breakhis.data.index_image_folder`).
+        max_depth: deepest folder level searched (0: the root only).
     """
-    root = Path(root)
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        if depth >= max_depth:
-            dirnames.clear()
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in sorted(filenames)
-                     if f.lower() == "folds.csv" or _DSFOLD.match(f))
+    found = [index.root / name for name in index.metadata_files
+             if len(PurePosixPath(name).parts) - 1 <= max_depth
+             and (PurePosixPath(name).name.lower() == "folds.csv"
+                  or _DSFOLD.match(PurePosixPath(name).name))]
     csvs = [p for p in found if p.name.lower() == "folds.csv"]
     if csvs:
         return csvs[:1]

@@ -21,12 +21,14 @@ Under DDP every process reseeds torch's generators at the start of each epoch fr
 ``(seed, epoch, rank)`` (:func:`rank_seed`), so that dropout masks differ between
 processes and a resumed run draws the same ones; one process keeps a single stream.
 
-Inputs are normalised with the mean and standard deviation the backbone's pretrained
-weights expect (:func:`breakhis.models.input_normalization`); the values used are
-stored in the checkpoint (``normalization``) and :func:`checkpoint_normalization` gives
-them back to evaluation, prediction and figures (ImageNet's for checkpoints written
-before they were stored). Before the first epoch the model runs once on a zero image of
-the requested size, so that a backbone too small for it fails at once with a clear error.
+Inputs are normalised with the mean and standard deviation the built backbone expects
+(:func:`breakhis.models.input_normalization`); the values used are stored in the
+checkpoint (``normalization``) and :func:`checkpoint_normalization` gives them back to
+evaluation, prediction and figures (ImageNet's for checkpoints written before they were
+stored). Before the first epoch of a fresh run the main process runs the model once on a
+zero image of the requested size, so that a backbone too small for it fails at once with
+a clear error; only then does it remove what an earlier run left in the run folder
+(``stale_outputs``), so that a run that cannot start leaves them in place.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,6 +80,7 @@ __all__ = [
     "TrainConfig",
     "checkpoint_identity",
     "checkpoint_normalization",
+    "epochs_trained",
     "fit",
     "load_model",
     "plateau_scheduler",
@@ -85,6 +89,7 @@ __all__ = [
     "resume_differences",
     "seed_everything",
     "sync_batchnorm",
+    "warn_unfinished",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -245,6 +250,38 @@ def checkpoint_identity(state: dict[str, Any]) -> dict[str, Any]:
             "fingerprint": hashlib.sha256(text.encode()).hexdigest()}
 
 
+def epochs_trained(state: dict[str, Any]) -> int:
+    """Epochs a checkpoint has trained: its last epoch (from 0) plus one.
+
+    Args:
+        state: a loaded checkpoint, or its :func:`checkpoint_identity`.
+
+    Examples:
+        >>> epochs_trained({"epoch": 2}), epochs_trained({})
+        (3, 0)
+    """
+    return int(state.get("epoch", -1)) + 1
+
+
+def warn_unfinished(
+    checkpoint: str | os.PathLike[str], state: dict[str, Any], consequence: str
+) -> None:
+    """Warn when a checkpoint trained fewer epochs than its settings ask (a run cut short).
+
+    The warning points at the caller of the function that calls this one.
+
+    Args:
+        checkpoint: the checkpoint's path, for the message.
+        state: the loaded checkpoint.
+        consequence: what follows for the results, e.g. ``"the figures show an
+            unfinished model"``.
+    """
+    done, epochs = epochs_trained(state), (state.get("config") or {}).get("epochs")
+    if epochs is not None and done < int(epochs):
+        warnings.warn(f"checkpoint {str(checkpoint)!r} trained {done} of its {epochs} epochs "
+                      f"(its run was cut short); {consequence}", UserWarning, stacklevel=3)
+
+
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     """Seed Python, NumPy and torch; optionally ask for deterministic kernels."""
     import random
@@ -350,6 +387,23 @@ def _check_forward(model: nn.Module, config: TrainConfig) -> None:
             f"{(str(exc).splitlines() or [''])[0]}); use a larger --input-size") from exc
     finally:
         model.train(was_training)
+
+
+def _remove_outputs(run_dir: Path, names: Sequence[str]) -> list[str]:
+    """Remove the files ``names`` (relative paths) present in ``run_dir``; those removed.
+
+    A folder of ``names`` (e.g. ``figures``) goes too when nothing else is left in it.
+    """
+    removed = []
+    for name in names:
+        path = run_dir / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    for folder in sorted({(run_dir / name).parent for name in names} - {run_dir}, reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def _add_file_log(run_dir: Path) -> logging.Handler:
@@ -473,6 +527,7 @@ def fit(
     resume: bool = False,
     extra: dict[str, Any] | None = None,
     resume_ignore: Sequence[str] = (),
+    stale_outputs: Sequence[str] = (),
     log_messages: Sequence[str] = (),
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     dist_info: DistInfo | None = None,
@@ -494,6 +549,11 @@ def fit(
         extra: plain data stored in the checkpoint (task, protocol, fold, data root,
             file lists); ``config.json`` holds it without ``"files"``.
         resume_ignore: dotted keys of ``extra`` that may differ on resume.
+        stale_outputs: files of ``run_dir`` (relative paths) that an earlier run may
+            have left and that a fresh start (no checkpoint continued) removes, logging
+            which: on the main process, once the model is built and has passed its trial
+            forward pass, before the first checkpoint. A run that fails before then
+            leaves them in place; a resumed run keeps them.
         log_messages: lines logged as warnings (console and ``train.log``) before
             training, e.g. the files the data index left out.
         epoch_callback: called as ``callback(epoch, row)`` after each checkpoint.
@@ -522,7 +582,7 @@ def fit(
         return _fit(config, info, run_dir, ckpt_path, list(train_records),
                     np.asarray(train_targets), list(val_records), np.asarray(val_targets),
                     list(classes), resume, dict(extra or {}), tuple(resume_ignore),
-                    epoch_callback, progress)
+                    tuple(stale_outputs), epoch_callback, progress)
     finally:
         if handler is not None:
             _LOG.removeHandler(handler)
@@ -534,15 +594,19 @@ def _fit(
     train_records: list[ImageRecord], train_targets: np.ndarray,
     val_records: list[ImageRecord], val_targets: np.ndarray, classes: list[str],
     resume: bool, extra: dict[str, Any], resume_ignore: tuple[str, ...],
+    stale_outputs: tuple[str, ...],
     epoch_callback: Callable[[int, dict[str, Any]], None] | None, progress: bool,
 ) -> FitResult:
     seed_everything(config.seed, deterministic=config.deterministic)
+    # the one place that decides between a fresh start and a resumed run
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     # a resumed run gets its weights from the checkpoint, not from a download
     model = _make_model(config, len(classes), weights=None if state else config.weights)
-    _check_forward(model, config)
+    if state is None and info.is_main:
+        # a resumed run passed it when it started; the other processes build the same model
+        _check_forward(model, config)
+    normalization = input_normalization(model)
     model = sync_batchnorm(model, info).to(info.device)
-    normalization = input_normalization(config.backbone, config.weights)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = plateau_scheduler(optimizer, config)
@@ -572,7 +636,9 @@ def _fit(
         recorded_norm = checkpoint_normalization(state)
         if info.is_main:
             _LOG.info("resumed from %s after epoch %d", ckpt_path, start - 1)
-            if recorded_norm != normalization:
+            # built without weights, the model holds the config of the default weights:
+            # compared only with an old checkpoint's (unrecorded, ImageNet) values
+            if not state.get("normalization") and recorded_norm != normalization:
                 _LOG.warning(
                     "%s was trained with inputs normalised by mean %s, std %s (written by an "
                     "older breakhis); they are kept, so that the run ends as it would have "
@@ -593,6 +659,10 @@ def _fit(
                     _THRESHOLD_WORDS["abs"], expected_schedule[2])
         normalization = recorded_norm
     elif info.is_main:
+        removed = _remove_outputs(run_dir, stale_outputs)
+        if removed:
+            _LOG.warning("fresh run in %r: removed what an earlier run left there: %s",
+                         str(run_dir), ", ".join(removed))
         _LOG.info("training %s/%s on %d images (%d classes), %d process(es), device %s",
                   config.head, config.backbone, len(train_records), len(classes),
                   info.world_size, info.device)

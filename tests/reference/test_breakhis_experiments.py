@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from breakhis import experiments as experiments_module
+from breakhis import train as train_module
 from breakhis.checkpoint import load_checkpoint, save_checkpoint
 from breakhis.cli import main
 from breakhis.evaluate import PREDICTIONS_FILE
@@ -201,22 +202,21 @@ class TestRunFold:
         assert all((tmp_path / name).is_file() for name in outputs)
 
         seen = {}
-        real_fit = experiments_module.fit
 
-        def fit_killed_at_once(*args, **kwargs):
+        def killed_at_the_first_save(*args, **kwargs):
             seen["files"] = [name for name in outputs if (tmp_path / name).exists()]
-            seen["messages"] = list(kwargs["log_messages"])
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(experiments_module, "fit", fit_killed_at_once)
+        monkeypatch.setattr(train_module, "save_checkpoint", killed_at_the_first_save)
         with pytest.raises(KeyboardInterrupt):
             run_fold(spec, _config(lr=0.05), 0, tmp_path, data=data, progress=False)
-        assert seen["files"] == []  # removed before training started
-        assert any(m.startswith("fresh run in") and "test_metrics.json" in m
-                   and "figures/roc.png" in m for m in seen["messages"])
+        assert seen["files"] == []  # removed before the first checkpoint
+        assert any(line.split(" WARNING ")[-1].startswith("fresh run in")
+                   and "test_metrics.json" in line and "figures/roc.png" in line
+                   for line in (tmp_path / "train.log").read_text().splitlines())
         assert (tmp_path / "notes.txt").is_file() and (tmp_path / "figures" / "mine.png").is_file()
 
-        monkeypatch.setattr(experiments_module, "fit", real_fit)
+        monkeypatch.undo()
         (tmp_path / "test_metrics.json").write_text("{}")
         report = run_fold(spec, _config(lr=0.05), 0, tmp_path, data=data, progress=False)
         assert report["model"]["lr"] == 0.05
@@ -227,6 +227,38 @@ class TestRunFold:
                  progress=False)
         assert (tmp_path / "notes.txt").is_file()
         assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+    @pytest.mark.parametrize("failure", ["weights file missing", "input size too small"])
+    def test_fresh_run_that_cannot_start_keeps_the_earlier_run(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+    ) -> None:
+        """A fresh fold removed an earlier run's checkpoint and reports before training
+        built its model: when building failed (weights missing or not downloadable, an
+        input size the backbone cannot take), nothing replaced them."""
+        from bilinearpool import build_model
+        from torch import nn
+
+        root, _ = synth_tree
+        spec = _spec(root)
+        data = prepare_data(spec)
+        run_fold(spec, _config(), 0, tmp_path, data=data, progress=False)
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()
+                  if p.is_file() and p.name != "train.log"}
+        assert {"checkpoint.pt", "test_metrics.json", "test_predictions.csv"} <= set(before)
+        if failure == "weights file missing":
+            config = _config(backbone="resnet18", weights=str(tmp_path / "missing.pth"))
+            with pytest.raises(FileNotFoundError, match="missing.pth"):
+                run_fold(spec, config, 0, tmp_path, data=data, progress=False)
+        else:
+            # a backbone whose 9x9 kernel does not fit an 8-pixel input
+            monkeypatch.setattr(train_module, "_make_model", lambda config, n, weights: (
+                build_model("plain", nn.Conv2d(3, 4, kernel_size=9), num_classes=n)))
+            with pytest.raises(ValueError, match="cannot take input_size 8"):
+                run_fold(spec, _config(input_size=8), 0, tmp_path, data=data, progress=False)
+        after = {p.name: p.read_bytes() for p in tmp_path.iterdir()
+                 if p.is_file() and p.name != "train.log"}
+        assert after == before
+        assert "removed what an earlier run left" not in (tmp_path / "train.log").read_text()
 
     def test_report_records_its_checkpoint_and_epochs(self, synth_tree, tmp_path: Path) -> None:
         from breakhis.train import checkpoint_identity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -116,8 +117,9 @@ class TestProtocols:
 
     def test_official_dsfold(self, synth_tree) -> None:
         root, meta = synth_tree
-        records = index_breakhis(root).records
-        tables = find_fold_tables(root)
+        index = index_breakhis(root)
+        records = index.records
+        tables = find_fold_tables(index)
         assert [t.name for t in tables] == meta["fold_files"]
         splits = official_folds(records, tables)
         assert len(splits) == 5
@@ -129,12 +131,33 @@ class TestProtocols:
 
     def test_official_kaggle_csv(self, kaggle_tree) -> None:
         root, _ = kaggle_tree
-        records = index_breakhis(root).records
-        tables = find_fold_tables(root)
+        index = index_breakhis(root)
+        records = index.records
+        tables = find_fold_tables(index)
         assert [t.name for t in tables] == ["Folds.csv"]
         splits = make_splits(records, get_task("MIBC").targets(records), "official",
                              fold_tables=tables)
         assert len(splits) == 5 and all(s.protocol == "official" for s in splits)
+
+    def test_fold_tables_come_from_the_index(self, synth_tree, tmp_path: Path) -> None:
+        """find_fold_tables walked the tree again on its own: a notebook's hidden copy of
+        a Folds.csv won over the dsfold tables, and tables in a linked folder were missed."""
+        root, meta = synth_tree
+        data = Path(shutil.copytree(root, tmp_path / "data"))
+        (data / ".ipynb_checkpoints").mkdir()
+        (data / ".ipynb_checkpoints" / "Folds.csv").write_text("fold,mag,grp,filename\n")
+        tables = find_fold_tables(index_breakhis(data))
+        assert [t.relative_to(data).as_posix() for t in tables] == meta["fold_files"]
+
+        elsewhere = tmp_path / "tables"
+        elsewhere.mkdir()
+        for name in meta["fold_files"]:
+            (data / name).rename(elsewhere / name)
+        (data / "folds").symlink_to(elsewhere, target_is_directory=True)
+        tables = find_fold_tables(index_breakhis(data))
+        assert [t.relative_to(data).as_posix() for t in tables] == [
+            f"folds/{name}" for name in meta["fold_files"]]
+        assert find_fold_tables(index_breakhis(data), max_depth=0) == []
 
     def test_official_reports_unlisted_and_shared(self, tmp_path: Path) -> None:
         records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=p)

@@ -505,19 +505,25 @@ class TestInputNormalization:
     weights expect inputs in [-1, 1] (mean = std = 0.5), as the paper's Keras
     preprocessing gives."""
 
-    def test_inception_resnet_v2_gets_timms_values(self) -> None:
+    @pytest.mark.parametrize("head", ["plain", "bcnn"])
+    def test_inception_resnet_v2_gets_timms_values(self, head: str) -> None:
+        # read from the built model (one stream, or two), not from the name: a
+        # features_only inception_resnet_v2 without weights builds in well under a second
         pytest.importorskip("timm")
         from PIL import Image
 
         from breakhis.dataset import build_eval_transform
         from breakhis.models import input_normalization
 
-        mean, std = input_normalization("inception_resnet_v2")
+        mean, std = input_normalization(
+            build_network(head, "inception_resnet_v2", num_classes=2, weights=None))
         assert mean == std == (0.5, 0.5, 0.5)
         white = Image.new("RGB", (12, 12), (255, 255, 255))
         x = build_eval_transform(16, mean=mean, std=std)(white)
         torch.testing.assert_close(x, torch.ones(3, 16, 16))
-        assert input_normalization("timm:inception_resnet_v2.tf_in1k") == (mean, std)
+        assert input_normalization(build_network(
+            "plain", "timm:inception_resnet_v2.tf_in1k", num_classes=2, weights=None,
+        )) == (mean, std)
 
     @pytest.mark.parametrize("backbone", ["tiny", "inception_v3", "resnet50"])
     def test_torchvision_and_tiny_get_imagenet_values(self, backbone: str) -> None:
@@ -526,7 +532,35 @@ class TestInputNormalization:
         from breakhis.dataset import IMAGENET_MEAN, IMAGENET_STD
         from breakhis.models import input_normalization
 
-        assert input_normalization(backbone) == (IMAGENET_MEAN, IMAGENET_STD)
+        model = build_network("plain", backbone, num_classes=2, weights=None)
+        assert input_normalization(model) == (IMAGENET_MEAN, IMAGENET_STD)
+
+    def test_training_uses_the_built_models_values(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from breakhis.dataset import IMAGENET_MEAN, IMAGENET_STD
+
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+        def with_cfg(config, n, weights):
+            model = build_network("plain", "tiny", num_classes=n)
+            model.backbone.body.pretrained_cfg = half  # as a timm backbone carries it
+            return model
+
+        monkeypatch.setattr(train_module, "_make_model", with_cfg)
+        kwargs = dict(train_records=records, train_targets=y, classes=classes,
+                      run_dir=tmp_path, progress=False)
+        result = fit(_cfg(), **kwargs)
+        assert result.normalization == ((0.5,) * 3, (0.5,) * 3)
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["normalization"] == {
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+        # a resumed run keeps the values it started with, whatever the model says now
+        monkeypatch.undo()
+        resumed = fit(_cfg(epochs=2), resume=True, **kwargs)
+        assert resumed.normalization == ((0.5,) * 3, (0.5,) * 3)
+        assert (IMAGENET_MEAN, IMAGENET_STD) != resumed.normalization
+        assert "older breakhis" not in (tmp_path / "train.log").read_text()
 
     def test_stored_values_round_trip_through_the_checkpoint(
         self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -627,3 +661,24 @@ class TestInputSize:
             fit(config, train_records=records, train_targets=task.targets(records),
                 classes=list(task.classes), run_dir=tmp_path, progress=False)
         assert not (tmp_path / "checkpoint.pt").exists()
+
+    def test_trial_forward_runs_once_on_a_fresh_start_of_the_main_process(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The trial forward pass ran on every start: on resumes (whose model passed it
+        when the run began) and on every DDP process."""
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        calls: list[int] = []
+        real_check = train_module._check_forward
+        monkeypatch.setattr(train_module, "_check_forward",
+                            lambda model, config: calls.append(1) or real_check(model, config))
+        monkeypatch.setattr(train_module, "DistributedDataParallel",
+                            lambda module, device_ids=None: module)
+        kwargs = dict(train_records=records, train_targets=y, classes=classes, progress=False)
+        fit(_cfg(), run_dir=tmp_path / "a", **kwargs)
+        assert len(calls) == 1
+        fit(_cfg(epochs=2), run_dir=tmp_path / "a", resume=True, **kwargs)
+        assert len(calls) == 1
+        other = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+        fit(_cfg(batch_size=8), run_dir=tmp_path / "b", dist_info=other, **kwargs)
+        assert len(calls) == 1
