@@ -28,6 +28,7 @@ import copy
 import importlib.util
 import numbers
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
@@ -315,7 +316,14 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
         except ImportError as err:
             raise ImportError(f"reading {str(path)!r} needs safetensors: pip install safetensors") from err
         return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses pickled objects
+        raise ValueError(
+            f"{str(path)!r} is not a state_dict file: it holds pickled objects (e.g. a whole model "
+            "saved with torch.save(model)), which are not loaded (they can run code); save "
+            "model.state_dict() instead"
+        ) from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]

@@ -362,6 +362,13 @@ def test_local_inception_weights_preprocess_as_imagenet(name, node, tmp_path, mo
         torch.testing.assert_close(rebuilt(x), expected)
 
 
+def test_whole_pickled_model_is_refused_clearly(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(torchvision.models.resnet18(), path)  # a whole model, not its state_dict
+    with pytest.raises(ValueError, match=r"not a state_dict file.*save model.state_dict\(\) instead"):
+        build_backbone("resnet18", weights=path)
+
+
 class TestClassifierOfAnotherSize:
     """The classifier of a weights file is not loaded (the extractor cuts it off): one
     fine-tuned on other classes, or none, is accepted; every other key must still fit."""
