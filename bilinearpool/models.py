@@ -279,6 +279,13 @@ class BilinearClassifier(nn.Module):
             self.backbone_b = self.backbone  # one module in both streams: run once, see forward_features
         else:
             self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options)
+        if self.backbone_b is not None and self.backbone.tokens != self.backbone_b.tokens:
+            kinds = {True: "tokens (B, N, C)", False: "feature maps (B, C, H, W)"}
+            raise ValueError(
+                "the two streams must give the same kind of features, but "
+                f"{self.backbone.name!r} gives {kinds[self.backbone.tokens]} and "
+                f"{self.backbone_b.name!r} gives {kinds[self.backbone_b.tokens]}"
+            )
         if reduce_dim:
             for stream in (self.backbone, self.backbone_b):
                 if stream is not None:

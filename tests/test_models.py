@@ -479,6 +479,15 @@ class TestTokenBackbones:
             BCNN(tiny(8), build_backbone(tiny_vit(), node="encoder", sample_shape=(3, 32, 32)),
                  num_classes=3, reduce_dim=4)
 
+    def test_streams_of_two_kinds_are_refused(self):
+        """A map stream and a token stream: refused when built (the pooling would pair
+        locations with tokens, or fail at the first forward)."""
+        vit = build_backbone(tiny_vit(), node="encoder", sample_shape=(3, 32, 32))
+        with pytest.raises(ValueError, match=r"same kind of features.*feature maps \(B, C, H, W\).*tokens"):
+            BCNN(tiny(8), vit, num_classes=3)
+        with pytest.raises(ValueError, match="same kind of features"):
+            BilinearClassifier(vit, tiny(8), pool=BilinearPool(), num_classes=3)
+
     def test_dry_run_uses_tokens(self):
         class ClassToken(nn.Module):  # takes tokens only: (B, N, C) -> (B, C)
             def forward(self, x):
