@@ -79,7 +79,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="resnet50, inception_v3, inception_resnet_v2, any name bilinearpool "
                    "resolves, or 'tiny' for CPU demos (default: %(default)s)")
     g.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (download) or a local state_dict file (default: %(default)s)")
+                   help="'imagenet' (download), a torchvision weights name, a timm pretrained "
+                   "tag, or a local state_dict file (default: %(default)s)")
     g.add_argument("--no-pretrained", action="store_true", help="random initialisation")
     g.add_argument("--se", action="store_true",
                    help="SE blocks in the backbone, reduction 8 (the paper's +SE)")
@@ -87,8 +88,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=0.0)
     g = p.add_argument_group("training (the paper's values where it gives them)")
     g.add_argument("--input-size", type=int, default=224,
-                   help="197, 224 or 448 in the paper; inception_v3 and inception_resnet_v2 "
-                   "need at least 75")
+                   help="197, 224 or 448 in the paper; at least 8, and 75 for inception_v3 "
+                   "and inception_resnet_v2")
     g.add_argument("--epochs", type=int, default=50,
                    help="the paper gives none; %(default)s is our choice")
     g.add_argument("--batch-size", type=int, default=16, help="global batch size")
@@ -113,7 +114,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue from the run folder's checkpoint.pt; refused when data, "
                    "fold or settings differ from the checkpoint's (only --epochs, "
-                   "--num-workers and --device may change)")
+                   "--num-workers, --device and a moved --data-root holding the same files "
+                   "may change)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -181,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("predict", help="class probabilities for new images (CSV)",
-                       description="Write a CSV with one row per image: path, predicted class "
-                       "and the probability of every class.")
+                       description="Write a CSV with one row per image: path, patient and "
+                       "magnification (from BreaKHis names), true label (empty for new "
+                       "images), predicted class and the probability of every class.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s)")
@@ -202,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tsne_coords.npy (t-SNE of the pre-logit embeddings), gradcam.png "
                        "(Grad-CAM of the predicted class on the last feature map, of both "
                        "streams for a BCNN) and "
-                       "figures.json (paths, AUCs, perplexity, checkpoint, protocol, whether "
-                       "the data are synthetic).", epilog=_EPILOG)
+                       "figures.json (paths, AUCs, perplexity, checkpoint, fold, split, "
+                       "epochs trained, protocol, whether the data are synthetic).",
+                       epilog=_EPILOG)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-root", help="data folder, if it moved since training")
     p.add_argument("--split", default="test", choices=["test", "train", "all"],
@@ -230,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Put the results of several run folders (cv_metrics.json "
                        "of a cv run, or test_metrics.json of one fold) into one table in the "
                        "shape of the paper's: task, protocol, backbone, head, input size, "
-                       "folds, image accuracy and patient recognition rate (mean ± std), "
-                       "macro F1, ROC AUC; synthetic-data runs are marked.", epilog=_EPILOG)
+                       "folds, training (start weights, epochs trained of those configured, "
+                       "learning rate, settings that differ between the runs, split seed "
+                       "among them), image accuracy and patient recognition rate (mean ± "
+                       "std), macro F1, ROC AUC; synthetic-data runs are marked.",
+                       epilog=_EPILOG)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
     p.add_argument("--out", metavar="FILE.md",
                    help="write the Markdown here and the CSV next to it (FILE.csv); "

@@ -142,7 +142,9 @@ def build_network(
         head: ``plain``, ``bcnn`` or ``fast-bcnn``.
         backbone: a backbone name ``bilinearpool`` resolves, or ``tiny``.
         num_classes: number of classes.
-        weights: ``None`` (random init), ``"imagenet"`` or a local state-dict path.
+        weights: ``None`` (random init), ``"imagenet"``, a torchvision weights name, a
+            timm pretrained tag, or a local state-dict path (see
+            :func:`bilinearpool.build_backbone`).
         se_reduction: SE reduction ratio inside the backbone (paper: 8), or ``None``.
         dropout: dropout before the classifier.
         **kwargs: passed on to ``bilinearpool.build_model``.

@@ -112,7 +112,8 @@ class TrainConfig:
     Args:
         head: ``plain``, ``bcnn`` or ``fast-bcnn``.
         backbone: backbone name for ``bilinearpool`` (or ``tiny``).
-        weights: ``"imagenet"``, a local state-dict path, or ``None`` (random init).
+        weights: ``"imagenet"``, a torchvision weights name, a timm pretrained tag, a local
+            state-dict path, or ``None`` (random init).
         se_reduction: SE reduction ratio (the paper's "+SE": 8), or ``None``.
         dropout: dropout before the classifier.
         input_size: image side after resizing (224; the paper also uses 197, 448).
@@ -162,9 +163,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, but got {self.head!r}")
-        for name in ("epochs", "batch_size", "input_size"):
+        for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
+        if int(self.input_size) < 8:  # the transforms' minimum (dataset._check_size), checked up front
+            raise ValueError(f"input_size must be >= 8, but got {self.input_size}")
         check_input_size(self.backbone, int(self.input_size))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, but got {self.lr}")

@@ -636,6 +636,13 @@ class TestInputSize:
             TrainConfig(backbone=backbone, input_size=32)
         assert TrainConfig(backbone=backbone, input_size=75).input_size == 75
 
+    def test_below_the_transforms_minimum_is_refused_by_the_config(self) -> None:
+        """Sizes 1-7 passed the config and failed only in the transforms, after a fresh
+        run had removed an earlier run's outputs."""
+        with pytest.raises(ValueError, match=r"input_size must be >= 8, but got 7"):
+            TrainConfig(backbone="tiny", input_size=7)
+        assert TrainConfig(backbone="tiny", input_size=8).input_size == 8
+
     def test_cli_says_so_before_indexing(self, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["train", "--data-root", str(tmp_path / "none"), "--backbone",
