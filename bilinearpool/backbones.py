@@ -274,6 +274,20 @@ def _torchvision_node(name: str, model: nn.Module) -> str | None:
     return node if isinstance(node, str) else node(model)
 
 
+#: torchvision model classes whose lower-cased name is not their family's name prefix.
+_TORCHVISION_CLASS_FAMILY = {"Inception3": "inception_v3"}
+
+
+def _torchvision_model_node(model: nn.Module) -> str | None:
+    """The default node of a torchvision classification model passed as a module (as for
+    its name: ``resnet18()`` is cut at ``layer4``), ``None`` for any other module."""
+    cls = type(model)
+    if not cls.__module__.startswith("torchvision.models."):
+        return None
+    family = _TORCHVISION_CLASS_FAMILY.get(cls.__name__, cls.__name__.lower())
+    return _torchvision_node(family, model)
+
+
 def _torchvision_names() -> list[str]:
     try:
         import torchvision
@@ -684,6 +698,7 @@ def build_backbone(
         raise TypeError(f"backbone must be a name or an nn.Module, but got {type(backbone).__name__}")
     if weights is not None:
         raise ValueError("weights= applies to named backbones; load weights into your module before passing it")
+    node = node or _torchvision_model_node(backbone)
     fmt = output_fmt or _module_output_fmt(backbone, node)
     if se_reduction is not None:
         if node is not None:

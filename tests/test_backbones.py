@@ -497,3 +497,26 @@ def test_vgg_and_alexnet_cut_before_the_last_max_pool():
     assert out.shape == (1, 512, 14, 14) and (out >= 0).all()
     alex = build_backbone("alexnet")
     assert alex.name == "alexnet:features.11" and alex.out_channels == 256
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: torchvision.models.resnet18(), "resnet18"),
+        (lambda: torchvision.models.vgg11(), "vgg11"),
+        (lambda: torchvision.models.inception_v3(init_weights=False, aux_logits=True), "inception_v3"),
+        (lambda: torchvision.models.swin_t(), "swin_t"),
+    ],
+)
+def test_torchvision_model_passed_as_module_gets_its_names_default_node(make, name):
+    """A torchvision classification model passed as a module is cut where its name is
+    (it ran to the logits and was refused: 'returned (1, 1000); pass node=')."""
+    torch.manual_seed(0)
+    model = make().eval()
+    by_module = build_backbone(model).eval()
+    by_name = build_backbone(name).eval()
+    by_name.load_state_dict(by_module.state_dict())
+    assert (by_module.out_channels, by_module.output_fmt) == (by_name.out_channels, by_name.output_fmt)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(by_module(x), by_name(x))
