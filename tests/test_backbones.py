@@ -237,8 +237,9 @@ def test_errors(tmp_path):
         build_backbone(torchvision.models.resnet18(), node="layer9")
     with pytest.raises(TypeError, match="name or an nn.Module, but got int"):
         build_backbone(3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="returned \\(1, 1000\\)"):
-        build_backbone(torchvision.models.resnet18())  # a classifier, not a feature map
+    classifier = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(ValueError, match="returned \\(1, 10\\)"):
+        build_backbone(classifier)  # a classifier, not a feature map (torchvision models get their node)
     with pytest.raises(ValueError, match="weights= applies to named backbones"):
         build_backbone(nn.Conv2d(3, 4, 3), weights="imagenet")
 
