@@ -143,12 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "the release's folder layout and names (irregular ones included), "
                        "class-dependent textures, a SYNTHETIC.txt marker and synthetic.json.")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
-    p.add_argument("--images-per-magnification", type=int, default=3)
-    p.add_argument("--size", type=_size, default=(700, 460), help="WIDTHxHEIGHT (default 700x460)")
-    p.add_argument("--layout", choices=["official", "kaggle"], default="official")
+    p.add_argument("--images-per-magnification", type=int, default=3, metavar="N",
+                   help="images per patient and magnification (40X, 100X, 200X, 400X); "
+                   "one patient has a single 40X image (default: %(default)s)")
+    p.add_argument("--size", type=_size, default=(700, 460), metavar="WIDTHxHEIGHT",
+                   help="image size; the default 700x460 is BreaKHis' and writes about "
+                   "156 MB, 96x64 makes a small tree that trains fast on a CPU "
+                   "(default: 700x460)")
+    p.add_argument("--layout", choices=["official", "kaggle"], default="official",
+                   help="'official': BreaKHis_v1/histology_slides/... with dsfold1..5.txt; "
+                   "'kaggle': one BreaKHis_v1 folder deeper, with Folds.csv "
+                   "(default: %(default)s)")
     p.add_argument("--no-irregular", action="store_true", help="no junk/corrupt files")
     p.add_argument("--no-folds", action="store_true", help="no dsfold/Folds.csv tables")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the pixels and of the fold tables; the same seed writes "
+                   "the same tree (default: %(default)s)")
 
     p = sub.add_parser("train", help="train one fold and evaluate it",
                        description="Train one fold with the paper's recipe; checkpoint every "
@@ -279,18 +289,47 @@ def _default_out(args: argparse.Namespace, suffix: str) -> Path:
 
 
 def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
-    def pct(v: Any) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f}%"
+    from .evaluate import metrics_line
 
-    print(f"{title}: accuracy {pct(metrics['accuracy'])}, patient recognition rate "
-          f"{pct(metrics['patient_recognition_rate'])}, macro F1 {pct(metrics['macro_f1'])}, "
-          f"ROC AUC {pct(metrics['roc_auc'])} on {metrics['images']} images")
+    print(f"{title}: {metrics_line(metrics)}")
+
+
+#: Name of the handler :func:`_log_to_console` puts on the ``breakhis`` logger.
+_CONSOLE_HANDLER = "breakhis-repro console"
+#: Level and propagation of the ``breakhis`` logger before :func:`_log_to_console`.
+_SAVED_LOGGER_STATE: list[tuple[int, bool]] = []
 
 
 def _log_to_console(main_process: bool) -> None:
-    """Per-epoch lines on the console (main process only), besides the run's train.log."""
-    if main_process:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    """Per-epoch lines and warnings of ``breakhis`` on stderr (main process only), besides
+    the run's train.log; :func:`main` takes the handler off again when the command ends.
+
+    Only the ``breakhis`` logger is configured, not the root logger: third-party loggers
+    (huggingface_hub's retries when offline) keep their own level, and are not printed
+    twice. It does not propagate meanwhile, so a root handler that the calling program
+    set up does not print its lines a second time.
+    """
+    logger = logging.getLogger("breakhis")
+    if not main_process or any(h.get_name() == _CONSOLE_HANDLER for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_CONSOLE_HANDLER)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    _SAVED_LOGGER_STATE.append((logger.level, logger.propagate))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _stop_logging_to_console() -> None:
+    """Undo :func:`_log_to_console`."""
+    logger = logging.getLogger("breakhis")
+    for handler in [h for h in logger.handlers if h.get_name() == _CONSOLE_HANDLER]:
+        logger.removeHandler(handler)
+    if _SAVED_LOGGER_STATE:
+        level, propagate = _SAVED_LOGGER_STATE.pop()
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -476,6 +515,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 def _cmd_table(args: argparse.Namespace) -> int:
     from .plots import results_table
 
+    _log_to_console(True)  # a stale cv summary is a warning of breakhis.plots
     text = results_table(args.run_dirs, out=args.out)
     print(text)
     if args.out:
@@ -499,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = " (offline? pass --weights PATH to a local state_dict, or --no-pretrained)"
         print(f"breakhis-repro {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
+    finally:
+        _stop_logging_to_console()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import csv
 import json
 import math
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
@@ -35,6 +33,7 @@ __all__ = [
     "SUMMARY_METRICS",
     "Predictions",
     "classification_metrics",
+    "metrics_line",
     "patient_recognition_rate",
     "read_predictions",
     "render_markdown",
@@ -196,10 +195,10 @@ def classification_metrics(
             prr = patient_recognition_rate(y_true, y_pred, patient_list)
     present = [c for c in labels if support[c] > 0]
     f1_classes = [c for c in labels if support[c] > 0 or np.any(y_pred == c)]
-    with warnings.catch_warnings():
-        # a small test fold may lack classes that the model predicts
-        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
-        balanced = float(balanced_accuracy_score(y_true, y_pred)) if present else None
+    # sklearn's balanced_accuracy_score (the mean recall over the classes in y_true),
+    # computed here: sklearn warns on a test fold of one class, or one that lacks a
+    # class the model predicts, which a small or unstratified fold often is
+    balanced = float(np.mean(recall[present])) if present else None
     return {
         "images": int(len(y_true)),
         "patients": n_patients,
@@ -245,6 +244,25 @@ def summarize_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, A
         std = float(np.std(values, ddof=1)) if len(values) > 1 else None
         out[key] = {"mean": float(np.mean(values)), "std": std, "n": len(values)}
     return out
+
+
+def metrics_line(metrics: Mapping[str, Any]) -> str:
+    """One fold's headline metrics in one line, as the console shows them.
+
+    Args:
+        metrics: the ``metrics`` of a test report (:func:`classification_metrics`).
+
+    Examples:
+        >>> metrics_line({"accuracy": 0.875, "patient_recognition_rate": None,
+        ...               "macro_f1": 0.8, "roc_auc": 0.9, "images": 8})
+        'accuracy 87.50%, patient recognition rate n/a, macro F1 80.00%, ROC AUC 90.00% on 8 images'
+    """
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    return (f"accuracy {pct(metrics['accuracy'])}, patient recognition rate "
+            f"{pct(metrics['patient_recognition_rate'])}, macro F1 {pct(metrics['macro_f1'])}, "
+            f"ROC AUC {pct(metrics['roc_auc'])} on {metrics['images']} images")
 
 
 def _fmt(value: Any) -> str:

@@ -43,6 +43,7 @@ from .distributed import DistInfo, init_distributed
 from .evaluate import (
     PREDICTIONS_FILE,
     classification_metrics,
+    metrics_line,
     summarize_folds,
     write_predictions,
     write_report,
@@ -534,15 +535,24 @@ def run_cv(
             _LOG.warning("fresh cross-validation in %s: removed the summary of an earlier run "
                          "there: %s", run_dir, ", ".join(stale))
     reports = []
-    for fold in chosen:
+    for position, fold in enumerate(chosen, 1):
         fold_dir = run_dir / f"fold{fold}"
+        # console lines (the CLI shows breakhis' INFO), so that a long CV shows where it is
+        if info.is_main:
+            _LOG.info("fold %d (%d/%d) in %s", fold, position, len(chosen), fold_dir)
+        report = None
         if resume and (fold_dir / "test_metrics.json").is_file():
             report = _reusable_fold(spec, config, data, fold, fold_dir)
-            if report is not None:
-                reports.append(report)
-                continue
-        reports.append(run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
-                                dist_info=info, progress=progress))
+            if report is not None and info.is_main:
+                _LOG.info("fold %d: reusing %s (made from its checkpoint, %s epochs)", fold,
+                          fold_dir / "test_metrics.json", report.get("epochs_trained"))
+        if report is None:
+            report = run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
+                              dist_info=info, progress=progress)
+        reports.append(report)
+        if report is not None:
+            _LOG.info("fold %d (%d/%d): %s", fold, position, len(chosen),
+                      metrics_line(report["metrics"]))
     if not info.is_main:
         return None
     first = reports[0]
@@ -558,8 +568,11 @@ def run_cv(
         "epochs_trained": _least([r.get("epochs_trained") for r in reports]),
         "data_issues": data.issues(),
         "summary": summarize_folds([r["metrics"] for r in reports]),
+        # the checkpoint of each fold's report, so that `table` can tell a summary that a
+        # fold retrained since has left stale (breakhis.plots.results_rows)
         "folds": [{"fold": r["fold"], "protocol": r["protocol"],
-                   "epochs_trained": r.get("epochs_trained"), "metrics": r["metrics"]}
+                   "epochs_trained": r.get("epochs_trained"), "checkpoint": r.get("checkpoint"),
+                   "metrics": r["metrics"]}
                   for r in reports],
     }
     write_report(summary, run_dir, "cv_metrics")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import textwrap
@@ -58,18 +59,19 @@ _VARYING_SETTINGS: tuple[tuple[str, str], ...] = (
     ("dropout", "dropout"), ("augment", "augmentation"), ("shift", "shift"),
     ("rotation", "rotation"), ("plateau_factor", "plateau factor"),
     ("plateau_patience", "plateau patience"), ("val_fraction", "val fraction"),
-    ("seed", "seed"), ("split_seed", "split seed"),
+    ("seed", "seed"), ("split_seed", "split seed"), ("n_splits", "splits"),
 )
 #: Settings of :data:`_VARYING_SETTINGS` that reports record under ``protocol``, not
 #: ``model``.
-_PROTOCOL_SETTINGS: frozenset[str] = frozenset({"split_seed"})
+_PROTOCOL_SETTINGS: frozenset[str] = frozenset({"split_seed", "n_splits"})
 #: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
     "input_size", "weights", "epochs", "epochs_trained", "lr", "oversample",
-    *[key for key, _ in _VARYING_SETTINGS], "folds", "n_splits", "fold", "synthetic",
-    *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
+    *[key for key, _ in _VARYING_SETTINGS], "folds", "fold", "synthetic", "data_root",
+    "stale_folds", *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
 )
+_LOG = logging.getLogger("breakhis.plots")
 _TABLE_METRICS = (("accuracy", "image accuracy"),
                   ("patient_recognition_rate", "patient recognition rate"),
                   ("macro_f1", "macro F1"), ("roc_auc", "ROC AUC"))
@@ -762,13 +764,44 @@ def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any
                      "`evaluate`)")
 
 
+def _stale_folds(folder: Path, report: dict[str, Any]) -> list[int]:
+    """Folds of a cv summary whose ``fold<k>/test_metrics.json`` was made since the summary.
+
+    A fold's report is compared by the checkpoint it was made from (``checkpoint``:
+    epoch and fingerprint); a summary written before it recorded them is compared by
+    the fold's metrics. A fold folder without a report says nothing.
+    """
+    stale = []
+    for entry in report.get("folds") or []:
+        done = folder / f"fold{entry.get('fold')}" / "test_metrics.json"
+        if not done.is_file():
+            continue
+        current = json.loads(done.read_text())
+        if entry.get("checkpoint") is not None:
+            changed = current.get("checkpoint") != entry["checkpoint"]
+        else:
+            changed = current.get("metrics") != entry.get("metrics")
+        if changed:
+            stale.append(entry["fold"])
+    return stale
+
+
+def _stale_note(stale: Sequence[int]) -> str:
+    folds = ", ".join(str(f) for f in stale)
+    return (f"stale: fold{'s' if len(stale) > 1 else ''} {folds} retrained since the summary; "
+            "rerun cv --resume")
+
+
 def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
     """One row per run folder, the data of :func:`results_table` (columns
     :data:`RESULTS_COLUMNS`; metrics as fractions).
 
     A folder with ``cv_metrics.json`` gives its mean and standard deviation over folds
     (``summary`` of :func:`breakhis.evaluate.summarize_folds`); otherwise its
-    ``test_metrics.json`` gives one fold (no standard deviation).
+    ``test_metrics.json`` gives one fold (no standard deviation). A summary that a fold
+    retrained since has left behind (its ``fold<k>/test_metrics.json`` made from another
+    checkpoint than the summary records) is still read, with a warning, and its row
+    names those folds (``stale_folds``).
 
     Raises:
         ValueError: for a folder with neither file, or no run folder at all.
@@ -781,11 +814,14 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
         if "summary" in report:
             stats = report["summary"]
             folds = len(report.get("folds") or []) or max(s["n"] for s in stats.values())
+            stale = _stale_folds(folder, report)
+            if stale:
+                _LOG.warning("%s: %s", folder / name, _stale_note(stale))
         else:
             metrics = report.get("metrics") or {}
             stats = {k: {"mean": metrics[k], "std": None, "n": 1}
                      for k in SUMMARY_METRICS if metrics.get(k) is not None}
-            folds = 1
+            folds, stale = 1, []
         task, protocol = report.get("task") or {}, report["protocol"]
         model = report.get("model") or {}
         row: dict[str, Any] = {
@@ -799,9 +835,9 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             "lr": model.get("lr"), "oversample": model.get("oversample"),
             **{key: (protocol if key in _PROTOCOL_SETTINGS else model).get(key)
                for key, _ in _VARYING_SETTINGS},
-            "folds": folds, "n_splits": protocol.get("n_splits"),
-            "fold": None if "summary" in report else report.get("fold"),
+            "folds": folds, "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
+            "data_root": report.get("data_root"), "stale_folds": stale,
         }
         for key in SUMMARY_METRICS:
             stat = stats.get(key) or {}
@@ -872,11 +908,14 @@ def results_table(
     before its last epoch, learning rate, over-sampling, and any other training
     setting whose recorded values differ between the runs: batch size, momentum,
     weight decay, dropout, augmentation, shift, rotation, plateau factor and patience,
-    validation fraction, seed, split seed), folds (``"2 of 5"`` for a partial
-    cross-validation), then image accuracy, patient
+    validation fraction, seed, split seed, number of splits), folds (``"2 of 5"`` for a
+    partial cross-validation, ``"1 (fold 0 of 5)"`` for one fold; a stale summary, one
+    that a fold retrained since has left behind, is marked there), then image accuracy,
+    patient
     recognition rate, macro F1 and ROC AUC as mean ± std over folds in percent. Every
     row names its protocol (image-split numbers are optimistic, see the notes under the
-    table), and runs on synthetic data are marked ``SYNTHETIC``.
+    table), and runs on synthetic data are marked ``SYNTHETIC``; when the runs come from
+    more than one data folder, each row names its own.
 
     Args:
         run_dirs: folders holding ``cv_metrics.json`` (a ``cv`` run) or
@@ -896,6 +935,7 @@ def results_table(
                          f"{str(out)!r}")
     rows = results_rows(run_dirs)
     varying = _varying(rows)
+    roots = {r["data_root"] for r in rows if r["data_root"] is not None}
     header = ["run", "task", "protocol", "backbone", "head", "input", "training", "folds",
               *[f"{label} (%)" for _, label in _TABLE_METRICS], "data"]
     lines = ["# Results (mean ± std over folds, percent)", "",
@@ -908,13 +948,20 @@ def results_table(
         if row["se_reduction"]:
             head += f"+SE{row['se_reduction']}"
         folds = str(row["folds"])
-        if row["n_splits"] and row["fold"] is None and row["folds"] < row["n_splits"]:
-            folds += f" of {row['n_splits']}"  # a partial cross-validation (cv --folds)
-        folds += f" (fold {row['fold']})" if row["fold"] is not None else ""
+        of = f" of {row['n_splits']}" if row["n_splits"] else ""
+        if row["fold"] is not None:
+            folds += f" (fold {row['fold']}{of})"  # one fold: of which split
+        elif row["n_splits"] and row["folds"] < row["n_splits"]:
+            folds += of  # a partial cross-validation (cv --folds)
+        if row["stale_folds"]:
+            folds += f" ({_stale_note(row['stale_folds'])})"
+        data = "SYNTHETIC" if row["synthetic"] else "real"
+        if len(roots) > 1 and row["data_root"] is not None:
+            data += f" ({row['data_root']})"
         cells = [Path(row["run"]).name or row["run"], task, row["protocol"], row["backbone"],
                  head, row["input_size"], _training(row, varying), folds,
                  *[_pct(row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in _TABLE_METRICS],
-                 "SYNTHETIC" if row["synthetic"] else "real"]
+                 data]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "Protocols:", ""]
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
@@ -931,5 +978,6 @@ def results_table(
         with md.with_suffix(".csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(RESULTS_COLUMNS))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**r, "stale_folds": " ".join(str(f) for f in r["stale_folds"])}
+                             for r in rows)
     return text

@@ -327,15 +327,30 @@ def _write_irregular_files(
 def _write_folds(
     root: Path, top: Path, images: Sequence[Path], layout: str, rng: np.random.Generator
 ) -> list[str]:
-    """Write five patient-disjoint 70/30 folds as ``dsfoldN.txt`` or ``Folds.csv``."""
+    """Write five patient-disjoint 70/30 folds as ``dsfoldN.txt`` or ``Folds.csv``.
+
+    Each fold's test patients are about 30% of each class's patients (at least one of a
+    class with two or more), so that every test fold holds benign and malignant images.
+    """
     # split by patient id (not folder), so the DC/LC copies of a slide stay together
     def patient(path: Path) -> str:
         return path.parent.parent.name.split("_", 3)[3]
 
-    patients = sorted({patient(p) for p in images})
+    classes: dict[str, str] = {}
+    for path in images:  # SOB_<B|M>_<type>_<patient>: a patient's first class letter
+        classes.setdefault(patient(path), path.parent.parent.name.split("_", 2)[1])
+    strata = [sorted(p for p, c in classes.items() if c == letter)
+              for letter in sorted(set(classes.values()))]
     rows: list[tuple[int, int, str, Path]] = []
     for fold in range(1, 6):
-        test = set(rng.permutation(patients)[: max(1, round(0.3 * len(patients)))].tolist())
+        test: set[str] = set()
+        for members in strata:
+            # a class of one patient stays in training; others keep one there at least
+            n = 0 if len(members) < 2 else min(len(members) - 1,
+                                                max(1, round(0.3 * len(members))))
+            test.update(rng.permutation(members)[:n].tolist())
+        if not test:  # every class has one patient: one of them is the test set
+            test = {str(rng.choice(sorted(classes)))}
         for path in images:
             grp = "test" if patient(path) in test else "train"
             rows.append((fold, int(path.parent.name[:-1]), grp, path))

@@ -638,7 +638,8 @@ def _fit(
         # the run continues with the inputs it started with, as if never interrupted
         recorded_norm = checkpoint_normalization(state)
         if info.is_main:
-            _LOG.info("resumed from %s after epoch %d", ckpt_path, start - 1)
+            # counted from 1, as the per-epoch lines are
+            _LOG.info("resumed from %s after epoch %d of %d", ckpt_path, start, config.epochs)
             # built without weights, the model holds the config of the default weights:
             # compared only with an old checkpoint's (unrecorded, ImageNet) values
             if not state.get("normalization") and recorded_norm != normalization:

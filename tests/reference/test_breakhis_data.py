@@ -473,6 +473,16 @@ class TestIndexCommand:
             assert exc.value.code == 0
             assert "usage: breakhis-repro" in capsys.readouterr().out
 
+    def test_synth_help_explains_every_option(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit):
+            main(["synth", "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for expected in ("per patient and magnification (40X, 100X, 200X, 400X)",
+                         "(default: 3)", "96x64 makes a small tree", "(default: 700x460)",
+                         "with Folds.csv (default: official)", "same seed writes the same tree "
+                         "(default: 0)"):
+            assert expected in text, expected
+
 
 class TestCommandsGiveHints:
     def test_index_of_a_folder_without_breakhis_images_fails_with_a_hint(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -443,7 +445,7 @@ class TestResultsTable:
         assert ("| msbc-patient | MSBC 40X | patient | tiny | fast-bcnn | 32 | "
                 "random init, 3 ep, lr 0.05, oversampled | 2 |") in lines[1]
         assert "| msfc-image | MSFC 100X | image |" in lines[2]
-        assert "1 (fold 1)" in lines[3] and all(line.endswith("| SYNTHETIC |")
+        assert "1 (fold 1 of 2)" in lines[3] and all(line.endswith("| SYNTHETIC |")
                                                  for line in lines[1:])
         assert "optimistic" in text and "SYNTHETIC:" in text
 
@@ -560,6 +562,59 @@ class TestResultsTable:
         lines = [line for line in text.splitlines() if line.startswith("| ")]
         assert "| 2 |" in lines[1] and "| 1 of 2 |" in lines[2]
         assert results_rows([tmp_path / "partial"])[0]["n_splits"] == 2
+
+    def test_summary_left_stale_by_a_retrained_fold_is_marked(
+        self, runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """After `train --fold 0 --out CV/fold0 --resume` with more epochs, `table` showed
+        the old cv summary as if it were current."""
+        run = tmp_path / "cv"
+        shutil.copytree(runs["binary"], run)
+        summary = json.loads((run / "cv_metrics.json").read_text())
+        for entry in summary["folds"]:
+            report = json.loads((run / f"fold{entry['fold']}" / "test_metrics.json").read_text())
+            assert entry["checkpoint"] == report["checkpoint"]
+        assert "stale:" not in results_table([run]) and results_rows([run])[0]["stale_folds"] == []
+        root = json.loads((run / "fold0" / "test_metrics.json").read_text())["data_root"]
+        assert main(["train", "--data-root", root, "--task", "MSBC", "--magnification", "40",
+                     "--protocol", "patient", "--n-splits", "2", "--epochs", "4", *TINY,
+                     "--fold", "0", "--out", str(run / "fold0"), "--resume"]) == 0
+        with caplog.at_level(logging.WARNING, logger="breakhis.plots"):
+            text = results_table([run], out=tmp_path / "t.md")
+        note = "stale: fold 0 retrained since the summary; rerun cv --resume"
+        assert note in caplog.text and str(run / "cv_metrics.json") in caplog.text
+        assert f"| 2 ({note}) |" in text
+        assert results_rows([run])[0]["stale_folds"] == [0]
+        with (tmp_path / "t.csv").open(newline="") as handle:
+            assert next(csv.DictReader(handle))["stale_folds"] == "0"
+        # a summary written before it recorded checkpoints: compared by the fold metrics
+        old = {**summary, "folds": [{k: v for k, v in e.items() if k != "checkpoint"}
+                                    for e in summary["folds"]]}
+        (run / "cv_metrics.json").write_text(json.dumps(old))
+        fresh = json.loads((run / "fold0" / "test_metrics.json").read_text())
+        expected = [0] if fresh["metrics"] != summary["folds"][0]["metrics"] else []
+        assert results_rows([run])[0]["stale_folds"] == expected
+
+    def test_single_folds_name_their_split_and_data(self, runs, tmp_path: Path) -> None:
+        """Single-fold runs of 2 and 5 splits, or of other data folders, looked identical."""
+        report = json.loads((runs["fine"] / "fold1" / "test_metrics.json").read_text())
+        variants = {"k2": (2, report["data_root"]), "k5": (5, report["data_root"]),
+                    "other": (2, "/data/elsewhere")}
+        dirs = []
+        for name, (n_splits, data_root) in variants.items():
+            (tmp_path / name).mkdir()
+            changed = {**report, "protocol": {**report["protocol"], "n_splits": n_splits},
+                       "data_root": data_root}
+            (tmp_path / name / "test_metrics.json").write_text(json.dumps(changed))
+            dirs.append(tmp_path / name)
+        lines = [line for line in results_table(dirs).splitlines() if line.startswith("| ")][1:]
+        assert "oversampled, splits 2 | 1 (fold 1 of 2) |" in lines[0]
+        assert "oversampled, splits 5 | 1 (fold 1 of 5) |" in lines[1]
+        assert lines[0].endswith(f"| SYNTHETIC ({report['data_root']}) |")
+        assert lines[2].endswith("| SYNTHETIC (/data/elsewhere) |")
+        assert [r["data_root"] for r in results_rows(dirs)][2] == "/data/elsewhere"
+        # one data folder: not named
+        assert results_table(dirs[:2]).splitlines()[4].endswith("| SYNTHETIC |")
 
     def test_exceptions(self, runs, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=rf"{tmp_path}.*has no metrics: expected "

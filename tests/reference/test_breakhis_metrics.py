@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -74,6 +75,21 @@ class TestClassificationMetrics:
         pred = p.argmax(1)
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
         assert m["balanced_accuracy"] != pytest.approx(m["accuracy"])
+
+    @pytest.mark.parametrize("y, pred", [([1, 1, 1], [1, 1, 1]), ([0, 0, 0, 0], [0, 1, 0, 1]),
+                                         ([1, 1, 0, 0], [1, 1, 1, 1])])
+    def test_balanced_accuracy_of_one_class_folds_warns_nothing(
+        self, y: list[int], pred: list[int], recwarn: pytest.WarningsRecorder
+    ) -> None:
+        """sklearn's "A single label was found in 'y_true' and 'y_pred'" leaked from
+        single-class test folds."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = balanced_accuracy_score(y, pred)
+        recwarn.clear()
+        m = classification_metrics(y, np.eye(2)[pred], ["benign", "malignant"])
+        assert [str(w.message) for w in recwarn] == []
+        assert m["balanced_accuracy"] == pytest.approx(expected)
 
     def test_multiclass_ovr_macro_against_sklearn(self) -> None:
         rng = np.random.default_rng(1)

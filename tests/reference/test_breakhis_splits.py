@@ -129,6 +129,29 @@ class TestProtocols:
         assert all(s.patient_disjoint for s in splits)
         assert all(len(s.train) + len(s.test) == len(records) for s in splits)
 
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_synthetic_fold_tables_are_stratified(self, seed: int, tmp_path: Path) -> None:
+        """`synth` drew 30% of all patients at random: fold 1 of the default tree held
+        58 benign and no malignant test image."""
+        from breakhis.synthetic import make_synthetic_breakhis
+
+        root = tmp_path / "tree"
+        make_synthetic_breakhis(root, size=(8, 8), irregular=False, seed=seed)
+        index = index_breakhis(root, verify=False)
+        patients_of = {c: {r.patient for r in index.records if r.label == c}
+                       for c in ("benign", "malignant")}
+        assert [len(p) for p in patients_of.values()] == [9, 8]
+        splits = official_folds(index.records, find_fold_tables(index))
+        assert len(splits) == 5
+        for split in splits:
+            test = {index.records[i].patient for i in split.test}
+            # about 30% of each class's patients: round(0.3 * 9), round(0.3 * 8)
+            assert [len(test & p) for p in patients_of.values()] == [3, 2], split.fold
+        again = tmp_path / "again"
+        make_synthetic_breakhis(again, size=(8, 8), irregular=False, seed=seed)
+        assert [(again / f"dsfold{k}.txt").read_text() for k in range(1, 6)] == [
+            (root / f"dsfold{k}.txt").read_text() for k in range(1, 6)]
+
     def test_official_kaggle_csv(self, kaggle_tree) -> None:
         root, _ = kaggle_tree
         index = index_breakhis(root)

@@ -130,6 +130,9 @@ class TestResume:
         assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 0
         resumed = fit(config, run_dir=tmp_path / "cut", resume=True, **kwargs)
         assert resumed.resumed_from_epoch == 0
+        # epochs count from 1 in the log, as in its per-epoch lines ("epoch 1/3")
+        log = (tmp_path / "cut" / "train.log").read_text()
+        assert "after epoch 1 of 3" in log and "epoch 1/3" in log and "epoch 2/3" in log
         _assert_same_weights(full.checkpoint, resumed.checkpoint)
         strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
         assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
@@ -451,12 +454,24 @@ class TestCommands:
             assert p == pytest.approx(1.0, abs=1e-5)
             assert row["predicted_label"] in ("benign", "malignant")
 
-    def test_cv_writes_mean_and_std(self, synth_tree, tmp_path: Path) -> None:
+    def test_cv_writes_mean_and_std(self, synth_tree, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
         root, _ = synth_tree
         out = tmp_path / "cv"
-        assert main(["cv", "--data-root", str(root), "--task", "MSBC", "--magnification", "40",
-                     "--protocol", "patient", "--n-splits", "3", "--epochs", "1", *TINY,
-                     "--out", str(out)]) == 0
+        argv = ["cv", "--data-root", str(root), "--task", "MSBC", "--magnification", "40",
+                "--protocol", "patient", "--n-splits", "3", "--epochs", "1", *TINY,
+                "--out", str(out)]
+        assert main(argv) == 0
+        # each fold is announced, then its metrics, in the console program's own words
+        err = capsys.readouterr().err
+        for fold in range(3):
+            start = err.index(f"fold {fold} ({fold + 1}/3) in {out / f'fold{fold}'}")
+            assert err.index(f"fold {fold} ({fold + 1}/3): accuracy ", start) > start
+        assert "epoch 1/1" in err and "reusing" not in err
+        assert main([*argv, "--resume"]) == 0
+        err = capsys.readouterr().err
+        assert f"fold 1: reusing {out / 'fold1' / 'test_metrics.json'}" in err
+        assert "fold 2 (3/3): accuracy " in err and "epoch 1/1" not in err
         report = json.loads((out / "cv_metrics.json").read_text())
         accs = [f["metrics"]["accuracy"] for f in report["folds"]]
         assert len(accs) == 3
@@ -464,6 +479,29 @@ class TestCommands:
         assert report["summary"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
         assert all(f["protocol"]["patient_disjoint"] for f in report["folds"])
         assert "patient-level" in (out / "cv_metrics.md").read_text()
+
+    def test_console_logging_is_the_breakhis_logger_only(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The CLI configured the root logger at INFO: third-party loggers (huggingface_hub
+        retrying offline) printed at INFO, and twice."""
+        from breakhis import cli
+
+        root_logger, ours = logging.getLogger(), logging.getLogger("breakhis")
+        before = (root_logger.level, list(root_logger.handlers), ours.level, ours.propagate,
+                  list(ours.handlers))
+        cli._log_to_console(True)
+        cli._log_to_console(True)  # once only
+        try:
+            assert (root_logger.level, root_logger.handlers) == before[:2]
+            assert len(ours.handlers) == len(before[4]) + 1
+            logging.getLogger("breakhis.train").info("epoch 1/3 from breakhis")
+            logging.getLogger("huggingface_hub.utils").info("retrying in 8s")
+        finally:
+            cli._stop_logging_to_console()
+        err = capsys.readouterr().err
+        assert err.count("epoch 1/3 from breakhis") == 1 and "retrying" not in err
+        assert (ours.level, ours.propagate, ours.handlers) == tuple(before[2:])
 
     def test_offline_imagenet_is_a_clear_error(self, synth_tree, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
