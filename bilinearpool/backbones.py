@@ -698,14 +698,16 @@ def build_backbone(
         raise TypeError(f"backbone must be a name or an nn.Module, but got {type(backbone).__name__}")
     if weights is not None:
         raise ValueError("weights= applies to named backbones; load weights into your module before passing it")
-    node = node or _torchvision_model_node(backbone)
+    default_node = None if node is not None else _torchvision_model_node(backbone)
+    node = node or default_node
     fmt = output_fmt or _module_output_fmt(backbone, node)
     if se_reduction is not None:
         if node is not None:
             _check_node(backbone, node)  # before SE blocks go into the user's model, in place
         insert_se_blocks(backbone, reduction=se_reduction)
     body = _extract(backbone, node) if node is not None else backbone
-    channels, stride = _probe(body, sample_shape, fmt)
+    # as for names, the layouts of the default nodes are known: no second probe
+    channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None)
     return FeatureExtractor(
         body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt,
         tokens=stride is None,

@@ -28,6 +28,7 @@ __all__ = [
     "IMAGENET_STD",
     "INPUT_SIZES",
     "ImageDataset",
+    "MIN_SIZE",
     "build_eval_transform",
     "build_train_transform",
     "load_rgb",
@@ -40,9 +41,13 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 INPUT_SIZES: tuple[int, ...] = (197, 224, 448)
 
 
+#: Smallest image side the transforms take (checked up front by ``TrainConfig`` too).
+MIN_SIZE = 8
+
+
 def _check_size(input_size: int) -> None:
-    if not isinstance(input_size, int) or input_size < 8:
-        raise ValueError(f"input_size must be an integer >= 8, but got {input_size!r}")
+    if not isinstance(input_size, int) or input_size < MIN_SIZE:
+        raise ValueError(f"input_size must be an integer >= {MIN_SIZE}, but got {input_size!r}")
 
 
 def _check_normalization(mean: Sequence[float], std: Sequence[float]) -> None:

@@ -65,6 +65,7 @@ from .dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataset,
+    MIN_SIZE,
     build_eval_transform,
     build_train_transform,
 )
@@ -166,8 +167,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
-        if int(self.input_size) < 8:  # the transforms' minimum (dataset._check_size), checked up front
-            raise ValueError(f"input_size must be >= 8, but got {self.input_size}")
+        if int(self.input_size) < MIN_SIZE:  # the transforms' minimum, before any run starts
+            raise ValueError(f"input_size must be >= {MIN_SIZE}, but got {self.input_size}")
         check_input_size(self.backbone, int(self.input_size))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, but got {self.lr}")
