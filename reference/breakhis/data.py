@@ -46,6 +46,7 @@ __all__ = [
     "index_image_folder",
     "parse_breakhis_name",
     "read_image_size",
+    "undecodable_images",
 ]
 
 #: The eight tumour types, benign first, in the order used for fine-grained labels.
@@ -433,6 +434,28 @@ def _read_sizes(
 
             results = tqdm(results, total=len(paths), desc="reading images", unit="img")
         return list(results)
+
+
+def undecodable_images(
+    paths: Sequence[str | os.PathLike[str]], *, workers: int = 4, progress: bool = False,
+) -> dict[str, Exception]:
+    """Decode every image of ``paths`` and return those that fail, with their errors.
+
+    What ``verify=True`` does while indexing, for a chosen list of files (e.g. the test
+    images recorded in a checkpoint, without decoding the rest of the data again).
+
+    Args:
+        paths: image files.
+        workers: threads used to decode.
+        progress: show a progress bar.
+
+    Returns:
+        ``{str(path): error}`` for each file that cannot be opened or decoded (an
+        error of :data:`IMAGE_ERRORS`), in the order of ``paths``; empty when all decode.
+    """
+    files = [Path(p) for p in paths]
+    results = _read_sizes(files, verify=True, workers=workers, progress=progress)
+    return {str(p): r for p, r in zip(files, results) if isinstance(r, Exception)}
 
 
 def index_breakhis(

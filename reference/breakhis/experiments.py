@@ -38,7 +38,14 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import load_checkpoint
-from .data import DataIndex, ImageRecord, index_breakhis, index_image_folder
+from .data import (
+    DataIndex,
+    ImageRecord,
+    UnreadableImageError,
+    index_breakhis,
+    index_image_folder,
+    undecodable_images,
+)
 from .distributed import DistInfo, init_distributed
 from .evaluate import (
     PREDICTIONS_FILE,
@@ -609,13 +616,15 @@ def evaluate_checkpoint(
         progress: show a progress bar.
 
     Raises:
-        ValueError: when a recorded test image is no longer in the data, or the data's
-            classes differ from the checkpoint's.
+        ValueError: when a recorded test image is no longer in the data or no longer
+            decodes, or the data's classes differ from the checkpoint's.
     """
     info = init_distributed(device)
     model, state = load_model(checkpoint, device=info.device)
-    spec, data = _checkpoint_data(checkpoint, state, data_root, progress=progress)
+    spec, data, decoded = _checkpoint_data(checkpoint, state, data_root, progress=progress)
     test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
+    if not decoded:
+        test = _decodable(checkpoint, spec, data, test, "test", progress=progress)
     config = TrainConfig.from_dict(state["config"])
     warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
                     "(epochs_trained in the report; resume the run with --resume to finish it)")
@@ -629,8 +638,15 @@ def evaluate_checkpoint(
 def _checkpoint_data(
     checkpoint: str | os.PathLike[str], state: dict[str, Any], data_root: str | None,
     *, progress: bool,
-) -> tuple[DataSpec, PreparedData]:
-    """The data spec recorded in a checkpoint, and its data indexed again."""
+) -> tuple[DataSpec, PreparedData, bool]:
+    """The data spec recorded in a checkpoint, its data indexed again, and whether the
+    images were decoded while indexing.
+
+    A checkpoint that records its file lists has its data indexed from the image headers
+    only: the images it uses are decoded afterwards (:func:`_decodable`), not the whole
+    tree again (about 5 ms per BreaKHis PNG, most of a test run's reading). An older
+    checkpoint is indexed as recorded, since its fold is drawn again from the images found.
+    """
     extra = state.get("extra") or {}
     if "data" not in extra:
         raise ValueError(f"checkpoint {str(checkpoint)!r} records no data spec; "
@@ -638,11 +654,49 @@ def _checkpoint_data(
     spec = DataSpec.from_dict(extra["data"])
     if data_root is not None:
         spec = replace(spec, data_root=data_root)
-    data = prepare_data(spec, progress=progress)
+    headers_only = spec.verify and extra.get("files") is not None
+    data = prepare_data(replace(spec, verify=False) if headers_only else spec,
+                        progress=progress)
     if list(data.task.classes) != list(state["classes"]):
         raise ValueError(f"checkpoint classes {state['classes']} differ from the task's "
                          f"{list(data.task.classes)}")
-    return spec, data
+    return spec, data, not headers_only
+
+
+def _decodable(
+    checkpoint: str | os.PathLike[str], spec: DataSpec, data: PreparedData,
+    index: np.ndarray, split: str, *, progress: bool,
+) -> np.ndarray:
+    """``index`` after decoding its images, as training's index did (``spec.verify``).
+
+    A recorded test or training image that no longer decodes is an error (it was
+    decodable when the run was trained). For ``all``, images that do not decode are left
+    out with a warning, as indexing leaves them out, or refused with ``strict``.
+
+    Raises:
+        ValueError: when a recorded ``test``/``train`` image no longer decodes.
+        UnreadableImageError: for ``all`` under a strict spec, when an image does not decode.
+    """
+    if not spec.verify or len(index) == 0:
+        return index
+    paths = [data.records[i].path for i in index]
+    bad = undecodable_images(paths, progress=progress)
+    if not bad:
+        return index
+    root = data.index.root
+    shown = [f"{Path(p).relative_to(root).as_posix()} ({e})" for p, e in list(bad.items())[:3]]
+    if split != "all":
+        raise ValueError(
+            f"expected the {len(index)} {split} images recorded in checkpoint "
+            f"{str(checkpoint)!r} to decode, as they did in training, but {len(bad)} no "
+            f"longer do under {str(root)!r}, e.g. {shown}; restore them from the release")
+    if spec.strict:
+        raise UnreadableImageError(
+            f"{len(bad)} image(s) could not be decoded (strict mode), e.g. {shown}")
+    warnings.warn(f"{len(bad)} image(s) under {str(root)!r} could not be decoded and are "
+                  f"left out, as training's index left them out, e.g. {shown}",
+                  UserWarning, stacklevel=3)
+    return np.asarray([i for i, p in zip(index, paths) if str(p) not in bad], dtype=np.int64)
 
 
 def _recorded_images(
@@ -705,13 +759,18 @@ def checkpoint_records(
     Raises:
         ValueError: for an unknown split, a checkpoint without a data spec, data
             whose classes differ from the checkpoint's, or a recorded test (training)
-            image missing from the data now.
+            image missing from the data now or no longer decodable.
+        UnreadableImageError: for ``all`` under a strict data spec, when an image does
+            not decode (without ``strict`` such images are left out with a warning).
+
+    Only the images returned are decoded (when the run was indexed with ``verify``), not
+    the whole data folder again.
     """
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split must be one of {SPLIT_CHOICES}, but got {split!r}")
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     name = "<checkpoint dict>" if isinstance(checkpoint, dict) else checkpoint
-    spec, data = _checkpoint_data(name, state, data_root, progress=progress)
+    spec, data, decoded = _checkpoint_data(name, state, data_root, progress=progress)
     fold = int(state["extra"]["fold"])
     if split == "all":
         index = np.arange(len(data.records))
@@ -720,6 +779,8 @@ def checkpoint_records(
                     else _protocol_dict(spec, _split_of(data, fold), data))
     else:
         index, protocol = _recorded_images(name, state, spec, data, split)
+    if not decoded:
+        index = _decodable(name, spec, data, index, split, progress=progress)
     info = {"split": split, "fold": fold, "task": data.task.to_dict(),
             "protocol": protocol, "data_root": str(data.index.root),
             "synthetic": data.synthetic}
