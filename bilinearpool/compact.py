@@ -135,8 +135,12 @@ class CompactBilinearPool(nn.Module):
         return torch.tensor([self.out_features, seed - 2**64 if seed >= 2**63 else seed], dtype=torch.long)
 
     def set_extra_state(self, state: Tensor) -> None:
-        # Checked in _load_from_state_dict; the loaded buffers are this seed's draw.
-        self.seed = int(state[1]) % 2**64
+        # Checked in _load_from_state_dict; the loaded buffers are this seed's draw. A seed
+        # the generator takes as this layer's own keeps the form it was given in (-3 stays
+        # -3); another is read as torch.Generator.initial_seed() reports it, in [0, 2**64).
+        stored = int(state[1]) % 2**64
+        if stored != self.seed % 2**64:
+            self.seed = stored
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -164,12 +168,14 @@ class CompactBilinearPool(nn.Module):
         if problems:  # load nothing into this layer: it stays as it was
             error_msgs.extend(problems)
             return
-        seed = self.seed
+        seed, errors = self.seed, len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if any(prefix + name not in state_dict for name in self._buffers):
-            self.seed = seed  # the seed goes with the buffers (strict=False without them)
+        # The seed goes with the buffers: kept when they were not all loaded (missing with
+        # strict=False, or refused for their size).
+        if len(error_msgs) > errors or any(prefix + name not in state_dict for name in self._buffers):
+            self.seed = seed
         if extra is None and prefix + "_extra_state" in missing_keys:
             missing_keys.remove(prefix + "_extra_state")  # checkpoints saved before it existed
 

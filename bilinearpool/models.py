@@ -81,6 +81,16 @@ class GlobalAvgPool(nn.Module):
     """
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
+        """Length of the pooled vector: ``in_channels``.
+
+        Raises:
+            ValueError: for two streams (``in_channels_b`` given): the mean pools one.
+        """
+        if in_channels_b is not None:
+            raise ValueError(
+                f"GlobalAvgPool pools one stream, but got two ({in_channels} and "
+                f"{in_channels_b} channels); give the classifier one backbone, or a "
+                "two-stream pool such as BilinearPool")
         return in_channels
 
     def forward(self, x: Tensor) -> Tensor:

@@ -93,7 +93,9 @@ class TestCompactBilinearPool:
         pool = CompactBilinearPool(in_channels=4, out_features=8)
         with pytest.raises(ValueError, match=r"x \(in_channels\) must have 4 channels, but got shape \(2, 5, 3, 3\)"):
             pool(torch.zeros(2, 5, 3, 3))
-        with pytest.raises(ValueError, match="same spatial size"):
+        # Its arguments are x and y, and it cannot resize (the hint named BilinearPool's option).
+        with pytest.raises(ValueError, match=r"x and y must have the same spatial size .*"
+                           r"resize one of them first \(e\.g\. with torch\.nn\.functional\.interpolate\)"):
             pool(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 2, 3))
         with pytest.raises(ValueError, match=r"two streams \(in_channels_b=3\): call it as layer\(x, y\)"):
             CompactBilinearPool(in_channels=4, in_channels_b=3, out_features=8)(torch.zeros(1, 4, 2, 2))
@@ -507,6 +509,23 @@ class TestCompactBilinearPoolLoading:
         assert other.seed == seed % 2**64
         other.reset_parameters()
         assert torch.equal(other.index_a, pool.index_a) and torch.equal(other.sign_b, pool.sign_b)
+
+    def test_a_layer_keeps_the_form_of_its_own_seed(self) -> None:
+        # Its own state_dict turned seed=-3 into 18446744073709551613 (the same draw).
+        pool = CompactBilinearPool(in_channels=6, out_features=16, seed=-3)
+        pool.load_state_dict(pool.state_dict())
+        assert pool.seed == -3 and "seed=-3" in repr(pool)
+
+    def test_a_refused_load_keeps_the_seed(self) -> None:
+        # A size mismatch leaves the buffers as they were, so the seed too (it became the
+        # checkpoint's, which then described a draw the layer does not hold).
+        pool = CompactBilinearPool(in_channels=4, out_features=32, seed=2)
+        before = pool.index_a.clone()
+        with pytest.raises(RuntimeError, match="size mismatch for index_a"):
+            pool.load_state_dict(CompactBilinearPool(in_channels=8, out_features=32, seed=1).state_dict())
+        assert pool.seed == 2 and torch.equal(pool.index_a, before)
+        pool.reset_parameters()
+        assert torch.equal(pool.index_a, before)
 
     def test_seed_outside_the_generators_range(self) -> None:
         with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\), but got 18446744073709551616"):

@@ -177,6 +177,14 @@ class TestSignedSqrt:
         assert (g <= signed_sqrt_grad_bound(eps) * (1 + 1e-12)).all()
         assert y[0] == -y[1]
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+    def test_infinities_are_kept(self, dtype):
+        # The quotient form gave inf / inf = NaN.
+        x = torch.tensor([float("inf"), -float("inf"), float("nan"), 4.0], dtype=dtype)
+        y = signed_sqrt(x, eps=1e-12)
+        assert y[0] == float("inf") and y[1] == -float("inf") and y[2].isnan()
+        assert y[3].item() == pytest.approx(2.0, rel=1e-3)
+
     def test_continuous_at_zero(self):
         x = torch.tensor([-1e-14, 0.0, 1e-14], dtype=torch.float64)
         assert signed_sqrt(x, eps=1e-5).abs().max() < 1e-11

@@ -525,6 +525,15 @@ class TestPoolChannelsMustFit:
         pool = CompactBilinearPool(in_channels=8, out_features=32)
         assert FastBCNN(tiny(16), num_classes=3, reduce_dim=8, pool=pool)(X).shape == (2, 3)
 
+    def test_global_average_pool_takes_one_stream(self):
+        # It was accepted for two backbones and failed at the first forward (TypeError).
+        from bilinearpool import BilinearClassifier, GlobalAvgPool
+
+        with pytest.raises(ValueError, match=r"GlobalAvgPool does not fit .*8 and 4 channels from the "
+                           r"backbones; GlobalAvgPool pools one stream, but got two"):
+            BilinearClassifier(tiny(8), tiny(4), pool=GlobalAvgPool(), num_classes=3)
+        assert BilinearClassifier(tiny(8), pool=GlobalAvgPool(), num_classes=3)(X).shape == (2, 3)
+
     def test_low_rank(self):
         from bilinearpool import LowRankBilinearPool
 

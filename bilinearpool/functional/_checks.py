@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "RESIZE_BY_BILINEARPOOL",
+    "RESIZE_BY_INTERPOLATE",
     "as_channel_matrix",
     "check_built_channels",
     "check_channels",
@@ -134,32 +136,48 @@ def no_autocast(device_type: str) -> ContextManager[object]:
     return contextlib.nullcontext()
 
 
-def pair_streams(x_a: Tensor, x_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Flatten both streams to ``(B, C, N)`` and check that they can be paired."""
-    a = as_channel_matrix(x_a, "x_a" if x_b is not None else "input")
+#: How the spatial-size error tells the user to resize: the bilinear pools can do it.
+RESIZE_BY_BILINEARPOOL = "BilinearPool(resize='bilinear') does this for you"
+RESIZE_BY_INTERPOLATE = "e.g. with torch.nn.functional.interpolate"
+
+
+def pair_streams(
+    x_a: Tensor,
+    x_b: Tensor | None,
+    *,
+    names: tuple[str, str] = ("x_a", "x_b"),
+    resize: str = RESIZE_BY_BILINEARPOOL,
+) -> tuple[Tensor, Tensor | None]:
+    """Flatten both streams to ``(B, C, N)`` and check that they can be paired.
+
+    ``names`` are the two inputs' argument names in the caller's API, and ``resize`` how
+    maps of different spatial sizes can be made to match (said in the error).
+    """
+    na, nb = names
+    a = as_channel_matrix(x_a, na if x_b is not None else "input")
     if x_b is None:
         return a, None
-    b = as_channel_matrix(x_b, "x_b")
+    b = as_channel_matrix(x_b, nb)
     if x_a.dim() != x_b.dim():
         raise ValueError(
-            "x_a and x_b must have the same layout, but got shapes "
+            f"{na} and {nb} must have the same layout, but got shapes "
             f"{tuple(x_a.shape)} and {tuple(x_b.shape)}"
         )
     if a.shape[0] != b.shape[0]:
         raise ValueError(
-            f"x_a and x_b must have the same batch size, but got {a.shape[0]} "
+            f"{na} and {nb} must have the same batch size, but got {a.shape[0]} "
             f"(shape {tuple(x_a.shape)}) and {b.shape[0]} (shape {tuple(x_b.shape)})"
         )
     if a.shape[2] != b.shape[2]:
         if x_a.dim() == 4:
-            where, hint = "spatial size (H, W)", "resize one of them first (BilinearPool(resize='bilinear') does this for you)"
+            where, hint = "spatial size (H, W)", f"resize one of them first ({resize})"
         else:
             where, hint = "number of tokens N", "token sequences are paired token by token and cannot be resized"
         raise ValueError(
-            f"x_a and x_b must have the same {where}, but got shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}; {hint}"
+            f"{na} and {nb} must have the same {where}, but got shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}; {hint}"
         )
     if a.device != b.device:
-        raise ValueError(f"x_a and x_b must be on the same device, but got {a.device} and {b.device}")
+        raise ValueError(f"{na} and {nb} must be on the same device, but got {a.device} and {b.device}")
     return a, b
 
 

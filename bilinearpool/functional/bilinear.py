@@ -123,7 +123,7 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
 
     .. math:: f'(x) = \\frac{1}{2\\sqrt{|x| + \\epsilon}} \\in \\left(0, \\tfrac{1}{2\\sqrt{\\epsilon}}\\right] ,
 
-    so the gradient is finite for every input and at most
+    so the gradient is finite for every finite input and at most
     :func:`signed_sqrt_grad_bound` (about 158 for the default ``eps=1e-5``), attained at
     exact zeros. Autograd through this definition gives exactly :math:`f'`.
 
@@ -148,7 +148,9 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
     check_floating(x)
     _check_eps(eps)
     y = _in_float32(x)
-    return (y / (torch.sqrt(y.abs() + eps) + math.sqrt(eps))).to(x.dtype)
+    out = y / (torch.sqrt(y.abs() + eps) + math.sqrt(eps))
+    # +-inf: the quotient is inf / inf; f keeps them (the limit of f).
+    return torch.where(y.isinf(), y, out).to(x.dtype)
 
 
 def signed_sqrt_grad_bound(eps: float = SIGNED_SQRT_EPS) -> float:

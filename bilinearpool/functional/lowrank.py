@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import compute_dtype, no_autocast, pair_streams
+from ._checks import RESIZE_BY_INTERPOLATE, compute_dtype, no_autocast, pair_streams
 
 __all__ = ["low_rank_bilinear_pool"]
 
@@ -78,7 +78,7 @@ def low_rank_bilinear_pool(
         ...                        weight_b=torch.randn(4, 3), out_weight=torch.randn(10, 4)).shape
         torch.Size([2, 10])
     """
-    a, b = pair_streams(x, y)
+    a, b = pair_streams(x, y, names=("x", "y"), resize=RESIZE_BY_INTERPOLATE)
     _check_weight("weight_a", weight_a, a.shape[1], None)
     rank = weight_a.shape[0]
     if weight_b is None:

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import _elementwise
-from ._checks import compute_dtype, no_autocast, pair_streams, plain_ops
+from ._checks import RESIZE_BY_INTERPOLATE, compute_dtype, no_autocast, pair_streams, plain_ops
 
 __all__ = ["random_maclaurin", "tensor_sketch"]
 
@@ -418,7 +418,7 @@ def tensor_sketch(
         >>> torch.allclose(fft, gram, atol=1e-5)
         True
     """
-    a, b = pair_streams(x, y)
+    a, b = pair_streams(x, y, names=("x", "y"), resize=RESIZE_BY_INTERPOLATE)
     one_stream = b is None
     b = a if b is None else b
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
@@ -487,7 +487,7 @@ def random_maclaurin(
         >>> random_maclaurin(torch.randn(2, 8, 7, 7), weight_a=w[0], weight_b=w[1]).shape
         torch.Size([2, 64])
     """
-    a, b = pair_streams(x, y)
+    a, b = pair_streams(x, y, names=("x", "y"), resize=RESIZE_BY_INTERPOLATE)
     b = a if b is None else b
     _check_projection("weight_a", weight_a, a.shape[1], 2, "a (d, C) matrix")
     _check_projection("weight_b", weight_b, b.shape[1], 2, "a (d, C) matrix")
