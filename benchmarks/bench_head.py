@@ -218,11 +218,11 @@ def _train_row(shape: str, triu: bool, x: torch.Tensor, w: torch.Tensor, bias: t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxCxN (default: %(default)s)")
-    parser.add_argument("--classes", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--classes", type=int, default=8, help="classifier outputs (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds, median reported (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.csv / results.json / results.md")
     parser.add_argument("--train", action="store_true", help="time a training step (forward and backward) instead")
     parser.add_argument(

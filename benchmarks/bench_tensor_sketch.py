@@ -34,6 +34,7 @@ A shape is ``B,C,H,W,d``.
 from __future__ import annotations
 
 import argparse
+import re
 import math
 import os
 import platform
@@ -71,9 +72,15 @@ Fn = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
 def _parse_shape(text: str) -> tuple[int, int, int, int, int]:
-    parts = tuple(int(p) for p in text.split(","))
+    """``B,C,H,W,d`` or ``BxCxHxWxd`` (the separator of ``bilinearpool-bench --shapes``)."""
+    try:
+        parts = tuple(int(p) for p in re.split(r"[,x]", text.strip()))
+    except ValueError:
+        parts = ()
     if len(parts) != 5 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"a shape is B,C,H,W,d of positive ints, but got {text!r}")
+        raise argparse.ArgumentTypeError(
+            "a shape is five positive ints B,C,H,W,d (or BxCxHxWxd): batch, channels, height, "
+            f"width and the sketch's out_features, e.g. 32,512,14,14,8192, but got {text!r}")
     return parts  # type: ignore[return-value]
 
 
@@ -174,7 +181,7 @@ def _fit(repeats: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", type=_parse_shape, nargs="+", default=[_parse_shape(s) for s in DEFAULT_SHAPES],
-                        help="shapes B,C,H,W,d (default: the calibration shapes)")
+                        help="shapes B,C,H,W,d or BxCxHxWxd, d = out_features (default: the calibration shapes)")
     parser.add_argument("--two-streams", action="store_true", help="pool x with an independent y of the same shape")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per algorithm (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per algorithm, median reported (default 3)")

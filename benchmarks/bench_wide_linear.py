@@ -124,10 +124,10 @@ def candidate(name: str, x: Tensor, w: Tensor, *, span: int = 4096) -> Callable[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxDxOUT (default: %(default)s)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds, median reported (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.csv / results.json / results.md")
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -32,15 +32,15 @@ from bilinearpool.bench import round_robin  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--backbone", default="resnet50", help="backbone name, random weights (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=224, help="input side in pixels (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--triu", action="store_true", help="FastBCNN(triu=True)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds, median reported (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

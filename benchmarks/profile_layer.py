@@ -73,10 +73,11 @@ def _host_profile(shape: str, device: torch.device, calls: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["8x2048x7x7", "8x1536x5x5", "16x512x28x28", "32x256x14x14"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", nargs="+", default=["8x2048x7x7", "8x1536x5x5", "16x512x28x28", "32x256x14x14"],
+                        help="input shapes BxCxHxW (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--calls", type=int, default=50, help="calls per measurement")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument(
         "--cprofile", metavar="BxCxHxW", default=None,
         help="also profile the host side of fast-bcnn fwd+bwd at this shape with cProfile "

@@ -1,0 +1,56 @@
+"""The scripts in benchmarks/ as a user meets them: every option explained, shapes parsed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.fixture
+def scripts_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_explains_every_option(script: str, scripts_path: None,
+                                    capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench_head, bench_wide_linear and profile_head listed options with no word of help.
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.split("options:", 1)[1].splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^  -", line)]
+    assert starts, text
+    # Help follows on the option's line, or on the next, indented further (long options).
+    bare = [lines[i].strip() for i in starts
+            if not re.match(r"^  \S.*?\s{2,}\S", lines[i])
+            and not (i + 1 < len(lines) and re.match(r"^ {4,}\S", lines[i + 1]))]
+    assert bare == [], f"{script}: options without help: {bare}"
+
+
+def test_tensor_sketch_shapes_take_either_separator(scripts_path: None) -> None:
+    # "2x64x7x7x8192", the separator of bilinearpool-bench --shapes, was refused.
+    bench = importlib.import_module("bench_tensor_sketch")
+    assert bench._parse_shape("32,512,14,14,8192") == (32, 512, 14, 14, 8192)
+    assert bench._parse_shape("32x512x14x14x8192") == (32, 512, 14, 14, 8192)
+    for bad in ("2x64x7x7", "2,64,7,7,0", "a,b,c,d,e"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"five positive ints B,C,H,W,d "
+                           rf"\(or BxCxHxWxd\).*but got '{bad}'"):
+            bench._parse_shape(bad)
+
+
+def test_scripts_are_found() -> None:
+    assert {"bench_head", "bench_tensor_sketch", "profile_head"} <= set(SCRIPTS), SCRIPTS
+    assert sys.executable
