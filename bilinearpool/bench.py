@@ -777,6 +777,11 @@ for _case in (
     register_layer_case(_case)
 del _case
 
+#: The layer cases the library defines, in table order. The others were registered by the
+#: user: ``bilinearpool-bench`` runs them when ``--import`` names the module that registers
+#: them, and the layer plot gives the library's cases fixed colours.
+_LIBRARY_LAYER_CASES: tuple[str, ...] = tuple(LAYER_CASES)
+
 
 # ---------------------------------------------------------------------------------------------
 # What the model benchmark compares
@@ -838,6 +843,7 @@ class ModelHead:
 
 
 #: Name -> :class:`ModelHead`; the first four are the paper's (Liu, Juhas & Zhang, 2020).
+#: Add a head by adding an entry (``MODEL_HEADS[head.name] = head``).
 MODEL_HEADS: dict[str, ModelHead] = {
     h.name: h
     for h in (
@@ -853,6 +859,10 @@ MODEL_HEADS: dict[str, ModelHead] = {
         ),
     )
 }
+
+#: The model heads the library defines; others can be added to :data:`MODEL_HEADS` by the
+#: user (``bilinearpool-bench models --import MODULE`` runs those a module adds).
+_LIBRARY_MODEL_HEADS: tuple[str, ...] = tuple(MODEL_HEADS)
 
 
 # ---------------------------------------------------------------------------------------------

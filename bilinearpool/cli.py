@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import importlib
 import json
 import math
 import os
 import re
 import shlex
 import sys
+import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -243,11 +246,62 @@ def _plot_models(plt: Any, rows: list[dict[str, Any]], num_classes: int | None) 
     return fig
 
 
+#: Colours of the layer plot's bars: matplotlib's tab10, black, then tab10's light shades.
+#: The library's cases take the first ones in table order, so each keeps its colour in
+#: every run (11 cases: one more than matplotlib's default cycle of 10).
+_CASE_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                 "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a",
+                 "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")  # fmt: skip
+#: Hatches that tell bars apart once a plot has more cases than colours.
+_CASE_HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
+
+
+def _case_styles(cases: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Bar colour and hatch of each layer case: distinct within a plot, stable across runs.
+
+    The library's cases (:data:`bench._LIBRARY_LAYER_CASES`) have fixed places in
+    :data:`_CASE_PALETTE`; another case gets the colour its name hashes to among the rest
+    (the next free one when a case of the same plot has it), so it too keeps its colour
+    from run to run unless two such cases collide. When those colours run out, hatches
+    tell apart bars of one colour.
+
+    Examples:
+        >>> styles = _case_styles(["naive", "lowrank-r512", "my-pool"])
+        >>> styles["naive"]["color"], styles["lowrank-r512"]["color"]
+        ('#1f77b4', '#000000')
+        >>> len({s["color"] for s in styles.values()})
+        3
+    """
+    library = bench._LIBRARY_LAYER_CASES
+    slots = {name: library.index(name) for name in cases if name in library}
+    taken = set(slots.values())
+    first_free = len(library)
+    free = max(1, len(_CASE_PALETTE) - first_free)
+    for name in cases:
+        if name in slots:
+            continue
+        start = zlib.crc32(name.encode("utf-8")) % free
+        ring = (first_free + (start + i) % free for i in range(free))  # from its own colour on
+        slot = next((k for k in ring if k not in taken), None)
+        if slot is None:  # every colour taken: a hatched bar
+            slot = len(_CASE_PALETTE)
+            while slot in taken:
+                slot += 1
+        slots[name] = slot
+        taken.add(slot)
+    n, hatches = len(_CASE_PALETTE), _CASE_HATCHES
+    return {
+        name: {"color": _CASE_PALETTE[slot % n], "hatch": hatches[(slot // n) % len(hatches)]}
+        for name, slot in slots.items()
+    }
+
+
 def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     cases = list(dict.fromkeys(r["case"] for r in rows))
     if not shapes or not cases:
         return None
+    styles = _case_styles(cases)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(max(10, 0.5 * len(shapes) * len(cases)), 4.8))
     width = 0.8 / len(cases)
     panels = (
@@ -258,7 +312,9 @@ def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
         for i, case in enumerate(cases):
             values = {r["shape"]: r.get(key) for r in rows if r["case"] == case}
             xs = [j + i * width for j in range(len(shapes))]
-            ax.bar(xs, [values.get(sh) or float("nan") for sh in shapes], width=width, label=case)
+            heights = [values.get(sh) or float("nan") for sh in shapes]
+            style = {k: v for k, v in styles[case].items() if v}  # no empty hatch
+            ax.bar(xs, heights, width=width, label=case, **style)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhline(
             goal, color="tab:red", linestyle="--", linewidth=0.8, label=f"{what} goal {goal}x"
@@ -277,6 +333,8 @@ def write_result(result: BenchResult, out: Path, *, plot: bool = True) -> list[P
     """Write ``<name>.csv``, ``<name>.json``, ``<name>.md`` (and ``<name>.png``) into ``out``.
 
     ``plot=False`` leaves out the PNG (the partial results a run writes while it goes).
+    Without a new plot (``plot=False``, matplotlib missing, nothing to draw) an older
+    ``<name>.png`` in ``out`` is removed: it would show another run's results beside these.
     """
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -302,9 +360,12 @@ def write_result(result: BenchResult, out: Path, *, plot: bool = True) -> list[P
     md_path = out / f"{result.name}.md"
     md_path.write_text(result.markdown(), encoding="utf-8")
     paths.append(md_path)
-    png = _plot(result, out / f"{result.name}.png") if plot else None
+    png_path = out / f"{result.name}.png"
+    png = _plot(result, png_path) if plot else None
     if png is not None:
         paths.append(png)
+    else:
+        png_path.unlink(missing_ok=True)  # an older run's plot, not of these rows
     return paths
 
 
@@ -534,15 +595,29 @@ def _write_stopped(
     rows: int,
 ) -> None:
     """When a run stops with ``err`` at ``where``: write its ``rows`` measured rows, marked
-    incomplete, and say so on stderr (nothing when there is nowhere to write or nothing)."""
+    incomplete, and say so on stderr (nothing when there is nowhere to write or nothing).
+
+    Writing them can fail too (``err`` may itself be a failed write): that is said in the
+    same one line on stderr and not raised, so that the caller re-raises ``err``, the
+    error that stopped the run, with nothing chained to it.
+    """
     if checkpoint is None or not rows:
         return
-    checkpoint(
-        result(
-            f"INCOMPLETE: the run stopped at {where} with {_error_text(err)}; "
-            f"the {rows} rows above were measured before"
+    try:
+        checkpoint(
+            result(
+                f"INCOMPLETE: the run stopped at {where} with {_error_text(err)}; "
+                f"the {rows} rows above were measured before"
+            )
         )
-    )
+    except Exception as failed:
+        print(
+            f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; writing the {rows} "
+            f"rows measured before failed too, with {_error_text(failed)}: the output folder "
+            "does not hold them (its files are missing, or were written earlier)",
+            file=sys.stderr,
+        )
+        return
     print(
         f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; "
         "what was measured before is written (marked INCOMPLETE)",
@@ -732,10 +807,11 @@ def run_layers(
     info = _case_info(cases)
     settings = {**s.describe(), "input": "relu(randn), float32", "saved_bytes": _SAVED_BYTES_RULE}
     planned = [["x".join(map(str, shape)), [c.name for c in cs]] for shape, cs in plan]
+    in_process = _in_process_note("layer case", names, getattr(args, "imports", None))
 
     def result(note: str | None = None) -> BenchResult:
         env_now = {**env, "load_average_at_end": _load_average()}
-        notes = [note] if note else []
+        notes = ([note] if note else []) + in_process
         return _layers_result(raw, info, settings, env_now, command, planned, notes)
 
     where = "the start"
@@ -743,6 +819,8 @@ def run_layers(
         for done, (shape, shape_cases) in enumerate(plan, 1):
             b, c, h, w = shape
             label = "x".join(map(str, shape))
+            where = f"{label} inputs"
+            bar.set_postfix_str(where)
             maps = [
                 torch.relu(torch.randn(b, c, h, w, generator=gen)).to(s.device) for _ in range(2)
             ]
@@ -776,6 +854,7 @@ def run_layers(
                 )
             del steps, maps
             gc.collect()
+            where = f"{label} writing the results so far"
             _write_partial(checkpoint, result, done, len(plan), "shapes")
     except BaseException as err:
         _write_stopped(checkpoint, result, err, where, len(raw))
@@ -858,7 +937,7 @@ def _layers_result(
         env: the environment record.
         command: the command line of the run.
         plan: ``[shape, [case names]]`` of every shape planned, measured or not.
-        notes_first: notes put before the others (an INCOMPLETE mark).
+        notes_first: notes put before the others (an INCOMPLETE mark, an IN-PROCESS note).
     """
     rows = _layer_rows(raw, cases)
     columns = ["shape", "case", "fwd_bwd_ms", "vs_naive", "vs_naive_range", "vs_floor", "saved_MiB", "input_MiB",
@@ -1232,10 +1311,11 @@ def run_models(
         "timed": timed,
     }
     described = {h.name: h.description for h in heads}
+    in_process = _in_process_note("model head", list(described), getattr(args, "imports", None))
 
     def result(note: str | None = None) -> BenchResult:
         env_now = {**env, "load_average_at_end": _load_average()}
-        notes = [note] if note else []
+        notes = ([note] if note else []) + in_process
         return _models_result(raw, described, settings, env_now, command, plan, notes)
 
     groups, done = len(backbones) * (len(resolutions) if timed else 1), 0
@@ -1278,8 +1358,10 @@ def run_models(
                 raw += skip_records
                 done += len(resolutions) if timed else 1
                 del models
+                where = f"{backbone}: writing the results so far"
                 _write_partial(checkpoint, result, done, groups, "groups")
                 continue
+            where = f"{backbone}: moving the models to {s.device}"
             for model in models.values():
                 model.to(s.device)
                 if s.channels_last:
@@ -1290,6 +1372,7 @@ def run_models(
                 done += 1
                 if res == resolutions[-1]:
                     raw += skip_records
+                where = f"{backbone} {res}px: writing the results so far"
                 _write_partial(checkpoint, result, done, groups, "groups")
             del models
             gc.collect()
@@ -1435,7 +1518,7 @@ def _models_result(
         env: the environment record.
         command: the command line of the run.
         plan: ``backbones``, ``heads``, ``resolutions`` asked for and whether ``timed``.
-        notes_first: notes put before the others (an INCOMPLETE mark).
+        notes_first: notes put before the others (an INCOMPLETE mark, an IN-PROCESS note).
     """
     rows = _model_rows(raw)
     if plan["timed"]:
@@ -1570,7 +1653,8 @@ def _report_problem(folder: Path) -> str:
 
 
 class ResultMismatchError(ValueError):
-    """A results file whose stored rows disagree with what its raw measurements give."""
+    """A results file whose stored rows disagree with what its raw measurements give, or
+    that cannot be read or rebuilt at all (damaged, not JSON, edited by hand)."""
 
 
 def _bytes(mib: float | None) -> int | None:
@@ -1652,7 +1736,9 @@ def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchRes
     (numbers exactly up to float rounding, ``*_range`` up to its 2 printed decimals, goal
     verdicts by their met / NOT met words, since older files printed fewer decimals).
     Version 1 files keep only the timings as raw data: their exact counts (saved bytes,
-    parameters, D) come from their rows.
+    parameters, D) come from their rows. Of the stored notes, only the INCOMPLETE mark and
+    the IN-PROCESS note (cases or heads the recorded command does not know) are kept; the
+    others are written again.
 
     Raises:
         ResultMismatchError: a stored row disagrees with the raw data (names the row, the
@@ -1665,7 +1751,7 @@ def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchRes
     if version < 2 and any(isinstance(r, dict) and "saved_bytes" in r for r in raw_records):
         version = 2  # exact counts in its raw part: a version 2 file whose format field went missing
     settings, env = data["settings"], data["environment"]
-    carried = [n for n in data.get("notes", []) if str(n).startswith("INCOMPLETE")]
+    carried = [n for n in data.get("notes", []) if str(n).startswith(("INCOMPLETE", _IN_PROCESS))]
     if version < 2:
         carried.append(
             "Rebuilt by `bilinearpool-bench report` from a version 1 results file: its raw part "
@@ -1799,13 +1885,26 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
     for name in ("layers", "models"):
         path = folder / f"{name}.json"
         if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+                raise ResultMismatchError(
+                    f"{path}: expected the JSON that `bilinearpool-bench {name} --out` writes, but "
+                    f"it cannot be read as JSON ({_error_text(err)}); the file is damaged or was "
+                    "edited by hand: rerun the benchmark"
+                ) from err
+            if not isinstance(data, dict):
+                raise ResultMismatchError(
+                    f"{path}: expected the JSON object that `bilinearpool-bench {name} --out` "
+                    f"writes, but it holds a JSON {type(data).__name__}; the file is damaged or "
+                    "was edited by hand: rerun the benchmark"
+                )
             parts.append(data)
             try:
                 results.append(rebuild_result(data, source=str(path)))
             except ResultMismatchError:
                 raise
-            except (KeyError, TypeError, ValueError, ArithmeticError) as err:  # a damaged file
+            except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
                 raise ResultMismatchError(
                     f"{path}: cannot rebuild its results ({type(err).__name__}: {err}); "
                     "the file is damaged or was edited by hand"
@@ -1822,8 +1921,11 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
     lines += ["Commands that produced these results:", "", "```"]
     lines += [p["command"] for p in parts]
     lines += [command, "```", ""]
+    # A run without matplotlib, or one that stopped, leaves no plot.
+    plots = any((folder / f"{p.get('benchmark')}.png").is_file() for p in parts)
+    kinds = "CSV, JSON with raw timings" + (", PNG plots" if plots else "")
     lines += [
-        f"Raw files (CSV, JSON with raw timings, PNG plots): `{folder}/`. The tables, ratios "
+        f"Raw files ({kinds}): `{folder}/`. The tables, ratios "
         "and goal lines below are rebuilt from the raw measurements in the JSON files and "
         "checked against the rows stored there.",
         "",
@@ -1889,8 +1991,12 @@ def _layers_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shapes", type=_parse_shape, nargs="+", default=None, metavar="BxCxHxW",
                    help="input shapes (default: " + " ".join("x".join(map(str, s)) for s in LAYER_SHAPES) + ")")  # fmt: skip
     g.add_argument("--cases", nargs="+", default=None, metavar="NAME",
-                   help=f"layer cases to run (default: all): {', '.join(bench.LAYER_CASES)}; "
-                   "naive and matmul-floor always run (the ratios need them)")  # fmt: skip
+                   help=f"layer cases to run (default: all): {', '.join(bench.LAYER_CASES)}, and those "
+                   "the --import modules register; naive and matmul-floor always run (the ratios need them)")  # fmt: skip
+    g.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                   help="import MODULE before the cases are checked (repeatable): a module that registers "
+                   "layer cases with bilinearpool.bench.register_layer_case; found on sys.path or in the "
+                   "current folder")  # fmt: skip
 
 
 def _models_options(parser: argparse.ArgumentParser) -> None:
@@ -1898,8 +2004,12 @@ def _models_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
                    help="any name bilinearpool.build_backbone accepts (default: " + " ".join(PAPER_BACKBONES) + ")")  # fmt: skip
     g.add_argument("--heads", nargs="+", default=None, metavar="HEAD",
-                   help=f"heads: {', '.join(bench.MODEL_HEADS)} (default: {' '.join(PAPER_HEADS)}); "
-                   "plain always runs, it is the baseline of the ratios")  # fmt: skip
+                   help=f"heads: {', '.join(bench.MODEL_HEADS)}, and those the --import modules add "
+                   f"(default: {' '.join(PAPER_HEADS)}); plain always runs, it is the baseline of the ratios")  # fmt: skip
+    g.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                   help="import MODULE before the heads are checked (repeatable): a module that adds "
+                   "bilinearpool.bench.ModelHead entries to bilinearpool.bench.MODEL_HEADS; found on "
+                   "sys.path or in the current folder")  # fmt: skip
     g.add_argument("--resolutions", type=int, nargs="+", default=None, metavar="PX",
                    help="square input sizes (default: 197 224 448; 224 with --quick)")  # fmt: skip
     g.add_argument("--batch-size-at", type=_parse_batch_at, action="append", default=None, metavar="RES=BATCH",
@@ -2019,8 +2129,43 @@ def _backbone_known(name: str, torchvision_names: set[str], timm_names: set[str]
     return name in torchvision_names or name.partition(".")[0] in timm_names
 
 
-def _out_problem(out: Path, option: str = "--out") -> str | None:
-    """Why the output folder ``out`` cannot be written, found before anything is measured."""
+#: Suffixes of the files a run writes into ``--out`` (see :func:`write_result`).
+_RESULT_SUFFIXES = (".csv", ".json", ".md", ".png")
+
+
+def _writable_problem(folder: Path, option: str, what: str = "a folder") -> str | None:
+    """Why files cannot be written into ``folder``, or None when they can.
+
+    Tried, not guessed: the folder is created when missing, and a probe file is written
+    into it and removed (a path under ``/proc``, a read-only file system or a folder
+    without permission fail here, before anything is measured).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return (
+            f"{option} expected {what} that can be created, but creating {folder} failed "
+            f"with {_error_text(err)}"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".bilinearpool-bench-", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        return (
+            f"{option} expected {what} that can be written, but writing a file into {folder} "
+            f"failed with {_error_text(err)}"
+        )
+    return None
+
+
+def _out_problem(out: Path, option: str = "--out", names: Sequence[str] = ()) -> str | None:
+    """Why the output folder ``out`` cannot be written, found before anything is measured.
+
+    A file in the way (``out`` itself or a folder above it), a folder that cannot be
+    created or written (:func:`_writable_problem`, which creates it), and a folder where
+    one of the files ``<name>.csv/.json/.md/.png`` of ``names`` is to be written.
+    """
     if out.exists() and not out.is_dir():
         return f"{option} expected a folder, but {out} is an existing file"
     for parent in out.parents:
@@ -2028,43 +2173,189 @@ def _out_problem(out: Path, option: str = "--out") -> str | None:
             if not parent.is_dir():
                 return f"{option} expected a folder, but {parent} (above {out}) is a file"
             break
+    problem = _writable_problem(out, option)
+    if problem is not None:
+        return problem
+    for path in (out / f"{name}{suffix}" for name in names for suffix in _RESULT_SUFFIXES):
+        if path.is_dir():
+            return f"{option} expected to write the file {path}, but a folder of that name is there"
     return None
 
 
+def _report_out_problem(out: Path) -> str | None:
+    """Why ``report --out FILE.md`` cannot be written, found before the report is built."""
+    if out.is_dir():
+        return f"--out expected a Markdown file, but {out} is a folder"
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"--out expected a Markdown file, but {parent} (above {out}) is a file"
+            break
+    return _writable_problem(out.parent, "--out", "a Markdown file in a folder")
+
+
+#: Layer cases and model heads that an ``--import`` module registered, by that module's
+#: name (recorded when the module is first imported, which is when it registers them).
+_IMPORTED: dict[str, dict[str, str]] = {"layer case": {}, "model head": {}}
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    """Import the ``--import`` modules, which register layer cases or model heads.
+
+    The current folder is searched too, as ``python -m`` does (the ``bilinearpool-bench``
+    script does not put it on ``sys.path``): it is appended to ``sys.path``. What a module
+    registers on its first import is recorded in :data:`_IMPORTED`, so that a run can tell
+    it from what its process registered by other means (see :func:`_in_process_note`).
+
+    Raises:
+        ValueError: a module that cannot be imported, named, with the error its import raised.
+    """
+    if not modules:
+        return
+    cwd = os.getcwd()
+    if not any(isinstance(p, str) and os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+        sys.path.append(cwd)
+    registries = {"layer case": bench.LAYER_CASES, "model head": bench.MODEL_HEADS}
+    for module in dict.fromkeys(modules):
+        before = {kind: set(registry) for kind, registry in registries.items()}
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # ImportError, or whatever the module's own code raised
+            raise ValueError(
+                f"--import expected a module that can be imported, but importing {module!r} "
+                f"raised {_error_text(err)}"
+            ) from err
+        for kind, registry in registries.items():
+            for name in set(registry) - before[kind]:
+                _IMPORTED[kind][name] = module
+
+
+#: Start of the note of a run that measured layer cases or model heads its command cannot
+#: run in a fresh process (``report`` keeps it, as it keeps an INCOMPLETE mark).
+_IN_PROCESS = "IN-PROCESS:"
+
+
+def _in_process_note(kind: str, names: Sequence[str], imports: Sequence[str] | None) -> list[str]:
+    """The note of a run whose ``names`` (``kind``: ``"layer case"`` or ``"model head"``)
+    include some that neither the library nor an ``--import`` module of its command
+    registered: registered by the Python process that called :func:`main`, they are
+    unknown to the recorded command run in a fresh process. ``[]`` when there are none.
+
+    Examples:
+        >>> _in_process_note("layer case", ["naive", "fast-bcnn"], None)
+        []
+    """
+    library = bench._LIBRARY_LAYER_CASES if kind == "layer case" else bench._LIBRARY_MODEL_HEADS
+    given = set(imports or [])
+    foreign = [n for n in names if n not in library and _IMPORTED[kind].get(n) not in given]
+    if not foreign:
+        return []
+    option = "--cases" if kind == "layer case" else "--heads"
+    return [
+        f"{_IN_PROCESS} the {kind}(s) {', '.join(f'`{n}`' for n in foreign)} of this run were "
+        "registered in the Python process that ran it, not by the library nor by importing an "
+        "--import module of the command above, so that command, run in a fresh process, does "
+        f"not know them ({option} refuses them, or the default runs without them): to rerun it, "
+        "add --import MODULE naming the module that registers them."
+    ]
+
+
+def _backbones_problem(command: str, given: Sequence[str] | None) -> str | None:
+    """Why the backbones a ``models`` or ``demo`` run would build cannot all be built here.
+
+    Checks ``given`` (``--backbones``), or the paper's backbones a run without it builds:
+    unknown names, and names whose package is not installed (``inception_resnet_v2``
+    comes from timm), named with the extra to install
+    (:func:`bilinearpool.backbones._missing`, what :func:`~bilinearpool.build_backbone`'s
+    ImportError says) and how to leave them out. None when every name can be built.
+    """
+    from . import backbones as bb
+
+    names = list(dict.fromkeys(given or PAPER_BACKBONES))
+    listed = bb.list_backbones()
+    tv, timm = set(listed["torchvision"]), set(listed["timm"])
+    unknown = [b for b in names if not _backbone_known(b, tv, timm)]
+    if not unknown:
+        return None
+    missing = {
+        "torchvision": bb._missing("torchvision", "vision"),
+        "timm": bb._missing("timm", "timm"),
+    }
+    needs, others = [], []
+    for b in unknown:
+        provider = "timm" if b.startswith("timm:") else bb.PAPER_BACKBONES.get(b.partition(".")[0])
+        if provider is not None and missing[provider]:
+            needs.append(f"{b} comes from {provider} ({missing[provider]})")
+        else:
+            others.append(b)
+    reasons = list(needs)
+    if others:
+        absent = "; ".join(m for m in missing.values() if m)
+        maybe = f" ({absent}; a package that is missing may provide them)" if absent else ""
+        reasons.append(f"got unknown {others}{maybe}")
+    if command == "demo":
+        head = f"demo builds the backbones {' '.join(names)} (its models --quick part)"
+    elif given:
+        head = (
+            f"--backbones expected names that bilinearpool.build_backbone accepts (torchvision "
+            f"classification models{', timm models' if timm else ''}; see "
+            "bilinearpool.list_backbones())"
+        )
+    else:
+        head = f"models builds the backbones {' '.join(names)} when --backbones is not given"
+    text = f"{head}, but " + "; ".join(reasons)
+    if needs:
+        kept = " ".join(b for b in names if b not in unknown)
+        if not kept:
+            leave = ""
+        elif command == "demo":
+            leave = (
+                f", or run demo's two parts without {' '.join(unknown)}: `bilinearpool-bench "
+                f"layers --quick` and `bilinearpool-bench models --quick --backbones {kept}`"
+            )
+        else:
+            leave = f", or leave out {' '.join(unknown)}: --backbones {kept}"
+        text += f"; install what is missing{leave}"
+    return text
+
+
 def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, with an ``error:`` line, what would fail only after (part of) a run."""
+    """Refuse, with an ``error:`` line, what would fail only after (part of) a run.
+
+    The ``--import`` modules are imported first (what they register is then known to the
+    name checks); the output folder is checked last, since checking it creates it.
+    """
     if args.command == "report":
-        if args.out is not None and args.out.is_dir():
-            parser.error(f"--out expected a Markdown file, but {args.out} is a folder")
+        problem = None if args.out is None else _report_out_problem(args.out)
+        if problem is not None:
+            parser.error(problem)
         if not any((args.folder / f"{n}.json").is_file() for n in ("layers", "models")):
             parser.error(_report_problem(args.folder))
         return
+    try:
+        _import_modules(getattr(args, "imports", None) or [])
+    except ValueError as err:
+        parser.error(str(err))
     problem = _device_problem(args.device)
-    if problem is None and args.out is not None:
-        problem = _out_problem(args.out)
     if problem is not None:
         parser.error(problem)
-    if args.command == "demo":
-        return
     try:
         if args.command == "layers":
             _check_layer_cases(args.cases or [])
-        else:
+        elif args.command == "models":
             _select_heads(args.heads or [])
     except ValueError as err:
-        parser.error(str(err))
-    if args.command == "models" and args.backbones:
-        from .backbones import list_backbones
-
-        names = list_backbones()
-        tv, timm = set(names["torchvision"]), set(names["timm"])
-        unknown = [b for b in dict.fromkeys(args.backbones) if not _backbone_known(b, tv, timm)]
-        if unknown:
-            parser.error(
-                f"--backbones expected names that bilinearpool.build_backbone accepts (torchvision "
-                f"classification models{', timm models' if timm else ''}; see "
-                f"bilinearpool.list_backbones()), but got unknown {unknown}"
-            )
+        what = "cases" if args.command == "layers" else "heads"
+        parser.error(f"{err}; {what} that a module of yours registers need --import MODULE")
+    if args.command in ("models", "demo"):
+        problem = _backbones_problem(args.command, getattr(args, "backbones", None))
+        if problem is not None:
+            parser.error(problem)
+    if args.out is not None:
+        names = ["layers", "models"] if args.command == "demo" else [args.command]
+        problem = _out_problem(args.out, names=names)
+        if problem is not None:
+            parser.error(problem)
 
 
 def _saver(out: Path | None) -> Checkpoint | None:

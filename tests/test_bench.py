@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -601,6 +603,123 @@ class TestCommandLine:
             assert message in capsys.readouterr().err
         assert not measured
 
+    def test_out_folder_that_cannot_be_created_or_written_is_refused_up_front(self, tmp_path, capsys, monkeypatch):
+        """A folder that cannot be made or written is found before measuring, not after it."""
+        measured = []
+        monkeypatch.setattr(cli, "run_layers", lambda *a, **k: measured.append(1))
+        cases = []
+        if Path("/proc").is_dir():  # mkdir fails there, even as root
+            cases.append((["--out", "/proc/nope"],
+                          "error: --out expected a folder that can be created, but creating /proc/nope failed with"))  # fmt: skip
+        (tmp_path / "taken" / "layers.png").mkdir(parents=True)
+        cases.append((["--out", str(tmp_path / "taken")],
+                      f"error: --out expected to write the file {tmp_path / 'taken' / 'layers.png'}, but a folder"))  # fmt: skip
+        for argv, message in cases:
+            with pytest.raises(SystemExit) as exc:
+                main(["layers", "--shapes", "2x4x3x3", "--quick", "--threads", "1", *argv])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err
+        # a folder that exists but cannot be written (no permission; read-only file system)
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+        monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+        with pytest.raises(SystemExit) as exc:
+            main(["layers", "--shapes", "2x4x3x3", "--quick", "--out", str(tmp_path / "new")])
+        assert exc.value.code == 2
+        assert (f"error: --out expected a folder that can be written, but writing a file into "
+                f"{tmp_path / 'new'} failed with PermissionError") in capsys.readouterr().err  # fmt: skip
+        assert not measured
+        monkeypatch.undo()
+        probe_left = [p for p in tmp_path.rglob("*.probe")]
+        assert not probe_left
+
+    def test_backbones_whose_package_is_missing_are_refused_up_front(self, monkeypatch, capsys):
+        """Defaults included: a backbone from timm, with timm not installed, is refused before
+        anything is measured, naming the extra to install and how to leave it out."""
+        monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+        measured = []
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: measured.append("models"))
+        monkeypatch.setattr(cli, "run_layers", lambda *a, **k: measured.append("layers"))
+        install = "inception_resnet_v2 comes from timm (timm not installed: pip install 'bilinearpool[timm]')"
+        for argv, expected in (
+            (["models", "--params-only", "--heads", "plain"],
+             ["error: models builds the backbones resnet50 inception_v3 inception_resnet_v2 when "
+              "--backbones is not given, but " + install,
+              "or leave out inception_resnet_v2: --backbones resnet50 inception_v3"]),
+            (["models", "--params-only", "--backbones", "inception_resnet_v2"],
+             ["error: --backbones expected names that bilinearpool.build_backbone accepts", install]),
+            (["models", "--params-only", "--backbones", "resnet18", "inception_resnet_v2"],
+             [install, "or leave out inception_resnet_v2: --backbones resnet18"]),
+            (["demo", "--out", "/nonexistent-never-created"],
+             ["error: demo builds the backbones", install,
+              "`bilinearpool-bench models --quick --backbones resnet50 inception_v3`"]),
+        ):  # fmt: skip
+            with pytest.raises(SystemExit) as exc:
+                main(argv)
+            assert exc.value.code == 2, argv
+            err = capsys.readouterr().err
+            assert all(text in err for text in expected), err
+            assert "Traceback" not in err
+        assert not measured
+
+    def test_import_registers_cases_and_heads_for_the_command(self, tmp_path, monkeypatch, capsys, keep_threads):
+        """--import MODULE: cases (and heads) a module of the user's registers can be run and
+        rerun from the recorded command, in a fresh process."""
+        module = "bench_import_test_cases"
+        (tmp_path / f"{module}.py").write_text(
+            "from bilinearpool import bench\n"
+            "bench.register_layer_case(bench.LayerCase(\n"
+            "    'my-pool', 'global average pooling', lambda c, d: lambda x: x.mean((2, 3))))\n"
+            "bench.MODEL_HEADS['my-head'] = bench.ModelHead('my-head', 'fast-bcnn', 'a head of mine')\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setattr(bench, "LAYER_CASES", dict(bench.LAYER_CASES))  # what the module adds goes
+        monkeypatch.setattr(bench, "MODEL_HEADS", dict(bench.MODEL_HEADS))
+        monkeypatch.setattr(cli, "_IMPORTED", {"layer case": {}, "model head": {}})
+        out = tmp_path / "out"
+        try:
+            argv = ["layers", "--import", module, "--cases", "fast-bcnn", "my-pool", "--shapes", "2x8x3x3",
+                    "--quick", "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+            assert main(argv) == 0
+            assert [r["case"] for r in read_csv(out / "layers.csv")] == ["naive", "matmul-floor", "fast-bcnn", "my-pool"]
+            data = json.loads((out / "layers.json").read_text())
+            assert data["command"] == "bilinearpool-bench " + " ".join(argv)
+            assert not any(n.startswith("IN-PROCESS") for n in data["notes"])
+            argv = ["models", "--import", module, "--heads", "my-head", "--backbones", "resnet18", "--params-only",
+                    "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+            assert main(argv) == 0
+            assert [r["head"] for r in read_csv(out / "models.csv")] == ["plain", "my-head"]
+            assert read_csv(out / "models.csv")[1]["params_ok"] == "True"
+            notes = json.loads((out / "models.json").read_text())["notes"]
+            assert not any(n.startswith("IN-PROCESS") for n in notes)
+        finally:
+            sys.modules.pop(module, None)
+        # the recorded command reruns as it stands: a fresh process, the module in the current folder
+        script = Path(sys.executable).with_name("bilinearpool-bench")
+        runner = [str(script)] if script.exists() else [sys.executable, "-m", "bilinearpool.bench"]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([*runner, *shlex.split(data["command"])[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "my-pool" in [r["case"] for r in read_csv(out / "layers.csv")]
+        # a module that cannot be imported: an error line naming it and what its import raised
+        capsys.readouterr()
+        (tmp_path / "bench_import_broken.py").write_text("raise ValueError('not today')\n")
+        for name, raised in (("bench_import_nowhere", "ModuleNotFoundError: No module named 'bench_import_nowhere'"),
+                             ("bench_import_broken", "ValueError: not today")):  # fmt: skip
+            with pytest.raises(SystemExit) as exc:
+                main(["layers", "--import", name, "--cases", "my-pool", "--shapes", "2x4x3x3", "--quick"])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+            assert f"error: --import expected a module that can be imported, but importing {name!r} raised {raised}" in err
+            assert "Traceback" not in err
+        sys.modules.pop("bench_import_broken", None)
+        with pytest.raises(SystemExit):
+            main(["layers", "--cases", "not-registered-pool", "--shapes", "2x4x3x3", "--quick"])  # refused
+        assert "that a module of yours registers need --import MODULE" in capsys.readouterr().err
+
     def test_python_m_bench(self):
         proc = subprocess.run(
             [sys.executable, "-m", "bilinearpool.bench", "--help"],
@@ -714,6 +833,91 @@ class TestRobustRuns:
         assert [(r["backbone"], r["head"]) for r in read_csv(tmp_path / "models.csv")] == [
             ("resnet18", "plain"), ("resnet18", "se")
         ]
+
+    def test_a_write_that_fails_while_stopping_is_reported_once(self, tmp_path, monkeypatch, capsys, keep_threads):
+        """Writing the partial files fails (a full disk, say) and writing them again on the way
+        out fails too: one line on stderr, and the first error raised with nothing chained."""
+        calls = []
+
+        def full_disk(result, out, *, plot=True):
+            calls.append(plot)
+            raise OSError(28, f"No space left on device (write {len(calls)})")
+
+        monkeypatch.setattr(cli, "write_result", full_disk)
+        argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "fast-bcnn", "--out", str(tmp_path),
+                *self.COMMON]  # fmt: skip
+        with pytest.raises(OSError) as exc:
+            main(argv)
+        assert "(write 1)" in str(exc.value) and exc.value.__context__ is None
+        assert calls == [False, False]
+        err = capsys.readouterr().err
+        assert err.count("stopped at") == 1
+        assert ("stopped at 2x8x2x2 writing the results so far by OSError: [Errno 28] No space left on device "
+                "(write 1); writing the 3 rows measured before failed too, with OSError") in err  # fmt: skip
+
+    def test_a_stopped_or_unplotted_run_leaves_no_older_plot(self, tmp_path, monkeypatch, capsys, keep_threads):
+        """An older run's layers.png must not stand beside new (INCOMPLETE) results."""
+
+        class Stop(BaseException):
+            pass
+
+        def build(c, device):
+            def fn(x):
+                if c == 6:
+                    raise Stop("stopped by hand")
+                return x.mean((2, 3))
+            return fn
+
+        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", bench.LayerCase("test-stop", "stops", build))
+        (tmp_path / "layers.png").write_bytes(b"an older run's plot")
+        argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "test-stop", "--out", str(tmp_path),
+                *self.COMMON]  # fmt: skip
+        with pytest.raises(Stop):
+            main(argv)
+        assert "INCOMPLETE" in (tmp_path / "layers.md").read_text()
+        assert not (tmp_path / "layers.png").exists()
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        assert "Raw files (CSV, JSON with raw timings): " in (tmp_path / "r.md").read_text()
+        # a finished run without matplotlib: no new plot, so no old one either
+        (tmp_path / "layers.png").write_bytes(b"an older run's plot")
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        argv = ["layers", "--shapes", "2x8x2x2", "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
+        assert not (tmp_path / "layers.png").exists()
+
+    def test_a_run_stopped_building_the_inputs_names_that_shape(self, tmp_path, capsys, keep_threads):
+        # numel overflows: torch refuses before allocating anything
+        huge = "1099511627776x1099511627776x1x1"
+        argv = ["layers", "--shapes", "2x8x3x3", huge, "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
+        with pytest.raises(RuntimeError):
+            main(argv)
+        assert f"stopped at {huge} inputs by RuntimeError: " in capsys.readouterr().err
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert data["notes"][0].startswith(f"INCOMPLETE: the run stopped at {huge} inputs with RuntimeError")
+
+    def test_cases_registered_in_process_are_named_in_the_results(self, tmp_path, monkeypatch, keep_threads):
+        """A run made through main() in-process, with a case registered without --import: the
+        command is recorded as given, and a note names the case its rerun would not know."""
+        gap = bench.LayerCase("test-inproc", "gap", lambda c, d: lambda x: x.mean((2, 3)))
+        monkeypatch.setitem(bench.LAYER_CASES, gap.name, gap)
+        argv = ["layers", "--shapes", "2x8x2x2", "--cases", "fast-bcnn", "test-inproc", "--out", str(tmp_path),
+                *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert data["command"] == "bilinearpool-bench " + " ".join(argv)
+        (note,) = [n for n in data["notes"] if n.startswith("IN-PROCESS:")]
+        assert "`test-inproc`" in note and "`fast-bcnn`" not in note and "--import MODULE" in note
+        assert note in (tmp_path / "layers.md").read_text()
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        assert note in (tmp_path / "r.md").read_text()  # the report keeps it
+        assert main([*argv[:5], *argv[6:]]) == 0  # library cases only: no note
+        assert not [n for n in json.loads((tmp_path / "layers.json").read_text())["notes"] if "IN-PROCESS" in n]
+        head = bench.ModelHead("test-head", "fast-bcnn", "a head added in-process")
+        monkeypatch.setitem(bench.MODEL_HEADS, head.name, head)  # the same for model heads
+        assert main(["models", "--backbones", "resnet18", "--heads", "test-head", "--params-only",
+                     "--out", str(tmp_path), *self.COMMON]) == 0  # fmt: skip
+        (note,) = [n for n in json.loads((tmp_path / "models.json").read_text())["notes"] if "IN-PROCESS" in n]
+        assert "model head(s) `test-head`" in note and "`plain`" not in note
 
     def test_quick_batch_is_two_on_every_device(self):
         args = argparse.Namespace(batch_size_at=None, batch_size=None, quick=True)
@@ -937,6 +1141,50 @@ class TestResults:
         capsys.readouterr()
         assert main(["report", str(tmp_path)]) == 1
         assert "row 2x8x2x2 fast-bcnn: saved_MiB is stored as" in capsys.readouterr().err
+
+
+    def test_report_of_a_damaged_file_or_a_bad_out_is_an_error_line(self, tmp_path, capsys):
+        afile = tmp_path / "afile"
+        afile.write_text("")
+        for text, message in (
+            ("{not json", "layers.json: expected the JSON that `bilinearpool-bench layers --out` writes, but "
+                          "it cannot be read as JSON (JSONDecodeError: Expecting property name"),
+            ("[1, 2]", "layers.json: expected the JSON object that `bilinearpool-bench layers --out` writes, "
+                       "but it holds a JSON list"),
+            (json.dumps({"benchmark": "layers", "rows": [1]}), "layers.json: cannot rebuild its results"),
+        ):  # fmt: skip
+            (tmp_path / "layers.json").write_text(text)
+            assert main(["report", str(tmp_path)]) == 1
+            err = capsys.readouterr().err
+            assert "bilinearpool-bench report: error: " in err and message in err and "Traceback" not in err
+        with pytest.raises(SystemExit) as exc:
+            main(["report", str(self.RESULTS / "cpu-2core"), "--out", str(afile / "x.md")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: --out expected a Markdown file, but {afile} (above {afile / 'x.md'}) is a file" in err
+        assert "Traceback" not in err
+
+    def test_layer_plot_gives_every_case_its_own_colour(self):
+        """11 library cases and a user's: all distinct, and a case's colour does not depend
+        on which other cases a run has."""
+        plt = pytest.importorskip("matplotlib.pyplot")
+
+        def colours(cases):
+            rows = [{"shape": "2x8x4x4", "case": c, "vs_naive": 0.5, "saved_vs_input": 1.0} for c in cases]
+            fig = cli._plot_layers(plt, rows)
+            ax = fig.axes[0]
+            found = {bars.get_label(): bars.patches[0].get_facecolor() for bars in ax.containers}
+            plt.close(fig)
+            return found
+
+        every = [*bench._LIBRARY_LAYER_CASES, "my-pool"]
+        assert len(bench._LIBRARY_LAYER_CASES) == 11
+        full = colours(every)
+        assert set(full) == set(every) and len(set(full.values())) == len(every)
+        few = colours(["naive", "lowrank-r512", "my-pool"])
+        assert all(few[c] == full[c] for c in few)
+        styles = cli._case_styles([f"user-{i}" for i in range(30)])  # past the palette: hatches
+        assert len({(s["color"], s["hatch"]) for s in styles.values()}) == 30
 
 
 class TestProfileScripts:
