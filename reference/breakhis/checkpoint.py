@@ -89,25 +89,37 @@ def _load_failure(exc: Exception) -> str:
     return f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, map_location: str = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only).
 
     Only tensors and plain data are unpickled (``weights_only=True``): a file that
-    needs more is refused, never loaded with arbitrary code execution.
+    needs more is refused, never loaded with arbitrary code execution. With ``mmap`` the
+    tensors are mapped from the file rather than read (``torch.load(mmap=True)``): cheap
+    when only the settings and history are needed.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        NotACheckpointError: when ``path`` is not a file :func:`save_checkpoint` wrote
-            (e.g. a ``train.log``, an empty file, another program's pickle).
+        NotACheckpointError: when ``path`` is a folder (the message names the
+            ``checkpoint.pt`` in it, if it holds one), or not a file
+            :func:`save_checkpoint` wrote (e.g. a ``train.log``, an empty file, another
+            program's pickle).
     """
     path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoint.pt"
+        raise NotACheckpointError(
+            f"expected a checkpoint file, but {str(path)!r} is a folder; " + (
+                f"pass {str(inside)!r}" if inside.is_file() else
+                "it holds no checkpoint.pt: pass the checkpoint.pt of a run folder"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of foreign pickles before refusing them.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - foreign bytes make the unpickler raise anything
         raise NotACheckpointError(
             f"{str(path)!r} is not a breakhis checkpoint ({_load_failure(exc)}); pass the "

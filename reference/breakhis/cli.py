@@ -229,12 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perplexity", type=float, default=30.0,
                    help="t-SNE perplexity, clamped for small image sets (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of t-SNE and of the projection (default: %(default)s)")
+                   help="seed of t-SNE and of the projection, in [0, 2**32 - 1] "
+                   "(default: %(default)s)")
     p.add_argument("--max-embedding-dim", type=int, default=4096,
                    help="randomly project wider embeddings (bilinear features) to this many "
                    "dimensions before PCA and t-SNE, to bound memory; 0 = keep them whole "
                    "(default: %(default)s)")
-    p.add_argument("--out", help="output folder (default: <checkpoint folder>/figures)")
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/figures); "
+                   "figure files an earlier run left there and this one does not draw are "
+                   "removed")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default)")
@@ -478,9 +481,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from .experiments import checkpoint_records
-    from .plots import FIGURES_DIR, make_figures
+    from .plots import FIGURES_DIR, _check_seed, _folder_problem, make_figures
 
     # Checked before indexing and predicting, which take minutes on the real data.
+    _check_seed(args.seed, "--seed")
     if not args.perplexity > 0:
         raise ValueError(f"--perplexity must be > 0, but got {args.perplexity:g}")
     if args.max_embedding_dim == 1 or args.max_embedding_dim < 0:
@@ -488,10 +492,13 @@ def _cmd_figures(args: argparse.Namespace) -> int:
                          f"got {args.max_embedding_dim}")
     if args.gradcam_images < 0:
         raise ValueError(f"--gradcam-images must be >= 0, but got {args.gradcam_images}")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / FIGURES_DIR
+    problem = _folder_problem(out)
+    if problem:
+        raise ValueError(f"--out expects a folder for the figures, but {problem}")
     records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
                                                   data_root=args.data_root,
                                                   progress=not args.no_progress)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / FIGURES_DIR
     result = make_figures(args.checkpoint, records, out, targets=targets, source=source,
                           gradcam_images=args.gradcam_images, batch_size=args.batch_size,
                           device=_device(args.device), seed=args.seed, perplexity=args.perplexity,

@@ -18,11 +18,14 @@ matplotlib (Agg canvas; the caller's pyplot backend is left alone).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -69,7 +72,8 @@ RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
     "input_size", "weights", "epochs", "epochs_trained", "lr", "oversample",
     *[key for key, _ in _VARYING_SETTINGS], "folds", "fold", "synthetic", "data_root",
-    "stale_folds", *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std")],
+    "stale_folds", "stale",
+    *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std", "n")],
 )
 _LOG = logging.getLogger("breakhis.plots")
 _TABLE_METRICS = (("accuracy", "image accuracy"),
@@ -81,6 +85,28 @@ FIGURES_DIR = "figures"
 #: Files :func:`make_figures` writes into its folder.
 FIGURE_FILES: tuple[str, ...] = ("roc.png", "tsne.png", "tsne_coords.npy", "gradcam.png",
                                  "figures.json")
+#: Largest seed scikit-learn's ``random_state`` takes (NumPy's ``RandomState``: 32 bits).
+_SEED_MAX = 2**32 - 1
+
+
+def _check_seed(seed: Any, name: str = "seed") -> None:
+    """Refuse a seed that scikit-learn would refuse only after the embeddings are made."""
+    if (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+            or not 0 <= seed <= _SEED_MAX):
+        raise ValueError(f"{name} must be an integer in [0, {_SEED_MAX}] (a scikit-learn "
+                         f"random state), but got {seed!r}")
+
+
+def _folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be (or become) a folder: it, or a folder above it, is a file."""
+    path = Path(path)
+    for place in (path, *path.parents):
+        if place.exists():
+            if place.is_dir():
+                return None
+            return (f"{str(path)!r} is a file" if place == path else
+                    f"{str(place)!r}, a folder above {str(path)!r}, is a file")
+    return None
 
 
 def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
@@ -641,6 +667,12 @@ def make_figures(
     are synthetic). A checkpoint that trained fewer epochs than its settings ask (a run
     cut short) is drawn with a warning.
 
+    ``out_dir`` then holds this run's figures only: the files of :data:`FIGURE_FILES`
+    that an earlier run left there and this one does not write (``gradcam.png`` with
+    ``gradcam_images=0``) are removed; other files stay. The figures are drawn in a
+    hidden folder inside ``out_dir`` and moved in only when all of them are done, so a
+    run that fails leaves ``out_dir``'s figures as they were.
+
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
         records: the images, e.g. the fold's test images from
@@ -653,7 +685,8 @@ def make_figures(
         gradcam_images: images in the Grad-CAM grid (0: no Grad-CAM figure).
         batch_size: images per forward pass.
         device: ``cpu`` or ``cuda``.
-        seed: random state of t-SNE (and of the embedding projection).
+        seed: random state of t-SNE (and of the embedding projection), an integer in
+            ``[0, 2**32 - 1]``.
         perplexity: requested t-SNE perplexity (clamped for small sets).
         max_embedding_dim: wider embeddings are randomly projected to this many
             dimensions before PCA and t-SNE (see :func:`embeddings`); ``None`` keeps them.
@@ -663,8 +696,10 @@ def make_figures(
         The content of ``figures.json``.
 
     Raises:
-        ValueError: for fewer than 3 records, mismatched targets, or a negative
-            ``gradcam_images``.
+        ValueError: before the model is loaded, for fewer than 3 records, a negative
+            ``gradcam_images``, a ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that
+            is not positive, a ``max_embedding_dim`` below 2, or an ``out_dir`` that is
+            a file (or lies under one); later, for mismatched targets.
     """
     from .tasks import get_task
     from .train import (
@@ -679,6 +714,15 @@ def make_figures(
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
     if gradcam_images < 0:
         raise ValueError(f"gradcam_images must be >= 0, but got {gradcam_images}")
+    _check_seed(seed)
+    if not perplexity > 0:
+        raise ValueError(f"perplexity must be > 0, but got {perplexity}")
+    if max_embedding_dim is not None and max_embedding_dim < 2:
+        raise ValueError(f"max_embedding_dim must be >= 2 or None, but got {max_embedding_dim}")
+    out = Path(out_dir)
+    problem = _folder_problem(out)
+    if problem:
+        raise ValueError(f"expected a folder for the figures, but {problem}")
     model, state = load_model(checkpoint, device=device)
     classes = list(state["classes"])
     extra = state.get("extra") or {}
@@ -702,59 +746,95 @@ def make_figures(
     warn_unfinished(checkpoint, state, "the figures show an unfinished model")
     mean, std = checkpoint_normalization(state)
     what = _describe(info)
-    out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-
-    probs = predict_probs(model, records, input_size=input_size, batch_size=batch_size,
-                          device=device, progress=progress, mean=mean, std=std)
-    roc = plot_roc(y, probs, classes, out / "roc.png", title=f"ROC: {what}")
-    emb = embeddings(model, records, input_size=input_size, batch_size=batch_size,
-                     device=device, max_dim=max_embedding_dim, seed=seed, progress=progress,
-                     mean=mean, std=std)
-    width = int(getattr(model, "embedding_dim", emb.shape[1]))
-    tsne = plot_tsne(emb, y, classes, out / "tsne.png", seed=seed, perplexity=perplexity,
-                     title=f"t-SNE of the embeddings: {what}")
-    result: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "classes": classes,
-        "images": len(records),
-        **info,
-        "model": {k: state["config"].get(k) for k in ("head", "backbone", "se_reduction",
-                                                      "input_size", "epochs")},
-        "epochs_trained": epochs_trained(state),
-        "normalization": {"mean": list(mean), "std": list(std)},
-        "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
-        "roc": {"path": str(roc["path"]), "auc": roc["auc"], "roc_auc": roc["roc_auc"],
-                "skipped": roc["skipped"]},
-        "tsne": {"path": str(tsne["path"]), "coords_path": str(tsne["coords_path"]),
-                 "perplexity": tsne["perplexity"], "perplexity_requested": float(perplexity),
-                 "pca_components": tsne["pca_components"], "seed": seed,
-                 "embedding_dim": width,
-                 "projected_dim": int(emb.shape[1]) if emb.shape[1] < width else None},
-        "gradcam": None,
-    }
-    if gradcam_images:
-        pick = _balanced_pick(y, gradcam_images)
-        chosen = [records[i] for i in pick]
-        heat, pred = gradcam(model, chosen, input_size=input_size, device=device,
-                             batch_size=batch_size, progress=progress, mean=mean, std=std)
-        path = plot_gradcam(chosen, heat, y[pick], pred, classes, out / "gradcam.png",
-                            title=f"Grad-CAM (predicted class): {what}")
-        result["gradcam"] = {
-            "path": str(path), "layer": _gradcam_description(model),
-            "images": [str(getattr(r, "path", r)) for r in chosen],
-            "true": [classes[int(t)] for t in y[pick]],
-            "predicted": [classes[int(p)] for p in pred],
+    # Drawn in a hidden folder of out_dir (same file system, so the files move in by
+    # rename) and moved in only once every figure is done: a failure on the way (a
+    # t-SNE error after roc.png is drawn) leaves out_dir's figures as they were.
+    work = Path(tempfile.mkdtemp(prefix=".figures-", suffix=".tmp", dir=out))
+    try:
+        probs = predict_probs(model, records, input_size=input_size, batch_size=batch_size,
+                              device=device, progress=progress, mean=mean, std=std)
+        roc = plot_roc(y, probs, classes, work / "roc.png", title=f"ROC: {what}")
+        emb = embeddings(model, records, input_size=input_size, batch_size=batch_size,
+                         device=device, max_dim=max_embedding_dim, seed=seed,
+                         progress=progress, mean=mean, std=std)
+        width = int(getattr(model, "embedding_dim", emb.shape[1]))
+        tsne = plot_tsne(emb, y, classes, work / "tsne.png", seed=seed, perplexity=perplexity,
+                         title=f"t-SNE of the embeddings: {what}")
+        result: dict[str, Any] = {
+            "checkpoint": str(checkpoint),
+            "classes": classes,
+            "images": len(records),
+            **info,
+            "model": {k: state["config"].get(k) for k in ("head", "backbone", "se_reduction",
+                                                          "input_size", "epochs")},
+            "epochs_trained": epochs_trained(state),
+            "normalization": {"mean": list(mean), "std": list(std)},
+            "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
+            # paths where the files end up, not where they are drawn
+            "roc": {"path": str(out / roc["path"].name), "auc": roc["auc"],
+                    "roc_auc": roc["roc_auc"], "skipped": roc["skipped"]},
+            "tsne": {"path": str(out / tsne["path"].name),
+                     "coords_path": str(out / tsne["coords_path"].name),
+                     "perplexity": tsne["perplexity"],
+                     "perplexity_requested": float(perplexity),
+                     "pca_components": tsne["pca_components"], "seed": seed,
+                     "embedding_dim": width,
+                     "projected_dim": int(emb.shape[1]) if emb.shape[1] < width else None},
+            "gradcam": None,
         }
-    (out / "figures.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        if gradcam_images:
+            pick = _balanced_pick(y, gradcam_images)
+            chosen = [records[i] for i in pick]
+            heat, pred = gradcam(model, chosen, input_size=input_size, device=device,
+                                 batch_size=batch_size, progress=progress, mean=mean, std=std)
+            path = plot_gradcam(chosen, heat, y[pick], pred, classes, work / "gradcam.png",
+                                title=f"Grad-CAM (predicted class): {what}")
+            result["gradcam"] = {
+                "path": str(out / path.name), "layer": _gradcam_description(model),
+                "images": [str(getattr(r, "path", r)) for r in chosen],
+                "true": [classes[int(t)] for t in y[pick]],
+                "predicted": [classes[int(p)] for p in pred],
+            }
+        (work / "figures.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        # All figures are done. The earlier run's figures go first, then this run's move
+        # in, figures.json last (FIGURE_FILES ends with it): a process killed in between
+        # leaves part of this run's figures without figures.json, never a folder mixing
+        # two runs (as moving the new files in first, then removing the others, could).
+        for name in FIGURE_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in FIGURE_FILES:
+            if (work / name).is_file():
+                os.replace(work / name, out / name)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # made by this call and empty again
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    """A JSON report as a dict; an empty, cut-short or foreign file is an error naming it."""
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a breakhis report: expected a JSON object, but "
+                         f"it does not parse as JSON ({exc})") from exc
+    if not isinstance(report, dict):
+        raise ValueError(f"{str(path)!r} is not a breakhis report: expected a JSON object, but "
+                         f"it holds a {type(report).__name__}")
+    return report
 
 
 def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
     folder = Path(run_dir)
     for name in ("cv_metrics.json", "test_metrics.json"):
         if (folder / name).is_file():
-            report = json.loads((folder / name).read_text())
+            report = _read_report(folder / name)
             if not isinstance(report.get("protocol"), dict):
                 raise ValueError(f"{folder / name} records no protocol; it was not written "
                                  "by breakhis")
@@ -764,32 +844,72 @@ def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any
                      "`evaluate`)")
 
 
-def _stale_folds(folder: Path, report: dict[str, Any]) -> list[int]:
-    """Folds of a cv summary whose ``fold<k>/test_metrics.json`` was made since the summary.
+#: Why a cv summary is stale, per fold (:func:`_stale_folds`), as the table says it.
+_STALE_REASONS: dict[str, str] = {
+    "retrained": "retrained since the summary",
+    "unfinished": "retrained since the summary without a new test_metrics.json (checkpoint.pt "
+                  "differs; retraining interrupted?)",
+    "no report": "lost test_metrics.json since the summary",
+}
 
-    A fold's report is compared by the checkpoint it was made from (``checkpoint``:
-    epoch and fingerprint); a summary written before it recorded them is compared by
-    the fold's metrics. A fold folder without a report says nothing.
+
+def _checkpoint_identity(path: Path) -> dict[str, Any] | None:
+    """:func:`breakhis.train.checkpoint_identity` of a ``checkpoint.pt`` (its tensors mapped,
+    not read: tensors and plain data only); ``None`` when the file is no breakhis checkpoint."""
+    from .checkpoint import NotACheckpointError, load_checkpoint
+    from .train import checkpoint_identity
+
+    try:
+        return checkpoint_identity(load_checkpoint(path, map_location="cpu", mmap=True))
+    except NotACheckpointError:
+        return None
+
+
+def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
+    """Folds of a cv summary that changed since it was written, with why (a key of
+    :data:`_STALE_REASONS`), in the summary's fold order.
+
+    - ``retrained``: the fold's ``fold<k>/test_metrics.json`` was made from another
+      checkpoint than the summary records (``folds[].checkpoint``: epoch and
+      fingerprint); a summary written before it recorded them is compared by the
+      fold's metrics;
+    - ``unfinished``: the fold's ``checkpoint.pt`` is not the one the summary records
+      (or no breakhis checkpoint), while its report is gone or still the summary's: a
+      retraining killed before it wrote its report;
+    - ``no report``: the report is gone (its checkpoint, if any, unchanged).
+
+    A summary without its ``fold<k>`` folders (copied on its own) says nothing.
     """
-    stale = []
+    stale: dict[int, str] = {}
     for entry in report.get("folds") or []:
-        done = folder / f"fold{entry.get('fold')}" / "test_metrics.json"
-        if not done.is_file():
+        fold_dir = folder / f"fold{entry.get('fold')}"
+        if not fold_dir.is_dir():
             continue
-        current = json.loads(done.read_text())
-        if entry.get("checkpoint") is not None:
-            changed = current.get("checkpoint") != entry["checkpoint"]
-        else:
-            changed = current.get("metrics") != entry.get("metrics")
-        if changed:
-            stale.append(entry["fold"])
+        done, ckpt = fold_dir / "test_metrics.json", fold_dir / "checkpoint.pt"
+        recorded = entry.get("checkpoint")
+        if done.is_file():
+            current = _read_report(done)
+            if recorded is not None:
+                changed = current.get("checkpoint") != recorded
+            else:
+                changed = current.get("metrics") != entry.get("metrics")
+            if changed:
+                stale[entry["fold"]] = "retrained"
+                continue
+        if recorded is not None and ckpt.is_file() and _checkpoint_identity(ckpt) != recorded:
+            stale[entry["fold"]] = "unfinished"
+        elif not done.is_file():
+            stale[entry["fold"]] = "no report"
     return stale
 
 
-def _stale_note(stale: Sequence[int]) -> str:
-    folds = ", ".join(str(f) for f in stale)
-    return (f"stale: fold{'s' if len(stale) > 1 else ''} {folds} retrained since the summary; "
-            "rerun cv --resume")
+def _stale_note(stale: Mapping[int, str]) -> str:
+    parts = []
+    for reason, text in _STALE_REASONS.items():
+        folds = [str(f) for f, why in stale.items() if why == reason]
+        if folds:
+            parts.append(f"fold{'s' if len(folds) > 1 else ''} {', '.join(folds)} {text}")
+    return f"stale: {'; '.join(parts)}; rerun cv --resume"
 
 
 def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
@@ -797,14 +917,16 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
     :data:`RESULTS_COLUMNS`; metrics as fractions).
 
     A folder with ``cv_metrics.json`` gives its mean and standard deviation over folds
-    (``summary`` of :func:`breakhis.evaluate.summarize_folds`); otherwise its
-    ``test_metrics.json`` gives one fold (no standard deviation). A summary that a fold
-    retrained since has left behind (its ``fold<k>/test_metrics.json`` made from another
-    checkpoint than the summary records) is still read, with a warning, and its row
-    names those folds (``stale_folds``).
+    (``summary`` of :func:`breakhis.evaluate.summarize_folds`) and, per metric, the
+    number of folds averaged (``<metric>_n``: fewer than ``folds`` where a fold has no
+    value, e.g. no ROC AUC on a fold of one class); otherwise its ``test_metrics.json``
+    gives one fold (no standard deviation). A summary that a fold changed since it was
+    written (see :func:`results_table`) is still read, with a warning, and its row names
+    those folds (``stale_folds``) and says why (``stale``, as the table's folds cell).
 
     Raises:
-        ValueError: for a folder with neither file, or no run folder at all.
+        ValueError: for a folder with neither file, a report that is not a JSON object
+            (the message names the file), or no run folder at all.
     """
     if not run_dirs:
         raise ValueError("expected at least one run folder, but got none")
@@ -821,7 +943,7 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             metrics = report.get("metrics") or {}
             stats = {k: {"mean": metrics[k], "std": None, "n": 1}
                      for k in SUMMARY_METRICS if metrics.get(k) is not None}
-            folds, stale = 1, []
+            folds, stale = 1, {}
         task, protocol = report.get("task") or {}, report["protocol"]
         model = report.get("model") or {}
         row: dict[str, Any] = {
@@ -837,11 +959,13 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
                for key, _ in _VARYING_SETTINGS},
             "folds": folds, "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
-            "data_root": report.get("data_root"), "stale_folds": stale,
+            "data_root": report.get("data_root"), "stale_folds": list(stale),
+            "stale": _stale_note(stale) if stale else None,
         }
         for key in SUMMARY_METRICS:
             stat = stats.get(key) or {}
             row[f"{key}_mean"], row[f"{key}_std"] = stat.get("mean"), stat.get("std")
+            row[f"{key}_n"] = stat.get("n", 0)  # 0: no fold has the metric
         rows.append(row)
     return rows
 
@@ -886,10 +1010,15 @@ def _training(row: dict[str, Any], varying: Sequence[tuple[str, str]] = ()) -> s
     return ", ".join(parts)
 
 
-def _pct(mean: float | None, std: float | None) -> str:
+def _pct(mean: float | None, std: float | None, n: int | None = None,
+         folds: int | None = None) -> str:
+    """``mean ± std`` in percent; ``(n of folds folds)`` when fewer folds have the metric."""
     if mean is None:
         return "n/a"
-    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+    text = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+    if n is not None and folds is not None and n < folds:
+        text += f" ({n} of {folds} folds)"
+    return text
 
 
 def _cell(value: Any) -> str:
@@ -909,13 +1038,22 @@ def results_table(
     setting whose recorded values differ between the runs: batch size, momentum,
     weight decay, dropout, augmentation, shift, rotation, plateau factor and patience,
     validation fraction, seed, split seed, number of splits), folds (``"2 of 5"`` for a
-    partial cross-validation, ``"1 (fold 0 of 5)"`` for one fold; a stale summary, one
-    that a fold retrained since has left behind, is marked there), then image accuracy,
-    patient
-    recognition rate, macro F1 and ROC AUC as mean ± std over folds in percent. Every
-    row names its protocol (image-split numbers are optimistic, see the notes under the
-    table), and runs on synthetic data are marked ``SYNTHETIC``; when the runs come from
-    more than one data folder, each row names its own.
+    partial cross-validation, ``"1 (fold 0 of 5)"`` for one fold; a stale summary is
+    marked there, see below), then image accuracy, patient recognition rate, macro F1
+    and ROC AUC as mean ± std over folds in percent; a metric that some folds lack
+    (``None`` there, e.g. no ROC AUC on a fold of one class) is averaged over the others
+    and says so: ``97.92 ± 2.95 (2 of 3 folds)``. Every row names its protocol
+    (image-split numbers are optimistic, see the notes under the table), and runs on
+    synthetic data are marked ``SYNTHETIC``; when the runs come from more than one data
+    folder, each row names its own.
+
+    A cv summary is stale when a fold changed since it was written; the row says which
+    folds and how: ``retrained since the summary`` (the fold's ``test_metrics.json`` was
+    made from another checkpoint than the summary records), ``retrained since the
+    summary without a new test_metrics.json`` (its ``checkpoint.pt`` is another, its
+    report gone or still the old one: a retraining interrupted), ``lost
+    test_metrics.json since the summary``. A summary copied without its ``fold<k>``
+    folders is not checked.
 
     Args:
         run_dirs: folders holding ``cv_metrics.json`` (a ``cv`` run) or
@@ -928,11 +1066,24 @@ def results_table(
 
     Raises:
         ValueError: for a folder without metrics (the message names it and the files
-            expected), or an ``out`` ending in ``.csv``.
+            expected), a report that is not a JSON object (naming it), or an ``out``
+            ending in ``.csv``, naming a folder, or under a file; ``out`` is checked
+            before any run is read.
     """
-    if out is not None and Path(out).suffix.lower() == ".csv":
-        raise ValueError("out is the Markdown file (the CSV goes next to it), but got "
-                         f"{str(out)!r}")
+    if out is not None:
+        md = Path(out)
+        if md.suffix.lower() == ".csv":
+            raise ValueError("out is the Markdown file (the CSV goes next to it), but got "
+                             f"{str(out)!r}")
+        if md.is_dir() or str(out).endswith(("/", os.sep)):
+            raise ValueError("out is the Markdown file (the CSV goes next to it), but "
+                             f"{str(out)!r} names a folder")
+        if md.with_suffix(".csv").is_dir():
+            raise ValueError(f"out {str(out)!r} puts the CSV at {str(md.with_suffix('.csv'))!r}, "
+                             "but that is a folder")
+        problem = _folder_problem(md.parent)
+        if problem:
+            raise ValueError(f"expected a folder for out {str(out)!r}, but {problem}")
     rows = results_rows(run_dirs)
     varying = _varying(rows)
     roots = {r["data_root"] for r in rows if r["data_root"] is not None}
@@ -953,14 +1104,15 @@ def results_table(
             folds += f" (fold {row['fold']}{of})"  # one fold: of which split
         elif row["n_splits"] and row["folds"] < row["n_splits"]:
             folds += of  # a partial cross-validation (cv --folds)
-        if row["stale_folds"]:
-            folds += f" ({_stale_note(row['stale_folds'])})"
+        if row["stale"]:
+            folds += f" ({row['stale']})"
         data = "SYNTHETIC" if row["synthetic"] else "real"
         if len(roots) > 1 and row["data_root"] is not None:
             data += f" ({row['data_root']})"
         cells = [Path(row["run"]).name or row["run"], task, row["protocol"], row["backbone"],
                  head, row["input_size"], _training(row, varying), folds,
-                 *[_pct(row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in _TABLE_METRICS],
+                 *[_pct(row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"], row["folds"])
+                   for key, _ in _TABLE_METRICS],
                  data]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "Protocols:", ""]

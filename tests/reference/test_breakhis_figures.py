@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from breakhis.checkpoint import load_checkpoint, save_checkpoint
+from breakhis.checkpoint import NotACheckpointError, load_checkpoint, save_checkpoint
 from breakhis.cli import build_parser, main
 from breakhis.dataset import build_eval_transform, load_rgb
 from breakhis.evaluate import (
@@ -429,6 +429,72 @@ class TestMakeFigures:
         with pytest.raises(ValueError, match="split must be one of"):
             checkpoint_records(ckpt, split="val")
 
+    def test_bad_arguments_are_refused_before_the_model_loads(
+        self, runs, tmp_path: Path
+    ) -> None:
+        """seed -1 failed in scikit-learn's PCA after prediction; an out_dir that is a
+        file failed with FileExistsError after the model was loaded."""
+        records, _, _ = checkpoint_records(runs["binary"] / "fold0" / "checkpoint.pt")
+        none = tmp_path / "none.pt"  # never read: the arguments fail first
+        (tmp_path / "afile").write_text("")
+        for kwargs, message in [
+            ({"seed": -1}, r"seed must be an integer in \[0, 4294967295\].*but got -1"),
+            ({"seed": 2**32}, "but got 4294967296"),
+            ({"seed": 1.5}, "but got 1.5"),
+            ({"perplexity": 0.0}, "perplexity must be > 0"),
+            ({"max_embedding_dim": 1}, "max_embedding_dim must be >= 2"),
+            ({"out_dir": tmp_path / "afile"}, r"expected a folder .* is a file"),
+            ({"out_dir": tmp_path / "afile" / "x"}, "a folder above"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                make_figures(none, records[:4], **{"out_dir": tmp_path / "fig", **kwargs})
+        assert not (tmp_path / "fig").exists()
+
+    def test_rerun_leaves_only_its_own_figures(self, runs, tmp_path: Path) -> None:
+        """A second run with gradcam_images=0 left the first run's gradcam.png behind."""
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, _, source = checkpoint_records(ckpt)
+        (tmp_path / "notes.txt").write_text("mine")
+        make_figures(ckpt, records[:6], tmp_path, source=source, gradcam_images=2,
+                     max_embedding_dim=32)
+        assert (tmp_path / "gradcam.png").is_file()
+        result = make_figures(ckpt, records[:6], tmp_path, source=source, gradcam_images=0,
+                              max_embedding_dim=32)
+        assert result["gradcam"] is None
+        assert json.loads((tmp_path / "figures.json").read_text())["gradcam"] is None
+        # other files stay; no hidden work folder is left behind
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "figures.json", "notes.txt", "roc.png", "tsne.png", "tsne_coords.npy"]
+        assert result["roc"]["path"] == str(tmp_path / "roc.png")
+        assert result["tsne"]["coords_path"] == str(tmp_path / "tsne_coords.npy")
+
+    def test_failure_leaves_the_earlier_figures_as_they_were(
+        self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A run failing in t-SNE had already written its roc.png beside the t-SNE and
+        figures.json of another checkpoint."""
+        import breakhis.plots as plots
+
+        first, second = (runs[k] / "fold0" / "checkpoint.pt" for k in ("fine", "binary"))
+        out = tmp_path / "fig"
+        records, _, source = checkpoint_records(first)
+        make_figures(first, records[:6], out, source=source, gradcam_images=2,
+                     max_embedding_dim=32)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+        def fails(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("t-SNE failed")
+
+        monkeypatch.setattr(plots, "plot_tsne", fails)
+        records, _, source = checkpoint_records(second)
+        for folder in (out, tmp_path / "new"):
+            with pytest.raises(RuntimeError, match="t-SNE failed"):
+                make_figures(second, records[:6], folder, source=source, gradcam_images=2,
+                             max_embedding_dim=32)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert json.loads((out / "figures.json").read_text())["checkpoint"] == str(first)
+        assert not (tmp_path / "new").exists()  # made by the failed run: removed again
+
 
 class TestResultsTable:
     def test_rows_and_markdown_from_the_json(self, runs, tmp_path: Path) -> None:
@@ -595,6 +661,83 @@ class TestResultsTable:
         expected = [0] if fresh["metrics"] != summary["folds"][0]["metrics"] else []
         assert results_rows([run])[0]["stale_folds"] == expected
 
+    def test_fold_changed_without_a_new_report_is_marked(
+        self, runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A fold retrained since the summary but killed before its report (gone, or
+        still the old one) was skipped, and the summary shown as current."""
+        run = tmp_path / "cv"
+        shutil.copytree(runs["binary"], run)
+        state = load_checkpoint(run / "fold0" / "checkpoint.pt")
+        state["history"] = state["history"][:1]  # another run's checkpoint
+        state["epoch"] = 0
+        save_checkpoint(state, run / "fold0" / "checkpoint.pt")
+        unfinished = ("stale: fold 0 retrained since the summary without a new "
+                      "test_metrics.json (checkpoint.pt differs; retraining interrupted?); "
+                      "rerun cv --resume")
+        # killed during `train --resume`: the old report is still there
+        assert results_rows([run])[0]["stale"] == unfinished
+        # killed during a fresh `train`: the old report was removed
+        (run / "fold0" / "test_metrics.json").unlink()
+        (run / "fold1" / "test_metrics.json").unlink()  # its checkpoint unchanged
+        with caplog.at_level(logging.WARNING, logger="breakhis.plots"):
+            text = results_table([run], out=tmp_path / "t.md")
+        note = ("stale: fold 0 retrained since the summary without a new test_metrics.json "
+                "(checkpoint.pt differs; retraining interrupted?); fold 1 lost "
+                "test_metrics.json since the summary; rerun cv --resume")
+        assert f"| 2 ({note}) |" in text and note in caplog.text
+        row = results_rows([run])[0]
+        assert row["stale_folds"] == [0, 1] and row["stale"] == note
+        with (tmp_path / "t.csv").open(newline="") as handle:
+            saved = next(csv.DictReader(handle))
+        assert saved["stale_folds"] == "0 1" and saved["stale"] == note
+        # a fold without report or checkpoint (cleared by hand) is stale too
+        (run / "fold0" / "checkpoint.pt").unlink()
+        assert results_rows([run])[0]["stale"] == (
+            "stale: folds 0, 1 lost test_metrics.json since the summary; rerun cv --resume")
+
+    def test_metric_over_fewer_folds_says_so(self, runs, tmp_path: Path) -> None:
+        """The row said 2 folds while a metric's mean was over 1 (None on the other)."""
+        from breakhis.evaluate import summarize_folds
+
+        report = json.loads((runs["binary"] / "cv_metrics.json").read_text())
+        report["folds"][0]["metrics"]["roc_auc"] = None  # e.g. a fold of one class
+        report["summary"] = summarize_folds([f["metrics"] for f in report["folds"]])
+        assert report["summary"]["roc_auc"]["n"] == 1
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "cv_metrics.json").write_text(json.dumps(report))
+        text = results_table([tmp_path / "run", runs["binary"]], out=tmp_path / "t.md")
+        lines = [line for line in text.splitlines() if line.startswith("| ")]
+        auc = report["summary"]["roc_auc"]["mean"]
+        acc = report["summary"]["accuracy"]
+        assert lines[1].endswith(f"| {100 * auc:.2f} (1 of 2 folds) | SYNTHETIC |")
+        assert f"| {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} |" in lines[1]
+        assert "folds)" not in lines[2]  # every metric over both folds
+        with (tmp_path / "t.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [r["roc_auc_n"] for r in rows] == ["1", "2"]
+        assert [r["accuracy_n"] for r in rows] == ["2", "2"] and rows[0]["folds"] == "2"
+        one = results_rows([runs["fine"] / "fold1"])[0]
+        assert one["accuracy_n"] == 1 and one["folds"] == 1
+
+    def test_unreadable_reports_are_named(self, runs, tmp_path: Path) -> None:
+        """An empty report said only "Expecting value: line 1 column 1 (char 0)"; a list
+        gave an AttributeError."""
+        for name, content, message in [("empty", "", "it does not parse as JSON"),
+                                       ("cut", '{"protocol": {', "it does not parse as JSON"),
+                                       ("list", "[1, 2]", "it holds a list")]:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "test_metrics.json").write_text(content)
+            path = tmp_path / name / "test_metrics.json"
+            with pytest.raises(ValueError, match=rf"'{path}' is not a breakhis report: "
+                               rf"expected a JSON object, but {message}"):
+                results_table([tmp_path / name])
+        run = tmp_path / "cv"  # a fold's report, read for the stale check
+        shutil.copytree(runs["binary"], run)
+        (run / "fold1" / "test_metrics.json").write_text("")
+        with pytest.raises(ValueError, match=rf"'{run / 'fold1' / 'test_metrics.json'}'"):
+            results_rows([run])
+
     def test_single_folds_name_their_split_and_data(self, runs, tmp_path: Path) -> None:
         """Single-fold runs of 2 and 5 splits, or of other data folders, looked identical."""
         report = json.loads((runs["fine"] / "fold1" / "test_metrics.json").read_text())
@@ -624,6 +767,18 @@ class TestResultsTable:
             results_table([])
         with pytest.raises(ValueError, match="out is the Markdown file"):
             results_table([runs["binary"]], out=tmp_path / "t.csv")
+        # out is checked before any run is read (tmp_path has no metrics)
+        with pytest.raises(ValueError, match=rf"but '{tmp_path}' names a folder"):
+            results_table([tmp_path], out=tmp_path)
+        with pytest.raises(ValueError, match="names a folder"):
+            results_table([tmp_path], out=f"{tmp_path / 'new'}/")
+        (tmp_path / "t.csv").mkdir()
+        with pytest.raises(ValueError, match=r"puts the CSV at .*t.csv', but that is a folder"):
+            results_table([tmp_path], out=tmp_path / "t.md")
+        (tmp_path / "afile").write_text("")
+        with pytest.raises(ValueError, match=rf"expected a folder for out .*, but "
+                           rf"'{tmp_path / 'afile'}' is a file"):
+            results_table([tmp_path], out=tmp_path / "afile" / "t.md")
 
 
 class TestCommands:
@@ -649,7 +804,8 @@ class TestCommands:
 
     @pytest.mark.parametrize("option, value", [("--perplexity", "0"),
                                                ("--max-embedding-dim", "1"),
-                                               ("--gradcam-images", "-1")])
+                                               ("--gradcam-images", "-1"),
+                                               ("--seed", "-1"), ("--seed", "4294967296")])
     def test_figures_checks_options_before_reading_anything(
         self, option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -657,6 +813,36 @@ class TestCommands:
         err = capsys.readouterr().err
         assert f"error: {option} must be" in err and f"but got {value}" in err
         assert "does not exist" not in err and "max_dim" not in err
+
+    def test_wrong_paths_are_errors_not_tracebacks(
+        self, runs, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """table --out FOLDER gave IsADirectoryError, figures --out FILE a FileExistsError
+        (after loading the model), a run folder as --checkpoint "does not exist"."""
+        assert main(["table", str(runs["binary"]), "--out", str(tmp_path)]) == 2
+        assert f"'{tmp_path}' names a folder" in capsys.readouterr().err
+        (tmp_path / "afile").write_text("")
+        assert main(["figures", "--checkpoint", str(tmp_path / "none.pt"),
+                     "--out", str(tmp_path / "afile")]) == 2
+        err = capsys.readouterr().err
+        assert f"--out expects a folder for the figures, but '{tmp_path / 'afile'}' is a file" \
+            in err and "does not exist" not in err  # checked before the checkpoint is read
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "test_metrics.json").write_text("")
+        assert main(["table", str(tmp_path / "empty")]) == 2
+        err = capsys.readouterr().err
+        assert f"'{tmp_path / 'empty' / 'test_metrics.json'}' is not a breakhis report" in err
+        fold = runs["binary"] / "fold0"
+        for command in (["figures"], ["evaluate"], ["predict", str(synth_tree[0])]):
+            assert main([*command, "--checkpoint", str(fold), "--out",
+                         str(tmp_path / "o.csv")]) == 2
+            err = capsys.readouterr().err
+            assert (f"expected a checkpoint file, but '{fold}' is a folder; pass "
+                    f"'{fold / 'checkpoint.pt'}'") in err
+        assert main(["figures", "--checkpoint", str(runs["binary"])]) == 2
+        assert "is a folder; it holds no checkpoint.pt" in capsys.readouterr().err
+        with pytest.raises(NotACheckpointError, match="is a folder"):
+            load_checkpoint(fold)
 
     def test_errors_and_help(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["table", str(tmp_path)]) == 2
