@@ -1,4 +1,5 @@
-"""Doctest namespace: every docstring example may use ``torch`` and ``nn`` unimported.
+"""Doctests run in their module's namespace only, as ``python -m doctest`` and a reader see
+them: an example imports what its module does not (``torch``, ``nn``); the seed is fixed.
 
 The Triton kernels module has no doctests and imports Triton, which not every platform
 has (it comes with torch's Linux CUDA wheels): it is left out of doctest collection.
@@ -11,7 +12,5 @@ collect_ignore = ["bilinearpool/functional/_triton_kernels.py"]
 
 
 @pytest.fixture(autouse=True)
-def _doctest_namespace(doctest_namespace: dict) -> None:
-    doctest_namespace["torch"] = torch
-    doctest_namespace["nn"] = torch.nn
+def _seed() -> None:
     torch.manual_seed(0)

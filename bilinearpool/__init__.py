@@ -4,6 +4,7 @@ Layers (``nn.Module``), their functions in :mod:`bilinearpool.functional`, and
 classifiers that put them on any backbone.
 
 Examples:
+    >>> import torch
     >>> import bilinearpool as bp
     >>> pool = bp.FastBilinearPool()
     >>> pool(torch.randn(2, 32, 7, 7)).shape

@@ -32,6 +32,7 @@ class SEBlock(nn.Module):
         - Output: same shape as the input.
 
     Examples:
+        >>> import torch
         >>> se = SEBlock(64, reduction=8)
         >>> se(torch.randn(2, 64, 7, 7)).shape
         torch.Size([2, 64, 7, 7])
@@ -195,6 +196,7 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
             SEBlocks, or its blocks have attention of their own.
 
     Examples:
+        >>> import torch
         >>> import torchvision
         >>> net = torchvision.models.resnet18()
         >>> insert_se_blocks(net, reduction=8)

@@ -1,6 +1,6 @@
 """Measuring helpers behind ``bilinearpool-bench``: parameters, time, saved bytes, throughput.
 
-The benchmark protocol (``docs/BENCHMARKS.md`` of the project) asks for *ratios measured
+The benchmark protocol (the documentation's Benchmarks page) asks for *ratios measured
 side by side in one run*: ours / baseline on the same machine, inputs and thread count,
 each the median of several repeats after warm-up, with the environment recorded. This
 module holds the pieces that do the measuring:

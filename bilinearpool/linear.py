@@ -27,6 +27,8 @@ class WideLinear(nn.Linear):
         - Input: :math:`(*, \\text{in\\_features})`; output: :math:`(*, \\text{out\\_features})`.
 
     Examples:
+        >>> import torch
+        >>> from torch import nn
         >>> layer = WideLinear(40000, 8)
         >>> layer(torch.randn(2, 40000)).shape
         torch.Size([2, 8])

@@ -25,6 +25,7 @@ class SignedSqrt(nn.Module):
         - Output: same shape as the input.
 
     Examples:
+        >>> import torch
         >>> SignedSqrt(eps=1e-12)(torch.tensor([-4.0, 0.0, 9.0])).round(decimals=4)
         tensor([-2.,  0.,  3.])
     """
@@ -52,6 +53,7 @@ class L2Normalize(nn.Module):
         - Output: same shape as the input.
 
     Examples:
+        >>> import torch
         >>> L2Normalize()(torch.tensor([[3.0, 4.0]]))
         tensor([[0.6000, 0.8000]])
     """

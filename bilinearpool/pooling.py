@@ -40,6 +40,7 @@ class BilinearPool(nn.Module):
         - Output: :math:`(B, C_1, C_2)`, or :math:`(B, C_1 C_2)` with ``normalize``.
 
     Examples:
+        >>> import torch
         >>> pool = BilinearPool()
         >>> pool(torch.randn(2, 64, 7, 7), torch.randn(2, 32, 7, 7)).shape
         torch.Size([2, 64, 32])
@@ -144,6 +145,7 @@ class FastBilinearPool(nn.Module):
         - Output: :math:`(B, C^2)`, or :math:`(B, C(C+1)/2)` with ``triu``.
 
     Examples:
+        >>> import torch
         >>> pool = FastBilinearPool()
         >>> pool(torch.randn(2, 64, 7, 7)).shape
         torch.Size([2, 4096])

@@ -536,7 +536,16 @@ _COMMANDS = {"index": _cmd_index, "synth": _cmd_synth, "train": _cmd_train, "cv"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``breakhis-repro``; returns the exit status."""
+    """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
+    reference extra are not all installed, said in one line)."""
+    from . import INSTALL, missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        print(f"breakhis-repro: error: it needs {', '.join(missing)}, which "
+              f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL}",
+              file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

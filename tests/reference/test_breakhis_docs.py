@@ -82,3 +82,36 @@ class TestDocumentedCommands:
                              "breakhis-repro table runs/mifc-cv\n")
         problems = _check_sequence(commands)
         assert len(problems) == 1 and "runs/mifc-cv" in problems[0]
+
+
+class TestWithoutTheReferenceExtra:
+    """breakhis comes with every install; without its extra it failed on `from PIL import
+    Image` (a traceback) instead of naming the extra to install."""
+
+    def test_cli_names_the_extra_in_one_line(self, monkeypatch, capsys) -> None:
+        import sys
+
+        monkeypatch.setitem(sys.modules, "captum", None)
+        monkeypatch.setitem(sys.modules, "sklearn", None)
+        assert cli.main(["index", "--help"]) == 1
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [
+            "breakhis-repro: error: it needs scikit-learn, captum, which are not installed: "
+            "pip install 'bilinearpool[reference]'"]
+
+    def test_import_is_light_and_names_the_extra_on_use(self) -> None:
+        import subprocess
+        import sys
+
+        code = (
+            "import sys; sys.modules['PIL'] = None; import breakhis\n"
+            "assert 'sklearn' not in sys.modules\n"
+            "try:\n"
+            "    breakhis.index_breakhis\n"
+            "except ImportError as err:\n"
+            "    print(err)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.strip() == ("breakhis.index_breakhis needs pillow, which is not installed: "
+                               "pip install 'bilinearpool[reference]'")
