@@ -304,12 +304,17 @@ def _timm_names(pattern: str = "") -> list[str]:
     return list(timm.list_models(pattern or "*"))
 
 
+def _install(extra: str) -> str:
+    """How to install an extra, for error messages (the package is not on PyPI yet)."""
+    return f"pip install 'bilinearpool[{extra}]' (from a clone: pip install '.[{extra}]')"
+
+
 def _missing(module: str, extra: str) -> str:
     """For an error message: ``"torchvision not installed: pip install ..."`` when
     ``module`` cannot be imported, else ``""``."""
     if importlib.util.find_spec(module) is not None:
         return ""
-    return f"{module} not installed: pip install 'bilinearpool[{extra}]'"
+    return f"{module} not installed: {_install(extra)}"
 
 
 def list_backbones() -> dict[str, list[str]]:
@@ -560,7 +565,7 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
         import timm
     except ImportError as err:
         raise ImportError(
-            f"backbone {name!r} comes from timm, which is not installed: pip install 'bilinearpool[timm]'"
+            f"backbone {name!r} comes from timm, which is not installed: {_install('timm')}"
         ) from err
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")

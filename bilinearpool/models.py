@@ -67,6 +67,15 @@ class ChannelReduction(nn.Sequential):
         self.in_channels = in_channels
         self.out_channels = out_channels
 
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ChannelReduction expected feature maps (B, {self.in_channels}, H, W), but got "
+                f"shape {tuple(x.shape)}" + (
+                    "; token sequences (B, N, C) need a linear layer instead (a 1x1 convolution "
+                    "takes maps only)" if x.dim() == 3 else ""))
+        return super().forward(x)
+
 
 class GlobalAvgPool(nn.Module):
     """Mean over locations: the first-order pooling of the plain baseline.

@@ -642,7 +642,8 @@ class TestCommandLine:
         measured = []
         monkeypatch.setattr(cli, "run_models", lambda *a, **k: measured.append("models"))
         monkeypatch.setattr(cli, "run_layers", lambda *a, **k: measured.append("layers"))
-        install = "inception_resnet_v2 comes from timm (timm not installed: pip install 'bilinearpool[timm]')"
+        install = ("inception_resnet_v2 comes from timm (timm not installed: pip install 'bilinearpool[timm]' "
+                   "(from a clone: pip install '.[timm]'))")
         for argv, expected in (
             (["models", "--params-only", "--heads", "plain"],
              ["error: models builds the backbones resnet50 inception_v3 inception_resnet_v2 when "

@@ -49,6 +49,17 @@ class TestFastBCNN:
         assert n_params(model) == n_params(body) + 64 * 5 + 5
         assert n_params(FastBCNN(tiny(8), num_classes=5, triu=True)) == n_params(body) + 36 * 5 + 5
 
+    def test_channel_reduction_refuses_tokens_and_other_channels(self):
+        # Tokens gave the convolution's own RuntimeError about its weight's shape.
+        layer = ChannelReduction(8, 4)
+        with pytest.raises(ValueError, match=r"expected feature maps \(B, 8, H, W\), but got shape "
+                           r"\(2, 5, 8\); token sequences \(B, N, C\) need a linear layer"):
+            layer(torch.randn(2, 5, 8))
+        with pytest.raises(ValueError, match=r"expected feature maps \(B, 8, H, W\), but got shape \(2, 6, 3, 3\)$"):
+            layer(torch.randn(2, 6, 3, 3))
+        assert layer(torch.randn(2, 8, 3, 3)).shape == (2, 4, 3, 3)
+        assert list(layer.state_dict()) == list(nn.Sequential(*layer).state_dict())
+
     def test_reduce_dim(self):
         model = FastBCNN(tiny(16), num_classes=3, reduce_dim=4)
         assert isinstance(model.reduce, ChannelReduction) and model.embedding_dim == 16

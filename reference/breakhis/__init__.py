@@ -35,7 +35,7 @@ REQUIREMENTS: dict[str, str] = {
     "timm": "timm",
 }
 #: The install command that brings them.
-INSTALL = "pip install 'bilinearpool[reference]'"
+INSTALL = "pip install 'bilinearpool[reference]' (from a clone: pip install '.[reference]')"
 
 # Public name -> the module that defines it (loaded on first use).
 _EXPORTS: dict[str, str] = {

@@ -97,7 +97,7 @@ class TestWithoutTheReferenceExtra:
         err = capsys.readouterr().err
         assert err.strip().splitlines() == [
             "breakhis-repro: error: it needs scikit-learn, captum, which are not installed: "
-            "pip install 'bilinearpool[reference]'"]
+            "pip install 'bilinearpool[reference]' (from a clone: pip install '.[reference]')"]
 
     def test_import_is_light_and_names_the_extra_on_use(self) -> None:
         import subprocess
@@ -114,4 +114,5 @@ class TestWithoutTheReferenceExtra:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True).stdout
         assert out.strip() == ("breakhis.index_breakhis needs pillow, which is not installed: "
-                               "pip install 'bilinearpool[reference]'")
+                               "pip install 'bilinearpool[reference]' (from a clone: "
+                               "pip install '.[reference]')")
