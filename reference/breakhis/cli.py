@@ -55,7 +55,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocol", default="patient", choices=["image", "patient", "official"],
                    help="how train/test folds are drawn (default: %(default)s)")
     g.add_argument("--n-splits", type=int, default=5, help="folds (default: %(default)s)")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the folds")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the folds, in [0, 2**32 - 1] (default: %(default)s)")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of training data held out for the LR schedule, in [0, 1); "
                    "0 = use the training loss (default: %(default)s)")
@@ -108,14 +109,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotation", type=float, default=90.0, help="largest rotation in degrees, "
                    "either way; the paper gives no range, %(default)s is our choice "
                    "(corners filled black)")
-    g.add_argument("--seed", type=int, default=0, help="training seed")
-    g.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+    g.add_argument("--seed", type=int, default=0,
+                   help="training seed, in [0, 2**63 - 1] (default: %(default)s)")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="data-loading processes, 0 or more (default: %(default)s)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--resume", action="store_true",
                    help="continue from the run folder's checkpoint.pt; refused when data, "
                    "fold or settings differ from the checkpoint's (only --epochs, "
                    "--num-workers, --device and a moved --data-root holding the same files "
-                   "may change)")
+                   "may change; --folds-file and --patients-csv may move, with the same "
+                   "content)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -285,6 +289,17 @@ def _config(args: argparse.Namespace) -> Any:
         num_workers=args.num_workers, device=args.device)
 
 
+def _check_out(out: str | os.PathLike[str]) -> None:
+    """Refuse an ``--out`` under a file before the data are indexed (minutes on the real
+    data); whether it can be created and written is tried once the fold is known, before
+    training (:func:`breakhis.experiments.run_fold`)."""
+    from .plots import _folder_problem
+
+    problem = _folder_problem(out)
+    if problem:
+        raise ValueError(f"--out expects a run folder, but {problem}")
+
+
 def _default_out(args: argparse.Namespace, suffix: str) -> Path:
     task = "folder" if args.image_folder else args.task
     mag = f"{args.magnification}x-" if args.magnification else ""
@@ -391,6 +406,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _log_to_console(info.is_main)
     spec = _spec(args)
     try:
+        if args.out:
+            _check_out(args.out)  # the folder is created and tried before training
         data = prepare_data(spec, progress=not args.no_progress and info.is_main)
         fold = args.fold if args.fold is not None else data.splits[0].fold
         out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
@@ -415,7 +432,9 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     _log_to_console(info.is_main)
     out = Path(args.out) if args.out else _default_out(args, "cv")
     try:
-        report = run_cv(_spec(args), config, out, folds=args.folds, resume=args.resume,
+        spec = _spec(args)
+        _check_out(out)  # the folder is created and tried before training
+        report = run_cv(spec, config, out, folds=args.folds, resume=args.resume,
                         dist_info=info, progress=not args.no_progress)
     finally:
         cleanup_distributed()
@@ -535,9 +554,25 @@ _COMMANDS = {"index": _cmd_index, "synth": _cmd_synth, "train": _cmd_train, "cv"
              "table": _cmd_table}
 
 
+def _os_error_text(exc: OSError) -> str:
+    """An ``OSError`` in one line, with the path(s) it concerns when it names them.
+
+    Examples:
+        >>> _os_error_text(PermissionError(13, "Permission denied", "runs/x/checkpoint.pt"))
+        "Permission denied: 'runs/x/checkpoint.pt'"
+        >>> _os_error_text(OSError(28, "No space left on device"))
+        'No space left on device'
+    """
+    paths = [repr(str(p)) for p in (exc.filename, exc.filename2) if p is not None]
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {' -> '.join(paths)}" if paths else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
-    reference extra are not all installed, said in one line)."""
+    reference extra are not all installed, said in one line; 2 after an error line for
+    a setting, a file or a folder that is wrong, or a file that cannot be read or
+    written)."""
     from . import INSTALL, missing_requirements
 
     missing = missing_requirements()
@@ -554,6 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "imagenet" in str(exc).lower() or "pretrained" in str(exc).lower():
             hint = " (offline? pass --weights PATH to a local state_dict, or --no-pretrained)"
         print(f"breakhis-repro {args.command}: error: {exc}{hint}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written: names the path
+        print(f"breakhis-repro {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
     finally:
         _stop_logging_to_console()

@@ -325,14 +325,23 @@ def write_report(
 ) -> tuple[Path, Path]:
     """Write ``report`` as ``<stem>.json`` and ``<stem>.md`` in ``out_dir``.
 
+    Each file is written atomically (:func:`breakhis.checkpoint.atomic_writer`: a
+    temporary file beside it, renamed over it when complete, with the permissions of a
+    new file): a process killed meanwhile leaves the previous file whole, never a
+    report cut short.
+
     Returns:
         The two paths.
     """
+    from .checkpoint import atomic_writer  # torch: only when a report is written
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    md_path.write_text(render_markdown(report))
+    for path, text in ((json_path, json.dumps(report, indent=2, default=str) + "\n"),
+                       (md_path, render_markdown(report))):
+        with atomic_writer(path, "w") as handle:
+            handle.write(text)
     return json_path, md_path
 
 
@@ -378,7 +387,8 @@ def write_predictions(
     Columns: ``path, patient, magnification, true_label, true_index, predicted_label``
     and ``prob_<class>`` for every class. Probabilities are written with Python's
     shortest round-trip ``repr``, so metrics recomputed from the file are identical.
-    Unknown patients, magnifications and true classes are left empty.
+    Unknown patients, magnifications and true classes are left empty. The file is
+    written atomically, as :func:`write_report` writes its files.
 
     Args:
         path: CSV path (its folder is created).
@@ -413,9 +423,10 @@ def write_predictions(
     if y_true.size and not (-1 <= y_true.min() and y_true.max() < len(classes)):
         raise ValueError(f"expected targets in [-1, {len(classes) - 1}] (-1: unknown), but "
                          f"got values from {y_true.min()} to {y_true.max()}")
+    from .checkpoint import atomic_writer  # torch: only when predictions are written
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
+    with atomic_writer(out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*_PRED_COLUMNS, *[_PROB_PREFIX + c for c in classes]])
         for record, target, row in zip(records, y_true.tolist(), probs):

@@ -13,7 +13,9 @@ A fold's checkpoint records the relative paths of its training, validation and t
 images. Re-evaluation and figures use those lists rather than drawing the fold again,
 so a changed data folder cannot move training images into the test set; resuming
 (:func:`run_fold`, :func:`run_cv`) is refused when fold, task, protocol, data, file
-lists or training settings differ from the checkpoint's. Every test report records
+lists or training settings differ from the checkpoint's; the data folder, and the fold
+tables and patients CSV given by path, may move (those two are compared by the SHA-256
+of their content, which the checkpoint records). Every test report records
 the checkpoint it was made from (:func:`breakhis.train.checkpoint_identity`) and how
 many epochs that checkpoint had trained (``epochs_trained``), so that ``cv --resume``
 reuses a report only with its own checkpoint and an unfinished run is not reported as
@@ -23,13 +25,15 @@ there (:data:`RUN_OUTPUTS`) once its model is built, saying so in ``train.log``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from numbers import Real
 from pathlib import Path
@@ -64,7 +68,7 @@ from .splits import (
     patient_groups,
     validation_split,
 )
-from .plots import FIGURE_FILES, FIGURES_DIR
+from .plots import FIGURE_FILES, FIGURES_DIR, _folder_problem
 from .synthetic import SYNTHETIC_MARKER, is_synthetic
 from .tasks import Task, get_task
 from .train import (
@@ -97,8 +101,15 @@ SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
 #: Keys of a fold's checkpoint ``extra`` that may differ on resume: the data may move,
 #: its file lists (compared) pin the images; ``protocol.n_splits`` follows from the data
 #: settings (compared), and checkpoints of the official protocol written before it
-#: counted the fold tables hold ``None``.
+#: counted the fold tables hold ``None``. The paths of ``folds_file`` and
+#: ``patients_csv`` may differ when their content does not (:func:`_resume_ignore`).
 _RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits")
+#: Data files a :class:`DataSpec` names by path, compared by content on resume, with
+#: what they are called in messages.
+_DATA_FILES: tuple[tuple[str, str], ...] = (("folds_file", "fold table(s)"),
+                                           ("patients_csv", "patients CSV"))
+#: Largest split seed: scikit-learn and NumPy's legacy seeding take ``[0, 2**32 - 1]``.
+_SPLIT_SEED_MAX = 2**32 - 1
 #: Files of a run folder that a fold trained afresh there removes once its model is built
 #: (paths relative to the folder, :func:`breakhis.train.fit`'s ``stale_outputs``): what
 #: training, evaluation and ``figures`` (default folder) write, but ``config.json``
@@ -141,7 +152,8 @@ class DataSpec:
 
     Raises:
         ValueError: when ``folds_file`` is given with a protocol other than ``official``,
-            or ``val_fraction`` is not a number in ``[0, 1)``.
+            ``val_fraction`` is not a number in ``[0, 1)``, or ``split_seed`` is not an
+            integer in ``[0, 2**32 - 1]`` (what scikit-learn takes).
     """
 
     data_root: str
@@ -158,6 +170,11 @@ class DataSpec:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        if (isinstance(self.split_seed, bool) or not isinstance(self.split_seed, (int, np.integer))
+                or not 0 <= self.split_seed <= _SPLIT_SEED_MAX):
+            raise ValueError(
+                f"split_seed must be an integer in [0, 2**32 - 1] (the folds are drawn by "
+                f"scikit-learn, which takes such seeds), but got {self.split_seed!r}")
         if not (isinstance(self.val_fraction, Real)
                 and math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise ValueError(
@@ -182,10 +199,100 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataSpec:
-        """Inverse of :meth:`to_dict`."""
-        data = dict(data)
+        """Inverse of :meth:`to_dict`; other keys (the SHA-256 digests of the data files
+        that a checkpoint's data spec records) are ignored."""
+        names = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in names}
         data["folds_file"] = tuple(data.get("folds_file") or ())
         return cls(**data)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _data_dict(spec: DataSpec) -> dict[str, Any]:
+    """The spec as a fold's checkpoint records it: :meth:`DataSpec.to_dict` plus the
+    SHA-256 of each fold table (``folds_file_sha256``) and of the patients CSV
+    (``patients_csv_sha256``) given, so that a resumed run compares their content, not
+    their paths (:func:`_resume_ignore`)."""
+    out = spec.to_dict()
+    if spec.folds_file:
+        out["folds_file_sha256"] = [_sha256(f) for f in spec.folds_file]
+    if spec.patients_csv is not None:
+        out["patients_csv_sha256"] = _sha256(spec.patients_csv)
+    return out
+
+
+def _paths(value: Any) -> list[str]:
+    if not value:
+        return []
+    return [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+
+
+def _resume_ignore(state: dict[str, Any], extra: dict[str, Any]) -> tuple[tuple[str, ...],
+                                                                        list[str]]:
+    """The ``extra`` keys a run may change when it continues the checkpoint ``state``,
+    and lines (for the log) on the data files whose path changed.
+
+    The fold tables (``folds_file``) and the patients CSV move with the data: their
+    paths may change when their content (SHA-256, recorded at training time) has not.
+    A checkpoint written before the digests were recorded cannot tell their content: a
+    file of the same name is taken for it, with a line saying so. Another content, or
+    (old checkpoints) another name, stays a difference.
+    """
+    old = (state.get("extra") or {}).get("data") or {}
+    new = extra.get("data") or {}
+    ignore, notes = list(_RESUME_IGNORE), []
+    for name, what in _DATA_FILES:
+        digest = f"{name}_sha256"
+        old_paths, new_paths = _paths(old.get(name)), _paths(new.get(name))
+        if digest not in old:
+            ignore.append(f"data.{digest}")  # not recorded: compared by path and name
+        if old_paths == new_paths:
+            continue
+        if digest in old:
+            if old[digest] == new.get(digest):
+                ignore.append(f"data.{name}")
+                notes.append(f"data: the {what} moved: {new_paths} holds the content of the "
+                             f"checkpoint's {old_paths} (same SHA-256)")
+        elif old_paths and [Path(p).name for p in old_paths] == [Path(p).name
+                                                                 for p in new_paths]:
+            ignore.append(f"data.{name}")
+            notes.append(f"data: the checkpoint records the path of its {what}, not its "
+                         f"content (written by an older breakhis): {new_paths} is taken for "
+                         f"{old_paths} because the file name is the same")
+    return tuple(ignore), notes
+
+
+def _writable_run_dir(folder: Path) -> None:
+    """Create the run folder ``folder`` if need be, and write (and remove) a probe file.
+
+    Tried, not guessed, before anything is trained: a path under a file, a folder that
+    cannot be created (``/proc``) or written (permissions, a read-only file system).
+
+    Raises:
+        ValueError: naming the folder and what failed.
+    """
+    problem = _folder_problem(folder)
+    if problem:
+        raise ValueError(f"expected a run folder, but {problem}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"expected a run folder that can be created, but creating "
+                         f"{str(folder)!r} failed: {err.strerror or err}") from err
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".breakhis-", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"expected a run folder that can be written, but writing a file "
+                         f"into {str(folder)!r} failed: {err.strerror or err}") from err
 
 
 @dataclass
@@ -336,12 +443,13 @@ def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
     if spec.val_fraction > 0:
         fit_idx, val_idx = validation_split(
             split.train, data.targets, data.groups, fraction=spec.val_fraction,
-            by_patient=split.protocol != "image", seed=spec.split_seed + fold)
+            # within scikit-learn's seeds for any fold number
+            by_patient=split.protocol != "image", seed=(spec.split_seed + fold) % 2**32)
     if split.patient_disjoint:
         check_patient_disjoint(fit_idx, split.test, data.groups)
     files = {name: [data.relative_path(i) for i in idx]
              for name, idx in (("train", fit_idx), ("val", val_idx), ("test", split.test))}
-    extra = {"data": spec.to_dict(), "fold": fold, "task": data.task.to_dict(),
+    extra = {"data": _data_dict(spec), "fold": fold, "task": data.task.to_dict(),
              "protocol": _protocol_dict(spec, split, data), "synthetic": data.synthetic,
              "files": files}
     return _FoldPlan(split, fit_idx, val_idx, extra)
@@ -376,26 +484,39 @@ def run_fold(
     and has passed a trial forward pass, before the first checkpoint, and says which
     files in ``train.log``: a report of another run is never left beside the new
     checkpoint, and a run that fails to start (weights missing, an input size the
-    backbone cannot take) leaves the earlier run's files in place.
+    backbone cannot take) leaves the earlier run's files in place. ``run_dir`` is
+    created and a file written into it (and removed) before training. With ``resume``,
+    a fold table or patients CSV whose path changed (the data moved) continues when its
+    content is the checkpoint's, said in ``train.log``.
 
     Returns:
         The test report (main process), or ``None`` on other DDP processes.
 
     Raises:
-        ValueError: for a fold number outside the protocol's folds, or (``resume``)
-            a checkpoint in ``run_dir`` made for another fold, task, protocol, data or
-            settings (the message lists the differences).
+        ValueError: for a fold number outside the protocol's folds, a ``run_dir`` that
+            cannot be created or written, or (``resume``) a checkpoint in ``run_dir``
+            made for another fold, task, protocol, data or settings (the message lists
+            the differences).
+        breakhis.train.TrainingDivergedError: when a loss or the weights stop being
+            finite (:func:`breakhis.train.fit`); nothing is evaluated.
     """
     info = dist_info or init_distributed(config.device)
     data = data or prepare_data(spec, progress=progress and info.is_main)
     plan = _plan_fold(spec, data, fold)
+    if info.is_main:
+        _writable_run_dir(Path(run_dir))
+    ignore, notes = _RESUME_IGNORE, []
+    ckpt = Path(run_dir) / CHECKPOINT_NAME
+    if resume and ckpt.is_file():
+        # mapped, not read: fit loads it again (and refuses what is no checkpoint)
+        ignore, notes = _resume_ignore(load_checkpoint(ckpt, mmap=True), plan.extra)
     result = fit(
         config,
         train_records=[data.records[i] for i in plan.fit], train_targets=data.targets[plan.fit],
         val_records=[data.records[i] for i in plan.val], val_targets=data.targets[plan.val],
         classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=plan.extra,
-        resume_ignore=_RESUME_IGNORE, stale_outputs=RUN_OUTPUTS,
-        log_messages=_issue_lines(data.issues(), data.index.root), dist_info=info,
+        resume_ignore=ignore, stale_outputs=RUN_OUTPUTS,
+        log_messages=[*_issue_lines(data.issues(), data.index.root), *notes], dist_info=info,
         progress=progress,
     )
     if not info.is_main:
@@ -444,14 +565,17 @@ def _evaluate_split(
 
 
 def _reusable_fold(
-    spec: DataSpec, config: TrainConfig, data: PreparedData, fold: int, fold_dir: Path
+    spec: DataSpec, config: TrainConfig, data: PreparedData, fold: int, fold_dir: Path,
+    *, main: bool = True,
 ) -> dict[str, Any] | None:
     """The report of a finished fold that these settings would reproduce, else ``None``.
 
     ``None`` also when the fold's checkpoint matches but trained fewer epochs (it is
     then resumed), and when ``test_metrics.json`` was not made from that checkpoint
-    (another run's, or one written before reports recorded their checkpoint): the
-    checkpoint is then evaluated again.
+    (another run's, or one written before reports recorded their checkpoint) or cannot
+    be read as a report (cut short, not a JSON object, without the entries the summary
+    needs): the checkpoint is then evaluated again, with a warning naming the file.
+    ``main``: whether this process logs.
 
     Raises:
         ValueError: when the fold was made with other settings, or its settings cannot
@@ -465,25 +589,58 @@ def _reusable_fold(
             f"the settings that made it cannot be checked; remove {str(fold_dir)!r} to train "
             "the fold again")
     state = load_checkpoint(ckpt)
-    differences = resume_differences(state, config, list(data.task.classes),
-                                     _plan_fold(spec, data, fold).extra, ignore=_RESUME_IGNORE)
+    plan = _plan_fold(spec, data, fold)
+    ignore, notes = _resume_ignore(state, plan.extra)
+    differences = resume_differences(state, config, list(data.task.classes), plan.extra,
+                                     ignore=ignore)
     if differences:
         raise ValueError(
             f"cannot reuse fold {fold} in {str(fold_dir)!r}: it was made with other settings ("
             + "; ".join(differences) + "). Use another output folder, or the run's settings")
     if epochs_trained(state) < config.epochs:
         return None
-    report = json.loads(done.read_text())
+    report, problem = _read_report(done)
+    if report is None:
+        if main:
+            _LOG.warning("fold %d: %s cannot be read as a report (%s); evaluating the "
+                         "checkpoint again", fold, done, problem)
+        return None
     made_from, identity = report.get("checkpoint"), checkpoint_identity(state)
     if made_from != identity:
-        _LOG.warning(
-            "fold %d: %s was not made from %s (it records %s, the checkpoint is epoch %d, "
-            "fingerprint %s); evaluating the checkpoint again", fold, done, ckpt,
-            "no checkpoint" if not made_from else
-            f"epoch {made_from.get('epoch')}, fingerprint {made_from.get('fingerprint')}",
-            identity["epoch"], identity["fingerprint"][:12])
+        if main:
+            _LOG.warning(
+                "fold %d: %s was not made from %s (it records %s, the checkpoint is epoch %d, "
+                "fingerprint %s); evaluating the checkpoint again", fold, done, ckpt,
+                f"epoch {made_from.get('epoch')}, fingerprint {made_from.get('fingerprint')}"
+                if isinstance(made_from, dict) else "no checkpoint",
+                identity["epoch"], identity["fingerprint"][:12])
         return None
+    if main:
+        # else run_fold logs them, as it resumes the checkpoint
+        for note in notes:
+            _LOG.warning("fold %d: %s", fold, note)
     return report
+
+
+#: Entries of a fold's report that :func:`run_cv`'s summary reads.
+_REPORT_KEYS: tuple[str, ...] = ("task", "protocol", "fold", "data_root", "synthetic", "model",
+                                 "metrics")
+
+
+def _read_report(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A fold's ``test_metrics.json``, or ``None`` with what is wrong with it."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return None, (f"{type(err).__name__}: {err}" if not isinstance(err, OSError)
+                      else str(err.strerror or err))
+    if not isinstance(report, dict):
+        return None, f"expected a JSON object, but it holds a {type(report).__name__}"
+    missing = [key for key in _REPORT_KEYS if key not in report]
+    if missing or not isinstance(report["metrics"], dict):
+        return None, (f"expected the entries {list(_REPORT_KEYS)}, but it lacks "
+                      f"{missing or ['metrics (as an object)']}")
+    return report, ""
 
 
 def run_cv(
@@ -503,8 +660,9 @@ def run_cv(
 
     With ``resume``, a fold that already has ``test_metrics.json`` is reused when its
     checkpoint was made with the same data, task, protocol and settings and the report
-    was made from that checkpoint (else the checkpoint is evaluated again), and
-    continued when only ``epochs`` grew; a fold with only a checkpoint continues from
+    was made from that checkpoint (else the checkpoint is evaluated again, as when the
+    report cannot be read: cut short or not a JSON object, with a warning naming it),
+    and continued when only ``epochs`` grew; a fold with only a checkpoint continues from
     it. A fold made with other settings is an error that lists the differences, never
     mixed into the summary. Writes ``cv_metrics.json``/``.md`` in ``run_dir``; each
     ``fold<k>`` folder holds what :func:`run_fold` writes (a fold trained afresh first
@@ -518,7 +676,8 @@ def run_cv(
 
     Raises:
         ValueError: before any training, for a fold in ``folds`` that the protocol does
-            not have (the message lists those it has) or one given twice.
+            not have (the message lists those it has) or one given twice, or a
+            ``run_dir`` that cannot be created or written.
     """
     info = dist_info or init_distributed(config.device)
     data = prepare_data(spec, progress=progress and info.is_main)
@@ -533,6 +692,8 @@ def run_cv(
         raise ValueError(f"folds must be distinct folds of {available}{where}, but got "
                          f"{chosen}: {problem}")
     run_dir = Path(run_dir)
+    if info.is_main:
+        _writable_run_dir(run_dir)
     if not resume and info.is_main:
         stale = [name for name in ("cv_metrics.json", "cv_metrics.md")
                  if (run_dir / name).is_file()]
@@ -549,7 +710,7 @@ def run_cv(
             _LOG.info("fold %d (%d/%d) in %s", fold, position, len(chosen), fold_dir)
         report = None
         if resume and (fold_dir / "test_metrics.json").is_file():
-            report = _reusable_fold(spec, config, data, fold, fold_dir)
+            report = _reusable_fold(spec, config, data, fold, fold_dir, main=info.is_main)
             if report is not None and info.is_main:
                 _LOG.info("fold %d: reusing %s (made from its checkpoint, %s epochs)", fold,
                           fold_dir / "test_metrics.json", report.get("epochs_trained"))
@@ -611,7 +772,9 @@ def evaluate_checkpoint(
         checkpoint: a ``checkpoint.pt`` written by training.
         out_dir: where to write ``test_metrics.json``/``.md`` and ``test_predictions.csv``
             (default: the checkpoint's folder).
-        data_root: use this data folder instead of the one recorded (data moved).
+        data_root: use this data folder instead of the one recorded (data moved); fold
+            tables and a patients CSV recorded inside the old one are read from the same
+            place inside it.
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show a progress bar.
 
@@ -653,7 +816,7 @@ def _checkpoint_data(
                          "it was not written by breakhis training")
     spec = DataSpec.from_dict(extra["data"])
     if data_root is not None:
-        spec = replace(spec, data_root=data_root)
+        spec = _moved(spec, data_root)
     headers_only = spec.verify and extra.get("files") is not None
     data = prepare_data(replace(spec, verify=False) if headers_only else spec,
                         progress=progress)
@@ -661,6 +824,19 @@ def _checkpoint_data(
         raise ValueError(f"checkpoint classes {state['classes']} differ from the task's "
                          f"{list(data.task.classes)}")
     return spec, data, not headers_only
+
+
+def _moved(spec: DataSpec, data_root: str) -> DataSpec:
+    """``spec`` with its data in ``data_root``: fold tables and a patients CSV that lay
+    inside the recorded data folder are looked up at the same place inside the new one
+    (they moved with the data); files elsewhere keep their paths."""
+    old, new = Path(spec.data_root), Path(_absolute(data_root))
+
+    def follow(path: str) -> str:
+        return str(new / Path(path).relative_to(old)) if Path(path).is_relative_to(old) else path
+
+    return replace(spec, data_root=str(new), folds_file=tuple(map(follow, spec.folds_file)),
+                   patients_csv=None if spec.patients_csv is None else follow(spec.patients_csv))
 
 
 def _decodable(
@@ -749,7 +925,9 @@ def checkpoint_records(
         split: ``test`` (the fold's test images), ``train`` (its training images,
             validation share included) or ``all`` (every image of the task). Test and
             training images are those recorded in the checkpoint at training time.
-        data_root: use this data folder instead of the one recorded (data moved).
+        data_root: use this data folder instead of the one recorded (data moved); fold
+            tables and a patients CSV recorded inside the old one are read from the same
+            place inside it.
         progress: show a progress bar while indexing.
 
     Returns:

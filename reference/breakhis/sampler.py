@@ -35,13 +35,15 @@ class BalancedSampler(Sampler[tuple[int, int]]):
         batch_size: the *global* batch size (all processes together).
         oversample: repeat minority-class records to balance the classes.
         shuffle: shuffle the epoch list.
-        seed: base seed; epoch ``e`` uses ``(seed, e)``.
+        seed: base seed, an integer >= 0 (NumPy's ``SeedSequence``); epoch ``e`` uses
+            ``(seed, e)``.
         num_replicas: number of DDP processes.
         rank: this process's rank.
 
     Raises:
-        ValueError: when ``batch_size`` is not a multiple of ``num_replicas`` or the
-            rank is out of range.
+        ValueError: when ``batch_size`` is not a multiple of ``num_replicas``, the
+            rank is out of range, or ``seed`` is not an integer >= 0 (refused here rather
+            than when the first epoch is drawn).
 
     Examples:
         >>> targets = np.array([0, 0, 0, 1])
@@ -68,6 +70,8 @@ class BalancedSampler(Sampler[tuple[int, int]]):
             )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), but got {rank}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, but got {seed!r}")
         self.targets = np.asarray(targets, dtype=np.int64)
         if self.targets.size == 0:
             raise ValueError("expected at least one training record, but got none")

@@ -28,7 +28,12 @@ evaluation, prediction and figures (ImageNet's for checkpoints written before th
 stored). Before the first epoch of a fresh run the main process runs the model once on a
 zero image of the requested size, so that a backbone too small for it fails at once with
 a clear error; only then does it remove what an earlier run left in the run folder
-(``stale_outputs``), so that a run that cannot start leaves them in place.
+(``stale_outputs``), so that a run that cannot start leaves them in place. Settings out of
+range are refused earlier still, when the :class:`TrainConfig` is made.
+
+Training stops with :class:`TrainingDivergedError` at the end of the first epoch whose
+loss (training or validation) or weights are no longer finite, before that epoch's
+checkpoint: ``checkpoint.pt`` keeps the last finite epoch, never NaN weights.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import time
 import warnings
@@ -55,8 +61,10 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import (
     NotACheckpointError,
+    atomic_writer,
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -77,8 +85,10 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
     "RESUMABLE_CHANGES",
+    "SEED_MAX",
     "FitResult",
     "TrainConfig",
+    "TrainingDivergedError",
     "checkpoint_identity",
     "checkpoint_normalization",
     "epochs_trained",
@@ -98,11 +108,16 @@ CHECKPOINT_FORMAT = "breakhis-checkpoint-v1"
 #: Smallest decrease of the monitored loss that counts as an improvement (absolute, as
 #: Keras' ``ReduceLROnPlateau`` ``min_delta``).
 PLATEAU_MIN_DELTA = 1e-4
+#: Largest training seed: epoch ``e`` seeds torch's generators with ``seed + e``, which
+#: they take up to ``2**64 - 1``; NumPy's (sampler, DDP reseeding) take any seed >= 0.
+SEED_MAX = 2**63 - 1
 #: :class:`TrainConfig` fields a resumed run may change: ``epochs`` extends the run; the
 #: others change where and how fast it runs, not what it learns. Every other setting
 #: must equal the checkpoint's, so that the checkpoint records what was trained.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({"epochs", "num_workers", "device",
                                                "deterministic"})
+#: Files :func:`fit` writes into its run folder besides ``checkpoint.pt`` (atomically).
+_RUN_FILES: tuple[str, ...] = ("metrics.csv", "config.json")
 _LOG = logging.getLogger("breakhis.train")
 
 
@@ -115,28 +130,35 @@ class TrainConfig:
         backbone: backbone name for ``bilinearpool`` (or ``tiny``).
         weights: ``"imagenet"``, a torchvision weights name, a timm pretrained tag, a local
             state-dict path, or ``None`` (random init).
-        se_reduction: SE reduction ratio (the paper's "+SE": 8), or ``None``.
-        dropout: dropout before the classifier.
+        se_reduction: SE reduction ratio (the paper's "+SE": 8), at least 1, or ``None``.
+        dropout: dropout before the classifier, in ``[0, 1)``.
         input_size: image side after resizing (224; the paper also uses 197, 448).
-        epochs: training epochs (not given in the paper; 50 here).
-        batch_size: global batch size (all processes together).
-        lr: SGD learning rate.
-        momentum: SGD momentum (0, as in Keras' SGD default).
-        weight_decay: L2 penalty.
-        plateau_factor: learning-rate factor on a plateau.
+        epochs: training epochs (not given in the paper; 50 here), at least 1.
+        batch_size: global batch size (all processes together), at least 1.
+        lr: SGD learning rate, positive and finite.
+        momentum: SGD momentum (0, as in Keras' SGD default), in ``[0, 1)``.
+        weight_decay: L2 penalty, finite and at least 0.
+        plateau_factor: learning-rate factor on a plateau, in ``(0, 1)``.
         plateau_patience: the learning rate is multiplied by ``plateau_factor`` at the
             ``plateau_patience``-th consecutive epoch whose monitored loss did not
             improve on the best so far by at least 1e-4 (absolute), as Keras'
             ``ReduceLROnPlateau(patience=plateau_patience, min_delta=1e-4)``; at least 1.
         oversample: over-sample the smaller classes.
         augment: random flips, shifts and rotations.
-        shift: largest shift, as a fraction of the side.
-        rotation: largest rotation in degrees (the paper gives no range; 90 is ours,
-            and uncovered corners are filled black).
-        seed: seed for initialisation, sampling and augmentation.
-        num_workers: data-loading processes per training process.
+        shift: largest shift, as a fraction of the side, in ``[0, 1)``.
+        rotation: largest rotation in degrees, finite and at least 0 (the paper gives no
+            range; 90 is ours, and uncovered corners are filled black).
+        seed: seed for initialisation, sampling and augmentation: an integer in
+            ``[0, 2**63 - 1]`` (:data:`SEED_MAX`), so that the seed ``seed + epoch`` of
+            every epoch's generator stays within what torch takes.
+        num_workers: data-loading processes per training process, at least 0.
         device: ``auto``, ``cpu`` or ``cuda``.
         deterministic: ask torch for deterministic kernels.
+
+    Raises:
+        ValueError: for a setting outside the ranges above (an integer setting that is
+            not an integer included), on construction: before a run indexes its data or
+            removes an earlier run's files.
     """
 
     head: str = "fast-bcnn"
@@ -162,23 +184,53 @@ class TrainConfig:
     deterministic: bool = True
 
     def __post_init__(self) -> None:
+        # every setting is checked here, before a run indexes data or removes what an
+        # earlier run left in its folder
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, but got {self.head!r}")
+        for name in ("epochs", "batch_size", "input_size", "plateau_patience", "num_workers",
+                     "seed"):
+            _check_integer(name, getattr(self, name))
         for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
-        if int(self.input_size) < MIN_SIZE:  # the transforms' minimum, before any run starts
+        if self.input_size < MIN_SIZE:  # the transforms' minimum, before any run starts
             raise ValueError(f"input_size must be >= {MIN_SIZE}, but got {self.input_size}")
         check_input_size(self.backbone, int(self.input_size))
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, but got {self.lr}")
-        if not 0.0 < self.plateau_factor < 1.0:
-            raise ValueError(f"plateau_factor must be in (0, 1), but got {self.plateau_factor}")
-        if int(self.plateau_patience) < 1:
+        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, but got {self.lr!r}")
+        if not (_is_number(self.plateau_factor) and 0.0 < self.plateau_factor < 1.0):
+            raise ValueError(f"plateau_factor must be in (0, 1), but got {self.plateau_factor!r}")
+        if self.plateau_patience < 1:
             raise ValueError(
                 "plateau_patience must be >= 1 (the learning rate drops at the "
                 "plateau_patience-th epoch without improvement), but got "
                 f"{self.plateau_patience}")
+        for name, meaning in (("momentum", "SGD momentum; 1 and above never forget a gradient"),
+                              ("dropout", "the share of features dropped"),
+                              ("shift", "the largest shift as a fraction of the side")):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0.0 <= value < 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1) ({meaning}), but got "
+                                 f"{value!r}")
+        for name, meaning in (("weight_decay", "the L2 penalty"),
+                              ("rotation", "the largest rotation in degrees, either way")):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), but got "
+                                 f"{value!r}")
+        if self.se_reduction is not None:
+            _check_integer("se_reduction", self.se_reduction)
+            if self.se_reduction < 1:
+                raise ValueError("se_reduction must be >= 1 (or None: no SE blocks), but got "
+                                 f"{self.se_reduction}")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0 (0 loads the images in the training "
+                             f"process), but got {self.num_workers}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(
+                f"seed must be an integer in [0, 2**63 - 1] (epoch e seeds torch's generators "
+                f"with seed + e, which they take up to 2**64 - 1), but got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints and config.json)."""
@@ -196,12 +248,31 @@ class TrainConfig:
         return cls(**{k: v for k, v in _upgraded(data).items() if k in names})
 
 
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool, not a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_integer(name: str, value: Any) -> None:
+    """Refuse a setting that should be an integer but is not (a float, a bool, a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, but got {value!r}")
+
+
 def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
     """A stored config in today's terms: an old ``plateau_patience`` of 0 (torch's count,
     the same schedule as Keras' 1) reads as 1 (see :meth:`TrainConfig.from_dict`)."""
     if "plateau_patience" not in config:
         return dict(config)
     return {**config, "plateau_patience": max(1, int(config["plateau_patience"]))}
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised when a training or validation loss, or the weights, are no longer finite.
+
+    :func:`fit` stops at the end of that epoch, before its checkpoint: ``checkpoint.pt``
+    keeps the last epoch whose losses and weights were finite.
+    """
 
 
 @dataclass
@@ -421,12 +492,10 @@ def _add_file_log(run_dir: Path) -> logging.Handler:
 def _write_metrics_csv(history: Sequence[dict[str, Any]], path: Path) -> None:
     if not history:
         return
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_writer(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -557,7 +626,11 @@ def fit(
             have left and that a fresh start (no checkpoint continued) removes, logging
             which: on the main process, once the model is built and has passed its trial
             forward pass, before the first checkpoint. A run that fails before then
-            leaves them in place; a resumed run keeps them.
+            leaves them in place; a resumed run keeps them. Fresh or resumed, the
+            temporary files that a process killed while saving ``checkpoint.pt``,
+            ``metrics.csv``, ``config.json`` or one of ``stale_outputs`` left
+            (:func:`breakhis.checkpoint.remove_stale_temporaries`) are removed, logging
+            which.
         log_messages: lines logged as warnings (console and ``train.log``) before
             training, e.g. the files the data index left out.
         epoch_callback: called as ``callback(epoch, row)`` after each checkpoint.
@@ -572,6 +645,12 @@ def fit(
     Raises:
         ValueError: when resuming a checkpoint made with other classes, data, fold or
             settings; the message lists every difference.
+        TrainingDivergedError: at the end of the first epoch whose training or
+            validation loss, or whose weights, are not finite (NaN or infinite), before
+            its checkpoint: ``checkpoint.pt`` keeps the epoch before (if any); the
+            message names the epoch and asks for a lower learning rate. The decision is
+            taken on the values summed over processes, so that under DDP every process
+            stops at the same epoch. It is logged in ``train.log`` too.
     """
     info = dist_info or init_distributed(config.device)
     run_dir = Path(run_dir)
@@ -587,6 +666,12 @@ def fit(
                     np.asarray(train_targets), list(val_records), np.asarray(val_targets),
                     list(classes), resume, dict(extra or {}), tuple(resume_ignore),
                     tuple(stale_outputs), epoch_callback, progress)
+    except TrainingDivergedError as exc:
+        if handler is not None:
+            # why the run stopped, in train.log too (the caller shows the error itself)
+            handler.handle(_LOG.makeRecord(_LOG.name, logging.ERROR, __file__, 0, "%s",
+                                           (exc,), None))
+        raise
     finally:
         if handler is not None:
             _LOG.removeHandler(handler)
@@ -672,12 +757,21 @@ def _fit(
                   config.head, config.backbone, len(train_records), len(classes),
                   info.world_size, info.device)
     if info.is_main:
+        # a process killed while it saved leaves its temporary file (the file it was
+        # replacing is intact): never read, so removed, fresh run or resumed
+        leftovers = remove_stale_temporaries(
+            run_dir, [CHECKPOINT_NAME, *_RUN_FILES, *stale_outputs])
+        if leftovers:
+            _LOG.warning("removed in %r the temporary files of writes cut short (a run killed "
+                         "while saving; the files they were to replace are intact): %s",
+                         str(run_dir), ", ".join(leftovers))
         # rewritten on resume too, so that it shows the epochs now asked for; the file
         # lists stay in the checkpoint only (thousands of paths)
         summary = {k: v for k, v in extra.items() if k != "files"}
-        (run_dir / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "classes": classes, "extra": summary,
-             "normalization": _normalization_dict(normalization)}, indent=2) + "\n")
+        with atomic_writer(run_dir / "config.json", "w") as handle:
+            handle.write(json.dumps(
+                {"config": config.to_dict(), "classes": classes, "extra": summary,
+                 "normalization": _normalization_dict(normalization)}, indent=2) + "\n")
 
     net: nn.Module = model
     if info.distributed:
@@ -726,17 +820,27 @@ def _fit(
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info.device)
+        # summed over processes with the losses (under gloo each process keeps its own
+        # batch-norm statistics), so that every process takes the same decision below
+        loss_sum, correct, count, not_finite = all_reduce_sum(
+            [loss_sum, correct, count, float(not _finite_state(model))], info.device)
         row: dict[str, Any] = {
             "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
             "train_loss": loss_sum / count, "train_accuracy": correct / count,
             "val_loss": None, "val_accuracy": None,
         }
+        # a checkpoint is written after every epoch: the one before this one, if any
+        last_good = epoch - 1 if epoch > 0 else None
+        _check_finite("training loss", row["train_loss"], epoch, config, ckpt_path, last_good)
+        if not_finite:
+            _check_finite("weights", math.nan, epoch, config, ckpt_path, last_good)
         monitored = row["train_loss"]
         if val_loader is not None:
             v_loss, v_correct, v_count = all_reduce_sum(
                 list(_evaluate_loss(model, val_loader, info.device)), info.device)
             row["val_loss"], row["val_accuracy"] = v_loss / v_count, v_correct / v_count
+            _check_finite("validation loss", row["val_loss"], epoch, config, ckpt_path,
+                          last_good)
             monitored = row["val_loss"]
         scheduler.step(monitored)
         row["seconds"] = round(time.perf_counter() - began, 3)
@@ -765,6 +869,38 @@ def _fit(
                      normalization=normalization,
                      checkpoint_info=(checkpoint_identity(last_saved)
                                       if info.is_main and last_saved is not None else None))
+
+
+def _finite_state(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values()
+             if t.is_floating_point()]
+    return bool(torch.stack(flags).all().item()) if flags else True
+
+
+def _check_finite(
+    what: str, value: float, epoch: int, config: TrainConfig, ckpt_path: Path,
+    last_good: int | None,
+) -> None:
+    """Stop training when ``value`` (a loss of ``epoch``, or NaN for the weights) is not
+    finite.
+
+    Raises:
+        TrainingDivergedError: naming the epoch (from 1), what is not finite, the
+            checkpoint kept and the learning rate to lower.
+    """
+    if math.isfinite(value):
+        return
+    found = (f"the weights are no longer finite after epoch {epoch + 1}/{config.epochs}"
+             if what == "weights" else
+             f"the {what} of epoch {epoch + 1}/{config.epochs} is {value}")
+    kept = (f"{str(ckpt_path)!r} keeps epoch {last_good + 1}, the last whose losses and "
+            "weights were finite (it can be evaluated, but not resumed with another --lr)"
+            if last_good is not None else "no checkpoint of this run was written")
+    raise TrainingDivergedError(
+        f"training diverged: {found}, with --lr {config.lr:g}; {kept}. Train again "
+        f"with a lower --lr than {config.lr:g}, afresh (without --resume) or into another "
+        "run folder")
 
 
 def _normalization_dict(

@@ -591,3 +591,187 @@ class TestSyntheticDetection:
         assert is_synthetic(tmp_path / "a", paths) is False
         (tmp_path / "BreaKHis_v1" / "histology_slides").mkdir(parents=True)
         assert is_synthetic(tmp_path / "BreaKHis_v1" / "histology_slides", paths) is True
+
+
+class TestReports:
+    def test_reports_are_replaced_atomically(self, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+        """test_metrics.json was rewritten in place: a kill meanwhile left it cut short."""
+        from breakhis.evaluate import read_predictions, write_predictions, write_report
+
+        json_path, md_path = write_report({"title": "old"}, tmp_path, "test_metrics")
+        csv_path = write_predictions(tmp_path / PREDICTIONS_FILE, ["a.png"], [0],
+                                     np.array([[0.9, 0.1]]), ["benign", "malignant"])
+        before = {p: (p.stat().st_ino, p.read_bytes()) for p in (json_path, md_path, csv_path)}
+
+        def full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(experiments_module.os, "fsync", full)
+        with pytest.raises(OSError, match="No space left") as info:
+            write_report({"title": "new"}, tmp_path, "test_metrics")
+        assert info.value.filename == str(json_path)
+        with pytest.raises(OSError, match="No space left"):
+            write_predictions(csv_path, ["b.png"], [1], np.array([[0.2, 0.8]]),
+                              ["benign", "malignant"])
+        assert {p: (p.stat().st_ino, p.read_bytes()) for p in before} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in before)
+        monkeypatch.undo()
+        write_report({"title": "new"}, tmp_path, "test_metrics")
+        assert json.loads(json_path.read_text()) == {"title": "new"}
+        assert json_path.stat().st_ino != before[json_path][0]  # a new file, renamed over it
+        write_predictions(csv_path, ["b.png"], [1], np.array([[0.2, 0.8]]),
+                          ["benign", "malignant"])
+        assert read_predictions(csv_path).paths == ["b.png"]
+
+    @pytest.mark.parametrize("damage, problem", [
+        ("cut", "JSONDecodeError"),
+        ("[1, 2]", "expected a JSON object, but it holds a list"),
+        ('{"checkpoint": null}', "expected the entries"),
+        ("not UTF-8", "UnicodeDecodeError"),
+    ])
+    def test_cv_resume_evaluates_a_damaged_fold_report_again(
+        self, synth_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str,
+        problem: str
+    ) -> None:
+        """cv --resume died with a bare JSON error naming no file when a fold's
+        test_metrics.json was cut short."""
+        from breakhis.train import checkpoint_identity
+
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        run_cv(spec, _config(), tmp_path, folds=[0], progress=False)
+        done = tmp_path / "fold0" / "test_metrics.json"
+        if damage == "cut":
+            _truncate(done)
+        elif damage == "not UTF-8":
+            done.write_bytes(b"\xff\xfe{")
+        else:
+            done.write_text(damage)
+        with caplog.at_level(logging.WARNING, logger="breakhis.experiments"):
+            summary = run_cv(spec, _config(), tmp_path, folds=[0], resume=True,
+                             progress=False)
+        assert f"fold 0: {done} cannot be read as a report ({problem}" in caplog.text
+        assert "evaluating the checkpoint again" in caplog.text
+        state = load_checkpoint(tmp_path / "fold0" / "checkpoint.pt")
+        assert state["epoch"] == 0  # evaluated again, not retrained
+        assert json.loads(done.read_text())["checkpoint"] == checkpoint_identity(state)
+        assert summary["summary"]["accuracy"]["n"] == 1
+
+
+def _official(root: Path, table: Path, **changes) -> DataSpec:
+    return _spec(root, protocol="official", folds_file=(str(table),), **changes)
+
+
+class TestMovedDataFiles:
+    """A run with --folds-file (or --patients-csv) could not resume once its data folder
+    moved: the files' absolute paths were compared, though a moved --data-root with the
+    same files may resume."""
+
+    def test_moved_folds_file_resumes_a_changed_one_does_not(
+        self, tree_copy: Path, tmp_path: Path
+    ) -> None:
+        run = tmp_path / "run"
+        run_fold(_official(tree_copy, tree_copy / "dsfold1.txt"), _config(), 1, run,
+                 progress=False)
+        state = load_checkpoint(run / "checkpoint.pt")
+        assert len(state["extra"]["data"]["folds_file_sha256"][0]) == 64
+        moved = Path(shutil.move(tree_copy, tmp_path / "moved"))
+        spec = _official(moved, moved / "dsfold1.txt")
+        report = run_fold(spec, _config(epochs=2), 1, run, resume=True, progress=False)
+        assert report["epochs_trained"] == 2
+        assert (f"data: the fold table(s) moved: [{str(moved / 'dsfold1.txt')!r}] holds the "
+                f"content of the checkpoint's [{str(tree_copy / 'dsfold1.txt')!r}] (same "
+                "SHA-256)") in (run / "train.log").read_text()
+        # evaluate (and figures) with --data-root find the table where the data went
+        again = evaluate_checkpoint(run / "checkpoint.pt", data_root=str(moved),
+                                    out_dir=tmp_path / "ev", device="cpu", progress=False)
+        assert again["metrics"]["confusion_matrix"] == report["metrics"]["confusion_matrix"]
+        # the same path with other content, or another file, is refused
+        with (moved / "dsfold1.txt").open("a") as handle:
+            handle.write("\n")
+        with pytest.raises(ValueError, match=r"cannot resume .*checkpoint has "
+                           r"data\.folds_file_sha256=\['[0-9a-f]{64}'\], this run "
+                           r"\['[0-9a-f]{64}'\]"):
+            run_fold(spec, _config(epochs=3), 1, run, resume=True, progress=False)
+        assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+    def test_older_checkpoint_resumes_by_file_name(self, tree_copy: Path,
+                                                   tmp_path: Path) -> None:
+        run = tmp_path / "run"
+        run_fold(_official(tree_copy, tree_copy / "dsfold1.txt"), _config(), 1, run,
+                 progress=False)
+        state = load_checkpoint(run / "checkpoint.pt")
+        del state["extra"]["data"]["folds_file_sha256"]  # as written before it was recorded
+        save_checkpoint(state, run / "checkpoint.pt")
+        moved = Path(shutil.move(tree_copy, tmp_path / "moved"))
+        renamed = moved / "mine.txt"
+        shutil.copy(moved / "dsfold1.txt", renamed)
+        with pytest.raises(ValueError, match=r"checkpoint has data\.folds_file=\[.*dsfold1"
+                           r"\.txt'\], this run \[.*mine\.txt'\]"):
+            run_fold(_official(moved, renamed), _config(epochs=2), 1, run, resume=True,
+                     progress=False)
+        report = run_fold(_official(moved, moved / "dsfold1.txt"), _config(epochs=2), 1, run,
+                          resume=True, progress=False)
+        assert report["epochs_trained"] == 2
+        assert ("records the path of its fold table(s), not its content (written by an older "
+                "breakhis)") in (run / "train.log").read_text()
+        # the resumed checkpoint records the content now
+        assert load_checkpoint(run / "checkpoint.pt")["extra"]["data"]["folds_file_sha256"]
+
+    def test_moved_patients_csv(self, tmp_path: Path) -> None:
+        data = tmp_path / "data"
+        rows = ["path,patient"]
+        for cls in ("normal", "tumour"):
+            for i in range(6):
+                _png(data / cls / f"img{i}.png")
+                rows.append(f"{cls}/img{i}.png,{cls}{i // 2}")
+        (data / "patients.csv").write_text("\n".join(rows) + "\n")
+
+        def spec(root: Path) -> DataSpec:
+            return DataSpec(str(root), image_folder=True, patients_csv=str(root / "patients.csv"),
+                            n_splits=2, val_fraction=0)
+
+        run = tmp_path / "run"
+        run_fold(spec(data), _config(), 0, run, progress=False)
+        moved = Path(shutil.move(data, tmp_path / "moved"))
+        report = run_fold(spec(moved), _config(epochs=2), 0, run, resume=True, progress=False)
+        assert report["epochs_trained"] == 2
+        assert "data: the patients CSV moved" in (run / "train.log").read_text()
+        again = evaluate_checkpoint(run / "checkpoint.pt", data_root=str(moved),
+                                    out_dir=tmp_path / "ev", device="cpu", progress=False)
+        assert again["metrics"]["patients"] == report["metrics"]["patients"]
+        with (moved / "patients.csv").open("a") as handle:
+            handle.write("\n")
+        with pytest.raises(ValueError, match=r"checkpoint has data\.patients_csv_sha256="):
+            run_fold(spec(moved), _config(epochs=3), 0, run, resume=True, progress=False)
+
+    def test_cv_resume_reuses_folds_of_a_moved_folds_file(
+        self, tree_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        run_cv(_official(tree_copy, tree_copy / "dsfold2.txt"), _config(), tmp_path / "cv",
+               progress=False)
+        before = (tmp_path / "cv" / "fold2" / "test_metrics.json").read_text()
+        moved = Path(shutil.move(tree_copy, tmp_path / "moved"))
+        with caplog.at_level(logging.INFO, logger="breakhis.experiments"):
+            run_cv(_official(moved, moved / "dsfold2.txt"), _config(), tmp_path / "cv",
+                   resume=True, progress=False)
+        assert "fold 2: reusing" in caplog.text and "fold table(s) moved" in caplog.text
+        assert (tmp_path / "cv" / "fold2" / "test_metrics.json").read_text() == before
+
+
+class TestSplitSeed:
+    @pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True])
+    def test_outside_scikit_learns_range_is_refused(self, seed) -> None:
+        with pytest.raises(ValueError, match=r"split_seed must be an integer in "
+                           rf"\[0, 2\*\*32 - 1\] .*but got {re.escape(repr(seed))}"):
+            DataSpec("data", split_seed=seed)
+
+    def test_largest_seed_draws_every_folds_validation_share(self, synth_tree,
+                                                             tmp_path: Path) -> None:
+        # the validation share of fold k was drawn with split_seed + k: past 2**32 - 1
+        root, _ = synth_tree
+        spec = _spec(root, protocol="image", split_seed=2**32 - 1)
+        data = prepare_data(spec)
+        plan = experiments_module._plan_fold(spec, data, 1)
+        assert len(plan.val) and not set(plan.val) & set(plan.fit)

@@ -727,3 +727,320 @@ class TestInputSize:
         other = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
         fit(_cfg(batch_size=8), run_dir=tmp_path / "b", dist_info=other, **kwargs)
         assert len(calls) == 1
+
+
+def _run_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()
+            if p.is_file() and p.name != "train.log"}
+
+
+class TestSettingsChecked:
+    """Options outside their range passed the config: a fresh run removed the earlier
+    run's outputs, then failed at the first epoch (a negative seed, worker count or
+    rotation, a NaN rotation), or after it (a seed whose seed + epoch overflowed torch's
+    generator)."""
+
+    @pytest.mark.parametrize("changes, message", [
+        ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63 - 1\] .*but got -1"),
+        ({"seed": 2**64 - 1}, r"seed must be an integer in \[0, 2\*\*63 - 1\]"),
+        ({"seed": 1.5}, r"seed must be an integer, but got 1.5"),
+        ({"num_workers": -1}, r"num_workers must be >= 0 .*but got -1"),
+        ({"rotation": -5.0}, r"rotation must be a finite number >= 0 .*but got -5.0"),
+        ({"rotation": float("nan")}, r"rotation must be a finite number >= 0 .*but got nan"),
+        ({"rotation": float("inf")}, r"rotation must be a finite number >= 0 .*but got inf"),
+        ({"shift": 1.0}, r"shift must be a number in \[0, 1\) .*but got 1.0"),
+        ({"shift": float("nan")}, r"shift must be a number in \[0, 1\) .*but got nan"),
+        ({"momentum": -0.1}, r"momentum must be a number in \[0, 1\) .*but got -0.1"),
+        ({"momentum": float("nan")}, r"momentum must be a number in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\) .*but got 1.0"),
+        ({"weight_decay": -1e-4}, r"weight_decay must be a finite number >= 0"),
+        ({"weight_decay": float("inf")}, r"weight_decay must be a finite number >= 0"),
+        ({"se_reduction": 0}, r"se_reduction must be >= 1 .*but got 0"),
+        ({"epochs": 2.5}, r"epochs must be an integer, but got 2.5"),
+        ({"batch_size": 0}, r"batch_size must be >= 1, but got 0"),
+        ({"lr": float("inf")}, r"lr must be a positive number, but got inf"),
+        ({"plateau_factor": float("nan")}, r"plateau_factor must be in \(0, 1\), but got nan"),
+        ({"plateau_patience": True}, r"plateau_patience must be an integer, but got True"),
+    ])
+    def test_out_of_range_settings_are_refused(self, changes: dict, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            _cfg(**changes)
+
+    def test_range_ends_are_accepted_and_train(self, synth_tree, tmp_path: Path) -> None:
+        assert train_module.SEED_MAX == 2**63 - 1
+        config = _cfg(seed=train_module.SEED_MAX, epochs=2, num_workers=0, rotation=0.0,
+                      shift=0.0, momentum=0.0, weight_decay=0.0, se_reduction=None)
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        fit(config, train_records=records, train_targets=y, classes=classes,
+            run_dir=tmp_path, progress=False)
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+    def test_sampler_refuses_a_negative_seed(self) -> None:
+        with pytest.raises(ValueError, match="seed must be an integer >= 0, but got -1"):
+            BalancedSampler([0, 1], batch_size=2, seed=-1)
+
+    @pytest.mark.parametrize("option", [["--seed", "-1"], ["--num-workers", "-1"],
+                                        ["--rotation", "-5"], ["--rotation", "nan"],
+                                        ["--seed", "18446744073709551615"]])
+    def test_cli_refuses_them_and_keeps_the_earlier_run(
+        self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list
+    ) -> None:
+        root, _ = synth_tree
+        args = ["train", "--data-root", str(root), "--task", "MSBC", "--magnification", "40",
+                "--epochs", "2", *TINY, "--input-size", "16", "--out", str(tmp_path)]
+        assert main(args) == 0
+        before = _run_files(tmp_path)
+        assert {"checkpoint.pt", "test_metrics.json"} <= set(before)
+        capsys.readouterr()
+        assert main([*args, *option]) == 2
+        err = capsys.readouterr().err
+        name = option[0].removeprefix("--").replace("-", "_")
+        assert f"error: {name} must be" in err and "Traceback" not in err
+        assert _run_files(tmp_path) == before
+
+
+class TestCheckpointFiles:
+    def test_fresh_and_resumed_runs_remove_stale_temporaries(self, synth_tree,
+                                                            tmp_path: Path) -> None:
+        """A run killed during torch.save left .checkpoint.pt.XXXXXXXX.tmp in its folder
+        for good."""
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        kwargs = dict(train_records=records, train_targets=y, classes=classes,
+                      run_dir=tmp_path, progress=False)
+        tmp_path.mkdir(exist_ok=True)
+        stale = [".checkpoint.pt.k2x_9qzt.tmp", ".metrics.csv.ab12cd34.tmp"]
+        kept = [".checkpoint.pt.tmp", ".checkpoint.pt.short.tmp", "notes.tmp",
+                "checkpoint.pt.k2x_9qzt.tmp", ".other.pt.k2x_9qzt.tmp"]
+        for name in stale + kept:
+            (tmp_path / name).write_bytes(b"half a checkpoint")
+        fit(_cfg(), **kwargs)
+        names = {p.name for p in tmp_path.iterdir()}
+        assert not names & set(stale) and set(kept) <= names
+        log = (tmp_path / "train.log").read_text()
+        assert ("the temporary files of writes cut short (a run killed while saving; the "
+                "files they were to replace are intact): .checkpoint.pt.k2x_9qzt.tmp, "
+                ".metrics.csv.ab12cd34.tmp") in log
+        (tmp_path / stale[0]).write_bytes(b"half a checkpoint")
+        fit(_cfg(epochs=2), resume=True, **kwargs)
+        assert not (tmp_path / stale[0]).exists()
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+    @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+    def test_files_get_the_umasks_permissions(self, synth_tree, tmp_path: Path,
+                                              umask: int, mode: int) -> None:
+        """checkpoint.pt was always 0600 (mkstemp's mode survived the rename), so others
+        could not read a shared run."""
+        from breakhis.evaluate import write_report
+
+        old = os.umask(umask)
+        try:
+            save_checkpoint({"epoch": 0}, tmp_path / "c.pt")
+            records, y, classes = _small_task(synth_tree[0], n=8)
+            fit(_cfg(), train_records=records, train_targets=y, classes=classes,
+                run_dir=tmp_path / "run", progress=False)
+            write_report({"title": "t"}, tmp_path / "run", "test_metrics")
+        finally:
+            os.umask(old)
+        paths = [tmp_path / "c.pt", *(tmp_path / "run" / n for n in (
+            "checkpoint.pt", "metrics.csv", "config.json", "test_metrics.json",
+            "test_metrics.md"))]
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in paths} == {
+            p.name: oct(mode) for p in paths}
+
+    def test_a_failed_write_keeps_the_old_file_and_names_the_path(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = tmp_path / "c.pt"
+        save_checkpoint({"epoch": 1}, path)
+
+        def full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError, match="No space left on device") as info:
+            save_checkpoint({"epoch": 2}, path)
+        assert info.value.filename == str(path)
+        monkeypatch.undo()
+        assert load_checkpoint(path)["epoch"] == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class _Poison:
+    """``F`` of breakhis.train with a cross-entropy that turns NaN once ``on`` is set."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def cross_entropy(self, *args, **kwargs) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(*args, **kwargs)
+        return loss * float("nan") if self.on else loss
+
+
+class TestDivergence:
+    """A NaN loss was never noticed: every epoch trained on NaN weights and saved them,
+    and evaluation then failed in scikit-learn ("Input contains NaN")."""
+
+    def _fit(self, synth_tree, run_dir: Path, config: TrainConfig, **kwargs):
+        records, y, classes = _small_task(synth_tree[0], n=12)
+        return fit(config, train_records=records[::2], train_targets=y[::2],
+                   val_records=records[1::2], val_targets=y[1::2], classes=classes,
+                   run_dir=run_dir, progress=False, **kwargs)
+
+    def test_nan_training_loss_stops_and_keeps_the_last_good_checkpoint(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        poison = _Poison()
+        monkeypatch.setattr(train_module, "F", poison)
+
+        def after(epoch: int, row: dict) -> None:
+            poison.on = True  # from the second epoch
+
+        with pytest.raises(train_module.TrainingDivergedError,
+                           match=r"training diverged: the training loss of epoch 2/3 is nan, "
+                           r"with --lr 0.1; .*checkpoint.pt' keeps epoch 1, the last "
+                           r"whose losses and weights were finite .* lower --lr than 0.1"):
+            self._fit(synth_tree, tmp_path, _cfg(epochs=3), epoch_callback=after)
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        assert state["epoch"] == 0 and len(state["history"]) == 1
+        assert all(torch.isfinite(t).all() for t in state["model"].values()
+                   if t.is_floating_point())
+        assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 1
+        assert "ERROR training diverged: the training loss of epoch 2/3" in (
+            tmp_path / "train.log").read_text()
+
+    def test_nan_validation_loss_stops_too(self, synth_tree, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        losses = iter([(1.0, 1.0, 2.0), (float("nan"), 1.0, 2.0)])
+        monkeypatch.setattr(train_module, "_evaluate_loss", lambda *a: next(losses))
+        with pytest.raises(train_module.TrainingDivergedError,
+                           match="the validation loss of epoch 2/2 is nan"):
+            self._fit(synth_tree, tmp_path, _cfg(epochs=2))
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 0
+
+    def test_weights_that_blew_up_in_the_last_step_are_not_saved(
+        self, synth_tree, tmp_path: Path
+    ) -> None:
+        """The losses of an epoch are those before each step: a last step that makes the
+        weights NaN shows in no loss of that epoch (and no validation loss without
+        validation images)."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        per_epoch = len(BalancedSampler(y, batch_size=4)) // 4
+        steps = []
+
+        def blow_up(optimizer, args, kwargs) -> None:
+            steps.append(1)
+            if len(steps) == 2 * per_epoch:  # the last step of the second epoch
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+
+        handle = register_optimizer_step_post_hook(blow_up)
+        try:
+            with pytest.raises(train_module.TrainingDivergedError,
+                               match="the weights are no longer finite after epoch 2/3"):
+                fit(_cfg(epochs=3), train_records=records, train_targets=y, classes=classes,
+                    run_dir=tmp_path, progress=False)
+        finally:
+            handle.remove()
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 0
+
+    @pytest.mark.parametrize("other", ["nan loss", "nan weights"])
+    def test_ddp_processes_stop_together(self, synth_tree, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, other: str) -> None:
+        """The decision is taken on the values summed over processes: a process whose own
+        loss and weights are finite stops when another's are not (simulated: the sum
+        adds the other process's values)."""
+        monkeypatch.setattr(train_module, "DistributedDataParallel",
+                            lambda module, device_ids=None: module)
+
+        def with_other_rank(values, device):
+            theirs = list(values)
+            if len(values) == 4:  # training: loss, correct, count, weights not finite
+                theirs[0 if other == "nan loss" else 3] = (
+                    float("nan") if other == "nan loss" else 1.0)
+            return [a + b for a, b in zip(values, theirs)]
+
+        monkeypatch.setattr(train_module, "all_reduce_sum", with_other_rank)
+        info = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        with pytest.raises(train_module.TrainingDivergedError, match="epoch 1/1"):
+            fit(_cfg(batch_size=8), train_records=records, train_targets=y, classes=classes,
+                run_dir=tmp_path, dist_info=info, progress=False)
+
+    def test_cli_says_so_in_one_line(self, synth_tree, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+        root, _ = synth_tree
+        assert main(["train", "--data-root", str(root), "--task", "MSBC", "--magnification",
+                     "40", "--epochs", "3", *TINY, "--head", "plain", "--lr", "1e20",
+                     "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "error: training diverged: the training loss of epoch 1/3 is nan" in err
+        assert "Input contains NaN" not in err and "Traceback" not in err
+        assert not (tmp_path / "test_metrics.json").exists()
+
+
+class TestOutFolder:
+    """--out under a file, or one that cannot be created or written, ended in a raw
+    traceback (OSError), after the data were indexed."""
+
+    def test_out_under_a_file_is_refused_before_indexing(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from breakhis import experiments
+
+        indexed = []
+        monkeypatch.setattr(experiments, "prepare_data", lambda *a, **k: indexed.append(1))
+        (tmp_path / "somefile").write_text("mine")
+        for command in ("train", "cv"):
+            assert main([command, "--data-root", str(tmp_path), *TINY,
+                         "--out", str(tmp_path / "somefile" / "x")]) == 2
+            err = capsys.readouterr().err
+            assert (f"{command}: error: --out expects a run folder, but "
+                    f"{str(tmp_path / 'somefile')!r}, a folder above") in err
+            assert "Traceback" not in err
+        assert not indexed and (tmp_path / "somefile").read_text() == "mine"
+
+    def test_out_that_cannot_be_created_or_written(
+        self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from breakhis import experiments
+
+        root, _ = synth_tree
+        trained = []
+        monkeypatch.setattr(experiments, "fit", lambda *a, **k: trained.append(1))
+        args = ["--data-root", str(root), "--task", "MSBC", "--magnification", "40", *TINY]
+        if Path("/proc").is_dir():  # mkdir fails there, even as root
+            for command in ("train", "cv"):
+                assert main([command, *args, "--out", "/proc/breakhis-run"]) == 2
+                assert ("error: expected a run folder that can be created, but creating "
+                        "'/proc/breakhis-run' failed") in capsys.readouterr().err
+
+        def refuse(*a, **k):
+            raise PermissionError(13, "Permission denied", k.get("dir"))
+
+        monkeypatch.setattr(experiments.tempfile, "mkstemp", refuse)
+        assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
+        assert (f"error: expected a run folder that can be written, but writing a file into "
+                f"{str(tmp_path / 'run')!r} failed: Permission denied"
+                ) in capsys.readouterr().err
+        assert not trained
+
+    def test_an_os_error_while_writing_is_an_error_line(
+        self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        root, _ = synth_tree
+
+        def full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        assert main(["train", "--data-root", str(root), "--task", "MSBC", "--magnification",
+                     "40", "--epochs", "1", *TINY, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == (
+            f"breakhis-repro train: error: No space left on device: "
+            f"{str(tmp_path / 'config.json')!r}")
