@@ -34,10 +34,10 @@ A shape is ``B,C,H,W,d``.
 from __future__ import annotations
 
 import argparse
-import re
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 from pathlib import Path

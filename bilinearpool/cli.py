@@ -2168,12 +2168,7 @@ def _out_problem(out: Path, option: str = "--out", names: Sequence[str] = ()) ->
     """
     if out.exists() and not out.is_dir():
         return f"{option} expected a folder, but {out} is an existing file"
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{option} expected a folder, but {parent} (above {out}) is a file"
-            break
-    problem = _writable_problem(out, option)
+    problem = _file_above(out, option, "a folder") or _writable_problem(out, option)
     if problem is not None:
         return problem
     for path in (out / f"{name}{suffix}" for name in names for suffix in _RESULT_SUFFIXES):
@@ -2182,16 +2177,22 @@ def _out_problem(out: Path, option: str = "--out", names: Sequence[str] = ()) ->
     return None
 
 
+def _file_above(path: Path, option: str, what: str) -> str | None:
+    """The error when the nearest existing folder above ``path`` is a file, else None."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{option} expected {what}, but {parent} (above {path}) is a file"
+            break
+    return None
+
+
 def _report_out_problem(out: Path) -> str | None:
     """Why ``report --out FILE.md`` cannot be written, found before the report is built."""
     if out.is_dir():
         return f"--out expected a Markdown file, but {out} is a folder"
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"--out expected a Markdown file, but {parent} (above {out}) is a file"
-            break
-    return _writable_problem(out.parent, "--out", "a Markdown file in a folder")
+    return (_file_above(out, "--out", "a Markdown file")
+            or _writable_problem(out.parent, "--out", "a Markdown file in a folder"))
 
 
 #: Layer cases and model heads that an ``--import`` module registered, by that module's
@@ -2247,7 +2248,15 @@ def _in_process_note(kind: str, names: Sequence[str], imports: Sequence[str] | N
     """
     library = bench._LIBRARY_LAYER_CASES if kind == "layer case" else bench._LIBRARY_MODEL_HEADS
     given = set(imports or [])
-    foreign = [n for n in names if n not in library and _IMPORTED[kind].get(n) not in given]
+
+    def imported(name: str) -> bool:
+        # Recorded when an --import module registered it; a layer case also by the module
+        # that defines its build function (a module imported before main() was called).
+        case = bench.LAYER_CASES.get(name) if kind == "layer case" else None
+        return (_IMPORTED[kind].get(name) in given
+                or getattr(getattr(case, "build", None), "__module__", None) in given)
+
+    foreign = [n for n in names if n not in library and not imported(n)]
     if not foreign:
         return []
     option = "--cases" if kind == "layer case" else "--heads"

@@ -896,6 +896,30 @@ class TestRobustRuns:
         data = json.loads((tmp_path / "layers.json").read_text())
         assert data["notes"][0].startswith(f"INCOMPLETE: the run stopped at {huge} inputs with RuntimeError")
 
+    def test_a_module_imported_before_main_counts_as_imported(self, tmp_path, monkeypatch, keep_threads):
+        """Its cases were noted IN-PROCESS although --import named it: only registrations
+        made by main's own import were recorded."""
+        import importlib
+
+        module = "bench_import_early_cases"
+        (tmp_path / f"{module}.py").write_text(
+            "from bilinearpool import bench\n"
+            "bench.register_layer_case(bench.LayerCase(\n"
+            "    'early-pool', 'global average pooling', lambda c, d: lambda x: x.mean((2, 3))))\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setattr(bench, "LAYER_CASES", dict(bench.LAYER_CASES))
+        monkeypatch.setattr(cli, "_IMPORTED", {"layer case": {}, "model head": {}})
+        try:
+            importlib.import_module(module)  # by the caller, before main
+            argv = ["layers", "--import", module, "--cases", "early-pool", "--shapes", "2x8x2x2",
+                    "--out", str(tmp_path / "out"), *self.COMMON]  # fmt: skip
+            assert main(argv) == 0
+        finally:
+            sys.modules.pop(module, None)
+        notes = json.loads((tmp_path / "out" / "layers.json").read_text())["notes"]
+        assert not [n for n in notes if n.startswith("IN-PROCESS")]
+
     def test_cases_registered_in_process_are_named_in_the_results(self, tmp_path, monkeypatch, keep_threads):
         """A run made through main() in-process, with a case registered without --import: the
         command is recorded as given, and a note names the case its rerun would not know."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,4 +52,3 @@ def test_tensor_sketch_shapes_take_either_separator(scripts_path: None) -> None:
 
 def test_scripts_are_found() -> None:
     assert {"bench_head", "bench_tensor_sketch", "profile_head"} <= set(SCRIPTS), SCRIPTS
-    assert sys.executable

@@ -133,6 +133,10 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
     disjoint support), so the two disagree in practice. The shift by
     :math:`\\sqrt{\\epsilon}` removes the jump and makes both answers the same.
 
+    Infinite entries give NaN (the quotient is inf / inf), as in the fused poolings, which
+    compute :math:`f` the same way on every device; an L2 normalisation after it would
+    give NaN for them anyway.
+
     Args:
         x: any floating-point tensor.
         eps: :math:`\\epsilon > 0`; bounds the gradient by :math:`1/(2\\sqrt{\\epsilon})`.
@@ -148,9 +152,7 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
     check_floating(x)
     _check_eps(eps)
     y = _in_float32(x)
-    out = y / (torch.sqrt(y.abs() + eps) + math.sqrt(eps))
-    # +-inf: the quotient is inf / inf; f keeps them (the limit of f).
-    return torch.where(y.isinf(), y, out).to(x.dtype)
+    return (y / (torch.sqrt(y.abs() + eps) + math.sqrt(eps))).to(x.dtype)
 
 
 def signed_sqrt_grad_bound(eps: float = SIGNED_SQRT_EPS) -> float:
