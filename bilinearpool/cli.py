@@ -184,6 +184,10 @@ def _describe_environment(env: dict[str, Any]) -> str:
         parts.append(f"transparent huge pages {env['transparent_hugepages'] or 'unknown'}")
     if env.get("cuda"):
         parts.append(f"CUDA {env['cuda']}, cuDNN {env.get('cudnn')}")
+    if "float32_matmul_precision" in env:  # recorded since format 2 runs of later code
+        matmul = f"float32 matmul precision {env['float32_matmul_precision']}"
+        tf32 = [f"{k}={env[k]}" for k in ("cuda_matmul_allow_tf32", "cudnn_allow_tf32") if k in env]
+        parts.append(matmul + (f" ({', '.join(tf32)})" if tf32 else ""))
     if env.get("load_average_at_start") is not None:
         parts.append(f"load average at start {env['load_average_at_start']}")
     if env.get("load_average_at_end") is not None:
@@ -699,7 +703,8 @@ def _own_tensors(fn: bench.LayerFn) -> list[Tensor]:
 def _saved_with_linear(fn: bench.LayerFn, inputs: Sequence[Tensor], dim: int, s: Any) -> int:
     """Saved-for-backward bytes of ``fn`` followed by a linear classifier on its output
     (:data:`bench.CLASSIFIER_CLASSES` classes); the classifier's weight and the layer's own
-    parameters and buffers are not counted."""
+    parameters and buffers are not counted (their autocast copies are: only the graph holds
+    them)."""
     weight = torch.zeros(bench.CLASSIFIER_CLASSES, dim, device=s.device, requires_grad=True)
     leaves = [x.detach().requires_grad_() for x in inputs]
     with (
@@ -724,7 +729,7 @@ _LAYER_VALUES = ("fwd_bwd_ms", "vs_naive", "vs_naive_range", "vs_floor", "saved_
                  "classifier_params", "goals")  # fmt: skip
 #: What a layer case's raw record holds besides its timings (None when it failed).
 _LAYER_MEASURED = ("saved_bytes", "input_bytes", "saved_with_linear_bytes", "peak_bytes", "D",
-                   "layer_params")  # fmt: skip
+                   "layer_params", "out_dtype")  # fmt: skip
 #: Settings entry that says how saved bytes are counted (absent in version 1 files).
 _SAVED_BYTES_RULE = (
     "unique storages autograd saves, inputs included; the layer's own parameters and "
@@ -749,6 +754,7 @@ def _measure_layer(
     grad = torch.randn(out.shape, generator=gen).to(device=s.device, dtype=out.dtype)
     out.backward(grad)
     dim = bench.layer_output_dim(fn, c, streams=case.streams, out=out)
+    out_dtype = out.dtype
     del out, leaves
     step = _fwd_bwd(fn, inputs, grad, s.amp_dtype)
     map_bytes = maps[0].numel() * maps[0].element_size()
@@ -759,6 +765,7 @@ def _measure_layer(
         "peak_bytes": _peak_bytes(step, s.device, own),  # buffers have no gradient to clear
         "D": dim,
         "layer_params": bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0,
+        "out_dtype": str(out_dtype).replace("torch.", ""),
     }
 
 
@@ -773,7 +780,8 @@ def _check_layer_cases(names: Sequence[str]) -> list[str]:
 def _case_info(cases: Sequence[bench.LayerCase]) -> dict[str, dict[str, Any]]:
     """What the tables need of each case (saved in the JSON: ``report`` rebuilds them from it)."""
     return {
-        c.name: {"description": c.description, "role": c.role, "goal": c.goal, "streams": c.streams}
+        c.name: {"description": c.description, "role": c.role, "goal": c.goal, "streams": c.streams,
+                 "variant_of": c.variant_of}
         for c in cases
     }
 
@@ -897,6 +905,8 @@ def _layer_rows(
                 layer_params=rec.get("layer_params"),
                 classifier_params=None if dim is None else bench.classifier_parameter_count(dim),
             )
+            if rec.get("out_dtype") is not None:  # older files lack it
+                row["out_dtype"] = rec["out_dtype"]
         t = med.get(name)
         if t is not None:
             naive = times[shape].get("naive")
@@ -909,6 +919,8 @@ def _layer_rows(
             if cases.get(name, {}).get("goal") and row["saved_vs_input"] is not None:
                 rounds = _round_ratios(mine, naive)
                 row["goals"] = _layer_goal(row["vs_naive"], rounds, row["saved_vs_input"])
+                if cases[name].get("variant_of"):  # not the goal's work: information only
+                    row["goals"] = f"variant: {row['goals']}"
         if rec.get("error"):
             row["error"] = rec["error"]
         rows.append(row)
@@ -945,6 +957,9 @@ def _layers_result(
     if torch.device(settings.get("device", "cpu")).type == "cuda":
         columns.append("peak_MiB")
     columns += ["D", "layer_params", "classifier_params", "goals"]
+    amp = _amp_dtype_name(settings)
+    if amp is not None and any(r.get("out_dtype") for r in rows):
+        columns.insert(columns.index("D"), "out_dtype")
     if any(r.get("error") for r in rows):
         columns.append("error")
     k = bench.CLASSIFIER_CLASSES
@@ -990,6 +1005,7 @@ def _layers_result(
         },
         "notes": [
             *notes_first,
+            *_amp_notes(settings, "layers"),
             (
                 "vs_naive and vs_floor: median fwd+bwd time of the row / that of `naive` (the op-by-op "
                 "chain) and of `matmul-floor` (bare bmm) at the same shape, timed interleaved in this "
@@ -1025,6 +1041,49 @@ def _layers_result(
         meta,
         raw,
     )
+
+
+def _amp_dtype_name(settings: dict[str, Any]) -> str | None:
+    """The autocast dtype of a run (``"bfloat16"``, ``"float16"``), None when it ran without."""
+    amp = settings.get("amp")
+    return None if amp in (None, "off", False) else str(amp)
+
+
+def _amp_notes(settings: dict[str, Any], kind: str) -> list[str]:
+    """The note of a run under autocast: which arithmetic the ratios compare.
+
+    Examples:
+        >>> _amp_notes({"amp": "off"}, "layers")
+        []
+        >>> "float32 by design" in _amp_notes({"amp": "bfloat16"}, "layers")[0]
+        True
+    """
+    amp = _amp_dtype_name(settings)
+    if amp is None:
+        return []
+    if kind == "layers":
+        who = (
+            f"the baselines `naive` and `matmul-floor` run their matrix products in {amp}, "
+            "while the library's poolings compute in float32 by design (autocast is turned off "
+            "inside them: second-order statistics accumulate in float32; a 1x1 reduction conv "
+            f"before one, as in isqrt-cov-r256, runs in {amp})"
+        )
+        dtype = (
+            " out_dtype: the dtype of the layer's output under autocast. Saved bytes count the "
+            "autocast copies of weights (e.g. the classifier's half-precision weight in "
+            "saved_with_linear_MiB): memory only the graph holds."
+        )
+    else:
+        who = (
+            f"the backbones run in {amp}, while the library's bilinear poolings in the bcnn and "
+            "fast-bcnn heads compute in float32 by design (second-order statistics accumulate "
+            "in float32)"
+        )
+        dtype = ""
+    return [
+        f"Under autocast ({amp}): {who}. So the ratios compare what each path gives under "
+        f"autocast, not the same arithmetic.{dtype}"
+    ]
 
 
 def _failure_lines(
@@ -1084,6 +1143,9 @@ def _layer_goal_summary(
         shapes = [shape for shape, names in plan if name in names]
         if not info.get("goal") or not shapes:
             continue
+        if info.get("variant_of"):
+            lines.append(_variant_line(name, info["variant_of"], shapes, by_key))
+            continue
         for what, key, limit in (
             ("fwd+bwd time", "vs_naive", TIME_GOAL),
             ("saved bytes", "saved_vs_input", MEMORY_GOAL),
@@ -1118,6 +1180,27 @@ def _layer_goal_summary(
                 text += f"; {len(missing)} not measured: " + "; ".join(missing)
             lines.append(head + text)
     return lines
+
+
+def _variant_line(
+    name: str, of: str, shapes: Sequence[str], by_key: dict[tuple[str, str], dict[str, Any]]
+) -> str:
+    """The goal line of a variant of a goal case: its ratios, as information, not a verdict."""
+    parts = []
+    for what, key in (
+        ("fwd+bwd time / the naive chain's", "vs_naive"),
+        ("saved bytes / the input map's", "saved_vs_input"),
+    ):
+        values = []
+        for sh in shapes:
+            row = by_key.get((sh, name))
+            value = None if row is None else row.get(key)
+            values.append(f"{sh}: {value:.3f}x" if value is not None else f"{sh}: not measured")
+        parts.append(f"{what}: {', '.join(values)}")
+    return (
+        f"`{name}` is a variant of `{of}` (the goals are judged on `{of}`); for information, "
+        + "; ".join(parts)
+    )
 
 
 def _why_not_measured(row: dict[str, Any] | None, key: str) -> str:
@@ -1550,6 +1633,7 @@ def _models_result(
         + _failure_lines(rows, ("backbone", "head", "resolution"), "note"),
         "notes": [
             *notes_first,
+            *_amp_notes(settings, "models"),
             (
                 "*_vs_plain: the row's value / the plain backbone's (global average pooling) at the same "
                 "backbone and resolution, measured interleaved in this run: what the head costs. "
@@ -1715,7 +1799,12 @@ def _stored_cases(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(value, dict):
             cases[name] = dict(value)
             if known is not None:  # the registry, not the file, says what a known case is
-                cases[name].update(role=known.role, goal=known.goal, streams=known.streams)
+                cases[name].update(
+                    role=known.role,
+                    goal=known.goal,
+                    streams=known.streams,
+                    variant_of=known.variant_of,
+                )
             continue
         role = {"naive": "baseline", "matmul-floor": "floor"}.get(name, "ours")
         with_goal = any(r.get("goals") for r in data["rows"] if r["case"] == name)
@@ -1724,6 +1813,7 @@ def _stored_cases(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "role": known.role if known else role,
             "goal": with_goal or bool(known and known.goal),
             "streams": known.streams if known else 1,
+            "variant_of": known.variant_of if known else None,
         }
     return cases
 
@@ -1847,7 +1937,8 @@ def _check_rows(
 #: Environment entries that must agree for two parts of one report to be compared.
 _SAME_RUN_KEYS = ("git_commit", "git_dirty", "bilinearpool", "torch", "torchvision", "timm",
                   "numpy", "python", "platform", "device", "cpu_count", "threads", "cuda", "cudnn",
-                  *bench.SWITCHES, "runtime_env", "transparent_hugepages")  # fmt: skip
+                  *bench.SWITCHES, "runtime_env", "transparent_hugepages", "float32_matmul_precision",
+                  "cuda_matmul_allow_tf32", "cudnn_allow_tf32")  # fmt: skip
 _SAME_RUN_SETTINGS = ("device", "amp", "channels_last")
 
 

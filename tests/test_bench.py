@@ -77,14 +77,20 @@ class TestSavedTensorCounter:
         x * x
         assert saved.count == 0
 
-    def test_excluded_weight_and_its_autocast_copy_are_not_counted(self):
-        """Under autocast the classifier keeps a bfloat16 copy of its weight (transposed):
-        a copy of the excluded weight, not counted; what derives from the input is."""
+    def test_excluded_weight_is_not_counted_but_its_autocast_copy_is(self):
+        """Under autocast the classifier keeps a bfloat16 copy of its weight: memory only the
+        graph holds, so it is counted; the excluded float32 weight itself (and its views) is not."""
         x = torch.randn(2, 256, requires_grad=True)
         w = torch.zeros(8, 256, requires_grad=True)
         with bench.SavedTensorCounter(exclude=[w]) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
             torch.nn.functional.linear(x, w)
-        assert saved.nbytes == x.numel() * 2  # the bfloat16 copy of x only
+        assert saved.nbytes == x.numel() * 2 + w.numel() * 2  # the bfloat16 copies of x and of w
+        with bench.SavedTensorCounter(exclude=[w]) as saved:
+            torch.nn.functional.linear(x, w)  # float32: w itself is saved, not counted
+        assert saved.nbytes == x.numel() * FLOAT32
+        with bench.SavedTensorCounter(exclude=[w]) as saved:
+            x @ w.t()  # a view (transpose) shares w's storage: not counted
+        assert saved.nbytes == x.numel() * FLOAT32
         v = torch.randn(8, 256, requires_grad=True)
         with bench.SavedTensorCounter(exclude=[w]) as saved:
             (v + w) * w  # v + w derives from v too: counted; w not
@@ -813,14 +819,14 @@ class TestRobustRuns:
         assert data["notes"][0].startswith("INCOMPLETE: the run stopped at 2x6x2x2 test-stop")
         assert "INCOMPLETE" in (tmp_path / "layers.md").read_text()
 
-    def test_saved_with_linear_under_amp_leaves_out_the_weight_copy(self, tmp_path, keep_threads):
+    def test_saved_with_linear_under_amp_counts_the_weight_copy(self, tmp_path, keep_threads):
         argv = ["layers", "--amp", "--shapes", "2x16x5x5", "--cases", "fast-bcnn", "--out", str(tmp_path),
                 *self.COMMON]  # fmt: skip
         assert main(argv) == 0
         row = next(r for r in read_csv(tmp_path / "layers.csv") if r["case"] == "fast-bcnn")
-        # the float32 input, and the bfloat16 pooled output the classifier keeps (2 x 256);
-        # not the classifier's bfloat16 weight (8 x 256)
-        expected = (2 * 16 * 25 * FLOAT32 + 2 * 256 * 2) / 2**20
+        # the float32 input, the bfloat16 pooled output the classifier keeps (2 x 256) and the
+        # classifier's bfloat16 weight copy (8 x 256), which only the graph holds
+        expected = (2 * 16 * 25 * FLOAT32 + 2 * 256 * 2 + 8 * 256 * 2) / 2**20
         assert float(row["saved_with_linear_MiB"]) == pytest.approx(expected, rel=1e-6)
 
     def test_duplicates_give_one_row(self, tmp_path, keep_threads):
@@ -1321,3 +1327,87 @@ class TestReportRefusesTampering:
         (tmp_path / "layers.json").write_text(json.dumps(data))
         assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 1
         assert "cannot rebuild its results (ValueError" in capsys.readouterr().err
+
+
+class TestMethodology:
+    """What the results say about how they were measured (autocast, matmul precision, ...)."""
+
+    RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    COMMON = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress"]
+
+    def test_amp_run_says_the_poolings_compute_in_float32_and_records_out_dtype(self, tmp_path, keep_threads):
+        argv = ["layers", "--amp", "--shapes", "2x8x3x3", "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
+        data = json.loads((tmp_path / "layers.json").read_text())
+        note = next(n for n in data["notes"] if n.startswith("Under autocast (bfloat16)"))
+        assert "float32 by design" in note and "not the same arithmetic" in note
+        assert note in (tmp_path / "layers.md").read_text()
+        assert "out_dtype" in data["columns"]
+        by = {r["case"]: r for r in data["rows"]}
+        assert by["fast-bcnn"]["out_dtype"] == "float32"
+        assert by["matmul-floor"]["out_dtype"] == "bfloat16"
+        assert {r["case"]: r["out_dtype"] for r in data["raw"]} == {c: r["out_dtype"] for c, r in by.items()}
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        assert note in (tmp_path / "r.md").read_text()
+
+    def test_float32_run_has_no_amp_note_nor_dtype_column(self, tmp_path, keep_threads):
+        argv = ["layers", "--shapes", "2x8x3x3", "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert not any("Under autocast" in n for n in data["notes"]) and "out_dtype" not in data["columns"]
+        assert {r["out_dtype"] for r in data["raw"]} == {"float32"}
+
+    def test_amp_note_in_models_and_in_older_amp_results(self, tmp_path):
+        assert cli._amp_notes({"amp": "off"}, "models") == []
+        assert "float32 by design" in cli._amp_notes({"amp": "float16"}, "models")[0]
+        # A committed autocast run from before out_dtype was recorded rebuilds, with the note.
+        out = tmp_path / "r.md"
+        assert main(["report", str(self.RESULTS / "gpu-h100" / "amp-cl"), "--out", str(out)]) == 0
+        text = out.read_text()
+        assert "Under autocast (float16)" in text and "| out_dtype |" not in text
+
+    def test_environment_records_matmul_precision(self, monkeypatch):
+        env = bench.environment("cpu")
+        assert env["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+        assert f"float32 matmul precision {env['float32_matmul_precision']}" in cli._describe_environment(env)
+        old = {k: v for k, v in env.items() if k != "float32_matmul_precision"}
+        assert "matmul precision" not in cli._describe_environment(old)  # older files lack it
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        env = bench.environment("cpu")
+        assert env["cuda_matmul_allow_tf32"] == torch.backends.cuda.matmul.allow_tf32
+        assert env["cudnn_allow_tf32"] == torch.backends.cudnn.allow_tf32
+        assert "cudnn_allow_tf32=" in cli._describe_environment(env)
+
+    def test_variants_of_the_goal_case_are_labelled_and_not_judged(self):
+        """fast-bcnn-triu (half the output) and fast-bcnn-so (keeps its output) do not do the
+        goal's work: their goals cells read 'variant: ...' and the goal lines judge fast-bcnn only."""
+        assert bench.LAYER_CASES["fast-bcnn-triu"].variant_of == "fast-bcnn"
+        assert bench.LAYER_CASES["fast-bcnn-so"].variant_of == "fast-bcnn"
+        assert bench.LAYER_CASES["fast-bcnn"].variant_of is None
+        info = cli._case_info([bench.LAYER_CASES[n] for n in ("naive", "matmul-floor", "fast-bcnn", "fast-bcnn-so")])
+        raw = [
+            layer_record("2x8x4x4", "naive", [1.0]),
+            layer_record("2x8x4x4", "matmul-floor", [0.1]),
+            layer_record("2x8x4x4", "fast-bcnn", [0.2]),
+            layer_record("2x8x4x4", "fast-bcnn-so", [0.1], saved=300),
+        ]
+        result = cli._layers_result(raw, info, LAYER_SETTINGS, {}, "cmd", [["2x8x4x4", list(info)]])
+        goals = {r["case"]: r["goals"] for r in result.rows}
+        assert goals["fast-bcnn"] == "time met (0.200x), memory met (1.000x)"
+        assert goals["fast-bcnn-so"] == "variant: time met (0.100x), memory NOT met (3.000x)"
+        lines = result.meta["goals"]
+        assert [g.split(" ")[0] for g in lines] == ["`fast-bcnn`", "`fast-bcnn`", "`fast-bcnn-so`"]
+        assert lines[2] == (
+            "`fast-bcnn-so` is a variant of `fast-bcnn` (the goals are judged on `fast-bcnn`); for information, "
+            "fwd+bwd time / the naive chain's: 2x8x4x4: 0.100x; saved bytes / the input map's: 2x8x4x4: 3.000x"
+        )
+        assert not any("fast-bcnn-so` saved bytes <=" in g for g in lines)
+
+    def test_committed_variant_rows_rebuild_with_the_label(self, tmp_path):
+        """Stored rows without the label still agree (same verdict words); the rebuilt table labels them."""
+        out = tmp_path / "r.md"
+        assert main(["report", str(self.RESULTS / "cpu-2core"), "--out", str(out)]) == 0
+        text = out.read_text()
+        assert re.search(r"\| 8x2048x7x7 \| fast-bcnn-triu \|.*\| variant: time met", text)
+        assert re.search(r"\| 8x2048x7x7 \| fast-bcnn \|.*\| time met", text)
+        assert "`fast-bcnn-triu` fwd+bwd time <=" not in text
