@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -76,11 +75,12 @@ def missing_requirements() -> list[str]:
 
 
 def _installed(module: str) -> bool:
-    if module in sys.modules:  # None there: its import is blocked
-        return sys.modules[module] is not None
     try:
+        # None also for a module whose import is blocked (None in sys.modules)
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    except ValueError:  # in sys.modules without a __spec__: loaded, some other way
+        return True
+    except ImportError:
         return False
 
 

@@ -1,35 +1,31 @@
 """Atomic checkpoints and the random-number-generator state they carry.
 
-Checkpoints, and the reports and tables of a run (:func:`atomic_writer`), are written to
-a temporary file ``.<name>.<8 characters>.tmp`` beside their final path and renamed over
-it once complete, with the permissions a file created normally would get under the
-current umask. A process killed mid-write leaves such a temporary file behind (and the
-previous file intact); :func:`remove_stale_temporaries` removes them.
+Checkpoints are written as the reports and tables of a run are
+(:func:`breakhis._files.atomic_writer`): to a temporary file
+``.<name>.<8 characters>.tmp`` beside their final path, renamed over it once complete,
+with the permissions a file created normally would get under the current umask. A
+process killed mid-write leaves such a temporary file behind (and the previous file
+intact); :func:`breakhis._files.remove_stale_temporaries` removes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
-import re
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from ._files import atomic_writer
+
 __all__ = [
     "NotACheckpointError",
-    "atomic_writer",
     "capture_rng_state",
     "load_checkpoint",
-    "new_file_mode",
-    "remove_stale_temporaries",
     "restore_rng_state",
     "save_checkpoint",
 ]
@@ -67,136 +63,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def new_file_mode() -> int:
-    """The permissions a file created now gets: ``0o666`` less the process's umask.
-
-    ``tempfile.mkstemp`` creates its files with mode ``0o600`` whatever the umask, and a
-    rename keeps the mode: :func:`atomic_writer` gives its temporary file this mode
-    instead, so that a checkpoint is as readable as any other file of the run.
-
-    Examples:
-        >>> old = os.umask(0o022)
-        >>> oct(new_file_mode())
-        '0o644'
-        >>> _ = os.umask(old)
-    """
-    mask = _umask_from_proc()
-    if mask is None:  # no /proc: read it by setting it (and back at once)
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _umask_from_proc() -> int | None:
-    """The umask as Linux reports it (``Umask:`` of ``/proc/self/status``), if it does."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-#: tempfile's random part of a name: 8 characters of this alphabet.
-_TEMP_CHARS = "[a-z0-9_]{8}"
-
-
-def _temporary_pattern(name: str) -> re.Pattern[str]:
-    """The names :func:`atomic_writer` gives the temporary files of ``name``."""
-    return re.compile(rf"\.{re.escape(name)}\.{_TEMP_CHARS}\.tmp")
-
-
-@contextlib.contextmanager
-def atomic_writer(
-    path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any
-) -> Iterator[IO[Any]]:
-    """Open a temporary file for ``path``; on success it replaces ``path`` atomically.
-
-    The file is ``.<name>.<8 characters>.tmp`` in ``path``'s folder (created if need
-    be), with the permissions of :func:`new_file_mode`; what the ``with`` block writes
-    is flushed to disk and renamed over ``path``. If the block raises, the temporary
-    file is removed and ``path`` is left as it was; a process killed meanwhile leaves
-    the temporary file (see :func:`remove_stale_temporaries`).
-
-    Args:
-        path: the file to write.
-        mode: ``"wb"`` or ``"w"``.
-        open_kwargs: passed to :func:`open` (``newline``, ``encoding``).
-
-    Raises:
-        OSError: when the folder or file cannot be written; one without a file name
-            (a full disk) gets ``path`` as its file name.
-
-    Examples:
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> with atomic_writer(folder / "a.txt", "w") as handle:
-        ...     _ = handle.write("done")
-        >>> (folder / "a.txt").read_text(), sorted(p.name for p in folder.iterdir())
-        ('done', ['a.txt'])
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            os.chmod(tmp, new_file_mode())
-            with os.fdopen(fd, mode, **open_kwargs) as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            if err.filename is None:  # e.g. a full disk: say which file
-                raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-            raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(
-    folder: str | os.PathLike[str], names: Sequence[str]
-) -> list[str]:
-    """Remove the temporary files that writes of ``names`` killed mid-way left in ``folder``.
-
-    Only files named as :func:`atomic_writer` names the temporary files of ``names``
-    (``.<name>.<8 characters>.tmp``) are removed, in ``folder`` and in the subfolders
-    that ``names`` give (``figures/roc.png``).
-
-    Returns:
-        Their paths relative to ``folder`` (POSIX separators), sorted.
-
-    Examples:
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> for name in (".checkpoint.pt.ab_12xyz.tmp", ".checkpoint.pt.tmp", "notes.tmp"):
-        ...     _ = (folder / name).write_text("")
-        >>> remove_stale_temporaries(folder, ["checkpoint.pt"])
-        ['.checkpoint.pt.ab_12xyz.tmp']
-    """
-    folder = Path(folder)
-    removed = []
-    for name in dict.fromkeys(names):
-        where = (folder / name).parent
-        pattern = _temporary_pattern(Path(name).name)
-        if not where.is_dir():
-            continue
-        for entry in where.iterdir():
-            if pattern.fullmatch(entry.name) and (entry.is_file() or entry.is_symlink()):
-                entry.unlink()
-                removed.append(entry.relative_to(folder).as_posix())
-    return sorted(removed)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``state`` to ``path`` atomically (:func:`atomic_writer`).
+    """Write ``state`` to ``path`` atomically (:func:`breakhis._files.atomic_writer`).
 
     The checkpoint goes to a temporary file in the same folder, is flushed to disk and
     then renamed over ``path``: a run killed mid-write leaves the previous checkpoint
     (and a ``.checkpoint.pt.<8 characters>.tmp`` that the next run in the folder
-    removes). The file gets the permissions of any new file (:func:`new_file_mode`),
-    not ``tempfile``'s ``0o600``.
+    removes). The file gets the permissions of any new file
+    (:func:`breakhis._files.new_file_mode`), not ``tempfile``'s ``0o600``.
     """
     path = Path(path)
     with atomic_writer(path, "wb") as handle:

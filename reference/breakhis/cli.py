@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._files import folder_problem
+
 __all__ = ["build_parser", "main"]
 
 _EPILOG = ("Protocols: 'image' = the paper's image-level 5-fold CV (optimistic: a patient's "
@@ -290,12 +292,11 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _check_out(out: str | os.PathLike[str]) -> None:
-    """Refuse an ``--out`` under a file before the data are indexed (minutes on the real
-    data); whether it can be created and written is tried once the fold is known, before
-    training (:func:`breakhis.experiments.run_fold`)."""
-    from .plots import _folder_problem
-
-    problem = _folder_problem(out)
+    """Refuse an ``--out`` that is, or lies under, a file before the data are indexed
+    (minutes on the real data). Nothing is created here: whether the folder can be
+    created and written is tried after indexing, before training
+    (:func:`breakhis.experiments.run_fold`, :func:`breakhis.experiments.run_cv`)."""
+    problem = folder_problem(out)
     if problem:
         raise ValueError(f"--out expects a run folder, but {problem}")
 
@@ -407,7 +408,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     spec = _spec(args)
     try:
         if args.out:
-            _check_out(args.out)  # the folder is created and tried before training
+            # a file in the way, before indexing; run_fold creates and tries the folder
+            # once the fold is known, before training
+            _check_out(args.out)
         data = prepare_data(spec, progress=not args.no_progress and info.is_main)
         fold = args.fold if args.fold is not None else data.splits[0].fold
         out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
@@ -433,7 +436,9 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(args, "cv")
     try:
         spec = _spec(args)
-        _check_out(out)  # the folder is created and tried before training
+        # a file in the way, before indexing; run_cv creates and tries the folder
+        # before training
+        _check_out(out)
         report = run_cv(spec, config, out, folds=args.folds, resume=args.resume,
                         dist_info=info, progress=not args.no_progress)
     finally:
@@ -500,28 +505,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from .experiments import checkpoint_records
-    from .plots import FIGURES_DIR, _check_seed, _folder_problem, make_figures
+    from .plots import FIGURES_DIR, check_figure_options, make_figures
 
-    # Checked before indexing and predicting, which take minutes on the real data.
-    _check_seed(args.seed, "--seed")
-    if not args.perplexity > 0:
-        raise ValueError(f"--perplexity must be > 0, but got {args.perplexity:g}")
-    if args.max_embedding_dim == 1 or args.max_embedding_dim < 0:
-        raise ValueError("--max-embedding-dim must be 0 (keep embeddings whole) or >= 2, but "
-                         f"got {args.max_embedding_dim}")
-    if args.gradcam_images < 0:
-        raise ValueError(f"--gradcam-images must be >= 0, but got {args.gradcam_images}")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / FIGURES_DIR
-    problem = _folder_problem(out)
-    if problem:
-        raise ValueError(f"--out expects a folder for the figures, but {problem}")
+    max_dim = args.max_embedding_dim or None  # 0: keep the embeddings whole
+    # Checked before indexing and predicting, which take minutes on the real data.
+    check_figure_options(args.seed, args.perplexity, max_dim, args.gradcam_images, out,
+                         prefix="--")
     records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
                                                   data_root=args.data_root,
                                                   progress=not args.no_progress)
     result = make_figures(args.checkpoint, records, out, targets=targets, source=source,
                           gradcam_images=args.gradcam_images, batch_size=args.batch_size,
                           device=_device(args.device), seed=args.seed, perplexity=args.perplexity,
-                          max_embedding_dim=args.max_embedding_dim or None,
+                          max_embedding_dim=max_dim,
                           progress=not args.no_progress)
     auc = result["roc"]["roc_auc"]
     print(f"{result['images']} {args.split} images of fold {result['fold']} "

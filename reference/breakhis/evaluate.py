@@ -5,7 +5,8 @@ one of Spanhol et al. (2016): for each patient the fraction of its images classi
 correctly, averaged over patients. Every report records the task and protocol that
 produced it, because image-split and patient-split numbers differ by several points.
 The per-image predictions behind a report go to a CSV (:func:`write_predictions`,
-:func:`read_predictions`), so that figures can be redrawn without the model.
+:func:`read_predictions`), so that figures can be redrawn without the model. Reports are
+read back with :func:`read_report`.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from ._files import atomic_writer
+
 __all__ = [
     "PREDICTIONS_FILE",
     "SUMMARY_METRICS",
     "Predictions",
+    "ReportError",
     "classification_metrics",
     "metrics_line",
     "patient_recognition_rate",
     "read_predictions",
+    "read_report",
     "render_markdown",
     "roc_auc",
     "summarize_folds",
@@ -325,16 +330,14 @@ def write_report(
 ) -> tuple[Path, Path]:
     """Write ``report`` as ``<stem>.json`` and ``<stem>.md`` in ``out_dir``.
 
-    Each file is written atomically (:func:`breakhis.checkpoint.atomic_writer`: a
+    Each file is written atomically (:func:`breakhis._files.atomic_writer`: a
     temporary file beside it, renamed over it when complete, with the permissions of a
     new file): a process killed meanwhile leaves the previous file whole, never a
-    report cut short.
+    report cut short. :func:`read_report` reads the JSON back.
 
     Returns:
         The two paths.
     """
-    from .checkpoint import atomic_writer  # torch: only when a report is written
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
@@ -343,6 +346,63 @@ def write_report(
         with atomic_writer(path, "w") as handle:
             handle.write(text)
     return json_path, md_path
+
+
+class ReportError(ValueError):
+    """A file that :func:`read_report` cannot take for a report.
+
+    The message names the file; ``path`` is the file and ``reason`` what is wrong,
+    without the file: the JSON parser's (or decoder's) error for a file that does not
+    parse (``"JSONDecodeError: Expecting value: line 1 column 1 (char 0)"``), else the
+    end of the message (``"expected a JSON object, but it holds a list"``).
+    """
+
+    def __init__(self, path: Path, message: str, reason: str) -> None:
+        super().__init__(f"{str(path)!r} is not a breakhis report: {message}")
+        self.path = path
+        self.reason = reason
+
+
+def read_report(
+    path: str | os.PathLike[str], required: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A JSON report (e.g. written by :func:`write_report`) as a dict.
+
+    Args:
+        path: the ``.json`` file.
+        required: entries the report must have.
+
+    Raises:
+        ReportError: (a :class:`ValueError`) naming the file, when it is empty, cut
+            short, not UTF-8, not a JSON object, or lacks one of ``required``.
+        OSError: when it cannot be read (it names the file too).
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "r.json"
+        >>> _ = path.write_text('{"fold": 0}')
+        >>> read_report(path, ["fold"])
+        {'fold': 0}
+        >>> try:
+        ...     read_report(path, ["fold", "metrics"])
+        ... except ReportError as err:
+        ...     print(err.reason)
+        expected the entries ['fold', 'metrics'], but it lacks ['metrics']
+    """
+    src = Path(path)
+    try:
+        report = json.loads(src.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ReportError(src, f"expected a JSON object, but it does not parse as JSON ({exc})",
+                          f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(report, dict):
+        reason = f"expected a JSON object, but it holds a {type(report).__name__}"
+        raise ReportError(src, reason, reason)
+    missing = [key for key in required if key not in report]
+    if missing:
+        reason = f"expected the entries {list(required)}, but it lacks {missing}"
+        raise ReportError(src, reason, reason)
+    return report
 
 
 @dataclass
@@ -423,8 +483,6 @@ def write_predictions(
     if y_true.size and not (-1 <= y_true.min() and y_true.max() < len(classes)):
         raise ValueError(f"expected targets in [-1, {len(classes) - 1}] (-1: unknown), but "
                          f"got values from {y_true.min()} to {y_true.max()}")
-    from .checkpoint import atomic_writer  # torch: only when predictions are written
-
     out = Path(path)
     with atomic_writer(out, "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -26,11 +26,9 @@ there (:data:`RUN_OUTPUTS`) once its model is built, saying so in ``train.log``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -41,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import check_seed, writable_problem
 from .checkpoint import load_checkpoint
 from .data import (
     DataIndex,
@@ -53,8 +52,10 @@ from .data import (
 from .distributed import DistInfo, init_distributed
 from .evaluate import (
     PREDICTIONS_FILE,
+    ReportError,
     classification_metrics,
     metrics_line,
+    read_report,
     summarize_folds,
     write_predictions,
     write_report,
@@ -68,7 +69,7 @@ from .splits import (
     patient_groups,
     validation_split,
 )
-from .plots import FIGURE_FILES, FIGURES_DIR, _folder_problem
+from .plots import FIGURE_FILES, FIGURES_DIR
 from .synthetic import SYNTHETIC_MARKER, is_synthetic
 from .tasks import Task, get_task
 from .train import (
@@ -108,14 +109,16 @@ _RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits")
 #: what they are called in messages.
 _DATA_FILES: tuple[tuple[str, str], ...] = (("folds_file", "fold table(s)"),
                                            ("patients_csv", "patients CSV"))
-#: Largest split seed: scikit-learn and NumPy's legacy seeding take ``[0, 2**32 - 1]``.
-_SPLIT_SEED_MAX = 2**32 - 1
+#: Files a fold's evaluation writes into its run folder, each atomically
+#: (:func:`breakhis._files.atomic_writer`; :func:`breakhis.train.fit`'s
+#: ``atomic_outputs``, whose temporary files a run killed while writing them leaves).
+_EVALUATION_FILES: tuple[str, ...] = ("test_metrics.json", "test_metrics.md", PREDICTIONS_FILE)
 #: Files of a run folder that a fold trained afresh there removes once its model is built
 #: (paths relative to the folder, :func:`breakhis.train.fit`'s ``stale_outputs``): what
 #: training, evaluation and ``figures`` (default folder) write, but ``config.json``
 #: (rewritten at the start) and ``train.log`` (appended to).
 RUN_OUTPUTS: tuple[str, ...] = (
-    CHECKPOINT_NAME, "metrics.csv", "test_metrics.json", "test_metrics.md", PREDICTIONS_FILE,
+    CHECKPOINT_NAME, "metrics.csv", *_EVALUATION_FILES,
     *(f"{FIGURES_DIR}/{name}" for name in FIGURE_FILES),
 )
 _LOG = logging.getLogger("breakhis.experiments")
@@ -170,11 +173,8 @@ class DataSpec:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if (isinstance(self.split_seed, bool) or not isinstance(self.split_seed, (int, np.integer))
-                or not 0 <= self.split_seed <= _SPLIT_SEED_MAX):
-            raise ValueError(
-                f"split_seed must be an integer in [0, 2**32 - 1] (the folds are drawn by "
-                f"scikit-learn, which takes such seeds), but got {self.split_seed!r}")
+        check_seed(self.split_seed, "split_seed", span="[0, 2**32 - 1]",
+                   why="the folds are drawn by scikit-learn, which takes such seeds")
         if not (isinstance(self.val_fraction, Real)
                 and math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise ValueError(
@@ -267,32 +267,6 @@ def _resume_ignore(state: dict[str, Any], extra: dict[str, Any]) -> tuple[tuple[
                          f"content (written by an older breakhis): {new_paths} is taken for "
                          f"{old_paths} because the file name is the same")
     return tuple(ignore), notes
-
-
-def _writable_run_dir(folder: Path) -> None:
-    """Create the run folder ``folder`` if need be, and write (and remove) a probe file.
-
-    Tried, not guessed, before anything is trained: a path under a file, a folder that
-    cannot be created (``/proc``) or written (permissions, a read-only file system).
-
-    Raises:
-        ValueError: naming the folder and what failed.
-    """
-    problem = _folder_problem(folder)
-    if problem:
-        raise ValueError(f"expected a run folder, but {problem}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"expected a run folder that can be created, but creating "
-                         f"{str(folder)!r} failed: {err.strerror or err}") from err
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".breakhis-", suffix=".probe", dir=folder)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"expected a run folder that can be written, but writing a file "
-                         f"into {str(folder)!r} failed: {err.strerror or err}") from err
 
 
 @dataclass
@@ -504,7 +478,9 @@ def run_fold(
     data = data or prepare_data(spec, progress=progress and info.is_main)
     plan = _plan_fold(spec, data, fold)
     if info.is_main:
-        _writable_run_dir(Path(run_dir))
+        problem = writable_problem(run_dir, "a run folder")
+        if problem:
+            raise ValueError(problem)
     ignore, notes = _RESUME_IGNORE, []
     ckpt = Path(run_dir) / CHECKPOINT_NAME
     if resume and ckpt.is_file():
@@ -515,7 +491,7 @@ def run_fold(
         train_records=[data.records[i] for i in plan.fit], train_targets=data.targets[plan.fit],
         val_records=[data.records[i] for i in plan.val], val_targets=data.targets[plan.val],
         classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=plan.extra,
-        resume_ignore=ignore, stale_outputs=RUN_OUTPUTS,
+        resume_ignore=ignore, stale_outputs=RUN_OUTPUTS, atomic_outputs=_EVALUATION_FILES,
         log_messages=[*_issue_lines(data.issues(), data.index.root), *notes], dist_info=info,
         progress=progress,
     )
@@ -588,7 +564,8 @@ def _reusable_fold(
             f"cannot resume fold {fold}: {str(done)!r} exists but {str(ckpt)!r} does not, so "
             f"the settings that made it cannot be checked; remove {str(fold_dir)!r} to train "
             "the fold again")
-    state = load_checkpoint(ckpt)
+    # mapped, not read: only its settings, extra, history and epoch are needed
+    state = load_checkpoint(ckpt, mmap=True)
     plan = _plan_fold(spec, data, fold)
     ignore, notes = _resume_ignore(state, plan.extra)
     differences = resume_differences(state, config, list(data.task.classes), plan.extra,
@@ -599,7 +576,7 @@ def _reusable_fold(
             + "; ".join(differences) + "). Use another output folder, or the run's settings")
     if epochs_trained(state) < config.epochs:
         return None
-    report, problem = _read_report(done)
+    report, problem = _read_fold_report(done)
     if report is None:
         if main:
             _LOG.warning("fold %d: %s cannot be read as a report (%s); evaluating the "
@@ -627,19 +604,18 @@ _REPORT_KEYS: tuple[str, ...] = ("task", "protocol", "fold", "data_root", "synth
                                  "metrics")
 
 
-def _read_report(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """A fold's ``test_metrics.json``, or ``None`` with what is wrong with it."""
+def _read_fold_report(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A fold's ``test_metrics.json`` (:func:`breakhis.evaluate.read_report`), or ``None``
+    with what is wrong with it (for the warning of :func:`_reusable_fold`)."""
     try:
-        report = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        return None, (f"{type(err).__name__}: {err}" if not isinstance(err, OSError)
-                      else str(err.strerror or err))
-    if not isinstance(report, dict):
-        return None, f"expected a JSON object, but it holds a {type(report).__name__}"
-    missing = [key for key in _REPORT_KEYS if key not in report]
-    if missing or not isinstance(report["metrics"], dict):
+        report = read_report(path, _REPORT_KEYS)
+    except OSError as err:
+        return None, str(err.strerror or err)
+    except ReportError as err:
+        return None, err.reason
+    if not isinstance(report["metrics"], dict):
         return None, (f"expected the entries {list(_REPORT_KEYS)}, but it lacks "
-                      f"{missing or ['metrics (as an object)']}")
+                      "['metrics (as an object)']")
     return report, ""
 
 
@@ -693,7 +669,9 @@ def run_cv(
                          f"{chosen}: {problem}")
     run_dir = Path(run_dir)
     if info.is_main:
-        _writable_run_dir(run_dir)
+        problem = writable_problem(run_dir, "a run folder")
+        if problem:
+            raise ValueError(problem)
     if not resume and info.is_main:
         stale = [name for name in ("cv_metrics.json", "cv_metrics.md")
                  if (run_dir / name).is_file()]

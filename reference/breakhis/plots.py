@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,15 +35,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ._files import check_seed, folder_problem, remove_stale_staging, staging_folder
 from .data import ImageRecord
 from .dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, build_eval_transform, load_rgb
-from .evaluate import SUMMARY_METRICS
+from .evaluate import SUMMARY_METRICS, read_report
 from .splits import PROTOCOL_DESCRIPTIONS
 
 __all__ = [
     "FIGURES_DIR",
     "FIGURE_FILES",
     "RESULTS_COLUMNS",
+    "check_figure_options",
     "embeddings",
     "gradcam",
     "make_figures",
@@ -85,28 +86,9 @@ FIGURES_DIR = "figures"
 #: Files :func:`make_figures` writes into its folder.
 FIGURE_FILES: tuple[str, ...] = ("roc.png", "tsne.png", "tsne_coords.npy", "gradcam.png",
                                  "figures.json")
-#: Largest seed scikit-learn's ``random_state`` takes (NumPy's ``RandomState``: 32 bits).
-_SEED_MAX = 2**32 - 1
-
-
-def _check_seed(seed: Any, name: str = "seed") -> None:
-    """Refuse a seed that scikit-learn would refuse only after the embeddings are made."""
-    if (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-            or not 0 <= seed <= _SEED_MAX):
-        raise ValueError(f"{name} must be an integer in [0, {_SEED_MAX}] (a scikit-learn "
-                         f"random state), but got {seed!r}")
-
-
-def _folder_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why ``path`` cannot be (or become) a folder: it, or a folder above it, is a file."""
-    path = Path(path)
-    for place in (path, *path.parents):
-        if place.exists():
-            if place.is_dir():
-                return None
-            return (f"{str(path)!r} is a file" if place == path else
-                    f"{str(place)!r}, a folder above {str(path)!r}, is a file")
-    return None
+#: Name of the hidden folders :func:`make_figures` draws in, ``.figures-<8 characters>.tmp``
+#: inside its folder (:func:`breakhis._files.staging_folder`).
+_STAGING = "figures"
 
 
 def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
@@ -641,6 +623,57 @@ def _describe(source: Mapping[str, Any]) -> str:
     return text
 
 
+def check_figure_options(
+    seed: Any,
+    perplexity: float,
+    max_embedding_dim: int | None,
+    gradcam_images: int,
+    out_dir: str | os.PathLike[str],
+    prefix: str = "",
+) -> None:
+    """Refuse the options of :func:`make_figures` that would fail it late.
+
+    A seed scikit-learn refuses fails only after the embeddings are made, a folder
+    that is a file after the model is loaded: checked here first (the command line
+    checks them before it indexes the data, minutes on the real data).
+
+    Args:
+        seed, perplexity, max_embedding_dim, gradcam_images, out_dir: as for
+            :func:`make_figures`.
+        prefix: put before the names in the messages: ``"--"`` names the options of
+            ``breakhis-repro figures`` instead (``--max-embedding-dim``, ``--out``;
+            its ``--max-embedding-dim 0`` is ``None`` here).
+
+    Raises:
+        ValueError: for a ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not
+            positive, a ``max_embedding_dim`` below 2, a negative ``gradcam_images``,
+            or an ``out_dir`` that is a file (or lies under one).
+
+    Examples:
+        >>> check_figure_options(0, 30.0, None, 8, "figures")
+        >>> check_figure_options(0, 30.0, 1, 8, "figures", prefix="--")
+        Traceback (most recent call last):
+        ...
+        ValueError: --max-embedding-dim must be >= 2, or 0 to keep embeddings whole, but got 1
+    """
+    def name(arg: str) -> str:
+        return prefix + arg.replace("_", "-") if prefix else arg
+
+    check_seed(seed, name("seed"))
+    if not perplexity > 0:
+        raise ValueError(f"{name('perplexity')} must be > 0, but got {perplexity:g}")
+    if max_embedding_dim is not None and max_embedding_dim < 2:
+        raise ValueError(f"{name('max_embedding_dim')} must be >= 2, or "
+                         f"{'0' if prefix else 'None'} to keep embeddings whole, but got "
+                         f"{max_embedding_dim}")
+    if gradcam_images < 0:
+        raise ValueError(f"{name('gradcam_images')} must be >= 0, but got {gradcam_images}")
+    problem = folder_problem(out_dir)
+    if problem:
+        expected = f"{prefix}out expects" if prefix else "expected"
+        raise ValueError(f"{expected} a folder for the figures, but {problem}")
+
+
 def make_figures(
     checkpoint: str | os.PathLike[str],
     records: Sequence[ImageRecord],
@@ -670,8 +703,11 @@ def make_figures(
     ``out_dir`` then holds this run's figures only: the files of :data:`FIGURE_FILES`
     that an earlier run left there and this one does not write (``gradcam.png`` with
     ``gradcam_images=0``) are removed; other files stay. The figures are drawn in a
-    hidden folder inside ``out_dir`` and moved in only when all of them are done, so a
-    run that fails leaves ``out_dir``'s figures as they were.
+    hidden folder inside ``out_dir`` (``.figures-<8 characters>.tmp``) and moved in only
+    when all of them are done, so a run that fails leaves ``out_dir``'s figures as they
+    were. Such folders that a run killed while drawing left in ``out_dir`` are removed
+    (with a warning) when the next run starts drawing there; two runs drawing into one
+    folder at the same time are not supported.
 
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
@@ -696,10 +732,11 @@ def make_figures(
         The content of ``figures.json``.
 
     Raises:
-        ValueError: before the model is loaded, for fewer than 3 records, a negative
-            ``gradcam_images``, a ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that
-            is not positive, a ``max_embedding_dim`` below 2, or an ``out_dir`` that is
-            a file (or lies under one); later, for mismatched targets.
+        ValueError: before the model is loaded, for fewer than 3 records or options
+            that :func:`check_figure_options` refuses (a negative ``gradcam_images``, a
+            ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
+            ``max_embedding_dim`` below 2, or an ``out_dir`` that is a file or lies under
+            one); later, for mismatched targets.
     """
     from .tasks import get_task
     from .train import (
@@ -712,17 +749,8 @@ def make_figures(
 
     if len(records) < 3:
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
-    if gradcam_images < 0:
-        raise ValueError(f"gradcam_images must be >= 0, but got {gradcam_images}")
-    _check_seed(seed)
-    if not perplexity > 0:
-        raise ValueError(f"perplexity must be > 0, but got {perplexity}")
-    if max_embedding_dim is not None and max_embedding_dim < 2:
-        raise ValueError(f"max_embedding_dim must be >= 2 or None, but got {max_embedding_dim}")
+    check_figure_options(seed, perplexity, max_embedding_dim, gradcam_images, out_dir)
     out = Path(out_dir)
-    problem = _folder_problem(out)
-    if problem:
-        raise ValueError(f"expected a folder for the figures, but {problem}")
     model, state = load_model(checkpoint, device=device)
     classes = list(state["classes"])
     extra = state.get("extra") or {}
@@ -748,10 +776,16 @@ def make_figures(
     what = _describe(info)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    # what a run killed while drawing left: never read, so removed
+    leftovers = remove_stale_staging(out, _STAGING)
+    if leftovers:
+        _LOG.warning("removed in %r the folders of figure runs cut short (killed while "
+                     "drawing; the figures beside them are intact): %s", str(out),
+                     ", ".join(leftovers))
     # Drawn in a hidden folder of out_dir (same file system, so the files move in by
     # rename) and moved in only once every figure is done: a failure on the way (a
     # t-SNE error after roc.png is drawn) leaves out_dir's figures as they were.
-    work = Path(tempfile.mkdtemp(prefix=".figures-", suffix=".tmp", dir=out))
+    work = staging_folder(out, _STAGING)
     try:
         probs = predict_probs(model, records, input_size=input_size, batch_size=batch_size,
                               device=device, progress=progress, mean=mean, std=std)
@@ -817,24 +851,11 @@ def make_figures(
     return result
 
 
-def _read_report(path: Path) -> dict[str, Any]:
-    """A JSON report as a dict; an empty, cut-short or foreign file is an error naming it."""
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not a breakhis report: expected a JSON object, but "
-                         f"it does not parse as JSON ({exc})") from exc
-    if not isinstance(report, dict):
-        raise ValueError(f"{str(path)!r} is not a breakhis report: expected a JSON object, but "
-                         f"it holds a {type(report).__name__}")
-    return report
-
-
 def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
     folder = Path(run_dir)
     for name in ("cv_metrics.json", "test_metrics.json"):
         if (folder / name).is_file():
-            report = _read_report(folder / name)
+            report = read_report(folder / name)
             if not isinstance(report.get("protocol"), dict):
                 raise ValueError(f"{folder / name} records no protocol; it was not written "
                                  "by breakhis")
@@ -888,7 +909,7 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
         done, ckpt = fold_dir / "test_metrics.json", fold_dir / "checkpoint.pt"
         recorded = entry.get("checkpoint")
         if done.is_file():
-            current = _read_report(done)
+            current = read_report(done)
             if recorded is not None:
                 changed = current.get("checkpoint") != recorded
             else:
@@ -1081,7 +1102,7 @@ def results_table(
         if md.with_suffix(".csv").is_dir():
             raise ValueError(f"out {str(out)!r} puts the CSV at {str(md.with_suffix('.csv'))!r}, "
                              "but that is a folder")
-        problem = _folder_problem(md.parent)
+        problem = folder_problem(md.parent)
         if problem:
             raise ValueError(f"expected a folder for out {str(out)!r}, but {problem}")
     rows = results_rows(run_dirs)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from ._files import check_int
+
 __all__ = ["BalancedSampler"]
 
 
@@ -70,8 +72,7 @@ class BalancedSampler(Sampler[tuple[int, int]]):
             )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), but got {rank}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, but got {seed!r}")
+        check_int("seed", seed, 0)
         self.targets = np.asarray(targets, dtype=np.int64)
         if self.targets.size == 0:
             raise ValueError("expected at least one training record, but got none")

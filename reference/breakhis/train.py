@@ -50,7 +50,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -59,12 +59,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ._files import atomic_writer, check_int, remove_stale_temporaries
 from .checkpoint import (
     NotACheckpointError,
-    atomic_writer,
     capture_rng_state,
     load_checkpoint,
-    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -190,7 +189,7 @@ class TrainConfig:
             raise ValueError(f"head must be one of {HEADS}, but got {self.head!r}")
         for name in ("epochs", "batch_size", "input_size", "plateau_patience", "num_workers",
                      "seed"):
-            _check_integer(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
@@ -220,17 +219,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), but got "
                                  f"{value!r}")
         if self.se_reduction is not None:
-            _check_integer("se_reduction", self.se_reduction)
+            check_int("se_reduction", self.se_reduction)
             if self.se_reduction < 1:
                 raise ValueError("se_reduction must be >= 1 (or None: no SE blocks), but got "
                                  f"{self.se_reduction}")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0 (0 loads the images in the training "
                              f"process), but got {self.num_workers}")
-        if not 0 <= self.seed <= SEED_MAX:
-            raise ValueError(
-                f"seed must be an integer in [0, 2**63 - 1] (epoch e seeds torch's generators "
-                f"with seed + e, which they take up to 2**64 - 1), but got {self.seed}")
+        check_int("seed", self.seed, 0, SEED_MAX, span="[0, 2**63 - 1]",
+                  why="epoch e seeds torch's generators with seed + e, which they take up to "
+                  "2**64 - 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints and config.json)."""
@@ -251,12 +249,6 @@ class TrainConfig:
 def _is_number(value: Any) -> bool:
     """Whether ``value`` is a real number (not a bool, not a string)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_integer(name: str, value: Any) -> None:
-    """Refuse a setting that should be an integer but is not (a float, a bool, a string)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, but got {value!r}")
 
 
 def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
@@ -601,6 +593,7 @@ def fit(
     extra: dict[str, Any] | None = None,
     resume_ignore: Sequence[str] = (),
     stale_outputs: Sequence[str] = (),
+    atomic_outputs: Sequence[str] = (),
     log_messages: Sequence[str] = (),
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     dist_info: DistInfo | None = None,
@@ -626,11 +619,13 @@ def fit(
             have left and that a fresh start (no checkpoint continued) removes, logging
             which: on the main process, once the model is built and has passed its trial
             forward pass, before the first checkpoint. A run that fails before then
-            leaves them in place; a resumed run keeps them. Fresh or resumed, the
-            temporary files that a process killed while saving ``checkpoint.pt``,
-            ``metrics.csv``, ``config.json`` or one of ``stale_outputs`` left
-            (:func:`breakhis.checkpoint.remove_stale_temporaries`) are removed, logging
-            which.
+            leaves them in place; a resumed run keeps them.
+        atomic_outputs: files of ``run_dir`` (relative paths) that the caller writes
+            with :func:`breakhis._files.atomic_writer` (e.g. its test report). Fresh or
+            resumed, the temporary files that a process killed while saving
+            ``checkpoint.pt``, ``metrics.csv``, ``config.json`` or one of
+            ``atomic_outputs`` left (:func:`breakhis._files.remove_stale_temporaries`)
+            are removed on the main process, logging which.
         log_messages: lines logged as warnings (console and ``train.log``) before
             training, e.g. the files the data index left out.
         epoch_callback: called as ``callback(epoch, row)`` after each checkpoint.
@@ -665,7 +660,7 @@ def fit(
         return _fit(config, info, run_dir, ckpt_path, list(train_records),
                     np.asarray(train_targets), list(val_records), np.asarray(val_targets),
                     list(classes), resume, dict(extra or {}), tuple(resume_ignore),
-                    tuple(stale_outputs), epoch_callback, progress)
+                    tuple(stale_outputs), tuple(atomic_outputs), epoch_callback, progress)
     except TrainingDivergedError as exc:
         if handler is not None:
             # why the run stopped, in train.log too (the caller shows the error itself)
@@ -683,7 +678,7 @@ def _fit(
     train_records: list[ImageRecord], train_targets: np.ndarray,
     val_records: list[ImageRecord], val_targets: np.ndarray, classes: list[str],
     resume: bool, extra: dict[str, Any], resume_ignore: tuple[str, ...],
-    stale_outputs: tuple[str, ...],
+    stale_outputs: tuple[str, ...], atomic_outputs: tuple[str, ...],
     epoch_callback: Callable[[int, dict[str, Any]], None] | None, progress: bool,
 ) -> FitResult:
     seed_everything(config.seed, deterministic=config.deterministic)
@@ -760,7 +755,7 @@ def _fit(
         # a process killed while it saved leaves its temporary file (the file it was
         # replacing is intact): never read, so removed, fresh run or resumed
         leftovers = remove_stale_temporaries(
-            run_dir, [CHECKPOINT_NAME, *_RUN_FILES, *stale_outputs])
+            run_dir, [CHECKPOINT_NAME, *_RUN_FILES, *atomic_outputs])
         if leftovers:
             _LOG.warning("removed in %r the temporary files of writes cut short (a run killed "
                          "while saving; the files they were to replace are intact): %s",
@@ -833,7 +828,8 @@ def _fit(
         last_good = epoch - 1 if epoch > 0 else None
         _check_finite("training loss", row["train_loss"], epoch, config, ckpt_path, last_good)
         if not_finite:
-            _check_finite("weights", math.nan, epoch, config, ckpt_path, last_good)
+            _diverged(f"the weights are no longer finite after epoch {epoch + 1}/"
+                      f"{config.epochs}", config, ckpt_path, last_good)
         monitored = row["train_loss"]
         if val_loader is not None:
             v_loss, v_correct, v_count = all_reduce_sum(
@@ -882,18 +878,22 @@ def _check_finite(
     what: str, value: float, epoch: int, config: TrainConfig, ckpt_path: Path,
     last_good: int | None,
 ) -> None:
-    """Stop training when ``value`` (a loss of ``epoch``, or NaN for the weights) is not
-    finite.
+    """Stop training when ``value``, the ``what`` loss of ``epoch``, is not finite
+    (:func:`_diverged`)."""
+    if not math.isfinite(value):
+        _diverged(f"the {what} of epoch {epoch + 1}/{config.epochs} is {value}", config,
+                  ckpt_path, last_good)
+
+
+def _diverged(
+    found: str, config: TrainConfig, ckpt_path: Path, last_good: int | None
+) -> NoReturn:
+    """Stop training: ``found`` (what is not finite, in which epoch) says why.
 
     Raises:
-        TrainingDivergedError: naming the epoch (from 1), what is not finite, the
-            checkpoint kept and the learning rate to lower.
+        TrainingDivergedError: with ``found``, the checkpoint kept and the learning rate
+            to lower.
     """
-    if math.isfinite(value):
-        return
-    found = (f"the weights are no longer finite after epoch {epoch + 1}/{config.epochs}"
-             if what == "weights" else
-             f"the {what} of epoch {epoch + 1}/{config.epochs} is {value}")
     kept = (f"{str(ckpt_path)!r} keeps epoch {last_good + 1}, the last whose losses and "
             "weights were finite (it can be evaluated, but not resumed with another --lr)"
             if last_good is not None else "no checkpoint of this run was written")

@@ -468,6 +468,28 @@ class TestMakeFigures:
         assert result["roc"]["path"] == str(tmp_path / "roc.png")
         assert result["tsne"]["coords_path"] == str(tmp_path / "tsne_coords.npy")
 
+    def test_a_killed_runs_work_folder_is_removed_by_the_next(
+        self, runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A run killed while drawing left its .figures-XXXXXXXX.tmp folder for good."""
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, _, source = checkpoint_records(ckpt)
+        left = tmp_path / ".figures-k2x_9qzt.tmp"
+        left.mkdir()
+        (left / "roc.png").write_bytes(b"half a figure")
+        kept = [".figures-short.tmp", "figures-k2x_9qzt.tmp", ".figures-ab12cd34.tmp.old"]
+        for name in kept:
+            (tmp_path / name).mkdir()
+        (tmp_path / ".figures-ab12cd34.tmp").write_text("a file, not a work folder")
+        with caplog.at_level(logging.WARNING, logger="breakhis.plots"):
+            make_figures(ckpt, records[:6], tmp_path, source=source, gradcam_images=0,
+                         max_embedding_dim=32)
+        assert not left.exists()
+        assert ".figures-k2x_9qzt.tmp" in caplog.text and "cut short" in caplog.text
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+            *kept, ".figures-ab12cd34.tmp", "figures.json", "roc.png", "tsne.png",
+            "tsne_coords.npy"])
+
     def test_failure_leaves_the_earlier_figures_as_they_were(
         self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

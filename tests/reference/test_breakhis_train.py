@@ -1006,6 +1006,7 @@ class TestOutFolder:
         self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        from breakhis import _files as files_module
         from breakhis import experiments
 
         root, _ = synth_tree
@@ -1021,7 +1022,7 @@ class TestOutFolder:
         def refuse(*a, **k):
             raise PermissionError(13, "Permission denied", k.get("dir"))
 
-        monkeypatch.setattr(experiments.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(files_module.tempfile, "mkstemp", refuse)
         assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
         assert (f"error: expected a run folder that can be written, but writing a file into "
                 f"{str(tmp_path / 'run')!r} failed: Permission denied"

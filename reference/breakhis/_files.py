@@ -1,0 +1,326 @@
+"""Files, folders and integer settings, without torch: atomic writes, leftovers, checks.
+
+Checkpoints, and the reports and tables of a run (:func:`atomic_writer`), are written to
+a temporary file ``.<name>.<8 characters>.tmp`` beside their final path and renamed over
+it once complete, with the permissions a file created normally would get under the
+current umask. A process killed mid-write leaves such a temporary file behind (and the
+previous file intact); :func:`remove_stale_temporaries` removes them. Work that makes
+several files at once (the figures) is staged in a hidden folder
+``.<name>-<8 characters>.tmp`` (:func:`staging_folder`); :func:`remove_stale_staging`
+removes what a killed process left of those.
+
+:func:`folder_problem` and :func:`writable_problem` say why a path cannot serve as an
+output folder; :func:`check_int` and :func:`check_seed` refuse integer settings out of
+range with one form of message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "SEED_MAX",
+    "atomic_writer",
+    "check_int",
+    "check_seed",
+    "folder_problem",
+    "new_file_mode",
+    "remove_stale_staging",
+    "remove_stale_temporaries",
+    "staging_folder",
+    "writable_problem",
+]
+
+#: Largest seed scikit-learn's ``random_state`` takes (NumPy's ``RandomState``: 32 bits).
+SEED_MAX = 2**32 - 1
+#: tempfile's random part of a name: 8 characters of this alphabet.
+_TEMP_CHARS = "[a-z0-9_]{8}"
+
+
+def new_file_mode() -> int:
+    """The permissions a file created now gets: ``0o666`` less the process's umask.
+
+    ``tempfile.mkstemp`` creates its files with mode ``0o600`` whatever the umask, and a
+    rename keeps the mode: :func:`atomic_writer` gives its temporary file this mode
+    instead, so that a checkpoint is as readable as any other file of the run.
+
+    The umask is read from ``/proc/self/status`` where there is one (Linux). Elsewhere
+    Python has no way to read it but to set it: it is set and set back at once, and a
+    thread of this process that creates a file in between creates it under umask
+    ``0o022``.
+
+    Examples:
+        >>> old = os.umask(0o022)
+        >>> oct(new_file_mode())
+        '0o644'
+        >>> _ = os.umask(old)
+    """
+    mask = _umask_from_proc()
+    if mask is None:  # no /proc: read it by setting it (and back at once)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _umask_from_proc() -> int | None:
+    """The umask as Linux reports it (``Umask:`` of ``/proc/self/status``), if it does."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _temporary_pattern(name: str) -> re.Pattern[str]:
+    """The names :func:`atomic_writer` gives the temporary files of ``name``."""
+    return re.compile(rf"\.{re.escape(name)}\.{_TEMP_CHARS}\.tmp")
+
+
+@contextlib.contextmanager
+def atomic_writer(
+    path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any
+) -> Iterator[IO[Any]]:
+    """Open a temporary file for ``path``; on success it replaces ``path`` atomically.
+
+    The file is ``.<name>.<8 characters>.tmp`` in ``path``'s folder (created if need
+    be), with the permissions of :func:`new_file_mode`; what the ``with`` block writes
+    is flushed to disk and renamed over ``path``. If the block raises, the temporary
+    file is removed and ``path`` is left as it was; a process killed meanwhile leaves
+    the temporary file (see :func:`remove_stale_temporaries`).
+
+    Args:
+        path: the file to write.
+        mode: ``"wb"`` or ``"w"``.
+        open_kwargs: passed to :func:`open` (``newline``, ``encoding``).
+
+    Raises:
+        OSError: when the folder or file cannot be written; one without a file name
+            (a full disk) gets ``path`` as its file name.
+
+    Examples:
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with atomic_writer(folder / "a.txt", "w") as handle:
+        ...     _ = handle.write("done")
+        >>> (folder / "a.txt").read_text(), sorted(p.name for p in folder.iterdir())
+        ('done', ['a.txt'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            # the handle owns the descriptor from here on: closed whatever fails below
+            with os.fdopen(fd, mode, **open_kwargs) as handle:
+                os.fchmod(handle.fileno(), new_file_mode())
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            if err.filename is None:  # e.g. a full disk: say which file
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+            raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], names: Sequence[str]
+) -> list[str]:
+    """Remove the temporary files that writes of ``names`` killed mid-way left in ``folder``.
+
+    Only files named as :func:`atomic_writer` names the temporary files of ``names``
+    (``.<name>.<8 characters>.tmp``) are removed, in ``folder`` and in the subfolders
+    that ``names`` give (``fold0/checkpoint.pt``). ``names`` should be files written
+    with :func:`atomic_writer`: no other write leaves such files.
+
+    Returns:
+        Their paths relative to ``folder`` (POSIX separators), sorted.
+
+    Examples:
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name in (".checkpoint.pt.ab_12xyz.tmp", ".checkpoint.pt.tmp", "notes.tmp"):
+        ...     _ = (folder / name).write_text("")
+        >>> remove_stale_temporaries(folder, ["checkpoint.pt"])
+        ['.checkpoint.pt.ab_12xyz.tmp']
+    """
+    folder = Path(folder)
+    removed = []
+    for name in dict.fromkeys(names):
+        where = (folder / name).parent
+        pattern = _temporary_pattern(Path(name).name)
+        if not where.is_dir():
+            continue
+        for entry in where.iterdir():
+            if pattern.fullmatch(entry.name) and (entry.is_file() or entry.is_symlink()):
+                entry.unlink()
+                removed.append(entry.relative_to(folder).as_posix())
+    return sorted(removed)
+
+
+def staging_folder(parent: str | os.PathLike[str], name: str) -> Path:
+    """Make a hidden folder ``.<name>-<8 characters>.tmp`` in ``parent`` to stage files in.
+
+    On the file system of ``parent``, so that the files move out by rename. A process
+    killed before it removes the folder leaves it: :func:`remove_stale_staging`.
+    """
+    return Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".tmp", dir=parent))
+
+
+def remove_stale_staging(parent: str | os.PathLike[str], name: str) -> list[str]:
+    """Remove the folders :func:`staging_folder` made for ``name`` in ``parent``.
+
+    Only folders named exactly so (``.<name>-<8 characters>.tmp``, not links) are
+    removed, with what they hold. Meant for the start of the work that stages there: a
+    second process staging into the same ``parent`` at the same time loses its folder.
+
+    Returns:
+        Their names, sorted.
+
+    Examples:
+        >>> parent = Path(tempfile.mkdtemp())
+        >>> left = staging_folder(parent, "figures")
+        >>> _ = (left / "roc.png").write_bytes(b"")
+        >>> (parent / ".figures-mine.tmp").mkdir()
+        >>> remove_stale_staging(parent, "figures") == [left.name]
+        True
+        >>> sorted(p.name for p in parent.iterdir())
+        ['.figures-mine.tmp']
+    """
+    pattern = re.compile(rf"\.{re.escape(name)}-{_TEMP_CHARS}\.tmp")
+    removed = []
+    folder = Path(parent)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+            removed.append(entry.name)
+    return sorted(removed)
+
+
+def folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be (or become) a folder: it, or a folder above it, is a file.
+
+    Examples:
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "afile").write_text("")
+        >>> folder_problem(folder / "new") is None
+        True
+        >>> folder_problem(folder / "afile" / "x") == (
+        ...     f"{str(folder / 'afile')!r}, a folder above {str(folder / 'afile' / 'x')!r}, "
+        ...     "is a file")
+        True
+    """
+    path = Path(path)
+    for place in (path, *path.parents):
+        if place.exists():
+            if place.is_dir():
+                return None
+            return (f"{str(path)!r} is a file" if place == path else
+                    f"{str(place)!r}, a folder above {str(path)!r}, is a file")
+    return None
+
+
+def writable_problem(folder: str | os.PathLike[str], what: str = "a folder") -> str | None:
+    """Why ``folder`` cannot serve as ``what``: tried, not guessed.
+
+    The folder is created if need be, and a probe file is written into it and removed:
+    a path under a file, a folder that cannot be created (``/proc``) or written
+    (permissions, a read-only file system) is found before any work is done.
+
+    Returns:
+        ``None`` when it can; else a sentence naming the folder and what failed
+        (``"expected a run folder that can be written, but writing a file into ...
+        failed: Permission denied"``).
+    """
+    folder = Path(folder)
+    problem = folder_problem(folder)
+    if problem:
+        return f"expected {what}, but {problem}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return (f"expected {what} that can be created, but creating {str(folder)!r} "
+                f"failed: {err.strerror or err}")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".breakhis-", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        return (f"expected {what} that can be written, but writing a file into "
+                f"{str(folder)!r} failed: {err.strerror or err}")
+    return None
+
+
+def check_int(
+    name: str, value: Any, lo: int | None = None, hi: int | None = None, *,
+    span: str | None = None, why: str | None = None,
+) -> None:
+    """Refuse ``value`` unless it is an integer (not a bool) in ``[lo, hi]``.
+
+    Python and NumPy integers pass (any :class:`numbers.Integral`, as scikit-learn and
+    NumPy take them); a bound of ``None`` leaves that side open.
+
+    Args:
+        name: the setting, as the message names it (``"seed"``, ``"--seed"``).
+        value: its value.
+        lo: smallest value allowed.
+        hi: largest value allowed.
+        span: how the message writes ``[lo, hi]`` (``"[0, 2**32 - 1]"``); by default
+            with the bounds' digits.
+        why: said in brackets after the range (what takes the value).
+
+    Raises:
+        ValueError: ``"<name> must be an integer[ in <span>| >= <lo>| <= <hi>][ (<why>)],
+            but got <value!r>"``.
+
+    Examples:
+        >>> check_int("epochs", 3, 1)
+        >>> check_int("epochs", 2.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: epochs must be an integer, but got 2.5
+        >>> check_int("seed", -1, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be an integer >= 0, but got -1
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or (lo is not None and value < lo) or (hi is not None and value > hi)):
+        if span is None and lo is not None and hi is not None:
+            span = f"[{lo}, {hi}]"
+        bounds = (f" in {span}" if span is not None else f" >= {lo}" if lo is not None
+                  else f" <= {hi}" if hi is not None else "")
+        raise ValueError(f"{name} must be an integer{bounds}{f' ({why})' if why else ''}, "
+                         f"but got {value!r}")
+
+
+def check_seed(
+    seed: Any, name: str = "seed", *, span: str | None = None,
+    why: str = "a scikit-learn random state",
+) -> None:
+    """Refuse a seed that scikit-learn would refuse (late: after the embeddings are made,
+    or the data indexed): an integer in ``[0, 2**32 - 1]`` (:data:`SEED_MAX`).
+
+    ``span`` and ``why`` as for :func:`check_int`.
+
+    Examples:
+        >>> check_seed(2**32, "s", why="t-SNE")
+        Traceback (most recent call last):
+        ...
+        ValueError: s must be an integer in [0, 4294967295] (t-SNE), but got 4294967296
+    """
+    check_int(name, seed, 0, SEED_MAX, span=span, why=why)
