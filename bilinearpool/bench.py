@@ -31,6 +31,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -375,6 +376,12 @@ def round_robin(
     (:func:`balanced_orders`), so that no candidate always goes first or always runs
     right after the same other one (whose freed memory and evicted caches it would pay for).
 
+    The design is balanced over whole designs only (``n`` rounds, ``2n`` for odd ``n``):
+    its first rows alone keep the same adjacent pairs in every row, so with fewer rounds
+    some candidate would never follow, say, the baseline. The timed rounds run as many
+    whole designs as fit, and the rounds left over (all of them when ``repeats`` is
+    smaller than the design) run seeded random orders, the same in every run.
+
     Args:
         fns: name -> zero-argument callable doing the work once.
         warmup: untimed rounds first (allocator, caches, cuDNN autotuning).
@@ -397,9 +404,16 @@ def round_robin(
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     orders = balanced_orders(len(names)) if names else [[]]
+    whole = repeats - repeats % len(orders)  # timed rounds in whole designs
+    shuffled = random.Random(0)
     for i in range(warmup + repeats):
-        # Timed rounds start the design afresh, so that they see its balanced part first.
-        for k in orders[(i - warmup) % len(orders) if i >= warmup else i % len(orders)]:
+        if i < warmup:
+            order = orders[i % len(orders)]
+        elif i - warmup < whole:  # timed rounds start the design afresh
+            order = orders[(i - warmup) % len(orders)]
+        else:
+            order = shuffled.sample(range(len(names)), len(names))
+        for k in order:
             elapsed = time_call(fns[names[k]], device)
             if i >= warmup:
                 times[names[k]].append(elapsed)

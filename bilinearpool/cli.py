@@ -416,7 +416,8 @@ class _Settings:
             "device": str(self.device),
             "warmup_rounds": self.warmup,
             "timed_rounds": self.repeats,
-            "statistic": "median of the timed rounds, candidates interleaved, in a new balanced order each round",
+            "statistic": ("median of the timed rounds, candidates interleaved, in a new order each round "
+                          "(whole balanced designs, then seeded random orders)"),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
             "channels_last": self.channels_last,
             "seed": self.seed,

@@ -194,6 +194,24 @@ class TestTiming:
         assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
         assert all(t >= 0 for v in times.values() for t in v)
 
+    def test_rounds_beyond_whole_designs_are_seeded_random_orders(self):
+        # The first rows of a Williams design keep the same adjacent differences: with 11
+        # candidates and 5 rounds, candidate 2 never ran right after candidate 0.
+        def run(repeats: int) -> list[list[int]]:
+            calls: list[int] = []
+            fns = {k: (lambda k=k: calls.append(k)) for k in range(11)}
+            bench.round_robin(fns, warmup=0, repeats=repeats)
+            return [calls[i : i + 11] for i in range(0, len(calls), 11)]
+
+        rows = run(5)
+        assert all(sorted(r) == list(range(11)) for r in rows)
+        assert rows != bench.balanced_orders(11)[:5] and rows == run(5)  # seeded
+        design = bench.balanced_orders(11)
+        rows = run(len(design) + 3)
+        assert rows[: len(design)] == design and rows[len(design):] == run(3)
+        pairs = {(r[j], r[j + 1]) for r in run(30) for j in range(10)}
+        assert (0, 2) in pairs
+
     @pytest.mark.parametrize("n", range(1, 10))
     def test_balanced_orders_each_follows_each_equally_often(self, n):
         from collections import Counter
