@@ -121,6 +121,8 @@ def atomic_writer(
     try:
         try:
             # the handle owns the descriptor from here on: closed whatever fails below
+            if "b" not in mode:
+                open_kwargs.setdefault("encoding", "utf-8")  # not the locale's
             with os.fdopen(fd, mode, **open_kwargs) as handle:
                 os.fchmod(handle.fileno(), new_file_mode())
                 yield handle

@@ -498,8 +498,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"skipped {problem}", file=sys.stderr)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
+    skipped = (f"; {len(result['problems'])} skipped input(s) listed on stderr"
+               if result["problems"] else "")
     print(f"wrote probabilities of {result['classes']} for {result['images']} images to "
-          f"{result['csv']}")
+          f"{result['csv']}{skipped}")
     return 0
 
 

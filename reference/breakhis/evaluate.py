@@ -391,7 +391,7 @@ def read_report(
     """
     src = Path(path)
     try:
-        report = json.loads(src.read_text())
+        report = json.loads(src.read_text(encoding="utf-8"))
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ReportError(src, f"expected a JSON object, but it does not parse as JSON ({exc})",
                           f"{type(exc).__name__}: {exc}") from exc
@@ -512,7 +512,7 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
     src = Path(path)
     if not src.is_file():
         raise FileNotFoundError(f"predictions file {str(src)!r} does not exist")
-    with src.open(newline="") as handle:
+    with src.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
         classes = [h[len(_PROB_PREFIX):] for h in header if h.startswith(_PROB_PREFIX)]

@@ -831,7 +831,8 @@ def make_figures(
                 "true": [classes[int(t)] for t in y[pick]],
                 "predicted": [classes[int(p)] for p in pred],
             }
-        (work / "figures.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (work / "figures.json").write_text(json.dumps(result, indent=2, default=str) + "\n",
+                                           encoding="utf-8")
         # All figures are done. The earlier run's figures go first, then this run's move
         # in, figures.json last (FIGURE_FILES ends with it): a process killed in between
         # leaves part of this run's figures without figures.json, never a folder mixing
@@ -1147,8 +1148,8 @@ def results_table(
     if out is not None:
         md = Path(out)
         md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(text)
-        with md.with_suffix(".csv").open("w", newline="") as handle:
+        md.write_text(text, encoding="utf-8")
+        with md.with_suffix(".csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(RESULTS_COLUMNS))
             writer.writeheader()
             writer.writerows({**r, "stale_folds": " ".join(str(f) for f in r["stale_folds"])}

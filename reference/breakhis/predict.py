@@ -98,13 +98,29 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
     return images, list(dict.fromkeys(problems))
 
 
+def _csv_path(path: Path) -> str:
+    """``path`` as text that a UTF-8 CSV can hold.
+
+    A file name that is not valid UTF-8 (Latin-1 names copied from another system)
+    reaches Python with surrogate escapes, which no CSV writer can encode: its
+    undecodable bytes are written as ``\\xNN`` escapes instead (``caf\\xe9.png``).
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
+
+
 def _described(path: Path) -> SimpleNamespace:
-    """``path`` with the patient and magnification its BreaKHis name gives, if any."""
+    """``path`` (as CSV text) with the patient and magnification its BreaKHis name gives."""
+    text = _csv_path(path)
     try:
         name = parse_breakhis_name(path.name)
     except ValueError:
-        return SimpleNamespace(path=path, patient=None, magnification=None)
-    return SimpleNamespace(path=path, patient=name.patient, magnification=name.magnification)
+        return SimpleNamespace(path=text, patient=None, magnification=None)
+    return SimpleNamespace(path=text, patient=name.patient, magnification=name.magnification)
 
 
 def _other_magnifications(
@@ -179,6 +195,12 @@ def predict_to_csv(
             are given to a magnification-specific checkpoint without ``any_magnification``.
         NotACheckpointError: when ``checkpoint`` is not a breakhis checkpoint.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be a positive integer, but got "
+                         f"{batch_size!r}")
+    if Path(out_csv).is_dir():
+        raise ValueError(f"out_csv (--out) expects the path of a CSV file, but "
+                         f"{str(out_csv)!r} is a folder")
     images, problems = collect_images(inputs)
     if not images:
         raise ValueError(f"expected image files or folders with images, but found none in "
@@ -195,6 +217,11 @@ def predict_to_csv(
             "them anyway")
     warnings = [f"{group} predicted by the {trained} checkpoint (any magnification allowed)"
                 for group in others] + ([unknown] if unknown else [])
+    escaped = [d.path for d, p in zip(described, images) if d.path != str(p)]
+    if escaped:
+        warnings.append(f"{len(escaped)} file name(s) are not valid UTF-8: their undecodable "
+                        f"bytes are written as \\xNN escapes in the path column, e.g. "
+                        f"{escaped[:3]}")
     classes = list(state["classes"])
     mean, std = checkpoint_normalization(state)
     probs = predict_probs(model, images, input_size=int(state["config"]["input_size"]),

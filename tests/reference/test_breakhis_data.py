@@ -411,6 +411,32 @@ class TestLoadRgb:
         np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "grey.png"))[..., 1], grey)
 
 
+    def test_exif_orientation_is_applied(self, tmp_path: Path) -> None:
+        # a camera JPEG stored landscape with "rotate 90 CW to display" (orientation 6)
+        pixels = np.zeros((4, 8, 3), np.uint8)
+        pixels[:, :4] = 255  # left half white, as stored
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(pixels).save(tmp_path / "cam.jpg", exif=exif, quality=100)
+        rgb = np.asarray(load_rgb(tmp_path / "cam.jpg"))
+        assert rgb.shape == (8, 4, 3)  # upright, as a viewer shows it
+        assert rgb[1, 2].min() > 200 and rgb[6, 2].max() < 50  # stored left -> shown top
+
+    def test_transparent_pixels_are_white(self, tmp_path: Path) -> None:
+        rgba = np.zeros((2, 2, 4), np.uint8)  # black under full transparency
+        rgba[0, 0] = (200, 100, 50, 255)
+        Image.fromarray(rgba).save(tmp_path / "a.png")
+        Image.fromarray(rgba[..., [0, 3]]).save(tmp_path / "la.png")  # LA
+        rgb = np.asarray(load_rgb(tmp_path / "a.png"))
+        assert rgb[0, 0].tolist() == [200, 100, 50]
+        assert rgb[1, 1].tolist() == [255, 255, 255]
+        assert np.asarray(load_rgb(tmp_path / "la.png"))[1, 1].tolist() == [255, 255, 255]
+        palette = Image.fromarray(rgba[..., :3]).convert("P")
+        index = palette.getpixel((1, 1))
+        palette.save(tmp_path / "p.png", transparency=index)
+        assert np.asarray(load_rgb(tmp_path / "p.png"))[1, 1].tolist() == [255, 255, 255]
+
+
 class TestSeededAugmentation:
     def test_reseeds_only_the_cpu_generator_and_keeps_the_augmentations(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -7,6 +7,7 @@ One tiny model (``tiny`` backbone, 16-pixel inputs, one epoch on the synthetic t
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,36 @@ class TestPredict:
         index = index_image_folder(tmp_path)
         assert [r.path.name for r in index.records] == ["small.png"]
         assert "decompression bomb" in index.skipped[0].reason
+
+
+    def test_file_name_that_is_not_utf8_is_predicted(
+        self, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        folder = tmp_path / "in"
+        good = _png(folder / "a.png")
+        latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.png")  # a Latin-1 name
+        try:
+            shutil.copy(good, latin1)
+        except (OSError, UnicodeError):
+            pytest.skip("file system does not take non-UTF-8 names")
+        out = tmp_path / "p.csv"
+        assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--out",
+                     str(out), "--no-progress"]) == 0
+        assert "not valid UTF-8" in capsys.readouterr().err
+        paths = read_predictions(out).paths
+        assert paths == [str(good), str(folder / "caf\\xe9.png")]
+
+    def test_bad_batch_size_and_folder_out_fail_before_predicting(
+        self, checkpoint: Path, tmp_path: Path
+    ) -> None:
+        image = _png(tmp_path / "a.png")
+        for size in (0, -1):
+            with pytest.raises(ValueError, match="--batch-size"):
+                predict_to_csv(checkpoint, [image], tmp_path / "p.csv", batch_size=size,
+                               progress=False)
+        (tmp_path / "out").mkdir()
+        with pytest.raises(ValueError, match="is a folder"):
+            predict_to_csv(checkpoint, [image], tmp_path / "out", progress=False)
 
 
 def _slides(synth_tree, pattern: str, n: int, dest: Path) -> list[Path]:
@@ -227,3 +258,27 @@ class TestNotACheckpoint:
         err = capsys.readouterr().err
         assert f"breakhis-repro {command}: error: {str(log)!r} is not a breakhis checkpoint" in err
         assert "Traceback" not in err and "weights_only" not in err
+
+
+def test_csv_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """Under LC_ALL=C (no UTF-8 coercion) an accented file name aborted predict after
+    inference ('ascii' codec can't encode): run files are written and read as UTF-8."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from breakhis.evaluate import write_predictions, read_predictions\n"
+        "out = Path(sys.argv[1])\n"
+        "write_predictions(out, [Path('/data/caf\\u00e9.png')], np.array([-1]),\n"
+        "                  np.array([[0.25, 0.75]]), ['benign', 'malignant'])\n"
+        "print(read_predictions(out).paths == ['/data/caf\\u00e9.png'])\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.csv")], env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
+    assert "café".encode() in (tmp_path / "p.csv").read_bytes()
