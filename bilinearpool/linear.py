@@ -23,6 +23,13 @@ class WideLinear(nn.Linear):
     The classifiers of :mod:`bilinearpool` (:class:`~bilinearpool.FastBCNN` and the
     others) use it.
 
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: whether to learn an additive bias.
+        device: device of the parameters, as in ``nn.Linear``.
+        dtype: dtype of the parameters, as in ``nn.Linear``.
+
     Shape:
         - Input: :math:`(*, \\text{in\\_features})`; output: :math:`(*, \\text{out\\_features})`.
 

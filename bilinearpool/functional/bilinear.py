@@ -158,6 +158,15 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
 def signed_sqrt_grad_bound(eps: float = SIGNED_SQRT_EPS) -> float:
     """The largest gradient :func:`signed_sqrt` can have: ``1 / (2 * sqrt(eps))``.
 
+    Args:
+        eps: the ``eps`` given to :func:`signed_sqrt`.
+
+    Returns:
+        The bound on :math:`|d\\,\\mathrm{signed\\_sqrt}(x) / dx|`, as a float.
+
+    Raises:
+        ValueError: if ``eps`` is not a positive finite number.
+
     Examples:
         >>> round(signed_sqrt_grad_bound(1e-5), 1)
         158.1
@@ -182,6 +191,11 @@ def l2_normalize(x: Tensor, *, eps: float = L2_EPS) -> Tensor:
         - Input: :math:`(B, *)` with at least one dimension after the batch.
         - Output: same shape as the input.
 
+    Raises:
+        TypeError: if ``x`` is not a floating-point tensor.
+        ValueError: if ``eps`` is not a positive finite number or ``x`` has fewer than
+            2 dimensions.
+
     Examples:
         >>> l2_normalize(torch.tensor([[3.0, 4.0]]))
         tensor([[0.6000, 0.8000]])
@@ -197,6 +211,15 @@ def l2_normalize(x: Tensor, *, eps: float = L2_EPS) -> Tensor:
 
 def triu_size(channels: int) -> int:
     """Length of the packed upper triangle of a ``channels x channels`` matrix.
+
+    Args:
+        channels: the matrix side :math:`C`.
+
+    Returns:
+        :math:`C(C+1)/2`, the length of :func:`triu_pack`'s output.
+
+    Raises:
+        ValueError: if ``channels`` is not a positive int.
 
     Examples:
         >>> triu_size(2048)
@@ -242,6 +265,10 @@ def triu_pack(m: Tensor) -> Tensor:
         - Input: :math:`(B, C, C)`.
         - Output: :math:`(B, C(C+1)/2)`, row-major order.
 
+    Raises:
+        TypeError: if ``m`` is not a floating-point tensor.
+        ValueError: if ``m`` is not a batch of square matrices.
+
     Examples:
         >>> m = torch.tensor([[[1.0, 2.0], [2.0, 3.0]]])
         >>> triu_pack(m)
@@ -258,9 +285,18 @@ def triu_pack(m: Tensor) -> Tensor:
 def triu_unpack(v: Tensor) -> Tensor:
     """Inverse of :func:`triu_pack`: rebuild the full symmetric matrices.
 
+    Args:
+        v: batch of packed upper triangles, as :func:`triu_pack` gives them (off-diagonal
+            entries scaled by sqrt(2)).
+
     Shape:
         - Input: :math:`(B, C(C+1)/2)`.
         - Output: :math:`(B, C, C)`.
+
+    Raises:
+        TypeError: if ``v`` is not a floating-point tensor.
+        ValueError: if ``v`` is not 2-D or its length is not :math:`C(C+1)/2` for any
+            :math:`C`.
 
     Examples:
         >>> m = torch.tensor([[[1.0, 2.0], [2.0, 3.0]]])
