@@ -319,6 +319,7 @@ class BilinearClassifier(nn.Module):
                 self.reduce_b = ChannelReduction(c_b, reduce_dim)
                 c_b = reduce_dim
         self.pool = pool
+        self._pool_channels = c_a  # channels into the pooling (for load_state_dict's errors)
         self.embedding_dim = _output_dim(
             pool,
             c_a,
@@ -424,6 +425,70 @@ class BilinearClassifier(nn.Module):
         precision input ``x`` hand the classifier its own dtype (a model made ``.half()``)."""
         weight = next((p for p in self.classifier.parameters() if p.is_floating_point()), None)
         return self.classifier(self.dropout(_features_as_weight(z, x, weight)))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the backbone(s): ``backbone`` and ``backbone_b`` (each once,
+        also when both streams share one module), for an optimizer's parameter group.
+
+        With :meth:`head_parameters` it splits :meth:`parameters` in two, without
+        overlap (an optimizer refuses a parameter in two groups, as a shared
+        ``backbone_b`` would give), e.g. for a smaller learning rate on a pretrained
+        backbone:
+
+        Examples:
+            >>> model = BCNN(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), num_classes=3, shared=True)
+            >>> opt = torch.optim.SGD([
+            ...     {"params": model.backbone_parameters(), "lr": 1e-3},
+            ...     {"params": model.head_parameters()},
+            ... ], lr=1e-2)
+            >>> len(model.backbone_parameters()) + len(model.head_parameters()) == len(list(model.parameters()))
+            True
+        """
+        streams = [self.backbone] if self.backbone_b is None else [self.backbone, self.backbone_b]
+        return self._unique(p for stream in streams for p in stream.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not the backbones': channel reduction(s), pooling (if it
+        has parameters) and classifier. See :meth:`backbone_parameters`."""
+        backbone = {id(p) for p in self.backbone_parameters()}
+        return self._unique(p for p in self.parameters() if id(p) not in backbone)
+
+    @staticmethod
+    def _unique(params: object) -> list[nn.Parameter]:
+        seen: set[int] = set()
+        out = []
+        for p in params:  # type: ignore[attr-defined]
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A checkpoint of the other triu layout fails on the classifier's size: say why.
+        weight = state_dict.get(prefix + "classifier.weight")
+        own = getattr(self.classifier, "weight", None)
+        if (
+            isinstance(self.pool, FastBilinearPool)
+            and isinstance(weight, Tensor)
+            and isinstance(own, Tensor)
+            and weight.dim() == 2
+            and own.dim() == 2
+            and weight.shape[1] != own.shape[1]
+        ):
+            c = int(getattr(self, "_pool_channels", 0)) or None
+            if c is not None and {int(weight.shape[1]), int(own.shape[1])} == {c * c, c * (c + 1) // 2}:
+                saved = "triu=True" if weight.shape[1] == c * (c + 1) // 2 else "triu=False"
+                error_msgs.append(
+                    f"the checkpoint's classifier takes {weight.shape[1]} features, the pooled features of a "
+                    f"model built with {saved} ({c} channels), but this model has "
+                    f"triu={self.pool.triu} ({own.shape[1]} features): build the model with {saved} "
+                    "to load it (to_triu() turns a triu=False model into a triu=True one)"
+                )
 
     def to_triu(self) -> "BilinearClassifier":
         """A copy of this model whose pooling returns the packed upper triangle

@@ -586,3 +586,36 @@ class TestOutputFmt:
         model = FastBCNN(net.features, num_classes=3, sample_shape=(3, 32, 32))
         assert model.backbone.out_channels == 16 and model.embedding_dim == 256
         assert model(X).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FastBCNN(tiny(6), num_classes=3, reduce_dim=4),
+        lambda: BCNN(tiny(6), tiny(4), num_classes=3, reduce_dim=2),
+        lambda: BCNN(tiny(6), num_classes=3, shared=True),
+        lambda: GAPClassifier(tiny(6), num_classes=2),
+    ],
+)
+def test_parameter_groups_split_backbone_and_head(make):
+    model = make()
+    backbone, head = model.backbone_parameters(), model.head_parameters()
+    ids = [id(p) for p in backbone + head]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert {id(p) for p in model.backbone.parameters()} <= set(ids[: len(backbone)])
+    assert {id(p) for p in model.classifier.parameters()} <= {id(p) for p in head}
+    opt = torch.optim.SGD([{"params": backbone, "lr": 0.0}, {"params": head, "lr": 0.1}])
+    before = [p.detach().clone() for p in backbone]
+    model(X).sum().backward()
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, backbone))
+
+
+def test_loading_checkpoint_of_other_triu_layout_says_so():
+    packed = FastBCNN(tiny(6), num_classes=3, triu=True)
+    full = FastBCNN(tiny(6), num_classes=3)
+    with pytest.raises(RuntimeError, match="built with triu=True"):
+        full.load_state_dict(packed.state_dict())
+    with pytest.raises(RuntimeError, match="built with triu=False"):
+        packed.load_state_dict(full.state_dict())
+    FastBCNN(tiny(6), num_classes=3, triu=True).load_state_dict(full.eval().to_triu().state_dict())
