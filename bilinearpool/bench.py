@@ -377,7 +377,7 @@ def round_robin(
     right after the same other one (whose freed memory and evicted caches it would pay for).
 
     The design is balanced over whole designs only (``n`` rounds, ``2n`` for odd ``n``):
-    its first rows alone keep the same adjacent pairs in every row, so with fewer rounds
+    its first rows alone keep the same adjacent differences (mod ``n``) in every row, so with fewer rounds
     some candidate would never follow, say, the baseline. The timed rounds run as many
     whole designs as fit, and the rounds left over (all of them when ``repeats`` is
     smaller than the design) run seeded random orders, the same in every run.
@@ -618,6 +618,9 @@ class LayerCase:
             raise ValueError(f"role must be 'baseline', 'floor' or 'ours', but got {self.role!r}")
         if self.streams not in (1, 2):
             raise ValueError(f"streams must be 1 or 2, but got {self.streams!r}")
+        if self.variant_of is not None and not self.goal:
+            raise ValueError(f"variant_of={self.variant_of!r} labels a variant of a goal case, "
+                             "so the case needs goal=True")
 
     def applies(self, channels: int) -> bool:
         """Whether this case runs at ``channels`` channels."""

@@ -1145,7 +1145,8 @@ def _layer_goal_summary(
         if not info.get("goal") or not shapes:
             continue
         if info.get("variant_of"):
-            lines.append(_variant_line(name, info["variant_of"], shapes, by_key))
+            judged = any(info["variant_of"] in names for _, names in plan)
+            lines.append(_variant_line(name, info["variant_of"], shapes, by_key, judged))
             continue
         for what, key, limit in (
             ("fwd+bwd time", "vs_naive", TIME_GOAL),
@@ -1184,9 +1185,11 @@ def _layer_goal_summary(
 
 
 def _variant_line(
-    name: str, of: str, shapes: Sequence[str], by_key: dict[tuple[str, str], dict[str, Any]]
+    name: str, of: str, shapes: Sequence[str], by_key: dict[tuple[str, str], dict[str, Any]],
+    judged: bool = True,
 ) -> str:
-    """The goal line of a variant of a goal case: its ratios, as information, not a verdict."""
+    """The goal line of a variant of a goal case: its ratios, as information, not a verdict
+    (``judged``: whether the run has ``of``, on which the goals are judged)."""
     parts = []
     for what, key in (
         ("fwd+bwd time / the naive chain's", "vs_naive"),
@@ -1196,12 +1199,12 @@ def _variant_line(
         for sh in shapes:
             row = by_key.get((sh, name))
             value = None if row is None else row.get(key)
-            values.append(f"{sh}: {value:.3f}x" if value is not None else f"{sh}: not measured")
+            values.append(f"{sh}: {value:.3f}x" if value is not None
+                          else f"{sh}: not measured ({_why_not_measured(row, key)})")
         parts.append(f"{what}: {', '.join(values)}")
-    return (
-        f"`{name}` is a variant of `{of}` (the goals are judged on `{of}`); for information, "
-        + "; ".join(parts)
-    )
+    where = (f"the goals are judged on `{of}`" if judged else
+             f"the goals are judged on `{of}`, which this run did not include")
+    return f"`{name}` is a variant of `{of}` ({where}); for information, " + "; ".join(parts)
 
 
 def _why_not_measured(row: dict[str, Any] | None, key: str) -> str:

@@ -77,6 +77,12 @@ class ChannelReduction(nn.Sequential):
         return super().forward(x)
 
 
+def _in_backbone(name: str) -> bool:
+    """Whether a parameter name of a classifier belongs to its backbone(s).
+    (``named_parameters`` lists a module shared by both streams once.)"""
+    return name.partition(".")[0] in ("backbone", "backbone_b")
+
+
 class GlobalAvgPool(nn.Module):
     """Mean over locations: the first-order pooling of the plain baseline.
 
@@ -444,24 +450,12 @@ class BilinearClassifier(nn.Module):
             >>> len(model.backbone_parameters()) + len(model.head_parameters()) == len(list(model.parameters()))
             True
         """
-        streams = [self.backbone] if self.backbone_b is None else [self.backbone, self.backbone_b]
-        return self._unique(p for stream in streams for p in stream.parameters())
+        return [p for name, p in self.named_parameters() if _in_backbone(name)]
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not the backbones': channel reduction(s), pooling (if it
         has parameters) and classifier. See :meth:`backbone_parameters`."""
-        backbone = {id(p) for p in self.backbone_parameters()}
-        return self._unique(p for p in self.parameters() if id(p) not in backbone)
-
-    @staticmethod
-    def _unique(params: object) -> list[nn.Parameter]:
-        seen: set[int] = set()
-        out = []
-        for p in params:  # type: ignore[attr-defined]
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        return out
+        return [p for name, p in self.named_parameters() if not _in_backbone(name)]
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
