@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
-    "SEED_MAX",
+    "SKLEARN_SEED_MAX",
     "atomic_writer",
     "check_int",
     "check_seed",
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Largest seed scikit-learn's ``random_state`` takes (NumPy's ``RandomState``: 32 bits).
-SEED_MAX = 2**32 - 1
+SKLEARN_SEED_MAX = 2**32 - 1
 #: tempfile's random part of a name: 8 characters of this alphabet.
 _TEMP_CHARS = "[a-z0-9_]{8}"
 
@@ -315,7 +315,7 @@ def check_seed(
     why: str = "a scikit-learn random state",
 ) -> None:
     """Refuse a seed that scikit-learn would refuse (late: after the embeddings are made,
-    or the data indexed): an integer in ``[0, 2**32 - 1]`` (:data:`SEED_MAX`).
+    or the data indexed): an integer in ``[0, 2**32 - 1]`` (:data:`SKLEARN_SEED_MAX`).
 
     ``span`` and ``why`` as for :func:`check_int`.
 
@@ -325,4 +325,4 @@ def check_seed(
         ...
         ValueError: s must be an integer in [0, 4294967295] (t-SNE), but got 4294967296
     """
-    check_int(name, seed, 0, SEED_MAX, span=span, why=why)
+    check_int(name, seed, 0, SKLEARN_SEED_MAX, span=span, why=why)

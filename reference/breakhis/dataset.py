@@ -129,15 +129,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     are divided by 257 (65535 -> 255); 32-bit integers (``I``) by 257 when they fit in
     16 bits (how Pillow opens 16-bit files) and by ``(2**32 - 1) / 255`` otherwise;
     floats (``F``) in ``[0, 1]`` are multiplied by 255, other floats clipped to
-    ``[0, 255]``. Images with transparency (``RGBA``, ``LA``, ``PA``, palette images
-    with a transparent colour) are composited on white, as a viewer shows them and as
-    the background of a slide is, rather than keeping whatever colour lies under
-    transparent pixels (often black). Everything else goes through ``convert("RGB")``.
+    ``[0, 255]``. Images with transparency (``RGBA``, ``LA``, ``PA``, palette, grey
+    and RGB images with a transparent colour, 16-bit grey images with a transparent
+    level: rescaled first, then shown white where the level is) are composited on
+    white, as a viewer shows them and as the background of a slide is, rather than
+    keeping whatever colour lies under transparent pixels (often black). Everything
+    else goes through ``convert("RGB")``.
 
     Examples:
         >>> grey16 = Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16))
         >>> np.asarray(to_rgb(grey16))[0, :, 0].tolist()
         [0, 1, 255]
+        >>> grey16.info["transparency"] = 0
+        >>> np.asarray(to_rgb(grey16))[0, :, 0].tolist()
+        [255, 1, 255]
     """
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
             image.mode in ("P", "L", "RGB") and "transparency" in image.info):
@@ -157,6 +162,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         unit = finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
         scaled = np.nan_to_num(values) * (255.0 if unit else 1.0)
     grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    transparent = image.info.get("transparency") if image.mode != "F" else None
+    if isinstance(transparent, int) and not isinstance(transparent, bool):
+        # one grey level marked transparent (a PNG tRNS entry): fully transparent
+        # pixels composited on white are white
+        grey[values == transparent] = 255
     return Image.fromarray(grey).convert("RGB")
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "Predictions",
     "ReportError",
     "classification_metrics",
+    "csv_path",
     "metrics_line",
     "patient_recognition_rate",
     "read_predictions",
@@ -447,7 +448,9 @@ def write_predictions(
     Columns: ``path, patient, magnification, true_label, true_index, predicted_label``
     and ``prob_<class>`` for every class. Probabilities are written with Python's
     shortest round-trip ``repr``, so metrics recomputed from the file are identical.
-    Unknown patients, magnifications and true classes are left empty. The file is
+    Unknown patients, magnifications and true classes are left empty. A path that is
+    not valid UTF-8 has its undecodable bytes written as ``\\xNN`` escapes
+    (:func:`csv_path`). The file is
     written atomically, as :func:`write_report` writes its files.
 
     Args:
@@ -491,7 +494,7 @@ def write_predictions(
             patient = getattr(record, "patient", None)
             mag = getattr(record, "magnification", None)
             writer.writerow([
-                str(getattr(record, "path", record)),
+                csv_path(str(getattr(record, "path", record))),
                 "" if patient is None else patient,
                 "" if mag is None else mag,
                 *(("", "") if target < 0 else (classes[target], target)),
@@ -499,6 +502,30 @@ def write_predictions(
                 *[repr(float(v)) for v in row],
             ])
     return out
+
+
+def csv_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that a UTF-8 CSV can hold (the ``path`` column of
+    :func:`write_predictions`).
+
+    A file name that is not valid UTF-8 (Latin-1 names copied from another system)
+    reaches Python with surrogate escapes, which no CSV writer can encode: its
+    undecodable bytes are written as ``\\xNN`` escapes instead (``caf\\xe9.png``).
+
+    Examples:
+        >>> csv_path(os.fsdecode(b"caf\\xe9.png")) == "caf\\\\xe9.png"
+        True
+        >>> csv_path(Path("café.png"))
+        'café.png'
+    """
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
 
 
 def read_predictions(path: str | os.PathLike[str]) -> Predictions:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ._files import check_seed, writable_problem
+from ._files import check_seed, remove_stale_temporaries, writable_problem
 from .checkpoint import load_checkpoint
 from .data import (
     DataIndex,
@@ -672,6 +672,16 @@ def run_cv(
         problem = writable_problem(run_dir, "a run folder")
         if problem:
             raise ValueError(problem)
+        # a process killed while it wrote the summary, or a fold's evaluation, leaves its
+        # temporary file (the file it was replacing is intact); a reused fold never
+        # reaches fit's cleanup, so they are removed here, fresh run or resumed
+        leftovers = remove_stale_temporaries(
+            run_dir, ["cv_metrics.json", "cv_metrics.md",
+                      *(f"fold{f}/{name}" for f in chosen for name in _EVALUATION_FILES)])
+        if leftovers:
+            _LOG.warning("removed in %r the temporary files of writes cut short (a run killed "
+                         "while saving; the files they were to replace are intact): %s",
+                         str(run_dir), ", ".join(leftovers))
     if not resume and info.is_main:
         stale = [name for name in ("cv_metrics.json", "cv_metrics.md")
                  if (run_dir / name).is_file()]

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ._files import check_seed, folder_problem, remove_stale_staging, staging_folder
+from ._files import check_int, check_seed, folder_problem, remove_stale_staging, staging_folder
 from .data import ImageRecord
 from .dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, build_eval_transform, load_rgb
 from .evaluate import SUMMARY_METRICS, read_report
@@ -646,8 +646,8 @@ def check_figure_options(
 
     Raises:
         ValueError: for a ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not
-            positive, a ``max_embedding_dim`` below 2, a negative ``gradcam_images``,
-            or an ``out_dir`` that is a file (or lies under one).
+            positive, a ``max_embedding_dim`` below 2, a ``gradcam_images`` that is not an
+            integer >= 0, or an ``out_dir`` that is a file (or lies under one).
 
     Examples:
         >>> check_figure_options(0, 30.0, None, 8, "figures")
@@ -666,8 +666,7 @@ def check_figure_options(
         raise ValueError(f"{name('max_embedding_dim')} must be >= 2, or "
                          f"{'0' if prefix else 'None'} to keep embeddings whole, but got "
                          f"{max_embedding_dim}")
-    if gradcam_images < 0:
-        raise ValueError(f"{name('gradcam_images')} must be >= 0, but got {gradcam_images}")
+    check_int(name("gradcam_images"), gradcam_images, 0)
     problem = folder_problem(out_dir)
     if problem:
         expected = f"{prefix}out expects" if prefix else "expected"

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import check_int, folder_problem
 from .data import (
     IMAGE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -20,7 +21,7 @@ from .data import (
     parse_breakhis_name,
     read_image_size,
 )
-from .evaluate import write_predictions
+from .evaluate import csv_path, write_predictions
 from .train import checkpoint_normalization, load_model, predict_probs
 
 __all__ = ["collect_images", "predict_to_csv"]
@@ -98,24 +99,10 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
     return images, list(dict.fromkeys(problems))
 
 
-def _csv_path(path: Path) -> str:
-    """``path`` as text that a UTF-8 CSV can hold.
-
-    A file name that is not valid UTF-8 (Latin-1 names copied from another system)
-    reaches Python with surrogate escapes, which no CSV writer can encode: its
-    undecodable bytes are written as ``\\xNN`` escapes instead (``caf\\xe9.png``).
-    """
-    text = str(path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
-    return text
-
-
 def _described(path: Path) -> SimpleNamespace:
-    """``path`` (as CSV text) with the patient and magnification its BreaKHis name gives."""
-    text = _csv_path(path)
+    """``path`` (as text; :func:`breakhis.evaluate.write_predictions` escapes what is not
+    UTF-8) with the patient and magnification its BreaKHis name gives."""
+    text = str(path)
     try:
         name = parse_breakhis_name(path.name)
     except ValueError:
@@ -195,12 +182,15 @@ def predict_to_csv(
             are given to a magnification-specific checkpoint without ``any_magnification``.
         NotACheckpointError: when ``checkpoint`` is not a breakhis checkpoint.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size (--batch-size) must be a positive integer, but got "
-                         f"{batch_size!r}")
+    check_int("batch_size (--batch-size)", batch_size, 1)
+    batch_size = int(batch_size)  # a NumPy integer passes; torch's DataLoader takes int only
     if Path(out_csv).is_dir():
         raise ValueError(f"out_csv (--out) expects the path of a CSV file, but "
                          f"{str(out_csv)!r} is a folder")
+    problem = folder_problem(Path(out_csv).parent)
+    if problem:
+        raise ValueError(f"out_csv (--out) expects the path of a CSV file in a folder, but "
+                         f"{problem}")
     images, problems = collect_images(inputs)
     if not images:
         raise ValueError(f"expected image files or folders with images, but found none in "
@@ -217,7 +207,7 @@ def predict_to_csv(
             "them anyway")
     warnings = [f"{group} predicted by the {trained} checkpoint (any magnification allowed)"
                 for group in others] + ([unknown] if unknown else [])
-    escaped = [d.path for d, p in zip(described, images) if d.path != str(p)]
+    escaped = [csv_path(p) for p in images if csv_path(p) != str(p)]
     if escaped:
         warnings.append(f"{len(escaped)} file name(s) are not valid UTF-8: their undecodable "
                         f"bytes are written as \\xNN escapes in the path column, e.g. "

@@ -187,12 +187,13 @@ class TrainConfig:
         # earlier run left in its folder
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, but got {self.head!r}")
-        for name in ("epochs", "batch_size", "input_size", "plateau_patience", "num_workers",
-                     "seed"):
-            check_int(name, getattr(self, name))
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, but got {getattr(self, name)}")
+            check_int(name, getattr(self, name), 1)
+        for name in ("input_size", "plateau_patience", "num_workers"):
+            check_int(name, getattr(self, name))
+        check_int("seed", self.seed, 0, SEED_MAX, span="[0, 2**63 - 1]",
+                  why="epoch e seeds torch's generators with seed + e, which they take up to "
+                  "2**64 - 1")
         if self.input_size < MIN_SIZE:  # the transforms' minimum, before any run starts
             raise ValueError(f"input_size must be >= {MIN_SIZE}, but got {self.input_size}")
         check_input_size(self.backbone, int(self.input_size))
@@ -226,9 +227,6 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0 (0 loads the images in the training "
                              f"process), but got {self.num_workers}")
-        check_int("seed", self.seed, 0, SEED_MAX, span="[0, 2**63 - 1]",
-                  why="epoch e seeds torch's generators with seed + e, which they take up to "
-                  "2**64 - 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints and config.json)."""

@@ -436,6 +436,16 @@ class TestLoadRgb:
         palette.save(tmp_path / "p.png", transparency=index)
         assert np.asarray(load_rgb(tmp_path / "p.png"))[1, 1].tolist() == [255, 255, 255]
 
+    def test_transparent_level_of_a_16_bit_grey_png_is_white(self, tmp_path: Path) -> None:
+        """A 16-bit grey PNG with a tRNS level kept its (often black) level there."""
+        levels = np.array([[0, 1000], [2570, 65535]], dtype=np.uint16)
+        Image.fromarray(levels).save(tmp_path / "g16.png", transparency=0)
+        with Image.open(tmp_path / "g16.png") as image:
+            assert image.mode.startswith("I") and image.info["transparency"] == 0
+        rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
+        assert rgb[..., 0].tolist() == [[255, 4], [10, 255]]  # rescaled, then on white
+        assert (rgb == rgb[..., :1]).all()
+
 
 class TestSeededAugmentation:
     def test_reseeds_only_the_cpu_generator_and_keeps_the_augmentations(

@@ -509,6 +509,29 @@ class TestCvResume:
         assert not (tmp_path / "cv_metrics.json").exists()
         assert not (tmp_path / "cv_metrics.md").exists()
 
+    def test_cv_resume_removes_stale_temporaries(self, synth_tree, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+        """A summary or fold report whose write was killed left its temporary file; a
+        reused fold never reaches fit's cleanup, so run_cv removes them."""
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        run_cv(spec, _config(), tmp_path, folds=[0], progress=False)
+        done = tmp_path / "fold0" / "test_metrics.json"
+        before = done.read_text()
+        stale = [tmp_path / ".cv_metrics.json.ab12cd_e.tmp",
+                 tmp_path / ".cv_metrics.md.zz99yy00.tmp",
+                 tmp_path / "fold0" / f".{PREDICTIONS_FILE}.k3j4h5g6.tmp"]
+        kept = tmp_path / ".notes.txt.ab12cd_e.tmp"
+        for path in (*stale, kept):
+            path.write_text("cut short")
+        with caplog.at_level(logging.WARNING, logger="breakhis.experiments"):
+            run_cv(spec, _config(), tmp_path, folds=[0], resume=True, progress=False)
+        assert done.read_text() == before  # reused: fit's cleanup never ran
+        assert not any(path.exists() for path in stale)
+        assert kept.exists()
+        assert "temporary files of writes cut short" in caplog.text
+        assert "fold0/" + f".{PREDICTIONS_FILE}.k3j4h5g6.tmp" in caplog.text
+
 
 class TestCvFolds:
     @pytest.mark.parametrize("folds, problem", [([0, 7], r"unknown fold\(s\) \[7\]"),

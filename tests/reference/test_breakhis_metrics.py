@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,6 +159,16 @@ class TestClassificationMetrics:
             classification_metrics(y_true, probs, ["a", "b", "c"], patients=list("pqrs"))
         assert f"but got {bad} image(s)" in str(info.value)
         assert ("without ground truth" in str(info.value)) == hint
+
+    def test_paths_that_are_not_utf8_are_written_escaped(self, tmp_path: Path) -> None:
+        """write_predictions (evaluate's too, not only predict's) could not encode a path
+        with a surrogate-escaped byte (a Latin-1 file name): UnicodeEncodeError."""
+        path = tmp_path / "p.csv"
+        latin1 = Path(os.fsdecode(b"/data/caf\xe9.png"))
+        write_predictions(path, [SimpleNamespace(path=latin1, patient=None, magnification=None),
+                                 "plain.png"],
+                          [0, 1], np.array([[0.9, 0.1], [0.2, 0.8]]), ["b", "m"])
+        assert read_predictions(path).paths == ["/data/caf\\xe9.png", "plain.png"]
 
     def test_predict_output_is_refused(self, tmp_path: Path) -> None:
         path = tmp_path / "p.csv"

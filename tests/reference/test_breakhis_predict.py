@@ -128,6 +128,20 @@ class TestPredict:
         (tmp_path / "out").mkdir()
         with pytest.raises(ValueError, match="is a folder"):
             predict_to_csv(checkpoint, [image], tmp_path / "out", progress=False)
+        (tmp_path / "afile").write_text("")
+        with pytest.raises(ValueError, match=r"--out.*afile', a folder above .* is a file"):
+            predict_to_csv(checkpoint, [image], tmp_path / "afile" / "sub" / "p.csv",
+                           progress=False)
+        assert (tmp_path / "afile").read_text() == ""
+
+    def test_numpy_integer_batch_size_is_taken(self, checkpoint: Path, tmp_path: Path) -> None:
+        image = _png(tmp_path / "a.png")
+        result = predict_to_csv(checkpoint, [image], tmp_path / "p.csv",
+                                batch_size=np.int64(2), progress=False)
+        assert result["images"] == 1
+        with pytest.raises(ValueError, match="--batch-size"):
+            predict_to_csv(checkpoint, [image], tmp_path / "p.csv", batch_size=2.0,
+                           progress=False)
 
 
 def _slides(synth_tree, pattern: str, n: int, dest: Path) -> list[Path]:
