@@ -7,16 +7,20 @@ feature maps ``B x C x N`` (N locations) and an 8-class classifier:
   :func:`~bilinearpool.functional.wide_linear` (the embedding written, then read);
 - ``fused``: :func:`~bilinearpool.functional.fast_bilinear_linear`, what
   ``FastBCNN.forward`` calls (on CPU, up to 64 locations: row panels of the matrix, each
-  multiplied with its rows of the weight, no embedding stored; elsewhere the composition);
+  multiplied with its rows of the weight, no embedding stored; on CUDA: ``G`` by one
+  batched product, then one Triton kernel that reads ``G`` once for the signed square
+  root, the squared norm and the classifier's products; elsewhere the composition);
 
-each with the full output (``C^2`` features) and the packed triangle (``triu``). On CUDA,
-where the library's step is still the composition, two candidate Triton kernels defined
-here (not in the library) are timed for the full output too:
+each with the full output (``C^2`` features) and the packed triangle (``triu``). On CUDA
+two candidate Triton kernels defined here (not in the library) are timed for the full
+output too (``--no-candidates`` leaves them out):
 
-- ``sqrt-linear``: ``G`` by one batched product, then one kernel that reads each row of
-  ``G`` once, applies the signed square root, and accumulates both the squared norm and
-  the products with the classifier's rows (the composition passes over ``G`` three
-  times: the normalisation's two kernels and the classifier's);
+- ``sqrt-linear``: the library's CUDA step as first written: ``G`` by one batched
+  product, then one kernel that reads each row of ``G`` once, applies the signed square
+  root, and accumulates both the squared norm and the products with the classifier's
+  rows, reducing each chunk per class (the library's kernel adds the products up
+  elementwise and reduces once; on an H200 the per-chunk reductions made this 1.06x the
+  composition at a batch of 32, ``results/gpu-h200/head-candidates``);
 - ``gram-linear``: no ``G`` in memory at all: each program builds the (64 x 64) tiles
   ``A_I A_J^T`` of the upper triangle with ``tl.dot`` (float32, ``ieee`` precision), for
   every sample, and multiplies them with the classifier's matching tiles on the spot

@@ -63,7 +63,7 @@ else
     PROFILE=(--batch-size 32)
     LAYER_PROFILE=(--cprofile 32x256x14x14)
     WIDE=()
-    HEAD=(--shapes 32x2048x49 32x2048x25 32x1536x25 8x2048x49 8x2048x25 --repeats 10)
+    HEAD=(--shapes 32x2048x49 32x2048x25 32x1536x25 8x2048x49 8x2048x25 1x2048x49 32x256x196 --repeats 10 --no-candidates)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1

@@ -409,7 +409,7 @@ class BilinearClassifier(nn.Module):
         classifier (no forward or backward hooks on them, neither their own nor global
         module hooks; dropout inactive) the pooling and the classifier are one call of
         :func:`~bilinearpool.functional.fast_bilinear_linear`, which for inference on
-        CPU does not store the pooled features; same values either way.
+        CPU and CUDA does not store the pooled features; same values either way.
         With a normalising :class:`~bilinearpool.BilinearPool` (BCNN) and the same
         conditions, the pooling keeps its output for backward when the classifier keeps
         it anyway (``save_output``: no extra memory, no rebuilt matrices)."""

@@ -195,8 +195,9 @@ def test_bench_cli_on_cuda(cuda, tmp_path, capsys):
 
 @pytest.mark.parametrize("rows", [1, 8, 32, 45])
 def test_wide_linear_matches_f_linear_on_gpu(cuda, rows):
-    """The Triton kernel (taken for this shape) against cuBLAS: values and gradients in
-    float32 and float64; under autocast it is F.linear itself."""
+    """The Triton kernel against cuBLAS: values and gradients in float32 and float64
+    (taken from 2 rows; one row goes to F.linear, the kernel checked directly); under
+    autocast it is F.linear itself."""
     from bilinearpool.functional import linear as L
 
     torch.manual_seed(0)
@@ -206,9 +207,10 @@ def test_wide_linear_matches_f_linear_on_gpu(cuda, rows):
         x = torch.randn(rows, d, device=cuda, dtype=dtype, requires_grad=True)
         w = torch.randn(8, d, device=cuda, dtype=dtype, requires_grad=True)
         b = torch.randn(8, device=cuda, dtype=dtype, requires_grad=True)
-        assert L._use_kernel(x, w, b)
+        assert L._use_kernel(x, w, b) == (rows >= 2)
         out, ref = L.wide_linear(x, w, b), torch.nn.functional.linear(x, w, b)
         torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(L._forward(x.detach(), w.detach(), b.detach()), ref.detach(), **tol)
         dz = torch.randn_like(out)
         for a, c in zip(torch.autograd.grad(out, (x, w, b), dz), torch.autograd.grad(ref, (x, w, b), dz)):
             torch.testing.assert_close(a, c, **tol)
@@ -230,3 +232,39 @@ def test_fast_bcnn_inference_on_gpu_matches_the_cpu_one_step_head(cuda, triu):
         on_cpu = model(x)
         on_gpu = model.to(cuda)(x.to(cuda)).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, **F64)
+
+
+@pytest.mark.parametrize("triu", [False, True])
+def test_fast_bcnn_head_kernel_on_gpu(cuda, triu):
+    """fast_bilinear_linear's CUDA path for inference (G, then one Triton kernel for signed
+    sqrt, norm and classifier) is taken, and gives the composition's logits: float64
+    against the definition at a small shape, float32 at a ResNet-50 batch of 32 and at 1
+    and 33 samples; under autocast and for gradients the composition runs."""
+    from bilinearpool.functional import fast_bilinear_linear, head, triu_size, wide_linear
+
+    torch.manual_seed(0)
+    for (b, c, n, out), dtype, tol in [
+        ((3, 300, 25, 5), torch.float64, F64),
+        ((32, 2048, 49, 8), torch.float32, dict(rtol=1e-4, atol=1e-5)),
+        ((1, 512, 49, 2), torch.float32, dict(rtol=1e-4, atol=1e-5)),
+        ((33, 256, 196, 64), torch.float32, dict(rtol=1e-4, atol=1e-5)),
+    ]:
+        x = torch.randn(b, c, n, 1, device=cuda, dtype=dtype).relu_()  # a (B, C, H, W) map
+        a = x.flatten(2)  # the channel matrix the path is chosen for
+        d = triu_size(c) if triu else c * c
+        w = torch.randn(out, d, device=cuda, dtype=dtype) / d**0.5
+        bias = torch.randn(out, device=cuda, dtype=dtype)
+        with torch.no_grad():
+            assert head._path(a, w, bias) == "triton"
+            got = fast_bilinear_linear(x, w, bias, triu=triu)
+            want = wide_linear(fast_bilinear_pool(x, triu=triu), w, bias)
+            torch.testing.assert_close(got, want, **tol)
+            for options in ({"signed_sqrt": False}, {"l2_normalize": False}):
+                torch.testing.assert_close(
+                    fast_bilinear_linear(x, w, bias, triu=triu, **options),
+                    wide_linear(fast_bilinear_pool(x, triu=triu, **options), w, bias),
+                    **tol,
+                )
+            with torch.autocast("cuda", dtype=torch.float16):
+                assert head._path(a.float(), w.float(), bias.float()) is None
+    assert head._path(a, w.requires_grad_(), bias) is None

@@ -156,6 +156,65 @@ def test_wide_linear_kernel_matches_f_linear():
     assert done.stdout.split() == ["checked", str(2 * (5 * 2 + 1) + 2)], done.stdout
 
 
+CHECK_HEAD = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from bilinearpool.functional import head as H
+    from bilinearpool.functional import linear as L
+    from bilinearpool.functional.bilinear import bilinear_pool, l2_normalize, signed_sqrt, triu_pack
+
+    def definition(a, w, b, scale, eps, l2_eps, triu):
+        g = bilinear_pool(a.unsqueeze(-1), reduction="sum") * scale
+        if eps is not None:
+            g = signed_sqrt(g, eps=eps)
+        z = triu_pack(g) if triu else g.flatten(1)
+        if l2_eps is not None:
+            z = l2_normalize(z, eps=l2_eps)
+        return F.linear(z, w, b)
+
+    g = torch.Generator().manual_seed(0)
+    TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+    checked = 0
+    # The default tiling (one sample; samples across row blocks, 33 > 32), then a tiny one
+    # (accumulators of 256 products, 32 features per program), so that rows are cut into
+    # several programs, chunks end inside a row and the triangle's rows start mid-chunk;
+    # 64 outputs; every option of the normalisation (in float64, the interpreter is slow).
+    f32, f64 = torch.float32, torch.float64
+    default, every = [(1e-5, 1e-12, True)], [(1e-5, 1e-12, True), (None, 1e-12, False), (1e-5, None, True), (1e-3, 1e3, True)]
+    cases = [
+        ((L._TILE, L._SPAN), 1, 16, 4, 1, f32, default), ((L._TILE, L._SPAN), 1, 16, 4, 1, f64, default),
+        ((L._TILE, L._SPAN), 33, 20, 9, 8, f32, default),
+        ((256, 32), 3, 40, 25, 5, f32, default), ((256, 32), 3, 40, 25, 5, f64, every),
+        ((256, 32), 2, 36, 3, 64, f32, default),
+    ]
+    for tiling, batch, c, n, out, dtype, options in cases:
+        L._TILE, L._SPAN = tiling
+        a = (torch.randn(batch, c, n, generator=g, dtype=dtype).relu_() - 0.05)  # some negative entries
+        for triu in (False, True):
+            d = c * (c + 1) // 2 if triu else c * c
+            w = torch.randn(out, d, generator=g, dtype=dtype) / c
+            b = torch.randn(out, generator=g, dtype=dtype)
+            for eps, l2_eps, with_bias in options:
+                bias = b if with_bias else None
+                got = H._kernel_logits(a, w, bias, 1.0 / n, eps, l2_eps, triu)
+                torch.testing.assert_close(got, definition(a, w, bias, 1.0 / n, eps, l2_eps, triu), **TOL[dtype])
+                checked += 1
+    assert H._kernel_logits(torch.randn(0, 4, 3), torch.randn(2, 16), None, 1.0, 1e-5, 1e-12, False).shape == (0, 2)
+    print("checked", checked)
+    """
+)
+
+
+def test_head_kernel_matches_the_definition():
+    """The Fast BCNN head's CUDA path (G, then one kernel: signed sqrt, squared norm and
+    classifier in one pass over G) against pool, sqrt, L2 (pack), linear by their formulas."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECK_HEAD], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["checked", str(2 * (5 + 4))], done.stdout
+
+
 CHECK_CANDIDATES = textwrap.dedent(
     """
     import sys

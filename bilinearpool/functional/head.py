@@ -17,9 +17,17 @@ For the full output it builds every row of ``G`` (``A A^T`` is symmetric, but a 
 mirror rows sit in ``W`` as columns, read with a stride of ``C``: that read made the step
 3-4x slower than the composition), so it does twice the pooling's matrix product; with
 many locations that product dominates and the step loses (8 x 2048 x 14 x 14: 240-320
-against 195 ms). The packed triangle (``triu``) needs the upper half only. The step is
-used for at most :data:`FUSED_MAX_LOCATIONS` locations, on CPU, without autograd;
-everything else is :func:`~bilinearpool.functional.fast_bilinear_pool` followed by
+against 195 ms). The packed triangle (``triu``) needs the upper half only. On CPU the
+step is used for at most :data:`FUSED_MAX_LOCATIONS` locations.
+
+On CUDA (with Triton) ``G`` is built whole by one batched product, as the pooling builds
+it, and one kernel reads it once: signed square root, squared norm and the products with
+the classifier's rows, added up elementwise per program and reduced once (the
+composition reads and writes ``G`` in the normalisation's two kernels, then reads it
+again in the classifier's). The upper triangle alone is read for ``triu``.
+
+Both run without autograd only; everything else is
+:func:`~bilinearpool.functional.fast_bilinear_pool` followed by
 :func:`~bilinearpool.functional.wide_linear`, which is also its definition.
 """
 
@@ -43,7 +51,7 @@ from .bilinear import (
     fast_bilinear_pool,
     triu_size,
 )
-from .linear import _DTYPES, wide_linear
+from .linear import _DTYPES, _WARPS, WIDE_MAX_OUTPUTS, _tiling, wide_linear
 
 __all__ = ["fast_bilinear_linear"]
 
@@ -79,10 +87,12 @@ def fast_bilinear_linear(
     """``wide_linear(fast_bilinear_pool(x, ...), weight, bias)`` without the pooled features.
 
     The logits of a linear classifier on the one-stream BCNN head. For inference (no
-    input needs a gradient, or grad mode is off) of float32/float64 CPU tensors with at
-    most :data:`FUSED_MAX_LOCATIONS` locations, outside autocast and tracing, it builds
-    the matrix in row panels and multiplies each with its rows of ``weight`` at once, so
-    the :math:`B \\times D` features are never stored. Otherwise, and for gradients, it
+    input needs a gradient, or grad mode is off) of float32/float64 tensors outside
+    autocast and tracing, the :math:`B \\times D` features are never stored: on CPU, with
+    at most :data:`FUSED_MAX_LOCATIONS` locations, it builds the matrix in row panels and
+    multiplies each with its rows of ``weight`` at once; on CUDA (Triton, at most 64
+    classes) one kernel reads the matrices once for the signed square root, the norm and
+    the products with ``weight``. Otherwise, and for gradients, it
     is :func:`~bilinearpool.functional.fast_bilinear_pool` then
     :func:`~bilinearpool.functional.wide_linear`; there, when the classifier keeps the
     features for its own backward anyway (``weight`` needs a gradient, float32/float64,
@@ -122,7 +132,8 @@ def fast_bilinear_linear(
     check_flags(signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, save_output=save_output)
     a = as_channel_matrix(x)
     _check_classifier(weight, bias, a.shape[1], triu)
-    if not _fused(a, weight, bias):
+    path = _path(a, weight, bias)
+    if path is None:
         z = fast_bilinear_pool(
             x,
             reduction=reduction,
@@ -135,8 +146,9 @@ def fast_bilinear_linear(
         )
         return wide_linear(_features_as_weight(z, x, weight), weight, bias)
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
+    logits = _kernel_logits if path == "triton" else _panel_logits
     with torch.no_grad():
-        return _panel_logits(a, weight, bias, scale, eps if signed_sqrt else None, l2_eps if l2_normalize else None, triu)
+        return logits(a, weight, bias, scale, eps if signed_sqrt else None, l2_eps if l2_normalize else None, triu)
 
 
 def _features_as_weight(z: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
@@ -177,18 +189,60 @@ def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: 
             raise ValueError(f"bias must have shape ({weight.shape[0]},), but got {tuple(bias.shape)}")
 
 
-def _fused(a: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`fast_bilinear_linear` takes the panel path for these tensors."""
+def _path(a: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    """The one-step path :func:`fast_bilinear_linear` takes for these tensors: ``"panel"``
+    (CPU), ``"triton"`` (CUDA) or ``None`` (the composition)."""
     tensors = (a, weight) if bias is None else (a, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if a.device.type != "cpu" or any(t.device != a.device or t.dtype != a.dtype for t in tensors):
-        return False
-    if a.dtype not in _DTYPES or torch.is_autocast_enabled("cpu") or _elementwise.tracing():
-        return False
+        return None
+    if a.device.type not in ("cpu", "cuda") or any(t.device != a.device or t.dtype != a.dtype for t in tensors):
+        return None
+    if a.dtype not in _DTYPES or torch.is_autocast_enabled(a.device.type) or _elementwise.tracing():
+        return None
     if plain_ops(*tensors):  # torch.func transforms, forward AD: the composition has rules
-        return False
-    return a.shape[2] <= FUSED_MAX_LOCATIONS
+        return None
+    if a.device.type == "cuda":
+        return "triton" if _elementwise.backend(a.device) == "triton" and weight.shape[0] <= WIDE_MAX_OUTPUTS else None
+    return "panel" if a.shape[2] <= FUSED_MAX_LOCATIONS else None
+
+
+def _fused(a: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`fast_bilinear_linear` takes a one-step path for these tensors."""
+    return _path(a, weight, bias) is not None
+
+
+def _kernel_logits(
+    a: Tensor, weight: Tensor, bias: Tensor | None, scale: float, eps: float | None, l2_eps: float | None, triu: bool
+) -> Tensor:
+    """The logits with the Triton kernel: ``G`` by one batched product (as the pooling
+    builds it), then one pass over ``G`` that takes the signed square root and adds up
+    both the products with the classifier's rows and the squared norm (the composition
+    passes over ``G`` three times: the normalisation's two kernels and the classifier's).
+    With ``triu`` only the upper triangle is read. The partial sums are added up in a
+    fixed order (deterministic)."""
+    batch, c, _ = a.shape
+    out = weight.shape[0]
+    if batch == 0:
+        return a.new_zeros(0, out)
+    g = _scaled_bmm(a, a.transpose(1, 2), scale)  # (B, C, C), contiguous
+    weight = weight.contiguous()
+    f64 = a.dtype == torch.float64
+    bb, bk, steps = _tiling(batch, out, f64)
+    splits = -(-c // (bk * steps))
+    programs = c * splits
+    parts = torch.empty(programs, batch, out, dtype=a.dtype, device=a.device)
+    sq = torch.empty(programs, batch, dtype=a.dtype, device=a.device)
+    _elementwise._kernels().sqrt_linear_kernel[(programs, -(-batch // bb))](
+        g, weight, parts, sq, batch, c, splits, g.stride(0), weight.stride(0), _elementwise._consts(a.device, a.dtype, eps),
+        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
+        SQRT=eps is not None, TRIU=triu, F64=f64, num_warps=_WARPS,
+    )
+    logits = parts.sum(0)
+    if l2_eps is not None:
+        logits.div_(sq.sum(0).sqrt_().clamp_min_(l2_eps).unsqueeze(1))
+    if bias is not None:
+        logits += bias
+    return logits
 
 
 def _panel_logits(

@@ -3,14 +3,18 @@
 A bilinear embedding has millions of features (``C^2 = 4,194,304`` for a ResNet-50) and a
 classifier has a handful of classes, so ``F.linear`` is a matrix product with a huge
 inner dimension and a tiny output: all of the work is reading ``x`` and the weight once.
-cuBLAS handles this shape poorly in float32: on an NVIDIA H200 it took 1.27 ms (GPU time,
-``sgemm_largek``) for a batch of 32 against 8 classes, 0.64 GB read, about as long as the
-pooling itself; splitting the inner dimension into a batched product did not help
-(1.19 ms with 128 chunks, 8.96 ms with 16). :func:`wide_linear` does the product with
-one Triton kernel (each program multiplies a tile of ``x``, up to 32 rows, with the few
-weight rows and writes its partial sums, added up afterwards in a fixed order:
-deterministic): 0.73 ms GPU time there, 0.92 ms against F.linear's 1.31 ms per call
-(``benchmarks/results/gpu-h200/profile-head.md``). On CPU the BLAS library does
+cuBLAS handles this shape poorly in float32: on an NVIDIA H200 it took 0.70 ms for a
+batch of 32 against 8 classes (1.27 ms of GPU time, ``sgemm_largek``, in an earlier
+run), 0.64 GB read, about as long as the pooling itself; splitting the inner dimension
+into a batched product did not help (1.19 ms with 128 chunks, 8.96 ms with 16).
+:func:`wide_linear` does the product with one Triton kernel: each program multiplies a
+tile of ``x``, up to 32 rows, with the few weight rows, adds the products up
+elementwise and reduces them once, and writes its partial sums, added up afterwards in
+a fixed order (deterministic). On the H200 (``benchmarks/results/gpu-h200-head``,
+``benchmarks/bench_wide_linear.py``) it took 0.41 ms against F.linear's 0.70 ms at a
+batch of 32 and 0.32 against 0.51 ms at 8; an earlier kernel that reduced every chunk
+per class took 0.89 ms at 32. For a single row F.linear (a matrix-vector product) is
+faster and is used. On CPU the BLAS library does
 no better (8 classes, 4,194,304 features, one thread on the 2-core machine: 44 ms for a
 batch of 8 in ``F.linear``): there the features are cut into chunks of 65536 and
 multiplied as one batched product whose chunk results are summed (26 ms; 0.57x-0.81x of
@@ -36,10 +40,22 @@ __all__ = ["wide_linear"]
 WIDE_MIN_FEATURES = 1 << 15
 WIDE_MAX_OUTPUTS = 64
 
-#: Entries of x per program and chunk (rows x columns), chunks per program.
+#: Products held per program (outputs x rows x columns of a chunk; half as many in
+#: float64), features per program, warps per program.
 _TILE = 1 << 14
-_STEPS = 4
+_SPAN = 4096
 _WARPS = 8
+
+
+def _tiling(rows: int, out: int, f64: bool) -> tuple[int, int, int]:
+    """Rows per program, columns per chunk and chunks per program of the Triton kernels
+    (:func:`wide_linear`'s and the Fast BCNN head's): up to 32 rows, chunks of at least 16
+    columns, an accumulator of at most :data:`_TILE` products (``_TILE / 2`` in float64)."""
+    tile = _TILE // 2 if f64 else _TILE
+    out_p2 = _elementwise.next_pow2(out)
+    bb = max(1, min(32, _elementwise.next_pow2(rows), tile // (out_p2 * 16)))
+    bk = max(16, tile // (out_p2 * bb))
+    return bb, bk, max(1, _SPAN // bk)
 
 
 def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -47,8 +63,8 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
     Values and gradients equal ``F.linear``'s up to the order of the additions. For
     float32 and float64 inputs of at least 32768 features and at most 64 outputs: on
-    CUDA one Triton kernel (partial sums in the input's dtype, added up in a fixed
-    order), on CPU (from 2 rows and ``rows * D * out >= 2**24``) a batched product over
+    CUDA (from 2 rows) one Triton kernel (partial sums in the input's dtype, added up in
+    a fixed order), on CPU (from 2 rows and ``rows * D * out >= 2**24``) a batched product over
     chunks of the features; everything else
     (autocast, half precision, tracing, other devices, other shapes) is ``F.linear``.
     Like ``F.linear`` it works under ``torch.func`` transforms (``grad``, ``jvp``,
@@ -91,7 +107,9 @@ def _path(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     if x.device.type == "cpu":
         rows = x.numel() // d
         return "chunks" if rows >= 2 and rows * d * out >= _CHUNKS_FROM else None
-    return "triton" if out * d < 2**31 and _elementwise.backend(x.device) == "triton" else None
+    if x.numel() // d < _KERNEL_FROM_ROWS or out * d >= 2**31:
+        return None
+    return "triton" if _elementwise.backend(x.device) == "triton" else None
 
 
 def _use_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -100,6 +118,11 @@ def _use_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 
 _DTYPES = (torch.float32, torch.float64)
+
+#: The Triton path from this many rows on: for one row cuBLAS's matrix-vector product
+#: reads the weight at full speed (1 x 4,194,304 x 8 on an H200: F.linear 0.084-0.098 ms,
+#: the kernel 0.20-0.27 ms; ``benchmarks/results/gpu-h200-head``).
+_KERNEL_FROM_ROWS = 2
 
 #: Features per chunk of the CPU path.
 _CHUNK = 1 << 16
@@ -136,14 +159,13 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if rows == 0:
         return x.new_zeros(0, out)
-    bb = min(32, _elementwise.next_pow2(rows))
-    block_d = _TILE // bb
-    programs = -(-d // (block_d * _STEPS))
+    bb, bk, steps = _tiling(rows, out, acc == torch.float64)
+    programs = -(-d // (bk * steps))
     parts = torch.empty(programs, rows, out, dtype=acc, device=x.device)
     grid = (programs, -(-rows // bb))
     _elementwise._kernels().wide_linear_kernel[grid](
         x, weight, parts, rows, d, x.stride(0), weight.stride(0),
-        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BLOCK_D=block_d, STEPS=_STEPS,
+        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
         F64=acc == torch.float64, num_warps=_WARPS,
     )
     y = parts.sum(0)
