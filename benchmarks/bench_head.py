@@ -20,7 +20,7 @@ output too (``--no-candidates`` leaves them out):
   root, and accumulates both the squared norm and the products with the classifier's
   rows, reducing each chunk per class (the library's kernel adds the products up
   elementwise and reduces once; on an H200 the per-chunk reductions made this 1.06x the
-  composition at a batch of 32, ``results/gpu-h200/head-candidates``);
+  composition at a batch of 32, ``results/gpu-h200-head/run1/head-candidates``);
 - ``gram-linear``: no ``G`` in memory at all: each program builds the (64 x 64) tiles
   ``A_I A_J^T`` of the upper triangle with ``tl.dot`` (float32, ``ieee`` precision), for
   every sample, and multiplies them with the classifier's matching tiles on the spot

@@ -5,13 +5,16 @@ Compares, interleaved on the same inputs (median after warm-up, float32), for sh
 
 - ``f.linear``: ``torch.nn.functional.linear`` (cuBLAS, or the CPU's BLAS);
 - ``library``: :func:`bilinearpool.functional.wide_linear` as shipped (one Triton kernel
-  on CUDA, a chunked batched product on CPU);
-- on CUDA, two candidate Triton kernels defined here, not (yet) in the library:
+  on CUDA from 2 rows, ``F.linear`` for one; a chunked batched product on CPU);
+- on CUDA, two candidate Triton kernels defined here, not in the library:
   ``dot`` accumulates ``tl.dot`` products of (16..32 rows x 128 features) tiles with the
   weight rows padded to 16 (no reduction per chunk, ``input_precision="ieee"``: float32
   accuracy), and ``deferred`` accumulates ``w * x`` products in a (out, rows, 64) tile
-  and reduces it once at the end. The library's kernel reduces each (rows x 512) tile
-  per class, which profiles at about 0.9 TB/s on an H200; reading x and w needs a few.
+  and reduces it once at the end. The library's kernel took the ``deferred`` design
+  (before, it reduced each (rows x 512) tile per class: 0.89 ms at 32 rows on an H200,
+  about 0.76 TB/s, ``results/gpu-h200-head/run1/wide-linear``); the candidate stays as
+  the reference it was measured against (``run2/wide-linear``: 0.31 ms, the library's
+  0.41 ms, a difference not yet explained).
 
 Each candidate is checked against ``F.linear`` first (float32, tolerance scaled with
 ``sqrt(D)``). ``gb_per_s``: bytes of x and w read once / median time. Usage::

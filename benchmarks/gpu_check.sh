@@ -19,8 +19,9 @@
 #      (benchmarks/profile_layer.py); where a Fast BCNN model's inference time goes
 #      (benchmarks/profile_head.py);
 #   6. the classifier's product: F.linear, the library's kernel and two candidate kernels
-#      (benchmarks/bench_wide_linear.py, "wide"); the whole head for inference: pooling then
-#      classifier against two candidate kernels that skip the embedding (bench_head.py, "head");
+#      (benchmarks/bench_wide_linear.py, "wide"); the whole head for inference: the
+#      library's one-step head against pooling then classifier (bench_head.py, "head"; its
+#      candidate kernels are left out here: committed in results/gpu-h200-head/run1/);
 #   7. the model benchmark at 224 px, float32;
 #   8. matrix square root (Newton-Schulz vs eig) and Tensor Sketch (FFT vs Gram) on CUDA;
 #   9. layers and models again under autocast + channels-last;
