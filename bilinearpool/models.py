@@ -408,8 +408,9 @@ class BilinearClassifier(nn.Module):
         """The logits. With a :class:`~bilinearpool.FastBilinearPool` and a linear
         classifier (no forward or backward hooks on them, neither their own nor global
         module hooks; dropout inactive) the pooling and the classifier are one call of
-        :func:`~bilinearpool.functional.fast_bilinear_linear`, which for inference on
-        CPU and CUDA does not store the pooled features; same values either way.
+        :func:`~bilinearpool.functional.fast_bilinear_linear`, which for inference
+        does not store the pooled features on CPU and reads the matrices once on CUDA;
+        same values either way.
         With a normalising :class:`~bilinearpool.BilinearPool` (BCNN) and the same
         conditions, the pooling keeps its output for backward when the classifier keeps
         it anyway (``save_output``: no extra memory, no rebuilt matrices)."""

@@ -137,7 +137,8 @@ def wide_linear_kernel(
     Program (p, r): rows r*BB.., columns p*STEPS*BK.. (STEPS chunks of BK). The products
     ``w[k, j] * x[i, j]`` of every chunk are added elementwise into one (OUT, BB, BK)
     accumulator and reduced over the columns once, at the end (reducing each chunk per
-    output, as an earlier version did, ran at a third of the speed on an H200); the (BB,
+    output, as an earlier version did, took 0.89 against 0.41 ms for 32 rows of 4,194,304
+    features and 8 outputs on an H200); the (BB,
     OUT) partial sums go to ``part[p]`` (added up by the caller). Accumulates in float32
     (float64 for float64).
     """
@@ -175,7 +176,8 @@ def sqrt_linear_kernel(
 
     ``G`` is (batch, c, c), each sample's matrix row-major at ``stride_gb``. Program
     (p, r): row ``i = p // splits`` of the matrices of samples r*BB.., columns from
-    ``(p % splits) * STEPS * BK`` (STEPS chunks of BK). ``f`` is the signed square root
+    ``(p % splits) * STEPS * BK`` (up to STEPS chunks of BK, none past the row's end and,
+    with ``TRIU``, none wholly left of the diagonal). ``f`` is the signed square root
     with ``SQRT`` (``consts[0:2]`` = eps, sqrt(eps)), else the identity. With ``TRIU`` the
     weight is over the packed upper triangle (row i's entries j >= i at ``i*c - i*(i-1)/2
     + j - i``, times the isometry weight ``consts[5]`` = sqrt(2) off the diagonal), the
@@ -199,8 +201,11 @@ def sqrt_linear_kernel(
     else:
         woff = i.to(tl.int64) * c
     grow = g_ptr + r[:, None].to(tl.int64) * stride_gb + i.to(tl.int64) * c
-    for step in range(STEPS):
-        cols = first + step * BK + tl.arange(0, BK)
+    last = tl.minimum(first + STEPS * BK, c)  # chunks past the row's end would add zeros
+    if TRIU:
+        first = tl.maximum(first, i // BK * BK)  # the chunk holding the diagonal entry on
+    for start in range(first, last, BK):
+        cols = start + tl.arange(0, BK)
         cmask = cols < c
         if TRIU:
             cmask = cmask & (cols >= i)

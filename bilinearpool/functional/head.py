@@ -88,11 +88,13 @@ def fast_bilinear_linear(
 
     The logits of a linear classifier on the one-stream BCNN head. For inference (no
     input needs a gradient, or grad mode is off) of float32/float64 tensors outside
-    autocast and tracing, the :math:`B \\times D` features are never stored: on CPU, with
-    at most :data:`FUSED_MAX_LOCATIONS` locations, it builds the matrix in row panels and
-    multiplies each with its rows of ``weight`` at once; on CUDA (Triton, at most 64
-    classes) one kernel reads the matrices once for the signed square root, the norm and
-    the products with ``weight``. Otherwise, and for gradients, it
+    autocast and tracing: on CPU, with at most :data:`FUSED_MAX_LOCATIONS` locations, it
+    builds the matrix in row panels and multiplies each with its rows of ``weight`` at
+    once, so the :math:`B \\times D` features are never stored; on CUDA (Triton, at most
+    64 classes) it builds the matrices whole, as the pooling does (the same memory), and
+    one kernel reads them once for the signed square root, the norm and the products
+    with ``weight`` (the normalised features are never written). Otherwise, and for
+    gradients, it
     is :func:`~bilinearpool.functional.fast_bilinear_pool` then
     :func:`~bilinearpool.functional.wide_linear`; there, when the classifier keeps the
     features for its own backward anyway (``weight`` needs a gradient, float32/float64,

@@ -179,7 +179,9 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     High-bit-depth grey images are rescaled to 8 bits and transparent pixels shown on
     white (see :func:`to_rgb`). An EXIF orientation tag (JPEGs and TIFFs from cameras
-    and phones) is applied, so the model sees the image the way a viewer shows it.
+    and phones) is applied, so the model sees the image the way a viewer shows it. Of a
+    file with several frames (a multi-page TIFF, an animated GIF or PNG) the first is
+    read, which for a pyramidal TIFF is usually the full-resolution page.
 
     Raises:
         UnreadableImageError: naming the file, when it cannot be opened or decoded

@@ -410,6 +410,13 @@ class TestLoadRgb:
         grey = np.asarray(Image.fromarray(pixels).convert("L"))
         np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "grey.png"))[..., 1], grey)
 
+    def test_the_first_frame_of_a_multi_page_tiff_is_read(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(1)
+        first, second = (rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(2))
+        Image.fromarray(first).save(tmp_path / "pages.tif", save_all=True, append_images=[Image.fromarray(second)])
+        with Image.open(tmp_path / "pages.tif") as image:
+            assert image.n_frames == 2
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "pages.tif")), first)
 
     def test_exif_orientation_is_applied(self, tmp_path: Path) -> None:
         # a camera JPEG stored landscape with "rotate 90 CW to display" (orientation 6)
