@@ -875,6 +875,12 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -1032,7 +1038,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torchvision": _version("torchvision"),
         "timm": _version("timm"),
         "numpy": _version("numpy"),
-        "bilinearpool": _version("bilinearpool"),
+        # the installed distribution's version, else (a checkout on PYTHONPATH) the package's
+        "bilinearpool": _version("bilinearpool") or _package_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device_type": device.type,

@@ -167,7 +167,9 @@ def _describe_environment(env: dict[str, Any]) -> str:
         if env.get(key):
             parts.append(f"{key} {env[key]}")
     if "bilinearpool" in env:
-        code = f"bilinearpool {env['bilinearpool']}"
+        # None: run from a checkout on the import path, not installed (results before the
+        # package's own __version__ was recorded in that case)
+        code = f"bilinearpool {env['bilinearpool'] or '(not installed)'}"
         if env.get("git_commit"):
             code += f" (git {env['git_commit'][:12]}{', dirty' if env.get('git_dirty') else ''})"
         elif "git_commit" in env:

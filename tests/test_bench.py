@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from bilinearpool import FastBilinearPool, SEBlock, bench, build_backbone
+import bilinearpool
 from bilinearpool import cli
 from bilinearpool.cli import main, parameter_table
 
@@ -310,6 +312,17 @@ class TestRegistries:
         for text in ("numpy ", f"bilinearpool {env['bilinearpool']} (git 0123456789ab, dirty)",
                      "BILINEARPOOL_TRITON=0 BILINEARPOOL_HUGEPAGES=unset", "transparent huge pages never"):  # fmt: skip
             assert text in line, text
+
+    def test_environment_names_the_version_of_an_uninstalled_checkout(self, monkeypatch):
+        # gpu_check.sh runs the checkout from PYTHONPATH: no distribution metadata there
+        # (the GPU results of 2026-11-27 read "bilinearpool None")
+        def missing(name):
+            raise importlib.metadata.PackageNotFoundError(name)
+
+        monkeypatch.setattr(importlib.metadata, "version", missing)
+        env = bench.environment("cpu")
+        assert env["bilinearpool"] == bilinearpool.__version__
+        assert "bilinearpool (not installed)" in cli._describe_environment({**env, "bilinearpool": None})
 
     def test_environment_records_thread_and_allocator_variables(self, monkeypatch):
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
