@@ -673,3 +673,18 @@ class TestFunctionTransforms:
             [torch.func.grad(lambda w: (self.reference(xi[None]) @ w.T).logsumexp(1).sum())(w) for xi in x]
         )
         torch.testing.assert_close(per_sample, loop)
+
+
+def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: a tensor on another GPU (a model on
+    cuda:1 without torch.cuda.set_device) needs that device made current for the launch;
+    no switch when it is current, for the CPU, or for a device without an index."""
+    import contextlib
+
+    from bilinearpool.functional import _elementwise
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = _elementwise.on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for device in (torch.device("cuda", 0), torch.device("cuda"), torch.device("cpu")):
+        assert isinstance(_elementwise.on_device(device), contextlib.nullcontext), device

@@ -28,6 +28,7 @@ All inputs are ``(B, n)`` views of contiguous matrices in the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -226,6 +227,16 @@ def _check(g: Tensor, *others: Tensor, diag: int | None = None) -> None:
 _MAX_BLOCKS = 65535
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context making ``device`` the current CUDA device while a Triton kernel is
+    launched: Triton launches on the current device, so tensors on another GPU (a model
+    moved to ``cuda:1`` without ``torch.cuda.set_device``) would be refused there. No
+    switch (a null context) when it is current already, or for a device without index."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _triton(g: Tensor, use: str | None) -> bool:
     return (use or backend(g.device)) == "triton" and _cdiv(g.shape[1], _BLOCK) <= _MAX_BLOCKS
 
@@ -268,14 +279,15 @@ def normalize_(
     nparts = _cdiv(n, _BLOCK)
     consts, grid = _consts(g.device, g.dtype, eps, l2_eps), (batch, nparts)
     sq = _partials(g) if l2_eps is not None else g  # without L2 the kernel reads no partials
-    if l2_eps is not None:
-        sumsq[grid](g, sq, n, nparts, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
-        if norms is not None:
-            torch.sum(sq, dim=1, out=norms).sqrt_()
-    normalize[grid](
-        g, sq, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
-        BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
-    )
+    with on_device(g.device):
+        if l2_eps is not None:
+            sumsq[grid](g, sq, n, nparts, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
+        normalize[grid](
+            g, sq, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
+            BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
+        )
+    if norms is not None and l2_eps is not None:
+        torch.sum(sq, dim=1, out=norms).sqrt_()
     return g
 
 
@@ -306,13 +318,14 @@ def normalize_grad_(
     nparts = _cdiv(n, _BLOCK)
     consts, grid = _consts(g.device, g.dtype, eps, l2_eps, float(factor)), (batch, nparts)
     sq, dot = (_partials(g), _partials(g)) if l2_eps is not None else (g, g)  # unread without L2
-    if l2_eps is not None:
-        stats[grid](
-            g, dz, sq, dot, n, nparts, diag or 1, consts,
-            SQRT=eps is not None, TRIU=diag is not None, BLOCK=_BLOCK, num_warps=_WARPS,
+    with on_device(g.device):
+        if l2_eps is not None:
+            stats[grid](
+                g, dz, sq, dot, n, nparts, diag or 1, consts,
+                SQRT=eps is not None, TRIU=diag is not None, BLOCK=_BLOCK, num_warps=_WARPS,
+            )
+        grad[grid](
+            g, dz, sq, dot, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
+            BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
         )
-    grad[grid](
-        g, dz, sq, dot, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
-        BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
-    )
     return g

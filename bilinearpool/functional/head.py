@@ -234,11 +234,12 @@ def _kernel_logits(
     programs = c * splits
     parts = torch.empty(programs, batch, out, dtype=a.dtype, device=a.device)
     sq = torch.empty(programs, batch, dtype=a.dtype, device=a.device)
-    _elementwise._kernels().sqrt_linear_kernel[(programs, -(-batch // bb))](
-        g, weight, parts, sq, batch, c, splits, g.stride(0), weight.stride(0), _elementwise._consts(a.device, a.dtype, eps),
-        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
-        SQRT=eps is not None, TRIU=triu, F64=f64, num_warps=_WARPS,
-    )
+    with _elementwise.on_device(a.device):
+        _elementwise._kernels().sqrt_linear_kernel[(programs, -(-batch // bb))](
+            g, weight, parts, sq, batch, c, splits, g.stride(0), weight.stride(0), _elementwise._consts(a.device, a.dtype, eps),
+            OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
+            SQRT=eps is not None, TRIU=triu, F64=f64, num_warps=_WARPS,
+        )
     logits = parts.sum(0)
     if l2_eps is not None:
         logits.div_(sq.sum(0).sqrt_().clamp_min_(l2_eps).unsqueeze(1))

@@ -163,11 +163,12 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     programs = -(-d // (bk * steps))
     parts = torch.empty(programs, rows, out, dtype=acc, device=x.device)
     grid = (programs, -(-rows // bb))
-    _elementwise._kernels().wide_linear_kernel[grid](
-        x, weight, parts, rows, d, x.stride(0), weight.stride(0),
-        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
-        F64=acc == torch.float64, num_warps=_WARPS,
-    )
+    with _elementwise.on_device(x.device):
+        _elementwise._kernels().wide_linear_kernel[grid](
+            x, weight, parts, rows, d, x.stride(0), weight.stride(0),
+            OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
+            F64=acc == torch.float64, num_warps=_WARPS,
+        )
     y = parts.sum(0)
     if bias is not None:
         y += bias
