@@ -6,6 +6,8 @@ Compares, interleaved on the same inputs (median after warm-up, float32), for sh
 - ``f.linear``: ``torch.nn.functional.linear`` (cuBLAS, or the CPU's BLAS);
 - ``library``: :func:`bilinearpool.functional.wide_linear` as shipped (one Triton kernel
   on CUDA from 2 rows, ``F.linear`` for one; a chunked batched product on CPU);
+- ``kernel`` (CUDA): the library's kernel called directly, without the path checks and
+  the autograd Function (``linear._forward``), at every row count;
 - on CUDA, two candidate Triton kernels defined here, not in the library:
   ``dot`` accumulates ``tl.dot`` products of (16..32 rows x 128 features) tiles with the
   weight rows padded to 16 (no reduction per chunk, ``input_precision="ieee"``: float32
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import check_candidate, emit  # noqa: E402
 from bilinearpool.bench import environment, round_robin  # noqa: E402
+from bilinearpool.functional import linear as _linear  # noqa: E402
 from bilinearpool.functional import wide_linear  # noqa: E402
 from bilinearpool.functional._elementwise import next_pow2  # noqa: E402
 
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             "library": lambda: wide_linear(x, w),
         }
         if device.type == "cuda":
+            # the library's kernel alone (no path checks, no autograd Function; also at one
+            # row, which wide_linear sends to F.linear): separates its time from the call's
+            fns["kernel"] = lambda: _linear._forward(x, w, None)
             fns.update({name: candidate(name, x, w) for name in ("dot", "deferred")})
         failed: dict[str, str] = {}
         with torch.no_grad():
