@@ -182,14 +182,14 @@ def test_when_the_panel_path_runs():
     a = torch.randn(2, 8, 25)
     w, b = torch.randn(3, 64), torch.randn(3)
     with torch.no_grad():
-        assert head._fused(a, w, b)
-        assert not head._fused(torch.randn(2, 8, head.FUSED_MAX_LOCATIONS + 1), w, b)  # many locations
-        assert not head._fused(a.half(), w.half(), b.half())  # half precision
-        assert not head._fused(a, w.double(), b)  # mixed dtypes
+        assert head._path(a, w, b) == "panel"
+        assert head._path(torch.randn(2, 8, head.FUSED_MAX_LOCATIONS + 1), w, b) is None  # many locations
+        assert head._path(a.half(), w.half(), b.half()) is None  # half precision
+        assert head._path(a, w.double(), b) is None  # mixed dtypes
         with torch.autocast("cpu"):
-            assert not head._fused(a, w, b)
-    assert head._fused(a, w, b)  # grad mode, but nothing requires a gradient
-    assert not head._fused(a, w.requires_grad_(), b)
+            assert head._path(a, w, b) is None
+    assert head._path(a, w, b) == "panel"  # grad mode, but nothing requires a gradient
+    assert head._path(a, w.requires_grad_(), b) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -138,9 +138,8 @@ def wide_linear_kernel(
     ``w[k, j] * x[i, j]`` of every chunk are added elementwise into one (OUT, BB, BK)
     accumulator and reduced over the columns once, at the end (reducing each chunk per
     output, as an earlier version did, took 0.89 against 0.41 ms for 32 rows of 4,194,304
-    features and 8 outputs on an H200); the (BB,
-    OUT) partial sums go to ``part[p]`` (added up by the caller). Accumulates in float32
-    (float64 for float64).
+    features and 8 outputs on an H200); the (BB, OUT) partial sums go to ``part[p]``
+    (added up by the caller). Accumulates in float32 (float64 for float64).
     """
     pid = tl.program_id(0)
     r = tl.program_id(1) * BB + tl.arange(0, BB)

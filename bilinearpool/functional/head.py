@@ -208,11 +208,6 @@ def _path(a: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     return "panel" if a.shape[2] <= FUSED_MAX_LOCATIONS else None
 
 
-def _fused(a: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`fast_bilinear_linear` takes a one-step path for these tensors."""
-    return _path(a, weight, bias) is not None
-
-
 def _kernel_logits(
     a: Tensor, weight: Tensor, bias: Tensor | None, scale: float, eps: float | None, l2_eps: float | None, triu: bool
 ) -> Tensor:
