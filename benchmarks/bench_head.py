@@ -15,12 +15,13 @@ each with the full output (``C^2`` features) and the packed triangle (``triu``).
 two candidate Triton kernels defined here (not in the library) are timed for the full
 output too (``--no-candidates`` leaves them out):
 
-- ``sqrt-linear``: the library's CUDA step as first written: ``G`` by one batched
-  product, then one kernel that reads each row of ``G`` once, applies the signed square
-  root, and accumulates both the squared norm and the products with the classifier's
-  rows, reducing each chunk per class (the library's kernel adds the products up
-  elementwise and reduces once; on an H200 the per-chunk reductions made this 1.06x the
-  composition at a batch of 32, ``results/gpu-h200-head/run1/head-candidates``);
+- ``sqrt-linear``: ``G`` by one batched product, then one kernel that reads ``G`` once,
+  as a flat ``B x C^2`` matrix, applies the signed square root, and accumulates both the
+  squared norm and the products with the classifier's rows, reducing each chunk per
+  class (the library's kernel goes row by row of each matrix, reads only the upper
+  triangle for ``triu``, and adds the products up elementwise, reducing once); on an H200
+  1.06x-1.15x the composition at a batch of 32 and 0.69x-0.75x at 8, against the
+  composition of then (``results/gpu-h200-head/run1/head-candidates``);
 - ``gram-linear``: no ``G`` in memory at all: each program builds the (64 x 64) tiles
   ``A_I A_J^T`` of the upper triangle with ``tl.dot`` (float32, ``ieee`` precision), for
   every sample, and multiplies them with the classifier's matching tiles on the spot

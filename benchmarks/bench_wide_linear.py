@@ -11,8 +11,9 @@ Compares, interleaved on the same inputs (median after warm-up, float32), for sh
 - on CUDA, two candidate Triton kernels defined here, not in the library:
   ``dot`` accumulates ``tl.dot`` products of (16..32 rows x 128 features) tiles with the
   weight rows padded to 16 (no reduction per chunk, ``input_precision="ieee"``: float32
-  accuracy), and ``deferred`` accumulates ``w * x`` products in a (out, rows, 64) tile
-  and reduces it once at the end. The library's kernel took the ``deferred`` design
+  accuracy), and ``deferred`` accumulates ``w * x`` products in an (out, rows, BK) tile
+  (BK = 64 columns at 32 rows) and reduces it once at the end. The library's kernel took
+  the ``deferred`` design
   (before, it reduced each (rows x 512) tile per class: 0.89 ms at 32 rows on an H200,
   about 0.76 TB/s, ``results/gpu-h200-head/run1/wide-linear``); the candidate stays as
   the reference it was measured against (``run2/wide-linear``: 0.31 ms, the library's

@@ -5,8 +5,8 @@ classifier has a handful of classes, so ``F.linear`` is a matrix product with a 
 inner dimension and a tiny output: all of the work is reading ``x`` and the weight once.
 cuBLAS handles this shape poorly in float32: on an NVIDIA H200 it took 0.70 ms for a
 batch of 32 against 8 classes (1.27 ms of GPU time, ``sgemm_largek``, in an earlier
-run), 0.64 GB read, about as long as the pooling itself; splitting the inner dimension
-into a batched product did not help (1.19 ms with 128 chunks, 8.96 ms with 16).
+run), for 0.67 GB read (about 0.16 ms at the card's bandwidth); splitting the inner
+dimension into a batched product did not help (1.19 ms with 128 chunks, 8.96 ms with 16).
 :func:`wide_linear` does the product with one Triton kernel: each program multiplies a
 tile of ``x``, up to 32 rows, with the few weight rows, adds the products up
 elementwise and reduces them once, and writes its partial sums, added up afterwards in
