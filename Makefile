@@ -22,6 +22,7 @@ $(BIN)/python:
 
 # Reinstall when the project's metadata changes.
 $(STAMP): pyproject.toml | $(BIN)/python
+	@echo "Installing bilinearpool, breakhis and their dependencies (PyTorch included) into $(VENV): a minute or more..."
 	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[all]'
 	@touch $@
 

@@ -67,6 +67,8 @@ PAPER_RESOLUTIONS = (197, 224, 448)
 TIME_GOAL = 0.5  # fused pooling fwd+bwd / naive chain
 MEMORY_GOAL = 1.1  # fused pooling saved bytes / input map bytes
 THROUGHPUT_GOAL = 0.85  # Fast BCNN inference images/s / plain backbone's, at 224
+#: Below this many timed rounds (--quick, demo) the report says its verdicts are no measurement.
+FEW_ROUNDS = 3
 GOAL_RESOLUTION = 224
 MIB = 2**20
 
@@ -113,7 +115,17 @@ class BenchResult:
                 lines += [summary["text"], ""]
             lines.append(markdown_table(summary["rows"], summary["columns"]))
         if self.meta.get("goals"):
-            lines += ["", "Goals:", ""] + [f"- {g}" for g in self.meta["goals"]]
+            lines += ["", "Goals:", ""]
+            rounds = settings.get("timed_rounds")
+            if isinstance(rounds, int) and rounds < FEW_ROUNDS:
+                lines += [
+                    f"(Only {rounds} timed round{'s' if rounds != 1 else ''}, as `--quick` and `demo` run: the "
+                    "time and throughput verdicts below check that the code runs, they are not a "
+                    "measurement. The full runs' results are committed in the repository's "
+                    "benchmarks/results/, e.g. cpu-2core.md.)",
+                    "",
+                ]
+            lines += [f"- {g}" for g in self.meta["goals"]]
         if self.meta.get("notes"):
             lines += ["", "Notes:", ""] + [f"- {n}" for n in self.meta["notes"]]
         return "\n".join(lines) + "\n"
@@ -1736,6 +1748,22 @@ def _why_no_throughput(
 
 
 def _report_problem(folder: Path) -> str:
+    """Why ``report FOLDER`` has nothing to read: no such folder, results one level down
+    (the committed results/gpu-* folders hold one subfolder per run kind), or none."""
+    if not folder.exists():
+        return f"expected a folder of layers.json / models.json, but {folder} does not exist"
+    if not folder.is_dir():
+        return f"expected a folder of layers.json / models.json, but {folder} is a file"
+    below = sorted(
+        sub.name for sub in folder.iterdir()
+        if sub.is_dir() and any((sub / f"{n}.json").is_file() for n in ("layers", "models"))
+    )
+    if below:
+        return (
+            f"expected layers.json or models.json in {folder}, but found none; its subfolders "
+            f"{', '.join(below)} hold results: report one of them, e.g. "
+            f"`bilinearpool-bench report {folder / below[0]}`"
+        )
     return (
         f"expected layers.json or models.json in {folder}, but found none; "
         f"run `bilinearpool-bench layers --out {folder}` first"
@@ -2204,6 +2232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--note", action="append", default=None, help="paragraph under the heading (repeatable)"
     )
+    # main() reports a subcommand's bad input with that subcommand's usage, as argparse does
+    parser.subcommands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
 
@@ -2483,8 +2513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    _check_positive(parser, args)
-    _check_inputs(parser, args)
+    subcommand = parser.subcommands[args.command]  # type: ignore[attr-defined]
+    _check_positive(subcommand, args)
+    _check_inputs(subcommand, args)
     command = "bilinearpool-bench " + shlex.join(argv)
     if args.command == "report":
         # The title and notes are printed in the report itself; the command shows where they go.

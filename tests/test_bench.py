@@ -596,7 +596,7 @@ class TestCommandLine:
              r"error: unknown head\(s\) \['gap'\]; known: \['plain'"),
             (["layers", "--cases", "nope"], r"error: unknown layer case\(s\) \['nope'\]; known: \['naive'"),
             (["report", "/nonexistent-folder"],
-             "error: expected layers.json or models.json in /nonexistent-folder, but found none"),
+             "report: error: expected a folder of layers.json / models.json, but /nonexistent-folder does not exist"),
             (["layers", "--device", "foo"], "error: --device expected cpu, cuda, cuda:N or mps, but got 'foo'"),
             (["models", "--backbones", "resnet18", "nope_net", "--params-only"],
              r"error: --backbones expected names that bilinearpool.build_backbone accepts .*but got unknown \['nope_net'\]"),
@@ -1134,6 +1134,35 @@ class TestResults:
         assert "do not record the git commit" in text
         assert re.search(r"\| 8x2048x7x7 \| fast-bcnn \|.*\| time (NOT )?met \(\d\.\d{3}x", text)
         assert re.search(r"plain at 224px, goal >= 0\.85x: resnet50 \d\.\d{3}x \((NOT )?met", text)
+
+    def test_report_of_a_folder_of_run_folders_names_them(self, tmp_path, capsys):
+        """The committed GPU folders hold one subfolder per run kind: report names them
+        (it said to run a benchmark first); a subcommand's bad input shows its own usage."""
+        for sub in ("fp32", "amp-cl"):
+            (tmp_path / sub).mkdir()
+            (tmp_path / sub / "layers.json").write_text("{}")
+        (tmp_path / "notes").mkdir()
+        with pytest.raises(SystemExit) as exc:
+            main(["report", str(tmp_path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: bilinearpool-bench report" in err
+        assert f"its subfolders amp-cl, fp32 hold results: report one of them, e.g. `bilinearpool-bench report {tmp_path / 'amp-cl'}`" in err
+        with pytest.raises(SystemExit):
+            main(["report", str(tmp_path / "fp32" / "layers.json")])
+        assert "is a file" in capsys.readouterr().err
+
+    def test_quick_runs_say_their_verdicts_are_no_measurement(self, tmp_path, capsys, keep_threads):
+        """`make demo` printed NOT met verdicts from 2 timed rounds that contradicted the
+        committed full runs; a run of so few rounds now says what its verdicts are."""
+        main(["layers", "--shapes", "2x8x3x3", "--cases", "naive", "fast-bcnn", "--quick", "--threads", "1",
+              "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+        text = (tmp_path / "layers.md").read_text()
+        assert "Only 2 timed rounds, as `--quick` and `demo` run" in text
+        assert text.index("Only 2 timed rounds") < text.index("`fast-bcnn` fwd+bwd time")
+        main(["layers", "--shapes", "2x8x3x3", "--cases", "naive", "fast-bcnn", "--repeats", "3", "--threads", "1",
+              "--no-progress", "--out", str(tmp_path / "full")])  # fmt: skip
+        assert "timed round" not in (tmp_path / "full" / "layers.md").read_text().split("Goals:")[1]
 
     def test_report_rebuilds_the_current_results(self, tmp_path):
         """The committed cpu-2core run (version 2, with its commit): rebuilt without warnings
