@@ -25,21 +25,27 @@ map at 224 pixels, as in the B-CNN of Lin et al. 2015).
 from __future__ import annotations
 
 import copy
+import difflib
+import enum
 import importlib.util
 import numbers
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .attention import SEBlock, insert_se_blocks
 
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
+
 __all__ = ["FeatureExtractor", "build_backbone", "list_backbones"]
 
-WeightsArg = Union[str, os.PathLike, None]
+#: ``weights=``: None, a name or tag, a path, or a torchvision weights enum member.
+WeightsArg = Union[str, os.PathLike, "WeightsEnum", None]
 
 
 def _before_last_pool(model: nn.Module) -> str:
@@ -93,6 +99,15 @@ class FeatureExtractor(nn.Module):
             transformers), which is permuted to :math:`(B, C, H, W)`.
         tokens: whether the network gives tokens :math:`(B, N, C)` rather than a map
             (set by :func:`build_backbone` from its probe).
+        in_channels: channels :math:`C_{in}` of the images the network takes, where that is
+            known (:func:`build_backbone` sets it for names, torchvision and timm models, and
+            modules given with ``sample_shape``), else ``None``. When set, ``forward``
+            refuses anything but a floating-point tensor :math:`(B, C_{in}, H, W)` of the
+            network's parameters' dtype (any floating dtype under ``torch.autocast``) with a
+            TypeError or ValueError that says what was expected and what arrived; set it to
+            ``None`` for a network that takes other inputs. When ``None``, an input whose
+            dtype the network's parameters cannot take (integers, another floating dtype) is
+            reported as a TypeError only once the network fails on it.
 
     Shape:
         - Input: :math:`(B, C_{in}, H_{in}, W_{in})`.
@@ -114,16 +129,22 @@ class FeatureExtractor(nn.Module):
         name: str = "",
         output_fmt: str = "NCHW",
         tokens: bool = False,
+        in_channels: int | None = None,
     ) -> None:
         super().__init__()
         if output_fmt not in _FORMATS:
             raise ValueError(f"output_fmt must be one of {_FORMATS}, but got {output_fmt!r}")
+        if in_channels is not None and (
+            not isinstance(in_channels, numbers.Integral) or isinstance(in_channels, bool) or in_channels < 1
+        ):
+            raise ValueError(f"in_channels must be None or a positive int, but got {in_channels!r}")
         self.body = body
         self.out_channels = int(out_channels)
         self.reduction = reduction
         self.name = name
         self.output_fmt = output_fmt
         self.tokens = bool(tokens)
+        self.in_channels = None if in_channels is None else int(in_channels)
 
     @property
     def feature_info(self) -> dict[str, Any]:
@@ -148,11 +169,30 @@ class FeatureExtractor(nn.Module):
         return convs[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return _to_nchw(_last_map(self.body(x)), self.output_fmt)
+        if self.in_channels is not None:  # the input is known: checked before the network runs
+            error = _image_error(x, self.in_channels, _first_float_param(self.body), self.name)
+            if error is not None:
+                raise error
+            out = self.body(x)
+        else:  # any module, which may take other inputs: an input's dtype is blamed only on failure
+            try:
+                out = self.body(x)
+            except RuntimeError as err:
+                param = _first_float_param(self.body)
+                fix = _dtype_fix(x, param)
+                if fix is None:
+                    raise
+                want = param.dtype  # type: ignore[union-attr]  # (a fix implies a parameter)
+                raise TypeError(
+                    f"backbone {self.name!r} failed on input of dtype {x.dtype}, its parameters being "
+                    f"{want} ({type(err).__name__}: {_first_line(err)}); {fix}"
+                ) from err
+        return _to_nchw(_last_map(out), self.output_fmt)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("output_fmt", "NCHW")  # extractors pickled before the options existed
         state.setdefault("tokens", False)
+        state.setdefault("in_channels", None)
         super().__setstate__(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FeatureExtractor:
@@ -168,9 +208,114 @@ class FeatureExtractor(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"name={self.name!r}, out_channels={self.out_channels}, reduction={self.reduction}, "
+            f"name={self.name!r}, "
+            + (f"in_channels={self.in_channels}, " if self.in_channels is not None else "")
+            + f"out_channels={self.out_channels}, reduction={self.reduction}, "
             f"output_fmt={self.output_fmt!r}" + (", tokens=True" if self.tokens else "")
         )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _first_float_param(module: nn.Module) -> Tensor | None:
+    """The first floating-point parameter of ``module`` (its first layer's, typically), if any."""
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta"): never on
+        return False
+
+
+#: ImageNet's normalisation, which torchvision's and most timm weights expect.
+_IMAGENET_NORM = "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
+
+
+def _cast(dtype: torch.dtype) -> str:
+    """How to cast ``x`` to ``dtype``, for error messages: ``x.float()``, ``x.half()``, ..."""
+    short = {
+        torch.float32: "float", torch.float16: "half", torch.float64: "double", torch.bfloat16: "bfloat16"
+    }
+    return f"x.{short[dtype]}()" if dtype in short else f"x.to({dtype})"
+
+
+def _dtype_fix(x: object, param: Tensor | None) -> str | None:
+    """How to fix the dtype of input ``x`` for a network whose first floating parameter
+    is ``param``; ``None`` if nothing is wrong with it (or that cannot be told).
+
+    Integers (``uint8`` images above all), booleans and complex numbers are wrong; a
+    floating dtype other than the parameters' is wrong outside ``torch.autocast`` (which
+    casts the inputs of its operations itself).
+    """
+    if param is None or not isinstance(x, Tensor) or x.dtype == param.dtype:
+        return None
+    want = param.dtype
+    if x.dtype == torch.uint8:
+        scaled = "x.float() / 255" if want == torch.float32 else f"(x.float() / 255).to({want})"
+        return (
+            f"convert 8-bit images with {scaled} and normalise them as the weights expect (ImageNet: "
+            f"{_IMAGENET_NORM}), e.g. with torchvision.transforms.v2.ToDtype({want}, scale=True) "
+            "and Normalize"
+        )
+    if not x.is_floating_point():
+        return f"convert the images with {_cast(want)}"
+    if _autocast_on(x.device.type):
+        return None
+    return (
+        f"convert the images with {_cast(want)}, or the model with model.to({x.dtype}), "
+        "or run it under torch.autocast"
+    )
+
+
+def _layout_fix(x: Tensor, channels: int) -> str | None:
+    """How to fix the shape of images ``x`` for a network that takes :math:`(B, C, H, W)`
+    with ``channels`` channels; ``None`` if nothing is wrong with it."""
+    # (jit.trace records sizes as tensors: comparing one would warn that the trace may be wrong)
+    if x.dim() == 4 and (torch.jit.is_tracing() or x.shape[1] == channels):
+        return None
+    shape = tuple(x.shape)
+    if x.dim() == 3 and shape[0] == channels:
+        return "a single image needs a batch dimension: x.unsqueeze(0)"
+    if x.dim() == 3 and shape[-1] == channels:
+        return "a single channels-last image (H, W, C) needs x.permute(2, 0, 1).unsqueeze(0)"
+    if x.dim() == 4 and shape[-1] == channels:
+        return (
+            "channels-last data (B, H, W, C) needs x.permute(0, 3, 1, 2) (the channels_last memory "
+            "format keeps the shape (B, C, H, W))"
+        )
+    if x.dim() == 4:
+        gray = ": gray images can be repeated, x.expand(-1, 3, -1, -1)"
+        gray = gray if (channels, shape[1]) == (3, 1) else ""
+        return f"the images have {shape[1]} channels, the backbone takes {channels}{gray}"
+    return f"images must be 4-D (B, {channels}, H, W)"
+
+
+def _image_error(x: object, channels: int, param: Tensor | None, name: str) -> Exception | None:
+    """TypeError (a wrong dtype or no tensor) or ValueError (a wrong shape) for input ``x``
+    of a backbone that takes images :math:`(B, C, H, W)` with ``channels`` channels, of
+    the dtype of ``param`` (its first floating parameter); ``None`` for a fitting input.
+    Only the input's type, dtype and shape are read."""
+    want = f" of dtype {param.dtype}" if param is not None else ""
+    expected = f"backbone {name!r} takes images (B, {channels}, H, W){want}"
+    if not isinstance(x, Tensor):
+        return TypeError(
+            f"{expected}, but got {type(x).__name__}; convert the images to a tensor first (e.g. "
+            "torchvision.transforms.v2.functional.to_image, or torch.from_numpy(array).permute(2, 0, 1))"
+        )
+    dtype, layout = _dtype_fix(x, param), _layout_fix(x, channels)
+    if dtype is None and layout is None:
+        return None
+    got = " and ".join(
+        part for part, wrong in ((f"dtype {x.dtype}", dtype), (f"shape {tuple(x.shape)}", layout)) if wrong
+    )
+    fixes = "; ".join(fix for fix in (dtype, layout) if fix is not None)
+    message = f"{expected}, but got {got}: {fixes}"
+    return TypeError(message) if dtype is not None else ValueError(message)
 
 
 def _training_modes(module: nn.Module) -> dict[str, bool]:
@@ -210,10 +355,18 @@ def _to_nchw(out: Tensor, output_fmt: str) -> Tensor:
 
 
 def _probe(
-    body: nn.Module, sample_shape: tuple[int, ...], output_fmt: str = "NCHW", *, check_layout: bool = True
+    body: nn.Module,
+    sample_shape: tuple[int, ...],
+    output_fmt: str = "NCHW",
+    *,
+    check_layout: bool = True,
+    needs: Sequence[str] = (),
 ) -> tuple[int, int | None]:
     """Channels and stride of ``body``'s output (stride ``None`` for tokens), from a
     forward pass on zeros of ``sample_shape``.
+
+    ``needs``: what to pass when that pass fails, where known (e.g. the one size a ViT
+    takes, and the node= it needs too); default: a ``sample_shape`` it accepts.
 
     With ``check_layout`` (for layouts not known for sure), a second pass at half the
     size checks that the channel count does not change with the input size, as it does
@@ -231,11 +384,10 @@ def _probe(
             try:
                 raw = body(sample)
             except (RuntimeError, ValueError, AssertionError) as err:
+                fix = " and ".join(needs) or "sample_shape=(C, H, W) with the channels and a size it accepts"
                 raise ValueError(
                     f"could not run the backbone on a zero image of shape {tuple(sample.shape)} to read its "
-                    f"channel count ({type(err).__name__}: "
-                    f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-                    "pass sample_shape=(C, H, W) with the channels and a size it accepts"
+                    f"channel count ({type(err).__name__}: {_first_line(err)}); pass {fix}"
                 ) from err
             out = _to_nchw(_last_map(raw), output_fmt)
             small = None
@@ -286,6 +438,81 @@ def _torchvision_model_node(model: nn.Module) -> str | None:
         return None
     family = _TORCHVISION_CLASS_FAMILY.get(cls.__name__, cls.__name__.lower())
     return _torchvision_node(family, model)
+
+
+def _is_torchvision_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is one of torchvision's classification models (``ResNet``,
+    ``VisionTransformer``, ...: a class of ``torchvision.models`` itself, not a block)."""
+    cls = type(model)
+    if not cls.__module__.startswith("torchvision.models."):
+        return False
+    import torchvision
+
+    return getattr(torchvision.models, cls.__name__, None) is cls
+
+
+def _is_timm_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm model or feature net (it has a ``pretrained_cfg``), not a block."""
+    return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
+
+
+def _is_timm_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm model whose forward ends in its classifier (``num_classes`` > 0)."""
+    return (
+        _is_timm_model(model)
+        and callable(getattr(model, "get_classifier", None))
+        and isinstance(getattr(model, "num_classes", None), int)
+        and model.num_classes > 0  # type: ignore[operator]
+    )
+
+
+#: Nodes to suggest for torchvision classification models that have no default node.
+_TORCHVISION_NODE_EXAMPLES = {"VisionTransformer": ("encoder", "tokens (B, N, C), the class token included")}
+
+
+def _node_hint(model: nn.Module) -> str:
+    """What to pass for a classification model without a known feature node (``"node=..."``)."""
+    if _is_timm_classifier(model):
+        return (
+            f"node= naming its last feature map (its forward ends in its classifier, num_classes="
+            f"{model.num_classes}; or create it with num_classes=0, global_pool='', or pass its name)"
+        )
+    example = _TORCHVISION_NODE_EXAMPLES.get(type(model).__name__)
+    suggestion = f"e.g. node={example[0]!r}: {example[1]}; " if example else ""
+    return (
+        f"node= naming its last feature map ({suggestion}see "
+        "torchvision.models.feature_extraction.get_graph_node_names)"
+    )
+
+
+def _fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The one image size ``model`` takes, where it says so: torchvision's ViT
+    (``image_size``), timm's ViT-like models (a strict ``patch_embed.img_size``)."""
+    size = getattr(model, "image_size", None)
+    if _is_torchvision_classifier(model) and isinstance(size, int):
+        return size, size
+    embed = getattr(model, "patch_embed", None)
+    img_size = getattr(embed, "img_size", None)
+    if (
+        getattr(embed, "strict_img_size", False)
+        and not getattr(model, "dynamic_img_size", False)
+        and isinstance(img_size, (tuple, list))
+        and len(img_size) == 2
+    ):
+        return int(img_size[0]), int(img_size[1])
+    return None
+
+
+def _size_hint(model: nn.Module, sample_shape: tuple[int, ...]) -> str | None:
+    """``"sample_shape=(3, 224, 224) (...)"`` for a model that takes one image size only,
+    other than ``sample_shape``'s; else ``None``."""
+    size = _fixed_image_size(model)
+    if size is None or tuple(sample_shape[1:]) == size:
+        return None
+    return (
+        f"sample_shape=({sample_shape[0]}, {size[0]}, {size[1]}) ({type(model).__name__} takes "
+        f"{size[0]} x {size[1]} images only)"
+    )
 
 
 def _torchvision_names() -> list[str]:
@@ -365,14 +592,28 @@ def _weights_error(name: str, err: BaseException) -> RuntimeError:
     )
 
 
+def _weights_enum_member(weights: object) -> bool:
+    """Whether ``weights`` is a member of a torchvision weights enum (``ResNet18_Weights.DEFAULT``)."""
+    if not isinstance(weights, enum.Enum):
+        return False
+    try:
+        from torchvision.models import WeightsEnum
+    except ImportError:
+        return False
+    return isinstance(weights, WeightsEnum)
+
+
 def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
-    """('none'|'imagenet'|'file'|'enum', value); 'enum' is a torchvision weights name or a timm tag.
+    """('none'|'imagenet'|'file'|'enum'|'weights_enum', value); 'enum' is a torchvision
+    weights name or a timm tag, 'weights_enum' a torchvision weights enum member.
 
     A path, or a string with a path separator or a weights file's suffix (``.pth``,
     ``.safetensors``, ...), is a file, which must exist.
     """
     if weights is None:
         return "none", None
+    if _weights_enum_member(weights):
+        return "weights_enum", weights
     if isinstance(weights, os.PathLike) or (
         isinstance(weights, str) and (os.path.sep in weights or weights.lower().endswith(_WEIGHTS_SUFFIXES))
     ):
@@ -386,10 +627,49 @@ def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
         if Path(weights).is_file():
             return "file", Path(weights)
         return "enum", weights
+    if isinstance(weights, enum.EnumMeta) and weights.__members__:  # the enum, not one of its members
+        member = next(iter(weights.__members__))
+        raise TypeError(
+            f"weights={weights.__name__} is a whole weights enum; pass one of its members, e.g. "
+            f"weights={weights.__name__}.{'DEFAULT' if 'DEFAULT' in weights.__members__ else member}"
+        )
     raise TypeError(
-        "weights must be None, 'imagenet', a torchvision weights name, a timm pretrained tag or a path, "
+        "weights must be None, 'imagenet', a torchvision weights name, a torchvision weights enum member "
+        "(e.g. ResNet18_Weights.DEFAULT), a timm pretrained tag or a path, "
         f"but got {type(weights).__name__}"
     )
+
+
+#: Key prefixes of the library's classifiers' state_dicts: the backbones' FeatureExtractors.
+_CLASSIFIER_KEYS = ("backbone.body.", "backbone_b.body.")
+
+
+def _saved_by_this_library(state: Mapping[str, Tensor], own: Mapping[str, Tensor], path: Path) -> str | None:
+    """What a state_dict saved from one of the library's models (a classifier or a
+    :class:`FeatureExtractor`) holds and how to load it; ``None`` for other state_dicts
+    (e.g. a torchvision or timm model's, which ``weights=`` takes)."""
+    safetensors = path.suffix.lower() == ".safetensors"
+    load = "safetensors.torch.load_file(path)" if safetensors else "torch.load(path)"
+    ours = [k for k in state if k.startswith(_CLASSIFIER_KEYS)]
+    if ours and not any(k.startswith(_CLASSIFIER_KEYS) for k in own):
+        heads = [k for k in state if not k.startswith(_CLASSIFIER_KEYS)]
+        examples = ", ".join(repr(k) for k in [*ours[:2], *heads[-1:]])
+        return (
+            f"the file holds a whole classifier's weights (keys such as {examples}), as saved from a "
+            "FastBCNN, BCNN or GAPClassifier, not a backbone's; build the classifier as it was (with "
+            f"weights=None) and load them with model.load_state_dict({load}). To start a new classifier "
+            f"(e.g. for other classes) from its backbone only: state = {load}; "
+            "new.backbone.load_state_dict({k.removeprefix('backbone.'): v for k, v in state.items() "
+            "if k.startswith('backbone.')})"
+        )
+    if state and all(k.startswith("body.") for k in state) and not any(k.startswith("body.") for k in own):
+        examples = ", ".join(repr(k) for k in list(state)[:2])
+        return (
+            f"the file holds a FeatureExtractor's weights (keys such as {examples}), as saved from "
+            "build_backbone(...), not the model's; build the extractor as it was (with weights=None) and "
+            f"load them with extractor.load_state_dict({load})"
+        )
+    return None
 
 
 def _load_checked(model: nn.Module, path: Path, head: tuple[str, ...], misfit: str) -> None:
@@ -400,9 +680,13 @@ def _load_checked(model: nn.Module, path: Path, head: tuple[str, ...], misfit: s
     Every other key must be there and fit, else ValueError.
     """
     own = model.state_dict()
+    loaded = _load_state_dict(path)
+    saved_whole = _saved_by_this_library(loaded, own, path)
+    if saved_whole is not None:
+        raise ValueError(f"{misfit}: {saved_whole}")
     state = {
         k: v
-        for k, v in _load_state_dict(path).items()
+        for k, v in loaded.items()
         if not (head and k.startswith(head) and (k not in own or own[k].shape != v.shape))
     }
     try:
@@ -414,10 +698,47 @@ def _load_checked(model: nn.Module, path: Path, head: tuple[str, ...], misfit: s
         raise ValueError(f"{misfit}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
-def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tuple[nn.Module, str]:
+def _check_weights_enum(name: str, weights: Any) -> None:
+    """ValueError unless the torchvision weights enum member ``weights`` belongs to model ``name``."""
+    import torchvision
+
+    expected = torchvision.models.get_model_weights(name)
+    if isinstance(weights, expected):
+        return
+    owners = []
+    for other in _torchvision_names():
+        try:
+            if torchvision.models.get_model_weights(other) is type(weights):
+                owners.append(other)
+        except (ValueError, KeyError):  # a builder without a weights enum
+            continue
+    kind = type(weights).__name__
+    whose = f"the weights of torchvision {' / '.join(map(repr, owners))}" if owners else f"a {kind}"
+    members = ", ".join(f"{expected.__name__}.{key}" for key in expected.__members__)
+    raise ValueError(
+        f"weights={weights!r} are {whose}, not of {name!r}: pass one of {expected.__name__}'s members "
+        f"({members}), 'imagenet', or build the model the weights belong to"
+    )
+
+
+def _weights_names(name: str) -> str:
+    """The weights names of torchvision model ``name`` (``"IMAGENET1K_V1, DEFAULT"``), for error messages."""
+    import torchvision
+
+    try:
+        return ", ".join(torchvision.models.get_model_weights(name).__members__)
+    except (ValueError, KeyError):
+        return ""
+
+
+def _build_torchvision(
+    name: str, weights: WeightsArg, node: str | None, sample_shape: tuple[int, ...] = (3, 128, 128)
+) -> tuple[nn.Module, str]:
     import torchvision
 
     kind, value = _classify_weights(weights)
+    if kind == "weights_enum":
+        _check_weights_enum(name, value)
     kwargs: dict[str, Any] = {}
     if name in ("inception_v3", "googlenet"):
         kwargs["init_weights"] = kind == "none"  # skip the slow truncated-normal init when loading
@@ -427,14 +748,16 @@ def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tupl
         # model rebuilt with weights=None to load a checkpoint into, preprocess as the
         # pretrained model did (transform_input is not in the state_dict).
         kwargs["transform_input"] = True
-    if kind in ("imagenet", "enum"):
+    if kind in ("imagenet", "enum", "weights_enum"):
         try:
             model = torchvision.models.get_model(name, weights="DEFAULT" if kind == "imagenet" else value)
         except (OSError, RuntimeError, ValueError, KeyError) as err:  # URLError is an OSError
             if kind == "enum" and isinstance(err, (ValueError, KeyError)):
+                known = _weights_names(name)
                 raise ValueError(
                     f"unknown weights {value!r} for {name!r}: use None, 'imagenet', a torchvision "
-                    "weights name such as 'IMAGENET1K_V1', or a path to a local state_dict file"
+                    f"weights name ({f'its names: {known}' if known else 'such as IMAGENET1K_V1'}), "
+                    "or a path to a local state_dict file"
                 ) from err
             raise _weights_error(name, err) from err
     else:
@@ -444,9 +767,9 @@ def _build_torchvision(name: str, weights: WeightsArg, node: str | None) -> tupl
             _load_checked(model, value, _TORCHVISION_HEADS, misfit)
     node = node or _torchvision_node(name, model)
     if node is None:
+        needs = [_node_hint(model)] + [hint for hint in (_size_hint(model, sample_shape),) if hint]
         raise ValueError(
-            f"no default feature node is known for torchvision model {name!r}; pass node=... "
-            "(see torchvision.models.feature_extraction.get_graph_node_names)"
+            f"no default feature node is known for torchvision model {name!r}; pass {' and '.join(needs)}"
         )
     return model, node
 
@@ -502,6 +825,13 @@ def _check_timm_file(timm: Any, name: str, path: Path) -> None:
     classifiers = full.pretrained_cfg.get("classifier") or ()
     head = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
     _load_checked(full, path, head, misfit)
+
+
+def _timm_in_channels(body: nn.Module) -> int:
+    """Channels of the images a timm model takes: its configuration's input size (3 if unsaid)."""
+    cfg = getattr(body, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    return int(size[0]) if isinstance(size, (tuple, list)) and size else 3
 
 
 def _timm_output_fmt(body: nn.Module) -> str:
@@ -568,8 +898,16 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
             f"backbone {name!r} comes from timm, which is not installed: {_install('timm')}"
         ) from err
     if name not in timm.list_models() and not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+        close = _close_names(name.partition(".")[0], timm.list_models())
+        meant = f" ({_did_you_mean(close)})" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{meant}; see timm.list_models()")
     kind, value = _classify_weights(weights)
+    if kind == "weights_enum":
+        raise ValueError(
+            f"weights={value!r} is a torchvision weights enum, but {name!r} is a timm model: use None, "
+            "'imagenet', one of its pretrained tags (timm.list_pretrained), or a path to a local "
+            "state_dict file"
+        )
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": (-1,)}
     if kind == "file":
         _check_timm_file(timm, name, value)
@@ -610,21 +948,30 @@ def build_backbone(
         weights: ``None`` (random initialisation), ``"imagenet"`` (the library's default
             pretrained weights, downloaded when not cached; offline this raises a
             :class:`RuntimeError` that names the alternatives), a torchvision weights name
-            such as ``"IMAGENET1K_V1"``, a timm pretrained tag such as ``"tv_in1k"`` (for
+            such as ``"IMAGENET1K_V1"`` or a member of the model's torchvision weights enum
+            such as ``torchvision.models.ResNet18_Weights.DEFAULT`` (a member of another
+            model's enum raises a ValueError that names the model's members; timm models
+            take no torchvision enum), a timm pretrained tag such as ``"tv_in1k"`` (for
             ``"resnet18"``: the weights of ``"resnet18.tv_in1k"``; an unknown tag raises a
             ValueError listing the model's tags), or a path to a local ``state_dict`` file of
             the full model (a ``Path``, or a string with a path separator or a suffix
             ``.pth``, ``.pt``, ``.bin``, ``.safetensors``, ``.ckpt``; FileNotFoundError if
             it does not exist). The file's classifier may be missing or of another size
             (fine-tuned on other classes): it is not loaded, the extractor cuts it off; every
-            other key must fit. Only for names.
+            other key must fit. A file saved from one of the library's classifiers (keys
+            ``backbone.body.*``, ``classifier.*``) or extractors (``body.*``) raises a ValueError
+            that says to build that model and call its ``load_state_dict``. Only for names.
         node: for a model or a torchvision name, the graph node whose output is the
             feature map (default: the family's last feature stage, e.g. ``"layer4"``).
         se_reduction: insert squeeze-and-excitation blocks with this ratio inside the
             backbone's blocks (:func:`~bilinearpool.insert_se_blocks`), after loading weights.
         sample_shape: ``(C, H, W)`` of the zero image used to read the channel count
             (default ``(3, 128, 128)``); e.g. ``(1, 64, 64)`` for a one-channel backbone,
-            ``(3, 224, 224)`` for a ViT, which takes one size only.
+            ``(3, 224, 224)`` for a ViT, which takes one size only (where a model says so, as
+            torchvision's and timm's ViTs do, the errors name that size; a torchvision ViT
+            passed without ``node=`` is refused with one error that names both). Given for a
+            module, it declares the images the module takes: the extractor's ``in_channels``
+            is set, and its forward checks its input (see :class:`FeatureExtractor`).
         output_fmt: layout of the backbone's 4-D feature map, ``"NCHW"`` or ``"NHWC"``
             (then permuted to ``(B, C, H, W)``). Default: what the backbone reports (the
             ``output_fmt`` of timm models and feature nets, names and modules alike; the
@@ -634,7 +981,14 @@ def build_backbone(
             to pass the other layout.
 
     Returns:
-        The feature extractor; ``out_channels`` holds :math:`C`.
+        The feature extractor; ``out_channels`` holds :math:`C`, ``in_channels`` the
+        channels of the images it takes where they are known (names, torchvision and timm
+        models, a given ``sample_shape``: then its forward refuses other shapes and dtypes
+        with a clear error), else ``None``.
+
+    Raises:
+        ValueError: for an unknown name (suggesting close names: ``"resnet-50"`` -> did you
+            mean ``'resnet50'``?), and for the problems described above.
 
     Shape:
         - Input: :math:`(B, C_{in}, H_{in}, W_{in})`, :math:`C_{in} = 3` for named backbones.
@@ -660,6 +1014,7 @@ def build_backbone(
         return backbone
     if output_fmt is not None and output_fmt not in _FORMATS:
         raise ValueError(f"output_fmt must be one of {_FORMATS} or None, but got {output_fmt!r}")
+    given_shape = sample_shape is not None
     sample_shape = _check_sample_shape(sample_shape)
     if isinstance(backbone, str):
         name = backbone
@@ -677,23 +1032,29 @@ def build_backbone(
                 reduction=info.reduction()[-1],
                 name=name,
                 output_fmt=output_fmt or _timm_output_fmt(body),
+                in_channels=_timm_in_channels(body),
             )
         if name in _torchvision_names():
             given_node = node
-            model, node = _build_torchvision(name, weights, node)
+            model, node = _build_torchvision(name, weights, node, sample_shape)
             if se_reduction is not None:
                 insert_se_blocks(model, reduction=se_reduction)
             fmt = output_fmt or _torchvision_output_fmt(model, node)
+            needs = [hint for hint in (_size_hint(model, sample_shape),) if hint]
             body = _extract(model, node)
             # the layouts of the default nodes are known; a node of the user's is checked
-            channels, stride = _probe(body, sample_shape, fmt, check_layout=given_node is not None)
+            channels, stride = _probe(
+                body, sample_shape, fmt, check_layout=given_node is not None, needs=needs
+            )
             return FeatureExtractor(
                 body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt,
-                tokens=stride is None,
+                tokens=stride is None, in_channels=sample_shape[0],
             )
         no_tv, no_timm = _missing("torchvision", "vision"), _missing("timm", "timm")
+        close = _close_names(name, [*_torchvision_names(), *_timm_names()])
         message = (
-            f"unknown backbone {name!r}: expected a torchvision classification model name "
+            f"unknown backbone {name!r}{f' ({_did_you_mean(close)})' if close else ''}: "
+            "expected a torchvision classification model name "
             f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}{'; ' + no_tv if no_tv else ''}), "
             f"a timm model name{f' ({no_timm})' if no_timm else ''}, or an nn.Module"
         )
@@ -705,6 +1066,16 @@ def build_backbone(
         raise ValueError("weights= applies to named backbones; load weights into your module before passing it")
     default_node = None if node is not None else _torchvision_model_node(backbone)
     node = node or default_node
+    size = _size_hint(backbone, sample_shape)
+    if node is None and _is_torchvision_classifier(backbone):
+        # it would give its logits: say at once all that it needs (node=, and its one image size)
+        raise ValueError(
+            f"{type(backbone).__name__} is a torchvision classification model with no default feature node "
+            f"(its output is its logits); pass {' and '.join(filter(None, (_node_hint(backbone), size)))}"
+        )
+    needs = [hint for hint in (size,) if hint]
+    if node is None and _is_timm_classifier(backbone):  # its logits would be refused after the size
+        needs.append(_node_hint(backbone))
     fmt = output_fmt or _module_output_fmt(backbone, node)
     if se_reduction is not None:
         if node is not None:
@@ -712,11 +1083,35 @@ def build_backbone(
         insert_se_blocks(backbone, reduction=se_reduction)
     body = _extract(backbone, node) if node is not None else backbone
     # as for names, the layouts of the default nodes are known: no second probe
-    channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None)
+    channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None, needs=needs)
+    # what the network takes is known for torchvision and timm models, and declared by a sample_shape
+    known = given_shape or _is_torchvision_classifier(backbone) or _is_timm_model(backbone)
     return FeatureExtractor(
         body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt,
-        tokens=stride is None,
+        tokens=stride is None, in_channels=sample_shape[0] if known else None,
     )
+
+
+def _close_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``names`` close to ``name``, ignoring case, ``-`` and ``_``: the names
+    equal to it that way if there are any, else :func:`difflib.get_close_matches`'s."""
+
+    def key(text: str) -> str:
+        return text.lower().replace("-", "").replace("_", "")
+
+    by_key: dict[str, list[str]] = {}
+    for known in names:
+        by_key.setdefault(key(known), []).append(known)
+    wanted = key(name)
+    keys = [wanted] if wanted in by_key else difflib.get_close_matches(wanted, list(by_key), n=n, cutoff=0.6)
+    return list(dict.fromkeys(known for k in keys for known in by_key[k]))[:n]
+
+
+def _did_you_mean(names: Sequence[str]) -> str:
+    """``"did you mean 'a', 'b' or 'c'?"``"""
+    quoted = [repr(n) for n in names]
+    listed = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+    return f"did you mean {listed}?"
 
 
 def _check_sample_shape(sample_shape: tuple[int, ...] | None) -> tuple[int, ...]:

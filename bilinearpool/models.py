@@ -265,6 +265,14 @@ class BilinearClassifier(nn.Module):
     For Grad-CAM, :attr:`gradcam_layers` are the modules whose outputs are the streams'
     last feature maps (one per stream); :attr:`gradcam_layer` is the first stream's only.
 
+    The input is checked by the backbones (:class:`~bilinearpool.FeatureExtractor`): where a
+    backbone's input is known (a name, a torchvision or timm model, a module given with
+    ``sample_shape``), anything but images :math:`(B, C_{in}, H, W)` of the parameters'
+    floating dtype (any floating dtype under ``torch.autocast``) raises a ValueError (shape)
+    or TypeError (dtype; for ``uint8`` images it says how to convert them) before the
+    backbone runs; for other modules an input of a dtype their parameters cannot take is
+    reported as a TypeError when the module fails on it.
+
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`, :math:`C_{in} = 3` for named backbones.
         - Output: :math:`(B, \\text{num\\_classes})`.

@@ -1,0 +1,373 @@
+"""Errors a new user meets: what they say, and that following them works.
+
+Torchvision weights enums as ``weights=``, a classifier's checkpoint given as backbone
+weights, a ViT's needs said at once, close names for unknown backbones, and the input
+checks of the classifiers' forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import sys
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from bilinearpool import BCNN, FastBCNN, FeatureExtractor, GAPClassifier, build_backbone
+
+
+def tiny() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 6, 3, stride=4, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+
+
+class TestTorchvisionWeightsEnum:
+    """``weights=ResNet18_Weights.DEFAULT``, the torchvision idiom, was a TypeError."""
+
+    @pytest.fixture
+    def get_model_calls(self, monkeypatch):
+        """The ``weights`` each call of torchvision.models.get_model was given."""
+        calls = []
+        get_model = torchvision.models.get_model
+
+        def spy(name, **kwargs):
+            calls.append(kwargs.get("weights"))
+            return get_model(name, **kwargs)
+
+        monkeypatch.setattr(torchvision.models, "get_model", spy)
+        return calls
+
+    def test_member_goes_to_torchvision(self, tmp_path, monkeypatch, get_model_calls):
+        """The member is handed to torchvision, which loads the file its URL names (put in
+        torch.hub's cache here: nothing is downloaded)."""
+        from torchvision.models import ResNet18_Weights
+
+        reference = torchvision.models.resnet18()
+        cache = tmp_path / "hub" / "checkpoints"
+        cache.mkdir(parents=True)
+        torch.save(reference.state_dict(), cache / ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1])
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        model = FastBCNN("resnet18", num_classes=8, weights=ResNet18_Weights.DEFAULT)
+        assert get_model_calls == [ResNet18_Weights.IMAGENET1K_V1]
+        torch.testing.assert_close(model.backbone.body.conv1.weight, reference.conv1.weight)
+        torch.testing.assert_close(
+            model.backbone.body.get_submodule("layer4.1.bn2").running_var, reference.layer4[1].bn2.running_var
+        )
+
+    def test_member_of_another_model_is_refused_before_any_download(self, get_model_calls):
+        from torchvision.models import ResNet50_Weights
+
+        message = (
+            r"weights=ResNet50_Weights.IMAGENET1K_V2 are the weights of torchvision 'resnet50', not of "
+            r"'resnet18': pass one of ResNet18_Weights's members \(ResNet18_Weights.IMAGENET1K_V1, "
+            r"ResNet18_Weights.DEFAULT\)"
+        )
+        with pytest.raises(ValueError, match=message):
+            FastBCNN("resnet18", num_classes=8, weights=ResNet50_Weights.DEFAULT)
+        assert get_model_calls == []
+
+    def test_the_enum_itself_names_a_member(self):
+        from torchvision.models import ResNet18_Weights
+
+        with pytest.raises(TypeError, match=r"whole weights enum; pass one of its members, e.g. "
+                           r"weights=ResNet18_Weights.DEFAULT"):
+            build_backbone("resnet18", weights=ResNet18_Weights)
+
+    def test_timm_models_take_no_torchvision_enum(self):
+        from torchvision.models import ResNet18_Weights
+
+        with pytest.raises(ValueError, match=r"torchvision weights enum, but 'resnet18' is a timm model"):
+            build_backbone("timm:resnet18", weights=ResNet18_Weights.DEFAULT)
+
+    def test_unknown_weights_name_lists_the_models_names(self):
+        with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET9K' for 'resnet50'.*"
+                           r"its names: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
+            build_backbone("resnet50", weights="IMAGENET9K")
+
+    def test_other_types_are_still_refused(self):
+        with pytest.raises(TypeError, match=r"a torchvision weights enum member \(e.g. ResNet18_Weights.DEFAULT\)"
+                           r".*but got int"):
+            build_backbone("resnet18", weights=3)  # type: ignore[arg-type]
+
+
+class TestLibraryCheckpointAsWeights:
+    """A classifier's own state_dict as ``weights=`` listed missing ``conv1.*`` and
+    unexpected ``backbone.body.*`` keys."""
+
+    @pytest.mark.parametrize("cls", [FastBCNN, BCNN])
+    def test_classifier_checkpoint_says_how_to_load_it(self, cls, tmp_path):
+        torch.manual_seed(0)
+        saved = cls("resnet18", num_classes=3)
+        path = tmp_path / "classifier.pth"
+        torch.save(saved.state_dict(), path)
+        message = (
+            r"does not fit torchvision 'resnet18': the file holds a whole classifier's weights \(keys such as "
+            r"'backbone.body.conv1.weight'.*model.load_state_dict\(torch.load\(path\)\).*from its backbone "
+            r"only: state = torch.load\(path\); new.backbone.load_state_dict"
+        )
+        with pytest.raises(ValueError, match=message):
+            cls("resnet18", num_classes=3, weights=path)
+        # what the error says to do works, for the whole model and for its backbone alone
+        model = cls("resnet18", num_classes=3)
+        model.load_state_dict(torch.load(path))
+        torch.testing.assert_close(model.classifier.weight, saved.classifier.weight)
+        new = GAPClassifier("resnet18", num_classes=5)
+        state = torch.load(path)
+        new.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+        torch.testing.assert_close(new.backbone.body.conv1.weight, saved.backbone.body.conv1.weight)
+
+    def test_timm_backbone(self, tmp_path):
+        path = tmp_path / "classifier.pth"
+        torch.save(GAPClassifier("timm:resnet18", num_classes=3).state_dict(), path)
+        with pytest.raises(ValueError, match=r"does not fit timm 'resnet18': the file holds a whole classifier's"):
+            build_backbone("timm:resnet18", weights=path)
+
+    def test_safetensors_file_names_its_loader(self, tmp_path):
+        safetensors = pytest.importorskip("safetensors.torch")
+        path = tmp_path / "classifier.safetensors"
+        safetensors.save_file(FastBCNN("resnet18", num_classes=3).state_dict(), str(path))
+        with pytest.raises(ValueError, match=r"model.load_state_dict\(safetensors.torch.load_file\(path\)\)"):
+            build_backbone("resnet18", weights=path)
+
+    def test_extractor_checkpoint(self, tmp_path):
+        path = tmp_path / "extractor.pth"
+        torch.save(build_backbone("resnet18").state_dict(), path)
+        with pytest.raises(ValueError, match=r"holds a FeatureExtractor's weights \(keys such as 'body.conv1.weight'"
+                           r".*extractor.load_state_dict\(torch.load\(path\)\)"):
+            build_backbone("resnet18", weights=path)
+
+
+def tiny_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
+    )
+
+
+class TestViTNeedsSaidAtOnce:
+    """A torchvision ViT said only "pass sample_shape", and then, once given, "pass node="."""
+
+    def test_module_without_node_or_size(self):
+        with pytest.raises(ValueError, match=r"VisionTransformer is a torchvision classification model with no "
+                           r"default feature node.*pass node=.*node='encoder'.* and sample_shape=\(3, 32, 32\)"):
+            FastBCNN(tiny_vit(), num_classes=8)
+        with pytest.raises(ValueError, match=r"no default feature node.*node='encoder'") as info:
+            FastBCNN(tiny_vit(), num_classes=8, sample_shape=(3, 32, 32))
+        assert "sample_shape=(" not in str(info.value)  # the size given is right: not asked again
+        model = FastBCNN(tiny_vit(), num_classes=8, node="encoder", sample_shape=(3, 32, 32))
+        assert model.backbone.tokens and model(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+
+    def test_node_without_size_names_the_size(self):
+        with pytest.raises(ValueError, match=r"zero image of shape \(1, 3, 128, 128\).*pass sample_shape="
+                           r"\(3, 32, 32\) \(VisionTransformer takes 32 x 32 images only\)$"):
+            FastBCNN(tiny_vit(), num_classes=8, node="encoder")
+
+    def test_name(self):
+        with pytest.raises(ValueError, match=r"no default feature node is known for torchvision model 'vit_b_16'; "
+                           r"pass node=.*node='encoder'.* and sample_shape=\(3, 224, 224\)"):
+            build_backbone("vit_b_16")
+
+    def test_timm_vit_module(self):
+        timm = pytest.importorskip("timm")
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+        with pytest.raises(ValueError, match=r"pass sample_shape=\(3, 32, 32\) .* and node= naming its last "
+                           r"feature map \(its forward ends in its classifier, num_classes=1000"):
+            build_backbone(vit)
+
+
+class TestCloseNames:
+    @pytest.mark.parametrize(
+        ("name", "meant"),
+        [("resnet5O", "'resnet50'"), ("inceptionv3", "'inception_v3'"), ("resnet-50", "'resnet50'"),
+         ("ResNet50", "'resnet50'"), ("Inception-V3", "'inception_v3'")],
+    )
+    def test_unknown_name_suggests(self, name, meant):
+        with pytest.raises(ValueError, match=rf"unknown backbone '{name}' \(did you mean {meant}"):
+            build_backbone(name)
+
+    def test_exact_but_for_case_and_separators_suggests_that_only(self):
+        with pytest.raises(ValueError, match=r"\(did you mean 'inception_v3'\?\): expected"):
+            build_backbone("inceptionv3")
+
+    def test_nothing_close(self):
+        with pytest.raises(ValueError, match="unknown backbone 'qwertyuiop'") as info:
+            build_backbone("qwertyuiop")
+        assert "did you mean" not in str(info.value)
+
+    def test_timm_prefix(self):
+        with pytest.raises(ValueError, match=r"unknown timm model 'resnt18' \(did you mean 'resnet18'"):
+            build_backbone("timm:resnt18")
+
+    def test_without_timm_torchvision_names_are_suggested(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "timm", None)
+        with pytest.raises(ImportError, match=r"unknown backbone 'resnet-50' \(did you mean 'resnet50'\?\)"):
+            build_backbone("resnet-50")
+
+
+@pytest.fixture(scope="module")
+def resnet18_model():
+    torch.manual_seed(0)
+    return FastBCNN("resnet18", num_classes=4).eval()
+
+
+class TestInputChecks:
+    """Where the backbone's input is known, forward names what it takes and what arrived
+    (was: BatchNorm's "expected 4D input", "expected scalar type Byte but found Float")."""
+
+    def test_named_backbone_knows_its_input(self, resnet18_model):
+        assert resnet18_model.backbone.in_channels == 3
+        assert build_backbone("timm:resnet18").in_channels == 3
+        assert build_backbone(torchvision.models.resnet18()).in_channels == 3
+        timm = pytest.importorskip("timm")
+        assert build_backbone(timm.create_model("resnet18", num_classes=0, global_pool="")).in_channels == 3
+        assert "in_channels=3, out_channels=512" in repr(resnet18_model.backbone)
+        assert build_backbone(tiny(), sample_shape=(3, 16, 16)).in_channels == 3
+        assert build_backbone(tiny()).in_channels is None  # any module: nothing imposed
+
+    def test_missing_batch_dimension(self, resnet18_model):
+        with pytest.raises(ValueError, match=r"backbone 'resnet18:layer4' takes images \(B, 3, H, W\) of dtype "
+                           r"torch.float32, but got shape \(3, 64, 64\): a single image needs a batch dimension: "
+                           r"x.unsqueeze\(0\)$"):
+            resnet18_model(torch.randn(3, 64, 64))
+
+    def test_uint8_images(self, resnet18_model):
+        with pytest.raises(TypeError, match=r"of dtype torch.float32, but got dtype torch.uint8: convert 8-bit "
+                           r"images with x.float\(\) / 255 and normalise them .*ImageNet: mean \(0.485"):
+            resnet18_model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+        with pytest.raises(TypeError, match=r"got dtype torch.uint8 and shape \(64, 64, 3\): .*255.*; a single "
+                           r"channels-last image \(H, W, C\) needs x.permute\(2, 0, 1\).unsqueeze\(0\)"):
+            resnet18_model(torch.zeros(64, 64, 3, dtype=torch.uint8))  # as read from a file
+
+    def test_other_dtypes(self, resnet18_model):
+        with pytest.raises(TypeError, match=r"dtype torch.float32, but got dtype torch.float64: convert the "
+                           r"images with x.float\(\), or the model with model.to\(torch.float64\)"):
+            resnet18_model(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+        with pytest.raises(TypeError, match=r"got dtype torch.int64: convert the images with x.float\(\)"):
+            resnet18_model(torch.zeros(2, 3, 64, 64, dtype=torch.int64))
+
+    def test_other_layouts(self, resnet18_model):
+        with pytest.raises(ValueError, match=r"got shape \(2, 64, 64, 3\): channels-last data \(B, H, W, C\) needs "
+                           r"x.permute\(0, 3, 1, 2\)"):
+            resnet18_model(torch.randn(2, 64, 64, 3))
+        with pytest.raises(ValueError, match=r"got shape \(2, 1, 64, 64\): the images have 1 channels, the backbone "
+                           r"takes 3: gray images can be repeated"):
+            resnet18_model(torch.randn(2, 1, 64, 64))
+        with pytest.raises(TypeError, match=r"takes images \(B, 3, H, W\) of dtype torch.float32, but got list"):
+            resnet18_model([torch.randn(3, 64, 64)])
+
+    def test_fitting_inputs_run(self, resnet18_model):
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            expected = resnet18_model(x)
+            torch.testing.assert_close(resnet18_model(x.to(memory_format=torch.channels_last)), expected)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 parameters, bfloat16 input
+                assert resnet18_model(x.bfloat16()).shape == (2, 4)
+
+    @pytest.mark.parametrize("cls", [FastBCNN, BCNN, GAPClassifier])
+    def test_every_classifier_checks(self, cls):
+        model = cls(tiny(), num_classes=3, sample_shape=(3, 16, 16))
+        with pytest.raises(ValueError, match=r"backbone 'Sequential' takes images \(B, 3, H, W\)"):
+            model(torch.randn(3, 16, 16))
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_precision(self, dtype):
+        model = FastBCNN(tiny(), num_classes=3, sample_shape=(3, 16, 16)).eval()
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x.to(dtype)).shape == (2, 3)  # float32 parameters under autocast
+        half = copy.deepcopy(model).to(dtype)  # a model made half
+        with torch.no_grad():
+            assert half(x.to(dtype)).dtype == dtype
+        with pytest.raises(TypeError, match=rf"of dtype {dtype}, but got dtype torch.float32"):
+            half(x)
+
+    def test_traced_compiled_and_exported(self):
+        from _onnx import run_onnx
+
+        torch.manual_seed(0)
+        model = FastBCNN(tiny(), num_classes=3, sample_shape=(3, 24, 24)).eval()
+        x = torch.randn(2, 3, 24, 24)
+        with torch.no_grad():
+            eager = model(x)
+            torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), eager)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(model, x)
+            torch.testing.assert_close(traced(x), eager)
+            torch.testing.assert_close(torch.from_numpy(run_onnx(model, x)), eager, rtol=1e-4, atol=1e-5)
+        with pytest.raises(TypeError, match="got dtype torch.uint8"):
+            torch.compile(model, backend="eager")(x.to(torch.uint8))
+
+    def test_traced_compiled_and_exported_with_dynamo(self):
+        pytest.importorskip("onnxscript")
+        from _onnx import run_onnx
+
+        torch.manual_seed(0)
+        model = FastBCNN(tiny(), num_classes=3, sample_shape=(3, 24, 24)).eval()
+        x = torch.randn(2, 3, 24, 24)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(run_onnx(model, x, dynamo=True)), model(x), rtol=1e-4, atol=1e-5)
+
+
+class TestAnyModuleIsNotConstrained:
+    """A module of the user's may take other inputs: nothing is checked before it runs."""
+
+    def test_module_that_converts_its_input_itself(self):
+        class Scaled(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                return self.conv(x.float() / 255)
+
+        model = FastBCNN(Scaled(), num_classes=2)
+        assert model(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape == (2, 2)
+
+    def test_dtype_is_blamed_when_the_module_fails(self):
+        model = FastBCNN(tiny(), num_classes=2)
+        with pytest.raises(TypeError, match=r"backbone 'Sequential' failed on input of dtype torch.uint8, its "
+                           r"parameters being torch.float32 \(RuntimeError: .*\); convert 8-bit images with "
+                           r"x.float\(\) / 255") as info:
+            model(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+        assert isinstance(info.value.__cause__, RuntimeError)
+        with pytest.raises(TypeError, match=r"failed on input of dtype torch.float64"):
+            model(torch.zeros(2, 3, 8, 8, dtype=torch.float64))
+
+    def test_other_failures_are_left_alone(self):
+        model = FastBCNN(tiny(), num_classes=2)
+        with pytest.raises(RuntimeError, match="channels") as info:
+            model(torch.zeros(2, 5, 8, 8))  # the convolution's own error
+        assert not isinstance(info.value, TypeError)
+
+    def test_checks_can_be_turned_off(self):
+        class Scaled(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                return self.conv(x.float() / 255)
+
+        model = FastBCNN(Scaled(), num_classes=2, sample_shape=(3, 8, 8))
+        x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+        with pytest.raises(TypeError, match="got dtype torch.uint8"):
+            model(x)
+        model.backbone.in_channels = None
+        assert model(x).shape == (2, 2)
+
+
+def test_extractor_pickled_before_in_channels_still_runs():
+    ext = build_backbone(tiny(), sample_shape=(3, 8, 8))
+    state = dict(ext.__dict__)
+    del state["in_channels"]
+    old = FeatureExtractor.__new__(FeatureExtractor)
+    old.__setstate__(state)
+    assert old.in_channels is None
+    restored = pickle.loads(pickle.dumps(ext))
+    assert restored.in_channels == 3
+    with pytest.raises(ValueError, match="in_channels must be None or a positive int, but got 0"):
+        FeatureExtractor(tiny(), out_channels=6, in_channels=0)
