@@ -584,11 +584,13 @@ def _load_error(err: RuntimeError) -> str:
     return f"{lines[1]} ..." if len(lines) > 1 else str(err)
 
 
-def _weights_error(name: str, err: BaseException) -> RuntimeError:
+def _weights_error(name: str, err: BaseException, *, timm: bool = False) -> RuntimeError:
+    # timm fetches through the Hugging Face Hub, which retries for about 45 s when offline
+    hub = " (offline, HF_HUB_OFFLINE=1 makes timm fail at once instead of retrying)" if timm else ""
     return RuntimeError(
         f"could not obtain pretrained ImageNet weights for {name!r} ({type(err).__name__}: {err}). "
         "Alternatives: weights='/path/to/state_dict.pth' (a local file, e.g. downloaded elsewhere), "
-        "or weights=None for random initialisation."
+        f"or weights=None for random initialisation{hub}."
     )
 
 
@@ -924,7 +926,7 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
             raise ValueError(f"weights file {str(value)!r} does not fit timm {name!r}: {err}") from err
         if kind == "none":
             raise
-        raise _weights_error(name, err) from err
+        raise _weights_error(name, err, timm=True) from err
 
 
 def build_backbone(

@@ -207,8 +207,22 @@ def test_offline_imagenet_weights_name_the_alternatives(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"could not obtain pretrained ImageNet weights .*weights=None"):
+    with pytest.raises(RuntimeError, match=r"could not obtain pretrained ImageNet weights .*weights=None") as info:
         build_backbone("resnet18", weights="imagenet")
+    assert "HF_HUB_OFFLINE" not in str(info.value)  # torchvision: no Hugging Face Hub
+
+
+def test_offline_timm_weights_name_hf_hub_offline(monkeypatch):
+    """Offline, the Hugging Face Hub retries for about 45 s before timm fails: the error says
+    how to fail at once."""
+    timm = pytest.importorskip("timm")
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=r"could not obtain pretrained .*HF_HUB_OFFLINE=1"):
+        build_backbone("timm:resnet18", weights="imagenet")
 
 
 def test_unknown_name_says_which_package_is_missing(monkeypatch):
