@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from . import functional
 from .attention import SEBlock, insert_se_blocks
-from .backbones import FeatureExtractor, build_backbone, list_backbones
+from .backbones import FeatureExtractor, build_backbone, check_backbone_name, list_backbones
 from .compact import CompactBilinearPool
 from .covariance import CovariancePool
 from .models import (
@@ -56,6 +56,7 @@ __all__ = [
     "__version__",
     "build_backbone",
     "build_model",
+    "check_backbone_name",
     "functional",
     "insert_se_blocks",
     "list_backbones",

@@ -42,7 +42,7 @@ from .attention import SEBlock, insert_se_blocks
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
 
-__all__ = ["FeatureExtractor", "build_backbone", "list_backbones"]
+__all__ = ["FeatureExtractor", "build_backbone", "check_backbone_name", "list_backbones"]
 
 #: ``weights=``: None, a name or tag, a path, or a torchvision weights enum member.
 WeightsArg = Union[str, os.PathLike, "WeightsEnum", None]
@@ -892,7 +892,10 @@ def _timm_tagged(timm: Any, name: str, tag: str) -> str:
     return f"{bare}.{tag}"
 
 
-def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
+def _timm_module(name: str) -> Any:
+    """timm, checked to know model ``name`` (bare, or with a pretrained tag): an
+    ImportError naming the extra when timm is missing, a ValueError with close names when
+    it does not know the name."""
     try:
         import timm
     except ImportError as err:
@@ -903,6 +906,11 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
         close = _close_names(name.partition(".")[0], timm.list_models())
         meant = f" ({_did_you_mean(close)})" if close else ""
         raise ValueError(f"unknown timm model {name!r}{meant}; see timm.list_models()")
+    return timm
+
+
+def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
+    timm = _timm_module(name)
     kind, value = _classify_weights(weights)
     if kind == "weights_enum":
         raise ValueError(
@@ -1020,8 +1028,7 @@ def build_backbone(
     sample_shape = _check_sample_shape(sample_shape)
     if isinstance(backbone, str):
         name = backbone
-        # timm names may carry a pretrained tag ("resnet18.a1_in1k"); list_models() lists bare names
-        if name.startswith("timm:") or (name not in _torchvision_names() and _timm_names(name.partition(".")[0])):
+        if _is_timm_name(name):
             if node is not None:
                 raise ValueError(f"node= applies to torchvision models, not to timm model {name!r}")
             body: nn.Module = _build_timm(name.removeprefix("timm:"), weights)
@@ -1052,16 +1059,7 @@ def build_backbone(
                 body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt,
                 tokens=stride is None, in_channels=sample_shape[0],
             )
-        no_tv, no_timm = _missing("torchvision", "vision"), _missing("timm", "timm")
-        close = _close_names(name, [*_torchvision_names(), *_timm_names()])
-        message = (
-            f"unknown backbone {name!r}{f' ({_did_you_mean(close)})' if close else ''}: "
-            "expected a torchvision classification model name "
-            f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}{'; ' + no_tv if no_tv else ''}), "
-            f"a timm model name{f' ({no_timm})' if no_timm else ''}, or an nn.Module"
-        )
-        # With a provider missing the name may well be one of its models: an ImportError.
-        raise (ImportError if no_tv or no_timm else ValueError)(message)
+        raise _unknown_backbone(name)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a name or an nn.Module, but got {type(backbone).__name__}")
     if weights is not None:
@@ -1092,6 +1090,59 @@ def build_backbone(
         body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt,
         tokens=stride is None, in_channels=sample_shape[0] if known else None,
     )
+
+
+def _is_timm_name(name: str) -> bool:
+    """Whether :func:`build_backbone` resolves ``name`` as a timm model: ``timm:`` names, and
+    names timm lists that torchvision does not (with or without a pretrained tag,
+    ``"resnet18.a1_in1k"``: timm lists bare names)."""
+    return name.startswith("timm:") or (name not in _torchvision_names() and bool(_timm_names(name.partition(".")[0])))
+
+
+def _unknown_backbone(name: str) -> Exception:
+    """The error for a name neither provider knows, with close names; an ImportError when a
+    provider is missing (the name may well be one of its models), else a ValueError."""
+    no_tv, no_timm = _missing("torchvision", "vision"), _missing("timm", "timm")
+    close = _close_names(name, [*_torchvision_names(), *_timm_names()])
+    message = (
+        f"unknown backbone {name!r}{f' ({_did_you_mean(close)})' if close else ''}: "
+        "expected a torchvision classification model name "
+        f"(e.g. {', '.join(list(PAPER_BACKBONES)[:2])}{'; ' + no_tv if no_tv else ''}), "
+        f"a timm model name{f' ({no_timm})' if no_timm else ''}, or an nn.Module"
+    )
+    return (ImportError if no_tv or no_timm else ValueError)(message)
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise what :func:`build_backbone` raises for a name it cannot resolve, without
+    building anything: for checking a configuration before long work (reading a data set,
+    a benchmark run).
+
+    A name that passes may still fail to build for other reasons (weights that cannot be
+    obtained, options that do not apply); that is found when the backbone is built.
+
+    Args:
+        name: a torchvision classification model name, a timm model name (optionally with
+            ``timm:`` and a pretrained tag), as :func:`build_backbone` takes.
+
+    Raises:
+        TypeError: for anything but a string.
+        ValueError: for a name neither torchvision nor timm knows, with close names.
+        ImportError: when the package that may provide it is missing, naming the extra.
+
+    Examples:
+        >>> check_backbone_name("resnet50")
+        >>> check_backbone_name("resnet-50")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown backbone 'resnet-50' (did you mean 'resnet50'?): expected a torchvision classification model name (e.g. resnet50, inception_v3), a timm model name, or an nn.Module
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a backbone name must be a string, but got {type(name).__name__}")
+    if _is_timm_name(name):
+        _timm_module(name.removeprefix("timm:"))
+    elif name not in _torchvision_names():
+        raise _unknown_backbone(name)
 
 
 def _close_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:

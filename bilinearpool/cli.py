@@ -2249,11 +2249,16 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--resolutions must be at least 32 pixels, but got {res}")
 
 
-def _backbone_known(name: str, torchvision_names: set[str], timm_names: set[str]) -> bool:
-    """Whether :func:`bilinearpool.build_backbone` accepts ``name`` (as it resolves names)."""
-    if name.startswith("timm:"):
-        return name.removeprefix("timm:").partition(".")[0] in timm_names
-    return name in torchvision_names or name.partition(".")[0] in timm_names
+def _backbone_known(name: str) -> bool:
+    """Whether :func:`bilinearpool.build_backbone` resolves ``name``
+    (:func:`bilinearpool.check_backbone_name`)."""
+    from .backbones import check_backbone_name
+
+    try:
+        check_backbone_name(name)
+    except (ValueError, ImportError):
+        return False
+    return True
 
 
 #: Suffixes of the files a run writes into ``--out`` (see :func:`write_result`).
@@ -2408,9 +2413,7 @@ def _backbones_problem(command: str, given: Sequence[str] | None) -> str | None:
     from . import backbones as bb
 
     names = list(dict.fromkeys(given or PAPER_BACKBONES))
-    listed = bb.list_backbones()
-    tv, timm = set(listed["torchvision"]), set(listed["timm"])
-    unknown = [b for b in names if not _backbone_known(b, tv, timm)]
+    unknown = [b for b in names if not _backbone_known(b)]
     if not unknown:
         return None
     missing = {
@@ -2434,7 +2437,7 @@ def _backbones_problem(command: str, given: Sequence[str] | None) -> str | None:
     elif given:
         head = (
             f"--backbones expected names that bilinearpool.build_backbone accepts (torchvision "
-            f"classification models{', timm models' if timm else ''}; see "
+            f"classification models{'' if missing['timm'] else ', timm models'}; see "
             "bilinearpool.list_backbones())"
         )
     else:
