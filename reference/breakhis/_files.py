@@ -10,8 +10,10 @@ several files at once (the figures) is staged in a hidden folder
 removes what a killed process left of those.
 
 :func:`folder_problem` and :func:`writable_problem` say why a path cannot serve as an
-output folder; :func:`check_int` and :func:`check_seed` refuse integer settings out of
-range with one form of message.
+output folder, :func:`missing_folder_problem` why it cannot serve as an input folder;
+:func:`check_int` and :func:`check_seed` refuse integer settings out of range with one
+form of message, as a :class:`SettingError` that names the setting, so that the command
+line can name its option instead (``--input-size`` for ``input_size``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import IO, Any
 
 __all__ = [
     "SKLEARN_SEED_MAX",
+    "SettingError",
     "atomic_writer",
     "check_int",
     "check_seed",
     "folder_problem",
+    "missing_folder_problem",
     "new_file_mode",
     "remove_stale_staging",
     "remove_stale_temporaries",
@@ -43,6 +47,41 @@ __all__ = [
 SKLEARN_SEED_MAX = 2**32 - 1
 #: tempfile's random part of a name: 8 characters of this alphabet.
 _TEMP_CHARS = "[a-z0-9_]{8}"
+
+
+class SettingError(ValueError):
+    """A setting outside what it may be: ``"<setting> <requirement>"``.
+
+    The message starts with the setting's name, so that a caller that knows the setting
+    by another name (the command line's ``--input-size`` for ``input_size``) can say it
+    with that name (:meth:`named`); ``str()`` gives it with ``setting``. A
+    :class:`ValueError`, so that ``except ValueError`` catches it as before.
+
+    Args:
+        setting: the setting's name (``"input_size"``).
+        requirement: the rest of the message, what the setting must be and what it
+            got (``"must be >= 8, but got 4"``).
+
+    Examples:
+        >>> err = SettingError("input_size", "must be >= 8, but got 4")
+        >>> str(err), err.setting
+        ('input_size must be >= 8, but got 4', 'input_size')
+        >>> err.named("--input-size")
+        '--input-size must be >= 8, but got 4'
+    """
+
+    def __init__(self, setting: str, requirement: str) -> None:
+        super().__init__(f"{setting} {requirement}")
+        self.setting = setting
+        self.requirement = requirement
+
+    def named(self, name: str) -> str:
+        """The message with ``name`` for the setting."""
+        return f"{name} {self.requirement}"
+
+    def __reduce__(self) -> tuple[type[SettingError], tuple[str, str]]:
+        # pickled (multiprocessing) with both arguments, not with the message alone
+        return type(self), (self.setting, self.requirement)
 
 
 def new_file_mode() -> int:
@@ -236,6 +275,32 @@ def folder_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def missing_folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as an existing folder: it does not exist, or is a file.
+
+    Examples:
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> missing_folder_problem(folder) is None
+        True
+        >>> missing_folder_problem(folder / "none") == f"{str(folder / 'none')!r} does not exist"
+        True
+        >>> _ = (folder / "afile").write_text("")
+        >>> missing_folder_problem(folder / "afile") == (
+        ...     f"{str(folder / 'afile')!r} is a file, not a folder")
+        True
+    """
+    path = Path(path)
+    if path.is_dir():
+        return None
+    if path.is_file():
+        return f"{str(path)!r} is a file, not a folder"
+    if path.is_symlink():  # a link whose target is gone
+        return f"{str(path)!r} is a broken link"
+    if path.exists():
+        return f"{str(path)!r} is not a folder"
+    return f"{str(path)!r} does not exist"
+
+
 def writable_problem(folder: str | os.PathLike[str], what: str = "a folder") -> str | None:
     """Why ``folder`` cannot serve as ``what``: tried, not guessed.
 
@@ -286,19 +351,19 @@ def check_int(
         why: said in brackets after the range (what takes the value).
 
     Raises:
-        ValueError: ``"<name> must be an integer[ in <span>| >= <lo>| <= <hi>][ (<why>)],
-            but got <value!r>"``.
+        SettingError: ``"<name> must be an integer[ in <span>| >= <lo>| <= <hi>][ (<why>)],
+            but got <value!r>"``, with ``setting`` ``name``.
 
     Examples:
         >>> check_int("epochs", 3, 1)
         >>> check_int("epochs", 2.5)
         Traceback (most recent call last):
         ...
-        ValueError: epochs must be an integer, but got 2.5
+        breakhis._files.SettingError: epochs must be an integer, but got 2.5
         >>> check_int("seed", -1, 0)
         Traceback (most recent call last):
         ...
-        ValueError: seed must be an integer >= 0, but got -1
+        breakhis._files.SettingError: seed must be an integer >= 0, but got -1
     """
     if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
             or (lo is not None and value < lo) or (hi is not None and value > hi)):
@@ -306,8 +371,8 @@ def check_int(
             span = f"[{lo}, {hi}]"
         bounds = (f" in {span}" if span is not None else f" >= {lo}" if lo is not None
                   else f" <= {hi}" if hi is not None else "")
-        raise ValueError(f"{name} must be an integer{bounds}{f' ({why})' if why else ''}, "
-                         f"but got {value!r}")
+        raise SettingError(name, f"must be an integer{bounds}{f' ({why})' if why else ''}, "
+                                 f"but got {value!r}")
 
 
 def check_seed(
@@ -320,9 +385,10 @@ def check_seed(
     ``span`` and ``why`` as for :func:`check_int`.
 
     Examples:
-        >>> check_seed(2**32, "s", why="t-SNE")
+        >>> check_seed(2**32, "s", why="t-SNE")  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: s must be an integer in [0, 4294967295] (t-SNE), but got 4294967296
+        breakhis._files.SettingError: s must be an integer in [0, 4294967295] (t-SNE),
+        but got 4294967296
     """
     check_int(name, seed, 0, SKLEARN_SEED_MAX, span=span, why=why)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import folder_problem
+from ._files import SettingError, folder_problem, missing_folder_problem
 
 __all__ = ["build_parser", "main"]
 
@@ -364,8 +364,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return _no_images(summary, args)
-    print(f"{summary['root']}: {summary['images']} images, {summary['patients']} patients "
-          f"({summary['patient_ids']} distinct patient ids)")
+    print(f"{summary['root']}: {_count(summary['images'], 'image')}, "
+          f"{_count(summary['patients'], 'patient')} "
+          f"({_count(summary['patient_ids'], 'distinct patient id')})")
     for key in ("by_class", "by_type", "by_magnification", "image_sizes"):
         if key in summary:
             counts = ", ".join(f"{k}={v}" for k, v in summary[key].items())
@@ -392,15 +393,26 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         layout=args.layout, irregular=not args.no_irregular, folds=not args.no_folds,
         seed=args.seed, progress=sys.stderr.isatty())
     exp = meta["expected"]
-    print(f"wrote SYNTHETIC BreaKHis-layout data to {args.out}: {exp['images']} images, "
-          f"{exp['patients']} patients, {len(meta['irregular_files'])} irregular files; "
+    print(f"wrote SYNTHETIC BreaKHis-layout data to {args.out}: "
+          f"{_count(exp['images'], 'image')}, {_count(exp['patients'], 'patient')}, "
+          f"{_count(len(meta['irregular_files']), 'irregular file')}; "
           f"metadata in {Path(args.out) / 'synthetic.json'}")
     return 0
 
 
+def _check_task(args: argparse.Namespace) -> None:
+    """Refuse a ``--task`` and ``--magnification`` that do not go together before torch is
+    imported (seconds); :class:`breakhis.experiments.DataSpec` checks the same."""
+    if not args.image_folder:  # an image folder's task is its class folders
+        from .tasks import get_task
+
+        get_task(args.task, magnification=args.magnification)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
-    from .experiments import prepare_data, run_fold
+    from .experiments import check_resume, prepare_data, run_fold
 
     config = _config(args)
     info = init_distributed(config.device)
@@ -411,6 +423,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             # a file in the way, before indexing; run_fold creates and tries the folder
             # once the fold is known, before training
             _check_out(args.out)
+        if args.resume and (args.out or args.fold is not None):
+            # settings the checkpoint was not made with, before indexing (minutes);
+            # without --out and --fold the run folder is known only once the folds are
+            check_resume(spec, config, args.out or _default_out(args, f"fold{args.fold}"),
+                         fold=args.fold)
         data = prepare_data(spec, progress=not args.no_progress and info.is_main)
         fold = args.fold if args.fold is not None else data.splits[0].fold
         out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
@@ -427,6 +444,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
+    _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import run_cv
 
@@ -446,13 +464,14 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     if report is not None:
         for key, stat in report["summary"].items():
             std = "n/a" if stat["std"] is None else f"{100 * stat['std']:.2f}"
-            print(f"{key}: {100 * stat['mean']:.2f} ± {std} % over {stat['n']} folds")
+            print(f"{key}: {100 * stat['mean']:.2f} ± {std} % over {_count(stat['n'], 'fold')}")
         print(f"protocol: {report['protocol']['protocol_description']}")
         print(f"results: {out / 'cv_metrics.json'}, {out / 'cv_metrics.md'}; runs in {out}/fold*/")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    _check_checkpoint_exists(args.checkpoint)  # before torch is imported (seconds)
     from .experiments import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, out_dir=args.out, data_root=args.data_root,
@@ -487,10 +506,11 @@ def _no_images(summary: dict, args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_to_csv
-
     if Path(args.out).is_dir() or str(args.out).endswith(("/", os.sep)):
         raise ValueError(f"--out expects the path of a CSV file, but {args.out!r} is a folder")
+    _check_checkpoint_exists(args.checkpoint)  # before torch is imported (seconds)
+    from .predict import predict_to_csv
+
     result = predict_to_csv(args.checkpoint, args.inputs, args.out, device=_device(args.device),
                             batch_size=args.batch_size, progress=not args.no_progress,
                             any_magnification=args.any_magnification)
@@ -500,8 +520,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     skipped = (f"; {len(result['problems'])} skipped input(s) listed on stderr"
                if result["problems"] else "")
-    print(f"wrote probabilities of {result['classes']} for {result['images']} images to "
-          f"{result['csv']}{skipped}")
+    print(f"wrote probabilities of {result['classes']} for {_count(result['images'], 'image')} "
+          f"to {result['csv']}{skipped}")
     return 0
 
 
@@ -523,7 +543,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
                           max_embedding_dim=max_dim,
                           progress=not args.no_progress)
     auc = result["roc"]["roc_auc"]
-    print(f"{result['images']} {args.split} images of fold {result['fold']} "
+    print(f"{_count(result['images'], f'{args.split} image')} of fold {result['fold']} "
           f"({result['protocol']['protocol']} protocol"
           f"{', SYNTHETIC data' if result['synthetic'] else ''}): ROC AUC "
           f"{'n/a' if auc is None else f'{100 * auc:.2f}%'}, t-SNE perplexity "
@@ -538,6 +558,12 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
+    for run_dir in args.run_dirs:  # before matplotlib and torch are imported (seconds)
+        problem = missing_folder_problem(run_dir)
+        if problem:
+            # breakhis.plots.results_table says the same
+            raise FileNotFoundError(f"expected a run folder (of `breakhis-repro cv`, `train` "
+                                    f"or `evaluate`), but {problem}")
     from .plots import results_table
 
     _log_to_console(True)  # a stale cv summary is a warning of breakhis.plots
@@ -551,6 +577,56 @@ def _cmd_table(args: argparse.Namespace) -> int:
 _COMMANDS = {"index": _cmd_index, "synth": _cmd_synth, "train": _cmd_train, "cv": _cmd_cv,
              "evaluate": _cmd_evaluate, "predict": _cmd_predict, "figures": _cmd_figures,
              "table": _cmd_table}
+
+
+#: Commands whose settings all come from their options (:func:`_option_name`); the
+#: others also read settings recorded in a checkpoint, which no option of theirs sets.
+_SETTINGS_FROM_OPTIONS = frozenset({"synth", "train", "cv"})
+#: Arguments without an option name.
+_POSITIONALS = frozenset({"command", "inputs", "run_dirs"})
+
+
+def _option_name(args: argparse.Namespace, setting: str) -> str:
+    """The option that sets ``setting`` (a :class:`breakhis._files.SettingError`'s) in
+    the command ``args`` ran: ``--input-size`` for ``input_size``, ``--magnification``
+    for ``magnification``; ``setting`` itself when no option of the command sets it.
+
+    Every option's destination is its name without the dashes, ``-`` read as ``_``
+    (argparse's rule; no option here names another destination), and the settings of
+    :class:`~breakhis.train.TrainConfig`, :class:`~breakhis.experiments.DataSpec` and
+    :func:`~breakhis.synthetic.make_synthetic_breakhis` are named as those destinations.
+
+    Examples:
+        >>> args = build_parser().parse_args(["train", "--data-root", "d"])
+        >>> _option_name(args, "input_size"), _option_name(args, "shift")
+        ('--input-size', 'shift')
+    """
+    if (args.command in _SETTINGS_FROM_OPTIONS and setting in vars(args)
+            and setting not in _POSITIONALS):
+        return "--" + setting.replace("_", "-")
+    return setting
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1.
+
+    Examples:
+        >>> _count(1, "fold"), _count(3, "fold"), _count(0, "test image")
+        ('1 fold', '3 folds', '0 test images')
+    """
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _check_checkpoint_exists(path: str) -> None:
+    """Refuse a ``--checkpoint`` that does not exist before the modules that read it are
+    imported (torch and the models: seconds); :func:`breakhis.checkpoint.load_checkpoint`
+    says the same once they are, and what is wrong with a file that does exist.
+
+    Raises:
+        FileNotFoundError: naming the path.
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -571,7 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
     reference extra are not all installed, said in one line; 2 after an error line for
     a setting, a file or a folder that is wrong, or a file that cannot be read or
-    written)."""
+    written). A setting out of range (:class:`breakhis._files.SettingError`) is named
+    by its option (``--input-size``, not ``input_size``: :func:`_option_name`)."""
     from . import INSTALL, missing_requirements
 
     missing = missing_requirements()
@@ -583,6 +660,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
+    except SettingError as exc:  # named as the command line names it: --input-size
+        message = exc.named(_option_name(args, exc.setting))
+        print(f"breakhis-repro {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         hint = ""
         if "imagenet" in str(exc).lower() or "pretrained" in str(exc).lower():

@@ -28,6 +28,8 @@ from typing import Any
 
 from PIL import Image
 
+from ._files import missing_folder_problem
+
 __all__ = [
     "BENIGN_TYPES",
     "IMAGE_ERRORS",
@@ -487,14 +489,16 @@ def index_breakhis(
         The index, with records sorted by path.
 
     Raises:
-        FileNotFoundError: when ``root`` is not a folder.
+        FileNotFoundError: when ``root`` is not a folder (saying whether it does not
+            exist or is a file).
         ValueError: when two files share a BreaKHis name (two copies of the tree), so
             that one image cannot end up in both train and test.
         UnreadableImageError: in strict mode, when an image cannot be decoded.
     """
     root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"expected a BreaKHis folder, but {str(root)!r} is not a folder")
+    problem = missing_folder_problem(root)
+    if problem:
+        raise FileNotFoundError(f"expected a BreaKHis folder, but {problem}")
     skipped: list[SkippedFile] = []
     metadata: list[str] = []
     candidates: list[tuple[Path, BreakhisName]] = []
@@ -627,8 +631,9 @@ def index_image_folder(
         UnreadableImageError: in strict mode, when an image cannot be decoded.
     """
     root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"expected an image folder, but {str(root)!r} is not a folder")
+    problem = missing_folder_problem(root)
+    if problem:
+        raise FileNotFoundError(f"expected an image folder, but {problem}")
     rows: dict[str, _PatientRow] = {}
     if patients_csv is not None:
         rows = _read_patient_csv(Path(patients_csv))

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ._files import check_seed, remove_stale_temporaries, writable_problem
+from ._files import SettingError, check_seed, remove_stale_temporaries, writable_problem
 from .checkpoint import load_checkpoint
 from .data import (
     DataIndex,
@@ -73,6 +73,7 @@ from .plots import FIGURE_FILES, FIGURES_DIR
 from .synthetic import SYNTHETIC_MARKER, is_synthetic
 from .tasks import Task, get_task
 from .train import (
+    CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     TrainConfig,
     checkpoint_identity,
@@ -90,6 +91,7 @@ __all__ = [
     "SPLIT_CHOICES",
     "DataSpec",
     "PreparedData",
+    "check_resume",
     "checkpoint_records",
     "evaluate_checkpoint",
     "prepare_data",
@@ -154,9 +156,12 @@ class DataSpec:
     construction, so that a checkpoint finds its data from any working folder.
 
     Raises:
-        ValueError: when ``folds_file`` is given with a protocol other than ``official``,
-            ``val_fraction`` is not a number in ``[0, 1)``, or ``split_seed`` is not an
-            integer in ``[0, 2**32 - 1]`` (what scikit-learn takes).
+        ValueError: when ``folds_file`` is given with a protocol other than ``official``;
+            a :class:`breakhis._files.SettingError` (naming the setting) when
+            ``val_fraction`` is not a number in ``[0, 1)``, ``split_seed`` is not an
+            integer in ``[0, 2**32 - 1]`` (what scikit-learn takes), or (BreaKHis data)
+            ``task`` is unknown or ``magnification`` missing or not allowed for it
+            (:func:`breakhis.tasks.get_task`): before any data are indexed.
     """
 
     data_root: str
@@ -177,8 +182,8 @@ class DataSpec:
                    why="the folds are drawn by scikit-learn, which takes such seeds")
         if not (isinstance(self.val_fraction, Real)
                 and math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
-            raise ValueError(
-                "val_fraction must be a number in [0, 1) (the share of each training fold "
+            raise SettingError(
+                "val_fraction", "must be a number in [0, 1) (the share of each training fold "
                 "held out for the plateau schedule; 0 watches the training loss), but got "
                 f"{self.val_fraction!r}")
         if self.folds_file and self.protocol != "official":
@@ -186,6 +191,8 @@ class DataSpec:
                 f"fold files {list(self.folds_file)} are used by protocol 'official' only, "
                 f"but protocol is {self.protocol!r}; add --protocol official or drop "
                 "--folds-file")
+        if not self.image_folder:  # an image folder's task is its class folders
+            get_task(self.task, magnification=self.magnification)
         self.data_root = _absolute(self.data_root)
         if self.patients_csv is not None:
             self.patients_csv = _absolute(self.patients_csv)
@@ -408,7 +415,7 @@ def _split_of(data: PreparedData, fold: int) -> Split:
             return split
     numbers = [s.fold for s in data.splits]
     where = " (the fold tables' own numbers)" if data.splits[0].protocol == "official" else ""
-    raise ValueError(f"fold must be one of {numbers}{where}, but got {fold}")
+    raise SettingError("fold", f"must be one of {numbers}{where}, but got {fold}")
 
 
 def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
@@ -427,6 +434,132 @@ def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
              "protocol": _protocol_dict(spec, split, data), "synthetic": data.synthetic,
              "files": files}
     return _FoldPlan(split, fit_idx, val_idx, extra)
+
+
+def _class_counts(classes: tuple[str, ...], targets: np.ndarray) -> str:
+    """``"benign 3, malignant 0"``: the images of every class among ``targets``."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(classes))
+    return ", ".join(f"{c} {int(n)}" for c, n in zip(classes, counts))
+
+
+def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[int, str]]:
+    """What a fold trains, validates and tests on, for the log (:func:`breakhis.train.fit`'s
+    ``log_messages``): one INFO line with each split's size and images per class, and a
+    warning for each split that lacks a class another one has (validation or test images
+    without a class of the training images, training images without one of the test's).
+    """
+    classes = data.task.classes
+    splits = {"training": plan.fit, "validation": plan.val, "test": plan.split.test}
+    sizes = "; ".join(
+        f"{name} {_images(len(idx))} ({_class_counts(classes, data.targets[idx])})"
+        if len(idx) else f"{name} none" + (" (the training loss drives the learning-rate "
+                                           "schedule)" if name == "validation" else "")
+        for name, idx in splits.items())
+    lines = [(logging.INFO, f"fold {fold} ({plan.split.protocol} protocol): {sizes}")]
+    present = {name: {classes[t] for t in data.targets[idx]} for name, idx in splits.items()}
+    consequences = {
+        "validation": "the validation loss and accuracy, which drive the learning-rate "
+                      "schedule, say nothing of them (a larger val_fraction, --val-fraction, "
+                      "holds out more patients; 0 uses the training loss)",
+        "test": "the test metrics say nothing of them",
+    }
+    for name, consequence in consequences.items():
+        lacking = [c for c in classes if c in present["training"] and c not in present[name]]
+        if len(splits[name]) and lacking:
+            lines.append((logging.WARNING, (
+                f"fold {fold}: no {name} image (of {len(splits[name])}) is of class(es) "
+                f"{lacking}, which the training images include: {consequence}")))
+    untrained = [c for c in classes if c in present["test"] and c not in present["training"]]
+    if untrained:
+        lines.append((logging.WARNING, (
+            f"fold {fold}: no training image is of class(es) {untrained}, which the test "
+            "images include: the model is never trained on them")))
+    return lines
+
+
+def _images(n: int) -> str:
+    """``"1 image"``, ``"12 images"``."""
+    return f"{n} image{'' if n == 1 else 's'}"
+
+
+def check_resume(
+    spec: DataSpec,
+    config: TrainConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    fold: int | None = None,
+    reuse: bool = False,
+) -> None:
+    """Refuse, before the data are indexed, to continue the checkpoint in ``run_dir`` with
+    settings it was not made with, as far as they can be told without the data.
+
+    :func:`run_fold` compares every setting once the data are indexed (minutes on the
+    real data) and the model is built; this compares what needs no data, as it does
+    (:func:`breakhis.train.resume_differences`): the training settings (``epochs`` may
+    grow, not shrink below what was trained), the data spec (the data folder may move,
+    fold tables and patients CSV by content), the fold (unless ``None``) and, for
+    BreaKHis data, the task and its classes. File lists and the drawn split are compared
+    after indexing, as before. Nothing is checked without a ``checkpoint.pt`` in
+    ``run_dir``, or when a fold table or patients CSV cannot be read (indexing says why).
+
+    Args:
+        spec, config: the settings of the run that wants to continue.
+        run_dir: its run folder (a fold's folder, for :func:`run_cv`).
+        fold: its fold, or ``None`` when not known yet (not compared).
+        reuse: word the refusal as :func:`run_cv` does for a fold folder that holds a
+            test report (``cannot reuse fold``), and refuse such a folder without a
+            checkpoint (its settings cannot be checked).
+
+    Raises:
+        ValueError: listing the differences, with the message :func:`breakhis.train.fit`
+            (:func:`run_cv`, with ``reuse``) gives; or when the file is no breakhis
+            checkpoint.
+    """
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT_NAME
+    report = run_dir / "test_metrics.json"
+    reused = reuse and report.is_file()
+    if not ckpt.is_file():
+        if reused:
+            raise ValueError(_unchecked_fold(fold, run_dir))
+        return
+    state = load_checkpoint(ckpt, mmap=True)  # mapped: settings and history only
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint in {ckpt}")
+    try:
+        known: dict[str, Any] = {"data": _data_dict(spec)}
+    except OSError:
+        return
+    if fold is not None:
+        known["fold"] = fold
+    classes = list(state.get("classes") or [])
+    if not spec.image_folder:  # an image folder's classes come from its folders
+        task = get_task(spec.task, magnification=spec.magnification)
+        known["task"], classes = task.to_dict(), list(task.classes)
+    # what needs the data is taken from the checkpoint: never a difference here
+    extra = {**(state.get("extra") or {}), **known}
+    ignore, _ = _resume_ignore(state, extra)
+    differences = resume_differences(state, config, classes, extra, ignore=ignore)
+    if differences and reused:
+        raise ValueError(_other_fold(fold, run_dir, differences))
+    if differences:
+        raise ValueError(
+            f"cannot resume from {str(ckpt)!r}: it was made with other settings ("
+            + "; ".join(differences) + "). Resume with the checkpoint's settings, or "
+            "train into another run folder")
+
+
+def _unchecked_fold(fold: int | None, fold_dir: Path) -> str:
+    """Why :func:`run_cv` cannot reuse a fold whose report has no checkpoint beside it."""
+    return (f"cannot resume fold {fold}: {str(fold_dir / 'test_metrics.json')!r} exists but "
+            f"{str(fold_dir / CHECKPOINT_NAME)!r} does not, so the settings that made it "
+            f"cannot be checked; remove {str(fold_dir)!r} to train the fold again")
+
+
+def _other_fold(fold: int | None, fold_dir: Path, differences: list[str]) -> str:
+    """Why :func:`run_cv` cannot reuse a fold made with other settings."""
+    return (f"cannot reuse fold {fold} in {str(fold_dir)!r}: it was made with other settings ("
+            + "; ".join(differences) + "). Use another output folder, or the run's settings")
 
 
 def run_fold(
@@ -461,7 +594,14 @@ def run_fold(
     backbone cannot take) leaves the earlier run's files in place. ``run_dir`` is
     created and a file written into it (and removed) before training. With ``resume``,
     a fold table or patients CSV whose path changed (the data moved) continues when its
-    content is the checkpoint's, said in ``train.log``.
+    content is the checkpoint's, said in ``train.log``; without ``data``, settings that
+    differ from the checkpoint's are refused before the data are indexed
+    (:func:`check_resume`).
+
+    Before training, the sizes of the fold's training, validation and test images, per
+    class, are logged (console and ``train.log``), with a warning for a class of the
+    training images that the validation or test images lack (their loss, accuracy or
+    metrics say nothing of it), or one of the test images that training lacks.
 
     Returns:
         The test report (main process), or ``None`` on other DDP processes.
@@ -475,6 +615,8 @@ def run_fold(
             finite (:func:`breakhis.train.fit`); nothing is evaluated.
     """
     info = dist_info or init_distributed(config.device)
+    if resume and data is None:
+        check_resume(spec, config, run_dir, fold=fold)  # before indexing: minutes
     data = data or prepare_data(spec, progress=progress and info.is_main)
     plan = _plan_fold(spec, data, fold)
     if info.is_main:
@@ -492,8 +634,8 @@ def run_fold(
         val_records=[data.records[i] for i in plan.val], val_targets=data.targets[plan.val],
         classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=plan.extra,
         resume_ignore=ignore, stale_outputs=RUN_OUTPUTS, atomic_outputs=_EVALUATION_FILES,
-        log_messages=[*_issue_lines(data.issues(), data.index.root), *notes], dist_info=info,
-        progress=progress,
+        log_messages=[*_issue_lines(data.issues(), data.index.root), *notes,
+                      *_split_lines(data, plan, fold)], dist_info=info, progress=progress,
     )
     if not info.is_main:
         return None
@@ -560,10 +702,7 @@ def _reusable_fold(
     done = fold_dir / "test_metrics.json"
     ckpt = fold_dir / CHECKPOINT_NAME
     if not ckpt.is_file():
-        raise ValueError(
-            f"cannot resume fold {fold}: {str(done)!r} exists but {str(ckpt)!r} does not, so "
-            f"the settings that made it cannot be checked; remove {str(fold_dir)!r} to train "
-            "the fold again")
+        raise ValueError(_unchecked_fold(fold, fold_dir))
     # mapped, not read: only its settings, extra, history and epoch are needed
     state = load_checkpoint(ckpt, mmap=True)
     plan = _plan_fold(spec, data, fold)
@@ -571,9 +710,7 @@ def _reusable_fold(
     differences = resume_differences(state, config, list(data.task.classes), plan.extra,
                                      ignore=ignore)
     if differences:
-        raise ValueError(
-            f"cannot reuse fold {fold} in {str(fold_dir)!r}: it was made with other settings ("
-            + "; ".join(differences) + "). Use another output folder, or the run's settings")
+        raise ValueError(_other_fold(fold, fold_dir, differences))
     if epochs_trained(state) < config.epochs:
         return None
     report, problem = _read_fold_report(done)
@@ -647,15 +784,27 @@ def run_cv(
     ``protocol.n_splits`` is the number of folds of the protocol (``official``: of
     fold tables), so that a partial cross-validation (``folds``) shows as one.
 
+    With ``resume``, the checkpoints of the folds known before indexing (``folds``, or
+    every fold of the image and patient protocols) are compared with the settings first
+    (:func:`check_resume`): settings that differ are refused before the data are indexed.
+
     Returns:
         The summary report (main process), else ``None``.
 
     Raises:
         ValueError: before any training, for a fold in ``folds`` that the protocol does
             not have (the message lists those it has) or one given twice, or a
-            ``run_dir`` that cannot be created or written.
+            ``run_dir`` that cannot be created or written; with ``resume``, for a fold
+            made with other settings.
     """
     info = dist_info or init_distributed(config.device)
+    if resume:
+        # before indexing (minutes): the folds this run will surely train; the official
+        # protocol's fold numbers are known only from its tables
+        known = (list(folds) if folds is not None else
+                 list(range(spec.n_splits)) if spec.protocol != "official" else [])
+        for fold in dict.fromkeys(known):
+            check_resume(spec, config, Path(run_dir) / f"fold{fold}", fold=fold, reuse=True)
     data = prepare_data(spec, progress=progress and info.is_main)
     available = [s.fold for s in data.splits]
     chosen = list(folds) if folds is not None else available
@@ -665,8 +814,8 @@ def run_cv(
         where = " (the fold tables' own numbers)" if spec.protocol == "official" else ""
         problem = (f"unknown fold(s) {unknown}" if unknown else
                    f"fold(s) {repeated} given more than once" if repeated else "no fold")
-        raise ValueError(f"folds must be distinct folds of {available}{where}, but got "
-                         f"{chosen}: {problem}")
+        raise SettingError("folds", f"must be distinct folds of {available}{where}, but got "
+                                    f"{chosen}: {problem}")
     run_dir = Path(run_dir)
     if info.is_main:
         problem = writable_problem(run_dir, "a run folder")

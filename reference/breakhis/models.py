@@ -9,8 +9,11 @@ package for tests and demos on a CPU.
 
 :func:`input_normalization` gives the mean and standard deviation a built network's
 backbone expects of its inputs (the pretrained config a timm backbone carries, e.g. 0.5
-and 0.5 for ``inception_resnet_v2``; ImageNet statistics otherwise), and
-:func:`check_input_size` refuses an input size below a backbone's known minimum.
+and 0.5 for ``inception_resnet_v2``; ImageNet statistics otherwise).
+:func:`check_backbone` refuses a backbone name that ``bilinearpool`` does not resolve,
+:func:`check_weights` pretrained weights for ``tiny``, and :func:`check_input_size` an
+input size below a backbone's known minimum: without building anything, so that a
+:class:`breakhis.train.TrainConfig` refuses them before a run indexes its data.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._files import SettingError
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -27,7 +31,9 @@ __all__ = [
     "MIN_INPUT_SIZES",
     "TinyBackbone",
     "build_network",
+    "check_backbone",
     "check_input_size",
+    "check_weights",
     "input_normalization",
 ]
 
@@ -44,20 +50,85 @@ def check_input_size(backbone: str, input_size: int) -> None:
     the requested size before it starts (see :func:`breakhis.train.fit`).
 
     Raises:
-        ValueError: naming the backbone, the size asked and the minimum.
+        breakhis._files.SettingError: naming the backbone, the size asked and the minimum
+            (setting ``input_size``).
 
     Examples:
         >>> check_input_size("inception_v3", 75)
-        >>> check_input_size("inception_v3", 32)
+        >>> check_input_size("inception_v3", 32)  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: input_size must be >= 75 for backbone 'inception_v3', but got 32
+        breakhis._files.SettingError: input_size must be >= 75 for backbone 'inception_v3',
+        but got 32
     """
     # the architecture of "timm:inception_resnet_v2.tf_in1k" is inception_resnet_v2
     minimum = MIN_INPUT_SIZES.get(backbone.removeprefix("timm:").partition(".")[0])
     if minimum is not None and input_size < minimum:
-        raise ValueError(f"input_size must be >= {minimum} for backbone {backbone!r}, but "
-                         f"got {input_size}")
+        raise SettingError("input_size", f"must be >= {minimum} for backbone {backbone!r}, "
+                                         f"but got {input_size}")
+
+
+def check_backbone(backbone: str) -> None:
+    """Refuse a backbone name that :func:`build_network` cannot build, without building it.
+
+    ``tiny`` passes; other names go to ``bilinearpool.check_backbone_name``, which resolves
+    them as ``bilinearpool.build_backbone`` does. A name it knows may still fail to build
+    (weights that cannot be obtained); that is found when the model is built.
+
+    Raises:
+        breakhis._files.SettingError: for a name ``bilinearpool`` does not resolve (setting
+            ``backbone``), with the closest names it knows, if any.
+
+    Examples:
+        >>> check_backbone("resnet50")
+        >>> check_backbone("xyzzy")  # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        breakhis._files.SettingError: backbone must be 'tiny' or a name
+        bilinearpool.build_backbone resolves, but got 'xyzzy': unknown backbone 'xyzzy':
+        expected a torchvision classification model name (e.g. resnet50, inception_v3), a
+        timm model name, or an nn.Module
+        >>> try:
+        ...     check_backbone("resnet5O")
+        ... except ValueError as err:
+        ...     print("did you mean 'resnet50'" in str(err))
+        True
+    """
+    if not isinstance(backbone, str):
+        raise SettingError("backbone", f"must be a name, but got {backbone!r}")
+    if backbone == "tiny":
+        return
+    try:
+        from bilinearpool import check_backbone_name
+    except ImportError:
+        return  # build_network says so, when the model is built
+    try:
+        check_backbone_name(backbone)
+    except (ValueError, ImportError) as err:
+        raise SettingError(
+            "backbone", f"must be 'tiny' or a name bilinearpool.build_backbone resolves, but got {backbone!r}: {err}"
+        ) from err
+
+
+def check_weights(backbone: str, weights: str | None) -> None:
+    """Refuse pretrained weights for ``tiny``, which has none (only ``None`` builds it).
+
+    Raises:
+        breakhis._files.SettingError: for ``tiny`` with ``weights`` other than ``None``
+            (setting ``weights``).
+
+    Examples:
+        >>> check_weights("tiny", None)
+        >>> check_weights("tiny", "imagenet")  # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        breakhis._files.SettingError: weights must be None for backbone 'tiny', which has no
+        pretrained weights (random initialisation: --no-pretrained), but got 'imagenet'
+    """
+    if backbone == "tiny" and weights is not None:
+        raise SettingError("weights", "must be None for backbone 'tiny', which has no "
+                           "pretrained weights (random initialisation: --no-pretrained), but "
+                           f"got {weights!r}")
 
 
 def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -35,7 +35,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ._files import check_int, check_seed, folder_problem, remove_stale_staging, staging_folder
+from ._files import (
+    check_int,
+    check_seed,
+    folder_problem,
+    missing_folder_problem,
+    remove_stale_staging,
+    staging_folder,
+)
 from .data import ImageRecord
 from .dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, build_eval_transform, load_rgb
 from .evaluate import SUMMARY_METRICS, read_report
@@ -853,6 +860,10 @@ def make_figures(
 
 def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
     folder = Path(run_dir)
+    problem = missing_folder_problem(folder)
+    if problem:
+        raise FileNotFoundError(f"expected a run folder (of `breakhis-repro cv`, `train` or "
+                                f"`evaluate`), but {problem}")
     for name in ("cv_metrics.json", "test_metrics.json"):
         if (folder / name).is_file():
             report = read_report(folder / name)
@@ -946,6 +957,7 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
     those folds (``stale_folds``) and says why (``stale``, as the table's folds cell).
 
     Raises:
+        FileNotFoundError: for a run folder that does not exist (or is a file).
         ValueError: for a folder with neither file, a report that is not a JSON object
             (the message names the file), or no run folder at all.
     """
@@ -1086,6 +1098,7 @@ def results_table(
         The Markdown text.
 
     Raises:
+        FileNotFoundError: for a run folder that does not exist (or is a file).
         ValueError: for a folder without metrics (the message names it and the files
             expected), a report that is not a JSON object (naming it), or an ``out``
             ending in ``.csv``, naming a folder, or under a file; ``out`` is checked

@@ -99,6 +99,19 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
     return images, list(dict.fromkeys(problems))
 
 
+def _listed(items: Sequence[str], sep: str, shown: int = 3) -> str:
+    """The first ``shown`` of ``items`` joined by ``sep``, and how many more there are.
+
+    Examples:
+        >>> _listed(["a: does not exist"], "; ")
+        'a: does not exist'
+        >>> _listed(["'a'", "'b'", "'c'", "'d'", "'e'"], ", ")
+        "'a', 'b', 'c' and 2 more"
+    """
+    more = len(items) - shown
+    return sep.join(items[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def _described(path: Path) -> SimpleNamespace:
     """``path`` (as text; :func:`breakhis.evaluate.write_predictions` escapes what is not
     UTF-8) with the patient and magnification its BreaKHis name gives."""
@@ -194,7 +207,8 @@ def predict_to_csv(
     images, problems = collect_images(inputs)
     if not images:
         raise ValueError(f"expected image files or folders with images, but found none in "
-                         f"{[str(i) for i in inputs]}" + (f"; {problems[:3]}" if problems else ""))
+                         f"{_listed([repr(str(i)) for i in inputs], ', ')}"
+                         + (f" ({_listed(problems, '; ')})" if problems else ""))
     model, state = load_model(checkpoint, device=device)
     described = [_described(p) for p in images]
     trained, others, unknown = _other_magnifications(state, described)

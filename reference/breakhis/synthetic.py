@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ._files import SettingError
 from .data import BENIGN_TYPES, IMAGE_ERRORS, MAGNIFICATIONS, TYPE_CODES, TYPE_FOLDERS
 
 __all__ = [
@@ -213,16 +214,18 @@ def make_synthetic_breakhis(
         by_magnification).
 
     Raises:
-        ValueError: on an unknown layout, a bad size or count, or a non-empty ``root``.
+        ValueError: on an unknown layout, a bad size or count (a
+            :class:`breakhis._files.SettingError` naming the setting), or a non-empty
+            ``root``.
     """
     if layout not in ("official", "kaggle"):
         raise ValueError(f"layout must be 'official' or 'kaggle', but got {layout!r}")
     width, height = (int(v) for v in size)
     if width < 8 or height < 8:
-        raise ValueError(f"size must be at least 8x8 pixels, but got {size}")
+        raise SettingError("size", f"must be at least 8x8 pixels, but got {width}x{height}")
     if images_per_magnification < 1:
-        raise ValueError(
-            f"images_per_magnification must be >= 1, but got {images_per_magnification}"
+        raise SettingError(
+            "images_per_magnification", f"must be >= 1, but got {images_per_magnification}"
         )
     for p in patients:
         if p.tumor_type not in TYPE_CODES:

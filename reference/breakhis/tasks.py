@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import SettingError
 from .data import MAGNIFICATIONS, TYPE_CODES, ImageRecord
 
 __all__ = ["BINARY_CLASSES", "TASK_NAMES", "Task", "get_task"]
@@ -126,7 +127,8 @@ def get_task(
         classes: class names, required for ``folder`` (e.g. the sorted record labels).
 
     Raises:
-        ValueError: for an unknown name or a missing/unexpected magnification.
+        breakhis._files.SettingError: (a ``ValueError`` naming the setting, ``task`` or
+            ``magnification``) for an unknown name or a missing/unexpected magnification.
 
     Examples:
         >>> get_task("mibc").classes
@@ -134,17 +136,18 @@ def get_task(
     """
     key = name.upper() if name.lower() != "folder" else "folder"
     if key not in TASK_NAMES:
-        raise ValueError(f"task must be one of {TASK_NAMES}, but got {name!r}")
+        raise SettingError("task", f"must be one of {TASK_NAMES}, but got {name!r}")
     if key in ("MSBC", "MSFC"):
         if magnification not in MAGNIFICATIONS:
-            raise ValueError(
-                f"task {key} is magnification-specific: magnification must be one of "
-                f"{MAGNIFICATIONS}, but got {magnification!r}"
+            got = "none was given" if magnification is None else f"got {magnification!r}"
+            raise SettingError(
+                "magnification", f"must be one of {MAGNIFICATIONS} for task {key}, which is "
+                f"magnification-specific, but {got}"
             )
     elif magnification is not None:
-        raise ValueError(
-            f"task {key} uses all magnifications; got magnification={magnification!r} "
-            "(use MSBC/MSFC for one magnification)"
+        raise SettingError(
+            "magnification", f"must not be given for task {key}, which uses all "
+            f"magnifications (MSBC and MSFC take one), but got {magnification!r}"
         )
     if key == "folder":
         if not classes:

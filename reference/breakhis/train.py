@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ._files import atomic_writer, check_int, remove_stale_temporaries
+from ._files import SettingError, atomic_writer, check_int, remove_stale_temporaries
 from .checkpoint import (
     NotACheckpointError,
     capture_rng_state,
@@ -77,7 +77,14 @@ from .dataset import (
     build_train_transform,
 )
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from .models import HEADS, build_network, check_input_size, input_normalization
+from .models import (
+    HEADS,
+    build_network,
+    check_backbone,
+    check_input_size,
+    check_weights,
+    input_normalization,
+)
 from .sampler import BalancedSampler
 
 __all__ = [
@@ -155,9 +162,11 @@ class TrainConfig:
         deterministic: ask torch for deterministic kernels.
 
     Raises:
-        ValueError: for a setting outside the ranges above (an integer setting that is
-            not an integer included), on construction: before a run indexes its data or
-            removes an earlier run's files.
+        breakhis._files.SettingError: (a ``ValueError`` naming the setting) for a setting
+            outside the ranges above (an integer setting that is not an integer included),
+            a backbone name that ``bilinearpool`` does not resolve
+            (:func:`breakhis.models.check_backbone`) or ``weights`` for ``tiny``, on
+            construction: before a run indexes its data or removes an earlier run's files.
     """
 
     head: str = "fast-bcnn"
@@ -186,7 +195,9 @@ class TrainConfig:
         # every setting is checked here, before a run indexes data or removes what an
         # earlier run left in its folder
         if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, but got {self.head!r}")
+            raise SettingError("head", f"must be one of {HEADS}, but got {self.head!r}")
+        check_backbone(self.backbone)
+        check_weights(self.backbone, self.weights)
         for name in ("epochs", "batch_size"):
             check_int(name, getattr(self, name), 1)
         for name in ("input_size", "plateau_patience", "num_workers"):
@@ -195,38 +206,38 @@ class TrainConfig:
                   why="epoch e seeds torch's generators with seed + e, which they take up to "
                   "2**64 - 1")
         if self.input_size < MIN_SIZE:  # the transforms' minimum, before any run starts
-            raise ValueError(f"input_size must be >= {MIN_SIZE}, but got {self.input_size}")
+            raise SettingError("input_size", f"must be >= {MIN_SIZE}, but got {self.input_size}")
         check_input_size(self.backbone, int(self.input_size))
         if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, but got {self.lr!r}")
+            raise SettingError("lr", f"must be a positive number, but got {self.lr!r}")
         if not (_is_number(self.plateau_factor) and 0.0 < self.plateau_factor < 1.0):
-            raise ValueError(f"plateau_factor must be in (0, 1), but got {self.plateau_factor!r}")
+            raise SettingError("plateau_factor",
+                               f"must be in (0, 1), but got {self.plateau_factor!r}")
         if self.plateau_patience < 1:
-            raise ValueError(
-                "plateau_patience must be >= 1 (the learning rate drops at the "
-                "plateau_patience-th epoch without improvement), but got "
-                f"{self.plateau_patience}")
+            raise SettingError(
+                "plateau_patience", "must be >= 1 (the number of epochs without improvement "
+                f"at which the learning rate drops), but got {self.plateau_patience}")
         for name, meaning in (("momentum", "SGD momentum; 1 and above never forget a gradient"),
                               ("dropout", "the share of features dropped"),
                               ("shift", "the largest shift as a fraction of the side")):
             value = getattr(self, name)
             if not (_is_number(value) and 0.0 <= value < 1.0):
-                raise ValueError(f"{name} must be a number in [0, 1) ({meaning}), but got "
-                                 f"{value!r}")
+                raise SettingError(name, f"must be a number in [0, 1) ({meaning}), but got "
+                                         f"{value!r}")
         for name, meaning in (("weight_decay", "the L2 penalty"),
                               ("rotation", "the largest rotation in degrees, either way")):
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), but got "
-                                 f"{value!r}")
+                raise SettingError(name, f"must be a finite number >= 0 ({meaning}), but "
+                                         f"got {value!r}")
         if self.se_reduction is not None:
             check_int("se_reduction", self.se_reduction)
             if self.se_reduction < 1:
-                raise ValueError("se_reduction must be >= 1 (or None: no SE blocks), but got "
-                                 f"{self.se_reduction}")
+                raise SettingError("se_reduction", "must be >= 1 (or None: no SE blocks), "
+                                   f"but got {self.se_reduction}")
         if self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0 (0 loads the images in the training "
-                             f"process), but got {self.num_workers}")
+            raise SettingError("num_workers", "must be >= 0 (0 loads the images in the "
+                               f"training process), but got {self.num_workers}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints and config.json)."""
@@ -592,7 +603,7 @@ def fit(
     resume_ignore: Sequence[str] = (),
     stale_outputs: Sequence[str] = (),
     atomic_outputs: Sequence[str] = (),
-    log_messages: Sequence[str] = (),
+    log_messages: Sequence[str | tuple[int, str]] = (),
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     dist_info: DistInfo | None = None,
     progress: bool = True,
@@ -624,8 +635,10 @@ def fit(
             ``checkpoint.pt``, ``metrics.csv``, ``config.json`` or one of
             ``atomic_outputs`` left (:func:`breakhis._files.remove_stale_temporaries`)
             are removed on the main process, logging which.
-        log_messages: lines logged as warnings (console and ``train.log``) before
-            training, e.g. the files the data index left out.
+        log_messages: lines logged (console and ``train.log``, main process) before
+            training, in order: a string as a warning (e.g. the files the data index left
+            out), a ``(level, text)`` pair at that ``logging`` level (e.g. the split sizes
+            at ``logging.INFO``).
         epoch_callback: called as ``callback(epoch, row)`` after each checkpoint.
         dist_info: process placement; by default from the torchrun environment.
         progress: show progress bars (main process only).
@@ -654,7 +667,8 @@ def fit(
     handler = _add_file_log(run_dir) if info.is_main else None
     try:
         for message in log_messages if info.is_main else ():
-            _LOG.warning("%s", message)
+            level, text = message if isinstance(message, tuple) else (logging.WARNING, message)
+            _LOG.log(level, "%s", text)
         return _fit(config, info, run_dir, ckpt_path, list(train_records),
                     np.asarray(train_targets), list(val_records), np.asarray(val_targets),
                     list(classes), resume, dict(extra or {}), tuple(resume_ignore),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -163,8 +164,14 @@ class TestIndexHandmade:
         assert len(index.skipped) == 2
 
     def test_missing_root(self, tmp_path: Path) -> None:
-        with pytest.raises(FileNotFoundError, match="is not a folder"):
+        """A missing root was reported as "is not a folder"; it does not exist."""
+        with pytest.raises(FileNotFoundError, match=r"expected a BreaKHis folder, but "
+                           rf"'{re.escape(str(tmp_path / 'nope'))}' does not exist"):
             index_breakhis(tmp_path / "nope")
+        (tmp_path / "afile").write_text("")
+        for index in (index_breakhis, index_image_folder):
+            with pytest.raises(FileNotFoundError, match=r"'.*afile' is a file, not a folder"):
+                index(tmp_path / "afile")
 
     def test_two_copies_of_the_tree_are_refused(self, tmp_path: Path) -> None:
         name = "SOB_B_A-14-1-40-001.png"

@@ -83,7 +83,7 @@ class TestDataSpec:
         assert main(["train", "--data-root", str(root), "--val-fraction", "-0.2",
                      "--backbone", "tiny", "--no-pretrained", "--input-size", "16",
                      "--out", str(tmp_path / "run"), "--no-progress"]) == 2
-        assert "val_fraction must be a number in [0, 1)" in capsys.readouterr().err
+        assert "error: --val-fraction must be a number in [0, 1)" in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
 
     def test_folds_file_needs_official_protocol(self) -> None:

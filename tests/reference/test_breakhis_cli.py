@@ -1,0 +1,369 @@
+"""What ``breakhis-repro`` tells a user: settings named as its options, cheap checks before
+the data are indexed (and before torch is imported), the split sizes in the training log,
+plurals, and inputs that do not exist.
+
+Runs use the synthetic tree of real PNG files and the ``tiny`` backbone (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from breakhis import experiments
+from breakhis._files import SettingError
+from breakhis.checkpoint import load_checkpoint
+from breakhis.cli import _option_name, build_parser, main
+from breakhis.experiments import DataSpec, check_resume, run_cv, run_fold
+from breakhis.plots import results_table
+from breakhis.tasks import get_task
+from breakhis.train import TrainConfig
+
+pytest.importorskip("bilinearpool")
+
+TINY = ["--backbone", "tiny", "--no-pretrained", "--input-size", "16", "--batch-size", "8",
+        "--lr", "0.05", "--no-progress"]
+#: MSBC at 40X, 3 patient folds: fold 0's validation images are all benign (the tree's
+#: seed fixes it), fold 1's hold both classes.
+MSBC = ["--task", "MSBC", "--magnification", "40", "--n-splits", "3"]
+
+
+@pytest.fixture
+def indexed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records every indexing of the data (``prepare_data``), which then fails."""
+    calls: list[int] = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise AssertionError("the data were indexed")
+
+    monkeypatch.setattr(experiments, "prepare_data", refuse)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def run(synth_tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run of fold 0 (MSBC at 40X), trained by the command line."""
+    root, _ = synth_tree
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--data-root", str(root), *MSBC, "--fold", "0", "--epochs", "1",
+                 *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    return capsys.readouterr().err
+
+
+class TestSettingNames:
+    """``breakhis-repro train --task MSBC`` said ``magnification must be one of ...``: the
+    settings' names, not the options the user types."""
+
+    def test_setting_error(self) -> None:
+        err = SettingError("input_size", "must be >= 8, but got 4")
+        assert isinstance(err, ValueError) and err.setting == "input_size"
+        assert str(err) == "input_size must be >= 8, but got 4"
+        assert err.named("--input-size") == "--input-size must be >= 8, but got 4"
+        again = pickle.loads(pickle.dumps(err))
+        assert (str(again), again.setting) == (str(err), "input_size")
+
+    @pytest.mark.parametrize("argv, message", [
+        (["train", "--task", "MSBC"],
+         "--magnification must be one of (40, 100, 200, 400) for task MSBC, which is "
+         "magnification-specific, but none was given"),
+        (["cv", "--task", "MSFC"],
+         "--magnification must be one of (40, 100, 200, 400) for task MSFC, which is "
+         "magnification-specific, but none was given"),
+        (["train", "--task", "MIFC", "--magnification", "40"],
+         "--magnification must not be given for task MIFC, which uses all magnifications"),
+        (["train", *TINY, "--input-size", "4"], "--input-size must be >= 8, but got 4"),
+        (["train", "--backbone", "inception_v3", "--no-pretrained", "--input-size", "32"],
+         "--input-size must be >= 75 for backbone 'inception_v3', but got 32"),
+        (["cv", *TINY, "--plateau-patience", "0"], "--plateau-patience must be >= 1"),
+        (["train", *TINY, "--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["train", *TINY, "--se-reduction", "0"], "--se-reduction must be >= 1"),
+        (["train", *TINY, "--split-seed", "-1"],
+         "--split-seed must be an integer in [0, 2**32 - 1]"),
+        (["cv", *TINY, "--val-fraction", "1"], "--val-fraction must be a number in [0, 1)"),
+    ])
+    def test_train_and_cv_name_their_options_before_indexing(
+        self, argv: list[str], message: str, tmp_path: Path, indexed: list[int],
+        capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        command = argv[0]
+        assert main([*argv, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+        err = _err(capsys)
+        assert f"breakhis-repro {command}: error: {message}" in err, err
+        assert not indexed and not (tmp_path / "r").exists()
+
+    @pytest.mark.parametrize("argv, message", [
+        (["--size", "4x4"], "--size must be at least 8x8 pixels, but got 4x4"),
+        (["--images-per-magnification", "0"], "--images-per-magnification must be >= 1"),
+    ])
+    def test_synth_names_its_options(self, argv: list[str], message: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["synth", "--out", str(tmp_path / "s"), *argv]) == 2
+        assert f"synth: error: {message}" in _err(capsys)
+
+    def test_every_setting_of_train_and_cv_is_named_as_an_option(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A setting maps to an option the command has; the settings without one keep
+        their names."""
+        for command in ("train", "cv"):
+            args = build_parser().parse_args([command, "--data-root", "d"])
+            with pytest.raises(SystemExit):
+                build_parser().parse_args([command, "--help"])
+            help_text = capsys.readouterr().out
+            names = [f.name for cls in (TrainConfig, DataSpec) for f in fields(cls)]
+            unnamed = set()
+            for name in names:
+                option = _option_name(args, name)
+                if option == name:
+                    unnamed.add(name)
+                else:
+                    assert option == "--" + name.replace("_", "-") and option in help_text
+            # flags that switch a setting off (--no-augment), and settings without options
+            assert unnamed == {"oversample", "augment", "shift", "deterministic", "verify"}
+
+    def test_commands_that_read_checkpoints_keep_the_settings_names(self) -> None:
+        """A setting of evaluate, predict or figures can come from the checkpoint, which no
+        option of theirs sets."""
+        args = build_parser().parse_args(["figures", "--checkpoint", "c.pt"])
+        assert _option_name(args, "seed") == "seed"
+        args = build_parser().parse_args(["predict", "--checkpoint", "c.pt", "x.png"])
+        assert _option_name(args, "inputs") == "inputs"
+
+    def test_the_library_keeps_its_own_names(self) -> None:
+        with pytest.raises(SettingError, match="^input_size must be >= 8, but got 4$"):
+            TrainConfig(backbone="tiny", weights=None, input_size=4)
+        with pytest.raises(SettingError, match="^magnification must be one of") as info:
+            get_task("MSBC")
+        assert info.value.setting == "magnification"
+
+
+class TestBeforeIndexing:
+    """``train --backbone resnet5O`` indexed and read every image, and printed data
+    warnings, before it said the backbone is unknown; a --resume with other settings,
+    too."""
+
+    def test_unknown_backbone(self, tmp_path: Path, indexed: list[int],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["train", "--data-root", str(tmp_path), "--backbone", "resnet5O",
+                     "--no-pretrained"]) == 2
+        err = _err(capsys)
+        assert ("train: error: --backbone must be 'tiny' or a name "
+                "bilinearpool.build_backbone resolves") in err
+        assert "but got 'resnet5O': unknown backbone 'resnet5O' (did you mean 'resnet50'" in err
+        assert "data:" not in err
+        assert not indexed
+
+    def test_backbone_names_are_checked_as_bilinearpool_resolves_them(self) -> None:
+        for name in ("tiny", "resnet18", "inception_v3", "inception_resnet_v2",
+                     "timm:resnet18.a1_in1k", "resnet18.a1_in1k"):
+            assert TrainConfig(backbone=name, weights=None).backbone == name
+        for name in ("resnet5O", "timm:resnet5O", "timm:"):
+            with pytest.raises(SettingError, match=rf"^backbone must be .*but got '{name}'"):
+                TrainConfig(backbone=name, weights=None)
+
+    def test_pretrained_weights_for_tiny(self, tmp_path: Path, indexed: list[int],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SettingError, match="^weights must be None for backbone 'tiny'"):
+            TrainConfig(backbone="tiny")
+        assert main(["train", "--data-root", str(tmp_path), "--backbone", "tiny"]) == 2
+        err = _err(capsys)
+        assert ("train: error: --weights must be None for backbone 'tiny', which has no "
+                "pretrained weights (random initialisation: --no-pretrained), but got "
+                "'imagenet'") in err
+        assert "offline?" not in err and not indexed
+
+    def test_resume_with_other_settings(self, run: Path, synth_tree, indexed: list[int],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+        root, _ = synth_tree
+        before = run.joinpath("checkpoint.pt").read_bytes()
+        base = ["train", "--data-root", str(root), *MSBC, "--epochs", "2", *TINY, "--resume"]
+        for changed, difference in ((["--lr", "0.01"], "checkpoint has lr=0.05, this run 0.01"),
+                                    (["--split-seed", "3"],
+                                     "checkpoint has data.split_seed=0, this run 3"),
+                                    (["--fold", "1"], "checkpoint has fold=0, this run 1")):
+            assert main([*base, *changed, "--out", str(run)]) == 2
+            err = _err(capsys)
+            assert (f"train: error: cannot resume from {str(run / 'checkpoint.pt')!r}: it was "
+                    "made with other settings (") in err and difference in err
+        # the classes of another task
+        assert main([*base, "--task", "MSFC", "--out", str(run)]) == 2
+        err = _err(capsys)
+        assert "checkpoint has classes=<2 entries>, this run <8 entries>" in err
+        assert "checkpoint has task.name='MSBC', this run 'MSFC'" in err
+        assert not indexed and run.joinpath("checkpoint.pt").read_bytes() == before
+
+    def test_library_resume_with_other_settings(self, run: Path, synth_tree, tmp_path: Path,
+                                                indexed: list[int]) -> None:
+        root, _ = synth_tree
+        spec = DataSpec(str(root), task="MSBC", magnification=40, n_splits=3)
+        state = load_checkpoint(run / "checkpoint.pt")
+        config = TrainConfig.from_dict(state["config"])
+        other = TrainConfig.from_dict({**state["config"], "lr": 0.01})
+        check_resume(spec, TrainConfig.from_dict({**state["config"], "epochs": 3}), run,
+                     fold=0)  # more epochs: may continue
+        check_resume(spec, other, tmp_path, fold=0)  # no checkpoint: nothing to compare
+        with pytest.raises(ValueError, match="cannot resume from .*lr=0.05, this run 0.01"):
+            run_fold(spec, other, 0, run, resume=True, progress=False)
+        cv = tmp_path / "cv"
+        shutil.copytree(run, cv / "fold0")
+        with pytest.raises(ValueError, match=r"cannot reuse fold 0 in .*fold0'.*lr=0.05, "
+                           "this run 0.01"):
+            run_cv(spec, other, cv, resume=True, progress=False)
+        (cv / "fold0" / "checkpoint.pt").unlink()
+        with pytest.raises(ValueError, match="settings that made it cannot be checked"):
+            run_cv(spec, config, cv, folds=[0], resume=True, progress=False)
+        assert not indexed
+
+
+def _classes_of(paths: list[str]) -> list[str]:
+    return ["benign" if "/benign/" in p else "malignant" for p in paths]
+
+
+class TestSplitLog:
+    """The README's demo run showed a validation accuracy of 0.0000 in every epoch, and its
+    log said neither how many validation images there were nor of which classes (all of
+    one)."""
+
+    def test_sizes_per_class_and_the_class_validation_lacks(self, run: Path) -> None:
+        files = load_checkpoint(run / "checkpoint.pt")["extra"]["files"]
+        parts = []
+        for name, key in (("training", "train"), ("validation", "val"), ("test", "test")):
+            classes = _classes_of(files[key])
+            parts.append(f"{name} {len(classes)} images (benign {classes.count('benign')}, "
+                         f"malignant {classes.count('malignant')})")
+        assert set(_classes_of(files["val"])) == {"benign"}  # as the tree's seed draws it
+        sizes = f"INFO fold 0 (patient protocol): {'; '.join(parts)}"
+        lacking = (f"WARNING fold 0: no validation image (of {len(files['val'])}) is of "
+                   "class(es) ['malignant'], which the training images include: the "
+                   "validation loss and accuracy, which drive the learning-rate schedule, say "
+                   "nothing of them")
+        log = (run / "train.log").read_text()
+        assert log.count(sizes) == 1 and log.count(lacking) == 1
+        assert log.index(sizes) < log.index(lacking) < log.index("epoch 1/1")
+
+    def test_a_fold_with_every_class_everywhere_warns_nothing(
+        self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        root, _ = synth_tree
+        assert main(["train", "--data-root", str(root), *MSBC, "--fold", "1", "--epochs", "1",
+                     *TINY, "--out", str(tmp_path)]) == 0
+        err = _err(capsys)  # the console shows what train.log holds
+        assert "fold 1 (patient protocol): training " in err and "no validation" not in err
+        assert "no test image" not in err and "no training image" not in err
+
+    def test_lines(self) -> None:
+        classes = ("benign", "malignant", "other")
+        data = SimpleNamespace(task=SimpleNamespace(classes=classes),
+                               targets=np.array([0, 1, 0, 1, 1, 2, 0]))
+        plan = SimpleNamespace(fit=np.array([0, 1, 2]), val=np.array([], dtype=np.int64),
+                               split=SimpleNamespace(test=np.array([4, 5]),
+                                                     protocol="image"))
+        lines = experiments._split_lines(data, plan, 2)
+        assert lines == [
+            (logging.INFO, "fold 2 (image protocol): training 3 images (benign 2, malignant "
+             "1, other 0); validation none (the training loss drives the learning-rate "
+             "schedule); test 2 images (benign 0, malignant 1, other 1)"),
+            (logging.WARNING, "fold 2: no test image (of 2) is of class(es) ['benign'], which "
+             "the training images include: the test metrics say nothing of them"),
+            (logging.WARNING, "fold 2: no training image is of class(es) ['other'], which the "
+             "test images include: the model is never trained on them"),
+        ]
+        plan.val = np.array([3])
+        assert "validation 1 image (benign 0, malignant 1, other 0)" in \
+            experiments._split_lines(data, plan, 2)[0][1]
+
+
+class TestPlurals:
+    def test_cv_of_one_fold(self, synth_tree, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+        """cv printed "accuracy: ... over 1 folds"."""
+        root, _ = synth_tree
+        assert main(["cv", "--data-root", str(root), *MSBC, "--folds", "1", "--epochs", "1",
+                     *TINY, "--out", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "% over 1 fold\n" in out and "folds" not in out.split("protocol:")[0]
+
+    def test_predict_of_one_image(self, run: Path, synth_tree, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+        root, meta = synth_tree
+        image = next((root / meta["images_root"]).rglob("*-40-001.png"))
+        assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(image),
+                     "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+        assert " for 1 image to " in capsys.readouterr().out
+
+
+class TestMissingInputs:
+    def test_predict_says_in_words_what_it_found(self, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        """It printed ``found none in ['no_such_dir/']; ['no_such_dir: does not exist']``."""
+        checkpoint = tmp_path / "c.pt"
+        checkpoint.write_bytes(b"")  # the inputs are collected before it is read
+        missing = [f"{tmp_path}/a/", *(str(tmp_path / name) for name in "bcde")]
+        assert main(["predict", "--checkpoint", str(checkpoint), missing[0]]) == 2
+        assert (f"predict: error: expected image files or folders with images, but found "
+                f"none in {missing[0]!r} ({tmp_path / 'a'}: does not exist)\n") in _err(capsys)
+        assert main(["predict", "--checkpoint", str(checkpoint), *missing]) == 2
+        err = _err(capsys)
+        assert (f"none in {missing[0]!r}, {missing[1]!r}, {missing[2]!r} and 2 more "
+                f"({tmp_path / 'a'}: does not exist; {missing[1]}: does not exist; "
+                f"{missing[2]}: does not exist and 2 more)") in err and "[" not in err
+
+    def test_table_says_a_folder_does_not_exist(self, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+        """``table runs/nothere`` said the folder "has no metrics"."""
+        missing, afile = tmp_path / "nothere", tmp_path / "afile"
+        afile.write_text("")
+        for path, problem in ((missing, "does not exist"), (afile, "is a file, not a folder")):
+            assert main(["table", str(path)]) == 2
+            err = _err(capsys)
+            assert (f"table: error: expected a run folder (of `breakhis-repro cv`, `train` or "
+                    f"`evaluate`), but {str(path)!r} {problem}") in err
+            assert "has no metrics" not in err
+            with pytest.raises(FileNotFoundError, match=problem):
+                results_table([path])
+
+    @pytest.mark.parametrize("command", ["index", "train"])
+    def test_a_data_root_that_does_not_exist(self, command: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+        args = TINY if command == "train" else []
+        assert main([command, "--data-root", str(tmp_path / "none"), *args]) == 2
+        assert (f"{command}: error: expected a BreaKHis folder, but "
+                f"{str(tmp_path / 'none')!r} does not exist") in _err(capsys)
+
+    def test_quick_refusals_import_no_torch(self, tmp_path: Path) -> None:
+        """``evaluate --checkpoint missing.pt`` took seconds (torch and the models were
+        imported) to say that the file does not exist."""
+        missing = str(tmp_path / "missing.pt")
+        commands = [["evaluate", "--checkpoint", missing],
+                    ["predict", "--checkpoint", missing, str(tmp_path)],
+                    ["table", str(tmp_path / "nothere")],
+                    ["train", "--data-root", str(tmp_path), "--task", "MSBC"]]
+        code = ("import json, sys\n"
+                "from breakhis.cli import main\n"
+                "out = []\n"
+                f"for argv in {commands!r}:\n"
+                "    out.append([main(argv), 'torch' in sys.modules])\n"
+                "print(json.dumps(out))\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == [[2, False]] * len(commands)
+        errors = done.stderr.splitlines()
+        assert errors[0] == f"breakhis-repro evaluate: error: checkpoint {missing!r} does not exist"
+        assert errors[1] == f"breakhis-repro predict: error: checkpoint {missing!r} does not exist"
+        assert "does not exist" in errors[2] and "--magnification" in errors[3]
