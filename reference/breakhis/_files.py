@@ -10,10 +10,12 @@ several files at once (the figures) is staged in a hidden folder
 removes what a killed process left of those.
 
 :func:`folder_problem` and :func:`writable_problem` say why a path cannot serve as an
-output folder, :func:`missing_folder_problem` why it cannot serve as an input folder;
-:func:`check_int` and :func:`check_seed` refuse integer settings out of range with one
-form of message, as a :class:`SettingError` that names the setting, so that the command
-line can name its option instead (``--input-size`` for ``input_size``).
+output folder, :func:`missing_folder_problem` why it cannot serve as an input folder
+(:func:`check_run_folder`: a run folder); :func:`missing_checkpoint` is the error for a
+checkpoint path where nothing is; :func:`check_int` and :func:`check_seed` refuse integer
+settings out of range with one form of message, as a :class:`SettingError` that names
+the setting, so that the command line can name its option instead (``--input-size`` for
+``input_size``). :func:`count` and :func:`plural` write a number of things in words.
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ __all__ = [
     "SettingError",
     "atomic_writer",
     "check_int",
+    "check_run_folder",
     "check_seed",
+    "count",
     "folder_problem",
+    "missing_checkpoint",
     "missing_folder_problem",
     "new_file_mode",
+    "plural",
     "remove_stale_staging",
     "remove_stale_temporaries",
     "staging_folder",
@@ -301,6 +307,61 @@ def missing_folder_problem(path: str | os.PathLike[str]) -> str | None:
     return f"{str(path)!r} does not exist"
 
 
+def check_run_folder(path: str | os.PathLike[str]) -> None:
+    """Refuse ``path`` as a run folder to read (of ``breakhis-repro cv``, ``train`` or
+    ``evaluate``) unless it is an existing folder (:func:`missing_folder_problem`).
+
+    Raises:
+        FileNotFoundError: saying what ``path`` is instead.
+
+    Examples:
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> check_run_folder(folder)
+        >>> check_run_folder(folder / "none")  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: expected a run folder (of `breakhis-repro cv`, `train` or
+        `evaluate`), but '...none' does not exist
+    """
+    problem = missing_folder_problem(path)
+    if problem:
+        raise FileNotFoundError(f"expected a run folder (of `breakhis-repro cv`, `train` or "
+                                f"`evaluate`), but {problem}")
+
+
+def missing_checkpoint(path: str | os.PathLike[str]) -> FileNotFoundError:
+    """The error to raise for a checkpoint ``path`` where nothing is.
+
+    Examples:
+        >>> missing_checkpoint("runs/x/checkpoint.pt")
+        FileNotFoundError("checkpoint 'runs/x/checkpoint.pt' does not exist")
+    """
+    return FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+
+
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``noun`` for ``n`` of them: as it is when ``n`` is 1, else ``plural_form`` (by
+    default ``noun`` with an ``s``).
+
+    Examples:
+        >>> plural(1, "fold"), plural(2, "fold"), plural(0, "class", "classes")
+        ('fold', 'folds', 'classes')
+    """
+    if n == 1:
+        return noun
+    return plural_form if plural_form is not None else f"{noun}s"
+
+
+def count(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1 (:func:`plural`).
+
+    Examples:
+        >>> count(1, "fold"), count(3, "fold"), count(0, "test image")
+        ('1 fold', '3 folds', '0 test images')
+    """
+    return f"{n} {plural(n, noun, plural_form)}"
+
+
 def writable_problem(folder: str | os.PathLike[str], what: str = "a folder") -> str | None:
     """Why ``folder`` cannot serve as ``what``: tried, not guessed.
 
@@ -342,7 +403,7 @@ def check_int(
     NumPy take them); a bound of ``None`` leaves that side open.
 
     Args:
-        name: the setting, as the message names it (``"seed"``, ``"--seed"``).
+        name: the setting, as the message names it (``"seed"``, ``"input_size"``).
         value: its value.
         lo: smallest value allowed.
         hi: largest value allowed.

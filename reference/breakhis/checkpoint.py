@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._files import atomic_writer
+from ._files import atomic_writer, missing_checkpoint
 
 __all__ = [
     "NotACheckpointError",
@@ -117,7 +117,7 @@ def load_checkpoint(
                 f"pass {str(inside)!r}" if inside.is_file() else
                 "it holds no checkpoint.pt: pass the checkpoint.pt of a run folder"))
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise missing_checkpoint(path)
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of foreign pickles before refusing them.

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import SettingError, folder_problem, missing_folder_problem
+from ._files import SettingError, check_run_folder, count, folder_problem, missing_checkpoint
 
 __all__ = ["build_parser", "main"]
 
@@ -364,9 +364,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return _no_images(summary, args)
-    print(f"{summary['root']}: {_count(summary['images'], 'image')}, "
-          f"{_count(summary['patients'], 'patient')} "
-          f"({_count(summary['patient_ids'], 'distinct patient id')})")
+    print(f"{summary['root']}: {count(summary['images'], 'image')}, "
+          f"{count(summary['patients'], 'patient')} "
+          f"({count(summary['patient_ids'], 'distinct patient id')})")
     for key in ("by_class", "by_type", "by_magnification", "image_sizes"):
         if key in summary:
             counts = ", ".join(f"{k}={v}" for k, v in summary[key].items())
@@ -376,10 +376,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
     for warning in summary["warnings"]:
         print(f"  warning: {warning}")
     if summary["skipped"]:
-        print(f"  skipped {len(summary['skipped'])} file(s):")
-        for reason, count in summary["skipped_by_reason"].items():
+        print(f"  skipped {count(len(summary['skipped']), 'file')}:")
+        for reason, n in summary["skipped_by_reason"].items():
             examples = [s["path"] for s in summary["skipped"] if s["reason"].startswith(reason)]
-            print(f"    {reason}: {count}, e.g.")
+            print(f"    {reason}: {n}, e.g.")
             for path in examples[: args.examples]:
                 print(f"      {path}")
     return _no_images(summary, args)
@@ -394,8 +394,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed, progress=sys.stderr.isatty())
     exp = meta["expected"]
     print(f"wrote SYNTHETIC BreaKHis-layout data to {args.out}: "
-          f"{_count(exp['images'], 'image')}, {_count(exp['patients'], 'patient')}, "
-          f"{_count(len(meta['irregular_files']), 'irregular file')}; "
+          f"{count(exp['images'], 'image')}, {count(exp['patients'], 'patient')}, "
+          f"{count(len(meta['irregular_files']), 'irregular file')}; "
           f"metadata in {Path(args.out) / 'synthetic.json'}")
     return 0
 
@@ -464,7 +464,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     if report is not None:
         for key, stat in report["summary"].items():
             std = "n/a" if stat["std"] is None else f"{100 * stat['std']:.2f}"
-            print(f"{key}: {100 * stat['mean']:.2f} ± {std} % over {_count(stat['n'], 'fold')}")
+            print(f"{key}: {100 * stat['mean']:.2f} ± {std} % over {count(stat['n'], 'fold')}")
         print(f"protocol: {report['protocol']['protocol_description']}")
         print(f"results: {out / 'cv_metrics.json'}, {out / 'cv_metrics.md'}; runs in {out}/fold*/")
     return 0
@@ -518,9 +518,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"skipped {problem}", file=sys.stderr)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    skipped = (f"; {len(result['problems'])} skipped input(s) listed on stderr"
+    skipped = (f"; {count(len(result['problems']), 'skipped input')} listed on stderr"
                if result["problems"] else "")
-    print(f"wrote probabilities of {result['classes']} for {_count(result['images'], 'image')} "
+    print(f"wrote probabilities of {result['classes']} for {count(result['images'], 'image')} "
           f"to {result['csv']}{skipped}")
     return 0
 
@@ -532,8 +532,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / FIGURES_DIR
     max_dim = args.max_embedding_dim or None  # 0: keep the embeddings whole
     # Checked before indexing and predicting, which take minutes on the real data.
-    check_figure_options(args.seed, args.perplexity, max_dim, args.gradcam_images, out,
-                         prefix="--")
+    check_figure_options(args.seed, args.perplexity, max_dim, args.gradcam_images, out)
     records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
                                                   data_root=args.data_root,
                                                   progress=not args.no_progress)
@@ -543,7 +542,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
                           max_embedding_dim=max_dim,
                           progress=not args.no_progress)
     auc = result["roc"]["roc_auc"]
-    print(f"{_count(result['images'], f'{args.split} image')} of fold {result['fold']} "
+    print(f"{count(result['images'], f'{args.split} image')} of fold {result['fold']} "
           f"({result['protocol']['protocol']} protocol"
           f"{', SYNTHETIC data' if result['synthetic'] else ''}): ROC AUC "
           f"{'n/a' if auc is None else f'{100 * auc:.2f}%'}, t-SNE perplexity "
@@ -559,11 +558,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 def _cmd_table(args: argparse.Namespace) -> int:
     for run_dir in args.run_dirs:  # before matplotlib and torch are imported (seconds)
-        problem = missing_folder_problem(run_dir)
-        if problem:
-            # breakhis.plots.results_table says the same
-            raise FileNotFoundError(f"expected a run folder (of `breakhis-repro cv`, `train` "
-                                    f"or `evaluate`), but {problem}")
+        check_run_folder(run_dir)  # as breakhis.plots.results_table does
     from .plots import results_table
 
     _log_to_console(True)  # a stale cv summary is a warning of breakhis.plots
@@ -579,42 +574,38 @@ _COMMANDS = {"index": _cmd_index, "synth": _cmd_synth, "train": _cmd_train, "cv"
              "table": _cmd_table}
 
 
-#: Commands whose settings all come from their options (:func:`_option_name`); the
-#: others also read settings recorded in a checkpoint, which no option of theirs sets.
-_SETTINGS_FROM_OPTIONS = frozenset({"synth", "train", "cv"})
-#: Arguments without an option name.
-_POSITIONALS = frozenset({"command", "inputs", "run_dirs"})
+#: Library settings named otherwise than the destination of the option that sets them:
+#: ``out_dir`` of :func:`breakhis.plots.make_figures` and ``out_csv`` of
+#: :func:`breakhis.predict.predict_to_csv` are their commands' ``--out``.
+_SETTING_DESTS: dict[str, str] = {"out_dir": "out", "out_csv": "out"}
 
 
-def _option_name(args: argparse.Namespace, setting: str) -> str:
-    """The option that sets ``setting`` (a :class:`breakhis._files.SettingError`'s) in
-    the command ``args`` ran: ``--input-size`` for ``input_size``, ``--magnification``
-    for ``magnification``; ``setting`` itself when no option of the command sets it.
+def _option_name(parser: argparse.ArgumentParser, command: str, setting: str) -> str:
+    """The option of ``command`` that sets ``setting`` (a
+    :class:`breakhis._files.SettingError`'s): ``--input-size`` for ``input_size``,
+    ``--out`` for ``out_dir``; ``setting`` itself when no option of the command sets it (a
+    setting it reads from a checkpoint, as ``input_size`` for ``figures``; one without an
+    option, as ``shift``; one that a flag switches off, as ``augment``).
 
-    Every option's destination is its name without the dashes, ``-`` read as ``_``
-    (argparse's rule; no option here names another destination), and the settings of
-    :class:`~breakhis.train.TrainConfig`, :class:`~breakhis.experiments.DataSpec` and
-    :func:`~breakhis.synthetic.make_synthetic_breakhis` are named as those destinations.
+    Read from the command's subparser in ``parser``: the option whose destination is
+    ``setting`` (or :data:`_SETTING_DESTS`'s name for it); positional arguments have none.
+    The settings of :class:`~breakhis.train.TrainConfig`,
+    :class:`~breakhis.experiments.DataSpec` and the library's functions are named as
+    those destinations.
 
     Examples:
-        >>> args = build_parser().parse_args(["train", "--data-root", "d"])
-        >>> _option_name(args, "input_size"), _option_name(args, "shift")
+        >>> parser = build_parser()
+        >>> _option_name(parser, "train", "input_size"), _option_name(parser, "train", "shift")
         ('--input-size', 'shift')
+        >>> _option_name(parser, "figures", "seed"), _option_name(parser, "figures", "input_size")
+        ('--seed', 'input_size')
     """
-    if (args.command in _SETTINGS_FROM_OPTIONS and setting in vars(args)
-            and setting not in _POSITIONALS):
-        return "--" + setting.replace("_", "-")
+    dest = _SETTING_DESTS.get(setting, setting)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[command]._actions:
+        if action.dest == dest and action.option_strings:
+            return max(action.option_strings, key=len)
     return setting
-
-
-def _count(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless ``n`` is 1.
-
-    Examples:
-        >>> _count(1, "fold"), _count(3, "fold"), _count(0, "test image")
-        ('1 fold', '3 folds', '0 test images')
-    """
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_checkpoint_exists(path: str) -> None:
@@ -626,7 +617,7 @@ def _check_checkpoint_exists(path: str) -> None:
         FileNotFoundError: naming the path.
     """
     if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise missing_checkpoint(path)
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -648,7 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference extra are not all installed, said in one line; 2 after an error line for
     a setting, a file or a folder that is wrong, or a file that cannot be read or
     written). A setting out of range (:class:`breakhis._files.SettingError`) is named
-    by its option (``--input-size``, not ``input_size``: :func:`_option_name`)."""
+    by the command's option for it (``--input-size``, not ``input_size``:
+    :func:`_option_name`)."""
     from . import INSTALL, missing_requirements
 
     missing = missing_requirements()
@@ -657,18 +649,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL}",
               file=sys.stderr)
         return 1
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except SettingError as exc:  # named as the command line names it: --input-size
-        message = exc.named(_option_name(args, exc.setting))
-        print(f"breakhis-repro {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        hint = ""
-        if "imagenet" in str(exc).lower() or "pretrained" in str(exc).lower():
-            hint = " (offline? pass --weights PATH to a local state_dict, or --no-pretrained)"
-        print(f"breakhis-repro {args.command}: error: {exc}{hint}", file=sys.stderr)
+        if isinstance(exc, SettingError):  # named as the command line names it: --input-size
+            text = exc.named(_option_name(parser, args.command, exc.setting))
+        else:
+            text = str(exc)
+            if "imagenet" in text.lower() or "pretrained" in text.lower():
+                text += " (offline? pass --weights PATH to a local state_dict, or --no-pretrained)"
+        print(f"breakhis-repro {args.command}: error: {text}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file that cannot be read or written: names the path
         print(f"breakhis-repro {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)

@@ -31,6 +31,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from numbers import Real
@@ -39,7 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from ._files import SettingError, check_seed, remove_stale_temporaries, writable_problem
+from ._files import (
+    SettingError,
+    check_seed,
+    count,
+    plural,
+    remove_stale_temporaries,
+    writable_problem,
+)
 from .checkpoint import load_checkpoint
 from .data import (
     DataIndex,
@@ -73,16 +81,15 @@ from .plots import FIGURE_FILES, FIGURES_DIR
 from .synthetic import SYNTHETIC_MARKER, is_synthetic
 from .tasks import Task, get_task
 from .train import (
-    CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     TrainConfig,
+    check_resumable,
     checkpoint_identity,
     checkpoint_normalization,
     epochs_trained,
     fit,
     load_model,
     predict_probs,
-    resume_differences,
     warn_unfinished,
 )
 
@@ -333,8 +340,8 @@ def _issue_lines(issues: dict[str, Any], root: Path) -> list[str]:
     lines = []
     if issues["skipped"]:
         lines.append(f"data: {issues['skipped']} file(s) under {str(root)!r} left out")
-        for reason, count in issues["skipped_by_reason"].items():
-            lines.append(f"data:   {reason}: {count}, e.g. "
+        for reason, n in issues["skipped_by_reason"].items():
+            lines.append(f"data:   {reason}: {n}, e.g. "
                          f"{', '.join(issues['skipped_examples'][reason])}")
     lines += [f"data warning: {w}" for w in issues["warnings"]]
     return lines
@@ -436,10 +443,10 @@ def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
     return _FoldPlan(split, fit_idx, val_idx, extra)
 
 
-def _class_counts(classes: tuple[str, ...], targets: np.ndarray) -> str:
-    """``"benign 3, malignant 0"``: the images of every class among ``targets``."""
+def _class_counts(classes: tuple[str, ...], targets: np.ndarray) -> dict[str, int]:
+    """The images of every class among ``targets``, in the order of ``classes``."""
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(classes))
-    return ", ".join(f"{c} {int(n)}" for c, n in zip(classes, counts))
+    return {c: int(n) for c, n in zip(classes, counts)}
 
 
 def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[int, str]]:
@@ -450,13 +457,15 @@ def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[i
     """
     classes = data.task.classes
     splits = {"training": plan.fit, "validation": plan.val, "test": plan.split.test}
+    counts = {name: _class_counts(classes, data.targets[idx]) for name, idx in splits.items()}
     sizes = "; ".join(
-        f"{name} {_images(len(idx))} ({_class_counts(classes, data.targets[idx])})"
+        f"{name} {count(len(idx), 'image')} "
+        f"({', '.join(f'{c} {n}' for c, n in counts[name].items())})"
         if len(idx) else f"{name} none" + (" (the training loss drives the learning-rate "
                                            "schedule)" if name == "validation" else "")
         for name, idx in splits.items())
     lines = [(logging.INFO, f"fold {fold} ({plan.split.protocol} protocol): {sizes}")]
-    present = {name: {classes[t] for t in data.targets[idx]} for name, idx in splits.items()}
+    present = {name: {c for c, n in by_class.items() if n} for name, by_class in counts.items()}
     consequences = {
         "validation": "the validation loss and accuracy, which drive the learning-rate "
                       "schedule, say nothing of them (a larger val_fraction, --val-fraction, "
@@ -467,19 +476,16 @@ def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[i
         lacking = [c for c in classes if c in present["training"] and c not in present[name]]
         if len(splits[name]) and lacking:
             lines.append((logging.WARNING, (
-                f"fold {fold}: no {name} image (of {len(splits[name])}) is of class(es) "
-                f"{lacking}, which the training images include: {consequence}")))
+                f"fold {fold}: no {name} image (of {len(splits[name])}) is of "
+                f"{plural(len(lacking), 'class', 'classes')} {lacking}, which the training "
+                f"images include: {consequence}")))
     untrained = [c for c in classes if c in present["test"] and c not in present["training"]]
     if untrained:
         lines.append((logging.WARNING, (
-            f"fold {fold}: no training image is of class(es) {untrained}, which the test "
-            "images include: the model is never trained on them")))
+            f"fold {fold}: no training image is of "
+            f"{plural(len(untrained), 'class', 'classes')} {untrained}, which the test images "
+            "include: the model is never trained on them")))
     return lines
-
-
-def _images(n: int) -> str:
-    """``"1 image"``, ``"12 images"``."""
-    return f"{n} image{'' if n == 1 else 's'}"
 
 
 def check_resume(
@@ -517,15 +523,10 @@ def check_resume(
     """
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT_NAME
-    report = run_dir / "test_metrics.json"
-    reused = reuse and report.is_file()
-    if not ckpt.is_file():
-        if reused:
-            raise ValueError(_unchecked_fold(fold, run_dir))
+    reused = reuse and (run_dir / "test_metrics.json").is_file()
+    if not (reused or ckpt.is_file()):
         return
-    state = load_checkpoint(ckpt, mmap=True)  # mapped: settings and history only
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint in {ckpt}")
+    state = _fold_checkpoint(fold, run_dir)  # a reused fold's may be missing: refused
     try:
         known: dict[str, Any] = {"data": _data_dict(spec)}
     except OSError:
@@ -539,27 +540,36 @@ def check_resume(
     # what needs the data is taken from the checkpoint: never a difference here
     extra = {**(state.get("extra") or {}), **known}
     ignore, _ = _resume_ignore(state, extra)
-    differences = resume_differences(state, config, classes, extra, ignore=ignore)
-    if differences and reused:
-        raise ValueError(_other_fold(fold, run_dir, differences))
-    if differences:
+    check_resumable(state, ckpt, config, classes, extra, ignore=ignore,
+                    refusal=_other_fold(fold, run_dir) if reused else None)
+
+
+def _fold_checkpoint(fold: int | None, fold_dir: Path) -> dict[str, Any]:
+    """The checkpoint in ``fold_dir``, mapped (its settings, extra, history and epoch are
+    read, not its tensors).
+
+    Raises:
+        ValueError: when there is none, as :func:`run_cv` refuses to reuse a fold whose
+            report has no checkpoint beside it (the settings that made it cannot be
+            checked).
+    """
+    ckpt = fold_dir / CHECKPOINT_NAME
+    if not ckpt.is_file():
         raise ValueError(
-            f"cannot resume from {str(ckpt)!r}: it was made with other settings ("
-            + "; ".join(differences) + "). Resume with the checkpoint's settings, or "
-            "train into another run folder")
+            f"cannot resume fold {fold}: {str(fold_dir / 'test_metrics.json')!r} exists but "
+            f"{str(ckpt)!r} does not, so the settings that made it cannot be checked; "
+            f"remove {str(fold_dir)!r} to train the fold again")
+    return load_checkpoint(ckpt, mmap=True)
 
 
-def _unchecked_fold(fold: int | None, fold_dir: Path) -> str:
-    """Why :func:`run_cv` cannot reuse a fold whose report has no checkpoint beside it."""
-    return (f"cannot resume fold {fold}: {str(fold_dir / 'test_metrics.json')!r} exists but "
-            f"{str(fold_dir / CHECKPOINT_NAME)!r} does not, so the settings that made it "
-            f"cannot be checked; remove {str(fold_dir)!r} to train the fold again")
-
-
-def _other_fold(fold: int | None, fold_dir: Path, differences: list[str]) -> str:
-    """Why :func:`run_cv` cannot reuse a fold made with other settings."""
-    return (f"cannot reuse fold {fold} in {str(fold_dir)!r}: it was made with other settings ("
-            + "; ".join(differences) + "). Use another output folder, or the run's settings")
+def _other_fold(fold: int | None, fold_dir: Path) -> Callable[[list[str]], str]:
+    """Why :func:`run_cv` cannot reuse a fold made with other settings (the ``refusal`` of
+    :func:`breakhis.train.check_resumable`)."""
+    def refusal(differences: list[str]) -> str:
+        return (f"cannot reuse fold {fold} in {str(fold_dir)!r}: it was made with other "
+                f"settings ({'; '.join(differences)}). Use another output folder, or the "
+                "run's settings")
+    return refusal
 
 
 def run_fold(
@@ -697,20 +707,15 @@ def _reusable_fold(
 
     Raises:
         ValueError: when the fold was made with other settings, or its settings cannot
-            be checked (no checkpoint).
+            be checked (no checkpoint, or not a breakhis one).
     """
     done = fold_dir / "test_metrics.json"
     ckpt = fold_dir / CHECKPOINT_NAME
-    if not ckpt.is_file():
-        raise ValueError(_unchecked_fold(fold, fold_dir))
-    # mapped, not read: only its settings, extra, history and epoch are needed
-    state = load_checkpoint(ckpt, mmap=True)
+    state = _fold_checkpoint(fold, fold_dir)
     plan = _plan_fold(spec, data, fold)
     ignore, notes = _resume_ignore(state, plan.extra)
-    differences = resume_differences(state, config, list(data.task.classes), plan.extra,
-                                     ignore=ignore)
-    if differences:
-        raise ValueError(_other_fold(fold, fold_dir, differences))
+    check_resumable(state, ckpt, config, list(data.task.classes), plan.extra, ignore=ignore,
+                    refusal=_other_fold(fold, fold_dir))
     if epochs_trained(state) < config.epochs:
         return None
     report, problem = _read_fold_report(done)

@@ -221,7 +221,9 @@ def build_network(
         **kwargs: passed on to ``bilinearpool.build_model``.
 
     Raises:
-        ValueError: for an unknown head or ImageNet weights for ``tiny``.
+        ValueError: for an unknown head.
+        breakhis._files.SettingError: for weights other than ``None`` for ``tiny``
+            (:func:`check_weights`).
         RuntimeError: when ``bilinearpool`` is not importable, or (from
             ``bilinearpool``) when ImageNet weights cannot be obtained offline.
     """
@@ -234,11 +236,8 @@ def build_network(
             "breakhis needs bilinearpool.build_model (pip install bilinearpool); "
             f"import failed: {exc}"
         ) from exc
-    net: nn.Module | str = backbone
-    if backbone == "tiny":
-        if weights == "imagenet":
-            raise ValueError("backbone 'tiny' has no ImageNet weights; use --no-pretrained")
-        net = TinyBackbone()
+    check_weights(backbone, weights)
+    net: nn.Module | str = TinyBackbone() if backbone == "tiny" else backbone
     return build_model(
         head, net, num_classes=num_classes, weights=weights, se_reduction=se_reduction,
         dropout=dropout, **kwargs,

@@ -36,10 +36,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ._files import (
+    SettingError,
     check_int,
+    check_run_folder,
     check_seed,
     folder_problem,
-    missing_folder_problem,
+    plural,
     remove_stale_staging,
     staging_folder,
 )
@@ -636,7 +638,6 @@ def check_figure_options(
     max_embedding_dim: int | None,
     gradcam_images: int,
     out_dir: str | os.PathLike[str],
-    prefix: str = "",
 ) -> None:
     """Refuse the options of :func:`make_figures` that would fail it late.
 
@@ -647,37 +648,32 @@ def check_figure_options(
     Args:
         seed, perplexity, max_embedding_dim, gradcam_images, out_dir: as for
             :func:`make_figures`.
-        prefix: put before the names in the messages: ``"--"`` names the options of
-            ``breakhis-repro figures`` instead (``--max-embedding-dim``, ``--out``;
-            its ``--max-embedding-dim 0`` is ``None`` here).
 
     Raises:
-        ValueError: for a ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not
-            positive, a ``max_embedding_dim`` below 2, a ``gradcam_images`` that is not an
-            integer >= 0, or an ``out_dir`` that is a file (or lies under one).
+        breakhis._files.SettingError: naming the argument (``breakhis-repro figures``
+            names its option instead: ``--max-embedding-dim``, ``--out``), for a ``seed``
+            outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
+            ``max_embedding_dim`` below 2, a ``gradcam_images`` that is not an integer
+            >= 0, or an ``out_dir`` that is a file (or lies under one).
 
     Examples:
         >>> check_figure_options(0, 30.0, None, 8, "figures")
-        >>> check_figure_options(0, 30.0, 1, 8, "figures", prefix="--")
+        >>> check_figure_options(0, 30.0, 1, 8, "figures")  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: --max-embedding-dim must be >= 2, or 0 to keep embeddings whole, but got 1
+        breakhis._files.SettingError: max_embedding_dim must be >= 2, or None to keep
+        embeddings whole (--max-embedding-dim 0), but got 1
     """
-    def name(arg: str) -> str:
-        return prefix + arg.replace("_", "-") if prefix else arg
-
-    check_seed(seed, name("seed"))
+    check_seed(seed)
     if not perplexity > 0:
-        raise ValueError(f"{name('perplexity')} must be > 0, but got {perplexity:g}")
+        raise SettingError("perplexity", f"must be > 0, but got {perplexity:g}")
     if max_embedding_dim is not None and max_embedding_dim < 2:
-        raise ValueError(f"{name('max_embedding_dim')} must be >= 2, or "
-                         f"{'0' if prefix else 'None'} to keep embeddings whole, but got "
-                         f"{max_embedding_dim}")
-    check_int(name("gradcam_images"), gradcam_images, 0)
+        raise SettingError("max_embedding_dim", "must be >= 2, or None to keep embeddings "
+                           f"whole (--max-embedding-dim 0), but got {max_embedding_dim}")
+    check_int("gradcam_images", gradcam_images, 0)
     problem = folder_problem(out_dir)
     if problem:
-        expected = f"{prefix}out expects" if prefix else "expected"
-        raise ValueError(f"{expected} a folder for the figures, but {problem}")
+        raise SettingError("out_dir", f"expects a folder for the figures, but {problem}")
 
 
 def make_figures(
@@ -860,10 +856,7 @@ def make_figures(
 
 def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
     folder = Path(run_dir)
-    problem = missing_folder_problem(folder)
-    if problem:
-        raise FileNotFoundError(f"expected a run folder (of `breakhis-repro cv`, `train` or "
-                                f"`evaluate`), but {problem}")
+    check_run_folder(folder)
     for name in ("cv_metrics.json", "test_metrics.json"):
         if (folder / name).is_file():
             report = read_report(folder / name)
@@ -940,7 +933,7 @@ def _stale_note(stale: Mapping[int, str]) -> str:
     for reason, text in _STALE_REASONS.items():
         folds = [str(f) for f, why in stale.items() if why == reason]
         if folds:
-            parts.append(f"fold{'s' if len(folds) > 1 else ''} {', '.join(folds)} {text}")
+            parts.append(f"{plural(len(folds), 'fold')} {', '.join(folds)} {text}")
     return f"stale: {'; '.join(parts)}; rerun cv --resume"
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._files import check_int, folder_problem
+from ._files import SettingError, check_int, folder_problem
 from .data import (
     IMAGE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -191,19 +191,22 @@ def predict_to_csv(
         what was predicted despite a doubt (the magnification).
 
     Raises:
+        breakhis._files.SettingError: before anything is read, for a ``batch_size`` that
+            is not an integer >= 1, or an ``out_csv`` that is a folder or lies under a
+            file (``breakhis-repro predict`` names its options: ``--batch-size``, ``--out``).
         ValueError: when no readable image is found, or images of another magnification
             are given to a magnification-specific checkpoint without ``any_magnification``.
         NotACheckpointError: when ``checkpoint`` is not a breakhis checkpoint.
     """
-    check_int("batch_size (--batch-size)", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     batch_size = int(batch_size)  # a NumPy integer passes; torch's DataLoader takes int only
     if Path(out_csv).is_dir():
-        raise ValueError(f"out_csv (--out) expects the path of a CSV file, but "
-                         f"{str(out_csv)!r} is a folder")
+        raise SettingError("out_csv", f"expects the path of a CSV file, but {str(out_csv)!r} "
+                                      "is a folder")
     problem = folder_problem(Path(out_csv).parent)
     if problem:
-        raise ValueError(f"out_csv (--out) expects the path of a CSV file in a folder, but "
-                         f"{problem}")
+        raise SettingError("out_csv", f"expects the path of a CSV file in a folder, but "
+                                      f"{problem}")
     images, problems = collect_images(inputs)
     if not images:
         raise ValueError(f"expected image files or folders with images, but found none in "

@@ -95,6 +95,7 @@ __all__ = [
     "FitResult",
     "TrainConfig",
     "TrainingDivergedError",
+    "check_resumable",
     "checkpoint_identity",
     "checkpoint_normalization",
     "epochs_trained",
@@ -573,6 +574,42 @@ def resume_differences(
     return out
 
 
+def check_resumable(
+    state: dict[str, Any],
+    path: str | os.PathLike[str],
+    config: TrainConfig,
+    classes: Sequence[str],
+    extra: dict[str, Any] | None = None,
+    *,
+    ignore: Sequence[str] = (),
+    refusal: Callable[[list[str]], str] | None = None,
+) -> None:
+    """Refuse to continue the checkpoint ``state`` (read from ``path``) with ``config``:
+    when it is not a breakhis checkpoint, or :func:`resume_differences` finds differences.
+
+    Args:
+        state, config, classes, extra, ignore: as for :func:`resume_differences`.
+        path: the checkpoint's file, as the messages name it.
+        refusal: the message for the differences (one line each), when not
+            ``"cannot resume from <path>: it was made with other settings (...)"``
+            (:func:`breakhis.experiments.run_cv` words a fold it cannot reuse so).
+
+    Raises:
+        ValueError: ``"expected a breakhis-checkpoint-v1 checkpoint in <path>"``, or the
+            refusal listing every difference.
+    """
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint in {path}")
+    differences = resume_differences(state, config, classes, extra, ignore=ignore)
+    if differences and refusal is not None:
+        raise ValueError(refusal(differences))
+    if differences:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: it was made with other settings ("
+            + "; ".join(differences) + "). Resume with the checkpoint's settings, or "
+            "train into another run folder")
+
+
 def _evaluate_loss(
     model: nn.Module, loader: DataLoader, device: torch.device
 ) -> tuple[float, float, float]:
@@ -713,14 +750,7 @@ def _fit(
     history: list[dict[str, Any]] = []
     start = 0
     if state is not None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint in {ckpt_path}")
-        differences = resume_differences(state, config, classes, extra, ignore=resume_ignore)
-        if differences:
-            raise ValueError(
-                f"cannot resume from {str(ckpt_path)!r}: it was made with other settings ("
-                + "; ".join(differences) + "). Resume with the checkpoint's settings, or "
-                "train into another run folder")
+        check_resumable(state, ckpt_path, config, classes, extra, ignore=resume_ignore)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

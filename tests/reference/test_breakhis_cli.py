@@ -25,6 +25,7 @@ from breakhis._files import SettingError
 from breakhis.checkpoint import load_checkpoint
 from breakhis.cli import _option_name, build_parser, main
 from breakhis.experiments import DataSpec, check_resume, run_cv, run_fold
+from breakhis.models import build_network
 from breakhis.plots import results_table
 from breakhis.tasks import get_task
 from breakhis.train import TrainConfig
@@ -120,15 +121,15 @@ class TestSettingNames:
     ) -> None:
         """A setting maps to an option the command has; the settings without one keep
         their names."""
+        parser = build_parser()
         for command in ("train", "cv"):
-            args = build_parser().parse_args([command, "--data-root", "d"])
             with pytest.raises(SystemExit):
                 build_parser().parse_args([command, "--help"])
             help_text = capsys.readouterr().out
             names = [f.name for cls in (TrainConfig, DataSpec) for f in fields(cls)]
             unnamed = set()
             for name in names:
-                option = _option_name(args, name)
+                option = _option_name(parser, command, name)
                 if option == name:
                     unnamed.add(name)
                 else:
@@ -136,13 +137,35 @@ class TestSettingNames:
             # flags that switch a setting off (--no-augment), and settings without options
             assert unnamed == {"oversample", "augment", "shift", "deterministic", "verify"}
 
-    def test_commands_that_read_checkpoints_keep_the_settings_names(self) -> None:
-        """A setting of evaluate, predict or figures can come from the checkpoint, which no
-        option of theirs sets."""
-        args = build_parser().parse_args(["figures", "--checkpoint", "c.pt"])
-        assert _option_name(args, "seed") == "seed"
-        args = build_parser().parse_args(["predict", "--checkpoint", "c.pt", "x.png"])
-        assert _option_name(args, "inputs") == "inputs"
+    def test_commands_that_read_checkpoints_name_their_own_options(self) -> None:
+        """evaluate, predict and figures name the options they have; a setting they read
+        from the checkpoint, which no option of theirs sets, keeps its name (figures said
+        ``--seed``, but the mapping said ``seed``)."""
+        parser = build_parser()
+        for command, setting, name in [
+            ("figures", "seed", "--seed"), ("figures", "out_dir", "--out"),
+            ("figures", "max_embedding_dim", "--max-embedding-dim"),
+            ("figures", "input_size", "input_size"),
+            ("predict", "batch_size", "--batch-size"), ("predict", "out_csv", "--out"),
+            ("predict", "inputs", "inputs"), ("predict", "magnification", "magnification"),
+            ("evaluate", "task", "task"), ("evaluate", "seed", "seed"),
+            ("table", "run_dirs", "run_dirs"),
+        ]:
+            assert _option_name(parser, command, setting) == name, (command, setting)
+
+    def test_predict_names_its_options(self, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+        checkpoint = tmp_path / "c.pt"
+        checkpoint.write_bytes(b"")  # the batch size is checked before it is read
+        assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path),
+                     "--batch-size", "0", "--out", str(tmp_path / "p.csv")]) == 2
+        assert ("predict: error: --batch-size must be an integer >= 1, but got 0\n"
+                in _err(capsys))
+        (tmp_path / "afile").write_text("")
+        assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path),
+                     "--out", str(tmp_path / "afile" / "p.csv")]) == 2
+        assert (f"predict: error: --out expects the path of a CSV file in a folder, but "
+                f"{str(tmp_path / 'afile')!r} is a file") in _err(capsys)
 
     def test_the_library_keeps_its_own_names(self) -> None:
         with pytest.raises(SettingError, match="^input_size must be >= 8, but got 4$"):
@@ -180,6 +203,9 @@ class TestBeforeIndexing:
                                          capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SettingError, match="^weights must be None for backbone 'tiny'"):
             TrainConfig(backbone="tiny")
+        for weights in ("imagenet", "weights.pt"):  # build_network refused "imagenet" only
+            with pytest.raises(SettingError, match="^weights must be None for backbone 'tiny'"):
+                build_network("plain", "tiny", num_classes=2, weights=weights)
         assert main(["train", "--data-root", str(tmp_path), "--backbone", "tiny"]) == 2
         err = _err(capsys)
         assert ("train: error: --weights must be None for backbone 'tiny', which has no "
@@ -249,7 +275,7 @@ class TestSplitLog:
         assert set(_classes_of(files["val"])) == {"benign"}  # as the tree's seed draws it
         sizes = f"INFO fold 0 (patient protocol): {'; '.join(parts)}"
         lacking = (f"WARNING fold 0: no validation image (of {len(files['val'])}) is of "
-                   "class(es) ['malignant'], which the training images include: the "
+                   "class ['malignant'], which the training images include: the "
                    "validation loss and accuracy, which drive the learning-rate schedule, say "
                    "nothing of them")
         log = (run / "train.log").read_text()
@@ -278,14 +304,18 @@ class TestSplitLog:
             (logging.INFO, "fold 2 (image protocol): training 3 images (benign 2, malignant "
              "1, other 0); validation none (the training loss drives the learning-rate "
              "schedule); test 2 images (benign 0, malignant 1, other 1)"),
-            (logging.WARNING, "fold 2: no test image (of 2) is of class(es) ['benign'], which "
+            (logging.WARNING, "fold 2: no test image (of 2) is of class ['benign'], which "
              "the training images include: the test metrics say nothing of them"),
-            (logging.WARNING, "fold 2: no training image is of class(es) ['other'], which the "
+            (logging.WARNING, "fold 2: no training image is of class ['other'], which the "
              "test images include: the model is never trained on them"),
         ]
         plan.val = np.array([3])
         assert "validation 1 image (benign 0, malignant 1, other 0)" in \
             experiments._split_lines(data, plan, 2)[0][1]
+        plan.val = np.array([5])
+        assert experiments._split_lines(data, plan, 2)[1][1].startswith(
+            "fold 2: no validation image (of 1) is of classes ['benign', 'malignant'], which "
+            "the training images include")
 
 
 class TestPlurals:

@@ -445,7 +445,7 @@ class TestMakeFigures:
             ({"max_embedding_dim": 1}, "max_embedding_dim must be >= 2"),
             ({"gradcam_images": -1}, "gradcam_images must be an integer >= 0, but got -1"),
             ({"gradcam_images": 1.5}, "gradcam_images must be an integer >= 0, but got 1.5"),
-            ({"out_dir": tmp_path / "afile"}, r"expected a folder .* is a file"),
+            ({"out_dir": tmp_path / "afile"}, r"^out_dir expects a folder .* is a file"),
             ({"out_dir": tmp_path / "afile" / "x"}, "a folder above"),
         ]:
             with pytest.raises(ValueError, match=message):

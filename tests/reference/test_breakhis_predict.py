@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from breakhis._files import SettingError
 from breakhis.checkpoint import NotACheckpointError, load_checkpoint
 from breakhis.cli import main
 from breakhis.data import UnreadableImageError, index_image_folder
@@ -122,14 +123,15 @@ class TestPredict:
     ) -> None:
         image = _png(tmp_path / "a.png")
         for size in (0, -1):
-            with pytest.raises(ValueError, match="--batch-size"):
+            with pytest.raises(SettingError, match="^batch_size must be an integer >= 1"):
                 predict_to_csv(checkpoint, [image], tmp_path / "p.csv", batch_size=size,
                                progress=False)
         (tmp_path / "out").mkdir()
-        with pytest.raises(ValueError, match="is a folder"):
+        with pytest.raises(SettingError, match="^out_csv expects .* is a folder"):
             predict_to_csv(checkpoint, [image], tmp_path / "out", progress=False)
         (tmp_path / "afile").write_text("")
-        with pytest.raises(ValueError, match=r"--out.*afile', a folder above .* is a file"):
+        with pytest.raises(SettingError,
+                           match=r"^out_csv expects .*afile', a folder above .* is a file"):
             predict_to_csv(checkpoint, [image], tmp_path / "afile" / "sub" / "p.csv",
                            progress=False)
         assert (tmp_path / "afile").read_text() == ""
@@ -139,7 +141,7 @@ class TestPredict:
         result = predict_to_csv(checkpoint, [image], tmp_path / "p.csv",
                                 batch_size=np.int64(2), progress=False)
         assert result["images"] == 1
-        with pytest.raises(ValueError, match="--batch-size"):
+        with pytest.raises(SettingError, match="^batch_size must be an integer >= 1"):
             predict_to_csv(checkpoint, [image], tmp_path / "p.csv", batch_size=2.0,
                            progress=False)
 
