@@ -875,12 +875,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _package_version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -1031,6 +1025,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         >>> env["float32_matmul_precision"] == torch.get_float32_matmul_precision()
         True
     """
+    from . import __version__
+
     device = torch.device(device)
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1038,8 +1034,9 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torchvision": _version("torchvision"),
         "timm": _version("timm"),
         "numpy": _version("numpy"),
-        # the installed distribution's version, else (a checkout on PYTHONPATH) the package's
-        "bilinearpool": _version("bilinearpool") or _package_version(),
+        # the version of the code that ran (pyproject.toml takes the distribution's from it;
+        # an older install's metadata may sit beside a checkout on PYTHONPATH)
+        "bilinearpool": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device_type": device.type,

@@ -2249,18 +2249,6 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--resolutions must be at least 32 pixels, but got {res}")
 
 
-def _backbone_known(name: str) -> bool:
-    """Whether :func:`bilinearpool.build_backbone` resolves ``name``
-    (:func:`bilinearpool.check_backbone_name`)."""
-    from .backbones import check_backbone_name
-
-    try:
-        check_backbone_name(name)
-    except (ValueError, ImportError):
-        return False
-    return True
-
-
 #: Suffixes of the files a run writes into ``--out`` (see :func:`write_result`).
 _RESULT_SUFFIXES = (".csv", ".json", ".md", ".png")
 
@@ -2404,56 +2392,59 @@ def _in_process_note(kind: str, names: Sequence[str], imports: Sequence[str] | N
 def _backbones_problem(command: str, given: Sequence[str] | None) -> str | None:
     """Why the backbones a ``models`` or ``demo`` run would build cannot all be built here.
 
-    Checks ``given`` (``--backbones``), or the paper's backbones a run without it builds:
-    unknown names, and names whose package is not installed (``inception_resnet_v2``
-    comes from timm), named with the extra to install
-    (:func:`bilinearpool.backbones._missing`, what :func:`~bilinearpool.build_backbone`'s
-    ImportError says) and how to leave them out. None when every name can be built.
+    Checks ``given`` (``--backbones``), or the paper's backbones a run without it builds,
+    with :func:`bilinearpool.check_backbone_name`: a name whose package is not installed
+    (``inception_resnet_v2`` comes from timm, ``timm:`` names too) is named with the extra
+    to install and how to leave it out; any other name is unknown, given with the error's
+    own text (its close names, a missing package that may provide it). None when every
+    name can be built.
     """
     from . import backbones as bb
 
     names = list(dict.fromkeys(given or PAPER_BACKBONES))
-    unknown = [b for b in names if not _backbone_known(b)]
-    if not unknown:
+    errors: dict[str, Exception] = {}
+    for b in names:
+        try:
+            bb.check_backbone_name(b)
+        except (ValueError, ImportError) as err:
+            errors[b] = err
+    if not errors:
         return None
-    missing = {
-        "torchvision": bb._missing("torchvision", "vision"),
-        "timm": bb._missing("timm", "timm"),
-    }
-    needs, others = [], []
-    for b in unknown:
+    extras = {"torchvision": "vision", "timm": "timm"}
+    needs: list[str] = []
+    others: dict[str, Exception] = {}
+    for b, err in errors.items():
         provider = "timm" if b.startswith("timm:") else bb.PAPER_BACKBONES.get(b.partition(".")[0])
-        if provider is not None and missing[provider]:
-            needs.append(f"{b} comes from {provider} ({missing[provider]})")
+        missing = bb._missing(provider, extras[provider]) if isinstance(err, ImportError) and provider else ""
+        if missing:
+            needs.append(f"{b} comes from {provider} ({missing})")
         else:
-            others.append(b)
+            others[b] = err
     reasons = list(needs)
     if others:
-        absent = "; ".join(m for m in missing.values() if m)
-        maybe = f" ({absent}; a package that is missing may provide them)" if absent else ""
-        reasons.append(f"got unknown {others}{maybe}")
+        reasons.append(f"got unknown {list(others)}: " + "; ".join(str(err) for err in others.values()))
     if command == "demo":
         head = f"demo builds the backbones {' '.join(names)} (its models --quick part)"
     elif given:
+        timm = "" if bb._missing("timm", "timm") else ", timm models"
         head = (
             f"--backbones expected names that bilinearpool.build_backbone accepts (torchvision "
-            f"classification models{'' if missing['timm'] else ', timm models'}; see "
-            "bilinearpool.list_backbones())"
+            f"classification models{timm}; see bilinearpool.list_backbones())"
         )
     else:
         head = f"models builds the backbones {' '.join(names)} when --backbones is not given"
     text = f"{head}, but " + "; ".join(reasons)
     if needs:
-        kept = " ".join(b for b in names if b not in unknown)
+        kept = " ".join(b for b in names if b not in errors)
         if not kept:
             leave = ""
         elif command == "demo":
             leave = (
-                f", or run demo's two parts without {' '.join(unknown)}: `bilinearpool-bench "
+                f", or run demo's two parts without {' '.join(errors)}: `bilinearpool-bench "
                 f"layers --quick` and `bilinearpool-bench models --quick --backbones {kept}`"
             )
         else:
-            leave = f", or leave out {' '.join(unknown)}: --backbones {kept}"
+            leave = f", or leave out {' '.join(errors)}: --backbones {kept}"
         text += f"; install what is missing{leave}"
     return text
 

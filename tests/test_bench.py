@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -313,15 +314,18 @@ class TestRegistries:
                      "BILINEARPOOL_TRITON=0 BILINEARPOOL_HUGEPAGES=unset", "transparent huge pages never"):  # fmt: skip
             assert text in line, text
 
-    def test_environment_names_the_version_of_an_uninstalled_checkout(self, monkeypatch):
+    @pytest.mark.parametrize("installed", [None, "0.0.1"])
+    def test_environment_names_the_version_of_the_code_that_ran(self, monkeypatch, installed):
         # gpu_check.sh runs the checkout from PYTHONPATH: no distribution metadata there
-        # (the GPU results of 2026-11-27 read "bilinearpool None")
-        def missing(name):
-            raise importlib.metadata.PackageNotFoundError(name)
+        # (the GPU results of 2026-11-27 read "bilinearpool None"), or an older install's
+        def version(name):
+            if name != "bilinearpool" or installed is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return installed
 
-        monkeypatch.setattr(importlib.metadata, "version", missing)
+        monkeypatch.setattr(importlib.metadata, "version", version)
         env = bench.environment("cpu")
-        assert env["bilinearpool"] == bilinearpool.__version__
+        assert env["bilinearpool"] == bilinearpool.__version__ != installed
         assert "bilinearpool (not installed)" in cli._describe_environment({**env, "bilinearpool": None})
 
     def test_environment_records_thread_and_allocator_variables(self, monkeypatch):
@@ -702,6 +706,22 @@ class TestCommandLine:
             assert all(text in err for text in expected), err
             assert "Traceback" not in err
         assert not measured
+
+    def test_unknown_backbones_get_the_name_checks_suggestion(self, monkeypatch, capsys):
+        """An unknown --backbones name is refused with bilinearpool.check_backbone_name's own
+        text: its close names, and (timm missing) that a missing package may provide it."""
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("measured"))
+        installed = importlib.util.find_spec("timm") is not None
+        for timm_missing in (not installed, True):
+            if timm_missing:
+                monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+            with pytest.raises(SystemExit) as exc:
+                main(["models", "--params-only", "--backbones", "resnet18", "resnet5O"])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+            assert "but got unknown ['resnet5O']: unknown backbone 'resnet5O' (did you mean 'resnet50'" in err, err
+            assert ("a timm model name (timm not installed: pip install 'bilinearpool[timm]'" in err) == timm_missing
+            assert "install what is missing" not in err and "Traceback" not in err
 
     def test_import_registers_cases_and_heads_for_the_command(self, tmp_path, monkeypatch, capsys, keep_threads):
         """--import MODULE: cases (and heads) a module of the user's registers can be run and

@@ -207,7 +207,7 @@ def test_wide_linear_matches_f_linear_on_gpu(cuda, rows):
         x = torch.randn(rows, d, device=cuda, dtype=dtype, requires_grad=True)
         w = torch.randn(8, d, device=cuda, dtype=dtype, requires_grad=True)
         b = torch.randn(8, device=cuda, dtype=dtype, requires_grad=True)
-        assert L._use_kernel(x, w, b) == (rows >= 2)
+        assert (L._path(x, w, b) == "triton") == (rows >= 2)
         out, ref = L.wide_linear(x, w, b), torch.nn.functional.linear(x, w, b)
         torch.testing.assert_close(out, ref, **tol)
         torch.testing.assert_close(L._forward(x.detach(), w.detach(), b.detach()), ref.detach(), **tol)
@@ -216,7 +216,7 @@ def test_wide_linear_matches_f_linear_on_gpu(cuda, rows):
             torch.testing.assert_close(a, c, **tol)
     x32, w32 = x.detach().float(), w.detach().float()
     with torch.autocast("cuda", dtype=torch.float16):
-        assert not L._use_kernel(x32, w32, None)
+        assert L._path(x32, w32, None) is None
         assert torch.equal(L.wide_linear(x32, w32), torch.nn.functional.linear(x32, w32))
 
 

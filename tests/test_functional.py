@@ -683,8 +683,55 @@ def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
 
     from bilinearpool.functional import _elementwise
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    guard = _elementwise.on_device(torch.device("cuda", 1))
-    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    for device in (torch.device("cuda", 0), torch.device("cuda"), torch.device("cpu")):
-        assert isinstance(_elementwise.on_device(device), contextlib.nullcontext), device
+    current = [0]  # the current device, as torch.cuda.device makes it
+    launched = []
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(torch.device(d).index)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    class Kernel:  # kernel[grid](*args, **kwargs), as Triton's JIT functions are called
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, current[-1], args, kwargs))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[-1])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    _elementwise.launch(Kernel(), (2, 3), torch.device("cuda", 1), "x", 7, BLOCK=16)
+    assert launched == [((2, 3), 1, ("x", 7), {"BLOCK": 16})] and current == [0]
+    for other in (torch.device("cuda", 0), torch.device("cuda"), torch.device("cpu")):
+        launched.clear()
+        _elementwise.launch(Kernel(), (1,), other)
+        assert launched == [((1,), 0, (), {})], other
+
+
+def test_every_triton_launch_goes_through_the_device_switch(monkeypatch):
+    """The four launch sites (the normalisation's two steps forward and backward, the
+    head's kernel, wide_linear's) launch by _elementwise.launch, with their tensors' device:
+    a kernel called directly fails here."""
+    from types import SimpleNamespace
+
+    from bilinearpool.functional import _elementwise as E
+    from bilinearpool.functional import head as H
+    from bilinearpool.functional import linear as L
+
+    class Direct:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel launched without _elementwise.launch")
+
+    names = ("sumsq_kernel", "normalize_kernel", "stats_kernel", "grad_kernel", "sqrt_linear_kernel",
+             "wide_linear_kernel")  # fmt: skip
+    kernels = SimpleNamespace(**{name: Direct() for name in names})
+    launched = []
+    monkeypatch.setattr(E, "_kernels", lambda: kernels)
+    monkeypatch.setattr(E, "launch", lambda kernel, grid, device, *a, **k: launched.append((kernel, device)))
+    g, dz = torch.randn(2, 9), torch.randn(2, 9)
+    E.normalize_(g, 1e-5, 1e-10, use="triton")
+    E.normalize_grad_(g, dz, 1e-5, 1e-10, use="triton")
+    H._kernel_logits(torch.randn(2, 3, 4), torch.randn(2, 9), None, 0.25, 1e-5, 1e-10, False)
+    L._forward(torch.randn(2, 9), torch.randn(2, 9), None)
+    cpu = torch.device("cpu")
+    assert launched == [(getattr(kernels, name), cpu) for name in names]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import sys
 import warnings
 
@@ -165,8 +166,9 @@ class TestViTNeedsSaidAtOnce:
             FastBCNN(tiny_vit(), num_classes=8, node="encoder")
 
     def test_name(self):
-        with pytest.raises(ValueError, match=r"no default feature node is known for torchvision model 'vit_b_16'; "
-                           r"pass node=.*node='encoder'.* and sample_shape=\(3, 224, 224\)"):
+        with pytest.raises(ValueError, match=r"^'vit_b_16' is a torchvision classification model with no default "
+                           r"feature node \(its output is its logits\); pass node=.*node='encoder'.* and "
+                           r"sample_shape=\(3, 224, 224\)"):
             build_backbone("vit_b_16")
 
     def test_timm_vit_module(self):
@@ -301,7 +303,7 @@ class TestInputChecks:
         with pytest.raises(TypeError, match="got dtype torch.uint8"):
             torch.compile(model, backend="eager")(x.to(torch.uint8))
 
-    def test_traced_compiled_and_exported_with_dynamo(self):
+    def test_exported_to_onnx_with_dynamo(self):
         pytest.importorskip("onnxscript")
         from _onnx import run_onnx
 
@@ -312,18 +314,21 @@ class TestInputChecks:
             torch.testing.assert_close(torch.from_numpy(run_onnx(model, x, dynamo=True)), model(x), rtol=1e-4, atol=1e-5)
 
 
+class Scaled(nn.Module):
+    """A module that converts 8-bit images itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255)
+
+
 class TestAnyModuleIsNotConstrained:
     """A module of the user's may take other inputs: nothing is checked before it runs."""
 
     def test_module_that_converts_its_input_itself(self):
-        class Scaled(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.conv = nn.Conv2d(3, 4, 3)
-
-            def forward(self, x):
-                return self.conv(x.float() / 255)
-
         model = FastBCNN(Scaled(), num_classes=2)
         assert model(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape == (2, 2)
 
@@ -339,19 +344,15 @@ class TestAnyModuleIsNotConstrained:
 
     def test_other_failures_are_left_alone(self):
         model = FastBCNN(tiny(), num_classes=2)
+        x = torch.zeros(2, 5, 8, 8)
+        with pytest.raises(RuntimeError) as own:
+            model.backbone.body(x)  # the convolution's own error
         with pytest.raises(RuntimeError, match="channels") as info:
-            model(torch.zeros(2, 5, 8, 8))  # the convolution's own error
-        assert not isinstance(info.value, TypeError)
+            model(x)
+        assert type(info.value) is type(own.value) and str(info.value) == str(own.value)
+        assert info.value.__cause__ is None  # passed through, not wrapped
 
     def test_checks_can_be_turned_off(self):
-        class Scaled(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.conv = nn.Conv2d(3, 4, 3)
-
-            def forward(self, x):
-                return self.conv(x.float() / 255)
-
         model = FastBCNN(Scaled(), num_classes=2, sample_shape=(3, 8, 8))
         x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
         with pytest.raises(TypeError, match="got dtype torch.uint8"):
@@ -362,12 +363,51 @@ class TestAnyModuleIsNotConstrained:
 
 def test_extractor_pickled_before_in_channels_still_runs():
     ext = build_backbone(tiny(), sample_shape=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
     state = dict(ext.__dict__)
     del state["in_channels"]
     old = FeatureExtractor.__new__(FeatureExtractor)
     old.__setstate__(state)
     assert old.in_channels is None
+    torch.testing.assert_close(old(x), ext(x))  # runs, unchecked
     restored = pickle.loads(pickle.dumps(ext))
     assert restored.in_channels == 3
-    with pytest.raises(ValueError, match="in_channels must be None or a positive int, but got 0"):
-        FeatureExtractor(tiny(), out_channels=6, in_channels=0)
+    torch.testing.assert_close(restored(x), ext(x))
+    with pytest.raises(ValueError, match=r"takes images \(B, 3, H, W\)"):  # checked again
+        restored(x[0])
+
+
+@pytest.mark.parametrize("in_channels", [0, -1, 2.0, True, "3"])
+def test_extractor_in_channels_must_be_a_positive_int(in_channels):
+    expected = rf"^in_channels must be a positive int, but got {re.escape(repr(in_channels))}$"
+    with pytest.raises(ValueError, match=expected):
+        FeatureExtractor(tiny(), out_channels=6, in_channels=in_channels)
+
+
+def test_the_checked_dtype_is_that_of_the_first_floating_parameter():
+    """The check reads the parameter ``parameters()`` gives first among the floating ones,
+    afresh on each call: integer and absent parameters skipped, a module registered twice
+    or inside itself read once, parameters given by load_state_dict(assign=True) seen."""
+    from bilinearpool.backbones import _first_float_param
+
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_parameter("absent", None)
+            self.count = nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
+
+    empty = nn.Sequential(nn.ReLU())
+    empty.again = empty  # inside itself: no floating parameter anywhere
+    assert _first_float_param(empty) is None
+    shared = Counts()
+    body = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared, nn.Conv2d(3, 4, 1), nn.Linear(4, 4).double())
+    body.loop = body
+    assert _first_float_param(body) is body[2].weight
+    assert _first_float_param(body) is next(p for p in body.parameters() if p.is_floating_point())
+    ext = build_backbone(tiny(), sample_shape=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    double = {k: v.double() if v.is_floating_point() else v for k, v in ext.state_dict().items()}
+    ext.load_state_dict(double, assign=True)
+    with pytest.raises(TypeError, match=r"of dtype torch.float64, but got dtype torch.float32"):
+        ext(x)
+    assert ext(x.double()).dtype == torch.float64

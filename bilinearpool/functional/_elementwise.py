@@ -42,6 +42,7 @@ __all__ = [
     "backend",
     "grad_from_y_",
     "l2_grad_factors",
+    "launch",
     "normalize_",
     "normalize_grad_",
     "signed_sqrt_",
@@ -237,6 +238,13 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, /, *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)`` with ``device`` (its tensors') the current CUDA
+    device (:func:`on_device`): every Triton launch of the library goes through here."""
+    with on_device(device):
+        kernel[grid](*args, **kwargs)
+
+
 def _triton(g: Tensor, use: str | None) -> bool:
     return (use or backend(g.device)) == "triton" and _cdiv(g.shape[1], _BLOCK) <= _MAX_BLOCKS
 
@@ -279,13 +287,14 @@ def normalize_(
     nparts = _cdiv(n, _BLOCK)
     consts, grid = _consts(g.device, g.dtype, eps, l2_eps), (batch, nparts)
     sq = _partials(g) if l2_eps is not None else g  # without L2 the kernel reads no partials
-    with on_device(g.device):
-        if l2_eps is not None:
-            sumsq[grid](g, sq, n, nparts, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS)
-        normalize[grid](
-            g, sq, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
-            BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
+    if l2_eps is not None:
+        launch(
+            sumsq, grid, g.device, g, sq, n, nparts, consts, SQRT=eps is not None, BLOCK=_BLOCK, num_warps=_WARPS
         )
+    launch(
+        normalize, grid, g.device, g, sq, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
+        BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
+    )
     if norms is not None and l2_eps is not None:
         torch.sum(sq, dim=1, out=norms).sqrt_()
     return g
@@ -318,14 +327,13 @@ def normalize_grad_(
     nparts = _cdiv(n, _BLOCK)
     consts, grid = _consts(g.device, g.dtype, eps, l2_eps, float(factor)), (batch, nparts)
     sq, dot = (_partials(g), _partials(g)) if l2_eps is not None else (g, g)  # unread without L2
-    with on_device(g.device):
-        if l2_eps is not None:
-            stats[grid](
-                g, dz, sq, dot, n, nparts, diag or 1, consts,
-                SQRT=eps is not None, TRIU=diag is not None, BLOCK=_BLOCK, num_warps=_WARPS,
-            )
-        grad[grid](
-            g, dz, sq, dot, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
-            BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
+    if l2_eps is not None:
+        launch(
+            stats, grid, g.device, g, dz, sq, dot, n, nparts, diag or 1, consts,
+            SQRT=eps is not None, TRIU=diag is not None, BLOCK=_BLOCK, num_warps=_WARPS,
         )
+    launch(
+        grad, grid, g.device, g, dz, sq, dot, n, nparts, diag or 1, consts, **_flags(eps, l2_eps, diag),
+        BLOCK=_BLOCK, RBLOCK=_rblock(nparts), num_warps=_WARPS,
+    )
     return g

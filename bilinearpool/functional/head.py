@@ -225,22 +225,17 @@ def _kernel_logits(
     weight = weight.contiguous()
     f64 = a.dtype == torch.float64
     bb, bk, steps = _tiling(batch, out, f64)
-    splits = -(-c // (bk * steps))
+    splits = _elementwise._cdiv(c, bk * steps)
     programs = c * splits
     parts = torch.empty(programs, batch, out, dtype=a.dtype, device=a.device)
     sq = torch.empty(programs, batch, dtype=a.dtype, device=a.device)
-    with _elementwise.on_device(a.device):
-        _elementwise._kernels().sqrt_linear_kernel[(programs, -(-batch // bb))](
-            g, weight, parts, sq, batch, c, splits, g.stride(0), weight.stride(0), _elementwise._consts(a.device, a.dtype, eps),
-            OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
-            SQRT=eps is not None, TRIU=triu, F64=f64, num_warps=_WARPS,
-        )
-    logits = parts.sum(0)
-    if l2_eps is not None:
-        logits.div_(sq.sum(0).sqrt_().clamp_min_(l2_eps).unsqueeze(1))
-    if bias is not None:
-        logits += bias
-    return logits
+    _elementwise.launch(
+        _elementwise._kernels().sqrt_linear_kernel, (programs, _elementwise._cdiv(batch, bb)), a.device,
+        g, weight, parts, sq, batch, c, splits, g.stride(0), weight.stride(0), _elementwise._consts(a.device, a.dtype, eps),
+        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
+        SQRT=eps is not None, TRIU=triu, F64=f64, num_warps=_WARPS,
+    )
+    return _normalized(parts.sum(0), sq.sum(0) if l2_eps is not None else None, l2_eps, bias)
 
 
 def _panel_logits(
@@ -271,7 +266,18 @@ def _panel_logits(
         if sq is not None:
             sq += _rowdot(z, z)
         logits.addmm_(z, w.t())
-    if sq is not None:
+    return _normalized(logits, sq, l2_eps, bias)
+
+
+def _normalized(logits: Tensor, sq: Tensor | None, l2_eps: float | None, bias: Tensor | None) -> Tensor:
+    """The end of both paths, in place: the products with the classifier's rows ``logits``
+    divided by the features' norm (``sq``, each sample's squared norm, given with
+    ``l2_eps``: ``W y / max(|y|, l2_eps)``), then ``bias`` added.
+
+    Shape:
+        - logits: :math:`(B, K)`; sq: :math:`(B,)`; output: ``logits``.
+    """
+    if sq is not None and l2_eps is not None:
         logits.div_(sq.sqrt_().clamp_min_(l2_eps).unsqueeze(1))
     if bias is not None:
         logits += bias

@@ -112,11 +112,6 @@ def _path(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     return "triton" if _elementwise.backend(x.device) == "triton" else None
 
 
-def _use_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`wide_linear` runs the Triton kernel for these arguments."""
-    return _path(x, weight, bias) == "triton"
-
-
 _DTYPES = (torch.float32, torch.float64)
 
 #: The Triton path from this many rows on: for one row cuBLAS's matrix-vector product
@@ -160,15 +155,14 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if rows == 0:
         return x.new_zeros(0, out)
     bb, bk, steps = _tiling(rows, out, acc == torch.float64)
-    programs = -(-d // (bk * steps))
+    programs = _elementwise._cdiv(d, bk * steps)
     parts = torch.empty(programs, rows, out, dtype=acc, device=x.device)
-    grid = (programs, -(-rows // bb))
-    with _elementwise.on_device(x.device):
-        _elementwise._kernels().wide_linear_kernel[grid](
-            x, weight, parts, rows, d, x.stride(0), weight.stride(0),
-            OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
-            F64=acc == torch.float64, num_warps=_WARPS,
-        )
+    _elementwise.launch(
+        _elementwise._kernels().wide_linear_kernel, (programs, _elementwise._cdiv(rows, bb)), x.device,
+        x, weight, parts, rows, d, x.stride(0), weight.stride(0),
+        OUT=out, OUT_P2=_elementwise.next_pow2(out), BB=bb, BK=bk, STEPS=steps,
+        F64=acc == torch.float64, num_warps=_WARPS,
+    )
     y = parts.sum(0)
     if bias is not None:
         y += bias
