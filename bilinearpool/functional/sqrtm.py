@@ -71,7 +71,6 @@ float16/bfloat16 inputs (and autocast) are computed and returned in float32.
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from typing import Any, Callable
 
