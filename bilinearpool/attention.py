@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .functional._checks import make_layer
+from .functional._checks import check_positive_int, make_layer
 
 __all__ = ["SEBlock", "insert_se_blocks"]
 
@@ -51,10 +51,8 @@ class SEBlock(nn.Module):
         dtype: object = None,
     ) -> None:
         super().__init__()
-        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-            raise ValueError(f"channels must be a positive int, but got {channels!r}")
-        if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
-            raise ValueError(f"reduction must be a positive int, but got {reduction!r}")
+        channels = check_positive_int("channels", channels)
+        reduction = check_positive_int("reduction", reduction)
         self.channels = channels
         self.reduction = reduction
         self.hidden = max(1, channels // reduction)

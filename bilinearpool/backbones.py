@@ -136,7 +136,7 @@ class FeatureExtractor(nn.Module):
         if output_fmt not in _FORMATS:
             raise ValueError(f"output_fmt must be one of {_FORMATS}, but got {output_fmt!r}")
         if in_channels is not None:
-            check_positive_int("in_channels", in_channels)
+            in_channels = check_positive_int("in_channels", in_channels)
         self.body = body
         self.out_channels = int(out_channels)
         self.reduction = reduction

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import SEBlock
+from .functional._checks import check_positive_int
 from .pooling import BilinearPool, FastBilinearPool
 
 __all__ = [
@@ -122,8 +123,7 @@ def se_parameter_count(channels: Iterable[int], *, reduction: int) -> int:
         >>> se_parameter_count([64], reduction=8) == count_parameters(SEBlock(64, reduction=8))
         True
     """
-    if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(f"reduction must be a positive int, but got {reduction!r}")
+    reduction = check_positive_int("reduction", reduction)
     total = 0
     for c in channels:
         h = max(1, c // reduction)
@@ -170,13 +170,9 @@ def analytic_parameter_count(
     key = head.lower().replace("_", "-")
     if key not in _ANALYTIC_HEADS:
         raise ValueError(f"head must be one of {_ANALYTIC_HEADS}, but got {head!r}")
-    for name, value, least in (
-        ("backbone_params", backbone_params, 0),
-        ("channels", channels, 1),
-        ("num_classes", num_classes, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, but got {value!r}")
+    backbone_params = check_positive_int("backbone_params", backbone_params, least=0)
+    channels = check_positive_int("channels", channels)
+    num_classes = check_positive_int("num_classes", num_classes)
     if triu and key != "fast-bcnn":
         raise ValueError(f"triu=True applies to the 'fast-bcnn' head only, but got head={head!r}")
     stream = backbone_params + se_parameter_count(se_channels, reduction=se_reduction)
@@ -204,9 +200,7 @@ def classifier_parameter_count(dim: int, num_classes: int = CLASSIFIER_CLASSES) 
         >>> classifier_parameter_count(512, 8) == count_parameters(nn.Linear(512, 8))
         True
     """
-    for name, value in (("dim", dim), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, but got {value!r}")
+    dim, num_classes = check_positive_int("dim", dim), check_positive_int("num_classes", num_classes)
     return dim * num_classes + num_classes
 
 
@@ -348,8 +342,7 @@ def balanced_orders(n: int) -> list[list[int]]:
         >>> len(balanced_orders(3))
         6
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, but got {n!r}")
+    n = check_positive_int("n", n)
     first, low, high = [0], 1, n - 1
     while len(first) < n:
         first.append(low if len(first) % 2 else high)
@@ -397,10 +390,7 @@ def round_robin(
         >>> sorted(times), len(times["a"])
         (['a', 'b'], 3)
     """
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int, but got {warmup!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, but got {repeats!r}")
+    warmup, repeats = check_positive_int("warmup", warmup, least=0), check_positive_int("repeats", repeats)
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     orders = balanced_orders(len(names)) if names else [[]]

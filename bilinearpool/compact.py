@@ -73,10 +73,10 @@ class CompactBilinearPool(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
+        in_channels = check_positive_int("in_channels", in_channels)
         if in_channels_b is not None:
-            check_positive_int("in_channels_b", in_channels_b)
-        check_positive_int("out_features", out_features)
+            in_channels_b = check_positive_int("in_channels_b", in_channels_b)
+        out_features = check_positive_int("out_features", out_features)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, but got {method!r}")
         if algorithm not in _ALGORITHMS:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_floating, make_layer
+from .functional._checks import check_floating, check_optional_positive_int, make_layer
 from .functional.bilinear import triu_pack
 from .functional.covariance import covariance_pool
 from .matrix_sqrt import MatrixSqrt
@@ -73,9 +73,8 @@ class CovariancePool(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("reduced_channels", reduced_channels)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, but got {value!r}")
+        in_channels = check_optional_positive_int("in_channels", in_channels)
+        reduced_channels = check_optional_positive_int("reduced_channels", reduced_channels)
         if reduced_channels is not None and in_channels is None:
             raise ValueError(
                 f"reduced_channels={reduced_channels} needs in_channels (the 1x1 convolution's input), "

@@ -73,12 +73,12 @@ class LowRankBilinearPool(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("rank", rank)
+        in_channels = check_positive_int("in_channels", in_channels)
+        rank = check_positive_int("rank", rank)
         if in_channels_b is not None:
-            check_positive_int("in_channels_b", in_channels_b)
+            in_channels_b = check_positive_int("in_channels_b", in_channels_b)
         if out_features is not None:
-            check_positive_int("out_features", out_features)
+            out_features = check_positive_int("out_features", out_features)
         check_flags(shared=shared, bias=bias)
         act = None if act_layer is None else make_layer(act_layer, "act_layer", "nn.Tanh, or None")
         if shared and in_channels_b is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor, WeightsArg, _set_training_modes, _training_modes, build_backbone
+from .functional._checks import check_optional_positive_int, check_positive_int
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
 from .linear import WideLinear
@@ -56,9 +57,8 @@ class ChannelReduction(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, but got {value!r}")
+        in_channels = check_positive_int("in_channels", in_channels)
+        out_channels = check_positive_int("out_channels", out_channels)
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -221,14 +221,10 @@ def _check_maps_for_reduction(stream: FeatureExtractor, reduce_dim: int) -> None
 
 def _check_head_args(num_classes: object, dropout: object, reduce_dim: object) -> None:
     """Configuration errors of the classifiers, raised before any backbone is built."""
-    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, but got {num_classes!r}")
+    check_positive_int("num_classes", num_classes)
     if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), but got {dropout!r}")
-    if reduce_dim is not None and (
-        not isinstance(reduce_dim, numbers.Integral) or isinstance(reduce_dim, bool) or reduce_dim < 1
-    ):
-        raise ValueError(f"reduce_dim must be None or a positive int, but got {reduce_dim!r}")
+    check_optional_positive_int("reduce_dim", reduce_dim)
 
 
 class BilinearClassifier(nn.Module):

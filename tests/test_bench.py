@@ -136,8 +136,10 @@ class TestParameterCounts:
             bench.analytic_parameter_count(
                 "bcnn", backbone_params=1, channels=2, num_classes=3, triu=True
             )
-        with pytest.raises(ValueError, match="channels must be an int >= 1"):
+        with pytest.raises(ValueError, match="^channels must be a positive int, but got 0$"):
             bench.analytic_parameter_count("plain", backbone_params=1, channels=0, num_classes=3)
+        with pytest.raises(ValueError, match="^backbone_params must be a non-negative int, but got -1$"):
+            bench.analytic_parameter_count("plain", backbone_params=-1, channels=2, num_classes=3)
 
     @staticmethod
     def expected(head: str, backbone: int, c: int, k: int, se_channels: list[int]) -> int:

@@ -175,7 +175,7 @@ class TestFastBCNN:
     def test_argument_errors(self, cls):
         with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), but got None"):
             cls(tiny(), num_classes=2, dropout=None)
-        with pytest.raises(ValueError, match="reduce_dim must be None or a positive int, but got 0"):
+        with pytest.raises(ValueError, match="reduce_dim must be a positive int or None, but got 0"):
             cls(tiny(), num_classes=2, reduce_dim=0)
         with pytest.raises(ValueError, match="num_classes must be a positive int, but got True"):
             cls(tiny(), num_classes=True)

@@ -411,3 +411,57 @@ def test_the_checked_dtype_is_that_of_the_first_floating_parameter():
     with pytest.raises(TypeError, match=r"of dtype torch.float64, but got dtype torch.float32"):
         ext(x)
     assert ext(x.double()).dtype == torch.float64
+
+
+def _integer_kinds(n: int) -> list[object]:
+    """``n`` as the integer types users pass: NumPy scalars (from configs, arrays) and 0-d tensors."""
+    import numpy as np
+
+    return [np.int64(n), np.int32(n), torch.tensor(n)]
+
+
+@pytest.mark.parametrize("kind", range(3))
+def test_sizes_take_any_integer_type_and_keep_python_ints(kind):
+    """Every size argument takes what ``nn.Linear`` takes (NumPy integers, 0-d integer
+    tensors) and the module keeps a Python int (a NumPy scalar would show in repr and
+    be saved in pickles as one); floats and bools are still refused."""
+    from bilinearpool import (
+        CompactBilinearPool,
+        CovariancePool,
+        LowRankBilinearPool,
+        SEBlock,
+        bench,
+        functional as BF,
+    )
+    from bilinearpool.functional.sqrtm import matrix_sqrt
+    from bilinearpool.models import ChannelReduction
+
+    def n(value: int) -> object:
+        return _integer_kinds(value)[kind]
+
+    built = {
+        "se": SEBlock(n(16), reduction=n(4)),
+        "compact": CompactBilinearPool(in_channels=n(4), in_channels_b=n(3), out_features=n(32)),
+        "lowrank": LowRankBilinearPool(in_channels=n(4), in_channels_b=n(3), rank=n(2), out_features=n(5)),
+        "covariance": CovariancePool(in_channels=n(8), reduced_channels=n(4)),
+        "reduction": ChannelReduction(n(8), n(4)),
+        "extractor": FeatureExtractor(tiny(), out_channels=6, in_channels=n(3)),
+    }
+    for name, module in built.items():
+        for attr in ("channels", "reduction", "in_channels", "in_channels_b", "out_features", "rank",
+                     "reduced_channels", "out_channels"):
+            value = getattr(module, attr, None)
+            if value is not None and not isinstance(value, nn.Module):
+                assert type(value) is int, (name, attr, type(value))
+        assert "np." not in repr(module) and "tensor(" not in repr(module), (name, repr(module))
+    model = FastBCNN(tiny(), num_classes=n(3), reduce_dim=n(4))
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+    assert BF.triu_size(n(4)) == 10
+    assert bench.classifier_parameter_count(n(4), n(2)) == 10
+    assert bench.balanced_orders(n(2)) == [[0, 1], [1, 0]]
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+    spd = x @ x.transpose(1, 2) + torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(matrix_sqrt(spd, num_iters=n(20)), matrix_sqrt(spd, num_iters=20))
+    for bad in (2.0, True, torch.tensor(2.0), torch.tensor([2])):
+        with pytest.raises(ValueError, match=r"^channels must be a positive int, but got "):
+            SEBlock(bad)

@@ -9,6 +9,7 @@ channels-last maps, and token sequences, all give views).
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Callable, ContextManager
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "check_channels",
     "check_floating",
     "check_flags",
+    "check_optional_positive_int",
     "check_positive_int",
     "check_streams",
     "compute_dtype",
@@ -181,10 +183,45 @@ def pair_streams(
     return a, b
 
 
-def check_positive_int(name: str, value: object) -> None:
-    """Raise :class:`ValueError` unless ``value`` is an int >= 1 (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, but got {value!r}")
+def check_positive_int(name: str, value: object, *, least: int = 1) -> int:
+    """``value`` as a Python int; :class:`ValueError` unless it is an integer >= ``least``.
+
+    Integers of any kind are taken (``int``, NumPy integers, 0-d integer tensors: whatever
+    has ``__index__``), as ``nn.Linear`` takes them; bools are refused, and so are floats,
+    even whole ones. The message says "a positive int" for ``least=1``, "a non-negative
+    int" for ``least=0``.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_positive_int("channels", np.int64(64))
+        64
+        >>> check_positive_int("channels", 0)
+        Traceback (most recent call last):
+            ...
+        ValueError: channels must be a positive int, but got 0
+    """
+    number = None
+    boolean = isinstance(value, bool) or type(value).__name__ == "bool_"  # NumPy's bool too
+    if not boolean and not (isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0)):
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            number = None
+    if number is None or number < least:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(least, f"an int >= {least}")
+        raise ValueError(f"{name} must be {kind}, but got {value!r}")
+    return number
+
+
+def check_optional_positive_int(name: str, value: object) -> int | None:
+    """``None``, or ``value`` as a positive Python int (:func:`check_positive_int`);
+    the message says "a positive int or None"."""
+    if value is None:
+        return None
+    try:
+        return check_positive_int(name, value)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive int or None, but got {value!r}") from None
 
 
 def check_flags(**flags: object) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import _elementwise
 from ._elementwise import grad_from_y_, signed_sqrt_
 from ._memory import new_output
-from ._checks import check_flags, check_floating, compute_dtype, no_autocast, pair_streams, plain_ops
+from ._checks import check_flags, check_floating, check_positive_int, compute_dtype, no_autocast, pair_streams, plain_ops
 
 __all__ = [
     "bilinear_pool",
@@ -225,8 +225,7 @@ def triu_size(channels: int) -> int:
         >>> triu_size(2048)
         2098176
     """
-    if not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int, but got {channels!r}")
+    channels = check_positive_int("channels", channels)
     return channels * (channels + 1) // 2
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import _elementwise
-from ._checks import RESIZE_BY_INTERPOLATE, compute_dtype, no_autocast, pair_streams, plain_ops
+from ._checks import RESIZE_BY_INTERPOLATE, check_positive_int, compute_dtype, no_autocast, pair_streams, plain_ops
 
 __all__ = ["random_maclaurin", "tensor_sketch"]
 
@@ -421,8 +421,7 @@ def tensor_sketch(
     a, b = pair_streams(x, y, names=("x", "y"), resize=RESIZE_BY_INTERPOLATE)
     one_stream = b is None
     b = a if b is None else b
-    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-        raise ValueError(f"out_features must be a positive int, but got {out_features!r}")
+    out_features = check_positive_int("out_features", out_features)
     for name, t, m in (("index_a", index_a, a), ("sign_a", sign_a, a), ("index_b", index_b, b), ("sign_b", sign_b, b)):
         _check_projection(name, t, m.shape[1], 1, "a vector")
     _check_hash("index_a", index_a, out_features)

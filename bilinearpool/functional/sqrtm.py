@@ -77,7 +77,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_floating, compute_dtype, no_autocast, plain_ops
+from ._checks import check_floating, check_positive_int, compute_dtype, no_autocast, plain_ops
 
 __all__ = ["matrix_sqrt"]
 
@@ -103,8 +103,7 @@ def _check_config(method: str, num_iters: int, norm: str, impl: str, eps: float)
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, but got {impl!r}")
     # numbers.Integral / numbers.Real take numpy scalars too; bools are refused.
-    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral) or num_iters < 1:
-        raise ValueError(f"num_iters must be a positive int, but got {num_iters!r}")
+    num_iters = check_positive_int("num_iters", num_iters)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
         raise ValueError(f"eps must be a number in (0, 1), but got {eps!r}")
 
