@@ -181,6 +181,34 @@ class TestMatrixSqrt:
         assert (grads[0] - grads[1]).norm() <= 1e-4 * grads[1].norm()
 
     @pytest.mark.parametrize("impl", NS_IMPLS)
+    @pytest.mark.parametrize("num_iters", [20, 40])
+    def test_float32_gradient_accuracy_at_many_iterations(self, impl: str, num_iters: int) -> None:
+        # Full rank (C=12 < 40 locations), so the polynomial is well conditioned at any K:
+        # the float32 gradient stays within 1e-5 of float64's. The iterative backward once
+        # let rounding's antisymmetric part of dP grow 2.5x per step (10% off at K = 20).
+        x = torch.randn(2, 12, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        a = x @ x.transpose(1, 2) / 40
+        g = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        grads = []
+        for dtype in (torch.float32, torch.float64):
+            leaf = a.detach().to(dtype).clone().requires_grad_()
+            matrix_sqrt(leaf, impl=impl, num_iters=num_iters).backward(g.to(dtype))
+            grads.append(leaf.grad.double())
+        assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[1].norm()
+
+    @pytest.mark.parametrize("num_iters", [40, 80])
+    def test_spectral_rank_deficient_finite_at_many_iterations(self, num_iters: int) -> None:
+        # float32 eigenvalues of a rank-deficient A come out about -1e-7 instead of 0, and
+        # q_K grows 2.25x per step on negatives (-inf from K = 27): they are taken as 0.
+        x = torch.relu(torch.randn(2, 96, 49, generator=torch.Generator().manual_seed(5)))
+        a = (x @ x.transpose(1, 2) / 49).requires_grad_()
+        y = matrix_sqrt(a, impl="spectral", num_iters=num_iters)
+        y.backward(torch.ones_like(y))
+        assert y.isfinite().all() and a.grad.isfinite().all()
+        exact = eigh_sqrt(a.detach().double())
+        assert (y.double() - exact).norm() <= 1e-2 * exact.norm()  # converged to sqrt(A)
+
+    @pytest.mark.parametrize("impl", NS_IMPLS)
     def test_saved_for_backward_is_lean(self, impl: str) -> None:
         # iterative keeps the input only; spectral the eigenvectors, the eigenvalues
         # (float32) and q_K, q_K' on them (float64): (B, C, C) + 5 (B, C) float32 words.

@@ -14,16 +14,17 @@ rank-deficient: a 7x7 map gives 49 locations for 2048 channels):
 
   and post-compensate :math:`\\sqrt{s}\\, Y_K`. :math:`Y_K = q_K(\\tilde A)` is a fixed
   polynomial of :math:`\\tilde A`, so values and gradients are finite for every input,
-  rank-deficient or not; it approaches :math:`\\sqrt{A}` as :math:`K` grows, slowest on the
-  smallest eigenvalues (which is the regularisation iSQRT-COV relies on). The result is
-  exactly homogeneous, :math:`f(cA) = \\sqrt{c}\\, f(A)`, as long as :math:`s` is at least
-  the square root of the dtype's smallest normal number (``torch.finfo(dtype).tiny **
-  0.5``, about 1e-19 in float32 and 1e-154 in float64: the floor of :math:`s`, where the
-  derivative of :math:`1/s` still fits the dtype). A matrix with :math:`s \\le 0` (the
-  all-zero matrix; any other such input, a trace that is not positive, is not positive
-  semi-definite) takes :math:`s = 1`: the zero matrix gets the square root 0 and the
-  finite gradient :math:`q_K'(0) \\operatorname{sym}(G)`, with finite higher derivatives
-  too.
+  rank-deficient or not (in float32 with ``impl="iterative"`` for :math:`K` up to about
+  25: see :func:`matrix_sqrt`'s ``num_iters``); it approaches :math:`\\sqrt{A}` as
+  :math:`K` grows, slowest on the smallest eigenvalues (which is the regularisation
+  iSQRT-COV relies on). The result is exactly homogeneous, :math:`f(cA) = \\sqrt{c}\\,
+  f(A)`, as long as :math:`s` is at least the square root of the dtype's smallest normal
+  number (``torch.finfo(dtype).tiny ** 0.5``, about 1e-19 in float32 and 1e-154 in
+  float64: the floor of :math:`s`, where the derivative of :math:`1/s` still fits the
+  dtype). A matrix with :math:`s \\le 0` (the all-zero matrix; any other such input, a
+  trace that is not positive, is not positive semi-definite) takes :math:`s = 1`: the zero
+  matrix gets the square root 0 and the finite gradient :math:`q_K'(0)
+  \\operatorname{sym}(G)`, with finite higher derivatives too.
 - ``method="eig"``: the exact PSD square root :math:`U \\sqrt{\\max(\\Lambda, 0)} U^\\top`
   through :func:`torch.linalg.eigh` (improved B-CNN, Lin & Maji, BMVC 2017). Its gradient
   uses the divided differences :math:`1 / (\\sqrt{\\lambda_i} + \\sqrt{\\lambda_j})`, which need
@@ -45,7 +46,7 @@ rounding:
   :math:`d(P^2)` one product). Only :math:`A` is kept for backward; the public iSQRT-COV
   code keeps every :math:`Y_k, Z_k` and spends :math:`10K` products in its backward.
 - ``"spectral"``: evaluates the same polynomial :math:`q_K` on the eigenvalues of
-  :math:`\\tilde A` and its exact gradient from the divided differences
+  :math:`\\tilde A` (those below 0, rounding of a PSD input, taken as 0) and its exact gradient from the divided differences
   :math:`(q_K(\\lambda_i) - q_K(\\lambda_j)) / (\\lambda_i - \\lambda_j)` in closed form, with
   :math:`q_K` in float64 on the eigenvalues; the band of close pairs of the sorted
   spectrum, where that quotient cancels, is recomputed in float64 (:math:`q_K'`, from a
@@ -335,7 +336,8 @@ def _ns_jvp(a_n: Tensor, e: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
     tangent *is* the gradient: the backward needs no stored iterates and no reverse sweep.
     Tangents of the symmetric iterates are symmetric, so ``d(P^2) = X + X^T`` with
     ``X = dP P`` costs one product; per step 3 products recompute the iterates and 5 carry
-    the tangent (``8K - 8`` in all for ``K >= 2``, against ``10K`` in the published backward).
+    the tangent (``8K - 8`` in all for ``K >= 2``, against ``10K`` in the published backward),
+    and one elementwise step keeps ``dP`` symmetric against rounding (see the loop).
     Seven buffers, updated in place; ``a_n`` and ``e`` are not modified.
     """
     q = torch.bmm(a_n, a_n)
@@ -349,6 +351,12 @@ def _ns_jvp(a_n: Tensor, e: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
     dp = torch.add(e, dq, alpha=-2.0 / 3.0).mul_(2.25)
     dp.baddbmm_(dq, a_n, alpha=0.25).baddbmm_(q, e, alpha=0.25)
     for k in range(1, num_iters):
+        # dP is symmetric in exact arithmetic, but rounding leaves an antisymmetric part,
+        # for which d(P^2) = X + X^T is wrong: as P -> I the step below maps it to 2.5 times
+        # itself (it would be 0 for a symmetric part), so in float32 the gradient was 10%
+        # off after 20 steps and useless after 30. Symmetrising dP each step keeps it exact.
+        torch.add(dp, dp.transpose(1, 2), out=x)
+        dp, x = x.mul_(0.5), dp
         # dY <- 1.5 dY - 0.5 (dY P + Y dP), then Y <- 1.5 Y - 0.5 Y P.
         torch.bmm(dy, p, out=x).baddbmm_(y, dp)
         dy.mul_(1.5).add_(x, alpha=-0.5)
@@ -475,6 +483,10 @@ class _NSSpectral(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, num_iters: int, norm: str) -> Tensor:  # type: ignore[override]
         lam, u, s, clamped, buffer = _sym_eigh(a, norm)
+        # A is PSD: eigenvalues below 0 are rounding (about -1e-7 of the largest in float32
+        # for a rank-deficient A), and q_K grows 2.25x per step on them (to -inf near
+        # K = 27); as the exact zeros they are, they get q_K(0) = 0 and q_K'(0).
+        lam = lam.clamp_min_(0)
         q, dq = _ns_slopes(lam.double(), num_iters)  # q_K' too: the backward needs it
         ctx.save_for_backward(u, lam, s, clamped, q, dq)
         ctx.config = (num_iters, norm)
@@ -548,7 +560,13 @@ def matrix_sqrt(
     Args:
         a: symmetric PSD matrices :math:`A` (symmetrised as :math:`(A + A^\\top)/2`).
         method: ``"newton_schulz"`` or ``"eig"``.
-        num_iters: Newton-Schulz iterations :math:`K \\ge 1` (iSQRT-COV uses 3 to 5).
+        num_iters: Newton-Schulz iterations :math:`K \\ge 1` (iSQRT-COV uses 3 to 5). The
+            zero eigenvalues of a rank-deficient :math:`A` come out of float32 arithmetic
+            as rounding noise (about 1e-7 of the largest), which each step multiplies by
+            2.25: with ``impl="iterative"`` the result loses accuracy from about
+            :math:`K = 20` and overflows from about :math:`K = 27` (float64: about twice
+            those :math:`K`); ``impl="spectral"`` takes such eigenvalues as the zeros they
+            are and stays finite at any :math:`K`.
         norm: pre-normalisation :math:`s`, ``"trace"`` (:math:`\\operatorname{tr}A`, as
             iSQRT-COV) or ``"frobenius"`` (:math:`\\|A\\|_F`, converges a little faster).
         impl: how Newton-Schulz is evaluated: ``"iterative"`` (matrix products),
