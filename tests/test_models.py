@@ -313,6 +313,19 @@ def test_compile_model():
     torch.testing.assert_close(torch.compile(model, backend="eager")(X), model(X))
 
 
+@pytest.mark.parametrize("cls", [FastBCNN, BCNN])
+def test_compile_model_dynamic_fullgraph_training(cls):
+    """A whole training step compiles as one graph with dynamic shapes."""
+    model = cls(tiny(6), num_classes=3).train()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
+    torch.manual_seed(0)
+    out = compiled(X)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, model(X))
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 class TestCopiesKeepModes:
     """Copies of a classifier (to_triu, BCNN's second stream, deepcopy for EMA) keep every
     submodule's training mode; torchvision's feature extractors rebuild themselves in

@@ -233,6 +233,27 @@ class TestNormModules:
         torch.testing.assert_close(roundtrip(chain)(x), chain(x))
 
 
+@pytest.mark.parametrize(
+    "module",
+    [FastBilinearPool(), FastBilinearPool(triu=True), BilinearPool(normalize=True), SignedSqrt(), L2Normalize()],
+    ids=["fast", "fast-triu", "two-stream", "signed-sqrt", "l2"],
+)
+def test_compile_dynamic_fullgraph(module):
+    """torch.compile(dynamic=True, fullgraph=True): the modules' eps is then a symbolic
+    float, which the argument checks must take (math.isfinite on it broke the graph)."""
+    x = torch.randn(3, 6, 4, 4).relu().requires_grad_()
+    if isinstance(module, (SignedSqrt, L2Normalize)):
+        x = x.detach().flatten(1).requires_grad_()
+    compiled = torch.compile(module, backend="aot_eager", dynamic=True, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, module(x))
+    dz = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, dz)
+    (want,) = torch.autograd.grad(module(x), x, dz)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(compiled(x[:2]), module(x[:2]))  # another batch size, same graph
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("module", [FastBilinearPool(triu=True), BilinearPool(normalize=True)], ids=["fast", "two-stream"])
 def test_compile_inductor(module):

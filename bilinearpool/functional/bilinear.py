@@ -55,7 +55,8 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_eps(eps: float, name: str = "eps") -> None:
-    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and eps > 0 and math.isfinite(eps)):
+    # eps < inf, not math.isfinite: a module's eps is a symbolic float under torch.compile(dynamic=True)
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and 0 < eps < math.inf):
         raise ValueError(f"{name} must be a positive finite number, but got {eps!r}")
 
 
