@@ -85,6 +85,10 @@ _NAME = re.compile(
     r"-(?P<year>\d{2})-(?P<slide>\d+[A-Z]*)-(?P<mag>40|100|200|400)-(?P<seq>\d+)\.png$"
 )
 _MAG_FOLDER = re.compile(r"^(\d+)X$", re.IGNORECASE)
+#: A patient folder of the release, ``SOB_B_A_14-22549AB`` (underscore before the year).
+_PATIENT_FOLDER = re.compile(
+    r"^[A-Z]+_[BM]_(?:A|F|PT|TA|DC|LC|MC|PC)_\d{2}-\d+[A-Z]*$", re.IGNORECASE
+)
 
 
 class UnreadableImageError(RuntimeError):
@@ -396,7 +400,8 @@ def _walk_files(
 
 
 def _check_folders(path: Path, root: Path, name: BreakhisName) -> str | None:
-    """Return a reason when the folders around ``path`` contradict its name.
+    """Return a reason when the folders around ``path`` contradict its name: its
+    magnification, class, tumour type or patient folder.
 
     Only folders inside the indexed ``root`` count: the folders above it are the
     user's (data kept under ``/data/adenosis/BreaKHis`` holds every tumour type).
@@ -415,6 +420,13 @@ def _check_folders(path: Path, root: Path, name: BreakhisName) -> str | None:
     for code, folder in TYPE_FOLDERS.items():
         if folder in parents and code != name.tumor_type:
             return f"folder mismatch: type {name.tumor_type} file inside {folder!r}"
+    # The patient comes from the name: a file of another patient (or year, or slide
+    # suffix) inside a patient folder would put that folder's images on both sides of a
+    # patient-level split.
+    for folder in (p.name for p in path.relative_to(root).parents if p.name):
+        if _PATIENT_FOLDER.match(folder) and folder.lower() != name.case.lower():
+            return (f"folder mismatch: the name says patient folder {name.case!r} but the "
+                    f"file sits in {folder!r}")
     return None
 
 

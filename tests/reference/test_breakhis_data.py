@@ -163,6 +163,31 @@ class TestIndexHandmade:
         assert all(s.reason.startswith("folder mismatch") for s in index.skipped)
         assert len(index.skipped) == 2
 
+    def test_file_in_another_patients_folder_is_skipped(self, tmp_path: Path) -> None:
+        """The patient comes from the name: a file naming another patient, year or slide
+        suffix than its patient folder would have been indexed as another patient, its
+        folder's images then on both sides of a "patient-disjoint" split."""
+        folder = "SOB_B_A_14-10001AB"
+        good = _png(_official(tmp_path, "benign", "adenosis", folder, 40,
+                              "SOB_B_A-14-10001AB-40-001.png"))
+        for stray in ("SOB_B_A-14-10002-40-051.png", "SOB_B_A-15-10001AB-40-052.png",
+                      "SOB_B_A-14-10001-40-053.png"):
+            _png(_official(tmp_path, "benign", "adenosis", folder, 40, stray))
+        index = index_breakhis(tmp_path)
+        assert [r.path for r in index.records] == [good.resolve()]
+        assert len(index.skipped) == 3
+        for skip in index.skipped:
+            assert skip.reason.startswith("folder mismatch: the name says patient folder "), skip
+            assert skip.reason.endswith(f"but the file sits in {folder!r}"), skip
+        assert index.summary()["patients"] == 1
+
+    def test_patient_folder_case_and_lowercase_names_agree(self, tmp_path: Path) -> None:
+        """Folder names compare without case (a tree copied through a case-folding disk)."""
+        good = _png(_official(tmp_path, "benign", "adenosis", "sob_b_a_14-10001ab", 40,
+                              "SOB_B_A-14-10001AB-40-001.png"))
+        index = index_breakhis(tmp_path)
+        assert [r.path for r in index.records] == [good.resolve()]
+
     def test_missing_root(self, tmp_path: Path) -> None:
         """A missing root was reported as "is not a folder"; it does not exist."""
         with pytest.raises(FileNotFoundError, match=r"expected a BreaKHis folder, but "
