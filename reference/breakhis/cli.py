@@ -638,9 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
     reference extra are not all installed, said in one line; 2 after an error line for
     a setting, a file or a folder that is wrong, or a file that cannot be read or
-    written). A setting out of range (:class:`breakhis._files.SettingError`) is named
-    by the command's option for it (``--input-size``, not ``input_size``:
-    :func:`_option_name`)."""
+    written; 130 after Ctrl-C, said in one line). A setting out of range
+    (:class:`breakhis._files.SettingError`) is named by the command's option for it
+    (``--input-size``, not ``input_size``: :func:`_option_name`)."""
     from . import INSTALL, missing_requirements
 
     missing = missing_requirements()
@@ -665,6 +665,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a file that cannot be read or written: names the path
         print(f"breakhis-repro {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from inside torch
+        resume = (" (the same command with --resume continues from the last finished epoch)"
+                  if "resume" in vars(args) else "")  # the commands that have --resume
+        print(f"breakhis-repro {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     finally:
         _stop_logging_to_console()
 

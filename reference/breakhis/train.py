@@ -716,6 +716,12 @@ def fit(
             handler.handle(_LOG.makeRecord(_LOG.name, logging.ERROR, __file__, 0, "%s",
                                            (exc,), None))
         raise
+    except KeyboardInterrupt:
+        if handler is not None:  # a log that just stops reads like a crash
+            handler.handle(_LOG.makeRecord(_LOG.name, logging.WARNING, __file__, 0, "%s", (
+                f"interrupted (KeyboardInterrupt); {CHECKPOINT_NAME} keeps the last finished "
+                "epoch, if any: the same command with --resume continues from it",), None))
+        raise
     finally:
         if handler is not None:
             _LOG.removeHandler(handler)

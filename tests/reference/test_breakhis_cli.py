@@ -397,3 +397,22 @@ class TestMissingInputs:
         assert errors[0] == f"breakhis-repro evaluate: error: checkpoint {missing!r} does not exist"
         assert errors[1] == f"breakhis-repro predict: error: checkpoint {missing!r} does not exist"
         assert "does not exist" in errors[2] and "--magnification" in errors[3]
+
+
+@pytest.mark.parametrize("command, resumable", [("train", True), ("cv", True), ("index", False)])
+def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, capsys, tmp_path):
+    """Ctrl-C printed a KeyboardInterrupt traceback from wherever torch was; now one line
+    (saying how to continue, for the commands that can) and the shell's status 130."""
+    from breakhis import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._COMMANDS, command, interrupted)
+    argv = {"train": ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")],
+            "cv": ["cv", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")],
+            "index": ["index", "--data-root", str(tmp_path)]}[command]
+    assert main(argv) == 130
+    err = _err(capsys).strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"breakhis-repro {command}: interrupted"), err
+    assert ("--resume" in err[0]) == resumable

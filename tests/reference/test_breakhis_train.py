@@ -106,6 +106,25 @@ class _Interrupt(Exception):
 
 
 class TestResume:
+    def test_ctrl_c_is_logged(self, synth_tree, tmp_path: Path) -> None:
+        """A run stopped by Ctrl-C left a train.log that just stopped, like a crash."""
+        root, _ = synth_tree
+        task = get_task("MSBC", magnification=40)
+        records = task.select(index_breakhis(root).records)[:16]
+        y = task.targets(records)
+        config = TrainConfig(head="fast-bcnn", backbone="tiny", weights=None, input_size=16,
+                             epochs=2, batch_size=8, device="cpu")
+
+        def ctrl_c(epoch: int, row: dict) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            fit(config, run_dir=tmp_path / "cut", epoch_callback=ctrl_c, train_records=records,
+                train_targets=y, val_records=[], val_targets=[], classes=list(task.classes),
+                progress=False)
+        last = (tmp_path / "cut" / "train.log").read_text().strip().splitlines()[-1]
+        assert "interrupted (KeyboardInterrupt)" in last and "--resume" in last, last
+
     def test_interrupted_then_resumed_equals_uninterrupted(
         self, synth_tree, tmp_path: Path
     ) -> None:
