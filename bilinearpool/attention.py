@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .functional._checks import check_positive_int, make_layer
@@ -76,7 +77,7 @@ class SEBlock(nn.Module):
                 "SEBlock expects a feature map (B, C, H, W) or tokens (B, N, C), "
                 f"but got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
             )
-        if x.shape[channel_dim] != self.channels:
+        if not torch.jit.is_tracing() and x.shape[channel_dim] != self.channels:
             raise ValueError(
                 f"SEBlock was built for {self.channels} channels, but the input has "
                 f"{x.shape[channel_dim]} (shape {tuple(x.shape)})"

@@ -18,6 +18,7 @@ from bilinearpool import (
     ChannelReduction,
     FastBCNN,
     GAPClassifier,
+    SEBlock,
     build_backbone,
     build_model,
 )
@@ -632,3 +633,30 @@ def test_loading_checkpoint_of_other_triu_layout_says_so():
     with pytest.raises(RuntimeError, match="built with triu=False"):
         packed.load_state_dict(full.state_dict())
     FastBCNN(tiny(6), num_classes=3, triu=True).load_state_dict(full.eval().to_triu().state_dict())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: FastBCNN(tiny(6), num_classes=3),
+        lambda: FastBCNN(tiny(6), num_classes=3, triu=True),
+        lambda: FastBCNN(nn.Sequential(tiny(6), SEBlock(6, reduction=2)), num_classes=3),
+        lambda: GAPClassifier(tiny(6), num_classes=3),
+    ],
+    ids=["fast-bcnn", "fast-bcnn-triu", "fast-bcnn-se", "gap"],
+)
+def test_jit_trace_without_tracer_warnings_and_general(build):
+    """The library's size checks compared traced sizes, so that torch.jit.trace (and the
+    TorchScript ONNX exporter) printed up to 11 TracerWarnings per model that the trace
+    might be wrong; they are skipped while traced, and the trace still takes other
+    batch sizes and image sizes."""
+    import warnings
+
+    model = build().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, X)
+    ours = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and "bilinearpool" in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+    other = torch.randn(3, 3, 48, 48)
+    torch.testing.assert_close(traced(other), model(other))

@@ -113,7 +113,9 @@ def as_channel_matrix(x: Tensor, name: str = "input") -> Tensor:
             f"{name} must be a feature map (B, C, H, W) or a token sequence (B, N, C), "
             f"but got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
         )
-    if out.shape[1] == 0 or out.shape[2] == 0:
+    # (sizes are traced values in torch.jit.trace, where comparing one warns that the
+    # trace may not generalise: the size checks here and in the ops are skipped there)
+    if not torch.jit.is_tracing() and (out.shape[1] == 0 or out.shape[2] == 0):
         raise ValueError(
             f"{name} must have at least one channel and one location, but got shape {tuple(x.shape)}"
         )
@@ -165,6 +167,8 @@ def pair_streams(
             f"{na} and {nb} must have the same layout, but got shapes "
             f"{tuple(x_a.shape)} and {tuple(x_b.shape)}"
         )
+    if torch.jit.is_tracing():  # sizes are traced values (see as_channel_matrix)
+        return a, b
     if a.shape[0] != b.shape[0]:
         raise ValueError(
             f"{na} and {nb} must have the same batch size, but got {a.shape[0]} "
@@ -234,7 +238,7 @@ def check_flags(**flags: object) -> None:
 
 def check_channels(name: str, t: Tensor | None, expected: int) -> None:
     """Raise :class:`ValueError` naming ``name`` when the map or tokens ``t`` lack ``expected`` channels."""
-    if isinstance(t, Tensor) and t.dim() in (3, 4):
+    if isinstance(t, Tensor) and t.dim() in (3, 4) and not torch.jit.is_tracing():
         got = t.shape[1] if t.dim() == 4 else t.shape[2]
         if got != expected:
             raise ValueError(f"{name} must have {expected} channels, but got shape {tuple(t.shape)}")

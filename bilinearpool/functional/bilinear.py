@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from typing import Any
 
 import numpy as np
@@ -246,8 +247,18 @@ def _triu_block(r0: int, r1: int, c: int, device: torch.device, dtype: torch.dty
     # ints: traced shapes may be tensors. The cache is skipped while torch.compile traces
     # (dynamo would trace through it anyway, and warns about it).
     build = _triu_numpy.__wrapped__ if torch.compiler.is_compiling() else _triu_numpy
-    index, weights = build(int(r1 - r0), int(c - r0))
-    return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device=device, dtype=dtype)
+
+    def tensors() -> tuple[Tensor, Tensor]:
+        index, weights = build(int(r1 - r0), int(c - r0))
+        return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device=device, dtype=dtype)
+
+    if not torch.jit.is_tracing():
+        return tensors()
+    # torch.jit.trace holds them as constants of the traced channel count, as it holds the
+    # model's weights: its warnings about that say nothing the user must act on
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return tensors()
 
 
 def triu_pack(m: Tensor) -> Tensor:
@@ -275,7 +286,7 @@ def triu_pack(m: Tensor) -> Tensor:
         tensor([[1.0000, 2.8284, 3.0000]])
     """
     check_floating(m)
-    if m.dim() != 3 or m.shape[1] != m.shape[2]:
+    if m.dim() != 3 or (not torch.jit.is_tracing() and m.shape[1] != m.shape[2]):
         raise ValueError(f"input must be square matrices (B, C, C), but got shape {tuple(m.shape)}")
     c = m.shape[1]
     index, scale = _triu_block(0, c, c, m.device, m.dtype)

@@ -178,6 +178,8 @@ def _classifier_keeps_features(a: Tensor, weight: Tensor) -> bool:
 
 def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: bool) -> None:
     check_floating(weight, "weight")
+    if torch.jit.is_tracing():  # sizes are traced values (see _checks.as_channel_matrix)
+        return
     features = triu_size(channels) if triu else channels * channels
     if weight.dim() != 2 or weight.shape[1] != features:
         layout = f"C(C+1)/2 = {features} (triu=True)" if triu else f"C^2 = {features}"

@@ -95,6 +95,8 @@ def _path(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     """``"triton"``, ``"chunks"`` or ``None`` (F.linear) for these arguments."""
     if x.device.type not in ("cuda", "cpu") or x.dim() == 0 or weight.dim() != 2:
         return None
+    if _elementwise.tracing():
+        return None  # graphs and exports keep a plain linear layer
     out, d = weight.shape
     if d < WIDE_MIN_FEATURES or out > WIDE_MAX_OUTPUTS or x.shape[-1] != d or x.device != weight.device:
         return None
@@ -102,8 +104,6 @@ def _path(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
         return None
     if (bias is not None and bias.shape != (out,)) or torch.is_autocast_enabled(x.device.type):
         return None  # autocast: its half-precision F.linear
-    if _elementwise.tracing():
-        return None  # graphs and exports keep a plain linear layer
     if x.device.type == "cpu":
         rows = x.numel() // d
         return "chunks" if rows >= 2 and rows * d * out >= _CHUNKS_FROM else None

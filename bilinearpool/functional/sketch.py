@@ -54,7 +54,7 @@ __all__ = ["random_maclaurin", "tensor_sketch"]
 def _check_projection(name: str, t: Tensor, channels: int, dim: int, what: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
-    if t.dim() != dim or t.shape[-1] != channels:
+    if not torch.jit.is_tracing() and (t.dim() != dim or t.shape[-1] != channels):
         raise ValueError(
             f"{name} must be {what} with last dimension {channels} (the input channels), "
             f"but got shape {tuple(t.shape)}"
@@ -67,7 +67,7 @@ def _check_hash(name: str, index: Tensor, d: int) -> None:
     asserted on the device elsewhere, without a host synchronisation), not while traced."""
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer bins (the hash of each channel), but got dtype {index.dtype}")
-    if index.numel() == 0 or _elementwise.tracing():
+    if _elementwise.tracing() or index.numel() == 0:
         return
     bad = (index < 0) | (index >= d)
     if index.device.type != "cpu":
@@ -432,7 +432,7 @@ def tensor_sketch(
     index_a, index_b = index_a.long(), index_b.long()
     dtype = compute_dtype(a, b)
     d = out_features
-    if a.shape[0] == 0:  # an empty batch: (0, d), still connected to every input for autograd
+    if not torch.jit.is_tracing() and a.shape[0] == 0:  # an empty batch: (0, d), still connected to every input
         inputs = (a, b, sign_a, sign_b) if sign_a.is_floating_point() and sign_b.is_floating_point() else (a, b)
         return a.new_zeros(0, d, dtype=dtype) + sum(t.to(dtype).sum() * 0 for t in inputs)
     with no_autocast(a.device.type):
@@ -490,7 +490,7 @@ def random_maclaurin(
     b = a if b is None else b
     _check_projection("weight_a", weight_a, a.shape[1], 2, "a (d, C) matrix")
     _check_projection("weight_b", weight_b, b.shape[1], 2, "a (d, C) matrix")
-    if weight_a.shape[0] != weight_b.shape[0]:
+    if not torch.jit.is_tracing() and weight_a.shape[0] != weight_b.shape[0]:
         raise ValueError(
             "weight_a and weight_b must have the same number of rows d, but got "
             f"{tuple(weight_a.shape)} and {tuple(weight_b.shape)}"

@@ -89,7 +89,7 @@ _IMPLS = ("auto", "iterative", "spectral")
 
 def _check_matrices(a: Tensor) -> None:
     check_floating(a)
-    if a.dim() != 3 or a.shape[1] != a.shape[2] or a.shape[1] == 0:
+    if a.dim() != 3 or (not torch.jit.is_tracing() and (a.shape[1] != a.shape[2] or a.shape[1] == 0)):
         raise ValueError(
             f"input must be a batch of square matrices (B, C, C) with C >= 1, but got shape {tuple(a.shape)}"
         )
@@ -602,7 +602,7 @@ def matrix_sqrt(
     dtype = compute_dtype(a)
     with no_autocast(a.device.type):
         a = a.to(dtype)
-        if a.shape[0] == 0:  # an empty batch: nothing to decompose
+        if not torch.jit.is_tracing() and a.shape[0] == 0:  # an empty batch: nothing to decompose
             return a * 0
         # ONNX export and torch.jit.trace cannot record an autograd.Function; torch.func
         # transforms and forward-mode AD need rules that the Functions do not have.
