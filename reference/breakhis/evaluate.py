@@ -44,6 +44,7 @@ __all__ = [
     "read_report",
     "render_markdown",
     "roc_auc",
+    "split_integrity",
     "summarize_folds",
     "write_predictions",
     "write_report",
@@ -279,8 +280,65 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _all_true(values: Sequence[Any]) -> bool | None:
+    """``False`` when a value is ``False``, else ``None`` when one is not ``True`` (unknown)
+    or there are none, else ``True``."""
+    if any(v is False for v in values):
+        return False
+    return True if values and all(v is True for v in values) else None
+
+
+def split_integrity(report: Mapping[str, Any]) -> tuple[bool | None, list[str]]:
+    """Whether a report's test images share no patient with its training images, and the
+    notes of its split(s): images a fold table left out, patients in train and test,
+    images of unknown patient (:class:`breakhis.splits.Split`).
+
+    A test report's come from its ``protocol``. A cross-validation summary's come from
+    every fold's (``folds[].protocol``): patient-disjoint only when every fold is (and
+    the summary's own ``protocol`` does not say otherwise), each note prefixed with its
+    fold (``"fold 2: ..."``); a summary whose folds record no protocol gives its own
+    ``protocol``'s. ``None`` is unknown (a report written before ``patient_disjoint``
+    was recorded), never taken for ``False``.
+
+    Args:
+        report: a ``test_metrics.json`` or ``cv_metrics.json`` (:func:`read_report`).
+
+    Returns:
+        ``(patient_disjoint, notes)``.
+
+    Examples:
+        >>> split_integrity({"protocol": {"patient_disjoint": True, "notes": []}})
+        (True, [])
+        >>> split_integrity({"protocol": {"patient_disjoint": True}, "folds": [
+        ...     {"fold": 1, "protocol": {"patient_disjoint": True, "notes": []}},
+        ...     {"fold": 2, "protocol": {"patient_disjoint": False, "notes": ["1 patient(s) "
+        ...                                                            "in train and test"]}}]})
+        (False, ['fold 2: 1 patient(s) in train and test'])
+        >>> split_integrity({"protocol": {"protocol": "official"}})
+        (None, [])
+    """
+    protocol = report.get("protocol")
+    protocol = protocol if isinstance(protocol, Mapping) else {}
+    folds = report.get("folds")
+    folds = [f for f in folds if isinstance(f, Mapping)] if isinstance(folds, list) else []
+    if folds and all(isinstance(f.get("protocol"), Mapping) for f in folds):
+        values = [f["protocol"].get("patient_disjoint") for f in folds]
+        if protocol.get("patient_disjoint") is False:
+            values.append(False)
+        notes = [f"fold {f.get('fold', i)}: {note}" for i, f in enumerate(folds)
+                 for note in f["protocol"].get("notes") or []]
+        return _all_true(values), notes
+    return _all_true([protocol.get("patient_disjoint")]), [str(n) for n in
+                                                           protocol.get("notes") or []]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """Render a report (one evaluation or a cross-validation) as Markdown."""
+    """Render a report (one evaluation or a cross-validation) as Markdown.
+
+    Under the protocol, a report that is not patient-disjoint says so
+    (``- patient-disjoint: **no**``), and the notes of its split(s) are listed (a
+    cross-validation's prefixed with their fold): see :func:`split_integrity`.
+    """
     lines = [f"# {report.get('title', 'BreaKHis evaluation')}", ""]
     protocol = report.get("protocol", {})
     task = report.get("task", {})
@@ -289,6 +347,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- protocol: **{protocol.get('protocol', '?')}**: "
         f"{protocol.get('protocol_description', '')}",
     ]
+    disjoint, notes = split_integrity(report)
+    if disjoint is False:
+        lines.append("- patient-disjoint: **no** (test images may be of patients the model "
+                     "was trained on: optimistic, not comparable with patient-disjoint results)")
+    if notes:
+        lines.append("- split notes:")
+        lines += [f"  - {note}" for note in notes]
     for key in ("model", "data_root", "synthetic"):
         if key in report:
             lines.append(f"- {key}: {report[key]}")

@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from numbers import Real
@@ -64,6 +64,7 @@ from .evaluate import (
     classification_metrics,
     metrics_line,
     read_report,
+    split_integrity,
     summarize_folds,
     write_predictions,
     write_report,
@@ -449,11 +450,41 @@ def _class_counts(classes: tuple[str, ...], targets: np.ndarray) -> dict[str, in
     return {c: int(n) for c, n in zip(classes, counts)}
 
 
+def _protocol_warnings(fold: int, protocol: Mapping[str, Any]) -> list[str]:
+    """Warnings on a fold's split, from its protocol description
+    (:meth:`breakhis.splits.Split.to_dict`): one per note (images a fold table left out,
+    patients in train and test, images of unknown patient), and one saying that its test
+    metrics are not patient-disjoint when the protocol is meant to be (``patient``,
+    ``official``) but the split records it is not. The ``image`` protocol is not
+    patient-disjoint by design, as its description says: no warning for that.
+
+    Examples:
+        >>> _protocol_warnings(2, {"protocol": "official", "patient_disjoint": False,
+        ...                        "notes": ["1 patient(s) in train and test, e.g. ['p1']"]})[0]
+        "fold 2 (official protocol): 1 patient(s) in train and test, e.g. ['p1']"
+        >>> _protocol_warnings(0, {"protocol": "image", "patient_disjoint": False, "notes": []})
+        []
+    """
+    if not isinstance(protocol, Mapping):
+        return []
+    name = protocol.get("protocol", "?")
+    lines = [f"fold {fold} ({name} protocol): {note}" for note in protocol.get("notes") or []]
+    if protocol.get("patient_disjoint") is False and name != "image":
+        lines.append(
+            f"fold {fold} ({name} protocol): its test metrics are NOT patient-disjoint (test "
+            "images may be of patients the model was trained on: optimistic, not comparable "
+            "with patient-disjoint results); the reports record patient_disjoint: false")
+    return lines
+
+
 def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[int, str]]:
     """What a fold trains, validates and tests on, for the log (:func:`breakhis.train.fit`'s
-    ``log_messages``): one INFO line with each split's size and images per class, and a
-    warning for each split that lacks a class another one has (validation or test images
-    without a class of the training images, training images without one of the test's).
+    ``log_messages``): one INFO line with each split's size and images per class, a
+    warning for each note of the split and one when it is not patient-disjoint
+    (:func:`_protocol_warnings`: an ``official`` fold table that leaves images out or puts
+    a patient in train and test), and a warning for each split that lacks a class
+    another one has (validation or test images without a class of the training images,
+    training images without one of the test's).
     """
     classes = data.task.classes
     splits = {"training": plan.fit, "validation": plan.val, "test": plan.split.test}
@@ -465,6 +496,8 @@ def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[i
                                            "schedule)" if name == "validation" else "")
         for name, idx in splits.items())
     lines = [(logging.INFO, f"fold {fold} ({plan.split.protocol} protocol): {sizes}")]
+    lines += [(logging.WARNING, text)
+              for text in _protocol_warnings(fold, plan.extra["protocol"])]
     present = {name: {c for c, n in by_class.items() if n} for name, by_class in counts.items()}
     consequences = {
         "validation": "the validation loss and accuracy, which drive the learning-rate "
@@ -611,7 +644,11 @@ def run_fold(
     Before training, the sizes of the fold's training, validation and test images, per
     class, are logged (console and ``train.log``), with a warning for a class of the
     training images that the validation or test images lack (their loss, accuracy or
-    metrics say nothing of it), or one of the test images that training lacks.
+    metrics say nothing of it), or one of the test images that training lacks; and a
+    warning for each note of the split (an ``official`` fold table that leaves images
+    out, puts a patient in train and test, or holds images of unknown patient) and one
+    when its test metrics are not patient-disjoint (the test report records
+    ``protocol.patient_disjoint`` and the notes, and its Markdown says so).
 
     Returns:
         The test report (main process), or ``None`` on other DDP processes.
@@ -703,7 +740,8 @@ def _reusable_fold(
     (another run's, or one written before reports recorded their checkpoint) or cannot
     be read as a report (cut short, not a JSON object, without the entries the summary
     needs): the checkpoint is then evaluated again, with a warning naming the file.
-    ``main``: whether this process logs.
+    ``main``: whether this process logs; a reused report's split notes, and whether it
+    is not patient-disjoint, are logged as :func:`run_fold` logs them before training.
 
     Raises:
         ValueError: when the fold was made with other settings, or its settings cannot
@@ -738,6 +776,9 @@ def _reusable_fold(
         # else run_fold logs them, as it resumes the checkpoint
         for note in notes:
             _LOG.warning("fold %d: %s", fold, note)
+        # what run_fold logs before training, for the fold reused as it was trained
+        for text in _protocol_warnings(fold, report["protocol"]):
+            _LOG.warning("%s", text)
     return report
 
 
@@ -787,7 +828,13 @@ def run_cv(
     removes an earlier run's outputs there; without ``resume`` an earlier summary in
     ``run_dir`` is removed before the first fold trains). The summary's
     ``protocol.n_splits`` is the number of folds of the protocol (``official``: of
-    fold tables), so that a partial cross-validation (``folds``) shows as one.
+    fold tables), so that a partial cross-validation (``folds``) shows as one. The
+    summary's ``protocol`` describes every fold: ``patient_disjoint`` is true only when
+    each fold's is (``None`` when a reused report does not record it), ``notes`` holds
+    every fold's notes prefixed ``"fold <k>: "``, and ``train_images``/``test_images``
+    are ``None`` (each fold's sizes are under ``folds[].protocol``). When a fold is not
+    patient-disjoint (``patient`` and ``official`` protocols) or has notes, a warning
+    after the summary says so.
 
     With ``resume``, the checkpoints of the folds known before indexing (``folds``, or
     every fold of the image and patient protocols) are compared with the settings first
@@ -866,11 +913,17 @@ def run_cv(
     if not info.is_main:
         return None
     first = reports[0]
+    folds_protocol = [{"fold": r["fold"], "protocol": r["protocol"]} for r in reports]
+    disjoint, notes = split_integrity({"folds": folds_protocol})
     summary = {
         "title": f"BreaKHis {data.task.name} cross-validation ({spec.protocol} protocol)",
         "task": first["task"],
+        # of every fold, not the first one's: patient-disjoint only when each fold is,
+        # every fold's notes; the sizes are each fold's own (folds[].protocol)
         "protocol": {**first["protocol"], "fold": None, "n_splits": len(data.splits),
-                     "protocol_description": PROTOCOL_DESCRIPTIONS[spec.protocol]},
+                     "protocol_description": PROTOCOL_DESCRIPTIONS[spec.protocol],
+                     "train_images": None, "test_images": None,
+                     "patient_disjoint": disjoint, "notes": notes},
         "data_root": first["data_root"],
         "synthetic": first["synthetic"],
         "model": first["model"],
@@ -886,6 +939,17 @@ def run_cv(
                   for r in reports],
     }
     write_report(summary, run_dir, "cv_metrics")
+    leaking = [r["fold"] for r in reports if r["protocol"].get("patient_disjoint") is False]
+    if leaking and spec.protocol != "image":
+        _LOG.warning(
+            "cross-validation (%s protocol): %s %s %s NOT patient-disjoint, so the mean and "
+            "standard deviation in %s are not a patient-disjoint result; the notes of every "
+            "fold are listed there", spec.protocol, plural(len(leaking), "fold"),
+            ", ".join(map(str, leaking)), plural(len(leaking), "is", "are"),
+            run_dir / "cv_metrics.md")
+    elif notes:
+        _LOG.warning("cross-validation (%s protocol): %s; listed in %s", spec.protocol,
+                     "; ".join(notes), run_dir / "cv_metrics.md")
     return summary
 
 
@@ -908,7 +972,9 @@ def evaluate_checkpoint(
     normalised as in training (:func:`breakhis.train.checkpoint_normalization`). The
     report records the checkpoint (``checkpoint``: epoch and fingerprint) and the
     epochs it trained (``epochs_trained``); a checkpoint that trained fewer epochs than
-    its settings ask (a run cut short) is evaluated with a warning.
+    its settings ask (a run cut short) is evaluated with a warning. The notes of the
+    fold's split, and whether it is not patient-disjoint, are logged as warnings, as
+    :func:`run_fold` logs them before training.
 
     Args:
         checkpoint: a ``checkpoint.pt`` written by training.
@@ -933,6 +999,8 @@ def evaluate_checkpoint(
     config = TrainConfig.from_dict(state["config"])
     warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
                     "(epochs_trained in the report; resume the run with --resume to finish it)")
+    for text in _protocol_warnings(int(state["extra"]["fold"]), protocol):
+        _LOG.warning("%s", text)
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
                            out, info, val_fraction=spec.val_fraction,

@@ -47,7 +47,7 @@ from ._files import (
 )
 from .data import ImageRecord
 from .dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, build_eval_transform, load_rgb
-from .evaluate import SUMMARY_METRICS, read_report
+from .evaluate import SUMMARY_METRICS, read_report, split_integrity
 from .splits import PROTOCOL_DESCRIPTIONS
 
 __all__ = [
@@ -78,11 +78,15 @@ _VARYING_SETTINGS: tuple[tuple[str, str], ...] = (
 #: ``model``.
 _PROTOCOL_SETTINGS: frozenset[str] = frozenset({"split_seed", "n_splits"})
 #: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
+#: ``patient_disjoint``: whether every fold's test images are patient-disjoint from its
+#: training images (empty: unknown, a report written before it was recorded);
+#: ``split_notes``: the notes of the folds' splits (left-out images, patients in train and
+#: test), ``"; "``-separated.
 RESULTS_COLUMNS: tuple[str, ...] = (
-    "run", "source", "task", "magnification", "protocol", "backbone", "head", "se_reduction",
-    "input_size", "weights", "epochs", "epochs_trained", "lr", "oversample",
-    *[key for key, _ in _VARYING_SETTINGS], "folds", "fold", "synthetic", "data_root",
-    "stale_folds", "stale",
+    "run", "source", "task", "magnification", "protocol", "patient_disjoint", "backbone",
+    "head", "se_reduction", "input_size", "weights", "epochs", "epochs_trained", "lr",
+    "oversample", *[key for key, _ in _VARYING_SETTINGS], "folds", "fold", "synthetic",
+    "data_root", "stale_folds", "stale", "split_notes",
     *[f"{key}_{stat}" for key in SUMMARY_METRICS for stat in ("mean", "std", "n")],
 )
 _LOG = logging.getLogger("breakhis.plots")
@@ -948,6 +952,9 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
     gives one fold (no standard deviation). A summary that a fold changed since it was
     written (see :func:`results_table`) is still read, with a warning, and its row names
     those folds (``stale_folds``) and says why (``stale``, as the table's folds cell).
+    ``patient_disjoint`` and ``split_notes`` are those of
+    :func:`breakhis.evaluate.split_integrity` (every fold's, for a summary; ``None``:
+    unknown, in a report written before it was recorded).
 
     Raises:
         FileNotFoundError: for a run folder that does not exist (or is a file).
@@ -972,9 +979,11 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             folds, stale = 1, {}
         task, protocol = report.get("task") or {}, report["protocol"]
         model = report.get("model") or {}
+        disjoint, notes = split_integrity(report)
         row: dict[str, Any] = {
             "run": str(folder), "source": name, "task": task.get("name"),
             "magnification": task.get("magnification"), "protocol": protocol.get("protocol"),
+            "patient_disjoint": disjoint,
             "backbone": model.get("backbone"), "head": model.get("head"),
             "se_reduction": model.get("se_reduction"), "input_size": model.get("input_size"),
             # None is a random start: a report without the entry says "unknown"
@@ -986,7 +995,7 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             "folds": folds, "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
             "data_root": report.get("data_root"), "stale_folds": list(stale),
-            "stale": _stale_note(stale) if stale else None,
+            "stale": _stale_note(stale) if stale else None, "split_notes": notes,
         }
         for key in SUMMARY_METRICS:
             stat = stats.get(key) or {}
@@ -1047,6 +1056,18 @@ def _pct(mean: float | None, std: float | None, n: int | None = None,
     return text
 
 
+#: How the results table marks a run that is not patient-disjoint.
+_NOT_DISJOINT = "NOT patient-disjoint"
+
+
+def _leaks(row: Mapping[str, Any]) -> bool:
+    """Whether a row is marked :data:`_NOT_DISJOINT`: a run of a protocol meant to be
+    patient-disjoint (``patient``, ``official``) whose report (any fold, for a summary)
+    records that it is not. ``image`` runs never are, as the protocol notes say; an
+    unknown value (``None``: an older report) is not marked."""
+    return row.get("patient_disjoint") is False and row.get("protocol") != "image"
+
+
 def _cell(value: Any) -> str:
     return "" if value is None else str(value).replace("|", "\\|")
 
@@ -1071,7 +1092,11 @@ def results_table(
     and says so: ``97.92 ± 2.95 (2 of 3 folds)``. Every row names its protocol
     (image-split numbers are optimistic, see the notes under the table), and runs on
     synthetic data are marked ``SYNTHETIC``; when the runs come from more than one data
-    folder, each row names its own.
+    folder, each row names its own. A run of the ``patient`` or ``official`` protocol
+    whose report records a fold that is not patient-disjoint (an official fold table
+    that puts a patient in train and test) shows its protocol as ``official (NOT
+    patient-disjoint)``, and the notes of every run's folds (that too, images a fold
+    table left out) are listed under the table, naming the run and the fold.
 
     A cv summary is stale when a fold changed since it was written; the row says which
     folds and how: ``retrained since the summary`` (the fold's ``test_metrics.json`` was
@@ -1136,7 +1161,10 @@ def results_table(
         data = "SYNTHETIC" if row["synthetic"] else "real"
         if len(roots) > 1 and row["data_root"] is not None:
             data += f" ({row['data_root']})"
-        cells = [Path(row["run"]).name or row["run"], task, row["protocol"], row["backbone"],
+        protocol = row["protocol"]
+        if _leaks(row):
+            protocol = f"{protocol} ({_NOT_DISJOINT})"
+        cells = [Path(row["run"]).name or row["run"], task, protocol, row["backbone"],
                  head, row["input_size"], _training(row, varying), folds,
                  *[_pct(row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"], row["folds"])
                    for key, _ in _TABLE_METRICS],
@@ -1145,6 +1173,19 @@ def results_table(
     lines += ["", "Protocols:", ""]
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
         lines.append(f"- `{protocol}`: {PROTOCOL_DESCRIPTIONS.get(protocol, '?')}")
+    noted = [r for r in rows if r["split_notes"] or _leaks(r)]
+    if noted:
+        why = (f" ({_NOT_DISJOINT}: test images may be of patients the model was trained "
+               "on, so the numbers are optimistic and not comparable with patient-disjoint "
+               "results)" if any(_leaks(r) for r in noted) else "")
+        lines += ["", f"Split notes{why}:", ""]
+        for row in noted:
+            text = f"- `{Path(row['run']).name or row['run']}`"
+            if _leaks(row):
+                text += f" ({_NOT_DISJOINT})"
+            if row["split_notes"]:
+                text += ": " + "; ".join(row["split_notes"])
+            lines.append(text)
     if any(r["synthetic"] for r in rows):
         lines += ["", "SYNTHETIC: generated stand-in images with the BreaKHis layout, not "
                   "BreaKHis; these numbers test the pipeline and say nothing about the paper."]
@@ -1157,6 +1198,7 @@ def results_table(
         with md.with_suffix(".csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(RESULTS_COLUMNS))
             writer.writeheader()
-            writer.writerows({**r, "stale_folds": " ".join(str(f) for f in r["stale_folds"])}
+            writer.writerows({**r, "stale_folds": " ".join(str(f) for f in r["stale_folds"]),
+                              "split_notes": "; ".join(r["split_notes"])}
                              for r in rows)
     return text

@@ -298,7 +298,9 @@ class TestSplitLog:
                                targets=np.array([0, 1, 0, 1, 1, 2, 0]))
         plan = SimpleNamespace(fit=np.array([0, 1, 2]), val=np.array([], dtype=np.int64),
                                split=SimpleNamespace(test=np.array([4, 5]),
-                                                     protocol="image"))
+                                                     protocol="image"),
+                               extra={"protocol": {"protocol": "image", "patient_disjoint": False,
+                                                   "notes": []}})
         lines = experiments._split_lines(data, plan, 2)
         assert lines == [
             (logging.INFO, "fold 2 (image protocol): training 3 images (benign 2, malignant "

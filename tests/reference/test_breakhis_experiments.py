@@ -783,6 +783,123 @@ class TestMovedDataFiles:
         assert (tmp_path / "cv" / "fold2" / "test_metrics.json").read_text() == before
 
 
+def _fold_table(root: Path, fold: int, out_dir: Path, *, leak: bool = False,
+                omit: int = 0) -> Path:
+    """The synthetic tree's ``dsfold<fold>.txt`` (its 40X lines) in ``out_dir``; ``leak``
+    moves one test image of a patient with several test images to train (the patient is
+    then in train and test), ``omit`` drops that many training lines (left out)."""
+    lines = [line for line in (root / f"dsfold{fold}.txt").read_text().splitlines()
+             if line.split("|")[1] == "40"]
+    if leak:
+        test = [line for line in lines if line.endswith("|test")]
+        slide = {line: line.split("|")[0].rsplit("-", 1)[0] for line in test}
+        moved = next(line for line in test
+                     if sum(s == slide[line] for s in slide.values()) > 1)
+        lines = [line.replace("|test", "|train") if line == moved else line for line in lines]
+    dropped = [line for line in lines if line.endswith("|train")][:omit]
+    table = out_dir / f"dsfold{fold}.txt"
+    table.write_text("\n".join(line for line in lines if line not in dropped) + "\n")
+    return table
+
+
+class TestSplitNotes:
+    """An official fold table that put a patient's images in train and test, or left
+    images out, was reported only inside fold<k>/test_metrics.json: nothing was logged,
+    test_metrics.md, cv_metrics.md and the table said nothing, and cv_metrics.json's
+    protocol was fold 1's copy (patient-disjoint, no notes, fold 1's sizes)."""
+
+    LEAK = r"1 patient\(s\) in train and test, e\.g\. \['[^']+'\]"
+
+    def test_leaking_fold_is_warned_about_and_marked_everywhere(
+        self, synth_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        root, _ = synth_tree
+        tables = (_fold_table(root, 1, tmp_path), _fold_table(root, 2, tmp_path, leak=True))
+        spec = _spec(root, protocol="official", folds_file=tuple(map(str, tables)))
+        cv = tmp_path / "cv"
+        with caplog.at_level(logging.WARNING, logger="breakhis.experiments"):
+            summary = run_cv(spec, _config(), cv, progress=False)
+        # before training, in the console and train.log of the fold
+        log = (cv / "fold2" / "train.log").read_text()
+        assert re.search(rf"WARNING fold 2 \(official protocol\): {self.LEAK}\n", log)
+        assert ("WARNING fold 2 (official protocol): its test metrics are NOT "
+                "patient-disjoint") in log
+        assert log.index("NOT patient-disjoint") < log.index("epoch 1/1")
+        assert "NOT patient-disjoint" not in (cv / "fold1" / "train.log").read_text()
+        assert ("cross-validation (official protocol): fold 2 is NOT patient-disjoint"
+                in caplog.text)
+        # the summary describes every fold, not fold 1
+        protocol = summary["protocol"]
+        assert protocol["patient_disjoint"] is False
+        assert len(protocol["notes"]) == 1
+        assert re.fullmatch(rf"fold 2: {self.LEAK}", protocol["notes"][0])
+        assert protocol["train_images"] is None and protocol["test_images"] is None
+        assert [f["protocol"]["patient_disjoint"] for f in summary["folds"]] == [True, False]
+        assert all(f["protocol"]["train_images"] for f in summary["folds"])
+        assert json.loads((cv / "cv_metrics.json").read_text())["protocol"] == protocol
+        # the Markdown reports
+        md = (cv / "cv_metrics.md").read_text()
+        assert "- patient-disjoint: **no**" in md and f"  - {protocol['notes'][0]}\n" in md
+        fold_md = (cv / "fold2" / "test_metrics.md").read_text()
+        assert "- patient-disjoint: **no**" in fold_md
+        assert re.search(rf"\n  - {self.LEAK}\n", fold_md)
+        assert "patient-disjoint: **no**" not in (cv / "fold1" / "test_metrics.md").read_text()
+        # the table marks the summary and the fold, not the clean fold; a report written
+        # before patient_disjoint was recorded is unknown, not marked
+        old = json.loads((cv / "fold2" / "test_metrics.json").read_text())
+        del old["protocol"]["patient_disjoint"], old["protocol"]["notes"]
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "test_metrics.json").write_text(json.dumps(old))
+        dirs = [cv, cv / "fold1", cv / "fold2", tmp_path / "old"]
+        text = results_table(dirs, out=tmp_path / "t.md")
+        lines = [line for line in text.splitlines() if line.startswith("| ")][1:]
+        assert "| official (NOT patient-disjoint) |" in lines[0]
+        assert "| official |" in lines[1] and "| official |" in lines[3]
+        assert "| official (NOT patient-disjoint) |" in lines[2]
+        assert f"- `cv` (NOT patient-disjoint): {protocol['notes'][0]}" in text
+        assert re.search(rf"- `fold2` \(NOT patient-disjoint\): {self.LEAK}", text)
+        assert "`fold1`:" not in text and "`old`" not in text.split("Runs:")[0]
+        with (tmp_path / "t.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [r["patient_disjoint"] for r in rows] == ["False", "True", "False", ""]
+        assert rows[0]["split_notes"] == protocol["notes"][0] and rows[1]["split_notes"] == ""
+        assert [r["patient_disjoint"] for r in results_rows(dirs)] == [False, True, False, None]
+        # cv --resume reuses both folds and warns about fold 2 as before training
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="breakhis.experiments"):
+            again = run_cv(spec, _config(), cv, resume=True, progress=False)
+        assert "fold 2: reusing" in caplog.text
+        assert re.search(rf"fold 2 \(official protocol\): {self.LEAK}", caplog.text)
+        assert "fold 2 (official protocol): its test metrics are NOT" in caplog.text
+        assert "fold 1 (official protocol): its" not in caplog.text
+        assert again["protocol"] == protocol
+
+    def test_images_left_out_by_a_fold_table_are_logged(
+        self, synth_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        root, _ = synth_tree
+        table = _fold_table(root, 1, tmp_path, omit=3)
+        run = tmp_path / "run"
+        report = run_fold(_official(root, table), _config(), 1, run, progress=False)
+        note = "3 image(s) not listed in fold 1; left out"
+        assert report["protocol"]["notes"] == [note]
+        assert report["protocol"]["patient_disjoint"] is True
+        log = (run / "train.log").read_text()
+        assert f"WARNING fold 1 (official protocol): {note}\n" in log
+        assert "NOT patient-disjoint" not in log
+        md = (run / "test_metrics.md").read_text()
+        assert f"- split notes:\n  - {note}\n" in md and "patient-disjoint: **no**" not in md
+        text = results_table([run])
+        assert "| official |" in text and f"- `run`: {note}" in text
+        assert "NOT patient-disjoint" not in text
+        # evaluate warns as training did
+        with caplog.at_level(logging.WARNING, logger="breakhis.experiments"):
+            evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev", device="cpu",
+                                progress=False)
+        assert f"fold 1 (official protocol): {note}" in caplog.text
+        assert f"  - {note}\n" in (tmp_path / "ev" / "test_metrics.md").read_text()
+
+
 class TestSplitSeed:
     @pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True])
     def test_outside_scikit_learns_range_is_refused(self, seed) -> None:

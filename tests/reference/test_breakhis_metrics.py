@@ -17,6 +17,7 @@ from breakhis.evaluate import (
     patient_recognition_rate,
     read_predictions,
     render_markdown,
+    split_integrity,
     summarize_folds,
     write_predictions,
     write_report,
@@ -200,3 +201,36 @@ class TestSummaryAndReports:
         text = md_path.read_text()
         assert "protocol: **patient**" in text and "| accuracy | 66.67 |" in text
         assert "| malignant | 1 | 1 |" in render_markdown(report)
+
+    def test_markdown_says_when_a_split_is_not_patient_disjoint(self) -> None:
+        """A fold that put a patient in train and test, or left images out, was reported
+        in the JSON only; a cv summary's protocol was fold 1's."""
+        def protocol(disjoint: bool | None, notes: list[str]) -> dict:
+            out = {"protocol": "official", "protocol_description": "official folds",
+                   "patient_disjoint": disjoint, "notes": notes}
+            return out if disjoint is not None else {k: out[k] for k in list(out)[:2]}
+
+        leak, left = "2 patient(s) in train and test, e.g. ['p1', 'p2']", "4 image(s) left out"
+        fold = {"title": "fold 3", "protocol": protocol(False, [leak])}
+        text = render_markdown(fold)
+        assert "- patient-disjoint: **no** (test images may be of patients" in text
+        assert f"- split notes:\n  - {leak}\n" in text
+        # a summary: every fold's notes, with its number; its own protocol (fold 1's in
+        # summaries written before) does not hide fold 3's
+        summary = {"title": "cv", "protocol": protocol(True, []), "summary": {},
+                   "folds": [{"fold": 1, "protocol": protocol(True, [left])},
+                             {"fold": 3, "protocol": protocol(False, [leak])}]}
+        assert split_integrity(summary) == (False, [f"fold 1: {left}", f"fold 3: {leak}"])
+        text = render_markdown(summary)
+        assert "- patient-disjoint: **no**" in text
+        assert f"  - fold 1: {left}\n  - fold 3: {leak}\n" in text
+        clean = {**summary, "folds": [{"fold": 1, "protocol": protocol(True, [left])}]}
+        assert split_integrity(clean) == (True, [f"fold 1: {left}"])
+        assert "patient-disjoint" not in render_markdown(clean)
+        # reports written before patient_disjoint was recorded: unknown, not "no"
+        old = {"title": "old", "protocol": protocol(None, [])}
+        assert split_integrity(old) == (None, [])
+        assert split_integrity({**summary, "folds": [{"fold": 1, "protocol": protocol(None, [])}]}
+                               ) == (None, [])
+        assert "patient-disjoint" not in render_markdown(old)
+        assert "split notes" not in render_markdown(old)
