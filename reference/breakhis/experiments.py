@@ -988,9 +988,15 @@ def evaluate_checkpoint(
 
     Raises:
         ValueError: when a recorded test image is no longer in the data or no longer
-            decodes, or the data's classes differ from the checkpoint's.
+            decodes, the data's classes differ from the checkpoint's, or the report
+            folder cannot be created or written (found before any work is done).
     """
     info = init_distributed(device)
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
+    # tried before the model and the data are loaded and every test image is predicted
+    problem = writable_problem(out, "the report folder") if info.is_main else None
+    if problem:
+        raise ValueError(problem)
     model, state = load_model(checkpoint, device=info.device)
     spec, data, decoded = _checkpoint_data(checkpoint, state, data_root, progress=progress)
     test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
@@ -1001,7 +1007,6 @@ def evaluate_checkpoint(
                     "(epochs_trained in the report; resume the run with --resume to finish it)")
     for text in _protocol_warnings(int(state["extra"]["fold"]), protocol):
         _LOG.warning("%s", text)
-    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
                            out, info, val_fraction=spec.val_fraction,
                            normalization=checkpoint_normalization(state),

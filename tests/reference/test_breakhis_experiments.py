@@ -393,6 +393,22 @@ class TestRecordedImagesDecoding:
             == sorted(files["train"] + files["val"])
         assert len(records) == len(decoded)
 
+    def test_evaluate_refuses_an_unwritable_report_folder_first(
+        self, run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """evaluate loaded the model, indexed the data and predicted every test image, then
+        failed on its first write with a bare 'Operation not permitted: .tmp' path."""
+        _, ckpt, _ = run
+
+        def not_now(*args, **kwargs):
+            raise AssertionError("the checkpoint was loaded before the folder was tried")
+
+        monkeypatch.setattr(experiments_module, "load_model", not_now)
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        with pytest.raises(ValueError, match=re.escape(str(blocker / "ev"))):
+            evaluate_checkpoint(ckpt, out_dir=blocker / "ev", device="cpu", progress=False)
+
     def test_a_run_indexed_without_verify_decodes_nothing(
         self, tree_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
