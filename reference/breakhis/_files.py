@@ -362,12 +362,17 @@ def count(n: int, noun: str, plural_form: str | None = None) -> str:
     return f"{n} {plural(n, noun, plural_form)}"
 
 
-def writable_problem(folder: str | os.PathLike[str], what: str = "a folder") -> str | None:
+def writable_problem(
+    folder: str | os.PathLike[str], what: str = "a folder", *, create: bool = True
+) -> str | None:
     """Why ``folder`` cannot serve as ``what``: tried, not guessed.
 
     The folder is created if need be, and a probe file is written into it and removed:
     a path under a file, a folder that cannot be created (``/proc``) or written
-    (permissions, a read-only file system) is found before any work is done.
+    (permissions, a read-only file system) is found before any work is done. With
+    ``create=False`` a folder that does not exist yet is not created (a check before
+    work that may still fail, which should leave nothing behind): the nearest folder
+    above it that exists must then be one the user may write into.
 
     Returns:
         ``None`` when it can; else a sentence naming the folder and what failed
@@ -378,6 +383,12 @@ def writable_problem(folder: str | os.PathLike[str], what: str = "a folder") -> 
     problem = folder_problem(folder)
     if problem:
         return f"expected {what}, but {problem}"
+    if not create and not folder.exists():
+        above = next(p for p in folder.parents if p.exists())  # a folder: folder_problem
+        if not os.access(above, os.W_OK | os.X_OK):
+            return (f"expected {what} that can be created, but {str(above)!r}, where it "
+                    "would be created, cannot be written")
+        return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

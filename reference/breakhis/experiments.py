@@ -994,7 +994,7 @@ def evaluate_checkpoint(
     info = init_distributed(device)
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     # tried before the model and the data are loaded and every test image is predicted
-    problem = writable_problem(out, "the report folder") if info.is_main else None
+    problem = writable_problem(out, "the report folder", create=False) if info.is_main else None
     if problem:
         raise ValueError(problem)
     model, state = load_model(checkpoint, device=info.device)
