@@ -122,6 +122,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "--num-workers, --device and a moved --data-root holding the same files "
                    "may change; --folds-file and --patients-csv may move, with the same "
                    "content)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run, replacing its "
+                   "checkpoint and reports (without it, or --resume, such a folder is refused)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -409,6 +412,39 @@ def _check_task(args: argparse.Namespace) -> None:
         get_task(args.task, magnification=args.magnification)
 
 
+#: breakhis.train.CHECKPOINT_NAME, without importing torch (a test checks they agree).
+_CHECKPOINT = "checkpoint.pt"
+
+
+def _check_fresh_or_resume(args: argparse.Namespace) -> None:
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite replaces it: "
+                         "pass one of them")
+
+
+def _refuse_overwriting(args: argparse.Namespace, out: Path, command: str) -> None:
+    """Refuse to start afresh (no ``--resume``) in a folder that holds a run, unless
+    ``--overwrite``: a fresh run removes the earlier run's checkpoint and reports, and a
+    forgotten ``--resume`` would lose a run of many epochs.
+
+    A run is a ``checkpoint.pt`` (``train``), or a fold's checkpoint or a summary
+    (``cv``: ``fold*/checkpoint.pt``, ``cv_metrics.json``).
+    """
+    if args.resume or args.overwrite or not out.is_dir():
+        return
+    if command == "cv":
+        found = sorted(str(p.relative_to(out)) for p in out.glob(f"fold*/{_CHECKPOINT}"))
+        if (out / "cv_metrics.json").is_file():
+            found.append("cv_metrics.json")
+    else:
+        found = [_CHECKPOINT] if (out / _CHECKPOINT).is_file() else []
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(
+            f"{str(out)!r} holds a run ({shown}): pass --resume to continue it, --overwrite to "
+            "replace it with a fresh run, or another --out")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
@@ -418,11 +454,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     info = init_distributed(config.device)
     _log_to_console(info.is_main)
     spec = _spec(args)
+    _check_fresh_or_resume(args)
     try:
         if args.out:
             # a file in the way, before indexing; run_fold creates and tries the folder
             # once the fold is known, before training
             _check_out(args.out)
+            _refuse_overwriting(args, Path(args.out), "train")
+        elif args.fold is not None:
+            _refuse_overwriting(args, _default_out(args, f"fold{args.fold}"), "train")
         if args.resume and (args.out or args.fold is not None):
             # settings the checkpoint was not made with, before indexing (minutes);
             # without --out and --fold the run folder is known only once the folds are
@@ -431,6 +471,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data = prepare_data(spec, progress=not args.no_progress and info.is_main)
         fold = args.fold if args.fold is not None else data.splits[0].fold
         out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
+        _refuse_overwriting(args, out, "train")
         report = run_fold(spec, config, fold, out, resume=args.resume, data=data,
                           dist_info=info, progress=not args.no_progress)
     finally:
@@ -457,6 +498,8 @@ def _cmd_cv(args: argparse.Namespace) -> int:
         # a file in the way, before indexing; run_cv creates and tries the folder
         # before training
         _check_out(out)
+        _check_fresh_or_resume(args)
+        _refuse_overwriting(args, out, "cv")
         report = run_cv(spec, config, out, folds=args.folds, resume=args.resume,
                         dist_info=info, progress=not args.no_progress)
     finally:

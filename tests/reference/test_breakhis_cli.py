@@ -418,3 +418,45 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
     err = _err(capsys).strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"breakhis-repro {command}: interrupted"), err
     assert ("--resume" in err[0]) == resumable
+
+
+class TestOverwrite:
+    """A fresh run replaces the run in its folder: a forgotten --resume lost a run of many
+    epochs. Such a folder is now refused (before indexing) unless --resume or --overwrite."""
+
+    def test_the_cli_names_the_checkpoint_as_train_does(self) -> None:
+        from breakhis import cli
+        from breakhis.train import CHECKPOINT_NAME
+
+        assert cli._CHECKPOINT == CHECKPOINT_NAME
+
+    def test_train_into_a_run_is_refused(self, run: Path, indexed: list[int], capsys) -> None:
+        before = (run / "checkpoint.pt").stat().st_mtime_ns
+        assert main(["train", "--data-root", str(run), *MSBC, "--fold", "0", *TINY,
+                     "--out", str(run)]) == 2
+        err = _err(capsys)
+        assert f"{str(run)!r} holds a run (checkpoint.pt): pass --resume to continue it, " \
+               "--overwrite to replace it with a fresh run, or another --out" in err
+        assert not indexed and (run / "checkpoint.pt").stat().st_mtime_ns == before
+        # both flags: one continues the run, the other replaces it
+        assert main(["train", "--data-root", str(run), *MSBC, "--fold", "0", *TINY,
+                     "--resume", "--overwrite", "--out", str(run)]) == 2
+        assert "--resume continues the run in the folder and --overwrite replaces it" in _err(capsys)
+
+    def test_cv_into_a_run_is_refused(self, run: Path, tmp_path: Path, indexed: list[int],
+                                      capsys) -> None:
+        cv = tmp_path / "cv"
+        (cv / "fold2").mkdir(parents=True)
+        shutil.copy(run / "checkpoint.pt", cv / "fold2" / "checkpoint.pt")
+        assert main(["cv", "--data-root", str(run), *MSBC, *TINY, "--out", str(cv)]) == 2
+        assert "holds a run (fold2/checkpoint.pt): pass --resume" in _err(capsys)
+        assert not indexed
+
+    def test_overwrite_starts_afresh(self, synth_tree, run: Path, tmp_path: Path) -> None:
+        root, _ = synth_tree
+        copy = shutil.copytree(run, tmp_path / "run")
+        before = load_checkpoint(copy / "checkpoint.pt")["epoch"]
+        assert main(["train", "--data-root", str(root), *MSBC, "--fold", "0", "--epochs", "1",
+                     *TINY, "--seed", "1", "--out", str(copy), "--overwrite"]) == 0
+        state = load_checkpoint(copy / "checkpoint.pt")
+        assert state["epoch"] == before and state["config"]["seed"] == 1  # a new run
