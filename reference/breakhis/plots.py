@@ -609,9 +609,28 @@ def plot_gradcam(
     return _save(fig, path)
 
 
-def _balanced_pick(targets: np.ndarray, n: int) -> list[int]:
-    """First ``n`` indices taking classes in turn (class order, then file order)."""
-    queues = [list(np.flatnonzero(targets == c)) for c in np.unique(targets)]
+def _balanced_pick(targets: np.ndarray, n: int, groups: Sequence[Any] | None = None) -> list[int]:
+    """``n`` indices taking classes in turn (class order); within a class, the groups
+    (patients) in turn, each group's images in file order, so that a grid shows as many
+    patients as it can rather than the first patient's images.
+
+    Examples:
+        >>> _balanced_pick(np.array([0, 0, 0, 1, 1]), 4)
+        [0, 3, 1, 4]
+        >>> _balanced_pick(np.array([0, 0, 0, 1, 1]), 4, groups=["a", "a", "b", "c", "c"])
+        [0, 3, 2, 4]
+    """
+    queues = []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        if groups is None:
+            queues.append([int(i) for i in members])
+            continue
+        by_group: dict[Any, list[int]] = {}
+        for i in members:
+            by_group.setdefault(groups[i], []).append(int(i))
+        rounds = max(len(v) for v in by_group.values())
+        queues.append([v[r] for r in range(rounds) for v in by_group.values() if r < len(v)])
     picked: list[int] = []
     while len(picked) < n and any(queues):
         for queue in queues:
@@ -701,7 +720,7 @@ def make_figures(
     (inputs normalised as in training) and writes into ``out_dir``: ``roc.png``,
     ``tsne.png`` (with ``tsne_coords.npy``), ``gradcam.png`` (the first
     ``gradcam_images`` images, taking classes in turn so that every class shows when
-    there are enough) and ``figures.json`` (paths, AUCs, perplexity used, the
+    there are enough, and within a class patients in turn) and ``figures.json`` (paths, AUCs, perplexity used, the
     checkpoint, the epochs it trained, task, protocol and fold, and whether the data
     are synthetic). A checkpoint that trained fewer epochs than its settings ask (a run
     cut short) is drawn with a warning.
@@ -803,7 +822,7 @@ def make_figures(
         tsne = plot_tsne(emb, y, classes, work / "tsne.png", seed=seed, perplexity=perplexity,
                          title=f"t-SNE of the embeddings: {what}")
         result: dict[str, Any] = {
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(Path(checkpoint).resolve()),  # as data_root and the images
             "classes": classes,
             "images": len(records),
             **info,
@@ -825,7 +844,8 @@ def make_figures(
             "gradcam": None,
         }
         if gradcam_images:
-            pick = _balanced_pick(y, gradcam_images)
+            patients = [getattr(r, "patient", None) or str(getattr(r, "path", r)) for r in records]
+            pick = _balanced_pick(y, gradcam_images, patients)
             chosen = [records[i] for i in pick]
             heat, pred = gradcam(model, chosen, input_size=input_size, device=device,
                                  batch_size=batch_size, progress=progress, mean=mean, std=std)

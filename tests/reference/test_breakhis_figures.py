@@ -405,6 +405,14 @@ class TestMakeFigures:
         assert saved["tsne"]["embedding_dim"] == 256 and saved["tsne"]["projected_dim"] is None
         assert sorted(set(saved["gradcam"]["true"])) == ["benign", "malignant"]
         assert len(saved["gradcam"]["images"]) == 4
+        # two per class, of two patients where the class has them (the grid showed the
+        # first patients' images only)
+        patient_of = {str(r.path): r.patient for r in records}
+        for label in ("benign", "malignant"):
+            shown = {patient_of[p] for p, t in zip(saved["gradcam"]["images"],
+                                                   saved["gradcam"]["true"]) if t == label}
+            available = {r.patient for r in records if r.label == label}
+            assert len(available) >= 2 and len(shown) == 2, (label, shown, available)
         assert result["roc"] == saved["roc"]
 
     def test_unfinished_checkpoint_warns_and_says_so(self, runs, tmp_path: Path) -> None:
