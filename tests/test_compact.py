@@ -204,6 +204,20 @@ class TestCompactBilinearPool:
         compiled(x, y).sum().backward()
         assert torch.isfinite(x.grad).all()
 
+    @pytest.mark.parametrize("algorithm", ["gram", "fft"])
+    def test_compile_one_stream_fullgraph(self, algorithm: str) -> None:
+        """One stream passed the input twice to the autograd function, which torch.compile
+        refuses ("duplicate tensor input"): a graph break, an error with fullgraph=True."""
+        pool = CompactBilinearPool(in_channels=6, out_features=16, algorithm=algorithm)
+        compiled = torch.compile(pool, backend="aot_eager", fullgraph=True)
+        x = features(2, 6, 3, 3).requires_grad_()
+        out = compiled(x)
+        torch.testing.assert_close(out, pool(x))
+        dz = torch.randn_like(out)
+        (got,) = torch.autograd.grad(out, x, dz)
+        (want,) = torch.autograd.grad(pool(x), x, dz)
+        torch.testing.assert_close(got, want)
+
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_autocast(self, variant: str) -> None:
         # Stated behaviour: computed in float32 under autocast and for bfloat16 input; float32 out.

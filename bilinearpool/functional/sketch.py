@@ -451,9 +451,13 @@ def tensor_sketch(
         if algorithm == "auto":
             cheaper = _gram_is_cheaper(a.shape[1], b.shape[1], a.shape[2], d, one_stream)
             algorithm = "gram" if cheaper else "fft"
+        # One stream: the second input is a view of the first, not the same tensor, which
+        # torch.compile refuses as an autograd.Function input twice (graph break, or an
+        # error with fullgraph=True); the view's gradient flows back into a as before.
+        b_in = a.view_as(a) if one_stream else b
         if algorithm == "gram":
-            return _TensorSketchGram.apply(a, b, index_a, sign_a, index_b, sign_b, d, one_stream)
-        return _TensorSketch.apply(a, b, index_a, sign_a, index_b, sign_b, d)
+            return _TensorSketchGram.apply(a, b_in, index_a, sign_a, index_b, sign_b, d, one_stream)
+        return _TensorSketch.apply(a, b_in, index_a, sign_a, index_b, sign_b, d)
 
 
 def random_maclaurin(
