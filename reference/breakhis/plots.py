@@ -1145,17 +1145,17 @@ def results_table(
     if out is not None:
         md = Path(out)
         if md.suffix.lower() == ".csv":
-            raise ValueError("out is the Markdown file (the CSV goes next to it), but got "
-                             f"{str(out)!r}")
+            raise SettingError("out", "is the Markdown file (the CSV goes next to it), but got "
+                               f"{str(out)!r}")
         if md.is_dir() or str(out).endswith(("/", os.sep)):
-            raise ValueError("out is the Markdown file (the CSV goes next to it), but "
-                             f"{str(out)!r} names a folder")
+            raise SettingError("out", "is the Markdown file (the CSV goes next to it), but "
+                               f"{str(out)!r} names a folder")
         if md.with_suffix(".csv").is_dir():
-            raise ValueError(f"out {str(out)!r} puts the CSV at {str(md.with_suffix('.csv'))!r}, "
-                             "but that is a folder")
+            raise SettingError("out", f"{str(out)!r} puts the CSV at "
+                               f"{str(md.with_suffix('.csv'))!r}, but that is a folder")
         problem = folder_problem(md.parent)
         if problem:
-            raise ValueError(f"expected a folder for out {str(out)!r}, but {problem}")
+            raise SettingError("out", f"{str(out)!r} needs a folder for the files, but {problem}")
     rows = results_rows(run_dirs)
     varying = _varying(rows)
     roots = {r["data_root"] for r in rows if r["data_root"] is not None}

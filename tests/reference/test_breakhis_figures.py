@@ -808,9 +808,14 @@ class TestResultsTable:
         with pytest.raises(ValueError, match=r"puts the CSV at .*t.csv', but that is a folder"):
             results_table([tmp_path], out=tmp_path / "t.md")
         (tmp_path / "afile").write_text("")
-        with pytest.raises(ValueError, match=rf"expected a folder for out .*, but "
+        with pytest.raises(ValueError, match=rf"^out .* needs a folder for the files, but "
                            rf"'{tmp_path / 'afile'}' is a file"):
             results_table([tmp_path], out=tmp_path / "afile" / "t.md")
+
+    def test_table_out_errors_name_the_option(self, runs, tmp_path: Path, capsys) -> None:
+        """The command said 'out is the Markdown file': the library's argument, not --out."""
+        assert main(["table", str(runs["binary"]), "--out", str(tmp_path / "t.csv")]) == 2
+        assert "breakhis-repro table: error: --out is the Markdown file" in capsys.readouterr().err
 
 
 class TestCommands:
