@@ -829,7 +829,9 @@ def run_layers(
     raw: list[dict[str, Any]] = []
     info = _case_info(cases)
     settings = {**s.describe(), "input": "relu(randn), float32", "saved_bytes": _SAVED_BYTES_RULE}
-    planned = [["x".join(map(str, shape)), [c.name for c in cs]] for shape, cs in plan]
+    # every case at every shape: one that does not run at a shape's channel count gets a
+    # row that says so
+    planned = [["x".join(map(str, shape)), [c.name for c in cases]] for shape, _ in plan]
     in_process = _in_process_note("layer case", names, getattr(args, "imports", None))
 
     def result(note: str | None = None) -> BenchResult:
@@ -844,11 +846,23 @@ def run_layers(
             label = "x".join(map(str, shape))
             where = f"{label} inputs"
             bar.set_postfix_str(where)
-            maps = [
-                torch.relu(torch.randn(b, c, h, w, generator=gen)).to(s.device) for _ in range(2)
-            ]
-            if s.channels_last:
-                maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+            try:
+                maps = [
+                    torch.relu(torch.randn(b, c, h, w, generator=gen)).to(s.device)
+                    for _ in range(2)
+                ]
+                if s.channels_last:
+                    maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+            except Exception as err:  # e.g. out of memory: every case's row says so, and on
+                maps = []
+                _free_memory()
+                text = f"inputs failed: {_error_text(err)}"
+                raw.extend({"shape": label, "case": case.name, "times_s": [],
+                            **dict.fromkeys(_LAYER_MEASURED), "error": text}
+                           for case in shape_cases)
+                bar.update(len(shape_cases) * (1 + s.warmup + s.repeats))
+                _write_partial(checkpoint, result, done, len(plan), "shapes")
+                continue
             steps: dict[str, Callable[[], object]] = {}
             measured: dict[str, dict[str, Any]] = {}
             errors: dict[str, list[str]] = {case.name: [] for case in shape_cases}
@@ -875,6 +889,13 @@ def run_layers(
                         "error": "; ".join(errors[case.name]) or None,
                     }
                 )
+            # a case asked for that does not run at this many channels: a row that says so
+            raw.extend(
+                {"shape": label, "case": case.name, "times_s": [],
+                 **dict.fromkeys(_LAYER_MEASURED),
+                 "error": f"skipped: runs at C <= {case.max_channels} only (C = {c} here)"}
+                for case in cases if not case.applies(c)
+            )
             del steps, maps
             gc.collect()
             where = f"{label} writing the results so far"
@@ -1498,12 +1519,23 @@ def _time_models(
 ) -> list[dict[str, Any]]:
     """Inference and training-step timings of ``models`` at one resolution: their raw records."""
     batch = _batch_size(args, s.device, res)
-    images = torch.randn(batch, 3, res, res, generator=gen).to(s.device)
-    if s.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, args.num_classes, (batch,), generator=gen).to(s.device)
-    bar.set_postfix_str(f"{backbone} {res}px: inference")
     notes: dict[str, list[str]] = {n: [] for n in models}
+    try:
+        images = torch.randn(batch, 3, res, res, generator=gen).to(s.device)
+        if s.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, args.num_classes, (batch,), generator=gen).to(s.device)
+    except Exception as err:  # e.g. out of memory for the batch: a note, and the run goes on
+        _free_memory()
+        bar.update(len(models) * (1 + s.warmup + s.repeats) * (1 if args.no_train else 2))
+        text = f"inputs failed: {_error_text(err)}"
+        return [
+            {"backbone": backbone, "head": head.name, "resolution": res, "batch": batch,
+             **params[head.name], "inference_s": [], "training_step_s": [],
+             "peak_train_bytes": None, "note": text}
+            for head in heads
+        ]
+    bar.set_postfix_str(f"{backbone} {res}px: inference")
     for model in models.values():
         model.eval()
     infer_steps = {
@@ -2107,7 +2139,8 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None) -> None
         action="store_true",
         help="inputs (and models) in channels_last memory format",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the random inputs, in [-2**63, 2**64) (default: 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -2247,6 +2280,9 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for res in getattr(args, "resolutions", None) or []:
         if res < 32:
             parser.error(f"--resolutions must be at least 32 pixels, but got {res}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator takes
+        parser.error(f"--seed must be in [-2**63, 2**64), but got {seed}")
 
 
 #: Suffixes of the files a run writes into ``--out`` (see :func:`write_result`).
@@ -2522,6 +2558,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ResultMismatchError as err:
             print(f"bilinearpool-bench report: error: {err}", file=sys.stderr)
             return 1
+    try:
+        written = _run(args, command)
+    except KeyboardInterrupt:  # one line (the rows measured before are written and said so)
+        print(f"bilinearpool-bench {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    if written:
+        print("Results written to:\n" + "\n".join(f"  {p}" for p in written))
+    return 0
+
+
+def _run(args: argparse.Namespace, command: str) -> list[Path]:
+    """Run the ``layers``, ``models`` or ``demo`` subcommand; the files it wrote."""
     written: list[Path] = []
     if args.command == "layers":
         written += _finish(run_layers(args, command=command, checkpoint=_saver(args.out)), args.out)
@@ -2541,9 +2589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args, command=command + "  (models part: models --quick)", checkpoint=_saver(args.out)
         )
         written += _finish(models, args.out)
-    if written:
-        print("Results written to:\n" + "\n".join(f"  {p}" for p in written))
-    return 0
+    return written
 
 
 if __name__ == "__main__":

@@ -946,15 +946,17 @@ class TestRobustRuns:
         assert main(argv) == 0
         assert not (tmp_path / "layers.png").exists()
 
-    def test_a_run_stopped_building_the_inputs_names_that_shape(self, tmp_path, capsys, keep_threads):
-        # numel overflows: torch refuses before allocating anything
+    def test_inputs_that_cannot_be_built_are_that_shape_s_rows(self, tmp_path, capsys, keep_threads):
+        # numel overflows: torch refuses before allocating anything. The run stopped there
+        # (a traceback); now every case of the shape has a row saying so, and it goes on.
         huge = "1099511627776x1099511627776x1x1"
-        argv = ["layers", "--shapes", "2x8x3x3", huge, "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
-        with pytest.raises(RuntimeError):
-            main(argv)
-        assert f"stopped at {huge} inputs by RuntimeError: " in capsys.readouterr().err
+        argv = ["layers", "--shapes", huge, "2x8x3x3", "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
         data = json.loads((tmp_path / "layers.json").read_text())
-        assert data["notes"][0].startswith(f"INCOMPLETE: the run stopped at {huge} inputs with RuntimeError")
+        assert not [n for n in data["notes"] if n.startswith("INCOMPLETE")]
+        rows = {(r["shape"], r["case"]): r for r in data["rows"]}
+        assert rows[(huge, "fast-bcnn")]["error"].startswith("inputs failed: RuntimeError: ")
+        assert rows[("2x8x3x3", "fast-bcnn")]["fwd_bwd_ms"] is not None
 
     def test_a_module_imported_before_main_counts_as_imported(self, tmp_path, monkeypatch, keep_threads):
         """Its cases were noted IN-PROCESS although --import named it: only registrations
@@ -1045,6 +1047,66 @@ def model_record(backbone: str, head: str, inference_s: list[float], *, note: st
         "params": 10 if head == "plain" else 20, "params_analytic": 10 if head == "plain" else 20,
         "inference_s": inference_s, "training_step_s": [], "peak_train_bytes": None, "note": note,
     }  # fmt: skip
+
+
+class TestAuditedRuns:
+    """Found by a user audit of the command: inputs that cannot be made stopped the whole
+    run with a traceback, a case asked for that does not run at a shape's channel count
+    was left out without a word, a huge --seed was a traceback, Ctrl-C a traceback."""
+
+    COMMON = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress"]
+
+    def test_inputs_that_cannot_be_made_are_rows_and_the_run_goes_on(self, tmp_path, monkeypatch):
+        real = torch.randn
+
+        def randn(*size, **kwargs):
+            if size and size[0] == 7:  # the batch of 7: as if it did not fit in memory
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+            return real(*size, **kwargs)
+
+        monkeypatch.setattr(cli.torch, "randn", randn)
+        assert main(["layers", "--shapes", "7x4x3x3", "2x4x3x3", "--cases", "fast-bcnn",
+                     "--out", str(tmp_path / "l"), *self.COMMON]) == 0
+        rows = {(r["shape"], r["case"]): r for r in json.loads((tmp_path / "l" / "layers.json").read_text())["rows"]}
+        for case in ("naive", "matmul-floor", "fast-bcnn"):
+            assert rows[("7x4x3x3", case)]["error"].startswith("inputs failed: RuntimeError: DefaultCPUAllocator")
+            assert rows[("2x4x3x3", case)]["fwd_bwd_ms"] is not None  # the next shape ran
+        assert main(["models", "--backbones", "resnet18", "--heads", "plain", "--resolutions", "32", "64",
+                     "--batch-size-at", "64=7", "--batch-size", "2", "--no-train",
+                     "--out", str(tmp_path / "m"), *self.COMMON]) == 0  # fmt: skip
+        rows = json.loads((tmp_path / "m" / "models.json").read_text())["rows"]
+        (big,) = [r for r in rows if r["resolution"] == 64]
+        (small,) = [r for r in rows if r["resolution"] == 32]
+        assert "inputs failed: RuntimeError: DefaultCPUAllocator" in big["note"]
+        assert small["infer_img_s"] is not None and big["infer_img_s"] is None
+        assert main(["report", str(tmp_path / "l"), "--out", str(tmp_path / "r.md")]) == 0
+
+    def test_a_case_that_does_not_run_at_a_shape_says_so(self, tmp_path):
+        limit = bench.LAYER_CASES["isqrt-cov"].max_channels
+        shape = f"1x{limit + 1}x1x1"
+        assert main(["layers", "--shapes", "2x4x3x3", shape, "--cases", "isqrt-cov",
+                     "--out", str(tmp_path), *self.COMMON]) == 0
+        rows = {(r["shape"], r["case"]): r for r in json.loads((tmp_path / "layers.json").read_text())["rows"]}
+        assert rows[(shape, "isqrt-cov")]["error"] == f"skipped: runs at C <= {limit} only (C = {limit + 1} here)"
+        assert rows[("2x4x3x3", "isqrt-cov")]["fwd_bwd_ms"] is not None
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0  # in the plan
+        assert "INCOMPLETE" not in (tmp_path / "r.md").read_text()
+
+    @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+    def test_seed_out_of_range_is_refused_up_front(self, seed, tmp_path, capsys):
+        with pytest.raises(SystemExit) as exc:
+            main(["layers", "--shapes", "2x4x3x3", "--seed", str(seed), "--out", str(tmp_path / "s")])
+        assert exc.value.code == 2
+        assert f"--seed must be in [-2**63, 2**64), but got {seed}" in capsys.readouterr().err
+        assert not (tmp_path / "s").exists()
+
+    def test_ctrl_c_is_one_line_and_status_130(self, tmp_path, monkeypatch, capsys):
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "run_layers", interrupted)
+        assert main(["layers", "--shapes", "2x4x3x3", "--out", str(tmp_path), *self.COMMON]) == 130
+        assert capsys.readouterr().err.strip() == "bilinearpool-bench layers: interrupted"
 
 
 class TestResults:
