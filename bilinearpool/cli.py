@@ -97,9 +97,10 @@ class BenchResult:
         """The Markdown report: command, environment, settings, table, goals, notes."""
         env = self.meta["environment"]
         settings = self.meta["settings"]
-        lines = [
-            f"## {self.title}",
-            "",
+        lines = [f"## {self.title}", ""]
+        # a run cut short says so at the top too, not only in the notes at the end
+        lines += [f"**{n}**\n" for n in self.meta.get("notes") or [] if str(n).startswith("INCOMPLETE")]
+        lines += [
             f"Command: `{self.meta['command']}`",
             "",
             f"Environment: {_describe_environment(env)}",
@@ -626,7 +627,7 @@ def _write_stopped(
         checkpoint(
             result(
                 f"INCOMPLETE: the run stopped at {where} with {_error_text(err)}; "
-                f"the {rows} rows above were measured before"
+                f"the {rows} rows of its table were measured before"
             )
         )
     except Exception as failed:
@@ -2008,6 +2009,11 @@ _SAME_RUN_KEYS = ("git_commit", "git_dirty", "bilinearpool", "torch", "torchvisi
 _SAME_RUN_SETTINGS = ("device", "amp", "channels_last")
 
 
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first semicolon (an INCOMPLETE note's where and why)."""
+    return str(text).split(";")[0]
+
+
 def _part_differences(parts: Sequence[dict[str, Any]]) -> list[str]:
     """Warnings when the parts of a report (layers, models) ran on other code or settings."""
     if len(parts) < 2:
@@ -2072,6 +2078,8 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
     for note in args.note or []:
         lines += [note, ""]
     warnings = _part_differences(parts)
+    warnings += [f"{p['benchmark']}.json is of a run cut short ({_first_sentence(n)})"
+                 for p in parts for n in p.get("notes", []) if str(n).startswith("INCOMPLETE")]
     for warning in warnings:
         print(f"bilinearpool-bench report: warning: {warning}", file=sys.stderr)
         lines += [f"> **Warning:** {warning}.", ""]
@@ -2571,6 +2579,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, command: str) -> list[Path]:
     """Run the ``layers``, ``models`` or ``demo`` subcommand; the files it wrote."""
     written: list[Path] = []
+    stems = ("layers", "models") if args.command == "demo" else (args.command,)
+    earlier = [f"{stem}.json" for stem in stems if args.out and (Path(args.out) / f"{stem}.json").is_file()]
+    if earlier:  # written over after the first shape or model: a run stopped then loses them
+        print(f"bilinearpool-bench {args.command}: warning: {args.out} holds the results of an "
+              f"earlier run ({', '.join(earlier)}); this run replaces them as it goes",
+              file=sys.stderr)
     if args.command == "layers":
         written += _finish(run_layers(args, command=command, checkpoint=_saver(args.out)), args.out)
     elif args.command == "models":

@@ -1100,6 +1100,34 @@ class TestAuditedRuns:
         assert f"--seed must be in [-2**63, 2**64), but got {seed}" in capsys.readouterr().err
         assert not (tmp_path / "s").exists()
 
+    def test_a_run_cut_short_says_so_at_the_top_and_report_warns(self, tmp_path, monkeypatch, capsys):
+        """The INCOMPLETE mark was only in the notes at the end, and report said nothing."""
+        real, calls = cli._round_robin_robust, []
+
+        def stop_at_the_second_shape(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cli, "_round_robin_robust", stop_at_the_second_shape)
+        assert main(["layers", "--shapes", "2x4x3x3", "2x4x4x4", "--cases", "fast-bcnn",
+                     "--out", str(tmp_path), *self.COMMON]) == 130
+        lines = (tmp_path / "layers.md").read_text().splitlines()
+        assert lines[2].startswith("**INCOMPLETE: the run stopped at 2x4x4x4 timing with KeyboardInterrupt")
+        capsys.readouterr()
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        assert ("report: warning: layers.json is of a run cut short (INCOMPLETE: the run stopped at "
+                "2x4x4x4 timing with KeyboardInterrupt)") in capsys.readouterr().err
+
+    def test_a_run_into_earlier_results_warns(self, tmp_path, capsys):
+        argv = ["layers", "--shapes", "2x4x3x3", "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
+        assert "earlier run" not in capsys.readouterr().err
+        assert main(argv) == 0
+        assert (f"bilinearpool-bench layers: warning: {tmp_path} holds the results of an earlier run "
+                "(layers.json); this run replaces them as it goes") in capsys.readouterr().err
+
     def test_ctrl_c_is_one_line_and_status_130(self, tmp_path, monkeypatch, capsys):
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
