@@ -756,7 +756,8 @@ for _case in (
         "isqrt-cov-r256",
         f"CovariancePool(in_channels=C, reduced_channels={ISQRT_REDUCED_CHANNELS}, norm=MatrixSqrt()): "
         f"the iSQRT-COV setting, 1x1 conv + BN + ReLU to {ISQRT_REDUCED_CHANNELS} channels, then "
-        "covariance + 5 Newton-Schulz steps, upper triangle (at C=256 the 1x1 conv keeps 256 channels)",
+        "covariance + 5 Newton-Schulz steps, upper triangle (at C=256 the 1x1 conv keeps 256 channels; "
+        f"below {ISQRT_REDUCED_CHANNELS} it expands them, so that small shapes cost more than the chain)",
         _covariance_isqrt_reduced,
     ),
     LayerCase("compact-ts", "CompactBilinearPool(out_features=8192): tensor sketch", _compact),

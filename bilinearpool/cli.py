@@ -685,7 +685,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
     parts = re.split(r"[x,]", text.lower())
-    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    # isdecimal, not isdigit: "²" is a digit that int() refuses
+    if len(parts) != 4 or not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(
             f"a shape is BxCxHxW with positive ints, e.g. 8x2048x7x7, but got {text!r}"
         )
@@ -2225,6 +2226,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  bilinearpool-bench demo\n"
         "See `bilinearpool-bench SUBCOMMAND --help` for the options of each.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     fmt = argparse.HelpFormatter
     p = sub.add_parser(
@@ -2525,6 +2529,12 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         problem = _backbones_problem(args.command, getattr(args, "backbones", None))
         if problem is not None:
             parser.error(problem)
+    if args.command == "models" and args.batch_size_at:
+        runs = args.resolutions or ([GOAL_RESOLUTION] if args.quick else PAPER_RESOLUTIONS)
+        unused = [f"{r}={b}" for r, b in args.batch_size_at if r not in runs]
+        if unused:  # it would be ignored without a word
+            parser.error(f"--batch-size-at {' '.join(unused)} names a resolution this run does not "
+                         f"measure (resolutions: {' '.join(map(str, runs))})")
     if args.out is not None:
         names = ["layers", "models"] if args.command == "demo" else [args.command]
         problem = _out_problem(args.out, names=names)

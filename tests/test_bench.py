@@ -1049,6 +1049,12 @@ def model_record(backbone: str, head: str, inference_s: list[float], *, note: st
     }  # fmt: skip
 
 
+def cli_version() -> str:
+    from bilinearpool import __version__
+
+    return __version__
+
+
 class TestAuditedRuns:
     """Found by a user audit of the command: inputs that cannot be made stopped the whole
     run with a traceback, a case asked for that does not run at a shape's channel count
@@ -1127,6 +1133,17 @@ class TestAuditedRuns:
         assert main(argv) == 0
         assert (f"bilinearpool-bench layers: warning: {tmp_path} holds the results of an earlier run "
                 "(layers.json); this run replaces them as it goes") in capsys.readouterr().err
+
+    def test_small_things(self, capsys):
+        with pytest.raises(SystemExit) as exc:
+            main(["--version"])
+        assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"bilinearpool-bench {cli_version()}"
+        with pytest.raises(SystemExit):  # a superscript two is a digit int() refuses
+            main(["layers", "--shapes", "2x64x7x\u00b2"])
+        assert "a shape is BxCxHxW with positive ints" in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # it was ignored without a word
+            main(["models", "--backbones", "resnet18", "--resolutions", "64", "--batch-size-at", "96=1"])
+        assert "--batch-size-at 96=1 names a resolution this run does not measure (resolutions: 64)" in capsys.readouterr().err
 
     def test_ctrl_c_is_one_line_and_status_130(self, tmp_path, monkeypatch, capsys):
         def interrupted(*args, **kwargs):
