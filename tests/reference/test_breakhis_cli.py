@@ -460,3 +460,11 @@ class TestOverwrite:
                      *TINY, "--seed", "1", "--out", str(copy), "--overwrite"]) == 0
         state = load_checkpoint(copy / "checkpoint.pt")
         assert state["epoch"] == before and state["config"]["seed"] == 1  # a new run
+
+
+def test_version(capsys):
+    from breakhis import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"breakhis-repro {__version__}"
