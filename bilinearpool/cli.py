@@ -1003,6 +1003,9 @@ def _layers_result(
     k = bench.CLASSIFIER_CLASSES
     summary_columns = ["shape", "case", "D", "layer_params", "classifier_params", "fwd_bwd_ms",
                        "vs_naive", "saved_vs_input", "saved_with_linear_MiB"]  # fmt: skip
+    ours = [r for r in rows if cases.get(r["case"], {}).get("role", "ours") == "ours"]
+    if any(r.get("error") for r in ours):  # a failed or skipped row is not left blank here
+        summary_columns.append("error")
     if settings.get("saved_bytes"):
         weights = (
             "inputs included; the layer's own parameters and buffers not counted: the model "
@@ -1035,11 +1038,7 @@ def _layers_result(
                 f"(MiB). Whole-model parameters: add the backbone's and layer_params."
             ),
             "columns": summary_columns,
-            "rows": [
-                {col: r.get(col) for col in summary_columns}
-                for r in rows
-                if cases.get(r["case"], {}).get("role", "ours") == "ours"
-            ],
+            "rows": [{col: r.get(col) for col in summary_columns} for r in ours],
         },
         "notes": [
             *notes_first,

@@ -1094,6 +1094,9 @@ class TestAuditedRuns:
                      "--out", str(tmp_path), *self.COMMON]) == 0
         rows = {(r["shape"], r["case"]): r for r in json.loads((tmp_path / "layers.json").read_text())["rows"]}
         assert rows[(shape, "isqrt-cov")]["error"] == f"skipped: runs at C <= {limit} only (C = {limit + 1} here)"
+        summary = json.loads((tmp_path / "layers.json").read_text())["summary"]  # not blank there
+        (skipped,) = [r for r in summary["rows"] if r["shape"] == shape]
+        assert skipped["error"].startswith("skipped: ")
         assert rows[("2x4x3x3", "isqrt-cov")]["fwd_bwd_ms"] is not None
         assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0  # in the plan
         assert "INCOMPLETE" not in (tmp_path / "r.md").read_text()
