@@ -2388,7 +2388,7 @@ def _import_modules(modules: Sequence[str]) -> None:
         before = {kind: set(registry) for kind, registry in registries.items()}
         try:
             importlib.import_module(module)
-        except Exception as err:  # ImportError, or whatever the module's own code raised
+        except (Exception, SystemExit) as err:  # ImportError, what its code raised, sys.exit()
             raise ValueError(
                 f"--import expected a module that can be imported, but importing {module!r} "
                 f"raised {_error_text(err)}"

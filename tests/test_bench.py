@@ -1148,6 +1148,16 @@ class TestAuditedRuns:
             main(["models", "--backbones", "resnet18", "--resolutions", "64", "--batch-size-at", "96=1"])
         assert "--batch-size-at 96=1 names a resolution this run does not measure (resolutions: 64)" in capsys.readouterr().err
 
+    def test_an_import_that_exits_is_an_error_line(self, tmp_path, monkeypatch, capsys):
+        """A module that called sys.exit(3) on import ended the command at once, silently."""
+        (tmp_path / "bench_exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        with pytest.raises(SystemExit) as exc:
+            main(["layers", "--import", "bench_exits_on_import", "--shapes", "2x4x3x3", "--quick"])
+        assert exc.value.code == 2
+        assert ("--import expected a module that can be imported, but importing "
+                "'bench_exits_on_import' raised SystemExit: 3") in capsys.readouterr().err
+
     def test_ctrl_c_is_one_line_and_status_130(self, tmp_path, monkeypatch, capsys):
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
