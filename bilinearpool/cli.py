@@ -662,9 +662,15 @@ def _ratio_range(a: Sequence[float] | None, b: Sequence[float] | None) -> str | 
     Examples:
         >>> _ratio_range([1.0, 3.0], [2.0, 2.0])
         '0.50-1.50'
+        >>> _ratio_range([0.0021, 0.003], [1.0, 1.0])
+        '0.0021-0.003'
     """
     ratios = _round_ratios(a, b)
-    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else None
+
+    def fmt(r: float) -> str:  # ratios below 0.01 with their digits: 0.00232 had 0.00-0.00
+        return f"{r:.3g}" if 0 < abs(r) < 0.01 else f"{r:.2f}"
+
+    return f"{fmt(min(ratios))}-{fmt(max(ratios))}" if ratios else None
 
 
 def _rates(times: Sequence[float] | None) -> list[float] | None:
