@@ -20,6 +20,7 @@ headline; absolute times on a shared CPU are not comparable between runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import importlib
@@ -627,7 +628,7 @@ def _write_stopped(
         checkpoint(
             result(
                 f"INCOMPLETE: the run stopped at {where} with {_error_text(err)}; "
-                f"the {rows} rows of its table were measured before"
+                f"the {rows} rows of its table came before"
             )
         )
     except Exception as failed:
@@ -643,6 +644,8 @@ def _write_stopped(
         "what was measured before is written (marked INCOMPLETE)",
         file=sys.stderr,
     )
+    with contextlib.suppress(AttributeError):
+        err._bench_said = True  # type: ignore[attr-defined]  # main says no more of it
 
 
 def _load_average() -> list[float] | None:
@@ -868,6 +871,7 @@ def run_layers(
                 raw.extend({"shape": label, "case": case.name, "times_s": [],
                             **dict.fromkeys(_LAYER_MEASURED), "error": text}
                            for case in shape_cases)
+                raw.extend(_skipped_records(label, c, cases))
                 bar.update(len(shape_cases) * (1 + s.warmup + s.repeats))
                 _write_partial(checkpoint, result, done, len(plan), "shapes")
                 continue
@@ -897,13 +901,7 @@ def run_layers(
                         "error": "; ".join(errors[case.name]) or None,
                     }
                 )
-            # a case asked for that does not run at this many channels: a row that says so
-            raw.extend(
-                {"shape": label, "case": case.name, "times_s": [],
-                 **dict.fromkeys(_LAYER_MEASURED),
-                 "error": f"skipped: runs at C <= {case.max_channels} only (C = {c} here)"}
-                for case in cases if not case.applies(c)
-            )
+            raw.extend(_skipped_records(label, c, cases))
             del steps, maps
             gc.collect()
             where = f"{label} writing the results so far"
@@ -914,6 +912,19 @@ def run_layers(
     finally:
         bar.close()
     return result()
+
+
+#: How the error of a case that does not run at a shape's channel count begins.
+_SKIPPED = "skipped:"
+
+
+def _skipped_records(label: str, channels: int, cases: Sequence[bench.LayerCase]) -> list[dict[str, Any]]:
+    """A record for each case asked for that does not run at ``channels`` channels, saying so."""
+    return [
+        {"shape": label, "case": case.name, "times_s": [], **dict.fromkeys(_LAYER_MEASURED),
+         "error": f"{_SKIPPED} runs at C <= {case.max_channels} only (C = {channels} here)"}
+        for case in cases if not case.applies(channels)
+    ]
 
 
 def _layer_rows(
@@ -1182,8 +1193,11 @@ def _layer_goal_summary(
     by_key = {(r["shape"], r["case"]): r for r in rows}
     times = {(r["shape"], r["case"]): list(r.get("times_s") or []) for r in raw}
     lines = []
+    def skipped(shape: str, name: str) -> bool:  # a case that does not run at that shape
+        return str((by_key.get((shape, name)) or {}).get("error") or "").startswith(_SKIPPED)
+
     for name, info in cases.items():
-        shapes = [shape for shape, names in plan if name in names]
+        shapes = [shape for shape, names in plan if name in names and not skipped(shape, name)]
         if not info.get("goal") or not shapes:
             continue
         if info.get("variant_of"):
@@ -1413,9 +1427,7 @@ def run_models(
     env = bench.environment(s.device)
     backbones = list(dict.fromkeys(args.backbones or PAPER_BACKBONES))
     heads = _select_heads(args.heads or list(PAPER_HEADS))
-    resolutions = list(
-        dict.fromkeys(args.resolutions or ([GOAL_RESOLUTION] if args.quick else PAPER_RESOLUTIONS))
-    )
+    resolutions = list(dict.fromkeys(_model_resolutions(args)))
     timed = not args.params_only
     build = {"num_classes": args.num_classes, "se_reduction": args.se_reduction}
     problems = _precheck_builds(backbones, heads, **build)
@@ -1513,6 +1525,12 @@ def run_models(
     return result()
 
 
+def _model_resolutions(args: argparse.Namespace) -> Sequence[int]:
+    """The resolutions a models run measures: ``--resolutions``, else 224 for ``--quick``,
+    else the paper's three."""
+    return args.resolutions or ([GOAL_RESOLUTION] if args.quick else PAPER_RESOLUTIONS)
+
+
 def _time_models(
     models: dict[str, nn.Module],
     heads: Sequence[bench.ModelHead],
@@ -1534,7 +1552,7 @@ def _time_models(
         labels = torch.randint(0, args.num_classes, (batch,), generator=gen).to(s.device)
     except Exception as err:  # e.g. out of memory for the batch: a note, and the run goes on
         _free_memory()
-        bar.update(len(models) * (1 + s.warmup + s.repeats) * (1 if args.no_train else 2))
+        bar.update(len(models) * (s.warmup + s.repeats) * (1 if args.no_train else 2))
         text = f"inputs failed: {_error_text(err)}"
         return [
             {"backbone": backbone, "head": head.name, "resolution": res, "batch": batch,
@@ -2015,9 +2033,10 @@ _SAME_RUN_KEYS = ("git_commit", "git_dirty", "bilinearpool", "torch", "torchvisi
 _SAME_RUN_SETTINGS = ("device", "amp", "channels_last")
 
 
-def _first_sentence(text: str) -> str:
-    """``text`` up to its first semicolon (an INCOMPLETE note's where and why)."""
-    return str(text).split(";")[0]
+def _incomplete_head(note: str) -> str:
+    """An INCOMPLETE note without its count of rows: where and why the run stopped, or
+    that it was written part-way (by a run that may still be going, or was killed)."""
+    return str(note).rsplit("; the ", 1)[0]
 
 
 def _part_differences(parts: Sequence[dict[str, Any]]) -> list[str]:
@@ -2084,7 +2103,7 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
     for note in args.note or []:
         lines += [note, ""]
     warnings = _part_differences(parts)
-    warnings += [f"{p['benchmark']}.json is of a run cut short ({_first_sentence(n)})"
+    warnings += [f"{p['benchmark']}.json is marked {_incomplete_head(n)}"
                  for p in parts for n in p.get("notes", []) if str(n).startswith("INCOMPLETE")]
     for warning in warnings:
         print(f"bilinearpool-bench report: warning: {warning}", file=sys.stderr)
@@ -2535,7 +2554,7 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if problem is not None:
             parser.error(problem)
     if args.command == "models" and args.batch_size_at:
-        runs = args.resolutions or ([GOAL_RESOLUTION] if args.quick else PAPER_RESOLUTIONS)
+        runs = _model_resolutions(args)
         unused = [f"{r}={b}" for r, b in args.batch_size_at if r not in runs]
         if unused:  # it would be ignored without a word
             parser.error(f"--batch-size-at {' '.join(unused)} names a resolution this run does not "
@@ -2583,8 +2602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     try:
         written = _run(args, command)
-    except KeyboardInterrupt:  # one line (the rows measured before are written and said so)
-        print(f"bilinearpool-bench {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # one line, not a traceback
+        if not getattr(err, "_bench_said", False):  # else _write_stopped's line said it
+            print(f"bilinearpool-bench {args.command}: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     if written:
         print("Results written to:\n" + "\n".join(f"  {p}" for p in written))

@@ -1101,6 +1101,30 @@ class TestAuditedRuns:
         assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0  # in the plan
         assert "INCOMPLETE" not in (tmp_path / "r.md").read_text()
 
+    def test_skipped_rows_also_at_a_shape_whose_inputs_failed_and_goals_count_where_cases_run(
+        self, tmp_path, monkeypatch
+    ):
+        limited = bench.LayerCase("capped-goal", "a goal case that runs up to 4 channels",
+                                  lambda c, d: bench.LAYER_CASES["fast-bcnn"].build(c, d),
+                                  goal=True, max_channels=4)
+        monkeypatch.setitem(bench.LAYER_CASES, limited.name, limited)
+        real = torch.randn
+
+        def randn(*size, **kwargs):
+            if size and size[0] == 7:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+            return real(*size, **kwargs)
+
+        monkeypatch.setattr(cli.torch, "randn", randn)
+        assert main(["layers", "--shapes", "2x4x3x3", "2x8x3x3", "7x8x3x3", "--cases", "capped-goal",
+                     "--out", str(tmp_path), *self.COMMON]) == 0  # fmt: skip
+        data = json.loads((tmp_path / "layers.json").read_text())
+        rows = {(r["shape"], r["case"]): r for r in data["rows"]}
+        assert rows[("7x8x3x3", "capped-goal")]["error"].startswith("skipped: runs at C <= 4 only")
+        assert rows[("2x8x3x3", "capped-goal")]["error"].startswith("skipped: runs at C <= 4 only")
+        (line,) = [g for g in data["goals"] if g.startswith("`capped-goal` saved bytes")]
+        assert "at all 1 shapes" in line and "not measured" not in line, line
+
     @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
     def test_seed_out_of_range_is_refused_up_front(self, seed, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
@@ -1122,12 +1146,16 @@ class TestAuditedRuns:
         monkeypatch.setattr(cli, "_round_robin_robust", stop_at_the_second_shape)
         assert main(["layers", "--shapes", "2x4x3x3", "2x4x4x4", "--cases", "fast-bcnn",
                      "--out", str(tmp_path), *self.COMMON]) == 130
+        said = capsys.readouterr().err.strip().splitlines()  # one line: what stopped, what is kept
+        assert said == ["bilinearpool-bench: stopped at 2x4x4x4 timing by KeyboardInterrupt; what was "
+                        "measured before is written (marked INCOMPLETE)"]
         lines = (tmp_path / "layers.md").read_text().splitlines()
         assert lines[2].startswith("**INCOMPLETE: the run stopped at 2x4x4x4 timing with KeyboardInterrupt")
         capsys.readouterr()
         assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
-        assert ("report: warning: layers.json is of a run cut short (INCOMPLETE: the run stopped at "
-                "2x4x4x4 timing with KeyboardInterrupt)") in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert ("report: warning: layers.json is marked INCOMPLETE: the run stopped at 2x4x4x4 "
+                "timing with KeyboardInterrupt\n") in err
 
     def test_a_run_into_earlier_results_warns(self, tmp_path, capsys):
         argv = ["layers", "--shapes", "2x4x3x3", "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]

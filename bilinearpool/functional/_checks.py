@@ -167,6 +167,8 @@ def pair_streams(
             f"{na} and {nb} must have the same layout, but got shapes "
             f"{tuple(x_a.shape)} and {tuple(x_b.shape)}"
         )
+    if a.device != b.device:
+        raise ValueError(f"{na} and {nb} must be on the same device, but got {a.device} and {b.device}")
     if torch.jit.is_tracing():  # sizes are traced values (see as_channel_matrix)
         return a, b
     if a.shape[0] != b.shape[0]:
@@ -182,8 +184,6 @@ def pair_streams(
         raise ValueError(
             f"{na} and {nb} must have the same {where}, but got shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}; {hint}"
         )
-    if a.device != b.device:
-        raise ValueError(f"{na} and {nb} must be on the same device, but got {a.device} and {b.device}")
     return a, b
 
 
@@ -205,7 +205,8 @@ def check_positive_int(name: str, value: object, *, least: int = 1) -> int:
         ValueError: channels must be a positive int, but got 0
     """
     number = None
-    boolean = isinstance(value, bool) or type(value).__name__ == "bool_"  # NumPy's bool too
+    # NumPy's bool too (its type is named bool_ before NumPy 2, bool since)
+    boolean = isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")
     if not boolean and not (isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0)):
         try:
             number = operator.index(value)  # type: ignore[arg-type]

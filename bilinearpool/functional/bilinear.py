@@ -920,7 +920,8 @@ class _FusedGram(torch.autograd.Function):
 #: Bytes of blocks the CPU backward keeps from its first sweep for its second; blocks
 #: beyond it are rebuilt. Keeping was faster at every N measured (3x3 to 28x28: the
 #: elementwise steps of a rebuild cost more than its product with K = N), so this only
-#: bounds the transient memory (the blocks kept at B=8, C=2048 take about 134 MB).
+#: bounds the transient memory (the blocks kept at B=8, C=2048 take about 143 MB with one
+#: stream and the full output, 67 MB packed, 134 MB with two streams).
 _KEEP_BYTES = 1 << 28
 
 

@@ -178,10 +178,9 @@ def _classifier_keeps_features(a: Tensor, weight: Tensor) -> bool:
 
 def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: bool) -> None:
     check_floating(weight, "weight")
-    if torch.jit.is_tracing():  # sizes are traced values (see _checks.as_channel_matrix)
-        return
-    features = triu_size(channels) if triu else channels * channels
-    if weight.dim() != 2 or weight.shape[1] != features:
+    traced = torch.jit.is_tracing()  # sizes are traced values (see _checks.as_channel_matrix)
+    if weight.dim() != 2 or (not traced and weight.shape[1] != _features(channels, triu)):
+        features = _features(channels, triu)
         layout = f"C(C+1)/2 = {features} (triu=True)" if triu else f"C^2 = {features}"
         raise ValueError(
             f"weight must be (num_classes, {layout}) for an input of C = {channels} channels, "
@@ -189,8 +188,13 @@ def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: 
         )
     if bias is not None:
         check_floating(bias, "bias")
-        if bias.shape != (weight.shape[0],):
+        if bias.dim() != 1 or (not traced and bias.shape[0] != weight.shape[0]):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), but got {tuple(bias.shape)}")
+
+
+def _features(channels: int, triu: bool) -> int:
+    """Features per sample of the pooled output: :math:`C^2`, or :math:`C(C+1)/2` packed."""
+    return triu_size(channels) if triu else channels * channels
 
 
 def _path(a: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:

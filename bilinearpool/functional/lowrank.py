@@ -31,9 +31,8 @@ __all__ = ["low_rank_bilinear_pool"]
 def _check_weight(name: str, w: Tensor, channels: int, rank: int | None) -> None:
     if not isinstance(w, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, but got {type(w).__name__}")
-    if torch.jit.is_tracing():  # sizes are traced values (see _checks.as_channel_matrix)
-        return
-    if w.dim() != 2 or w.shape[1] != channels or (rank is not None and w.shape[0] != rank):
+    traced = torch.jit.is_tracing()  # sizes are traced values (see _checks.as_channel_matrix)
+    if w.dim() != 2 or (not traced and (w.shape[1] != channels or (rank is not None and w.shape[0] != rank))):
         want = f"({'r' if rank is None else rank}, {channels})"
         raise ValueError(f"{name} must have shape {want} (rank, input channels), but got {tuple(w.shape)}")
 

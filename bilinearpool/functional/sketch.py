@@ -54,7 +54,7 @@ __all__ = ["random_maclaurin", "tensor_sketch"]
 def _check_projection(name: str, t: Tensor, channels: int, dim: int, what: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
-    if not torch.jit.is_tracing() and (t.dim() != dim or t.shape[-1] != channels):
+    if t.dim() != dim or (not torch.jit.is_tracing() and t.shape[-1] != channels):
         raise ValueError(
             f"{name} must be {what} with last dimension {channels} (the input channels), "
             f"but got shape {tuple(t.shape)}"

@@ -15,7 +15,7 @@ rank-deficient: a 7x7 map gives 49 locations for 2048 channels):
   and post-compensate :math:`\\sqrt{s}\\, Y_K`. :math:`Y_K = q_K(\\tilde A)` is a fixed
   polynomial of :math:`\\tilde A`, so values and gradients are finite for every input,
   rank-deficient or not (in float32 with ``impl="iterative"`` for :math:`K` up to about
-  25: see :func:`matrix_sqrt`'s ``num_iters``); it approaches :math:`\\sqrt{A}` as
+  20: see :func:`matrix_sqrt`'s ``num_iters``); it approaches :math:`\\sqrt{A}` as
   :math:`K` grows, slowest on the smallest eigenvalues (which is the regularisation
   iSQRT-COV relies on). The result is exactly homogeneous, :math:`f(cA) = \\sqrt{c}\\,
   f(A)`, as long as :math:`s` is at least the square root of the dtype's smallest normal
@@ -103,7 +103,7 @@ def _check_config(method: str, num_iters: int, norm: str, impl: str, eps: float)
         raise ValueError(f"norm must be one of {_NORMS}, but got {norm!r}")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, but got {impl!r}")
-    # numbers.Integral / numbers.Real take numpy scalars too; bools are refused.
+    # any integer for num_iters, any real number for eps (numpy scalars too); bools refused
     num_iters = check_positive_int("num_iters", num_iters)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
         raise ValueError(f"eps must be a number in (0, 1), but got {eps!r}")

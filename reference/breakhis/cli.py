@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images of the fold to draw: its test images, its training images, "
                    "or every image of the task (default: %(default)s)")
     p.add_argument("--gradcam-images", type=int, default=8, metavar="N",
-                   help="images in the Grad-CAM grid, classes taken in turn; 0 = no Grad-CAM "
+                   help="images in the Grad-CAM grid, classes taken in turn (and within a "
+                   "class, patients in turn); 0 = no Grad-CAM "
                    "(default: %(default)s)")
     p.add_argument("--perplexity", type=float, default=30.0,
                    help="t-SNE perplexity, clamped for small image sets (default: %(default)s)")
@@ -453,11 +454,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import check_resume, prepare_data, run_fold
 
+    _check_fresh_or_resume(args)  # before any process group is made
     config = _config(args)
     info = init_distributed(config.device)
     _log_to_console(info.is_main)
     spec = _spec(args)
-    _check_fresh_or_resume(args)
     try:
         if args.out:
             # a file in the way, before indexing; run_fold creates and tries the folder
@@ -492,6 +493,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import run_cv
 
+    _check_fresh_or_resume(args)  # before any process group is made
     config = _config(args)
     info = init_distributed(config.device)
     _log_to_console(info.is_main)
@@ -501,7 +503,6 @@ def _cmd_cv(args: argparse.Namespace) -> int:
         # a file in the way, before indexing; run_cv creates and tries the folder
         # before training
         _check_out(out)
-        _check_fresh_or_resume(args)
         _refuse_overwriting(args, out, "cv")
         report = run_cv(spec, config, out, folds=args.folds, resume=args.resume,
                         dist_info=info, progress=not args.no_progress)
@@ -712,8 +713,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"breakhis-repro {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from inside torch
-        resume = (" (the same command with --resume continues from the last finished epoch)"
-                  if "resume" in vars(args) else "")  # the commands that have --resume
+        resume = ""
+        if "resume" in vars(args):  # the commands that have --resume
+            how = ("the same command with --resume instead of --overwrite" if args.overwrite
+                   else "the same command with --resume")
+            resume = f" ({how} continues from the last finished epoch)"
         print(f"breakhis-repro {args.command}: interrupted{resume}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     finally:

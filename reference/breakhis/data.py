@@ -406,7 +406,8 @@ def _check_folders(path: Path, root: Path, name: BreakhisName) -> str | None:
     Only folders inside the indexed ``root`` count: the folders above it are the
     user's (data kept under ``/data/adenosis/BreaKHis`` holds every tumour type).
     """
-    folders = [p.name.lower() for p in path.relative_to(root).parents if p.name]
+    names = [p.name for p in path.relative_to(root).parents if p.name]
+    folders = [n.lower() for n in names]
     mag_folder = _MAG_FOLDER.match(folders[0]) if folders else None
     if mag_folder is not None and int(mag_folder.group(1)) != name.magnification:
         return (
@@ -423,7 +424,7 @@ def _check_folders(path: Path, root: Path, name: BreakhisName) -> str | None:
     # The patient comes from the name: a file of another patient (or year, or slide
     # suffix) inside a patient folder would put that folder's images on both sides of a
     # patient-level split.
-    for folder in (p.name for p in path.relative_to(root).parents if p.name):
+    for folder in names:
         if _PATIENT_FOLDER.match(folder) and folder.lower() != name.case.lower():
             return (f"folder mismatch: the name says patient folder {name.case!r} but the "
                     f"file sits in {folder!r}")

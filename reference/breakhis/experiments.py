@@ -994,7 +994,9 @@ def evaluate_checkpoint(
     info = init_distributed(device)
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     # tried before the model and the data are loaded and every test image is predicted
-    problem = writable_problem(out, "the report folder", create=False) if info.is_main else None
+    # every process: it creates nothing, and one that failed alone would leave the others
+    # waiting at a collective
+    problem = writable_problem(out, "the report folder", create=False)
     if problem:
         raise ValueError(problem)
     model, state = load_model(checkpoint, device=info.device)
@@ -1005,7 +1007,7 @@ def evaluate_checkpoint(
     config = TrainConfig.from_dict(state["config"])
     warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
                     "(epochs_trained in the report; resume the run with --resume to finish it)")
-    for text in _protocol_warnings(int(state["extra"]["fold"]), protocol):
+    for text in _protocol_warnings(int(state["extra"]["fold"]), protocol) if info.is_main else ():
         _LOG.warning("%s", text)
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
                            out, info, val_fraction=spec.val_fraction,

@@ -81,7 +81,7 @@ _PROTOCOL_SETTINGS: frozenset[str] = frozenset({"split_seed", "n_splits"})
 #: ``patient_disjoint``: whether every fold's test images are patient-disjoint from its
 #: training images (empty: unknown, a report written before it was recorded);
 #: ``split_notes``: the notes of the folds' splits (left-out images, patients in train and
-#: test), ``"; "``-separated.
+#: test), ``" | "``-separated (the notes contain ``;``).
 RESULTS_COLUMNS: tuple[str, ...] = (
     "run", "source", "task", "magnification", "protocol", "patient_disjoint", "backbone",
     "head", "se_reduction", "input_size", "weights", "epochs", "epochs_trained", "lr",
@@ -718,10 +718,10 @@ def make_figures(
 
     Loads the model of ``checkpoint`` (:func:`breakhis.train.load_model`), predicts
     (inputs normalised as in training) and writes into ``out_dir``: ``roc.png``,
-    ``tsne.png`` (with ``tsne_coords.npy``), ``gradcam.png`` (the first
-    ``gradcam_images`` images, taking classes in turn so that every class shows when
-    there are enough, and within a class patients in turn) and ``figures.json`` (paths, AUCs, perplexity used, the
-    checkpoint, the epochs it trained, task, protocol and fold, and whether the data
+    ``tsne.png`` (with ``tsne_coords.npy``), ``gradcam.png`` (``gradcam_images``
+    images, taking classes in turn so that every class shows when there are enough, and
+    within a class patients in turn) and ``figures.json`` (paths, AUCs, perplexity used,
+    the checkpoint, the epochs it trained, task, protocol and fold, and whether the data
     are synthetic). A checkpoint that trained fewer epochs than its settings ask (a run
     cut short) is drawn with a warning.
 
@@ -1219,6 +1219,6 @@ def results_table(
             writer = csv.DictWriter(handle, fieldnames=list(RESULTS_COLUMNS))
             writer.writeheader()
             writer.writerows({**r, "stale_folds": " ".join(str(f) for f in r["stale_folds"]),
-                              "split_notes": "; ".join(r["split_notes"])}
+                              "split_notes": " | ".join(r["split_notes"])}
                              for r in rows)
     return text

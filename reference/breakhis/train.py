@@ -720,7 +720,8 @@ def fit(
         if handler is not None:  # a log that just stops reads like a crash
             handler.handle(_LOG.makeRecord(_LOG.name, logging.WARNING, __file__, 0, "%s", (
                 f"interrupted (KeyboardInterrupt); {CHECKPOINT_NAME} keeps the last finished "
-                "epoch, if any: the same command with --resume continues from it",), None))
+                "epoch, if any: the same command with --resume (not --overwrite) continues "
+                "from it",), None))
         raise
     finally:
         if handler is not None:

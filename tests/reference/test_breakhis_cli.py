@@ -418,6 +418,9 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
     err = _err(capsys).strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"breakhis-repro {command}: interrupted"), err
     assert ("--resume" in err[0]) == resumable
+    if resumable:  # after --overwrite, the same command with --resume would be refused
+        assert main([*argv, "--overwrite"]) == 130
+        assert "with --resume instead of --overwrite continues" in _err(capsys)
 
 
 class TestOverwrite:
