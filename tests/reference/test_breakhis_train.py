@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -105,13 +106,18 @@ class _Interrupt(Exception):
     pass
 
 
+def _msbc40(root: Path, n: int | None = None) -> tuple[Any, list, np.ndarray]:
+    """MSBC at 40X of the tree at ``root``: the task, its first ``n`` records and their targets."""
+    task = get_task("MSBC", magnification=40)
+    records = task.select(index_breakhis(root).records)[:n]
+    return task, records, task.targets(records)
+
+
 class TestResume:
     def test_ctrl_c_is_logged(self, synth_tree, tmp_path: Path) -> None:
         """A run stopped by Ctrl-C left a train.log that just stopped, like a crash."""
         root, _ = synth_tree
-        task = get_task("MSBC", magnification=40)
-        records = task.select(index_breakhis(root).records)[:16]
-        y = task.targets(records)
+        task, records, y = _msbc40(root, 16)
         config = TrainConfig(head="fast-bcnn", backbone="tiny", weights=None, input_size=16,
                              epochs=2, batch_size=8, device="cpu")
 
@@ -129,9 +135,7 @@ class TestResume:
         self, synth_tree, tmp_path: Path
     ) -> None:
         root, _ = synth_tree
-        task = get_task("MSBC", magnification=40)
-        records = task.select(index_breakhis(root).records)
-        y = task.targets(records)
+        task, records, y = _msbc40(root)
         config = TrainConfig(head="fast-bcnn", backbone="tiny", weights=None, input_size=32,
                              epochs=3, batch_size=8, lr=0.05, momentum=0.9, plateau_patience=1,
                              device="cpu")
@@ -161,9 +165,7 @@ class TestResume:
 
     def test_resume_refuses_other_model(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
-        task = get_task("MSBC", magnification=40)
-        records = task.select(index_breakhis(root).records)[:12]
-        y = task.targets(records)
+        task, records, y = _msbc40(root, 12)
         config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16,
                              epochs=1, batch_size=4, device="cpu")
         fit(config, train_records=records, train_targets=y, classes=list(task.classes),
@@ -175,9 +177,7 @@ class TestResume:
 
     def test_resume_refuses_other_training_options(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
-        task = get_task("MSBC", magnification=40)
-        records = task.select(index_breakhis(root).records)[:12]
-        y = task.targets(records)
+        task, records, y = _msbc40(root, 12)
         config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16,
                              epochs=2, batch_size=4, lr=0.1, device="cpu")
         kwargs = dict(train_records=records, train_targets=y, classes=list(task.classes),
