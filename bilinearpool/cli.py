@@ -1193,6 +1193,7 @@ def _layer_goal_summary(
     by_key = {(r["shape"], r["case"]): r for r in rows}
     times = {(r["shape"], r["case"]): list(r.get("times_s") or []) for r in raw}
     lines = []
+
     def skipped(shape: str, name: str) -> bool:  # a case that does not run at that shape
         return str((by_key.get((shape, name)) or {}).get("error") or "").startswith(_SKIPPED)
 
