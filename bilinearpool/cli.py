@@ -1446,6 +1446,8 @@ def run_models(
         "weights": "random (no download)",
         "training_step": "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy",
     }
+    if not timed:  # --params-only: nothing is timed, so no timing settings either
+        settings = {k: settings[k] for k in ("device", "num_classes", "se_reduction", "weights")}
     plan = {
         "backbones": backbones,
         "heads": [h.name for h in heads],
@@ -1716,6 +1718,9 @@ def _models_result(
                 "*_range: the smallest and largest ratio of single interleaved rounds. The throughput "
                 "verdict goes by the median ratio and says 'within noise' when single rounds fall on "
                 "both sides of the goal."
+                if plan["timed"]
+                else "params_vs_plain: the row's parameters / the plain backbone's (global average "
+                "pooling + linear) on the same backbone: what the head adds."
             ),
             (
                 "params: exact count (model.parameters()); params_ok: it equals the closed-form count "

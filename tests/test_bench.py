@@ -1186,6 +1186,17 @@ class TestAuditedRuns:
         assert ("--import expected a module that can be imported, but importing "
                 "'bench_exits_on_import' raised SystemExit: 3") in capsys.readouterr().err
 
+    def test_params_only_says_nothing_of_timing(self, tmp_path):
+        """--params-only listed warm-up and timed rounds, a statistic and a training step, and
+        a note on interleaved timings, though nothing was timed."""
+        assert main(["models", "--params-only", "--backbones", "resnet18", "--heads", "plain", "fast-bcnn",
+                     "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+        data = json.loads((tmp_path / "models.json").read_text())
+        assert set(data["settings"]) == {"device", "num_classes", "se_reduction", "weights"}
+        text = (tmp_path / "models.md").read_text()
+        assert "timed_rounds" not in text and "interleaved" not in text
+        assert "params_vs_plain: the row's parameters / the plain backbone's" in text
+
     def test_ctrl_c_is_one_line_and_status_130(self, tmp_path, monkeypatch, capsys):
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
