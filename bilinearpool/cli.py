@@ -241,6 +241,10 @@ def _plot_models(plt: Any, rows: list[dict[str, Any]], num_classes: int | None) 
         return None
     models = list(dict.fromkeys(f"{r['backbone']}\n{r['head']}" for r in rows))
     resolutions = sorted({r["resolution"] for r in rows if r.get("infer_img_s") is not None})
+    if not resolutions:  # nothing timed (--params-only): the parameters alone, no empty panel
+        fig, ax_p = plt.subplots(1, 1, figsize=(max(5, 0.6 * len(models) + 2), 5))
+        _plot_parameters(ax_p, rows, models, num_classes)
+        return fig
     fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(models) + 4), 5))
     width = 0.8 / max(1, len(resolutions))
     for i, res in enumerate(resolutions):
@@ -256,14 +260,18 @@ def _plot_models(plt: Any, rows: list[dict[str, Any]], num_classes: int | None) 
     )
     ax_t.set_ylabel("inference images/s")
     ax_t.set_title("Throughput (higher is better)")
-    if resolutions:
-        ax_t.legend(fontsize=7)
-    params = {f"{r['backbone']}\n{r['head']}": r["params"] / 1e6 for r in rows}
-    ax_p.bar(range(len(models)), [params[m] for m in models], color="tab:gray")
-    ax_p.set_xticks(range(len(models)), models, rotation=90, fontsize=7)
-    ax_p.set_ylabel("parameters (millions)")
-    ax_p.set_title(f"Parameters ({num_classes} classes)" if num_classes else "Parameters")
+    ax_t.legend(fontsize=7)
+    _plot_parameters(ax_p, rows, models, num_classes)
     return fig
+
+
+def _plot_parameters(ax: Any, rows: list[dict[str, Any]], models: list[str], num_classes: int | None) -> None:
+    """Bars of each model's parameters (millions) on ``ax``."""
+    params = {f"{r['backbone']}\n{r['head']}": r["params"] / 1e6 for r in rows}
+    ax.bar(range(len(models)), [params[m] for m in models], color="tab:gray")
+    ax.set_xticks(range(len(models)), models, rotation=90, fontsize=7)
+    ax.set_ylabel("parameters (millions)")
+    ax.set_title(f"Parameters ({num_classes} classes)" if num_classes else "Parameters")
 
 
 #: Colours of the layer plot's bars: matplotlib's tab10, black, then tab10's light shades.

@@ -1020,6 +1020,10 @@ class TestRobustRuns:
         fig = cli._plot_models(plt, rows, 5)
         assert fig.axes[1].get_title() == "Parameters (5 classes)"
         plt.close(fig)
+        # --params-only: the parameters alone (the throughput panel was drawn empty)
+        fig = cli._plot_models(plt, [{**rows[0], "resolution": None, "infer_img_s": None}], 5)
+        assert [ax.get_title() for ax in fig.axes] == ["Parameters (5 classes)"]
+        plt.close(fig)
 
 
 def layer_record(shape: str, case: str, times: list[float], *, saved: int = 100, error: str | None = None) -> dict:
