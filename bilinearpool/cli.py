@@ -239,7 +239,7 @@ def _plot_models(plt: Any, rows: list[dict[str, Any]], num_classes: int | None) 
     rows = [r for r in rows if r.get("params") is not None]  # pairs that were built
     if not rows:
         return None
-    models = list(dict.fromkeys(f"{r['backbone']}\n{r['head']}" for r in rows))
+    models = list(dict.fromkeys(_model_label(r) for r in rows))
     resolutions = sorted({r["resolution"] for r in rows if r.get("infer_img_s") is not None})
     if not resolutions:  # nothing timed (--params-only): the parameters alone, no empty panel
         fig, ax_p = plt.subplots(1, 1, figsize=(max(5, 0.6 * len(models) + 2), 5))
@@ -248,11 +248,7 @@ def _plot_models(plt: Any, rows: list[dict[str, Any]], num_classes: int | None) 
     fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(models) + 4), 5))
     width = 0.8 / max(1, len(resolutions))
     for i, res in enumerate(resolutions):
-        values = {
-            f"{r['backbone']}\n{r['head']}": r["infer_img_s"]
-            for r in rows
-            if r["resolution"] == res
-        }
+        values = {_model_label(r): r["infer_img_s"] for r in rows if r["resolution"] == res}
         xs = [j + i * width for j in range(len(models))]
         ax_t.bar(xs, [values.get(m) or 0.0 for m in models], width=width, label=f"{res}px")
     ax_t.set_xticks(
@@ -265,9 +261,14 @@ def _plot_models(plt: Any, rows: list[dict[str, Any]], num_classes: int | None) 
     return fig
 
 
+def _model_label(row: dict[str, Any]) -> str:
+    """A model's label under its bars: backbone over head."""
+    return f"{row['backbone']}\n{row['head']}"
+
+
 def _plot_parameters(ax: Any, rows: list[dict[str, Any]], models: list[str], num_classes: int | None) -> None:
     """Bars of each model's parameters (millions) on ``ax``."""
-    params = {f"{r['backbone']}\n{r['head']}": r["params"] / 1e6 for r in rows}
+    params = {_model_label(r): r["params"] / 1e6 for r in rows}
     ax.bar(range(len(models)), [params[m] for m in models], color="tab:gray")
     ax.set_xticks(range(len(models)), models, rotation=90, fontsize=7)
     ax.set_ylabel("parameters (millions)")
@@ -876,9 +877,7 @@ def run_layers(
                 maps = []
                 _free_memory()
                 text = f"inputs failed: {_error_text(err)}"
-                raw.extend({"shape": label, "case": case.name, "times_s": [],
-                            **dict.fromkeys(_LAYER_MEASURED), "error": text}
-                           for case in shape_cases)
+                raw.extend(_unmeasured(label, case.name, text) for case in shape_cases)
                 raw.extend(_skipped_records(label, c, cases))
                 bar.update(len(shape_cases) * (1 + s.warmup + s.repeats))
                 _write_partial(checkpoint, result, done, len(plan), "shapes")
@@ -926,11 +925,15 @@ def run_layers(
 _SKIPPED = "skipped:"
 
 
+def _unmeasured(label: str, case: str, error: str) -> dict[str, Any]:
+    """The raw record of a case not measured at shape ``label``, with the reason."""
+    return {"shape": label, "case": case, "times_s": [], **dict.fromkeys(_LAYER_MEASURED), "error": error}
+
+
 def _skipped_records(label: str, channels: int, cases: Sequence[bench.LayerCase]) -> list[dict[str, Any]]:
     """A record for each case asked for that does not run at ``channels`` channels, saying so."""
     return [
-        {"shape": label, "case": case.name, "times_s": [], **dict.fromkeys(_LAYER_MEASURED),
-         "error": f"{_SKIPPED} runs at C <= {case.max_channels} only (C = {channels} here)"}
+        _unmeasured(label, case.name, f"{_SKIPPED} runs at C <= {case.max_channels} only (C = {channels} here)")
         for case in cases if not case.applies(channels)
     ]
 
