@@ -701,6 +701,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _path(text: str) -> Path:
+    """A path option's value: an empty string is refused (``Path("")`` is the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, but got {text!r}")
+    return Path(text)
+
+
+def _text(text: str) -> str:
+    """A text option's value (``--title``, ``--note``): blank text is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected some text, but got {text!r}")
+    return text
+
+
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
     parts = re.split(r"[x,]", text.lower())
     # isdecimal, not isdigit: "²" is a digit that int() refuses
@@ -2154,7 +2168,8 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _common(parser: argparse.ArgumentParser, *, out_default: str | None) -> None:
+def _common(parser: argparse.ArgumentParser, *, out_default: str | None, quick: bool = True) -> None:
+    """The options every measuring subcommand takes; ``quick=False``: no ``--quick`` (demo is quick)."""
     g = parser.add_argument_group("common options")
     g.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
@@ -2169,12 +2184,15 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None) -> None
         default=None,
         help="untimed rounds first (default: 1 on CPU, 5 on CUDA)",
     )
-    g.add_argument(
-        "--quick",
-        action="store_true",
-        help="short run: 1 warm-up + 2 timed rounds (models: 224px, batch 2, on CPU and CUDA)",
-    )
-    g.add_argument("--out", type=Path, default=out_default, help="folder for <name>.csv/.json/.md/.png "
+    if quick:
+        g.add_argument(
+            "--quick",
+            action="store_true",
+            help="short run: 1 warm-up + 2 timed rounds (models: 224px, batch 2, on CPU and CUDA)",
+        )
+    else:
+        parser.set_defaults(quick=True)
+    g.add_argument("--out", type=_path, default=out_default, help="folder for <name>.csv/.json/.md/.png "
                    "(default: print only)" if out_default is None else f"output folder (default: {out_default})")  # fmt: skip
     g.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
@@ -2301,7 +2319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "1 warm-up + 2 timed rounds): a few minutes on two CPU cores.",
         formatter_class=fmt,
     )
-    _common(p, out_default="results/demo")
+    _common(p, out_default="results/demo", quick=False)
     p = sub.add_parser(
         "report",
         help="one Markdown file from the layers/models results in a folder",
@@ -2312,11 +2330,11 @@ def build_parser() -> argparse.ArgumentParser:
         "flagged with a warning.",
         formatter_class=fmt,
     )
-    p.add_argument("folder", type=Path, help="folder written by `layers --out` / `models --out`")
-    p.add_argument("--out", type=Path, default=None, help="Markdown file to write (default: print)")
-    p.add_argument("--title", default="bilinearpool benchmark results", help="heading of the file")
+    p.add_argument("folder", type=_path, help="folder written by `layers --out` / `models --out`")
+    p.add_argument("--out", type=_path, default=None, help="Markdown file to write (default: print)")
+    p.add_argument("--title", type=_text, default="bilinearpool benchmark results", help="heading of the file")
     p.add_argument(
-        "--note", action="append", default=None, help="paragraph under the heading (repeatable)"
+        "--note", type=_text, action="append", default=None, help="paragraph under the heading (repeatable)"
     )
     # main() reports a subcommand's bad input with that subcommand's usage, as argparse does
     parser.subcommands = dict(sub.choices)  # type: ignore[attr-defined]
@@ -2641,8 +2659,7 @@ def _run(args: argparse.Namespace, command: str) -> list[Path]:
         written += _finish(run_layers(args, command=command, checkpoint=_saver(args.out)), args.out)
     elif args.command == "models":
         written += _finish(run_models(args, command=command, checkpoint=_saver(args.out)), args.out)
-    elif args.command == "demo":
-        args.quick = True
+    elif args.command == "demo":  # args.quick is True (its parser's default)
         for name, option in (("shapes", None), ("cases", None), ("backbones", None), ("heads", None),
                              ("resolutions", None), ("batch_size_at", None), ("num_classes", 8),
                              ("se_reduction", 8), ("params_only", False), ("no_train", False)):  # fmt: skip

@@ -587,6 +587,14 @@ class TestCommandLine:
             (["layers", "--repeats", "0"], "--repeats must be at least 1, but got 0"),
             (["models", "--batch-size-at", "448"], "expected RESOLUTION=BATCH"),
             (["models", "--resolutions", "8"], "--resolutions must be at least 32 pixels"),
+            # Path("") is the current folder: an empty value would write the results there
+            (["layers", "--out", ""], "argument --out: expected a path, but got ''"),
+            (["demo", "--out", " "], "argument --out: expected a path, but got ' '"),
+            (["report", ""], "argument folder: expected a path, but got ''"),
+            (["report", "x", "--title", ""], "argument --title: expected some text, but got ''"),
+            (["report", "x", "--note", "ok", "--note", " "], "argument --note: expected some text, but got ' '"),
+            # demo is always quick: the option would do nothing
+            (["demo", "--quick"], "unrecognized arguments: --quick"),
         ],
     )
     def test_bad_arguments(self, argv, message, capsys):
