@@ -64,6 +64,31 @@ def blocking(request, monkeypatch):
     return request.param
 
 
+def test_elementwise_passes_check_their_buffers():
+    """The in-place passes of the fused op (torch ops here, Triton kernels on CUDA) refuse
+    buffers of the wrong layout, and ``norms`` receives each sample's norm unclamped."""
+    from bilinearpool.functional import _elementwise
+
+    g = torch.randn(2, 9, dtype=torch.float64)
+    for bad, kwargs in (
+        (torch.randn(2, 10), dict(diag=4)),  # 10 is not (diag - 1)^2
+        (torch.randn(2, 3, 3), {}),  # not (B, n)
+        (torch.randn(9, 2).t(), {}),  # strided
+    ):
+        with pytest.raises(ValueError, match="expected contiguous|needs"):
+            _elementwise.normalize_(bad, 1e-12, 1e-12, **kwargs)
+    with pytest.raises(ValueError, match="expected contiguous"):
+        _elementwise.normalize_grad_(g.clone(), torch.randn(2, 8, dtype=torch.float64), 1e-12, 1e-12)
+    with pytest.raises(ValueError, match="norms needs l2_eps"):
+        _elementwise.normalize_(g.clone(), 1e-12, None, norms=torch.empty(2, dtype=torch.float64))
+    g[0] *= 1e-3  # sample 0 below the floor l2_eps = 0.5, sample 1 above it
+    norms = torch.empty(2, dtype=torch.float64)
+    y = _elementwise.normalize_(g.clone(), None, 0.5, norms=norms)
+    torch.testing.assert_close(norms, g.norm(dim=1))
+    assert norms[0] < 0.5 < norms[1]
+    torch.testing.assert_close(y, g / g.norm(dim=1, keepdim=True).clamp_min(0.5))
+
+
 def test_keep_stops_at_its_budget_and_counts_views_as_free():
     kept: list = []
     room = FB._keep(kept, torch.zeros(10), 100)  # 40 bytes
@@ -312,7 +337,10 @@ class TestFastBilinearPool:
             for x in inputs:
                 x[1].zero_()
                 x[1, 0, 0, 0] = 1e-4
-        kwargs = dict(triu=case["triu"], eps=1e-9, l2_eps=1e-6)
+        kwargs = dict(triu=case["triu"], eps=1e-9, l2_eps=1e-4)
+        # The floor is reached for sample 1 only (else this test checks nothing of it).
+        unnormalised = signed_sqrt(bilinear_pool(*inputs), eps=1e-9).flatten(1).norm(dim=1)
+        assert unnormalised[1] < 1e-4 < unnormalised[0]
         weights = torch.randn_like(fast_bilinear_pool(*inputs, **kwargs))
         expected = torch.autograd.grad((fast_bilinear_pool(*inputs, **kwargs) * weights).sum(), inputs)
         got = torch.autograd.grad((fast_bilinear_pool(*inputs, **kwargs, save_output=True) * weights).sum(), inputs)
@@ -323,7 +351,7 @@ class TestFastBilinearPool:
         fresh = [x.detach().clone().requires_grad_() for x in inputs]
         g = bilinear_pool(*fresh)
         z = signed_sqrt(g, eps=1e-9)
-        ref = l2_normalize(triu_pack(z) if case["triu"] else z.flatten(1), eps=1e-6)
+        ref = l2_normalize(triu_pack(z) if case["triu"] else z.flatten(1), eps=1e-4)
         torch.testing.assert_close(fast_bilinear_pool(*inputs, **kwargs), ref.detach(), **TOL[torch.float64])
         by_definition = torch.autograd.grad((ref * weights).sum(), fresh)
         for a, b in zip(expected, by_definition):

@@ -183,6 +183,7 @@ def test_when_the_panel_path_runs():
     w, b = torch.randn(3, 64), torch.randn(3)
     with torch.no_grad():
         assert head._path(a, w, b) == "panel"
+        assert head._path(torch.randn(2, 8, head.FUSED_MAX_LOCATIONS), w, b) == "panel"  # at the limit
         assert head._path(torch.randn(2, 8, head.FUSED_MAX_LOCATIONS + 1), w, b) is None  # many locations
         assert head._path(a.half(), w.half(), b.half()) is None  # half precision
         assert head._path(a, w.double(), b) is None  # mixed dtypes

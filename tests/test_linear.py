@@ -268,9 +268,14 @@ def test_traced_graphs_keep_a_plain_linear(monkeypatch):
     assert torch.equal(wide_linear(x, w, b), F.linear(x, w, b))
 
 
-def test_bad_input_gets_f_linears_error():
+@pytest.mark.parametrize("rows", [2, 16])  # F.linear's path; the chunked one (the sizes below)
+@pytest.mark.parametrize("extra", [(1, 0), (0, 5)])  # a wider input; a wider weight
+def test_bad_input_gets_f_linears_error(rows, extra):
+    d = 3 * 2**16  # 16 x 3 * 2**16 x 8 reaches the chunked product: a mismatch must not be cut to fit
+    x, weight = torch.randn(rows, d + extra[0]), torch.randn(8, d + extra[1])
+    assert L._path(torch.randn(16, d), torch.randn(8, d), None) == "chunks"
     with pytest.raises(RuntimeError, match="shape|size"):
-        wide_linear(torch.randn(2, WIDE + 1), torch.randn(3, WIDE))
+        wide_linear(x, weight)
 
 
 def test_classifiers_use_wide_linear():

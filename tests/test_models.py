@@ -616,7 +616,9 @@ def test_parameter_groups_split_backbone_and_head(make):
     backbone, head = model.backbone_parameters(), model.head_parameters()
     ids = [id(p) for p in backbone + head]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert {id(p) for p in model.backbone.parameters()} <= set(ids[: len(backbone)])
+    streams = [model.backbone] + [m for m in (getattr(model, "backbone_b", None),) if m is not None]
+    for stream in streams:  # a second stream's parameters are the backbone's too (its learning rate)
+        assert {id(p) for p in stream.parameters()} <= set(ids[: len(backbone)])
     assert {id(p) for p in model.classifier.parameters()} <= {id(p) for p in head}
     opt = torch.optim.SGD([{"params": backbone, "lr": 0.0}, {"params": head, "lr": 0.1}])
     before = [p.detach().clone() for p in backbone]

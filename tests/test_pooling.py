@@ -54,6 +54,12 @@ class TestBilinearPoolModule:
         x_a, x_b = torch.randn(2, 4, 3, 3).relu(), torch.randn(2, 5, 3, 3).relu()
         torch.testing.assert_close(BilinearPool(reduction="sum")(x_a, x_b), bilinear_pool(x_a, x_b, reduction="sum"))
         torch.testing.assert_close(BilinearPool(normalize=True)(x_a, x_b), fast_bilinear_pool(x_a, x_b))
+        # reduction reaches the fused op too (sum and mean differ through the signed sqrt's eps)
+        x_a, x_b = x_a.double(), x_b.double()
+        summed = BilinearPool(normalize=True, reduction="sum", eps=1e-2)(x_a, x_b)
+        torch.testing.assert_close(summed, fast_bilinear_pool(x_a, x_b, reduction="sum", eps=1e-2))
+        assert not torch.allclose(summed, fast_bilinear_pool(x_a, x_b, eps=1e-2))
+        x_a, x_b = x_a.float(), x_b.float()
         # eps reaches the op (default and another value give different features)
         torch.testing.assert_close(
             BilinearPool(normalize=True, eps=1e-1)(x_a, x_b), fast_bilinear_pool(x_a, x_b, eps=1e-1)
@@ -64,12 +70,16 @@ class TestBilinearPoolModule:
         x = torch.randn(2, 6, 4, 4).relu()
         torch.testing.assert_close(BilinearPool(normalize=True)(x, x), fast_bilinear_pool(x))
 
-    def test_resize(self):
-        x_a, x_b = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4)
-        with pytest.raises(ValueError, match=r"same spatial size .* \(2, 3, 4, 4\)"):
+    @pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic", "area"])
+    def test_resize(self, mode):
+        x_a, x_b = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 3, 3)
+        with pytest.raises(ValueError, match=r"same spatial size .* \(2, 3, 3, 3\)"):
             BilinearPool()(x_a, x_b)
-        up = torch.nn.functional.interpolate(x_b, size=(8, 8), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(BilinearPool(resize="bilinear")(x_a, x_b), bilinear_pool(x_a, up))
+        align = False if mode in ("bilinear", "bicubic") else None
+        up = torch.nn.functional.interpolate(x_b, size=(8, 8), mode=mode, align_corners=align)
+        torch.testing.assert_close(BilinearPool(resize=mode)(x_a, x_b), bilinear_pool(x_a, up))
+        others = [m for m in ("nearest", "bilinear") if m != mode][0]  # the modes differ here
+        assert not torch.allclose(BilinearPool(resize=others)(x_a, x_b), bilinear_pool(x_a, up))
 
     def test_exception(self):
         with pytest.raises(ValueError, match="resize must be None or one of"):
@@ -222,6 +232,14 @@ class TestNormModules:
     def test_l2_module(self):
         x = torch.randn(3, 4, 4)
         torch.testing.assert_close(L2Normalize()(x), l2_normalize(x))
+        # eps reaches the function: a norm below it is divided by eps, not by the norm
+        small = x / x.flatten(1).norm(dim=1).view(-1, 1, 1) * torch.tensor([0.5, 2.0, 5.0]).view(-1, 1, 1)
+        torch.testing.assert_close(L2Normalize(eps=1.0)(small), l2_normalize(small, eps=1.0))
+        torch.testing.assert_close(L2Normalize(eps=1.0)(small)[0], small[0])
+        assert "eps=1.0" in repr(L2Normalize(eps=1.0))
+        for eps in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="eps must be a positive"):
+                L2Normalize(eps=eps)
 
     def test_gradcheck(self):
         x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
