@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from breakhis.cli import main
 from breakhis.data import (
@@ -163,6 +164,17 @@ class TestIndexHandmade:
         assert all(s.reason.startswith("folder mismatch") for s in index.skipped)
         assert len(index.skipped) == 2
 
+    def test_file_in_the_other_class_folder_is_skipped(self, tmp_path: Path) -> None:
+        """A benign name under malignant/ (in a type folder that matches its name)."""
+        good = _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40,
+                              "SOB_B_A-14-1-40-001.png"))
+        _png(_official(tmp_path, "malignant", "adenosis", "SOB_B_A_14-1", 40,
+                       "SOB_B_A-14-1-40-002.png"))
+        index = index_breakhis(tmp_path)
+        assert [r.path for r in index.records] == [good.resolve()]
+        assert [s.reason for s in index.skipped] == [
+            "folder mismatch: benign file inside a 'malignant' folder"]
+
     def test_file_in_another_patients_folder_is_skipped(self, tmp_path: Path) -> None:
         """The patient comes from the name: a file naming another patient, year or slide
         suffix than its patient folder would have been indexed as another patient, its
@@ -300,6 +312,14 @@ class TestImageFolder:
         assert any("1 of 5 image(s) have no patient" in w and "tumour/img2.png" in w
                    for w in index.warnings)
         assert [s.path for s in index.skipped] == ["tumour/notes.txt"]
+
+    def test_label_is_the_top_class_folder_not_a_sub_folder(self, tmp_path: Path) -> None:
+        for name in ("normal/x.png", "tumour/slide1/y.png", "tumour/slide1/deep/z.png"):
+            _png(tmp_path / name)
+        index = index_image_folder(tmp_path)
+        labels = {r.path.name: r.label for r in index.records}
+        assert labels == {"x.png": "normal", "y.png": "tumour", "z.png": "tumour"}
+        assert index.summary()["by_class"] == {"normal": 1, "tumour": 2}
 
     def test_missing_row_and_no_csv_leave_the_patient_unknown(self, tmp_path: Path) -> None:
         for name in ("a/x.png", "a/y.png", "b/z.png"):
@@ -484,6 +504,49 @@ class TestLoadRgb:
         rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
         assert rgb[..., 0].tolist() == [[255, 4], [10, 255]]  # rescaled, then on white
         assert (rgb == rgb[..., :1]).all()
+
+
+class TestTransforms:
+    def test_training_augmentation_is_the_papers(self) -> None:
+        steps = build_train_transform(16, shift=0.1, rotation=90.0).transforms
+        kinds = [type(s) for s in steps]
+        assert T.RandomHorizontalFlip in kinds and T.RandomVerticalFlip in kinds
+        (affine,) = [s for s in steps if isinstance(s, T.RandomAffine)]
+        assert tuple(affine.translate) == pytest.approx((0.1, 0.1))
+        assert list(affine.degrees) == pytest.approx([-90.0, 90.0])
+        other = [s for s in build_train_transform(16, shift=0.2, rotation=30.0).transforms
+                 if isinstance(s, T.RandomAffine)]
+        assert tuple(other[0].translate) == pytest.approx((0.2, 0.2))
+        assert list(other[0].degrees) == pytest.approx([-30.0, 30.0])
+        plain = build_train_transform(16, augment=False).transforms
+        assert not {T.RandomHorizontalFlip, T.RandomVerticalFlip, T.RandomAffine} & {
+            type(s) for s in plain}
+
+    def test_eval_transform_normalises_with_imagenet_statistics(self) -> None:
+        white = Image.new("RGB", (20, 12), (255, 255, 255))
+        x = build_eval_transform(16)(white)
+        assert tuple(x.shape) == (3, 16, 16)
+        expected = [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]
+        for c in range(3):
+            torch.testing.assert_close(x[c], torch.full((16, 16), expected[c]))
+        black = build_eval_transform(16)(Image.new("RGB", (8, 8)))
+        assert black[0, 0, 0].item() == pytest.approx(-0.485 / 0.229)
+
+    def test_both_flips_happen(self) -> None:
+        """Over seeds, the training transform flips the image each way."""
+        pixels = np.zeros((16, 16, 3), np.uint8)
+        pixels[:4, :4] = 255  # a white top-left corner
+        image = Image.fromarray(pixels)
+        flip_h = build_train_transform(16, shift=0.0, rotation=0.0)
+        seen = set()
+        for seed in range(40):
+            torch.manual_seed(seed)
+            x = flip_h(image)[0] > 0
+            seen.add((bool(x[:4, :4].all()), bool(x[:4, -4:].all()), bool(x[-4:, :4].all()),
+                      bool(x[-4:, -4:].all())))
+        # the corner lands in all four corners: horizontal and vertical flips, both
+        assert seen == {(True, False, False, False), (False, True, False, False),
+                        (False, False, True, False), (False, False, False, True)}
 
 
 class TestSeededAugmentation:

@@ -143,6 +143,37 @@ class TestClassificationMetrics:
         m = classification_metrics([1, 1], np.array([[0.2, 0.8], [0.6, 0.4]]), ["b", "m"])
         assert m["roc_auc"] is None and m["accuracy"] == 0.5
 
+    def test_single_class_multiclass_auc_is_none(self) -> None:
+        """A 3-class fold whose truth is one class: no class has positives and negatives."""
+        p = np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+        m = classification_metrics([1, 1, 1], p, ["x", "y", "z"])
+        assert m["roc_auc"] is None and m["roc_auc_classes"] == []
+        assert m["roc_auc_kind"] == "one-vs-rest macro"
+        assert m["accuracy"] == pytest.approx(1 / 3)
+
+    def test_multiclass_auc_is_unweighted_over_imbalanced_classes(self) -> None:
+        """Macro: each class's one-vs-rest AUC counts once, whatever its support."""
+        rng = np.random.default_rng(7)
+        y = np.array([0] * 60 + [1] * 15 + [2] * 5)
+        p = _probs(rng, 80, 3)
+        p[y == 2] = p[y == 2][:, [1, 0, 2]]  # class-dependent scores: AUCs differ by class
+        m = classification_metrics(y, p, ["a", "b", "c"])
+        expected = roc_auc_score(y, p, multi_class="ovr", average="macro")
+        assert m["roc_auc"] == pytest.approx(expected)
+        weighted = roc_auc_score(y, p, multi_class="ovr", average="weighted")
+        assert abs(expected - weighted) > 1e-3  # the two averages are told apart here
+        assert m["roc_auc_classes"] == ["a", "b", "c"]
+
+    def test_precision_of_a_class_never_predicted_is_zero(self) -> None:
+        # class "c" occurs in the truth but is never predicted: precision 0/0 -> 0
+        y = [0, 1, 2, 2]
+        pred = [0, 1, 1, 0]
+        m = classification_metrics(y, np.eye(3)[pred], ["a", "b", "c"])
+        expected = precision_score(y, pred, labels=[0, 1, 2], average=None, zero_division=0)
+        assert [m["per_class"][c]["precision"] for c in "abc"] == pytest.approx(expected.tolist())
+        assert m["per_class"]["c"]["precision"] == 0.0 and m["per_class"]["c"]["recall"] == 0.0
+        assert m["per_class"]["c"]["f1"] == 0.0
+
     def test_shape_checked(self) -> None:
         with pytest.raises(ValueError, match=r"expected probs of shape \(2, 3\)"):
             classification_metrics([0, 1], np.zeros((2, 2)), ["a", "b", "c"])
@@ -226,6 +257,10 @@ class TestSummaryAndReports:
         assert f"  - fold 1: {left}\n  - fold 3: {leak}\n" in text
         clean = {**summary, "folds": [{"fold": 1, "protocol": protocol(True, [left])}]}
         assert split_integrity(clean) == (True, [f"fold 1: {left}"])
+        # the summary's own protocol saying "no" is not outvoted by clean folds
+        dissent = {**clean, "protocol": protocol(False, [])}
+        assert split_integrity(dissent) == (False, [f"fold 1: {left}"])
+        assert "- patient-disjoint: **no**" in render_markdown(dissent)
         assert "patient-disjoint" not in render_markdown(clean)
         # reports written before patient_disjoint was recorded: unknown, not "no"
         old = {"title": "old", "protocol": protocol(None, [])}

@@ -19,12 +19,19 @@ from PIL import Image
 from breakhis._files import SettingError
 from breakhis.checkpoint import NotACheckpointError, load_checkpoint
 from breakhis.cli import main
-from breakhis.data import UnreadableImageError, index_image_folder
+from breakhis.data import UnreadableImageError, index_breakhis, index_image_folder
 from breakhis.dataset import load_rgb
 from breakhis.evaluate import read_predictions
 from breakhis.experiments import DataSpec, run_fold
 from breakhis.predict import collect_images, predict_to_csv
-from breakhis.train import TrainConfig, load_model
+from breakhis.tasks import get_task
+from breakhis.train import (
+    TrainConfig,
+    checkpoint_normalization,
+    fit,
+    load_model,
+    predict_probs,
+)
 
 pytest.importorskip("bilinearpool")
 
@@ -63,6 +70,39 @@ class TestPredict:
         assert back.y_true.tolist() == [-1] * 4
         assert back.magnifications[:3] == [40] * 3 and back.patients[3] is None
         np.testing.assert_allclose(back.probs.sum(axis=1), 1.0, atol=1e-6)
+
+    def test_fine_grained_columns_follow_the_checkpoints_class_order(
+        self, synth_tree, tmp_path: Path
+    ) -> None:
+        """prob_<class> columns in the checkpoint's order (A F PT TA DC LC MC PC, not
+        sorted), each holding that class's probability; predicted_label their argmax."""
+        root, _ = synth_tree
+        task = get_task("MIFC")
+        records = index_breakhis(root).records
+        y = task.targets(records)
+        chosen = [int(i) for c in range(8) for i in np.flatnonzero(y == c)[:2]]
+        run = tmp_path / "run"
+        fit(TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16, epochs=1,
+                        batch_size=8, device="cpu"),
+            train_records=[records[i] for i in chosen], train_targets=y[chosen],
+            classes=list(task.classes), run_dir=run, progress=False,
+            extra={"task": task.to_dict()})
+        images = [records[i].path for i in chosen]
+        result = predict_to_csv(run / "checkpoint.pt", images, tmp_path / "p.csv",
+                                progress=False)
+        classes = list(load_checkpoint(run / "checkpoint.pt")["classes"])
+        assert classes == list(task.classes) != sorted(classes)
+        assert result["classes"] == classes
+        with (tmp_path / "p.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [k for k in rows[0] if k.startswith("prob_")] == [f"prob_{c}" for c in classes]
+        model, state = load_model(run / "checkpoint.pt")
+        mean, std = checkpoint_normalization(state)
+        expected = predict_probs(model, images, input_size=16, mean=mean, std=std)
+        got = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        assert [row["predicted_label"] for row in rows] == [
+            classes[k] for k in expected.argmax(axis=1)]
 
     def test_hidden_folders_are_not_searched(self, tmp_path: Path) -> None:
         _png(tmp_path / "a" / "x.png")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from sklearn.model_selection import StratifiedKFold
 
+from breakhis import splits as splits_module
 from breakhis.data import ImageRecord, index_breakhis, index_image_folder
 from breakhis.splits import (
     check_patient_disjoint,
@@ -51,6 +55,18 @@ class TestTasks:
         by_type = list(meta["expected"]["by_type"].values())
         assert np.bincount(mifc.targets(records)).tolist() == by_type
 
+    def test_fine_grained_class_order_is_benign_then_malignant(self, synth_tree) -> None:
+        """The order of BREAKHIS.md's table (benign A F PT TA, then malignant DC LC MC PC):
+        target i of a fine-grained task, and prob column i of its predictions."""
+        order = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
+        assert get_task("MIFC").classes == order
+        assert get_task("MSFC", magnification=200).classes == order
+        records = index_breakhis(synth_tree[0]).records
+        targets = get_task("MIFC").targets(records)
+        for record, target in zip(records, targets.tolist()):
+            assert order[target] == record.tumor_type
+            assert (target < 4) == (record.label == "benign")
+
     @pytest.mark.parametrize(("name", "mag", "match"), [
         ("MSBC", None, "magnification-specific"),
         ("MIFC", 40, "uses all magnifications"),
@@ -80,6 +96,45 @@ class TestProtocols:
             assert np.bincount(y[s.test]).tolist() == [6, 14]
             assert not set(s.train) & set(s.test)
             assert s.protocol == "image" and not s.patient_disjoint
+
+    def test_image_kfold_is_shuffled_by_the_seed(self) -> None:
+        y = np.array([0] * 30 + [1] * 70)
+        tests = {seed: [s.test.tolist() for s in image_kfold(y, n_splits=5, seed=seed)]
+                 for seed in (0, 1)}
+        assert tests[0] == [s.test.tolist() for s in image_kfold(y, n_splits=5, seed=0)]
+        assert tests[0] != tests[1]
+        for test in tests[0]:  # drawn at random, not cut into runs of consecutive images
+            assert np.any(np.diff(test) > 1), test
+
+    def test_image_kfold_indices_are_sorted(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Sorted whatever order the splitter yields (scikit-learn's happens to be sorted:
+        a splitter yielding them reversed stands in for one that is not)."""
+
+        class Reversed(StratifiedKFold):
+            def split(self, X: Any, y: Any = None,
+                      groups: Any = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                for tr, te in super().split(X, y, groups):
+                    yield tr[::-1], te[::-1]
+
+        y = np.tile([0, 1, 1, 2], 10)
+        expected = [(sorted(s.train.tolist()), sorted(s.test.tolist()))
+                    for s in image_kfold(y, n_splits=4, seed=5)]
+        monkeypatch.setattr(splits_module, "StratifiedKFold", Reversed)
+        got = [(s.train.tolist(), s.test.tolist()) for s in image_kfold(y, n_splits=4, seed=5)]
+        assert got == expected
+        assert all(len(tr) + len(te) == len(y) for tr, te in got)
+
+    def test_patient_kfold_is_shuffled_by_the_seed(self) -> None:
+        groups = np.repeat([f"p{i:02d}" for i in range(20)], 3)
+        targets = np.repeat(np.arange(20) % 2, 3)
+
+        def test_patients(seed: int) -> list[list[str]]:
+            return [sorted(set(groups[s.test].tolist()))
+                    for s in patient_kfold(targets, groups, n_splits=4, seed=seed)]
+
+        assert test_patients(3) == test_patients(3)
+        assert test_patients(3) != test_patients(4)
+        assert test_patients(0) != test_patients(4)
 
     def test_patient_kfold_is_disjoint_and_keeps_near_duplicates_together(self, synth_tree) -> None:
         root, _ = synth_tree
@@ -313,6 +368,47 @@ class TestProtocols:
         dsfold.write_text("\ufeffx.png|40|1|train\n", encoding="utf-8")
         assert read_fold_table(dsfold) == {1: {"x.png": "train"}}
 
+    def test_dsfold_tables_are_ordered_by_fold_number(self, tmp_path: Path) -> None:
+        for cls in ("benign", "malignant"):
+            _png(tmp_path / cls / "x.png")
+        for k in (10, 2, 1):
+            (tmp_path / f"dsfold{k}.txt").write_text(f"benign/x.png|40|{k}|train\n")
+        tables = find_fold_tables(index_image_folder(tmp_path))
+        assert [t.name for t in tables] == ["dsfold1.txt", "dsfold2.txt", "dsfold10.txt"]
+
+    def test_dsfold_line_with_an_extra_field_is_refused(self, tmp_path: Path) -> None:
+        dsfold = tmp_path / "dsfold1.txt"
+        dsfold.write_text("x.png|40|1|train\ny.png|40|1|test|extra\n")
+        with pytest.raises(ValueError, match=r"expected 'filename\|mag\|fold\|grp'.* on line 2 "
+                           r"of .*dsfold1.txt', but got 'y.png\|40\|1\|test\|extra'"):
+            read_fold_table(dsfold)
+
+    def test_image_folder_name_is_not_matched_through_another_folder(
+        self, tmp_path: Path
+    ) -> None:
+        """Only BreaKHis names are unique; an image-folder table line naming other/x.png
+        does not match cls/x.png, even when no other x.png exists."""
+        for name in ("benign/x.png", "benign/y.png", "malignant/z.png"):
+            _png(tmp_path / "data" / name)
+        index = index_image_folder(tmp_path / "data")
+        table = tmp_path / "Folds.csv"
+        table.write_text("fold,mag,grp,filename\n1,,train,benign/y.png\n1,,test,malignant/z.png\n"
+                         "1,,test,other/x.png\n")
+        (split,) = official_folds(index.records, [table])
+        assert _sides(index, split) == (["benign/y.png"], ["malignant/z.png"])
+        assert split.notes[0] == "1 image(s) not listed in fold 1; left out"
+
+    def test_unknown_patients_are_not_one_shared_patient(self, tmp_path: Path) -> None:
+        records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=p)
+                   for n, p in (("a", None), ("b", None), ("c", "p1"), ("d", "p2"))]
+        table = tmp_path / "dsfold1.txt"
+        table.write_text("a.png|40|1|train\nc.png|40|1|train\nb.png|40|1|test\nd.png|40|1|test\n")
+        (split,) = official_folds(records, [table])
+        assert split.train.tolist() == [0, 2] and split.test.tolist() == [1, 3]
+        assert not split.patient_disjoint
+        assert split.notes == ("2 image(s) without a patient; patient-disjointness cannot be "
+                               "checked",)
+
     def test_official_without_tables(self) -> None:
         with pytest.raises(ValueError, match="needs Folds.csv or dsfoldN.txt"):
             official_folds([], [])
@@ -380,6 +476,18 @@ class TestValidationSplit:
                                                 by_patient=True, seed=split.fold)
                 assert set(targets[fit]) == set(targets[split.train]), (task.name, split.fold)
                 assert len(val) and not set(groups[fit]) & set(groups[val])
+
+    @pytest.mark.parametrize("seed", range(4))
+    def test_one_patient_class_stays_in_the_fit_set_at_a_large_fraction(self, seed: int) -> None:
+        groups = np.asarray([f"p{i}" for i in range(5) for _ in range(2)] + ["solo"] * 2)
+        targets = np.asarray([0] * 10 + [1] * 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fit, val = validation_split(np.arange(12), targets, groups, fraction=0.6,
+                                        by_patient=True, seed=seed)
+        assert "solo" not in set(groups[val].tolist())
+        assert targets[fit].tolist().count(1) == 2
+        assert len(val) and not set(groups[fit]) & set(groups[val])
 
     def test_warns_when_a_class_cannot_stay(self) -> None:
         groups = np.asarray(["a", "a", "b", "b", "b"])

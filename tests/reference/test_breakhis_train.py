@@ -73,6 +73,18 @@ class TestBalancedSampler:
         sampler.set_epoch(3)
         assert list(sampler) == first
 
+    def test_shuffle_shuffles_and_no_shuffle_keeps_the_order(self) -> None:
+        targets = np.arange(24) % 2
+        plain = [i for i, _ in BalancedSampler(targets, batch_size=8, oversample=False,
+                                               shuffle=False, seed=2)]
+        assert plain == list(range(24))
+        shuffled = [i for i, _ in BalancedSampler(targets, batch_size=8, oversample=False,
+                                                  shuffle=True, seed=2)]
+        assert sorted(shuffled) == list(range(24)) and shuffled != sorted(shuffled)
+        over = [i for i, _ in BalancedSampler(np.array([0] * 10 + [1] * 3), batch_size=4,
+                                              shuffle=True, seed=2)]
+        assert over != sorted(over) and len(over) == 20
+
     def test_ddp_shards_interleave_to_single_process_batches(self) -> None:
         targets = np.arange(37) % 3
         single = list(BalancedSampler(targets, batch_size=8, seed=1))
@@ -546,6 +558,21 @@ def test_training_flags_reach_the_config() -> None:
     assert config("--se-reduction", "4").se_reduction == 4
 
 
+def test_defaults_are_the_papers_recipe() -> None:
+    """BREAKHIS.md: SGD at 0.1, batch 16, rate divided by 10 after 10 epochs without
+    improvement, 10% shifts; rotation 90, 50 epochs and momentum 0 are ours."""
+    from breakhis.cli import _config, build_parser
+
+    cfg = TrainConfig()
+    assert (cfg.batch_size, cfg.lr, cfg.plateau_factor, cfg.plateau_patience) == (16, 0.1, 0.1, 10)
+    assert (cfg.shift, cfg.rotation, cfg.augment, cfg.oversample) == (0.1, 90.0, True, True)
+    assert (cfg.input_size, cfg.epochs, cfg.momentum, cfg.weight_decay) == (224, 50, 0.0, 0.0)
+    assert (cfg.head, cfg.backbone, cfg.weights) == ("fast-bcnn", "inception_v3", "imagenet")
+    for command in ("train", "cv"):
+        parsed = _config(build_parser().parse_args([command, "--data-root", "x"]))
+        assert parsed == cfg, command
+
+
 def test_se_config_builds_se_blocks() -> None:
     from bilinearpool import SEBlock
 
@@ -882,6 +909,33 @@ class TestCheckpointFiles:
         monkeypatch.undo()
         assert load_checkpoint(path)["epoch"] == 1
         assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class _Counter:
+    """``F`` of breakhis.train that counts the training batches' correct predictions."""
+
+    def __init__(self) -> None:
+        self.correct = self.count = 0
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.count += len(y)
+        return torch.nn.functional.cross_entropy(logits, y, **kwargs)
+
+
+def test_train_accuracy_is_the_share_of_correct_training_predictions(
+    synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records, y, classes = _small_task(synth_tree[0], n=12)
+    counter = _Counter()
+    monkeypatch.setattr(train_module, "F", counter)
+    result = fit(_cfg(epochs=1), train_records=records, train_targets=y, classes=classes,
+                 run_dir=tmp_path, progress=False)
+    (row,) = result.history
+    # every over-sampled item of the epoch, each counted once
+    assert counter.count == len(BalancedSampler(y, batch_size=4)) > 0
+    assert 0 < counter.correct < counter.count  # a rate that the count matters to
+    assert row["train_accuracy"] == pytest.approx(counter.correct / counter.count)
 
 
 class _Poison:
