@@ -31,7 +31,10 @@ class MatrixSqrt(nn.Module):
     neither: they are Python autograd functions around an eigendecomposition, which
     ONNX has no operator for (the dynamo exporter raises a ``ConversionError``, the
     TorchScript exporter a ``RuntimeError``, :func:`torch.jit.save` "Could not export
-    Python function call").
+    Python function call"). All methods and impls compile with
+    ``torch.compile(fullgraph=True)``, backward included (compiled, the spectral
+    backward takes the exact float64 quotient for every eigenvalue pair, not only the
+    band of close pairs).
 
     Args:
         method: ``"newton_schulz"`` or ``"eig"`` (exact square root).

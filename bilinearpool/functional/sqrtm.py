@@ -258,7 +258,9 @@ def _ns_weigh(
     b, c = lam.shape
     lam64 = lam.double()
     f64 = factor.double().unsqueeze(1)
-    width = _band(lam64)
+    # The band's width depends on the eigenvalues: under torch.compile, which cannot
+    # branch on data, every pair takes the exact float64 quotient instead.
+    width = _BAND_MAX + 1 if torch.compiler.is_compiling() else _band(lam64)
     if width > _BAND_MAX:
         dd = _dd_exact(
             lam64.unsqueeze(2), lam64.unsqueeze(1), q64.unsqueeze(2), q64.unsqueeze(1),
