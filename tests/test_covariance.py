@@ -17,6 +17,7 @@ from bilinearpool.functional.covariance import covariance_pool
 from bilinearpool.functional.sqrtm import matrix_sqrt
 from bilinearpool.matrix_sqrt import MatrixSqrt
 
+from _compile import assert_compiled_matches
 from _onnx import run_onnx
 
 
@@ -119,13 +120,11 @@ class TestCovariancePool:
         torch.testing.assert_close(fresh(x), layer(x))
         assert "reduced_channels=4" in repr(layer)
 
-    def test_compile(self) -> None:
-        layer = CovariancePool(in_channels=8, reduced_channels=4, norm=MatrixSqrt())
-        compiled = torch.compile(layer, backend="aot_eager")
-        x = features(2, 8, 5, 5)
-        torch.testing.assert_close(compiled(x), layer(x))
-        compiled(x.requires_grad_()).sum().backward()
-        assert torch.isfinite(x.grad).all()
+    @pytest.mark.parametrize("impl", ["iterative", "spectral"])
+    def test_compile(self, impl: str) -> None:
+        """One graph for iSQRT-COV, backward included."""
+        layer = CovariancePool(in_channels=8, reduced_channels=4, norm=MatrixSqrt(impl=impl))
+        assert_compiled_matches(layer, features(2, 8, 5, 5).requires_grad_(), fullgraph=True)
 
     def test_autocast(self) -> None:
         # Stated behaviour: the covariance is accumulated in float32 and returned as float32;
