@@ -281,6 +281,25 @@ class TestTriu:
         torch.testing.assert_close(triu_pack(m), expected)
         assert triu_size(3) == 6
 
+    def test_gradcheck_and_noncontiguous(self):
+        m = torch.randn(2, 4, 4, dtype=torch.float64)
+        assert torch.autograd.gradcheck(triu_pack, (m.requires_grad_(),))
+        assert torch.autograd.gradcheck(triu_unpack, (torch.randn(2, 10, dtype=torch.float64, requires_grad=True),))
+        wide = torch.randn(2, 4, 8, dtype=torch.float64)
+        torch.testing.assert_close(triu_pack(wide[:, :, ::2]), triu_pack(wide[:, :, ::2].contiguous()))
+        torch.testing.assert_close(triu_unpack(wide.flatten(1)[:, ::3][:, :10]),
+                                   triu_unpack(wide.flatten(1)[:, ::3][:, :10].contiguous()))
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_compile_keeps_the_dtype_of_the_weights(self, dtype):
+        """Compiled, the sqrt(2) weights are those of the input's dtype (numpy's float64
+        constants were traced in float32: float64 output 2e-8 off)."""
+        m = torch.randn(2, 5, 5, dtype=dtype)
+        m = m + m.transpose(1, 2)
+        for op, x in ((triu_pack, m), (triu_unpack, triu_pack(m))):
+            compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(x), op(x), rtol=0, atol=0)
+
     def test_exception(self):
         with pytest.raises(ValueError, match=r"square matrices \(B, C, C\), but got shape \(2, 3, 4\)"):
             triu_pack(torch.ones(2, 3, 4))
