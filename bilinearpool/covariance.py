@@ -135,7 +135,13 @@ class CovariancePool(nn.Module):
             weight = self.reduce[0].weight
             if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
                 # Half input into a float32 reduction: the reduction runs in its own dtype
-                # (under autocast, autocast picks).
+                # (under autocast, autocast picks). More precise input is not cut down.
+                if torch.finfo(x.dtype).bits > torch.finfo(weight.dtype).bits:
+                    raise TypeError(
+                        f"expected input of at most the reduction's precision ({weight.dtype}; half "
+                        f"precision is computed in it), but got {x.dtype}: convert the layer, "
+                        f"e.g. .to({x.dtype})"
+                    )
                 x = x.to(weight.dtype)
             if x.dim() == 3:
                 # Tokens (B, N, C) -> (B, C, N, 1) so the 1x1 convolution applies per token.

@@ -67,6 +67,11 @@ class TestCovariancePool:
             CovariancePool(in_channels=16, reduced_channels=4)(torch.zeros(2, 8, 3, 3))
         with pytest.raises(ValueError, match="one stream, but got in_channels_b=3"):
             CovariancePool().output_dim(3, 3)
+        # float64 input into a float32 reduction is refused, not computed in float32
+        reduced = CovariancePool(in_channels=8, reduced_channels=4)
+        with pytest.raises(TypeError, match=r"at most the reduction's precision \(torch.float32; .*got torch.float64"):
+            reduced(torch.zeros(2, 8, 3, 3, dtype=torch.float64))
+        assert reduced.double()(torch.zeros(2, 8, 3, 3, dtype=torch.float64)).dtype == torch.float64
 
     def test_noncontiguous_and_channels_last(self) -> None:
         x = features(2, 6, 5, 4, dtype=torch.float64)
