@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_positive_int, make_layer
+from .functional._checks import check_dtype, check_positive_int, make_layer
 
 __all__ = ["SEBlock", "insert_se_blocks"]
 
@@ -48,8 +48,8 @@ class SEBlock(nn.Module):
         reduction: int = 8,
         act_layer: Callable[[], nn.Module] = nn.ReLU,
         gate_layer: Callable[[], nn.Module] = nn.Sigmoid,
-        device: object = None,
-        dtype: object = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         channels = check_positive_int("channels", channels)
@@ -57,13 +57,14 @@ class SEBlock(nn.Module):
         self.channels = channels
         self.reduction = reduction
         self.hidden = max(1, channels // reduction)
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_dtype(dtype)}
         self.fc1 = nn.Linear(channels, self.hidden, **factory)  # type: ignore[arg-type]
         self.act = make_layer(act_layer, "act_layer", "nn.ReLU")
         self.fc2 = nn.Linear(self.hidden, channels, **factory)  # type: ignore[arg-type]
         self.gate = make_layer(gate_layer, "gate_layer", "nn.Sigmoid")
 
     def reset_parameters(self) -> None:
+        """Re-initialise both linear layers as ``nn.Linear`` does."""
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
 

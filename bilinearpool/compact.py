@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_built_channels, check_positive_int, check_streams
+from .functional._checks import check_built_channels, check_dtype, check_positive_int, check_streams
 from .functional.sketch import _ALGORITHMS, random_maclaurin, tensor_sketch
 
 __all__ = ["CompactBilinearPool"]
@@ -85,12 +87,15 @@ class CompactBilinearPool(nn.Module):
             raise ValueError(
                 f"algorithm={algorithm!r} applies to method='tensor_sketch' only, but method={method!r}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
+        try:  # ints, NumPy integers and 0-d integer tensors, as the sizes take them
+            if isinstance(seed, bool):
+                raise TypeError
+            seed = operator.index(seed)
+        except TypeError:
+            raise TypeError(f"seed must be an int, but got {type(seed).__name__}") from None
         if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
             raise ValueError(f"seed must be in [-2**63, 2**64), but got {seed}")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point dtype, but got {dtype!r}")
+        dtype = check_dtype(dtype)
         self.in_channels = in_channels
         self.in_channels_b = in_channels_b
         self.out_features = out_features

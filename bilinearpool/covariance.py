@@ -7,7 +7,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_floating, check_optional_positive_int, make_layer
+from .functional._checks import (
+    check_dtype,
+    check_floating,
+    check_optional_positive_int,
+    make_layer,
+    uninitialized,
+)
 from .functional.bilinear import triu_pack
 from .functional.covariance import covariance_pool
 from .matrix_sqrt import MatrixSqrt
@@ -92,9 +98,9 @@ class CovariancePool(nn.Module):
         self.triu = triu
         self.reduce: nn.Module | None = None
         if reduced_channels is not None:
-            factory = {"device": device, "dtype": dtype}
-            self.reduce = nn.Sequential(
-                nn.Conv2d(in_channels, reduced_channels, kernel_size=1, bias=False, **factory),
+            factory = {"device": device, "dtype": check_dtype(dtype)}
+            self.reduce = nn.Sequential(  # reset_parameters draws the convolution's weights
+                uninitialized(nn.Conv2d, in_channels, reduced_channels, kernel_size=1, bias=False, **factory),
                 nn.BatchNorm2d(reduced_channels, **factory),
                 act,
             )

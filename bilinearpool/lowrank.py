@@ -10,10 +10,12 @@ from torch import Tensor, nn
 
 from .functional._checks import (
     check_built_channels,
+    check_dtype,
     check_flags,
     check_positive_int,
     check_streams,
     make_layer,
+    uninitialized,
 )
 from .functional.lowrank import low_rank_bilinear_pool
 
@@ -80,12 +82,14 @@ class LowRankBilinearPool(nn.Module):
         if out_features is not None:
             out_features = check_positive_int("out_features", out_features)
         check_flags(shared=shared, bias=bias)
+        if not bias and out_features is None:
+            raise ValueError("bias=False applies to the output map (out_features), but out_features is None")
         act = None if act_layer is None else make_layer(act_layer, "act_layer", "nn.Tanh, or None")
         if shared and in_channels_b is not None:
             raise ValueError(
                 f"shared=True uses one projection for one stream, but got in_channels_b={in_channels_b}"
             )
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_dtype(dtype)}
         self.in_channels = in_channels
         self.in_channels_b = in_channels_b
         self.rank = rank
@@ -95,7 +99,8 @@ class LowRankBilinearPool(nn.Module):
         c_b = in_channels if in_channels_b is None else in_channels_b
         self.weight_b = None if shared else nn.Parameter(torch.empty(rank, c_b, **factory))
         self.act = act
-        self.proj = None if out_features is None else nn.Linear(rank, out_features, bias=bias, **factory)
+        # reset_parameters draws every initial value (a seeded build equals a seeded reset)
+        self.proj = None if out_features is None else uninitialized(nn.Linear, rank, out_features, bias=bias, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

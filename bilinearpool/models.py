@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor, WeightsArg, _set_training_modes, _training_modes, build_backbone
-from .functional._checks import check_optional_positive_int, check_positive_int
+from .functional._checks import (
+    check_dtype,
+    check_flags,
+    check_floating,
+    check_optional_positive_int,
+    check_positive_int,
+)
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
 from .linear import WideLinear
@@ -27,12 +33,12 @@ from .pooling import BilinearPool, FastBilinearPool
 
 __all__ = [
     "BCNN",
-    "HEADS",
     "BilinearClassifier",
     "ChannelReduction",
     "FastBCNN",
     "GAPClassifier",
     "GlobalAvgPool",
+    "HEADS",
     "build_model",
 ]
 
@@ -46,6 +52,8 @@ class ChannelReduction(nn.Sequential):
     Args:
         in_channels: input channels.
         out_channels: output channels.
+        device: device of the parameters.
+        dtype: floating dtype of the parameters.
 
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`.
@@ -56,16 +64,30 @@ class ChannelReduction(nn.Sequential):
         torch.Size([2, 256, 7, 7])
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         in_channels = check_positive_int("in_channels", in_channels)
         out_channels = check_positive_int("out_channels", out_channels)
+        factory = {"device": device, "dtype": check_dtype(dtype)}
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False, **factory),
+            nn.BatchNorm2d(out_channels, **factory),
             nn.ReLU(inplace=True),
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the convolution (as ``nn.Conv2d``) and the batch norm (unit scale,
+        zero shift, fresh running statistics)."""
+        self[0].reset_parameters()
+        self[1].reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -85,6 +107,9 @@ def _in_backbone(name: str) -> bool:
 
 class GlobalAvgPool(nn.Module):
     """Mean over locations: the first-order pooling of the plain baseline.
+
+    Global average pooling as in Lin, Chen & Yan, "Network In Network" (ICLR 2014), and
+    at the end of ResNet and Inception.
 
     Shape:
         - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
@@ -109,6 +134,7 @@ class GlobalAvgPool(nn.Module):
         return in_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        check_floating(x)
         if x.dim() == 4:
             return x.mean(dim=(2, 3))
         if x.dim() == 3:
@@ -672,6 +698,7 @@ class BCNN(BilinearClassifier):
         sample_shape: tuple[int, ...] | None = None,
         output_fmt: str | None = None,
     ) -> None:
+        check_flags(shared=shared)
         if shared and backbone_b is not None:
             raise ValueError("shared=True shares backbone_a between the streams; do not pass backbone_b")
         _check_head_args(num_classes, dropout, reduce_dim)
@@ -769,6 +796,8 @@ def build_model(head: str, backbone: str | nn.Module, *, num_classes: int, **kwa
         >>> type(build_model("fast-bcnn", body, num_classes=8)).__name__
         'FastBCNN'
     """
+    if not isinstance(head, str):
+        raise TypeError(f"head must be a str, one of {sorted(HEADS)}, but got {type(head).__name__}")
     key = head.lower().replace("_", "-")
     if key not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, but got {head!r}")

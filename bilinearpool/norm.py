@@ -45,6 +45,9 @@ class SignedSqrt(nn.Module):
 class L2Normalize(nn.Module):
     """Scale each sample to unit L2 norm over all its non-batch dimensions.
 
+    The last step of the bilinear feature of Lin, RoyChowdhury & Maji, "Bilinear CNN
+    Models for Fine-grained Visual Recognition" (ICCV 2015), after the signed square root.
+
     Args:
         eps: lower bound of the divisor.
 

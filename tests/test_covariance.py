@@ -50,6 +50,12 @@ class TestCovariancePool:
         reduced = CovariancePool(in_channels=c, reduced_channels=3, triu=triu).eval()
         assert reduced(x).shape == (shape[0], reduced.output_dim(c)) == (shape[0], 6 if triu else 9)
 
+    def test_reduction_initialisation(self) -> None:
+        """Kaiming normal over fan-out (ReLU gain): std sqrt(2 / reduced_channels)."""
+        torch.manual_seed(0)
+        weight = CovariancePool(in_channels=512, reduced_channels=16).reduce[0].weight
+        assert weight.std().item() == pytest.approx((2 / 16) ** 0.5, rel=0.05)
+
     def test_exception(self) -> None:
         with pytest.raises(ValueError, match=r"\(B, C, H, W\) or a token sequence \(B, N, C\).*2-D"):
             covariance_pool(torch.zeros(3, 4))

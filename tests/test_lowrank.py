@@ -44,6 +44,20 @@ class TestLowRankBilinearPool:
             two = LowRankBilinearPool(in_channels=c, in_channels_b=2, rank=rank, out_features=out_features)
             assert two(features(*shape), features(*y_shape)).shape == (shape[0], out_features or rank)
 
+    def test_initialisation_is_nn_linears(self) -> None:
+        """Projections uniform in +-1/sqrt(C) of their own stream (as nn.Linear)."""
+        torch.manual_seed(0)
+        layer = LowRankBilinearPool(in_channels=256, in_channels_b=16, rank=64)
+        for w, c in ((layer.weight_a, 256), (layer.weight_b, 16)):
+            bound = c**-0.5
+            assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+            assert abs(w.std().item() - bound / 3**0.5) < 0.1 * bound
+
+    def test_out_bias_of_the_wrong_length_is_refused(self) -> None:
+        a, wa, wb, ow = torch.randn(2, 4, 3, 3), torch.randn(5, 4), torch.randn(5, 4), torch.randn(10, 5)
+        with pytest.raises(ValueError, match=r"out_bias must have shape \(10,\), but got \(1,\)"):
+            low_rank_bilinear_pool(a, weight_a=wa, weight_b=wb, out_weight=ow, out_bias=torch.randn(1))
+
     def test_exception(self) -> None:
         with pytest.raises(ValueError, match="rank must be a positive int, but got 0"):
             LowRankBilinearPool(in_channels=4, rank=0)

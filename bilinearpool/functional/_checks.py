@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, TypeVar
 
 import torch
 from torch import Tensor
@@ -21,8 +21,9 @@ __all__ = [
     "as_channel_matrix",
     "check_built_channels",
     "check_channels",
-    "check_floating",
+    "check_dtype",
     "check_flags",
+    "check_floating",
     "check_optional_positive_int",
     "check_positive_int",
     "check_streams",
@@ -31,7 +32,10 @@ __all__ = [
     "no_autocast",
     "pair_streams",
     "plain_ops",
+    "uninitialized",
 ]
+
+_ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
 
 
 def check_floating(x: Tensor, name: str = "input") -> None:
@@ -88,6 +92,25 @@ def make_layer(factory: object, name: str, example: str) -> torch.nn.Module:
     if not isinstance(layer, torch.nn.Module):
         raise TypeError(f"{expected}, but {factory!r}() returned {type(layer).__name__}")
     return layer
+
+
+def check_dtype(dtype: object) -> torch.dtype | None:
+    """A layer's ``dtype=`` argument: ``None`` or a floating-point ``torch.dtype``.
+
+    Raises:
+        TypeError: anything else (parameters of integer dtype cannot require gradients).
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point dtype, but got {dtype!r}")
+    return dtype
+
+
+def uninitialized(cls: type[_ModuleT], *args: object, device: object = None, **kwargs: object) -> _ModuleT:
+    """``cls(*args, device=device, **kwargs)`` without drawing its initial values (built on
+    the meta device, then given memory), for a layer whose ``reset_parameters`` draws them:
+    then a layer built after ``torch.manual_seed(s)`` equals one reset after it."""
+    target = torch.empty(0, device=device).device  # None: the default device
+    return torch.nn.utils.skip_init(cls, *args, device=target, **kwargs)
 
 
 def as_channel_matrix(x: Tensor, name: str = "input") -> Tensor:

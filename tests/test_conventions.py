@@ -1,0 +1,208 @@
+"""Conventions every layer keeps (STYLE.md): seeded and deferred initialisation, dtype and
+device arguments, and the smoke / cardinality / exception / non-contiguous / gradcheck /
+compile / pickle checks of the small layers that have no test file of their own
+(GlobalAvgPool, ChannelReduction, SEBlock, WideLinear)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from _compile import assert_compiled_matches
+from torch import nn
+
+from bilinearpool import (
+    ChannelReduction,
+    CompactBilinearPool,
+    CovariancePool,
+    GlobalAvgPool,
+    LowRankBilinearPool,
+    SEBlock,
+    WideLinear,
+)
+
+#: Layers that own parameters or buffers, built with keyword arguments (device, dtype).
+BUILDERS = {
+    "low-rank": lambda **k: LowRankBilinearPool(in_channels=8, rank=4, **k),
+    "low-rank-out": lambda **k: LowRankBilinearPool(in_channels=8, rank=4, out_features=5, **k),
+    "covariance-reduced": lambda **k: CovariancePool(in_channels=8, reduced_channels=4, **k),
+    "channel-reduction": lambda **k: ChannelReduction(8, 4, **k),
+    "se": lambda **k: SEBlock(8, reduction=2, **k),
+    "compact": lambda **k: CompactBilinearPool(in_channels=8, out_features=16, **k),
+    "wide-linear": lambda **k: WideLinear(8, 3, **k),
+}
+
+
+def state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+class TestInitialisation:
+    def test_seeded_build_equals_seeded_reset(self, name):
+        """reset_parameters draws every initial value: a layer built after a seed equals
+        one reset after it (a child drawing its own initial values first broke this)."""
+        torch.manual_seed(0)
+        layer = BUILDERS[name]()
+        built = state(layer)
+        torch.manual_seed(1)
+        layer.reset_parameters()
+        assert any(not torch.equal(built[k], v) for k, v in state(layer).items()) or name == "compact"
+        torch.manual_seed(0)
+        layer.reset_parameters()
+        assert_same_state(built, state(layer))
+
+    def test_meta_build_then_reset_equals_an_eager_build(self, name):
+        """Deferred initialisation: build on the meta device, give memory, reset."""
+        torch.manual_seed(0)
+        eager = state(BUILDERS[name]())
+        meta = BUILDERS[name](device="meta")
+        assert all(t.is_meta for k, t in meta.state_dict().items() if k != "_extra_state")
+        layer = meta.to_empty(device="cpu")
+        torch.manual_seed(0)
+        layer.reset_parameters()
+        assert_same_state(eager, state(layer))
+
+    def test_dtype(self, name):
+        layer = BUILDERS[name](dtype=torch.float64)
+        floating = [t for t in layer.state_dict().values() if t.is_floating_point()]
+        assert floating and all(t.dtype == torch.float64 for t in floating)
+        # WideLinear is an nn.Linear, constructor included: torch's own error
+        error, match = ((RuntimeError, "Only Tensors of floating point") if name == "wide-linear" else
+                        (TypeError, r"dtype must be a floating-point dtype, but got torch.int32"))
+        with pytest.raises(error, match=match):
+            BUILDERS[name](dtype=torch.int32)
+
+
+def roundtrip(module: nn.Module) -> nn.Module:
+    clone = pickle.loads(pickle.dumps(module))
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = copy.deepcopy(module)
+    for p in fresh.parameters():
+        nn.init.zeros_(p)
+    fresh.load_state_dict(torch.load(buffer))
+    return clone, fresh
+
+
+class TestGlobalAvgPool:
+    def test_smoke_and_cardinality(self):
+        x = torch.randn(2, 5, 3, 4)
+        torch.testing.assert_close(GlobalAvgPool()(x), x.flatten(2).mean(dim=2))
+        torch.testing.assert_close(GlobalAvgPool()(x.flatten(2).transpose(1, 2)), x.flatten(2).mean(dim=2))
+        for shape in [(1, 1, 1, 1), (0, 3, 2, 2), (4, 7, 5, 1)]:
+            assert GlobalAvgPool()(torch.randn(shape)).shape == shape[:2]
+        assert GlobalAvgPool().output_dim(7) == 7
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match=r"expected \(B, C, H, W\) or \(B, N, C\), but got shape \(2, 3\)"):
+            GlobalAvgPool()(torch.randn(2, 3))
+        with pytest.raises(TypeError, match="floating-point"):
+            GlobalAvgPool()(torch.ones(2, 3, 2, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match="pools one stream, but got two"):
+            GlobalAvgPool().output_dim(3, 4)
+
+    def test_noncontiguous_gradcheck_compile(self):
+        x = torch.randn(2, 4, 6, 3, dtype=torch.float64)
+        strided, cl = x[:, :, ::2], x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(GlobalAvgPool()(strided), GlobalAvgPool()(strided.contiguous()))
+        torch.testing.assert_close(GlobalAvgPool()(cl), GlobalAvgPool()(x))
+        assert torch.autograd.gradcheck(GlobalAvgPool(), (x.requires_grad_(),))
+        assert_compiled_matches(GlobalAvgPool(), torch.randn(2, 4, 3, 3, requires_grad=True), fullgraph=True)
+
+
+class TestChannelReduction:
+    def test_smoke_and_definition(self):
+        layer = ChannelReduction(6, 3).eval()
+        x = torch.randn(2, 6, 4, 5)
+        conv, bn = layer[0], layer[1]
+        expected = torch.relu(bn(torch.nn.functional.conv2d(x, conv.weight)))
+        torch.testing.assert_close(layer(x), expected)
+        assert layer(torch.randn(1, 6, 1, 1)).shape == (1, 3, 1, 1)
+
+    def test_noncontiguous_and_channels_last(self):
+        layer = ChannelReduction(6, 3).eval()
+        x = torch.randn(2, 6, 8, 5)
+        torch.testing.assert_close(layer(x[:, :, ::2]), layer(x[:, :, ::2].contiguous()))
+        torch.testing.assert_close(layer(x.contiguous(memory_format=torch.channels_last)), layer(x))
+
+    def test_gradcheck_compile_pickle(self):
+        layer = ChannelReduction(4, 2, dtype=torch.float64).eval()
+        x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(layer, (x,))
+        assert_compiled_matches(layer, x, fullgraph=True)
+        for other in roundtrip(layer):
+            torch.testing.assert_close(other(x), layer(x))
+
+
+class TestSEBlockConventions:
+    @pytest.mark.parametrize(("shape", "reduction"), [((1, 3, 1, 1), 8), ((2, 16, 5, 3), 4), ((3, 7, 2), 2)])
+    def test_cardinality(self, shape, reduction):
+        se = SEBlock(shape[1] if len(shape) == 4 else shape[2], reduction=reduction)
+        assert se(torch.randn(shape)).shape == shape
+        assert se.hidden == max(1, se.channels // reduction)
+
+    def test_noncontiguous_channels_last_pickle(self):
+        se = SEBlock(6, reduction=2)
+        x = torch.randn(2, 6, 8, 5)
+        torch.testing.assert_close(se(x[:, :, ::2]), se(x[:, :, ::2].contiguous()))
+        torch.testing.assert_close(se(x.contiguous(memory_format=torch.channels_last)), se(x))
+        for other in roundtrip(se):
+            torch.testing.assert_close(other(x), se(x))
+
+
+class TestWideLinearConventions:
+    def test_gradcheck_compile_pickle(self):
+        layer = WideLinear(6, 3, dtype=torch.float64)
+        x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(layer, (x,))
+        assert_compiled_matches(layer, x, fullgraph=True)
+        for other in roundtrip(layer):
+            assert type(other) is WideLinear
+            torch.testing.assert_close(other(x), layer(x))
+
+
+def test_seed_takes_numpy_integers_as_the_sizes_do():
+    a = CompactBilinearPool(in_channels=np.int64(4), out_features=16, seed=np.int64(3))
+    b = CompactBilinearPool(in_channels=4, out_features=16, seed=3)
+    assert a.seed == 3 and type(a.seed) is int
+    assert_same_state(state(a), state(b))
+    for bad in (1.0, True, "3"):
+        with pytest.raises(TypeError, match=f"seed must be an int, but got {type(bad).__name__}"):
+            CompactBilinearPool(in_channels=4, out_features=16, seed=bad)
+
+
+def test_flags_and_names_are_checked():
+    from bilinearpool import BCNN, build_model
+
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(TypeError, match=r"shared must be True or False, but got 1 \(int\)"):
+        BCNN(conv, num_classes=2, shared=1)
+    with pytest.raises(TypeError, match=r"head must be a str, one of \[.*\], but got int"):
+        build_model(1, conv, num_classes=2)
+    with pytest.raises(ValueError, match=r"bias=False applies to the output map \(out_features\)"):
+        LowRankBilinearPool(in_channels=8, rank=4, bias=False)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["bilinearpool", "bilinearpool.functional", "bilinearpool.models", "bilinearpool.bench",
+     "bilinearpool.pooling", "bilinearpool.norm", "bilinearpool.functional._checks"],
+)
+def test_all_is_sorted_and_complete(module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    assert mod.__all__ == sorted(mod.__all__)
+    assert all(hasattr(mod, name) for name in mod.__all__)
