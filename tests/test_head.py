@@ -493,3 +493,20 @@ def test_to_triu_keeps_a_frozen_classifier_frozen():
     assert not packed.classifier.weight.requires_grad and not packed.classifier.bias.requires_grad
     assert all(p.requires_grad for p in packed.backbone.parameters())
     assert FastBCNN(tiny_backbone(), num_classes=4).to_triu().classifier.weight.requires_grad
+
+
+@pytest.mark.parametrize("triu", [False, True])
+def test_the_function_compiles_in_one_graph(triu):
+    """Compiled (inference and training), the one-step head gives the definition's logits
+    and gradients."""
+    x = torch.relu(torch.randn(2, 8, 5, 5, dtype=torch.float64)).requires_grad_()
+    w, b = classifier_for(8, triu)
+    with torch.no_grad():
+        compiled = torch.compile(fast_bilinear_linear, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, w, b, triu=triu), F.linear(fast_bilinear_pool(x, triu=triu), w, b))
+    compiled = torch.compile(fast_bilinear_linear, backend="aot_eager", fullgraph=True)
+    out = compiled(x, w, b, triu=triu)
+    dz = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, dz)
+    (want,) = torch.autograd.grad(F.linear(fast_bilinear_pool(x, triu=triu), w, b), x, dz)
+    torch.testing.assert_close(got, want)
