@@ -49,7 +49,8 @@ class CovariancePool(nn.Module):
             arguments (a module class such as ``nn.ReLU``; not a function such as
             ``F.relu``); ``None`` for none. Checked even without ``reduced_channels``.
         device: device of the reduction's parameters.
-        dtype: dtype of the reduction's parameters.
+        dtype: dtype of the reduction's parameters. Half-precision input is reduced in
+            it; input more precise than it (float64 into float32) is refused, not cut down.
 
     Shape:
         - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
