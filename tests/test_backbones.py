@@ -41,6 +41,16 @@ def test_reduction_is_measured():
     assert build_backbone("resnet18").reduction == 32
 
 
+def test_timm_reduction_is_that_of_the_last_map():
+    assert build_backbone("timm:resnet18").reduction == 32
+
+
+def test_reduction_of_a_module_is_measured_along_the_width():
+    # 32 x 64 -> 15 x 31: the input's width over the map's, 64 // 31 = 2 (not 32 // 31 = 1)
+    fx = build_backbone(nn.Conv2d(3, 8, 3, stride=2), sample_shape=(3, 32, 64))
+    assert fx.reduction == 2 and fx(torch.randn(1, 3, 32, 64)).shape == (1, 8, 15, 31)
+
+
 def test_torchvision_model_with_node():
     fx = build_backbone(torchvision.models.resnet18(), node="layer3")
     assert fx.out_channels == 256 and fx(torch.randn(1, 3, 64, 64)).shape == (1, 256, 4, 4)
@@ -72,6 +82,47 @@ def test_local_weights_file(tmp_path):
     assert torch.equal(build_backbone("resnet18", weights=str(path)).body.conv1.weight, reference.conv1.weight)
     with pytest.raises(ValueError, match="does not fit torchvision 'resnet50'"):
         build_backbone("resnet50", weights=path)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "model", "model_state_dict", "module.", None])
+def test_local_weights_file_wrapped_or_saved_from_data_parallel(tmp_path, wrap):
+    """Training scripts save {"model": ...} or {"model_state_dict": ...}; nn.DataParallel
+    prefixes every key with "module."."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    state = reference.state_dict()
+    if wrap == "module.":
+        saved = {f"module.{k}": v for k, v in state.items()}
+    elif wrap is None:
+        saved = state
+    else:
+        saved = {wrap: state, "epoch": 3}
+    path = tmp_path / "resnet18.pth"
+    torch.save(saved, path)
+    fx = build_backbone("resnet18", weights=path)
+    torch.testing.assert_close(fx.body.conv1.weight, reference.conv1.weight)
+    torch.testing.assert_close(fx.body.get_submodule("layer4.1.bn2").running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_local_weights_file_with_an_unexpected_key_is_refused(tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["layer5.weight"] = torch.zeros(3)
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"does not fit torchvision 'resnet18': missing \[\], unexpected \['layer5.weight'\]"):
+        build_backbone("resnet18", weights=path)
+
+
+def test_random_initialisation_is_torchvisions_own():
+    """weights=None builds GoogLeNet with torchvision's initialisation (truncated normal,
+    std 0.01), not PyTorch's default (uniform, std 1/sqrt(3 fan_in): 0.048 for conv1);
+    only a build that loads weights skips it."""
+    fx = build_backbone("googlenet", weights=None)
+    convs = [m.weight for m in fx.body.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) > 50
+    weights = torch.cat([w.detach().flatten() for w in convs])
+    assert 0.009 < weights.std() < 0.011
+    assert 0.009 < fx.body.conv1.conv.weight.std() < 0.011
 
 
 def test_local_weights_file_timm(tmp_path):
@@ -463,6 +514,15 @@ class TestChannelsLastModules:
         with pytest.raises(ValueError, match=r"changes .* as tokens \(B, N, C\).*tokens must be \(B, N, C\)"):
             build_backbone(nn.Flatten(2))  # (B, C, HW): tokens the wrong way round
 
+    def test_layout_misread_at_a_node_of_a_named_model_is_an_error(self):
+        # The default nodes' layouts are known; a node the user names is checked (here
+        # resnet18's layer4 read as NHWC, quicker to build than swin_t's features as NCHW).
+        with pytest.raises(ValueError, match=r"channel count changes with the input size when its output is read "
+                                             r"as NHWC: 4 channels at \(128, 128\), 2 at \(64, 64\).*"
+                                             r"pass output_fmt='NCHW'"):  # fmt: skip
+            build_backbone("resnet18", node="layer4", output_fmt="NHWC")
+        assert build_backbone("resnet18", node="layer4", output_fmt="NCHW").out_channels == 512
+
 
 class TestLastConv:
     def test_none_for_transformers(self):
@@ -473,6 +533,13 @@ class TestLastConv:
         tokens = build_backbone(vit, node="encoder", sample_shape=(3, 32, 32))
         assert tokens.tokens and tokens.reduction is None and tokens.last_conv is None
         assert build_backbone(nn.AvgPool2d(4)).last_conv is None  # no convolution at all
+
+    def test_none_for_a_patch_embedding_alone(self):
+        assert build_backbone(nn.Conv2d(3, 8, 4, stride=4)).last_conv is None
+        assert build_backbone(nn.Conv2d(3, 8, (4, 2), stride=(4, 2))).last_conv is None
+        # a convolution whose kernel overlaps its steps, or one of stride 1, is not a patch embedding
+        for conv in (nn.Conv2d(3, 8, 4, stride=2), nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 4, stride=(4, 2))):
+            assert build_backbone(conv).last_conv is conv
 
     def test_last_conv_of_a_cnn(self):
         net = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU())

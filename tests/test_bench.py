@@ -99,6 +99,17 @@ class TestSavedTensorCounter:
             (v + w) * w  # v + w derives from v too: counted; w not
         assert saved.nbytes == v.numel() * FLOAT32
 
+    def test_excluded_storages_are_not_counted_as_storages(self):
+        """The excluded weight is seen (so not counted) but is not one of the storages saved."""
+        x = torch.randn(2, 256, requires_grad=True)
+        w = torch.zeros(8, 256, requires_grad=True)
+        with bench.SavedTensorCounter(exclude=[w]) as saved:
+            torch.nn.functional.linear(x, w)  # saves x and w
+        assert (saved.nbytes, saved.count, saved.storages) == (x.numel() * FLOAT32, 2, 1)
+        with bench.SavedTensorCounter(exclude=[w]) as saved:
+            pass
+        assert (saved.nbytes, saved.count, saved.storages) == (0, 0, 0)
+
     def test_fused_pool_saves_only_its_input(self):
         x = torch.relu(torch.randn(2, 16, 5, 5)).requires_grad_()
         with bench.SavedTensorCounter() as saved:
@@ -881,6 +892,34 @@ class TestRobustRuns:
         assert data["notes"][0].startswith("INCOMPLETE: the run stopped at 2x6x2x2 test-stop")
         assert "INCOMPLETE" in (tmp_path / "layers.md").read_text()
 
+    def test_writes_while_the_run_goes_are_marked_incomplete(self, tmp_path, monkeypatch, keep_threads):
+        written = []
+
+        def record(result, out, *, plot=True):
+            written.append((plot, list(result.meta["notes"])))
+            return []
+
+        monkeypatch.setattr(cli, "write_result", record)
+        argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "fast-bcnn", "--out", str(tmp_path),
+                *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        assert [plot for plot, _ in written] == [False, True]
+        assert written[0][1][0] == "INCOMPLETE: written after 1 of 2 shapes, the run goes on"
+        assert not [n for n in written[1][1] if n.startswith("INCOMPLETE")]
+
+    def test_a_two_stream_case_has_both_maps_as_input(self, tmp_path, monkeypatch, keep_threads):
+        case = bench.LayerCase("test-two", "product of two maps", lambda c, d: lambda x, y: (x * y).mean((2, 3)),
+                               streams=2)  # fmt: skip
+        monkeypatch.setitem(bench.LAYER_CASES, case.name, case)
+        argv = ["layers", "--shapes", "2x8x2x2", "--cases", case.name, "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
+        data = json.loads((tmp_path / "layers.json").read_text())
+        rec = next(r for r in data["raw"] if r["case"] == case.name)
+        one_map = 2 * 8 * 2 * 2 * FLOAT32
+        assert (rec["input_bytes"], rec["saved_bytes"]) == (2 * one_map, 2 * one_map)  # x * y saves both
+        row = next(r for r in data["rows"] if r["case"] == case.name)
+        assert row["saved_vs_input"] == 1.0 and row["input_MiB"] * 2**20 == 2 * one_map
+
     def test_saved_with_linear_under_amp_counts_the_weight_copy(self, tmp_path, keep_threads):
         argv = ["layers", "--amp", "--shapes", "2x16x5x5", "--cases", "fast-bcnn", "--out", str(tmp_path),
                 *self.COMMON]  # fmt: skip
@@ -1248,6 +1287,29 @@ class TestResults:
             "(3x8x4x4: 0.502x); met at 2x8x4x4: 0.496x [rounds 0.45-0.72, within noise]"
         )
 
+    def test_goals_met_exactly_at_their_limits(self):
+        """time <= 0.5x and saved <= 1.1x: a ratio equal to the limit meets the goal."""
+        assert cli._layer_goal(0.5, [0.5], 1.0) == "time met (0.500x), memory met (1.000x)"
+        assert cli._layer_goal(0.2, [0.2], 1.1) == "time met (0.200x), memory met (1.100x)"
+        # a round exactly at the limit meets it, the other does not: within noise
+        assert cli._layer_goal(0.55, [0.5, 0.6], 1.0) == (
+            "time NOT met (0.550x; rounds 0.50-0.60, within noise), memory met (1.000x)"
+        )
+        raw = [
+            layer_record("2x8x4x4", "naive", [1.0]),
+            layer_record("2x8x4x4", "matmul-floor", [0.1]),
+            layer_record("2x8x4x4", "fast-bcnn", [0.5], saved=110),  # 0.5x the time, 1.1x the input
+        ]
+        plan = [["2x8x4x4", list(LAYER_CASE_INFO)]]
+        result = cli._layers_result(raw, LAYER_CASE_INFO, LAYER_SETTINGS, {}, "cmd", plan)
+        row = next(r for r in result.rows if r["case"] == "fast-bcnn")
+        assert (row["vs_naive"], row["saved_vs_input"]) == (0.5, 1.1)
+        assert row["goals"] == "time met (0.500x), memory met (1.100x)"
+        assert result.meta["goals"][:2] == [
+            "`fast-bcnn` fwd+bwd time <= 0.5x the naive chain's: met at all 1 shapes (2x8x4x4: 0.500x)",
+            "`fast-bcnn` saved bytes <= 1.1x the input map's: met at all 1 shapes (2x8x4x4: 1.100x)",
+        ]
+
     def test_layer_goals_count_the_planned_shapes(self):
         raw = [
             layer_record("2x8x4x4", "naive", [1.0]),
@@ -1299,6 +1361,36 @@ class TestResults:
             "(met; rounds 0.80-0.90, within noise); not measured on inception_v3 (inference failed: "
             "RuntimeError: boom), inception_resnet_v2 (the run stopped before it)"
         )
+
+    def test_model_throughput_goal_met_exactly_at_its_limit(self):
+        raw = [model_record("resnet50", "plain", [0.85]), model_record("resnet50", "fast-bcnn", [1.0])]
+        plan = {"backbones": ["resnet50"], "heads": ["plain", "fast-bcnn"], "resolutions": [224], "timed": True}
+        result = cli._models_result(raw, {"plain": "", "fast-bcnn": ""}, {"device": "cpu"}, {}, "cmd", plan)
+        assert next(r for r in result.rows if r["head"] == "fast-bcnn")["infer_vs_plain"] == 0.85
+        assert result.meta["goals"][1] == (
+            "Fast BCNN inference throughput / plain at 224px, goal >= 0.85x: resnet50 0.850x (met)"
+        )
+
+    def test_a_parameter_count_off_the_analytic_count_is_not_met(self):
+        raw = [model_record("resnet50", "plain", [1.0]), model_record("resnet50", "fast-bcnn", [1.0])]
+        raw[1].update(params=11, params_analytic=12)
+        plan = {"backbones": ["resnet50"], "heads": ["plain", "fast-bcnn"], "resolutions": [224], "timed": True}
+        result = cli._models_result(raw, {"plain": "", "fast-bcnn": ""}, {"device": "cpu"}, {}, "cmd", plan)
+        assert [r["params_ok"] for r in result.rows] == [True, False]
+        assert result.meta["goals"][0] == (
+            "Parameter counts equal the analytic counts: NOT met for resnet50/fast-bcnn: 11 vs 12"
+        )
+
+    def test_a_timed_run_without_the_goal_resolution_says_so(self):
+        raw = [model_record("resnet50", "plain", [1.0]), model_record("resnet50", "fast-bcnn", [1.0])]
+        for rec in raw:
+            rec["resolution"] = 64
+        plan = {"backbones": ["resnet50"], "heads": ["plain", "fast-bcnn"], "resolutions": [64], "timed": True}
+        result = cli._models_result(raw, {"plain": "", "fast-bcnn": ""}, {"device": "cpu"}, {}, "cmd", plan)
+        assert result.meta["goals"] == [
+            "Parameter counts equal the analytic counts: met for all 2 models",
+            "Throughput goals are stated at 224px, which was not measured in this run",
+        ]
 
     def test_saved_bytes_leave_out_the_layers_own_weights(self, tmp_path, keep_threads):
         """The model holds a layer's parameters and buffers anyway: lowrank-r512's projections
@@ -1581,6 +1673,65 @@ class TestReportRefusesTampering:
         (tmp_path / "layers.json").write_text(json.dumps(data))
         assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 1
         assert "cannot rebuild its results (ValueError" in capsys.readouterr().err
+
+    def fast_row(self, data: dict, shape: str = "8x2048x7x7") -> dict:
+        return next(r for r in data["rows"] if r["case"] == "fast-bcnn" and r["shape"] == shape)
+
+    def test_a_range_is_checked_to_its_printed_decimals(self, tmp_path, capsys):
+        assert cli._same_value("vs_naive_range", "0.10-0.20", "0.104-0.196")
+        assert not cli._same_value("vs_naive_range", "0.10-0.20", "0.40-0.90")
+        assert not cli._same_value("vs_naive_range", "0.10-0.20", "0.10-0.21")
+        data = self.layers()
+        row = self.fast_row(data)
+        assert row["vs_naive_range"] == "0.09-0.32"
+        row["vs_naive_range"] = "0.39-0.62"
+        stored = r"row 8x2048x7x7 fast-bcnn: vs_naive_range is stored as '0\.39-0\.62'"
+        with pytest.raises(cli.ResultMismatchError, match=stored):
+            cli.rebuild_result(data)
+        (tmp_path / "layers.json").write_text(json.dumps(data))
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 1
+        assert "vs_naive_range is stored as '0.39-0.62'" in capsys.readouterr().err
+
+    def test_a_ratio_off_by_a_fraction_of_a_percent_is_refused(self):
+        data = self.layers()
+        self.fast_row(data)["vs_naive"] *= 1.004
+        with pytest.raises(cli.ResultMismatchError, match="row 8x2048x7x7 fast-bcnn: vs_naive is stored as"):
+            cli.rebuild_result(data)
+
+    def test_a_stored_verdict_is_checked_word_by_word(self):
+        data = self.layers()
+        row = self.fast_row(data, "16x512x28x28")
+        assert row["goals"].startswith("time NOT met")
+        row["goals"] = row["goals"].replace("time NOT met", "time met")
+        stored = "row 16x512x28x28 fast-bcnn: goals is stored as 'time met"
+        with pytest.raises(cli.ResultMismatchError, match=stored):
+            cli.rebuild_result(data)
+
+    @pytest.mark.parametrize("key", ["goals", "vs_naive"])
+    def test_a_stored_value_set_to_null_is_refused(self, key):
+        data = self.layers()
+        self.fast_row(data)[key] = None
+        with pytest.raises(cli.ResultMismatchError, match=f"row 8x2048x7x7 fast-bcnn: {key} is stored as None"):
+            cli.rebuild_result(data)
+
+    def test_a_dropped_or_added_row_is_refused(self):
+        data = self.layers()
+        n = len(data["rows"])
+        data["rows"].pop()
+        with pytest.raises(cli.ResultMismatchError, match=f"{n - 1} rows are stored, but the raw data give {n}"):
+            cli.rebuild_result(data)
+        data = self.layers()
+        data["rows"].append(dict(data["rows"][-1]))
+        with pytest.raises(cli.ResultMismatchError, match=f"{n + 1} rows are stored, but the raw data give {n}"):
+            cli.rebuild_result(data)
+
+    def test_an_incomplete_mark_is_kept_at_the_top(self):
+        data = self.layers()
+        mark = "INCOMPLETE: the run stopped at 32x256x14x14 timing with KeyboardInterrupt"
+        data["notes"].insert(0, f"{mark}; the 31 rows of its table came before")
+        result = cli.rebuild_result(data)
+        assert result.meta["notes"][0].startswith(mark)
+        assert result.markdown().splitlines()[2].startswith(f"**{mark}")
 
 
 class TestMethodology:

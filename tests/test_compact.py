@@ -498,6 +498,21 @@ class TestCompactBilinearPoolLoading:
         with pytest.raises(RuntimeError, match=r"index_a holds bins up to \d+, but this layer has out_features=16"):
             narrow.load_state_dict(wide.state_dict())
 
+    def test_a_bin_equal_to_out_features_is_refused(self) -> None:
+        # Bins run 0 .. out_features - 1: one bin past the last (a checkpoint without the
+        # extra state, whose out_features check would otherwise say so) is refused.
+        pool = CompactBilinearPool(in_channels=6, out_features=16, seed=0)
+        state = {k: v for k, v in pool.state_dict().items() if k != "_extra_state"}
+        state["index_a"] = state["index_a"].clone()
+        state["index_a"][0] = 16
+        before = pool.index_a.clone()
+        with pytest.raises(RuntimeError, match=r"index_a holds bins up to 16, but this layer has out_features=16"):
+            pool.load_state_dict(state)
+        assert torch.equal(pool.index_a, before)
+        state["index_a"][0] = 15  # the last bin: loads
+        pool.load_state_dict(state)
+        assert int(pool.index_a[0]) == 15
+
     def test_state_dict_of_a_narrower_layer_fails_to_load_and_changes_nothing(self) -> None:
         # Its bins are all valid here, but the output would use only the first 16 of 4096.
         narrow = CompactBilinearPool(in_channels=6, out_features=16, seed=1)
