@@ -2175,9 +2175,9 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None, quick: 
         "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
     )
     g.add_argument("--batch-size", type=int, default=None, help="batch size (layers: replaces B of every shape; "
-                   "models default: 2 on CPU, 1 at 448px and above, 32 on CUDA; 2 with --quick)")  # fmt: skip
+                   "models default: 2 on CPU, 1 at 448px and above, 32 on CUDA; 2 with --quick and in demo)")  # fmt: skip
     g.add_argument("--repeats", type=int, default=None, help="timed rounds, the median is reported "
-                   "(default: layers 5, models 3 on CPU; 20 on CUDA; 2 with --quick)")  # fmt: skip
+                   "(default: layers 5, models 3 on CPU; 20 on CUDA; 2 with --quick and in demo)")  # fmt: skip
     g.add_argument(
         "--warmup",
         type=int,
@@ -2659,10 +2659,11 @@ def _run(args: argparse.Namespace, command: str) -> list[Path]:
         written += _finish(run_layers(args, command=command, checkpoint=_saver(args.out)), args.out)
     elif args.command == "models":
         written += _finish(run_models(args, command=command, checkpoint=_saver(args.out)), args.out)
-    elif args.command == "demo":  # args.quick is True (its parser's default)
+    elif args.command == "demo":
         for name, option in (("shapes", None), ("cases", None), ("backbones", None), ("heads", None),
                              ("resolutions", None), ("batch_size_at", None), ("num_classes", 8),
-                             ("se_reduction", 8), ("params_only", False), ("no_train", False)):  # fmt: skip
+                             ("se_reduction", 8), ("params_only", False), ("no_train", False),
+                             ("quick", True)):  # fmt: skip
             setattr(args, name, option)
         layers = run_layers(
             args, command=command + "  (layers part: layers --quick)", checkpoint=_saver(args.out)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_built_channels, check_dtype, check_positive_int, check_streams
+from .functional._checks import as_int, check_built_channels, check_dtype, check_positive_int, check_streams
 from .functional.sketch import _ALGORITHMS, random_maclaurin, tensor_sketch
 
 __all__ = ["CompactBilinearPool"]
@@ -87,12 +85,10 @@ class CompactBilinearPool(nn.Module):
             raise ValueError(
                 f"algorithm={algorithm!r} applies to method='tensor_sketch' only, but method={method!r}"
             )
-        try:  # ints, NumPy integers and 0-d integer tensors, as the sizes take them
-            if isinstance(seed, bool):
-                raise TypeError
-            seed = operator.index(seed)
-        except TypeError:
-            raise TypeError(f"seed must be an int, but got {type(seed).__name__}") from None
+        number = as_int(seed)  # ints, NumPy integers and 0-d integer tensors, as the sizes take them
+        if number is None:
+            raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
+        seed = number
         if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
             raise ValueError(f"seed must be in [-2**63, 2**64), but got {seed}")
         dtype = check_dtype(dtype)

@@ -50,7 +50,9 @@ class CovariancePool(nn.Module):
             ``F.relu``); ``None`` for none. Checked even without ``reduced_channels``.
         device: device of the reduction's parameters.
         dtype: dtype of the reduction's parameters. Half-precision input is reduced in
-            it; input more precise than it (float64 into float32) is refused, not cut down.
+            it; input it cannot hold without loss (float64 into float32, bfloat16 into
+            float16) is refused, not cut down; float64 under autocast too (which leaves
+            float64 alone).
 
     Shape:
         - Input: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
@@ -140,16 +142,20 @@ class CovariancePool(nn.Module):
                 )
         if self.reduce is not None:
             weight = self.reduce[0].weight
-            if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            if x.dtype != weight.dtype:
                 # Half input into a float32 reduction: the reduction runs in its own dtype
-                # (under autocast, autocast picks). More precise input is not cut down.
-                if torch.finfo(x.dtype).bits > torch.finfo(weight.dtype).bits:
+                # (under autocast, autocast picks, but never for float64). Input the
+                # weights' dtype cannot hold without loss is not cut down.
+                autocast = torch.is_autocast_enabled(x.device.type)
+                lossy = torch.promote_types(x.dtype, weight.dtype) != weight.dtype
+                if lossy and (not autocast or x.dtype == torch.float64):
                     raise TypeError(
-                        f"expected input of at most the reduction's precision ({weight.dtype}; half "
-                        f"precision is computed in it), but got {x.dtype}: convert the layer, "
-                        f"e.g. .to({x.dtype})"
+                        f"expected input that the reduction's {weight.dtype} holds without loss (half "
+                        f"precision into float32 is computed in float32), but got {x.dtype}: convert "
+                        f"the layer, e.g. .to({x.dtype})"
                     )
-                x = x.to(weight.dtype)
+                if not autocast:
+                    x = x.to(weight.dtype)
             if x.dim() == 3:
                 # Tokens (B, N, C) -> (B, C, N, 1) so the 1x1 convolution applies per token.
                 x = self.reduce(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)

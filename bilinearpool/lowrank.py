@@ -43,7 +43,8 @@ class LowRankBilinearPool(nn.Module):
         shared: use one projection :math:`U` for both sides (one stream only).
         act_layer: factory of :math:`\\sigma` (Kim et al. use ``nn.Tanh``); ``None`` is
             the identity.
-        bias: learn a bias in the output map (only with ``out_features``).
+        bias: learn a bias in the output map; ``bias=False`` without ``out_features``
+            (no output map) is a ValueError.
         device: device of the parameters.
         dtype: dtype of the parameters.
 

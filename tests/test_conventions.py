@@ -178,7 +178,8 @@ def test_seed_takes_numpy_integers_as_the_sizes_do():
     b = CompactBilinearPool(in_channels=4, out_features=16, seed=3)
     assert a.seed == 3 and type(a.seed) is int
     assert_same_state(state(a), state(b))
-    for bad in (1.0, True, "3"):
+    assert CompactBilinearPool(in_channels=4, out_features=16, seed=torch.tensor(3)).seed == 3
+    for bad in (1.0, True, "3", np.bool_(True), torch.tensor(True), torch.tensor([3])):
         with pytest.raises(TypeError, match=f"seed must be an int, but got {type(bad).__name__}"):
             CompactBilinearPool(in_channels=4, out_features=16, seed=bad)
 

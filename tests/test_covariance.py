@@ -75,8 +75,13 @@ class TestCovariancePool:
             CovariancePool().output_dim(3, 3)
         # float64 input into a float32 reduction is refused, not computed in float32
         reduced = CovariancePool(in_channels=8, reduced_channels=4)
-        with pytest.raises(TypeError, match=r"at most the reduction's precision \(torch.float32; .*got torch.float64"):
-            reduced(torch.zeros(2, 8, 3, 3, dtype=torch.float64))
+        for dtype, layer_dtype in ((torch.float64, torch.float32), (torch.bfloat16, torch.float16)):
+            layer = CovariancePool(in_channels=8, reduced_channels=4, dtype=layer_dtype)
+            message = rf"reduction's {layer_dtype} holds without loss .*but got {dtype}"
+            with pytest.raises(TypeError, match=message):
+                layer(torch.zeros(2, 8, 3, 3, dtype=dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="holds without loss"):
+            reduced(torch.zeros(2, 8, 3, 3, dtype=torch.float64))  # autocast leaves float64 alone
         assert reduced.double()(torch.zeros(2, 8, 3, 3, dtype=torch.float64)).dtype == torch.float64
 
     def test_noncontiguous_and_channels_last(self) -> None:

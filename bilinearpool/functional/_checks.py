@@ -19,6 +19,7 @@ __all__ = [
     "RESIZE_BY_BILINEARPOOL",
     "RESIZE_BY_INTERPOLATE",
     "as_channel_matrix",
+    "as_int",
     "check_built_channels",
     "check_channels",
     "check_dtype",
@@ -210,6 +211,21 @@ def pair_streams(
     return a, b
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer of any kind (``int``, NumPy
+    integers, 0-d integer tensors: whatever has ``__index__``), else ``None``: bools (of
+    Python, NumPy or torch), floats and tensors of other shapes are not integers here."""
+    # NumPy's bool too (its type is named bool_ before NumPy 2, bool since)
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return None
+    if isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def check_positive_int(name: str, value: object, *, least: int = 1) -> int:
     """``value`` as a Python int; :class:`ValueError` unless it is an integer >= ``least``.
 
@@ -227,14 +243,7 @@ def check_positive_int(name: str, value: object, *, least: int = 1) -> int:
             ...
         ValueError: channels must be a positive int, but got 0
     """
-    number = None
-    # NumPy's bool too (its type is named bool_ before NumPy 2, bool since)
-    boolean = isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")
-    if not boolean and not (isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0)):
-        try:
-            number = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            number = None
+    number = as_int(value)
     if number is None or number < least:
         kind = {0: "a non-negative int", 1: "a positive int"}.get(least, f"an int >= {least}")
         raise ValueError(f"{name} must be {kind}, but got {value!r}")

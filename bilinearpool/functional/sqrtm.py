@@ -50,7 +50,9 @@ rounding:
   :math:`(q_K(\\lambda_i) - q_K(\\lambda_j)) / (\\lambda_i - \\lambda_j)` in closed form, with
   :math:`q_K` in float64 on the eigenvalues; the band of close pairs of the sorted
   spectrum, where that quotient cancels, is recomputed in float64 (:math:`q_K'`, from a
-  forward-mode scalar recurrence, for equal pairs). It shares its ``eigh`` and its
+  forward-mode scalar recurrence, for equal pairs; under ``torch.compile``, which cannot
+  size the band from the data, every pair is computed so, with several float64
+  :math:`(B, C, C)` temporaries unless the backend fuses them). It shares its ``eigh`` and its
   products with ``method="eig"``: the two differ only by elementwise work. Saves the
   eigenvectors, and the eigenvalues with ``q_K`` and ``q_K'`` on them.
 - ``"auto"`` (default): ``"spectral"`` on CPU, where LAPACK's ``eigh`` is cheaper than the
