@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import check_dtype, check_positive_int, make_layer
+from .functional._checks import check_dtype, check_floating, check_positive_int, make_layer
 
 __all__ = ["SEBlock", "insert_se_blocks"]
 
@@ -69,6 +69,7 @@ class SEBlock(nn.Module):
         self.fc2.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        check_floating(x)
         if x.dim() == 4:
             channel_dim, squeeze_dims = 1, (2, 3)
         elif x.dim() == 3:

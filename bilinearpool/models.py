@@ -90,6 +90,7 @@ class ChannelReduction(nn.Sequential):
         self[1].reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        check_floating(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ChannelReduction expected feature maps (B, {self.in_channels}, H, W), but got "
