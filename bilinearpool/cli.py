@@ -2190,8 +2190,6 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None, quick: 
             action="store_true",
             help="short run: 1 warm-up + 2 timed rounds (models: 224px, batch 2, on CPU and CUDA)",
         )
-    else:
-        parser.set_defaults(quick=True)
     g.add_argument("--out", type=_path, default=out_default, help="folder for <name>.csv/.json/.md/.png "
                    "(default: print only)" if out_default is None else f"output folder (default: {out_default})")  # fmt: skip
     g.add_argument(

@@ -232,9 +232,9 @@ def triu_size(channels: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _triu_numpy(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+def _triu_numpy(rows: int, cols: int) -> np.ndarray:
     r, c = np.triu_indices(rows, m=cols)
-    return r * cols + c, r == c
+    return r * cols + c
 
 
 def _triu_block(r0: int, r1: int, c: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -242,18 +242,20 @@ def _triu_block(r0: int, r1: int, c: int, device: torch.device, dtype: torch.dty
 
     Returns where they lie in the row-major ``(r1 - r0) x (c - r0)`` block that starts at
     column r0, and their isometry weights (1 on the diagonal, sqrt(2) off it). The index
-    and the diagonal mask are built with numpy, so that traced and exported (ONNX)
-    graphs hold them as constants; the weights are filled in ``dtype``.
+    is built with numpy, so that traced and exported (ONNX) graphs hold it as a constant;
+    the weights are filled in ``dtype``.
     """
     # ints: traced shapes may be tensors. The cache is skipped while torch.compile traces
     # (dynamo would trace through it anyway, and warns about it).
     build = _triu_numpy.__wrapped__ if torch.compiler.is_compiling() else _triu_numpy
 
     def tensors() -> tuple[Tensor, Tensor]:
-        index, diagonal = build(int(r1 - r0), int(c - r0))
-        # sqrt(2) filled in the target dtype: torch.compile traces numpy's float64 in float32
-        weights = torch.full(diagonal.shape, math.sqrt(2.0), dtype=dtype, device=device)
-        return torch.from_numpy(index).to(device), weights.masked_fill_(torch.from_numpy(diagonal).to(device), 1.0)
+        cols = int(c - r0)
+        index = torch.from_numpy(build(int(r1 - r0), cols)).to(device)
+        # sqrt(2) filled in the target dtype (torch.compile traced numpy's float64 in
+        # float32); entry (i, i) of the block lies at i * (cols + 1)
+        weights = torch.full(index.shape, math.sqrt(2.0), dtype=dtype, device=device)
+        return index, weights.masked_fill_(index % (cols + 1) == 0, 1.0)
 
     if not torch.jit.is_tracing():
         return tensors()
