@@ -1012,14 +1012,16 @@ def build_backbone(
             torchvision's and timm's ViTs do, the errors name that size; a torchvision ViT
             passed without ``node=`` is refused with one error that names both). Given for a
             module, it declares the images the module takes: the extractor's ``in_channels``
-            is set, and its forward checks its input (see :class:`FeatureExtractor`).
+            is set, and its forward checks its input (see :class:`FeatureExtractor`). Not
+            for a timm name (a ValueError: timm knows its model's ``in_chans``).
         output_fmt: layout of the backbone's 4-D feature map, ``"NCHW"`` or ``"NHWC"``
             (then permuted to ``(B, C, H, W)``). Default: what the backbone reports (the
             ``output_fmt`` of timm models and feature nets, names and modules alike; the
             stages of torchvision's Swin transformers, cut with ``node=`` or passed as
             its ``features``, are NHWC), otherwise NCHW. A channel count that changes
             with the input size (an NHWC map read as NCHW) raises a ValueError that says
-            to pass the other layout.
+            to pass the other layout; so does an ``output_fmt`` given for a backbone
+            that returns tokens (it would do nothing).
 
     Returns:
         The feature extractor; ``out_channels`` holds :math:`C`, ``in_channels`` the
@@ -1062,6 +1064,13 @@ def build_backbone(
         if _is_timm_name(name):
             if node is not None:
                 raise ValueError(f"node= applies to torchvision models, not to timm model {name!r}")
+            if given_shape:
+                # a timm model's input channels are its in_chans, known without a probe
+                raise ValueError(
+                    f"sample_shape= applies to torchvision models and your own modules, not to timm model "
+                    f"{name!r}, whose input channels timm knows (in_chans); for other input channels pass "
+                    "timm.create_model(..., in_chans=C) as the backbone, with sample_shape=(C, H, W)"
+                )
             body: nn.Module = _build_timm(name.removeprefix("timm:"), weights)
             if se_reduction is not None:
                 insert_se_blocks(body, reduction=se_reduction)
@@ -1087,6 +1096,7 @@ def build_backbone(
             channels, stride = _probe(
                 body, sample_shape, fmt, check_layout=given_node is not None, needs=needs
             )
+            _check_fmt_applies(output_fmt, stride)
             return FeatureExtractor(
                 body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt,
                 tokens=stride is None, in_channels=sample_shape[0],
@@ -1112,12 +1122,23 @@ def build_backbone(
     body = _extract(backbone, node) if node is not None else backbone
     # as for names, the layouts of the default nodes are known: no second probe
     channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None, needs=needs)
+    _check_fmt_applies(output_fmt, stride)
     # what the network takes is known for torchvision and timm models, and declared by a sample_shape
     known = given_shape or _is_torchvision_classifier(backbone) or _is_timm_model(backbone)
     return FeatureExtractor(
         body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt,
         tokens=stride is None, in_channels=sample_shape[0] if known else None,
     )
+
+
+def _check_fmt_applies(output_fmt: str | None, stride: int | None) -> None:
+    """Refuse a given ``output_fmt`` for a backbone that returns tokens (stride ``None``):
+    it is the layout of 4-D maps and would do nothing."""
+    if output_fmt is not None and stride is None:
+        raise ValueError(
+            f"output_fmt={output_fmt!r} applies to 4-D feature maps, but the backbone returns tokens "
+            "(B, N, C); drop output_fmt (it would do nothing)"
+        )
 
 
 def _is_timm_name(name: str) -> bool:

@@ -47,9 +47,11 @@ class CovariancePool(nn.Module):
         triu: flatten to the packed upper triangle instead of the full matrix.
         act_layer: factory of the reduction block's activation, called without
             arguments (a module class such as ``nn.ReLU``; not a function such as
-            ``F.relu``); ``None`` for none. Checked even without ``reduced_channels``.
-        device: device of the reduction's parameters.
-        dtype: dtype of the reduction's parameters. Half-precision input is reduced in
+            ``F.relu``); ``None`` for none. Without ``reduced_channels`` there is no
+            block: another than the default is a ValueError (it would do nothing).
+        device: device of the reduction's parameters (with ``reduced_channels`` only:
+            without, there are none and giving it is a ValueError).
+        dtype: dtype of the reduction's parameters (with ``reduced_channels`` only). Half-precision input is reduced in
             it; input it cannot hold without loss (float64 into float32, bfloat16 into
             float16) is refused, not cut down; float64 under autocast too (which leaves
             float64 alone).
@@ -95,13 +97,24 @@ class CovariancePool(nn.Module):
             raise ValueError("norm must return matrices: use MatrixSqrt(triu=False) and CovariancePool(triu=...)")
         if not isinstance(triu, bool):
             raise TypeError(f"triu must be a bool, but got {type(triu).__name__}")
+        factory = {"device": device, "dtype": check_dtype(dtype)}
+        if reduced_channels is None and (device is not None or dtype is not None):
+            given = " and ".join(k for k, v in factory.items() if v is not None)
+            raise ValueError(
+                f"{given} {'apply' if ' and ' in given else 'applies'} to the reduction's parameters, but "
+                f"reduced_channels is None (no parameters); drop {given} (it would do nothing)"
+            )
         act = nn.Identity() if act_layer is None else make_layer(act_layer, "act_layer", "nn.ReLU, or None")
+        if reduced_channels is None and act_layer is not nn.ReLU:
+            raise ValueError(
+                f"act_layer applies to the reduction block (reduced_channels), but reduced_channels is None; "
+                f"drop act_layer={getattr(act_layer, '__name__', act_layer)!r} (it would do nothing)"
+            )
         self.in_channels = in_channels
         self.reduced_channels = reduced_channels
         self.triu = triu
         self.reduce: nn.Module | None = None
         if reduced_channels is not None:
-            factory = {"device": device, "dtype": check_dtype(dtype)}
             self.reduce = nn.Sequential(  # reset_parameters draws the convolution's weights
                 uninitialized(nn.Conv2d, in_channels, reduced_channels, kernel_size=1, bias=False, **factory),
                 nn.BatchNorm2d(reduced_channels, **factory),

@@ -6,7 +6,7 @@ import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor, nn
 
 from .functional.bilinear import triu_pack
-from .functional.sqrtm import _check_config, matrix_sqrt
+from .functional.sqrtm import _resolve_config, matrix_sqrt
 
 __all__ = ["MatrixSqrt"]
 
@@ -37,12 +37,16 @@ class MatrixSqrt(nn.Module):
     band of close pairs).
 
     Args:
-        method: ``"newton_schulz"`` or ``"eig"`` (exact square root).
-        num_iters: Newton-Schulz iterations (an int, numpy integers included).
-        norm: Newton-Schulz pre-normalisation, ``"trace"`` or ``"frobenius"``.
-        impl: Newton-Schulz evaluation, ``"auto"``, ``"iterative"`` or ``"spectral"``.
-        eps: ``method="eig"``: relative eigenvalue floor of the backward pass (a real
-            number in (0, 1), numpy floats included).
+        method: ``"newton_schulz"`` or ``"eig"`` (exact square root). ``num_iters``,
+            ``norm`` and ``impl`` apply to Newton-Schulz only and ``eps`` to ``"eig"``
+            only: giving one to the other method is a ValueError (it would do nothing);
+            ``None`` means the default, and the attribute of a setting the method does
+            not read is ``None``.
+        num_iters: Newton-Schulz iterations, default 5 (an int, numpy integers included).
+        norm: Newton-Schulz pre-normalisation, ``"trace"`` (default) or ``"frobenius"``.
+        impl: Newton-Schulz evaluation, ``"auto"`` (default), ``"iterative"`` or ``"spectral"``.
+        eps: ``method="eig"``: relative eigenvalue floor of the backward pass, default
+            1e-6 (a real number in (0, 1), numpy floats included).
         triu: return the upper triangle, off-diagonals times :math:`\\sqrt2`
             (:func:`~bilinearpool.functional.triu_pack`), so its L2 norm is the
             matrix's Frobenius norm.
@@ -59,27 +63,28 @@ class MatrixSqrt(nn.Module):
         torch.Size([2, 8, 8])
         >>> MatrixSqrt(method="eig", triu=True)(cov).shape
         torch.Size([2, 36])
+        >>> MatrixSqrt(method="eig", num_iters=7)
+        Traceback (most recent call last):
+            ...
+        ValueError: num_iters applies to method='newton_schulz' only, but method='eig'; drop num_iters (it would do nothing)
     """
 
     def __init__(
         self,
         *,
         method: str = "newton_schulz",
-        num_iters: int = 5,
-        norm: str = "trace",
-        impl: str = "auto",
-        eps: float = 1e-6,
+        num_iters: int | None = None,
+        norm: str | None = None,
+        impl: str | None = None,
+        eps: float | None = None,
         triu: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(triu, bool):
             raise TypeError(f"triu must be a bool, but got {type(triu).__name__}")
-        _check_config(method, num_iters, norm, impl, eps)
         self.method = method
-        self.num_iters = int(num_iters)  # numpy scalars as Python numbers
-        self.norm = norm
-        self.impl = impl
-        self.eps = float(eps)
+        # the method's own settings (numpy scalars as Python numbers); None for the others
+        self.num_iters, self.norm, self.impl, self.eps = _resolve_config(method, num_iters, norm, impl, eps)
         self.triu = triu
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
@@ -92,9 +97,11 @@ class MatrixSqrt(nn.Module):
         return in_channels * (in_channels + 1) // 2 if self.triu else in_channels * in_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        out = matrix_sqrt(
-            x, method=self.method, num_iters=self.num_iters, norm=self.norm, impl=self.impl, eps=self.eps
-        )
+        # only the method's own settings (a layer pickled before the others became None has them all)
+        if self.method == "eig":
+            out = matrix_sqrt(x, method="eig", eps=self.eps)
+        else:
+            out = matrix_sqrt(x, num_iters=self.num_iters, norm=self.norm, impl=self.impl)
         return triu_pack(out) if self.triu else out
 
     def extra_repr(self) -> str:

@@ -29,7 +29,10 @@ class BilinearPool(nn.Module):
             :class:`ValueError`; an interpolation mode (``"bilinear"``, ``"bicubic"``,
             ``"nearest"``, ``"area"``) resizes ``x_b`` to the size of ``x_a``.
         normalize: return ``l2_normalize(signed_sqrt(G))`` flattened, computed fused.
-        eps: :math:`\\epsilon` of the signed square root (only with ``normalize``).
+        eps: :math:`\\epsilon` of the signed square root, default
+            1e-5; with
+            ``normalize=False`` there is none, and giving ``eps`` is a ValueError (the
+            attribute is then ``None``).
         save_output: with ``normalize``, keep the output for backward as well as the
             inputs, so that the backward reads the matrices instead of rebuilding them
             (see :func:`~bilinearpool.functional.fast_bilinear_pool`).
@@ -55,13 +58,13 @@ class BilinearPool(nn.Module):
         reduction: str = "mean",
         resize: str | None = None,
         normalize: bool = False,
-        eps: float = _F.SIGNED_SQRT_EPS,
+        eps: float | None = None,
         save_output: bool = False,
     ) -> None:
         super().__init__()
         _F._check_reduction(reduction)
-        _F._check_eps(eps)
         check_flags(normalize=normalize, save_output=save_output)
+        eps = _F._resolve_eps(eps, "eps", _F.SIGNED_SQRT_EPS, "normalize", normalize)
         if resize is not None and resize not in _RESIZE_MODES:
             raise ValueError(f"resize must be None or one of {_RESIZE_MODES}, but got {resize!r}")
         if save_output and not normalize:
@@ -132,7 +135,10 @@ class FastBilinearPool(nn.Module):
             norms are unchanged): :math:`C(C+1)/2` features instead of :math:`C^2`, which
             halves the parameters of a linear classifier on top.
         eps: :math:`\\epsilon` of the signed square root; gradients are at most
-            :math:`1/(2\\sqrt{\\epsilon})`.
+            :math:`1/(2\\sqrt{\\epsilon})`. Default
+            1e-5; with
+            ``signed_sqrt=False`` giving it is a ValueError (it would do nothing; the
+            attribute is then ``None``).
         save_output: keep the output for backward as well as the input, so that the
             backward reads the matrices instead of rebuilding them (faster where the
             matrix products dominate, i.e. many locations); free in memory when a linear
@@ -160,13 +166,13 @@ class FastBilinearPool(nn.Module):
         signed_sqrt: bool = True,
         l2_normalize: bool = True,
         triu: bool = False,
-        eps: float = _F.SIGNED_SQRT_EPS,
+        eps: float | None = None,
         save_output: bool = False,
     ) -> None:
         super().__init__()
         _F._check_reduction(reduction)
-        _F._check_eps(eps)
         check_flags(signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, save_output=save_output)
+        eps = _F._resolve_eps(eps, "eps", _F.SIGNED_SQRT_EPS, "signed_sqrt", signed_sqrt)
         self.reduction = reduction
         self.signed_sqrt = signed_sqrt
         self.l2_normalize = l2_normalize
@@ -191,7 +197,8 @@ class FastBilinearPool(nn.Module):
             "signed_sqrt": self.signed_sqrt,
             "l2_normalize": self.l2_normalize,
             "triu": self.triu,
-            "eps": self.eps,
+            # None without signed_sqrt (a layer pickled before then holds the old default)
+            "eps": self.eps if self.signed_sqrt else None,
             "save_output": self.save_output,
         }
 
@@ -202,6 +209,7 @@ class FastBilinearPool(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction!r}, signed_sqrt={self.signed_sqrt}, "
-            f"l2_normalize={self.l2_normalize}, triu={self.triu}, eps={self.eps}"
+            f"l2_normalize={self.l2_normalize}, triu={self.triu}"
+            + (f", eps={self.eps}" if self.signed_sqrt else "")
             + (", save_output=True" if self.save_output else "")
         )

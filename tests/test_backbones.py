@@ -45,6 +45,18 @@ def test_timm_reduction_is_that_of_the_last_map():
     assert build_backbone("timm:resnet18").reduction == 32
 
 
+def test_timm_name_refuses_sample_shape():
+    """timm knows its model's input channels (in_chans): a sample_shape would do nothing."""
+    with pytest.raises(ValueError, match=r"sample_shape= applies to torchvision models and your own modules, "
+                                         r"not to timm model 'timm:resnet18'.*in_chans=C\) as the backbone, "
+                                         r"with sample_shape=\(C, H, W\)"):
+        build_backbone("timm:resnet18", sample_shape=(1, 64, 64))
+    import timm  # what the message says to do works
+
+    gray = build_backbone(timm.create_model("resnet18", in_chans=1, features_only=True), sample_shape=(1, 64, 64))
+    assert gray.in_channels == 1 and gray(torch.zeros(1, 1, 64, 64)).shape == (1, 512, 2, 2)
+
+
 def test_reduction_of_a_module_is_measured_along_the_width():
     # 32 x 64 -> 15 x 31: the input's width over the map's, 64 // 31 = 2 (not 32 // 31 = 1)
     fx = build_backbone(nn.Conv2d(3, 8, 3, stride=2), sample_shape=(3, 32, 64))
@@ -532,6 +544,10 @@ class TestLastConv:
         )
         tokens = build_backbone(vit, node="encoder", sample_shape=(3, 32, 32))
         assert tokens.tokens and tokens.reduction is None and tokens.last_conv is None
+        for fmt in ("NHWC", "NCHW"):  # the layout of 4-D maps: for tokens it would do nothing
+            with pytest.raises(ValueError, match=f"output_fmt='{fmt}' applies to 4-D feature maps, but the "
+                                                 r"backbone returns tokens \(B, N, C\); drop output_fmt"):
+                build_backbone(vit, node="encoder", sample_shape=(3, 32, 32), output_fmt=fmt)
         assert build_backbone(nn.AvgPool2d(4)).last_conv is None  # no convolution at all
 
     def test_none_for_a_patch_embedding_alone(self):

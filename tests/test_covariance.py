@@ -240,6 +240,23 @@ class TestCovariancePoolConfiguration:
         pool = CovariancePool(in_channels=4, reduced_channels=2, act_layer=nn.GELU)
         assert isinstance(pool.reduce[2], nn.GELU)
 
+    def test_reduction_settings_without_a_reduction_are_refused(self) -> None:
+        """act_layer, device and dtype configure the reduction block: without one they would do nothing."""
+        with pytest.raises(ValueError, match=r"act_layer applies to the reduction block .* drop act_layer='Tanh'"):
+            CovariancePool(in_channels=4, act_layer=nn.Tanh)
+        with pytest.raises(ValueError, match="act_layer applies to the reduction block"):
+            CovariancePool(act_layer=None)
+        with pytest.raises(ValueError, match=r"dtype applies to the reduction's parameters, but reduced_channels is None"):
+            CovariancePool(in_channels=4, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"device and dtype apply to the reduction's parameters.*drop device and dtype"):
+            CovariancePool(device="cpu", dtype=torch.float64)
+        with pytest.raises(TypeError, match="dtype must be a floating-point"):  # the dtype's own check first
+            CovariancePool(dtype=torch.int64)
+        # the defaults and every setting with a reduction are accepted
+        CovariancePool(in_channels=4, act_layer=nn.ReLU)
+        pool = CovariancePool(in_channels=4, reduced_channels=2, act_layer=nn.Tanh, device="cpu", dtype=torch.float64)
+        assert pool.reduce[0].weight.dtype == torch.float64
+
     def test_act_layer_none_means_no_activation(self) -> None:
         pool = CovariancePool(in_channels=4, reduced_channels=2, act_layer=None).eval()
         assert isinstance(pool.reduce[2], nn.Identity)

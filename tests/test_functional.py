@@ -486,6 +486,26 @@ class TestFastBilinearPool:
         with pytest.raises(TypeError, match="floating-point"):
             fast_bilinear_pool(x.int())
 
+    @pytest.mark.parametrize("fn", ["pool", "linear"])
+    def test_eps_of_a_step_that_is_off_is_refused(self, fn):
+        """An eps for a step that does not run would do nothing: refused, the default value too."""
+        x = torch.randn(2, 3, 4, 4).relu()
+        w = torch.randn(2, 9)
+
+        def call(**kw):
+            return fast_bilinear_pool(x, **kw) if fn == "pool" else fast_bilinear_linear(x, w, **kw)
+
+        for eps in (1e-3, 1e-5):
+            with pytest.raises(ValueError, match=r"eps applies to signed_sqrt=True only, but signed_sqrt=False; drop eps"):
+                call(signed_sqrt=False, eps=eps)
+        with pytest.raises(ValueError, match=r"l2_eps applies to l2_normalize=True only, but l2_normalize=False; drop l2_eps"):
+            call(l2_normalize=False, l2_eps=1e-12)
+        # None is the default: the step's own when it runs, nothing when it does not
+        with torch.no_grad():
+            torch.testing.assert_close(call(eps=None, l2_eps=None), call(eps=1e-5, l2_eps=1e-12), rtol=0, atol=0)
+            torch.testing.assert_close(call(signed_sqrt=False, l2_normalize=False, eps=None, l2_eps=None),
+                                       call(signed_sqrt=False, l2_normalize=False))
+
     def test_block_partition_covers_everything(self):
         for batch, rows, cols, target in [(3, 21, 21, 40), (8, 2048, 2048, 1 << 18), (5, 4, 4, 1000), (2, 3, 7, 1)]:
             blocks = FB._blocks(batch, rows, cols, target)

@@ -339,15 +339,20 @@ def test_fast_bcnn_exports_to_onnx_and_compiles():
 
 
 def test_pool_options_configure_the_functions():
-    pool = FastBilinearPool(reduction="sum", signed_sqrt=False, triu=True, eps=1e-3)
+    pool = FastBilinearPool(reduction="sum", l2_normalize=False, triu=True, eps=1e-3)
     assert pool.options() == {
-        "reduction": "sum", "signed_sqrt": False, "l2_normalize": True, "triu": True, "eps": 1e-3, "save_output": False
+        "reduction": "sum", "signed_sqrt": True, "l2_normalize": False, "triu": True, "eps": 1e-3, "save_output": False
     }  # fmt: skip
     x = torch.relu(torch.randn(2, 6, 3, 3, dtype=torch.float64))
     w, b = classifier_for(6, True)
     torch.testing.assert_close(pool(x), fast_bilinear_pool(x, **pool.options()))
     with torch.no_grad():
         torch.testing.assert_close(fast_bilinear_linear(x, w, b, **pool.options()), F.linear(pool(x), w, b))
+    # no signed square root: no eps to pass on (the functions refuse one there)
+    plain = FastBilinearPool(signed_sqrt=False, triu=True)
+    assert plain.eps is None and plain.options()["eps"] is None and "eps" not in repr(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_bilinear_linear(x, w, b, **plain.options()), F.linear(plain(x), w, b))
 
 
 # -- folding a trained full-output classifier onto the packed triangle ------------------------

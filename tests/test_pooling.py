@@ -148,6 +148,12 @@ class TestFastBilinearPoolModule:
     def test_exception(self):
         with pytest.raises(ValueError, match="eps must be a positive"):
             FastBilinearPool(eps=0)
+        with pytest.raises(ValueError, match="eps applies to signed_sqrt=True only, but signed_sqrt=False"):
+            FastBilinearPool(signed_sqrt=False, eps=1e-5)
+        with pytest.raises(ValueError, match="eps applies to normalize=True only, but normalize=False; drop eps"):
+            BilinearPool(eps=1e-5)
+        assert BilinearPool().eps is None and BilinearPool(normalize=True).eps == 1e-5
+        assert FastBilinearPool(signed_sqrt=False).eps is None and FastBilinearPool().eps == 1e-5
         with pytest.raises(ValueError, match=r"\(B, C, H, W\) .* 5-D tensor"):
             FastBilinearPool()(torch.randn(1, 2, 3, 4, 5))
         with pytest.raises(TypeError, match="floating-point"):

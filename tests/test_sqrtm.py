@@ -80,11 +80,47 @@ class TestMatrixSqrt:
         with pytest.raises(ValueError, match="num_iters must be a positive int, but got 0"):
             MatrixSqrt(num_iters=0)
         with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\), but got 2"):
-            MatrixSqrt(eps=2)
+            MatrixSqrt(method="eig", eps=2)
         with pytest.raises(TypeError, match="triu must be a bool, but got str"):
             MatrixSqrt(triu="yes")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="square matrices, but got in_channels=3 and in_channels_b=4"):
             MatrixSqrt().output_dim(3, 4)
+
+    @pytest.mark.parametrize(
+        ("method", "given", "named"),
+        [
+            ("eig", {"num_iters": 7}, "num_iters applies to method='newton_schulz' only"),
+            ("eig", {"norm": "frobenius"}, "norm applies to method='newton_schulz' only"),
+            ("eig", {"impl": "iterative"}, "impl applies to method='newton_schulz' only"),
+            ("eig", {"num_iters": 5, "impl": "auto"}, "num_iters and impl apply to method='newton_schulz' only"),
+            ("newton_schulz", {"eps": 1e-3}, "eps applies to method='eig' only"),
+        ],
+    )
+    def test_settings_of_the_other_method_are_refused(self, method: str, given: dict, named: str) -> None:
+        """A setting the method does not read would do nothing: refused, even at its default value."""
+        with pytest.raises(ValueError, match=f"{named}, but method='{method}'; drop"):
+            MatrixSqrt(method=method, **given)
+        with pytest.raises(ValueError, match=f"{named}, but method='{method}'"):
+            matrix_sqrt(psd(1, 3, 5), method=method, **given)
+
+    def test_defaults_fill_in_per_method(self) -> None:
+        ns, eig = MatrixSqrt(), MatrixSqrt(method="eig")
+        assert (ns.num_iters, ns.norm, ns.impl, ns.eps) == (5, "trace", "auto", None)
+        assert (eig.num_iters, eig.norm, eig.impl, eig.eps) == (None, None, None, 1e-6)
+        a = psd(2, 5, 9, dtype=torch.float64)
+        explicit = matrix_sqrt(a, num_iters=5, norm="trace", impl="auto")
+        torch.testing.assert_close(matrix_sqrt(a), explicit, rtol=0, atol=0)
+        torch.testing.assert_close(ns(a), explicit, rtol=0, atol=0)
+        # a layer pickled when every setting was filled in runs with its method's own
+        old = MatrixSqrt(method="eig")
+        old.num_iters, old.norm, old.impl = 5, "trace", "auto"
+        torch.testing.assert_close(old(a), eig(a), rtol=0, atol=0)
+        # the eig default floor is 1e-6 (it shapes the gradient of a rank-deficient input)
+        low_rank = psd(1, 6, 3, dtype=torch.float64).requires_grad_()
+        grads = [torch.autograd.grad(f(low_rank).sum(), low_rank)[0] for f in (
+            eig, lambda m: matrix_sqrt(m, method="eig", eps=1e-6), lambda m: matrix_sqrt(m, method="eig", eps=1e-3))]
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+        assert not torch.allclose(grads[0], grads[2])
 
     @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
     def test_noncontiguous(self, method: str) -> None:
@@ -270,9 +306,8 @@ class TestMatrixSqrt:
         a = psd(2, 5, 9)
         torch.testing.assert_close(clone(a), layer(a))
 
-    @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
-    @pytest.mark.parametrize("impl", NS_IMPLS)
-    def test_compile(self, method: str, impl: str) -> None:
+    @pytest.mark.parametrize(("method", "impl"), [*(("newton_schulz", i) for i in NS_IMPLS), ("eig", None)])
+    def test_compile(self, method: str, impl: str | None) -> None:
         """One graph, backward included (the spectral backward's band of close eigenvalue
         pairs has a data-dependent width: compiled, every pair takes the exact quotient)."""
         layer = MatrixSqrt(method=method, impl=impl, triu=True)
@@ -339,14 +374,15 @@ class TestMatrixSqrt:
         torch.testing.assert_close(matrix_sqrt(a, num_iters=np.int64(3)), ref)
         eig = matrix_sqrt(a, method="eig", eps=np.float32(1e-6))
         torch.testing.assert_close(eig, matrix_sqrt(a, method="eig"))
-        layer = MatrixSqrt(num_iters=np.int32(3), eps=np.float64(1e-4))
-        assert type(layer.num_iters) is int and type(layer.eps) is float
-        assert "num_iters=3" in repr(layer)
+        layer = MatrixSqrt(num_iters=np.int32(3))
+        assert type(layer.num_iters) is int and "num_iters=3" in repr(layer)
         torch.testing.assert_close(layer(a), ref)
+        layer = MatrixSqrt(method="eig", eps=np.float64(1e-4))
+        assert type(layer.eps) is float and "eps=0.0001" in repr(layer)
         with pytest.raises(ValueError, match="num_iters must be a positive int, but got True"):
             matrix_sqrt(a, num_iters=True)
         with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\), but got True"):
-            MatrixSqrt(eps=True)
+            MatrixSqrt(method="eig", eps=True)
         with pytest.raises(ValueError, match="num_iters must be a positive int, but got 2.0"):
             MatrixSqrt(num_iters=2.0)  # type: ignore[arg-type]
 

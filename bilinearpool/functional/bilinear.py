@@ -61,6 +61,22 @@ def _check_eps(eps: float, name: str = "eps") -> None:
         raise ValueError(f"{name} must be a positive finite number, but got {eps!r}")
 
 
+def _resolve_eps(eps: float | None, name: str, default: float, flag: str, on: bool) -> float | None:
+    """``eps`` checked (its default when ``None``) where the step it belongs to runs
+    (``on``); ``None`` where it does not, and a ValueError if one was given there, since
+    it would do nothing (``flag`` names the setting that turns the step on)."""
+    if not on:
+        if eps is not None:
+            raise ValueError(
+                f"{name} applies to {flag}=True only, but {flag}=False; drop {name} (it would do nothing)"
+            )
+        return None
+    if eps is None:
+        return default
+    _check_eps(eps, name)
+    return eps
+
+
 def _in_float32(x: Tensor) -> Tensor:
     """float16/bfloat16 ``x`` as float32 (a small ``eps`` and a norm of many squares need
     its precision and range); other dtypes as they are."""
@@ -999,8 +1015,8 @@ def fast_bilinear_pool(
     signed_sqrt: bool = True,
     l2_normalize: bool = True,
     triu: bool = False,
-    eps: float = SIGNED_SQRT_EPS,
-    l2_eps: float = L2_EPS,
+    eps: float | None = None,
+    l2_eps: float | None = None,
     save_output: bool = False,
 ) -> Tensor:
     """Bilinear pooling, signed square root and L2 normalisation in one fused step.
@@ -1036,8 +1052,11 @@ def fast_bilinear_pool(
         l2_normalize: scale each sample to unit L2 norm.
         triu: keep the upper triangle only (:func:`triu_pack`); single stream only,
             since :math:`A A^\\top` is symmetric.
-        eps: :math:`\\epsilon` of :func:`signed_sqrt` (gradient bound ``1/(2 sqrt(eps))``).
-        l2_eps: lower bound of the L2 norm.
+        eps: :math:`\\epsilon` of :func:`signed_sqrt` (gradient bound ``1/(2 sqrt(eps))``);
+            ``None`` means 1e-5 (``SIGNED_SQRT_EPS``). With ``signed_sqrt=False`` it
+            would do nothing: giving it there is a ValueError.
+        l2_eps: lower bound of the L2 norm; ``None`` means 1e-12 (``L2_EPS``). With
+            ``l2_normalize=False``, giving it is a ValueError.
         save_output: also keep the output (and one norm per sample) for backward, which
             then reads the matrices from it instead of rebuilding them: one product fewer
             (on CPU half of one, as the forward builds the upper triangle only) and less
@@ -1062,9 +1081,9 @@ def fast_bilinear_pool(
         torch.Size([2, 136])
     """
     _check_reduction(reduction)
-    _check_eps(eps)
-    _check_eps(l2_eps, "l2_eps")
     check_flags(signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, save_output=save_output)
+    sqrt_eps = _resolve_eps(eps, "eps", SIGNED_SQRT_EPS, "signed_sqrt", signed_sqrt)
+    norm_eps = _resolve_eps(l2_eps, "l2_eps", L2_EPS, "l2_normalize", l2_normalize)
     a, b = pair_streams(x_a, x_b)
     if triu and b is not None:
         raise ValueError(
@@ -1072,7 +1091,6 @@ def fast_bilinear_pool(
             f"got two streams of shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}"  # type: ignore[union-attr]
         )
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
-    sqrt_eps, norm_eps = (eps if signed_sqrt else None), (l2_eps if l2_normalize else None)
     with no_autocast(a.device.type):
         if plain_ops(a, b):
             # The exporter and torch.jit.trace record the forward's operations (an

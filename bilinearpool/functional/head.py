@@ -42,9 +42,9 @@ from ._elementwise import signed_sqrt_
 from .bilinear import (
     L2_EPS,
     SIGNED_SQRT_EPS,
-    _check_eps,
     _check_reduction,
     _pack_panel,
+    _resolve_eps,
     _rowdot,
     _scaled_bmm,
     _triu_offset,
@@ -80,8 +80,8 @@ def fast_bilinear_linear(
     signed_sqrt: bool = True,
     l2_normalize: bool = True,
     triu: bool = False,
-    eps: float = SIGNED_SQRT_EPS,
-    l2_eps: float = L2_EPS,
+    eps: float | None = None,
+    l2_eps: float | None = None,
     save_output: bool = False,
 ) -> Tensor:
     """``wide_linear(fast_bilinear_pool(x, ...), weight, bias)`` without the pooled features.
@@ -114,8 +114,9 @@ def fast_bilinear_linear(
             :math:`C(C+1)/2` with ``triu``.
         bias: :math:`(K,)` or ``None``.
         reduction, signed_sqrt, l2_normalize, triu, eps, l2_eps, save_output: as in
-            :func:`~bilinearpool.functional.fast_bilinear_pool` (``save_output`` matters
-            for gradients only, where the composition runs).
+            :func:`~bilinearpool.functional.fast_bilinear_pool` (``None`` eps means the
+            default, and an eps given for a step that is off is a ValueError;
+            ``save_output`` matters for gradients only, where the composition runs).
 
     Shape:
         - x: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
@@ -129,9 +130,9 @@ def fast_bilinear_linear(
         True
     """
     _check_reduction(reduction)
-    _check_eps(eps)
-    _check_eps(l2_eps, "l2_eps")
     check_flags(signed_sqrt=signed_sqrt, l2_normalize=l2_normalize, triu=triu, save_output=save_output)
+    sqrt_eps = _resolve_eps(eps, "eps", SIGNED_SQRT_EPS, "signed_sqrt", signed_sqrt)
+    norm_eps = _resolve_eps(l2_eps, "l2_eps", L2_EPS, "l2_normalize", l2_normalize)
     a = as_channel_matrix(x)
     _check_classifier(weight, bias, a.shape[1], triu)
     path = _path(a, weight, bias)
@@ -150,7 +151,7 @@ def fast_bilinear_linear(
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
     logits = _kernel_logits if path == "triton" else _panel_logits
     with torch.no_grad():
-        return logits(a, weight, bias, scale, eps if signed_sqrt else None, l2_eps if l2_normalize else None, triu)
+        return logits(a, weight, bias, scale, sqrt_eps, norm_eps, triu)
 
 
 def _features_as_weight(z: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:

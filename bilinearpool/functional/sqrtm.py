@@ -97,18 +97,49 @@ def _check_matrices(a: Tensor) -> None:
         )
 
 
-def _check_config(method: str, num_iters: int, norm: str, impl: str, eps: float) -> None:
-    """Raise ValueError for settings :func:`matrix_sqrt` does not accept."""
+#: What each method reads (the rest of the settings do nothing there and are refused).
+_METHOD_SETTINGS = {"newton_schulz": ("num_iters", "norm", "impl"), "eig": ("eps",)}
+_DEFAULTS = {"num_iters": 5, "norm": "trace", "impl": "auto", "eps": 1e-6}
+
+
+def _resolve_config(
+    method: str, num_iters: int | None, norm: str | None, impl: str | None, eps: float | None
+) -> tuple[int | None, str | None, str | None, float | None]:
+    """Check the settings of :func:`matrix_sqrt` and fill in the defaults of ``method``'s.
+
+    Returns ``(num_iters, norm, impl, eps)``: ``method``'s own settings, given or default
+    (``num_iters`` as a Python int, ``eps`` as a Python float), and ``None`` for the others.
+
+    Raises:
+        ValueError: for an unknown value, or a setting given that ``method`` does not
+            read (``num_iters``, ``norm`` and ``impl`` are Newton-Schulz's; ``eps`` is
+            ``"eig"``'s), which would do nothing.
+    """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, but got {method!r}")
-    if norm not in _NORMS:
-        raise ValueError(f"norm must be one of {_NORMS}, but got {norm!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, but got {impl!r}")
-    # any integer for num_iters, any real number for eps (numpy scalars too); bools refused
-    num_iters = check_positive_int("num_iters", num_iters)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
-        raise ValueError(f"eps must be a number in (0, 1), but got {eps!r}")
+    given = {"num_iters": num_iters, "norm": norm, "impl": impl, "eps": eps}
+    foreign = [k for k, v in given.items() if v is not None and k not in _METHOD_SETTINGS[method]]
+    if foreign:
+        other = next(m for m in _METHODS if m != method)
+        raise ValueError(
+            f"{' and '.join(foreign)} {'applies' if len(foreign) == 1 else 'apply'} to "
+            f"method={other!r} only, but method={method!r}; drop {', '.join(foreign)} "
+            "(it would do nothing)"
+        )
+    settings = {k: (_DEFAULTS[k] if given[k] is None else given[k]) for k in _METHOD_SETTINGS[method]}
+    if "norm" in settings and settings["norm"] not in _NORMS:
+        raise ValueError(f"norm must be one of {_NORMS}, but got {settings['norm']!r}")
+    if "impl" in settings and settings["impl"] not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, but got {settings['impl']!r}")
+    if "num_iters" in settings:
+        # any integer (numpy scalars too); bools refused
+        settings["num_iters"] = check_positive_int("num_iters", settings["num_iters"])
+    if "eps" in settings:
+        e = settings["eps"]  # any real number (numpy scalars too); bools refused
+        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not 0 < e < 1:
+            raise ValueError(f"eps must be a number in (0, 1), but got {e!r}")
+        settings["eps"] = float(e)
+    return settings.get("num_iters"), settings.get("norm"), settings.get("impl"), settings.get("eps")
 
 
 #: Divided differences of the Newton-Schulz polynomial (spectral backward): pairs of
@@ -547,10 +578,10 @@ def matrix_sqrt(
     a: Tensor,
     *,
     method: str = "newton_schulz",
-    num_iters: int = 5,
-    norm: str = "trace",
-    impl: str = "auto",
-    eps: float = 1e-6,
+    num_iters: int | None = None,
+    norm: str | None = None,
+    impl: str | None = None,
+    eps: float | None = None,
 ) -> Tensor:
     """Matrix square root of a batch of symmetric positive semi-definite matrices.
 
@@ -563,23 +594,25 @@ def matrix_sqrt(
 
     Args:
         a: symmetric PSD matrices :math:`A` (symmetrised as :math:`(A + A^\\top)/2`).
-        method: ``"newton_schulz"`` or ``"eig"``.
-        num_iters: Newton-Schulz iterations :math:`K \\ge 1` (iSQRT-COV uses 3 to 5). The
+        method: ``"newton_schulz"`` or ``"eig"``. ``num_iters``, ``norm`` and ``impl``
+            are Newton-Schulz's settings, ``eps`` is ``"eig"``'s; giving one to the other
+            method is a ValueError (it would do nothing). ``None`` means the default.
+        num_iters: Newton-Schulz iterations :math:`K \\ge 1`, default 5 (iSQRT-COV uses 3 to 5). The
             zero eigenvalues of a rank-deficient :math:`A` come out of float32 arithmetic
             as rounding noise (about 1e-7 of the largest), which each step multiplies by
             2.25: with ``impl="iterative"`` the result loses accuracy from about
             :math:`K = 20` and overflows from about :math:`K = 27` (float64: about twice
             those :math:`K`); ``impl="spectral"`` takes such eigenvalues as the zeros they
             are and stays finite at any :math:`K`.
-        norm: pre-normalisation :math:`s`, ``"trace"`` (:math:`\\operatorname{tr}A`, as
+        norm: pre-normalisation :math:`s`, ``"trace"`` (the default: :math:`\\operatorname{tr}A`, as
             iSQRT-COV) or ``"frobenius"`` (:math:`\\|A\\|_F`, converges a little faster).
         impl: how Newton-Schulz is evaluated: ``"iterative"`` (matrix products),
-            ``"spectral"`` (the same polynomial on eigenvalues) or ``"auto"``
-            (spectral on CPU, iterative elsewhere, in ONNX export and in
+            ``"spectral"`` (the same polynomial on eigenvalues) or ``"auto"`` (the
+            default: spectral on CPU, iterative elsewhere, in ONNX export and in
             :func:`torch.jit.trace`). Only ``"iterative"`` has higher derivatives
             (``create_graph=True``, e.g. gradient penalties); ``"spectral"`` and
             ``method="eig"`` raise there.
-        eps: ``method="eig"`` only: in the backward pass eigenvalues are floored at
+        eps: ``method="eig"`` only, default 1e-6: in the backward pass eigenvalues are floored at
             ``eps * lambda_max`` (``lambda_max = 1`` where no eigenvalue is positive,
             e.g. the all-zero matrix), which bounds the weight of each pair of
             eigenvectors in the gradient by ``1 / (2 sqrt(eps * lambda_max))``.
@@ -601,8 +634,7 @@ def matrix_sqrt(
         torch.Size([2, 6, 6])
     """
     _check_matrices(a)
-    _check_config(method, num_iters, norm, impl, eps)
-    num_iters, eps = int(num_iters), float(eps)  # numpy scalars as Python numbers
+    num_iters, norm, impl, eps = _resolve_config(method, num_iters, norm, impl, eps)
     dtype = compute_dtype(a)
     with no_autocast(a.device.type):
         a = a.to(dtype)
