@@ -64,6 +64,8 @@ LAYER_SHAPES: tuple[tuple[int, int, int, int], ...] = (
 PAPER_BACKBONES = ("resnet50", "inception_v3", "inception_resnet_v2")
 PAPER_HEADS = ("plain", "se", "bcnn", "fast-bcnn")
 PAPER_RESOLUTIONS = (197, 224, 448)
+#: SE ratio of the ``se`` head when --se-reduction is not given (the paper's).
+PAPER_SE_REDUCTION = 8
 #: Goals of issue 4, checked in the tables.
 TIME_GOAL = 0.5  # fused pooling fwd+bwd / naive chain
 MEMORY_GOAL = 1.1  # fused pooling saved bytes / input map bytes
@@ -1455,7 +1457,8 @@ def run_models(
     heads = _select_heads(args.heads or list(PAPER_HEADS))
     resolutions = list(dict.fromkeys(_model_resolutions(args)))
     timed = not args.params_only
-    build = {"num_classes": args.num_classes, "se_reduction": args.se_reduction}
+    se_reduction = PAPER_SE_REDUCTION if args.se_reduction is None else args.se_reduction
+    build = {"num_classes": args.num_classes, "se_reduction": se_reduction}
     problems = _precheck_builds(backbones, heads, **build)
     for problem in problems.values():
         print(f"bilinearpool-bench: skipping {problem}", file=sys.stderr)
@@ -1467,7 +1470,7 @@ def run_models(
     settings = {
         **s.describe(),
         "num_classes": args.num_classes,
-        "se_reduction": args.se_reduction,
+        "se_reduction": se_reduction,
         "weights": "random (no download)",
         "training_step": "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy",
     }
@@ -2244,10 +2247,12 @@ def _models_options(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="classes of the classifier (default: 8, the paper's)",
     )
-    g.add_argument(
-        "--se-reduction", type=int, default=8, help="SE ratio of the 'se' head (default: 8)"
-    )
-    g.add_argument("--params-only", action="store_true", help="parameter counts only, no timing")
+    g.add_argument("--se-reduction", type=int, default=None,
+                   help=f"SE ratio of the 'se' head (default: {PAPER_SE_REDUCTION}); refused "
+                   "without a head that has SE blocks")  # fmt: skip
+    g.add_argument("--params-only", action="store_true",
+                   help="parameter counts only, built on the CPU, no timing: the timing options, "
+                   "--resolutions and a --device other than cpu are refused with it")  # fmt: skip
     g.add_argument(
         "--no-train", action="store_true", help="time inference only, not the training step"
     )
@@ -2555,7 +2560,8 @@ def _backbones_problem(command: str, given: Sequence[str] | None) -> str | None:
 
 
 def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, with an ``error:`` line, what would fail only after (part of) a run.
+    """Refuse, with an ``error:`` line, what would fail only after (part of) a run, and
+    options that the run would ignore without a word.
 
     The ``--import`` modules are imported first (what they register is then known to the
     name checks); the output folder is checked last, since checking it creates it.
@@ -2571,7 +2577,10 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         _import_modules(getattr(args, "imports", None) or [])
     except ValueError as err:
         parser.error(str(err))
-    problem = _device_problem(args.device)
+    # --params-only uses no device: a --device cuda given with it is refused as ignored,
+    # also where CUDA is not there
+    problem = _params_only_problem(args) if args.command == "models" else None
+    problem = problem or _device_problem(args.device)
     if problem is not None:
         parser.error(problem)
     try:
@@ -2586,6 +2595,10 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         problem = _backbones_problem(args.command, getattr(args, "backbones", None))
         if problem is not None:
             parser.error(problem)
+    if args.command == "models":
+        problem = _se_reduction_problem(args)
+        if problem is not None:
+            parser.error(problem)
     if args.command == "models" and args.batch_size_at:
         runs = _model_resolutions(args)
         unused = [f"{r}={b}" for r, b in args.batch_size_at if r not in runs]
@@ -2597,6 +2610,61 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         problem = _out_problem(args.out, names=names)
         if problem is not None:
             parser.error(problem)
+
+
+#: ``models`` options that only the timing reads; their defaults (None, False) tell a
+#: value given from one left out.
+_TIMING_OPTIONS = ("repeats", "warmup", "batch_size", "batch_size_at", "threads", "amp",
+                   "channels_last", "no_train", "quick", "resolutions")  # fmt: skip
+
+
+def _params_only_problem(args: argparse.Namespace) -> str | None:
+    """The options ``models --params-only`` would ignore without a word, or None.
+
+    It builds the models on the CPU, counts their parameters and times nothing: the timing
+    options, the resolutions and a device other than the CPU change nothing in its results.
+    ``--seed`` is not among them: its default, 0, cannot be told from ``--seed 0``.
+    """
+    if not args.params_only:
+        return None
+    given = []
+    for name in _TIMING_OPTIONS:
+        value = getattr(args, name)
+        if value is None or value is False:
+            continue
+        option = "--" + name.replace("_", "-")
+        if value is True:
+            given.append(option)
+        elif name == "batch_size_at":
+            given.append(f"{option} {' '.join(f'{r}={b}' for r, b in value)}")
+        elif isinstance(value, list):
+            given.append(f"{option} {' '.join(map(str, value))}")
+        else:
+            given.append(f"{option} {value}")
+    try:
+        on_cpu = torch.device(args.device).type == "cpu"
+    except (RuntimeError, ValueError):  # not a device: the device check says so
+        on_cpu = True
+    if not on_cpu:
+        given.append(f"--device {args.device}")
+    if not given:
+        return None
+    one = len(given) == 1
+    return (f"{' '.join(given)} {'does' if one else 'do'} nothing with --params-only, which "
+            f"counts parameters on the CPU and times nothing: leave {'it' if one else 'them'} out, "
+            "or drop --params-only to time the models")
+
+
+def _se_reduction_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--se-reduction`` would do nothing in this run (no head with SE blocks), or None."""
+    if args.se_reduction is None:
+        return None
+    heads = _select_heads(args.heads or list(PAPER_HEADS))
+    if any(h.se for h in heads):
+        return None
+    names = " ".join(h.name for h in heads)
+    return (f"--se-reduction {args.se_reduction} does nothing without an SE head (heads: {names}): "
+            "add se to --heads, or leave --se-reduction out")
 
 
 def _saver(out: Path | None) -> Checkpoint | None:
@@ -2660,7 +2728,7 @@ def _run(args: argparse.Namespace, command: str) -> list[Path]:
     elif args.command == "demo":
         for name, option in (("shapes", None), ("cases", None), ("backbones", None), ("heads", None),
                              ("resolutions", None), ("batch_size_at", None), ("num_classes", 8),
-                             ("se_reduction", 8), ("params_only", False), ("no_train", False),
+                             ("se_reduction", None), ("params_only", False), ("no_train", False),
                              ("quick", True)):  # fmt: skip
             setattr(args, name, option)
         layers = run_layers(

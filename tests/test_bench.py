@@ -768,7 +768,7 @@ class TestCommandLine:
             assert data["command"] == "bilinearpool-bench " + " ".join(argv)
             assert not any(n.startswith("IN-PROCESS") for n in data["notes"])
             argv = ["models", "--import", module, "--heads", "my-head", "--backbones", "resnet18", "--params-only",
-                    "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+                    "--no-progress", "--out", str(out)]  # fmt: skip
             assert main(argv) == 0
             assert [r["head"] for r in read_csv(out / "models.csv")] == ["plain", "my-head"]
             assert read_csv(out / "models.csv")[1]["params_ok"] == "True"
@@ -936,10 +936,10 @@ class TestRobustRuns:
         assert main(argv) == 0
         assert [r["case"] for r in read_csv(tmp_path / "layers.csv")] == ["matmul-floor", "fast-bcnn", "naive"]
         argv = ["models", "--backbones", "resnet18", "resnet18", "--heads", "se", "plain", "se",
-                "--resolutions", "64", "64", "--params-only", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+                "--resolutions", "64", "64", "--no-train", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
         assert main(argv) == 0
-        assert [(r["backbone"], r["head"]) for r in read_csv(tmp_path / "models.csv")] == [
-            ("resnet18", "plain"), ("resnet18", "se")
+        assert [(r["backbone"], r["head"], r["resolution"]) for r in read_csv(tmp_path / "models.csv")] == [
+            ("resnet18", "plain", "64"), ("resnet18", "se", "64")
         ]
 
     def test_a_write_that_fails_while_stopping_is_reported_once(self, tmp_path, monkeypatch, capsys, keep_threads):
@@ -1049,7 +1049,7 @@ class TestRobustRuns:
         head = bench.ModelHead("test-head", "fast-bcnn", "a head added in-process")
         monkeypatch.setitem(bench.MODEL_HEADS, head.name, head)  # the same for model heads
         assert main(["models", "--backbones", "resnet18", "--heads", "test-head", "--params-only",
-                     "--out", str(tmp_path), *self.COMMON]) == 0  # fmt: skip
+                     "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
         (note,) = [n for n in json.loads((tmp_path / "models.json").read_text())["notes"] if "IN-PROCESS" in n]
         assert "model head(s) `test-head`" in note and "`plain`" not in note
 
@@ -1247,6 +1247,96 @@ class TestAuditedRuns:
         text = (tmp_path / "models.md").read_text()
         assert "timed_rounds" not in text and "interleaved" not in text
         assert "params_vs_plain: the row's parameters / the plain backbone's" in text
+
+    @pytest.mark.parametrize(
+        ("given", "shown"),
+        [
+            (["--repeats", "9"], "--repeats 9 does"),
+            (["--warmup", "0"], "--warmup 0 does"),
+            (["--batch-size", "7"], "--batch-size 7 does"),
+            (["--batch-size-at", "224=1", "--batch-size-at", "448=1"], "--batch-size-at 224=1 448=1 does"),
+            (["--threads", "1"], "--threads 1 does"),
+            (["--amp"], "--amp does"),
+            (["--channels-last"], "--channels-last does"),
+            (["--no-train"], "--no-train does"),
+            (["--quick"], "--quick does"),
+            (["--resolutions", "64", "96"], "--resolutions 64 96 does"),
+        ],
+    )  # fmt: skip
+    def test_params_only_refuses_each_timing_option(self, given, shown, capsys, monkeypatch):
+        """--params-only times nothing: a timing option given with it was dropped without a
+        word (the table was the same as without it)."""
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("measured"))
+        with pytest.raises(SystemExit) as exc:
+            main(["models", "--params-only", "--backbones", "resnet18", *given])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert (f"models: error: {shown} nothing with --params-only, which counts parameters on the CPU "
+                "and times nothing: leave it out, or drop --params-only to time the models") in err, err  # fmt: skip
+        assert "Traceback" not in err
+
+    def test_params_only_names_every_ignored_option_in_one_line(self, capsys, monkeypatch):
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("measured"))
+        with pytest.raises(SystemExit) as exc:
+            main(["models", "--params-only", "--backbones", "resnet18", "--repeats", "9", "--warmup", "4",
+                  "--batch-size", "7", "--amp", "--channels-last", "--no-train", "--seed", "5",
+                  "--resolutions", "64", "--quick"])  # fmt: skip
+        assert exc.value.code == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert line == (
+            "bilinearpool-bench models: error: --repeats 9 --warmup 4 --batch-size 7 --amp --channels-last "
+            "--no-train --quick --resolutions 64 do nothing with --params-only, which counts parameters on "
+            "the CPU and times nothing: leave them out, or drop --params-only to time the models"
+        )
+
+    def test_params_only_refuses_a_device_other_than_the_cpu(self, capsys, monkeypatch):
+        """The models of --params-only are built and counted on the CPU, never moved: --device
+        cuda was recorded in the settings, and the GPU in the environment, of a run that did not
+        use it."""
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("measured"))
+        with pytest.raises(SystemExit) as exc:  # said before the device check: also without a GPU
+            main(["models", "--params-only", "--backbones", "resnet18", "--device", "cuda:0"])
+        assert exc.value.code == 2
+        assert ("error: --device cuda:0 does nothing with --params-only, which counts parameters on the CPU "
+                "and times nothing: leave it out") in capsys.readouterr().err  # fmt: skip
+
+    def test_params_only_takes_the_options_it_uses(self, tmp_path):
+        """What --params-only reads: names, classes, the SE ratio, --device cpu, --seed (its
+        default cannot be told from a value given), the output folder."""
+        argv = ["models", "--params-only", "--backbones", "resnet18", "--heads", "se", "--num-classes", "3",
+                "--se-reduction", "4", "--device", "cpu", "--seed", "0", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        settings = json.loads((tmp_path / "models.json").read_text())["settings"]
+        assert settings["se_reduction"] == 4 and settings["num_classes"] == 3
+        assert read_csv(tmp_path / "models.csv")[1]["params_ok"] == "True"
+
+    @pytest.mark.parametrize(
+        ("heads", "shown"),
+        [(["plain"], "(heads: plain)"), (["fast-bcnn", "bcnn"], "(heads: plain fast-bcnn bcnn)")],
+    )
+    def test_se_reduction_without_an_se_head_is_refused(self, heads, shown, capsys, monkeypatch):
+        """--se-reduction is the ratio of the SE head's blocks: without that head it changed
+        nothing but the Settings line, which printed it as if it had been used."""
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("measured"))
+        with pytest.raises(SystemExit) as exc:
+            main(["models", "--backbones", "resnet18", "--resolutions", "64", "--se-reduction", "4", "--heads", *heads])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert (f"models: error: --se-reduction 4 does nothing without an SE head {shown}: add se to "
+                "--heads, or leave --se-reduction out") in err, err  # fmt: skip
+
+    def test_se_reduction_defaults_to_8_where_it_is_used(self, tmp_path):
+        """Left out, it is None on the command line and 8 in the run: the Settings line and the
+        counts are those of the runs before (se_reduction=8), with or without an SE head."""
+        assert cli.build_parser().parse_args(["models"]).se_reduction is None
+        for heads in (["se"], ["fast-bcnn"]):
+            argv = ["models", "--params-only", "--backbones", "resnet18", "--heads", *heads,
+                    "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+            assert main(argv) == 0
+            assert json.loads((tmp_path / "models.json").read_text())["settings"]["se_reduction"] == 8
+            assert "se_reduction=8" in (tmp_path / "models.md").read_text()
+            counts = {r["head"]: int(r["params"]) for r in read_csv(tmp_path / "models.csv")}
+            assert counts == {r["head"]: r["params"] for r in parameter_table(["resnet18"], heads, se_reduction=8)}
 
     def test_ctrl_c_is_one_line_and_status_130(self, tmp_path, monkeypatch, capsys):
         def interrupted(*args, **kwargs):
