@@ -985,7 +985,9 @@ def build_backbone(
             model, with or without a pretrained tag such as ``"resnet18.a1_in1k"``, or
             ``"timm:<name>"``), a model to cut at ``node``, or any module that returns a
             feature map. A :class:`FeatureExtractor` is returned as it is (and takes no
-            further options).
+            further options). A tag in the name picks timm's configuration of the model
+            and the weights that ``weights="imagenet"`` loads; with ``weights=None`` the
+            model is initialised at random, tag or not.
         weights: ``None`` (random initialisation), ``"imagenet"`` (the library's default
             pretrained weights, downloaded when not cached; offline this raises a
             :class:`RuntimeError` that names the alternatives), a torchvision weights name

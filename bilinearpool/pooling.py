@@ -128,7 +128,9 @@ class FastBilinearPool(nn.Module):
     ``BILINEARPOOL_TRITON=0`` for torch operations). See the design notes in the docs.
 
     Args:
-        reduction: ``"mean"`` over locations (the paper) or ``"sum"``.
+        reduction: ``"mean"`` over locations (the paper) or ``"sum"``. The signed square
+            root is where they differ: with ``signed_sqrt=False`` and ``l2_normalize=True``
+            the L2 normalisation cancels the :math:`1/N`, and both give the same output.
         signed_sqrt: apply the signed square root (see :class:`~bilinearpool.SignedSqrt`).
         l2_normalize: scale each output to unit L2 norm.
         triu: return the packed upper triangle (off-diagonals times :math:`\\sqrt{2}`, so

@@ -476,6 +476,9 @@ class TestFastBilinearPool:
         (x,) = self.inputs(False)
         expected = l2_normalize(signed_sqrt(bilinear_pool(x, reduction="sum")).flatten(1))
         torch.testing.assert_close(fast_bilinear_pool(x, reduction="sum"), expected)
+        # as documented: without the signed square root the L2 norm cancels the 1/N
+        torch.testing.assert_close(fast_bilinear_pool(x, reduction="sum", signed_sqrt=False),
+                                   fast_bilinear_pool(x, signed_sqrt=False))
 
     def test_exception(self):
         x = torch.randn(2, 3, 4, 4)

@@ -1047,7 +1047,8 @@ def fast_bilinear_pool(
     Args:
         x_a: feature map :math:`A`.
         x_b: second feature map (two-stream BCNN); ``None`` pools ``x_a`` with itself.
-        reduction: ``"mean"`` (divide by :math:`N = HW`) or ``"sum"``.
+        reduction: ``"mean"`` (divide by :math:`N = HW`) or ``"sum"`` (the same output
+            with ``signed_sqrt=False`` and ``l2_normalize=True``: the norm cancels :math:`1/N`).
         signed_sqrt: apply :func:`signed_sqrt` elementwise.
         l2_normalize: scale each sample to unit L2 norm.
         triu: keep the upper triangle only (:func:`triu_pack`); single stream only,
