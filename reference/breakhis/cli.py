@@ -32,6 +32,12 @@ from ._files import SettingError, check_run_folder, count, folder_problem, missi
 
 __all__ = ["build_parser", "main"]
 
+#: What ``train`` and ``cv`` use for options left out. Their parser defaults are ``None``,
+#: so that an option given where it has no effect can be told from one left out
+#: (:func:`_check_combinations`); the values are those of
+#: :class:`breakhis.train.TrainConfig` and :class:`breakhis.experiments.DataSpec`.
+_WEIGHTS, _ROTATION, _N_SPLITS, _SPLIT_SEED = "imagenet", 90.0, 5, 0
+
 _EPILOG = ("Protocols: 'image' = the paper's image-level 5-fold CV (optimistic: a patient's "
            "images can be in train and test); 'patient' = patient-disjoint stratified group "
            "k-fold; 'official' = dsfoldN.txt / Folds.csv found under --data-root.")
@@ -53,12 +59,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="experiment: magnification-specific/independent, binary/fine-grained "
                    "(default: %(default)s; ignored with --image-folder)")
     g.add_argument("--magnification", type=int, choices=[40, 100, 200, 400],
-                   help="magnification for MSBC/MSFC")
+                   help="magnification for MSBC/MSFC (an error with --image-folder)")
     g.add_argument("--protocol", default="patient", choices=["image", "patient", "official"],
                    help="how train/test folds are drawn (default: %(default)s)")
-    g.add_argument("--n-splits", type=int, default=5, help="folds (default: %(default)s)")
-    g.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the folds, in [0, 2**32 - 1] (default: %(default)s)")
+    g.add_argument("--n-splits", type=int,
+                   help=f"folds of --protocol image and patient (an error with official, "
+                   f"whose fold tables give the folds) (default: {_N_SPLITS})")
+    g.add_argument("--split-seed", type=int,
+                   help="seed of the folds and of the validation images, in [0, 2**32 - 1]; "
+                   "an error with --protocol official and --val-fraction 0, which draw "
+                   f"neither (default: {_SPLIT_SEED})")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of training data held out for the LR schedule, in [0, 1); "
                    "0 = use the training loss (default: %(default)s)")
@@ -68,7 +78,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-folder", action="store_true",
                    help="--data-root is a generic root/<class>/<image> folder")
     g.add_argument("--patients-csv", help="CSV (path, patient) with patient ids for "
-                   "--image-folder; needed there for --protocol patient")
+                   "--image-folder; needed there for --protocol patient (an error without "
+                   "--image-folder: BreaKHis file names give the patients)")
     g.add_argument("--no-verify", action="store_true",
                    help="read image headers only (faster; truncated files are not caught)")
     g.add_argument("--strict", action="store_true", help="fail on unreadable images")
@@ -81,10 +92,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", default="inception_v3",
                    help="resnet50, inception_v3, inception_resnet_v2, any name bilinearpool "
                    "resolves, or 'tiny' for CPU demos (default: %(default)s)")
-    g.add_argument("--weights", default="imagenet",
+    g.add_argument("--weights",
                    help="'imagenet' (download), a torchvision weights name, a timm pretrained "
-                   "tag, or a local state_dict file (default: %(default)s)")
-    g.add_argument("--no-pretrained", action="store_true", help="random initialisation")
+                   f"tag, or a local state_dict file (default: {_WEIGHTS})")
+    g.add_argument("--no-pretrained", action="store_true",
+                   help="random initialisation (an error with --weights)")
     g.add_argument("--se", action="store_true",
                    help="SE blocks in the backbone, reduction 8 (the paper's +SE)")
     g.add_argument("--se-reduction", type=int, help="SE reduction ratio (implies SE)")
@@ -108,9 +120,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "of at least 1e-4, as Keras' ReduceLROnPlateau (default: %(default)s)")
     g.add_argument("--no-oversample", action="store_true", help="no over-sampling of small classes")
     g.add_argument("--no-augment", action="store_true", help="no flips/shifts/rotations")
-    g.add_argument("--rotation", type=float, default=90.0, help="largest rotation in degrees, "
-                   "either way; the paper gives no range, %(default)s is our choice "
-                   "(corners filled black)")
+    g.add_argument("--rotation", type=float, help="largest rotation in degrees, either way; "
+                   f"the paper gives no range, {_ROTATION:g} (the default) is our choice "
+                   "(corners filled black); an error with --no-augment")
     g.add_argument("--seed", type=int, default=0,
                    help="training seed, in [0, 2**63 - 1] (default: %(default)s)")
     g.add_argument("--num-workers", type=int, default=0,
@@ -144,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="folder to index")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--image-folder", action="store_true", help="generic root/<class>/* folder")
-    p.add_argument("--patients-csv", help="CSV (path, patient) for --image-folder")
+    p.add_argument("--patients-csv", help="CSV (path, patient) for --image-folder (an error "
+                   "without it)")
     p.add_argument("--no-verify", action="store_true", help="read headers only (faster)")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images")
     p.add_argument("--workers", type=int, default=4, help="threads reading images")
@@ -277,10 +290,16 @@ def _spec(args: argparse.Namespace) -> Any:
 
     return DataSpec(
         data_root=args.data_root, task=args.task, magnification=args.magnification,
-        protocol=args.protocol, n_splits=args.n_splits, split_seed=args.split_seed,
+        protocol=args.protocol, n_splits=_given(args.n_splits, _N_SPLITS),
+        split_seed=_given(args.split_seed, _SPLIT_SEED),
         val_fraction=args.val_fraction, image_folder=args.image_folder,
         patients_csv=args.patients_csv, folds_file=tuple(args.folds_file),
         verify=not args.no_verify, strict=args.strict)
+
+
+def _given(value: Any, default: Any) -> Any:
+    """An option's value, or ``default`` when it was left out (``None``)."""
+    return default if value is None else value
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -289,12 +308,13 @@ def _config(args: argparse.Namespace) -> Any:
     se = args.se_reduction if args.se_reduction is not None else (8 if args.se else None)
     return TrainConfig(
         head=args.head, backbone=args.backbone,
-        weights=None if args.no_pretrained else args.weights, se_reduction=se,
+        weights=None if args.no_pretrained else _given(args.weights, _WEIGHTS),
+        se_reduction=se,
         dropout=args.dropout, input_size=args.input_size, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, plateau_factor=args.plateau_factor,
         plateau_patience=args.plateau_patience, oversample=not args.no_oversample,
-        augment=not args.no_augment, rotation=args.rotation, seed=args.seed,
+        augment=not args.no_augment, rotation=_given(args.rotation, _ROTATION), seed=args.seed,
         num_workers=args.num_workers, device=args.device)
 
 
@@ -359,6 +379,7 @@ def _stop_logging_to_console() -> None:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    _check_combinations(args)  # before the images are read
     from .data import index_breakhis, index_image_folder
 
     kwargs = dict(verify=not args.no_verify, strict=args.strict, workers=args.workers,
@@ -416,6 +437,63 @@ def _check_task(args: argparse.Namespace) -> None:
         get_task(args.task, magnification=args.magnification)
 
 
+class _CombinationError(ValueError):
+    """Options given together where one takes the other's effect away
+    (:func:`_check_combinations`); said as it is, without :func:`main`'s offline hint."""
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Refuse an option given beside one that makes it do nothing, before torch is
+    imported (seconds) and the data are indexed (minutes): it was ignored, so a run did
+    other than asked (``--no-pretrained --weights w.pt`` trained from random weights).
+    ``index`` has ``--image-folder`` and ``--patients-csv`` only.
+
+    :class:`breakhis.experiments.DataSpec` and :class:`breakhis.train.TrainConfig` refuse
+    the same settings when they differ from their defaults; here an option is refused when
+    it is given at all, as its default is ``None``.
+
+    Raises:
+        _CombinationError: (a ``ValueError``) naming both options, what each does and
+            how to go on.
+    """
+    given = vars(args)
+    if given.get("patients_csv") is not None and not args.image_folder:
+        raise _CombinationError(
+            f"--patients-csv {args.patients_csv!r} gives the patients of an image folder "
+            "(--image-folder), but without --image-folder --data-root is read as BreaKHis, "
+            "whose file names give the patients; add --image-folder or drop --patients-csv")
+    if given.get("magnification") is not None and args.image_folder:
+        raise _CombinationError(
+            f"--magnification {args.magnification} selects the BreaKHis images of one "
+            "magnification (tasks MSBC and MSFC), but --image-folder takes every image of "
+            "its class folders; drop --magnification, or drop --image-folder to read "
+            "--data-root as BreaKHis")
+    if args.command not in ("train", "cv"):
+        return
+    if args.protocol == "official" and args.n_splits is not None:
+        raise _CombinationError(
+            f"--n-splits {args.n_splits} sets the number of folds of protocols 'image' and "
+            "'patient', but protocol 'official' takes its folds from the fold tables (one "
+            "per table); drop --n-splits, or pass --protocol patient (or image) for "
+            f"{args.n_splits} folds")
+    if args.protocol == "official" and args.val_fraction == 0 and args.split_seed is not None:
+        raise _CombinationError(
+            f"--split-seed {args.split_seed} draws the folds of protocols 'image' and "
+            "'patient' and the validation images, but protocol 'official' takes its folds "
+            "from the fold tables and --val-fraction 0 holds out no validation images; drop "
+            "--split-seed, or pass a --val-fraction above 0")
+    if args.no_pretrained and args.weights is not None:
+        raise _CombinationError(
+            f"--weights {args.weights!r} loads the weights to start from, but --no-pretrained "
+            f"starts from random weights; drop --no-pretrained to start from {args.weights!r}, "
+            "or drop --weights for random weights")
+    if args.no_augment and args.rotation is not None:
+        raise _CombinationError(
+            f"--rotation {args.rotation:g} sets the rotations of the augmentation, but "
+            "--no-augment turns augmentation off (no flips, shifts or rotations); drop "
+            f"--no-augment to rotate by up to {args.rotation:g} degrees, or drop --rotation")
+
+
 #: breakhis.train.CHECKPOINT_NAME, without importing torch (a test checks they agree).
 _CHECKPOINT = "checkpoint.pt"
 
@@ -450,6 +528,7 @@ def _refuse_overwriting(args: argparse.Namespace, out: Path, command: str) -> No
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _check_combinations(args)
     _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import check_resume, prepare_data, run_fold
@@ -489,6 +568,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
+    _check_combinations(args)
     _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import run_cv
@@ -703,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if isinstance(exc, SettingError):  # named as the command line names it: --input-size
             text = exc.named(_option_name(parser, args.command, exc.setting))
+        elif isinstance(exc, _CombinationError):  # --no-pretrained --weights: no offline hint
+            text = str(exc)
         else:
             text = str(exc)
             if "imagenet" in text.lower() or "pretrained" in text.lower():

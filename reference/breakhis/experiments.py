@@ -147,14 +147,18 @@ class DataSpec:
     Args:
         data_root: BreaKHis tree, or image folder when ``image_folder``.
         task: ``MSBC``, ``MIBC``, ``MSFC``, ``MIFC`` (BreaKHis) or ``folder``.
-        magnification: for ``MSBC``/``MSFC``.
+        magnification: for ``MSBC``/``MSFC``; ``None`` for an image folder.
         protocol: ``image``, ``patient`` or ``official``.
-        n_splits: folds for the k-fold protocols.
-        split_seed: seed of the folds (independent of the training seed).
+        n_splits: folds for the k-fold protocols; left at 5 for ``official``, whose fold
+            tables give the folds.
+        split_seed: seed of the folds and of the validation images (independent of the
+            training seed); left at 0 for ``official`` with ``val_fraction`` 0, which draw
+            neither.
         val_fraction: share of each training fold held out for the plateau schedule
             (0 uses the training loss).
         image_folder: ``data_root`` is ``root/<class>/<image>``, not BreaKHis.
-        patients_csv: patient ids for an image folder (columns ``path``, ``patient``).
+        patients_csv: patient ids for an image folder (columns ``path``, ``patient``);
+            ``None`` for BreaKHis data, whose file names give the patients.
         folds_file: explicit ``Folds.csv``/``dsfold`` path(s) for ``official`` (an
             error with another protocol); found below ``data_root`` when empty.
         verify: decode every image while indexing.
@@ -163,13 +167,20 @@ class DataSpec:
     Paths (``data_root``, ``patients_csv``, ``folds_file``) are made absolute on
     construction, so that a checkpoint finds its data from any working folder.
 
+    A setting that the others make ineffective is refused rather than ignored:
+    ``magnification`` with ``image_folder``, ``patients_csv`` without it, an ``n_splits``
+    other than 5 with protocol ``official``, and there with ``val_fraction`` 0 a
+    ``split_seed`` other than 0. :meth:`from_dict` reads a spec stored with such a
+    setting (before it was refused) with the default instead, which had the same effect.
+
     Raises:
         ValueError: when ``folds_file`` is given with a protocol other than ``official``;
             a :class:`breakhis._files.SettingError` (naming the setting) when
             ``val_fraction`` is not a number in ``[0, 1)``, ``split_seed`` is not an
-            integer in ``[0, 2**32 - 1]`` (what scikit-learn takes), or (BreaKHis data)
-            ``task`` is unknown or ``magnification`` missing or not allowed for it
-            (:func:`breakhis.tasks.get_task`): before any data are indexed.
+            integer in ``[0, 2**32 - 1]`` (what scikit-learn takes), a setting has no
+            effect (above), or (BreaKHis data) ``task`` is unknown or ``magnification``
+            missing or not allowed for it (:func:`breakhis.tasks.get_task`): before any
+            data are indexed.
     """
 
     data_root: str
@@ -199,12 +210,20 @@ class DataSpec:
                 f"fold files {list(self.folds_file)} are used by protocol 'official' only, "
                 f"but protocol is {self.protocol!r}; add --protocol official or drop "
                 "--folds-file")
+        self._check_effect()
         if not self.image_folder:  # an image folder's task is its class folders
             get_task(self.task, magnification=self.magnification)
         self.data_root = _absolute(self.data_root)
         if self.patients_csv is not None:
             self.patients_csv = _absolute(self.patients_csv)
         self.folds_file = tuple(_absolute(f) for f in self.folds_file)
+
+    def _check_effect(self) -> None:
+        """Refuse a setting that the others make ineffective (see the class)."""
+        for name in _without_effect(asdict(self)):
+            value = getattr(self, name)
+            if value != _DATA_DEFAULTS[name]:
+                raise SettingError(name, _WITHOUT_EFFECT[name].format(value=value))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints)."""
@@ -215,11 +234,62 @@ class DataSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataSpec:
         """Inverse of :meth:`to_dict`; other keys (the SHA-256 digests of the data files
-        that a checkpoint's data spec records) are ignored."""
+        that a checkpoint's data spec records) are ignored. A setting without effect
+        (stored before such settings were refused: ``magnification`` of an image folder,
+        ``patients_csv`` of BreaKHis data, ``n_splits`` and ``split_seed`` of the
+        ``official`` protocol where they draw nothing) is read as its default, which had
+        the same effect."""
         names = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in names}
         data["folds_file"] = tuple(data.get("folds_file") or ())
+        data.update({name: _DATA_DEFAULTS[name] for name in _without_effect(data)})
         return cls(**data)
+
+
+#: :class:`DataSpec`'s defaults, by setting.
+_DATA_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(DataSpec)}
+#: Why a setting that :func:`_without_effect` names must be left at its default, and how
+#: to go on (``{value}``: the setting's value).
+_WITHOUT_EFFECT: dict[str, str] = {
+    "magnification": "must be None with image_folder=True, which takes every image of its "
+                     "class folders (a magnification selects BreaKHis images, for tasks "
+                     "MSBC and MSFC), but got {value!r}; leave it out, or set "
+                     "image_folder=False for BreaKHis data",
+    "patients_csv": "must be None without image_folder=True (BreaKHis file names give the "
+                    "patients; the CSV is read for image folders only), but got {value!r}; "
+                    "set image_folder=True, or leave it out",
+    "n_splits": f"must be left at its default {_DATA_DEFAULTS['n_splits']} with protocol "
+                "'official', whose folds are its fold tables' (one per table), but got "
+                "{value!r}; leave it out, or use protocol 'patient' or 'image' for {value!r} "
+                "folds",
+    "split_seed": f"must be left at its default {_DATA_DEFAULTS['split_seed']} with protocol "
+                  "'official' and val_fraction 0, which draw nothing (the fold tables give "
+                  "the folds and no validation images are held out), but got {value!r}; "
+                  "leave it out, or hold out validation images (val_fraction > 0)",
+}
+
+
+def _without_effect(data: Mapping[str, Any]) -> list[str]:
+    """The settings of a data spec (:meth:`DataSpec.to_dict`, settings left out read as
+    the defaults) that the others make ineffective: ``magnification`` of an image
+    folder (its classes are its class folders), ``patients_csv`` of BreaKHis data (the
+    file names give the patients), ``n_splits`` of the ``official`` protocol (its fold
+    tables give the folds) and, there with ``val_fraction`` 0, ``split_seed`` (nothing is
+    drawn).
+
+    Examples:
+        >>> _without_effect({"protocol": "official", "val_fraction": 0})
+        ['patients_csv', 'n_splits', 'split_seed']
+        >>> _without_effect({"image_folder": True})
+        ['magnification']
+    """
+    spec = {**_DATA_DEFAULTS, **data}
+    out = ["magnification"] if spec["image_folder"] else ["patients_csv"]
+    if spec["protocol"] == "official":
+        out.append("n_splits")
+        if spec["val_fraction"] == 0:
+            out.append("split_seed")
+    return out
 
 
 def _sha256(path: str) -> str:
@@ -258,13 +328,25 @@ def _resume_ignore(state: dict[str, Any], extra: dict[str, Any]) -> tuple[tuple[
     paths may change when their content (SHA-256, recorded at training time) has not.
     A checkpoint written before the digests were recorded cannot tell their content: a
     file of the same name is taken for it, with a line saying so. Another content, or
-    (old checkpoints) another name, stays a difference.
+    (old checkpoints) another name, stays a difference. A data setting that the
+    checkpoint's other settings made ineffective (:func:`_without_effect`: recorded
+    before such settings were refused) is not compared.
     """
     old = (state.get("extra") or {}).get("data") or {}
     new = extra.get("data") or {}
     ignore, notes = list(_RESUME_IGNORE), []
+    # settings the checkpoint recorded without effect (before they were refused): the
+    # settings that made them so are compared, so that the run is the same
+    unused = _without_effect(old) if old else []
+    ignore += [f"data.{name}" for name in unused]
+    if "patients_csv" in unused:
+        ignore.append("data.patients_csv_sha256")
+    if "split_seed" in unused:
+        ignore.append("protocol.split_seed")  # the split records it too
     for name, what in _DATA_FILES:
         digest = f"{name}_sha256"
+        if name in unused:
+            continue
         old_paths, new_paths = _paths(old.get(name)), _paths(new.get(name))
         if digest not in old:
             ignore.append(f"data.{digest}")  # not recorded: compared by path and name

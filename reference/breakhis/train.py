@@ -152,9 +152,11 @@ class TrainConfig:
             ``ReduceLROnPlateau(patience=plateau_patience, min_delta=1e-4)``; at least 1.
         oversample: over-sample the smaller classes.
         augment: random flips, shifts and rotations.
-        shift: largest shift, as a fraction of the side, in ``[0, 1)``.
+        shift: largest shift, as a fraction of the side, in ``[0, 1)``; left at 0.1
+            without ``augment``, which shifts nothing.
         rotation: largest rotation in degrees, finite and at least 0 (the paper gives no
-            range; 90 is ours, and uncovered corners are filled black).
+            range; 90 is ours, and uncovered corners are filled black); left at 90
+            without ``augment``, which rotates nothing.
         seed: seed for initialisation, sampling and augmentation: an integer in
             ``[0, 2**63 - 1]`` (:data:`SEED_MAX`), so that the seed ``seed + epoch`` of
             every epoch's generator stays within what torch takes.
@@ -165,9 +167,11 @@ class TrainConfig:
     Raises:
         breakhis._files.SettingError: (a ``ValueError`` naming the setting) for a setting
             outside the ranges above (an integer setting that is not an integer included),
-            a backbone name that ``bilinearpool`` does not resolve
-            (:func:`breakhis.models.check_backbone`) or ``weights`` for ``tiny``, on
-            construction: before a run indexes its data or removes an earlier run's files.
+            a ``shift`` or ``rotation`` other than its default with ``augment=False`` (it
+            would be recorded, and compared on resume, without effect), a backbone name
+            that ``bilinearpool`` does not resolve (:func:`breakhis.models.check_backbone`)
+            or ``weights`` for ``tiny``, on construction: before a run indexes its data or
+            removes an earlier run's files.
     """
 
     head: str = "fast-bcnn"
@@ -239,6 +243,14 @@ class TrainConfig:
         if self.num_workers < 0:
             raise SettingError("num_workers", "must be >= 0 (0 loads the images in the "
                                f"training process), but got {self.num_workers}")
+        if not self.augment:
+            for name, drawn, verb, others in _AUGMENTATION:
+                value, default = getattr(self, name), _field_default(name)
+                if value != default:
+                    raise SettingError(
+                        name, f"must be left at its default {default!r} with augment=False, "
+                        f"which draws no {drawn} (nor {others}), but got {value!r}; set "
+                        f"augment=True to {verb}, or leave {name} out")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints and config.json)."""
@@ -250,7 +262,9 @@ class TrainConfig:
 
         A ``plateau_patience`` of 0, which checkpoints written before it counted epochs
         without improvement may hold (torch's count: the rate dropped at the first such
-        epoch), is read as 1, the same schedule.
+        epoch), is read as 1, the same schedule; a ``shift`` or ``rotation`` stored with
+        ``augment=False`` (before such values were refused) as its default, the same (no)
+        augmentation.
         """
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in _upgraded(data).items() if k in names})
@@ -261,12 +275,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+#: Settings of the augmentation that ``augment=False`` makes ineffective, each with
+#: what it draws, its verb and what else augmentation draws (:class:`TrainConfig`'s message).
+_AUGMENTATION: tuple[tuple[str, str, str, str], ...] = (
+    ("shift", "shifts", "shift", "flips or rotations"),
+    ("rotation", "rotations", "rotate", "flips or shifts"))
+
+
+def _field_default(name: str) -> Any:
+    """The default of :class:`TrainConfig`'s setting ``name``."""
+    return next(f.default for f in fields(TrainConfig) if f.name == name)
+
+
 def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored config in today's terms: an old ``plateau_patience`` of 0 (torch's count,
-    the same schedule as Keras' 1) reads as 1 (see :meth:`TrainConfig.from_dict`)."""
-    if "plateau_patience" not in config:
-        return dict(config)
-    return {**config, "plateau_patience": max(1, int(config["plateau_patience"]))}
+    """A stored config in today's terms (see :meth:`TrainConfig.from_dict`): an old
+    ``plateau_patience`` of 0 (torch's count, the same schedule as Keras' 1) reads as 1;
+    a ``shift`` or ``rotation`` stored with ``augment=False``, which drew none, as its
+    default (then refused; so a run made so resumes with ``augment=False`` alone)."""
+    out = dict(config)
+    if "plateau_patience" in out:
+        out["plateau_patience"] = max(1, int(out["plateau_patience"]))
+    if out.get("augment") is False:
+        out.update({name: _field_default(name) for name, *_ in _AUGMENTATION if name in out})
+    return out
 
 
 class TrainingDivergedError(RuntimeError):

@@ -22,7 +22,7 @@ import pytest
 
 from breakhis import experiments
 from breakhis._files import SettingError
-from breakhis.checkpoint import load_checkpoint
+from breakhis.checkpoint import load_checkpoint, save_checkpoint
 from breakhis.cli import _option_name, build_parser, main
 from breakhis.experiments import DataSpec, check_resume, run_cv, run_fold
 from breakhis.models import build_network
@@ -463,6 +463,146 @@ class TestOverwrite:
                      *TINY, "--seed", "1", "--out", str(copy), "--overwrite"]) == 0
         state = load_checkpoint(copy / "checkpoint.pt")
         assert state["epoch"] == before and state["config"]["seed"] == 1  # a new run
+
+
+class TestFlagsWithoutEffect:
+    """Flags that did nothing beside others: ``--no-pretrained --weights w.pt`` trained
+    from random weights, ``--no-augment --rotation 30`` stored a rotation it never drew
+    (and refused a --resume over it), ``--protocol official --n-splits 3`` trained the
+    fold tables' folds, ``--patients-csv`` without ``--image-folder`` and
+    ``--image-folder --magnification 40`` were ignored (``index --json --patients-csv
+    missing.csv`` exited 0). Each pair is now an error naming both flags and the way out,
+    before the data are indexed (and before torch is imported)."""
+
+    REFUSED = [
+        (["--no-pretrained", "--weights", "w.pt"],
+         "--weights 'w.pt' loads the weights to start from, but --no-pretrained starts from "
+         "random weights; drop --no-pretrained to start from 'w.pt', or drop --weights for "
+         "random weights"),
+        (["--no-augment", "--rotation", "30"],
+         "--rotation 30 sets the rotations of the augmentation, but --no-augment turns "
+         "augmentation off (no flips, shifts or rotations); drop --no-augment to rotate by "
+         "up to 30 degrees, or drop --rotation"),
+        (["--protocol", "official", "--n-splits", "3"],
+         "--n-splits 3 sets the number of folds of protocols 'image' and 'patient', but "
+         "protocol 'official' takes its folds from the fold tables (one per table); drop "
+         "--n-splits, or pass --protocol patient (or image) for 3 folds"),
+        (["--protocol", "official", "--val-fraction", "0", "--split-seed", "3"],
+         "--split-seed 3 draws the folds of protocols 'image' and 'patient' and the "
+         "validation images, but protocol 'official' takes its folds from the fold tables "
+         "and --val-fraction 0 holds out no validation images; drop --split-seed, or pass a "
+         "--val-fraction above 0"),
+        (["--patients-csv", "p.csv"],
+         "--patients-csv 'p.csv' gives the patients of an image folder (--image-folder), "
+         "but without --image-folder --data-root is read as BreaKHis, whose file names give "
+         "the patients; add --image-folder or drop --patients-csv"),
+        (["--image-folder", "--magnification", "40"],
+         "--magnification 40 selects the BreaKHis images of one magnification (tasks MSBC "
+         "and MSFC), but --image-folder takes every image of its class folders; drop "
+         "--magnification, or drop --image-folder to read --data-root as BreaKHis"),
+    ]
+
+    @pytest.mark.parametrize("command", ["train", "cv"])
+    @pytest.mark.parametrize("argv, message", REFUSED)
+    def test_train_and_cv_refuse_them_before_indexing(
+        self, command: str, argv: list[str], message: str, tmp_path: Path,
+        indexed: list[int], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main([command, "--data-root", str(tmp_path), *argv,
+                     "--out", str(tmp_path / "r")]) == 2
+        assert _err(capsys) == f"breakhis-repro {command}: error: {message}\n"
+        assert not indexed and not (tmp_path / "r").exists()
+
+    def test_index_refuses_a_patients_csv_without_image_folder(
+        self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        root, _ = synth_tree
+        missing = str(tmp_path / "nonexistent.csv")
+        assert main(["index", "--data-root", str(root), "--json",
+                     "--patients-csv", missing]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            f"breakhis-repro index: error: --patients-csv {missing!r} gives the patients of "
+            "an image folder (--image-folder), but without --image-folder --data-root is read "
+            "as BreaKHis, whose file names give the patients; add --image-folder or drop "
+            "--patients-csv\n")
+        # with --image-folder the CSV is read, and a missing one is an error naming it
+        assert main(["index", "--data-root", str(root), "--image-folder", "--json",
+                     "--patients-csv", missing]) == 2
+        assert missing in _err(capsys)
+
+    def test_refusals_import_no_torch(self, tmp_path: Path) -> None:
+        commands = [["train", "--data-root", str(tmp_path), *argv] for argv, _ in self.REFUSED]
+        code = ("import json, sys\n"
+                "from breakhis.cli import main\n"
+                f"codes = [main(argv) for argv in {commands!r}]\n"
+                "print(json.dumps([codes, 'torch' in sys.modules]))\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == [[2] * len(commands), False]
+        assert done.stderr.splitlines() == [f"breakhis-repro train: error: {message}"
+                                            for _, message in self.REFUSED]
+
+    def test_either_flag_alone_keeps_its_meaning_and_defaults(self) -> None:
+        """Options whose default is now None (given or not) resolve to the defaults of
+        before: --weights imagenet, --rotation 90, --n-splits 5, --split-seed 0."""
+        from breakhis.cli import _config, _spec
+
+        def parsed(*flags: str) -> tuple[TrainConfig, DataSpec]:
+            args = build_parser().parse_args(["train", "--data-root", "x", *flags])
+            return _config(args), _spec(args)
+
+        config, spec = parsed()
+        assert (config.weights, config.augment, config.rotation) == ("imagenet", True, 90.0)
+        assert (spec.n_splits, spec.split_seed) == (5, 0)
+        assert config == TrainConfig() and spec == DataSpec("x")
+        assert parsed("--no-pretrained")[0].weights is None
+        assert parsed("--weights", "w.pt")[0].weights == "w.pt"
+        config = parsed("--no-augment")[0]
+        assert (config.augment, config.rotation) == (False, 90.0)
+        assert parsed("--rotation", "30")[0].rotation == 30.0
+        assert parsed("--n-splits", "3", "--split-seed", "3")[1].n_splits == 3
+        official = parsed("--protocol", "official", "--split-seed", "3")[1]  # draws validation
+        assert (official.n_splits, official.split_seed) == (5, 3)
+        official = parsed("--protocol", "official", "--val-fraction", "0")[1]
+        assert (official.n_splits, official.split_seed) == (5, 0)
+        spec = parsed("--image-folder", "--patients-csv", "p.csv")[1]
+        assert spec.image_folder and spec.patients_csv == str(Path("p.csv").resolve())
+        assert parsed("--task", "MSBC", "--magnification", "40")[1].magnification == 40
+
+    def test_runs_that_recorded_such_a_setting_still_resume(
+        self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A run made before with such a pair recorded the setting that had no effect:
+        it resumes (and evaluates) with the pair's valid half, the setting now left out."""
+        root, _ = synth_tree
+        out = tmp_path / "run"
+        base = ["train", "--data-root", str(root), "--task", "MSBC", "--magnification", "40",
+                "--protocol", "official", "--val-fraction", "0", "--fold", "1",
+                "--no-augment", *TINY, "--out", str(out)]
+        assert main([*base, "--epochs", "1"]) == 0
+        ckpt = out / "checkpoint.pt"
+        state = load_checkpoint(ckpt)
+        # as --rotation 30 --n-splits 3 --split-seed 7 --patients-csv p.csv wrote them
+        state["config"]["rotation"] = 30.0
+        state["extra"]["data"].update(n_splits=3, split_seed=7,
+                                      patients_csv=str(tmp_path / "p.csv"),
+                                      patients_csv_sha256="0" * 64)
+        state["extra"]["protocol"]["split_seed"] = 7
+        save_checkpoint(state, ckpt)
+        capsys.readouterr()
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"),
+                     "--device", "cpu", "--no-progress"]) == 0, _err(capsys)
+        assert main([*base, "--epochs", "2", "--resume"]) == 0, _err(capsys)
+        state = load_checkpoint(ckpt)
+        assert state["epoch"] == 1 and state["config"]["rotation"] == 90.0
+        assert state["extra"]["data"]["n_splits"] == 5
+        assert state["extra"]["data"]["patients_csv"] is None
+        # a setting that acts is still compared
+        assert main([*base, "--epochs", "3", "--resume", "--seed", "1"]) == 2
+        assert "checkpoint has seed=0, this run 1" in _err(capsys)
 
 
 def test_version(capsys):

@@ -19,11 +19,13 @@ from PIL import Image
 
 from breakhis import experiments as experiments_module
 from breakhis import train as train_module
+from breakhis._files import SettingError
 from breakhis.checkpoint import load_checkpoint, save_checkpoint
 from breakhis.cli import main
 from breakhis.evaluate import PREDICTIONS_FILE
 from breakhis.experiments import (
     DataSpec,
+    check_resume,
     checkpoint_records,
     evaluate_checkpoint,
     prepare_data,
@@ -45,6 +47,8 @@ def _config(**changes) -> TrainConfig:
 
 def _spec(root: Path, **changes) -> DataSpec:
     base = dict(task="MSBC", magnification=40, protocol="patient", n_splits=3)
+    if changes.get("protocol") == "official":
+        del base["n_splits"]  # the fold tables give the folds: refused there
     return DataSpec(str(root), **{**base, **changes})
 
 
@@ -92,6 +96,56 @@ class TestDataSpec:
             DataSpec("data", folds_file=("dsfold1.txt",))
         assert DataSpec("data", protocol="official", folds_file=("dsfold1.txt",)).folds_file
 
+    @pytest.mark.parametrize("settings, setting, message", [
+        (dict(image_folder=True, magnification=40), "magnification",
+         "magnification must be None with image_folder=True, which takes every image of its "
+         "class folders (a magnification selects BreaKHis images, for tasks MSBC and MSFC), "
+         "but got 40; leave it out, or set image_folder=False for BreaKHis data"),
+        (dict(patients_csv="p.csv"), "patients_csv",
+         "patients_csv must be None without image_folder=True (BreaKHis file names give the "
+         "patients; the CSV is read for image folders only), but got 'p.csv'; set "
+         "image_folder=True, or leave it out"),
+        (dict(protocol="official", n_splits=3), "n_splits",
+         "n_splits must be left at its default 5 with protocol 'official', whose folds are "
+         "its fold tables' (one per table), but got 3; leave it out, or use protocol "
+         "'patient' or 'image' for 3 folds"),
+        (dict(protocol="official", val_fraction=0, split_seed=3), "split_seed",
+         "split_seed must be left at its default 0 with protocol 'official' and "
+         "val_fraction 0, which draw nothing (the fold tables give the folds and no "
+         "validation images are held out), but got 3; leave it out, or hold out validation "
+         "images (val_fraction > 0)"),
+    ])
+    def test_settings_without_effect_are_refused(self, settings: dict, setting: str,
+                                                 message: str) -> None:
+        """They were accepted and ignored (an image folder's magnification even named
+        the default run folder)."""
+        with pytest.raises(SettingError) as info:
+            DataSpec("data", **settings)
+        assert str(info.value) == message and info.value.setting == setting
+
+    def test_the_same_settings_where_they_act(self) -> None:
+        assert DataSpec("data", task="MSBC", magnification=40).magnification == 40
+        assert DataSpec("data", image_folder=True, patients_csv="p.csv").patients_csv
+        assert DataSpec("data", n_splits=3, split_seed=3, val_fraction=0).n_splits == 3
+        # official: the split seed draws the validation images
+        assert DataSpec("data", protocol="official", split_seed=3).split_seed == 3
+        assert DataSpec("data", protocol="official", val_fraction=0).n_splits == 5
+
+    def test_specs_stored_with_them_read_as_the_defaults(self) -> None:
+        """Checkpoints written before these were refused may record them: they read with
+        the defaults, which had the same (no) effect."""
+        stored = {**DataSpec("data", protocol="official", val_fraction=0).to_dict(),
+                  "n_splits": 3, "split_seed": 7, "patients_csv": "/p.csv",
+                  "patients_csv_sha256": "0" * 64}
+        spec = DataSpec.from_dict(stored)
+        assert (spec.n_splits, spec.split_seed, spec.patients_csv) == (5, 0, None)
+        stored = {**DataSpec("data", image_folder=True).to_dict(), "magnification": 40}
+        assert DataSpec.from_dict(stored).magnification is None
+        # where they act, they are kept
+        stored = DataSpec("data", task="MSBC", magnification=40, n_splits=3, split_seed=7,
+                          val_fraction=0).to_dict()
+        assert DataSpec.from_dict(stored) == DataSpec(**stored)
+
 
 class TestPrepareData:
     def test_image_folder_patient_protocol_needs_patients(self, tmp_path: Path) -> None:
@@ -124,8 +178,7 @@ class TestPrepareData:
 
     def test_official_folds_are_the_tables_numbers(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
-        spec = _spec(root, protocol="official", n_splits=5,
-                     folds_file=(str(root / "dsfold3.txt"),))
+        spec = _spec(root, protocol="official", folds_file=(str(root / "dsfold3.txt"),))
         data = prepare_data(spec)
         assert [s.fold for s in data.splits] == [3]
         with pytest.raises(ValueError, match=r"fold must be one of \[3\] \(the fold tables' "
@@ -784,6 +837,30 @@ class TestMovedDataFiles:
             handle.write("\n")
         with pytest.raises(ValueError, match=r"checkpoint has data\.patients_csv_sha256="):
             run_fold(spec(moved), _config(epochs=3), 0, run, resume=True, progress=False)
+
+    def test_image_folder_run_that_recorded_a_magnification_resumes(
+        self, tmp_path: Path
+    ) -> None:
+        """An image-folder run made with --magnification (ignored then, refused now)
+        records it; it resumes and evaluates without it."""
+        data = tmp_path / "data"
+        for cls in ("normal", "tumour"):
+            for i in range(6):
+                _png(data / cls / f"img{i}.png")
+        spec = DataSpec(str(data), image_folder=True, protocol="image", n_splits=2,
+                        val_fraction=0)
+        run = tmp_path / "run"
+        run_fold(spec, _config(), 0, run, progress=False)
+        state = load_checkpoint(run / "checkpoint.pt")
+        state["extra"]["data"]["magnification"] = 40  # as --magnification 40 wrote it
+        save_checkpoint(state, run / "checkpoint.pt")
+        report = evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev",
+                                     device="cpu", progress=False)
+        assert report["fold"] == 0
+        check_resume(spec, _config(epochs=2), run, fold=0)
+        report = run_fold(spec, _config(epochs=2), 0, run, resume=True, progress=False)
+        assert report["epochs_trained"] == 2
+        assert load_checkpoint(run / "checkpoint.pt")["extra"]["data"]["magnification"] is None
 
     def test_cv_resume_reuses_folds_of_a_moved_folds_file(
         self, tree_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from breakhis import train as train_module
+from breakhis._files import SettingError
 from breakhis.checkpoint import load_checkpoint, save_checkpoint
 from breakhis.cli import main
 from breakhis.data import index_breakhis
@@ -551,11 +552,13 @@ def test_training_flags_reach_the_config() -> None:
 
     plain = config()
     assert plain.se_reduction is None and plain.augment and plain.oversample
-    cfg = config("--se", "--no-augment", "--rotation", "30", "--no-oversample", "--dropout", "0.25",
+    cfg = config("--se", "--no-augment", "--no-oversample", "--dropout", "0.25",
                  "--weight-decay", "0.001", "--momentum", "0.9", "--no-pretrained")
-    assert cfg.se_reduction == 8 and not cfg.augment and cfg.rotation == 30 and not cfg.oversample
+    assert cfg.se_reduction == 8 and not cfg.augment and cfg.rotation == 90 and not cfg.oversample
     assert cfg.dropout == 0.25 and cfg.weight_decay == 0.001 and cfg.momentum == 0.9 and cfg.weights is None
     assert config("--se-reduction", "4").se_reduction == 4
+    assert config("--rotation", "30").rotation == 30
+    assert config("--weights", "w.pt").weights == "w.pt"
 
 
 def test_defaults_are_the_papers_recipe() -> None:
@@ -571,6 +574,46 @@ def test_defaults_are_the_papers_recipe() -> None:
     for command in ("train", "cv"):
         parsed = _config(build_parser().parse_args([command, "--data-root", "x"]))
         assert parsed == cfg, command
+
+
+class TestAugmentationSettings:
+    """``TrainConfig(augment=False, rotation=30)`` stored a rotation that no image got, and a
+    resume with another rotation was refused over a value without effect."""
+
+    @pytest.mark.parametrize("setting, value, message", [
+        ("rotation", 30.0,
+         "rotation must be left at its default 90.0 with augment=False, which draws no "
+         "rotations (nor flips or shifts), but got 30.0; set augment=True to rotate, or leave "
+         "rotation out"),
+        ("shift", 0.2,
+         "shift must be left at its default 0.1 with augment=False, which draws no shifts "
+         "(nor flips or rotations), but got 0.2; set augment=True to shift, or leave shift "
+         "out"),
+    ])
+    def test_refused_without_augmentation(self, setting: str, value: float,
+                                          message: str) -> None:
+        with pytest.raises(SettingError) as info:
+            _cfg(augment=False, **{setting: value})
+        assert str(info.value) == message and info.value.setting == setting
+        assert getattr(_cfg(**{setting: value}), setting) == value  # augmenting: used
+        assert not _cfg(augment=False).augment
+
+    def test_stored_configs_read_as_the_defaults(self) -> None:
+        """A config stored with augment=False and another rotation or shift (before they
+        were refused) reads with the defaults, which had the same (no) effect, so that its
+        checkpoint evaluates and resumes."""
+        stored = {**_cfg(augment=False).to_dict(), "rotation": 30.0, "shift": 0.2}
+        config = TrainConfig.from_dict(stored)
+        assert (config.augment, config.rotation, config.shift) == (False, 90.0, 0.1)
+        state = {"config": stored, "classes": ["a", "b"], "epoch": 0}
+        assert train_module.resume_differences(state, _cfg(augment=False, epochs=2),
+                                               ["a", "b"]) == []
+        # augmenting, they act: compared as before
+        stored = {**_cfg().to_dict(), "rotation": 30.0}
+        assert TrainConfig.from_dict(stored).rotation == 30.0
+        assert train_module.resume_differences({**state, "config": stored}, _cfg(epochs=2),
+                                               ["a", "b"]) == [
+            "checkpoint has rotation=30.0, this run 90.0"]
 
 
 def test_se_config_builds_se_blocks() -> None:
