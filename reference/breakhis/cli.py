@@ -36,7 +36,7 @@ __all__ = ["build_parser", "main"]
 #: so that an option given where it has no effect can be told from one left out
 #: (:func:`_check_combinations`); the values are those of
 #: :class:`breakhis.train.TrainConfig` and :class:`breakhis.experiments.DataSpec`.
-_WEIGHTS, _ROTATION, _N_SPLITS, _SPLIT_SEED = "imagenet", 90.0, 5, 0
+_TASK, _WEIGHTS, _ROTATION, _N_SPLITS, _SPLIT_SEED = "MIBC", "imagenet", 90.0, 5, 0
 
 _EPILOG = ("Protocols: 'image' = the paper's image-level 5-fold CV (optimistic: a patient's "
            "images can be in train and test); 'patient' = patient-disjoint stratified group "
@@ -55,9 +55,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data, task and protocol")
     g.add_argument("--data-root", required=True, help="BreaKHis folder (official or Kaggle "
                    "layout), or an image folder root/<class>/* with --image-folder")
-    g.add_argument("--task", default="MIBC", choices=["MSBC", "MIBC", "MSFC", "MIFC"],
+    g.add_argument("--task", choices=["MSBC", "MIBC", "MSFC", "MIFC"],
                    help="experiment: magnification-specific/independent, binary/fine-grained "
-                   "(default: %(default)s; ignored with --image-folder)")
+                   f"(default: {_TASK}; an error with --image-folder, whose class folders are "
+                   "the classes)")
     g.add_argument("--magnification", type=int, choices=[40, 100, 200, 400],
                    help="magnification for MSBC/MSFC (an error with --image-folder)")
     g.add_argument("--protocol", default="patient", choices=["image", "patient", "official"],
@@ -289,7 +290,7 @@ def _spec(args: argparse.Namespace) -> Any:
     from .experiments import DataSpec
 
     return DataSpec(
-        data_root=args.data_root, task=args.task, magnification=args.magnification,
+        data_root=args.data_root, task=_given(args.task, _TASK), magnification=args.magnification,
         protocol=args.protocol, n_splits=_given(args.n_splits, _N_SPLITS),
         split_seed=_given(args.split_seed, _SPLIT_SEED),
         val_fraction=args.val_fraction, image_folder=args.image_folder,
@@ -329,7 +330,7 @@ def _check_out(out: str | os.PathLike[str]) -> None:
 
 
 def _default_out(args: argparse.Namespace, suffix: str) -> Path:
-    task = "folder" if args.image_folder else args.task
+    task = "folder" if args.image_folder else _given(args.task, _TASK)
     mag = f"{args.magnification}x-" if args.magnification else ""
     return Path("runs") / f"{task}-{mag}{args.protocol}-{args.head}-{args.backbone}-{suffix}"
 
@@ -434,7 +435,7 @@ def _check_task(args: argparse.Namespace) -> None:
     if not args.image_folder:  # an image folder's task is its class folders
         from .tasks import get_task
 
-        get_task(args.task, magnification=args.magnification)
+        get_task(_given(args.task, _TASK), magnification=args.magnification)
 
 
 class _CombinationError(ValueError):
@@ -462,6 +463,11 @@ def _check_combinations(args: argparse.Namespace) -> None:
             f"--patients-csv {args.patients_csv!r} gives the patients of an image folder "
             "(--image-folder), but without --image-folder --data-root is read as BreaKHis, "
             "whose file names give the patients; add --image-folder or drop --patients-csv")
+    if given.get("task") is not None and args.image_folder:
+        raise _CombinationError(
+            f"--task {args.task} selects BreaKHis classes, but --image-folder takes its class "
+            "folders as the classes; drop --task, or drop --image-folder to read --data-root "
+            "as BreaKHis")
     if given.get("magnification") is not None and args.image_folder:
         raise _CombinationError(
             f"--magnification {args.magnification} selects the BreaKHis images of one "

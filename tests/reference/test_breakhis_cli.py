@@ -470,7 +470,7 @@ class TestFlagsWithoutEffect:
     from random weights, ``--no-augment --rotation 30`` stored a rotation it never drew
     (and refused a --resume over it), ``--protocol official --n-splits 3`` trained the
     fold tables' folds, ``--patients-csv`` without ``--image-folder`` and
-    ``--image-folder --magnification 40`` were ignored (``index --json --patients-csv
+    ``--image-folder --magnification 40`` (or ``--task MIFC``) were ignored (``index --json --patients-csv
     missing.csv`` exited 0). Each pair is now an error naming both flags and the way out,
     before the data are indexed (and before torch is imported)."""
 
@@ -500,6 +500,9 @@ class TestFlagsWithoutEffect:
          "--magnification 40 selects the BreaKHis images of one magnification (tasks MSBC "
          "and MSFC), but --image-folder takes every image of its class folders; drop "
          "--magnification, or drop --image-folder to read --data-root as BreaKHis"),
+        (["--image-folder", "--task", "MIFC"],
+         "--task MIFC selects BreaKHis classes, but --image-folder takes its class folders as "
+         "the classes; drop --task, or drop --image-folder to read --data-root as BreaKHis"),
     ]
 
     @pytest.mark.parametrize("command", ["train", "cv"])
@@ -547,7 +550,7 @@ class TestFlagsWithoutEffect:
 
     def test_either_flag_alone_keeps_its_meaning_and_defaults(self) -> None:
         """Options whose default is now None (given or not) resolve to the defaults of
-        before: --weights imagenet, --rotation 90, --n-splits 5, --split-seed 0."""
+        before: --task MIBC, --weights imagenet, --rotation 90, --n-splits 5, --split-seed 0."""
         from breakhis.cli import _config, _spec
 
         def parsed(*flags: str) -> tuple[TrainConfig, DataSpec]:
@@ -571,6 +574,7 @@ class TestFlagsWithoutEffect:
         spec = parsed("--image-folder", "--patients-csv", "p.csv")[1]
         assert spec.image_folder and spec.patients_csv == str(Path("p.csv").resolve())
         assert parsed("--task", "MSBC", "--magnification", "40")[1].magnification == 40
+        assert spec.task == "MIBC" and parsed("--task", "MIFC")[1].task == "MIFC"
 
     def test_runs_that_recorded_such_a_setting_still_resume(
         self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]
