@@ -149,12 +149,22 @@ def parse_breakhis_name(name: str) -> BreakhisName:
         ('14-22549AB', 'A', 40)
         >>> parse_breakhis_name("SOB_M_PC-15-190EF-400-013.png").year
         '15'
+        >>> parse_breakhis_name("SOB_M_PC-15-190EF-400-013.PNG")
+        Traceback (most recent call last):
+            ...
+        ValueError: expected a BreaKHis name like 'SOB_B_A-14-22549AB-40-001.png' (<procedure>_<B|M>_<type>-<yy>-<slide>-<mag>-<seq>.png), but got 'SOB_M_PC-15-190EF-400-013.PNG'; only its extension's case differs: rename it to 'SOB_M_PC-15-190EF-400-013.png'
     """
     match = _NAME.match(name)
     if match is None:
+        stem, dot, suffix = name.rpartition(".")
+        # a release name whose extension only differs in case (e.g. copied from a system
+        # that upper-cases it): the fold tables name it with '.png'
+        case = (f"; only its extension's case differs: rename it to {stem + '.png'!r}"
+                if dot and suffix != "png" and suffix.lower() == "png" and _NAME.match(stem + ".png")
+                else "")
         raise ValueError(
             "expected a BreaKHis name like 'SOB_B_A-14-22549AB-40-001.png' "
-            f"(<procedure>_<B|M>_<type>-<yy>-<slide>-<mag>-<seq>.png), but got {name!r}"
+            f"(<procedure>_<B|M>_<type>-<yy>-<slide>-<mag>-<seq>.png), but got {name!r}{case}"
         )
     cls = "benign" if match["cls"] == "B" else "malignant"
     tumor_type = match["type"]

@@ -73,6 +73,16 @@ class TestParseName:
         with pytest.raises(ValueError, match="expected a BreaKHis name"):
             parse_breakhis_name(name)
 
+    @pytest.mark.parametrize("suffix", ["PNG", "Png"])
+    def test_extension_case_is_named(self, suffix: str) -> None:
+        """Names end in '.png' (as the fold tables list them): another case of the
+        extension is refused with the name to rename it to."""
+        with pytest.raises(ValueError, match=r"only its extension's case differs: rename it to "
+                                             r"'SOB_B_A-14-22549AB-40-001\.png'"):
+            parse_breakhis_name(f"SOB_B_A-14-22549AB-40-001.{suffix}")
+        with pytest.raises(ValueError, match=r"got 'SOB_B_A-14-22549AB-50-001\.PNG'$"):
+            parse_breakhis_name("SOB_B_A-14-22549AB-50-001.PNG")  # wrong otherwise too: no hint
+
     def test_class_letter_must_match_type(self) -> None:
         with pytest.raises(ValueError, match="class letter 'B' says benign"):
             parse_breakhis_name("SOB_B_DC-14-2523-40-001.png")
