@@ -140,6 +140,19 @@ class BenchResult:
 # ---------------------------------------------------------------------------------------------
 
 
+def _plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``noun`` for ``n`` of them: as it is when ``n`` is 1, else ``plural_form`` (by
+    default ``noun`` with an ``s``), for messages that count.
+
+    Examples:
+        >>> _plural(1, "head"), _plural(2, "layer case"), _plural(0, "is", "are")
+        ('head', 'layer cases', 'are')
+    """
+    if n == 1:
+        return noun
+    return plural_form if plural_form is not None else f"{noun}s"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -462,10 +475,12 @@ def _device_problem(text: str) -> str | None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return f"--device {text} was asked for, but torch.cuda.is_available() is False"
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
             return (
-                f"--device {text} was asked for, but only {torch.cuda.device_count()} CUDA "
-                "device(s) are visible (cuda:0 ...)"
+                f"--device {text} was asked for, but only {count} CUDA "
+                f"{_plural(count, 'device is', 'devices are')} visible "
+                f"({'cuda:0' if count == 1 else f'cuda:0 ... cuda:{count - 1}'})"
             )
         return None
     if device.type == "mps":
@@ -824,7 +839,9 @@ def _check_layer_cases(names: Sequence[str]) -> list[str]:
     """``names`` without repeats, in order; ValueError naming the unknown ones."""
     unknown = [n for n in names if n not in bench.LAYER_CASES]
     if unknown:
-        raise ValueError(f"unknown layer case(s) {unknown}; known: {list(bench.LAYER_CASES)}")
+        raise ValueError(
+            f"unknown {_plural(len(unknown), 'layer case')} {unknown}; known: {list(bench.LAYER_CASES)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -1402,7 +1419,9 @@ def parameter_table(
 def _select_heads(names: Sequence[str]) -> list[bench.ModelHead]:
     unknown = [n for n in names if n not in bench.MODEL_HEADS]
     if unknown:
-        raise ValueError(f"unknown head(s) {unknown}; known: {list(bench.MODEL_HEADS)}")
+        raise ValueError(
+            f"unknown {_plural(len(unknown), 'head')} {unknown}; known: {list(bench.MODEL_HEADS)}"
+        )
     ordered = ["plain"] + [n for n in dict.fromkeys(names) if n != "plain"]  # plain is the baseline
     return [bench.MODEL_HEADS[n] for n in ordered]
 
@@ -2490,12 +2509,14 @@ def _in_process_note(kind: str, names: Sequence[str], imports: Sequence[str] | N
     if not foreign:
         return []
     option = "--cases" if kind == "layer case" else "--heads"
+    them, were = _plural(len(foreign), "it", "them"), _plural(len(foreign), "was", "were")
     return [
-        f"{_IN_PROCESS} the {kind}(s) {', '.join(f'`{n}`' for n in foreign)} of this run were "
-        "registered in the Python process that ran it, not by the library nor by importing an "
-        "--import module of the command above, so that command, run in a fresh process, does "
-        f"not know them ({option} refuses them, or the default runs without them): to rerun it, "
-        "add --import MODULE naming the module that registers them."
+        f"{_IN_PROCESS} the {_plural(len(foreign), kind)} {', '.join(f'`{n}`' for n in foreign)} "
+        f"of this run {were} registered in the Python process that ran it, not by the library "
+        "nor by importing an --import module of the command above, so that command, run in a "
+        f"fresh process, does not know {them} ({option} refuses {them}, or the default runs "
+        f"without {them}): to rerun it, add --import MODULE naming the module that registers "
+        f"{them}."
     ]
 
 

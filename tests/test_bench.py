@@ -618,8 +618,11 @@ class TestCommandLine:
         ("argv", "message"),
         [
             (["models", "--heads", "gap", "--params-only", "--backbones", "resnet18"],
-             r"error: unknown head\(s\) \['gap'\]; known: \['plain'"),
-            (["layers", "--cases", "nope"], r"error: unknown layer case\(s\) \['nope'\]; known: \['naive'"),
+             r"error: unknown head \['gap'\]; known: \['plain'"),
+            (["models", "--heads", "gap", "nope", "--params-only", "--backbones", "resnet18"],
+             r"error: unknown heads \['gap', 'nope'\]; known: \['plain'"),
+            (["layers", "--cases", "nope"], r"error: unknown layer case \['nope'\]; known: \['naive'"),
+            (["layers", "--cases", "nope", "nah"], r"error: unknown layer cases \['nope', 'nah'\]; known: \['naive'"),
             (["report", "/nonexistent-folder"],
              "report: error: expected a folder of layers.json / models.json, but /nonexistent-folder does not exist"),
             (["layers", "--device", "foo"], "error: --device expected cpu, cuda, cuda:N or mps, but got 'foo'"),
@@ -646,6 +649,27 @@ class TestCommandLine:
             main(["layers", "--device", device, "--shapes", "2x4x3x3"])
         assert exc.value.code == 2
         assert f"error: --device {device} was asked for, but" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        ("count", "message"),
+        [(1, "only 1 CUDA device is visible (cuda:0)"), (2, "only 2 CUDA devices are visible (cuda:0 ... cuda:1)")],
+    )
+    def test_missing_cuda_index_counts_the_devices(self, count, message, monkeypatch):
+        """An index past the visible CUDA devices: the message counts them in words that agree."""
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        assert cli._device_problem("cuda:5") == f"--device cuda:5 was asked for, but {message}"
+
+    def test_in_process_note_agrees_with_its_count(self):
+        """One foreign case is 'the layer case ... was ... it', two are 'the model heads ... were ... them'."""
+        (one,) = cli._in_process_note("layer case", ["naive", "test-mine"], None)
+        assert one.startswith("IN-PROCESS: the layer case `test-mine` of this run was registered")
+        assert "does not know it (--cases refuses it, or the default runs without it)" in one
+        assert one.endswith("naming the module that registers it.")
+        (two,) = cli._in_process_note("model head", ["plain", "test-a", "test-b"], None)
+        assert two.startswith("IN-PROCESS: the model heads `test-a`, `test-b` of this run were registered")
+        assert "does not know them (--heads refuses them, or the default runs without them)" in two
+        assert two.endswith("naming the module that registers them.")
 
     def test_output_paths_are_checked_before_the_run(self, tmp_path, capsys, monkeypatch):
         """--out naming a file (layers/models) or a folder (report) is refused up front."""
@@ -1051,7 +1075,7 @@ class TestRobustRuns:
         assert main(["models", "--backbones", "resnet18", "--heads", "test-head", "--params-only",
                      "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
         (note,) = [n for n in json.loads((tmp_path / "models.json").read_text())["notes"] if "IN-PROCESS" in n]
-        assert "model head(s) `test-head`" in note and "`plain`" not in note
+        assert "the model head `test-head` of this run was" in note and "`plain`" not in note
 
     def test_quick_batch_is_two_on_every_device(self):
         args = argparse.Namespace(batch_size_at=None, batch_size=None, quick=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from ._files import missing_folder_problem
+from ._files import count, missing_folder_problem, plural
 
 __all__ = [
     "BENIGN_TYPES",
@@ -569,8 +569,9 @@ def index_breakhis(
         )
     if strict and unreadable:
         raise UnreadableImageError(
-            f"{len(unreadable)} image(s) could not be decoded (strict mode), e.g. "
-            f"{unreadable[:3]}; re-run without --strict to skip them"
+            f"{count(len(unreadable), 'image')} could not be decoded (strict mode), e.g. "
+            f"{unreadable[:3]}; re-run without --strict to skip "
+            f"{plural(len(unreadable), 'it', 'them')}"
         )
     return DataIndex(
         root=root,
@@ -598,7 +599,8 @@ def _refuse_duplicate_names(root: Path, paths: Sequence[Path]) -> None:
         a, b = (p.relative_to(root).as_posix() for p in pairs[0])
         raise ValueError(
             f"expected every BreaKHis file name once under {str(root)!r}, but "
-            f"{len(pairs)} file(s) repeat a name found elsewhere, e.g. {a!r} and {b!r} "
+            f"{count(len(pairs), 'file')} {plural(len(pairs), 'repeats', 'repeat')} a name "
+            f"found elsewhere, e.g. {a!r} and {b!r} "
             "(two copies of the data set?); point --data-root at one copy or remove the other"
         )
 
@@ -705,20 +707,24 @@ def index_image_folder(
         )
     if strict and unreadable:
         raise UnreadableImageError(
-            f"{len(unreadable)} image(s) could not be decoded (strict mode), e.g. {unreadable[:3]}"
+            f"{count(len(unreadable), 'image')} could not be decoded (strict mode), e.g. "
+            f"{unreadable[:3]}"
         )
     warnings = []
     if conflicts:
         warnings.append(
-            f"{len(conflicts)} image(s) have a path row and a bare-name row with different "
-            f"patients in {str(patients_csv)!r}; the path row was used, e.g. {conflicts[:3]}"
+            f"{count(len(conflicts), 'image')} {plural(len(conflicts), 'has', 'have')} a path "
+            f"row and a bare-name row with different patients in {str(patients_csv)!r}; the "
+            f"path row was used, e.g. {conflicts[:3]}"
         )
     if missing:
+        them = plural(len(missing), "it", "them")
         warnings.append(
-            f"{len(missing)} of {len(records)} image(s) have no patient in "
-            f"{str(patients_csv)!r} (no row, or a blank cell), e.g. {missing[:3]}; their "
-            "patient is unknown: protocol 'patient' refuses them and the patient "
-            "recognition rate is not computed over them"
+            f"{len(missing)} of {count(len(records), 'image')} "
+            f"{plural(len(missing), 'has', 'have')} no patient in {str(patients_csv)!r} (no "
+            f"row, or a blank cell), e.g. {missing[:3]}; {plural(len(missing), 'its', 'their')} "
+            f"patient is unknown: protocol 'patient' refuses {them} and the patient "
+            f"recognition rate is not computed over {them}"
         )
     return DataIndex(
         root=root, records=records, skipped=sorted(skipped, key=lambda s: s.path),

@@ -29,7 +29,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from ._files import atomic_writer
+from ._files import atomic_writer, count
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -182,8 +182,8 @@ def classification_metrics(
                 "cannot be scored" if -1 in bad else "")
         raise ValueError(
             f"expected targets in [0, C-1] = [0, {len(classes) - 1}] (indices into "
-            f"{list(classes)}), but got {bad[:5]} for {int(outside.sum())} of {len(y_true)} "
-            f"image(s){hint}"
+            f"{list(classes)}), but got {bad[:5]} for {int(outside.sum())} of "
+            f"{count(len(y_true), 'image')}{hint}"
         )
     y_pred = probs.argmax(axis=1)
     labels = list(range(len(classes)))
@@ -311,9 +311,9 @@ def split_integrity(report: Mapping[str, Any]) -> tuple[bool | None, list[str]]:
         (True, [])
         >>> split_integrity({"protocol": {"patient_disjoint": True}, "folds": [
         ...     {"fold": 1, "protocol": {"patient_disjoint": True, "notes": []}},
-        ...     {"fold": 2, "protocol": {"patient_disjoint": False, "notes": ["1 patient(s) "
+        ...     {"fold": 2, "protocol": {"patient_disjoint": False, "notes": ["1 patient "
         ...                                                            "in train and test"]}}]})
-        (False, ['fold 2: 1 patient(s) in train and test'])
+        (False, ['fold 2: 1 patient in train and test'])
         >>> split_integrity({"protocol": {"protocol": "official"}})
         (None, [])
     """

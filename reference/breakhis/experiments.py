@@ -116,9 +116,9 @@ SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
 #: ``patients_csv`` may differ when their content does not (:func:`_resume_ignore`).
 _RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits")
 #: Data files a :class:`DataSpec` names by path, compared by content on resume, with
-#: what they are called in messages.
-_DATA_FILES: tuple[tuple[str, str], ...] = (("folds_file", "fold table(s)"),
-                                           ("patients_csv", "patients CSV"))
+#: what one and several of them are called in messages.
+_DATA_FILES: tuple[tuple[str, str, str], ...] = (
+    ("folds_file", "fold table", "fold tables"), ("patients_csv", "patients CSV", "patients CSVs"))
 #: Files a fold's evaluation writes into its run folder, each atomically
 #: (:func:`breakhis._files.atomic_writer`; :func:`breakhis.train.fit`'s
 #: ``atomic_outputs``, whose temporary files a run killed while writing them leaves).
@@ -343,11 +343,13 @@ def _resume_ignore(state: dict[str, Any], extra: dict[str, Any]) -> tuple[tuple[
         ignore.append("data.patients_csv_sha256")
     if "split_seed" in unused:
         ignore.append("protocol.split_seed")  # the split records it too
-    for name, what in _DATA_FILES:
+    for name, one, several in _DATA_FILES:
         digest = f"{name}_sha256"
         if name in unused:
             continue
         old_paths, new_paths = _paths(old.get(name)), _paths(new.get(name))
+        n = len(new_paths)
+        what = plural(n, one, several)
         if digest not in old:
             ignore.append(f"data.{digest}")  # not recorded: compared by path and name
         if old_paths == new_paths:
@@ -355,14 +357,17 @@ def _resume_ignore(state: dict[str, Any], extra: dict[str, Any]) -> tuple[tuple[
         if digest in old:
             if old[digest] == new.get(digest):
                 ignore.append(f"data.{name}")
-                notes.append(f"data: the {what} moved: {new_paths} holds the content of the "
-                             f"checkpoint's {old_paths} (same SHA-256)")
+                notes.append(f"data: the {what} moved: {new_paths} "
+                             f"{plural(n, 'holds', 'hold')} the content of the checkpoint's "
+                             f"{old_paths} (same SHA-256)")
         elif old_paths and [Path(p).name for p in old_paths] == [Path(p).name
                                                                  for p in new_paths]:
             ignore.append(f"data.{name}")
-            notes.append(f"data: the checkpoint records the path of its {what}, not its "
-                         f"content (written by an older breakhis): {new_paths} is taken for "
-                         f"{old_paths} because the file name is the same")
+            notes.append(f"data: the checkpoint records the {plural(n, 'path', 'paths')} of "
+                         f"its {what}, not {plural(n, 'its', 'their')} content (written by an "
+                         f"older breakhis): {new_paths} {plural(n, 'is', 'are')} taken for "
+                         f"{old_paths} because the file {plural(n, 'name is', 'names are')} the "
+                         "same")
     return tuple(ignore), notes
 
 
@@ -422,7 +427,7 @@ def _issue_lines(issues: dict[str, Any], root: Path) -> list[str]:
     """The issues in words, one line each (for the console and ``train.log``)."""
     lines = []
     if issues["skipped"]:
-        lines.append(f"data: {issues['skipped']} file(s) under {str(root)!r} left out")
+        lines.append(f"data: {count(issues['skipped'], 'file')} under {str(root)!r} left out")
         for reason, n in issues["skipped_by_reason"].items():
             lines.append(f"data:   {reason}: {n}, e.g. "
                          f"{', '.join(issues['skipped_examples'][reason])}")
@@ -467,8 +472,10 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
     task_warnings = []
     if len(found) < task.num_classes:
         absent = [c for c in task.classes if c not in found]
-        task_warnings.append(f"task {task.name}: no images of class(es) {absent}; the model "
-                             "still has an output for them, which is never trained")
+        task_warnings.append(f"task {task.name}: no images of "
+                             f"{plural(len(absent), 'class', 'classes')} {absent}; the model "
+                             f"still has an output for {plural(len(absent), 'it', 'them')}, "
+                             "which is never trained")
     groups = patient_groups(records)
     tables: list[str | Path] = list(spec.folds_file)
     if spec.protocol == "official" and not tables:
@@ -542,8 +549,8 @@ def _protocol_warnings(fold: int, protocol: Mapping[str, Any]) -> list[str]:
 
     Examples:
         >>> _protocol_warnings(2, {"protocol": "official", "patient_disjoint": False,
-        ...                        "notes": ["1 patient(s) in train and test, e.g. ['p1']"]})[0]
-        "fold 2 (official protocol): 1 patient(s) in train and test, e.g. ['p1']"
+        ...                        "notes": ["1 patient in train and test, e.g. ['p1']"]})[0]
+        "fold 2 (official protocol): 1 patient in train and test, e.g. ['p1']"
         >>> _protocol_warnings(0, {"protocol": "image", "patient_disjoint": False, "notes": []})
         []
     """
@@ -946,8 +953,9 @@ def run_cv(
     repeated = sorted({f for f in chosen if chosen.count(f) > 1})
     if unknown or repeated or not chosen:
         where = " (the fold tables' own numbers)" if spec.protocol == "official" else ""
-        problem = (f"unknown fold(s) {unknown}" if unknown else
-                   f"fold(s) {repeated} given more than once" if repeated else "no fold")
+        problem = (f"unknown {plural(len(unknown), 'fold')} {unknown}" if unknown else
+                   f"{plural(len(repeated), 'fold')} {repeated} given more than once" if repeated
+                   else "no fold")
         raise SettingError("folds", f"must be distinct folds of {available}{where}, but got "
                                     f"{chosen}: {problem}")
     run_dir = Path(run_dir)
@@ -1167,9 +1175,10 @@ def _decodable(
             f"longer do under {str(root)!r}, e.g. {shown}; restore them from the release")
     if spec.strict:
         raise UnreadableImageError(
-            f"{len(bad)} image(s) could not be decoded (strict mode), e.g. {shown}")
-    warnings.warn(f"{len(bad)} image(s) under {str(root)!r} could not be decoded and are "
-                  f"left out, as training's index left them out, e.g. {shown}",
+            f"{count(len(bad), 'image')} could not be decoded (strict mode), e.g. {shown}")
+    warnings.warn(f"{count(len(bad), 'image')} under {str(root)!r} could not be decoded and "
+                  f"{plural(len(bad), 'is', 'are')} left out, as training's index left "
+                  f"{plural(len(bad), 'it', 'them')} out, e.g. {shown}",
                   UserWarning, stacklevel=3)
     return np.asarray([i for i, p in zip(index, paths) if str(p) not in bad], dtype=np.int64)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._files import SettingError, check_int, folder_problem
+from ._files import SettingError, check_int, count, folder_problem, plural
 from .data import (
     IMAGE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -93,8 +93,9 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
             continue
         images.append(path)
     if repeated:
-        problems.append(f"{len(repeated)} image(s) reached more than once (overlapping inputs "
-                        f"or links), e.g. {repeated[:3]}: each predicted once, as first reached")
+        problems.append(f"{count(len(repeated), 'image')} reached more than once (overlapping "
+                        f"inputs or links), e.g. {repeated[:3]}: each predicted once, as first "
+                        "reached")
     # a folder given twice would name its left-out files twice
     return images, list(dict.fromkeys(problems))
 
@@ -130,9 +131,9 @@ def _other_magnifications(
 
     Returns:
         ``(checkpoint, groups, unknown)``: the checkpoint in words (``"MSBC at 40X"``),
-        one ``"<n> image(s) at <m>X"`` per other magnification its inputs' BreaKHis
-        names give, and a warning when some names give none (in-house names), else
-        ``None``. Both are empty for a checkpoint of a magnification-independent task.
+        one ``"<n> images at <m>X"`` (``"1 image at <m>X"``) per other magnification its
+        inputs' BreaKHis names give, and a warning when some names give none (in-house
+        names), else ``None``. Both are empty for a checkpoint of a magnification-independent task.
     """
     task = (state.get("extra") or {}).get("task") or {}
     trained = task.get("magnification")
@@ -140,13 +141,16 @@ def _other_magnifications(
         return "", [], None
     checkpoint = f"{task.get('name', 'magnification-specific')} at {trained}X"
     mags = Counter(d.magnification for d in described)
-    groups = [f"{n} image(s) at {mag}X" for mag, n in sorted(
+    groups = [f"{count(n, 'image')} at {mag}X" for mag, n in sorted(
         (m, n) for m, n in mags.items() if m is not None and m != trained)]
     unknown = None
     if mags[None]:
-        unknown = (f"{mags[None]} image(s) have no magnification in their names (not "
-                   f"BreaKHis names) for the {checkpoint} checkpoint: check that they are "
-                   f"{trained}X images")
+        n = mags[None]
+        unknown = (f"{count(n, 'image')} {plural(n, 'has', 'have')} no magnification in "
+                   f"{plural(n, 'its name', 'their names')} (not "
+                   f"{plural(n, 'a BreaKHis name', 'BreaKHis names')}) for the "
+                   f"{checkpoint} checkpoint: check that {plural(n, 'it is a', 'they are')} "
+                   f"{trained}X {plural(n, 'image')}")
     return checkpoint, groups, unknown
 
 
@@ -226,8 +230,10 @@ def predict_to_csv(
                 for group in others] + ([unknown] if unknown else [])
     escaped = [csv_path(p) for p in images if csv_path(p) != str(p)]
     if escaped:
-        warnings.append(f"{len(escaped)} file name(s) are not valid UTF-8: their undecodable "
-                        f"bytes are written as \\xNN escapes in the path column, e.g. "
+        n = len(escaped)
+        warnings.append(f"{count(n, 'file name')} {plural(n, 'is', 'are')} not valid UTF-8: "
+                        f"{plural(n, 'its', 'their')} undecodable bytes are written as \\xNN "
+                        f"escapes in the path column, e.g. "
                         f"{escaped[:3]}")
     classes = list(state["classes"])
     mean, std = checkpoint_normalization(state)

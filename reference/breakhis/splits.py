@@ -40,6 +40,7 @@ from sklearn.model_selection import (
     StratifiedShuffleSplit,
 )
 
+from ._files import count, plural
 from .data import DataIndex, ImageRecord
 
 __all__ = [
@@ -125,7 +126,8 @@ def require_patients(records: Sequence[ImageRecord], protocol: str = "patient") 
     if unknown:
         raise ValueError(
             f"protocol {protocol!r} needs the patient of every image, but {len(unknown)} of "
-            f"{len(records)} image(s) have none, e.g. {unknown[:3]}; give each one a patient "
+            f"{count(len(records), 'image')} {plural(len(unknown), 'has', 'have')} none, e.g. "
+            f"{unknown[:3]}; give each one a patient "
             "in the patients CSV (a blank cell or a missing row means unknown), or use "
             "--protocol image for image-level folds (optimistic if a patient has several "
             "images)")
@@ -151,8 +153,8 @@ def check_patient_disjoint(
     shared = _shared_groups(np.asarray(train), np.asarray(test), np.asarray(groups))
     if shared:
         raise ValueError(
-            f"expected patient-disjoint train and test sets, but {len(shared)} patient(s) "
-            f"are in both, e.g. {sorted(shared)[:5]}"
+            f"expected patient-disjoint train and test sets, but {count(len(shared), 'patient')} "
+            f"{plural(len(shared), 'is', 'are')} in both, e.g. {sorted(shared)[:5]}"
         )
 
 
@@ -398,13 +400,14 @@ def official_folds(
         notes = []
         missing = len(records) - len(train) - len(test)
         if missing:
-            notes.append(f"{missing} image(s) not listed in fold {fold}; left out")
+            notes.append(f"{count(missing, 'image')} not listed in fold {fold}; left out")
         shared = _shared_groups(train, test, groups)
         if shared:
-            notes.append(f"{len(shared)} patient(s) in train and test, e.g. {sorted(shared)[:3]}")
+            notes.append(f"{count(len(shared), 'patient')} in train and test, e.g. "
+                         f"{sorted(shared)[:3]}")
         n_unknown = int(unknown[train].sum() + unknown[test].sum())
         if n_unknown:
-            notes.append(f"{n_unknown} image(s) without a patient; patient-disjointness "
+            notes.append(f"{count(n_unknown, 'image')} without a patient; patient-disjointness "
                          "cannot be checked")
         out.append(Split(fold, train, test, "official",
                          patient_disjoint=not shared and not n_unknown, notes=tuple(notes)))
@@ -582,9 +585,10 @@ def _hold_out_patients(
         lost = classes[left == 0]
         if lost.size:
             warnings.warn(
-                f"the validation split holds out every training patient of class(es) "
-                f"{lost.tolist()}: no patient could be held out otherwise ({len(patients)} "
-                "patients); the model is not fitted on those classes", UserWarning,
+                f"the validation split holds out every training patient of "
+                f"{plural(lost.size, 'class', 'classes')} {lost.tolist()}: no patient could be "
+                f"held out otherwise ({len(patients)} patients); the model is not fitted on "
+                f"{plural(lost.size, 'that class', 'those classes')}", UserWarning,
                 stacklevel=3)
     in_val = val[patient_of]
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)

@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ._files import SettingError, atomic_writer, check_int, remove_stale_temporaries
+from ._files import SettingError, atomic_writer, check_int, plural, remove_stale_temporaries
 from .checkpoint import (
     NotACheckpointError,
     capture_rng_state,
@@ -828,9 +828,11 @@ def _fit(
         if removed:
             _LOG.warning("fresh run in %r: removed what an earlier run left there: %s",
                          str(run_dir), ", ".join(removed))
-        _LOG.info("training %s/%s on %d images (%d classes), %d process(es), device %s",
-                  config.head, config.backbone, len(train_records), len(classes),
-                  info.world_size, info.device)
+        _LOG.info("training %s/%s on %d %s (%d %s), %d %s, device %s",
+                  config.head, config.backbone, len(train_records),
+                  plural(len(train_records), "image"), len(classes),
+                  plural(len(classes), "class", "classes"), info.world_size,
+                  plural(info.world_size, "process", "processes"), info.device)
     if info.is_main:
         # a process killed while it saved leaves its temporary file (the file it was
         # replacing is intact): never read, so removed, fresh run or resumed

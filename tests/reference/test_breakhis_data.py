@@ -127,7 +127,8 @@ class TestIndexSynthetic:
 
     def test_strict_fails_on_truncated_png(self, synth_tree) -> None:
         root, _ = synth_tree
-        with pytest.raises(UnreadableImageError, match="could not be decoded"):
+        with pytest.raises(UnreadableImageError, match=r"^1 image could not be decoded "
+                           r"\(strict mode\), e\.g\. .*; re-run without --strict to skip it$"):
             index_breakhis(root, strict=True)
 
     def test_no_verify_misses_truncation_but_reads_sizes(self, synth_tree) -> None:
@@ -224,10 +225,13 @@ class TestIndexHandmade:
         name = "SOB_B_A-14-1-40-001.png"
         _png(_official(tmp_path / "copy1", "benign", "adenosis", "SOB_B_A_14-1", 40, name))
         _png(_official(tmp_path / "copy2", "benign", "adenosis", "SOB_B_A_14-1", 40, name))
-        with pytest.raises(ValueError, match=r"1 file\(s\) repeat a name") as info:
+        with pytest.raises(ValueError, match=r"but 1 file repeats a name") as info:
             index_breakhis(tmp_path)
         inside = f"BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-1/40X/{name}"
         assert f"'copy1/{inside}' and 'copy2/{inside}'" in str(info.value)
+        _png(_official(tmp_path / "copy3", "benign", "adenosis", "SOB_B_A_14-1", 40, name))
+        with pytest.raises(ValueError, match=r"but 2 files repeat a name"):
+            index_breakhis(tmp_path)
         assert len(index_breakhis(tmp_path / "copy1").records) == 1
 
     def test_hidden_folders_are_not_indexed(self, tmp_path: Path) -> None:
@@ -319,8 +323,14 @@ class TestImageFolder:
         assert by_path["tumour/img1.png"] == "p3"  # matched by bare file name
         assert by_path["tumour/img2.png"] is None  # blank cell: unknown, not a group ""
         assert summary["images_without_patient"] == 1
-        assert any("1 of 5 image(s) have no patient" in w and "tumour/img2.png" in w
+        assert any("1 of 5 images has no patient" in w and "tumour/img2.png" in w
+                   and "its patient is unknown: protocol 'patient' refuses it and" in w
                    for w in index.warnings)
+        csv_path.write_text("path,patient\nnormal/img0.png, \nnormal/img1.png,\n")
+        (plural,) = [w for w in index_image_folder(tmp_path, patients_csv=csv_path).warnings
+                     if "no patient" in w]
+        assert plural.startswith(f"5 of 5 images have no patient in {str(csv_path)!r}")
+        assert "their patient is unknown: protocol 'patient' refuses them and" in plural
         assert [s.path for s in index.skipped] == ["tumour/notes.txt"]
 
     def test_label_is_the_top_class_folder_not_a_sub_folder(self, tmp_path: Path) -> None:
@@ -387,8 +397,9 @@ class TestImageFolder:
             index = index_image_folder(tmp_path, patients_csv=csv_path)
             assert {r.path.name: r.patient for r in index.records} == {"x.png": "p1",
                                                                        "y.png": "p3"}
-            assert any("path row and a bare-name row with different patients" in w
-                       and "a/x.png" in w for w in index.warnings)
+            assert any(w.startswith("1 image has a path row and a bare-name row with "
+                                    "different patients") and "a/x.png" in w
+                       for w in index.warnings)
 
     def test_csv_with_byte_order_mark_and_short_row(self, tmp_path: Path) -> None:
         for name in ("a/x.png", "b/y.png"):

@@ -169,7 +169,7 @@ class TestPrepareData:
         (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
         spec = dict(image_folder=True, patients_csv=str(tmp_path / "p.csv"), n_splits=2)
         with pytest.raises(ValueError, match=r"protocol 'patient' needs the patient of every "
-                           r"image, but 6 of 12 image\(s\) have none"):
+                           r"image, but 6 of 12 images have none"):
             prepare_data(DataSpec(str(tmp_path / "data"), **spec))
         data = prepare_data(DataSpec(str(tmp_path / "data"), protocol="image", **spec))
         unknown = [i for i, r in enumerate(data.records) if r.patient is None]
@@ -216,7 +216,7 @@ class TestRunFold:
                                                "unreadable image": 1}
         assert issues["skipped_examples"]["unreadable image"][0].endswith("-999.png")
         assert any("14-13412" in w for w in issues["warnings"])
-        assert "4 file(s)" in caplog.text and "unreadable image: 1" in caplog.text
+        assert "4 files under" in caplog.text and "unreadable image: 1" in caplog.text
         assert "unreadable image: 1" in (tmp_path / "train.log").read_text()
         extra = load_checkpoint(tmp_path / "checkpoint.pt")["extra"]
         files = extra["files"]
@@ -486,8 +486,8 @@ class TestRecordedImagesDecoding:
         root, ckpt, files = run
         everything, _, _ = checkpoint_records(ckpt, split="all")
         _truncate(root / files["train"][0])
-        with pytest.warns(UserWarning, match=rf"1 image\(s\) .*could not be decoded and are "
-                          rf"left out.*{files['train'][0]}"):
+        with pytest.warns(UserWarning, match=rf"1 image .*could not be decoded and is "
+                          rf"left out, as training's index left it out.*{files['train'][0]}"):
             records, targets, _ = checkpoint_records(ckpt, split="all")
         assert len(records) == len(targets) == len(everything) - 1
         assert (root / files["train"][0]).resolve() not in {r.path for r in records}
@@ -603,9 +603,11 @@ class TestCvResume:
 
 
 class TestCvFolds:
-    @pytest.mark.parametrize("folds, problem", [([0, 7], r"unknown fold\(s\) \[7\]"),
-                                                ([1, 1], r"fold\(s\) \[1\] given more than "
-                                                 "once")])
+    @pytest.mark.parametrize("folds, problem", [([0, 7], r"unknown fold \[7\]"),
+                                                ([0, 7, 8], r"unknown folds \[7, 8\]"),
+                                                ([1, 1], r"fold \[1\] given more than once"),
+                                                ([1, 2, 1, 2], r"folds \[1, 2\] given more "
+                                                 "than once")])
     def test_folds_are_checked_before_training(self, synth_tree, tmp_path: Path,
                                                folds: list[int], problem: str) -> None:
         """An unknown fold failed only after the earlier folds had trained; a repeated
@@ -625,7 +627,7 @@ class TestCvFolds:
                      "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert ("folds must be distinct folds of [1, 2, 3, 4, 5] (the fold tables' own "
-                "numbers), but got [0]: unknown fold(s) [0]") in err
+                "numbers), but got [0]: unknown fold [0]") in err
         assert not (tmp_path / "cv").exists()
 
     def test_partial_official_cv_counts_the_fold_tables(self, synth_tree,
@@ -772,7 +774,7 @@ class TestMovedDataFiles:
         spec = _official(moved, moved / "dsfold1.txt")
         report = run_fold(spec, _config(epochs=2), 1, run, resume=True, progress=False)
         assert report["epochs_trained"] == 2
-        assert (f"data: the fold table(s) moved: [{str(moved / 'dsfold1.txt')!r}] holds the "
+        assert (f"data: the fold table moved: [{str(moved / 'dsfold1.txt')!r}] holds the "
                 f"content of the checkpoint's [{str(tree_copy / 'dsfold1.txt')!r}] (same "
                 "SHA-256)") in (run / "train.log").read_text()
         # evaluate (and figures) with --data-root find the table where the data went
@@ -806,7 +808,7 @@ class TestMovedDataFiles:
         report = run_fold(_official(moved, moved / "dsfold1.txt"), _config(epochs=2), 1, run,
                           resume=True, progress=False)
         assert report["epochs_trained"] == 2
-        assert ("records the path of its fold table(s), not its content (written by an older "
+        assert ("records the path of its fold table, not its content (written by an older "
                 "breakhis)") in (run / "train.log").read_text()
         # the resumed checkpoint records the content now
         assert load_checkpoint(run / "checkpoint.pt")["extra"]["data"]["folds_file_sha256"]
@@ -872,7 +874,7 @@ class TestMovedDataFiles:
         with caplog.at_level(logging.INFO, logger="breakhis.experiments"):
             run_cv(_official(moved, moved / "dsfold2.txt"), _config(), tmp_path / "cv",
                    resume=True, progress=False)
-        assert "fold 2: reusing" in caplog.text and "fold table(s) moved" in caplog.text
+        assert "fold 2: reusing" in caplog.text and "fold table moved" in caplog.text
         assert (tmp_path / "cv" / "fold2" / "test_metrics.json").read_text() == before
 
 
@@ -901,7 +903,7 @@ class TestSplitNotes:
     test_metrics.md, cv_metrics.md and the table said nothing, and cv_metrics.json's
     protocol was fold 1's copy (patient-disjoint, no notes, fold 1's sizes)."""
 
-    LEAK = r"1 patient\(s\) in train and test, e\.g\. \['[^']+'\]"
+    LEAK = r"1 patient in train and test, e\.g\. \['[^']+'\]"
 
     def test_leaking_fold_is_warned_about_and_marked_everywhere(
         self, synth_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -974,7 +976,7 @@ class TestSplitNotes:
         table = _fold_table(root, 1, tmp_path, omit=3)
         run = tmp_path / "run"
         report = run_fold(_official(root, table), _config(), 1, run, progress=False)
-        note = "3 image(s) not listed in fold 1; left out"
+        note = "3 images not listed in fold 1; left out"
         assert report["protocol"]["notes"] == [note]
         assert report["protocol"]["patient_disjoint"] is True
         log = (run / "train.log").read_text()
@@ -1008,3 +1010,41 @@ class TestSplitSeed:
         data = prepare_data(spec)
         plan = experiments_module._plan_fold(spec, data, 1)
         assert len(plan.val) and not set(plan.val) & set(plan.fit)
+
+
+class TestCountedMessages:
+    """Messages that count say 'fold table'/'file' for one, 'fold tables'/'files' for more
+    (they said 'fold table(s)', 'file(s)' whatever the number)."""
+
+    @pytest.mark.parametrize("tables, words", [
+        (["dsfold1.txt"], "the fold table moved: ['/b/dsfold1.txt'] holds the content"),
+        (["dsfold1.txt", "dsfold2.txt"], "the fold tables moved: ['/b/dsfold1.txt', "
+         "'/b/dsfold2.txt'] hold the content"),
+    ])
+    def test_moved_fold_tables(self, tables: list[str], words: str) -> None:
+        old = {"protocol": "official", "folds_file": [f"/a/{t}" for t in tables],
+               "folds_file_sha256": "same"}
+        new = {**old, "folds_file": [f"/b/{t}" for t in tables]}
+        _, notes = experiments_module._resume_ignore({"extra": {"data": old}}, {"data": new})
+        assert len(notes) == 1 and notes[0].startswith(f"data: {words} of the checkpoint's")
+
+    @pytest.mark.parametrize("tables, words", [
+        (["dsfold1.txt"], ("records the path of its fold table, not its content", "] is taken",
+                           "because the file name is the same")),
+        (["dsfold1.txt", "dsfold2.txt"], ("records the paths of its fold tables, not their "
+                                          "content", "] are taken",
+                                          "because the file names are the same")),
+    ])
+    def test_fold_tables_of_an_old_checkpoint(self, tables: list[str],
+                                              words: tuple[str, ...]) -> None:
+        old = {"protocol": "official", "folds_file": [f"/a/{t}" for t in tables]}
+        new = {**old, "folds_file": [f"/b/{t}" for t in tables], "folds_file_sha256": "new"}
+        _, notes = experiments_module._resume_ignore({"extra": {"data": old}}, {"data": new})
+        assert len(notes) == 1 and all(w in notes[0] for w in words)
+
+    @pytest.mark.parametrize("skipped, line", [(1, "data: 1 file under '/d' left out"),
+                                               (2, "data: 2 files under '/d' left out")])
+    def test_skipped_files(self, skipped: int, line: str) -> None:
+        issues = {"skipped": skipped, "skipped_by_reason": {"not an image": skipped},
+                  "skipped_examples": {"not an image": ["x.txt"]}, "warnings": []}
+        assert experiments_module._issue_lines(issues, Path("/d"))[0] == line

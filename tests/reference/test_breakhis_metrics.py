@@ -189,8 +189,12 @@ class TestClassificationMetrics:
         probs = np.eye(3)[[0, 1, 2, 2]]
         with pytest.raises(ValueError, match=r"expected targets in \[0, C-1\] = \[0, 2\]") as info:
             classification_metrics(y_true, probs, ["a", "b", "c"], patients=list("pqrs"))
-        assert f"but got {bad} image(s)" in str(info.value)
+        assert f"but got {bad} images" in str(info.value)
         assert ("without ground truth" in str(info.value)) == hint
+
+    def test_one_image_outside_the_classes_is_counted_in_the_singular(self) -> None:
+        with pytest.raises(ValueError, match=r"but got \[7\] for 1 of 1 image$"):
+            classification_metrics([7], np.eye(3)[[0]], ["a", "b", "c"])
 
     def test_paths_that_are_not_utf8_are_written_escaped(self, tmp_path: Path) -> None:
         """write_predictions (evaluate's too, not only predict's) could not encode a path
@@ -208,7 +212,7 @@ class TestClassificationMetrics:
                                                  magnification=None) for i in range(2)],
                           np.full(2, -1), np.array([[0.3, 0.7], [0.6, 0.4]]), ["b", "m"])
         pred = read_predictions(path)
-        with pytest.raises(ValueError, match=r"but got \[-1\] for 2 of 2 image\(s\); -1 marks"):
+        with pytest.raises(ValueError, match=r"but got \[-1\] for 2 of 2 images; -1 marks"):
             classification_metrics(pred.y_true, pred.probs, pred.classes)
 
 
@@ -241,7 +245,7 @@ class TestSummaryAndReports:
                    "patient_disjoint": disjoint, "notes": notes}
             return out if disjoint is not None else {k: out[k] for k in list(out)[:2]}
 
-        leak, left = "2 patient(s) in train and test, e.g. ['p1', 'p2']", "4 image(s) left out"
+        leak, left = "2 patients in train and test, e.g. ['p1', 'p2']", "4 images left out"
         fold = {"title": "fold 3", "protocol": protocol(False, [leak])}
         text = render_markdown(fold)
         assert "- patient-disjoint: **no** (test images may be of patients" in text

@@ -10,6 +10,7 @@ import csv
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from breakhis.data import UnreadableImageError, index_breakhis, index_image_fold
 from breakhis.dataset import load_rgb
 from breakhis.evaluate import read_predictions
 from breakhis.experiments import DataSpec, run_fold
-from breakhis.predict import collect_images, predict_to_csv
+from breakhis.predict import _other_magnifications, collect_images, predict_to_csv
 from breakhis.tasks import get_task
 from breakhis.train import (
     TrainConfig,
@@ -154,7 +155,7 @@ class TestPredict:
         out = tmp_path / "p.csv"
         assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--out",
                      str(out), "--no-progress"]) == 0
-        assert "not valid UTF-8" in capsys.readouterr().err
+        assert "1 file name is not valid UTF-8: its undecodable" in capsys.readouterr().err
         paths = read_predictions(out).paths
         assert paths == [str(good), str(folder / "caf\\xe9.png")]
 
@@ -214,7 +215,7 @@ class TestInputs:
         c = _png(tmp_path / "c.png")
         images, problems = collect_images([c, tmp_path / "in", b, tmp_path / "in" / ".." / "c.png"])
         assert images == [c, a, b]
-        assert len(problems) == 1 and problems[0].startswith("2 image(s) reached more than once")
+        assert len(problems) == 1 and problems[0].startswith("2 images reached more than once")
 
     def test_linked_folder_is_searched_once(self, tmp_path: Path) -> None:
         image = _png(tmp_path / "in" / "real" / "x.png")
@@ -245,25 +246,25 @@ class TestMagnification:
                   *_slides(synth_tree, "*-100-00?.png", 2, tmp_path / "in"),
                   *_slides(synth_tree, "*-400-00?.png", 1, tmp_path / "in")]
         with pytest.raises(ValueError, match=r"expected images of the magnification of the "
-                           r"MSBC at 40X checkpoint .*, but got 2 image\(s\) at 100X, 1 "
-                           r"image\(s\) at 400X; .*--any-magnification"):
+                           r"MSBC at 40X checkpoint .*, but got 2 images at 100X, 1 "
+                           r"image at 400X; .*--any-magnification"):
             predict_to_csv(checkpoint, inputs, tmp_path / "p.csv", progress=False)
         assert not (tmp_path / "p.csv").exists()
         result = predict_to_csv(checkpoint, inputs, tmp_path / "p.csv", progress=False,
                                 any_magnification=True)
         assert result["images"] == 4 and result["problems"] == []
         assert result["warnings"] == [
-            "2 image(s) at 100X predicted by the MSBC at 40X checkpoint (any magnification "
+            "2 images at 100X predicted by the MSBC at 40X checkpoint (any magnification "
             "allowed)",
-            "1 image(s) at 400X predicted by the MSBC at 40X checkpoint (any magnification "
+            "1 image at 400X predicted by the MSBC at 40X checkpoint (any magnification "
             "allowed)"]
         assert read_predictions(tmp_path / "p.csv").magnifications == [40, 100, 100, 400]
         argv = ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out",
                 str(tmp_path / "q.csv"), "--no-progress"]
         assert main(argv) == 2
-        assert "2 image(s) at 100X" in capsys.readouterr().err
+        assert "2 images at 100X" in capsys.readouterr().err
         assert main([*argv, "--any-magnification"]) == 0
-        assert "warning: 2 image(s) at 100X predicted by the MSBC at 40X" in capsys.readouterr().err
+        assert "warning: 2 images at 100X predicted by the MSBC at 40X" in capsys.readouterr().err
 
     def test_names_without_magnification_warn_once(self, checkpoint: Path, synth_tree,
                                                    tmp_path: Path) -> None:
@@ -272,8 +273,15 @@ class TestMagnification:
         result = predict_to_csv(checkpoint, inputs, tmp_path / "p.csv", progress=False)
         assert result["images"] == 3
         assert result["warnings"] == [
-            "2 image(s) have no magnification in their names (not BreaKHis names) for the "
+            "2 images have no magnification in their names (not BreaKHis names) for the "
             "MSBC at 40X checkpoint: check that they are 40X images"]
+
+    def test_one_name_without_magnification_is_counted_in_the_singular(self) -> None:
+        state = {"extra": {"task": {"name": "MSBC", "magnification": 40}}}
+        described = [SimpleNamespace(path="scan1.png", patient=None, magnification=None)]
+        assert _other_magnifications(state, described) == (
+            "MSBC at 40X", [], "1 image has no magnification in its name (not a BreaKHis "
+            "name) for the MSBC at 40X checkpoint: check that it is a 40X image")
 
     def test_magnification_independent_checkpoint_takes_any(
         self, checkpoint: Path, synth_tree, tmp_path: Path

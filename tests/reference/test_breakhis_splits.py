@@ -166,8 +166,11 @@ class TestProtocols:
 
     def test_check_patient_disjoint_raises(self) -> None:
         groups = np.array(["a", "a", "b", "c"])
-        with pytest.raises(ValueError, match=r"1 patient\(s\) are in both, e.g. \['a'\]"):
+        with pytest.raises(ValueError, match=r"but 1 patient is in both, e.g. \['a'\]"):
             check_patient_disjoint(np.array([0, 2]), np.array([1, 3]), groups)
+        with pytest.raises(ValueError, match=r"but 2 patients are in both, e.g. \['a', 'b'\]"):
+            check_patient_disjoint(np.array([0, 2]), np.array([1, 3]),
+                                   np.array(["a", "a", "b", "b"]))
         check_patient_disjoint(np.array([0, 1]), np.array([2, 3]), groups)
 
     def test_official_dsfold(self, synth_tree) -> None:
@@ -268,15 +271,17 @@ class TestProtocols:
         table.write_text("a.png|40|1|train\nb.png|40|1|train\nc.png|40|1|test\n")
         (split,) = official_folds(records, [table])
         assert not split.patient_disjoint
-        assert any("1 image(s) without a patient" in n for n in split.notes)
+        assert any("1 image without a patient" in n for n in split.notes)
 
     def test_patient_protocol_refuses_unknown_patients(self) -> None:
         records = [ImageRecord(Path(f"/x/{i}.png"), "benign" if i % 2 else "malignant",
                                patient=None if i < 2 else f"p{i}") for i in range(8)]
         targets = np.asarray([i % 2 for i in range(8)])
         with pytest.raises(ValueError, match=r"protocol 'patient' needs the patient of every "
-                           r"image, but 2 of 8 image\(s\) have none, e.g. \['/x/0.png'"):
+                           r"image, but 2 of 8 images have none, e.g. \['/x/0.png'"):
             make_splits(records, targets, "patient", n_splits=2)
+        with pytest.raises(ValueError, match=r"but 1 of 7 images has none, e.g. \['/x/1.png'"):
+            make_splits(records[1:], targets[1:], "patient", n_splits=2)
         assert len(make_splits(records, targets, "image", n_splits=2)) == 2
 
     def test_table_paths_tell_apart_class_folders_that_reuse_names(self, tmp_path: Path) -> None:
@@ -396,7 +401,7 @@ class TestProtocols:
                          "1,,test,other/x.png\n")
         (split,) = official_folds(index.records, [table])
         assert _sides(index, split) == (["benign/y.png"], ["malignant/z.png"])
-        assert split.notes[0] == "1 image(s) not listed in fold 1; left out"
+        assert split.notes[0] == "1 image not listed in fold 1; left out"
 
     def test_unknown_patients_are_not_one_shared_patient(self, tmp_path: Path) -> None:
         records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=p)
@@ -406,7 +411,7 @@ class TestProtocols:
         (split,) = official_folds(records, [table])
         assert split.train.tolist() == [0, 2] and split.test.tolist() == [1, 3]
         assert not split.patient_disjoint
-        assert split.notes == ("2 image(s) without a patient; patient-disjointness cannot be "
+        assert split.notes == ("2 images without a patient; patient-disjointness cannot be "
                                "checked",)
 
     def test_official_without_tables(self) -> None:
@@ -492,8 +497,8 @@ class TestValidationSplit:
     def test_warns_when_a_class_cannot_stay(self) -> None:
         groups = np.asarray(["a", "a", "b", "b", "b"])
         targets = np.asarray([0, 0, 1, 1, 1])
-        with pytest.warns(UserWarning, match=r"holds out every training patient of class\(es\) "
-                          r"\[0\]"):
+        with pytest.warns(UserWarning, match=r"holds out every training patient of class "
+                          r"\[0\]: .* not fitted on that class"):
             fit, val = validation_split(np.arange(5), targets, groups, fraction=0.2,
                                         by_patient=True, seed=0)
         assert val.tolist() == [0, 1] and fit.tolist() == [2, 3, 4]

@@ -256,6 +256,9 @@ class TestDistributed:
         assert main([*args, "--out", str(tmp_path / "single")]) == 0
         _assert_same_weights(tmp_path / "ddp" / "checkpoint.pt",
                              tmp_path / "single" / "checkpoint.pt", atol=1e-5)
+        # the start line counts the processes in words that agree with the number
+        assert "(8 classes), 2 processes, device cpu" in (tmp_path / "ddp" / "train.log").read_text()
+        assert "(8 classes), 1 process, device cpu" in (tmp_path / "single" / "train.log").read_text()
         rows = [list(csv.DictReader((tmp_path / d / "metrics.csv").open()))
                 for d in ("ddp", "single")]
         for r_ddp, r_single in zip(*rows):
