@@ -588,14 +588,15 @@ def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[i
     lines += [(logging.WARNING, text)
               for text in _protocol_warnings(fold, plan.extra["protocol"])]
     present = {name: {c for c, n in by_class.items() if n} for name, by_class in counts.items()}
-    consequences = {
+    consequences = {  # {them}: the classes lacking
         "validation": "the validation loss and accuracy, which drive the learning-rate "
-                      "schedule, say nothing of them (a larger val_fraction, --val-fraction, "
+                      "schedule, say nothing of {them} (a larger val_fraction, --val-fraction, "
                       "holds out more patients; 0 uses the training loss)",
-        "test": "the test metrics say nothing of them",
+        "test": "the test metrics say nothing of {them}",
     }
     for name, consequence in consequences.items():
         lacking = [c for c in classes if c in present["training"] and c not in present[name]]
+        consequence = consequence.format(them=plural(len(lacking), "it", "them"))
         if len(splits[name]) and lacking:
             lines.append((logging.WARNING, (
                 f"fold {fold}: no {name} image (of {len(splits[name])}) is of "
@@ -606,7 +607,7 @@ def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[i
         lines.append((logging.WARNING, (
             f"fold {fold}: no training image is of "
             f"{plural(len(untrained), 'class', 'classes')} {untrained}, which the test images "
-            "include: the model is never trained on them")))
+            f"include: the model is never trained on {plural(len(untrained), 'it', 'them')}")))
     return lines
 
 
@@ -1170,9 +1171,10 @@ def _decodable(
     shown = [f"{Path(p).relative_to(root).as_posix()} ({e})" for p, e in list(bad.items())[:3]]
     if split != "all":
         raise ValueError(
-            f"expected the {len(index)} {split} images recorded in checkpoint "
+            f"expected the {count(len(index), f'{split} image')} recorded in checkpoint "
             f"{str(checkpoint)!r} to decode, as they did in training, but {len(bad)} no "
-            f"longer do under {str(root)!r}, e.g. {shown}; restore them from the release")
+            f"longer {plural(len(bad), 'does', 'do')} under {str(root)!r}, e.g. {shown}; "
+            f"restore {plural(len(bad), 'it', 'them')} from the release")
     if spec.strict:
         raise UnreadableImageError(
             f"{count(len(bad), 'image')} could not be decoded (strict mode), e.g. {shown}")

@@ -277,7 +277,7 @@ class TestSplitLog:
         lacking = (f"WARNING fold 0: no validation image (of {len(files['val'])}) is of "
                    "class ['malignant'], which the training images include: the "
                    "validation loss and accuracy, which drive the learning-rate schedule, say "
-                   "nothing of them")
+                   "nothing of it")
         log = (run / "train.log").read_text()
         assert log.count(sizes) == 1 and log.count(lacking) == 1
         assert log.index(sizes) < log.index(lacking) < log.index("epoch 1/1")
@@ -307,9 +307,9 @@ class TestSplitLog:
              "1, other 0); validation none (the training loss drives the learning-rate "
              "schedule); test 2 images (benign 0, malignant 1, other 1)"),
             (logging.WARNING, "fold 2: no test image (of 2) is of class ['benign'], which "
-             "the training images include: the test metrics say nothing of them"),
+             "the training images include: the test metrics say nothing of it"),
             (logging.WARNING, "fold 2: no training image is of class ['other'], which the "
-             "test images include: the model is never trained on them"),
+             "test images include: the model is never trained on it"),
         ]
         plan.val = np.array([3])
         assert "validation 1 image (benign 0, malignant 1, other 0)" in \
@@ -317,7 +317,8 @@ class TestSplitLog:
         plan.val = np.array([5])
         assert experiments._split_lines(data, plan, 2)[1][1].startswith(
             "fold 2: no validation image (of 1) is of classes ['benign', 'malignant'], which "
-            "the training images include")
+            "the training images include: the validation loss and accuracy, which drive the "
+            "learning-rate schedule, say nothing of them")
 
 
 class TestPlurals:

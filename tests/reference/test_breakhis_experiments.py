@@ -475,11 +475,11 @@ class TestRecordedImagesDecoding:
         root, ckpt, files = run
         _truncate(root / files["test"][1])
         with pytest.raises(ValueError, match=rf"expected the {len(files['test'])} test images "
-                           rf"recorded .*but 1 no longer do .*{files['test'][1]}"):
+                           rf"recorded .*but 1 no longer does .*{files['test'][1]}.*restore it from"):
             evaluate_checkpoint(ckpt, out_dir=tmp_path / "ev", device="cpu", progress=False)
         assert not (tmp_path / "ev").exists()
         _truncate(root / files["train"][0])
-        with pytest.raises(ValueError, match=rf"but 1 no longer do .*{files['train'][0]}"):
+        with pytest.raises(ValueError, match=rf"but 1 no longer does .*{files['train'][0]}"):
             checkpoint_records(ckpt, split="train")
 
     def test_all_leaves_out_images_that_do_not_decode(self, run) -> None:
