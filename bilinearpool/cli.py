@@ -2670,9 +2670,9 @@ def _params_only_problem(args: argparse.Namespace) -> str | None:
         given.append(f"--device {args.device}")
     if not given:
         return None
-    one = len(given) == 1
-    return (f"{' '.join(given)} {'does' if one else 'do'} nothing with --params-only, which "
-            f"counts parameters on the CPU and times nothing: leave {'it' if one else 'them'} out, "
+    n = len(given)
+    return (f"{' '.join(given)} {_plural(n, 'does', 'do')} nothing with --params-only, which "
+            f"counts parameters on the CPU and times nothing: leave {_plural(n, 'it', 'them')} out, "
             "or drop --params-only to time the models")
 
 

@@ -99,16 +99,19 @@ class CovariancePool(nn.Module):
             raise TypeError(f"triu must be a bool, but got {type(triu).__name__}")
         factory = {"device": device, "dtype": check_dtype(dtype)}
         if reduced_channels is None and (device is not None or dtype is not None):
-            given = " and ".join(k for k, v in factory.items() if v is not None)
+            names = [k for k, v in factory.items() if v is not None]
+            given, one = " and ".join(names), len(names) == 1
             raise ValueError(
-                f"{given} {'apply' if ' and ' in given else 'applies'} to the reduction's parameters, but "
-                f"reduced_channels is None (no parameters); drop {given} (it would do nothing)"
+                f"{given} {'applies' if one else 'apply'} to the reduction's parameters, but "
+                f"reduced_channels is None (no parameters); drop {given} ({'it' if one else 'they'} "
+                "would do nothing), or give reduced_channels"
             )
         act = nn.Identity() if act_layer is None else make_layer(act_layer, "act_layer", "nn.ReLU, or None")
         if reduced_channels is None and act_layer is not nn.ReLU:
             raise ValueError(
-                f"act_layer applies to the reduction block (reduced_channels), but reduced_channels is None; "
-                f"drop act_layer={getattr(act_layer, '__name__', act_layer)!r} (it would do nothing)"
+                "act_layer applies to the reduction block (reduced_channels), but reduced_channels is None; "
+                f"drop act_layer={getattr(act_layer, '__name__', type(act_layer).__name__)} (it would do "
+                "nothing), or give reduced_channels"
             )
         self.in_channels = in_channels
         self.reduced_channels = reduced_channels

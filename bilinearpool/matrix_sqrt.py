@@ -66,7 +66,7 @@ class MatrixSqrt(nn.Module):
         >>> MatrixSqrt(method="eig", num_iters=7)
         Traceback (most recent call last):
             ...
-        ValueError: num_iters applies to method='newton_schulz' only, but method='eig'; drop num_iters (it would do nothing)
+        ValueError: num_iters applies to method='newton_schulz' only, but method='eig'; drop num_iters (it would do nothing), or use method='newton_schulz'
     """
 
     def __init__(

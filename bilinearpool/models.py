@@ -18,7 +18,14 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from .backbones import FeatureExtractor, WeightsArg, _set_training_modes, _training_modes, build_backbone
+from .backbones import (
+    FeatureExtractor,
+    WeightsArg,
+    _is_timm_name,
+    _set_training_modes,
+    _training_modes,
+    build_backbone,
+)
 from .functional._checks import (
     check_dtype,
     check_flags,
@@ -218,6 +225,11 @@ def _backbone_options(
     }
 
 
+def _names_timm(backbone: str | nn.Module) -> bool:
+    """Whether ``backbone`` is a name that :func:`~bilinearpool.build_backbone` resolves as timm's."""
+    return isinstance(backbone, str) and _is_timm_name(backbone)
+
+
 #: Hooks that must see the pooling and the classifier run as modules: per module and global.
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = (
@@ -330,11 +342,11 @@ class BilinearClassifier(nn.Module):
         if not isinstance(pool, nn.Module):
             raise TypeError(f"pool must be an nn.Module, but got {type(pool).__name__}")
         options = _backbone_options(weights, se_reduction, node, sample_shape, output_fmt)
-        self.backbone = self._resolve(backbone_a, options)
+        self.backbone = self._resolve(backbone_a, options, backbone_b)
         if isinstance(backbone_b, nn.Module) and backbone_b is backbone_a:
             self.backbone_b = self.backbone  # one module in both streams: run once, see forward_features
         else:
-            self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options)
+            self.backbone_b = None if backbone_b is None else self._resolve(backbone_b, options, backbone_a)
         if self.backbone_b is not None and self.backbone.tokens != self.backbone_b.tokens:
             kinds = {True: "tokens (B, N, C)", False: "feature maps (B, C, H, W)"}
             raise ValueError(
@@ -370,9 +382,18 @@ class BilinearClassifier(nn.Module):
         self.num_classes = num_classes
 
     @staticmethod
-    def _resolve(backbone: str | nn.Module, options: dict) -> FeatureExtractor:
+    def _resolve(
+        backbone: str | nn.Module, options: dict, other: str | nn.Module | None = None
+    ) -> FeatureExtractor:
+        """``backbone`` as a stream, built with the classifier's ``options``; ``other``: the
+        other stream's backbone, of a two-stream model."""
         # build_backbone returns a FeatureExtractor as it is, and refuses options for it.
-        return build_backbone(backbone, **{k: v for k, v in options.items() if v is not None})
+        given = {k: v for k, v in options.items() if v is not None}
+        if "sample_shape" in given and _names_timm(backbone) and other is not None and not _names_timm(other):
+            # a timm model knows its input (build_backbone refuses sample_shape for it alone):
+            # beside another stream, the sample shape is that stream's
+            del given["sample_shape"]
+        return build_backbone(backbone, **given)
 
     @property
     def gradcam_layer(self) -> nn.Module:
@@ -706,13 +727,13 @@ class BCNN(BilinearClassifier):
         # Both streams are built here (the second may be a copy of the first) and handed
         # to the base class as FeatureExtractors, without the options already applied.
         options = _backbone_options(weights, se_reduction, node, sample_shape, output_fmt)
-        stream_a = self._resolve(backbone_a, options)
+        stream_a = self._resolve(backbone_a, options, backbone_b)
         if backbone_b is None:
             stream_b = stream_a if shared else copy.deepcopy(stream_a)
         elif isinstance(backbone_b, nn.Module) and backbone_b is backbone_a:
             stream_b = stream_a  # the very same module: one extractor, run once (as shared=True)
         else:
-            stream_b = self._resolve(backbone_b, options)
+            stream_b = self._resolve(backbone_b, options, backbone_a)
         super().__init__(
             stream_a,
             stream_b,

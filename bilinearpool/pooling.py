@@ -29,8 +29,7 @@ class BilinearPool(nn.Module):
             :class:`ValueError`; an interpolation mode (``"bilinear"``, ``"bicubic"``,
             ``"nearest"``, ``"area"``) resizes ``x_b`` to the size of ``x_a``.
         normalize: return ``l2_normalize(signed_sqrt(G))`` flattened, computed fused.
-        eps: :math:`\\epsilon` of the signed square root, default
-            1e-5; with
+        eps: :math:`\\epsilon` of the signed square root, default 1e-5; with
             ``normalize=False`` there is none, and giving ``eps`` is a ValueError (the
             attribute is then ``None``).
         save_output: with ``normalize``, keep the output for backward as well as the
@@ -128,17 +127,16 @@ class FastBilinearPool(nn.Module):
     ``BILINEARPOOL_TRITON=0`` for torch operations). See the design notes in the docs.
 
     Args:
-        reduction: ``"mean"`` over locations (the paper) or ``"sum"``. The signed square
-            root is where they differ: with ``signed_sqrt=False`` and ``l2_normalize=True``
-            the L2 normalisation cancels the :math:`1/N`, and both give the same output.
+        reduction: ``"mean"`` over locations (the paper) or ``"sum"``. With
+            ``signed_sqrt=False`` and ``l2_normalize=True`` both give the same output (the
+            L2 normalisation cancels the :math:`1/N`).
         signed_sqrt: apply the signed square root (see :class:`~bilinearpool.SignedSqrt`).
         l2_normalize: scale each output to unit L2 norm.
         triu: return the packed upper triangle (off-diagonals times :math:`\\sqrt{2}`, so
             norms are unchanged): :math:`C(C+1)/2` features instead of :math:`C^2`, which
             halves the parameters of a linear classifier on top.
         eps: :math:`\\epsilon` of the signed square root; gradients are at most
-            :math:`1/(2\\sqrt{\\epsilon})`. Default
-            1e-5; with
+            :math:`1/(2\\sqrt{\\epsilon})`. Default 1e-5; with
             ``signed_sqrt=False`` giving it is a ValueError (it would do nothing; the
             attribute is then ``None``).
         save_output: keep the output for backward as well as the input, so that the

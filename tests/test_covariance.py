@@ -242,13 +242,13 @@ class TestCovariancePoolConfiguration:
 
     def test_reduction_settings_without_a_reduction_are_refused(self) -> None:
         """act_layer, device and dtype configure the reduction block: without one they would do nothing."""
-        with pytest.raises(ValueError, match=r"act_layer applies to the reduction block .* drop act_layer='Tanh'"):
+        with pytest.raises(ValueError, match=r"act_layer applies to the reduction block .* drop act_layer=Tanh \(it would do nothing\), or give reduced_channels"):
             CovariancePool(in_channels=4, act_layer=nn.Tanh)
         with pytest.raises(ValueError, match="act_layer applies to the reduction block"):
             CovariancePool(act_layer=None)
         with pytest.raises(ValueError, match=r"dtype applies to the reduction's parameters, but reduced_channels is None"):
             CovariancePool(in_channels=4, dtype=torch.float64)
-        with pytest.raises(ValueError, match=r"device and dtype apply to the reduction's parameters.*drop device and dtype"):
+        with pytest.raises(ValueError, match=r"device and dtype apply to the reduction's parameters.*drop device and dtype \(they would do nothing\), or give reduced_channels"):
             CovariancePool(device="cpu", dtype=torch.float64)
         with pytest.raises(TypeError, match="dtype must be a floating-point"):  # the dtype's own check first
             CovariancePool(dtype=torch.int64)

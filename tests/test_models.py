@@ -266,6 +266,22 @@ class TestBackboneOptions:
         model = cls(gray, num_classes=2, sample_shape=(1, 16, 16))
         assert model.backbone.out_channels == 4 and model(torch.randn(2, 1, 16, 16)).shape == (2, 2)
 
+    @pytest.mark.parametrize("cls", [BCNN, BilinearClassifier])
+    def test_sample_shape_beside_a_timm_name_is_the_other_streams(self, cls):
+        """A timm name refuses sample_shape alone (timm knows its input); in a two-stream
+        model whose other stream takes it, that stream uses it and the timm stream is built
+        without it. With no stream to take it, it is refused."""
+        gray = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU())
+        timm_rgb = "timm:resnet18"
+        kw = {} if cls is BCNN else {"pool": BilinearPool(resize="bilinear")}
+        with pytest.raises(ValueError, match="sample_shape= applies to torchvision models and your own modules"):
+            cls(timm_rgb, timm_rgb, num_classes=2, sample_shape=(3, 64, 64), **kw)
+        for a, b in ((gray, timm_rgb), (timm_rgb, gray)):
+            model = cls(a, b, num_classes=2, sample_shape=(1, 64, 64), **kw)
+            streams = {"gray": model.backbone if a is gray else model.backbone_b,
+                       "timm": model.backbone_b if a is gray else model.backbone}
+            assert streams["gray"].in_channels == 1 and streams["timm"].in_channels == 3
+
     def test_sample_shape_through_build_model(self):
         gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
         assert build_model("fast-bcnn", gray, num_classes=2, sample_shape=(1, 8, 8)).embedding_dim == 16

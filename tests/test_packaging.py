@@ -1,10 +1,12 @@
-"""What ``pip install`` gives a user: the sdist and the wheel built from it, as pip builds them.
+"""What ``pip install`` gives a user: the sdist, and the wheel built from it.
 
-The sdist is built from a copy of the source tree, the wheel from the unpacked sdist (as
-pip does with a package from an index), and the wheel is unpacked into a folder of its
-own and imported from there in a fresh interpreter, away from the repository, so that a
-module or data file left out of the distribution fails here rather than on a user's
-machine.
+Both are built with setuptools' PEP 517 hooks, the backend pip calls (here in the
+development environment, without pip's isolated build environment): the sdist from a copy
+of the source tree, the wheel from the unpacked sdist (as pip does with a package from an
+index). The wheel is unpacked into a folder of its own and imported from there in a fresh
+interpreter, away from the repository, and its console scripts are loaded through its
+own metadata, so that a module, data file or entry point left out of the distribution
+fails here rather than on a user's machine.
 """
 
 from __future__ import annotations
@@ -147,8 +149,19 @@ def test_installed_wheel_imports_and_runs_its_commands(
     outside = {n: f for n, f in imported.items() if not Path(f).is_relative_to(site)}
     assert outside == {}, "imported from outside the installed wheel"
     assert (site / "bilinearpool" / "py.typed").is_file()
-    breakhis_help = "import breakhis.cli, sys; sys.exit(breakhis.cli.main(['--help']))"
-    for command in (["-m", "bilinearpool.bench", "--help"], ["-c", breakhis_help]):
-        done = subprocess.run([sys.executable, *command], **run)
+    # each console script as the installed metadata declares it (what pip's launcher runs)
+    for script in ("bilinearpool-bench", "breakhis-repro"):
+        launch = (
+            "import sys\nfrom importlib.metadata import distribution\n"
+            "dist = distribution('bilinearpool')\n"
+            "(ep,) = [e for e in dist.entry_points\n"
+            f"         if e.group == 'console_scripts' and e.name == {script!r}]\n"
+            "print(dist.locate_file(''), file=sys.stderr)\n"
+            "sys.exit(ep.load()(['--help']))"
+        )
+        done = subprocess.run([sys.executable, "-c", launch], **run)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert "usage:" in done.stdout
+        assert done.stdout.startswith(f"usage: {script}")
+        assert Path(done.stderr.strip()) == site  # the wheel's metadata, not the editable install's
+    done = subprocess.run([sys.executable, "-m", "bilinearpool.bench", "--help"], **run)
+    assert done.returncode == 0 and "usage:" in done.stdout

@@ -102,6 +102,9 @@ class TestMatrixSqrt:
             MatrixSqrt(method=method, **given)
         with pytest.raises(ValueError, match=f"{named}, but method='{method}'"):
             matrix_sqrt(psd(1, 3, 5), method=method, **given)
+        one = len(given) == 1
+        with pytest.raises(ValueError, match=rf"\({'it' if one else 'they'} would do nothing\), or use method="):
+            MatrixSqrt(method=method, **given)
 
     def test_defaults_fill_in_per_method(self) -> None:
         ns, eig = MatrixSqrt(), MatrixSqrt(method="eig")

@@ -121,10 +121,11 @@ def _resolve_config(
     foreign = [k for k, v in given.items() if v is not None and k not in _METHOD_SETTINGS[method]]
     if foreign:
         other = next(m for m in _METHODS if m != method)
+        names, one = " and ".join(foreign), len(foreign) == 1
         raise ValueError(
-            f"{' and '.join(foreign)} {'applies' if len(foreign) == 1 else 'apply'} to "
-            f"method={other!r} only, but method={method!r}; drop {', '.join(foreign)} "
-            "(it would do nothing)"
+            f"{names} {'applies' if one else 'apply'} to method={other!r} only, but "
+            f"method={method!r}; drop {names} ({'it' if one else 'they'} would do nothing), "
+            f"or use method={other!r}"
         )
     settings = {k: (_DEFAULTS[k] if given[k] is None else given[k]) for k in _METHOD_SETTINGS[method]}
     if "norm" in settings and settings["norm"] not in _NORMS:
