@@ -112,9 +112,11 @@ SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
 #: Keys of a fold's checkpoint ``extra`` that may differ on resume: the data may move,
 #: its file lists (compared) pin the images; ``protocol.n_splits`` follows from the data
 #: settings (compared), and checkpoints of the official protocol written before it
-#: counted the fold tables hold ``None``. The paths of ``folds_file`` and
-#: ``patients_csv`` may differ when their content does not (:func:`_resume_ignore`).
-_RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits")
+#: counted the fold tables hold ``None``; ``protocol.notes`` describe the split (pinned by
+#: the file lists) in words that may change between versions (``1 image(s)`` became
+#: ``1 image``). The paths of ``folds_file`` and ``patients_csv`` may differ when their
+#: content does not (:func:`_resume_ignore`).
+_RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits", "protocol.notes")
 #: Data files a :class:`DataSpec` names by path, compared by content on resume, with
 #: what one and several of them are called in messages.
 _DATA_FILES: tuple[tuple[str, str, str], ...] = (
@@ -146,7 +148,8 @@ class DataSpec:
 
     Args:
         data_root: BreaKHis tree, or image folder when ``image_folder``.
-        task: ``MSBC``, ``MIBC``, ``MSFC``, ``MIFC`` (BreaKHis) or ``folder``.
+        task: ``MSBC``, ``MIBC``, ``MSFC``, ``MIFC`` (BreaKHis); left at ``MIBC`` for an
+            image folder, whose class folders are the classes.
         magnification: for ``MSBC``/``MSFC``; ``None`` for an image folder.
         protocol: ``image``, ``patient`` or ``official``.
         n_splits: folds for the k-fold protocols; left at 5 for ``official``, whose fold
@@ -168,7 +171,8 @@ class DataSpec:
     construction, so that a checkpoint finds its data from any working folder.
 
     A setting that the others make ineffective is refused rather than ignored:
-    ``magnification`` with ``image_folder``, ``patients_csv`` without it, an ``n_splits``
+    ``task`` (other than ``MIBC``) and ``magnification`` with ``image_folder``,
+    ``patients_csv`` without it, an ``n_splits``
     other than 5 with protocol ``official``, and there with ``val_fraction`` 0 a
     ``split_seed`` other than 0. :meth:`from_dict` reads a spec stored with such a
     setting (before it was refused) with the default instead, which had the same effect.
@@ -235,7 +239,8 @@ class DataSpec:
     def from_dict(cls, data: dict[str, Any]) -> DataSpec:
         """Inverse of :meth:`to_dict`; other keys (the SHA-256 digests of the data files
         that a checkpoint's data spec records) are ignored. A setting without effect
-        (stored before such settings were refused: ``magnification`` of an image folder,
+        (stored before such settings were refused: ``task`` and ``magnification`` of an
+        image folder,
         ``patients_csv`` of BreaKHis data, ``n_splits`` and ``split_seed`` of the
         ``official`` protocol where they draw nothing) is read as its default, which had
         the same effect."""
@@ -251,6 +256,9 @@ _DATA_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(DataSpec)}
 #: Why a setting that :func:`_without_effect` names must be left at its default, and how
 #: to go on (``{value}``: the setting's value).
 _WITHOUT_EFFECT: dict[str, str] = {
+    "task": f"must be left at its default {_DATA_DEFAULTS['task']!r} with image_folder=True, "
+            "whose class folders are the classes, but got {value!r}; leave it out, or set "
+            "image_folder=False for BreaKHis data",
     "magnification": "must be None with image_folder=True, which takes every image of its "
                      "class folders (a magnification selects BreaKHis images, for tasks "
                      "MSBC and MSFC), but got {value!r}; leave it out, or set "
@@ -271,8 +279,8 @@ _WITHOUT_EFFECT: dict[str, str] = {
 
 def _without_effect(data: Mapping[str, Any]) -> list[str]:
     """The settings of a data spec (:meth:`DataSpec.to_dict`, settings left out read as
-    the defaults) that the others make ineffective: ``magnification`` of an image
-    folder (its classes are its class folders), ``patients_csv`` of BreaKHis data (the
+    the defaults) that the others make ineffective: ``task`` (other than the default) and
+    ``magnification`` of an image folder (its classes are its class folders), ``patients_csv`` of BreaKHis data (the
     file names give the patients), ``n_splits`` of the ``official`` protocol (its fold
     tables give the folds) and, there with ``val_fraction`` 0, ``split_seed`` (nothing is
     drawn).
@@ -281,10 +289,10 @@ def _without_effect(data: Mapping[str, Any]) -> list[str]:
         >>> _without_effect({"protocol": "official", "val_fraction": 0})
         ['patients_csv', 'n_splits', 'split_seed']
         >>> _without_effect({"image_folder": True})
-        ['magnification']
+        ['task', 'magnification']
     """
     spec = {**_DATA_DEFAULTS, **data}
-    out = ["magnification"] if spec["image_folder"] else ["patients_csv"]
+    out = ["task", "magnification"] if spec["image_folder"] else ["patients_csv"]
     if spec["protocol"] == "official":
         out.append("n_splits")
         if spec["val_fraction"] == 0:

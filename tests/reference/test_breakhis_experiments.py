@@ -101,6 +101,10 @@ class TestDataSpec:
          "magnification must be None with image_folder=True, which takes every image of its "
          "class folders (a magnification selects BreaKHis images, for tasks MSBC and MSFC), "
          "but got 40; leave it out, or set image_folder=False for BreaKHis data"),
+        (dict(image_folder=True, task="MSBC"), "task",
+         "task must be left at its default 'MIBC' with image_folder=True, whose class folders "
+         "are the classes, but got 'MSBC'; leave it out, or set image_folder=False for "
+         "BreaKHis data"),
         (dict(patients_csv="p.csv"), "patients_csv",
          "patients_csv must be None without image_folder=True (BreaKHis file names give the "
          "patients; the CSV is read for image folders only), but got 'p.csv'; set "
@@ -139,8 +143,10 @@ class TestDataSpec:
                   "patients_csv_sha256": "0" * 64}
         spec = DataSpec.from_dict(stored)
         assert (spec.n_splits, spec.split_seed, spec.patients_csv) == (5, 0, None)
-        stored = {**DataSpec("data", image_folder=True).to_dict(), "magnification": 40}
-        assert DataSpec.from_dict(stored).magnification is None
+        stored = {**DataSpec("data", image_folder=True).to_dict(), "magnification": 40,
+                  "task": "MSFC"}
+        assert (DataSpec.from_dict(stored).magnification, DataSpec.from_dict(stored).task) \
+            == (None, "MIBC")
         # where they act, they are kept
         stored = DataSpec("data", task="MSBC", magnification=40, n_splits=3, split_seed=7,
                           val_fraction=0).to_dict()
@@ -843,8 +849,9 @@ class TestMovedDataFiles:
     def test_image_folder_run_that_recorded_a_magnification_resumes(
         self, tmp_path: Path
     ) -> None:
-        """An image-folder run made with --magnification (ignored then, refused now)
-        records it; it resumes and evaluates without it."""
+        """An image-folder run made with --magnification or --task (ignored then, refused
+        now) records them; it resumes and evaluates without them. Its protocol notes in
+        an earlier version's words ('1 image(s)') do not stop a resume either."""
         data = tmp_path / "data"
         for cls in ("normal", "tumour"):
             for i in range(6):
@@ -855,6 +862,8 @@ class TestMovedDataFiles:
         run_fold(spec, _config(), 0, run, progress=False)
         state = load_checkpoint(run / "checkpoint.pt")
         state["extra"]["data"]["magnification"] = 40  # as --magnification 40 wrote it
+        state["extra"]["data"]["task"] = "MSFC"  # as --task MSFC wrote it
+        state["extra"]["protocol"]["notes"] = ["2 patient(s) in train and test"]
         save_checkpoint(state, run / "checkpoint.pt")
         report = evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev",
                                      device="cpu", progress=False)
@@ -862,7 +871,8 @@ class TestMovedDataFiles:
         check_resume(spec, _config(epochs=2), run, fold=0)
         report = run_fold(spec, _config(epochs=2), 0, run, resume=True, progress=False)
         assert report["epochs_trained"] == 2
-        assert load_checkpoint(run / "checkpoint.pt")["extra"]["data"]["magnification"] is None
+        data_spec = load_checkpoint(run / "checkpoint.pt")["extra"]["data"]
+        assert (data_spec["magnification"], data_spec["task"]) == (None, "MIBC")
 
     def test_cv_resume_reuses_folds_of_a_moved_folds_file(
         self, tree_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
