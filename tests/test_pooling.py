@@ -154,6 +154,11 @@ class TestFastBilinearPoolModule:
             BilinearPool(eps=1e-5)
         assert BilinearPool().eps is None and BilinearPool(normalize=True).eps == 1e-5
         assert FastBilinearPool(signed_sqrt=False).eps is None and FastBilinearPool().eps == 1e-5
+        # a layer pickled before holds the old default there: it still runs, as before
+        old = pickle.loads(pickle.dumps(FastBilinearPool(signed_sqrt=False)))
+        old.eps = 1e-5
+        x = torch.randn(2, 3, 4, 4).relu()
+        torch.testing.assert_close(old(x), FastBilinearPool(signed_sqrt=False)(x), rtol=0, atol=0)
         with pytest.raises(ValueError, match=r"\(B, C, H, W\) .* 5-D tensor"):
             FastBilinearPool()(torch.randn(1, 2, 3, 4, 5))
         with pytest.raises(TypeError, match="floating-point"):
