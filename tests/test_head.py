@@ -413,6 +413,23 @@ def test_to_triu_refuses_models_it_cannot_fold():
         model.to_triu()
 
 
+def test_mixed_dtypes_are_named():
+    """What F.linear refuses ('mat1 and mat2 must have the same dtype') is refused naming
+    the tensor; under autocast mixed dtypes are autocast's to handle."""
+    x = torch.relu(torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    w, b = classifier_for(4, False, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"weight must have the input's dtype torch.float64 outside "
+                                        r"torch.autocast, but got torch.float32"):
+        fast_bilinear_linear(x, w, b)
+    with pytest.raises(TypeError, match=r"weight must have the input's dtype torch.float16 \(or "
+                                        r"torch.float32, the features' dtype\).*got torch.float64"):
+        fast_bilinear_linear(x.half(), w.double(), b.double(), l2_normalize=False)
+    with pytest.raises(TypeError, match="bias must have the weight's dtype torch.float32, but got torch.float64"):
+        fast_bilinear_linear(x.float(), w, b.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_bilinear_linear(x.bfloat16(), w, b).shape == (2, 5)  # bfloat16 x, float32 weight
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_weight_gets_half_features_without_l2(dtype):
     # The pooling keeps float32 for half input without L2; a classifier of the input's

@@ -118,6 +118,12 @@ def fast_bilinear_linear(
             default, and an eps given for a step that is off is a ValueError;
             ``save_output`` matters for gradients only, where the composition runs).
 
+    Raises:
+        TypeError: outside autocast, for a ``weight`` of another dtype than ``x`` (or than
+            the float32 features of float16/bfloat16 ``x`` without ``l2_normalize``) or a
+            ``bias`` of another than the weight's: what :func:`torch.nn.functional.linear`
+            refuses, with a message that names the tensor.
+
     Shape:
         - x: :math:`(B, C, H, W)` or tokens :math:`(B, N, C)`.
         - Output: :math:`(B, K)`.
@@ -135,6 +141,7 @@ def fast_bilinear_linear(
     norm_eps = _resolve_eps(l2_eps, "l2_eps", L2_EPS, "l2_normalize", l2_normalize)
     a = as_channel_matrix(x)
     _check_classifier(weight, bias, a.shape[1], triu)
+    _check_dtypes(x, weight, bias, l2_normalize)
     path = _path(a, weight, bias)
     if path is None:
         z = fast_bilinear_pool(
@@ -191,6 +198,25 @@ def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: 
         check_floating(bias, "bias")
         if bias.dim() != 1 or (not traced and bias.shape[0] != weight.shape[0]):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), but got {tuple(bias.shape)}")
+
+
+def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None, l2_normalize: bool) -> None:
+    """Outside autocast, ``weight`` must have ``x``'s dtype or that of the pooled features
+    (float32 for float16/bfloat16 ``x`` without ``l2_normalize``), and ``bias`` the
+    weight's: what F.linear takes, whose own error names neither tensor ("mat1 and mat2
+    must have the same dtype")."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    features = torch.float32 if x.dtype in _HALF and not l2_normalize else x.dtype
+    if weight.dtype not in (x.dtype, features):
+        also = f" (or {features}, the features' dtype)" if features != x.dtype else ""
+        raise TypeError(
+            f"weight must have the input's dtype {x.dtype}{also} outside torch.autocast, but got "
+            f"{weight.dtype}: convert one of them (e.g. the classifier with .to({x.dtype})), or "
+            "run under torch.autocast"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have the weight's dtype {weight.dtype}, but got {bias.dtype}")
 
 
 def _features(channels: int, triu: bool) -> int:
