@@ -49,12 +49,18 @@ SOURCES = {
 
 
 def _check_sequence(commands: list[list[str]]) -> list[str]:
-    """Problems of a command sequence: folders read before any command wrote them."""
+    """Problems of a command sequence: folders read before any command wrote them, and
+    option pairs the commands refuse."""
     parser = build_parser()
     written: set[Path] = set()
     problems = []
     for argv in commands:
         args = parser.parse_args(argv)
+        if args.command in ("train", "cv", "index"):
+            try:  # option pairs the commands refuse before they start
+                cli._check_combinations(args)
+            except ValueError as err:
+                problems.append(f"`{' '.join(argv)}` is refused: {err}")
         if args.command == "table":
             needed = [Path(d) for d in args.run_dirs]
         elif getattr(args, "checkpoint", None):
@@ -82,6 +88,12 @@ class TestDocumentedCommands:
                              "breakhis-repro table runs/mifc-cv\n")
         problems = _check_sequence(commands)
         assert len(problems) == 1 and "runs/mifc-cv" in problems[0]
+
+    def test_check_catches_a_refused_option_pair(self) -> None:
+        commands = _commands("breakhis-repro train --data-root d --no-pretrained \\\n"
+                             "    --weights w.pt --out runs/a\n")
+        problems = _check_sequence(commands)
+        assert len(problems) == 1 and "is refused: --weights 'w.pt'" in problems[0]
 
 
 class TestWithoutTheReferenceExtra:
