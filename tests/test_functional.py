@@ -503,6 +503,8 @@ class TestFastBilinearPool:
                 call(signed_sqrt=False, eps=eps)
         with pytest.raises(ValueError, match=r"l2_eps applies to l2_normalize=True only, but l2_normalize=False; drop l2_eps"):
             call(l2_normalize=False, l2_eps=1e-12)
+        with pytest.raises(ValueError, match=r"\(it would do nothing\), or set l2_normalize=True$"):
+            call(l2_normalize=False, l2_eps=1e-12)
         # None is the default: the step's own when it runs, nothing when it does not
         with torch.no_grad():
             torch.testing.assert_close(call(eps=None, l2_eps=None), call(eps=1e-5, l2_eps=1e-12), rtol=0, atol=0)

@@ -68,7 +68,8 @@ def _resolve_eps(eps: float | None, name: str, default: float, flag: str, on: bo
     if not on:
         if eps is not None:
             raise ValueError(
-                f"{name} applies to {flag}=True only, but {flag}=False; drop {name} (it would do nothing)"
+                f"{name} applies to {flag}=True only, but {flag}=False; drop {name} (it would do "
+                f"nothing), or set {flag}=True"
             )
         return None
     if eps is None:
