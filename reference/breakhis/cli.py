@@ -82,7 +82,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "--image-folder; needed there for --protocol patient (an error without "
                    "--image-folder: BreaKHis file names give the patients)")
     g.add_argument("--no-verify", action="store_true",
-                   help="read image headers only (faster; truncated files are not caught)")
+                   help="read image headers only (faster; truncated files and byte-identical "
+                   "copies are not caught)")
     g.add_argument("--strict", action="store_true", help="fail on unreadable images")
 
 
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", action="store_true", help="generic root/<class>/* folder")
     p.add_argument("--patients-csv", help="CSV (path, patient) for --image-folder (an error "
                    "without it)")
-    p.add_argument("--no-verify", action="store_true", help="read headers only (faster)")
+    p.add_argument("--no-verify", action="store_true", help="read headers only (faster; "
+                   "truncated files and byte-identical copies are not caught)")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images")
     p.add_argument("--workers", type=int, default=4, help="threads reading images")
     p.add_argument("--examples", type=int, default=5, help="skipped files shown per reason")

@@ -6,17 +6,21 @@ adenosis (``A``), year ``14``, slide ``22549AB``, magnification ``40``X, image `
 :func:`index_breakhis` walks a tree (the official archive layout or the Kaggle copy that
 nests it one level deeper), parses each file name with :func:`parse_breakhis_name`,
 cross-checks it against the folders it sits in, opens it to read its size (and, unless
-asked not to, decodes it fully so that truncated PNGs are caught), and returns the
-records together with everything it had to leave out and why.
+asked not to, decodes it fully so that truncated PNGs are caught, and hashes its bytes so
+that byte-identical copies under different names are found), and returns the records
+together with everything it had to leave out and why.
 
 Nothing is labelled from a guess: a file that is not an image, whose name does not follow
 the grammar, or that disagrees with its folders is *skipped with a reason*; the caller
-decides whether that is fatal (``strict=True``).
+decides whether that is fatal (``strict=True``). Nothing is dropped for a guess either:
+byte-identical images are kept and reported (:attr:`DataIndex.duplicate_content`).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
 import re
 from collections import Counter, defaultdict
@@ -24,9 +28,9 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ._files import count, missing_folder_problem, plural
 
@@ -244,6 +248,12 @@ class DataIndex:
             under two tumour types).
         metadata_files: fold tables and markers found in the tree (relative paths).
         kind: ``"breakhis"`` or ``"image-folder"``.
+        duplicate_content: groups of indexed images whose files are byte-identical
+            (relative paths, each group sorted, groups sorted), all kept; a warning says
+            so. ``[]`` when none were found, ``None`` when they were not looked for
+            (indexing with ``verify=False`` reads headers only, never whole files).
+            Only identical bytes count: the same pixels saved another way (another PNG
+            compression level, another format) are not found.
     """
 
     root: Path
@@ -252,6 +262,7 @@ class DataIndex:
     warnings: list[str] = field(default_factory=list)
     metadata_files: list[str] = field(default_factory=list)
     kind: str = "breakhis"
+    duplicate_content: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -274,6 +285,8 @@ class DataIndex:
         types. ``images_without_patient`` counts images whose patient is unknown.
         ``by_magnification`` always has the keys ``"40"``, ``"100"``, ``"200"``,
         ``"400"`` for BreaKHis trees, ``by_type`` every type code.
+        ``duplicate_content`` lists the groups of byte-identical images (``null`` when
+        not looked for: see :attr:`duplicate_content`).
         """
         by_class = Counter(r.label for r in self.records)
         out: dict[str, Any] = {
@@ -301,6 +314,8 @@ class DataIndex:
         out["skipped"] = [asdict(s) for s in self.skipped]
         out["skipped_by_reason"] = dict(Counter(_reason_kind(s.reason) for s in self.skipped))
         out["warnings"] = list(self.warnings)
+        out["duplicate_content"] = (None if self.duplicate_content is None
+                                    else [list(g) for g in self.duplicate_content])
         out["metadata_files"] = list(self.metadata_files)
         return out
 
@@ -309,11 +324,13 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def read_image_size(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[int, int]:
+def read_image_size(
+    path: str | os.PathLike[str] | IO[bytes], *, verify: bool = True
+) -> tuple[int, int]:
     """Open an image and return ``(width, height)``.
 
     Args:
-        path: image file.
+        path: image file, or a binary file object holding one (``io.BytesIO``).
         verify: decode all pixel data, so that truncated or corrupt files raise here
             rather than in the middle of training. Without it only the header is read.
 
@@ -441,17 +458,44 @@ def _check_folders(path: Path, root: Path, name: BreakhisName) -> str | None:
     return None
 
 
+def _size_and_digest(path: Path) -> tuple[tuple[int, int], str]:
+    """Decode an image fully and hash its bytes, reading the file once.
+
+    Raises:
+        OSError: as :func:`read_image_size` with ``verify=True`` raises for ``path``
+            (the other errors of :data:`IMAGE_ERRORS` likewise), with the same messages.
+    """
+    with open(os.fspath(path), "rb") as handle:
+        data = handle.read()
+    # SHA-256 rather than a faster non-cryptographic hash: no two different files share
+    # a digest by accident, and with hardware support it costs no more than SHA-1
+    digest = hashlib.sha256(data, usedforsecurity=False).hexdigest()
+    try:
+        size = read_image_size(io.BytesIO(data), verify=True)
+    except UnidentifiedImageError:
+        # Pillow names a file object by its repr; name the file, as opening its path does
+        raise UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
+    return size, digest
+
+
 def _read_sizes(
-    paths: Sequence[Path], *, verify: bool, workers: int, progress: bool
-) -> list[tuple[int, int] | Exception]:
-    def read(path: Path) -> tuple[int, int] | Exception:
+    paths: Sequence[Path], *, verify: bool, workers: int, progress: bool, digest: bool = False
+) -> list[tuple[tuple[int, int], str | None] | Exception]:
+    """``((width, height), digest)`` of every image, or the error that reading it raised.
+
+    With ``digest`` each file is read whole once, hashed and decoded from memory (so
+    ``verify`` is implied); the digest is ``None`` otherwise.
+    """
+    def read(path: Path) -> tuple[tuple[int, int], str | None] | Exception:
         try:
-            return read_image_size(path, verify=verify)
+            if digest:
+                return _size_and_digest(path)
+            return read_image_size(path, verify=verify), None
         except IMAGE_ERRORS as exc:
             return exc
 
-    results: Iterable[tuple[int, int] | Exception]
-    # PNG decoding releases the GIL, so threads overlap it.
+    results: Iterable[tuple[tuple[int, int], str | None] | Exception]
+    # PNG decoding and hashing release the GIL, so threads overlap them.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(read, paths)
         if progress:
@@ -501,9 +545,16 @@ def index_breakhis(
     (``Folds.csv``, ``dsfoldN.txt``) and synthetic-data markers are listed in
     :attr:`DataIndex.metadata_files`.
 
+    With ``verify`` every image file is read whole once, in the threads that decode it,
+    and hashed: images whose bytes are identical under different names (one copy could
+    land in training and another in test) are kept, listed in
+    :attr:`DataIndex.duplicate_content` and named in a warning.
+
     Args:
         root: folder to index: ``BreaKHis_v1`` or any folder above or below it.
-        verify: decode every image so that truncated files are caught (slower).
+        verify: decode every image so that truncated files are caught, and find
+            byte-identical images (slower). Without it only headers are read, so
+            neither is caught: ``duplicate_content`` is ``None`` (not looked for).
         strict: raise :class:`UnreadableImageError` instead of skipping unreadable images.
         workers: threads used to open images.
         progress: show a progress bar.
@@ -545,16 +596,20 @@ def index_breakhis(
         candidates.append((path, name))
     _refuse_duplicate_names(root, [path for path, _ in candidates])
 
-    sizes = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
-                        progress=progress)
+    results = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
+                          progress=progress, digest=verify)
     records: list[ImageRecord] = []
     unreadable: list[str] = []
-    for (path, name), size in zip(candidates, sizes):
-        if isinstance(size, Exception):
-            rel = path.relative_to(root).as_posix()
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    for (path, name), result in zip(candidates, results):
+        rel = path.relative_to(root).as_posix()
+        if isinstance(result, Exception):
             unreadable.append(rel)
-            skipped.append(SkippedFile(rel, f"unreadable image: {size}"))
+            skipped.append(SkippedFile(rel, f"unreadable image: {result}"))
             continue
+        size, digest = result
+        if digest is not None:
+            by_digest[digest].append(rel)
         records.append(
             ImageRecord(
                 path=path,
@@ -573,13 +628,16 @@ def index_breakhis(
             f"{unreadable[:3]}; re-run without --strict to skip "
             f"{plural(len(unreadable), 'it', 'them')}"
         )
+    duplicates = _duplicate_groups(by_digest) if verify else None
     return DataIndex(
         root=root,
         records=records,
         skipped=sorted(skipped, key=lambda s: s.path),
-        warnings=_shared_patient_warnings(records),
+        warnings=[*_shared_patient_warnings(records),
+                  *_duplicate_content_warnings(duplicates, "under different names", records, root)],
         metadata_files=metadata,
         kind="breakhis",
+        duplicate_content=duplicates,
     )
 
 
@@ -603,6 +661,39 @@ def _refuse_duplicate_names(root: Path, paths: Sequence[Path]) -> None:
             f"found elsewhere, e.g. {a!r} and {b!r} "
             "(two copies of the data set?); point --data-root at one copy or remove the other"
         )
+
+
+def _duplicate_groups(by_digest: dict[str, list[str]]) -> list[list[str]]:
+    """The groups of two or more paths with one digest, each sorted, groups sorted."""
+    return sorted(sorted(paths) for paths in by_digest.values() if len(paths) > 1)
+
+
+def _duplicate_content_warnings(
+    groups: Sequence[Sequence[str]] | None, where: str, records: Sequence[ImageRecord], root: Path
+) -> list[str]:
+    """Warn about byte-identical images (kept: nothing here says which copy is wrong), and
+    apart about groups whose copies carry different labels (class, or tumour type): one
+    image with two labels, at least one of them wrong."""
+    if not groups:
+        return []
+    files = sum(len(g) for g in groups)
+    out = [
+        f"{count(len(groups), 'group')} of byte-identical images {where} "
+        f"({count(files, 'file')}), e.g. {list(groups[0])}; if one copy lands in training "
+        "and another in test, the test metrics are optimistic (index --json lists every "
+        "group under 'duplicate_content')"
+    ]
+    labels = {r.path.relative_to(root).as_posix(): (r.label, r.tumor_type) for r in records}
+    conflicting = [g for g in groups if len({labels[p] for p in g}) > 1]
+    if conflicting:
+        example = {p: "/".join(x for x in labels[p] if x) for p in conflicting[0]}
+        out.append(
+            f"{count(len(conflicting), 'group')} of byte-identical images "
+            f"{plural(len(conflicting), 'carries', 'carry')} different labels, e.g. {example}: "
+            "one image labelled twice, at least once wrongly; check the data before trusting "
+            "any metric"
+        )
+    return out
 
 
 def _shared_patient_warnings(records: Sequence[ImageRecord]) -> list[str]:
@@ -643,7 +734,10 @@ def index_image_folder(
             unknown, never a made-up group. Protocol ``patient`` refuses such images, and
             the patient recognition rate is not computed over them (see
             :mod:`breakhis.splits`).
-        verify: decode every image so that truncated files are caught.
+        verify: decode every image so that truncated files are caught, and find
+            byte-identical images at different paths (each file is read whole once and
+            hashed; see :attr:`DataIndex.duplicate_content`). Without it only headers
+            are read, so neither is caught: ``duplicate_content`` is ``None``.
         strict: raise instead of skipping unreadable images.
         workers: threads used to open images.
         progress: show a progress bar.
@@ -685,17 +779,21 @@ def index_image_folder(
     if patients_csv is not None:
         patient_of, conflicts = _patients_of(root, [p for p, _ in candidates], rows,
                                              Path(patients_csv))
-    sizes = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
-                        progress=progress)
+    results = _read_sizes([p for p, _ in candidates], verify=verify, workers=workers,
+                          progress=progress, digest=verify)
     records: list[ImageRecord] = []
     unreadable: list[str] = []
     missing: list[str] = []
-    for (path, label), size in zip(candidates, sizes):
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    for (path, label), result in zip(candidates, results):
         rel = path.relative_to(root).as_posix()
-        if isinstance(size, Exception):
+        if isinstance(result, Exception):
             unreadable.append(rel)
-            skipped.append(SkippedFile(rel, f"unreadable image: {size}"))
+            skipped.append(SkippedFile(rel, f"unreadable image: {result}"))
             continue
+        size, digest = result
+        if digest is not None:
+            by_digest[digest].append(rel)
         patient = patient_of.get(rel)
         if patient is None and patients_csv is not None:
             missing.append(rel)
@@ -726,9 +824,12 @@ def index_image_folder(
             f"patient is unknown: protocol 'patient' refuses {them} and the patient "
             f"recognition rate is not computed over {them}"
         )
+    duplicates = _duplicate_groups(by_digest) if verify else None
+    warnings += _duplicate_content_warnings(duplicates, "at different paths", records, root)
     return DataIndex(
         root=root, records=records, skipped=sorted(skipped, key=lambda s: s.path),
         warnings=warnings, metadata_files=metadata, kind="image-folder",
+        duplicate_content=duplicates,
     )
 
 

@@ -21,14 +21,16 @@ from breakhis.data import (
     index_breakhis,
     index_image_folder,
     parse_breakhis_name,
+    read_image_size,
 )
 from breakhis.dataset import ImageDataset, build_eval_transform, build_train_transform, load_rgb
+from breakhis.experiments import DataSpec, prepare_data
 from breakhis.synthetic import SyntheticPatient, make_synthetic_breakhis
 
 
-def _png(path: Path, size: tuple[int, int] = (20, 12)) -> Path:
+def _png(path: Path, size: tuple[int, int] = (20, 12), fill: int = 128) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8)).save(path)
+    Image.fromarray(np.full((size[1], size[0], 3), fill, np.uint8)).save(path)
     return path
 
 
@@ -245,6 +247,154 @@ class TestIndexHandmade:
             (f"{rel}/.ipynb_checkpoints/", "hidden folder: not indexed")]
 
 
+class TestDuplicateContent:
+    """Byte-identical images under different names are kept, listed and warned about."""
+
+    A1 = ("benign", "adenosis", "SOB_B_A_14-1", 40, "SOB_B_A-14-1-40-001.png")
+    A2 = ("benign", "adenosis", "SOB_B_A_14-1", 40, "SOB_B_A-14-1-40-002.png")
+    DC1 = ("malignant", "ductal_carcinoma", "SOB_M_DC_14-2", 40, "SOB_M_DC-14-2-40-001.png")
+    DC2 = ("malignant", "ductal_carcinoma", "SOB_M_DC_14-2", 100, "SOB_M_DC-14-2-100-001.png")
+    DC3 = ("malignant", "ductal_carcinoma", "SOB_M_DC_14-2", 200, "SOB_M_DC-14-2-200-001.png")
+
+    @staticmethod
+    def _rel(root: Path, where: tuple[str, str, str, int, str]) -> str:
+        return _official(root, *where).relative_to(root).as_posix()
+
+    @staticmethod
+    def _write(root: Path, where: tuple[str, str, str, int, str], data: bytes) -> Path:
+        path = _official(root, *where)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def test_copy_under_another_name_is_kept_and_reported(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """One image filed under two patients (and classes): nothing is dropped, the
+        group is listed and the warning names it, in the index, its JSON and the logs."""
+        root = tmp_path / "tree"
+        first = _png(_official(root, *self.A1), fill=10)
+        self._write(root, self.DC1, first.read_bytes())  # another patient, another class
+        _png(_official(root, *self.A2), fill=20)
+        _png(_official(root, *self.DC2), fill=30)
+        index = index_breakhis(root)
+        assert len(index.records) == 4 and not index.skipped
+        pair = sorted([self._rel(root, self.A1), self._rel(root, self.DC1)])
+        assert index.duplicate_content == [pair]
+        (warning,) = [w for w in index.warnings if "byte-identical images under" in w]
+        assert warning == (
+            f"1 group of byte-identical images under different names (2 files), e.g. {pair}; "
+            "if one copy lands in training and another in test, the test metrics are "
+            "optimistic (index --json lists every group under 'duplicate_content')")
+        assert index.summary()["duplicate_content"] == [pair]
+        assert main(["index", "--data-root", str(root), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["duplicate_content"] == [pair]
+        assert main(["index", "--data-root", str(root)]) == 0
+        assert f"warning: {warning}" in capsys.readouterr().out
+        # train and cv log the index's warnings and record them in data_issues
+        data = prepare_data(DataSpec(str(root), protocol="image", n_splits=2, val_fraction=0))
+        assert warning in data.issues()["warnings"]
+
+    def test_groups_are_counted_and_sorted(self, tmp_path: Path) -> None:
+        first = _png(_official(tmp_path, *self.DC3), fill=1)
+        for where in (self.DC1, self.A2):
+            self._write(tmp_path, where, first.read_bytes())
+        second = _png(_official(tmp_path, *self.DC2), fill=2)
+        self._write(tmp_path, self.A1, second.read_bytes())
+        index = index_breakhis(tmp_path)
+        groups = [sorted(self._rel(tmp_path, w) for w in (self.A1, self.DC2)),
+                  sorted(self._rel(tmp_path, w) for w in (self.A2, self.DC1, self.DC3))]
+        assert index.duplicate_content == sorted(groups)
+        (warning,) = [w for w in index.warnings if "byte-identical images under" in w]
+        assert warning.startswith("2 groups of byte-identical images under different names "
+                                  f"(5 files), e.g. {sorted(groups)[0]}; ")
+
+    def test_same_pixels_in_other_bytes_are_not_reported(self, tmp_path: Path) -> None:
+        """Only byte-identical files count: the same pixels compressed otherwise do not."""
+        pixels = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+        for where, level in ((self.A1, 1), (self.DC1, 9)):
+            _official(tmp_path, *where).parent.mkdir(parents=True)
+            Image.fromarray(pixels).save(_official(tmp_path, *where), compress_level=level)
+        a, b = (_official(tmp_path, *w) for w in (self.A1, self.DC1))
+        assert a.read_bytes() != b.read_bytes()
+        np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        index = index_breakhis(tmp_path)
+        assert len(index.records) == 2
+        assert index.duplicate_content == [] and not index.warnings
+
+    def test_without_verify_copies_are_not_looked_for(self, tmp_path: Path) -> None:
+        """Headers only: no file is read whole, so copies are unknown (None), not absent."""
+        first = _png(_official(tmp_path, *self.A1))
+        self._write(tmp_path, self.DC1, first.read_bytes())
+        index = index_breakhis(tmp_path, verify=False)
+        assert len(index.records) == 2
+        assert index.duplicate_content is None and not index.warnings
+        assert index.summary()["duplicate_content"] is None
+        assert index_image_folder(tmp_path, verify=False).duplicate_content is None
+        assert index_breakhis(tmp_path).duplicate_content  # found when verifying
+
+    def test_unreadable_copies_are_skipped_as_before_not_grouped(self, tmp_path: Path) -> None:
+        """Files are hashed and decoded from one read: the skip reasons still name the
+        file, as decoding it from its path does."""
+        good = _png(_official(tmp_path, *self.A1))
+        for where in (self.A2, self.DC1):  # two identical truncated copies
+            self._write(tmp_path, where, good.read_bytes()[:40])
+        self._write(tmp_path, self.DC2, b"not a PNG")
+        index = index_breakhis(tmp_path)
+        assert [r.path for r in index.records] == [good.resolve()]
+        assert index.duplicate_content == []
+        assert len(index.skipped) == 3
+        for skip in index.skipped:
+            path = tmp_path.resolve() / skip.path
+            with pytest.raises(OSError) as info:
+                read_image_size(path)
+            assert skip.reason == f"unreadable image: {info.value}"
+        assert any(str(tmp_path.resolve()) in s.reason for s in index.skipped)
+
+    def test_synthetic_trees_have_none(self, synth_tree, kaggle_tree) -> None:
+        for root, _ in (synth_tree, kaggle_tree):
+            index = index_breakhis(root)
+            assert index.duplicate_content == [], root
+            assert not any("byte-identical" in w for w in index.warnings)
+
+    def test_image_folder(self, tmp_path: Path) -> None:
+        _png(tmp_path / "normal" / "001.png", fill=5)
+        _png(tmp_path / "tumour" / "001.png", fill=5)  # one image in both classes
+        _png(tmp_path / "tumour" / "002.png", fill=6)
+        index = index_image_folder(tmp_path)
+        assert len(index.records) == 3
+        assert index.duplicate_content == [["normal/001.png", "tumour/001.png"]]
+        assert index.warnings == [
+            "1 group of byte-identical images at different paths (2 files), e.g. "
+            "['normal/001.png', 'tumour/001.png']; if one copy lands in training and another "
+            "in test, the test metrics are optimistic (index --json lists every group under "
+            "'duplicate_content')",
+            "1 group of byte-identical images carries different labels, e.g. "
+            "{'normal/001.png': 'normal', 'tumour/001.png': 'tumour'}: one image labelled "
+            "twice, at least once wrongly; check the data before trusting any metric"]
+
+    def test_copies_with_different_labels_get_a_warning_of_their_own(self, tmp_path: Path) -> None:
+        """One image filed as two classes or two tumour types is a label conflict; copies
+        with one label are not."""
+        first = _png(_official(tmp_path, *self.DC1), fill=1)
+        self._write(tmp_path, self.DC3, first.read_bytes())  # same patient, type: one label
+        index = index_breakhis(tmp_path)
+        assert index.duplicate_content and not any("labelled twice" in w for w in index.warnings)
+        self._write(tmp_path, self.A1, first.read_bytes())  # the same image as benign adenosis
+        second = _png(_official(tmp_path, *self.DC2), fill=2)
+        self._write(tmp_path, self.A2, second.read_bytes())
+        index = index_breakhis(tmp_path)
+        conflicts = [w for w in index.warnings if "labelled twice" in w]
+        a1, dc1 = self._rel(tmp_path, self.A1), self._rel(tmp_path, self.DC1)
+        dc3 = self._rel(tmp_path, self.DC3)
+        labels = {a1: "benign/A", dc1: "malignant/DC", dc3: "malignant/DC"}
+        example = {p: labels[p] for p in sorted(labels)}  # the group's order
+        assert conflicts == [
+            f"2 groups of byte-identical images carry different labels, e.g. {example}: one "
+            "image labelled twice, at least once wrongly; check the data before trusting any "
+            "metric"]
+
+
 class TestLinkedFolders:
     """Folders reached through a link are indexed, each real folder once."""
 
@@ -342,8 +492,8 @@ class TestImageFolder:
         assert index.summary()["by_class"] == {"normal": 1, "tumour": 2}
 
     def test_missing_row_and_no_csv_leave_the_patient_unknown(self, tmp_path: Path) -> None:
-        for name in ("a/x.png", "a/y.png", "b/z.png"):
-            _png(tmp_path / name)
+        for fill, name in enumerate(("a/x.png", "a/y.png", "b/z.png")):
+            _png(tmp_path / name, fill=fill)  # different images: no byte-identical warning
         (tmp_path / "p.csv").write_text("path,patient\na/x.png,p1\n")
         by_path = {r.path.name: r.patient
                    for r in index_image_folder(tmp_path, patients_csv=tmp_path / "p.csv").records}
