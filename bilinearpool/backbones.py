@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SEBlock, insert_se_blocks
-from .functional._checks import check_positive_int
+from .functional._checks import check_positive_int, does_nothing
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -1137,10 +1137,8 @@ def _check_fmt_applies(output_fmt: str | None, stride: int | None) -> None:
     """Refuse a given ``output_fmt`` for a backbone that returns tokens (stride ``None``):
     it is the layout of 4-D maps and would do nothing."""
     if output_fmt is not None and stride is None:
-        raise ValueError(
-            f"output_fmt={output_fmt!r} applies to 4-D feature maps, but the backbone returns tokens "
-            "(B, N, C); drop output_fmt (it would do nothing)"
-        )
+        raise does_nothing([f"output_fmt={output_fmt!r}"], "4-D feature maps",
+                           "the backbone returns tokens (B, N, C)", drop="output_fmt")
 
 
 def _is_timm_name(name: str) -> bool:

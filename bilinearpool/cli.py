@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import bench
+from .functional._checks import plural
 
 __all__ = [
     "BenchResult",
@@ -138,19 +139,6 @@ class BenchResult:
 # ---------------------------------------------------------------------------------------------
 # Formatting and files
 # ---------------------------------------------------------------------------------------------
-
-
-def _plural(n: int, noun: str, plural_form: str | None = None) -> str:
-    """``noun`` for ``n`` of them: as it is when ``n`` is 1, else ``plural_form`` (by
-    default ``noun`` with an ``s``), for messages that count.
-
-    Examples:
-        >>> _plural(1, "head"), _plural(2, "layer case"), _plural(0, "is", "are")
-        ('head', 'layer cases', 'are')
-    """
-    if n == 1:
-        return noun
-    return plural_form if plural_form is not None else f"{noun}s"
 
 
 def _fmt(value: Any) -> str:
@@ -479,7 +467,7 @@ def _device_problem(text: str) -> str | None:
         if device.index is not None and device.index >= count:
             return (
                 f"--device {text} was asked for, but only {count} CUDA "
-                f"{_plural(count, 'device is', 'devices are')} visible "
+                f"{plural(count, 'device is', 'devices are')} visible "
                 f"({'cuda:0' if count == 1 else f'cuda:0 ... cuda:{count - 1}'})"
             )
         return None
@@ -840,7 +828,7 @@ def _check_layer_cases(names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in bench.LAYER_CASES]
     if unknown:
         raise ValueError(
-            f"unknown {_plural(len(unknown), 'layer case')} {unknown}; known: {list(bench.LAYER_CASES)}"
+            f"unknown {plural(len(unknown), 'layer case')} {unknown}; known: {list(bench.LAYER_CASES)}"
         )
     return list(dict.fromkeys(names))
 
@@ -1420,7 +1408,7 @@ def _select_heads(names: Sequence[str]) -> list[bench.ModelHead]:
     unknown = [n for n in names if n not in bench.MODEL_HEADS]
     if unknown:
         raise ValueError(
-            f"unknown {_plural(len(unknown), 'head')} {unknown}; known: {list(bench.MODEL_HEADS)}"
+            f"unknown {plural(len(unknown), 'head')} {unknown}; known: {list(bench.MODEL_HEADS)}"
         )
     ordered = ["plain"] + [n for n in dict.fromkeys(names) if n != "plain"]  # plain is the baseline
     return [bench.MODEL_HEADS[n] for n in ordered]
@@ -2509,9 +2497,9 @@ def _in_process_note(kind: str, names: Sequence[str], imports: Sequence[str] | N
     if not foreign:
         return []
     option = "--cases" if kind == "layer case" else "--heads"
-    them, were = _plural(len(foreign), "it", "them"), _plural(len(foreign), "was", "were")
+    them, were = plural(len(foreign), "it", "them"), plural(len(foreign), "was", "were")
     return [
-        f"{_IN_PROCESS} the {_plural(len(foreign), kind)} {', '.join(f'`{n}`' for n in foreign)} "
+        f"{_IN_PROCESS} the {plural(len(foreign), kind)} {', '.join(f'`{n}`' for n in foreign)} "
         f"of this run {were} registered in the Python process that ran it, not by the library "
         "nor by importing an --import module of the command above, so that command, run in a "
         f"fresh process, does not know {them} ({option} refuses {them}, or the default runs "
@@ -2671,8 +2659,8 @@ def _params_only_problem(args: argparse.Namespace) -> str | None:
     if not given:
         return None
     n = len(given)
-    return (f"{' '.join(given)} {_plural(n, 'does', 'do')} nothing with --params-only, which "
-            f"counts parameters on the CPU and times nothing: leave {_plural(n, 'it', 'them')} out, "
+    return (f"{' '.join(given)} {plural(n, 'does', 'do')} nothing with --params-only, which "
+            f"counts parameters on the CPU and times nothing: leave {plural(n, 'it', 'them')} out, "
             "or drop --params-only to time the models")
 
 

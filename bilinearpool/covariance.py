@@ -11,6 +11,7 @@ from .functional._checks import (
     check_dtype,
     check_floating,
     check_optional_positive_int,
+    does_nothing,
     make_layer,
     uninitialized,
 )
@@ -100,19 +101,13 @@ class CovariancePool(nn.Module):
         factory = {"device": device, "dtype": check_dtype(dtype)}
         if reduced_channels is None and (device is not None or dtype is not None):
             names = [k for k, v in factory.items() if v is not None]
-            given, one = " and ".join(names), len(names) == 1
-            raise ValueError(
-                f"{given} {'applies' if one else 'apply'} to the reduction's parameters, but "
-                f"reduced_channels is None (no parameters); drop {given} ({'it' if one else 'they'} "
-                "would do nothing), or give reduced_channels"
-            )
+            raise does_nothing(names, "the reduction's parameters", "reduced_channels is None (no parameters)",
+                               fix="give reduced_channels")
         act = nn.Identity() if act_layer is None else make_layer(act_layer, "act_layer", "nn.ReLU, or None")
         if reduced_channels is None and act_layer is not nn.ReLU:
-            raise ValueError(
-                "act_layer applies to the reduction block (reduced_channels), but reduced_channels is None; "
-                f"drop act_layer={getattr(act_layer, '__name__', type(act_layer).__name__)} (it would do "
-                "nothing), or give reduced_channels"
-            )
+            shown = getattr(act_layer, "__name__", type(act_layer).__name__)
+            raise does_nothing(["act_layer"], "the reduction block (reduced_channels)", "reduced_channels is None",
+                               fix="give reduced_channels", drop=f"act_layer={shown}")
         self.in_channels = in_channels
         self.reduced_channels = reduced_channels
         self.triu = triu

@@ -29,10 +29,12 @@ __all__ = [
     "check_positive_int",
     "check_streams",
     "compute_dtype",
+    "does_nothing",
     "make_layer",
     "no_autocast",
     "pair_streams",
     "plain_ops",
+    "plural",
     "uninitialized",
 ]
 
@@ -259,6 +261,37 @@ def check_optional_positive_int(name: str, value: object) -> int | None:
         return check_positive_int(name, value)
     except ValueError:
         raise ValueError(f"{name} must be a positive int or None, but got {value!r}") from None
+
+
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``noun`` for ``n`` of them: as it is when ``n`` is 1, else ``plural_form`` (by
+    default ``noun`` with an ``s``), for messages that count.
+
+    Examples:
+        >>> plural(1, "head"), plural(2, "layer case"), plural(0, "is", "are")
+        ('head', 'layer cases', 'are')
+    """
+    if n == 1:
+        return noun
+    return plural_form if plural_form is not None else f"{noun}s"
+
+
+def does_nothing(
+    names: list[str], applies_to: str, but: str, *, fix: str | None = None, drop: str | None = None
+) -> ValueError:
+    """The ValueError for settings given where they would do nothing: ``<names> apply to
+    <applies_to>, but <but>; drop <drop> (they would do nothing), or <fix>``, in the
+    number of ``names``; ``drop`` defaults to the names.
+
+    Examples:
+        >>> str(does_nothing(["eps"], "signed_sqrt=True only", "signed_sqrt=False", fix="set signed_sqrt=True"))
+        'eps applies to signed_sqrt=True only, but signed_sqrt=False; drop eps (it would do nothing), or set signed_sqrt=True'
+    """
+    n, joined = len(names), " and ".join(names)
+    return ValueError(
+        f"{joined} {plural(n, 'applies', 'apply')} to {applies_to}, but {but}; drop {drop or joined} "
+        f"({plural(n, 'it', 'they')} would do nothing)" + (f", or {fix}" if fix else "")
+    )
 
 
 def check_flags(**flags: object) -> None:

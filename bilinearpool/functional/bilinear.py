@@ -27,7 +27,16 @@ from torch import Tensor
 from . import _elementwise
 from ._elementwise import grad_from_y_, signed_sqrt_
 from ._memory import new_output
-from ._checks import check_flags, check_floating, check_positive_int, compute_dtype, no_autocast, pair_streams, plain_ops
+from ._checks import (
+    check_flags,
+    check_floating,
+    check_positive_int,
+    compute_dtype,
+    does_nothing,
+    no_autocast,
+    pair_streams,
+    plain_ops,
+)
 
 __all__ = [
     "bilinear_pool",
@@ -67,10 +76,7 @@ def _resolve_eps(eps: float | None, name: str, default: float, flag: str, on: bo
     it would do nothing (``flag`` names the setting that turns the step on)."""
     if not on:
         if eps is not None:
-            raise ValueError(
-                f"{name} applies to {flag}=True only, but {flag}=False; drop {name} (it would do "
-                f"nothing), or set {flag}=True"
-            )
+            raise does_nothing([name], f"{flag}=True only", f"{flag}=False", fix=f"set {flag}=True")
         return None
     if eps is None:
         return default

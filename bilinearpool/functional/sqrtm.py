@@ -80,7 +80,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_floating, check_positive_int, compute_dtype, no_autocast, plain_ops
+from ._checks import check_floating, check_positive_int, compute_dtype, does_nothing, no_autocast, plain_ops
 
 __all__ = ["matrix_sqrt"]
 
@@ -121,12 +121,7 @@ def _resolve_config(
     foreign = [k for k, v in given.items() if v is not None and k not in _METHOD_SETTINGS[method]]
     if foreign:
         other = next(m for m in _METHODS if m != method)
-        names, one = " and ".join(foreign), len(foreign) == 1
-        raise ValueError(
-            f"{names} {'applies' if one else 'apply'} to method={other!r} only, but "
-            f"method={method!r}; drop {names} ({'it' if one else 'they'} would do nothing), "
-            f"or use method={other!r}"
-        )
+        raise does_nothing(foreign, f"method={other!r} only", f"method={method!r}", fix=f"use method={other!r}")
     settings = {k: (_DEFAULTS[k] if given[k] is None else given[k]) for k in _METHOD_SETTINGS[method]}
     if "norm" in settings and settings["norm"] not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, but got {settings['norm']!r}")

@@ -245,7 +245,7 @@ class TrainConfig:
                                f"training process), but got {self.num_workers}")
         if not self.augment:
             for name, drawn, verb, others in _AUGMENTATION:
-                value, default = getattr(self, name), _field_default(name)
+                value, default = getattr(self, name), _TRAIN_DEFAULTS[name]
                 if value != default:
                     raise SettingError(
                         name, f"must be left at its default {default!r} with augment=False, "
@@ -282,9 +282,8 @@ _AUGMENTATION: tuple[tuple[str, str, str, str], ...] = (
     ("rotation", "rotations", "rotate", "flips or shifts"))
 
 
-def _field_default(name: str) -> Any:
-    """The default of :class:`TrainConfig`'s setting ``name``."""
-    return next(f.default for f in fields(TrainConfig) if f.name == name)
+#: :class:`TrainConfig`'s defaults, by setting (as :data:`breakhis.experiments._DATA_DEFAULTS`).
+_TRAIN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
 
 
 def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +295,7 @@ def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
     if "plateau_patience" in out:
         out["plateau_patience"] = max(1, int(out["plateau_patience"]))
     if out.get("augment") is False:
-        out.update({name: _field_default(name) for name, *_ in _AUGMENTATION if name in out})
+        out.update({name: _TRAIN_DEFAULTS[name] for name, *_ in _AUGMENTATION if name in out})
     return out
 
 
