@@ -1219,8 +1219,13 @@ def _did_you_mean(names: Sequence[str]) -> str:
 def _check_sample_shape(sample_shape: tuple[int, ...] | None) -> tuple[int, ...]:
     if sample_shape is None:
         return (3, 128, 128)
-    shape = tuple(sample_shape) if isinstance(sample_shape, (tuple, list, torch.Size)) else None
-    if shape is None or len(shape) != 3 or not all(
+    if not isinstance(sample_shape, (tuple, list, torch.Size)):
+        raise TypeError(
+            f"sample_shape must be (C, H, W) of positive ints (a tuple or list), but got {sample_shape!r} "
+            f"({type(sample_shape).__name__})"
+        )
+    shape = tuple(sample_shape)
+    if len(shape) != 3 or not all(
         isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape
     ):
         raise ValueError(f"sample_shape must be (C, H, W) of positive ints, but got {sample_shape!r}")

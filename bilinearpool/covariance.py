@@ -105,7 +105,7 @@ class CovariancePool(nn.Module):
                                fix="give reduced_channels")
         act = nn.Identity() if act_layer is None else make_layer(act_layer, "act_layer", "nn.ReLU, or None")
         if reduced_channels is None and act_layer is not nn.ReLU:
-            shown = getattr(act_layer, "__name__", type(act_layer).__name__)
+            shown = "None" if act_layer is None else getattr(act_layer, "__name__", type(act_layer).__name__)
             raise does_nothing(["act_layer"], "the reduction block (reduced_channels)", "reduced_channels is None",
                                fix="give reduced_channels", drop=f"act_layer={shown}")
         self.in_channels = in_channels
@@ -145,7 +145,8 @@ class CovariancePool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x)
-        if self.in_channels is not None and x.dim() in (3, 4):
+        # (sizes are traced values in torch.jit.trace: see functional._checks.as_channel_matrix)
+        if self.in_channels is not None and x.dim() in (3, 4) and not torch.jit.is_tracing():
             channels = x.shape[1] if x.dim() == 4 else x.shape[2]
             if channels != self.in_channels:
                 raise ValueError(

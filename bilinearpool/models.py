@@ -13,7 +13,6 @@ last feature maps, e.g. for ``captum.attr.LayerGradCam``; one per stream),
 from __future__ import annotations
 
 import copy
-import numbers
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +31,7 @@ from .functional._checks import (
     check_floating,
     check_optional_positive_int,
     check_positive_int,
+    check_real,
 )
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
@@ -98,7 +98,8 @@ class ChannelReduction(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        # (sizes are traced values in torch.jit.trace: see functional._checks.as_channel_matrix)
+        if x.dim() != 4 or (not torch.jit.is_tracing() and x.shape[1] != self.in_channels):
             raise ValueError(
                 f"ChannelReduction expected feature maps (B, {self.in_channels}, H, W), but got "
                 f"shape {tuple(x.shape)}" + (
@@ -261,8 +262,7 @@ def _check_maps_for_reduction(stream: FeatureExtractor, reduce_dim: int) -> None
 def _check_head_args(num_classes: object, dropout: object, reduce_dim: object) -> None:
     """Configuration errors of the classifiers, raised before any backbone is built."""
     check_positive_int("num_classes", num_classes)
-    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), but got {dropout!r}")
+    check_real("dropout", dropout, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
     check_optional_positive_int("reduce_dim", reduce_dim)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -90,12 +91,15 @@ class BilinearPool(nn.Module):
             raise ValueError("save_output=True applies to the fused normalized op (normalize=True)")
         if x_b is x_a:
             x_b = None  # the symmetric path does half the backward work
+        # Traced (torch.jit.trace), sizes are traced values: the resize is recorded
+        # always (to the same size it gives the map unchanged), so that the trace takes
+        # streams of other sizes too.
         if (
             x_b is not None
             and self.resize is not None
             and x_a.dim() == 4
             and x_b.dim() == 4
-            and x_a.shape[-2:] != x_b.shape[-2:]
+            and (torch.jit.is_tracing() or x_a.shape[-2:] != x_b.shape[-2:])
         ):
             align = False if self.resize in ("bilinear", "bicubic") else None
             x_b = F.interpolate(x_b, size=x_a.shape[-2:], mode=self.resize, align_corners=align)

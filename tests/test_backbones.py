@@ -244,6 +244,8 @@ class TestChannelsLastMaps:
 def test_sample_shape_errors():
     with pytest.raises(ValueError, match=r"sample_shape must be \(C, H, W\) of positive ints, but got \(3, 32\)"):
         build_backbone(nn.Conv2d(3, 4, 3), sample_shape=(3, 32))
+    with pytest.raises(TypeError, match=r"sample_shape must be \(C, H, W\) .* but got 32 \(int\)"):
+        build_backbone(nn.Conv2d(3, 4, 3), sample_shape=32)
     with pytest.raises(ValueError, match=r"zero image of shape \(1, 3, 128, 128\).*pass sample_shape"):
         build_backbone(nn.Conv2d(1, 4, 3))
     assert build_backbone(nn.Conv2d(1, 4, 3), sample_shape=(1, 8, 8)).out_channels == 4

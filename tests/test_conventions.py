@@ -214,3 +214,108 @@ def test_integer_input_is_a_type_error(layer):
     """Images not yet converted: the layer says so (torch's errors named other dtypes)."""
     with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(2, 8, 3, 3, dtype=torch.uint8))
+
+
+def _autocast_layers() -> dict[str, tuple[nn.Module, tuple[int, ...], bool]]:
+    """name -> (layer, input shape, whether autocast may change its values: layers with
+    a convolution or linear map run those in bfloat16 there)."""
+    from bilinearpool import BilinearPool, FastBilinearPool, L2Normalize, MatrixSqrt, SignedSqrt
+
+    layers = {
+        "fast": (FastBilinearPool(), (2, 6, 3, 3), False),
+        "fast-triu-save": (FastBilinearPool(triu=True, save_output=True), (2, 6, 3, 3), False),
+        "fast-tokens-sum": (FastBilinearPool(reduction="sum"), (2, 9, 6), False),
+        "bilinear": (BilinearPool(normalize=True), (2, 6, 3, 3), False),
+        "signed-sqrt": (SignedSqrt(), (2, 6, 3, 3), False),
+        "l2": (L2Normalize(), (2, 6, 3, 3), False),
+        "covariance": (CovariancePool(), (2, 6, 3, 3), False),
+        "compact-fft": (CompactBilinearPool(in_channels=6, out_features=16), (2, 6, 3, 3), False),
+        "compact-maclaurin": (
+            CompactBilinearPool(in_channels=6, out_features=16, method="random_maclaurin"), (2, 6, 3, 3), True
+        ),
+        "low-rank": (LowRankBilinearPool(in_channels=6, rank=4, out_features=5), (2, 6, 3, 3), True),
+        "covariance-reduced": (CovariancePool(in_channels=6, reduced_channels=4), (2, 6, 3, 3), True),
+        "gap": (GlobalAvgPool(), (2, 6, 3, 3), False),
+        "se": (SEBlock(6, reduction=2), (2, 6, 3, 3), True),
+        "reduction": (ChannelReduction(6, 4), (2, 6, 3, 3), True),
+        "wide-linear": (WideLinear(6, 3), (2, 6), True),
+    }
+    for impl in ("spectral", "iterative"):
+        layers[f"covariance-sqrtm-{impl}"] = (CovariancePool(norm=MatrixSqrt(impl=impl)), (2, 6, 3, 3), False)
+    layers["covariance-sqrtm-eig"] = (CovariancePool(norm=MatrixSqrt(method="eig")), (2, 6, 3, 3), False)
+    return layers
+
+
+@pytest.mark.parametrize("name", list(_autocast_layers()))
+def test_backward_inside_autocast(name):
+    """Forward and backward of every layer inside a CPU autocast region (as a gradient
+    penalty's ``autograd.grad`` or a loop that calls ``backward`` there runs them): the
+    input's gradient keeps its dtype and is finite, and where the layer has no
+    convolution or linear map it equals the gradient without autocast (second-order
+    statistics are computed in float32 in both). The matrix square root's spectral and
+    eig backwards once failed here."""
+    torch.manual_seed(0)
+    layer, shape, changes = _autocast_layers()[name]
+    x = torch.randn(*shape).abs().add_(0.1).requires_grad_()
+    weights = None
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        nonlocal weights
+        weights = torch.randn(out.shape) if weights is None else weights
+        return (out.float() * weights).sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (grad,) = torch.autograd.grad(loss(layer(x)), x)
+    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.isfinite().all()
+    if not changes:
+        (expected,) = torch.autograd.grad(loss(layer(x)), x)
+        torch.testing.assert_close(grad, expected)
+
+
+def _traced_layers() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """name -> (layer, example inputs to trace with, other inputs: other batch and spatial
+    sizes, and streams of different sizes for the resizing pool)."""
+    from bilinearpool import BilinearPool
+
+    def maps(b: int, c: int, h: int, w: int) -> torch.Tensor:
+        return torch.randn(b, c, h, w)
+
+    layers = {
+        "covariance": (CovariancePool(in_channels=6), (maps(2, 6, 3, 3),), (maps(3, 6, 5, 4),)),
+        "covariance-reduced": (
+            CovariancePool(in_channels=6, reduced_channels=4), (maps(2, 6, 3, 3),), (maps(3, 6, 5, 4),)
+        ),
+        "low-rank-out": (
+            LowRankBilinearPool(in_channels=6, rank=3, out_features=5), (maps(2, 6, 3, 3),), (maps(3, 6, 5, 4),)
+        ),
+        "channel-reduction": (ChannelReduction(6, 4), (maps(2, 6, 3, 3),), (maps(3, 6, 5, 4),)),
+        "se": (SEBlock(6, reduction=2), (maps(2, 6, 3, 3),), (maps(3, 6, 5, 4),)),
+    }
+    for mode in ("bilinear", "bicubic", "nearest", "area"):
+        layers[f"bilinear-resize-{mode}"] = (
+            BilinearPool(resize=mode, normalize=True),
+            (maps(2, 6, 4, 4), maps(2, 5, 4, 4)),  # traced with streams of the same size
+            (maps(3, 6, 6, 6), maps(3, 5, 3, 3)),
+        )
+    return layers
+
+
+@pytest.mark.parametrize("name", list(_traced_layers()))
+def test_jit_trace_without_tracer_warnings_and_general(name):
+    """torch.jit.trace records no TracerWarning from the library's checks (they compare
+    traced sizes and are skipped while traced), and the trace equals the layer on inputs
+    of other sizes: BilinearPool(resize=...) traced with streams of one size resizes
+    streams of different sizes (it records the resize always, an identity at equal
+    sizes)."""
+    import warnings
+
+    torch.manual_seed(0)
+    layer, example, other = _traced_layers()[name]
+    layer.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(layer, example)
+    ours = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and "bilinearpool" in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+    torch.testing.assert_close(traced(*example), layer(*example))
+    torch.testing.assert_close(traced(*other), layer(*other))

@@ -216,9 +216,14 @@ class TestSignedSqrt:
         x = torch.tensor([-1e-14, 0.0, 1e-14], dtype=torch.float64)
         assert signed_sqrt(x, eps=1e-5).abs().max() < 1e-11
 
-    @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf"), True, "1e-5"])
+    @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
     def test_bad_eps(self, eps):
         with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            signed_sqrt(torch.ones(2), eps=eps)
+
+    @pytest.mark.parametrize("eps, kind", [(True, "bool"), ("1e-5", "str"), (torch.tensor(1e-5), "Tensor")])
+    def test_eps_of_another_type(self, eps, kind):
+        with pytest.raises(TypeError, match=rf"^eps must be a positive finite number, but got .* \({kind}\)$"):
             signed_sqrt(torch.ones(2), eps=eps)
 
     def test_numpy_eps(self):

@@ -78,6 +78,8 @@ class TestLowRankBilinearPool:
             low_rank_bilinear_pool(torch.zeros(1, 4, 2, 2), weight_a=torch.ones(2, 4), weight_b=torch.ones(3, 4))
         with pytest.raises(ValueError, match=r"out_weight must have shape \(D, 2\), but got \(5, 3\)"):
             low_rank_bilinear_pool(torch.zeros(1, 4, 2, 2), weight_a=torch.ones(2, 4), out_weight=torch.ones(5, 3))
+        with pytest.raises(TypeError, match=r"out_weight must be a torch.Tensor or None, but got list"):
+            low_rank_bilinear_pool(torch.zeros(1, 4, 2, 2), weight_a=torch.ones(2, 4), out_weight=[[1.0, 1.0]])
 
     def test_noncontiguous_and_channels_last(self) -> None:
         pool = LowRankBilinearPool(in_channels=6, rank=5, out_features=3, dtype=torch.float64)

@@ -174,12 +174,18 @@ class TestFastBCNN:
 
     @pytest.mark.parametrize("cls", [FastBCNN, BCNN, GAPClassifier])
     def test_argument_errors(self, cls):
-        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), but got None"):
+        with pytest.raises(TypeError, match=r"dropout must be a number in \[0, 1\), but got None \(NoneType\)"):
             cls(tiny(), num_classes=2, dropout=None)
-        with pytest.raises(ValueError, match="reduce_dim must be a positive int or None, but got 0"):
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), but got 1.0$"):
+            cls(tiny(), num_classes=2, dropout=1.0)
+        with pytest.raises(ValueError, match="reduce_dim must be a positive int or None, but got 0$"):
             cls(tiny(), num_classes=2, reduce_dim=0)
-        with pytest.raises(ValueError, match="num_classes must be a positive int, but got True"):
+        with pytest.raises(TypeError, match=r"reduce_dim must be a positive int or None, but got '4' \(str\)"):
+            cls(tiny(), num_classes=2, reduce_dim="4")
+        with pytest.raises(TypeError, match=r"num_classes must be a positive int, but got True \(bool\)"):
             cls(tiny(), num_classes=True)
+        with pytest.raises(ValueError, match="num_classes must be a positive int, but got 0$"):
+            cls(tiny(), num_classes=0)
 
     def test_numpy_integers(self):
         model = FastBCNN(tiny(8), num_classes=np.int64(3), reduce_dim=np.int64(4))

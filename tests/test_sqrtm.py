@@ -316,17 +316,24 @@ class TestMatrixSqrt:
         layer = MatrixSqrt(method=method, impl=impl, triu=True)
         assert_compiled_matches(layer, psd(2, 5, 9).requires_grad_(), fullgraph=True)
 
-    @pytest.mark.parametrize("method", ["newton_schulz", "eig"])
-    def test_autocast(self, method: str) -> None:
+    @pytest.mark.parametrize(("method", "impl"), [*(("newton_schulz", i) for i in NS_IMPLS), ("eig", None)])
+    def test_autocast(self, method: str, impl: str | None) -> None:
         # Stated behaviour: computed in float32 under autocast and for bfloat16 input; float32 out.
-        a = psd(2, 6, 12)
+        # The backward too, also when it runs inside the autocast region (as a gradient
+        # penalty's autograd.grad does): the spectral and eig backwards once failed there.
+        a = psd(2, 6, 12).requires_grad_()
+        weights = torch.randn(2, 6, 6)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = matrix_sqrt(a, method=method)
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, matrix_sqrt(a, method=method))
-        low = matrix_sqrt(a.bfloat16(), method=method)
+            out = matrix_sqrt(a, method=method, impl=impl)
+            (grad,) = torch.autograd.grad((out * weights).sum(), a)
+        assert out.dtype == torch.float32 and grad.dtype == torch.float32
+        ref = matrix_sqrt(a, method=method, impl=impl)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(grad, torch.autograd.grad((ref * weights).sum(), a)[0])
+        a = a.detach()
+        low = matrix_sqrt(a.bfloat16(), method=method, impl=impl)
         assert low.dtype == torch.float32
-        torch.testing.assert_close(low, matrix_sqrt(a.bfloat16().float(), method=method))
+        torch.testing.assert_close(low, matrix_sqrt(a.bfloat16().float(), method=method, impl=impl))
 
     @pytest.mark.parametrize("triu", [False, True])
     @pytest.mark.parametrize("impl", ["auto", "iterative"])
@@ -382,11 +389,13 @@ class TestMatrixSqrt:
         torch.testing.assert_close(layer(a), ref)
         layer = MatrixSqrt(method="eig", eps=np.float64(1e-4))
         assert type(layer.eps) is float and "eps=0.0001" in repr(layer)
-        with pytest.raises(ValueError, match="num_iters must be a positive int, but got True"):
+        with pytest.raises(TypeError, match=r"num_iters must be a positive int, but got True \(bool\)"):
             matrix_sqrt(a, num_iters=True)
-        with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\), but got True"):
+        with pytest.raises(TypeError, match=r"eps must be a number in \(0, 1\), but got True \(bool\)"):
             MatrixSqrt(method="eig", eps=True)
-        with pytest.raises(ValueError, match="num_iters must be a positive int, but got 2.0"):
+        with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\), but got 1.0$"):
+            MatrixSqrt(method="eig", eps=1.0)
+        with pytest.raises(TypeError, match=r"num_iters must be a positive int, but got 2.0 \(float\)"):
             MatrixSqrt(num_iters=2.0)  # type: ignore[arg-type]
 
     @pytest.mark.parametrize("impl", NS_IMPLS)

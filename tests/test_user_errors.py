@@ -379,8 +379,13 @@ def test_extractor_pickled_before_in_channels_still_runs():
 
 @pytest.mark.parametrize("in_channels", [0, -1, 2.0, True, "3"])
 def test_extractor_in_channels_must_be_a_positive_int(in_channels):
-    expected = rf"^in_channels must be a positive int, but got {re.escape(repr(in_channels))}$"
-    with pytest.raises(ValueError, match=expected):
+    """A number below 1 is a ValueError; anything but an integer is a TypeError that
+    names the type it got."""
+    expected = rf"^in_channels must be a positive int, but got {re.escape(repr(in_channels))}"
+    error = ValueError if isinstance(in_channels, int) and not isinstance(in_channels, bool) else TypeError
+    if error is TypeError:
+        expected += rf" \({type(in_channels).__name__}\)"
+    with pytest.raises(error, match=expected + "$"):
         FeatureExtractor(tiny(), out_channels=6, in_channels=in_channels)
 
 
@@ -463,5 +468,5 @@ def test_sizes_take_any_integer_type_and_keep_python_ints(kind):
     spd = x @ x.transpose(1, 2) + torch.eye(3, dtype=torch.float64)
     torch.testing.assert_close(matrix_sqrt(spd, num_iters=n(20)), matrix_sqrt(spd, num_iters=20))
     for bad in (2.0, True, torch.tensor(2.0), torch.tensor([2])):
-        with pytest.raises(ValueError, match=r"^channels must be a positive int, but got "):
+        with pytest.raises(TypeError, match=r"^channels must be a positive int, but got "):
             SEBlock(bad)

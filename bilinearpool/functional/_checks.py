@@ -9,6 +9,7 @@ channels-last maps, and token sequences, all give views).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 from typing import Callable, ContextManager, TypeVar
 
@@ -27,6 +28,7 @@ __all__ = [
     "check_floating",
     "check_optional_positive_int",
     "check_positive_int",
+    "check_real",
     "check_streams",
     "compute_dtype",
     "does_nothing",
@@ -228,13 +230,14 @@ def as_int(value: object) -> int | None:
         return None
 
 
-def check_positive_int(name: str, value: object, *, least: int = 1) -> int:
-    """``value`` as a Python int; :class:`ValueError` unless it is an integer >= ``least``.
+def check_positive_int(name: str, value: object, *, least: int = 1, kind: str | None = None) -> int:
+    """``value`` as a Python int: :class:`TypeError` unless it is an integer,
+    :class:`ValueError` unless it is >= ``least``.
 
     Integers of any kind are taken (``int``, NumPy integers, 0-d integer tensors: whatever
     has ``__index__``), as ``nn.Linear`` takes them; bools are refused, and so are floats,
-    even whole ones. The message says "a positive int" for ``least=1``, "a non-negative
-    int" for ``least=0``.
+    even whole ones, and strings. The message says "a positive int" for ``least=1``, "a
+    non-negative int" for ``least=0`` (or ``kind`` where given).
 
     Examples:
         >>> import numpy as np
@@ -244,23 +247,46 @@ def check_positive_int(name: str, value: object, *, least: int = 1) -> int:
         Traceback (most recent call last):
             ...
         ValueError: channels must be a positive int, but got 0
+        >>> check_positive_int("channels", "64")
+        Traceback (most recent call last):
+            ...
+        TypeError: channels must be a positive int, but got '64' (str)
     """
     number = as_int(value)
-    if number is None or number < least:
-        kind = {0: "a non-negative int", 1: "a positive int"}.get(least, f"an int >= {least}")
+    kind = kind or {0: "a non-negative int", 1: "a positive int"}.get(least, f"an int >= {least}")
+    if number is None:
+        raise TypeError(f"{name} must be {kind}, but got {value!r} ({type(value).__name__})")
+    if number < least:
         raise ValueError(f"{name} must be {kind}, but got {value!r}")
     return number
 
 
 def check_optional_positive_int(name: str, value: object) -> int | None:
-    """``None``, or ``value`` as a positive Python int (:func:`check_positive_int`);
-    the message says "a positive int or None"."""
+    """``None``, or ``value`` as a positive Python int (:func:`check_positive_int`: a
+    TypeError or a ValueError); the message says "a positive int or None"."""
     if value is None:
         return None
-    try:
-        return check_positive_int(name, value)
-    except ValueError:
-        raise ValueError(f"{name} must be a positive int or None, but got {value!r}") from None
+    return check_positive_int(name, value, kind="a positive int or None")
+
+
+def check_real(name: str, value: object, kind: str, within: Callable[[float], bool]) -> float:
+    """``value``, checked: :class:`TypeError` unless it is a real number (Python's or
+    NumPy's; bools refused), :class:`ValueError` unless ``within(value)`` (NaN fails any
+    comparison). ``kind`` says what is expected, e.g. "a number in (0, 1)".
+
+    Examples:
+        >>> check_real("dropout", 0.5, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        0.5
+        >>> check_real("dropout", "0.5", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        Traceback (most recent call last):
+            ...
+        TypeError: dropout must be a number in [0, 1), but got '0.5' (str)
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, but got {value!r} ({type(value).__name__})")
+    if not within(value):
+        raise ValueError(f"{name} must be {kind}, but got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from typing import Any
 
@@ -31,6 +30,7 @@ from ._checks import (
     check_flags,
     check_floating,
     check_positive_int,
+    check_real,
     compute_dtype,
     does_nothing,
     no_autocast,
@@ -66,8 +66,7 @@ def _check_reduction(reduction: str) -> None:
 
 def _check_eps(eps: float, name: str = "eps") -> None:
     # eps < inf, not math.isfinite: a module's eps is a symbolic float under torch.compile(dynamic=True)
-    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and 0 < eps < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, but got {eps!r}")
+    check_real(name, eps, "a positive finite number", lambda v: 0 < v < math.inf)
 
 
 def _resolve_eps(eps: float | None, name: str, default: float, flag: str, on: bool) -> float | None:
@@ -190,7 +189,8 @@ def signed_sqrt_grad_bound(eps: float = SIGNED_SQRT_EPS) -> float:
         The bound on :math:`|d\\,\\mathrm{signed\\_sqrt}(x) / dx|`, as a float.
 
     Raises:
-        ValueError: if ``eps`` is not a positive finite number.
+        TypeError: if ``eps`` is not a real number.
+        ValueError: if ``eps`` is not positive and finite.
 
     Examples:
         >>> round(signed_sqrt_grad_bound(1e-5), 1)
@@ -217,9 +217,9 @@ def l2_normalize(x: Tensor, *, eps: float = L2_EPS) -> Tensor:
         - Output: same shape as the input.
 
     Raises:
-        TypeError: if ``x`` is not a floating-point tensor.
-        ValueError: if ``eps`` is not a positive finite number or ``x`` has fewer than
-            2 dimensions.
+        TypeError: if ``x`` is not a floating-point tensor or ``eps`` not a real number.
+        ValueError: if ``eps`` is not positive and finite or ``x`` has fewer than 2
+            dimensions.
 
     Examples:
         >>> l2_normalize(torch.tensor([[3.0, 4.0]]))
@@ -244,7 +244,8 @@ def triu_size(channels: int) -> int:
         :math:`C(C+1)/2`, the length of :func:`triu_pack`'s output.
 
     Raises:
-        ValueError: if ``channels`` is not a positive int.
+        TypeError: if ``channels`` is not an integer.
+        ValueError: if ``channels`` is less than 1.
 
     Examples:
         >>> triu_size(2048)

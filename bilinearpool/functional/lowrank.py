@@ -91,12 +91,14 @@ def low_rank_bilinear_pool(
     else:
         _check_weight("weight_b", weight_b, (a if b is None else b).shape[1], rank)
     if out_weight is not None:
-        if not isinstance(out_weight, Tensor) or out_weight.dim() != 2 or out_weight.shape[1] != rank:
-            got = tuple(out_weight.shape) if isinstance(out_weight, Tensor) else type(out_weight).__name__
-            raise ValueError(f"out_weight must have shape (D, {rank}), but got {got}")
+        if not isinstance(out_weight, Tensor):
+            raise TypeError(f"out_weight must be a torch.Tensor or None, but got {type(out_weight).__name__}")
+        traced = torch.jit.is_tracing()  # sizes are traced values (see _checks.as_channel_matrix)
+        if out_weight.dim() != 2 or (not traced and out_weight.shape[1] != rank):
+            raise ValueError(f"out_weight must have shape (D, {rank}), but got {tuple(out_weight.shape)}")
         if out_bias is not None and not isinstance(out_bias, Tensor):
             raise TypeError(f"out_bias must be a torch.Tensor or None, but got {type(out_bias).__name__}")
-        if out_bias is not None and (out_bias.dim() != 1 or out_bias.shape[0] != out_weight.shape[0]):
+        if out_bias is not None and (out_bias.dim() != 1 or (not traced and out_bias.shape[0] != out_weight.shape[0])):
             raise ValueError(f"out_bias must have shape ({out_weight.shape[0]},), but got {tuple(out_bias.shape)}")
     elif out_bias is not None:
         raise ValueError("out_bias needs out_weight; got out_bias without out_weight")

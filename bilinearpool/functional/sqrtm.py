@@ -74,13 +74,12 @@ float16/bfloat16 inputs (and autocast) are computed and returned in float32.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from ._checks import check_floating, check_positive_int, compute_dtype, does_nothing, no_autocast, plain_ops
+from ._checks import check_floating, check_positive_int, check_real, compute_dtype, does_nothing, no_autocast, plain_ops
 
 __all__ = ["matrix_sqrt"]
 
@@ -131,10 +130,7 @@ def _resolve_config(
         # any integer (numpy scalars too); bools refused
         settings["num_iters"] = check_positive_int("num_iters", settings["num_iters"])
     if "eps" in settings:
-        e = settings["eps"]  # any real number (numpy scalars too); bools refused
-        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not 0 < e < 1:
-            raise ValueError(f"eps must be a number in (0, 1), but got {e!r}")
-        settings["eps"] = float(e)
+        settings["eps"] = float(check_real("eps", settings["eps"], "a number in (0, 1)", lambda v: 0 < v < 1))
     return settings.get("num_iters"), settings.get("norm"), settings.get("impl"), settings.get("eps")
 
 
@@ -214,13 +210,17 @@ def _eig_backward(u: Tensor, grad: Tensor, weigh: Callable[[Tensor, Tensor], Non
     symmetrised after the products) by the weights ``W`` in place, with one scratch
     matrix. Two (B, C, C) buffers in all, reused by the four products.
     """
-    ut = u.transpose(1, 2)
-    gu = torch.bmm(grad, u)
-    gh = torch.bmm(ut, gu)
-    gs = torch.add(gh, gh.transpose(1, 2), out=gu)
-    weigh(gs, gh)
-    torch.bmm(gs, ut, out=gh)
-    return torch.bmm(u, gh, out=gu)
+    # Autocast is off here, as in every backward of the library: a backward run inside
+    # an autocast region would otherwise compute the products in half precision (and the
+    # ones with out= buffers refuse that).
+    with no_autocast(u.device.type):
+        ut = u.transpose(1, 2)
+        gu = torch.bmm(grad, u)
+        gh = torch.bmm(ut, gu)
+        gs = torch.add(gh, gh.transpose(1, 2), out=gu)
+        weigh(gs, gh)
+        torch.bmm(gs, ut, out=gh)
+        return torch.bmm(u, gh, out=gu)
 
 
 def _ns_slopes(lam: Tensor, num_iters: int) -> tuple[Tensor, Tensor]:
