@@ -64,8 +64,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocol", default="patient", choices=["image", "patient", "official"],
                    help="how train/test folds are drawn (default: %(default)s)")
     g.add_argument("--n-splits", type=int,
-                   help=f"folds of --protocol image and patient (an error with official, "
-                   f"whose fold tables give the folds) (default: {_N_SPLITS})")
+                   help="folds of --protocol image and patient, at least 2 (an error with "
+                   f"official, whose fold tables give the folds) (default: {_N_SPLITS})")
     g.add_argument("--split-seed", type=int,
                    help="seed of the folds and of the validation images, in [0, 2**32 - 1]; "
                    "an error with --protocol official and --val-fraction 0, which draw "

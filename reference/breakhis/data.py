@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
@@ -726,9 +726,10 @@ def index_image_folder(
             Hidden folders (``.ipynb_checkpoints``) are neither classes nor searched;
             links to folders are followed, each real folder once.
         patients_csv: optional CSV (UTF-8, a byte-order mark is fine) with columns
-            ``path`` (relative to ``root``, or a bare file name) and ``patient``. A row
-            with the image's path wins over a bare-name row (a warning names images where
-            the two disagree); a bare name gives its patient to the one image of that name
+            ``path`` (relative to ``root``, or a bare file name; ``./a/x.png``,
+            ``a//x.png`` and ``a\\x.png`` are ``a/x.png``, as in fold tables) and
+            ``patient``. A row with the image's path wins over a bare-name row (a warning
+            names images where the two disagree); a bare name gives its patient to the one image of that name
             without a path row, and is refused when several such images share it. An image
             without a patient (no CSV, no row, or a blank cell) gets ``patient=None``:
             unknown, never a made-up group. Protocol ``patient`` refuses such images, and
@@ -865,13 +866,15 @@ def _read_patient_csv(path: Path) -> dict[str, _PatientRow]:
                     f"expected a path and a patient (columns {reader.fieldnames}) on line "
                     f"{line} of {str(path)!r}, but got {list(v for v in row.values() if v)}"
                 )
-            key = raw_path.strip().replace("\\", "/")
             patient = raw_patient.strip() or None
-            if not key:
+            if not raw_path.strip():
                 if patient is None:
                     continue  # an empty row, as spreadsheet exports leave
                 raise ValueError(f"expected a path on line {line} of {str(path)!r}, but the "
                                  f"cell is empty (patient {patient!r})")
+            # ./a/x.png and a//x.png are a/x.png, as in fold tables; rows that name one
+            # image so are duplicates, checked below like rows written alike
+            key = _listed_path(raw_path)
             first = rows.setdefault(key, _PatientRow(patient, line))
             if first.patient != patient:
                 raise ValueError(
@@ -880,6 +883,18 @@ def _read_patient_csv(path: Path) -> dict[str, _PatientRow]:
                     f"{_shown(patient)} on line {line}"
                 )
     return rows
+
+
+def _listed_path(name: str) -> str:
+    """A path as a patients CSV or a fold table lists it, in POSIX form: Windows
+    separators, ``./`` and repeated separators normalised; ``..`` is kept, and an
+    absolute path stays absolute (neither matches a path relative to the root).
+
+    Examples:
+        >>> _listed_path(" ./benign//x.png "), _listed_path("benign\\\\x.png")
+        ('benign/x.png', 'benign/x.png')
+    """
+    return PurePosixPath(name.strip().replace("\\", "/")).as_posix()
 
 
 def _shown(patient: str | None) -> str:

@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from numbers import Real
@@ -42,6 +42,7 @@ import numpy as np
 
 from ._files import (
     SettingError,
+    check_int,
     check_seed,
     count,
     plural,
@@ -114,9 +115,12 @@ SPLIT_CHOICES: tuple[str, ...] = ("test", "train", "all")
 #: settings (compared), and checkpoints of the official protocol written before it
 #: counted the fold tables hold ``None``; ``protocol.notes`` describe the split (pinned by
 #: the file lists) in words that may change between versions (``1 image(s)`` became
-#: ``1 image``). The paths of ``folds_file`` and ``patients_csv`` may differ when their
+#: ``1 image``); ``data_issues`` (what indexing left out and warned about, recorded so
+#: that an evaluation of the checkpoint reports them) may change with the files beside
+#: the run's. The paths of ``folds_file`` and ``patients_csv`` may differ when their
 #: content does not (:func:`_resume_ignore`).
-_RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits", "protocol.notes")
+_RESUME_IGNORE: tuple[str, ...] = ("data.data_root", "protocol.n_splits", "protocol.notes",
+                                   "data_issues")
 #: Data files a :class:`DataSpec` names by path, compared by content on resume, with
 #: what one and several of them are called in messages.
 _DATA_FILES: tuple[tuple[str, str, str], ...] = (
@@ -180,6 +184,7 @@ class DataSpec:
     Raises:
         ValueError: when ``folds_file`` is given with a protocol other than ``official``;
             a :class:`breakhis._files.SettingError` (naming the setting) when
+            ``n_splits`` is not an integer >= 2 (what k-fold cross-validation needs),
             ``val_fraction`` is not a number in ``[0, 1)``, ``split_seed`` is not an
             integer in ``[0, 2**32 - 1]`` (what scikit-learn takes), a setting has no
             effect (above), or (BreaKHis data) ``task`` is unknown or ``magnification``
@@ -201,6 +206,7 @@ class DataSpec:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_int("n_splits", self.n_splits, 2, why="folds of protocols 'image' and 'patient'")
         check_seed(self.split_seed, "split_seed", span="[0, 2**32 - 1]",
                    why="the folds are drawn by scikit-learn, which takes such seeds")
         if not (isinstance(self.val_fraction, Real)
@@ -458,16 +464,37 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
             "none without a patients CSV; pass --patients-csv (columns path, patient), or "
             "--protocol image for image-level folds (optimistic if a patient has several "
             "images)")
+    index, task, records, targets, task_warnings = _index_task(spec, progress=progress)
+    groups = patient_groups(records)
+    tables: list[str | Path] = list(spec.folds_file)
+    if spec.protocol == "official" and not tables:
+        tables = list(find_fold_tables(index))
+    splits = make_splits(records, targets, spec.protocol, n_splits=spec.n_splits,
+                         seed=spec.split_seed, fold_tables=tables, classes=task.classes)
+    return PreparedData(index, task, records, targets, groups, splits,
+                        warnings=[*index.warnings, *task_warnings])
+
+
+def _index_task(
+    spec: DataSpec, *, progress: bool, classes: list[str] | None = None,
+) -> tuple[DataIndex, Task, list[ImageRecord], np.ndarray, list[str]]:
+    """The data indexed, the task, its records and targets, and the task's warnings.
+
+    ``classes`` (image folders only): the class folders a saved run was trained on;
+    images of other folders are left out (see :func:`_checkpoint_data`).
+    """
     if spec.image_folder:
         index = index_image_folder(spec.data_root, patients_csv=spec.patients_csv,
                                    verify=spec.verify, strict=spec.strict, progress=progress)
-        classes = sorted({r.label for r in index.records})
+        if classes is None:
+            classes = sorted({r.label for r in index.records})
         task = get_task("folder", classes=classes)
     else:
         index = index_breakhis(spec.data_root, verify=spec.verify, strict=spec.strict,
                                progress=progress)
         task = get_task(spec.task, magnification=spec.magnification)
-    records = task.select(index.records)
+    records = [r for r in task.select(index.records)
+               if not spec.image_folder or r.label in task.classes]
     if not records:
         raise ValueError(f"task {task.name} selects no images under {spec.data_root!r}")
     targets = task.targets(records)
@@ -484,14 +511,7 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
                              f"{plural(len(absent), 'class', 'classes')} {absent}; the model "
                              f"still has an output for {plural(len(absent), 'it', 'them')}, "
                              "which is never trained")
-    groups = patient_groups(records)
-    tables: list[str | Path] = list(spec.folds_file)
-    if spec.protocol == "official" and not tables:
-        tables = list(find_fold_tables(index))
-    splits = make_splits(records, targets, spec.protocol, n_splits=spec.n_splits,
-                         seed=spec.split_seed, fold_tables=tables)
-    return PreparedData(index, task, records, targets, groups, splits,
-                        warnings=[*index.warnings, *task_warnings])
+    return index, task, records, targets, task_warnings
 
 
 def _protocol_dict(spec: DataSpec, split: Split, data: PreparedData) -> dict[str, Any]:
@@ -537,7 +557,7 @@ def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
              for name, idx in (("train", fit_idx), ("val", val_idx), ("test", split.test))}
     extra = {"data": _data_dict(spec), "fold": fold, "task": data.task.to_dict(),
              "protocol": _protocol_dict(spec, split, data), "synthetic": data.synthetic,
-             "files": files}
+             "files": files, "data_issues": data.issues()}
     return _FoldPlan(split, fit_idx, val_idx, extra)
 
 
@@ -786,7 +806,8 @@ def run_fold(
         return None
     # the main process's fit result always records the checkpoint it wrote last
     return _evaluate_split(result.model, config, data, plan.split.test, plan.extra["protocol"],
-                           fold, Path(run_dir), info, val_fraction=spec.val_fraction,
+                           fold, Path(run_dir), info, issues=plan.extra["data_issues"],
+                           val_fraction=spec.val_fraction,
                            normalization=result.normalization,
                            checkpoint=result.checkpoint_info, progress=progress)
 
@@ -794,7 +815,7 @@ def run_fold(
 def _evaluate_split(
     model: Any, config: TrainConfig, data: PreparedData, test: np.ndarray,
     protocol: dict[str, Any], fold: int, out_dir: Path, info: DistInfo, *,
-    val_fraction: float, normalization: tuple[tuple[float, ...], tuple[float, ...]],
+    issues: dict[str, Any], val_fraction: float, normalization: tuple[tuple[float, ...], tuple[float, ...]],
     checkpoint: dict[str, Any], progress: bool,
 ) -> dict[str, Any]:
     test_records = [data.records[i] for i in test]
@@ -818,7 +839,7 @@ def _evaluate_split(
         "epochs_trained": epochs_trained(checkpoint),
         "checkpoint": checkpoint,
         "normalization": {"mean": list(mean), "std": list(std)},
-        "data_issues": data.issues(),
+        "data_issues": issues,
         "metrics": metrics,
     }
     write_report(report, out_dir, "test_metrics")
@@ -1109,7 +1130,8 @@ def evaluate_checkpoint(
     for text in _protocol_warnings(int(state["extra"]["fold"]), protocol) if info.is_main else ():
         _LOG.warning("%s", text)
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
-                           out, info, val_fraction=spec.val_fraction,
+                           out, info, issues=_checkpoint_issues(state, data, decoded),
+                           val_fraction=spec.val_fraction,
                            normalization=checkpoint_normalization(state),
                            checkpoint=checkpoint_identity(state), progress=progress)
 
@@ -1121,10 +1143,16 @@ def _checkpoint_data(
     """The data spec recorded in a checkpoint, its data indexed again, and whether the
     images were decoded while indexing.
 
-    A checkpoint that records its file lists has its data indexed from the image headers
-    only: the images it uses are decoded afterwards (:func:`_decodable`), not the whole
-    tree again (about 5 ms per BreaKHis PNG, most of a test run's reading). An older
-    checkpoint is indexed as recorded, since its fold is drawn again from the images found.
+    A checkpoint that records its file lists (and its fold's protocol) has its data
+    indexed from the image headers only: the images it uses are decoded afterwards
+    (:func:`_decodable`), not the whole tree again (about 5 ms per BreaKHis PNG, most of
+    a test run's reading). Its fold is not drawn again, so nothing that only drawing
+    it needs is asked of the data now: fold tables, or a patient for every image (a
+    file that does not decode, left out in training, may have none). An image folder's
+    class folders must be the checkpoint's classes; a further folder is allowed when
+    none of its images decodes (training's index left it out, so the run never had
+    that class). An older checkpoint is indexed as recorded, since its fold is drawn
+    again from the images found.
     """
     extra = state.get("extra") or {}
     if "data" not in extra:
@@ -1133,13 +1161,50 @@ def _checkpoint_data(
     spec = DataSpec.from_dict(extra["data"])
     if data_root is not None:
         spec = _moved(spec, data_root)
-    headers_only = spec.verify and extra.get("files") is not None
-    data = prepare_data(replace(spec, verify=False) if headers_only else spec,
-                        progress=progress)
-    if list(data.task.classes) != list(state["classes"]):
-        raise ValueError(f"checkpoint classes {state['classes']} differ from the task's "
-                         f"{list(data.task.classes)}")
+    classes = list(state["classes"])
+    if extra.get("files") is None or extra.get("protocol") is None:
+        data = prepare_data(spec, progress=progress)
+        _check_classes(data.task.classes, classes)
+        return spec, data, True
+    headers_only = spec.verify
+    indexed = replace(spec, verify=False) if headers_only else spec
+    index, task, records, targets, task_warnings = _index_task(
+        indexed, progress=progress, classes=classes if spec.image_folder else None)
+    if spec.image_folder:
+        folders = sorted({r.label for r in index.records})
+        others = [c for c in folders if c not in classes]
+        if others and headers_only:
+            paths = [r.path for r in index.records if r.label in others]
+            if len(undecodable_images(paths, progress=progress)) == len(paths):
+                folders = [c for c in folders if c in classes]  # none decodes: as in training
+        _check_classes(folders, classes)
+    else:
+        _check_classes(task.classes, classes)
+    data = PreparedData(index, task, records, targets, patient_groups(records), splits=[],
+                        warnings=[*index.warnings, *task_warnings])
     return spec, data, not headers_only
+
+
+def _checkpoint_issues(state: dict[str, Any], data: PreparedData, decoded: bool) -> dict[str, Any]:
+    """What a saved run's report says indexing left out and warned about: the issues
+    recorded at training time (those of the data the run was trained on), else those of
+    the data indexed now; a headers-only index (``decoded`` false) did not look for
+    images that do not decode or byte-identical copies, and a warning says so."""
+    recorded = (state.get("extra") or {}).get("data_issues")
+    if recorded is not None:
+        return dict(recorded)
+    issues = data.issues()
+    if not decoded:
+        issues["warnings"].append(
+            "the checkpoint records no data issues (written by an older breakhis), so these "
+            "are of the data indexed now, from the image headers only: files that do not "
+            "decode and byte-identical copies were not looked for")
+    return issues
+
+
+def _check_classes(found: Sequence[str], recorded: list[str]) -> None:
+    if list(found) != recorded:
+        raise ValueError(f"checkpoint classes {recorded} differ from the task's {list(found)}")
 
 
 def _moved(spec: DataSpec, data_root: str) -> DataSpec:

@@ -41,7 +41,7 @@ from sklearn.model_selection import (
 )
 
 from ._files import count, plural
-from .data import DataIndex, ImageRecord
+from .data import DataIndex, ImageRecord, _listed_path
 
 __all__ = [
     "PROTOCOLS",
@@ -158,15 +158,24 @@ def check_patient_disjoint(
         )
 
 
-def image_kfold(targets: np.ndarray, *, n_splits: int = 5, seed: int = 0) -> list[Split]:
+def image_kfold(
+    targets: np.ndarray, *, n_splits: int = 5, seed: int = 0,
+    classes: Sequence[str] | None = None,
+) -> list[Split]:
     """The paper's protocol: stratified k-fold over images.
 
     Args:
         targets: integer class of every record.
         n_splits: number of folds.
         seed: shuffling seed.
+        classes: the classes' names, for messages (default: their numbers).
+
+    Raises:
+        ValueError: when no class has ``n_splits`` images (a class with fewer is left
+            out of some test folds, with scikit-learn's warning).
     """
     targets = np.asarray(targets)
+    _check_class_sizes(targets, n_splits, "image-level", classes)
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return [
         Split(i, np.sort(tr), np.sort(te), "image", patient_disjoint=False)
@@ -180,6 +189,7 @@ def patient_kfold(
     *,
     n_splits: int = 5,
     seed: int = 0,
+    classes: Sequence[str] | None = None,
 ) -> list[Split]:
     """Stratified group k-fold over patients; disjointness is checked on every fold.
 
@@ -188,24 +198,89 @@ def patient_kfold(
         groups: patient id of every record.
         n_splits: number of folds (at most the number of patients).
         seed: shuffling seed.
+        classes: the classes' names, for messages (default: their numbers).
 
     Raises:
-        ValueError: when there are fewer patients than folds.
+        ValueError: when there are fewer patients than folds, or no class has
+            ``n_splits`` images.
     """
     targets = np.asarray(targets)
     groups = np.asarray(groups)
     n_groups = len(set(groups.tolist()))
     if n_groups < n_splits:
+        fewer = [_at_most(n_groups)] if n_groups >= 2 else []
+        if (np.unique(targets, return_counts=True)[1] >= n_splits).any():
+            fewer.append("--protocol image (image-level folds, optimistic: a patient's "
+                         "images land in train and test)")
         raise ValueError(
             f"patient-level {n_splits}-fold needs at least {n_splits} patients, but the "
-            f"task has {n_groups}"
+            f"task has {n_groups}" + (f"; pass {', or '.join(fewer)}" if fewer else "")
         )
+    _check_class_sizes(targets, n_splits, "patient-level", classes)
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    drawn = list(folds.split(np.zeros(len(targets)), targets, groups))
+    if any(len(te) == 0 for _, te in drawn):
+        drawn = _one_patient_each(groups, n_splits, seed, n_groups)
     out = []
-    for i, (tr, te) in enumerate(folds.split(np.zeros(len(targets)), targets, groups)):
+    for i, (tr, te) in enumerate(drawn):
         check_patient_disjoint(tr, te, groups)
         out.append(Split(i, np.sort(tr), np.sort(te), "patient", patient_disjoint=True))
     return out
+
+
+def _one_patient_each(
+    groups: np.ndarray, n_splits: int, seed: int, n_groups: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Folds of one patient each, in an order drawn from ``seed``: what k-fold over k
+    patients must give, where scikit-learn's StratifiedGroupKFold (balancing classes
+    greedily) can put two patients in one fold and leave another fold's test set empty.
+
+    Raises:
+        ValueError: with more patients than folds (where it has not been seen to happen).
+    """
+    if n_groups != n_splits:
+        raise ValueError(
+            f"patient-level {n_splits}-fold over {n_groups} patients drew a fold without test "
+            "images; pass another --split-seed or fewer --n-splits")
+    patients = np.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    everything = np.arange(len(groups))
+    return [(everything[groups != patients[k]], everything[groups == patients[k]]) for k in order]
+
+
+def _check_class_sizes(
+    targets: np.ndarray, n_splits: int, level: str, names: Sequence[str] | None = None,
+) -> None:
+    """Refuse what scikit-learn's stratified k-folds refuse: no class with ``n_splits``
+    images (a smaller class only makes it warn), said with the images of each class
+    (named by ``names``, else numbered).
+
+    Examples:
+        >>> _check_class_sizes(np.array([0, 0, 0, 1, 1]), 5, "image-level")
+        ... # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        ValueError: image-level 5-fold needs a class with at least 5 images, but class 0
+        has 3 images and class 1 has 2; pass --n-splits 3 or fewer
+    """
+    classes, sizes = np.unique(targets, return_counts=True)
+    if (sizes >= n_splits).any() or n_splits < 2:  # n_splits < 2: scikit-learn says why
+        return
+    listed = [f"class {c if names is None else repr(names[c])} has "
+              f"{count(int(n), 'image') if i == 0 else int(n)}"
+              for i, (c, n) in enumerate(zip(classes.tolist(), sizes))]
+    what = (", ".join(listed[:-1]) + " and " + listed[-1] if len(listed) > 1
+            else listed[0] if listed else "there are no images")
+    largest = int(sizes.max(initial=0))
+    todo = (f"pass {_at_most(largest)}" if largest >= 2
+            else "k-fold needs a class with at least 2 images")
+    raise ValueError(f"{level} {n_splits}-fold needs a class with at least "
+                     f"{count(n_splits, 'image')}, but {what}; {todo}")
+
+
+def _at_most(n_splits: int) -> str:
+    """``--n-splits`` up to ``n_splits`` (>= 2), in words."""
+    return f"--n-splits {n_splits}" + (" or fewer" if n_splits > 2 else "")
 
 
 @dataclass(frozen=True)
@@ -242,7 +317,7 @@ def _read_fold_entries(path: Path) -> dict[int, list[_FoldEntry]]:
                         f"expected {_CSV_FORMAT} in {str(path)!r}, but line {line} has "
                         f"{[v for v in row.values() if v]}")
                 table[_fold_number(fold, line, path, _CSV_FORMAT)].append(
-                    _FoldEntry(_listed(name), _group(grp, line, path), line))
+                    _FoldEntry(_listed_path(name), _group(grp, line, path), line))
         return _one_side_each(table, path)
     for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not text.strip():
@@ -253,7 +328,7 @@ def _read_fold_entries(path: Path) -> dict[int, list[_FoldEntry]]:
                 f"expected {_DSFOLD_FORMAT} on line {line} of {str(path)!r}, but got {text!r}"
             )
         table[_fold_number(parts[2], line, path, _DSFOLD_FORMAT)].append(
-            _FoldEntry(_listed(parts[0]), _group(parts[3], line, path), line))
+            _FoldEntry(_listed_path(parts[0]), _group(parts[3], line, path), line))
     return _one_side_each(table, path)
 
 
@@ -269,11 +344,6 @@ def _one_side_each(table: dict[int, list[_FoldEntry]], path: Path) -> dict[int, 
                     f"{entry.name!r} is listed as {first.grp} on line {first.line} and as "
                     f"{entry.grp} on line {entry.line}")
     return dict(table)
-
-
-def _listed(name: str) -> str:
-    """A table's file name as a POSIX path (Windows separators and ``./`` normalised)."""
-    return PurePosixPath(name.strip().replace("\\", "/")).as_posix()
 
 
 def _fold_number(value: str, line: int, path: Path, expected: str) -> int:
@@ -455,6 +525,7 @@ def make_splits(
     n_splits: int = 5,
     seed: int = 0,
     fold_tables: Sequence[str | os.PathLike[str]] = (),
+    classes: Sequence[str] | None = None,
 ) -> list[Split]:
     """Splits of ``records`` under ``protocol``.
 
@@ -465,6 +536,7 @@ def make_splits(
         n_splits: folds for the k-fold protocols.
         seed: shuffling seed.
         fold_tables: fold files for ``"official"``.
+        classes: the classes' names, for messages (default: their numbers).
 
     Raises:
         ValueError: for an unknown protocol, impossible settings, or (``"patient"``) a
@@ -475,10 +547,11 @@ def make_splits(
     if len(records) != len(targets):
         raise ValueError(f"got {len(records)} records but {len(targets)} targets")
     if protocol == "image":
-        return image_kfold(targets, n_splits=n_splits, seed=seed)
+        return image_kfold(targets, n_splits=n_splits, seed=seed, classes=classes)
     if protocol == "patient":
         require_patients(records, protocol)
-        return patient_kfold(targets, patient_groups(records), n_splits=n_splits, seed=seed)
+        return patient_kfold(targets, patient_groups(records), n_splits=n_splits, seed=seed,
+                             classes=classes)
     return official_folds(records, fold_tables)
 
 

@@ -544,6 +544,12 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _ABSENT = object()
 
 
+def _ignored(key: str, ignore: Sequence[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``ignore`` or lies under one (``"data_issues"``
+    covers ``"data_issues.skipped"``)."""
+    return any(key == name or key.startswith(f"{name}.") for name in ignore)
+
+
 def _difference(key: str, old: Any, new: Any) -> str:
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and (
             len(old) > 3 or len(new) > 3):
@@ -578,7 +584,8 @@ def resume_differences(
         config: the settings of the run that wants to continue it.
         classes: that run's class names.
         extra: that run's ``extra`` (as given to :func:`fit`).
-        ignore: dotted ``extra`` keys that may differ (e.g. ``"data.data_root"``).
+        ignore: dotted ``extra`` keys that may differ (e.g. ``"data.data_root"``), with
+            the keys under them.
 
     Returns:
         One line per difference, ``"checkpoint has KEY=OLD, this run NEW"``; empty when
@@ -599,7 +606,7 @@ def resume_differences(
         old, new = _flatten(state.get("extra") or {}), _flatten(extra)
         # settings first, file lists (long) last
         for key in sorted(set(old) | set(new), key=lambda k: (k.startswith("files."), k)):
-            if key not in ignore and old.get(key, _ABSENT) != new.get(key, _ABSENT):
+            if not _ignored(key, ignore) and old.get(key, _ABSENT) != new.get(key, _ABSENT):
                 out.append(_difference(key, old.get(key, _ABSENT), new.get(key, _ABSENT)))
     return out
 

@@ -96,6 +96,10 @@ class TestSettingNames:
         (["train", *TINY, "--split-seed", "-1"],
          "--split-seed must be an integer in [0, 2**32 - 1]"),
         (["cv", *TINY, "--val-fraction", "1"], "--val-fraction must be a number in [0, 1)"),
+        (["train", *TINY, "--n-splits", "1"], "--n-splits must be an integer >= 2 (folds of "
+         "protocols 'image' and 'patient'), but got 1"),
+        (["cv", *TINY, "--protocol", "image", "--n-splits", "-3"],
+         "--n-splits must be an integer >= 2"),
     ])
     def test_train_and_cv_name_their_options_before_indexing(
         self, argv: list[str], message: str, tmp_path: Path, indexed: list[int],

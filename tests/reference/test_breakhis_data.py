@@ -521,6 +521,30 @@ class TestImageFolder:
             index_image_folder(tmp_path, patients_csv=csv_path)
         assert str(csv_path) in str(info.value)
 
+    def test_csv_paths_are_normalised_as_in_fold_tables(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``./benign/x.png`` matched no image: every image was left without a patient."""
+        for fill, name in enumerate(("benign/x.png", "benign/y.png", "malignant/z.png",
+                                     "malignant/w.png")):
+            _png(tmp_path / "data" / name, fill=fill)
+        csv_path = tmp_path / "p.csv"
+        csv_path.write_text("path,patient\n./benign/x.png,p1\nbenign//y.png,p2\n"
+                            ".\\malignant\\z.png,p3\n./w.png,p4\nbenign/x.png,p1\n")
+        index = index_image_folder(tmp_path / "data", patients_csv=csv_path)
+        assert {r.path.name: r.patient for r in index.records} == {
+            "x.png": "p1", "y.png": "p2", "z.png": "p3", "w.png": "p4"}
+        assert not index.warnings
+        assert main(["index", "--data-root", str(tmp_path / "data"), "--image-folder",
+                     "--patients-csv", str(csv_path), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert (out["patients"], out["images_without_patient"]) == (4, 0)
+        # rows that name one image in two spellings are one path given two patients
+        csv_path.write_text("path,patient\nbenign/x.png,p1\n./benign//x.png,p9\n")
+        with pytest.raises(ValueError, match=r"'benign/x.png' is given patient 'p1' on line 2 "
+                           r"and 'p9' on line 3"):
+            index_image_folder(tmp_path / "data", patients_csv=csv_path)
+
     def test_bare_name_shared_by_images_is_refused(self, tmp_path: Path) -> None:
         """File names restarted per class: one bare-name row would merge patients."""
         for name in ("benign/001.png", "malignant/001.png", "malignant/002.png"):

@@ -81,6 +81,16 @@ class TestDataSpec:
             DataSpec("data", val_fraction=fraction)
         assert DataSpec("data", val_fraction=0).val_fraction == 0
 
+    @pytest.mark.parametrize("n_splits", [1, 0, -3, 2.5, True, "5"])
+    def test_n_splits_below_2_or_not_an_integer_is_an_error(self, n_splits: object) -> None:
+        # was accepted, and refused by scikit-learn only once the data were indexed
+        with pytest.raises(SettingError) as info:
+            DataSpec("data", n_splits=n_splits)
+        assert str(info.value) == ("n_splits must be an integer >= 2 (folds of protocols "
+                                   f"'image' and 'patient'), but got {n_splits!r}")
+        assert info.value.setting == "n_splits"
+        assert DataSpec("data", n_splits=2).n_splits == 2
+
     def test_cli_val_fraction_is_checked(self, synth_tree, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
         root, _ = synth_tree
@@ -1058,3 +1068,112 @@ class TestCountedMessages:
         issues = {"skipped": skipped, "skipped_by_reason": {"not an image": skipped},
                   "skipped_examples": {"not an image": ["x.txt"]}, "warnings": []}
         assert experiments_module._issue_lines(issues, Path("/d"))[0] == line
+
+
+class TestSavedRunsAsTrained:
+    """evaluate and figures indexed a saved run's data again from the image headers only
+    and drew its fold again: the report's data_issues lost what only decoding finds
+    (unreadable images, byte-identical copies), and a run failed to evaluate when drawing
+    the fold needed what the recorded file lists do not (a patient for a file that does
+    not decode, the fold tables), or when a class folder held only undecodable files."""
+
+    @staticmethod
+    def _broken_copy(root: Path) -> Path:
+        """A truncated copy of a 40X image under a new BreaKHis name, and a
+        byte-identical copy of another: what only decoding and hashing find."""
+        first, second = sorted(root.rglob("*-40-*.png"))[:2]
+        broken = first.with_name(re.sub(r"-\d+\.png$", "-901.png", first.name))
+        broken.write_bytes(first.read_bytes()[:300])
+        shutil.copyfile(second, second.with_name(re.sub(r"-\d+\.png$", "-902.png", second.name)))
+        return broken
+
+    def test_report_keeps_the_data_issues_of_training(self, tree_copy: Path,
+                                                      tmp_path: Path) -> None:
+        self._broken_copy(tree_copy)
+        run = tmp_path / "run"
+        trained = run_fold(_spec(tree_copy), _config(), 0, run, progress=False)["data_issues"]
+        assert trained["skipped_by_reason"].get("unreadable image", 0) >= 1
+        assert any("byte-identical" in w for w in trained["warnings"])
+        assert load_checkpoint(run / "checkpoint.pt")["extra"]["data_issues"] == trained
+        report = evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev",
+                                     device="cpu", progress=False)
+        assert report["data_issues"] == trained
+        saved = json.loads((tmp_path / "ev" / "test_metrics.json").read_text())
+        assert saved["data_issues"] == trained
+        # a run resumes when the files beside its images changed (the issues differ)
+        (tree_copy / "stray.txt").write_text("not an image")
+        again = run_fold(_spec(tree_copy), _config(epochs=2), 0, run, resume=True,
+                         progress=False)
+        assert again["epochs_trained"] == 2 and again["data_issues"] != trained
+
+    def test_older_checkpoint_reports_the_headers_only_index_and_says_so(
+        self, tree_copy: Path, tmp_path: Path
+    ) -> None:
+        self._broken_copy(tree_copy)
+        run = tmp_path / "run"
+        run_fold(_spec(tree_copy), _config(), 0, run, progress=False)
+        state = load_checkpoint(run / "checkpoint.pt")
+        del state["extra"]["data_issues"]
+        save_checkpoint(state, run / "checkpoint.pt")
+        report = evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev",
+                                     device="cpu", progress=False)
+        assert "unreadable image" not in report["data_issues"]["skipped_by_reason"]
+        assert any("records no data issues" in w and "were not looked for" in w
+                   for w in report["data_issues"]["warnings"])
+        # and it resumes (the key is new, not a difference)
+        assert run_fold(_spec(tree_copy), _config(epochs=2), 0, run, resume=True,
+                        progress=False)["epochs_trained"] == 2
+
+    def test_patient_protocol_with_a_broken_file_without_patient(self, tmp_path: Path) -> None:
+        data = tmp_path / "data"
+        rows = ["path,patient"]
+        for cls in ("normal", "tumour"):
+            for i in range(6):
+                _png(data / cls / f"img{i}.png")
+                rows.append(f"{cls}/img{i}.png,{cls}{i // 2}")
+        (data / "patients.csv").write_text("\n".join(rows) + "\n")
+        (data / "normal" / "broken.png").write_bytes((data / "normal" / "img0.png").read_bytes()[:60])
+        spec = DataSpec(str(data), image_folder=True, patients_csv=str(data / "patients.csv"),
+                        n_splits=2, val_fraction=0)
+        run = tmp_path / "run"
+        trained = run_fold(spec, _config(), 0, run, progress=False)
+        report = evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev",
+                                     device="cpu", progress=False)
+        assert report["metrics"] == trained["metrics"]
+        with pytest.warns(UserWarning, match="1 image under .* could not be decoded"):
+            records, _, _ = checkpoint_records(run / "checkpoint.pt", split="all")
+        assert len(records) == 12
+
+    def test_folder_of_undecodable_files_is_no_class(self, tmp_path: Path) -> None:
+        data = tmp_path / "data"
+        for cls in ("normal", "tumour"):
+            for i in range(4):
+                _png(data / cls / f"img{i}.png")
+        (data / "other").mkdir()
+        (data / "other" / "bad.png").write_bytes((data / "normal" / "img0.png").read_bytes()[:60])
+        spec = DataSpec(str(data), image_folder=True, protocol="image", n_splits=2,
+                        val_fraction=0)
+        run = tmp_path / "run"
+        trained = run_fold(spec, _config(), 0, run, progress=False)
+        assert trained["task"]["classes"] == ["normal", "tumour"]
+        report = evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev",
+                                     device="cpu", progress=False)
+        assert report["metrics"] == trained["metrics"]
+        _png(data / "other" / "good.png")  # now the folder is a class the run never had
+        with pytest.raises(ValueError, match=r"checkpoint classes \['normal', 'tumour'\] "
+                           r"differ from the task's \['normal', 'other', 'tumour'\]"):
+            evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev2", device="cpu",
+                                progress=False)
+
+    def test_official_run_moved_without_its_fold_tables(self, tree_copy: Path,
+                                                        tmp_path: Path) -> None:
+        run = tmp_path / "run"
+        trained = run_fold(_spec(tree_copy, protocol="official"), _config(), 1, run,
+                           progress=False)
+        moved = Path(shutil.copytree(tree_copy, tmp_path / "moved"))
+        for table in moved.glob("dsfold*.txt"):
+            table.unlink()
+        report = evaluate_checkpoint(run / "checkpoint.pt", data_root=str(moved),
+                                     out_dir=tmp_path / "ev", device="cpu", progress=False)
+        assert report["metrics"] == trained["metrics"]
+        assert report["protocol"] == trained["protocol"]

@@ -164,6 +164,43 @@ class TestProtocols:
             assert not set(groups[s.train]) & set(groups[s.test])
             assert len(s.train) + len(s.test) == len(groups)
 
+    def test_too_few_images_per_class_for_the_folds(self) -> None:
+        """scikit-learn's "n_splits=5 cannot be greater than the number of members in each
+        class" named neither the classes nor what to do."""
+        y = np.array([0, 0, 0, 1, 1])
+        with pytest.raises(ValueError, match=r"^image-level 5-fold needs a class with at "
+                           r"least 5 images, but class 0 has 3 images and class 1 has 2; "
+                           r"pass --n-splits 3 or fewer$"):
+            image_kfold(y, n_splits=5)
+        with pytest.raises(ValueError, match=r"but class 'benign' has 3 images and class "
+                           r"'malignant' has 2; "):  # as make_splits names them
+            image_kfold(y, n_splits=5, classes=("benign", "malignant"))
+        with pytest.raises(ValueError, match=r"class 0 has 1 image and class 1 has 1; "
+                           r"k-fold needs a class with at least 2 images$"):
+            image_kfold(np.array([0, 1]), n_splits=2)
+        groups = np.array([f"p{i}" for i in range(9)])
+        with pytest.raises(ValueError, match=r"^patient-level 5-fold needs a class with at "
+                           r"least 5 images, but class 0 has 3 images, class 1 has 3 and "
+                           r"class 2 has 3; pass --n-splits 3 or fewer$"):
+            patient_kfold(np.arange(9) % 3, groups, n_splits=5)
+        assert len(image_kfold(np.append(y, 1), n_splits=3)) == 3
+
+    def test_a_class_smaller_than_the_folds_still_warns_only(self) -> None:
+        y = np.array([0] * 10 + [1] * 2)
+        with pytest.warns(UserWarning, match="least populated class in y has only 2"):
+            splits = image_kfold(y, n_splits=5)
+        assert sorted(np.concatenate([s.test for s in splits]).tolist()) == list(range(12))
+        with pytest.warns(UserWarning, match="least populated class in y has only 2"):
+            assert len(patient_kfold(y, np.arange(12).astype(str), n_splits=5)) == 5
+
+    def test_too_few_patients_says_what_to_do(self) -> None:
+        targets = np.tile([0, 1], 5)
+        with pytest.raises(ValueError, match=r"needs at least 5 patients, but the task has 2; "
+                           r"pass --n-splits 2, or --protocol image \(image-level folds"):
+            patient_kfold(targets, np.repeat(["a", "b"], 5), n_splits=5)
+        with pytest.raises(ValueError, match=r"the task has 4; pass --n-splits 4 or fewer$"):
+            patient_kfold(targets[:4], np.array(["a", "b", "c", "d"]), n_splits=5)
+
     def test_check_patient_disjoint_raises(self) -> None:
         groups = np.array(["a", "a", "b", "c"])
         with pytest.raises(ValueError, match=r"but 1 patient is in both, e.g. \['a'\]"):
@@ -504,3 +541,18 @@ class TestValidationSplit:
         assert val.tolist() == [0, 1] and fit.tolist() == [2, 3, 4]
         with pytest.raises(ValueError, match="needs at least 2 patients"):
             validation_split(np.arange(2), targets, groups, fraction=0.5, by_patient=True)
+
+
+def test_as_many_patients_as_folds_gives_one_patient_per_fold() -> None:
+    """scikit-learn's StratifiedGroupKFold put two of 4 patients into one fold here and
+    left a fold without test images (3 of 2,820 small random data sets did so); with as
+    many patients as folds each fold tests one patient."""
+    sizes, classes = [26, 13, 11, 16], [0, 0, 2, 2]
+    groups = np.repeat([f"p{i}" for i in range(4)], sizes)
+    targets = np.repeat(classes, sizes)
+    splits = patient_kfold(targets, groups, n_splits=4, seed=0)
+    tested = [sorted(set(groups[s.test])) for s in splits]
+    assert sorted(t for one in tested for t in one) == ["p0", "p1", "p2", "p3"]
+    assert all(len(one) == 1 for one in tested)
+    for s in splits:
+        assert sorted(np.concatenate([s.train, s.test]).tolist()) == list(range(len(groups)))
