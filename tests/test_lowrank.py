@@ -147,6 +147,15 @@ class TestLowRankBilinearPool:
         torch.testing.assert_close(out, pool(x))
         assert pool(x.bfloat16()).dtype == torch.float32
 
+    def test_float64_layer_on_float32_maps_is_computed_in_float64(self) -> None:
+        """The weights were cut down to the maps' float32 (nn.Linear refuses the pair;
+        the pools promote, as torch's type promotion would, and lose nothing)."""
+        pool = LowRankBilinearPool(in_channels=6, rank=4, out_features=3, dtype=torch.float64)
+        x = features(2, 6, 3, 3)
+        out = pool(x)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, pool(x.double()), rtol=0, atol=0)
+
     @pytest.mark.parametrize("shared", [False, True])
     def test_onnx(self, shared: bool) -> None:
         pool = LowRankBilinearPool(in_channels=6, rank=4, out_features=3, shared=shared, act_layer=nn.Tanh)

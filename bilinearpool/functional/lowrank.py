@@ -51,7 +51,8 @@ def low_rank_bilinear_pool(
 
     Computes :math:`z = \\frac1N \\sum_n \\sigma(U^\\top x_n) \\circ \\sigma(V^\\top y_n)`, then
     :math:`P z + b` when ``out_weight`` is given. Computed in float32 for
-    float16/bfloat16 inputs and under autocast, returned in float32.
+    float16/bfloat16 inputs and under autocast, returned in float32; in float64 where an
+    input or a weight is float64.
 
     Args:
         x: first feature map.
@@ -102,7 +103,9 @@ def low_rank_bilinear_pool(
             raise ValueError(f"out_bias must have shape ({out_weight.shape[0]},), but got {tuple(out_bias.shape)}")
     elif out_bias is not None:
         raise ValueError("out_bias needs out_weight; got out_bias without out_weight")
-    dtype = compute_dtype(a, b)
+    # float64 where any input or weight is (a float64 layer on float32 maps is not cut
+    # down to float32: the maps are promoted, as torch's type promotion would)
+    dtype = compute_dtype(a, b, weight_a, weight_b, out_weight, out_bias)
     act = activation if activation is not None else (lambda t: t)
     with no_autocast(a.device.type):
         xa = a.transpose(1, 2).to(dtype)
