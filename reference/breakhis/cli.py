@@ -222,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="class probabilities for new images (CSV)",
                        description="Write a CSV with one row per image: path, patient and "
-                       "magnification (from BreaKHis names), true label (empty for new "
-                       "images), predicted class and the probability of every class.")
+                       "magnification (from BreaKHis names), true label (always empty: "
+                       "predict does not read labels, not even from BreaKHis names; "
+                       "evaluate scores a run's test images), predicted class and the "
+                       "probability of every class.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s)")
