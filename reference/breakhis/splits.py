@@ -41,7 +41,7 @@ from sklearn.model_selection import (
 )
 
 from ._files import count, plural
-from .data import DataIndex, ImageRecord, _listed_path
+from .data import DataIndex, ImageRecord, _listed_path, parse_breakhis_name
 
 __all__ = [
     "PROTOCOLS",
@@ -285,11 +285,13 @@ def _at_most(n_splits: int) -> str:
 
 @dataclass(frozen=True)
 class _FoldEntry:
-    """One line of a fold table: the image as listed, its side, where it was read."""
+    """One line of a fold table: the image as listed, its side, where it was read, and
+    its ``mag`` column as written (``""`` when the table has none)."""
 
     name: str
     grp: str
     line: int
+    mag: str = ""
 
 
 _CSV_FORMAT = "a header 'fold,mag,grp,filename' and one image per row"
@@ -312,12 +314,13 @@ def _read_fold_entries(path: Path) -> dict[int, list[_FoldEntry]]:
             for row in reader:
                 line = reader.line_num
                 fold, grp, name = (row.get(columns[c]) for c in need)
+                mag = row.get(columns["mag"]) if "mag" in columns else None
                 if fold is None or grp is None or name is None or not name.strip():
                     raise ValueError(
                         f"expected {_CSV_FORMAT} in {str(path)!r}, but line {line} has "
                         f"{[v for v in row.values() if v]}")
                 table[_fold_number(fold, line, path, _CSV_FORMAT)].append(
-                    _FoldEntry(_listed_path(name), _group(grp, line, path), line))
+                    _FoldEntry(_listed_path(name), _group(grp, line, path), line, mag or ""))
         return _one_side_each(table, path)
     for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not text.strip():
@@ -328,7 +331,7 @@ def _read_fold_entries(path: Path) -> dict[int, list[_FoldEntry]]:
                 f"expected {_DSFOLD_FORMAT} on line {line} of {str(path)!r}, but got {text!r}"
             )
         table[_fold_number(parts[2], line, path, _DSFOLD_FORMAT)].append(
-            _FoldEntry(_listed_path(parts[0]), _group(parts[3], line, path), line))
+            _FoldEntry(_listed_path(parts[0]), _group(parts[3], line, path), line, parts[1]))
     return _one_side_each(table, path)
 
 
@@ -427,10 +430,15 @@ def official_folds(
     also matched by its name alone when the table's path comes from a copy laid out
     differently.
 
-    Records not listed in a fold are left out of it (and counted in its notes).
-    Patient-disjointness is checked and recorded, not enforced; a fold with an image of
-    unknown patient is recorded as not patient-disjoint (it cannot be checked). Each
-    split's ``fold`` is the table's own fold number (the ``fold`` column).
+    Records not listed in a fold are left out of it, and the fold's lines that match no
+    record (an image deleted, renamed, or left out by the index as unreadable) are
+    dropped: both are counted in its notes (the lines per side, with examples). Only the
+    task's lines count: when the records are of one magnification (``MSBC``, ``MSFC``),
+    lines of another (by the BreaKHis file name, else the ``mag`` column) are other
+    tasks' and are not noted. Patient-disjointness is checked and recorded, not
+    enforced; a fold with an image of unknown patient is recorded as not
+    patient-disjoint (it cannot be checked). Each split's ``fold`` is the table's own
+    fold number (the ``fold`` column).
 
     Args:
         records: the task's records.
@@ -458,9 +466,13 @@ def official_folds(
         by_name[record.path.name].append(i)
     groups = patient_groups(records)
     unknown = np.asarray([r.patient is None for r in records], dtype=bool)
+    magnifications = {r.magnification for r in records}
+    # one magnification among the records: a magnification-specific task, whose table
+    # lines of other magnifications are other tasks' (None: an image folder, or all)
+    task_mag = next(iter(magnifications)) if len(magnifications) == 1 else None
     out = []
     for fold in sorted(merged):
-        side = _sides(records, by_name, merged[fold], fold, source[fold])
+        side, unmatched = _sides(records, by_name, merged[fold], fold, source[fold])
         train, test = np.flatnonzero(side == "train"), np.flatnonzero(side == "test")
         for name, idx in (("training", train), ("test", test)):
             if len(idx) == 0:
@@ -471,6 +483,10 @@ def official_folds(
         missing = len(records) - len(train) - len(test)
         if missing:
             notes.append(f"{count(missing, 'image')} not listed in fold {fold}; left out")
+        absent = [e for e in unmatched
+                  if task_mag is None or _line_magnification(e) in (task_mag, None)]
+        if absent:
+            notes.append(_absent_note(absent, fold))
         shared = _shared_groups(train, test, groups)
         if shared:
             notes.append(f"{count(len(shared), 'patient')} in train and test, e.g. "
@@ -490,10 +506,12 @@ def _sides(
     entries: Sequence[_FoldEntry],
     fold: int,
     table: str,
-) -> np.ndarray:
-    """``"train"``, ``"test"`` or ``""`` (not listed) for every record, from one fold's lines."""
+) -> tuple[np.ndarray, list[_FoldEntry]]:
+    """``"train"``, ``"test"`` or ``""`` (not listed) for every record, from one fold's
+    lines, and the lines that match no record."""
     side = np.full(len(records), "", dtype=object)
     line_of: dict[int, int] = {}
+    unmatched = []
     for entry in entries:
         parts = PurePosixPath(entry.name).parts
         named = by_name.get(parts[-1], [])
@@ -507,6 +525,8 @@ def _sides(
                 f"expected line {entry.line} of {table!r} to name one image, but "
                 f"{entry.name!r} matches {len(hits)}, e.g. {paths}; list the path relative "
                 "to the data root (e.g. '<class>/<file>') where file names repeat")
+        if not hits:
+            unmatched.append(entry)
         for i in hits:
             if side[i] and side[i] != entry.grp:
                 raise ValueError(
@@ -514,7 +534,36 @@ def _sides(
                     f"{str(records[i].path)!r} is listed as {side[i]} on line {line_of[i]} "
                     f"and as {entry.grp} on line {entry.line}")
             side[i], line_of[i] = entry.grp, entry.line
-    return side.astype(str)
+    return side.astype(str), unmatched
+
+
+def _line_magnification(entry: _FoldEntry) -> int | None:
+    """The magnification of a table line's image: from its BreaKHis file name, else
+    from the table's ``mag`` column (``100`` or ``100X``); ``None`` when neither says."""
+    try:
+        return parse_breakhis_name(PurePosixPath(entry.name).name).magnification
+    except ValueError:
+        pass
+    mag = entry.mag.strip().upper().removesuffix("X")
+    return int(mag) if mag.isdigit() else None
+
+
+def _absent_note(entries: Sequence[_FoldEntry], fold: int) -> str:
+    """The note on a fold's lines that name no image of the data, with the images
+    counted per side (a name listed twice once) and the first few named as listed.
+
+    Examples:
+        >>> _absent_note([_FoldEntry("a.png", "test", 1), _FoldEntry("b.png", "train", 2),
+        ...               _FoldEntry("c.png", "test", 3)], 1)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        "1 training image and 2 test images listed in fold 1 are not in the data (missing,
+        or left out by the index), e.g. ['a.png', 'b.png', 'c.png']"
+    """
+    names = list(dict.fromkeys(e.name for e in entries))
+    sides = [count(n, f"{what} image") for grp, what in (("train", "training"), ("test", "test"))
+             if (n := len({e.name for e in entries if e.grp == grp}))]
+    return (f"{' and '.join(sides)} listed in fold {fold} {plural(len(names), 'is', 'are')} "
+            f"not in the data (missing, or left out by the index), e.g. {names[:3]}")
 
 
 def make_splits(

@@ -1014,6 +1014,44 @@ class TestSplitNotes:
         assert f"fold 1 (official protocol): {note}" in caplog.text
         assert f"  - {note}\n" in (tmp_path / "ev" / "test_metrics.md").read_text()
 
+    def test_table_lines_without_an_image_are_logged(
+        self, tree_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Lines naming an image the index did not find (here deleted) were dropped
+        silently: the fold just had fewer test images. A 100X line is not the 40X task's.
+        Runs trained before the note existed are still reused."""
+        table = _fold_table(tree_copy, 1, tmp_path)
+        gone = next(line for line in table.read_text().splitlines()
+                    if line.endswith("|test")).split("|")[0]
+        next(tree_copy.rglob(gone)).unlink()
+        with table.open("a") as handle:
+            handle.write("SOB_B_A-14-22549AB-100-099.png|100|1|train\n")
+        cv = tmp_path / "cv"
+        spec = _official(tree_copy, table)
+        summary = run_cv(spec, _config(), cv, progress=False)
+        note = (f"1 test image listed in fold 1 is not in the data (missing, or left out by "
+                f"the index), e.g. ['{gone}']")
+        assert summary["folds"][0]["protocol"]["notes"] == [note]
+        assert summary["protocol"]["notes"] == [f"fold 1: {note}"]
+        assert summary["folds"][0]["protocol"]["patient_disjoint"] is True
+        assert f"WARNING fold 1 (official protocol): {note}\n" in (
+            cv / "fold1" / "train.log").read_text()
+        assert f"- split notes:\n  - {note}\n" in (cv / "fold1" / "test_metrics.md").read_text()
+        assert f"- `fold1`: {note}" in results_table([cv / "fold1"])
+        # a fold trained before this note existed: its checkpoint and report lack it
+        from breakhis.train import checkpoint_identity
+
+        ckpt = cv / "fold1" / "checkpoint.pt"
+        state = load_checkpoint(ckpt)
+        state["extra"]["protocol"]["notes"] = []
+        save_checkpoint(state, ckpt)
+        report = json.loads((cv / "fold1" / "test_metrics.json").read_text())
+        report["protocol"]["notes"], report["checkpoint"] = [], checkpoint_identity(state)
+        (cv / "fold1" / "test_metrics.json").write_text(json.dumps(report))
+        with caplog.at_level(logging.INFO, logger="breakhis.experiments"):
+            run_cv(spec, _config(), cv, resume=True, progress=False)
+        assert "fold 1: reusing" in caplog.text
+
 
 class TestSplitSeed:
     @pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True])

@@ -289,6 +289,48 @@ class TestProtocols:
         with pytest.raises(ValueError, match="expected grp 'train' or 'test'"):
             official_folds(records, [table])
 
+    def test_official_notes_lines_without_an_image(self, synth_tree, tmp_path: Path) -> None:
+        """Lines naming an image the index did not find (deleted, renamed, unreadable)
+        were dropped silently: the fold just had fewer images. A magnification-specific
+        task counts the lines of its magnification only (by name, else the mag column)."""
+        root, meta = synth_tree
+        data = Path(shutil.copytree(root, tmp_path / "data"))
+        table = data / "dsfold1.txt"
+        lines = table.read_text().splitlines()
+
+        def listed(mag: int, grp: str) -> list[str]:
+            return [line.split("|")[0] for line in lines if line.endswith(f"|{mag}|1|{grp}")]
+
+        paths = {r.path.name: r.path for r in index_breakhis(data).records}
+        (train40, *_), (test40, renamed, *_) = listed(40, "train"), listed(40, "test")
+        train100 = listed(100, "train")[0]
+        for name in (train40, test40, train100):
+            paths[name].unlink()
+        paths[renamed].rename(paths[renamed].with_name(renamed.replace("-40-", "-40-9")))
+        broken = next(Path(p).name for p in meta["irregular_files"] if p.endswith("-999.png"))
+        table.write_text("\n".join([*lines, f"{broken}|400|1|test", "scan 7.png|100X|1|train",
+                                    ""]))
+        index = index_breakhis(data)  # the truncated PNG is left out as unreadable
+        order = [line.split("|")[0] for line in table.read_text().splitlines()]
+
+        def notes(task: str, magnification: int | None = None) -> tuple[str, ...]:
+            records = get_task(task, magnification=magnification).select(index.records)
+            (split,) = official_folds(records, [table])
+            return split.notes
+
+        def absent(counts: str, names: set[str]) -> str:
+            return (f"{counts} listed in fold 1 are not in the data (missing, or left out by "
+                    f"the index), e.g. {sorted(names, key=order.index)[:3]}")
+
+        unlisted = "1 image not listed in fold 1; left out"  # the renamed one, both ways
+        assert notes("MSBC", 40) == (
+            unlisted, absent("1 training image and 2 test images", {train40, test40, renamed}))
+        assert notes("MIFC") == (unlisted, absent(
+            "3 training images and 3 test images",
+            {train40, test40, renamed, train100, broken, "scan 7.png"}))
+        assert notes("MSFC", 200) == ()
+        assert notes("MSBC", 100) == (absent("2 training images", {train100, "scan 7.png"}),)
+
     def test_official_fold_is_the_tables_own_number(self, tmp_path: Path) -> None:
         records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=n) for n in "abcd"]
         table = tmp_path / "dsfold3.txt"
@@ -438,7 +480,9 @@ class TestProtocols:
                          "1,,test,other/x.png\n")
         (split,) = official_folds(index.records, [table])
         assert _sides(index, split) == (["benign/y.png"], ["malignant/z.png"])
-        assert split.notes[0] == "1 image not listed in fold 1; left out"
+        assert split.notes[:2] == ("1 image not listed in fold 1; left out",
+                                   "1 test image listed in fold 1 is not in the data (missing, "
+                                   "or left out by the index), e.g. ['other/x.png']")
 
     def test_unknown_patients_are_not_one_shared_patient(self, tmp_path: Path) -> None:
         records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=p)
