@@ -78,12 +78,14 @@ _VARYING_SETTINGS: tuple[tuple[str, str], ...] = (
 #: ``model``.
 _PROTOCOL_SETTINGS: frozenset[str] = frozenset({"split_seed", "n_splits"})
 #: Columns of the CSV written by :func:`results_table` (metrics as fractions, not percent).
+#: ``run``: the run folder as given; ``name``: the run's name in the Markdown table and its
+#: notes (:func:`results_rows`: ``cvA/fold0`` and ``cvB/fold0``, a lone ``fold0``);
 #: ``patient_disjoint``: whether every fold's test images are patient-disjoint from its
 #: training images (empty: unknown, a report written before it was recorded);
 #: ``split_notes``: the notes of the folds' splits (left-out images, patients in train and
 #: test), ``" | "``-separated (the notes contain ``;``).
 RESULTS_COLUMNS: tuple[str, ...] = (
-    "run", "source", "task", "magnification", "protocol", "patient_disjoint", "backbone",
+    "run", "name", "source", "task", "magnification", "protocol", "patient_disjoint", "backbone",
     "head", "se_reduction", "input_size", "weights", "epochs", "epochs_trained", "lr",
     "oversample", *[key for key, _ in _VARYING_SETTINGS], "folds", "fold", "synthetic",
     "data_root", "stale_folds", "stale", "split_notes",
@@ -722,8 +724,12 @@ def make_figures(
     images, taking classes in turn so that every class shows when there are enough, and
     within a class patients in turn) and ``figures.json`` (paths, AUCs, perplexity used,
     the checkpoint, the epochs it trained, task, protocol and fold, and whether the data
-    are synthetic). A checkpoint that trained fewer epochs than its settings ask (a run
-    cut short) is drawn with a warning.
+    are synthetic). Every path in ``figures.json`` is absolute, the figures' as the
+    checkpoint's and the images' (relative to the working directory, they would mean
+    nothing to a reader elsewhere); the figures are always the files of
+    :data:`FIGURE_FILES` next to it, so a copied folder is read by those names. A
+    checkpoint that trained fewer epochs than its settings ask (a run cut short) is drawn
+    with a warning.
 
     ``out_dir`` then holds this run's figures only: the files of :data:`FIGURE_FILES`
     that an earlier run left there and this one does not write (``gradcam.png`` with
@@ -801,6 +807,7 @@ def make_figures(
     what = _describe(info)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    final = out.resolve()  # the folder figures.json names its files in
     # what a run killed while drawing left: never read, so removed
     leftovers = remove_stale_staging(out, _STAGING)
     if leftovers:
@@ -831,11 +838,12 @@ def make_figures(
             "epochs_trained": epochs_trained(state),
             "normalization": {"mean": list(mean), "std": list(std)},
             "accuracy": float(np.mean(probs.argmax(axis=1) == y)),
-            # paths where the files end up, not where they are drawn
-            "roc": {"path": str(out / roc["path"].name), "auc": roc["auc"],
+            # where the files end up, not where they are drawn; absolute, as the
+            # checkpoint (relative to the working directory, they meant nothing elsewhere)
+            "roc": {"path": str(final / roc["path"].name), "auc": roc["auc"],
                     "roc_auc": roc["roc_auc"], "skipped": roc["skipped"]},
-            "tsne": {"path": str(out / tsne["path"].name),
-                     "coords_path": str(out / tsne["coords_path"].name),
+            "tsne": {"path": str(final / tsne["path"].name),
+                     "coords_path": str(final / tsne["coords_path"].name),
                      "perplexity": tsne["perplexity"],
                      "perplexity_requested": float(perplexity),
                      "pca_components": tsne["pca_components"], "seed": seed,
@@ -852,8 +860,8 @@ def make_figures(
             path = plot_gradcam(chosen, heat, y[pick], pred, classes, work / "gradcam.png",
                                 title=f"Grad-CAM (predicted class): {what}")
             result["gradcam"] = {
-                "path": str(out / path.name), "layer": _gradcam_description(model),
-                "images": [str(getattr(r, "path", r)) for r in chosen],
+                "path": str(final / path.name), "layer": _gradcam_description(model),
+                "images": [os.path.abspath(getattr(r, "path", r)) for r in chosen],
                 "true": [classes[int(t)] for t in y[pick]],
                 "predicted": [classes[int(p)] for p in pred],
             }
@@ -961,9 +969,38 @@ def _stale_note(stale: Mapping[int, str]) -> str:
     return f"stale: {'; '.join(parts)}; rerun cv --resume"
 
 
+def _run_names(run_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The name of each run folder in the results table: the shortest trailing part of its
+    path (made absolute, symbolic links kept) that no other folder's path ends with, so
+    that ``fold0`` of two cross-validations can be told apart. A folder given twice has
+    one name.
+
+    Examples:
+        >>> _run_names(["/r/cvA/fold0", "/r/cvB/fold0", "/r/cvA", "/r/cvA/fold0"])
+        ['cvA/fold0', 'cvB/fold0', 'cvA', 'cvA/fold0']
+        >>> _run_names(["/r/x/b/fold0", "/r/b/fold0"])
+        ['x/b/fold0', 'r/b/fold0']
+    """
+    paths = [Path(os.path.abspath(folder)) for folder in run_dirs]
+    names = []
+    for path in paths:
+        others = {p.parts for p in paths if p != path}
+        parts = path.parts
+        k = 1
+        # stops at the whole path at the latest: the others differ and start at the root too
+        while k < len(parts) and any(o[-k:] == parts[-k:] for o in others):
+            k += 1
+        names.append(Path(*parts[-k:]).as_posix())
+    return names
+
+
 def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
     """One row per run folder, the data of :func:`results_table` (columns
     :data:`RESULTS_COLUMNS`; metrics as fractions).
+
+    ``run`` is the folder as given, ``name`` the run's name in the table: the shortest
+    trailing part of its path that no other folder's path ends with (``cvA/fold0`` and
+    ``cvB/fold0``, not ``fold0`` twice; a lone ``fold0`` stays ``fold0``).
 
     A folder with ``cv_metrics.json`` gives its mean and standard deviation over folds
     (``summary`` of :func:`breakhis.evaluate.summarize_folds`) and, per metric, the
@@ -984,7 +1021,7 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
     if not run_dirs:
         raise ValueError("expected at least one run folder, but got none")
     rows = []
-    for run_dir in run_dirs:
+    for run_dir, run_name in zip(run_dirs, _run_names(run_dirs)):
         folder, name, report = _load_run(run_dir)
         if "summary" in report:
             stats = report["summary"]
@@ -1001,7 +1038,7 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
         model = report.get("model") or {}
         disjoint, notes = split_integrity(report)
         row: dict[str, Any] = {
-            "run": str(folder), "source": name, "task": task.get("name"),
+            "run": str(folder), "name": run_name, "source": name, "task": task.get("name"),
             "magnification": task.get("magnification"), "protocol": protocol.get("protocol"),
             "patient_disjoint": disjoint,
             "backbone": model.get("backbone"), "head": model.get("head"),
@@ -1118,6 +1155,11 @@ def results_table(
     patient-disjoint)``, and the notes of every run's folds (that too, images a fold
     table left out) are listed under the table, naming the run and the fold.
 
+    Each run is named by the shortest trailing part of its path that no other folder's
+    path ends with, in the table and in the notes under it alike: ``cvA/fold0`` and
+    ``cvB/fold0`` (not ``fold0`` twice); a lone ``fold0`` stays ``fold0``. The ``Runs:``
+    line at the end lists the folders as given.
+
     A cv summary is stale when a fold changed since it was written; the row says which
     folds and how: ``retrained since the summary`` (the fold's ``test_metrics.json`` was
     made from another checkpoint than the summary records), ``retrained since the
@@ -1184,8 +1226,8 @@ def results_table(
         protocol = row["protocol"]
         if _leaks(row):
             protocol = f"{protocol} ({_NOT_DISJOINT})"
-        cells = [Path(row["run"]).name or row["run"], task, protocol, row["backbone"],
-                 head, row["input_size"], _training(row, varying), folds,
+        cells = [row["name"], task, protocol, row["backbone"], head, row["input_size"],
+                 _training(row, varying), folds,
                  *[_pct(row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"], row["folds"])
                    for key, _ in _TABLE_METRICS],
                  data]
@@ -1200,7 +1242,7 @@ def results_table(
                "results)" if any(_leaks(r) for r in noted) else "")
         lines += ["", f"Split notes{why}:", ""]
         for row in noted:
-            text = f"- `{Path(row['run']).name or row['run']}`"
+            text = f"- `{row['name']}`"
             if _leaks(row):
                 text += f" ({_NOT_DISJOINT})"
             if row["split_notes"]:

@@ -895,3 +895,78 @@ def test_numbers_equal_by_value_are_one_setting() -> None:
 
     rows = [{"momentum": 0, "dropout": 0.0}, {"momentum": 0.0, "dropout": 0.5}]
     assert _varying(rows) == [("dropout", "dropout")]
+
+
+class TestRunNames:
+    @staticmethod
+    def _fold_copy(runs, folder: Path, note: str) -> Path:
+        report = json.loads((runs["fine"] / "fold1" / "test_metrics.json").read_text())
+        report["protocol"] = {**report["protocol"], "patient_disjoint": True, "notes": [note]}
+        folder.mkdir(parents=True)
+        (folder / "test_metrics.json").write_text(json.dumps(report))
+        return folder
+
+    def test_folders_of_one_name_are_told_apart(
+        self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """`table cvA/fold0 cvB/fold0` named both rows, and both runs' split notes,
+        `fold0`."""
+        for cv in ("cvA", "cvB"):
+            self._fold_copy(runs, tmp_path / cv / "fold0", f"note of {cv}")
+        monkeypatch.chdir(tmp_path)
+        assert main(["table", "cvA/fold0", "cvB/fold0", "--out", "t.md"]) == 0
+        text = (tmp_path / "t.md").read_text()
+        lines = [line for line in text.splitlines() if line.startswith("| ")][1:]
+        assert lines[0].startswith("| cvA/fold0 | MSFC 100X |")
+        assert lines[1].startswith("| cvB/fold0 | MSFC 100X |")
+        assert "- `cvA/fold0`: note of cvA" in text and "- `cvB/fold0`: note of cvB" in text
+        assert "Runs: `cvA/fold0` (test_metrics.json), `cvB/fold0` (test_metrics.json)" in text
+        with (tmp_path / "t.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [(r["run"], r["name"]) for r in rows] == [("cvA/fold0", "cvA/fold0"),
+                                                        ("cvB/fold0", "cvB/fold0")]
+        capsys.readouterr()
+        # a lone fold0 stays fold0; one folder given twice (even written two ways) is one
+        # run with one name
+        assert results_table(["cvA/fold0"]).splitlines()[4].startswith("| fold0 |")
+        same = [tmp_path / "cvA" / "fold0", "cvA/fold0", "cvA/../cvA/fold0"]
+        assert [r["name"] for r in results_rows(same)] == ["fold0"] * 3
+        rows = results_rows([tmp_path / "cvA" / "fold0", "cvB/fold0"])
+        assert [(r["run"], r["name"]) for r in rows] == [
+            (str(tmp_path / "cvA" / "fold0"), "cvA/fold0"), ("cvB/fold0", "cvB/fold0")]
+
+    def test_deeper_paths_only_as_deep_as_needed(self, runs, tmp_path: Path) -> None:
+        dirs = [self._fold_copy(runs, tmp_path / p, p) for p in
+                ("x/b/fold0", "y/b/fold0", "y/c/fold0", "y/fold1")]
+        assert [r["name"] for r in results_rows(dirs)] == [
+            "x/b/fold0", "y/b/fold0", "c/fold0", "fold1"]
+
+
+class TestFiguresJsonPaths:
+    def test_paths_are_absolute_whatever_the_working_directory(
+        self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """figures.json named its figures relative to the working directory of the run
+        (`fig/roc.png`), its checkpoint absolute: read from anywhere else, the figure
+        paths pointed nowhere."""
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, _, source = checkpoint_records(ckpt)
+        (tmp_path / "work").mkdir()
+        monkeypatch.chdir(tmp_path / "work")
+        result = make_figures(ckpt, records[:6], Path("..") / "fig", source=source,
+                              gradcam_images=2, max_embedding_dim=32)
+        monkeypatch.chdir(runs["binary"])  # the reader is elsewhere
+        saved = json.loads((tmp_path / "fig" / "figures.json").read_text())
+        assert saved == json.loads(json.dumps(result, default=str))
+        fig = tmp_path.resolve() / "fig"
+        paths = {"roc": saved["roc"]["path"], "tsne": saved["tsne"]["path"],
+                 "coords": saved["tsne"]["coords_path"], "gradcam": saved["gradcam"]["path"]}
+        assert paths == {"roc": str(fig / "roc.png"), "tsne": str(fig / "tsne.png"),
+                         "coords": str(fig / "tsne_coords.npy"),
+                         "gradcam": str(fig / "gradcam.png")}
+        _assert_png(Path(paths["roc"]))
+        assert np.load(paths["coords"]).shape == (6, 2)
+        assert Path(saved["checkpoint"]).is_absolute()
+        assert all(Path(p).is_absolute() and Path(p).is_file()
+                   for p in saved["gradcam"]["images"])
