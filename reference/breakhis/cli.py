@@ -689,7 +689,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     paths = [result["roc"]["path"], result["tsne"]["path"], result["tsne"]["coords_path"]]
     if result["gradcam"]:
         paths.append(result["gradcam"]["path"])
-    print(f"figures: {', '.join(paths)}; summary: {out / 'figures.json'}")
+    print(f"figures: {', '.join(paths)}; summary: {out.resolve() / 'figures.json'}")
     return 0
 
 
