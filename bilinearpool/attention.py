@@ -245,8 +245,14 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
         count += 1
     if count == 0:
         kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
+        traced = any(isinstance(m, torch.fx.GraphModule) for m in model.modules())
         raise ValueError(
             "insert_se_blocks found no supported block (ResNet Bottleneck/BasicBlock, Inception-v3 "
             f"modules, Inception-ResNet Block35/17/8) in {type(model).__name__}; it contains {kinds}"
+            + (
+                "; it is a feature extractor (torch.fx), whose blocks are plain Modules now: insert "
+                "the SE blocks into the model before it is cut (build_backbone(..., se_reduction=r) "
+                "or the classifiers' se_reduction= do so)" if traced else ""
+            )
         )
     return count

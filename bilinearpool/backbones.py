@@ -937,6 +937,16 @@ def _timm_module(name: str) -> Any:
         close = _close_names(name.partition(".")[0], timm.list_models())
         meant = f" ({_did_you_mean(close)})" if close else ""
         raise ValueError(f"unknown timm model {name!r}{meant}; see timm.list_models()")
+    bare, _, tag = name.partition(".")
+    # timm.is_model reads the bare name only: a tag it has no configuration for would
+    # pass here and fail in create_model with a bare RuntimeError
+    if tag and name not in timm.list_pretrained(f"{bare}.*"):
+        tags = [k.partition(".")[2] for k in timm.list_pretrained(f"{bare}.*")]
+        listed = f"one of its tags {tags}" if tags else f"no tag ({bare!r} has none)"
+        raise ValueError(
+            f"unknown pretrained tag {tag!r} for timm model {bare!r}: use {listed}, or the bare name "
+            "with weights=None or 'imagenet'; see timm.list_pretrained()"
+        )
     return timm
 
 
@@ -1074,6 +1084,7 @@ def build_backbone(
                     "timm.create_model(..., in_chans=C) as the backbone, with sample_shape=(C, H, W)"
                 )
             body: nn.Module = _build_timm(name.removeprefix("timm:"), weights)
+            _check_known_fmt(output_fmt, _timm_output_fmt(body), f"timm model {name!r}, which reports")
             if se_reduction is not None:
                 insert_se_blocks(body, reduction=se_reduction)
             info = body.feature_info  # type: ignore[attr-defined]
@@ -1082,7 +1093,7 @@ def build_backbone(
                 out_channels=info.channels()[-1],
                 reduction=info.reduction()[-1],
                 name=name,
-                output_fmt=output_fmt or _timm_output_fmt(body),
+                output_fmt=_timm_output_fmt(body),
                 in_channels=_timm_in_channels(body),
             )
         if name in _torchvision_names():
@@ -1099,6 +1110,8 @@ def build_backbone(
                 body, sample_shape, fmt, check_layout=given_node is not None, needs=needs
             )
             _check_fmt_applies(output_fmt, stride)
+            if given_node is None:
+                _check_known_fmt(output_fmt, _torchvision_output_fmt(model, node), f"{name} cut at {node!r}, which gives")
             return FeatureExtractor(
                 body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt,
                 tokens=stride is None, in_channels=sample_shape[0],
@@ -1125,12 +1138,27 @@ def build_backbone(
     # as for names, the layouts of the default nodes are known: no second probe
     channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None, needs=needs)
     _check_fmt_applies(output_fmt, stride)
+    if default_node is not None:
+        known = _module_output_fmt(backbone, node)
+        _check_known_fmt(output_fmt, known, f"{type(backbone).__name__} cut at {node!r}, which gives")
     # what the network takes is known for torchvision and timm models, and declared by a sample_shape
     known = given_shape or _is_torchvision_classifier(backbone) or _is_timm_model(backbone)
     return FeatureExtractor(
         body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt,
         tokens=stride is None, in_channels=sample_shape[0] if known else None,
     )
+
+
+def _check_known_fmt(output_fmt: str | None, known: str, what: str) -> None:
+    """Refuse a given ``output_fmt`` other than ``known``, the layout ``what`` is known to
+    give (a default node of torchvision's models, a timm model's own ``output_fmt``):
+    read in the other layout, the maps' width would be taken for their channels (a wrong
+    model at some input sizes, an error at others)."""
+    if output_fmt is not None and output_fmt != known:
+        raise ValueError(
+            f"output_fmt={output_fmt!r} contradicts the layout of {what} {known} maps; drop "
+            f"output_fmt (that layout is known), or pass output_fmt={known!r}"
+        )
 
 
 def _check_fmt_applies(output_fmt: str | None, stride: int | None) -> None:

@@ -149,6 +149,17 @@ class TestInsertSE:
         with pytest.raises(ValueError, match="found no supported block"):
             insert_se_blocks(timm.create_model("inception_v4"))
 
+    def test_feature_extractor_says_to_insert_before_cutting(self):
+        """A feature extractor's blocks are plain Modules (torch.fx): the message listed
+        'ResNet' among the types and left the user guessing."""
+        from bilinearpool import build_backbone
+
+        with pytest.raises(ValueError, match=r"found no supported block .*it is a feature extractor "
+                           r"\(torch.fx\).*build_backbone\(..., se_reduction=r\)"):
+            insert_se_blocks(build_backbone("resnet18"))
+        with pytest.raises(ValueError, match=r"found no supported block .*contains \[.Conv2d.\]$"):
+            insert_se_blocks(torch.nn.Conv2d(3, 4, 1))  # a plain model: no such advice
+
     @pytest.mark.parametrize("name, attention", [("seresnet18", "SEModule"), ("ecaresnet26t", "EcaModule")])
     def test_blocks_with_their_own_attention_are_refused(self, name, attention):
         import timm

@@ -181,6 +181,20 @@ def test_timm_name_with_pretrained_tag():
     assert build_backbone("timm:resnet18.a1_in1k").out_channels == 512
 
 
+@pytest.mark.parametrize("name", ["resnet18.badtag", "timm:resnet18.badtag"])
+def test_timm_name_with_an_unknown_tag(name):
+    """timm.is_model reads the bare name: the name passed the check, and building failed
+    with timm's bare RuntimeError (with weights, as a weights download error)."""
+    from bilinearpool import check_backbone_name
+
+    expected = r"unknown pretrained tag 'badtag' for timm model 'resnet18': use one of its tags \[.*'a1_in1k'"
+    with pytest.raises(ValueError, match=expected):
+        check_backbone_name(name)
+    for weights in (None, "imagenet"):
+        with pytest.raises(ValueError, match=expected):
+            build_backbone(name, weights=weights)
+
+
 class NHWCNet(nn.Module):
     """A stand-in for a Swin stage: a feature map in (B, H, W, C)."""
 
@@ -227,6 +241,26 @@ class TestChannelsLastMaps:
     def test_errors(self):
         with pytest.raises(ValueError, match="output_fmt must be one of .*'NLC'"):
             build_backbone(NHWCNet(), output_fmt="NLC")
+
+    def test_output_fmt_against_a_known_layout(self):
+        """A layout that contradicts the known one of a default node or a timm model was
+        taken without a check: FastBCNN("resnet18", output_fmt="NHWC") built a model that
+        read the maps' width as 4 channels at the 128-pixel probe, and ran."""
+        from bilinearpool import FastBCNN, GAPClassifier
+
+        with pytest.raises(ValueError, match=r"^output_fmt='NHWC' contradicts the layout of resnet18 cut at "
+                           r"'layer4', which gives NCHW maps; drop output_fmt .* or pass output_fmt='NCHW'$"):
+            FastBCNN("resnet18", num_classes=3, output_fmt="NHWC")
+        with pytest.raises(ValueError, match=r"contradicts the layout of swin_t cut at 'norm', which gives NHWC"):
+            GAPClassifier("swin_t", num_classes=3, output_fmt="NCHW")
+        with pytest.raises(ValueError, match=r"contradicts the layout of timm model 'timm:resnet18', which "
+                           r"reports NCHW maps"):
+            build_backbone("timm:resnet18", output_fmt="NHWC")
+        with pytest.raises(ValueError, match=r"contradicts the layout of ResNet cut at 'layer4'"):
+            build_backbone(torchvision.models.resnet18(), output_fmt="NHWC")
+        # the known layout, given: accepted
+        assert build_backbone("resnet18", output_fmt="NCHW").out_channels == 512
+        assert build_backbone("timm:resnet18", output_fmt="NCHW").output_fmt == "NCHW"
 
     @pytest.mark.parametrize("source", ["torchvision", "torchvision-name", "timm"])
     def test_swin_tiny(self, source):
