@@ -109,6 +109,11 @@ class FeatureExtractor(nn.Module):
             ``None`` for a network that takes other inputs. When ``None``, an input whose
             dtype the network's parameters cannot take (integers, another floating dtype) is
             reported as a TypeError only once the network fails on it.
+        image_size: ``(H, W)``, the one image size the network takes, where it says so
+            (torchvision's ViTs, timm's ViT-like models with a fixed size; set by
+            :func:`build_backbone`), else ``None``. When set, ``forward`` refuses images of
+            another size with a ValueError that says to resize them (the network's own
+            error, raised inside the traced graph, named no size).
 
     Shape:
         - Input: :math:`(B, C_{in}, H_{in}, W_{in})`.
@@ -131,6 +136,7 @@ class FeatureExtractor(nn.Module):
         output_fmt: str = "NCHW",
         tokens: bool = False,
         in_channels: int | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if output_fmt not in _FORMATS:
@@ -144,6 +150,12 @@ class FeatureExtractor(nn.Module):
         self.output_fmt = output_fmt
         self.tokens = bool(tokens)
         self.in_channels = None if in_channels is None else int(in_channels)
+        if image_size is not None:
+            if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+                raise TypeError(f"image_size must be (H, W) or None, but got {image_size!r}")
+            image_size = (check_positive_int("image_size[0]", image_size[0]),
+                          check_positive_int("image_size[1]", image_size[1]))
+        self.image_size = image_size
 
     @property
     def feature_info(self) -> dict[str, Any]:
@@ -172,6 +184,12 @@ class FeatureExtractor(nn.Module):
             error = _image_error(x, self.in_channels, _first_float_param(self.body), self.name)
             if error is not None:
                 raise error
+            if self.image_size is not None and not torch.jit.is_tracing() and tuple(x.shape[-2:]) != self.image_size:
+                h, w = self.image_size
+                raise ValueError(
+                    f"backbone {self.name!r} takes {h} x {w} images only, but got shape {tuple(x.shape)}; "
+                    f"resize them first (e.g. torchvision.transforms.v2.Resize(({h}, {w})))"
+                )
             out = self.body(x)
         else:  # any module, which may take other inputs: an input's dtype is blamed only on failure
             try:
@@ -192,6 +210,7 @@ class FeatureExtractor(nn.Module):
         state.setdefault("output_fmt", "NCHW")  # extractors pickled before the options existed
         state.setdefault("tokens", False)
         state.setdefault("in_channels", None)
+        state.setdefault("image_size", None)
         super().__setstate__(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FeatureExtractor:
@@ -211,6 +230,7 @@ class FeatureExtractor(nn.Module):
             + (f"in_channels={self.in_channels}, " if self.in_channels is not None else "")
             + f"out_channels={self.out_channels}, reduction={self.reduction}, "
             f"output_fmt={self.output_fmt!r}" + (", tokens=True" if self.tokens else "")
+            + (f", image_size={self.image_size}" if self.image_size is not None else "")
         )
 
 
@@ -1114,7 +1134,7 @@ def build_backbone(
                 _check_known_fmt(output_fmt, _torchvision_output_fmt(model, node), f"{name} cut at {node!r}, which gives")
             return FeatureExtractor(
                 body, out_channels=channels, reduction=stride, name=f"{name}:{node}", output_fmt=fmt,
-                tokens=stride is None, in_channels=sample_shape[0],
+                tokens=stride is None, in_channels=sample_shape[0], image_size=_fixed_image_size(model),
             )
         raise _unknown_backbone(name)
     if not isinstance(backbone, nn.Module):
@@ -1146,6 +1166,7 @@ def build_backbone(
     return FeatureExtractor(
         body, out_channels=channels, reduction=stride, name=type(backbone).__name__, output_fmt=fmt,
         tokens=stride is None, in_channels=sample_shape[0] if known else None,
+        image_size=_fixed_image_size(backbone) if known else None,
     )
 
 

@@ -171,6 +171,23 @@ class TestViTNeedsSaidAtOnce:
                            r"sample_shape=\(3, 224, 224\)"):
             build_backbone("vit_b_16")
 
+    def test_images_of_another_size_say_so(self):
+        """A ViT built right then given images of another size failed inside the traced
+        graph: "Wrong image height! Expected 32 but got Proxy(getitem_2)!"."""
+        model = FastBCNN(tiny_vit(), num_classes=8, node="encoder", sample_shape=(3, 32, 32))
+        assert model.backbone.image_size == (32, 32) and "image_size=(32, 32)" in repr(model.backbone)
+        with pytest.raises(ValueError, match=r"^backbone 'VisionTransformer' takes 32 x 32 images only, but got "
+                           r"shape \(2, 3, 48, 48\); resize them first \(e.g. torchvision.transforms.v2."
+                           r"Resize\(\(32, 32\)\)\)$"):
+            model(torch.randn(2, 3, 48, 48))
+        restored = pickle.loads(pickle.dumps(model.backbone))
+        assert restored.image_size == (32, 32)
+        del restored.__dict__["image_size"]  # an extractor pickled before image_size existed
+        restored = pickle.loads(pickle.dumps(restored))
+        assert restored.image_size is None and restored(torch.randn(1, 3, 32, 32)).shape[-1] == 8
+        # a convolutional backbone takes any size: no image_size
+        assert build_backbone("resnet18").image_size is None
+
     def test_timm_vit_module(self):
         timm = pytest.importorskip("timm")
         vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
