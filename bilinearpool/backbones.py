@@ -674,6 +674,11 @@ def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
         isinstance(weights, str) and (os.path.sep in weights or weights.lower().endswith(_WEIGHTS_SUFFIXES))
     ):
         path = Path(weights)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"weights must be a file, but {str(path)!r} is a folder; name the weights file in it "
+                "(e.g. .pth or .safetensors)"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
         return "file", path

@@ -435,6 +435,10 @@ class TestTimmWeightsTag:
         for missing in ("nonexist.pth", "typo.safetensors", "model.ckpt"):
             with pytest.raises(FileNotFoundError, match=f"weights file '{missing}' does not exist"):
                 build_backbone(name, weights=missing)
+        (tmp_path / "weights").mkdir()  # was "weights file ... does not exist"
+        for folder in (tmp_path / "weights", "weights/"):
+            with pytest.raises(IsADirectoryError, match=r"weights must be a file, but '.*weights/?' is a folder"):
+                build_backbone(name, weights=folder)
 
 
 def test_safetensors_weights_file(tmp_path):
