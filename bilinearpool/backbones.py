@@ -792,6 +792,34 @@ def _weights_names(name: str) -> str:
         return ""
 
 
+def _unknown_torchvision_weights(name: str, value: str) -> ValueError:
+    known = _weights_names(name)
+    return ValueError(
+        f"unknown weights {value!r} for {name!r}: use None, 'imagenet', a torchvision "
+        f"weights name ({f'its names: {known}' if known else 'such as IMAGENET1K_V1'}), "
+        "or a path to a local state_dict file"
+    )
+
+
+def _check_torchvision_weights(name: str, weights: WeightsArg) -> None:
+    """What :func:`_build_torchvision` refuses in ``weights`` for model ``name``, found
+    without building or downloading: a missing file, a weights enum of another model, a
+    weights name the model does not have."""
+    import torchvision
+
+    kind, value = _classify_weights(weights)
+    if kind == "weights_enum":
+        _check_weights_enum(name, value)
+    elif kind == "enum":
+        try:
+            enum = torchvision.models.get_model_weights(name)
+        except (ValueError, KeyError):  # a builder without weights
+            raise _unknown_torchvision_weights(name, value) from None
+        # as torchvision's WeightsEnum.verify reads a name: "IMAGENET1K_V1" or "ResNet50_Weights.IMAGENET1K_V1"
+        if value.replace(f"{enum.__name__}.", "") not in enum.__members__:
+            raise _unknown_torchvision_weights(name, value)
+
+
 def _build_torchvision(
     name: str, weights: WeightsArg, node: str | None, sample_shape: tuple[int, ...] = (3, 128, 128)
 ) -> tuple[nn.Module, str]:
@@ -814,12 +842,7 @@ def _build_torchvision(
             model = torchvision.models.get_model(name, weights="DEFAULT" if kind == "imagenet" else value)
         except (OSError, RuntimeError, ValueError, KeyError) as err:  # URLError is an OSError
             if kind == "enum" and isinstance(err, (ValueError, KeyError)):
-                known = _weights_names(name)
-                raise ValueError(
-                    f"unknown weights {value!r} for {name!r}: use None, 'imagenet', a torchvision "
-                    f"weights name ({f'its names: {known}' if known else 'such as IMAGENET1K_V1'}), "
-                    "or a path to a local state_dict file"
-                ) from err
+                raise _unknown_torchvision_weights(name, value) from err
             raise _weights_error(name, err) from err
     else:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
@@ -975,8 +998,10 @@ def _timm_module(name: str) -> Any:
     return timm
 
 
-def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
-    timm = _timm_module(name)
+def _check_timm_weights(timm: Any, name: str, weights: WeightsArg) -> tuple[str, Any]:
+    """``weights`` classified (:func:`_classify_weights`) for timm model ``name``, with
+    what building would refuse found without building or downloading: a missing file, a
+    torchvision weights enum, a pretrained tag the model does not have."""
     kind, value = _classify_weights(weights)
     if kind == "weights_enum":
         raise ValueError(
@@ -984,6 +1009,14 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
             "'imagenet', one of its pretrained tags (timm.list_pretrained), or a path to a local "
             "state_dict file"
         )
+    if kind == "enum":
+        _timm_tagged(timm, name, value)
+    return kind, value
+
+
+def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
+    timm = _timm_module(name)
+    kind, value = _check_timm_weights(timm, name, weights)
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": (-1,)}
     if kind == "file":
         _check_timm_file(timm, name, value)
@@ -1216,21 +1249,28 @@ def _unknown_backbone(name: str) -> Exception:
     return (ImportError if no_tv or no_timm else ValueError)(message)
 
 
-def check_backbone_name(name: str) -> None:
-    """Raise what :func:`build_backbone` raises for a name it cannot resolve, without
-    building anything: for checking a configuration before long work (reading a data set,
-    a benchmark run).
+def check_backbone_name(name: str, *, weights: WeightsArg = None) -> None:
+    """Raise what :func:`build_backbone` raises for a name it cannot resolve, or for
+    ``weights`` it would refuse, without building or downloading anything: for checking a
+    configuration before long work (reading a data set, a benchmark run).
 
-    A name that passes may still fail to build for other reasons (weights that cannot be
-    obtained, options that do not apply); that is found when the backbone is built.
+    A name that passes may still fail to build for other reasons (pretrained weights that
+    cannot be downloaded, a weights file whose tensors do not fit, options that do not
+    apply); that is found when the backbone is built.
 
     Args:
         name: a torchvision classification model name, a timm model name (optionally with
             ``timm:`` and a pretrained tag), as :func:`build_backbone` takes.
+        weights: the ``weights`` to check with it, as :func:`build_backbone` takes them: a
+            file must exist, a torchvision weights name or enum must be the model's, a timm
+            pretrained tag must be one the model has. ``None`` and ``"imagenet"`` pass.
 
     Raises:
         TypeError: for anything but a string.
-        ValueError: for a name neither torchvision nor timm knows, with close names.
+        ValueError: for a name neither torchvision nor timm knows, with close names, or
+            weights that are not the model's.
+        FileNotFoundError: for a weights file that does not exist
+            (:class:`IsADirectoryError` for a folder).
         ImportError: when the package that may provide it is missing, naming the extra.
 
     Examples:
@@ -1243,9 +1283,14 @@ def check_backbone_name(name: str) -> None:
     if not isinstance(name, str):
         raise TypeError(f"a backbone name must be a string, but got {type(name).__name__}")
     if _is_timm_name(name):
-        _timm_module(name.removeprefix("timm:"))
+        bare = name.removeprefix("timm:")
+        timm = _timm_module(bare)
+        if weights is not None:
+            _check_timm_weights(timm, bare, weights)
     elif name not in _torchvision_names():
         raise _unknown_backbone(name)
+    elif weights is not None:
+        _check_torchvision_weights(name, weights)
 
 
 def _close_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:

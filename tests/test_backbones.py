@@ -658,3 +658,51 @@ def test_torchvision_model_passed_as_module_gets_its_names_default_node(make, na
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(by_module(x), by_name(x))
+
+
+class TestCheckWeightsWithoutBuilding:
+    """check_backbone_name(name, weights=...) refuses what build_backbone would refuse in
+    the weights, without building or downloading: a missing file or a typo in a weights
+    name was found only once the model was built (in breakhis-repro, after indexing)."""
+
+    @pytest.fixture(autouse=True)
+    def no_build(self, monkeypatch):
+        import timm
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("built a model")
+
+        monkeypatch.setattr(torchvision.models, "get_model", refuse)
+        monkeypatch.setattr(timm, "create_model", refuse)
+
+    @pytest.mark.parametrize("name, weights", [
+        ("resnet50", None), ("resnet50", "imagenet"), ("resnet50", "IMAGENET1K_V2"),
+        ("resnet50", "ResNet50_Weights.IMAGENET1K_V1"), ("resnet50", "DEFAULT"),
+        ("resnet50", torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
+        ("timm:resnet18", "a1_in1k"), ("resnet18.a1_in1k", "imagenet"), ("inception_resnet_v2", "imagenet"),
+    ])
+    def test_weights_the_model_has(self, name, weights):
+        from bilinearpool import check_backbone_name
+
+        check_backbone_name(name, weights=weights)
+
+    @pytest.mark.parametrize("name, weights, error, match", [
+        ("resnet50", "IMAGENET1K_V9", ValueError, r"unknown weights 'IMAGENET1K_V9' for 'resnet50'.*IMAGENET1K_V2"),
+        ("resnet50", torchvision.models.ResNet18_Weights.IMAGENET1K_V1, ValueError,
+         r"are the weights of torchvision 'resnet18', not of 'resnet50'"),
+        ("resnet18", "a1_in1k", ValueError, r"unknown weights 'a1_in1k' for 'resnet18'"),
+        ("timm:resnet18", "zz", ValueError, r"unknown weights 'zz' for timm 'resnet18'.*'a1_in1k'"),
+        ("timm:resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1, ValueError,
+         r"is a torchvision weights enum, but 'resnet18' is a timm model"),
+        ("resnet50", "missing.pth", FileNotFoundError, r"weights file 'missing.pth' does not exist"),
+        ("timm:resnet18", "missing.safetensors", FileNotFoundError, r"does not exist"),
+    ])
+    def test_weights_build_backbone_refuses(self, name, weights, error, match, tmp_path, monkeypatch):
+        from bilinearpool import check_backbone_name
+
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(error, match=match):
+            check_backbone_name(name, weights=weights)
+        (tmp_path / "folder.pth").mkdir()
+        with pytest.raises(IsADirectoryError, match="is a folder"):
+            check_backbone_name(name, weights="folder.pth")

@@ -34,6 +34,7 @@ __all__ = [
     "check_backbone",
     "check_input_size",
     "check_weights",
+    "check_weights_available",
     "input_normalization",
 ]
 
@@ -129,6 +130,41 @@ def check_weights(backbone: str, weights: str | None) -> None:
         raise SettingError("weights", "must be None for backbone 'tiny', which has no "
                            "pretrained weights (random initialisation: --no-pretrained), but "
                            f"got {weights!r}")
+
+
+def check_weights_available(backbone: str, weights: str | None) -> None:
+    """Refuse ``weights`` that ``backbone`` cannot be built with, found without building
+    or downloading (``bilinearpool.check_backbone_name``): a file that does not exist (or
+    is a folder), a torchvision weights name or timm pretrained tag the model does not
+    have. For a run that starts from them, before its data are indexed (minutes); a
+    checkpoint's saved settings are not checked so, since its weights are in it. ``tiny``,
+    ``None`` and ``"imagenet"`` pass (whether those can be downloaded is found when the
+    model is built).
+
+    Raises:
+        breakhis._files.SettingError: naming the setting ``weights``, with the reason.
+
+    Examples:
+        >>> check_weights_available("resnet50", "IMAGENET1K_V2")
+        >>> check_weights_available("resnet50", "weights/resnet50.pth")  # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        breakhis._files.SettingError: weights must be weights backbone 'resnet50' can be
+        built with, but got 'weights/resnet50.pth': weights file 'weights/resnet50.pth'
+        does not exist
+    """
+    if backbone == "tiny" or weights is None:
+        return
+    try:
+        from bilinearpool import check_backbone_name
+    except ImportError:
+        return  # build_network says so, when the model is built
+    try:
+        check_backbone_name(backbone, weights=weights)
+    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, IsADirectoryError
+        raise SettingError(
+            "weights", f"must be weights backbone {backbone!r} can be built with, but got {weights!r}: {err}"
+        ) from err
 
 
 def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -100,6 +100,13 @@ class TestSettingNames:
          "protocols 'image' and 'patient'), but got 1"),
         (["cv", *TINY, "--protocol", "image", "--n-splits", "-3"],
          "--n-splits must be an integer >= 2"),
+        # found after indexing before (minutes on the real data)
+        (["train", "--backbone", "resnet18", "--weights", "no/such.pth", "--input-size", "32"],
+         "--weights must be weights backbone 'resnet18' can be built with, but got 'no/such.pth': "
+         "weights file 'no/such.pth' does not exist"),
+        (["cv", "--backbone", "resnet18", "--weights", "IMAGENET1K_V9", "--input-size", "32"],
+         "--weights must be weights backbone 'resnet18' can be built with, but got "
+         "'IMAGENET1K_V9': unknown weights 'IMAGENET1K_V9' for 'resnet18'"),
     ])
     def test_train_and_cv_name_their_options_before_indexing(
         self, argv: list[str], message: str, tmp_path: Path, indexed: list[int],
