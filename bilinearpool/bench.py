@@ -35,6 +35,7 @@ import random
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,8 @@ def analytic_parameter_count(
     triu: bool = False,
     se_channels: Sequence[int] = (),
     se_reduction: int = 8,
+    shared: bool = False,
+    reduce_dim: int | None = None,
 ) -> int:
     """Parameters of one of the paper's classifiers, from the backbone's count and :math:`C`.
 
@@ -152,7 +155,13 @@ def analytic_parameter_count(
     - ``"plain"`` (global average pooling): :math:`P + S + CK + K`;
     - ``"fast-bcnn"`` (one stream): :math:`P + S + C^2 K + K`, or
       :math:`P + S + \\frac{C(C+1)}{2} K + K` with the packed upper triangle (``triu``);
-    - ``"bcnn"`` (two streams with separate weights): :math:`2(P + S) + C^2 K + K`.
+    - ``"bcnn"`` (two streams with separate weights): :math:`2(P + S) + C^2 K + K`, or
+      :math:`P + S + C^2 K + K` when both streams share one backbone (``shared``).
+
+    With ``reduce_dim`` :math:`R`, each stream (both for ``"bcnn"``, also when they share
+    a backbone) has its own :class:`~bilinearpool.ChannelReduction`, a bias-free
+    :math:`1 \\times 1` convolution and a batch norm (scale and shift): :math:`CR + 2R`
+    parameters, and :math:`R` takes the place of :math:`C` in the classifier's input.
 
     Args:
         head: ``"plain"``, ``"fast-bcnn"`` or ``"bcnn"``.
@@ -162,10 +171,16 @@ def analytic_parameter_count(
         triu: Fast BCNN on the packed upper triangle.
         se_channels: channel count of every SE block inserted in one backbone.
         se_reduction: SE ratio (see :func:`se_parameter_count`).
+        shared: BCNN whose two streams share one backbone.
+        reduce_dim: :math:`R`, channels after the channel reduction, or ``None`` for none.
 
     Examples:
         >>> analytic_parameter_count("fast-bcnn", backbone_params=23_508_032, channels=2048, num_classes=8)
         57062472
+        >>> analytic_parameter_count("bcnn", backbone_params=100, channels=4, num_classes=2, shared=True)
+        134
+        >>> analytic_parameter_count("fast-bcnn", backbone_params=100, channels=8, num_classes=2, reduce_dim=2)
+        130
     """
     key = head.lower().replace("_", "-")
     if key not in _ANALYTIC_HEADS:
@@ -175,15 +190,23 @@ def analytic_parameter_count(
     num_classes = check_positive_int("num_classes", num_classes)
     if triu and key != "fast-bcnn":
         raise ValueError(f"triu=True applies to the 'fast-bcnn' head only, but got head={head!r}")
+    if shared and key != "bcnn":
+        raise ValueError(f"shared=True applies to the 'bcnn' head only, but got head={head!r}")
     stream = backbone_params + se_parameter_count(se_channels, reduction=se_reduction)
+    streams = 2 if key == "bcnn" else 1
+    reduction = 0
+    if reduce_dim is not None:
+        reduce_dim = check_positive_int("reduce_dim", reduce_dim)
+        reduction = streams * (channels * reduce_dim + 2 * reduce_dim)  # conv (no bias) + BN
+        channels = reduce_dim
     if key == "plain":
         features = channels
     elif triu:
         features = channels * (channels + 1) // 2
     else:
         features = channels * channels
-    streams = 2 if key == "bcnn" else 1
-    return streams * stream + features * num_classes + num_classes
+    backbones = 1 if shared else streams
+    return backbones * stream + reduction + features * num_classes + num_classes
 
 
 #: Classes of the linear classifier the layer benchmark puts on top of each pooling (as the
@@ -777,6 +800,12 @@ _LIBRARY_LAYER_CASES: tuple[str, ...] = tuple(LAYER_CASES)
 # ---------------------------------------------------------------------------------------------
 
 
+#: Options of :func:`~bilinearpool.build_model` that :meth:`ModelHead.analytic_parameters`
+#: accounts for, or that do not change the parameter count.
+_CLOSED_FORM_OPTIONS = ("triu", "shared", "reduce_dim", "se_reduction", "dropout", "weights",
+                        "sample_shape", "output_fmt")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelHead:
     """One head of the model benchmark: a :func:`~bilinearpool.build_model` head and options.
@@ -787,6 +816,10 @@ class ModelHead:
         description: one line for the tables.
         se: insert SE blocks (``se_reduction``) in the backbone.
         options: further keyword arguments of :func:`~bilinearpool.build_model`.
+        module: the module that made the head (where ``ModelHead(...)`` was called),
+            recorded when not given: ``bilinearpool-bench`` knows from it that the head of
+            a run came from a module its ``--import`` names, also when that module had been
+            imported before (as a layer case by its build function's module).
     """
 
     name: str
@@ -794,6 +827,17 @@ class ModelHead:
     description: str
     se: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    module: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.module is None:
+            frame = sys._getframe(1)
+            # past the (generated) __init__ of this class, and of subclasses calling it
+            while (frame is not None and frame.f_code.co_name == "__init__"
+                   and isinstance(frame.f_locals.get("self"), ModelHead)):  # fmt: skip
+                frame = frame.f_back  # type: ignore[assignment]
+            module = None if frame is None else frame.f_globals.get("__name__")
+            object.__setattr__(self, "module", module)
 
     def build(
         self, backbone: str | nn.Module, *, num_classes: int, se_reduction: int = 8
@@ -814,10 +858,21 @@ class ModelHead:
         channels: int,
         num_classes: int,
         se_reduction: int = 8,
-    ) -> int:
-        """:func:`analytic_parameter_count` for this head, SE channels read from ``model``'s blocks."""
+    ) -> int | None:
+        """:func:`analytic_parameter_count` for this head and its options, SE channels read
+        from ``model``'s blocks; ``None`` when an option changes the count in a way the closed
+        form does not give (see :meth:`unchecked_options`).
+
+        ``backbone_params`` and ``channels`` are those of the plain backbone (no SE blocks, cut
+        where the head's backbone is cut by default); ``se_reduction`` the run's ratio, which
+        a head with ``se`` builds with (else its ``se_reduction`` option, if any).
+        """
+        if self.unchecked_options():
+            return None
+        options = self.options
+        ratio = se_reduction if self.se else options.get("se_reduction")
         se_channels: list[int] = []
-        if self.se:
+        if ratio is not None:
             first = getattr(model, "backbone", model)
             se_channels = [m.channels for m in first.modules() if isinstance(m, SEBlock)]
         return analytic_parameter_count(
@@ -825,10 +880,30 @@ class ModelHead:
             backbone_params=backbone_params,
             channels=channels,
             num_classes=num_classes,
-            triu=bool(self.options.get("triu", False)),
+            triu=bool(options.get("triu", False)),
             se_channels=se_channels,
-            se_reduction=se_reduction,
+            se_reduction=se_reduction if ratio is None else int(ratio),
+            shared=bool(options.get("shared", False)),
+            reduce_dim=options.get("reduce_dim") or None,
         )
+
+    def unchecked_options(self) -> list[str]:
+        """The options (of :attr:`options`) whose parameters have no closed form here.
+
+        :meth:`analytic_parameters` accounts for ``triu``, ``shared``, ``reduce_dim`` and
+        ``se_reduction``; ``dropout``, ``weights``, ``sample_shape`` and ``output_fmt`` do not
+        change the count. Any other option that is set (a ``pool`` module of the user's, a
+        second backbone ``backbone_b``, a cut at another ``node``) is listed: the closed form
+        would need the parameters and channels of modules the benchmark does not measure
+        apart, so the check does not apply to such a head.
+
+        Examples:
+            >>> ModelHead("r64", "fast-bcnn", "reduced", options={"reduce_dim": 64}).unchecked_options()
+            []
+            >>> ModelHead("mine", "fast-bcnn", "my pool", options={"pool": nn.Identity()}).unchecked_options()
+            ['pool']
+        """
+        return [k for k, v in self.options.items() if k not in _CLOSED_FORM_OPTIONS and v is not None]
 
 
 #: Name -> :class:`ModelHead`; the first four are the paper's (Liu, Juhas & Zhang, 2020).

@@ -73,6 +73,10 @@ MEMORY_GOAL = 1.1  # fused pooling saved bytes / input map bytes
 THROUGHPUT_GOAL = 0.85  # Fast BCNN inference images/s / plain backbone's, at 224
 #: Below this many timed rounds (--quick, demo) the report says its verdicts are no measurement.
 FEW_ROUNDS = 3
+#: Timed rounds of ``--quick`` runs (and of ``demo``), on every device.
+QUICK_ROUNDS = 2
+#: ``params_ok`` of a head whose options have no closed form (the check does not apply).
+PARAMS_UNCHECKED = "n/a"
 GOAL_RESOLUTION = 224
 MIB = 2**20
 
@@ -123,8 +127,10 @@ class BenchResult:
             lines += ["", "Goals:", ""]
             rounds = settings.get("timed_rounds")
             if isinstance(rounds, int) and rounds < FEW_ROUNDS:
+                how = ("as `--quick` and `demo` run" if rounds == QUICK_ROUNDS
+                       else f"fewer than the {QUICK_ROUNDS} of `--quick` and `demo`")  # fmt: skip
                 lines += [
-                    f"(Only {rounds} timed round{'s' if rounds != 1 else ''}, as `--quick` and `demo` run: the "
+                    f"(Only {rounds} timed round{'s' if rounds != 1 else ''}, {how}: the "
                     "time and throughput verdicts below check that the code runs, they are not a "
                     "measurement. The full runs' results are committed in the repository's "
                     "benchmarks/results/, e.g. cpu-2core.md.)",
@@ -488,7 +494,7 @@ def _settings(args: argparse.Namespace, kind: str) -> _Settings:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.quick:
-        warmup, repeats = 1, 2
+        warmup, repeats = 1, QUICK_ROUNDS
     elif device.type == "cuda":
         warmup, repeats = 5, 20
     else:
@@ -1332,6 +1338,11 @@ def _batch_size(args: argparse.Namespace, device: torch.device, resolution: int)
     return 1 if resolution >= 448 else 2
 
 
+#: What a models run records of a model's parameter counts, in its raw records
+#: (``params_unchecked``: the head's options without a closed form, when it has some).
+_PARAMS_RECORDED = ("channels", "params", "params_analytic", "params_unchecked")
+
+
 def _parameter_rows(
     backbone: str,
     models: dict[str, nn.Module],
@@ -1359,8 +1370,10 @@ def _parameter_rows(
             "channels": channels,
             "params": exact,
             "params_analytic": analytic,
-            "params_ok": exact == analytic,
+            "params_ok": exact == analytic if analytic is not None else PARAMS_UNCHECKED,
         }
+        if analytic is None:  # options without a closed form: the check does not apply
+            out[head.name]["params_unchecked"] = head.unchecked_options()
     plain_params = out["plain"]["params"]
     for row in out.values():
         row["params_vs_plain"] = row["params"] / plain_params
@@ -1378,7 +1391,10 @@ def parameter_table(
 
     Returns:
         One row per model: ``backbone``, ``head``, ``channels``, ``params`` (exact),
-        ``params_analytic``, ``params_ok`` and ``params_vs_plain``.
+        ``params_analytic``, ``params_ok`` and ``params_vs_plain``. For a head with options
+        that have no closed form (:meth:`~bilinearpool.bench.ModelHead.unchecked_options`),
+        ``params_analytic`` is ``None``, ``params_ok`` is ``"n/a"`` and ``params_unchecked``
+        names those options.
 
     Raises:
         ValueError: a head that cannot be built on a backbone (e.g. ``se`` on a backbone
@@ -1520,7 +1536,7 @@ def run_models(
                 bar.update(1)
             built = [h for h in heads if h.name in models]
             params = {
-                name: {k: p[k] for k in ("channels", "params", "params_analytic")}
+                name: {k: p[k] for k in _PARAMS_RECORDED if k in p}
                 for name, p in (
                     _parameter_rows(backbone, models, built, **build) if "plain" in models else {}
                 ).items()
@@ -1669,7 +1685,8 @@ def _model_rows(raw: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "channels": rec.get("channels"),
             "params": rec["params"],
             "params_analytic": rec.get("params_analytic"),
-            "params_ok": rec["params"] == rec.get("params_analytic"),
+            "params_ok": (PARAMS_UNCHECKED if rec.get("params_unchecked")
+                          else rec["params"] == rec.get("params_analytic")),  # fmt: skip
             "params_vs_plain": _ratio(rec["params"], plain_params.get(backbone)),
             "resolution": res,
         }
@@ -1761,6 +1778,15 @@ def _models_result(
                 "params: exact count (model.parameters()); params_ok: it equals the closed-form count "
                 "(backbone + SE blocks + classifier; two backbones for BCNN)."
             ),
+            *(
+                [
+                    f"params_ok {PARAMS_UNCHECKED}: the head has options whose parameters the closed "
+                    "form does not give (a pooling module of its own, a second backbone, a cut at "
+                    "another node), so its exact count is not checked."
+                ]
+                if any(r.get("params_ok") == PARAMS_UNCHECKED for r in rows)
+                else []
+            ),
             "Heads: " + "; ".join(f"`{n}`: {d}" for n, d in heads.items()) + ".",
         ],
     }
@@ -1773,15 +1799,36 @@ def _model_goal_summary(
     """Parameter check, and throughput at :data:`GOAL_RESOLUTION` of every backbone planned."""
     lines = []
     param_rows = {(r["backbone"], r["head"]): r for r in rows if r.get("params") is not None}
+    unchecked = {k: r for k, r in param_rows.items() if r["params_ok"] == PARAMS_UNCHECKED}
+    checked = {k: r for k, r in param_rows.items() if k not in unchecked}
     bad = [
         f"{b}/{h}: {r['params']:,} vs {r['params_analytic']:,}"
-        for (b, h), r in param_rows.items()
+        for (b, h), r in checked.items()
         if not r["params_ok"]
     ]
+    # heads whose options have no closed form: counted apart, with the options
+    options = {
+        (rec["backbone"], rec["head"]): ", ".join(rec["params_unchecked"])
+        for rec in raw
+        if rec.get("params_unchecked")
+    }
+    apart = (
+        f"not checkable for {len(unchecked)} (options without a closed form: "
+        + "; ".join(f"{b}/{h}: {options[b, h]}" for b, h in unchecked)
+        + ")"
+    )
     if bad:
-        lines.append("Parameter counts equal the analytic counts: NOT met for " + "; ".join(bad))
+        line = "Parameter counts equal the analytic counts: NOT met for " + "; ".join(bad)
+        lines.append(line + (f"; {apart}" if unchecked else ""))
     elif not param_rows:
         lines.append("Parameter counts equal the analytic counts: not measured (no model was built)")
+    elif not checked:
+        lines.append(f"Parameter counts equal the analytic counts: {apart}")
+    elif unchecked:
+        lines.append(
+            f"Parameter counts equal the analytic counts: met for all {len(checked)} models with a "
+            f"closed form; {apart}"
+        )
     else:
         lines.append(
             f"Parameter counts equal the analytic counts: met for all {len(param_rows)} models"
@@ -2072,6 +2119,22 @@ _SAME_RUN_KEYS = ("git_commit", "git_dirty", "bilinearpool", "torch", "torchvisi
                   *bench.SWITCHES, "runtime_env", "transparent_hugepages", "float32_matmul_precision",
                   "cuda_matmul_allow_tf32", "cudnn_allow_tf32")  # fmt: skip
 _SAME_RUN_SETTINGS = ("device", "amp", "channels_last")
+#: Of those, the entries that change only what is timed, and the device (a ``models
+#: --params-only`` run counts on the CPU whatever its parts beside it ran on): not compared
+#: with a part that times nothing, which does not record the timing settings either.
+_TIMING_ONLY_KEYS = ("device", "threads", "cuda", "cudnn", *bench.SWITCHES, "runtime_env",
+                     "transparent_hugepages", "float32_matmul_precision", "cuda_matmul_allow_tf32",
+                     "cudnn_allow_tf32", "amp", "channels_last")  # fmt: skip
+
+
+def _times_nothing(part: dict[str, Any]) -> bool:
+    """Whether a results file holds no timings: a ``models --params-only`` run."""
+    if part.get("benchmark") != "models":
+        return False
+    plan = part.get("plan")
+    if isinstance(plan, dict) and "timed" in plan:
+        return not plan["timed"]
+    return "infer_img_s" not in part.get("columns", [])  # older files: no plan
 
 
 def _incomplete_head(note: str) -> str:
@@ -2081,17 +2144,25 @@ def _incomplete_head(note: str) -> str:
 
 
 def _part_differences(parts: Sequence[dict[str, Any]]) -> list[str]:
-    """Warnings when the parts of a report (layers, models) ran on other code or settings."""
+    """Warnings when the parts of a report (layers, models) ran on other code or settings.
+
+    Beside a part that times nothing (``models --params-only``), only what changes the
+    code is compared (commit, versions, platform), not the timing settings it does not
+    record nor the threads and device it did not time on (:data:`_TIMING_ONLY_KEYS`).
+    """
     if len(parts) < 2:
         return []
     first, *others = parts
     warnings = []
     for other in others:
         names = f"{first['benchmark']}.json and {other['benchmark']}.json"
+        untimed = _times_nothing(first) or _times_nothing(other)
         diffs = []
         for where, keys in (("environment", _SAME_RUN_KEYS), ("settings", _SAME_RUN_SETTINGS)):
             a, b = first.get(where, {}), other.get(where, {})
             for key in keys:
+                if untimed and key in _TIMING_ONLY_KEYS:
+                    continue
                 if a.get(key) != b.get(key):
                     shown = ["not recorded" if key not in d else d[key] for d in (a, b)]
                     diffs.append(f"{key} {shown[0]} vs {shown[1]}")
@@ -2487,11 +2558,14 @@ def _in_process_note(kind: str, names: Sequence[str], imports: Sequence[str] | N
     given = set(imports or [])
 
     def imported(name: str) -> bool:
-        # Recorded when an --import module registered it; a layer case also by the module
-        # that defines its build function (a module imported before main() was called).
-        case = bench.LAYER_CASES.get(name) if kind == "layer case" else None
-        return (_IMPORTED[kind].get(name) in given
-                or getattr(getattr(case, "build", None), "__module__", None) in given)
+        # Recorded when an --import module registered it; also known from the module that
+        # made it (a module imported before main() was called): for a layer case the module
+        # that defines its build function, for a model head the one ModelHead records.
+        if kind == "layer case":
+            made_in = getattr(getattr(bench.LAYER_CASES.get(name), "build", None), "__module__", None)
+        else:
+            made_in = getattr(bench.MODEL_HEADS.get(name), "module", None)
+        return _IMPORTED[kind].get(name) in given or (made_in is not None and made_in in given)
 
     foreign = [n for n in names if n not in library and not imported(n)]
     if not foreign:

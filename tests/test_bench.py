@@ -1937,3 +1937,171 @@ class TestMethodology:
         assert re.search(r"\| 8x2048x7x7 \| fast-bcnn-triu \|.*\| variant: time met", text)
         assert re.search(r"\| 8x2048x7x7 \| fast-bcnn \|.*\| time met", text)
         assert "`fast-bcnn-triu` fwd+bwd time <=" not in text
+
+
+class TestAuditFollowUps:
+    """Confirmed by an audit: head options the parameter check ignored, a report warning on
+    the settings a --params-only run does not record, a false IN-PROCESS note for heads of a
+    module imported before main(), and a caveat that miscounted --quick's rounds."""
+
+    COMMON = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress"]
+    HEADS = (
+        "from bilinearpool import FastBilinearPool, bench\n"
+        "bench.MODEL_HEADS['bcnn-shared'] = bench.ModelHead('bcnn-shared', 'bcnn', 'shared', options={'shared': True})\n"
+        "bench.MODEL_HEADS['fast-r64'] = bench.ModelHead('fast-r64', 'fast-bcnn', 'reduced', options={'reduce_dim': 64})\n"
+        "bench.MODEL_HEADS['own-pool'] = bench.ModelHead('own-pool', 'fast-bcnn', 'own pool',\n"
+        "                                                options={'pool': FastBilinearPool(triu=True)})\n"
+    )
+
+    @pytest.fixture
+    def heads_module(self, tmp_path, monkeypatch):
+        """A module of the user's that registers heads with options, found on sys.path."""
+        name = "bench_audit_option_heads"
+        (tmp_path / f"{name}.py").write_text(self.HEADS)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setattr(bench, "MODEL_HEADS", dict(bench.MODEL_HEADS))
+        monkeypatch.setattr(cli, "_IMPORTED", {"layer case": {}, "model head": {}})
+        yield name
+        sys.modules.pop(name, None)
+
+    def test_analytic_count_takes_shared_and_reduce_dim(self):
+        p, c, k, r = 1000, 16, 3, 4
+        reduction = c * r + 2 * r  # 1x1 conv without bias, BN scale and shift
+        count = bench.analytic_parameter_count
+        assert count("bcnn", backbone_params=p, channels=c, num_classes=k, shared=True) == p + c * c * k + k
+        assert count("fast-bcnn", backbone_params=p, channels=c, num_classes=k, reduce_dim=r) == (
+            p + reduction + r * r * k + k)
+        assert count("fast-bcnn", backbone_params=p, channels=c, num_classes=k, reduce_dim=r, triu=True) == (
+            p + reduction + r * (r + 1) // 2 * k + k)
+        assert count("plain", backbone_params=p, channels=c, num_classes=k, reduce_dim=r) == p + reduction + r * k + k
+        # a reduction per stream, also when the streams share the backbone
+        assert count("bcnn", backbone_params=p, channels=c, num_classes=k, reduce_dim=r) == (
+            2 * p + 2 * reduction + r * r * k + k)
+        assert count("bcnn", backbone_params=p, channels=c, num_classes=k, reduce_dim=r, shared=True) == (
+            p + 2 * reduction + r * r * k + k)
+        with pytest.raises(ValueError, match="shared=True applies to the 'bcnn' head only"):
+            count("fast-bcnn", backbone_params=p, channels=c, num_classes=k, shared=True)
+        with pytest.raises(ValueError, match="reduce_dim must be a positive int"):
+            count("plain", backbone_params=p, channels=c, num_classes=k, reduce_dim=0)
+
+    @pytest.mark.parametrize(
+        "options",
+        [{"shared": True}, {"reduce_dim": 5}, {"shared": True, "reduce_dim": 5, "dropout": 0.5},
+         {"triu": True, "reduce_dim": 5}, {"se_reduction": 4}],
+    )  # fmt: skip
+    def test_head_options_are_in_the_analytic_count(self, options):
+        """Against the exact count of models built on a small ResNet-like backbone."""
+        import torchvision
+
+        head = "bcnn" if "shared" in options else "fast-bcnn"
+        model_head = bench.ModelHead("h", head, "h", options=options)
+        body = torchvision.models.resnet18()
+        model = model_head.build(body, num_classes=3)
+        plain = bench.MODEL_HEADS["plain"].build(torchvision.models.resnet18(), num_classes=3)
+        analytic = model_head.analytic_parameters(
+            model, backbone_params=bench.count_parameters(plain.backbone),
+            channels=plain.backbone.out_channels, num_classes=3)  # fmt: skip
+        assert analytic == bench.count_parameters(model), options
+
+    def test_options_without_a_closed_form_are_named(self):
+        head = bench.ModelHead("x", "bcnn", "x", options={"backbone_b": "resnet18", "pool": nn.Identity(),
+                                                          "node": None, "dropout": 0.1})  # fmt: skip
+        assert head.unchecked_options() == ["backbone_b", "pool"]
+        assert head.analytic_parameters(nn.Identity(), backbone_params=1, channels=2, num_classes=3) is None
+
+    def test_models_checks_heads_with_options_and_says_which_it_cannot(self, tmp_path, heads_module):
+        out = tmp_path / "out"
+        argv = ["models", "--params-only", "--backbones", "resnet18", "--import", heads_module,
+                "--heads", "plain", "bcnn-shared", "fast-r64", "own-pool", "--no-progress", "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        rows = {r["head"]: r for r in read_csv(out / "models.csv")}
+        assert {h: rows[h]["params_ok"] for h in rows} == {
+            "plain": "True", "bcnn-shared": "True", "fast-r64": "True", "own-pool": "n/a"}
+        assert rows["bcnn-shared"]["params"] == rows["bcnn-shared"]["params_analytic"] == "13273672"
+        assert rows["own-pool"]["params_analytic"] == ""
+        data = json.loads((out / "models.json").read_text())
+        assert data["goals"][0] == (
+            "Parameter counts equal the analytic counts: met for all 3 models with a closed form; "
+            "not checkable for 1 (options without a closed form: resnet18/own-pool: pool)")
+        assert any(n.startswith("params_ok n/a: the head has options") for n in data["notes"])
+        md = (out / "models.md").read_text()
+        assert "| resnet18 | own-pool | 512 |" in md and "| n/a |" in md
+        assert main(["report", str(out), "--out", str(tmp_path / "r.md")]) == 0  # rebuilds from the raw records
+        assert data["goals"][0] in (tmp_path / "r.md").read_text()
+
+    def test_goal_line_of_unchecked_and_failing_heads(self):
+        raw = [{"backbone": "b", "head": "plain", "resolution": None, "channels": 8, "params": 10,
+                "params_analytic": 10},
+               {"backbone": "b", "head": "mine", "resolution": None, "channels": 8, "params": 20,
+                "params_analytic": None, "params_unchecked": ["pool", "node"]}]  # fmt: skip
+        plan = {"backbones": ["b"], "heads": ["plain", "mine"], "resolutions": [], "timed": False}
+        result = cli._models_result(raw, {"plain": "", "mine": ""}, {"device": "cpu"}, {}, "cmd", plan)
+        assert [r["params_ok"] for r in result.rows] == [True, "n/a"]
+        assert result.meta["goals"][0].endswith("met for all 1 models with a closed form; not checkable for 1 "
+                                                "(options without a closed form: b/mine: pool, node)")
+        raw[0]["params_analytic"] = 11
+        result = cli._models_result(raw, {"plain": "", "mine": ""}, {"device": "cpu"}, {}, "cmd", plan)
+        assert result.meta["goals"][0] == ("Parameter counts equal the analytic counts: NOT met for b/plain: 10 vs 11; "
+                                           "not checkable for 1 (options without a closed form: b/mine: pool, node)")
+        result = cli._models_result(raw[1:], {"mine": ""}, {"device": "cpu"}, {}, "cmd", plan)
+        assert result.meta["goals"][0] == ("Parameter counts equal the analytic counts: not checkable for 1 "
+                                           "(options without a closed form: b/mine: pool, node)")
+
+    def test_report_of_layers_and_params_only_models_does_not_warn(self, tmp_path, capsys, keep_threads):
+        """A params-only run records no timing settings and times on no threads: not compared."""
+        assert main(["layers", "--shapes", "2x8x2x2", "--cases", "fast-bcnn", "--out", str(tmp_path),
+                     *self.COMMON]) == 0  # fmt: skip
+        torch.set_num_threads(2)  # the threads of the params-only run differ from the layers'
+        assert main(["models", "--params-only", "--backbones", "resnet18", "--heads", "plain",
+                     "--no-progress", "--out", str(tmp_path)]) == 0  # fmt: skip
+        capsys.readouterr()
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        assert "warning" not in capsys.readouterr().err
+        assert "Warning" not in (tmp_path / "r.md").read_text()
+        # what changes the code still warns
+        path = tmp_path / "models.json"
+        data = json.loads(path.read_text())
+        data["environment"]["torch"] = "0.0.1"
+        path.write_text(json.dumps(data))
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        err = capsys.readouterr().err
+        assert re.search(r"come from different commits or environments: torch \S+ vs 0\.0\.1\n", err), err
+
+    def test_timed_parts_still_compare_their_timing_settings(self):
+        layers = {"benchmark": "layers", "environment": {"git_commit": "a", "threads": 1},
+                  "settings": {"amp": "off", "channels_last": False}}
+        models = {"benchmark": "models", "plan": {"timed": True}, "environment": {"git_commit": "a", "threads": 2},
+                  "settings": {"amp": "bfloat16", "channels_last": False}}  # fmt: skip
+        (warning,) = cli._part_differences([layers, models])
+        assert warning.endswith("threads 1 vs 2; amp off vs bfloat16")
+        untimed = {**models, "plan": {"timed": False}, "settings": {"device": "cpu"}}
+        assert cli._part_differences([layers, untimed]) == []
+        older = {k: v for k, v in untimed.items() if k != "plan"}  # no plan: its columns tell
+        assert cli._part_differences([layers, {**older, "columns": ["params", "params_ok"]}]) == []
+
+    def test_heads_of_a_module_imported_before_main_count_as_imported(self, tmp_path, heads_module):
+        import importlib
+
+        importlib.import_module(heads_module)  # by the caller, before main
+        assert bench.MODEL_HEADS["fast-r64"].module == heads_module
+        assert main(["models", "--params-only", "--backbones", "resnet18", "--heads", "plain", "fast-r64",
+                     "--import", heads_module, "--no-progress", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+        notes = json.loads((tmp_path / "out" / "models.json").read_text())["notes"]
+        assert not [n for n in notes if n.startswith("IN-PROCESS")]
+        # a head made here, in this test module, is still named: no --import registers it
+        assert bench.ModelHead("here", "plain", "here").module == __name__
+        assert cli._in_process_note("model head", ["plain", "fast-r64"], [heads_module]) == []
+        (note,) = cli._in_process_note("model head", ["plain", "fast-r64"], ["another_module"])
+        assert "`fast-r64`" in note
+
+    def test_few_rounds_caveat_counts_the_quick_rounds(self, tmp_path, keep_threads):
+        """It said 'Only 1 timed round, as `--quick` and `demo` run', which run 2."""
+        args = argparse.Namespace(device="cpu", threads=None, quick=True, amp=False, warmup=None,
+                                  repeats=None, channels_last=False, no_progress=True, seed=0)  # fmt: skip
+        assert cli._settings(args, "layers").repeats == cli.QUICK_ROUNDS == 2
+        argv = ["layers", "--shapes", "2x8x3x3", "--cases", "naive", "fast-bcnn", "--out", str(tmp_path),
+                *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        text = (tmp_path / "layers.md").read_text()
+        assert "Only 1 timed round, fewer than the 2 of `--quick` and `demo`: the" in text
+        assert "as `--quick` and `demo` run" not in text
