@@ -71,7 +71,9 @@ def build_train_transform(
     Flips and the 10% shift follow the paper. The paper names rotations without a
     range or fill, so the default ``rotation=90`` (uniform in ``[-90, 90]`` degrees) is
     our choice, and shifted or rotated images get black (zero) corners from
-    ``RandomAffine``; both are deviations to keep in mind when comparing numbers.
+    ``RandomAffine``; both are deviations to keep in mind when comparing numbers. Rotated
+    images are resampled bilinearly, as Keras' ``ImageDataGenerator`` does; shifts are
+    whole pixels (``RandomAffine`` rounds them), where Keras shifts by fractions.
 
     Args:
         input_size: output side in pixels (the paper: 224; also 197, 448).
@@ -92,7 +94,10 @@ def build_train_transform(
         steps += [
             T.RandomHorizontalFlip(),
             T.RandomVerticalFlip(),
-            T.RandomAffine(degrees=rotation, translate=(shift, shift)),
+            # bilinear, as the paper's Keras ImageDataGenerator (interpolation order 1);
+            # torchvision's default, nearest, left rotated edges jagged
+            T.RandomAffine(degrees=rotation, translate=(shift, shift),
+                           interpolation=T.InterpolationMode.BILINEAR),
         ]
     steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
     return T.Compose(steps)

@@ -709,6 +709,12 @@ class TestTransforms:
         (affine,) = [s for s in steps if isinstance(s, T.RandomAffine)]
         assert tuple(affine.translate) == pytest.approx((0.1, 0.1))
         assert list(affine.degrees) == pytest.approx([-90.0, 90.0])
+        # resampled bilinearly, as Keras' ImageDataGenerator (it was nearest: no new values)
+        assert affine.interpolation == T.InterpolationMode.BILINEAR
+        ramp = Image.fromarray(np.repeat(np.arange(0, 256, 16, dtype=np.uint8)[None], 16, 0))
+        rotated = np.asarray(T.functional.affine(ramp, angle=37.0, translate=[0, 0], scale=1.0,
+                                                 shear=[0.0], interpolation=affine.interpolation))
+        assert set(np.unique(rotated)) - set(range(0, 256, 16)) - {0}  # values between the steps
         other = [s for s in build_train_transform(16, shift=0.2, rotation=30.0).transforms
                  if isinstance(s, T.RandomAffine)]
         assert tuple(other[0].translate) == pytest.approx((0.2, 0.2))
