@@ -323,12 +323,14 @@ def _config(args: argparse.Namespace) -> Any:
         num_workers=args.num_workers, device=args.device)
 
 
-def _check_weights(args: argparse.Namespace, config: Any) -> None:
-    """Refuse --weights the backbone cannot be built with (a missing file, a weights name
-    or tag the model lacks) before the data are indexed (minutes on the real data). Not
-    with --resume: a run that continues its checkpoint takes the weights from it."""
-    from .models import check_weights_available
+def _check_model(args: argparse.Namespace, config: Any) -> None:
+    """Refuse, before the data are indexed (minutes on the real data), SE blocks for a
+    backbone without blocks for them, and --weights the backbone cannot be built with (a
+    missing file, a weights name or tag the model lacks; not with --resume, whose
+    checkpoint holds the weights)."""
+    from .models import check_se_applies, check_weights_available
 
+    check_se_applies(config.backbone, config.se_reduction)
     if not args.resume:
         check_weights_available(config.backbone, config.weights)
 
@@ -555,7 +557,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     _check_fresh_or_resume(args)  # before any process group is made
     config = _config(args)
-    _check_weights(args, config)
+    _check_model(args, config)
     info = init_distributed(config.device)
     _log_to_console(info.is_main)
     spec = _spec(args)
@@ -596,7 +598,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
     _check_fresh_or_resume(args)  # before any process group is made
     config = _config(args)
-    _check_weights(args, config)
+    _check_model(args, config)
     info = init_distributed(config.device)
     _log_to_console(info.is_main)
     out = Path(args.out) if args.out else _default_out(args, "cv")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._files import SettingError
@@ -33,6 +34,7 @@ __all__ = [
     "build_network",
     "check_backbone",
     "check_input_size",
+    "check_se_applies",
     "check_weights",
     "check_weights_available",
     "input_normalization",
@@ -165,6 +167,45 @@ def check_weights_available(backbone: str, weights: str | None) -> None:
         raise SettingError(
             "weights", f"must be weights backbone {backbone!r} can be built with, but got {weights!r}: {err}"
         ) from err
+
+
+def check_se_applies(backbone: str, se_reduction: int | None) -> None:
+    """Refuse SE blocks (``se_reduction``) for a backbone they cannot go into (one
+    without ResNet, Inception-v3 or Inception-ResNet blocks, ``tiny``, or one with
+    channel attention of its own), found by building the backbone on the meta device
+    (no memory, no weights, under a second): for a run, before its data are indexed.
+
+    Raises:
+        breakhis._files.SettingError: naming the setting ``se_reduction``, with the reason.
+
+    Examples:
+        >>> check_se_applies("resnet50", 8)
+        >>> check_se_applies("vgg11", 8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        breakhis._files.SettingError: se_reduction must be None for backbone 'vgg11' ...
+    """
+    if se_reduction is None:
+        return
+    if backbone == "tiny":
+        raise SettingError("se_reduction", "must be None for backbone 'tiny', whose "
+                           "convolutions are no blocks SE goes into (ResNet, Inception-v3, "
+                           f"Inception-ResNet), but got {se_reduction}")
+    try:
+        from bilinearpool import build_backbone
+    except ImportError:
+        return  # build_network says so, when the model is built
+    with torch.device("meta"):
+        try:
+            build_backbone(backbone, se_reduction=se_reduction)
+        except ValueError as err:
+            try:  # the cause is the SE blocks when the backbone builds without them
+                build_backbone(backbone)
+            except (ValueError, RuntimeError):
+                return  # another problem, found (and said) when the model is built
+            raise SettingError(
+                "se_reduction", f"must be None for backbone {backbone!r} (no SE blocks), but "
+                f"got {se_reduction}: {err}") from err
 
 
 def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

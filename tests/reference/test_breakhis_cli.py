@@ -104,6 +104,11 @@ class TestSettingNames:
         (["train", "--backbone", "resnet18", "--weights", "no/such.pth", "--input-size", "32"],
          "--weights must be weights backbone 'resnet18' can be built with, but got 'no/such.pth': "
          "weights file 'no/such.pth' does not exist"),
+        (["train", *TINY, "--se"], "--se-reduction must be None for backbone 'tiny', whose "
+         "convolutions are no blocks SE goes into"),
+        (["cv", "--backbone", "vgg11", "--no-pretrained", "--se-reduction", "4", "--input-size", "32"],
+         "--se-reduction must be None for backbone 'vgg11' (no SE blocks), but got 4: "
+         "insert_se_blocks found no supported block"),
         (["cv", "--backbone", "resnet18", "--weights", "IMAGENET1K_V9", "--input-size", "32"],
          "--weights must be weights backbone 'resnet18' can be built with, but got "
          "'IMAGENET1K_V9': unknown weights 'IMAGENET1K_V9' for 'resnet18'"),
