@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SEBlock, insert_se_blocks
-from .functional._checks import check_positive_int, does_nothing
+from .functional._checks import check_choice, check_positive_int, does_nothing
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -139,8 +139,7 @@ class FeatureExtractor(nn.Module):
         image_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if output_fmt not in _FORMATS:
-            raise ValueError(f"output_fmt must be one of {_FORMATS}, but got {output_fmt!r}")
+        check_choice("output_fmt", output_fmt, _FORMATS)
         if in_channels is not None:
             in_channels = check_positive_int("in_channels", in_channels)
         self.body = body
@@ -1062,9 +1061,10 @@ def build_backbone(
             such as ``"IMAGENET1K_V1"`` or a member of the model's torchvision weights enum
             such as ``torchvision.models.ResNet18_Weights.DEFAULT`` (a member of another
             model's enum raises a ValueError that names the model's members; timm models
-            take no torchvision enum), a timm pretrained tag such as ``"tv_in1k"`` (for
-            ``"resnet18"``: the weights of ``"resnet18.tv_in1k"``; an unknown tag raises a
-            ValueError listing the model's tags), or a path to a local ``state_dict`` file of
+            take no torchvision enum), a timm pretrained tag such as ``"tv_in1k"`` for a
+            timm model (for ``"timm:resnet18"``: the weights of ``"resnet18.tv_in1k"``; a
+            name torchvision has, such as ``"resnet18"``, is torchvision's and takes its
+            weights names; an unknown tag raises a ValueError listing the model's tags), or a path to a local ``state_dict`` file of
             the full model (a ``Path``, or a string with a path separator or a suffix
             ``.pth``, ``.pt``, ``.bin``, ``.safetensors``, ``.ckpt``; FileNotFoundError if
             it does not exist). The file's classifier may be missing or of another size
@@ -1125,8 +1125,7 @@ def build_backbone(
                 "give these options to build_backbone when building it, or pass the model or name instead"
             )
         return backbone
-    if output_fmt is not None and output_fmt not in _FORMATS:
-        raise ValueError(f"output_fmt must be one of {_FORMATS} or None, but got {output_fmt!r}")
+    check_choice("output_fmt", output_fmt, _FORMATS, optional=True)
     given_shape = sample_shape is not None
     sample_shape = _check_sample_shape(sample_shape)
     if isinstance(backbone, str):
@@ -1324,6 +1323,12 @@ def _check_sample_shape(sample_shape: tuple[int, ...] | None) -> tuple[int, ...]
             f"({type(sample_shape).__name__})"
         )
     shape = tuple(sample_shape)
+    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in shape):
+        wrong = next(n for n in shape if isinstance(n, bool) or not isinstance(n, numbers.Integral))
+        raise TypeError(
+            f"sample_shape must be (C, H, W) of positive ints, but got {sample_shape!r}: "
+            f"{wrong!r} is a {type(wrong).__name__}"
+        )
     if len(shape) != 3 or not all(
         isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape
     ):

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional._checks import as_int, check_built_channels, check_dtype, check_positive_int, check_streams
+from .functional._checks import (
+    as_int,
+    check_built_channels,
+    check_choice,
+    check_dtype,
+    check_positive_int,
+    check_streams,
+)
 from .functional.sketch import _ALGORITHMS, random_maclaurin, tensor_sketch
 
 __all__ = ["CompactBilinearPool"]
@@ -77,10 +84,8 @@ class CompactBilinearPool(nn.Module):
         if in_channels_b is not None:
             in_channels_b = check_positive_int("in_channels_b", in_channels_b)
         out_features = check_positive_int("out_features", out_features)
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, but got {method!r}")
-        if algorithm not in _ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {_ALGORITHMS}, but got {algorithm!r}")
+        check_choice("method", method, _METHODS)
+        check_choice("algorithm", algorithm, _ALGORITHMS)
         if method != "tensor_sketch" and algorithm != "auto":
             raise ValueError(
                 f"algorithm={algorithm!r} applies to method='tensor_sketch' only, but method={method!r}"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import bilinear as _F
-from .functional._checks import check_flags
+from .functional._checks import check_choice, check_flags
 
 __all__ = ["BilinearPool", "FastBilinearPool"]
 
@@ -65,8 +65,7 @@ class BilinearPool(nn.Module):
         _F._check_reduction(reduction)
         check_flags(normalize=normalize, save_output=save_output)
         eps = _F._resolve_eps(eps, "eps", _F.SIGNED_SQRT_EPS, "normalize", normalize)
-        if resize is not None and resize not in _RESIZE_MODES:
-            raise ValueError(f"resize must be None or one of {_RESIZE_MODES}, but got {resize!r}")
+        check_choice("resize", resize, _RESIZE_MODES, optional=True)
         if save_output and not normalize:
             raise ValueError(
                 "save_output=True applies to the fused normalized op (normalize=True); "

@@ -239,7 +239,7 @@ class TestChannelsLastMaps:
         assert model.embedding_dim == 36 and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
     def test_errors(self):
-        with pytest.raises(ValueError, match="output_fmt must be one of .*'NLC'"):
+        with pytest.raises(ValueError, match=r"output_fmt must be None or one of \('NCHW', 'NHWC'\), but got 'NLC'"):
             build_backbone(NHWCNet(), output_fmt="NLC")
 
     def test_output_fmt_against_a_known_layout(self):

@@ -18,7 +18,16 @@ import torch
 import torchvision
 from torch import nn
 
-from bilinearpool import BCNN, FastBCNN, FeatureExtractor, GAPClassifier, build_backbone
+from bilinearpool import (
+    BCNN,
+    BilinearPool,
+    CompactBilinearPool,
+    FastBCNN,
+    FeatureExtractor,
+    GAPClassifier,
+    MatrixSqrt,
+    build_backbone,
+)
 
 
 def tiny() -> nn.Module:
@@ -487,3 +496,26 @@ def test_sizes_take_any_integer_type_and_keep_python_ints(kind):
     for bad in (2.0, True, torch.tensor(2.0), torch.tensor([2])):
         with pytest.raises(TypeError, match=r"^channels must be a positive int, but got "):
             SEBlock(bad)
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: BilinearPool(reduction=1), "reduction"),
+    (lambda: BilinearPool(resize=3), "resize"),
+    (lambda: MatrixSqrt(method=1), "method"),
+    (lambda: MatrixSqrt(norm=1), "norm"),
+    (lambda: MatrixSqrt(impl=1), "impl"),
+    (lambda: CompactBilinearPool(in_channels=4, out_features=8, method=1), "method"),
+    (lambda: CompactBilinearPool(in_channels=4, out_features=8, algorithm=3), "algorithm"),
+    (lambda: build_backbone(tiny(), output_fmt=1), "output_fmt"),
+])
+def test_a_setting_of_choices_given_another_type_is_a_type_error(build, name):
+    """Settings that take one of a few strings raised ValueError for a number (usage.rst
+    says a wrong type is a TypeError naming the type)."""
+    with pytest.raises(TypeError, match=rf"^{name} must be (None or )?one of \(.*\), but got \d+ \(int\)$"):
+        build()
+
+
+def test_sample_shape_of_another_type_is_a_type_error():
+    for shape, kind in (((3, "64", 64), "str"), ((3, 64.0, 64), "float"), ((True, 64, 64), "bool")):
+        with pytest.raises(TypeError, match=rf"sample_shape must be \(C, H, W\) of positive ints, .* is a {kind}$"):
+            FastBCNN(tiny(), num_classes=2, sample_shape=shape)

@@ -23,6 +23,7 @@ __all__ = [
     "as_int",
     "check_built_channels",
     "check_channels",
+    "check_choice",
     "check_dtype",
     "check_flags",
     "check_floating",
@@ -287,6 +288,26 @@ def check_real(name: str, value: object, kind: str, within: Callable[[float], bo
     if not within(value):
         raise ValueError(f"{name} must be {kind}, but got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...], *, optional: bool = False) -> None:
+    """:class:`TypeError` unless ``value`` is a string (or ``None`` where ``optional``),
+    :class:`ValueError` unless it is one of ``choices``; the message lists them.
+
+    Examples:
+        >>> check_choice("reduction", "mean", ("mean", "sum"))
+        >>> check_choice("reduction", 1, ("mean", "sum"))
+        Traceback (most recent call last):
+            ...
+        TypeError: reduction must be one of ('mean', 'sum'), but got 1 (int)
+    """
+    if optional and value is None:
+        return
+    kind = f"None or one of {choices}" if optional else f"one of {choices}"
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be {kind}, but got {value!r} ({type(value).__name__})")
+    if value not in choices:
+        raise ValueError(f"{name} must be {kind}, but got {value!r}")
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:

@@ -27,6 +27,7 @@ from . import _elementwise
 from ._elementwise import grad_from_y_, signed_sqrt_
 from ._memory import new_output
 from ._checks import (
+    check_choice,
     check_flags,
     check_floating,
     check_positive_int,
@@ -60,8 +61,7 @@ L2_EPS = 1e-12
 
 
 def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, but got {reduction!r}")
+    check_choice("reduction", reduction, _REDUCTIONS)
 
 
 def _check_eps(eps: float, name: str = "eps") -> None:

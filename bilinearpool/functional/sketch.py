@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import _elementwise
-from ._checks import RESIZE_BY_INTERPOLATE, check_positive_int, compute_dtype, no_autocast, pair_streams, plain_ops
+from ._checks import RESIZE_BY_INTERPOLATE, check_choice, check_positive_int, compute_dtype, no_autocast, pair_streams, plain_ops
 
 __all__ = ["random_maclaurin", "tensor_sketch"]
 
@@ -426,8 +426,7 @@ def tensor_sketch(
         _check_projection(name, t, m.shape[1], 1, "a vector")
     _check_hash("index_a", index_a, out_features)
     _check_hash("index_b", index_b, out_features)
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {_ALGORITHMS}, but got {algorithm!r}")
+    check_choice("algorithm", algorithm, _ALGORITHMS)
     # Any integer dtype passes the check; index_add_/index_select take int64 (or int32).
     index_a, index_b = index_a.long(), index_b.long()
     dtype = compute_dtype(a, b)

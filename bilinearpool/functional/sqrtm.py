@@ -79,7 +79,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_floating, check_positive_int, check_real, compute_dtype, does_nothing, no_autocast, plain_ops
+from ._checks import check_choice, check_floating, check_positive_int, check_real, compute_dtype, does_nothing, no_autocast, plain_ops
 
 __all__ = ["matrix_sqrt"]
 
@@ -114,18 +114,17 @@ def _resolve_config(
             read (``num_iters``, ``norm`` and ``impl`` are Newton-Schulz's; ``eps`` is
             ``"eig"``'s), which would do nothing.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, but got {method!r}")
+    check_choice("method", method, _METHODS)
     given = {"num_iters": num_iters, "norm": norm, "impl": impl, "eps": eps}
     foreign = [k for k, v in given.items() if v is not None and k not in _METHOD_SETTINGS[method]]
     if foreign:
         other = next(m for m in _METHODS if m != method)
         raise does_nothing(foreign, f"method={other!r} only", f"method={method!r}", fix=f"use method={other!r}")
     settings = {k: (_DEFAULTS[k] if given[k] is None else given[k]) for k in _METHOD_SETTINGS[method]}
-    if "norm" in settings and settings["norm"] not in _NORMS:
-        raise ValueError(f"norm must be one of {_NORMS}, but got {settings['norm']!r}")
-    if "impl" in settings and settings["impl"] not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, but got {settings['impl']!r}")
+    if "norm" in settings:
+        check_choice("norm", settings["norm"], _NORMS)
+    if "impl" in settings:
+        check_choice("impl", settings["impl"], _IMPLS)
     if "num_iters" in settings:
         # any integer (numpy scalars too); bools refused
         settings["num_iters"] = check_positive_int("num_iters", settings["num_iters"])
