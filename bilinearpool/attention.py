@@ -245,7 +245,11 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
         count += 1
     if count == 0:
         kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
-        traced = any(isinstance(m, torch.fx.GraphModule) for m in model.modules())
+        # a torch.fx feature extractor of a model whose blocks SE goes into (its class name
+        # kept): its blocks are plain Modules now, and the SE blocks had to go in before
+        traced = any(isinstance(m, torch.fx.GraphModule) for m in model.modules()) and bool(
+            {type(m).__name__ for m in model.modules()} & {"ResNet", "Inception3", "InceptionResnetV2"}
+        )
         raise ValueError(
             "insert_se_blocks found no supported block (ResNet Bottleneck/BasicBlock, Inception-v3 "
             f"modules, Inception-ResNet Block35/17/8) in {type(model).__name__}; it contains {kinds}"

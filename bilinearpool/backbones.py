@@ -38,7 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SEBlock, insert_se_blocks
-from .functional._checks import check_choice, check_positive_int, does_nothing
+from .functional._checks import (
+    as_int,
+    check_choice,
+    check_optional_positive_int,
+    check_positive_int,
+    does_nothing,
+)
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -143,15 +149,17 @@ class FeatureExtractor(nn.Module):
         if in_channels is not None:
             in_channels = check_positive_int("in_channels", in_channels)
         self.body = body
-        self.out_channels = int(out_channels)
-        self.reduction = reduction
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.reduction = check_optional_positive_int("reduction", reduction)
         self.name = name
         self.output_fmt = output_fmt
         self.tokens = bool(tokens)
         self.in_channels = None if in_channels is None else int(in_channels)
         if image_size is not None:
-            if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+            if not isinstance(image_size, (tuple, list)):
                 raise TypeError(f"image_size must be (H, W) or None, but got {image_size!r}")
+            if len(image_size) != 2:
+                raise ValueError(f"image_size must be (H, W) or None, but got {image_size!r}")
             image_size = (check_positive_int("image_size[0]", image_size[0]),
                           check_positive_int("image_size[1]", image_size[1]))
         self.image_size = image_size
@@ -544,6 +552,9 @@ def _fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
     size = getattr(model, "image_size", None)
     if _is_torchvision_classifier(model) and isinstance(size, int):
         return size, size
+    inner = getattr(model, "model", None)  # timm's features_only wrappers (FeatureGetterNet)
+    if getattr(model, "patch_embed", None) is None and isinstance(inner, nn.Module):
+        model = inner
     embed = getattr(model, "patch_embed", None)
     img_size = getattr(embed, "img_size", None)
     if (
@@ -986,13 +997,15 @@ def _timm_module(name: str) -> Any:
         raise ValueError(f"unknown timm model {name!r}{meant}; see timm.list_models()")
     bare, _, tag = name.partition(".")
     # timm.is_model reads the bare name only: a tag it has no configuration for would
-    # pass here and fail in create_model with a bare RuntimeError
-    if tag and name not in timm.list_pretrained(f"{bare}.*"):
-        tags = [k.partition(".")[2] for k in timm.list_pretrained(f"{bare}.*")]
+    # pass here and fail in create_model with a bare RuntimeError (every configuration
+    # counts, those without weights such as ".untrained" too)
+    tagged = timm.list_models(f"{bare}.*", include_tags=True)
+    if tag and name not in tagged:
+        tags = [k.partition(".")[2] for k in tagged]
         listed = f"one of its tags {tags}" if tags else f"no tag ({bare!r} has none)"
         raise ValueError(
             f"unknown pretrained tag {tag!r} for timm model {bare!r}: use {listed}, or the bare name "
-            "with weights=None or 'imagenet'; see timm.list_pretrained()"
+            "with weights=None or 'imagenet'; see timm.list_models(pattern, include_tags=True)"
         )
     return timm
 
@@ -1126,6 +1139,7 @@ def build_backbone(
             )
         return backbone
     check_choice("output_fmt", output_fmt, _FORMATS, optional=True)
+    se_reduction = check_optional_positive_int("se_reduction", se_reduction)
     given_shape = sample_shape is not None
     sample_shape = _check_sample_shape(sample_shape)
     if isinstance(backbone, str):
@@ -1152,6 +1166,7 @@ def build_backbone(
                 name=name,
                 output_fmt=_timm_output_fmt(body),
                 in_channels=_timm_in_channels(body),
+                image_size=_fixed_image_size(body),
             )
         if name in _torchvision_names():
             given_node = node
@@ -1187,6 +1202,9 @@ def build_backbone(
     if node is None and _is_timm_classifier(backbone):  # its logits would be refused after the size
         needs.append(_node_hint(backbone))
     fmt = output_fmt or _module_output_fmt(backbone, node)
+    if default_node is not None:  # (before SE blocks go into the user's model, in place)
+        known = _module_output_fmt(backbone, node)
+        _check_known_fmt(output_fmt, known, f"{type(backbone).__name__} cut at {node!r}, which gives")
     if se_reduction is not None:
         if node is not None:
             _check_node(backbone, node)  # before SE blocks go into the user's model, in place
@@ -1195,9 +1213,6 @@ def build_backbone(
     # as for names, the layouts of the default nodes are known: no second probe
     channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None, needs=needs)
     _check_fmt_applies(output_fmt, stride)
-    if default_node is not None:
-        known = _module_output_fmt(backbone, node)
-        _check_known_fmt(output_fmt, known, f"{type(backbone).__name__} cut at {node!r}, which gives")
     # what the network takes is known for torchvision and timm models, and declared by a sample_shape
     known = given_shape or _is_torchvision_classifier(backbone) or _is_timm_model(backbone)
     return FeatureExtractor(
@@ -1322,15 +1337,14 @@ def _check_sample_shape(sample_shape: tuple[int, ...] | None) -> tuple[int, ...]
             f"sample_shape must be (C, H, W) of positive ints (a tuple or list), but got {sample_shape!r} "
             f"({type(sample_shape).__name__})"
         )
-    shape = tuple(sample_shape)
-    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in shape):
-        wrong = next(n for n in shape if isinstance(n, bool) or not isinstance(n, numbers.Integral))
+    # integers of any kind (NumPy's, 0-d integer tensors), as the layers' sizes
+    values = [as_int(n) for n in sample_shape]
+    wrong = next((n for n, v in zip(sample_shape, values) if v is None), None)
+    if wrong is not None or any(v is None for v in values):
         raise TypeError(
             f"sample_shape must be (C, H, W) of positive ints, but got {sample_shape!r}: "
             f"{wrong!r} is a {type(wrong).__name__}"
         )
-    if len(shape) != 3 or not all(
-        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in shape
-    ):
+    if len(values) != 3 or not all(v > 0 for v in values):  # type: ignore[operator]
         raise ValueError(f"sample_shape must be (C, H, W) of positive ints, but got {sample_shape!r}")
-    return tuple(int(n) for n in shape)
+    return tuple(values)  # type: ignore[arg-type]

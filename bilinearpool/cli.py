@@ -2122,7 +2122,7 @@ _SAME_RUN_SETTINGS = ("device", "amp", "channels_last")
 #: Of those, the entries that change only what is timed, and the device (a ``models
 #: --params-only`` run counts on the CPU whatever its parts beside it ran on): not compared
 #: with a part that times nothing, which does not record the timing settings either.
-_TIMING_ONLY_KEYS = ("device", "threads", "cuda", "cudnn", *bench.SWITCHES, "runtime_env",
+_TIMING_ONLY_KEYS = ("device", "threads", "cpu_count", "cuda", "cudnn", *bench.SWITCHES, "runtime_env",
                      "transparent_hugepages", "float32_matmul_precision", "cuda_matmul_allow_tf32",
                      "cudnn_allow_tf32", "amp", "channels_last")  # fmt: skip
 

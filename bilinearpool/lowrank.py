@@ -52,7 +52,9 @@ class LowRankBilinearPool(nn.Module):
         - x: :math:`(B, C_1, H, W)` or tokens :math:`(B, N, C_1)`.
         - y: :math:`(B, C_2, H, W)` or :math:`(B, N, C_2)`, same locations (optional).
         - Output: :math:`(B, D)`, :math:`D` = ``out_features`` or ``rank``; float32 for
-          float16/bfloat16 input.
+          float16/bfloat16 input, float64 where the input or the parameters are float64
+          (as ``CovariancePool``'s reduction: a float64 layer in a float32 model then
+          gives float64 features, which a float32 classifier refuses).
 
     Examples:
         >>> pool = LowRankBilinearPool(in_channels=64, rank=32, out_features=100)

@@ -159,6 +159,9 @@ class TestInsertSE:
             insert_se_blocks(build_backbone("resnet18"))
         with pytest.raises(ValueError, match=r"found no supported block .*contains \[.Conv2d.\]$"):
             insert_se_blocks(torch.nn.Conv2d(3, 4, 1))  # a plain model: no such advice
+        with pytest.raises(ValueError, match=r"found no supported block") as info:
+            insert_se_blocks(build_backbone("vgg11"))  # cut or not, VGG takes none
+        assert "feature extractor" not in str(info.value)
 
     @pytest.mark.parametrize("name, attention", [("seresnet18", "SEModule"), ("ecaresnet26t", "EcaModule")])
     def test_blocks_with_their_own_attention_are_refused(self, name, attention):

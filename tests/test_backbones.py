@@ -195,6 +195,22 @@ def test_timm_name_with_an_unknown_tag(name):
             build_backbone(name, weights=weights)
 
 
+def test_timm_tag_of_a_configuration_without_weights():
+    """A tag timm has a configuration for but no weights (".untrained") is a name timm
+    builds: refused for a while, since list_pretrained leaves such tags out."""
+    from bilinearpool import check_backbone_name
+
+    check_backbone_name("timm:test_vit_relpos.untrained")
+    assert build_backbone("timm:test_vit_relpos.untrained").out_channels > 0
+
+
+def test_timm_vit_by_name_knows_its_image_size():
+    fx = build_backbone("timm:vit_tiny_patch16_224")
+    assert fx.image_size == (224, 224)
+    with pytest.raises(ValueError, match=r"takes 224 x 224 images only, but got shape \(1, 3, 128, 128\)"):
+        fx(torch.randn(1, 3, 128, 128))
+
+
 class NHWCNet(nn.Module):
     """A stand-in for a Swin stage: a feature map in (B, H, W, C)."""
 
@@ -258,6 +274,12 @@ class TestChannelsLastMaps:
             build_backbone("timm:resnet18", output_fmt="NHWC")
         with pytest.raises(ValueError, match=r"contradicts the layout of ResNet cut at 'layer4'"):
             build_backbone(torchvision.models.resnet18(), output_fmt="NHWC")
+        # refused before SE blocks go into the user's model in place (a retry then failed
+        # with "already contains 8 SEBlocks")
+        model = torchvision.models.resnet18()
+        with pytest.raises(ValueError, match="contradicts the layout"):
+            build_backbone(model, se_reduction=8, output_fmt="NHWC")
+        assert build_backbone(model, se_reduction=8).out_channels == 512
         # the known layout, given: accepted
         assert build_backbone("resnet18", output_fmt="NCHW").out_channels == 512
         assert build_backbone("timm:resnet18", output_fmt="NCHW").output_fmt == "NCHW"

@@ -2076,6 +2076,10 @@ class TestAuditFollowUps:
         assert warning.endswith("threads 1 vs 2; amp off vs bfloat16")
         untimed = {**models, "plan": {"timed": False}, "settings": {"device": "cpu"}}
         assert cli._part_differences([layers, untimed]) == []
+        # nor the machine's cores, which counting parameters does not use
+        counted = {**untimed, "environment": {**untimed["environment"], "cpu_count": 16}}
+        assert cli._part_differences([{**layers, "environment": {**layers["environment"], "cpu_count": 2}},
+                                      counted]) == []
         older = {k: v for k, v in untimed.items() if k != "plan"}  # no plan: its columns tell
         assert cli._part_differences([layers, {**older, "columns": ["params", "params_ok"]}]) == []
 

@@ -519,3 +519,8 @@ def test_sample_shape_of_another_type_is_a_type_error():
     for shape, kind in (((3, "64", 64), "str"), ((3, 64.0, 64), "float"), ((True, 64, 64), "bool")):
         with pytest.raises(TypeError, match=rf"sample_shape must be \(C, H, W\) of positive ints, .* is a {kind}$"):
             FastBCNN(tiny(), num_classes=2, sample_shape=shape)
+    # integers of any kind are taken, as the sizes of the layers (0-d tensors too)
+    import numpy as np
+
+    fx = build_backbone(tiny(), sample_shape=(3, torch.tensor(32), np.int64(32)))
+    assert fx.out_channels == 6
