@@ -206,7 +206,6 @@ class DataSpec:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_int("n_splits", self.n_splits, 2, why="folds of protocols 'image' and 'patient'")
         check_seed(self.split_seed, "split_seed", span="[0, 2**32 - 1]",
                    why="the folds are drawn by scikit-learn, which takes such seeds")
         if not (isinstance(self.val_fraction, Real)
@@ -220,7 +219,10 @@ class DataSpec:
                 f"fold files {list(self.folds_file)} are used by protocol 'official' only, "
                 f"but protocol is {self.protocol!r}; add --protocol official or drop "
                 "--folds-file")
+        # (after: with protocol official, any n_splits but the default is refused as
+        # doing nothing, which says more than a range the protocol does not take)
         self._check_effect()
+        check_int("n_splits", self.n_splits, 2, why="folds of protocols 'image' and 'patient'")
         if not self.image_folder:  # an image folder's task is its class folders
             get_task(self.task, magnification=self.magnification)
         self.data_root = _absolute(self.data_root)
@@ -470,7 +472,8 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
     if spec.protocol == "official" and not tables:
         tables = list(find_fold_tables(index))
     splits = make_splits(records, targets, spec.protocol, n_splits=spec.n_splits,
-                         seed=spec.split_seed, fold_tables=tables, classes=task.classes)
+                         seed=spec.split_seed, fold_tables=tables, classes=task.classes,
+                         magnification=task.magnification)
     return PreparedData(index, task, records, targets, groups, splits,
                         warnings=[*index.warnings, *task_warnings])
 
@@ -1100,9 +1103,10 @@ def evaluate_checkpoint(
         checkpoint: a ``checkpoint.pt`` written by training.
         out_dir: where to write ``test_metrics.json``/``.md`` and ``test_predictions.csv``
             (default: the checkpoint's folder).
-        data_root: use this data folder instead of the one recorded (data moved); fold
-            tables and a patients CSV recorded inside the old one are read from the same
-            place inside it.
+        data_root: use this data folder instead of the one recorded (data moved); a
+            patients CSV recorded inside the old one is read from the same place inside
+            it (and the fold tables, for a checkpoint written before the file lists were
+            recorded, whose fold is drawn again).
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show a progress bar.
 
@@ -1308,9 +1312,10 @@ def checkpoint_records(
         split: ``test`` (the fold's test images), ``train`` (its training images,
             validation share included) or ``all`` (every image of the task). Test and
             training images are those recorded in the checkpoint at training time.
-        data_root: use this data folder instead of the one recorded (data moved); fold
-            tables and a patients CSV recorded inside the old one are read from the same
-            place inside it.
+        data_root: use this data folder instead of the one recorded (data moved); a
+            patients CSV recorded inside the old one is read from the same place inside
+            it (and the fold tables, for a checkpoint written before the file lists were
+            recorded, whose fold is drawn again).
         progress: show a progress bar while indexing.
 
     Returns:

@@ -417,7 +417,8 @@ def find_fold_tables(index: DataIndex, *, max_depth: int = 3) -> list[Path]:
 
 
 def official_folds(
-    records: Sequence[ImageRecord], tables: Sequence[str | os.PathLike[str]]
+    records: Sequence[ImageRecord], tables: Sequence[str | os.PathLike[str]],
+    *, magnification: int | None | str = "records",
 ) -> list[Split]:
     """Splits from the released fold tables.
 
@@ -435,7 +436,10 @@ def official_folds(
     dropped: both are counted in its notes (the lines per side, with examples). Only the
     task's lines count: when the records are of one magnification (``MSBC``, ``MSFC``),
     lines of another (by the BreaKHis file name, else the ``mag`` column) are other
-    tasks' and are not noted. Patient-disjointness is checked and recorded, not
+    tasks' and are not noted. ``magnification`` says the task's (``None``: every
+    magnification, as ``MIBC``); by default it is read from the records (one among them:
+    that one), which misses a magnification-independent task run on data of one
+    magnification. Patient-disjointness is checked and recorded, not
     enforced; a fold with an image of unknown patient is recorded as not
     patient-disjoint (it cannot be checked). Each split's ``fold`` is the table's own
     fold number (the ``fold`` column).
@@ -443,6 +447,7 @@ def official_folds(
     Args:
         records: the task's records.
         tables: a ``Folds.csv`` or the ``dsfoldN.txt`` files.
+        magnification: the task's magnification, ``None`` for all, or ``"records"``.
 
     Raises:
         ValueError: when no tables are given, two tables define the same fold number, a
@@ -466,10 +471,13 @@ def official_folds(
         by_name[record.path.name].append(i)
     groups = patient_groups(records)
     unknown = np.asarray([r.patient is None for r in records], dtype=bool)
-    magnifications = {r.magnification for r in records}
-    # one magnification among the records: a magnification-specific task, whose table
-    # lines of other magnifications are other tasks' (None: an image folder, or all)
-    task_mag = next(iter(magnifications)) if len(magnifications) == 1 else None
+    if magnification == "records":
+        magnifications = {r.magnification for r in records}
+        # one magnification among the records: a magnification-specific task, whose table
+        # lines of other magnifications are other tasks' (None: an image folder, or all)
+        task_mag = next(iter(magnifications)) if len(magnifications) == 1 else None
+    else:
+        task_mag = magnification
     out = []
     for fold in sorted(merged):
         side, unmatched = _sides(records, by_name, merged[fold], fold, source[fold])
@@ -575,6 +583,7 @@ def make_splits(
     seed: int = 0,
     fold_tables: Sequence[str | os.PathLike[str]] = (),
     classes: Sequence[str] | None = None,
+    magnification: int | None | str = "records",
 ) -> list[Split]:
     """Splits of ``records`` under ``protocol``.
 
@@ -586,6 +595,7 @@ def make_splits(
         seed: shuffling seed.
         fold_tables: fold files for ``"official"``.
         classes: the classes' names, for messages (default: their numbers).
+        magnification: ``"official"``: the task's magnification (see :func:`official_folds`).
 
     Raises:
         ValueError: for an unknown protocol, impossible settings, or (``"patient"``) a
@@ -601,7 +611,7 @@ def make_splits(
         require_patients(records, protocol)
         return patient_kfold(targets, patient_groups(records), n_splits=n_splits, seed=seed,
                              classes=classes)
-    return official_folds(records, fold_tables)
+    return official_folds(records, fold_tables, magnification=magnification)
 
 
 def validation_split(

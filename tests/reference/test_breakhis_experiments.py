@@ -90,6 +90,10 @@ class TestDataSpec:
                                    f"'image' and 'patient'), but got {n_splits!r}")
         assert info.value.setting == "n_splits"
         assert DataSpec("data", n_splits=2).n_splits == 2
+        # with protocol official no n_splits is taken: said so, not a range it does not use
+        with pytest.raises(SettingError, match=r"^n_splits must be left at its default 5 with "
+                           r"protocol 'official'"):
+            DataSpec("data", protocol="official", n_splits=n_splits)
 
     def test_cli_val_fraction_is_checked(self, synth_tree, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -330,6 +331,18 @@ class TestProtocols:
             {train40, test40, renamed, train100, broken, "scan 7.png"}))
         assert notes("MSFC", 200) == ()
         assert notes("MSBC", 100) == (absent("2 training images", {train100, "scan 7.png"}),)
+        # a magnification-independent task on data of one magnification: told by the
+        # task (make_splits passes it), the other magnifications' lines are noted too
+        only40 = [r for r in index.records if r.magnification == 40]
+        (inferred,) = official_folds(only40, [table])
+        assert inferred.notes == notes("MSBC", 40)
+        (told,) = official_folds(only40, [table], magnification=None)
+        other = sum(line.split("|")[1] != "40" for line in table.read_text().splitlines())
+        counted = re.match(r"(\d+) training images and (\d+) test images listed", told.notes[-1])
+        assert counted and int(counted[1]) + int(counted[2]) == other + 3  # and the 3 at 40X
+        (made,) = make_splits(only40, np.zeros(len(only40), dtype=np.int64), "official",
+                              fold_tables=[table], magnification=None)
+        assert made.notes == told.notes
 
     def test_official_fold_is_the_tables_own_number(self, tmp_path: Path) -> None:
         records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=n) for n in "abcd"]
