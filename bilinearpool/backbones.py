@@ -28,7 +28,6 @@ import copy
 import difflib
 import enum
 import importlib.util
-import numbers
 import os
 import pickle
 from pathlib import Path
