@@ -57,6 +57,18 @@ def _png(path: Path) -> None:
     Image.fromarray(np.full((12, 20, 3), 128, np.uint8)).save(path)
 
 
+def _folder_with_patients(data: Path) -> Path:
+    """An image folder of two classes, 6 images each, 3 patients of 2 images per class,
+    and ``patients.csv`` naming them."""
+    rows = ["path,patient"]
+    for cls in ("normal", "tumour"):
+        for i in range(6):
+            _png(data / cls / f"img{i}.png")
+            rows.append(f"{cls}/img{i}.png,{cls}{i // 2}")
+    (data / "patients.csv").write_text("\n".join(rows) + "\n")
+    return data
+
+
 @pytest.fixture
 def tree_copy(synth_tree, tmp_path: Path) -> Path:
     """A private copy of the synthetic tree, for tests that delete images."""
@@ -834,13 +846,7 @@ class TestMovedDataFiles:
         assert load_checkpoint(run / "checkpoint.pt")["extra"]["data"]["folds_file_sha256"]
 
     def test_moved_patients_csv(self, tmp_path: Path) -> None:
-        data = tmp_path / "data"
-        rows = ["path,patient"]
-        for cls in ("normal", "tumour"):
-            for i in range(6):
-                _png(data / cls / f"img{i}.png")
-                rows.append(f"{cls}/img{i}.png,{cls}{i // 2}")
-        (data / "patients.csv").write_text("\n".join(rows) + "\n")
+        data = _folder_with_patients(tmp_path / "data")
 
         def spec(root: Path) -> DataSpec:
             return DataSpec(str(root), image_folder=True, patients_csv=str(root / "patients.csv"),
@@ -1167,13 +1173,7 @@ class TestSavedRunsAsTrained:
                         progress=False)["epochs_trained"] == 2
 
     def test_patient_protocol_with_a_broken_file_without_patient(self, tmp_path: Path) -> None:
-        data = tmp_path / "data"
-        rows = ["path,patient"]
-        for cls in ("normal", "tumour"):
-            for i in range(6):
-                _png(data / cls / f"img{i}.png")
-                rows.append(f"{cls}/img{i}.png,{cls}{i // 2}")
-        (data / "patients.csv").write_text("\n".join(rows) + "\n")
+        data = _folder_with_patients(tmp_path / "data")
         (data / "normal" / "broken.png").write_bytes((data / "normal" / "img0.png").read_bytes()[:60])
         spec = DataSpec(str(data), image_folder=True, patients_csv=str(data / "patients.csv"),
                         n_splits=2, val_fraction=0)
