@@ -182,6 +182,8 @@ def analytic_parameter_count(
         >>> analytic_parameter_count("fast-bcnn", backbone_params=100, channels=8, num_classes=2, reduce_dim=2)
         130
     """
+    if not isinstance(head, str):  # (an AttributeError from .lower() before)
+        raise TypeError(f"head must be one of {_ANALYTIC_HEADS}, but got {head!r} ({type(head).__name__})")
     key = head.lower().replace("_", "-")
     if key not in _ANALYTIC_HEADS:
         raise ValueError(f"head must be one of {_ANALYTIC_HEADS}, but got {head!r}")

@@ -143,6 +143,8 @@ class TestParameterCounts:
     def test_analytic_errors(self):
         with pytest.raises(ValueError, match="head must be one of"):
             bench.analytic_parameter_count("gap", backbone_params=1, channels=2, num_classes=3)
+        with pytest.raises(TypeError, match=r"head must be one of .*, but got 1 \(int\)"):
+            bench.analytic_parameter_count(1, backbone_params=1, channels=2, num_classes=3)
         with pytest.raises(ValueError, match="triu=True applies to the 'fast-bcnn' head only"):
             bench.analytic_parameter_count(
                 "bcnn", backbone_params=1, channels=2, num_classes=3, triu=True
