@@ -496,8 +496,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise _CombinationError(
             f"--n-splits {args.n_splits} sets the number of folds of protocols 'image' and "
             "'patient', but protocol 'official' takes its folds from the fold tables (one "
-            "per table); drop --n-splits, or pass --protocol patient (or image) for "
-            f"{args.n_splits} folds")
+            "per table); drop --n-splits, or pass --protocol patient (or image)"
+            + (f" for {args.n_splits} folds" if args.n_splits >= 2 else ""))
     if args.protocol == "official" and args.val_fraction == 0 and args.split_seed is not None:
         raise _CombinationError(
             f"--split-seed {args.split_seed} draws the folds of protocols 'image' and "

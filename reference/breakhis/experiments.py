@@ -235,7 +235,9 @@ class DataSpec:
         for name in _without_effect(asdict(self)):
             value = getattr(self, name)
             if value != _DATA_DEFAULTS[name]:
-                raise SettingError(name, _WITHOUT_EFFECT[name].format(value=value))
+                # "for 3 folds" where the value is a number of folds those protocols take
+                folds = f" for {value} folds" if isinstance(value, int) and value >= 2 else ""
+                raise SettingError(name, _WITHOUT_EFFECT[name].format(value=value, folds=folds))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in checkpoints)."""
@@ -276,8 +278,7 @@ _WITHOUT_EFFECT: dict[str, str] = {
                     "set image_folder=True, or leave it out",
     "n_splits": f"must be left at its default {_DATA_DEFAULTS['n_splits']} with protocol "
                 "'official', whose folds are its fold tables' (one per table), but got "
-                "{value!r}; leave it out, or use protocol 'patient' or 'image' for {value!r} "
-                "folds",
+                "{value!r}; leave it out, or use protocol 'patient' or 'image'{folds}",
     "split_seed": f"must be left at its default {_DATA_DEFAULTS['split_seed']} with protocol "
                   "'official' and val_fraction 0, which draw nothing (the fold tables give "
                   "the folds and no validation images are held out), but got {value!r}; "

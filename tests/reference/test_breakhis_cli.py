@@ -504,6 +504,10 @@ class TestFlagsWithoutEffect:
          "--n-splits 3 sets the number of folds of protocols 'image' and 'patient', but "
          "protocol 'official' takes its folds from the fold tables (one per table); drop "
          "--n-splits, or pass --protocol patient (or image) for 3 folds"),
+        (["--protocol", "official", "--n-splits", "1"],  # not "for 1 folds"
+         "--n-splits 1 sets the number of folds of protocols 'image' and 'patient', but "
+         "protocol 'official' takes its folds from the fold tables (one per table); drop "
+         "--n-splits, or pass --protocol patient (or image)"),
         (["--protocol", "official", "--val-fraction", "0", "--split-seed", "3"],
          "--split-seed 3 draws the folds of protocols 'image' and 'patient' and the "
          "validation images, but protocol 'official' takes its folds from the fold tables "

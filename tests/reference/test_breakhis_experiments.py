@@ -103,8 +103,9 @@ class TestDataSpec:
         assert info.value.setting == "n_splits"
         assert DataSpec("data", n_splits=2).n_splits == 2
         # with protocol official no n_splits is taken: said so, not a range it does not use
+        # (nor "use protocol 'patient' for 1 folds")
         with pytest.raises(SettingError, match=r"^n_splits must be left at its default 5 with "
-                           r"protocol 'official'"):
+                           r"protocol 'official'.*use protocol 'patient' or 'image'$"):
             DataSpec("data", protocol="official", n_splits=n_splits)
 
     def test_cli_val_fraction_is_checked(self, synth_tree, tmp_path: Path,
