@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -32,7 +34,9 @@ class CompactBilinearPool(nn.Module):
     from ``seed`` with a local generator on the CPU, so the same seed gives the same
     layer on every device, and they are saved in the ``state_dict`` with the seed and
     ``out_features`` (a checkpoint of a layer with another ``out_features`` is refused:
-    RuntimeError from ``load_state_dict``; loading takes the checkpoint's seed). Both methods export
+    RuntimeError from ``load_state_dict``; loading takes the checkpoint's seed; a checkpoint
+    saved before the seed was recorded loads its buffers, with a warning when they are not
+    the draw of the layer's own seed, which then no longer describes them). Both methods export
     to ONNX (Tensor Sketch through its Gram formula, which needs no FFT).
 
     Args:
@@ -118,19 +122,26 @@ class CompactBilinearPool(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Draw the projections again from ``seed`` (the same draw every time)."""
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        for name, value in self._draw(self.seed).items():
+            getattr(self, name).copy_(value)
+
+    def _draw(self, seed: int) -> dict[str, Tensor]:
+        """The projections ``seed`` draws, by buffer name (on the CPU)."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
 
         def signs(*shape: int) -> Tensor:
             return torch.randint(0, 2, shape, generator=g).mul_(2).sub_(1)
 
+        out = {}
         if self.method == "tensor_sketch":
             for name in ("a", "b"):
-                index = getattr(self, f"index_{name}")
-                index.copy_(torch.randint(0, self.out_features, index.shape, generator=g))
-                getattr(self, f"sign_{name}").copy_(signs(*index.shape))
+                shape = getattr(self, f"index_{name}").shape
+                out[f"index_{name}"] = torch.randint(0, self.out_features, shape, generator=g)
+                out[f"sign_{name}"] = signs(*shape)
         else:
-            self.weight_a.copy_(signs(*self.weight_a.shape))
-            self.weight_b.copy_(signs(*self.weight_b.shape))
+            out["weight_a"] = signs(*self.weight_a.shape)
+            out["weight_b"] = signs(*self.weight_b.shape)
+        return out
 
     def get_extra_state(self) -> Tensor:
         """What the buffers alone do not say: ``(out_features, seed)`` (a tensor, which
@@ -182,8 +193,25 @@ class CompactBilinearPool(nn.Module):
         # strict=False, or refused for their size).
         if len(error_msgs) > errors or any(prefix + name not in state_dict for name in self._buffers):
             self.seed = seed
+        elif extra is None and not self._buffers_are_draw_of(self.seed):
+            warnings.warn(
+                f"CompactBilinearPool {prefix.rstrip('.') or '(the module loaded)'}: the checkpoint "
+                "records no seed (saved before the seed was recorded) and its projections are not "
+                f"seed {self.seed}'s draw; they are loaded, but seed={self.seed} (repr, "
+                "reset_parameters) no longer describes them",
+                UserWarning,
+                stacklevel=2,
+            )
         if extra is None and prefix + "_extra_state" in missing_keys:
             missing_keys.remove(prefix + "_extra_state")  # checkpoints saved before it existed
+
+    def _buffers_are_draw_of(self, seed: int) -> bool:
+        if any(getattr(self, name).is_meta for name in self._buffers):
+            return True  # nothing to compare (a meta layer loads nothing)
+        return all(
+            torch.equal(getattr(self, name).detach().cpu().to(value.dtype), value)
+            for name, value in self._draw(seed).items()
+        )
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
         """Length of the pooled vector: ``out_features``, whatever the channels.

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pickle
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -509,8 +511,9 @@ class TestCompactBilinearPoolLoading:
         with pytest.raises(RuntimeError, match=r"index_a holds bins up to 16, but this layer has out_features=16"):
             pool.load_state_dict(state)
         assert torch.equal(pool.index_a, before)
-        state["index_a"][0] = 15  # the last bin: loads
-        pool.load_state_dict(state)
+        state["index_a"][0] = 15  # the last bin: loads (no longer seed 0's draw: said)
+        with pytest.warns(UserWarning, match="not seed 0's draw"):
+            pool.load_state_dict(state)
         assert int(pool.index_a[0]) == 15
 
     def test_state_dict_of_a_narrower_layer_fails_to_load_and_changes_nothing(self) -> None:
@@ -565,8 +568,22 @@ class TestCompactBilinearPoolLoading:
         old = {k: v for k, v in CompactBilinearPool(in_channels=6, out_features=16, seed=3).state_dict().items()
                if k != "_extra_state"}
         pool = CompactBilinearPool(in_channels=6, out_features=16, seed=0)
-        pool.load_state_dict(old)  # strict
+        # the buffers are loaded, and a warning says seed 0 no longer describes them (repr
+        # and reset_parameters said seed=0 without a word)
+        with pytest.warns(UserWarning, match=r"records no seed .* not seed 0's draw; they are loaded, "
+                          r"but seed=0 \(repr, reset_parameters\) no longer describes them"):
+            pool.load_state_dict(old)  # strict
         assert torch.equal(pool.index_a, old["index_a"])
+        # a layer of the seed the buffers came from: nothing to say
+        same = CompactBilinearPool(in_channels=6, out_features=16, seed=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            same.load_state_dict(old)
+        for method in ("random_maclaurin",):
+            made = CompactBilinearPool(in_channels=6, out_features=16, seed=3, method=method)
+            state = {k: v for k, v in made.state_dict().items() if k != "_extra_state"}
+            with pytest.warns(UserWarning, match="not seed 0's draw"):
+                CompactBilinearPool(in_channels=6, out_features=16, seed=0, method=method).load_state_dict(state)
 
     def test_inside_a_model(self) -> None:
         model = torch.nn.Sequential(torch.nn.Identity(), CompactBilinearPool(in_channels=6, out_features=16, seed=4))
