@@ -810,10 +810,10 @@ def _unknown_torchvision_weights(name: str, value: str) -> ValueError:
     )
 
 
-def _check_torchvision_weights(name: str, weights: WeightsArg) -> None:
-    """What :func:`_build_torchvision` refuses in ``weights`` for model ``name``, found
-    without building or downloading: a missing file, a weights enum of another model, a
-    weights name the model does not have."""
+def _check_torchvision_weights(name: str, weights: WeightsArg) -> tuple[str, Any]:
+    """``weights`` classified (:func:`_classify_weights`) for torchvision model ``name``,
+    with what building would refuse found without building or downloading: a missing
+    file, a weights enum of another model, a weights name the model does not have."""
     import torchvision
 
     kind, value = _classify_weights(weights)
@@ -827,6 +827,7 @@ def _check_torchvision_weights(name: str, weights: WeightsArg) -> None:
         # as torchvision's WeightsEnum.verify reads a name: "IMAGENET1K_V1" or "ResNet50_Weights.IMAGENET1K_V1"
         if value.replace(f"{enum.__name__}.", "") not in enum.__members__:
             raise _unknown_torchvision_weights(name, value)
+    return kind, value
 
 
 def _build_torchvision(
@@ -834,9 +835,7 @@ def _build_torchvision(
 ) -> tuple[nn.Module, str]:
     import torchvision
 
-    kind, value = _classify_weights(weights)
-    if kind == "weights_enum":
-        _check_weights_enum(name, value)
+    kind, value = _check_torchvision_weights(name, weights)  # refused before any download
     kwargs: dict[str, Any] = {}
     if name in ("inception_v3", "googlenet"):
         kwargs["init_weights"] = kind == "none"  # skip the slow truncated-normal init when loading
@@ -850,8 +849,6 @@ def _build_torchvision(
         try:
             model = torchvision.models.get_model(name, weights="DEFAULT" if kind == "imagenet" else value)
         except (OSError, RuntimeError, ValueError, KeyError) as err:  # URLError is an OSError
-            if kind == "enum" and isinstance(err, (ValueError, KeyError)):
-                raise _unknown_torchvision_weights(name, value) from err
             raise _weights_error(name, err) from err
     else:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
@@ -1009,10 +1006,11 @@ def _timm_module(name: str) -> Any:
     return timm
 
 
-def _check_timm_weights(timm: Any, name: str, weights: WeightsArg) -> tuple[str, Any]:
+def _check_timm_weights(timm: Any, name: str, weights: WeightsArg) -> tuple[str, Any, str]:
     """``weights`` classified (:func:`_classify_weights`) for timm model ``name``, with
     what building would refuse found without building or downloading: a missing file, a
-    torchvision weights enum, a pretrained tag the model does not have."""
+    torchvision weights enum, a pretrained tag the model does not have; and the name timm
+    creates (``"<name>.<tag>"`` for a tag)."""
     kind, value = _classify_weights(weights)
     if kind == "weights_enum":
         raise ValueError(
@@ -1020,22 +1018,19 @@ def _check_timm_weights(timm: Any, name: str, weights: WeightsArg) -> tuple[str,
             "'imagenet', one of its pretrained tags (timm.list_pretrained), or a path to a local "
             "state_dict file"
         )
-    if kind == "enum":
-        _timm_tagged(timm, name, value)
-    return kind, value
+    return kind, value, (_timm_tagged(timm, name, value) if kind == "enum" else name)
 
 
 def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
     timm = _timm_module(name)
-    kind, value = _check_timm_weights(timm, name, weights)
+    kind, value, name = _check_timm_weights(timm, name, weights)
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": (-1,)}
     if kind == "file":
         _check_timm_file(timm, name, value)
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(value)})
     elif kind == "imagenet":
         kwargs["pretrained"] = True
-    elif kind == "enum":  # a pretrained tag: timm fetches what "<name>.<tag>" names
-        name = _timm_tagged(timm, name, value)
+    elif kind == "enum":  # a pretrained tag: timm fetches what "<name>.<tag>" (name) names
         kwargs["pretrained"] = True
     try:
         return timm.create_model(name, **kwargs)
@@ -1338,11 +1333,11 @@ def _check_sample_shape(sample_shape: tuple[int, ...] | None) -> tuple[int, ...]
         )
     # integers of any kind (NumPy's, 0-d integer tensors), as the layers' sizes
     values = [as_int(n) for n in sample_shape]
-    wrong = next((n for n, v in zip(sample_shape, values) if v is None), None)
-    if wrong is not None or any(v is None for v in values):
+    wrong = [n for n, v in zip(sample_shape, values) if v is None]
+    if wrong:
         raise TypeError(
             f"sample_shape must be (C, H, W) of positive ints, but got {sample_shape!r}: "
-            f"{wrong!r} is a {type(wrong).__name__}"
+            f"{wrong[0]!r} is a {type(wrong[0]).__name__}"
         )
     if len(values) != 3 or not all(v > 0 for v in values):  # type: ignore[operator]
         raise ValueError(f"sample_shape must be (C, H, W) of positive ints, but got {sample_shape!r}")
