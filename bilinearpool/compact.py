@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from types import FrameType
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +23,22 @@ from .functional.sketch import _ALGORITHMS, random_maclaurin, tensor_sketch
 __all__ = ["CompactBilinearPool"]
 
 _METHODS = ("tensor_sketch", "random_maclaurin")
+
+#: Where the frames that a warning must not point at live: torch's and this library's files.
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep for path in (torch.__file__, __file__)
+)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this function that points
+    at the first frame outside torch and this library (e.g. the user's ``load_state_dict``
+    line, below torch's recursive loader); Python 3.11 has no ``skip_file_prefixes``."""
+    frame: FrameType | None = sys._getframe(1)  # the caller's frame: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 class CompactBilinearPool(nn.Module):
@@ -200,7 +219,7 @@ class CompactBilinearPool(nn.Module):
                 f"seed {self.seed}'s draw; they are loaded, but seed={self.seed} (repr, "
                 "reset_parameters) no longer describes them",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=_outside_stacklevel(),
             )
         if extra is None and prefix + "_extra_state" in missing_keys:
             missing_keys.remove(prefix + "_extra_state")  # checkpoints saved before it existed

@@ -13,6 +13,8 @@ last feature maps, e.g. for ``captum.attr.LayerGradCam``; one per stream),
 from __future__ import annotations
 
 import copy
+import itertools
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from .backbones import (
     FeatureExtractor,
     WeightsArg,
+    _first_float_param,
     _is_timm_name,
     _set_training_modes,
     _training_modes,
@@ -259,6 +262,86 @@ def _check_maps_for_reduction(stream: FeatureExtractor, reduce_dim: int) -> None
         )
 
 
+def _token_mismatch(a: FeatureExtractor, n_a: int, b: FeatureExtractor, n_b: int, where: str) -> ValueError:
+    """The error for two token streams of different lengths: ``where`` says at which image size."""
+    return ValueError(
+        f"the two streams must give the same number of tokens N, but backbone_a ({a.name!r}) gives {n_a} "
+        f"and backbone_b ({b.name!r}) {n_b} {where}; tokens are paired token by token and cannot be "
+        "resized as feature maps are (BilinearPool(resize=...)): use backbones with the same patch size "
+        "at the same image size, or cut them at feature maps (B, C, H, W)"
+    )
+
+
+def _token_count(stream: FeatureExtractor, channels: int, size: tuple[int, int]) -> int | None:
+    """The number of tokens N that ``stream`` gives for images of ``channels`` and ``size``,
+    from a pass on the meta device (shapes only: no computation, no memory, the weights
+    untouched); ``None`` where the network does not run there (or gives no tokens)."""
+    state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in itertools.chain(stream.named_parameters(), stream.named_buffers())
+    }
+    param = _first_float_param(stream)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    x = torch.zeros(2, channels, *size, device="meta", dtype=dtype)
+    modes = _training_modes(stream)
+    stream.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe: the network's warnings come with its real passes
+            out = torch.func.functional_call(stream, state, (x,))
+    except Exception:  # noqa: BLE001 - e.g. an operation without a meta kernel: forward checks the counts
+        return None
+    finally:
+        _set_training_modes(stream, modes)
+    return int(out.shape[1]) if isinstance(out, Tensor) and out.dim() == 3 else None
+
+
+def _check_token_counts(a: FeatureExtractor, b: FeatureExtractor) -> None:
+    """Refuse two token streams whose numbers of tokens differ, where the build can tell: the
+    model takes one image size (a stream says so, as ViTs do), or neither count depends on
+    the image size. Otherwise :meth:`BilinearClassifier.forward_features` checks them."""
+    if a.image_size is not None and b.image_size is not None and a.image_size != b.image_size:
+        raise ValueError(
+            f"one image feeds both streams, but backbone_a ({a.name!r}) takes {a.image_size[0]} x "
+            f"{a.image_size[1]} images only and backbone_b ({b.name!r}) {b.image_size[0]} x "
+            f"{b.image_size[1]}; use backbones that take the same image size"
+        )
+    channels = [s.in_channels or a.in_channels or b.in_channels or 3 for s in (a, b)]
+    size = a.image_size or b.image_size
+    if size is not None:
+        counts = [_token_count(s, c, size) for s, c in zip((a, b), channels)]
+        where = f"at {size[0]} x {size[1]} images, the one size the model takes"
+    else:
+        sizes = ((128, 128), (64, 64))  # build_backbone's default sample size, and half of it
+        probes = [[_token_count(s, c, hw) for hw in sizes] for s, c in zip((a, b), channels)]
+        if any(n is None or n != row[0] for row in probes for n in row):
+            return  # a count that depends on the image size, which the build does not know
+        counts, where = [row[0] for row in probes], "at any image size"
+    n_a, n_b = counts
+    if n_a is not None and n_b is not None and n_a != n_b:
+        raise _token_mismatch(a, n_a, b, n_b, where)
+
+
+def _check_pool_dtype(pool: nn.Module, streams: tuple[FeatureExtractor | None, ...]) -> None:
+    """Refuse a pool whose floating-point parameters are not of the backbones' dtype (e.g. a
+    float64 LowRankBilinearPool, which computes in float64, in a float32 model, whose
+    classifier refuses its features at the first forward). Buffers are not compared: a
+    pool's fixed tensors (CompactBilinearPool's sketches) follow the input's dtype. Nothing
+    to compare for backbones without parameters."""
+    params = (_first_float_param(stream) for stream in streams if stream is not None)
+    reference = next((p for p in params if p is not None), None)
+    if reference is None:
+        return
+    for name, t in pool.named_parameters():
+        if t.is_floating_point() and t.dtype != reference.dtype:
+            raise TypeError(
+                f"pool {type(pool).__name__} has a {t.dtype} parameter ({name}), but the backbone's parameters "
+                f"are {reference.dtype}: build the pool in the model's dtype (dtype={reference.dtype}), or "
+                "build every part in one dtype and call .to(dtype) on the whole model after building "
+                "(e.g. model.double())"
+            )
+
+
 def _check_head_args(num_classes: object, dropout: object, reduce_dim: object) -> None:
     """Configuration errors of the classifiers, raised before any backbone is built."""
     check_positive_int("num_classes", num_classes)
@@ -277,12 +360,19 @@ class BilinearClassifier(nn.Module):
         backbone_a: backbone of the first stream (name, model or module, see
             :func:`~bilinearpool.build_backbone`).
         backbone_b: backbone of the second stream, or ``None`` for one stream. The very
-            module of ``backbone_a`` again shares it: one pass feeds both streams.
+            module of ``backbone_a`` again shares it: one pass feeds both streams. Both
+            must give the same kind of features; two token streams must give the same
+            number of tokens (tokens cannot be resized as maps are): ValueError when built
+            where the counts are known (a model that takes one image size, such as a ViT,
+            or counts that do not depend on the image size), else at the first forward.
         pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
             :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one (which
             may raise ValueError for channels it does not take, e.g. a pool built with
             other ``in_channels``), else from dry runs on small maps, or on tokens for a
             backbone that gives tokens (ValueError if :math:`D` depends on their size).
+            Its floating-point parameters must have the dtype of the backbones'
+            parameters (TypeError otherwise): build it in the model's dtype,
+            or call ``.to(dtype)`` on the whole model after building.
         num_classes: number of classes.
         reduce_dim: if set, a :class:`ChannelReduction` to this many channels per stream
             (feature maps only: ValueError for a backbone that gives tokens).
@@ -354,6 +444,9 @@ class BilinearClassifier(nn.Module):
                 f"{self.backbone.name!r} gives {kinds[self.backbone.tokens]} and "
                 f"{self.backbone_b.name!r} gives {kinds[self.backbone_b.tokens]}"
             )
+        if self.backbone_b is not None and self.backbone_b is not self.backbone and self.backbone.tokens:
+            _check_token_counts(self.backbone, self.backbone_b)
+        _check_pool_dtype(pool, (self.backbone, self.backbone_b))
         if reduce_dim:
             for stream in (self.backbone, self.backbone_b):
                 if stream is not None:
@@ -446,6 +539,13 @@ class BilinearClassifier(nn.Module):
         if self.backbone_b is None:
             return fa
         fb = f if self.backbone_b is self.backbone else self.backbone_b(x)
+        # token counts the build could not check (they depend on the image size); sizes are
+        # traced values in torch.jit.trace (see functional._checks.as_channel_matrix)
+        if f.dim() == 3 and fb.dim() == 3 and not torch.jit.is_tracing() and f.shape[1] != fb.shape[1]:
+            where = "on this input"
+            if isinstance(x, Tensor) and x.dim() >= 2:
+                where = f"at {x.shape[-2]} x {x.shape[-1]} images"
+            raise _token_mismatch(self.backbone, int(f.shape[1]), self.backbone_b, int(fb.shape[1]), where)
         return fa, (fb if self.reduce_b is None else self.reduce_b(fb))
 
     def forward_embedding(self, x: Tensor) -> Tensor:

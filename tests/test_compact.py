@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pickle
-
+import sys
 import warnings
 
 import pytest
@@ -584,6 +584,22 @@ class TestCompactBilinearPoolLoading:
             state = {k: v for k, v in made.state_dict().items() if k != "_extra_state"}
             with pytest.warns(UserWarning, match="not seed 0's draw"):
                 CompactBilinearPool(in_channels=6, out_features=16, seed=0, method=method).load_state_dict(state)
+
+    def test_seedless_checkpoint_warning_points_at_the_callers_line(self) -> None:
+        # It pointed into torch's nn/modules/module.py (stacklevel=2 is torch's loader).
+        old = {k: v for k, v in CompactBilinearPool(in_channels=6, out_features=16, seed=3).state_dict().items()
+               if k != "_extra_state"}
+        nested = {f"1.{k}": v for k, v in old.items()}
+        for layer, state in (
+            (CompactBilinearPool(in_channels=6, out_features=16, seed=0), old),
+            (torch.nn.Sequential(torch.nn.Identity(), CompactBilinearPool(in_channels=6, out_features=16)), nested),
+        ):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                line = sys._getframe().f_lineno + 1
+                layer.load_state_dict(state)
+            [warning] = [w for w in caught if "records no seed" in str(w.message)]
+            assert (warning.filename, warning.lineno) == (__file__, line)
 
     def test_inside_a_model(self) -> None:
         model = torch.nn.Sequential(torch.nn.Identity(), CompactBilinearPool(in_channels=6, out_features=16, seed=4))

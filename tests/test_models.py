@@ -101,6 +101,36 @@ class TestFastBCNN:
         model = BilinearClassifier(tiny(8).double(), pool=Projection().double(), num_classes=2).double()
         assert model.embedding_dim == 5 and model(X.double()).dtype == torch.float64
 
+    def test_pool_of_another_dtype_is_refused_when_built(self):
+        """A float64 LowRankBilinearPool in a float32 model computes in float64 (on purpose),
+        which the float32 classifier refused at the first forward with torch's message."""
+        from bilinearpool import LowRankBilinearPool
+
+        message = (r"pool LowRankBilinearPool has a torch.float64 parameter \(weight_a\), but the backbone's "
+                   r"parameters are torch.float32: build the pool in the model's dtype .*\.to\(dtype\) on the whole")
+        with pytest.raises(TypeError, match=message):
+            FastBCNN(tiny(8), num_classes=3, pool=LowRankBilinearPool(in_channels=8, rank=4).double())
+        with pytest.raises(TypeError, match=message):
+            BCNN(tiny(8), tiny(4), num_classes=3,
+                 pool=LowRankBilinearPool(in_channels=8, in_channels_b=4, rank=4, dtype=torch.float64))
+        with pytest.raises(TypeError, match=r"a torch.float32 parameter .* backbone's parameters are torch.float64"):
+            FastBCNN(tiny(8).double(), num_classes=3, pool=LowRankBilinearPool(in_channels=8, rank=4))
+        # one dtype throughout, converted after building: accepted, and runs
+        model = FastBCNN(tiny(8), num_classes=3, pool=LowRankBilinearPool(in_channels=8, rank=4)).double()
+        assert model(X.double()).dtype == torch.float64
+        model = BilinearClassifier(tiny(8).double(), pool=LowRankBilinearPool(in_channels=8, rank=4).double(),
+                                   num_classes=3)
+        assert model.double()(X.double()).dtype == torch.float64
+        # a pool without parameters, a backbone without parameters: nothing to compare
+        assert FastBCNN(tiny(8).double(), num_classes=3).double()(X.double()).dtype == torch.float64
+        model = FastBCNN(nn.AvgPool2d(4), num_classes=3, pool=LowRankBilinearPool(in_channels=3, rank=4).double())
+        assert model.double()(X.double()).shape == (2, 3)
+        # buffers follow the input's dtype (CompactBilinearPool's sketches): not compared
+        from bilinearpool import CompactBilinearPool
+
+        model = FastBCNN(tiny(8), num_classes=3, pool=CompactBilinearPool(in_channels=8, out_features=16, dtype=torch.float64))
+        assert model(X).dtype == torch.float32
+
     def test_gradcam_layer_gives_feature_map(self):
         model = FastBCNN(tiny(8), num_classes=2)
         seen = {}
@@ -509,12 +539,41 @@ class TestSameModuleForBothStreams:
         assert sum(isinstance(m, SEBlock) for m in model.modules()) == 8
 
 
-def tiny_vit() -> nn.Module:
+def tiny_vit(patch_size: int = 8, image_size: int = 32) -> nn.Module:
     import torchvision
 
     return torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
+        image_size=image_size, patch_size=patch_size, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
     )
+
+
+class Patches(nn.Module):
+    """Tokens (B, N, C) of non-overlapping patches: N depends on the image size."""
+
+    def __init__(self, patch_size: int, channels: int = 8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, channels, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.embed(x).flatten(2).transpose(1, 2)
+
+
+class GridTokens(Patches):
+    """Tokens of a fixed grid, side x side of them at any image size."""
+
+    def __init__(self, side: int, channels: int = 8):
+        super().__init__(2, channels)
+        self.grid = nn.AdaptiveAvgPool2d(side)
+
+    def forward(self, x):
+        return self.grid(self.embed(x)).flatten(2).transpose(1, 2)
+
+
+class OuterProduct(nn.Module):
+    """A user's two-stream pool, without checks of its own."""
+
+    def forward(self, a, b):
+        return torch.einsum("bnc,bnd->bcd", a, b).flatten(1)
 
 
 class TestTokenBackbones:
@@ -534,6 +593,43 @@ class TestTokenBackbones:
             BCNN(tiny(8), vit, num_classes=3)
         with pytest.raises(ValueError, match="same kind of features"):
             BilinearClassifier(vit, tiny(8), pool=BilinearPool(), num_classes=3)
+
+    def test_streams_of_different_token_counts_are_refused_when_built(self):
+        """Token streams of different lengths N cannot be paired (tokens cannot be resized
+        as maps are): built fine and failed at the first forward, with torch's message for
+        a pool of the user's. Refused when built where the counts are known: a model that
+        takes one image size (ViTs), or counts that do not depend on the image size."""
+        vit16, vit8 = (build_backbone(tiny_vit(p), node="encoder", sample_shape=(3, 32, 32)) for p in (16, 8))
+        message = (r"same number of tokens N.*backbone_a \('VisionTransformer'\) gives 5 and backbone_b "
+                   r"\('VisionTransformer'\) 17 at 32 x 32 images, the one size .* takes.*cannot be resized")
+        with pytest.raises(ValueError, match=message):
+            BCNN(vit16, vit8, num_classes=3)
+        with pytest.raises(ValueError, match=message):
+            BilinearClassifier(vit16, vit8, pool=OuterProduct(), num_classes=3)
+        with pytest.raises(ValueError, match=r"gives 16 and backbone_b \('GridTokens'\) 9 at any image size"):
+            BCNN(GridTokens(4), GridTokens(3), num_classes=3)
+        with pytest.raises(ValueError, match=r"one image feeds both streams, but backbone_a .* takes 32 x 32 images "
+                           r"only and backbone_b .* 64 x 64"):
+            BCNN(vit8, build_backbone(tiny_vit(16, 64), node="encoder", sample_shape=(3, 64, 64)), num_classes=3)
+        # the same counts: built, and run
+        other = build_backbone(tiny_vit(8), node="encoder", sample_shape=(3, 32, 32))
+        assert BCNN(vit8, other, num_classes=3)(X).shape == (2, 3)
+        assert BCNN(GridTokens(4), GridTokens(4, channels=6), num_classes=3)(X).shape == (2, 3)
+
+    def test_token_counts_that_depend_on_the_image_size_are_checked_in_forward(self):
+        # Patches of 4 and 8 give 64 and 16 tokens at 32 x 32, but the build cannot know
+        # the image size: the first forward says what is wrong, whatever the pool.
+        for pool in (None, OuterProduct()):
+            options = {} if pool is None else {"pool": pool}
+            model = BCNN(Patches(4), Patches(8), num_classes=3, **options)
+            with pytest.raises(ValueError, match=r"same number of tokens N, but backbone_a \('Patches'\) gives 64 and "
+                               r"backbone_b \('Patches'\) 16 at 32 x 32 images; .*cannot be resized"):
+                model(X)
+        # counts that agree at the size used (8 x 8 patches of 4 at 32 x 32): built, and run
+        model = BCNN(Patches(4), GridTokens(8), num_classes=3)
+        assert model(X).shape == (2, 3)
+        with pytest.raises(ValueError, match=r"gives 256 and backbone_b \('GridTokens'\) 64 at 64 x 64 images"):
+            model(torch.randn(2, 3, 64, 64))
 
     def test_dry_run_uses_tokens(self):
         class ClassToken(nn.Module):  # takes tokens only: (B, N, C) -> (B, C)
