@@ -15,6 +15,8 @@ Examples::
     breakhis-repro figures --checkpoint runs/demo/checkpoint.pt --out runs/demo/figures
     breakhis-repro table runs/mibc-cv runs/mifc-cv --out results.md   # also results.csv
     torchrun --nproc_per_node 2 -m breakhis.cli train ...   # distributed (gloo on CPU)
+
+Only ``train`` and ``cv`` run under torchrun; the other commands run in one process.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ _TASK, _WEIGHTS, _ROTATION, _N_SPLITS, _SPLIT_SEED = "MIBC", "imagenet", 90.0, 5
 _EPILOG = ("Protocols: 'image' = the paper's image-level 5-fold CV (optimistic: a patient's "
            "images can be in train and test); 'patient' = patient-disjoint stratified group "
            "k-fold; 'official' = dsfoldN.txt / Folds.csv found under --data-root.")
+_TORCHRUN = ("Distributed: train and cv run data-parallel under torchrun (torchrun "
+             "--nproc_per_node N -m breakhis.cli train ...; DDP, nccl on GPUs, gloo on CPUs), "
+             "where rank 0 alone writes checkpoints and logs and evaluates the test images; the "
+             "other commands run in one process and refuse to start under torchrun with more "
+             "than one process.")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -51,7 +58,48 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+class _Parser(argparse.ArgumentParser):
+    """The parser of ``breakhis-repro``, with ``options``: per command, the option that
+    sets each destination (its longest option string), recorded as :func:`build_parser`
+    adds the options (:class:`_Commands`, :class:`_Recorder`); :func:`_option_name`
+    reads it, and argparse's private attributes are not."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.options: dict[str, dict[str, str]] = {}
+
+
+class _Commands:
+    """The commands of a :class:`_Parser` (its subparsers): :meth:`add_parser` adds one,
+    whose options a :class:`_Recorder` records in the parser's ``options``."""
+
+    def __init__(self, parser: _Parser, **kwargs: Any) -> None:
+        self._sub = parser.add_subparsers(parser_class=argparse.ArgumentParser, **kwargs)
+        self._options = parser.options
+
+    def add_parser(self, name: str, **kwargs: Any) -> _Recorder:
+        return _Recorder(self._sub.add_parser(name, **kwargs), self._options.setdefault(name, {}))
+
+
+class _Recorder:
+    """Adds arguments to a command's parser or argument group, and records in ``names``
+    the longest option string of each destination (the first option given it);
+    positional arguments have none."""
+
+    def __init__(self, target: Any, names: dict[str, str]) -> None:
+        self._target, self._names = target, names
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = self._target.add_argument(*args, **kwargs)
+        if action.option_strings:
+            self._names.setdefault(action.dest, max(action.option_strings, key=len))
+        return action
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> _Recorder:
+        return _Recorder(self._target.add_argument_group(*args, **kwargs), self._names)
+
+
+def _add_data_args(p: _Recorder) -> None:
     g = p.add_argument_group("data, task and protocol")
     g.add_argument("--data-root", required=True, help="BreaKHis folder (official or Kaggle "
                    "layout), or an image folder root/<class>/* with --image-folder")
@@ -87,7 +135,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strict", action="store_true", help="fail on unreadable images")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: _Recorder) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--head", default="fast-bcnn", choices=["plain", "bcnn", "fast-bcnn"],
                    help="plain = global average pooling baseline (default: %(default)s)")
@@ -144,13 +192,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``breakhis-repro``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="breakhis-repro", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"{_EPILOG}\n\n{_TORCHRUN}")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = _Commands(parser, dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("index", help="index a data folder and summarise it",
                        description="Index a BreaKHis tree (or an image folder) and print counts "
@@ -190,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one fold and evaluate it",
                        description="Train one fold with the paper's recipe; checkpoint every "
-                       "epoch; evaluate on the fold's test images.", epilog=_EPILOG)
+                       "epoch; evaluate on the fold's test images.",
+                       epilog=f"{_EPILOG} {_TORCHRUN}")
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--fold", type=int,
@@ -202,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cv", help="cross-validate: train and evaluate every fold",
                        description="Train and evaluate every fold, then write mean and standard "
-                       "deviation over folds as JSON and Markdown.", epilog=_EPILOG)
+                       "deviation over folds as JSON and Markdown.",
+                       epilog=f"{_EPILOG} {_TORCHRUN}")
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--folds", type=int, nargs="+",
@@ -725,21 +775,47 @@ _COMMANDS = {"index": _cmd_index, "synth": _cmd_synth, "train": _cmd_train, "cv"
              "table": _cmd_table}
 
 
+#: The commands that run under torchrun, one process per GPU (:mod:`breakhis.distributed`).
+_DISTRIBUTED_COMMANDS = ("train", "cv")
+
+
+def _check_single_process(command: str) -> None:
+    """Refuse to run a command other than :data:`_DISTRIBUTED_COMMANDS` as one of several
+    processes (torchrun's ``WORLD_SIZE`` above 1), before any work: each process would do
+    the whole work again and print it (``evaluate`` each in a process group it never
+    uses; ``synth`` failing in all but one, the folder being taken). Checked by every
+    process, which needs no process group.
+
+    Raises:
+        ValueError: naming the command and ``WORLD_SIZE``.
+    """
+    world = os.environ.get("WORLD_SIZE", "1")
+    try:
+        single = int(world) <= 1
+    except ValueError:
+        single = False
+    if command not in _DISTRIBUTED_COMMANDS and not single:
+        raise ValueError(
+            f"{command} runs in one process; run it without torchrun (got WORLD_SIZE={world}; "
+            f"only {' and '.join(_DISTRIBUTED_COMMANDS)} run under torchrun)")
+
+
 #: Library settings named otherwise than the destination of the option that sets them:
 #: ``out_dir`` of :func:`breakhis.plots.make_figures` and ``out_csv`` of
 #: :func:`breakhis.predict.predict_to_csv` are their commands' ``--out``.
 _SETTING_DESTS: dict[str, str] = {"out_dir": "out", "out_csv": "out"}
 
 
-def _option_name(parser: argparse.ArgumentParser, command: str, setting: str) -> str:
+def _option_name(parser: _Parser, command: str, setting: str) -> str:
     """The option of ``command`` that sets ``setting`` (a
     :class:`breakhis._files.SettingError`'s): ``--input-size`` for ``input_size``,
     ``--out`` for ``out_dir``; ``setting`` itself when no option of the command sets it (a
     setting it reads from a checkpoint, as ``input_size`` for ``figures``; one without an
     option, as ``shift``; one that a flag switches off, as ``augment``).
 
-    Read from the command's subparser in ``parser``: the option whose destination is
-    ``setting`` (or :data:`_SETTING_DESTS`'s name for it); positional arguments have none.
+    Read from the record that :func:`build_parser` keeps in ``parser`` as it adds the
+    options (:class:`_Parser`): the option whose destination is ``setting`` (or
+    :data:`_SETTING_DESTS`'s name for it); positional arguments have none.
     The settings of :class:`~breakhis.train.TrainConfig`,
     :class:`~breakhis.experiments.DataSpec` and the library's functions are named as
     those destinations.
@@ -751,12 +827,7 @@ def _option_name(parser: argparse.ArgumentParser, command: str, setting: str) ->
         >>> _option_name(parser, "figures", "seed"), _option_name(parser, "figures", "input_size")
         ('--seed', 'input_size')
     """
-    dest = _SETTING_DESTS.get(setting, setting)
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for action in commands.choices[command]._actions:
-        if action.dest == dest and action.option_strings:
-            return max(action.option_strings, key=len)
-    return setting
+    return parser.options[command].get(_SETTING_DESTS.get(setting, setting), setting)
 
 
 def _check_checkpoint_exists(path: str) -> None:
@@ -788,8 +859,9 @@ def _os_error_text(exc: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
     reference extra are not all installed, said in one line; 2 after an error line for
-    a setting, a file or a folder that is wrong, or a file that cannot be read or
-    written; 130 after Ctrl-C, said in one line). A setting out of range
+    a setting, a file or a folder that is wrong, a file that cannot be read or
+    written, or a command other than ``train`` and ``cv`` started by torchrun with more
+    than one process; 130 after Ctrl-C, said in one line). A setting out of range
     (:class:`breakhis._files.SettingError`) is named by the command's option for it
     (``--input-size``, not ``input_size``: :func:`_option_name`)."""
     from . import INSTALL, missing_requirements
@@ -803,6 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_single_process(args.command)
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if isinstance(exc, SettingError):  # named as the command line names it: --input-size

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import fields
@@ -628,6 +630,74 @@ class TestFlagsWithoutEffect:
         # a setting that acts is still compared
         assert main([*base, "--epochs", "3", "--resume", "--seed", "1"]) == 2
         assert "checkpoint has seed=0, this run 1" in _err(capsys)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestUnderTorchrun:
+    """Started by torchrun with several processes, the commands other than train and cv
+    did the whole work in every process and printed it each time (evaluate joined a
+    process group it never used; synth failed in all processes but one, the folder being
+    taken). Each process now refuses before any work, with status 2. The tests give one
+    process torchrun's environment: enough, as the refusal comes before any process group."""
+
+    REFUSED = ("{command} runs in one process; run it without torchrun (got WORLD_SIZE=2; "
+               "only train and cv run under torchrun)")
+
+    @pytest.mark.parametrize("rank", [0, 1])
+    @pytest.mark.parametrize("command", ["index", "synth", "evaluate", "predict", "figures",
+                                         "table"])
+    def test_single_process_commands_refuse_several_processes(
+        self, command: str, rank: int, run: Path, synth_tree, tmp_path: Path
+    ) -> None:
+        root, _ = synth_tree
+        out, ckpt = tmp_path / "out", str(run / "checkpoint.pt")
+        # arguments each command runs with in one process
+        argv = {
+            "index": ["--data-root", str(root), "--no-verify"],
+            "synth": ["--out", str(out), "--size", "8x8", "--images-per-magnification", "1"],
+            "evaluate": ["--checkpoint", ckpt, "--out", str(out), "--device", "cpu"],
+            "predict": ["--checkpoint", ckpt, str(root), "--out", str(out / "p.csv"),
+                        "--device", "cpu", "--no-progress"],
+            "figures": ["--checkpoint", ckpt, "--out", str(out), "--device", "cpu",
+                        "--gradcam-images", "0", "--no-progress"],
+            "table": [str(run), "--out", str(out / "t.md")],
+        }[command]
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        # a process that joins a process group waits for the other, which never comes
+        done = subprocess.run([sys.executable, "-m", "breakhis.cli", command, *argv], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr[-2000:]
+        assert done.stderr == f"breakhis-repro {command}: error: " \
+            f"{self.REFUSED.format(command=command)}\n"
+        assert not out.exists()
+
+    @pytest.mark.parametrize("command", ["train", "cv"])
+    def test_train_and_cv_are_not_refused(self, command: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        # refused for an option pair, before any process group: past the torchrun check
+        assert main([command, "--data-root", str(tmp_path), "--no-pretrained",
+                     "--weights", "w.pt"]) == 2
+        err = _err(capsys)
+        assert "--no-pretrained" in err and "runs in one process" not in err
+
+    def test_one_process_under_torchrun_runs(self, run: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1
+        assert main(["table", str(run)]) == 0
+        assert "| run |" in capsys.readouterr().out
+
+    def test_help_says_which_commands_run_under_torchrun(self) -> None:
+        text = " ".join(build_parser().format_help().split())
+        assert ("train and cv run data-parallel under torchrun" in text
+                and "refuse to start under torchrun with more than one process" in text)
 
 
 def test_version(capsys):
