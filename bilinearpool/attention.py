@@ -193,6 +193,7 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
         The number of SE blocks inserted.
 
     Raises:
+        TypeError: when ``model`` is not an ``nn.Module`` (a name says how to build one).
         ValueError: when the model has none of the supported blocks, already has
             SEBlocks, or its blocks have attention of their own.
 
@@ -205,6 +206,15 @@ def insert_se_blocks(model: nn.Module, *, reduction: int = 8) -> int:
         >>> net(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 1000])
     """
+    expected = "model must be an nn.Module (modified in place)"
+    if isinstance(model, str):
+        raise TypeError(
+            f"{expected}, but got str {model!r}; build the model first (e.g. "
+            f"torchvision.models.get_model({model!r}) or timm.create_model({model!r})), or let "
+            f"build_backbone({model!r}, se_reduction={reduction!r}) build the backbone with SE blocks"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{expected}, but got {type(model).__name__}")
     present = sum(isinstance(m, SEBlock) for m in model.modules())
     if present:
         raise ValueError(

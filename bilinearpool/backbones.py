@@ -24,6 +24,7 @@ map at 224 pixels, as in the B-CNN of Lin et al. 2015).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import enum
@@ -31,7 +32,7 @@ import importlib.util
 import os
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -380,6 +381,19 @@ def _set_training_modes(module: nn.Module, modes: Mapping[str, bool]) -> None:
         mode = modes.get(name)
         if mode is not None and sub.training != mode:
             sub.train(mode)
+
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[dict[str, bool]]:
+    """Give every submodule of ``model`` its training mode back after the block, which
+    gets the modes: torchvision's tracing (``create_feature_extractor``,
+    ``get_graph_node_names``) ends in ``model.train(model.training)``, which would put a
+    batch norm the user froze with ``eval()`` back in training mode."""
+    modes = _training_modes(model)
+    try:
+        yield modes
+    finally:
+        _set_training_modes(model, modes)
 
 
 def _last_map(out: object) -> Tensor:
@@ -869,7 +883,8 @@ def _node_error(model: nn.Module, node: str, nodes: list[str] | None = None) -> 
     from torchvision.models.feature_extraction import get_graph_node_names
 
     if nodes is None:
-        nodes, _ = get_graph_node_names(model, tracer_kwargs=_TRACER_KWARGS)
+        with _modes_kept(model):
+            nodes, _ = get_graph_node_names(model, tracer_kwargs=_TRACER_KWARGS)
     return ValueError(f"node {node!r} is not in {type(model).__name__}; its last nodes are {nodes[-8:]}")
 
 
@@ -883,7 +898,8 @@ def _check_node(model: nn.Module, node: str) -> None:
         return  # a submodule: no trace needed
     except AttributeError:
         pass
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=_TRACER_KWARGS)
+    with _modes_kept(model):
+        train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=_TRACER_KWARGS)
     if not any(n == node or n.startswith(f"{node}.") for n in (*train_nodes, *eval_nodes)):
         raise _node_error(model, node, train_nodes)
 
@@ -891,12 +907,17 @@ def _check_node(model: nn.Module, node: str) -> None:
 def _extract(model: nn.Module, node: str) -> nn.Module:
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    try:
-        return create_feature_extractor(
-            model, return_nodes={node: "features"}, tracer_kwargs=_TRACER_KWARGS, suppress_diff_warning=True
-        )
-    except ValueError as err:
-        raise _node_error(model, node) from err
+    with _modes_kept(model) as modes:
+        try:
+            body = create_feature_extractor(
+                model, return_nodes={node: "features"}, tracer_kwargs=_TRACER_KWARGS, suppress_diff_warning=True
+            )
+        except ValueError as err:
+            raise _node_error(model, node) from err
+    # The graph module holds the model's layers under their names (in new containers),
+    # and was put in one mode throughout: each gets the model's mode for its name.
+    _set_training_modes(body, modes)
+    return body
 
 
 def _check_timm_file(timm: Any, name: str, path: Path) -> None:

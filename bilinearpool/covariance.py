@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .functional._checks import (
+    as_channel_matrix,
     check_dtype,
-    check_floating,
     check_optional_positive_int,
     does_nothing,
     make_layer,
@@ -144,7 +144,8 @@ class CovariancePool(nn.Module):
         return c * (c + 1) // 2 if self.triu else c * c
 
     def forward(self, x: Tensor) -> Tensor:
-        check_floating(x)
+        # layout, dtype and at least one location, checked before the reduction runs on it
+        as_channel_matrix(x)
         # (sizes are traced values in torch.jit.trace: see functional._checks.as_channel_matrix)
         if self.in_channels is not None and x.dim() in (3, 4) and not torch.jit.is_tracing():
             channels = x.shape[1] if x.dim() == 4 else x.shape[2]

@@ -23,6 +23,17 @@ class MatrixSqrt(nn.Module):
     :class:`~bilinearpool.covariance.CovariancePool` (or pass it as that pool's ``norm``)
     to get iSQRT-COV.
 
+    Non-finite input (NaN or inf, e.g. from a diverged training run) is not looked for
+    before the computation (that would cost a device sync per call); what happens depends
+    on the path. The eigendecomposition paths (``impl="spectral"``, the default on CPU,
+    and ``method="eig"``) raise a ValueError that says the input holds NaN or inf and in
+    how many matrices of the batch, chained to :func:`torch.linalg.eigh`'s error, where
+    ``eigh`` fails on it (as LAPACK's does for a matrix of NaN); where it does not fail
+    (it may not, e.g. for a few inf entries) those matrices come out non-finite.
+    ``impl="iterative"`` (the default on GPUs, and in export and tracing) never raises
+    for it: the matrices that hold NaN or inf come out non-finite (NaN, or inf), the
+    others as usual.
+
     Export: Newton-Schulz with ``impl="iterative"`` or ``impl="auto"`` (which picks the
     iterative form while exported or traced, on every device) exports to ONNX, with
     both the TorchScript exporter (``dynamo=False``) and the default dynamo exporter,

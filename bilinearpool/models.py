@@ -192,7 +192,19 @@ def _output_dim(
         with torch.no_grad():
             for hw in ((3, 3), (5, 5)):  # two map sizes: the length must not depend on them
                 x = sample(c_a, hw, tokens_a)
-                out = pool(x) if c_b is None else pool(x, sample(c_b, hw, tokens_b))
+                y = None if c_b is None else sample(c_b, hw, tokens_b)
+                try:
+                    out = pool(x) if y is None else pool(x, y)
+                except Exception as err:  # noqa: BLE001 - whatever the pool raises: re-raised, chained
+                    # (the streams give the same kind of features: checked before)
+                    inputs = f"{'tokens' if tokens_a else 'maps'} {tuple(x.shape)}"
+                    inputs += "" if y is None else f" and {tuple(y.shape)}"
+                    raise ValueError(
+                        f"the dry run of pool {type(pool).__name__} on {inputs} failed "
+                        f"({type(err).__name__}: {str(err).strip()}); it reads the length of the pooled "
+                        "features for the classifier: a pool that needs other sizes should have an "
+                        "output_dim(in_channels, in_channels_b=None) method that returns that length"
+                    ) from err
                 if not isinstance(out, Tensor) or out.dim() < 2:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(
@@ -368,8 +380,10 @@ class BilinearClassifier(nn.Module):
         pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
             :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one (which
             may raise ValueError for channels it does not take, e.g. a pool built with
-            other ``in_channels``), else from dry runs on small maps, or on tokens for a
-            backbone that gives tokens (ValueError if :math:`D` depends on their size).
+            other ``in_channels``), else from dry runs on small maps (3 x 3 and 5 x 5), or
+            on tokens for a backbone that gives tokens (ValueError if :math:`D` depends on
+            their size, or if the pool fails on them: a pool that needs larger maps
+            should have ``output_dim``).
             Its floating-point parameters must have the dtype of the backbones'
             parameters (TypeError otherwise): build it in the model's dtype,
             or call ``.to(dtype)`` on the whole model after building.

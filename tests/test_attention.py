@@ -124,6 +124,14 @@ class TestInsertSE:
         with pytest.raises(ValueError, match="already contains 8 SEBlocks"):
             insert_se_blocks(net)
 
+    def test_not_a_module_is_a_type_error(self):
+        """A name was read as a model ('str' object has no attribute 'modules')."""
+        with pytest.raises(TypeError, match=r"^model must be an nn.Module \(modified in place\), but got str "
+                           r"'resnet18'; build the model first .*build_backbone\('resnet18', se_reduction=8\)"):
+            insert_se_blocks("resnet18")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"^model must be an nn.Module \(modified in place\), but got NoneType$"):
+            insert_se_blocks(None)  # type: ignore[arg-type]
+
     def test_unsupported(self):
         with pytest.raises(ValueError, match=r"found no supported block \(ResNet.*contains \[.Conv2d."):
             insert_se_blocks(nn.Sequential(nn.Conv2d(3, 4, 3)))

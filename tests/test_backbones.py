@@ -314,6 +314,59 @@ def test_probe_keeps_submodule_modes():
     assert [m.training for m in body] == [True, False, True] and body.training
 
 
+class TestCuttingKeepsSubmoduleModes:
+    """Cutting a model at a node (torchvision's create_feature_extractor, which calls
+    train() on the model) leaves each submodule's training mode as the user set it, in the
+    user's model and in the extractor, which shares its layers: a frozen batch norm stays
+    frozen."""
+
+    @staticmethod
+    def frozen_resnet() -> nn.Module:
+        model = torchvision.models.resnet18().train()
+        model.bn1.eval()
+        model.layer2[0].bn1.eval()
+        return model
+
+    @pytest.mark.parametrize(
+        ("node", "se_reduction"), [(None, None), ("layer4", None), ("layer4.1.add", None), ("layer4", 8)]
+    )
+    def test_frozen_batch_norm_stays_frozen(self, node, se_reduction):
+        model = self.frozen_resnet()
+        modes = {name: m.training for name, m in model.named_modules()}
+        fx = build_backbone(model, node=node, se_reduction=se_reduction)
+        after = {name: m.training for name, m in model.named_modules()}
+        assert {name: after[name] for name in modes} == modes
+        assert not fx.body.bn1.training and not fx.body.get_submodule("layer2.0.bn1").training
+        assert fx.body.training and fx.body.get_submodule("layer2.0.bn2").training
+        for name, m in fx.body.named_modules():
+            if name in modes:
+                assert m.training == modes[name], name
+        stats = fx.body.bn1.running_mean.clone()
+        fx(torch.randn(2, 3, 64, 64))
+        assert torch.equal(fx.body.bn1.running_mean, stats)
+
+    def test_model_in_eval_mode_with_a_layer_in_training(self):
+        model = torchvision.models.resnet18().eval()
+        model.layer4.train()
+        fx = build_backbone(model)
+        assert not model.training and model.layer4.training and not model.layer3.training
+        assert not fx.body.training and fx.body.graph is fx.body.eval_graph
+        assert fx.body.layer4.training and fx.body.get_submodule("layer4.0.bn1").training
+        assert not fx.body.get_submodule("layer3.0.bn1").training
+
+    def test_wrong_node_leaves_the_modes_alone(self):
+        model = self.frozen_resnet()
+        with pytest.raises(ValueError, match="node 'layer_4' is not in ResNet"):
+            build_backbone(model, node="layer_4")
+        assert not model.bn1.training and model.training and model.layer1[0].bn1.training
+
+    def test_train_afterwards_trains_everything(self):
+        """Only the build keeps the modes; train() then sets every one, as torch does."""
+        fx = build_backbone(self.frozen_resnet())
+        fx.train()
+        assert all(m.training for m in fx.modules()) and fx.body.graph is fx.body.train_graph
+
+
 def test_weights_then_se(tmp_path):
     reference = torchvision.models.resnet18()
     path = tmp_path / "w.pth"

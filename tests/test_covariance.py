@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -83,6 +84,15 @@ class TestCovariancePool:
         with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="holds without loss"):
             reduced(torch.zeros(2, 8, 3, 3, dtype=torch.float64))  # autocast leaves float64 alone
         assert reduced.double()(torch.zeros(2, 8, 3, 3, dtype=torch.float64)).dtype == torch.float64
+
+    @pytest.mark.parametrize("reduced_channels", [None, 2])
+    @pytest.mark.parametrize("shape", [(2, 0, 4), (2, 4, 0, 3), (2, 4, 3, 0)])
+    def test_no_locations_is_refused_before_the_reduction(self, shape, reduced_channels) -> None:
+        """The 1x1 reduction ran first on empty input: torch's convolution error."""
+        pool = CovariancePool(in_channels=4, reduced_channels=reduced_channels)
+        message = rf"^input must have at least one channel and one location, but got shape {re.escape(str(shape))}$"
+        with pytest.raises(ValueError, match=message):
+            pool(torch.randn(shape))
 
     def test_noncontiguous_and_channels_last(self) -> None:
         x = features(2, 6, 5, 4, dtype=torch.float64)

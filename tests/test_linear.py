@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -276,6 +277,21 @@ def test_bad_input_gets_f_linears_error(rows, extra):
     assert L._path(torch.randn(16, d), torch.randn(8, d), None) == "chunks"
     with pytest.raises(RuntimeError, match="shape|size"):
         wide_linear(x, weight)
+
+
+@pytest.mark.parametrize("value", [None, [[1.0] * 16], np.ones((2, 16), dtype=np.float32)])
+def test_non_tensor_arguments_raise_type_error(value):
+    """As nn.Linear does (a TypeError), naming what arrived; the path choice read its
+    device first (an AttributeError)."""
+    kind = type(value).__name__
+    with pytest.raises(TypeError, match=rf"^input must be a torch.Tensor, but got {kind}$"):
+        WideLinear(16, 2)(value)
+    x, weight = torch.randn(2, 16), torch.randn(2, 16)
+    with pytest.raises(TypeError, match=rf"^weight must be a torch.Tensor, but got {kind}$"):
+        wide_linear(x, value)
+    if value is not None:
+        with pytest.raises(TypeError, match=rf"^bias must be a torch.Tensor, but got {kind}$"):
+            wide_linear(x, weight, value)
 
 
 def test_classifiers_use_wide_linear():

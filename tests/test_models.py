@@ -414,6 +414,26 @@ class TestCopiesKeepModes:
         torch.testing.assert_close(model.backbone_b(x), model.backbone(x))
 
 
+@pytest.mark.parametrize("cls", [FastBCNN, BCNN])
+def test_building_on_a_torchvision_model_keeps_its_frozen_layers(cls):
+    """Cutting the user's model at its node changed no submodule's mode, in the user's
+    model nor in the classifier: a batch norm frozen with eval() is not updated in
+    training. model.train() afterwards trains everything, as in torch."""
+    import torchvision
+
+    user = torchvision.models.resnet18().train()
+    user.bn1.eval()
+    model = cls(user, num_classes=3)
+    streams = [model.backbone] + ([model.backbone_b] if cls is BCNN else [])
+    assert model.training and not user.bn1.training and user.layer1[0].bn1.training
+    assert all(not s.body.bn1.training and s.body.get_submodule("layer1.0.bn1").training for s in streams)
+    stats = [s.body.bn1.running_mean.clone() for s in streams]
+    model(torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(s.body.bn1.running_mean, old) for s, old in zip(streams, stats))
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
 class TestHooks:
     """Hooks on the pooling or the classifier make forward run them as modules, not fused."""
 
@@ -510,6 +530,54 @@ def test_dry_runs_use_square_maps():
 
     model = BilinearClassifier(tiny(8), pool=Symmetric(), num_classes=2)
     assert model.embedding_dim == 8 and model(X).shape == (2, 2)
+
+
+class Conv7Pool(nn.Module):
+    """A learned pool that needs maps of at least 7 x 7 (no output_dim)."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 7)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+class TestFailingDryRun:
+    """A pool without output_dim that fails on the dry runs' small maps says which dry run
+    failed, why (the original error, chained), and that output_dim avoids it."""
+
+    def test_error_names_the_maps_the_cause_and_output_dim(self):
+        with pytest.raises(ValueError) as info:
+            BilinearClassifier(tiny(8), pool=Conv7Pool(), num_classes=3)
+        message = str(info.value)
+        assert message.startswith("the dry run of pool Conv7Pool on maps (2, 8, 3, 3) failed (RuntimeError: ")
+        assert "Kernel size can't be greater than actual input size" in message
+        assert "output_dim(in_channels, in_channels_b=None)" in message
+        assert isinstance(info.value.__cause__, RuntimeError)
+
+    def test_two_streams_and_tokens(self):
+        class Pair(Conv7Pool):
+            def forward(self, x, y):
+                return super().forward(x) * y.mean()
+
+        with pytest.raises(ValueError, match=r"pool Pair on maps \(2, 8, 3, 3\) and \(2, 4, 3, 3\) failed"):
+            BilinearClassifier(tiny(8), tiny(4), pool=Pair(), num_classes=3)
+
+        class NeedsMaps(nn.Module):
+            def forward(self, x):
+                return x.mean((2, 3))
+
+        with pytest.raises(ValueError, match=r"pool NeedsMaps on tokens \(2, 9, 8\) failed \(IndexError: "):
+            BilinearClassifier(Patches(4), pool=NeedsMaps(), num_classes=3)
+
+    def test_pool_with_output_dim_builds(self):
+        class Sized(Conv7Pool):
+            def output_dim(self, in_channels, in_channels_b=None):
+                return 4
+
+        model = BilinearClassifier(tiny(8, stride=1), pool=Sized(), num_classes=3)
+        assert model(X).shape == (2, 3)
 
 
 class TestSameModuleForBothStreams:

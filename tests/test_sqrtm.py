@@ -301,6 +301,34 @@ class TestMatrixSqrt:
         o2.sum().backward()
         torch.testing.assert_close(a1.grad, a2.grad)
 
+    @pytest.mark.parametrize("kwargs", [{}, {"impl": "spectral"}, {"method": "eig"}])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+    def test_non_finite_input_is_named_where_the_decomposition_fails(self, kwargs: dict, value: float) -> None:
+        """eigh's own error spoke of an ill-conditioned matrix or repeated eigenvalues,
+        which misleads for the NaN of a diverged training run."""
+        a = psd(3, 4, 9)
+        a[1] = value  # eigh fails on it (LAPACK)
+        with pytest.raises(ValueError, match=r"^input holds non-finite values \(NaN or inf\) in 1 of the 3 "
+                           r"matrices of the batch, .*\(_LinAlgError: linalg.eigh: .*\)") as info:
+            MatrixSqrt(**kwargs)(a)
+        assert isinstance(info.value.__cause__, torch.linalg.LinAlgError)
+        with pytest.raises(ValueError, match=r"in 1 of the 3 matrices"):
+            matrix_sqrt(a.requires_grad_(), **kwargs)
+
+    def test_failure_on_finite_input_is_eighs_own(self, monkeypatch) -> None:
+        def fails(a):
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+
+        monkeypatch.setattr(torch.linalg, "eigh", fails)
+        with pytest.raises(torch.linalg.LinAlgError, match="failed to converge"):
+            MatrixSqrt(method="eig")(psd(2, 4, 9))
+
+    def test_iterative_gives_nan_for_non_finite_input(self) -> None:
+        a = psd(2, 4, 9)
+        a[1] = float("nan")
+        out = MatrixSqrt(impl="iterative")(a)
+        assert out[1].isnan().all() and out[0].isfinite().all()
+
     def test_pickle_and_state_dict(self) -> None:
         layer = MatrixSqrt(num_iters=3, norm="frobenius", triu=True)
         clone = pickle.loads(pickle.dumps(layer))

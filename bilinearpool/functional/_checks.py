@@ -31,6 +31,7 @@ __all__ = [
     "check_positive_int",
     "check_real",
     "check_streams",
+    "check_tensor",
     "compute_dtype",
     "does_nothing",
     "make_layer",
@@ -44,10 +45,22 @@ __all__ = [
 _ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
 
 
-def check_floating(x: Tensor, name: str = "input") -> None:
-    """Raise :class:`TypeError` unless ``x`` is a floating-point tensor."""
+def check_tensor(x: object, name: str = "input") -> None:
+    """Raise :class:`TypeError` unless ``x`` is a tensor (of any dtype).
+
+    Examples:
+        >>> check_tensor([1.0, 2.0])
+        Traceback (most recent call last):
+            ...
+        TypeError: input must be a torch.Tensor, but got list
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, but got {type(x).__name__}")
+
+
+def check_floating(x: Tensor, name: str = "input") -> None:
+    """Raise :class:`TypeError` unless ``x`` is a floating-point tensor."""
+    check_tensor(x, name)
     if not x.is_floating_point():
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _elementwise
+from ._checks import check_tensor
 
 __all__ = ["wide_linear"]
 
@@ -76,6 +77,9 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         weight: :math:`(\\text{out}, D)`.
         bias: :math:`(\\text{out},)` or ``None``.
 
+    Raises:
+        TypeError: an argument that is not a tensor (as ``F.linear`` raises).
+
     Shape:
         - x: :math:`(*, D)`; output: :math:`(*, \\text{out})`.
 
@@ -84,6 +88,11 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         >>> torch.allclose(wide_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4)
         True
     """
+    # (F.linear's own TypeError would come too late: choosing the path reads x.device)
+    check_tensor(x)
+    check_tensor(weight, "weight")
+    if bias is not None:
+        check_tensor(bias, "bias")
     path = _path(x, weight, bias)
     if path is None:
         return F.linear(x, weight, bias)

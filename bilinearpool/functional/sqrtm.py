@@ -193,7 +193,20 @@ def _sym_eigh(
     else:
         s, clamped = _scale(a2, norm)
         factor = (0.5 / s).unsqueeze(1)
-    lam, u = torch.linalg.eigh(a2)
+    try:
+        lam, u = torch.linalg.eigh(a2)
+    except torch.linalg.LinAlgError as err:
+        # eigh blames ill-conditioning or repeated eigenvalues, also for NaN or inf (a
+        # diverged training run): say so. Looked for only once it failed (no device sync).
+        bad = int((~torch.isfinite(a)).flatten(1).any(1).sum())
+        if bad == 0:
+            raise
+        raise ValueError(
+            f"input holds non-finite values (NaN or inf) in {bad} of the {a.shape[0]} matrices of "
+            f"the batch, which the eigendecomposition cannot take ({type(err).__name__}: {err}); "
+            "such values usually come from a diverged training run (check the loss, the learning "
+            "rate and the layers before)"
+        ) from err
     return lam * factor, u, s, clamped, a2
 
 
@@ -611,6 +624,11 @@ def matrix_sqrt(
             ``eps * lambda_max`` (``lambda_max = 1`` where no eigenvalue is positive,
             e.g. the all-zero matrix), which bounds the weight of each pair of
             eigenvectors in the gradient by ``1 / (2 sqrt(eps * lambda_max))``.
+
+    Raises:
+        ValueError: where the eigendecomposition (``impl="spectral"``, ``method="eig"``)
+            fails on input that holds NaN or inf (it is looked for only then); see
+            :class:`~bilinearpool.matrix_sqrt.MatrixSqrt` for what each path does with it.
 
     Shape:
         - Input: :math:`(B, C, C)`.
