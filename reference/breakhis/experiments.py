@@ -846,9 +846,12 @@ def _evaluate_split(
         "data_issues": issues,
         "metrics": metrics,
     }
-    write_report(report, out_dir, "test_metrics")
+    # predictions first, the report last: a run cut short between them (Ctrl-C, a full
+    # disk) leaves no report, so --resume evaluates again instead of reusing a report
+    # beside missing or older predictions (_reusable_fold reads only the report)
     write_predictions(out_dir / PREDICTIONS_FILE, test_records, data.targets[test], probs,
                       data.task.classes)
+    write_report(report, out_dir, "test_metrics")
     return report
 
 

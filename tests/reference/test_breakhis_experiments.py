@@ -376,6 +376,22 @@ class TestRunFold:
         assert results_rows([tmp_path / "ev"])[0]["epochs_trained"] == 1
         assert "random init, 1 of 5 ep, lr 0.1" in results_table([tmp_path / "ev"])
 
+    def test_report_is_written_after_its_predictions(self, synth_tree, tmp_path: Path,
+                                                      monkeypatch) -> None:
+        """An evaluation cut short after the report (Ctrl-C, a full disk) left a
+        test_metrics.json beside missing or older predictions, which --resume reused."""
+        root, _ = synth_tree
+        run_fold(_spec(root), _config(), 0, tmp_path / "run", progress=False)
+
+        def cut_short(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(experiments_module, "write_predictions", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", out_dir=tmp_path / "ev",
+                                device="cpu", progress=False)
+        assert not (tmp_path / "ev" / "test_metrics.json").exists()
+
     def test_resume_refuses_another_fold(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
         spec = _spec(root)
