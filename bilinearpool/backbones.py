@@ -396,6 +396,15 @@ def _modes_kept(model: nn.Module) -> Iterator[dict[str, bool]]:
         _set_training_modes(model, modes)
 
 
+@contextlib.contextmanager
+def _in_eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the block with ``module`` in eval mode (a probe, a dry run), then give every
+    submodule its own mode back (e.g. a batch norm the user froze)."""
+    with _modes_kept(module):
+        module.eval()
+        yield
+
+
 def _last_map(out: object) -> Tensor:
     if isinstance(out, Mapping):
         out = list(out.values())
@@ -437,11 +446,9 @@ def _probe(
     param = next(iter(body.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    modes = _training_modes(body)
-    body.eval()
     sample = torch.zeros(1, *sample_shape, device=device, dtype=dtype)
     half = (sample_shape[0], max(1, sample_shape[1] // 2), max(1, sample_shape[2] // 2))
-    try:
+    with _in_eval_mode(body):  # each submodule's own mode afterwards, e.g. a frozen batch norm
         with torch.no_grad():
             try:
                 raw = body(sample)
@@ -458,8 +465,6 @@ def _probe(
                     small = _to_nchw(_last_map(body(sample.new_zeros(1, *half))), output_fmt)
                 except Exception:  # noqa: BLE001 - a backbone that takes one input size only: no check
                     small = None
-    finally:
-        _set_training_modes(body, modes)  # each submodule's own mode, e.g. a frozen batch norm
     channel_dim = 2 if out.dim() == 3 else 1
     if small is not None and small.dim() == out.dim() and small.shape[channel_dim] != out.shape[channel_dim]:
         other = "NCHW" if output_fmt == "NHWC" else "NHWC"

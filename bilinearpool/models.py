@@ -23,9 +23,8 @@ from .backbones import (
     FeatureExtractor,
     WeightsArg,
     _first_float_param,
+    _in_eval_mode,
     _is_timm_name,
-    _set_training_modes,
-    _training_modes,
     build_backbone,
 )
 from .functional._checks import (
@@ -185,10 +184,8 @@ def _output_dim(
         shape = (2, hw[0] * hw[1], channels) if tokens else (2, channels, *hw)
         return torch.rand(*shape, **factory)
 
-    modes = _training_modes(pool)
-    pool.eval()
     sizes = {}
-    try:
+    with _in_eval_mode(pool):
         with torch.no_grad():
             for hw in ((3, 3), (5, 5)):  # two map sizes: the length must not depend on them
                 x = sample(c_a, hw, tokens_a)
@@ -211,8 +208,6 @@ def _output_dim(
                         f"pool must return (B, D) or (B, ...), but {type(pool).__name__} returned {shape}"
                     )
                 sizes[hw] = int(out[0].numel())
-    finally:
-        _set_training_modes(pool, modes)
     if len(set(sizes.values())) > 1:
         small, large = ("9 tokens", "25") if tokens_a else ("3x3 maps", "5x5")
         raise ValueError(
@@ -295,16 +290,12 @@ def _token_count(stream: FeatureExtractor, channels: int, size: tuple[int, int])
     param = _first_float_param(stream)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
     x = torch.zeros(2, channels, *size, device="meta", dtype=dtype)
-    modes = _training_modes(stream)
-    stream.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with _in_eval_mode(stream), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a probe: the network's warnings come with its real passes
             out = torch.func.functional_call(stream, state, (x,))
     except Exception:  # noqa: BLE001 - e.g. an operation without a meta kernel: forward checks the counts
         return None
-    finally:
-        _set_training_modes(stream, modes)
     return int(out.shape[1]) if isinstance(out, Tensor) and out.dim() == 3 else None
 
 
