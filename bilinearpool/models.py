@@ -13,8 +13,6 @@ last feature maps, e.g. for ``captum.attr.LayerGradCam``; one per stream),
 from __future__ import annotations
 
 import copy
-import itertools
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +23,7 @@ from .backbones import (
     _first_float_param,
     _in_eval_mode,
     _is_timm_name,
+    _meta_pass,
     build_backbone,
 )
 from .functional._checks import (
@@ -283,17 +282,10 @@ def _token_count(stream: FeatureExtractor, channels: int, size: tuple[int, int])
     """The number of tokens N that ``stream`` gives for images of ``channels`` and ``size``,
     from a pass on the meta device (shapes only: no computation, no memory, the weights
     untouched); ``None`` where the network does not run there (or gives no tokens)."""
-    state = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in itertools.chain(stream.named_parameters(), stream.named_buffers())
-    }
     param = _first_float_param(stream)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
-    x = torch.zeros(2, channels, *size, device="meta", dtype=dtype)
     try:
-        with _in_eval_mode(stream), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a probe: the network's warnings come with its real passes
-            out = torch.func.functional_call(stream, state, (x,))
+        out = _meta_pass(stream, torch.zeros(2, channels, *size, device="meta", dtype=dtype))
     except Exception:  # noqa: BLE001 - e.g. an operation without a meta kernel: forward checks the counts
         return None
     return int(out.shape[1]) if isinstance(out, Tensor) and out.dim() == 3 else None

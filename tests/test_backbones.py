@@ -211,6 +211,59 @@ def test_timm_vit_by_name_knows_its_image_size():
         fx(torch.randn(1, 3, 128, 128))
 
 
+class TestImagesTooSmall:
+    """Images smaller than a network takes (InceptionV3 below 75 x 75) failed with torch's
+    "Kernel size can't be greater than actual input size", naming no size to use. The
+    smallest size is now found on the meta device and named in a ValueError."""
+
+    def test_inception_v3_names_75(self):
+        fx = build_backbone("inception_v3")
+        with pytest.raises(ValueError, match=(
+            r"backbone 'inception_v3:Mixed_7c' takes images of at least 75 x 75 pixels, but got shape "
+            r"\(1, 3, 64, 64\) \(RuntimeError: .*Kernel size.*\); resize them first "
+            r"\(e.g. torchvision.transforms.v2.Resize\(75\)\)"
+        )):
+            fx(torch.randn(1, 3, 64, 64))
+        assert fx.eval()(torch.randn(1, 3, 75, 75)).shape == (1, 2048, 1, 1)
+
+    def test_a_module_given_with_its_sample_shape(self):
+        body = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.Conv2d(4, 4, 5))  # 9 x 9 at least
+        fx = build_backbone(body, sample_shape=(3, 32, 32))
+        for shape in [(2, 3, 8, 8), (2, 3, 8, 30), (2, 3, 1, 1)]:
+            with pytest.raises(ValueError, match=rf"at least 9 x 9 pixels, but got shape \({shape[0]}, 3"):
+                fx(torch.randn(shape))
+        assert fx(torch.randn(2, 3, 9, 9)).shape == (2, 4, 1, 1)
+        assert body.training  # the probe gave the mode back
+
+    @pytest.mark.parametrize("kind", ["even sizes only", "one size fails", "not the size"])
+    def test_other_failures_keep_torchs_error(self, kind):
+        class Picky(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 1)
+
+            def forward(self, x):
+                side = x.shape[-1]
+                if ((kind == "even sizes only" and side % 2) or (kind == "one size fails" and side == 7)
+                        or (kind == "not the size" and side == 7 and x.device.type != "meta")):
+                    raise RuntimeError(f"picky about {side}")
+                return self.conv(x)
+
+        fx = build_backbone(Picky(), sample_shape=(3, 8, 8))
+        with pytest.raises(RuntimeError, match="picky about 7"):
+            fx(torch.randn(1, 3, 7, 7))
+
+    def test_the_check_compiles_in_one_graph(self):
+        """The try around the network, where the input is known, costs no graph break."""
+        from bilinearpool import FastBCNN
+
+        body = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU())
+        model = FastBCNN(body, num_classes=2, sample_shape=(3, 16, 16)).eval()
+        x = torch.randn(2, 3, 12, 12)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
 class NHWCNet(nn.Module):
     """A stand-in for a Swin stage: a feature map in (B, H, W, C)."""
 
