@@ -16,6 +16,8 @@ checkpoint path where nothing is; :func:`check_int` and :func:`check_seed` refus
 settings out of range with one form of message, as a :class:`SettingError` that names
 the setting, so that the command line can name its option instead (``--input-size`` for
 ``input_size``). :func:`count` and :func:`plural` write a number of things in words.
+:func:`named_os_error` gives a write's failure (a full disk) the path it failed to write,
+even where a library raised another error over it (``torch.save``'s ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numbers
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +44,7 @@ __all__ = [
     "folder_problem",
     "missing_checkpoint",
     "missing_folder_problem",
+    "named_os_error",
     "new_file_mode",
     "plural",
     "remove_stale_staging",
@@ -132,6 +136,57 @@ def _temporary_pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(name)}\.{_TEMP_CHARS}\.tmp")
 
 
+def named_os_error(
+    exc: BaseException, path: str | os.PathLike[str], *, before: BaseException | None = None
+) -> OSError | None:
+    """The :class:`OSError` to raise instead of ``exc``, naming ``path``; ``None`` if none.
+
+    A write that fails for want of room (or on a failing disk) raises an ``OSError``
+    without a file name: the write went to an open file, not to a path. Some writers
+    then raise an error of their own over it (``torch.save``: ``RuntimeError('[enforce
+    fail at inline_container.cc:672] . unexpected pos 64 vs 0')``), and the reason is
+    only in its ``__cause__`` or ``__context__``. This finds that ``OSError``: ``exc``
+    itself or the first one in the chain that a traceback would show (a ``raise ...
+    from None`` hides the rest), and gives its ``errno`` and ``strerror`` with ``path``
+    as the file name. An ``OSError`` that names a file already speaks for itself, and
+    what was raised over it was raised on purpose: ``None``.
+
+    Args:
+        exc: the exception raised while writing ``path``.
+        path: the file being written, as the user knows it.
+        before: the exception being handled when the writing began; the chain is not
+            followed into it (an ``OSError`` there had nothing to do with the writing).
+
+    Examples:
+        >>> try:
+        ...     try:
+        ...         raise OSError(28, "No space left on device")
+        ...     except OSError:
+        ...         raise RuntimeError("unexpected pos 64 vs 0")
+        ... except RuntimeError as err:
+        ...     named_os_error(err, "runs/x/checkpoint.pt")
+        OSError(28, 'No space left on device')
+        >>> _.filename
+        'runs/x/checkpoint.pt'
+        >>> named_os_error(PermissionError(13, "Permission denied", "a.pt"), "b.pt") is None
+        True
+        >>> named_os_error(ValueError("not an error of the disk"), "b.pt") is None
+        True
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and link is not before and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError):
+            if link.filename is not None:
+                return None
+            return OSError(link.errno, link.strerror or str(link) or type(link).__name__,
+                           str(path))
+        link = link.__cause__ if link.__cause__ is not None else (
+            None if link.__suppress_context__ else link.__context__)
+    return None
+
+
 @contextlib.contextmanager
 def atomic_writer(
     path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any
@@ -151,7 +206,10 @@ def atomic_writer(
 
     Raises:
         OSError: when the folder or file cannot be written; one without a file name
-            (a full disk) gets ``path`` as its file name.
+            (a full disk) gets ``path`` as its file name. So does an error that the
+            block raised over such an ``OSError`` (``torch.save`` raises a
+            ``RuntimeError`` when a write fails part-way): it becomes that ``OSError``,
+            raised from it (:func:`named_os_error`).
 
     Examples:
         >>> folder = Path(tempfile.mkdtemp())
@@ -161,6 +219,8 @@ def atomic_writer(
         ('done', ['a.txt'])
     """
     path = Path(path)
+    # an OSError the caller was handling on entry is not this write's
+    outer = sys.exc_info()[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -174,9 +234,11 @@ def atomic_writer(
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except OSError as err:
-            if err.filename is None:  # e.g. a full disk: say which file
-                raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        except Exception as err:
+            # e.g. a full disk, raised bare or under a writer's own error: say which file
+            named = named_os_error(err, path, before=outer)
+            if named is not None:
+                raise named from err
             raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

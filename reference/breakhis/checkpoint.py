@@ -71,6 +71,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     (and a ``.checkpoint.pt.<8 characters>.tmp`` that the next run in the folder
     removes). The file gets the permissions of any new file
     (:func:`breakhis._files.new_file_mode`), not ``tempfile``'s ``0o600``.
+
+    Raises:
+        OSError: when the checkpoint cannot be written, with ``path`` as its file name;
+            a disk that fills up part-way through ``torch.save`` too (torch raises a
+            ``RuntimeError`` over the ``OSError`` then: the ``OSError`` is raised from
+            it). The temporary file is removed and the previous checkpoint kept.
     """
     path = Path(path)
     with atomic_writer(path, "wb") as handle:

@@ -41,9 +41,11 @@ from ._files import (
     check_run_folder,
     check_seed,
     folder_problem,
+    named_os_error,
     plural,
     remove_stale_staging,
     staging_folder,
+    writable_problem,
 )
 from .data import ImageRecord
 from .dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, build_eval_transform, load_rgb
@@ -117,10 +119,24 @@ def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tup
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` to ``path`` as a PNG, creating its folder if need be.
+
+    Raises:
+        OSError: when the file cannot be written, naming ``path``: the ``OSError`` of a
+            full disk names no file (the write goes to an open file), so it is raised
+            again with ``path`` as its file name
+            (:func:`breakhis._files.named_os_error`).
+    """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    try:
+        fig.savefig(out, dpi=110)
+    except Exception as err:
+        named = named_os_error(err, out)
+        if named is not None:
+            raise named from err
+        raise
     return out
 
 
@@ -667,8 +683,12 @@ def check_figure_options(
     """Refuse the options of :func:`make_figures` that would fail it late.
 
     A seed scikit-learn refuses fails only after the embeddings are made, a folder
-    that is a file after the model is loaded: checked here first (the command line
-    checks them before it indexes the data, minutes on the real data).
+    that is a file, or one that cannot be created or written, after the model is loaded
+    and the images predicted: checked here first (the command line checks them before
+    it indexes the data, minutes on the real data). The check creates nothing: a folder
+    that does not exist yet is not created (the nearest one above it must be writable),
+    and an existing one is tried with a probe file that is removed at once
+    (:func:`breakhis._files.writable_problem`).
 
     Args:
         seed, perplexity, max_embedding_dim, gradcam_images, out_dir: as for
@@ -680,6 +700,9 @@ def check_figure_options(
             outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
             ``max_embedding_dim`` below 2, a ``gradcam_images`` that is not an integer
             >= 0, or an ``out_dir`` that is a file (or lies under one).
+        ValueError: for an ``out_dir`` that cannot be created or written, naming the
+            folder that cannot (``"expected a folder for the figures that can be
+            written, but writing a file into '...' failed: Permission denied"``).
 
     Examples:
         >>> check_figure_options(0, 30.0, None, 8, "figures")
@@ -699,6 +722,9 @@ def check_figure_options(
     problem = folder_problem(out_dir)
     if problem:
         raise SettingError("out_dir", f"expects a folder for the figures, but {problem}")
+    problem = writable_problem(out_dir, "a folder for the figures", create=False)
+    if problem:
+        raise ValueError(problem)
 
 
 def make_figures(
@@ -766,8 +792,8 @@ def make_figures(
         ValueError: before the model is loaded, for fewer than 3 records or options
             that :func:`check_figure_options` refuses (a negative ``gradcam_images``, a
             ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
-            ``max_embedding_dim`` below 2, or an ``out_dir`` that is a file or lies under
-            one); later, for mismatched targets.
+            ``max_embedding_dim`` below 2, or an ``out_dir`` that is a file, lies under
+            one, or cannot be created or written); later, for mismatched targets.
     """
     from .tasks import get_task
     from .train import (

@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from ._files import SettingError, check_int, count, folder_problem, plural
+from ._files import (
+    SettingError,
+    check_int,
+    count,
+    folder_problem,
+    plural,
+    writable_problem,
+)
 from .data import (
     IMAGE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -198,8 +205,12 @@ def predict_to_csv(
         breakhis._files.SettingError: before anything is read, for a ``batch_size`` that
             is not an integer >= 1, or an ``out_csv`` that is a folder or lies under a
             file (``breakhis-repro predict`` names its options: ``--batch-size``, ``--out``).
-        ValueError: when no readable image is found, or images of another magnification
-            are given to a magnification-specific checkpoint without ``any_magnification``.
+        ValueError: before anything is read, when the folder of ``out_csv`` cannot be
+            created or written (``"expected a folder for 'out/p.csv' that can be
+            written, but writing a file into 'out' failed: Permission denied"``;
+            nothing is created: :func:`breakhis._files.writable_problem`); later, when
+            no readable image is found, or images of another magnification are given to
+            a magnification-specific checkpoint without ``any_magnification``.
         NotACheckpointError: when ``checkpoint`` is not a breakhis checkpoint.
     """
     check_int("batch_size", batch_size, 1)
@@ -211,6 +222,12 @@ def predict_to_csv(
     if problem:
         raise SettingError("out_csv", f"expects the path of a CSV file in a folder, but "
                                       f"{problem}")
+    # tried before the images are read and predicted (minutes on the real data), creating
+    # nothing: a folder that does not exist yet is made when the CSV is written
+    problem = writable_problem(Path(out_csv).parent, f"a folder for {str(out_csv)!r}",
+                               create=False)
+    if problem:
+        raise ValueError(problem)
     images, problems = collect_images(inputs)
     if not images:
         raise ValueError(f"expected image files or folders with images, but found none in "

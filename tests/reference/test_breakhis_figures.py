@@ -9,8 +9,11 @@ definition written with autograd.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -178,6 +181,35 @@ class TestPlotRoc:
             plot_roc([0, 1, 0], np.ones((3, 3)), ["a", "b"], tmp_path / "r.png")
         with pytest.raises(ValueError, match=r"y_true in \[0, 2\)"):
             plot_roc([0, 1, 2], np.ones((3, 2)), ["a", "b"], tmp_path / "r.png")
+
+    @pytest.mark.parametrize("raised", ["bare", "under another error"])
+    def test_a_full_disk_names_the_figure(self, raised: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """savefig on a full disk raised "[Errno 28] No space left on device" without
+        the path of the figure."""
+        _fill_the_disk(monkeypatch, raised)
+        path = tmp_path / "roc.png"
+        with pytest.raises(OSError) as info:
+            plot_roc([0, 1, 0], np.full((3, 2), 0.5), ["a", "b"], path)
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+        assert str(info.value) == f"[Errno 28] No space left on device: {str(path)!r}"
+
+
+def _fill_the_disk(monkeypatch: pytest.MonkeyPatch, raised: str) -> None:
+    """Make matplotlib's ``savefig`` fail as on a full disk: an ``OSError(ENOSPC)`` that
+    names no file, ``"bare"`` or ``"under another error"`` raised while handling it."""
+    from matplotlib.figure import Figure
+
+    def full(*args: object, **kwargs: object) -> None:
+        error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if raised == "bare":
+            raise error
+        try:
+            raise error
+        except OSError:
+            raise RuntimeError("the writer gave up")  # raised over it, as torch.save
+
+    monkeypatch.setattr(Figure, "savefig", full)
 
 
 class TestTsne:
@@ -526,6 +558,82 @@ class TestMakeFigures:
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         assert json.loads((out / "figures.json").read_text())["checkpoint"] == str(first)
         assert not (tmp_path / "new").exists()  # made by the failed run: removed again
+
+    def test_a_full_disk_names_the_figure_and_keeps_the_earlier_ones(
+        self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A full disk while drawing raised "No space left on device" without a path.
+
+        The figure is named where it was drawn: in the hidden folder of out_dir that
+        the figures are staged in (removed since), ``<out_dir>/.figures-XXXXXXXX.tmp``.
+        """
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, _, source = checkpoint_records(ckpt)
+        out = tmp_path / "fig"
+        make_figures(ckpt, records[:6], out, source=source, gradcam_images=0,
+                     max_embedding_dim=32)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        _fill_the_disk(monkeypatch, "bare")
+        with pytest.raises(OSError) as info:
+            make_figures(ckpt, records[:6], out, source=source, gradcam_images=0,
+                         max_embedding_dim=32)
+        assert info.value.errno == errno.ENOSPC and info.value.filename is not None
+        staged = Path(info.value.filename)
+        assert staged.name == "roc.png" and staged.parent.parent == out
+        assert re.fullmatch(r"\.figures-[a-z0-9_]{8}\.tmp", staged.parent.name)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    @pytest.mark.parametrize("how", ["read-only folder", "refused writes"])
+    def test_out_dir_that_cannot_be_written_is_refused_before_any_work(
+        self, how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An out_dir that could not be written failed only as the first figure was
+        drawn: after the data were indexed and every image predicted (minutes on the
+        real data)."""
+        from breakhis import _files as files_module
+        from breakhis import experiments, train
+
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        if how == "read-only folder":
+            if os.geteuid() == 0:
+                pytest.skip("root writes into a read-only folder all the same")
+            locked.chmod(0o555)  # made writable again below, whatever fails
+        else:  # as a read-only folder looks to root's writes: refused
+            access = os.access
+
+            def refuse(*args: object, **kwargs: object) -> None:
+                raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+            monkeypatch.setattr(files_module.tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(files_module.os, "access",
+                                lambda path, mode: Path(path) != locked and access(path, mode))
+
+        def never(*args: object, **kwargs: object) -> None:
+            pytest.fail("the work began before the figures' folder was checked")
+
+        monkeypatch.setattr(experiments, "checkpoint_records", never)
+        for name in ("load_model", "predict_probs"):
+            monkeypatch.setattr(train, name, never)
+        none = tmp_path / "none.pt"  # never read: the folder fails first
+        try:
+            for out, message in [
+                (locked, "expected a folder for the figures that can be written, but "
+                         f"writing a file into {str(locked)!r} failed: Permission denied"),
+                (locked / "fig", "expected a folder for the figures that can be created, "
+                                 f"but {str(locked)!r}, where it would be created, cannot "
+                                 "be written"),
+            ]:
+                with pytest.raises(ValueError) as info:
+                    make_figures(none, [tmp_path / f"{i}.png" for i in range(3)], out)
+                assert str(info.value) == message
+                assert main(["figures", "--checkpoint", str(none), "--out", str(out),
+                             "--no-progress"]) == 2
+                assert capsys.readouterr().err == f"breakhis-repro figures: error: {message}\n"
+            assert list(locked.iterdir()) == []  # nothing created, no probe left
+        finally:
+            locked.chmod(0o755)
 
 
 class TestResultsTable:

@@ -177,6 +177,59 @@ class TestPredict:
                            progress=False)
         assert (tmp_path / "afile").read_text() == ""
 
+    @pytest.mark.parametrize("how", ["read-only folder", "refused writes"])
+    def test_out_that_cannot_be_written_fails_before_reading_images(
+        self, how: str, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An --out in a folder that cannot be written failed only as the CSV was
+        written: after every image was read and predicted (minutes on the real data)."""
+        import breakhis.predict as predict_module
+        from breakhis import _files as files_module
+
+        image = _png(tmp_path / "in" / "a.png")
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        if how == "read-only folder":
+            if os.geteuid() == 0:
+                pytest.skip("root writes into a read-only folder all the same")
+            locked.chmod(0o555)  # made writable again below, whatever fails
+        else:  # as a read-only folder looks to root's writes: refused
+            access = os.access
+
+            def refuse(*args: object, **kwargs: object) -> None:
+                raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+            monkeypatch.setattr(files_module.tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(files_module.os, "access",
+                                lambda path, mode: Path(path) != locked and access(path, mode))
+
+        def never(*args: object, **kwargs: object) -> None:
+            pytest.fail("the images were read before the folder of out_csv was checked")
+
+        for name in ("collect_images", "load_model", "predict_probs"):
+            monkeypatch.setattr(predict_module, name, never)
+        try:
+            for out, message in [
+                (locked / "p.csv", f"expected a folder for {str(locked / 'p.csv')!r} that can "
+                                   f"be written, but writing a file into {str(locked)!r} "
+                                   "failed: Permission denied"),
+                (locked / "new" / "p.csv",
+                 f"expected a folder for {str(locked / 'new' / 'p.csv')!r} that can be "
+                 f"created, but {str(locked)!r}, where it would be created, cannot be "
+                 "written"),
+            ]:
+                with pytest.raises(ValueError) as info:
+                    predict_to_csv(checkpoint, [image], out, progress=False)
+                assert str(info.value) == message
+                assert main(["predict", "--checkpoint", str(checkpoint), str(image),
+                             "--out", str(out), "--no-progress"]) == 2
+                err = capsys.readouterr().err
+                assert err == f"breakhis-repro predict: error: {message}\n"
+            assert list(locked.iterdir()) == []  # nothing created, no probe left
+        finally:
+            locked.chmod(0o755)
+
     def test_numpy_integer_batch_size_is_taken(self, checkpoint: Path, tmp_path: Path) -> None:
         image = _png(tmp_path / "a.png")
         result = predict_to_csv(checkpoint, [image], tmp_path / "p.csv",

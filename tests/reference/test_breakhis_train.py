@@ -6,6 +6,7 @@ Every run uses the synthetic tree and the ``tiny`` backbone, so it takes seconds
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -955,6 +956,53 @@ class TestCheckpointFiles:
         monkeypatch.undo()
         assert load_checkpoint(path)["epoch"] == 1
         assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+    @pytest.mark.parametrize("room", [0, 100, 4096])
+    def test_a_full_disk_during_torch_save_names_the_path(
+        self, room: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A disk that filled up part-way through torch.save gave RuntimeError('[enforce
+        fail at inline_container.cc:672] . unexpected pos 64 vs 0'), with neither the
+        reason nor the path; the OSError(ENOSPC) was only in its __context__."""
+        from breakhis import _files as files_module
+        from breakhis.cli import _os_error_text
+
+        path = tmp_path / "c.pt"
+        save_checkpoint({"epoch": 1}, path)
+        fdopen = os.fdopen
+        monkeypatch.setattr(files_module.os, "fdopen",
+                            lambda *a, **k: _FillsUp(fdopen(*a, **k), room))
+        with pytest.raises(OSError) as info:
+            save_checkpoint({"epoch": 2, "w": torch.ones(4096)}, path)
+        monkeypatch.undo()
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+        assert _os_error_text(info.value) == f"No space left on device: {str(path)!r}"
+        assert load_checkpoint(path)["epoch"] == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+
+
+class _FillsUp:
+    """A file on a disk with ``room`` bytes left: a write past them fails (ENOSPC), as
+    ``write`` fails on a full disk, with an ``OSError`` that names no file."""
+
+    def __init__(self, handle: Any, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return self.handle.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def __enter__(self) -> _FillsUp:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.handle.close()
 
 
 class _Counter:
