@@ -1117,14 +1117,18 @@ def evaluate_checkpoint(
     Raises:
         ValueError: when a recorded test image is no longer in the data or no longer
             decodes, the data's classes differ from the checkpoint's, or the report
-            folder cannot be created or written (found before any work is done).
+            folder cannot be created or written, or is another run's: it holds a
+            ``checkpoint.pt`` that is not ``checkpoint`` (neither the same file nor a
+            copy of it) or a cross-validation's ``cv_metrics.json``, whose reports this
+            would overwrite (found before any work is done).
     """
     info = init_distributed(device)
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     # tried before the model and the data are loaded and every test image is predicted
     # every process: it creates nothing, and one that failed alone would leave the others
     # waiting at a collective
-    problem = writable_problem(out, "the report folder", create=False)
+    problem = (writable_problem(out, "the report folder", create=False)
+               or _other_run_problem(checkpoint, out))
     if problem:
         raise ValueError(problem)
     model, state = load_model(checkpoint, device=info.device)
@@ -1142,6 +1146,44 @@ def evaluate_checkpoint(
                            val_fraction=spec.val_fraction,
                            normalization=checkpoint_normalization(state),
                            checkpoint=checkpoint_identity(state), progress=progress)
+
+
+def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path) -> str | None:
+    """Why ``out`` must not take the report of ``checkpoint``, or ``None`` when it may.
+
+    A folder holding another run's ``checkpoint.pt`` (not ``checkpoint`` itself, nor a
+    copy of it: same :func:`breakhis.train.checkpoint_identity`) is refused: its
+    ``test_metrics.json``/``.md`` and ``test_predictions.csv`` would be overwritten,
+    leaving a report beside a checkpoint it was not made from. So is a cross-validation's
+    folder (``cv_metrics.json``): one run's report does not belong among its folds. Only
+    the two checkpoints' settings and history are read (tensors mapped), not the model.
+    """
+    where = (f"cannot write the report of checkpoint {str(checkpoint)!r} into "
+             f"{str(out)!r}: expected a new folder or the checkpoint's own, but")
+    choose = "; choose another --out (a new folder)"
+    if (out / "cv_metrics.json").is_file():
+        return (f"{where} it holds cv_metrics.json: a cross-validation's folder, not one "
+                f"run's{choose}")
+    other = out / CHECKPOINT_NAME
+    if not other.is_file():
+        return None
+    try:
+        if os.path.samefile(other, checkpoint):
+            return None
+    except OSError:
+        pass  # the checkpoint is missing: loading it below says so
+    from .checkpoint import NotACheckpointError
+
+    try:
+        theirs = checkpoint_identity(load_checkpoint(other, map_location="cpu", mmap=True))
+    except NotACheckpointError:
+        theirs = None
+    if theirs is not None and theirs == checkpoint_identity(
+            load_checkpoint(checkpoint, map_location="cpu", mmap=True)):
+        return None  # a copy of the checkpoint: its report belongs there
+    return (f"{where} it holds {str(other)!r}, another run's checkpoint, whose "
+            f"test_metrics.json/.md and {PREDICTIONS_FILE} this would overwrite with "
+            f"reports it was not made from{choose}")
 
 
 def _checkpoint_data(

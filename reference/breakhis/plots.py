@@ -927,12 +927,15 @@ def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any
                      "`evaluate`)")
 
 
-#: Why a cv summary is stale, per fold (:func:`_stale_folds`), as the table says it.
+#: Why a report is stale, per fold (:func:`_stale_folds`), as the table says it: a cv
+#: summary's first three, a single run's ``changed``.
 _STALE_REASONS: dict[str, str] = {
     "retrained": "retrained since the summary",
     "unfinished": "retrained since the summary without a new test_metrics.json (checkpoint.pt "
                   "differs; retraining interrupted?)",
     "no report": "lost test_metrics.json since the summary",
+    "changed": "checkpoint.pt changed since this report (trained further or replaced; "
+               "training interrupted before a new report?)",
 }
 
 
@@ -949,8 +952,17 @@ def _checkpoint_identity(path: Path) -> dict[str, Any] | None:
 
 
 def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
-    """Folds of a cv summary that changed since it was written, with why (a key of
-    :data:`_STALE_REASONS`), in the summary's fold order.
+    """Folds of a report that changed since it was written, with why (a key of
+    :data:`_STALE_REASONS`), in the report's fold order.
+
+    A single run's report (``test_metrics.json``, no ``summary``) has its fold
+    ``changed`` when the folder's ``checkpoint.pt`` is not the one the report records
+    (``checkpoint``: epoch and fingerprint; or no breakhis checkpoint): trained further
+    (``train --resume``) or replaced (a fresh ``train``) without a new report. A report
+    that records no checkpoint (older breakhis), or a folder without ``checkpoint.pt``
+    (``evaluate --out``), says nothing.
+
+    A cv summary's folds:
 
     - ``retrained``: the fold's ``fold<k>/test_metrics.json`` was made from another
       checkpoint than the summary records (``folds[].checkpoint``: epoch and
@@ -963,6 +975,11 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
 
     A summary without its ``fold<k>`` folders (copied on its own) says nothing.
     """
+    if "summary" not in report:
+        recorded, ckpt = report.get("checkpoint"), folder / "checkpoint.pt"
+        if recorded is not None and ckpt.is_file() and _checkpoint_identity(ckpt) != recorded:
+            return {report.get("fold"): "changed"}
+        return {}
     stale: dict[int, str] = {}
     for entry in report.get("folds") or []:
         fold_dir = folder / f"fold{entry.get('fold')}"
@@ -986,7 +1003,13 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
     return stale
 
 
-def _stale_note(stale: Mapping[int, str]) -> str:
+def _stale_note(stale: Mapping[int, str], folder: Path) -> str:
+    """The ``stale`` text of a row of ``folder`` (:func:`_stale_folds`): what changed, and
+    what to run: ``cv --resume`` for a summary, evaluating the checkpoint again (or
+    finishing its training) for a single run."""
+    if "changed" in stale.values():
+        return (f"stale: {_STALE_REASONS['changed']}; rerun breakhis-repro evaluate "
+                f"--checkpoint {folder / 'checkpoint.pt'}, or train --resume to finish it")
     parts = []
     for reason, text in _STALE_REASONS.items():
         folds = [str(f) for f, why in stale.items() if why == reason]
@@ -1033,8 +1056,10 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
     number of folds averaged (``<metric>_n``: fewer than ``folds`` where a fold has no
     value, e.g. no ROC AUC on a fold of one class); otherwise its ``test_metrics.json``
     gives one fold (no standard deviation). A summary that a fold changed since it was
-    written (see :func:`results_table`) is still read, with a warning, and its row names
-    those folds (``stale_folds``) and says why (``stale``, as the table's folds cell).
+    written, or a single run's report whose folder's ``checkpoint.pt`` changed since (see
+    :func:`results_table`), is still read, with a warning, and its row names those folds
+    (``stale_folds``: the report's own fold, for a single run) and says why and what to
+    run (``stale``, as the table's folds cell).
     ``patient_disjoint`` and ``split_notes`` are those of
     :func:`breakhis.evaluate.split_integrity` (every fold's, for a summary; ``None``:
     unknown, in a report written before it was recorded).
@@ -1052,14 +1077,14 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
         if "summary" in report:
             stats = report["summary"]
             folds = len(report.get("folds") or []) or max(s["n"] for s in stats.values())
-            stale = _stale_folds(folder, report)
-            if stale:
-                _LOG.warning("%s: %s", folder / name, _stale_note(stale))
         else:
             metrics = report.get("metrics") or {}
             stats = {k: {"mean": metrics[k], "std": None, "n": 1}
                      for k in SUMMARY_METRICS if metrics.get(k) is not None}
-            folds, stale = 1, {}
+            folds = 1
+        stale = _stale_folds(folder, report)
+        if stale:
+            _LOG.warning("%s: %s", folder / name, _stale_note(stale, folder))
         task, protocol = report.get("task") or {}, report["protocol"]
         model = report.get("model") or {}
         disjoint, notes = split_integrity(report)
@@ -1078,7 +1103,7 @@ def results_rows(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, A
             "folds": folds, "fold": None if "summary" in report else report.get("fold"),
             "synthetic": bool(report.get("synthetic", False)),
             "data_root": report.get("data_root"), "stale_folds": list(stale),
-            "stale": _stale_note(stale) if stale else None, "split_notes": notes,
+            "stale": _stale_note(stale, folder) if stale else None, "split_notes": notes,
         }
         for key in SUMMARY_METRICS:
             stat = stats.get(key) or {}
@@ -1192,7 +1217,12 @@ def results_table(
     summary without a new test_metrics.json`` (its ``checkpoint.pt`` is another, its
     report gone or still the old one: a retraining interrupted), ``lost
     test_metrics.json since the summary``. A summary copied without its ``fold<k>``
-    folders is not checked.
+    folders is not checked. A single run's report is stale when its folder's
+    ``checkpoint.pt`` is not the checkpoint the report was made from (trained further by
+    ``train --resume``, or replaced, and interrupted before a new report): the row says
+    ``checkpoint.pt changed since this report`` and names the ``evaluate --checkpoint``
+    to rerun; a folder without ``checkpoint.pt`` (``evaluate --out``), or a report that
+    records no checkpoint (older breakhis), is not checked.
 
     Args:
         run_dirs: folders holding ``cv_metrics.json`` (a ``cv`` run) or

@@ -1236,3 +1236,111 @@ class TestSavedRunsAsTrained:
                                      out_dir=tmp_path / "ev", device="cpu", progress=False)
         assert report["metrics"] == trained["metrics"]
         assert report["protocol"] == trained["protocol"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class TestStaleSingleRun:
+    def test_report_of_a_changed_checkpoint_is_marked(
+        self, synth_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """After `train --resume` with more epochs, interrupted before its new report,
+        `table` showed the run's old test_metrics.json as if it were the checkpoint's."""
+        root, _ = synth_tree
+        run = tmp_path / "run"
+        run_fold(_spec(root), _config(), 0, run, progress=False)
+        assert results_rows([run])[0]["stale"] is None
+        assert results_rows([run])[0]["stale_folds"] == []
+        assert "stale:" not in results_table([run])
+        # an `evaluate --out` folder holds no checkpoint.pt: nothing to compare
+        evaluate_checkpoint(run / "checkpoint.pt", out_dir=tmp_path / "ev", device="cpu",
+                            progress=False)
+        assert results_rows([tmp_path / "ev"])[0]["stale"] is None
+        state = load_checkpoint(run / "checkpoint.pt")
+        state["history"] = [*state["history"], dict(state["history"][-1])]
+        state["epoch"] = 1  # a second epoch trained, its report never written
+        save_checkpoint(state, run / "checkpoint.pt")
+        with caplog.at_level(logging.WARNING, logger="breakhis.plots"):
+            text = results_table([run, tmp_path / "ev"], out=tmp_path / "t.md")
+        note = ("stale: checkpoint.pt changed since this report (trained further or "
+                "replaced; training interrupted before a new report?); rerun breakhis-repro "
+                f"evaluate --checkpoint {run / 'checkpoint.pt'}, or train --resume to "
+                "finish it")
+        assert note in caplog.text and str(run / "test_metrics.json") in caplog.text
+        assert str(tmp_path / "ev" / "test_metrics.json") not in caplog.text
+        assert f"| 1 (fold 0 of 3) ({note}) |" in text
+        rows = results_rows([run, tmp_path / "ev"])
+        assert rows[0]["stale_folds"] == [0] and rows[0]["stale"] == note
+        assert rows[1]["stale_folds"] == [] and rows[1]["stale"] is None
+        with (tmp_path / "t.csv").open(newline="") as handle:
+            saved = list(csv.DictReader(handle))
+        assert saved[0]["stale_folds"] == "0" and saved[0]["stale"] == note
+        # a report that records no checkpoint (older breakhis) says nothing
+        report = json.loads((run / "test_metrics.json").read_text())
+        (run / "test_metrics.json").write_text(
+            json.dumps({k: v for k, v in report.items() if k != "checkpoint"}))
+        assert results_rows([run])[0]["stale"] is None
+        # evaluated again (into its own folder, the default): current again
+        evaluate_checkpoint(run / "checkpoint.pt", device="cpu", progress=False)
+        assert results_rows([run])[0]["stale"] is None
+        assert json.loads((run / "test_metrics.json").read_text())["checkpoint"]["epoch"] == 1
+
+
+class TestEvaluateIntoAnotherRun:
+    def test_another_runs_folder_is_refused(self, synth_tree, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """`evaluate --out` into another run's folder overwrote its test_metrics.json, which
+        then sat beside a checkpoint.pt it was not made from."""
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        data = prepare_data(spec)
+        run_fold(spec, _config(), 0, tmp_path / "a", data=data, progress=False)
+        run_fold(spec, _config(lr=0.05), 1, tmp_path / "b", data=data, progress=False)
+        run_cv(spec, _config(lr=0.05), tmp_path / "cv", folds=[0], progress=False)  # not a copy
+        ckpt = tmp_path / "a" / "checkpoint.pt"
+        before = {name: _files(tmp_path / name) for name in ("b", "cv")}
+
+        def not_now(*args, **kwargs):
+            raise AssertionError("the checkpoint was loaded before the folder was checked")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(experiments_module, "load_model", not_now)
+            with pytest.raises(ValueError) as info:
+                evaluate_checkpoint(ckpt, out_dir=tmp_path / "b", device="cpu",
+                                    progress=False)
+            assert str(info.value) == (
+                f"cannot write the report of checkpoint {str(ckpt)!r} into "
+                f"{str(tmp_path / 'b')!r}: expected a new folder or the checkpoint's own, "
+                f"but it holds {str(tmp_path / 'b' / 'checkpoint.pt')!r}, another run's "
+                f"checkpoint, whose test_metrics.json/.md and {PREDICTIONS_FILE} this "
+                "would overwrite with reports it was not made from; choose another --out "
+                "(a new folder)")
+            with pytest.raises(ValueError) as info:
+                evaluate_checkpoint(ckpt, out_dir=tmp_path / "cv", device="cpu",
+                                    progress=False)
+            assert str(info.value) == (
+                f"cannot write the report of checkpoint {str(ckpt)!r} into "
+                f"{str(tmp_path / 'cv')!r}: expected a new folder or the checkpoint's own, "
+                "but it holds cv_metrics.json: a cross-validation's folder, not one run's; "
+                "choose another --out (a new folder)")
+            with pytest.raises(ValueError, match="another run's checkpoint"):
+                evaluate_checkpoint(ckpt, out_dir=tmp_path / "cv" / "fold0", device="cpu",
+                                    progress=False)
+        assert {name: _files(tmp_path / name) for name in ("b", "cv")} == before
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"),
+                     "--device", "cpu", "--no-progress"]) == 2
+        assert _files(tmp_path / "b") == before["b"]
+        # a new folder, the checkpoint's own, and a folder holding a copy of it are fine
+        trained = json.loads((tmp_path / "a" / "test_metrics.json").read_text())
+        for out in (tmp_path / "new", None, tmp_path / "copy"):
+            if out == tmp_path / "copy":
+                out.mkdir()
+                shutil.copyfile(ckpt, out / "checkpoint.pt")
+            report = evaluate_checkpoint(ckpt, out_dir=out, device="cpu", progress=False)
+            written = (out or ckpt.parent) / "test_metrics.json"
+            assert json.loads(written.read_text())["checkpoint"] == trained["checkpoint"]
+            assert report["metrics"] == trained["metrics"]
