@@ -29,6 +29,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +86,7 @@ from .tasks import Task, get_task
 from .train import (
     CHECKPOINT_NAME,
     TrainConfig,
+    _remove_outputs,
     check_resumable,
     checkpoint_identity,
     checkpoint_normalization,
@@ -952,7 +954,8 @@ def run_cv(
     mixed into the summary. Writes ``cv_metrics.json``/``.md`` in ``run_dir``; each
     ``fold<k>`` folder holds what :func:`run_fold` writes (a fold trained afresh first
     removes an earlier run's outputs there; without ``resume`` an earlier summary in
-    ``run_dir`` is removed before the first fold trains). The summary's
+    ``run_dir``, and what an earlier run left in the ``fold<k>`` folders of folds not in
+    this run, are removed before the first fold trains). The summary's
     ``protocol.n_splits`` is the number of folds of the protocol (``official``: of
     fold tables), so that a partial cross-validation (``folds``) shows as one. The
     summary's ``protocol`` describes every fold: ``patient_disjoint`` is true only when
@@ -1018,6 +1021,12 @@ def run_cv(
         if stale:
             _LOG.warning("fresh cross-validation in %s: removed the summary of an earlier run "
                          "there: %s", run_dir, ", ".join(stale))
+        others = _remove_other_folds(run_dir, chosen)
+        if others:
+            _LOG.warning("fresh cross-validation of %s %s in %s: removed what an earlier "
+                         "run left in the folders of other folds: %s",
+                         plural(len(chosen), "fold"), ", ".join(map(str, chosen)), run_dir,
+                         ", ".join(others))
     reports = []
     for position, fold in enumerate(chosen, 1):
         fold_dir = run_dir / f"fold{fold}"
@@ -1078,6 +1087,35 @@ def run_cv(
         _LOG.warning("cross-validation (%s protocol): %s; listed in %s", spec.protocol,
                      "; ".join(notes), run_dir / "cv_metrics.md")
     return summary
+
+
+#: What a fold's folder holds once :func:`run_fold` has run there (:data:`RUN_OUTPUTS`,
+#: and the settings and log that a fold trained afresh rewrites and appends to).
+_FOLD_FILES: tuple[str, ...] = (*RUN_OUTPUTS, "config.json", "train.log")
+
+
+def _remove_other_folds(run_dir: Path, chosen: Sequence[int]) -> list[str]:
+    """Remove what an earlier run left in the ``fold<k>`` folders of ``run_dir`` whose
+    ``k`` is not among ``chosen`` (a fresh cross-validation of fewer folds than the run it
+    replaces): :data:`_FOLD_FILES`, and each folder once nothing else is left in it.
+
+    A fold folder left as it was would hold the earlier run's checkpoint beside this
+    run's summary, and a later ``--resume`` of every fold would take it up as a fold of
+    this run. Other files (the user's) stay, with their folder.
+
+    Returns:
+        The files removed, relative to ``run_dir`` (POSIX separators), in fold order.
+    """
+    keep = {f"fold{k}" for k in chosen}
+    folders = [p for p in run_dir.iterdir()
+               if re.fullmatch(r"fold\d+", p.name) and p.name not in keep
+               and p.is_dir() and not p.is_symlink()] if run_dir.is_dir() else []
+    removed = []
+    for folder in sorted(folders, key=lambda p: int(p.name[4:])):
+        removed += [f"{folder.name}/{name}" for name in _remove_outputs(folder, _FOLD_FILES)]
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def _least(values: list[int | None]) -> int | None:

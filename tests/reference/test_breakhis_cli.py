@@ -484,6 +484,35 @@ class TestOverwrite:
         assert state["epoch"] == before and state["config"]["seed"] == 1  # a new run
 
 
+    def test_overwrite_with_fewer_folds_clears_the_others(
+            self, synth_tree, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """cv --overwrite of fold 1 left fold 0 and fold 2 of the run it replaced: their
+        checkpoints beside the new summary, which a later cv --resume of every fold took up
+        as folds of the new run. What breakhis wrote there goes now; the user's files stay."""
+        root, _ = synth_tree
+        cv = tmp_path / "cv"
+        for fold in (0, 2):
+            shutil.copytree(run, cv / f"fold{fold}")
+        (cv / "fold2" / "my_notes.txt").write_text("mine")
+        (cv / "fold10").mkdir()  # not a fold of this protocol's run: still an earlier one's
+        shutil.copy(run / "checkpoint.pt", cv / "fold10" / "checkpoint.pt")
+        (cv / "folder").mkdir()  # no fold folder: left alone
+        shutil.copy(run / "checkpoint.pt", cv / "folder" / "checkpoint.pt")
+        assert main(["cv", "--data-root", str(root), *MSBC, "--folds", "1", "--epochs", "1",
+                     *TINY, "--out", str(cv), "--overwrite"]) == 0
+        assert not (cv / "fold0").exists() and not (cv / "fold10").exists()
+        assert sorted(p.name for p in (cv / "fold2").iterdir()) == ["my_notes.txt"]
+        assert (cv / "folder" / "checkpoint.pt").is_file()
+        assert (cv / "fold1" / "checkpoint.pt").is_file()
+        summary = json.loads((cv / "cv_metrics.json").read_text())
+        assert [f["fold"] for f in summary["folds"]] == [1]
+        text = _err(capsys)
+        assert "removed what an earlier run left in the folders of other folds: " \
+               "fold0/checkpoint.pt" in text and "fold10/checkpoint.pt" in text
+        assert "fold2/train.log" in text and "my_notes" not in text
+
+
 class TestFlagsWithoutEffect:
     """Flags that did nothing beside others: ``--no-pretrained --weights w.pt`` trained
     from random weights, ``--no-augment --rotation 30`` stored a rotation it never drew
