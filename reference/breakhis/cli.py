@@ -17,20 +17,25 @@ Examples::
     torchrun --nproc_per_node 2 -m breakhis.cli train ...   # distributed (gloo on CPU)
 
 Only ``train`` and ``cv`` run under torchrun; the other commands run in one process.
+SIGTERM (``kill``, a batch scheduler, torchrun stopping its workers) ends a command as
+Ctrl-C does: one line on stderr, the last line of ``train.log``, status 143
+(:mod:`breakhis._signals`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._files import SettingError, check_run_folder, count, folder_problem, missing_checkpoint
+from ._signals import Terminated, terminate_as_interrupt
 
 __all__ = ["build_parser", "main"]
 
@@ -861,9 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference extra are not all installed, said in one line; 2 after an error line for
     a setting, a file or a folder that is wrong, a file that cannot be read or
     written, or a command other than ``train`` and ``cv`` started by torchrun with more
-    than one process; 130 after Ctrl-C, said in one line). A setting out of range
-    (:class:`breakhis._files.SettingError`) is named by the command's option for it
-    (``--input-size``, not ``input_size``: :func:`_option_name`)."""
+    than one process; 130 after Ctrl-C and 143 after SIGTERM, each said in one line). A
+    setting out of range (:class:`breakhis._files.SettingError`) is named by the
+    command's option for it (``--input-size``, not ``input_size``: :func:`_option_name`)."""
     from . import INSTALL, missing_requirements
 
     missing = missing_requirements()
@@ -876,7 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_single_process(args.command)
-        return _COMMANDS[args.command](args)
+        with terminate_as_interrupt():  # kill, a scheduler, torchrun: as Ctrl-C, said so
+            return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if isinstance(exc, SettingError):  # named as the command line names it: --input-size
             text = exc.named(_option_name(parser, args.command, exc.setting))
@@ -891,14 +897,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a file that cannot be read or written: names the path
         print(f"breakhis-repro {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from inside torch
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, not a traceback
         resume = ""
         if "resume" in vars(args):  # the commands that have --resume
             how = ("the same command with --resume instead of --overwrite" if args.overwrite
                    else "the same command with --resume")
             resume = f" ({how} continues from the last finished epoch)"
-        print(f"breakhis-repro {args.command}: interrupted{resume}", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+        what = str(exc) if isinstance(exc, Terminated) else "interrupted"
+        print(f"breakhis-repro {args.command}: {what}{resume}", file=sys.stderr)
+        # 128 + the signal's number, as a shell reports a process it ended
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         _stop_logging_to_console()
 

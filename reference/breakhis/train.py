@@ -60,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ._files import SettingError, atomic_writer, check_int, plural, remove_stale_temporaries
+from ._signals import Terminated
 from .checkpoint import (
     NotACheckpointError,
     capture_rng_state,
@@ -753,10 +754,12 @@ def fit(
             handler.handle(_LOG.makeRecord(_LOG.name, logging.ERROR, __file__, 0, "%s",
                                            (exc,), None))
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if handler is not None:  # a log that just stops reads like a crash
+            # Ctrl-C, or SIGTERM where the command line made it one (breakhis._signals)
+            what = str(exc) if isinstance(exc, Terminated) else "interrupted (KeyboardInterrupt)"
             handler.handle(_LOG.makeRecord(_LOG.name, logging.WARNING, __file__, 0, "%s", (
-                f"interrupted (KeyboardInterrupt); {CHECKPOINT_NAME} keeps the last finished "
+                f"{what}; {CHECKPOINT_NAME} keeps the last finished "
                 "epoch, if any: the same command with --resume (not --overwrite) continues "
                 "from it",), None))
         raise

@@ -442,6 +442,91 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
         assert "with --resume instead of --overwrite continues" in _err(capsys)
 
 
+class TestSigterm:
+    """SIGTERM (kill, a batch scheduler's time limit, torchrun stopping its workers) ended
+    a run at once: no line on the console or in train.log, only status 143. It now ends
+    a command as Ctrl-C does, said so."""
+
+    @pytest.mark.parametrize("command, resumable", [("train", True), ("index", False)])
+    def test_one_line_and_status_143(self, command: str, resumable: bool, monkeypatch,
+                                     capsys, tmp_path: Path) -> None:
+        import signal
+
+        from breakhis import cli
+
+        seen = []
+
+        def terminated(args):
+            seen.append(signal.getsignal(signal.SIGTERM))
+            # by default SIGTERM would end pytest itself: fail the test instead
+            assert seen[0] is not signal.SIG_DFL, "no SIGTERM handler during the command"
+            signal.raise_signal(signal.SIGTERM)  # as kill does
+            raise AssertionError("SIGTERM did not interrupt the command")
+
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        monkeypatch.setitem(cli._COMMANDS, command, terminated)
+        argv = {"train": ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")],
+                "index": ["index", "--data-root", str(tmp_path)]}[command]
+        assert main(argv) == 143
+        err = _err(capsys).strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"breakhis-repro {command}: terminated (SIGTERM)"), err
+        assert ("--resume continues from the last finished epoch" in err[0]) == resumable
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def test_a_handler_of_the_caller_is_kept(self, monkeypatch, tmp_path: Path) -> None:
+        import signal
+
+        from breakhis import cli
+
+        caught = []
+        monkeypatch.setitem(cli._COMMANDS, "index",
+                            lambda args: signal.raise_signal(signal.SIGTERM) or 0)
+        previous = signal.signal(signal.SIGTERM, lambda *a: caught.append(a[0]))
+        try:
+            assert main(["index", "--data-root", str(tmp_path)]) == 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert caught == [signal.SIGTERM]
+
+    def test_a_training_run_killed_says_so_and_resumes(self, synth_tree, tmp_path: Path) -> None:
+        """A real `breakhis-repro train` (with a data-loading process) sent SIGTERM after its
+        first epoch: status 143, one line, train.log's last line, the checkpoint intact and
+        no temporary file left; --resume continues it."""
+        import signal
+        import time
+
+        root, _ = synth_tree
+        out = tmp_path / "run"
+        argv = [sys.executable, "-m", "breakhis.cli", "train", "--data-root", str(root), *MSBC,
+                "--fold", "0", *TINY, "--num-workers", "1", "--out", str(out)]
+        proc = subprocess.Popen([*argv, "--epochs", "500"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "checkpoint.pt").is_file():
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "no epoch finished in 120 s"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 143, err[-2000:]
+        assert err.strip().splitlines()[-1] == (
+            "breakhis-repro train: terminated (SIGTERM) (the same command with --resume "
+            "continues from the last finished epoch)")
+        last = (out / "train.log").read_text().strip().splitlines()[-1]
+        assert "terminated (SIGTERM); checkpoint.pt keeps the last finished epoch" in last, last
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        epoch = load_checkpoint(out / "checkpoint.pt")["epoch"]
+        assert epoch < 499
+        done = subprocess.run([*argv, "--epochs", str(epoch + 2), "--resume"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert load_checkpoint(out / "checkpoint.pt")["epoch"] == epoch + 1
+
+
 class TestOverwrite:
     """A fresh run replaces the run in its folder: a forgotten --resume lost a run of many
     epochs. Such a folder is now refused (before indexing) unless --resume or --overwrite."""
