@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from ._files import (
     SettingError,
+    atomic_writer,
     check_int,
     check_run_folder,
     check_seed,
@@ -425,7 +426,8 @@ def plot_tsne(
     ax.legend(loc="best", fontsize="small", markerscale=1.5)
     out = _save(fig, path)
     coords_path = out.with_name(f"{out.stem}_coords.npy")
-    np.save(coords_path, coords)
+    with atomic_writer(coords_path, "wb") as handle:  # a full disk names the file
+        np.save(handle, coords)
     return {"path": out, "coords": coords, "coords_path": coords_path, "perplexity": used,
             "pca_components": components}
 
@@ -891,8 +893,8 @@ def make_figures(
                 "true": [classes[int(t)] for t in y[pick]],
                 "predicted": [classes[int(p)] for p in pred],
             }
-        (work / "figures.json").write_text(json.dumps(result, indent=2, default=str) + "\n",
-                                           encoding="utf-8")
+        with atomic_writer(work / "figures.json", "w") as handle:  # a full disk names it
+            handle.write(json.dumps(result, indent=2, default=str) + "\n")
         # All figures are done. The earlier run's figures go first, then this run's move
         # in, figures.json last (FIGURE_FILES ends with it): a process killed in between
         # leaves part of this run's figures without figures.json, never a folder mixing
@@ -1310,10 +1312,11 @@ def results_table(
     lines += ["", "Runs: " + ", ".join(f"`{r['run']}` ({r['source']})" for r in rows), ""]
     text = "\n".join(lines)
     if out is not None:
+        # each file whole or as it was (a full disk names the file): atomic_writer
         md = Path(out)
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(text, encoding="utf-8")
-        with md.with_suffix(".csv").open("w", newline="", encoding="utf-8") as handle:
+        with atomic_writer(md, "w") as handle:
+            handle.write(text)
+        with atomic_writer(md.with_suffix(".csv"), "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(RESULTS_COLUMNS))
             writer.writeheader()
             writer.writerows({**r, "stale_folds": " ".join(str(f) for f in r["stale_folds"]),

@@ -636,6 +636,59 @@ class TestMakeFigures:
             locked.chmod(0o755)
 
 
+def _fill_the_disk_for_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every write through :func:`breakhis._files.atomic_writer` fail as on a full
+    disk: ``write`` raises an ``OSError(ENOSPC)`` that names no file."""
+    from breakhis import _files
+
+    class Full:
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name: str):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            self.handle.close()
+
+    fdopen = os.fdopen
+    monkeypatch.setattr(_files.os, "fdopen", lambda *a, **k: Full(fdopen(*a, **k)))
+
+
+class TestFullDisk:
+    """The table and the t-SNE coordinates were written in place: a disk that filled up
+    left half a table (the earlier one gone) and an error that named no file."""
+
+    def test_the_table_names_its_file_and_keeps_the_earlier_one(
+        self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        out = tmp_path / "t.md"
+        results_table([runs["binary"]], out=out)
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        _fill_the_disk_for_writes(monkeypatch)
+        with pytest.raises(OSError) as info:
+            results_table([runs["binary"], runs["fine"]], out=out)
+        monkeypatch.undo()
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(out)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    def test_the_tsne_coordinates_name_their_file(self, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        emb = np.random.default_rng(0).normal(size=(6, 4))
+        _fill_the_disk_for_writes(monkeypatch)
+        with pytest.raises(OSError) as info:
+            plot_tsne(emb, np.arange(6) % 2, ["a", "b"], tmp_path / "tsne.png", seed=0)
+        monkeypatch.undo()
+        assert info.value.filename == str(tmp_path / "tsne_coords.npy")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tsne.png"]
+
+
 class TestResultsTable:
     def test_rows_and_markdown_from_the_json(self, runs, tmp_path: Path) -> None:
         dirs = [runs["binary"], runs["fine"], runs["fine"] / "fold1"]
