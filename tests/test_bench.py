@@ -876,7 +876,10 @@ class TestRobustRuns:
                 "--batch-size", "1", "--no-train", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
         assert main(argv) == 0
         (row,) = read_csv(tmp_path / "models.csv")
-        assert row["infer_img_s"] == "" and row["note"].startswith("inference failed: RuntimeError: ")
+        assert row["infer_img_s"] == "" and row["note"].startswith(
+            "inference failed: ValueError: backbone 'inception_v3:Mixed_7c' takes images of at least 75 x 75 "
+            "pixels, but got shape (1, 3, 32, 32)"
+        )
 
     def test_layers_record_a_failing_case_and_go_on(self, tmp_path, keep_threads):
         argv = ["layers", "--shapes", "1x8x1x1", "2x8x2x2", "--cases", "fast-bcnn", "isqrt-cov-r256",
