@@ -682,6 +682,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, out_dir=args.out, data_root=args.data_root,
                                  device=args.device, progress=not args.no_progress)
+    assert report is not None  # one process (_check_single_process): the main one
     trained, epochs = report["epochs_trained"], report["model"]["epochs"]
     unfinished = f", after {trained} of {epochs} epochs" if trained < epochs else ""
     _print_metrics(f"fold {report['fold']} ({report['protocol']['protocol']} protocol"

@@ -1129,7 +1129,7 @@ def evaluate_checkpoint(
     data_root: str | None = None,
     device: str = "auto",
     progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Evaluate a saved run on the test images of the fold it was trained on.
 
     The test images are those recorded in the checkpoint at training time (relative
@@ -1152,6 +1152,12 @@ def evaluate_checkpoint(
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show a progress bar.
 
+    Returns:
+        The test report (main process). Started as one of several processes (torchrun),
+        the others check the report folder as the main one does and return ``None``
+        without loading or predicting anything: the main process alone evaluates and
+        writes the report.
+
     Raises:
         ValueError: when a recorded test image is no longer in the data or no longer
             decodes, the data's classes differ from the checkpoint's, or the report
@@ -1169,6 +1175,8 @@ def evaluate_checkpoint(
                or _other_run_problem(checkpoint, out))
     if problem:
         raise ValueError(problem)
+    if not info.is_main:  # one evaluation, by the main process: each would do it all again
+        return None
     model, state = load_model(checkpoint, device=info.device)
     spec, data, decoded = _checkpoint_data(checkpoint, state, data_root, progress=progress)
     test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
@@ -1177,7 +1185,7 @@ def evaluate_checkpoint(
     config = TrainConfig.from_dict(state["config"])
     warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
                     "(epochs_trained in the report; resume the run with --resume to finish it)")
-    for text in _protocol_warnings(int(state["extra"]["fold"]), protocol) if info.is_main else ():
+    for text in _protocol_warnings(int(state["extra"]["fold"]), protocol):
         _LOG.warning("%s", text)
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),
                            out, info, issues=_checkpoint_issues(state, data, decoded),

@@ -1344,3 +1344,37 @@ class TestEvaluateIntoAnotherRun:
             written = (out or ckpt.parent) / "test_metrics.json"
             assert json.loads(written.read_text())["checkpoint"] == trained["checkpoint"]
             assert report["metrics"] == trained["metrics"]
+
+
+class TestEvaluateUnderTorchrun:
+    def test_the_main_process_alone_evaluates(self, synth_tree, tmp_path: Path) -> None:
+        """evaluate_checkpoint called from a user's script started by torchrun had every
+        process load the model, predict every test image and write the same reports."""
+        import os
+        import subprocess
+        import sys
+
+        root, _ = synth_tree
+        run_fold(_spec(root, n_splits=2), _config(), 0, tmp_path / "run", progress=False)
+        script = tmp_path / "evaluate.py"
+        script.write_text(
+            "import json, os, sys\n"
+            "from breakhis import experiments\n"
+            "predicted = []\n"
+            "real = experiments.predict_probs\n"
+            "experiments.predict_probs = lambda *a, **k: predicted.append(1) or real(*a, **k)\n"
+            "report = experiments.evaluate_checkpoint(sys.argv[1], out_dir=sys.argv[2], "
+            "device='cpu', progress=False)\n"
+            "print(json.dumps([int(os.environ['RANK']), report is None, len(predicted)]))\n",
+            encoding="utf-8")
+        out = tmp_path / "evaluated"
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(script), str(tmp_path / "run" / "checkpoint.pt"), str(out)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = sorted(json.loads(line) for line in done.stdout.splitlines() if line.startswith("["))
+        assert lines == [[0, False, 1], [1, True, 0]]
+        written = json.loads((out / "test_metrics.json").read_text())
+        assert written["metrics"] == json.loads(
+            (tmp_path / "run" / "test_metrics.json").read_text())["metrics"]
