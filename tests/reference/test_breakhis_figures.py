@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from _disk import fill_the_disk, lock_folder
 from sklearn.metrics import roc_auc_score
 
 from breakhis.checkpoint import NotACheckpointError, load_checkpoint, save_checkpoint
@@ -187,7 +188,7 @@ class TestPlotRoc:
                                           monkeypatch: pytest.MonkeyPatch) -> None:
         """savefig on a full disk raised "[Errno 28] No space left on device" without
         the path of the figure."""
-        _fill_the_disk(monkeypatch, raised)
+        _fill_savefig(monkeypatch, raised)
         path = tmp_path / "roc.png"
         with pytest.raises(OSError) as info:
             plot_roc([0, 1, 0], np.full((3, 2), 0.5), ["a", "b"], path)
@@ -195,7 +196,7 @@ class TestPlotRoc:
         assert str(info.value) == f"[Errno 28] No space left on device: {str(path)!r}"
 
 
-def _fill_the_disk(monkeypatch: pytest.MonkeyPatch, raised: str) -> None:
+def _fill_savefig(monkeypatch: pytest.MonkeyPatch, raised: str) -> None:
     """Make matplotlib's ``savefig`` fail as on a full disk: an ``OSError(ENOSPC)`` that
     names no file, ``"bare"`` or ``"under another error"`` raised while handling it."""
     from matplotlib.figure import Figure
@@ -573,7 +574,7 @@ class TestMakeFigures:
         make_figures(ckpt, records[:6], out, source=source, gradcam_images=0,
                      max_embedding_dim=32)
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        _fill_the_disk(monkeypatch, "bare")
+        _fill_savefig(monkeypatch, "bare")
         with pytest.raises(OSError) as info:
             make_figures(ckpt, records[:6], out, source=source, gradcam_images=0,
                          max_embedding_dim=32)
@@ -591,24 +592,11 @@ class TestMakeFigures:
         """An out_dir that could not be written failed only as the first figure was
         drawn: after the data were indexed and every image predicted (minutes on the
         real data)."""
-        from breakhis import _files as files_module
         from breakhis import experiments, train
 
         locked = tmp_path / "locked"
         locked.mkdir()
-        if how == "read-only folder":
-            if os.geteuid() == 0:
-                pytest.skip("root writes into a read-only folder all the same")
-            locked.chmod(0o555)  # made writable again below, whatever fails
-        else:  # as a read-only folder looks to root's writes: refused
-            access = os.access
-
-            def refuse(*args: object, **kwargs: object) -> None:
-                raise PermissionError(13, "Permission denied", kwargs.get("dir"))
-
-            monkeypatch.setattr(files_module.tempfile, "mkstemp", refuse)
-            monkeypatch.setattr(files_module.os, "access",
-                                lambda path, mode: Path(path) != locked and access(path, mode))
+        lock_folder(locked, how, monkeypatch)  # made writable again below, whatever fails
 
         def never(*args: object, **kwargs: object) -> None:
             pytest.fail("the work began before the figures' folder was checked")
@@ -636,31 +624,6 @@ class TestMakeFigures:
             locked.chmod(0o755)
 
 
-def _fill_the_disk_for_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every write through :func:`breakhis._files.atomic_writer` fail as on a full
-    disk: ``write`` raises an ``OSError(ENOSPC)`` that names no file."""
-    from breakhis import _files
-
-    class Full:
-        def __init__(self, handle) -> None:
-            self.handle = handle
-
-        def write(self, data) -> int:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name: str):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc_info: object) -> None:
-            self.handle.close()
-
-    fdopen = os.fdopen
-    monkeypatch.setattr(_files.os, "fdopen", lambda *a, **k: Full(fdopen(*a, **k)))
-
-
 class TestFullDisk:
     """The table and the t-SNE coordinates were written in place: a disk that filled up
     left half a table (the earlier one gone) and an error that named no file."""
@@ -671,7 +634,7 @@ class TestFullDisk:
         out = tmp_path / "t.md"
         results_table([runs["binary"]], out=out)
         before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-        _fill_the_disk_for_writes(monkeypatch)
+        fill_the_disk(monkeypatch)
         with pytest.raises(OSError) as info:
             results_table([runs["binary"], runs["fine"]], out=out)
         monkeypatch.undo()
@@ -681,7 +644,7 @@ class TestFullDisk:
     def test_the_tsne_coordinates_name_their_file(self, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
         emb = np.random.default_rng(0).normal(size=(6, 4))
-        _fill_the_disk_for_writes(monkeypatch)
+        fill_the_disk(monkeypatch)
         with pytest.raises(OSError) as info:
             plot_tsne(emb, np.arange(6) % 2, ["a", "b"], tmp_path / "tsne.png", seed=0)
         monkeypatch.undo()

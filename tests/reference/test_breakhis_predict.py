@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _disk import lock_folder
 from PIL import Image
 
 from breakhis._files import SettingError
@@ -185,24 +186,11 @@ class TestPredict:
         """An --out in a folder that cannot be written failed only as the CSV was
         written: after every image was read and predicted (minutes on the real data)."""
         import breakhis.predict as predict_module
-        from breakhis import _files as files_module
 
         image = _png(tmp_path / "in" / "a.png")
         locked = tmp_path / "locked"
         locked.mkdir()
-        if how == "read-only folder":
-            if os.geteuid() == 0:
-                pytest.skip("root writes into a read-only folder all the same")
-            locked.chmod(0o555)  # made writable again below, whatever fails
-        else:  # as a read-only folder looks to root's writes: refused
-            access = os.access
-
-            def refuse(*args: object, **kwargs: object) -> None:
-                raise PermissionError(13, "Permission denied", kwargs.get("dir"))
-
-            monkeypatch.setattr(files_module.tempfile, "mkstemp", refuse)
-            monkeypatch.setattr(files_module.os, "access",
-                                lambda path, mode: Path(path) != locked and access(path, mode))
+        lock_folder(locked, how, monkeypatch)  # made writable again below, whatever fails
 
         def never(*args: object, **kwargs: object) -> None:
             pytest.fail("the images were read before the folder of out_csv was checked")

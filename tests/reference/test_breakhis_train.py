@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
+from _disk import fill_the_disk
 from torch import nn
 
 from breakhis import train as train_module
@@ -964,14 +964,11 @@ class TestCheckpointFiles:
         """A disk that filled up part-way through torch.save gave RuntimeError('[enforce
         fail at inline_container.cc:672] . unexpected pos 64 vs 0'), with neither the
         reason nor the path; the OSError(ENOSPC) was only in its __context__."""
-        from breakhis import _files as files_module
         from breakhis.cli import _os_error_text
 
         path = tmp_path / "c.pt"
         save_checkpoint({"epoch": 1}, path)
-        fdopen = os.fdopen
-        monkeypatch.setattr(files_module.os, "fdopen",
-                            lambda *a, **k: _FillsUp(fdopen(*a, **k), room))
+        fill_the_disk(monkeypatch, room)
         with pytest.raises(OSError) as info:
             save_checkpoint({"epoch": 2, "w": torch.ones(4096)}, path)
         monkeypatch.undo()
@@ -979,30 +976,6 @@ class TestCheckpointFiles:
         assert _os_error_text(info.value) == f"No space left on device: {str(path)!r}"
         assert load_checkpoint(path)["epoch"] == 1
         assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
-
-
-class _FillsUp:
-    """A file on a disk with ``room`` bytes left: a write past them fails (ENOSPC), as
-    ``write`` fails on a full disk, with an ``OSError`` that names no file."""
-
-    def __init__(self, handle: Any, room: int) -> None:
-        self.handle, self.room = handle, room
-
-    def write(self, data: Any) -> int:
-        size = memoryview(data).nbytes
-        if size > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= size
-        return self.handle.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.handle, name)
-
-    def __enter__(self) -> _FillsUp:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.handle.close()
 
 
 class _Counter:
