@@ -47,7 +47,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -60,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ._files import SettingError, atomic_writer, check_int, plural, remove_stale_temporaries
-from ._signals import Terminated
+from ._signals import Terminated, terminate_deferred
 from .checkpoint import (
     NotACheckpointError,
     capture_rng_state,
@@ -648,6 +648,14 @@ def check_resumable(
             "train into another run folder")
 
 
+def _started(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)``, with a SIGTERM that comes while its worker processes start held
+    until they have (:func:`terminate_deferred`): stopped half-way, torch's iterator
+    prints a traceback of its own as it is dropped."""
+    with terminate_deferred():
+        return iter(loader)
+
+
 def _evaluate_loss(
     model: nn.Module, loader: DataLoader, device: torch.device
 ) -> tuple[float, float, float]:
@@ -655,7 +663,7 @@ def _evaluate_loss(
     model.eval()
     loss_sum = correct = count = 0.0
     with torch.no_grad():
-        for x, y, _ in loader:
+        for x, y, _ in _started(loader):
             x, y = x.to(device), y.to(device)
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -890,12 +898,12 @@ def _fit(
                             generator=torch.Generator().manual_seed(config.seed + epoch))
         net.train()
         loss_sum = correct = count = 0.0
-        batches: Any = loader
+        batches: Any = _started(loader)
         if progress and info.is_main:
             from tqdm.auto import tqdm
 
-            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                           leave=False)
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                           leave=False, total=len(loader))
         for x, y, _ in batches:
             x, y = x.to(info.device), y.to(info.device)
             optimizer.zero_grad(set_to_none=True)
