@@ -1101,19 +1101,21 @@ def _remove_other_folds(run_dir: Path, chosen: Sequence[int]) -> list[str]:
 
     A fold folder left as it was would hold the earlier run's checkpoint beside this
     run's summary, and a later ``--resume`` of every fold would take it up as a fold of
-    this run. Other files (the user's) stay, with their folder.
+    this run. Other files (the user's) stay, with their folder. Only the names breakhis
+    gives (``fold1``, not ``fold01``). A fold's folder that is a symbolic link (to another
+    disk, say) is emptied of those files the same way; the link itself stays.
 
     Returns:
         The files removed, relative to ``run_dir`` (POSIX separators), in fold order.
     """
     keep = {f"fold{k}" for k in chosen}
     folders = [p for p in run_dir.iterdir()
-               if re.fullmatch(r"fold\d+", p.name) and p.name not in keep
-               and p.is_dir() and not p.is_symlink()] if run_dir.is_dir() else []
+               if re.fullmatch(r"fold(0|[1-9]\d*)", p.name) and p.name not in keep
+               and p.is_dir()] if run_dir.is_dir() else []
     removed = []
     for folder in sorted(folders, key=lambda p: int(p.name[4:])):
         removed += [f"{folder.name}/{name}" for name in _remove_outputs(folder, _FOLD_FILES)]
-        if not any(folder.iterdir()):
+        if not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
     return removed
 

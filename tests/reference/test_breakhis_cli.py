@@ -582,20 +582,28 @@ class TestOverwrite:
         (cv / "fold2" / "my_notes.txt").write_text("mine")
         (cv / "fold10").mkdir()  # not a fold of this protocol's run: still an earlier one's
         shutil.copy(run / "checkpoint.pt", cv / "fold10" / "checkpoint.pt")
-        (cv / "folder").mkdir()  # no fold folder: left alone
-        shutil.copy(run / "checkpoint.pt", cv / "folder" / "checkpoint.pt")
+        for name in ("folder", "fold01"):  # no fold's folder (breakhis writes fold1): kept
+            (cv / name).mkdir()
+            shutil.copy(run / "checkpoint.pt", cv / name / "checkpoint.pt")
+        # a fold's folder that is a link elsewhere (another disk): was skipped, and a later
+        # cv --resume took its checkpoint up; what breakhis wrote there goes, the link stays
+        shutil.copytree(run, tmp_path / "elsewhere")
+        (cv / "fold3").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
         assert main(["cv", "--data-root", str(root), *MSBC, "--folds", "1", "--epochs", "1",
                      *TINY, "--out", str(cv), "--overwrite"]) == 0
         assert not (cv / "fold0").exists() and not (cv / "fold10").exists()
         assert sorted(p.name for p in (cv / "fold2").iterdir()) == ["my_notes.txt"]
         assert (cv / "folder" / "checkpoint.pt").is_file()
+        assert (cv / "fold01" / "checkpoint.pt").is_file()
+        assert (cv / "fold3").is_symlink() and not any((tmp_path / "elsewhere").iterdir())
         assert (cv / "fold1" / "checkpoint.pt").is_file()
         summary = json.loads((cv / "cv_metrics.json").read_text())
         assert [f["fold"] for f in summary["folds"]] == [1]
         text = _err(capsys)
         assert "removed what an earlier run left in the folders of other folds: " \
                "fold0/checkpoint.pt" in text and "fold10/checkpoint.pt" in text
-        assert "fold2/train.log" in text and "my_notes" not in text
+        assert "fold2/train.log" in text and "fold3/checkpoint.pt" in text
+        assert "my_notes" not in text and "fold01" not in text
 
 
 class TestFlagsWithoutEffect:
