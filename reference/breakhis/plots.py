@@ -904,14 +904,37 @@ def make_figures(
         for name in FIGURE_FILES:
             if (work / name).is_file():
                 os.replace(work / name, out / name)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(work, ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # made by this call and empty again
+        named = _named_in(err, work, out)
+        if named is not None:
+            raise named from err
         raise
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _named_in(err: BaseException, work: Path, out: Path) -> OSError | None:
+    """``err`` naming the file of ``out`` it was to become, where it names a file of the
+    hidden folder ``work`` (removed by then, and never the user's): ``None`` otherwise.
+
+    Examples:
+        >>> err = OSError(28, "No space left on device", "/r/.figures-x.tmp/roc.png")
+        >>> _named_in(err, Path("/r/.figures-x.tmp"), Path("/r")).filename
+        '/r/roc.png'
+        >>> _named_in(OSError(28, "No space"), Path("/r/.figures-x.tmp"), Path("/r")) is None
+        True
+    """
+    if not isinstance(err, OSError) or err.filename is None:
+        return None
+    try:
+        inner = Path(os.fsdecode(err.filename)).relative_to(work)
+    except (TypeError, ValueError):
+        return None
+    return type(err)(err.errno, err.strerror, str(out / inner))
 
 
 def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
