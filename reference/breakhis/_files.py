@@ -50,6 +50,7 @@ __all__ = [
     "remove_stale_staging",
     "remove_stale_temporaries",
     "staging_folder",
+    "temporary_for",
     "writable_problem",
 ]
 
@@ -134,6 +135,18 @@ def _umask_from_proc() -> int | None:
 def _temporary_pattern(name: str) -> re.Pattern[str]:
     """The names :func:`atomic_writer` gives the temporary files of ``name``."""
     return re.compile(rf"\.{re.escape(name)}\.{_TEMP_CHARS}\.tmp")
+
+
+def temporary_for(name: str) -> str | None:
+    """The file that :func:`atomic_writer`'s temporary file ``name`` is written for;
+    ``None`` where ``name`` is not such a file.
+
+    Examples:
+        >>> temporary_for(".figures.json.ab_12xyz.tmp"), temporary_for("roc.png")
+        ('figures.json', None)
+    """
+    match = re.fullmatch(rf"\.(.+)\.{_TEMP_CHARS}\.tmp", name)
+    return None if match is None else match.group(1)
 
 
 def named_os_error(

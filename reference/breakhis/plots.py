@@ -46,6 +46,7 @@ from ._files import (
     plural,
     remove_stale_staging,
     staging_folder,
+    temporary_for,
     writable_problem,
 )
 from .data import ImageRecord
@@ -919,13 +920,22 @@ def make_figures(
 
 def _named_in(err: BaseException, work: Path, out: Path) -> OSError | None:
     """``err`` naming the file of ``out`` it was to become, where it names a file of the
-    hidden folder ``work`` (removed by then, and never the user's): ``None`` otherwise.
+    hidden folder ``work`` (removed by then, and never the user's), or the temporary
+    file a figure was written to there: ``None`` otherwise. A second file name (a
+    rename's target) is kept, unless it is the same file.
 
     Examples:
-        >>> err = OSError(28, "No space left on device", "/r/.figures-x.tmp/roc.png")
-        >>> _named_in(err, Path("/r/.figures-x.tmp"), Path("/r")).filename
+        >>> work = Path("/r/.figures-x.tmp")
+        >>> _named_in(OSError(28, "No space left", work / "roc.png"), work, Path("/r")).filename
         '/r/roc.png'
-        >>> _named_in(OSError(28, "No space"), Path("/r/.figures-x.tmp"), Path("/r")) is None
+        >>> err = OSError(28, "No space", work / ".figures.json.ab_12xyz.tmp")
+        >>> _named_in(err, work, Path("/r")).filename
+        '/r/figures.json'
+        >>> err = OSError(18, "Invalid cross-device link", work / "roc.png", "/r/roc.png")
+        >>> named = _named_in(err, work, Path("/r"))
+        >>> named.filename, named.filename2
+        ('/r/roc.png', None)
+        >>> _named_in(OSError(28, "No space"), work, Path("/r")) is None
         True
     """
     if not isinstance(err, OSError) or err.filename is None:
@@ -934,7 +944,12 @@ def _named_in(err: BaseException, work: Path, out: Path) -> OSError | None:
         inner = Path(os.fsdecode(err.filename)).relative_to(work)
     except (TypeError, ValueError):
         return None
-    return type(err)(err.errno, err.strerror, str(out / inner))
+    inner = inner.with_name(temporary_for(inner.name) or inner.name)
+    named = str(out / inner)
+    second = err.filename2
+    if second is not None and os.path.abspath(os.fsdecode(second)) == os.path.abspath(named):
+        second = None
+    return type(err)(err.errno, err.strerror, named, None, second)
 
 
 def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
