@@ -806,6 +806,16 @@ def _check_single_process(command: str) -> None:
             f"only {' and '.join(_DISTRIBUTED_COMMANDS)} run under torchrun)")
 
 
+def _speaker(command: str) -> str:
+    """How ``main``'s one-line messages begin: ``breakhis-repro train``, with the
+    process's rank under torchrun (``WORLD_SIZE`` above 1), where every process says its
+    own (a SIGTERM from torchrun reaches all of them; an error may be one rank's)."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    if rank is None or not world.isdigit() or int(world) <= 1:
+        return f"breakhis-repro {command}"
+    return f"breakhis-repro {command} (rank {rank} of {world})"
+
+
 #: Library settings named otherwise than the destination of the option that sets them:
 #: ``out_dir`` of :func:`breakhis.plots.make_figures` and ``out_csv`` of
 #: :func:`breakhis.predict.predict_to_csv` are their commands' ``--out``.
@@ -893,10 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = str(exc)
             if "imagenet" in text.lower() or "pretrained" in text.lower():
                 text += " (offline? pass --weights PATH to a local state_dict, or --no-pretrained)"
-        print(f"breakhis-repro {args.command}: error: {text}", file=sys.stderr)
+        print(f"{_speaker(args.command)}: error: {text}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file that cannot be read or written: names the path
-        print(f"breakhis-repro {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
+        print(f"{_speaker(args.command)}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, not a traceback
         resume = ""
@@ -905,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    else "the same command with --resume")
             resume = f" ({how} continues from the last finished epoch)"
         what = str(exc) if isinstance(exc, Terminated) else "interrupted"
-        print(f"breakhis-repro {args.command}: {what}{resume}", file=sys.stderr)
+        print(f"{_speaker(args.command)}: {what}{resume}", file=sys.stderr)
         # 128 + the signal's number, as a shell reports a process it ended
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:

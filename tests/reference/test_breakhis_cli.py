@@ -795,7 +795,8 @@ class TestUnderTorchrun:
         done = subprocess.run([sys.executable, "-m", "breakhis.cli", command, *argv], env=env,
                               capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stdout) == (2, ""), done.stderr[-2000:]
-        assert done.stderr == f"breakhis-repro {command}: error: " \
+        # every process says it, so each names its rank
+        assert done.stderr == f"breakhis-repro {command} (rank {rank} of 2): error: " \
             f"{self.REFUSED.format(command=command)}\n"
         assert not out.exists()
 
@@ -804,11 +805,13 @@ class TestUnderTorchrun:
                                           monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
         monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
         # refused for an option pair, before any process group: past the torchrun check
         assert main([command, "--data-root", str(tmp_path), "--no-pretrained",
                      "--weights", "w.pt"]) == 2
         err = _err(capsys)
         assert "--no-pretrained" in err and "runs in one process" not in err
+        assert err.startswith(f"breakhis-repro {command} (rank 1 of 2): error: ")
 
     def test_one_process_under_torchrun_runs(self, run: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
