@@ -37,6 +37,8 @@ from .functional._checks import (
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
 from .linear import WideLinear
+from .matrix_sqrt import MatrixSqrt
+from .norm import L2Normalize, SignedSqrt
 from .pooling import BilinearPool, FastBilinearPool
 
 __all__ = [
@@ -167,6 +169,15 @@ def _output_dim(
     :math:`(2, N, C)` for a stream whose backbone gives tokens (``tokens_a``/``tokens_b``).
     ``source`` says where the channels come from, for the error of a pool that refuses them.
     """
+    if isinstance(pool, (MatrixSqrt, SignedSqrt, L2Normalize)):  # no maps in, though a
+        # MatrixSqrt's output_dim would give a length for the classifier
+        takes = ("the (B, C, C) matrices of a pooling; for iSQRT-COV use "
+                 "CovariancePool(norm=MatrixSqrt())" if isinstance(pool, MatrixSqrt) else
+                 "pooled features; FastBilinearPool has signed square root and L2 built in")
+        raise ValueError(
+            f"pool must take feature maps (B, C, H, W) and pool them, but got "
+            f"{type(pool).__name__}, a normalisation: it takes {takes}"
+        )
     if hasattr(pool, "output_dim"):
         try:
             return int(pool.output_dim(c_a) if c_b is None else pool.output_dim(c_a, c_b))
@@ -366,7 +377,8 @@ class BilinearClassifier(nn.Module):
             other ``in_channels``), else from dry runs on small maps (3 x 3 and 5 x 5), or
             on tokens for a backbone that gives tokens (ValueError if :math:`D` depends on
             their size, or if the pool fails on them: a pool that needs larger maps
-            should have ``output_dim``).
+            should have ``output_dim``). A normalisation layer (:class:`MatrixSqrt`,
+            :class:`SignedSqrt`, :class:`L2Normalize`) is not a pooling: ValueError.
             Its floating-point parameters must have the dtype of the backbones'
             parameters (TypeError otherwise): build it in the model's dtype,
             or call ``.to(dtype)`` on the whole model after building.

@@ -736,6 +736,19 @@ class TestPoolChannelsMustFit:
         pool = CompactBilinearPool(in_channels=8, out_features=32)
         assert FastBCNN(tiny(16), num_classes=3, reduce_dim=8, pool=pool)(X).shape == (2, 3)
 
+    def test_a_normalisation_is_not_a_pool(self):
+        # MatrixSqrt has an output_dim, so the classifier was built with a C*C-input
+        # linear layer and failed at the first forward ("square matrices (B, C, C)").
+        from bilinearpool import L2Normalize, MatrixSqrt, SignedSqrt
+
+        with pytest.raises(ValueError, match=r"pool must take feature maps \(B, C, H, W\) and pool them, "
+                           r"but got MatrixSqrt, a normalisation: .*CovariancePool\(norm=MatrixSqrt\(\)\)"):
+            FastBCNN(tiny(8), num_classes=3, pool=MatrixSqrt())
+        for norm in (SignedSqrt(), L2Normalize()):
+            with pytest.raises(ValueError, match=rf"but got {type(norm).__name__}, a normalisation: "
+                               r"it takes pooled features"):
+                BilinearClassifier(tiny(8), pool=norm, num_classes=3)
+
     def test_global_average_pool_takes_one_stream(self):
         # It was accepted for two backbones and failed at the first forward (TypeError).
         from bilinearpool import BilinearClassifier, GlobalAvgPool
