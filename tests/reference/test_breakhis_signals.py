@@ -220,7 +220,7 @@ def test_a_real_loader_starting_its_workers() -> None:
     assert "Traceback" not in done.stderr and "ignored" not in done.stderr, done.stderr
 
 
-def test_held_signals_nest_and_give_way_to_an_exception() -> None:
+def test_held_signals_nest_and_outlast_an_error() -> None:
     steps = []
     with pytest.raises(Terminated), terminate_as_interrupt():
         with terminate_deferred():
@@ -231,10 +231,18 @@ def test_held_signals_nest_and_give_way_to_an_exception() -> None:
         steps.append("went on")
     assert steps == ["inner block ended"]
 
-    with pytest.raises(ValueError, match="half-way"), terminate_as_interrupt():
+    # an error that ends the block gives way to the signal held: raised, say, into a
+    # caller that retries the step, the error would let the run go on without it
+    with pytest.raises(Terminated) as caught, terminate_as_interrupt():
         with terminate_deferred():
             signal.raise_signal(signal.SIGTERM)
             raise ValueError("failed half-way")
+    assert isinstance(caught.value.__cause__, ValueError)
+    with pytest.raises(KeyboardInterrupt) as caught, terminate_as_interrupt():
+        with terminate_deferred():  # an interrupt of its own goes on as it is
+            signal.raise_signal(signal.SIGTERM)
+            raise KeyboardInterrupt("mine")
+    assert str(caught.value) == "mine"
     with terminate_as_interrupt(), terminate_deferred():  # nothing held from before
         steps.append("quiet")
     assert steps[-1] == "quiet"
@@ -268,3 +276,92 @@ def test_deferring_in_another_thread_holds_nothing() -> None:
     finally:
         release.set()
         other.join()
+
+
+def test_signals_noted_in_a_fork_are_raised_in_the_order_they_came() -> None:
+    """SIGTERM, then Ctrl-C, both in a fork, the block ending before they are sent
+    again: the run ends as SIGTERM asked (status 143 from the command line), where the
+    block raised for the signal of the lower number."""
+    script = _FORK_SCRIPT.replace(
+        "from breakhis._signals import", "import breakhis._signals as s; s._RESEND_AFTER_S = 1.0\n"
+        "from breakhis._signals import").replace(
+        "time.monotonic() + 10", "time.monotonic()").replace(
+        "armed and os.kill(os.getpid(), signal.SIGTERM)",
+        "armed and (os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGINT))"
+    ).replace("except Terminated", "except KeyboardInterrupt").replace(
+        "print(exc)", "print(type(exc).__name__)")
+    done = _run(script)
+    assert done.stdout.splitlines() == ["child 7", "Terminated"], (done.stdout,
+                                                                   done.stderr[-2000:])
+
+
+def test_no_signal_is_sent_again_after_the_block() -> None:
+    """A block that ends while the timer sends the signals noted in a fork again (here
+    slowed down between its two sends) waited for a join that an interrupt cut short:
+    the timer's second signal came after SIGTERM's default action was back, and killed
+    the process after the block."""
+    script = textwrap.dedent("""
+        import os, signal, time
+        real = signal.pthread_kill
+        def slow(thread, signum):
+            time.sleep(0.1); real(thread, signum); time.sleep(0.3)
+        signal.pthread_kill = slow
+        armed = []
+        os.register_at_fork(after_in_parent=lambda: armed and not armed.clear() and (
+            os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGTERM)))
+        from breakhis._signals import terminate_as_interrupt
+        try:
+            with terminate_as_interrupt():
+                armed.append(True)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                os.waitpid(pid, 0)
+                time.sleep(0.08)
+        except KeyboardInterrupt as exc:
+            print(type(exc).__name__, flush=True)
+        time.sleep(1)
+        print("still here")
+    """)
+    done = _run(script)
+    assert (done.returncode, done.stdout.splitlines()) == (0, ["KeyboardInterrupt",
+                                                              "still here"]), done.stderr
+
+
+def test_a_forked_child_starts_with_the_handlers_of_before_the_block() -> None:
+    """A child (a multiprocessing worker, say) kept the block's Python-level handler, so
+    SIGTERM could not stop it while it ran C code, and its parent waited for it."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from breakhis._signals import terminate_as_interrupt
+        with terminate_as_interrupt():
+            pid = os.fork()
+            if pid == 0:
+                ok = (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+                      and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                      and sys.unraisablehook is sys.__unraisablehook__)
+                os._exit(0 if ok else 1)
+            print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+            print("parent keeps it", signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)
+    """)
+    done = _run(script)
+    assert done.stdout.splitlines() == ["child 0", "parent keeps it True"], done.stderr
+
+
+def test_handlers_set_within_the_block_are_kept() -> None:
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    def hook(what: object) -> None:
+        pass
+
+    before = sys.unraisablehook
+    try:
+        with terminate_as_interrupt():
+            signal.signal(signal.SIGINT, mine)
+            sys.unraisablehook = hook
+        assert signal.getsignal(signal.SIGINT) is mine and sys.unraisablehook is hook
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = before
