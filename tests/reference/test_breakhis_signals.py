@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 
 import pytest
 from breakhis._signals import Terminated, terminate_as_interrupt, terminate_deferred
@@ -39,9 +40,23 @@ _FORK_SCRIPT = textwrap.dedent("""
 """)
 
 
+# Python's own Ctrl-C handler, as an interactive shell starts a program with: one started
+# in the background (nohup, a CI runner) inherits SIGINT ignored, which the block leaves so
+_PYTHON_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint() -> Iterator[None]:
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before is not None:  # None: set outside Python, cannot be put back
+        signal.signal(signal.SIGINT, before)
+
+
 def _run(script: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", _PYTHON_SIGINT + script],
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(("name", "said"), [("SIGTERM", "terminated (SIGTERM)"),
