@@ -59,6 +59,14 @@ def _run(script: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+def _said(done: subprocess.CompletedProcess[str], *lines: str) -> None:
+    """The script ended well (status 0), printed ``lines``, and Python printed no
+    exception it dropped ("Exception ignored in ...") nor any traceback."""
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == list(lines), (done.stdout, done.stderr[-2000:])
+    assert "ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(("name", "said"), [("SIGTERM", "terminated (SIGTERM)"),
                                             ("SIGINT", "")])
 def test_a_signal_during_a_fork_still_interrupts(name: str, said: str) -> None:
@@ -66,11 +74,8 @@ def test_a_signal_during_a_fork_still_interrupts(name: str, said: str) -> None:
     printed as "ignored" and dropped: the run went on and ended with status 0 (a
     DataLoader starting its workers when the signal came). It is now noted there and
     delivered once the fork has returned."""
-    done = _run(_FORK_SCRIPT.replace("signal.SIGTERM", f"signal.{name}").replace(
-        "except Terminated", "except KeyboardInterrupt"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["child 7", said], (done.stdout, done.stderr[-2000:])
-    assert "ignored" not in done.stderr, done.stderr[-2000:]
+    _said(_run(_FORK_SCRIPT.replace("signal.SIGTERM", f"signal.{name}").replace(
+        "except Terminated", "except KeyboardInterrupt")), "child 7", said)
 
 
 def test_a_block_that_ends_before_the_resend_raises_as_it_ends() -> None:
@@ -82,10 +87,7 @@ def test_a_block_that_ends_before_the_resend_raises_as_it_ends() -> None:
         "from breakhis._signals import").replace(
         "time.monotonic() + 10", "time.monotonic()").replace(
         "    print(exc)", "    print(exc)\ntime.sleep(1.5); print('still here')")
-    done = _run(script)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["child 7", "terminated (SIGTERM)", "still here"], (
-        done.stdout, done.stderr[-2000:])
+    _said(_run(script), "child 7", "terminated (SIGTERM)", "still here")
 
 
 def test_a_signal_handled_as_the_first_fork_hook_starts_is_kept() -> None:
@@ -117,11 +119,7 @@ def test_a_signal_handled_as_the_first_fork_hook_starts_is_kept() -> None:
         except Terminated as exc:
             print(exc)
     """)
-    done = _run(script)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["terminated (SIGTERM)"], (done.stdout,
-                                                                  done.stderr[-2000:])
-    assert "ignored" not in done.stderr, done.stderr[-2000:]
+    _said(_run(script), "terminated (SIGTERM)")
 
 
 def test_a_signal_handled_in_a_finaliser_is_sent_again() -> None:
@@ -147,11 +145,7 @@ def test_a_signal_handled_in_a_finaliser_is_sent_again() -> None:
         except Terminated as exc:
             print(exc)
     """)
-    done = _run(script)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["went on", "terminated (SIGTERM)"], (
-        done.stdout, done.stderr[-2000:])
-    assert "ignored" not in done.stderr, done.stderr[-2000:]
+    _said(_run(script), "went on", "terminated (SIGTERM)")
 
 
 def test_other_unraisable_exceptions_still_reach_the_previous_hook() -> None:
@@ -177,9 +171,7 @@ def test_other_unraisable_exceptions_still_reach_the_previous_hook() -> None:
 def test_a_fork_without_a_signal_changes_nothing() -> None:
     script = _FORK_SCRIPT.replace("armed.append(True)", "pass").replace(
         "time.monotonic() + 10", "time.monotonic() + 0.3")
-    done = _run(script)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["child 7", "not interrupted"], done.stderr[-2000:]
+    _said(_run(script), "child 7", "not interrupted")
 
 
 def test_a_sigterm_while_a_loader_starts_waits_for_it() -> None:
@@ -228,11 +220,7 @@ def test_a_real_loader_starting_its_workers() -> None:
         except Terminated as exc:
             print(exc)
     """)
-    done = _run(script)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["terminated (SIGTERM)"], (done.stdout,
-                                                                  done.stderr[-2000:])
-    assert "Traceback" not in done.stderr and "ignored" not in done.stderr, done.stderr
+    _said(_run(script), "terminated (SIGTERM)")
 
 
 def test_held_signals_nest_and_outlast_an_error() -> None:
@@ -305,9 +293,7 @@ def test_signals_noted_in_a_fork_are_raised_in_the_order_they_came() -> None:
         "armed and (os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGINT))"
     ).replace("except Terminated", "except KeyboardInterrupt").replace(
         "print(exc)", "print(type(exc).__name__)")
-    done = _run(script)
-    assert done.stdout.splitlines() == ["child 7", "Terminated"], (done.stdout,
-                                                                   done.stderr[-2000:])
+    _said(_run(script), "child 7", "Terminated")
 
 
 def test_no_signal_is_sent_again_after_the_block() -> None:
@@ -338,9 +324,7 @@ def test_no_signal_is_sent_again_after_the_block() -> None:
         time.sleep(1)
         print("still here")
     """)
-    done = _run(script)
-    assert (done.returncode, done.stdout.splitlines()) == (0, ["KeyboardInterrupt",
-                                                              "still here"]), done.stderr
+    _said(_run(script), "KeyboardInterrupt", "still here")
 
 
 def test_a_forked_child_starts_with_the_handlers_of_before_the_block() -> None:
@@ -359,8 +343,7 @@ def test_a_forked_child_starts_with_the_handlers_of_before_the_block() -> None:
             print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
             print("parent keeps it", signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)
     """)
-    done = _run(script)
-    assert done.stdout.splitlines() == ["child 0", "parent keeps it True"], done.stderr
+    _said(_run(script), "child 0", "parent keeps it True")
 
 
 def test_handlers_set_within_the_block_are_kept() -> None:
