@@ -14,30 +14,42 @@ import pytest
 from breakhis._signals import Terminated, terminate_as_interrupt, terminate_deferred
 from breakhis.train import _started
 
+# Waits up to 10 s for a signal to arrive.
+_WAIT = """
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
+
+
+def _script(setup: str, body: str, *, wait: bool = False) -> str:
+    """A script: ``setup``, then ``body`` within :func:`terminate_as_interrupt` (and
+    :data:`_WAIT` if ``wait``), then the interrupt's message ("terminated (SIGTERM)";
+    "" for Ctrl-C) or "not interrupted"."""
+    body = textwrap.dedent(body) + (_WAIT if wait else "")
+    return (textwrap.dedent(setup) + "\nimport time\n"
+            "from breakhis._signals import Terminated, terminate_as_interrupt\n"
+            "try:\n    with terminate_as_interrupt():\n"
+            + textwrap.indent(body, " " * 8)
+            + "\n    print('not interrupted')\nexcept KeyboardInterrupt as exc:\n    print(exc)\n")
+
+
 # A process that forks while a SIGTERM arrives: a hook of the fork (registered before
 # the handler, as logging's are) sends it, so the handler runs inside the fork's hooks.
-_FORK_SCRIPT = textwrap.dedent("""
-    import os, signal, time
+_FORK_SCRIPT = _script("""
+    import os, signal
     armed = []
     os.register_at_fork(
         after_in_parent=lambda: armed and os.kill(os.getpid(), signal.SIGTERM))
-    from breakhis._signals import Terminated, terminate_as_interrupt
-    try:
-        with terminate_as_interrupt():
-            armed.append(True)
-            pid = os.fork()
-            if pid == 0:
-                os._exit(7)
-            armed.clear()
-            child = os.waitpid(pid, 0)[1]
-            print("child", os.waitstatus_to_exitcode(child), flush=True)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
-        print("not interrupted")
-    except Terminated as exc:
-        print(exc)
-""")
+""", """
+    armed.append(True)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    armed.clear()
+    child = os.waitpid(pid, 0)[1]
+    print("child", os.waitstatus_to_exitcode(child), flush=True)
+""", wait=True)
 
 
 # Python's own Ctrl-C handler, as an interactive shell starts a program with: one started
@@ -74,8 +86,7 @@ def test_a_signal_during_a_fork_still_interrupts(name: str, said: str) -> None:
     printed as "ignored" and dropped: the run went on and ended with status 0 (a
     DataLoader starting its workers when the signal came). It is now noted there and
     delivered once the fork has returned."""
-    _said(_run(_FORK_SCRIPT.replace("signal.SIGTERM", f"signal.{name}").replace(
-        "except Terminated", "except KeyboardInterrupt")), "child 7", said)
+    _said(_run(_FORK_SCRIPT.replace("signal.SIGTERM", f"signal.{name}")), "child 7", said)
 
 
 def test_a_block_that_ends_before_the_resend_raises_as_it_ends() -> None:
@@ -94,31 +105,22 @@ def test_a_signal_handled_as_the_first_fork_hook_starts_is_kept() -> None:
     """A signal that came just before the fork is handled as our first hook starts,
     before it has noted the fork: raised there, it was dropped. (The moment is made
     here with a trace function that raises the signal as that hook is called.)"""
-    script = textwrap.dedent("""
-        import os, signal, sys, time
-        from breakhis._signals import Terminated, terminate_as_interrupt
+    script = _script("""
+        import os, signal, sys
 
         def trace(frame, event, arg):
             if event == "call" and frame.f_code.co_name == "_fork_begins":
                 sys.settrace(None)
                 signal.raise_signal(signal.SIGTERM)
             return None
-
-        try:
-            with terminate_as_interrupt():
-                sys.settrace(trace)
-                pid = os.fork()
-                if pid == 0:
-                    os._exit(7)
-                sys.settrace(None)
-                os.waitpid(pid, 0)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    time.sleep(0.01)
-            print("not interrupted")
-        except Terminated as exc:
-            print(exc)
-    """)
+    """, """
+        sys.settrace(trace)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        sys.settrace(None)
+        os.waitpid(pid, 0)
+    """, wait=True)
     _said(_run(script), "terminated (SIGTERM)")
 
 
@@ -126,25 +128,16 @@ def test_a_signal_handled_in_a_finaliser_is_sent_again() -> None:
     """The handler runs wherever Python checks for signals, a ``__del__`` method or a
     weak reference's callback included (the garbage collector runs them at any time),
     where the exception was printed as "ignored" and dropped."""
-    script = textwrap.dedent("""
-        import signal, time
-        from breakhis._signals import Terminated, terminate_as_interrupt
+    script = _script("""
+        import signal
 
         class Finalised:
             def __del__(self):
                 signal.raise_signal(signal.SIGTERM)
-
-        try:
-            with terminate_as_interrupt():
-                Finalised()
-                print("went on", flush=True)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    time.sleep(0.01)
-            print("not interrupted")
-        except Terminated as exc:
-            print(exc)
-    """)
+    """, """
+        Finalised()
+        print("went on", flush=True)
+    """, wait=True)
     _said(_run(script), "went on", "terminated (SIGTERM)")
 
 
@@ -197,28 +190,23 @@ def test_a_real_loader_starting_its_workers() -> None:
     """A SIGTERM while a two-worker DataLoader forks its workers, within the training
     loops' start (_started): the run ends with Terminated once the loader has started,
     with no traceback from torch's half-built iterator, and its workers end."""
-    script = textwrap.dedent("""
-        import os, signal, time
+    script = _script("""
+        import os, signal
         import torch
         from torch.utils.data import DataLoader, TensorDataset
         armed = []
         os.register_at_fork(
             after_in_parent=lambda: armed and not armed.clear()
             and os.kill(os.getpid(), signal.SIGTERM))
-        from breakhis._signals import Terminated, terminate_as_interrupt
         from breakhis.train import _started
         loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2,
                             num_workers=2)
-        try:
-            with terminate_as_interrupt():
-                armed.append(True)
-                batches = _started(loader)
-                print("started", flush=True)
-                for batch in batches:
-                    time.sleep(0.5)
-            print("not interrupted")
-        except Terminated as exc:
-            print(exc)
+    """, """
+        armed.append(True)
+        batches = _started(loader)
+        print("started", flush=True)
+        for batch in batches:
+            time.sleep(0.5)
     """)
     _said(_run(script), "terminated (SIGTERM)")
 
@@ -291,8 +279,7 @@ def test_signals_noted_in_a_fork_are_raised_in_the_order_they_came() -> None:
         "time.monotonic() + 10", "time.monotonic()").replace(
         "armed and os.kill(os.getpid(), signal.SIGTERM)",
         "armed and (os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGINT))"
-    ).replace("except Terminated", "except KeyboardInterrupt").replace(
-        "print(exc)", "print(type(exc).__name__)")
+    ).replace("print(exc)", "print(type(exc).__name__)")
     _said(_run(script), "child 7", "Terminated")
 
 
