@@ -132,11 +132,6 @@ def _umask_from_proc() -> int | None:
     return None
 
 
-def _temporary_pattern(name: str) -> re.Pattern[str]:
-    """The names :func:`atomic_writer` gives the temporary files of ``name``."""
-    return re.compile(rf"\.{re.escape(name)}\.{_TEMP_CHARS}\.tmp")
-
-
 def temporary_for(name: str) -> str | None:
     """The file that :func:`atomic_writer`'s temporary file ``name`` is written for;
     ``None`` where ``name`` is not such a file.
@@ -282,11 +277,11 @@ def remove_stale_temporaries(
     removed = []
     for name in dict.fromkeys(names):
         where = (folder / name).parent
-        pattern = _temporary_pattern(Path(name).name)
+        target = Path(name).name
         if not where.is_dir():
             continue
         for entry in where.iterdir():
-            if pattern.fullmatch(entry.name) and (entry.is_file() or entry.is_symlink()):
+            if temporary_for(entry.name) == target and (entry.is_file() or entry.is_symlink()):
                 entry.unlink()
                 removed.append(entry.relative_to(folder).as_posix())
     return sorted(removed)

@@ -126,14 +126,12 @@ def terminate_as_interrupt() -> Iterator[None]:
 
     _watch_forks()
     _state.pending, _state.timers, _state.installed = {}, [], []
-    previous: dict[int, Any] = {}
     previous_hook = sys.unraisablehook
     with _lock:
         _state.open, _state.block = True, _state.block + 1
     try:  # a signal that comes as the handlers go in: they come out all the same
         for signum in taken:
-            previous[signum] = signal.signal(signum, handler)
-            _state.installed.append((signum, handler, previous[signum]))
+            _state.installed.append((signum, handler, signal.signal(signum, handler)))
         sys.unraisablehook = unraisable
         _state.hook = (unraisable, previous_hook)
         yield
@@ -144,16 +142,11 @@ def terminate_as_interrupt() -> Iterator[None]:
                 _state.open = False
             for timer in _state.timers:
                 timer.cancel()
-            for signum, before in previous.items():
-                # signal.signal runs the handlers of signals that came first: ours notes them
-                if signal.getsignal(signum) is handler:
-                    signal.signal(signum, before)
-            if sys.unraisablehook is unraisable:
-                sys.unraisablehook = previous_hook
+            # signal.signal runs the handlers of signals that came first: ours notes them
+            _put_back()
             late = list(_state.pending)
         finally:
-            _state.pending, _state.timers, _state.installed = {}, [], []
-            _state.hook, _state.closing = None, False
+            _state.pending, _state.timers, _state.closing = {}, [], False
     # reached only when the block ended without an exception: a signal noted and not
     # raised yet (sent again too late, or not yet) ends it now, the first to come
     if late:
@@ -274,16 +267,22 @@ def _fork_ended_in_child() -> None:
     busy in C code could not be stopped by SIGTERM otherwise), and nothing noted."""
     global _lock
     _lock = threading.Lock()  # a timer of the parent may have held it as it forked
+    _put_back()
+    _state.open = _state.closing = False
+    _state.pending, _state.threads, _state.timers = {}, set(), []
+    _held.pending = []  # its depth stays: the child is still within the blocks it forked in
+
+
+def _put_back() -> None:
+    """Put back the handlers and the unraisable hook that the open block replaced, each
+    where it is still the block's own (the program may have set another meanwhile)."""
     for signum, ours, before in _state.installed:
         if signal.getsignal(signum) is ours:
             with contextlib.suppress(ValueError, OSError):  # never stop a fork over it
                 signal.signal(signum, before)
     if _state.hook is not None and sys.unraisablehook is _state.hook[0]:
         sys.unraisablehook = _state.hook[1]
-    _state.open = _state.closing = False
-    _state.pending, _state.threads, _state.timers = {}, set(), []
     _state.installed, _state.hook = [], None
-    _held.pending = []  # its depth stays: the child is still within the blocks it forked in
 
 
 def _resend_soon() -> None:

@@ -795,25 +795,30 @@ def _check_single_process(command: str) -> None:
     Raises:
         ValueError: naming the command and ``WORLD_SIZE``.
     """
-    world = os.environ.get("WORLD_SIZE", "1")
-    try:
-        single = int(world) <= 1
-    except ValueError:
-        single = False
-    if command not in _DISTRIBUTED_COMMANDS and not single:
+    if command not in _DISTRIBUTED_COMMANDS and _several_processes():
+        world = os.environ["WORLD_SIZE"]
         raise ValueError(
             f"{command} runs in one process; run it without torchrun (got WORLD_SIZE={world}; "
             f"only {' and '.join(_DISTRIBUTED_COMMANDS)} run under torchrun)")
+
+
+def _several_processes() -> bool:
+    """Whether torchrun started several processes: ``WORLD_SIZE`` above 1, or not a
+    number (then a single-process command refuses, rather than run in each)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return True
 
 
 def _speaker(command: str) -> str:
     """How ``main``'s one-line messages begin: ``breakhis-repro train``, with the
     process's rank under torchrun (``WORLD_SIZE`` above 1), where every process says its
     own (a SIGTERM from torchrun reaches all of them; an error may be one rank's)."""
-    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
-    if rank is None or not world.isdigit() or int(world) <= 1:
+    rank = os.environ.get("RANK")
+    if rank is None or not _several_processes():
         return f"breakhis-repro {command}"
-    return f"breakhis-repro {command} (rank {rank} of {world})"
+    return f"breakhis-repro {command} (rank {rank} of {os.environ['WORLD_SIZE']})"
 
 
 #: Library settings named otherwise than the destination of the option that sets them:
