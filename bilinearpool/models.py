@@ -619,6 +619,46 @@ class BilinearClassifier(nn.Module):
         has parameters) and classifier. See :meth:`backbone_parameters`."""
         return [p for name, p in self.named_parameters() if not _in_backbone(name)]
 
+    def reset_classifier(self, num_classes: int | None = None) -> None:
+        """Replace the linear classifier by a newly initialised one, for ``num_classes``
+        classes (``None``: as many as the classifier has now), e.g. to fine-tune a trained
+        model on another label set (the 8-class BreaKHis model on the binary task).
+        Backbones, channel reduction and pooling keep their weights.
+
+        The new :class:`~bilinearpool.WideLinear` takes :attr:`embedding_dim` features, has
+        a bias when the old one had, lives on the old one's device and dtype (drawn as
+        ``nn.Linear`` draws them, so ``torch.manual_seed`` makes it reproducible), is
+        trainable (also when the old one was frozen) and has its training mode.
+        :attr:`num_classes` follows. An optimizer built before still holds the old
+        classifier's parameters: build it (or its head group) again.
+
+        Raises:
+            TypeError: if ``num_classes`` is not an int, or the classifier is not an
+                ``nn.Linear`` (one replaced by hand, e.g. a small MLP: replace
+                ``model.classifier`` yourself).
+            ValueError: if ``num_classes`` is less than 1.
+
+        Examples:
+            >>> model = FastBCNN(nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU()), num_classes=8)
+            >>> model.reset_classifier(2)
+            >>> model(torch.randn(4, 3, 24, 24)).shape, model.num_classes
+            (torch.Size([4, 2]), 2)
+        """
+        count = None if num_classes is None else check_positive_int("num_classes", num_classes)
+        old = self.classifier
+        if not isinstance(old, nn.Linear):
+            raise TypeError(
+                "reset_classifier replaces a linear classifier (nn.Linear), but this model's classifier is "
+                f"{type(old).__name__}: assign a new module to model.classifier instead"
+            )
+        count = old.out_features if count is None else count
+        weight = old.weight
+        classifier = WideLinear(
+            self.embedding_dim, count, bias=old.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        self.classifier = classifier.train(old.training)
+        self.num_classes = count
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:

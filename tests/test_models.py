@@ -19,6 +19,7 @@ from bilinearpool import (
     FastBCNN,
     GAPClassifier,
     SEBlock,
+    WideLinear,
     build_backbone,
     build_model,
 )
@@ -824,6 +825,73 @@ def test_parameter_groups_split_backbone_and_head(make):
     model(X).sum().backward()
     opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, backbone))
+
+
+class TestResetClassifier:
+    """reset_classifier: a fresh linear classifier for another number of classes, the rest kept."""
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda: FastBCNN(tiny(6), num_classes=8),
+            lambda: FastBCNN(tiny(6), num_classes=8, triu=True, reduce_dim=4),
+            lambda: BCNN(tiny(6), tiny(4), num_classes=8),
+            lambda: GAPClassifier(tiny(6), num_classes=8),
+        ],
+        ids=["fast-bcnn", "fast-bcnn-triu-reduced", "bcnn", "plain"],
+    )
+    def test_new_classes_rest_kept(self, make):
+        model = make().eval()
+        before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+        embedding = model.forward_embedding(X)
+        model.reset_classifier(2)
+        assert model.num_classes == 2 and isinstance(model.classifier, WideLinear)
+        assert (model.classifier.in_features, model.classifier.out_features) == (model.embedding_dim, 2)
+        after = model.state_dict()
+        assert set(after) - set(before) == {"classifier.weight", "classifier.bias"}
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        torch.testing.assert_close(model.forward_embedding(X), embedding)
+        expected = embedding @ model.classifier.weight.T + model.classifier.bias
+        torch.testing.assert_close(model(X), expected, rtol=1e-5, atol=1e-6)
+
+    def test_drawn_afresh_like_nn_linear(self):
+        model = FastBCNN(tiny(4), num_classes=3)
+        old = model.classifier.weight.detach().clone()
+        torch.manual_seed(7)
+        model.reset_classifier()
+        assert model.num_classes == 3 and model.classifier.weight.shape == old.shape
+        assert not torch.equal(model.classifier.weight, old)
+        torch.manual_seed(7)
+        reference = nn.Linear(16, 3)
+        torch.testing.assert_close(model.classifier.weight, reference.weight, rtol=0, atol=0)
+        torch.testing.assert_close(model.classifier.bias, reference.bias, rtol=0, atol=0)
+
+    def test_follows_dtype_mode_and_bias_and_is_trainable(self):
+        model = FastBCNN(tiny(4), num_classes=3).double().eval()
+        model.classifier = nn.Linear(model.embedding_dim, 3, bias=False, dtype=torch.float64)
+        model.classifier.requires_grad_(False).eval()
+        model.reset_classifier(5)
+        c = model.classifier
+        assert c.weight.dtype == torch.float64 and c.bias is None and not c.training
+        assert c.weight.requires_grad
+        model(X.double()).sum().backward()
+        assert c.weight.grad is not None
+        assert model._fused_head()  # the fused pooling + classifier call still serves it
+
+    def test_after_to_triu(self):
+        model = FastBCNN(tiny(4), num_classes=3).to_triu()
+        model.reset_classifier(4)
+        assert model.classifier.in_features == 10 and model(X).shape == (2, 4)
+
+    def test_bad_input(self):
+        model = FastBCNN(tiny(4), num_classes=3)
+        for bad, error in [(0, ValueError), (2.0, TypeError), (True, TypeError), ("2", TypeError)]:
+            with pytest.raises(error, match="num_classes"):
+                model.reset_classifier(bad)
+        assert model.num_classes == 3 and model.classifier.out_features == 3
+        model.classifier = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+        with pytest.raises(TypeError, match="nn.Linear.*Sequential.*model.classifier"):
+            model.reset_classifier(2)
 
 
 def test_loading_checkpoint_of_other_triu_layout_says_so():
