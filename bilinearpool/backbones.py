@@ -222,9 +222,9 @@ class FeatureExtractor(nn.Module):
             except RuntimeError as err:
                 param = _first_float_param(self.body)
                 fix = _dtype_fix(x, param)
-                if fix is None:
+                if fix is None or param is None:
                     raise
-                want = param.dtype  # type: ignore[union-attr]  # (a fix implies a parameter)
+                want = param.dtype
                 raise TypeError(
                     f"backbone {self.name!r} failed on input of dtype {x.dtype}, its parameters being "
                     f"{want} ({type(err).__name__}: {_first_line(err)}); {fix}"
@@ -311,11 +311,12 @@ def _dtype_fix(x: object, param: Tensor | None) -> str | None:
 
     Integers (``uint8`` images above all), booleans and complex numbers are wrong; a
     floating dtype other than the parameters' is wrong outside ``torch.autocast`` (which
-    casts the inputs of its operations itself).
+    casts the inputs of its operations itself). A network without floating parameters
+    (``param`` is ``None``) takes any floating dtype.
     """
-    if param is None or not isinstance(x, Tensor) or x.dtype == param.dtype:
+    if not isinstance(x, Tensor) or (x.is_floating_point() if param is None else x.dtype == param.dtype):
         return None
-    want = param.dtype
+    want = torch.float32 if param is None else param.dtype
     if x.dtype == torch.uint8:
         scaled = "x.float() / 255" if want == torch.float32 else f"(x.float() / 255).to({want})"
         return (
@@ -358,7 +359,7 @@ def _layout_fix(x: Tensor, channels: int) -> str | None:
 
 def _expected_images(channels: int, param: Tensor | None, name: str) -> str:
     """``"backbone 'resnet18' takes images (B, 3, H, W) of dtype torch.float32"``."""
-    want = f" of dtype {param.dtype}" if param is not None else ""
+    want = f" of dtype {param.dtype}" if param is not None else " of a floating-point dtype"
     return f"backbone {name!r} takes images (B, {channels}, H, W){want}"
 
 
@@ -999,19 +1000,24 @@ def _extract(model: nn.Module, node: str) -> nn.Module:
     return body
 
 
-def _check_timm_file(timm: Any, name: str, path: Path) -> None:
-    """Raise ValueError unless ``path`` holds a state_dict of the full timm model ``name``.
+def _checked_timm_state(timm: Any, name: str, path: Path) -> dict[str, Tensor]:
+    """The state_dict in ``path``, as loaded into the full timm model ``name``; ValueError
+    unless it fits that model.
 
     timm loads weights into a ``features_only`` model leniently (the classifier is
     dropped later, so every key may be missing); this checks the file strictly against
     the full model first, allowing only its classifier (``pretrained_cfg["classifier"]``)
-    to be missing or of another size.
+    to be missing or of another size. What it returns is what timm then loads, so the
+    file is read once, by the library's rules: timm's own reading of the file would not
+    unwrap ``{"model_state_dict": ...}`` (and load nothing) and would prefer a
+    ``state_dict_ema`` to the ``state_dict`` checked here.
     """
     misfit = f"weights file {str(path)!r} does not fit timm {name!r}"
     full = timm.create_model(name, pretrained=False)
     classifiers = full.pretrained_cfg.get("classifier") or ()
     head = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
     _load_checked(full, path, head, misfit)
+    return dict(full.state_dict())
 
 
 def _timm_in_channels(body: nn.Module) -> int:
@@ -1037,6 +1043,17 @@ def _module_output_fmt(model: nn.Module, node: str | None) -> str:
     if node is None and _torchvision_swin_stages(model):
         return "NHWC"
     return _timm_output_fmt(model)
+
+
+def _reported_output_fmt(module: nn.Module) -> str | None:
+    """The layout of the maps a whole module gives, where it says so: the stages of a
+    torchvision Swin transformer (NHWC), a timm model or feature net (its ``output_fmt``);
+    ``None`` for a module that does not say."""
+    if _torchvision_swin_stages(module):
+        return "NHWC"
+    fmt = getattr(module, "output_fmt", None)
+    value = str(getattr(fmt, "value", fmt)).upper() if fmt is not None else None
+    return value if value in ("NCHW", "NHWC") else None
 
 
 def _torchvision_swin_stages(module: nn.Module) -> bool:
@@ -1126,8 +1143,9 @@ def _build_timm(name: str, weights: WeightsArg) -> nn.Module:
     kind, value, name = _check_timm_weights(timm, name, weights)
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": (-1,)}
     if kind == "file":
-        _check_timm_file(timm, name, value)
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(value)})
+        # timm (from 0.9) loads a state_dict given in the configuration as it loads its files
+        state = _checked_timm_state(timm, name, value)
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": state})
     elif kind == "imagenet":
         kwargs["pretrained"] = True
     elif kind == "enum":  # a pretrained tag: timm fetches what "<name>.<tag>" (name) names
@@ -1299,6 +1317,8 @@ def build_backbone(
     if default_node is not None:  # (before SE blocks go into the user's model, in place)
         known = _module_output_fmt(backbone, node)
         _check_known_fmt(output_fmt, known, f"{type(backbone).__name__} cut at {node!r}, which gives")
+    elif node is None and (reported := _reported_output_fmt(backbone)) is not None:
+        _check_known_fmt(output_fmt, reported, f"{type(backbone).__name__}, which reports")
     if se_reduction is not None:
         if node is not None:
             _check_node(backbone, node)  # before SE blocks go into the user's model, in place

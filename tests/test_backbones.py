@@ -147,6 +147,32 @@ def test_local_weights_file_timm(tmp_path):
     torch.testing.assert_close(fx.body.conv1.weight, reference.conv1.weight)
 
 
+@pytest.mark.parametrize("layout", ["model_state_dict", "module.", "state_dict+ema"])
+def test_local_weights_file_timm_read_as_checked(tmp_path, layout):
+    """timm read the file again by its own rules after the library had checked it: a
+    {"model_state_dict": ...} file loaded nothing (random weights, no error) and a file
+    with "state_dict" and "state_dict_ema" gave the EMA weights, not the checked ones.
+    A timm name now loads what a torchvision name would."""
+    import timm
+
+    torch.manual_seed(0)
+    reference, other = timm.create_model("resnet18"), timm.create_model("resnet18")
+    state = reference.state_dict()
+    saved = {
+        "model_state_dict": {"model_state_dict": state, "epoch": 3},
+        "module.": {f"module.{k}": v for k, v in state.items()},
+        "state_dict+ema": {"state_dict": state, "state_dict_ema": other.state_dict()},
+    }[layout]
+    path = tmp_path / "resnet18.pth"
+    torch.save(saved, path)
+    fx = build_backbone("timm:resnet18", weights=path).eval()
+    for key, value in fx.body.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x), reference.eval().forward_features(x))
+
+
 def test_local_weights_file_timm_must_fit(tmp_path):
     import timm
 
@@ -336,6 +362,33 @@ class TestChannelsLastMaps:
         # the known layout, given: accepted
         assert build_backbone("resnet18", output_fmt="NCHW").out_channels == 512
         assert build_backbone("timm:resnet18", output_fmt="NCHW").output_fmt == "NCHW"
+
+    def test_output_fmt_against_the_layout_a_module_reports(self):
+        """A timm model or feature net passed as a module (and torchvision Swin stages)
+        say their layout; a contradicting output_fmt was taken without a check for a
+        module (only names were checked): a timm Swin read as NCHW at its one image size
+        gave out_channels 7 (the maps' width) and (B, 7, 7, 768) maps."""
+        timm = pytest.importorskip("timm")
+
+        swin = dict(img_size=64, window_size=2, embed_dim=16, depths=(1, 1), num_heads=(1, 1))
+        for model in (
+            timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, global_pool="", **swin),
+            timm.create_model("swin_tiny_patch4_window7_224", features_only=True, out_indices=(-1,), **swin),
+        ):
+            name = type(model).__name__
+            with pytest.raises(ValueError, match=rf"^output_fmt='NCHW' contradicts the layout of {name}, which "
+                               r"reports NHWC maps; drop output_fmt .* or pass output_fmt='NHWC'$"):
+                build_backbone(model, sample_shape=(3, 64, 64), output_fmt="NCHW")
+            fx = build_backbone(model, sample_shape=(3, 64, 64), output_fmt="NHWC")
+            assert fx.out_channels == 32 and fx(torch.randn(1, 3, 64, 64)).shape == (1, 32, 8, 8)
+        with pytest.raises(ValueError, match=r"contradicts the layout of Sequential, which reports NHWC"):
+            build_backbone(tiny_swin().features, output_fmt="NCHW", sample_shape=(3, 32, 32))
+        resnet = timm.create_model("resnet18", features_only=True, out_indices=(-1,))
+        with pytest.raises(ValueError, match=r"contradicts the layout of FeatureListNet, which reports NCHW"):
+            build_backbone(resnet, output_fmt="NHWC")
+        assert build_backbone(resnet, output_fmt="NCHW").out_channels == 512
+        # a module that says nothing: output_fmt is the user's word
+        assert build_backbone(NHWCNet(), output_fmt="NHWC").output_fmt == "NHWC"
 
     @pytest.mark.parametrize("source", ["torchvision", "torchvision-name", "timm"])
     def test_swin_tiny(self, source):

@@ -351,6 +351,23 @@ class Scaled(nn.Module):
         return self.conv(x.float() / 255)
 
 
+def test_a_network_without_parameters_takes_floating_images_only():
+    """With in_channels set (sample_shape given), integer images were let through by a
+    network without parameters (the dtype check compared with the first parameter's)."""
+    fx = build_backbone(nn.MaxPool2d(2), sample_shape=(3, 32, 32))
+    assert fx.in_channels == 3
+    with pytest.raises(TypeError, match=r"^backbone 'MaxPool2d' takes images \(B, 3, H, W\) of a floating-point "
+                       r"dtype, but got dtype torch.uint8: convert 8-bit images with x.float\(\) / 255"):
+        fx(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"of a floating-point dtype, but got dtype torch.int64: convert the "
+                       r"images with x.float\(\)$"):
+        fx(torch.zeros(1, 3, 32, 32, dtype=torch.int64))
+    for dtype in (torch.float32, torch.float64, torch.float16):  # any floating dtype runs
+        assert fx(torch.zeros(1, 3, 32, 32, dtype=dtype)).dtype == dtype
+    with pytest.raises(ValueError, match=r"of a floating-point dtype, but got shape \(1, 2, 32, 32\)"):
+        fx(torch.zeros(1, 2, 32, 32))
+
+
 class TestAnyModuleIsNotConstrained:
     """A module of the user's may take other inputs: nothing is checked before it runs."""
 
