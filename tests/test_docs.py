@@ -212,7 +212,7 @@ _CLASSIFIERS = "Classifiers around a backbone"
 SNIPPET_SECTIONS = {
     "README.md": ["Usage"],
     "docs/index.rst": ["bilinearpool"],
-    "docs/usage.rst": [_LAYERS] * 4 + [_CLASSIFIERS] * 4,
+    "docs/usage.rst": [_LAYERS] * 4 + [_CLASSIFIERS] * 5,
     # not run (it imports the placeholder mypkg): see the module docstring
     "benchmarks/README.md": ["Adding a pooling to the layer benchmark"],
 }
@@ -371,3 +371,11 @@ def test_usage_classifier_snippets_run(imagenet_inception_v3: dict[str, Tensor])
     assert len(backbone["params"]) + len(head["params"]) == len(list(two.parameters()))
     assert not any(p.requires_grad for p in two.backbone_parameters())
     assert all(p.requires_grad for p in two.head_parameters())
+    # another label set: a fresh 2-class classifier, the rest as in the checkpoint
+    checkpoint = ns["checkpoint"]
+    assert se.num_classes == 2 and (se.classifier.in_features, se.classifier.out_features) == (2048, 2)
+    kept = {k: v for k, v in se.state_dict().items() if not k.startswith("classifier.")}
+    assert kept.keys() == {k for k in checkpoint if not k.startswith("classifier.")}
+    assert all(torch.equal(v, checkpoint[k]) for k, v in kept.items())
+    (group,) = ns["head_opt"].param_groups
+    assert {id(p) for p in group["params"]} == {id(se.classifier.weight), id(se.classifier.bias)}
