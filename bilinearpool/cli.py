@@ -24,17 +24,20 @@ import contextlib
 import csv
 import gc
 import importlib
+import io
 import json
 import math
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -238,9 +241,11 @@ def _plot(result: BenchResult, path: Path) -> Path | None:
         return None
     if fig is None:
         return None
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -368,22 +373,28 @@ def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
 
 
 def write_result(result: BenchResult, out: Path, *, plot: bool = True) -> list[Path]:
-    """Write ``<name>.csv``, ``<name>.json``, ``<name>.md`` (and ``<name>.png``) into ``out``.
+    """Write ``<name>.json``, ``<name>.csv``, ``<name>.md`` (and ``<name>.png``) into ``out``.
 
     ``plot=False`` leaves out the PNG (the partial results a run writes while it goes).
     Without a new plot (``plot=False``, matplotlib missing, nothing to draw) an older
     ``<name>.png`` in ``out`` is removed: it would show another run's results beside these.
+
+    Every file is first written whole to a hidden temporary file in ``out``, the plot
+    drawn too, and only then are they renamed onto their names, the JSON (the record that
+    ``report`` reads) first: an interruption or a failed write before that leaves the
+    earlier files as they were, never one half-written or one of another run beside them.
+
+    Raises:
+        ResultWriteError: (an OSError) a file that could not be written or put in place,
+            naming the files of this result already in place and those left as they were.
     """
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    csv_path = out / f"{result.name}.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=result.columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in result.rows:
-            writer.writerow({c: "" if row.get(c) is None else row[c] for c in result.columns})
-    paths.append(csv_path)
-    json_path = out / f"{result.name}.json"
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=result.columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow({c: "" if row.get(c) is None else row[c] for c in result.columns})
+    markdown = result.markdown()
     payload = {
         "benchmark": result.name,
         "title": result.title,
@@ -391,20 +402,65 @@ def write_result(result: BenchResult, out: Path, *, plot: bool = True) -> list[P
         "columns": result.columns,
         "rows": result.rows,
         "raw": result.raw,
-        "markdown": result.markdown(),
+        "markdown": markdown,
     }
-    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    paths.append(json_path)
-    md_path = out / f"{result.name}.md"
-    md_path.write_text(result.markdown(), encoding="utf-8")
-    paths.append(md_path)
+    texts = {
+        ".json": json.dumps(payload, indent=2, default=str) + "\n",
+        ".csv": buffer.getvalue(),
+        ".md": markdown,
+    }
     png_path = out / f"{result.name}.png"
-    png = _plot(result, png_path) if plot else None
-    if png is not None:
-        paths.append(png)
-    else:
-        png_path.unlink(missing_ok=True)  # an older run's plot, not of these rows
-    return paths
+    staged: dict[Path, Path] = {}  # final name -> its temporary file
+    try:
+        for suffix, text in texts.items():
+            path = out / f"{result.name}{suffix}"
+            staged[path] = _staged_file(path)
+            with open(staged[path], "w", newline="", encoding="utf-8") as f:
+                f.write(text)
+        if plot:
+            staged[png_path] = _staged_file(png_path)
+            if _plot(result, staged[png_path]) is None:
+                staged.pop(png_path).unlink()
+        if png_path not in staged:
+            png_path.unlink(missing_ok=True)  # an older run's plot, not of these rows
+        placed: list[Path] = []
+        for path, temporary in staged.items():
+            try:
+                os.replace(temporary, path)
+            except OSError as err:
+                raise ResultWriteError(path, placed, [p for p in staged if p != path and p not in placed],
+                                       err) from err
+            placed.append(path)
+    except ResultWriteError:
+        raise
+    except OSError as err:  # a temporary file: nothing is in place yet
+        failed = Path(err.filename) if err.filename else out
+        raise ResultWriteError(failed, [], list(staged), err) from err
+    finally:
+        for temporary in staged.values():
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)  # (those put in place are gone already)
+    return placed
+
+
+def _staged_file(path: Path) -> Path:
+    """A new hidden temporary file beside ``path``, to be renamed onto it once written."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+class ResultWriteError(OSError):
+    """A results file that could not be written: which one, why, and what is in ``out`` now."""
+
+    def __init__(self, path: Path, placed: Sequence[Path], kept: Sequence[Path], err: OSError) -> None:
+        if placed:
+            now = (f"; in place: this run's {', '.join(p.name for p in placed)}; left as they were: "
+                   f"{', '.join(p.name for p in [path, *kept])}")
+        else:
+            now = f"; the files in {path.parent} are left as they were"
+        super().__init__(f"writing {path} failed with {_error_text(err)}{now}")
+        self.errno = err.errno
 
 
 class _NoBar:
@@ -537,7 +593,10 @@ def _peak_bytes(
 
 
 def _error_text(err: BaseException, limit: int = 300) -> str:
-    """``Type: message`` of an exception on one line, cut to about ``limit`` characters."""
+    """``Type: message`` of an exception on one line, cut to about ``limit`` characters
+    (``SIGTERM`` for the exception a SIGTERM raises)."""
+    if isinstance(err, _Terminated):
+        return "SIGTERM"
     text = " ".join(str(err).split())
     if len(text) > limit:
         text = text[: limit - 3] + "..."
@@ -658,12 +717,12 @@ def _write_stopped(
             "does not hold them (its files are missing, or were written earlier)",
             file=sys.stderr,
         )
-        return
-    print(
-        f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; "
-        "what was measured before is written (marked INCOMPLETE)",
-        file=sys.stderr,
-    )
+    else:
+        print(
+            f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; "
+            "what was measured before is written (marked INCOMPLETE)",
+            file=sys.stderr,
+        )
     with contextlib.suppress(AttributeError):
         err._bench_said = True  # type: ignore[attr-defined]  # main says no more of it
 
@@ -1997,6 +2056,21 @@ def _stored_cases(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return cases
 
 
+def _check_rounds(settings: dict[str, Any], raw: Sequence[Any], source: str) -> None:
+    """Refuse ``settings.timed_rounds`` other than the count of timings in the raw records
+    (the longest: a case that failed may have fewer), which the report's caveat on few
+    rounds reads."""
+    rounds = settings.get("timed_rounds")
+    counts = [len(r[k]) for r in raw if isinstance(r, dict)
+              for k in ("times_s", "inference_s", "training_step_s") if isinstance(r.get(k), list)]
+    if isinstance(rounds, int) and counts and max(counts) != rounds:
+        raise ResultMismatchError(
+            f"{source}: its settings say {rounds} timed rounds, but its raw records hold up to "
+            f"{max(counts)} timings each; the file was edited or written by other code: rerun the "
+            "benchmark"
+        )
+
+
 def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchResult:
     """The result stored in a ``layers.json`` / ``models.json``, rebuilt from its raw measurements.
 
@@ -2020,6 +2094,7 @@ def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchRes
     if version < 2 and any(isinstance(r, dict) and "saved_bytes" in r for r in raw_records):
         version = 2  # exact counts in its raw part: a version 2 file whose format field went missing
     settings, env = data["settings"], data["environment"]
+    _check_rounds(settings, raw_records, source)
     carried = [n for n in data.get("notes", []) if str(n).startswith(("INCOMPLETE", _IN_PROCESS))]
     if version < 2:
         carried.append(
@@ -2097,12 +2172,26 @@ def _check_rows(
         raise ResultMismatchError(
             f"{source}: {len(stored)} rows are stored, but the raw data give {len(rebuilt)}"
         )
+    # Cells the file's code wrote (a file written before a column existed lacks it in
+    # every row) and cells the current code knows (in any row).
+    written = {key for row in stored for key in row}
+    known = {key for row in rebuilt for key in row}
     for old, new in zip(stored, rebuilt):
         label = " ".join(str(old.get(k)) for k in keys)
         if [old.get(k) for k in keys] != [new.get(k) for k in keys]:
+            # (as values: a resolution stored as "64" prints as the 64 it stands for)
             raise ResultMismatchError(
-                f"{source}: stored row {label} stands where the raw data give row "
-                + " ".join(str(new.get(k)) for k in keys)
+                f"{source}: stored row {' '.join(repr(old.get(k)) for k in keys)} stands where the "
+                f"raw data give row {' '.join(repr(new.get(k)) for k in keys)}"
+            )
+        missing = sorted((set(new) & written) - set(old))
+        extra = sorted(set(old) - known)
+        if missing or extra:  # a cell deleted, or one added, by hand
+            said = [f"lacks {missing}, which the raw data give"] if missing else []
+            said += [f"has {extra}, which no benchmark writes"] if extra else []
+            raise ResultMismatchError(
+                f"{source}: row {label} {' and '.join(said)}; the file was edited or written by "
+                "other code: rerun the benchmark"
             )
         for key, value in old.items():
             if key in new and not _same_value(key, value, new[key]):
@@ -2181,7 +2270,7 @@ def _part_differences(parts: Sequence[dict[str, Any]]) -> list[str]:
 
 def _report(args: argparse.Namespace, *, command: str) -> int:
     folder = Path(args.folder)
-    parts, results = [], []
+    parts, tables = [], []
     for name in ("layers", "models"):
         path = folder / f"{name}.json"
         if path.is_file():
@@ -2201,7 +2290,9 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
                 )
             parts.append(data)
             try:
-                results.append(rebuild_result(data, source=str(path)))
+                if not isinstance(data.get("command"), str):
+                    raise TypeError(f"its command is {type(data.get('command')).__name__}, not a str")
+                tables.append(rebuild_result(data, source=str(path)).markdown())  # (reads its environment)
             except ResultMismatchError:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as err:
@@ -2232,8 +2323,8 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
         "checked against the rows stored there.",
         "",
     ]
-    for result in results:
-        lines += [result.markdown().rstrip(), ""]
+    for table in tables:
+        lines += [table.rstrip(), ""]
     text = "\n".join(lines)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -2683,6 +2774,13 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if problem is not None:
             parser.error(problem)
     if args.command == "models" and args.batch_size_at:
+        given: dict[int, list[int]] = {}
+        for r, b in args.batch_size_at:
+            given.setdefault(r, []).append(b)
+        twice = [f"{r}={'/'.join(map(str, b))}" for r, b in given.items() if len(set(b)) > 1]
+        if twice:  # only the last would count, without a word
+            parser.error(f"--batch-size-at expected one batch size per resolution, but got "
+                         f"{' '.join(twice)}")
         runs = _model_resolutions(args)
         unused = [f"{r}={b}" for r, b in args.batch_size_at if r not in runs]
         if unused:  # it would be ignored without a word
@@ -2758,17 +2856,92 @@ def _saver(out: Path | None) -> Checkpoint | None:
 
 
 def _finish(result: BenchResult, out: Path | None) -> list[Path]:
+    """Write the finished ``result`` into ``out`` (when given), then print its table.
+
+    Stopped while the plot is drawn or the files are written, the complete rows are still
+    put in place (without the plot), and the stop goes on."""
+    written: list[Path] = []
+    if out is not None:
+        try:
+            written = write_result(result, out)
+        except KeyboardInterrupt as err:
+            try:
+                write_result(result, out, plot=False)
+            except Exception as failed:
+                said = (f"writing the finished results failed too, with {_error_text(failed)}: "
+                        f"{out} holds the files written before")
+            else:
+                said = f"the finished results are written into {out}, without the plot"
+            print(f"bilinearpool-bench: stopped by {_error_text(err)} while writing; {said}", file=sys.stderr)
+            with contextlib.suppress(AttributeError):
+                err._bench_said = True  # type: ignore[attr-defined]
+            raise
     print(result.markdown())
-    if out is None:
-        return []
-    return write_result(result, out)
+    return written
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler), raised where the run is, so that it
+    stops as on Ctrl-C: the rows so far written, marked INCOMPLETE; status 143."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM raises :class:`_Terminated` (in the main thread; elsewhere, or where
+    the platform has no SIGTERM, nothing changes). The previous handler goes back after."""
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stdout_gone() -> None:
+    """stdout's reader has gone (``| head``): what is left of stdout goes nowhere, so that
+    Python's flush at exit does not fail once more."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``bilinearpool-bench`` (and ``python -m bilinearpool.bench``)."""
+    """Entry point of ``bilinearpool-bench`` (and ``python -m bilinearpool.bench``).
+
+    Exit status: 0; 1 for results that disagree with their raw data (``report``) or that
+    could not be written; 2 for a usage error; 130 on Ctrl-C and 143 on SIGTERM (one line
+    on stderr, the rows measured so far written, marked INCOMPLETE); 141 when stdout's
+    reader has gone (``| head``: the files are written before the table is printed).
+    """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    with _terminate_as_interrupt():
+        try:
+            return _main(parser, args, argv)
+        except KeyboardInterrupt as err:  # one line, not a traceback (also in the checks before a run)
+            terminated = isinstance(err, _Terminated)
+            if not getattr(err, "_bench_said", False):  # else _write_stopped's line said it
+                what = "terminated (SIGTERM)" if terminated else "interrupted"
+                print(f"bilinearpool-bench {args.command}: {what}", file=sys.stderr)
+            return 143 if terminated else 130  # 128 + the signal, as a shell reports it
+        except BrokenPipeError:
+            _stdout_gone()
+            return 141  # 128 + SIGPIPE
+        except OSError as err:  # results that could not be written (a run's own failures are notes)
+            if not getattr(err, "_bench_said", False):
+                text = str(err) if isinstance(err, ResultWriteError) else _error_text(err)
+                print(f"bilinearpool-bench {args.command}: error: {text}", file=sys.stderr)
+            return 1
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     subcommand = parser.subcommands[args.command]  # type: ignore[attr-defined]
     _check_positive(subcommand, args)
     _check_inputs(subcommand, args)
@@ -2784,12 +2957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ResultMismatchError as err:
             print(f"bilinearpool-bench report: error: {err}", file=sys.stderr)
             return 1
-    try:
-        written = _run(args, command)
-    except KeyboardInterrupt as err:  # one line, not a traceback
-        if not getattr(err, "_bench_said", False):  # else _write_stopped's line said it
-            print(f"bilinearpool-bench {args.command}: interrupted", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+    written = _run(args, command)
     if written:
         print("Results written to:\n" + "\n".join(f"  {p}" for p in written))
     return 0

@@ -15,8 +15,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -983,12 +985,10 @@ class TestRobustRuns:
         monkeypatch.setattr(cli, "write_result", full_disk)
         argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "fast-bcnn", "--out", str(tmp_path),
                 *self.COMMON]  # fmt: skip
-        with pytest.raises(OSError) as exc:
-            main(argv)
-        assert "(write 1)" in str(exc.value) and exc.value.__context__ is None
+        assert main(argv) == 1
         assert calls == [False, False]
         err = capsys.readouterr().err
-        assert err.count("stopped at") == 1
+        assert err.count("stopped at") == 1 and len(err.strip().splitlines()) == 1  # (no "error:" again)
         assert ("stopped at 2x8x2x2 writing the results so far by OSError: [Errno 28] No space left on device "
                 "(write 1); writing the 3 rows measured before failed too, with OSError") in err  # fmt: skip
 
@@ -1255,6 +1255,11 @@ class TestAuditedRuns:
         with pytest.raises(SystemExit):  # it was ignored without a word
             main(["models", "--backbones", "resnet18", "--resolutions", "64", "--batch-size-at", "96=1"])
         assert "--batch-size-at 96=1 names a resolution this run does not measure (resolutions: 64)" in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # only the last counted, without a word
+            main(["models", "--backbones", "resnet18", "--resolutions", "64", "--batch-size-at", "64=1",
+                  "--batch-size-at", "64=3", "--batch-size-at", "64=1"])
+        assert ("--batch-size-at expected one batch size per resolution, but got 64=1/3/1"
+                in capsys.readouterr().err)
 
     def test_an_import_that_exits_is_an_error_line(self, tmp_path, monkeypatch, capsys):
         """A module that called sys.exit(3) on import ended the command at once, silently."""
@@ -1366,6 +1371,109 @@ class TestAuditedRuns:
             assert "se_reduction=8" in (tmp_path / "models.md").read_text()
             counts = {r["head"]: int(r["params"]) for r in read_csv(tmp_path / "models.csv")}
             assert counts == {r["head"]: r["params"] for r in parameter_table(["resnet18"], heads, se_reduction=8)}
+
+    def test_files_are_written_before_the_table_and_a_closed_stdout_is_quiet(self, tmp_path, monkeypatch, capsys):
+        """`bilinearpool-bench layers --out DIR | true` was a BrokenPipeError traceback, and
+        the final files were never written (the table was printed first)."""
+
+        class Gone:
+            def write(self, text):
+                raise BrokenPipeError(32, "Broken pipe")
+
+            def flush(self):
+                pass
+
+            def fileno(self):
+                raise OSError("no file descriptor")
+
+        monkeypatch.setattr(sys, "stdout", Gone())
+        argv = ["layers", "--shapes", "2x4x3x3", "2x4x4x4", "--cases", "naive", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 141
+        assert capsys.readouterr().err == ""
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert not [n for n in data["notes"] if n.startswith("INCOMPLETE")]
+        assert {r["shape"] for r in read_csv(tmp_path / "layers.csv")} == {"2x4x3x3", "2x4x4x4"}
+        assert main(["report", str(tmp_path)]) == 141
+
+    def test_a_file_that_cannot_be_replaced_is_one_line_and_no_mix(self, tmp_path, monkeypatch, capsys):
+        """A results file that could not be written over (immutable, another user's) was a
+        traceback, and left the new run's CSV beside the old run's JSON and Markdown."""
+        argv = ["layers", "--shapes", "2x4x3x3", "--cases", "naive", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        real = os.replace
+
+        def refuse(name):
+            def replace(src, dst):
+                if Path(dst).name == name:
+                    raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+                return real(src, dst)
+            return replace
+
+        argv[2] = "2x4x5x5"
+        monkeypatch.setattr(os, "replace", refuse("layers.json"))
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"bilinearpool-bench layers: error: writing {tmp_path / 'layers.json'} failed "
+                                  "with PermissionError: ")
+        assert err[-1].endswith(f"the files in {tmp_path} are left as they were")
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporaries left either
+        monkeypatch.setattr(os, "replace", refuse("layers.md"))
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].endswith("; in place: this run's layers.json, layers.csv; left as they were: layers.md, "
+                                "layers.png")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+        assert (tmp_path / "layers.md").read_bytes() == before["layers.md"]
+        assert json.loads((tmp_path / "layers.json").read_text())["rows"][0]["shape"] == "2x4x5x5"
+
+    def test_stopped_while_plotting_the_rows_are_written_and_no_older_plot(self, tmp_path, monkeypatch, capsys):
+        """Ctrl-C while the plot was drawn left the older run's plot beside the new files."""
+        argv = ["layers", "--shapes", "2x4x3x3", "--cases", "naive", "--out", str(tmp_path), *self.COMMON]
+        assert main(argv) == 0
+        assert (tmp_path / "layers.png").exists()
+
+        def interrupted(result, path):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "_plot", interrupted)
+        argv[2] = "2x4x5x5"
+        capsys.readouterr()
+        assert main(argv) == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (f"bilinearpool-bench: stopped by KeyboardInterrupt while writing; the finished results "
+                           f"are written into {tmp_path}, without the plot")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.csv", "layers.json", "layers.md"]
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert data["rows"][0]["shape"] == "2x4x5x5" and not [n for n in data["notes"] if "INCOMPLETE" in n]
+
+    def test_ctrl_c_in_the_checks_before_a_run_is_one_line(self, tmp_path, monkeypatch, capsys):
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "_check_inputs", interrupted)
+        for argv in (["layers", "--out", str(tmp_path), *self.COMMON], ["report", str(tmp_path)]):
+            assert main(argv) == 130
+            assert capsys.readouterr().err.strip() == f"bilinearpool-bench {argv[0]}: interrupted"
+
+    def test_sigterm_stops_as_ctrl_c_does(self, tmp_path):
+        """SIGTERM (kill, timeout, a batch scheduler) ended the run without a word, its files
+        still saying "the run goes on"."""
+        shapes = ["2x8x4x4"] + [f"4x96x24x{24 + i}" for i in range(6)]
+        cmd = [sys.executable, "-m", "bilinearpool.bench", "layers", "--shapes", *shapes, "--cases", "naive",
+               "--repeats", "400", "--warmup", "0", "--threads", "1", "--no-progress", "--out", str(tmp_path)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "layers.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first shape's rows are written: the run is in its second
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err
+        assert re.fullmatch(r"bilinearpool-bench: stopped at 4x96x24x\d+ .* by SIGTERM; what was "
+                            r"measured before is written \(marked INCOMPLETE\)\n", err), err
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert re.match(r"INCOMPLETE: the run stopped at .* with SIGTERM", data["notes"][0])
 
     def test_ctrl_c_is_one_line_and_status_130(self, tmp_path, monkeypatch, capsys):
         def interrupted(*args, **kwargs):
@@ -1597,6 +1705,33 @@ class TestResults:
         assert re.search(r"layers\.json: row 8x2048x7x7 fast-bcnn: fwd_bwd_ms is stored as [\d.]+, "
                          r"but the raw data give 0\.001", err)  # fmt: skip
         assert not (tmp_path / "r.md").exists()
+
+    def test_report_refuses_a_deleted_or_invented_cell_and_edited_rounds(self, tmp_path, capsys):
+        """Only cells present on both sides were compared: a deleted vs_naive, an invented
+        column or settings.timed_rounds raised from 1 to 5 (which drops the report's
+        "not a measurement" caveat) passed; a command that is not a str was a traceback."""
+        edits = {
+            r"row 8x2048x7x7 fast-bcnn lacks \['vs_naive'\], which the raw data give":
+                lambda d: self.fast(d).pop("vs_naive"),
+            r"row 8x2048x7x7 fast-bcnn has \['speedup'\], which no benchmark writes":
+                lambda d: self.fast(d).__setitem__("speedup", 9.0),
+            r"its settings say 70 timed rounds, but its raw records hold up to 7 timings each":
+                lambda d: d["settings"].__setitem__("timed_rounds", 70),
+            r"cannot rebuild its results \(TypeError: its command is int, not a str\)":
+                lambda d: d.__setitem__("command", 5),
+            r"cannot rebuild its results \(AttributeError: ": lambda d: d.__setitem__("environment", []),
+        }
+        for message, edit in edits.items():
+            data = self.copy_committed()
+            edit(data["layers"])
+            self.write(tmp_path, data)
+            assert main(["report", str(tmp_path)]) == 1
+            err = capsys.readouterr().err
+            assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+    @staticmethod
+    def fast(data: dict) -> dict:
+        return next(r for r in data["rows"] if r["case"] == "fast-bcnn" and r["shape"] == "8x2048x7x7")
 
     def test_report_refuses_a_stored_verdict_the_raw_data_do_not_give(self, tmp_path, capsys):
         data = self.copy_committed()
