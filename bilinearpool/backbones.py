@@ -1251,6 +1251,10 @@ def build_backbone(
             )
         return backbone
     check_choice("output_fmt", output_fmt, _FORMATS, optional=True)
+    if node is not None and not isinstance(node, str):
+        raise TypeError(
+            f"node must be None or a str naming a graph node (e.g. 'layer4'), but got {type(node).__name__}"
+        )
     se_reduction = check_optional_positive_int("se_reduction", se_reduction)
     given_shape = sample_shape is not None
     sample_shape = _check_sample_shape(sample_shape)

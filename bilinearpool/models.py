@@ -348,6 +348,14 @@ def _check_pool_dtype(pool: nn.Module, streams: tuple[FeatureExtractor | None, .
             )
 
 
+def _factory(*streams: FeatureExtractor | None) -> dict[str, object]:
+    """``device`` and ``dtype`` of the first floating parameter of the streams, for the
+    head's layers (nothing for backbones without parameters: the defaults)."""
+    params = (_first_float_param(stream) for stream in streams if stream is not None)
+    reference = next((p for p in params if p is not None), None)
+    return {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+
+
 def _check_head_args(num_classes: object, dropout: object, reduce_dim: object) -> None:
     """Configuration errors of the classifiers, raised before any backbone is built."""
     check_positive_int("num_classes", num_classes)
@@ -391,6 +399,9 @@ class BilinearClassifier(nn.Module):
             (a :class:`~bilinearpool.FeatureExtractor` takes none of them: ValueError);
             ``output_fmt="NHWC"`` for a module whose maps are channels-last and that does
             not say so itself.
+
+    The channel reduction and the classifier are built on the device and in the dtype of
+    the backbones' parameters (a ``bfloat16`` backbone gets a ``bfloat16`` classifier).
 
     Pooled features of more than two dimensions (e.g. the :math:`(B, C_1, C_2)` of a
     :class:`~bilinearpool.BilinearPool` without ``normalize``) are flattened to
@@ -462,12 +473,15 @@ class BilinearClassifier(nn.Module):
                     _check_maps_for_reduction(stream, reduce_dim)
         c_a = self.backbone.out_channels
         c_b = None if self.backbone_b is None else self.backbone_b.out_channels
-        self.reduce = ChannelReduction(c_a, reduce_dim) if reduce_dim else nn.Identity()
+        # The head's layers on the backbones' device and dtype (a bfloat16 or CUDA backbone
+        # gives a bfloat16 or CUDA head, as .to() on the whole model would).
+        factory = _factory(self.backbone, self.backbone_b)
+        self.reduce = ChannelReduction(c_a, reduce_dim, **factory) if reduce_dim else nn.Identity()
         self.reduce_b = None
         if reduce_dim:
             c_a = reduce_dim
             if c_b is not None:
-                self.reduce_b = ChannelReduction(c_b, reduce_dim)
+                self.reduce_b = ChannelReduction(c_b, reduce_dim, **factory)
                 c_b = reduce_dim
         self.pool = pool
         self._pool_channels = c_a  # channels into the pooling (for load_state_dict's errors)
@@ -480,7 +494,7 @@ class BilinearClassifier(nn.Module):
             source=f"reduce_dim={reduce_dim}" if reduce_dim else f"the backbone{'' if c_b is None else 's'}",
         )
         self.dropout = nn.Dropout(dropout)
-        self.classifier = WideLinear(self.embedding_dim, num_classes)
+        self.classifier = WideLinear(self.embedding_dim, num_classes, **factory)
         self.num_classes = num_classes
 
     @staticmethod

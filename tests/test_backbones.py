@@ -173,6 +173,13 @@ def test_local_weights_file_timm_read_as_checked(tmp_path, layout):
         torch.testing.assert_close(fx(x), reference.eval().forward_features(x))
 
 
+@pytest.mark.parametrize("node", [["layer4"], 4])
+def test_node_of_another_type_is_a_type_error(node):
+    with pytest.raises(TypeError, match=rf"^node must be None or a str naming a graph node \(e.g. 'layer4'\), "
+                       rf"but got {type(node).__name__}$"):
+        build_backbone(torchvision.models.resnet18(), node=node)
+
+
 def test_local_weights_file_timm_must_fit(tmp_path):
     import timm
 

@@ -827,6 +827,26 @@ def test_parameter_groups_split_backbone_and_head(make):
     assert all(torch.equal(a, p) for a, p in zip(before, backbone))
 
 
+class TestHeadFollowsTheBackbonesDtype:
+    """A classifier on a bfloat16 backbone was float32 and failed at the first forward
+    ("mat1 and mat2 must have the same dtype"); the documented route was .to() after."""
+
+    def test_bfloat16_and_float64(self):
+        model = GAPClassifier(tiny(6).bfloat16(), num_classes=3)
+        assert model.classifier.weight.dtype == torch.bfloat16
+        assert model(X.bfloat16()).dtype == torch.bfloat16
+        model = FastBCNN(tiny(6).double(), num_classes=3, reduce_dim=4)
+        assert {p.dtype for p in model.head_parameters()} == {torch.float64}
+        torch.testing.assert_close(model.double()(X.double()), model(X.double()))
+        two = BCNN(tiny(6).double(), tiny(4).double(), num_classes=3, reduce_dim=4)
+        assert {p.dtype for p in two.head_parameters()} == {torch.float64}
+        assert two(X.double()).dtype == torch.float64
+
+    def test_backbone_without_parameters_gives_the_default(self):
+        model = FastBCNN(nn.Sequential(nn.MaxPool2d(4)), num_classes=3)
+        assert model.classifier.weight.dtype == torch.get_default_dtype()
+
+
 class TestResetClassifier:
     """reset_classifier: a fresh linear classifier for another number of classes, the rest kept."""
 
