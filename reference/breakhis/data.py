@@ -82,16 +82,19 @@ IMAGE_ERRORS: tuple[type[Exception], ...] = (
 )
 #: Files that describe a tree rather than belong to it; listed, never reported as junk.
 METADATA_FILES: frozenset[str] = frozenset({"folds.csv", "synthetic.txt", "synthetic.json"})
-_DSFOLD = re.compile(r"^dsfold\d+\.txt$", re.IGNORECASE)
+# re.ASCII: the names' digits and letters are ASCII (Python's \d takes any Unicode digit,
+# and IGNORECASE's [A-Z] the Kelvin sign: "２２５４９" would be another patient than "22549")
+_DSFOLD = re.compile(r"^dsfold\d+\.txt$", re.IGNORECASE | re.ASCII)
 
 _NAME = re.compile(
     r"^(?P<procedure>[A-Z]+)_(?P<cls>[BM])_(?P<type>A|F|PT|TA|DC|LC|MC|PC)"
-    r"-(?P<year>\d{2})-(?P<slide>\d+[A-Z]*)-(?P<mag>40|100|200|400)-(?P<seq>\d+)\.png$"
+    r"-(?P<year>\d{2})-(?P<slide>\d+[A-Z]*)-(?P<mag>40|100|200|400)-(?P<seq>\d+)\.png$",
+    re.ASCII,
 )
-_MAG_FOLDER = re.compile(r"^(\d+)X$", re.IGNORECASE)
+_MAG_FOLDER = re.compile(r"^(\d+)X$", re.IGNORECASE | re.ASCII)
 #: A patient folder of the release, ``SOB_B_A_14-22549AB`` (underscore before the year).
 _PATIENT_FOLDER = re.compile(
-    r"^[A-Z]+_[BM]_(?:A|F|PT|TA|DC|LC|MC|PC)_\d{2}-\d+[A-Z]*$", re.IGNORECASE
+    r"^[A-Z]+_[BM]_(?:A|F|PT|TA|DC|LC|MC|PC)_\d{2}-\d+[A-Z]*$", re.IGNORECASE | re.ASCII
 )
 
 
@@ -242,7 +245,9 @@ class DataIndex:
 
     Args:
         root: the indexed folder.
-        records: the usable images, sorted by path.
+        records: the usable images, in the order of a top-down walk of the tree with
+            sorted names (a folder's files before its sub-folders: sorted by path where
+            images sit only in the deepest folders, as in the release).
         skipped: files left out, with reasons.
         warnings: irregularities that did not exclude anything (e.g. one slide filed
             under two tumour types).
@@ -435,12 +440,12 @@ def _check_folders(path: Path, root: Path, name: BreakhisName) -> str | None:
     """
     names = [p.name for p in path.relative_to(root).parents if p.name]
     folders = [n.lower() for n in names]
-    mag_folder = _MAG_FOLDER.match(folders[0]) if folders else None
-    if mag_folder is not None and int(mag_folder.group(1)) != name.magnification:
-        return (
-            f"folder mismatch: file says {name.magnification}X but sits in "
-            f"{path.parent.name!r}"
-        )
+    # Every magnification folder it sits in, not only its own (40X/extra/ holds 40X images)
+    for folder in names:
+        mag_folder = _MAG_FOLDER.match(folder)
+        if mag_folder is not None and int(mag_folder.group(1)) != name.magnification:
+            where = repr(folder) if folder == path.parent.name else f"{folder!r} (above it)"
+            return f"folder mismatch: file says {name.magnification}X but sits in {where}"
     parents = set(folders)
     other_class = "malignant" if name.benign_malignant == "benign" else "benign"
     if other_class in parents and name.benign_malignant not in parents:
@@ -560,7 +565,7 @@ def index_breakhis(
         progress: show a progress bar.
 
     Returns:
-        The index, with records sorted by path.
+        The index, with records in walk order (see :class:`DataIndex`).
 
     Raises:
         FileNotFoundError: when ``root`` is not a folder (saying whether it does not

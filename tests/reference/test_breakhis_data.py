@@ -177,6 +177,32 @@ class TestIndexHandmade:
         assert all(s.reason.startswith("folder mismatch") for s in index.skipped)
         assert len(index.skipped) == 2
 
+    def test_magnification_folder_above_the_file_counts_too(self, tmp_path: Path) -> None:
+        """Only the file's own folder was compared: a 100X image in 40X/extra/ was indexed
+        as 100X without a word, while the same file in 40X/ was skipped."""
+        good = _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40,
+                              "SOB_B_A-14-1-40-001.png"))
+        nested = good.parent / "extra"
+        _png(nested / "SOB_B_A-14-1-100-002.png")
+        kept = _png(nested / "SOB_B_A-14-1-40-003.png")  # agrees with the folder above: kept
+        index = index_breakhis(tmp_path)
+        assert sorted(r.path for r in index.records) == sorted([good.resolve(), kept.resolve()])
+        assert [s.reason for s in index.skipped] == [
+            "folder mismatch: file says 100X but sits in '40X' (above it)"]
+
+    def test_names_with_other_digits_are_outside_the_grammar(self, tmp_path: Path) -> None:
+        """Python's \\d takes any Unicode digit: fullwidth "２２５４９" made patient
+        14-２２５４９AB, another patient than 14-22549AB (one slide on both sides of a
+        patient-level split)."""
+        with pytest.raises(ValueError, match="expected a BreaKHis name like"):
+            parse_breakhis_name("SOB_B_A-14-\uff12\uff12\uff15\uff14\uff19AB-40-001.png")
+        flat = tmp_path / "flat"
+        good = _png(flat / "SOB_B_A-14-22549AB-40-001.png")
+        _png(flat / "SOB_B_A-14-\uff12\uff12\uff15\uff14\uff19AB-40-002.png")
+        index = index_breakhis(flat)
+        assert [r.path for r in index.records] == [good.resolve()]
+        assert [s.reason.split(":")[0] for s in index.skipped] == ["name outside grammar"]
+
     def test_file_in_the_other_class_folder_is_skipped(self, tmp_path: Path) -> None:
         """A benign name under malignant/ (in a type folder that matches its name)."""
         good = _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40,
