@@ -1030,8 +1030,15 @@ def _timm_in_channels(body: nn.Module) -> int:
 def _timm_output_fmt(body: nn.Module) -> str:
     """Layout of the maps of a timm model or ``features_only`` model, from its
     ``output_fmt`` (Swin and others report NHWC): NHWC or NCHW (tokens need neither)."""
-    fmt = getattr(body, "output_fmt", "NCHW")
-    return "NHWC" if str(getattr(fmt, "value", fmt)).upper() == "NHWC" else "NCHW"
+    return "NHWC" if _said_output_fmt(body) == "NHWC" else "NCHW"
+
+
+def _said_output_fmt(module: nn.Module) -> str | None:
+    """The ``output_fmt`` a module carries (timm's models and feature nets: a str or a
+    ``Format``), as ``"NCHW"`` or ``"NHWC"``; ``None`` when it carries none of them."""
+    fmt = getattr(module, "output_fmt", None)
+    value = str(getattr(fmt, "value", fmt)).upper() if fmt is not None else None
+    return value if value in ("NCHW", "NHWC") else None
 
 
 def _module_output_fmt(model: nn.Module, node: str | None) -> str:
@@ -1049,11 +1056,7 @@ def _reported_output_fmt(module: nn.Module) -> str | None:
     """The layout of the maps a whole module gives, where it says so: the stages of a
     torchvision Swin transformer (NHWC), a timm model or feature net (its ``output_fmt``);
     ``None`` for a module that does not say."""
-    if _torchvision_swin_stages(module):
-        return "NHWC"
-    fmt = getattr(module, "output_fmt", None)
-    value = str(getattr(fmt, "value", fmt)).upper() if fmt is not None else None
-    return value if value in ("NCHW", "NHWC") else None
+    return "NHWC" if _torchvision_swin_stages(module) else _said_output_fmt(module)
 
 
 def _torchvision_swin_stages(module: nn.Module) -> bool:

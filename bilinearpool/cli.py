@@ -2908,7 +2908,10 @@ def _stdout_gone() -> None:
     Python's flush at exit does not fail once more."""
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -334,8 +334,7 @@ def _check_pool_dtype(pool: nn.Module, streams: tuple[FeatureExtractor | None, .
     classifier refuses its features at the first forward). Buffers are not compared: a
     pool's fixed tensors (CompactBilinearPool's sketches) follow the input's dtype. Nothing
     to compare for backbones without parameters."""
-    params = (_first_float_param(stream) for stream in streams if stream is not None)
-    reference = next((p for p in params if p is not None), None)
+    reference = _reference_param(*streams)
     if reference is None:
         return
     for name, t in pool.named_parameters():
@@ -348,11 +347,16 @@ def _check_pool_dtype(pool: nn.Module, streams: tuple[FeatureExtractor | None, .
             )
 
 
-def _factory(*streams: FeatureExtractor | None) -> dict[str, object]:
-    """``device`` and ``dtype`` of the first floating parameter of the streams, for the
-    head's layers (nothing for backbones without parameters: the defaults)."""
+def _reference_param(*streams: FeatureExtractor | None) -> Tensor | None:
+    """The first floating parameter of the streams (``None`` for backbones without any)."""
     params = (_first_float_param(stream) for stream in streams if stream is not None)
-    reference = next((p for p in params if p is not None), None)
+    return next((p for p in params if p is not None), None)
+
+
+def _factory(*streams: FeatureExtractor | None) -> dict[str, object]:
+    """``device`` and ``dtype`` of the streams' parameters, for the head's layers (nothing
+    for backbones without parameters: the defaults)."""
+    reference = _reference_param(*streams)
     return {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
 
 
