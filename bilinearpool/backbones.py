@@ -112,9 +112,10 @@ class FeatureExtractor(nn.Module):
             known (:func:`build_backbone` sets it for names, torchvision and timm models, and
             modules given with ``sample_shape``), else ``None``. When set, ``forward``
             refuses anything but a floating-point tensor :math:`(B, C_{in}, H, W)` of the
-            network's parameters' dtype (any floating dtype under ``torch.autocast``) with a
-            TypeError or ValueError that says what was expected and what arrived; set it to
-            ``None`` for a network that takes other inputs. When ``None``, an input whose
+            network's parameters' dtype (under ``torch.autocast`` also another of float16,
+            bfloat16 and float32 for a network in one of them: autocast leaves float64
+            alone) with a TypeError or ValueError that says what was expected and what
+            arrived; set it to ``None`` for a network that takes other inputs. When ``None``, an input whose
             dtype the network's parameters cannot take (integers, another floating dtype) is
             reported as a TypeError only once the network fails on it.
         image_size: ``(H, W)``, the one image size the network takes, where it says so
@@ -293,6 +294,9 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
+#: The floating dtypes torch.autocast casts (it leaves float64 alone).
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
+
 #: ImageNet's normalisation, which torchvision's and most timm weights expect.
 _IMAGENET_NORM = "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
 
@@ -311,8 +315,9 @@ def _dtype_fix(x: object, param: Tensor | None) -> str | None:
 
     Integers (``uint8`` images above all), booleans and complex numbers are wrong; a
     floating dtype other than the parameters' is wrong outside ``torch.autocast`` (which
-    casts the inputs of its operations itself). A network without floating parameters
-    (``param`` is ``None``) takes any floating dtype.
+    casts the inputs of its operations itself), and under it too where either is float64
+    (which autocast leaves alone). A network without floating parameters (``param`` is
+    ``None``) takes any floating dtype.
     """
     if not isinstance(x, Tensor) or (x.is_floating_point() if param is None else x.dtype == param.dtype):
         return None
@@ -326,11 +331,12 @@ def _dtype_fix(x: object, param: Tensor | None) -> str | None:
         )
     if not x.is_floating_point():
         return f"convert the images with {_cast(want)}"
-    if _autocast_on(x.device.type):
+    castable = x.dtype in _AUTOCAST_CASTS and want in _AUTOCAST_CASTS
+    if castable and _autocast_on(x.device.type):
         return None
     return (
-        f"convert the images with {_cast(want)}, or the model with model.to({x.dtype}), "
-        "or run it under torch.autocast"
+        f"convert the images with {_cast(want)}, or the model with model.to({x.dtype})"
+        + (", or run it under torch.autocast" if castable else "")
     )
 
 

@@ -417,7 +417,8 @@ class BilinearClassifier(nn.Module):
     The input is checked by the backbones (:class:`~bilinearpool.FeatureExtractor`): where a
     backbone's input is known (a name, a torchvision or timm model, a module given with
     ``sample_shape``), anything but images :math:`(B, C_{in}, H, W)` of the parameters'
-    floating dtype (any floating dtype under ``torch.autocast``) raises a ValueError (shape)
+    floating dtype (under ``torch.autocast`` float16, bfloat16 or float32, not float64, which
+    autocast leaves alone) raises a ValueError (shape)
     or TypeError (dtype; for ``uint8`` images it says how to convert them) before the
     backbone runs; for other modules an input of a dtype their parameters cannot take is
     reported as a TypeError when the module fails on it.

@@ -418,9 +418,16 @@ def test_mixed_dtypes_are_named():
     the tensor; under autocast mixed dtypes are autocast's to handle."""
     x = torch.relu(torch.randn(2, 4, 3, 3, dtype=torch.float64))
     w, b = classifier_for(4, False, dtype=torch.float32)
-    with pytest.raises(TypeError, match=r"weight must have the input's dtype torch.float64 outside "
-                                        r"torch.autocast, but got torch.float32"):
+    with pytest.raises(TypeError, match=r"weight must have the input's dtype torch.float64 \(torch.autocast "
+                                        r"leaves float64 alone\), but got torch.float32: convert one of them "
+                                        r"\(e.g. the classifier with .to\(torch.float64\)\)$"):
         fast_bilinear_linear(x, w, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not autocast's: F.linear's error before
+        with pytest.raises(TypeError, match=r"input's dtype torch.float64 \(torch.autocast leaves float64 alone"):
+            fast_bilinear_linear(x, w, b)
+    with pytest.raises(TypeError, match=r"input's dtype torch.bfloat16 outside torch.autocast, but got "
+                                        r"torch.float32: .*, or run under torch.autocast$"):
+        fast_bilinear_linear(x.bfloat16(), w, b)
     with pytest.raises(TypeError, match=r"weight must have the input's dtype torch.float16 \(or "
                                         r"torch.float32, the features' dtype\).*got torch.float64"):
         fast_bilinear_linear(x.half(), w.double(), b.double(), l2_normalize=False)

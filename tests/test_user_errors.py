@@ -268,6 +268,22 @@ class TestInputChecks:
                            r"channels-last image \(H, W, C\) needs x.permute\(2, 0, 1\).unsqueeze\(0\)"):
             resnet18_model(torch.zeros(64, 64, 3, dtype=torch.uint8))  # as read from a file
 
+    def test_float64_images_under_autocast_are_refused(self, resnet18_model):
+        """Under autocast every floating dtype passed the check, but autocast leaves float64
+        alone: the first convolution failed with "expected scalar type Double but found
+        BFloat16", and the error outside autocast advised autocast."""
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        message = (r"of dtype torch.float32, but got dtype torch.float64: convert the images with x.float\(\), "
+                   r"or the model with model.to\(torch.float64\)$")
+        with pytest.raises(TypeError, match=message):
+            resnet18_model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(TypeError, match=message):
+                resnet18_model(x)
+            assert resnet18_model(x.bfloat16()).shape == (2, 4)  # what autocast casts: passes
+        with pytest.raises(TypeError, match=r"got dtype torch.bfloat16: .*, or run it under torch.autocast$"):
+            resnet18_model(x.bfloat16())
+
     def test_other_dtypes(self, resnet18_model):
         with pytest.raises(TypeError, match=r"dtype torch.float32, but got dtype torch.float64: convert the "
                            r"images with x.float\(\), or the model with model.to\(torch.float64\)"):

@@ -119,7 +119,8 @@ def fast_bilinear_linear(
             ``save_output`` matters for gradients only, where the composition runs).
 
     Raises:
-        TypeError: outside autocast, for a ``weight`` of another dtype than ``x`` (or than
+        TypeError: outside autocast (under it too where ``x`` or ``weight`` is float64,
+            which autocast leaves alone), for a ``weight`` of another dtype than ``x`` (or than
             the float32 features of float16/bfloat16 ``x`` without ``l2_normalize``) or a
             ``bias`` of another than the weight's: what :func:`torch.nn.functional.linear`
             refuses, with a message that names the tensor.
@@ -201,19 +202,23 @@ def _check_classifier(weight: Tensor, bias: Tensor | None, channels: int, triu: 
 
 
 def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None, l2_normalize: bool) -> None:
-    """Outside autocast, ``weight`` must have ``x``'s dtype or that of the pooled features
+    """Outside autocast (and under it where either is float64, which autocast leaves
+    alone), ``weight`` must have ``x``'s dtype or that of the pooled features
     (float32 for float16/bfloat16 ``x`` without ``l2_normalize``), and ``bias`` the
     weight's: what F.linear takes, whose own error names neither tensor ("mat1 and mat2
     must have the same dtype")."""
-    if torch.is_autocast_enabled(x.device.type):
+    # autocast casts float16, bfloat16 and float32, and leaves float64 alone
+    castable = x.dtype != torch.float64 and weight.dtype != torch.float64
+    if castable and torch.is_autocast_enabled(x.device.type):
         return
     features = torch.float32 if x.dtype in _HALF and not l2_normalize else x.dtype
     if weight.dtype not in (x.dtype, features):
         also = f" (or {features}, the features' dtype)" if features != x.dtype else ""
+        where = " outside torch.autocast" if castable else " (torch.autocast leaves float64 alone)"
         raise TypeError(
-            f"weight must have the input's dtype {x.dtype}{also} outside torch.autocast, but got "
-            f"{weight.dtype}: convert one of them (e.g. the classifier with .to({x.dtype})), or "
-            "run under torch.autocast"
+            f"weight must have the input's dtype {x.dtype}{also}{where}, but got "
+            f"{weight.dtype}: convert one of them (e.g. the classifier with .to({x.dtype}))"
+            + (", or run under torch.autocast" if castable else "")
         )
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias must have the weight's dtype {weight.dtype}, but got {bias.dtype}")
