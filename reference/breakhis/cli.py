@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "probability of every class.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s)")
+    p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s); not the checkpoint, another existing file than a CSV, or a file of a run folder")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default)")
@@ -587,21 +587,30 @@ def _refuse_overwriting(args: argparse.Namespace, out: Path, command: str) -> No
     forgotten ``--resume`` would lose a run of many epochs.
 
     A run is a ``checkpoint.pt`` (``train``), or a fold's checkpoint or a summary
-    (``cv``: ``fold*/checkpoint.pt``, ``cv_metrics.json``).
+    (``cv``: ``fold*/checkpoint.pt``, ``cv_metrics.json``). A folder holding the other
+    kind of run is refused whatever the options: neither ``--resume`` nor ``--overwrite``
+    applies to it, and the two kinds in one folder are one too many for ``table``.
     """
-    if args.resume or args.overwrite or not out.is_dir():
+    if not out.is_dir():
         return
-    if command == "cv":
-        found = sorted(str(p.relative_to(out)) for p in out.glob(f"fold*/{_CHECKPOINT}"))
-        if (out / "cv_metrics.json").is_file():
-            found.append("cv_metrics.json")
-    else:
-        found = [_CHECKPOINT] if (out / _CHECKPOINT).is_file() else []
-    if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    single = [_CHECKPOINT] if (out / _CHECKPOINT).is_file() else []
+    folds = sorted(str(p.relative_to(out)) for p in out.glob(f"fold*/{_CHECKPOINT}"))
+    folds += ["cv_metrics.json"] if (out / "cv_metrics.json").is_file() else []
+    found, other = (folds, single) if command == "cv" else (single, folds)
+    if other:  # the other kind of run: neither resumed nor replaced by this command
+        kind = "a single run" if command == "cv" else "a cross-validation"
         raise ValueError(
-            f"{str(out)!r} holds a run ({shown}): pass --resume to continue it, --overwrite to "
+            f"{str(out)!r} holds {kind} ({_listed(other)}), which {command} would write its run "
+            "beside (and `table` would show one of the two only): pass another --out")
+    if found and not (args.resume or args.overwrite):
+        raise ValueError(
+            f"{str(out)!r} holds a run ({_listed(found)}): pass --resume to continue it, --overwrite to "
             "replace it with a fresh run, or another --out")
+
+
+def _listed(names: list[str]) -> str:
+    """The first three ``names`` and how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -716,6 +725,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir() or str(args.out).endswith(("/", os.sep)):
         raise ValueError(f"--out expects the path of a CSV file, but {args.out!r} is a folder")
     _check_checkpoint_exists(args.checkpoint)  # before torch is imported (seconds)
+    problem = _predict_out_problem(Path(args.out), Path(args.checkpoint))
+    if problem is not None:
+        raise ValueError(problem)
     from .predict import predict_to_csv
 
     result = predict_to_csv(args.checkpoint, args.inputs, args.out, device=_device(args.device),
@@ -730,6 +742,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"wrote probabilities of {result['classes']} for {count(result['images'], 'image')} "
           f"to {result['csv']}{skipped}")
     return 0
+
+
+def _predict_out_problem(out: Path, checkpoint: Path) -> str | None:
+    """Why ``predict`` must not write its CSV to ``out``, an existing file: the checkpoint,
+    a file other than a CSV (an input image), or a file of a run's folder (its
+    ``test_predictions.csv``, which its ``test_metrics.json`` was made from)."""
+    if not out.is_file():
+        return None
+    if checkpoint.exists() and os.path.samefile(out, checkpoint):
+        return f"--out expects the path of a CSV file, but {str(out)!r} is the checkpoint --checkpoint names"
+    if out.suffix.lower() != ".csv":
+        return (f"--out expects the path of a CSV file, but {str(out)!r} is an existing "
+                f"{out.suffix or 'extension-less'} file, which the CSV would replace: pass another path")
+    held = [n for n in (_CHECKPOINT, "cv_metrics.json") if (out.parent / n).is_file()]
+    if held:
+        return (f"--out {str(out)!r} is a file of the run in {str(out.parent)!r} (beside its "
+                f"{held[0]}), which the CSV would replace: pass another path")
+    return None
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:

@@ -559,6 +559,22 @@ class TestOverwrite:
         assert "holds a run (fold2/checkpoint.pt): pass --resume" in _err(capsys)
         assert not indexed
 
+    def test_the_other_kind_of_run_is_refused_whatever_the_options(
+            self, run: Path, tmp_path: Path, indexed: list[int], capsys) -> None:
+        """train accepted a cross-validation's folder and cv a single run's: both kinds in
+        one folder, of which `table` showed the cross-validation only."""
+        cv = tmp_path / "cv"
+        (cv / "fold0").mkdir(parents=True)
+        shutil.copy(run / "checkpoint.pt", cv / "fold0" / "checkpoint.pt")
+        for options in ([], ["--resume"], ["--overwrite"]):
+            assert main(["train", "--data-root", str(run), *MSBC, "--fold", "0", *TINY, *options,
+                         "--out", str(cv)]) == 2
+            assert (f"{str(cv)!r} holds a cross-validation (fold0/checkpoint.pt), which train would "
+                    "write its run beside") in _err(capsys)
+            assert main(["cv", "--data-root", str(run), *MSBC, *TINY, *options, "--out", str(run)]) == 2
+            assert f"{str(run)!r} holds a single run (checkpoint.pt), which cv would write" in _err(capsys)
+        assert not indexed and not (cv / "checkpoint.pt").exists()
+
     def test_overwrite_starts_afresh(self, synth_tree, run: Path, tmp_path: Path) -> None:
         root, _ = synth_tree
         copy = shutil.copytree(run, tmp_path / "run")

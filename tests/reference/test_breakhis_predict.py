@@ -160,6 +160,30 @@ class TestPredict:
         paths = read_predictions(out).paths
         assert paths == [str(good), str(folder / "caf\\xe9.png")]
 
+    def test_out_that_would_replace_the_model_an_image_or_a_run_file_is_refused(
+        self, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """predict --out wrote its CSV over the checkpoint, over the image it had just
+        predicted and over a run's test_predictions.csv, without a word."""
+        run = shutil.copytree(checkpoint.parent, tmp_path / "run")
+        image = _png(tmp_path / "in" / "slide.png")
+        before = {p: p.read_bytes() for p in (run / "checkpoint.pt", image, run / "test_predictions.csv")}
+        cases = {
+            run / "checkpoint.pt": "is the checkpoint --checkpoint names",
+            image: "is an existing .png file, which the CSV would replace",
+            run / "test_predictions.csv": f"is a file of the run in {str(run)!r} (beside its checkpoint.pt)",
+        }
+        for out, said in cases.items():
+            assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(image), "--out",
+                         str(out), "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert said in err and len(err.strip().splitlines()) == 1, err
+        assert {p: p.read_bytes() for p in before} == before
+        # a new CSV in the run folder, and a CSV of its own written again: fine
+        for out in (run / "new.csv", tmp_path / "p.csv", tmp_path / "p.csv"):
+            assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(image), "--out",
+                         str(out), "--no-progress"]) == 0
+
     def test_bad_batch_size_and_folder_out_fail_before_predicting(
         self, checkpoint: Path, tmp_path: Path
     ) -> None:
