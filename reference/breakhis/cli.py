@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -907,6 +908,27 @@ def _os_error_text(exc: OSError) -> str:
     return f"{reason}: {' -> '.join(paths)}" if paths else reason
 
 
+def _warning_line(command: str) -> Any:
+    """A ``warnings.showwarning`` that prints breakhis's own warnings as the commands print
+    theirs, ``breakhis-repro <command>: warning: ...`` on one line (others as Python does)."""
+    package = Path(__file__).resolve().parent
+    default = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        try:
+            ours = Path(filename).resolve().is_relative_to(package)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            default(message, category, filename, lineno, file, line)
+            return
+        print(f"{_speaker(command)}: warning: {' '.join(str(message).split())}",
+              file=sys.stderr if file is None else file)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
     reference extra are not all installed, said in one line; 2 after an error line for
@@ -927,7 +949,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_single_process(args.command)
-        with terminate_as_interrupt():  # kill, a scheduler, torchrun: as Ctrl-C, said so
+        with terminate_as_interrupt(), warnings.catch_warnings():  # kill, a scheduler: as Ctrl-C
+            warnings.showwarning = _warning_line(args.command)
             return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if isinstance(exc, SettingError):  # named as the command line names it: --input-size

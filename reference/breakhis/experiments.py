@@ -1186,7 +1186,8 @@ def evaluate_checkpoint(
         test = _decodable(checkpoint, spec, data, test, "test", progress=progress)
     config = TrainConfig.from_dict(state["config"])
     warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
-                    "(epochs_trained in the report; resume the run with --resume to finish it)")
+                    "(epochs_trained in the report; resume the run with --resume to finish it, or, "
+                    "if its training diverged, train again afresh with a lower --lr)")
     for text in _protocol_warnings(int(state["extra"]["fold"]), protocol):
         _LOG.warning("%s", text)
     return _evaluate_split(model, config, data, test, protocol, int(state["extra"]["fold"]),

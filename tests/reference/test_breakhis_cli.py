@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -525,6 +526,25 @@ class TestSigterm:
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert load_checkpoint(out / "checkpoint.pt")["epoch"] == epoch + 1
+
+
+def test_a_warning_of_breakhis_is_one_line_of_the_command(run: Path, tmp_path: Path, capsys) -> None:
+    """evaluate's warning on a checkpoint cut short came in Python's format (file:line:
+    UserWarning, then a line of source), where the commands print `warning:` lines; and it
+    advised --resume also for a run whose training diverged."""
+    copy = shutil.copytree(run, tmp_path / "run")
+    state = load_checkpoint(copy / "checkpoint.pt")
+    state["config"]["epochs"] = 5  # as a run of 5 epochs ended after the first
+    save_checkpoint(state, copy / "checkpoint.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["evaluate", "--checkpoint", str(copy / "checkpoint.pt"), "--out", str(tmp_path / "ev"),
+                     "--no-progress"]) == 0
+    lines = [line for line in _err(capsys).splitlines() if "warning" in line.lower()]
+    assert len(lines) == 1 and "UserWarning" not in lines[0], lines
+    assert lines[0].startswith("breakhis-repro evaluate: warning: checkpoint ")
+    assert lines[0].endswith("resume the run with --resume to finish it, or, if its training diverged, "
+                             "train again afresh with a lower --lr)")
 
 
 class TestOverwrite:
