@@ -795,8 +795,13 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
+    seen: dict[Path, str] = {}
     for run_dir in args.run_dirs:  # before matplotlib and torch are imported (seconds)
         check_run_folder(run_dir)  # as breakhis.plots.results_table does
+        same = seen.setdefault(Path(run_dir).resolve(), str(run_dir))
+        if same != str(run_dir) or args.run_dirs.count(run_dir) > 1:  # one run, rows twice
+            raise ValueError(f"expected each run folder once, but {str(run_dir)!r} is given twice"
+                             + (f" (also as {same!r})" if same != str(run_dir) else ""))
     from .plots import results_table
 
     _log_to_console(True)  # a stale cv summary is a warning of breakhis.plots

@@ -547,6 +547,16 @@ def test_a_warning_of_breakhis_is_one_line_of_the_command(run: Path, tmp_path: P
                              "train again afresh with a lower --lr)")
 
 
+def test_table_refuses_a_run_folder_given_twice(run: Path, capsys, monkeypatch) -> None:
+    """`table r1 r1 ./r1` listed one run three times under one name, without a word."""
+    monkeypatch.chdir(run.parent)
+    assert main(["table", "run", "run"]) == 2
+    assert "error: expected each run folder once, but 'run' is given twice" in _err(capsys)
+    assert main(["table", "run", "./run"]) == 2
+    assert "but './run' is given twice (also as 'run')" in _err(capsys)
+    assert main(["table", "run"]) == 0
+
+
 class TestOverwrite:
     """A fresh run replaces the run in its folder: a forgotten --resume lost a run of many
     epochs. Such a folder is now refused (before indexing) unless --resume or --overwrite."""
