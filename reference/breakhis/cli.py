@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--any-magnification", action="store_true",
                    help="with a magnification-specific checkpoint (MSBC, MSFC), predict "
                    "images whose BreaKHis names give another magnification too (with a "
-                   "warning) instead of refusing them")
+                   "warning) instead of refusing them; an error with another checkpoint")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("figures", help="ROC, t-SNE and Grad-CAM figures of a checkpoint",

@@ -210,7 +210,8 @@ def predict_to_csv(
             written, but writing a file into 'out' failed: Permission denied"``;
             nothing is created: :func:`breakhis._files.writable_problem`); later, when
             no readable image is found, or images of another magnification are given to
-            a magnification-specific checkpoint without ``any_magnification``.
+            a magnification-specific checkpoint without ``any_magnification``, or
+            ``any_magnification`` is given with a magnification-independent one.
         NotACheckpointError: when ``checkpoint`` is not a breakhis checkpoint.
     """
     check_int("batch_size", batch_size, 1)
@@ -234,6 +235,13 @@ def predict_to_csv(
                          f"{_listed([repr(str(i)) for i in inputs], ', ')}"
                          + (f" ({_listed(problems, '; ')})" if problems else ""))
     model, state = load_model(checkpoint, device=device)
+    task = (state.get("extra") or {}).get("task") or {}
+    if any_magnification and task.get("magnification") is None:  # it would do nothing
+        raise ValueError(
+            f"any_magnification (--any-magnification) applies to a checkpoint of a "
+            f"magnification-specific task (MSBC, MSFC), but {str(checkpoint)!r} is of "
+            f"{task.get('name', 'a magnification-independent task')}, which takes images of "
+            "any magnification: leave it out")
     described = [_described(p) for p in images]
     trained, others, unknown = _other_magnifications(state, described)
     if others and not any_magnification:

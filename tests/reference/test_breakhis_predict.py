@@ -184,6 +184,23 @@ class TestPredict:
             assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(image), "--out",
                          str(out), "--no-progress"]) == 0
 
+    def test_any_magnification_with_an_independent_checkpoint_is_refused(
+        self, synth_tree, tmp_path: Path
+    ) -> None:
+        """--any-magnification with an MIBC/MIFC checkpoint did nothing, without a word."""
+        root, _ = synth_tree
+        config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16, epochs=1,
+                             batch_size=8, device="cpu")
+        run_fold(DataSpec(str(root), task="MIBC", protocol="patient", n_splits=3), config, 0,
+                 tmp_path / "run", progress=False)
+        image = _png(tmp_path / "in" / "slide.png")
+        with pytest.raises(ValueError, match=r"any_magnification \(--any-magnification\) applies to a "
+                                             r"checkpoint of a magnification-specific task .* is of MIBC"):
+            predict_to_csv(tmp_path / "run" / "checkpoint.pt", [image], tmp_path / "p.csv",
+                           progress=False, any_magnification=True)
+        assert not (tmp_path / "p.csv").exists()
+        predict_to_csv(tmp_path / "run" / "checkpoint.pt", [image], tmp_path / "p.csv", progress=False)
+
     def test_bad_batch_size_and_folder_out_fail_before_predicting(
         self, checkpoint: Path, tmp_path: Path
     ) -> None:
