@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "probability of every class.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s); not the checkpoint, another existing file than a CSV, or a file of a run folder")
+    p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s); not the checkpoint, another existing file than a CSV, or one of a run folder's own files")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default)")
@@ -746,20 +746,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_out_problem(out: Path, checkpoint: Path) -> str | None:
-    """Why ``predict`` must not write its CSV to ``out``, an existing file: the checkpoint,
-    a file other than a CSV (an input image), or a file of a run's folder (its
+    """Why ``predict`` must not write its CSV to ``out``: the checkpoint, an existing file
+    other than a CSV (an input image), or one of a run's own files (its
     ``test_predictions.csv``, which its ``test_metrics.json`` was made from)."""
     if not out.is_file():
-        return None
+        return _run_file_problem(out)
     if checkpoint.exists() and os.path.samefile(out, checkpoint):
         return f"--out expects the path of a CSV file, but {str(out)!r} is the checkpoint --checkpoint names"
     if out.suffix.lower() != ".csv":
         return (f"--out expects the path of a CSV file, but {str(out)!r} is an existing "
                 f"{out.suffix or 'extension-less'} file, which the CSV would replace: pass another path")
-    held = [n for n in (_CHECKPOINT, "cv_metrics.json") if (out.parent / n).is_file()]
-    if held:
-        return (f"--out {str(out)!r} is a file of the run in {str(out.parent)!r} (beside its "
-                f"{held[0]}), which the CSV would replace: pass another path")
+    return _run_file_problem(out)
+
+
+#: The files of a run's folder (``train``, ``cv``, ``evaluate``) that a command's ``--out``
+#: must not replace.
+_RUN_FILES = frozenset({_CHECKPOINT, "train.log", "metrics.csv", "test_predictions.csv",
+                        "test_metrics.json", "test_metrics.md", "cv_metrics.json", "cv_metrics.md"})
+
+
+def _run_file_problem(path: Path) -> str | None:
+    """Why ``--out`` must not write ``path``: one of a run's own files, in a folder that
+    holds a run (its ``checkpoint.pt`` or ``cv_metrics.json``), else None."""
+    held = [n for n in (_CHECKPOINT, "cv_metrics.json") if (path.parent / n).is_file()]
+    if path.name in _RUN_FILES and held:
+        return (f"--out would write {str(path)!r}, a file of the run in {str(path.parent)!r} "
+                f"(beside its {held[0]}): pass another path")
     return None
 
 
@@ -802,6 +814,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
         if same != str(run_dir) or args.run_dirs.count(run_dir) > 1:  # one run, rows twice
             raise ValueError(f"expected each run folder once, but {str(run_dir)!r} is given twice"
                              + (f" (also as {same!r})" if same != str(run_dir) else ""))
+    if args.out:  # the table's files must not replace a run's own (its cv_metrics.md)
+        for path in (Path(args.out), Path(args.out).with_suffix(".csv")):
+            problem = _run_file_problem(path)
+            if problem is not None:
+                raise ValueError(problem)
     from .plots import results_table
 
     _log_to_console(True)  # a stale cv summary is a warning of breakhis.plots

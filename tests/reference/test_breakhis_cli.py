@@ -557,6 +557,19 @@ def test_table_refuses_a_run_folder_given_twice(run: Path, capsys, monkeypatch) 
     assert main(["table", "run"]) == 0
 
 
+def test_table_out_does_not_replace_a_run_s_own_files(run: Path, capsys) -> None:
+    """`table cv --out cv/cv_metrics.md` wrote over the cross-validation's own summary."""
+    before = (run / "metrics.csv").read_bytes()
+    assert main(["table", str(run), "--out", str(run / "metrics.md")]) == 2  # its CSV: metrics.csv
+    assert (f"--out would write {str(run / 'metrics.csv')!r}, a file of the run in {str(run)!r} "
+            "(beside its checkpoint.pt)") in _err(capsys)
+    assert (run / "metrics.csv").read_bytes() == before and not (run / "metrics.md").exists()
+    for _ in range(2):  # a file of its own in the run folder, written again: fine
+        assert main(["table", str(run), "--out", str(run / "table.md")]) == 0
+    (run / "table.md").unlink()
+    (run / "table.csv").unlink()
+
+
 class TestOverwrite:
     """A fresh run replaces the run in its folder: a forgotten --resume lost a run of many
     epochs. Such a folder is now refused (before indexing) unless --resume or --overwrite."""

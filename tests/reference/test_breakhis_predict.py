@@ -171,7 +171,7 @@ class TestPredict:
         cases = {
             run / "checkpoint.pt": "is the checkpoint --checkpoint names",
             image: "is an existing .png file, which the CSV would replace",
-            run / "test_predictions.csv": f"is a file of the run in {str(run)!r} (beside its checkpoint.pt)",
+            run / "test_predictions.csv": f"a file of the run in {str(run)!r} (beside its checkpoint.pt)",
         }
         for out, said in cases.items():
             assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(image), "--out",
@@ -180,7 +180,7 @@ class TestPredict:
             assert said in err and len(err.strip().splitlines()) == 1, err
         assert {p: p.read_bytes() for p in before} == before
         # a new CSV in the run folder, and a CSV of its own written again: fine
-        for out in (run / "new.csv", tmp_path / "p.csv", tmp_path / "p.csv"):
+        for out in (run / "new.csv", run / "new.csv", tmp_path / "p.csv", tmp_path / "p.csv"):
             assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(image), "--out",
                          str(out), "--no-progress"]) == 0
 
