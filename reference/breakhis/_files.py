@@ -42,6 +42,7 @@ __all__ = [
     "check_seed",
     "count",
     "folder_problem",
+    "listed",
     "missing_checkpoint",
     "missing_folder_problem",
     "named_os_error",
@@ -420,6 +421,19 @@ def plural(n: int, noun: str, plural_form: str | None = None) -> str:
     if n == 1:
         return noun
     return plural_form if plural_form is not None else f"{noun}s"
+
+
+def listed(items: Sequence[str], sep: str = ", ", shown: int = 3) -> str:
+    """The first ``shown`` of ``items`` joined by ``sep``, and how many more there are.
+
+    Examples:
+        >>> listed(["a: does not exist"], "; ")
+        'a: does not exist'
+        >>> listed(["'a'", "'b'", "'c'", "'d'", "'e'"])
+        "'a', 'b', 'c' and 2 more"
+    """
+    more = len(items) - shown
+    return sep.join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def count(n: int, noun: str, plural_form: str | None = None) -> str:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import SettingError, check_run_folder, count, folder_problem, missing_checkpoint
+from ._files import SettingError, check_run_folder, count, folder_problem, listed, missing_checkpoint
 from ._signals import Terminated, terminate_as_interrupt
 
 __all__ = ["build_parser", "main"]
@@ -601,17 +601,12 @@ def _refuse_overwriting(args: argparse.Namespace, out: Path, command: str) -> No
     if other:  # the other kind of run: neither resumed nor replaced by this command
         kind = "a single run" if command == "cv" else "a cross-validation"
         raise ValueError(
-            f"{str(out)!r} holds {kind} ({_listed(other)}), which {command} would write its run "
+            f"{str(out)!r} holds {kind} ({listed(other)}), which {command} would write its run "
             "beside (and `table` would show one of the two only): pass another --out")
     if found and not (args.resume or args.overwrite):
         raise ValueError(
-            f"{str(out)!r} holds a run ({_listed(found)}): pass --resume to continue it, --overwrite to "
+            f"{str(out)!r} holds a run ({listed(found)}): pass --resume to continue it, --overwrite to "
             "replace it with a fresh run, or another --out")
-
-
-def _listed(names: list[str]) -> str:
-    """The first three ``names`` and how many more."""
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

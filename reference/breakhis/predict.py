@@ -16,6 +16,7 @@ from ._files import (
     check_int,
     count,
     folder_problem,
+    listed,
     plural,
     writable_problem,
 )
@@ -105,19 +106,6 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path]
                         "reached")
     # a folder given twice would name its left-out files twice
     return images, list(dict.fromkeys(problems))
-
-
-def _listed(items: Sequence[str], sep: str, shown: int = 3) -> str:
-    """The first ``shown`` of ``items`` joined by ``sep``, and how many more there are.
-
-    Examples:
-        >>> _listed(["a: does not exist"], "; ")
-        'a: does not exist'
-        >>> _listed(["'a'", "'b'", "'c'", "'d'", "'e'"], ", ")
-        "'a', 'b', 'c' and 2 more"
-    """
-    more = len(items) - shown
-    return sep.join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _described(path: Path) -> SimpleNamespace:
@@ -232,8 +220,8 @@ def predict_to_csv(
     images, problems = collect_images(inputs)
     if not images:
         raise ValueError(f"expected image files or folders with images, but found none in "
-                         f"{_listed([repr(str(i)) for i in inputs], ', ')}"
-                         + (f" ({_listed(problems, '; ')})" if problems else ""))
+                         f"{listed([repr(str(i)) for i in inputs], ', ')}"
+                         + (f" ({listed(problems, '; ')})" if problems else ""))
     model, state = load_model(checkpoint, device=device)
     task = (state.get("extra") or {}).get("task") or {}
     if any_magnification and task.get("magnification") is None:  # it would do nothing
