@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .attention import SEBlock, insert_se_blocks
 from .functional._checks import (
+    AUTOCAST_CASTS,
     as_int,
     check_choice,
     check_optional_positive_int,
@@ -115,9 +116,10 @@ class FeatureExtractor(nn.Module):
             network's parameters' dtype (under ``torch.autocast`` also another of float16,
             bfloat16 and float32 for a network in one of them: autocast leaves float64
             alone) with a TypeError or ValueError that says what was expected and what
-            arrived; set it to ``None`` for a network that takes other inputs. When ``None``, an input whose
-            dtype the network's parameters cannot take (integers, another floating dtype) is
-            reported as a TypeError only once the network fails on it.
+            arrived; set it to ``None`` for a network that takes other inputs. When
+            ``None``, an input whose dtype the network's parameters cannot take (integers,
+            another floating dtype) is reported as a TypeError only once the network
+            fails on it.
         image_size: ``(H, W)``, the one image size the network takes, where it says so
             (torchvision's ViTs, timm's ViT-like models with a fixed size; set by
             :func:`build_backbone`), else ``None``. When set, ``forward`` refuses images of
@@ -294,9 +296,6 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
-#: The floating dtypes torch.autocast casts (it leaves float64 alone).
-_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
-
 #: ImageNet's normalisation, which torchvision's and most timm weights expect.
 _IMAGENET_NORM = "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
 
@@ -331,7 +330,7 @@ def _dtype_fix(x: object, param: Tensor | None) -> str | None:
         )
     if not x.is_floating_point():
         return f"convert the images with {_cast(want)}"
-    castable = x.dtype in _AUTOCAST_CASTS and want in _AUTOCAST_CASTS
+    castable = x.dtype in AUTOCAST_CASTS and want in AUTOCAST_CASTS
     if castable and _autocast_on(x.device.type):
         return None
     return (

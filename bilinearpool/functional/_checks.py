@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AUTOCAST_CASTS",
     "RESIZE_BY_BILINEARPOOL",
     "RESIZE_BY_INTERPOLATE",
     "as_channel_matrix",
@@ -41,6 +42,9 @@ __all__ = [
     "plural",
     "uninitialized",
 ]
+
+#: The floating dtypes ``torch.autocast`` casts (it leaves float64 alone).
+AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
 
 _ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
 

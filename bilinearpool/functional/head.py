@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _elementwise
-from ._checks import as_channel_matrix, check_flags, check_floating, plain_ops
+from ._checks import AUTOCAST_CASTS, as_channel_matrix, check_flags, check_floating, plain_ops
 from ._elementwise import signed_sqrt_
 from .bilinear import (
     L2_EPS,
@@ -207,8 +207,7 @@ def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None, l2_normalize: 
     (float32 for float16/bfloat16 ``x`` without ``l2_normalize``), and ``bias`` the
     weight's: what F.linear takes, whose own error names neither tensor ("mat1 and mat2
     must have the same dtype")."""
-    # autocast casts float16, bfloat16 and float32, and leaves float64 alone
-    castable = x.dtype != torch.float64 and weight.dtype != torch.float64
+    castable = x.dtype in AUTOCAST_CASTS and weight.dtype in AUTOCAST_CASTS
     if castable and torch.is_autocast_enabled(x.device.type):
         return
     features = torch.float32 if x.dtype in _HALF and not l2_normalize else x.dtype

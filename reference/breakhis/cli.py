@@ -802,13 +802,15 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
-    seen: dict[Path, str] = {}
+    seen: dict[Path, str] = {}  # each folder, by its real path, as first given
     for run_dir in args.run_dirs:  # before matplotlib and torch are imported (seconds)
         check_run_folder(run_dir)  # as breakhis.plots.results_table does
-        same = seen.setdefault(Path(run_dir).resolve(), str(run_dir))
-        if same != str(run_dir) or args.run_dirs.count(run_dir) > 1:  # one run, rows twice
-            raise ValueError(f"expected each run folder once, but {str(run_dir)!r} is given twice"
-                             + (f" (also as {same!r})" if same != str(run_dir) else ""))
+        key = Path(run_dir).resolve()
+        if key in seen:  # one run, rows twice
+            also = f" (also as {seen[key]!r})" if seen[key] != str(run_dir) else ""
+            raise ValueError(f"expected each run folder once, but {str(run_dir)!r} is given twice{also}")
+        seen[key] = str(run_dir)
+
     if args.out:  # the table's files must not replace a run's own (its cv_metrics.md)
         for path in (Path(args.out), Path(args.out).with_suffix(".csv")):
             problem = _run_file_problem(path)

@@ -223,15 +223,15 @@ def predict_to_csv(
                          f"{listed([repr(str(i)) for i in inputs], ', ')}"
                          + (f" ({listed(problems, '; ')})" if problems else ""))
     model, state = load_model(checkpoint, device=device)
-    task = (state.get("extra") or {}).get("task") or {}
-    if any_magnification and task.get("magnification") is None:  # it would do nothing
+    described = [_described(p) for p in images]
+    trained, others, unknown = _other_magnifications(state, described)
+    if any_magnification and not trained:  # a magnification-independent checkpoint: it would do nothing
+        task = ((state.get("extra") or {}).get("task") or {}).get("name")
         raise ValueError(
             f"any_magnification (--any-magnification) applies to a checkpoint of a "
             f"magnification-specific task (MSBC, MSFC), but {str(checkpoint)!r} is of "
-            f"{task.get('name', 'a magnification-independent task')}, which takes images of "
+            f"{task or 'a magnification-independent task'}, which takes images of "
             "any magnification: leave it out")
-    described = [_described(p) for p in images]
-    trained, others, unknown = _other_magnifications(state, described)
     if others and not any_magnification:
         raise ValueError(
             f"expected images of the magnification of the {trained} checkpoint "
