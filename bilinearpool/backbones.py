@@ -1263,6 +1263,10 @@ def build_backbone(
         raise TypeError(
             f"node must be None or a str naming a graph node (e.g. 'layer4'), but got {type(node).__name__}"
         )
+    if node is not None and not node.strip():
+        raise ValueError(
+            f"node must name a graph node (e.g. 'layer4') or be None for the default, but got {node!r}"
+        )
     se_reduction = check_optional_positive_int("se_reduction", se_reduction)
     given_shape = sample_shape is not None
     sample_shape = _check_sample_shape(sample_shape)

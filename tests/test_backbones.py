@@ -180,6 +180,16 @@ def test_node_of_another_type_is_a_type_error(node):
         build_backbone(torchvision.models.resnet18(), node=node)
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "module"])
+@pytest.mark.parametrize("node", ["", "  "])
+def test_empty_node_is_refused_not_read_as_the_default(backbone, node):
+    # "" once fell through ``node or default`` and silently gave the default node
+    model = torchvision.models.resnet18() if backbone == "module" else backbone
+    with pytest.raises(ValueError, match=rf"^node must name a graph node \(e.g. 'layer4'\) or be None for the "
+                       rf"default, but got {node!r}$"):
+        build_backbone(model, node=node)
+
+
 def test_local_weights_file_timm_must_fit(tmp_path):
     import timm
 
