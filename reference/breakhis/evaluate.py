@@ -29,13 +29,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from ._files import atomic_writer, count
+from ._files import atomic_writer, count, listed
 
 __all__ = [
     "PREDICTIONS_FILE",
     "SUMMARY_METRICS",
     "Predictions",
     "ReportError",
+    "check_finite_probs",
     "classification_metrics",
     "csv_path",
     "metrics_line",
@@ -64,6 +65,29 @@ PREDICTIONS_FILE = "test_predictions.csv"
 _PROB_PREFIX = "prob_"
 _PRED_COLUMNS = ("path", "patient", "magnification", "true_label", "true_index",
                  "predicted_label")
+
+
+def check_finite_probs(probs: np.ndarray, names: Sequence[str] | None = None) -> None:
+    """ValueError unless every score in ``probs`` (shape ``(N, C)``) is finite.
+
+    A NaN row would otherwise be predicted as the first class (``argmax``) and scored
+    by scikit-learn with an error that does not say which images. ``names`` name the
+    rows in the message (default: ``image <index>``).
+
+    Examples:
+        >>> check_finite_probs(np.array([[0.2, 0.8], [np.nan, np.nan]]), ["a.png", "b.png"])
+        Traceback (most recent call last):
+        ...
+        ValueError: expected finite class probabilities, but the scores of 1 of 2 images are NaN or infinite: b.png
+    """
+    rows = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        raise ValueError(
+            f"expected finite class probabilities, but the scores of {len(bad)} of "
+            f"{count(len(rows), 'image')} are NaN or infinite: "
+            f"{listed([str(names[i]) if names is not None else f'image {i}' for i in bad])}"
+        )
 
 
 def patient_recognition_rate(
@@ -175,6 +199,7 @@ def classification_metrics(
         raise ValueError(
             f"expected probs of shape ({len(y_true)}, {len(classes)}), but got {probs.shape}"
         )
+    check_finite_probs(probs)
     outside = (y_true < 0) | (y_true >= len(classes))
     if outside.any():
         bad = sorted(set(y_true[outside].tolist()))
@@ -621,6 +646,8 @@ def read_predictions(path: str | os.PathLike[str]) -> Predictions:
                 probs.append([float(row[_PROB_PREFIX + c]) for c in classes])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{src}:{line}: malformed row ({exc})") from exc
+            if not all(math.isfinite(v) for v in probs[-1]):
+                raise ValueError(f"{src}:{line}: expected finite class probabilities, but got {probs[-1]}")
             paths.append(row["path"])
             patients.append(row["patient"] or None)
             mags.append(int(row["magnification"]) if row["magnification"] else None)

@@ -51,7 +51,7 @@ from ._files import (
 )
 from .data import ImageRecord
 from .dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, build_eval_transform, load_rgb
-from .evaluate import SUMMARY_METRICS, read_report, split_integrity
+from .evaluate import SUMMARY_METRICS, check_finite_probs, read_report, split_integrity
 from .splits import PROTOCOL_DESCRIPTIONS
 
 __all__ = [
@@ -211,6 +211,7 @@ def plot_roc(
         raise ValueError(f"expected probs of shape ({len(y)}, {len(classes)}) for "
                          f"{len(classes)} classes (at least 2), but got {p.shape}")
     _check_labels(y, len(classes), "y_true")
+    check_finite_probs(p)
     scored = [1] if len(classes) == 2 else list(range(len(classes)))
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     aucs: dict[str, float] = {}

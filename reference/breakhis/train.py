@@ -78,6 +78,7 @@ from .dataset import (
     build_train_transform,
 )
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .evaluate import check_finite_probs
 from .models import (
     HEADS,
     build_network,
@@ -1062,6 +1063,10 @@ def predict_probs(
     Images get the evaluation transform: resized to ``input_size`` squared and
     normalised with ``mean`` and ``std`` (a checkpoint's:
     :func:`checkpoint_normalization`).
+
+    Raises:
+        ValueError: when the model's scores for an image are not finite (NaN or
+            infinite), naming the images; such a row would be predicted as the first class.
     """
     loader = DataLoader(ImageDataset(images, None, build_eval_transform(
         input_size, mean=mean, std=std)), batch_size=batch_size)
@@ -1077,4 +1082,6 @@ def predict_probs(
             out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
     if not out:
         return np.zeros((0, 0))
-    return torch.cat(out).numpy()
+    probs = torch.cat(out).numpy()
+    check_finite_probs(probs, [str(getattr(image, "path", image)) for image in images])
+    return probs

@@ -176,6 +176,12 @@ class TestPlotRoc:
         assert r["auc"] == {} and r["roc_auc"] is None and r["skipped"] == ["malignant"]
         _assert_png(r["path"])
 
+    def test_scores_that_are_not_finite_are_refused(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match=r"the scores of 1 of 3 images are NaN or infinite: image 2$"):
+            plot_roc([0, 1, 1], np.array([[0.9, 0.1], [0.2, 0.8], [np.nan, np.nan]]),
+                     ["benign", "malignant"], tmp_path / "roc.png")
+        assert not (tmp_path / "roc.png").exists()
+
     def test_exceptions(self, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"expected probs of shape \(3, 2\)"):
             plot_roc([0, 1, 0], np.ones((3, 3)), ["a", "b"], tmp_path / "r.png")

@@ -196,6 +196,25 @@ class TestClassificationMetrics:
         with pytest.raises(ValueError, match=r"but got \[7\] for 1 of 1 image$"):
             classification_metrics([7], np.eye(3)[[0]], ["a", "b", "c"])
 
+    @pytest.mark.parametrize("bad", [np.nan, np.inf])
+    def test_scores_that_are_not_finite_are_refused_naming_the_images(self, bad: float) -> None:
+        """A NaN row was scored as a prediction of the first class (argmax), and the AUC
+        failed with scikit-learn's "Input contains NaN", which names no image."""
+        probs = _probs(np.random.default_rng(1), 6, 2)
+        probs[[1, 4]] = bad
+        with pytest.raises(ValueError, match=r"^expected finite class probabilities, but the scores "
+                           r"of 2 of 6 images are NaN or infinite: image 1, image 4$"):
+            classification_metrics([0, 1, 0, 1, 0, 1], probs, ["b", "m"])
+
+    def test_predictions_file_with_a_score_that_is_not_a_number_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "p.csv"
+        write_predictions(path, ["a.png", "b.png"], [0, 1], np.array([[0.9, 0.1], [0.2, 0.8]]), ["b", "m"])
+        text = path.read_text().splitlines()
+        path.write_text("\n".join([*text[:2], text[2].replace("0.8", "nan")]) + "\n")
+        with pytest.raises(ValueError, match=rf"^{path}:3: expected finite class probabilities, "
+                           r"but got \[0\.2, nan\]$"):
+            read_predictions(path)
+
     def test_paths_that_are_not_utf8_are_written_escaped(self, tmp_path: Path) -> None:
         """write_predictions (evaluate's too, not only predict's) could not encode a path
         with a surrogate-escaped byte (a Latin-1 file name): UnicodeEncodeError."""

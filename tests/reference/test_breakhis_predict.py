@@ -106,6 +106,25 @@ class TestPredict:
         assert [row["predicted_label"] for row in rows] == [
             classes[k] for k in expected.argmax(axis=1)]
 
+    def test_model_whose_scores_are_not_finite_writes_nothing_and_names_the_images(
+        self, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A NaN score was written to the CSV with the first class as its prediction."""
+        state = torch.load(checkpoint, weights_only=False)
+        weights = [k for k, v in state["model"].items() if v.is_floating_point() and k.endswith("weight")]
+        state["model"][weights[-1]].fill_(float("nan"))
+        broken = tmp_path / "run" / "checkpoint.pt"
+        broken.parent.mkdir()
+        torch.save(state, broken)
+        images = [_png(tmp_path / "in" / f"{name}.png") for name in ("a", "b")]
+        out = tmp_path / "p.csv"
+        assert main(["predict", "--checkpoint", str(broken), str(tmp_path / "in"), "--out", str(out),
+                     "--no-progress"]) != 0
+        err = capsys.readouterr().err
+        assert ("expected finite class probabilities, but the scores of 2 of 2 images are NaN or "
+                f"infinite: {images[0]}, {images[1]}") in err
+        assert "Traceback" not in err and not out.exists()
+
     def test_hidden_folders_are_not_searched(self, tmp_path: Path) -> None:
         _png(tmp_path / "a" / "x.png")
         _png(tmp_path / "a" / ".ipynb_checkpoints" / "x-checkpoint.png")
