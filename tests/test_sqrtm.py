@@ -452,6 +452,32 @@ class TestMatrixSqrt:
         tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
         torch.testing.assert_close(small.grad * c**0.5, unit.grad, **tol)
 
+    @pytest.mark.parametrize("impl", NS_IMPLS)
+    @pytest.mark.parametrize("norm", ["trace", "frobenius"])
+    @pytest.mark.parametrize("dtype, c", [(torch.float32, 1e20), (torch.float32, 1e36), (torch.float64, 1e300)])
+    def test_newton_schulz_is_homogeneous_at_large_scales(
+        self, c: float, norm: str, impl: str, dtype: torch.dtype
+    ) -> None:
+        # The Frobenius norm squared entries above sqrt(finfo.max) (1.8e19 in float32) to
+        # inf: NaN values and gradients for a covariance of features of ~1e10.
+        a = psd(2, 5, 9, dtype=dtype)
+        g = torch.randn(2, 5, 5, dtype=dtype, generator=torch.Generator().manual_seed(8))
+        large, unit = (a * c).requires_grad_(), a.clone().requires_grad_()
+        out_large = matrix_sqrt(large, impl=impl, norm=norm)
+        out_unit = matrix_sqrt(unit, impl=impl, norm=norm)
+        torch.testing.assert_close(out_large / c**0.5, out_unit)
+        out_large.backward(g)
+        out_unit.backward(g)
+        tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+        torch.testing.assert_close(large.grad * c**0.5, unit.grad, **tol)
+        if impl == "iterative":  # the differentiable path (spectral has first derivatives only)
+            f = lambda m: (matrix_sqrt(m, impl=impl, norm=norm) * g).sum()  # noqa: E731
+            leaf = (a * c).requires_grad_()
+            (grad,) = torch.autograd.grad(f(leaf), leaf, create_graph=True)
+            torch.testing.assert_close(grad * c**0.5, unit.grad, **tol)
+            (again,) = torch.autograd.grad(grad.sum(), leaf)  # and a second derivative
+            assert torch.isfinite(again).all()
+
     @pytest.mark.parametrize("dtype, c", [(torch.float32, 1e-20), (torch.float32, 1e-36), (torch.float64, 1e-300)])
     @pytest.mark.parametrize("norm", ["trace", "frobenius"])
     def test_gradients_finite_far_below_the_floor(self, dtype: torch.dtype, c: float, norm: str) -> None:

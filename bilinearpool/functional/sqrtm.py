@@ -152,8 +152,7 @@ def _scale(a2: Tensor, norm: str, differentiable: bool = False) -> tuple[Tensor,
 
     ``s`` is floored at ``sqrt(finfo.tiny)`` only (so that ``1 / s`` and its derivative
     ``-1 / s^2`` stay finite), which keeps the result homogeneous, ``f(cA) = sqrt(c) f(A)``,
-    down to that scale; ``s <= 0`` (the all-zero matrix; for the Frobenius norm also one
-    whose squared entries all underflow) becomes 1, so that its square root is 0 with
+    down to that scale; ``s <= 0`` (the all-zero matrix) becomes 1, so that its square root is 0 with
     the gradient ``q_K'(0) sym(G)`` instead of one that grows like ``1 / sqrt(floor)``.
     Where replaced, ``s`` is a constant: no chain rule through it. ``differentiable``:
     autograd will differentiate ``s`` (to any order), so the norm avoids the zero matrix.
@@ -162,13 +161,19 @@ def _scale(a2: Tensor, norm: str, differentiable: bool = False) -> tuple[Tensor,
         raw = torch.diagonal(a2, dim1=1, dim2=2).sum(-1) * 0.5
         empty = raw <= 0
     else:
-        raw = torch.linalg.matrix_norm(a2) * 0.5
+        # ||a2|| = m ||a2 / m|| for the largest |entry| m: the squares of entries above
+        # sqrt(finfo.max) (1.8e19 in float32) would overflow to inf. m is a constant to
+        # autograd, which is exact to every order as the norm is homogeneous.
+        m = a2.detach().abs().amax(dim=(1, 2))
+        m = torch.where(m > 0, m, torch.ones_like(m)).view(-1, 1, 1)
+        unit = a2 / m
+        raw = torch.linalg.matrix_norm(unit) * m.view(-1) * 0.5
         empty = raw == 0
         if differentiable:
             # The norm's second derivative at 0 is NaN, and a mask after it multiplies the
             # NaN by 0: take the norm of a nonzero stand-in there (the "double where").
-            safe = torch.where(empty.view(-1, 1, 1), torch.ones_like(a2), a2)
-            raw = torch.linalg.matrix_norm(safe) * 0.5
+            safe = torch.where(empty.view(-1, 1, 1), torch.ones_like(unit), unit)
+            raw = torch.linalg.matrix_norm(safe) * m.view(-1) * 0.5
     floor = torch.finfo(raw.dtype).tiny ** 0.5
     s = torch.where(empty, torch.ones_like(raw), raw.clamp_min(floor))
     return s, empty | (raw < floor)
@@ -429,9 +434,14 @@ def _ns_definition(a: Tensor, num_iters: int, norm: str) -> Tensor:
     """:func:`_ns_plain` out of place throughout, so that autograd can differentiate it
     (and its gradient) for a backward that records a graph, and in traces."""
     a2 = a + a.transpose(1, 2)
+    # f(a) = sqrt(m) f(a / m) for a constant m >= 1 (the largest |entry| of a large a2):
+    # else autograd's products of the gradient (~sqrt(s)) with a2 (~s) overflow to
+    # inf - inf = NaN for s above ~1e25 in float32.
+    m = a2.detach().abs().amax(dim=(1, 2)).clamp_min(1).view(-1, 1, 1)
+    a2 = a2 / m
     s, _ = _scale(a2, norm, differentiable=True)
     y = _ns_poly(a2 * (0.5 / s).view(-1, 1, 1), num_iters, plain=True)
-    return y * s.sqrt().view(-1, 1, 1)
+    return y * (s.sqrt().view(-1, 1, 1) * m.sqrt())
 
 
 def _inner(x: Tensor, y: Tensor) -> Tensor:
