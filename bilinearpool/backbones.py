@@ -43,6 +43,7 @@ from .attention import SEBlock, insert_se_blocks
 from .functional._checks import (
     AUTOCAST_CASTS,
     as_int,
+    autocast_on,
     check_choice,
     check_optional_positive_int,
     check_positive_int,
@@ -289,13 +290,6 @@ def _first_float_param(module: nn.Module, _seen: set[int] | None = None) -> Tens
     return None
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (e.g. "meta"): never on
-        return False
-
-
 #: ImageNet's normalisation, which torchvision's and most timm weights expect.
 _IMAGENET_NORM = "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
 
@@ -331,7 +325,7 @@ def _dtype_fix(x: object, param: Tensor | None) -> str | None:
     if not x.is_floating_point():
         return f"convert the images with {_cast(want)}"
     castable = x.dtype in AUTOCAST_CASTS and want in AUTOCAST_CASTS
-    if castable and _autocast_on(x.device.type):
+    if castable and autocast_on(x.device.type):
         return None
     return (
         f"convert the images with {_cast(want)}, or the model with model.to({x.dtype})"

@@ -45,6 +45,22 @@ class TestSEBlock:
         with pytest.raises(ValueError, match="2-D tensor"):
             SEBlock(8)(torch.randn(1, 8))
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+    def test_input_of_another_dtype_is_a_type_error_that_names_both(self, dtype):
+        # F.linear's own error ("mat1 and mat2 must have the same dtype") named neither tensor
+        castable = dtype != torch.float64
+        where = "outside torch.autocast" if castable else r"\(torch.autocast leaves float64 alone\)"
+        with pytest.raises(TypeError, match=rf"^SEBlock's weights are torch.float32, so the input must be "
+                           rf"torch.float32 {where}, but got {dtype}: convert one of them \(e.g. the block "
+                           rf"with .to\({dtype}\)\)" + (", or run under torch.autocast$" if castable else "$")):
+            SEBlock(8)(torch.randn(2, 8, 3, 3, dtype=dtype))
+
+    def test_autocast_casts_the_input(self):
+        se, x = SEBlock(8), torch.randn(2, 8, 3, 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = se(x.bfloat16())
+        torch.testing.assert_close(out.float(), se(x), atol=0.05, rtol=0.05)
+
     def test_gradcheck_and_compile(self):
         se = SEBlock(4, reduction=2).double()
         x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)

@@ -22,6 +22,7 @@ __all__ = [
     "RESIZE_BY_INTERPOLATE",
     "as_channel_matrix",
     "as_int",
+    "autocast_on",
     "check_built_channels",
     "check_channels",
     "check_choice",
@@ -47,6 +48,15 @@ __all__ = [
 AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
 
 _ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (never for a device type it
+    does not know, such as ``"meta"``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def check_tensor(x: object, name: str = "input") -> None:
