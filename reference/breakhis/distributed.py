@@ -17,6 +17,7 @@ __all__ = [
     "DistInfo",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "cleanup_distributed",
     "init_distributed",
     "use_cuda",
@@ -93,6 +94,21 @@ def barrier() -> None:
     """Wait for all processes (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every process the main process's buffers of ``module`` (batch-norm running
+    statistics), in place; no-op without a process group.
+
+    DDP does so at the start of each training forward, but not after the last one: on
+    CPUs (gloo, no ``SyncBatchNorm``) each process then holds the statistics of its own
+    share of the last batch, and a validation split over the processes would score the
+    model with several sets of statistics, none of them all the saved checkpoint's.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -16,7 +16,8 @@ the same code trains with DistributedDataParallel, each process taking its share
 every global batch: the same images with the same augmentations as one process. On
 CUDA (NCCL) batch-norm layers become ``SyncBatchNorm``, so their statistics cover the
 global batch as in one process; on CPUs (gloo), where torch has no ``SyncBatchNorm``,
-each process normalises with the statistics of its own share (a warning says so).
+each process normalises with the statistics of its own share (a warning says so), and
+validation scores the main process's running statistics, those the checkpoint keeps.
 Under DDP every process reseeds torch's generators at the start of each epoch from
 ``(seed, epoch, rank)`` (:func:`rank_seed`), so that dropout masks differ between
 processes and a resumed run draws the same ones; one process keeps a single stream.
@@ -77,7 +78,7 @@ from .dataset import (
     build_eval_transform,
     build_train_transform,
 )
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, init_distributed
 from .evaluate import check_finite_probs
 from .models import (
     HEADS,
@@ -932,6 +933,8 @@ def _fit(
                       f"{config.epochs}", config, ckpt_path, last_good)
         monitored = row["train_loss"]
         if val_loader is not None:
+            # every process scores its share with the statistics the checkpoint keeps
+            broadcast_buffers(model)
             v_loss, v_correct, v_count = all_reduce_sum(
                 list(_evaluate_loss(model, val_loader, info.device)), info.device)
             row["val_loss"], row["val_accuracy"] = v_loss / v_count, v_correct / v_count

@@ -268,6 +268,42 @@ class TestDistributed:
             assert float(r_ddp["val_loss"]) == pytest.approx(float(r_single["val_loss"]), abs=1e-5)
 
 
+    def test_torchrun_cpu_validation_scores_the_saved_batchnorm_statistics(
+        self, synth_tree, tmp_path: Path
+    ) -> None:
+        """Under gloo each process ends an epoch with the batch-norm statistics of its own
+        share of the last batch: the validation loss in metrics.csv mixed two sets, neither
+        all the checkpoint's (0.693 there against 0.689 for the saved model)."""
+        from breakhis.dataset import ImageDataset, build_eval_transform
+        from breakhis.experiments import _checkpoint_data
+        from breakhis.train import checkpoint_normalization, load_model
+
+        root, _ = synth_tree
+        out = tmp_path / "bn"
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "breakhis.cli", "train", "--data-root", str(root), "--task", "MSBC",
+             "--magnification", "40", "--protocol", "image", "--fold", "0", "--backbone", "resnet18",
+             "--no-pretrained", "--head", "plain", "--input-size", "32", "--batch-size", "8",
+             "--lr", "0.001", "--epochs", "1", "--val-fraction", "0.3", "--device", "cpu",
+             "--no-progress", "--out", str(out)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        model, state = load_model(out / "checkpoint.pt")
+        _, data, _ = _checkpoint_data(out, state, None, progress=False)
+        where = {data.relative_path(i): i for i in range(len(data.records))}
+        val = [where[name] for name in state["extra"]["files"]["val"]]
+        assert len(val) >= 3
+        mean, std = checkpoint_normalization(state)
+        images = ImageDataset([data.records[i] for i in val], data.targets[val],
+                              build_eval_transform(32, mean=mean, std=std))
+        with torch.no_grad():
+            logits = model(torch.stack([images[i][0] for i in range(len(images))]))
+        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(data.targets[val])).item()
+        logged = float(next(csv.DictReader((out / "metrics.csv").open()))["val_loss"])
+        assert logged == pytest.approx(loss, abs=1e-5)
+
+
 def _small_task(root: Path, n: int = 12) -> tuple[list, np.ndarray, list[str]]:
     task = get_task("MSBC", magnification=40)
     records = task.select(index_breakhis(root).records)[:n]
