@@ -929,7 +929,8 @@ def _os_error_text(exc: OSError) -> str:
 
 def _warning_line(command: str) -> Any:
     """A ``warnings.showwarning`` that prints breakhis's own warnings as the commands print
-    theirs, ``breakhis-repro <command>: warning: ...`` on one line (others as Python does)."""
+    theirs, ``breakhis-repro <command>: warning: ...`` on one line (others as Python does);
+    under torchrun from the main process only, as every process meets the same data."""
     package = Path(__file__).resolve().parent
     default = warnings.showwarning
 
@@ -942,6 +943,8 @@ def _warning_line(command: str) -> Any:
         if not ours:
             default(message, category, filename, lineno, file, line)
             return
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            return  # under torchrun every process meets the same data: the main one says it
         print(f"{_speaker(command)}: warning: {' '.join(str(message).split())}",
               file=sys.stderr if file is None else file)
 

@@ -556,7 +556,8 @@ def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
         fit_idx, val_idx = validation_split(
             split.train, data.targets, data.groups, fraction=spec.val_fraction,
             # within scikit-learn's seeds for any fold number
-            by_patient=split.protocol != "image", seed=(spec.split_seed + fold) % 2**32)
+            by_patient=split.protocol != "image", seed=(spec.split_seed + fold) % 2**32,
+            classes=data.task.classes)
     if split.patient_disjoint:
         check_patient_disjoint(fit_idx, split.test, data.groups)
     files = {name: [data.relative_path(i) for i in idx]

@@ -622,6 +622,7 @@ def validation_split(
     fraction: float,
     by_patient: bool,
     seed: int = 0,
+    classes: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold out part of a training set for the learning-rate schedule.
 
@@ -643,6 +644,7 @@ def validation_split(
         fraction: share of the training set to hold out, in ``(0, 1)``.
         by_patient: hold out whole patients (for patient-disjoint protocols).
         seed: seed; the same seed gives the same split.
+        classes: the classes' names, for messages (default: their numbers).
 
     Returns:
         ``(fit, val)`` index arrays.
@@ -666,7 +668,7 @@ def validation_split(
     g = np.asarray(groups)[train]
     zeros = np.zeros(len(train))
     if by_patient:
-        fit, val = _hold_out_patients(y, g, fraction, seed)
+        fit, val = _hold_out_patients(y, g, fraction, seed, classes)
         check_patient_disjoint(fit, val, g)
     else:
         try:
@@ -678,7 +680,7 @@ def validation_split(
 
 
 def _hold_out_patients(
-    y: np.ndarray, g: np.ndarray, fraction: float, seed: int
+    y: np.ndarray, g: np.ndarray, fraction: float, seed: int, names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(fit, val)`` positions into ``y``: whole patients, see :func:`validation_split`."""
     patients, patient_of = np.unique(g, return_inverse=True)
@@ -714,13 +716,14 @@ def _hold_out_patients(
     if not val.any():
         keeps = [p for p in order if np.all(left[has[p]] > 1)]
         hold(min(keeps or order.tolist(), key=lambda p: counts[p].sum()))
-        lost = classes[left == 0]
-        if lost.size:
+        lost = classes[left == 0].tolist()
+        if lost:
             warnings.warn(
                 f"the validation split holds out every training patient of "
-                f"{plural(lost.size, 'class', 'classes')} {lost.tolist()}: no patient could be "
+                f"{plural(len(lost), 'class', 'classes')} "
+                f"{lost if names is None else [names[c] for c in lost]}: no patient could be "
                 f"held out otherwise ({len(patients)} patients); the model is not fitted on "
-                f"{plural(lost.size, 'that class', 'those classes')}", UserWarning,
+                f"{plural(len(lost), 'that class', 'those classes')}", UserWarning,
                 stacklevel=3)
     in_val = val[patient_of]
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)

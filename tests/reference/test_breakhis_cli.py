@@ -547,6 +547,19 @@ def test_a_warning_of_breakhis_is_one_line_of_the_command(run: Path, tmp_path: P
                              "train again afresh with a lower --lr)")
 
 
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_a_warning_of_breakhis_is_said_by_the_main_process_only(rank, shown, capsys, monkeypatch) -> None:
+    """Under torchrun every process meets the same data and printed the same warning."""
+    import breakhis.splits
+    from breakhis.cli import _warning_line
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _warning_line("train")(UserWarning("the split is small"), UserWarning, breakhis.splits.__file__, 1)
+    err = capsys.readouterr().err
+    assert err == ("breakhis-repro train (rank 0 of 2): warning: the split is small\n" if shown else "")
+
+
 def test_table_refuses_a_run_folder_given_twice(run: Path, capsys, monkeypatch) -> None:
     """`table r1 r1 ./r1` listed one run three times under one name, without a word."""
     monkeypatch.chdir(run.parent)

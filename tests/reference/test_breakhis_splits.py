@@ -596,6 +596,9 @@ class TestValidationSplit:
             fit, val = validation_split(np.arange(5), targets, groups, fraction=0.2,
                                         by_patient=True, seed=0)
         assert val.tolist() == [0, 1] and fit.tolist() == [2, 3, 4]
+        with pytest.warns(UserWarning, match=r"every training patient of class \['benign'\]: "):
+            validation_split(np.arange(5), targets, groups, fraction=0.2, by_patient=True, seed=0,
+                             classes=["benign", "malignant"])
         with pytest.raises(ValueError, match="needs at least 2 patients"):
             validation_split(np.arange(2), targets, groups, fraction=0.5, by_patient=True)
 
