@@ -163,7 +163,9 @@ def _add_model_args(p: _Recorder) -> None:
                    "and inception_resnet_v2")
     g.add_argument("--epochs", type=int, default=50,
                    help="the paper gives none; %(default)s is our choice")
-    g.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="global batch size (under torchrun a multiple of the processes, which "
+                   "take equal shares)")
     g.add_argument("--lr", type=float, default=0.1)
     g.add_argument("--momentum", type=float, default=0.0,
                    help="the paper gives none; %(default)s is Keras' SGD default, our choice")
@@ -614,6 +616,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import check_resume, prepare_data, run_fold
+    from .train import check_batch_split
 
     _check_fresh_or_resume(args)  # before any process group is made
     config = _config(args)
@@ -622,6 +625,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _log_to_console(info.is_main)
     spec = _spec(args)
     try:
+        check_batch_split(config, info)
         if args.out:
             # a file in the way, before indexing; run_fold creates and tries the folder
             # once the fold is known, before training
@@ -655,6 +659,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import run_cv
+    from .train import check_batch_split
 
     _check_fresh_or_resume(args)  # before any process group is made
     config = _config(args)
@@ -664,6 +669,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(args, "cv")
     try:
         spec = _spec(args)
+        check_batch_split(config, info)
         # a file in the way, before indexing; run_cv creates and tries the folder
         # before training
         _check_out(out)

@@ -98,6 +98,7 @@ __all__ = [
     "FitResult",
     "TrainConfig",
     "TrainingDivergedError",
+    "check_batch_split",
     "check_resumable",
     "checkpoint_identity",
     "checkpoint_normalization",
@@ -434,6 +435,23 @@ def plateau_scheduler(
         threshold_mode="abs")
 
 
+def check_batch_split(config: TrainConfig, info: DistInfo) -> None:
+    """SettingError unless the global ``batch_size`` splits evenly over the processes
+    (each takes an equal share of every global batch); checked before any indexing.
+
+    Examples:
+        >>> info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+        >>> check_batch_split(TrainConfig(batch_size=3), info)
+        Traceback (most recent call last):
+        ...
+        breakhis._files.SettingError: batch_size must be a multiple of the 2 processes torchrun started (each takes an equal share of every global batch), but got 3
+    """
+    if config.batch_size % info.world_size:
+        raise SettingError("batch_size", f"must be a multiple of the {info.world_size} processes "
+                           "torchrun started (each takes an equal share of every global batch), "
+                           f"but got {config.batch_size}")
+
+
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -744,6 +762,7 @@ def fit(
             stops at the same epoch. It is logged in ``train.log`` too.
     """
     info = dist_info or init_distributed(config.device)
+    check_batch_split(config, info)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_NAME
     if info.is_main:

@@ -268,6 +268,24 @@ class TestDistributed:
             assert float(r_ddp["val_loss"]) == pytest.approx(float(r_single["val_loss"]), abs=1e-5)
 
 
+    @pytest.mark.parametrize("command", ["train", "cv"])
+    def test_batch_that_does_not_split_over_the_processes_is_refused_before_indexing(
+        self, command: str, tmp_path: Path
+    ) -> None:
+        """It was refused after indexing and splitting (minutes on BreaKHis), a run folder
+        made, by every process with the sampler's words ("num_replicas=2")."""
+        missing = tmp_path / "no-data"  # indexing it would be a different error
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "breakhis.cli", command, "--data-root", str(missing), *TINY, "--batch-size", "3",
+             "--device", "cpu", "--out", str(tmp_path / "run")],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0
+        assert (f"breakhis-repro {command} (rank 0 of 2): error: --batch-size must be a multiple of "
+                "the 2 processes torchrun started (each takes an equal share of every global batch), "
+                "but got 3") in run.stderr, run.stderr[-2000:]
+        assert "num_replicas" not in run.stderr and not (tmp_path / "run").exists()
+
     def test_torchrun_cpu_validation_scores_the_saved_batchnorm_statistics(
         self, synth_tree, tmp_path: Path
     ) -> None:
