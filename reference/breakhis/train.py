@@ -839,6 +839,14 @@ def _fit(
         if info.is_main:
             # counted from 1, as the per-epoch lines are
             _LOG.info("resumed from %s after epoch %d of %d", ckpt_path, start, config.epochs)
+            trained_by = int(state.get("world_size", 1))
+            if trained_by != info.world_size:
+                _LOG.warning(
+                    "epochs 1-%d were trained by %d %s, the rest by %d %s: dropout masks (and, "
+                    "without SyncBatchNorm, batch-norm statistics) depend on the number of "
+                    "processes, so the weights can differ from a run trained by one count "
+                    "throughout", start, trained_by, plural(trained_by, "process", "processes"),
+                    info.world_size, plural(info.world_size, "process", "processes"))
             # built without weights, the model holds the config of the default weights:
             # compared only with an old checkpoint's (unrecorded, ImageNet) values
             if not state.get("normalization") and recorded_norm != normalization:

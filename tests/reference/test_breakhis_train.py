@@ -378,6 +378,24 @@ class TestPlateauSchedule:
         assert not [d for d in train_module.resume_differences(state, _cfg(plateau_patience=1), [])
                     if "plateau_patience" in d]
 
+    def test_resume_by_another_number_of_processes_says_so(self, synth_tree, tmp_path: Path) -> None:
+        """A run trained by 2 processes and resumed by 1 went on without a word, and the
+        checkpoint then said world_size=1 only."""
+        records, y, classes = _small_task(synth_tree[0])
+        kwargs = dict(train_records=records, train_targets=y, classes=classes,
+                      run_dir=tmp_path, progress=False)
+        fit(_cfg(), **kwargs)
+        ckpt = tmp_path / "checkpoint.pt"
+        state = load_checkpoint(ckpt)
+        state["world_size"] = 2  # as torchrun --nproc_per_node 2 wrote it
+        save_checkpoint(state, ckpt)
+        fit(_cfg(epochs=2), resume=True, **kwargs)
+        assert ("epochs 1-1 were trained by 2 processes, the rest by 1 process: dropout masks (and, "
+                "without SyncBatchNorm, batch-norm statistics) depend on the number of processes"
+                ) in (tmp_path / "train.log").read_text()
+        fit(_cfg(epochs=3), resume=True, **kwargs)  # by the count of the last epochs: no word
+        assert (tmp_path / "train.log").read_text().count("were trained by") == 1
+
     def test_old_checkpoint_resumes_with_its_own_schedule(self, synth_tree,
                                                           tmp_path: Path) -> None:
         records, y, classes = _small_task(synth_tree[0])
