@@ -341,6 +341,11 @@ def folder_problem(path: str | os.PathLike[str]) -> str | None:
         ...     f"{str(folder / 'afile')!r}, a folder above {str(folder / 'afile' / 'x')!r}, "
         ...     "is a file")
         True
+        >>> (folder / "gone").symlink_to(folder / "nowhere")
+        >>> folder_problem(folder / "gone") == (
+        ...     f"{str(folder / 'gone')!r} is a symbolic link to {str(folder / 'nowhere')!r}, "
+        ...     "which does not exist")
+        True
     """
     path = Path(path)
     for place in (path, *path.parents):
@@ -349,6 +354,9 @@ def folder_problem(path: str | os.PathLike[str]) -> str | None:
                 return None
             return (f"{str(path)!r} is a file" if place == path else
                     f"{str(place)!r}, a folder above {str(path)!r}, is a file")
+        if place.is_symlink():  # it cannot be made: mkdir says "File exists"
+            what = f"{str(path)!r} is" if place == path else f"{str(place)!r}, a folder above {str(path)!r}, is"
+            return f"{what} a symbolic link to {os.readlink(place)!r}, which does not exist"
     return None
 
 

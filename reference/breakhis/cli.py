@@ -783,7 +783,8 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / FIGURES_DIR
     max_dim = args.max_embedding_dim or None  # 0: keep the embeddings whole
     # Checked before indexing and predicting, which take minutes on the real data.
-    check_figure_options(args.seed, args.perplexity, max_dim, args.gradcam_images, out)
+    check_figure_options(args.seed, args.perplexity, max_dim, args.gradcam_images, out,
+                         args.batch_size)
     records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
                                                   data_root=args.data_root,
                                                   progress=not args.no_progress)
@@ -793,10 +794,14 @@ def _cmd_figures(args: argparse.Namespace) -> int:
                           max_embedding_dim=max_dim,
                           progress=not args.no_progress)
     auc = result["roc"]["roc_auc"]
-    print(f"{count(result['images'], f'{args.split} image')} of fold {result['fold']} "
-          f"({result['protocol']['protocol']} protocol"
+    images = {"test": f"{count(result['images'], 'test image')} of fold {result['fold']}",
+              "train": f"{count(result['images'], 'training image')} of fold {result['fold']}",
+              "all": f"{count(result['images'], 'image')} of the task in every split, model of "
+                     f"fold {result['fold']}"}[args.split]
+    trained_on = "" if args.split == "test" else " (with images the model trained on: no test result)"
+    print(f"{images} ({result['protocol']['protocol']} protocol"
           f"{', SYNTHETIC data' if result['synthetic'] else ''}): ROC AUC "
-          f"{'n/a' if auc is None else f'{100 * auc:.2f}%'}, t-SNE perplexity "
+          f"{'n/a' if auc is None else f'{100 * auc:.2f}%'}{trained_on}, t-SNE perplexity "
           f"{result['tsne']['perplexity']:g}")
     if result["roc"]["skipped"]:
         print(f"no ROC curve (no positive or no negative image): {result['roc']['skipped']}")

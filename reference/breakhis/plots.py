@@ -28,6 +28,7 @@ import shutil
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Union
 
 import numpy as np
@@ -683,6 +684,7 @@ def check_figure_options(
     max_embedding_dim: int | None,
     gradcam_images: int,
     out_dir: str | os.PathLike[str],
+    batch_size: int = 32,
 ) -> None:
     """Refuse the options of :func:`make_figures` that would fail it late.
 
@@ -695,15 +697,17 @@ def check_figure_options(
     (:func:`breakhis._files.writable_problem`).
 
     Args:
-        seed, perplexity, max_embedding_dim, gradcam_images, out_dir: as for
-            :func:`make_figures`.
+        seed, perplexity, max_embedding_dim, gradcam_images, out_dir, batch_size: as
+            for :func:`make_figures`.
 
     Raises:
         breakhis._files.SettingError: naming the argument (``breakhis-repro figures``
             names its option instead: ``--max-embedding-dim``, ``--out``), for a ``seed``
             outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
             ``max_embedding_dim`` below 2, a ``gradcam_images`` that is not an integer
-            >= 0, or an ``out_dir`` that is a file (or lies under one).
+            >= 0, a ``batch_size`` below 1, or an ``out_dir`` that is a file (or lies
+            under one) or holds something other than a file under the name of a figure
+            (a folder ``roc.png``), which the run would fail to replace at its end.
         ValueError: for an ``out_dir`` that cannot be created or written, naming the
             folder that cannot (``"expected a folder for the figures that can be
             written, but writing a file into '...' failed: Permission denied"``).
@@ -723,9 +727,16 @@ def check_figure_options(
         raise SettingError("max_embedding_dim", "must be >= 2, or None to keep embeddings "
                            f"whole (--max-embedding-dim 0), but got {max_embedding_dim}")
     check_int("gradcam_images", gradcam_images, 0)
+    check_int("batch_size", batch_size, 1)
     problem = folder_problem(out_dir)
     if problem:
         raise SettingError("out_dir", f"expects a folder for the figures, but {problem}")
+    taken = [str(Path(out_dir) / name) for name in FIGURE_FILES
+             if (Path(out_dir) / name).exists() and not (Path(out_dir) / name).is_file()]
+    if taken:
+        raise SettingError("out_dir", "expects a folder whose figure files the figures can "
+                           f"replace, but {', '.join(map(repr, taken))} "
+                           f"{'is a folder (or another kind of file)' if len(taken) == 1 else 'are folders (or other kinds of file)'}")
     problem = writable_problem(out_dir, "a folder for the figures", create=False)
     if problem:
         raise ValueError(problem)
@@ -797,7 +808,9 @@ def make_figures(
             that :func:`check_figure_options` refuses (a negative ``gradcam_images``, a
             ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
             ``max_embedding_dim`` below 2, or an ``out_dir`` that is a file, lies under
-            one, or cannot be created or written); later, for mismatched targets.
+            one, or cannot be created or written); later, for mismatched targets, or
+            for records of other magnifications than a magnification-specific
+            checkpoint's (MSBC, MSFC) by their BreaKHis names.
     """
     from .tasks import get_task
     from .train import (
@@ -810,7 +823,7 @@ def make_figures(
 
     if len(records) < 3:
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
-    check_figure_options(seed, perplexity, max_embedding_dim, gradcam_images, out_dir)
+    check_figure_options(seed, perplexity, max_embedding_dim, gradcam_images, out_dir, batch_size)
     out = Path(out_dir)
     model, state = load_model(checkpoint, device=device)
     classes = list(state["classes"])
@@ -827,6 +840,15 @@ def make_figures(
         y = np.asarray(targets, dtype=np.int64)
         if y.shape != (len(records),):
             raise ValueError(f"expected {len(records)} targets, but got {y.shape}")
+    # a magnification-specific model drawn on other magnifications would be titled with
+    # its own (predict refuses them too, unless told)
+    from .predict import _other_magnifications
+
+    trained, others, _ = _other_magnifications(
+        state, [SimpleNamespace(magnification=getattr(r, "magnification", None)) for r in records])
+    if others:
+        raise ValueError(f"expected the images of the {trained} checkpoint {str(checkpoint)!r}, "
+                         f"but got {', '.join(others)} among the {len(records)} records")
     info = {"task": extra.get("task"), "protocol": extra.get("protocol"),
             "fold": extra.get("fold"), "synthetic": bool(extra.get("synthetic", False)),
             "split": None, "data_root": (extra.get("data") or {}).get("data_root")}
@@ -835,7 +857,8 @@ def make_figures(
     warn_unfinished(checkpoint, state, "the figures show an unfinished model")
     mean, std = checkpoint_normalization(state)
     what = _describe(info)
-    created = not out.exists()
+    # the folders this call makes (out and those above it), removed again on failure
+    created = [place for place in (out, *out.parents) if not place.exists()]
     out.mkdir(parents=True, exist_ok=True)
     final = out.resolve()  # the folder figures.json names its files in
     # what a run killed while drawing left: never read, so removed
@@ -897,26 +920,49 @@ def make_figures(
             }
         with atomic_writer(work / "figures.json", "w") as handle:  # a full disk names it
             handle.write(json.dumps(result, indent=2, default=str) + "\n")
-        # All figures are done. The earlier run's figures go first, then this run's move
-        # in, figures.json last (FIGURE_FILES ends with it): a process killed in between
-        # leaves part of this run's figures without figures.json, never a folder mixing
-        # two runs (as moving the new files in first, then removing the others, could).
-        for name in FIGURE_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in FIGURE_FILES:
-            if (work / name).is_file():
-                os.replace(work / name, out / name)
+        # All figures are done. The earlier run's figures move aside first (into the
+        # hidden folder), then this run's move in, figures.json last (FIGURE_FILES ends
+        # with it): never a folder mixing two runs, and a failure on the way (an error,
+        # Ctrl-C) puts the earlier ones back.
+        _swap_in(work, out)
     except BaseException as err:
         shutil.rmtree(work, ignore_errors=True)
-        if created:
+        for place in created:  # deepest first; each made by this call, empty again
             with contextlib.suppress(OSError):
-                out.rmdir()  # made by this call and empty again
+                place.rmdir()
         named = _named_in(err, work, out)
         if named is not None:
             raise named from err
         raise
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Replace the files of :data:`FIGURE_FILES` in ``out`` by those drawn in ``work``
+    (those not drawn are removed), all or nothing: the earlier ones are moved into
+    ``work/.earlier`` first and moved back if anything fails."""
+    earlier = work / ".earlier"
+    earlier.mkdir()
+    aside: list[str] = []
+    moved: list[str] = []
+    try:
+        for name in FIGURE_FILES:
+            if (out / name).is_file() or (out / name).is_symlink():
+                os.replace(out / name, earlier / name)
+                aside.append(name)
+        for name in FIGURE_FILES:
+            if (work / name).is_file():
+                os.replace(work / name, out / name)
+                moved.append(name)
+    except BaseException:
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.replace(out / name, work / name)
+        for name in aside:
+            with contextlib.suppress(OSError):
+                os.replace(earlier / name, out / name)
+        raise
 
 
 def _named_in(err: BaseException, work: Path, out: Path) -> OSError | None:

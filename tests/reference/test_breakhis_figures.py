@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 from breakhis.checkpoint import NotACheckpointError, load_checkpoint, save_checkpoint
 from breakhis.cli import build_parser, main
+from breakhis.data import index_breakhis
 from breakhis.dataset import build_eval_transform, load_rgb
 from breakhis.evaluate import (
     PREDICTIONS_FILE,
@@ -493,9 +494,26 @@ class TestMakeFigures:
             ({"gradcam_images": 1.5}, "gradcam_images must be an integer >= 0, but got 1.5"),
             ({"out_dir": tmp_path / "afile"}, r"^out_dir expects a folder .* is a file"),
             ({"out_dir": tmp_path / "afile" / "x"}, "a folder above"),
+            # failed in torch's DataLoader after the model was loaded and the data indexed
+            ({"batch_size": 0}, r"^batch_size must be an integer >= 1, but got 0$"),
+            # failed at the very end, the earlier figures deleted by then
+            ({"out_dir": tmp_path / "clash"}, r"^out_dir expects a folder whose figure files the "
+             rf"figures can replace, but '{tmp_path / 'clash' / 'figures.json'}' is a folder"),
         ]:
             with pytest.raises(ValueError, match=message):
+                if "clash" in str(kwargs.get("out_dir")):
+                    (tmp_path / "clash" / "figures.json").mkdir(parents=True, exist_ok=True)
                 make_figures(none, records[:4], **{"out_dir": tmp_path / "fig", **kwargs})
+        assert not (tmp_path / "fig").exists()
+
+    def test_images_of_another_magnification_are_refused(self, runs, synth_tree, tmp_path: Path) -> None:
+        """A 40X checkpoint drew 100X images without a word, titled "... at 40X, fold 0"."""
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        assert load_checkpoint(ckpt)["extra"]["task"]["magnification"] == 40
+        others = [r for r in index_breakhis(synth_tree[0]).records if r.magnification == 100][:4]
+        with pytest.raises(ValueError, match=r"^expected the images of the MSBC at 40X checkpoint .*, but "
+                           r"got 4 images at 100X among the 4 records$"):
+            make_figures(ckpt, others, tmp_path / "fig", gradcam_images=0)
         assert not (tmp_path / "fig").exists()
 
     def test_rerun_leaves_only_its_own_figures(self, runs, tmp_path: Path) -> None:
@@ -564,6 +582,38 @@ class TestMakeFigures:
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         assert json.loads((out / "figures.json").read_text())["checkpoint"] == str(first)
         assert not (tmp_path / "new").exists()  # made by the failed run: removed again
+        # and so are the folders above it that it made (they stayed, empty)
+        with pytest.raises(RuntimeError, match="t-SNE failed"):
+            make_figures(second, records[:6], tmp_path / "a" / "b" / "fig", source=source,
+                         gradcam_images=0, max_embedding_dim=32)
+        assert not (tmp_path / "a").exists()
+
+    def test_failure_while_moving_the_figures_in_puts_the_earlier_ones_back(
+        self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The earlier figures were deleted before the new ones moved in: a failure in
+        between (an error, Ctrl-C) left neither run's figures."""
+        import breakhis.plots as plots
+
+        first, second = (runs[k] / "fold0" / "checkpoint.pt" for k in ("fine", "binary"))
+        out = tmp_path / "fig"
+        records, _, source = checkpoint_records(first)
+        make_figures(first, records[:6], out, source=source, gradcam_images=2, max_embedding_dim=32)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        real, calls = os.replace, []
+
+        def interrupted(src: object, dst: object) -> None:
+            calls.append(dst)
+            if Path(os.fsdecode(dst)) == out / "figures.json" and calls.count(dst) == 1:
+                raise KeyboardInterrupt  # the last move in (not the earlier one's way back)
+            real(src, dst)
+
+        monkeypatch.setattr(plots.os, "replace", interrupted)
+        records, _, source = checkpoint_records(second)
+        with pytest.raises(KeyboardInterrupt):
+            make_figures(second, records[:6], out, source=source, gradcam_images=0,
+                         max_embedding_dim=32)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     def test_a_full_disk_names_the_figure_and_keeps_the_earlier_ones(
         self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -954,8 +1004,15 @@ class TestCommands:
         for name in ("roc.png", "tsne.png", "tsne_coords.npy", "gradcam.png", "figures.json"):
             assert str(tmp_path / "fig" / name) in out
             assert (tmp_path / "fig" / name).is_file()
+        assert "test images of fold 0 (image protocol" in out and "no test result" not in out
         saved = json.loads((tmp_path / "fig" / "figures.json").read_text())
         assert saved["tsne"]["projected_dim"] == 32 and len(saved["gradcam"]["images"]) == 2
+        # every image of the task: not "N all images of fold 0", nor a test result
+        assert main(["figures", "--checkpoint", str(ckpt), "--split", "all", "--gradcam-images", "0",
+                     "--max-embedding-dim", "32", "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert " images of the task in every split, model of fold 0 (image protocol" in out
+        assert "(with images the model trained on: no test result)" in out
         assert saved["task"]["name"] == "MSFC" and len(saved["roc"]["auc"]) == 8
         md = tmp_path / "tab" / "t.md"
         assert main(["table", str(runs["binary"]), str(runs["fine"]), "--out", str(md)]) == 0
@@ -966,6 +1023,7 @@ class TestCommands:
     @pytest.mark.parametrize("option, value", [("--perplexity", "0"),
                                                ("--max-embedding-dim", "1"),
                                                ("--gradcam-images", "-1"),
+                                               ("--batch-size", "0"),
                                                ("--seed", "-1"), ("--seed", "4294967296")])
     def test_figures_checks_options_before_reading_anything(
         self, option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -988,6 +1046,10 @@ class TestCommands:
         err = capsys.readouterr().err
         assert f"--out expects a folder for the figures, but '{tmp_path / 'afile'}' is a file" \
             in err and "does not exist" not in err  # checked before the checkpoint is read
+        (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # was "File exists", after the model
+        assert main(["figures", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "gone")]) == 2
+        assert (f"--out expects a folder for the figures, but '{tmp_path / 'gone'}' is a symbolic link "
+                f"to '{tmp_path / 'nowhere'}', which does not exist") in capsys.readouterr().err
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "test_metrics.json").write_text("")
         assert main(["table", str(tmp_path / "empty")]) == 2
