@@ -1385,6 +1385,10 @@ def _recorded_images(
     position = {data.relative_path(i): i for i in range(len(data.records))}
     missing = [n for n in names if n not in position]
     if missing:
+        # --data-root at another level of the same tree (BreaKHis_v1 for its parent)
+        position = _rerooted(names, position) or position
+        missing = [n for n in names if n not in position]
+    if missing:
         raise ValueError(
             f"expected the {len(names)} {split} images of fold {fold} recorded in checkpoint "
             f"{str(checkpoint)!r} under {str(data.index.root)!r}, but {len(missing)} are not "
@@ -1392,6 +1396,35 @@ def _recorded_images(
             "--data-root if the data moved): the fold is not drawn again, so that no "
             "training image is evaluated as a test image")
     return np.asarray([position[n] for n in names], dtype=np.int64), dict(extra["protocol"])
+
+
+def _rerooted(names: Sequence[str], position: dict[str, int]) -> dict[str, int] | None:
+    """``position`` (record index by path relative to the data root now) keyed by the
+    recorded ``names`` instead, where the root now is ``k`` folders below or above the
+    recorded one in the same tree: every name found once with its first ``k`` folders
+    taken off, or every name that one path now gives with its first ``k`` taken off.
+    ``None`` when no ``k`` finds them all, or finds one ambiguously.
+
+    Examples:
+        >>> _rerooted(["B/h/a.png", "B/h/b.png"], {"h/a.png": 0, "h/b.png": 1})  # root now B
+        {'B/h/a.png': 0, 'B/h/b.png': 1}
+        >>> _rerooted(["h/a.png"], {"B/h/a.png": 3, "B/x.png": 4})  # root now above B
+        {'h/a.png': 3}
+        >>> _rerooted(["h/a.png"], {"B/h/a.png": 3, "C/h/a.png": 4}) is None  # two copies
+        True
+    """
+    depth = max((n.count("/") for n in [*names, *position]), default=0)
+    for k in range(1, depth + 1):
+        below = {n: "/".join(n.split("/")[k:]) for n in names}
+        if all(n.count("/") >= k and below[n] in position for n in names):
+            return {n: position[below[n]] for n in names}
+        above: dict[str, list[int]] = defaultdict(list)
+        for path, i in position.items():
+            if path.count("/") >= k:
+                above["/".join(path.split("/")[k:])].append(i)
+        if all(len(above.get(n, ())) == 1 for n in names):
+            return {n: above[n][0] for n in names}
+    return None
 
 
 def checkpoint_records(

@@ -432,6 +432,30 @@ class TestRecordedImages:
         with pytest.raises(ValueError, match="1 are not among the task's images"):
             checkpoint_records(ckpt, split="train")  # figures of the training images
 
+    def test_data_root_at_another_level_of_the_same_tree_finds_the_images(
+        self, synth_tree, tmp_path: Path
+    ) -> None:
+        """A run indexed at the tree's top and evaluated with --data-root .../BreaKHis_v1
+        (or the folder above the top) refused every recorded image as "not among the
+        task's images there now", and advised to pass --data-root."""
+        root, meta = synth_tree
+        top = tmp_path / "above" / "data"
+        shutil.copytree(root, top)
+        run = tmp_path / "run"
+        run_fold(_spec(top), _config(), 0, run, progress=False)
+        ckpt = run / "checkpoint.pt"
+        expected, _, _ = checkpoint_records(ckpt, split="test")
+        assert expected
+        deeper = top / meta["images_root"]
+        assert deeper != top
+        for data_root in (deeper, tmp_path / "above"):
+            records, _, _ = checkpoint_records(ckpt, split="test", data_root=str(data_root))
+            assert [r.path for r in records] == [r.path for r in expected]
+        # two copies of the data below the root given: which one is meant is not guessed
+        shutil.copytree(top, tmp_path / "above" / "copy")
+        with pytest.raises(ValueError, match="two copies of the data set"):
+            checkpoint_records(ckpt, split="test", data_root=str(tmp_path / "above"))
+
     def test_missing_recorded_image_is_an_error(self, tree_copy: Path, tmp_path: Path) -> None:
         spec = _spec(tree_copy)
         run_fold(spec, _config(), 1, tmp_path, progress=False)
