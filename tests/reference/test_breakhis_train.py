@@ -115,6 +115,23 @@ class TestCheckpoint:
         with pytest.raises(FileNotFoundError, match="does not exist"):
             load_checkpoint(tmp_path / "none.pt")
 
+    def test_rng_states_of_gpus_this_machine_lacks_are_left_out(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Resumed where fewer GPUs are visible, torch.cuda.set_rng_state_all failed on the
+        first missing device (a checkpoint of a machine with 2 GPUs resumed on 1)."""
+        from breakhis.checkpoint import capture_rng_state, restore_rng_state
+
+        state = capture_rng_state()
+        state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+        restored: list[tuple[int, int]] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                            lambda states: pytest.fail("restores devices the machine lacks"))
+        monkeypatch.setattr(torch.cuda, "set_rng_state",
+                            lambda new, device="cuda": restored.append((int(new[0]), device)))
+        restore_rng_state(state)
+        assert restored == [(0, 0)]
+
 
 class _Interrupt(Exception):
     pass
