@@ -66,13 +66,20 @@ def init_distributed(device: str = "auto") -> DistInfo:
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
 
     Raises:
-        ValueError: for an unknown device string, or ``cuda`` without a GPU.
+        ValueError: for an unknown device string, ``cuda`` without a GPU, or more
+            processes on this machine than it has GPUs (on CUDA).
     """
     cuda = use_cuda(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
+        gpus = torch.cuda.device_count()
+        if local >= gpus:
+            raise ValueError(
+                f"expected a GPU for each process on this machine, but local rank {local} "
+                f"has none: {gpus} {'GPU is' if gpus == 1 else 'GPUs are'} visible; start at "
+                f"most {gpus} (torchrun --nproc_per_node {gpus}), or pass --device cpu")
         # before the NCCL group starts: otherwise every rank's communicator (and the
         # barrier's) is set up on GPU 0
         torch.cuda.set_device(local)
