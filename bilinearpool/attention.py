@@ -8,10 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .functional._checks import (
-    AUTOCAST_CASTS,
-    autocast_on,
     check_dtype,
     check_floating,
+    check_input_dtype,
     check_positive_int,
     make_layer,
 )
@@ -91,27 +90,11 @@ class SEBlock(nn.Module):
                 f"SEBlock was built for {self.channels} channels, but the input has "
                 f"{x.shape[channel_dim]} (shape {tuple(x.shape)})"
             )
-        self._check_dtype(x)
+        check_input_dtype(x, self.fc1.weight, "SEBlock", convert="the block")
         weights = self.gate(self.fc2(self.act(self.fc1(x.mean(dim=squeeze_dims)))))
         if x.dim() == 4:
             return x * weights[:, :, None, None]
         return x * weights[:, None, :]
-
-    def _check_dtype(self, x: Tensor) -> None:
-        """TypeError unless ``x`` has the weights' dtype (or autocast casts both): the
-        squeeze runs ``F.linear``, whose own error names neither tensor."""
-        weight = self.fc1.weight
-        if x.dtype == weight.dtype:
-            return
-        castable = x.dtype in AUTOCAST_CASTS and weight.dtype in AUTOCAST_CASTS
-        if castable and autocast_on(x.device.type):
-            return
-        where = " outside torch.autocast" if castable else " (torch.autocast leaves float64 alone)"
-        raise TypeError(
-            f"SEBlock's weights are {weight.dtype}, so the input must be {weight.dtype}{where}, but "
-            f"got {x.dtype}: convert one of them (e.g. the block with .to({x.dtype}))"
-            + (", or run under torch.autocast" if castable else "")
-        )
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, reduction={self.reduction}, hidden={self.hidden}"

@@ -233,7 +233,16 @@ class FeatureExtractor(nn.Module):
                     f"backbone {self.name!r} failed on input of dtype {x.dtype}, its parameters being "
                     f"{want} ({type(err).__name__}: {_first_line(err)}); {fix}"
                 ) from err
-        return _to_nchw(_last_map(out), self.output_fmt)
+        out = _last_map(out)
+        if out.dim() == 3 and not self.tokens and isinstance(x, Tensor) and x.dim() == 3:
+            # torch's layers take one image without its batch dimension, and give one map
+            # (C, H, W): read as tokens (B, N, C), it made a batch of C samples
+            raise ValueError(
+                f"backbone {self.name!r} expected a batch of images (B, C, H, W), but got shape "
+                f"{tuple(x.shape)} and gave a map without a batch dimension, {tuple(out.shape)}; "
+                "add the batch dimension to a single image (x.unsqueeze(0))"
+            )
+        return _to_nchw(out, self.output_fmt)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("output_fmt", "NCHW")  # extractors pickled before the options existed

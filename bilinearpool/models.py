@@ -27,9 +27,11 @@ from .backbones import (
     build_backbone,
 )
 from .functional._checks import (
+    as_channel_matrix,
     check_dtype,
     check_flags,
     check_floating,
+    check_input_dtype,
     check_optional_positive_int,
     check_positive_int,
     check_real,
@@ -108,6 +110,7 @@ class ChannelReduction(nn.Sequential):
                 f"shape {tuple(x.shape)}" + (
                     "; token sequences (B, N, C) need a linear layer instead (a 1x1 convolution "
                     "takes maps only)" if x.dim() == 3 else ""))
+        check_input_dtype(x, self[0].weight, "ChannelReduction")
         return super().forward(x)
 
 
@@ -143,15 +146,10 @@ class GlobalAvgPool(nn.Module):
                 f"GlobalAvgPool pools one stream, but got two ({in_channels} and "
                 f"{in_channels_b} channels); give the classifier one backbone, or a "
                 "two-stream pool such as BilinearPool")
-        return in_channels
+        return check_positive_int("in_channels", in_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_floating(x)
-        if x.dim() == 4:
-            return x.mean(dim=(2, 3))
-        if x.dim() == 3:
-            return x.mean(dim=1)
-        raise ValueError(f"expected (B, C, H, W) or (B, N, C), but got shape {tuple(x.shape)}")
+        return as_channel_matrix(x).mean(dim=2)  # checked: no channels or no locations is an error
 
 
 def _output_dim(
@@ -599,7 +597,10 @@ class BilinearClassifier(nn.Module):
             first = features[0] if isinstance(features, tuple) else features
             keep = self.pool.save_output or _classifier_keeps_features(first, self.classifier.weight)
             streams = features if isinstance(features, tuple) else (features,)
-            return self.classifier(self.pool(*streams, save_output=keep))
+            pooled = self.pool(*streams, save_output=keep)
+            check_input_dtype(pooled, self.classifier.weight, "the classifier",
+                              f"pooled features (of {x.dtype} images)", "the model")
+            return self.classifier(pooled)
         if not self._fused_head():
             return self._classify(self.forward_embedding(x), x)
         features = self.forward_features(x)
@@ -611,7 +612,11 @@ class BilinearClassifier(nn.Module):
         """Dropout and classifier on the pooled ``z``; poolings that keep float32 for half
         precision input ``x`` hand the classifier its own dtype (a model made ``.half()``)."""
         weight = next((p for p in self.classifier.parameters() if p.is_floating_point()), None)
-        return self.classifier(self.dropout(_features_as_weight(z, x, weight)))
+        z = _features_as_weight(z, x, weight)
+        if weight is not None:
+            check_input_dtype(z, weight, "the classifier", f"pooled features (of {x.dtype} images)",
+                              "the model")
+        return self.classifier(self.dropout(z))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """The parameters of the backbone(s): ``backbone`` and ``backbone_b`` (each once,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import bilinear as _F
-from .functional._checks import check_choice, check_flags
+from .functional._checks import as_channel_matrix, check_choice, check_flags, check_positive_int
 
 __all__ = ["BilinearPool", "FastBilinearPool"]
 
@@ -79,7 +79,10 @@ class BilinearPool(nn.Module):
 
     def output_dim(self, in_channels: int, in_channels_b: int | None = None) -> int:
         """Number of output features per sample for the given channel counts."""
-        return in_channels * (in_channels if in_channels_b is None else in_channels_b)
+        in_channels = check_positive_int("in_channels", in_channels)
+        if in_channels_b is None:
+            return in_channels * in_channels
+        return in_channels * check_positive_int("in_channels_b", in_channels_b)
 
     def forward(self, x_a: Tensor, x_b: Tensor | None = None, save_output: bool | None = None) -> Tensor:
         """Pool ``x_a`` with ``x_b`` (or with itself); ``save_output`` overrides the layer's
@@ -90,6 +93,10 @@ class BilinearPool(nn.Module):
             raise ValueError("save_output=True applies to the fused normalized op (normalize=True)")
         if x_b is x_a:
             x_b = None  # the symmetric path does half the backward work
+        if x_b is not None and self.resize is not None:
+            # what the op checks, before the resize meets it (with torch's words)
+            as_channel_matrix(x_a, "x_a")
+            as_channel_matrix(x_b, "x_b")
         # Traced (torch.jit.trace), sizes are traced values: the resize is recorded
         # always (to the same size it gives the map unchanged), so that the trace takes
         # streams of other sizes too.
@@ -187,6 +194,7 @@ class FastBilinearPool(nn.Module):
         """Number of output features per sample for ``in_channels`` input channels."""
         if in_channels_b is not None:
             raise ValueError("FastBilinearPool pools one stream; use BilinearPool for two")
+        in_channels = check_positive_int("in_channels", in_channels)
         return _F.triu_size(in_channels) if self.triu else in_channels * in_channels
 
     def forward(self, x: Tensor) -> Tensor:

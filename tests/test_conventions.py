@@ -106,7 +106,8 @@ class TestGlobalAvgPool:
         assert GlobalAvgPool().output_dim(7) == 7
 
     def test_exception(self):
-        with pytest.raises(ValueError, match=r"expected \(B, C, H, W\) or \(B, N, C\), but got shape \(2, 3\)"):
+        with pytest.raises(ValueError, match=r"input must be a feature map \(B, C, H, W\) or a token sequence "
+                           r"\(B, N, C\), but got a 2-D tensor of shape \(2, 3\)"):
             GlobalAvgPool()(torch.randn(2, 3))
         with pytest.raises(TypeError, match="floating-point"):
             GlobalAvgPool()(torch.ones(2, 3, 2, 2, dtype=torch.long))

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bilinearpool.functional.bilinear as FB
+from bilinearpool import FastBilinearPool
 from bilinearpool.functional import (
     bilinear_pool,
     fast_bilinear_linear,
@@ -216,14 +217,26 @@ class TestSignedSqrt:
         x = torch.tensor([-1e-14, 0.0, 1e-14], dtype=torch.float64)
         assert signed_sqrt(x, eps=1e-5).abs().max() < 1e-11
 
-    @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+    @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf"), 1e-100])
     def test_bad_eps(self, eps):
-        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        # 1e-100: sqrt(eps) is 0 in float32, and an exact zero of the pooled matrix gave
+        # 0 / 0 = NaN for the whole sample after the L2 normalisation
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 1.175e-38 \(float32's smallest "
+                           r"normal number\), but got"):
             signed_sqrt(torch.ones(2), eps=eps)
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 1.175e-38"):
+            FastBilinearPool(eps=eps)
+
+    def test_smallest_eps_keeps_zeros_finite(self):
+        x = torch.zeros(1, 4, 3, 3)
+        x[0, 0] = 1.0  # the other channels' products are exact zeros
+        out = FastBilinearPool(eps=torch.finfo(torch.float32).tiny)(x)
+        torch.testing.assert_close(out, torch.tensor([[1.0] + [0.0] * 15]))
 
     @pytest.mark.parametrize("eps, kind", [(True, "bool"), ("1e-5", "str"), (torch.tensor(1e-5), "Tensor")])
     def test_eps_of_another_type(self, eps, kind):
-        with pytest.raises(TypeError, match=rf"^eps must be a positive finite number, but got .* \({kind}\)$"):
+        with pytest.raises(TypeError, match=rf"^eps must be a finite number >= 1.175e-38 \(float32's smallest "
+                           rf"normal number\), but got .* \({kind}\)$"):
             signed_sqrt(torch.ones(2), eps=eps)
 
     def test_numpy_eps(self):
@@ -489,7 +502,7 @@ class TestFastBilinearPool:
         x = torch.randn(2, 3, 4, 4)
         with pytest.raises(ValueError, match="triu=True needs a symmetric matrix"):
             fast_bilinear_pool(x, x.clone(), triu=True)
-        with pytest.raises(ValueError, match="l2_eps must be a positive"):
+        with pytest.raises(ValueError, match="l2_eps must be a finite number >= 1.175e-38"):
             fast_bilinear_pool(x, l2_eps=0.0)
         with pytest.raises(TypeError, match="floating-point"):
             fast_bilinear_pool(x.int())

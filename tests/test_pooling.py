@@ -146,7 +146,7 @@ class TestFastBilinearPoolModule:
         torch.testing.assert_close(pool(x.to(memory_format=torch.channels_last)), pool(x))
 
     def test_exception(self):
-        with pytest.raises(ValueError, match="eps must be a positive"):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 1.175e-38"):
             FastBilinearPool(eps=0)
         with pytest.raises(ValueError, match="eps applies to signed_sqrt=True only, but signed_sqrt=False"):
             FastBilinearPool(signed_sqrt=False, eps=1e-5)
@@ -237,7 +237,7 @@ class TestNormModules:
         x = torch.randn(3, 7)
         torch.testing.assert_close(SignedSqrt(eps=1e-3)(x), signed_sqrt(x, eps=1e-3))
         assert "eps=0.001" in repr(SignedSqrt(eps=1e-3))
-        with pytest.raises(ValueError, match="eps must be a positive"):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 1.175e-38"):
             SignedSqrt(eps=-1.0)
 
     def test_l2_module(self):
@@ -249,7 +249,7 @@ class TestNormModules:
         torch.testing.assert_close(L2Normalize(eps=1.0)(small)[0], small[0])
         assert "eps=1.0" in repr(L2Normalize(eps=1.0))
         for eps in (0.0, -1.0, float("nan"), float("inf")):
-            with pytest.raises(ValueError, match="eps must be a positive"):
+            with pytest.raises(ValueError, match="eps must be a finite number >= 1.175e-38"):
                 L2Normalize(eps=eps)
 
     def test_gradcheck(self):

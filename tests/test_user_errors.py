@@ -557,3 +557,74 @@ def test_sample_shape_of_another_type_is_a_type_error():
 
     fx = build_backbone(tiny(), sample_shape=(3, torch.tensor(32), np.int64(32)))
     assert fx.out_channels == 6
+
+
+class TestHeadInputChecks:
+    """The heads checked less than the functional ops under them (helper-123's audit)."""
+
+    @pytest.mark.parametrize("bad, error, message", [
+        (torch.zeros(2, 4, 3, 3, dtype=torch.int64), TypeError, r"^x_b must be a floating-point tensor"),
+        (torch.zeros(2, 0, 3, 3), ValueError, r"^x_b must have at least one channel and one location"),
+        (torch.zeros(2, 4, 0, 3), ValueError, r"^x_b must have at least one channel and one location"),
+    ])
+    def test_resizing_pool_checks_the_streams_first(self, bad, error, message):
+        """Resized first, they gave torch's errors ("upsample_bilinear2d_channels_last" not
+        implemented for 'Long', "Non-empty 4D data tensor expected")."""
+        x_a = torch.randn(2, 4, 5, 5)
+        for resize in (None, "bilinear"):
+            with pytest.raises(error, match=message):
+                BilinearPool(resize=resize)(x_a, bad)
+
+    @pytest.mark.parametrize("shape", [(2, 3, 0, 4), (2, 0, 4), (2, 0, 3, 3)])
+    def test_global_average_of_nothing_is_an_error_not_nan(self, shape):
+        from bilinearpool import GlobalAvgPool
+
+        with pytest.raises(ValueError, match=r"^input must have at least one channel and one location"):
+            GlobalAvgPool()(torch.randn(*shape))
+
+    @pytest.mark.parametrize("cls", [GAPClassifier, FastBCNN])
+    def test_a_single_image_without_its_batch_dimension_is_refused(self, cls):
+        """torch's layers take it unbatched; the (C, H, W) map was read as tokens and a
+        batch of C logits came back."""
+        model = cls(nn.Sequential(nn.Conv2d(3, 6, 3, stride=4, padding=1), nn.ReLU()), num_classes=3)
+        with pytest.raises(ValueError, match=r"^backbone 'Sequential' expected a batch of images \(B, C, H, W\), "
+                           r"but got shape \(3, 13, 13\) and gave a map without a batch dimension, \(6, 4, 4\); "
+                           r"add the batch dimension to a single image \(x.unsqueeze\(0\)\)$"):
+            model(torch.randn(3, 13, 13))
+        assert model(torch.randn(3, 13, 13).unsqueeze(0)).shape == (1, 3)
+
+    @pytest.mark.parametrize("pool, args", [
+        (BilinearPool(), (0,)), (BilinearPool(), (2, -3)), (BilinearPool(), ("3",)),
+        ("fast", (0,)), ("fast", (2.5,)), ("gap", ("3",)),
+    ])
+    def test_output_dim_checks_its_channel_counts(self, pool, args):
+        from bilinearpool import FastBilinearPool, GlobalAvgPool
+
+        pool = {"fast": FastBilinearPool(triu=False), "gap": GlobalAvgPool()}.get(pool, pool)
+        with pytest.raises((TypeError, ValueError), match=r"^in_channels(_b)? must be a positive int, but got"):
+            pool.output_dim(*args)
+
+    @pytest.mark.parametrize("build", [
+        lambda: GAPClassifier(nn.AvgPool2d(2), num_classes=2, sample_shape=(3, 8, 8)),
+        lambda: BCNN(nn.AvgPool2d(2), num_classes=2, sample_shape=(3, 8, 8)),
+    ])
+    def test_features_of_another_dtype_than_the_classifier_say_so(self, build):
+        """A backbone without parameters passes float64 images on: F.linear's "mat1 and
+        mat2 must have the same dtype" came through."""
+        model = build()
+        model.backbone.in_channels = None  # a module of the user's: any input
+        with pytest.raises(TypeError, match=r"^the classifier's weights are torch.float32, so the pooled "
+                           r"features \(of torch.float64 images\) must be torch.float32 \(torch.autocast "
+                           r"leaves float64 alone\), but got torch.float64: convert one of them \(e.g. the "
+                           r"model with .to\(torch.float64\)\)$"):
+            model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+    def test_channel_reduction_of_another_dtype_says_so(self):
+        from bilinearpool import ChannelReduction
+
+        with pytest.raises(TypeError, match=r"^ChannelReduction's weights are torch.float32, so the input must "
+                           r"be torch.float32 outside torch.autocast, but got torch.float16: convert one of "
+                           r"them \(e.g. the layer with .to\(torch.float16\)\), or run under torch.autocast$"):
+            ChannelReduction(3, 2)(torch.randn(1, 3, 4, 4, dtype=torch.float16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ChannelReduction(3, 2)(torch.randn(1, 3, 4, 4, dtype=torch.bfloat16)).shape == (1, 2, 4, 4)

@@ -29,6 +29,7 @@ __all__ = [
     "check_dtype",
     "check_flags",
     "check_floating",
+    "check_input_dtype",
     "check_optional_positive_int",
     "check_positive_int",
     "check_real",
@@ -80,6 +81,35 @@ def check_floating(x: Tensor, name: str = "input") -> None:
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"but got dtype {x.dtype}"
         )
+
+
+def check_input_dtype(
+    x: Tensor, weight: Tensor, owner: str, name: str = "input", convert: str = "the layer"
+) -> None:
+    """TypeError unless ``x`` has ``weight``'s dtype, or autocast casts both (it leaves
+    float64 alone): what ``F.linear`` and the convolutions need, whose own errors ("mat1
+    and mat2 must have the same dtype") name neither tensor.
+
+    Examples:
+        >>> check_input_dtype(torch.zeros(1, dtype=torch.float64), torch.zeros(1), "SEBlock")
+        ...                   # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+            ...
+        TypeError: SEBlock's weights are torch.float32, so the input must be torch.float32
+        (torch.autocast leaves float64 alone), but got torch.float64: convert one of them
+        (e.g. the layer with .to(torch.float64))
+    """
+    if x.dtype == weight.dtype:
+        return
+    castable = x.dtype in AUTOCAST_CASTS and weight.dtype in AUTOCAST_CASTS
+    if castable and autocast_on(x.device.type):
+        return
+    where = " outside torch.autocast" if castable else " (torch.autocast leaves float64 alone)"
+    raise TypeError(
+        f"{owner}'s weights are {weight.dtype}, so the {name} must be {weight.dtype}{where}, but "
+        f"got {x.dtype}: convert one of them (e.g. {convert} with .to({x.dtype}))"
+        + (", or run under torch.autocast" if castable else "")
+    )
 
 
 def _functorch_wrapped(t: Tensor) -> bool:

@@ -64,9 +64,16 @@ def _check_reduction(reduction: str) -> None:
     check_choice("reduction", reduction, _REDUCTIONS)
 
 
+#: The smallest ``eps`` taken: float32's smallest normal number. Below it ``eps`` (or its
+#: square root) is 0 or subnormal in the float32 the ops compute in, and an exact zero of
+#: the matrix gives 0 / 0 = NaN for the whole sample.
+_EPS_FLOOR = torch.finfo(torch.float32).tiny
+_EPS_KIND = f"a finite number >= {_EPS_FLOOR:.4g} (float32's smallest normal number)"
+
+
 def _check_eps(eps: float, name: str = "eps") -> None:
     # eps < inf, not math.isfinite: a module's eps is a symbolic float under torch.compile(dynamic=True)
-    check_real(name, eps, "a positive finite number", lambda v: 0 < v < math.inf)
+    check_real(name, eps, _EPS_KIND, lambda v: _EPS_FLOOR <= v < math.inf)
 
 
 def _resolve_eps(eps: float | None, name: str, default: float, flag: str, on: bool) -> float | None:
@@ -163,7 +170,8 @@ def signed_sqrt(x: Tensor, *, eps: float = SIGNED_SQRT_EPS) -> Tensor:
 
     Args:
         x: any floating-point tensor.
-        eps: :math:`\\epsilon > 0`; bounds the gradient by :math:`1/(2\\sqrt{\\epsilon})`.
+        eps: :math:`\\epsilon`, at least 1.175e-38 (float32's smallest normal number); bounds
+            the gradient by :math:`1/(2\\sqrt{\\epsilon})`.
 
     Shape:
         - Input: any shape.
@@ -190,7 +198,8 @@ def signed_sqrt_grad_bound(eps: float = SIGNED_SQRT_EPS) -> float:
 
     Raises:
         TypeError: if ``eps`` is not a real number.
-        ValueError: if ``eps`` is not positive and finite.
+        ValueError: if ``eps`` is not finite and at least 1.175e-38 (float32's smallest
+            normal number).
 
     Examples:
         >>> round(signed_sqrt_grad_bound(1e-5), 1)
@@ -218,7 +227,7 @@ def l2_normalize(x: Tensor, *, eps: float = L2_EPS) -> Tensor:
 
     Raises:
         TypeError: if ``x`` is not a floating-point tensor or ``eps`` not a real number.
-        ValueError: if ``eps`` is not positive and finite or ``x`` has fewer than 2
+        ValueError: if ``eps`` is not finite and at least 1.175e-38 or ``x`` has fewer than 2
             dimensions.
 
     Examples:
