@@ -160,6 +160,7 @@ class FeatureExtractor(nn.Module):
         if in_channels is not None:
             in_channels = check_positive_int("in_channels", in_channels)
         self.body = body
+        self.training = body.training  # a model given in eval mode: the wrapper says so too
         self.out_channels = check_positive_int("out_channels", out_channels)
         self.reduction = check_optional_positive_int("reduction", reduction)
         self.name = name

@@ -904,3 +904,13 @@ class TestCheckWeightsWithoutBuilding:
         (tmp_path / "folder.pth").mkdir()
         with pytest.raises(IsADirectoryError, match="is a folder"):
             check_backbone_name(name, weights="folder.pth")
+
+
+@pytest.mark.parametrize("make", [torchvision.models.resnet18, lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())])
+def test_extractor_of_a_model_in_eval_mode_says_it_is_in_eval_mode(make):
+    """The wrapper said training=True around a network in eval mode."""
+    fx = build_backbone(make().eval())
+    assert not fx.training and not fx.body.training
+    assert build_backbone(make()).training
+    fx.train()
+    assert fx.training and all(m.training for m in fx.modules())
