@@ -39,13 +39,14 @@ def emit(
     return table
 
 
-def report(lines: Sequence[str], out: Path | None) -> int:
-    """Print ``lines`` as one text and, with ``out``, write it to that file; returns 0 (an exit status)."""
+def report(lines: Sequence[str], out: Path | None, *, command: str) -> int:
+    """Print ``lines`` as one text and, with ``out``, write it to that file after the
+    ``command`` that made it (as :func:`emit` does); returns 0 (an exit status)."""
     text = "\n".join(lines)
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        out.write_text(f"Command: `{command}`\n\n{text}\n")
     return 0
 
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import emit  # noqa: E402
-from bilinearpool.bench import round_robin  # noqa: E402
+from bilinearpool.bench import SavedTensorCounter, round_robin  # noqa: E402
 from bilinearpool.functional.covariance import covariance_pool  # noqa: E402
 from bilinearpool.functional.sqrtm import matrix_sqrt  # noqa: E402
 
@@ -122,19 +122,13 @@ def _methods(num_iters: int) -> dict[str, Callable[[Tensor], Tensor]]:
 
 
 def _saved_and_finite(fn: Callable[[Tensor], Tensor], a: Tensor, g: Tensor) -> tuple[float, bool]:
-    """Bytes autograd saves for backward (exact, via saved_tensors_hooks) and gradient finiteness."""
-    saved = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
+    """MiB autograd keeps for backward (distinct storages, via saved_tensors_hooks:
+    :class:`bilinearpool.bench.SavedTensorCounter`) and gradient finiteness."""
     leaf = a.detach().clone().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorCounter() as saved:
         out = fn(leaf)
     out.backward(g)
-    return saved / 2**20, bool(torch.isfinite(out).all() and torch.isfinite(leaf.grad).all())
+    return saved.nbytes / 2**20, bool(torch.isfinite(out).all() and torch.isfinite(leaf.grad).all())
 
 
 def _step(fn: Callable[[Tensor], Tensor], a: Tensor, g: Tensor) -> Callable[[], None]:
@@ -211,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                     "vs_eig_autograd": (
                         round(r["median_s"] / results["eig-autograd"]["median_s"], 3) if "eig-autograd" in results else None
                     ),
-                    "saved_MB": round(r["saved_mb"], 2),
+                    "saved_MiB": round(r["saved_mb"], 2),
                     "grad_finite": r["finite"],
                 }
             )
 
-    header = ["C", "method", "median_ms", "vs_isqrt_ref", "vs_eig", "vs_eig_autograd", "saved_MB", "grad_finite"]
+    header = ["C", "method", "median_ms", "vs_isqrt_ref", "vs_eig", "vs_eig_autograd", "saved_MiB", "grad_finite"]
     title = (
         f"Matrix square root, forward+backward, B={args.batch}, HW={args.size}x{args.size}, "
         f"{args.iters} NS iterations; torch {env['torch']}, {device.type} ({env['device']}), "

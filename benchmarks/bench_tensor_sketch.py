@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 "gram/fft": round(r["gram"]["median_ms"] / r["fft"]["median_ms"], 3),
                 "auto": auto,
                 "auto_ok": auto == fastest,
-                "fft_saved_MB": round(r["fft"]["saved_mb"], 2),
-                "gram_saved_MB": round(r["gram"]["saved_mb"], 2),
+                "fft_saved_MiB": round(r["fft"]["saved_mb"], 2),
+                "gram_saved_MiB": round(r["gram"]["saved_mb"], 2),
             }
         )
         print("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()), file=sys.stderr, flush=True)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|",
     ]
     lines += [f"| {k} | {v:.3f} | {v / total:.2f} |" for k, v in med.items()]
-    lines += ["", f"plain / fast-bcnn throughput ratio: {med['plain model'] / total:.2f}", ""]
+    lines += ["", f"fast-bcnn / plain throughput ratio: {med['plain model'] / total:.2f}", ""]
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     lines += ["Head as the model runs it, 5 batches, torch.profiler:", "", "```",
               prof.key_averages().table(sort_by=key, row_limit=20), "```"]
-    return report(lines, args.out)
+    return report(lines, args.out, command=f"python benchmarks/profile_head.py "
+                  + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":

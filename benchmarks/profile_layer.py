@@ -43,6 +43,8 @@ CASES = {
 
 def _step(fn, inputs: list[torch.Tensor]):
     def call() -> None:
+        for x in inputs:  # as a training step after zero_grad(set_to_none=True): no accumulation
+            x.grad = None
         out = fn(*inputs)
         torch.autograd.backward(out, torch.ones_like(out))
 
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], flush=True)
     if args.cprofile:
         lines += ["", _host_profile(args.cprofile, device, args.calls)]
-    return report(lines, args.out)
+    return report(lines, args.out, command=f"python benchmarks/profile_layer.py "
+                  + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,39 @@ def test_tensor_sketch_shapes_take_either_separator(scripts_path: None) -> None:
 
 def test_scripts_are_found() -> None:
     assert {"bench_head", "bench_tensor_sketch", "profile_head"} <= set(SCRIPTS), SCRIPTS
+
+
+def test_sqrtm_saved_bytes_count_shared_memory_once(scripts_path: None) -> None:
+    """The pack hook added every saved tensor's size: eig-autograd, which saves 8 tensors
+    in 4 blocks of memory, showed twice its saved bytes."""
+    import torch
+
+    bench = importlib.import_module("bench_matrix_sqrt")
+    a = torch.randn(2, 8, 8, dtype=torch.float64)
+    saved, finite = bench._saved_and_finite(lambda m: m * m, a, torch.ones_like(a))  # saves m twice
+    assert saved == a.numel() * 8 / 2**20 and finite
+
+
+def test_layer_profile_steps_do_not_accumulate_gradients(scripts_path: None) -> None:
+    import torch
+
+    profile = importlib.import_module("profile_layer")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    step = profile._step(lambda t: (t * t).sum(), [x])
+    step()
+    once = x.grad.clone()
+    step()
+    torch.testing.assert_close(x.grad, once)
+
+
+def test_profiles_record_their_command(scripts_path: None, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """profile_head/profile_layer wrote their tables without the command that made them."""
+    results = importlib.import_module("_results")
+    assert results.report(["a table"], tmp_path / "p.md", command="python benchmarks/x.py --y") == 0
+    assert (tmp_path / "p.md").read_text() == "Command: `python benchmarks/x.py --y`\n\na table\n"
+    for script in ("profile_head", "profile_layer"):
+        source = (BENCHMARKS / f"{script}.py").read_text()
+        assert f'command=f"python benchmarks/{script}.py "' in source
+    assert "fast-bcnn / plain throughput ratio: {med['plain model'] / total" in (
+        BENCHMARKS / "profile_head.py").read_text()
