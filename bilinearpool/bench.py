@@ -241,9 +241,9 @@ class SavedTensorCounter:
     noise: every tensor an op (or a custom :class:`torch.autograd.Function`) saves passes
     through the pack hook. It is what the block's ops saved, also for a graph freed inside
     the block (a backward run there, a result thrown away): build in the block the one
-    graph to measure, and keep it until the block ends. Tensors sharing memory (views of one tensor, the same input saved
-    by two ops) count once, with the full size of their storage, which is the memory the
-    graph keeps alive. Saved inputs and parameters count too: the fused Fast BCNN op keeps
+    graph to measure, and keep it until the block ends. Tensors sharing memory (views of
+    one tensor, the same input saved by two ops) count once, with the full size of their
+    storage, which is the memory the graph keeps alive. Saved inputs and parameters count too: the fused Fast BCNN op keeps
     only its input, so its saved bytes equal the input map's.
 
     Args:

@@ -152,6 +152,13 @@ class GlobalAvgPool(nn.Module):
         return as_channel_matrix(x).mean(dim=2)  # checked: no channels or no locations is an error
 
 
+def _check_features(z: Tensor, x: Tensor, weight: Tensor | None) -> None:
+    """TypeError unless the classifier (first floating parameter ``weight``) takes the
+    pooled features ``z`` of the images ``x`` in their dtype (:func:`check_input_dtype`)."""
+    if weight is not None and z.dtype != weight.dtype:
+        check_input_dtype(z, weight, "the classifier", f"pooled features (of {x.dtype} images)", "the model")
+
+
 def _output_dim(
     pool: nn.Module,
     c_a: int,
@@ -598,8 +605,7 @@ class BilinearClassifier(nn.Module):
             keep = self.pool.save_output or _classifier_keeps_features(first, self.classifier.weight)
             streams = features if isinstance(features, tuple) else (features,)
             pooled = self.pool(*streams, save_output=keep)
-            check_input_dtype(pooled, self.classifier.weight, "the classifier",
-                              f"pooled features (of {x.dtype} images)", "the model")
+            _check_features(pooled, x, self.classifier.weight)
             return self.classifier(pooled)
         if not self._fused_head():
             return self._classify(self.forward_embedding(x), x)
@@ -613,9 +619,7 @@ class BilinearClassifier(nn.Module):
         precision input ``x`` hand the classifier its own dtype (a model made ``.half()``)."""
         weight = next((p for p in self.classifier.parameters() if p.is_floating_point()), None)
         z = _features_as_weight(z, x, weight)
-        if weight is not None:
-            check_input_dtype(z, weight, "the classifier", f"pooled features (of {x.dtype} images)",
-                              "the model")
+        _check_features(z, x, weight)
         return self.classifier(self.dropout(z))
 
     def backbone_parameters(self) -> list[nn.Parameter]:

@@ -152,8 +152,9 @@ def _scale(a2: Tensor, norm: str, differentiable: bool = False) -> tuple[Tensor,
 
     ``s`` is floored at ``sqrt(finfo.tiny)`` only (so that ``1 / s`` and its derivative
     ``-1 / s^2`` stay finite), which keeps the result homogeneous, ``f(cA) = sqrt(c) f(A)``,
-    down to that scale; ``s <= 0`` (the all-zero matrix) becomes 1, so that its square root is 0 with
-    the gradient ``q_K'(0) sym(G)`` instead of one that grows like ``1 / sqrt(floor)``.
+    down to that scale; ``s <= 0`` (the all-zero matrix) becomes 1, so that its square
+    root is 0 with the gradient ``q_K'(0) sym(G)`` instead of one that grows like
+    ``1 / sqrt(floor)``.
     Where replaced, ``s`` is a constant: no chain rule through it. ``differentiable``:
     autograd will differentiate ``s`` (to any order), so the norm avoids the zero matrix.
     """
