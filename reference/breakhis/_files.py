@@ -355,7 +355,8 @@ def folder_problem(path: str | os.PathLike[str]) -> str | None:
             return (f"{str(path)!r} is a file" if place == path else
                     f"{str(place)!r}, a folder above {str(path)!r}, is a file")
         if place.is_symlink():  # it cannot be made: mkdir says "File exists"
-            what = f"{str(path)!r} is" if place == path else f"{str(place)!r}, a folder above {str(path)!r}, is"
+            what = (f"{str(path)!r} is" if place == path
+                    else f"{str(place)!r}, a folder above {str(path)!r}, is")
             return f"{what} a symbolic link to {os.readlink(place)!r}, which does not exist"
     return None
 

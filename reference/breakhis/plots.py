@@ -734,9 +734,10 @@ def check_figure_options(
     taken = [str(Path(out_dir) / name) for name in FIGURE_FILES
              if (Path(out_dir) / name).exists() and not (Path(out_dir) / name).is_file()]
     if taken:
+        what = ("is a folder (or another kind of file)" if len(taken) == 1
+                else "are folders (or other kinds of file)")
         raise SettingError("out_dir", "expects a folder whose figure files the figures can "
-                           f"replace, but {', '.join(map(repr, taken))} "
-                           f"{'is a folder (or another kind of file)' if len(taken) == 1 else 'are folders (or other kinds of file)'}")
+                           f"replace, but {', '.join(map(repr, taken))} {what}")
     problem = writable_problem(out_dir, "a folder for the figures", create=False)
     if problem:
         raise ValueError(problem)
