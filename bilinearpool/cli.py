@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shlex
 import signal
 import sys
@@ -444,10 +445,18 @@ def write_result(result: BenchResult, out: Path, *, plot: bool = True) -> list[P
 
 
 def _staged_file(path: Path) -> Path:
-    """A new hidden temporary file beside ``path``, to be renamed onto it once written."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    return Path(name)
+    """A new hidden temporary file beside ``path``, to be renamed onto it once written.
+
+    Created with mode ``0o666`` less the umask, as any file the user writes (0644 under
+    umask 022): ``tempfile.mkstemp`` makes ``0o600`` files, and the rename keeps the mode,
+    so results meant for colleagues were readable by their owner only."""
+    while True:
+        staged = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # (a name drawn twice)
+            continue
+        return staged
 
 
 class ResultWriteError(OSError):

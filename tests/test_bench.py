@@ -455,6 +455,22 @@ class TestRegistries:
 
 
 class TestCommandLine:
+    @pytest.mark.parametrize("umask", [0o022, 0o077])
+    def test_results_get_the_permissions_of_any_new_file(self, umask, tmp_path, capsys, keep_threads):
+        """The files were staged with tempfile.mkstemp (mode 0600) and renamed into place:
+        results meant for colleagues were readable by their owner only."""
+        old = os.umask(umask)
+        try:
+            argv = ["layers", "--shapes", "2x8x4x4", "--cases", "naive", "--repeats", "1", "--warmup", "0",
+                    "--threads", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+            assert main(argv) == 0
+        finally:
+            os.umask(old)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        assert {"layers.csv", "layers.json", "layers.md"} <= set(modes) <= {
+            "layers.csv", "layers.json", "layers.md", "layers.png"}, modes  # (the plot: with matplotlib)
+        assert set(modes.values()) == {0o666 & ~umask}
+
     def test_layers_end_to_end(self, tmp_path, capsys, keep_threads, monkeypatch):
         gap = bench.LayerCase(
             "test-gap", "global average pooling", lambda c, d: lambda x: x.mean((2, 3))

@@ -156,17 +156,18 @@ def _add_model_args(p: _Recorder) -> None:
     g.add_argument("--se", action="store_true",
                    help="SE blocks in the backbone, reduction 8 (the paper's +SE)")
     g.add_argument("--se-reduction", type=int, help="SE reduction ratio (implies SE)")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout before the classifier, in [0, 1) (default: %(default)s)")
     g = p.add_argument_group("training (the paper's values where it gives them)")
     g.add_argument("--input-size", type=int, default=224,
                    help="197, 224 or 448 in the paper; at least 8, and 75 for inception_v3 "
-                   "and inception_resnet_v2")
+                   "and inception_resnet_v2 (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=50,
                    help="the paper gives none; %(default)s is our choice")
     g.add_argument("--batch-size", type=int, default=16,
                    help="global batch size (under torchrun a multiple of the processes, which "
-                   "take equal shares)")
-    g.add_argument("--lr", type=float, default=0.1)
+                   "take equal shares; default: %(default)s)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.0,
                    help="the paper gives none; %(default)s is Keras' SGD default, our choice")
     g.add_argument("--weight-decay", type=float, default=0.0,
@@ -185,7 +186,8 @@ def _add_model_args(p: _Recorder) -> None:
                    help="training seed, in [0, 2**63 - 1] (default: %(default)s)")
     g.add_argument("--num-workers", type=int, default=0,
                    help="data-loading processes, 0 or more (default: %(default)s)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available (default)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the run folder's checkpoint.pt; refused when data, "
                    "fold or settings differ from the checkpoint's (only --epochs, "
@@ -201,7 +203,7 @@ def _add_model_args(p: _Recorder) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``breakhis-repro``."""
     parser = _Parser(
-        prog="breakhis-repro", description=__doc__.split("\n\n")[0],
+        prog="breakhis-repro", description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"{_EPILOG}\n\n{_TORCHRUN}")
     from . import __version__
 
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV path (default: %(default)s); not the checkpoint, another existing file than a CSV, or one of a run folder's own files")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default)")
     p.add_argument("--any-magnification", action="store_true",
@@ -327,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/figures); "
                    "figure files an earlier run left there and this one does not draw are "
                    "removed")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default)")
     p.add_argument("--no-progress", action="store_true")
@@ -649,7 +651,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if report is not None:
         _print_metrics(f"fold {fold} ({report['protocol']['protocol']} protocol)",
                        report["metrics"])
-        print(f"run folder: {out} (checkpoint.pt, train.log, metrics.csv, "
+        print(f"run folder: {out} (checkpoint.pt, config.json, train.log, metrics.csv, "
               "test_metrics.json/.md, test_predictions.csv)")
     return 0
 

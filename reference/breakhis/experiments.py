@@ -1038,8 +1038,10 @@ def run_cv(
         if resume and (fold_dir / "test_metrics.json").is_file():
             report = _reusable_fold(spec, config, data, fold, fold_dir, main=info.is_main)
             if report is not None and info.is_main:
-                _LOG.info("fold %d: reusing %s (made from its checkpoint, %s epochs)", fold,
-                          fold_dir / "test_metrics.json", report.get("epochs_trained"))
+                trained = report.get("epochs_trained")
+                _LOG.info("fold %d: reusing %s (made from its checkpoint, %s %s)", fold,
+                          fold_dir / "test_metrics.json", trained,
+                          "epoch" if trained == 1 else "epochs")
         if report is None:
             report = run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
                               dist_info=info, progress=progress)
