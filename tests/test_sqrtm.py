@@ -248,6 +248,36 @@ class TestMatrixSqrt:
         exact = eigh_sqrt(a.detach().double())
         assert (y.double() - exact).norm() <= 1e-2 * exact.norm()  # converged to sqrt(A)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_spectral_zero_block_takes_the_band_path_with_exact_gradients(
+        self, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The eigenvalues taken as 0 (96 - 20 of them here) counted as one cluster of close
+        pairs: the band grew past its limit and every pair took the float64 quotient, 1.4x
+        the time at C=512, 14x14. Their pairs get q_K'(0) on the band path, as the exact
+        path gives them (and the iterative implementation, of the same polynomial)."""
+        import bilinearpool.functional.sqrtm as sq
+
+        x = torch.randn(3, 96, 20, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        a = x @ x.transpose(1, 2) / 20
+        a[1] = 0.0  # and a matrix of zeros only
+        g = torch.randn(3, 96, 96, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        widths: list[int] = []
+        band = sq._band
+        monkeypatch.setattr(sq, "_band", lambda lam: widths.append(band(lam)) or widths[-1])
+
+        def grad(**kwargs: object) -> torch.Tensor:
+            leaf = a.to(dtype).requires_grad_()
+            matrix_sqrt(leaf, num_iters=5, **kwargs).backward(g.to(dtype))
+            return leaf.grad.double()
+
+        fast = grad(impl="spectral")
+        assert widths and widths[-1] <= sq._BAND_MAX  # the band path
+        monkeypatch.setattr(sq, "_BAND_MAX", -1)  # every pair exact
+        torch.testing.assert_close(fast, grad(impl="spectral"), rtol=1e-5, atol=1e-6)
+        if dtype == torch.float64:
+            torch.testing.assert_close(fast, grad(impl="iterative"), rtol=1e-7, atol=1e-9)
+
     @pytest.mark.parametrize("impl", NS_IMPLS)
     def test_saved_for_backward_is_lean(self, impl: str) -> None:
         # iterative keeps the input only; spectral the eigenvectors, the eigenvalues
