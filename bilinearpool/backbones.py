@@ -752,7 +752,8 @@ def _load_error(err: RuntimeError) -> str:
 
 def _weights_error(name: str, err: BaseException, *, timm: bool = False) -> RuntimeError:
     # timm fetches through the Hugging Face Hub, which retries for about 45 s when offline
-    hub = " (offline, HF_HUB_OFFLINE=1 makes timm fail at once instead of retrying)" if timm else ""
+    told = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    hub = " (offline, HF_HUB_OFFLINE=1 makes timm fail at once instead of retrying)" if timm and not told else ""
     return RuntimeError(
         f"could not obtain pretrained ImageNet weights for {name!r} ({type(err).__name__}: {err}). "
         "Alternatives: weights='/path/to/state_dict.pth' (a local file, e.g. downloaded elsewhere), "

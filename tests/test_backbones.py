@@ -518,8 +518,13 @@ def test_offline_timm_weights_name_hf_hub_offline(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(RuntimeError, match=r"could not obtain pretrained .*HF_HUB_OFFLINE=1"):
         build_backbone("timm:resnet18", weights="imagenet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set already: not advised again
+    with pytest.raises(RuntimeError, match=r"could not obtain pretrained ") as info:
+        build_backbone("timm:resnet18", weights="imagenet")
+    assert "HF_HUB_OFFLINE" not in str(info.value)
 
 
 def test_unknown_name_says_which_package_is_missing(monkeypatch):

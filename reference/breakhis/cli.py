@@ -966,7 +966,8 @@ def _warning_line(command: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
-    reference extra are not all installed, said in one line; 2 after an error line for
+    reference extra are not all installed, said in one line once the command line is
+    read, so that ``--help`` works without them; 2 after an error line for
     a setting, a file or a folder that is wrong, a file that cannot be read or
     written, or a command other than ``train`` and ``cv`` started by torchrun with more
     than one process; 130 after Ctrl-C and 143 after SIGTERM, each said in one line). A
@@ -974,14 +975,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command's option for it (``--input-size``, not ``input_size``: :func:`_option_name`)."""
     from . import INSTALL, missing_requirements
 
+    parser = build_parser()
+    args = parser.parse_args(argv)
     missing = missing_requirements()
     if missing:
         print(f"breakhis-repro: error: it needs {', '.join(missing)}, which "
               f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL}",
               file=sys.stderr)
         return 1
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         _check_single_process(args.command)
         with terminate_as_interrupt(), warnings.catch_warnings():  # kill, a scheduler: as Ctrl-C
