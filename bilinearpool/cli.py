@@ -492,7 +492,11 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
         from tqdm.auto import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+    # Redirected to a file (`make demo > log`), a bar is a frame per refresh: one every
+    # 30 s there keeps the progress readable in the log without hundreds of frames.
+    interactive = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False,
+                mininterval=0.1 if interactive else 30.0)
 
 
 # ---------------------------------------------------------------------------------------------

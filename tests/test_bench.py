@@ -11,6 +11,7 @@ import argparse
 import csv
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import re
@@ -452,6 +453,23 @@ class TestRegistries:
 
     def test_model_heads_cover_the_paper(self):
         assert {"plain", "se", "bcnn", "fast-bcnn"} <= set(bench.MODEL_HEADS)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream, interval", [(io.StringIO, 30.0), (_Terminal, 0.1)])
+def test_progress_bar_in_a_file_refreshes_seldom(stream, interval, monkeypatch):
+    """Redirected (`make demo > log`), the bar wrote hundreds of frames into the log."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys, "stderr", stream())
+    bar = cli._progress(10, "layers", enabled=True)
+    try:
+        assert bar.mininterval == interval
+    finally:
+        bar.close()
 
 
 class TestCommandLine:
