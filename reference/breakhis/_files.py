@@ -432,6 +432,19 @@ def plural(n: int, noun: str, plural_form: str | None = None) -> str:
     return plural_form if plural_form is not None else f"{noun}s"
 
 
+def progress_bar(iterable: Any, **kwargs: Any) -> Any:
+    """``iterable`` under a tqdm bar (``kwargs`` as tqdm takes them) on stderr.
+
+    When stderr is not a terminal (a log file, a batch scheduler's output) the bar
+    refreshes every 30 s: each refresh is a frame written into the file, hundreds of them
+    for one epoch otherwise.
+    """
+    from tqdm.auto import tqdm
+
+    interactive = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(iterable, mininterval=0.1 if interactive else 30.0, **kwargs)
+
+
 def listed(items: Sequence[str], sep: str = ", ", shown: int = 3) -> str:
     """The first ``shown`` of ``items`` joined by ``sep``, and how many more there are.
 

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ._files import count, missing_folder_problem, plural
+from ._files import count, missing_folder_problem, plural, progress_bar
 
 __all__ = [
     "BENIGN_TYPES",
@@ -504,9 +504,7 @@ def _read_sizes(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(read, paths)
         if progress:
-            from tqdm.auto import tqdm
-
-            results = tqdm(results, total=len(paths), desc="reading images", unit="img")
+            results = progress_bar(results, total=len(paths), desc="reading images", unit="img")
         return list(results)
 
 

@@ -45,6 +45,7 @@ from ._files import (
     folder_problem,
     named_os_error,
     plural,
+    progress_bar,
     remove_stale_staging,
     staging_folder,
     temporary_for,
@@ -269,9 +270,7 @@ def _image_batches(
 def _progress(iterable: Any, total: int, desc: str, progress: bool) -> Any:
     if not progress:
         return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch")
+    return progress_bar(iterable, total=total, desc=desc, unit="batch")
 
 
 def embeddings(

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ._files import SettingError
+from ._files import SettingError, progress_bar
 from .data import BENIGN_TYPES, IMAGE_ERRORS, MAGNIFICATIONS, TYPE_CODES, TYPE_FOLDERS
 
 __all__ = [
@@ -257,9 +257,7 @@ def make_synthetic_breakhis(
 
     iterator: Any = jobs
     if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(jobs, desc="writing synthetic images", unit="img")
+        iterator = progress_bar(jobs, desc="writing synthetic images", unit="img")
     for path, tumor_type, tint, h in iterator:
         _write_png(path, _texture(tumor_type, width, h, rng, tint))
 

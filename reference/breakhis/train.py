@@ -60,7 +60,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ._files import SettingError, atomic_writer, check_int, plural, remove_stale_temporaries
+from ._files import (
+    SettingError,
+    atomic_writer,
+    check_int,
+    plural,
+    progress_bar,
+    remove_stale_temporaries,
+)
 from ._signals import Terminated, terminate_deferred
 from .checkpoint import (
     NotACheckpointError,
@@ -929,10 +936,8 @@ def _fit(
         loss_sum = correct = count = 0.0
         batches: Any = _started(loader)
         if progress and info.is_main:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                           leave=False, total=len(loader))
+            batches = progress_bar(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                                   leave=False, total=len(loader))
         for x, y, _ in batches:
             x, y = x.to(info.device), y.to(info.device)
             optimizer.zero_grad(set_to_none=True)
@@ -1102,9 +1107,7 @@ def predict_probs(
         input_size, mean=mean, std=std)), batch_size=batch_size)
     batches: Any = loader
     if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc="predicting", unit="batch")
+        batches = progress_bar(loader, desc="predicting", unit="batch")
     out = []
     model.eval()
     with torch.no_grad():

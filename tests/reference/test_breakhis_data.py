@@ -877,3 +877,21 @@ class TestDeviceOption:
             _device("cuda")
         monkeypatch.setattr("torch.cuda.is_available", lambda: True)
         assert _device("auto") == "cuda"
+
+
+@pytest.mark.parametrize("terminal, interval", [(False, 30.0), (True, 0.1)])
+def test_progress_bars_in_a_log_refresh_seldom(terminal, interval, monkeypatch) -> None:
+    """Redirected to a log (a batch scheduler's output), every epoch's bar wrote hundreds
+    of frames into it."""
+    import io
+    import sys
+
+    from breakhis._files import progress_bar
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    bar = progress_bar(range(3), desc="epoch 1/1", file=sys.stderr)
+    assert bar.mininterval == interval and list(bar) == [0, 1, 2]
