@@ -333,6 +333,19 @@ def _check_token_counts(a: FeatureExtractor, b: FeatureExtractor) -> None:
         raise _token_mismatch(a, n_a, b, n_b, where)
 
 
+def _check_stream_dtypes(a: FeatureExtractor, b: FeatureExtractor | None) -> None:
+    """Refuse two backbones whose floating-point parameters differ in dtype: one head in one
+    dtype cannot take both streams (the model failed at its first forward)."""
+    pa = _first_float_param(a)
+    pb = None if b is None else _first_float_param(b)
+    if pa is not None and pb is not None and pa.dtype != pb.dtype:
+        raise TypeError(
+            f"the two backbones must have parameters of one dtype, but {a.name!r} has {pa.dtype} and "
+            f"{b.name!r} {pb.dtype}: build both in one dtype (e.g. the second with .to({pa.dtype})), "
+            "and convert the whole model after building if another dtype is wanted (e.g. model.double())"
+        )
+
+
 def _check_pool_dtype(pool: nn.Module, streams: tuple[FeatureExtractor | None, ...]) -> None:
     """Refuse a pool whose floating-point parameters are not of the backbones' dtype (e.g. a
     float64 LowRankBilinearPool, which computes in float64, in a float32 model, whose
@@ -476,6 +489,7 @@ class BilinearClassifier(nn.Module):
             )
         if self.backbone_b is not None and self.backbone_b is not self.backbone and self.backbone.tokens:
             _check_token_counts(self.backbone, self.backbone_b)
+        _check_stream_dtypes(self.backbone, self.backbone_b)
         _check_pool_dtype(pool, (self.backbone, self.backbone_b))
         if reduce_dim:
             for stream in (self.backbone, self.backbone_b):

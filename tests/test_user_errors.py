@@ -628,3 +628,16 @@ class TestHeadInputChecks:
             ChannelReduction(3, 2)(torch.randn(1, 3, 4, 4, dtype=torch.float16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert ChannelReduction(3, 2)(torch.randn(1, 3, 4, 4, dtype=torch.bfloat16)).shape == (1, 2, 4, 4)
+
+    def test_two_backbones_of_two_dtypes_are_refused_when_built(self):
+        """Accepted, the model failed at its first forward (one head cannot take both)."""
+        def body():
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+        with pytest.raises(TypeError, match=r"^the two backbones must have parameters of one dtype, but "
+                           r"'Sequential' has torch.float32 and 'Sequential' torch.float64: build both in "
+                           r"one dtype \(e.g. the second with .to\(torch.float32\)\)"):
+            BCNN(body(), body().double(), num_classes=2)
+        model = BCNN(body(), body(), num_classes=2).double()  # one dtype, converted after: fine
+        assert model(torch.randn(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
