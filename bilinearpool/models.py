@@ -473,7 +473,9 @@ class BilinearClassifier(nn.Module):
         num_classes, dropout = int(num_classes), float(dropout)
         reduce_dim = None if reduce_dim is None else int(reduce_dim)
         if not isinstance(pool, nn.Module):
-            raise TypeError(f"pool must be an nn.Module, but got {type(pool).__name__}")
+            hint = (f": pass an instance, {pool.__name__}()"
+                    if isinstance(pool, type) and issubclass(pool, nn.Module) else "")
+            raise TypeError(f"pool must be an nn.Module, but got {type(pool).__name__}{hint}")
         options = _backbone_options(weights, se_reduction, node, sample_shape, output_fmt)
         self.backbone = self._resolve(backbone_a, options, backbone_b)
         if isinstance(backbone_b, nn.Module) and backbone_b is backbone_a:

@@ -641,3 +641,12 @@ class TestHeadInputChecks:
         model = BCNN(body(), body(), num_classes=2).double()  # one dtype, converted after: fine
         assert model(torch.randn(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
 
+    def test_a_pool_class_given_for_an_instance_says_so(self):
+        from bilinearpool import BilinearClassifier, FastBilinearPool
+
+        with pytest.raises(TypeError, match=r"^pool must be an nn.Module, but got type: pass an instance, "
+                           r"FastBilinearPool\(\)$"):
+            BilinearClassifier(tiny(), num_classes=2, pool=FastBilinearPool)
+        with pytest.raises(TypeError, match=r"^pool must be an nn.Module, but got str$"):
+            BilinearClassifier(tiny(), num_classes=2, pool="fast")
+
