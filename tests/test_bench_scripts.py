@@ -88,3 +88,13 @@ def test_profiles_record_their_command(scripts_path: None, tmp_path: Path,
         assert f'command=f"python benchmarks/{script}.py "' in source
     assert "fast-bcnn / plain throughput ratio: {med['plain model'] / total" in (
         BENCHMARKS / "profile_head.py").read_text()
+
+
+def test_new_buffer_benchmark_runs_and_records_its_command(scripts_path: None, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    bench = importlib.import_module("bench_new_buffer")
+    assert bench.main(["--mib", "8", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("Command: `python benchmarks/bench_new_buffer.py --mib 8 --repeats 1 --warmup 0 --out ")
+    assert [line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| 8 |")] == [
+        "fresh", "fresh-hinted", "refill"]
