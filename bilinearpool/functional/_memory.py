@@ -3,7 +3,8 @@
 The fused op's output on CPU is large (``B C^2`` entries: 128 MiB at 8 x 2048^2) and
 new on every call. glibc serves allocations of 32 MiB and more with fresh pages, and the
 kernel zeroes each 4 KiB page on its first write, one page fault at a time: filling a new
-32 MiB buffer took 14.1 ms on the development machine against 1.7 ms to refill it.
+32 MiB buffer took 14.1 ms on the development machine against 1.7 ms to refill it
+(``benchmarks/bench_new_buffer.py`` measures it).
 Where transparent huge pages are enabled in ``madvise`` mode (common; ``always`` needs
 nothing and ``never`` ignores the hint), asking for them on the buffer (``madvise``
 ``MADV_HUGEPAGE``, which PyTorch itself applies to every large CPU allocation when
