@@ -32,8 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -46,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import emit  # noqa: E402
-from bilinearpool.bench import SavedTensorCounter, round_robin  # noqa: E402
+from bilinearpool.bench import SavedTensorCounter, environment, round_robin  # noqa: E402
 from bilinearpool.functional.covariance import covariance_pool  # noqa: E402
 from bilinearpool.functional.sqrtm import matrix_sqrt  # noqa: E402
 
@@ -173,12 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = {
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
+    env = {  # versions, commit, switches (THP), CPU or GPU name, threads, load: as bilinearpool-bench
+        **environment(device),
         "batch": args.batch,
         "hw": args.size * args.size,
         "iters": args.iters,

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -50,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import emit  # noqa: E402
-from bilinearpool.bench import SavedTensorCounter, round_robin, time_call  # noqa: E402
+from bilinearpool.bench import SavedTensorCounter, environment, round_robin, time_call  # noqa: E402
 from bilinearpool.functional.sketch import _gram_is_cheaper, tensor_sketch  # noqa: E402
 
 DEFAULT_SHAPES = [
@@ -197,12 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit:
         _fit(args.repeats)
         return 0
-    env = {
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
+    env = {  # versions, commit, switches (THP), CPU or GPU name, threads, load: as bilinearpool-bench
+        **environment(device),
         "two_streams": args.two_streams,
         "warmup": args.warmup,
         "repeats": args.repeats,
