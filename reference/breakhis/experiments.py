@@ -1040,8 +1040,7 @@ def run_cv(
             if report is not None and info.is_main:
                 trained = report.get("epochs_trained")
                 _LOG.info("fold %d: reusing %s (made from its checkpoint, %s %s)", fold,
-                          fold_dir / "test_metrics.json", trained,
-                          "epoch" if trained == 1 else "epochs")
+                          fold_dir / "test_metrics.json", trained, plural(trained, "epoch"))
         if report is None:
             report = run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
                               dist_info=info, progress=progress)
