@@ -42,7 +42,11 @@ class MatrixSqrt(nn.Module):
     neither: they are Python autograd functions around an eigendecomposition, which
     ONNX has no operator for (the dynamo exporter raises a ``ConversionError``, the
     TorchScript exporter a ``RuntimeError``, :func:`torch.jit.save` "Could not export
-    Python function call"). All methods and impls compile with
+    Python function call"). Under :func:`torch.export.export` the default and
+    ``impl="spectral"`` run as the plain iteration (the spectral evaluation of the same
+    polynomial, equal up to rounding), which the exported program differentiates;
+    ``method="eig"`` exports its forward only, for inference (call the program under
+    :func:`torch.no_grad`: with gradients on it fails). All methods and impls compile with
     ``torch.compile(fullgraph=True)``, backward included (compiled, the spectral
     backward takes the exact float64 quotient for every eigenvalue pair, not only the
     band of close pairs).

@@ -120,13 +120,24 @@ def _functorch_wrapped(t: Tensor) -> bool:
     return bool(check(t)) if check is not None else False
 
 
+def exporting() -> bool:
+    """Whether the op is being recorded into a graph that is saved without its autograd
+    Functions: ``torch.jit.trace``, the ONNX exporter and ``torch.export`` (which records
+    a Function's forward operations only: the exported program's backward would
+    differentiate them, in-place and ``out=`` steps included, and fail)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
 def plain_ops(*tensors: Tensor | None) -> bool:
     """Whether an op must run as plain differentiable torch operations instead of its
-    custom autograd Function: while ``torch.jit.trace`` or the ONNX exporter records it
-    (a Function cannot be saved or exported), under ``torch.func`` transforms (``grad``,
-    ``vmap``, ``jvp``, ``jacrev``) and in forward-mode AD (dual tensors), which need rules
-    the Functions do not have."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    custom autograd Function: while ``torch.jit.trace``, the ONNX exporter or
+    ``torch.export`` records it (:func:`exporting`), under ``torch.func`` transforms
+    (``grad``, ``vmap``, ``jvp``, ``jacrev``) and in forward-mode AD (dual tensors), which
+    need rules the Functions do not have."""
+    if exporting():
         return True
     if torch.compiler.is_compiling():  # dynamo records the Functions (and cannot run the checks below)
         return False

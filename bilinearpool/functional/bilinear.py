@@ -1057,7 +1057,9 @@ def fast_bilinear_pool(
 
     Higher derivatives (a backward with ``create_graph=True``, e.g. gradient penalties)
     are exact: such a backward differentiates the op-by-op definition instead, at its
-    time and memory. ``torch.jit.trace`` records that definition's plain operations, and
+    time and memory. ``torch.jit.trace``, ONNX export and :func:`torch.export.export`
+    record that definition's plain operations (an exported program differentiates
+    them), and
     ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``) and forward-mode AD
     run them (the op-by-op chain's time and memory there).
 
@@ -1111,9 +1113,10 @@ def fast_bilinear_pool(
     scale = 1.0 / a.shape[2] if reduction == "mean" else 1.0
     with no_autocast(a.device.type):
         if plain_ops(a, b):
-            # The exporter and torch.jit.trace record the forward's operations (an
-            # autograd.Function has no ONNX form, and the tracer cannot pass the scale, a
-            # traced size there, to one); torch.func transforms and forward-mode AD
+            # The exporters and torch.jit.trace record the forward's operations (an
+            # autograd.Function has no ONNX form, torch.export keeps its forward only, and
+            # the tracer cannot pass the scale, a traced size there, to one); torch.func
+            # transforms and forward-mode AD
             # differentiate them: whole matrices, out of place, no loop over panels.
             out = _export_forward(a, a if b is None else b, scale, sqrt_eps, norm_eps, triu)
         elif b is None:

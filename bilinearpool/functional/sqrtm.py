@@ -57,15 +57,18 @@ rounding:
   eigenvectors, and the eigenvalues with ``q_K`` and ``q_K'`` on them.
 - ``"auto"`` (default): ``"spectral"`` on CPU, where LAPACK's ``eigh`` is cheaper than the
   matrix products; ``"iterative"`` elsewhere (GPUs multiply matrices fast and
-  decompose them slowly), and always ``"iterative"`` during ONNX export and
-  :func:`torch.jit.trace`.
+  decompose them slowly), and always ``"iterative"`` during ONNX export,
+  :func:`torch.export.export` and :func:`torch.jit.trace`.
 
 While traced (ONNX export, :func:`torch.jit.trace`), ``"iterative"`` runs as plain
 out-of-place operations, so the trace holds no Python autograd function and can be
 exported or saved (:func:`torch.jit.save`); ``impl="spectral"`` and ``method="eig"`` are
 autograd functions there and do neither. Under ``torch.func`` transforms (``grad``,
 ``vmap``, ``jacrev``, ``jvp``) and forward-mode AD, Newton-Schulz (either ``impl``) runs
-as those plain operations; ``method="eig"`` raises a ``RuntimeError`` there.
+as those plain operations; ``method="eig"`` raises a ``RuntimeError`` there. Under
+:func:`torch.export.export` both impls run as the plain operations too (an exported
+program keeps no autograd function, and differentiates what it recorded);
+``method="eig"`` exports its forward only, for inference.
 
 All inputs are symmetrised, :math:`(A + A^\\top)/2`, so the gradient is the symmetric one.
 float16/bfloat16 inputs (and autocast) are computed and returned in float32.
@@ -79,7 +82,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_floating, check_positive_int, check_real, compute_dtype, does_nothing, no_autocast, plain_ops
+from ._checks import check_choice, check_floating, check_positive_int, check_real, compute_dtype, does_nothing, exporting, no_autocast, plain_ops
 
 __all__ = ["matrix_sqrt"]
 
@@ -683,10 +686,10 @@ def matrix_sqrt(
         a = a.to(dtype)
         if not torch.jit.is_tracing() and a.shape[0] == 0:  # an empty batch: nothing to decompose
             return a * 0
-        # ONNX export and torch.jit.trace cannot record an autograd.Function; torch.func
-        # transforms and forward-mode AD need rules that the Functions do not have.
+        # ONNX export, torch.export and torch.jit.trace cannot record an autograd.Function;
+        # torch.func transforms and forward-mode AD need rules that the Functions do not have.
         plain = plain_ops(a)
-        transformed = plain and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
+        transformed = plain and not exporting()
         if method == "eig":
             if transformed:
                 raise RuntimeError(
@@ -697,7 +700,11 @@ def matrix_sqrt(
             return _EigSqrt.apply(a, eps)
         if impl == "auto":
             impl = "spectral" if a.device.type == "cpu" and not plain else "iterative"
-        if impl == "spectral" and not transformed:
+        # torch.export records a Function's forward operations only (an exported program
+        # could not differentiate them): the spectral evaluation runs as its polynomial
+        # there, as under torch.func (ONNX export and torch.jit.trace keep the Function
+        # and refuse it, see above).
+        if impl == "spectral" and (not plain or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
             return _NSSpectral.apply(a, num_iters, norm)
         if plain:
             # Out of place and differentiable by autograd, with or without grad: one graph
