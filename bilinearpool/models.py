@@ -13,6 +13,8 @@ last feature maps, e.g. for ``captum.attr.LayerGradCam``; one per stream),
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +37,7 @@ from .functional._checks import (
     check_optional_positive_int,
     check_positive_int,
     check_real,
+    plural,
 )
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
@@ -385,6 +388,22 @@ def _check_head_args(num_classes: object, dropout: object, reduce_dim: object) -
     check_optional_positive_int("reduce_dim", reduce_dim)
 
 
+def _differing_streams(state_dict: Mapping[str, Any], prefix_a: str, prefix_b: str) -> list[str]:
+    """Keys (after the prefixes) whose entries under ``prefix_a`` and ``prefix_b`` are not equal."""
+    differ = []
+    for key, value in state_dict.items():
+        if not key.startswith(prefix_a) or prefix_b + key[len(prefix_a) :] not in state_dict:
+            continue
+        other = state_dict[prefix_b + key[len(prefix_a) :]]
+        if not (isinstance(value, Tensor) and isinstance(other, Tensor)):
+            continue
+        if value.is_meta or other.is_meta:
+            continue
+        if value.shape != other.shape or not torch.equal(value, other.to(value.device)):
+            differ.append(key[len(prefix_a) :])
+    return differ
+
+
 class BilinearClassifier(nn.Module):
     """Backbone(s), optional channel reduction, a pooling, dropout and a linear classifier.
 
@@ -709,6 +728,20 @@ class BilinearClassifier(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # A shared backbone is in the state_dict twice (backbone.*, backbone_b.*), and both
+        # load into the one module: a checkpoint with two different backbones (a
+        # two-stream BCNN) would leave the second stream's weights without a word.
+        if self.backbone_b is not None and self.backbone_b is self.backbone:
+            differ = _differing_streams(state_dict, prefix + "backbone.", prefix + "backbone_b.")
+            if differ:
+                error_msgs.append(
+                    f"the checkpoint's two backbones differ ({len(differ)} "
+                    f"{plural(len(differ), 'entry', 'entries')}, e.g. backbone.{differ[0]} and "
+                    f"backbone_b.{differ[0]}): it is a model with two streams of their own weights, "
+                    "but this model shares one backbone between its streams (shared=True, or the "
+                    "same module twice); build it with a backbone per stream (BCNN(..., shared=False)) "
+                    "to load it"
+                )
         # A checkpoint of the other triu layout fails on the classifier's size: say why.
         weight = state_dict.get(prefix + "classifier.weight")
         own = getattr(self.classifier, "weight", None)

@@ -924,6 +924,26 @@ def test_loading_checkpoint_of_other_triu_layout_says_so():
     FastBCNN(tiny(6), num_classes=3, triu=True).load_state_dict(full.eval().to_triu().state_dict())
 
 
+def test_two_stream_checkpoint_into_a_shared_backbone_is_refused():
+    """A shared backbone is in the state_dict twice and both entries load into one module:
+    a two-stream checkpoint's first stream was dropped without a word."""
+    two = BCNN(tiny(6), num_classes=3)
+    with torch.no_grad():
+        two.backbone_b.body[0].weight.add_(1.0)  # the streams trained apart
+    shared = BCNN(tiny(6), num_classes=3, shared=True)
+    before = copy.deepcopy(shared.state_dict())
+    with pytest.raises(RuntimeError, match=r"two backbones differ \(1 entry, e.g. backbone\.body\.0\.weight.*shared=False"):
+        shared.load_state_dict(two.state_dict())
+    same = BCNN(tiny(6), num_classes=3, shared=True)
+    same.load_state_dict(before)  # a shared model's own checkpoint: both entries equal
+    for key, value in before.items():
+        torch.testing.assert_close(same.state_dict()[key], value)
+    BCNN(tiny(6), num_classes=3).load_state_dict(before)  # into two streams: both start from it
+    module = tiny(6)
+    BCNN(module, module, num_classes=3).load_state_dict(before)  # the same module twice is shared too
+    with pytest.raises(RuntimeError, match="two backbones differ"):
+        BCNN(module, module, num_classes=3).load_state_dict(two.state_dict())
+
 @pytest.mark.parametrize(
     "build",
     [
