@@ -764,14 +764,19 @@ def _predict_out_problem(out: Path, checkpoint: Path) -> str | None:
 
 #: The files of a run's folder (``train``, ``cv``, ``evaluate``) that a command's ``--out``
 #: must not replace.
-_RUN_FILES = frozenset({_CHECKPOINT, "train.log", "metrics.csv", "test_predictions.csv",
-                        "test_metrics.json", "test_metrics.md", "cv_metrics.json", "cv_metrics.md"})
+_RUN_FILES = frozenset({_CHECKPOINT, "config.json", "train.log", "metrics.csv", "test_predictions.csv",
+                        "test_metrics.json", "test_metrics.md", "cv_metrics.json", "cv_metrics.md",
+                        "figures.json"})
+
+#: Files that mark a folder as a run's (``train``/``cv``), an ``evaluate --out`` or a
+#: ``figures --out`` folder.
+_RUN_MARKERS = (_CHECKPOINT, "cv_metrics.json", "test_metrics.json", "config.json", "figures.json")
 
 
 def _run_file_problem(path: Path) -> str | None:
     """Why ``--out`` must not write ``path``: one of a run's own files, in a folder that
-    holds a run (its ``checkpoint.pt`` or ``cv_metrics.json``), else None."""
-    held = [n for n in (_CHECKPOINT, "cv_metrics.json") if (path.parent / n).is_file()]
+    holds a run, an evaluation or figures (:data:`_RUN_MARKERS`), else None."""
+    held = [n for n in _RUN_MARKERS if (path.parent / n).is_file()]
     if path.name in _RUN_FILES and held:
         return (f"--out would write {str(path)!r}, a file of the run in {str(path.parent)!r} "
                 f"(beside its {held[0]}): pass another path")

@@ -583,6 +583,25 @@ def test_table_out_does_not_replace_a_run_s_own_files(run: Path, capsys) -> None
     (run / "table.csv").unlink()
 
 
+def test_table_out_does_not_replace_a_config_or_an_evaluation(run: Path, tmp_path: Path, capsys) -> None:
+    """`table run --out run/config.json` made the run's config Markdown, and an `evaluate
+    --out` folder (no checkpoint there) lost its test_metrics.json to `table ev --out
+    ev/test_metrics.json`."""
+    config = (run / "config.json").read_bytes()
+    assert main(["table", str(run), "--out", str(run / "config.json")]) == 2
+    assert f"--out would write {str(run / 'config.json')!r}, a file of the run" in _err(capsys)
+    assert (run / "config.json").read_bytes() == config and not (run / "config.csv").exists()
+    evaluation = tmp_path / "ev"  # what evaluate --out writes
+    evaluation.mkdir()
+    for name in ("test_metrics.json", "test_metrics.md", "test_predictions.csv"):
+        shutil.copy(run / name, evaluation / name)
+    metrics = (evaluation / "test_metrics.json").read_bytes()
+    assert main(["table", str(evaluation), "--out", str(evaluation / "test_metrics.json")]) == 2
+    assert "(beside its test_metrics.json): pass another path" in _err(capsys)
+    assert (evaluation / "test_metrics.json").read_bytes() == metrics
+    assert main(["table", str(evaluation), "--out", str(evaluation / "table.md")]) == 0
+
+
 class TestOverwrite:
     """A fresh run replaces the run in its folder: a forgotten --resume lost a run of many
     epochs. Such a folder is now refused (before indexing) unless --resume or --overwrite."""
