@@ -498,7 +498,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         layout=args.layout, irregular=not args.no_irregular, folds=not args.no_folds,
         seed=args.seed, progress=sys.stderr.isatty())
     exp = meta["expected"]
-    print(f"wrote SYNTHETIC BreaKHis-layout data to {args.out}: "
+    print(f"wrote SYNTHETIC BreaKHis-layout data to {Path(args.out)}: "
           f"{count(exp['images'], 'image')}, {count(exp['patients'], 'patient')}, "
           f"{count(len(meta['irregular_files']), 'irregular file')}; "
           f"metadata in {Path(args.out) / 'synthetic.json'}")
@@ -969,6 +969,23 @@ def _warning_line(command: str) -> Any:
     return show
 
 
+#: The options (``dest``) that name files or folders.
+_PATH_OPTIONS = ("out", "data_root", "folds_file", "patients_csv", "weights", "checkpoint",
+                 "inputs", "run_dirs")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """``~`` and ``~user`` at the start of a path option, as the shell expands them (it does
+    not in ``--out=~/x``, which made a folder named ``~`` in the working directory)."""
+    for name in _PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, (list, tuple)):
+            setattr(args, name, type(value)(os.path.expanduser(v) if isinstance(v, str) and v.startswith("~")
+                                            else v for v in value))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``breakhis-repro``; returns the exit status (1 when the packages of the
     reference extra are not all installed, said in one line once the command line is
@@ -982,6 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _expand_home(args)
     missing = missing_requirements()
     if missing:
         print(f"breakhis-repro: error: it needs {', '.join(missing)}, which "

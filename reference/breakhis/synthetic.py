@@ -16,10 +16,12 @@ Everything it writes says it is synthetic: a ``SYNTHETIC.txt`` marker, a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,11 +32,12 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ._files import SettingError, progress_bar
+from ._files import SettingError, check_int, folder_problem, progress_bar, remove_stale_staging, staging_folder
 from .data import BENIGN_TYPES, IMAGE_ERRORS, MAGNIFICATIONS, TYPE_CODES, TYPE_FOLDERS
 
 __all__ = [
     "DEFAULT_PATIENTS",
+    "MAX_SIDE",
     "SYNTHETIC_MARKER",
     "SYNTHETIC_NOTE",
     "SyntheticPatient",
@@ -180,6 +183,11 @@ def _counts(patient: SyntheticPatient, per_mag: int) -> tuple[int, ...]:
     return tuple(per_mag if c < 0 else c for c in patient.counts)
 
 
+#: Largest image width or height :func:`make_synthetic_breakhis` writes (an image takes
+#: about 60 bytes per pixel while drawn: 1 GB at 4096 x 4096).
+MAX_SIDE = 4096
+
+
 def make_synthetic_breakhis(
     root: str | os.PathLike[str],
     *,
@@ -195,7 +203,9 @@ def make_synthetic_breakhis(
     """Write a synthetic BreaKHis-layout tree of real PNG files.
 
     Args:
-        root: output folder (created; must be empty or absent).
+        root: output folder (created; must be empty or absent). The tree is written in
+            a hidden folder beside it and moved there once complete: a failure or Ctrl-C
+            on the way leaves no partial tree.
         images_per_magnification: images per patient and magnification.
         size: ``(width, height)`` of the images (the release has 700x460).
         layout: ``"official"`` (``root/BreaKHis_v1/histology_slides/...`` plus
@@ -214,7 +224,7 @@ def make_synthetic_breakhis(
         by_magnification).
 
     Raises:
-        ValueError: on an unknown layout, a bad size or count (a
+        ValueError: on an unknown layout, a bad size, count or seed (a
             :class:`breakhis._files.SettingError` naming the setting), or a non-empty
             ``root``.
     """
@@ -223,6 +233,9 @@ def make_synthetic_breakhis(
     width, height = (int(v) for v in size)
     if width < 8 or height < 8:
         raise SettingError("size", f"must be at least 8x8 pixels, but got {width}x{height}")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise SettingError("size", f"must be at most {MAX_SIDE}x{MAX_SIDE} pixels (the release has "
+                                   f"700x460), but got {width}x{height}")
     if images_per_magnification < 1:
         raise SettingError(
             "images_per_magnification", f"must be >= 1, but got {images_per_magnification}"
@@ -230,12 +243,45 @@ def make_synthetic_breakhis(
     for p in patients:
         if p.tumor_type not in TYPE_CODES:
             raise ValueError(f"tumour type must be one of {TYPE_CODES}, but got {p.tumor_type!r}")
-    root = Path(root)
+    check_int("seed", seed, 0, why="NumPy's random generator")
+    root = Path(root).expanduser()
+    problem = folder_problem(root)
+    if problem is not None:
+        raise ValueError(f"expected an output folder, but {problem}")
+    if root.is_symlink():  # a link to a folder: the tree goes there
+        root = root.resolve()
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"output folder {str(root)!r} exists and is not empty")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / SYNTHETIC_MARKER).write_text(SYNTHETIC_NOTE + "\n")
+    # Written in a hidden folder beside root and moved there by one rename once complete:
+    # an error or Ctrl-C on the way leaves nothing (a partial tree indexed as a smaller
+    # data set, and a folder that refused the next try). The folders made above root
+    # are removed again on failure.
+    created = [place for place in (root.parent, *root.parent.parents) if not place.exists()]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(root.parent, root.name)  # of a run killed before it cleaned up
+    work = staging_folder(root.parent, root.name)
+    try:
+        meta = _write_tree(work, images_per_magnification, width, height, layout, patients,
+                           irregular, folds, seed, progress)
+        if root.exists():
+            root.rmdir()  # empty (checked above); the rename needs its name free
+        work.rename(root)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for place in created:  # deepest first; each made by this call, empty again
+            with contextlib.suppress(OSError):
+                place.rmdir()
+        raise
+    return meta
 
+
+def _write_tree(
+    root: Path, images_per_magnification: int, width: int, height: int, layout: str,
+    patients: Sequence[SyntheticPatient], irregular: bool, folds: bool, seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`make_synthetic_breakhis`'s files, written into ``root``; its metadata."""
+    (root / SYNTHETIC_MARKER).write_text(SYNTHETIC_NOTE + "\n")
     top = root / "BreaKHis_v1" / "BreaKHis_v1" if layout == "kaggle" else root / "BreaKHis_v1"
     breast = top / "histology_slides" / "breast"
     rng = np.random.default_rng(seed)

@@ -129,11 +129,17 @@ class TestSettingNames:
     @pytest.mark.parametrize("argv, message", [
         (["--size", "4x4"], "--size must be at least 8x8 pixels, but got 4x4"),
         (["--images-per-magnification", "0"], "--images-per-magnification must be >= 1"),
+        (["--seed", "-1"], "--seed must be an integer >= 0 (NumPy's random generator), but got -1"),
+        (["--size", "100000x100000"], "--size must be at most 4096x4096 pixels (the release has "
+                                      "700x460), but got 100000x100000"),
     ])
     def test_synth_names_its_options(self, argv: list[str], message: str, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["synth", "--out", str(tmp_path / "s"), *argv]) == 2
+        """Nothing is made: a negative seed left a folder with the marker in it, which
+        refused the next try as not empty (a size too big ended in a MemoryError)."""
+        assert main(["synth", "--out", str(tmp_path / "a" / "s"), *argv]) == 2
         assert f"synth: error: {message}" in _err(capsys)
+        assert list(tmp_path.iterdir()) == []
 
     def test_every_setting_of_train_and_cv_is_named_as_an_option(
         self, capsys: pytest.CaptureFixture[str]
@@ -581,6 +587,68 @@ def test_table_out_does_not_replace_a_run_s_own_files(run: Path, capsys) -> None
         assert main(["table", str(run), "--out", str(run / "table.md")]) == 0
     (run / "table.md").unlink()
     (run / "table.csv").unlink()
+
+
+@pytest.mark.parametrize("stop", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_synth_cut_short_leaves_nothing(stop: BaseException, tmp_path: Path, monkeypatch,
+                                        capsys) -> None:
+    """An error or Ctrl-C while writing left a partial tree (indexed as a smaller data set,
+    a half-written PNG among it, no synthetic.json) and a folder that refused the retry."""
+    from breakhis import synthetic
+
+    written = []
+    real = synthetic._write_png
+
+    def write_png(path, pixels):
+        if len(written) == 20:
+            raise stop
+        written.append(path)
+        real(path, pixels)
+
+    monkeypatch.setattr(synthetic, "_write_png", write_png)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "data", tmp_path / "empty"):
+        written.clear()
+        code = main(["synth", "--out", str(out), "--size", "8x8"])
+        assert code == (130 if isinstance(stop, KeyboardInterrupt) else 2), _err(capsys)
+        assert len(written) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # "new" made and removed
+    assert list((tmp_path / "empty").iterdir()) == []
+    monkeypatch.setattr(synthetic, "_write_png", real)
+    assert main(["synth", "--out", str(tmp_path / "empty"), "--size", "8x8"]) == 0  # the retry
+    assert (tmp_path / "empty" / "synthetic.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging folder left
+
+
+def test_synth_out_as_a_link(tmp_path: Path, capsys) -> None:
+    """A link to an empty folder takes the tree (as before the tree was staged); a broken
+    link is named as one (was "File exists")."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "disk")
+    assert main(["synth", "--out", str(tmp_path / "data"), "--size", "8x8"]) == 0
+    assert (tmp_path / "disk" / "synthetic.json").is_file() and (tmp_path / "data").is_symlink()
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert main(["synth", "--out", str(tmp_path / "gone"), "--size", "8x8"]) == 2
+    assert (f"synth: error: expected an output folder, but {str(tmp_path / 'gone')!r} is a symbolic "
+            f"link to {str(tmp_path / 'nowhere')!r}, which does not exist") in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "disk", "gone"]
+
+
+def test_a_path_option_with_a_tilde_is_under_home(run: Path, tmp_path: Path, monkeypatch,
+                                                  capsys) -> None:
+    """`--out=~/x` (no shell expansion after '=') made a folder named '~' in the working
+    directory; --data-root was expanded, --out and the run folders were not."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", "--out=~/data", "--size", "8x8", "--no-irregular"]) == 0
+    assert f"data to {home / 'data'}:" in capsys.readouterr().out
+    shutil.copytree(run, home / "run")
+    assert main(["table", "~/run", "--out=~/table.md"]) == 0
+    assert (home / "table.md").is_file() and (home / "table.csv").is_file()
+    assert not (tmp_path / "~").exists()
 
 
 def test_table_out_does_not_replace_a_config_or_an_evaluation(run: Path, tmp_path: Path, capsys) -> None:
