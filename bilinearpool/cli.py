@@ -343,7 +343,8 @@ def _case_styles(cases: Sequence[str]) -> dict[str, dict[str, str]]:
 def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    if not shapes or not cases:
+    measured = any(isinstance(r.get(k), (int, float)) for r in rows for k in ("vs_naive", "saved_vs_input"))
+    if not shapes or not cases or not measured:  # no empty axes when every row failed
         return None
     styles = _case_styles(cases)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(max(10, 0.5 * len(shapes) * len(cases)), 4.8))
@@ -534,6 +535,8 @@ def _device_problem(text: str) -> str | None:
     except (RuntimeError, ValueError):
         return f"--device expected cpu, cuda, cuda:N or mps, but got {text!r}"
     if device.type == "cpu":
+        if device.index not in (None, 0):  # torch takes any index and ignores it
+            return f"--device expected cpu (one CPU device, index 0), but got {text!r}"
         return None
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -714,7 +717,17 @@ def _write_stopped(
     same one line on stderr and not raised, so that the caller re-raises ``err``, the
     error that stopped the run, with nothing chained to it.
     """
-    if checkpoint is None or not rows:
+    if checkpoint is None:
+        return
+    if not rows:  # a warning may have said that this run replaces the folder's files
+        print(
+            f"bilinearpool-bench: stopped at {where} by {_error_text(err)}, before any row was "
+            "measured: nothing of this run is written (files already in the output folder are "
+            "an earlier run's)",
+            file=sys.stderr,
+        )
+        with contextlib.suppress(AttributeError):
+            err._bench_said = True  # type: ignore[attr-defined]
         return
     try:
         checkpoint(
@@ -939,7 +952,7 @@ def run_layers(
     shapes = list(dict.fromkeys(shapes))
     names = _check_layer_cases(args.cases or list(bench.LAYER_CASES))
     # The ratios need both references; they lead the table.
-    names = [n for n in ("naive", "matmul-floor") if n not in names] + list(names)
+    names = ["naive", "matmul-floor"] + [n for n in names if n not in ("naive", "matmul-floor")]
     cases = [bench.LAYER_CASES[n] for n in names]
     plan = [(shape, [c for c in cases if c.applies(shape[1])]) for shape in shapes]
     total = sum(len(cs) * (1 + s.warmup + s.repeats) for _, cs in plan)
@@ -1185,7 +1198,8 @@ def _layers_result(
                 "keeps: a linear layer keeps its input, so a layer that saves its own output "
                 "(fast-bcnn-so) costs no more there than one that does not."
             ),
-            "bcnn-2stream takes two maps of the shape, so its input is twice the others'.",
+            *(["bcnn-2stream takes two maps of the shape, so its input is twice the others'."]
+              if any(n.startswith("bcnn-2stream") for n in cases) else []),
             (
                 "D: features per sample of the layer's output (its output_dim(C), checked against "
                 "the shape of one output; for naive and matmul-floor the output's size). layer_params: "
@@ -2367,7 +2381,8 @@ def _common(parser: argparse.ArgumentParser, *, out_default: str | None, quick: 
         "--warmup",
         type=int,
         default=None,
-        help="untimed rounds first (default: 1 on CPU, 5 on CUDA)",
+        help="untimed rounds first (default: 1 on CPU, 5 on CUDA); before them each candidate "
+        "runs once, untimed, to drop one that fails (with --warmup 0 too)",
     )
     if quick:
         g.add_argument(
@@ -2526,11 +2541,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Largest ``--threads`` taken (torch.set_num_threads overflows above 2**31 - 1, and
+#: OpenMP would try to start that many threads).
+MAX_THREADS = 1024
+
+#: Largest ``--num-classes`` (and other sizes) taken: a classifier of more outputs than
+#: this fails to be built anyway, and sizes above 2**63 fail in torch as a TypeError.
+MAX_SIZE = 2**31 - 1
+
+
 def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("batch_size", "repeats", "threads", "num_classes", "se_reduction"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, but got {value}")
+        most = MAX_THREADS if name == "threads" else MAX_SIZE
+        if value is not None and value > most:
+            parser.error(f"--{name.replace('_', '-')} must be at most {most}, but got {value}")
     if getattr(args, "warmup", None) is not None and args.warmup < 0:
         parser.error(f"--warmup must be at least 0, but got {args.warmup}")
     for res in getattr(args, "resolutions", None) or []:
@@ -2552,6 +2579,15 @@ def _writable_problem(folder: Path, option: str, what: str = "a folder") -> str 
     into it and removed (a path under ``/proc``, a read-only file system or a folder
     without permission fail here, before anything is measured).
     """
+    for place in (folder, *folder.parents):
+        if place.exists():
+            break
+        if place.is_symlink():  # mkdir would say "File exists"
+            return (
+                f"{option} expected {what} that can be created, but "
+                f"{folder if place == folder else f'{place}, a folder above {folder},'} is a "
+                f"symbolic link to {os.readlink(place)}, which does not exist"
+            )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -2799,11 +2835,42 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if unused:  # it would be ignored without a word
             parser.error(f"--batch-size-at {' '.join(unused)} names a resolution this run does not "
                          f"measure (resolutions: {' '.join(map(str, runs))})")
+    problem = _ignored_problem(args)
+    if problem is not None:
+        parser.error(problem)
     if args.out is not None:
         names = ["layers", "models"] if args.command == "demo" else [args.command]
         problem = _out_problem(args.out, names=names)
         if problem is not None:
             parser.error(problem)
+
+
+def _ignored_problem(args: argparse.Namespace) -> str | None:
+    """``--quick`` when every setting it picks is given too, or a ``models --batch-size``
+    that no resolution uses (``--batch-size-at`` names each one): ignored without a
+    word, or None."""
+    if args.command not in ("layers", "models") or getattr(args, "params_only", False):
+        return None  # --params-only refuses the timing options itself
+    models = args.command == "models"
+    every_batch_set = models and bool(args.batch_size_at) and {r for r, _ in args.batch_size_at} >= set(
+        _model_resolutions(args)
+    )
+    if args.quick:
+        given = {"--warmup": args.warmup is not None, "--repeats": args.repeats is not None}
+        if models:
+            given["--resolutions"] = bool(args.resolutions)
+            given["--batch-size"] = args.batch_size is not None or every_batch_set
+        if all(given.values()):
+            return (
+                f"--quick picks {', '.join(given)}, and all of them are given: it would change "
+                "nothing, drop it"
+            )
+    if models and args.batch_size is not None and every_batch_set:
+        return (
+            f"--batch-size {args.batch_size} would be used at no resolution: --batch-size-at "
+            "sets the batch size of each one this run measures; drop one of them"
+        )
+    return None
 
 
 #: ``models`` options that only the timing reads; their defaults (None, False) tell a

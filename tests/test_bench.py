@@ -644,6 +644,20 @@ class TestCommandLine:
             (["report", "x", "--note", "ok", "--note", " "], "argument --note: expected some text, but got ' '"),
             # demo is always quick: the option would do nothing
             (["demo", "--quick"], "unrecognized arguments: --quick"),
+            # too large for torch.set_num_threads (a ValueError traceback) or for torch
+            (["layers", "--threads", "4294967296"], "error: --threads must be at most 1024, but got 4294967296"),
+            (["models", "--num-classes", str(2**63)], f"error: --num-classes must be at most {2**31 - 1}, but got"),
+            # taken by torch and ignored
+            (["layers", "--device", "cpu:5"], "error: --device expected cpu (one CPU device, index 0), but got 'cpu:5'"),
+            # options that change nothing: ignored without a word before
+            (["layers", "--quick", "--repeats", "1", "--warmup", "0"],
+             "error: --quick picks --warmup, --repeats, and all of them are given: it would change nothing"),
+            (["models", "--quick", "--repeats", "1", "--warmup", "0", "--resolutions", "64", "--batch-size", "3"],
+             "error: --quick picks --warmup, --repeats, --resolutions, --batch-size, and all of them are given"),
+            (["models", "--quick", "--repeats", "1", "--warmup", "0", "--resolutions", "64", "--batch-size-at", "64=1"],
+             "error: --quick picks --warmup, --repeats, --resolutions, --batch-size, and all of them are given"),
+            (["models", "--resolutions", "64", "--batch-size", "4", "--batch-size-at", "64=2"],
+             "error: --batch-size 4 would be used at no resolution: --batch-size-at sets the batch size of each"),
         ],
     )
     def test_bad_arguments(self, argv, message, capsys):
@@ -999,7 +1013,7 @@ class TestRobustRuns:
         argv = ["layers", "--shapes", "2x4x3x3", "2x4x3x3", "--cases", "fast-bcnn", "naive", "fast-bcnn",
                 "--out", str(tmp_path), *self.COMMON]  # fmt: skip
         assert main(argv) == 0
-        assert [r["case"] for r in read_csv(tmp_path / "layers.csv")] == ["matmul-floor", "fast-bcnn", "naive"]
+        assert [r["case"] for r in read_csv(tmp_path / "layers.csv")] == ["naive", "matmul-floor", "fast-bcnn"]  # the references first
         argv = ["models", "--backbones", "resnet18", "resnet18", "--heads", "se", "plain", "se",
                 "--resolutions", "64", "64", "--no-train", "--out", str(tmp_path), *self.COMMON]  # fmt: skip
         assert main(argv) == 0
@@ -1055,6 +1069,65 @@ class TestRobustRuns:
         argv = ["layers", "--shapes", "2x8x2x2", "--cases", "fast-bcnn", "--out", str(tmp_path), *self.COMMON]
         assert main(argv) == 0
         assert not (tmp_path / "layers.png").exists()
+
+    def test_options_that_do_count_are_taken(self, tmp_path, monkeypatch):
+        """The refusals above leave the runs where the option changes something."""
+        ran = []
+        monkeypatch.setattr("bilinearpool.cli.run_layers", lambda *a, **k: ran.append("layers"))
+        monkeypatch.setattr("bilinearpool.cli.run_models", lambda *a, **k: ran.append("models"))
+        monkeypatch.setattr("bilinearpool.cli._finish", lambda *a, **k: [])
+        main(["layers", "--quick", "--repeats", "1", "--device", "cpu:0"])  # --quick picks --warmup
+        main(["models", "--quick", "--repeats", "1", "--warmup", "0", "--resolutions", "64"])  # the batch
+        main(["models", "--resolutions", "64", "96", "--batch-size", "4", "--batch-size-at", "64=2"])  # 96 px
+        assert ran == ["layers", "models", "models"]
+
+    def test_out_as_a_broken_link_is_named(self, tmp_path, capsys):
+        (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+        for out in (tmp_path / "gone", tmp_path / "gone" / "sub"):
+            with pytest.raises(SystemExit):
+                main(["layers", "--out", str(out)])
+            above = "" if out.name == "gone" else f", a folder above {out},"
+            assert (f"error: --out expected a folder that can be created, but {tmp_path / 'gone'}{above} is a "
+                    f"symbolic link to {tmp_path / 'nowhere'}, which does not exist") in capsys.readouterr().err
+
+    def test_a_run_stopped_before_any_row_says_that_nothing_is_written(self, tmp_path, monkeypatch, capsys,
+                                                                      keep_threads):
+        """A folder holding an earlier run: Ctrl-C before the first row left its files with
+        only 'interrupted', after a warning that this run replaces them as it goes."""
+
+        def build(c, device):
+            def fn(x):
+                raise KeyboardInterrupt
+            return fn
+
+        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", bench.LayerCase("test-stop", "stops", build))
+        argv = ["layers", "--shapes", "2x8x2x2", "--out", str(tmp_path), *self.COMMON, "--cases"]
+        assert main([*argv, "fast-bcnn"]) == 0  # the earlier run
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        capsys.readouterr()
+        assert main([*argv, "test-stop"]) == 130
+        err = capsys.readouterr().err.splitlines()
+        assert f"{tmp_path} holds the results of an earlier run (layers.json)" in err[0]
+        assert err[1:] == [
+            "bilinearpool-bench: stopped at 2x8x2x2 test-stop by KeyboardInterrupt, before any row was measured: "
+            "nothing of this run is written (files already in the output folder are an earlier run's)"
+        ]
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    def test_no_plot_when_no_row_was_measured(self, tmp_path, keep_threads):
+        """Every row failed: the plot had axes, a legend and goal lines, and no bar."""
+        argv = ["layers", "--shapes", "1099511627776x1099511627776x1x1", "--cases", "fast-bcnn",
+                "--out", str(tmp_path), *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        assert (tmp_path / "layers.json").is_file() and not (tmp_path / "layers.png").exists()
+
+    def test_reference_cases_come_first_and_notes_fit_the_cases(self, tmp_path, keep_threads):
+        argv = ["layers", "--shapes", "2x4x2x2", "--cases", "matmul-floor", "naive", "--out", str(tmp_path),
+                *self.COMMON]  # fmt: skip
+        assert main(argv) == 0
+        data = json.loads((tmp_path / "layers.json").read_text())
+        assert [r["case"] for r in data["rows"]] == ["naive", "matmul-floor"]
+        assert not [n for n in data["notes"] if "bcnn-2stream" in n]
 
     def test_inputs_that_cannot_be_built_are_that_shape_s_rows(self, tmp_path, capsys, keep_threads):
         # numel overflows: torch refuses before allocating anything. The run stopped there
