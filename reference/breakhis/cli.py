@@ -64,6 +64,16 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, but got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """The parser of ``breakhis-repro``, with ``options``: per command, the option that
     sets each destination (its longest option string), recorded as :func:`build_parser`
@@ -212,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="index a data folder and summarise it",
                        description="Index a BreaKHis tree (or an image folder) and print counts "
-                       "per class, type and magnification, and every file left out with why.")
+                       "per class, type and magnification, and the files left out per reason, "
+                       "with why (--examples of each; --json lists every one).")
     p.add_argument("--data-root", required=True, help="folder to index")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--image-folder", action="store_true", help="generic root/<class>/* folder")
@@ -222,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "truncated files and byte-identical copies are not caught)")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images")
     p.add_argument("--workers", type=int, default=4, help="threads reading images")
-    p.add_argument("--examples", type=int, default=5, help="skipped files shown per reason")
+    p.add_argument("--examples", type=_non_negative, default=5,
+                   help="files left out shown per reason, with why (default: %(default)s; 0: "
+                   "counts only; --json lists all)")
 
     p = sub.add_parser("synth", help="write a synthetic BreaKHis-layout tree",
                        description="Write a SYNTHETIC stand-in for BreaKHis: real PNG files with "
@@ -473,7 +486,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
           f"{count(summary['patients'], 'patient')} "
           f"({count(summary['patient_ids'], 'distinct patient id')})")
     for key in ("by_class", "by_type", "by_magnification", "image_sizes"):
-        if key in summary:
+        if summary.get(key):  # no image sizes without images
             counts = ", ".join(f"{k}={v}" for k, v in summary[key].items())
             print(f"  {key.replace('_', ' ')}: {counts}")
     if summary["metadata_files"]:
@@ -483,10 +496,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if summary["skipped"]:
         print(f"  skipped {count(len(summary['skipped']), 'file')}:")
         for reason, n in summary["skipped_by_reason"].items():
-            examples = [s["path"] for s in summary["skipped"] if s["reason"].startswith(reason)]
-            print(f"    {reason}: {n}, e.g.")
-            for path in examples[: args.examples]:
-                print(f"      {path}")
+            entries = [s for s in summary["skipped"] if s["reason"].split(":", 1)[0] == reason]
+            shown = entries[: args.examples]
+            print(f"    {reason}: {n}")
+            for entry in shown:
+                detail = entry["reason"][len(reason):].lstrip(": ")
+                print(f"      {entry['path']}{f' ({detail})' if detail else ''}")
+            if shown and len(entries) > len(shown):  # --examples 0: the counts only
+                print(f"      ... and {len(entries) - len(shown)} more (--examples N shows more, "
+                      "--json lists all)")
     return _no_images(summary, args)
 
 
@@ -717,6 +735,12 @@ def _no_images(summary: dict, args: argparse.Namespace) -> int:
     """1, with a hint on stderr, when the index found no image; else 0."""
     if summary["images"]:
         return 0
+    unreadable = summary["skipped_by_reason"].get("unreadable image", 0)
+    if unreadable:  # named right, but no file could be read: the names are not the problem
+        print(f"breakhis-repro index: no readable images under {summary['root']!r}: "
+              f"{count(unreadable, 'file')} with an image name could not be read as an image "
+              "(the skipped files of reason 'unreadable image')", file=sys.stderr)
+        return 1
     hint = ("class subfolders holding images" if args.image_folder else
             "BreaKHis file names (e.g. SOB_B_A-14-22549AB-40-001.png) in the release's folders; "
             "for a folder of class subfolders pass --image-folder")

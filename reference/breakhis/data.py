@@ -849,8 +849,28 @@ def _read_patient_csv(path: Path) -> dict[str, _PatientRow]:
     Raises:
         ValueError: on missing columns, a short row, or a key given two patients.
     """
+    if path.is_dir():
+        raise ValueError(f"expected a patient CSV file, but {str(path)!r} is a folder")
     if not path.is_file():
         raise FileNotFoundError(f"patient CSV {str(path)!r} does not exist")
+    try:
+        return _parse_patient_csv(path)
+    except UnicodeDecodeError as err:
+        data = path.read_bytes()  # the error's position is within the chunk decoded
+        try:
+            data.decode("utf-8-sig")
+            where = ""
+        except UnicodeDecodeError as whole:
+            line = data.count(b"\n", 0, whole.start) + 1
+            where = f" (line {line}: byte 0x{data[whole.start]:02x})"
+        raise ValueError(
+            f"patient CSV {str(path)!r} is not UTF-8 text{where}: save it as 'CSV UTF-8' "
+            "(spreadsheet programs' plain 'CSV' may use another encoding)"
+        ) from err
+
+
+def _parse_patient_csv(path: Path) -> dict[str, _PatientRow]:
+    """:func:`_read_patient_csv` of a file that exists."""
     rows: dict[str, _PatientRow] = {}
     # utf-8-sig: spreadsheet programs start UTF-8 CSVs with a byte-order mark.
     with path.open(newline="", encoding="utf-8-sig") as handle:

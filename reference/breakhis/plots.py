@@ -1008,10 +1008,29 @@ def _load_run(run_dir: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any
             if not isinstance(report.get("protocol"), dict):
                 raise ValueError(f"{folder / name} records no protocol; it was not written "
                                  "by breakhis")
+            if "summary" in report:
+                problem = _summary_problem(report["summary"])
+                if problem is not None:
+                    raise ValueError(f"{folder / name}'s summary {problem}; it was not written by "
+                                     "breakhis, or was edited (`breakhis-repro cv --resume` "
+                                     "writes it again)")
             return folder, name, report
     raise ValueError(f"run folder {str(folder)!r} has no metrics: expected cv_metrics.json "
                      "(from `breakhis-repro cv`) or test_metrics.json (from `train` or "
                      "`evaluate`)")
+
+
+def _summary_problem(summary: Any) -> str | None:
+    """What is wrong with a cv summary (:func:`breakhis.evaluate.summarize_folds`: per metric
+    ``mean``, ``std`` and the fold count ``n``), or None."""
+    if not isinstance(summary, dict) or not summary:
+        return f"expected an object of metrics, but got {json.dumps(summary)[:80]}"
+    for metric, entry in summary.items():
+        if not isinstance(entry, dict) or not {"mean", "n"} <= set(entry):
+            return f"expected mean, std and n for {metric!r}, but got {json.dumps(entry)[:80]}"
+        if isinstance(entry["n"], bool) or not isinstance(entry["n"], int) or entry["n"] < 0:
+            return f"expected a fold count n >= 0 for {metric!r}, but got {json.dumps(entry['n'])}"
+    return None
 
 
 #: Why a report is stale, per fold (:func:`_stale_folds`), as the table says it: a cv

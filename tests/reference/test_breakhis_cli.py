@@ -621,6 +621,37 @@ def test_synth_cut_short_leaves_nothing(stop: BaseException, tmp_path: Path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging folder left
 
 
+def test_index_lists_the_files_left_out_with_why(synth_tree, capsys) -> None:
+    """The help promised every file left out with why: the text showed --examples names per
+    reason without their reasons and without saying how many more there were; --examples 0
+    printed 'e.g.' and nothing, -1 dropped the last one."""
+    root, meta = synth_tree
+    assert main(["index", "--data-root", str(root), "--examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "    not an image: 2\n      BreaKHis_v1/histology_slides/breast/.DS_Store (extension '(none)')\n" \
+           "      ... and 1 more (--examples N shows more, --json lists all)\n" in out
+    assert "SOB_M_PC-14-9146-400-999.png (image file is truncated)\n" in out
+    assert main(["index", "--data-root", str(root), "--examples", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "    not an image: 2\n    name outside grammar: 1\n    unreadable image: 1\n" in out
+    with pytest.raises(SystemExit):
+        main(["index", "--data-root", str(root), "--examples", "-1"])
+    assert "argument --examples: expected an integer >= 0, but got '-1'" in capsys.readouterr().err
+
+
+def test_index_of_unreadable_images_does_not_blame_their_names(tmp_path: Path, capsys) -> None:
+    """A tree whose only, rightly named file is not a PNG: the hint said to use BreaKHis
+    file names or --image-folder."""
+    (tmp_path / "40X").mkdir()
+    (tmp_path / "40X" / "SOB_B_A-14-22549AB-40-001.png").write_text("not a png")
+    assert main(["index", "--data-root", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "image sizes" not in out
+    assert err == (f"breakhis-repro index: no readable images under {str(tmp_path)!r}: 1 file with an "
+                   "image name could not be read as an image (the skipped files of reason 'unreadable "
+                   "image')\n")
+
+
 def test_synth_out_as_a_link(tmp_path: Path, capsys) -> None:
     """A link to an empty folder takes the tree (as before the tree was staged); a broken
     link is named as one (was "File exists")."""

@@ -547,6 +547,22 @@ class TestImageFolder:
             index_image_folder(tmp_path, patients_csv=csv_path)
         assert str(csv_path) in str(info.value)
 
+    def test_a_csv_not_in_utf8_or_a_folder_is_named(self, tmp_path: Path) -> None:
+        """Excel's plain 'CSV' (cp1252) gave only "'utf-8' codec can't decode byte 0xe9 in
+        position 13", naming neither the file nor the fix; a folder 'did not exist'."""
+        _png(tmp_path / "data" / "a" / "x.png")
+        csv_path = tmp_path / "p.csv"
+        csv_path.write_bytes("path,patient\na/x.png,José\n".encode("cp1252"))
+        with pytest.raises(ValueError, match=rf"patient CSV '{re.escape(str(csv_path))}' is not "
+                           r"UTF-8 text \(line 2: byte 0xe9\): save it as 'CSV UTF-8'"):
+            index_image_folder(tmp_path / "data", patients_csv=csv_path)
+        with pytest.raises(ValueError, match=rf"expected a patient CSV file, but "
+                           rf"'{re.escape(str(tmp_path / 'data'))}' is a folder"):
+            index_image_folder(tmp_path / "data", patients_csv=tmp_path / "data")
+        csv_path.write_bytes("path,patient\na/x.png,José\n".encode("utf-8"))
+        (record,) = index_image_folder(tmp_path / "data", patients_csv=csv_path).records
+        assert record.patient == "José"
+
     def test_csv_paths_are_normalised_as_in_fold_tables(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

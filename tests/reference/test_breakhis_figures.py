@@ -944,6 +944,28 @@ class TestResultsTable:
         with pytest.raises(ValueError, match=rf"'{run / 'fold1' / 'test_metrics.json'}'"):
             results_rows([run])
 
+    def test_a_malformed_cv_summary_is_named(self, runs, tmp_path: Path) -> None:
+        """An empty summary gave "max() arg is an empty sequence", an entry without its
+        fold count a KeyError traceback."""
+        run = tmp_path / "cv"
+        shutil.copytree(runs["binary"], run)
+        report = json.loads((run / "cv_metrics.json").read_text())
+        metric = next(iter(report["summary"]))
+        entry = {k: v for k, v in report["summary"][metric].items() if k != "n"}
+        for summary, message in [({}, "expected an object of metrics, but got {}"),
+                                 ([], "expected an object of metrics, but got []"),
+                                 ({**report["summary"], metric: entry},
+                                  f"expected mean, std and n for '{metric}'"),
+                                 ({**report["summary"], metric: {**entry, "n": "2"}},
+                                  f"expected a fold count n >= 0 for '{metric}', but got \"2\"")]:
+            (run / "cv_metrics.json").write_text(json.dumps({**report, "summary": summary}))
+            with pytest.raises(ValueError) as info:
+                results_rows([run])
+            assert str(info.value).startswith(f"{run / 'cv_metrics.json'}'s summary {message}")
+            assert "`breakhis-repro cv --resume` writes it again" in str(info.value)
+        (run / "cv_metrics.json").write_text(json.dumps(report))
+        assert results_rows([run])[0]["folds"] == 2
+
     def test_single_folds_name_their_split_and_data(self, runs, tmp_path: Path) -> None:
         """Single-fold runs of 2 and 5 splits, or of other data folders, looked identical."""
         report = json.loads((runs["fine"] / "fold1" / "test_metrics.json").read_text())
