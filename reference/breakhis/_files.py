@@ -231,7 +231,10 @@ def atomic_writer(
     # an OSError the caller was handling on entry is not this write's
     outer = sys.exc_info()[1]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # named by the file the user asked for, not the hidden temporary
+        raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
     try:
         try:
             # the handle owns the descriptor from here on: closed whatever fails below

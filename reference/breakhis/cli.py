@@ -1040,6 +1040,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = exc.named(_option_name(parser, args.command, exc.setting))
         elif isinstance(exc, _CombinationError):  # --no-pretrained --weights: no offline hint
             text = str(exc)
+        elif isinstance(exc, OSError) and exc.errno is not None:  # not "[Errno 2] ..."
+            text = _os_error_text(exc)
         else:
             text = str(exc)
             if "imagenet" in text.lower() or "pretrained" in text.lower():

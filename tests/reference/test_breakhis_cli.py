@@ -652,6 +652,26 @@ def test_index_of_unreadable_images_does_not_blame_their_names(tmp_path: Path, c
                    "image')\n")
 
 
+def test_table_out_that_cannot_be_written_names_it(run: Path, tmp_path: Path, monkeypatch,
+                                                   capsys) -> None:
+    """The error named the hidden temporary file ('/sys/.x.md.04r5kw95.tmp'), and one
+    without a file there printed as "[Errno 2] No such file or directory: ..."."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".t.md.abcd1234.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert main(["table", str(run), "--out", str(tmp_path / "t.md")]) == 2
+    assert _err(capsys) == f"breakhis-repro table: error: Permission denied: {str(tmp_path / 't.md')!r}\n"
+    monkeypatch.undo()
+    if Path("/proc").is_dir():  # no file can be made there, even as root
+        assert main(["table", str(run), "--out", "/proc/breakhis-table.md"]) == 2
+        err = _err(capsys)
+        assert err.startswith("breakhis-repro table: error: ") and "[Errno" not in err, err
+        assert "'/proc/breakhis-table.md'" in err
+
+
 def test_synth_out_as_a_link(tmp_path: Path, capsys) -> None:
     """A link to an empty folder takes the tree (as before the tree was staged); a broken
     link is named as one (was "File exists")."""
