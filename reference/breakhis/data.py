@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -483,6 +484,16 @@ def _size_and_digest(path: Path) -> tuple[tuple[int, int], str]:
     return size, digest
 
 
+def _check_regular(path: Path) -> None:
+    """Raise an ``OSError`` unless ``path`` (followed through links) is a regular file: a
+    FIFO, socket or device is not read."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise OSError(f"not a regular file ({kind}): not read")
+
+
 def _read_sizes(
     paths: Sequence[Path], *, verify: bool, workers: int, progress: bool, digest: bool = False
 ) -> list[tuple[tuple[int, int], str | None] | Exception]:
@@ -493,6 +504,7 @@ def _read_sizes(
     """
     def read(path: Path) -> tuple[tuple[int, int], str | None] | Exception:
         try:
+            _check_regular(path)  # a FIFO named .png blocked its read (and Ctrl-C) for good
             if digest:
                 return _size_and_digest(path)
             return read_image_size(path, verify=verify), None

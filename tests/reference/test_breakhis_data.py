@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -911,3 +913,28 @@ def test_progress_bars_in_a_log_refresh_seldom(terminal, interval, monkeypatch) 
     monkeypatch.setattr(sys, "stderr", Stream())
     bar = progress_bar(range(3), desc="epoch 1/1", file=sys.stderr)
     assert bar.mininterval == interval and list(bar) == [0, 1, 2]
+
+
+def test_a_fifo_named_as_an_image_is_not_read(tmp_path: Path) -> None:
+    """Its read blocked for good (until a writer came), and Ctrl-C could not end index."""
+    import threading
+
+    _png(tmp_path / "40X" / "SOB_B_A-14-22549AB-40-001.png")
+    fifo = tmp_path / "40X" / "SOB_B_A-14-22549AB-40-002.png"
+    os.mkfifo(fifo)
+    read = threading.Event()
+
+    def unblock() -> None:  # a reader stuck on the FIFO gets its end: the test fails, not hangs
+        if not read.wait(30):
+            with contextlib.suppress(OSError):  # ENXIO: no reader
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        index = index_breakhis(tmp_path)
+    finally:
+        read.set()
+    assert len(index.records) == 1
+    (skipped,) = index.skipped
+    assert skipped.path == "40X/SOB_B_A-14-22549AB-40-002.png"
+    assert skipped.reason == "unreadable image: not a regular file (a FIFO): not read"
