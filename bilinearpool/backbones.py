@@ -32,6 +32,7 @@ import importlib.util
 import itertools
 import os
 import pickle
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
@@ -433,18 +434,37 @@ def _in_eval_mode(module: nn.Module) -> Iterator[None]:
         yield
 
 
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` in eval mode whose parameters and buffers are on the meta device
+    (no weight is copied): probes run on it, never on the module itself, which other
+    threads may be running meanwhile (an eval-mode switch or weights swapped for meta
+    tensors there gave their passes wrong results without an error)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo).eval()
+
+
+#: Held while a probe ignores warnings: ``warnings.catch_warnings`` saves and restores the
+#: process's filters, so two probes of two threads interleaving left "ignore" in place.
+_PROBE_WARNINGS = threading.Lock()
+
+
+def _run_probe(probe: nn.Module, x: Tensor) -> Any:
+    """``probe`` (a :func:`_meta_copy`) run on ``x`` without gradients and without its
+    warnings (they come with the module's real passes)."""
+    with torch.no_grad(), _PROBE_WARNINGS, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return probe(x)
+
+
 def _meta_pass(module: nn.Module, x: Tensor) -> Any:
     """``module`` run on ``x`` (a meta tensor) with its parameters and buffers on the meta
-    device: shapes only (no computation, no memory, the weights untouched), in eval mode
-    (:func:`_in_eval_mode`), without gradients and without the module's warnings (a
-    probe: they come with its real passes). Raises whatever the module raises there."""
-    state = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
-    }
-    with _in_eval_mode(module), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.func.functional_call(module, state, (x,))
+    device: shapes only (no computation, no memory, the weights untouched), in eval mode,
+    without gradients and without the module's warnings, on a :func:`_meta_copy` (the
+    module itself is not touched). Raises whatever the module raises there."""
+    return _run_probe(_meta_copy(module), x)
 
 
 #: The largest image side :func:`_smallest_side` tries.
@@ -464,10 +484,14 @@ def _smallest_side(body: nn.Module, x: Tensor) -> int | None:
     smaller side fails as well.
     """
     batch, channels, h, w = (1, *x.shape[1:])
+    try:
+        probe = _meta_copy(body)  # one copy for the dozen passes
+    except Exception:  # noqa: BLE001 - a module that cannot be copied: no size to say
+        return None
 
     def runs_at(size: tuple[int, int]) -> bool:
         try:
-            _meta_pass(body, torch.zeros(batch, channels, *size, device="meta", dtype=x.dtype))
+            _run_probe(probe, torch.zeros(batch, channels, *size, device="meta", dtype=x.dtype))
         except Exception:  # noqa: BLE001 - any failure of a probe is a "no"
             return False
         return True

@@ -278,6 +278,54 @@ class TestImagesTooSmall:
         assert fx(torch.randn(2, 3, 9, 9)).shape == (2, 4, 1, 1)
         assert body.training  # the probe gave the mode back
 
+    def test_the_probes_leave_the_module_alone(self):
+        """The probes ran the module itself in eval mode with meta weights swapped in: a
+        thread running the same model meanwhile got wrong results (max diff 1e23), and two
+        probes at once left the warning filters at "ignore" for good."""
+        import threading
+        import warnings
+
+        calls = []
+
+        class Spy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 5)
+
+            def forward(self, x):
+                calls.append((self, self.training, self.conv.weight.device.type))
+                return self.conv(x)
+
+        body = Spy()
+        fx = build_backbone(body, sample_shape=(3, 16, 16))
+        calls.clear()
+        with pytest.raises(ValueError, match="at least 5 x 5 pixels"):
+            fx(torch.randn(1, 3, 4, 4))
+        assert [c[1:] for c in calls if c[0] is body] == [(True, "cpu")]  # the failing call only
+        assert len(calls) > 3 and all(c[1:] == (False, "meta") for c in calls if c[0] is not body)
+
+        filters = list(warnings.filters)
+        x = torch.randn(2, 3, 16, 16)
+        expected = fx.eval()(x)
+        wrong = []
+
+        def serve():
+            for _ in range(30):
+                if not torch.equal(fx(x), expected):
+                    wrong.append(1)
+
+        def bad_requests():
+            for _ in range(5):
+                with pytest.raises(ValueError, match="at least 5 x 5"):
+                    fx(torch.randn(1, 3, 4, 4))
+
+        threads = [threading.Thread(target=f) for f in (serve, bad_requests, bad_requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not wrong and warnings.filters == filters
+
     @pytest.mark.parametrize("kind", ["even sizes only", "one size fails", "not the size"])
     def test_other_failures_keep_torchs_error(self, kind):
         class Picky(nn.Module):
