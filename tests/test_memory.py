@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 
 from bilinearpool.functional import _memory as M
@@ -30,12 +33,31 @@ def test_no_hint_for_small_buffers_or_without_madvise(monkeypatch):
     assert not M.huge_pages_hint(torch.empty(M._MIN_BYTES))
 
 
-def test_no_hint_when_switched_off(monkeypatch):
+@pytest.mark.parametrize("value", ["0", "false", "OFF", " no ", "0\n"])
+def test_no_hint_when_switched_off(monkeypatch, value):
+    """Only "0" turned it off: "false", "off" and "0 " left the hint on without a word."""
     calls = []
     monkeypatch.setattr(M, "_madvise", lambda: lambda *args: calls.append(args) or 0)
-    monkeypatch.setenv("BILINEARPOOL_HUGEPAGES", "0")
+    monkeypatch.setenv("BILINEARPOOL_HUGEPAGES", value)
     assert not M.huge_pages_hint(torch.empty(M._MIN_BYTES))
     assert not calls
+
+
+@pytest.mark.parametrize("value", ["1", "on", "True", ""])
+def test_hint_when_switched_on(monkeypatch, value):
+    monkeypatch.setattr(M, "_madvise", lambda: lambda *args: 0)
+    monkeypatch.setenv("BILINEARPOOL_HUGEPAGES", value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.huge_pages_hint(torch.empty(M._MIN_BYTES))
+
+
+def test_an_unknown_switch_value_warns_and_stays_on(monkeypatch):
+    monkeypatch.setattr(M, "_madvise", lambda: lambda *args: 0)
+    monkeypatch.setenv("BILINEARPOOL_HUGEPAGES", "disabled")
+    with pytest.warns(RuntimeWarning, match=r"BILINEARPOOL_HUGEPAGES='disabled' is not a value it takes "
+                      r"\(0, false, no or off to turn it off; 1, true, yes or on to keep it on\): left on"):
+        assert M.huge_pages_hint(torch.empty(M._MIN_BYTES))
 
 
 def test_a_refused_hint_changes_nothing(monkeypatch):

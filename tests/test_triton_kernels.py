@@ -370,6 +370,19 @@ def test_backend_off_cuda_is_torch():
     assert E.backend(torch.device("cpu")) == "torch"
 
 
+@pytest.mark.parametrize("value", ["0", "false", "Off", " no"])
+def test_switched_off_by_any_off_value(monkeypatch, value):
+    """Only "0" switched Triton off ("false" and "off" kept it, without a word); asked
+    before anything touches the CUDA runtime, so this runs without a GPU."""
+    import torch
+
+    import bilinearpool.functional._elementwise as E
+
+    monkeypatch.setenv("BILINEARPOOL_TRITON", value)
+    monkeypatch.setattr(E, "tracing", lambda: (_ for _ in ()).throw(AssertionError("not switched off")))
+    assert E.backend(torch.device("cuda")) == "torch"
+
+
 @pytest.mark.parametrize("tracer", ["torch.compiler.is_compiling", "torch.jit.is_tracing", "torch.onnx.is_in_onnx_export"])
 def test_traced_graphs_get_torch_ops(monkeypatch, tracer):
     """While torch.compile, jit.trace or ONNX export trace the op, even CUDA uses torch ops

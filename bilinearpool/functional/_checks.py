@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import numbers
 import operator
+import os
+import warnings
 from typing import Callable, ContextManager, TypeVar
 
 import torch
@@ -37,6 +39,7 @@ __all__ = [
     "check_tensor",
     "compute_dtype",
     "does_nothing",
+    "env_switch",
     "make_layer",
     "no_autocast",
     "pair_streams",
@@ -145,6 +148,40 @@ def plain_ops(*tensors: Tensor | None) -> bool:
     if any(_functorch_wrapped(t) for t in present):
         return True
     return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in present)
+
+
+#: Values of an on/off environment variable (compared stripped, in lower case).
+_SWITCH_OFF = frozenset({"0", "false", "no", "off"})
+_SWITCH_ON = frozenset({"", "1", "true", "yes", "on"})
+
+
+def env_switch(name: str) -> bool:
+    """Whether the environment variable ``name``, a switch that is on unless set off, is
+    on: ``0``, ``false``, ``no`` and ``off`` (any case, spaces around ignored) turn it off;
+    unset, ``1``, ``true``, ``yes`` and ``on`` leave it on. Any other value leaves it on
+    with a :class:`RuntimeWarning` that names the variable and the values it takes (only
+    ``0`` turned a switch off, and ``false`` left it on without a word).
+
+    Examples:
+        >>> os.environ["BILINEARPOOL_EXAMPLE"] = " Off"
+        >>> env_switch("BILINEARPOOL_EXAMPLE"), env_switch("BILINEARPOOL_UNSET_EXAMPLE")
+        (False, True)
+        >>> del os.environ["BILINEARPOOL_EXAMPLE"]
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return True
+    value = raw.strip().lower()
+    if value in _SWITCH_OFF:
+        return False
+    if value not in _SWITCH_ON:
+        warnings.warn(
+            f"{name}={raw!r} is not a value it takes (0, false, no or off to turn it off; 1, true, "
+            "yes or on to keep it on): left on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
 
 
 def make_layer(factory: object, name: str, example: str) -> torch.nn.Module:

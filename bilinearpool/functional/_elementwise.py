@@ -31,12 +31,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._checks import env_switch
 
 __all__ = [
     "backend",
@@ -60,13 +61,14 @@ _MIN_CAPABILITY = (7, 0)
 
 def backend(device: torch.device) -> str:
     """``"triton"`` on a CUDA device Triton supports, when Triton imports and
-    ``BILINEARPOOL_TRITON`` is not ``0``; else ``"torch"``.
+    ``BILINEARPOOL_TRITON`` is not off (``0``, ``false``, ``no``, ``off``:
+    :func:`~bilinearpool.functional._checks.env_switch`); else ``"torch"``.
 
     Also ``"torch"`` while the op is traced (``torch.compile``, ``torch.jit.trace``, ONNX
     export): the traced graph then holds plain torch operations, which the compiler fuses
     itself and exporters understand.
     """
-    if device.type != "cuda" or os.environ.get("BILINEARPOOL_TRITON", "1") == "0":
+    if device.type != "cuda" or not env_switch("BILINEARPOOL_TRITON"):
         return "torch"
     if tracing():
         return "torch"

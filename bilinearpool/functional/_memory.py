@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
 from typing import Any
 
 from torch import Tensor
+
+from ._checks import env_switch
 
 __all__ = ["huge_pages_hint", "new_output"]
 
@@ -51,7 +52,7 @@ def huge_pages_hint(t: Tensor) -> bool:
     """Ask Linux to back the 2 MiB-aligned interior of CPU tensor ``t``'s memory with huge
     pages, before it is first written; returns whether the hint was given and taken."""
     nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < _MIN_BYTES or os.environ.get("BILINEARPOOL_HUGEPAGES", "1") == "0":
+    if t.device.type != "cpu" or nbytes < _MIN_BYTES or not env_switch("BILINEARPOOL_HUGEPAGES"):
         return False
     madvise = _madvise()
     if madvise is None:
