@@ -104,17 +104,17 @@ class ChannelReduction(nn.Sequential):
         self[0].reset_parameters()
         self[1].reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_floating(x)
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Sequential's name: layer(input=...) works
+        check_floating(input)
         # (sizes are traced values in torch.jit.trace: see functional._checks.as_channel_matrix)
-        if x.dim() != 4 or (not torch.jit.is_tracing() and x.shape[1] != self.in_channels):
+        if input.dim() != 4 or (not torch.jit.is_tracing() and input.shape[1] != self.in_channels):
             raise ValueError(
                 f"ChannelReduction expected feature maps (B, {self.in_channels}, H, W), but got "
-                f"shape {tuple(x.shape)}" + (
+                f"shape {tuple(input.shape)}" + (
                     "; token sequences (B, N, C) need a linear layer instead (a 1x1 convolution "
-                    "takes maps only)" if x.dim() == 3 else ""))
-        check_input_dtype(x, self[0].weight, "ChannelReduction")
-        return super().forward(x)
+                    "takes maps only)" if input.dim() == 3 else ""))
+        check_input_dtype(input, self[0].weight, "ChannelReduction")
+        return super().forward(input)
 
 
 def _in_backbone(name: str) -> bool:

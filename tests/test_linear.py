@@ -33,6 +33,9 @@ def test_wide_linear_is_a_linear_with_the_same_state_dict():
     torch.testing.assert_close(wide(x), plain(x), rtol=1e-5, atol=1e-5)
     no_bias = WideLinear(40000, 2, bias=False)
     assert no_bias.bias is None and no_bias(x).shape == (3, 2)
+    # nn.Linear's forward takes `input`: called by keyword (generic wrappers, hooks with
+    # kwargs) it raised "unexpected keyword argument 'input'"
+    torch.testing.assert_close(wide(input=x), plain(input=x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("d", [WIDE, 3 * L._CHUNK, 3 * L._CHUNK + 17])  # below one chunk; chunks; + a remainder

@@ -60,6 +60,7 @@ class TestFastBCNN:
         with pytest.raises(ValueError, match=r"expected feature maps \(B, 8, H, W\), but got shape \(2, 6, 3, 3\)$"):
             layer(torch.randn(2, 6, 3, 3))
         assert layer(torch.randn(2, 8, 3, 3)).shape == (2, 4, 3, 3)
+        assert layer(input=torch.randn(2, 8, 3, 3)).shape == (2, 4, 3, 3)  # nn.Sequential's name
         assert list(layer.state_dict()) == list(nn.Sequential(*layer).state_dict())
 
     def test_reduce_dim(self):

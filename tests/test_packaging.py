@@ -34,8 +34,8 @@ _JUNK = shutil.ignore_patterns("__pycache__", "*.py[cod]", "_build", "generated"
 
 
 def _modules() -> set[str]:
-    """The files the wheel must hold: every module of both packages and py.typed."""
-    wanted = {"bilinearpool/py.typed"}
+    """The files the wheel must hold: every module of both packages and their py.typed."""
+    wanted = {"bilinearpool/py.typed", "breakhis/py.typed"}
     for package, source in (
         ("bilinearpool", ROOT / "bilinearpool"),
         ("breakhis", ROOT / "reference" / "breakhis"),
@@ -148,7 +148,7 @@ def test_installed_wheel_imports_and_runs_its_commands(
     assert modules <= set(imported)
     outside = {n: f for n, f in imported.items() if not Path(f).is_relative_to(site)}
     assert outside == {}, "imported from outside the installed wheel"
-    assert (site / "bilinearpool" / "py.typed").is_file()
+    assert (site / "bilinearpool" / "py.typed").is_file() and (site / "breakhis" / "py.typed").is_file()
     # each console script as the installed metadata declares it (what pip's launcher runs)
     for script in ("bilinearpool-bench", "breakhis-repro"):
         launch = (

@@ -210,10 +210,16 @@ def _add_model_args(p: _Recorder) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+#: The first line of the module's docstring (which ``python -OO`` strips: then written out).
+_DESCRIPTION = ((__doc__ or "").split("\n\n")[0].replace("``", "")
+                or "breakhis-repro: index, train, cross-validate, evaluate, predict, draw figures, "
+                   "tabulate.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``breakhis-repro``."""
     parser = _Parser(
-        prog="breakhis-repro", description=__doc__.split("\n\n")[0].replace("``", ""),
+        prog="breakhis-repro", description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"{_EPILOG}\n\n{_TORCHRUN}")
     from . import __version__
 

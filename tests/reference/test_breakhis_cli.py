@@ -1043,6 +1043,17 @@ def test_version(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"breakhis-repro {__version__}"
 
 
+def test_runs_without_docstrings() -> None:
+    """Under python -OO (docstrings stripped) every command failed: __doc__ was None."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-OO", "-m", "breakhis.cli", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "breakhis-repro: index, train, cross-validate" in done.stdout
+
+
 @pytest.mark.parametrize("backbone", ["regnet_x_400mf", "resnet18", "inception_v3"])
 def test_se_check_passes_backbones_that_take_se_or_cannot_be_built_on_meta(backbone: str) -> None:
     """torchvision's RegNets copy tensor data in __init__, which the meta device refuses:
