@@ -443,12 +443,17 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     for t in itertools.chain(module.parameters(), module.buffers()):
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    for sub in module.modules():  # tensors held otherwise are shared, not copied
+        for value in vars(sub).values():
+            if isinstance(value, Tensor) and id(value) not in memo:
+                memo[id(value)] = value
     return copy.deepcopy(module, memo).eval()
 
 
 #: Held while a probe ignores warnings: ``warnings.catch_warnings`` saves and restores the
 #: process's filters, so two probes of two threads interleaving left "ignore" in place.
-_PROBE_WARNINGS = threading.Lock()
+#: Reentrant: a backbone that holds a FeatureExtractor probes it within its own probe.
+_PROBE_WARNINGS = threading.RLock()
 
 
 def _run_probe(probe: nn.Module, x: Tensor) -> Any:
@@ -459,12 +464,33 @@ def _run_probe(probe: nn.Module, x: Tensor) -> Any:
         return probe(x)
 
 
+def _prober(module: nn.Module) -> Callable[[Tensor], Any]:
+    """A function that runs ``module``'s shapes on a meta tensor: on a :func:`_meta_copy`
+    (the module itself untouched), or, for a module that cannot be copied (``weight_norm``,
+    a lock among its attributes), on the module itself with meta tensors swapped in and
+    in eval mode meanwhile, under the probe lock (other threads running it then see that)."""
+    try:
+        probe = _meta_copy(module)
+    except Exception:  # noqa: BLE001 - whatever deepcopy raises: probe in place
+        def in_place(x: Tensor) -> Any:
+            state = {
+                name: torch.empty_like(t, device="meta")
+                for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
+            }
+            with _PROBE_WARNINGS, _in_eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.func.functional_call(module, state, (x,))
+
+        return in_place
+    return lambda x: _run_probe(probe, x)
+
+
 def _meta_pass(module: nn.Module, x: Tensor) -> Any:
     """``module`` run on ``x`` (a meta tensor) with its parameters and buffers on the meta
     device: shapes only (no computation, no memory, the weights untouched), in eval mode,
-    without gradients and without the module's warnings, on a :func:`_meta_copy` (the
-    module itself is not touched). Raises whatever the module raises there."""
-    return _run_probe(_meta_copy(module), x)
+    without gradients and without the module's warnings (:func:`_prober`). Raises
+    whatever the module raises there."""
+    return _prober(module)(x)
 
 
 #: The largest image side :func:`_smallest_side` tries.
@@ -484,14 +510,11 @@ def _smallest_side(body: nn.Module, x: Tensor) -> int | None:
     smaller side fails as well.
     """
     batch, channels, h, w = (1, *x.shape[1:])
-    try:
-        probe = _meta_copy(body)  # one copy for the dozen passes
-    except Exception:  # noqa: BLE001 - a module that cannot be copied: no size to say
-        return None
+    probe = _prober(body)  # one copy for the dozen passes
 
     def runs_at(size: tuple[int, int]) -> bool:
         try:
-            _run_probe(probe, torch.zeros(batch, channels, *size, device="meta", dtype=x.dtype))
+            probe(torch.zeros(batch, channels, *size, device="meta", dtype=x.dtype))
         except Exception:  # noqa: BLE001 - any failure of a probe is a "no"
             return False
         return True

@@ -709,6 +709,7 @@ def _write_stopped(
     err: BaseException,
     where: str,
     rows: int,
+    name: str,
 ) -> None:
     """When a run stops with ``err`` at ``where``: write its ``rows`` measured rows, marked
     incomplete, and say so on stderr (nothing when there is nowhere to write or nothing).
@@ -722,8 +723,8 @@ def _write_stopped(
     if not rows:  # a warning may have said that this run replaces the folder's files
         print(
             f"bilinearpool-bench: stopped at {where} by {_error_text(err)}, before any row was "
-            "measured: nothing of this run is written (files already in the output folder are "
-            "an earlier run's)",
+            f"measured: no {name} results of this run are written ({name}.* files already in "
+            "the output folder are an earlier run's)",
             file=sys.stderr,
         )
         with contextlib.suppress(AttributeError):
@@ -1026,7 +1027,7 @@ def run_layers(
             where = f"{label} writing the results so far"
             _write_partial(checkpoint, result, done, len(plan), "shapes")
     except BaseException as err:
-        _write_stopped(checkpoint, result, err, where, len(raw))
+        _write_stopped(checkpoint, result, err, where, len(raw), "layers")
         raise
     finally:
         bar.close()
@@ -1658,7 +1659,7 @@ def run_models(
             del models
             gc.collect()
     except BaseException as err:
-        _write_stopped(checkpoint, result, err, where, len(raw))
+        _write_stopped(checkpoint, result, err, where, len(raw), "models")
         raise
     finally:
         bar.close()

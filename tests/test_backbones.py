@@ -326,6 +326,19 @@ class TestImagesTooSmall:
             t.join()
         assert not wrong and warnings.filters == filters
 
+    def test_nested_extractors_and_modules_that_cannot_be_copied(self):
+        """An extractor inside a backbone probes within the outer probe (a plain lock
+        deadlocked); weight_norm cannot be deep-copied: probed in place, the size still said."""
+        inner = build_backbone(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), sample_shape=(3, 16, 16))
+        outer = build_backbone(nn.Sequential(inner, nn.Conv2d(8, 8, 7)), sample_shape=(3, 16, 16))
+        with pytest.raises(ValueError, match="at least 9 x 9 pixels"):
+            outer(torch.randn(1, 3, 8, 8))
+        normed = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 5)))
+        fx = build_backbone(normed, sample_shape=(3, 16, 16))
+        with pytest.raises(ValueError, match="at least 5 x 5 pixels"):
+            fx(torch.randn(1, 3, 4, 4))
+        assert normed.training and normed[0].weight_v.device.type == "cpu"
+
     @pytest.mark.parametrize("kind", ["even sizes only", "one size fails", "not the size"])
     def test_other_failures_keep_torchs_error(self, kind):
         class Picky(nn.Module):

@@ -1110,7 +1110,8 @@ class TestRobustRuns:
         assert f"{tmp_path} holds the results of an earlier run (layers.json)" in err[0]
         assert err[1:] == [
             "bilinearpool-bench: stopped at 2x8x2x2 test-stop by KeyboardInterrupt, before any row was measured: "
-            "nothing of this run is written (files already in the output folder are an earlier run's)"
+            "no layers results of this run are written (layers.* files already in the output folder are an "
+            "earlier run's)"
         ]
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 

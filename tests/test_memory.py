@@ -58,6 +58,9 @@ def test_an_unknown_switch_value_warns_and_stays_on(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"BILINEARPOOL_HUGEPAGES='disabled' is not a value it takes "
                       r"\(0, false, no or off to turn it off; 1, true, yes or on to keep it on\): left on"):
         assert M.huge_pages_hint(torch.empty(M._MIN_BYTES))
+    with warnings.catch_warnings():  # once per value: the switch is read on every call
+        warnings.simplefilter("error")
+        assert M.huge_pages_hint(torch.empty(M._MIN_BYTES))
 
 
 def test_a_refused_hint_changes_nothing(monkeypatch):

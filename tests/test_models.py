@@ -940,6 +940,11 @@ def test_two_stream_checkpoint_into_a_shared_backbone_is_refused():
     for key, value in before.items():
         torch.testing.assert_close(same.state_dict()[key], value)
     BCNN(tiny(6), num_classes=3).load_state_dict(before)  # into two streams: both start from it
+    with torch.no_grad():  # a diverged weight: NaN is not == NaN, but the entries are one
+        shared.backbone.body[0].weight[0, 0, 0, 0] = float("nan")
+    BCNN(tiny(6), num_classes=3, shared=True).load_state_dict(shared.state_dict())
+    apart = {k: v.clone() for k, v in shared.state_dict().items()}  # no longer one tensor
+    BCNN(tiny(6), num_classes=3, shared=True).load_state_dict(apart)
     module = tiny(6)
     BCNN(module, module, num_classes=3).load_state_dict(before)  # the same module twice is shared too
     with pytest.raises(RuntimeError, match="two backbones differ"):

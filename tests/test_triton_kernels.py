@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -379,7 +380,9 @@ def test_switched_off_by_any_off_value(monkeypatch, value):
     import bilinearpool.functional._elementwise as E
 
     monkeypatch.setenv("BILINEARPOOL_TRITON", value)
-    monkeypatch.setattr(E, "tracing", lambda: (_ for _ in ()).throw(AssertionError("not switched off")))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(E, "tracing", lambda: False)
+    monkeypatch.setattr(E, "_capability", lambda index: (_ for _ in ()).throw(AssertionError("not switched off")))
     assert E.backend(torch.device("cuda")) == "torch"
 
 
@@ -392,8 +395,10 @@ def test_traced_graphs_get_torch_ops(monkeypatch, tracer):
     import bilinearpool.functional._elementwise as E
 
     monkeypatch.setattr(tracer, lambda: True)
-    monkeypatch.setenv("BILINEARPOOL_TRITON", "1")
-    assert E.backend(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("BILINEARPOOL_TRITON", "maybe")  # a value that warns: not while traced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert E.backend(torch.device("cuda")) == "torch"
 
 
 def test_matrices_too_large_for_the_grid_take_torch_ops(monkeypatch):

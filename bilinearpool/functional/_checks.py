@@ -153,14 +153,16 @@ def plain_ops(*tensors: Tensor | None) -> bool:
 #: Values of an on/off environment variable (compared stripped, in lower case).
 _SWITCH_OFF = frozenset({"0", "false", "no", "off"})
 _SWITCH_ON = frozenset({"", "1", "true", "yes", "on"})
+_SWITCH_WARNED: set[tuple[str, str]] = set()
 
 
 def env_switch(name: str) -> bool:
     """Whether the environment variable ``name``, a switch that is on unless set off, is
     on: ``0``, ``false``, ``no`` and ``off`` (any case, spaces around ignored) turn it off;
-    unset, ``1``, ``true``, ``yes`` and ``on`` leave it on. Any other value leaves it on
-    with a :class:`RuntimeWarning` that names the variable and the values it takes (only
-    ``0`` turned a switch off, and ``false`` left it on without a word).
+    unset, empty, ``1``, ``true``, ``yes`` and ``on`` leave it on. Any other value leaves it
+    on with a :class:`RuntimeWarning` (once per value) that names the variable and the
+    values it takes (only ``0`` turned a switch off, and ``false`` left it on without a
+    word).
 
     Examples:
         >>> os.environ["BILINEARPOOL_EXAMPLE"] = " Off"
@@ -174,7 +176,8 @@ def env_switch(name: str) -> bool:
     value = raw.strip().lower()
     if value in _SWITCH_OFF:
         return False
-    if value not in _SWITCH_ON:
+    if value not in _SWITCH_ON and (name, raw) not in _SWITCH_WARNED:
+        _SWITCH_WARNED.add((name, raw))  # once per value: the switches are read per call
         warnings.warn(
             f"{name}={raw!r} is not a value it takes (0, false, no or off to turn it off; 1, true, "
             "yes or on to keep it on): left on",

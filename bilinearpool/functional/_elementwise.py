@@ -68,9 +68,9 @@ def backend(device: torch.device) -> str:
     export): the traced graph then holds plain torch operations, which the compiler fuses
     itself and exporters understand.
     """
-    if device.type != "cuda" or not env_switch("BILINEARPOOL_TRITON"):
+    if device.type != "cuda" or tracing():  # traced first: env_switch may warn, which dynamo cannot trace
         return "torch"
-    if tracing():
+    if not env_switch("BILINEARPOOL_TRITON"):
         return "torch"
     if _capability(device.index if device.index is not None else torch.cuda.current_device()) < _MIN_CAPABILITY:
         return "torch"

@@ -799,8 +799,8 @@ _RUN_FILES = frozenset({_CHECKPOINT, "config.json", "train.log", "metrics.csv", 
                         "figures.json"})
 
 #: Files that mark a folder as a run's (``train``/``cv``), an ``evaluate --out`` or a
-#: ``figures --out`` folder.
-_RUN_MARKERS = (_CHECKPOINT, "cv_metrics.json", "test_metrics.json", "config.json", "figures.json")
+#: ``figures --out`` folder (not ``config.json`` alone: a common name).
+_RUN_MARKERS = (_CHECKPOINT, "cv_metrics.json", "test_metrics.json", "figures.json")
 
 
 def _run_file_problem(path: Path) -> str | None:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ._files import SettingError, check_int, folder_problem, progress_bar, remove_stale_staging, staging_folder
+from ._files import SettingError, check_int, folder_problem, progress_bar
 from .data import BENIGN_TYPES, IMAGE_ERRORS, MAGNIFICATIONS, TYPE_CODES, TYPE_FOLDERS
 
 __all__ = [
@@ -203,9 +203,8 @@ def make_synthetic_breakhis(
     """Write a synthetic BreaKHis-layout tree of real PNG files.
 
     Args:
-        root: output folder (created; must be empty or absent). The tree is written in
-            a hidden folder beside it and moved there once complete: a failure or Ctrl-C
-            on the way leaves no partial tree.
+        root: output folder (created; must be empty or absent). A failure or Ctrl-C on
+            the way removes what was written: no partial tree is left.
         images_per_magnification: images per patient and magnification.
         size: ``(width, height)`` of the images (the release has 700x460).
         layout: ``"official"`` (``root/BreaKHis_v1/histology_slides/...`` plus
@@ -252,22 +251,24 @@ def make_synthetic_breakhis(
         root = root.resolve()
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"output folder {str(root)!r} exists and is not empty")
-    # Written in a hidden folder beside root and moved there by one rename once complete:
-    # an error or Ctrl-C on the way leaves nothing (a partial tree indexed as a smaller
-    # data set, and a folder that refused the next try). The folders made above root
-    # are removed again on failure.
-    created = [place for place in (root.parent, *root.parent.parents) if not place.exists()]
-    root.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(root.parent, root.name)  # of a run killed before it cleaned up
-    work = staging_folder(root.parent, root.name)
+    # An error or Ctrl-C on the way removes what this call wrote (a partial tree was
+    # indexed as a smaller data set, and its folder refused the next try): the folder's
+    # contents when it was there (empty) before, else the folder and those made above it.
+    existed = root.exists()
+    created = [place for place in (root, *root.parents) if not place.exists()]
+    root.mkdir(parents=True, exist_ok=True)
     try:
-        meta = _write_tree(work, images_per_magnification, width, height, layout, patients,
+        meta = _write_tree(root, images_per_magnification, width, height, layout, patients,
                            irregular, folds, seed, progress)
-        if root.exists():
-            root.rmdir()  # empty (checked above); the rename needs its name free
-        work.rename(root)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if existed:
+            for child in root.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
         for place in created:  # deepest first; each made by this call, empty again
             with contextlib.suppress(OSError):
                 place.rmdir()

@@ -672,6 +672,19 @@ def test_table_out_that_cannot_be_written_names_it(run: Path, tmp_path: Path, mo
         assert "'/proc/breakhis-table.md'" in err
 
 
+def test_synth_into_the_current_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`--out .` (an empty working folder) is written in place, with the umask's modes (a
+    staged tree failed on '.', replaced an absolute working folder and came out 0700)."""
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert main(["synth", "--out", ".", "--size", "8x8", "--no-irregular"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "synthetic.json").is_file() and Path.cwd() == tmp_path
+    assert oct((tmp_path / "BreaKHis_v1").stat().st_mode & 0o777) == "0o755"
+
+
 def test_synth_out_as_a_link(tmp_path: Path, capsys) -> None:
     """A link to an empty folder takes the tree (as before the tree was staged); a broken
     link is named as one (was "File exists")."""
@@ -719,6 +732,10 @@ def test_table_out_does_not_replace_a_config_or_an_evaluation(run: Path, tmp_pat
     assert "(beside its test_metrics.json): pass another path" in _err(capsys)
     assert (evaluation / "test_metrics.json").read_bytes() == metrics
     assert main(["table", str(evaluation), "--out", str(evaluation / "table.md")]) == 0
+    other = tmp_path / "proj"  # a config.json of something else: no run there
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert main(["table", str(run), "--out", str(other / "metrics.md")]) == 0
 
 
 class TestOverwrite:
