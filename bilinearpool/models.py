@@ -741,8 +741,8 @@ class BilinearClassifier(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         # A shared backbone is in the state_dict twice (backbone.*, backbone_b.*), and both
-        # load into the one module: a checkpoint with two different backbones (a
-        # two-stream BCNN) would leave the second stream's weights without a word.
+        # load into the one module: of a checkpoint with two different backbones (a
+        # two-stream BCNN) the last loaded would win and the other be dropped without a word.
         if self.backbone_b is not None and self.backbone_b is self.backbone:
             differ = _differing_streams(state_dict, prefix + "backbone.", prefix + "backbone_b.")
             if differ:

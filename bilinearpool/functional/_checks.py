@@ -40,6 +40,7 @@ __all__ = [
     "compute_dtype",
     "does_nothing",
     "env_switch",
+    "exporting",
     "make_layer",
     "no_autocast",
     "pair_streams",
