@@ -456,12 +456,13 @@ def _meta_copy(module: nn.Module) -> nn.Module:
 _PROBE_WARNINGS = threading.RLock()
 
 
-def _run_probe(probe: nn.Module, x: Tensor) -> Any:
-    """``probe`` (a :func:`_meta_copy`) run on ``x`` without gradients and without its
-    warnings (they come with the module's real passes)."""
+@contextlib.contextmanager
+def _quiet_probe() -> Iterator[None]:
+    """A probe's block: without gradients and without the module's warnings (they come with
+    its real passes), under :data:`_PROBE_WARNINGS`."""
     with torch.no_grad(), _PROBE_WARNINGS, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return probe(x)
+        yield
 
 
 def _prober(module: nn.Module) -> Callable[[Tensor], Any]:
@@ -477,12 +478,16 @@ def _prober(module: nn.Module) -> Callable[[Tensor], Any]:
                 name: torch.empty_like(t, device="meta")
                 for name, t in itertools.chain(module.named_parameters(), module.named_buffers())
             }
-            with _PROBE_WARNINGS, _in_eval_mode(module), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _quiet_probe(), _in_eval_mode(module):
                 return torch.func.functional_call(module, state, (x,))
 
         return in_place
-    return lambda x: _run_probe(probe, x)
+
+    def on_copy(x: Tensor) -> Any:
+        with _quiet_probe():
+            return probe(x)
+
+    return on_copy
 
 
 def _meta_pass(module: nn.Module, x: Tensor) -> Any:
