@@ -98,3 +98,28 @@ def test_new_buffer_benchmark_runs_and_records_its_command(scripts_path: None, t
     assert md.startswith("Command: `python benchmarks/bench_new_buffer.py --mib 8 --repeats 1 --warmup 0 --out ")
     assert [line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| 8 |")] == [
         "fresh", "fresh-hinted", "refill"]
+
+
+
+def test_gram_paths_benchmark_runs_both_paths_and_restores_the_switch(scripts_path: None, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from bilinearpool.functional import bilinear as FB
+
+    bench = importlib.import_module("bench_gram_paths")
+    before = FB._GROUPS_UP_TO
+    calls: list[str] = []
+    for name in ("_gram_groups_forward", "_panels"):
+        real = getattr(FB, name)
+        monkeypatch.setattr(FB, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    assert bench.main(["--shapes", "3x6x2x2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert FB._GROUPS_UP_TO == before
+    assert "_gram_groups_forward" in calls and "_panels" in calls
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("Command: `python benchmarks/bench_gram_paths.py --shapes 3x6x2x2 ")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| 3x6x2x2 |")]
+    assert [r[1] for r in rows] == ["naive", "groups", "panels"]
+    assert rows[2][4] == "1.0" and rows[1][-1] == rows[2][-1] == "groups"  # panels vs itself; C = 6 takes groups
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "3x6x2"])
+    assert "expected a shape BxCxHxW of four positive integers, got '3x6x2'" in capsys.readouterr().err

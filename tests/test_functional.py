@@ -48,14 +48,23 @@ def naive_chain(x_a, x_b=None, *, triu=False, eps=FB.SIGNED_SQRT_EPS, sqrt=True,
     return l2_normalize(y) if l2 else y
 
 
-@pytest.fixture(params=["whole", "blocked", "blocked-dots", "blocked-rebuilt", "matrices"])
+@pytest.fixture(
+    params=["whole", "samples", "samples-rebuilt", "blocked", "blocked-dots", "blocked-rebuilt", "matrices"]
+)
 def blocking(request, monkeypatch):
-    """Run the fused op with whole samples or a few rows per block (CPU), the latter also
-    with a per-sample BLAS dot for every per-sample sum, or with the backward keeping only
-    a few blocks between its sweeps (rebuilding the others); or as off the CPU, on whole
-    matrices with the elementwise passes of ``_elementwise`` (torch ops)."""
+    """Run the fused op on CPU with all samples in one block; with two samples per block
+    (one-stream groups: :func:`_sample_groups`), also with the backward keeping the first
+    group's matrices between its sweeps and rebuilding the second's; with a few rows per
+    block (one-stream panels), also with a per-sample BLAS dot for every per-sample sum,
+    or with the backward keeping only a few blocks (rebuilding the others); or as off the
+    CPU, on whole matrices with the elementwise passes of ``_elementwise`` (torch ops)."""
     if request.param == "matrices":
         monkeypatch.setattr(FB, "_whole_matrices", lambda device: True)
+    if request.param.startswith("samples"):
+        # The one-stream inputs below: 3 samples of 11 x 11 = 121 entries, 2 per group.
+        monkeypatch.setattr(FB, "_block_elements", lambda device: 250)
+    if request.param == "samples-rebuilt":
+        monkeypatch.setattr(FB, "_KEEP_BYTES", 2 * 121 * 8)  # one float64 group of two
     if request.param.startswith("blocked"):
         monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
     if request.param == "blocked-dots":
@@ -549,6 +558,41 @@ class TestFastBilinearPool:
         rows = {r1 - r0 for _, _, r0, r1 in panels}
         if channels >= 1024:  # large matrices are cut into several panels
             assert len({r0 for _, _, r0, _ in panels}) >= 8 and max(rows) <= target // channels
+
+    @pytest.mark.parametrize(
+        "batch,channels,target,groups",
+        [
+            (3, 11, 250, [(0, 2), (2, 3)]),
+            (32, 256, 1 << 18, [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), (24, 28), (28, 32)]),
+            (5, 128, 1 << 18, [(0, 5)]),
+            (0, 11, 250, []),
+            (8, 12, 140, None),  # one matrix is more than a block: panels
+            (8, 257, 1 << 26, None),  # more than _GROUPS_UP_TO entries
+            (16, 512, 1 << 18, None),
+            (8, 2048, 1 << 18, None),
+        ],
+    )
+    def test_sample_groups_cover_the_batch_once(self, batch, channels, target, groups):
+        assert FB._sample_groups(batch, channels, target) == groups
+
+    @pytest.mark.parametrize("channels,path", [(11, "groups"), (12, "panels")])
+    def test_one_stream_cpu_path_follows_the_block_size(self, channels, path, monkeypatch):
+        """Full output: whole-sample groups while one C x C matrix fits in a block, else
+        panels of the upper triangle (packed output: always panels)."""
+        monkeypatch.setattr(FB, "_block_elements", lambda device: 121)
+        called = []
+        for name in ("_gram_groups_forward", "_gram_groups_backward"):
+            real = getattr(FB, name)
+            monkeypatch.setattr(FB, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k))
+        x = torch.randn(2, channels, 3, 3, dtype=torch.float64, requires_grad=True)
+        for triu in (False, True):
+            called.clear()
+            out = fast_bilinear_pool(x, triu=triu)
+            (g,) = torch.autograd.grad(out, x, torch.ones_like(out))
+            (g_ref,) = torch.autograd.grad(naive_chain(x, triu=triu), x, torch.ones_like(out))
+            torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+            grouped = "_gram_groups_forward" in called and "_gram_groups_backward" in called
+            assert grouped == (path == "groups" and not triu), (triu, called)
 
     @pytest.mark.parametrize("triu", [False, True])
     def test_transposes_as_views_leave_the_incoming_gradient_alone(self, triu, monkeypatch, blocking):

@@ -445,6 +445,95 @@ def _panels(batch: int, channels: int, target: int) -> list[tuple[int, int, int,
     ]
 
 
+#: The one-stream op's CPU forward and backward take whole samples in groups up to this
+#: many entries per sample's matrix (C <= 256), panels of the upper triangle above it.
+_GROUPS_UP_TO = 1 << 16
+
+
+def _sample_groups(batch: int, channels: int, target: int) -> list[tuple[int, int]] | None:
+    """(b0, b1) groups of whole samples, about ``target`` entries each, for the one-stream
+    op's full output on CPU; ``None`` where it builds panels of the upper triangle instead
+    (:func:`_panels`): when one sample's ``C x C`` matrix exceeds ``target`` or
+    :data:`_GROUPS_UP_TO` entries.
+
+    A group is one batched product into its place in the output, one elementwise pass,
+    and in backward one product ``S A``: full products, where panels compute 0.75 of them
+    at two panels, but without the panels' mirrored copies, zero-filled gradient, strided
+    per-sample products and per-panel Python work. Measured side by side on the 2-core
+    development CPU (``benchmarks/bench_gram_paths.py``, committed in
+    ``benchmarks/results/cpu-2core-gram-paths/``), groups were faster at C = 128 and 256
+    and panels at C = 512, where the products dominate.
+    """
+    if channels * channels > min(target, _GROUPS_UP_TO):
+        return None
+    step = max(1, target // (channels * channels))
+    return [(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
+
+
+def _gram_groups_forward(
+    a_: Tensor, groups: list[tuple[int, int]], scale: float, eps: float | None, l2_eps: float | None
+) -> tuple[Tensor, Tensor | None]:
+    """:class:`_FusedGram`'s CPU forward with whole samples (:func:`_sample_groups`): each
+    group's matrices built in their place in the full output; returns it and the norms."""
+    batch, c = a_.shape[0], a_.shape[1]
+    out = new_output(a_, batch, c * c)
+    square = out.view(batch, c, c)
+    sq = a_.new_zeros(batch) if l2_eps is not None else None
+    for b0, b1 in groups:
+        y = signed_sqrt_(_scaled_bmm(a_[b0:b1], a_[b0:b1].transpose(1, 2), scale, out=square[b0:b1]), eps)
+        if sq is not None:
+            sq[b0:b1] = _rowdot(y, y)
+    return out, _normalize_panels_(out, sq, l2_eps)
+
+
+def _gram_groups_backward(
+    a_: Tensor,
+    dz: Tensor,
+    groups: list[tuple[int, int]],
+    scale: float,
+    eps: float | None,
+    l2_eps: float | None,
+    saved: list[Tensor],
+) -> Tensor:
+    """The gradient of :func:`_gram_groups_forward` for A: each group's matrices rebuilt
+    (or read from the saved output and norms), then ``dA = S A`` with one product, where
+    ``S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G)`` (``y`` is symmetric)."""
+    batch, c = a_.shape[0], a_.shape[1]
+    dz = dz.reshape(batch, c, c)
+    if saved:
+        out, norms = saved
+        div = _divisors(out, norms, l2_eps)
+        out_square = out.view(batch, c, c)
+
+    def build(b0: int, b1: int) -> Tensor:
+        if saved:
+            return out_square[b0:b1] * div[b0:b1, None, None]
+        return _gram_panel(a_, b0, b1, 0, c, scale, eps)
+
+    kept: list[Tensor | None] | None = None
+    c_, k = a_.new_zeros(batch), a_.new_ones(batch)
+    if l2_eps is not None and saved:
+        c_, k = _saved_l2_grad_factors(out, norms, div, dz, l2_eps)
+    elif l2_eps is not None:
+        # <y, dz> = <y, (dz + dz^T) / 2> for symmetric y: the first sweep reads dz as is.
+        kept, room = [], _KEEP_BYTES
+        sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
+        for b0, b1 in groups:
+            y = build(b0, b1)
+            sq[b0:b1] = _rowdot(y, y)
+            dot[b0:b1] = _rowdot(y, dz[b0:b1])
+            room = _keep(kept, y, room)
+        c_, k = _elementwise.l2_grad_factors(sq, dot, l2_eps)
+    coef = k * (scale * (0.5 if eps is not None else 1.0))
+    g = torch.empty_like(a_)
+    for i, (b0, b1) in enumerate(groups):
+        y = _take(kept, i)
+        y = build(b0, b1) if y is None else y
+        s = grad_from_y_(y, dz[b0:b1] + dz[b0:b1].transpose(1, 2), 2.0 * c_[b0:b1], eps, coef[b0:b1])
+        torch.bmm(s, a_[b0:b1], out=g[b0:b1])
+    return g
+
+
 def _triu_offset(row: int, c: int) -> int:
     """Position of entry (row, row) in the row-major packed upper triangle."""
     return row * c - row * (row - 1) // 2
@@ -802,7 +891,10 @@ class _FusedGram(torch.autograd.Function):
     one product for the panel's rows and one for the rows below it. With ``save_output``
     the output and its norms are saved too, and the backward reads its panels from them
     (half a product and the first sweep's elementwise work less). That is the CPU
-    algorithm; off the CPU the op works on whole matrices (:func:`_whole_matrices`).
+    algorithm for large matrices; the full output of at most :data:`_GROUPS_UP_TO`
+    entries per sample is built in groups of whole samples instead
+    (:func:`_sample_groups`). Off the CPU the op works on whole matrices
+    (:func:`_whole_matrices`).
     """
 
     @staticmethod
@@ -830,6 +922,9 @@ class _FusedGram(torch.autograd.Function):
             norms = a_.new_empty(a.shape[0]) if save_output and l2_eps is not None else None
             return _whole_forward(a_, a_, scale, eps, l2_eps, triu, norms), norms
         batch, c = a.shape[0], a.shape[1]
+        groups = None if triu else _sample_groups(batch, c, _block_elements(a.device))
+        if groups is not None:
+            return _gram_groups_forward(a_, groups, scale, eps, l2_eps)
         out = new_output(a_, batch, triu_size(c) if triu else c * c)
         square = None if triu else out.view(batch, c, c)
         sq = a_.new_zeros(batch) if l2_eps is not None else None
@@ -870,6 +965,10 @@ class _FusedGram(torch.autograd.Function):
                 return g_a.to(a.dtype), *nothing  # type: ignore[union-attr]
             batch, c = a.shape[0], a.shape[1]
             dz = grad.to(dtype)
+            groups = None if triu else _sample_groups(batch, c, _block_elements(a.device))
+            if groups is not None:
+                g = _gram_groups_backward(a_, dz, groups, scale, eps, l2_eps, saved)
+                return g.to(a.dtype), *nothing
             square = dz.view(batch, c, c) if not triu else None
             panels = _panels(batch, c, _block_elements(a.device))
             if saved:
@@ -1050,7 +1149,8 @@ def fast_bilinear_pool(
     dtype (float32 if only ``signed_sqrt`` is applied without ``l2_normalize``, or
     with neither).
 
-    On CPU the matrices are built in cache-sized panels (row blocks for two streams); on
+    On CPU the matrices are built in cache-sized panels (row blocks for two streams;
+    groups of whole samples for one stream's full output at ``C <= 256``); on
     other devices whole, with one batched product and fused elementwise passes (Triton
     kernels on CUDA when Triton is installed; ``BILINEARPOOL_TRITON=0`` selects torch
     operations); their per-sample sums are added in a fixed order (no atomics).
