@@ -13,7 +13,8 @@ The library takes ``groups`` up to ``_GROUPS_UP_TO`` entries per matrix (C <= 25
 ``panels`` above. This script times forward+backward of both on the same input,
 interleaved in the same rounds (median after warm-up), with the naive op-by-op chain of
 ``bilinearpool-bench layers`` for scale, after checking that the two give the same
-values and gradients. Usage::
+gradients; also both with ``save_output=True`` (``-so``: the backward reads the matrices
+from the saved output, as the classifiers train), where no product is rebuilt. Usage::
 
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_gram_paths.py --threads 1 \\
         --out benchmarks/results/cpu-2core-gram-paths/threads-1
@@ -40,6 +41,7 @@ from bilinearpool.functional import fast_bilinear_pool  # noqa: E402
 DEFAULT_SHAPES = ["64x128x28x28", "32x256x14x14", "16x512x28x28"]
 #: ``_GROUPS_UP_TO`` that forces each path (the block size still bounds a group).
 PATHS = {"groups": 1 << 62, "panels": 0}
+CASES = {name: (path, so) for so in (False, True) for path in PATHS for name in [path + ("-so" if so else "")]}
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -51,9 +53,11 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return b, c, h, w
 
 
-def fwd_bwd(x: torch.Tensor, weights: torch.Tensor, path: str | None) -> Callable[[], torch.Tensor]:
-    """One forward+backward of the fused op on ``path`` (``None``: the naive chain);
-    returns the input's gradient."""
+def fwd_bwd(
+    x: torch.Tensor, weights: torch.Tensor, path: str | None, save_output: bool = False
+) -> Callable[[], torch.Tensor]:
+    """One forward+backward of the fused op on ``path`` (``None``: the naive chain), keeping
+    its output for backward with ``save_output``; returns the input's gradient."""
 
     def run() -> torch.Tensor:
         leaf = x.detach().requires_grad_()
@@ -62,7 +66,7 @@ def fwd_bwd(x: torch.Tensor, weights: torch.Tensor, path: str | None) -> Callabl
         else:
             saved, FB._GROUPS_UP_TO = FB._GROUPS_UP_TO, PATHS[path]
             try:
-                out = fast_bilinear_pool(leaf)
+                out = fast_bilinear_pool(leaf, save_output=save_output)
                 (grad,) = torch.autograd.grad(out, leaf, weights)
             finally:
                 FB._GROUPS_UP_TO = saved
@@ -92,26 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     for b, c, h, w in args.shapes:
         x = torch.randn(b, c, h, w, generator=gen).relu_()
         weights = torch.randn(b, c * c, generator=gen)
-        fns = {"naive": fwd_bwd(x, weights, None), **{p: fwd_bwd(x, weights, p) for p in PATHS}}
-        grads = {p: fns[p]() for p in PATHS}
-        torch.testing.assert_close(grads["groups"], grads["panels"], rtol=1e-4, atol=1e-6)
+        fns = {"naive": fwd_bwd(x, weights, None), **{n: fwd_bwd(x, weights, *c) for n, c in CASES.items()}}
+        grads = {n: fns[n]() for n in CASES}
+        for name in CASES:
+            torch.testing.assert_close(grads[name], grads["panels"], rtol=1e-4, atol=1e-6)
         times = round_robin(fns, warmup=args.warmup, repeats=args.repeats, device=torch.device("cpu"))
         med = {name: statistics.median(t) for name, t in times.items()}
-        rounds = [g / p for g, p in zip(times["groups"], times["panels"])]
         for name in fns:
+            panels = "panels-so" if name.endswith("-so") else "panels"
+            rounds = [g / p for g, p in zip(times[name], times[panels])]
             rows.append({
                 "shape": f"{b}x{c}x{h}x{w}",
                 "case": name,
                 "fwd_bwd_ms": round(med[name] * 1e3, 1),
                 "vs_naive": round(med[name] / med["naive"], 2),
-                "vs_panels": round(med[name] / med["panels"], 2),
-                "groups_vs_panels_rounds": f"{min(rounds):.2f}-{max(rounds):.2f}" if name == "groups" else "",
+                "vs_panels": round(med[name] / med[panels], 2),
+                "vs_panels_rounds": f"{min(rounds):.2f}-{max(rounds):.2f}" if name.startswith("groups") else "",
                 "library_takes": ("panels" if FB._sample_groups(b, c, FB._block_elements(x.device)) is None else "groups")
                 if name != "naive" else "",
             })
     emit(f"Fast BCNN pooling on CPU, forward+backward: whole-sample groups vs upper-triangle panels "
-         f"(median of {args.repeats} interleaved rounds)",
-         ["shape", "case", "fwd_bwd_ms", "vs_naive", "vs_panels", "groups_vs_panels_rounds", "library_takes"],
+         f"(median of {args.repeats} interleaved rounds; vs_panels: against panels with the same "
+         f"save_output)",
+         ["shape", "case", "fwd_bwd_ms", "vs_naive", "vs_panels", "vs_panels_rounds", "library_takes"],
          rows, env=environment(torch.device("cpu")), out=args.out,
          command="python benchmarks/bench_gram_paths.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0

@@ -118,8 +118,10 @@ def test_gram_paths_benchmark_runs_both_paths_and_restores_the_switch(scripts_pa
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("Command: `python benchmarks/bench_gram_paths.py --shapes 3x6x2x2 ")
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| 3x6x2x2 |")]
-    assert [r[1] for r in rows] == ["naive", "groups", "panels"]
-    assert rows[2][4] == "1.0" and rows[1][-1] == rows[2][-1] == "groups"  # panels vs itself; C = 6 takes groups
+    assert [r[1] for r in rows] == ["naive", "groups", "panels", "groups-so", "panels-so"]
+    assert rows[2][4] == rows[4][4] == "1.0"  # each panels case against itself
+    assert rows[1][-1] == rows[2][-1] == "groups"  # C = 6 takes groups
+    assert rows[1][5] and rows[3][5] and not rows[2][5]  # round ranges for the groups only
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "3x6x2"])
     assert "expected a shape BxCxHxW of four positive integers, got '3x6x2'" in capsys.readouterr().err
