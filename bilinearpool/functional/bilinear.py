@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -510,20 +511,15 @@ def _gram_groups_backward(
             return out_square[b0:b1] * div[b0:b1, None, None]
         return _gram_panel(a_, b0, b1, 0, c, scale, eps)
 
-    kept: list[Tensor | None] | None = None
-    c_, k = a_.new_zeros(batch), a_.new_ones(batch)
-    if l2_eps is not None and saved:
-        c_, k = _saved_l2_grad_factors(out, norms, div, dz, l2_eps)
-    elif l2_eps is not None:
-        # <y, dz> = <y, (dz + dz^T) / 2> for symmetric y: the first sweep reads dz as is.
-        kept, room = [], _KEEP_BYTES
-        sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
-        for b0, b1 in groups:
-            y = build(b0, b1)
-            sq[b0:b1] = _rowdot(y, y)
-            dot[b0:b1] = _rowdot(y, dz[b0:b1])
-            room = _keep(kept, y, room)
-        c_, k = _elementwise.l2_grad_factors(sq, dot, l2_eps)
+    # <y, dz> = <y, (dz + dz^T) / 2> for symmetric y: the first sweep reads dz as is.
+    c_, k, kept = _l2_sweep(
+        a_,
+        groups,
+        build,
+        lambda group, y: (_rowdot(y, y), _rowdot(y, dz[group[0] : group[1]])),
+        l2_eps,
+        (out, norms, div, dz) if saved else None,
+    )
     coef = k * (scale * (0.5 if eps is not None else 1.0))
     g = torch.empty_like(a_)
     for i, (b0, b1) in enumerate(groups):
@@ -731,6 +727,42 @@ def _saved_l2_grad_factors(
     return _elementwise.l2_grad_factors(norms.square(), div * _rowdot(out, dz.reshape(out.shape)), l2_eps)
 
 
+def _l2_sweep(
+    like: Tensor,
+    blocks: Sequence[tuple[int, ...]],
+    build: Callable[..., Any],
+    sums: Callable[[tuple[int, ...], Any], tuple[Tensor, Tensor]],
+    l2_eps: float | None,
+    saved: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, list[Any] | None]:
+    """The per-sample factors ``c, k`` of the L2 normalisation's gradient (``0, 1`` without
+    it) for the fused backwards on CPU, and the entries their first sweep kept.
+
+    From the saved output when there is one (``saved``: the output, its norms, the
+    divisors and the incoming gradient; :func:`_saved_l2_grad_factors`). Else a first
+    sweep builds every block (``build(*block)``, ``block = (b0, b1, ...)``), adds the sums
+    of squares and of products with the incoming gradient that ``sums(block, entry)``
+    gives to its samples', and keeps the entries for the second sweep up to
+    :data:`_KEEP_BYTES` (transient: :func:`_take` frees each once used; the rest are
+    rebuilt).
+    """
+    batch = like.shape[0]
+    if l2_eps is None:
+        return like.new_zeros(batch), like.new_ones(batch), None
+    if saved is not None:
+        return *_saved_l2_grad_factors(*saved, l2_eps), None
+    kept: list[Any] = []
+    room = _KEEP_BYTES
+    sq, dot = like.new_zeros(batch), like.new_zeros(batch)
+    for block in blocks:
+        entry = build(*block)
+        block_sq, block_dot = sums(block, entry)
+        sq[block[0] : block[1]] += block_sq
+        dot[block[0] : block[1]] += block_dot
+        room = _keep(kept, entry, room)
+    return *_elementwise.l2_grad_factors(sq, dot, l2_eps), kept
+
+
 def _blocked_backward(
     a_: Tensor,
     b_: Tensor,
@@ -757,21 +789,14 @@ def _blocked_backward(
             return out[b0:b1, r0:r1] * div[b0:b1].view(-1, 1, 1)
         return signed_sqrt_(_scaled_bmm(a_[b0:b1, r0:r1], b_[b0:b1].transpose(1, 2), scale), eps)
 
-    # With L2 normalisation the first sweep keeps its blocks for the second, up to
-    # _KEEP_BYTES (transient: each is freed once used); the rest are rebuilt.
-    kept: list[Tensor | None] | None = None
-    c, k = a_.new_zeros(batch), a_.new_ones(batch)
-    if l2_eps is not None and saved is not None and saved[1] is not None:
-        c, k = _saved_l2_grad_factors(saved[0], saved[1], div, dz, l2_eps)
-    elif l2_eps is not None:
-        kept, room = [], _KEEP_BYTES
-        sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
-        for b0, b1, r0, r1 in blocks:
-            y = build(b0, b1, r0, r1)
-            sq[b0:b1] += _rowdot(y, y)
-            dot[b0:b1] += _rowdot(y, dz[b0:b1, r0:r1])
-            room = _keep(kept, y, room)
-        c, k = _elementwise.l2_grad_factors(sq, dot, l2_eps)
+    c, k, kept = _l2_sweep(
+        a_,
+        blocks,
+        build,
+        lambda block, y: (_rowdot(y, y), _rowdot(y, dz[block[0] : block[1], block[2] : block[3]])),
+        l2_eps,
+        (saved[0], saved[1], div, dz) if saved is not None and saved[1] is not None else None,
+    )
     # dG = s k (dz - c y) f'(G), f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor
     # s k / 2 goes into the block's elementwise step (no scaled copies of A and B).
     coef = k * (scale * (0.5 if eps is not None else 1.0))
@@ -995,27 +1020,19 @@ class _FusedGram(torch.autograd.Function):
                     y = _gram_panel(a_, b0, b1, r0, r1, scale, eps)
                 return y, square[b0:b1, r0:r1, r0:] + _transposed(square[b0:b1, r0:, r0:r1])  # type: ignore[index]
 
-            # The first sweep keeps its panels for the second, up to _KEEP_BYTES.
-            kept: list[tuple[Tensor, Tensor] | None] | None = None
-            c_, k = a_.new_zeros(batch), a_.new_ones(batch)
-            if l2_eps is not None and saved:
-                c_, k = _saved_l2_grad_factors(out, norms, div, dz, l2_eps)
-            elif l2_eps is not None:
-                kept, room = [], _KEEP_BYTES
-                sq, dot = a_.new_zeros(batch), a_.new_zeros(batch)
-                for b0, b1, r0, r1 in panels:
-                    y, dzs = build(b0, b1, r0, r1)
-                    if triu:
-                        sq[b0:b1] += _rowdot(y, y)
-                        dot[b0:b1] += _rowdot(y, dzs)
-                    else:
-                        # <Y, DZ> over the full matrix: off-diagonal entries pair with
-                        # dz + dz^T, the square block counts it twice.
-                        w = r1 - r0
-                        sq[b0:b1] += 2.0 * _rowdot(y, y) - y[:, :, :w].square().sum(dim=(1, 2))
-                        dot[b0:b1] += _rowdot(y, dzs) - 0.5 * (y[:, :, :w] * dzs[:, :, :w]).sum(dim=(1, 2))
-                    room = _keep(kept, (y, dzs), room)
-                c_, k = _elementwise.l2_grad_factors(sq, dot, l2_eps)
+            def sums(panel: tuple[int, ...], entry: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+                y, dzs = entry
+                if triu:
+                    return _rowdot(y, y), _rowdot(y, dzs)
+                # <Y, DZ> over the full matrix: off-diagonal entries pair with dz + dz^T,
+                # the square block counts it twice.
+                w = panel[3] - panel[2]
+                return (
+                    2.0 * _rowdot(y, y) - y[:, :, :w].square().sum(dim=(1, 2)),
+                    _rowdot(y, dzs) - 0.5 * (y[:, :, :w] * dzs[:, :, :w]).sum(dim=(1, 2)),
+                )
+
+            c_, k, kept = _l2_sweep(a_, panels, build, sums, l2_eps, (out, norms, div, dz) if saved else None)
             # Full output: S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G). Packed: each entry
             # w f(g) gets s k w (dz - c p) f'(g), and both of its factors get gradient.
             # f' = 1 / (2 (|y| + sqrt(eps))); the per-sample factor s k / 2 goes into the
