@@ -494,6 +494,14 @@ def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
+def _norm_batch(config: TrainConfig, info: DistInfo) -> int:
+    """Images one batch-norm layer normalises over per training step: the global batch
+    where :func:`sync_batchnorm` joins the processes (CUDA), else each process's share."""
+    if info.distributed and info.device.type == "cuda":
+        return config.batch_size
+    return config.batch_size // info.world_size
+
+
 def _make_model(config: TrainConfig, num_classes: int, *, weights: str | None) -> nn.Module:
     return build_network(
         config.head, config.backbone, num_classes=num_classes, weights=weights,
@@ -501,15 +509,29 @@ def _make_model(config: TrainConfig, num_classes: int, *, weights: str | None) -
     )
 
 
-def _check_forward(model: nn.Module, config: TrainConfig) -> None:
+def _check_forward(model: nn.Module, config: TrainConfig, norm_batch: int) -> None:
     """Run ``model`` once on a zero image of the input size (eval mode, no gradients).
 
     A backbone whose last stages shrink a small input below their kernels otherwise
-    fails at the first batch, after the data were indexed and loaded.
+    fails at the first batch, after the data were indexed and loaded. So does batch
+    norm in training when it normalises one value per channel: a 1x1 map of a batch of
+    one (``norm_batch``, the images one batch-norm layer normalises over per step: each
+    process's share, or the global batch where SyncBatchNorm joins them).
 
     Raises:
-        ValueError: naming the backbone and the input size, with torch's message.
+        ValueError: naming the backbone and the input size, with torch's message; or,
+            for batch norm, the layer and what to change.
     """
+    values: dict[str, int] = {}  # values per channel one image gives each batch-norm layer
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            values.setdefault(name, x.numel() // max(x.shape[0] * x.shape[1], 1))
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     was_training = model.training
     model.eval()
     try:
@@ -522,6 +544,16 @@ def _check_forward(model: nn.Module, config: TrainConfig) -> None:
             f"{(str(exc).splitlines() or [''])[0]}); use a larger --input-size") from exc
     finally:
         model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    single = [name for name, n in values.items() if n * norm_batch <= 1]
+    if single:
+        raise ValueError(
+            f"backbone {config.backbone!r} at input_size {config.input_size} gives batch-norm "
+            f"layer {single[0]!r} a 1x1 map, and batch norm in training needs more than one "
+            f"value per channel, but each batch normalises {norm_batch} image"
+            f"{'' if norm_batch == 1 else 's'} there; use a larger --batch-size (per process) "
+            "or a larger --input-size")
 
 
 def _remove_outputs(run_dir: Path, names: Sequence[str]) -> list[str]:
@@ -820,7 +852,7 @@ def _fit(
     model = _make_model(config, len(classes), weights=None if state else config.weights)
     if state is None and info.is_main:
         # a resumed run passed it when it started; the other processes build the same model
-        _check_forward(model, config)
+        _check_forward(model, config, _norm_batch(config, info))
     normalization = input_normalization(model)
     model = sync_batchnorm(model, info).to(info.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

@@ -890,6 +890,36 @@ class TestInputSize:
                 classes=list(task.classes), run_dir=tmp_path, progress=False)
         assert not (tmp_path / "checkpoint.pt").exists()
 
+    def test_batch_norm_on_one_value_per_channel_is_refused_before_training(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch of one image whose map shrinks to 1x1 before a batch-norm layer: the trial
+        pass (eval mode) went through, and training failed at its first batch with torch's
+        "Expected more than 1 value per channel when training"."""
+        from bilinearpool import build_model
+
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        net = nn.Sequential(nn.Conv2d(3, 4, kernel_size=8, stride=8), nn.BatchNorm2d(4), nn.ReLU())
+        monkeypatch.setattr(train_module, "_make_model", lambda config, n, weights: build_model(
+            "plain", net, num_classes=n))
+        kwargs = dict(train_records=records, train_targets=y, classes=classes, progress=False)
+        with pytest.raises(ValueError, match=r"backbone 'tiny' at input_size 8 gives batch-norm layer "
+                           r"'backbone.body.1' a 1x1 map, .* each batch normalises 1 image there; use a "
+                           r"larger --batch-size \(per process\) or a larger --input-size"):
+            fit(_cfg(input_size=8, batch_size=1), run_dir=tmp_path / "a", **kwargs)
+        assert not (tmp_path / "a" / "checkpoint.pt").exists()
+        # two images per batch, or a 2x2 map, train
+        fit(_cfg(input_size=8, batch_size=2), run_dir=tmp_path / "b", **kwargs)
+        fit(_cfg(input_size=16, batch_size=1), run_dir=tmp_path / "c", **kwargs)
+        assert (tmp_path / "b" / "checkpoint.pt").exists() and (tmp_path / "c" / "checkpoint.pt").exists()
+
+    def test_norm_batch_is_the_process_share_unless_synced(self) -> None:
+        config = _cfg(batch_size=8)
+        cpu = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+        cuda = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cuda", 0))
+        one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        assert [train_module._norm_batch(config, i) for i in (cpu, cuda, one)] == [2, 8, 8]
+
     def test_trial_forward_runs_once_on_a_fresh_start_of_the_main_process(
         self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -899,7 +929,7 @@ class TestInputSize:
         calls: list[int] = []
         real_check = train_module._check_forward
         monkeypatch.setattr(train_module, "_check_forward",
-                            lambda model, config: calls.append(1) or real_check(model, config))
+                            lambda model, config, norm_batch: calls.append(1) or real_check(model, config, norm_batch))
         monkeypatch.setattr(train_module, "DistributedDataParallel",
                             lambda module, device_ids=None: module)
         kwargs = dict(train_records=records, train_targets=y, classes=classes, progress=False)
