@@ -637,6 +637,11 @@ def validation_split(
     split instead (a share of 0.33 for 0.3, 0.5 for 0.4), so runs of those versions
     held out other patients.
 
+    Without ``by_patient``, images are held out stratified by class (at random where a
+    class has a single image), and every class of ``train`` keeps an image in the fit
+    set: a class held out whole gets one back, in exchange for an image of the largest
+    class.
+
     Args:
         train: training indices.
         targets: integer class of every record.
@@ -676,7 +681,32 @@ def validation_split(
             fit, val = next(stratified.split(zeros, y))
         except ValueError:  # a class too small to stratify
             fit, val = next(ShuffleSplit(1, test_size=fraction, random_state=seed).split(zeros))
+        fit, val = _keep_every_class(fit, val, y)
     return np.sort(train[fit]), np.sort(train[val])
+
+
+def _keep_every_class(fit: np.ndarray, val: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, val)`` positions into ``y`` with every class of the training set in ``fit``:
+    an image of each class held out whole goes back to ``fit``, in exchange for an image
+    of the class with the most images in ``fit`` (where one has two or more), so that the
+    held-out share stays as drawn.
+
+    Examples:
+        >>> y = np.array([0, 0, 0, 0, 1])
+        >>> [a.tolist() for a in _keep_every_class(np.array([0, 1, 2, 3]), np.array([4]), y)]
+        [[0, 1, 2, 4], [3]]
+    """
+    fit, val = list(fit), list(val)
+    for c in np.setdiff1d(y[val], y[fit]):
+        back = next(i for i in val if y[i] == c)
+        val.remove(back)
+        counts = np.bincount(y[fit], minlength=int(y.max()) + 1) if fit else np.zeros(1, dtype=np.int64)
+        if counts.max() >= 2:
+            out = next(i for i in reversed(fit) if y[i] == counts.argmax())
+            fit.remove(out)
+            val.append(out)
+        fit.append(back)
+    return np.asarray(fit, dtype=np.int64), np.asarray(val, dtype=np.int64)
 
 
 def _hold_out_patients(

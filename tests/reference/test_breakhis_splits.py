@@ -535,6 +535,23 @@ class TestValidationSplit:
                                     by_patient=True, seed=1)
         assert len(val) == 2 and not set(groups[fit]) & set(groups[val])
 
+    @pytest.mark.parametrize("fraction", [0.15, 0.3])
+    def test_image_level_keeps_a_fitting_image_of_every_class(self, fraction: float) -> None:
+        """A class of one image cannot be stratified; the unstratified draw then held out
+        that image in some seeds, and the model was never fitted on the class."""
+        targets = np.array([0] * 8 + [1] + [2] * 3)
+        groups = np.asarray([f"p{i}" for i in range(12)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scikit-learn: "The least populated class ..."
+            unfixed = [next(splits_module.ShuffleSplit(1, test_size=fraction, random_state=seed)
+                            .split(np.zeros(12)))[1] for seed in range(100)]
+            assert any(8 in val for val in unfixed)  # the draw does hold it out sometimes
+            for seed in range(100):
+                fit, val = validation_split(np.arange(12), targets, groups, fraction=fraction,
+                                            by_patient=False, seed=seed)
+                assert set(targets[fit].tolist()) == {0, 1, 2}, seed
+                assert len(val) == len(unfixed[seed]) and sorted([*fit, *val]) == list(range(12))
+
     def test_fraction_checked(self) -> None:
         with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
             validation_split(np.arange(4), np.zeros(4), np.arange(4), fraction=1.5,
