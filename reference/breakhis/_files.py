@@ -18,11 +18,14 @@ the setting, so that the command line can name its option instead (``--input-siz
 ``input_size``). :func:`count` and :func:`plural` write a number of things in words.
 :func:`named_os_error` gives a write's failure (a full disk) the path it failed to write,
 even where a library raised another error over it (``torch.save``'s ``RuntimeError``).
+:class:`FolderLock` holds a run folder for one process at a time (``train`` and ``cv``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import numbers
 import os
 import re
@@ -34,7 +37,9 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "LOCK_NAME",
     "SKLEARN_SEED_MAX",
+    "FolderLock",
     "SettingError",
     "atomic_writer",
     "check_int",
@@ -55,6 +60,8 @@ __all__ = [
     "writable_problem",
 ]
 
+#: The file in a run folder that :class:`FolderLock` locks (empty; left in place).
+LOCK_NAME = ".breakhis-run.lock"
 #: Largest seed scikit-learn's ``random_state`` takes (NumPy's ``RandomState``: 32 bits).
 SKLEARN_SEED_MAX = 2**32 - 1
 #: tempfile's random part of a name: 8 characters of this alphabet.
@@ -420,6 +427,76 @@ def missing_checkpoint(path: str | os.PathLike[str]) -> FileNotFoundError:
         FileNotFoundError("checkpoint 'runs/x/checkpoint.pt' does not exist")
     """
     return FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+
+
+class FolderLock:
+    """An exclusive lock on a run folder, held by this process until :meth:`release`.
+
+    ``flock`` on the empty file :data:`LOCK_NAME` in the folder: the kernel releases it
+    when the process ends in any way (no stale lock after a crash or ``kill -9``), and
+    two processes of one machine cannot both hold it. Where ``fcntl`` or the file
+    system's ``flock`` is missing (Windows; some network file systems), :meth:`acquire`
+    holds nothing and reports success, as before locks were taken. The lock file stays
+    in the folder (removing it would let a process that opened it before the removal
+    lock a file no one else sees); the folders the lock created are removed on release
+    while nothing else is in them.
+
+    Examples:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp()) / "run"
+        >>> first, second = FolderLock(folder), FolderLock(folder)
+        >>> first.acquire(), second.acquire()
+        (True, False)
+        >>> first.release(); second.acquire()
+        True
+        >>> second.release(); folder.exists()
+        False
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+        self._created: list[Path] = []  # the folders acquire made, deepest first
+
+    def acquire(self) -> bool:
+        """Take the lock (creating the folder if needed); ``False`` when another process
+        holds it. ``True`` holding nothing where the folder or its lock file cannot be
+        made (the caller's checks of the folder say why)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return True
+        try:
+            missing = list(itertools.takewhile(lambda p: not p.exists(), [self.folder, *self.folder.parents]))
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._created = missing
+            fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            # a folder that cannot be made or written: the run's own checks say why
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            return True  # no flock on this file system: hold nothing
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Give the lock up; remove the folders :meth:`acquire` made where nothing else is
+        in them."""
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        created, self._created = self._created, []
+        with contextlib.suppress(OSError):
+            if created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+                (self.folder / LOCK_NAME).unlink()
+                for folder in created:
+                    folder.rmdir()  # stops at the first folder that holds something
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:

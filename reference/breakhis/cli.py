@@ -25,17 +25,27 @@ Ctrl-C does: one line on stderr, the last line of ``train.log``, status 143
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import SettingError, check_run_folder, count, folder_problem, listed, missing_checkpoint
+from ._files import (
+    LOCK_NAME,
+    FolderLock,
+    SettingError,
+    check_run_folder,
+    count,
+    folder_problem,
+    listed,
+    missing_checkpoint,
+)
 from ._signals import Terminated, terminate_as_interrupt
 
 __all__ = ["build_parser", "main"]
@@ -637,6 +647,25 @@ def _refuse_overwriting(args: argparse.Namespace, out: Path, command: str) -> No
             "replace it with a fresh run, or another --out")
 
 
+@contextlib.contextmanager
+def _holding(out: Path, info: Any) -> Iterator[None]:
+    """Hold the run folder ``out`` while the block runs (:class:`~._files.FolderLock`,
+    taken by the main process; every process stops when it is busy): two runs writing
+    into one folder at once mixed their checkpoints, reports and logs."""
+    from .distributed import all_reduce_sum
+
+    lock = FolderLock(out)
+    try:
+        held = lock.acquire() if info.is_main else True
+        if all_reduce_sum([0.0 if held else 1.0], info.device)[0]:
+            raise ValueError(
+                f"{str(out)!r} is in use by another breakhis-repro train or cv run (it holds "
+                f"{LOCK_NAME}): wait for that run to end, or pass another --out")
+        yield
+    finally:
+        lock.release()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     _check_combinations(args)
     _check_task(args)
@@ -656,20 +685,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
             # a file in the way, before indexing; run_fold creates and tries the folder
             # once the fold is known, before training
             _check_out(args.out)
-            _refuse_overwriting(args, Path(args.out), "train")
-        elif args.fold is not None:
-            _refuse_overwriting(args, _default_out(args, f"fold{args.fold}"), "train")
-        if args.resume and (args.out or args.fold is not None):
-            # settings the checkpoint was not made with, before indexing (minutes);
-            # without --out and --fold the run folder is known only once the folds are
-            check_resume(spec, config, args.out or _default_out(args, f"fold{args.fold}"),
-                         fold=args.fold)
-        data = prepare_data(spec, progress=not args.no_progress and info.is_main)
-        fold = args.fold if args.fold is not None else data.splits[0].fold
-        out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
-        _refuse_overwriting(args, out, "train")
-        report = run_fold(spec, config, fold, out, resume=args.resume, data=data,
-                          dist_info=info, progress=not args.no_progress)
+        # without --out and --fold the run folder is known only once the folds are
+        known = Path(args.out) if args.out else (
+            _default_out(args, f"fold{args.fold}") if args.fold is not None else None)
+        with contextlib.ExitStack() as held:
+            if known is not None:
+                _refuse_overwriting(args, known, "train")
+                held.enter_context(_holding(known, info))
+                _refuse_overwriting(args, known, "train")  # as the run that held it left it
+            if args.resume and known is not None:
+                # settings the checkpoint was not made with, before indexing (minutes)
+                check_resume(spec, config, known, fold=args.fold)
+            data = prepare_data(spec, progress=not args.no_progress and info.is_main)
+            fold = args.fold if args.fold is not None else data.splits[0].fold
+            out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
+            if known is None:
+                held.enter_context(_holding(out, info))
+            _refuse_overwriting(args, out, "train")
+            report = run_fold(spec, config, fold, out, resume=args.resume, data=data,
+                              dist_info=info, progress=not args.no_progress)
     finally:
         cleanup_distributed()
     if report is not None:
@@ -700,8 +734,10 @@ def _cmd_cv(args: argparse.Namespace) -> int:
         # before training
         _check_out(out)
         _refuse_overwriting(args, out, "cv")
-        report = run_cv(spec, config, out, folds=args.folds, resume=args.resume,
-                        dist_info=info, progress=not args.no_progress)
+        with _holding(out, info):
+            _refuse_overwriting(args, out, "cv")  # as the run that held it left it
+            report = run_cv(spec, config, out, folds=args.folds, resume=args.resume,
+                            dist_info=info, progress=not args.no_progress)
     finally:
         cleanup_distributed()
     if report is not None:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ._files import (
+    LOCK_NAME,
     SettingError,
     check_int,
     check_seed,
@@ -1092,8 +1093,9 @@ def run_cv(
 
 
 #: What a fold's folder holds once :func:`run_fold` has run there (:data:`RUN_OUTPUTS`,
-#: and the settings and log that a fold trained afresh rewrites and appends to).
-_FOLD_FILES: tuple[str, ...] = (*RUN_OUTPUTS, "config.json", "train.log")
+#: and the settings and log that a fold trained afresh rewrites and appends to), and the
+#: lock file of a ``train`` run made there.
+_FOLD_FILES: tuple[str, ...] = (*RUN_OUTPUTS, "config.json", "train.log", LOCK_NAME)
 
 
 def _remove_other_folds(run_dir: Path, chosen: Sequence[int]) -> list[str]:

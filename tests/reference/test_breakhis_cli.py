@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from breakhis import experiments
-from breakhis._files import SettingError
+from breakhis._files import LOCK_NAME, FolderLock, SettingError
 from breakhis.checkpoint import load_checkpoint, save_checkpoint
 from breakhis.cli import _option_name, build_parser, main
 from breakhis.experiments import DataSpec, check_resume, run_cv, run_fold
@@ -736,6 +736,42 @@ def test_table_out_does_not_replace_a_config_or_an_evaluation(run: Path, tmp_pat
     other.mkdir()
     (other / "config.json").write_text("{}")
     assert main(["table", str(run), "--out", str(other / "metrics.md")]) == 0
+
+
+class TestRunFolderLock:
+    """Two runs writing into one --out at once mixed their files (helper-133: config.json
+    of one run, checkpoint.pt, metrics and test reports of the other, train.log of both)."""
+
+    @pytest.mark.parametrize("flag", [[], ["--resume"], ["--overwrite"]], ids=["fresh", "resume", "overwrite"])
+    @pytest.mark.parametrize("command", ["train", "cv"])
+    def test_a_folder_in_use_is_refused_before_indexing(
+        self, synth_tree, tmp_path: Path, indexed: list[int], capsys, command: str, flag: list[str]
+    ) -> None:
+        out = tmp_path / "busy"
+        other = FolderLock(out)  # the lock of a run in progress (its own open file)
+        assert other.acquire()
+        try:
+            fold = ["--fold", "0"] if command == "train" else []
+            assert main([command, "--data-root", str(synth_tree[0]), *MSBC, *fold, *TINY, *flag,
+                         "--out", str(out)]) == 2
+        finally:
+            other.release()
+        assert (f"{str(out)!r} is in use by another breakhis-repro train or cv run (it holds "
+                ".breakhis-run.lock): wait for that run to end, or pass another --out") in _err(capsys)
+        assert not indexed
+        assert not out.exists()  # the other lock made it and left it empty
+
+    def test_the_lock_ends_with_the_run(self, run: Path, tmp_path: Path, indexed: list[int]) -> None:
+        assert (run / LOCK_NAME).is_file()  # left in place, and no longer held:
+        lock = FolderLock(run)
+        assert lock.acquire()
+        lock.release()
+        assert (run / LOCK_NAME).is_file()
+        # a run that stops before writing anything leaves no folder behind it
+        out = tmp_path / "new" / "run"
+        with pytest.raises(AssertionError, match="the data were indexed"):
+            main(["train", "--data-root", str(run), *MSBC, "--fold", "0", *TINY, "--out", str(out)])
+        assert indexed and not (tmp_path / "new").exists()
 
 
 class TestOverwrite:
