@@ -97,8 +97,26 @@ def _load_failure(exc: Exception) -> str:
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
         return ("expected a file written by torch.save holding tensors and plain data, but "
                 "it could not be unpickled as one")
-    first_line = (str(exc).splitlines() or [""])[0][:200]
+    first_line = _clipped((str(exc).splitlines() or [""])[0])
     return f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
+
+
+def _clipped(text: str, limit: int = 200, most: int = 320) -> str:
+    """``text`` up to ``limit`` characters, or to the end of the sentence running past it
+    where that ends within ``most`` (a cut mid-sentence dropped torch's "corrupted").
+
+    Examples:
+        >>> len(_clipped("a" * 210 + ". " + "b" * 200))  # to the sentence's end
+        211
+        >>> len(_clipped("x" * 500))  # no sentence end near: cut, marked
+        203
+    """
+    if len(text) <= limit:
+        return text
+    end = text.find(". ", limit - 1, most)
+    if end < 0 and text.endswith(".") and len(text) <= most:
+        return text
+    return text[: end + 1] if end >= 0 else text[:limit] + "..."
 
 
 def load_checkpoint(

@@ -406,6 +406,10 @@ class TestNotACheckpoint:
             with pytest.raises(NotACheckpointError, match="is not a breakhis checkpoint") as info:
                 load_checkpoint(tmp_path / name)
             assert name in str(info.value) and "weights_only" not in str(info.value)
+        # a damaged zip: torch's long first line was cut mid-sentence, before "corrupted"
+        (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"x" * 100)
+        with pytest.raises(NotACheckpointError, match=r"checkpoint file is corrupted\.\); pass the "):
+            load_checkpoint(tmp_path / "cut.pt")
         torch.save({"model": {}}, tmp_path / "dict.pt")
         with pytest.raises(NotACheckpointError, match="expected format"):
             load_model(tmp_path / "dict.pt")
