@@ -689,10 +689,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         known = Path(args.out) if args.out else (
             _default_out(args, f"fold{args.fold}") if args.fold is not None else None)
         with contextlib.ExitStack() as held:
-            if known is not None:
+            if known is not None:  # checked again below, with the folder held
                 _refuse_overwriting(args, known, "train")
                 held.enter_context(_holding(known, info))
-                _refuse_overwriting(args, known, "train")  # as the run that held it left it
             if args.resume and known is not None:
                 # settings the checkpoint was not made with, before indexing (minutes)
                 check_resume(spec, config, known, fold=args.fold)
