@@ -429,12 +429,30 @@ def missing_checkpoint(path: str | os.PathLike[str]) -> FileNotFoundError:
     return FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
 
 
+#: File descriptors of the locks this process holds: a forked child (a data-loader
+#: worker) closes its copies at once, so that the lock ends with the process that took it
+#: (a worker left running for a few seconds after a ``kill -9`` kept it).
+_HELD_FDS: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class FolderLock:
     """An exclusive lock on a run folder, held by this process until :meth:`release`.
 
     ``flock`` on the empty file :data:`LOCK_NAME` in the folder: the kernel releases it
-    when the process ends in any way (no stale lock after a crash or ``kill -9``), and
-    two processes of one machine cannot both hold it. Where ``fcntl`` or the file
+    when the process ends in any way (no stale lock after a crash or ``kill -9``; forked
+    children do not keep it), and two processes of one machine cannot both hold it
+    (nor two :class:`FolderLock` objects of one process). Where ``fcntl`` or the file
     system's ``flock`` is missing (Windows; some network file systems), :meth:`acquire`
     holds nothing and reports success, as before locks were taken. The lock file stays
     in the folder (removing it would let a process that opened it before the removal
@@ -476,27 +494,62 @@ class FolderLock:
             return True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.fstat(fd).st_ino == os.stat(self.folder / LOCK_NAME).st_ino
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return False
+            if exc.errno == errno.ENOENT:  # removed by the holder as it let go
+                return self.acquire()
             return True  # no flock on this file system: hold nothing
+        if not same:  # a file its holder replaced or removed while this one opened it
+            os.close(fd)
+            return self.acquire()
         self._fd = fd
+        _HELD_FDS.add(fd)
         return True
 
-    def release(self) -> None:
+    @staticmethod
+    def busy(folder: str | os.PathLike[str]) -> bool:
+        """Whether another lock holds ``folder`` now (without taking it or making anything).
+
+        Examples:
+            >>> import tempfile
+            >>> folder = Path(tempfile.mkdtemp())
+            >>> lock = FolderLock(folder)
+            >>> FolderLock.busy(folder), lock.acquire(), FolderLock.busy(folder)
+            (False, True, True)
+            >>> lock.release()
+        """
+        if not (Path(folder) / LOCK_NAME).is_file():
+            return False
+        probe = FolderLock(folder)
+        if not probe.acquire():
+            return True
+        probe.release()
+        return False
+
+    def release(self, *, remove_file: bool = False) -> None:
         """Give the lock up; remove the folders :meth:`acquire` made where nothing else is
-        in them."""
-        if self._fd is None:
+        in them, and with ``remove_file`` the lock file in any case."""
+        fd, self._fd = self._fd, None
+        if fd is None:
             return
-        os.close(self._fd)
-        self._fd = None
+        _HELD_FDS.discard(fd)
         created, self._created = self._created, []
+        removed = False
+        try:
+            # the file goes while still locked: a process that opened it before sees, once
+            # it gets the lock, that the folder's lock file is another one (acquire's check)
+            with contextlib.suppress(OSError):
+                if remove_file or (created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]):
+                    (self.folder / LOCK_NAME).unlink()
+                    removed = bool(created)
+        finally:
+            os.close(fd)
         with contextlib.suppress(OSError):
-            if created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
-                (self.folder / LOCK_NAME).unlink()
-                for folder in created:
-                    folder.rmdir()  # stops at the first folder that holds something
+            for folder in created if removed else ():
+                folder.rmdir()  # stops at the first folder that holds something
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:

@@ -32,7 +32,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -647,30 +647,21 @@ def _refuse_overwriting(args: argparse.Namespace, out: Path, command: str) -> No
             "replace it with a fresh run, or another --out")
 
 
-@contextlib.contextmanager
-def _holding(out: Path, info: Any) -> Iterator[None]:
-    """Hold the run folder ``out`` while the block runs (:class:`~._files.FolderLock`,
-    taken by the main process; every process stops when it is busy): two runs writing
-    into one folder at once mixed their checkpoints, reports and logs."""
-    from .distributed import all_reduce_sum
-
-    lock = FolderLock(out)
-    try:
-        held = lock.acquire() if info.is_main else True
-        if all_reduce_sum([0.0 if held else 1.0], info.device)[0]:
-            raise ValueError(
-                f"{str(out)!r} is in use by another breakhis-repro train or cv run (it holds "
-                f"{LOCK_NAME}): wait for that run to end, or pass another --out")
-        yield
-    finally:
-        lock.release()
+def _refuse_inside_a_run(out: Path) -> None:
+    """A ``train`` into a fold folder of a cross-validation in progress (its parent held)
+    would replace that fold's files under it: refused."""
+    parent = out.resolve().parent
+    if FolderLock.busy(parent):
+        raise ValueError(
+            f"{str(out)!r} lies in {str(parent)!r}, which another breakhis-repro run is using "
+            f"(it holds {LOCK_NAME}): wait for that run to end, or pass another --out")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     _check_combinations(args)
     _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
-    from .experiments import check_resume, prepare_data, run_fold
+    from .experiments import check_resume, hold_folder, prepare_data, run_fold
     from .train import check_batch_split
 
     _check_fresh_or_resume(args)  # before any process group is made
@@ -691,7 +682,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as held:
             if known is not None:  # checked again below, with the folder held
                 _refuse_overwriting(args, known, "train")
-                held.enter_context(_holding(known, info))
+                _refuse_inside_a_run(known)
+                held.enter_context(hold_folder(known, info))
             if args.resume and known is not None:
                 # settings the checkpoint was not made with, before indexing (minutes)
                 check_resume(spec, config, known, fold=args.fold)
@@ -699,7 +691,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             fold = args.fold if args.fold is not None else data.splits[0].fold
             out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
             if known is None:
-                held.enter_context(_holding(out, info))
+                _refuse_inside_a_run(out)
+                held.enter_context(hold_folder(out, info))
             _refuse_overwriting(args, out, "train")
             report = run_fold(spec, config, fold, out, resume=args.resume, data=data,
                               dist_info=info, progress=not args.no_progress)
@@ -717,7 +710,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     _check_combinations(args)
     _check_task(args)
     from .distributed import cleanup_distributed, init_distributed
-    from .experiments import run_cv
+    from .experiments import hold_folder, run_cv
     from .train import check_batch_split
 
     _check_fresh_or_resume(args)  # before any process group is made
@@ -733,7 +726,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
         # before training
         _check_out(out)
         _refuse_overwriting(args, out, "cv")
-        with _holding(out, info):
+        with hold_folder(out, info):
             _refuse_overwriting(args, out, "cv")  # as the run that held it left it
             report = run_cv(spec, config, out, folds=args.folds, resume=args.resume,
                             dist_info=info, progress=not args.no_progress)

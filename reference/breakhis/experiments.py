@@ -25,6 +25,7 @@ there (:data:`RUN_OUTPUTS`) once its model is built, saying so in ``train.log``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -32,7 +33,7 @@ import os
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from numbers import Real
@@ -43,6 +44,7 @@ import numpy as np
 
 from ._files import (
     LOCK_NAME,
+    FolderLock,
     SettingError,
     check_int,
     check_seed,
@@ -60,7 +62,7 @@ from .data import (
     index_image_folder,
     undecodable_images,
 )
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .evaluate import (
     PREDICTIONS_FILE,
     ReportError,
@@ -106,6 +108,7 @@ __all__ = [
     "check_resume",
     "checkpoint_records",
     "evaluate_checkpoint",
+    "hold_folder",
     "prepare_data",
     "run_cv",
     "run_fold",
@@ -1043,8 +1046,9 @@ def run_cv(
                 _LOG.info("fold %d: reusing %s (made from its checkpoint, %s %s)", fold,
                           fold_dir / "test_metrics.json", trained, plural(trained, "epoch"))
         if report is None:
-            report = run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
-                              dist_info=info, progress=progress)
+            with hold_folder(fold_dir, info):
+                report = run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
+                                  dist_info=info, progress=progress)
         reports.append(report)
         if report is not None:
             _LOG.info("fold %d (%d/%d): %s", fold, position, len(chosen),
@@ -1092,10 +1096,32 @@ def run_cv(
     return summary
 
 
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike[str], info: DistInfo) -> Iterator[None]:
+    """Hold the run folder ``folder`` while the block runs (:class:`~._files.FolderLock`,
+    taken by the main process; every process stops when it is busy): two runs writing
+    into one folder at once mixed their checkpoints, reports and logs. The command line
+    holds the folder of a ``train`` or ``cv``, and :func:`run_cv` each fold's folder while
+    it trains there.
+
+    Raises:
+        ValueError: when another run holds it.
+    """
+    lock = FolderLock(folder)
+    try:
+        held = lock.acquire() if info.is_main else True
+        if all_reduce_sum([0.0 if held else 1.0], info.device)[0]:
+            raise ValueError(
+                f"{str(folder)!r} is in use by another breakhis-repro train or cv run (it "
+                f"holds {LOCK_NAME}): wait for that run to end, or pass another --out")
+        yield
+    finally:
+        lock.release()
+
+
 #: What a fold's folder holds once :func:`run_fold` has run there (:data:`RUN_OUTPUTS`,
-#: and the settings and log that a fold trained afresh rewrites and appends to), and the
-#: lock file of a ``train`` run made there.
-_FOLD_FILES: tuple[str, ...] = (*RUN_OUTPUTS, "config.json", "train.log", LOCK_NAME)
+#: and the settings and log that a fold trained afresh rewrites and appends to).
+_FOLD_FILES: tuple[str, ...] = (*RUN_OUTPUTS, "config.json", "train.log")
 
 
 def _remove_other_folds(run_dir: Path, chosen: Sequence[int]) -> list[str]:
@@ -1105,7 +1131,8 @@ def _remove_other_folds(run_dir: Path, chosen: Sequence[int]) -> list[str]:
 
     A fold folder left as it was would hold the earlier run's checkpoint beside this
     run's summary, and a later ``--resume`` of every fold would take it up as a fold of
-    this run. Other files (the user's) stay, with their folder. Only the names breakhis
+    this run. Other files (the user's) stay, with their folder. A folder that a run
+    in progress holds (a ``train --out`` into it) is left alone, with a warning. Only the names breakhis
     gives (``fold1``, not ``fold01``). A fold's folder that is a symbolic link (to another
     disk, say) is emptied of those files the same way; the link itself stays.
 
@@ -1118,7 +1145,14 @@ def _remove_other_folds(run_dir: Path, chosen: Sequence[int]) -> list[str]:
                and p.is_dir()] if run_dir.is_dir() else []
     removed = []
     for folder in sorted(folders, key=lambda p: int(p.name[4:])):
-        removed += [f"{folder.name}/{name}" for name in _remove_outputs(folder, _FOLD_FILES)]
+        lock = FolderLock(folder)
+        if not lock.acquire():
+            _LOG.warning("left %s as it is: another run is using it", folder)
+            continue
+        try:
+            removed += [f"{folder.name}/{name}" for name in _remove_outputs(folder, _FOLD_FILES)]
+        finally:
+            lock.release(remove_file=True)  # the lock file of the run that was there too
         if not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
     return removed

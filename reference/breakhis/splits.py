@@ -688,8 +688,8 @@ def validation_split(
 def _keep_every_class(fit: np.ndarray, val: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(fit, val)`` positions into ``y`` with every class of the training set in ``fit``:
     an image of each class held out whole goes back to ``fit``, in exchange for an image
-    of the class with the most images in ``fit`` (where one has two or more), so that the
-    held-out share stays as drawn.
+    of the class with the most images in ``fit`` where one has two or more, so that the
+    held-out share stays as drawn (else it shrinks by that image).
 
     Examples:
         >>> y = np.array([0, 0, 0, 0, 1])

@@ -550,10 +550,10 @@ def _check_forward(model: nn.Module, config: TrainConfig, norm_batch: int) -> No
     if single:
         raise ValueError(
             f"backbone {config.backbone!r} at input_size {config.input_size} gives batch-norm "
-            f"layer {single[0]!r} a 1x1 map, and batch norm in training needs more than one "
-            f"value per channel, but each batch normalises {norm_batch} image"
-            f"{'' if norm_batch == 1 else 's'} there; use a larger --batch-size (per process) "
-            "or a larger --input-size")
+            f"layer {single[0]!r} one value per channel per image (a 1x1 map), and batch norm "
+            f"in training needs more than one value per channel, but each batch normalises "
+            f"{norm_batch} image{'' if norm_batch == 1 else 's'} there; use a larger --batch-size "
+            "(per process) or a larger --input-size")
 
 
 def _remove_outputs(run_dir: Path, names: Sequence[str]) -> list[str]:
@@ -850,8 +850,9 @@ def _fit(
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     # a resumed run gets its weights from the checkpoint, not from a download
     model = _make_model(config, len(classes), weights=None if state else config.weights)
-    if state is None and info.is_main:
-        # a resumed run passed it when it started; the other processes build the same model
+    if info.is_main:
+        # resumed runs too: the number of processes (so the batch batch norm sees) may
+        # differ from the start's; the other processes build the same model
         _check_forward(model, config, _norm_batch(config, info))
     normalization = input_normalization(model)
     model = sync_batchnorm(model, info).to(info.device)

@@ -761,6 +761,44 @@ class TestRunFolderLock:
         assert not indexed
         assert not out.exists()  # the other lock made it and left it empty
 
+    def test_train_into_a_fold_of_a_cv_in_progress_is_refused(
+        self, synth_tree, tmp_path: Path, indexed: list[int], capsys
+    ) -> None:
+        cv = tmp_path / "cv"
+        other = FolderLock(cv)  # a cv run in progress holds its folder
+        assert other.acquire()
+        try:
+            assert main(["train", "--data-root", str(synth_tree[0]), *MSBC, "--fold", "0", *TINY,
+                         "--overwrite", "--out", str(cv / "fold0")]) == 2
+        finally:
+            other.release()
+        assert f"lies in {str(cv.resolve())!r}, which another breakhis-repro run is using" in _err(capsys)
+        assert not indexed and not (cv / "fold0").exists()
+
+    def test_cv_holds_each_fold_it_trains_and_leaves_a_busy_fold_alone(
+        self, synth_tree, run: Path, tmp_path: Path, capsys
+    ) -> None:
+        """A train --out cv/fold<k> in progress: cv --overwrite removed its checkpoint and
+        lock file under it, and cv --resume trained into the same folder beside it."""
+        root, _ = synth_tree
+        cv = tmp_path / "cv"
+        shutil.copytree(run, cv / "fold2")
+        busy = FolderLock(cv / "fold2")  # a train into fold2, running
+        assert busy.acquire()
+        try:
+            assert main(["cv", "--data-root", str(root), *MSBC, "--folds", "1", "--epochs", "1",
+                         *TINY, "--out", str(cv), "--overwrite"]) == 0
+            err = _err(capsys)
+            assert f"left {cv / 'fold2'} as it is: another run is using it" in err
+            assert (cv / "fold2" / "checkpoint.pt").is_file() and (cv / "fold2" / LOCK_NAME).is_file()
+            assert FolderLock.busy(cv / "fold2")  # its lock is still the one held
+            assert main(["cv", "--data-root", str(root), *MSBC, "--folds", "2", "--epochs", "1",
+                         *TINY, "--out", str(cv), "--overwrite"]) == 2
+            assert f"{str(cv / 'fold2')!r} is in use by another breakhis-repro train or cv run" in _err(capsys)
+            assert (cv / "fold2" / "checkpoint.pt").read_bytes() == (run / "checkpoint.pt").read_bytes()
+        finally:
+            busy.release()
+
     def test_the_lock_ends_with_the_run(self, run: Path, tmp_path: Path, indexed: list[int]) -> None:
         assert (run / LOCK_NAME).is_file()  # left in place, and no longer held:
         lock = FolderLock(run)
@@ -1115,3 +1153,46 @@ def test_se_check_passes_backbones_that_take_se_or_cannot_be_built_on_meta(backb
     from breakhis.models import check_se_applies
 
     check_se_applies(backbone, 8)
+
+
+class TestFolderLock:
+    def test_a_forked_child_does_not_keep_the_lock(self, tmp_path: Path) -> None:
+        """Data-loader workers are forked: each inherited the lock's file, so after a
+        kill -9 of the run the lock lived on in its workers for seconds."""
+        lock = FolderLock(tmp_path / "run")
+        assert lock.acquire()
+        fd = lock._fd
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: its copy of the lock's file is closed
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    os._exit(0)
+                os._exit(1)
+            assert os.waitpid(pid, 0)[1] == 0
+            assert FolderLock.busy(tmp_path / "run")  # the parent still holds it
+        finally:
+            lock.release()
+        assert not (tmp_path / "run").exists()
+
+    def test_a_lock_file_removed_by_its_holder_is_not_taken(self, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """B opened the lock file, then A let go and removed it with its empty folder: B
+        locked the removed file, and C made and took a new one: two holders."""
+        import fcntl
+
+        folder = tmp_path / "run"
+        a, b, c = FolderLock(folder), FolderLock(folder), FolderLock(folder)
+        assert a.acquire()
+        real = fcntl.flock
+
+        def flock_after_a_lets_go(fd: int, op: int) -> None:
+            monkeypatch.setattr(fcntl, "flock", real)
+            a.release()  # A's run stopped before writing anything: its folder goes
+            real(fd, op)
+
+        monkeypatch.setattr(fcntl, "flock", flock_after_a_lets_go)
+        assert b.acquire() and (folder / LOCK_NAME).is_file()  # took a lock file that exists
+        assert not c.acquire()
+        b.release()

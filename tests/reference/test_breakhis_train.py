@@ -904,7 +904,8 @@ class TestInputSize:
             "plain", net, num_classes=n))
         kwargs = dict(train_records=records, train_targets=y, classes=classes, progress=False)
         with pytest.raises(ValueError, match=r"backbone 'tiny' at input_size 8 gives batch-norm layer "
-                           r"'backbone.body.1' a 1x1 map, .* each batch normalises 1 image there; use a "
+                           r"'backbone.body.1' one value per channel per image \(a 1x1 map\), .* each batch "
+                           r"normalises 1 image there; use a "
                            r"larger --batch-size \(per process\) or a larger --input-size"):
             fit(_cfg(input_size=8, batch_size=1), run_dir=tmp_path / "a", **kwargs)
         assert not (tmp_path / "a" / "checkpoint.pt").exists()
@@ -920,11 +921,11 @@ class TestInputSize:
         one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
         assert [train_module._norm_batch(config, i) for i in (cpu, cuda, one)] == [2, 8, 8]
 
-    def test_trial_forward_runs_once_on_a_fresh_start_of_the_main_process(
+    def test_trial_forward_runs_on_the_main_process_on_every_start(
         self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """The trial forward pass ran on every start: on resumes (whose model passed it
-        when the run began) and on every DDP process."""
+        """The trial forward pass ran on every DDP process; it runs on the main one, on
+        resumes too (resumed with more processes, a batch-norm layer may see one image)."""
         records, y, classes = _small_task(synth_tree[0], n=8)
         calls: list[int] = []
         real_check = train_module._check_forward
@@ -936,10 +937,10 @@ class TestInputSize:
         fit(_cfg(), run_dir=tmp_path / "a", **kwargs)
         assert len(calls) == 1
         fit(_cfg(epochs=2), run_dir=tmp_path / "a", resume=True, **kwargs)
-        assert len(calls) == 1
+        assert len(calls) == 2
         other = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
         fit(_cfg(batch_size=8), run_dir=tmp_path / "b", dist_info=other, **kwargs)
-        assert len(calls) == 1
+        assert len(calls) == 2
 
 
 def _run_files(folder: Path) -> dict[str, bytes]:
