@@ -455,9 +455,10 @@ class FolderLock:
     (nor two :class:`FolderLock` objects of one process). Where ``fcntl`` or the file
     system's ``flock`` is missing (Windows; some network file systems), :meth:`acquire`
     holds nothing and reports success, as before locks were taken. The lock file stays
-    in the folder (removing it would let a process that opened it before the removal
-    lock a file no one else sees); the folders the lock created are removed on release
-    while nothing else is in them.
+    in the folder, but for the folders the lock created, removed with it on release
+    while nothing else is in them, and ``release(remove_file=True)``. Its holder removes
+    it before letting go, and :meth:`acquire` checks that the file it locked is still
+    the folder's: a process that opened it just before never holds a removed file.
 
     Examples:
         >>> import tempfile
