@@ -850,10 +850,20 @@ def _fit(
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     # a resumed run gets its weights from the checkpoint, not from a download
     model = _make_model(config, len(classes), weights=None if state else config.weights)
+    # resumed runs too: the number of processes (so the batch batch norm sees) may
+    # differ from the start's. The main process tries the model (the others build the
+    # same one) and every process stops with it: the others ended with gloo's
+    # "Connection closed by peer" when only the main one raised.
+    problem: ValueError | None = None
     if info.is_main:
-        # resumed runs too: the number of processes (so the batch batch norm sees) may
-        # differ from the start's; the other processes build the same model
-        _check_forward(model, config, _norm_batch(config, info))
+        try:
+            _check_forward(model, config, _norm_batch(config, info))
+        except ValueError as exc:
+            problem = exc
+    if all_reduce_sum([0.0 if problem is None else 1.0], info.device)[0]:
+        raise problem or ValueError(
+            "stopped before training: the main process (rank 0) refused these settings in "
+            "its trial forward pass (its message says why)")
     normalization = input_normalization(model)
     model = sync_batchnorm(model, info).to(info.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

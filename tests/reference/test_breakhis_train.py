@@ -914,6 +914,27 @@ class TestInputSize:
         fit(_cfg(input_size=16, batch_size=1), run_dir=tmp_path / "c", **kwargs)
         assert (tmp_path / "b" / "checkpoint.pt").exists() and (tmp_path / "c" / "checkpoint.pt").exists()
 
+    def test_every_process_stops_when_the_main_one_refuses(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Only the main process tried the model: under torchrun the others ended with
+        gloo's "Connection closed by peer" when it refused. The refusal is shared now."""
+        records, y, classes = _small_task(synth_tree[0], n=8)
+        shared: list[list[float]] = []
+
+        def main_refused(values: list[float], device: torch.device) -> list[float]:
+            shared.append(values)
+            return [1.0]  # the sum over processes: rank 0's refusal
+
+        monkeypatch.setattr(train_module, "all_reduce_sum", main_refused)
+        other = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"stopped before training: the main process \(rank 0\) "
+                           r"refused these settings in its trial forward pass"):
+            fit(_cfg(batch_size=8), train_records=records, train_targets=y, classes=classes,
+                run_dir=tmp_path, dist_info=other, progress=False)
+        assert shared == [[0.0]]  # this process itself found nothing
+        assert not (tmp_path / "checkpoint.pt").exists()
+
     def test_norm_batch_is_the_process_share_unless_synced(self) -> None:
         config = _cfg(batch_size=8)
         cpu = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
