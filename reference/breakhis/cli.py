@@ -680,10 +680,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         known = Path(args.out) if args.out else (
             _default_out(args, f"fold{args.fold}") if args.fold is not None else None)
         with contextlib.ExitStack() as held:
+
+            def hold(folder: Path) -> None:
+                _refuse_inside_a_run(folder)
+                held.enter_context(hold_folder(folder, info))
+
             if known is not None:  # checked again below, with the folder held
                 _refuse_overwriting(args, known, "train")
-                _refuse_inside_a_run(known)
-                held.enter_context(hold_folder(known, info))
+                hold(known)
             if args.resume and known is not None:
                 # settings the checkpoint was not made with, before indexing (minutes)
                 check_resume(spec, config, known, fold=args.fold)
@@ -691,8 +695,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             fold = args.fold if args.fold is not None else data.splits[0].fold
             out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
             if known is None:
-                _refuse_inside_a_run(out)
-                held.enter_context(hold_folder(out, info))
+                hold(out)
             _refuse_overwriting(args, out, "train")
             report = run_fold(spec, config, fold, out, resume=args.resume, data=data,
                               dist_info=info, progress=not args.no_progress)

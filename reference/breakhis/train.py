@@ -482,7 +482,7 @@ def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
     """
     if not info.distributed or not _has_batchnorm(model):
         return model
-    if info.device.type == "cuda":
+    if _joins_batchnorm(info):
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if info.is_main:
         _LOG.warning(
@@ -494,10 +494,16 @@ def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
+def _joins_batchnorm(info: DistInfo) -> bool:
+    """Whether :func:`sync_batchnorm` joins the processes' batch norm (several CUDA
+    processes: SyncBatchNorm; torch has none for gloo)."""
+    return info.distributed and info.device.type == "cuda"
+
+
 def _norm_batch(config: TrainConfig, info: DistInfo) -> int:
     """Images one batch-norm layer normalises over per training step: the global batch
     where :func:`sync_batchnorm` joins the processes (CUDA), else each process's share."""
-    if info.distributed and info.device.type == "cuda":
+    if _joins_batchnorm(info):
         return config.batch_size
     return config.batch_size // info.world_size
 
