@@ -80,7 +80,8 @@ def check_finite_probs(probs: np.ndarray, names: Sequence[str] | None = None) ->
         ...
         ValueError: expected finite class probabilities, but the scores of 1 of 2 images are NaN or infinite: b.png
     """
-    rows = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+    rows = np.asarray(probs, dtype=np.float64)
+    rows = rows.reshape(len(rows), -1 if rows.size else 0)  # (0, C): nothing to check
     bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
     if len(bad):
         raise ValueError(
@@ -189,9 +190,9 @@ def classification_metrics(
         (0.5556, ['a', 'b', 'c'])
 
     Raises:
-        ValueError: on mismatched shapes, or a target outside ``[0, C - 1]`` (such as the
-            ``-1`` that ``breakhis-repro predict`` writes for an image without ground
-            truth).
+        ValueError: on mismatched shapes, no image, or a target outside ``[0, C - 1]``
+            (such as the ``-1`` that ``breakhis-repro predict`` writes for an image
+            without ground truth).
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -199,6 +200,8 @@ def classification_metrics(
         raise ValueError(
             f"expected probs of shape ({len(y_true)}, {len(classes)}), but got {probs.shape}"
         )
+    if len(y_true) == 0:
+        raise ValueError("expected at least one image to score, but got none")
     check_finite_probs(probs)
     outside = (y_true < 0) | (y_true >= len(classes))
     if outside.any():

@@ -478,6 +478,12 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
     tables: list[str | Path] = list(spec.folds_file)
     if spec.protocol == "official" and not tables:
         tables = list(find_fold_tables(index))
+        if not tables:
+            raise ValueError(
+                "protocol 'official' needs the fold tables (Folds.csv or dsfold1..5.txt), "
+                f"but none lie in {str(index.root)!r} or up to 3 folder levels below it "
+                "(folders above the data root are not searched); pass their path with "
+                "--folds-file, or point --data-root at the folder that holds them")
     splits = make_splits(records, targets, spec.protocol, n_splits=spec.n_splits,
                          seed=spec.split_seed, fold_tables=tables, classes=task.classes,
                          magnification=task.magnification)
@@ -630,12 +636,14 @@ def _split_lines(data: PreparedData, plan: _FoldPlan, fold: int) -> list[tuple[i
     consequences = {  # {them}: the classes lacking
         "validation": "the validation loss and accuracy, which drive the learning-rate "
                       "schedule, say nothing of {them} (a larger val_fraction, --val-fraction, "
-                      "holds out more patients; 0 uses the training loss)",
+                      "holds out more {held}; 0 uses the training loss)",
         "test": "the test metrics say nothing of {them}",
     }
     for name, consequence in consequences.items():
         lacking = [c for c in classes if c in present["training"] and c not in present[name]]
-        consequence = consequence.format(them=plural(len(lacking), "it", "them"))
+        consequence = consequence.format(
+            them=plural(len(lacking), "it", "them"),
+            held="images" if plan.split.protocol == "image" else "patients")
         if len(splits[name]) and lacking:
             lines.append((logging.WARNING, (
                 f"fold {fold}: no {name} image (of {len(splits[name])}) is of "

@@ -195,7 +195,7 @@ def plot_roc(
         nothing can be scored), "skipped": [class names without a curve]}``.
 
     Raises:
-        ValueError: on mismatched shapes or labels outside ``[0, C)``.
+        ValueError: on mismatched shapes, no image, or labels outside ``[0, C)``.
 
     Examples:
         >>> import tempfile
@@ -212,6 +212,8 @@ def plot_roc(
     if p.ndim != 2 or p.shape != (len(y), len(classes)) or len(classes) < 2:
         raise ValueError(f"expected probs of shape ({len(y)}, {len(classes)}) for "
                          f"{len(classes)} classes (at least 2), but got {p.shape}")
+    if len(y) == 0:
+        raise ValueError("expected at least one image for a ROC curve, but got none")
     _check_labels(y, len(classes), "y_true")
     check_finite_probs(p)
     scored = [1] if len(classes) == 2 else list(range(len(classes)))
@@ -596,13 +598,15 @@ def plot_gradcam(
         The PNG path.
 
     Raises:
-        ValueError: on mismatched lengths or heat maps that are not ``(N, H, W)``.
+        ValueError: on no image, mismatched lengths or heat maps that are not ``(N, H, W)``.
     """
     heat = np.asarray(heatmaps, dtype=np.float32)
     n = len(images)
-    if heat.ndim != 3 or len(heat) != n or n == 0:
-        raise ValueError(f"expected heatmaps of shape ({n}, H, W) for {n} images (at least "
-                         f"one), but got {heat.shape}")
+    if n == 0:
+        raise ValueError("expected at least one image for a Grad-CAM grid, but got none")
+    if heat.ndim != 3 or len(heat) != n:
+        raise ValueError(f"expected heatmaps of shape ({n}, H, W) for {n} images, but got "
+                         f"{heat.shape}")
     pred = np.asarray(predicted, dtype=np.int64)
     true = None if labels is None else np.asarray(labels, dtype=np.int64)
     if len(pred) != n or (true is not None and len(true) != n):

@@ -33,7 +33,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ._files import SettingError, check_int, folder_problem, progress_bar
-from .data import BENIGN_TYPES, IMAGE_ERRORS, MAGNIFICATIONS, TYPE_CODES, TYPE_FOLDERS
+from .data import (
+    BENIGN_TYPES,
+    IMAGE_ERRORS,
+    MAGNIFICATIONS,
+    TYPE_CODES,
+    TYPE_FOLDERS,
+    parse_breakhis_name,
+)
 
 __all__ = [
     "DEFAULT_PATIENTS",
@@ -176,6 +183,55 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     Image.fromarray(pixels, mode="RGB").save(path, pnginfo=info)
 
 
+def _check_patients(
+    patients: Sequence[SyntheticPatient], per_mag: int, folds: bool
+) -> None:
+    """Refuse a patient list whose files would not index as its ``expected`` counts say:
+    none, names outside the release's grammar, a folder listed twice (its files would
+    overwrite each other), a patient without images, or fold tables without a patient
+    to train on."""
+    if not patients:
+        raise SettingError("patients", "must hold at least one patient, but got none")
+    seen: set[tuple[str, str, str]] = set()
+    for p in patients:
+        if p.tumor_type not in TYPE_CODES:
+            raise ValueError(f"tumour type must be one of {TYPE_CODES}, but got {p.tumor_type!r}")
+        letter = "B" if p.tumor_type in BENIGN_TYPES else "M"
+        name = f"SOB_{letter}_{p.tumor_type}-{p.year}-{p.slide}-40-001.png"
+        try:
+            parse_breakhis_name(name)
+        except ValueError:
+            raise SettingError(
+                "patients", f"{p!r}: expected a two-digit year and a slide id of digits with "
+                f"any upper-case letter suffix (as '14' and '22549AB'), but its first file "
+                f"would be named {name!r}, which the indexer refuses"
+            ) from None
+        key = (p.tumor_type, p.year, p.slide)
+        if key in seen:
+            raise SettingError(
+                "patients", f"lists the folder of {p!r} twice (its files would overwrite "
+                "each other)"
+            )
+        seen.add(key)
+        if p.counts is not None:
+            if (len(p.counts) != len(MAGNIFICATIONS)
+                    or any(isinstance(c, bool) or not isinstance(c, int) or c < -1
+                           for c in p.counts)):
+                raise SettingError(
+                    "patients", f"{p!r}: counts must be {len(MAGNIFICATIONS)} whole numbers, "
+                    f"one per magnification {MAGNIFICATIONS}, each >= 0 or -1 for "
+                    f"images_per_magnification, but got {p.counts!r}"
+                )
+            if sum(_counts(p, per_mag)) == 0:
+                raise SettingError("patients", f"{p!r}: counts write no image at all")
+    if folds and len({(p.year, p.slide) for p in patients}) < 2:
+        raise SettingError(
+            "patients", "fold tables need patients to train on and to test on: at least "
+            f"two patient ids, but got {len(patients)} folder(s) of one patient id "
+            "(or pass folds=False)"
+        )
+
+
 def _counts(patient: SyntheticPatient, per_mag: int) -> tuple[int, ...]:
     if patient.counts is None:
         return (per_mag,) * len(MAGNIFICATIONS)
@@ -223,9 +279,10 @@ def make_synthetic_breakhis(
         by_magnification).
 
     Raises:
-        ValueError: on an unknown layout, a bad size, count or seed (a
-            :class:`breakhis._files.SettingError` naming the setting), or a non-empty
-            ``root``.
+        ValueError: on an unknown layout, a bad size, count, seed or patient list (a
+            :class:`breakhis._files.SettingError` naming the setting: no patient, a name
+            the indexer refuses, a folder listed twice, a patient without images, fold
+            tables with a single patient id), or a non-empty ``root``.
     """
     if layout not in ("official", "kaggle"):
         raise ValueError(f"layout must be 'official' or 'kaggle', but got {layout!r}")
@@ -239,9 +296,7 @@ def make_synthetic_breakhis(
         raise SettingError(
             "images_per_magnification", f"must be >= 1, but got {images_per_magnification}"
         )
-    for p in patients:
-        if p.tumor_type not in TYPE_CODES:
-            raise ValueError(f"tumour type must be one of {TYPE_CODES}, but got {p.tumor_type!r}")
+    _check_patients(patients, images_per_magnification, folds)
     check_int("seed", seed, 0, why="NumPy's random generator")
     root = Path(root).expanduser()
     problem = folder_problem(root)

@@ -343,7 +343,10 @@ class TestSplitLog:
         assert experiments._split_lines(data, plan, 2)[1][1].startswith(
             "fold 2: no validation image (of 1) is of classes ['benign', 'malignant'], which "
             "the training images include: the validation loss and accuracy, which drive the "
-            "learning-rate schedule, say nothing of them")
+            "learning-rate schedule, say nothing of them (a larger val_fraction, "
+            "--val-fraction, holds out more images; 0 uses the training loss)")
+        plan.split.protocol = "patient"  # whole patients are held out there
+        assert "holds out more patients;" in experiments._split_lines(data, plan, 2)[1][1]
 
 
 class TestPlurals:

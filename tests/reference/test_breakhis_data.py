@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from breakhis._files import SettingError
 from breakhis.cli import main
 from breakhis.data import (
     TYPE_CODES,
@@ -669,6 +670,43 @@ class TestSynthetic:
         assert meta["expected"]["images"] == 4 + 3
         assert index_breakhis(tmp_path / "t").summary()["by_magnification"] == {
             "40": 2, "100": 1, "200": 1, "400": 3}
+
+    @pytest.mark.parametrize(("patients", "folds", "message"), [
+        ([], False, "must hold at least one patient, but got none"),
+        ([SyntheticPatient("A", "2014", "1")], False, r"two-digit year .* 'SOB_B_A-2014-1-40"),
+        ([SyntheticPatient("A", "14", "1ab")], False, "which the indexer refuses"),
+        ([SyntheticPatient("A", "14", "1"), SyntheticPatient("A", "14", "1")], False,
+         "twice"),
+        ([SyntheticPatient("A", "14", "1", counts=(0, 0, 0, 0))], False, "write no image"),
+        ([SyntheticPatient("A", "14", "1", counts=(1, 1))], False, "counts must be 4"),
+        ([SyntheticPatient("A", "14", "1", counts=(1, 1, 1, -2))], False, "each >= 0 or -1"),
+        # the DC/LC copies of one slide are one patient id: nothing to train on
+        ([SyntheticPatient("DC", "14", "1"), SyntheticPatient("LC", "14", "1")], True,
+         "at least two patient ids"),
+    ])
+    def test_refuses_patients_the_index_would_not_count(
+        self, tmp_path: Path, patients, folds: bool, message: str
+    ) -> None:
+        # before, these wrote a tree whose synthetic.json 'expected' counts disagreed with
+        # what index_breakhis found (or crashed with an IndexError on an empty list)
+        with pytest.raises(SettingError, match=message):
+            make_synthetic_breakhis(tmp_path / "t", size=(16, 12), images_per_magnification=1,
+                                    patients=patients, folds=folds)
+        assert not (tmp_path / "t").exists()
+
+    def test_expected_counts_match_the_index(self, tmp_path: Path) -> None:
+        # the DC/LC pair of one slide (two folders, one patient id) and a patient with a
+        # magnification left empty: the counts are what the indexer finds
+        meta = make_synthetic_breakhis(
+            tmp_path / "t", size=(16, 12), irregular=True, folds=True,
+            images_per_magnification=1,
+            patients=[SyntheticPatient("DC", "14", "7"), SyntheticPatient("LC", "14", "7"),
+                      SyntheticPatient("A", "15", "3CD", counts=(2, 0, -1, 1))])
+        summary = index_breakhis(tmp_path / "t").summary()
+        assert meta["expected"]["images"] == summary["images"] == 4 + 4 + 4
+        assert meta["expected"]["patients"] == summary["patients"] == 3
+        assert meta["expected"]["patient_ids"] == summary["patient_ids"] == 2
+        assert meta["expected"]["by_magnification"] == summary["by_magnification"]
 
 
 class TestLoadRgb:

@@ -209,6 +209,17 @@ class TestPrepareData:
         assert len(unknown) == 6  # one group each, never one shared "" group
         assert len(set(data.groups[unknown].tolist())) == 6
 
+    def test_official_without_tables_says_where_it_looked(self, kaggle_tree) -> None:
+        # the Kaggle tree's Folds.csv lies above BreaKHis_v1: not searched from there
+        root, _ = kaggle_tree
+        inner = root / "BreaKHis_v1"
+        with pytest.raises(ValueError, match=r"needs the fold tables .* but none lie in '.*"
+                           r"BreaKHis_v1' or up to 3 folder levels below it .* --folds-file"):
+            prepare_data(_spec(inner, protocol="official"))
+        data = prepare_data(_spec(inner, protocol="official",
+                                  folds_file=(str(root / "Folds.csv"),)))
+        assert [s.fold for s in data.splits] == [1, 2, 3, 4, 5]
+
     def test_official_folds_are_the_tables_numbers(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
         spec = _spec(root, protocol="official", folds_file=(str(root / "dsfold3.txt"),))

@@ -177,6 +177,12 @@ class TestPlotRoc:
         assert r["auc"] == {} and r["roc_auc"] is None and r["skipped"] == ["malignant"]
         _assert_png(r["path"])
 
+    def test_no_image_is_refused(self, tmp_path: Path) -> None:
+        # before: numpy's "cannot reshape array of size 0 into shape (0,newaxis)"
+        with pytest.raises(ValueError, match="expected at least one image for a ROC curve"):
+            plot_roc([], np.zeros((0, 2)), ["benign", "malignant"], tmp_path / "roc.png")
+        assert not (tmp_path / "roc.png").exists()
+
     def test_scores_that_are_not_finite_are_refused(self, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"the scores of 1 of 3 images are NaN or infinite: image 2$"):
             plot_roc([0, 1, 1], np.array([[0.9, 0.1], [0.2, 0.8], [np.nan, np.nan]]),
@@ -417,6 +423,10 @@ class TestGradcam:
         with pytest.raises(ValueError, match=r"heatmaps of shape \(2, H, W\)"):
             plot_gradcam([np.zeros((4, 4, 3))] * 2, np.zeros((2, 4)), [0, 1], [0, 1],
                          ["a", "b"], tmp_path / "g.png")
+        # before: "expected heatmaps of shape (0, H, W) ... but got (0, 8, 8)"
+        with pytest.raises(ValueError, match="^expected at least one image for a Grad-CAM "
+                           "grid, but got none$"):
+            plot_gradcam([], np.zeros((0, 8, 8)), [], None, ["a", "b"], tmp_path / "g.png")
 
     def test_plot_gradcam(self, tmp_path: Path) -> None:
         images = [np.full((SIZE, SIZE, 3), 200, dtype=np.uint8)] * 3

@@ -13,6 +13,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from breakhis.evaluate import (
+    check_finite_probs,
     classification_metrics,
     patient_recognition_rate,
     read_predictions,
@@ -67,6 +68,12 @@ class TestClassificationMetrics:
         assert cm.sum() == 50 and np.trace(cm) == np.sum(pred == y)
         assert cm[1, 0] == np.sum((y == 1) & (pred == 0))
         assert m["patients"] == 7
+
+    def test_no_image_is_refused(self) -> None:
+        # before: numpy's "cannot reshape array of size 0 into shape (0,newaxis)"
+        with pytest.raises(ValueError, match="expected at least one image to score, but got none"):
+            classification_metrics([], np.zeros((0, 2)), ["a", "b"], patients=[])
+        check_finite_probs(np.zeros((0, 2)))  # nothing to check, no error
 
     def test_balanced_accuracy_on_imbalanced_classes(self) -> None:
         # 40 benign, 10 malignant: balanced accuracy differs from accuracy here.
