@@ -49,6 +49,7 @@ from .functional._checks import (
     check_optional_positive_int,
     check_positive_int,
     does_nothing,
+    plural,
 )
 
 if TYPE_CHECKING:
@@ -363,7 +364,7 @@ def _layout_fix(x: Tensor, channels: int) -> str | None:
     if x.dim() == 4:
         gray = ": gray images can be repeated, x.expand(-1, 3, -1, -1)"
         gray = gray if (channels, shape[1]) == (3, 1) else ""
-        return f"the images have {shape[1]} channels, the backbone takes {channels}{gray}"
+        return f"the images have {shape[1]} {plural(shape[1], 'channel')}, the backbone takes {channels}{gray}"
     return f"images must be 4-D (B, {channels}, H, W)"
 
 
@@ -541,7 +542,9 @@ def _smallest_side(body: nn.Module, x: Tensor) -> int | None:
     return hi if all(runs(hi + k) for k in (1, 2, 3)) else None
 
 
-def _last_map(out: object) -> Tensor:
+def _last_map(out: object, hint: str | None = None) -> Tensor:
+    """The last feature map of a backbone's output (a map, a list or dict of maps);
+    ``hint``: what to do when it is not a map (default: cut at a feature map)."""
     if isinstance(out, Mapping):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
@@ -552,7 +555,9 @@ def _last_map(out: object) -> Tensor:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
             "a backbone must return a feature map (B, C, H, W) or tokens (B, N, C), "
-            f"but returned {shape}; pass node= to cut a classification model at its last feature map"
+            f"but returned {shape}; "
+            + (hint or "pass node= to cut a classification model at its last feature map, or "
+                       "make a module of your own return the map, not pooled features")
         )
     return out
 
@@ -568,12 +573,14 @@ def _probe(
     *,
     check_layout: bool = True,
     needs: Sequence[str] = (),
+    flat_hint: str | None = None,
 ) -> tuple[int, int | None]:
     """Channels and stride of ``body``'s output (stride ``None`` for tokens), from a
     forward pass on zeros of ``sample_shape``.
 
     ``needs``: what to pass when that pass fails, where known (e.g. the one size a ViT
     takes, and the node= it needs too); default: a ``sample_shape`` it accepts.
+    ``flat_hint``: what to do when the output is not a map (e.g. a timm model's logits).
 
     With ``check_layout`` (for layouts not known for sure), a second pass at half the
     size checks that the channel count does not change with the input size, as it does
@@ -594,7 +601,7 @@ def _probe(
                     f"could not run the backbone on a zero image of shape {tuple(sample.shape)} to read its "
                     f"channel count ({type(err).__name__}: {_first_line(err)}); pass {fix}"
                 ) from err
-            out = _to_nchw(_last_map(raw), output_fmt)
+            out = _to_nchw(_last_map(raw, flat_hint), output_fmt)
             small = None
             if check_layout and half != tuple(sample_shape):
                 try:
@@ -685,6 +692,18 @@ def _node_hint(model: nn.Module) -> str:
     return (
         f"node= naming its last feature map ({suggestion}see "
         "torchvision.models.feature_extraction.get_graph_node_names)"
+    )
+
+
+def _timm_flat_hint(model: nn.Module) -> str:
+    """What to do with a timm model (passed as a module) whose forward gives no map: its
+    logits, or pooled features (``num_classes=0``)."""
+    ends = (f"its classifier (num_classes={model.num_classes})" if _is_timm_classifier(model)
+            else "its global pooling")
+    return (
+        f"it is a timm model whose forward ends in {ends}: create it with num_classes=0, "
+        "global_pool='' (or features_only=True), pass its name instead of the module, or pass "
+        "node= naming its last feature map"
     )
 
 
@@ -1398,7 +1417,9 @@ def build_backbone(
         insert_se_blocks(backbone, reduction=se_reduction)
     body = _extract(backbone, node) if node is not None else backbone
     # as for names, the layouts of the default nodes are known: no second probe
-    channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None, needs=needs)
+    flat_hint = _timm_flat_hint(backbone) if node is None and _is_timm_model(backbone) else None
+    channels, stride = _probe(body, sample_shape, fmt, check_layout=default_node is None, needs=needs,
+                              flat_hint=flat_hint)
     _check_fmt_applies(output_fmt, stride)
     # what the network takes is known for torchvision and timm models, and declared by a sample_shape
     known = given_shape or _is_torchvision_classifier(backbone) or _is_timm_model(backbone)

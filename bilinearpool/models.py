@@ -41,7 +41,9 @@ from .functional._checks import (
 )
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
+from .compact import CompactBilinearPool
 from .linear import WideLinear
+from .lowrank import LowRankBilinearPool
 from .matrix_sqrt import MatrixSqrt
 from .norm import L2Normalize, SignedSqrt
 from .pooling import BilinearPool, FastBilinearPool
@@ -336,6 +338,46 @@ def _check_token_counts(a: FeatureExtractor, b: FeatureExtractor) -> None:
         raise _token_mismatch(a, n_a, b, n_b, where)
 
 
+def _map_size(stream: FeatureExtractor, channels: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """``(H, W)`` of the feature map ``stream`` gives for images of ``channels`` and ``size``,
+    from a pass on the meta device as in :func:`_token_count`; ``None`` where the network
+    does not run there (or gives no map)."""
+    param = _first_float_param(stream)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    try:
+        out = _meta_pass(stream, torch.zeros(2, channels, *size, device="meta", dtype=dtype))
+    except Exception:  # noqa: BLE001 - e.g. an operation without a meta kernel: the pool checks at forward
+        return None
+    return (int(out.shape[2]), int(out.shape[3])) if isinstance(out, Tensor) and out.dim() == 4 else None
+
+
+#: The library's two-stream pools that take maps of one size (BilinearPool unless it resizes).
+_ONE_SIZE_POOLS = (BilinearPool, CompactBilinearPool, LowRankBilinearPool)
+
+
+def _check_map_sizes(pool: nn.Module, a: FeatureExtractor, b: FeatureExtractor) -> None:
+    """Refuse two map streams whose maps differ in size at 224 x 224 images (or the one size
+    the model takes) when ``pool`` is one of the library's pools that take maps of one
+    size: such a model failed at every forward (two strides meet only at maps of 1 x 1),
+    with an advice to resize that the classifier gives no place to follow."""
+    if not isinstance(pool, _ONE_SIZE_POOLS) or getattr(pool, "resize", None) is not None:
+        return
+    size = a.image_size or b.image_size or (224, 224)
+    channels = a.in_channels or b.in_channels or 3
+    hw_a, hw_b = _map_size(a, channels, size), _map_size(b, channels, size)
+    if hw_a is None or hw_b is None or hw_a == hw_b:
+        return
+    what = "BilinearPool without resize" if isinstance(pool, BilinearPool) else type(pool).__name__
+    raise ValueError(
+        f"the two streams' feature maps must have one size for {what}, but at "
+        f"{size[0]} x {size[1]} images backbone_a ({a.name!r}, stride {a.reduction}) gives "
+        f"{hw_a[0]} x {hw_a[1]} maps and backbone_b ({b.name!r}, stride {b.reduction}) "
+        f"{hw_b[0]} x {hw_b[1]}; use pool=BilinearPool(resize='bilinear', normalize=True) "
+        "(BCNN's default, which resizes the second map to the first), or backbones (or "
+        "node= cuts) whose maps have one size"
+    )
+
+
 def _check_stream_dtypes(a: FeatureExtractor, b: FeatureExtractor | None) -> None:
     """Refuse two backbones whose floating-point parameters differ in dtype: one head in one
     dtype cannot take both streams (the model failed at its first forward)."""
@@ -432,6 +474,10 @@ class BilinearClassifier(nn.Module):
             number of tokens (tokens cannot be resized as maps are): ValueError when built
             where the counts are known (a model that takes one image size, such as a ViT,
             or counts that do not depend on the image size), else at the first forward.
+            Two map streams whose maps differ in size at 224 x 224 images (or the one
+            size the model takes) are refused when built (ValueError) for the library's
+            pools that take maps of one size (:class:`BilinearPool` without ``resize``,
+            :class:`CompactBilinearPool`, :class:`LowRankBilinearPool`).
         pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
             :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one (which
             may raise ValueError for channels it does not take, e.g. a pool built with
@@ -524,6 +570,8 @@ class BilinearClassifier(nn.Module):
             _check_token_counts(self.backbone, self.backbone_b)
         _check_stream_dtypes(self.backbone, self.backbone_b)
         _check_pool_dtype(pool, (self.backbone, self.backbone_b))
+        if self.backbone_b is not None and self.backbone_b is not self.backbone and not self.backbone.tokens:
+            _check_map_sizes(pool, self.backbone, self.backbone_b)
         if reduce_dim:
             for stream in (self.backbone, self.backbone_b):
                 if stream is not None:

@@ -28,7 +28,9 @@ class BilinearPool(nn.Module):
         reduction: ``"mean"`` over the :math:`N = HW` locations (the paper) or ``"sum"``.
         resize: what to do when the streams' spatial sizes differ. ``None`` raises a
             :class:`ValueError`; an interpolation mode (``"bilinear"``, ``"bicubic"``,
-            ``"nearest"``, ``"area"``) resizes ``x_b`` to the size of ``x_a``.
+            ``"nearest"``, ``"area"``) resizes ``x_b`` to the size of ``x_a``, larger or
+            smaller (``"area"`` averages when it shrinks and repeats values, as
+            ``"nearest"`` does, when it enlarges).
         normalize: return ``l2_normalize(signed_sqrt(G))`` flattened, computed fused.
         eps: :math:`\\epsilon` of the signed square root, default 1e-5; with
             ``normalize=False`` there is none, and giving ``eps`` is a ValueError (the

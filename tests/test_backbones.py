@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import urllib.error
 
@@ -615,10 +616,27 @@ def test_errors(tmp_path):
     with pytest.raises(TypeError, match="name or an nn.Module, but got int"):
         build_backbone(3)  # type: ignore[arg-type]
     classifier = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-    with pytest.raises(ValueError, match="returned \\(1, 10\\)"):
+    with pytest.raises(ValueError, match="returned \\(1, 10\\); pass node= to cut a classification model "
+                       "at its last feature map, or make a module of your own return the map"):
         build_backbone(classifier)  # a classifier, not a feature map (torchvision models get their node)
     with pytest.raises(ValueError, match="weights= applies to named backbones"):
         build_backbone(nn.Conv2d(3, 4, 3), weights="imagenet")
+
+
+@pytest.mark.parametrize(("options", "returned", "ends"), [
+    ({}, "(1, 1000)", r"its classifier \(num_classes=1000\)"),
+    ({"num_classes": 0}, "(1, 512)", "its global pooling"),
+])
+def test_timm_model_without_maps_says_how_to_get_them(options, returned, ends):
+    # before: the generic "pass node= to cut a classification model", the timm advice
+    # (num_classes=0, global_pool='') built for the message and dropped
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, **options)
+    with pytest.raises(ValueError, match=re.escape(f"returned {returned}; it is a timm model whose forward ends in ")
+                       + ends + ": create it with num_classes=0, global_pool='' "):
+        build_backbone(model)
+    fixed = timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="")
+    assert build_backbone(fixed).out_channels == 512
 
 
 def test_feature_extractor_passthrough():

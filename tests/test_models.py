@@ -498,6 +498,35 @@ class TestOtherPoolsAsHeads:
         model = BCNN(tiny(8), tiny(4), num_classes=2, pool=CompactBilinearPool(in_channels=8, in_channels_b=4, out_features=32))
         assert model.embedding_dim == 32 and model(X).shape == (2, 2)
 
+    @pytest.mark.parametrize("pool", ["raw", "compact", "low_rank"])
+    def test_streams_of_two_map_sizes_need_a_pool_that_resizes(self, pool):
+        # strides 2 and 4: maps of 112 x 112 and 56 x 56 at 224 px, of one size nowhere but
+        # 1 x 1. Before, such a model built and failed at every forward, advising a resize
+        # the classifier gives no place for.
+        from bilinearpool import CompactBilinearPool, LowRankBilinearPool
+
+        make = {"raw": lambda: BilinearPool(),
+                "compact": lambda: CompactBilinearPool(in_channels=8, in_channels_b=4, out_features=32),
+                "low_rank": lambda: LowRankBilinearPool(in_channels=8, in_channels_b=4, rank=4)}[pool]
+        what = {"raw": "BilinearPool without resize", "compact": "CompactBilinearPool",
+                "low_rank": "LowRankBilinearPool"}[pool]
+        with pytest.raises(ValueError, match=(
+                rf"must have one size for {what}, but at 224 x 224 images backbone_a \('Sequential', "
+                r"stride 2\) gives 112 x 112 maps and backbone_b \('Sequential', stride 4\) 56 x 56; "
+                r"use pool=BilinearPool\(resize='bilinear', normalize=True\)")):
+            BCNN(tiny(8, stride=2), tiny(4, stride=4), num_classes=2, pool=make())
+        # one stride: built and run as before
+        assert BCNN(tiny(8, stride=2), tiny(4, stride=2), num_classes=2, pool=make())(X).shape == (2, 2)
+
+    def test_a_pool_of_ones_own_gets_maps_of_two_sizes(self):
+        # a pool the library does not know may bring the maps to one size itself
+        class MeanOuter(nn.Module):
+            def forward(self, a, b):
+                return torch.einsum("bc,bd->bcd", a.mean((2, 3)), b.mean((2, 3))).flatten(1)
+
+        model = BCNN(tiny(8, stride=2), tiny(4, stride=4), num_classes=2, pool=MeanOuter())
+        assert model.embedding_dim == 32 and model(X).shape == (2, 2)
+
 
 @pytest.mark.parametrize("make", [
     lambda: FastBCNN(tiny(6), num_classes=3),

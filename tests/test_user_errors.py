@@ -295,7 +295,7 @@ class TestInputChecks:
         with pytest.raises(ValueError, match=r"got shape \(2, 64, 64, 3\): channels-last data \(B, H, W, C\) needs "
                            r"x.permute\(0, 3, 1, 2\)"):
             resnet18_model(torch.randn(2, 64, 64, 3))
-        with pytest.raises(ValueError, match=r"got shape \(2, 1, 64, 64\): the images have 1 channels, the backbone "
+        with pytest.raises(ValueError, match=r"got shape \(2, 1, 64, 64\): the images have 1 channel, the backbone "
                            r"takes 3: gray images can be repeated"):
             resnet18_model(torch.randn(2, 1, 64, 64))
         with pytest.raises(TypeError, match=r"takes images \(B, 3, H, W\) of dtype torch.float32, but got list"):
