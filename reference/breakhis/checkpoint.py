@@ -101,6 +101,10 @@ def _load_failure(exc: Exception) -> str:
     return f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
 
 
+#: Abbreviations whose full stop ends no sentence, for :func:`_clipped`.
+_ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.")
+
+
 def _clipped(text: str, limit: int = 200, most: int = 320) -> str:
     """``text`` up to ``limit`` characters, or to the end of the sentence running past it
     where that ends within ``most`` (a cut mid-sentence dropped torch's "corrupted").
@@ -110,10 +114,14 @@ def _clipped(text: str, limit: int = 200, most: int = 320) -> str:
         211
         >>> len(_clipped("x" * 500))  # no sentence end near: cut, marked
         203
+        >>> _clipped("a" * 199 + " (e.g. a file). Next.")[-12:]  # not cut at "e.g."
+        '.g. a file).'
     """
     if len(text) <= limit:
         return text
     end = text.find(". ", limit - 1, most)
+    while end >= 0 and text[: end + 1].endswith(_ABBREVIATIONS):  # "e.g. " ends no sentence
+        end = text.find(". ", end + 1, most)
     if end < 0 and text.endswith(".") and len(text) <= most:
         return text
     return text[: end + 1] if end >= 0 else text[:limit] + "..."
