@@ -649,6 +649,8 @@ def index_breakhis(
         records=records,
         skipped=sorted(skipped, key=lambda s: s.path),
         warnings=[*_shared_patient_warnings(records),
+                  *_renumbered_copy_warnings(
+                      [c for c, r in zip(candidates, results) if not isinstance(r, Exception)], root),
                   *_duplicate_content_warnings(duplicates, "under different names", records, root)],
         metadata_files=metadata,
         kind="breakhis",
@@ -676,6 +678,25 @@ def _refuse_duplicate_names(root: Path, paths: Sequence[Path]) -> None:
             f"found elsewhere, e.g. {a!r} and {b!r} "
             "(two copies of the data set?); point --data-root at one copy or remove the other"
         )
+
+
+def _renumbered_copy_warnings(candidates: Sequence[tuple[Path, BreakhisName]], root: Path) -> list[str]:
+    """Warn about files of one slide, magnification and image number under names that
+    differ only in the number's zero padding (``...-40-001.png`` and ``...-40-1.png``):
+    one image twice, most likely, which an image-level split can put in train and test."""
+    groups: dict[tuple[str, int, int], list[str]] = defaultdict(list)
+    for path, name in candidates:
+        groups[(name.case, name.magnification, name.seq)].append(path.relative_to(root).as_posix())
+    repeated = sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    if not repeated:
+        return []
+    return [
+        f"{count(len(repeated), 'image number')} of one slide and magnification "
+        f"{plural(len(repeated), 'is', 'are')} used by more than one file, the names differing "
+        f"in zero padding only, e.g. {repeated[0]}: most likely copies of one image (patient "
+        "splits keep them together; an image-level split may put one in training and another "
+        "in test); remove the copies"
+    ]
 
 
 def _duplicate_groups(by_digest: dict[str, list[str]]) -> list[list[str]]:

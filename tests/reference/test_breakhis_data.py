@@ -265,6 +265,23 @@ class TestIndexHandmade:
             index_breakhis(tmp_path)
         assert len(index_breakhis(tmp_path / "copy1").records) == 1
 
+    def test_one_image_number_under_two_paddings_is_warned(self, tmp_path: Path) -> None:
+        # before: both indexed without a word (their bytes differ, so no duplicate check)
+        names = ("SOB_B_A-14-1-40-001.png", "SOB_B_A-14-1-40-1.png", "SOB_B_A-14-1-40-002.png")
+        for fill, name in enumerate(names):
+            _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40, name), fill=fill)
+        index = index_breakhis(tmp_path, verify=True)
+        assert index.duplicate_content == []
+        assert len(index.records) == 3  # kept: nothing says which copy is the image
+        folder = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-1/40X"
+        warned = [w for w in index.warnings if "zero padding" in w]
+        assert warned == [
+            "1 image number of one slide and magnification is used by more than one file, the "
+            f"names differing in zero padding only, e.g. ['{folder}/SOB_B_A-14-1-40-001.png', "
+            f"'{folder}/SOB_B_A-14-1-40-1.png']: most likely copies of one image (patient "
+            "splits keep them together; an image-level split may put one in training and "
+            "another in test); remove the copies"]
+
     def test_hidden_folders_are_not_indexed(self, tmp_path: Path) -> None:
         good = _png(_official(tmp_path, "benign", "adenosis", "SOB_B_A_14-1", 40,
                               "SOB_B_A-14-1-40-001.png"))
