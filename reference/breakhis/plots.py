@@ -808,6 +808,8 @@ def make_figures(
         The content of ``figures.json``.
 
     Raises:
+        TypeError: before the model is loaded, for records that are not
+            :class:`~breakhis.data.ImageRecord` (paths, say).
         ValueError: before the model is loaded, for fewer than 3 records or options
             that :func:`check_figure_options` refuses (a negative ``gradcam_images``, a
             ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
@@ -827,6 +829,12 @@ def make_figures(
 
     if len(records) < 3:
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
+    other = next((r for r in records if not isinstance(r, ImageRecord)), None)
+    if other is not None:
+        raise TypeError(
+            "records must be ImageRecords (what breakhis.experiments.checkpoint_records or "
+            f"breakhis.data.index_breakhis give), but got a {type(other).__name__} ({other!r}): "
+            "the figures need each image's label, patient and magnification")
     check_figure_options(seed, perplexity, max_embedding_dim, gradcam_images, out_dir, batch_size)
     out = Path(out_dir)
     model, state = load_model(checkpoint, device=device)

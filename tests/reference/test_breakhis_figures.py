@@ -483,6 +483,9 @@ class TestMakeFigures:
         records, _, _ = checkpoint_records(ckpt)
         with pytest.raises(ValueError, match="at least 3 images"):
             make_figures(ckpt, records[:2], tmp_path)
+        # before: AttributeError: 'PosixPath' object has no attribute 'label'
+        with pytest.raises(TypeError, match=r"records must be ImageRecords .* but got a PosixPath"):
+            make_figures(ckpt, [r.path for r in records[:3]], tmp_path)
         with pytest.raises(ValueError, match="split must be one of"):
             checkpoint_records(ckpt, split="val")
 
