@@ -13,7 +13,7 @@ last feature maps, e.g. for ``captum.attr.LayerGradCam``; one per stream),
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,10 @@ from .backbones import (
     _first_float_param,
     _in_eval_mode,
     _is_timm_name,
+    _last_map,
     _meta_pass,
+    _prober,
+    _to_nchw,
     build_backbone,
 )
 from .functional._checks import (
@@ -338,44 +341,79 @@ def _check_token_counts(a: FeatureExtractor, b: FeatureExtractor) -> None:
         raise _token_mismatch(a, n_a, b, n_b, where)
 
 
-def _map_size(stream: FeatureExtractor, channels: int, size: tuple[int, int]) -> tuple[int, int] | None:
-    """``(H, W)`` of the feature map ``stream`` gives for images of ``channels`` and ``size``,
-    from a pass on the meta device as in :func:`_token_count`; ``None`` where the network
-    does not run there (or gives no map)."""
+#: Image sides at which :func:`_check_map_sizes` compares the streams' maps: where two
+#: streams of one stride but other padding meet, one of them is likely among these.
+_MAP_CHECK_SIDES = (224, 299, 331, 448)
+
+
+def _map_sizer(stream: FeatureExtractor) -> Callable[[int, tuple[int, int]], tuple[int, int] | None]:
+    """A function giving the ``(H, W)`` of ``stream``'s map for images of given channels and
+    size, from passes of its network on the meta device (shapes only, one meta copy for
+    all sizes); ``None`` where the network does not run there or gives no map."""
     param = _first_float_param(stream)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
-    try:
-        out = _meta_pass(stream, torch.zeros(2, channels, *size, device="meta", dtype=dtype))
-    except Exception:  # noqa: BLE001 - e.g. an operation without a meta kernel: the pool checks at forward
-        return None
-    return (int(out.shape[2]), int(out.shape[3])) if isinstance(out, Tensor) and out.dim() == 4 else None
+    run = _prober(stream.body)
+
+    def size(channels: int, hw: tuple[int, int]) -> tuple[int, int] | None:
+        try:
+            out = _to_nchw(_last_map(run(torch.zeros(2, channels, *hw, device="meta", dtype=dtype))),
+                           stream.output_fmt)
+        except Exception:  # noqa: BLE001 - e.g. an operation without a meta kernel: no verdict
+            return None
+        return (int(out.shape[2]), int(out.shape[3])) if out.dim() == 4 else None
+
+    return size
 
 
-#: The library's two-stream pools that take maps of one size (BilinearPool unless it resizes).
+#: The library's two-stream pools that take maps of one size (BilinearPool unless it
+#: resizes); exact types: a subclass may bring the maps to one size itself.
 _ONE_SIZE_POOLS = (BilinearPool, CompactBilinearPool, LowRankBilinearPool)
 
 
-def _check_map_sizes(pool: nn.Module, a: FeatureExtractor, b: FeatureExtractor) -> None:
-    """Refuse two map streams whose maps differ in size at 224 x 224 images (or the one size
-    the model takes) when ``pool`` is one of the library's pools that take maps of one
-    size: such a model failed at every forward (two strides meet only at maps of 1 x 1),
-    with an advice to resize that the classifier gives no place to follow."""
-    if not isinstance(pool, _ONE_SIZE_POOLS) or getattr(pool, "resize", None) is not None:
+def _check_map_sizes(
+    pool: nn.Module, a: FeatureExtractor, b: FeatureExtractor, sample_shape: tuple[int, ...] | None
+) -> None:
+    """Refuse two map streams that give maps of different sizes at every image size tried
+    when ``pool`` is one of the library's pools that take maps of one size: such a model
+    fails at its first forward at those sizes (at all sizes but tiny ones for streams of
+    two strides), with an advice to resize that the classifier gives no place to follow.
+
+    The sizes tried: the one the model takes, else ``sample_shape``'s and
+    :data:`_MAP_CHECK_SIDES`; the first where both maps have one size ends the check, as
+    does a size where either network does not run on the meta device.
+    """
+    if type(pool) not in _ONE_SIZE_POOLS or getattr(pool, "resize", None) is not None:
         return
-    size = a.image_size or b.image_size or (224, 224)
-    channels = a.in_channels or b.in_channels or 3
-    hw_a, hw_b = _map_size(a, channels, size), _map_size(b, channels, size)
-    if hw_a is None or hw_b is None or hw_a == hw_b:
-        return
-    what = "BilinearPool without resize" if isinstance(pool, BilinearPool) else type(pool).__name__
+    fixed = a.image_size or b.image_size
+    channels = a.in_channels or b.in_channels or (sample_shape[0] if sample_shape else 3)
+    sizes: list[tuple[int, int]] = [fixed] if fixed else []
+    if not fixed:
+        if sample_shape is not None and len(sample_shape) == 3:
+            sizes.append((int(sample_shape[1]), int(sample_shape[2])))
+        sizes += [(s, s) for s in _MAP_CHECK_SIDES if (s, s) not in sizes]
+    size_a, size_b = _map_sizer(a), _map_sizer(b)
+    seen = []
+    for hw in sizes:
+        hw_a, hw_b = size_a(channels, hw), size_b(channels, hw)
+        if hw_a is None or hw_b is None or hw_a == hw_b:
+            return
+        seen.append(f"{hw[0]} x {hw[1]} images: {hw_a[0]} x {hw_a[1]} and {hw_b[0]} x {hw_b[1]}")
+    what = ("BilinearPool without resize" if type(pool) is BilinearPool
+            else f"{type(pool).__name__} (which does not resize its inputs)")
     raise ValueError(
-        f"the two streams' feature maps must have one size for {what}, but at "
-        f"{size[0]} x {size[1]} images backbone_a ({a.name!r}, stride {a.reduction}) gives "
-        f"{hw_a[0]} x {hw_a[1]} maps and backbone_b ({b.name!r}, stride {b.reduction}) "
-        f"{hw_b[0]} x {hw_b[1]}; use pool=BilinearPool(resize='bilinear', normalize=True) "
-        "(BCNN's default, which resizes the second map to the first), or backbones (or "
-        "node= cuts) whose maps have one size"
+        f"the two streams' feature maps must have one size for {what}, but backbone_a "
+        f"({a.name!r}) and backbone_b ({b.name!r}) give maps of different sizes at every image "
+        f"size tried ({'; '.join(seen)}); use pool=BilinearPool(resize='bilinear', normalize=True) "
+        "(BCNN's default, which resizes the second map to the first), or backbones (or node= "
+        "cuts) whose maps have one size"
     )
+
+
+def _pairs_maps_itself(cls: type) -> bool:
+    """Whether a classifier class overrides how the maps reach the pool (it may bring them
+    to one size itself): then :func:`_check_map_sizes` does not judge them."""
+    return any(getattr(cls, name) is not getattr(BilinearClassifier, name)
+               for name in ("forward_features", "forward_embedding", "_pool"))
 
 
 def _check_stream_dtypes(a: FeatureExtractor, b: FeatureExtractor | None) -> None:
@@ -474,10 +512,12 @@ class BilinearClassifier(nn.Module):
             number of tokens (tokens cannot be resized as maps are): ValueError when built
             where the counts are known (a model that takes one image size, such as a ViT,
             or counts that do not depend on the image size), else at the first forward.
-            Two map streams whose maps differ in size at 224 x 224 images (or the one
-            size the model takes) are refused when built (ValueError) for the library's
-            pools that take maps of one size (:class:`BilinearPool` without ``resize``,
-            :class:`CompactBilinearPool`, :class:`LowRankBilinearPool`).
+            Two map streams whose maps differ in size at every image size tried (the
+            one the model takes, else ``sample_shape``'s and 224, 299, 331 and 448
+            pixels) are refused when built (ValueError) with the library's pools that
+            take maps of one size (:class:`BilinearPool` without ``resize``,
+            :class:`CompactBilinearPool`, :class:`LowRankBilinearPool`; not their
+            subclasses, nor in a subclass that changes how the maps reach the pool).
         pool: pooling module, ``(B, C, H, W) -> (B, D)`` (two-stream pools take two maps).
             :math:`D` comes from its ``output_dim(C_1[, C_2])`` method if it has one (which
             may raise ValueError for channels it does not take, e.g. a pool built with
@@ -570,8 +610,9 @@ class BilinearClassifier(nn.Module):
             _check_token_counts(self.backbone, self.backbone_b)
         _check_stream_dtypes(self.backbone, self.backbone_b)
         _check_pool_dtype(pool, (self.backbone, self.backbone_b))
-        if self.backbone_b is not None and self.backbone_b is not self.backbone and not self.backbone.tokens:
-            _check_map_sizes(pool, self.backbone, self.backbone_b)
+        if (self.backbone_b is not None and self.backbone_b is not self.backbone and not self.backbone.tokens
+                and not _pairs_maps_itself(type(self))):
+            _check_map_sizes(pool, self.backbone, self.backbone_b, sample_shape)
         if reduce_dim:
             for stream in (self.backbone, self.backbone_b):
                 if stream is not None:

@@ -500,23 +500,47 @@ class TestOtherPoolsAsHeads:
 
     @pytest.mark.parametrize("pool", ["raw", "compact", "low_rank"])
     def test_streams_of_two_map_sizes_need_a_pool_that_resizes(self, pool):
-        # strides 2 and 4: maps of 112 x 112 and 56 x 56 at 224 px, of one size nowhere but
-        # 1 x 1. Before, such a model built and failed at every forward, advising a resize
-        # the classifier gives no place for.
+        # strides 2 and 4: maps of one size at no image size but tiny ones. Before, such a
+        # model built and failed at every forward, advising a resize the classifier gives
+        # no place for.
         from bilinearpool import CompactBilinearPool, LowRankBilinearPool
 
         make = {"raw": lambda: BilinearPool(),
                 "compact": lambda: CompactBilinearPool(in_channels=8, in_channels_b=4, out_features=32),
                 "low_rank": lambda: LowRankBilinearPool(in_channels=8, in_channels_b=4, rank=4)}[pool]
-        what = {"raw": "BilinearPool without resize", "compact": "CompactBilinearPool",
-                "low_rank": "LowRankBilinearPool"}[pool]
+        what = {"raw": "BilinearPool without resize",
+                "compact": r"CompactBilinearPool \(which does not resize its inputs\)",
+                "low_rank": r"LowRankBilinearPool \(which does not resize its inputs\)"}[pool]
         with pytest.raises(ValueError, match=(
-                rf"must have one size for {what}, but at 224 x 224 images backbone_a \('Sequential', "
-                r"stride 2\) gives 112 x 112 maps and backbone_b \('Sequential', stride 4\) 56 x 56; "
-                r"use pool=BilinearPool\(resize='bilinear', normalize=True\)")):
+                rf"must have one size for {what}, but backbone_a \('Sequential'\) and backbone_b "
+                r"\('Sequential'\) give maps of different sizes at every image size tried \(224 x 224 "
+                r"images: 112 x 112 and 56 x 56; 299 x 299 images: 150 x 150 and 75 x 75; .*448 x 448 "
+                r"images: 224 x 224 and 112 x 112\); use pool=BilinearPool\(resize='bilinear', normalize=True\)")):
             BCNN(tiny(8, stride=2), tiny(4, stride=4), num_classes=2, pool=make())
         # one stride: built and run as before
         assert BCNN(tiny(8, stride=2), tiny(4, stride=2), num_classes=2, pool=make())(X).shape == (2, 2)
+
+    def test_maps_of_one_size_at_some_image_size_are_not_refused(self):
+        # one stride, other rounding: 111 and 112 at 224 px, one size at odd sides (299)
+        a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2, ceil_mode=True))
+        b = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2))
+        model = BilinearClassifier(a, b, pool=BilinearPool(), num_classes=2)
+        assert model(torch.randn(1, 3, 33, 33)).shape == (1, 2)
+
+    def test_pools_and_classifiers_that_pair_the_maps_themselves(self):
+        # a subclass of a library pool, or of the classifier, may bring the maps to one size
+        class AligningPool(BilinearPool):
+            def forward(self, a, b=None):
+                return super().forward(a, nn.functional.adaptive_avg_pool2d(b, a.shape[-2:]))
+
+        class AligningBCNN(BCNN):
+            def forward_features(self, x):
+                a, b = super().forward_features(x)
+                return a, nn.functional.adaptive_avg_pool2d(b, a.shape[-2:])
+
+        for model in (BCNN(tiny(8, stride=2), tiny(4, stride=4), num_classes=2, pool=AligningPool()),
+                      AligningBCNN(tiny(8, stride=2), tiny(4, stride=4), num_classes=2, pool=BilinearPool())):
+            assert model(X).shape == (2, 2)
 
     def test_a_pool_of_ones_own_gets_maps_of_two_sizes(self):
         # a pool the library does not know may bring the maps to one size itself

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,8 @@ def _load_failure(exc: Exception) -> str:
     return f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
 
 
-#: Abbreviations whose full stop ends no sentence, for :func:`_clipped`.
-_ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.")
+#: An abbreviation (a whole word) whose full stop ends no sentence, for :func:`_clipped`.
+_ABBREVIATION = re.compile(r"(?:^|[^\w.])(?:e\.g|i\.e|vs|cf)\.$", re.IGNORECASE)
 
 
 def _clipped(text: str, limit: int = 200, most: int = 320) -> str:
@@ -116,11 +117,13 @@ def _clipped(text: str, limit: int = 200, most: int = 320) -> str:
         203
         >>> _clipped("a" * 199 + " (e.g. a file). Next.")[-12:]  # not cut at "e.g."
         '.g. a file).'
+        >>> _clipped("a" * 199 + " devs. Next.")[-5:]  # a word ending in "vs." ends one
+        'devs.'
     """
     if len(text) <= limit:
         return text
     end = text.find(". ", limit - 1, most)
-    while end >= 0 and text[: end + 1].endswith(_ABBREVIATIONS):  # "e.g. " ends no sentence
+    while end >= 0 and _ABBREVIATION.search(text, 0, end + 1):  # "e.g. " ends no sentence
         end = text.find(". ", end + 1, most)
     if end < 0 and text.endswith(".") and len(text) <= most:
         return text

@@ -196,12 +196,12 @@ def classification_metrics(
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
+    if len(y_true) == 0 and len(probs) == 0:
+        raise ValueError("expected at least one image to score, but got none")
     if probs.ndim != 2 or probs.shape != (len(y_true), len(classes)):
         raise ValueError(
             f"expected probs of shape ({len(y_true)}, {len(classes)}), but got {probs.shape}"
         )
-    if len(y_true) == 0:
-        raise ValueError("expected at least one image to score, but got none")
     check_finite_probs(probs)
     outside = (y_true < 0) | (y_true >= len(classes))
     if outside.any():

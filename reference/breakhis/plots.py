@@ -209,11 +209,11 @@ def plot_roc(
 
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
+    if len(y) == 0 and len(p) == 0:
+        raise ValueError("expected at least one image for a ROC curve, but got none")
     if p.ndim != 2 or p.shape != (len(y), len(classes)) or len(classes) < 2:
         raise ValueError(f"expected probs of shape ({len(y)}, {len(classes)}) for "
                          f"{len(classes)} classes (at least 2), but got {p.shape}")
-    if len(y) == 0:
-        raise ValueError("expected at least one image for a ROC curve, but got none")
     _check_labels(y, len(classes), "y_true")
     check_finite_probs(p)
     scored = [1] if len(classes) == 2 else list(range(len(classes)))
@@ -829,13 +829,13 @@ def make_figures(
 
     if len(records) < 3:
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
+    check_figure_options(seed, perplexity, max_embedding_dim, gradcam_images, out_dir, batch_size)
     other = next((r for r in records if not isinstance(r, ImageRecord)), None)
     if other is not None:
         raise TypeError(
             "records must be ImageRecords (what breakhis.experiments.checkpoint_records or "
             f"breakhis.data.index_breakhis give), but got a {type(other).__name__} ({other!r}): "
             "the figures need each image's label, patient and magnification")
-    check_figure_options(seed, perplexity, max_embedding_dim, gradcam_images, out_dir, batch_size)
     out = Path(out_dir)
     model, state = load_model(checkpoint, device=device)
     classes = list(state["classes"])

@@ -20,6 +20,7 @@ import contextlib
 import csv
 import json
 import math
+import numbers
 import os
 import shutil
 from collections import Counter
@@ -203,10 +204,10 @@ def _check_patients(
         except ValueError:
             raise SettingError(
                 "patients", f"{p!r}: expected a two-digit year and a slide id of digits with "
-                f"any upper-case letter suffix (as '14' and '22549AB'), but its first file "
-                f"would be named {name!r}, which the indexer refuses"
+                f"any upper-case letter suffix (as '14' and '22549AB'), but its files would be "
+                f"named like {name!r}, which the indexer refuses"
             ) from None
-        key = (p.tumor_type, p.year, p.slide)
+        key = (p.tumor_type, str(p.year), str(p.slide))
         if key in seen:
             raise SettingError(
                 "patients", f"lists the folder of {p!r} twice (its files would overwrite "
@@ -215,7 +216,7 @@ def _check_patients(
         seen.add(key)
         if p.counts is not None:
             if (len(p.counts) != len(MAGNIFICATIONS)
-                    or any(isinstance(c, bool) or not isinstance(c, int) or c < -1
+                    or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < -1
                            for c in p.counts)):
                 raise SettingError(
                     "patients", f"{p!r}: counts must be {len(MAGNIFICATIONS)} whole numbers, "

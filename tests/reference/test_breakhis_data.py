@@ -711,6 +711,15 @@ class TestSynthetic:
                                     patients=patients, folds=folds)
         assert not (tmp_path / "t").exists()
 
+    def test_numpy_counts_and_a_folder_twice_under_two_spellings(self, tmp_path: Path) -> None:
+        meta = make_synthetic_breakhis(
+            tmp_path / "t", size=(16, 12), irregular=False, folds=False, images_per_magnification=1,
+            patients=[SyntheticPatient("A", "14", "1", counts=tuple(np.array([1, 0, 2, -1])))])
+        assert meta["expected"]["images"] == 4
+        with pytest.raises(SettingError, match="twice"):
+            make_synthetic_breakhis(tmp_path / "u", size=(16, 12), folds=False, patients=[
+                SyntheticPatient("A", "14", "1"), SyntheticPatient("A", 14, "1")])  # type: ignore[arg-type]
+
     def test_expected_counts_match_the_index(self, tmp_path: Path) -> None:
         # the DC/LC pair of one slide (two folders, one patient id) and a patient with a
         # magnification left empty: the counts are what the indexer finds

@@ -181,6 +181,8 @@ class TestPlotRoc:
         # before: numpy's "cannot reshape array of size 0 into shape (0,newaxis)"
         with pytest.raises(ValueError, match="expected at least one image for a ROC curve"):
             plot_roc([], np.zeros((0, 2)), ["benign", "malignant"], tmp_path / "roc.png")
+        with pytest.raises(ValueError, match="expected at least one image for a ROC curve"):
+            plot_roc([], [], ["benign", "malignant"], tmp_path / "roc.png")
         assert not (tmp_path / "roc.png").exists()
 
     def test_scores_that_are_not_finite_are_refused(self, tmp_path: Path) -> None:

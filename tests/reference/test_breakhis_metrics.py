@@ -73,6 +73,8 @@ class TestClassificationMetrics:
         # before: numpy's "cannot reshape array of size 0 into shape (0,newaxis)"
         with pytest.raises(ValueError, match="expected at least one image to score, but got none"):
             classification_metrics([], np.zeros((0, 2)), ["a", "b"], patients=[])
+        with pytest.raises(ValueError, match="expected at least one image to score, but got none"):
+            classification_metrics([], [], ["a", "b"])
         check_finite_probs(np.zeros((0, 2)))  # nothing to check, no error
 
     def test_balanced_accuracy_on_imbalanced_classes(self) -> None:
