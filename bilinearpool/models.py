@@ -31,6 +31,7 @@ from .backbones import (
     _to_nchw,
     build_backbone,
 )
+from .compact import CompactBilinearPool
 from .functional._checks import (
     as_channel_matrix,
     check_dtype,
@@ -44,7 +45,6 @@ from .functional._checks import (
 )
 from .functional.bilinear import triu_fold
 from .functional.head import _classifier_keeps_features, _features_as_weight, fast_bilinear_linear
-from .compact import CompactBilinearPool
 from .linear import WideLinear
 from .lowrank import LowRankBilinearPool
 from .matrix_sqrt import MatrixSqrt
