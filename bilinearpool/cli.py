@@ -471,6 +471,7 @@ class ResultWriteError(OSError):
             now = f"; the files in {path.parent} are left as they were"
         super().__init__(f"writing {path} failed with {_error_text(err)}{now}")
         self.errno = err.errno
+        self.placed = [p.name for p in placed]
 
 
 class _NoBar:
@@ -479,7 +480,7 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
 
-    def set_postfix_str(self, s: str) -> None:
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
@@ -494,7 +495,8 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     except ImportError:
         return _NoBar()
     # Redirected to a file (`make demo > log`), a bar is a frame per refresh: one every
-    # 30 s there keeps the progress readable in the log without hundreds of frames.
+    # 30 s there keeps the progress readable in the log without hundreds of frames (the
+    # postfix is set without a refresh of its own: it shows at the next one).
     interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False,
                 mininterval=0.1 if interactive else 30.0)
@@ -738,10 +740,14 @@ def _write_stopped(
             )
         )
     except Exception as failed:
+        placed = getattr(failed, "placed", None)
+        where_now = (f"the output folder holds them (marked INCOMPLETE) in {', '.join(placed)} only"
+                     if placed else
+                     "the output folder does not hold them (its files are missing, or were "
+                     "written earlier)")
         print(
             f"bilinearpool-bench: stopped at {where} by {_error_text(err)}; writing the {rows} "
-            f"rows measured before failed too, with {_error_text(failed)}: the output folder "
-            "does not hold them (its files are missing, or were written earlier)",
+            f"rows measured before failed too, with {_error_text(failed)}: {where_now}",
             file=sys.stderr,
         )
     else:
@@ -773,11 +779,16 @@ def _ratio_range(a: Sequence[float] | None, b: Sequence[float] | None) -> str | 
         '0.50-1.50'
         >>> _ratio_range([0.0021, 0.003], [1.0, 1.0])
         '0.0021-0.003'
+        >>> _ratio_range([2e-4, 3e-4], [3.0, 3.0])
+        '0.0000667-0.0001'
     """
     ratios = _round_ratios(a, b)
 
     def fmt(r: float) -> str:  # ratios below 0.01 with their digits: 0.00232 had 0.00-0.00
-        return f"{r:.3g}" if 0 < abs(r) < 0.01 else f"{r:.2f}"
+        # positional, never 4.09e-05: the range's "-" is read back by report
+        if not 0 < abs(r) < 0.01:
+            return f"{r:.2f}"
+        return f"{r:.{2 - math.floor(math.log10(abs(r)))}f}".rstrip("0").rstrip(".")
 
     return f"{fmt(min(ratios))}-{fmt(max(ratios))}" if ratios else None
 
@@ -978,7 +989,7 @@ def run_layers(
             b, c, h, w = shape
             label = "x".join(map(str, shape))
             where = f"{label} inputs"
-            bar.set_postfix_str(where)
+            bar.set_postfix_str(where, refresh=False)
             try:
                 maps = [
                     torch.relu(torch.randn(b, c, h, w, generator=gen)).to(s.device)
@@ -1000,7 +1011,7 @@ def run_layers(
             errors: dict[str, list[str]] = {case.name: [] for case in shape_cases}
             for case in shape_cases:
                 where = f"{label} {case.name}"
-                bar.set_postfix_str(f"{where}: saved bytes")
+                bar.set_postfix_str(f"{where}: saved bytes", refresh=False)
                 try:
                     steps[case.name], measured[case.name] = _measure_layer(case, c, maps, gen, s)
                 except Exception as err:
@@ -1008,7 +1019,7 @@ def run_layers(
                     _free_memory()
                 bar.update(1)
             where = f"{label} timing"
-            bar.set_postfix_str(where)
+            bar.set_postfix_str(where, refresh=False)
             times = _round_robin_robust(steps, errors, "timing", s, lambda _: bar.update(1))
             for case in shape_cases:
                 raw.append(
@@ -1582,7 +1593,8 @@ def run_models(
         "num_classes": args.num_classes,
         "se_reduction": se_reduction,
         "weights": "random (no download)",
-        "training_step": "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy",
+        "training_step": ("not timed (--no-train)" if args.no_train else
+                          "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy"),
     }
     if not timed:  # --params-only: nothing is timed, so no timing settings either
         settings = {k: settings[k] for k in ("device", "num_classes", "se_reduction", "weights")}
@@ -1608,7 +1620,7 @@ def run_models(
             skipped: dict[str, str] = {}
             for head in heads:
                 where = f"{backbone} {head.name}: build"
-                bar.set_postfix_str(where)
+                bar.set_postfix_str(where, refresh=False)
                 problem = problems.get((backbone, head.name))
                 if problem is None and "plain" in skipped:
                     problem = f"{head.name}: not measured on {backbone}: the baseline `plain` could not be built"
@@ -1701,7 +1713,7 @@ def _time_models(
              "peak_train_bytes": None, "note": text}
             for head in heads
         ]
-    bar.set_postfix_str(f"{backbone} {res}px: inference")
+    bar.set_postfix_str(f"{backbone} {res}px: inference", refresh=False)
     for model in models.values():
         model.eval()
     infer_steps = {
@@ -1712,7 +1724,7 @@ def _time_models(
     train: dict[str, list[float]] = {}
     peaks: dict[str, int | None] = {n: None for n in models}
     if not args.no_train:
-        bar.set_postfix_str(f"{backbone} {res}px: training step")
+        bar.set_postfix_str(f"{backbone} {res}px: training step", refresh=False)
         for m in models.values():
             m.train()
         steps = {
@@ -2179,7 +2191,8 @@ def _same_value(key: str, stored: Any, rebuilt: Any) -> bool:
     if key == "goals":
         return _verdicts(stored) == _verdicts(rebuilt)
     if key.endswith("_range"):
-        a, b = str(stored).split("-"), str(rebuilt).split("-")
+        # the two ends split at a "-" that is no exponent's sign (4.09e-05 in older files)
+        a, b = (re.split(r"(?<![eE])-", str(v)) for v in (stored, rebuilt))
         close = all(abs(float(x) - float(y)) <= 0.0051 for x, y in zip(a, b))
         return len(a) == len(b) == 2 and close
     numbers = (int, float)
@@ -2636,10 +2649,19 @@ def _file_above(path: Path, option: str, what: str) -> str | None:
     return None
 
 
-def _report_out_problem(out: Path) -> str | None:
-    """Why ``report --out FILE.md`` cannot be written, found before the report is built."""
+def _report_out_problem(out: Path, folder: Path | None = None) -> str | None:
+    """Why ``report --out FILE.md`` cannot be written, found before the report is built:
+    also when it is one of the result files in ``folder`` that the report reads or
+    describes (writing it would replace the raw data)."""
     if out.is_dir():
         return f"--out expected a Markdown file, but {out} is a folder"
+    if folder is not None:
+        ours = {(folder / f"{name}.{ext}").resolve()
+                for name in ("layers", "models") for ext in ("json", "csv", "md", "png")}
+        if out.resolve() in ours:
+            return (f"--out expected a Markdown file beside the results, but {out} is one of "
+                    f"the result files of {folder} (writing it would replace them); name "
+                    "another file, e.g. one next to the folder")
     return (_file_above(out, "--out", "a Markdown file")
             or _writable_problem(out.parent, "--out", "a Markdown file in a folder"))
 
@@ -2791,7 +2813,7 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     name checks); the output folder is checked last, since checking it creates it.
     """
     if args.command == "report":
-        problem = None if args.out is None else _report_out_problem(args.out)
+        problem = None if args.out is None else _report_out_problem(args.out, args.folder)
         if problem is not None:
             parser.error(problem)
         if not any((args.folder / f"{n}.json").is_file() for n in ("layers", "models")):
