@@ -1403,7 +1403,7 @@ def _variant_line(
 def _why_not_measured(row: dict[str, Any] | None, key: str) -> str:
     """Why a planned row has no value in column ``key``."""
     if row is None:
-        return "the run stopped before this shape"
+        return "the run stopped before measuring it"
     if row.get("error"):
         return row["error"]
     if key == "vs_naive" and row.get("fwd_bwd_ms") is not None:

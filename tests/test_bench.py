@@ -1678,7 +1678,7 @@ class TestResults:
         goals = cli._layers_result(raw, LAYER_CASE_INFO, LAYER_SETTINGS, {}, "cmd", plan).meta["goals"]
         assert goals[0] == (
             "`fast-bcnn` fwd+bwd time <= 0.5x the naive chain's: met at 1 of 3 shapes (2x8x4x4: 0.200x); "
-            "2 not measured: 1x8x1x1: failed: RuntimeError: boom; 4x8x4x4: the run stopped before this shape"
+            "2 not measured: 1x8x1x1: failed: RuntimeError: boom; 4x8x4x4: the run stopped before measuring it"
         )
         assert goals[1].startswith("`fast-bcnn` saved bytes <= 1.1x the input map's: met at 1 of 3 shapes")
 
