@@ -498,8 +498,9 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     # 30 s there keeps the progress readable in the log without hundreds of frames (the
     # postfix is set without a refresh of its own: it shows at the next one).
     interactive = getattr(sys.stderr, "isatty", lambda: False)()
+    # (tqdm's monitor thread refreshes a bar left alone for maxinterval, 10 s by default)
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False,
-                mininterval=0.1 if interactive else 30.0)
+                mininterval=0.1 if interactive else 30.0, maxinterval=10.0 if interactive else 30.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -467,7 +467,7 @@ def test_progress_bar_in_a_file_refreshes_seldom(stream, interval, monkeypatch):
     monkeypatch.setattr(sys, "stderr", stream())
     bar = cli._progress(10, "layers", enabled=True)
     try:
-        assert bar.mininterval == interval
+        assert bar.mininterval == interval and bar.maxinterval == max(interval, 10.0)
     finally:
         bar.close()
 

@@ -576,7 +576,9 @@ def progress_bar(iterable: Any, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     interactive = getattr(sys.stderr, "isatty", lambda: False)()
-    return tqdm(iterable, mininterval=0.1 if interactive else 30.0, **kwargs)
+    # (tqdm's monitor thread refreshes a bar left alone for maxinterval, 10 s by default)
+    return tqdm(iterable, mininterval=0.1 if interactive else 30.0,
+                maxinterval=10.0 if interactive else 30.0, **kwargs)
 
 
 def listed(items: Sequence[str], sep: str = ", ", shown: int = 3) -> str:

@@ -977,6 +977,7 @@ def test_progress_bars_in_a_log_refresh_seldom(terminal, interval, monkeypatch) 
     monkeypatch.setattr(sys, "stderr", Stream())
     bar = progress_bar(range(3), desc="epoch 1/1", file=sys.stderr)
     assert bar.mininterval == interval and list(bar) == [0, 1, 2]
+    assert bar.maxinterval == max(interval, 10.0)  # the monitor thread's refresh, 10 s by default
 
 
 def test_a_fifo_named_as_an_image_is_not_read(tmp_path: Path) -> None:
