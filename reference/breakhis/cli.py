@@ -419,7 +419,15 @@ def _check_model(args: argparse.Namespace, config: Any) -> None:
     checkpoint holds the weights)."""
     from .models import check_se_applies, check_weights_available
 
-    check_se_applies(config.backbone, config.se_reduction)
+    try:
+        check_se_applies(config.backbone, config.se_reduction)
+    except SettingError as err:
+        if args.se_reduction is None and getattr(args, "se", False):  # --se alone: name it
+            raise ValueError(
+                f"--se does not apply to backbone {config.backbone!r}, which has no blocks SE "
+                "goes into (ResNet, Inception-v3, Inception-ResNet): drop --se"
+            ) from None
+        raise
     if not args.resume:
         check_weights_available(config.backbone, config.weights)
 

@@ -107,8 +107,11 @@ class TestSettingNames:
         (["train", "--backbone", "resnet18", "--weights", "no/such.pth", "--input-size", "32"],
          "--weights must be weights backbone 'resnet18' can be built with, but got 'no/such.pth': "
          "weights file 'no/such.pth' does not exist"),
-        (["train", *TINY, "--se"], "--se-reduction must be None for backbone 'tiny', whose "
-         "convolutions are no blocks SE goes into"),
+        # --se alone is named so (it said --se-reduction, which was not given)
+        (["train", *TINY, "--se"], "--se does not apply to backbone 'tiny', which has no blocks SE "
+         "goes into (ResNet, Inception-v3, Inception-ResNet): drop --se"),
+        (["train", *TINY, "--se-reduction", "4"], "--se-reduction must be None for backbone "
+         "'tiny', whose convolutions are no blocks SE goes into"),
         (["cv", "--backbone", "vgg11", "--no-pretrained", "--se-reduction", "4", "--input-size", "32"],
          "--se-reduction must be None for backbone 'vgg11' (no SE blocks), but got 4: "
          "insert_se_blocks found no supported block"),
