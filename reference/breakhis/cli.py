@@ -1099,9 +1099,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, not a traceback
         resume = ""
         if "resume" in vars(args):  # the commands that have --resume
-            how = ("the same command with --resume instead of --overwrite" if args.overwrite
-                   else "the same command with --resume")
-            resume = f" ({how} continues from the last finished epoch)"
+            if args.overwrite:  # the old run's files stay until this one replaces them
+                resume = (" (the same command with --resume instead of --overwrite continues "
+                          "from this run's last finished epoch; where this run saved none yet, "
+                          "the folder still holds the run it was to replace: repeat "
+                          "--overwrite)")
+            else:
+                resume = " (the same command with --resume continues from the last finished epoch)"
         what = str(exc) if isinstance(exc, Terminated) else "interrupted"
         print(f"{_speaker(args.command)}: {what}{resume}", file=sys.stderr)
         # 128 + the signal's number, as a shell reports a process it ended

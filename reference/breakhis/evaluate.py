@@ -427,7 +427,10 @@ def write_report(
     Each file is written atomically (:func:`breakhis._files.atomic_writer`: a
     temporary file beside it, renamed over it when complete, with the permissions of a
     new file): a process killed meanwhile leaves the previous file whole, never a
-    report cut short. :func:`read_report` reads the JSON back.
+    report cut short. :func:`read_report` reads the JSON back. The Markdown is written
+    first and the JSON last, so that a JSON in place means both files are this report
+    (``cv --resume`` reuses a fold by its JSON; a kill between the two left it beside an
+    older or missing Markdown).
 
     Returns:
         The two paths.
@@ -435,8 +438,8 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    for path, text in ((json_path, json.dumps(report, indent=2, default=str) + "\n"),
-                       (md_path, render_markdown(report))):
+    for path, text in ((md_path, render_markdown(report)),
+                       (json_path, json.dumps(report, indent=2, default=str) + "\n")):
         with atomic_writer(path, "w") as handle:
             handle.write(text)
     return json_path, md_path

@@ -46,6 +46,7 @@ from ._files import (
     LOCK_NAME,
     FolderLock,
     SettingError,
+    atomic_writer,
     check_int,
     check_seed,
     count,
@@ -69,6 +70,7 @@ from .evaluate import (
     classification_metrics,
     metrics_line,
     read_report,
+    render_markdown,
     split_integrity,
     summarize_folds,
     write_predictions,
@@ -914,6 +916,7 @@ def _reusable_fold(
                 identity["epoch"], identity["fingerprint"][:12])
         return None
     if main:
+        _restore_markdown(done, report)
         # else run_fold logs them, as it resumes the checkpoint
         for note in notes:
             _LOG.warning("fold %d: %s", fold, note)
@@ -921,6 +924,22 @@ def _reusable_fold(
         for text in _protocol_warnings(fold, report["protocol"]):
             _LOG.warning("%s", text)
     return report
+
+
+def _restore_markdown(done: Path, report: dict[str, Any]) -> None:
+    """Rewrite a reused fold's ``test_metrics.md`` from its JSON when it is missing or says
+    otherwise (a run killed between the two writes of an older :func:`write_report`, which
+    wrote the JSON first)."""
+    md = done.with_suffix(".md")
+    text = render_markdown(report)
+    try:
+        if md.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    _LOG.warning("%s was missing or did not match %s; rewritten from it", md, done.name)
+    with atomic_writer(md, "w") as handle:
+        handle.write(text)
 
 
 #: Entries of a fold's report that :func:`run_cv`'s summary reads.
@@ -1220,7 +1239,7 @@ def evaluate_checkpoint(
     # every process: it creates nothing, and one that failed alone would leave the others
     # waiting at a collective
     problem = (writable_problem(out, "the report folder", create=False)
-               or _other_run_problem(checkpoint, out))
+               or _other_run_problem(checkpoint, out) or _busy_problem(out))
     if problem:
         raise ValueError(problem)
     if not info.is_main:  # one evaluation, by the main process: each would do it all again
@@ -1241,6 +1260,17 @@ def evaluate_checkpoint(
                            val_fraction=spec.val_fraction,
                            normalization=checkpoint_normalization(state),
                            checkpoint=checkpoint_identity(state), progress=progress)
+
+
+def _busy_problem(out: Path) -> str | None:
+    """Why ``out`` must not take a report now: a ``train`` or ``cv`` in progress holds it
+    (:class:`breakhis._files.FolderLock`), and would write its own report there, which an
+    evaluation finishing later would replace with an older one."""
+    if out.is_dir() and FolderLock.busy(out):
+        return (f"the report folder {str(out)!r} is in use by a train or cv run in progress "
+                "(it writes its own report there when it ends); evaluate after it has "
+                "finished, or pass another --out")
+    return None
 
 
 def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path) -> str | None:

@@ -452,7 +452,11 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
     assert ("--resume" in err[0]) == resumable
     if resumable:  # after --overwrite, the same command with --resume would be refused
         assert main([*argv, "--overwrite"]) == 130
-        assert "with --resume instead of --overwrite continues" in _err(capsys)
+        text = _err(capsys)
+        assert "with --resume instead of --overwrite continues" in text
+        # before an epoch of the new run, --resume was refused (the old run's settings)
+        assert "where this run saved none yet, the folder still holds the run it was to " \
+               "replace: repeat --overwrite)" in text
 
 
 class TestSigterm:
@@ -804,6 +808,24 @@ class TestRunFolderLock:
             assert (cv / "fold2" / "checkpoint.pt").read_bytes() == (run / "checkpoint.pt").read_bytes()
         finally:
             busy.release()
+
+    def test_evaluate_into_a_folder_in_use_is_refused(
+        self, run: Path, tmp_path: Path, indexed: list[int], capsys
+    ) -> None:
+        # before: an evaluation finishing after the run replaced its final report with an
+        # older epoch's (helper-140)
+        copy = tmp_path / "live"
+        shutil.copytree(run, copy)
+        before = (copy / "test_metrics.json").read_bytes()
+        other = FolderLock(copy)  # a train --resume of that run, in progress
+        assert other.acquire()
+        try:
+            assert main(["evaluate", "--checkpoint", str(copy / "checkpoint.pt")]) == 2
+        finally:
+            other.release()
+        assert (f"the report folder {str(copy)!r} is in use by a train or cv run in progress"
+                in _err(capsys))
+        assert not indexed and (copy / "test_metrics.json").read_bytes() == before
 
     def test_the_lock_ends_with_the_run(self, run: Path, tmp_path: Path, indexed: list[int]) -> None:
         assert (run / LOCK_NAME).is_file()  # left in place, and no longer held:

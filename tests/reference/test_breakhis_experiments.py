@@ -599,8 +599,14 @@ class TestCvResume:
             run_cv(_spec(root, n_splits=2, val_fraction=0.2), _config(), tmp_path,
                    resume=True, progress=False)
         assert not (tmp_path / "fold1").exists()
+        # a kill between the report's two files (JSON first, before): the Markdown gone or
+        # older; the reused fold gets it back from the JSON (helper-140)
+        md = done.with_suffix(".md")
+        right = md.read_text()
+        md.unlink()
         summary = run_cv(spec, _config(), tmp_path, resume=True, progress=False)
         assert done.read_text() == before  # reused, not retrained
+        assert md.read_text() == right
         assert summary["summary"]["accuracy"]["n"] == 2 and summary["model"]["head"] == "plain"
         assert summary["data_issues"]["skipped"] == 4
         # more epochs: the finished folds continue from their checkpoints
@@ -788,7 +794,7 @@ class TestReports:
         monkeypatch.setattr(experiments_module.os, "fsync", full)
         with pytest.raises(OSError, match="No space left") as info:
             write_report({"title": "new"}, tmp_path, "test_metrics")
-        assert info.value.filename == str(json_path)
+        assert info.value.filename == str(md_path)  # the first written, the JSON last
         with pytest.raises(OSError, match="No space left"):
             write_predictions(csv_path, ["b.png"], [1], np.array([[0.2, 0.8]]),
                               ["benign", "malignant"])

@@ -259,7 +259,18 @@ class TestSummaryAndReports:
         report = {"task": {"name": "MIBC", "description": "binary"},
                   "protocol": {"protocol": "patient", "protocol_description": "patient-level"},
                   "metrics": metrics}
-        json_path, md_path = write_report(report, tmp_path, "r")
+        import breakhis.evaluate as evaluate_module
+
+        written, writer = [], evaluate_module.atomic_writer
+
+        def recording(path, *args, **kwargs):
+            written.append(Path(path).name)
+            return writer(path, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(evaluate_module, "atomic_writer", recording)
+            json_path, md_path = write_report(report, tmp_path, "r")
+        assert written == ["r.md", "r.json"]  # the JSON last: in place, both are this report
         assert json.loads(json_path.read_text())["metrics"]["accuracy"] == pytest.approx(2 / 3)
         text = md_path.read_text()
         assert "protocol: **patient**" in text and "| accuracy | 66.67 |" in text
