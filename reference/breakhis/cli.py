@@ -421,7 +421,7 @@ def _check_model(args: argparse.Namespace, config: Any) -> None:
 
     try:
         check_se_applies(config.backbone, config.se_reduction)
-    except SettingError as err:
+    except SettingError:
         if args.se_reduction is None and getattr(args, "se", False):  # --se alone: name it
             raise ValueError(
                 f"--se does not apply to backbone {config.backbone!r}, which has no blocks SE "
