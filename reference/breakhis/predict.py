@@ -30,7 +30,7 @@ from .data import (
     read_image_size,
 )
 from .evaluate import csv_path, write_predictions
-from .train import checkpoint_normalization, load_model, predict_probs
+from .train import checkpoint_normalization, load_model, predict_probs, warn_unfinished
 
 __all__ = ["collect_images", "predict_to_csv"]
 
@@ -223,6 +223,7 @@ def predict_to_csv(
                          f"{listed([repr(str(i)) for i in inputs], ', ')}"
                          + (f" ({listed(problems, '; ')})" if problems else ""))
     model, state = load_model(checkpoint, device=device)
+    warn_unfinished(checkpoint, state, "the predictions are an unfinished model's")
     described = [_described(p) for p in images]
     trained, others, unknown = _other_magnifications(state, described)
     if any_magnification and not trained:  # a magnification-independent checkpoint: it would do nothing

@@ -19,7 +19,7 @@ from _disk import lock_folder
 from PIL import Image
 
 from breakhis._files import SettingError
-from breakhis.checkpoint import NotACheckpointError, load_checkpoint
+from breakhis.checkpoint import NotACheckpointError, load_checkpoint, save_checkpoint
 from breakhis.cli import main
 from breakhis.data import UnreadableImageError, index_breakhis, index_image_folder
 from breakhis.dataset import load_rgb
@@ -72,6 +72,15 @@ class TestPredict:
         assert back.y_true.tolist() == [-1] * 4
         assert back.magnifications[:3] == [40] * 3 and back.patients[3] is None
         np.testing.assert_allclose(back.probs.sum(axis=1), 1.0, atol=1e-6)
+
+    def test_unfinished_checkpoint_warns(self, checkpoint: Path, tmp_path: Path) -> None:
+        # evaluate and figures warned; predict said nothing (helper-140)
+        state = load_checkpoint(checkpoint)
+        state["config"]["epochs"] = 5  # as a run of 5 epochs killed after the first
+        cut = save_checkpoint(state, tmp_path / "cut" / "checkpoint.pt")
+        with pytest.warns(UserWarning, match="trained 1 of its 5 epochs .* the predictions are an "
+                                             "unfinished model's"):
+            predict_to_csv(cut, [_png(tmp_path / "x.png")], tmp_path / "p.csv", progress=False)
 
     def test_fine_grained_columns_follow_the_checkpoints_class_order(
         self, synth_tree, tmp_path: Path
