@@ -1053,6 +1053,14 @@ def run_cv(
         if stale:
             _LOG.warning("fresh cross-validation in %s: removed the summary of an earlier run "
                          "there: %s", run_dir, ", ".join(stale))
+        # the chosen folds' earlier outputs go now, not as each fold starts: a run stopped
+        # before a fold left that fold with the replaced run's checkpoint, which --resume
+        # then refused (other settings) and --overwrite retrained the finished folds for
+        replaced = [name for fold in chosen if (run_dir / f"fold{fold}").is_dir()
+                    for name in _clear_fold_folder(run_dir / f"fold{fold}")]
+        if replaced:
+            _LOG.warning("fresh cross-validation in %s: removed what an earlier run left in "
+                         "the folders of the folds it runs: %s", run_dir, ", ".join(replaced))
         others = _remove_other_folds(run_dir, chosen)
         if others:
             _LOG.warning("fresh cross-validation of %s %s in %s: removed what an earlier "
@@ -1172,16 +1180,24 @@ def _remove_other_folds(run_dir: Path, chosen: Sequence[int]) -> list[str]:
                and p.is_dir()] if run_dir.is_dir() else []
     removed = []
     for folder in sorted(folders, key=lambda p: int(p.name[4:])):
-        lock = FolderLock(folder)
-        if not lock.acquire():
-            _LOG.warning("left %s as it is: another run is using it", folder)
-            continue
-        try:
-            removed += [f"{folder.name}/{name}" for name in _remove_outputs(folder, _FOLD_FILES)]
-        finally:
-            lock.release(remove_file=True)  # the lock file of the run that was there too
-        if not folder.is_symlink() and not any(folder.iterdir()):
-            folder.rmdir()
+        removed += _clear_fold_folder(folder)
+    return removed
+
+
+def _clear_fold_folder(folder: Path) -> list[str]:
+    """Remove :data:`_FOLD_FILES` from a fold's ``folder`` while holding it, then the folder
+    if nothing else is left (not a symbolic link); a folder another run holds is left as
+    it is, with a warning. Returns the files removed, as ``fold<k>/<name>``."""
+    lock = FolderLock(folder)
+    if not lock.acquire():
+        _LOG.warning("left %s as it is: another run is using it", folder)
+        return []
+    try:
+        removed = [f"{folder.name}/{name}" for name in _remove_outputs(folder, _FOLD_FILES)]
+    finally:
+        lock.release(remove_file=True)  # the lock file of the run that was there too
+    if not folder.is_symlink() and not any(folder.iterdir()):
+        folder.rmdir()
     return removed
 
 

@@ -584,6 +584,32 @@ class TestRecordedImagesDecoding:
 
 
 class TestCvResume:
+    def test_a_fresh_cv_stopped_midway_can_be_resumed(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # before: the folds the fresh run had not reached still held the replaced run's
+        # checkpoint, which --resume refused (other settings); --overwrite retrained all
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        run_cv(spec, _config(lr=0.1), tmp_path, progress=False)
+        real = experiments_module.run_fold
+
+        def stop_at_fold_1(spec, config, fold, *args, **kwargs):
+            if fold == 1:
+                raise KeyboardInterrupt
+            return real(spec, config, fold, *args, **kwargs)
+
+        monkeypatch.setattr(experiments_module, "run_fold", stop_at_fold_1)
+        with pytest.raises(KeyboardInterrupt):
+            run_cv(spec, _config(lr=0.05), tmp_path, progress=False)
+        assert not (tmp_path / "fold1" / "checkpoint.pt").exists()  # the lr=0.1 run is gone
+        monkeypatch.undo()
+        summary = run_cv(spec, _config(lr=0.05), tmp_path, resume=True, progress=False)
+        assert summary["summary"]["accuracy"]["n"] == 2
+        for fold in (0, 1):
+            state = load_checkpoint(tmp_path / f"fold{fold}" / "checkpoint.pt")
+            assert state["config"]["lr"] == 0.05
+
     def test_reuses_only_folds_made_with_the_same_settings(self, synth_tree,
                                                            tmp_path: Path) -> None:
         root, _ = synth_tree
