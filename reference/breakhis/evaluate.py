@@ -385,6 +385,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for key in ("model", "data_root", "synthetic"):
         if key in report:
             lines.append(f"- {key}: {report[key]}")
+    trained = report.get("epochs_trained")
+    model = report.get("model")
+    planned = model.get("epochs") if isinstance(model, Mapping) else None
+    if isinstance(trained, int) and isinstance(planned, int):
+        # a report of a run cut short read like a finished one (the JSON and `table` said it)
+        lines.append(f"- epochs trained: {trained} of {planned}" + (
+            " (**unfinished**: a run cut short or still training)" if trained < planned else ""))
     lines.append("")
     if "summary" in report:
         lines += ["## Mean ± std over folds (percent)", "", "| metric | mean | std | folds |",

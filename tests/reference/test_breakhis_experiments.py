@@ -386,6 +386,10 @@ class TestRunFold:
             "epochs_trained"] == 1
         assert results_rows([tmp_path / "ev"])[0]["epochs_trained"] == 1
         assert "random init, 1 of 5 ep, lr 0.1" in results_table([tmp_path / "ev"])
+        # the Markdown said nothing of it (helper-140); a finished run's says its count
+        md = (tmp_path / "ev" / "test_metrics.md").read_text()
+        assert "- epochs trained: 1 of 5 (**unfinished**: a run cut short or still training)" in md
+        assert "- epochs trained: 1 of 1\n" in (tmp_path / "run" / "test_metrics.md").read_text()
 
     def test_report_is_written_after_its_predictions(self, synth_tree, tmp_path: Path,
                                                       monkeypatch) -> None:
