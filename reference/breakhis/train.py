@@ -837,6 +837,13 @@ def fit(
                 "epoch, if any: the same command with --resume (not --overwrite) continues "
                 "from it",), None))
         raise
+    except Exception as exc:
+        if handler is not None:  # e.g. another process of a torchrun run died (gloo's
+            # "Connection closed by peer"), a full disk: said in train.log, which just stopped
+            first = (str(exc).splitlines() or [""])[0][:300]
+            handler.handle(_LOG.makeRecord(_LOG.name, logging.ERROR, __file__, 0, "%s", (
+                f"stopped by {type(exc).__name__}: {first}",), None))
+        raise
     finally:
         if handler is not None:
             _LOG.removeHandler(handler)

@@ -162,6 +162,26 @@ class TestResume:
         last = (tmp_path / "cut" / "train.log").read_text().strip().splitlines()[-1]
         assert "interrupted (KeyboardInterrupt)" in last and "--resume" in last, last
 
+    def test_an_error_that_stops_the_run_is_logged(self, synth_tree, tmp_path: Path) -> None:
+        """A torchrun run whose other process died left rank 0's train.log just stopping
+        (helper-140): any error that ends the run is its last line."""
+        root, _ = synth_tree
+        task, records, y = _msbc40(root, 16)
+        config = TrainConfig(head="plain", backbone="tiny", weights=None, input_size=16,
+                             epochs=2, batch_size=8, device="cpu")
+
+        def peer_died(epoch: int, row: dict) -> None:
+            raise RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed "
+                               "by peer [127.0.0.1]:4321\nmore lines")
+
+        with pytest.raises(RuntimeError, match="Connection closed"):
+            fit(config, run_dir=tmp_path / "cut", epoch_callback=peer_died, train_records=records,
+                train_targets=y, val_records=[], val_targets=[], classes=list(task.classes),
+                progress=False)
+        last = (tmp_path / "cut" / "train.log").read_text().strip().splitlines()[-1]
+        assert last.endswith("ERROR stopped by RuntimeError: [../third_party/gloo/transport/tcp/"
+                             "pair.cc:534] Connection closed by peer [127.0.0.1]:4321"), last
+
     def test_interrupted_then_resumed_equals_uninterrupted(
         self, synth_tree, tmp_path: Path
     ) -> None:
