@@ -197,8 +197,7 @@ def _check_patients(
     for p in patients:
         if p.tumor_type not in TYPE_CODES:
             raise ValueError(f"tumour type must be one of {TYPE_CODES}, but got {p.tumor_type!r}")
-        letter = "B" if p.tumor_type in BENIGN_TYPES else "M"
-        name = f"SOB_{letter}_{p.tumor_type}-{p.year}-{p.slide}-40-001.png"
+        name = _image_name(p, 40, 1)
         try:
             parse_breakhis_name(name)
         except ValueError:
@@ -225,12 +224,19 @@ def _check_patients(
                 )
             if sum(_counts(p, per_mag)) == 0:
                 raise SettingError("patients", f"{p!r}: counts write no image at all")
-    if folds and len({(p.year, p.slide) for p in patients}) < 2:
+    if folds and len({(str(p.year), str(p.slide)) for p in patients}) < 2:
         raise SettingError(
             "patients", "fold tables need patients to train on and to test on: at least "
             f"two patient ids, but got {len(patients)} folder(s) of one patient id "
             "(or pass folds=False)"
         )
+
+
+def _image_name(patient: SyntheticPatient, magnification: int, seq: int) -> str:
+    """The release's file name of ``patient``'s image ``seq`` at ``magnification``."""
+    letter = "B" if patient.tumor_type in BENIGN_TYPES else "M"
+    return (f"SOB_{letter}_{patient.tumor_type}-{patient.year}-{patient.slide}"
+            f"-{magnification}-{seq:03d}.png")
 
 
 def _counts(patient: SyntheticPatient, per_mag: int) -> tuple[int, ...]:
@@ -354,9 +360,8 @@ def _write_tree(
         for mag, count in zip(MAGNIFICATIONS, _counts(patient, images_per_magnification)):
             h = height - 4 if patient.short_height and mag == 400 else height
             for seq in range(1, count + 1):
-                stem = f"SOB_{letter}_{patient.tumor_type}-{patient.year}-{patient.slide}"
-                name = f"{stem}-{mag}-{seq:03d}.png"
-                jobs.append((folder / f"{mag}X" / name, patient.tumor_type, tint, h))
+                jobs.append((folder / f"{mag}X" / _image_name(patient, mag, seq),
+                             patient.tumor_type, tint, h))
 
     iterator: Any = jobs
     if progress:

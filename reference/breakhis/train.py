@@ -822,32 +822,32 @@ def fit(
                     np.asarray(train_targets), list(val_records), np.asarray(val_targets),
                     list(classes), resume, dict(extra or {}), tuple(resume_ignore),
                     tuple(stale_outputs), tuple(atomic_outputs), epoch_callback, progress)
-    except TrainingDivergedError as exc:
-        if handler is not None:
-            # why the run stopped, in train.log too (the caller shows the error itself)
-            handler.handle(_LOG.makeRecord(_LOG.name, logging.ERROR, __file__, 0, "%s",
-                                           (exc,), None))
-        raise
-    except KeyboardInterrupt as exc:
-        if handler is not None:  # a log that just stops reads like a crash
-            # Ctrl-C, or SIGTERM where the command line made it one (breakhis._signals)
-            what = str(exc) if isinstance(exc, Terminated) else "interrupted (KeyboardInterrupt)"
-            handler.handle(_LOG.makeRecord(_LOG.name, logging.WARNING, __file__, 0, "%s", (
-                f"{what}; {CHECKPOINT_NAME} keeps the last finished "
-                "epoch, if any: the same command with --resume (not --overwrite) continues "
-                "from it",), None))
-        raise
-    except Exception as exc:
-        if handler is not None:  # e.g. another process of a torchrun run died (gloo's
-            # "Connection closed by peer"), a full disk: said in train.log, which just stopped
-            first = (str(exc).splitlines() or [""])[0][:300]
-            handler.handle(_LOG.makeRecord(_LOG.name, logging.ERROR, __file__, 0, "%s", (
-                f"stopped by {type(exc).__name__}: {first}",), None))
+    except (KeyboardInterrupt, Exception) as exc:
+        if handler is not None:  # why the run stopped, in train.log too: a log that just
+            # stops reads like a crash (the caller shows the error itself)
+            level, text = _stop_line(exc)
+            handler.handle(_LOG.makeRecord(_LOG.name, level, __file__, 0, "%s", (text,), None))
         raise
     finally:
         if handler is not None:
             _LOG.removeHandler(handler)
             handler.close()
+
+
+def _stop_line(exc: BaseException) -> tuple[int, str]:
+    """The level and last line of ``train.log`` for a run that ``exc`` stopped: Ctrl-C, or
+    SIGTERM where the command line made it one (:mod:`breakhis._signals`), with how to go
+    on; a divergence in its own words; any other error (e.g. a torchrun peer that died:
+    gloo's "Connection closed by peer", a full disk) by its type and first line."""
+    if isinstance(exc, KeyboardInterrupt):
+        what = str(exc) if isinstance(exc, Terminated) else "interrupted (KeyboardInterrupt)"
+        return logging.WARNING, (
+            f"{what}; {CHECKPOINT_NAME} keeps the last finished epoch, if any: the same command "
+            "with --resume (not --overwrite) continues from it")
+    if isinstance(exc, TrainingDivergedError):
+        return logging.ERROR, str(exc)
+    first = (str(exc).splitlines() or [""])[0][:300]
+    return logging.ERROR, f"stopped by {type(exc).__name__}: {first}"
 
 
 def _fit(
