@@ -48,23 +48,19 @@ def naive_chain(x_a, x_b=None, *, triu=False, eps=FB.SIGNED_SQRT_EPS, sqrt=True,
     return l2_normalize(y) if l2 else y
 
 
-@pytest.fixture(
-    params=["whole", "samples", "samples-rebuilt", "blocked", "blocked-dots", "blocked-rebuilt", "matrices"]
-)
+@pytest.fixture(params=["whole", "samples", "blocked", "blocked-dots", "blocked-rebuilt", "matrices"])
 def blocking(request, monkeypatch):
     """Run the fused op on CPU with all samples in one block; with two samples per block
-    (one-stream groups: :func:`_sample_groups`), also with the backward keeping the first
-    group's matrices between its sweeps and rebuilding the second's; with a few rows per
-    block (one-stream panels), also with a per-sample BLAS dot for every per-sample sum,
-    or with the backward keeping only a few blocks (rebuilding the others); or as off the
-    CPU, on whole matrices with the elementwise passes of ``_elementwise`` (torch ops)."""
+    (one-stream groups: :func:`_sample_groups`, the second group smaller than the first);
+    with a few rows per block (one-stream panels), also with a per-sample BLAS dot for
+    every per-sample sum, or with the backward keeping only a few blocks (rebuilding the
+    others); or as off the CPU, on whole matrices with the elementwise passes of
+    ``_elementwise`` (torch ops)."""
     if request.param == "matrices":
         monkeypatch.setattr(FB, "_whole_matrices", lambda device: True)
-    if request.param.startswith("samples"):
+    if request.param == "samples":
         # The one-stream inputs below: 3 samples of 11 x 11 = 121 entries, 2 per group.
         monkeypatch.setattr(FB, "_block_elements", lambda device: 250)
-    if request.param == "samples-rebuilt":
-        monkeypatch.setattr(FB, "_KEEP_BYTES", 2 * 121 * 8)  # one float64 group of two
     if request.param.startswith("blocked"):
         monkeypatch.setattr(FB, "_block_elements", lambda device: 40)
     if request.param == "blocked-dots":
@@ -363,6 +359,24 @@ class TestFastBilinearPool:
         weights = torch.randn_like(fast)
         g_fast = torch.autograd.grad((fast * weights).sum(), inputs)
         g_slow = torch.autograd.grad((slow * weights).sum(), inputs)
+        for a, b in zip(g_fast, g_slow):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+    @pytest.mark.parametrize("save_output", [False, True], ids=["save-input", "save-output"])
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    @pytest.mark.parametrize("layout", ["transposed", "expanded"])
+    def test_strided_incoming_gradient(self, case, save_output, layout, blocking):
+        """The incoming gradient as autograd may pass it: a transposed view, or one row
+        expanded over the batch (stride 0, as from ``out.sum()``)."""
+        inputs = [x.requires_grad_() for x in self.inputs(case["two"])]
+        fast = fast_bilinear_pool(*inputs, triu=case["triu"], save_output=save_output)
+        batch, dim = fast.shape
+        if layout == "transposed":
+            dz = torch.randn(dim, batch, dtype=fast.dtype).t()
+        else:
+            dz = torch.randn(1, dim, dtype=fast.dtype).expand(batch, dim)
+        g_fast = torch.autograd.grad(fast, inputs, dz)
+        g_slow = torch.autograd.grad(naive_chain(*inputs, triu=case["triu"]), inputs, dz.contiguous())
         for a, b in zip(g_fast, g_slow):
             torch.testing.assert_close(a, b, **TOL[torch.float64])
 

@@ -91,10 +91,19 @@ def _capability(index: int) -> tuple[int, int]:
 # signed_sqrt_ and grad_from_y_ too) ---------------------------------------------------------
 
 
-def signed_sqrt_(g: Tensor, eps: float | None) -> Tensor:
-    """f(g) = g / (sqrt(|g| + eps) + sqrt(eps)) in place: signed_sqrt without sign or cancellation."""
+def signed_sqrt_(g: Tensor, eps: float | None, scratch: Tensor | None = None) -> Tensor:
+    """f(g) = g / (sqrt(|g| + eps) + sqrt(eps)) in place: signed_sqrt without sign or cancellation.
+
+    ``scratch``, when given, holds the denominator (a tensor of ``g.numel()`` entries or
+    more, its leading ones overwritten): on CPU a fresh ``g``-sized temporary per call
+    costs as much as the passes over it.
+    """
     if eps is not None:
-        g.div_(g.abs().add_(eps).sqrt_().add_(math.sqrt(eps)))
+        if scratch is None:
+            den = g.abs()
+        else:
+            den = torch.abs(g, out=scratch.view(-1)[: g.numel()].view(g.shape))
+        g.div_(den.add_(eps).sqrt_().add_(math.sqrt(eps)))
     return g
 
 

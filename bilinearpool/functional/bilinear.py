@@ -475,16 +475,26 @@ def _gram_groups_forward(
     a_: Tensor, groups: list[tuple[int, int]], scale: float, eps: float | None, l2_eps: float | None
 ) -> tuple[Tensor, Tensor | None]:
     """:class:`_FusedGram`'s CPU forward with whole samples (:func:`_sample_groups`): each
-    group's matrices built in their place in the full output; returns it and the norms."""
+    group's matrices built in their place in the full output and normalised there while
+    in cache (the groups hold whole samples, so their norms are complete); returns the
+    output and the norms (unclamped)."""
     batch, c = a_.shape[0], a_.shape[1]
     out = new_output(a_, batch, c * c)
     square = out.view(batch, c, c)
-    sq = a_.new_zeros(batch) if l2_eps is not None else None
+    norms = a_.new_empty(batch) if l2_eps is not None else None
+    scratch = a_.new_empty(_largest(groups), c, c) if eps is not None else None
     for b0, b1 in groups:
-        y = signed_sqrt_(_scaled_bmm(a_[b0:b1], a_[b0:b1].transpose(1, 2), scale, out=square[b0:b1]), eps)
-        if sq is not None:
-            sq[b0:b1] = _rowdot(y, y)
-    return out, _normalize_panels_(out, sq, l2_eps)
+        y = signed_sqrt_(_scaled_bmm(a_[b0:b1], a_[b0:b1].transpose(1, 2), scale, out=square[b0:b1]), eps, scratch)
+        if norms is not None:
+            norm = norms[b0:b1]
+            torch.sqrt(_rowdot(y, y), out=norm)
+            y.div_(norm.clamp_min(l2_eps).view(-1, 1, 1))
+    return out, norms
+
+
+def _largest(groups: list[tuple[int, int]]) -> int:
+    """Samples in the largest of ``(b0, b1)`` groups (0 for none)."""
+    return max((b1 - b0 for b0, b1 in groups), default=0)
 
 
 def _gram_groups_backward(
@@ -496,36 +506,54 @@ def _gram_groups_backward(
     l2_eps: float | None,
     saved: list[Tensor],
 ) -> Tensor:
-    """The gradient of :func:`_gram_groups_forward` for A: each group's matrices rebuilt
-    (or read from the saved output and norms), then ``dA = S A`` with one product, where
-    ``S = dG + dG^T = s k (dz + dz^T - 2 c y) f'(G)`` (``y`` is symmetric)."""
+    """The gradient of :func:`_gram_groups_forward` for A, group by group in one sweep (a
+    group's samples are whole, so its factors ``c, k`` of the L2 normalisation need no
+    other group): the group's ``y = f(G)`` and ``t = sqrt(|G| + eps)`` rebuilt from A (or
+    read from the saved output and norms: ``t = |y| + sqrt(eps)``), then ``dA = S A`` with
+    one product, where ``S = dG + dG^T = s k (dz + dz^T - 2 c y) / (2 t)`` (``y`` and
+    ``t`` are symmetric). Three group-sized scratch matrices serve every group: on CPU
+    fresh temporaries cost as much as the passes over them.
+    """
     batch, c = a_.shape[0], a_.shape[1]
     dz = dz.reshape(batch, c, c)
+    root = math.sqrt(eps) if eps is not None else 0.0
     if saved:
         out, norms = saved
         div = _divisors(out, norms, l2_eps)
         out_square = out.view(batch, c, c)
-
-    def build(b0: int, b1: int) -> Tensor:
-        if saved:
-            return out_square[b0:b1] * div[b0:b1, None, None]
-        return _gram_panel(a_, b0, b1, 0, c, scale, eps)
-
-    # <y, dz> = <y, (dz + dz^T) / 2> for symmetric y: the first sweep reads dz as is.
-    c_, k, kept = _l2_sweep(
-        a_,
-        groups,
-        build,
-        lambda group, y: (_rowdot(y, y), _rowdot(y, dz[group[0] : group[1]])),
-        l2_eps,
-        (out, norms, div, dz) if saved else None,
-    )
-    coef = k * (scale * (0.5 if eps is not None else 1.0))
+    size = _largest(groups)
+    y_buf, t_buf, s_buf = (a_.new_empty(size, c, c) for _ in range(3))
+    half = scale * (0.5 if eps is not None else 1.0)
     g = torch.empty_like(a_)
-    for i, (b0, b1) in enumerate(groups):
-        y = _take(kept, i)
-        y = build(b0, b1) if y is None else y
-        s = grad_from_y_(y, dz[b0:b1] + dz[b0:b1].transpose(1, 2), 2.0 * c_[b0:b1], eps, coef[b0:b1])
+    for b0, b1 in groups:
+        n = b1 - b0
+        y, t, s, d = y_buf[:n], t_buf[:n], s_buf[:n], dz[b0:b1]
+        if saved:
+            torch.mul(out_square[b0:b1], div[b0:b1, None, None], out=y)
+            if eps is not None:
+                torch.abs(y, out=t).add_(root)
+        else:
+            _scaled_bmm(a_[b0:b1], a_[b0:b1].transpose(1, 2), scale, out=y)
+            if eps is not None:
+                # s holds t + sqrt(eps) until dz + dz^T goes there.
+                torch.abs(y, out=t).add_(eps).sqrt_()
+                y.div_(torch.add(t, root, out=s))
+        if l2_eps is not None:
+            c_, k = _elementwise.l2_grad_factors(_rowdot(y, y), _rowdot(y, d), l2_eps)
+        for i in range(n):
+            s[i].copy_(d[i].t())  # torch's blocked transpose: no strided pass over d
+        s.add_(d)
+        if l2_eps is not None:
+            s.addcmul_(y, c_.mul_(-2.0).view(-1, 1, 1))
+            k = k.mul_(half).view(-1, 1, 1)
+            if eps is not None:
+                s.div_(t.div_(k))
+            else:
+                s.mul_(k)
+        elif eps is not None:
+            s.div_(t).mul_(half)
+        else:
+            s.mul_(half)
         torch.bmm(s, a_[b0:b1], out=g[b0:b1])
     return g
 
