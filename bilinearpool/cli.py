@@ -184,11 +184,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join([head, rule, *body])
 
 
+def _counted(n: Any, noun: str) -> str:
+    """``"1 thread"``, ``"2 threads"``; a count that is not a number (``None`` from an
+    older file) keeps the plural."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _describe_environment(env: dict[str, Any]) -> str:
     parts = [
         f"torch {env.get('torch')}",
         f"{env.get('device_type')} ({env.get('device')})",
-        f"{env.get('threads')} threads of {env.get('cpu_count')} CPUs",
+        f"{_counted(env.get('threads'), 'thread')} of {_counted(env.get('cpu_count'), 'CPU')}",
     ]
     for key in ("torchvision", "timm", "numpy"):
         if env.get(key):
@@ -1364,12 +1370,15 @@ def _layer_goal_summary(
             n = len(shapes)
             head = f"`{name}` {what} <= {limit}x {baseline}: "
             if not values:
-                text = f"not measured at any of the {n} planned shapes"
+                text = "not measured at the planned shape"
+                if n != 1:
+                    text = f"not measured at any of the {n} planned shapes"
             elif not missed:
-                count = f"all {n}" if len(met) == n else f"{len(met)} of {n}"
-                text = f"met at {count} shapes (" + ", ".join(met) + ")"
+                count = f"all {n} shapes" if len(met) == n else f"{len(met)} of {n} shapes"
+                text = f"met at {'the 1 shape' if n == 1 else count} (" + ", ".join(met) + ")"
             else:
-                text = f"NOT met at {len(missed)} of {n} shapes (" + ", ".join(missed) + ")"
+                count = "the 1 shape" if n == 1 else f"{len(missed)} of {n} shapes"
+                text = f"NOT met at {count} (" + ", ".join(missed) + ")"
                 if met:
                     text += "; met at " + ", ".join(met)
             if missing:

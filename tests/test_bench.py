@@ -345,6 +345,8 @@ class TestRegistries:
         env = bench.environment("cpu")
         assert env["bilinearpool"] == bilinearpool.__version__ != installed
         assert "bilinearpool (not installed)" in cli._describe_environment({**env, "bilinearpool": None})
+        assert "; 1 thread of 2 CPUs;" in cli._describe_environment({**env, "threads": 1, "cpu_count": 2})
+        assert "; 2 threads of 1 CPU;" in cli._describe_environment({**env, "threads": 2, "cpu_count": 1})
 
     def test_environment_records_thread_and_allocator_variables(self, monkeypatch):
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
@@ -1331,7 +1333,7 @@ class TestAuditedRuns:
         assert rows[("7x8x3x3", "capped-goal")]["error"].startswith("skipped: runs at C <= 4 only")
         assert rows[("2x8x3x3", "capped-goal")]["error"].startswith("skipped: runs at C <= 4 only")
         (line,) = [g for g in data["goals"] if g.startswith("`capped-goal` saved bytes")]
-        assert "at all 1 shapes" in line and "not measured" not in line, line
+        assert "met at the 1 shape (" in line and "not measured" not in line, line
 
     @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
     def test_seed_out_of_range_is_refused_up_front(self, seed, tmp_path, capsys):
@@ -1661,8 +1663,8 @@ class TestResults:
         assert (row["vs_naive"], row["saved_vs_input"]) == (0.5, 1.1)
         assert row["goals"] == "time met (0.500x), memory met (1.100x)"
         assert result.meta["goals"][:2] == [
-            "`fast-bcnn` fwd+bwd time <= 0.5x the naive chain's: met at all 1 shapes (2x8x4x4: 0.500x)",
-            "`fast-bcnn` saved bytes <= 1.1x the input map's: met at all 1 shapes (2x8x4x4: 1.100x)",
+            "`fast-bcnn` fwd+bwd time <= 0.5x the naive chain's: met at the 1 shape (2x8x4x4: 0.500x)",
+            "`fast-bcnn` saved bytes <= 1.1x the input map's: met at the 1 shape (2x8x4x4: 1.100x)",
         ]
 
     def test_layer_goals_count_the_planned_shapes(self):
