@@ -854,13 +854,15 @@ def _run_file_problem(path: Path) -> str | None:
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from .experiments import checkpoint_records
-    from .plots import FIGURES_DIR, check_figure_options, make_figures
+    from .plots import FIGURES_DIR, check_figure_options, check_figures_folder, make_figures
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / FIGURES_DIR
     max_dim = args.max_embedding_dim or None  # 0: keep the embeddings whole
     # Checked before indexing and predicting, which take minutes on the real data.
     check_figure_options(args.seed, args.perplexity, max_dim, args.gradcam_images, out,
                          args.batch_size)
+    _check_checkpoint_exists(args.checkpoint)
+    check_figures_folder(args.checkpoint, out)
     records, targets, source = checkpoint_records(args.checkpoint, split=args.split,
                                                   data_root=args.data_root,
                                                   progress=not args.no_progress)

@@ -1289,17 +1289,19 @@ def _busy_problem(out: Path) -> str | None:
     return None
 
 
-def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path) -> str | None:
-    """Why ``out`` must not take the report of ``checkpoint``, or ``None`` when it may.
+def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path, what: str = "report") -> str | None:
+    """Why ``out`` must not take the report (``what="report"``) or the figures
+    (``what="figures"``) of ``checkpoint``, or ``None`` when it may.
 
     A folder holding another run's ``checkpoint.pt`` (not ``checkpoint`` itself, nor a
     copy of it: same :func:`breakhis.train.checkpoint_identity`) is refused: its
     ``test_metrics.json``/``.md`` and ``test_predictions.csv`` would be overwritten,
-    leaving a report beside a checkpoint it was not made from. So is a cross-validation's
-    folder (``cv_metrics.json``): one run's report does not belong among its folds. Only
-    the two checkpoints' settings and history are read (tensors mapped), not the model.
+    leaving a report beside a checkpoint it was not made from (figures there would be
+    taken for that run's). So is a cross-validation's folder (``cv_metrics.json``): one
+    run's report or figures do not belong among its folds. Only the two checkpoints'
+    settings and history are read (tensors mapped), not the model.
     """
-    where = (f"cannot write the report of checkpoint {str(checkpoint)!r} into "
+    where = (f"cannot write the {what} of checkpoint {str(checkpoint)!r} into "
              f"{str(out)!r}: expected a new folder or the checkpoint's own, but")
     choose = "; choose another --out (a new folder)"
     if (out / "cv_metrics.json").is_file():
@@ -1322,9 +1324,10 @@ def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path) -> str | N
     if theirs is not None and theirs == checkpoint_identity(
             load_checkpoint(checkpoint, map_location="cpu", mmap=True)):
         return None  # a copy of the checkpoint: its report belongs there
-    return (f"{where} it holds {str(other)!r}, another run's checkpoint, whose "
-            f"test_metrics.json/.md and {PREDICTIONS_FILE} this would overwrite with "
-            f"reports it was not made from{choose}")
+    harm = (f"whose test_metrics.json/.md and {PREDICTIONS_FILE} this would overwrite with "
+            "reports it was not made from" if what == "report" else
+            "beside which they would be taken for that run's")
+    return f"{where} it holds {str(other)!r}, another run's checkpoint, {harm}{choose}"
 
 
 def _checkpoint_data(

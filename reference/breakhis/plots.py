@@ -61,6 +61,7 @@ __all__ = [
     "FIGURE_FILES",
     "RESULTS_COLUMNS",
     "check_figure_options",
+    "check_figures_folder",
     "embeddings",
     "gradcam",
     "make_figures",
@@ -746,6 +747,22 @@ def check_figure_options(
         raise ValueError(problem)
 
 
+def check_figures_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+    """Refuse an ``out_dir`` that belongs to another run: one that holds another run's
+    ``checkpoint.pt`` (not ``checkpoint``, nor a copy of it), where the figures would be
+    taken for that run's, or a cross-validation's folder (``cv_metrics.json``). A new
+    folder, the checkpoint's own and its ``figures`` subfolder are fine.
+
+    Raises:
+        ValueError: naming the folder and what it holds.
+    """
+    from .experiments import _other_run_problem
+
+    problem = _other_run_problem(checkpoint, Path(out_dir), what="figures")
+    if problem:
+        raise ValueError(problem)
+
+
 def make_figures(
     checkpoint: str | os.PathLike[str],
     records: Sequence[ImageRecord],
@@ -814,7 +831,8 @@ def make_figures(
             that :func:`check_figure_options` refuses (a negative ``gradcam_images``, a
             ``seed`` outside ``[0, 2**32 - 1]``, a perplexity that is not positive, a
             ``max_embedding_dim`` below 2, or an ``out_dir`` that is a file, lies under
-            one, or cannot be created or written); later, for mismatched targets, or
+            one, or cannot be created or written) or an ``out_dir`` of another run
+            (:func:`check_figures_folder`); later, for mismatched targets, or
             for records of other magnifications than a magnification-specific
             checkpoint's (MSBC, MSFC) by their BreaKHis names.
     """
@@ -830,6 +848,7 @@ def make_figures(
     if len(records) < 3:
         raise ValueError(f"figures need at least 3 images (t-SNE), but got {len(records)}")
     check_figure_options(seed, perplexity, max_embedding_dim, gradcam_images, out_dir, batch_size)
+    check_figures_folder(checkpoint, out_dir)
     other = next((r for r in records if not isinstance(r, ImageRecord)), None)
     if other is not None:
         raise TypeError(

@@ -39,6 +39,7 @@ from breakhis.experiments import checkpoint_records, evaluate_checkpoint
 from breakhis.models import TinyBackbone, build_network
 from breakhis.plots import (
     RESULTS_COLUMNS,
+    check_figures_folder,
     embeddings,
     gradcam,
     make_figures,
@@ -520,6 +521,41 @@ class TestMakeFigures:
                     (tmp_path / "clash" / "figures.json").mkdir(parents=True, exist_ok=True)
                 make_figures(none, records[:4], **{"out_dir": tmp_path / "fig", **kwargs})
         assert not (tmp_path / "fig").exists()
+
+    def test_another_runs_folder_is_refused_before_the_model_loads(
+        self, runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    ) -> None:
+        """figures --out another fold's folder wrote figures.json beside a checkpoint they
+        were not made from, and --out a cv folder put one run's figures among its folds;
+        evaluate refused both."""
+        import breakhis.train as train_module
+
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, _, _ = checkpoint_records(ckpt)
+        other, cv = runs["binary"] / "fold1", runs["binary"]
+        before = {folder: sorted(p.name for p in folder.iterdir()) for folder in (other, cv)}
+
+        def not_now(*args, **kwargs):
+            raise AssertionError("the model was loaded before the folder was checked")
+
+        monkeypatch.setattr(train_module, "load_model", not_now)
+        for out, tail in [
+            (other, f"it holds {str(other / 'checkpoint.pt')!r}, another run's checkpoint, beside "
+                    "which they would be taken for that run's; choose another --out (a new folder)"),
+            (cv, "it holds cv_metrics.json: a cross-validation's folder, not one run's; choose "
+                 "another --out (a new folder)"),
+        ]:
+            head = (f"cannot write the figures of checkpoint {str(ckpt)!r} into {str(out)!r}: "
+                    "expected a new folder or the checkpoint's own, but ")
+            with pytest.raises(ValueError) as info:
+                make_figures(ckpt, records[:4], out)
+            assert str(info.value) == head + tail
+            assert main(["figures", "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu",
+                         "--no-progress"]) == 2
+            assert head + tail in capsys.readouterr().err
+        assert {folder: sorted(p.name for p in folder.iterdir()) for folder in (other, cv)} == before
+        check_figures_folder(ckpt, ckpt.parent)  # its own folder, and a new one, are fine
+        check_figures_folder(ckpt, tmp_path / "new")
 
     def test_images_of_another_magnification_are_refused(self, runs, synth_tree, tmp_path: Path) -> None:
         """A 40X checkpoint drew 100X images without a word, titled "... at 40X, fold 0"."""
