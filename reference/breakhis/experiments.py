@@ -1355,6 +1355,11 @@ def _checkpoint_data(
     spec = DataSpec.from_dict(extra["data"])
     if data_root is not None:
         spec = _moved(spec, data_root)
+    elif not Path(spec.data_root).is_dir():
+        raise ValueError(
+            f"expected the data folder {spec.data_root!r} that checkpoint {str(checkpoint)!r} "
+            f"was trained on, but it {'is a file' if Path(spec.data_root).exists() else 'does not exist'}"
+            ": if the data moved, pass its new place (--data-root; data_root= in Python)")
     classes = list(state["classes"])
     if extra.get("files") is None or extra.get("protocol") is None:
         data = prepare_data(spec, progress=progress)

@@ -953,6 +953,17 @@ class TestMovedDataFiles:
             handle.write("\n")
         with pytest.raises(ValueError, match=r"checkpoint has data\.patients_csv_sha256="):
             run_fold(spec(moved), _config(epochs=3), 0, run, resume=True, progress=False)
+        # moved again, evaluated without data_root: the message says so and how to give it
+        # (it was the index's "expected a BreaKHis folder, but ... does not exist")
+        shutil.move(moved, tmp_path / "again")
+        for call in (lambda: evaluate_checkpoint(run / "checkpoint.pt", device="cpu", progress=False),
+                     lambda: checkpoint_records(run / "checkpoint.pt", progress=False)):
+            with pytest.raises(ValueError) as info:
+                call()
+            assert str(info.value) == (
+                f"expected the data folder {str(moved)!r} that checkpoint "
+                f"{str(run / 'checkpoint.pt')!r} was trained on, but it does not exist: if the "
+                "data moved, pass its new place (--data-root; data_root= in Python)")
 
     def test_image_folder_run_that_recorded_a_magnification_resumes(
         self, tmp_path: Path
