@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import numbers
 import os
 import re
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "FILE_ONLY",
     "LOCK_NAME",
     "SKLEARN_SEED_MAX",
     "FolderLock",
@@ -49,6 +51,7 @@ __all__ = [
     "folder_problem",
     "listed",
     "missing_checkpoint",
+    "on_console",
     "missing_folder_problem",
     "named_os_error",
     "new_file_mode",
@@ -564,6 +567,17 @@ def plural(n: int, noun: str, plural_form: str | None = None) -> str:
     if n == 1:
         return noun
     return plural_form if plural_form is not None else f"{noun}s"
+
+
+#: ``extra`` of a log record meant for a run's ``train.log`` only: the command line's
+#: console handler drops records that carry it (a cross-validation's later folds log the
+#: data's issues to their own logs without printing the first fold's lines again).
+FILE_ONLY: dict[str, Any] = {"breakhis_console": False}
+
+
+def on_console(record: logging.LogRecord) -> bool:
+    """Whether the command line's console shows ``record``: all but :data:`FILE_ONLY` ones."""
+    return getattr(record, "breakhis_console", True)
 
 
 def progress_bar(iterable: Any, **kwargs: Any) -> Any:

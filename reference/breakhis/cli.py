@@ -45,6 +45,7 @@ from ._files import (
     folder_problem,
     listed,
     missing_checkpoint,
+    on_console,
 )
 from ._signals import Terminated, terminate_as_interrupt
 
@@ -475,6 +476,7 @@ def _log_to_console(main_process: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_CONSOLE_HANDLER)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(on_console)  # lines meant for a train.log only (FILE_ONLY) stay there
     _SAVED_LOGGER_STATE.append((logger.level, logger.propagate))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from ._files import (
+    FILE_ONLY,
     LOCK_NAME,
     FolderLock,
     SettingError,
@@ -754,6 +755,7 @@ def run_fold(
     data: PreparedData | None = None,
     dist_info: DistInfo | None = None,
     progress: bool = True,
+    data_lines_on_console: bool = True,
 ) -> dict[str, Any] | None:
     """Train fold ``fold`` and evaluate it on its test images.
 
@@ -765,7 +767,9 @@ def run_fold(
     ``test_metrics.json``/``.md`` and ``test_predictions.csv`` (one row per test image:
     path, patient, magnification, true class, predicted class, class probabilities)
     to ``run_dir``. Files that indexing left out, and its warnings, are logged (console
-    and ``train.log``) and recorded under ``data_issues`` in ``test_metrics.json``.
+    and ``train.log``; ``train.log`` only, marked :data:`breakhis._files.FILE_ONLY`, with
+    ``data_lines_on_console=False``, as :func:`run_cv` logs them for every fold after the
+    first it trains) and recorded under ``data_issues`` in ``test_metrics.json``.
 
     A fold that does not continue a checkpoint (no ``resume``, or no checkpoint yet)
     removes what an earlier run left in ``run_dir`` (:data:`RUN_OUTPUTS`: its
@@ -820,7 +824,8 @@ def run_fold(
         val_records=[data.records[i] for i in plan.val], val_targets=data.targets[plan.val],
         classes=list(data.task.classes), run_dir=run_dir, resume=resume, extra=plan.extra,
         resume_ignore=ignore, stale_outputs=RUN_OUTPUTS, atomic_outputs=_EVALUATION_FILES,
-        log_messages=[*_issue_lines(data.issues(), data.index.root), *notes,
+        log_messages=[*((logging.WARNING, line, *(() if data_lines_on_console else (FILE_ONLY,)))
+                        for line in _issue_lines(data.issues(), data.index.root)), *notes,
                       *_split_lines(data, plan, fold)], dist_info=info, progress=progress,
     )
     if not info.is_main:
@@ -1067,7 +1072,7 @@ def run_cv(
                          "run left in the folders of other folds: %s",
                          plural(len(chosen), "fold"), ", ".join(map(str, chosen)), run_dir,
                          ", ".join(others))
-    reports = []
+    reports, data_lines_shown = [], False
     for position, fold in enumerate(chosen, 1):
         fold_dir = run_dir / f"fold{fold}"
         # console lines (the CLI shows breakhis' INFO), so that a long CV shows where it is
@@ -1083,7 +1088,9 @@ def run_cv(
         if report is None:
             with hold_folder(fold_dir, info):
                 report = run_fold(spec, config, fold, fold_dir, resume=resume, data=data,
-                                  dist_info=info, progress=progress)
+                                  dist_info=info, progress=progress,
+                                  data_lines_on_console=not data_lines_shown)
+            data_lines_shown = True  # the same data for every fold: its lines once
         reports.append(report)
         if report is not None:
             _LOG.info("fold %d (%d/%d): %s", fold, position, len(chosen),

@@ -751,7 +751,7 @@ def fit(
     resume_ignore: Sequence[str] = (),
     stale_outputs: Sequence[str] = (),
     atomic_outputs: Sequence[str] = (),
-    log_messages: Sequence[str | tuple[int, str]] = (),
+    log_messages: Sequence[str | tuple[int, str] | tuple[int, str, Mapping[str, Any]]] = (),
     epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
     dist_info: DistInfo | None = None,
     progress: bool = True,
@@ -786,7 +786,9 @@ def fit(
         log_messages: lines logged (console and ``train.log``, main process) before
             training, in order: a string as a warning (e.g. the files the data index left
             out), a ``(level, text)`` pair at that ``logging`` level (e.g. the split sizes
-            at ``logging.INFO``).
+            at ``logging.INFO``), or a ``(level, text, extra)`` triple whose ``extra``
+            goes to :meth:`logging.Logger.log` (:data:`FILE_ONLY`: for ``train.log``,
+            not the command line's console).
         epoch_callback: called as ``callback(epoch, row)`` after each checkpoint.
         dist_info: process placement; by default from the torchrun environment.
         progress: show progress bars (main process only).
@@ -816,8 +818,8 @@ def fit(
     handler = _add_file_log(run_dir) if info.is_main else None
     try:
         for message in log_messages if info.is_main else ():
-            level, text = message if isinstance(message, tuple) else (logging.WARNING, message)
-            _LOG.log(level, "%s", text)
+            level, text, *record_extra = message if isinstance(message, tuple) else (logging.WARNING, message)
+            _LOG.log(level, "%s", text, extra=record_extra[0] if record_extra else None)
         return _fit(config, info, run_dir, ckpt_path, list(train_records),
                     np.asarray(train_targets), list(val_records), np.asarray(val_targets),
                     list(classes), resume, dict(extra or {}), tuple(resume_ignore),

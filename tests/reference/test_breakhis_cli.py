@@ -371,6 +371,23 @@ class TestPlurals:
         assert " for 1 image to " in capsys.readouterr().out
 
 
+class TestCvConsole:
+    def test_data_lines_once_on_the_console_and_in_every_folds_log(
+            self, synth_tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Every fold printed the data's issues again (5 folds: five times the same lines);
+        each fold's train.log still has them."""
+        root, _ = synth_tree
+        assert main(["cv", "--data-root", str(root), *MSBC, "--folds", "0", "1", "--epochs", "1",
+                     *TINY, "--out", str(tmp_path)]) == 0
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("data: ") and "left out" in x]
+        assert err.count(line) == 1 and err.index(line) < err.index("fold 1 (2/2)")
+        log = (tmp_path / "fold0" / "train.log").read_text()
+        assert err.count("data warning: ") == log.count("data warning: ")
+        for fold in (0, 1):
+            assert line in (tmp_path / f"fold{fold}" / "train.log").read_text()
+
+
 class TestMissingInputs:
     def test_predict_says_in_words_what_it_found(self, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
