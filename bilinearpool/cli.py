@@ -1515,7 +1515,7 @@ def parameter_table(
         models = {}
         for h in selected:
             try:
-                models[h.name] = h.build(backbone, num_classes=num_classes, se_reduction=se_reduction)
+                models[h.name] = _build_to_count(h, backbone, num_classes=num_classes, se_reduction=se_reduction)
             except (ValueError, TypeError) as err:  # the builders' refusal, named by the pair
                 kind = TypeError if isinstance(err, TypeError) else ValueError
                 raise kind(_build_problem(h, backbone, err)) from err
@@ -1526,6 +1526,20 @@ def parameter_table(
         )
         del models
     return rows
+
+
+def _build_to_count(head: bench.ModelHead, backbone: str, **build: Any) -> nn.Module:
+    """``head.build(backbone, **build)`` for counting parameters: on the meta device (shapes
+    only: no memory for weights, so a huge ``num_classes`` counts too, and no time to
+    initialise them), else, where a part cannot be built there, as usual. A ValueError or
+    TypeError is the builders' refusal, the same on either device: raised as it is."""
+    try:
+        with torch.device("meta"):
+            return head.build(backbone, **build)
+    except (ValueError, TypeError):
+        raise
+    except Exception:  # e.g. a module of one's own that reads a value at build time
+        return head.build(backbone, **build)
 
 
 def _select_heads(names: Sequence[str]) -> list[bench.ModelHead]:
@@ -1607,7 +1621,8 @@ def run_models(
                           "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy"),
     }
     if not timed:  # --params-only: nothing is timed, so no timing settings either
-        settings = {k: settings[k] for k in ("device", "num_classes", "se_reduction", "weights")}
+        settings = {k: settings[k] for k in ("device", "num_classes", "se_reduction")}
+        settings["weights"] = "none: built on the meta device (shapes only)"
     plan = {
         "backbones": backbones,
         "heads": [h.name for h in heads],
@@ -1636,7 +1651,10 @@ def run_models(
                     problem = f"{head.name}: not measured on {backbone}: the baseline `plain` could not be built"
                 if problem is None:
                     try:
-                        models[head.name] = head.build(backbone, **build)
+                        if timed:
+                            models[head.name] = head.build(backbone, **build)
+                        else:
+                            models[head.name] = _build_to_count(head, backbone, **build)
                     except Exception as err:
                         problem = _build_problem(head, backbone, err)
                         print(f"bilinearpool-bench: skipping {problem}", file=sys.stderr)
@@ -2472,7 +2490,8 @@ def _models_options(parser: argparse.ArgumentParser) -> None:
                    help=f"SE ratio of the 'se' head (default: {PAPER_SE_REDUCTION}); refused "
                    "without a head that has SE blocks")  # fmt: skip
     g.add_argument("--params-only", action="store_true",
-                   help="parameter counts only, built on the CPU, no timing: the timing options, "
+                   help="parameter counts only, models built without weights (meta device), no "
+                   "timing: the timing options, "
                    "--resolutions and a --device other than cpu are refused with it")  # fmt: skip
     g.add_argument(
         "--no-train", action="store_true", help="time inference only, not the training step"
@@ -2915,8 +2934,9 @@ _TIMING_OPTIONS = ("repeats", "warmup", "batch_size", "batch_size_at", "threads"
 def _params_only_problem(args: argparse.Namespace) -> str | None:
     """The options ``models --params-only`` would ignore without a word, or None.
 
-    It builds the models on the CPU, counts their parameters and times nothing: the timing
-    options, the resolutions and a device other than the CPU change nothing in its results.
+    It builds the models on the meta device (no weights), counts their parameters and times
+    nothing: the timing options, the resolutions and a device other than the CPU change
+    nothing in its results.
     ``--seed`` is not among them: its default, 0, cannot be told from ``--seed 0``.
     """
     if not args.params_only:
@@ -2945,7 +2965,7 @@ def _params_only_problem(args: argparse.Namespace) -> str | None:
         return None
     n = len(given)
     return (f"{' '.join(given)} {plural(n, 'does', 'do')} nothing with --params-only, which "
-            f"counts parameters on the CPU and times nothing: leave {plural(n, 'it', 'them')} out, "
+            f"counts parameters without weights and times nothing: leave {plural(n, 'it', 'them')} out, "
             "or drop --params-only to time the models")
 
 

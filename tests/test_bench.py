@@ -1401,6 +1401,31 @@ class TestAuditedRuns:
         assert ("--import expected a module that can be imported, but importing "
                 "'bench_exits_on_import' raised SystemExit: 3") in capsys.readouterr().err
 
+    def test_params_only_builds_no_weights(self, tmp_path, monkeypatch):
+        """--params-only built every model with its weights: a classifier of a million
+        classes on resnet18's 512 x 512 features (2.6e11 parameters, 1 TiB) could not be
+        counted. On the meta device it is, exactly; a model that cannot be built there is
+        built as before."""
+        assert main(["models", "--params-only", "--backbones", "resnet18", "--heads", "plain", "fast-bcnn",
+                     "--num-classes", "1000000", "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+        data = json.loads((tmp_path / "models.json").read_text())
+        rows = {r["head"]: r for r in data["rows"]}
+        assert rows["fast-bcnn"]["params"] == rows["fast-bcnn"]["params_analytic"]
+        assert rows["fast-bcnn"]["params"] > 512 * 512 * 1_000_000
+        assert data["settings"]["weights"] == "none: built on the meta device (shapes only)"
+        real, devices = bench.ModelHead.build, []
+
+        def not_on_meta(self, backbone, **kwargs):
+            if torch.empty(0).is_meta:
+                raise NotImplementedError("reads a value at build time")
+            model = real(self, backbone, **kwargs)
+            devices.append(next(model.parameters()).device.type)
+            return model
+
+        monkeypatch.setattr(bench.ModelHead, "build", not_on_meta)
+        rows = cli.parameter_table(["resnet18"], ["plain", "fast-bcnn"])
+        assert devices == ["cpu", "cpu"] and all(r["params_ok"] is True for r in rows)
+
     def test_params_only_says_nothing_of_timing(self, tmp_path):
         """--params-only listed warm-up and timed rounds, a statistic and a training step, and
         a note on interleaved timings, though nothing was timed."""
@@ -1435,8 +1460,8 @@ class TestAuditedRuns:
             main(["models", "--params-only", "--backbones", "resnet18", *given])
         assert exc.value.code == 2
         err = capsys.readouterr().err
-        assert (f"models: error: {shown} nothing with --params-only, which counts parameters on the CPU "
-                "and times nothing: leave it out, or drop --params-only to time the models") in err, err  # fmt: skip
+        assert (f"models: error: {shown} nothing with --params-only, which counts parameters without "
+                "weights and times nothing: leave it out, or drop --params-only to time the models") in err, err  # fmt: skip
         assert "Traceback" not in err
 
     def test_params_only_names_every_ignored_option_in_one_line(self, capsys, monkeypatch):
@@ -1449,8 +1474,8 @@ class TestAuditedRuns:
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert line == (
             "bilinearpool-bench models: error: --repeats 9 --warmup 4 --batch-size 7 --amp --channels-last "
-            "--no-train --quick --resolutions 64 do nothing with --params-only, which counts parameters on "
-            "the CPU and times nothing: leave them out, or drop --params-only to time the models"
+            "--no-train --quick --resolutions 64 do nothing with --params-only, which counts parameters "
+            "without weights and times nothing: leave them out, or drop --params-only to time the models"
         )
 
     def test_params_only_refuses_a_device_other_than_the_cpu(self, capsys, monkeypatch):
@@ -1461,8 +1486,8 @@ class TestAuditedRuns:
         with pytest.raises(SystemExit) as exc:  # said before the device check: also without a GPU
             main(["models", "--params-only", "--backbones", "resnet18", "--device", "cuda:0"])
         assert exc.value.code == 2
-        assert ("error: --device cuda:0 does nothing with --params-only, which counts parameters on the CPU "
-                "and times nothing: leave it out") in capsys.readouterr().err  # fmt: skip
+        assert ("error: --device cuda:0 does nothing with --params-only, which counts parameters without "
+                "weights and times nothing: leave it out") in capsys.readouterr().err  # fmt: skip
 
     def test_params_only_takes_the_options_it_uses(self, tmp_path):
         """What --params-only reads: names, classes, the SE ratio, --device cpu, --seed (its
