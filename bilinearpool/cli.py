@@ -3093,10 +3093,49 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
         except ResultMismatchError as err:
             print(f"bilinearpool-bench report: error: {err}", file=sys.stderr)
             return 1
-    written = _run(args, command)
+    with _holding_out(args.out) as busy:
+        if busy:
+            print(f"bilinearpool-bench {args.command}: error: --out {args.out} is in use by "
+                  "another bilinearpool-bench run, which writes its results there as it goes: "
+                  "wait for it to finish, or pass another --out", file=sys.stderr)
+            return 2
+        written = _run(args, command)
     if written:
         print("Results written to:\n" + "\n".join(f"  {p}" for p in written))
     return 0
+
+
+@contextlib.contextmanager
+def _holding_out(out: str | None) -> Iterator[bool]:
+    """Hold the ``--out`` folder of a measuring run (an exclusive ``flock`` on the folder
+    itself: no lock file among the results; the kernel lets go when the process ends in
+    any way); yields whether another run holds it. Two runs into one folder replaced
+    each other's files as they went, each file ending as the last writer's. Where there
+    is no ``flock`` (Windows, some network file systems) nothing is held.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield False
+        return
+    try:
+        fd = os.open(out, os.O_RDONLY) if out else None  # the checks before made the folder
+    except OSError:
+        fd = None  # what writing there then says is the error
+    if fd is None:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield True
+            return
+        except OSError:  # no flock on this file system: hold nothing
+            pass
+        yield False
+    finally:
+        os.close(fd)
 
 
 def _run(args: argparse.Namespace, command: str) -> list[Path]:

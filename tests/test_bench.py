@@ -1272,6 +1272,27 @@ class TestAuditedRuns:
 
     COMMON = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress"]
 
+    @pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: nothing is held")
+    def test_a_folder_another_run_writes_into_is_refused(self, tmp_path, capsys, keep_threads):
+        """Two runs into one --out replaced each other's files as they went; the second is
+        refused while the first runs (its flock on the folder, as another process holds it)
+        and runs once the first has ended."""
+        import fcntl
+
+        argv = ["layers", "--shapes", "2x4x3x3", "--cases", "naive", *self.COMMON, "--out", str(tmp_path)]
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert (f"layers: error: --out {tmp_path} is in use by another bilinearpool-bench run, which "
+                    "writes its results there as it goes: wait for it to finish, or pass another --out") in err
+            assert list(tmp_path.iterdir()) == []
+        finally:
+            os.close(fd)
+        assert main(argv) == 0
+        assert (tmp_path / "layers.json").is_file() and not list(tmp_path.glob(".*"))
+
     def test_inputs_that_cannot_be_made_are_rows_and_the_run_goes_on(self, tmp_path, monkeypatch):
         real = torch.randn
 
