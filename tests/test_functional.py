@@ -589,10 +589,23 @@ class TestFastBilinearPool:
     def test_sample_groups_cover_the_batch_once(self, batch, channels, target, groups):
         assert FB._sample_groups(batch, channels, target) == groups
 
+    @pytest.mark.parametrize("channels", [1, 2, 7, 256])
+    def test_unpack_fills_both_triangles(self, channels):
+        """The packed groups' backward unpacks with one gather: every entry of the square
+        from the packed upper triangle, the diagonal once (what triu_unpack gives before
+        the weights)."""
+        m = torch.randn(3, channels, channels, dtype=torch.float64)
+        m = m + m.transpose(1, 2)
+        index = torch.from_numpy(FB._triu_numpy(channels, channels))
+        packed = m.flatten(1)[:, index]
+        square = torch.full_like(m, float("nan"))  # nothing may be left unwritten
+        FB._unpack_into(square, packed, torch.from_numpy(FB._triu_source(channels)))
+        torch.testing.assert_close(square, m, rtol=0, atol=0)
+
     @pytest.mark.parametrize("channels,path", [(11, "groups"), (12, "panels")])
     def test_one_stream_cpu_path_follows_the_block_size(self, channels, path, monkeypatch):
-        """Full output: whole-sample groups while one C x C matrix fits in a block, else
-        panels of the upper triangle (packed output: always panels)."""
+        """Whole-sample groups while one C x C matrix fits in a block, else panels of the
+        upper triangle; for the full and the packed output alike."""
         monkeypatch.setattr(FB, "_block_elements", lambda device: 121)
         called = []
         for name in ("_gram_groups_forward", "_gram_groups_backward"):
@@ -606,7 +619,7 @@ class TestFastBilinearPool:
             (g_ref,) = torch.autograd.grad(naive_chain(x, triu=triu), x, torch.ones_like(out))
             torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
             grouped = "_gram_groups_forward" in called and "_gram_groups_backward" in called
-            assert grouped == (path == "groups" and not triu), (triu, called)
+            assert grouped == (path == "groups"), (triu, called)
 
     @pytest.mark.parametrize("triu", [False, True])
     def test_transposes_as_views_leave_the_incoming_gradient_alone(self, triu, monkeypatch, blocking):

@@ -453,7 +453,7 @@ _GROUPS_UP_TO = 1 << 16
 
 def _sample_groups(batch: int, channels: int, target: int) -> list[tuple[int, int]] | None:
     """(b0, b1) groups of whole samples, about ``target`` entries each, for the one-stream
-    op's full output on CPU; ``None`` where it builds panels of the upper triangle instead
+    op on CPU (full or packed output); ``None`` where it builds panels of the upper triangle instead
     (:func:`_panels`): when one sample's ``C x C`` matrix exceeds ``target`` or
     :data:`_GROUPS_UP_TO` entries.
 
@@ -472,23 +472,37 @@ def _sample_groups(batch: int, channels: int, target: int) -> list[tuple[int, in
 
 
 def _gram_groups_forward(
-    a_: Tensor, groups: list[tuple[int, int]], scale: float, eps: float | None, l2_eps: float | None
+    a_: Tensor,
+    groups: list[tuple[int, int]],
+    scale: float,
+    eps: float | None,
+    l2_eps: float | None,
+    triu: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """:class:`_FusedGram`'s CPU forward with whole samples (:func:`_sample_groups`): each
-    group's matrices built in their place in the full output and normalised there while
-    in cache (the groups hold whole samples, so their norms are complete); returns the
-    output and the norms (unclamped)."""
+    group's matrices built in their place in the full output (packed output: in a
+    group-sized scratch, then their upper triangles gathered, times the isometry weights)
+    and normalised while in cache (the groups hold whole samples, so their norms are
+    complete); returns the output and the norms (unclamped)."""
     batch, c = a_.shape[0], a_.shape[1]
-    out = new_output(a_, batch, c * c)
-    square = out.view(batch, c, c)
+    out = new_output(a_, batch, triu_size(c) if triu else c * c)
+    size = _largest(groups)
+    square = a_.new_empty(size, c, c) if triu else out.view(batch, c, c)
     norms = a_.new_empty(batch) if l2_eps is not None else None
-    scratch = a_.new_empty(_largest(groups), c, c) if eps is not None else None
+    scratch = a_.new_empty(size, c, c) if eps is not None else None
+    if triu:
+        index, weight = _triu_block(0, c, c, a_.device, a_.dtype)
     for b0, b1 in groups:
-        y = signed_sqrt_(_scaled_bmm(a_[b0:b1], a_[b0:b1].transpose(1, 2), scale, out=square[b0:b1]), eps, scratch)
+        n = b1 - b0
+        y = square[:n] if triu else square[b0:b1]
+        signed_sqrt_(_scaled_bmm(a_[b0:b1], a_[b0:b1].transpose(1, 2), scale, out=y), eps, scratch)
         if norms is not None:
             norm = norms[b0:b1]
-            torch.sqrt(_rowdot(y, y), out=norm)
-            y.div_(norm.clamp_min(l2_eps).view(-1, 1, 1))
+            torch.sqrt(_rowdot(y, y), out=norm)  # |y| of the matrix = that of its packed form
+        if triu:
+            y = torch.index_select(y.view(n, c * c), 1, index, out=out[b0:b1]).mul_(weight)
+        if norms is not None:
+            y.div_(norms[b0:b1].clamp_min(l2_eps).view(-1, *[1] * (y.dim() - 1)))
     return out, norms
 
 
@@ -505,22 +519,32 @@ def _gram_groups_backward(
     eps: float | None,
     l2_eps: float | None,
     saved: list[Tensor],
+    triu: bool = False,
 ) -> Tensor:
     """The gradient of :func:`_gram_groups_forward` for A, group by group in one sweep (a
     group's samples are whole, so its factors ``c, k`` of the L2 normalisation need no
     other group): the group's ``y = f(G)`` and ``t = sqrt(|G| + eps)`` rebuilt from A (or
     read from the saved output and norms: ``t = |y| + sqrt(eps)``), then ``dA = S A`` with
-    one product, where ``S = dG + dG^T = s k (dz + dz^T - 2 c y) / (2 t)`` (``y`` and
-    ``t`` are symmetric). Three group-sized scratch matrices serve every group: on CPU
-    fresh temporaries cost as much as the passes over them.
+    one product, where ``S = dG + dG^T = s k (D - 2 c y) / (2 t)`` (``y`` and ``t`` are
+    symmetric). Full output: ``D = dz + dz^T``. Packed output (``triu``): ``D`` is the
+    incoming gradient times ``sqrt(2)`` off the diagonal and 2 on it, unpacked to both
+    triangles, and ``c = <p, dz> / |p|^2 = <y, D> / (2 |y|^2)`` for the packed ``p``.
+    Three group-sized scratch matrices serve every group: on CPU fresh temporaries cost
+    as much as the passes over them.
     """
     batch, c = a_.shape[0], a_.shape[1]
-    dz = dz.reshape(batch, c, c)
     root = math.sqrt(eps) if eps is not None else 0.0
+    if triu:
+        index, weight = _triu_block(0, c, c, a_.device, a_.dtype)
+        source = torch.from_numpy(_triu_source(c)).to(a_.device)
+        # sqrt(2) off the diagonal, 2 on it (where weight is 1)
+        doubled = torch.where(weight == 1.0, 2.0, weight)
+    else:
+        dz = dz.reshape(batch, c, c)
     if saved:
         out, norms = saved
         div = _divisors(out, norms, l2_eps)
-        out_square = out.view(batch, c, c)
+        out_square = None if triu else out.view(batch, c, c)
     size = _largest(groups)
     y_buf, t_buf, s_buf = (a_.new_empty(size, c, c) for _ in range(3))
     half = scale * (0.5 if eps is not None else 1.0)
@@ -528,22 +552,28 @@ def _gram_groups_backward(
     for b0, b1 in groups:
         n = b1 - b0
         y, t, s, d = y_buf[:n], t_buf[:n], s_buf[:n], dz[b0:b1]
-        if saved:
-            torch.mul(out_square[b0:b1], div[b0:b1, None, None], out=y)
-            if eps is not None:
-                torch.abs(y, out=t).add_(root)
+        if saved and triu:
+            _unpack_into(y, out[b0:b1] * (div[b0:b1, None] / weight), source)
+        elif saved:
+            torch.mul(out_square[b0:b1], div[b0:b1, None, None], out=y)  # type: ignore[index]
         else:
             _scaled_bmm(a_[b0:b1], a_[b0:b1].transpose(1, 2), scale, out=y)
             if eps is not None:
-                # s holds t + sqrt(eps) until dz + dz^T goes there.
+                # s holds t + sqrt(eps) until D goes there.
                 torch.abs(y, out=t).add_(eps).sqrt_()
                 y.div_(torch.add(t, root, out=s))
+        if saved and eps is not None:
+            torch.abs(y, out=t).add_(root)
+        if triu:
+            _unpack_into(s, d * doubled, source)
+            dot = 0.5 * _rowdot(y, s) if l2_eps is not None else None
+        else:
+            dot = _rowdot(y, d) if l2_eps is not None else None
+            for i in range(n):
+                s[i].copy_(d[i].t())  # torch's blocked transpose: no strided pass over d
+            s.add_(d)
         if l2_eps is not None:
-            c_, k = _elementwise.l2_grad_factors(_rowdot(y, y), _rowdot(y, d), l2_eps)
-        for i in range(n):
-            s[i].copy_(d[i].t())  # torch's blocked transpose: no strided pass over d
-        s.add_(d)
-        if l2_eps is not None:
+            c_, k = _elementwise.l2_grad_factors(_rowdot(y, y), dot, l2_eps)  # type: ignore[arg-type]
             s.addcmul_(y, c_.mul_(-2.0).view(-1, 1, 1))
             k = k.mul_(half).view(-1, 1, 1)
             if eps is not None:
@@ -556,6 +586,28 @@ def _gram_groups_backward(
             s.mul_(half)
         torch.bmm(s, a_[b0:b1], out=g[b0:b1])
     return g
+
+
+def _unpack_into(square: Tensor, packed: Tensor, source: Tensor) -> Tensor:
+    """Write ``packed`` (``(n, C(C+1)/2)``, upper triangles) into both triangles of
+    ``square`` (``(n, C, C)``, contiguous) with one gather (``source``:
+    :func:`_triu_source`): every entry is written, none needs zeroing (two scatters, as
+    ``index_copy_`` does them, took 2-4x as long on CPU)."""
+    n = square.shape[0]
+    torch.gather(packed, 1, source.expand(n, -1), out=square.view(n, -1))
+    return square
+
+
+@functools.lru_cache(maxsize=16)
+def _triu_source(c: int) -> np.ndarray:
+    """For each entry (i, j) of a row-major ``C x C`` matrix, the position of entry
+    (min(i, j), max(i, j)) in its packed upper triangle."""
+    source = np.empty(c * c, dtype=np.int64)
+    index = _triu_numpy(c, c)
+    order = np.arange(index.size, dtype=np.int64)
+    source[index] = order
+    source[(index % c) * c + index // c] = order
+    return source
 
 
 def _triu_offset(row: int, c: int) -> int:
@@ -944,8 +996,8 @@ class _FusedGram(torch.autograd.Function):
     one product for the panel's rows and one for the rows below it. With ``save_output``
     the output and its norms are saved too, and the backward reads its panels from them
     (half a product and the first sweep's elementwise work less). That is the CPU
-    algorithm for large matrices; the full output of at most :data:`_GROUPS_UP_TO`
-    entries per sample is built in groups of whole samples instead
+    algorithm for large matrices; matrices of at most :data:`_GROUPS_UP_TO` entries
+    (full or packed output) are built in groups of whole samples instead
     (:func:`_sample_groups`). Off the CPU the op works on whole matrices
     (:func:`_whole_matrices`).
     """
@@ -975,9 +1027,9 @@ class _FusedGram(torch.autograd.Function):
             norms = a_.new_empty(a.shape[0]) if save_output and l2_eps is not None else None
             return _whole_forward(a_, a_, scale, eps, l2_eps, triu, norms), norms
         batch, c = a.shape[0], a.shape[1]
-        groups = None if triu else _sample_groups(batch, c, _block_elements(a.device))
+        groups = _sample_groups(batch, c, _block_elements(a.device))
         if groups is not None:
-            return _gram_groups_forward(a_, groups, scale, eps, l2_eps)
+            return _gram_groups_forward(a_, groups, scale, eps, l2_eps, triu)
         out = new_output(a_, batch, triu_size(c) if triu else c * c)
         square = None if triu else out.view(batch, c, c)
         sq = a_.new_zeros(batch) if l2_eps is not None else None
@@ -1018,9 +1070,9 @@ class _FusedGram(torch.autograd.Function):
                 return g_a.to(a.dtype), *nothing  # type: ignore[union-attr]
             batch, c = a.shape[0], a.shape[1]
             dz = grad.to(dtype)
-            groups = None if triu else _sample_groups(batch, c, _block_elements(a.device))
+            groups = _sample_groups(batch, c, _block_elements(a.device))
             if groups is not None:
-                g = _gram_groups_backward(a_, dz, groups, scale, eps, l2_eps, saved)
+                g = _gram_groups_backward(a_, dz, groups, scale, eps, l2_eps, saved, triu)
                 return g.to(a.dtype), *nothing
             square = dz.view(batch, c, c) if not triu else None
             panels = _panels(batch, c, _block_elements(a.device))
@@ -1195,7 +1247,7 @@ def fast_bilinear_pool(
     with neither).
 
     On CPU the matrices are built in cache-sized panels (row blocks for two streams;
-    groups of whole samples for one stream's full output at ``C <= 256``); on
+    groups of whole samples for one stream at ``C <= 256``); on
     other devices whole, with one batched product and fused elementwise passes (Triton
     kernels on CUDA when Triton is installed; ``BILINEARPOOL_TRITON=0`` selects torch
     operations); their per-sample sums are added in a fixed order (no atomics).
