@@ -2337,6 +2337,13 @@ def _part_differences(parts: Sequence[dict[str, Any]]) -> list[str]:
     return warnings
 
 
+def _held_benchmark(kind: Any) -> str:
+    """What a results file's ``benchmark`` field says it holds, in words."""
+    if kind in ("layers", "models"):
+        return f"those of `bilinearpool-bench {kind}`"
+    return f"benchmark {kind!r}" if kind is not None else "no benchmark field"
+
+
 def _report(args: argparse.Namespace, *, command: str) -> int:
     folder = Path(args.folder)
     parts, tables = [], []
@@ -2356,6 +2363,12 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
                     f"{path}: expected the JSON object that `bilinearpool-bench {name} --out` "
                     f"writes, but it holds a JSON {type(data).__name__}; the file is damaged or "
                     "was edited by hand: rerun the benchmark"
+                )
+            if data.get("benchmark") != name:  # the rows would be read as the other kind's
+                raise ResultMismatchError(
+                    f"{path}: expected the results of `bilinearpool-bench {name}`, but it holds "
+                    f"{_held_benchmark(data.get('benchmark'))}; was it renamed or swapped with "
+                    "another file? Give each file its own name (layers.json, models.json)"
                 )
             parts.append(data)
             try:

@@ -1959,6 +1959,12 @@ class TestResults:
             ("[1, 2]", "layers.json: expected the JSON object that `bilinearpool-bench layers --out` writes, "
                        "but it holds a JSON list"),
             (json.dumps({"benchmark": "layers", "rows": [1]}), "layers.json: cannot rebuild its results"),
+            # a models file renamed: its rows were read as layer rows ("cannot rebuild", or worse)
+            (json.dumps({"benchmark": "models", "rows": []}), "layers.json: expected the results of "
+             "`bilinearpool-bench layers`, but it holds those of `bilinearpool-bench models`; was it "
+             "renamed or swapped with another file?"),
+            (json.dumps({"rows": []}), "layers.json: expected the results of `bilinearpool-bench layers`, "
+             "but it holds no benchmark field"),
         ):  # fmt: skip
             (tmp_path / "layers.json").write_text(text)
             assert main(["report", str(tmp_path)]) == 1
