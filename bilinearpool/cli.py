@@ -367,7 +367,7 @@ def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
             style = {k: v for k, v in styles[case].items() if v}  # no empty hatch
             ax.bar(xs, heights, width=width, label=case, **style)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.axhline(
+        goal_line = ax.axhline(
             goal, color="tab:red", linestyle="--", linewidth=0.8, label=f"{what} goal {goal}x"
         )
         ax.set_yscale("log")
@@ -377,6 +377,7 @@ def _plot_layers(plt: Any, rows: list[dict[str, Any]]) -> Any:
     ax_t.set_title("Time relative to the naive chain (lower is better)")
     ax_m.set_title("Memory kept for backward (lower is better)")
     ax_t.legend(fontsize=7, ncol=2)
+    ax_m.legend(handles=[goal_line], fontsize=7)  # the cases' colours: the time panel's legend
     return fig
 
 

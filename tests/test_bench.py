@@ -1987,6 +1987,8 @@ class TestResults:
             fig = cli._plot_layers(plt, rows)
             ax = fig.axes[0]
             found = {bars.get_label(): bars.patches[0].get_facecolor() for bars in ax.containers}
+            # the memory panel's goal line is named too (it had no legend)
+            assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["memory goal 1.1x"]
             plt.close(fig)
             return found
 
