@@ -1,7 +1,8 @@
 """Benchmark: the one-stream fused pooling's two CPU algorithms, side by side.
 
-``FastBilinearPool`` (full output) builds its ``C x C`` matrices on CPU in one of two
-ways (``bilinearpool.functional.bilinear``):
+``FastBilinearPool`` builds its ``C x C`` matrices on CPU in one of two ways
+(``bilinearpool.functional.bilinear``), for the full output and (``--triu``) the packed
+upper triangle alike:
 
 - ``groups``: whole samples, several per block: one batched product into the output, one
   elementwise pass, and in backward the matrices rebuilt and one product ``S A``;
@@ -14,10 +15,13 @@ The library takes ``groups`` up to ``_GROUPS_UP_TO`` entries per matrix (C <= 25
 interleaved in the same rounds (median after warm-up), with the naive op-by-op chain of
 ``bilinearpool-bench layers`` for scale, after checking that the two give the same
 gradients; also both with ``save_output=True`` (``-so``: the backward reads the matrices
-from the saved output, as the classifiers train), where no product is rebuilt. Usage::
+from the saved output, as the classifiers train), where no product is rebuilt. The naive
+chain gives the full output in both modes. Usage::
 
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_gram_paths.py --threads 1 \\
         --out benchmarks/results/cpu-2core-gram-paths/threads-1
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_gram_paths.py --threads 1 --triu \\
+        --out benchmarks/results/cpu-2core-gram-paths/triu-threads-1
 """
 
 from __future__ import annotations
@@ -54,10 +58,11 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def fwd_bwd(
-    x: torch.Tensor, weights: torch.Tensor, path: str | None, save_output: bool = False
+    x: torch.Tensor, weights: torch.Tensor, path: str | None, save_output: bool = False, triu: bool = False
 ) -> Callable[[], torch.Tensor]:
     """One forward+backward of the fused op on ``path`` (``None``: the naive chain), keeping
-    its output for backward with ``save_output``; returns the input's gradient."""
+    its output for backward with ``save_output``, packed with ``triu``; returns the input's
+    gradient (``weights``: the incoming gradient, of the output's shape)."""
 
     def run() -> torch.Tensor:
         leaf = x.detach().requires_grad_()
@@ -66,7 +71,7 @@ def fwd_bwd(
         else:
             saved, FB._GROUPS_UP_TO = FB._GROUPS_UP_TO, PATHS[path]
             try:
-                out = fast_bilinear_pool(leaf, save_output=save_output)
+                out = fast_bilinear_pool(leaf, save_output=save_output, triu=triu)
                 (grad,) = torch.autograd.grad(out, leaf, weights)
             finally:
                 FB._GROUPS_UP_TO = saved
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=11, help="timed rounds, median reported (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: %(default)s)")
+    parser.add_argument("--triu", action="store_true", help="the packed output (triu=True) instead of the full one")
     parser.add_argument("--out", type=Path, default=None, help="also write results.{md,csv,json} to this folder")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -96,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     for b, c, h, w in args.shapes:
         x = torch.randn(b, c, h, w, generator=gen).relu_()
         weights = torch.randn(b, c * c, generator=gen)
-        fns = {"naive": fwd_bwd(x, weights, None), **{n: fwd_bwd(x, weights, *c) for n, c in CASES.items()}}
+        packed = weights[:, : c * (c + 1) // 2] if args.triu else weights
+        fns = {"naive": fwd_bwd(x, weights, None),
+               **{n: fwd_bwd(x, packed, *case, triu=args.triu) for n, case in CASES.items()}}
         grads = {n: fns[n]() for n in CASES}
         for name in CASES:
             torch.testing.assert_close(grads[name], grads["panels"], rtol=1e-4, atol=1e-6)
@@ -115,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 "library_takes": ("panels" if FB._sample_groups(b, c, FB._block_elements(x.device)) is None else "groups")
                 if name != "naive" else "",
             })
-    emit(f"Fast BCNN pooling on CPU, forward+backward: whole-sample groups vs upper-triangle panels "
-         f"(median of {args.repeats} interleaved rounds; vs_panels: against panels with the same "
+    output = "packed output (triu=True)" if args.triu else "full output"
+    emit(f"Fast BCNN pooling on CPU, {output}, forward+backward: whole-sample groups vs upper-triangle "
+         f"panels (median of {args.repeats} interleaved rounds; vs_panels: against panels with the same "
          f"save_output)",
          ["shape", "case", "fwd_bwd_ms", "vs_naive", "vs_panels", "vs_panels_rounds", "library_takes"],
          rows, env=environment(torch.device("cpu")), out=args.out,

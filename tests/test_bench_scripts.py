@@ -122,6 +122,11 @@ def test_gram_paths_benchmark_runs_both_paths_and_restores_the_switch(scripts_pa
     assert rows[2][4] == rows[4][4] == "1.0"  # each panels case against itself
     assert rows[1][-1] == rows[2][-1] == "groups"  # C = 6 takes groups
     assert rows[1][5] and rows[3][5] and not rows[2][5]  # round ranges for the groups only
+    calls.clear()  # --triu: the packed output on both paths, the same gradients (checked inside)
+    assert bench.main(["--shapes", "3x6x2x2", "--repeats", "1", "--warmup", "0", "--triu", "--out",
+                       str(tmp_path / "triu")]) == 0
+    assert "_gram_groups_forward" in calls and "_panels" in calls and FB._GROUPS_UP_TO == before
+    assert "packed output (triu=True)" in (tmp_path / "triu" / "results.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "3x6x2"])
     assert "expected a shape BxCxHxW of four positive integers, got '3x6x2'" in capsys.readouterr().err
