@@ -1498,6 +1498,9 @@ def parameter_table(
 ) -> list[dict[str, Any]]:
     """Exact and analytic parameter counts of backbone x head, without timing anything.
 
+    The models are built on the meta device (shapes only, no memory for weights; a model
+    that cannot be built there is built on the CPU), so any ``num_classes`` counts.
+
     Returns:
         One row per model: ``backbone``, ``head``, ``channels``, ``params`` (exact),
         ``params_analytic``, ``params_ok`` and ``params_vs_plain``. For a head with options
