@@ -184,17 +184,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join([head, rule, *body])
 
 
-def _counted(n: Any, noun: str) -> str:
-    """``"1 thread"``, ``"2 threads"``; a count that is not a number (``None`` from an
-    older file) keeps the plural."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _describe_environment(env: dict[str, Any]) -> str:
     parts = [
         f"torch {env.get('torch')}",
         f"{env.get('device_type')} ({env.get('device')})",
-        f"{_counted(env.get('threads'), 'thread')} of {_counted(env.get('cpu_count'), 'CPU')}",
+        f"{env.get('threads')} {plural(env.get('threads'), 'thread')} of "
+        f"{env.get('cpu_count')} {plural(env.get('cpu_count'), 'CPU')}",
     ]
     for key in ("torchvision", "timm", "numpy"):
         if env.get(key):
