@@ -2124,9 +2124,22 @@ def _stored_cases(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _check_rounds(settings: dict[str, Any], raw: Sequence[Any], source: str) -> None:
-    """Refuse ``settings.timed_rounds`` other than the count of timings in the raw records
-    (the longest: a case that failed may have fewer), which the report's caveat on few
-    rounds reads."""
+    """Refuse raw timings that are not times (a NaN, a string: every ratio built on them
+    would disagree with its stored row, and the report named that row instead), and
+    ``settings.timed_rounds`` other than the count of timings in the raw records (the
+    longest: a case that failed may have fewer), which the report's caveat on few rounds
+    reads."""
+    for r in raw:
+        for k in ("times_s", "inference_s", "training_step_s"):
+            times = r.get(k) if isinstance(r, dict) else None
+            bad = [t for t in times if not _is_time(t)] if isinstance(times, list) else []
+            if bad:
+                names = ("shape", "case", "backbone", "head", "resolution")
+                where = " ".join(str(r[n]) for n in names if n in r)
+                raise ResultMismatchError(
+                    f"{source}: the raw record of {where} holds {bad[0]!r} among its {k}, where "
+                    "a time in seconds belongs; the file was edited or damaged: rerun the benchmark"
+                )
     rounds = settings.get("timed_rounds")
     counts = [len(r[k]) for r in raw if isinstance(r, dict)
               for k in ("times_s", "inference_s", "training_step_s") if isinstance(r.get(k), list)]
@@ -2136,6 +2149,12 @@ def _check_rounds(settings: dict[str, Any], raw: Sequence[Any], source: str) -> 
             f"{max(counts)} timings each; the file was edited or written by other code: rerun the "
             "benchmark"
         )
+
+
+def _is_time(value: Any) -> bool:
+    """A finite number >= 0 (not a bool)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value >= 0
 
 
 def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchResult:

@@ -1950,6 +1950,19 @@ class TestResults:
         assert "row 2x8x2x2 fast-bcnn: saved_MiB is stored as" in capsys.readouterr().err
 
 
+    @pytest.mark.parametrize("value", [float("nan"), "0.1", -1.0, None])
+    def test_report_names_raw_times_that_are_not_times(self, value, tmp_path, capsys):
+        """A NaN among the raw timings was reported as a stored row that disagrees with its
+        raw data ('vs_naive is stored as 0.5, the raw data give nan')."""
+        data = json.loads((self.RESULTS / "cpu-2core" / "layers.json").read_text())
+        record = next(r for r in data["raw"] if r["case"] == "fast-bcnn")
+        record["times_s"][1] = value
+        (tmp_path / "layers.json").write_text(json.dumps(data))
+        assert main(["report", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert (f"layers.json: the raw record of {record['shape']} fast-bcnn holds {value!r} among its "
+                "times_s, where a time in seconds belongs; the file was edited or damaged") in err, err
+
     def test_report_of_a_damaged_file_or_a_bad_out_is_an_error_line(self, tmp_path, capsys):
         afile = tmp_path / "afile"
         afile.write_text("")
