@@ -2123,7 +2123,7 @@ def _stored_cases(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return cases
 
 
-def _check_rounds(settings: dict[str, Any], raw: Sequence[Any], source: str) -> None:
+def _check_raw_timings(settings: dict[str, Any], raw: Sequence[Any], source: str) -> None:
     """Refuse raw timings that are not times (a NaN, a string: every ratio built on them
     would disagree with its stored row, and the report named that row instead), and
     ``settings.timed_rounds`` other than the count of timings in the raw records (the
@@ -2180,7 +2180,7 @@ def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchRes
     if version < 2 and any(isinstance(r, dict) and "saved_bytes" in r for r in raw_records):
         version = 2  # exact counts in its raw part: a version 2 file whose format field went missing
     settings, env = data["settings"], data["environment"]
-    _check_rounds(settings, raw_records, source)
+    _check_raw_timings(settings, raw_records, source)
     carried = [n for n in data.get("notes", []) if str(n).startswith(("INCOMPLETE", _IN_PROCESS))]
     if version < 2:
         carried.append(
