@@ -88,6 +88,24 @@ def test_thin_panels_and_a_last_group(triu, monkeypatch):
         torch.testing.assert_close(fast_bilinear_linear(x, w, b, triu=triu), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("channels", [512, 1024])
+def test_panel_path_allocates_its_panel_buffers_once(channels):
+    """The panel and the signed square root's denominator are allocated once per call,
+    not once per panel (4 and 8 panels here): a fresh panel-sized temporary per panel
+    cost 1.2 ms against 0.3 ms for the pass itself at a Fast BCNN head's 2 MiB panels
+    (fresh pages each time, as with THP_MEM_ALLOC_ENABLE=1)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.relu(torch.randn(2, channels, 7, 7))
+    w, b = classifier_for(channels, False, classes=3, dtype=torch.float32)
+    panel_bytes = 2 * 128 * channels * 4  # 128-row panels of both samples
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fast_bilinear_linear(x, w, b)
+    large = [e.name for e in prof.events() if e.name != "[memory]" and e.self_cpu_memory_usage >= panel_bytes]
+    assert len(large) == 2, large  # the panel buffer and the denominator's scratch
+    torch.testing.assert_close(out, F.linear(fast_bilinear_pool(x), w, b), rtol=1e-4, atol=1e-5)
+
+
 def test_panel_path_float32_channels_last_and_no_bias(monkeypatch):
     x = torch.relu(torch.randn(3, 200, 6, 6)).to(memory_format=torch.channels_last)
     w, _ = classifier_for(200, False, dtype=torch.float32, bias=False)

@@ -291,11 +291,12 @@ def _panel_logits(
     logits = a.new_zeros(batch, weight.shape[0])
     sq = a.new_zeros(batch) if l2_eps is not None else None
     buffer = a.new_empty(batch * rows * c)
+    scratch = a.new_empty(batch * rows * c) if eps is not None else None
     for r0 in range(0, c, rows):
         r1 = min(r0 + rows, c)
         c0 = r0 if triu else 0  # the packed triangle needs columns r0: only
         panel = buffer[: batch * (r1 - r0) * (c - c0)].view(batch, r1 - r0, c - c0)
-        y = signed_sqrt_(_scaled_bmm(a[:, r0:r1], a[:, c0:].transpose(1, 2), scale, out=panel), eps)
+        y = signed_sqrt_(_scaled_bmm(a[:, r0:r1], a[:, c0:].transpose(1, 2), scale, out=panel), eps, scratch)
         if triu:
             z, w = _pack_panel(y, r0, r1, c), weight[:, _triu_offset(r0, c) : _triu_offset(r1, c)]
         else:
