@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/figures); "
                    "figure files an earlier run left there and this one does not draw are "
-                   "removed")
+                   "removed (a folder with figure files and no figures.json is refused)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default)")
@@ -622,6 +622,15 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 #: breakhis.train.CHECKPOINT_NAME, without importing torch (a test checks they agree).
 _CHECKPOINT = "checkpoint.pt"
+
+
+def _nothing_saved(args: argparse.Namespace) -> bool:
+    """Whether a ``train`` or ``cv`` stopped now leaves no checkpoint in its ``--out``
+    (none given: not known, so not said): ``--resume`` would have nothing to continue."""
+    if not getattr(args, "out", None):
+        return False
+    out = Path(args.out)
+    return not ((out / _CHECKPOINT).is_file() or any(out.glob(f"fold*/{_CHECKPOINT}")))
 
 
 def _check_fresh_or_resume(args: argparse.Namespace) -> None:
@@ -1108,6 +1117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "from this run's last finished epoch; where this run saved none yet, "
                           "the folder still holds the run it was to replace: repeat "
                           "--overwrite)")
+            elif _nothing_saved(args):
+                resume = " (before any epoch was saved: the same command starts afresh)"
             else:
                 resume = " (the same command with --resume continues from the last finished epoch)"
         what = str(exc) if isinstance(exc, Terminated) else "interrupted"

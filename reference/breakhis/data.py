@@ -25,7 +25,7 @@ import os
 import re
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -53,6 +53,7 @@ __all__ = [
     "index_image_folder",
     "parse_breakhis_name",
     "read_image_size",
+    "image_digests",
     "undecodable_images",
 ]
 
@@ -260,6 +261,10 @@ class DataIndex:
             (indexing with ``verify=False`` reads headers only, never whole files).
             Only identical bytes count: the same pixels saved another way (another PNG
             compression level, another format) are not found.
+        digests: the SHA-256 of every indexed image's file, by relative path; ``None``
+            when indexed with ``verify=False``. A run records them per split
+            (:func:`breakhis.experiments.run_fold`), so that a resumed run tells images
+            of the same names but other content.
     """
 
     root: Path
@@ -269,6 +274,7 @@ class DataIndex:
     metadata_files: list[str] = field(default_factory=list)
     kind: str = "breakhis"
     duplicate_content: list[list[str]] | None = None
+    digests: dict[str, str] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -537,9 +543,23 @@ def undecodable_images(
         ``{str(path): error}`` for each file that cannot be opened or decoded (an
         error of :data:`IMAGE_ERRORS`), in the order of ``paths``; empty when all decode.
     """
+    results = image_digests(paths, workers=workers, progress=progress)
+    return {p: r for p, r in results.items() if isinstance(r, Exception)}
+
+
+def image_digests(
+    paths: Sequence[str | os.PathLike[str]], *, workers: int = 4, progress: bool = False,
+) -> dict[str, str | Exception]:
+    """Decode every image of ``paths`` and hash its file, reading it once: what
+    ``verify=True`` does while indexing, for a chosen list of files.
+
+    Returns:
+        ``{str(path): SHA-256 of the file}``, or the error (of :data:`IMAGE_ERRORS`) for a
+        file that cannot be opened or decoded, in the order of ``paths``.
+    """
     files = [Path(p) for p in paths]
-    results = _read_sizes(files, verify=True, workers=workers, progress=progress)
-    return {str(p): r for p, r in zip(files, results) if isinstance(r, Exception)}
+    results = _read_sizes(files, verify=True, workers=workers, progress=progress, digest=True)
+    return {str(p): r if isinstance(r, Exception) else r[1] for p, r in zip(files, results)}  # type: ignore[misc]
 
 
 def index_breakhis(
@@ -655,6 +675,7 @@ def index_breakhis(
         metadata_files=metadata,
         kind="breakhis",
         duplicate_content=duplicates,
+        digests=_by_path(by_digest) if verify else None,
     )
 
 
@@ -863,11 +884,29 @@ def index_image_folder(
         )
     duplicates = _duplicate_groups(by_digest) if verify else None
     warnings += _duplicate_content_warnings(duplicates, "at different paths", records, root)
+    labels = {r.label for r in records}
+    empty = [d.name for d in class_dirs if d.name not in labels]
+    if empty:  # not a class of this data: no model output for it, so say so
+        warnings.append(
+            f"{count(len(empty), 'class folder')} {empty} "
+            f"{plural(len(empty), 'holds', 'hold')} no usable image (none, or only files that "
+            f"were skipped): not {plural(len(empty), 'a class', 'classes')} of this data, "
+            f"which has {len(labels)}: {sorted(labels)}")
     return DataIndex(
         root=root, records=records, skipped=sorted(skipped, key=lambda s: s.path),
         warnings=warnings, metadata_files=metadata, kind="image-folder",
-        duplicate_content=duplicates,
+        duplicate_content=duplicates, digests=_by_path(by_digest) if verify else None,
     )
+
+
+def _by_path(by_digest: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``{relative path: digest}`` from ``{digest: [relative paths]}``.
+
+    Examples:
+        >>> _by_path({"ab": ["x.png", "y.png"], "cd": ["z.png"]})
+        {'x.png': 'ab', 'y.png': 'ab', 'z.png': 'cd'}
+    """
+    return {rel: digest for digest, rels in by_digest.items() for rel in rels}
 
 
 @dataclass(frozen=True)

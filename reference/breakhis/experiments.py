@@ -62,6 +62,7 @@ from .data import (
     UnreadableImageError,
     index_breakhis,
     index_image_folder,
+    image_digests,
     undecodable_images,
 )
 from .distributed import DistInfo, all_reduce_sum, init_distributed
@@ -99,6 +100,7 @@ from .train import (
     epochs_trained,
     fit,
     load_model,
+    log_stop,
     predict_probs,
     warn_unfinished,
 )
@@ -369,6 +371,11 @@ def _resume_ignore(state: dict[str, Any], extra: dict[str, Any]) -> tuple[tuple[
         ignore.append("data.patients_csv_sha256")
     if "split_seed" in unused:
         ignore.append("protocol.split_seed")  # the split records it too
+    old_images, new_images = (state.get("extra") or {}).get("files_sha256"), extra.get("files_sha256")
+    if old_images is None or new_images is None:
+        # recorded before the images' contents were, or indexed without reading files
+        # whole (--no-verify, which data.verify pins for both): the file lists alone
+        ignore.append("files_sha256")
     for name, one, several in _DATA_FILES:
         digest = f"{name}_sha256"
         if name in unused:
@@ -515,7 +522,8 @@ def _index_task(
     records = [r for r in task.select(index.records)
                if not spec.image_folder or r.label in task.classes]
     if not records:
-        raise ValueError(f"task {task.name} selects no images under {spec.data_root!r}")
+        raise ValueError(f"task {task.name} selects no images under {spec.data_root!r}"
+                         f"{_what_there_is(index, task)}")
     targets = task.targets(records)
     found = [c for i, c in enumerate(task.classes) if np.any(targets == i)]
     if len(found) < 2:
@@ -531,6 +539,29 @@ def _index_task(
                              f"still has an output for {plural(len(absent), 'it', 'them')}, "
                              "which is never trained")
     return index, task, records, targets, task_warnings
+
+
+def _what_there_is(index: DataIndex, task: Task) -> str:
+    """What the data hold when ``task`` selects none of it, for the error: no image at
+    all, or the magnifications there are when the task wants another.
+
+    Examples:
+        >>> from breakhis.tasks import get_task
+        >>> records = [ImageRecord(Path(f"{m}.png"), "benign", magnification=m) for m in (40, 100)]
+        >>> _what_there_is(DataIndex(Path("d"), records), get_task("MSBC", magnification=400))
+        ': it holds 2 images, at 40X and 100X only, none at 400X'
+        >>> _what_there_is(DataIndex(Path("d"), []), get_task("MIBC"))
+        ': no image was indexed there (breakhis-repro index lists what was skipped, and why)'
+    """
+    if not index.records:
+        return ": no image was indexed there (breakhis-repro index lists what was skipped, and why)"
+    wanted = getattr(task, "magnification", None)
+    found = sorted({r.magnification for r in index.records if r.magnification is not None})
+    if wanted is None or not found:
+        return f": it holds {count(len(index.records), 'image')}, none that the task takes"
+    shown = " and ".join([", ".join(f"{m}X" for m in found[:-1]), f"{found[-1]}X"] if len(found) > 1
+                         else [f"{found[0]}X"])
+    return f": it holds {count(len(index.records), 'image')}, at {shown} only, none at {wanted}X"
 
 
 def _protocol_dict(spec: DataSpec, split: Split, data: PreparedData) -> dict[str, Any]:
@@ -577,8 +608,35 @@ def _plan_fold(spec: DataSpec, data: PreparedData, fold: int) -> _FoldPlan:
              for name, idx in (("train", fit_idx), ("val", val_idx), ("test", split.test))}
     extra = {"data": _data_dict(spec), "fold": fold, "task": data.task.to_dict(),
              "protocol": _protocol_dict(spec, split, data), "synthetic": data.synthetic,
-             "files": files, "data_issues": data.issues()}
+             "files": files, "files_sha256": _files_digests(files, data.index.digests),
+             "data_issues": data.issues()}
     return _FoldPlan(split, fit_idx, val_idx, extra)
+
+
+def _files_digests(
+    files: Mapping[str, Sequence[str]], digests: Mapping[str, str] | None,
+) -> dict[str, str] | None:
+    """One SHA-256 per split over its images' contents (each file's SHA-256 from
+    indexing, with its relative path, in sorted order): the file lists pin the names,
+    these the pixels, so that a resumed run refuses a data folder whose files of the
+    same names hold other images. ``None`` when indexing read no file whole
+    (``verify=False``), or a file has no digest.
+
+    Examples:
+        >>> _files_digests({"train": ["a.png"], "test": []}, {"a.png": "00"})["test"][:12]
+        'e3b0c44298fc'
+        >>> _files_digests({"train": ["a.png"]}, None) is None
+        True
+    """
+    if digests is None or any(rel not in digests for rels in files.values() for rel in rels):
+        return None
+    out = {}
+    for name, rels in files.items():
+        h = hashlib.sha256()
+        for rel in sorted(rels):
+            h.update(f"{rel}\t{digests[rel]}\n".encode("utf-8", "surrogateescape"))
+        out[name] = h.hexdigest()
+    return out
 
 
 def _class_counts(classes: tuple[str, ...], targets: np.ndarray) -> dict[str, int]:
@@ -831,11 +889,15 @@ def run_fold(
     if not info.is_main:
         return None
     # the main process's fit result always records the checkpoint it wrote last
-    return _evaluate_split(result.model, config, data, plan.split.test, plan.extra["protocol"],
-                           fold, Path(run_dir), info, issues=plan.extra["data_issues"],
-                           val_fraction=spec.val_fraction,
-                           normalization=result.normalization,
-                           checkpoint=result.checkpoint_info, progress=progress)
+    try:
+        return _evaluate_split(result.model, config, data, plan.split.test, plan.extra["protocol"],
+                               fold, Path(run_dir), info, issues=plan.extra["data_issues"],
+                               val_fraction=spec.val_fraction,
+                               normalization=result.normalization,
+                               checkpoint=result.checkpoint_info, progress=progress)
+    except (KeyboardInterrupt, Exception) as exc:
+        log_stop(run_dir, exc, "evaluating the test images")
+        raise
 
 
 def _evaluate_split(
@@ -1250,7 +1312,9 @@ def evaluate_checkpoint(
 
     Raises:
         ValueError: when a recorded test image is no longer in the data or no longer
-            decodes, the data's classes differ from the checkpoint's, or the report
+            decodes, the files of the recorded test images hold other images than at
+            training (the checkpoint's SHA-256 over them differs), the data's classes
+            differ from the checkpoint's, or the report
             folder cannot be created or written, or is another run's: it holds a
             ``checkpoint.pt`` that is not ``checkpoint`` (neither the same file nor a
             copy of it) or a cross-validation's ``cv_metrics.json``, whose reports this
@@ -1270,8 +1334,10 @@ def evaluate_checkpoint(
     model, state = load_model(checkpoint, device=info.device)
     spec, data, decoded = _checkpoint_data(checkpoint, state, data_root, progress=progress)
     test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
+    digests = data.index.digests
     if not decoded:
-        test = _decodable(checkpoint, spec, data, test, "test", progress=progress)
+        test, digests = _decodable(checkpoint, spec, data, test, "test", progress=progress)
+    _check_contents(checkpoint, state, data.index.root, "test", digests)
     config = TrainConfig.from_dict(state["config"])
     warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
                     "(epochs_trained in the report; resume the run with --resume to finish it, or, "
@@ -1429,8 +1495,10 @@ def _moved(spec: DataSpec, data_root: str) -> DataSpec:
 def _decodable(
     checkpoint: str | os.PathLike[str], spec: DataSpec, data: PreparedData,
     index: np.ndarray, split: str, *, progress: bool,
-) -> np.ndarray:
-    """``index`` after decoding its images, as training's index did (``spec.verify``).
+) -> tuple[np.ndarray, dict[str, str] | None]:
+    """``index`` after decoding its images, as training's index did (``spec.verify``),
+    and the SHA-256 of the files that decode, by relative path (``None`` without
+    ``spec.verify``).
 
     A recorded test or training image that no longer decodes is an error (it was
     decodable when the run was trained). For ``all``, images that do not decode are left
@@ -1441,12 +1509,14 @@ def _decodable(
         UnreadableImageError: for ``all`` under a strict spec, when an image does not decode.
     """
     if not spec.verify or len(index) == 0:
-        return index
+        return index, None
     paths = [data.records[i].path for i in index]
-    bad = undecodable_images(paths, progress=progress)
-    if not bad:
-        return index
+    read = image_digests(paths, progress=progress)
+    bad = {p: r for p, r in read.items() if isinstance(r, Exception)}
     root = data.index.root
+    digests = {Path(p).relative_to(root).as_posix(): r for p, r in read.items() if isinstance(r, str)}
+    if not bad:
+        return index, digests
     shown = [f"{Path(p).relative_to(root).as_posix()} ({e})" for p, e in list(bad.items())[:3]]
     if split != "all":
         raise ValueError(
@@ -1461,7 +1531,37 @@ def _decodable(
                   f"{plural(len(bad), 'is', 'are')} left out, as training's index left "
                   f"{plural(len(bad), 'it', 'them')} out, e.g. {shown}",
                   UserWarning, stacklevel=3)
-    return np.asarray([i for i, p in zip(index, paths) if str(p) not in bad], dtype=np.int64)
+    return np.asarray([i for i, p in zip(index, paths) if str(p) not in bad], dtype=np.int64), digests
+
+
+def _check_contents(
+    checkpoint: str | os.PathLike[str], state: dict[str, Any], root: Path, split: str,
+    digests: Mapping[str, str] | None,
+) -> None:
+    """Refuse recorded ``test``/``train`` images whose files hold other images than at
+    training time: the checkpoint's SHA-256 over each split's files (``files_sha256``)
+    against the files found now. Not checked without digests (a checkpoint written before
+    they were recorded, data indexed without ``verify``) or where a recorded file is not
+    among ``digests`` (by relative path).
+
+    Raises:
+        ValueError: naming the split, the checkpoint and the data folder.
+    """
+    extra = state.get("extra") or {}
+    recorded, files = extra.get("files_sha256"), extra.get("files") or {}
+    if not recorded or digests is None or split == "all":
+        return
+    for name in ("test",) if split == "test" else ("train", "val"):
+        rels = files.get(name)
+        if rels is None or name not in recorded:
+            continue
+        now = _files_digests({name: rels}, digests)  # None where a file has no digest
+        if now is not None and now[name] != recorded[name]:
+            raise ValueError(
+                f"expected the {count(len(rels), f'{name} image')} recorded in checkpoint "
+                f"{str(checkpoint)!r}, but the files of those names under {str(root)!r} hold other "
+                "images (their SHA-256 is not the one recorded at training): pass the data the "
+                "run was trained on (--data-root; data_root= in Python)")
 
 
 def _recorded_images(
@@ -1560,7 +1660,8 @@ def checkpoint_records(
     Raises:
         ValueError: for an unknown split, a checkpoint without a data spec, data
             whose classes differ from the checkpoint's, or a recorded test (training)
-            image missing from the data now or no longer decodable.
+            image missing from the data now or no longer decodable, or whose files hold
+            other images than at training (:func:`_check_contents`).
         UnreadableImageError: for ``all`` under a strict data spec, when an image does
             not decode (without ``strict`` such images are left out with a warning).
 
@@ -1580,8 +1681,10 @@ def checkpoint_records(
                     else _protocol_dict(spec, _split_of(data, fold), data))
     else:
         index, protocol = _recorded_images(name, state, spec, data, split)
+    digests = data.index.digests
     if not decoded:
-        index = _decodable(name, spec, data, index, split, progress=progress)
+        index, digests = _decodable(name, spec, data, index, split, progress=progress)
+    _check_contents(name, state, data.index.root, split, digests)
     info = {"split": split, "fold": fold, "task": data.task.to_dict(),
             "protocol": protocol, "data_root": str(data.index.root),
             "synthetic": data.synthetic}

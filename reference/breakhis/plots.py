@@ -43,6 +43,7 @@ from ._files import (
     check_run_folder,
     check_seed,
     folder_problem,
+    listed,
     named_os_error,
     plural,
     progress_bar,
@@ -711,7 +712,9 @@ def check_figure_options(
             ``max_embedding_dim`` below 2, a ``gradcam_images`` that is not an integer
             >= 0, a ``batch_size`` below 1, or an ``out_dir`` that is a file (or lies
             under one) or holds something other than a file under the name of a figure
-            (a folder ``roc.png``), which the run would fail to replace at its end.
+            (a folder ``roc.png``), which the run would fail to replace at its end, or
+            files under the names of figures without a ``figures.json`` (someone else's
+            ``gradcam.png``, not an earlier run's: the run would replace or remove them).
         ValueError: for an ``out_dir`` that cannot be created or written, naming the
             folder that cannot (``"expected a folder for the figures that can be
             written, but writing a file into '...' failed: Permission denied"``).
@@ -742,6 +745,16 @@ def check_figure_options(
                 else "are folders (or other kinds of file)")
         raise SettingError("out_dir", "expects a folder whose figure files the figures can "
                            f"replace, but {', '.join(map(repr, taken))} {what}")
+    # Files under figure names beside no figures.json were made by someone else, not by an
+    # earlier figures run: the run would replace them (or remove those it does not draw).
+    found = [name for name in FIGURE_FILES[:-1]
+             if (Path(out_dir) / name).is_file() or (Path(out_dir) / name).is_symlink()]
+    if found and not (Path(out_dir) / FIGURE_FILES[-1]).is_file():
+        raise SettingError(
+            "out_dir", f"expects a folder without figure files or with an earlier figures run's "
+            f"(its {FIGURE_FILES[-1]} beside them), but {str(out_dir)!r} holds "
+            f"{listed(found, shown=len(found))} and no {FIGURE_FILES[-1]}: files that this run "
+            "would replace or remove; pass another folder, or move them")
     problem = writable_problem(out_dir, "a folder for the figures", create=False)
     if problem:
         raise ValueError(problem)
@@ -1317,6 +1330,31 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value).replace("|", "\\|")
 
 
+#: How the files of :func:`results_table` begin: the Markdown's title, the CSV's first
+#: column (``run`` in tables of every version). An existing file that begins otherwise is
+#: not replaced.
+_TABLE_TITLE = "# Results (mean ± std over folds, percent)"
+_TABLE_CSV_START = "run,"
+
+
+def _not_a_table_problem(path: Path, starts: str) -> str | None:
+    """What ``path`` is when :func:`results_table` must not replace it: an existing file,
+    not empty, that does not begin as the table's file does (``starts``): someone's other
+    file (a fold table, a patient list, an image) given as ``out`` or lying where the CSV
+    goes; ``None`` when it may be written."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(len(starts))
+    except OSError:
+        return None  # writing it names what is wrong
+    if not head or head == starts:
+        return None
+    return (f"{str(path)!r}, an existing file that is not a table of this command (it does not "
+            f"begin with {starts!r})")
+
+
 def results_table(
     run_dirs: Sequence[str | os.PathLike[str]],
     *,
@@ -1374,8 +1412,9 @@ def results_table(
         FileNotFoundError: for a run folder that does not exist (or is a file).
         ValueError: for a folder without metrics (the message names it and the files
             expected), a report that is not a JSON object (naming it), or an ``out``
-            ending in ``.csv``, naming a folder, or under a file; ``out`` is checked
-            before any run is read.
+            ending in ``.csv``, naming a folder, or under a file, or whose Markdown or CSV
+            path holds a file that is not a table written before (a fold table given as
+            ``out``: it would be lost); ``out`` is checked before any run is read.
     """
     if out is not None:
         md = Path(out)
@@ -1391,12 +1430,17 @@ def results_table(
         problem = folder_problem(md.parent)
         if problem:
             raise SettingError("out", f"{str(out)!r} needs a folder for the files, but {problem}")
+        for path, starts in ((md, _TABLE_TITLE), (md.with_suffix(".csv"), _TABLE_CSV_START)):
+            problem = _not_a_table_problem(path, starts)
+            if problem:
+                raise SettingError("out", f"{str(out)!r} would replace {problem}: pass another path, "
+                                   "or remove the file")
     rows = results_rows(run_dirs)
     varying = _varying(rows)
     roots = {r["data_root"] for r in rows if r["data_root"] is not None}
     header = ["run", "task", "protocol", "backbone", "head", "input", "training", "folds",
               *[f"{label} (%)" for _, label in _TABLE_METRICS], "data"]
-    lines = ["# Results (mean ± std over folds, percent)", "",
+    lines = [_TABLE_TITLE, "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row in rows:
         task = row["task"] or "?"

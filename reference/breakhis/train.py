@@ -112,6 +112,7 @@ __all__ = [
     "epochs_trained",
     "fit",
     "load_model",
+    "log_stop",
     "plateau_scheduler",
     "predict_probs",
     "rank_seed",
@@ -617,6 +618,10 @@ def _ignored(key: str, ignore: Sequence[str]) -> bool:
 
 
 def _difference(key: str, old: Any, new: Any) -> str:
+    if key.startswith("files_sha256.") and isinstance(old, str) and isinstance(new, str):
+        split = key.split(".", 1)[1]
+        return (f"the {split} images' contents differ from the checkpoint's (the same file names "
+                f"hold other images: SHA-256 over the files {old[:12]}..., this run {new[:12]}...)")
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and (
             len(old) > 3 or len(new) > 3):
         # file lists: counts and one example each way, not thousands of paths
@@ -836,20 +841,40 @@ def fit(
             handler.close()
 
 
-def _stop_line(exc: BaseException) -> tuple[int, str]:
+def _stop_line(exc: BaseException, after: str | None = None) -> tuple[int, str]:
     """The level and last line of ``train.log`` for a run that ``exc`` stopped: Ctrl-C, or
     SIGTERM where the command line made it one (:mod:`breakhis._signals`), with how to go
     on; a divergence in its own words; any other error (e.g. a torchrun peer that died:
-    gloo's "Connection closed by peer", a full disk) by its type and first line."""
+    gloo's "Connection closed by peer", a full disk) by its type and first line. ``after``:
+    what the run was doing once training had ended (``"evaluating the test images"``)."""
     if isinstance(exc, KeyboardInterrupt):
         what = str(exc) if isinstance(exc, Terminated) else "interrupted (KeyboardInterrupt)"
+        if after is not None:
+            return logging.WARNING, (
+                f"{what} while {after}, after training; {CHECKPOINT_NAME} holds the trained "
+                "model: the same command with --resume evaluates it")
         return logging.WARNING, (
             f"{what}; {CHECKPOINT_NAME} keeps the last finished epoch, if any: the same command "
             "with --resume (not --overwrite) continues from it")
     if isinstance(exc, TrainingDivergedError):
         return logging.ERROR, str(exc)
     first = (str(exc).splitlines() or [""])[0][:300]
-    return logging.ERROR, f"stopped by {type(exc).__name__}: {first}"
+    while_ = f" while {after}, after training" if after is not None else ""
+    return logging.ERROR, f"stopped by {type(exc).__name__}{while_}: {first}"
+
+
+def log_stop(run_dir: str | os.PathLike[str], exc: BaseException, after: str) -> None:
+    """Add to ``run_dir``'s ``train.log`` the line saying why the run stopped, for ``exc``
+    raised once :func:`fit` had returned (``after``: what the run was doing, e.g.
+    ``"evaluating the test images"``); :func:`fit` writes it for what stops training. A
+    log that just stops after its last epoch reads like a crash."""
+    handler = logging.FileHandler(Path(run_dir) / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    try:
+        level, text = _stop_line(exc, after)
+        handler.handle(_LOG.makeRecord(_LOG.name, level, __file__, 0, "%s", (text,), None))
+    finally:
+        handler.close()
 
 
 def _fit(

@@ -463,11 +463,22 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
     argv = {"train": ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")],
             "cv": ["cv", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")],
             "index": ["index", "--data-root", str(tmp_path)]}[command]
+    if resumable:  # an epoch saved: train's checkpoint, or a fold's
+        saved = tmp_path / "r" / ("checkpoint.pt" if command == "train" else "fold1/checkpoint.pt")
+        saved.parent.mkdir(parents=True)
+        saved.write_bytes(b"")
     assert main(argv) == 130
     err = _err(capsys).strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"breakhis-repro {command}: interrupted"), err
     assert ("--resume" in err[0]) == resumable
-    if resumable:  # after --overwrite, the same command with --resume would be refused
+    if resumable:
+        # stopped before any epoch was saved (while indexing): --resume had nothing to
+        # continue, though the line said it would (helper-142)
+        saved.unlink()
+        assert main(argv) == 130
+        assert _err(capsys).strip() == (f"breakhis-repro {command}: interrupted (before any epoch "
+                                        "was saved: the same command starts afresh)")
+        # after --overwrite, the same command with --resume would be refused
         assert main([*argv, "--overwrite"]) == 130
         text = _err(capsys)
         assert "with --resume instead of --overwrite continues" in text
@@ -499,6 +510,8 @@ class TestSigterm:
 
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         monkeypatch.setitem(cli._COMMANDS, command, terminated)
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")  # an epoch saved
         argv = {"train": ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")],
                 "index": ["index", "--data-root", str(tmp_path)]}[command]
         assert main(argv) == 143
@@ -763,6 +776,29 @@ def test_table_out_does_not_replace_a_config_or_an_evaluation(run: Path, tmp_pat
     other.mkdir()
     (other / "config.json").write_text("{}")
     assert main(["table", str(run), "--out", str(other / "metrics.md")]) == 0
+
+
+def test_table_out_does_not_replace_other_files(run: Path, tmp_path: Path, capsys) -> None:
+    """`table run --out data/dsfold1.txt` replaced the official fold table with the
+    Markdown (helper-142), and an --out beside a patient list replaced the list with the
+    CSV; files that are not a table written before stay, a table is rewritten."""
+    fold_table = tmp_path / "dsfold1.txt"
+    fold_table.write_text("SOB_B_A-14-22549AB-40-001.png|40|1|train\n")
+    patients = tmp_path / "patients.csv"
+    patients.write_text("patient,label\n14-22549AB,B\n")
+    for out, kept, starts in ((fold_table, fold_table, "# Results"), (tmp_path / "patients.md", patients, "run,")):
+        before = kept.read_bytes()
+        assert main(["table", str(run), "--out", str(out)]) == 2
+        err = _err(capsys)
+        assert f"--out {str(out)!r} would replace {str(kept)!r}, an existing file that is not a table" in err
+        assert f"(it does not begin with '{starts}" in err and "pass another path, or remove the file" in err
+        assert kept.read_bytes() == before and not out.with_suffix(".csv" if out == fold_table else ".md").exists()
+    table = tmp_path / "results.md"
+    assert main(["table", str(run), "--out", str(table)]) == 0
+    first = table.read_text(), table.with_suffix(".csv").read_text()
+    table.write_text("")  # empty: nothing to lose
+    assert main(["table", str(run), "--out", str(table)]) == 0  # a table of before is rewritten
+    assert (table.read_text(), table.with_suffix(".csv").read_text()) == first
 
 
 class TestRunFolderLock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -419,6 +420,20 @@ class TestDuplicateContent:
             "{'normal/001.png': 'normal', 'tumour/001.png': 'tumour'}: one image labelled "
             "twice, at least once wrongly; check the data before trusting any metric"]
 
+    def test_digests_by_path(self, tmp_path: Path) -> None:
+        """Each kept image's SHA-256 (what a run records per split), None without verify."""
+        for name in ("normal/a.png", "tumour/b.png"):
+            _png(tmp_path / name, fill=len(name))
+        (tmp_path / "tumour" / "bad.png").write_bytes(b"not a png")
+        index = index_image_folder(tmp_path)
+        assert index.digests == {rel: hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()
+                                 for rel in ("normal/a.png", "tumour/b.png")}
+        assert index_image_folder(tmp_path, verify=False).digests is None
+        tree = tmp_path / "breakhis"
+        path = _png(_official(tree, *self.A1))
+        assert index_breakhis(tree).digests == {
+            path.relative_to(tree).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()}
+
     def test_copies_with_different_labels_get_a_warning_of_their_own(self, tmp_path: Path) -> None:
         """One image filed as two classes or two tumour types is a label conflict; copies
         with one label are not."""
@@ -489,6 +504,26 @@ class TestLinkedFolders:
             "normal/y.png", "tumour/a/x.png"]
         assert [(s.path, s.reason.split(":")[0]) for s in index.skipped] == [
             ("tumour/b/", "folder indexed already")]
+
+    def test_a_class_folder_without_usable_images_is_named(self, tmp_path: Path) -> None:
+        """A class folder that was empty, or held only files that were skipped, was dropped
+        from the classes without a word (helper-142); BreaKHis data warn of a class without
+        images."""
+        for fill, cls in enumerate(("cat", "dog")):
+            _png(tmp_path / cls / "1.png", fill=fill)
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "junk").mkdir()
+        (tmp_path / "junk" / "x.png").write_bytes(b"not a png")
+        index = index_image_folder(tmp_path)
+        assert sorted({r.label for r in index.records}) == ["cat", "dog"]
+        assert index.warnings == [
+            "2 class folders ['empty', 'junk'] hold no usable image (none, or only files that were "
+            "skipped): not classes of this data, which has 2: ['cat', 'dog']"]
+        (tmp_path / "junk" / "x.png").unlink()
+        (tmp_path / "junk").rmdir()
+        assert index_image_folder(tmp_path).warnings == [
+            "1 class folder ['empty'] holds no usable image (none, or only files that were "
+            "skipped): not a class of this data, which has 2: ['cat', 'dog']"]
 
     def test_linked_class_folder_is_a_class(self, tmp_path: Path) -> None:
         for i in range(2):

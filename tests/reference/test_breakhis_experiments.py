@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -509,14 +510,19 @@ class TestRecordedImagesDecoding:
         from breakhis import data as data_module
 
         decoded: list[str] = []
-        read = data_module.read_image_size
+        read, read_and_hash = data_module.read_image_size, data_module._size_and_digest
 
         def spy(path, *, verify=True):
-            if verify:
+            if verify and isinstance(path, (str, os.PathLike)):  # not a file read whole, below
                 decoded.append(Path(path).as_posix())
             return read(path, verify=verify)
 
+        def hash_spy(path):
+            decoded.append(Path(path).as_posix())
+            return read_and_hash(path)
+
         monkeypatch.setattr(data_module, "read_image_size", spy)
+        monkeypatch.setattr(data_module, "_size_and_digest", hash_spy)
         return decoded
 
     def test_evaluate_decodes_only_the_test_images(self, run, tmp_path: Path,
@@ -875,6 +881,128 @@ class TestReports:
 
 def _official(root: Path, table: Path, **changes) -> DataSpec:
     return _spec(root, protocol="official", folds_file=(str(table),), **changes)
+
+
+def test_a_task_that_selects_nothing_says_what_the_data_hold(tree_copy: Path, tmp_path: Path) -> None:
+    """`--task MSBC --magnification 400` on data without 400X images said only "selects no
+    images" (helper-142): which magnifications are there, or that nothing was indexed."""
+    for folder in list(tree_copy.rglob("400X")):
+        shutil.rmtree(folder)
+    with pytest.raises(ValueError, match=rf"^task MSBC selects no images under '{tree_copy}': it holds "
+                       r"\d+ images, at 40X, 100X and 200X only, none at 400X$"):
+        prepare_data(_spec(tree_copy, magnification=400))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match=r"selects no images under .*: no image was indexed there "
+                       r"\(breakhis-repro index lists what was skipped, and why\)$"):
+        prepare_data(_spec(tmp_path / "nothing"))
+
+
+class TestStoppedWhileEvaluating:
+    """Ctrl-C or SIGTERM while a fold's test images were evaluated, after its last epoch,
+    left train.log ending with that epoch's line: no line said why the run stopped
+    (helper-142); fit writes it only for what stops training."""
+
+    @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(28, "No space left on device")],
+                             ids=["ctrl-c", "error"])
+    def test_the_stop_is_the_last_line_and_resume_evaluates(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+    ) -> None:
+        root, _ = synth_tree
+        run = tmp_path / "run"
+
+        def stopped(*args: object, **kwargs: object) -> None:
+            raise exc
+
+        with monkeypatch.context() as m:
+            m.setattr(experiments_module, "predict_probs", stopped)
+            with pytest.raises(type(exc)):
+                run_fold(_spec(root), _config(), 0, run, progress=False)
+        last = (run / "train.log").read_text().strip().splitlines()[-1]
+        if isinstance(exc, KeyboardInterrupt):
+            assert last.endswith("WARNING interrupted (KeyboardInterrupt) while evaluating the test "
+                                 "images, after training; checkpoint.pt holds the trained model: the "
+                                 "same command with --resume evaluates it"), last
+        else:
+            assert last.endswith("ERROR stopped by OSError while evaluating the test images, after "
+                                 "training: [Errno 28] No space left on device"), last
+        assert not (run / "test_metrics.json").exists()
+        report = run_fold(_spec(root), _config(), 0, run, resume=True, progress=False)
+        assert report["epochs_trained"] == 1 and (run / "test_metrics.json").is_file()
+
+
+def _other_pixels(path: Path) -> None:
+    """Rewrite the image at ``path`` with other pixels: the same name, other content."""
+    with Image.open(path) as image:
+        inverted = Image.fromarray(255 - np.asarray(image.convert("RGB")))
+    inverted.save(path)
+
+
+class TestImageContents:
+    """`train --resume` with a --data-root whose files had the checkpoint's names but
+    other pixels continued training on them without a word, and `evaluate --data-root`
+    scored them (helper-142): only the names were compared."""
+
+    def test_resume_and_evaluate_refuse_other_images_under_the_same_names(
+        self, tree_copy: Path, tmp_path: Path
+    ) -> None:
+        run = tmp_path / "run"
+        run_fold(_spec(tree_copy), _config(), 0, run, progress=False)
+        extra = load_checkpoint(run / "checkpoint.pt")["extra"]
+        assert sorted(extra["files_sha256"]) == ["test", "train", "val"]
+        assert all(len(v) == 64 for v in extra["files_sha256"].values())
+        moved = Path(shutil.copytree(tree_copy, tmp_path / "moved"))
+        _other_pixels(moved / extra["files"]["train"][0])
+        with pytest.raises(ValueError, match=r"cannot resume .*the train images' contents differ from the "
+                           r"checkpoint's \(the same file names hold other images: SHA-256 over the files "
+                           r"[0-9a-f]{12}\.\.\., this run [0-9a-f]{12}\.\.\.\)"):
+            run_fold(_spec(moved), _config(epochs=2), 0, run, resume=True, progress=False)
+        assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 0
+        # evaluating the test images: the changed training image does not matter; a changed
+        # test image does
+        evaluate_checkpoint(run / "checkpoint.pt", data_root=str(moved), out_dir=tmp_path / "ev",
+                            device="cpu", progress=False)
+        _other_pixels(moved / extra["files"]["test"][-1])
+        for evaluate in (
+            lambda: evaluate_checkpoint(run / "checkpoint.pt", data_root=str(moved),
+                                        out_dir=tmp_path / "ev2", device="cpu", progress=False),
+            lambda: checkpoint_records(run / "checkpoint.pt", data_root=str(moved)),
+        ):
+            with pytest.raises(ValueError, match=rf"^expected the \d+ test images recorded in checkpoint "
+                               rf".*, but the files of those names under '{moved}' hold other images "
+                               r"\(their SHA-256 is not the one recorded at training\): pass the data"):
+                evaluate()
+        assert not (tmp_path / "ev2").exists()
+        with pytest.raises(ValueError, match=r"^expected the \d+ train images recorded in checkpoint .*"
+                           r"hold other images"):
+            checkpoint_records(run / "checkpoint.pt", data_root=str(moved), split="train")
+        checkpoint_records(run / "checkpoint.pt", data_root=str(moved), split="all")  # no split recorded
+        # the unchanged data resume
+        report = run_fold(_spec(tree_copy), _config(epochs=2), 0, run, resume=True, progress=False)
+        assert report["epochs_trained"] == 2
+
+    def test_without_recorded_contents_or_digests_the_names_are_compared(
+        self, tree_copy: Path, tmp_path: Path
+    ) -> None:
+        """Indexed with --no-verify (no file read whole), or a checkpoint written before
+        the contents were recorded: the file lists alone are compared, as before."""
+        run = tmp_path / "run"
+        run_fold(_spec(tree_copy, verify=False), _config(), 0, run, progress=False)
+        state = load_checkpoint(run / "checkpoint.pt")
+        assert state["extra"]["files_sha256"] is None
+        _other_pixels(tree_copy / state["extra"]["files"]["train"][0])
+        report = run_fold(_spec(tree_copy, verify=False), _config(epochs=2), 0, run, resume=True,
+                          progress=False)
+        assert report["epochs_trained"] == 2
+        older = tmp_path / "older"
+        run_fold(_spec(tree_copy), _config(), 0, older, progress=False)
+        state = load_checkpoint(older / "checkpoint.pt")
+        del state["extra"]["files_sha256"]  # as written before the contents were recorded
+        save_checkpoint(state, older / "checkpoint.pt")
+        _other_pixels(tree_copy / state["extra"]["files"]["train"][0])
+        _other_pixels(tree_copy / state["extra"]["files"]["test"][0])
+        report = run_fold(_spec(tree_copy), _config(epochs=2), 0, older, resume=True, progress=False)
+        assert report["epochs_trained"] == 2
+        evaluate_checkpoint(older / "checkpoint.pt", out_dir=tmp_path / "ev", device="cpu", progress=False)
 
 
 class TestMovedDataFiles:

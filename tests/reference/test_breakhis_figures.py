@@ -585,6 +585,25 @@ class TestMakeFigures:
         assert result["roc"]["path"] == str(tmp_path / "roc.png")
         assert result["tsne"]["coords_path"] == str(tmp_path / "tsne_coords.npy")
 
+    def test_figure_named_files_of_no_earlier_run_are_refused(self, runs, tmp_path: Path, capsys) -> None:
+        """A user's gradcam.png in --out (no figures.json: no figures run made it) was
+        removed by a run with --gradcam-images 0, and a roc.png would have been replaced
+        (helper-142)."""
+        ckpt = runs["binary"] / "fold0" / "checkpoint.pt"
+        records, _, source = checkpoint_records(ckpt)
+        (tmp_path / "gradcam.png").write_bytes(b"mine")
+        (tmp_path / "roc.png").write_bytes(b"mine too")
+        with pytest.raises(ValueError, match=rf"^out_dir expects a folder without figure files or with an "
+                           rf"earlier figures run's \(its figures.json beside them\), but '{tmp_path}' holds "
+                           r"roc.png, gradcam.png and no figures.json: files that this run would replace "
+                           r"or remove; pass another folder, or move them$"):
+            make_figures(ckpt, records[:6], tmp_path, source=source, gradcam_images=0, max_embedding_dim=32)
+        assert main(["figures", "--checkpoint", str(ckpt), "--gradcam-images", "0", "--out", str(tmp_path),
+                     "--no-progress"]) == 2
+        assert "error: --out expects a folder without figure files" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gradcam.png", "roc.png"]
+        assert (tmp_path / "gradcam.png").read_bytes() == b"mine"
+
     def test_a_killed_runs_work_folder_is_removed_by_the_next(
         self, runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
