@@ -49,11 +49,11 @@ __all__ = [
     "ImageRecord",
     "SkippedFile",
     "UnreadableImageError",
+    "image_digests",
     "index_breakhis",
     "index_image_folder",
     "parse_breakhis_name",
     "read_image_size",
-    "image_digests",
     "undecodable_images",
 ]
 
