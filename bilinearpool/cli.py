@@ -172,15 +172,24 @@ def _fmt(value: Any) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A GitHub Markdown table of ``rows`` (missing values blank, ints with separators).
 
+    A ``|`` in a cell (a registered case's name, an error message) is escaped, ``\\|``: it
+    would end the cell and shift the rest of the row.
+
     Examples:
         >>> print(markdown_table([{"a": 1, "b": 0.5}], ["a", "b"]))
         | a | b |
         |---|---|
         | 1 | 0.50 |
+        >>> print(markdown_table([{"case": "gap|mean"}], ["case"]).splitlines()[-1])
+        | gap\\|mean |
     """
-    head = "| " + " | ".join(columns) + " |"
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    head = "| " + " | ".join(cell(c) for c in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    body = ["| " + " | ".join(cell(_fmt(row.get(c))) for c in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
 
 
@@ -924,7 +933,9 @@ def _measure_layer(
         "saved_with_linear_bytes": _saved_with_linear(fn, inputs, dim, s),
         "peak_bytes": _peak_bytes(step, s.device, own),  # buffers have no gradient to clear
         "D": dim,
-        "layer_params": bench.count_parameters(fn) if isinstance(fn, nn.Module) else 0,
+        # trainable only, as the tables say (a frozen parameter of a registered case is no
+        # weight to learn)
+        "layer_params": bench.count_parameters(fn, trainable_only=True) if isinstance(fn, nn.Module) else 0,
         "out_dtype": str(out_dtype).replace("torch.", ""),
     }
 
@@ -2966,9 +2977,9 @@ def _params_only_problem(args: argparse.Namespace) -> str | None:
     """The options ``models --params-only`` would ignore without a word, or None.
 
     It builds the models on the meta device (no weights), counts their parameters and times
-    nothing: the timing options, the resolutions and a device other than the CPU change
-    nothing in its results.
-    ``--seed`` is not among them: its default, 0, cannot be told from ``--seed 0``.
+    nothing: the timing options, the resolutions, a device other than the CPU and a seed
+    (of the random inputs) change nothing in its results. ``--seed 0`` cannot be told from
+    the default, so only another seed is named.
     """
     if not args.params_only:
         return None
@@ -2992,6 +3003,8 @@ def _params_only_problem(args: argparse.Namespace) -> str | None:
         on_cpu = True
     if not on_cpu:
         given.append(f"--device {args.device}")
+    if args.seed:
+        given.append(f"--seed {args.seed}")
     if not given:
         return None
     n = len(given)
@@ -3017,6 +3030,26 @@ def _saver(out: Path | None) -> Checkpoint | None:
     if out is None:
         return None
     return lambda result: write_result(result, out, plot=False)
+
+
+def _dropping_earlier(checkpoint: Checkpoint | None, out: Path | None, stem: str) -> Checkpoint | None:
+    """``checkpoint`` that first removes the ``stem`` results (``.csv``, ``.json``, ``.md``,
+    ``.png``) an earlier run left in ``out``: ``demo`` writes its layers part, then its
+    models part, and a demo stopped in between left its own ``layers.*`` beside an older
+    run's ``models.*``, which ``report`` then combined. Nothing is removed until this run
+    writes its first result, and the warning at its start says the files are replaced."""
+    if checkpoint is None or out is None:
+        return checkpoint
+    pending = [Path(out) / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")]
+
+    def save(result: BenchResult) -> None:
+        while pending:
+            with contextlib.suppress(FileNotFoundError):
+                pending[0].unlink()
+            pending.pop(0)
+        checkpoint(result)
+
+    return save
 
 
 def _finish(result: BenchResult, out: Path | None) -> list[Path]:
@@ -3189,7 +3222,8 @@ def _run(args: argparse.Namespace, command: str) -> list[Path]:
                              ("quick", True)):  # fmt: skip
             setattr(args, name, option)
         layers = run_layers(
-            args, command=command + "  (layers part: layers --quick)", checkpoint=_saver(args.out)
+            args, command=command + "  (layers part: layers --quick)",
+            checkpoint=_dropping_earlier(_saver(args.out), args.out, "models"),
         )
         written += _finish(layers, args.out)
         models = run_models(

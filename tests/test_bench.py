@@ -511,6 +511,18 @@ class TestCommandLine:
         monkeypatch.setitem(
             bench.LAYER_CASES, gap.name, gap
         )  # a registered case runs with the others
+
+        class Scaled(nn.Module):  # a frozen parameter is no weight to learn (helper-143: counted)
+            def __init__(self, c: int) -> None:
+                super().__init__()
+                self.w = nn.Parameter(torch.ones(c))
+                self.frozen = nn.Parameter(torch.ones(1000), requires_grad=False)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x.mean((2, 3)) * self.w
+
+        scaled = bench.LayerCase("test-frozen", "scaled average pooling", lambda c, d: Scaled(c).to(d))
+        monkeypatch.setitem(bench.LAYER_CASES, scaled.name, scaled)
         argv = ["layers", "--shapes", "2x8x4x4", "3x6x2x3", "--repeats", "1", "--warmup", "0",
                 "--threads", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
         assert main(argv) == 0
@@ -549,6 +561,7 @@ class TestCommandLine:
                 "compact-ts": (8192, 0),  # random projections are buffers
                 "lowrank-r512": (512, 2 * 512 * c),  # U and V
                 "test-gap": (c, 0),  # no output_dim: from the output's shape
+                "test-frozen": (c, c),  # trainable only: w, not the frozen 1000
             }
             for name, (dim, layer_params) in expected.items():
                 row = by[shape, name]
@@ -1092,6 +1105,35 @@ class TestRobustRuns:
         assert main(argv) == 0
         assert not (tmp_path / "layers.png").exists()
 
+    def test_a_stopped_demo_leaves_no_older_models_results(self, tmp_path, monkeypatch, capsys, keep_threads):
+        """A demo stopped in its layers part left its own layers.* beside an earlier run's
+        models.*, which report combined without a word (helper-143): the earlier models.*
+        go when the demo writes its first result."""
+
+        class Stop(BaseException):
+            pass
+
+        def build(c, device):
+            def fn(x):
+                if c == 6:
+                    raise Stop("stopped by hand")
+                return x.mean((2, 3))
+            return fn
+
+        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", bench.LayerCase("test-stop", "stops", build))
+        monkeypatch.setattr(cli, "LAYER_SHAPES", ((2, 8, 2, 2), (2, 6, 2, 2)))
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("the models part ran"))
+        earlier = [tmp_path / f"models.{ext}" for ext in ("json", "csv", "md", "png")]
+        for path in earlier:
+            path.write_text("an earlier run's")
+        with pytest.raises(Stop):
+            main(["demo", "--threads", "1", "--out", str(tmp_path), "--no-progress"])
+        assert "holds the results of an earlier run (models.json)" in capsys.readouterr().err
+        assert not [p for p in earlier if p.exists()]
+        assert "INCOMPLETE" in (tmp_path / "layers.md").read_text()
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+        assert "## Models" not in (tmp_path / "r.md").read_text()
+
     def test_options_that_do_count_are_taken(self, tmp_path, monkeypatch):
         """The refusals above leave the runs where the option changes something."""
         ran = []
@@ -1471,6 +1513,7 @@ class TestAuditedRuns:
             (["--no-train"], "--no-train does"),
             (["--quick"], "--quick does"),
             (["--resolutions", "64", "96"], "--resolutions 64 96 does"),
+            (["--seed", "5"], "--seed 5 does"),  # was taken without a word (helper-143)
         ],
     )  # fmt: skip
     def test_params_only_refuses_each_timing_option(self, given, shown, capsys, monkeypatch):
@@ -1495,8 +1538,9 @@ class TestAuditedRuns:
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert line == (
             "bilinearpool-bench models: error: --repeats 9 --warmup 4 --batch-size 7 --amp --channels-last "
-            "--no-train --quick --resolutions 64 do nothing with --params-only, which counts parameters "
-            "without weights and times nothing: leave them out, or drop --params-only to time the models"
+            "--no-train --quick --resolutions 64 --seed 5 do nothing with --params-only, which counts "
+            "parameters without weights and times nothing: leave them out, or drop --params-only to time "
+            "the models"
         )
 
     def test_params_only_refuses_a_device_other_than_the_cpu(self, capsys, monkeypatch):
