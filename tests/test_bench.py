@@ -921,6 +921,22 @@ class TestCommandLine:
         assert "bilinearpool-bench" in proc.stdout
 
 
+
+class Stop(BaseException):
+    """What stops a run by hand (as Ctrl-C would), at its shape of 6 channels."""
+
+
+def _stop_at_six_channels(c: int, device: torch.device):
+    def fn(x):
+        if c == 6:
+            raise Stop("stopped by hand")
+        return x.mean((2, 3))
+    return fn
+
+
+#: A registered case that stops the run at its 6-channel shape, after the others.
+_STOPPING_CASE = bench.LayerCase("test-stop", "stops", _stop_at_six_channels)
+
 class TestRobustRuns:
     """A case that cannot run is recorded and the run goes on; a run that stops keeps its rows."""
 
@@ -982,17 +998,7 @@ class TestRobustRuns:
         assert any("1x8x1x1 isqrt-cov-r256" in g for g in data["goals"])
 
     def test_a_run_that_stops_keeps_what_it_measured(self, tmp_path, monkeypatch, capsys, keep_threads):
-        class Stop(BaseException):
-            pass
-
-        def build(c, device):
-            def fn(x):
-                if c == 6:  # the second shape
-                    raise Stop("stopped by hand")
-                return x.mean((2, 3))
-            return fn
-
-        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", bench.LayerCase("test-stop", "stops", build))
+        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", _STOPPING_CASE)  # at the second shape
         argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "fast-bcnn", "test-stop",
                 "--out", str(tmp_path), *self.COMMON]  # fmt: skip
         with pytest.raises(Stop):
@@ -1078,17 +1084,7 @@ class TestRobustRuns:
     def test_a_stopped_or_unplotted_run_leaves_no_older_plot(self, tmp_path, monkeypatch, capsys, keep_threads):
         """An older run's layers.png must not stand beside new (INCOMPLETE) results."""
 
-        class Stop(BaseException):
-            pass
-
-        def build(c, device):
-            def fn(x):
-                if c == 6:
-                    raise Stop("stopped by hand")
-                return x.mean((2, 3))
-            return fn
-
-        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", bench.LayerCase("test-stop", "stops", build))
+        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", _STOPPING_CASE)
         (tmp_path / "layers.png").write_bytes(b"an older run's plot")
         argv = ["layers", "--shapes", "2x8x2x2", "2x6x2x2", "--cases", "test-stop", "--out", str(tmp_path),
                 *self.COMMON]  # fmt: skip
@@ -1110,17 +1106,7 @@ class TestRobustRuns:
         models.*, which report combined without a word (helper-143): the earlier models.*
         go when the demo writes its first result."""
 
-        class Stop(BaseException):
-            pass
-
-        def build(c, device):
-            def fn(x):
-                if c == 6:
-                    raise Stop("stopped by hand")
-                return x.mean((2, 3))
-            return fn
-
-        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", bench.LayerCase("test-stop", "stops", build))
+        monkeypatch.setitem(bench.LAYER_CASES, "test-stop", _STOPPING_CASE)
         monkeypatch.setattr(cli, "LAYER_SHAPES", ((2, 8, 2, 2), (2, 6, 2, 2)))
         monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("the models part ran"))
         earlier = [tmp_path / f"models.{ext}" for ext in ("json", "csv", "md", "png")]
