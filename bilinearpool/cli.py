@@ -3043,10 +3043,9 @@ def _dropping_earlier(checkpoint: Checkpoint | None, out: Path | None, stem: str
     pending = [Path(out) / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")]
 
     def save(result: BenchResult) -> None:
-        while pending:
-            with contextlib.suppress(FileNotFoundError):
-                pending[0].unlink()
-            pending.pop(0)
+        for path in pending:
+            path.unlink(missing_ok=True)
+        pending.clear()  # the first result only
         checkpoint(result)
 
     return save
