@@ -949,7 +949,8 @@ def _reusable_fold(
     then resumed), and when ``test_metrics.json`` was not made from that checkpoint
     (another run's, or one written before reports recorded their checkpoint) or cannot
     be read as a report (cut short, not a JSON object, without the entries the summary
-    needs): the checkpoint is then evaluated again, with a warning naming the file.
+    needs), or its ``test_predictions.csv`` is missing: the checkpoint is then evaluated
+    again, with a warning naming the file.
     ``main``: whether this process logs; a reused report's split notes, and whether it
     is not patient-disjoint, are logged as :func:`run_fold` logs them before training.
 
@@ -981,6 +982,11 @@ def _reusable_fold(
                 f"epoch {made_from.get('epoch')}, fingerprint {made_from.get('fingerprint')}"
                 if isinstance(made_from, dict) else "no checkpoint",
                 identity["epoch"], identity["fingerprint"][:12])
+        return None
+    if not (fold_dir / PREDICTIONS_FILE).is_file():  # the per-image rows behind the report
+        if main:
+            _LOG.warning("fold %d: %s is missing (the per-image predictions %s was made from); "
+                         "evaluating the checkpoint again", fold, fold_dir / PREDICTIONS_FILE, done)
         return None
     if main:
         _restore_markdown(done, report)

@@ -22,12 +22,13 @@ Every :class:`Split` carries its protocol, so every result can say what produced
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -172,14 +173,16 @@ def image_kfold(
 
     Raises:
         ValueError: when no class has ``n_splits`` images (a class with fewer is left
-            out of some test folds, with scikit-learn's warning).
+            out of some test folds, with a warning that names it).
     """
     targets = np.asarray(targets)
     _check_class_sizes(targets, n_splits, "image-level", classes)
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with _small_classes_said(targets, n_splits, "image-level", classes):
+        drawn = list(folds.split(np.zeros(len(targets)), targets))
     return [
         Split(i, np.sort(tr), np.sort(te), "image", patient_disjoint=False)
-        for i, (tr, te) in enumerate(folds.split(np.zeros(len(targets)), targets))
+        for i, (tr, te) in enumerate(drawn)
     ]
 
 
@@ -218,7 +221,8 @@ def patient_kfold(
         )
     _check_class_sizes(targets, n_splits, "patient-level", classes)
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    drawn = list(folds.split(np.zeros(len(targets)), targets, groups))
+    with _small_classes_said(targets, n_splits, "patient-level", classes):
+        drawn = list(folds.split(np.zeros(len(targets)), targets, groups))
     if any(len(te) == 0 for _, te in drawn):
         drawn = _one_patient_each(groups, n_splits, seed, n_groups)
     out = []
@@ -246,6 +250,37 @@ def _one_patient_each(
     order = np.random.default_rng(seed).permutation(len(patients))
     everything = np.arange(len(groups))
     return [(everything[groups != patients[k]], everything[groups == patients[k]]) for k in order]
+
+
+@contextlib.contextmanager
+def _small_classes_said(
+    targets: np.ndarray, n_splits: int, level: str, names: Sequence[str] | None = None,
+) -> Iterator[None]:
+    """Warn in the package's words of each class with fewer than ``n_splits`` images (some
+    test folds lack it), and keep scikit-learn's own warning of it ("The least populated
+    class in y has only ...", printed with a site-packages path) from the console.
+
+    Examples:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     with _small_classes_said(np.array([0, 0, 0, 1, 1]), 3, "image-level", ["a", "b"]):
+        ...         pass
+        >>> print(seen[0].message)
+        image-level 3-fold: class 'b' has 2 images, fewer than the 3 folds: at least 1 test fold has none of it
+    """
+    classes, sizes = np.unique(np.asarray(targets), return_counts=True)
+    for c, n in zip(classes.tolist(), sizes.tolist()):
+        if 0 < n < n_splits:
+            name = c if names is None else repr(names[c])
+            lacking = n_splits - n
+            warnings.warn(f"{level} {n_splits}-fold: class {name} has {count(n, 'image')}, fewer than the "
+                          f"{n_splits} folds: at least {count(lacking, 'test fold')} "
+                          f"{plural(lacking, 'has', 'have')} none of it", UserWarning, stacklevel=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class in y has only",
+                                category=UserWarning)
+        yield
 
 
 def _check_class_sizes(

@@ -878,6 +878,25 @@ class TestReports:
         assert json.loads(done.read_text())["checkpoint"] == checkpoint_identity(state)
         assert summary["summary"]["accuracy"]["n"] == 1
 
+    def test_cv_resume_evaluates_a_fold_without_its_predictions_again(
+        self, synth_tree, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """cv --resume reused a fold whose test_predictions.csv was gone: a report and a
+        summary with no per-image predictions behind them (helper-144)."""
+        root, _ = synth_tree
+        spec = _spec(root, n_splits=2)
+        run_cv(spec, _config(), tmp_path, folds=[0], progress=False)
+        predictions = tmp_path / "fold0" / "test_predictions.csv"
+        rows = predictions.read_text()
+        predictions.unlink()
+        with caplog.at_level(logging.WARNING, logger="breakhis.experiments"):
+            run_cv(spec, _config(), tmp_path, folds=[0], resume=True, progress=False)
+        assert (f"fold 0: {predictions} is missing (the per-image predictions "
+                f"{tmp_path / 'fold0' / 'test_metrics.json'} was made from); evaluating the checkpoint "
+                "again") in caplog.text
+        assert predictions.read_text() == rows
+        assert load_checkpoint(tmp_path / "fold0" / "checkpoint.pt")["epoch"] == 0  # not retrained
+
 
 def _official(root: Path, table: Path, **changes) -> DataSpec:
     return _spec(root, protocol="official", folds_file=(str(table),), **changes)

@@ -187,12 +187,21 @@ class TestProtocols:
         assert len(image_kfold(np.append(y, 1), n_splits=3)) == 3
 
     def test_a_class_smaller_than_the_folds_still_warns_only(self) -> None:
+        """In the package's words: scikit-learn's own warning reached the console with its
+        site-packages path and source line (helper-144)."""
         y = np.array([0] * 10 + [1] * 2)
-        with pytest.warns(UserWarning, match="least populated class in y has only 2"):
-            splits = image_kfold(y, n_splits=5)
-        assert sorted(np.concatenate([s.test for s in splits]).tolist()) == list(range(12))
-        with pytest.warns(UserWarning, match="least populated class in y has only 2"):
-            assert len(patient_kfold(y, np.arange(12).astype(str), n_splits=5)) == 5
+        for level, split in (("image-level", lambda: image_kfold(y, n_splits=5, classes=["B", "M"])),
+                             ("patient-level", lambda: patient_kfold(y, np.arange(12).astype(str), n_splits=5,
+                                                                     classes=["B", "M"]))):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                splits = split()
+            assert [str(w.message) for w in seen] == [
+                f"{level} 5-fold: class 'M' has 2 images, fewer than the 5 folds: at least 3 test folds have "
+                "none of it"]
+            assert seen[0].filename == __file__  # said where the caller is, not in the library
+            assert len(splits) == 5
+            assert sorted(np.concatenate([s.test for s in splits]).tolist()) == list(range(12))
 
     def test_too_few_patients_says_what_to_do(self) -> None:
         targets = np.tile([0, 1], 5)
