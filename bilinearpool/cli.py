@@ -2168,6 +2168,26 @@ def _is_time(value: Any) -> bool:
     return number and math.isfinite(value) and value >= 0
 
 
+def _format_problem(version: Any) -> str | None:
+    """Why a results file of format ``version`` cannot be rebuilt by this code, or None.
+
+    A file of a newer format was read as this code's own, without a word (helper-143).
+
+    Examples:
+        >>> _format_problem(2) is None, _format_problem(1) is None
+        (True, True)
+        >>> _format_problem(3)
+        'expected a results file of format 1 to 2 (what this bilinearpool-bench reads), but its format is 3: it was written by a newer bilinearpool-bench, which can rebuild it'
+    """
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= RESULT_FORMAT:
+        return None
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > RESULT_FORMAT
+    return (f"expected a results file of format 1 to {RESULT_FORMAT} (what this bilinearpool-bench "
+            f"reads), but its format is {version!r}"
+            + (": it was written by a newer bilinearpool-bench, which can rebuild it" if newer else
+               "; the file is damaged or was edited by hand: rerun the benchmark"))
+
+
 def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchResult:
     """The result stored in a ``layers.json`` / ``models.json``, rebuilt from its raw measurements.
 
@@ -2187,6 +2207,9 @@ def rebuild_result(data: dict[str, Any], *, source: str = "results") -> BenchRes
     """
     name = data.get("benchmark")
     version = data.get("format", 1)
+    problem = _format_problem(version)
+    if problem:
+        raise ValueError(problem)
     raw_records = data.get("raw") if isinstance(data.get("raw"), list) else []
     if version < 2 and any(isinstance(r, dict) and "saved_bytes" in r for r in raw_records):
         version = 2  # exact counts in its raw part: a version 2 file whose format field went missing
@@ -2399,6 +2422,9 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
                     f"{_held_benchmark(data.get('benchmark'))}; was it renamed or swapped with "
                     "another file? Give each file its own name (layers.json, models.json)"
                 )
+            problem = _format_problem(data.get("format", 1))
+            if problem:
+                raise ResultMismatchError(f"{path}: {problem}")
             parts.append(data)
             try:
                 if not isinstance(data.get("command"), str):

@@ -1912,6 +1912,24 @@ class TestResults:
                          r"but the raw data give 0\.001", err)  # fmt: skip
         assert not (tmp_path / "r.md").exists()
 
+    @pytest.mark.parametrize(("value", "why"), [
+        (3, ": it was written by a newer bilinearpool-bench, which can rebuild it"),
+        ("2", "; the file is damaged or was edited by hand: rerun the benchmark"),
+        (0, "; the file is damaged or was edited by hand: rerun the benchmark"),
+    ])
+    def test_report_refuses_a_format_it_does_not_read(self, tmp_path, capsys, value, why):
+        """A file of a newer format (or a format that is no version) was read as this
+        code's own without a word (helper-143)."""
+        data = self.copy_committed()
+        data["models"]["format"] = value
+        self.write(tmp_path, data)
+        assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 1
+        assert (f"report: error: {tmp_path / 'models.json'}: expected a results file of format 1 to 2 (what "
+                f"this bilinearpool-bench reads), but its format is {value!r}{why}") in capsys.readouterr().err
+        assert not (tmp_path / "r.md").exists()
+        with pytest.raises(ValueError, match="expected a results file of format 1 to 2"):
+            cli.rebuild_result(data["models"])
+
     def test_report_refuses_a_deleted_or_invented_cell_and_edited_rounds(self, tmp_path, capsys):
         """Only cells present on both sides were compared: a deleted vs_naive, an invented
         column or settings.timed_rounds raised from 1 to 5 (which drops the report's
