@@ -1340,10 +1340,7 @@ def evaluate_checkpoint(
     model, state = load_model(checkpoint, device=info.device)
     spec, data, decoded = _checkpoint_data(checkpoint, state, data_root, progress=progress)
     test, protocol = _recorded_images(checkpoint, state, spec, data, "test")
-    digests = data.index.digests
-    if not decoded:
-        test, digests = _decodable(checkpoint, spec, data, test, "test", progress=progress)
-    _check_contents(checkpoint, state, data.index.root, "test", digests)
+    test = _checked_images(checkpoint, state, spec, data, test, "test", decoded=decoded, progress=progress)
     config = TrainConfig.from_dict(state["config"])
     warn_unfinished(checkpoint, state, "the results are those of an unfinished model "
                     "(epochs_trained in the report; resume the run with --resume to finish it, or, "
@@ -1540,6 +1537,20 @@ def _decodable(
     return np.asarray([i for i, p in zip(index, paths) if str(p) not in bad], dtype=np.int64), digests
 
 
+def _checked_images(
+    checkpoint: str | os.PathLike[str], state: dict[str, Any], spec: DataSpec, data: PreparedData,
+    index: np.ndarray, split: str, *, decoded: bool, progress: bool,
+) -> np.ndarray:
+    """``index`` decoded as training's index did (:func:`_decodable`; not again when the
+    index ``decoded`` them) and checked against the contents the checkpoint records
+    (:func:`_check_contents`)."""
+    digests = data.index.digests
+    if not decoded:
+        index, digests = _decodable(checkpoint, spec, data, index, split, progress=progress)
+    _check_contents(checkpoint, state, data.index.root, split, digests)
+    return index
+
+
 def _check_contents(
     checkpoint: str | os.PathLike[str], state: dict[str, Any], root: Path, split: str,
     digests: Mapping[str, str] | None,
@@ -1687,10 +1698,7 @@ def checkpoint_records(
                     else _protocol_dict(spec, _split_of(data, fold), data))
     else:
         index, protocol = _recorded_images(name, state, spec, data, split)
-    digests = data.index.digests
-    if not decoded:
-        index, digests = _decodable(name, spec, data, index, split, progress=progress)
-    _check_contents(name, state, data.index.root, split, digests)
+    index = _checked_images(name, state, spec, data, index, split, decoded=decoded, progress=progress)
     info = {"split": split, "fold": fold, "task": data.task.to_dict(),
             "protocol": protocol, "data_root": str(data.index.root),
             "synthetic": data.synthetic}

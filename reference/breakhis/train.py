@@ -580,9 +580,15 @@ def _remove_outputs(run_dir: Path, names: Sequence[str]) -> list[str]:
     return removed
 
 
-def _add_file_log(run_dir: Path) -> logging.Handler:
+def _train_log(run_dir: Path) -> logging.Handler:
+    """A handler that appends to ``run_dir``'s ``train.log``, in its line format."""
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
+
+
+def _add_file_log(run_dir: Path) -> logging.Handler:
+    handler = _train_log(run_dir)
     _LOG.addHandler(handler)
     _LOG.setLevel(logging.INFO)
     return handler
@@ -868,8 +874,7 @@ def log_stop(run_dir: str | os.PathLike[str], exc: BaseException, after: str) ->
     raised once :func:`fit` had returned (``after``: what the run was doing, e.g.
     ``"evaluating the test images"``); :func:`fit` writes it for what stops training. A
     log that just stops after its last epoch reads like a crash."""
-    handler = logging.FileHandler(Path(run_dir) / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler = _train_log(Path(run_dir))
     try:
         level, text = _stop_line(exc, after)
         handler.handle(_LOG.makeRecord(_LOG.name, level, __file__, 0, "%s", (text,), None))
