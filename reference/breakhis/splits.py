@@ -523,9 +523,10 @@ def official_folds(
                     f"official fold {fold} of {source[fold]!r} has no {name} images among the "
                     f"task's {len(records)} records")
         notes = []
-        missing = len(records) - len(train) - len(test)
-        if missing:
-            notes.append(f"{count(missing, 'image')} not listed in fold {fold}; left out")
+        unlisted = np.flatnonzero(side == "")
+        if len(unlisted):
+            names = [_shown_name(records[i]) for i in unlisted[:3]]
+            notes.append(f"{count(len(unlisted), 'image')} not listed in fold {fold}; left out, e.g. {names}")
         absent = [e for e in unmatched
                   if task_mag is None or _line_magnification(e) in (task_mag, None)]
         if absent:
@@ -578,6 +579,13 @@ def _sides(
                     f"and as {entry.grp} on line {entry.line}")
             side[i], line_of[i] = entry.grp, entry.line
     return side.astype(str), unmatched
+
+
+def _shown_name(record: ImageRecord) -> str:
+    """A record's name in a note: a BreaKHis file name (unique), else ``<class folder>/<file>``."""
+    if record.tumor_type is not None:
+        return record.path.name
+    return "/".join(record.path.parts[-2:])
 
 
 def _line_magnification(entry: _FoldEntry) -> int | None:

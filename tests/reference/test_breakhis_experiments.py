@@ -22,6 +22,7 @@ from breakhis import experiments as experiments_module
 from breakhis import train as train_module
 from breakhis._files import SettingError
 from breakhis.checkpoint import load_checkpoint, save_checkpoint
+from breakhis.data import index_breakhis
 from breakhis.cli import main
 from breakhis.evaluate import PREDICTIONS_FILE
 from breakhis.experiments import (
@@ -1252,7 +1253,10 @@ class TestSplitNotes:
         table = _fold_table(root, 1, tmp_path, omit=3)
         run = tmp_path / "run"
         report = run_fold(_official(root, table), _config(), 1, run, progress=False)
-        note = "3 images not listed in fold 1; left out"
+        dropped = [line.split("|")[0] for line in (root / "dsfold1.txt").read_text().splitlines()
+                   if line.endswith("|40|1|train")][:3]
+        in_order = [r.path.name for r in index_breakhis(root).records if r.path.name in dropped]
+        note = f"3 images not listed in fold 1; left out, e.g. {in_order}"
         assert report["protocol"]["notes"] == [note]
         assert report["protocol"]["patient_disjoint"] is True
         log = (run / "train.log").read_text()

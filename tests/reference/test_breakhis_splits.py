@@ -294,7 +294,8 @@ class TestProtocols:
         table.write_text("a.png|40|1|train\nb.png|40|1|test\nc.png|40|1|test\n")
         (split,) = official_folds(records, [table])
         assert not split.patient_disjoint
-        assert any("not listed" in n for n in split.notes)
+        # the note names the images left out (an image folder's as <class folder>/<file>)
+        assert "1 image not listed in fold 1; left out, e.g. ['x/d.png']" in split.notes
         table.write_text("a.png|40|1|validation\n")
         with pytest.raises(ValueError, match="expected grp 'train' or 'test'"):
             official_folds(records, [table])
@@ -332,7 +333,8 @@ class TestProtocols:
             return (f"{counts} listed in fold 1 are not in the data (missing, or left out by "
                     f"the index), e.g. {sorted(names, key=order.index)[:3]}")
 
-        unlisted = "1 image not listed in fold 1; left out"  # the renamed one, both ways
+        # the renamed one, both ways
+        unlisted = f"1 image not listed in fold 1; left out, e.g. {[renamed.replace('-40-', '-40-9')]}"
         assert notes("MSBC", 40) == (
             unlisted, absent("1 training image and 2 test images", {train40, test40, renamed}))
         assert notes("MIFC") == (unlisted, absent(
@@ -502,7 +504,7 @@ class TestProtocols:
                          "1,,test,other/x.png\n")
         (split,) = official_folds(index.records, [table])
         assert _sides(index, split) == (["benign/y.png"], ["malignant/z.png"])
-        assert split.notes[:2] == ("1 image not listed in fold 1; left out",
+        assert split.notes[:2] == ("1 image not listed in fold 1; left out, e.g. ['benign/x.png']",
                                    "1 test image listed in fold 1 is not in the data (missing, "
                                    "or left out by the index), e.g. ['other/x.png']")
 
