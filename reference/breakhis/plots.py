@@ -1084,21 +1084,37 @@ _STALE_REASONS: dict[str, str] = {
     "unfinished": "retrained since the summary without a new test_metrics.json (checkpoint.pt "
                   "differs; retraining interrupted?)",
     "no report": "lost test_metrics.json since the summary",
+    "other settings": "retrained since the summary with settings other than the summary's, which "
+                      "cv --resume refuses",
     "changed": "checkpoint.pt changed since this report (trained further or replaced; "
                "training interrupted before a new report?)",
 }
 
 
-def _checkpoint_identity(path: Path) -> dict[str, Any] | None:
+def _checkpoint_identity(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """:func:`breakhis.train.checkpoint_identity` of a ``checkpoint.pt`` (its tensors mapped,
-    not read: tensors and plain data only); ``None`` when the file is no breakhis checkpoint."""
+    not read: tensors and plain data only) and its training settings; ``None`` and ``{}``
+    when the file is no breakhis checkpoint."""
     from .checkpoint import NotACheckpointError, load_checkpoint
     from .train import checkpoint_identity
 
     try:
-        return checkpoint_identity(load_checkpoint(path, map_location="cpu", mmap=True))
+        state = load_checkpoint(path, map_location="cpu", mmap=True)
     except NotACheckpointError:
-        return None
+        return None, {}
+    return checkpoint_identity(state), dict(state.get("config") or {})
+
+
+def _other_settings(summary: dict[str, Any], fold: Any) -> bool:
+    """Whether a fold's training settings (``fold``: its report's ``model``, or its
+    checkpoint's ``config``) differ from those of the cv ``summary`` in one that
+    ``cv --resume`` cannot take over (any but :data:`breakhis.train.RESUMABLE_CHANGES`)."""
+    from .train import RESUMABLE_CHANGES
+
+    model = summary.get("model")
+    if not isinstance(model, dict) or not isinstance(fold, dict):
+        return False
+    return any(fold.get(key, value) != value for key, value in model.items() if key not in RESUMABLE_CHANGES)
 
 
 def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
@@ -1121,13 +1137,16 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
     - ``unfinished``: the fold's ``checkpoint.pt`` is not the one the summary records
       (or no breakhis checkpoint), while its report is gone or still the summary's: a
       retraining killed before it wrote its report;
-    - ``no report``: the report is gone (its checkpoint, if any, unchanged).
+    - ``no report``: the report is gone (its checkpoint, if any, unchanged);
+    - ``other settings``: retrained (report or checkpoint) with settings other than the
+      summary's (:func:`_other_settings`, e.g. ``train --overwrite --seed 7`` into the
+      fold's folder), which ``cv --resume`` refuses to reuse.
 
     A summary without its ``fold<k>`` folders (copied on its own) says nothing.
     """
     if "summary" not in report:
         recorded, ckpt = report.get("checkpoint"), folder / "checkpoint.pt"
-        if recorded is not None and ckpt.is_file() and _checkpoint_identity(ckpt) != recorded:
+        if recorded is not None and ckpt.is_file() and _checkpoint_identity(ckpt)[0] != recorded:
             return {report.get("fold"): "changed"}
         return {}
     stale: dict[int, str] = {}
@@ -1144,10 +1163,13 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
             else:
                 changed = current.get("metrics") != entry.get("metrics")
             if changed:
-                stale[entry["fold"]] = "retrained"
+                other = _other_settings(report, current.get("model"))
+                stale[entry["fold"]] = "other settings" if other else "retrained"
                 continue
-        if recorded is not None and ckpt.is_file() and _checkpoint_identity(ckpt) != recorded:
-            stale[entry["fold"]] = "unfinished"
+        identity, config = (_checkpoint_identity(ckpt) if recorded is not None and ckpt.is_file()
+                            else (recorded, {}))
+        if recorded is not None and identity != recorded:
+            stale[entry["fold"]] = "other settings" if _other_settings(report, config) else "unfinished"
         elif not done.is_file():
             stale[entry["fold"]] = "no report"
     return stale
@@ -1155,8 +1177,9 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
 
 def _stale_note(stale: Mapping[int, str], folder: Path) -> str:
     """The ``stale`` text of a row of ``folder`` (:func:`_stale_folds`): what changed, and
-    what to run: ``cv --resume`` for a summary, evaluating the checkpoint again (or
-    finishing its training) for a single run."""
+    what to run: ``cv --resume`` for a summary (for a fold retrained with other settings,
+    retraining it with the summary's, or a cv afresh), evaluating the checkpoint again
+    (or finishing its training) for a single run."""
     if "changed" in stale.values():
         return (f"stale: {_STALE_REASONS['changed']}; rerun breakhis-repro evaluate "
                 f"--checkpoint {folder / 'checkpoint.pt'}, or train --resume to finish it")
@@ -1165,6 +1188,9 @@ def _stale_note(stale: Mapping[int, str], folder: Path) -> str:
         folds = [str(f) for f, why in stale.items() if why == reason]
         if folds:
             parts.append(f"{plural(len(folds), 'fold')} {', '.join(folds)} {text}")
+    if "other settings" in stale.values():
+        return (f"stale: {'; '.join(parts)}; retrain such a fold with the summary's settings "
+                "(then cv --resume), or run cv afresh in another folder")
     return f"stale: {'; '.join(parts)}; rerun cv --resume"
 
 

@@ -972,6 +972,33 @@ class TestResultsTable:
         assert results_rows([run])[0]["stale"] == (
             "stale: folds 0, 1 lost test_metrics.json since the summary; rerun cv --resume")
 
+    def test_fold_retrained_with_other_settings_is_not_sent_to_cv_resume(
+        self, runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A fold retrained with another seed (`train --overwrite --seed 7` into its
+        folder) was marked stale with the hint `rerun cv --resume`, which then refused it."""
+        run = tmp_path / "cv"
+        shutil.copytree(runs["binary"], run)
+        root = json.loads((run / "fold0" / "test_metrics.json").read_text())["data_root"]
+        argv = ["--data-root", root, "--task", "MSBC", "--magnification", "40", "--protocol", "patient",
+                "--n-splits", "2", "--epochs", "3", *TINY]
+        assert main(["train", *argv, "--seed", "7", "--fold", "0", "--out", str(run / "fold0"),
+                     "--overwrite"]) == 0
+        note = ("stale: fold 0 retrained since the summary with settings other than the summary's, "
+                "which cv --resume refuses; retrain such a fold with the summary's settings (then "
+                "cv --resume), or run cv afresh in another folder")
+        row = results_rows([run])[0]
+        assert row["stale"] == note and row["stale_folds"] == [0]
+        capsys.readouterr()
+        assert main(["cv", *argv, "--out", str(run), "--resume"]) != 0  # the refusal the note foretells
+        assert "seed" in capsys.readouterr().err
+        # killed before its report: the checkpoint's settings tell
+        state = load_checkpoint(run / "fold1" / "checkpoint.pt")
+        state["config"]["lr"] = 0.5
+        save_checkpoint(state, run / "fold1" / "checkpoint.pt")
+        row = results_rows([run])[0]
+        assert row["stale_folds"] == [0, 1] and row["stale"].startswith("stale: folds 0, 1 retrained")
+
     def test_metric_over_fewer_folds_says_so(self, runs, tmp_path: Path) -> None:
         """The row said 2 folds while a metric's mean was over 1 (None on the other)."""
         from breakhis.evaluate import summarize_folds
