@@ -29,8 +29,9 @@ class BilinearPool(nn.Module):
         resize: what to do when the streams' spatial sizes differ. ``None`` raises a
             :class:`ValueError`; an interpolation mode (``"bilinear"``, ``"bicubic"``,
             ``"nearest"``, ``"area"``) resizes ``x_b`` to the size of ``x_a``, larger or
-            smaller (``"area"`` averages when it shrinks and repeats values, as
-            ``"nearest"`` does, when it enlarges).
+            smaller (``"area"`` is adaptive average pooling: each output cell averages the
+            input cells it covers, shrinking or enlarging; it repeats values as
+            ``"nearest"`` does only when the size grows by a whole factor).
         normalize: return ``l2_normalize(signed_sqrt(G))`` flattened, computed fused.
         eps: :math:`\\epsilon` of the signed square root, default 1e-5; with
             ``normalize=False`` there is none, and giving ``eps`` is a ValueError (the
