@@ -698,8 +698,9 @@ def validation_split(
         ``(fit, val)`` index arrays.
 
     Raises:
-        ValueError: for a fraction outside ``(0, 1)``, or ``by_patient`` with fewer than
-            two patients in ``train``.
+        ValueError: for a fraction outside ``(0, 1)``, ``by_patient`` with fewer than
+            two patients in ``train``, or (without it) a fraction that holds out every
+            image (``ceil(fraction * n) >= n``).
 
     Examples:
         >>> groups = np.repeat([f"p{i}" for i in range(20)], 5)
@@ -719,6 +720,12 @@ def validation_split(
         fit, val = _hold_out_patients(y, g, fraction, seed, classes)
         check_patient_disjoint(fit, val, g)
     else:
+        held = int(np.ceil(fraction * len(train)))  # as scikit-learn counts them
+        if held >= len(train):
+            raise ValueError(
+                f"expected a validation fraction that leaves images to fit on, but {fraction} of "
+                f"the {count(len(train), 'training image')} holds out {held}: none is left; "
+                "use a smaller fraction (--val-fraction; 0 holds out none)")
         try:
             stratified = StratifiedShuffleSplit(1, test_size=fraction, random_state=seed)
             fit, val = next(stratified.split(zeros, y))

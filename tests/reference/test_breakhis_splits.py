@@ -568,6 +568,20 @@ class TestValidationSplit:
             validation_split(np.arange(4), np.zeros(4), np.arange(4), fraction=1.5,
                              by_patient=False)
 
+    @pytest.mark.parametrize("n, fraction", [(8, 0.9), (1, 0.1)])
+    def test_fraction_that_leaves_no_image_to_fit_is_refused_in_our_words(self, n: int, fraction: float) -> None:
+        """scikit-learn's "the resulting train set will be empty" came through, naming its
+        parameters (test_size, train_size) rather than the user's --val-fraction."""
+        match = (rf"^expected a validation fraction that leaves images to fit on, but {fraction} of the "
+                 rf"{n} training images? holds out {n}: none is left; use a smaller fraction "
+                 r"\(--val-fraction; 0 holds out none\)$")
+        with pytest.raises(ValueError, match=match):
+            validation_split(np.arange(n), np.zeros(n, dtype=int), np.arange(n), fraction=fraction,
+                             by_patient=False)
+        fit, val = validation_split(np.arange(8), np.zeros(8, dtype=int), np.arange(8), fraction=0.8,
+                                    by_patient=False)
+        assert (len(fit), len(val)) == (1, 7)
+
     @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3, 0.4, 0.45, 0.6])
     def test_held_out_share_is_the_fraction(self, fraction: float) -> None:
         rng = np.random.default_rng(0)
