@@ -790,8 +790,8 @@ def index_image_folder(
             without a path row, and is refused when several such images share it. An image
             without a patient (no CSV, no row, or a blank cell) gets ``patient=None``:
             unknown, never a made-up group. Protocol ``patient`` refuses such images, and
-            the patient recognition rate is not computed over them (see
-            :mod:`breakhis.splits`).
+            a test set that holds any gets no patient recognition rate (``None``, n/a;
+            see :mod:`breakhis.splits`).
         verify: decode every image so that truncated files are caught, and find
             byte-identical images at different paths (each file is read whole once and
             hashed; see :attr:`DataIndex.duplicate_content`). Without it only headers
@@ -879,8 +879,8 @@ def index_image_folder(
             f"{len(missing)} of {count(len(records), 'image')} "
             f"{plural(len(missing), 'has', 'have')} no patient in {str(patients_csv)!r} (no "
             f"row, or a blank cell), e.g. {missing[:3]}; {plural(len(missing), 'its', 'their')} "
-            f"patient is unknown: protocol 'patient' refuses {them} and the patient "
-            f"recognition rate is not computed over {them}"
+            f"patient is unknown: protocol 'patient' refuses {them}, and a test set that holds "
+            f"{plural(len(missing), 'it', 'any of them')} gets no patient recognition rate (n/a)"
         )
     duplicates = _duplicate_groups(by_digest) if verify else None
     warnings += _duplicate_content_warnings(duplicates, "at different paths", records, root)

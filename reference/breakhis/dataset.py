@@ -124,22 +124,33 @@ def build_eval_transform(
 
 #: Full scale of Pillow's high-bit-depth integer modes, as divisors to 8 bits.
 _TO_8BIT: dict[str, float] = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0}
+#: Pillow's raw modes of signed 16-bit grey levels (a TIFF's SampleFormat 2), which it
+#: opens as 32-bit ``I``: their full scale is 32767.
+_SIGNED_16BIT = frozenset({"I;16S", "I;16BS", "I;16NS"})
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, *, stored_mode: str | None = None) -> Image.Image:
     """Convert a Pillow image to 8-bit RGB, rescaling high-bit-depth grey levels.
 
     ``Image.convert("RGB")`` clips 16-bit grey levels to 255 instead of rescaling
     them, which turns almost every 16-bit image white. Here 16-bit modes (``I;16*``)
-    are divided by 257 (65535 -> 255); 32-bit integers (``I``) by 257 when they fit in
-    16 bits (how Pillow opens 16-bit files) and by ``(2**32 - 1) / 255`` otherwise;
+    are divided by 257 (65535 -> 255); 32-bit integers (``I``) stored as signed 16-bit
+    levels (``stored_mode``, see below) by 32767 / 255, negative levels black; other
+    32-bit integers by 257 when they fit in 16 bits (how Pillow opens 16-bit files) and
+    by ``(2**32 - 1) / 255`` otherwise;
     floats (``F``) in ``[0, 1]`` are multiplied by 255, other floats clipped to
-    ``[0, 255]``. Images with transparency (``RGBA``, ``LA``, ``PA``, palette, grey
-    and RGB images with a transparent colour, 16-bit grey images with a transparent
+    ``[0, 255]``. Images with transparency (``RGBA``, ``LA``, ``PA``, palette, grey,
+    bi-level and RGB images with a transparent colour, 16-bit grey images with a transparent
     level: rescaled first, then shown white where the level is) are composited on
     white, as a viewer shows them and as the background of a slide is, rather than
     keeping whatever colour lies under transparent pixels (often black). Everything
     else goes through ``convert("RGB")``.
+
+    Args:
+        image: the image.
+        stored_mode: the file's own format of the levels, Pillow's raw mode (what
+            :func:`load_rgb` reads from the file before decoding), when known: it tells
+            signed 16-bit levels (``I;16S``) from others that Pillow opens as ``I``.
 
     Examples:
         >>> grey16 = Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16))
@@ -150,7 +161,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         [255, 1, 255]
     """
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-            image.mode in ("P", "L", "RGB") and "transparency" in image.info):
+            image.mode in ("1", "P", "L", "RGB") and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -159,6 +170,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     values = np.asarray(image, dtype=np.float64)
     if image.mode in _TO_8BIT:
         scaled = values / _TO_8BIT[image.mode]
+    elif image.mode == "I" and stored_mode in _SIGNED_16BIT:
+        scaled = values / (32767 / 255)
     elif image.mode == "I":
         low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
         scaled = values / (257.0 if low >= 0 and high <= 65535 else (2**32 - 1) / 255)
@@ -179,6 +192,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 _EXIF_ORIENTATION = 0x0112
 
 
+def _stored_mode(image: Image.Image) -> str | None:
+    """The raw mode of an opened, not yet decoded, image's first tile (how its file stores
+    the pixels, e.g. ``I;16S``), or ``None`` when Pillow does not say."""
+    tile = getattr(image, "tile", None)
+    if not tile:
+        return None
+    args = tile[0][3] if len(tile[0]) > 3 else None
+    if isinstance(args, tuple) and args:
+        args = args[0]
+    return args if isinstance(args, str) else None
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB (decoded now, so the file is closed).
 
@@ -195,7 +220,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     """
     try:
         with Image.open(path) as image:
-            upright = image
+            stored, upright = _stored_mode(image), image  # the tile goes once decoded
             try:
                 # Only an image tagged with a turn is transposed: exif_transpose copies
                 # every image it is given (40% of a BreaKHis PNG's decoding time).
@@ -203,7 +228,7 @@ def load_rgb(path: str | Path) -> Image.Image:
                     upright = ImageOps.exif_transpose(image) or image
             except (ValueError, TypeError, KeyError, SyntaxError, struct_error):
                 upright = image  # a broken EXIF block: the pixels as stored
-            return to_rgb(upright)
+            return to_rgb(upright, stored_mode=stored)
     except IMAGE_ERRORS as exc:
         raise UnreadableImageError(
             f"expected a decodable image, but {str(path)!r} could not be read ({exc}); "

@@ -555,13 +555,15 @@ class TestImageFolder:
         assert by_path["tumour/img2.png"] is None  # blank cell: unknown, not a group ""
         assert summary["images_without_patient"] == 1
         assert any("1 of 5 images has no patient" in w and "tumour/img2.png" in w
-                   and "its patient is unknown: protocol 'patient' refuses it and" in w
+                   and "its patient is unknown: protocol 'patient' refuses it, and a test set "
+                       "that holds it gets no patient recognition rate (n/a)" in w
                    for w in index.warnings)
         csv_path.write_text("path,patient\nnormal/img0.png, \nnormal/img1.png,\n")
         (plural,) = [w for w in index_image_folder(tmp_path, patients_csv=csv_path).warnings
                      if "no patient" in w]
         assert plural.startswith(f"5 of 5 images have no patient in {str(csv_path)!r}")
-        assert "their patient is unknown: protocol 'patient' refuses them and" in plural
+        assert "their patient is unknown: protocol 'patient' refuses them, and a test set that holds " \
+               "any of them gets no patient recognition rate (n/a)" in plural
         assert [s.path for s in index.skipped] == ["tumour/notes.txt"]
 
     def test_label_is_the_top_class_folder_not_a_sub_folder(self, tmp_path: Path) -> None:
@@ -792,6 +794,31 @@ class TestLoadRgb:
         np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "f.tif"))[0, :, 0],
                                       [0, 128, 255])
 
+    def test_signed_16_bit_tiff_is_scaled_by_its_own_full_scale(self, tmp_path: Path) -> None:
+        """Pillow opens a signed 16-bit TIFF (SampleFormat 2) as 32-bit ``I``: one negative
+        level sent the whole image to the 32-bit divisor, all black; without one it was
+        divided by 257, so images of one data set were scaled differently."""
+        import struct
+
+        def write(path: Path, levels: np.ndarray) -> None:  # Pillow writes int16 as int32
+            data = levels.astype("<i2").tobytes()
+            h, w = levels.shape
+            tags = [(256, 3, w), (257, 3, h), (258, 3, 16), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+                    (277, 3, 1), (278, 3, h), (279, 4, len(data)), (339, 3, 2)]  # 339: signed
+            ifd = b"".join(struct.pack("<HHI", tag, kind, 1)
+                           + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+                           for tag, kind, value in tags)
+            path.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(data)) + data
+                             + struct.pack("<H", len(tags)) + ifd + struct.pack("<I", 0))
+
+        write(tmp_path / "neg.tif", np.array([[-1, 0, 16384, 32767]]))
+        write(tmp_path / "pos.tif", np.array([[0, 8000, 16384, 32767]]))
+        with Image.open(tmp_path / "neg.tif") as image:
+            assert image.mode == "I" and np.asarray(image).tolist() == [[-1, 0, 16384, 32767]]
+        assert np.asarray(load_rgb(tmp_path / "neg.tif"))[0, :, 0].tolist() == [0, 0, 128, 255]
+        assert np.asarray(load_rgb(tmp_path / "pos.tif"))[0, :, 0].tolist() == [0, 62, 128, 255]
+        assert np.asarray(load_rgb(tmp_path / "pos.tif")).shape == (1, 4, 3)
+
     def test_8_bit_images_are_unchanged(self, tmp_path: Path) -> None:
         pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / "rgb.png")
@@ -832,6 +859,12 @@ class TestLoadRgb:
         index = palette.getpixel((1, 1))
         palette.save(tmp_path / "p.png", transparency=index)
         assert np.asarray(load_rgb(tmp_path / "p.png"))[1, 1].tolist() == [255, 255, 255]
+        # a bi-level image with a transparent colour (black here) as its grey version
+        bits = Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1")
+        bits.save(tmp_path / "1.png", transparency=0)
+        with Image.open(tmp_path / "1.png") as image:
+            assert image.mode == "1" and image.info["transparency"] == 0
+        assert np.asarray(load_rgb(tmp_path / "1.png")).tolist() == [[[255] * 3, [255] * 3]]
 
     def test_transparent_level_of_a_16_bit_grey_png_is_white(self, tmp_path: Path) -> None:
         """A 16-bit grey PNG with a tRNS level kept its (often black) level there."""
