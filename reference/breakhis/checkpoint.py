@@ -88,10 +88,13 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     return path
 
 
-def _load_failure(exc: Exception) -> str:
-    """Why ``torch.load`` failed, in words that never suggest ``weights_only=False``.
+def _load_failure(exc: Exception, path: Path) -> str:
+    """Why ``torch.load`` failed on ``path``, in words that never suggest
+    ``weights_only=False``.
 
-    That option would execute whatever code the file's pickle holds.
+    That option would execute whatever code the file's pickle holds. A file that begins
+    as torch.save's archive (a zip) but fails is said to be damaged or cut short (torch's
+    own words for that range from miniz's to ``[Errno 22] Invalid argument``).
     """
     if isinstance(exc, EOFError):
         return "the file is empty or cut short"
@@ -99,7 +102,13 @@ def _load_failure(exc: Exception) -> str:
         return ("expected a file written by torch.save holding tensors and plain data, but "
                 "it could not be unpickled as one")
     first_line = _clipped((str(exc).splitlines() or [""])[0])
-    return f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
+    failure = f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
+    try:
+        with path.open("rb") as handle:
+            archive = handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        archive = False
+    return f"a torch.save archive, damaged or cut short; {failure}" if archive else failure
 
 
 #: An abbreviation (a whole word) whose full stop ends no sentence, for :func:`_clipped`.
@@ -163,7 +172,7 @@ def load_checkpoint(
             state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - foreign bytes make the unpickler raise anything
         raise NotACheckpointError(
-            f"{str(path)!r} is not a breakhis checkpoint ({_load_failure(exc)}); pass the "
+            f"{str(path)!r} is not a breakhis checkpoint ({_load_failure(exc, path)}); pass the "
             "checkpoint.pt of a run folder") from exc
     if not isinstance(state, dict):
         raise NotACheckpointError(

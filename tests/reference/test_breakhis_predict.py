@@ -419,6 +419,14 @@ class TestNotACheckpoint:
         (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"x" * 100)
         with pytest.raises(NotACheckpointError, match=r"checkpoint file is corrupted\.\); pass the "):
             load_checkpoint(tmp_path / "cut.pt")
+        # a checkpoint cut short is said to be one, whatever torch's words ([Errno 22] here)
+        save_checkpoint({"model": {"w": torch.zeros(1000)}, "epoch": 0}, tmp_path / "whole.pt")
+        data = (tmp_path / "whole.pt").read_bytes()
+        for keep in (40, len(data) // 2):
+            (tmp_path / "cut.pt").write_bytes(data[:keep])
+            with pytest.raises(NotACheckpointError, match=r"^'[^']*cut\.pt' is not a breakhis checkpoint "
+                               r"\(a torch\.save archive, damaged or cut short; torch\.load failed: "):
+                load_checkpoint(tmp_path / "cut.pt")
         torch.save({"model": {}}, tmp_path / "dict.pt")
         with pytest.raises(NotACheckpointError, match="expected format"):
             load_model(tmp_path / "dict.pt")
