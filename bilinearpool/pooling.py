@@ -136,7 +136,7 @@ class FastBilinearPool(nn.Module):
     with a custom backward that keeps only the input for backward (at B=8, C=2048, 7x7:
     3.1 MiB instead of 515 MiB for the op-by-op chain) and recomputes the rest. On CPU it
     works on cache-sized panels of the upper triangle (on groups of whole samples when
-    ``C <= 256`` and the output is full); on CUDA on whole matrices, with
+    ``C <= 256``, full or packed output); on CUDA on whole matrices, with
     its elementwise passes as Triton kernels when Triton is installed (no atomics; set
     ``BILINEARPOOL_TRITON=0`` for torch operations). See the design notes in the docs.
 
