@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -624,13 +625,37 @@ def _check_combinations(args: argparse.Namespace) -> None:
 _CHECKPOINT = "checkpoint.pt"
 
 
-def _nothing_saved(args: argparse.Namespace) -> bool:
-    """Whether a ``train`` or ``cv`` stopped now leaves no checkpoint in its ``--out``
-    (none given: not known, so not said): ``--resume`` would have nothing to continue."""
-    if not getattr(args, "out", None):
-        return False
-    out = Path(args.out)
-    return not ((out / _CHECKPOINT).is_file() or any(out.glob(f"fold*/{_CHECKPOINT}")))
+def _saved_checkpoints(args: argparse.Namespace) -> list[Path] | None:
+    """The checkpoints a ``train`` or ``cv`` stopped now leaves in its run folder (``--out``,
+    or the default once the command has worked it out); ``None`` when the folder is not
+    known yet."""
+    folder = getattr(args, "run_folder", None) or getattr(args, "out", None)
+    if not folder:
+        return None
+    out = Path(folder)
+    return [p for p in (out / _CHECKPOINT, *sorted(out.glob(f"fold*/{_CHECKPOINT}"))) if p.is_file()]
+
+
+def _stop_hint(args: argparse.Namespace, started: float) -> str:
+    """How to go on after a ``train`` or ``cv`` stopped by Ctrl-C or SIGTERM, from what its
+    run folder holds now: no checkpoint (the same command starts afresh), with
+    ``--overwrite`` a checkpoint older than the command (``started``, a ``time.time()``:
+    stopped before it removed the run it replaces, which is still there) or only its own
+    (``--resume`` instead of ``--overwrite`` continues it), else ``--resume``."""
+    saved = _saved_checkpoints(args)
+    if saved == []:
+        return " (before any epoch was saved: the same command starts afresh)"
+    if not args.overwrite:
+        return " (the same command with --resume continues from the last finished epoch)"
+    if saved is None:
+        return (" (the same command with --resume instead of --overwrite continues from this "
+                "run's last finished epoch, if it saved one; if not, repeat --overwrite)")
+    # a second's margin: file times come from a coarser clock than time.time()
+    if any(p.stat().st_mtime < started - 1.0 for p in saved):
+        return (" (before this run saved an epoch: the folder still holds the run it was to "
+                "replace; repeat --overwrite to replace it)")
+    return (" (the same command with --resume instead of --overwrite continues from this run's "
+            "last finished epoch)")
 
 
 def _check_fresh_or_resume(args: argparse.Namespace) -> None:
@@ -698,6 +723,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # without --out and --fold the run folder is known only once the folds are
         known = Path(args.out) if args.out else (
             _default_out(args, f"fold{args.fold}") if args.fold is not None else None)
+        args.run_folder = known  # for the line a stop prints
         with contextlib.ExitStack() as held:
 
             def hold(folder: Path) -> None:
@@ -712,7 +738,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 check_resume(spec, config, known, fold=args.fold)
             data = prepare_data(spec, progress=not args.no_progress and info.is_main)
             fold = args.fold if args.fold is not None else data.splits[0].fold
-            out = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
+            out = args.run_folder = Path(args.out) if args.out else _default_out(args, f"fold{fold}")
             if known is None:
                 hold(out)
             _refuse_overwriting(args, out, "train")
@@ -740,7 +766,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     _check_model(args, config)
     info = init_distributed(config.device)
     _log_to_console(info.is_main)
-    out = Path(args.out) if args.out else _default_out(args, "cv")
+    out = args.run_folder = Path(args.out) if args.out else _default_out(args, "cv")
     try:
         spec = _spec(args)
         check_batch_split(config, info)
@@ -1088,6 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL}",
               file=sys.stderr)
         return 1
+    started = time.time()  # a run folder's checkpoints older than this are an earlier run's
     try:
         _check_single_process(args.command)
         with terminate_as_interrupt(), warnings.catch_warnings():  # kill, a scheduler: as Ctrl-C
@@ -1110,17 +1137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_speaker(args.command)}: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, not a traceback
-        resume = ""
-        if "resume" in vars(args):  # the commands that have --resume
-            if args.overwrite:  # the old run's files stay until this one replaces them
-                resume = (" (the same command with --resume instead of --overwrite continues "
-                          "from this run's last finished epoch; where this run saved none yet, "
-                          "the folder still holds the run it was to replace: repeat "
-                          "--overwrite)")
-            elif _nothing_saved(args):
-                resume = " (before any epoch was saved: the same command starts afresh)"
-            else:
-                resume = " (the same command with --resume continues from the last finished epoch)"
+        # the commands that have --resume say how to go on
+        resume = _stop_hint(args, started) if "resume" in vars(args) else ""
         what = str(exc) if isinstance(exc, Terminated) else "interrupted"
         print(f"{_speaker(args.command)}: {what}{resume}", file=sys.stderr)
         # 128 + the signal's number, as a shell reports a process it ended

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -478,13 +479,35 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
         assert main(argv) == 130
         assert _err(capsys).strip() == (f"breakhis-repro {command}: interrupted (before any epoch "
                                         "was saved: the same command starts afresh)")
-        # after --overwrite, the same command with --resume would be refused
-        assert main([*argv, "--overwrite"]) == 130
-        text = _err(capsys)
-        assert "with --resume instead of --overwrite continues" in text
-        # before an epoch of the new run, --resume was refused (the old run's settings)
-        assert "where this run saved none yet, the folder still holds the run it was to " \
-               "replace: repeat --overwrite)" in text
+        # --overwrite: the line says what the folder holds now (helper-150: it said the
+        # replaced run was still there after --overwrite had removed it)
+        line = f"breakhis-repro {command}: interrupted"
+
+        def overwritten(replaced: bool, saves: bool) -> str:
+            def stopped(args):
+                if replaced:  # the earlier run's files removed, as the run does
+                    saved.unlink(missing_ok=True)
+                if saves:  # an epoch of this run saved
+                    saved.write_bytes(b"")
+                raise KeyboardInterrupt
+
+            monkeypatch.setitem(cli._COMMANDS, command, stopped)
+            saved.write_bytes(b"")  # the earlier run's
+            os.utime(saved, (time.time() - 60,) * 2)
+            assert main([*argv, "--overwrite"]) == 130
+            return _err(capsys).strip()
+
+        # stopped before the earlier run was removed: it is still there
+        assert overwritten(False, False) == (
+            f"{line} (before this run saved an epoch: the folder still holds the run it was "
+            "to replace; repeat --overwrite to replace it)")
+        # after removing it, before an epoch: nothing to continue
+        assert overwritten(True, False) == (
+            f"{line} (before any epoch was saved: the same command starts afresh)")
+        # after an epoch of this run: --resume (with its settings) continues it
+        assert overwritten(True, True) == (
+            f"{line} (the same command with --resume instead of --overwrite continues from "
+            "this run's last finished epoch)")
 
 
 class TestSigterm:
