@@ -990,6 +990,9 @@ def _fit(
             handle.write(json.dumps(
                 {"config": config.to_dict(), "classes": classes, "extra": summary,
                  "normalization": _normalization_dict(normalization)}, indent=2) + "\n")
+        if history:  # resumed: one row per epoch the checkpoint holds, also when the last
+            # epoch's row was not written (stopped between saving the checkpoint and the file)
+            _write_metrics_csv(history, run_dir / "metrics.csv")
 
     net: nn.Module = model
     if info.distributed:

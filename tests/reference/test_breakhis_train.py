@@ -1209,6 +1209,30 @@ class TestDivergence:
         assert "ERROR training diverged: the training loss of epoch 2/3" in (
             tmp_path / "train.log").read_text()
 
+    def test_resume_writes_the_metrics_row_a_stop_after_the_checkpoint_left_out(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Stopped between saving the last epoch's checkpoint and writing metrics.csv, the
+        file kept one row less for good: --resume had no epoch left to train (helper-150)."""
+        write = train_module._write_metrics_csv
+        calls = []
+
+        def stopped_at_the_second(history, path):
+            calls.append(len(history))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            write(history, path)
+
+        monkeypatch.setattr(train_module, "_write_metrics_csv", stopped_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            self._fit(synth_tree, tmp_path, _cfg(epochs=2))
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+        assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 1
+        monkeypatch.setattr(train_module, "_write_metrics_csv", write)
+        self._fit(synth_tree, tmp_path, _cfg(epochs=2), resume=True)
+        rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+        assert [int(r["epoch"]) for r in rows] == [0, 1]
+
     def test_nan_validation_loss_stops_too(self, synth_tree, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
         losses = iter([(1.0, 1.0, 2.0), (float("nan"), 1.0, 2.0)])
