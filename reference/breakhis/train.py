@@ -709,11 +709,14 @@ def check_resumable(
             (:func:`breakhis.experiments.run_cv` words a fold it cannot reuse so).
 
     Raises:
-        ValueError: ``"expected a breakhis-checkpoint-v1 checkpoint in <path>"``, or the
-            refusal listing every difference.
+        ValueError: ``"cannot resume from <path>: expected format
+            'breakhis-checkpoint-v1', but got ..."`` (with what to do), or the refusal
+            listing every difference.
     """
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"expected a {CHECKPOINT_FORMAT} checkpoint in {path}")
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: expected format {CHECKPOINT_FORMAT!r}, but got "
+            f"{state.get('format')!r}; train afresh with --overwrite, or into another run folder")
     differences = resume_differences(state, config, classes, extra, ignore=ignore)
     if differences and refusal is not None:
         raise ValueError(refusal(differences))

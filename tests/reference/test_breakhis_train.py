@@ -225,6 +225,13 @@ class TestResume:
         with pytest.raises(ValueError, match="checkpoint has head='plain'"):
             fit(other, train_records=records, train_targets=y, classes=list(task.classes),
                 run_dir=tmp_path, resume=True, progress=False)
+        # a checkpoint of another format: the message said what it expected, not what it found
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        save_checkpoint({**state, "format": "other-v0"}, tmp_path / "checkpoint.pt")
+        with pytest.raises(ValueError, match=rf"^cannot resume from '[^']*checkpoint\.pt': expected format "
+                           rf"'{CHECKPOINT_FORMAT}', but got 'other-v0'; train afresh with --overwrite"):
+            fit(config, train_records=records, train_targets=y, classes=list(task.classes),
+                run_dir=tmp_path, resume=True, progress=False)
 
     def test_resume_refuses_other_training_options(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
