@@ -2138,8 +2138,8 @@ def _check_raw_timings(settings: dict[str, Any], raw: Sequence[Any], source: str
     """Refuse raw timings that are not times (a NaN, a string: every ratio built on them
     would disagree with its stored row, and the report named that row instead), and
     ``settings.timed_rounds`` other than the count of timings in the raw records (the
-    longest: a case that failed may have fewer), which the report's caveat on few rounds
-    reads."""
+    longest: a case that failed may have fewer; a run in which every case failed has none
+    to count), which the report's caveat on few rounds reads."""
     for r in raw:
         for k in ("times_s", "inference_s", "training_step_s"):
             times = r.get(k) if isinstance(r, dict) else None
@@ -2153,7 +2153,7 @@ def _check_raw_timings(settings: dict[str, Any], raw: Sequence[Any], source: str
                 )
     rounds = settings.get("timed_rounds")
     counts = [len(r[k]) for r in raw if isinstance(r, dict)
-              for k in ("times_s", "inference_s", "training_step_s") if isinstance(r.get(k), list)]
+              for k in ("times_s", "inference_s", "training_step_s") if isinstance(r.get(k), list) and r[k]]
     if isinstance(rounds, int) and counts and max(counts) != rounds:
         raise ResultMismatchError(
             f"{source}: its settings say {rounds} timed rounds, but its raw records hold up to "

@@ -1953,6 +1953,18 @@ class TestResults:
             err = capsys.readouterr().err
             assert len(err.splitlines()) == 1 and re.search(message, err), err
 
+    def test_report_reads_a_run_in_which_every_case_failed(self, tmp_path, capsys):
+        """A run whose every row records why it failed (no timings at all) was refused as
+        edited: 'settings say 1 timed rounds, but its raw records hold up to 0' (helper-149)."""
+        out = tmp_path / "failed"
+        assert main(["layers", "--threads", "1", "--shapes", "100000x100000x100x100", "--cases", "fast-bcnn",
+                     "--repeats", "1", "--warmup", "0", "--no-progress", "--out", str(out)]) == 0
+        rows = json.loads((out / "layers.json").read_text())["rows"]
+        assert rows and all(r["error"] for r in rows)
+        capsys.readouterr()
+        assert main(["report", str(out), "--out", str(tmp_path / "r.md")]) == 0, capsys.readouterr().err
+        assert "100000x100000x100x100" in (tmp_path / "r.md").read_text()
+
     @staticmethod
     def fast(data: dict) -> dict:
         return next(r for r in data["rows"] if r["case"] == "fast-bcnn" and r["shape"] == "8x2048x7x7")
