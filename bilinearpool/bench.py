@@ -962,13 +962,19 @@ def _cpu_name() -> str:
 #: the first-touch page faults of paths that allocate big intermediates (the naive chain).
 SWITCHES = ("BILINEARPOOL_TRITON", "BILINEARPOOL_HUGEPAGES", "THP_MEM_ALLOC_ENABLE")
 
-#: Prefixes of the thread-pool (OpenMP, MKL, OpenBLAS) and allocator (glibc malloc) variables
-#: recorded when set: they change timings without changing the code.
-RUNTIME_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_")
-#: Further variables recorded when set: a preloaded allocator such as jemalloc or tcmalloc,
-#: and glibc's tunables (e.g. ``glibc.malloc.trim_threshold``, which decides whether freed
-#: memory comes back without page faults).
-RUNTIME_ENV_NAMES = ("GLIBC_TUNABLES", "LD_PRELOAD")
+#: Prefixes of the thread-pool (OpenMP, MKL, OpenBLAS), allocator (glibc malloc) and oneDNN
+#: (``ONEDNN_MAX_CPU_ISA``: the convolutions' instruction set) variables recorded when set:
+#: they change timings without changing the code.
+RUNTIME_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_", "ONEDNN_", "DNNL_")
+#: Further variables recorded when set: PyTorch's CPU kernels' instruction set
+#: (``ATEN_CPU_CAPABILITY``), synchronous CUDA launches, the visible GPUs, the CUDA
+#: allocator's settings (they change ``peak_MiB``), TF32 forced off by the driver (whatever
+#: ``cuda_matmul_allow_tf32`` says), cuBLAS's workspace, glibc's tunables (e.g.
+#: ``glibc.malloc.trim_threshold``, which decides whether freed memory comes back without
+#: page faults) and a preloaded allocator such as jemalloc or tcmalloc.
+RUNTIME_ENV_NAMES = ("ATEN_CPU_CAPABILITY", "CUDA_LAUNCH_BLOCKING", "CUDA_VISIBLE_DEVICES",
+                     "PYTORCH_CUDA_ALLOC_CONF", "NVIDIA_TF32_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG",
+                     "GLIBC_TUNABLES", "LD_PRELOAD")  # fmt: skip
 
 
 def _runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -354,7 +354,15 @@ class TestRegistries:
         monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
         monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
         monkeypatch.setenv("NOT_A_RUNTIME_SWITCH", "x")
+        # what changes which kernels run, or how CUDA times (helper-149: unrecorded)
+        for name, value in (("ATEN_CPU_CAPABILITY", "default"), ("ONEDNN_MAX_CPU_ISA", "SSE41"),
+                            ("CUDA_LAUNCH_BLOCKING", "1"), ("NVIDIA_TF32_OVERRIDE", "0"),
+                            ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")):
+            monkeypatch.setenv(name, value)
         env = bench.environment("cpu")
+        assert {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "CUDA_LAUNCH_BLOCKING": "1",
+                "NVIDIA_TF32_OVERRIDE": "0", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}.items() \
+            <= env["runtime_env"].items()
         assert env["THP_MEM_ALLOC_ENABLE"] == "1"
         assert env["runtime_env"]["OMP_NUM_THREADS"] == "1" and env["runtime_env"]["MALLOC_ARENA_MAX"] == "2"
         assert all(k.startswith(bench.RUNTIME_ENV_PREFIXES) or k in bench.RUNTIME_ENV_NAMES
