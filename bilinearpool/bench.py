@@ -334,14 +334,20 @@ class SavedTensorCounter:
 
 
 def synchronize(device: torch.device | str) -> None:
-    """Wait for the device's queued work (CUDA kernels run asynchronously); no-op on CPU."""
+    """Wait for the device's queued work (CUDA and MPS kernels run asynchronously); no-op on CPU.
+
+    Examples:
+        >>> synchronize("cpu")
+    """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
-    """Wall-clock seconds of one call of ``fn``, synchronised before and after on CUDA.
+    """Wall-clock seconds of one call of ``fn``, synchronised before and after on CUDA and MPS.
 
     Examples:
         >>> time_call(lambda: torch.ones(10).sum()) >= 0.0

@@ -348,6 +348,14 @@ class TestRegistries:
         assert "; 1 thread of 2 CPUs;" in cli._describe_environment({**env, "threads": 1, "cpu_count": 2})
         assert "; 2 threads of 1 CPU;" in cli._describe_environment({**env, "threads": 2, "cpu_count": 1})
 
+    def test_mps_work_is_waited_for_before_the_clock_stops(self, monkeypatch):
+        """--device mps was accepted, but time_call synchronised CUDA only: the times of an
+        asynchronous device were launch times (helper-149)."""
+        calls = []
+        monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("sync"))
+        assert bench.time_call(lambda: calls.append("work"), "mps") >= 0.0
+        assert calls == ["sync", "work", "sync"]
+
     def test_environment_records_thread_and_allocator_variables(self, monkeypatch):
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
