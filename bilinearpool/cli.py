@@ -498,6 +498,23 @@ class _NoBar:
         pass
 
 
+def _reach(bar: Any, expected: int) -> int:
+    """Bring ``bar`` to ``expected`` calls at the end of a part of the plan (a shape, a
+    backbone) and return where the next part starts: calls that never ran (a case or
+    step left out after it failed, a head skipped) count as done, so that the bar does
+    not stall short of its end; calls beyond the plan (a timing restarted) extend its
+    total."""
+    n = getattr(bar, "n", None)
+    if not isinstance(n, int):
+        return expected
+    if n < expected:
+        bar.update(expected - n)
+    elif n > expected:
+        bar.total += n - expected
+        bar.refresh()
+    return max(n, expected)
+
+
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
@@ -1000,8 +1017,10 @@ def run_layers(
         return _layers_result(raw, info, settings, env_now, command, planned, notes)
 
     where = "the start"
+    counted = 0  # calls the bar has counted up to the end of the last shape
     try:
         for done, (shape, shape_cases) in enumerate(plan, 1):
+            calls = len(shape_cases) * (1 + s.warmup + s.repeats)
             b, c, h, w = shape
             label = "x".join(map(str, shape))
             where = f"{label} inputs"
@@ -1019,7 +1038,7 @@ def run_layers(
                 text = f"inputs failed: {_error_text(err)}"
                 raw.extend(_unmeasured(label, case.name, text) for case in shape_cases)
                 raw.extend(_skipped_records(label, c, cases))
-                bar.update(len(shape_cases) * (1 + s.warmup + s.repeats))
+                counted = _reach(bar, counted + calls)
                 _write_partial(checkpoint, result, done, len(plan), "shapes")
                 continue
             steps: dict[str, Callable[[], object]] = {}
@@ -1049,6 +1068,7 @@ def run_layers(
                     }
                 )
             raw.extend(_skipped_records(label, c, cases))
+            counted = _reach(bar, counted + calls)
             del steps, maps
             gc.collect()
             where = f"{label} writing the results so far"
@@ -1651,8 +1671,10 @@ def run_models(
 
     groups, done = len(backbones) * (len(resolutions) if timed else 1), 0
     where = "the start"
+    counted = 0  # calls the bar has counted up to the end of the last backbone
     try:
         for backbone in backbones:
+            counted += total // len(backbones)  # this backbone's calls, when it is done
             models: dict[str, nn.Module] = {}
             skipped: dict[str, str] = {}
             for head in heads:
@@ -1691,6 +1713,7 @@ def run_models(
                 ]
                 raw += skip_records
                 done += len(resolutions) if timed else 1
+                counted = _reach(bar, counted)
                 del models
                 where = f"{backbone}: writing the results so far"
                 _write_partial(checkpoint, result, done, groups, "groups")
@@ -1708,6 +1731,7 @@ def run_models(
                     raw += skip_records
                 where = f"{backbone} {res}px: writing the results so far"
                 _write_partial(checkpoint, result, done, groups, "groups")
+            counted = _reach(bar, counted)
             del models
             gc.collect()
     except BaseException as err:

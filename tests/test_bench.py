@@ -348,6 +348,40 @@ class TestRegistries:
         assert "; 1 thread of 2 CPUs;" in cli._describe_environment({**env, "threads": 1, "cpu_count": 2})
         assert "; 2 threads of 1 CPU;" in cli._describe_environment({**env, "threads": 2, "cpu_count": 1})
 
+    def test_progress_bar_ends_at_its_total_when_cases_fail(self, monkeypatch, tmp_path, capsys):
+        """Calls that never ran (a case failing at its shape, training steps failing at
+        batch 1) were planned in the total and never counted: the bar closed at 21/22 and
+        4/6, which a log file shows as a stalled run (helper-149)."""
+        bars = []
+
+        class Bar:
+            def __init__(self, total, desc):
+                self.total, self.n = total, 0
+                bars.append(self)
+
+            def update(self, n=1):
+                self.n += n
+
+            def set_postfix_str(self, *args, **kwargs):
+                pass
+
+            def refresh(self):
+                pass
+
+            def close(self):
+                pass
+
+        monkeypatch.setattr(cli, "_progress", lambda total, desc, enabled: Bar(total, desc))
+        assert main(["layers", "--threads", "1", "--shapes", "1x1x1x1", "--repeats", "1", "--warmup", "0",
+                     "--out", str(tmp_path / "l")]) == 0
+        assert main(["models", "--threads", "1", "--backbones", "resnet18", "--heads", "plain", "fast-bcnn",
+                     "--resolutions", "32", "--batch-size", "1", "--repeats", "1", "--warmup", "0",
+                     "--out", str(tmp_path / "m")]) == 0
+        rows = json.loads((tmp_path / "l" / "layers.json").read_text())["rows"]
+        assert any(r.get("error") for r in rows)  # a case that cannot run at 1x1x1x1
+        assert "failed" in (tmp_path / "m" / "models.md").read_text()  # its training steps
+        assert [(b.n, b.total) for b in bars] == [(bars[0].total, bars[0].total), (bars[1].total, bars[1].total)]
+
     def test_mps_work_is_waited_for_before_the_clock_stops(self, monkeypatch):
         """--device mps was accepted, but time_call synchronised CUDA only: the times of an
         asynchronous device were launch times (helper-149)."""
