@@ -1065,7 +1065,10 @@ def _git_state(root: Path) -> dict[str, Any]:
     Only a checkout whose top level is ``root`` counts (an installed copy inside some
     other repository, e.g. a virtual environment in one, is not a checkout of this code).
     Dirty means tracked files differ from the commit, or untracked files lie in the package
-    or benchmark folders (see :func:`_dirty`); read without taking git's locks.
+    or benchmark folders (see :func:`_dirty`); read without taking git's locks. Where
+    ``root`` holds a ``.git`` that git refuses to read (a checkout of another user: git's
+    "dubious ownership", which it guards against running that user's hooks and filters),
+    ``git_problem`` records git's words rather than the result claiming no checkout.
     """
     none: dict[str, Any] = {"git_commit": None, "git_dirty": None}
 
@@ -1080,7 +1083,10 @@ def _git_state(root: Path) -> dict[str, Any]:
             return none
         commit = git("rev-parse", "HEAD")
         dirty = _dirty(git("status", "--porcelain", "--untracked-files=normal"))
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as err:
+        said = (getattr(err, "stderr", None) or "").strip().splitlines()
+        if (root / ".git").exists() and said:
+            return {**none, "git_problem": said[0].removeprefix("fatal: ")}
         return none
     return {"git_commit": commit, "git_dirty": dirty}
 

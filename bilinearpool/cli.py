@@ -209,6 +209,8 @@ def _describe_environment(env: dict[str, Any]) -> str:
         code = f"bilinearpool {env['bilinearpool'] or '(not installed)'}"
         if env.get("git_commit"):
             code += f" (git {env['git_commit'][:12]}{', dirty' if env.get('git_dirty') else ''})"
+        elif env.get("git_problem"):  # a checkout git would not read
+            code += f" (git: {env['git_problem']})"
         elif "git_commit" in env:
             code += " (not a git checkout)"
         parts.append(code)
@@ -2409,8 +2411,8 @@ def _part_differences(parts: Sequence[dict[str, Any]]) -> list[str]:
         commits = [p.get("environment", {}).get("git_commit") for p in (first, other)]
         if not any(commits):
             warnings.append(
-                f"{names} do not record the git commit of the code (older files, or not run from a "
-                "checkout): whether they ran the same code cannot be checked"
+                f"{names} do not record the git commit of the code (older files, not run from a "
+                "checkout, or one git would not read): whether they ran the same code cannot be checked"
             )
     return warnings
 

@@ -440,6 +440,22 @@ class TestRegistries:
         monkeypatch.setattr(bench.subprocess, "run", fake_git)
         assert bench._git_state(tmp_path) == {"git_commit": "ab" * 20, "git_dirty": dirty}
 
+    def test_a_checkout_git_refuses_to_read_is_not_called_no_checkout(self, monkeypatch, tmp_path):
+        """A checkout owned by another user (a Docker volume, CI) was recorded as "not a git
+        checkout": git's refusal (dubious ownership) was taken for no repository (helper-149)."""
+        (tmp_path / ".git").mkdir()
+        refusal = f"fatal: detected dubious ownership in repository at '{tmp_path}'\nTo add an exception ..."
+
+        def refusing_git(cmd, **kwargs):
+            raise subprocess.CalledProcessError(128, cmd, output="", stderr=refusal)
+
+        monkeypatch.setattr(bench.subprocess, "run", refusing_git)
+        state = bench._git_state(tmp_path)
+        assert state == {"git_commit": None, "git_dirty": None,
+                         "git_problem": f"detected dubious ownership in repository at '{tmp_path}'"}
+        env = {**bench.environment("cpu"), **state}
+        assert f"(git: detected dubious ownership in repository at '{tmp_path}')" in cli._describe_environment(env)
+
     def test_rewritten_committed_results_are_not_changed_code(self):
         # make bench rewrites the committed layer results before it runs the models.
         assert not bench._dirty(" M benchmarks/results/cpu-2core/layers.md\n M benchmarks/results/cpu-2core/layers.json")
