@@ -640,6 +640,18 @@ def _difference(key: str, old: Any, new: Any) -> str:
     return f"checkpoint has {key}={shown[0]}, this run {shown[1]}"
 
 
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    """Whether a recorded training setting and a new one are the same: equal, or for
+    ``weights`` the same local file spelled otherwise (``w.pt``, ``./w.pt``, its absolute
+    path), as seen from the current folder."""
+    if old == new:
+        return True
+    if key != "weights" or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    old_path, new_path = Path(old).expanduser(), Path(new).expanduser()
+    return old_path.is_file() and new_path.is_file() and os.path.samefile(old_path, new_path)
+
+
 def resume_differences(
     state: dict[str, Any],
     config: TrainConfig,
@@ -673,8 +685,9 @@ def resume_differences(
         out.append(_difference("classes", state.get("classes"), list(classes)))
     recorded = _upgraded(state.get("config") or {})
     for key, value in config.to_dict().items():
-        if key not in RESUMABLE_CHANGES and recorded.get(key, _ABSENT) != value:
-            out.append(_difference(key, recorded.get(key, _ABSENT), value))
+        if key in RESUMABLE_CHANGES or _same_setting(key, recorded.get(key, _ABSENT), value):
+            continue
+        out.append(_difference(key, recorded.get(key, _ABSENT), value))
     done = int(state.get("epoch", -1)) + 1
     if done > config.epochs:
         out.append(f"checkpoint has already trained {done} epochs, this run asks for "

@@ -233,6 +233,27 @@ class TestResume:
             fit(config, train_records=records, train_targets=y, classes=list(task.classes),
                 run_dir=tmp_path, resume=True, progress=False)
 
+    def test_resume_takes_a_weights_file_spelled_otherwise(self, tmp_path: Path, monkeypatch) -> None:
+        """--weights wdir/w.pt recorded, resumed with ./wdir/w.pt or its absolute path: the
+        same file, refused as another setting (helper-150)."""
+        from breakhis.train import resume_differences
+
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "wdir").mkdir()
+        (tmp_path / "wdir" / "w.pt").write_bytes(b"weights")
+        (tmp_path / "wdir" / "other.pt").write_bytes(b"weights")
+        state = {"classes": ["a", "b"], "epoch": 0,
+                 "config": _cfg(backbone="resnet18", weights="wdir/w.pt").to_dict()}
+
+        def differences(weights: str) -> list[str]:
+            return resume_differences(state, _cfg(backbone="resnet18", weights=weights), ["a", "b"])
+
+        for same in ("./wdir/w.pt", str(tmp_path / "wdir" / "w.pt"), "wdir//w.pt"):
+            assert differences(same) == [], same
+        assert differences("wdir/other.pt") == ["checkpoint has weights='wdir/w.pt', this run 'wdir/other.pt'"]
+        (difference,) = differences("imagenet")
+        assert "weights='wdir/w.pt'" in difference
+
     def test_resume_refuses_other_training_options(self, synth_tree, tmp_path: Path) -> None:
         root, _ = synth_tree
         task, records, y = _msbc40(root, 12)
