@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -997,6 +998,22 @@ def _speaker(command: str) -> str:
     return f"breakhis-repro {command} (rank {rank} of {os.environ['WORLD_SIZE']})"
 
 
+#: Words of gloo's and the OS's errors for a connection another process dropped.
+_PEER_LOST = ("reset by peer", "closed by peer", "Broken pipe", "Connection refused")
+
+
+def _peer_lost(text: str) -> str | None:
+    """The message for an error that says another process of a torchrun run is gone (gloo:
+    ``[.../pair.cc:545] Read error [127.0.0.1]:17802: Connection reset by peer. This is
+    typically ...``, where it is the other process whose message says why): its first
+    sentence without the source location; ``None`` for any other error, or outside
+    torchrun."""
+    if not _several_processes() or not any(words in text for words in _PEER_LOST):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ", 1)[0].strip()
+    return f"another process of this torchrun run stopped ({first}): its own message says why"
+
+
 #: Library settings named otherwise than the destination of the option that sets them:
 #: ``out_dir`` of :func:`breakhis.plots.make_figures` and ``out_csv`` of
 #: :func:`breakhis.predict.predict_to_csv` are their commands' ``--out``.
@@ -1127,6 +1144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = str(exc)
         elif isinstance(exc, OSError) and exc.errno is not None:  # not "[Errno 2] ..."
             text = _os_error_text(exc)
+        elif _peer_lost(str(exc)):  # the other process's message says why
+            text = _peer_lost(str(exc)) + (_stop_hint(args, started) if "resume" in vars(args) else "")
         else:
             text = str(exc)
             if "imagenet" in text.lower() or "pretrained" in text.lower():

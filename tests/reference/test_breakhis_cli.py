@@ -510,6 +510,40 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
             "this run's last finished epoch)")
 
 
+@pytest.mark.parametrize("command", ["train", "cv"])
+def test_a_process_left_when_another_stopped_says_so(command, monkeypatch, capsys, tmp_path):
+    """Under torchrun, the processes left when one died (killed, out of memory) printed
+    gloo's message with its C++ source path and 'Check the logs of the remote worker
+    before reporting an issue'; now one line saying what happened and how to go on."""
+    from breakhis import cli
+
+    gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+            "[127.0.0.1]:17802: Connection reset by peer. This is typically caused by a remote worker "
+            "hanging or bugs in the application. Check the logs of the remote worker before reporting.")
+
+    def dropped(args):
+        raise RuntimeError(gloo)
+
+    monkeypatch.setitem(cli._COMMANDS, command, dropped)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main([command, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert _err(capsys).strip() == (
+        f"breakhis-repro {command} (rank 0 of 2): error: another process of this torchrun run stopped "
+        "(Read error [127.0.0.1]:17802: Connection reset by peer): its own message says why (before any "
+        "epoch was saved: the same command starts afresh)")
+    saved = tmp_path / "r" / ("checkpoint.pt" if command == "train" else "fold0/checkpoint.pt")
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"")
+    assert main([command, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert _err(capsys).strip().endswith(
+        "its own message says why (the same command with --resume continues from the last finished epoch)")
+    # another error, or the same words outside torchrun, are said as they come
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main([command, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "pair.cc:545" in _err(capsys)
+
+
 class TestSigterm:
     """SIGTERM (kill, a batch scheduler's time limit, torchrun stopping its workers) ended
     a run at once: no line on the console or in train.log, only status 143. It now ends
