@@ -1091,30 +1091,39 @@ _STALE_REASONS: dict[str, str] = {
 }
 
 
-def _checkpoint_identity(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _checkpoint_identity(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
     """:func:`breakhis.train.checkpoint_identity` of a ``checkpoint.pt`` (its tensors mapped,
-    not read: tensors and plain data only) and its training settings; ``None`` and ``{}``
-    when the file is no breakhis checkpoint."""
+    not read: tensors and plain data only), its training settings and its data settings
+    (``extra.data``); ``None``, ``{}`` and ``{}`` when the file is no breakhis checkpoint."""
     from .checkpoint import NotACheckpointError, load_checkpoint
     from .train import checkpoint_identity
 
     try:
         state = load_checkpoint(path, map_location="cpu", mmap=True)
     except NotACheckpointError:
-        return None, {}
-    return checkpoint_identity(state), dict(state.get("config") or {})
+        return None, {}, {}
+    data = (state.get("extra") or {}).get("data")
+    return checkpoint_identity(state), dict(state.get("config") or {}), dict(data or {})
 
 
-def _other_settings(summary: dict[str, Any], fold: Any) -> bool:
-    """Whether a fold's training settings (``fold``: its report's ``model``, or its
-    checkpoint's ``config``) differ from those of the cv ``summary`` in one that
-    ``cv --resume`` cannot take over (any but :data:`breakhis.train.RESUMABLE_CHANGES`)."""
-    from .train import RESUMABLE_CHANGES
+def _other_settings(summary: dict[str, Any], model: Any, data: dict[str, Any]) -> bool:
+    """Whether a fold was trained with settings other than the cv ``summary``'s, such that
+    ``cv --resume`` refuses it: training settings (``model``: its report's ``model``, or its
+    checkpoint's ``config``) as :func:`breakhis.train.resume_differences` compares them,
+    and the summary's split seed and validation share against the fold's (``data``: from
+    its report, or its checkpoint's ``extra.data``)."""
+    from .train import _config_differences
 
-    model = summary.get("model")
-    if not isinstance(model, dict) or not isinstance(fold, dict):
+    wanted = summary.get("model")
+    if not isinstance(wanted, dict) or not isinstance(model, dict):
         return False
-    return any(fold.get(key, value) != value for key, value in model.items() if key not in RESUMABLE_CHANGES)
+    settings = {k: v for k, v in wanted.items() if k != "val_fraction"}
+    if _config_differences({k: v for k, v in model.items() if k != "val_fraction"}, settings):
+        return True
+    recorded = {"split_seed": (summary.get("protocol") or {}).get("split_seed"),
+                "val_fraction": wanted.get("val_fraction")}
+    return any(value is not None and data.get(key) is not None and data[key] != value
+               for key, value in recorded.items())
 
 
 def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
@@ -1163,13 +1172,17 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
             else:
                 changed = current.get("metrics") != entry.get("metrics")
             if changed:
-                other = _other_settings(report, current.get("model"))
+                model = current.get("model") if isinstance(current.get("model"), dict) else {}
+                data = {"split_seed": (current.get("protocol") or {}).get("split_seed"),
+                        "val_fraction": model.get("val_fraction")}
+                other = _other_settings(report, current.get("model"), data)
                 stale[entry["fold"]] = "other settings" if other else "retrained"
                 continue
-        identity, config = (_checkpoint_identity(ckpt) if recorded is not None and ckpt.is_file()
-                            else (recorded, {}))
+        identity, config, data = (_checkpoint_identity(ckpt) if recorded is not None and ckpt.is_file()
+                                  else (recorded, {}, {}))
         if recorded is not None and identity != recorded:
-            stale[entry["fold"]] = "other settings" if _other_settings(report, config) else "unfinished"
+            other = _other_settings(report, config, data)
+            stale[entry["fold"]] = "other settings" if other else "unfinished"
         elif not done.is_file():
             stale[entry["fold"]] = "no report"
     return stale

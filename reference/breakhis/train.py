@@ -652,6 +652,15 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
     return old_path.is_file() and new_path.is_file() and os.path.samefile(old_path, new_path)
 
 
+def _config_differences(recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The training settings part of :func:`resume_differences`: the stored ``recorded``
+    (in today's terms, :func:`_upgraded`) against ``config`` (``TrainConfig.to_dict()``),
+    every key of ``config`` but :data:`RESUMABLE_CHANGES`, as :func:`_same_setting` tells."""
+    recorded = _upgraded(recorded)
+    return [_difference(key, recorded.get(key, _ABSENT), value) for key, value in config.items()
+            if key not in RESUMABLE_CHANGES and not _same_setting(key, recorded.get(key, _ABSENT), value)]
+
+
 def resume_differences(
     state: dict[str, Any],
     config: TrainConfig,
@@ -683,11 +692,7 @@ def resume_differences(
     out = []
     if list(state.get("classes") or []) != list(classes):
         out.append(_difference("classes", state.get("classes"), list(classes)))
-    recorded = _upgraded(state.get("config") or {})
-    for key, value in config.to_dict().items():
-        if key in RESUMABLE_CHANGES or _same_setting(key, recorded.get(key, _ABSENT), value):
-            continue
-        out.append(_difference(key, recorded.get(key, _ABSENT), value))
+    out += _config_differences(state.get("config") or {}, config.to_dict())
     done = int(state.get("epoch", -1)) + 1
     if done > config.epochs:
         out.append(f"checkpoint has already trained {done} epochs, this run asks for "

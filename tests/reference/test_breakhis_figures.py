@@ -999,6 +999,38 @@ class TestResultsTable:
         row = results_rows([run])[0]
         assert row["stale_folds"] == [0, 1] and row["stale"].startswith("stale: folds 0, 1 retrained")
 
+    def test_other_settings_are_told_as_cv_resume_tells_them(self, tmp_path: Path, monkeypatch) -> None:
+        """`table` compared a fold's settings with a plain `!=`: a weights file spelled
+        otherwise, or an old plateau_patience of 0, were "other settings" that cv --resume
+        takes; a split seed or validation share of the fold's checkpoint were not compared
+        (helper-151)."""
+        from breakhis.plots import _stale_folds
+        from breakhis.train import CHECKPOINT_FORMAT, TrainConfig, checkpoint_identity
+
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "w.pt").write_bytes(b"weights")
+        config = TrainConfig(backbone="resnet18", weights="w.pt", epochs=2, plateau_patience=1).to_dict()
+        data = {"val_fraction": 0.1, "split_seed": 0}
+        old = {"format": CHECKPOINT_FORMAT, "epoch": 1, "config": config, "classes": ["a", "b"],
+               "extra": {"data": data}, "history": []}
+        summary = {"summary": {}, "model": {**config, "val_fraction": 0.1}, "protocol": {"split_seed": 0},
+                   "folds": [{"fold": 0, "checkpoint": checkpoint_identity(old), "metrics": {}}]}
+        (tmp_path / "cv" / "fold0").mkdir(parents=True)
+
+        def why(**changes) -> str:
+            state = {**old, "epoch": 0, "config": {**config, **changes.get("config", {})},
+                     "extra": {"data": {**data, **changes.get("data", {})}}}
+            save_checkpoint(state, tmp_path / "cv" / "fold0" / "checkpoint.pt")
+            return _stale_folds(tmp_path / "cv", summary)[0]
+
+        assert why() == "unfinished"
+        assert why(config={"weights": "./w.pt"}) == "unfinished"  # the same file
+        assert why(config={"plateau_patience": 0}) == "unfinished"  # Keras' count, read as 1
+        assert why(config={"epochs": 5}) == "unfinished"  # cv --resume may extend a run
+        assert why(config={"seed": 7}) == "other settings"
+        assert why(data={"val_fraction": 0.3}) == "other settings"
+        assert why(data={"split_seed": 5}) == "other settings"
+
     def test_metric_over_fewer_folds_says_so(self, runs, tmp_path: Path) -> None:
         """The row said 2 folds while a metric's mean was over 1 (None on the other)."""
         from breakhis.evaluate import summarize_folds
