@@ -1083,10 +1083,14 @@ def _git_state(root: Path) -> dict[str, Any]:
             return none
         commit = git("rev-parse", "HEAD")
         dirty = _dirty(git("status", "--porcelain", "--untracked-files=normal"))
-    except (OSError, subprocess.SubprocessError) as err:
-        said = (getattr(err, "stderr", None) or "").strip().splitlines()
-        if (root / ".git").exists() and said:
-            return {**none, "git_problem": said[0].removeprefix("fatal: ")}
+    except subprocess.CalledProcessError as err:  # git ran and refused
+        said = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        lines = [line.strip() for line in said.splitlines() if line.strip()]
+        fatal = next((line for line in lines if line.startswith("fatal: ")), lines[0] if lines else None)
+        if (root / ".git").exists() and fatal:
+            return {**none, "git_problem": fatal.removeprefix("fatal: ")}
+        return none
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung (TimeoutExpired)
         return none
     return {"git_commit": commit, "git_dirty": dirty}
 

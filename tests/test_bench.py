@@ -455,6 +455,15 @@ class TestRegistries:
                          "git_problem": f"detected dubious ownership in repository at '{tmp_path}'"}
         env = {**bench.environment("cpu"), **state}
         assert f"(git: detected dubious ownership in repository at '{tmp_path}')" in cli._describe_environment(env)
+        # git's "fatal:" line, not a warning before it; a git that hangs (its stderr in bytes) is no crash
+        refusal = f"warning: ignoring something\nfatal: detected dubious ownership in repository at '{tmp_path}'"
+        assert bench._git_state(tmp_path)["git_problem"].startswith("detected dubious ownership")
+
+        def hanging_git(cmd, **kwargs):
+            raise subprocess.TimeoutExpired(cmd, 10, output=b"", stderr=b"warning: slow\n")
+
+        monkeypatch.setattr(bench.subprocess, "run", hanging_git)
+        assert bench._git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
 
     def test_rewritten_committed_results_are_not_changed_code(self):
         # make bench rewrites the committed layer results before it runs the models.
