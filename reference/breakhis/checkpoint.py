@@ -15,6 +15,7 @@ import pickle
 import random
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,11 @@ def _load_failure(exc: Exception, path: Path) -> str:
     """Why ``torch.load`` failed on ``path``, in words that never suggest
     ``weights_only=False``.
 
-    That option would execute whatever code the file's pickle holds. A file that begins
-    as torch.save's archive (a zip) but fails is said to be damaged or cut short (torch's
-    own words for that range from miniz's to ``[Errno 22] Invalid argument``).
+    That option would execute whatever code the file's pickle holds. A zip file, the
+    container torch.save writes, is told apart: one that cannot be read as a zip is
+    damaged or cut short (torch's own words for that range from miniz's to ``[Errno 22]
+    Invalid argument``); one without the ``<name>/data.pkl`` of torch.save is another
+    program's zip (a Keras ``.keras``, a numpy ``.npz``).
     """
     if isinstance(exc, EOFError):
         return "the file is empty or cut short"
@@ -105,10 +108,17 @@ def _load_failure(exc: Exception, path: Path) -> str:
     failure = f"torch.load failed: {type(exc).__name__}" + (f": {first_line}" if first_line else "")
     try:
         with path.open("rb") as handle:
-            archive = handle.read(4) == b"PK\x03\x04"
+            if handle.read(4) != b"PK\x03\x04":
+                return failure
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
     except OSError:
-        archive = False
-    return f"a torch.save archive, damaged or cut short; {failure}" if archive else failure
+        return failure
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        return f"a zip archive, damaged or cut short; {failure}"
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        return f"a zip archive that torch.save did not write (no <name>/data.pkl in it); {failure}"
+    return f"a torch.save archive, damaged; {failure}"
 
 
 #: An abbreviation (a whole word) whose full stop ends no sentence, for :func:`_clipped`.

@@ -425,8 +425,18 @@ class TestNotACheckpoint:
         for keep in (40, len(data) // 2):
             (tmp_path / "cut.pt").write_bytes(data[:keep])
             with pytest.raises(NotACheckpointError, match=r"^'[^']*cut\.pt' is not a breakhis checkpoint "
-                               r"\(a torch\.save archive, damaged or cut short; torch\.load failed: "):
+                               r"\(a zip archive, damaged or cut short; torch\.load failed: "):
                 load_checkpoint(tmp_path / "cut.pt")
+        # another program's zip (a Keras .keras, a numpy .npz) is not called damaged (helper-151)
+        import zipfile
+
+        with zipfile.ZipFile(tmp_path / "model.keras", "w") as archive:
+            archive.writestr("config.json", "{}")
+        np.savez(tmp_path / "arrays.npz", a=np.zeros(3))
+        for name in ("model.keras", "arrays.npz"):
+            with pytest.raises(NotACheckpointError, match=r"\(a zip archive that torch\.save did not write "
+                               r"\(no <name>/data\.pkl in it\); torch\.load failed: "):
+                load_checkpoint(tmp_path / name)
         torch.save({"model": {}}, tmp_path / "dict.pt")
         with pytest.raises(NotACheckpointError, match="expected format"):
             load_model(tmp_path / "dict.pt")
