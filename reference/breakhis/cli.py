@@ -634,15 +634,19 @@ def _saved_checkpoints(args: argparse.Namespace) -> list[Path] | None:
     if not folder:
         return None
     out = Path(folder)
-    return [p for p in (out / _CHECKPOINT, *sorted(out.glob(f"fold*/{_CHECKPOINT}"))) if p.is_file()]
+    folds = [p for p in sorted(out.glob(f"fold*/{_CHECKPOINT}"))
+             if re.fullmatch(r"fold(0|[1-9]\d*)", p.parent.name)]  # not a fold0.bak
+    return [p for p in (out / _CHECKPOINT, *folds) if p.is_file()]
 
 
 def _stop_hint(args: argparse.Namespace, started: float) -> str:
     """How to go on after a ``train`` or ``cv`` stopped by Ctrl-C or SIGTERM, from what its
-    run folder holds now: no checkpoint (the same command starts afresh), with
-    ``--overwrite`` a checkpoint older than the command (``started``, a ``time.time()``:
-    stopped before it removed the run it replaces, which is still there) or only its own
-    (``--resume`` instead of ``--overwrite`` continues it), else ``--resume``."""
+    run folder holds now (checkpoints of ``fold<k>`` folders only, as ``cv`` names them):
+    no checkpoint (the same command starts afresh), with ``--overwrite`` one saved since
+    the command began (``started``, a ``time.time()``: ``--resume`` instead of
+    ``--overwrite`` continues it; the run it replaced is gone, as ``cv`` clears the folds it
+    trains before the first) or only older ones (stopped before it removed the run it
+    replaces, which is still there), else ``--resume``."""
     saved = _saved_checkpoints(args)
     if saved == []:
         return " (before any epoch was saved: the same command starts afresh)"
@@ -652,11 +656,11 @@ def _stop_hint(args: argparse.Namespace, started: float) -> str:
         return (" (the same command with --resume instead of --overwrite continues from this "
                 "run's last finished epoch, if it saved one; if not, repeat --overwrite)")
     # a second's margin: file times come from a coarser clock than time.time()
-    if any(p.stat().st_mtime < started - 1.0 for p in saved):
-        return (" (before this run saved an epoch: the folder still holds the run it was to "
-                "replace; repeat --overwrite to replace it)")
-    return (" (the same command with --resume instead of --overwrite continues from this run's "
-            "last finished epoch)")
+    if any(p.stat().st_mtime >= started - 1.0 for p in saved):
+        return (" (the same command with --resume instead of --overwrite continues from this run's "
+                "last finished epoch)")
+    return (" (before this run saved an epoch: the folder still holds the run it was to "
+            "replace; repeat --overwrite to replace it)")
 
 
 def _check_fresh_or_resume(args: argparse.Namespace) -> None:

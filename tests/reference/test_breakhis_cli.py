@@ -508,6 +508,19 @@ def test_ctrl_c_is_one_line_and_status_130(command, resumable, monkeypatch, caps
         assert overwritten(True, True) == (
             f"{line} (the same command with --resume instead of --overwrite continues from "
             "this run's last finished epoch)")
+        if command == "cv":  # another fold of the old run left, or a copy beside: this run's tells
+            (saved.parent.parent / "fold0.bak").mkdir()
+            (saved.parent.parent / "fold0.bak" / "checkpoint.pt").write_bytes(b"")
+            other = saved.parent.parent / "fold0" / "checkpoint.pt"
+            other.parent.mkdir()
+            other.write_bytes(b"")
+            os.utime(other, (time.time() - 60,) * 2)
+            assert overwritten(True, True) == (
+                f"{line} (the same command with --resume instead of --overwrite continues from "
+                "this run's last finished epoch)")
+            other.unlink()
+            assert overwritten(True, False) == (  # a fold0.bak is no fold of cv's
+                f"{line} (before any epoch was saved: the same command starts afresh)")
 
 
 @pytest.mark.parametrize("command", ["train", "cv"])
