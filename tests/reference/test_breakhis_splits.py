@@ -287,6 +287,18 @@ class TestProtocols:
             f"folds/{name}" for name in meta["fold_files"]]
         assert find_fold_tables(index_breakhis(data), max_depth=0) == []
 
+    def test_unlisted_images_of_class_subfolders_are_named_from_their_class_folder(self, tmp_path: Path) -> None:
+        """Images in subfolders of a class were named by their last folder only: two
+        images showed as the same 'slide1/x.png' (helper-151)."""
+        for name in ("benign/slide1/x.png", "malignant/slide1/x.png", "benign/y.png", "malignant/z.png"):
+            _png(tmp_path / "data" / name)
+        index = index_image_folder(tmp_path / "data")
+        table = tmp_path / "Folds.csv"
+        table.write_text("fold,mag,grp,filename\n1,,train,benign/y.png\n1,,test,malignant/z.png\n")
+        (split,) = official_folds(index.records, [table])
+        assert split.notes[0] == ("2 images not listed in fold 1; left out, e.g. "
+                                  "['benign/slide1/x.png', 'malignant/slide1/x.png']")
+
     def test_official_reports_unlisted_and_shared(self, tmp_path: Path) -> None:
         records = [ImageRecord(Path(f"/x/{n}.png"), "benign", patient=p)
                    for n, p in (("a", "p1"), ("b", "p1"), ("c", "p2"), ("d", "p3"))]
