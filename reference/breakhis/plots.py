@@ -1094,7 +1094,8 @@ _STALE_REASONS: dict[str, str] = {
 def _checkpoint_identity(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
     """:func:`breakhis.train.checkpoint_identity` of a ``checkpoint.pt`` (its tensors mapped,
     not read: tensors and plain data only), its training settings and its data settings
-    (``extra.data``); ``None``, ``{}`` and ``{}`` when the file is no breakhis checkpoint."""
+    (``extra.data``, with the task's name and magnification from ``extra.task``); ``None``,
+    ``{}`` and ``{}`` when the file is no breakhis checkpoint."""
     from .checkpoint import NotACheckpointError, load_checkpoint
     from .train import checkpoint_identity
 
@@ -1102,16 +1103,22 @@ def _checkpoint_identity(path: Path) -> tuple[dict[str, Any] | None, dict[str, A
         state = load_checkpoint(path, map_location="cpu", mmap=True)
     except NotACheckpointError:
         return None, {}, {}
-    data = (state.get("extra") or {}).get("data")
-    return checkpoint_identity(state), dict(state.get("config") or {}), dict(data or {})
+    extra = state.get("extra") or {}
+    data, task = dict(extra.get("data") or {}), extra.get("task") or {}
+    # by the names of DataSpec.to_dict, the task as the task's own record names it
+    data.update(task=task.get("name", data.get("task")), magnification=task.get("magnification"))
+    return checkpoint_identity(state), dict(state.get("config") or {}), data
 
 
 def _other_settings(summary: dict[str, Any], model: Any, data: dict[str, Any]) -> bool:
     """Whether a fold was trained with settings other than the cv ``summary``'s, such that
     ``cv --resume`` refuses it: training settings (``model``: its report's ``model``, or its
     checkpoint's ``config``) as :func:`breakhis.train.resume_differences` compares them,
-    and the summary's split seed and validation share against the fold's (``data``: from
-    its report, or its checkpoint's ``extra.data``)."""
+    and the data settings of :func:`_data_settings` (``data``: the fold's, from its report
+    or checkpoint) but those the others make ineffective
+    (:func:`breakhis.experiments._without_effect`: ``n_splits`` of the official protocol,
+    ...). Settings neither records are not compared."""
+    from .experiments import _without_effect
     from .train import _config_differences
 
     wanted = summary.get("model")
@@ -1120,10 +1127,23 @@ def _other_settings(summary: dict[str, Any], model: Any, data: dict[str, Any]) -
     settings = {k: v for k, v in wanted.items() if k != "val_fraction"}
     if _config_differences({k: v for k, v in model.items() if k != "val_fraction"}, settings):
         return True
-    recorded = {"split_seed": (summary.get("protocol") or {}).get("split_seed"),
-                "val_fraction": wanted.get("val_fraction")}
-    return any(value is not None and data.get(key) is not None and data[key] != value
-               for key, value in recorded.items())
+    ours = _data_settings(summary.get("task"), summary.get("protocol"), wanted.get("val_fraction"))
+    known = {k: v for k, v in ours.items() if v is not None}
+    spec = {key: known[key] for key in ("protocol", "val_fraction") if key in known}
+    skipped = _without_effect({**spec, "image_folder": known.get("task") == "folder"})
+    return any(data.get(key) is not None and data[key] != value
+               for key, value in known.items() if key not in skipped)
+
+
+def _data_settings(task: Any, protocol: Any, val_fraction: Any) -> dict[str, Any]:
+    """The data settings a report records (its ``task`` and ``protocol`` entries and the
+    validation share), by the names of :meth:`breakhis.experiments.DataSpec.to_dict`;
+    ``None`` for what it does not record."""
+    task = task if isinstance(task, dict) else {}
+    protocol = protocol if isinstance(protocol, dict) else {}
+    return {"task": task.get("name"), "magnification": task.get("magnification"),
+            "protocol": protocol.get("protocol"), "split_seed": protocol.get("split_seed"),
+            "n_splits": protocol.get("n_splits"), "val_fraction": val_fraction}
 
 
 def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
@@ -1173,8 +1193,7 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
                 changed = current.get("metrics") != entry.get("metrics")
             if changed:
                 model = current.get("model") if isinstance(current.get("model"), dict) else {}
-                data = {"split_seed": (current.get("protocol") or {}).get("split_seed"),
-                        "val_fraction": model.get("val_fraction")}
+                data = _data_settings(current.get("task"), current.get("protocol"), model.get("val_fraction"))
                 other = _other_settings(report, current.get("model"), data)
                 stale[entry["fold"]] = "other settings" if other else "retrained"
                 continue

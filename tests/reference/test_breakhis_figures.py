@@ -1010,16 +1010,19 @@ class TestResultsTable:
         monkeypatch.chdir(tmp_path)
         (tmp_path / "w.pt").write_bytes(b"weights")
         config = TrainConfig(backbone="resnet18", weights="w.pt", epochs=2, plateau_patience=1).to_dict()
-        data = {"val_fraction": 0.1, "split_seed": 0}
+        data = {"val_fraction": 0.1, "split_seed": 0, "protocol": "patient", "n_splits": 5}
+        task = {"name": "MSBC", "magnification": 40}
         old = {"format": CHECKPOINT_FORMAT, "epoch": 1, "config": config, "classes": ["a", "b"],
-               "extra": {"data": data}, "history": []}
-        summary = {"summary": {}, "model": {**config, "val_fraction": 0.1}, "protocol": {"split_seed": 0},
+               "extra": {"data": data, "task": task}, "history": []}
+        summary = {"summary": {}, "model": {**config, "val_fraction": 0.1}, "task": task,
+                   "protocol": {"protocol": "patient", "split_seed": 0, "n_splits": 5},
                    "folds": [{"fold": 0, "checkpoint": checkpoint_identity(old), "metrics": {}}]}
         (tmp_path / "cv" / "fold0").mkdir(parents=True)
 
         def why(**changes) -> str:
             state = {**old, "epoch": 0, "config": {**config, **changes.get("config", {})},
-                     "extra": {"data": {**data, **changes.get("data", {})}}}
+                     "extra": {"data": {**data, **changes.get("data", {})},
+                               "task": {**task, **changes.get("task", {})}}}
             save_checkpoint(state, tmp_path / "cv" / "fold0" / "checkpoint.pt")
             return _stale_folds(tmp_path / "cv", summary)[0]
 
@@ -1030,6 +1033,17 @@ class TestResultsTable:
         assert why(config={"seed": 7}) == "other settings"
         assert why(data={"val_fraction": 0.3}) == "other settings"
         assert why(data={"split_seed": 5}) == "other settings"
+        assert why(data={"n_splits": 10}) == "other settings"
+        assert why(data={"protocol": "image"}) == "other settings"
+        assert why(task={"magnification": 200}) == "other settings"
+        # an old summary's plateau_patience of 0 is today's 1, as the fold's (helper-152)
+        summary["model"]["plateau_patience"] = 0
+        assert why() == "unfinished"
+        # the official protocol without validation draws nothing: its split seed has no effect
+        summary["protocol"].update(protocol="official", split_seed=3)
+        summary["model"]["val_fraction"] = 0.0
+        assert why(data={"protocol": "official", "val_fraction": 0.0}) == "unfinished"
+        assert why(data={"protocol": "official", "val_fraction": 0.0, "n_splits": 3}) == "unfinished"
 
     def test_metric_over_fewer_folds_says_so(self, runs, tmp_path: Path) -> None:
         """The row said 2 folds while a metric's mean was over 1 (None on the other)."""
