@@ -1006,13 +1006,20 @@ def _speaker(command: str) -> str:
 _PEER_LOST = ("reset by peer", "closed by peer", "Broken pipe", "Connection refused")
 
 
-def _peer_lost(text: str) -> str | None:
+def _peer_lost(exc: BaseException) -> str | None:
     """The message for an error that says another process of a torchrun run is gone (gloo:
     ``[.../pair.cc:545] Read error [127.0.0.1]:17802: Connection reset by peer. This is
     typically ...``, where it is the other process whose message says why): its first
     sentence without the source location; ``None`` for any other error, or outside
-    torchrun."""
-    if not _several_processes() or not any(words in text for words in _PEER_LOST):
+    torchrun. Only errors of the process group count: torch's ``DistError`` kinds, or an
+    error that names a source file of gloo (a weights download refused with "Connection
+    refused" is not one)."""
+    text = str(exc)
+    dist = sys.modules.get("torch.distributed")
+    kinds = getattr(dist, "DistError", None) if dist is not None else None
+    of_the_group = (isinstance(kinds, type) and isinstance(exc, kinds)) or re.search(
+        r"\[[^\]]*gloo[^\]]*\.cc:\d+\]", text) is not None
+    if not _several_processes() or not of_the_group or not any(words in text for words in _PEER_LOST):
         return None
     first = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ", 1)[0].strip()
     return f"another process of this torchrun run stopped ({first}): its own message says why"
@@ -1148,8 +1155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = str(exc)
         elif isinstance(exc, OSError) and exc.errno is not None:  # not "[Errno 2] ..."
             text = _os_error_text(exc)
-        elif _peer_lost(str(exc)):  # the other process's message says why
-            text = _peer_lost(str(exc)) + (_stop_hint(args, started) if "resume" in vars(args) else "")
+        elif (lost := _peer_lost(exc)) is not None:  # the other process's message says why
+            text = lost + (_stop_hint(args, started) if "resume" in vars(args) else "")
         else:
             text = str(exc)
             if "imagenet" in text.lower() or "pretrained" in text.lower():

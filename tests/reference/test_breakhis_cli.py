@@ -551,7 +551,19 @@ def test_a_process_left_when_another_stopped_says_so(command, monkeypatch, capsy
     assert main([command, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert _err(capsys).strip().endswith(
         "its own message says why (the same command with --resume continues from the last finished epoch)")
-    # another error, or the same words outside torchrun, are said as they come
+    # a weights download refused under torchrun is no peer lost (helper-152): said as it comes
+    refused = ("could not obtain pretrained ImageNet weights for 'resnet50' (<urlopen error [Errno 111] "
+               "Connection refused>)")
+
+    def download_refused(args):
+        raise RuntimeError(refused)
+
+    monkeypatch.setitem(cli._COMMANDS, command, download_refused)
+    assert main([command, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert refused in err and "another process" not in err and "offline?" in err
+    monkeypatch.setitem(cli._COMMANDS, command, dropped)
+    # the same words outside torchrun are said as they come
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main([command, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "pair.cc:545" in _err(capsys)
