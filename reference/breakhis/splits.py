@@ -583,12 +583,13 @@ def _sides(
 
 def _shown_name(record: ImageRecord) -> str:
     """A record's name in a note: a BreaKHis file name (unique), else its path from its
-    class folder on (``<class folder>/<subfolders>/<file>``), or its last two parts where
-    no folder is named as its class."""
+    class folder on (``<class folder>/<subfolders>/<file>``; the first folder of its class's
+    name, so that ``benign/benign/x.png`` is not ``benign/x.png``), or its last two parts
+    where no folder is named as its class."""
     if record.tumor_type is not None:
         return record.path.name
     parts = record.path.parts
-    at = max((i for i, part in enumerate(parts[:-1]) if part == record.label), default=len(parts) - 2)
+    at = min((i for i, part in enumerate(parts[:-1]) if part == record.label), default=len(parts) - 2)
     return "/".join(parts[at:])
 
 
