@@ -1192,9 +1192,10 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
             else:
                 changed = current.get("metrics") != entry.get("metrics")
             if changed:
-                model = current.get("model") if isinstance(current.get("model"), dict) else {}
-                data = _data_settings(current.get("task"), current.get("protocol"), model.get("val_fraction"))
-                other = _other_settings(report, current.get("model"), data)
+                model = current.get("model")
+                share = model.get("val_fraction") if isinstance(model, dict) else None
+                data = _data_settings(current.get("task"), current.get("protocol"), share)
+                other = _other_settings(report, model, data)
                 stale[entry["fold"]] = "other settings" if other else "retrained"
                 continue
         identity, config, data = (_checkpoint_identity(ckpt) if recorded is not None and ckpt.is_file()
