@@ -526,7 +526,8 @@ def official_folds(
         unlisted = np.flatnonzero(side == "")
         if len(unlisted):
             names = [_shown_name(records[i]) for i in unlisted[:3]]
-            notes.append(f"{count(len(unlisted), 'image')} not listed in fold {fold}; left out, e.g. {names}")
+            notes.append(f"{count(len(unlisted), 'image')} not listed in fold {fold}; left out, "
+                         f"e.g. {names}")
         absent = [e for e in unmatched
                   if task_mag is None or _line_magnification(e) in (task_mag, None)]
         if absent:

@@ -655,11 +655,12 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
 def _config_differences(recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
     """The training settings part of :func:`resume_differences`: the stored ``recorded``
     against ``config`` (``TrainConfig.to_dict()``, or a stored one), both in today's terms
-    (:func:`_upgraded`),
-    every key of ``config`` but :data:`RESUMABLE_CHANGES`, as :func:`_same_setting` tells."""
+    (:func:`_upgraded`), every key of ``config`` but :data:`RESUMABLE_CHANGES`, as
+    :func:`_same_setting` tells."""
     recorded, config = _upgraded(recorded), _upgraded(config)  # both: an old summary's too
-    return [_difference(key, recorded.get(key, _ABSENT), value) for key, value in config.items()
-            if key not in RESUMABLE_CHANGES and not _same_setting(key, recorded.get(key, _ABSENT), value)]
+    pairs = ((key, recorded.get(key, _ABSENT), value) for key, value in config.items()
+             if key not in RESUMABLE_CHANGES)
+    return [_difference(*pair) for pair in pairs if not _same_setting(*pair)]
 
 
 def resume_differences(
