@@ -30,8 +30,10 @@ import difflib
 import enum
 import importlib.util
 import itertools
+import io
 import os
 import pickle
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -349,9 +351,11 @@ def _layout_fix(x: Tensor, channels: int) -> str | None:
     """How to fix the shape of images ``x`` for a network that takes :math:`(B, C, H, W)`
     with ``channels`` channels; ``None`` if nothing is wrong with it."""
     # (jit.trace records sizes as tensors: comparing one would warn that the trace may be wrong)
-    if x.dim() == 4 and (torch.jit.is_tracing() or x.shape[1] == channels):
+    if x.dim() == 4 and (torch.jit.is_tracing() or (x.shape[1] == channels and min(x.shape[-2:]) > 0)):
         return None
     shape = tuple(x.shape)
+    if x.dim() == 4 and shape[1] == channels:  # no pixels: torch's error named a padded size instead
+        return "images need at least one pixel a side (H >= 1 and W >= 1)"
     if x.dim() == 3 and shape[0] == channels:
         return "a single image needs a batch dimension: x.unsqueeze(0)"
     if x.dim() == 3 and shape[-1] == channels:
@@ -459,11 +463,24 @@ _PROBE_WARNINGS = threading.RLock()
 
 @contextlib.contextmanager
 def _quiet_probe() -> Iterator[None]:
-    """A probe's block: without gradients and without the module's warnings (they come with
-    its real passes), under :data:`_PROBE_WARNINGS`."""
-    with torch.no_grad(), _PROBE_WARNINGS, warnings.catch_warnings():
+    """A probe's block: without gradients and without the module's warnings and what it
+    writes to stderr (they come with its real passes; torch.fx prints the traceback of a
+    traced module's failure there even where the failure is caught), under
+    :data:`_PROBE_WARNINGS`."""
+    with torch.no_grad(), _PROBE_WARNINGS, warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def _stderr_unless_raising() -> Iterator[None]:
+    """What the block writes to stderr, written there after it unless it raises: torch.fx
+    prints the traceback of a traced module's failure even where the failure is caught
+    and said otherwise (a failing pass of ours ends in our own error)."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
 
 
 def _prober(module: nn.Module) -> Callable[[Tensor], Any]:
@@ -594,7 +611,8 @@ def _probe(
     with _in_eval_mode(body):  # each submodule's own mode afterwards, e.g. a frozen batch norm
         with torch.no_grad():
             try:
-                raw = body(sample)
+                with _stderr_unless_raising():
+                    raw = body(sample)
             except (RuntimeError, ValueError, AssertionError) as err:
                 fix = " and ".join(needs) or "sample_shape=(C, H, W) with the channels and a size it accepts"
                 raise ValueError(
@@ -605,7 +623,8 @@ def _probe(
             small = None
             if check_layout and half != tuple(sample_shape):
                 try:
-                    small = _to_nchw(_last_map(body(sample.new_zeros(1, *half))), output_fmt)
+                    with _stderr_unless_raising():
+                        small = _to_nchw(_last_map(body(sample.new_zeros(1, *half))), output_fmt)
                 except Exception:  # noqa: BLE001 - a backbone that takes one input size only: no check
                     small = None
     channel_dim = 2 if out.dim() == 3 else 1

@@ -255,6 +255,33 @@ def test_timm_vit_by_name_knows_its_image_size():
         fx(torch.randn(1, 3, 128, 128))
 
 
+def test_a_failing_probe_of_a_traced_module_prints_nothing(capfd):
+    """torch.fx prints the traceback of a traced module's failure to stderr even where it is
+    caught: building a classifier around one that fails on the probe's zero image printed
+    24 lines of traceback above the clear ValueError (torchvision's maxvit_t)."""
+
+    class FixedSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x.view(1, 3, 7, 7))  # 7 x 7 images only
+
+    traced = torch.fx.symbolic_trace(FixedSize())
+    with pytest.raises(RuntimeError):  # fx prints here: the check can fail
+        traced(torch.zeros(1, 3, 8, 8))
+    assert "Traceback" in capfd.readouterr().err
+    with pytest.raises(ValueError, match=r"could not run the backbone on a zero image of shape \(1, 3, 128, 128\)"):
+        build_backbone(traced)
+    assert capfd.readouterr().err == ""
+    fx = build_backbone(traced, sample_shape=(3, 7, 7))
+    assert fx.out_channels == 4
+    with pytest.raises(RuntimeError):  # the user's own pass fails (and fx prints), not the probes that follow
+        fx(torch.zeros(1, 3, 8, 8))
+    assert capfd.readouterr().err.count("Traceback") == 1
+
+
 class TestImagesTooSmall:
     """Images smaller than a network takes (InceptionV3 below 75 x 75) failed with torch's
     "Kernel size can't be greater than actual input size", naming no size to use. The

@@ -775,6 +775,19 @@ def test_flags_must_be_bools(flag):
         fast_bilinear_pool(torch.randn(1, 2, 2, 2), **{flag: "no"})
 
 
+@pytest.mark.parametrize("flag", ["signed_sqrt", "l2_normalize", "triu", "save_output"])
+def test_flags_of_numpy_or_torch_say_how_to_pass_them(flag):
+    """A NumPy bool was refused as "np.True_ (bool)": refused for not being a bool while
+    named one. The type is now named in full, with the fix."""
+    np = pytest.importorskip("numpy")
+    for value, kind in [(np.True_, "numpy.bool_?"), (torch.tensor(False), "torch.Tensor")]:
+        with pytest.raises(TypeError, match=rf"{flag} must be True or False, but got .* \({kind}\): pass a "
+                           rf"Python bool, bool\({flag}\)$"):
+            fast_bilinear_pool(torch.randn(1, 2, 2, 2), **{flag: value})
+    with pytest.raises(TypeError, match=r"but got tensor\(\[True\]\) \(torch.Tensor\)$"):  # not one bool
+        fast_bilinear_pool(torch.randn(1, 2, 2, 2), **{flag: torch.tensor([True])})
+
+
 def test_tokens_of_different_lengths_are_not_told_to_resize():
     from bilinearpool import BilinearPool
 

@@ -260,6 +260,16 @@ class TestInputChecks:
                            r"x.unsqueeze\(0\)$"):
             resnet18_model(torch.randn(3, 64, 64))
 
+    def test_images_without_pixels(self, resnet18_model):
+        """An image 0 pixels high went to the network, whose error named a padded size
+        ("Calculated padded input size per channel: (6 x 70)") instead of the input's."""
+        for shape in [(2, 3, 0, 64), (2, 3, 64, 0)]:
+            with pytest.raises(ValueError, match=rf"takes images \(B, 3, H, W\) of dtype torch.float32, but got shape "
+                               rf"{re.escape(str(shape))}: images need at least one pixel a side "
+                               r"\(H >= 1 and W >= 1\)$"):
+                resnet18_model(torch.randn(shape))
+        assert resnet18_model(torch.randn(0, 3, 64, 64)).shape == (0, 4)  # an empty batch is no error
+
     def test_uint8_images(self, resnet18_model):
         with pytest.raises(TypeError, match=r"of dtype torch.float32, but got dtype torch.uint8: convert 8-bit "
                            r"images with x.float\(\) / 255 and normalise them .*ImageNet: mean \(0.485"):

@@ -451,11 +451,26 @@ def does_nothing(
 
 
 def check_flags(**flags: object) -> None:
-    """Raise :class:`TypeError` naming the first of ``flags`` that is not a bool (a string
-    such as ``"no"`` would otherwise count as true)."""
+    """Raise :class:`TypeError` naming the first of ``flags`` that is not a Python bool (a
+    string such as ``"no"`` would otherwise count as true); a bool of NumPy or a 0-d bool
+    tensor is told to become one.
+
+    Examples:
+        >>> check_flags(triu=torch.tensor(True))
+        Traceback (most recent call last):
+            ...
+        TypeError: triu must be True or False, but got tensor(True) (torch.Tensor): pass a Python bool, bool(triu)
+    """
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, but got {value!r} ({type(value).__name__})")
+        if isinstance(value, bool):
+            continue
+        kind = type(value)
+        kind_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        message = f"{name} must be True or False, but got {value!r} ({kind_name})"
+        numpy_bool = kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+        if numpy_bool or (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 0):
+            message += f": pass a Python bool, bool({name})"
+        raise TypeError(message)
 
 
 def check_channels(name: str, t: Tensor | None, expected: int) -> None:
