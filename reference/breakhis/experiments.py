@@ -1543,10 +1543,21 @@ def _checked_images(
 ) -> np.ndarray:
     """``index`` decoded as training's index did (:func:`_decodable`; not again when the
     index ``decoded`` them) and checked against the contents the checkpoint records
-    (:func:`_check_contents`)."""
+    (:func:`_check_contents`).
+
+    ``index`` holds the recorded images (:func:`_recorded_images`) in their recorded order:
+    each file's SHA-256 is looked up by its path now and compared under its recorded
+    name, so that a ``--data-root`` at another level of the tree (other relative paths)
+    is checked too; looked up by recorded name, it was not checked at all.
+    """
     digests = data.index.digests
     if not decoded:
         index, digests = _decodable(checkpoint, spec, data, index, split, progress=progress)
+    files = (state.get("extra") or {}).get("files") or {}
+    names = [*files.get("test", ())] if split == "test" else [*files.get("train", ()), *files.get("val", ())]
+    if digests is not None and split != "all" and len(names) == len(index):
+        now = (digests.get(data.relative_path(i)) for i in index)
+        digests = {name: digest for name, digest in zip(names, now) if digest is not None}
     _check_contents(checkpoint, state, data.index.root, split, digests)
     return index
 

@@ -468,6 +468,15 @@ class TestRecordedImages:
         for data_root in (deeper, tmp_path / "above"):
             records, _, _ = checkpoint_records(ckpt, split="test", data_root=str(data_root))
             assert [r.path for r in records] == [r.path for r in expected]
+        # the contents are checked there too: another image under a test image's name is
+        # refused (it was scored: the recorded names were looked up among the paths now)
+        test_file = load_checkpoint(ckpt)["extra"]["files"]["test"][0]
+        _other_pixels(top / test_file)
+        for data_root in (deeper, tmp_path / "above"):
+            with pytest.raises(ValueError, match=r"but the files of those names under .* hold other images"):
+                checkpoint_records(ckpt, split="test", data_root=str(data_root))
+        with pytest.raises(ValueError, match="hold other images"):
+            checkpoint_records(ckpt, split="test")
         # two copies of the data below the root given: which one is meant is not guessed
         shutil.copytree(top, tmp_path / "above" / "copy")
         with pytest.raises(ValueError, match="two copies of the data set"):
