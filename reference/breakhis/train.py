@@ -701,11 +701,56 @@ def resume_differences(
                    f"epochs={config.epochs}")
     if extra is not None:
         old, new = _flatten(state.get("extra") or {}), _flatten(extra)
+        keys = [key for key in sorted(set(old) | set(new), key=lambda k: (k.startswith("files."), k))
+                if not _ignored(key, ignore) and old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+        level = _other_level(old, new, keys)
+        if level is not None:  # one line for it, not "other images under the same names"
+            keys = [key for key in keys if not key.startswith(("files.", "files_sha256."))]
         # settings first, file lists (long) last
-        for key in sorted(set(old) | set(new), key=lambda k: (k.startswith("files."), k)):
-            if not _ignored(key, ignore) and old.get(key, _ABSENT) != new.get(key, _ABSENT):
-                out.append(_difference(key, old.get(key, _ABSENT), new.get(key, _ABSENT)))
+        out += [_difference(key, old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in keys]
+        out += [level] if level is not None else []
     return out
+
+
+def _strip_folders(path: str, k: int) -> str | None:
+    """``path`` without its first ``k`` folders; ``None`` when it has fewer."""
+    parts = path.split("/")
+    return "/".join(parts[k:]) if len(parts) > k else None
+
+
+def _other_level(old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str]) -> str | None:
+    """The difference to report when the file lists among ``keys`` differ only in that the
+    data root now is some folders below or above the recorded one in the same tree (every
+    recorded path with the same first folders taken off gives the paths now, or the other
+    way round): the same file names, whose paths (and so the SHA-256 over them) differ. Else
+    ``None``.
+
+    Examples:
+        >>> old = {"files.test": ["B/h/a.png", "B/h/b.png"], "data.data_root": "/d"}
+        >>> _other_level(old, {"files.test": ["h/a.png", "h/b.png"]}, ["files.test"])[:65]
+        "the data root is 1 folder below the checkpoint's in the same tree"
+        >>> _other_level(old, {"files.test": ["h/a.png", "h/c.png"]}, ["files.test"]) is None
+        True
+    """
+    lists = [key for key in keys if key.startswith("files.")]
+    if not lists:
+        return None
+    pairs = [(old.get(key), new.get(key)) for key in lists]
+    if not all(isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and a
+               for a, b in pairs):
+        return None
+    for k in range(1, 4):
+        for flip in (False, True):
+            if all(sorted(_strip_folders(p, k) or "" for p in (b if flip else a)) == sorted(a if flip else b)
+                   for a, b in pairs):
+                recorded = old.get("data.data_root")
+                where = f" ({recorded!r} or another folder at its level)" if recorded else ""
+                return (
+                    f"the data root is {k} {'folder' if k == 1 else 'folders'} "
+                    f"{'below' if not flip else 'above'} the checkpoint's in the same tree (image paths "
+                    f"such as {str(pairs[0][0][0])!r} there, {str(pairs[0][1][0])!r} now): the same "
+                    f"file names, other paths; pass the --data-root of training{where}")
+    return None
 
 
 def check_resumable(

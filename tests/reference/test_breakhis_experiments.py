@@ -1009,6 +1009,27 @@ class TestImageContents:
         report = run_fold(_spec(tree_copy), _config(epochs=2), 0, run, resume=True, progress=False)
         assert report["epochs_trained"] == 2
 
+    def test_resume_at_another_level_of_the_tree_says_so(self, synth_tree, tmp_path: Path) -> None:
+        """--resume with --data-root one folder below (or above) training's was refused with
+        "the test images' contents differ (the same file names hold other images)": false,
+        the files were the same, only their paths relative to the root were not."""
+        root, _ = synth_tree
+        top = tmp_path / "above" / "data"
+        shutil.copytree(root, top)
+        run = tmp_path / "run"
+        run_fold(_spec(top), _config(), 0, run, progress=False)
+        for data_root, where in ((top / "BreaKHis_v1", "1 folder below"), (tmp_path / "above", "1 folder above")):
+            with pytest.raises(ValueError) as caught:
+                run_fold(_spec(data_root), _config(epochs=2), 0, run, resume=True, progress=False)
+            message = str(caught.value)
+            assert (f"the data root is {where} the checkpoint's in the same tree (image paths such as "
+                    in message), message
+            assert f"pass the --data-root of training ('{top.resolve()}' or another folder" in message
+            assert "contents differ" not in message and "entries>" not in message, message
+        assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 0
+        report = run_fold(_spec(top), _config(epochs=2), 0, run, resume=True, progress=False)
+        assert report["epochs_trained"] == 2
+
     def test_without_recorded_contents_or_digests_the_names_are_compared(
         self, tree_copy: Path, tmp_path: Path
     ) -> None:
