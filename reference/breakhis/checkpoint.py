@@ -28,13 +28,22 @@ __all__ = [
     "NotACheckpointError",
     "capture_rng_state",
     "load_checkpoint",
+    "load_run_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 
 class NotACheckpointError(ValueError):
-    """Raised when a file exists but is not a checkpoint written by breakhis."""
+    """Raised when a file exists but is not a checkpoint written by breakhis.
+
+    ``reason`` says what the file is instead, where a file was read (``"the file is
+    empty or cut short"``); ``None`` otherwise.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -175,17 +184,49 @@ def load_checkpoint(
                 "it holds no checkpoint.pt: pass the checkpoint.pt of a run folder"))
     if not path.is_file():
         raise missing_checkpoint(path)
-    try:
+    def load(mapped: bool) -> Any:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of foreign pickles before refusing them.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mapped)
+
+    try:
+        try:
+            state = load(mmap)
+        except RuntimeError as exc:
+            if not (mmap and "mmap can only be used" in str(exc)):
+                raise
+            # not a zip archive (an empty file, text, torch.save's legacy format): read
+            # without mapping, which loads the legacy format and tells the rest apart
+            state = load(False)
     except Exception as exc:  # noqa: BLE001 - foreign bytes make the unpickler raise anything
+        reason = _load_failure(exc, path)
         raise NotACheckpointError(
-            f"{str(path)!r} is not a breakhis checkpoint ({_load_failure(exc, path)}); pass the "
-            "checkpoint.pt of a run folder") from exc
+            f"{str(path)!r} is not a breakhis checkpoint ({reason}); pass the checkpoint.pt of a "
+            "run folder", reason) from exc
     if not isinstance(state, dict):
+        reason = f"expected a dict, but it holds a {type(state).__name__}"
         raise NotACheckpointError(
-            f"{str(path)!r} is not a breakhis checkpoint (expected a dict, but it holds a "
-            f"{type(state).__name__}); pass the checkpoint.pt of a run folder")
+            f"{str(path)!r} is not a breakhis checkpoint ({reason}); pass the checkpoint.pt of a "
+            "run folder", reason)
     return state
+
+
+def load_run_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint of a run folder that a run continues (``--resume``, a cv reusing
+    its folds), as :func:`load_checkpoint` loads it (on the CPU).
+
+    Raises:
+        NotACheckpointError: when it is none (empty, cut short, overwritten by another
+            program), saying that the run cannot continue from it and how to go on,
+            not to pass another checkpoint (the run found it where its own belongs).
+    """
+    try:
+        return load_checkpoint(path, mmap=mmap)
+    except NotACheckpointError as err:
+        if err.reason is None:
+            raise
+        raise NotACheckpointError(
+            f"cannot resume from {str(path)!r}: it is not a breakhis checkpoint ({err.reason}); "
+            "start the run afresh with --overwrite (what that folder holds is replaced), or "
+            "train into another --out", err.reason) from err

@@ -55,7 +55,7 @@ from ._files import (
     remove_stale_temporaries,
     writable_problem,
 )
-from .checkpoint import load_checkpoint
+from .checkpoint import NotACheckpointError, load_checkpoint, load_run_checkpoint
 from .data import (
     DataIndex,
     ImageRecord,
@@ -790,7 +790,7 @@ def _fold_checkpoint(fold: int | None, fold_dir: Path) -> dict[str, Any]:
             f"cannot resume fold {fold}: {str(fold_dir / 'test_metrics.json')!r} exists but "
             f"{str(ckpt)!r} does not, so the settings that made it cannot be checked; "
             f"remove {str(fold_dir)!r} to train the fold again")
-    return load_checkpoint(ckpt, mmap=True)
+    return load_run_checkpoint(ckpt, mmap=True)
 
 
 def _other_fold(fold: int | None, fold_dir: Path) -> Callable[[list[str]], str]:
@@ -875,7 +875,7 @@ def run_fold(
     ckpt = Path(run_dir) / CHECKPOINT_NAME
     if resume and ckpt.is_file():
         # mapped, not read: fit loads it again (and refuses what is no checkpoint)
-        ignore, notes = _resume_ignore(load_checkpoint(ckpt, mmap=True), plan.extra)
+        ignore, notes = _resume_ignore(load_run_checkpoint(ckpt, mmap=True), plan.extra)
     result = fit(
         config,
         train_records=[data.records[i] for i in plan.fit], train_targets=data.targets[plan.fit],
@@ -1376,7 +1376,13 @@ def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path, what: str 
     taken for that run's). So is a cross-validation's folder (``cv_metrics.json``): one
     run's report or figures do not belong among its folds. Only the two checkpoints'
     settings and history are read (tensors mapped), not the model.
+
+    Raises:
+        FileNotFoundError, NotACheckpointError: when ``checkpoint`` is missing or not a
+            checkpoint, before anything is said of ``out`` (a ``cv_metrics.json`` given
+            as the checkpoint was told to choose another ``--out``).
     """
+    mine = load_checkpoint(checkpoint, map_location="cpu", mmap=True)
     where = (f"cannot write the {what} of checkpoint {str(checkpoint)!r} into "
              f"{str(out)!r}: expected a new folder or the checkpoint's own, but")
     choose = "; choose another --out (a new folder)"
@@ -1386,19 +1392,13 @@ def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path, what: str 
     other = out / CHECKPOINT_NAME
     if not other.is_file():
         return None
-    try:
-        if os.path.samefile(other, checkpoint):
-            return None
-    except OSError:
-        pass  # the checkpoint is missing: loading it below says so
-    from .checkpoint import NotACheckpointError
-
+    if os.path.samefile(other, checkpoint):
+        return None
     try:
         theirs = checkpoint_identity(load_checkpoint(other, map_location="cpu", mmap=True))
     except NotACheckpointError:
         theirs = None
-    if theirs is not None and theirs == checkpoint_identity(
-            load_checkpoint(checkpoint, map_location="cpu", mmap=True)):
+    if theirs is not None and theirs == checkpoint_identity(mine):
         return None  # a copy of the checkpoint: its report belongs there
     harm = (f"whose test_metrics.json/.md and {PREDICTIONS_FILE} this would overwrite with "
             "reports it was not made from" if what == "report" else

@@ -73,6 +73,7 @@ from .checkpoint import (
     NotACheckpointError,
     capture_rng_state,
     load_checkpoint,
+    load_run_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -960,7 +961,7 @@ def _fit(
 ) -> FitResult:
     seed_everything(config.seed, deterministic=config.deterministic)
     # the one place that decides between a fresh start and a resumed run
-    state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+    state = load_run_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     # a resumed run gets its weights from the checkpoint, not from a download
     model = _make_model(config, len(classes), weights=None if state else config.weights)
     # resumed runs too: the number of processes (so the batch batch norm sees) may

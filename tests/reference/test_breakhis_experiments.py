@@ -1030,6 +1030,27 @@ class TestImageContents:
         report = run_fold(_spec(top), _config(epochs=2), 0, run, resume=True, progress=False)
         assert report["epochs_trained"] == 2
 
+    def test_resume_from_a_damaged_checkpoint_says_how_to_go_on(self, tree_copy: Path, tmp_path: Path) -> None:
+        """An empty checkpoint.pt in the run folder: resume said torch's "mmap can only be
+        used with files saved with ..." and to "pass the checkpoint.pt of a run folder",
+        which it was."""
+        run = tmp_path / "run"
+        run_fold(_spec(tree_copy), _config(), 0, run, progress=False)
+        cv = tmp_path / "cv"
+        run_cv(_spec(tree_copy, n_splits=2), _config(), cv, folds=[0], progress=False)
+        for folder, resume in (
+            (run, lambda: run_fold(_spec(tree_copy), _config(epochs=2), 0, run, resume=True, progress=False)),
+            (cv / "fold0", lambda: run_cv(_spec(tree_copy, n_splits=2), _config(), cv, folds=[0], resume=True,
+                                          progress=False)),
+        ):
+            (folder / "checkpoint.pt").write_bytes(b"")
+            with pytest.raises(ValueError) as caught:
+                resume()
+            assert str(caught.value) == (
+                f"cannot resume from {str(folder / 'checkpoint.pt')!r}: it is not a breakhis checkpoint "
+                "(the file is empty or cut short); start the run afresh with --overwrite (what that "
+                "folder holds is replaced), or train into another --out")
+
     def test_without_recorded_contents_or_digests_the_names_are_compared(
         self, tree_copy: Path, tmp_path: Path
     ) -> None:
@@ -1596,6 +1617,20 @@ class TestEvaluateIntoAnotherRun:
         assert {name: _files(tmp_path / name) for name in ("b", "cv")} == before
         assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"),
                      "--device", "cpu", "--no-progress"]) == 2
+        # a file that is no checkpoint is said to be one, not its folder to be the wrong --out
+        # (a cv folder's cv_metrics.json given as the checkpoint was told to choose another --out)
+        from breakhis.checkpoint import NotACheckpointError
+        from breakhis.plots import check_figures_folder
+
+        summary = tmp_path / "cv" / "cv_metrics.json"
+        with pytest.raises(NotACheckpointError, match=rf"^{re.escape(repr(str(summary)))} is not a breakhis "
+                           "checkpoint"):
+            evaluate_checkpoint(summary, device="cpu", progress=False)
+        with pytest.raises(NotACheckpointError, match="is not a breakhis checkpoint"):
+            check_figures_folder(summary, tmp_path / "cv")
+        with pytest.raises(FileNotFoundError):
+            evaluate_checkpoint(tmp_path / "cv" / "nothing.pt", device="cpu", progress=False)
+        assert _files(tmp_path / "cv") == before["cv"]
         assert _files(tmp_path / "b") == before["b"]
         # a new folder, the checkpoint's own, and a folder holding a copy of it are fine
         trained = json.loads((tmp_path / "a" / "test_metrics.json").read_text())

@@ -412,9 +412,16 @@ class TestNotACheckpoint:
         torch.save([1, 2], tmp_path / "list.pt")
         np.save(tmp_path / "array.npy", np.zeros(3))
         for name in ("train.log", "empty.pt", "list.pt", "array.npy"):
-            with pytest.raises(NotACheckpointError, match="is not a breakhis checkpoint") as info:
-                load_checkpoint(tmp_path / name)
-            assert name in str(info.value) and "weights_only" not in str(info.value)
+            for mmap in (False, True):  # mapped: torch's "mmap can only be used with files saved ..." came
+                with pytest.raises(NotACheckpointError, match="is not a breakhis checkpoint") as info:
+                    load_checkpoint(tmp_path / name, mmap=mmap)
+                assert name in str(info.value) and "weights_only" not in str(info.value)
+                assert "mmap" not in str(info.value)
+        with pytest.raises(NotACheckpointError, match=r"\(the file is empty or cut short\)"):
+            load_checkpoint(tmp_path / "empty.pt", mmap=True)
+        # torch.save's legacy (not zip) format is read, mapped or not
+        torch.save({"epoch": 3}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+        assert load_checkpoint(tmp_path / "legacy.pt", mmap=True) == {"epoch": 3}
         # a damaged zip: torch's long first line was cut mid-sentence, before "corrupted"
         (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"x" * 100)
         with pytest.raises(NotACheckpointError, match=r"checkpoint file is corrupted\.\); pass the "):
