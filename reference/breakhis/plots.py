@@ -1086,6 +1086,8 @@ _STALE_REASONS: dict[str, str] = {
     "no report": "lost test_metrics.json since the summary",
     "other settings": "retrained since the summary with settings other than the summary's, which "
                       "cv --resume refuses",
+    "more epochs": "trained since the summary for more epochs than its --epochs, which cv --resume "
+                   "refuses at those epochs",
     "changed": "checkpoint.pt changed since this report (trained further or replaced; "
                "training interrupted before a new report?)",
 }
@@ -1169,7 +1171,10 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
     - ``no report``: the report is gone (its checkpoint, if any, unchanged);
     - ``other settings``: retrained (report or checkpoint) with settings other than the
       summary's (:func:`_other_settings`, e.g. ``train --overwrite --seed 7`` into the
-      fold's folder), which ``cv --resume`` refuses to reuse.
+      fold's folder), which ``cv --resume`` refuses to reuse;
+    - ``more epochs``: otherwise, trained for more epochs than the summary's ``epochs``
+      (``train --resume --epochs 4`` in the fold's folder), which ``cv --resume`` refuses
+      unless given as many.
 
     A summary without its ``fold<k>`` folders (copied on its own) says nothing.
     """
@@ -1196,23 +1201,49 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
                 share = model.get("val_fraction") if isinstance(model, dict) else None
                 data = _data_settings(current.get("task"), current.get("protocol"), share)
                 other = _other_settings(report, model, data)
-                stale[entry["fold"]] = "other settings" if other else "retrained"
+                longer = _beyond_epochs(report, current.get("checkpoint"))
+                stale[entry["fold"]] = "other settings" if other else "more epochs" if longer else "retrained"
                 continue
         identity, config, data = (_checkpoint_identity(ckpt) if recorded is not None and ckpt.is_file()
                                   else (recorded, {}, {}))
         if recorded is not None and identity != recorded:
             other = _other_settings(report, config, data)
-            stale[entry["fold"]] = "other settings" if other else "unfinished"
+            longer = _beyond_epochs(report, identity)
+            stale[entry["fold"]] = "other settings" if other else "more epochs" if longer else "unfinished"
         elif not done.is_file():
             stale[entry["fold"]] = "no report"
     return stale
 
 
+def _beyond_epochs(summary: dict[str, Any], identity: Any) -> int | None:
+    """The epochs a fold's checkpoint (``identity``: :func:`breakhis.train.checkpoint_identity`)
+    has trained where they exceed the cv ``summary``'s ``epochs`` (``train --resume
+    --epochs`` more in the fold's folder), which ``cv --resume`` with the summary's
+    settings refuses; else ``None``."""
+    epochs = (summary.get("model") or {}).get("epochs") if isinstance(summary.get("model"), dict) else None
+    last = identity.get("epoch") if isinstance(identity, dict) else None
+    if isinstance(epochs, int) and isinstance(last, int) and last + 1 > epochs:
+        return last + 1
+    return None
+
+
+def _fold_epochs(folder: Path, fold: int) -> int:
+    """The epochs fold ``fold`` of the cv in ``folder`` has trained: its checkpoint's, or
+    where that is gone or none, its report's."""
+    ckpt = folder / f"fold{fold}" / "checkpoint.pt"
+    identity = _checkpoint_identity(ckpt)[0] if ckpt.is_file() else None
+    if identity is None:
+        report = folder / f"fold{fold}" / "test_metrics.json"
+        identity = read_report(report).get("checkpoint") if report.is_file() else None
+    return int((identity or {}).get("epoch", -1)) + 1
+
+
 def _stale_note(stale: Mapping[int, str], folder: Path) -> str:
     """The ``stale`` text of a row of ``folder`` (:func:`_stale_folds`): what changed, and
     what to run: ``cv --resume`` for a summary (for a fold retrained with other settings,
-    retraining it with the summary's, or a cv afresh), evaluating the checkpoint again
-    (or finishing its training) for a single run."""
+    retraining it with the summary's, or a cv afresh; for one trained further, ``cv
+    --resume --epochs`` as far), evaluating the checkpoint again (or finishing its
+    training) for a single run."""
     if "changed" in stale.values():
         return (f"stale: {_STALE_REASONS['changed']}; rerun breakhis-repro evaluate "
                 f"--checkpoint {folder / 'checkpoint.pt'}, or train --resume to finish it")
@@ -1224,6 +1255,10 @@ def _stale_note(stale: Mapping[int, str], folder: Path) -> str:
     if "other settings" in stale.values():
         return (f"stale: {'; '.join(parts)}; retrain such a fold with the summary's settings "
                 "(then cv --resume), or run cv afresh in another folder")
+    if "more epochs" in stale.values():
+        most = max(_fold_epochs(folder, f) for f, why in stale.items() if why == "more epochs")
+        return (f"stale: {'; '.join(parts)}; rerun cv --resume --epochs {most} (the other folds then "
+                "train as far), or run cv afresh in another folder")
     return f"stale: {'; '.join(parts)}; rerun cv --resume"
 
 

@@ -906,7 +906,7 @@ class TestResultsTable:
         assert results_rows([tmp_path / "partial"])[0]["n_splits"] == 2
 
     def test_summary_left_stale_by_a_retrained_fold_is_marked(
-        self, runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+        self, runs, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """After `train --fold 0 --out CV/fold0 --resume` with more epochs, `table` showed
         the old cv summary as if it were current."""
@@ -923,12 +923,24 @@ class TestResultsTable:
                      "--fold", "0", "--out", str(run / "fold0"), "--resume"]) == 0
         with caplog.at_level(logging.WARNING, logger="breakhis.plots"):
             text = results_table([run], out=tmp_path / "t.md")
-        note = "stale: fold 0 retrained since the summary; rerun cv --resume"
+        # it said "rerun cv --resume", which refuses a fold trained beyond the summary's 3 epochs
+        note = ("stale: fold 0 trained since the summary for more epochs than its --epochs, which cv "
+                "--resume refuses at those epochs; rerun cv --resume --epochs 4 (the other folds then "
+                "train as far), or run cv afresh in another folder")
         assert note in caplog.text and str(run / "cv_metrics.json") in caplog.text
         assert f"| 2 ({note}) |" in text
         assert results_rows([run])[0]["stale_folds"] == [0]
         with (tmp_path / "t.csv").open(newline="") as handle:
             assert next(csv.DictReader(handle))["stale_folds"] == "0"
+        cv = ["cv", "--data-root", root, "--task", "MSBC", "--magnification", "40", "--protocol", "patient",
+              "--n-splits", "2", *TINY, "--out", str(run), "--resume"]
+        capsys.readouterr()
+        assert main([*cv, "--epochs", "3"]) == 2  # as the old advice had it: refused
+        assert "checkpoint has already trained 4 epochs, this run asks for epochs=3" in capsys.readouterr().err
+        assert main([*cv, "--epochs", "4"]) == 0  # the advice works: fold 0 reused, fold 1 trained on
+        assert results_rows([run])[0]["stale"] is None
+        assert json.loads((run / "cv_metrics.json").read_text())["epochs_trained"] == 4
+        summary = json.loads((run / "cv_metrics.json").read_text())
         # a summary written before it recorded checkpoints: compared by the fold metrics
         old = {**summary, "folds": [{k: v for k, v in e.items() if k != "checkpoint"}
                                     for e in summary["folds"]]}
