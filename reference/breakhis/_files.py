@@ -11,7 +11,8 @@ removes what a killed process left of those.
 
 :func:`folder_problem` and :func:`writable_problem` say why a path cannot serve as an
 output folder, :func:`missing_folder_problem` why it cannot serve as an input folder
-(:func:`check_run_folder`: a run folder); :func:`missing_checkpoint` is the error for a
+(:func:`check_run_folder`: a run folder), :func:`missing_file_problem` why it cannot serve
+as an input file (:func:`check_input_files`); :func:`missing_checkpoint` is the error for a
 checkpoint path where nothing is; :func:`check_int` and :func:`check_seed` refuse integer
 settings out of range with one form of message, as a :class:`SettingError` that names
 the setting, so that the command line can name its option instead (``--input-size`` for
@@ -44,6 +45,7 @@ __all__ = [
     "FolderLock",
     "SettingError",
     "atomic_writer",
+    "check_input_files",
     "check_int",
     "check_run_folder",
     "check_seed",
@@ -51,6 +53,7 @@ __all__ = [
     "folder_problem",
     "listed",
     "missing_checkpoint",
+    "missing_file_problem",
     "missing_folder_problem",
     "named_os_error",
     "new_file_mode",
@@ -398,6 +401,51 @@ def missing_folder_problem(path: str | os.PathLike[str]) -> str | None:
     if path.exists():
         return f"{str(path)!r} is not a folder"
     return f"{str(path)!r} does not exist"
+
+
+def missing_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as an existing file: it does not exist, or is a folder.
+
+    Examples:
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "afile").write_text("")
+        >>> missing_file_problem(folder / "afile") is None
+        True
+        >>> missing_file_problem(folder / "none") == f"{str(folder / 'none')!r} does not exist"
+        True
+        >>> missing_file_problem(folder) == f"{str(folder)!r} is a folder, not a file"
+        True
+    """
+    path = Path(path)
+    if path.is_dir():
+        return f"{str(path)!r} is a folder, not a file"
+    if path.exists():  # a file, or what opens as one (a named pipe)
+        return None
+    if path.is_symlink():  # a link whose target is gone
+        return f"{str(path)!r} is a broken link"
+    return f"{str(path)!r} does not exist"
+
+
+def check_input_files(setting: str, paths: Sequence[str | os.PathLike[str]], expected: str) -> None:
+    """Refuse files to read (``setting``, e.g. ``folds_file``) that do not exist or are
+    folders, before the work that comes before reading them (indexing the data:
+    minutes on the real data), with one form of message.
+
+    Raises:
+        SettingError: naming ``setting``, ``expected`` (what the files must be) and the
+            first path that is not such a file, with why.
+
+    Examples:
+        >>> check_input_files("folds_file", [], "fold tables")
+        >>> check_input_files("folds_file", ["no/dsfold1.txt"], "fold tables")
+        Traceback (most recent call last):
+        ...
+        breakhis._files.SettingError: folds_file must name fold tables, but 'no/dsfold1.txt' does not exist
+    """
+    for path in paths:
+        problem = missing_file_problem(path)
+        if problem is not None:
+            raise SettingError(setting, f"must name {expected}, but {problem}")
 
 
 def check_run_folder(path: str | os.PathLike[str]) -> None:

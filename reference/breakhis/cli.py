@@ -42,6 +42,7 @@ from ._files import (
     LOCK_NAME,
     FolderLock,
     SettingError,
+    check_input_files,
     check_run_folder,
     count,
     folder_problem,
@@ -498,6 +499,7 @@ def _stop_logging_to_console() -> None:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     _check_combinations(args)  # before the images are read
+    _check_input_files(args)
     from .data import index_breakhis, index_image_folder
 
     kwargs = dict(verify=not args.no_verify, strict=args.strict, workers=args.workers,
@@ -560,6 +562,27 @@ def _check_task(args: argparse.Namespace) -> None:
         get_task(_given(args.task, _TASK), magnification=args.magnification)
 
 
+#: What ``--folds-file`` must name, as :func:`breakhis.experiments.prepare_data` says it.
+_FOLD_TABLES = "fold tables (Folds.csv or dsfold1..5.txt)"
+
+
+def _check_input_files(args: argparse.Namespace) -> None:
+    """Refuse a ``--folds-file`` (with protocol ``official``; other protocols refuse it
+    anyway) or a ``--patients-csv`` that does not exist or is a folder, before torch is
+    imported (seconds) and the data are indexed (minutes on the real data: a fold table
+    was opened only once every image had been decoded and hashed).
+    :func:`breakhis.experiments.prepare_data` checks the fold tables the same way.
+
+    Raises:
+        breakhis._files.SettingError: naming the setting (``folds_file``, which
+            :func:`main` says as ``--folds-file``), what it must name, and the path.
+    """
+    if getattr(args, "protocol", None) == "official":
+        check_input_files("folds_file", args.folds_file, _FOLD_TABLES)
+    if getattr(args, "patients_csv", None) is not None:
+        check_input_files("patients_csv", [args.patients_csv], "a CSV file (columns path, patient)")
+
+
 class _CombinationError(ValueError):
     """Options given together where one takes the other's effect away
     (:func:`_check_combinations`); said as it is, without :func:`main`'s offline hint."""
@@ -615,6 +638,16 @@ def _check_combinations(args: argparse.Namespace) -> None:
             f"--weights {args.weights!r} loads the weights to start from, but --no-pretrained "
             f"starts from random weights; drop --no-pretrained to start from {args.weights!r}, "
             "or drop --weights for random weights")
+    if args.backbone == "tiny" and not args.no_pretrained:  # ImageNet weights by default
+        if args.weights is None:
+            raise _CombinationError(
+                "--backbone tiny has no pretrained weights (it starts from random weights), but "
+                f"without --no-pretrained a run starts from pretrained ones ({_WEIGHTS!r}, the "
+                "--weights default); pass --no-pretrained")
+        raise _CombinationError(
+            f"--weights {args.weights!r} loads the weights to start from, but --backbone tiny "
+            "has no pretrained weights (it starts from random weights); drop --weights and pass "
+            "--no-pretrained")
     if args.no_augment and args.rotation is not None:
         raise _CombinationError(
             f"--rotation {args.rotation:g} sets the rotations of the augmentation, but "
@@ -709,6 +742,7 @@ def _refuse_inside_a_run(out: Path) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     _check_combinations(args)
     _check_task(args)
+    _check_input_files(args)
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import check_resume, hold_folder, prepare_data, run_fold
     from .train import check_batch_split
@@ -762,6 +796,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_cv(args: argparse.Namespace) -> int:
     _check_combinations(args)
     _check_task(args)
+    _check_input_files(args)
     from .distributed import cleanup_distributed, init_distributed
     from .experiments import hold_folder, run_cv
     from .train import check_batch_split

@@ -48,6 +48,7 @@ from ._files import (
     FolderLock,
     SettingError,
     atomic_writer,
+    check_input_files,
     check_int,
     check_seed,
     count,
@@ -475,8 +476,12 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
         ValueError: when the task selects no images or images of fewer than two of its
             classes, when protocol ``patient`` is asked of an image folder without
             ``patients_csv`` or of images whose patient the CSV leaves unknown (no row,
-            or a blank cell), or settings are inconsistent.
+            or a blank cell), or settings are inconsistent; a
+            :class:`breakhis._files.SettingError` (setting ``folds_file``), before
+            indexing, when a fold table given does not exist or is a folder.
     """
+    # a fold table that is not there, before indexing (minutes on the real data)
+    check_input_files("folds_file", spec.folds_file, "fold tables (Folds.csv or dsfold1..5.txt)")
     if spec.image_folder and spec.protocol == "patient" and spec.patients_csv is None:
         raise ValueError(
             "protocol 'patient' needs the patient of every image, but an image folder has "

@@ -18,6 +18,7 @@ input size below a backbone's known minimum: without building anything, so that 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,9 @@ HEADS: tuple[str, ...] = ("plain", "bcnn", "fast-bcnn")
 #: Smallest square input (pixels) of backbones whose last stages shrink the feature map
 #: below their kernels: smaller inputs fail at the first batch inside torch.
 MIN_INPUT_SIZES: dict[str, int] = {"inception_v3": 75, "inception_resnet_v2": 75}
+#: The backbones of this package, not ``bilinearpool``'s: :func:`check_backbone` suggests
+#: them, as ``bilinearpool`` suggests its own close names.
+_OWN_BACKBONES: tuple[str, ...] = ("tiny",)
 
 
 def check_input_size(backbone: str, input_size: int) -> None:
@@ -96,6 +100,11 @@ def check_backbone(backbone: str) -> None:
         ... except ValueError as err:
         ...     print("did you mean 'resnet50'" in str(err))
         True
+        >>> try:  # this package's own backbones are suggested too, first
+        ...     check_backbone("tinny")
+        ... except ValueError as err:
+        ...     print("but got 'tinny' (did you mean 'tiny'?): unknown backbone" in str(err))
+        True
     """
     if not isinstance(backbone, str):
         raise SettingError("backbone", f"must be a name, but got {backbone!r}")
@@ -108,9 +117,28 @@ def check_backbone(backbone: str) -> None:
     try:
         check_backbone_name(backbone)
     except (ValueError, ImportError) as err:
+        # bilinearpool's message suggests its close names, which cannot include ours
+        close = _close_own_backbones(backbone)
+        meant = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise SettingError(
-            "backbone", f"must be 'tiny' or a name bilinearpool.build_backbone resolves, but got {backbone!r}: {err}"
+            "backbone", f"must be 'tiny' or a name bilinearpool.build_backbone resolves, but got "
+                        f"{backbone!r}{meant}: {err}"
         ) from err
+
+
+def _close_own_backbones(name: str) -> list[str]:
+    """The backbones of this package (:data:`_OWN_BACKBONES`) close to ``name``, ignoring
+    case, ``-`` and ``_`` as ``bilinearpool`` does for its names.
+
+    Examples:
+        >>> _close_own_backbones("tinny"), _close_own_backbones("TINY"), _close_own_backbones("resnet5O")
+        (['tiny'], ['tiny'], [])
+    """
+
+    def key(text: str) -> str:
+        return text.lower().replace("-", "").replace("_", "")
+
+    return [own for own in _OWN_BACKBONES if difflib.get_close_matches(key(name), [key(own)], cutoff=0.6)]
 
 
 def check_weights(backbone: str, weights: str | None) -> None:

@@ -235,12 +235,87 @@ class TestBeforeIndexing:
         for weights in ("imagenet", "weights.pt"):  # build_network refused "imagenet" only
             with pytest.raises(SettingError, match="^weights must be None for backbone 'tiny'"):
                 build_network("plain", "tiny", num_classes=2, weights=weights)
+        # the command line says --backbone tiny needs --no-pretrained, not that --weights
+        # (never given: its default) must be None; --weights given is named as given
         assert main(["train", "--data-root", str(tmp_path), "--backbone", "tiny"]) == 2
         err = _err(capsys)
-        assert ("train: error: --weights must be None for backbone 'tiny', which has no "
-                "pretrained weights (random initialisation: --no-pretrained), but got "
-                "'imagenet'") in err
-        assert "offline?" not in err and not indexed
+        assert err == ("breakhis-repro train: error: --backbone tiny has no pretrained weights "
+                       "(it starts from random weights), but without --no-pretrained a run starts "
+                       "from pretrained ones ('imagenet', the --weights default); pass "
+                       "--no-pretrained\n")
+        assert main(["cv", "--data-root", str(tmp_path), "--backbone", "tiny",
+                     "--weights", "w.pt"]) == 2
+        assert _err(capsys) == ("breakhis-repro cv: error: --weights 'w.pt' loads the weights to "
+                                "start from, but --backbone tiny has no pretrained weights (it "
+                                "starts from random weights); drop --weights and pass "
+                                "--no-pretrained\n")
+        assert not indexed
+
+    def test_a_name_close_to_tiny_suggests_it(self, tmp_path: Path, indexed: list[int],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """``--backbone tinny`` suggested bilinearpool's close names only ('tinynet_e',
+        ...), not this package's own ``tiny``; now it comes first, before theirs."""
+        assert main(["train", "--data-root", str(tmp_path), "--backbone", "tinny",
+                     "--no-pretrained"]) == 2
+        err = _err(capsys)
+        assert ("train: error: --backbone must be 'tiny' or a name bilinearpool.build_backbone "
+                "resolves, but got 'tinny' (did you mean 'tiny'?): unknown backbone 'tinny' (did "
+                "you mean 'tinynet_") in err
+        assert not indexed
+        for name in ("TINY", "ti-ny"):  # as bilinearpool compares names
+            with pytest.raises(SettingError, match=rf"but got '{name}' \(did you mean 'tiny'\?\)"):
+                TrainConfig(backbone=name, weights=None)
+        with pytest.raises(SettingError) as info:  # not for names far from it
+            TrainConfig(backbone="resnet5O", weights=None)
+        assert "'tiny'?" not in str(info.value)
+
+    @pytest.mark.parametrize("command", ["train", "cv"])
+    def test_a_folds_file_that_is_not_there(self, command: str, synth_tree, tmp_path: Path,
+                                            indexed: list[int],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+        """``--protocol official --folds-file nope.txt`` indexed the data (minutes on the
+        real data: every image decoded and hashed) before it said ``No such file or
+        directory: 'nope.txt'``, without naming the option; a folder said ``Is a
+        directory``."""
+        root, _ = synth_tree
+        base = [command, "--data-root", str(root), *TINY, "--protocol", "official",
+                "--out", str(tmp_path / "r"), "--folds-file"]
+        expected = "--folds-file must name fold tables (Folds.csv or dsfold1..5.txt), but "
+        missing = str(tmp_path / "nope.txt")
+        for tables, problem in (([missing], f"{missing!r} does not exist"),
+                                ([str(root / "dsfold1.txt"), missing], f"{missing!r} does not exist"),
+                                ([str(tmp_path)], f"{str(tmp_path)!r} is a folder, not a file")):
+            assert main([*base, *tables]) == 2
+            assert _err(capsys) == f"breakhis-repro {command}: error: {expected}{problem}\n"
+        if command == "train":  # with --resume too
+            assert main([*base, missing, "--resume"]) == 2
+            assert _err(capsys) == f"breakhis-repro train: error: {expected}{missing!r} does not exist\n"
+        assert not indexed and not (tmp_path / "r").exists()
+
+    def test_a_patients_csv_that_is_not_there_is_named(self, tmp_path: Path, indexed: list[int],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """A folder said ``expected a patient CSV file, but ... is a folder``, and a missing
+        file ``patient CSV ... does not exist``: neither named ``--patients-csv``."""
+        expected = "--patients-csv must name a CSV file (columns path, patient), but "
+        for command in ("index", "train", "cv"):
+            for csv, problem in ((tmp_path / "p.csv", f"{str(tmp_path / 'p.csv')!r} does not exist"),
+                                 (tmp_path, f"{str(tmp_path)!r} is a folder, not a file")):
+                assert main([command, "--data-root", str(tmp_path), "--image-folder",
+                             "--patients-csv", str(csv)]) == 2
+                assert _err(capsys) == f"breakhis-repro {command}: error: {expected}{problem}\n"
+        assert not indexed
+
+    def test_prepare_data_checks_the_fold_tables_before_indexing(
+        self, synth_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The library, too (and ``evaluate`` of a checkpoint that records no file lists,
+        which draws its fold again)."""
+        root, _ = synth_tree
+        monkeypatch.setattr(experiments, "_index_task", lambda *a, **k: pytest.fail("indexed"))
+        spec = DataSpec(str(root), protocol="official", folds_file=(str(tmp_path / "no.txt"),))
+        with pytest.raises(SettingError, match=r"^folds_file must name fold tables \(Folds\.csv or "
+                           r"dsfold1\.\.5\.txt\), but '.*no\.txt' does not exist$"):
+            experiments.prepare_data(spec)
 
     def test_resume_with_other_settings(self, run: Path, synth_tree, indexed: list[int],
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -1112,6 +1187,13 @@ class TestFlagsWithoutEffect:
         (["--image-folder", "--task", "MIFC"],
          "--task MIFC selects BreaKHis classes, but --image-folder takes its class folders as "
          "the classes; drop --task, or drop --image-folder to read --data-root as BreaKHis"),
+        (["--backbone", "tiny"],  # said --weights must be None, but got 'imagenet' (its default)
+         "--backbone tiny has no pretrained weights (it starts from random weights), but without "
+         "--no-pretrained a run starts from pretrained ones ('imagenet', the --weights default); "
+         "pass --no-pretrained"),
+        (["--backbone", "tiny", "--weights", "w.pt"],
+         "--weights 'w.pt' loads the weights to start from, but --backbone tiny has no pretrained "
+         "weights (it starts from random weights); drop --weights and pass --no-pretrained"),
     ]
 
     @pytest.mark.parametrize("command", ["train", "cv"])
