@@ -33,9 +33,11 @@ import itertools
 import io
 import os
 import pickle
+import re
 import sys
 import threading
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
 
@@ -811,26 +813,173 @@ def list_backbones() -> dict[str, list[str]]:
     return {"torchvision": _torchvision_names(), "timm": _timm_names()}
 
 
+#: What a weights file should hold, for the errors about one that does not.
+_SAVE_HINT = "expected a state_dict written by torch.save(model.state_dict(), path)"
+#: The first bytes of a zip archive: torch.save's format since PyTorch 1.6.
+_ZIP_MAGIC = b"PK\x03\x04"
+#: A GLOBAL (a class or function) that ``torch.load(weights_only=True)`` refused, in its message.
+_REFUSED_GLOBAL = re.compile(
+    r"GLOBAL (\S+) (?:was not an allowed global by default|whose module \S+ is blocked)"
+)
+
+
+def _is_pickle(head: bytes) -> bool:
+    """Whether ``head`` starts as a pickle of protocol 2 to 5 does (torch.save's format
+    before PyTorch 1.6 is a series of protocol-2 pickles)."""
+    return len(head) >= 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= 5
+
+
+def _text_start(head: bytes) -> str | None:
+    """The start of ``head`` when it reads as text (a web page or an error message saved
+    under a weights file's name), its whitespace collapsed; ``None`` for binary bytes."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not a character cut off at the end
+            return None
+        text = head[: err.start].decode("utf-8")
+    if not text.strip() or not all(c.isprintable() or c in "\t\n\r" for c in text):
+        return None
+    return " ".join(text.split())[:40]
+
+
+def _pickled_objects(names: Sequence[str]) -> str:
+    """Why a weights file holding pickles of ``names`` (classes, functions) is refused."""
+    named = f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}; " if names else ""
+    return (
+        f"it holds pickled objects ({named}e.g. a whole model saved with torch.save(model)), which "
+        "are not loaded (they can run code); save model.state_dict() instead"
+    )
+
+
+def _zip_problem(path: Path) -> str | None:
+    """What is wrong with the zip archive ``path``, read from its directory and its pickle
+    (not its tensors), or ``None`` when it looks like what torch.save writes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        return f"it is a zip archive, damaged or cut short ({err}); save or download it again"
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        return f"it is a zip archive that torch.save did not write (no <name>/data.pkl in it); {_SAVE_HINT}"
+    unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if unsafe is None:
+        return None
+    try:  # reads the pickle's GLOBALs, none of its tensors
+        refused = sorted(unsafe(path), key=lambda name: (name.startswith("torch."), name))  # the model first
+    except Exception:  # noqa: BLE001 - torch.load, which reads it next, says what is wrong
+        return None
+    return _pickled_objects(refused) if refused else None
+
+
+def _safetensors_problem(path: Path, head: bytes, text: str | None) -> str | None:
+    """What is wrong with the ``.safetensors`` file ``path``, found by safetensors reading
+    its header (which it checks against the file's size), or ``None``."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return None  # _load_state_dict says to install it
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except Exception as err:  # noqa: BLE001 - a SafetensorError
+        if head.startswith(_ZIP_MAGIC) or _is_pickle(head):
+            return "it is not a safetensors file but one torch.save wrote: name it .pt (torch.load reads it)"
+        if text is not None:
+            return (
+                f"it is not a safetensors file but text, beginning {text!r}; expected a state_dict "
+                "written by safetensors.torch.save_file(model.state_dict(), path)"
+            )
+        return (
+            f"it is not a safetensors file, or is damaged or cut short (safetensors: {err}); "
+            "save or download it again"
+        )
+
+
+def _weights_file_problem(path: Path) -> str | None:
+    """What is wrong with the weights file ``path``, found from its first bytes, its zip
+    directory and pickle, or a safetensors header, without loading its tensors (cheap
+    enough for :func:`check_backbone_name`); ``None`` when it looks like a weights file.
+
+    torch.save writes a zip archive holding ``<name>/data.pkl`` (since PyTorch 1.6) or a
+    pickle; a file that is neither (an empty file, text such as a web page saved in its
+    place) or a zip archive cut short cannot be one, nor one whose pickle names classes
+    that ``weights_only`` refuses (a whole model; listed without unpickling from torch
+    2.5). Damage within the archive is found when the file is loaded
+    (:func:`_load_state_dict`).
+
+    Raises:
+        OSError: when ``path`` cannot be read (naming it).
+    """
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if not head:
+        return "it is empty (0 bytes); save or download it again"
+    text = _text_start(head)
+    if path.suffix.lower() == ".safetensors":
+        return _safetensors_problem(path, head, text)
+    if head.startswith(_ZIP_MAGIC):
+        return _zip_problem(path)
+    if _is_pickle(head):
+        return None
+    what = f", but text beginning {text!r}" if text is not None else ""
+    return (
+        "it is not a file torch.save wrote: neither a zip archive (its format) nor a pickle (its format "
+        f"before PyTorch 1.6){what}; {_SAVE_HINT}"
+    )
+
+
+def _torch_load_problem(err: Exception, path: Path) -> str:
+    """What ``torch.load(weights_only=True)`` failing with ``err`` says about the weights
+    file ``path``, which looks like one (:func:`_weights_file_problem`), in words that never
+    suggest ``weights_only=False`` (that would run whatever code the file's pickle holds)."""
+    text = str(err)
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:  # weights_only refused a pickled object, not damaged bytes
+        return _pickled_objects([refused.group(1)])
+    if isinstance(err, EOFError) or "unexpected EOF" in text:
+        return "it is cut short; save or download it again"
+    # weights_only's own words are after "WeightsUnpickler error:", below torch's advice
+    inner = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    detail = inner.group(1) if inner else _first_line(err).removeprefix("Weights only load failed. ")
+    detail = f"{type(err).__name__}: {detail[:200]}" if detail else type(err).__name__
+    with contextlib.suppress(OSError), path.open("rb") as handle:
+        if handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:  # one with <name>/data.pkl
+            return f"it is a torch.save archive, damaged (torch.load: {detail}); save or download it again"
+    return f"it is damaged, or a pickle torch.save did not write (torch.load: {detail}); {_SAVE_HINT}"
+
+
 def _load_state_dict(path: Path) -> dict[str, Tensor]:
+    """The state_dict in the weights file ``path`` (which :func:`_classify_weights` checked
+    with :func:`_weights_file_problem`), unwrapped from ``{"state_dict": ...}`` and the
+    like, its keys without the ``module.`` of nn.DataParallel.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it (damaged, pickled objects,
+            not a state_dict).
+    """
+    where = f"weights file {str(path)!r}"
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError as err:
             raise ImportError(f"reading {str(path)!r} needs safetensors: pip install safetensors") from err
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # noqa: BLE001 - SafetensorError
+            raise ValueError(f"{where} is not a state_dict file: safetensors could not read it: {err}") from err
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refuses pickled objects
-        raise ValueError(
-            f"{str(path)!r} is not a state_dict file: it holds pickled objects (e.g. a whole model "
-            "saved with torch.save(model)), which are not loaded (they can run code); save "
-            "model.state_dict() instead"
-        ) from err
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of foreign pickles before refusing them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - damaged or foreign bytes make the unpickler raise anything
+        raise ValueError(f"{where} is not a state_dict file: {_torch_load_problem(err, path)}") from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+        raise ValueError(f"{where} does not hold a state_dict, but a {type(state).__name__}; {_SAVE_HINT}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -862,12 +1011,21 @@ def _weights_enum_member(weights: object) -> bool:
     return isinstance(weights, WeightsEnum)
 
 
+def _checked_weights_file(path: Path) -> Path:
+    """``path``, unless :func:`_weights_file_problem` finds it is no weights file (ValueError)."""
+    problem = _weights_file_problem(path)
+    if problem is not None:
+        raise ValueError(f"weights file {str(path)!r} is not a state_dict file: {problem}")
+    return path
+
+
 def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
     """('none'|'imagenet'|'file'|'enum'|'weights_enum', value); 'enum' is a torchvision
     weights name or a timm tag, 'weights_enum' a torchvision weights enum member.
 
     A path, or a string with a path separator or a weights file's suffix (``.pth``,
-    ``.safetensors``, ...), is a file, which must exist.
+    ``.safetensors``, ...), is a file, which must exist and look like a weights file
+    (:func:`_weights_file_problem`: not empty, cut short or text), else ValueError.
     """
     if weights is None:
         return "none", None
@@ -884,12 +1042,12 @@ def _classify_weights(weights: WeightsArg) -> tuple[str, Any]:
             )
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-        return "file", path
+        return "file", _checked_weights_file(path)
     if isinstance(weights, str):
         if weights.lower() in _IMAGENET:
             return "imagenet", None
         if Path(weights).is_file():
-            return "file", Path(weights)
+            return "file", _checked_weights_file(Path(weights))
         return "enum", weights
     if isinstance(weights, enum.EnumMeta) and weights.__members__:  # the enum, not one of its members
         member = next(iter(weights.__members__))
@@ -1295,9 +1453,11 @@ def build_backbone(
             weights names; an unknown tag raises a ValueError listing the model's tags), or a path to a local ``state_dict`` file of
             the full model (a ``Path``, or a string with a path separator or a suffix
             ``.pth``, ``.pt``, ``.bin``, ``.safetensors``, ``.ckpt``; FileNotFoundError if
-            it does not exist). The file's classifier may be missing or of another size
-            (fine-tuned on other classes): it is not loaded, the extractor cuts it off; every
-            other key must fit. A file saved from one of the library's classifiers (keys
+            it does not exist, ValueError naming what is wrong if it is no state_dict file
+            torch.save or safetensors wrote: empty, cut short, damaged, text, or holding
+            pickled objects such as a whole model). The file's classifier may be missing or
+            of another size (fine-tuned on other classes): it is not loaded, the extractor
+            cuts it off; every other key must fit. A file saved from one of the library's classifiers (keys
             ``backbone.body.*``, ``classifier.*``) or extractors (``body.*``) raises a ValueError
             that says to build that model and call its ``load_state_dict``. Only for names.
         node: for a model or a torchvision name, the graph node whose output is the
@@ -1496,20 +1656,23 @@ def check_backbone_name(name: str, *, weights: WeightsArg = None) -> None:
     configuration before long work (reading a data set, a benchmark run).
 
     A name that passes may still fail to build for other reasons (pretrained weights that
-    cannot be downloaded, a weights file whose tensors do not fit, options that do not
-    apply); that is found when the backbone is built.
+    cannot be downloaded, a weights file whose tensors do not fit or that is damaged within,
+    options that do not apply); that is found when the backbone is built.
 
     Args:
         name: a torchvision classification model name, a timm model name (optionally with
             ``timm:`` and a pretrained tag), as :func:`build_backbone` takes.
         weights: the ``weights`` to check with it, as :func:`build_backbone` takes them: a
-            file must exist, a torchvision weights name or enum must be the model's, a timm
-            pretrained tag must be one the model has. ``None`` and ``"imagenet"`` pass.
+            file must exist and look like a weights file (read from its first bytes, its zip
+            directory and pickle or its safetensors header, not its tensors), a torchvision
+            weights name or enum must be the model's, a timm pretrained tag must be one the
+            model has. ``None`` and ``"imagenet"`` pass.
 
     Raises:
         TypeError: for anything but a string.
-        ValueError: for a name neither torchvision nor timm knows, with close names, or
-            weights that are not the model's.
+        ValueError: for a name neither torchvision nor timm knows, with close names,
+            weights that are not the model's, or a weights file that is not one (empty, cut
+            short, text, a whole pickled model), naming the file and what is wrong.
         FileNotFoundError: for a weights file that does not exist
             (:class:`IsADirectoryError` for a folder).
         ImportError: when the package that may provide it is missing, naming the extra.

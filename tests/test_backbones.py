@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import sys
 import urllib.error
@@ -794,6 +795,154 @@ def test_whole_pickled_model_is_refused_clearly(tmp_path):
     torch.save(torchvision.models.resnet18(), path)  # a whole model, not its state_dict
     with pytest.raises(ValueError, match=r"not a state_dict file.*save model.state_dict\(\) instead"):
         build_backbone("resnet18", weights=path)
+    # also in the old format, which torch.load refuses as it reads it; both name the model's class
+    legacy = tmp_path / "whole_legacy.pth"
+    torch.save(torchvision.models.resnet18(), legacy, _use_new_zipfile_serialization=False)
+    for file in (path, legacy):
+        with pytest.raises(ValueError, match=r"holds pickled objects \(.*torchvision\.models\.resnet\.ResNet"):
+            build_backbone("resnet18", weights=file)
+
+
+def _saved(state: object, **kwargs: object) -> bytes:
+    """What torch.save writes for ``state``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def _damaged_archive() -> bytes:
+    """What torch.save writes for a state_dict, with the start of its pickle (data.pkl) zeroed."""
+    import struct
+    import zipfile
+
+    data = bytearray(_saved({"w": torch.arange(1000.0)}))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    # after its local header, whose name and extra field (torch's padding) have the lengths at 26 and 28
+    name, extra = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + name + extra
+    data[start : start + 16] = bytes(16)
+    return bytes(data)
+
+
+def _random_bytes() -> bytes:
+    import random
+
+    return b"." + random.Random(0).randbytes(99)  # "." (pickle's STOP) first: IndexError before
+
+
+def _half_a_resnet18() -> bytes:
+    whole = _saved(torchvision.models.resnet18().state_dict())
+    return whole[: len(whole) // 2]
+
+
+def _foreign_pickle() -> bytes:
+    import pickle
+
+    return pickle.dumps({"w": [1.0, 2.0]}, protocol=2)
+
+
+_SAVE = r"expected a state_dict written by torch.save\(model.state_dict\(\), path\)"
+_NEITHER = r"it is not a file torch.save wrote: neither a zip archive \(its format\) nor a pickle \(its format "
+_AGAIN = "save or download it again"
+
+
+class TestWeightsFileThatIsNone:
+    """A weights file that is no state_dict file (empty, cut short, damaged, text, another
+    program's pickle) raised EOFError, IndexError or torch's words ("PytorchStreamReader
+    failed reading zip archive ... internal miniz error") naming neither the file nor what
+    is wrong, or said a text file "holds pickled objects": now a ValueError naming the file
+    and what is wrong. check_backbone_name (breakhis-repro's check before indexing) finds
+    what the file's first bytes and zip directory tell; damage within, when it is loaded."""
+
+    @pytest.mark.parametrize(
+        ("content", "expected", "checked"),
+        [
+            pytest.param(lambda: b"", rf"it is empty \(0 bytes\); {_AGAIN}", True, id="empty"),
+            pytest.param(_random_bytes, rf"{_NEITHER}before PyTorch 1.6\); {_SAVE}", True, id="random"),
+            pytest.param(
+                lambda: b"<html>\n<body>Not Found</body>\n</html>\n",
+                rf"{_NEITHER}before PyTorch 1.6\), but text beginning '<html> <body>Not Found</body> </html>'; "
+                rf"{_SAVE}",
+                True,
+                id="text",
+            ),
+            pytest.param(
+                _half_a_resnet18,
+                rf"it is a zip archive, damaged or cut short \(.+\); {_AGAIN}",
+                True,
+                id="zip-cut-short",
+            ),
+            pytest.param(
+                _damaged_archive,
+                rf"it is a torch.save archive, damaged \(torch.load: .+\); {_AGAIN}",
+                False,
+                id="archive-damaged",
+            ),
+            pytest.param(
+                lambda: _saved({"w": torch.arange(1000.0)}, _use_new_zipfile_serialization=False)[:-1000],
+                rf"it is cut short; {_AGAIN}",
+                False,
+                id="old-format-cut-short",
+            ),
+            pytest.param(
+                _foreign_pickle,
+                rf"it is damaged, or a pickle torch.save did not write \(torch.load: .+\); {_SAVE}",
+                False,
+                id="foreign-pickle",
+            ),
+        ],
+    )
+    def test_torch_file(self, content, expected, checked, tmp_path):
+        from bilinearpool import check_backbone_name
+
+        path = tmp_path / "w.pt"
+        path.write_bytes(content())
+        message = rf"^weights file '{re.escape(str(path))}' is not a state_dict file: {expected}$"
+        with pytest.raises(ValueError, match=message):
+            build_backbone("resnet18", weights=str(path))
+        if checked:
+            with pytest.raises(ValueError, match=message):
+                check_backbone_name("resnet18", weights=path)
+        else:  # damage within the file: found when it is loaded
+            check_backbone_name("resnet18", weights=path)
+
+    def test_timm_and_classifiers(self, tmp_path):
+        from bilinearpool import FastBCNN, check_backbone_name
+
+        path = tmp_path / "w.pth"
+        path.write_bytes(b"")
+        message = r"^weights file '.*w\.pth' is not a state_dict file: it is empty \(0 bytes\)"
+        with pytest.raises(ValueError, match=message):
+            check_backbone_name("timm:resnet18", weights=path)
+        with pytest.raises(ValueError, match=message):
+            FastBCNN("resnet18", num_classes=2, weights=path)
+
+    def test_safetensors_file(self, tmp_path):
+        safetensors = pytest.importorskip("safetensors.torch")
+        good = tmp_path / "good.safetensors"
+        safetensors.save_file(torchvision.models.resnet18().state_dict(), str(good))
+        for content, expected in [
+            (b"", r"it is empty \(0 bytes\)"),
+            (
+                good.read_bytes()[:-1000],
+                rf"it is not a safetensors file, or is damaged or cut short \(safetensors: .+\); {_AGAIN}",
+            ),
+            (
+                b"<html>Not Found</html>",
+                r"it is not a safetensors file but text, beginning '<html>Not Found</html>'; "
+                r"expected a state_dict written by safetensors.torch.save_file",
+            ),
+            (
+                _saved({"w": torch.zeros(2)}),
+                r"it is not a safetensors file but one torch.save wrote: name it .pt",
+            ),
+        ]:
+            path = tmp_path / "w.safetensors"
+            path.write_bytes(content)
+            message = rf"^weights file '.*w\.safetensors' is not a state_dict file: {expected}"
+            with pytest.raises(ValueError, match=message):
+                build_backbone("resnet18", weights=path)
 
 
 class TestClassifierOfAnotherSize:

@@ -419,8 +419,8 @@ def _config(args: argparse.Namespace) -> Any:
 def _check_model(args: argparse.Namespace, config: Any) -> None:
     """Refuse, before the data are indexed (minutes on the real data), SE blocks for a
     backbone without blocks for them, and --weights the backbone cannot be built with (a
-    missing file, a weights name or tag the model lacks; not with --resume, whose
-    checkpoint holds the weights)."""
+    missing file or one that is no weights file, a weights name or tag the model lacks;
+    not with --resume, whose checkpoint holds the weights)."""
     from .models import check_se_applies, check_weights_available
 
     try:

@@ -165,11 +165,11 @@ def check_weights(backbone: str, weights: str | None) -> None:
 def check_weights_available(backbone: str, weights: str | None) -> None:
     """Refuse ``weights`` that ``backbone`` cannot be built with, found without building
     or downloading (``bilinearpool.check_backbone_name``): a file that does not exist (or
-    is a folder), a torchvision weights name or timm pretrained tag the model does not
-    have. For a run that starts from them, before its data are indexed (minutes); a
-    checkpoint's saved settings are not checked so, since its weights are in it. ``tiny``,
-    ``None`` and ``"imagenet"`` pass (whether those can be downloaded is found when the
-    model is built).
+    is a folder, or is no weights file: empty, cut short, text, a whole pickled model), a
+    torchvision weights name or timm pretrained tag the model does not have. For a run
+    that starts from them, before its data are indexed (minutes); a checkpoint's saved
+    settings are not checked so, since its weights are in it. ``tiny``, ``None`` and
+    ``"imagenet"`` pass (whether those can be downloaded is found when the model is built).
 
     Raises:
         breakhis._files.SettingError: naming the setting ``weights``, with the reason.

@@ -130,6 +130,37 @@ class TestSettingNames:
         assert f"breakhis-repro {command}: error: {message}" in err, err
         assert not indexed and not (tmp_path / "r").exists()
 
+    def test_a_weights_file_that_is_none_is_refused_before_indexing(
+        self, tmp_path: Path, indexed: list[int], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--weights`` naming an empty file, a zip archive cut short or a text file gave an
+        EOFError traceback, torch's "PytorchStreamReader failed reading zip archive", or
+        "holds pickled objects" for text, after indexing (minutes on the real data): now one
+        line naming the file and what is wrong, status 2, before indexing."""
+        import io
+
+        import torch
+
+        saved = io.BytesIO()
+        torch.save({"w": torch.arange(1000.0)}, saved)
+        for content, problem in [
+            (b"", "it is empty (0 bytes)"),
+            (saved.getvalue()[:2000], "it is a zip archive, damaged or cut short"),
+            (b"Not Found\n", "it is not a file torch.save wrote: neither a zip archive"),
+        ]:
+            weights = tmp_path / "w.pt"
+            weights.write_bytes(content)
+            argv = ["train", "--backbone", "resnet18", "--weights", str(weights), "--input-size", "32"]
+            assert main([*argv, "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+            err = _err(capsys)
+            assert err.startswith(
+                f"breakhis-repro train: error: --weights must be weights backbone 'resnet18' can be built "
+                f"with, but got {str(weights)!r}: weights file {str(weights)!r} is not a state_dict file: "
+                f"{problem}"
+            ), err
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert not indexed and not (tmp_path / "r").exists()
+
     @pytest.mark.parametrize("argv, message", [
         (["--size", "4x4"], "--size must be at least 8x8 pixels, but got 4x4"),
         (["--images-per-magnification", "0"], "--images-per-magnification must be >= 1"),
