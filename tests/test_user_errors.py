@@ -264,7 +264,8 @@ class TestInputChecks:
         """An image 0 pixels high went to the network, whose error named a padded size
         ("Calculated padded input size per channel: (6 x 70)") instead of the input's."""
         for shape in [(2, 3, 0, 64), (2, 3, 64, 0)]:
-            with pytest.raises(ValueError, match=rf"takes images \(B, 3, H, W\) of dtype torch.float32, but got shape "
+            with pytest.raises(ValueError, match=rf"takes images \(B, 3, H, W\) of dtype torch.float32, but got "
+                               rf"shape "
                                rf"{re.escape(str(shape))}: images need at least one pixel a side "
                                r"\(H >= 1 and W >= 1\)$"):
                 resnet18_model(torch.randn(shape))

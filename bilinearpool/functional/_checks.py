@@ -465,7 +465,9 @@ def check_flags(**flags: object) -> None:
         if isinstance(value, bool):
             continue
         kind = type(value)
-        kind_name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        kind_name = kind.__qualname__
+        if kind.__module__ != "builtins":
+            kind_name = f"{kind.__module__}.{kind_name}"
         message = f"{name} must be True or False, but got {value!r} ({kind_name})"
         numpy_bool = kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
         if numpy_bool or (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 0):

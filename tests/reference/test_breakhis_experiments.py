@@ -1018,7 +1018,8 @@ class TestImageContents:
         shutil.copytree(root, top)
         run = tmp_path / "run"
         run_fold(_spec(top), _config(), 0, run, progress=False)
-        for data_root, where in ((top / "BreaKHis_v1", "1 folder below"), (tmp_path / "above", "1 folder above")):
+        levels = ((top / "BreaKHis_v1", "1 folder below"), (tmp_path / "above", "1 folder above"))
+        for data_root, where in levels:
             with pytest.raises(ValueError) as caught:
                 run_fold(_spec(data_root), _config(epochs=2), 0, run, resume=True, progress=False)
             message = str(caught.value)
