@@ -86,6 +86,7 @@ from .splits import (
     find_fold_tables,
     make_splits,
     patient_groups,
+    read_fold_table,
     validation_split,
 )
 from .plots import FIGURE_FILES, FIGURES_DIR
@@ -480,8 +481,10 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
             :class:`breakhis._files.SettingError` (setting ``folds_file``), before
             indexing, when a fold table given does not exist or is a folder.
     """
-    # a fold table that is not there, before indexing (minutes on the real data)
+    # a fold table that is not there, or not in the format, before indexing (minutes on the real data)
     check_input_files("folds_file", spec.folds_file, "fold tables (Folds.csv or dsfold1..5.txt)")
+    for table in spec.folds_file:
+        _read_given_table(table)
     if spec.image_folder and spec.protocol == "patient" and spec.patients_csv is None:
         raise ValueError(
             "protocol 'patient' needs the patient of every image, but an image folder has "
@@ -504,6 +507,23 @@ def prepare_data(spec: DataSpec, *, progress: bool = False) -> PreparedData:
                          magnification=task.magnification)
     return PreparedData(index, task, records, targets, groups, splits,
                         warnings=[*index.warnings, *task_warnings])
+
+
+def _read_given_table(path: str) -> None:
+    """Read the fold table ``path`` (:func:`breakhis.splits.read_fold_table`) for its
+    errors alone, before the data are indexed; a file that is not UTF-8 text (a
+    spreadsheet's ``.xlsx`` under the name) is refused naming it.
+
+    Raises:
+        ValueError: naming the file (and the line, for a line not in the format).
+        OSError: when it cannot be read.
+    """
+    try:
+        read_fold_table(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"expected a fold table as text (Folds.csv or dsfold1..5.txt, UTF-8), but {path!r} is "
+            f"not text ({err.reason} at byte {err.start})") from err
 
 
 def _index_task(

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -347,6 +347,16 @@ class TestBeforeIndexing:
         with pytest.raises(SettingError, match=r"^folds_file must name fold tables \(Folds\.csv or "
                            r"dsfold1\.\.5\.txt\), but '.*no\.txt' does not exist$"):
             experiments.prepare_data(spec)
+        # one that is there but not in the format, or not text, is read before indexing too
+        # (it was read by make_splits, after every image was decoded and hashed)
+        bad = tmp_path / "dsfold1.txt"
+        bad.write_text("SOB_B_A-14-22549AB-40-001.png|40|1|train\nnot a line of the table\n")
+        with pytest.raises(ValueError, match=r"on line 2 of '.*dsfold1\.txt', but got 'not a line of the table'"):
+            experiments.prepare_data(replace(spec, folds_file=(str(bad),)))
+        bad.write_bytes(b"PK\x03\x04\xff\xfe binary")
+        with pytest.raises(ValueError, match=r"^expected a fold table as text .*, but '.*dsfold1\.txt' is not "
+                           r"text \(invalid start byte at byte 4\)$"):
+            experiments.prepare_data(replace(spec, folds_file=(str(bad),)))
 
     def test_resume_with_other_settings(self, run: Path, synth_tree, indexed: list[int],
                                         capsys: pytest.CaptureFixture[str]) -> None:
