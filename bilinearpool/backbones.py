@@ -468,7 +468,8 @@ def _quiet_probe() -> Iterator[None]:
     """A probe's block: without gradients and without the module's warnings and what it
     writes to stderr (they come with its real passes; torch.fx prints the traceback of a
     traced module's failure there even where the failure is caught), under
-    :data:`_PROBE_WARNINGS`."""
+    :data:`_PROBE_WARNINGS` (both are the whole process's: what other threads warn or
+    write to stderr meanwhile is dropped too, for the few milliseconds of a meta pass)."""
     with torch.no_grad(), _PROBE_WARNINGS, warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
@@ -478,11 +479,22 @@ def _quiet_probe() -> Iterator[None]:
 def _stderr_unless_raising() -> Iterator[None]:
     """What the block writes to stderr, written there after it unless it raises: torch.fx
     prints the traceback of a traced module's failure even where the failure is caught
-    and said otherwise (a failing pass of ours ends in our own error)."""
-    held = io.StringIO()
-    with contextlib.redirect_stderr(held):
+    and said otherwise (a failing pass of ours ends in our own error).
+
+    ``sys.stderr`` is one stream for the whole process: it is swapped under
+    :data:`_PROBE_WARNINGS`, as :func:`_quiet_probe` swaps it, so that the swaps of two
+    threads nest (each puts back the stream it replaced; unordered, the real stream could
+    be lost for good), and what other threads write meanwhile is held with it. Without
+    a stderr (``None``: pythonw, some services) nothing is swapped.
+    """
+    if sys.stderr is None:
         yield
-    sys.stderr.write(held.getvalue())
+        return
+    held = io.StringIO()
+    with _PROBE_WARNINGS, contextlib.redirect_stderr(held):
+        yield
+    if held.getvalue() and sys.stderr is not None:
+        sys.stderr.write(held.getvalue())
 
 
 def _prober(module: nn.Module) -> Callable[[Tensor], Any]:

@@ -283,6 +283,46 @@ def test_a_failing_probe_of_a_traced_module_prints_nothing(capfd):
     assert capfd.readouterr().err.count("Traceback") == 1
 
 
+def test_probes_of_two_threads_leave_stderr_as_it_was(monkeypatch):
+    """The real pass that reads the channel count swapped sys.stderr without the probe
+    lock: two threads building at once, the first leaving first, left the process's
+    stderr on a StringIO for good (every later warning lost). And without a stderr
+    (None: pythonw) every build failed writing to it."""
+    import threading
+
+    entered = {name: threading.Event() for name in "ab"}
+    go = {name: threading.Event() for name in "ab"}
+
+    class Gate(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.conv, self.name = nn.Conv2d(3, 4, 3), name
+
+        def forward(self, x):
+            if x.device.type != "meta" and x.shape[-1] == 64:  # the real pass at the sample shape
+                entered[self.name].set()
+                assert go[self.name].wait(10)
+            return self.conv(x)
+
+    real = sys.stderr
+    threads = {name: threading.Thread(target=build_backbone, args=(Gate(name),),
+                                      kwargs={"sample_shape": (3, 64, 64)}) for name in "ab"}
+    threads["a"].start()
+    assert entered["a"].wait(10)
+    threads["b"].start()
+    assert not entered["b"].wait(0.5)  # b waits for a's swap to end
+    go["a"].set()
+    threads["a"].join(10)
+    assert entered["b"].wait(10)
+    go["b"].set()
+    threads["b"].join(10)
+    assert sys.stderr is real
+    monkeypatch.setattr(sys, "stderr", None)
+    go["a"].clear()
+    go["a"].set()
+    assert build_backbone(Gate("a"), sample_shape=(3, 64, 64)).out_channels == 4
+
+
 class TestImagesTooSmall:
     """Images smaller than a network takes (InceptionV3 below 75 x 75) failed with torch's
     "Kernel size can't be greater than actual input size", naming no size to use. The

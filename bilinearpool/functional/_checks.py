@@ -469,8 +469,9 @@ def check_flags(**flags: object) -> None:
         if kind.__module__ != "builtins":
             kind_name = f"{kind.__module__}.{kind_name}"
         message = f"{name} must be True or False, but got {value!r} ({kind_name})"
-        numpy_bool = kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
-        if numpy_bool or (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 0):
+        # a bool of NumPy, or a 0-d array or tensor of one (``np.array(True)``, ``torch.tensor(True)``)
+        one = getattr(value, "ndim", None) == 0 and str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+        if one or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
             message += f": pass a Python bool, bool({name})"
         raise TypeError(message)
 

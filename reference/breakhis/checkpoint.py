@@ -219,14 +219,23 @@ def load_run_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> 
     Raises:
         NotACheckpointError: when it is none (empty, cut short, overwritten by another
             program), saying that the run cannot continue from it and how to go on,
-            not to pass another checkpoint (the run found it where its own belongs).
+            not to pass another checkpoint (the run found it where its own belongs):
+            ``--overwrite`` or another ``--out``; for a cv's fold (a ``fold<k>`` folder),
+            removing that folder and ``cv --resume``, which trains that fold alone again
+            (``cv --overwrite`` would train every fold afresh).
     """
     try:
         return load_checkpoint(path, mmap=mmap)
     except NotACheckpointError as err:
         if err.reason is None:
             raise
+        folder = Path(path).parent
+        if re.fullmatch(r"fold\d+", folder.name):
+            way = (f"remove {str(folder)!r} and rerun cv --resume, which trains that fold again "
+                   "(cv --overwrite would train every fold afresh)")
+        else:
+            way = ("start the run afresh with --overwrite (what that folder holds is replaced), or "
+                   "train into another --out")
         raise NotACheckpointError(
-            f"cannot resume from {str(path)!r}: it is not a breakhis checkpoint ({err.reason}); "
-            "start the run afresh with --overwrite (what that folder holds is replaced), or "
-            "train into another --out", err.reason) from err
+            f"cannot resume from {str(path)!r}: it is not a breakhis checkpoint ({err.reason}); {way}",
+            err.reason) from err

@@ -633,21 +633,22 @@ def _check_combinations(args: argparse.Namespace) -> None:
             "'patient' and the validation images, but protocol 'official' takes its folds "
             "from the fold tables and --val-fraction 0 holds out no validation images; drop "
             "--split-seed, or pass a --val-fraction above 0")
+    # tiny first: the advice below (drop --no-pretrained) would lead into this refusal
+    if args.backbone == "tiny" and args.weights is not None:
+        raise _CombinationError(
+            f"--weights {args.weights!r} loads the weights to start from, but --backbone tiny "
+            "has no pretrained weights (it starts from random weights); drop --weights"
+            + ("" if args.no_pretrained else " and pass --no-pretrained"))
+    if args.backbone == "tiny" and not args.no_pretrained:  # ImageNet weights by default
+        raise _CombinationError(
+            "--backbone tiny has no pretrained weights (it starts from random weights), but "
+            f"without --no-pretrained a run starts from pretrained ones ({_WEIGHTS!r}, the "
+            "--weights default); pass --no-pretrained")
     if args.no_pretrained and args.weights is not None:
         raise _CombinationError(
             f"--weights {args.weights!r} loads the weights to start from, but --no-pretrained "
             f"starts from random weights; drop --no-pretrained to start from {args.weights!r}, "
             "or drop --weights for random weights")
-    if args.backbone == "tiny" and not args.no_pretrained:  # ImageNet weights by default
-        if args.weights is None:
-            raise _CombinationError(
-                "--backbone tiny has no pretrained weights (it starts from random weights), but "
-                f"without --no-pretrained a run starts from pretrained ones ({_WEIGHTS!r}, the "
-                "--weights default); pass --no-pretrained")
-        raise _CombinationError(
-            f"--weights {args.weights!r} loads the weights to start from, but --backbone tiny "
-            "has no pretrained weights (it starts from random weights); drop --weights and pass "
-            "--no-pretrained")
     if args.no_augment and args.rotation is not None:
         raise _CombinationError(
             f"--rotation {args.rotation:g} sets the rotations of the augmentation, but "

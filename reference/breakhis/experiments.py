@@ -1417,10 +1417,12 @@ def _other_run_problem(checkpoint: str | os.PathLike[str], out: Path, what: str 
     other = out / CHECKPOINT_NAME
     if not other.is_file():
         return None
-    if os.path.samefile(other, checkpoint):
-        return None
     try:
+        if os.path.samefile(other, checkpoint):
+            return None
         theirs = checkpoint_identity(load_checkpoint(other, map_location="cpu", mmap=True))
+    except FileNotFoundError:  # gone meanwhile (a run starting there cleared it): _busy_problem says so
+        return None
     except NotACheckpointError:
         theirs = None
     if theirs is not None and theirs == checkpoint_identity(mine):

@@ -133,12 +133,15 @@ def _close_own_backbones(name: str) -> list[str]:
     Examples:
         >>> _close_own_backbones("tinny"), _close_own_backbones("TINY"), _close_own_backbones("resnet5O")
         (['tiny'], ['tiny'], [])
+        >>> _close_own_backbones("swin_tiny"), _close_own_backbones("tinynet"), _close_own_backbones("vit_tiny")
+        ([], [], [])
     """
 
     def key(text: str) -> str:
         return text.lower().replace("-", "").replace("_", "")
 
-    return [own for own in _OWN_BACKBONES if difflib.get_close_matches(key(name), [key(own)], cutoff=0.6)]
+    # 0.8: a letter off ("tinny", "tin"), not a name that holds "tiny" ("swin_tiny", "tinynet")
+    return [own for own in _OWN_BACKBONES if difflib.get_close_matches(key(name), [key(own)], cutoff=0.8)]
 
 
 def check_weights(backbone: str, weights: str | None) -> None:

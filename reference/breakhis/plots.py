@@ -1201,7 +1201,10 @@ def _stale_folds(folder: Path, report: dict[str, Any]) -> dict[int, str]:
                 share = model.get("val_fraction") if isinstance(model, dict) else None
                 data = _data_settings(current.get("task"), current.get("protocol"), share)
                 other = _other_settings(report, model, data)
-                longer = _beyond_epochs(report, current.get("checkpoint"))
+                # cv --resume refuses by the checkpoint's epochs, which a later train --resume
+                # may have taken beyond its report's
+                longer = _beyond_epochs(report, current.get("checkpoint")) or (
+                    ckpt.is_file() and _beyond_epochs(report, _checkpoint_identity(ckpt)[0]))
                 stale[entry["fold"]] = "other settings" if other else "more epochs" if longer else "retrained"
                 continue
         identity, config, data = (_checkpoint_identity(ckpt) if recorded is not None and ckpt.is_file()

@@ -732,6 +732,9 @@ def _other_level(old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[
         "the data root is 1 folder below the checkpoint's in the same tree"
         >>> _other_level(old, {"files.test": ["h/a.png", "h/c.png"]}, ["files.test"]) is None
         True
+        >>> deep = {"files.test": ["1/2/3/4/h/a.png"]}  # as far as evaluate looks
+        >>> _other_level(deep, {"files.test": ["h/a.png"]}, ["files.test"])[:34]
+        'the data root is 4 folders below t'
     """
     lists = [key for key in keys if key.startswith("files.")]
     if not lists:
@@ -740,7 +743,8 @@ def _other_level(old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[
     if not all(isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and a
                for a, b in pairs):
         return None
-    for k in range(1, 4):
+    depth = max((p.count("/") for a, b in pairs for p in (*a, *b)), default=0)
+    for k in range(1, depth + 1):  # as far as evaluate finds the images (experiments._rerooted)
         for flip in (False, True):
             if all(sorted(_strip_folders(p, k) or "" for p in (b if flip else a)) == sorted(a if flip else b)
                    for a, b in pairs):

@@ -280,6 +280,12 @@ class TestBeforeIndexing:
                                 "start from, but --backbone tiny has no pretrained weights (it "
                                 "starts from random weights); drop --weights and pass "
                                 "--no-pretrained\n")
+        # with --no-pretrained too: not told to drop --no-pretrained (which led to the above)
+        assert main(["cv", "--data-root", str(tmp_path), "--backbone", "tiny", "--no-pretrained",
+                     "--weights", "w.pt"]) == 2
+        assert _err(capsys) == ("breakhis-repro cv: error: --weights 'w.pt' loads the weights to "
+                                "start from, but --backbone tiny has no pretrained weights (it "
+                                "starts from random weights); drop --weights\n")
         assert not indexed
 
     def test_a_name_close_to_tiny_suggests_it(self, tmp_path: Path, indexed: list[int],

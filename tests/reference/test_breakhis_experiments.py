@@ -1047,10 +1047,17 @@ class TestImageContents:
             (folder / "checkpoint.pt").write_bytes(b"")
             with pytest.raises(ValueError) as caught:
                 resume()
+            # a cv's fold: its folder removed, cv --resume trains it again (--overwrite: every fold)
+            way = (f"remove {str(folder)!r} and rerun cv --resume, which trains that fold again (cv "
+                   "--overwrite would train every fold afresh)" if folder.name == "fold0" else
+                   "start the run afresh with --overwrite (what that folder holds is replaced), or "
+                   "train into another --out")
             assert str(caught.value) == (
                 f"cannot resume from {str(folder / 'checkpoint.pt')!r}: it is not a breakhis checkpoint "
-                "(the file is empty or cut short); start the run afresh with --overwrite (what that "
-                "folder holds is replaced), or train into another --out")
+                f"(the file is empty or cut short); {way}")
+        shutil.rmtree(cv / "fold0")  # as the message says
+        report = run_cv(_spec(tree_copy, n_splits=2), _config(), cv, folds=[0], resume=True, progress=False)
+        assert report["folds"][0]["fold"] == 0 and (cv / "fold0" / "checkpoint.pt").is_file()
 
     def test_without_recorded_contents_or_digests_the_names_are_compared(
         self, tree_copy: Path, tmp_path: Path

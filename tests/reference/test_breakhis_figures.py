@@ -949,6 +949,26 @@ class TestResultsTable:
         expected = [0] if fresh["metrics"] != summary["folds"][0]["metrics"] else []
         assert results_rows([run])[0]["stale_folds"] == expected
 
+    def test_fold_checkpoint_trained_beyond_its_new_report_is_marked(self, runs, tmp_path: Path) -> None:
+        """A fold retrained with the summary's settings (a new report, 3 epochs), then
+        trained on (train --resume --epochs 5) and stopped before its report: the advice
+        was `rerun cv --resume`, which refuses the checkpoint's 5 epochs at the summary's 3
+        (the report's epochs were compared, not the checkpoint's)."""
+        run = tmp_path / "cv"
+        shutil.copytree(runs["binary"], run)
+        assert json.loads((run / "cv_metrics.json").read_text())["model"]["epochs"] == 3
+        report = json.loads((run / "fold0" / "test_metrics.json").read_text())
+        report["checkpoint"] = {"epoch": 2, "fingerprint": "0" * 64}  # another run of 3 epochs
+        (run / "fold0" / "test_metrics.json").write_text(json.dumps(report))
+        assert results_rows([run])[0]["stale"].endswith("; rerun cv --resume")
+        state = load_checkpoint(run / "fold0" / "checkpoint.pt")
+        state["epoch"] = 4  # then trained on to 5 epochs
+        save_checkpoint(state, run / "fold0" / "checkpoint.pt")
+        assert results_rows([run])[0]["stale"] == (
+            "stale: fold 0 trained since the summary for more epochs than its --epochs, which cv "
+            "--resume refuses at those epochs; rerun cv --resume --epochs 5 (the other folds then "
+            "train as far), or run cv afresh in another folder")
+
     def test_fold_changed_without_a_new_report_is_marked(
         self, runs, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
