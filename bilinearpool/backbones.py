@@ -476,7 +476,7 @@ def _quiet_probe() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stderr_unless_raising() -> Iterator[None]:
+def _stderr_unless_raising(body: nn.Module) -> Iterator[None]:
     """What the block writes to stderr, written there after it unless it raises: torch.fx
     prints the traceback of a traced module's failure even where the failure is caught
     and said otherwise (a failing pass of ours ends in our own error).
@@ -484,10 +484,13 @@ def _stderr_unless_raising() -> Iterator[None]:
     ``sys.stderr`` is one stream for the whole process: it is swapped under
     :data:`_PROBE_WARNINGS`, as :func:`_quiet_probe` swaps it, so that the swaps of two
     threads nest (each puts back the stream it replaced; unordered, the real stream could
-    be lost for good), and what other threads write meanwhile is held with it. Without
-    a stderr (``None``: pythonw, some services) nothing is swapped.
+    be lost for good), and what other threads write meanwhile is held with it. So it is
+    swapped only for a ``body`` holding a traced module (``torch.fx.GraphModule``: what
+    torchvision's feature extraction makes), the one kind that prints so, and not at all
+    without a stderr (``None``: pythonw, some services).
     """
-    if sys.stderr is None:
+    traced = any(isinstance(m, torch.fx.GraphModule) for m in body.modules())
+    if sys.stderr is None or not traced:
         yield
         return
     held = io.StringIO()
@@ -625,7 +628,7 @@ def _probe(
     with _in_eval_mode(body):  # each submodule's own mode afterwards, e.g. a frozen batch norm
         with torch.no_grad():
             try:
-                with _stderr_unless_raising():
+                with _stderr_unless_raising(body):
                     raw = body(sample)
             except (RuntimeError, ValueError, AssertionError) as err:
                 fix = " and ".join(needs) or "sample_shape=(C, H, W) with the channels and a size it accepts"
@@ -637,7 +640,7 @@ def _probe(
             small = None
             if check_layout and half != tuple(sample_shape):
                 try:
-                    with _stderr_unless_raising():
+                    with _stderr_unless_raising(body):
                         small = _to_nchw(_last_map(body(sample.new_zeros(1, *half))), output_fmt)
                 except Exception:  # noqa: BLE001 - a backbone that takes one input size only: no check
                     small = None
@@ -872,6 +875,11 @@ def _zip_problem(path: Path) -> str | None:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         return f"it is a zip archive, damaged or cut short ({err}); save or download it again"
+    except Exception:  # noqa: BLE001 - zipfile is stricter than torch's reader (NotImplementedError
+        return None  # for a version field torch ignores): torch.load decides, and says why
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        return ("it is a TorchScript archive (torch.jit.save), not a state_dict: load it with "
+                "torch.jit.load and save its state_dict() with torch.save")
     if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
         return f"it is a zip archive that torch.save did not write (no <name>/data.pkl in it); {_SAVE_HINT}"
     unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
@@ -934,11 +942,30 @@ def _weights_file_problem(path: Path) -> str | None:
         return _zip_problem(path)
     if _is_pickle(head):
         return None
+    header = int.from_bytes(head[:8], "little")  # a safetensors file: its header's length, then JSON
+    if head[8:9] == b"{" and 0 < header < path.stat().st_size:
+        return "it is a safetensors file: name it .safetensors (safetensors.torch.load_file reads it)"
     what = f", but text beginning {text!r}" if text is not None else ""
     return (
         "it is not a file torch.save wrote: neither a zip archive (its format) nor a pickle (its format "
         f"before PyTorch 1.6){what}; {_SAVE_HINT}"
     )
+
+
+def _pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol of the weights file ``path`` (its ``<name>/data.pkl``, in a zip
+    archive), or ``None`` when that cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        if head.startswith(_ZIP_MAGIC[:2]):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl"))
+                with archive.open(name) as handle:
+                    head = handle.read(2)
+    except Exception:  # noqa: BLE001 - damaged: no protocol to tell
+        return None
+    return head[1] if _is_pickle(head) else None
 
 
 def _torch_load_problem(err: Exception, path: Path) -> str:
@@ -947,8 +974,14 @@ def _torch_load_problem(err: Exception, path: Path) -> str:
     suggest ``weights_only=False`` (that would run whatever code the file's pickle holds)."""
     text = str(err)
     refused = _REFUSED_GLOBAL.search(text)
-    if refused:  # weights_only refused a pickled object, not damaged bytes
+    # weights_only refused a pickled object, not damaged bytes (a file cut inside a name
+    # gives a name cut short, "torch._u.")
+    if refused and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", refused.group(1)):
         return _pickled_objects([refused.group(1)])
+    protocol = _pickle_protocol(path)
+    if protocol is not None and protocol > 2:
+        return (f"it was saved with pickle protocol {protocol}, which torch.load(weights_only=True) "
+                "cannot read; save it again with torch.save's default protocol")
     if isinstance(err, EOFError) or "unexpected EOF" in text:
         return "it is cut short; save or download it again"
     # weights_only's own words are after "WeightsUnpickler error:", below torch's advice
@@ -981,10 +1014,9 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
         except Exception as err:  # noqa: BLE001 - SafetensorError
             raise ValueError(f"{where} is not a state_dict file: safetensors could not read it: {err}") from err
     try:
-        with warnings.catch_warnings():
-            # torch warns about the pickle protocol of foreign pickles before refusing them
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        # (torch's warning on a pickle protocol other than its own is let through: filtering
+        # it would change the process's filters outside the probe lock)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - damaged or foreign bytes make the unpickler raise anything
         raise ValueError(f"{where} is not a state_dict file: {_torch_load_problem(err, path)}") from err
     for key in ("state_dict", "model", "model_state_dict"):

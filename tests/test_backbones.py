@@ -304,8 +304,11 @@ def test_probes_of_two_threads_leave_stderr_as_it_was(monkeypatch):
                 assert go[self.name].wait(10)
             return self.conv(x)
 
+    def traced(name):  # stderr is swapped for a body holding a traced module only
+        return nn.Sequential(Gate(name), torch.fx.symbolic_trace(nn.Identity()))
+
     real = sys.stderr
-    threads = {name: threading.Thread(target=build_backbone, args=(Gate(name),),
+    threads = {name: threading.Thread(target=build_backbone, args=(traced(name),),
                                       kwargs={"sample_shape": (3, 64, 64)}) for name in "ab"}
     threads["a"].start()
     assert entered["a"].wait(10)
@@ -320,7 +323,7 @@ def test_probes_of_two_threads_leave_stderr_as_it_was(monkeypatch):
     monkeypatch.setattr(sys, "stderr", None)
     go["a"].clear()
     go["a"].set()
-    assert build_backbone(Gate("a"), sample_shape=(3, 64, 64)).out_channels == 4
+    assert build_backbone(traced("a"), sample_shape=(3, 64, 64)).out_channels == 4
 
 
 class TestImagesTooSmall:
@@ -882,6 +885,21 @@ def _foreign_pickle() -> bytes:
     return pickle.dumps({"w": [1.0, 2.0]}, protocol=2)
 
 
+def _torchscript() -> bytes:
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated: users still have files
+        torch.jit.save(torch.jit.script(nn.Linear(2, 2)), buffer)
+    return buffer.getvalue()
+
+
+def _safetensors_bytes() -> bytes:
+    safetensors = pytest.importorskip("safetensors.torch")
+    return safetensors.save({"w": torch.zeros(3)})
+
+
 _SAVE = r"expected a state_dict written by torch.save\(model.state_dict\(\), path\)"
 _NEITHER = r"it is not a file torch.save wrote: neither a zip archive \(its format\) nor a pickle \(its format "
 _AGAIN = "save or download it again"
@@ -931,8 +949,31 @@ class TestWeightsFileThatIsNone:
                 False,
                 id="foreign-pickle",
             ),
+            # files torch wrote whole, which were called damaged (helper-159)
+            *[pytest.param(
+                lambda zipped=zipped: _saved({"w": torch.zeros(3)}, pickle_protocol=4,
+                                             _use_new_zipfile_serialization=zipped),
+                r"it was saved with pickle protocol 4, which torch.load\(weights_only=True\) cannot read; "
+                r"save it again with torch.save's default protocol",
+                False,
+                id=f"protocol-4-{'zip' if zipped else 'legacy'}",
+            ) for zipped in (True, False)],
+            pytest.param(
+                _torchscript,
+                r"it is a TorchScript archive \(torch.jit.save\), not a state_dict: load it with "
+                r"torch.jit.load and save its state_dict\(\) with torch.save",
+                True,
+                id="torchscript",
+            ),
+            pytest.param(
+                _safetensors_bytes,
+                r"it is a safetensors file: name it .safetensors \(safetensors.torch.load_file reads it\)",
+                True,
+                id="safetensors-named-pt",
+            ),
         ],
     )
+    @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, before it fails
     def test_torch_file(self, content, expected, checked, tmp_path):
         from bilinearpool import check_backbone_name
 
@@ -946,6 +987,18 @@ class TestWeightsFileThatIsNone:
                 check_backbone_name("resnet18", weights=path)
         else:  # damage within the file: found when it is loaded
             check_backbone_name("resnet18", weights=path)
+
+    def test_a_zip_python_finds_strict_but_torch_reads_is_taken(self, tmp_path):
+        """A version field of the zip directory off (one byte) made Python's zipfile raise
+        NotImplementedError, a traceback, for a file torch loads whole (helper-159)."""
+        from bilinearpool import check_backbone_name
+
+        data = bytearray(_saved(torchvision.models.resnet18().state_dict()))
+        data[data.find(b"PK\x01\x02") + 6] = 196
+        path = tmp_path / "w.pth"
+        path.write_bytes(bytes(data))
+        check_backbone_name("resnet18", weights=path)
+        assert build_backbone("resnet18", weights=str(path)).out_channels == 512
 
     def test_timm_and_classifiers(self, tmp_path):
         from bilinearpool import FastBCNN, check_backbone_name

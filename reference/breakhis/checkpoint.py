@@ -220,22 +220,22 @@ def load_run_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> 
         NotACheckpointError: when it is none (empty, cut short, overwritten by another
             program), saying that the run cannot continue from it and how to go on,
             not to pass another checkpoint (the run found it where its own belongs):
-            ``--overwrite`` or another ``--out``; for a cv's fold (a ``fold<k>`` folder),
-            removing that folder and ``cv --resume``, which trains that fold alone again
-            (``cv --overwrite`` would train every fold afresh).
+            ``--overwrite`` or another ``--out``; for a ``fold<k>`` folder, also (it may be a
+            cv's fold) removing that folder and ``cv --resume``, which trains that fold
+            alone again (``cv --overwrite`` would train every fold afresh).
     """
     try:
         return load_checkpoint(path, mmap=mmap)
     except NotACheckpointError as err:
         if err.reason is None:
             raise
+        way = ("start the run afresh with --overwrite (what that folder holds is replaced), or "
+               "train into another --out")
         folder = Path(path).parent
-        if re.fullmatch(r"fold\d+", folder.name):
-            way = (f"remove {str(folder)!r} and rerun cv --resume, which trains that fold again "
-                   "(cv --overwrite would train every fold afresh)")
-        else:
-            way = ("start the run afresh with --overwrite (what that folder holds is replaced), or "
-                   "train into another --out")
+        if re.fullmatch(r"fold\d+", folder.name):  # perhaps a cv's fold: its own way too
+            way += (f"; if {str(folder)!r} is a fold of a cv, remove that folder and rerun cv "
+                    "--resume instead, which trains that fold again (cv --overwrite would train "
+                    "every fold afresh)")
         raise NotACheckpointError(
             f"cannot resume from {str(path)!r}: it is not a breakhis checkpoint ({err.reason}); {way}",
             err.reason) from err

@@ -522,8 +522,8 @@ def _read_given_table(path: str) -> None:
         read_fold_table(path)
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"expected a fold table as text (Folds.csv or dsfold1..5.txt, UTF-8), but {path!r} is "
-            f"not text ({err.reason} at byte {err.start})") from err
+            f"expected a fold table as UTF-8 text (Folds.csv or dsfold1..5.txt), but {path!r} is "
+            f"not UTF-8 ({err.reason} at byte {err.start}): save it as UTF-8 text") from err
 
 
 def _index_task(

@@ -360,8 +360,8 @@ class TestBeforeIndexing:
         with pytest.raises(ValueError, match=r"on line 2 of '.*dsfold1\.txt', but got 'not a line of the table'"):
             experiments.prepare_data(replace(spec, folds_file=(str(bad),)))
         bad.write_bytes(b"PK\x03\x04\xff\xfe binary")
-        with pytest.raises(ValueError, match=r"^expected a fold table as text .*, but '.*dsfold1\.txt' is not "
-                           r"text \(invalid start byte at byte 4\)$"):
+        with pytest.raises(ValueError, match=r"^expected a fold table as UTF-8 text .*, but '.*dsfold1\.txt' is "
+                           r"not UTF-8 \(invalid start byte at byte 4\): save it as UTF-8 text$"):
             experiments.prepare_data(replace(spec, folds_file=(str(bad),)))
 
     def test_resume_with_other_settings(self, run: Path, synth_tree, indexed: list[int],

@@ -1048,10 +1048,11 @@ class TestImageContents:
             with pytest.raises(ValueError) as caught:
                 resume()
             # a cv's fold: its folder removed, cv --resume trains it again (--overwrite: every fold)
-            way = (f"remove {str(folder)!r} and rerun cv --resume, which trains that fold again (cv "
-                   "--overwrite would train every fold afresh)" if folder.name == "fold0" else
-                   "start the run afresh with --overwrite (what that folder holds is replaced), or "
+            way = ("start the run afresh with --overwrite (what that folder holds is replaced), or "
                    "train into another --out")
+            if folder.name == "fold0":
+                way += (f"; if {str(folder)!r} is a fold of a cv, remove that folder and rerun cv --resume "
+                        "instead, which trains that fold again (cv --overwrite would train every fold afresh)")
             assert str(caught.value) == (
                 f"cannot resume from {str(folder / 'checkpoint.pt')!r}: it is not a breakhis checkpoint "
                 f"(the file is empty or cut short); {way}")
