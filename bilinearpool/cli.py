@@ -113,7 +113,7 @@ class BenchResult:
         # a run cut short says so at the top too, not only in the notes at the end
         lines += [f"**{n}**\n" for n in self.meta.get("notes") or [] if str(n).startswith("INCOMPLETE")]
         lines += [
-            f"Command: `{self.meta['command']}`",
+            f"Command: `{_command_with_env(self.meta)}`",
             "",
             f"Environment: {_describe_environment(env)}",
             "",
@@ -191,6 +191,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(cell(_fmt(row.get(c))) for c in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
+
+
+def _command_with_env(meta: dict[str, Any]) -> str:
+    """A result's command as a shell line with the variables it ran under that change what
+    is measured (:data:`bilinearpool.bench.SWITCHES` set, ``runtime_env``) before it, so
+    that the line copied runs the same setup (``THP_MEM_ALLOC_ENABLE=1 bilinearpool-bench
+    layers ...``); the recorded command alone left them out.
+
+    Examples:
+        >>> _command_with_env({"command": "bilinearpool-bench layers", "environment": {
+        ...     "THP_MEM_ALLOC_ENABLE": "1", "BILINEARPOOL_TRITON": None, "runtime_env": {"OMP_X": "a b"}}})
+        "THP_MEM_ALLOC_ENABLE=1 OMP_X='a b' bilinearpool-bench layers"
+    """
+    env = meta.get("environment") or {}
+    recorded = {k: env[k] for k in bench.SWITCHES if env.get(k) is not None}
+    recorded.update(env.get("runtime_env") or {})
+    prefix = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in recorded.items())
+    return f"{prefix} {meta['command']}" if prefix else str(meta["command"])
 
 
 def _describe_environment(env: dict[str, Any]) -> str:
@@ -2477,7 +2495,7 @@ def _report(args: argparse.Namespace, *, command: str) -> int:
         print(f"bilinearpool-bench report: warning: {warning}", file=sys.stderr)
         lines += [f"> **Warning:** {warning}.", ""]
     lines += ["Commands that produced these results:", "", "```"]
-    lines += [p["command"] for p in parts]
+    lines += [_command_with_env(p) for p in parts]
     lines += [command, "```", ""]
     # A run without matplotlib, or one that stopped, leaves no plot.
     plots = any((folder / f"{p.get('benchmark')}.png").is_file() for p in parts)
