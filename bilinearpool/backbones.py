@@ -867,6 +867,17 @@ def _pickled_objects(names: Sequence[str]) -> str:
     )
 
 
+def _data_pkl(names: Sequence[str]) -> str | None:
+    """The ``<name>/data.pkl`` among a zip archive's ``names``, the pickle torch.save writes
+    beside the tensors; ``None`` in a zip torch.save did not write."""
+    return next((name for name in names if name.count("/") == 1 and name.endswith("/data.pkl")), None)
+
+
+def _not_a_state_dict(path: Path, problem: str) -> ValueError:
+    """The error for the weights file ``path`` that is no state_dict file, for ``problem``."""
+    return ValueError(f"weights file {str(path)!r} is not a state_dict file: {problem}")
+
+
 def _zip_problem(path: Path) -> str | None:
     """What is wrong with the zip archive ``path``, read from its directory and its pickle
     (not its tensors), or ``None`` when it looks like what torch.save writes."""
@@ -880,7 +891,7 @@ def _zip_problem(path: Path) -> str | None:
     if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
         return ("it is a TorchScript archive (torch.jit.save), not a state_dict: load it with "
                 "torch.jit.load and save its state_dict() with torch.save")
-    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+    if _data_pkl(names) is None:
         return f"it is a zip archive that torch.save did not write (no <name>/data.pkl in it); {_SAVE_HINT}"
     unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
     if unsafe is None:
@@ -960,7 +971,9 @@ def _pickle_protocol(path: Path) -> int | None:
             head = handle.read(2)
         if head.startswith(_ZIP_MAGIC[:2]):
             with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl"))
+                name = _data_pkl(archive.namelist())
+                if name is None:
+                    return None
                 with archive.open(name) as handle:
                     head = handle.read(2)
     except Exception:  # noqa: BLE001 - damaged: no protocol to tell
@@ -1003,7 +1016,6 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
         ValueError: naming the file and what is wrong with it (damaged, pickled objects,
             not a state_dict).
     """
-    where = f"weights file {str(path)!r}"
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -1012,18 +1024,20 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
         try:
             return load_file(path, device="cpu")
         except Exception as err:  # noqa: BLE001 - SafetensorError
-            raise ValueError(f"{where} is not a state_dict file: safetensors could not read it: {err}") from err
+            raise _not_a_state_dict(path, f"safetensors could not read it: {err}") from err
     try:
         # (torch's warning on a pickle protocol other than its own is let through: filtering
         # it would change the process's filters outside the probe lock)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - damaged or foreign bytes make the unpickler raise anything
-        raise ValueError(f"{where} is not a state_dict file: {_torch_load_problem(err, path)}") from err
+        raise _not_a_state_dict(path, _torch_load_problem(err, path)) from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{where} does not hold a state_dict, but a {type(state).__name__}; {_SAVE_HINT}")
+        raise ValueError(
+            f"weights file {str(path)!r} does not hold a state_dict, but a {type(state).__name__}; {_SAVE_HINT}"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -1059,7 +1073,7 @@ def _checked_weights_file(path: Path) -> Path:
     """``path``, unless :func:`_weights_file_problem` finds it is no weights file (ValueError)."""
     problem = _weights_file_problem(path)
     if problem is not None:
-        raise ValueError(f"weights file {str(path)!r} is not a state_dict file: {problem}")
+        raise _not_a_state_dict(path, problem)
     return path
 
 

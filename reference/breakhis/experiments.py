@@ -1581,7 +1581,7 @@ def _checked_images(
     if not decoded:
         index, digests = _decodable(checkpoint, spec, data, index, split, progress=progress)
     files = (state.get("extra") or {}).get("files") or {}
-    names = [*files.get("test", ())] if split == "test" else [*files.get("train", ()), *files.get("val", ())]
+    names = _recorded_names(files, split)
     if digests is not None and split != "all" and len(names) == len(index):
         now = (digests.get(data.relative_path(i)) for i in index)
         digests = {name: digest for name, digest in zip(names, now) if digest is not None}
@@ -1619,6 +1619,14 @@ def _check_contents(
                 "run was trained on (--data-root; data_root= in Python)")
 
 
+def _recorded_names(files: Mapping[str, Sequence[str]], split: str) -> list[str]:
+    """The images a checkpoint's file lists (``extra.files``) record for ``split``:
+    ``test``, or ``train`` with the validation share, in that order."""
+    if split == "test":
+        return list(files.get("test", ()))
+    return [*files.get("train", ()), *files.get("val", ())]
+
+
 def _recorded_images(
     checkpoint: str | os.PathLike[str], state: dict[str, Any], spec: DataSpec,
     data: PreparedData, split: str,
@@ -1642,7 +1650,7 @@ def _recorded_images(
         drawn = _split_of(data, fold)
         return ((drawn.test if split == "test" else drawn.train),
                 _protocol_dict(spec, drawn, data))
-    names = list(files["test"]) if split == "test" else [*files["train"], *files["val"]]
+    names = _recorded_names(files, split)
     position = {data.relative_path(i): i for i in range(len(data.records))}
     missing = [n for n in names if n not in position]
     if missing:
