@@ -850,14 +850,35 @@ class ModelHead:
             object.__setattr__(self, "module", module)
 
     def build(
-        self, backbone: str | nn.Module, *, num_classes: int, se_reduction: int = 8
+        self,
+        backbone: str | nn.Module,
+        *,
+        num_classes: int,
+        se_reduction: int = 8,
+        node: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> nn.Module:
-        """The classifier with random weights (nothing is downloaded)."""
+        """The classifier with random weights (nothing is downloaded).
+
+        ``node`` and ``sample_shape`` cut the backbone where the run says (``bilinearpool-bench
+        models --node``), for every head alike, so that the plain baseline and the closed-form
+        counts see the same cut backbone; a head whose own :attr:`options` set ``node`` is
+        refused with them (ValueError), and its own ``sample_shape`` wins.
+        """
         from .models import build_model
 
         kwargs: dict[str, Any] = dict(self.options)
         if self.se:
             kwargs["se_reduction"] = se_reduction
+        if node is not None:
+            if kwargs.get("node") is not None:
+                raise ValueError(
+                    f"head {self.name!r} cuts its backbone at node={kwargs['node']!r} itself, "
+                    f"so a run's node={node!r} cannot apply to it"
+                )
+            kwargs["node"] = node
+            if sample_shape is not None and kwargs.get("sample_shape") is None:
+                kwargs["sample_shape"] = sample_shape
         return build_model(self.head, backbone, num_classes=num_classes, **kwargs)
 
     def analytic_parameters(

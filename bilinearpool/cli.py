@@ -38,7 +38,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1482,6 +1482,32 @@ def _parse_batch_at(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _parse_node(text: str) -> tuple[str, str]:
+    m = re.fullmatch(r"\s*([^=\s]+)\s*=\s*([^=\s]+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"expected BACKBONE=NODE, e.g. vit_b_16=encoder, but got {text!r}"
+        )
+    return m.group(1), m.group(2)
+
+
+def _cuts(nodes: Iterable[tuple[str, str]] | None, resolution: int) -> dict[str, dict[str, Any]]:
+    """Backbone name -> the ``node`` and ``sample_shape`` its heads are built with
+    (``--node``): the channels are read from a zero image of ``resolution`` pixels.
+
+    Examples:
+        >>> _cuts([("vit_b_16", "encoder")], 224)
+        {'vit_b_16': {'node': 'encoder', 'sample_shape': (3, 224, 224)}}
+    """
+    return {b: {"node": n, "sample_shape": (3, resolution, resolution)} for b, n in nodes or []}
+
+
+def _cut_resolution(resolutions: Sequence[int]) -> int:
+    """The resolution whose zero image reads a cut backbone's channels: 224, the size of
+    the torchvision models that need a cut, when the run measures it, else its first."""
+    return GOAL_RESOLUTION if GOAL_RESOLUTION in resolutions else resolutions[0]
+
+
 def _batch_size(args: argparse.Namespace, device: torch.device, resolution: int) -> int:
     overrides = dict(args.batch_size_at or [])
     if resolution in overrides:
@@ -1543,11 +1569,14 @@ def parameter_table(
     *,
     num_classes: int = 8,
     se_reduction: int = 8,
+    nodes: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Exact and analytic parameter counts of backbone x head, without timing anything.
 
     The models are built on the meta device (shapes only, no memory for weights; a model
     that cannot be built there is built on the CPU), so any ``num_classes`` counts.
+    ``nodes`` maps a backbone name to the graph node every head cuts it at (a 224px zero
+    image reads its channels), as ``models --node`` does: e.g. ``{"vit_b_16": "encoder"}``.
 
     Returns:
         One row per model: ``backbone``, ``head``, ``channels``, ``params`` (exact),
@@ -1562,12 +1591,15 @@ def parameter_table(
             pair in its notes instead and goes on.
     """
     selected = _select_heads(heads)
+    cuts = _cuts((nodes or {}).items(), GOAL_RESOLUTION)
     rows = []
     for backbone in backbones:
         models = {}
         for h in selected:
             try:
-                models[h.name] = _build_to_count(h, backbone, num_classes=num_classes, se_reduction=se_reduction)
+                models[h.name] = _build_to_count(
+                    h, backbone, num_classes=num_classes, se_reduction=se_reduction, **cuts.get(backbone, {})
+                )
             except (ValueError, TypeError) as err:  # the builders' refusal, named by the pair
                 kind = TypeError if isinstance(err, TypeError) else ValueError
                 raise kind(_build_problem(h, backbone, err)) from err
@@ -1611,8 +1643,21 @@ def _build_problem(head: bench.ModelHead, backbone: str, err: Exception) -> str:
     return f"{head.name}: could not be built on {backbone}: {_error_text(err)}"
 
 
+def _node_hint(backbone: str, err: Exception, cut: Mapping[str, Any]) -> str:
+    """What the command line gives for the builders' ``node=`` advice (they name the Python
+    argument): the ``--node`` option, or ``""``."""
+    if cut or "pass node=" not in str(err):
+        return ""
+    return f" (on this command line: --node {backbone}=NODE; the run passes sample_shape itself)"
+
+
 def _precheck_builds(
-    backbones: Sequence[str], heads: Sequence[bench.ModelHead], *, num_classes: int, se_reduction: int
+    backbones: Sequence[str],
+    heads: Sequence[bench.ModelHead],
+    *,
+    num_classes: int,
+    se_reduction: int,
+    cuts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[tuple[str, str], str]:
     """(backbone, head) pairs that cannot be built, found before anything is measured.
 
@@ -1627,7 +1672,12 @@ def _precheck_builds(
                 continue
             try:
                 with torch.device("meta"):
-                    head.build(backbone, num_classes=num_classes, se_reduction=se_reduction)
+                    head.build(
+                        backbone,
+                        num_classes=num_classes,
+                        se_reduction=se_reduction,
+                        **(cuts or {}).get(backbone, {}),
+                    )
             except (ValueError, TypeError) as err:
                 problems[backbone, head.name] = _build_problem(head, backbone, err)
             except Exception:
@@ -1656,7 +1706,8 @@ def run_models(
     timed = not args.params_only
     se_reduction = PAPER_SE_REDUCTION if args.se_reduction is None else args.se_reduction
     build = {"num_classes": args.num_classes, "se_reduction": se_reduction}
-    problems = _precheck_builds(backbones, heads, **build)
+    cuts = _cuts(args.nodes, _cut_resolution(resolutions if timed else [GOAL_RESOLUTION]))
+    problems = _precheck_builds(backbones, heads, **build, cuts=cuts)
     for problem in problems.values():
         print(f"bilinearpool-bench: skipping {problem}", file=sys.stderr)
     per_group = len(heads) * (s.warmup + s.repeats) * (1 if args.no_train else 2)
@@ -1668,12 +1719,13 @@ def run_models(
         **s.describe(),
         "num_classes": args.num_classes,
         "se_reduction": se_reduction,
+        **({"nodes": dict(args.nodes)} if args.nodes else {}),
         "weights": "random (no download)",
         "training_step": ("not timed (--no-train)" if args.no_train else
                           "SGD lr=0 (full update arithmetic, weights unchanged), cross-entropy"),
     }
     if not timed:  # --params-only: nothing is timed, so no timing settings either
-        settings = {k: settings[k] for k in ("device", "num_classes", "se_reduction")}
+        settings = {k: settings[k] for k in ("device", "num_classes", "se_reduction", "nodes") if k in settings}
         settings["weights"] = "none: built on the meta device (shapes only)"
     plan = {
         "backbones": backbones,
@@ -1704,13 +1756,14 @@ def run_models(
                 if problem is None and "plain" in skipped:
                     problem = f"{head.name}: not measured on {backbone}: the baseline `plain` could not be built"
                 if problem is None:
+                    cut = cuts.get(backbone, {})
                     try:
                         if timed:
-                            models[head.name] = head.build(backbone, **build)
+                            models[head.name] = head.build(backbone, **build, **cut)
                         else:
-                            models[head.name] = _build_to_count(head, backbone, **build)
+                            models[head.name] = _build_to_count(head, backbone, **build, **cut)
                     except Exception as err:
-                        problem = _build_problem(head, backbone, err)
+                        problem = _build_problem(head, backbone, err) + _node_hint(backbone, err, cut)
                         print(f"bilinearpool-bench: skipping {problem}", file=sys.stderr)
                 if problem is not None:
                     skipped[head.name] = problem
@@ -2594,6 +2647,12 @@ def _models_options(parser: argparse.ArgumentParser) -> None:
                    help="square input sizes (default: 197 224 448; 224 with --quick)")  # fmt: skip
     g.add_argument("--batch-size-at", type=_parse_batch_at, action="append", default=None, metavar="RES=BATCH",
                    help="batch size at one resolution, e.g. --batch-size-at 448=1 (repeatable)")  # fmt: skip
+    g.add_argument("--node", dest="nodes", type=_parse_node, action="append", default=None,
+                   metavar="BACKBONE=NODE",
+                   help="cut BACKBONE at the graph node NODE for every head, e.g. --node vit_b_16=encoder "
+                   "(repeatable; needed by backbones without a default feature node, such as torchvision's "
+                   "vision transformers; the channels are read from a zero image of the run's 224px, "
+                   "else its first, resolution)")  # fmt: skip
     g.add_argument(
         "--num-classes",
         type=int,
@@ -3001,6 +3060,10 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if unused:  # it would be ignored without a word
             parser.error(f"--batch-size-at {' '.join(unused)} names a resolution this run does not "
                          f"measure (resolutions: {' '.join(map(str, runs))})")
+    if args.command == "models" and args.nodes:
+        problem = _nodes_problem(args.nodes, list(args.backbones or PAPER_BACKBONES))
+        if problem is not None:
+            parser.error(problem)
     problem = _ignored_problem(args)
     if problem is not None:
         parser.error(problem)
@@ -3009,6 +3072,27 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         problem = _out_problem(args.out, names=names)
         if problem is not None:
             parser.error(problem)
+
+
+def _nodes_problem(nodes: Sequence[tuple[str, str]], backbones: Sequence[str]) -> str | None:
+    """``--node`` for a backbone the run does not build, or two nodes for one backbone:
+    either would be ignored without a word; or None.
+
+    Examples:
+        >>> _nodes_problem([("vit_b_16", "encoder")], ["resnet50"])
+        '--node vit_b_16=encoder names a backbone this run does not build (backbones: resnet50)'
+    """
+    given: dict[str, list[str]] = {}
+    for b, n in nodes:
+        given.setdefault(b, []).append(n)
+    twice = [f"{b}={'/'.join(n)}" for b, n in given.items() if len(set(n)) > 1]
+    if twice:
+        return f"--node expected one node per backbone, but got {' '.join(twice)}"
+    unused = [f"{b}={n}" for b, n in dict(nodes).items() if b not in backbones]
+    if unused:
+        return (f"--node {' '.join(unused)} names a backbone this run does not build "
+                f"(backbones: {' '.join(backbones)})")
+    return None
 
 
 def _ignored_problem(args: argparse.Namespace) -> str | None:

@@ -1765,6 +1765,77 @@ class TestAuditedRuns:
         assert capsys.readouterr().err.strip() == "bilinearpool-bench layers: interrupted"
 
 
+
+class TestNodeOption:
+    """``models --node BACKBONE=NODE``: a backbone without a default feature node (a vision
+    transformer) skipped every row with the Python API's advice (``node=``,
+    ``sample_shape=``) and exit status 0, with no way on the command line to follow it."""
+
+    def test_a_vision_transformer_is_counted_at_its_node(self, tmp_path):
+        argv = ["models", "--params-only", "--backbones", "vit_b_16", "--heads", "bcnn", "fast-bcnn",
+                "--node", "vit_b_16=encoder", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        data = json.loads((tmp_path / "models.json").read_text())
+        rows = {r["head"]: r for r in data["rows"]}
+        assert set(rows) == {"plain", "bcnn", "fast-bcnn"}
+        assert all(r["channels"] == 768 and r["params_ok"] is True for r in rows.values())
+        assert rows["fast-bcnn"]["params"] - rows["plain"]["params"] == (768 * 768 - 768) * 8
+        assert data["settings"]["nodes"] == {"vit_b_16": "encoder"}
+
+    def test_without_it_the_note_names_the_option(self, tmp_path, capsys):
+        argv = ["models", "--params-only", "--backbones", "vit_b_16", "--heads", "fast-bcnn",
+                "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        rows = {r["head"]: r for r in json.loads((tmp_path / "models.json").read_text())["rows"]}
+        hint = "(on this command line: --node vit_b_16=NODE; the run passes sample_shape itself)"
+        assert rows["plain"]["note"].endswith(hint) and hint in capsys.readouterr().err
+        assert "the baseline `plain` could not be built" in rows["fast-bcnn"]["note"]
+
+    def test_timed_rows_use_the_cut(self, tmp_path):
+        """The cut applies to the timed models too, its channels read at the run's first
+        resolution when it does not measure 224px."""
+        argv = ["models", "--backbones", "resnet18", "--heads", "fast-bcnn", "--node", "resnet18=layer3",
+                "--resolutions", "64", "--repeats", "1", "--warmup", "0", "--no-train", "--no-progress",
+                "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 0
+        data = json.loads((tmp_path / "models.json").read_text())
+        rows = {r["head"]: r for r in data["rows"]}
+        assert all(r["channels"] == 256 and r["params_ok"] is True for r in rows.values())
+        assert all(r["infer_img_s"] and not r["note"] for r in rows.values())
+        assert rows["fast-bcnn"]["params"] - rows["plain"]["params"] == (256 * 256 - 256) * 8
+        assert data["settings"]["nodes"] == {"resnet18": "layer3"}
+        assert cli._cuts([("resnet18", "layer3")], cli._cut_resolution([64, 224])) == {
+            "resnet18": {"node": "layer3", "sample_shape": (3, 224, 224)}
+        }
+
+    def test_parameter_table_takes_nodes(self):
+        rows = parameter_table(["resnet18"], ["plain", "fast-bcnn"], nodes={"resnet18": "layer2"})
+        assert [r["channels"] for r in rows] == [128, 128] and all(r["params_ok"] is True for r in rows)
+
+    def test_a_head_with_its_own_node_is_not_cut_twice(self):
+        head = bench.ModelHead("own-cut", "fast-bcnn", "cut at layer2", options={"node": "layer2"})
+        with pytest.raises(ValueError, match="head 'own-cut' cuts its backbone at node='layer2' itself, "
+                           "so a run's node='layer3' cannot apply to it"):  # fmt: skip
+            head.build("resnet18", num_classes=8, node="layer3", sample_shape=(3, 64, 64))
+
+    @pytest.mark.parametrize(
+        ("given", "shown"),
+        [
+            (["--node", "vit_b_16"], "argument --node: expected BACKBONE=NODE, e.g. vit_b_16=encoder, but got "
+             "'vit_b_16'"),
+            (["--node", "resnet50=layer3"], "--node resnet50=layer3 names a backbone this run does not build "
+             "(backbones: resnet18)"),
+            (["--node", "resnet18=layer3", "--node", "resnet18=layer2"], "--node expected one node per backbone, "
+             "but got resnet18=layer3/layer2"),
+        ],
+    )  # fmt: skip
+    def test_what_would_be_ignored_is_refused(self, given, shown, capsys, monkeypatch):
+        monkeypatch.setattr(cli, "run_models", lambda *a, **k: pytest.fail("measured"))
+        with pytest.raises(SystemExit) as exc:
+            main(["models", "--backbones", "resnet18", "--resolutions", "64", *given])
+        assert exc.value.code == 2 and shown in capsys.readouterr().err
+
+
 class TestResults:
     """What the tables and goal lines say, computed from raw records (no timing thresholds:
     the timings here are made up), and the report that rebuilds them."""
