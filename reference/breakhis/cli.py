@@ -48,6 +48,7 @@ from ._files import (
     folder_problem,
     listed,
     missing_checkpoint,
+    missing_folder_problem,
     on_console,
 )
 from ._signals import Terminated, terminate_as_interrupt
@@ -567,7 +568,7 @@ _FOLD_TABLES = "fold tables (Folds.csv or dsfold1..5.txt)"
 
 
 def _check_input_files(args: argparse.Namespace) -> None:
-    """Refuse a ``--folds-file`` (with protocol ``official``; other protocols refuse it
+    """Refuse a ``--data-root`` that is no folder, a ``--folds-file`` (with protocol ``official``; other protocols refuse it
     anyway) or a ``--patients-csv`` that does not exist or is a folder, before torch is
     imported (seconds) and the data are indexed (minutes on the real data: a fold table
     was opened only once every image had been decoded and hashed).
@@ -575,8 +576,19 @@ def _check_input_files(args: argparse.Namespace) -> None:
 
     Raises:
         breakhis._files.SettingError: naming the setting (``folds_file``, which
-            :func:`main` says as ``--folds-file``), what it must name, and the path.
+            :func:`main` says as ``--folds-file``), what it must name, and the path (for
+            ``data_root``: what it is instead, e.g. that it does not exist).
     """
+    if getattr(args, "data_root", None) is not None:
+        problem = missing_folder_problem(args.data_root)
+        if problem is not None:
+            if args.command in ("evaluate", "figures"):
+                what = "the folder of the run's data (where it moved since training)"
+            elif getattr(args, "image_folder", False):
+                what = "an image folder (root/<class>/<image>)"
+            else:
+                what = "a BreaKHis folder"
+            raise SettingError("data_root", f"must name {what}, but {problem}")
     if getattr(args, "protocol", None) == "official":
         check_input_files("folds_file", args.folds_file, _FOLD_TABLES)
     if getattr(args, "patients_csv", None) is not None:
@@ -832,6 +844,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     _check_checkpoint_exists(args.checkpoint)  # before torch is imported (seconds)
+    _check_input_files(args)
     from .experiments import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, out_dir=args.out, data_root=args.data_root,
@@ -931,6 +944,7 @@ def _run_file_problem(path: Path) -> str | None:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
+    _check_input_files(args)
     from .experiments import checkpoint_records
     from .plots import FIGURES_DIR, check_figure_options, check_figures_folder, make_figures
 

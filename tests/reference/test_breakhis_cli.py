@@ -541,13 +541,25 @@ class TestMissingInputs:
             with pytest.raises(FileNotFoundError, match=problem):
                 results_table([path])
 
-    @pytest.mark.parametrize("command", ["index", "train"])
+    @pytest.mark.parametrize("command", ["index", "train", "cv", "index-image-folder", "evaluate", "figures"])
     def test_a_data_root_that_does_not_exist(self, command: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-        args = TINY if command == "train" else []
-        assert main([command, "--data-root", str(tmp_path / "none"), *args]) == 2
-        assert (f"{command}: error: expected a BreaKHis folder, but "
+        """The error named no option (``expected a BreaKHis folder, but ...``); it names
+        ``--data-root`` now, before anything is written."""
+        (tmp_path / "checkpoint.pt").write_bytes(b"")
+        args = {"train": [*TINY, "--out", str(tmp_path / "run")], "cv": [*TINY, "--out", str(tmp_path / "run")],
+                "index-image-folder": ["--image-folder"],
+                "evaluate": ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "run")],
+                "figures": ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "run")],
+                }.get(command, [])  # fmt: skip
+        name = command.split("-")[0]
+        moved = "the folder of the run's data (where it moved since training)"
+        what = {"index-image-folder": "an image folder (root/<class>/<image>)", "evaluate": moved,
+                "figures": moved}.get(command, "a BreaKHis folder")  # fmt: skip
+        assert main([name, "--data-root", str(tmp_path / "none"), *args]) == 2
+        assert (f"{name}: error: --data-root must name {what}, but "
                 f"{str(tmp_path / 'none')!r} does not exist") in _err(capsys)
+        assert not (tmp_path / "run").exists()
 
     def test_quick_refusals_import_no_torch(self, tmp_path: Path) -> None:
         """``evaluate --checkpoint missing.pt`` took seconds (torch and the models were
