@@ -3357,6 +3357,23 @@ def _holding_out(out: str | None) -> Iterator[bool]:
         os.close(fd)
 
 
+def _demo_defaults() -> dict[str, Any]:
+    """What ``demo`` runs its two parts with: the defaults of every option of ``layers``
+    and ``models`` (demo has none of them), and ``--quick``.
+
+    Examples:
+        >>> d = _demo_defaults()
+        >>> d["quick"], d["backbones"], d["nodes"], d["num_classes"]
+        (True, None, None, 8)
+    """
+    defaults: dict[str, Any] = {}
+    for add in (_layers_options, _models_options):
+        parser = argparse.ArgumentParser(add_help=False)
+        add(parser)
+        defaults.update(vars(parser.parse_args([])))
+    return {**defaults, "quick": True}
+
+
 def _run(args: argparse.Namespace, command: str) -> list[Path]:
     """Run the ``layers``, ``models`` or ``demo`` subcommand; the files it wrote."""
     written: list[Path] = []
@@ -3371,11 +3388,9 @@ def _run(args: argparse.Namespace, command: str) -> list[Path]:
     elif args.command == "models":
         written += _finish(run_models(args, command=command, checkpoint=_saver(args.out)), args.out)
     elif args.command == "demo":
-        for name, option in (("shapes", None), ("cases", None), ("backbones", None), ("heads", None),
-                             ("resolutions", None), ("batch_size_at", None), ("num_classes", 8),
-                             ("se_reduction", None), ("params_only", False), ("no_train", False),
-                             ("quick", True)):  # fmt: skip
-            setattr(args, name, option)
+        for name, option in _demo_defaults().items():
+            if not hasattr(args, name):  # what demo's own options set stays
+                setattr(args, name, option)
         layers = run_layers(
             args, command=command + "  (layers part: layers --quick)",
             checkpoint=_dropping_earlier(_saver(args.out), args.out, "models"),

@@ -1195,6 +1195,22 @@ class TestRobustRuns:
         assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
         assert "## Models" not in (tmp_path / "r.md").read_text()
 
+    def test_demo_runs_both_parts_in_process(self, tmp_path, monkeypatch, capsys, keep_threads):
+        """demo sets the options of layers and models it lacks: one added to models
+        (--node) and not to demo's list stopped demo after its layers part with an
+        AttributeError. Here both parts run through, on a small shape and backbone."""
+        monkeypatch.setattr(cli, "LAYER_SHAPES", ((2, 8, 3, 3),))
+        monkeypatch.setattr(cli, "PAPER_BACKBONES", ("resnet18",))
+        monkeypatch.setattr(cli, "GOAL_RESOLUTION", 64)
+        assert main(["demo", "--threads", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+        for name in ("layers", "models"):
+            assert json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        models = json.loads((tmp_path / "models.json").read_text())
+        assert {(r["backbone"], r["head"], r["resolution"]) for r in models["rows"]} == {
+            ("resnet18", h, 64) for h in ("plain", "se", "bcnn", "fast-bcnn")
+        }
+        assert "models part: models --quick" in models["command"]
+
     def test_options_that_do_count_are_taken(self, tmp_path, monkeypatch):
         """The refusals above leave the runs where the option changes something."""
         ran = []
