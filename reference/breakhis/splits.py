@@ -1,7 +1,8 @@
 """Train/test splits under the three protocols that BreaKHis results are reported with.
 
-- ``"image"``: the paper's stratified 5-fold cross-validation over *images*. One
-  patient's images land in both train and test, so accuracies are optimistic.
+- ``"image"``: the paper's 5-fold cross-validation over *images* (the paper draws the
+  folds at random; ours are stratified by class). One patient's images land in both
+  train and test, so accuracies are optimistic.
 - ``"patient"``: stratified group k-fold over *patients* (no patient in both train and
   test). The group is the patient id (year and full slide id), so the DC/LC folders of
   slide ``13412`` form one group. Disjointness is checked on every split, not assumed.
@@ -163,7 +164,8 @@ def image_kfold(
     targets: np.ndarray, *, n_splits: int = 5, seed: int = 0,
     classes: Sequence[str] | None = None,
 ) -> list[Split]:
-    """The paper's protocol: stratified k-fold over images.
+    """The paper's protocol, k-fold over images (the paper draws the folds at random;
+    these are stratified by class).
 
     Args:
         targets: integer class of every record.
