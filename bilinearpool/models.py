@@ -1009,7 +1009,9 @@ class BCNN(BilinearClassifier):
     Args:
         backbone_a: first stream (name, model or module).
         backbone_b: second stream. ``None`` gives a second copy of ``backbone_a`` with its
-            own weights (the paper's setting: same architecture, separate weights), or
+            own weights (the paper's setting: same architecture, separate weights; a copy,
+            so both streams start from the same weights, random ones too, and part in
+            training), or
             the very same module when ``shared=True``. The very module of ``backbone_a``
             again is shared as with ``shared=True`` (one extractor, run once).
         num_classes: number of classes.

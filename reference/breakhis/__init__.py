@@ -94,8 +94,10 @@ def __getattr__(name: str) -> Any:
         top = (err.name or "").partition(".")[0]
         if top not in REQUIREMENTS:
             raise
+        others = [d for d in missing_requirements() if d != REQUIREMENTS[top]]
+        also = f" (of the reference extra, {', '.join(others)} too)" if others else ""
         raise ImportError(
-            f"breakhis.{name} needs {REQUIREMENTS[top]}, which is not installed: {INSTALL}"
+            f"breakhis.{name} needs {REQUIREMENTS[top]}, which is not installed{also}: {INSTALL}"
         ) from err
     globals()[name] = value
     return value

@@ -132,3 +132,10 @@ class TestWithoutTheReferenceExtra:
         assert out.strip() == ("breakhis.index_breakhis needs pillow, which is not installed: "
                                "pip install 'bilinearpool[reference]' (from a clone: "
                                "pip install '.[reference]')")
+        # the others missing are named too: installing pillow alone got the next error
+        code = code.replace("sys.modules['PIL'] = None;", "sys.modules['PIL'] = sys.modules['captum'] = None;")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.strip() == ("breakhis.index_breakhis needs pillow, which is not installed (of the "
+                               "reference extra, captum too): pip install 'bilinearpool[reference]' "
+                               "(from a clone: pip install '.[reference]')")
