@@ -3318,10 +3318,14 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
                   "another bilinearpool-bench run, which writes its results there as it goes: "
                   "wait for it to finish, or pass another --out", file=sys.stderr)
             return 2
-        written = _run(args, command)
+        empty: list[str] = []
+        written = _run(args, command, empty)
     if written:
         print("Results written to:\n" + "\n".join(f"  {p}" for p in written))
-    return 0
+    for name in empty:  # exit status 0 told a script that the run had measured something
+        print(f"bilinearpool-bench {args.command}: error: the {name} run measured nothing: every "
+              f"row was skipped or failed, with the reason in its note column", file=sys.stderr)
+    return 1 if empty else 0
 
 
 @contextlib.contextmanager
@@ -3374,19 +3378,30 @@ def _demo_defaults() -> dict[str, Any]:
     return {**defaults, "quick": True}
 
 
-def _run(args: argparse.Namespace, command: str) -> list[Path]:
-    """Run the ``layers``, ``models`` or ``demo`` subcommand; the files it wrote."""
+def _measured_nothing(result: BenchResult) -> bool:
+    """Whether every row of ``result`` was skipped or failed: no layer timed, no model built."""
+    key = "fwd_bwd_ms" if result.name == "layers" else "params"
+    return all(row.get(key) is None for row in result.rows)
+
+
+def _run(args: argparse.Namespace, command: str, empty: list[str] | None = None) -> list[Path]:
+    """Run the ``layers``, ``models`` or ``demo`` subcommand; the files it wrote. The name
+    of a part that measured nothing (:func:`_measured_nothing`) is added to ``empty``."""
     written: list[Path] = []
+    empty = [] if empty is None else empty
     stems = ("layers", "models") if args.command == "demo" else (args.command,)
     earlier = [f"{stem}.json" for stem in stems if args.out and (Path(args.out) / f"{stem}.json").is_file()]
     if earlier:  # written over after the first shape or model: a run stopped then loses them
         print(f"bilinearpool-bench {args.command}: warning: {args.out} holds the results of an "
               f"earlier run ({', '.join(earlier)}); this run replaces them as it goes",
               file=sys.stderr)
+    results: list[BenchResult] = []
     if args.command == "layers":
-        written += _finish(run_layers(args, command=command, checkpoint=_saver(args.out)), args.out)
+        results.append(run_layers(args, command=command, checkpoint=_saver(args.out)))
+        written += _finish(results[-1], args.out)
     elif args.command == "models":
-        written += _finish(run_models(args, command=command, checkpoint=_saver(args.out)), args.out)
+        results.append(run_models(args, command=command, checkpoint=_saver(args.out)))
+        written += _finish(results[-1], args.out)
     elif args.command == "demo":
         for name, option in _demo_defaults().items():
             if not hasattr(args, name):  # what demo's own options set stays
@@ -3400,6 +3415,8 @@ def _run(args: argparse.Namespace, command: str) -> list[Path]:
             args, command=command + "  (models part: models --quick)", checkpoint=_saver(args.out)
         )
         written += _finish(models, args.out)
+        results += [layers, models]
+    empty += [r.name for r in results if _measured_nothing(r)]
     return written
 
 

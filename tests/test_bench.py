@@ -1214,8 +1214,16 @@ class TestRobustRuns:
     def test_options_that_do_count_are_taken(self, tmp_path, monkeypatch):
         """The refusals above leave the runs where the option changes something."""
         ran = []
-        monkeypatch.setattr("bilinearpool.cli.run_layers", lambda *a, **k: ran.append("layers"))
-        monkeypatch.setattr("bilinearpool.cli.run_models", lambda *a, **k: ran.append("models"))
+
+        def ran_one(name, key):
+            def run(*args, **kwargs):
+                ran.append(name)
+                return cli.BenchResult(name, name, [key], [{key: 1.0}], {})
+
+            return run
+
+        monkeypatch.setattr("bilinearpool.cli.run_layers", ran_one("layers", "fwd_bwd_ms"))
+        monkeypatch.setattr("bilinearpool.cli.run_models", ran_one("models", "params"))
         monkeypatch.setattr("bilinearpool.cli._finish", lambda *a, **k: [])
         main(["layers", "--quick", "--repeats", "1", "--device", "cpu:0"])  # --quick picks --warmup
         main(["models", "--quick", "--repeats", "1", "--warmup", "0", "--resolutions", "64"])  # the batch
@@ -1260,7 +1268,7 @@ class TestRobustRuns:
         """Every row failed: the plot had axes, a legend and goal lines, and no bar."""
         argv = ["layers", "--shapes", "1099511627776x1099511627776x1x1", "--cases", "fast-bcnn",
                 "--out", str(tmp_path), *self.COMMON]  # fmt: skip
-        assert main(argv) == 0
+        assert main(argv) == 1  # nothing measured
         assert (tmp_path / "layers.json").is_file() and not (tmp_path / "layers.png").exists()
 
     def test_reference_cases_come_first_and_notes_fit_the_cases(self, tmp_path, keep_threads):
@@ -1801,11 +1809,31 @@ class TestNodeOption:
     def test_without_it_the_note_names_the_option(self, tmp_path, capsys):
         argv = ["models", "--params-only", "--backbones", "vit_b_16", "--heads", "fast-bcnn",
                 "--no-progress", "--out", str(tmp_path)]  # fmt: skip
-        assert main(argv) == 0
+        assert main(argv) == 1  # it was 0, with nothing measured
         rows = {r["head"]: r for r in json.loads((tmp_path / "models.json").read_text())["rows"]}
         hint = "(on this command line: --node vit_b_16=NODE; the run passes sample_shape itself)"
-        assert rows["plain"]["note"].endswith(hint) and hint in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert rows["plain"]["note"].endswith(hint) and hint in err
         assert "the baseline `plain` could not be built" in rows["fast-bcnn"]["note"]
+        assert err.rstrip().endswith("bilinearpool-bench models: error: the models run measured nothing: every "
+                                     "row was skipped or failed, with the reason in its note column")
+        # a backbone beside it that is measured: status 0
+        assert main([*argv, "--backbones", "vit_b_16", "resnet18"]) == 0
+
+    def test_a_layers_run_that_measured_nothing_is_an_error(self, monkeypatch, capsys, keep_threads):
+        def no_timings(*args, **kwargs):
+            result = real(*args, **kwargs)
+            for row in result.rows:
+                row["fwd_bwd_ms"] = None
+            return result
+
+        real = cli.run_layers
+        monkeypatch.setattr(cli, "run_layers", no_timings)
+        argv = ["layers", "--shapes", "2x4x3x3", "--quick", "--no-progress", "--threads", "1"]
+        assert main(argv) == 1
+        assert "error: the layers run measured nothing" in capsys.readouterr().err
+        monkeypatch.setattr(cli, "run_layers", real)
+        assert main(argv) == 0
 
     def test_timed_rows_use_the_cut(self, tmp_path):
         """The cut applies to the timed models too, its channels read at the run's first
@@ -2120,7 +2148,7 @@ class TestResults:
         edited: 'settings say 1 timed rounds, but its raw records hold up to 0' (helper-149)."""
         out = tmp_path / "failed"
         assert main(["layers", "--threads", "1", "--shapes", "100000x100000x100x100", "--cases", "fast-bcnn",
-                     "--repeats", "1", "--warmup", "0", "--no-progress", "--out", str(out)]) == 0
+                     "--repeats", "1", "--warmup", "0", "--no-progress", "--out", str(out)]) == 1
         rows = json.loads((out / "layers.json").read_text())["rows"]
         assert rows and all(r["error"] for r in rows)
         capsys.readouterr()
