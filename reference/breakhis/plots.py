@@ -239,8 +239,7 @@ def plot_roc(
         ax.plot(fpr, tpr, color=colours[list(classes).index(name)], lw=1.5,
                 label=f"{name} (AUC {aucs[name]:.3f})")
     if len(classes) > 2 and curves:
-        grid = np.unique(np.concatenate([fpr for fpr, _ in curves.values()]))
-        mean_tpr = np.mean([np.interp(grid, fpr, tpr) for fpr, tpr in curves.values()], axis=0)
+        grid, mean_tpr = _macro_roc(list(curves.values()))
         ax.plot(grid, mean_tpr, color="black", lw=2.5, ls=":",
                 label=f"macro average (mean AUC {overall:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="chance")
@@ -252,6 +251,39 @@ def plot_roc(
     ax.legend(loc="lower right", fontsize="small")
     out = _save(fig, path)
     return {"path": out, "auc": aucs, "roc_auc": overall, "skipped": skipped}
+
+
+def _macro_roc(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of ROC curves (``(fpr, tpr)`` each, as ``roc_curve`` gives them): at every
+    false positive rate of any curve, the mean true positive rate just left and just right
+    of it, so that a vertical step of a curve (several points at one rate) stays a step.
+
+    ``np.interp`` over a curve with such ties gives one of its values there, unspecified
+    (its points must be increasing), and drew the steps as slopes between rates.
+
+    Examples:
+        >>> x, y = _macro_roc([(np.array([0., 0., 1.]), np.array([0., 1., 1.])),
+        ...                    (np.array([0., 1.]), np.array([0., 1.]))])
+        >>> x.tolist(), y.tolist()
+        ([0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0])
+    """
+    grid = np.unique(np.concatenate([fpr for fpr, _ in curves]))
+    left, right = [], []
+    for fpr, tpr in curves:
+        # each rate once, with the lowest and highest true positive rate there (both
+        # rates rise along a curve): a segment runs from one rate's highest to the next's lowest
+        rates, first = np.unique(fpr, return_index=True)
+        low, high = tpr[first], tpr[np.r_[first[1:], len(fpr)] - 1]
+        i = np.minimum(np.searchsorted(rates, grid), len(rates) - 1)
+        on = rates[i] == grid
+        j = np.clip(i, 1, len(rates) - 1)  # the segment rates[j - 1] .. rates[j] around a rate between
+        width = np.where(on, 1.0, rates[j] - rates[j - 1])
+        between = high[j - 1] + (low[j] - high[j - 1]) * (grid - rates[j - 1]) / width
+        left.append(np.where(on, low[i], between))
+        right.append(np.where(on, high[i], between))
+    x = np.repeat(grid, 2)
+    y = np.stack([np.mean(left, axis=0), np.mean(right, axis=0)], axis=1).reshape(-1)
+    return x, y
 
 
 def _image_batches(

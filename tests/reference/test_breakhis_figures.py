@@ -159,6 +159,34 @@ class TestPlotRoc:
         assert r["roc_auc"] == pytest.approx(expected, abs=1e-12)
         _assert_png(r["path"])
 
+    def test_macro_average_keeps_vertical_steps(self) -> None:
+        """The macro-average curve was np.interp over curves with tied rates (np.interp's
+        points must increase; at a tie it gives one of the values): a curve's vertical
+        step was drawn as a slope. Checked against the curves evaluated point by point."""
+        from sklearn.metrics import roc_curve
+
+        from breakhis.plots import _macro_roc
+
+        rng = np.random.default_rng(5)
+        y = np.arange(60) % 3
+        scores = rng.integers(0, 4, size=(60, 3)) + np.eye(3)[y] * 2  # few values: ties, steps
+        curves = [roc_curve(y == c, scores[:, c], drop_intermediate=False)[:2] for c in range(3)]
+        assert any((f[1:] == f[:-1]).any() for f, _ in curves)  # vertical steps there
+
+        def at(fpr, tpr, x, side):  # the curve's value just left/right of x, by hand
+            on = [t for f, t in zip(fpr, tpr) if f == x]
+            if on:
+                return min(on) if side == "left" else max(on)
+            i = max(k for k in range(len(fpr)) if fpr[k] < x)
+            j = min(k for k in range(len(fpr)) if fpr[k] > x)
+            return tpr[i] + (tpr[j] - tpr[i]) * (x - fpr[i]) / (fpr[j] - fpr[i])
+
+        x, mean = _macro_roc(curves)
+        grid = sorted({float(f) for fpr, _ in curves for f in fpr})
+        assert x.tolist() == [g for g in grid for _ in range(2)]
+        expected = [np.mean([at(f, t, g, side) for f, t in curves]) for g in grid for side in ("left", "right")]
+        assert mean == pytest.approx(expected, abs=1e-12)
+
     def test_class_missing_from_y_true_is_skipped(self, tmp_path: Path) -> None:
         rng = np.random.default_rng(3)
         y = np.array([0, 1, 3] * 10)
