@@ -33,6 +33,7 @@ import itertools
 import io
 import os
 import pickle
+import pickletools
 import re
 import sys
 import threading
@@ -844,6 +845,36 @@ def _is_pickle(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= 5
 
 
+#: The number torch.save's format before PyTorch 1.6 pickles first (torch.serialization's
+#: MAGIC_NUMBER); torch.load reads no pickle without it.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _is_legacy_torch_save(head: bytes) -> bool:
+    """Whether ``head``, a pickle (:func:`_is_pickle`), starts as torch.save's format before
+    PyTorch 1.6 does: a first pickle holding its magic number alone. A pickle that
+    ``pickle.dump`` wrote starts with its object instead.
+
+    Examples:
+        >>> import io, pickle
+        >>> _is_legacy_torch_save(pickle.dumps({"w": 1.0}, protocol=2))
+        False
+        >>> buffer = io.BytesIO()
+        >>> torch.save({"w": torch.zeros(1)}, buffer, _use_new_zipfile_serialization=False)
+        >>> _is_legacy_torch_save(buffer.getvalue()[:64])
+        True
+    """
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if op.name == "STOP":
+                return False
+            if op.name not in ("PROTO", "FRAME"):  # FRAME: protocol 4 and 5
+                return arg == _LEGACY_MAGIC and isinstance(arg, int)
+    except Exception:  # noqa: BLE001 - not a pickle of a number there
+        return False
+    return False
+
+
 def _text_start(head: bytes) -> str | None:
     """The start of ``head`` when it reads as text (a web page or an error message saved
     under a weights file's name), its whitespace collapsed; ``None`` for binary bytes."""
@@ -952,7 +983,12 @@ def _weights_file_problem(path: Path) -> str | None:
     if head.startswith(_ZIP_MAGIC):
         return _zip_problem(path)
     if _is_pickle(head):
-        return None
+        if _is_legacy_torch_save(head):
+            return None
+        return (
+            "it is a pickle that torch.save did not write (pickle.dump writes such files; torch.load reads "
+            f"none); {_SAVE_HINT} in the program that made it"
+        )
     header = int.from_bytes(head[:8], "little")  # a safetensors file: its header's length, then JSON
     if head[8:9] == b"{" and 0 < header < path.stat().st_size:
         return "it is a safetensors file: name it .safetensors (safetensors.torch.load_file reads it)"
