@@ -1591,6 +1591,10 @@ def parameter_table(
             pair in its notes instead and goes on.
     """
     selected = _select_heads(heads)
+    backbones = list(backbones)
+    problem = _nodes_problem(list((nodes or {}).items()), backbones)
+    if problem is not None:
+        raise ValueError(problem.replace("--node", "nodes", 1))
     cuts = _cuts((nodes or {}).items(), GOAL_RESOLUTION)
     rows = []
     for backbone in backbones:
@@ -1644,11 +1648,27 @@ def _build_problem(head: bench.ModelHead, backbone: str, err: Exception) -> str:
 
 
 def _node_hint(backbone: str, err: Exception, cut: Mapping[str, Any]) -> str:
-    """What the command line gives for the builders' ``node=`` advice (they name the Python
-    argument): the ``--node`` option, or ``""``."""
-    if cut or "pass node=" not in str(err):
-        return ""
-    return f" (on this command line: --node {backbone}=NODE; the run passes sample_shape itself)"
+    """What the command line gives for the builders' ``node=`` / ``sample_shape=`` advice
+    (they name the Python arguments), or ``""``.
+
+    Examples:
+        >>> _node_hint("vit_b_16", ValueError("... pass node= naming ..."), {})
+        ' (on this command line: --node vit_b_16=NODE; the run passes sample_shape itself)'
+        >>> _node_hint("vit_b_16", ValueError("... pass sample_shape=(3, 224, 224)"),
+        ...            {"node": "encoder", "sample_shape": (3, 197, 197)})
+        " (on this command line the channels are read from a zero image of 197px: the run's 224px, else its first resolution)"
+    """
+    text = str(err)
+    if not cut:
+        if "pass node=" not in text:
+            return ""
+        return f" (on this command line: --node {backbone}=NODE; the run passes sample_shape itself)"
+    if "sample_shape" in text:
+        return (f" (on this command line the channels are read from a zero image of {cut['sample_shape'][-1]}px: "
+                "the run's 224px, else its first resolution)")
+    if "node=" in text:
+        return f" (on this command line: --node {backbone}=NODE names the node)"
+    return ""
 
 
 def _precheck_builds(
@@ -1679,7 +1699,8 @@ def _precheck_builds(
                         **(cuts or {}).get(backbone, {}),
                     )
             except (ValueError, TypeError) as err:
-                problems[backbone, head.name] = _build_problem(head, backbone, err)
+                cut = (cuts or {}).get(backbone, {})
+                problems[backbone, head.name] = _build_problem(head, backbone, err) + _node_hint(backbone, err, cut)
             except Exception:
                 pass
     return problems
@@ -3092,6 +3113,10 @@ def _nodes_problem(nodes: Sequence[tuple[str, str]], backbones: Sequence[str]) -
     if unused:
         return (f"--node {' '.join(unused)} names a backbone this run does not build "
                 f"(backbones: {' '.join(backbones)})")
+    timm = [f"{b}={n}" for b, n in dict(nodes).items() if b.startswith("timm:")]
+    if timm:
+        return (f"--node {' '.join(timm)}: a graph node cuts torchvision models and modules; a timm "
+                "model gives its last feature map itself (drop --node)")
     return None
 
 
@@ -3270,7 +3295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bilinearpool-bench`` (and ``python -m bilinearpool.bench``).
 
     Exit status: 0; 1 for results that disagree with their raw data (``report``) or that
-    could not be written; 2 for a usage error; 130 on Ctrl-C and 143 on SIGTERM (one line
+    could not be written, and for a run that measured nothing (every row skipped or
+    failed; its files are written); 2 for a usage error; 130 on Ctrl-C and 143 on SIGTERM (one line
     on stderr, the rows measured so far written, marked INCOMPLETE); 141 when stdout's
     reader has gone (``| head``: the files are written before the table is printed).
     """
@@ -3323,8 +3349,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     if written:
         print("Results written to:\n" + "\n".join(f"  {p}" for p in written))
     for name in empty:  # exit status 0 told a script that the run had measured something
+        column = "error" if name == "layers" else "note"
         print(f"bilinearpool-bench {args.command}: error: the {name} run measured nothing: every "
-              f"row was skipped or failed, with the reason in its note column", file=sys.stderr)
+              f"row was skipped or failed, with the reason in its {column} column", file=sys.stderr)
     return 1 if empty else 0
 
 
@@ -3379,9 +3406,13 @@ def _demo_defaults() -> dict[str, Any]:
 
 
 def _measured_nothing(result: BenchResult) -> bool:
-    """Whether every row of ``result`` was skipped or failed: no layer timed, no model built."""
-    key = "fwd_bwd_ms" if result.name == "layers" else "params"
-    return all(row.get(key) is None for row in result.rows)
+    """Whether every row of ``result`` was skipped or failed: no layer timed; no model
+    timed (counted, with ``--params-only``)."""
+    if result.name == "layers":
+        keys = ["fwd_bwd_ms"]
+    else:
+        keys = [k for k in ("infer_img_s", "train_img_s") if k in result.columns] or ["params"]
+    return all(row.get(k) is None for row in result.rows for k in keys)
 
 
 def _run(args: argparse.Namespace, command: str, empty: list[str] | None = None) -> list[Path]:

@@ -1807,13 +1807,15 @@ class TestNodeOption:
         assert data["settings"]["nodes"] == {"vit_b_16": "encoder"}
 
     def test_without_it_the_note_names_the_option(self, tmp_path, capsys):
-        argv = ["models", "--params-only", "--backbones", "vit_b_16", "--heads", "fast-bcnn",
+        argv = ["models", "--params-only", "--backbones", "vit_b_16", "--heads", "se", "fast-bcnn",
                 "--no-progress", "--out", str(tmp_path)]  # fmt: skip
         assert main(argv) == 1  # it was 0, with nothing measured
         rows = {r["head"]: r for r in json.loads((tmp_path / "models.json").read_text())["rows"]}
         hint = "(on this command line: --node vit_b_16=NODE; the run passes sample_shape itself)"
         err = capsys.readouterr().err
-        assert rows["plain"]["note"].endswith(hint) and hint in err
+        # se is tried first (before the run), plain in it: both notes name the option
+        assert rows["plain"]["note"].endswith(hint) and rows["se"]["note"].endswith(hint)
+        assert err.count(hint) == 2
         assert "the baseline `plain` could not be built" in rows["fast-bcnn"]["note"]
         assert err.rstrip().endswith("bilinearpool-bench models: error: the models run measured nothing: every "
                                      "row was skipped or failed, with the reason in its note column")
@@ -1831,9 +1833,29 @@ class TestNodeOption:
         monkeypatch.setattr(cli, "run_layers", no_timings)
         argv = ["layers", "--shapes", "2x4x3x3", "--quick", "--no-progress", "--threads", "1"]
         assert main(argv) == 1
-        assert "error: the layers run measured nothing" in capsys.readouterr().err
+        assert ("error: the layers run measured nothing: every row was skipped or failed, with the reason in "
+                "its error column") in capsys.readouterr().err  # the layers table has no note column
         monkeypatch.setattr(cli, "run_layers", real)
         assert main(argv) == 0
+
+    def test_a_timed_models_run_whose_every_timing_failed_is_an_error(self, tmp_path, capsys, keep_threads):
+        """The models were built (parameters counted) but no input could be made: nothing timed."""
+        argv = ["models", "--backbones", "resnet18", "--heads", "plain", "--resolutions", "32", "--batch-size",
+                "2147483647", "--repeats", "1", "--warmup", "0", "--no-train", "--threads", "1", "--no-progress",
+                "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 1
+        assert "error: the models run measured nothing" in capsys.readouterr().err
+        (row,) = json.loads((tmp_path / "models.json").read_text())["rows"]
+        assert row["params"] and row["infer_img_s"] is None and "inputs failed" in row["note"]
+
+    def test_hints_after_a_cut(self):
+        cut = {"node": "fc", "sample_shape": (3, 64, 64)}
+        assert cli._node_hint("resnet18", ValueError("... pass node= to cut a classification model"), cut) == (
+            " (on this command line: --node resnet18=NODE names the node)")
+        assert cli._node_hint("resnet18", ValueError("unrelated"), cut) == ""
+        assert cli._node_hint("resnet18", ValueError("unrelated"), {}) == ""
+        with pytest.raises(ValueError, match=r"^nodes vit_b_16=encoder names a backbone this run does not build"):
+            parameter_table(["resnet18"], ["plain"], nodes={"vit_b_16": "encoder"})
 
     def test_timed_rows_use_the_cut(self, tmp_path):
         """The cut applies to the timed models too, its channels read at the run's first
@@ -1871,6 +1893,8 @@ class TestNodeOption:
              "(backbones: resnet18)"),
             (["--node", "resnet18=layer3", "--node", "resnet18=layer2"], "--node expected one node per backbone, "
              "but got resnet18=layer3/layer2"),
+            (["--backbones", "timm:resnet18", "--node", "timm:resnet18=layer3"], "--node timm:resnet18=layer3: a "
+             "graph node cuts torchvision models and modules; a timm model gives its last feature map itself"),
         ],
     )  # fmt: skip
     def test_what_would_be_ignored_is_refused(self, given, shown, capsys, monkeypatch):
