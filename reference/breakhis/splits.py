@@ -63,8 +63,8 @@ __all__ = [
 
 PROTOCOLS: tuple[str, ...] = ("image", "patient", "official")
 PROTOCOL_DESCRIPTIONS: dict[str, str] = {
-    "image": "image-level stratified k-fold (paper protocol; a patient's images can be in "
-    "train and test, optimistic)",
+    "image": "image-level k-fold, stratified by class (the paper's protocol, whose folds are drawn "
+    "at random; a patient's images can be in train and test, optimistic)",
     "patient": "patient-level stratified group k-fold (no patient in train and test)",
     "official": "official released folds (dsfoldN.txt / Folds.csv)",
 }
