@@ -378,7 +378,8 @@ def folder_problem(path: str | os.PathLike[str]) -> str | None:
 
 
 def missing_folder_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why ``path`` cannot be read as an existing folder: it does not exist, or is a file.
+    """Why ``path`` cannot be read as an existing folder: it does not exist, is a file, or
+    cannot be read (listed and entered) by this user.
 
     Examples:
         >>> folder = Path(tempfile.mkdtemp())
@@ -393,6 +394,8 @@ def missing_folder_problem(path: str | os.PathLike[str]) -> str | None:
     """
     path = Path(path)
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):  # its files would be skipped as unreadable
+            return f"{str(path)!r} is a folder this user cannot read (permission denied)"
         return None
     if path.is_file():
         return f"{str(path)!r} is a file, not a folder"

@@ -561,6 +561,26 @@ class TestMissingInputs:
                 f"{str(tmp_path / 'none')!r} does not exist") in _err(capsys)
         assert not (tmp_path / "run").exists()
 
+    def test_a_data_root_this_user_cannot_read(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+        """index said "no images found ... pass --image-folder" after a skipped-folder line;
+        the folder's permissions are the problem. Root reads any folder: run as root, the
+        permission check (os.access) is told what a user without root's override gets."""
+        import breakhis._files as files
+
+        root = tmp_path / "BreaKHis_v1"
+        root.mkdir()
+        root.chmod(0)
+        if os.geteuid() == 0:
+            real = os.access
+            monkeypatch.setattr(files.os, "access", lambda p, mode: Path(p) != root and real(p, mode))
+        try:
+            assert main(["index", "--data-root", str(root)]) == 2
+        finally:
+            root.chmod(0o755)
+        assert (f"index: error: --data-root must name a BreaKHis folder, but {str(root)!r} is a folder this user "
+                "cannot read (permission denied)") in _err(capsys)
+
     def test_quick_refusals_import_no_torch(self, tmp_path: Path) -> None:
         """``evaluate --checkpoint missing.pt`` took seconds (torch and the models were
         imported) to say that the file does not exist."""
