@@ -1654,9 +1654,10 @@ def _node_hint(backbone: str, err: Exception, cut: Mapping[str, Any]) -> str:
     Examples:
         >>> _node_hint("vit_b_16", ValueError("... pass node= naming ..."), {})
         ' (on this command line: --node vit_b_16=NODE; the run passes sample_shape itself)'
-        >>> _node_hint("vit_b_16", ValueError("... pass sample_shape=(3, 224, 224)"),
-        ...            {"node": "encoder", "sample_shape": (3, 197, 197)})
-        " (on this command line the channels are read from a zero image of 197px: the run's 224px, else its first resolution)"
+        >>> print(_node_hint("vit_b_16", ValueError("... pass sample_shape=(3, 224, 224)"),
+        ...                  {"node": "encoder", "sample_shape": (3, 197, 197)}))  # doctest: +NORMALIZE_WHITESPACE
+         (on this command line the channels are read from a zero image of 197px: the run's
+         224px, else its first resolution)
     """
     text = str(err)
     if not cut:
@@ -1664,8 +1665,9 @@ def _node_hint(backbone: str, err: Exception, cut: Mapping[str, Any]) -> str:
             return ""
         return f" (on this command line: --node {backbone}=NODE; the run passes sample_shape itself)"
     if "sample_shape" in text:
-        return (f" (on this command line the channels are read from a zero image of {cut['sample_shape'][-1]}px: "
-                "the run's 224px, else its first resolution)")
+        size = cut["sample_shape"][-1]
+        return (f" (on this command line the channels are read from a zero image of {size}px: the run's "
+                "224px, else its first resolution)")
     if "node=" in text:
         return f" (on this command line: --node {backbone}=NODE names the node)"
     return ""
@@ -1699,8 +1701,8 @@ def _precheck_builds(
                         **(cuts or {}).get(backbone, {}),
                     )
             except (ValueError, TypeError) as err:
-                cut = (cuts or {}).get(backbone, {})
-                problems[backbone, head.name] = _build_problem(head, backbone, err) + _node_hint(backbone, err, cut)
+                hint = _node_hint(backbone, err, (cuts or {}).get(backbone, {}))
+                problems[backbone, head.name] = _build_problem(head, backbone, err) + hint
             except Exception:
                 pass
     return problems

@@ -568,8 +568,9 @@ _FOLD_TABLES = "fold tables (Folds.csv or dsfold1..5.txt)"
 
 
 def _check_input_files(args: argparse.Namespace) -> None:
-    """Refuse a ``--data-root`` that is no folder, a ``--folds-file`` (with protocol ``official``; other protocols refuse it
-    anyway) or a ``--patients-csv`` that does not exist or is a folder, before torch is
+    """Refuse a ``--data-root`` that is no readable folder, a ``--folds-file`` (with
+    protocol ``official``; other protocols refuse it anyway) or a ``--patients-csv`` that
+    does not exist or is a folder, before torch is
     imported (seconds) and the data are indexed (minutes on the real data: a fold table
     was opened only once every image had been decoded and hashed).
     :func:`breakhis.experiments.prepare_data` checks the fold tables the same way.
