@@ -50,13 +50,14 @@ CHECK = textwrap.dedent(
     # the writing kernels add up many partials in several steps.
     defaults = E._BLOCK, E._rblock
     # Sizes below, at and above one block, several samples; square ones for diag. With the
-    # tiny blocks: below one block, 8 blocks (2 steps) and 11 (3 steps, the last one short);
-    # larger sizes only add time in Triton's interpreter (each program reads every partial).
+    # tiny blocks (64 entries, 2 partials per step): below one block, 4 blocks (2 steps) and
+    # 5 (3 steps, the last one short, its block partial); larger sizes only add time in
+    # Triton's interpreter (each program reads every partial; it runs programs one by one).
     shapes = {
         defaults[0]: [((1, 1), None), ((3, 4095), None), ((2, 4096), 65), ((3, 9025), 96), ((2, 1), 2)],
-        128: [((1, 1), None), ((3, 127), None), ((2, 1024), 33), ((3, 1369), 38), ((2, 1), 2)],
+        64: [((1, 1), None), ((3, 63), None), ((2, 256), 17), ((3, 289), 18), ((2, 1), 2)],
     }
-    for block, rblock in [defaults, (128, lambda nparts: 4)]:
+    for block, rblock in [defaults, (64, lambda nparts: 2)]:
         E._BLOCK, E._rblock = block, rblock
         for dtype in (torch.float32, torch.float64):
             for shape, diag in shapes[block]:
