@@ -338,10 +338,10 @@ class TestFastBilinearPool:
     ]
 
     @staticmethod
-    def inputs(two: bool, dtype=torch.float64, zeros: bool = True, seed: int = 0):
+    def inputs(two: bool, dtype=torch.float64, zeros: bool = True, seed: int = 0, hw=(3, 4)):
         g = torch.Generator().manual_seed(seed)
-        x_a = torch.randn(3, 11, 3, 4, generator=g, dtype=dtype)
-        x_b = torch.randn(3, 6, 3, 4, generator=g, dtype=dtype) if two else None
+        x_a = torch.randn(3, 11, *hw, generator=g, dtype=dtype)
+        x_b = torch.randn(3, 6, *hw, generator=g, dtype=dtype) if two else None
         if zeros:  # ReLU features: exact zeros, and channels with disjoint support
             x_a = x_a.relu()
             x_b = None if x_b is None else x_b.relu()
@@ -383,8 +383,10 @@ class TestFastBilinearPool:
     @pytest.mark.parametrize("save_output", [False, True], ids=["save-input", "save-output"])
     @pytest.mark.parametrize("case", CASES, ids=str)
     def test_gradcheck(self, case, save_output, blocking):
-        # No exact zeros here: finite differences are inaccurate where f'' jumps.
-        inputs = [x.requires_grad_() for x in self.inputs(case["two"], zeros=False)]
+        # No exact zeros here: finite differences are inaccurate where f'' jumps. 2 x 3
+        # locations: the blocks and panels are of the C x C matrices (the channels, as in
+        # the other tests); the locations set only the cost, two finite differences each.
+        inputs = [x.requires_grad_() for x in self.inputs(case["two"], zeros=False, hw=(2, 3))]
         fn = lambda *xs: fast_bilinear_pool(*xs, triu=case["triu"], eps=1e-2, save_output=save_output)  # noqa: E731
         assert torch.autograd.gradcheck(fn, inputs)
 
