@@ -333,7 +333,9 @@ class TestDistributed:
             assert float(r_ddp["val_loss"]) == pytest.approx(float(r_single["val_loss"]), abs=1e-5)
 
 
-    @pytest.mark.parametrize("command", ["train", "cv"])
+    # torchrun itself for train; cv's refusal (the same check and error path, after its
+    # own process group) is the in-process test below in the default run
+    @pytest.mark.parametrize("command", ["train", pytest.param("cv", marks=pytest.mark.slow)])
     def test_batch_that_does_not_split_over_the_processes_is_refused_before_indexing(
         self, command: str, tmp_path: Path
     ) -> None:
@@ -350,6 +352,42 @@ class TestDistributed:
                 "the 2 processes torchrun started (each takes an equal share of every global batch), "
                 "but got 3") in run.stderr, run.stderr[-2000:]
         assert "num_replicas" not in run.stderr and not (tmp_path / "run").exists()
+
+    @pytest.mark.parametrize("command", ["train", "cv"])
+    def test_batch_that_does_not_split_is_refused_after_the_group_before_indexing(
+        self, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The test above in this process, for both commands: rank 0 of a group of 2 as
+        init_distributed gives it under torchrun (no second process to wait for), its
+        group cleaned up, nothing indexed, no run folder."""
+        from breakhis import distributed, experiments
+
+        calls: list[str] = []
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+
+        def init(device: str) -> DistInfo:
+            calls.append("init")
+            return DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+
+        def indexed(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("indexed before the batch size was checked")
+
+        monkeypatch.setattr(distributed, "init_distributed", init)
+        monkeypatch.setattr(distributed, "cleanup_distributed", lambda: calls.append("cleanup"))
+        for name in ("prepare_data", "run_fold", "run_cv"):
+            monkeypatch.setattr(experiments, name, indexed)
+        missing = tmp_path / "no-data"
+        code = main([command, "--data-root", str(missing), *TINY, "--batch-size", "3", "--device", "cpu",
+                     "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert code != 0 and calls == ["init", "cleanup"], err
+        assert (f"breakhis-repro {command} (rank 0 of 2): error: --batch-size must be a multiple of "
+                "the 2 processes torchrun started (each takes an equal share of every global batch), "
+                "but got 3") in err, err
+        assert "num_replicas" not in err and not (tmp_path / "run").exists()
 
     def test_torchrun_cpu_validation_scores_the_saved_batchnorm_statistics(
         self, synth_tree, tmp_path: Path
