@@ -341,7 +341,8 @@ class TestDistributed:
     ) -> None:
         """It was refused after indexing and splitting (minutes on BreaKHis), a run folder
         made, by every process with the sampler's words ("num_replicas=2")."""
-        missing = tmp_path / "no-data"  # indexing it would be a different error
+        missing = tmp_path / "no-data"  # empty: indexing it would be a different error
+        missing.mkdir()
         run = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
              "-m", "breakhis.cli", command, "--data-root", str(missing), *TINY, "--batch-size", "3",
@@ -379,7 +380,8 @@ class TestDistributed:
         monkeypatch.setattr(distributed, "cleanup_distributed", lambda: calls.append("cleanup"))
         for name in ("prepare_data", "run_fold", "run_cv"):
             monkeypatch.setattr(experiments, name, indexed)
-        missing = tmp_path / "no-data"
+        missing = tmp_path / "no-data"  # empty: indexing it would be a different error
+        missing.mkdir()
         code = main([command, "--data-root", str(missing), *TINY, "--batch-size", "3", "--device", "cpu",
                      "--out", str(tmp_path / "run")])
         err = capsys.readouterr().err
@@ -951,7 +953,8 @@ class TestInputSize:
 
     def test_cli_says_so_before_indexing(self, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["train", "--data-root", str(tmp_path / "none"), "--backbone",
+        # an empty data folder: indexing it would say that it holds no image
+        assert main(["train", "--data-root", str(tmp_path), "--backbone",
                      "inception_v3", "--input-size", "32", "--no-pretrained"]) == 2
         # named as the command line names it
         assert ("error: --input-size must be >= 75 for backbone 'inception_v3', but got 32"
