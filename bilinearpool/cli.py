@@ -1592,9 +1592,9 @@ def parameter_table(
     """
     selected = _select_heads(heads)
     backbones = list(backbones)
-    problem = _nodes_problem(list((nodes or {}).items()), backbones)
+    problem = _nodes_problem(list((nodes or {}).items()), backbones, option="nodes")
     if problem is not None:
-        raise ValueError(problem.replace("--node", "nodes", 1))
+        raise ValueError(problem)
     cuts = _cuts((nodes or {}).items(), GOAL_RESOLUTION)
     rows = []
     for backbone in backbones:
@@ -3097,9 +3097,11 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(problem)
 
 
-def _nodes_problem(nodes: Sequence[tuple[str, str]], backbones: Sequence[str]) -> str | None:
-    """``--node`` for a backbone the run does not build, or two nodes for one backbone:
-    either would be ignored without a word; or None.
+def _nodes_problem(
+    nodes: Sequence[tuple[str, str]], backbones: Sequence[str], *, option: str = "--node"
+) -> str | None:
+    """``--node`` (named ``option``) for a backbone the run does not build, two nodes for
+    one backbone (either would be ignored without a word), or one for a timm model; or None.
 
     Examples:
         >>> _nodes_problem([("vit_b_16", "encoder")], ["resnet50"])
@@ -3110,15 +3112,15 @@ def _nodes_problem(nodes: Sequence[tuple[str, str]], backbones: Sequence[str]) -
         given.setdefault(b, []).append(n)
     twice = [f"{b}={'/'.join(n)}" for b, n in given.items() if len(set(n)) > 1]
     if twice:
-        return f"--node expected one node per backbone, but got {' '.join(twice)}"
-    unused = [f"{b}={n}" for b, n in dict(nodes).items() if b not in backbones]
+        return f"{option} expected one node per backbone, but got {' '.join(twice)}"
+    unused = [f"{b}={n[0]}" for b, n in given.items() if b not in backbones]
     if unused:
-        return (f"--node {' '.join(unused)} names a backbone this run does not build "
+        return (f"{option} {' '.join(unused)} names a backbone this run does not build "
                 f"(backbones: {' '.join(backbones)})")
-    timm = [f"{b}={n}" for b, n in dict(nodes).items() if b.startswith("timm:")]
+    timm = [f"{b}={n[0]}" for b, n in given.items() if b.startswith("timm:")]
     if timm:
-        return (f"--node {' '.join(timm)}: a graph node cuts torchvision models and modules; a timm "
-                "model gives its last feature map itself (drop --node)")
+        return (f"{option} {' '.join(timm)}: a graph node cuts torchvision models and modules; a timm "
+                f"model gives its last feature map itself (drop {option})")
     return None
 
 
